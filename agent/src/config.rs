@@ -1,0 +1,108 @@
+//! `agent.toml`. The commented example is `deploy/config/agent.toml`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cutover_common::config::{self, ConfigError};
+use cutover_common::telemetry::LogFormat;
+use cutover_common::tls::{CoordinatorUrl, TlsFiles};
+use serde::Deserialize;
+
+/// Environment variables with this prefix override file keys.
+pub const ENV_PREFIX: &str = "CUTOVER_AGENT_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `https://host:port` of the coordinator.
+    pub coordinator: String,
+    /// Name expected in the coordinator's certificate; default the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Node id, command journal and (later) releases live here.
+    pub state_dir: PathBuf,
+    /// The node's name; must match the agent certificate. Default: hostname.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The IP address services on this node bind to. Default: the local
+    /// address of the connection to the coordinator.
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub tls: TlsFiles,
+    /// Reconnect backoff: the first retry waits up to `reconnect_min`, each
+    /// failure doubles the window up to `reconnect_max` (full jitter).
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    #[serde(
+        default = "default_max_message",
+        deserialize_with = "config::byte_size::deserialize"
+    )]
+    pub max_message_bytes: usize,
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_message() -> usize {
+    4 << 20
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = config::load(Some(path), ENV_PREFIX)?;
+        config.validate(&format!("config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        CoordinatorUrl::parse(&self.coordinator)
+            .map_err(|e| invalid("coordinator", e.to_string()))?;
+        if let Some(name) = &self.name {
+            cutover_common::identity::validate_name(name)
+                .map_err(|e| invalid("name", e.to_string()))?;
+        }
+        for (key, value) in &self.labels {
+            cutover_common::identity::validate_name(key)
+                .map_err(|e| invalid(&format!("labels.{key}"), format!("label key: {e}")))?;
+            if value.len() > 253 {
+                return Err(invalid(
+                    &format!("labels.{key}"),
+                    "label value is longer than 253".into(),
+                ));
+            }
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
+            return Err(invalid(
+                "reconnect_max",
+                "reconnect_min must be above zero and reconnect_max at least reconnect_min".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! The cutover agent: keeps one session with the coordinator, reports
+//! heartbeats and runs commands.
+#![forbid(unsafe_code)]
+
+pub mod commands;
+pub mod config;
+pub mod figures;
+pub mod state;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cutover_common::backoff::Backoff;
+use cutover_common::identity::Role;
+use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl, TlsError};
+use cutover_proto::v1::agent_service_client::AgentServiceClient;
+use cutover_proto::v1::{self as pb, agent_message, coordinator_message, AgentMessage};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::{Dispatcher, CAPABILITIES};
+use crate::config::AgentConfig;
+use crate::figures::Sampler;
+use crate::state::{Journal, StateError};
+
+/// A session that lived this long counts as healthy: the next failure starts
+/// the backoff from its shortest delay again.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// Messages queued towards the coordinator before heartbeats are skipped.
+const OUTBOUND_QUEUE: usize = 64;
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Identity(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] TlsError),
+    #[error("coordinator refused the session: {}", .0.message())]
+    Refused(tonic::Status),
+    #[error("stream failed: {}", .0.message())]
+    Stream(tonic::Status),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    url: CoordinatorUrl,
+    name: String,
+    node_id: String,
+    tls: Arc<rustls::ClientConfig>,
+    dispatcher: Dispatcher,
+    sampler: Sampler,
+}
+
+pub use cutover_common::tls::install_crypto_provider;
+use tokio_rustls::rustls;
+
+impl Agent {
+    /// Checks everything that can be wrong locally (certificates, name, state
+    /// dir) before the first connection, so a misconfigured agent fails at
+    /// start with a clear message instead of retrying forever.
+    pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        let url = CoordinatorUrl::parse(&config.coordinator)?;
+        let tls = tls::client_config(&config.tls)?;
+        let identity = config.tls.identity()?.ok_or_else(|| {
+            AgentError::Identity(format!(
+                "certificate {} carries no cutover identity; issue one with `cutover ca issue agent --name NODE`",
+                config.tls.cert.display()
+            ))
+        })?;
+        if identity.role != Role::Agent {
+            return Err(AgentError::Identity(format!(
+                "certificate {} is for {identity}, not an agent; issue one with `cutover ca issue agent --name NODE`",
+                config.tls.cert.display()
+            )));
+        }
+        let name = config.name.clone().unwrap_or_else(|| {
+            sysinfo::System::host_name().unwrap_or_else(|| identity.name.clone())
+        });
+        if name != identity.name {
+            return Err(AgentError::Identity(format!(
+                "certificate {} is for node {:?} but this agent's name is {name:?}; set `name = \"{}\"` or issue a certificate with `cutover ca issue agent --name {name}`",
+                config.tls.cert.display(),
+                identity.name,
+                identity.name
+            )));
+        }
+        let node_id = state::node_id(&config.state_dir)?;
+        let dispatcher = Dispatcher::new(Journal::open(&config.state_dir)?);
+        let sampler = Sampler::new(config.state_dir.clone());
+        Ok(Self {
+            url,
+            name,
+            node_id,
+            tls,
+            dispatcher,
+            sampler,
+            config,
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Keeps a session open until `shutdown` fires, reconnecting forever with
+    /// jittered backoff. Whatever the node runs keeps running while the
+    /// coordinator is away (fail static).
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        tracing::info!(node = %self.name, node_id = %self.node_id, coordinator = %self.url.url, "agent starting");
+        let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
+        loop {
+            let started = Instant::now();
+            match self.session(&shutdown).await {
+                Ok(()) if shutdown.is_cancelled() => break,
+                Ok(()) => tracing::info!("coordinator closed the session"),
+                Err(error) => tracing::warn!(%error, "session ended"),
+            }
+            if started.elapsed() >= STABLE_SESSION {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        tracing::info!("agent stopped");
+    }
+
+    fn hello(&self, local: Option<IpAddr>) -> pb::Hello {
+        let address = self
+            .config
+            .address
+            .or(local)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        pb::Hello {
+            node_id: self.node_id.clone(),
+            name: self.name.clone(),
+            address,
+            labels: self.config.labels.clone().into_iter().collect(),
+            agent_version: cutover_common::VERSION.to_string(),
+            capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+            recent_command_ids: self.dispatcher.journal().recent_ids(256),
+        }
+    }
+
+    async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), SessionError> {
+        let options = ChannelOptions {
+            keepalive_interval: self.config.keepalive_interval,
+            keepalive_timeout: self.config.keepalive_timeout,
+            ..ChannelOptions::default()
+        };
+        let connection = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            connection = tls::connect(&self.url, self.config.server_name.as_deref(), self.tls.clone(), &options) => connection?,
+        };
+        let mut client = AgentServiceClient::new(connection.channel)
+            .max_decoding_message_size(self.config.max_message_bytes)
+            .max_encoding_message_size(self.config.max_message_bytes);
+
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let hello = self.hello(connection.local_addr.map(|a| a.ip()));
+        outbound
+            .try_send(message(agent_message::Kind::Hello(hello)))
+            .expect("fresh channel has room");
+        let mut inbound = client
+            .session(ReceiverStream::new(outbound_rx))
+            .await
+            .map_err(SessionError::Refused)?
+            .into_inner();
+
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
+            Err(_) => {
+                return Err(SessionError::Protocol(
+                    "no welcome from the coordinator".into(),
+                ))
+            }
+            Ok(Err(status)) => return Err(SessionError::Refused(status)),
+            Ok(Ok(first)) => match first.and_then(|m| m.kind) {
+                Some(coordinator_message::Kind::Welcome(welcome)) => welcome,
+                _ => {
+                    return Err(SessionError::Protocol(
+                        "the coordinator did not start with welcome".into(),
+                    ))
+                }
+            },
+        };
+        let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
+        tracing::info!(
+            coordinator_version = %welcome.coordinator_version,
+            heartbeat_ms = welcome.heartbeat_interval_ms,
+            "session open"
+        );
+
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Dropping `outbound` ends our half of the stream cleanly.
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = ticker.tick() => {
+                    let heartbeat = pb::Heartbeat {
+                        sent_at_ms: cutover_common::now_ms(),
+                        figures: Some(self.sampler.sample()),
+                    };
+                    // A full queue means the connection is stuck; the next
+                    // heartbeat will do, and keepalive will end a dead one.
+                    if outbound.try_send(message(agent_message::Kind::Heartbeat(heartbeat))).is_err() {
+                        tracing::warn!("outbound queue full, heartbeat skipped");
+                    }
+                }
+                received = inbound.message() => match received.map_err(SessionError::Stream)? {
+                    None => return Ok(()),
+                    Some(pb::CoordinatorMessage { kind: Some(coordinator_message::Kind::Command(command)) }) => {
+                        tracing::info!(command_id = %command.command_id, "command received");
+                        let result = self.dispatcher.execute(command);
+                        outbound
+                            .send(message(agent_message::Kind::CommandResult(result)))
+                            .await
+                            .map_err(|_| SessionError::Protocol("outbound stream closed".into()))?;
+                    }
+                    Some(other) => tracing::debug!(?other, "ignoring unexpected message"),
+                },
+            }
+        }
+    }
+}
+
+fn message(kind: agent_message::Kind) -> AgentMessage {
+    AgentMessage { kind: Some(kind) }
+}

@@ -1,0 +1,165 @@
+//! Who is on the other end of a connection.
+//!
+//! Identities live in the certificate's URI SAN as
+//! `spiffe://cutover/<role>/<name>`, so authorization is decided from what the
+//! CA signed, never from anything the peer says about itself.
+
+use std::fmt;
+
+pub const TRUST_DOMAIN: &str = "cutover";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Role {
+    Coordinator,
+    Agent,
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "coordinator" => Some(Role::Coordinator),
+            "agent" => Some(Role::Agent),
+            "operator" => Some(Role::Operator),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub role: Role,
+    pub name: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("invalid name {0:?}: use 1 to 63 characters from a-z, A-Z, 0-9, '.', '_' and '-', starting with a letter or digit")]
+    InvalidName(String),
+    #[error("certificate cannot be parsed: {0}")]
+    BadCertificate(String),
+    #[error("certificate carries no cutover identity (no spiffe://{TRUST_DOMAIN}/<role>/<name> URI SAN)")]
+    Missing,
+}
+
+impl Identity {
+    pub fn new(role: Role, name: impl Into<String>) -> Result<Self, IdentityError> {
+        let name = name.into();
+        validate_name(&name)?;
+        Ok(Self { role, name })
+    }
+
+    pub fn uri(&self) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/{}/{}", self.role, self.name)
+    }
+
+    pub fn from_uri(uri: &str) -> Option<Self> {
+        let rest = uri.strip_prefix(&format!("spiffe://{TRUST_DOMAIN}/"))?;
+        let (role, name) = rest.split_once('/')?;
+        let role = Role::parse(role)?;
+        validate_name(name).ok()?;
+        Some(Self {
+            role,
+            name: name.to_string(),
+        })
+    }
+
+    /// Reads the identity from a DER certificate (the leaf a peer presented).
+    pub fn from_der(der: &[u8]) -> Result<Self, IdentityError> {
+        certificate_facts(der).and_then(|facts| facts.identity.ok_or(IdentityError::Missing))
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.role, self.name)
+    }
+}
+
+/// Node, operator and service names: safe in file names, URIs and labels.
+pub fn validate_name(name: &str) -> Result<(), IdentityError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::InvalidName(name.to_string()))
+    }
+}
+
+/// What the coordinator needs to know about a presented certificate.
+#[derive(Debug, Clone)]
+pub struct CertificateFacts {
+    pub identity: Option<Identity>,
+    /// Hex serial number: the handle for revocation.
+    pub serial: String,
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+pub fn certificate_facts(der: &[u8]) -> Result<CertificateFacts, IdentityError> {
+    use x509_parser::prelude::*;
+
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let mut identity = None;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if let Some(found) = Identity::from_uri(uri) {
+                    identity = Some(found);
+                    break;
+                }
+            }
+        }
+    }
+    Ok(CertificateFacts {
+        identity,
+        serial: cert.raw_serial_as_string().replace(':', ""),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_round_trip() {
+        let id = Identity::new(Role::Agent, "web-1.prod").unwrap();
+        assert_eq!(id.uri(), "spiffe://cutover/agent/web-1.prod");
+        assert_eq!(Identity::from_uri(&id.uri()), Some(id));
+        assert_eq!(Identity::from_uri("spiffe://other/agent/web-1"), None);
+        assert_eq!(Identity::from_uri("spiffe://cutover/root/web-1"), None);
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("web-01").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("-web").is_err());
+        assert!(validate_name("web/1").is_err());
+        assert!(validate_name(&"a".repeat(64)).is_err());
+    }
+}

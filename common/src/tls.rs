@@ -1,0 +1,438 @@
+//! mTLS for every connection between cutover processes.
+//!
+//! Both ends are built on rustls directly (not tonic's TLS feature) so the
+//! server can hand the verified peer identity to the gRPC layer and, later,
+//! swap CAs and certificates at run time for rotation.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::identity::{certificate_facts, Identity};
+
+/// A TLS handshake that has not finished by then is dropped, so a client that
+/// opens sockets and says nothing cannot pin the accept path.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{what} {path} holds no PEM {expected}")]
+    Empty {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("tls configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("invalid coordinator url {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// The files of one side's mTLS identity.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The CA that signs every cutover certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// This process's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, keep it 0600).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The standard file names for `stem` in a PKI dir.
+    pub fn in_dir(dir: &Path, stem: &str) -> Self {
+        Self {
+            ca_cert: dir.join(crate::pki::CA_CERT),
+            cert: dir.join(format!("{stem}.crt")),
+            key: dir.join(format!("{stem}.key")),
+        }
+    }
+
+    /// The identity carried by our own certificate.
+    pub fn identity(&self) -> Result<Option<Identity>, TlsError> {
+        let certs = load_certs(&self.cert, "certificate")?;
+        Ok(certificate_facts(&certs[0]).ok().and_then(|f| f.identity))
+    }
+}
+
+/// Installs ring as the process-wide rustls provider. Called first thing by
+/// every binary; later calls (tests start many nodes in one process) are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            what,
+            path: path.to_path_buf(),
+            expected: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let what = "private key";
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|source| TlsError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::Empty {
+            what,
+            path: path.to_path_buf(),
+            expected: "private key",
+        })
+}
+
+fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path, "CA certificate")? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// Server side: TLS 1.3 only, a client certificate signed by our CA required.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    install_crypto_provider();
+    let verifier = WebPkiClientVerifier::builder(Arc::new(root_store(&files.ca_cert)?)).build()?;
+    let mut config = ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            load_certs(&files.cert, "certificate")?,
+            load_key(&files.key)?,
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
+    install_crypto_provider();
+    let mut config = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(root_store(&files.ca_cert)?)
+        .with_client_auth_cert(
+            load_certs(&files.cert, "certificate")?,
+            load_key(&files.key)?,
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What the server learned about a peer during the handshake; tonic puts it in
+/// every request's extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: Option<SocketAddr>,
+    pub identity: Option<Identity>,
+    pub serial: Option<String>,
+}
+
+/// An accepted, handshaken mTLS connection.
+pub struct TlsConn {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes mTLS handshakes concurrently,
+/// yielding only verified connections. Failed handshakes (no certificate,
+/// another CA's certificate, garbage) are logged and dropped here, before any
+/// gRPC code runs. Stops accepting when `shutdown` fires.
+pub fn accept_mtls(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<TlsConn, io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let facts = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .and_then(|leaf| certificate_facts(leaf).ok());
+                        let peer = PeerInfo {
+                            remote_addr: Some(remote),
+                            identity: facts.as_ref().and_then(|f| f.identity.clone()),
+                            serial: facts.map(|f| f.serial),
+                        };
+                        let _ = tx.send(Ok(TlsConn { stream, peer })).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::info!(%remote, %error, "tls handshake refused");
+                    }
+                    Err(_) => tracing::info!(%remote, "tls handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// HTTP/2 and connection settings for a client channel.
+#[derive(Debug, Clone)]
+pub struct ChannelOptions {
+    pub connect_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A parsed `https://host:port` coordinator address.
+#[derive(Debug, Clone)]
+pub struct CoordinatorUrl {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl CoordinatorUrl {
+    pub fn parse(url: &str) -> Result<Self, TlsError> {
+        let bad = |reason: &str| TlsError::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| bad("it must start with https:// (every connection is mTLS)"))?;
+        let authority = rest.trim_end_matches('/');
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| bad("it must name a port, e.g. https://coordinator:7443"))?;
+        let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
+        Ok(Self {
+            url: url.to_string(),
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// A connected channel and the local address of its connection: the address
+/// on the route to the coordinator, which is a node's address by default.
+pub struct Connection {
+    pub channel: Channel,
+    pub local_addr: Option<SocketAddr>,
+}
+
+/// Dials the coordinator over mTLS and returns a gRPC channel. `server_name`
+/// overrides the name checked against the coordinator's certificate (default:
+/// the URL's host).
+pub async fn connect(
+    url: &CoordinatorUrl,
+    server_name: Option<&str>,
+    config: Arc<ClientConfig>,
+    options: &ChannelOptions,
+) -> Result<Connection, TlsError> {
+    let name = server_name.unwrap_or(&url.host).to_string();
+    let server_name = ServerName::try_from(name.clone()).map_err(|_| TlsError::BadUrl {
+        url: url.url.clone(),
+        reason: format!("{name:?} is not a valid server name"),
+    })?;
+    // Plain http scheme: TLS is done by our connector, not by tonic.
+    let endpoint = Endpoint::from_shared(format!("http://{}:{}", bracket(&url.host), url.port))
+        .map_err(|source| TlsError::Connect {
+            url: url.url.clone(),
+            source,
+        })?
+        .connect_timeout(options.connect_timeout)
+        .http2_keep_alive_interval(options.keepalive_interval)
+        .keep_alive_timeout(options.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    let connector = TlsConnector::from(config);
+    let target = format!("{}:{}", url.host, url.port);
+    let timeout = options.connect_timeout;
+    let local_addr = Arc::new(std::sync::Mutex::new(None));
+    let seen_local_addr = local_addr.clone();
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let connector = connector.clone();
+            let seen_local_addr = seen_local_addr.clone();
+            let server_name = server_name.clone();
+            let target = target.clone();
+            async move {
+                let handshake = async {
+                    let tcp = TcpStream::connect(&target).await?;
+                    tcp.set_nodelay(true)?;
+                    *seen_local_addr.lock().expect("local addr lock") = tcp.local_addr().ok();
+                    connector.connect(server_name, tcp).await
+                };
+                let tls = tokio::time::timeout(timeout, handshake)
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "tls connect timed out")
+                    })??;
+                Ok::<_, io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|source| TlsError::Connect {
+            url: url.url.clone(),
+            source,
+        })?;
+    let local_addr = *local_addr.lock().expect("local addr lock");
+    Ok(Connection {
+        channel,
+        local_addr,
+    })
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_urls() {
+        let url = CoordinatorUrl::parse("https://127.0.0.1:7443").unwrap();
+        assert_eq!((url.host.as_str(), url.port), ("127.0.0.1", 7443));
+        let url = CoordinatorUrl::parse("https://[::1]:7443/").unwrap();
+        assert_eq!(url.host, "::1");
+        assert!(CoordinatorUrl::parse("http://x:1").is_err());
+        assert!(CoordinatorUrl::parse("https://x").is_err());
+    }
+}

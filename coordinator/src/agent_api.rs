@@ -1,0 +1,167 @@
+//! `AgentService.Session`: one long-lived stream per connected agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_common::identity::Identity;
+use cutover_common::tls::PeerInfo;
+use cutover_proto::v1::agent_service_server::AgentService;
+use cutover_proto::v1::{
+    self as pb, agent_message, coordinator_message, AgentMessage, CoordinatorMessage,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::CoordinatorConfig;
+use crate::metrics::Metrics;
+use crate::registry::{Attached, Registry};
+use crate::store::Figures;
+
+pub struct AgentApi {
+    pub registry: Arc<Registry>,
+    pub config: Arc<CoordinatorConfig>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> {
+    if hello.name != identity.name {
+        return Err(Status::permission_denied(format!(
+            "certificate is for node {:?} but the agent calls itself {:?}; set the agent's name to match or issue it a certificate with `cutover ca issue agent --name {}`",
+            identity.name, hello.name, hello.name
+        )));
+    }
+    if uuid::Uuid::parse_str(&hello.node_id).is_err() {
+        return Err(Status::invalid_argument(format!(
+            "node id {:?} is not a uuid",
+            hello.node_id
+        )));
+    }
+    if hello.address.parse::<std::net::IpAddr>().is_err() {
+        return Err(Status::invalid_argument(format!(
+            "node address {:?} is not an ip address",
+            hello.address
+        )));
+    }
+    for (key, value) in &hello.labels {
+        if cutover_common::identity::validate_name(key).is_err() || value.len() > 253 {
+            return Err(Status::invalid_argument(format!(
+                "invalid label {key}={value}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn figures_from(pb: pb::SystemFigures) -> Figures {
+    Figures {
+        cpu_percent: pb.cpu_percent,
+        load_1: pb.load_1,
+        load_5: pb.load_5,
+        load_15: pb.load_15,
+        memory_used_bytes: pb.memory_used_bytes,
+        memory_total_bytes: pb.memory_total_bytes,
+        disk_free_bytes: pb.disk_free_bytes,
+        disk_total_bytes: pb.disk_total_bytes,
+        uptime_seconds: pb.uptime_seconds,
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let identity = request
+            .extensions()
+            .get::<Identity>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no peer identity"))?;
+        let remote = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.remote_addr);
+        let mut inbound = request.into_inner();
+
+        let first = tokio::time::timeout(self.config.limits.hello_timeout, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello received in time"))??;
+        let hello = match first.and_then(|m| m.kind) {
+            Some(agent_message::Kind::Hello(hello)) => hello,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message on a session must be hello",
+                ))
+            }
+            None => return Err(Status::cancelled("stream closed before hello")),
+        };
+        validate_hello(&hello, &identity)?;
+
+        let (sender, receiver) = mpsc::channel(self.config.limits.agent_queue);
+        let welcome = CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Welcome(pb::Welcome {
+                heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+                heartbeat_ttl_ms: self.config.heartbeat_ttl.as_millis() as u64,
+                coordinator_version: cutover_common::VERSION.to_string(),
+            })),
+        };
+        // Queued before the registry can route commands to this stream, so the
+        // welcome is always the first message the agent reads.
+        sender
+            .try_send(Ok(welcome))
+            .expect("fresh channel has room");
+        let attached = self
+            .registry
+            .attach(&hello, remote, sender, &self.shutdown)?;
+        self.metrics.sessions_opened.inc();
+
+        let registry = self.registry.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let reason = read_session(&mut inbound, &attached, &registry, &metrics).await;
+            registry.detach(&attached, &reason);
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// Reads the agent's messages until the stream ends, the session is replaced
+/// or the coordinator shuts down; returns why it stopped.
+async fn read_session(
+    inbound: &mut Streaming<AgentMessage>,
+    attached: &Attached,
+    registry: &Registry,
+    metrics: &Metrics,
+) -> String {
+    loop {
+        let message = tokio::select! {
+            _ = attached.cancel.cancelled() => return "session closed by coordinator".into(),
+            message = inbound.message() => message,
+        };
+        match message {
+            Ok(Some(AgentMessage { kind: Some(kind) })) => match kind {
+                agent_message::Kind::Heartbeat(heartbeat) => {
+                    metrics.heartbeats.inc();
+                    registry.heartbeat(attached, heartbeat.figures.map(figures_from));
+                }
+                agent_message::Kind::CommandResult(result) => registry.complete_command(result),
+                agent_message::Kind::Hello(_) => {
+                    tracing::warn!(node_id = %attached.node_id, "ignoring a second hello on one session");
+                }
+            },
+            Ok(Some(AgentMessage { kind: None })) => {
+                tracing::debug!(node_id = %attached.node_id, "ignoring an empty message from a newer agent");
+            }
+            Ok(None) => return "agent closed the stream".into(),
+            Err(status) => return format!("stream error: {}", status.message()),
+        }
+    }
+}
+
+/// How long an operator call waits for a command result unless it says.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,116 @@
+//! How the CLI reaches the coordinator: flags, then `CUTOVER_*` variables
+//! (both through clap), then the CLI config file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl, TlsFiles};
+use cutover_proto::v1::operator_service_client::OperatorServiceClient;
+use serde::Deserialize;
+use tonic::transport::Channel;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// Coordinator address, e.g. https://coordinator.example:7443.
+    #[arg(long, global = true, env = "CUTOVER_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Name to expect in the coordinator's certificate (default: the host).
+    #[arg(long, global = true, env = "CUTOVER_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// CA certificate that signed the coordinator's certificate.
+    #[arg(long, global = true, env = "CUTOVER_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Operator certificate (from `cutover ca issue operator`).
+    #[arg(long, global = true, env = "CUTOVER_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Operator private key.
+    #[arg(long, global = true, env = "CUTOVER_KEY")]
+    pub key: Option<PathBuf>,
+    /// CLI config file with the same settings (keys: coordinator,
+    /// server_name, ca_cert, cert, key). Default ~/.config/cutover/cli.toml.
+    #[arg(long, global = true, env = "CUTOVER_CLI_CONFIG")]
+    pub cli_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CliFile {
+    coordinator: Option<String>,
+    server_name: Option<String>,
+    ca_cert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+fn default_cli_config() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|home| Path::new(&home).join(".config/cutover/cli.toml"))
+}
+
+impl ConnectArgs {
+    pub async fn operator_client(&self) -> Result<OperatorServiceClient<Channel>> {
+        let file: CliFile = match self.cli_config.clone().or_else(default_cli_config) {
+            Some(path) if path.exists() || self.cli_config.is_some() => {
+                cutover_common::config::load_from(Some(&path), "", std::iter::empty())?
+            }
+            _ => CliFile::default(),
+        };
+        let missing = |what: &str, flag: &str, var: &str| {
+            anyhow::anyhow!(
+                "no {what} given: pass --{flag}, set {var}, or add `{}` to the CLI config file (for a local cluster: `source DIR/env` after `cutover dev up`)",
+                flag.replace('-', "_")
+            )
+        };
+        let coordinator = self
+            .coordinator
+            .clone()
+            .or(file.coordinator)
+            .ok_or_else(|| missing("coordinator address", "coordinator", "CUTOVER_COORDINATOR"))?;
+        let files = TlsFiles {
+            ca_cert: self
+                .ca_cert
+                .clone()
+                .or(file.ca_cert)
+                .ok_or_else(|| missing("CA certificate", "ca-cert", "CUTOVER_CA_CERT"))?,
+            cert: self
+                .cert
+                .clone()
+                .or(file.cert)
+                .ok_or_else(|| missing("operator certificate", "cert", "CUTOVER_CERT"))?,
+            key: self
+                .key
+                .clone()
+                .or(file.key)
+                .ok_or_else(|| missing("operator key", "key", "CUTOVER_KEY"))?,
+        };
+        let server_name = self.server_name.clone().or(file.server_name);
+        let url = CoordinatorUrl::parse(&coordinator)?;
+        let config = tls::client_config(&files)?;
+        let connection = tls::connect(
+            &url,
+            server_name.as_deref(),
+            config,
+            &ChannelOptions::default(),
+        )
+        .await
+        .with_context(|| format!("is the coordinator running at {coordinator}?"))?;
+        Ok(OperatorServiceClient::new(connection.channel))
+    }
+}
+
+/// Turns a gRPC status into an error that says what to do.
+pub fn explain(status: tonic::Status) -> anyhow::Error {
+    use tonic::Code;
+    let message = status.message().to_string();
+    match status.code() {
+        Code::Unavailable => anyhow::anyhow!("coordinator unavailable: {message}"),
+        Code::PermissionDenied | Code::Unauthenticated => anyhow::anyhow!("refused: {message}"),
+        _ => anyhow::anyhow!("{message}"),
+    }
+}
+
+pub fn ensure_output(output: &str) -> Result<()> {
+    if output != "table" && output != "json" {
+        bail!("unknown output format {output:?}: use table or json");
+    }
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! `cutover dev up|down`: a whole cluster on loopback for development and
+//! demos, the `nomad agent -dev` of cutover.
+
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cutover_common::identity::{Identity, Role};
+use cutover_common::pki::CertificateAuthority;
+use cutover_proto::v1::{ListNodesRequest, NodeStatus};
+
+use super::client::ConnectArgs;
+
+const OPERATOR: &str = "dev";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Number of agents; agent i serves on 127.0.0.(10+i).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u8,
+    /// Where certificates, configs, state, pid files and logs go.
+    #[arg(long, default_value = ".dev")]
+    pub dir: PathBuf,
+    /// Labels of every agent.
+    #[arg(long, default_value = "env=local,role=web")]
+    pub labels: String,
+}
+
+fn parse_labels(text: &str) -> Result<Vec<(String, String)>> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .with_context(|| format!("label {pair:?} is not key=value"))?;
+            cutover_common::identity::validate_name(k.trim())
+                .with_context(|| format!("label key {k:?}"))?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the cutover binary")?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found next to {}; build it with `cargo build --bins`",
+            name,
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Reads a pid file, returning the pid only if that process is still one of
+/// ours (pids get reused).
+fn read_pid(path: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    (pid_alive(pid) && String::from_utf8_lossy(&cmdline).contains("cutover")).then_some(pid)
+}
+
+fn spawn(binary: &Path, args: &[&str], log: &Path, pid_file: &Path) -> Result<u32> {
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        // Own process group: the cluster outlives the shell that started it
+        // and a Ctrl-C there does not reach it.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    std::fs::write(pid_file, format!("{}\n", child.id()))?;
+    Ok(child.id())
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    if args.nodes == 0 || args.nodes > 200 {
+        bail!("--nodes must be between 1 and 200 (agent i uses 127.0.0.(10+i))");
+    }
+    let labels = parse_labels(&args.labels)?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let dir = args.dir.canonicalize()?;
+    if read_pid(&dir.join("coordinator.pid")).is_some() {
+        bail!(
+            "a cluster is already running in {}; stop it with `cutover dev down --dir {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let server_bin = std::env::current_exe()?;
+    let agent_bin = sibling_binary("cutover-agent")?;
+    let pki = dir.join("pki");
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+
+    let ca = match CertificateAuthority::load_dir(&pki) {
+        Ok(ca) => ca,
+        Err(_) => CertificateAuthority::init_dir(&pki, &[])?,
+    };
+    let operator = Identity::new(Role::Operator, OPERATOR)?;
+    ca.issue_client(&operator, 365)?
+        .write(&pki, &format!("operator-{OPERATOR}"))?;
+
+    let grpc_port = free_port()?;
+    let http_port = free_port()?;
+    let coordinator_url = format!("https://127.0.0.1:{grpc_port}");
+    let coordinator_config = dir.join("coordinator.toml");
+    std::fs::write(
+        &coordinator_config,
+        format!(
+            "# written by `cutover dev up`\n\
+             data_dir = {data:?}\n\
+             listen = \"127.0.0.1:{grpc_port}\"\n\
+             http_listen = \"127.0.0.1:{http_port}\"\n\
+             heartbeat_interval = \"1s\"\n\
+             heartbeat_ttl = \"5s\"\n\
+             shutdown_grace = \"5s\"\n\
+             [tls]\n\
+             ca_cert = {ca:?}\n\
+             cert = {cert:?}\n\
+             key = {key:?}\n",
+            data = dir.join("coordinator").display().to_string(),
+            ca = pki.join("ca.crt").display().to_string(),
+            cert = pki.join("coordinator.crt").display().to_string(),
+            key = pki.join("coordinator.key").display().to_string(),
+        ),
+    )?;
+    spawn(
+        &server_bin,
+        &[
+            "server",
+            "--config",
+            &coordinator_config.display().to_string(),
+        ],
+        &logs.join("coordinator.log"),
+        &dir.join("coordinator.pid"),
+    )?;
+
+    let mut label_lines = String::new();
+    for (k, v) in &labels {
+        writeln!(label_lines, "{k} = {v:?}")?;
+    }
+    for i in 1..=args.nodes {
+        let name = format!("node-{i}");
+        let identity = Identity::new(Role::Agent, &name)?;
+        let stem = format!("agent-{name}");
+        ca.issue_client(&identity, 365)?.write(&pki, &stem)?;
+        let config_path = dir.join(format!("agent-{i}.toml"));
+        std::fs::write(
+            &config_path,
+            format!(
+                "# written by `cutover dev up`\n\
+                 coordinator = {coordinator_url:?}\n\
+                 state_dir = {state:?}\n\
+                 name = {name:?}\n\
+                 address = \"127.0.0.{addr}\"\n\
+                 reconnect_max = \"5s\"\n\
+                 [tls]\n\
+                 ca_cert = {ca:?}\n\
+                 cert = {cert:?}\n\
+                 key = {key:?}\n\
+                 [labels]\n{label_lines}",
+                state = dir.join("agents").join(&name).display().to_string(),
+                addr = 10 + u16::from(i),
+                ca = pki.join("ca.crt").display().to_string(),
+                cert = pki.join(format!("{stem}.crt")).display().to_string(),
+                key = pki.join(format!("{stem}.key")).display().to_string(),
+            ),
+        )?;
+        spawn(
+            &agent_bin,
+            &["--config", &config_path.display().to_string()],
+            &logs.join(format!("agent-{i}.log")),
+            &dir.join(format!("agent-{i}.pid")),
+        )?;
+    }
+
+    let env_file = dir.join("env");
+    std::fs::write(
+        &env_file,
+        format!(
+            "# source this file to point `cutover` at the local cluster\n\
+             export CUTOVER_COORDINATOR={coordinator_url}\n\
+             export CUTOVER_CA_CERT={}\n\
+             export CUTOVER_CERT={}\n\
+             export CUTOVER_KEY={}\n\
+             export CUTOVER_METRICS_URL=http://127.0.0.1:{http_port}/metrics\n",
+            pki.join("ca.crt").display(),
+            pki.join(format!("operator-{OPERATOR}.crt")).display(),
+            pki.join(format!("operator-{OPERATOR}.key")).display(),
+        ),
+    )?;
+
+    let connect = ConnectArgs {
+        coordinator: Some(coordinator_url.clone()),
+        server_name: None,
+        ca_cert: Some(pki.join("ca.crt")),
+        cert: Some(pki.join(format!("operator-{OPERATOR}.crt"))),
+        key: Some(pki.join(format!("operator-{OPERATOR}.key"))),
+        cli_config: None,
+    };
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut last_error = String::from("no answer yet");
+    loop {
+        if Instant::now() >= deadline {
+            bail!(
+                "the cluster in {} did not become ready within {}s ({last_error}); see the logs in {}, and stop it with `cutover dev down --dir {}`",
+                dir.display(),
+                READY_TIMEOUT.as_secs(),
+                logs.display(),
+                dir.display()
+            );
+        }
+        if read_pid(&dir.join("coordinator.pid")).is_none() {
+            bail!(
+                "the coordinator exited during start-up; see {}",
+                logs.join("coordinator.log").display()
+            );
+        }
+        match connect.operator_client().await {
+            Ok(mut client) => match client.list_nodes(ListNodesRequest {}).await {
+                Ok(response) => {
+                    let ready = response
+                        .into_inner()
+                        .nodes
+                        .iter()
+                        .filter(|n| {
+                            n.status == NodeStatus::Ready as i32
+                                && n.connected
+                                && n.figures.is_some()
+                        })
+                        .count();
+                    if ready >= usize::from(args.nodes) {
+                        break;
+                    }
+                    last_error = format!("{ready} of {} nodes ready", args.nodes);
+                }
+                Err(status) => last_error = status.message().to_string(),
+            },
+            Err(error) => last_error = format!("{error:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "local cluster up in {}: coordinator {coordinator_url}, {} nodes ready\n\
+         point this shell at it:  source {}\n\
+         stop it:                 cutover dev down --dir {}",
+        dir.display(),
+        args.nodes,
+        env_file.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Stops agents first, then the coordinator (so agents do not log a burst of
+/// reconnects), each with SIGTERM and a bounded wait before SIGKILL.
+pub fn down(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        bail!("{} does not exist: nothing to stop", dir.display());
+    }
+    let mut pid_files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".pid"))
+        })
+        .collect();
+    pid_files.sort();
+    pid_files.push(dir.join("coordinator.pid"));
+    let mut stopped = 0;
+    for pid_file in pid_files {
+        if let Some(pid) = read_pid(&pid_file) {
+            stop_process(pid, Duration::from_secs(10));
+            stopped += 1;
+        }
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    println!(
+        "stopped {stopped} processes of the cluster in {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn stop_process(pid: i32, grace: Duration) {
+    use nix::sys::signal::{kill, Signal};
+    let target = nix::unistd::Pid::from_raw(pid);
+    let _ = kill(target, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if !pid_alive(pid) || is_zombie(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = kill(target, Signal::SIGKILL);
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit(')')
+                .next()
+                .map(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,143 @@
+//! `cutover nodes`: the fleet as a table or as the stable JSON contract.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use cutover_proto::v1::{self as pb, NodeStatus};
+use serde_json::{json, Value};
+
+fn status_text(status: i32) -> &'static str {
+    match NodeStatus::try_from(status) {
+        Ok(NodeStatus::Ready) => "ready",
+        Ok(NodeStatus::Unreachable) => "unreachable",
+        _ => "unknown",
+    }
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The JSON contract of `cutover nodes --output json`: one object per node
+/// with at least id, name, address, status, labels and last_seen.
+pub fn to_json(nodes: &[pb::Node]) -> Value {
+    Value::Array(
+        nodes
+            .iter()
+            .map(|n| {
+                let figures = n.figures.as_ref().map(|f| {
+                    json!({
+                        "cpu_percent": f.cpu_percent,
+                        "load_1": f.load_1,
+                        "load_5": f.load_5,
+                        "load_15": f.load_15,
+                        "memory_used_bytes": f.memory_used_bytes,
+                        "memory_total_bytes": f.memory_total_bytes,
+                        "disk_free_bytes": f.disk_free_bytes,
+                        "disk_total_bytes": f.disk_total_bytes,
+                        "uptime_seconds": f.uptime_seconds,
+                    })
+                });
+                let labels: serde_json::Map<String, Value> = n
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect();
+                json!({
+                    "id": n.id,
+                    "name": n.name,
+                    "address": n.address,
+                    "status": status_text(n.status),
+                    "connected": n.connected,
+                    "labels": labels,
+                    "last_seen": rfc3339(n.last_seen_ms),
+                    "last_seen_ms": n.last_seen_ms,
+                    "registered_at": rfc3339(n.registered_at_ms),
+                    "agent_version": n.agent_version,
+                    "capabilities": n.capabilities,
+                    "figures": figures,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn bytes(value: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = value as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1}{}", UNITS[unit])
+}
+
+fn ago(ms: i64) -> String {
+    let age = cutover_common::now_ms().saturating_sub(ms).max(0) as u64;
+    format!("{}s ago", age / 1000)
+}
+
+pub fn to_table(nodes: &[pb::Node]) -> String {
+    let mut rows = vec![[
+        "NAME",
+        "ID",
+        "ADDRESS",
+        "STATUS",
+        "LAST SEEN",
+        "CPU",
+        "MEMORY",
+        "DISK FREE",
+        "VERSION",
+        "LABELS",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for n in nodes {
+        let (cpu, memory, disk) = match &n.figures {
+            Some(f) => (
+                format!("{:.1}%", f.cpu_percent),
+                format!(
+                    "{}/{}",
+                    bytes(f.memory_used_bytes),
+                    bytes(f.memory_total_bytes)
+                ),
+                bytes(f.disk_free_bytes),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let mut labels: Vec<_> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        rows.push(vec![
+            n.name.clone(),
+            n.id.chars().take(8).collect(),
+            n.address.clone(),
+            status_text(n.status).to_string(),
+            ago(n.last_seen_ms),
+            cpu,
+            memory,
+            disk,
+            n.agent_version.clone(),
+            labels.join(","),
+        ]);
+    }
+    render_table(&rows)
+}
+
+pub fn render_table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

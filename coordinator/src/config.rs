@@ -1,0 +1,148 @@
+//! `coordinator.toml`: every option, its default and why. The commented
+//! example is `deploy/config/coordinator.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cutover_common::config::{self, ConfigError};
+use cutover_common::telemetry::LogFormat;
+use cutover_common::tls::TlsFiles;
+use serde::Deserialize;
+
+/// Environment variables with this prefix override file keys.
+pub const ENV_PREFIX: &str = "CUTOVER_SERVER_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// gRPC (mTLS) for agents and operators.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Plain HTTP for `/metrics` and `/healthz`; loopback by default because
+    /// it carries no authentication.
+    #[serde(default = "default_http_listen")]
+    pub http_listen: SocketAddr,
+    pub tls: TlsFiles,
+    /// How often agents send heartbeats.
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A node with no heartbeat for this long is `unreachable`.
+    #[serde(default = "default_heartbeat_ttl", with = "humantime_serde")]
+    pub heartbeat_ttl: Duration,
+    /// How long a shutdown waits for connections to finish before it cuts them.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest gRPC message accepted or sent.
+    #[serde(
+        default = "default_max_message",
+        deserialize_with = "config::byte_size::deserialize"
+    )]
+    pub max_message_bytes: usize,
+    /// Commands queued per agent stream before senders are pushed back.
+    #[serde(default = "default_agent_queue")]
+    pub agent_queue: usize,
+    /// Time an agent has after connecting to send its hello.
+    #[serde(default = "default_hello_timeout", with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// HTTP/2 ping interval on every connection; dead peers are dropped after
+    /// `keepalive_timeout` more without an answer.
+    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: default_max_message(),
+            agent_queue: default_agent_queue(),
+            hello_timeout: default_hello_timeout(),
+            keepalive_interval: default_keepalive_interval(),
+            keepalive_timeout: default_keepalive_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:7443".parse().expect("valid default")
+}
+fn default_http_listen() -> SocketAddr {
+    "127.0.0.1:7480".parse().expect("valid default")
+}
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_heartbeat_ttl() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_message() -> usize {
+    4 << 20
+}
+fn default_agent_queue() -> usize {
+    64
+}
+fn default_hello_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl CoordinatorConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = config::load(Some(path), ENV_PREFIX)?;
+        config.validate(&format!("config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks that hold between keys, which serde cannot see.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        if self.heartbeat_interval.is_zero() {
+            return Err(invalid("heartbeat_interval", "must be above zero".into()));
+        }
+        if self.heartbeat_ttl < self.heartbeat_interval * 2 {
+            return Err(invalid(
+                "heartbeat_ttl",
+                format!(
+                    "{} is less than twice heartbeat_interval ({}): one late heartbeat would mark nodes unreachable",
+                    humantime::format_duration(self.heartbeat_ttl),
+                    humantime::format_duration(self.heartbeat_interval)
+                ),
+            ));
+        }
+        if self.limits.agent_queue == 0 {
+            return Err(invalid("limits.agent_queue", "must be at least 1".into()));
+        }
+        if self.limits.max_message_bytes < 64 << 10 {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                "must be at least 64KiB".into(),
+            ));
+        }
+        Ok(())
+    }
+}

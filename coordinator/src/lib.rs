@@ -1,0 +1,14 @@
+//! The cutover coordinator: node registry, store, agent and operator APIs.
+#![forbid(unsafe_code)]
+
+pub mod agent_api;
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod operator_api;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+pub use server::Coordinator;

@@ -1,0 +1,297 @@
+//! `cutover`: the coordinator daemon (`cutover server`) and the operator CLI.
+#![forbid(unsafe_code)]
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use cutover_common::identity::{Identity, Role};
+use cutover_common::pki::CertificateAuthority;
+use cutover_common::telemetry::{self, LogFormat};
+use cutover_coordinator::config::CoordinatorConfig;
+use cutover_coordinator::Coordinator;
+use cutover_proto::v1::{ListEventsRequest, ListNodesRequest, PingNodeRequest};
+
+use cli::client::{ensure_output, explain, ConnectArgs};
+
+/// cutover: zero-downtime deployments on plain VMs.
+#[derive(Parser)]
+#[command(name = "cutover", version)]
+struct Cli {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Output format of commands that print data: table or json.
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "table",
+        env = "CUTOVER_OUTPUT"
+    )]
+    output: String,
+    /// Log format of `cutover server`; overrides its config file.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run the coordinator daemon.
+    Server {
+        #[arg(
+            long,
+            env = "CUTOVER_SERVER_CONFIG",
+            default_value = "/etc/cutover/coordinator.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Manage the certificate authority.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
+    /// List nodes, or act on one.
+    Nodes {
+        #[command(subcommand)]
+        action: Option<NodesAction>,
+    },
+    /// The coordinator's event log.
+    Events {
+        /// Show events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// A local cluster on loopback for development and demos.
+    Dev {
+        #[command(subcommand)]
+        action: DevAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaAction {
+    /// Create a CA and the coordinator's certificate in DIR.
+    Init {
+        #[arg(long, env = "CUTOVER_PKI_DIR", default_value = "/etc/cutover/pki")]
+        dir: PathBuf,
+        /// Extra DNS names or IPs agents and operators use to reach the
+        /// coordinator (localhost, 127.0.0.1 and ::1 are always included).
+        #[arg(long = "san", value_delimiter = ',')]
+        sans: Vec<String>,
+    },
+    /// Issue a client certificate for an agent or an operator.
+    Issue {
+        #[arg(value_enum)]
+        role: IssueRole,
+        /// Node name (agents) or person's name (operators).
+        #[arg(long)]
+        name: String,
+        #[arg(long, env = "CUTOVER_PKI_DIR", default_value = "/etc/cutover/pki")]
+        dir: PathBuf,
+        /// Where to write <role>-<name>.crt/.key (default: the PKI dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum IssueRole {
+    Agent,
+    Operator,
+}
+
+#[derive(Subcommand)]
+enum NodesAction {
+    /// List nodes (the default).
+    List,
+    /// Send a ping command down a node's agent stream and time the answer.
+    Ping {
+        /// Node name or id.
+        node: String,
+        #[arg(long, default_value = "10s")]
+        timeout: humantime::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevAction {
+    /// Start a coordinator and N agents in the background.
+    Up(cli::dev::UpArgs),
+    /// Stop everything `dev up` started in DIR.
+    Down {
+        #[arg(long, default_value = ".dev")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cutover_common::tls::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    ensure_output(&cli.output)?;
+    let json = cli.output == "json";
+    match cli.command {
+        Commands::Server { config } => {
+            let config = match CoordinatorConfig::load(&config) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            telemetry::init(cli.log_format.unwrap_or(config.log_format), "info");
+            let shutdown = cutover_common::shutdown::on_signals();
+            Coordinator::bind(config, shutdown).await?.wait().await?;
+        }
+        Commands::Ca { action } => ca(action)?,
+        Commands::Nodes { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            match action.unwrap_or(NodesAction::List) {
+                NodesAction::List => {
+                    let nodes = client
+                        .list_nodes(ListNodesRequest {})
+                        .await
+                        .map_err(explain)?
+                        .into_inner()
+                        .nodes;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&cli::nodes::to_json(&nodes))?
+                        );
+                    } else {
+                        print!("{}", cli::nodes::to_table(&nodes));
+                    }
+                }
+                NodesAction::Ping { node, timeout } => {
+                    let pong = client
+                        .ping_node(PingNodeRequest {
+                            node: node.clone(),
+                            timeout_ms: timeout.as_millis() as u64,
+                        })
+                        .await
+                        .map_err(explain)?
+                        .into_inner();
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "node": node,
+                                "command_id": pong.command_id,
+                                "round_trip_us": pong.round_trip_us,
+                                "agent_time": cli::nodes::rfc3339(pong.agent_time_ms),
+                            })
+                        );
+                    } else {
+                        println!(
+                            "{node}: pong in {:.2} ms",
+                            pong.round_trip_us as f64 / 1000.0
+                        );
+                    }
+                }
+            }
+        }
+        Commands::Events { after, limit } => {
+            let mut client = cli.connect.operator_client().await?;
+            let events = client
+                .list_events(ListEventsRequest {
+                    after_seq: after,
+                    limit,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .events;
+            if json {
+                let items: Vec<_> = events
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "seq": e.seq, "at": cli::nodes::rfc3339(e.at_ms), "kind": e.kind,
+                            "node_id": e.node_id, "node": e.node_name, "message": e.message,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                let mut rows = vec![["SEQ", "AT", "KIND", "MESSAGE"].map(String::from).to_vec()];
+                rows.extend(events.iter().map(|e| {
+                    vec![
+                        e.seq.to_string(),
+                        cli::nodes::rfc3339(e.at_ms),
+                        e.kind.clone(),
+                        e.message.clone(),
+                    ]
+                }));
+                print!("{}", cli::nodes::render_table(&rows));
+            }
+        }
+        Commands::Dev { action } => match action {
+            DevAction::Up(args) => cli::dev::up(args).await?,
+            DevAction::Down { dir } => cli::dev::down(&dir)?,
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ca(action: CaAction) -> Result<()> {
+    match action {
+        CaAction::Init { dir, sans } => {
+            CertificateAuthority::init_dir(&dir, &sans)?;
+            println!(
+                "created CA {}/ca.crt and the coordinator certificate {}/coordinator.crt\n\
+                 keep {}/ca.key secret: it signs every identity",
+                dir.display(),
+                dir.display(),
+                dir.display()
+            );
+        }
+        CaAction::Issue {
+            role,
+            name,
+            dir,
+            out,
+            days,
+        } => {
+            let role = match role {
+                IssueRole::Agent => Role::Agent,
+                IssueRole::Operator => Role::Operator,
+            };
+            let identity = Identity::new(role, &name)?;
+            let ca = CertificateAuthority::load_dir(&dir)?;
+            let out = out.unwrap_or(dir);
+            let (cert, key) = ca
+                .issue_client(&identity, days)?
+                .write(&out, &format!("{role}-{name}"))
+                .with_context(|| format!("writing the certificate for {identity}"))?;
+            println!(
+                "issued {identity}: {} and {}",
+                cert.display(),
+                key.display()
+            );
+        }
+    }
+    Ok(())
+}

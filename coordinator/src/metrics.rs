@@ -1,0 +1,178 @@
+//! Prometheus metrics. Per-node gauges are rebuilt from the registry at each
+//! scrape, so a node that was removed disappears from the output instead of
+//! lingering with its last value.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::registry::NodeView;
+use crate::store::NodeStatus;
+
+type Labels = Vec<(String, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub heartbeats: Counter,
+    pub sessions_opened: Counter,
+    nodes: Family<Labels, Gauge>,
+    agents_connected: Gauge,
+    heartbeat_age: Family<Labels, FloatGauge>,
+    cpu_percent: Family<Labels, FloatGauge>,
+    load_1: Family<Labels, FloatGauge>,
+    memory_used: Family<Labels, Gauge>,
+    memory_total: Family<Labels, Gauge>,
+    disk_free: Family<Labels, Gauge>,
+    /// Scrapes rebuild shared families; one at a time keeps them consistent.
+    render_lock: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cutover");
+        registry.register(
+            "build",
+            "Build information of this coordinator",
+            Info::new(vec![(
+                "version".to_string(),
+                cutover_common::VERSION.to_string(),
+            )]),
+        );
+        let metrics = Self {
+            heartbeats: Counter::default(),
+            sessions_opened: Counter::default(),
+            nodes: Family::default(),
+            agents_connected: Gauge::default(),
+            heartbeat_age: Family::default(),
+            cpu_percent: Family::default(),
+            load_1: Family::default(),
+            memory_used: Family::default(),
+            memory_total: Family::default(),
+            disk_free: Family::default(),
+            render_lock: Mutex::new(()),
+            registry,
+        };
+        let mut registry = metrics.registry;
+        registry.register(
+            "heartbeats",
+            "Agent heartbeats received",
+            metrics.heartbeats.clone(),
+        );
+        registry.register(
+            "agent_sessions",
+            "Agent sessions opened",
+            metrics.sessions_opened.clone(),
+        );
+        registry.register("nodes", "Known nodes by status", metrics.nodes.clone());
+        registry.register(
+            "agents_connected",
+            "Agents with an open session",
+            metrics.agents_connected.clone(),
+        );
+        registry.register(
+            "node_heartbeat_age_seconds",
+            "Seconds since each node's last heartbeat",
+            metrics.heartbeat_age.clone(),
+        );
+        registry.register(
+            "node_cpu_percent",
+            "CPU use of each node, 0 to 100",
+            metrics.cpu_percent.clone(),
+        );
+        registry.register(
+            "node_load1",
+            "One-minute load average of each node",
+            metrics.load_1.clone(),
+        );
+        registry.register(
+            "node_memory_used_bytes",
+            "Memory in use on each node",
+            metrics.memory_used.clone(),
+        );
+        registry.register(
+            "node_memory_total_bytes",
+            "Memory of each node",
+            metrics.memory_total.clone(),
+        );
+        registry.register(
+            "node_disk_free_bytes",
+            "Free disk space of each agent's state dir",
+            metrics.disk_free.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The Prometheus text exposition for the current fleet.
+    pub fn render(&self, nodes: &[NodeView]) -> String {
+        let _guard = self.render_lock.lock().expect("metrics lock");
+        for family in [&self.heartbeat_age, &self.cpu_percent, &self.load_1] {
+            family.clear();
+        }
+        for family in [&self.memory_used, &self.memory_total, &self.disk_free] {
+            family.clear();
+        }
+        let mut ready = 0;
+        let mut unreachable = 0;
+        let mut connected = 0;
+        for view in nodes {
+            let record = &view.record;
+            match record.status {
+                NodeStatus::Ready => ready += 1,
+                NodeStatus::Unreachable => unreachable += 1,
+            }
+            connected += i64::from(view.connected);
+            let labels: Labels = vec![
+                ("node".to_string(), record.name.clone()),
+                ("node_id".to_string(), record.id.clone()),
+            ];
+            self.heartbeat_age
+                .get_or_create(&labels)
+                .set(view.heartbeat_age.as_secs_f64());
+            if let Some(f) = &record.figures {
+                self.cpu_percent.get_or_create(&labels).set(f.cpu_percent);
+                self.load_1.get_or_create(&labels).set(f.load_1);
+                self.memory_used
+                    .get_or_create(&labels)
+                    .set(clamp(f.memory_used_bytes));
+                self.memory_total
+                    .get_or_create(&labels)
+                    .set(clamp(f.memory_total_bytes));
+                self.disk_free
+                    .get_or_create(&labels)
+                    .set(clamp(f.disk_free_bytes));
+            }
+        }
+        for (status, count) in [
+            (NodeStatus::Ready, ready),
+            (NodeStatus::Unreachable, unreachable),
+        ] {
+            self.nodes
+                .get_or_create(&vec![("status".to_string(), status.as_str().to_string())])
+                .set(count);
+        }
+        self.agents_connected.set(connected);
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a string cannot fail");
+        out
+    }
+}
+
+fn clamp(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,141 @@
+//! `OperatorService`: what the CLI calls.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cutover_proto::v1::operator_service_server::OperatorService;
+use cutover_proto::v1::{self as pb, command, command_result};
+use tonic::{Request, Response, Status};
+
+use crate::agent_api::DEFAULT_COMMAND_TIMEOUT;
+use crate::registry::{NodeView, Registry};
+use crate::store::{EventRecord, Figures, NodeStatus};
+
+pub struct OperatorApi {
+    pub registry: Arc<Registry>,
+}
+
+fn node_to_pb(view: NodeView) -> pb::Node {
+    let record = view.record;
+    pb::Node {
+        id: record.id,
+        name: record.name,
+        address: record.address,
+        labels: record.labels.into_iter().collect(),
+        status: match record.status {
+            NodeStatus::Ready => pb::NodeStatus::Ready,
+            NodeStatus::Unreachable => pb::NodeStatus::Unreachable,
+        } as i32,
+        last_seen_ms: record.last_seen_ms,
+        connected: view.connected,
+        agent_version: record.agent_version,
+        capabilities: record.capabilities,
+        figures: record.figures.map(figures_to_pb),
+        registered_at_ms: record.registered_at_ms,
+    }
+}
+
+fn figures_to_pb(f: Figures) -> pb::SystemFigures {
+    pb::SystemFigures {
+        cpu_percent: f.cpu_percent,
+        load_1: f.load_1,
+        load_5: f.load_5,
+        load_15: f.load_15,
+        memory_used_bytes: f.memory_used_bytes,
+        memory_total_bytes: f.memory_total_bytes,
+        disk_free_bytes: f.disk_free_bytes,
+        disk_total_bytes: f.disk_total_bytes,
+        uptime_seconds: f.uptime_seconds,
+    }
+}
+
+fn event_to_pb(e: EventRecord) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        at_ms: e.at_ms,
+        kind: e.kind,
+        node_id: e.node_id,
+        node_name: e.node_name,
+        message: e.message,
+    }
+}
+
+#[tonic::async_trait]
+impl OperatorService for OperatorApi {
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self.registry.list().into_iter().map(node_to_pb).collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn ping_node(
+        &self,
+        request: Request<pb::PingNodeRequest>,
+    ) -> Result<Response<pb::PingNodeResponse>, Status> {
+        let request = request.into_inner();
+        let timeout = match request.timeout_ms {
+            0 => DEFAULT_COMMAND_TIMEOUT,
+            ms => Duration::from_millis(ms).min(Duration::from_secs(300)),
+        };
+        let command_id = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let waiter = self.registry.send_command(
+            &request.node,
+            pb::Command {
+                command_id: command_id.clone(),
+                kind: Some(command::Kind::Ping(pb::Ping {
+                    payload: command_id.clone(),
+                })),
+            },
+        )?;
+        let result = match tokio::time::timeout(timeout, waiter).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => return Err(Status::unavailable("the coordinator dropped the command")),
+            Err(_) => {
+                self.registry.abandon_command(&command_id);
+                return Err(Status::deadline_exceeded(format!(
+                    "node {} did not answer within {}",
+                    request.node,
+                    humantime::format_duration(timeout)
+                )));
+            }
+        };
+        let round_trip = started.elapsed();
+        match (pb::CommandStatus::try_from(result.status), result.output) {
+            (Ok(pb::CommandStatus::Succeeded), Some(command_result::Output::Pong(pong)))
+                if pong.payload == command_id =>
+            {
+                Ok(Response::new(pb::PingNodeResponse {
+                    command_id,
+                    round_trip_us: round_trip.as_micros() as u64,
+                    agent_time_ms: pong.agent_time_ms,
+                }))
+            }
+            _ => Err(Status::internal(format!(
+                "node {} answered the ping wrongly: {}",
+                request.node, result.message
+            ))),
+        }
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => 100,
+            n => n.min(10_000) as usize,
+        };
+        let events = self
+            .registry
+            .events(request.after_seq, limit)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(event_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListEventsResponse { events }))
+    }
+}

@@ -1,0 +1,425 @@
+//! The live view of the fleet: every known node, its agent session (if
+//! connected), heartbeat deadlines and commands awaiting a result.
+//!
+//! Node records go to the store when they change meaningfully (registration,
+//! status transitions) and in a periodic checkpoint; heartbeats themselves only
+//! touch memory, so thousands of agents do not turn into thousands of writes
+//! per interval.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cutover_common::now_ms;
+use cutover_proto::v1::{self as pb, coordinator_message, CoordinatorMessage};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::store::{EventRecord, Figures, NewEvent, NodeRecord, NodeStatus, Store, StoreError};
+
+pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("node name {name} is already connected with node id {existing}; stop the other agent or give this one another name")]
+    NameTaken { name: String, existing: String },
+    #[error("no node named or with id {0:?}; `cutover nodes` lists them")]
+    UnknownNode(String),
+    #[error("node {0} is not connected")]
+    NotConnected(String),
+    #[error("node {0} has too many commands queued; try again")]
+    QueueFull(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<RegistryError> for Status {
+    fn from(error: RegistryError) -> Self {
+        let message = error.to_string();
+        match error {
+            RegistryError::NameTaken { .. } => Status::already_exists(message),
+            RegistryError::UnknownNode(_) => Status::not_found(message),
+            RegistryError::NotConnected(_) => Status::unavailable(message),
+            RegistryError::QueueFull(_) => Status::resource_exhausted(message),
+            RegistryError::Store(_) => Status::internal(message),
+        }
+    }
+}
+
+struct Session {
+    generation: u64,
+    sender: AgentSender,
+    cancel: CancellationToken,
+    remote: Option<SocketAddr>,
+}
+
+struct NodeEntry {
+    record: NodeRecord,
+    /// The node stays `ready` until this instant unless a heartbeat pushes it.
+    ready_until: Instant,
+    session: Option<Session>,
+    /// Changed in memory since the last checkpoint.
+    dirty: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    nodes: HashMap<String, NodeEntry>,
+    next_generation: u64,
+    pending: HashMap<String, oneshot::Sender<pb::CommandResult>>,
+}
+
+/// What the operator API and metrics see of a node.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub record: NodeRecord,
+    pub connected: bool,
+    pub heartbeat_age: Duration,
+}
+
+/// Handed to a new session: its generation and the token that ends it (on
+/// shutdown, or when a newer session from the same node replaces it).
+pub struct Attached {
+    pub node_id: String,
+    pub generation: u64,
+    pub cancel: CancellationToken,
+}
+
+pub struct Registry {
+    inner: Mutex<Inner>,
+    store: Arc<dyn Store>,
+    ttl: Duration,
+    started: Instant,
+}
+
+impl Registry {
+    /// Loads known nodes. Nodes that were ready get one TTL of grace to
+    /// reconnect before they are marked unreachable, as after a coordinator
+    /// restart their heartbeats simply had nowhere to go.
+    pub fn load(store: Arc<dyn Store>, ttl: Duration) -> Result<Self, StoreError> {
+        let now = Instant::now();
+        let mut inner = Inner::default();
+        for record in store.nodes()? {
+            let ready_until = match record.status {
+                NodeStatus::Ready => now + ttl,
+                NodeStatus::Unreachable => now,
+            };
+            inner.nodes.insert(
+                record.id.clone(),
+                NodeEntry {
+                    record,
+                    ready_until,
+                    session: None,
+                    dirty: false,
+                },
+            );
+        }
+        Ok(Self {
+            inner: Mutex::new(inner),
+            store,
+            ttl,
+            started: now,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn record_event(&self, kind: &'static str, node: &NodeRecord, message: String) {
+        tracing::info!(event = kind, node = %node.name, node_id = %node.id, "{message}");
+        if let Err(error) = self.store.append_event(NewEvent {
+            kind,
+            node_id: node.id.clone(),
+            node_name: node.name.clone(),
+            message,
+        }) {
+            tracing::error!(%error, event = kind, "cannot record event");
+        }
+    }
+
+    /// Registers (or re-registers) the node of a validated hello and makes
+    /// `sender` its command path.
+    pub fn attach(
+        &self,
+        hello: &pb::Hello,
+        remote: Option<SocketAddr>,
+        sender: AgentSender,
+        parent: &CancellationToken,
+    ) -> Result<Attached, RegistryError> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().expect("registry lock");
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+
+        // A name belongs to one node id at a time. A reinstalled machine comes
+        // back with a new id: it replaces the old record unless that one is
+        // still connected.
+        let clash = inner
+            .nodes
+            .values()
+            .find(|e| e.record.name == hello.name && e.record.id != hello.node_id)
+            .map(|e| (e.record.id.clone(), e.session.is_some()));
+        if let Some((existing, connected)) = clash {
+            if connected {
+                return Err(RegistryError::NameTaken {
+                    name: hello.name.clone(),
+                    existing,
+                });
+            }
+            let old = inner.nodes.remove(&existing).expect("found above").record;
+            self.store.delete_node(&old.id)?;
+            self.record_event(
+                "node_replaced",
+                &old,
+                format!(
+                    "node {} re-registered with new id {}",
+                    old.name, hello.node_id
+                ),
+            );
+        }
+
+        let at = now_ms();
+        let previous = inner.nodes.remove(&hello.node_id);
+        let is_new = previous.is_none();
+        let registered_at_ms = previous.as_ref().map_or(at, |p| p.record.registered_at_ms);
+        let figures = previous.as_ref().and_then(|p| p.record.figures.clone());
+        let mut labels: Vec<_> = hello
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.sort();
+        let record = NodeRecord {
+            id: hello.node_id.clone(),
+            name: hello.name.clone(),
+            address: hello.address.clone(),
+            labels: labels.into_iter().collect(),
+            agent_version: hello.agent_version.clone(),
+            capabilities: hello.capabilities.clone(),
+            status: NodeStatus::Ready,
+            registered_at_ms,
+            last_seen_ms: at,
+            figures,
+        };
+        self.store.put_node(&record)?;
+        if let Some(old) = previous.and_then(|p| p.session) {
+            // The agent reconnected before its old stream was noticed dead.
+            old.cancel.cancel();
+        }
+        let cancel = parent.child_token();
+        let remote_text = remote.map(|r| r.to_string()).unwrap_or_default();
+        self.record_event(
+            if is_new {
+                "node_registered"
+            } else {
+                "node_connected"
+            },
+            &record,
+            format!(
+                "node {} connected from {remote_text} (address {}, agent {})",
+                record.name, record.address, record.agent_version
+            ),
+        );
+        inner.nodes.insert(
+            record.id.clone(),
+            NodeEntry {
+                record,
+                ready_until: now + self.ttl,
+                session: Some(Session {
+                    generation,
+                    sender,
+                    cancel: cancel.clone(),
+                    remote,
+                }),
+                dirty: false,
+            },
+        );
+        Ok(Attached {
+            node_id: hello.node_id.clone(),
+            generation,
+            cancel,
+        })
+    }
+
+    /// Ends a session; a no-op when a newer session already replaced it.
+    pub fn detach(&self, attached: &Attached, reason: &str) {
+        let mut inner = self.inner.lock().expect("registry lock");
+        let Some(entry) = inner.nodes.get_mut(&attached.node_id) else {
+            return;
+        };
+        if entry.session.as_ref().map(|s| s.generation) != Some(attached.generation) {
+            return;
+        }
+        let session = entry.session.take().expect("checked above");
+        let record = entry.record.clone();
+        drop(inner);
+        self.record_event(
+            "node_disconnected",
+            &record,
+            format!(
+                "node {} disconnected ({reason}) from {}",
+                record.name,
+                session.remote.map(|r| r.to_string()).unwrap_or_default()
+            ),
+        );
+    }
+
+    pub fn heartbeat(&self, attached: &Attached, figures: Option<Figures>) {
+        let mut inner = self.inner.lock().expect("registry lock");
+        let Some(entry) = inner.nodes.get_mut(&attached.node_id) else {
+            return;
+        };
+        if entry.session.as_ref().map(|s| s.generation) != Some(attached.generation) {
+            return;
+        }
+        entry.ready_until = Instant::now() + self.ttl;
+        entry.record.last_seen_ms = now_ms();
+        if figures.is_some() {
+            entry.record.figures = figures;
+        }
+        entry.dirty = true;
+        if entry.record.status == NodeStatus::Unreachable {
+            entry.record.status = NodeStatus::Ready;
+            entry.dirty = false;
+            let record = entry.record.clone();
+            drop(inner);
+            if let Err(error) = self.store.put_node(&record) {
+                tracing::error!(%error, node = %record.name, "cannot persist node");
+            }
+            self.record_event(
+                "node_ready",
+                &record,
+                format!("node {} is ready again", record.name),
+            );
+        }
+    }
+
+    /// Marks nodes whose heartbeats stopped as unreachable. With `checkpoint`,
+    /// also writes every node changed in memory since the last checkpoint.
+    pub fn sweep(&self, checkpoint: bool) {
+        let now = Instant::now();
+        let mut changed = Vec::new();
+        let mut transitions = Vec::new();
+        {
+            let mut inner = self.inner.lock().expect("registry lock");
+            for entry in inner.nodes.values_mut() {
+                if entry.record.status == NodeStatus::Ready && now >= entry.ready_until {
+                    entry.record.status = NodeStatus::Unreachable;
+                    transitions.push(entry.record.clone());
+                    entry.dirty = false;
+                    changed.push(entry.record.clone());
+                } else if checkpoint && entry.dirty {
+                    entry.dirty = false;
+                    changed.push(entry.record.clone());
+                }
+            }
+        }
+        for record in &changed {
+            if let Err(error) = self.store.put_node(record) {
+                tracing::error!(%error, node = %record.name, "cannot persist node");
+            }
+        }
+        for record in transitions {
+            let silent_for = Duration::from_millis(
+                u64::try_from(now_ms().saturating_sub(record.last_seen_ms)).unwrap_or(0),
+            );
+            self.record_event(
+                "node_unreachable",
+                &record,
+                format!(
+                    "node {} unreachable: no heartbeat for {} (ttl {})",
+                    record.name,
+                    humantime::format_duration(Duration::from_secs(silent_for.as_secs())),
+                    humantime::format_duration(self.ttl)
+                ),
+            );
+        }
+    }
+
+    pub fn list(&self) -> Vec<NodeView> {
+        let inner = self.inner.lock().expect("registry lock");
+        let mut views: Vec<NodeView> = inner
+            .nodes
+            .values()
+            .map(|entry| NodeView {
+                record: entry.record.clone(),
+                connected: entry.session.is_some(),
+                heartbeat_age: Duration::from_millis(
+                    u64::try_from(now_ms().saturating_sub(entry.record.last_seen_ms)).unwrap_or(0),
+                ),
+            })
+            .collect();
+        views.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        views
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Queues `command` on the node's stream and returns where its result will
+    /// arrive. `node` is a name or an id.
+    pub fn send_command(
+        &self,
+        node: &str,
+        command: pb::Command,
+    ) -> Result<oneshot::Receiver<pb::CommandResult>, RegistryError> {
+        let mut inner = self.inner.lock().expect("registry lock");
+        let entry = inner
+            .nodes
+            .values()
+            .find(|e| e.record.id == node || e.record.name == node)
+            .ok_or_else(|| RegistryError::UnknownNode(node.to_string()))?;
+        let session = entry
+            .session
+            .as_ref()
+            .ok_or_else(|| RegistryError::NotConnected(entry.record.name.clone()))?;
+        let name = entry.record.name.clone();
+        let command_id = command.command_id.clone();
+        session
+            .sender
+            .try_send(Ok(CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Command(command)),
+            }))
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => RegistryError::QueueFull(name.clone()),
+                mpsc::error::TrySendError::Closed(_) => RegistryError::NotConnected(name.clone()),
+            })?;
+        let (tx, rx) = oneshot::channel();
+        inner.pending.insert(command_id, tx);
+        Ok(rx)
+    }
+
+    /// Forgets a command whose caller stopped waiting.
+    pub fn abandon_command(&self, command_id: &str) {
+        self.inner
+            .lock()
+            .expect("registry lock")
+            .pending
+            .remove(command_id);
+    }
+
+    pub fn complete_command(&self, result: pb::CommandResult) {
+        let waiter = self
+            .inner
+            .lock()
+            .expect("registry lock")
+            .pending
+            .remove(&result.command_id);
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(result);
+            }
+            None => {
+                tracing::debug!(command_id = %result.command_id, "result for a command nobody waits on")
+            }
+        }
+    }
+
+    pub fn events(&self, after_seq: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        self.store.events(after_seq, limit)
+    }
+}

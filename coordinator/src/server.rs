@@ -1,0 +1,205 @@
+//! `cutover server`: wires the store, the registry, the gRPC services and the
+//! HTTP listener together, and drains them on shutdown within a bound.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_common::identity::Role;
+use cutover_common::tls::{accept_mtls, server_config, TlsError};
+use cutover_proto::v1::agent_service_server::AgentServiceServer;
+use cutover_proto::v1::operator_service_server::OperatorServiceServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent_api::AgentApi;
+use crate::auth::require;
+use crate::config::CoordinatorConfig;
+use crate::metrics::Metrics;
+use crate::operator_api::OperatorApi;
+use crate::registry::Registry;
+use crate::store::{SledStore, Store, StoreError};
+
+/// Checkpoint cadence for heartbeat-only changes (last seen, figures).
+const CHECKPOINT_EVERY: u32 = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot bind {what} listener on {addr}: {source}; is another coordinator running?")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("grpc server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("http server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// A running coordinator. Tests start it on pre-bound listeners; the binary
+/// binds the configured addresses.
+pub struct Coordinator {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl Coordinator {
+    pub async fn bind(
+        config: CoordinatorConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ServerError> {
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "grpc",
+                addr: config.listen,
+                source,
+            })?;
+        let http = TcpListener::bind(config.http_listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "http",
+                addr: config.http_listen,
+                source,
+            })?;
+        Self::start(config, grpc, http, shutdown).await
+    }
+
+    pub async fn start(
+        config: CoordinatorConfig,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ServerError> {
+        // Everything that can fail on bad input fails before anything serves.
+        let tls = server_config(&config.tls)?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir.join("store"))?);
+        let registry = Arc::new(Registry::load(store.clone(), config.heartbeat_ttl)?);
+        let metrics = Arc::new(Metrics::new());
+        let grpc_addr = grpc.local_addr().map_err(ServerError::Http)?;
+        let http_addr = http.local_addr().map_err(ServerError::Http)?;
+        let config = Arc::new(config);
+
+        let max_message = config.limits.max_message_bytes;
+        let agent_api = AgentServiceServer::new(AgentApi {
+            registry: registry.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        })
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let operator_api = OperatorServiceServer::new(OperatorApi {
+            registry: registry.clone(),
+        })
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+        let grpc_server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(config.limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.limits.keepalive_timeout))
+            .tcp_nodelay(true)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                agent_api,
+                require(Role::Agent),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                operator_api,
+                require(Role::Operator),
+            ))
+            .serve_with_incoming_shutdown(
+                accept_mtls(grpc, tls, shutdown.clone()),
+                shutdown.clone().cancelled_owned(),
+            );
+        let http_server = axum::serve(http, crate::http::router(registry.clone(), metrics))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+
+        let sweeper = tokio::spawn(sweep_loop(registry.clone(), shutdown.clone()));
+        let grace = config.shutdown_grace;
+        let task_shutdown = shutdown.clone();
+        let task_registry = registry.clone();
+        let task = tokio::spawn(async move {
+            let mut grpc_task = tokio::spawn(grpc_server);
+            let mut http_task =
+                tokio::spawn(async move { http_server.await.map_err(ServerError::Http) });
+            tokio::select! {
+                _ = task_shutdown.cancelled() => {}
+                result = &mut grpc_task => {
+                    task_shutdown.cancel();
+                    result.expect("grpc task")?;
+                }
+                result = &mut http_task => {
+                    task_shutdown.cancel();
+                    result.expect("http task")?;
+                }
+            }
+            // Bounded drain: a stuck connection must not keep the process up
+            // (graceful shutdown can hang on a half-open HTTP/2 stream).
+            let drained = tokio::time::timeout(grace, async {
+                let _ = (&mut grpc_task).await;
+                let _ = (&mut http_task).await;
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(grace = %humantime::format_duration(grace), "drain timed out, closing remaining connections");
+                grpc_task.abort();
+                http_task.abort();
+            }
+            let _ = sweeper.await;
+            task_registry.sweep(true);
+            task_registry.store().flush()?;
+            tracing::info!("coordinator stopped");
+            Ok(())
+        });
+        tracing::info!(%grpc_addr, %http_addr, data_dir = %config.data_dir.display(), "coordinator listening");
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            registry,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Asks for shutdown and waits for the drain to finish.
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.task.await.expect("coordinator task panicked")
+    }
+}
+
+async fn sweep_loop(registry: Arc<Registry>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut count: u32 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        count = count.wrapping_add(1);
+        registry.sweep(count % CHECKPOINT_EVERY == 0);
+    }
+}

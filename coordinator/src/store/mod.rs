@@ -1,0 +1,94 @@
+//! The coordinator's durable state, behind a trait so the embedded default
+//! (sled) can be swapped without touching the rest of the coordinator.
+
+mod sled_store;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use sled_store::SledStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store i/o failed: {0}")]
+    Backend(String),
+    #[error("stored record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Ready,
+    Unreachable,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// The last figures a node reported.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    pub cpu_percent: f64,
+    pub load_1: f64,
+    pub load_5: f64,
+    pub load_15: f64,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub uptime_seconds: u64,
+}
+
+/// A node as the coordinator knows it, kept across coordinator restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    pub capabilities: Vec<String>,
+    pub status: NodeStatus,
+    pub registered_at_ms: i64,
+    pub last_seen_ms: i64,
+    pub figures: Option<Figures>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Strictly increasing, assigned by the store.
+    pub seq: u64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub node_id: String,
+    pub node_name: String,
+    pub message: String,
+}
+
+/// An event before the store gave it a sequence number.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: &'static str,
+    pub node_id: String,
+    pub node_name: String,
+    pub message: String,
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
+    fn delete_node(&self, id: &str) -> Result<(), StoreError>;
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    fn append_event(&self, event: NewEvent) -> Result<EventRecord, StoreError>;
+    /// Events with `seq > after_seq`, oldest first, at most `limit`.
+    fn events(&self, after_seq: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError>;
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,307 @@
+//! Test harnesses for cutover.
+//!
+//! [`Cluster`] runs a coordinator and agents in this process (quickwit's
+//! sandbox style): pre-bound `127.0.0.1:0` listeners, a temp dir per node,
+//! certificates from a fresh CA. [`bin`] and friends drive the real binaries
+//! for end-to-end cases (hyperqueue and garage style).
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cutover_agent::config::AgentConfig;
+use cutover_agent::Agent;
+use cutover_common::identity::{Identity, Role};
+use cutover_common::pki::CertificateAuthority;
+use cutover_common::telemetry::LogFormat;
+use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl, TlsFiles};
+use cutover_coordinator::config::{CoordinatorConfig, Limits};
+use cutover_coordinator::Coordinator;
+use cutover_proto::v1::operator_service_client::OperatorServiceClient;
+use cutover_proto::v1::{ListNodesRequest, Node, NodeStatus};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// A CA in a temp dir that issues whatever identities a test needs.
+pub struct Pki {
+    dir: TempDir,
+    ca: CertificateAuthority,
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = CertificateAuthority::init_dir(dir.path(), &[]).expect("ca init");
+        Self { dir, ca }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn coordinator_files(&self) -> TlsFiles {
+        TlsFiles::in_dir(self.dir.path(), "coordinator")
+    }
+
+    /// Issues (or re-issues) a client certificate for `role`/`name`.
+    pub fn client_files(&self, role: Role, name: &str) -> TlsFiles {
+        let stem = format!("{role}-{name}");
+        let identity = Identity::new(role, name).expect("valid name");
+        self.ca
+            .issue_client(&identity, 30)
+            .expect("issue")
+            .write(self.dir.path(), &stem)
+            .expect("write pair");
+        TlsFiles::in_dir(self.dir.path(), &stem)
+    }
+}
+
+/// Coordinator settings a test may tighten.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub heartbeat_interval: Duration,
+    pub heartbeat_ttl: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(300),
+            heartbeat_ttl: Duration::from_secs(2),
+        }
+    }
+}
+
+pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> CoordinatorConfig {
+    CoordinatorConfig {
+        data_dir: data_dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        http_listen: "127.0.0.1:0".parse().expect("addr"),
+        tls: files,
+        heartbeat_interval: tuning.heartbeat_interval,
+        heartbeat_ttl: tuning.heartbeat_ttl,
+        shutdown_grace: Duration::from_secs(3),
+        log_format: LogFormat::Text,
+        limits: Limits::default(),
+    }
+}
+
+pub struct TestAgent {
+    pub name: String,
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl TestAgent {
+    /// Stops the agent the way a crash would: its task is dropped mid-flight
+    /// and its connection closes without a goodbye.
+    pub async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+pub struct Cluster {
+    pub pki: Pki,
+    pub tuning: Tuning,
+    pub coordinator: Option<Coordinator>,
+    pub grpc_addr: std::net::SocketAddr,
+    pub agents: Vec<TestAgent>,
+    data_dir: TempDir,
+    state_root: TempDir,
+}
+
+impl Cluster {
+    /// A coordinator and `agents` agents named node-1.., all in-process.
+    pub async fn start(agents: usize, tuning: Tuning) -> Self {
+        let pki = Pki::new();
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let grpc_addr = grpc.local_addr().expect("addr");
+        let coordinator = start_coordinator(&pki, data_dir.path(), &tuning, grpc).await;
+        let mut cluster = Self {
+            pki,
+            tuning,
+            coordinator: Some(coordinator),
+            grpc_addr,
+            agents: Vec::new(),
+            data_dir,
+            state_root: tempfile::tempdir().expect("temp dir"),
+        };
+        for i in 1..=agents {
+            let agent = cluster.start_agent(&format!("node-{i}"));
+            cluster.agents.push(agent);
+        }
+        cluster
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.grpc_addr)
+    }
+
+    pub fn agent_config(&self, name: &str) -> AgentConfig {
+        let index = self.agents.len() + 11;
+        AgentConfig {
+            coordinator: self.url(),
+            server_name: None,
+            state_dir: self.state_root.path().join(name),
+            name: Some(name.to_string()),
+            address: Some(format!("127.0.0.{index}").parse().expect("ip")),
+            labels: [("env".to_string(), "test".to_string())].into(),
+            tls: self.pki.client_files(Role::Agent, name),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(500),
+            keepalive_interval: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_secs(2),
+            max_message_bytes: 4 << 20,
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// Starts an agent (reusing its state dir, hence its node id, if it ran
+    /// before).
+    pub fn start_agent(&self, name: &str) -> TestAgent {
+        spawn_agent(self.agent_config(name))
+    }
+
+    /// Stops the coordinator gracefully.
+    pub async fn stop_coordinator(&mut self) {
+        if let Some(coordinator) = self.coordinator.take() {
+            coordinator.stop().await.expect("coordinator stops cleanly");
+        }
+    }
+
+    /// Starts a new coordinator on the same address and data dir.
+    pub async fn restart_coordinator(&mut self) {
+        self.stop_coordinator().await;
+        let grpc = TcpListener::bind(self.grpc_addr)
+            .await
+            .expect("rebind grpc port");
+        self.coordinator =
+            Some(start_coordinator(&self.pki, self.data_dir.path(), &self.tuning, grpc).await);
+    }
+
+    pub async fn operator(&self) -> OperatorServiceClient<Channel> {
+        let files = self.pki.client_files(Role::Operator, "tester");
+        operator_client(&self.url(), &files)
+            .await
+            .expect("operator connects")
+    }
+
+    /// Polls the node list until `done` holds, or panics with the last list.
+    pub async fn wait_for_nodes(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[Node]) -> bool,
+    ) -> Vec<Node> {
+        let mut client = self.operator().await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let nodes = client
+                .list_nodes(ListNodesRequest {})
+                .await
+                .expect("list nodes")
+                .into_inner()
+                .nodes;
+            if done(&nodes) {
+                return nodes;
+            }
+            if Instant::now() >= deadline {
+                panic!("condition not met within {timeout:?}; nodes: {nodes:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn start_coordinator(
+    pki: &Pki,
+    data_dir: &Path,
+    tuning: &Tuning,
+    grpc: TcpListener,
+) -> Coordinator {
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let config = coordinator_config(pki.coordinator_files(), data_dir, tuning);
+    Coordinator::start(config, grpc, http, CancellationToken::new())
+        .await
+        .expect("coordinator starts")
+}
+
+pub fn spawn_agent(config: AgentConfig) -> TestAgent {
+    let name = config.name.clone().expect("test agents are named");
+    let state_dir = config.state_dir.clone();
+    let agent = Agent::new(config).expect("agent config is valid");
+    let node_id = agent.node_id().to_string();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(agent.run(shutdown.clone()));
+    TestAgent {
+        name,
+        node_id,
+        state_dir,
+        shutdown,
+        task,
+    }
+}
+
+pub async fn operator_client(
+    url: &str,
+    files: &TlsFiles,
+) -> Result<OperatorServiceClient<Channel>, tls::TlsError> {
+    let config = tls::client_config(files)?;
+    connect_with(url, config).await
+}
+
+/// Connects with an arbitrary rustls client config (e.g. one without a
+/// client certificate, to check the refusal).
+pub async fn connect_with(
+    url: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<OperatorServiceClient<Channel>, tls::TlsError> {
+    let url = CoordinatorUrl::parse(url)?;
+    let connection = tls::connect(&url, None, config, &ChannelOptions::default()).await?;
+    Ok(OperatorServiceClient::new(connection.channel))
+}
+
+pub fn ready(node: &Node) -> bool {
+    node.status == NodeStatus::Ready as i32 && node.connected
+}
+
+pub fn find<'a>(nodes: &'a [Node], name: &str) -> Option<&'a Node> {
+    nodes.iter().find(|n| n.name == name)
+}
+
+/// A built binary of this workspace (`cargo build --bins` first; the test
+/// script does).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
