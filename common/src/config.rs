@@ -82,12 +82,12 @@ pub fn load_from<T: DeserializeOwned>(
 
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
         let key = err.path().to_string();
-        let message = err.inner().to_string();
-        // For an unknown field the path is the enclosing table: name the field.
+        // toml appends "in `table`" on a second line; the key already says it.
+        let message = err.inner().to_string().lines().next().unwrap_or_default().to_string();
+        // At the top level an unknown field's path is "."; name the field.
         let key = match unknown_field(&message) {
             Some(field) if key == "." => field.to_string(),
-            Some(field) => format!("{key}.{field}"),
-            None => key,
+            _ => key,
         };
         let origin = env_keys
             .get(&key)
@@ -224,7 +224,7 @@ mod tests {
         let (_dir, path) = write("name = \"a\"\n[tls]\ncert = \"x\"\nkey_file = \"y\"\n");
         let err = load_from::<Sample>(Some(&path), "X_", vec![]).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("tls.key_file"), "{text}");
+        assert!(text.contains("key `tls.key_file`: unknown field"), "{text}");
         assert!(text.contains(&path.display().to_string()), "{text}");
     }
 

@@ -305,3 +305,135 @@ pub fn bin(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A cluster of real processes started with `cutover dev up`, stopped with
+/// `cutover dev down` when dropped.
+pub struct DevCluster {
+    pub dir: TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl DevCluster {
+    pub fn up(nodes: u8) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let output = std::process::Command::new(bin("cutover"))
+            .args(["dev", "up", "--nodes", &nodes.to_string(), "--dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run cutover dev up");
+        assert!(
+            output.status.success(),
+            "dev up failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let env = std::fs::read_to_string(dir.path().join("env"))
+            .expect("dev up writes DIR/env")
+            .lines()
+            .filter_map(|line| line.strip_prefix("export "))
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self { dir, env }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `cutover ARGS` against this cluster, as a shell that sourced
+    /// DIR/env would.
+    pub fn cutover(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin("cutover"))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run cutover")
+    }
+
+    pub fn nodes_json(&self) -> Vec<serde_json::Value> {
+        let output = self.cutover(&["nodes", "--output", "json"]);
+        assert!(
+            output.status.success(),
+            "cutover nodes failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&output.stdout)
+            .expect("nodes json parses")
+            .as_array()
+            .expect("an array")
+            .clone()
+    }
+
+    /// Polls `cutover nodes --output json` until `done` holds.
+    pub fn wait_for_nodes(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let nodes = self.nodes_json();
+            if done(&nodes) {
+                return nodes;
+            }
+            if Instant::now() >= deadline {
+                panic!("condition not met within {timeout:?}; nodes: {nodes:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self, pid_file: &str) -> i32 {
+        std::fs::read_to_string(self.path(pid_file))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    /// Starts a process of the cluster again with the config `dev up` wrote,
+    /// recording its new pid so `dev down` stops it.
+    pub fn restart(&self, binary: &str, args: &[&str], pid_file: &str, log: &str) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.path("logs").join(log))
+            .expect("log file");
+        let child = std::process::Command::new(bin(binary))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("restart process");
+        // `dev down` finds it through the pid file and treats it as stopped
+        // once it is a zombie, so the handle need not be kept.
+        std::fs::write(self.path(pid_file), format!("{}\n", child.id())).expect("pid file");
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(bin("cutover"))
+            .args(["dev", "down", "--dir"])
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+pub fn sigkill(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+}
+
+/// Whether `pid` is still running; a zombie has stopped, whoever reaps it.
+pub fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+pub fn field<'a>(node: &'a serde_json::Value, key: &str) -> &'a str {
+    node[key].as_str().unwrap_or_default()
+}

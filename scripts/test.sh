@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh clone: installs what the tests need,
+# builds the binaries the end-to-end tests spawn, then runs every test.
+# Extra arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# systemd-analyze checks the units in deploy/systemd; install it where we can.
+if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing systemd (for systemd-analyze)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null \
+    || echo "warning: could not install systemd; the unit verification test will be skipped"
+fi
+
+cargo build --locked --workspace --bins
+cargo test --locked --workspace "$@"
