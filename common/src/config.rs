@@ -83,7 +83,13 @@ pub fn load_from<T: DeserializeOwned>(
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
         let key = err.path().to_string();
         // toml appends "in `table`" on a second line; the key already says it.
-        let message = err.inner().to_string().lines().next().unwrap_or_default().to_string();
+        let message = err
+            .inner()
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         // At the top level an unknown field's path is "."; name the field.
         let key = match unknown_field(&message) {
             Some(field) if key == "." => field.to_string(),

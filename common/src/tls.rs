@@ -51,11 +51,19 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("invalid coordinator url {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+}
+
+/// The innermost error of a chain: tonic nests "transport error" wrappers
+/// around the one message an operator needs (connection refused, bad
+/// certificate, timed out).
+pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
 }
 
 /// The files of one side's mTLS identity.
@@ -367,9 +375,9 @@ pub async fn connect(
     })?;
     // Plain http scheme: TLS is done by our connector, not by tonic.
     let endpoint = Endpoint::from_shared(format!("http://{}:{}", bracket(&url.host), url.port))
-        .map_err(|source| TlsError::Connect {
+        .map_err(|error| TlsError::Connect {
             url: url.url.clone(),
-            source,
+            reason: root_cause(&error),
         })?
         .connect_timeout(options.connect_timeout)
         .http2_keep_alive_interval(options.keepalive_interval)
@@ -403,9 +411,9 @@ pub async fn connect(
             }
         }))
         .await
-        .map_err(|source| TlsError::Connect {
+        .map_err(|error| TlsError::Connect {
             url: url.url.clone(),
-            source,
+            reason: root_cause(&error),
         })?;
     let local_addr = *local_addr.lock().expect("local addr lock");
     Ok(Connection {

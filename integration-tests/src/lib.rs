@@ -352,20 +352,22 @@ impl DevCluster {
     }
 
     pub fn nodes_json(&self) -> Vec<serde_json::Value> {
-        let output = self.cutover(&["nodes", "--output", "json"]);
-        assert!(
-            output.status.success(),
-            "cutover nodes failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&output.stdout)
-            .expect("nodes json parses")
-            .as_array()
-            .expect("an array")
-            .clone()
+        self.try_nodes_json()
+            .unwrap_or_else(|error| panic!("cutover nodes failed: {error}"))
     }
 
-    /// Polls `cutover nodes --output json` until `done` holds.
+    fn try_nodes_json(&self) -> Result<Vec<serde_json::Value>, String> {
+        let output = self.cutover(&["nodes", "--output", "json"]);
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        let value: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("nodes json parses");
+        Ok(value.as_array().expect("an array").clone())
+    }
+
+    /// Polls `cutover nodes --output json` until `done` holds; a coordinator
+    /// that does not answer yet (restarting) counts as not done.
     pub fn wait_for_nodes(
         &self,
         timeout: Duration,
@@ -373,12 +375,14 @@ impl DevCluster {
     ) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let nodes = self.nodes_json();
-            if done(&nodes) {
-                return nodes;
+            let nodes = self.try_nodes_json();
+            if let Ok(nodes) = &nodes {
+                if done(nodes) {
+                    return nodes.clone();
+                }
             }
             if Instant::now() >= deadline {
-                panic!("condition not met within {timeout:?}; nodes: {nodes:#?}");
+                panic!("condition not met within {timeout:?}; last answer: {nodes:#?}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -423,14 +427,22 @@ impl Drop for DevCluster {
 }
 
 pub fn sigkill(pid: i32) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
 }
 
 /// Whether `pid` is still running; a zombie has stopped, whoever reaps it.
 pub fn running(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
+        .and_then(|stat| {
+            stat.rsplit(')')
+                .next()
+                .map(|rest| !rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 

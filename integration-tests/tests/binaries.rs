@@ -12,7 +12,11 @@ const DEV_TTL: Duration = Duration::from_secs(5);
 
 fn http_get(addr: &str, path: &str) -> String {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect http");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut body = String::new();
     stream.read_to_string(&mut body).unwrap();
     body
@@ -37,14 +41,22 @@ fn dev_up_gives_ready_nodes_with_figures_metrics_and_a_command_path() {
     }
 
     let ping = cluster.cutover(&["nodes", "ping", "node-3", "--output", "json"]);
-    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stderr));
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stderr)
+    );
     let pong: serde_json::Value = serde_json::from_slice(&ping.stdout).unwrap();
     assert!(pong["round_trip_us"].as_u64().unwrap() > 0);
 
     let table = cluster.cutover(&["nodes"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.starts_with("NAME"), "{table}");
-    assert_eq!(table.lines().filter(|l| l.contains(" ready ")).count(), 3, "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" ready ")).count(),
+        3,
+        "{table}"
+    );
 
     let metrics_url = std::fs::read_to_string(cluster.path("env")).unwrap();
     let addr = metrics_url
@@ -54,9 +66,15 @@ fn dev_up_gives_ready_nodes_with_figures_metrics_and_a_command_path() {
         .expect("metrics url in env")
         .to_string();
     let metrics = http_get(&addr, "/metrics");
-    assert!(metrics.contains("cutover_nodes{status=\"ready\"} 3"), "{metrics}");
+    assert!(
+        metrics.contains("cutover_nodes{status=\"ready\"} 3"),
+        "{metrics}"
+    );
     assert!(metrics.contains("cutover_agents_connected 3"), "{metrics}");
-    assert!(metrics.contains("cutover_node_memory_total_bytes{node=\"node-1\""), "{metrics}");
+    assert!(
+        metrics.contains("cutover_node_memory_total_bytes{node=\"node-1\""),
+        "{metrics}"
+    );
     assert!(metrics.contains("cutover_build_info{version="), "{metrics}");
     assert!(http_get(&addr, "/healthz").starts_with("HTTP/1.1 200"));
 
@@ -70,10 +88,15 @@ fn dev_up_gives_ready_nodes_with_figures_metrics_and_a_command_path() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
 
     // `dev down` stops every process within its bounded drain.
-    let pids: Vec<i32> = ["coordinator.pid", "agent-1.pid", "agent-2.pid", "agent-3.pid"]
-        .iter()
-        .map(|f| cluster.pid(f))
-        .collect();
+    let pids: Vec<i32> = [
+        "coordinator.pid",
+        "agent-1.pid",
+        "agent-2.pid",
+        "agent-3.pid",
+    ]
+    .iter()
+    .map(|f| cluster.pid(f))
+    .collect();
     let started = Instant::now();
     let down = Command::new(bin("cutover"))
         .args(["dev", "down", "--dir"])
@@ -81,7 +104,11 @@ fn dev_up_gives_ready_nodes_with_figures_metrics_and_a_command_path() {
         .output()
         .unwrap();
     assert!(down.status.success());
-    assert!(started.elapsed() < Duration::from_secs(10), "dev down took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "dev down took {:?}",
+        started.elapsed()
+    );
     for pid in pids {
         assert!(!running(pid), "process {pid} still running");
     }
@@ -100,20 +127,33 @@ fn an_agent_killed_with_sigkill_is_unreachable_within_ttl_and_ready_again_after_
     sigkill(cluster.pid("agent-1.pid"));
     let killed_at = Instant::now();
     let nodes = cluster.wait_for_nodes(DEV_TTL + Duration::from_secs(5), |nodes| {
-        nodes.iter().any(|n| field(n, "name") == "node-1" && field(n, "status") == "unreachable")
+        nodes
+            .iter()
+            .any(|n| field(n, "name") == "node-1" && field(n, "status") == "unreachable")
     });
     eprintln!("node-1 unreachable {:?} after SIGKILL", killed_at.elapsed());
     let node2 = nodes.iter().find(|n| field(n, "name") == "node-2").unwrap();
     assert_eq!(field(node2, "status"), "ready");
 
     let config = cluster.path("agent-1.toml").display().to_string();
-    cluster.restart("cutover-agent", &["--config", &config], "agent-1.pid", "agent-1.log");
+    cluster.restart(
+        "cutover-agent",
+        &["--config", &config],
+        "agent-1.pid",
+        "agent-1.log",
+    );
     let nodes = cluster.wait_for_nodes(Duration::from_secs(15), |nodes| {
-        nodes.iter().any(|n| field(n, "name") == "node-1" && field(n, "status") == "ready")
+        nodes
+            .iter()
+            .any(|n| field(n, "name") == "node-1" && field(n, "status") == "ready")
     });
     assert_eq!(nodes.len(), 2);
     let node1 = nodes.iter().find(|n| field(n, "name") == "node-1").unwrap();
-    assert_eq!(field(node1, "id"), id, "the node keeps its id across restarts");
+    assert_eq!(
+        field(node1, "id"),
+        id,
+        "the node keeps its id across restarts"
+    );
 
     let events = cluster.cutover(&["events", "--output", "json"]);
     let events: serde_json::Value = serde_json::from_slice(&events.stdout).unwrap();
@@ -126,7 +166,12 @@ fn an_agent_killed_with_sigkill_is_unreachable_within_ttl_and_ready_again_after_
         .collect();
     assert_eq!(
         kinds,
-        ["node_registered", "node_disconnected", "node_unreachable", "node_connected"],
+        [
+            "node_registered",
+            "node_disconnected",
+            "node_unreachable",
+            "node_connected"
+        ],
         "{events:#}"
     );
 }
@@ -140,9 +185,17 @@ fn a_coordinator_killed_with_sigkill_restarts_with_its_nodes_and_agents_reconnec
     sigkill(cluster.pid("coordinator.pid"));
 
     let config = cluster.path("coordinator.toml").display().to_string();
-    cluster.restart("cutover", &["server", "--config", &config], "coordinator.pid", "coordinator.log");
+    cluster.restart(
+        "cutover",
+        &["server", "--config", &config],
+        "coordinator.pid",
+        "coordinator.log",
+    );
     let after = cluster.wait_for_nodes(Duration::from_secs(20), |nodes| {
-        nodes.len() == 2 && nodes.iter().all(|n| field(n, "status") == "ready" && n["connected"] == true)
+        nodes.len() == 2
+            && nodes
+                .iter()
+                .all(|n| field(n, "status") == "ready" && n["connected"] == true)
     });
     for (old, new) in before.iter().zip(&after) {
         assert_eq!(field(old, "id"), field(new, "id"));
@@ -152,7 +205,13 @@ fn a_coordinator_killed_with_sigkill_restarts_with_its_nodes_and_agents_reconnec
 
 /// Runs a binary with a config file and checks it refuses to start, names the
 /// key and the file, and creates nothing.
-fn assert_refused(binary: &str, args: &[&str], env: &[(&str, &str)], expect: &[&str], untouched: &std::path::Path) {
+fn assert_refused(
+    binary: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    expect: &[&str],
+    untouched: &std::path::Path,
+) {
     let output = Command::new(bin(binary))
         .args(args)
         .envs(env.iter().copied())
@@ -181,13 +240,31 @@ fn bad_config_files_fail_with_the_key_and_the_file_and_start_nothing() {
     let server_args = ["server", "--config", server_arg.as_str()];
 
     std::fs::write(&server, format!("listn = \"0.0.0.0:1\"\n{base_server}")).unwrap();
-    assert_refused("cutover", &server_args, &[], &["`listn`", &server_arg], &data);
+    assert_refused(
+        "cutover",
+        &server_args,
+        &[],
+        &["`listn`", &server_arg],
+        &data,
+    );
 
     std::fs::write(&server, format!("heartbeat_ttl = \"soon\"\n{base_server}")).unwrap();
-    assert_refused("cutover", &server_args, &[], &["`heartbeat_ttl`", &server_arg], &data);
+    assert_refused(
+        "cutover",
+        &server_args,
+        &[],
+        &["`heartbeat_ttl`", &server_arg],
+        &data,
+    );
 
     std::fs::write(&server, format!("heartbeat_ttl = \"1s\"\n{base_server}")).unwrap();
-    assert_refused("cutover", &server_args, &[], &["`heartbeat_ttl`", "twice"], &data);
+    assert_refused(
+        "cutover",
+        &server_args,
+        &[],
+        &["`heartbeat_ttl`", "twice"],
+        &data,
+    );
 
     std::fs::write(&server, &base_server).unwrap();
     assert_refused(
@@ -205,19 +282,44 @@ fn bad_config_files_fail_with_the_key_and_the_file_and_start_nothing() {
         state.display().to_string()
     );
     std::fs::write(&agent, format!("{base_agent}cert_file = \"/x\"\n")).unwrap();
-    assert_refused("cutover-agent", &agent_args, &[], &["`tls.cert_file`", &agent_arg], &state);
+    assert_refused(
+        "cutover-agent",
+        &agent_args,
+        &[],
+        &["`tls.cert_file`", &agent_arg],
+        &state,
+    );
 
-    std::fs::write(&agent, base_agent.replace("https://127.0.0.1:1", "127.0.0.1:1")).unwrap();
-    assert_refused("cutover-agent", &agent_args, &[], &["`coordinator`", "https://"], &state);
+    std::fs::write(
+        &agent,
+        base_agent.replace("https://127.0.0.1:1", "127.0.0.1:1"),
+    )
+    .unwrap();
+    assert_refused(
+        "cutover-agent",
+        &agent_args,
+        &[],
+        &["`coordinator`", "https://"],
+        &state,
+    );
 
     std::fs::write(&agent, format!("reconnect_min = 5\n{base_agent}")).unwrap();
-    assert_refused("cutover-agent", &agent_args, &[], &["`reconnect_min`"], &state);
+    assert_refused(
+        "cutover-agent",
+        &agent_args,
+        &[],
+        &["`reconnect_min`"],
+        &state,
+    );
 
     // Valid config, missing certificate files: refused before any state.
     std::fs::write(&agent, &base_agent).unwrap();
     assert_refused("cutover-agent", &agent_args, &[], &["/x/ca.crt"], &state);
     std::fs::write(&server, &base_server).unwrap();
-    let output = Command::new(bin("cutover")).args(server_args).output().unwrap();
+    let output = Command::new(bin("cutover"))
+        .args(server_args)
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("/x/ca.crt"));
     assert!(!data.exists());

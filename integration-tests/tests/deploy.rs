@@ -8,7 +8,10 @@ use cutover_coordinator::config::CoordinatorConfig;
 use cutover_integration_tests::bin;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 #[test]
@@ -26,7 +29,11 @@ fn example_configs_load_with_the_real_loaders() {
 /// not installed; the test script installs it on Debian.
 #[test]
 fn systemd_units_verify_and_stay_hardened() {
-    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("systemd-analyze not installed: skipping unit verification");
         return;
     }
@@ -40,7 +47,11 @@ fn systemd_units_verify_and_stay_hardened() {
         let installed = format!("/usr/local/bin/{binary} ");
         assert!(text.contains(&installed), "{unit} must start {installed}");
         let path = dir.path().join(unit);
-        std::fs::write(&path, text.replace(&installed, &format!("{} ", bin(binary).display()))).unwrap();
+        std::fs::write(
+            &path,
+            text.replace(&installed, &format!("{} ", bin(binary).display())),
+        )
+        .unwrap();
 
         let verify = Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
@@ -49,13 +60,25 @@ fn systemd_units_verify_and_stay_hardened() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&verify.stderr);
         // verify exits 0 on unknown keys and only warns: any output is a finding.
-        assert!(verify.status.success() && stderr.trim().is_empty(), "{unit}: {stderr}");
-        for directive in ["ProtectSystem=strict", "NoNewPrivileges=yes", "StateDirectory=", "Restart="] {
+        assert!(
+            verify.status.success() && stderr.trim().is_empty(),
+            "{unit}: {stderr}"
+        );
+        for directive in [
+            "ProtectSystem=strict",
+            "NoNewPrivileges=yes",
+            "StateDirectory=",
+            "Restart=",
+        ] {
             assert!(text.contains(directive), "{unit} lacks {directive}");
         }
 
         let security = Command::new("systemd-analyze")
-            .args(["security", "--offline=true", &format!("--threshold={max_exposure}")])
+            .args([
+                "security",
+                "--offline=true",
+                &format!("--threshold={max_exposure}"),
+            ])
             .arg(&path)
             .output()
             .unwrap();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl, TlsFiles};
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use serde::Deserialize;
@@ -92,7 +92,11 @@ impl ConnectArgs {
             &ChannelOptions::default(),
         )
         .await
-        .with_context(|| format!("is the coordinator running at {coordinator}?"))?;
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "{error}; check that the coordinator runs there and that --coordinator and --ca-cert are this installation's"
+            )
+        })?;
         Ok(OperatorServiceClient::new(connection.channel))
     }
 }
@@ -102,8 +106,21 @@ pub fn explain(status: tonic::Status) -> anyhow::Error {
     use tonic::Code;
     let message = status.message().to_string();
     match status.code() {
-        Code::Unavailable => anyhow::anyhow!("coordinator unavailable: {message}"),
         Code::PermissionDenied | Code::Unauthenticated => anyhow::anyhow!("refused: {message}"),
+        // A connection-level failure: the useful part is the innermost cause,
+        // e.g. the TLS alert the coordinator sent when it refused our
+        // certificate.
+        Code::Unavailable | Code::Unknown | Code::Internal
+            if message.contains("transport error") =>
+        {
+            let cause = tls::root_cause(&status);
+            // In TLS 1.3 the server judges the client certificate after the
+            // client considers the handshake done, so a refused certificate
+            // shows up here as a closed or reset connection.
+            let hint = "; if it persists, check --cert and --key: the coordinator closes connections whose certificate this installation's CA did not issue";
+            anyhow::anyhow!("connection to the coordinator failed: {cause}{hint}")
+        }
+        Code::Unavailable => anyhow::anyhow!("coordinator unavailable: {message}"),
         _ => anyhow::anyhow!("{message}"),
     }
 }
