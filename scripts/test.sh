@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh clone: installs what the tests need,
 # builds the binaries the end-to-end tests spawn, then runs every test.
-# Extra arguments go to `cargo test` (e.g. a test name filter).
+# Extra arguments go to the test runner (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,4 +13,10 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command
 fi
 
 cargo build --locked --workspace --bins
-cargo test --locked --workspace "$@"
+# nextest runs each test in its own process and ends with one summary line;
+# plain cargo test is the fallback where it is not installed.
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --workspace --no-fail-fast "$@"
+else
+  cargo test --locked --workspace "$@"
+fi

@@ -20,8 +20,8 @@ impl Sampler {
         Self { system, state_dir }
     }
 
-    /// CPU use is measured between two calls, so the first sample after start
-    /// reads zero and every later one covers one heartbeat interval.
+    /// CPU use is measured between two calls: every sample covers the time
+    /// since the previous one, i.e. one heartbeat interval.
     pub fn sample(&mut self) -> SystemFigures {
         self.system.refresh_cpu_usage();
         self.system

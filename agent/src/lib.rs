@@ -17,6 +17,7 @@ use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl, TlsError};
 use cutover_proto::v1::agent_service_client::AgentServiceClient;
 use cutover_proto::v1::{self as pb, agent_message, coordinator_message, AgentMessage};
 use tokio::sync::mpsc;
+use tokio_rustls::rustls;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -63,9 +64,6 @@ pub struct Agent {
     dispatcher: Dispatcher,
     sampler: Sampler,
 }
-
-pub use cutover_common::tls::install_crypto_provider;
-use tokio_rustls::rustls;
 
 impl Agent {
     /// Checks everything that can be wrong locally (certificates, name, state

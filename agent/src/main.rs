@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(args.log_format.unwrap_or(config.log_format), "info");
-    cutover_agent::install_crypto_provider();
+    cutover_common::tls::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -9,6 +9,7 @@
 //! underscore descends into a table, so `CUTOVER_SERVER_TLS__CA_CERT` sets
 //! `tls.ca_cert`. A value that parses as a TOML value (number, boolean, array,
 //! inline table) is taken as that; anything else is taken as a string.
+//! `PREFIX_CONFIG` is not a key: it names the config file itself.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +67,7 @@ pub fn load_from<T: DeserializeOwned>(
         let Some(rest) = name.strip_prefix(env_prefix) else {
             continue;
         };
-        if rest.is_empty() {
+        if rest.is_empty() || rest == "CONFIG" {
             continue;
         }
         let segments: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -218,6 +219,7 @@ mod tests {
             ("X_NAME".to_string(), "b".to_string()),
             ("X_TLS__CERT".to_string(), "/c.pem".to_string()),
             ("OTHER".to_string(), "ignored".to_string()),
+            ("X_CONFIG".to_string(), "/etc/x.toml".to_string()),
         ];
         let sample: Sample = load_from(Some(&path), "X_", env).unwrap();
         assert_eq!(sample.name, "b");

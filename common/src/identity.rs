@@ -114,8 +114,6 @@ pub struct CertificateFacts {
     pub identity: Option<Identity>,
     /// Hex serial number: the handle for revocation.
     pub serial: String,
-    /// Seconds since the Unix epoch.
-    pub not_after: i64,
 }
 
 pub fn certificate_facts(der: &[u8]) -> Result<CertificateFacts, IdentityError> {
@@ -137,7 +135,6 @@ pub fn certificate_facts(der: &[u8]) -> Result<CertificateFacts, IdentityError> 
     Ok(CertificateFacts {
         identity,
         serial: cert.raw_serial_as_string().replace(':', ""),
-        not_after: cert.validity().not_after.timestamp(),
     })
 }
 

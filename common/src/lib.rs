@@ -23,3 +23,42 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default();
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
+
+/// An error and its causes on one line, each cause once: many errors here
+/// already quote their cause in their own message, so printing the plain
+/// chain would repeat it.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut current = error.source();
+    while let Some(cause) = current {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        current = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot bind {addr}: {source}")]
+    struct Bind {
+        addr: &'static str,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn causes_already_quoted_are_not_repeated() {
+        let error = Bind {
+            addr: "127.0.0.1:1",
+            source: std::io::Error::other("address in use"),
+        };
+        assert_eq!(
+            super::error_chain(&error),
+            "cannot bind 127.0.0.1:1: address in use"
+        );
+    }
+}

@@ -1,7 +1,6 @@
 //! `AgentService.Session`: one long-lived stream per connected agent.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use cutover_common::identity::Identity;
 use cutover_common::tls::PeerInfo;
@@ -82,10 +81,11 @@ impl AgentService for AgentApi {
             .get::<Identity>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no peer identity"))?;
-        let remote = request
+        let peer = request
             .extensions()
             .get::<PeerInfo>()
-            .and_then(|p| p.remote_addr);
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no peer info"))?;
         let mut inbound = request.into_inner();
 
         let first = tokio::time::timeout(self.config.limits.hello_timeout, inbound.message())
@@ -117,7 +117,7 @@ impl AgentService for AgentApi {
             .expect("fresh channel has room");
         let attached = self
             .registry
-            .attach(&hello, remote, sender, &self.shutdown)?;
+            .attach(&hello, &peer, sender, &self.shutdown)?;
         self.metrics.sessions_opened.inc();
 
         let registry = self.registry.clone();
@@ -162,6 +162,3 @@ async fn read_session(
         }
     }
 }
-
-/// How long an operator call waits for a command result unless it says.
-pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);

@@ -143,7 +143,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", cutover_common::error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -7,9 +7,11 @@ use cutover_proto::v1::operator_service_server::OperatorService;
 use cutover_proto::v1::{self as pb, command, command_result};
 use tonic::{Request, Response, Status};
 
-use crate::agent_api::DEFAULT_COMMAND_TIMEOUT;
 use crate::registry::{NodeView, Registry};
 use crate::store::{EventRecord, Figures, NodeStatus};
+
+/// How long an operator call waits for a command result unless it says.
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct OperatorApi {
     pub registry: Arc<Registry>,
@@ -92,7 +94,12 @@ impl OperatorService for OperatorApi {
         )?;
         let result = match tokio::time::timeout(timeout, waiter).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => return Err(Status::unavailable("the coordinator dropped the command")),
+            Ok(Err(_)) => {
+                return Err(Status::unavailable(format!(
+                    "node {} disconnected before answering; run the command again once it is back",
+                    request.node
+                )))
+            }
             Err(_) => {
                 self.registry.abandon_command(&command_id);
                 return Err(Status::deadline_exceeded(format!(

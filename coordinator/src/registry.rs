@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cutover_common::now_ms;
+use cutover_common::tls::PeerInfo;
 use cutover_proto::v1::{self as pb, coordinator_message, CoordinatorMessage};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -68,7 +69,9 @@ struct NodeEntry {
 struct Inner {
     nodes: HashMap<String, NodeEntry>,
     next_generation: u64,
-    pending: HashMap<String, oneshot::Sender<pb::CommandResult>>,
+    /// Command id to (node id, waiter). A node's entries are dropped when its
+    /// session ends, so waiters learn at once that no answer will come.
+    pending: HashMap<String, (String, oneshot::Sender<pb::CommandResult>)>,
 }
 
 /// What the operator API and metrics see of a node.
@@ -91,7 +94,6 @@ pub struct Registry {
     inner: Mutex<Inner>,
     store: Arc<dyn Store>,
     ttl: Duration,
-    started: Instant,
 }
 
 impl Registry {
@@ -120,7 +122,6 @@ impl Registry {
             inner: Mutex::new(inner),
             store,
             ttl,
-            started: now,
         })
     }
 
@@ -145,7 +146,7 @@ impl Registry {
     pub fn attach(
         &self,
         hello: &pb::Hello,
-        remote: Option<SocketAddr>,
+        peer: &PeerInfo,
         sender: AgentSender,
         parent: &CancellationToken,
     ) -> Result<Attached, RegistryError> {
@@ -210,7 +211,9 @@ impl Registry {
             old.cancel.cancel();
         }
         let cancel = parent.child_token();
+        let remote = peer.remote_addr;
         let remote_text = remote.map(|r| r.to_string()).unwrap_or_default();
+        tracing::debug!(node = %record.name, serial = peer.serial.as_deref().unwrap_or(""), "agent certificate");
         self.record_event(
             if is_new {
                 "node_registered"
@@ -255,6 +258,9 @@ impl Registry {
         }
         let session = entry.session.take().expect("checked above");
         let record = entry.record.clone();
+        inner
+            .pending
+            .retain(|_, (node_id, _)| *node_id != record.id);
         drop(inner);
         self.record_event(
             "node_disconnected",
@@ -356,10 +362,6 @@ impl Registry {
         views
     }
 
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
-    }
-
     /// Queues `command` on the node's stream and returns where its result will
     /// arrive. `node` is a name or an id.
     pub fn send_command(
@@ -378,6 +380,7 @@ impl Registry {
             .as_ref()
             .ok_or_else(|| RegistryError::NotConnected(entry.record.name.clone()))?;
         let name = entry.record.name.clone();
+        let node_id = entry.record.id.clone();
         let command_id = command.command_id.clone();
         session
             .sender
@@ -389,7 +392,7 @@ impl Registry {
                 mpsc::error::TrySendError::Closed(_) => RegistryError::NotConnected(name.clone()),
             })?;
         let (tx, rx) = oneshot::channel();
-        inner.pending.insert(command_id, tx);
+        inner.pending.insert(command_id, (node_id, tx));
         Ok(rx)
     }
 
@@ -410,7 +413,7 @@ impl Registry {
             .pending
             .remove(&result.command_id);
         match waiter {
-            Some(waiter) => {
+            Some((_, waiter)) => {
                 let _ = waiter.send(result);
             }
             None => {

@@ -382,10 +382,31 @@ impl DevCluster {
                 }
             }
             if Instant::now() >= deadline {
-                panic!("condition not met within {timeout:?}; last answer: {nodes:#?}");
+                panic!(
+                    "condition not met within {timeout:?}; last answer: {nodes:#?}\n{}",
+                    self.log_tails()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The last lines of every log of the cluster, for failure messages.
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        let Ok(entries) = std::fs::read_dir(self.path("logs")) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("== {}\n", entry.path().display()));
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     pub fn pid(&self, pid_file: &str) -> i32 {

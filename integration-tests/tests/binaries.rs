@@ -182,7 +182,13 @@ fn a_coordinator_killed_with_sigkill_restarts_with_its_nodes_and_agents_reconnec
     let before = cluster.nodes_json();
     // The store flushes registrations within 200 ms; give it that.
     std::thread::sleep(Duration::from_millis(600));
-    sigkill(cluster.pid("coordinator.pid"));
+    let pid = cluster.pid("coordinator.pid");
+    sigkill(pid);
+    // SIGKILL is asynchronous: the port is free once the process is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let config = cluster.path("coordinator.toml").display().to_string();
     cluster.restart(

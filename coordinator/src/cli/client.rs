@@ -15,7 +15,7 @@ pub struct ConnectArgs {
     #[arg(long, global = true, env = "CUTOVER_COORDINATOR")]
     pub coordinator: Option<String>,
     /// Name to expect in the coordinator's certificate (default: the host).
-    #[arg(long, global = true, env = "CUTOVER_SERVER_NAME")]
+    #[arg(long, global = true, env = "CUTOVER_TLS_SERVER_NAME")]
     pub server_name: Option<String>,
     /// CA certificate that signed the coordinator's certificate.
     #[arg(long, global = true, env = "CUTOVER_CA_CERT")]
