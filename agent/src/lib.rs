@@ -5,6 +5,7 @@
 pub mod commands;
 pub mod config;
 pub mod figures;
+pub mod proxy;
 pub mod state;
 
 use std::net::IpAddr;

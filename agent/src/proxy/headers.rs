@@ -1,0 +1,143 @@
+//! What the proxy changes in requests and responses on the way through.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1);
+/// they must not be forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Whether the request asks to switch protocols (WebSocket and others).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+/// For an upgrade, `Connection: upgrade` and `Upgrade` are what the upstream
+/// needs to see, so they are put back.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let upgrade_value = headers.get(UPGRADE).cloned();
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(UPGRADE);
+    if upgrade {
+        if let Some(value) = upgrade_value {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, value);
+        }
+    }
+}
+
+/// A request id the client sent, if it is safe to pass on and log.
+fn usable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 200 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// Adds the forwarding headers and returns the request id (the client's when
+/// it sent a sane one, a new uuid otherwise). Forwarding headers set by a
+/// load balancer in front are kept: it knows the original scheme and host.
+pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr) -> HeaderValue {
+    let client = client.to_string();
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client}"),
+        _ => client,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST) {
+        if let Some(host) = headers.get(HOST).cloned() {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+    }
+    let request_id = match headers.get(&X_REQUEST_ID) {
+        Some(value) if usable_request_id(value) => value.clone(),
+        _ => HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+            .expect("uuid is a valid header"),
+    };
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    request_id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_upgrade_survives() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret, Upgrade"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert("accept", HeaderValue::from_static("*/*"));
+        assert!(is_upgrade(&headers));
+        let mut plain = headers.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain.len(), 1, "{plain:?}");
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers.get(UPGRADE).unwrap(), "websocket");
+        assert_eq!(headers.get(CONNECTION).unwrap(), "upgrade");
+        assert!(headers.get("x-secret").is_none());
+    }
+
+    #[test]
+    fn forwarding_headers_append_and_keep() {
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_static("shop.example"));
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        let id = add_forwarding(&mut headers, "10.0.0.2".parse().unwrap());
+        assert_eq!(id, "abc-123");
+        assert_eq!(
+            headers.get(X_FORWARDED_FOR).unwrap(),
+            "203.0.113.7, 10.0.0.2"
+        );
+        assert_eq!(headers.get(X_FORWARDED_HOST).unwrap(), "shop.example");
+        assert_eq!(headers.get(X_FORWARDED_PROTO).unwrap(), "http");
+
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
+        let id = add_forwarding(&mut headers, "10.0.0.2".parse().unwrap());
+        assert_eq!(id.len(), 36);
+    }
+}

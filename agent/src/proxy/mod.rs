@@ -1,0 +1,537 @@
+//! The node proxy: serves a service's public port and forwards every request
+//! to the release that is active right now.
+//!
+//! Switching is one atomic pointer swap: requests that started before it
+//! finish on the old release (each holds an in-flight guard until its response
+//! body, or its upgraded tunnel, is done), requests after it go to the new
+//! one. Draining the old release is waiting for its guards to drop, bounded by
+//! the drain timeout, after which its remaining tunnels are closed.
+
+mod headers;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use self::headers::{add_forwarding, is_upgrade, strip_hop_by_hop, X_REQUEST_ID};
+use self::stats::{ReleaseStats, StatsSnapshot};
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The service this proxy fronts, for messages.
+    pub service: String,
+    pub listen: SocketAddr,
+    /// Time from forwarding a request to the release's response headers;
+    /// beyond it the client gets a 504.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Answered by the proxy itself for an external load balancer: 200 while
+    /// a release serves and the node is admitted, 503 otherwise.
+    pub readiness_path: String,
+    /// Time a client has to send its request headers.
+    pub header_timeout: Duration,
+    /// How long open client connections get to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl ProxyConfig {
+    pub fn new(service: &str, listen: SocketAddr) -> Self {
+        Self {
+            service: service.to_string(),
+            listen,
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            readiness_path: "/_cutover/ready".to_string(),
+            header_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A release the proxy can forward to.
+pub struct Upstream {
+    release: String,
+    addr: SocketAddr,
+    in_flight: AtomicUsize,
+    idle: Notify,
+    /// Fired at the drain deadline: closes the tunnels still open.
+    cut: CancellationToken,
+    stats: Arc<ReleaseStats>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Every request finished before the deadline.
+    pub completed: bool,
+    /// Requests and tunnels still open at the deadline, now cut.
+    pub cut: usize,
+    pub waited: Duration,
+}
+
+impl Upstream {
+    pub fn release(&self) -> &str {
+        &self.release
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Waits until nothing is in flight to this release, at most `timeout`;
+    /// then closes whatever is still open. Call after switching away from it.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so a guard dropping in between
+            // cannot be missed.
+            idle.as_mut().enable();
+            if self.in_flight() == 0 {
+                return DrainReport {
+                    completed: true,
+                    cut: 0,
+                    waited: started.elapsed(),
+                };
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                let cut = self.in_flight();
+                self.cut.cancel();
+                return DrainReport {
+                    completed: cut == 0,
+                    cut,
+                    waited: started.elapsed(),
+                };
+            }
+        }
+    }
+}
+
+/// Held by every request (and upgraded tunnel) to a release until it is done.
+struct InFlight(Arc<Upstream>);
+
+impl InFlight {
+    fn new(upstream: Arc<Upstream>) -> Self {
+        upstream.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(upstream)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A response body that keeps its request counted in flight until the last
+/// byte went out, so a drain waits for streamed responses too.
+struct GuardedBody {
+    inner: Incoming,
+    _guard: InFlight,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+struct Shared {
+    config: ProxyConfig,
+    active: ArcSwapOption<Upstream>,
+    admitted: AtomicBool,
+    client: Client<HttpConnector, Incoming>,
+    /// Stats by release, kept across switches so a release switched back to
+    /// continues its counts.
+    stats: Mutex<HashMap<String, Arc<ReleaseStats>>>,
+}
+
+pub struct Proxy {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Binds the public port and starts serving (502 until a release is
+    /// switched in). Stops accepting when `shutdown` fires.
+    pub async fn bind(config: ProxyConfig, shutdown: CancellationToken) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let shared = Arc::new(Shared {
+            config,
+            active: ArcSwapOption::empty(),
+            admitted: AtomicBool::new(true),
+            client,
+            stats: Mutex::new(HashMap::new()),
+        });
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown));
+        Ok(Self {
+            shared,
+            local_addr,
+            task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Sends every new request to `release` at `addr` (or to nobody), at once.
+    /// Returns the release that was active, for the caller to drain.
+    pub fn switch(&self, target: Option<(&str, SocketAddr)>) -> Option<Arc<Upstream>> {
+        let next = target.map(|(release, addr)| {
+            let stats = self
+                .shared
+                .stats
+                .lock()
+                .expect("stats lock")
+                .entry(release.to_string())
+                .or_default()
+                .clone();
+            Arc::new(Upstream {
+                release: release.to_string(),
+                addr,
+                in_flight: AtomicUsize::new(0),
+                idle: Notify::new(),
+                cut: CancellationToken::new(),
+                stats,
+            })
+        });
+        if let Some(next) = &next {
+            tracing::info!(service = %self.shared.config.service, release = %next.release, upstream = %next.addr, "proxy switched");
+        }
+        self.shared.active.swap(next)
+    }
+
+    pub fn active(&self) -> Option<Arc<Upstream>> {
+        self.shared.active.load_full()
+    }
+
+    /// Admitted nodes answer the readiness path with 200 (when a release
+    /// serves); a drained node answers 503 so load balancers take it out,
+    /// while requests that still arrive are served.
+    pub fn set_admitted(&self, admitted: bool) {
+        self.shared.admitted.store(admitted, Ordering::Release);
+    }
+
+    pub fn stats(&self) -> Vec<(String, StatsSnapshot)> {
+        let stats = self.shared.stats.lock().expect("stats lock");
+        let mut out: Vec<_> = stats
+            .iter()
+            .map(|(k, v)| (k.clone(), v.snapshot()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Waits until the accept loop and its connections have stopped (after
+    /// the shutdown token fired).
+    pub async fn stopped(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let grace = shared.config.shutdown_grace;
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::warn!(%error, "proxy accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Reap finished connections so the set stays as large as what is open.
+        while connections.try_join_next().is_some() {}
+        let _ = tcp.set_nodelay(true);
+        let header_timeout = shared.config.header_timeout;
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |request| handle(shared.clone(), request, peer));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    // Bounded: a client that keeps a connection busy cannot hold shutdown.
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(service = %shared.config.service, open = connections.len(), "proxy connections still open after the shutdown grace, closing them");
+        connections.abort_all();
+    }
+}
+
+fn text_response(status: StatusCode, text: String) -> Response<ProxyBody> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(
+            Full::new(Bytes::from(text))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("static response parts are valid")
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, Infallible> {
+    if request.uri().path() == shared.config.readiness_path {
+        return Ok(readiness(&shared));
+    }
+    let Some(upstream) = shared.active.load_full() else {
+        return Ok(text_response(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "no release of service {} is serving on this node\n",
+                shared.config.service
+            ),
+        ));
+    };
+    let guard = InFlight::new(upstream.clone());
+    Ok(forward(&shared, upstream, guard, request, peer).await)
+}
+
+fn readiness(shared: &Shared) -> Response<ProxyBody> {
+    let active = shared.active.load();
+    match (active.as_ref(), shared.admitted.load(Ordering::Acquire)) {
+        (Some(upstream), true) => {
+            text_response(StatusCode::OK, format!("ready: {}\n", upstream.release))
+        }
+        (Some(_), false) => text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining: this node is out of rotation\n".into(),
+        ),
+        (None, _) => text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no release is serving\n".into(),
+        ),
+    }
+}
+
+async fn forward(
+    shared: &Shared,
+    upstream: Arc<Upstream>,
+    guard: InFlight,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let upgrade = is_upgrade(request.headers());
+    strip_hop_by_hop(request.headers_mut(), upgrade);
+    let request_id = add_forwarding(request.headers_mut(), peer.ip());
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    *request.uri_mut() =
+        Uri::try_from(format!("http://{}{path}", upstream.addr)).expect("addr and path form a uri");
+
+    let result = if upgrade {
+        tunnel(shared, &upstream, guard, request).await
+    } else {
+        match tokio::time::timeout(
+            shared.config.request_timeout,
+            shared.client.request(request),
+        )
+        .await
+        {
+            Err(_) => Err(Failure::Timeout),
+            Ok(Err(error)) => Err(Failure::Unreachable(cutover_common::error_chain(&error))),
+            Ok(Ok(response)) => Ok(response.map(|inner| {
+                GuardedBody {
+                    inner,
+                    _guard: guard,
+                }
+                .boxed()
+            })),
+        }
+    };
+    let mut response = match result {
+        Ok(mut response) => {
+            upstream
+                .stats
+                .record(response.status().as_u16(), started.elapsed());
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                strip_hop_by_hop(response.headers_mut(), false);
+            }
+            response
+        }
+        Err(failure) => {
+            let (status, text) = match failure {
+                Failure::Timeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "release {} of service {} did not answer within {}\n",
+                        upstream.release,
+                        shared.config.service,
+                        humantime::format_duration(shared.config.request_timeout)
+                    ),
+                ),
+                Failure::Unreachable(error) => (
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "release {} of service {} at {} failed: {error}\n",
+                        upstream.release, shared.config.service, upstream.addr
+                    ),
+                ),
+            };
+            tracing::warn!(service = %shared.config.service, release = %upstream.release, status = status.as_u16(), request_id = ?request_id, "proxy error");
+            upstream
+                .stats
+                .record_upstream_failure(status.as_u16(), started.elapsed());
+            text_response(status, text)
+        }
+    };
+    response.headers_mut().insert(X_REQUEST_ID, request_id);
+    response
+}
+
+enum Failure {
+    Timeout,
+    Unreachable(String),
+}
+
+/// Forwards an upgrade request on a connection of its own and, once the
+/// release agrees (101), splices the two upgraded streams together. The
+/// tunnel counts as in flight until either side closes it or the release's
+/// drain deadline cuts it.
+async fn tunnel(
+    shared: &Shared,
+    upstream: &Arc<Upstream>,
+    guard: InFlight,
+    mut request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Failure> {
+    let client_upgrade = hyper::upgrade::on(&mut request);
+    let timeout = shared.config.request_timeout;
+    let connect = async {
+        let tcp = tokio::time::timeout(
+            shared.config.connect_timeout,
+            TcpStream::connect(upstream.addr),
+        )
+        .await
+        .map_err(|_| Failure::Unreachable("connect timed out".into()))?
+        .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        tokio::spawn(connection.with_upgrades());
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| Failure::Unreachable(cutover_common::error_chain(&e)))
+    };
+    let mut response = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| Failure::Timeout)??;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(response.map(|inner| {
+            GuardedBody {
+                inner,
+                _guard: guard,
+            }
+            .boxed()
+        }));
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    let cut = upstream.cut.clone();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let (Ok(client), Ok(release)) = tokio::join!(client_upgrade, upstream_upgrade) else {
+            return;
+        };
+        let mut client = TokioIo::new(client);
+        let mut release = TokioIo::new(release);
+        tokio::select! {
+            _ = cut.cancelled() => {}
+            _ = tokio::io::copy_bidirectional(&mut client, &mut release) => {}
+        }
+    });
+    Ok(response.map(|_| {
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed()
+    }))
+}

@@ -1,0 +1,459 @@
+//! The node proxy against real backends on real sockets.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cutover_agent::proxy::{Proxy, ProxyConfig};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+/// An HTTP backend named `name`: `/` answers the name, `/slow` streams three
+/// chunks a second apart, `/headers` echoes the request headers, `/hang`
+/// never answers in time.
+struct Backend {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn backend(name: &str) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let name: Arc<str> = name.into();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = stopped.cancelled() => break,
+                accepted = listener.accept() => accepted.unwrap(),
+            };
+            let name = name.clone();
+            connections.spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let name = name.clone();
+                    async move { Ok::<_, Infallible>(answer(&name, request).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+        // A stopped release drops every connection at once.
+        connections.abort_all();
+    });
+    Backend { addr, stop }
+}
+
+async fn answer(name: &str, request: Request<Incoming>) -> Response<TestBody> {
+    let full = |text: String| Full::new(Bytes::from(text)).boxed();
+    match request.uri().path() {
+        "/slow" => {
+            let name = name.to_string();
+            let chunks = futures_util::stream::unfold(0, move |i| {
+                let name = name.clone();
+                async move {
+                    if i == 3 {
+                        return None;
+                    }
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Some((
+                        Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{name}{}", i + 1)))),
+                        i + 1,
+                    ))
+                }
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(chunks)))
+        }
+        "/headers" => {
+            let mut lines: Vec<String> = request
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                .collect();
+            lines.sort();
+            Response::new(full(lines.join("\n")))
+        }
+        "/hang" => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Response::new(full("late".into()))
+        }
+        _ => Response::new(full(name.to_string())),
+    }
+}
+
+/// A WebSocket backend that echoes each text message as "<name>:<text>".
+async fn websocket_backend(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut socket) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    if let Message::Text(text) = message {
+                        let _ = socket.send(Message::text(format!("{name}:{text}"))).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn proxy(config: impl FnOnce(&mut ProxyConfig)) -> (Proxy, CancellationToken) {
+    let mut settings = ProxyConfig::new("web", "127.0.0.1:0".parse().unwrap());
+    config(&mut settings);
+    let shutdown = CancellationToken::new();
+    (
+        Proxy::bind(settings, shutdown.clone()).await.unwrap(),
+        shutdown,
+    )
+}
+
+fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: String,
+) -> Result<(u16, String), String> {
+    let response = client
+        .get(url.parse().unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_back_to_back_cutovers_under_load_fail_no_request() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    let url = format!("http://{}/", proxy.local_addr());
+    let mut current = backend("v0").await;
+    proxy.switch(Some(("v0", current.addr)));
+
+    let stop = CancellationToken::new();
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut loaders = Vec::new();
+    for _ in 0..4 {
+        let (url, stop, ok) = (url.clone(), stop.clone(), ok.clone());
+        loaders.push(tokio::spawn(async move {
+            let client = client();
+            let mut failures = Vec::new();
+            while !stop.is_cancelled() {
+                match get(&client, url.clone()).await {
+                    Ok((200, body)) if body.starts_with('v') => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            failures
+        }));
+    }
+
+    for i in 1..=20 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let name = format!("v{i}");
+        let next = backend(&name).await;
+        let previous = proxy
+            .switch(Some((&name, next.addr)))
+            .expect("a release was active");
+        let report = previous.drain(Duration::from_secs(5)).await;
+        assert!(
+            report.completed,
+            "drain of {} cut {} requests",
+            previous.release(),
+            report.cut
+        );
+        drop(std::mem::replace(&mut current, next));
+    }
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    stop.cancel();
+    let mut failures = Vec::new();
+    for loader in loaders {
+        failures.extend(loader.await.unwrap());
+    }
+    let served = ok.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}",
+        failures.len(),
+        served,
+        &failures[..failures.len().min(5)]
+    );
+    assert!(served > 200, "only {served} requests went through");
+    let stats = proxy.stats();
+    assert_eq!(stats.len(), 21, "every release counted");
+    let counted: u64 = stats.iter().map(|(_, s)| s.by_class[1]).sum();
+    assert_eq!(counted, served);
+    assert!(stats.iter().all(|(_, s)| s.upstream_failures == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_streamed_response_started_on_a_completes_after_the_switch() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    let a = backend("A").await;
+    let b = backend("B").await;
+    proxy.switch(Some(("A", a.addr)));
+
+    let client = client();
+    let response = client
+        .get(
+            format!("http://{}/slow", proxy.local_addr())
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let reading =
+        tokio::spawn(async move { response.into_body().collect().await.map(|b| b.to_bytes()) });
+
+    let previous = proxy.switch(Some(("B", b.addr))).unwrap();
+    assert_eq!(
+        previous.in_flight(),
+        1,
+        "the streaming request is in flight to A"
+    );
+    assert_eq!(
+        get(&client, format!("http://{}/", proxy.local_addr()))
+            .await
+            .unwrap(),
+        (200, "B".into())
+    );
+    let report = previous.drain(Duration::from_secs(10)).await;
+    assert!(report.completed && report.cut == 0, "{report:?}");
+    assert!(
+        report.waited >= Duration::from_millis(1500),
+        "drain returned before the stream ended: {report:?}"
+    );
+    let body = reading.await.unwrap().unwrap();
+    assert_eq!(&body[..], b"A1A2A3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_opened_on_a_stays_usable_until_the_drain_deadline() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    let a = websocket_backend("A").await;
+    let b = websocket_backend("B").await;
+    proxy.switch(Some(("A", a)));
+
+    let tcp = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    let (mut socket, response) =
+        tokio_tungstenite::client_async(format!("ws://{}/ws", proxy.local_addr()), tcp)
+            .await
+            .expect("websocket handshake through the proxy");
+    assert_eq!(response.status(), 101);
+    socket.send(Message::text("1")).await.unwrap();
+    assert_eq!(socket.next().await.unwrap().unwrap(), Message::text("A:1"));
+
+    let previous = proxy.switch(Some(("B", b))).unwrap();
+    socket.send(Message::text("2")).await.unwrap();
+    assert_eq!(
+        socket.next().await.unwrap().unwrap(),
+        Message::text("A:2"),
+        "still on A after the switch"
+    );
+
+    let started = Instant::now();
+    let report = previous.drain(Duration::from_millis(800)).await;
+    assert!(!report.completed && report.cut == 1, "{report:?}");
+    assert!(started.elapsed() >= Duration::from_millis(750));
+    // At the deadline the tunnel is closed.
+    let after = tokio::time::timeout(Duration::from_secs(2), socket.next())
+        .await
+        .expect("closed promptly");
+    assert!(
+        matches!(after, None | Some(Err(_)) | Some(Ok(Message::Close(_)))),
+        "{after:?}"
+    );
+
+    // A new WebSocket goes to B.
+    let tcp = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    let (mut socket, _) =
+        tokio_tungstenite::client_async(format!("ws://{}/ws", proxy.local_addr()), tcp)
+            .await
+            .unwrap();
+    socket.send(Message::text("3")).await.unwrap();
+    assert_eq!(socket.next().await.unwrap().unwrap(), Message::text("B:3"));
+}
+
+#[tokio::test]
+async fn no_release_gives_502_and_readiness_follows_release_and_drain() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    let client = client();
+    let base = format!("http://{}", proxy.local_addr());
+    let (status, body) = get(&client, format!("{base}/")).await.unwrap();
+    assert_eq!(status, 502);
+    assert!(body.contains("no release of service web"), "{body}");
+    assert_eq!(
+        get(&client, format!("{base}/_cutover/ready"))
+            .await
+            .unwrap()
+            .0,
+        503
+    );
+
+    let a = backend("A").await;
+    proxy.switch(Some(("A", a.addr)));
+    assert_eq!(
+        get(&client, format!("{base}/_cutover/ready"))
+            .await
+            .unwrap(),
+        (200, "ready: A\n".into())
+    );
+
+    proxy.set_admitted(false);
+    let (status, body) = get(&client, format!("{base}/_cutover/ready"))
+        .await
+        .unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("draining"));
+    assert_eq!(
+        get(&client, format!("{base}/")).await.unwrap(),
+        (200, "A".into()),
+        "a drained node still serves"
+    );
+    proxy.set_admitted(true);
+    assert_eq!(
+        get(&client, format!("{base}/_cutover/ready"))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn forwarding_headers_and_request_ids() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    let a = backend("A").await;
+    proxy.switch(Some(("A", a.addr)));
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::get(format!("http://{}/headers", proxy.local_addr()))
+        .header("x-request-id", "req-42")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .body(Empty::new())
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.headers().get("x-request-id").unwrap(), "req-42");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let seen = String::from_utf8_lossy(&body);
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
+    assert!(
+        seen.contains(&format!("x-forwarded-host: {}", proxy.local_addr())),
+        "{seen}"
+    );
+    assert!(seen.contains("x-request-id: req-42"), "{seen}");
+    assert!(
+        !seen.contains("x-hop"),
+        "hop-by-hop header forwarded: {seen}"
+    );
+
+    // Without one, the proxy makes an id and returns it.
+    let response = client
+        .get(format!("http://{}/", proxy.local_addr()).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.headers().get("x-request-id").unwrap().len(), 36);
+}
+
+#[tokio::test]
+async fn a_dead_release_gives_502_and_a_slow_one_504() {
+    let (proxy, _shutdown) = proxy(|c| c.request_timeout = Duration::from_millis(300)).await;
+    let client = client();
+    let base = format!("http://{}", proxy.local_addr());
+
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    proxy.switch(Some(("gone", dead)));
+    let (status, body) = get(&client, format!("{base}/")).await.unwrap();
+    assert_eq!(status, 502);
+    assert!(body.contains("release gone of service web"), "{body}");
+
+    let slow = backend("S").await;
+    proxy.switch(Some(("slow", slow.addr)));
+    let started = Instant::now();
+    let (status, body) = get(&client, format!("{base}/hang")).await.unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let stats = proxy.stats();
+    let gone = &stats.iter().find(|(r, _)| r == "gone").unwrap().1;
+    assert_eq!((gone.by_class[4], gone.upstream_failures), (1, 1));
+    let slow = &stats.iter().find(|(r, _)| r == "slow").unwrap().1;
+    assert_eq!((slow.by_class[4], slow.upstream_failures), (1, 1));
+}
+
+#[tokio::test]
+async fn request_bodies_stream_through() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    // An echo backend that answers with the number of bytes it received.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    let body = request.into_body().collect().await.unwrap().to_bytes();
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                        body.len().to_string(),
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    proxy.switch(Some(("echo", addr)));
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let payload = Bytes::from(vec![b'x'; 8 << 20]);
+    let request = Request::post(format!("http://{}/upload", proxy.local_addr()))
+        .body(Full::new(payload))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], (8usize << 20).to_string().as_bytes());
+}
