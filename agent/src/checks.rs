@@ -1,0 +1,458 @@
+//! Health and smoke checks against a release: HTTP, TCP connect and exec.
+//!
+//! A health check gates a release: it must pass `healthy_threshold` times in
+//! a row before `healthy_deadline`. A failure report carries the check's last
+//! output and the timings, because "unhealthy" alone tells an operator
+//! nothing.
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Output kept from a check, enough to diagnose, small enough to report.
+const MAX_DETAIL: usize = 2048;
+/// Response bytes an HTTP check reads (for `body_contains`).
+const MAX_BODY: usize = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// GET `path`; passes when the status is in `expect_status` and, if set,
+    /// the body contains `body_contains`.
+    Http {
+        path: String,
+        expect_status: RangeInclusive<u16>,
+        body_contains: Option<String>,
+    },
+    /// A TCP connection to the release's port is accepted.
+    Tcp,
+    /// The command exits 0; it runs in the release dir with the release
+    /// environment and `PORT`.
+    Exec { command: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub probe: Probe,
+    pub timeout: Duration,
+}
+
+/// Where a check runs: the release's address, and for exec checks its dir
+/// and environment.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub workdir: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub passed: bool,
+    /// What the check saw: status and body start, exit status and output,
+    /// or the connection error.
+    pub detail: String,
+    pub took: Duration,
+}
+
+impl Check {
+    pub fn describe(&self) -> String {
+        match &self.probe {
+            Probe::Http { path, .. } => format!("http GET {path}"),
+            Probe::Tcp => "tcp connect".to_string(),
+            Probe::Exec { command } => format!("exec {}", command.join(" ")),
+        }
+    }
+
+    pub async fn run(&self, target: &Target) -> Outcome {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.probe(target)).await;
+        let (passed, detail) = match result {
+            Ok(Ok(detail)) => (true, detail),
+            Ok(Err(detail)) => (false, detail),
+            Err(_) => (
+                false,
+                format!(
+                    "timed out after {}",
+                    humantime::format_duration(self.timeout)
+                ),
+            ),
+        };
+        Outcome {
+            passed,
+            detail: truncate(detail),
+            took: started.elapsed(),
+        }
+    }
+
+    async fn probe(&self, target: &Target) -> Result<String, String> {
+        match &self.probe {
+            Probe::Tcp => TcpStream::connect(target.addr)
+                .await
+                .map(|_| format!("connected to {}", target.addr))
+                .map_err(|e| format!("connect to {}: {e}", target.addr)),
+            Probe::Http {
+                path,
+                expect_status,
+                body_contains,
+            } => http_probe(target.addr, path, expect_status, body_contains.as_deref()).await,
+            Probe::Exec { command } => exec_probe(command, target).await,
+        }
+    }
+}
+
+async fn http_probe(
+    addr: SocketAddr,
+    path: &str,
+    expect_status: &RangeInclusive<u16>,
+    body_contains: Option<&str>,
+) -> Result<String, String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("http handshake with {addr}: {e}"))?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .header(
+            http::header::USER_AGENT,
+            concat!("cutover-check/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(http::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("invalid check path {path:?}: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("GET {path}: {}", cutover_common::error_chain(&e)))?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body = String::from_utf8_lossy(&body);
+    let detail = format!("GET {path}: {status}: {}", body.trim());
+    if !expect_status.contains(&status.as_u16()) {
+        return Err(format!(
+            "{detail} (expected status {}-{})",
+            expect_status.start(),
+            expect_status.end()
+        ));
+    }
+    if let Some(needle) = body_contains {
+        if !body.contains(needle) {
+            return Err(format!("{detail} (body lacks {needle:?})"));
+        }
+    }
+    Ok(detail)
+}
+
+async fn exec_probe(command: &[String], target: &Target) -> Result<String, String> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| "exec check has an empty command".to_string())?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(&target.workdir)
+        .envs(target.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("PORT", target.addr.port().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group, so a timeout kills whatever it started too.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let _group = child.id().map(ProcessGroupGuard);
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("waiting for {program}: {e}"))?;
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    let detail = format!("{}: {}", output.status, text.trim());
+    if output.status.success() {
+        Ok(detail)
+    } else {
+        Err(detail)
+    }
+}
+
+/// Kills a check's whole process group when the check ends or times out
+/// (the future holding it is dropped): an exec check leaves no orphans.
+struct ProcessGroupGuard(u32);
+
+impl Drop for ProcessGroupGuard {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn truncate(mut text: String) -> String {
+    if text.len() > MAX_DETAIL {
+        let mut cut = MAX_DETAIL;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" [truncated]");
+    }
+    text
+}
+
+/// How a health check gates a release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthGate {
+    pub interval: Duration,
+    pub healthy_threshold: u32,
+    pub deadline: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Healthy {
+    pub attempts: u32,
+    pub took: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{check} did not pass {threshold} times in a row within {}: {attempts} attempts, last after {}: {}", humantime::format_duration(*.deadline), humantime::format_duration(.last.took), .last.detail)]
+pub struct Unhealthy {
+    pub check: String,
+    pub threshold: u32,
+    pub deadline: Duration,
+    pub attempts: u32,
+    pub last: Outcome,
+}
+
+impl HealthGate {
+    /// Runs `check` every `interval` until it passes `healthy_threshold`
+    /// times in a row (healthy) or `deadline` has passed (unhealthy, with the
+    /// last outcome).
+    pub async fn wait(&self, check: &Check, target: &Target) -> Result<Healthy, Unhealthy> {
+        let started = Instant::now();
+        let deadline = started + self.deadline;
+        let mut attempts = 0;
+        let mut in_a_row = 0;
+        loop {
+            attempts += 1;
+            let outcome = check.run(target).await;
+            if outcome.passed {
+                in_a_row += 1;
+                if in_a_row >= self.healthy_threshold.max(1) {
+                    return Ok(Healthy {
+                        attempts,
+                        took: started.elapsed(),
+                    });
+                }
+            } else {
+                in_a_row = 0;
+            }
+            let next = Instant::now() + self.interval;
+            if next > deadline {
+                return Err(Unhealthy {
+                    check: check.describe(),
+                    threshold: self.healthy_threshold,
+                    deadline: self.deadline,
+                    attempts,
+                    last: outcome,
+                });
+            }
+            tokio::time::sleep_until(next.into()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A tiny HTTP server whose n-th answer is `answers(n)`.
+    async fn server(
+        answers: impl Fn(u32) -> (u16, &'static str) + Send + Sync + 'static,
+    ) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicU32::new(0));
+        let answers = Arc::new(answers);
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let (status, body) = answers(count.fetch_add(1, Ordering::SeqCst));
+                let mut buf = [0u8; 1024];
+                let _ = tcp.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(reply.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    fn target(addr: SocketAddr) -> Target {
+        Target {
+            addr,
+            workdir: std::env::temp_dir(),
+            env: vec![("GREETING".into(), "hello".into())],
+        }
+    }
+
+    fn http(path: &str, body_contains: Option<&str>) -> Check {
+        Check {
+            probe: Probe::Http {
+                path: path.into(),
+                expect_status: 200..=299,
+                body_contains: body_contains.map(Into::into),
+            },
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_checks_judge_status_and_body() {
+        let addr = server(|n| {
+            if n == 0 {
+                (503, "warming up")
+            } else {
+                (200, "ok shop")
+            }
+        })
+        .await;
+        let first = http("/health", None).run(&target(addr)).await;
+        assert!(!first.passed);
+        assert!(
+            first.detail.contains("503") && first.detail.contains("warming up"),
+            "{}",
+            first.detail
+        );
+        assert!(
+            http("/health", Some("shop"))
+                .run(&target(addr))
+                .await
+                .passed
+        );
+        let missing = http("/health", Some("cart")).run(&target(addr)).await;
+        assert!(
+            !missing.passed && missing.detail.contains("lacks \"cart\""),
+            "{}",
+            missing.detail
+        );
+    }
+
+    #[tokio::test]
+    async fn the_gate_needs_consecutive_passes() {
+        // pass, fail, pass, pass: with a threshold of 2 the gate opens on the
+        // 4th attempt, not the 3rd.
+        let addr = server(|n| if n == 1 { (500, "blip") } else { (200, "ok") }).await;
+        let gate = HealthGate {
+            interval: Duration::from_millis(20),
+            healthy_threshold: 2,
+            deadline: Duration::from_secs(5),
+        };
+        let healthy = gate.wait(&http("/", None), &target(addr)).await.unwrap();
+        assert_eq!(healthy.attempts, 4);
+    }
+
+    #[tokio::test]
+    async fn a_gate_that_never_opens_reports_the_last_output() {
+        let addr = server(|_| (500, "database unreachable")).await;
+        let gate = HealthGate {
+            interval: Duration::from_millis(50),
+            healthy_threshold: 1,
+            deadline: Duration::from_millis(300),
+        };
+        let started = Instant::now();
+        let error = gate
+            .wait(&http("/health", None), &target(addr))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(error.attempts >= 3, "{error:?}");
+        let text = error.to_string();
+        assert!(
+            text.contains("http GET /health") && text.contains("database unreachable"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tcp_and_exec_checks() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap();
+        let tcp = Check {
+            probe: Probe::Tcp,
+            timeout: Duration::from_secs(1),
+        };
+        assert!(tcp.run(&target(open)).await.passed);
+        drop(listener);
+        assert!(!tcp.run(&target(open)).await.passed);
+
+        let exec = |script: &str| Check {
+            probe: Probe::Exec {
+                command: vec!["sh".into(), "-c".into(), script.into()],
+            },
+            timeout: Duration::from_millis(500),
+        };
+        let ok = exec("echo $GREETING on $PORT").run(&target(open)).await;
+        assert!(ok.passed, "{ok:?}");
+        assert!(
+            ok.detail.contains(&format!("hello on {}", open.port())),
+            "{}",
+            ok.detail
+        );
+        let failed = exec("echo queue stalled >&2; exit 3")
+            .run(&target(open))
+            .await;
+        assert!(
+            !failed.passed
+                && failed.detail.contains("queue stalled")
+                && failed.detail.contains('3'),
+            "{failed:?}"
+        );
+        // A grandchild in the background must die with the check.
+        let marker = format!("cutover-check-orphan-{}", std::process::id());
+        let slow = exec(&format!("sh -c 'sleep 30; : {marker}' & wait"))
+            .run(&target(open))
+            .await;
+        assert!(
+            !slow.passed && slow.detail.contains("timed out"),
+            "{slow:?}"
+        );
+        assert!(slow.took < Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            processes_mentioning(&marker),
+            Vec::<String>::new(),
+            "orphaned grandchild"
+        );
+    }
+
+    /// Command lines of live processes that contain `needle`.
+    fn processes_mentioning(needle: &str) -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+            .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+            .filter(|cmdline| cmdline.contains(needle))
+            .collect()
+    }
+}
