@@ -178,27 +178,30 @@ impl Agent {
         outbound
             .try_send(message(agent_message::Kind::Hello(hello)))
             .expect("fresh channel has room");
-        let mut inbound = client
-            .session(ReceiverStream::new(outbound_rx))
-            .await
-            .map_err(SessionError::Refused)?
-            .into_inner();
-
-        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
-            Err(_) => {
-                return Err(SessionError::Protocol(
-                    "no welcome from the coordinator".into(),
-                ))
+        // The whole opening (response headers, then the welcome) is bounded
+        // and gives way to shutdown.
+        let opening = async {
+            let mut inbound = client
+                .session(ReceiverStream::new(outbound_rx))
+                .await
+                .map_err(SessionError::Refused)?
+                .into_inner();
+            match inbound
+                .message()
+                .await
+                .map_err(SessionError::Refused)?
+                .and_then(|m| m.kind)
+            {
+                Some(coordinator_message::Kind::Welcome(welcome)) => Ok((inbound, welcome)),
+                _ => Err(SessionError::Protocol(
+                    "the coordinator did not start with welcome".into(),
+                )),
             }
-            Ok(Err(status)) => return Err(SessionError::Refused(status)),
-            Ok(Ok(first)) => match first.and_then(|m| m.kind) {
-                Some(coordinator_message::Kind::Welcome(welcome)) => welcome,
-                _ => {
-                    return Err(SessionError::Protocol(
-                        "the coordinator did not start with welcome".into(),
-                    ))
-                }
-            },
+        };
+        let (mut inbound, welcome) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            opened = tokio::time::timeout(WELCOME_TIMEOUT, opening) => opened
+                .map_err(|_| SessionError::Protocol("no welcome from the coordinator".into()))??,
         };
         let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
         tracing::info!(

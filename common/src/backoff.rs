@@ -31,9 +31,7 @@ impl Backoff {
             .saturating_mul(2u32.saturating_pow(self.attempt))
             .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        let low = self.min.as_millis() as u64;
-        let high = (ceiling.as_millis() as u64).max(low);
-        Duration::from_millis(rand::rng().random_range(low..=high))
+        Duration::from_millis(rand::rng().random_range(0..=ceiling.as_millis() as u64))
     }
 
     /// Called once a connection has proved itself, so the next failure starts
@@ -48,16 +46,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delays_grow_to_the_cap_and_reset() {
+    fn delays_spread_up_to_the_cap_and_reset() {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let delays: Vec<_> = (0..12).map(|_| backoff.next_delay()).collect();
-        assert!(delays
-            .iter()
-            .all(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_secs(2)));
-        // After many attempts the window is the whole [min, max] range; with 8
-        // draws at least one lands in its upper half unless the jitter is broken.
-        assert!(delays[4..].iter().any(|d| *d > Duration::from_millis(800)));
+        let delays: Vec<_> = (0..300).map(|_| backoff.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        // Past the ramp the window is [0, max]: 290 draws cover both halves
+        // unless the jitter is broken (chance of a false failure: 2^-290).
+        assert!(delays[10..].iter().any(|d| *d > Duration::from_secs(1)));
+        assert!(delays[10..].iter().any(|d| *d < Duration::from_secs(1)));
         backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(100));
+        // Even the first retry after a reset is spread, not a herd at `min`.
+        let first: Vec<_> = (0..50)
+            .map(|_| {
+                backoff.reset();
+                backoff.next_delay()
+            })
+            .collect();
+        assert!(first.iter().all(|d| *d <= Duration::from_millis(100)));
+        assert!(first.iter().any(|d| *d != first[0]));
     }
 }

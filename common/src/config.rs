@@ -61,8 +61,9 @@ pub fn load_from<T: DeserializeOwned>(
         None => toml::Table::new(),
     };
 
-    // Which key each override set, so an error in it blames the variable.
-    let mut env_keys: BTreeMap<String, String> = BTreeMap::new();
+    // Which key each override set (variable name, segments, raw value), so an
+    // error in it blames the variable.
+    let mut env_keys: BTreeMap<String, (String, Vec<String>, String)> = BTreeMap::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(env_prefix) else {
             continue;
@@ -78,19 +79,34 @@ pub fn load_from<T: DeserializeOwned>(
                 message,
             }
         })?;
-        env_keys.insert(segments.join("."), name);
+        env_keys.insert(segments.join("."), (name, segments, raw));
     }
 
-    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
-        let key = err.path().to_string();
+    // A variable's value is typed by TOML rules, but `NAME=42` or a label
+    // `RACK=12` mean strings: when a variable's typed value is the wrong type
+    // for its key, it is retried once as the plain string it was.
+    let mut retried = std::collections::BTreeSet::new();
+    loop {
+        let error = match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+            Ok(config) => return Ok(config),
+            Err(error) => error,
+        };
+        let key = error.path().to_string();
         // toml appends "in `table`" on a second line; the key already says it.
-        let message = err
+        let message = error
             .inner()
             .to_string()
             .lines()
             .next()
             .unwrap_or_default()
             .to_string();
+        if let Some((_, segments, raw)) = env_keys.get(&key) {
+            if message.starts_with("invalid type") && retried.insert(key.clone()) {
+                set_path(&mut table, segments, toml::Value::String(raw.clone()))
+                    .expect("path was set before");
+                continue;
+            }
+        }
         // At the top level an unknown field's path is "."; name the field.
         let key = match unknown_field(&message) {
             Some(field) if key == "." => field.to_string(),
@@ -98,15 +114,15 @@ pub fn load_from<T: DeserializeOwned>(
         };
         let origin = env_keys
             .get(&key)
-            .map(|var| format!("environment variable {var}"))
-            .or(origin_file.clone())
+            .map(|(var, _, _)| format!("environment variable {var}"))
+            .or(origin_file)
             .unwrap_or_else(|| "configuration".to_string());
-        ConfigError::Invalid {
+        return Err(ConfigError::Invalid {
             origin,
             key,
             message,
-        }
-    })
+        });
+    }
 }
 
 fn unknown_field(message: &str) -> Option<&str> {
@@ -225,6 +241,15 @@ mod tests {
         assert_eq!(sample.name, "b");
         assert_eq!(sample.interval, Some(Duration::from_secs(5)));
         assert_eq!(sample.tls.cert.as_deref(), Some("/c.pem"));
+
+        // A number or boolean given for a string key stays the string it was.
+        let env = vec![
+            ("X_NAME".to_string(), "42".to_string()),
+            ("X_TLS__CERT".to_string(), "true".to_string()),
+        ];
+        let sample: Sample = load_from(Some(&path), "X_", env).unwrap();
+        assert_eq!(sample.name, "42");
+        assert_eq!(sample.tls.cert.as_deref(), Some("true"));
     }
 
     #[test]

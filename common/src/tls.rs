@@ -30,6 +30,9 @@ use crate::identity::{certificate_facts, Identity};
 /// A TLS handshake that has not finished by then is dropped, so a client that
 /// opens sockets and says nothing cannot pin the accept path.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; further connections wait in the kernel's
+/// accept queue, so unauthenticated clients cannot pin unbounded memory.
+const MAX_PENDING_HANDSHAKES: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -255,8 +258,13 @@ pub fn accept_mtls(
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = handshakes.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => accepted,
@@ -274,7 +282,9 @@ pub fn accept_mtls(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let facts = stream
                             .get_ref()

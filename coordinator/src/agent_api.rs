@@ -25,6 +25,10 @@ pub struct AgentApi {
     pub shutdown: CancellationToken,
 }
 
+const MAX_LABELS: usize = 64;
+const MAX_CAPABILITIES: usize = 64;
+const MAX_RECENT_COMMANDS: usize = 1024;
+
 fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> {
     if hello.name != identity.name {
         return Err(Status::permission_denied(format!(
@@ -42,6 +46,18 @@ fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> 
         return Err(Status::invalid_argument(format!(
             "node address {:?} is not an ip address",
             hello.address
+        )));
+    }
+    // Everything in a hello is stored; bound it so a misbehaving agent cannot
+    // grow the store.
+    if hello.labels.len() > MAX_LABELS
+        || hello.capabilities.len() > MAX_CAPABILITIES
+        || hello.capabilities.iter().any(|c| c.len() > 64)
+        || hello.agent_version.len() > 64
+        || hello.recent_command_ids.len() > MAX_RECENT_COMMANDS
+    {
+        return Err(Status::invalid_argument(format!(
+            "hello exceeds limits: at most {MAX_LABELS} labels, {MAX_CAPABILITIES} capabilities of 64 bytes, a 64-byte version, {MAX_RECENT_COMMANDS} recent command ids"
         )));
     }
     for (key, value) in &hello.labels {

@@ -7,7 +7,7 @@ use cutover_proto::v1::operator_service_server::OperatorService;
 use cutover_proto::v1::{self as pb, command, command_result};
 use tonic::{Request, Response, Status};
 
-use crate::registry::{NodeView, Registry};
+use crate::registry::{CommandWaitError, NodeView, Registry};
 use crate::store::{EventRecord, Figures, NodeStatus};
 
 /// How long an operator call waits for a command result unless it says.
@@ -92,23 +92,15 @@ impl OperatorService for OperatorApi {
                 })),
             },
         )?;
-        let result = match tokio::time::timeout(timeout, waiter).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => {
-                return Err(Status::unavailable(format!(
-                    "node {} disconnected before answering; run the command again once it is back",
-                    request.node
-                )))
+        let result = waiter.wait(timeout).await.map_err(|error| match error {
+            CommandWaitError::Disconnected => Status::unavailable(format!(
+                "node {} disconnected before answering; run the command again once it is back",
+                request.node
+            )),
+            CommandWaitError::TimedOut(_) => {
+                Status::deadline_exceeded(format!("node {}: {error}", request.node))
             }
-            Err(_) => {
-                self.registry.abandon_command(&command_id);
-                return Err(Status::deadline_exceeded(format!(
-                    "node {} did not answer within {}",
-                    request.node,
-                    humantime::format_duration(timeout)
-                )));
-            }
-        };
+        })?;
         let round_trip = started.elapsed();
         match (pb::CommandStatus::try_from(result.status), result.output) {
             (Ok(pb::CommandStatus::Succeeded), Some(command_result::Output::Pong(pong)))

@@ -26,6 +26,12 @@ pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 pub enum RegistryError {
     #[error("node name {name} is already connected with node id {existing}; stop the other agent or give this one another name")]
     NameTaken { name: String, existing: String },
+    #[error("node id {id} belongs to node {owner}, not {name}; if this machine was cloned from {owner}, delete the node-id file in the agent's state dir and restart it")]
+    IdTaken {
+        id: String,
+        owner: String,
+        name: String,
+    },
     #[error("no node named or with id {0:?}; `cutover nodes` lists them")]
     UnknownNode(String),
     #[error("node {0} is not connected")]
@@ -41,6 +47,7 @@ impl From<RegistryError> for Status {
         let message = error.to_string();
         match error {
             RegistryError::NameTaken { .. } => Status::already_exists(message),
+            RegistryError::IdTaken { .. } => Status::failed_precondition(message),
             RegistryError::UnknownNode(_) => Status::not_found(message),
             RegistryError::NotConnected(_) => Status::unavailable(message),
             RegistryError::QueueFull(_) => Status::resource_exhausted(message),
@@ -80,6 +87,43 @@ pub struct NodeView {
     pub record: NodeRecord,
     pub connected: bool,
     pub heartbeat_age: Duration,
+}
+
+/// A command on its way; dropping it (the caller gave up or went away)
+/// forgets the command, so abandoned waiters do not pile up.
+pub struct PendingCommand<'a> {
+    registry: &'a Registry,
+    command_id: String,
+    result: oneshot::Receiver<pb::CommandResult>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandWaitError {
+    #[error("the node disconnected before answering")]
+    Disconnected,
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+}
+
+impl PendingCommand<'_> {
+    pub async fn wait(mut self, timeout: Duration) -> Result<pb::CommandResult, CommandWaitError> {
+        match tokio::time::timeout(timeout, &mut self.result).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(CommandWaitError::Disconnected),
+            Err(_) => Err(CommandWaitError::TimedOut(timeout)),
+        }
+    }
+}
+
+impl Drop for PendingCommand<'_> {
+    fn drop(&mut self) {
+        self.registry
+            .inner
+            .lock()
+            .expect("registry lock")
+            .pending
+            .remove(&self.command_id);
+    }
 }
 
 /// Handed to a new session: its generation and the token that ends it (on
@@ -143,6 +187,10 @@ impl Registry {
 
     /// Registers (or re-registers) the node of a validated hello and makes
     /// `sender` its command path.
+    ///
+    /// Store writes and event appends happen under the registry lock and
+    /// before memory changes: the store never sees an older state written
+    /// after a newer one, and a failed write leaves the registry as it was.
     pub fn attach(
         &self,
         hello: &pb::Hello,
@@ -152,26 +200,61 @@ impl Registry {
     ) -> Result<Attached, RegistryError> {
         let now = Instant::now();
         let mut inner = self.inner.lock().expect("registry lock");
-        inner.next_generation += 1;
-        let generation = inner.next_generation;
 
+        // A node id belongs to one name: an agent presenting another node's
+        // id (a cloned disk image, or a certificate holder impersonating a
+        // node) must not take over that node's record.
+        if let Some(existing) = inner.nodes.get(&hello.node_id) {
+            if existing.record.name != hello.name {
+                return Err(RegistryError::IdTaken {
+                    id: hello.node_id.clone(),
+                    owner: existing.record.name.clone(),
+                    name: hello.name.clone(),
+                });
+            }
+        }
         // A name belongs to one node id at a time. A reinstalled machine comes
         // back with a new id: it replaces the old record unless that one is
         // still connected.
-        let clash = inner
+        let replaced = inner
             .nodes
             .values()
             .find(|e| e.record.name == hello.name && e.record.id != hello.node_id)
-            .map(|e| (e.record.id.clone(), e.session.is_some()));
-        if let Some((existing, connected)) = clash {
-            if connected {
-                return Err(RegistryError::NameTaken {
-                    name: hello.name.clone(),
-                    existing,
-                });
-            }
-            let old = inner.nodes.remove(&existing).expect("found above").record;
+            .map(|e| (e.record.clone(), e.session.is_some()));
+        if let Some((old, true)) = &replaced {
+            return Err(RegistryError::NameTaken {
+                name: hello.name.clone(),
+                existing: old.id.clone(),
+            });
+        }
+
+        let at = now_ms();
+        let previous = inner.nodes.get(&hello.node_id);
+        let is_new = previous.is_none();
+        let record = NodeRecord {
+            id: hello.node_id.clone(),
+            name: hello.name.clone(),
+            address: hello.address.clone(),
+            labels: hello
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            agent_version: hello.agent_version.clone(),
+            capabilities: hello.capabilities.clone(),
+            status: NodeStatus::Ready,
+            registered_at_ms: previous.map_or(at, |p| p.record.registered_at_ms),
+            last_seen_ms: at,
+            figures: previous.and_then(|p| p.record.figures.clone()),
+        };
+        if let Some((old, _)) = &replaced {
             self.store.delete_node(&old.id)?;
+        }
+        self.store.put_node(&record)?;
+
+        // Persisted; now the memory side, which cannot fail.
+        if let Some((old, _)) = replaced {
+            inner.nodes.remove(&old.id);
             self.record_event(
                 "node_replaced",
                 &old,
@@ -181,38 +264,19 @@ impl Registry {
                 ),
             );
         }
-
-        let at = now_ms();
-        let previous = inner.nodes.remove(&hello.node_id);
-        let is_new = previous.is_none();
-        let registered_at_ms = previous.as_ref().map_or(at, |p| p.record.registered_at_ms);
-        let figures = previous.as_ref().and_then(|p| p.record.figures.clone());
-        let mut labels: Vec<_> = hello
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.sort();
-        let record = NodeRecord {
-            id: hello.node_id.clone(),
-            name: hello.name.clone(),
-            address: hello.address.clone(),
-            labels: labels.into_iter().collect(),
-            agent_version: hello.agent_version.clone(),
-            capabilities: hello.capabilities.clone(),
-            status: NodeStatus::Ready,
-            registered_at_ms,
-            last_seen_ms: at,
-            figures,
-        };
-        self.store.put_node(&record)?;
-        if let Some(old) = previous.and_then(|p| p.session) {
-            // The agent reconnected before its old stream was noticed dead.
+        if let Some(old) = inner.nodes.remove(&hello.node_id).and_then(|p| p.session) {
+            // The agent reconnected before its old stream was noticed dead:
+            // end that session, and fail what was sent down it, since its
+            // answers can no longer arrive.
             old.cancel.cancel();
+            inner
+                .pending
+                .retain(|_, (node_id, _)| *node_id != hello.node_id);
         }
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
         let cancel = parent.child_token();
         let remote = peer.remote_addr;
-        let remote_text = remote.map(|r| r.to_string()).unwrap_or_default();
         tracing::debug!(node = %record.name, serial = peer.serial.as_deref().unwrap_or(""), "agent certificate");
         self.record_event(
             if is_new {
@@ -222,8 +286,11 @@ impl Registry {
             },
             &record,
             format!(
-                "node {} connected from {remote_text} (address {}, agent {})",
-                record.name, record.address, record.agent_version
+                "node {} connected from {} (address {}, agent {})",
+                record.name,
+                remote.map(|r| r.to_string()).unwrap_or_default(),
+                record.address,
+                record.agent_version
             ),
         );
         inner.nodes.insert(
@@ -261,7 +328,6 @@ impl Registry {
         inner
             .pending
             .retain(|_, (node_id, _)| *node_id != record.id);
-        drop(inner);
         self.record_event(
             "node_disconnected",
             &record,
@@ -291,10 +357,7 @@ impl Registry {
             entry.record.status = NodeStatus::Ready;
             entry.dirty = false;
             let record = entry.record.clone();
-            drop(inner);
-            if let Err(error) = self.store.put_node(&record) {
-                tracing::error!(%error, node = %record.name, "cannot persist node");
-            }
+            self.persist(&record);
             self.record_event(
                 "node_ready",
                 &record,
@@ -303,45 +366,38 @@ impl Registry {
         }
     }
 
+    fn persist(&self, record: &NodeRecord) {
+        if let Err(error) = self.store.put_node(record) {
+            tracing::error!(%error, node = %record.name, "cannot persist node");
+        }
+    }
+
     /// Marks nodes whose heartbeats stopped as unreachable. With `checkpoint`,
     /// also writes every node changed in memory since the last checkpoint.
     pub fn sweep(&self, checkpoint: bool) {
         let now = Instant::now();
-        let mut changed = Vec::new();
-        let mut transitions = Vec::new();
-        {
-            let mut inner = self.inner.lock().expect("registry lock");
-            for entry in inner.nodes.values_mut() {
-                if entry.record.status == NodeStatus::Ready && now >= entry.ready_until {
-                    entry.record.status = NodeStatus::Unreachable;
-                    transitions.push(entry.record.clone());
-                    entry.dirty = false;
-                    changed.push(entry.record.clone());
-                } else if checkpoint && entry.dirty {
-                    entry.dirty = false;
-                    changed.push(entry.record.clone());
-                }
+        let mut inner = self.inner.lock().expect("registry lock");
+        for entry in inner.nodes.values_mut() {
+            if entry.record.status == NodeStatus::Ready && now >= entry.ready_until {
+                entry.record.status = NodeStatus::Unreachable;
+                entry.dirty = false;
+                self.persist(&entry.record);
+                let silent_for =
+                    u64::try_from(now_ms().saturating_sub(entry.record.last_seen_ms)).unwrap_or(0);
+                self.record_event(
+                    "node_unreachable",
+                    &entry.record,
+                    format!(
+                        "node {} unreachable: no heartbeat for {} (ttl {})",
+                        entry.record.name,
+                        humantime::format_duration(Duration::from_secs(silent_for / 1000)),
+                        humantime::format_duration(self.ttl)
+                    ),
+                );
+            } else if checkpoint && entry.dirty {
+                entry.dirty = false;
+                self.persist(&entry.record);
             }
-        }
-        for record in &changed {
-            if let Err(error) = self.store.put_node(record) {
-                tracing::error!(%error, node = %record.name, "cannot persist node");
-            }
-        }
-        for record in transitions {
-            let silent_for = Duration::from_millis(
-                u64::try_from(now_ms().saturating_sub(record.last_seen_ms)).unwrap_or(0),
-            );
-            self.record_event(
-                "node_unreachable",
-                &record,
-                format!(
-                    "node {} unreachable: no heartbeat for {} (ttl {})",
-                    record.name,
-                    humantime::format_duration(Duration::from_secs(silent_for.as_secs())),
-                    humantime::format_duration(self.ttl)
-                ),
-            );
         }
     }
 
@@ -368,7 +424,7 @@ impl Registry {
         &self,
         node: &str,
         command: pb::Command,
-    ) -> Result<oneshot::Receiver<pb::CommandResult>, RegistryError> {
+    ) -> Result<PendingCommand<'_>, RegistryError> {
         let mut inner = self.inner.lock().expect("registry lock");
         let entry = inner
             .nodes
@@ -392,17 +448,12 @@ impl Registry {
                 mpsc::error::TrySendError::Closed(_) => RegistryError::NotConnected(name.clone()),
             })?;
         let (tx, rx) = oneshot::channel();
-        inner.pending.insert(command_id, (node_id, tx));
-        Ok(rx)
-    }
-
-    /// Forgets a command whose caller stopped waiting.
-    pub fn abandon_command(&self, command_id: &str) {
-        self.inner
-            .lock()
-            .expect("registry lock")
-            .pending
-            .remove(command_id);
+        inner.pending.insert(command_id.clone(), (node_id, tx));
+        Ok(PendingCommand {
+            registry: self,
+            command_id,
+            result: rx,
+        })
     }
 
     pub fn complete_command(&self, result: pb::CommandResult) {

@@ -228,15 +228,17 @@ async fn connections_without_the_right_certificate_are_refused() {
 
     // An operator certificate cannot act as an agent.
     let operator_files = cluster.pki.client_files(Role::Operator, "alice");
-    let status = open_session(&url, &operator_files, "alice")
+    let status = open_session(&url, &operator_files, "alice", SOME_ID)
         .await
-        .unwrap_err();
+        .err()
+        .expect("refused");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
     // An agent certificate cannot register under another node's name.
-    let status = open_session(&url, &agent_files, "node-2")
+    let status = open_session(&url, &agent_files, "node-2", SOME_ID)
         .await
-        .unwrap_err();
+        .err()
+        .expect("refused");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("node-1"), "{}", status.message());
 
@@ -247,12 +249,20 @@ async fn connections_without_the_right_certificate_are_refused() {
     assert_eq!(nodes.len(), 1);
 }
 
-/// Opens an agent session by hand and returns the coordinator's first answer.
+/// An agent session opened by hand: the sender keeps our half open.
+struct RawSession {
+    _outbound: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+}
+
+/// Opens an agent session by hand; succeeds only when the coordinator
+/// answers with a welcome.
 async fn open_session(
     url: &str,
     files: &tls::TlsFiles,
     name: &str,
-) -> Result<pb::Welcome, tonic::Status> {
+    node_id: &str,
+) -> Result<RawSession, tonic::Status> {
     let config = tls::client_config(files).unwrap();
     let url = tls::CoordinatorUrl::parse(url).unwrap();
     let connection = tls::connect(&url, None, config, &tls::ChannelOptions::default())
@@ -261,7 +271,7 @@ async fn open_session(
     let mut client = AgentServiceClient::new(connection.channel);
     let hello = pb::AgentMessage {
         kind: Some(agent_message::Kind::Hello(pb::Hello {
-            node_id: "0b5c4a0e-7a51-4c43-a4f5-0c2f4bb44f55".into(),
+            node_id: node_id.into(),
             name: name.into(),
             address: "127.0.0.99".into(),
             ..Default::default()
@@ -274,38 +284,77 @@ async fn open_session(
         .await?
         .into_inner();
     match inbound.message().await?.and_then(|m| m.kind) {
-        Some(pb::coordinator_message::Kind::Welcome(welcome)) => Ok(welcome),
+        Some(pb::coordinator_message::Kind::Welcome(_)) => Ok(RawSession {
+            _outbound: tx,
+            inbound,
+        }),
         other => panic!("unexpected first message {other:?}"),
     }
 }
 
+const SOME_ID: &str = "0b5c4a0e-7a51-4c43-a4f5-0c2f4bb44f55";
+
 #[tokio::test]
-async fn a_second_session_from_the_same_node_replaces_the_first() {
-    let cluster = Cluster::start(0, Tuning::default()).await;
-    let config = cluster.agent_config("node-1");
-    let first = spawn_agent(config.clone());
-    cluster
+async fn an_agent_cannot_take_over_another_nodes_id() {
+    let cluster = Cluster::start(2, Tuning::default()).await;
+    let before = cluster
         .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 1 && n.iter().all(ready)
+            n.len() == 2 && n.iter().all(ready)
         })
         .await;
-    // The same node (same state dir, same certificate) connecting again, as
-    // after a half-open connection, takes over instead of being refused.
-    let second = spawn_agent(config);
-    assert_eq!(first.node_id, second.node_id);
-    first.stop().await;
+    let victim = find(&before, "node-2").unwrap().clone();
+    // node-1's own certificate and name, but node-2's id (as a cloned disk
+    // image would present it).
+    let files = cluster.pki.client_files(Role::Agent, "node-1");
+    let status = open_session(&cluster.url(), &files, "node-1", &victim.id)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("node-id"), "{}", status.message());
+    let after = cluster
+        .wait_for_nodes(Duration::from_secs(1), |_| true)
+        .await;
+    let still = find(&after, "node-2").unwrap();
+    assert_eq!(
+        (still.id.as_str(), still.connected),
+        (victim.id.as_str(), true)
+    );
+    assert!(ready(find(&after, "node-1").unwrap()));
+}
+
+#[tokio::test]
+async fn a_new_session_from_the_same_node_replaces_a_stale_one() {
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let config = cluster.agent_config("node-1");
+    std::fs::create_dir_all(&config.state_dir).unwrap();
+    std::fs::write(config.state_dir.join("node-id"), format!("{SOME_ID}\n")).unwrap();
+
+    // A session that went quiet, as a half-open connection does.
+    let mut stale = open_session(&cluster.url(), &config.tls, "node-1", SOME_ID)
+        .await
+        .unwrap();
+    // The real agent (same id, same certificate) connects: it takes over,
+    // and the coordinator closes the stale stream.
+    let agent = spawn_agent(config);
+    assert_eq!(agent.node_id, SOME_ID);
+    let closed = tokio::time::timeout(Duration::from_secs(5), stale.inbound.message())
+        .await
+        .expect("the stale session is closed promptly");
+    assert!(matches!(closed, Ok(None) | Err(_)), "{closed:?}");
     let nodes = cluster
         .wait_for_nodes(Duration::from_secs(10), |n| {
             n.len() == 1 && n.iter().all(ready)
         })
         .await;
+    assert_eq!(nodes[0].id, SOME_ID);
     let mut operator = cluster.operator().await;
     operator
         .ping_node(PingNodeRequest {
-            node: nodes[0].name.clone(),
+            node: "node-1".into(),
             timeout_ms: 5_000,
         })
         .await
-        .expect("the surviving session takes commands");
-    second.stop().await;
+        .expect("the new session takes commands");
+    agent.stop().await;
 }

@@ -65,12 +65,34 @@ fn pid_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
-/// Reads a pid file, returning the pid only if that process is still one of
-/// ours (pids get reused).
+/// Reads a pid file, returning the pid only if that process is still a
+/// cutover binary (pids get reused: never signal a stranger).
 fn read_pid(path: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    (pid_alive(pid) && String::from_utf8_lossy(&cmdline).contains("cutover")).then_some(pid)
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    // A rebuilt binary shows as "<path> (deleted)".
+    let name = exe
+        .file_name()?
+        .to_string_lossy()
+        .trim_end_matches(" (deleted)")
+        .to_string();
+    (pid_alive(pid) && !is_zombie(pid) && (name == "cutover" || name == "cutover-agent"))
+        .then_some(pid)
+}
+
+/// The pid files of a cluster dir: agents first, the coordinator last.
+fn pid_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".pid"))
+        })
+        .collect();
+    files.sort();
+    files.push(dir.join("coordinator.pid"));
+    Ok(files)
 }
 
 fn spawn(binary: &Path, args: &[&str], log: &Path, pid_file: &Path) -> Result<u32> {
@@ -99,7 +121,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let dir = args.dir.canonicalize()?;
-    if read_pid(&dir.join("coordinator.pid")).is_some() {
+    if pid_files(&dir)?.iter().any(|f| read_pid(f).is_some()) {
         bail!(
             "a cluster is already running in {}; stop it with `cutover dev down --dir {}`",
             dir.display(),
@@ -278,18 +300,8 @@ pub fn down(dir: &Path) -> Result<()> {
     if !dir.exists() {
         bail!("{} does not exist: nothing to stop", dir.display());
     }
-    let mut pid_files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".pid"))
-        })
-        .collect();
-    pid_files.sort();
-    pid_files.push(dir.join("coordinator.pid"));
     let mut stopped = 0;
-    for pid_file in pid_files {
+    for pid_file in pid_files(dir)? {
         if let Some(pid) = read_pid(&pid_file) {
             stop_process(pid, Duration::from_secs(10));
             stopped += 1;
