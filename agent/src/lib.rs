@@ -2,6 +2,7 @@
 //! heartbeats and runs commands.
 #![forbid(unsafe_code)]
 
+pub mod artifacts;
 pub mod checks;
 pub mod commands;
 pub mod config;

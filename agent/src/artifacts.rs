@@ -1,0 +1,448 @@
+//! Release artifacts: fetched once, verified against their pinned sha256
+//! digest, cached by digest, unpacked into the release's own directory.
+//!
+//! Every step writes to a temp name first and renames into place, so a crash
+//! or a bad artifact leaves nothing half-done behind: a cached file always
+//! matches its digest and a release dir is always completely unpacked.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio_rustls::rustls;
+
+const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("invalid digest {0:?}: expected sha256: followed by 64 hex digits")]
+    BadDigest(String),
+    #[error("unsupported artifact url {0:?}: use https://, http:// or file://")]
+    UnsupportedScheme(String),
+    #[error("cannot fetch {url}: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("digest mismatch for {url}: expected {expected}, got {actual}; nothing was changed")]
+    Mismatch {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("cannot unpack {archive}: {reason}; is it a .tar.gz?")]
+    Unpack { archive: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
+    move |source| ArtifactError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A pinned `sha256:<hex>` digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Digest(String);
+
+impl Digest {
+    pub fn parse(text: &str) -> Result<Self, ArtifactError> {
+        let hex = text
+            .strip_prefix("sha256:")
+            .ok_or_else(|| ArtifactError::BadDigest(text.to_string()))?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ArtifactError::BadDigest(text.to_string()));
+        }
+        Ok(Self(format!("sha256:{}", hex.to_ascii_lowercase())))
+    }
+
+    pub fn hex(&self) -> &str {
+        &self.0["sha256:".len()..]
+    }
+
+    /// The digest of a local file.
+    pub fn of_file(path: &Path) -> Result<Self, ArtifactError> {
+        let mut file = std::fs::File::open(path).map_err(io(path))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = file.read(&mut buf).map_err(io(path))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(Self(format!("sha256:{:x}", hasher.finalize())))
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<Bytes>,
+>;
+
+/// The digest-addressed artifact cache of one agent.
+pub struct ArtifactCache {
+    dir: PathBuf,
+    client: HttpsClient,
+}
+
+impl ArtifactCache {
+    /// `extra_ca` adds a PEM CA to the public web roots, for artifact
+    /// servers behind a private CA.
+    pub fn open(dir: PathBuf, extra_ca: Option<&Path>) -> Result<Self, ArtifactError> {
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        cutover_common::tls::install_crypto_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = extra_ca {
+            let certs = cutover_common::tls::load_certs(path, "artifact CA").map_err(|e| {
+                ArtifactError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| ArtifactError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Self { dir, client })
+    }
+
+    pub fn path_for(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(format!("sha256-{}.tar.gz", digest.hex()))
+    }
+
+    /// The cached artifact for `digest`, fetched from `url` and verified
+    /// first if it is not cached yet. A mismatch leaves the cache untouched.
+    pub async fn fetch(&self, url: &str, digest: &Digest) -> Result<PathBuf, ArtifactError> {
+        let path = self.path_for(digest);
+        if path.exists() {
+            return Ok(path);
+        }
+        let nonce: u64 = rand::random();
+        let tmp = self.dir.join(format!(".fetch-{nonce:016x}"));
+        let result = tokio::time::timeout(FETCH_TIMEOUT, self.download(url, &tmp))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ArtifactError::Fetch {
+                    url: url.to_string(),
+                    reason: format!(
+                        "not complete within {}",
+                        humantime::format_duration(FETCH_TIMEOUT)
+                    ),
+                })
+            });
+        let actual = match result {
+            Ok(actual) => actual,
+            Err(error) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(error);
+            }
+        };
+        if actual != *digest {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ArtifactError::Mismatch {
+                url: url.to_string(),
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        Ok(path)
+    }
+
+    /// Streams `url` into `dest` and returns the digest of what arrived.
+    async fn download(&self, url: &str, dest: &Path) -> Result<Digest, ArtifactError> {
+        let fetch_error = |reason: String| ArtifactError::Fetch {
+            url: url.to_string(),
+            reason,
+        };
+        let mut file = tokio::fs::File::create(dest).await.map_err(io(dest))?;
+        let mut hasher = Sha256::new();
+        if let Some(source) = url.strip_prefix("file://") {
+            let mut input = tokio::fs::File::open(source)
+                .await
+                .map_err(|e| fetch_error(e.to_string()))?;
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = tokio::io::AsyncReadExt::read(&mut input, &mut buf)
+                    .await
+                    .map_err(|e| fetch_error(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).await.map_err(io(dest))?;
+            }
+        } else if url.starts_with("http://") || url.starts_with("https://") {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| fetch_error(e.to_string()))?;
+            let response = self
+                .client
+                .get(uri)
+                .await
+                .map_err(|e| fetch_error(cutover_common::error_chain(&e)))?;
+            if !response.status().is_success() {
+                return Err(fetch_error(format!(
+                    "server answered {}",
+                    response.status()
+                )));
+            }
+            let mut body = response.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| fetch_error(e.to_string()))?;
+                if let Some(data) = frame.data_ref() {
+                    hasher.update(data);
+                    file.write_all(data).await.map_err(io(dest))?;
+                }
+            }
+        } else {
+            return Err(ArtifactError::UnsupportedScheme(url.to_string()));
+        }
+        file.sync_all().await.map_err(io(dest))?;
+        Ok(Digest(format!("sha256:{:x}", hasher.finalize())))
+    }
+}
+
+/// Unpacks a `.tar.gz` into `dest`, which must not exist yet; an existing
+/// `dest` is a release unpacked before and is left as it is. Entries that
+/// would land outside `dest` (absolute paths, `..`) are refused.
+pub fn unpack(archive: &Path, dest: &Path) -> Result<(), ArtifactError> {
+    if dest.exists() {
+        return Ok(());
+    }
+    let parent = dest.parent().expect("release dirs have a parent");
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let nonce: u64 = rand::random();
+    let tmp = parent.join(format!(".unpack-{nonce:016x}"));
+    let unpacked = (|| -> Result<(), String> {
+        let file = std::fs::File::open(archive).map_err(|e| e.to_string())?;
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        tar.set_preserve_permissions(true);
+        std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+        for entry in tar.entries().map_err(|e| e.to_string())? {
+            let mut entry = entry.map_err(|e| e.to_string())?;
+            let path = entry.path().map_err(|e| e.to_string())?.into_owned();
+            // unpack_in refuses to write outside the directory; a refusal is
+            // an attack or a broken archive, never something to skip.
+            if !entry.unpack_in(&tmp).map_err(|e| e.to_string())? {
+                return Err(format!(
+                    "entry {} points outside the release dir",
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
+    })();
+    if let Err(reason) = unpacked {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(ArtifactError::Unpack {
+            archive: archive.to_path_buf(),
+            reason,
+        });
+    }
+    std::fs::rename(&tmp, dest).map_err(io(dest))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tarball(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+        let path = dir.join("app.tar.gz");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            file,
+            flate2::Compression::fast(),
+        ));
+        for (name, body) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(body.len() as u64);
+            header.set_mode(0o755);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, body.as_bytes())
+                .unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn fetch_verifies_caches_and_unpacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = tarball(
+            dir.path(),
+            &[("app.py", "print('hi')"), ("bin/run", "#!/bin/sh\n")],
+        );
+        let digest = Digest::of_file(&archive).unwrap();
+        let cache = ArtifactCache::open(dir.path().join("cache"), None).unwrap();
+        let url = format!("file://{}", archive.display());
+
+        let cached = cache.fetch(&url, &digest).await.unwrap();
+        assert_eq!(Digest::of_file(&cached).unwrap(), digest);
+        // Cached: the source can go away.
+        std::fs::remove_file(&archive).unwrap();
+        assert_eq!(cache.fetch(&url, &digest).await.unwrap(), cached);
+
+        let dest = dir.path().join("releases/web-v1");
+        unpack(&cached, &dest).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dest.join("app.py")).unwrap(),
+            "print('hi')"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dest.join("bin/run"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o111, 0o111, "executable bits survive");
+    }
+
+    #[tokio::test]
+    async fn a_digest_mismatch_names_both_digests_and_caches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = tarball(dir.path(), &[("a", "1")]);
+        let wrong = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
+        let cache = ArtifactCache::open(dir.path().join("cache"), None).unwrap();
+        let error = cache
+            .fetch(&format!("file://{}", archive.display()), &wrong)
+            .await
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains(&wrong.to_string()), "{text}");
+        assert!(
+            text.contains(&Digest::of_file(&archive).unwrap().to_string()),
+            "{text}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("cache")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn malformed_and_escaping_archives_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.tar.gz");
+        std::fs::write(&garbage, b"this is not gzip").unwrap();
+        let dest = dir.path().join("releases/r1");
+        assert!(matches!(
+            unpack(&garbage, &dest),
+            Err(ArtifactError::Unpack { .. })
+        ));
+        assert!(!dest.exists());
+
+        // A hand-made archive whose entry climbs out with "..".
+        let evil = dir.path().join("evil.tar.gz");
+        let file = std::fs::File::create(&evil).unwrap();
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            file,
+            flate2::Compression::fast(),
+        ));
+        let mut header = tar::Header::new_gnu();
+        header.set_size(1);
+        header.set_mode(0o644);
+        header.as_gnu_mut().unwrap().name[..9].copy_from_slice(b"../escape");
+        header.set_cksum();
+        builder.append(&header, &b"x"[..]).unwrap();
+        builder.into_inner().unwrap().finish().unwrap();
+        assert!(unpack(&evil, &dest).is_err());
+        assert!(!dest.exists());
+        assert!(!dir.path().join("releases/escape").exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("releases"))
+            .unwrap()
+            .collect();
+        assert!(leftovers.is_empty(), "temp dirs cleaned up: {leftovers:?}");
+    }
+
+    /// Serves `body` once per connection over plain HTTP, or a 404 for any
+    /// path but /app.tar.gz.
+    async fn http_server(body: Vec<u8>) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut request = [0u8; 2048];
+                let n = tcp.read(&mut request).await.unwrap_or(0);
+                let found = String::from_utf8_lossy(&request[..n]).starts_with("GET /app.tar.gz ");
+                let (status, payload) = if found {
+                    ("200 OK", body.clone())
+                } else {
+                    ("404 Not Found", Vec::new())
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    payload.len()
+                );
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let _ = tcp.write_all(&payload).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn fetch_over_http_and_refuse_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = tarball(dir.path(), &[("app.py", "print('hi')")]);
+        let digest = Digest::of_file(&archive).unwrap();
+        let addr = http_server(std::fs::read(&archive).unwrap()).await;
+        let cache = ArtifactCache::open(dir.path().join("cache"), None).unwrap();
+        let fetched = cache
+            .fetch(&format!("http://{addr}/app.tar.gz"), &digest)
+            .await
+            .unwrap();
+        assert_eq!(Digest::of_file(&fetched).unwrap(), digest);
+
+        let other = Digest::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap();
+        let missing = cache
+            .fetch(&format!("http://{addr}/nope.tar.gz"), &other)
+            .await
+            .unwrap_err();
+        assert!(missing.to_string().contains("404"), "{missing}");
+        let scheme = cache
+            .fetch("ftp://example/app.tar.gz", &other)
+            .await
+            .unwrap_err();
+        assert!(matches!(scheme, ArtifactError::UnsupportedScheme(_)));
+    }
+
+    #[test]
+    fn digests_parse_strictly() {
+        assert!(Digest::parse("sha256:abc").is_err());
+        assert!(Digest::parse(&"a".repeat(64)).is_err());
+        let upper = Digest::parse(&format!("sha256:{}", "AB".repeat(32))).unwrap();
+        assert_eq!(upper.hex(), "ab".repeat(32));
+    }
+}
