@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod figures;
 pub mod proxy;
+pub mod runtime;
 pub mod state;
 
 use std::net::IpAddr;
