@@ -6,6 +6,7 @@ pub mod artifacts;
 pub mod checks;
 pub mod commands;
 pub mod config;
+pub mod cutover;
 pub mod figures;
 pub mod proxy;
 pub mod runtime;

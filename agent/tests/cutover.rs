@@ -1,0 +1,342 @@
+//! Cutovers of a real web app (tests/fixtures/app.py, run by python3) behind
+//! the node proxy: real processes, real sockets.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cutover_agent::artifacts::{unpack, ArtifactCache, Digest};
+use cutover_agent::checks::{Check, HealthGate, Probe};
+use cutover_agent::cutover::{CutoverError, Step, WebRelease, WebService, WebServiceSettings};
+use cutover_agent::proxy::{Proxy, ProxyConfig};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
+
+const APP: &str = include_str!("fixtures/app.py");
+
+/// A release dir holding the app, built the way production builds one: a
+/// .tar.gz fetched by digest into the cache and unpacked.
+async fn release_dir(root: &Path, cache: &ArtifactCache, version: &str) -> PathBuf {
+    let staging = root.join(format!("build-{version}"));
+    std::fs::create_dir_all(&staging).unwrap();
+    let archive = staging.join("app.tar.gz");
+    {
+        let file = std::fs::File::create(&archive).unwrap();
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+            file,
+            flate2::Compression::fast(),
+        ));
+        let mut header = tar::Header::new_gnu();
+        header.set_size(APP.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, "app.py", APP.as_bytes())
+            .unwrap();
+        tar.into_inner().unwrap().finish().unwrap();
+    }
+    let digest = Digest::of_file(&archive).unwrap();
+    let cached = cache
+        .fetch(&format!("file://{}", archive.display()), &digest)
+        .await
+        .unwrap();
+    let dir = root.join("releases").join(version);
+    unpack(&cached, &dir).unwrap();
+    dir
+}
+
+fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> WebRelease {
+    let mut env = vec![("VERSION".to_string(), version.to_string())];
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    WebRelease {
+        release_id: format!("web-{version}"),
+        // The absolute path makes every test's processes findable by name.
+        command: vec!["python3".into(), dir.join("app.py").display().to_string()],
+        workdir: dir.to_path_buf(),
+        env,
+        health: Check {
+            probe: Probe::Http {
+                path: "/health".into(),
+                expect_status: 200..=299,
+                body_contains: None,
+            },
+            timeout: Duration::from_secs(1),
+        },
+        gate: HealthGate {
+            interval: Duration::from_millis(100),
+            healthy_threshold: 2,
+            deadline: Duration::from_secs(10),
+        },
+        smoke: vec![Check {
+            probe: Probe::Http {
+                path: "/".into(),
+                expect_status: 200..=200,
+                body_contains: Some(version.to_string()),
+            },
+            timeout: Duration::from_secs(1),
+        }],
+        stop_signal: Signal::SIGTERM,
+        stop_grace: Duration::from_secs(5),
+    }
+}
+
+struct Fixture {
+    root: tempfile::TempDir,
+    cache: ArtifactCache,
+    service: WebService,
+    _shutdown: CancellationToken,
+}
+
+async fn fixture() -> Fixture {
+    let root = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(root.path().join("artifacts"), None).unwrap();
+    let shutdown = CancellationToken::new();
+    let proxy = Proxy::bind(
+        ProxyConfig::new("web", "127.0.0.1:0".parse().unwrap()),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let service = WebService::new(
+        WebServiceSettings {
+            name: "web".into(),
+            address: "127.0.0.1".parse().unwrap(),
+            ports: 20000..=29999,
+            drain_timeout: Duration::from_secs(10),
+            log_root: root.path().join("logs"),
+            log_max_bytes: 1 << 20,
+            log_keep: 2,
+        },
+        proxy,
+    );
+    Fixture {
+        root,
+        cache,
+        service,
+        _shutdown: shutdown,
+    }
+}
+
+impl Fixture {
+    async fn release(&self, version: &str, env: &[(&str, &str)]) -> WebRelease {
+        let dir = release_dir(self.root.path(), &self.cache, version).await;
+        web_release(&dir, version, env)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.service.proxy().local_addr())
+    }
+
+    /// Live processes of this fixture's releases.
+    fn app_processes(&self) -> usize {
+        let needle = self.root.path().display().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+            .filter(|raw| String::from_utf8_lossy(raw).contains(&needle))
+            .count()
+    }
+}
+
+async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: &str,
+) -> Result<(u16, String), String> {
+    let response = client
+        .get(url.parse().unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_cutovers_of_a_real_app_under_load_fail_no_request() {
+    let mut fx = fixture().await;
+    let first = fx.release("v0", &[]).await;
+    fx.service.cutover(first, |_| {}).await.unwrap();
+
+    let stop = CancellationToken::new();
+    let served = Arc::new(AtomicU64::new(0));
+    let mut loaders = Vec::new();
+    for _ in 0..3 {
+        let (url, stop, served) = (fx.url("/"), stop.clone(), served.clone());
+        loaders.push(tokio::spawn(async move {
+            let client = Client::builder(TokioExecutor::new()).build_http();
+            let mut failures = Vec::new();
+            while !stop.is_cancelled() {
+                match get(&client, &url).await {
+                    Ok((200, body)) if body.starts_with('v') => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            failures
+        }));
+    }
+
+    for i in 1..=20 {
+        let version = format!("v{i}");
+        let release = fx.release(&version, &[]).await;
+        let steps = std::sync::Mutex::new(Vec::new());
+        let report = fx
+            .service
+            .cutover(release, |step| steps.lock().unwrap().push(step))
+            .await
+            .unwrap();
+        let previous = report.previous.expect("a release served before");
+        assert!(previous.drain.completed, "{previous:?}");
+        assert_eq!(
+            steps.into_inner().unwrap(),
+            [
+                Step::Starting,
+                Step::HealthChecking,
+                Step::SmokeTesting,
+                Step::Switching,
+                Step::Draining,
+                Step::StoppingOld
+            ]
+        );
+    }
+    stop.cancel();
+    let mut failures = Vec::new();
+    for loader in loaders {
+        failures.extend(loader.await.unwrap());
+    }
+    let served = served.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        served,
+        &failures[..failures.len().min(5)]
+    );
+    assert!(served > 100, "only {served} requests");
+    assert_eq!(fx.service.active().unwrap().0, "web-v20");
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    assert_eq!(
+        get(&client, &fx.url("/")).await.unwrap(),
+        (200, "v20".into())
+    );
+    assert_eq!(
+        fx.app_processes(),
+        1,
+        "exactly one release runs, no orphans"
+    );
+    fx.service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_release_is_refused_and_the_old_one_keeps_serving() {
+    let mut fx = fixture().await;
+    let v1 = fx.release("v1", &[]).await;
+    fx.service.cutover(v1, |_| {}).await.unwrap();
+
+    let mut v2 = fx.release("v2", &[("HEALTH", "fail")]).await;
+    v2.gate.deadline = Duration::from_millis(800);
+    let error = fx.service.cutover(v2, |_| {}).await.unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, CutoverError::Unhealthy { .. }), "{error:?}");
+    assert!(
+        text.contains("web-v2") && text.contains("release web-v1 keeps serving"),
+        "{text}"
+    );
+    assert!(
+        text.contains("http GET /health") && text.contains("database unreachable"),
+        "{text}"
+    );
+
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    assert_eq!(
+        get(&client, &fx.url("/")).await.unwrap(),
+        (200, "v1".into())
+    );
+    assert_eq!(fx.service.active().unwrap().0, "web-v1");
+    assert_eq!(fx.app_processes(), 1, "the refused release was stopped");
+    fx.service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_smoke_check_or_a_crash_keeps_the_old_release() {
+    let mut fx = fixture().await;
+    let v1 = fx.release("v1", &[]).await;
+    fx.service.cutover(v1, |_| {}).await.unwrap();
+
+    let mut v2 = fx.release("v2", &[]).await;
+    v2.smoke[0].probe = Probe::Http {
+        path: "/".into(),
+        expect_status: 200..=200,
+        body_contains: Some("checkout".into()),
+    };
+    let error = fx.service.cutover(v2, |_| {}).await.unwrap_err();
+    assert!(
+        matches!(error, CutoverError::SmokeFailed { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("lacks \"checkout\""), "{error}");
+
+    let mut v3 = fx.release("v3", &[]).await;
+    v3.command = vec![
+        "python3".into(),
+        "-c".into(),
+        "import sys; sys.exit(4)".into(),
+    ];
+    v3.gate.deadline = Duration::from_millis(1500);
+    let error = fx.service.cutover(v3, |_| {}).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("the process crashed: exit status: 4"),
+        "{error}"
+    );
+
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    assert_eq!(
+        get(&client, &fx.url("/")).await.unwrap(),
+        (200, "v1".into())
+    );
+    assert_eq!(fx.app_processes(), 1);
+    fx.service.stop().await;
+    assert_eq!(fx.app_processes(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_from_the_old_release_completes_across_a_cutover() {
+    let mut fx = fixture().await;
+    let v1 = fx.release("v1", &[]).await;
+    fx.service.cutover(v1, |_| {}).await.unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.get(fx.url("/slow").parse().unwrap()).await.unwrap();
+    let body =
+        tokio::spawn(async move { response.into_body().collect().await.map(|b| b.to_bytes()) });
+
+    let v2 = fx.release("v2", &[]).await;
+    let report = fx.service.cutover(v2, |_| {}).await.unwrap();
+    let previous = report.previous.unwrap();
+    assert!(
+        previous.drain.completed && previous.drain.cut == 0,
+        "{previous:?}"
+    );
+    assert_eq!(&body.await.unwrap().unwrap()[..], b"v1-0v1-1v1-2");
+    assert_eq!(
+        get(&client, &fx.url("/")).await.unwrap(),
+        (200, "v2".into())
+    );
+    fx.service.stop().await;
+}
