@@ -1,69 +1,36 @@
-//! Size-capped, rotating log files for a release's stdout and stderr.
+//! Release logs: a release writes its stdout and stderr straight into files
+//! (opened in append mode), not into a pipe held by the agent, so it keeps
+//! running and logging when the agent restarts or dies (fail static).
+//!
+//! Size caps are kept by copy-and-truncate rotation from the agent's side:
+//! past `max_bytes` the file is copied to `<file>.1` (older copies shift up
+//! to `<file>.<keep>`) and truncated; the release's append-mode writes
+//! continue at the new end. Lines written between the copy and the truncate
+//! are lost, the same trade logrotate's copytruncate makes.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
-/// Writes to `<base>`; past `max_bytes` it is renamed `<base>.1` (older
-/// files shift up to `<base>.<keep>`, the oldest is dropped) and a new file
-/// starts. A release can therefore never fill the disk with output.
-pub struct RotatingLog {
-    path: PathBuf,
-    max_bytes: u64,
-    keep: u32,
-    file: tokio::fs::File,
-    written: u64,
-}
+pub const STDOUT: &str = "stdout.log";
+pub const STDERR: &str = "stderr.log";
 
-impl RotatingLog {
-    pub async fn open(path: PathBuf, max_bytes: u64, keep: u32) -> std::io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .await?;
-        let written = file.metadata().await?.len();
-        Ok(Self {
-            path,
-            max_bytes: max_bytes.max(1024),
-            keep,
-            file,
-            written,
-        })
+/// How often the agent checks a release's log sizes.
+const ROTATE_EVERY: Duration = Duration::from_secs(2);
+
+/// Opens (creating) a log file for a release to append to.
+pub fn open_append(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
     }
-
-    pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if self.written + data.len() as u64 > self.max_bytes && self.written > 0 {
-            self.rotate().await?;
-        }
-        self.file.write_all(data).await?;
-        self.written += data.len() as u64;
-        Ok(())
-    }
-
-    async fn rotate(&mut self) -> std::io::Result<()> {
-        self.file.flush().await?;
-        for n in (1..self.keep).rev() {
-            let from = numbered(&self.path, n);
-            if tokio::fs::try_exists(&from).await.unwrap_or(false) {
-                tokio::fs::rename(&from, numbered(&self.path, n + 1)).await?;
-            }
-        }
-        if self.keep > 0 {
-            tokio::fs::rename(&self.path, numbered(&self.path, 1)).await?;
-        }
-        self.file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&self.path)
-            .await?;
-        self.written = 0;
-        Ok(())
-    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
 }
 
 fn numbered(path: &Path, n: u32) -> PathBuf {
@@ -72,43 +39,90 @@ fn numbered(path: &Path, n: u32) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Copies a child's pipe into a rotating log until the pipe closes. Output
-/// is never lost to a full pipe: the child would block on it otherwise.
-pub async fn pump(mut pipe: impl AsyncRead + Unpin, mut log: RotatingLog) {
-    let mut buf = vec![0u8; 16 << 10];
+/// Rotates `path` if it grew past `max_bytes`; returns whether it did.
+pub fn rotate_if_needed(path: &Path, max_bytes: u64, keep: u32) -> std::io::Result<bool> {
+    let size = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if size <= max_bytes {
+        return Ok(false);
+    }
+    if keep > 0 {
+        for n in (1..keep).rev() {
+            let from = numbered(path, n);
+            if from.exists() {
+                std::fs::rename(&from, numbered(path, n + 1))?;
+            }
+        }
+        std::fs::copy(path, numbered(path, 1))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    Ok(true)
+}
+
+/// Keeps a release's two logs within their caps until `stop` fires.
+pub async fn keep_rotated(dir: PathBuf, max_bytes: u64, keep: u32, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(ROTATE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if let Err(error) = log.write(&buf[..n]).await {
-                    tracing::warn!(%error, log = %log.path.display(), "cannot write release log");
-                }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for file in [STDOUT, STDERR] {
+            let path = dir.join(file);
+            let result = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || rotate_if_needed(&path, max_bytes, keep)
+            })
+            .await;
+            if let Ok(Err(error)) = result {
+                tracing::warn!(%error, log = %path.display(), "cannot rotate release log");
             }
         }
     }
-    let _ = log.file.flush().await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
-    #[tokio::test]
-    async fn rotation_caps_size_and_count() {
+    #[test]
+    fn rotation_caps_size_and_count_while_the_writer_keeps_appending() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("stdout.log");
-        let mut log = RotatingLog::open(path.clone(), 1024, 2).await.unwrap();
-        for i in 0..100 {
-            log.write(format!("line {i:04} {}\n", "x".repeat(40)).as_bytes())
-                .await
-                .unwrap();
+        let path = dir.path().join(STDOUT);
+        // The writer keeps its append-mode handle across rotations, as a
+        // release does.
+        let mut writer = open_append(&path).unwrap();
+        for round in 0..4 {
+            for i in 0..30 {
+                writeln!(writer, "round {round} line {i:03} {}", "x".repeat(40)).unwrap();
+            }
+            assert!(rotate_if_needed(&path, 1024, 2).unwrap());
         }
-        log.file.flush().await.unwrap();
+        writeln!(writer, "after the last rotation").unwrap();
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        assert!(size(&path) <= 1024 && size(&path) > 0);
-        assert!(size(&numbered(&path, 1)) > 0 && size(&numbered(&path, 2)) > 0);
+        assert!(
+            size(&path) < 100,
+            "truncated, then only the new line: {}",
+            size(&path)
+        );
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .starts_with("after the last rotation"));
+        assert!(std::fs::read_to_string(numbered(&path, 1))
+            .unwrap()
+            .contains("round 3 line 029"));
+        assert!(std::fs::read_to_string(numbered(&path, 2))
+            .unwrap()
+            .contains("round 2 line 029"));
         assert!(!numbered(&path, 3).exists(), "only `keep` old files");
-        let newest = std::fs::read_to_string(&path).unwrap();
-        assert!(newest.contains("line 0099"));
+        assert!(!rotate_if_needed(&path, 1024, 2).unwrap());
     }
 }

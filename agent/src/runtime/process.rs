@@ -4,6 +4,11 @@
 //! leaves a child or grandchild behind (the whole group is signalled, and
 //! always ends with SIGKILL to the group), and a crashed process is restarted
 //! with backoff until it is stopped.
+//!
+//! A release does not depend on the agent process: it logs to files, not to
+//! the agent's pipes, and an agent that stops (or dies) leaves it running. A
+//! restarted agent adopts it again by pid and start time, the pair that
+//! identifies a process even after its pid is reused.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -17,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::logs::{pump, RotatingLog};
+use super::logs::{keep_rotated, open_append, STDERR, STDOUT};
 
 /// A run that lasted this long was healthy: the next crash restarts quickly.
 const STABLE_RUN: Duration = Duration::from_secs(30);
@@ -59,11 +64,43 @@ pub enum ProcessError {
     },
 }
 
+/// A process as the kernel knows it: the pid and its start time (clock
+/// ticks since boot), which together survive pid reuse as an identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessId {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    fn of(pid: u32) -> Option<Self> {
+        let start_time = stat_field(pid, 22)?.parse().ok()?;
+        Some(Self { pid, start_time })
+    }
+
+    /// Still the same process, and not a zombie.
+    pub fn is_alive(&self) -> bool {
+        stat_field(self.pid, 3).is_some_and(|state| state != "Z")
+            && stat_field(self.pid, 22).and_then(|t| t.parse().ok()) == Some(self.start_time)
+    }
+}
+
+/// Field `n` (1-based, as in proc(5)) of /proc/<pid>/stat.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after it are
+    // separated cleanly.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace()
+        .nth(n.checked_sub(3)?)
+        .map(str::to_string)
+}
+
 /// What the supervisor knows right now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcessStatus {
     /// The running process (and group leader), if one runs.
-    pub pid: Option<u32>,
+    pub process: Option<ProcessId>,
     /// Unexpected exits so far.
     pub crashes: u32,
     /// How the last unexpected exit went, e.g. "exit status: 1".
@@ -77,24 +114,87 @@ pub struct StopReport {
     pub took: Duration,
 }
 
+/// The process being supervised: our child, or one adopted from an earlier
+/// agent, which can only be watched, not waited on.
+enum Tracked {
+    Child(Child, ProcessId),
+    Adopted(ProcessId),
+}
+
+impl Tracked {
+    fn id(&self) -> ProcessId {
+        match self {
+            Tracked::Child(_, id) | Tracked::Adopted(id) => *id,
+        }
+    }
+
+    /// Waits for the process to end and says how it ended.
+    async fn exited(&mut self) -> String {
+        match self {
+            Tracked::Child(child, _) => child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string()),
+            Tracked::Adopted(id) => {
+                while id.is_alive() {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                "exited (status unknown: it was adopted after an agent restart)".to_string()
+            }
+        }
+    }
+}
+
+/// How often an adopted process is checked for liveness.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+
 pub struct Supervisor {
     stop: CancellationToken,
+    /// Ends supervision and leaves the process running (agent shutdown).
+    release: CancellationToken,
     status: watch::Receiver<ProcessStatus>,
-    task: JoinHandle<StopReport>,
+    task: JoinHandle<Option<StopReport>>,
 }
 
 impl Supervisor {
     /// Starts the process; errors that show at once (missing command, bad
     /// dir) are returned here, later crashes are restarted and counted.
     pub async fn start(spec: ProcessSpec) -> Result<Self, ProcessError> {
-        let child = spawn(&spec).await?;
+        let tracked = spawn(&spec).await?;
+        Ok(Self::supervise(spec, tracked))
+    }
+
+    /// Takes over a process an earlier agent started, if it still runs;
+    /// `None` means it is gone and the caller should start it anew.
+    pub fn adopt(spec: ProcessSpec, process: ProcessId) -> Option<Self> {
+        if !process.is_alive() {
+            return None;
+        }
+        tracing::info!(release = %spec.name, pid = process.pid, "adopted running process");
+        Some(Self::supervise(spec, Tracked::Adopted(process)))
+    }
+
+    fn supervise(spec: ProcessSpec, tracked: Tracked) -> Self {
         let (status_tx, status) = watch::channel(ProcessStatus {
-            pid: child.id(),
+            process: Some(tracked.id()),
             ..ProcessStatus::default()
         });
         let stop = CancellationToken::new();
-        let task = tokio::spawn(supervise(spec, child, status_tx, stop.clone()));
-        Ok(Self { stop, status, task })
+        let release = CancellationToken::new();
+        let task = tokio::spawn(supervise(
+            spec,
+            tracked,
+            status_tx,
+            stop.clone(),
+            release.clone(),
+        ));
+        Self {
+            stop,
+            release,
+            status,
+            task,
+        }
     }
 
     pub fn status(&self) -> ProcessStatus {
@@ -110,11 +210,21 @@ impl Supervisor {
     /// then SIGKILL to the whole group.
     pub async fn stop(self) -> StopReport {
         self.stop.cancel();
-        self.task.await.expect("supervisor task panicked")
+        self.task
+            .await
+            .expect("supervisor task panicked")
+            .expect("a stop always reports")
+    }
+
+    /// Stops supervising and leaves the process running, for the next agent
+    /// to adopt: what an agent shutdown does (fail static).
+    pub async fn release(self) {
+        self.release.cancel();
+        let _ = self.task.await;
     }
 }
 
-async fn spawn(spec: &ProcessSpec) -> Result<Child, ProcessError> {
+async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
     let (program, args) = spec
         .command
         .split_first()
@@ -123,15 +233,14 @@ async fn spawn(spec: &ProcessSpec) -> Result<Child, ProcessError> {
         })?;
     let open_log = |file: &str| {
         let path = spec.log_dir.join(file);
-        let name = spec.name.clone();
-        async move {
-            RotatingLog::open(path.clone(), spec.log_max_bytes, spec.log_keep)
-                .await
-                .map_err(|source| ProcessError::Log { name, path, source })
-        }
+        open_append(&path).map_err(|source| ProcessError::Log {
+            name: spec.name.clone(),
+            path,
+            source,
+        })
     };
-    let stdout_log = open_log("stdout.log").await?;
-    let stderr_log = open_log("stderr.log").await?;
+    let stdout = open_log(STDOUT)?;
+    let stderr = open_log(STDERR)?;
     let mut command = Command::new(program);
     command
         .args(args)
@@ -143,10 +252,10 @@ async fn spawn(spec: &ProcessSpec) -> Result<Child, ProcessError> {
         )
         .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(stdout)
+        .stderr(stderr)
         .process_group(0);
-    let mut child = command.spawn().map_err(|e| ProcessError::Spawn {
+    let child = command.spawn().map_err(|e| ProcessError::Spawn {
         name: spec.name.clone(),
         program: program.clone(),
         workdir: spec.workdir.clone(),
@@ -157,18 +266,14 @@ async fn spawn(spec: &ProcessSpec) -> Result<Child, ProcessError> {
             _ => e.to_string(),
         },
     })?;
-    if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(pump(stdout, stdout_log));
-    }
-    if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(pump(stderr, stderr_log));
-    }
-    tracing::info!(release = %spec.name, pid = child.id(), "process started");
-    Ok(child)
+    let pid = child.id().expect("a just-spawned child has a pid");
+    let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 });
+    tracing::info!(release = %spec.name, pid, "process started");
+    Ok(Tracked::Child(child, id))
 }
 
-fn signal_group(pid: Option<u32>, signal: Signal) {
-    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+fn signal_group(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
         // ESRCH (group already gone) is the expected case after an exit.
         let _ = killpg(Pid::from_raw(pid), signal);
     }
@@ -176,66 +281,79 @@ fn signal_group(pid: Option<u32>, signal: Signal) {
 
 async fn supervise(
     spec: ProcessSpec,
-    mut child: Child,
+    mut tracked: Tracked,
     status: watch::Sender<ProcessStatus>,
     stop: CancellationToken,
-) -> StopReport {
+    release: CancellationToken,
+) -> Option<StopReport> {
+    let rotation = CancellationToken::new();
+    tokio::spawn(keep_rotated(
+        spec.log_dir.clone(),
+        spec.log_max_bytes,
+        spec.log_keep,
+        rotation.clone(),
+    ));
+    let _rotation = rotation.drop_guard();
     let mut backoff = Backoff::new(spec.restart_min, spec.restart_max);
     loop {
         let started = Instant::now();
-        let pid = child.id();
+        let id = tracked.id();
         let exit = tokio::select! {
-            exit = child.wait() => exit,
-            _ = stop.cancelled() => return stop_child(&spec, child).await,
+            exit = tracked.exited() => exit,
+            _ = stop.cancelled() => return Some(stop_process(&spec, tracked).await),
+            _ = release.cancelled() => {
+                tracing::info!(release = %spec.name, pid = id.pid, "leaving the process running");
+                return None;
+            }
         };
         // Whatever the leader left behind in its group goes with it.
-        signal_group(pid, Signal::SIGKILL);
-        let exit = exit
-            .map(|s| s.to_string())
-            .unwrap_or_else(|e| e.to_string());
+        signal_group(id.pid, Signal::SIGKILL);
         if started.elapsed() >= STABLE_RUN {
             backoff.reset();
         }
         // Jitter may draw near zero; a crash loop still gets a breather.
         let delay = backoff.next_delay().max(spec.restart_min / 2);
-        tracing::warn!(release = %spec.name, ?pid, %exit, restart_in_ms = delay.as_millis() as u64, "process exited unexpectedly");
+        tracing::warn!(release = %spec.name, pid = id.pid, %exit, restart_in_ms = delay.as_millis() as u64, "process exited unexpectedly");
         status.send_modify(|s| {
-            s.pid = None;
+            s.process = None;
             s.crashes += 1;
             s.last_exit = Some(exit.clone());
         });
         // Respawn until it starts again or we are told to stop.
-        child = loop {
+        tracked = loop {
             tokio::select! {
-                _ = stop.cancelled() => return StopReport { graceful: true, took: Duration::ZERO },
+                _ = stop.cancelled() => return Some(StopReport { graceful: true, took: Duration::ZERO }),
+                _ = release.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
             match spawn(&spec).await {
-                Ok(child) => break child,
+                Ok(tracked) => break tracked,
                 Err(error) => {
                     tracing::error!(release = %spec.name, %error, "restart failed");
                     status.send_modify(|s| s.last_exit = Some(error.to_string()));
                 }
             }
         };
-        status.send_modify(|s| s.pid = child.id());
+        status.send_modify(|s| s.process = Some(tracked.id()));
     }
 }
 
-async fn stop_child(spec: &ProcessSpec, mut child: Child) -> StopReport {
+async fn stop_process(spec: &ProcessSpec, mut tracked: Tracked) -> StopReport {
     let started = Instant::now();
-    let pid = child.id();
+    let pid = tracked.id().pid;
     signal_group(pid, spec.stop_signal);
-    let graceful = tokio::time::timeout(spec.stop_grace, child.wait())
+    let graceful = tokio::time::timeout(spec.stop_grace, tracked.exited())
         .await
         .is_ok();
     if !graceful {
-        tracing::warn!(release = %spec.name, ?pid, grace_ms = spec.stop_grace.as_millis() as u64, "process ignored the stop signal, killing its group");
+        tracing::warn!(release = %spec.name, pid, grace_ms = spec.stop_grace.as_millis() as u64, "process ignored the stop signal, killing its group");
     }
     // Always: the leader may be gone while its children are not.
     signal_group(pid, Signal::SIGKILL);
-    let _ = child.wait().await;
-    tracing::info!(release = %spec.name, ?pid, graceful, "process stopped");
+    if let Tracked::Child(child, _) = &mut tracked {
+        let _ = child.wait().await;
+    }
+    tracing::info!(release = %spec.name, pid, graceful, "process stopped");
     StopReport {
         graceful,
         took: started.elapsed(),
@@ -286,11 +404,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let supervisor = Supervisor::start(spec(
             dir.path(),
-            "echo $GREETING from $PWD; echo oops >&2; [ -z \"$HOME\" ] && echo clean env; trap 'echo bye; exit 0' TERM; while true; do sleep 0.05; done",
+            "trap 'echo bye; exit 0' TERM; echo $GREETING from $PWD; echo oops >&2; [ -z \"$HOME\" ] && echo clean env; while true; do sleep 0.05; done",
         ))
         .await
         .unwrap();
-        assert!(supervisor.status().pid.is_some());
+        assert!(supervisor.status().process.is_some());
         let stdout = dir.path().join("logs/stdout.log");
         wait_for("stdout", || {
             std::fs::read_to_string(&stdout)
@@ -324,8 +442,10 @@ mod tests {
         ))
         .await
         .unwrap();
+        // The leader's command line names the marker too: two processes mean
+        // the grandchild started, so the leader's trap is already set.
         wait_for("the grandchild", || {
-            !processes_mentioning(&marker).is_empty()
+            processes_mentioning(&marker).len() >= 2
         })
         .await;
         let report = supervisor.stop().await;
@@ -352,6 +472,82 @@ mod tests {
         assert!(report.took < Duration::from_secs(2));
         let runs = std::fs::read_to_string(dir.path().join("runs.txt")).unwrap();
         assert!(runs.lines().count() >= 3, "{runs}");
+    }
+
+    #[tokio::test]
+    async fn a_released_process_keeps_running_and_is_adopted_by_the_next_supervisor() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("cutover-adopt-test-{}", std::process::id());
+        let script = format!("trap 'echo stopped; exit 0' TERM; while true; do echo tick; sleep 0.05; done; : {marker}");
+        let first = Supervisor::start(spec(dir.path(), &script)).await.unwrap();
+        let process = first.status().process.unwrap();
+        // The agent goes away: the process must not notice.
+        first.release().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(process.is_alive());
+        let log = dir.path().join("logs/stdout.log");
+        let before = std::fs::metadata(&log).unwrap().len();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            std::fs::metadata(&log).unwrap().len() > before,
+            "it keeps logging without the agent"
+        );
+
+        // A pid with another start time is not ours.
+        let impostor = ProcessId {
+            start_time: process.start_time + 1,
+            ..process
+        };
+        assert!(Supervisor::adopt(spec(dir.path(), &script), impostor).is_none());
+
+        let adopted = Supervisor::adopt(spec(dir.path(), &script), process).expect("still running");
+        assert_eq!(adopted.status().process, Some(process));
+        let report = adopted.stop().await;
+        assert!(report.graceful, "{report:?}");
+        assert!(!process.is_alive());
+        assert!(std::fs::read_to_string(&log).unwrap().contains("stopped"));
+        assert!(processes_mentioning(&marker).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_adopted_process_that_dies_is_restarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Supervisor::start(spec(dir.path(), "echo run >> runs.txt; exec sleep 60"))
+            .await
+            .unwrap();
+        let process = first.status().process.unwrap();
+        first.release().await;
+        let adopted = Supervisor::adopt(
+            spec(dir.path(), "echo run >> runs.txt; exec sleep 60"),
+            process,
+        )
+        .unwrap();
+        let runs = dir.path().join("runs.txt");
+        wait_for("the first run", || {
+            std::fs::read_to_string(&runs)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                == 1
+        })
+        .await;
+        signal_group(process.pid, Signal::SIGKILL);
+        let mut status = adopted.watch();
+        wait_for("a restart", || {
+            let s = status.borrow_and_update();
+            s.crashes == 1 && s.process.is_some_and(|p| p != process)
+        })
+        .await;
+        assert!(adopted.status().last_exit.unwrap().contains("adopted"));
+        wait_for("the second run", || {
+            std::fs::read_to_string(&runs)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                == 2
+        })
+        .await;
+        adopted.stop().await;
     }
 
     #[tokio::test]
