@@ -20,7 +20,7 @@ const MAX_DETAIL: usize = 2048;
 /// Response bytes an HTTP check reads (for `body_contains`).
 const MAX_BODY: usize = 64 << 10;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Probe {
     /// GET `path`; passes when the status is in `expect_status` and, if set,
     /// the body contains `body_contains`.
@@ -36,7 +36,7 @@ pub enum Probe {
     Exec { command: Vec<String> },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Check {
     pub probe: Probe,
     pub timeout: Duration,
@@ -215,7 +215,7 @@ fn truncate(mut text: String) -> String {
 }
 
 /// How a health check gates a release.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HealthGate {
     pub interval: Duration,
     pub healthy_threshold: u32,

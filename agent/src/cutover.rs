@@ -14,6 +14,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -22,9 +23,10 @@ use crate::checks::{Check, HealthGate, Healthy, Outcome, Target, Unhealthy};
 use crate::proxy::{DrainReport, Proxy};
 use crate::runtime::allocate_port;
 use crate::runtime::process::{ProcessError, ProcessSpec, StopReport, Supervisor};
+use crate::store::{ActiveRelease, AgentStore, ServiceRecord, StoreError};
 
 /// A release of a web service, unpacked and ready to start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WebRelease {
     pub release_id: String,
     pub command: Vec<String>,
@@ -34,8 +36,27 @@ pub struct WebRelease {
     pub health: Check,
     pub gate: HealthGate,
     pub smoke: Vec<Check>,
+    #[serde(with = "signal_name")]
     pub stop_signal: Signal,
     pub stop_grace: Duration,
+}
+
+/// Signals by name ("SIGTERM") in stored records.
+mod signal_name {
+    use std::str::FromStr;
+
+    use nix::sys::signal::Signal;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(signal: &Signal, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(signal.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
+        let name = String::deserialize(d)?;
+        Signal::from_str(&name)
+            .map_err(|_| serde::de::Error::custom(format!("unknown signal {name:?}")))
+    }
 }
 
 /// Node-level settings of a web service.
@@ -90,6 +111,8 @@ pub enum CutoverError {
     },
     #[error(transparent)]
     Start(#[from] ProcessError),
+    #[error("cannot record the cutover of service {service}: {error}")]
+    Store { service: String, error: StoreError },
     #[error("release {release_id} is not healthy, {} keeps serving: {failure}{}", describe_serving(.serving), describe_crash(.crashed))]
     Unhealthy {
         release_id: String,
@@ -131,16 +154,132 @@ struct Running {
 pub struct WebService {
     settings: WebServiceSettings,
     proxy: Proxy,
+    store: Arc<AgentStore>,
     active: Option<Running>,
 }
 
+fn process_spec(settings: &WebServiceSettings, release: &WebRelease, port: u16) -> ProcessSpec {
+    ProcessSpec {
+        name: release.release_id.clone(),
+        command: release.command.clone(),
+        workdir: release.workdir.clone(),
+        env: release_env(settings, release, port),
+        stop_signal: release.stop_signal,
+        stop_grace: release.stop_grace,
+        log_dir: settings.log_root.join(&release.release_id),
+        log_max_bytes: settings.log_max_bytes,
+        log_keep: settings.log_keep,
+        restart_min: Duration::from_secs(1),
+        restart_max: Duration::from_secs(30),
+    }
+}
+
+/// The release environment plus where to listen.
+fn release_env(
+    settings: &WebServiceSettings,
+    release: &WebRelease,
+    port: u16,
+) -> Vec<(String, String)> {
+    let mut env = release.env.clone();
+    env.push(("HOST".into(), settings.address.to_string()));
+    env.push(("PORT".into(), port.to_string()));
+    env
+}
+
 impl WebService {
-    pub fn new(settings: WebServiceSettings, proxy: Proxy) -> Self {
-        Self {
-            settings,
+    /// A service with nothing running yet, or what the store says ran before
+    /// the agent restarted: the recorded process is adopted if it still
+    /// runs, started again (and health-gated) if not, and the proxy serves it.
+    pub async fn recover(
+        settings: WebServiceSettings,
+        proxy: Proxy,
+        store: Arc<AgentStore>,
+    ) -> Result<Self, CutoverError> {
+        let mut service = Self {
             proxy,
+            store,
             active: None,
-        }
+            settings,
+        };
+        let record = service
+            .store
+            .service(&service.settings.name)
+            .map_err(|error| CutoverError::Store {
+                service: service.settings.name.clone(),
+                error,
+            })?;
+        let Some(active) = record.and_then(|r| r.active) else {
+            return Ok(service);
+        };
+        let spec = process_spec(&service.settings, &active.release, active.port);
+        let addr = SocketAddr::new(service.settings.address, active.port);
+        let supervisor = match active
+            .process
+            .and_then(|p| Supervisor::adopt(spec.clone(), p))
+        {
+            Some(adopted) => adopted,
+            None => {
+                tracing::warn!(service = %service.settings.name, release = %active.release.release_id, "recorded process is gone, starting the release again");
+                let started = Supervisor::start(spec).await?;
+                let target = Target {
+                    addr,
+                    workdir: active.release.workdir.clone(),
+                    env: release_env(&service.settings, &active.release, active.port),
+                };
+                // Nothing else can serve: an unhealthy start still gets the
+                // traffic (and keeps being restarted), but it is logged.
+                if let Err(failure) = active
+                    .release
+                    .gate
+                    .wait(&active.release.health, &target)
+                    .await
+                {
+                    tracing::error!(service = %service.settings.name, %failure, "recovered release is not healthy");
+                }
+                started
+            }
+        };
+        service
+            .proxy
+            .switch(Some((&active.release.release_id, addr)));
+        service.track(&active.release, active.port, &supervisor);
+        service.active = Some(Running {
+            release_id: active.release.release_id.clone(),
+            addr,
+            supervisor,
+        });
+        Ok(service)
+    }
+
+    /// Keeps the recorded process identity current when the supervisor
+    /// restarts a crashed release, so a recovering agent adopts the process
+    /// that really runs.
+    fn track(&self, release: &WebRelease, port: u16, supervisor: &Supervisor) {
+        let mut status = supervisor.watch();
+        let store = self.store.clone();
+        let name = self.settings.name.clone();
+        let release = release.clone();
+        tokio::spawn(async move {
+            while status.changed().await.is_ok() {
+                let process = status.borrow_and_update().process;
+                let Ok(Some(mut record)) = store.service(&name) else {
+                    continue;
+                };
+                match &mut record.active {
+                    // Only while this release is still the active one.
+                    Some(active)
+                        if active.release.release_id == release.release_id
+                            && active.port == port =>
+                    {
+                        active.process = process;
+                    }
+                    _ => return,
+                }
+                if let Err(error) = store.put_service(&name, &record) {
+                    tracing::error!(service = %name, %error, "cannot record the release's new process");
+                }
+            }
+        });
     }
 
     pub fn proxy(&self) -> &Proxy {
@@ -174,27 +313,11 @@ impl WebService {
             }
         })?;
         let addr = SocketAddr::new(settings.address, port);
-        let mut env = release.env.clone();
-        env.push(("HOST".into(), settings.address.to_string()));
-        env.push(("PORT".into(), port.to_string()));
-        let supervisor = Supervisor::start(ProcessSpec {
-            name: release.release_id.clone(),
-            command: release.command.clone(),
-            workdir: release.workdir.clone(),
-            env: env.clone(),
-            stop_signal: release.stop_signal,
-            stop_grace: release.stop_grace,
-            log_dir: settings.log_root.join(&release.release_id),
-            log_max_bytes: settings.log_max_bytes,
-            log_keep: settings.log_keep,
-            restart_min: Duration::from_secs(1),
-            restart_max: Duration::from_secs(30),
-        })
-        .await?;
+        let supervisor = Supervisor::start(process_spec(settings, &release, port)).await?;
         let target = Target {
             addr,
             workdir: release.workdir.clone(),
-            env,
+            env: release_env(settings, &release, port),
         };
         let serving = self.active.as_ref().map(|r| r.release_id.clone());
 
@@ -228,6 +351,24 @@ impl WebService {
         }
 
         progress(Step::Switching);
+        // Recorded before the switch: a crash right after it must find B,
+        // the release that serves, in the store.
+        let record = ServiceRecord {
+            active: Some(ActiveRelease {
+                release: release.clone(),
+                port,
+                process: supervisor.status().process,
+            }),
+            previous: serving.clone(),
+        };
+        if let Err(error) = self.store.put_service(&self.settings.name, &record) {
+            supervisor.stop().await;
+            return Err(CutoverError::Store {
+                service: self.settings.name.clone(),
+                error,
+            });
+        }
+        self.track(&release, port, &supervisor);
         let old_upstream = self.proxy.switch(Some((&release.release_id, addr)));
         let old = self.active.replace(Running {
             release_id: release.release_id.clone(),
@@ -258,11 +399,26 @@ impl WebService {
         })
     }
 
+    /// Leaves the release running and stops supervising it, for the next
+    /// agent to adopt: an agent shutdown keeps the node serving.
+    pub async fn release(self) {
+        if let Some(running) = self.active {
+            running.supervisor.release().await;
+        }
+    }
+
     /// Stops serving: the proxy answers 502 from now on, in-flight requests
     /// drain, the release stops.
     pub async fn stop(&mut self) -> Option<PreviousRelease> {
         let upstream = self.proxy.switch(None)?;
         let running = self.active.take()?;
+        let record = ServiceRecord {
+            active: None,
+            previous: Some(running.release_id.clone()),
+        };
+        if let Err(error) = self.store.put_service(&self.settings.name, &record) {
+            tracing::error!(service = %self.settings.name, %error, "cannot record the stop");
+        }
         let drain = upstream.drain(self.settings.drain_timeout).await;
         let stop = running.supervisor.stop().await;
         Some(PreviousRelease {

@@ -11,6 +11,7 @@ pub mod figures;
 pub mod proxy;
 pub mod runtime;
 pub mod state;
+pub mod store;
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -11,6 +11,7 @@ use cutover_agent::artifacts::{unpack, ArtifactCache, Digest};
 use cutover_agent::checks::{Check, HealthGate, Probe};
 use cutover_agent::cutover::{CutoverError, Step, WebRelease, WebService, WebServiceSettings};
 use cutover_agent::proxy::{Proxy, ProxyConfig};
+use cutover_agent::store::AgentStore;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -91,13 +92,27 @@ fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> WebRele
 struct Fixture {
     root: tempfile::TempDir,
     cache: ArtifactCache,
+    store: Arc<AgentStore>,
     service: WebService,
-    _shutdown: CancellationToken,
+    shutdown: CancellationToken,
+}
+
+fn settings(root: &Path) -> WebServiceSettings {
+    WebServiceSettings {
+        name: "web".into(),
+        address: "127.0.0.1".parse().unwrap(),
+        ports: 20000..=29999,
+        drain_timeout: Duration::from_secs(10),
+        log_root: root.join("logs"),
+        log_max_bytes: 1 << 20,
+        log_keep: 2,
+    }
 }
 
 async fn fixture() -> Fixture {
     let root = tempfile::tempdir().unwrap();
     let cache = ArtifactCache::open(root.path().join("artifacts"), None).unwrap();
+    let store = Arc::new(AgentStore::open(&root.path().join("db")).unwrap());
     let shutdown = CancellationToken::new();
     let proxy = Proxy::bind(
         ProxyConfig::new("web", "127.0.0.1:0".parse().unwrap()),
@@ -105,27 +120,40 @@ async fn fixture() -> Fixture {
     )
     .await
     .unwrap();
-    let service = WebService::new(
-        WebServiceSettings {
-            name: "web".into(),
-            address: "127.0.0.1".parse().unwrap(),
-            ports: 20000..=29999,
-            drain_timeout: Duration::from_secs(10),
-            log_root: root.path().join("logs"),
-            log_max_bytes: 1 << 20,
-            log_keep: 2,
-        },
-        proxy,
-    );
+    let service = WebService::recover(settings(root.path()), proxy, store.clone())
+        .await
+        .unwrap();
     Fixture {
         root,
         cache,
+        store,
         service,
-        _shutdown: shutdown,
+        shutdown,
     }
 }
 
 impl Fixture {
+    /// What an agent restart does to this service: the old agent goes away
+    /// without stopping anything (as after kill -9), a new one binds the
+    /// same proxy port and recovers from the store.
+    async fn restart_agent(&mut self, before_recovery: impl FnOnce()) {
+        let listen = self.service.proxy().local_addr();
+        let shutdown = std::mem::replace(&mut self.shutdown, CancellationToken::new());
+        let old = std::mem::replace(
+            &mut self.service,
+            placeholder(&self.root, &self.store).await,
+        );
+        shutdown.cancel();
+        old.release().await;
+        before_recovery();
+        let proxy = Proxy::bind(ProxyConfig::new("web", listen), self.shutdown.clone())
+            .await
+            .unwrap();
+        self.service = WebService::recover(settings(self.root.path()), proxy, self.store.clone())
+            .await
+            .unwrap();
+    }
+
     async fn release(&self, version: &str, env: &[(&str, &str)]) -> WebRelease {
         let dir = release_dir(self.root.path(), &self.cache, version).await;
         web_release(&dir, version, env)
@@ -137,14 +165,41 @@ impl Fixture {
 
     /// Live processes of this fixture's releases.
     fn app_processes(&self) -> usize {
-        let needle = self.root.path().display().to_string();
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
-            .filter(|raw| String::from_utf8_lossy(raw).contains(&needle))
-            .count()
+        app_pids(self.root.path()).len()
     }
+}
+
+/// A stand-in service on a throwaway port while the real one is swapped out.
+async fn placeholder(root: &tempfile::TempDir, store: &Arc<AgentStore>) -> WebService {
+    let proxy = Proxy::bind(
+        ProxyConfig::new("web", "127.0.0.1:0".parse().unwrap()),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let mut settings = settings(root.path());
+    settings.name = "placeholder".into();
+    WebService::recover(settings, proxy, store.clone())
+        .await
+        .unwrap()
+}
+
+/// The pids of this fixture's running (not zombie) releases.
+fn app_pids(root: &Path) -> Vec<u32> {
+    let needle = root.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            (String::from_utf8_lossy(&cmdline).contains(&needle) && !zombie).then_some(pid)
+        })
+        .collect()
 }
 
 async fn get(
@@ -339,4 +394,68 @@ async fn a_streamed_response_from_the_old_release_completes_across_a_cutover() {
         (200, "v2".into())
     );
     fx.service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_the_running_release_and_serves_it_again() {
+    let mut fx = fixture().await;
+    let v1 = fx.release("v1", &[]).await;
+    fx.service.cutover(v1, |_| {}).await.unwrap();
+    let pids = app_pids(fx.root.path());
+    assert_eq!(pids.len(), 1);
+
+    fx.restart_agent(|| {}).await;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    assert_eq!(
+        get(&client, &fx.url("/")).await.unwrap(),
+        (200, "v1".into())
+    );
+    assert_eq!(app_pids(fx.root.path()), pids, "adopted, not started again");
+
+    // The adopted release can be replaced like any other.
+    let v2 = fx.release("v2", &[]).await;
+    let report = fx.service.cutover(v2, |_| {}).await.unwrap();
+    assert!(report.previous.unwrap().stop.graceful);
+    assert_eq!(
+        get(&client, &fx.url("/")).await.unwrap(),
+        (200, "v2".into())
+    );
+    assert_eq!(app_pids(fx.root.path()).len(), 1);
+    fx.service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_died_with_the_agent_is_started_again_on_recovery() {
+    let mut fx = fixture().await;
+    let v1 = fx.release("v1", &[]).await;
+    fx.service.cutover(v1, |_| {}).await.unwrap();
+    let pids = app_pids(fx.root.path());
+    let root = fx.root.path().to_path_buf();
+    fx.restart_agent(|| {
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while app_pids(&root).iter().any(|p| pids.contains(p)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the release did not die"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    assert_eq!(
+        get(&client, &fx.url("/")).await.unwrap(),
+        (200, "v1".into())
+    );
+    let now = app_pids(fx.root.path());
+    assert_eq!(now.len(), 1);
+    assert!(!pids.contains(&now[0]), "a new process");
+    fx.service.stop().await;
+    assert!(app_pids(fx.root.path()).is_empty());
 }

@@ -1,0 +1,95 @@
+//! The agent's durable record of what it runs, in sled: for each service the
+//! active release (its full spec, port and process identity) and the one
+//! before it. A restarted agent reads it to adopt what still runs.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::cutover::WebRelease;
+use crate::runtime::process::ProcessId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("agent store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("agent store: {0}")]
+    Backend(String),
+    #[error("agent store record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// What runs for one web service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub active: Option<ActiveRelease>,
+    /// The release the active one replaced: what a rollback goes back to.
+    pub previous: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActiveRelease {
+    pub release: WebRelease,
+    pub port: u16,
+    pub process: Option<ProcessId>,
+}
+
+pub struct AgentStore {
+    db: sled::Db,
+    services: sled::Tree,
+}
+
+impl AgentStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let services = db.open_tree("services").map_err(backend)?;
+        Ok(Self { db, services })
+    }
+
+    pub fn service(&self, name: &str) -> Result<Option<ServiceRecord>, StoreError> {
+        self.services
+            .get(name.as_bytes())
+            .map_err(backend)?
+            .map(|value| decode(name, &value))
+            .transpose()
+    }
+
+    /// Writes the record and makes it durable before returning: the agent
+    /// acts on what it recorded, so the record must survive a crash.
+    pub fn put_service(&self, name: &str, record: &ServiceRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record).expect("service records serialize");
+        self.services
+            .insert(name.as_bytes(), value)
+            .map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    pub fn service_names(&self) -> Result<Vec<String>, StoreError> {
+        self.services
+            .iter()
+            .keys()
+            .map(|key| {
+                key.map(|k| String::from_utf8_lossy(&k).into_owned())
+                    .map_err(backend)
+            })
+            .collect()
+    }
+}
+
+fn backend(error: sled::Error) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
