@@ -1,46 +1,154 @@
 //! Runs commands from the coordinator, exactly once per command id.
+//!
+//! Each command runs in its own task so a long cutover never stalls the
+//! session (heartbeats keep flowing). Its progress and result go to whatever
+//! session is open when they are ready; the result is journaled first, so a
+//! coordinator that missed it (reconnect) gets it again by resending the id.
 
-use cutover_proto::v1::{command, command_result, Command, CommandResult, CommandStatus, Pong};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
+use cutover_proto::v1::{
+    agent_message, command, command_result, AgentMessage, Command, CommandProgress, CommandResult,
+    CommandStatus, NodeState, Pong,
+};
+use tokio::sync::mpsc;
+
+use crate::services::NodeServices;
 use crate::state::Journal;
 
 /// What this agent can do; the coordinator sends only commands it announced.
-pub const CAPABILITIES: &[&str] = &["command.ping"];
+pub const CAPABILITIES: &[&str] = &[
+    "command.ping",
+    "command.prepare",
+    "command.activate",
+    "command.set_admission",
+    "command.stop_service",
+    "command.report_state",
+    "runtime.process",
+    "proxy.http",
+];
 
-pub struct Dispatcher {
-    journal: Journal,
+/// The sender of the session open right now, if any.
+pub type Outbox = Arc<Mutex<Option<mpsc::Sender<AgentMessage>>>>;
+
+pub struct Executor {
+    journal: Mutex<Journal>,
+    running: Mutex<HashSet<String>>,
+    services: Arc<NodeServices>,
+    outbox: Outbox,
 }
 
-impl Dispatcher {
-    pub fn new(journal: Journal) -> Self {
-        Self { journal }
-    }
-
-    pub fn journal(&self) -> &Journal {
-        &self.journal
-    }
-
-    /// Runs `command`, or replays the stored result when its id already ran.
-    pub fn execute(&mut self, command: Command) -> CommandResult {
-        if let Some(previous) = self.journal.get(&command.command_id) {
-            tracing::info!(command_id = %command.command_id, "command already ran, replaying its result");
-            return CommandResult {
-                replayed: true,
-                ..previous.clone()
-            };
+impl Executor {
+    pub fn new(journal: Journal, services: Arc<NodeServices>, outbox: Outbox) -> Self {
+        Self {
+            journal: Mutex::new(journal),
+            running: Mutex::new(HashSet::new()),
+            services,
+            outbox,
         }
+    }
+
+    pub fn recent_ids(&self, limit: usize) -> Vec<String> {
+        self.journal.lock().expect("journal lock").recent_ids(limit)
+    }
+
+    pub fn services(&self) -> &Arc<NodeServices> {
+        &self.services
+    }
+
+    /// Takes a command off the stream: replays a journaled result, ignores a
+    /// repeat of a command still running (its result will come), or starts it.
+    pub fn submit(self: &Arc<Self>, command: Command) {
+        let previous = self
+            .journal
+            .lock()
+            .expect("journal lock")
+            .get(&command.command_id)
+            .cloned();
+        if let Some(previous) = previous {
+            tracing::info!(command_id = %command.command_id, "command already ran, replaying its result");
+            self.send(result_message(CommandResult {
+                replayed: true,
+                ..previous
+            }));
+            return;
+        }
+        if !self
+            .running
+            .lock()
+            .expect("running lock")
+            .insert(command.command_id.clone())
+        {
+            tracing::info!(command_id = %command.command_id, "command already running");
+            return;
+        }
+        let executor = self.clone();
+        tokio::spawn(async move {
+            let command_id = command.command_id.clone();
+            let result = executor.execute(command).await;
+            executor
+                .running
+                .lock()
+                .expect("running lock")
+                .remove(&command_id);
+            executor.send(result_message(result));
+        });
+    }
+
+    /// Runs one command to its result, journaling it (unless rejected).
+    pub async fn execute(&self, command: Command) -> CommandResult {
         let command_id = command.command_id.clone();
-        let result = match command.kind {
-            Some(command::Kind::Ping(ping)) => CommandResult {
-                command_id,
-                status: CommandStatus::Succeeded as i32,
-                message: String::new(),
-                replayed: false,
-                output: Some(command_result::Output::Pong(Pong {
-                    payload: ping.payload,
-                    agent_time_ms: cutover_common::now_ms(),
+        let progress = |step: &str| {
+            tracing::info!(command_id = %command_id, step, "command progress");
+            self.send(AgentMessage {
+                kind: Some(agent_message::Kind::CommandProgress(CommandProgress {
+                    command_id: command_id.clone(),
+                    step: step.to_string(),
+                    message: String::new(),
                 })),
+            });
+        };
+        let outcome: Result<Option<command_result::Output>, String> = match command.kind {
+            Some(command::Kind::Ping(ping)) => Ok(Some(command_result::Output::Pong(Pong {
+                payload: ping.payload,
+                agent_time_ms: cutover_common::now_ms(),
+            }))),
+            Some(command::Kind::Prepare(prepare)) => match prepare.release {
+                Some(release) => self
+                    .services
+                    .prepare(&release, &progress)
+                    .await
+                    .map(|_| None)
+                    .map_err(|e| e.to_string()),
+                None => Err("prepare without a release".into()),
             },
+            Some(command::Kind::Activate(activate)) => match activate.release {
+                Some(release) => self
+                    .services
+                    .activate(&release, &progress)
+                    .await
+                    .map(|a| Some(command_result::Output::Activated(a)))
+                    .map_err(|e| e.to_string()),
+                None => Err("activate without a release".into()),
+            },
+            Some(command::Kind::SetAdmission(admission)) => self
+                .services
+                .set_admission(&admission.service, admission.admitted)
+                .await
+                .map(|_| None)
+                .map_err(|e| e.to_string()),
+            Some(command::Kind::StopService(stop)) => self
+                .services
+                .stop_service(&stop.service)
+                .await
+                .map(|_| None)
+                .map_err(|e| e.to_string()),
+            Some(command::Kind::ReportState(_)) => {
+                Ok(Some(command_result::Output::NodeState(NodeState {
+                    services: self.services.state(),
+                })))
+            }
             // Not journaled: after an upgrade the same id may be retried.
             None => {
                 return CommandResult {
@@ -55,17 +163,81 @@ impl Dispatcher {
                 }
             }
         };
-        if let Err(error) = self.journal.record(result.clone()) {
+        let result = match outcome {
+            Ok(output) => CommandResult {
+                command_id,
+                status: CommandStatus::Succeeded as i32,
+                message: String::new(),
+                replayed: false,
+                output,
+            },
+            Err(message) => {
+                tracing::warn!(command_id = %command_id, %message, "command failed");
+                CommandResult {
+                    command_id,
+                    status: CommandStatus::Failed as i32,
+                    message,
+                    replayed: false,
+                    output: None,
+                }
+            }
+        };
+        if let Err(error) = self
+            .journal
+            .lock()
+            .expect("journal lock")
+            .record(result.clone())
+        {
             tracing::error!(%error, command_id = %result.command_id, "cannot journal command result");
         }
         result
+    }
+
+    /// Hands a message to the open session; without one it is dropped (a
+    /// result stays in the journal for the coordinator to ask again).
+    fn send(&self, message: AgentMessage) {
+        let sender = self.outbox.lock().expect("outbox lock").clone();
+        if let Some(sender) = sender {
+            if sender.try_send(message).is_err() {
+                tracing::warn!("session queue full or closed, message dropped");
+            }
+        }
+    }
+}
+
+fn result_message(result: CommandResult) -> AgentMessage {
+    AgentMessage {
+        kind: Some(agent_message::Kind::CommandResult(result)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::services::NodeSettings;
     use cutover_proto::v1::Ping;
+    use tokio_util::sync::CancellationToken;
+
+    async fn executor(dir: &std::path::Path) -> Executor {
+        let services = NodeServices::open(
+            NodeSettings {
+                address: "127.0.0.1".parse().unwrap(),
+                ports: 20000..=29999,
+                state_dir: dir.join("state"),
+                artifact_ca: None,
+                log_max_bytes: 1 << 20,
+                log_keep: 2,
+            },
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        Executor::new(
+            Journal::open(dir).unwrap(),
+            Arc::new(services),
+            Arc::new(Mutex::new(None)),
+        )
+    }
 
     fn ping(id: &str) -> Command {
         Command {
@@ -76,27 +248,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_repeated_id_is_replayed_not_rerun_even_after_restart() {
+    #[tokio::test]
+    async fn a_repeated_id_is_replayed_not_rerun_even_after_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mut dispatcher = Dispatcher::new(Journal::open(dir.path()).unwrap());
-        let first = dispatcher.execute(ping("c1"));
+        let first = executor(dir.path()).await.execute(ping("c1")).await;
         assert_eq!(first.status, CommandStatus::Succeeded as i32);
         assert!(!first.replayed);
 
-        let mut restarted = Dispatcher::new(Journal::open(dir.path()).unwrap());
-        let again = restarted.execute(ping("c1"));
+        // A restarted agent (same state dir) answers from the journal: the
+        // submitted repeat is answered on the session, not run again.
+        let restarted = Arc::new(executor(dir.path()).await);
+        let (tx, mut rx) = mpsc::channel(4);
+        *restarted.outbox.lock().unwrap() = Some(tx);
+        restarted.submit(ping("c1"));
+        let Some(agent_message::Kind::CommandResult(again)) = rx.recv().await.unwrap().kind else {
+            panic!("expected a result");
+        };
         assert!(again.replayed);
         assert_eq!(
             again.output, first.output,
             "the stored result, not a new run"
         );
 
-        let unknown = restarted.execute(Command {
-            command_id: "c2".into(),
-            kind: None,
-        });
+        let unknown = restarted
+            .execute(Command {
+                command_id: "c2".into(),
+                kind: None,
+            })
+            .await;
         assert_eq!(unknown.status, CommandStatus::Rejected as i32);
-        assert!(restarted.journal().get("c2").is_none());
+        assert!(restarted.journal.lock().unwrap().get("c2").is_none());
     }
 }

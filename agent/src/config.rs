@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,6 +51,44 @@ pub struct AgentConfig {
     pub max_message_bytes: usize,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Ports releases listen on, on the node's address, e.g. "20000-29999".
+    #[serde(default = "default_port_range", deserialize_with = "port_range")]
+    pub port_range: RangeInclusive<u16>,
+    /// A PEM CA trusted for https:// artifact URLs besides the public roots.
+    #[serde(default)]
+    pub artifact_ca: Option<PathBuf>,
+    /// Each release's stdout and stderr are rotated past this size.
+    #[serde(
+        default = "default_release_log_max",
+        deserialize_with = "config::byte_size::deserialize"
+    )]
+    pub release_log_max_bytes: usize,
+    /// Rotated copies kept per log file.
+    #[serde(default = "default_release_log_files")]
+    pub release_log_files: u32,
+}
+
+fn default_port_range() -> RangeInclusive<u16> {
+    20000..=29999
+}
+fn default_release_log_max() -> usize {
+    16 << 20
+}
+fn default_release_log_files() -> u32 {
+    3
+}
+
+fn port_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RangeInclusive<u16>, D::Error> {
+    let text = String::deserialize(d)?;
+    let parsed = text.split_once('-').and_then(|(low, high)| {
+        let (low, high): (u16, u16) = (low.trim().parse().ok()?, high.trim().parse().ok()?);
+        (low >= 1024 && low <= high).then_some(low..=high)
+    });
+    parsed.ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "invalid port range {text:?}: expected \"LOW-HIGH\" with 1024 <= LOW <= HIGH"
+        ))
+    })
 }
 
 fn default_reconnect_min() -> Duration {

@@ -208,7 +208,11 @@ impl WebService {
                 service: service.settings.name.clone(),
                 error,
             })?;
-        let Some(active) = record.and_then(|r| r.active) else {
+        let Some(record) = record else {
+            return Ok(service);
+        };
+        service.proxy.set_admitted(record.admitted);
+        let Some(active) = record.active else {
             return Ok(service);
         };
         let spec = process_spec(&service.settings, &active.release, active.port);
@@ -353,14 +357,14 @@ impl WebService {
         progress(Step::Switching);
         // Recorded before the switch: a crash right after it must find B,
         // the release that serves, in the store.
-        let record = ServiceRecord {
-            active: Some(ActiveRelease {
+        let record = self.record(
+            Some(ActiveRelease {
                 release: release.clone(),
                 port,
                 process: supervisor.status().process,
             }),
-            previous: serving.clone(),
-        };
+            serving.clone(),
+        );
         if let Err(error) = self.store.put_service(&self.settings.name, &record) {
             supervisor.stop().await;
             return Err(CutoverError::Store {
@@ -399,12 +403,62 @@ impl WebService {
         })
     }
 
+    fn record(&self, active: Option<ActiveRelease>, previous: Option<String>) -> ServiceRecord {
+        ServiceRecord {
+            listen: self.proxy.local_addr(),
+            drain_timeout: self.settings.drain_timeout,
+            admitted: self.proxy.admitted(),
+            active,
+            previous,
+        }
+    }
+
+    /// Takes the node out of (or back into) rotation for this service, and
+    /// records it so a restarted agent keeps it that way.
+    pub fn set_admitted(&self, admitted: bool) -> Result<(), StoreError> {
+        self.proxy.set_admitted(admitted);
+        let mut record = self
+            .store
+            .service(&self.settings.name)?
+            .unwrap_or_else(|| self.record(None, None));
+        record.admitted = admitted;
+        self.store.put_service(&self.settings.name, &record)
+    }
+
+    /// What runs, for heartbeats and `report_state`.
+    pub fn state(&self) -> cutover_proto::v1::ServiceState {
+        let status = self
+            .active
+            .as_ref()
+            .map(|r| r.supervisor.status())
+            .unwrap_or_default();
+        cutover_proto::v1::ServiceState {
+            service: self.settings.name.clone(),
+            release_id: self
+                .active
+                .as_ref()
+                .map(|r| r.release_id.clone())
+                .unwrap_or_default(),
+            upstream: self
+                .active
+                .as_ref()
+                .map(|r| r.addr.to_string())
+                .unwrap_or_default(),
+            listen: self.proxy.local_addr().to_string(),
+            admitted: self.proxy.admitted(),
+            crashes: status.crashes,
+            last_exit: status.last_exit.unwrap_or_default(),
+            running: status.process.is_some(),
+        }
+    }
+
     /// Leaves the release running and stops supervising it, for the next
     /// agent to adopt: an agent shutdown keeps the node serving.
     pub async fn release(self) {
         if let Some(running) = self.active {
             running.supervisor.release().await;
         }
+        self.proxy.close().await;
     }
 
     /// Stops serving: the proxy answers 502 from now on, in-flight requests
@@ -412,10 +466,7 @@ impl WebService {
     pub async fn stop(&mut self) -> Option<PreviousRelease> {
         let upstream = self.proxy.switch(None)?;
         let running = self.active.take()?;
-        let record = ServiceRecord {
-            active: None,
-            previous: Some(running.release_id.clone()),
-        };
+        let record = self.record(None, Some(running.release_id.clone()));
         if let Err(error) = self.store.put_service(&self.settings.name, &record) {
             tracing::error!(service = %self.settings.name, %error, "cannot record the stop");
         }

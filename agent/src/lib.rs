@@ -10,6 +10,7 @@ pub mod cutover;
 pub mod figures;
 pub mod proxy;
 pub mod runtime;
+pub mod services;
 pub mod state;
 pub mod store;
 
@@ -27,9 +28,10 @@ use tokio_rustls::rustls;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::commands::{Dispatcher, CAPABILITIES};
+use crate::commands::{Executor, Outbox, CAPABILITIES};
 use crate::config::AgentConfig;
 use crate::figures::Sampler;
+use crate::services::{NodeServices, NodeSettings};
 use crate::state::{Journal, StateError};
 
 /// A session that lived this long counts as healthy: the next failure starts
@@ -47,6 +49,8 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("{0}")]
     Identity(String),
+    #[error(transparent)]
+    Services(#[from] services::ServiceError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,15 +71,21 @@ pub struct Agent {
     name: String,
     node_id: String,
     tls: Arc<rustls::ClientConfig>,
-    dispatcher: Dispatcher,
+    /// The address services bind and the hello reports.
+    address: IpAddr,
+    executor: Arc<Executor>,
+    outbox: Outbox,
     sampler: Sampler,
+    shutdown: CancellationToken,
 }
 
 impl Agent {
     /// Checks everything that can be wrong locally (certificates, name, state
     /// dir) before the first connection, so a misconfigured agent fails at
-    /// start with a clear message instead of retrying forever.
-    pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+    /// start with a clear message instead of retrying forever; then brings
+    /// back the services the agent ran before (adopting their processes).
+    /// `shutdown` ends the session loop and closes the service proxies.
+    pub async fn new(config: AgentConfig, shutdown: CancellationToken) -> Result<Self, AgentError> {
         let url = CoordinatorUrl::parse(&config.coordinator)?;
         let tls = tls::client_config(&config.tls)?;
         let identity = config.tls.identity()?.ok_or_else(|| {
@@ -102,15 +112,33 @@ impl Agent {
             )));
         }
         let node_id = state::node_id(&config.state_dir)?;
-        let dispatcher = Dispatcher::new(Journal::open(&config.state_dir)?);
+        let journal = Journal::open(&config.state_dir)?;
+        let address = config.address.unwrap_or_else(|| route_address(&url));
+        let services = NodeServices::open(
+            NodeSettings {
+                address,
+                ports: config.port_range.clone(),
+                state_dir: config.state_dir.clone(),
+                artifact_ca: config.artifact_ca.clone(),
+                log_max_bytes: config.release_log_max_bytes as u64,
+                log_keep: config.release_log_files,
+            },
+            shutdown.clone(),
+        )
+        .await?;
+        let outbox: Outbox = Arc::new(std::sync::Mutex::new(None));
+        let executor = Arc::new(Executor::new(journal, Arc::new(services), outbox.clone()));
         let sampler = Sampler::new(config.state_dir.clone());
         Ok(Self {
             url,
             name,
             node_id,
             tls,
-            dispatcher,
+            address,
+            executor,
+            outbox,
             sampler,
+            shutdown,
             config,
         })
     }
@@ -122,7 +150,8 @@ impl Agent {
     /// Keeps a session open until `shutdown` fires, reconnecting forever with
     /// jittered backoff. Whatever the node runs keeps running while the
     /// coordinator is away (fail static).
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub async fn run(mut self) {
+        let shutdown = self.shutdown.clone();
         tracing::info!(node = %self.name, node_id = %self.node_id, coordinator = %self.url.url, "agent starting");
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         loop {
@@ -142,24 +171,20 @@ impl Agent {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        // Fail static: what the node runs keeps running for the next agent.
+        self.executor.services().release_all().await;
         tracing::info!("agent stopped");
     }
 
-    fn hello(&self, local: Option<IpAddr>) -> pb::Hello {
-        let address = self
-            .config
-            .address
-            .or(local)
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+    fn hello(&self) -> pb::Hello {
         pb::Hello {
             node_id: self.node_id.clone(),
             name: self.name.clone(),
-            address,
+            address: self.address.to_string(),
             labels: self.config.labels.clone().into_iter().collect(),
             agent_version: cutover_common::VERSION.to_string(),
             capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
-            recent_command_ids: self.dispatcher.journal().recent_ids(256),
+            recent_command_ids: self.executor.recent_ids(256),
         }
     }
 
@@ -173,12 +198,12 @@ impl Agent {
             _ = shutdown.cancelled() => return Ok(()),
             connection = tls::connect(&self.url, self.config.server_name.as_deref(), self.tls.clone(), &options) => connection?,
         };
-        let mut client = AgentServiceClient::new(connection.channel)
+        let mut client = AgentServiceClient::new(connection)
             .max_decoding_message_size(self.config.max_message_bytes)
             .max_encoding_message_size(self.config.max_message_bytes);
 
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let hello = self.hello(connection.local_addr.map(|a| a.ip()));
+        let hello = self.hello();
         outbound
             .try_send(message(agent_message::Kind::Hello(hello)))
             .expect("fresh channel has room");
@@ -214,6 +239,9 @@ impl Agent {
             "session open"
         );
 
+        // Command tasks report through this session until it ends.
+        *self.outbox.lock().expect("outbox lock") = Some(outbound.clone());
+        let _closed = OutboxGuard(self.outbox.clone());
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -224,6 +252,7 @@ impl Agent {
                     let heartbeat = pb::Heartbeat {
                         sent_at_ms: cutover_common::now_ms(),
                         figures: Some(self.sampler.sample()),
+                        services: self.executor.services().state(),
                     };
                     // A full queue means the connection is stuck; the next
                     // heartbeat will do, and keepalive will end a dead one.
@@ -235,11 +264,7 @@ impl Agent {
                     None => return Ok(()),
                     Some(pb::CoordinatorMessage { kind: Some(coordinator_message::Kind::Command(command)) }) => {
                         tracing::info!(command_id = %command.command_id, "command received");
-                        let result = self.dispatcher.execute(command);
-                        outbound
-                            .send(message(agent_message::Kind::CommandResult(result)))
-                            .await
-                            .map_err(|_| SessionError::Protocol("outbound stream closed".into()))?;
+                        self.executor.submit(command);
                     }
                     Some(other) => tracing::debug!(?other, "ignoring unexpected message"),
                 },
@@ -250,4 +275,38 @@ impl Agent {
 
 fn message(kind: agent_message::Kind) -> AgentMessage {
     AgentMessage { kind: Some(kind) }
+}
+
+/// Clears the outbox when a session ends, however it ends.
+struct OutboxGuard(Outbox);
+
+impl Drop for OutboxGuard {
+    fn drop(&mut self) {
+        *self.0.lock().expect("outbox lock") = None;
+    }
+}
+
+/// The local address on the route to the coordinator: the node's address
+/// unless the config names one. A connected UDP socket sends nothing; it
+/// only asks the kernel which source address it would use.
+fn route_address(url: &CoordinatorUrl) -> IpAddr {
+    use std::net::ToSocketAddrs;
+    let found = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .and_then(|target| {
+            let local: std::net::SocketAddr = if target.is_ipv4() {
+                "0.0.0.0:0".parse().ok()?
+            } else {
+                "[::]:0".parse().ok()?
+            };
+            let socket = std::net::UdpSocket::bind(local).ok()?;
+            socket.connect(target).ok()?;
+            socket.local_addr().ok().map(|a| a.ip())
+        });
+    found.unwrap_or_else(|| {
+        tracing::warn!(coordinator = %url.url, "cannot tell this node's address; using 127.0.0.1 (set `address` in the agent config)");
+        IpAddr::from([127, 0, 0, 1])
+    })
 }

@@ -42,15 +42,15 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let agent = match Agent::new(config) {
+        let shutdown = cutover_common::shutdown::on_signals();
+        let agent = match Agent::new(config, shutdown).await {
             Ok(agent) => agent,
             Err(error) => {
-                eprintln!("error: {error}");
+                eprintln!("error: {}", cutover_common::error_chain(&error));
                 return ExitCode::from(2);
             }
         };
-        let shutdown = cutover_common::shutdown::on_signals();
-        agent.run(shutdown).await;
+        agent.run().await;
         ExitCode::SUCCESS
     })
 }

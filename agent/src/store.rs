@@ -2,7 +2,9 @@
 //! active release (its full spec, port and process identity) and the one
 //! before it. A restarted agent reads it to adopt what still runs.
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -22,6 +24,13 @@ pub enum StoreError {
 /// What runs for one web service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRecord {
+    /// The proxy's public address.
+    pub listen: SocketAddr,
+    pub drain_timeout: Duration,
+    /// False while the node is drained for this service; survives restarts,
+    /// so an agent restart does not put a node under maintenance back in
+    /// rotation.
+    pub admitted: bool,
     pub active: Option<ActiveRelease>,
     /// The release the active one replaced: what a rollback goes back to.
     pub previous: Option<String>,

@@ -430,7 +430,6 @@ async fn a_release_that_died_with_the_agent_is_started_again_on_recovery() {
     let v1 = fx.release("v1", &[]).await;
     fx.service.cutover(v1, |_| {}).await.unwrap();
     let pids = app_pids(fx.root.path());
-    let root = fx.root.path().to_path_buf();
     fx.restart_agent(|| {
         for pid in &pids {
             let _ = nix::sys::signal::kill(
@@ -439,7 +438,15 @@ async fn a_release_that_died_with_the_agent_is_started_again_on_recovery() {
             );
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while app_pids(&root).iter().any(|p| pids.contains(p)) {
+        // Judged by /proc/<pid>/stat, not the command line: an exiting
+        // process loses its command line before it is a zombie.
+        let alive = |pid: &u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            })
+        };
+        while pids.iter().any(alive) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the release did not die"

@@ -362,13 +362,6 @@ impl CoordinatorUrl {
     }
 }
 
-/// A connected channel and the local address of its connection: the address
-/// on the route to the coordinator, which is a node's address by default.
-pub struct Connection {
-    pub channel: Channel,
-    pub local_addr: Option<SocketAddr>,
-}
-
 /// Dials the coordinator over mTLS and returns a gRPC channel. `server_name`
 /// overrides the name checked against the coordinator's certificate (default:
 /// the URL's host).
@@ -377,7 +370,7 @@ pub async fn connect(
     server_name: Option<&str>,
     config: Arc<ClientConfig>,
     options: &ChannelOptions,
-) -> Result<Connection, TlsError> {
+) -> Result<Channel, TlsError> {
     let name = server_name.unwrap_or(&url.host).to_string();
     let server_name = ServerName::try_from(name.clone()).map_err(|_| TlsError::BadUrl {
         url: url.url.clone(),
@@ -397,19 +390,15 @@ pub async fn connect(
     let connector = TlsConnector::from(config);
     let target = format!("{}:{}", url.host, url.port);
     let timeout = options.connect_timeout;
-    let local_addr = Arc::new(std::sync::Mutex::new(None));
-    let seen_local_addr = local_addr.clone();
-    let channel = endpoint
+    endpoint
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let connector = connector.clone();
-            let seen_local_addr = seen_local_addr.clone();
             let server_name = server_name.clone();
             let target = target.clone();
             async move {
                 let handshake = async {
                     let tcp = TcpStream::connect(&target).await?;
                     tcp.set_nodelay(true)?;
-                    *seen_local_addr.lock().expect("local addr lock") = tcp.local_addr().ok();
                     connector.connect(server_name, tcp).await
                 };
                 let tls = tokio::time::timeout(timeout, handshake)
@@ -424,12 +413,7 @@ pub async fn connect(
         .map_err(|error| TlsError::Connect {
             url: url.url.clone(),
             reason: root_cause(&error),
-        })?;
-    let local_addr = *local_addr.lock().expect("local addr lock");
-    Ok(Connection {
-        channel,
-        local_addr,
-    })
+        })
 }
 
 fn bracket(host: &str) -> String {

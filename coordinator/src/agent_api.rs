@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::registry::{Attached, Registry};
-use crate::store::Figures;
+use crate::store::{Figures, ServiceStatus};
 
 pub struct AgentApi {
     pub registry: Arc<Registry>,
@@ -68,6 +68,19 @@ fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> 
         }
     }
     Ok(())
+}
+
+fn service_from(state: pb::ServiceState) -> ServiceStatus {
+    ServiceStatus {
+        service: state.service,
+        release_id: state.release_id,
+        upstream: state.upstream,
+        listen: state.listen,
+        admitted: state.admitted,
+        crashes: state.crashes,
+        last_exit: state.last_exit,
+        running: state.running,
+    }
 }
 
 fn figures_from(pb: pb::SystemFigures) -> Figures {
@@ -163,9 +176,13 @@ async fn read_session(
             Ok(Some(AgentMessage { kind: Some(kind) })) => match kind {
                 agent_message::Kind::Heartbeat(heartbeat) => {
                     metrics.heartbeats.inc();
-                    registry.heartbeat(attached, heartbeat.figures.map(figures_from));
+                    let services = heartbeat.services.into_iter().map(service_from).collect();
+                    registry.heartbeat(attached, heartbeat.figures.map(figures_from), services);
                 }
                 agent_message::Kind::CommandResult(result) => registry.complete_command(result),
+                agent_message::Kind::CommandProgress(progress) => {
+                    registry.command_progress(progress)
+                }
                 agent_message::Kind::Hello(_) => {
                     tracing::warn!(node_id = %attached.node_id, "ignoring a second hello on one session");
                 }

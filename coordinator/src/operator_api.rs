@@ -8,7 +8,7 @@ use cutover_proto::v1::{self as pb, command, command_result};
 use tonic::{Request, Response, Status};
 
 use crate::registry::{CommandWaitError, NodeView, Registry};
-use crate::store::{EventRecord, Figures, NodeStatus};
+use crate::store::{EventRecord, Figures, NodeStatus, ServiceStatus};
 
 /// How long an operator call waits for a command result unless it says.
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +33,21 @@ fn node_to_pb(view: NodeView) -> pb::Node {
         agent_version: record.agent_version,
         capabilities: record.capabilities,
         figures: record.figures.map(figures_to_pb),
+        services: record.services.into_iter().map(service_to_pb).collect(),
         registered_at_ms: record.registered_at_ms,
+    }
+}
+
+fn service_to_pb(s: ServiceStatus) -> pb::ServiceState {
+    pb::ServiceState {
+        service: s.service,
+        release_id: s.release_id,
+        upstream: s.upstream,
+        listen: s.listen,
+        admitted: s.admitted,
+        crashes: s.crashes,
+        last_exit: s.last_exit,
+        running: s.running,
     }
 }
 
@@ -92,15 +106,18 @@ impl OperatorService for OperatorApi {
                 })),
             },
         )?;
-        let result = waiter.wait(timeout).await.map_err(|error| match error {
-            CommandWaitError::Disconnected => Status::unavailable(format!(
-                "node {} disconnected before answering; run the command again once it is back",
-                request.node
-            )),
-            CommandWaitError::TimedOut(_) => {
-                Status::deadline_exceeded(format!("node {}: {error}", request.node))
-            }
-        })?;
+        let result = waiter
+            .wait(timeout, |_| {})
+            .await
+            .map_err(|error| match error {
+                CommandWaitError::Disconnected => Status::unavailable(format!(
+                    "node {} disconnected before answering; run the command again once it is back",
+                    request.node
+                )),
+                CommandWaitError::TimedOut(_) => {
+                    Status::deadline_exceeded(format!("node {}: {error}", request.node))
+                }
+            })?;
         let round_trip = started.elapsed();
         match (pb::CommandStatus::try_from(result.status), result.output) {
             (Ok(pb::CommandStatus::Succeeded), Some(command_result::Output::Pong(pong)))

@@ -18,7 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::store::{EventRecord, Figures, NewEvent, NodeRecord, NodeStatus, Store, StoreError};
+use crate::store::{
+    EventRecord, Figures, NewEvent, NodeRecord, NodeStatus, ServiceStatus, Store, StoreError,
+};
 
 pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
@@ -78,7 +80,14 @@ struct Inner {
     next_generation: u64,
     /// Command id to (node id, waiter). A node's entries are dropped when its
     /// session ends, so waiters learn at once that no answer will come.
-    pending: HashMap<String, (String, oneshot::Sender<pb::CommandResult>)>,
+    pending: HashMap<String, Waiter>,
+}
+
+/// Someone waiting for a command's result (and hearing its progress).
+struct Waiter {
+    node_id: String,
+    result: oneshot::Sender<pb::CommandResult>,
+    progress: mpsc::Sender<pb::CommandProgress>,
 }
 
 /// What the operator API and metrics see of a node.
@@ -95,7 +104,12 @@ pub struct PendingCommand<'a> {
     registry: &'a Registry,
     command_id: String,
     result: oneshot::Receiver<pb::CommandResult>,
+    progress: mpsc::Receiver<pb::CommandProgress>,
 }
+
+/// Progress messages kept per waiting command; a slow reader loses the
+/// newest steps, never the result.
+const PROGRESS_QUEUE: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandWaitError {
@@ -106,11 +120,31 @@ pub enum CommandWaitError {
 }
 
 impl PendingCommand<'_> {
-    pub async fn wait(mut self, timeout: Duration) -> Result<pb::CommandResult, CommandWaitError> {
-        match tokio::time::timeout(timeout, &mut self.result).await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(_)) => Err(CommandWaitError::Disconnected),
-            Err(_) => Err(CommandWaitError::TimedOut(timeout)),
+    pub fn command_id(&self) -> &str {
+        &self.command_id
+    }
+
+    /// Waits for the result; `on_progress` hears each step the agent
+    /// reports on the way.
+    pub async fn wait(
+        mut self,
+        timeout: Duration,
+        mut on_progress: impl FnMut(pb::CommandProgress),
+    ) -> Result<pb::CommandResult, CommandWaitError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                biased;
+                Some(step) = self.progress.recv() => on_progress(step),
+                result = &mut self.result => {
+                    // Steps that arrived just before the result come first.
+                    while let Ok(step) = self.progress.try_recv() {
+                        on_progress(step);
+                    }
+                    return result.map_err(|_| CommandWaitError::Disconnected);
+                }
+                _ = tokio::time::sleep_until(deadline) => return Err(CommandWaitError::TimedOut(timeout)),
+            }
         }
     }
 }
@@ -246,6 +280,9 @@ impl Registry {
             registered_at_ms: previous.map_or(at, |p| p.record.registered_at_ms),
             last_seen_ms: at,
             figures: previous.and_then(|p| p.record.figures.clone()),
+            services: previous
+                .map(|p| p.record.services.clone())
+                .unwrap_or_default(),
         };
         if let Some((old, _)) = &replaced {
             self.store.delete_node(&old.id)?;
@@ -271,7 +308,7 @@ impl Registry {
             old.cancel.cancel();
             inner
                 .pending
-                .retain(|_, (node_id, _)| *node_id != hello.node_id);
+                .retain(|_, waiter| waiter.node_id != hello.node_id);
         }
         inner.next_generation += 1;
         let generation = inner.next_generation;
@@ -327,7 +364,7 @@ impl Registry {
         let record = entry.record.clone();
         inner
             .pending
-            .retain(|_, (node_id, _)| *node_id != record.id);
+            .retain(|_, waiter| waiter.node_id != record.id);
         self.record_event(
             "node_disconnected",
             &record,
@@ -339,7 +376,12 @@ impl Registry {
         );
     }
 
-    pub fn heartbeat(&self, attached: &Attached, figures: Option<Figures>) {
+    pub fn heartbeat(
+        &self,
+        attached: &Attached,
+        figures: Option<Figures>,
+        services: Vec<ServiceStatus>,
+    ) {
         let mut inner = self.inner.lock().expect("registry lock");
         let Some(entry) = inner.nodes.get_mut(&attached.node_id) else {
             return;
@@ -352,6 +394,7 @@ impl Registry {
         if figures.is_some() {
             entry.record.figures = figures;
         }
+        entry.record.services = services;
         entry.dirty = true;
         if entry.record.status == NodeStatus::Unreachable {
             entry.record.status = NodeStatus::Ready;
@@ -447,12 +490,21 @@ impl Registry {
                 mpsc::error::TrySendError::Full(_) => RegistryError::QueueFull(name.clone()),
                 mpsc::error::TrySendError::Closed(_) => RegistryError::NotConnected(name.clone()),
             })?;
-        let (tx, rx) = oneshot::channel();
-        inner.pending.insert(command_id.clone(), (node_id, tx));
+        let (result, result_rx) = oneshot::channel();
+        let (progress, progress_rx) = mpsc::channel(PROGRESS_QUEUE);
+        inner.pending.insert(
+            command_id.clone(),
+            Waiter {
+                node_id,
+                result,
+                progress,
+            },
+        );
         Ok(PendingCommand {
             registry: self,
             command_id,
-            result: rx,
+            result: result_rx,
+            progress: progress_rx,
         })
     }
 
@@ -464,12 +516,20 @@ impl Registry {
             .pending
             .remove(&result.command_id);
         match waiter {
-            Some((_, waiter)) => {
-                let _ = waiter.send(result);
+            Some(waiter) => {
+                let _ = waiter.result.send(result);
             }
             None => {
                 tracing::debug!(command_id = %result.command_id, "result for a command nobody waits on")
             }
+        }
+    }
+
+    /// Hands a progress report to whoever waits on its command.
+    pub fn command_progress(&self, progress: pb::CommandProgress) {
+        let inner = self.inner.lock().expect("registry lock");
+        if let Some(waiter) = inner.pending.get(&progress.command_id) {
+            let _ = waiter.progress.try_send(progress);
         }
     }
 

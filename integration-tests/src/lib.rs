@@ -147,7 +147,7 @@ impl Cluster {
             state_root: tempfile::tempdir().expect("temp dir"),
         };
         for i in 1..=agents {
-            let agent = cluster.start_agent(&format!("node-{i}"));
+            let agent = cluster.start_agent(&format!("node-{i}")).await;
             cluster.agents.push(agent);
         }
         cluster
@@ -173,13 +173,17 @@ impl Cluster {
             keepalive_timeout: Duration::from_secs(2),
             max_message_bytes: 4 << 20,
             log_format: LogFormat::Text,
+            port_range: 20000..=29999,
+            artifact_ca: None,
+            release_log_max_bytes: 1 << 20,
+            release_log_files: 2,
         }
     }
 
     /// Starts an agent (reusing its state dir, hence its node id, if it ran
     /// before).
-    pub fn start_agent(&self, name: &str) -> TestAgent {
-        spawn_agent(self.agent_config(name))
+    pub async fn start_agent(&self, name: &str) -> TestAgent {
+        spawn_agent(self.agent_config(name)).await
     }
 
     /// Stops the coordinator gracefully.
@@ -245,13 +249,15 @@ async fn start_coordinator(
         .expect("coordinator starts")
 }
 
-pub fn spawn_agent(config: AgentConfig) -> TestAgent {
+pub async fn spawn_agent(config: AgentConfig) -> TestAgent {
     let name = config.name.clone().expect("test agents are named");
     let state_dir = config.state_dir.clone();
-    let agent = Agent::new(config).expect("agent config is valid");
-    let node_id = agent.node_id().to_string();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(agent.run(shutdown.clone()));
+    let agent = Agent::new(config, shutdown.clone())
+        .await
+        .expect("agent config is valid");
+    let node_id = agent.node_id().to_string();
+    let task = tokio::spawn(agent.run());
     TestAgent {
         name,
         node_id,
@@ -277,7 +283,7 @@ pub async fn connect_with(
 ) -> Result<OperatorServiceClient<Channel>, tls::TlsError> {
     let url = CoordinatorUrl::parse(url)?;
     let connection = tls::connect(&url, None, config, &ChannelOptions::default()).await?;
-    Ok(OperatorServiceClient::new(connection.channel))
+    Ok(OperatorServiceClient::new(connection))
 }
 
 pub fn ready(node: &Node) -> bool {
@@ -469,4 +475,19 @@ pub fn running(pid: i32) -> bool {
 
 pub fn field<'a>(node: &'a serde_json::Value, key: &str) -> &'a str {
     node[key].as_str().unwrap_or_default()
+}
+
+/// A plain HTTP/1.1 GET with `Connection: close`; returns the whole raw
+/// response (status line, headers, body).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect http");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
 }

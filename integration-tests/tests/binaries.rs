@@ -1,26 +1,13 @@
 //! End-to-end tests that drive the real `cutover` and `cutover-agent`
 //! binaries, as an operator would.
 
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cutover_integration_tests::{bin, field, running, sigkill, DevCluster};
+use cutover_integration_tests::{bin, field, http_get, running, sigkill, DevCluster};
 
 /// The dev cluster's heartbeat TTL (see `cutover dev up`).
 const DEV_TTL: Duration = Duration::from_secs(5);
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect http");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
-    body
-}
 
 #[test]
 fn dev_up_gives_ready_nodes_with_figures_metrics_and_a_command_path() {

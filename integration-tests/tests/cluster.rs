@@ -98,7 +98,7 @@ async fn a_crashed_agent_turns_unreachable_after_the_ttl_and_ready_on_return() {
         "the other node is unaffected"
     );
 
-    let back = cluster.start_agent(&name);
+    let back = cluster.start_agent(&name).await;
     assert_eq!(back.node_id, id, "same state dir, same node id");
     cluster
         .wait_for_nodes(Duration::from_secs(10), |n| {
@@ -268,7 +268,7 @@ async fn open_session(
     let connection = tls::connect(&url, None, config, &tls::ChannelOptions::default())
         .await
         .unwrap();
-    let mut client = AgentServiceClient::new(connection.channel);
+    let mut client = AgentServiceClient::new(connection);
     let hello = pb::AgentMessage {
         kind: Some(agent_message::Kind::Hello(pb::Hello {
             node_id: node_id.into(),
@@ -336,7 +336,7 @@ async fn a_new_session_from_the_same_node_replaces_a_stale_one() {
         .unwrap();
     // The real agent (same id, same certificate) connects: it takes over,
     // and the coordinator closes the stale stream.
-    let agent = spawn_agent(config);
+    let agent = spawn_agent(config).await;
     assert_eq!(agent.node_id, SOME_ID);
     let closed = tokio::time::timeout(Duration::from_secs(5), stale.inbound.message())
         .await

@@ -195,6 +195,8 @@ struct Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    /// A child of the caller's shutdown token: `close` ends this proxy alone.
+    shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -202,6 +204,7 @@ impl Proxy {
     /// Binds the public port and starts serving (502 until a release is
     /// switched in). Stops accepting when `shutdown` fires.
     pub async fn bind(config: ProxyConfig, shutdown: CancellationToken) -> std::io::Result<Self> {
+        let shutdown = shutdown.child_token();
         let listener = TcpListener::bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
         let mut connector = HttpConnector::new();
@@ -219,10 +222,11 @@ impl Proxy {
             client,
             stats: Mutex::new(HashMap::new()),
         });
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
         Ok(Self {
             shared,
             local_addr,
+            shutdown,
             task,
         })
     }
@@ -269,6 +273,10 @@ impl Proxy {
         self.shared.admitted.store(admitted, Ordering::Release);
     }
 
+    pub fn admitted(&self) -> bool {
+        self.shared.admitted.load(Ordering::Acquire)
+    }
+
     pub fn stats(&self) -> Vec<(String, StatsSnapshot)> {
         let stats = self.shared.stats.lock().expect("stats lock");
         let mut out: Vec<_> = stats
@@ -279,9 +287,10 @@ impl Proxy {
         out
     }
 
-    /// Waits until the accept loop and its connections have stopped (after
-    /// the shutdown token fired).
-    pub async fn stopped(self) {
+    /// Stops this proxy: the port is released at once, open connections
+    /// drain within the shutdown grace, then this returns.
+    pub async fn close(self) {
+        self.shutdown.cancel();
         let _ = self.task.await;
     }
 }
@@ -326,6 +335,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: Cance
             }
         });
     }
+    // The port is free for a successor at once; open connections drain.
+    drop(listener);
     // Bounded: a client that keeps a connection busy cannot hold shutdown.
     let drained = tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}

@@ -97,7 +97,7 @@ impl ConnectArgs {
                 "{error}; check that the coordinator runs there and that --coordinator and --ca-cert are this installation's"
             )
         })?;
-        Ok(OperatorServiceClient::new(connection.channel))
+        Ok(OperatorServiceClient::new(connection))
     }
 }
 

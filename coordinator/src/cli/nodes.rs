@@ -43,6 +43,22 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                     .iter()
                     .map(|(k, v)| (k.clone(), Value::String(v.clone())))
                     .collect();
+                let services: Vec<Value> = n
+                    .services
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "service": s.service,
+                            "release": s.release_id,
+                            "upstream": s.upstream,
+                            "listen": s.listen,
+                            "admitted": s.admitted,
+                            "running": s.running,
+                            "crashes": s.crashes,
+                            "last_exit": s.last_exit,
+                        })
+                    })
+                    .collect();
                 json!({
                     "id": n.id,
                     "name": n.name,
@@ -56,6 +72,7 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                     "agent_version": n.agent_version,
                     "capabilities": n.capabilities,
                     "figures": figures,
+                    "services": services,
                 })
             })
             .collect(),
@@ -90,6 +107,7 @@ pub fn to_table(nodes: &[pb::Node]) -> String {
         "DISK FREE",
         "VERSION",
         "LABELS",
+        "SERVICES",
     ]
     .map(String::from)
     .to_vec()];
@@ -119,9 +137,40 @@ pub fn to_table(nodes: &[pb::Node]) -> String {
             disk,
             n.agent_version.clone(),
             labels.join(","),
+            services_cell(&n.services),
         ]);
     }
     render_table(&rows)
+}
+
+/// "web=web-v2" per service, flagged when it is not serving normally.
+fn services_cell(services: &[pb::ServiceState]) -> String {
+    let cells: Vec<String> = services
+        .iter()
+        .map(|s| {
+            let release = if s.release_id.is_empty() {
+                "-"
+            } else {
+                &s.release_id
+            };
+            let mut cell = format!("{}={release}", s.service);
+            if !s.release_id.is_empty() && !s.running {
+                cell.push_str(" (down)");
+            }
+            if s.crashes > 0 {
+                cell.push_str(&format!(" ({} crashes)", s.crashes));
+            }
+            if !s.admitted {
+                cell.push_str(" (drained)");
+            }
+            cell
+        })
+        .collect();
+    if cells.is_empty() {
+        "-".into()
+    } else {
+        cells.join(",")
+    }
 }
 
 pub fn render_table(rows: &[Vec<String>]) -> String {

@@ -60,6 +60,22 @@ pub struct NodeRecord {
     pub registered_at_ms: i64,
     pub last_seen_ms: i64,
     pub figures: Option<Figures>,
+    /// What the node last reported running, service by service.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service on a node, as its agent last reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub service: String,
+    pub release_id: String,
+    pub upstream: String,
+    pub listen: String,
+    pub admitted: bool,
+    pub crashes: u32,
+    pub last_exit: String,
+    pub running: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

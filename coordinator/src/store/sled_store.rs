@@ -114,6 +114,7 @@ mod tests {
             registered_at_ms: 1,
             last_seen_ms: 2,
             figures: None,
+            services: vec![],
         }
     }
 

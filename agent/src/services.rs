@@ -1,0 +1,420 @@
+//! Every service on this node, and the commands that change them: prepare,
+//! activate, admission, stop. Commands for one service run one at a time;
+//! different services do not wait for each other.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_proto::v1 as pb;
+use nix::sys::signal::Signal;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::artifacts::{unpack, ArtifactCache, ArtifactError, Digest};
+use crate::checks::{Check, HealthGate, Probe};
+use crate::cutover::{CutoverError, Step, WebRelease, WebService, WebServiceSettings};
+use crate::proxy::{Proxy, ProxyConfig};
+use crate::store::{AgentStore, StoreError};
+
+/// Node-wide settings for services, from the agent config.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub address: IpAddr,
+    pub ports: RangeInclusive<u16>,
+    pub state_dir: PathBuf,
+    pub artifact_ca: Option<PathBuf>,
+    pub log_max_bytes: u64,
+    pub log_keep: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid release: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error(transparent)]
+    Cutover(#[from] CutoverError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {listen} for service {service}: {reason}; is the port taken?")]
+    Bind {
+        service: String,
+        listen: SocketAddr,
+        reason: String,
+    },
+    #[error("service {service} listens on {current}; moving it to {requested} needs `stop_service` first")]
+    ListenChanged {
+        service: String,
+        current: SocketAddr,
+        requested: SocketAddr,
+    },
+    #[error("no service {0} on this node")]
+    UnknownService(String),
+}
+
+pub struct NodeServices {
+    settings: NodeSettings,
+    cache: ArtifactCache,
+    store: Arc<AgentStore>,
+    /// Stops every proxy listener when the agent shuts down.
+    shutdown: CancellationToken,
+    services: Mutex<BTreeMap<String, Arc<Mutex<WebService>>>>,
+    /// The last state of each service, for heartbeats sent while a command
+    /// holds the service.
+    snapshots: std::sync::Mutex<BTreeMap<String, pb::ServiceState>>,
+}
+
+/// Release ids name directories: keep them to safe file names.
+fn validate_release_id(id: &str) -> Result<(), ServiceError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::Invalid(format!(
+            "release id {id:?} must be 1 to 128 characters from a-z, A-Z, 0-9, '.', '_', '-' and not start with '.'"
+        )))
+    }
+}
+
+fn millis(ms: u64, default: Duration) -> Duration {
+    if ms == 0 {
+        default
+    } else {
+        Duration::from_millis(ms)
+    }
+}
+
+fn check_from(check: &pb::Check, what: &str) -> Result<Check, ServiceError> {
+    let probe = match &check.probe {
+        Some(pb::check::Probe::Http(http)) => {
+            if !http.path.starts_with('/') {
+                return Err(ServiceError::Invalid(format!(
+                    "{what}: http path {:?} must start with /",
+                    http.path
+                )));
+            }
+            let (min, max) = match (http.status_min, http.status_max) {
+                (0, 0) => (200, 399),
+                (min, 0) => (min, min),
+                (min, max) => (min, max),
+            };
+            let min = u16::try_from(min)
+                .map_err(|_| ServiceError::Invalid(format!("{what}: bad status {min}")))?;
+            let max = u16::try_from(max)
+                .map_err(|_| ServiceError::Invalid(format!("{what}: bad status {max}")))?;
+            Probe::Http {
+                path: http.path.clone(),
+                expect_status: min..=max,
+                body_contains: Some(http.body_contains.clone()).filter(|b| !b.is_empty()),
+            }
+        }
+        Some(pb::check::Probe::Tcp(_)) => Probe::Tcp,
+        Some(pb::check::Probe::Exec(exec)) if !exec.command.is_empty() => Probe::Exec {
+            command: exec.command.clone(),
+        },
+        Some(pb::check::Probe::Exec(_)) => {
+            return Err(ServiceError::Invalid(format!(
+                "{what}: exec check without a command"
+            )))
+        }
+        None => return Err(ServiceError::Invalid(format!("{what}: no probe"))),
+    };
+    Ok(Check {
+        probe,
+        timeout: millis(check.timeout_ms, Duration::from_secs(2)),
+    })
+}
+
+/// Where the proxy of a service listens: ":8080" means the node's address.
+fn listen_addr(listen: &str, address: IpAddr) -> Result<SocketAddr, ServiceError> {
+    if let Some(port) = listen.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| ServiceError::Invalid(format!("listen {listen:?}: bad port")))?;
+        return Ok(SocketAddr::new(address, port));
+    }
+    listen.parse().map_err(|_| {
+        ServiceError::Invalid(format!(
+            "listen {listen:?}: expected \":PORT\" or \"IP:PORT\""
+        ))
+    })
+}
+
+pub fn step_name(step: Step) -> &'static str {
+    match step {
+        Step::Starting => "starting",
+        Step::HealthChecking => "health_checking",
+        Step::SmokeTesting => "smoke_testing",
+        Step::Switching => "switching",
+        Step::Draining => "draining",
+        Step::StoppingOld => "stopping_old",
+    }
+}
+
+impl NodeServices {
+    /// Opens the agent store and brings back every service it records (see
+    /// `WebService::recover`).
+    pub async fn open(
+        settings: NodeSettings,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ServiceError> {
+        let store = Arc::new(AgentStore::open(&settings.state_dir.join("db"))?);
+        let cache = ArtifactCache::open(
+            settings.state_dir.join("artifacts"),
+            settings.artifact_ca.as_deref(),
+        )?;
+        let node = Self {
+            settings,
+            cache,
+            store,
+            shutdown,
+            services: Mutex::new(BTreeMap::new()),
+            snapshots: std::sync::Mutex::new(BTreeMap::new()),
+        };
+        for name in node.store.service_names()? {
+            let Some(record) = node.store.service(&name)? else {
+                continue;
+            };
+            if record.active.is_none() {
+                continue;
+            }
+            let service = node
+                .bind(&name, record.listen, record.drain_timeout)
+                .await?;
+            node.remember(&service);
+            node.services
+                .lock()
+                .await
+                .insert(name, Arc::new(Mutex::new(service)));
+        }
+        Ok(node)
+    }
+
+    async fn bind(
+        &self,
+        name: &str,
+        listen: SocketAddr,
+        drain_timeout: Duration,
+    ) -> Result<WebService, ServiceError> {
+        let proxy = Proxy::bind(ProxyConfig::new(name, listen), self.shutdown.clone())
+            .await
+            .map_err(|e| ServiceError::Bind {
+                service: name.to_string(),
+                listen,
+                reason: e.to_string(),
+            })?;
+        let settings = WebServiceSettings {
+            name: name.to_string(),
+            address: self.settings.address,
+            ports: self.settings.ports.clone(),
+            drain_timeout,
+            log_root: self.settings.state_dir.join("logs").join(name),
+            log_max_bytes: self.settings.log_max_bytes,
+            log_keep: self.settings.log_keep,
+        };
+        Ok(WebService::recover(settings, proxy, self.store.clone()).await?)
+    }
+
+    fn remember(&self, service: &WebService) {
+        let state = service.state();
+        self.snapshots
+            .lock()
+            .expect("snapshots lock")
+            .insert(state.service.clone(), state);
+    }
+
+    /// Fetches, verifies and unpacks a release; returns it ready to start.
+    pub async fn prepare(
+        &self,
+        release: &pb::Release,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<WebRelease, ServiceError> {
+        validate_release_id(&release.release_id)?;
+        cutover_common::identity::validate_name(&release.service)
+            .map_err(|e| ServiceError::Invalid(format!("service name: {e}")))?;
+        let web = release.web.as_ref().ok_or_else(|| {
+            ServiceError::Invalid("only web services can run yet: `web` is missing".into())
+        })?;
+        let artifact = release
+            .artifact
+            .as_ref()
+            .ok_or_else(|| ServiceError::Invalid("no artifact".into()))?;
+        if release.command.is_empty() {
+            return Err(ServiceError::Invalid("no command".into()));
+        }
+        let digest = Digest::parse(&artifact.digest)?;
+        let health = check_from(
+            web.health
+                .as_ref()
+                .ok_or_else(|| ServiceError::Invalid("no health check".into()))?,
+            "health check",
+        )?;
+        let smoke = web
+            .smoke
+            .iter()
+            .enumerate()
+            .map(|(i, c)| check_from(c, &format!("smoke check {}", i + 1)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stop_signal = if release.stop_signal.is_empty() {
+            Signal::SIGTERM
+        } else {
+            Signal::from_str(&release.stop_signal).map_err(|_| {
+                ServiceError::Invalid(format!("unknown stop signal {:?}", release.stop_signal))
+            })?
+        };
+
+        progress("fetching");
+        let archive = self.cache.fetch(&artifact.url, &digest).await?;
+        progress("unpacking");
+        let workdir = self
+            .settings
+            .state_dir
+            .join("releases")
+            .join(&release.release_id);
+        let dest = workdir.clone();
+        tokio::task::spawn_blocking(move || unpack(&archive, &dest))
+            .await
+            .expect("unpack task panicked")?;
+        let mut env: Vec<(String, String)> = release
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.sort();
+        Ok(WebRelease {
+            release_id: release.release_id.clone(),
+            command: release.command.clone(),
+            workdir,
+            env,
+            health,
+            gate: HealthGate {
+                interval: millis(web.health_interval_ms, Duration::from_secs(1)),
+                healthy_threshold: web.healthy_threshold.max(1),
+                deadline: millis(web.healthy_deadline_ms, Duration::from_secs(60)),
+            },
+            smoke,
+            stop_signal,
+            stop_grace: millis(release.stop_grace_ms, Duration::from_secs(10)),
+        })
+    }
+
+    /// Prepares `release` and cuts its service over to it.
+    pub async fn activate(
+        &self,
+        release: &pb::Release,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<pb::Activated, ServiceError> {
+        let web_release = self.prepare(release, progress).await?;
+        let web = release.web.as_ref().expect("prepare checked it");
+        let listen = listen_addr(&web.listen, self.settings.address)?;
+        let drain_timeout = millis(web.drain_timeout_ms, Duration::from_secs(30));
+        let service = {
+            let mut services = self.services.lock().await;
+            match services.get(&release.service) {
+                Some(existing) => existing.clone(),
+                None => {
+                    let service = Arc::new(Mutex::new(
+                        self.bind(&release.service, listen, drain_timeout).await?,
+                    ));
+                    services.insert(release.service.clone(), service.clone());
+                    service
+                }
+            }
+        };
+        let mut service = service.lock().await;
+        let current = service.proxy().local_addr();
+        if current != listen {
+            return Err(ServiceError::ListenChanged {
+                service: release.service.clone(),
+                current,
+                requested: listen,
+            });
+        }
+        let result = service
+            .cutover(web_release, |step| progress(step_name(step)))
+            .await;
+        self.remember(&service);
+        let report = result?;
+        let previous = report.previous.as_ref();
+        Ok(pb::Activated {
+            release_id: report.release_id.clone(),
+            upstream: report.addr.to_string(),
+            previous_release_id: previous.map(|p| p.release_id.clone()).unwrap_or_default(),
+            drain_completed: previous.is_none_or(|p| p.drain.completed),
+            drain_cut: previous.map_or(0, |p| p.drain.cut as u32),
+            took_ms: report.took.as_millis() as u64,
+        })
+    }
+
+    async fn service(&self, name: &str) -> Result<Arc<Mutex<WebService>>, ServiceError> {
+        self.services
+            .lock()
+            .await
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ServiceError::UnknownService(name.to_string()))
+    }
+
+    /// Admits or drains one service, or every service when `service` is empty.
+    pub async fn set_admission(&self, service: &str, admitted: bool) -> Result<(), ServiceError> {
+        let targets: Vec<_> = if service.is_empty() {
+            self.services.lock().await.values().cloned().collect()
+        } else {
+            vec![self.service(service).await?]
+        };
+        for target in targets {
+            let target = target.lock().await;
+            target.set_admitted(admitted)?;
+            self.remember(&target);
+        }
+        Ok(())
+    }
+
+    pub async fn stop_service(&self, name: &str) -> Result<(), ServiceError> {
+        let service = self.service(name).await?;
+        let mut service = service.lock().await;
+        service.stop().await;
+        self.remember(&service);
+        Ok(())
+    }
+
+    /// The state of every service, without waiting for running commands.
+    pub fn state(&self) -> Vec<pb::ServiceState> {
+        let services = match self.services.try_lock() {
+            Ok(services) => services.values().cloned().collect::<Vec<_>>(),
+            Err(_) => Vec::new(),
+        };
+        for service in services {
+            if let Ok(service) = service.try_lock() {
+                self.remember(&service);
+            }
+        }
+        self.snapshots
+            .lock()
+            .expect("snapshots lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Agent shutdown: leaves every release running for the next agent.
+    pub async fn release_all(&self) {
+        let services = std::mem::take(&mut *self.services.lock().await);
+        for (_, service) in services {
+            if let Ok(service) = Arc::try_unwrap(service) {
+                service.into_inner().release().await;
+            }
+        }
+    }
+}

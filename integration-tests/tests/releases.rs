@@ -1,0 +1,273 @@
+//! Releases driven through the control plane: the coordinator sends
+//! prepare/activate/admission commands down an agent's stream and the agent
+//! runs a real app behind its node proxy.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cutover_agent::artifacts::Digest;
+use cutover_integration_tests::{find, http_get, ready, Cluster, Tuning};
+use cutover_proto::v1::{self as pb, command, command_result};
+
+const APP: &str = include_str!("../../agent/tests/fixtures/app.py");
+
+fn app_archive(dir: &Path) -> (String, String) {
+    let path = dir.join("app.tar.gz");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    let mut header = tar::Header::new_gnu();
+    header.set_size(APP.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "app.py", APP.as_bytes())
+        .unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+    let digest = Digest::of_file(&path).unwrap().to_string();
+    (format!("file://{}", path.display()), digest)
+}
+
+fn release(
+    version: &str,
+    listen_port: u16,
+    artifact: &(String, String),
+    env: &[(&str, &str)],
+) -> pb::Release {
+    let mut vars: std::collections::HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    vars.insert("VERSION".into(), version.into());
+    pb::Release {
+        release_id: format!("web-{version}"),
+        service: "web".into(),
+        version: version.into(),
+        artifact: Some(pb::Artifact {
+            url: artifact.0.clone(),
+            digest: artifact.1.clone(),
+        }),
+        command: vec!["python3".into(), "app.py".into()],
+        env: vars,
+        web: Some(pb::WebService {
+            listen: format!(":{listen_port}"),
+            health: Some(pb::Check {
+                probe: Some(pb::check::Probe::Http(pb::HttpProbe {
+                    path: "/health".into(),
+                    ..Default::default()
+                })),
+                timeout_ms: 1000,
+            }),
+            health_interval_ms: 100,
+            healthy_threshold: 2,
+            healthy_deadline_ms: 2000,
+            smoke: vec![pb::Check {
+                probe: Some(pb::check::Probe::Http(pb::HttpProbe {
+                    path: "/".into(),
+                    status_min: 200,
+                    status_max: 200,
+                    body_contains: version.into(),
+                })),
+                timeout_ms: 1000,
+            }],
+            drain_timeout_ms: 5000,
+        }),
+        stop_signal: String::new(),
+        stop_grace_ms: 5000,
+    }
+}
+
+fn activate(id: &str, release: pb::Release) -> pb::Command {
+    pb::Command {
+        command_id: id.into(),
+        kind: Some(command::Kind::Activate(pb::ActivateRelease {
+            release: Some(release),
+        })),
+    }
+}
+
+/// Sends `command` to node-1 and waits for its result, collecting progress.
+async fn run(cluster: &Cluster, command: pb::Command) -> (pb::CommandResult, Vec<String>) {
+    let registry = &cluster.coordinator.as_ref().unwrap().registry;
+    let pending = registry
+        .send_command("node-1", command)
+        .expect("node-1 takes commands");
+    let mut steps = Vec::new();
+    let result = pending
+        .wait(Duration::from_secs(30), |p| steps.push(p.step))
+        .await
+        .expect("a result");
+    (result, steps)
+}
+
+fn body(response: &str) -> &str {
+    response.split("\r\n\r\n").nth(1).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
+    let cluster = Cluster::start(1, Tuning::default()).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == 1 && n.iter().all(ready)
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = app_archive(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.11:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let public = format!("127.0.0.11:{port}");
+
+    let (result, steps) = run(
+        &cluster,
+        activate("c1", release("v1", port, &artifact, &[])),
+    )
+    .await;
+    assert_eq!(
+        result.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{}",
+        result.message
+    );
+    let Some(command_result::Output::Activated(activated)) = &result.output else {
+        panic!("no activation report: {result:?}");
+    };
+    assert_eq!(activated.release_id, "web-v1");
+    assert!(
+        activated.upstream.starts_with("127.0.0.11:"),
+        "{activated:?}"
+    );
+    assert_eq!(
+        steps,
+        [
+            "fetching",
+            "unpacking",
+            "starting",
+            "health_checking",
+            "smoke_testing",
+            "switching"
+        ]
+    );
+    assert_eq!(body(&http_get(&public, "/")), "v1");
+
+    // The node list shows what runs, from the agent's heartbeats.
+    let nodes = cluster
+        .wait_for_nodes(Duration::from_secs(5), |n| {
+            n[0].services
+                .iter()
+                .any(|s| s.release_id == "web-v1" && s.running)
+        })
+        .await;
+    assert_eq!(nodes[0].services[0].listen, public);
+
+    // A release that never turns healthy is refused; v1 keeps serving.
+    let (failed, _) = run(
+        &cluster,
+        activate("c2", release("v2", port, &artifact, &[("HEALTH", "fail")])),
+    )
+    .await;
+    assert_eq!(failed.status, pb::CommandStatus::Failed as i32);
+    assert!(
+        failed.message.contains("database unreachable")
+            && failed.message.contains("web-v1 keeps serving"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(body(&http_get(&public, "/")), "v1");
+
+    // A digest that does not match: refused before anything starts.
+    let mut tampered = release("v3", port, &artifact, &[]);
+    tampered.artifact.as_mut().unwrap().digest = format!("sha256:{}", "0".repeat(64));
+    let (mismatch, _) = run(&cluster, activate("c3", tampered)).await;
+    assert!(
+        mismatch.message.contains("digest mismatch"),
+        "{}",
+        mismatch.message
+    );
+
+    // A cutover to v4 under the same command id twice runs once.
+    let (v4, _) = run(
+        &cluster,
+        activate("c4", release("v4", port, &artifact, &[])),
+    )
+    .await;
+    assert_eq!(
+        v4.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{}",
+        v4.message
+    );
+    let (again, steps) = run(
+        &cluster,
+        activate("c4", release("v4", port, &artifact, &[])),
+    )
+    .await;
+    assert!(again.replayed && steps.is_empty(), "{again:?} {steps:?}");
+    assert_eq!(body(&http_get(&public, "/")), "v4");
+
+    // Drain: the readiness path turns 503, traffic is still served.
+    let drain = pb::Command {
+        command_id: "c5".into(),
+        kind: Some(command::Kind::SetAdmission(pb::SetAdmission {
+            service: String::new(),
+            admitted: false,
+        })),
+    };
+    let (drained, _) = run(&cluster, drain).await;
+    assert_eq!(
+        drained.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{}",
+        drained.message
+    );
+    assert!(http_get(&public, "/_cutover/ready").starts_with("HTTP/1.1 503"));
+    assert_eq!(body(&http_get(&public, "/")), "v4");
+    cluster
+        .wait_for_nodes(Duration::from_secs(5), |n| {
+            n[0].services.iter().any(|s| !s.admitted)
+        })
+        .await;
+
+    let (state, _) = run(
+        &cluster,
+        pb::Command {
+            command_id: "c6".into(),
+            kind: Some(command::Kind::ReportState(pb::ReportState {})),
+        },
+    )
+    .await;
+    let Some(command_result::Output::NodeState(state)) = state.output else {
+        panic!("no state");
+    };
+    assert_eq!(state.services.len(), 1);
+    assert_eq!(
+        (
+            state.services[0].release_id.as_str(),
+            state.services[0].admitted
+        ),
+        ("web-v4", false)
+    );
+
+    let stop = pb::Command {
+        command_id: "c7".into(),
+        kind: Some(command::Kind::StopService(pb::StopService {
+            service: "web".into(),
+        })),
+    };
+    let (stopped, _) = run(&cluster, stop).await;
+    assert_eq!(
+        stopped.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{}",
+        stopped.message
+    );
+    assert!(http_get(&public, "/").starts_with("HTTP/1.1 502"));
+    let nodes = cluster
+        .wait_for_nodes(Duration::from_secs(1), |_| true)
+        .await;
+    assert!(find(&nodes, "node-1").is_some());
+}
