@@ -14,6 +14,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,8 +23,8 @@ use nix::sys::signal::Signal;
 use crate::checks::{Check, HealthGate, Healthy, Outcome, Target, Unhealthy};
 use crate::proxy::{DrainReport, Proxy};
 use crate::runtime::allocate_port;
-use crate::runtime::process::{ProcessError, ProcessSpec, StopReport, Supervisor};
-use crate::store::{ActiveRelease, AgentStore, ServiceRecord, StoreError};
+use crate::runtime::process::{stop_leftover, ProcessError, ProcessSpec, StopReport, Supervisor};
+use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError};
 
 /// A release of a web service, unpacked and ready to start.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -147,6 +148,7 @@ fn describe_crash(crashed: &Option<String>) -> String {
 struct Running {
     release_id: String,
     addr: SocketAddr,
+    spec: WebRelease,
     supervisor: Supervisor,
 }
 
@@ -212,6 +214,10 @@ impl WebService {
             return Ok(service);
         };
         service.proxy.set_admitted(record.admitted);
+        if !record.leftovers.is_empty() {
+            service.stop_leftovers(&record.leftovers).await;
+            service.forget_leftovers();
+        }
         let Some(active) = record.active else {
             return Ok(service);
         };
@@ -250,6 +256,7 @@ impl WebService {
         service.active = Some(Running {
             release_id: active.release.release_id.clone(),
             addr,
+            spec: active.release.clone(),
             supervisor,
         });
         Ok(service)
@@ -318,6 +325,21 @@ impl WebService {
         })?;
         let addr = SocketAddr::new(settings.address, port);
         let supervisor = Supervisor::start(process_spec(settings, &release, port)).await?;
+        if let Some(process) = supervisor.status().process {
+            let candidate = Leftover {
+                release_id: release.release_id.clone(),
+                process,
+                stop_signal: release.stop_signal.as_str().to_string(),
+                stop_grace: release.stop_grace,
+            };
+            if let Err(error) = self.note_leftovers(vec![candidate]) {
+                supervisor.stop().await;
+                return Err(CutoverError::Store {
+                    service: self.settings.name.clone(),
+                    error,
+                });
+            }
+        }
         let target = Target {
             addr,
             workdir: release.workdir.clone(),
@@ -331,6 +353,7 @@ impl WebService {
             Err(failure) => {
                 let crashed = supervisor.status().last_exit;
                 supervisor.stop().await;
+                self.forget_leftovers();
                 return Err(CutoverError::Unhealthy {
                     release_id: release.release_id,
                     serving,
@@ -345,6 +368,7 @@ impl WebService {
             let outcome = check.run(&target).await;
             if !outcome.passed {
                 supervisor.stop().await;
+                self.forget_leftovers();
                 return Err(CutoverError::SmokeFailed {
                     release_id: release.release_id,
                     serving,
@@ -357,7 +381,7 @@ impl WebService {
         progress(Step::Switching);
         // Recorded before the switch: a crash right after it must find B,
         // the release that serves, in the store.
-        let record = self.record(
+        let mut record = self.record(
             Some(ActiveRelease {
                 release: release.clone(),
                 port,
@@ -365,8 +389,24 @@ impl WebService {
             }),
             serving.clone(),
         );
+        // The old release is drained next: until it is stopped, a restart
+        // must stop it.
+        record.leftovers = self
+            .active
+            .as_ref()
+            .and_then(|old| {
+                Some(Leftover {
+                    release_id: old.release_id.clone(),
+                    process: old.supervisor.status().process?,
+                    stop_signal: old.spec.stop_signal.as_str().to_string(),
+                    stop_grace: old.spec.stop_grace,
+                })
+            })
+            .into_iter()
+            .collect();
         if let Err(error) = self.store.put_service(&self.settings.name, &record) {
             supervisor.stop().await;
+            self.forget_leftovers();
             return Err(CutoverError::Store {
                 service: self.settings.name.clone(),
                 error,
@@ -377,6 +417,7 @@ impl WebService {
         let old = self.active.replace(Running {
             release_id: release.release_id.clone(),
             addr,
+            spec: release.clone(),
             supervisor,
         });
         let previous = match (old, old_upstream) {
@@ -385,6 +426,7 @@ impl WebService {
                 let drain = upstream.drain(self.settings.drain_timeout).await;
                 progress(Step::StoppingOld);
                 let stop = old.supervisor.stop().await;
+                self.forget_leftovers();
                 Some(PreviousRelease {
                     release_id: old.release_id,
                     drain,
@@ -410,6 +452,43 @@ impl WebService {
             admitted: self.proxy.admitted(),
             active,
             previous,
+            leftovers: Vec::new(),
+        }
+    }
+
+    /// Records which processes besides the active release this cutover owns
+    /// right now (see `ServiceRecord::leftovers`).
+    fn note_leftovers(&self, leftovers: Vec<Leftover>) -> Result<(), StoreError> {
+        let mut record = self
+            .store
+            .service(&self.settings.name)?
+            .unwrap_or_else(|| self.record(None, None));
+        record.leftovers = leftovers;
+        self.store.put_service(&self.settings.name, &record)
+    }
+
+    /// Clears the leftover list once those processes are stopped; a failed
+    /// write only means a restart checks them again and finds them gone.
+    fn forget_leftovers(&self) {
+        if let Err(error) = self.note_leftovers(Vec::new()) {
+            tracing::error!(service = %self.settings.name, %error, "cannot clear the cutover's leftovers");
+        }
+    }
+
+    /// Stops what an interrupted cutover left running.
+    async fn stop_leftovers(&self, leftovers: &[Leftover]) {
+        for leftover in leftovers {
+            let signal = Signal::from_str(&leftover.stop_signal).unwrap_or(Signal::SIGTERM);
+            if let Some(report) = stop_leftover(
+                &leftover.release_id,
+                leftover.process,
+                signal,
+                leftover.stop_grace,
+            )
+            .await
+            {
+                tracing::warn!(service = %self.settings.name, release = %leftover.release_id, graceful = report.graceful, "stopped a release an interrupted cutover left running");
+            }
         }
     }
 

@@ -34,6 +34,19 @@ pub struct ServiceRecord {
     pub active: Option<ActiveRelease>,
     /// The release the active one replaced: what a rollback goes back to.
     pub previous: Option<String>,
+    /// Processes a cutover in progress owns besides the active release: the
+    /// candidate being checked, or the old release being drained. An agent
+    /// that died mid-cutover stops them on restart, so nothing is orphaned.
+    #[serde(default)]
+    pub leftovers: Vec<Leftover>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Leftover {
+    pub release_id: String,
+    pub process: ProcessId,
+    pub stop_signal: String,
+    pub stop_grace: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -466,3 +466,42 @@ async fn a_release_that_died_with_the_agent_is_started_again_on_recovery() {
     fx.service.stop().await;
     assert!(app_pids(fx.root.path()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_cut_short_by_an_agent_crash_leaves_no_orphan() {
+    let mut fx = fixture().await;
+    let v1 = fx.release("v1", &[]).await;
+    fx.service.cutover(v1, |_| {}).await.unwrap();
+
+    // v2 never turns healthy, so its cutover sits in the health checks
+    // until the "crash" drops it there.
+    let mut v2 = fx.release("v2", &[("HEALTH", "fail")]).await;
+    v2.gate.deadline = Duration::from_secs(60);
+    let (checking, checked) = tokio::sync::oneshot::channel();
+    let checking = std::sync::Mutex::new(Some(checking));
+    tokio::select! {
+        _ = fx.service.cutover(v2, |step| {
+            if step == Step::HealthChecking {
+                if let Some(tx) = checking.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+            }
+        }) => panic!("v2 cannot pass its checks"),
+        _ = checked => {}
+    }
+    assert_eq!(fx.app_processes(), 2, "v1 and the v2 candidate run");
+
+    fx.restart_agent(|| {}).await;
+    assert_eq!(
+        fx.app_processes(),
+        1,
+        "the candidate was stopped on recovery"
+    );
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    assert_eq!(
+        get(&client, &fx.url("/")).await.unwrap(),
+        (200, "v1".into())
+    );
+    fx.service.stop().await;
+    assert_eq!(fx.app_processes(), 0);
+}

@@ -208,19 +208,20 @@ impl Supervisor {
 
     /// Stops the process group: the stop signal, up to the grace period,
     /// then SIGKILL to the whole group.
-    pub async fn stop(self) -> StopReport {
+    pub async fn stop(mut self) -> StopReport {
         self.stop.cancel();
-        self.task
+        (&mut self.task)
             .await
             .expect("supervisor task panicked")
             .expect("a stop always reports")
     }
 
     /// Stops supervising and leaves the process running, for the next agent
-    /// to adopt: what an agent shutdown does (fail static).
-    pub async fn release(self) {
+    /// to adopt: what an agent shutdown does (fail static). Dropping a
+    /// supervisor does the same, without waiting.
+    pub async fn release(mut self) {
         self.release.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -272,6 +273,14 @@ async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
     Ok(Tracked::Child(child, id))
 }
 
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // After stop() or release() this is a no-op; otherwise the owner is
+        // gone (a cutover cut short) and the process is left as is.
+        self.release.cancel();
+    }
+}
+
 fn signal_group(pid: u32, signal: Signal) {
     if let Ok(pid) = i32::try_from(pid) {
         // ESRCH (group already gone) is the expected case after an exit.
@@ -300,7 +309,7 @@ async fn supervise(
         let id = tracked.id();
         let exit = tokio::select! {
             exit = tracked.exited() => exit,
-            _ = stop.cancelled() => return Some(stop_process(&spec, tracked).await),
+            _ = stop.cancelled() => return Some(stop_process(&spec.name, spec.stop_signal, spec.stop_grace, tracked).await),
             _ = release.cancelled() => {
                 tracing::info!(release = %spec.name, pid = id.pid, "leaving the process running");
                 return None;
@@ -338,22 +347,39 @@ async fn supervise(
     }
 }
 
-async fn stop_process(spec: &ProcessSpec, mut tracked: Tracked) -> StopReport {
+/// Stops a process that no supervisor owns any more (left behind by an
+/// agent that died mid-cutover), the same way a supervised one is stopped.
+pub async fn stop_leftover(
+    name: &str,
+    process: ProcessId,
+    signal: Signal,
+    grace: Duration,
+) -> Option<StopReport> {
+    if !process.is_alive() {
+        return None;
+    }
+    Some(stop_process(name, signal, grace, Tracked::Adopted(process)).await)
+}
+
+async fn stop_process(
+    name: &str,
+    signal: Signal,
+    grace: Duration,
+    mut tracked: Tracked,
+) -> StopReport {
     let started = Instant::now();
     let pid = tracked.id().pid;
-    signal_group(pid, spec.stop_signal);
-    let graceful = tokio::time::timeout(spec.stop_grace, tracked.exited())
-        .await
-        .is_ok();
+    signal_group(pid, signal);
+    let graceful = tokio::time::timeout(grace, tracked.exited()).await.is_ok();
     if !graceful {
-        tracing::warn!(release = %spec.name, pid, grace_ms = spec.stop_grace.as_millis() as u64, "process ignored the stop signal, killing its group");
+        tracing::warn!(release = %name, pid, grace_ms = grace.as_millis() as u64, "process ignored the stop signal, killing its group");
     }
     // Always: the leader may be gone while its children are not.
     signal_group(pid, Signal::SIGKILL);
     if let Tracked::Child(child, _) = &mut tracked {
         let _ = child.wait().await;
     }
-    tracing::info!(release = %spec.name, pid, graceful, "process stopped");
+    tracing::info!(release = %name, pid, graceful, "process stopped");
     StopReport {
         graceful,
         took: started.elapsed(),
