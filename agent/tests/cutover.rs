@@ -489,7 +489,16 @@ async fn a_cutover_cut_short_by_an_agent_crash_leaves_no_orphan() {
         }) => panic!("v2 cannot pass its checks"),
         _ = checked => {}
     }
-    assert_eq!(fx.app_processes(), 2, "v1 and the v2 candidate run");
+    // Spawned, but maybe not yet exec'd into python (until then its command
+    // line is still this test's).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fx.app_processes() != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "v1 and the v2 candidate should run"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     fx.restart_agent(|| {}).await;
     assert_eq!(

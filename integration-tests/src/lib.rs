@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cutover_agent::artifacts::Digest;
 use cutover_agent::config::AgentConfig;
 use cutover_agent::Agent;
 use cutover_common::identity::{Identity, Role};
@@ -19,7 +20,7 @@ use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl, TlsFiles};
 use cutover_coordinator::config::{CoordinatorConfig, Limits};
 use cutover_coordinator::Coordinator;
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
-use cutover_proto::v1::{ListNodesRequest, Node, NodeStatus};
+use cutover_proto::v1::{self as pb, command, ListNodesRequest, Node, NodeStatus};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -119,6 +120,67 @@ impl TestAgent {
     }
 }
 
+/// A `cutover-agent` process started by a test.
+pub struct AgentProcess {
+    pub child: std::process::Child,
+    pub state_dir: PathBuf,
+    /// Whether dropping this also kills the agent's releases (test hygiene);
+    /// a simulated crash must leave them running.
+    reap_releases: bool,
+}
+
+impl AgentProcess {
+    /// SIGKILL, and reaped: as sudden as a crash gets. The releases keep
+    /// running, as they would on a real node.
+    pub fn kill(mut self) {
+        self.reap_releases = false;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn release_pids(&self) -> Vec<u32> {
+        release_pids(&self.state_dir)
+    }
+}
+
+/// Pids of the release processes of the agent with `state_dir`, whether or
+/// not that agent runs: their working directory is a release dir under it.
+pub fn release_pids(state_dir: &Path) -> Vec<u32> {
+    let releases = state_dir.join("releases");
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cwd = std::fs::read_link(entry.path().join("cwd")).ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            (cwd.starts_with(&releases) && !zombie).then_some(pid)
+        })
+        .collect()
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !self.reap_releases {
+            return;
+        }
+        // Releases outlive their agent by design; a test must not leave any.
+        for pid in self.release_pids() {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 pub struct Cluster {
     pub pki: Pki,
     pub tuning: Tuning,
@@ -184,6 +246,62 @@ impl Cluster {
     /// before).
     pub async fn start_agent(&self, name: &str) -> TestAgent {
         spawn_agent(self.agent_config(name)).await
+    }
+
+    /// Starts the real `cutover-agent` binary as node `name`, connected to
+    /// this in-process coordinator. Its state dir is the same one an
+    /// in-process agent of that name would use.
+    pub fn spawn_agent_binary(&self, name: &str) -> AgentProcess {
+        let config = self.agent_config(name);
+        let path = self.state_root.path().join(format!("{name}.toml"));
+        let text = format!(
+            "coordinator = {:?}\nstate_dir = {:?}\nname = {name:?}\naddress = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n[labels]\nenv = \"test\"\n[tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+            config.coordinator,
+            config.state_dir.display().to_string(),
+            config.address.expect("test agents have an address"),
+            config.tls.ca_cert.display().to_string(),
+            config.tls.cert.display().to_string(),
+            config.tls.key.display().to_string(),
+        );
+        std::fs::write(&path, text).expect("agent config");
+        let log = std::fs::File::create(self.state_root.path().join(format!("{name}.log")))
+            .expect("agent log");
+        let child = std::process::Command::new(bin("cutover-agent"))
+            .arg("--config")
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start cutover-agent");
+        AgentProcess {
+            child,
+            state_dir: config.state_dir,
+            reap_releases: true,
+        }
+    }
+
+    /// Sends `command` to `node` through the coordinator and waits for its
+    /// result, collecting the progress steps on the way.
+    pub async fn run_command(
+        &self,
+        node: &str,
+        command: cutover_proto::v1::Command,
+    ) -> (cutover_proto::v1::CommandResult, Vec<String>) {
+        let registry = &self
+            .coordinator
+            .as_ref()
+            .expect("coordinator runs")
+            .registry;
+        let pending = registry
+            .send_command(node, command)
+            .expect("the node takes commands");
+        let mut steps = Vec::new();
+        let result = pending
+            .wait(Duration::from_secs(60), |p| steps.push(p.step))
+            .await
+            .expect("a result");
+        (result, steps)
     }
 
     /// Stops the coordinator gracefully.
@@ -490,4 +608,91 @@ pub fn http_get(addr: &str, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     response
+}
+
+/// The test web app (see agent/tests/fixtures/app.py).
+pub const APP: &str = include_str!("../../agent/tests/fixtures/app.py");
+
+/// Packs the test app as a release artifact; returns its file URL and digest.
+pub fn app_archive(dir: &Path) -> (String, String) {
+    let path = dir.join("app.tar.gz");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    let mut header = tar::Header::new_gnu();
+    header.set_size(APP.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "app.py", APP.as_bytes())
+        .unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+    let digest = Digest::of_file(&path).unwrap().to_string();
+    (format!("file://{}", path.display()), digest)
+}
+
+/// A release of the test app as the coordinator sends it: health on
+/// /health, a smoke check that the body names the version.
+pub fn web_release(
+    version: &str,
+    listen_port: u16,
+    artifact: &(String, String),
+    env: &[(&str, &str)],
+) -> pb::Release {
+    let mut vars: std::collections::HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    vars.insert("VERSION".into(), version.into());
+    pb::Release {
+        release_id: format!("web-{version}"),
+        service: "web".into(),
+        version: version.into(),
+        artifact: Some(pb::Artifact {
+            url: artifact.0.clone(),
+            digest: artifact.1.clone(),
+        }),
+        command: vec!["python3".into(), "app.py".into()],
+        env: vars,
+        web: Some(pb::WebService {
+            listen: format!(":{listen_port}"),
+            health: Some(pb::Check {
+                probe: Some(pb::check::Probe::Http(pb::HttpProbe {
+                    path: "/health".into(),
+                    ..Default::default()
+                })),
+                timeout_ms: 1000,
+            }),
+            health_interval_ms: 100,
+            healthy_threshold: 2,
+            healthy_deadline_ms: 2000,
+            smoke: vec![pb::Check {
+                probe: Some(pb::check::Probe::Http(pb::HttpProbe {
+                    path: "/".into(),
+                    status_min: 200,
+                    status_max: 200,
+                    body_contains: version.into(),
+                })),
+                timeout_ms: 1000,
+            }],
+            drain_timeout_ms: 5000,
+        }),
+        stop_signal: String::new(),
+        stop_grace_ms: 5000,
+    }
+}
+
+pub fn activate(id: &str, release: pb::Release) -> pb::Command {
+    pb::Command {
+        command_id: id.into(),
+        kind: Some(command::Kind::Activate(pb::ActivateRelease {
+            release: Some(release),
+        })),
+    }
+}
+
+/// The body of a raw HTTP response.
+pub fn body(response: &str) -> &str {
+    response.split("\r\n\r\n").nth(1).unwrap_or_default()
 }

@@ -2,108 +2,12 @@
 //! prepare/activate/admission commands down an agent's stream and the agent
 //! runs a real app behind its node proxy.
 
-use std::path::Path;
 use std::time::Duration;
 
-use cutover_agent::artifacts::Digest;
-use cutover_integration_tests::{find, http_get, ready, Cluster, Tuning};
+use cutover_integration_tests::{
+    activate, app_archive, body, find, http_get, ready, web_release as release, Cluster, Tuning,
+};
 use cutover_proto::v1::{self as pb, command, command_result};
-
-const APP: &str = include_str!("../../agent/tests/fixtures/app.py");
-
-fn app_archive(dir: &Path) -> (String, String) {
-    let path = dir.join("app.tar.gz");
-    let file = std::fs::File::create(&path).unwrap();
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
-        file,
-        flate2::Compression::fast(),
-    ));
-    let mut header = tar::Header::new_gnu();
-    header.set_size(APP.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    tar.append_data(&mut header, "app.py", APP.as_bytes())
-        .unwrap();
-    tar.into_inner().unwrap().finish().unwrap();
-    let digest = Digest::of_file(&path).unwrap().to_string();
-    (format!("file://{}", path.display()), digest)
-}
-
-fn release(
-    version: &str,
-    listen_port: u16,
-    artifact: &(String, String),
-    env: &[(&str, &str)],
-) -> pb::Release {
-    let mut vars: std::collections::HashMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    vars.insert("VERSION".into(), version.into());
-    pb::Release {
-        release_id: format!("web-{version}"),
-        service: "web".into(),
-        version: version.into(),
-        artifact: Some(pb::Artifact {
-            url: artifact.0.clone(),
-            digest: artifact.1.clone(),
-        }),
-        command: vec!["python3".into(), "app.py".into()],
-        env: vars,
-        web: Some(pb::WebService {
-            listen: format!(":{listen_port}"),
-            health: Some(pb::Check {
-                probe: Some(pb::check::Probe::Http(pb::HttpProbe {
-                    path: "/health".into(),
-                    ..Default::default()
-                })),
-                timeout_ms: 1000,
-            }),
-            health_interval_ms: 100,
-            healthy_threshold: 2,
-            healthy_deadline_ms: 2000,
-            smoke: vec![pb::Check {
-                probe: Some(pb::check::Probe::Http(pb::HttpProbe {
-                    path: "/".into(),
-                    status_min: 200,
-                    status_max: 200,
-                    body_contains: version.into(),
-                })),
-                timeout_ms: 1000,
-            }],
-            drain_timeout_ms: 5000,
-        }),
-        stop_signal: String::new(),
-        stop_grace_ms: 5000,
-    }
-}
-
-fn activate(id: &str, release: pb::Release) -> pb::Command {
-    pb::Command {
-        command_id: id.into(),
-        kind: Some(command::Kind::Activate(pb::ActivateRelease {
-            release: Some(release),
-        })),
-    }
-}
-
-/// Sends `command` to node-1 and waits for its result, collecting progress.
-async fn run(cluster: &Cluster, command: pb::Command) -> (pb::CommandResult, Vec<String>) {
-    let registry = &cluster.coordinator.as_ref().unwrap().registry;
-    let pending = registry
-        .send_command("node-1", command)
-        .expect("node-1 takes commands");
-    let mut steps = Vec::new();
-    let result = pending
-        .wait(Duration::from_secs(30), |p| steps.push(p.step))
-        .await
-        .expect("a result");
-    (result, steps)
-}
-
-fn body(response: &str) -> &str {
-    response.split("\r\n\r\n").nth(1).unwrap_or_default()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
@@ -122,11 +26,12 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
         .port();
     let public = format!("127.0.0.11:{port}");
 
-    let (result, steps) = run(
-        &cluster,
-        activate("c1", release("v1", port, &artifact, &[])),
-    )
-    .await;
+    let (result, steps) = cluster
+        .run_command(
+            "node-1",
+            activate("c1", release("v1", port, &artifact, &[])),
+        )
+        .await;
     assert_eq!(
         result.status,
         pb::CommandStatus::Succeeded as i32,
@@ -165,11 +70,12 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
     assert_eq!(nodes[0].services[0].listen, public);
 
     // A release that never turns healthy is refused; v1 keeps serving.
-    let (failed, _) = run(
-        &cluster,
-        activate("c2", release("v2", port, &artifact, &[("HEALTH", "fail")])),
-    )
-    .await;
+    let (failed, _) = cluster
+        .run_command(
+            "node-1",
+            activate("c2", release("v2", port, &artifact, &[("HEALTH", "fail")])),
+        )
+        .await;
     assert_eq!(failed.status, pb::CommandStatus::Failed as i32);
     assert!(
         failed.message.contains("database unreachable")
@@ -182,7 +88,9 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
     // A digest that does not match: refused before anything starts.
     let mut tampered = release("v3", port, &artifact, &[]);
     tampered.artifact.as_mut().unwrap().digest = format!("sha256:{}", "0".repeat(64));
-    let (mismatch, _) = run(&cluster, activate("c3", tampered)).await;
+    let (mismatch, _) = cluster
+        .run_command("node-1", activate("c3", tampered))
+        .await;
     assert!(
         mismatch.message.contains("digest mismatch"),
         "{}",
@@ -190,22 +98,24 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
     );
 
     // A cutover to v4 under the same command id twice runs once.
-    let (v4, _) = run(
-        &cluster,
-        activate("c4", release("v4", port, &artifact, &[])),
-    )
-    .await;
+    let (v4, _) = cluster
+        .run_command(
+            "node-1",
+            activate("c4", release("v4", port, &artifact, &[])),
+        )
+        .await;
     assert_eq!(
         v4.status,
         pb::CommandStatus::Succeeded as i32,
         "{}",
         v4.message
     );
-    let (again, steps) = run(
-        &cluster,
-        activate("c4", release("v4", port, &artifact, &[])),
-    )
-    .await;
+    let (again, steps) = cluster
+        .run_command(
+            "node-1",
+            activate("c4", release("v4", port, &artifact, &[])),
+        )
+        .await;
     assert!(again.replayed && steps.is_empty(), "{again:?} {steps:?}");
     assert_eq!(body(&http_get(&public, "/")), "v4");
 
@@ -217,7 +127,7 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
             admitted: false,
         })),
     };
-    let (drained, _) = run(&cluster, drain).await;
+    let (drained, _) = cluster.run_command("node-1", drain).await;
     assert_eq!(
         drained.status,
         pb::CommandStatus::Succeeded as i32,
@@ -232,14 +142,15 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
         })
         .await;
 
-    let (state, _) = run(
-        &cluster,
-        pb::Command {
-            command_id: "c6".into(),
-            kind: Some(command::Kind::ReportState(pb::ReportState {})),
-        },
-    )
-    .await;
+    let (state, _) = cluster
+        .run_command(
+            "node-1",
+            pb::Command {
+                command_id: "c6".into(),
+                kind: Some(command::Kind::ReportState(pb::ReportState {})),
+            },
+        )
+        .await;
     let Some(command_result::Output::NodeState(state)) = state.output else {
         panic!("no state");
     };
@@ -258,7 +169,7 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
             service: "web".into(),
         })),
     };
-    let (stopped, _) = run(&cluster, stop).await;
+    let (stopped, _) = cluster.run_command("node-1", stop).await;
     assert_eq!(
         stopped.status,
         pb::CommandStatus::Succeeded as i32,

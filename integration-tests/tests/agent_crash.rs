@@ -1,0 +1,136 @@
+//! The real `cutover-agent` binary killed with SIGKILL, in steady state and
+//! in the middle of a cutover: after a restart one release serves and no
+//! process is orphaned.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cutover_integration_tests::{
+    activate, app_archive, body, find, http_get, ready, release_pids, web_release, Cluster, Tuning,
+};
+use cutover_proto::v1 as pb;
+
+async fn wait_ready(cluster: &Cluster) {
+    cluster
+        .wait_for_nodes(Duration::from_secs(15), |n| {
+            find(n, "node-1").is_some_and(ready)
+        })
+        .await;
+}
+
+async fn wait_for_releases(state_dir: &Path, count: usize) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids = release_pids(state_dir);
+        if pids.len() == count {
+            return pids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {count} release processes, found {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GETs until the node's proxy answers (it is down while the agent is).
+async fn get_when_up(public: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(stream) = std::net::TcpStream::connect(public) {
+            drop(stream);
+            return http_get(public, "/");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy on {public} did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_comes_back_to_one_serving_release_without_orphans() {
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let agent = cluster.spawn_agent_binary("node-1");
+    wait_ready(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = app_archive(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.11:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let public = format!("127.0.0.11:{port}");
+
+    let (result, _) = cluster
+        .run_command(
+            "node-1",
+            activate("v1", web_release("v1", port, &artifact, &[])),
+        )
+        .await;
+    assert_eq!(
+        result.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{}",
+        result.message
+    );
+    assert_eq!(body(&http_get(&public, "/")), "v1");
+    let state_dir = agent.state_dir.clone();
+    let v1 = wait_for_releases(&state_dir, 1).await;
+
+    // Steady state: kill -9. The release keeps running without its agent,
+    // and the restarted agent adopts it.
+    agent.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        release_pids(&state_dir),
+        v1,
+        "the release survived its agent"
+    );
+    let agent = cluster.spawn_agent_binary("node-1");
+    wait_ready(&cluster).await;
+    assert_eq!(body(&get_when_up(&public).await), "v1");
+    assert_eq!(agent.release_pids(), v1, "adopted, not started again");
+
+    // During a cutover: v2 never turns healthy, so the agent is killed while
+    // it checks v2 beside v1.
+    let mut v2 = web_release("v2", port, &artifact, &[("HEALTH", "fail")]);
+    v2.web.as_mut().unwrap().healthy_deadline_ms = 60_000;
+    let registry = &cluster.coordinator.as_ref().unwrap().registry;
+    let pending = registry.send_command("node-1", activate("v2", v2)).unwrap();
+    let waiting = pending.wait(Duration::from_secs(60), |_| {});
+    let (outcome, _) = tokio::join!(waiting, async {
+        wait_for_releases(&state_dir, 2).await;
+        agent.kill();
+    });
+    assert!(
+        outcome.is_err(),
+        "the command ends with its agent: {outcome:?}"
+    );
+
+    let agent = cluster.spawn_agent_binary("node-1");
+    wait_ready(&cluster).await;
+    assert_eq!(body(&get_when_up(&public).await), "v1");
+    assert_eq!(
+        wait_for_releases(&state_dir, 1).await,
+        v1,
+        "v2's candidate was stopped, v1 kept"
+    );
+
+    let stop = pb::Command {
+        command_id: "stop".into(),
+        kind: Some(pb::command::Kind::StopService(pb::StopService {
+            service: "web".into(),
+        })),
+    };
+    let (stopped, _) = cluster.run_command("node-1", stop).await;
+    assert_eq!(
+        stopped.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{}",
+        stopped.message
+    );
+    wait_for_releases(&state_dir, 0).await;
+    drop(agent);
+}
