@@ -22,9 +22,9 @@ use nix::sys::signal::Signal;
 
 use crate::checks::{Check, HealthGate, Healthy, Outcome, Target, Unhealthy};
 use crate::proxy::{DrainReport, Proxy};
-use crate::runtime::allocate_port;
 use crate::runtime::process::{stop_leftover, ProcessError, ProcessSpec, StopReport, Supervisor};
 use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError};
+use cutover_common::net::allocate_port;
 
 /// A release of a web service, unpacked and ready to start.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

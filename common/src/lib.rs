@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod config;
 pub mod fsutil;
 pub mod identity;
+pub mod net;
 pub mod pki;
 pub mod shutdown;
 pub mod telemetry;

@@ -196,7 +196,16 @@ impl Cluster {
     pub async fn start(agents: usize, tuning: Tuning) -> Self {
         let pki = Pki::new();
         let data_dir = tempfile::tempdir().expect("temp dir");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        // A stable port: the restart tests bind it again.
+        let port = cutover_common::net::allocate_port(
+            [127, 0, 0, 1].into(),
+            &cutover_common::net::STABLE_PORTS,
+            &[],
+        )
+        .expect("a free port");
+        let grpc = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind grpc");
         let grpc_addr = grpc.local_addr().expect("addr");
         let coordinator = start_coordinator(&pki, data_dir.path(), &tuning, grpc).await;
         let mut cluster = Self {

@@ -2,13 +2,13 @@
 //! demos, the `nomad agent -dev` of cutover.
 
 use std::fmt::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cutover_common::identity::{Identity, Role};
+use cutover_common::net::{allocate_port, STABLE_PORTS};
 use cutover_common::pki::CertificateAuthority;
 use cutover_proto::v1::{ListNodesRequest, NodeStatus};
 
@@ -44,8 +44,11 @@ fn parse_labels(text: &str) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A free loopback port that stays free across a restart of its owner (see
+/// `STABLE_PORTS`); `taken` are ports already handed out.
+fn free_port(taken: &[u16]) -> Result<u16> {
+    allocate_port([127, 0, 0, 1].into(), &STABLE_PORTS, taken)
+        .context("no free port in 30000-32767 on 127.0.0.1 for the local cluster")
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
@@ -142,8 +145,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     ca.issue_client(&operator, 365)?
         .write(&pki, &format!("operator-{OPERATOR}"))?;
 
-    let grpc_port = free_port()?;
-    let http_port = free_port()?;
+    let grpc_port = free_port(&[])?;
+    let http_port = free_port(&[grpc_port])?;
     let coordinator_url = format!("https://127.0.0.1:{grpc_port}");
     let coordinator_config = dir.join("coordinator.toml");
     std::fs::write(
