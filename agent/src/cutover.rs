@@ -19,9 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::checks::{Check, HealthGate, Healthy, Outcome, Target, Unhealthy};
-use crate::proxy::{DrainReport, Proxy};
+use crate::proxy::{DrainReport, Proxy, Upstream};
 use crate::runtime::process::{stop_leftover, ProcessError, ProcessSpec, StopReport, Supervisor};
 use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError};
 use cutover_common::net::allocate_port;
@@ -150,6 +151,57 @@ struct Running {
     addr: SocketAddr,
     spec: WebRelease,
     supervisor: Supervisor,
+    /// The last health check of the serving release.
+    health: Arc<std::sync::Mutex<Option<Outcome>>>,
+    /// Ends the health monitor when this release stops serving.
+    _monitor: DropGuard,
+}
+
+/// Keeps checking a serving release with its health check, every gate
+/// interval (at least a second): a release that turns unhealthy after its
+/// cutover shows in heartbeats and `cutover nodes`.
+fn monitor_health(
+    service: &str,
+    release: &WebRelease,
+    target: Target,
+) -> (Arc<std::sync::Mutex<Option<Outcome>>>, DropGuard) {
+    let health = Arc::new(std::sync::Mutex::new(None));
+    let stop = CancellationToken::new();
+    let every = release.gate.interval.max(Duration::from_secs(1));
+    let check = release.health.clone();
+    let (service, release_id, last) = (
+        service.to_string(),
+        release.release_id.clone(),
+        health.clone(),
+    );
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let outcome = check.run(&target).await;
+            let was = last
+                .lock()
+                .expect("health lock")
+                .as_ref()
+                .map(|o: &Outcome| o.passed);
+            match (was, outcome.passed) {
+                (Some(true) | None, false) => {
+                    tracing::warn!(%service, release = %release_id, detail = %outcome.detail, "serving release is unhealthy")
+                }
+                (Some(false), true) => {
+                    tracing::info!(%service, release = %release_id, "serving release is healthy again")
+                }
+                _ => {}
+            }
+            *last.lock().expect("health lock") = Some(outcome);
+        }
+    });
+    (health, stop.drop_guard())
 }
 
 /// One web service on this node: its proxy and the release it serves.
@@ -249,17 +301,38 @@ impl WebService {
                 started
             }
         };
-        service
-            .proxy
-            .switch(Some((&active.release.release_id, addr)));
-        service.track(&active.release, active.port, &supervisor);
-        service.active = Some(Running {
-            release_id: active.release.release_id.clone(),
-            addr,
-            spec: active.release.clone(),
-            supervisor,
-        });
+        service.serve(active.release, active.port, supervisor);
         Ok(service)
+    }
+
+    /// Makes `release` (running under `supervisor` on `port`) the one that
+    /// serves: the proxy switches to it, its process identity is kept
+    /// recorded, its health keeps being checked. Returns the release it
+    /// replaced and that release's upstream, to drain and stop.
+    fn serve(
+        &mut self,
+        release: WebRelease,
+        port: u16,
+        supervisor: Supervisor,
+    ) -> (Option<Running>, Option<Arc<Upstream>>) {
+        let addr = SocketAddr::new(self.settings.address, port);
+        self.track(&release, port, &supervisor);
+        let target = Target {
+            addr,
+            workdir: release.workdir.clone(),
+            env: release_env(&self.settings, &release, port),
+        };
+        let (health, monitor) = monitor_health(&self.settings.name, &release, target);
+        let upstream = self.proxy.switch(Some((&release.release_id, addr)));
+        let old = self.active.replace(Running {
+            release_id: release.release_id.clone(),
+            addr,
+            spec: release,
+            supervisor,
+            health,
+            _monitor: monitor,
+        });
+        (old, upstream)
     }
 
     /// Keeps the recorded process identity current when the supervisor
@@ -412,14 +485,8 @@ impl WebService {
                 error,
             });
         }
-        self.track(&release, port, &supervisor);
-        let old_upstream = self.proxy.switch(Some((&release.release_id, addr)));
-        let old = self.active.replace(Running {
-            release_id: release.release_id.clone(),
-            addr,
-            spec: release.clone(),
-            supervisor,
-        });
+        let release_id = release.release_id.clone();
+        let (old, old_upstream) = self.serve(release, port, supervisor);
         let previous = match (old, old_upstream) {
             (Some(old), Some(upstream)) => {
                 progress(Step::Draining);
@@ -435,9 +502,9 @@ impl WebService {
             }
             _ => None,
         };
-        tracing::info!(service = %self.settings.name, release = %release.release_id, %addr, took_ms = started.elapsed().as_millis() as u64, "cutover done");
+        tracing::info!(service = %self.settings.name, release = %release_id, %addr, took_ms = started.elapsed().as_millis() as u64, "cutover done");
         Ok(CutoverReport {
-            release_id: release.release_id,
+            release_id,
             addr,
             healthy,
             previous,
@@ -506,6 +573,10 @@ impl WebService {
 
     /// What runs, for heartbeats and `report_state`.
     pub fn state(&self) -> cutover_proto::v1::ServiceState {
+        let health = self
+            .active
+            .as_ref()
+            .and_then(|r| r.health.lock().expect("health lock").clone());
         let status = self
             .active
             .as_ref()
@@ -527,6 +598,8 @@ impl WebService {
             admitted: self.proxy.admitted(),
             crashes: status.crashes,
             last_exit: status.last_exit.unwrap_or_default(),
+            healthy: health.as_ref().is_none_or(|o| o.passed),
+            health_detail: health.map(|o| o.detail).unwrap_or_default(),
             running: status.process.is_some(),
         }
     }

@@ -514,3 +514,40 @@ async fn a_cutover_cut_short_by_an_agent_crash_leaves_no_orphan() {
     fx.service.stop().await;
     assert_eq!(fx.app_processes(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_release_that_turns_unhealthy_shows_in_the_service_state() {
+    let mut fx = fixture().await;
+    let v1 = fx.release("v1", &[]).await;
+    fx.service.cutover(v1, |_| {}).await.unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fx.service.state().health_detail.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no health check after the cutover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(fx.service.state().healthy);
+
+    assert_eq!(get(&client, &fx.url("/sick")).await.unwrap().0, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fx.service.state().healthy {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the degraded release still reads healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = fx.service.state();
+    assert!(
+        state.health_detail.contains("503") && state.health_detail.contains("database unreachable"),
+        "{state:?}"
+    );
+    assert_eq!(
+        state.release_id, "web-v1",
+        "it keeps serving: health is reported, not acted on here"
+    );
+    fx.service.stop().await;
+}

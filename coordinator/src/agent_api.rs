@@ -80,6 +80,8 @@ fn service_from(state: pb::ServiceState) -> ServiceStatus {
         crashes: state.crashes,
         last_exit: state.last_exit,
         running: state.running,
+        healthy: state.healthy,
+        health_detail: state.health_detail,
     }
 }
 

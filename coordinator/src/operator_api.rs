@@ -48,6 +48,8 @@ fn service_to_pb(s: ServiceStatus) -> pb::ServiceState {
         crashes: s.crashes,
         last_exit: s.last_exit,
         running: s.running,
+        healthy: s.healthy,
+        health_detail: s.health_detail,
     }
 }
 

@@ -64,7 +64,7 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
         .wait_for_nodes(Duration::from_secs(5), |n| {
             n[0].services
                 .iter()
-                .any(|s| s.release_id == "web-v1" && s.running)
+                .any(|s| s.release_id == "web-v1" && s.running && s.healthy)
         })
         .await;
     assert_eq!(nodes[0].services[0].listen, public);

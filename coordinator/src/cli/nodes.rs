@@ -56,6 +56,8 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                             "running": s.running,
                             "crashes": s.crashes,
                             "last_exit": s.last_exit,
+                            "healthy": s.healthy,
+                            "health_detail": s.health_detail,
                         })
                     })
                     .collect();
@@ -156,6 +158,9 @@ fn services_cell(services: &[pb::ServiceState]) -> String {
             let mut cell = format!("{}={release}", s.service);
             if !s.release_id.is_empty() && !s.running {
                 cell.push_str(" (down)");
+            }
+            if !s.release_id.is_empty() && s.running && !s.healthy {
+                cell.push_str(" (unhealthy)");
             }
             if s.crashes > 0 {
                 cell.push_str(&format!(" ({} crashes)", s.crashes));

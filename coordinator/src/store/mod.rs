@@ -76,6 +76,10 @@ pub struct ServiceStatus {
     pub crashes: u32,
     pub last_exit: String,
     pub running: bool,
+    #[serde(default)]
+    pub healthy: bool,
+    #[serde(default)]
+    pub health_detail: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
