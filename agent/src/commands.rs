@@ -227,6 +227,7 @@ mod tests {
                 artifact_ca: None,
                 log_max_bytes: 1 << 20,
                 log_keep: 2,
+                releases_keep: 5,
             },
             CancellationToken::new(),
         )

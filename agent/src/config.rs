@@ -66,6 +66,14 @@ pub struct AgentConfig {
     /// Rotated copies kept per log file.
     #[serde(default = "default_release_log_files")]
     pub release_log_files: u32,
+    /// Release dirs kept on disk per service for fast rollbacks, besides the
+    /// active and the previous release, which are never pruned.
+    #[serde(default = "default_releases_keep")]
+    pub releases_keep: usize,
+}
+
+fn default_releases_keep() -> usize {
+    5
 }
 
 fn default_port_range() -> RangeInclusive<u16> {

@@ -24,7 +24,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::checks::{Check, HealthGate, Healthy, Outcome, Target, Unhealthy};
 use crate::proxy::{DrainReport, Proxy, Upstream};
 use crate::runtime::process::{stop_leftover, ProcessError, ProcessSpec, StopReport, Supervisor};
-use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError};
+use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError, HISTORY_LIMIT};
 use cutover_common::net::allocate_port;
 
 /// A release of a web service, unpacked and ready to start.
@@ -512,7 +512,19 @@ impl WebService {
         })
     }
 
+    /// The service's record with `active` serving: its history gains the
+    /// active release, everything else is this service's current state.
     fn record(&self, active: Option<ActiveRelease>, previous: Option<String>) -> ServiceRecord {
+        let mut history = match self.store.service(&self.settings.name) {
+            Ok(Some(stored)) => stored.history,
+            _ => Vec::new(),
+        };
+        if let Some(active) = &active {
+            history.retain(|id| *id != active.release.release_id);
+            history.push(active.release.release_id.clone());
+            let excess = history.len().saturating_sub(HISTORY_LIMIT);
+            history.drain(..excess);
+        }
         ServiceRecord {
             listen: self.proxy.local_addr(),
             drain_timeout: self.settings.drain_timeout,
@@ -520,6 +532,7 @@ impl WebService {
             active,
             previous,
             leftovers: Vec::new(),
+            history,
         }
     }
 

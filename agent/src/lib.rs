@@ -122,6 +122,7 @@ impl Agent {
                 artifact_ca: config.artifact_ca.clone(),
                 log_max_bytes: config.release_log_max_bytes as u64,
                 log_keep: config.release_log_files,
+                releases_keep: config.releases_keep,
             },
             shutdown.clone(),
         )

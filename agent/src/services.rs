@@ -30,7 +30,13 @@ pub struct NodeSettings {
     pub artifact_ca: Option<PathBuf>,
     pub log_max_bytes: u64,
     pub log_keep: u32,
+    /// Release dirs kept per service (besides the active and previous ones).
+    pub releases_keep: usize,
 }
+
+/// A release dir younger than this is never pruned: it may be prepared for a
+/// cutover that has not run yet.
+const PRUNE_MIN_AGE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -345,7 +351,9 @@ impl NodeServices {
             .cutover(web_release, |step| progress(step_name(step)))
             .await;
         self.remember(&service);
+        drop(service);
         let report = result?;
+        self.prune().await;
         let previous = report.previous.as_ref();
         Ok(pb::Activated {
             release_id: report.release_id.clone(),
@@ -355,6 +363,35 @@ impl NodeServices {
             drain_cut: previous.map_or(0, |p| p.drain.cut as u32),
             took_ms: report.took.as_millis() as u64,
         })
+    }
+
+    /// Deletes release dirs no service needs: each service keeps its last
+    /// `releases_keep` releases, and always its active and previous one and
+    /// anything a cutover is busy with.
+    pub async fn prune(&self) {
+        let mut keep = std::collections::HashSet::new();
+        let names = self.store.service_names().unwrap_or_default();
+        for name in names {
+            let Ok(Some(record)) = self.store.service(&name) else {
+                continue;
+            };
+            let skip = record
+                .history
+                .len()
+                .saturating_sub(self.settings.releases_keep);
+            keep.extend(record.history.into_iter().skip(skip));
+            keep.extend(record.active.map(|a| a.release.release_id));
+            keep.extend(record.previous);
+            keep.extend(record.leftovers.into_iter().map(|l| l.release_id));
+        }
+        let dir = self.settings.state_dir.join("releases");
+        let removed =
+            tokio::task::spawn_blocking(move || prune_releases(&dir, &keep, PRUNE_MIN_AGE))
+                .await
+                .expect("prune task panicked");
+        for release in removed {
+            tracing::info!(%release, "pruned release dir");
+        }
     }
 
     async fn service(&self, name: &str) -> Result<Arc<Mutex<WebService>>, ServiceError> {
@@ -416,5 +453,77 @@ impl NodeServices {
                 service.into_inner().release().await;
             }
         }
+    }
+}
+
+/// Removes the release dirs under `dir` that are not in `keep` and older
+/// than `min_age`; returns the ids removed. Half-unpacked temp dirs (names
+/// starting with '.') are left to their own cleanup.
+pub fn prune_releases(
+    dir: &std::path::Path,
+    keep: &std::collections::HashSet<String>,
+    min_age: Duration,
+) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || keep.contains(&name) {
+            continue;
+        }
+        let old_enough = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= min_age);
+        if !old_enough {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed.push(name),
+            Err(error) => tracing::warn!(%error, release = %name, "cannot prune release dir"),
+        }
+    }
+    removed.sort();
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_what_is_needed_and_what_is_young() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(7200);
+        for name in ["web-v1", "web-v2", "web-v3", "web-v4", ".unpack-123"] {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.join("sub")).unwrap();
+            std::fs::write(path.join("sub/file"), "x").unwrap();
+            std::fs::File::open(&path)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        // Young: prepared a moment ago for a cutover to come.
+        std::fs::create_dir(dir.path().join("web-v5")).unwrap();
+        let keep = ["web-v3".to_string(), "web-v4".to_string()]
+            .into_iter()
+            .collect();
+        let removed = prune_releases(dir.path(), &keep, Duration::from_secs(3600));
+        assert_eq!(removed, ["web-v1", "web-v2"]);
+        let left: std::collections::BTreeSet<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let expected: std::collections::BTreeSet<String> =
+            [".unpack-123", "web-v3", "web-v4", "web-v5"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        assert_eq!(left, expected);
     }
 }

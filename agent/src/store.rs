@@ -39,7 +39,14 @@ pub struct ServiceRecord {
     /// that died mid-cutover stops them on restart, so nothing is orphaned.
     #[serde(default)]
     pub leftovers: Vec<Leftover>,
+    /// Release ids this service served, oldest first (bounded): what
+    /// retention keeps on disk for fast rollbacks.
+    #[serde(default)]
+    pub history: Vec<String>,
 }
+
+/// Most release ids remembered per service.
+pub const HISTORY_LIMIT: usize = 50;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Leftover {

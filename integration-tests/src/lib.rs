@@ -248,6 +248,7 @@ impl Cluster {
             artifact_ca: None,
             release_log_max_bytes: 1 << 20,
             release_log_files: 2,
+            releases_keep: 5,
         }
     }
 
