@@ -294,6 +294,18 @@ async fn twenty_cutovers_of_a_real_app_under_load_fail_no_request() {
         1,
         "exactly one release runs, no orphans"
     );
+    let record = fx.store.service("web").unwrap().unwrap();
+    assert_eq!(
+        record.history.len(),
+        21,
+        "every release it served, oldest first"
+    );
+    assert_eq!(
+        (record.history[0].as_str(), record.history[20].as_str()),
+        ("web-v0", "web-v20")
+    );
+    assert_eq!(record.previous.as_deref(), Some("web-v19"));
+    assert!(record.leftovers.is_empty());
     fx.service.stop().await;
 }
 
