@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
@@ -76,6 +77,8 @@ impl ProxyConfig {
 pub struct Upstream {
     release: String,
     addr: SocketAddr,
+    /// `addr` as a URI authority, built once instead of per request.
+    authority: Authority,
     in_flight: AtomicUsize,
     idle: Notify,
     /// Fired at the drain deadline: closes the tunnels still open.
@@ -250,6 +253,8 @@ impl Proxy {
             Arc::new(Upstream {
                 release: release.to_string(),
                 addr,
+                authority: Authority::try_from(addr.to_string())
+                    .expect("a socket address is an authority"),
                 in_flight: AtomicUsize::new(0),
                 idle: Notify::new(),
                 cut: CancellationToken::new(),
@@ -413,11 +418,14 @@ async fn forward(
     let path = request
         .uri()
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
-    *request.uri_mut() =
-        Uri::try_from(format!("http://{}{path}", upstream.addr)).expect("addr and path form a uri");
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(upstream.authority.clone())
+        .path_and_query(path)
+        .build()
+        .expect("scheme, authority and path form a uri");
 
     let result = if upgrade {
         tunnel(shared, &upstream, guard, request).await

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Proxy overhead benchmark.
+#
+# One backend (nginx answering a fixed 200 "ok"), measured three ways with
+# wrk: directly, through the cutover node proxy (the agent's proxy code, run
+# by the proxy-bench binary), and through nginx as a keep-alive reverse
+# proxy. The proxies and the backend share core 0 (one worker each), wrk
+# runs on core 1, so the figures compare CPU cost per proxied request.
+#
+#   integration-tests/bench/proxy.sh          # 3 rounds of 10 s per target
+#   ROUNDS=5 DURATION=20s CONNS=100 integration-tests/bench/proxy.sh
+#
+# Installs nginx and wrk (Debian packages) when they are missing. Prints a
+# markdown table for docs/benchmarks.md. Traffic stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+rounds=${ROUNDS:-3}
+duration=${DURATION:-10s}
+conns=${CONNS:-50}
+backend_port=18081
+cutover_port=18082
+nginx_port=18083
+
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
+fi
+cargo build --release --locked -p cutover-integration-tests --bin proxy-bench
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+nginx_conf() { # name, server block
+  cat > "$work/$1.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/$1.pid;
+error_log $work/$1.error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  $2
+}
+CONF
+}
+nginx_conf backend "server { listen 127.0.0.1:$backend_port; location / { return 200 \"ok\n\"; } }"
+nginx_conf proxy "upstream backend { server 127.0.0.1:$backend_port; keepalive 256; }
+  server { listen 127.0.0.1:$nginx_port; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+
+taskset -c 0 nginx -p "$work" -c "$work/backend.conf" & pids+=($!)
+taskset -c 0 nginx -p "$work" -c "$work/proxy.conf" & pids+=($!)
+PROXY_BENCH_THREADS=${PROXY_BENCH_THREADS:-1} taskset -c 0 target/release/proxy-bench \
+  --listen 127.0.0.1:$cutover_port --upstream 127.0.0.1:$backend_port 2>"$work/proxy-bench.log" & pids+=($!)
+proxy_pid=$!
+
+for port in $backend_port $cutover_port $nginx_port; do
+  for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
+    sleep 0.05
+  done
+done
+
+# wrk's latency lines ("  99%    1.23ms") in microseconds.
+to_us() { awk '{ v=$2; u=v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
+  m = (u=="us") ? 1 : (u=="ms") ? 1000 : (u=="s") ? 1000000 : 1; printf "%.0f", v*m }'; }
+
+run() { # port -> "rps p50_us p99_us"
+  local out
+  out=$(taskset -c 1 wrk -t1 -c"$conns" -d"$duration" --latency "http://127.0.0.1:$1/")
+  if echo "$out" | grep -q "Non-2xx\|Socket errors"; then
+    echo "errors in the run against port $1:" >&2
+    echo "$out" >&2
+    exit 1
+  fi
+  local rps p50 p99
+  rps=$(echo "$out" | awk '/Requests\/sec/ { printf "%.0f", $2 }')
+  p50=$(echo "$out" | grep -E '^ +50%' | to_us)
+  p99=$(echo "$out" | grep -E '^ +99%' | to_us)
+  echo "$rps $p50 $p99"
+}
+
+median() { sort -n | awk '{ a[NR]=$1 } END { print a[int((NR+1)/2)] }'; }
+
+for port in $backend_port $cutover_port $nginx_port; do
+  taskset -c 1 wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/" >/dev/null
+done
+
+declare -A rps p50 p99
+for round in $(seq "$rounds"); do
+  for target in direct cutover nginx; do
+    case $target in
+      direct) port=$backend_port ;;
+      cutover) port=$cutover_port ;;
+      nginx) port=$nginx_port ;;
+    esac
+    read -r r a b < <(run $port)
+    rps[$target]+="$r "; p50[$target]+="$a "; p99[$target]+="$b "
+    echo "round $round $target: $r req/s, p50 ${a}us, p99 ${b}us" >&2
+  done
+done
+
+rss_kib=$(awk '/VmRSS/ { print $2 }' /proc/$proxy_pid/status)
+med() { tr ' ' '\n' | grep -v '^$' | median; }
+direct_rps=$(echo "${rps[direct]}" | med)
+direct_p99=$(echo "${p99[direct]}" | med)
+echo
+echo "| target | requests/s | p50 | p99 | throughput vs direct | added p99 |"
+echo "| --- | --- | --- | --- | --- | --- |"
+for target in direct cutover nginx; do
+  r=$(echo "${rps[$target]}" | med); a=$(echo "${p50[$target]}" | med); b=$(echo "${p99[$target]}" | med)
+  awk -v t="$target" -v r="$r" -v a="$a" -v b="$b" -v dr="$direct_rps" -v dp="$direct_p99" \
+    'BEGIN { printf "| %s | %d | %d µs | %d µs | %.2f | %d µs |\n", t, r, a, b, r/dr, b-dp }'
+done
+c=$(echo "${rps[cutover]}" | med); n=$(echo "${rps[nginx]}" | med)
+awk -v c="$c" -v n="$n" 'BEGIN { printf "\ncutover proxy / nginx requests/s: %.2f\n", c/n }'
+echo "cutover proxy RSS after the runs: ${rss_kib} KiB"
+echo "($rounds rounds of $duration, $conns connections, medians; proxies and backend on core 0, wrk on core 1)"
