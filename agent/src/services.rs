@@ -325,20 +325,20 @@ impl NodeServices {
         let web = release.web.as_ref().expect("prepare checked it");
         let listen = listen_addr(&web.listen, self.settings.address)?;
         let drain_timeout = millis(web.drain_timeout_ms, Duration::from_secs(30));
-        let service = {
+        let (shared, created) = {
             let mut services = self.services.lock().await;
             match services.get(&release.service) {
-                Some(existing) => existing.clone(),
+                Some(existing) => (existing.clone(), false),
                 None => {
                     let service = Arc::new(Mutex::new(
                         self.bind(&release.service, listen, drain_timeout).await?,
                     ));
                     services.insert(release.service.clone(), service.clone());
-                    service
+                    (service, true)
                 }
             }
         };
-        let mut service = service.lock().await;
+        let mut service = shared.lock().await;
         let current = service.proxy().local_addr();
         if current != listen {
             return Err(ServiceError::ListenChanged {
@@ -352,6 +352,11 @@ impl NodeServices {
             .await;
         self.remember(&service);
         drop(service);
+        if result.is_err() && created {
+            // A first release that fails leaves no trace: the public port is
+            // free again and the service unknown, as before the command.
+            self.forget_service(&release.service, shared).await;
+        }
         let report = result?;
         self.prune().await;
         let previous = report.previous.as_ref();
@@ -391,6 +396,17 @@ impl NodeServices {
                 .expect("prune task panicked");
         for release in removed {
             tracing::info!(%release, "pruned release dir");
+        }
+    }
+
+    async fn forget_service(&self, name: &str, service: Arc<Mutex<WebService>>) {
+        self.services.lock().await.remove(name);
+        self.snapshots.lock().expect("snapshots lock").remove(name);
+        if let Err(error) = self.store.remove_service(name) {
+            tracing::error!(service = %name, %error, "cannot forget the service");
+        }
+        if let Ok(service) = Arc::try_unwrap(service) {
+            service.into_inner().release().await;
         }
     }
 

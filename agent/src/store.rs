@@ -100,6 +100,12 @@ impl AgentStore {
         Ok(())
     }
 
+    pub fn remove_service(&self, name: &str) -> Result<(), StoreError> {
+        self.services.remove(name.as_bytes()).map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
     pub fn service_names(&self) -> Result<Vec<String>, StoreError> {
         self.services
             .iter()

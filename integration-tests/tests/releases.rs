@@ -182,3 +182,57 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
         .await;
     assert!(find(&nodes, "node-1").is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_or_a_missing_command_is_refused_and_changes_nothing() {
+    let cluster = Cluster::start(1, Tuning::default()).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == 1 && n.iter().all(ready)
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = app_archive(dir.path());
+
+    // Something else already listens on the service's public port.
+    let squatter = std::net::TcpListener::bind("127.0.0.11:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let (result, _) = cluster
+        .run_command(
+            "node-1",
+            activate("a1", release("v1", taken, &artifact, &[])),
+        )
+        .await;
+    assert_eq!(result.status, pb::CommandStatus::Failed as i32);
+    assert!(
+        result.message.contains("is the port taken?")
+            && result.message.contains(&taken.to_string()),
+        "{}",
+        result.message
+    );
+
+    // A command that is not in the release (nor on PATH).
+    let port = std::net::TcpListener::bind("127.0.0.11:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut missing = release("v2", port, &artifact, &[]);
+    missing.command = vec!["./bin/server".into()];
+    let (result, _) = cluster.run_command("node-1", activate("a2", missing)).await;
+    assert_eq!(result.status, pb::CommandStatus::Failed as i32);
+    assert!(
+        result.message.contains("./bin/server")
+            && result.message.contains("is the command in the release"),
+        "{}",
+        result.message
+    );
+    // A first release that fails leaves nothing behind: the port is free
+    // and the node reports no service.
+    std::net::TcpListener::bind(("127.0.0.11", port)).expect("the public port was released");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let nodes = cluster
+        .wait_for_nodes(Duration::from_secs(1), |_| true)
+        .await;
+    assert!(nodes[0].services.is_empty(), "{:?}", nodes[0].services);
+}

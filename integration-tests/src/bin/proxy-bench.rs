@@ -28,7 +28,9 @@ fn main() {
         .and_then(|t| t.parse().ok())
         .unwrap_or(1);
     let runtime = if threads == 0 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
