@@ -5,25 +5,32 @@
 //! or a bad artifact leaves nothing half-done behind: a cached file always
 //! matches its digest and a release dir is always completely unpacked.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
+pub use cutover_common::digest::Digest;
+use cutover_common::digest::{DigestError, Hasher};
+use cutover_proto::v1::agent_service_client::AgentServiceClient;
+use cutover_proto::v1::FetchArtifactRequest;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use sha2::{Digest as _, Sha256};
+use sha2::Digest as _;
 use tokio::io::AsyncWriteExt;
 use tokio_rustls::rustls;
+use tonic::transport::Channel;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The artifact URL that means "the coordinator's artifact store".
+pub const COORDINATOR_URL: &str = "coordinator:";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("invalid digest {0:?}: expected sha256: followed by 64 hex digits")]
-    BadDigest(String),
-    #[error("unsupported artifact url {0:?}: use https://, http:// or file://")]
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    #[error("unsupported artifact url {0:?}: use https://, http://, file:// or coordinator:")]
     UnsupportedScheme(String),
     #[error("cannot fetch {url}: {reason}")]
     Fetch { url: String, reason: String },
@@ -46,47 +53,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
     move |source| ArtifactError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// A pinned `sha256:<hex>` digest.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Digest(String);
-
-impl Digest {
-    pub fn parse(text: &str) -> Result<Self, ArtifactError> {
-        let hex = text
-            .strip_prefix("sha256:")
-            .ok_or_else(|| ArtifactError::BadDigest(text.to_string()))?;
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ArtifactError::BadDigest(text.to_string()));
-        }
-        Ok(Self(format!("sha256:{}", hex.to_ascii_lowercase())))
-    }
-
-    pub fn hex(&self) -> &str {
-        &self.0["sha256:".len()..]
-    }
-
-    /// The digest of a local file.
-    pub fn of_file(path: &Path) -> Result<Self, ArtifactError> {
-        let mut file = std::fs::File::open(path).map_err(io(path))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = file.read(&mut buf).map_err(io(path))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        Ok(Self(format!("sha256:{:x}", hasher.finalize())))
-    }
-}
-
-impl std::fmt::Display for Digest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
     }
 }
 
@@ -141,24 +107,31 @@ impl ArtifactCache {
 
     /// The cached artifact for `digest`, fetched from `url` and verified
     /// first if it is not cached yet. A mismatch leaves the cache untouched.
-    pub async fn fetch(&self, url: &str, digest: &Digest) -> Result<PathBuf, ArtifactError> {
+    /// `coordinator` is the agent's connection, for `coordinator:` URLs.
+    pub async fn fetch(
+        &self,
+        url: &str,
+        digest: &Digest,
+        coordinator: Option<Channel>,
+    ) -> Result<PathBuf, ArtifactError> {
         let path = self.path_for(digest);
         if path.exists() {
             return Ok(path);
         }
         let nonce: u64 = rand::random();
         let tmp = self.dir.join(format!(".fetch-{nonce:016x}"));
-        let result = tokio::time::timeout(FETCH_TIMEOUT, self.download(url, &tmp))
-            .await
-            .unwrap_or_else(|_| {
-                Err(ArtifactError::Fetch {
-                    url: url.to_string(),
-                    reason: format!(
-                        "not complete within {}",
-                        humantime::format_duration(FETCH_TIMEOUT)
-                    ),
-                })
-            });
+        let result =
+            tokio::time::timeout(FETCH_TIMEOUT, self.download(url, digest, coordinator, &tmp))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ArtifactError::Fetch {
+                        url: url.to_string(),
+                        reason: format!(
+                            "not complete within {}",
+                            humantime::format_duration(FETCH_TIMEOUT)
+                        ),
+                    })
+                });
         let actual = match result {
             Ok(actual) => actual,
             Err(error) => {
@@ -179,13 +152,19 @@ impl ArtifactCache {
     }
 
     /// Streams `url` into `dest` and returns the digest of what arrived.
-    async fn download(&self, url: &str, dest: &Path) -> Result<Digest, ArtifactError> {
+    async fn download(
+        &self,
+        url: &str,
+        digest: &Digest,
+        coordinator: Option<Channel>,
+        dest: &Path,
+    ) -> Result<Digest, ArtifactError> {
         let fetch_error = |reason: String| ArtifactError::Fetch {
             url: url.to_string(),
             reason,
         };
         let mut file = tokio::fs::File::create(dest).await.map_err(io(dest))?;
-        let mut hasher = Sha256::new();
+        let mut hasher = Hasher::new();
         if let Some(source) = url.strip_prefix("file://") {
             let mut input = tokio::fs::File::open(source)
                 .await
@@ -224,11 +203,30 @@ impl ArtifactCache {
                     file.write_all(data).await.map_err(io(dest))?;
                 }
             }
+        } else if url == COORDINATOR_URL {
+            let channel = coordinator
+                .ok_or_else(|| fetch_error("not connected to the coordinator".into()))?;
+            let mut chunks = AgentServiceClient::new(channel)
+                .max_decoding_message_size(8 << 20)
+                .fetch_artifact(FetchArtifactRequest {
+                    digest: digest.to_string(),
+                })
+                .await
+                .map_err(|status| fetch_error(status.message().to_string()))?
+                .into_inner();
+            while let Some(chunk) = chunks
+                .message()
+                .await
+                .map_err(|status| fetch_error(status.message().to_string()))?
+            {
+                hasher.update(&chunk.data);
+                file.write_all(&chunk.data).await.map_err(io(dest))?;
+            }
         } else {
             return Err(ArtifactError::UnsupportedScheme(url.to_string()));
         }
         file.sync_all().await.map_err(io(dest))?;
-        Ok(Digest(format!("sha256:{:x}", hasher.finalize())))
+        Ok(Digest::from_hasher(hasher))
     }
 }
 
@@ -308,11 +306,11 @@ mod tests {
         let cache = ArtifactCache::open(dir.path().join("cache"), None).unwrap();
         let url = format!("file://{}", archive.display());
 
-        let cached = cache.fetch(&url, &digest).await.unwrap();
+        let cached = cache.fetch(&url, &digest, None).await.unwrap();
         assert_eq!(Digest::of_file(&cached).unwrap(), digest);
         // Cached: the source can go away.
         std::fs::remove_file(&archive).unwrap();
-        assert_eq!(cache.fetch(&url, &digest).await.unwrap(), cached);
+        assert_eq!(cache.fetch(&url, &digest, None).await.unwrap(), cached);
 
         let dest = dir.path().join("releases/web-v1");
         unpack(&cached, &dest).unwrap();
@@ -335,7 +333,7 @@ mod tests {
         let wrong = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
         let cache = ArtifactCache::open(dir.path().join("cache"), None).unwrap();
         let error = cache
-            .fetch(&format!("file://{}", archive.display()), &wrong)
+            .fetch(&format!("file://{}", archive.display()), &wrong, None)
             .await
             .unwrap_err();
         let text = error.to_string();
@@ -420,29 +418,21 @@ mod tests {
         let addr = http_server(std::fs::read(&archive).unwrap()).await;
         let cache = ArtifactCache::open(dir.path().join("cache"), None).unwrap();
         let fetched = cache
-            .fetch(&format!("http://{addr}/app.tar.gz"), &digest)
+            .fetch(&format!("http://{addr}/app.tar.gz"), &digest, None)
             .await
             .unwrap();
         assert_eq!(Digest::of_file(&fetched).unwrap(), digest);
 
         let other = Digest::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap();
         let missing = cache
-            .fetch(&format!("http://{addr}/nope.tar.gz"), &other)
+            .fetch(&format!("http://{addr}/nope.tar.gz"), &other, None)
             .await
             .unwrap_err();
         assert!(missing.to_string().contains("404"), "{missing}");
         let scheme = cache
-            .fetch("ftp://example/app.tar.gz", &other)
+            .fetch("ftp://example/app.tar.gz", &other, None)
             .await
             .unwrap_err();
         assert!(matches!(scheme, ArtifactError::UnsupportedScheme(_)));
-    }
-
-    #[test]
-    fn digests_parse_strictly() {
-        assert!(Digest::parse("sha256:abc").is_err());
-        assert!(Digest::parse(&"a".repeat(64)).is_err());
-        let upper = Digest::parse(&format!("sha256:{}", "AB".repeat(32))).unwrap();
-        assert_eq!(upper.hex(), "ab".repeat(32));
     }
 }

@@ -199,7 +199,7 @@ impl Agent {
             _ = shutdown.cancelled() => return Ok(()),
             connection = tls::connect(&self.url, self.config.server_name.as_deref(), self.tls.clone(), &options) => connection?,
         };
-        let mut client = AgentServiceClient::new(connection)
+        let mut client = AgentServiceClient::new(connection.clone())
             .max_decoding_message_size(self.config.max_message_bytes)
             .max_encoding_message_size(self.config.max_message_bytes);
 
@@ -240,9 +240,14 @@ impl Agent {
             "session open"
         );
 
-        // Command tasks report through this session until it ends.
+        // Command tasks report (and fetch artifacts) through this session
+        // until it ends.
         *self.outbox.lock().expect("outbox lock") = Some(outbound.clone());
-        let _closed = OutboxGuard(self.outbox.clone());
+        self.executor.services().set_coordinator(Some(connection));
+        let _closed = SessionGuard {
+            outbox: self.outbox.clone(),
+            services: self.executor.services().clone(),
+        };
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -278,12 +283,16 @@ fn message(kind: agent_message::Kind) -> AgentMessage {
     AgentMessage { kind: Some(kind) }
 }
 
-/// Clears the outbox when a session ends, however it ends.
-struct OutboxGuard(Outbox);
+/// Detaches command tasks from a session when it ends, however it ends.
+struct SessionGuard {
+    outbox: Outbox,
+    services: Arc<NodeServices>,
+}
 
-impl Drop for OutboxGuard {
+impl Drop for SessionGuard {
     fn drop(&mut self) {
-        *self.0.lock().expect("outbox lock") = None;
+        *self.outbox.lock().expect("outbox lock") = None;
+        self.services.set_coordinator(None);
     }
 }
 

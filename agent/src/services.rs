@@ -14,6 +14,7 @@ use cutover_proto::v1 as pb;
 use nix::sys::signal::Signal;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 use crate::artifacts::{unpack, ArtifactCache, ArtifactError, Digest};
 use crate::checks::{Check, HealthGate, Probe};
@@ -74,6 +75,8 @@ pub struct NodeServices {
     /// The last state of each service, for heartbeats sent while a command
     /// holds the service.
     snapshots: std::sync::Mutex<BTreeMap<String, pb::ServiceState>>,
+    /// The open connection to the coordinator, for `coordinator:` artifacts.
+    coordinator: std::sync::Mutex<Option<Channel>>,
 }
 
 /// Release ids name directories: keep them to safe file names.
@@ -187,6 +190,7 @@ impl NodeServices {
             shutdown,
             services: Mutex::new(BTreeMap::new()),
             snapshots: std::sync::Mutex::new(BTreeMap::new()),
+            coordinator: std::sync::Mutex::new(None),
         };
         for name in node.store.service_names()? {
             let Some(record) = node.store.service(&name)? else {
@@ -259,7 +263,7 @@ impl NodeServices {
         if release.command.is_empty() {
             return Err(ServiceError::Invalid("no command".into()));
         }
-        let digest = Digest::parse(&artifact.digest)?;
+        let digest = Digest::parse(&artifact.digest).map_err(ArtifactError::from)?;
         let health = check_from(
             web.health
                 .as_ref()
@@ -281,7 +285,11 @@ impl NodeServices {
         };
 
         progress("fetching");
-        let archive = self.cache.fetch(&artifact.url, &digest).await?;
+        let coordinator = self.coordinator.lock().expect("coordinator lock").clone();
+        let archive = self
+            .cache
+            .fetch(&artifact.url, &digest, coordinator)
+            .await?;
         progress("unpacking");
         let workdir = self
             .settings
@@ -408,6 +416,11 @@ impl NodeServices {
         if let Ok(service) = Arc::try_unwrap(service) {
             service.into_inner().release().await;
         }
+    }
+
+    /// The session's connection, while one is open.
+    pub fn set_coordinator(&self, channel: Option<Channel>) {
+        *self.coordinator.lock().expect("coordinator lock") = channel;
     }
 
     async fn service(&self, name: &str) -> Result<Arc<Mutex<WebService>>, ServiceError> {

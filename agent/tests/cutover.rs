@@ -42,7 +42,7 @@ async fn release_dir(root: &Path, cache: &ArtifactCache, version: &str) -> PathB
     }
     let digest = Digest::of_file(&archive).unwrap();
     let cached = cache
-        .fetch(&format!("file://{}", archive.display()), &digest)
+        .fetch(&format!("file://{}", archive.display()), &digest, None)
         .await
         .unwrap();
     let dir = root.join("releases").join(version);

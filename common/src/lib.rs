@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod digest;
 pub mod fsutil;
 pub mod identity;
 pub mod net;

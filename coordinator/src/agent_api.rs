@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::artifacts::ArtifactStore;
 use crate::config::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::registry::{Attached, Registry};
@@ -20,6 +21,7 @@ use crate::store::{Figures, ServiceStatus};
 
 pub struct AgentApi {
     pub registry: Arc<Registry>,
+    pub artifacts: Arc<ArtifactStore>,
     pub config: Arc<CoordinatorConfig>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
@@ -102,6 +104,17 @@ fn figures_from(pb: pb::SystemFigures) -> Figures {
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+    type FetchArtifactStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let digest = cutover_common::digest::Digest::parse(&request.get_ref().digest)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let chunks = self.artifacts.open_stream(&digest).await?;
+        Ok(Response::new(ReceiverStream::new(chunks)))
+    }
 
     async fn session(
         &self,

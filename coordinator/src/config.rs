@@ -62,6 +62,12 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Largest artifact `cutover artifact push` accepts.
+    #[serde(
+        default = "default_max_artifact",
+        deserialize_with = "config::byte_size::deserialize"
+    )]
+    pub max_artifact_bytes: usize,
 }
 
 impl Default for Limits {
@@ -72,10 +78,14 @@ impl Default for Limits {
             hello_timeout: default_hello_timeout(),
             keepalive_interval: default_keepalive_interval(),
             keepalive_timeout: default_keepalive_timeout(),
+            max_artifact_bytes: default_max_artifact(),
         }
     }
 }
 
+fn default_max_artifact() -> usize {
+    2 << 30
+}
 fn default_listen() -> SocketAddr {
     "0.0.0.0:7443".parse().expect("valid default")
 }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_api;
+pub mod artifacts;
 pub mod auth;
 pub mod config;
 pub mod http;

@@ -68,6 +68,11 @@ enum Commands {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// The coordinator's artifact store.
+    Artifact {
+        #[command(subcommand)]
+        action: ArtifactAction,
+    },
     /// A local cluster on loopback for development and demos.
     Dev {
         #[command(subcommand)]
@@ -119,6 +124,18 @@ enum NodesAction {
         node: String,
         #[arg(long, default_value = "10s")]
         timeout: humantime::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArtifactAction {
+    /// Upload a file (a release's .tar.gz) and print its sha256 digest;
+    /// releases then use it with the artifact url "coordinator:".
+    Push {
+        file: PathBuf,
+        /// Refuse the upload unless the file has this digest.
+        #[arg(long)]
+        digest: Option<String>,
     },
 }
 
@@ -246,6 +263,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     ]
                 }));
                 print!("{}", cli::nodes::render_table(&rows));
+            }
+        }
+        Commands::Artifact {
+            action: ArtifactAction::Push { file, digest },
+        } => {
+            let mut client = cli.connect.operator_client().await?;
+            let pushed = cli::artifacts::push(&mut client, &file, digest).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "digest": pushed.digest,
+                        "size": pushed.size,
+                        "already_present": pushed.already_present,
+                        "url": "coordinator:",
+                    })
+                );
+            } else if pushed.already_present {
+                println!(
+                    "{} (already in the store, {} bytes)",
+                    pushed.digest, pushed.size
+                );
+            } else {
+                println!("{} ({} bytes pushed)", pushed.digest, pushed.size);
             }
         }
         Commands::Dev { action } => match action {

@@ -7,14 +7,17 @@ use cutover_proto::v1::operator_service_server::OperatorService;
 use cutover_proto::v1::{self as pb, command, command_result};
 use tonic::{Request, Response, Status};
 
+use crate::artifacts::ArtifactStore;
 use crate::registry::{CommandWaitError, NodeView, Registry};
-use crate::store::{EventRecord, Figures, NodeStatus, ServiceStatus};
+use crate::store::{EventRecord, Figures, NewEvent, NodeStatus, ServiceStatus};
+use cutover_common::digest::Digest;
 
 /// How long an operator call waits for a command result unless it says.
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct OperatorApi {
     pub registry: Arc<Registry>,
+    pub artifacts: Arc<ArtifactStore>,
 }
 
 fn node_to_pb(view: NodeView) -> pb::Node {
@@ -80,6 +83,63 @@ fn event_to_pb(e: EventRecord) -> pb::Event {
 
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
+    async fn push_artifact(
+        &self,
+        request: Request<tonic::Streaming<pb::PushArtifactRequest>>,
+    ) -> Result<Response<pb::PushArtifactResponse>, Status> {
+        let who = request
+            .extensions()
+            .get::<cutover_common::identity::Identity>()
+            .map(|i| i.name.clone())
+            .unwrap_or_default();
+        let mut parts = request.into_inner();
+        let header = match parts.message().await?.and_then(|m| m.part) {
+            Some(pb::push_artifact_request::Part::Header(header)) => header,
+            _ => return Err(Status::invalid_argument("a push starts with its header")),
+        };
+        let expect = match header.expect_digest.as_str() {
+            "" => None,
+            text => Some(Digest::parse(text).map_err(|e| Status::invalid_argument(e.to_string()))?),
+        };
+        let mut upload = self.artifacts.begin().await?;
+        loop {
+            match parts.message().await {
+                Ok(Some(pb::PushArtifactRequest {
+                    part: Some(pb::push_artifact_request::Part::Data(data)),
+                })) => {
+                    upload.write(&data).await?;
+                }
+                Ok(Some(_)) => {
+                    upload.abandon();
+                    return Err(Status::invalid_argument("only data may follow the header"));
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    upload.abandon();
+                    return Err(status);
+                }
+            }
+        }
+        let (digest, size, already_present) = self.artifacts.commit(upload, expect).await?;
+        if !already_present {
+            let event = NewEvent {
+                kind: "artifact_pushed",
+                node_id: String::new(),
+                node_name: String::new(),
+                message: format!("{who} pushed {} ({size} bytes) as {digest}", header.name),
+            };
+            if let Err(error) = self.registry.store().append_event(event) {
+                tracing::error!(%error, "cannot record the artifact push");
+            }
+        }
+        tracing::info!(%digest, size, already_present, operator = %who, "artifact pushed");
+        Ok(Response::new(pb::PushArtifactResponse {
+            digest: digest.to_string(),
+            size,
+            already_present,
+        }))
+    }
+
     async fn list_nodes(
         &self,
         _request: Request<pb::ListNodesRequest>,

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent_api::AgentApi;
+use crate::artifacts::ArtifactStore;
 use crate::auth::require;
 use crate::config::CoordinatorConfig;
 use crate::metrics::Metrics;
@@ -94,6 +95,16 @@ impl Coordinator {
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir.join("store"))?);
         let registry = Arc::new(Registry::load(store.clone(), config.heartbeat_ttl)?);
         let metrics = Arc::new(Metrics::new());
+        let artifacts = Arc::new(
+            ArtifactStore::open(
+                config.data_dir.join("artifacts"),
+                config.limits.max_artifact_bytes as u64,
+            )
+            .map_err(|source| ServerError::DataDir {
+                path: config.data_dir.join("artifacts"),
+                source,
+            })?,
+        );
         let grpc_addr = grpc.local_addr().map_err(ServerError::Http)?;
         let http_addr = http.local_addr().map_err(ServerError::Http)?;
         let config = Arc::new(config);
@@ -101,6 +112,7 @@ impl Coordinator {
         let max_message = config.limits.max_message_bytes;
         let agent_api = AgentServiceServer::new(AgentApi {
             registry: registry.clone(),
+            artifacts: artifacts.clone(),
             config: config.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
@@ -109,6 +121,7 @@ impl Coordinator {
         .max_encoding_message_size(max_message);
         let operator_api = OperatorServiceServer::new(OperatorApi {
             registry: registry.clone(),
+            artifacts,
         })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);

@@ -236,3 +236,92 @@ async fn a_taken_port_or_a_missing_command_is_refused_and_changes_nothing() {
         .await;
     assert!(nodes[0].services.is_empty(), "{:?}", nodes[0].services);
 }
+
+/// `cutover ARGS` (the real binary) as operator "tester" of this cluster.
+fn cutover_cli(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    let files = cluster
+        .pki
+        .client_files(cutover_common::identity::Role::Operator, "tester");
+    std::process::Command::new(cutover_integration_tests::bin("cutover"))
+        .args(args)
+        .env("CUTOVER_COORDINATOR", cluster.url())
+        .env("CUTOVER_CA_CERT", &files.ca_cert)
+        .env("CUTOVER_CERT", &files.cert)
+        .env("CUTOVER_KEY", &files.key)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_pushed_to_the_coordinator_is_fetched_by_the_agent() {
+    let cluster = Cluster::start(1, Tuning::default()).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == 1 && n.iter().all(ready)
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (file_url, digest) = app_archive(dir.path());
+    let file = file_url.strip_prefix("file://").unwrap().to_string();
+
+    let pushed = cutover_cli(&cluster, &["artifact", "push", &file, "--output", "json"]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let pushed: serde_json::Value = serde_json::from_slice(&pushed.stdout).unwrap();
+    assert_eq!(pushed["digest"], digest.as_str());
+    assert_eq!(pushed["already_present"], false);
+    let again = cutover_cli(&cluster, &["artifact", "push", &file, "--output", "json"]);
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["already_present"], true);
+
+    // A wrong expected digest is refused and stores nothing new.
+    let wrong = format!("sha256:{}", "1".repeat(64));
+    let refused = cutover_cli(&cluster, &["artifact", "push", &file, "--digest", &wrong]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("digest mismatch"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // The original file is gone: the agent can only get it from the coordinator.
+    std::fs::remove_file(&file).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.11:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let from_store = ("coordinator:".to_string(), digest.clone());
+    let (result, steps) = cluster
+        .run_command(
+            "node-1",
+            activate("p1", release("v1", port, &from_store, &[])),
+        )
+        .await;
+    assert_eq!(
+        result.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{}",
+        result.message
+    );
+    assert!(steps.contains(&"fetching".to_string()));
+    assert_eq!(body(&http_get(&format!("127.0.0.11:{port}"), "/")), "v1");
+
+    // A digest the store does not hold: a clear error naming the fix.
+    let missing = (
+        "coordinator:".to_string(),
+        format!("sha256:{}", "2".repeat(64)),
+    );
+    let (result, _) = cluster
+        .run_command("node-1", activate("p2", release("v2", port, &missing, &[])))
+        .await;
+    assert!(
+        result.message.contains("cutover artifact push"),
+        "{}",
+        result.message
+    );
+    assert_eq!(body(&http_get(&format!("127.0.0.11:{port}"), "/")), "v1");
+}
