@@ -613,6 +613,18 @@ impl WebService {
             last_exit: status.last_exit.unwrap_or_default(),
             healthy: health.as_ref().is_none_or(|o| o.passed),
             health_detail: health.map(|o| o.detail).unwrap_or_default(),
+            traffic: self.active.as_ref().and_then(|r| {
+                let stats = self.proxy.release_stats(&r.release_id)?;
+                Some(cutover_proto::v1::ReleaseTraffic {
+                    release_id: r.release_id.clone(),
+                    requests: stats.requests,
+                    by_class: stats.by_class.to_vec(),
+                    upstream_failures: stats.upstream_failures,
+                    latency_bounds_ms: crate::proxy::stats::LATENCY_BUCKETS_MS.to_vec(),
+                    latency_cumulative: stats.latency_cumulative,
+                    latency_sum_us: stats.latency_sum_us,
+                })
+            }),
             running: status.process.is_some(),
         }
     }

@@ -17,7 +17,7 @@ use crate::artifacts::ArtifactStore;
 use crate::config::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::registry::{Attached, Registry};
-use crate::store::{Figures, ServiceStatus};
+use crate::store::{Figures, ServiceStatus, Traffic};
 
 pub struct AgentApi {
     pub registry: Arc<Registry>,
@@ -84,6 +84,15 @@ fn service_from(state: pb::ServiceState) -> ServiceStatus {
         running: state.running,
         healthy: state.healthy,
         health_detail: state.health_detail,
+        traffic: state.traffic.map(|t| Traffic {
+            release_id: t.release_id,
+            requests: t.requests,
+            by_class: t.by_class,
+            upstream_failures: t.upstream_failures,
+            latency_bounds_ms: t.latency_bounds_ms,
+            latency_cumulative: t.latency_cumulative,
+            latency_sum_us: t.latency_sum_us,
+        }),
     }
 }
 

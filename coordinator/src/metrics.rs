@@ -30,6 +30,8 @@ pub struct Metrics {
     memory_used: Family<Labels, Gauge>,
     memory_total: Family<Labels, Gauge>,
     disk_free: Family<Labels, Gauge>,
+    release_responses: Family<Labels, Gauge>,
+    release_upstream_failures: Family<Labels, Gauge>,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
     render_lock: Mutex<()>,
 }
@@ -62,6 +64,8 @@ impl Metrics {
             memory_used: Family::default(),
             memory_total: Family::default(),
             disk_free: Family::default(),
+            release_responses: Family::default(),
+            release_upstream_failures: Family::default(),
             render_lock: Mutex::new(()),
             registry,
         };
@@ -112,6 +116,16 @@ impl Metrics {
             "Free disk space of each agent's state dir",
             metrics.disk_free.clone(),
         );
+        registry.register(
+            "release_responses",
+            "Responses the node proxy forwarded for the serving release, by status class (a count since the release became active)",
+            metrics.release_responses.clone(),
+        );
+        registry.register(
+            "release_upstream_failures",
+            "Requests the serving release failed to answer (502) or answered too late (504)",
+            metrics.release_upstream_failures.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -124,7 +138,13 @@ impl Metrics {
         for family in [&self.heartbeat_age, &self.cpu_percent, &self.load_1] {
             family.clear();
         }
-        for family in [&self.memory_used, &self.memory_total, &self.disk_free] {
+        for family in [
+            &self.memory_used,
+            &self.memory_total,
+            &self.disk_free,
+            &self.release_responses,
+            &self.release_upstream_failures,
+        ] {
             family.clear();
         }
         let mut ready = 0;
@@ -144,6 +164,27 @@ impl Metrics {
             self.heartbeat_age
                 .get_or_create(&labels)
                 .set(view.heartbeat_age.as_secs_f64());
+            for (service, traffic) in record
+                .services
+                .iter()
+                .filter_map(|s| s.traffic.as_ref().map(|t| (s, t)))
+            {
+                let release: Labels = vec![
+                    ("node".to_string(), record.name.clone()),
+                    ("service".to_string(), service.service.clone()),
+                    ("release".to_string(), traffic.release_id.clone()),
+                ];
+                for (i, count) in traffic.by_class.iter().enumerate() {
+                    let mut labels = release.clone();
+                    labels.push(("class".to_string(), format!("{}xx", i + 1)));
+                    self.release_responses
+                        .get_or_create(&labels)
+                        .set(clamp(*count));
+                }
+                self.release_upstream_failures
+                    .get_or_create(&release)
+                    .set(clamp(traffic.upstream_failures));
+            }
             if let Some(f) = &record.figures {
                 self.cpu_percent.get_or_create(&labels).set(f.cpu_percent);
                 self.load_1.get_or_create(&labels).set(f.load_1);

@@ -68,6 +68,19 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
         })
         .await;
     assert_eq!(nodes[0].services[0].listen, public);
+    // The proxy's counts for the serving release come with the heartbeats.
+    let nodes = cluster
+        .wait_for_nodes(Duration::from_secs(5), |n| {
+            n[0].services[0]
+                .traffic
+                .as_ref()
+                .is_some_and(|t| t.requests >= 1)
+        })
+        .await;
+    let traffic = nodes[0].services[0].traffic.clone().unwrap();
+    assert_eq!(traffic.release_id, "web-v1");
+    assert_eq!(traffic.by_class[1], traffic.requests, "{traffic:?}");
+    assert_eq!(traffic.upstream_failures, 0);
 
     // A release that never turns healthy is refused; v1 keeps serving.
     let (failed, _) = cluster

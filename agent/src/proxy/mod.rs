@@ -106,7 +106,7 @@ impl Upstream {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Waits until nothing is in flight to this release, at most `timeout`;
@@ -145,14 +145,14 @@ struct InFlight(Arc<Upstream>);
 
 impl InFlight {
     fn new(upstream: Arc<Upstream>) -> Self {
-        upstream.in_flight.fetch_add(1, Ordering::AcqRel);
+        upstream.in_flight.fetch_add(1, Ordering::SeqCst);
         Self(upstream)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
     }
@@ -264,7 +264,19 @@ impl Proxy {
         if let Some(next) = &next {
             tracing::info!(service = %self.shared.config.service, release = %next.release, upstream = %next.addr, "proxy switched");
         }
-        self.shared.active.swap(next)
+        let previous = self.shared.active.swap(next);
+        // Counts are kept for the serving release and the one it replaced
+        // (still draining, and the baseline to compare with); older ones go.
+        let current = target.map(|(release, _)| release.to_string());
+        let outgoing = previous.as_ref().map(|p| p.release.clone());
+        self.shared
+            .stats
+            .lock()
+            .expect("stats lock")
+            .retain(|release, _| {
+                Some(release) == current.as_ref() || Some(release) == outgoing.as_ref()
+            });
+        previous
     }
 
     pub fn active(&self) -> Option<Arc<Upstream>> {
@@ -280,6 +292,16 @@ impl Proxy {
 
     pub fn admitted(&self) -> bool {
         self.shared.admitted.load(Ordering::Acquire)
+    }
+
+    /// The counts of one release, if the proxy served it.
+    pub fn release_stats(&self, release: &str) -> Option<StatsSnapshot> {
+        self.shared
+            .stats
+            .lock()
+            .expect("stats lock")
+            .get(release)
+            .map(|s| s.snapshot())
     }
 
     pub fn stats(&self) -> Vec<(String, StatsSnapshot)> {
@@ -374,16 +396,29 @@ async fn handle(
     if request.uri().path() == shared.config.readiness_path {
         return Ok(readiness(&shared));
     }
-    let Some(upstream) = shared.active.load_full() else {
-        return Ok(text_response(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "no release of service {} is serving on this node\n",
-                shared.config.service
-            ),
-        ));
+    // Count the request in flight first, then confirm its release is still
+    // the active one: a switch and a drain that both finished in between
+    // would otherwise send it to a release that is being stopped.
+    let (upstream, guard) = loop {
+        let Some(upstream) = shared.active.load_full() else {
+            return Ok(text_response(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "no release of service {} is serving on this node\n",
+                    shared.config.service
+                ),
+            ));
+        };
+        let guard = InFlight::new(upstream.clone());
+        let still_active = shared
+            .active
+            .load()
+            .as_ref()
+            .is_some_and(|active| Arc::ptr_eq(active, &upstream));
+        if still_active {
+            break (upstream, guard);
+        }
     };
-    let guard = InFlight::new(upstream.clone());
     Ok(forward(&shared, upstream, guard, request, peer).await)
 }
 

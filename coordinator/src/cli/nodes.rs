@@ -2,6 +2,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use cutover_coordinator::store::latency_quantile_ms;
 use cutover_proto::v1::{self as pb, NodeStatus};
 use serde_json::{json, Value};
 
@@ -58,6 +59,7 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                             "last_exit": s.last_exit,
                             "healthy": s.healthy,
                             "health_detail": s.health_detail,
+                            "traffic": s.traffic.as_ref().map(traffic_json),
                         })
                     })
                     .collect();
@@ -79,6 +81,24 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
             })
             .collect(),
     )
+}
+
+fn traffic_json(t: &pb::ReleaseTraffic) -> Value {
+    let quantile = |q| latency_quantile_ms(&t.latency_bounds_ms, &t.latency_cumulative, q);
+    let by_class: serde_json::Map<String, Value> = t
+        .by_class
+        .iter()
+        .enumerate()
+        .map(|(i, count)| (format!("{}xx", i + 1), Value::from(*count)))
+        .collect();
+    json!({
+        "release": t.release_id,
+        "requests": t.requests,
+        "by_class": by_class,
+        "upstream_failures": t.upstream_failures,
+        "p50_ms_at_most": quantile(0.5),
+        "p99_ms_at_most": quantile(0.99),
+    })
 }
 
 fn bytes(value: u64) -> String {

@@ -80,6 +80,59 @@ pub struct ServiceStatus {
     pub healthy: bool,
     #[serde(default)]
     pub health_detail: String,
+    #[serde(default)]
+    pub traffic: Option<Traffic>,
+}
+
+/// What the node proxy counted for the serving release.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub release_id: String,
+    pub requests: u64,
+    /// Responses by status class: 1xx to 5xx.
+    pub by_class: Vec<u64>,
+    pub upstream_failures: u64,
+    pub latency_bounds_ms: Vec<u64>,
+    /// Cumulative counts per bound, then +Inf.
+    pub latency_cumulative: Vec<u64>,
+    pub latency_sum_us: u64,
+}
+
+impl Traffic {
+    /// The upper bound (ms) of the latency bucket holding quantile `q`;
+    /// `None` without requests or when it lies in the +Inf bucket.
+    pub fn quantile_ms(&self, q: f64) -> Option<u64> {
+        latency_quantile_ms(&self.latency_bounds_ms, &self.latency_cumulative, q)
+    }
+}
+
+/// The upper bound (ms) of the cumulative histogram bucket that holds
+/// quantile `q`; `None` without data or in the +Inf bucket.
+pub fn latency_quantile_ms(bounds_ms: &[u64], cumulative: &[u64], q: f64) -> Option<u64> {
+    let total = *cumulative.last()?;
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let bucket = cumulative.iter().position(|count| *count >= rank)?;
+    bounds_ms.get(bucket).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_from_cumulative_buckets() {
+        let bounds = [1, 5, 10];
+        // 50 requests under 1 ms, 45 more under 5 ms, 4 under 10, 1 slower.
+        let cumulative = [50, 95, 99, 100];
+        assert_eq!(latency_quantile_ms(&bounds, &cumulative, 0.5), Some(1));
+        assert_eq!(latency_quantile_ms(&bounds, &cumulative, 0.9), Some(5));
+        assert_eq!(latency_quantile_ms(&bounds, &cumulative, 0.99), Some(10));
+        assert_eq!(latency_quantile_ms(&bounds, &cumulative, 1.0), None, "+Inf");
+        assert_eq!(latency_quantile_ms(&bounds, &[0, 0, 0, 0], 0.5), None);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
