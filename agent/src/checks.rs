@@ -162,6 +162,12 @@ async fn exec_probe(command: &[String], target: &Target) -> Result<String, Strin
     let child = tokio::process::Command::new(program)
         .args(args)
         .current_dir(&target.workdir)
+        // What the release sees, not the agent's own environment.
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
         .envs(target.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("PORT", target.addr.port().to_string())
         .stdin(std::process::Stdio::null())

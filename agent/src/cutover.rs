@@ -157,6 +157,37 @@ struct Running {
     _monitor: DropGuard,
 }
 
+/// Stops what an interrupted cutover (or stop) of `service` left running.
+pub async fn stop_leftovers(service: &str, leftovers: &[Leftover]) {
+    for leftover in leftovers {
+        let signal = Signal::from_str(&leftover.stop_signal).unwrap_or(Signal::SIGTERM);
+        if let Some(report) = stop_leftover(
+            &leftover.release_id,
+            leftover.process,
+            signal,
+            leftover.stop_grace,
+        )
+        .await
+        {
+            tracing::warn!(%service, release = %leftover.release_id, graceful = report.graceful, "stopped a release an interrupted cutover left running");
+        }
+    }
+}
+
+impl Running {
+    /// This release as a leftover to stop should the agent die before it
+    /// does (it is being drained).
+    fn as_leftover(&self) -> Option<Leftover> {
+        Some(Leftover {
+            release_id: self.release_id.clone(),
+            port: self.addr.port(),
+            process: self.supervisor.status().process?,
+            stop_signal: self.spec.stop_signal.as_str().to_string(),
+            stop_grace: self.spec.stop_grace,
+        })
+    }
+}
+
 /// Keeps checking a serving release with its health check, every gate
 /// interval (at least a second): a release that turns unhealthy after its
 /// cutover shows in heartbeats and `cutover nodes`.
@@ -267,7 +298,7 @@ impl WebService {
         };
         service.proxy.set_admitted(record.admitted);
         if !record.leftovers.is_empty() {
-            service.stop_leftovers(&record.leftovers).await;
+            stop_leftovers(&service.settings.name, &record.leftovers).await;
             service.forget_leftovers();
         }
         let Some(active) = record.active else {
@@ -301,6 +332,7 @@ impl WebService {
                 started
             }
         };
+        service.track(&active.release.release_id, active.port, &supervisor);
         service.serve(active.release, active.port, supervisor);
         Ok(service)
     }
@@ -316,7 +348,6 @@ impl WebService {
         supervisor: Supervisor,
     ) -> (Option<Running>, Option<Arc<Upstream>>) {
         let addr = SocketAddr::new(self.settings.address, port);
-        self.track(&release, port, &supervisor);
         let target = Target {
             addr,
             workdir: release.workdir.clone(),
@@ -335,32 +366,52 @@ impl WebService {
         (old, upstream)
     }
 
-    /// Keeps the recorded process identity current when the supervisor
-    /// restarts a crashed release, so a recovering agent adopts the process
-    /// that really runs.
-    fn track(&self, release: &WebRelease, port: u16, supervisor: &Supervisor) {
+    /// Keeps the recorded identity of a release's process current (as the
+    /// active release, or as a cutover's leftover) for as long as the record
+    /// names it, writing once at the start too: a recovering agent must find
+    /// the process that really runs, not one the supervisor has replaced.
+    fn track(&self, release_id: &str, port: u16, supervisor: &Supervisor) {
         let mut status = supervisor.watch();
         let store = self.store.clone();
         let name = self.settings.name.clone();
-        let release = release.clone();
+        let release_id = release_id.to_string();
         tokio::spawn(async move {
-            while status.changed().await.is_ok() {
+            loop {
                 let process = status.borrow_and_update().process;
-                let Ok(Some(mut record)) = store.service(&name) else {
-                    continue;
-                };
-                match &mut record.active {
-                    // Only while this release is still the active one.
-                    Some(active)
-                        if active.release.release_id == release.release_id
-                            && active.port == port =>
+                let mut named = true;
+                let written = store.update_service(&name, |current| {
+                    let mut record = current?;
+                    let ours = |id: &str, at: u16| id == release_id && at == port;
+                    if let Some(active) = record
+                        .active
+                        .as_mut()
+                        .filter(|a| ours(&a.release.release_id, a.port))
                     {
+                        if active.process == process {
+                            return None;
+                        }
                         active.process = process;
+                        return Some(record);
                     }
-                    _ => return,
+                    if let Some(leftover) = record
+                        .leftovers
+                        .iter_mut()
+                        .find(|l| ours(&l.release_id, l.port))
+                    {
+                        // Between a crash and its restart the last known
+                        // process stays recorded.
+                        let process = process.filter(|p| *p != leftover.process)?;
+                        leftover.process = process;
+                        return Some(record);
+                    }
+                    named = false;
+                    None
+                });
+                if let Err(error) = written {
+                    tracing::error!(service = %name, %error, "cannot record the release's process");
                 }
-                if let Err(error) = store.put_service(&name, &record) {
-                    tracing::error!(service = %name, %error, "cannot record the release's new process");
+                if !named || status.changed().await.is_err() {
+                    return;
                 }
             }
         });
@@ -387,7 +438,9 @@ impl WebService {
         let started = Instant::now();
         let settings = &self.settings;
         progress(Step::Starting);
-        let taken: Vec<u16> = self.active.iter().map(|r| r.addr.port()).collect();
+        let mut taken: Vec<u16> = self.active.iter().map(|r| r.addr.port()).collect();
+        // Other services' releases too, even one down waiting for its restart.
+        taken.extend(self.store.ports_in_use().unwrap_or_default());
         let port = allocate_port(settings.address, &settings.ports, &taken).ok_or_else(|| {
             CutoverError::NoPort {
                 release_id: release.release_id.clone(),
@@ -401,6 +454,7 @@ impl WebService {
         if let Some(process) = supervisor.status().process {
             let candidate = Leftover {
                 release_id: release.release_id.clone(),
+                port,
                 process,
                 stop_signal: release.stop_signal.as_str().to_string(),
                 stop_grace: release.stop_grace,
@@ -413,6 +467,7 @@ impl WebService {
                 });
             }
         }
+        self.track(&release.release_id, port, &supervisor);
         let target = Target {
             addr,
             workdir: release.workdir.clone(),
@@ -453,31 +508,25 @@ impl WebService {
 
         progress(Step::Switching);
         // Recorded before the switch: a crash right after it must find B,
-        // the release that serves, in the store.
-        let mut record = self.record(
-            Some(ActiveRelease {
-                release: release.clone(),
-                port,
-                process: supervisor.status().process,
-            }),
-            serving.clone(),
-        );
-        // The old release is drained next: until it is stopped, a restart
-        // must stop it.
-        record.leftovers = self
+        // the release that serves, in the store, and A, drained next, as a
+        // leftover to stop.
+        let active = ActiveRelease {
+            release: release.clone(),
+            port,
+            process: supervisor.status().process,
+        };
+        let retiring: Vec<Leftover> = self
             .active
             .as_ref()
-            .and_then(|old| {
-                Some(Leftover {
-                    release_id: old.release_id.clone(),
-                    process: old.supervisor.status().process?,
-                    stop_signal: old.spec.stop_signal.as_str().to_string(),
-                    stop_grace: old.spec.stop_grace,
-                })
-            })
+            .and_then(Running::as_leftover)
             .into_iter()
             .collect();
-        if let Err(error) = self.store.put_service(&self.settings.name, &record) {
+        let written = self.store.update_service(&self.settings.name, |current| {
+            let mut record = self.record(current.as_ref(), Some(active), serving.clone());
+            record.leftovers = retiring;
+            Some(record)
+        });
+        if let Err(error) = written {
             supervisor.stop().await;
             self.forget_leftovers();
             return Err(CutoverError::Store {
@@ -512,13 +561,16 @@ impl WebService {
         })
     }
 
-    /// The service's record with `active` serving: its history gains the
-    /// active release, everything else is this service's current state.
-    fn record(&self, active: Option<ActiveRelease>, previous: Option<String>) -> ServiceRecord {
-        let mut history = match self.store.service(&self.settings.name) {
-            Ok(Some(stored)) => stored.history,
-            _ => Vec::new(),
-        };
+    /// The service's record with `active` serving: its history (from
+    /// `current`, the stored record) gains the active release, everything
+    /// else is this service's state now.
+    fn record(
+        &self,
+        current: Option<&ServiceRecord>,
+        active: Option<ActiveRelease>,
+        previous: Option<String>,
+    ) -> ServiceRecord {
+        let mut history = current.map(|c| c.history.clone()).unwrap_or_default();
         if let Some(active) = &active {
             history.retain(|id| *id != active.release.release_id);
             history.push(active.release.release_id.clone());
@@ -539,12 +591,11 @@ impl WebService {
     /// Records which processes besides the active release this cutover owns
     /// right now (see `ServiceRecord::leftovers`).
     fn note_leftovers(&self, leftovers: Vec<Leftover>) -> Result<(), StoreError> {
-        let mut record = self
-            .store
-            .service(&self.settings.name)?
-            .unwrap_or_else(|| self.record(None, None));
-        record.leftovers = leftovers;
-        self.store.put_service(&self.settings.name, &record)
+        self.store.update_service(&self.settings.name, |current| {
+            let mut record = current.unwrap_or_else(|| self.record(None, None, None));
+            record.leftovers = leftovers;
+            Some(record)
+        })
     }
 
     /// Clears the leftover list once those processes are stopped; a failed
@@ -555,33 +606,15 @@ impl WebService {
         }
     }
 
-    /// Stops what an interrupted cutover left running.
-    async fn stop_leftovers(&self, leftovers: &[Leftover]) {
-        for leftover in leftovers {
-            let signal = Signal::from_str(&leftover.stop_signal).unwrap_or(Signal::SIGTERM);
-            if let Some(report) = stop_leftover(
-                &leftover.release_id,
-                leftover.process,
-                signal,
-                leftover.stop_grace,
-            )
-            .await
-            {
-                tracing::warn!(service = %self.settings.name, release = %leftover.release_id, graceful = report.graceful, "stopped a release an interrupted cutover left running");
-            }
-        }
-    }
-
     /// Takes the node out of (or back into) rotation for this service, and
     /// records it so a restarted agent keeps it that way.
     pub fn set_admitted(&self, admitted: bool) -> Result<(), StoreError> {
         self.proxy.set_admitted(admitted);
-        let mut record = self
-            .store
-            .service(&self.settings.name)?
-            .unwrap_or_else(|| self.record(None, None));
-        record.admitted = admitted;
-        self.store.put_service(&self.settings.name, &record)
+        self.store.update_service(&self.settings.name, |current| {
+            let mut record = current.unwrap_or_else(|| self.record(None, None, None));
+            record.admitted = admitted;
+            Some(record)
+        })
     }
 
     /// What runs, for heartbeats and `report_state`.
@@ -643,12 +676,19 @@ impl WebService {
     pub async fn stop(&mut self) -> Option<PreviousRelease> {
         let upstream = self.proxy.switch(None)?;
         let running = self.active.take()?;
-        let record = self.record(None, Some(running.release_id.clone()));
-        if let Err(error) = self.store.put_service(&self.settings.name, &record) {
+        // Until it is stopped, a restart must stop it too.
+        let retiring: Vec<Leftover> = running.as_leftover().into_iter().collect();
+        let written = self.store.update_service(&self.settings.name, |current| {
+            let mut record = self.record(current.as_ref(), None, Some(running.release_id.clone()));
+            record.leftovers = retiring;
+            Some(record)
+        });
+        if let Err(error) = written {
             tracing::error!(service = %self.settings.name, %error, "cannot record the stop");
         }
         let drain = upstream.drain(self.settings.drain_timeout).await;
         let stop = running.supervisor.stop().await;
+        self.forget_leftovers();
         Some(PreviousRelease {
             release_id: running.release_id,
             drain,

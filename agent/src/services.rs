@@ -18,7 +18,9 @@ use tonic::transport::Channel;
 
 use crate::artifacts::{unpack, ArtifactCache, ArtifactError, Digest};
 use crate::checks::{Check, HealthGate, Probe};
-use crate::cutover::{CutoverError, Step, WebRelease, WebService, WebServiceSettings};
+use crate::cutover::{
+    stop_leftovers, CutoverError, Step, WebRelease, WebService, WebServiceSettings,
+};
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::store::{AgentStore, StoreError};
 
@@ -197,16 +199,32 @@ impl NodeServices {
                 continue;
             };
             if record.active.is_none() {
+                // Nothing serves, but a first cutover or a stop may have been
+                // cut short: what it left must not run on unsupervised.
+                if !record.leftovers.is_empty() {
+                    stop_leftovers(&name, &record.leftovers).await;
+                    node.store.update_service(&name, |current| {
+                        let mut record = current?;
+                        record.leftovers.clear();
+                        Some(record)
+                    })?;
+                }
                 continue;
             }
-            let service = node
-                .bind(&name, record.listen, record.drain_timeout)
-                .await?;
-            node.remember(&service);
-            node.services
-                .lock()
-                .await
-                .insert(name, Arc::new(Mutex::new(service)));
+            // One service that cannot come back must not keep the others
+            // (and the agent) down: it is logged and left out.
+            match node.bind(&name, record.listen, record.drain_timeout).await {
+                Ok(service) => {
+                    node.remember(&service);
+                    node.services
+                        .lock()
+                        .await
+                        .insert(name, Arc::new(Mutex::new(service)));
+                }
+                Err(error) => {
+                    tracing::error!(service = %name, %error, "cannot bring the service back")
+                }
+            }
         }
         Ok(node)
     }

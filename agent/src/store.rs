@@ -51,6 +51,10 @@ pub const HISTORY_LIMIT: usize = 50;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Leftover {
     pub release_id: String,
+    /// With the release id, tells this process apart from the active one
+    /// when the same release is deployed again.
+    #[serde(default)]
+    pub port: u16,
     pub process: ProcessId,
     pub stop_signal: String,
     pub stop_grace: Duration,
@@ -66,6 +70,9 @@ pub struct ActiveRelease {
 pub struct AgentStore {
     db: sled::Db,
     services: sled::Tree,
+    /// Serializes read-modify-write updates, so concurrent writers (a
+    /// cutover, a process tracker) never lose each other's changes.
+    writes: std::sync::Mutex<()>,
 }
 
 impl AgentStore {
@@ -78,7 +85,11 @@ impl AgentStore {
                 reason: e.to_string(),
             })?;
         let services = db.open_tree("services").map_err(backend)?;
-        Ok(Self { db, services })
+        Ok(Self {
+            db,
+            services,
+            writes: std::sync::Mutex::new(()),
+        })
     }
 
     pub fn service(&self, name: &str) -> Result<Option<ServiceRecord>, StoreError> {
@@ -89,15 +100,37 @@ impl AgentStore {
             .transpose()
     }
 
-    /// Writes the record and makes it durable before returning: the agent
+    /// Reads the record, lets `change` edit it (returning `None` leaves it
+    /// as it is) and writes it back, durably before returning: the agent
     /// acts on what it recorded, so the record must survive a crash.
-    pub fn put_service(&self, name: &str, record: &ServiceRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(record).expect("service records serialize");
+    pub fn update_service(
+        &self,
+        name: &str,
+        change: impl FnOnce(Option<ServiceRecord>) -> Option<ServiceRecord>,
+    ) -> Result<(), StoreError> {
+        let _write = self.writes.lock().expect("store write lock");
+        let Some(record) = change(self.service(name)?) else {
+            return Ok(());
+        };
+        let value = serde_json::to_vec(&record).expect("service records serialize");
         self.services
             .insert(name.as_bytes(), value)
             .map_err(backend)?;
         self.db.flush().map_err(backend)?;
         Ok(())
+    }
+
+    /// Release ports recorded by any service: the serving ones and those of
+    /// cutovers in progress. A new release must not take one.
+    pub fn ports_in_use(&self) -> Result<Vec<u16>, StoreError> {
+        let mut ports = Vec::new();
+        for name in self.service_names()? {
+            if let Some(record) = self.service(&name)? {
+                ports.extend(record.active.map(|a| a.port));
+                ports.extend(record.leftovers.iter().map(|l| l.port));
+            }
+        }
+        Ok(ports)
     }
 
     pub fn remove_service(&self, name: &str) -> Result<(), StoreError> {

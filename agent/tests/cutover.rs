@@ -475,6 +475,19 @@ async fn a_release_that_died_with_the_agent_is_started_again_on_recovery() {
     let now = app_pids(fx.root.path());
     assert_eq!(now.len(), 1);
     assert!(!pids.contains(&now[0]), "a new process");
+    // The store names the new process, so the next restart adopts it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let record = fx.store.service("web").unwrap().unwrap();
+        if record.active.unwrap().process.map(|p| p.pid) == Some(now[0]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store still names the dead process"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     fx.service.stop().await;
     assert!(app_pids(fx.root.path()).is_empty());
 }
@@ -562,4 +575,38 @@ async fn a_serving_release_that_turns_unhealthy_shows_in_the_service_state() {
         "it keeps serving: health is reported, not acted on here"
     );
     fx.service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_cutover_cut_short_leaves_no_orphan() {
+    let mut fx = fixture().await;
+    let mut v1 = fx.release("v1", &[("HEALTH", "fail")]).await;
+    v1.gate.deadline = Duration::from_secs(60);
+    let (checking, checked) = tokio::sync::oneshot::channel();
+    let checking = std::sync::Mutex::new(Some(checking));
+    tokio::select! {
+        _ = fx.service.cutover(v1, |step| {
+            if step == Step::HealthChecking {
+                if let Some(tx) = checking.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+            }
+        }) => panic!("v1 cannot pass its checks"),
+        _ = checked => {}
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fx.app_processes() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the candidate should run"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fx.restart_agent(|| {}).await;
+    assert_eq!(
+        fx.app_processes(),
+        0,
+        "the candidate of the first cutover was stopped"
+    );
+    assert!(fx.service.active().is_none());
 }

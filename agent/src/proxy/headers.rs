@@ -38,12 +38,23 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// needs to see, so they are put back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let upgrade_value = headers.get(UPGRADE).cloned();
+    // A client must not be able to strip the forwarding headers a load
+    // balancer in front set, by naming them as hop-by-hop.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| {
+            ![
+                &X_FORWARDED_FOR,
+                &X_FORWARDED_PROTO,
+                &X_FORWARDED_HOST,
+                &X_REQUEST_ID,
+            ]
+            .contains(&name)
+        })
         .collect();
     for name in named {
         headers.remove(name);
@@ -110,8 +121,9 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(
             CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret, Upgrade"),
+            HeaderValue::from_static("keep-alive, x-secret, Upgrade, X-Forwarded-For"),
         );
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
@@ -119,7 +131,12 @@ mod tests {
         assert!(is_upgrade(&headers));
         let mut plain = headers.clone();
         strip_hop_by_hop(&mut plain, false);
-        assert_eq!(plain.len(), 1, "{plain:?}");
+        assert_eq!(plain.len(), 2, "{plain:?}");
+        assert_eq!(
+            plain.get(X_FORWARDED_FOR).unwrap(),
+            "203.0.113.7",
+            "a client cannot strip it"
+        );
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers.get(UPGRADE).unwrap(), "websocket");
         assert_eq!(headers.get(CONNECTION).unwrap(), "upgrade");

@@ -316,9 +316,17 @@ impl Proxy {
 
     /// Stops this proxy: the port is released at once, open connections
     /// drain within the shutdown grace, then this returns.
-    pub async fn close(self) {
+    pub async fn close(mut self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Proxy {
+    /// A proxy nobody holds any more stops listening (its port would stay
+    /// taken otherwise); `close` is the way to also wait for that.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
