@@ -182,12 +182,13 @@ impl Executor {
                 }
             }
         };
-        if let Err(error) = self
-            .journal
-            .lock()
-            .expect("journal lock")
-            .record(result.clone())
-        {
+        let journaled = cutover_common::blocking(|| {
+            self.journal
+                .lock()
+                .expect("journal lock")
+                .record(result.clone())
+        });
+        if let Err(error) = journaled {
             tracing::error!(%error, command_id = %result.command_id, "cannot journal command result");
         }
         result

@@ -108,16 +108,18 @@ impl AgentStore {
         name: &str,
         change: impl FnOnce(Option<ServiceRecord>) -> Option<ServiceRecord>,
     ) -> Result<(), StoreError> {
-        let _write = self.writes.lock().expect("store write lock");
-        let Some(record) = change(self.service(name)?) else {
-            return Ok(());
-        };
-        let value = serde_json::to_vec(&record).expect("service records serialize");
-        self.services
-            .insert(name.as_bytes(), value)
-            .map_err(backend)?;
-        self.db.flush().map_err(backend)?;
-        Ok(())
+        cutover_common::blocking(|| {
+            let _write = self.writes.lock().expect("store write lock");
+            let Some(record) = change(self.service(name)?) else {
+                return Ok(());
+            };
+            let value = serde_json::to_vec(&record).expect("service records serialize");
+            self.services
+                .insert(name.as_bytes(), value)
+                .map_err(backend)?;
+            self.db.flush().map_err(backend)?;
+            Ok(())
+        })
     }
 
     /// Release ports recorded by any service: the serving ones and those of

@@ -26,6 +26,19 @@ pub fn now_ms() -> i64 {
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Runs blocking I/O (an fsync, say) from async code. On a multi-thread
+/// runtime the worker hands its other tasks to the rest first, so a slow
+/// disk does not stall proxied requests; elsewhere it just runs.
+pub fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// An error and its causes on one line, each cause once: many errors here
 /// already quote their cause in their own message, so printing the plain
 /// chain would repeat it.
