@@ -15,6 +15,8 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::runtime::release_command;
+
 /// Output kept from a check, enough to diagnose, small enough to report.
 const MAX_DETAIL: usize = 2048;
 /// Response bytes an HTTP check reads (for `body_contains`).
@@ -159,22 +161,11 @@ async fn exec_probe(command: &[String], target: &Target) -> Result<String, Strin
     let (program, args) = command
         .split_first()
         .ok_or_else(|| "exec check has an empty command".to_string())?;
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .current_dir(&target.workdir)
-        // What the release sees, not the agent's own environment.
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-        )
-        .envs(target.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    let child = release_command(program, args, &target.workdir, &target.env)
         .env("PORT", target.addr.port().to_string())
-        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        // Its own process group, so a timeout kills whatever it started too.
-        .process_group(0)
+        // Its process group goes with it on a timeout (see the guard below).
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;

@@ -133,6 +133,36 @@ async fn fixture() -> Fixture {
 }
 
 impl Fixture {
+    /// Starts a cutover to `version`, which never turns healthy, and drops it
+    /// in its health checks (as an agent crash would) once the candidate
+    /// runs, with `processes` release processes running in all.
+    async fn cut_short_in_health_checks(&mut self, version: &str, processes: usize) {
+        let mut release = self.release(version, &[("HEALTH", "fail")]).await;
+        release.gate.deadline = Duration::from_secs(60);
+        let (checking, checked) = tokio::sync::oneshot::channel();
+        let checking = std::sync::Mutex::new(Some(checking));
+        tokio::select! {
+            _ = self.service.cutover(release, |step| {
+                if step == Step::HealthChecking {
+                    if let Some(tx) = checking.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }) => panic!("{version} cannot pass its checks"),
+            _ = checked => {}
+        }
+        // Spawned, but maybe not yet exec'd into python (until then its
+        // command line is still this test's).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.app_processes() != processes {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {processes} release processes"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// What an agent restart does to this service: the old agent goes away
     /// without stopping anything (as after kill -9), a new one binds the
     /// same proxy port and recovers from the store.
@@ -500,30 +530,7 @@ async fn a_cutover_cut_short_by_an_agent_crash_leaves_no_orphan() {
 
     // v2 never turns healthy, so its cutover sits in the health checks
     // until the "crash" drops it there.
-    let mut v2 = fx.release("v2", &[("HEALTH", "fail")]).await;
-    v2.gate.deadline = Duration::from_secs(60);
-    let (checking, checked) = tokio::sync::oneshot::channel();
-    let checking = std::sync::Mutex::new(Some(checking));
-    tokio::select! {
-        _ = fx.service.cutover(v2, |step| {
-            if step == Step::HealthChecking {
-                if let Some(tx) = checking.lock().unwrap().take() {
-                    let _ = tx.send(());
-                }
-            }
-        }) => panic!("v2 cannot pass its checks"),
-        _ = checked => {}
-    }
-    // Spawned, but maybe not yet exec'd into python (until then its command
-    // line is still this test's).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while fx.app_processes() != 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "v1 and the v2 candidate should run"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    fx.cut_short_in_health_checks("v2", 2).await;
 
     fx.restart_agent(|| {}).await;
     assert_eq!(
@@ -580,28 +587,7 @@ async fn a_serving_release_that_turns_unhealthy_shows_in_the_service_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_cutover_cut_short_leaves_no_orphan() {
     let mut fx = fixture().await;
-    let mut v1 = fx.release("v1", &[("HEALTH", "fail")]).await;
-    v1.gate.deadline = Duration::from_secs(60);
-    let (checking, checked) = tokio::sync::oneshot::channel();
-    let checking = std::sync::Mutex::new(Some(checking));
-    tokio::select! {
-        _ = fx.service.cutover(v1, |step| {
-            if step == Step::HealthChecking {
-                if let Some(tx) = checking.lock().unwrap().take() {
-                    let _ = tx.send(());
-                }
-            }
-        }) => panic!("v1 cannot pass its checks"),
-        _ = checked => {}
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while fx.app_processes() != 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the candidate should run"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    fx.cut_short_in_health_checks("v1", 1).await;
     fx.restart_agent(|| {}).await;
     assert_eq!(
         fx.app_processes(),

@@ -11,13 +11,12 @@
 //! identifies a process even after its pid is reused.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cutover_common::backoff::Backoff;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -242,31 +241,21 @@ async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
     };
     let stdout = open_log(STDOUT)?;
     let stderr = open_log(STDERR)?;
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .current_dir(&spec.workdir)
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-        )
-        .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
+    let child = super::release_command(program, args, &spec.workdir, &spec.env)
         .stdout(stdout)
         .stderr(stderr)
-        .process_group(0);
-    let child = command.spawn().map_err(|e| ProcessError::Spawn {
-        name: spec.name.clone(),
-        program: program.clone(),
-        workdir: spec.workdir.clone(),
-        reason: match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                format!("{e}: is the command in the release or on PATH?")
-            }
-            _ => e.to_string(),
-        },
-    })?;
+        .spawn()
+        .map_err(|e| ProcessError::Spawn {
+            name: spec.name.clone(),
+            program: program.clone(),
+            workdir: spec.workdir.clone(),
+            reason: match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    format!("{e}: is the command in the release or on PATH?")
+                }
+                _ => e.to_string(),
+            },
+        })?;
     let pid = child.id().expect("a just-spawned child has a pid");
     let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 });
     tracing::info!(release = %spec.name, pid, "process started");
