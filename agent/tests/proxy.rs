@@ -470,3 +470,60 @@ async fn request_bodies_stream_through() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], (8usize << 20).to_string().as_bytes());
 }
+
+/// A backend that answers the first request of each connection and closes
+/// the connection when the next one arrives, as a server whose keep-alive
+/// timeout fires just as a reused connection carries a request.
+async fn closing_backend() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // The next request on this connection gets no answer.
+                let _ = tcp.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_again() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    proxy.switch(Some(("closing", closing_backend().await)));
+    let client = client();
+    let url = format!("http://{}/", proxy.local_addr());
+    for i in 0..20 {
+        assert_eq!(
+            get(&client, url.clone()).await.unwrap(),
+            (200, "ok".into()),
+            "request {i}"
+        );
+    }
+    let stats = proxy.release_stats("closing").unwrap();
+    assert_eq!((stats.requests, stats.upstream_failures), (20, 0));
+
+    // A request with a body may have had an effect: it is not sent twice.
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let request = Request::post(url.clone())
+            .body(Full::new(Bytes::from_static(b"order")))
+            .unwrap();
+        statuses.push(client.request(request).await.unwrap().status().as_u16());
+    }
+    assert!(statuses.contains(&502), "{statuses:?}");
+}

@@ -189,7 +189,7 @@ struct Shared {
     config: ProxyConfig,
     active: ArcSwapOption<Upstream>,
     admitted: AtomicBool,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ProxyBody>,
     /// Stats by release, kept across switches so a release switched back to
     /// continues its counts.
     stats: Mutex<HashMap<String, Arc<ReleaseStats>>>,
@@ -473,12 +473,7 @@ async fn forward(
     let result = if upgrade {
         tunnel(shared, &upstream, guard, request).await
     } else {
-        match tokio::time::timeout(
-            shared.config.request_timeout,
-            shared.client.request(request),
-        )
-        .await
-        {
+        match tokio::time::timeout(shared.config.request_timeout, send(shared, request)).await {
             Err(_) => Err(Failure::Timeout),
             Ok(Err(error)) => Err(Failure::Unreachable(cutover_common::error_chain(&error))),
             Ok(Ok(response)) => Ok(response.map(|inner| {
@@ -528,6 +523,44 @@ async fn forward(
     };
     response.headers_mut().insert(X_REQUEST_ID, request_id);
     response
+}
+
+/// Sends a request on a pooled upstream connection. A bodiless GET, HEAD
+/// or OPTIONS that fails on a reused connection (the release closed it as
+/// idle just as the request went out, as servers with short keep-alive
+/// timeouts do) is sent once more on a fresh one: it cannot have had an
+/// effect, and the client must not see that race as a 502.
+async fn send(
+    shared: &Shared,
+    request: Request<Incoming>,
+) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    let replayable = matches!(
+        *request.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    ) && request.body().is_end_stream();
+    if !replayable {
+        return shared.client.request(request.map(BodyExt::boxed)).await;
+    }
+    let mut again = Request::builder()
+        .method(request.method().clone())
+        .uri(request.uri().clone())
+        .version(request.version())
+        .body(empty_body())
+        .expect("parts of a valid request");
+    *again.headers_mut() = request.headers().clone();
+    match shared.client.request(request.map(BodyExt::boxed)).await {
+        Err(error) if !error.is_connect() => {
+            tracing::debug!(error = %cutover_common::error_chain(&error), "upstream connection failed, retrying once");
+            shared.client.request(again).await
+        }
+        result => result,
+    }
+}
+
+fn empty_body() -> ProxyBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 enum Failure {
@@ -591,9 +624,5 @@ async fn tunnel(
             _ = tokio::io::copy_bidirectional(&mut client, &mut release) => {}
         }
     });
-    Ok(response.map(|_| {
-        http_body_util::Empty::new()
-            .map_err(|never| match never {})
-            .boxed()
-    }))
+    Ok(response.map(|_| empty_body()))
 }
