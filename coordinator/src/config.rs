@@ -62,6 +62,9 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Events kept in the event log; older ones are deleted.
+    #[serde(default = "default_max_events")]
+    pub max_events: usize,
     /// Largest artifact `cutover artifact push` accepts.
     #[serde(
         default = "default_max_artifact",
@@ -79,10 +82,14 @@ impl Default for Limits {
             keepalive_interval: default_keepalive_interval(),
             keepalive_timeout: default_keepalive_timeout(),
             max_artifact_bytes: default_max_artifact(),
+            max_events: default_max_events(),
         }
     }
 }
 
+fn default_max_events() -> usize {
+    100_000
+}
 fn default_max_artifact() -> usize {
     2 << 30
 }

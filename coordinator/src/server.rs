@@ -145,7 +145,11 @@ impl Coordinator {
         let http_server = axum::serve(http, crate::http::router(registry.clone(), metrics))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
-        let sweeper = tokio::spawn(sweep_loop(registry.clone(), shutdown.clone()));
+        let sweeper = tokio::spawn(sweep_loop(
+            registry.clone(),
+            config.limits.max_events,
+            shutdown.clone(),
+        ));
         let grace = config.shutdown_grace;
         let task_shutdown = shutdown.clone();
         let task_registry = registry.clone();
@@ -203,7 +207,7 @@ impl Coordinator {
     }
 }
 
-async fn sweep_loop(registry: Arc<Registry>, shutdown: CancellationToken) {
+async fn sweep_loop(registry: Arc<Registry>, max_events: usize, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut count: u32 = 0;
@@ -213,6 +217,14 @@ async fn sweep_loop(registry: Arc<Registry>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         count = count.wrapping_add(1);
-        registry.sweep(count % CHECKPOINT_EVERY == 0);
+        let checkpoint = count % CHECKPOINT_EVERY == 0;
+        registry.sweep(checkpoint);
+        if checkpoint {
+            match registry.store().prune_events(max_events) {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, max_events, "pruned old events"),
+                Err(error) => tracing::error!(%error, "cannot prune events"),
+            }
+        }
     }
 }

@@ -162,6 +162,9 @@ pub trait Store: Send + Sync + 'static {
     fn append_event(&self, event: NewEvent) -> Result<EventRecord, StoreError>;
     /// Events with `seq > after_seq`, oldest first, at most `limit`.
     fn events(&self, after_seq: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError>;
+    /// Deletes the oldest events so that at most `keep` remain; returns how
+    /// many went.
+    fn prune_events(&self, keep: usize) -> Result<usize, StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }

@@ -91,6 +91,30 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn prune_events(&self, keep: usize) -> Result<usize, StoreError> {
+        let seq = |key: sled::IVec| u64::from_be_bytes(key.as_ref().try_into().unwrap_or_default());
+        let (Some((first, _)), Some((last, _))) = (
+            self.events.first().map_err(backend)?,
+            self.events.last().map_err(backend)?,
+        ) else {
+            return Ok(0);
+        };
+        // Sequence numbers have no gaps but the pruned prefix, so the span
+        // is the count, found without walking the tree.
+        let (first, last) = (seq(first), seq(last));
+        let count = last - first + 1;
+        let excess = count.saturating_sub(keep as u64);
+        if excess == 0 {
+            return Ok(0);
+        }
+        let mut batch = sled::Batch::default();
+        for key in self.events.range(..(first + excess).to_be_bytes()).keys() {
+            batch.remove(key.map_err(backend)?);
+        }
+        self.events.apply_batch(batch).map_err(backend)?;
+        Ok(excess as usize)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(backend)?;
         Ok(())
@@ -155,5 +179,26 @@ mod tests {
             })
             .unwrap();
         assert!(next.seq > events[4].seq);
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        for i in 0..20 {
+            store
+                .append_event(NewEvent {
+                    kind: "test",
+                    node_id: String::new(),
+                    node_name: String::new(),
+                    message: format!("event {i}"),
+                })
+                .unwrap();
+        }
+        assert_eq!(store.prune_events(5).unwrap(), 15);
+        let left = store.events(0, 100).unwrap();
+        assert_eq!(left.len(), 5);
+        assert_eq!(left[0].message, "event 15");
+        assert_eq!(store.prune_events(5).unwrap(), 0);
     }
 }
