@@ -229,6 +229,7 @@ mod tests {
                 log_max_bytes: 1 << 20,
                 log_keep: 2,
                 releases_keep: 5,
+                trusted_networks: Vec::new(),
             },
             CancellationToken::new(),
         )

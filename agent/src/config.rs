@@ -11,6 +11,8 @@ use cutover_common::telemetry::LogFormat;
 use cutover_common::tls::{CoordinatorUrl, TlsFiles};
 use serde::Deserialize;
 
+use crate::proxy::headers::{default_trusted_networks, Network};
+
 /// Environment variables with this prefix override file keys.
 pub const ENV_PREFIX: &str = "CUTOVER_AGENT_";
 
@@ -70,6 +72,18 @@ pub struct AgentConfig {
     /// active and the previous release, which are never pruned.
     #[serde(default = "default_releases_keep")]
     pub releases_keep: usize,
+    /// Peers (CIDR networks) whose X-Forwarded-For/-Proto/-Host headers the
+    /// node proxy keeps, i.e. where the load balancers are; from any other
+    /// peer those headers are replaced. Default: loopback and private ranges.
+    #[serde(default = "default_trusted_networks", deserialize_with = "networks")]
+    pub proxy_trusted_networks: Vec<Network>,
+}
+
+fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Network>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| text.parse().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 fn default_releases_keep() -> usize {

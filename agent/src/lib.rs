@@ -123,6 +123,7 @@ impl Agent {
                 log_max_bytes: config.release_log_max_bytes as u64,
                 log_keep: config.release_log_files,
                 releases_keep: config.releases_keep,
+                trusted_networks: config.proxy_trusted_networks.clone(),
             },
             shutdown.clone(),
         )

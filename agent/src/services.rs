@@ -21,6 +21,7 @@ use crate::checks::{Check, HealthGate, Probe};
 use crate::cutover::{
     stop_leftovers, CutoverError, Step, WebRelease, WebService, WebServiceSettings,
 };
+use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::store::{AgentStore, StoreError};
 
@@ -35,6 +36,8 @@ pub struct NodeSettings {
     pub log_keep: u32,
     /// Release dirs kept per service (besides the active and previous ones).
     pub releases_keep: usize,
+    /// Peers whose forwarding headers the proxies keep.
+    pub trusted_networks: Vec<Network>,
 }
 
 /// A release dir younger than this is never pruned: it may be prepared for a
@@ -235,7 +238,9 @@ impl NodeServices {
         listen: SocketAddr,
         drain_timeout: Duration,
     ) -> Result<WebService, ServiceError> {
-        let proxy = Proxy::bind(ProxyConfig::new(name, listen), self.shutdown.clone())
+        let mut config = ProxyConfig::new(name, listen);
+        config.trusted_networks = self.settings.trusted_networks.clone();
+        let proxy = Proxy::bind(config, self.shutdown.clone())
             .await
             .map_err(|e| ServiceError::Bind {
                 service: name.to_string(),

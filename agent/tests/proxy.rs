@@ -527,3 +527,23 @@ async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_agai
     }
     assert!(statuses.contains(&502), "{statuses:?}");
 }
+
+#[tokio::test]
+async fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
+    // No trusted networks: even loopback is just a client here.
+    let (proxy, _shutdown) = proxy(|c| c.trusted_networks = Vec::new()).await;
+    let a = backend("A").await;
+    proxy.switch(Some(("A", a.addr)));
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::get(format!("http://{}/headers", proxy.local_addr()))
+        .header("x-forwarded-for", "10.1.2.3")
+        .header("x-forwarded-proto", "https")
+        .body(Empty::new())
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let seen = String::from_utf8_lossy(&body);
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(!seen.contains("10.1.2.3"), "{seen}");
+}

@@ -249,6 +249,7 @@ impl Cluster {
             release_log_max_bytes: 1 << 20,
             release_log_files: 2,
             releases_keep: 5,
+            proxy_trusted_networks: Vec::new(),
         }
     }
 

@@ -77,10 +77,82 @@ fn usable_request_id(value: &HeaderValue) -> bool {
     !bytes.is_empty() && bytes.len() <= 200 && bytes.iter().all(|b| b.is_ascii_graphic())
 }
 
+/// A network in CIDR notation, e.g. `10.0.0.0/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("invalid network {text:?}: expected e.g. 10.0.0.0/8 or fd00::/8");
+        let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl Network {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where load balancers sit by default: loopback and the private ranges.
+pub fn default_trusted_networks() -> Vec<Network> {
+    [
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "::1/128",
+        "fc00::/7",
+    ]
+    .iter()
+    .map(|n| n.parse().expect("valid default network"))
+    .collect()
+}
+
 /// Adds the forwarding headers and returns the request id (the client's when
-/// it sent a sane one, a new uuid otherwise). Forwarding headers set by a
-/// load balancer in front are kept: it knows the original scheme and host.
-pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr) -> HeaderValue {
+/// it sent a sane one, a new uuid otherwise). Forwarding headers that a
+/// trusted peer (a load balancer in front, within `trusted`) set are kept:
+/// it knows the original client, scheme and host. From anyone else they
+/// are replaced, so a client cannot pose as another address or scheme.
+pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, trusted: &[Network]) -> HeaderValue {
+    if !trusted.iter().any(|network| network.contains(client)) {
+        headers.remove(&X_FORWARDED_FOR);
+        headers.remove(&X_FORWARDED_PROTO);
+        headers.remove(&X_FORWARDED_HOST);
+    }
     let client = client.to_string();
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client}"),
@@ -117,6 +189,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_untrusted_client_cannot_forge_forwarding_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_static("shop.example"));
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.9.9.9"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        headers.insert(X_FORWARDED_HOST, HeaderValue::from_static("admin.example"));
+        add_forwarding(
+            &mut headers,
+            "203.0.113.50".parse().unwrap(),
+            &default_trusted_networks(),
+        );
+        assert_eq!(headers.get(X_FORWARDED_FOR).unwrap(), "203.0.113.50");
+        assert_eq!(headers.get(X_FORWARDED_PROTO).unwrap(), "http");
+        assert_eq!(headers.get(X_FORWARDED_HOST).unwrap(), "shop.example");
+    }
+
+    #[test]
+    fn networks_parse_and_match() {
+        let net: Network = "172.16.0.0/12".parse().unwrap();
+        assert!(net.contains("172.31.255.1".parse().unwrap()));
+        assert!(!net.contains("172.32.0.1".parse().unwrap()));
+        assert!(
+            net.contains("::ffff:172.16.0.9".parse().unwrap()),
+            "ipv4-mapped"
+        );
+        let v6: Network = "fc00::/7".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db8::1".parse().unwrap()));
+        let all: Network = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Network>().is_err());
+        assert!("10.0.0.0".parse::<Network>().is_err());
+    }
+
+    #[test]
     fn hop_by_hop_headers_go_and_upgrade_survives() {
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -149,7 +256,11 @@ mod tests {
         headers.insert(HOST, HeaderValue::from_static("shop.example"));
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
         headers.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        let id = add_forwarding(&mut headers, "10.0.0.2".parse().unwrap());
+        let id = add_forwarding(
+            &mut headers,
+            "10.0.0.2".parse().unwrap(),
+            &default_trusted_networks(),
+        );
         assert_eq!(id, "abc-123");
         assert_eq!(
             headers.get(X_FORWARDED_FOR).unwrap(),
@@ -160,7 +271,11 @@ mod tests {
 
         let mut headers = HeaderMap::new();
         headers.insert(X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
-        let id = add_forwarding(&mut headers, "10.0.0.2".parse().unwrap());
+        let id = add_forwarding(
+            &mut headers,
+            "10.0.0.2".parse().unwrap(),
+            &default_trusted_networks(),
+        );
         assert_eq!(id.len(), 36);
     }
 }

@@ -7,7 +7,7 @@
 //! one. Draining the old release is waiting for its guards to drop, bounded by
 //! the drain timeout, after which its remaining tunnels are closed.
 
-mod headers;
+pub mod headers;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -36,7 +36,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use self::headers::{add_forwarding, is_upgrade, strip_hop_by_hop, X_REQUEST_ID};
+use self::headers::{
+    add_forwarding, default_trusted_networks, is_upgrade, strip_hop_by_hop, Network, X_REQUEST_ID,
+};
 use self::stats::{ReleaseStats, StatsSnapshot};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -57,6 +59,9 @@ pub struct ProxyConfig {
     pub header_timeout: Duration,
     /// How long open client connections get to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// Peers whose `X-Forwarded-*` headers are kept (load balancers in
+    /// front); from other peers they are replaced.
+    pub trusted_networks: Vec<Network>,
 }
 
 impl ProxyConfig {
@@ -69,6 +74,7 @@ impl ProxyConfig {
             readiness_path: "/_cutover/ready".to_string(),
             header_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            trusted_networks: default_trusted_networks(),
         }
     }
 }
@@ -457,7 +463,11 @@ async fn forward(
     let started = Instant::now();
     let upgrade = is_upgrade(request.headers());
     strip_hop_by_hop(request.headers_mut(), upgrade);
-    let request_id = add_forwarding(request.headers_mut(), peer.ip());
+    let request_id = add_forwarding(
+        request.headers_mut(),
+        peer.ip(),
+        &shared.config.trusted_networks,
+    );
     let path = request
         .uri()
         .path_and_query()
