@@ -276,6 +276,7 @@ impl HealthGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::processes_mentioning;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -440,16 +441,5 @@ mod tests {
             Vec::<String>::new(),
             "orphaned grandchild"
         );
-    }
-
-    /// Command lines of live processes that contain `needle`.
-    fn processes_mentioning(needle: &str) -> Vec<String> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
-            .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
-            .filter(|cmdline| cmdline.contains(needle))
-            .collect()
     }
 }

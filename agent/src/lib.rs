@@ -13,6 +13,8 @@ pub mod runtime;
 pub mod services;
 pub mod state;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 
 use std::net::IpAddr;
 use std::sync::Arc;

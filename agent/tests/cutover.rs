@@ -1,18 +1,20 @@
 //! Cutovers of a real web app (tests/fixtures/app.py, run by python3) behind
 //! the node proxy: real processes, real sockets.
 
+mod common;
+use common::get;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use cutover_agent::artifacts::{unpack, ArtifactCache, Digest};
 use cutover_agent::checks::{Check, HealthGate, Probe};
 use cutover_agent::cutover::{CutoverError, Step, WebRelease, WebService, WebServiceSettings};
 use cutover_agent::proxy::{Proxy, ProxyConfig};
 use cutover_agent::store::AgentStore;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use nix::sys::signal::Signal;
@@ -230,24 +232,6 @@ fn app_pids(root: &Path) -> Vec<u32> {
             (String::from_utf8_lossy(&cmdline).contains(&needle) && !zombie).then_some(pid)
         })
         .collect()
-}
-
-async fn get(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
-    url: &str,
-) -> Result<(u16, String), String> {
-    let response = client
-        .get(url.parse().unwrap())
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

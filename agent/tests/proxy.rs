@@ -1,5 +1,8 @@
 //! The node proxy against real backends on real sockets.
 
+mod common;
+use common::get;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,24 +142,6 @@ fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Empty<
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-async fn get(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
-    url: String,
-) -> Result<(u16, String), String> {
-    let response = client
-        .get(url.parse().unwrap())
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_back_to_back_cutovers_under_load_fail_no_request() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
@@ -173,7 +158,7 @@ async fn twenty_back_to_back_cutovers_under_load_fail_no_request() {
             let client = client();
             let mut failures = Vec::new();
             while !stop.is_cancelled() {
-                match get(&client, url.clone()).await {
+                match get(&client, &url).await {
                     Ok((200, body)) if body.starts_with('v') => {
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
@@ -261,7 +246,7 @@ async fn a_slow_streamed_response_started_on_a_completes_after_the_switch() {
         "the streaming request is in flight to A"
     );
     assert_eq!(
-        get(&client, format!("http://{}/", proxy.local_addr()))
+        get(&client, &format!("http://{}/", proxy.local_addr()))
             .await
             .unwrap(),
         (200, "B".into())
@@ -332,11 +317,11 @@ async fn no_release_gives_502_and_readiness_follows_release_and_drain() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
     let client = client();
     let base = format!("http://{}", proxy.local_addr());
-    let (status, body) = get(&client, format!("{base}/")).await.unwrap();
+    let (status, body) = get(&client, &format!("{base}/")).await.unwrap();
     assert_eq!(status, 502);
     assert!(body.contains("no release of service web"), "{body}");
     assert_eq!(
-        get(&client, format!("{base}/_cutover/ready"))
+        get(&client, &format!("{base}/_cutover/ready"))
             .await
             .unwrap()
             .0,
@@ -346,26 +331,26 @@ async fn no_release_gives_502_and_readiness_follows_release_and_drain() {
     let a = backend("A").await;
     proxy.switch(Some(("A", a.addr)));
     assert_eq!(
-        get(&client, format!("{base}/_cutover/ready"))
+        get(&client, &format!("{base}/_cutover/ready"))
             .await
             .unwrap(),
         (200, "ready: A\n".into())
     );
 
     proxy.set_admitted(false);
-    let (status, body) = get(&client, format!("{base}/_cutover/ready"))
+    let (status, body) = get(&client, &format!("{base}/_cutover/ready"))
         .await
         .unwrap();
     assert_eq!(status, 503);
     assert!(body.contains("draining"));
     assert_eq!(
-        get(&client, format!("{base}/")).await.unwrap(),
+        get(&client, &format!("{base}/")).await.unwrap(),
         (200, "A".into()),
         "a drained node still serves"
     );
     proxy.set_admitted(true);
     assert_eq!(
-        get(&client, format!("{base}/_cutover/ready"))
+        get(&client, &format!("{base}/_cutover/ready"))
             .await
             .unwrap()
             .0,
@@ -421,14 +406,14 @@ async fn a_dead_release_gives_502_and_a_slow_one_504() {
         .local_addr()
         .unwrap();
     proxy.switch(Some(("gone", dead)));
-    let (status, body) = get(&client, format!("{base}/")).await.unwrap();
+    let (status, body) = get(&client, &format!("{base}/")).await.unwrap();
     assert_eq!(status, 502);
     assert!(body.contains("release gone of service web"), "{body}");
 
     let slow = backend("S").await;
     proxy.switch(Some(("slow", slow.addr)));
     let started = Instant::now();
-    let (status, body) = get(&client, format!("{base}/hang")).await.unwrap();
+    let (status, body) = get(&client, &format!("{base}/hang")).await.unwrap();
     assert_eq!(status, 504, "{body}");
     assert!(started.elapsed() < Duration::from_secs(2));
 
@@ -508,7 +493,7 @@ async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_agai
     let url = format!("http://{}/", proxy.local_addr());
     for i in 0..20 {
         assert_eq!(
-            get(&client, url.clone()).await.unwrap(),
+            get(&client, &url).await.unwrap(),
             (200, "ok".into()),
             "request {i}"
         );

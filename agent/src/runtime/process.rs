@@ -378,6 +378,7 @@ async fn stop_process(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::processes_mentioning;
 
     fn spec(dir: &std::path::Path, script: &str) -> ProcessSpec {
         ProcessSpec {
@@ -393,17 +394,6 @@ mod tests {
             restart_min: Duration::from_millis(100),
             restart_max: Duration::from_millis(400),
         }
-    }
-
-    /// Live processes whose command line contains `needle`.
-    fn processes_mentioning(needle: &str) -> Vec<String> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
-            .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
-            .filter(|cmdline| cmdline.contains(needle))
-            .collect()
     }
 
     async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
