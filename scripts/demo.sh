@@ -1,41 +1,148 @@
 #!/usr/bin/env bash
-# Builds cutover and starts a local cluster on loopback: a coordinator and
-# three agents (127.0.0.11-13) with a fresh CA, then shows the fleet.
-# The cluster keeps running in the background; the script says how to stop it.
+# The demo: cutover doing its job on a local cluster with embedded defaults.
+#
+#  1. builds cutover and starts a coordinator and three agents on loopback
+#     (127.0.0.11-13) with a fresh CA (`cutover dev up`);
+#  2. deploys v1 of the sample web app (examples/demo) to every node;
+#  3. rolls v2 out in batches while a load generator sends requests through
+#     the three node proxies, then shows versions per node and the load's
+#     sent/failed counts;
+#  4. deploys a broken v3 whose health check turns bad after its cutover:
+#     it is rolled back automatically, under load, and the reason is shown;
+#  5. stops everything (CUTOVER_DEMO_KEEP=1 leaves the cluster running).
+#
+# Exits 0 only if v2 rolled out with zero failed requests and v3 was rolled
+# back with every node on v2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${CUTOVER_DEMO_DIR:-.dev}
-nodes=${CUTOVER_DEMO_NODES:-3}
+keep=${CUTOVER_DEMO_KEEP:-0}
 
+command -v python3 >/dev/null || {
+  echo "the demo app needs python3; installing it"
+  apt-get install -y python3 >/dev/null
+}
 cargo build --locked --workspace --bins
-cutover=./target/debug/cutover
+cutover=$PWD/target/debug/cutover
+loadgen=$PWD/target/debug/loadgen
 
 # A demo started earlier in the same dir is replaced, not doubled.
 if [ -f "$dir/coordinator.pid" ]; then
   "$cutover" dev down --dir "$dir"
 fi
-"$cutover" dev up --nodes "$nodes" --dir "$dir"
+"$cutover" dev up --nodes 3 --dir "$dir"
 # shellcheck disable=SC1091
 source "$dir/env"
 
-echo
-echo "== cutover nodes"
-"$cutover" nodes
-echo
-echo "== a command down every agent's stream"
-for i in $(seq 1 "$nodes"); do
-  "$cutover" nodes ping "node-$i"
-done
-echo
-echo "== the coordinator's event log"
-"$cutover" events
-echo
-echo "== metrics (first lines of $CUTOVER_METRICS_URL)"
-curl -fsS "$CUTOVER_METRICS_URL" 2>/dev/null | grep -E '^cutover_(nodes|agents_connected)' || true
-cat <<EOT
+load_pid=""
+cleanup() {
+  [ -n "$load_pid" ] && kill "$load_pid" 2>/dev/null || true
+  if [ "$keep" != 1 ]; then
+    "$cutover" dev down --dir "$dir" >/dev/null 2>&1 || true
+  fi
+}
+trap cleanup EXIT
 
-The cluster is still running. In your shell:
-  source $dir/env
-  $cutover nodes --output json
-  $cutover dev down --dir $dir     # stop it
-EOT
+# Three releases of the sample app: the same program with another VERSION;
+# v3 also ships BROKEN, which fails its health check 3 s after it starts.
+artifacts="$dir/artifacts"
+rm -rf "$artifacts"
+for version in v1 v2 v3; do
+  mkdir -p "$artifacts/$version"
+  cp examples/demo/app.py "$artifacts/$version/"
+  echo "$version" >"$artifacts/$version/VERSION"
+done
+echo 3 >"$artifacts/v3/BROKEN"
+for version in v1 v2 v3; do
+  tar -C "$artifacts/$version" -czf "$artifacts/$version.tar.gz" .
+done
+
+spec=examples/demo/cutover.toml
+port=18080
+mapfile -t addresses < <("$cutover" nodes --output json |
+  python3 -c 'import json,sys; [print(n["address"]) for n in json.load(sys.stdin)]')
+targets=()
+for a in "${addresses[@]}"; do targets+=(--target "$a:$port"); done
+
+versions() {
+  for a in "${addresses[@]}"; do
+    printf '  %s:%s  %s\n' "$a" "$port" "$(curl -fsS --max-time 2 "http://$a:$port/" || echo unreachable)"
+  done
+}
+
+start_load() {
+  "$loadgen" "${targets[@]}" --connections 6 >"$dir/load-$1.json" &
+  load_pid=$!
+}
+
+stop_load() {
+  kill -TERM "$load_pid"
+  wait "$load_pid" || true
+  load_pid=""
+  python3 - "$dir/load-$1.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+by = ", ".join("%s: %d" % kv for kv in sorted(r["by_body"].items()))
+print("  requests sent %d, failed %d, in %.1f s (%.0f/s, p99 %.1f ms); answers by version: %s"
+      % (r["sent"], r["failed"], r["elapsed_seconds"], r["requests_per_second"], r["p99_ms"], by))
+for f in r["failures"]:
+    print("  failure:", f)
+EOF
+}
+
+failed_of() {
+  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["failed"])' "$dir/load-$1.json"
+}
+
+echo
+echo "== 1. deploy v1 to every node"
+"$cutover" deploy -f "$spec" --env local --version v1 --artifact "$artifacts/v1.tar.gz" --wait
+versions
+
+echo
+echo "== 2. roll out v2 in batches while load runs through the node proxies"
+start_load v2
+sleep 1
+started=$(date +%s.%N)
+v2_ok=0
+"$cutover" deploy -f "$spec" --env local --version v2 --artifact "$artifacts/v2.tar.gz" --wait && v2_ok=1
+took=$(python3 -c "import sys; print('%.1f' % ($(date +%s.%N) - $started))")
+sleep 1
+stop_load v2
+echo "  rollout took ${took}s; versions per node:"
+versions
+
+echo
+echo "== 3. deploy a broken v3: its health check fails 3 s after it starts"
+start_load v3
+sleep 1
+"$cutover" deploy -f "$spec" --env local --version v3 --artifact "$artifacts/v3.tar.gz" --wait || true
+v3_state=$("$cutover" --output json rollout list --service web --limit 1 |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["state"])')
+sleep 1
+stop_load v3
+echo "  v3 rollout ended: $v3_state; versions per node:"
+versions
+echo
+"$cutover" releases web --env local
+
+echo
+v2_failed=$(failed_of v2)
+v3_failed=$(failed_of v3)
+all_v2=1
+for a in "${addresses[@]}"; do
+  [ "$(curl -fsS --max-time 2 "http://$a:$port/" || true)" = v2 ] || all_v2=0
+done
+if [ "$v2_ok" = 1 ] && [ "$v2_failed" = 0 ] && [ "$v3_state" = rolled_back ] && [ "$all_v2" = 1 ]; then
+  echo "demo passed: v2 rolled out with 0 failed requests; broken v3 rolled back ($v3_failed failed requests); every node serves v2"
+  result=0
+else
+  echo "demo FAILED: v2 ok=$v2_ok, failed requests v2=$v2_failed v3=$v3_failed, v3 ended $v3_state, all nodes on v2=$all_v2"
+  result=1
+fi
+if [ "$keep" = 1 ]; then
+  echo "the cluster keeps running (CUTOVER_DEMO_KEEP=1): source $dir/env; stop it with: $cutover dev down --dir $dir"
+else
+  echo "stopping the local cluster (CUTOVER_DEMO_KEEP=1 keeps it)"
+fi
+exit $result

@@ -347,9 +347,13 @@ impl NodeServices {
     }
 
     /// Prepares `release` and cuts its service over to it.
+    /// Cuts the service over to `release`. With `drain_first` the node
+    /// leaves the external load balancer for the cutover and returns to it
+    /// afterwards, whatever the outcome (unless an operator had drained it).
     pub async fn activate(
         &self,
         release: &pb::Release,
+        drain_first: bool,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<pb::Activated, ServiceError> {
         let web_release = self.prepare(release, progress).await?;
@@ -378,9 +382,32 @@ impl NodeServices {
                 requested: listen,
             });
         }
+        // Activating what already serves changes nothing: a coordinator
+        // that lost track (a restart, a new command id) must not start a
+        // second copy of the release.
+        let state = service.state();
+        if state.release_id == release.release_id && state.running {
+            return Ok(pb::Activated {
+                release_id: state.release_id,
+                upstream: state.upstream,
+                previous_release_id: String::new(),
+                drain_completed: true,
+                drain_cut: 0,
+                took_ms: 0,
+            });
+        }
+        let drain = drain_first && !created && service.proxy().admitted();
+        if drain {
+            service.set_admitted(false)?;
+        }
         let result = service
             .cutover(web_release, |step| progress(step_name(step)))
             .await;
+        if drain {
+            if let Err(error) = service.set_admitted(true) {
+                tracing::error!(service = %release.service, %error, "cannot re-admit the node after its cutover");
+            }
+        }
         self.remember(&service);
         drop(service);
         if result.is_err() && created {

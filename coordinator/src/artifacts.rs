@@ -40,6 +40,11 @@ impl ArtifactStore {
         Ok(Self { dir, max_bytes })
     }
 
+    /// Whether the store holds the artifact with this digest text.
+    pub fn contains(&self, digest: &str) -> bool {
+        Digest::parse(digest).is_ok_and(|d| self.path(&d).is_file())
+    }
+
     fn path(&self, digest: &Digest) -> PathBuf {
         self.dir.join(format!("sha256-{}", digest.hex()))
     }

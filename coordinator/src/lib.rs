@@ -9,7 +9,9 @@ pub mod http;
 pub mod metrics;
 pub mod operator_api;
 pub mod registry;
+pub mod rollout;
 pub mod server;
+pub mod spec;
 pub mod store;
 
 pub use server::Coordinator;

@@ -73,6 +73,17 @@ enum Commands {
         #[command(subcommand)]
         action: ArtifactAction,
     },
+    /// Roll a release of the app's services out to their nodes.
+    Deploy(cli::rollouts::DeployArgs),
+    /// List, follow, pause, resume or abort rollouts.
+    Rollout {
+        #[command(subcommand)]
+        action: cli::rollouts::RolloutCommand,
+    },
+    /// Roll a service back to its previous stable release (or --to one).
+    Rollback(cli::rollouts::RollbackArgs),
+    /// A service's kept releases in an environment.
+    Releases(cli::rollouts::ReleasesArgs),
     /// A local cluster on loopback for development and demos.
     Dev {
         #[command(subcommand)]
@@ -288,6 +299,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{} ({} bytes pushed)", pushed.digest, pushed.size);
             }
+        }
+        Commands::Deploy(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::rollouts::deploy(&mut client, args, json).await;
+        }
+        Commands::Rollout { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::rollouts::rollout(&mut client, action, json).await;
+        }
+        Commands::Rollback(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::rollouts::rollback(&mut client, args, json).await;
+        }
+        Commands::Releases(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::rollouts::releases(&mut client, args, json).await;
         }
         Commands::Dev { action } => match action {
             DevAction::Up(args) => cli::dev::up(args).await?,

@@ -9,6 +9,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
@@ -32,6 +33,10 @@ pub struct Metrics {
     disk_free: Family<Labels, Gauge>,
     release_responses: Family<Labels, Gauge>,
     release_upstream_failures: Family<Labels, Gauge>,
+    node_release: Family<Labels, Gauge>,
+    rollouts: Family<Labels, Counter>,
+    rollout_duration: Family<Labels, Histogram>,
+    pub rollouts_in_progress: Gauge,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
     render_lock: Mutex<()>,
 }
@@ -66,6 +71,12 @@ impl Metrics {
             disk_free: Family::default(),
             release_responses: Family::default(),
             release_upstream_failures: Family::default(),
+            node_release: Family::default(),
+            rollouts: Family::default(),
+            rollout_duration: Family::new_with_constructor(|| {
+                Histogram::new([5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0])
+            }),
+            rollouts_in_progress: Gauge::default(),
             render_lock: Mutex::new(()),
             registry,
         };
@@ -126,10 +137,45 @@ impl Metrics {
             "Requests the serving release failed to answer (502) or answered too late (504)",
             metrics.release_upstream_failures.clone(),
         );
+        registry.register(
+            "node_release",
+            "The release each node serves, per service (always 1)",
+            metrics.node_release.clone(),
+        );
+        registry.register(
+            "rollouts",
+            "Rollouts that ended, by environment, service, kind and outcome",
+            metrics.rollouts.clone(),
+        );
+        registry.register(
+            "rollout_duration_seconds",
+            "How long rollouts took from creation to their end",
+            metrics.rollout_duration.clone(),
+        );
+        registry.register(
+            "rollouts_in_progress",
+            "Rollouts running or paused",
+            metrics.rollouts_in_progress.clone(),
+        );
         Self {
             registry,
             ..metrics
         }
+    }
+
+    /// Counts a rollout that reached its end.
+    pub fn rollout_finished(&self, rollout: &crate::rollout::model::Rollout, seconds: f64) {
+        let labels: Labels = vec![
+            ("env".to_string(), rollout.env.clone()),
+            ("service".to_string(), rollout.service.clone()),
+            ("kind".to_string(), rollout.kind.as_str().to_string()),
+        ];
+        self.rollout_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+        let mut labels = labels;
+        labels.push(("outcome".to_string(), rollout.state.as_str().to_string()));
+        self.rollouts.get_or_create(&labels).inc();
     }
 
     /// The Prometheus text exposition for the current fleet.
@@ -144,6 +190,7 @@ impl Metrics {
             &self.disk_free,
             &self.release_responses,
             &self.release_upstream_failures,
+            &self.node_release,
         ] {
             family.clear();
         }
@@ -164,6 +211,15 @@ impl Metrics {
             self.heartbeat_age
                 .get_or_create(&labels)
                 .set(view.heartbeat_age.as_secs_f64());
+            for service in record.services.iter().filter(|s| !s.release_id.is_empty()) {
+                self.node_release
+                    .get_or_create(&vec![
+                        ("node".to_string(), record.name.clone()),
+                        ("service".to_string(), service.service.clone()),
+                        ("release".to_string(), service.release_id.clone()),
+                    ])
+                    .set(1);
+            }
             for (service, traffic) in record
                 .services
                 .iter()

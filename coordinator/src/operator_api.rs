@@ -9,6 +9,9 @@ use tonic::{Request, Response, Status};
 
 use crate::artifacts::ArtifactStore;
 use crate::registry::{CommandWaitError, NodeView, Registry};
+use crate::rollout::engine::Input;
+use crate::rollout::model::{self, Phase, Rollout, StoredRelease};
+use crate::rollout::{DeployRequest, Rollouts, Started};
 use crate::store::{EventRecord, Figures, NewEvent, NodeStatus, ServiceStatus};
 use cutover_common::digest::Digest;
 
@@ -18,6 +21,99 @@ const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct OperatorApi {
     pub registry: Arc<Registry>,
     pub artifacts: Arc<ArtifactStore>,
+    pub rollouts: Arc<Rollouts>,
+}
+
+/// The operator's name from their certificate, for the record.
+fn caller<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<cutover_common::identity::Identity>()
+        .map(|i| i.name.clone())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn release_info(release: &StoredRelease) -> pb::ReleaseInfo {
+    pb::ReleaseInfo {
+        id: release.id().to_string(),
+        version: release.version().to_string(),
+        digest: release.digest().to_string(),
+    }
+}
+
+fn error_to_pb(e: &model::RolloutError) -> pb::RolloutError {
+    pb::RolloutError {
+        node: e.node.clone(),
+        step: e.step.clone(),
+        message: e.message.clone(),
+    }
+}
+
+pub fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
+    let (phase, batch) = match r.phase {
+        Phase::Prepare => ("prepare", 0),
+        Phase::Batch(b) => ("batch", b + 1),
+        Phase::Watch { batch, .. } => ("watch", batch + 1),
+        Phase::RollingBack => ("rolling_back", 0),
+        Phase::Done => ("done", 0),
+    };
+    pb::Rollout {
+        id: r.id.clone(),
+        app: r.app.clone(),
+        env: r.env.clone(),
+        service: r.service.clone(),
+        kind: r.kind.as_str().into(),
+        state: r.state.as_str().into(),
+        release: Some(release_info(&r.release)),
+        previous_release: r.previous.as_ref().map(release_info),
+        nodes: r
+            .nodes
+            .iter()
+            .map(|n| pb::RolloutNode {
+                name: n.name.clone(),
+                id: n.id.clone(),
+                state: n.state.as_str().into(),
+                release: n.release.clone(),
+                from_release: n.from_release.clone(),
+                batch: n.batch.map_or(0, |b| b + 1),
+                step: n.step.clone(),
+            })
+            .collect(),
+        error: r.error.as_ref().map(error_to_pb),
+        rollback_failures: r.rollback_failures.iter().map(error_to_pb).collect(),
+        batch,
+        batches: r.batches,
+        batch_size: r.batch_size,
+        phase: phase.into(),
+        skipped_nodes: r.skipped.clone(),
+        pause_requested: r.pause_requested,
+        abort_requested: r.abort_requested,
+        created_by: r.created_by.clone(),
+        created_at_ms: r.created_at_ms,
+        updated_at_ms: r.updated_at_ms,
+        finished_at_ms: r.finished_at_ms.unwrap_or(0),
+        timeline: r
+            .timeline
+            .iter()
+            .map(|t| pb::TimelineEntry {
+                at_ms: t.at_ms,
+                kind: t.kind.clone(),
+                node: t.node.clone(),
+                message: t.message.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn started_to_pb(started: Vec<Started>) -> pb::DeployResponse {
+    let mut response = pb::DeployResponse::default();
+    for s in started {
+        match s {
+            Started::Rollout(rollout) => response.rollouts.push(rollout_to_pb(&rollout)),
+            Started::NoOp { message, .. } => response.unchanged.push(message),
+        }
+    }
+    response
 }
 
 fn node_to_pb(view: NodeView) -> pb::Node {
@@ -224,5 +320,162 @@ impl OperatorService for OperatorApi {
             .map(event_to_pb)
             .collect();
         Ok(Response::new(pb::ListEventsResponse { events }))
+    }
+
+    async fn deploy(
+        &self,
+        request: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let by = caller(&request);
+        let r = request.into_inner();
+        let artifact = r
+            .artifact
+            .ok_or_else(|| Status::invalid_argument("a deploy needs an artifact"))?;
+        Digest::parse(&artifact.digest)
+            .map_err(|e| Status::invalid_argument(format!("artifact digest: {e}")))?;
+        let started = self
+            .rollouts
+            .deploy(DeployRequest {
+                spec_text: r.spec,
+                spec_file: if r.spec_file.is_empty() {
+                    "cutover.toml".into()
+                } else {
+                    r.spec_file
+                },
+                env: r.env,
+                service: Some(r.service).filter(|s| !s.is_empty()),
+                version: r.version,
+                artifact,
+                allow_unreachable: r.allow_unreachable,
+                by,
+            })
+            .await?;
+        Ok(Response::new(started_to_pb(started)))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let by = caller(&request);
+        let r = request.into_inner();
+        let to = Some(r.to_release.as_str()).filter(|t| !t.is_empty());
+        let started = self
+            .rollouts
+            .rollback(&r.env, &r.service, to, r.allow_unreachable, &by)
+            .await?;
+        Ok(Response::new(started_to_pb(vec![started])))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => 50,
+            n => n as usize,
+        };
+        let rollouts = self
+            .rollouts
+            .list()?
+            .iter()
+            .filter(|x| r.env.is_empty() || x.env == r.env)
+            .filter(|x| r.service.is_empty() || x.service == r.service)
+            .take(limit)
+            .map(rollout_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let rollout = self.rollouts.get(&request.into_inner().id)?;
+        Ok(Response::new(rollout_to_pb(&rollout)))
+    }
+
+    type WatchRolloutStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::Rollout, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let id = request.into_inner().id;
+        let Some(mut changes) = self.rollouts.subscribe(&id) else {
+            let rollout = self.rollouts.get(&id)?;
+            let once = tokio_stream::once(Ok(rollout_to_pb(&rollout)));
+            return Ok(Response::new(Box::pin(once)));
+        };
+        let rollouts = self.rollouts.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                let current = changes.borrow_and_update().clone();
+                if tx.send(Ok(rollout_to_pb(&current))).await.is_err() {
+                    return;
+                }
+                if current.state.is_terminal() {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    // The run ended (or the coordinator stops): the last
+                    // word is the stored rollout.
+                    if let Ok(last) = rollouts.get(&id) {
+                        if last != *current {
+                            let _ = tx.send(Ok(rollout_to_pb(&last))).await;
+                        }
+                    }
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn control_rollout(
+        &self,
+        request: Request<pb::ControlRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let by = caller(&request);
+        let r = request.into_inner();
+        let input = match pb::RolloutAction::try_from(r.action) {
+            Ok(pb::RolloutAction::Pause) => Input::Pause { by },
+            Ok(pb::RolloutAction::Resume) => Input::Resume { by },
+            Ok(pb::RolloutAction::Abort) => Input::Abort { by },
+            _ => {
+                return Err(Status::invalid_argument(
+                    "action must be pause, resume or abort",
+                ))
+            }
+        };
+        let rollout = self.rollouts.control(&r.id, input).await?;
+        Ok(Response::new(rollout_to_pb(&rollout)))
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        let r = request.into_inner();
+        let releases = self
+            .rollouts
+            .release_history(&r.env, &r.service)?
+            .into_iter()
+            .map(|record| pb::ReleaseEntry {
+                release: Some(release_info(&record.release)),
+                state: record.state.as_str().into(),
+                current: record.current,
+                deployed_by: record.deployed_by,
+                deployed_at_ms: record.deployed_at_ms,
+                rollout_id: record.rollout_id,
+            })
+            .collect();
+        Ok(Response::new(pb::ListReleasesResponse { releases }))
     }
 }

@@ -20,6 +20,7 @@ use crate::config::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::operator_api::OperatorApi;
 use crate::registry::Registry;
+use crate::rollout::Rollouts;
 use crate::store::{SledStore, Store, StoreError};
 
 /// Checkpoint cadence for heartbeat-only changes (last seen, figures).
@@ -119,9 +120,21 @@ impl Coordinator {
         })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
+        let rollouts = Rollouts::new(
+            store.clone(),
+            registry.clone(),
+            metrics.clone(),
+            artifacts.clone(),
+            shutdown.clone(),
+        );
+        let resumed = rollouts.recover()?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resumed unfinished rollouts");
+        }
         let operator_api = OperatorServiceServer::new(OperatorApi {
             registry: registry.clone(),
             artifacts,
+            rollouts: rollouts.clone(),
         })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -181,6 +194,7 @@ impl Coordinator {
                 http_task.abort();
             }
             let _ = sweeper.await;
+            rollouts.drain(grace).await;
             task_registry.sweep(true);
             task_registry.store().flush()?;
             tracing::info!("coordinator stopped");

@@ -6,6 +6,8 @@
 //! for end-to-end cases (hyperqueue and garage style).
 #![forbid(unsafe_code)]
 
+pub mod load;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -699,6 +701,7 @@ pub fn activate(id: &str, release: pb::Release) -> pb::Command {
         command_id: id.into(),
         kind: Some(command::Kind::Activate(pb::ActivateRelease {
             release: Some(release),
+            drain_first: false,
         })),
     }
 }

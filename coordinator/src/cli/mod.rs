@@ -2,3 +2,4 @@ pub mod artifacts;
 pub mod client;
 pub mod dev;
 pub mod nodes;
+pub mod rollouts;

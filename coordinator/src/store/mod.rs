@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 pub use sled_store::SledStore;
 
+use crate::rollout::model::{Rollout, StoredRelease};
+use crate::spec::Strategy;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store i/o failed: {0}")]
@@ -155,6 +158,49 @@ pub struct NewEvent {
     pub message: String,
 }
 
+/// Where a release stands in its service's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseState {
+    Deploying,
+    Stable,
+    Failed,
+    RolledBack,
+    Aborted,
+}
+
+impl ReleaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseState::Deploying => "deploying",
+            ReleaseState::Stable => "stable",
+            ReleaseState::Failed => "failed",
+            ReleaseState::RolledBack => "rolled_back",
+            ReleaseState::Aborted => "aborted",
+        }
+    }
+}
+
+/// One release of a service in an environment, kept for `cutover releases`
+/// and as a rollback target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub app: String,
+    pub env: String,
+    pub service: String,
+    pub release: StoredRelease,
+    pub state: ReleaseState,
+    /// The release the environment's nodes are meant to run: the last one
+    /// that rolled out successfully.
+    pub current: bool,
+    pub deployed_by: String,
+    pub deployed_at_ms: i64,
+    pub rollout_id: String,
+    /// How it was rolled out, reused when rolling back to it.
+    pub selector: BTreeMap<String, String>,
+    pub strategy: Strategy,
+}
+
 pub trait Store: Send + Sync + 'static {
     fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
     fn delete_node(&self, id: &str) -> Result<(), StoreError>;
@@ -165,6 +211,19 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the oldest events so that at most `keep` remain; returns how
     /// many went.
     fn prune_events(&self, keep: usize) -> Result<usize, StoreError>;
+    /// Writes a rollout durably: when this returns, a crash keeps it.
+    fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError>;
+    fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError>;
+    /// Every stored rollout, oldest first.
+    fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    /// A number never handed out before, for rollout ids.
+    fn next_rollout_number(&self) -> Result<u64, StoreError>;
+    /// Writes a release record durably (replacing one with the same env,
+    /// service and release id).
+    fn put_release(&self, record: &ReleaseRecord) -> Result<(), StoreError>;
+    /// A service's release history in an environment, newest first.
+    fn releases(&self, env: &str, service: &str) -> Result<Vec<ReleaseRecord>, StoreError>;
+    fn delete_release(&self, env: &str, service: &str, release_id: &str) -> Result<(), StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }

@@ -2,12 +2,21 @@
 
 use std::path::Path;
 
-use super::{EventRecord, NewEvent, NodeRecord, Store, StoreError};
+use super::{EventRecord, NewEvent, NodeRecord, ReleaseRecord, Store, StoreError};
+use crate::rollout::model::Rollout;
 
 pub struct SledStore {
     db: sled::Db,
     nodes: sled::Tree,
     events: sled::Tree,
+    rollouts: sled::Tree,
+    releases: sled::Tree,
+    counters: sled::Tree,
+}
+
+/// `env NUL service NUL`: the prefix of one service's release keys.
+fn release_prefix(env: &str, service: &str) -> Vec<u8> {
+    format!("{env}\0{service}\0").into_bytes()
 }
 
 impl SledStore {
@@ -40,7 +49,17 @@ impl SledStore {
         };
         let nodes = db.open_tree("nodes").map_err(backend)?;
         let events = db.open_tree("events").map_err(backend)?;
-        Ok(Self { db, nodes, events })
+        let rollouts = db.open_tree("rollouts").map_err(backend)?;
+        let releases = db.open_tree("releases").map_err(backend)?;
+        let counters = db.open_tree("counters").map_err(backend)?;
+        Ok(Self {
+            db,
+            nodes,
+            events,
+            rollouts,
+            releases,
+            counters,
+        })
     }
 }
 
@@ -132,6 +151,79 @@ impl Store for SledStore {
         }
         self.events.apply_batch(batch).map_err(backend)?;
         Ok(excess as usize)
+    }
+
+    fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(rollout).expect("rollouts serialize");
+        self.rollouts
+            .insert(rollout.id.as_bytes(), value)
+            .map_err(backend)?;
+        self.rollouts.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
+        match self.rollouts.get(id.as_bytes()).map_err(backend)? {
+            Some(value) => decode(id.as_bytes(), &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        let mut all: Vec<Rollout> = self
+            .rollouts
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&key, &value)
+            })
+            .collect::<Result<_, _>>()?;
+        all.sort_by_key(|r| r.created_at_ms);
+        Ok(all)
+    }
+
+    fn next_rollout_number(&self) -> Result<u64, StoreError> {
+        let next = self
+            .counters
+            .update_and_fetch("rollouts", |old| {
+                let n = old.map_or(0, |v| u64::from_be_bytes(v.try_into().unwrap_or_default()));
+                Some((n + 1).to_be_bytes().to_vec())
+            })
+            .map_err(backend)?
+            .expect("the update always sets a value");
+        self.counters.flush().map_err(backend)?;
+        Ok(u64::from_be_bytes(
+            next.as_ref().try_into().unwrap_or_default(),
+        ))
+    }
+
+    fn put_release(&self, record: &ReleaseRecord) -> Result<(), StoreError> {
+        let mut key = release_prefix(&record.env, &record.service);
+        key.extend_from_slice(record.release.id().as_bytes());
+        let value = serde_json::to_vec(record).expect("release records serialize");
+        self.releases.insert(key, value).map_err(backend)?;
+        self.releases.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn releases(&self, env: &str, service: &str) -> Result<Vec<ReleaseRecord>, StoreError> {
+        let mut all: Vec<ReleaseRecord> = self
+            .releases
+            .scan_prefix(release_prefix(env, service))
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&key, &value)
+            })
+            .collect::<Result<_, _>>()?;
+        all.sort_by_key(|r| std::cmp::Reverse(r.deployed_at_ms));
+        Ok(all)
+    }
+
+    fn delete_release(&self, env: &str, service: &str, release_id: &str) -> Result<(), StoreError> {
+        let mut key = release_prefix(env, service);
+        key.extend_from_slice(release_id.as_bytes());
+        self.releases.remove(key).map_err(backend)?;
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {

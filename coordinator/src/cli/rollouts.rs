@@ -1,0 +1,655 @@
+//! `cutover deploy`, `rollout ...`, `rollback` and `releases`: starting
+//! rollouts, following them live and reading the release history.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use cutover_common::digest::Digest;
+use cutover_coordinator::spec::AppSpec;
+use cutover_proto::v1::operator_service_client::OperatorServiceClient;
+use cutover_proto::v1::{self as pb};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use super::client::explain;
+use super::nodes::{render_table, rfc3339};
+
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The app spec.
+    #[arg(short = 'f', long = "file", default_value = "cutover.toml")]
+    pub file: PathBuf,
+    #[arg(long)]
+    pub env: String,
+    /// The release's version label, e.g. a git tag or commit.
+    #[arg(long)]
+    pub version: String,
+    /// A local .tar.gz (pushed to the coordinator's artifact store first), an
+    /// https://, http:// or file:// URL agents fetch, or the sha256: digest
+    /// of an artifact already in the store.
+    #[arg(long)]
+    pub artifact: String,
+    /// Pin the artifact to this digest; required for http(s) URLs.
+    #[arg(long)]
+    pub digest: Option<String>,
+    /// Deploy only this service (default: every service of the spec).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Follow the rollout to its end; exit 0 only if it succeeded.
+    #[arg(long)]
+    pub wait: bool,
+    /// Roll out without the nodes that are unreachable now.
+    #[arg(long)]
+    pub allow_unreachable: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RolloutCommand {
+    /// Rollouts, newest first.
+    List {
+        #[arg(long)]
+        env: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// A rollout's nodes, error and timeline.
+    Status {
+        id: String,
+    },
+    /// Follow a rollout live until it ends; exit 0 only if it succeeded.
+    Watch {
+        id: String,
+    },
+    /// Pause at the next safe point (between nodes' cutovers).
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Stop at the next safe point; each node stays on the release it serves.
+    Abort {
+        id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    pub service: String,
+    #[arg(long)]
+    pub env: String,
+    /// The release id to return to (default: the previous stable one).
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long)]
+    pub allow_unreachable: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReleasesArgs {
+    pub service: String,
+    #[arg(long)]
+    pub env: String,
+}
+
+/// Where agents get the artifact, and its digest.
+async fn resolve_artifact(
+    client: &mut OperatorServiceClient<Channel>,
+    source: &str,
+    digest: Option<String>,
+    json: bool,
+) -> Result<pb::Artifact> {
+    if let Some(d) = &digest {
+        Digest::parse(d).with_context(|| format!("--digest {d:?}"))?;
+    }
+    if source.starts_with("sha256:") {
+        Digest::parse(source).with_context(|| format!("--artifact {source:?}"))?;
+        if digest.as_deref().is_some_and(|d| d != source) {
+            bail!(
+                "--artifact {source} and --digest {} disagree",
+                digest.unwrap_or_default()
+            );
+        }
+        return Ok(pb::Artifact {
+            url: "coordinator:".into(),
+            digest: source.into(),
+        });
+    }
+    if source.starts_with("https://") || source.starts_with("http://") {
+        let digest = digest.with_context(|| {
+            format!("--artifact {source}: pass --digest sha256:... for artifacts served over http(s) (run `sha256sum` on the file you published); agents refuse anything else")
+        })?;
+        return Ok(pb::Artifact {
+            url: source.into(),
+            digest,
+        });
+    }
+    if let Some(path) = source.strip_prefix("file://") {
+        let computed = match &digest {
+            Some(d) => d.clone(),
+            None => Digest::of_file(Path::new(path))
+                .with_context(|| format!("cannot hash {path} to pin the release; pass --digest if the file exists only on the nodes"))?
+                .to_string(),
+        };
+        return Ok(pb::Artifact {
+            url: source.into(),
+            digest: computed,
+        });
+    }
+    let path = Path::new(source);
+    if !path.is_file() {
+        bail!("--artifact {source:?} is neither a file, a URL (https://, http://, file://) nor a sha256: digest");
+    }
+    let pushed = super::artifacts::push(client, path, digest).await?;
+    if !json {
+        let how = if pushed.already_present {
+            "already in the artifact store"
+        } else {
+            "pushed to the artifact store"
+        };
+        eprintln!("{source}: {} ({how})", pushed.digest);
+    }
+    Ok(pb::Artifact {
+        url: "coordinator:".into(),
+        digest: pushed.digest,
+    })
+}
+
+pub async fn deploy(
+    client: &mut OperatorServiceClient<Channel>,
+    args: DeployArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    let file = args.file.display().to_string();
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read the app spec {file}"))?;
+    // Checked here first so a typo fails before any upload.
+    let spec = AppSpec::parse(&text, &file)?;
+    spec.services_for(args.service.as_deref(), &file)?;
+    let artifact = resolve_artifact(client, &args.artifact, args.digest.clone(), json).await?;
+    let response = client
+        .deploy(pb::DeployRequest {
+            spec: text,
+            spec_file: file,
+            env: args.env,
+            service: args.service.unwrap_or_default(),
+            version: args.version,
+            artifact: Some(artifact),
+            allow_unreachable: args.allow_unreachable,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    started(client, response, args.wait, json).await
+}
+
+pub async fn rollback(
+    client: &mut OperatorServiceClient<Channel>,
+    args: RollbackArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    let response = client
+        .rollback(pb::RollbackRequest {
+            env: args.env,
+            service: args.service,
+            to_release: args.to.unwrap_or_default(),
+            allow_unreachable: args.allow_unreachable,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    started(client, response, args.wait, json).await
+}
+
+/// Reports what a deploy or rollback started, following it with `wait`.
+async fn started(
+    client: &mut OperatorServiceClient<Channel>,
+    response: pb::DeployResponse,
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    if !json {
+        for line in &response.unchanged {
+            println!("{line}");
+        }
+    }
+    if !wait {
+        if json {
+            let value = json!({
+                "rollouts": response.rollouts.iter().map(to_json).collect::<Vec<_>>(),
+                "unchanged": response.unchanged,
+            });
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        } else {
+            for r in &response.rollouts {
+                println!("{}", r.id);
+                eprintln!(
+                    "started rollout {} of {} to {} nodes; follow it with `cutover rollout watch {}`",
+                    r.id,
+                    r.release.as_ref().map_or("", |x| x.id.as_str()),
+                    r.nodes.len(),
+                    r.id
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut finals = Vec::new();
+    for r in &response.rollouts {
+        finals.push(follow(client, &r.id, json).await?);
+    }
+    if json {
+        let value = json!({
+            "rollouts": finals.iter().map(to_json).collect::<Vec<_>>(),
+            "unchanged": response.unchanged,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    }
+    Ok(exit_for(&finals))
+}
+
+fn exit_for(rollouts: &[pb::Rollout]) -> ExitCode {
+    if rollouts.iter().all(|r| r.state == "succeeded") {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+pub async fn rollout(
+    client: &mut OperatorServiceClient<Channel>,
+    command: RolloutCommand,
+    json: bool,
+) -> Result<ExitCode> {
+    let control = |id: String, action: pb::RolloutAction| pb::ControlRolloutRequest {
+        id,
+        action: action as i32,
+    };
+    let single = match command {
+        RolloutCommand::List {
+            env,
+            service,
+            limit,
+        } => {
+            let rollouts = client
+                .list_rollouts(pb::ListRolloutsRequest {
+                    env: env.unwrap_or_default(),
+                    service: service.unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .rollouts;
+            if json {
+                let items: Vec<Value> = rollouts.iter().map(to_json).collect();
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                let mut rows = vec![["ID", "STATE", "ENV", "RELEASE", "NODES", "BY", "CREATED"]
+                    .map(String::from)
+                    .to_vec()];
+                rows.extend(rollouts.iter().map(|r| {
+                    let done = r.nodes.iter().filter(|n| done_state(&n.state)).count();
+                    vec![
+                        r.id.clone(),
+                        r.state.clone(),
+                        r.env.clone(),
+                        r.release.as_ref().map(|x| x.id.clone()).unwrap_or_default(),
+                        format!("{done}/{}", r.nodes.len()),
+                        r.created_by.clone(),
+                        rfc3339(r.created_at_ms),
+                    ]
+                }));
+                print!("{}", render_table(&rows));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RolloutCommand::Watch { id } => {
+            let last = follow(client, &id, json).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&to_json(&last))?);
+            }
+            return Ok(exit_for(&[last]));
+        }
+        RolloutCommand::Status { id } => client.get_rollout(pb::GetRolloutRequest { id }).await,
+        RolloutCommand::Pause { id } => {
+            client
+                .control_rollout(control(id, pb::RolloutAction::Pause))
+                .await
+        }
+        RolloutCommand::Resume { id } => {
+            client
+                .control_rollout(control(id, pb::RolloutAction::Resume))
+                .await
+        }
+        RolloutCommand::Abort { id } => {
+            client
+                .control_rollout(control(id, pb::RolloutAction::Abort))
+                .await
+        }
+    }
+    .map_err(explain)?
+    .into_inner();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&single))?);
+    } else {
+        print!("{}", describe(&single));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn releases(
+    client: &mut OperatorServiceClient<Channel>,
+    args: ReleasesArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    let releases = client
+        .list_releases(pb::ListReleasesRequest {
+            env: args.env.clone(),
+            service: args.service.clone(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner()
+        .releases;
+    if json {
+        let items: Vec<Value> = releases
+            .iter()
+            .map(|r| {
+                json!({
+                    "release": r.release.as_ref().map(release_json),
+                    "state": r.state,
+                    "current": r.current,
+                    "deployed_by": r.deployed_by,
+                    "deployed_at": rfc3339(r.deployed_at_ms),
+                    "rollout": r.rollout_id,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+    } else if releases.is_empty() {
+        println!("no releases of {} in {}", args.service, args.env);
+    } else {
+        let mut rows = vec![[
+            "", "RELEASE", "VERSION", "STATE", "BY", "DEPLOYED", "ROLLOUT",
+        ]
+        .map(String::from)
+        .to_vec()];
+        rows.extend(releases.iter().map(|r| {
+            let info = r.release.clone().unwrap_or_default();
+            vec![
+                if r.current { "*".into() } else { String::new() },
+                info.id,
+                info.version,
+                r.state.clone(),
+                r.deployed_by.clone(),
+                rfc3339(r.deployed_at_ms),
+                r.rollout_id.clone(),
+            ]
+        }));
+        print!("{}", render_table(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn done_state(state: &str) -> bool {
+    matches!(state, "switched" | "unchanged" | "rolled_back")
+}
+
+/// Follows a rollout to its end, drawing its progress on stderr (redrawn in
+/// place on a terminal, one line per event otherwise); returns its last
+/// state. A dropped watch stream is reopened.
+async fn follow(
+    client: &mut OperatorServiceClient<Channel>,
+    id: &str,
+    quiet: bool,
+) -> Result<pb::Rollout> {
+    let terminal = std::io::stderr().is_terminal();
+    let mut drawn_lines = 0;
+    let mut printed = 0;
+    let mut failures = 0;
+    loop {
+        let stream = client
+            .watch_rollout(pb::GetRolloutRequest { id: id.to_string() })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(status) if failures < 20 && status.code() == tonic::Code::Unavailable => {
+                failures += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(status) => return Err(explain(status)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(rollout)) => {
+                    if !quiet {
+                        let mut err = std::io::stderr().lock();
+                        if terminal {
+                            if drawn_lines > 0 {
+                                write!(err, "\x1b[{drawn_lines}A\x1b[J")?;
+                            }
+                            let text = progress(&rollout);
+                            drawn_lines = text.lines().count();
+                            write!(err, "{text}")?;
+                        } else {
+                            for entry in rollout.timeline.iter().skip(printed) {
+                                writeln!(
+                                    err,
+                                    "{} {:<18} {}",
+                                    rfc3339(entry.at_ms),
+                                    entry.kind,
+                                    entry.message
+                                )?;
+                            }
+                            printed = rollout.timeline.len();
+                        }
+                    }
+                    if is_terminal_state(&rollout.state) {
+                        if !quiet {
+                            eprintln!("{}", summary(&rollout));
+                        }
+                        return Ok(rollout);
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // The stream ended early (a coordinator restart): watch again.
+        failures += 1;
+        if failures > 600 {
+            bail!("lost the rollout's progress stream; see `cutover rollout status {id}`");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+fn is_terminal_state(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "rolled_back" | "aborted")
+}
+
+fn bar(done: usize, total: usize, width: usize) -> String {
+    let filled = (done * width).checked_div(total).unwrap_or(width);
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// The live view: a bar of nodes done, the batch, each node's step.
+fn progress(r: &pb::Rollout) -> String {
+    let done = r.nodes.iter().filter(|n| done_state(&n.state)).count();
+    let total = r.nodes.len();
+    let batch = match r.phase.as_str() {
+        "batch" | "watch" => format!("batch {}/{} ({})", r.batch, r.batches, r.phase),
+        phase => phase.to_string(),
+    };
+    let mut out = format!(
+        "rollout {} {} -> {}  {}\n{} {done}/{total} nodes  {batch}\n",
+        r.id,
+        r.service,
+        r.release.as_ref().map_or("", |x| x.id.as_str()),
+        r.state,
+        bar(done, total, 30),
+    );
+    for n in &r.nodes {
+        let step = if n.step.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", n.step)
+        };
+        out.push_str(&format!(
+            "  {:<16} {:<13} {}{step}\n",
+            n.name,
+            n.state,
+            if n.release.is_empty() {
+                "-"
+            } else {
+                &n.release
+            }
+        ));
+    }
+    out
+}
+
+fn summary(r: &pb::Rollout) -> String {
+    let took = (r.finished_at_ms.max(r.updated_at_ms) - r.created_at_ms) as f64 / 1000.0;
+    let mut text = format!("rollout {} {} in {took:.1}s", r.id, r.state);
+    if let Some(e) = &r.error {
+        text.push_str(&format!("\n  cause: {}", error_text(e)));
+    }
+    for f in &r.rollback_failures {
+        text.push_str(&format!("\n  rollback failed: {}", error_text(f)));
+    }
+    text
+}
+
+fn error_text(e: &pb::RolloutError) -> String {
+    if e.node.is_empty() {
+        format!("{}: {}", e.step, e.message)
+    } else {
+        format!("node {}, step {}: {}", e.node, e.step, e.message)
+    }
+}
+
+/// `cutover rollout status`: the whole story of one rollout.
+fn describe(r: &pb::Rollout) -> String {
+    let release =
+        |x: &Option<pb::ReleaseInfo>| x.as_ref().map_or("-".to_string(), |x| x.id.clone());
+    let mut out = format!(
+        "rollout   {}\nkind      {}\nstate     {}{}{}\nservice   {} ({} in {})\nrelease   {}\nprevious  {}\nbatches   {} of {} nodes\nby        {} at {}\n",
+        r.id,
+        r.kind,
+        r.state,
+        if r.pause_requested { " (pause requested)" } else { "" },
+        if r.abort_requested { " (abort requested)" } else { "" },
+        r.service,
+        r.app,
+        r.env,
+        release(&r.release),
+        release(&r.previous_release),
+        r.batches,
+        r.batch_size,
+        r.created_by,
+        rfc3339(r.created_at_ms),
+    );
+    if let Some(e) = &r.error {
+        out.push_str(&format!("error     {}\n", error_text(e)));
+    }
+    for f in &r.rollback_failures {
+        out.push_str(&format!("rollback  {}\n", error_text(f)));
+    }
+    if !r.skipped_nodes.is_empty() {
+        out.push_str(&format!("skipped   {}\n", r.skipped_nodes.join(", ")));
+    }
+    let mut rows = vec![["NODE", "STATE", "BATCH", "RELEASE", "FROM", "STEP"]
+        .map(String::from)
+        .to_vec()];
+    rows.extend(r.nodes.iter().map(|n| {
+        vec![
+            n.name.clone(),
+            n.state.clone(),
+            if n.batch == 0 {
+                "-".into()
+            } else {
+                n.batch.to_string()
+            },
+            n.release.clone(),
+            n.from_release.clone(),
+            n.step.clone(),
+        ]
+    }));
+    out.push('\n');
+    out.push_str(&render_table(&rows));
+    out.push_str("\ntimeline\n");
+    for t in &r.timeline {
+        out.push_str(&format!(
+            "  {} {:<18} {}\n",
+            rfc3339(t.at_ms),
+            t.kind,
+            t.message
+        ));
+    }
+    out
+}
+
+fn release_json(x: &pb::ReleaseInfo) -> Value {
+    json!({"id": x.id, "version": x.version, "digest": x.digest})
+}
+
+fn error_json(e: &pb::RolloutError) -> Value {
+    json!({"node": e.node, "step": e.step, "message": e.message})
+}
+
+/// The JSON contract of a rollout (`--output json`).
+pub fn to_json(r: &pb::Rollout) -> Value {
+    let time = |ms: i64| {
+        if ms == 0 {
+            Value::Null
+        } else {
+            Value::String(rfc3339(ms))
+        }
+    };
+    json!({
+        "id": r.id,
+        "app": r.app,
+        "env": r.env,
+        "service": r.service,
+        "kind": r.kind,
+        "state": r.state,
+        "release": r.release.as_ref().map(release_json),
+        "previous_release": r.previous_release.as_ref().map(release_json),
+        "nodes": r.nodes.iter().map(|n| json!({
+            "name": n.name,
+            "id": n.id,
+            "state": n.state,
+            "release": n.release,
+            "from_release": n.from_release,
+            "batch": if n.batch == 0 { Value::Null } else { Value::from(n.batch) },
+            "step": n.step,
+        })).collect::<Vec<_>>(),
+        "error": r.error.as_ref().map(error_json),
+        "rollback_failures": r.rollback_failures.iter().map(error_json).collect::<Vec<_>>(),
+        "phase": r.phase,
+        "batch": r.batch,
+        "batches": r.batches,
+        "batch_size": r.batch_size,
+        "skipped_nodes": r.skipped_nodes,
+        "pause_requested": r.pause_requested,
+        "abort_requested": r.abort_requested,
+        "created_by": r.created_by,
+        "created_at": time(r.created_at_ms),
+        "updated_at": time(r.updated_at_ms),
+        "finished_at": time(r.finished_at_ms),
+        "timeline": r.timeline.iter().map(|t| json!({
+            "at": rfc3339(t.at_ms),
+            "kind": t.kind,
+            "node": t.node,
+            "message": t.message,
+        })).collect::<Vec<_>>(),
+    })
+}

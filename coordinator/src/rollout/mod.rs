@@ -1,0 +1,783 @@
+//! Rollouts: creating them from a spec (or a rollback), and the driver that
+//! runs each one: it feeds the pure engine with command results, heartbeats,
+//! operator requests and the clock, persists every change before the
+//! commands it implies go out, and picks running rollouts up again after a
+//! restart.
+
+pub mod engine;
+pub mod model;
+#[cfg(test)]
+mod sim;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cutover_common::now_ms;
+use cutover_proto::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryError};
+use crate::spec::{selects, AppSpec, SpecError, Strategy};
+use crate::store::{NewEvent, NodeStatus, ReleaseRecord, ReleaseState, Store, StoreError};
+use engine::{Input, Observation, Outcome, ServiceObservation};
+use model::{NodeState, Phase, Rollout, RolloutKind, RolloutNode, RolloutState, StoredRelease};
+
+/// How often a running rollout looks at heartbeats and deadlines.
+const TICK: Duration = Duration::from_millis(250);
+/// Pause before resending a command to a node that was not connected.
+const RESEND_DELAY: Duration = Duration::from_millis(500);
+/// Releases kept per service and environment (the current one always).
+const RELEASES_KEPT: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("no node matches {selector} for service {service} in environment {env}; `cutover nodes` shows each node's labels")]
+    NoNodes {
+        env: String,
+        service: String,
+        selector: String,
+    },
+    #[error("nodes {nodes} of service {service} are unreachable; bring them back, or pass --allow-unreachable to roll out without them")]
+    Unreachable { service: String, nodes: String },
+    #[error("rollout {id} ({state}) is already in progress for {service} in {env}; wait for it, or stop it with `cutover rollout abort {id}`")]
+    Locked {
+        id: String,
+        state: &'static str,
+        env: String,
+        service: String,
+    },
+    #[error("no rollout {0:?}; `cutover rollout list` shows them")]
+    NotFound(String),
+    #[error("rollout {id} already ended ({state}); nothing to {action}")]
+    Finished {
+        id: String,
+        state: &'static str,
+        action: &'static str,
+    },
+    #[error("{0}")]
+    NoRollbackTarget(String),
+    #[error("artifact {0} is not in the coordinator's artifact store; push it with `cutover artifact push FILE`")]
+    ArtifactMissing(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<RolloutError> for tonic::Status {
+    fn from(error: RolloutError) -> Self {
+        let message = error.to_string();
+        match error {
+            RolloutError::Spec(_) => tonic::Status::invalid_argument(message),
+            RolloutError::NotFound(_) => tonic::Status::not_found(message),
+            RolloutError::Store(_) => tonic::Status::internal(message),
+            RolloutError::Locked { .. } => tonic::Status::aborted(message),
+            _ => tonic::Status::failed_precondition(message),
+        }
+    }
+}
+
+/// A deploy as the operator asked for it.
+pub struct DeployRequest {
+    pub spec_text: String,
+    pub spec_file: String,
+    pub env: String,
+    pub service: Option<String>,
+    pub version: String,
+    pub artifact: pb::Artifact,
+    pub allow_unreachable: bool,
+    pub by: String,
+}
+
+/// What a deploy started, per service: a rollout, or nothing because the
+/// release already runs everywhere.
+pub enum Started {
+    Rollout(Rollout),
+    NoOp { service: String, message: String },
+}
+
+/// Everything needed to launch a rollout of one service.
+struct Plan {
+    app: String,
+    env: String,
+    service: String,
+    kind: RolloutKind,
+    release: pb::Release,
+    previous: Option<StoredRelease>,
+    selector: BTreeMap<String, String>,
+    strategy: Strategy,
+    nodes: Vec<RolloutNode>,
+    skipped: Vec<String>,
+}
+
+struct Handle {
+    control: mpsc::UnboundedSender<Input>,
+    watch: watch::Receiver<Arc<Rollout>>,
+}
+
+pub struct Rollouts {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    artifacts: Arc<crate::artifacts::ArtifactStore>,
+    running: Mutex<HashMap<String, Handle>>,
+    /// Held while checking the deploy lock and creating, so two deploys of
+    /// one service cannot both pass the check.
+    create: tokio::sync::Mutex<()>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Rollouts {
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        artifacts: Arc<crate::artifacts::ArtifactStore>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            registry,
+            metrics,
+            artifacts,
+            running: Mutex::new(HashMap::new()),
+            create: tokio::sync::Mutex::new(()),
+            shutdown,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Picks up every rollout a previous run left unfinished.
+    pub fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let unfinished: Vec<Rollout> = self
+            .store
+            .rollouts()?
+            .into_iter()
+            .filter(|r| !r.state.is_terminal())
+            .collect();
+        let count = unfinished.len();
+        for rollout in unfinished {
+            tracing::info!(rollout = %rollout.id, state = rollout.state.as_str(), "resuming rollout after restart");
+            self.spawn(rollout, Input::Recover);
+        }
+        Ok(count)
+    }
+
+    /// Waits for the rollout tasks to stop after shutdown, within `grace`.
+    pub async fn drain(&self, grace: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("rollout tasks did not stop in time");
+        }
+    }
+
+    pub async fn deploy(
+        self: &Arc<Self>,
+        request: DeployRequest,
+    ) -> Result<Vec<Started>, RolloutError> {
+        let file = request.spec_file.as_str();
+        let spec = AppSpec::parse(&request.spec_text, file)?;
+        let services = spec.services_for(request.service.as_deref(), file)?;
+        if request.artifact.url == "coordinator:"
+            && !self.artifacts.contains(&request.artifact.digest)
+        {
+            return Err(RolloutError::ArtifactMissing(
+                request.artifact.digest.clone(),
+            ));
+        }
+        // Every service resolves before anything is created.
+        let resolved = services
+            .iter()
+            .map(|service| {
+                spec.resolve(
+                    file,
+                    &request.env,
+                    service,
+                    &request.version,
+                    request.artifact.clone(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let _creating = self.create.lock().await;
+        let mut plans = Vec::new();
+        for resolved in resolved {
+            let previous = self.current_release(&resolved.env, &resolved.service)?;
+            plans.push(self.plan(
+                resolved.app,
+                resolved.env,
+                resolved.service,
+                RolloutKind::Deploy,
+                resolved.release,
+                previous,
+                resolved.selector,
+                resolved.strategy,
+                request.allow_unreachable,
+            )?);
+        }
+        plans
+            .into_iter()
+            .map(|plan| self.launch(plan, &request.by))
+            .collect()
+    }
+
+    /// Rolls a service back to its previous stable release, or to `to`.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        env: &str,
+        service: &str,
+        to: Option<&str>,
+        allow_unreachable: bool,
+        by: &str,
+    ) -> Result<Started, RolloutError> {
+        let _creating = self.create.lock().await;
+        let history = self.store.releases(env, service)?;
+        if history.is_empty() {
+            return Err(RolloutError::NoRollbackTarget(format!(
+                "{service} has no releases in {env}; check the names with `cutover releases`"
+            )));
+        }
+        let current = history.iter().find(|r| r.current);
+        let target = match to {
+            Some(id) => history.iter().find(|r| r.release.id() == id).ok_or_else(|| {
+                RolloutError::NoRollbackTarget(format!(
+                    "{service} in {env} has no kept release {id:?}; `cutover releases {service} --env {env}` lists them"
+                ))
+            })?,
+            None => history
+                .iter()
+                .find(|r| !r.current && r.state == ReleaseState::Stable)
+                .ok_or_else(|| {
+                    RolloutError::NoRollbackTarget(format!(
+                        "{service} in {env} has no stable release before the current one; name one with --to"
+                    ))
+                })?,
+        };
+        let plan = self.plan(
+            target.app.clone(),
+            env.to_string(),
+            service.to_string(),
+            RolloutKind::Rollback,
+            target.release.0.clone(),
+            current.map(|c| c.release.clone()),
+            target.selector.clone(),
+            target.strategy.clone(),
+            allow_unreachable,
+        )?;
+        self.launch(plan, by)
+    }
+
+    fn current_release(
+        &self,
+        env: &str,
+        service: &str,
+    ) -> Result<Option<StoredRelease>, StoreError> {
+        Ok(self
+            .store
+            .releases(env, service)?
+            .into_iter()
+            .find(|r| r.current)
+            .map(|r| r.release))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        &self,
+        app: String,
+        env: String,
+        service: String,
+        kind: RolloutKind,
+        release: pb::Release,
+        previous: Option<StoredRelease>,
+        selector: BTreeMap<String, String>,
+        strategy: Strategy,
+        allow_unreachable: bool,
+    ) -> Result<Plan, RolloutError> {
+        if let Some(running) = self
+            .store
+            .rollouts()?
+            .into_iter()
+            .find(|r| !r.state.is_terminal() && r.env == env && r.service == service)
+        {
+            return Err(RolloutError::Locked {
+                id: running.id,
+                state: running.state.as_str(),
+                env,
+                service,
+            });
+        }
+        let views: Vec<_> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|v| selects(&selector, &v.record.labels))
+            .collect();
+        if views.is_empty() {
+            let selector = selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            return Err(RolloutError::NoNodes {
+                env,
+                service,
+                selector,
+            });
+        }
+        let (reachable, unreachable): (Vec<_>, Vec<_>) = views
+            .into_iter()
+            .partition(|v| v.connected && v.record.status == NodeStatus::Ready);
+        let skipped: Vec<String> = unreachable.iter().map(|v| v.record.name.clone()).collect();
+        if !skipped.is_empty() && (!allow_unreachable || reachable.is_empty()) {
+            return Err(RolloutError::Unreachable {
+                service,
+                nodes: skipped.join(", "),
+            });
+        }
+        let nodes = reachable
+            .into_iter()
+            .map(|v| {
+                let running = v.record.services.iter().find(|s| s.service == service);
+                let from_release = running.map(|s| s.release_id.clone()).unwrap_or_default();
+                let unchanged =
+                    running.is_some_and(|s| s.release_id == release.release_id && s.running);
+                RolloutNode {
+                    id: v.record.id.clone(),
+                    name: v.record.name.clone(),
+                    state: if unchanged {
+                        NodeState::Unchanged
+                    } else {
+                        NodeState::Pending
+                    },
+                    release: from_release.clone(),
+                    from_release,
+                    batch: None,
+                    command_id: None,
+                    command_deadline_ms: 0,
+                    step: String::new(),
+                    detail: String::new(),
+                    switched_at_ms: 0,
+                    seen_healthy: false,
+                    lost_since_ms: None,
+                    uncertain: false,
+                }
+            })
+            .collect();
+        Ok(Plan {
+            app,
+            env,
+            service,
+            kind,
+            release,
+            previous,
+            selector,
+            strategy,
+            nodes,
+            skipped,
+        })
+    }
+
+    fn launch(self: &Arc<Self>, plan: Plan, by: &str) -> Result<Started, RolloutError> {
+        let release_id = plan.release.release_id.clone();
+        let targets = plan
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Pending)
+            .count();
+        if targets == 0 {
+            return Ok(Started::NoOp {
+                message: format!(
+                    "{release_id} already runs on all {} nodes of {} in {}; nothing to do",
+                    plan.nodes.len(),
+                    plan.service,
+                    plan.env
+                ),
+                service: plan.service,
+            });
+        }
+        let number = self.store.next_rollout_number()?;
+        let id = format!("{}-{number}", plan.service);
+        let nonce: u32 = rand::random();
+        let batch_size = plan.strategy.batch.nodes(targets) as u32;
+        let now = now_ms();
+        let mut rollout = Rollout {
+            command_prefix: format!("{id}.{nonce:08x}"),
+            id: id.clone(),
+            app: plan.app.clone(),
+            env: plan.env.clone(),
+            service: plan.service.clone(),
+            kind: plan.kind,
+            state: RolloutState::Pending,
+            phase: Phase::Prepare,
+            release: StoredRelease(plan.release),
+            previous: plan.previous,
+            strategy: plan.strategy.clone(),
+            nodes: plan.nodes,
+            skipped: plan.skipped.clone(),
+            batch_size,
+            batches: (targets as u32).div_ceil(batch_size),
+            deadline_ms: 0,
+            paused_at_ms: None,
+            pause_requested: false,
+            abort_requested: false,
+            error: None,
+            rollback_failures: Vec::new(),
+            created_by: by.to_string(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            finished_at_ms: None,
+            next_command: 1,
+            timeline: Vec::new(),
+        };
+        if !plan.skipped.is_empty() {
+            rollout.timeline.push(model::TimelineEntry {
+                at_ms: now,
+                kind: "nodes_skipped".into(),
+                node: String::new(),
+                message: format!(
+                    "unreachable at the start, skipped on request: {}",
+                    plan.skipped.join(", ")
+                ),
+            });
+        }
+        if plan.kind == RolloutKind::Deploy {
+            self.store.put_release(&ReleaseRecord {
+                app: plan.app,
+                env: plan.env,
+                service: plan.service,
+                release: rollout.release.clone(),
+                state: ReleaseState::Deploying,
+                current: false,
+                deployed_by: by.to_string(),
+                deployed_at_ms: now,
+                rollout_id: id.clone(),
+                selector: plan.selector,
+                strategy: plan.strategy,
+            })?;
+        }
+        self.store.put_rollout(&rollout)?;
+        self.record(
+            &rollout,
+            "rollout_created",
+            "",
+            format!(
+                "{by} started {} of {release_id} ({id})",
+                rollout.kind.as_str()
+            ),
+        );
+        self.spawn(rollout.clone(), Input::Start);
+        Ok(Started::Rollout(rollout))
+    }
+
+    fn record(&self, rollout: &Rollout, kind: &str, node: &str, message: String) {
+        tracing::info!(rollout = %rollout.id, event = kind, node, "{message}");
+        let event = NewEvent {
+            kind: "rollout",
+            node_id: String::new(),
+            node_name: node.to_string(),
+            message: format!("{} {kind}: {message}", rollout.id),
+        };
+        if let Err(error) = self.store.append_event(event) {
+            tracing::error!(%error, "cannot record a rollout event");
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, rollout: Rollout, first: Input) {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (watch_tx, watch) = watch::channel(Arc::new(rollout.clone()));
+        self.running
+            .lock()
+            .expect("rollouts lock")
+            .insert(rollout.id.clone(), Handle { control, watch });
+        self.metrics.rollouts_in_progress.inc();
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let id = rollout.id.clone();
+            this.run(rollout, first, control_rx, watch_tx).await;
+            this.running.lock().expect("rollouts lock").remove(&id);
+            this.metrics.rollouts_in_progress.dec();
+        });
+    }
+
+    /// A rollout, live when it runs, else as stored.
+    pub fn get(&self, id: &str) -> Result<Rollout, RolloutError> {
+        if let Some(handle) = self.running.lock().expect("rollouts lock").get(id) {
+            return Ok((**handle.watch.borrow()).clone());
+        }
+        self.store
+            .rollout(id)?
+            .ok_or_else(|| RolloutError::NotFound(id.to_string()))
+    }
+
+    /// Every rollout, newest first, live ones as they are now.
+    pub fn list(&self) -> Result<Vec<Rollout>, RolloutError> {
+        let mut all = self.store.rollouts()?;
+        let running = self.running.lock().expect("rollouts lock");
+        for rollout in &mut all {
+            if let Some(handle) = running.get(&rollout.id) {
+                *rollout = (**handle.watch.borrow()).clone();
+            }
+        }
+        all.reverse();
+        Ok(all)
+    }
+
+    /// Changes of a running rollout; `None` when it no longer runs.
+    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Arc<Rollout>>> {
+        self.running
+            .lock()
+            .expect("rollouts lock")
+            .get(id)
+            .map(|h| h.watch.clone())
+    }
+
+    pub fn release_history(
+        &self,
+        env: &str,
+        service: &str,
+    ) -> Result<Vec<ReleaseRecord>, RolloutError> {
+        Ok(self.store.releases(env, service)?)
+    }
+
+    /// Asks a running rollout to pause, resume or abort.
+    pub async fn control(&self, id: &str, input: Input) -> Result<Rollout, RolloutError> {
+        let action = match &input {
+            Input::Pause { .. } => "pause",
+            Input::Resume { .. } => "resume",
+            _ => "abort",
+        };
+        let sent = {
+            let running = self.running.lock().expect("rollouts lock");
+            running.get(id).map(|handle| {
+                let mut watch = handle.watch.clone();
+                watch.borrow_and_update();
+                (handle.control.send(input).is_ok(), watch)
+            })
+        };
+        match sent {
+            Some((true, mut watch)) => {
+                // The answer shows the request taken in (a request that
+                // changes nothing, like a second pause, changes nothing).
+                let _ = tokio::time::timeout(Duration::from_secs(2), watch.changed()).await;
+                let latest = (**watch.borrow()).clone();
+                Ok(latest)
+            }
+            _ => {
+                let rollout = self.get(id)?;
+                Err(RolloutError::Finished {
+                    id: id.to_string(),
+                    state: rollout.state.as_str(),
+                    action,
+                })
+            }
+        }
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        mut rollout: Rollout,
+        first: Input,
+        mut control: mpsc::UnboundedReceiver<Input>,
+        watch: watch::Sender<Arc<Rollout>>,
+    ) {
+        let (results_tx, mut results) = mpsc::unbounded_channel::<Input>();
+        let mut commands: HashMap<String, AbortHandle> = HashMap::new();
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut input = first;
+        loop {
+            let before = rollout.clone();
+            let sends = engine::handle(&mut rollout, now_ms(), input);
+            if rollout != before {
+                // Durable before anything it implies is sent.
+                while let Err(error) = self.store.put_rollout(&rollout) {
+                    tracing::error!(rollout = %rollout.id, %error, "cannot persist the rollout; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return abort_all(commands),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                for entry in &rollout.timeline[before.timeline.len().min(rollout.timeline.len())..]
+                {
+                    self.record(&rollout, &entry.kind, &entry.node, entry.message.clone());
+                }
+                watch.send_replace(Arc::new(rollout.clone()));
+            }
+            let live: HashSet<&str> = rollout
+                .nodes
+                .iter()
+                .filter_map(|n| n.command_id.as_deref())
+                .collect();
+            commands.retain(|id, handle| {
+                let keep = live.contains(id.as_str());
+                if !keep {
+                    handle.abort();
+                }
+                keep
+            });
+            for send in sends {
+                let id = send.command.command_id.clone();
+                let task = tokio::spawn(deliver(self.registry.clone(), send, results_tx.clone()));
+                commands.insert(id, task.abort_handle());
+            }
+            if rollout.state.is_terminal() {
+                self.finished(&rollout);
+                break;
+            }
+            input = tokio::select! {
+                Some(next) = results.recv() => next,
+                Some(next) = control.recv() => next,
+                _ = ticker.tick() => Input::Tick { nodes: self.observe(&rollout) },
+                _ = self.shutdown.cancelled() => break,
+            };
+        }
+        abort_all(commands);
+    }
+
+    fn observe(&self, rollout: &Rollout) -> Vec<Observation> {
+        let wanted: HashSet<&str> = rollout.nodes.iter().map(|n| n.id.as_str()).collect();
+        self.registry
+            .list()
+            .into_iter()
+            .filter(|v| wanted.contains(v.record.id.as_str()))
+            .map(|v| Observation {
+                service: v
+                    .record
+                    .services
+                    .iter()
+                    .find(|s| s.service == rollout.service)
+                    .map(|s| ServiceObservation {
+                        release_id: s.release_id.clone(),
+                        running: s.running,
+                        healthy: s.healthy,
+                        crashes: s.crashes,
+                        detail: match s.last_exit.as_str() {
+                            "" => s.health_detail.clone(),
+                            exit => format!("{} (last exit: {exit})", s.health_detail),
+                        },
+                    }),
+                node_id: v.record.id,
+                connected: v.connected,
+                last_seen_ms: v.record.last_seen_ms,
+            })
+            .collect()
+    }
+
+    /// Settles the release history and metrics of a rollout that ended.
+    fn finished(&self, rollout: &Rollout) {
+        let seconds = (rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms)
+            - rollout.created_at_ms) as f64
+            / 1000.0;
+        self.metrics.rollout_finished(rollout, seconds);
+        if let Err(error) = self.settle_history(rollout) {
+            tracing::error!(rollout = %rollout.id, %error, "cannot update the release history");
+        }
+    }
+
+    fn settle_history(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        let mut history = self.store.releases(&rollout.env, &rollout.service)?;
+        let target = rollout.release.id();
+        let from = rollout.previous.as_ref().map(|p| p.id().to_string());
+        let succeeded = rollout.state == RolloutState::Succeeded;
+        for record in &mut history {
+            let before = record.clone();
+            let is_target = record.release.id() == target;
+            if succeeded {
+                record.current = is_target;
+                if is_target {
+                    record.state = ReleaseState::Stable;
+                } else if rollout.kind == RolloutKind::Rollback
+                    && Some(record.release.id()) == from.as_deref()
+                {
+                    record.state = ReleaseState::RolledBack;
+                }
+            } else if is_target && rollout.kind == RolloutKind::Deploy {
+                record.state = match rollout.state {
+                    RolloutState::RolledBack => ReleaseState::RolledBack,
+                    RolloutState::Aborted => ReleaseState::Aborted,
+                    _ => ReleaseState::Failed,
+                };
+            }
+            if *record != before {
+                self.store.put_release(record)?;
+            }
+        }
+        // Keep the newest few, and always the current one.
+        let mut kept = 0;
+        for record in &history {
+            kept += 1;
+            if kept > RELEASES_KEPT && !record.current {
+                self.store
+                    .delete_release(&record.env, &record.service, record.release.id())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn abort_all(commands: HashMap<String, AbortHandle>) {
+    for handle in commands.values() {
+        handle.abort();
+    }
+}
+
+/// Sends one command to its node and reports the result, resending the same
+/// id whenever the node was not connected or dropped before answering. The
+/// engine decides when to give up (the command's deadline) and the driver
+/// then aborts this task.
+async fn deliver(
+    registry: Arc<Registry>,
+    send: engine::Send,
+    results: mpsc::UnboundedSender<Input>,
+) {
+    let command_id = send.command.command_id.clone();
+    loop {
+        match registry.send_command(&send.node_id, send.command.clone()) {
+            Ok(pending) => {
+                let progress = results.clone();
+                let id = command_id.clone();
+                let waited = pending
+                    .wait(Duration::from_secs(24 * 3600), |step| {
+                        let _ = progress.send(Input::Progress {
+                            command_id: id.clone(),
+                            step: step.step,
+                        });
+                    })
+                    .await;
+                if let Ok(result) = waited {
+                    let outcome = match pb::CommandStatus::try_from(result.status) {
+                        Ok(pb::CommandStatus::Succeeded) => Outcome::Succeeded,
+                        _ => Outcome::Failed(result.message),
+                    };
+                    let _ = results.send(Input::Result {
+                        command_id,
+                        outcome,
+                    });
+                    return;
+                }
+            }
+            Err(RegistryError::UnknownNode(_)) => {
+                let _ = results.send(Input::Result {
+                    command_id,
+                    outcome: Outcome::Failed(format!(
+                        "node {} is no longer registered",
+                        send.node_name
+                    )),
+                });
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(node = %send.node_name, %error, "command not delivered yet; will resend");
+            }
+        }
+        tokio::time::sleep(RESEND_DELAY).await;
+    }
+}

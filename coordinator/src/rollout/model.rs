@@ -1,0 +1,265 @@
+//! A rollout as it is stored: everything the engine needs to carry on after
+//! a coordinator restart lives in here.
+
+use cutover_proto::v1 as pb;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::Strategy;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Pending,
+    Running,
+    Paused,
+    Succeeded,
+    Failed,
+    RollingBack,
+    RolledBack,
+    Aborted,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Pending => "pending",
+            RolloutState::Running => "running",
+            RolloutState::Paused => "paused",
+            RolloutState::Succeeded => "succeeded",
+            RolloutState::Failed => "failed",
+            RolloutState::RollingBack => "rolling_back",
+            RolloutState::RolledBack => "rolled_back",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RolloutState::Succeeded
+                | RolloutState::Failed
+                | RolloutState::RolledBack
+                | RolloutState::Aborted
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutKind {
+    Deploy,
+    Rollback,
+}
+
+impl RolloutKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutKind::Deploy => "deploy",
+            RolloutKind::Rollback => "rollback",
+        }
+    }
+}
+
+/// Where one node is in the rollout. States ending in -ing have a command
+/// in flight (`RolloutNode::command_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Waiting for its prepare.
+    Pending,
+    Preparing,
+    /// Has the release on disk; waits for its batch.
+    Prepared,
+    /// Its cutover runs (out of the load balancer meanwhile when
+    /// `max_unavailable > 0`).
+    Activating,
+    /// Serves the new release.
+    Switched,
+    /// Already ran the release when the rollout started.
+    Unchanged,
+    Failed,
+    RollingBack,
+    RolledBack,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Pending => "pending",
+            NodeState::Preparing => "preparing",
+            NodeState::Prepared => "prepared",
+            NodeState::Activating => "activating",
+            NodeState::Switched => "switched",
+            NodeState::Unchanged => "unchanged",
+            NodeState::Failed => "failed",
+            NodeState::RollingBack => "rolling_back",
+            NodeState::RolledBack => "rolled_back",
+        }
+    }
+
+    pub fn in_flight(self) -> bool {
+        matches!(
+            self,
+            NodeState::Preparing | NodeState::Activating | NodeState::RollingBack
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutNode {
+    pub id: String,
+    pub name: String,
+    pub state: NodeState,
+    /// The release the node serves as far as the rollout knows; empty for
+    /// none.
+    pub release: String,
+    /// What it served when the rollout started.
+    pub from_release: String,
+    pub batch: Option<u32>,
+    /// The command in flight, resent as is after a coordinator restart (the
+    /// agent runs an id once).
+    pub command_id: Option<String>,
+    pub command_deadline_ms: i64,
+    /// The agent's last reported step of the command in flight.
+    pub step: String,
+    pub detail: String,
+    pub switched_at_ms: i64,
+    /// A heartbeat sent after the switch showed the new release healthy.
+    pub seen_healthy: bool,
+    /// Since when the node has been disconnected, while it serves the new
+    /// release.
+    pub lost_since_ms: Option<i64>,
+    /// The node's command timed out: it may or may not have switched, so a
+    /// rollback includes it.
+    pub uncertain: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutError {
+    /// Empty when the rollout as a whole failed (its deadline).
+    pub node: String,
+    pub step: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for RolloutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.node.as_str() {
+            "" => write!(f, "{}: {}", self.step, self.message),
+            node => write!(f, "node {node}, step {}: {}", self.step, self.message),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    pub at_ms: i64,
+    pub kind: String,
+    pub node: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Prepare,
+    Batch(u32),
+    /// Every node of the batch switched; it must stay healthy until then.
+    Watch {
+        batch: u32,
+        until_ms: i64,
+    },
+    RollingBack,
+    Done,
+}
+
+/// A release, stored as its protobuf encoding: the wire type is the one
+/// definition of a release, and prost decoding tolerates fields added later.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StoredRelease(pub pb::Release);
+
+impl TryFrom<String> for StoredRelease {
+    type Error = String;
+    fn try_from(hex: String) -> Result<Self, String> {
+        if hex.len() % 2 != 0 {
+            return Err("odd hex length".into());
+        }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<u8>, String>>()?;
+        pb::Release::decode(bytes.as_slice())
+            .map(StoredRelease)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl From<StoredRelease> for String {
+    fn from(release: StoredRelease) -> String {
+        release
+            .0
+            .encode_to_vec()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl StoredRelease {
+    pub fn id(&self) -> &str {
+        &self.0.release_id
+    }
+    pub fn version(&self) -> &str {
+        &self.0.version
+    }
+    pub fn digest(&self) -> &str {
+        self.0.artifact.as_ref().map_or("", |a| a.digest.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub app: String,
+    pub env: String,
+    pub service: String,
+    pub kind: RolloutKind,
+    pub state: RolloutState,
+    pub phase: Phase,
+    pub release: StoredRelease,
+    /// What a failure returns switched nodes to; `None` on a first deploy,
+    /// where they stop serving the service instead.
+    pub previous: Option<StoredRelease>,
+    pub strategy: Strategy,
+    pub nodes: Vec<RolloutNode>,
+    /// Nodes the selector matched but that were unreachable at the start and
+    /// skipped on the operator's word (`--allow-unreachable`).
+    pub skipped: Vec<String>,
+    pub batch_size: u32,
+    pub batches: u32,
+    pub deadline_ms: i64,
+    pub paused_at_ms: Option<i64>,
+    pub pause_requested: bool,
+    pub abort_requested: bool,
+    pub error: Option<RolloutError>,
+    /// Nodes whose return to the previous release failed.
+    pub rollback_failures: Vec<RolloutError>,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    /// Command ids are `<prefix>.<n>`; the prefix holds a random part, so
+    /// a coordinator whose store was wiped cannot reuse an id an agent
+    /// remembers and get an old result replayed.
+    pub command_prefix: String,
+    pub next_command: u64,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+impl Rollout {
+    pub fn node(&self, name: &str) -> Option<&RolloutNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}

@@ -1,0 +1,846 @@
+//! The app spec (`cutover.toml`): what an operator keeps in the app's
+//! repository, parsed strictly and validated in full before anything is
+//! created, so a typo fails the deploy instead of half of it. docs/spec.md
+//! documents every key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cutover_proto::v1 as pb;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// A spec that cannot be used, with the file, the key and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {}{message}", if key.is_empty() { String::new() } else { format!("key `{key}`: ") })]
+pub struct SpecError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    pub app: String,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceSpec>,
+    #[serde(default)]
+    pub strategy: StrategySpec,
+    #[serde(default)]
+    pub environments: BTreeMap<String, EnvironmentSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default = "default_runtime")]
+    pub runtime: String,
+    pub command: Vec<String>,
+    /// The node proxy's public address; a service without one is a worker.
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub nodes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    #[serde(default = "default_stop_grace", with = "humantime_serde")]
+    pub stop_grace: Duration,
+    pub health: Option<HealthSpec>,
+    #[serde(default)]
+    pub smoke: Vec<SmokeSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// HTTP check of this path; or `tcp = true`; or `exec = [..]`.
+    pub path: Option<String>,
+    #[serde(default)]
+    pub tcp: bool,
+    pub exec: Option<Vec<String>>,
+    /// Accepted status: a code or "200-399" (the default).
+    pub expect_status: Option<StatusRange>,
+    pub expect_body: Option<String>,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    #[serde(default = "default_healthy_deadline", with = "humantime_serde")]
+    pub healthy_deadline: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmokeSpec {
+    pub path: String,
+    pub expect_status: Option<StatusRange>,
+    pub expect_body: Option<String>,
+    #[serde(default = "default_smoke_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// An HTTP status or an inclusive range of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange(pub u16, pub u16);
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Code(i64),
+            Text(String),
+        }
+        let invalid = |what: &str| {
+            serde::de::Error::custom(format!(
+                "{what} is not a status: use a code like 200 or a range like \"200-299\""
+            ))
+        };
+        let code = |n: i64| {
+            u16::try_from(n)
+                .ok()
+                .filter(|n| (100..=599).contains(n))
+                .ok_or_else(|| invalid(&n.to_string()))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Code(n) => code(n).map(|c| StatusRange(c, c)),
+            Raw::Text(text) => {
+                let parse = |s: &str| {
+                    s.trim()
+                        .parse::<i64>()
+                        .map_err(|_| invalid(&format!("{text:?}")))
+                };
+                let (min, max) = match text.split_once('-') {
+                    Some((a, b)) => (code(parse(a)?)?, code(parse(b)?)?),
+                    None => {
+                        let c = code(parse(&text)?)?;
+                        (c, c)
+                    }
+                };
+                if min > max {
+                    return Err(invalid(&format!("{text:?}")));
+                }
+                Ok(StatusRange(min, max))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategySpec {
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    #[serde(default = "default_batch")]
+    pub batch: BatchSize,
+    #[serde(default)]
+    pub max_unavailable: u32,
+    #[serde(default = "default_min_healthy_time", with = "humantime_serde")]
+    pub min_healthy_time: Duration,
+    #[serde(default = "default_progress_deadline", with = "humantime_serde")]
+    pub progress_deadline: Duration,
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
+    /// Nodes fetching the release at once before the first batch.
+    #[serde(default = "default_prepare_parallelism")]
+    pub prepare_parallelism: u32,
+}
+
+impl Default for StrategySpec {
+    fn default() -> Self {
+        toml::from_str("").expect("every strategy key has a default")
+    }
+}
+
+/// Nodes per batch: a count, or a percentage of the target nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "BatchText", into = "BatchText")]
+pub enum BatchSize {
+    Count(u32),
+    Percent(u32),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum BatchText {
+    Count(i64),
+    Text(String),
+}
+
+impl TryFrom<BatchText> for BatchSize {
+    type Error = String;
+    fn try_from(raw: BatchText) -> Result<Self, String> {
+        let bad = |v: String| {
+            format!("{v} is not a batch size: use a node count of at least 1, or a percentage from 1% to 100%")
+        };
+        match raw {
+            BatchText::Count(n) if n >= 1 && n <= u32::MAX as i64 => Ok(BatchSize::Count(n as u32)),
+            BatchText::Count(n) => Err(bad(n.to_string())),
+            BatchText::Text(text) => match text.trim().strip_suffix('%') {
+                Some(p) => match p.trim().parse::<u32>() {
+                    Ok(p) if (1..=100).contains(&p) => Ok(BatchSize::Percent(p)),
+                    _ => Err(bad(format!("{text:?}"))),
+                },
+                None => match text.trim().parse::<i64>() {
+                    Ok(n) => BatchSize::try_from(BatchText::Count(n)),
+                    Err(_) => Err(bad(format!("{text:?}"))),
+                },
+            },
+        }
+    }
+}
+
+impl From<BatchSize> for BatchText {
+    fn from(size: BatchSize) -> Self {
+        match size {
+            BatchSize::Count(n) => BatchText::Count(n.into()),
+            BatchSize::Percent(p) => BatchText::Text(format!("{p}%")),
+        }
+    }
+}
+
+impl BatchSize {
+    /// Nodes per batch out of `targets`, at least one.
+    pub fn nodes(self, targets: usize) -> usize {
+        let n = match self {
+            BatchSize::Count(n) => n as usize,
+            BatchSize::Percent(p) => (targets * p as usize).div_ceil(100),
+        };
+        n.clamp(1, targets.max(1))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentSpec {
+    #[serde(default)]
+    pub nodes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_runtime() -> String {
+    "process".into()
+}
+fn default_kind() -> String {
+    "rolling".into()
+}
+fn default_batch() -> BatchSize {
+    BatchSize::Percent(25)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_stop_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_smoke_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_healthy_deadline() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_min_healthy_time() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_progress_deadline() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_prepare_parallelism() -> u32 {
+    8
+}
+
+/// The strategy a rollout runs with, as stored with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Strategy {
+    pub batch: BatchSize,
+    pub max_unavailable: u32,
+    pub min_healthy_time_ms: u64,
+    pub progress_deadline_ms: u64,
+    pub auto_rollback: bool,
+    pub prepare_parallelism: u32,
+}
+
+/// Everything a deploy of one service in one environment needs from the
+/// spec: which nodes, with which strategy, and the release minus its
+/// artifact and version.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub app: String,
+    pub env: String,
+    pub service: String,
+    /// The environment's selector ANDed with the service's.
+    pub selector: BTreeMap<String, String>,
+    pub strategy: Strategy,
+    pub release: pb::Release,
+}
+
+impl AppSpec {
+    /// Parses and validates a spec; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, SpecError> {
+        let error = |key: String, message: String| SpecError {
+            file: file.to_string(),
+            key,
+            message,
+        };
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| {
+            error(
+                String::new(),
+                format!("not valid TOML: {}", e.to_string().trim()),
+            )
+        })?;
+        let spec: AppSpec = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().message().trim().to_string();
+            error(if key == "." { String::new() } else { key }, message)
+        })?;
+        spec.validate()
+            .map_err(|(key, message)| error(key, message))?;
+        Ok(spec)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        name_ok(&self.app).map_err(|m| ("app".to_string(), m))?;
+        if self.services.is_empty() {
+            return Err((
+                "services".into(),
+                "the spec defines no service; add a [services.NAME] table".into(),
+            ));
+        }
+        if self.environments.is_empty() {
+            return Err((
+                "environments".into(),
+                "the spec defines no environment; add an [environments.NAME] table".into(),
+            ));
+        }
+        validate_strategy(&self.strategy).map_err(|(k, m)| (format!("strategy.{k}"), m))?;
+        for (name, env) in &self.environments {
+            let key = format!("environments.{name}");
+            name_ok(name).map_err(|m| (key.clone(), m))?;
+            validate_env_vars(&env.env).map_err(|(k, m)| (format!("{key}.env.{k}"), m))?;
+        }
+        for (name, service) in &self.services {
+            let key = format!("services.{name}");
+            name_ok(name).map_err(|m| (key.clone(), m))?;
+            validate_service(service).map_err(|(k, m)| (format!("{key}.{k}"), m))?;
+        }
+        Ok(())
+    }
+
+    /// The service names a deploy covers: `only`, or all of them.
+    pub fn services_for(&self, only: Option<&str>, file: &str) -> Result<Vec<String>, SpecError> {
+        match only {
+            Some(name) if self.services.contains_key(name) => Ok(vec![name.to_string()]),
+            Some(name) => Err(SpecError {
+                file: file.into(),
+                key: "services".into(),
+                message: format!(
+                    "no service {name:?}; the spec defines {}",
+                    self.services.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            }),
+            None => Ok(self.services.keys().cloned().collect()),
+        }
+    }
+
+    /// Resolves one service in one environment, with its release pinned to
+    /// `version` and `artifact`.
+    pub fn resolve(
+        &self,
+        file: &str,
+        env: &str,
+        service: &str,
+        version: &str,
+        artifact: pb::Artifact,
+    ) -> Result<Resolved, SpecError> {
+        let error = |key: String, message: String| SpecError {
+            file: file.to_string(),
+            key,
+            message,
+        };
+        let environment = self.environments.get(env).ok_or_else(|| {
+            error(
+                "environments".into(),
+                format!(
+                    "no environment {env:?}; the spec defines {}",
+                    self.environments
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+        let spec = self
+            .services
+            .get(service)
+            .ok_or_else(|| error("services".into(), format!("no service {service:?}")))?;
+        if !is_safe_label(version) {
+            return Err(error(
+                String::new(),
+                format!("version {version:?} must be 1 to 64 characters from a-z, A-Z, 0-9, '.', '_', '-', starting with a letter or digit"),
+            ));
+        }
+        let Some(listen) = &spec.listen else {
+            return Err(error(
+                format!("services.{service}.listen"),
+                "services without `listen` (queue workers) cannot be deployed yet: agents run web services only; deploy the web services with --service".into(),
+            ));
+        };
+        let health = spec
+            .health
+            .as_ref()
+            .expect("validated: web services have a health check");
+        let mut selector = environment.nodes.clone();
+        for (k, v) in &spec.nodes {
+            if let Some(existing) = selector.get(k).filter(|e| *e != v) {
+                return Err(error(
+                    format!("services.{service}.nodes.{k}"),
+                    format!("selects {k}={v} but environment {env} selects {k}={existing}; no node can match both"),
+                ));
+            }
+            selector.insert(k.clone(), v.clone());
+        }
+        let mut vars = environment.env.clone();
+        vars.extend(spec.env.clone());
+        let web = pb::WebService {
+            listen: listen.clone(),
+            health: Some(health_check(health)),
+            health_interval_ms: ms(health.interval),
+            healthy_threshold: health.healthy_threshold,
+            healthy_deadline_ms: ms(health.healthy_deadline),
+            smoke: spec
+                .smoke
+                .iter()
+                .map(|s| pb::Check {
+                    probe: Some(pb::check::Probe::Http(http_probe(
+                        &s.path,
+                        s.expect_status.or(Some(StatusRange(200, 200))),
+                        &s.expect_body,
+                    ))),
+                    timeout_ms: ms(s.timeout),
+                })
+                .collect(),
+            drain_timeout_ms: ms(spec.drain_timeout),
+        };
+        let mut release = pb::Release {
+            release_id: String::new(),
+            service: service.to_string(),
+            version: version.to_string(),
+            artifact: Some(artifact),
+            command: spec.command.clone(),
+            env: vars.into_iter().collect(),
+            web: Some(web),
+            stop_signal: spec.stop_signal.clone().unwrap_or_default(),
+            stop_grace_ms: ms(spec.stop_grace),
+        };
+        release.release_id = release_id(&release);
+        let s = &self.strategy;
+        Ok(Resolved {
+            app: self.app.clone(),
+            env: env.to_string(),
+            service: service.to_string(),
+            selector,
+            strategy: Strategy {
+                batch: s.batch,
+                max_unavailable: s.max_unavailable,
+                min_healthy_time_ms: ms(s.min_healthy_time),
+                progress_deadline_ms: ms(s.progress_deadline),
+                auto_rollback: s.auto_rollback,
+                prepare_parallelism: s.prepare_parallelism,
+            },
+            release,
+        })
+    }
+}
+
+/// `<service>-<version>-<8 hex>`: the hash covers everything the release
+/// runs, so the same version with another command, environment or artifact
+/// is another release, and deploying an identical one again is recognised.
+/// The environment's map is hashed in key order, so the id is stable.
+pub fn release_id(release: &pb::Release) -> String {
+    let mut canonical = release.clone();
+    canonical.release_id.clear();
+    let mut hasher = Sha256::new();
+    let mut env: Vec<_> = std::mem::take(&mut canonical.env).into_iter().collect();
+    env.sort();
+    for (k, v) in env {
+        hasher.update(k.as_bytes());
+        hasher.update([0]);
+        hasher.update(v.as_bytes());
+        hasher.update([0]);
+    }
+    hasher.update(canonical.encode_to_vec());
+    let hash = hasher.finalize();
+    let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{hex}", release.service, release.version)
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn http_probe(path: &str, status: Option<StatusRange>, body: &Option<String>) -> pb::HttpProbe {
+    let StatusRange(min, max) = status.unwrap_or(StatusRange(200, 399));
+    pb::HttpProbe {
+        path: path.to_string(),
+        status_min: min.into(),
+        status_max: max.into(),
+        body_contains: body.clone().unwrap_or_default(),
+    }
+}
+
+fn health_check(h: &HealthSpec) -> pb::Check {
+    let probe = if let Some(path) = &h.path {
+        pb::check::Probe::Http(http_probe(path, h.expect_status, &h.expect_body))
+    } else if let Some(command) = &h.exec {
+        pb::check::Probe::Exec(pb::ExecProbe {
+            command: command.clone(),
+        })
+    } else {
+        pb::check::Probe::Tcp(pb::TcpProbe {})
+    };
+    pb::Check {
+        probe: Some(probe),
+        timeout_ms: ms(h.timeout),
+    }
+}
+
+fn is_safe_label(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn name_ok(name: &str) -> Result<(), String> {
+    cutover_common::identity::validate_name(name).map_err(|_| {
+        format!("{name:?} is not a valid name: 1 to 63 characters from a-z, A-Z, 0-9, '.', '_', '-', starting with a letter or digit")
+    })
+}
+
+fn validate_strategy(s: &StrategySpec) -> Result<(), (String, String)> {
+    if s.kind != "rolling" {
+        return Err((
+            "kind".into(),
+            format!(
+                "{:?} is not a strategy kind this version runs; use \"rolling\"",
+                s.kind
+            ),
+        ));
+    }
+    if s.progress_deadline.is_zero() {
+        return Err((
+            "progress_deadline".into(),
+            "must be above zero, e.g. \"10m\"".into(),
+        ));
+    }
+    if s.prepare_parallelism == 0 {
+        return Err(("prepare_parallelism".into(), "must be at least 1".into()));
+    }
+    Ok(())
+}
+
+fn validate_env_vars(vars: &BTreeMap<String, String>) -> Result<(), (String, String)> {
+    for (name, value) in vars {
+        let ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err((
+                name.clone(),
+                "environment variable names are letters, digits and '_', not starting with a digit"
+                    .into(),
+            ));
+        }
+        if value.contains('\0') {
+            return Err((name.clone(), "the value contains a NUL byte".into()));
+        }
+    }
+    Ok(())
+}
+
+fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
+    if s.runtime != "process" {
+        return Err((
+            "runtime".into(),
+            format!(
+                "{:?} is not a runtime this version has; use \"process\"",
+                s.runtime
+            ),
+        ));
+    }
+    if s.command.is_empty() || s.command[0].is_empty() {
+        return Err((
+            "command".into(),
+            "must name the program to run, e.g. [\"php\", \"artisan\", \"octane:start\"]".into(),
+        ));
+    }
+    if let Some(signal) = &s.stop_signal {
+        if nix_signal_ok(signal).is_none() {
+            return Err((
+                "stop_signal".into(),
+                format!("{signal:?} is not a signal name like \"SIGTERM\" or \"SIGQUIT\""),
+            ));
+        }
+    }
+    validate_env_vars(&s.env).map_err(|(k, m)| (format!("env.{k}"), m))?;
+    if let Some(listen) = &s.listen {
+        parse_listen(listen).map_err(|m| ("listen".to_string(), m))?;
+        let Some(health) = &s.health else {
+            return Err(("health".into(), "a web service (it has `listen`) needs a health check: add [services.NAME.health] with a `path`".into()));
+        };
+        validate_health(health).map_err(|(k, m)| (format!("health.{k}"), m))?;
+    } else if s.health.is_some() || !s.smoke.is_empty() {
+        return Err((
+            "listen".into(),
+            "health and smoke checks need a `listen` address (a web service)".into(),
+        ));
+    }
+    for (i, smoke) in s.smoke.iter().enumerate() {
+        if !smoke.path.starts_with('/') {
+            return Err((
+                format!("smoke[{i}].path"),
+                format!("{:?} must start with /", smoke.path),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn nix_signal_ok(name: &str) -> Option<()> {
+    const SIGNALS: &[&str] = &[
+        "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGWINCH",
+    ];
+    SIGNALS.contains(&name).then_some(())
+}
+
+fn validate_health(h: &HealthSpec) -> Result<(), (String, String)> {
+    let kinds = usize::from(h.path.is_some()) + usize::from(h.tcp) + usize::from(h.exec.is_some());
+    if kinds != 1 {
+        return Err((
+            String::from("path"),
+            "set exactly one probe: `path` (HTTP), `tcp = true` or `exec = [..]`".into(),
+        ));
+    }
+    if let Some(path) = &h.path {
+        if !path.starts_with('/') {
+            return Err(("path".into(), format!("{path:?} must start with /")));
+        }
+    }
+    if h.exec.as_ref().is_some_and(|c| c.is_empty()) {
+        return Err(("exec".into(), "must name a command".into()));
+    }
+    if h.healthy_threshold == 0 {
+        return Err(("healthy_threshold".into(), "must be at least 1".into()));
+    }
+    if h.interval.is_zero() {
+        return Err(("interval".into(), "must be above zero, e.g. \"1s\"".into()));
+    }
+    if h.timeout.is_zero() {
+        return Err(("timeout".into(), "must be above zero, e.g. \"1s\"".into()));
+    }
+    if h.healthy_deadline < h.interval {
+        return Err((
+            "healthy_deadline".into(),
+            format!(
+                "{} is shorter than the interval {}; the check could never pass",
+                humantime::format_duration(h.healthy_deadline),
+                humantime::format_duration(h.interval)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// ":8080" (the node's address) or "ip:port".
+fn parse_listen(listen: &str) -> Result<(), String> {
+    let bad = || format!("{listen:?} is not a listen address: use \":PORT\" or \"IP:PORT\"");
+    if let Some(port) = listen.strip_prefix(':') {
+        return port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .map(|_| ())
+            .ok_or_else(bad);
+    }
+    listen.parse::<SocketAddr>().map(|_| ()).map_err(|_| bad())
+}
+
+/// Whether a node's labels satisfy a selector (every key equal).
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+app = "shop"
+
+[services.web]
+command = ["python3", "app.py"]
+listen = ":8080"
+nodes = { role = "web" }
+drain_timeout = "10s"
+[services.web.env]
+APP_NAME = "shop"
+[services.web.health]
+path = "/health"
+interval = "1s"
+timeout = "1s"
+healthy_threshold = 2
+healthy_deadline = "30s"
+[[services.web.smoke]]
+path = "/"
+expect_status = 200
+
+[strategy]
+kind = "rolling"
+batch = "25%"
+max_unavailable = 0
+min_healthy_time = "5s"
+progress_deadline = "10m"
+auto_rollback = true
+
+[environments.local]
+nodes = { env = "local" }
+[environments.local.env]
+APP_ENV = "local"
+"#;
+
+    fn artifact() -> pb::Artifact {
+        pb::Artifact {
+            url: "coordinator:".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+        }
+    }
+
+    fn error_of(text: &str) -> SpecError {
+        AppSpec::parse(text, "cutover.toml").expect_err("spec must be refused")
+    }
+
+    #[test]
+    fn the_documented_shape_resolves_to_a_release() {
+        let spec = AppSpec::parse(GOOD, "cutover.toml").unwrap();
+        let resolved = spec
+            .resolve("cutover.toml", "local", "web", "v1", artifact())
+            .unwrap();
+        assert_eq!(
+            resolved.selector,
+            [
+                ("env".into(), "local".into()),
+                ("role".into(), "web".into())
+            ]
+            .into()
+        );
+        assert_eq!(resolved.strategy.batch, BatchSize::Percent(25));
+        let release = &resolved.release;
+        assert!(
+            release.release_id.starts_with("web-v1-"),
+            "{}",
+            release.release_id
+        );
+        assert_eq!(
+            release.env.get("APP_ENV").map(String::as_str),
+            Some("local")
+        );
+        assert_eq!(
+            release.env.get("APP_NAME").map(String::as_str),
+            Some("shop")
+        );
+        let web = release.web.as_ref().unwrap();
+        assert_eq!(web.drain_timeout_ms, 10_000);
+        assert_eq!(web.smoke.len(), 1);
+        // The same inputs give the same id; another command gives another.
+        let again = spec
+            .resolve("cutover.toml", "local", "web", "v1", artifact())
+            .unwrap();
+        assert_eq!(again.release.release_id, release.release_id);
+        let changed = AppSpec::parse(&GOOD.replace("app.py", "app2.py"), "cutover.toml").unwrap();
+        let other = changed
+            .resolve("cutover.toml", "local", "web", "v1", artifact())
+            .unwrap();
+        assert_ne!(other.release.release_id, release.release_id);
+    }
+
+    #[test]
+    fn bad_specs_name_file_key_and_value() {
+        let e = error_of(&GOOD.replace(
+            "drain_timeout = \"10s\"",
+            "drain_timeout = \"10s\"\ndrain_timout = \"5s\"",
+        ));
+        assert_eq!(e.key, "services.web.drain_timout");
+        assert!(e.message.contains("unknown field"), "{e}");
+        eprintln!("{e}");
+        let e = error_of(&GOOD.replace("interval = \"1s\"", "interval = \"1x\""));
+        assert_eq!(e.key, "services.web.health.interval");
+        assert!(
+            e.to_string()
+                .starts_with("cutover.toml: key `services.web.health.interval`"),
+            "{e}"
+        );
+        assert!(e.message.contains("1x"), "{e}");
+        eprintln!("{e}");
+        let e = error_of(&GOOD.replace("batch = \"25%\"", "batch = 0"));
+        assert_eq!(e.key, "strategy.batch");
+        assert!(e.message.contains("0 is not a batch size"), "{e}");
+        let e = error_of(&GOOD.replace("[services.web.health]\npath = \"/health\"\ninterval = \"1s\"\ntimeout = \"1s\"\nhealthy_threshold = 2\nhealthy_deadline = \"30s\"\n", ""));
+        assert_eq!(e.key, "services.web.health", "{e}");
+        let e = error_of(&GOOD.replace("listen = \":8080\"", "listen = \"8080\""));
+        assert_eq!(e.key, "services.web.listen");
+        assert!(e.message.contains("\"8080\""), "{e}");
+        let e = error_of(&GOOD.replace("app = \"shop\"", "app = \"shop\"\n[[oops"));
+        assert!(e.message.starts_with("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn resolving_names_missing_environments_and_services() {
+        let spec = AppSpec::parse(GOOD, "cutover.toml").unwrap();
+        let e = spec
+            .resolve("cutover.toml", "production", "web", "v1", artifact())
+            .unwrap_err();
+        assert_eq!(e.key, "environments");
+        assert!(
+            e.message.contains("\"production\"") && e.message.contains("local"),
+            "{e}"
+        );
+        let e = spec.services_for(Some("api"), "cutover.toml").unwrap_err();
+        assert!(e.message.contains("\"api\""), "{e}");
+        let e = spec
+            .resolve("cutover.toml", "local", "web", "v 1", artifact())
+            .unwrap_err();
+        assert!(e.message.contains("version \"v 1\""), "{e}");
+    }
+
+    #[test]
+    fn batch_sizes() {
+        assert_eq!(BatchSize::Percent(25).nodes(5), 2);
+        assert_eq!(BatchSize::Percent(100).nodes(5), 5);
+        assert_eq!(BatchSize::Percent(1).nodes(5), 1);
+        assert_eq!(BatchSize::Count(2).nodes(5), 2);
+        assert_eq!(BatchSize::Count(9).nodes(5), 5);
+    }
+}
