@@ -64,20 +64,8 @@ impl Coordinator {
         config: CoordinatorConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, ServerError> {
-        let grpc = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                what: "grpc",
-                addr: config.listen,
-                source,
-            })?;
-        let http = TcpListener::bind(config.http_listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                what: "http",
-                addr: config.http_listen,
-                source,
-            })?;
+        let grpc = bind_listener("grpc", config.listen).await?;
+        let http = bind_listener("http", config.http_listen).await?;
         Self::start(config, grpc, http, shutdown).await
     }
 
@@ -218,6 +206,26 @@ impl Coordinator {
 
     pub async fn wait(self) -> Result<(), ServerError> {
         self.task.await.expect("coordinator task panicked")
+    }
+}
+
+/// Binds `addr`, waiting a little while it is in use: a coordinator
+/// restarted right after a crash (systemd, an operator) may find the dying
+/// process's sockets still there for a moment.
+async fn bind_listener(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(what, %addr, "address in use; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(source) => return Err(ServerError::Bind { what, addr, source }),
+        }
     }
 }
 

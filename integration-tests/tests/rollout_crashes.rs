@@ -48,8 +48,14 @@ impl Fixture {
         let cluster = DevCluster::up(3);
         let dir = tempfile::tempdir().unwrap();
         let artifact = app_archive(dir.path());
-        let port = cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[]).unwrap();
-        Self { cluster, port, artifact, _dir: dir }
+        let port = cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[])
+            .unwrap();
+        Self {
+            cluster,
+            port,
+            artifact,
+            _dir: dir,
+        }
     }
 
     fn cli(&self, args: &[&str]) -> Value {
@@ -77,15 +83,34 @@ impl Fixture {
         );
         std::fs::write(&spec_path, text).unwrap();
         let out = self.cli(&[
-            "--output", "json", "deploy", "-f", &spec_path, "--env", "local", "--version", version, "--artifact", url,
-            "--digest", digest,
+            "--output",
+            "json",
+            "deploy",
+            "-f",
+            &spec_path,
+            "--env",
+            "local",
+            "--version",
+            version,
+            "--artifact",
+            url,
+            "--digest",
+            digest,
         ]);
-        out["rollouts"][0]["id"].as_str().expect("a rollout id").to_string()
+        out["rollouts"][0]["id"]
+            .as_str()
+            .expect("a rollout id")
+            .to_string()
     }
 
     fn status(&self, id: &str) -> Option<Value> {
-        let output = self.cluster.cutover(&["--output", "json", "rollout", "status", id]);
-        output.status.success().then(|| serde_json::from_slice(&output.stdout).unwrap())
+        let output = self
+            .cluster
+            .cutover(&["--output", "json", "rollout", "status", id]);
+        output
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&output.stdout).unwrap())
     }
 
     fn wait(&self, id: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
@@ -95,9 +120,17 @@ impl Fixture {
                 if done(&rollout) {
                     return rollout;
                 }
-                assert!(Instant::now() < deadline, "not as expected in {timeout:?}: {rollout:#}\n{}", self.cluster.log_tails());
+                assert!(
+                    Instant::now() < deadline,
+                    "not as expected in {timeout:?}: {rollout:#}\n{}",
+                    self.cluster.log_tails()
+                );
             } else {
-                assert!(Instant::now() < deadline, "no status within {timeout:?}\n{}", self.cluster.log_tails());
+                assert!(
+                    Instant::now() < deadline,
+                    "no status within {timeout:?}\n{}",
+                    self.cluster.log_tails()
+                );
             }
             std::thread::sleep(Duration::from_millis(40));
         }
@@ -105,19 +138,32 @@ impl Fixture {
 
     fn finish(&self, id: &str) -> Value {
         self.wait(id, Duration::from_secs(90), |r| {
-            matches!(r["state"].as_str(), Some("succeeded" | "failed" | "rolled_back" | "aborted"))
+            matches!(
+                r["state"].as_str(),
+                Some("succeeded" | "failed" | "rolled_back" | "aborted")
+            )
         })
     }
 
     fn kill_and_restart_coordinator(&self) {
         let pid = self.cluster.pid("coordinator.pid");
         sigkill(pid);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while running(pid) && Instant::now() < deadline {
+        // A process in uninterruptible sleep (an fsync) dies when it returns.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while running(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "the coordinator survived SIGKILL for 30s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let config = self.cluster.path("coordinator.toml").display().to_string();
-        self.cluster.restart("cutover", &["server", "--config", &config], "coordinator.pid", "coordinator.log");
+        self.cluster.restart(
+            "cutover",
+            &["server", "--config", &config],
+            "coordinator.pid",
+            "coordinator.log",
+        );
     }
 
     fn versions(&self) -> Vec<String> {
@@ -144,8 +190,14 @@ fn count(kinds: &[String], kind: &str) -> usize {
 fn other_archive(dir: &Path) -> (std::path::PathBuf, String) {
     let path = dir.join("other.tar.gz");
     let file = std::fs::File::create(&path).unwrap();
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(file, flate2::Compression::fast()));
-    for (name, data) in [("app.py", cutover_integration_tests::APP), ("NOTE", "a second build")] {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    for (name, data) in [
+        ("app.py", cutover_integration_tests::APP),
+        ("NOTE", "a second build"),
+    ] {
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
         header.set_mode(0o644);
@@ -153,7 +205,9 @@ fn other_archive(dir: &Path) -> (std::path::PathBuf, String) {
         tar.append_data(&mut header, name, data.as_bytes()).unwrap();
     }
     tar.into_inner().unwrap().finish().unwrap();
-    let digest = cutover_common::digest::Digest::of_file(&path).unwrap().to_string();
+    let digest = cutover_common::digest::Digest::of_file(&path)
+        .unwrap()
+        .to_string();
     (path, digest)
 }
 
@@ -170,7 +224,11 @@ fn slow_server(path: &Path, seconds: f64) -> String {
             std::thread::spawn(move || {
                 let mut request = [0u8; 4096];
                 let _ = stream.read(&mut request);
-                let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bytes.len());
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    bytes.len()
+                );
                 let pieces = 20;
                 let step = bytes.len().div_ceil(pieces);
                 for chunk in bytes.chunks(step) {
@@ -198,7 +256,14 @@ fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
     let (archive, digest) = other_archive(f._dir.path());
     let slow_url = slow_server(&archive, 1.5);
     let v2 = f.deploy("v2", (&slow_url, &digest), "");
-    f.wait(&v2, Duration::from_secs(20), |r| r["phase"] == "prepare" && r["nodes"].as_array().unwrap().iter().any(|n| n["state"] == "preparing"));
+    f.wait(&v2, Duration::from_secs(20), |r| {
+        r["phase"] == "prepare"
+            && r["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["state"] == "preparing")
+    });
     f.kill_and_restart_coordinator();
     let done = f.finish(&v2);
     assert_eq!(done["state"], "succeeded", "{done:#}");
@@ -210,18 +275,30 @@ fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
 
     // 2. Mid-batch: after the first node switched.
     let v3 = f.deploy("v3", file, "");
-    f.wait(&v3, Duration::from_secs(30), |r| r["nodes"].as_array().unwrap().iter().any(|n| n["state"] == "switched"));
+    f.wait(&v3, Duration::from_secs(30), |r| {
+        r["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["state"] == "switched")
+    });
     f.kill_and_restart_coordinator();
     let done = f.finish(&v3);
     assert_eq!(done["state"], "succeeded", "{done:#}");
     assert_eq!(f.versions(), vec!["v3"; 3]);
     let k = kinds(&done);
-    assert_eq!(count(&k, "node_switched"), 3, "no node switched twice or skipped: {k:?}");
+    assert_eq!(
+        count(&k, "node_switched"),
+        3,
+        "no node switched twice or skipped: {k:?}"
+    );
 
     // 3. During the automatic rollback: v4 fails health on node-3 after
     // node-1 and node-2 switched.
     let v4 = f.deploy("v4", file, "127.0.0.13");
-    f.wait(&v4, Duration::from_secs(60), |r| r["state"] == "rolling_back");
+    f.wait(&v4, Duration::from_secs(60), |r| {
+        r["state"] == "rolling_back"
+    });
     f.kill_and_restart_coordinator();
     let done = f.finish(&v4);
     assert_eq!(done["state"], "rolled_back", "{done:#}");
@@ -231,7 +308,12 @@ fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
     assert_eq!(count(&k, "node_rolled_back"), 2, "{k:?}");
     assert_eq!(k.last().map(String::as_str), Some("rolled_back"));
     let releases = f.cli(&["--output", "json", "releases", "web", "--env", "local"]);
-    let current: Vec<&Value> = releases.as_array().unwrap().iter().filter(|r| r["current"] == true).collect();
+    let current: Vec<&Value> = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["current"] == true)
+        .collect();
     assert_eq!(current.len(), 1);
     assert_eq!(current[0]["release"]["version"], "v3");
 }

@@ -20,11 +20,14 @@ struct Setup {
 async fn setup(nodes: usize) -> Setup {
     let cluster = Cluster::start(nodes, Tuning::default()).await;
     cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| n.len() == nodes && n.iter().all(|n| n.connected))
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == nodes && n.iter().all(|n| n.connected)
+        })
         .await;
     let dir = tempfile::tempdir().unwrap();
     let artifact = app_archive(dir.path());
-    let port = cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
     let client = cluster.operator().await;
     Setup {
         cluster,
@@ -71,7 +74,12 @@ nodes = {{ env = "test" }}
 const FAST: &str = "batch = 2\nmin_healthy_time = \"500ms\"";
 
 impl Setup {
-    async fn deploy(&mut self, version: &str, extra_env: &str, strategy: &str) -> Result<pb::DeployResponse, tonic::Status> {
+    async fn deploy(
+        &mut self,
+        version: &str,
+        extra_env: &str,
+        strategy: &str,
+    ) -> Result<pb::DeployResponse, tonic::Status> {
         let env = format!("VERSION = \"{version}\"\n{extra_env}");
         self.client
             .deploy(pb::DeployRequest {
@@ -92,7 +100,10 @@ impl Setup {
 
     /// Deploys and returns the rollout's id.
     async fn start(&mut self, version: &str, extra_env: &str, strategy: &str) -> String {
-        let response = self.deploy(version, extra_env, strategy).await.expect("deploy accepted");
+        let response = self
+            .deploy(version, extra_env, strategy)
+            .await
+            .expect("deploy accepted");
         assert_eq!(response.rollouts.len(), 1, "{response:?}");
         response.rollouts[0].id.clone()
     }
@@ -105,21 +116,32 @@ impl Setup {
             .into_inner()
     }
 
-    async fn wait_until(&mut self, id: &str, timeout: Duration, done: impl Fn(&pb::Rollout) -> bool) -> pb::Rollout {
+    async fn wait_until(
+        &mut self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&pb::Rollout) -> bool,
+    ) -> pb::Rollout {
         let deadline = Instant::now() + timeout;
         loop {
             let rollout = self.get(id).await;
             if done(&rollout) {
                 return rollout;
             }
-            assert!(Instant::now() < deadline, "rollout not as expected within {timeout:?}: {rollout:#?}");
+            assert!(
+                Instant::now() < deadline,
+                "rollout not as expected within {timeout:?}: {rollout:#?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     async fn finish(&mut self, id: &str) -> pb::Rollout {
         self.wait_until(id, Duration::from_secs(60), |r| {
-            matches!(r.state.as_str(), "succeeded" | "failed" | "rolled_back" | "aborted")
+            matches!(
+                r.state.as_str(),
+                "succeeded" | "failed" | "rolled_back" | "aborted"
+            )
         })
         .await
     }
@@ -174,18 +196,44 @@ async fn five_nodes_in_batches_of_two_under_load_end_on_v2_without_a_failed_requ
 
     assert_eq!(rollout.batches, 3);
     assert_eq!(rollout.batch_size, 2);
-    assert!(rollout.nodes.iter().all(|n| n.state == "switched" && n.release.starts_with("web-v2-")), "{rollout:#?}");
+    assert!(
+        rollout
+            .nodes
+            .iter()
+            .all(|n| n.state == "switched" && n.release.starts_with("web-v2-")),
+        "{rollout:#?}"
+    );
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
-    assert!(report.sent > 500, "too little load to prove anything: {}", report.sent);
-    assert!(report.by_body.contains_key("v1") && report.by_body.contains_key("v2"), "{:?}", report.by_body);
+    assert!(
+        report.sent > 500,
+        "too little load to prove anything: {}",
+        report.sent
+    );
+    assert!(
+        report.by_body.contains_key("v1") && report.by_body.contains_key("v2"),
+        "{:?}",
+        report.by_body
+    );
     assert_eq!(s.versions(), vec!["v2"; 5]);
     let kinds = timeline_kinds(&rollout);
-    assert_eq!(kinds.iter().filter(|k| **k == "batch_started").count(), 3, "{kinds:?}");
-    assert_eq!(kinds.iter().filter(|k| **k == "node_switched").count(), 5, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "batch_started").count(),
+        3,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "node_switched").count(),
+        5,
+        "{kinds:?}"
+    );
     assert_eq!(kinds.last(), Some(&"succeeded"));
     let history = s.releases().await;
     assert_eq!(history.len(), 2);
-    assert!(history[0].current && history[0].state == "stable" && history[0].release.as_ref().unwrap().version == "v2");
+    assert!(
+        history[0].current
+            && history[0].state == "stable"
+            && history[0].release.as_ref().unwrap().version == "v2"
+    );
     assert_eq!(history[0].deployed_by, "tester");
 }
 
@@ -199,7 +247,10 @@ async fn a_release_failing_health_on_the_third_node_is_rolled_back_everywhere() 
     let error = rollout.error.clone().expect("an error");
     assert_eq!(error.node, "node-3");
     assert_eq!(error.step, "health_checking");
-    assert!(error.message.contains("/health") && error.message.contains("503"), "{error:?}");
+    assert!(
+        error.message.contains("/health") && error.message.contains("503"),
+        "{error:?}"
+    );
     assert_eq!(s.versions(), vec!["v1"; 5]);
     // The first batch had switched and came back.
     for name in ["node-1", "node-2"] {
@@ -208,9 +259,22 @@ async fn a_release_failing_health_on_the_third_node_is_rolled_back_everywhere() 
         assert!(node.release.starts_with("web-v1-"), "{node:?}");
     }
     let history = s.releases().await;
-    let v2 = history.iter().find(|r| r.release.as_ref().unwrap().version == "v2").unwrap();
+    let v2 = history
+        .iter()
+        .find(|r| r.release.as_ref().unwrap().version == "v2")
+        .unwrap();
     assert_eq!(v2.state, "rolled_back");
-    assert!(history.iter().find(|r| r.current).unwrap().release.as_ref().unwrap().version == "v1");
+    assert!(
+        history
+            .iter()
+            .find(|r| r.current)
+            .unwrap()
+            .release
+            .as_ref()
+            .unwrap()
+            .version
+            == "v1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,36 +284,80 @@ async fn pause_resume_and_abort_take_effect_between_nodes() {
     let slow = "batch = 1\nmin_healthy_time = \"1s\"";
 
     let id = s.start("v2", "", slow).await;
-    let control = |id: &str, action: pb::RolloutAction| pb::ControlRolloutRequest { id: id.into(), action: action as i32 };
-    s.client.control_rollout(control(&id, pb::RolloutAction::Pause)).await.unwrap();
-    let paused = s.wait_until(&id, Duration::from_secs(20), |r| r.state == "paused").await;
-    let switched = paused.nodes.iter().filter(|n| n.state == "switched").count();
+    let control = |id: &str, action: pb::RolloutAction| pb::ControlRolloutRequest {
+        id: id.into(),
+        action: action as i32,
+    };
+    s.client
+        .control_rollout(control(&id, pb::RolloutAction::Pause))
+        .await
+        .unwrap();
+    let paused = s
+        .wait_until(&id, Duration::from_secs(20), |r| r.state == "paused")
+        .await;
+    let switched = paused
+        .nodes
+        .iter()
+        .filter(|n| n.state == "switched")
+        .count();
     assert!(switched < 3, "paused after the end: {paused:#?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let still = s.get(&id).await;
     assert_eq!(still.state, "paused");
-    assert_eq!(still.nodes.iter().filter(|n| n.state == "switched").count(), switched, "nothing moves while paused");
-    s.client.control_rollout(control(&id, pb::RolloutAction::Resume)).await.unwrap();
+    assert_eq!(
+        still.nodes.iter().filter(|n| n.state == "switched").count(),
+        switched,
+        "nothing moves while paused"
+    );
+    s.client
+        .control_rollout(control(&id, pb::RolloutAction::Resume))
+        .await
+        .unwrap();
     let done = s.finish(&id).await;
     assert_eq!(done.state, "succeeded", "{done:#?}");
     assert!(timeline_kinds(&done).contains(&"resumed"));
 
     // Abort once the first node switched: the rest stay where they are.
     let id = s.start("v3", "", slow).await;
-    s.wait_until(&id, Duration::from_secs(20), |r| r.nodes.iter().any(|n| n.state == "switched")).await;
-    s.client.control_rollout(control(&id, pb::RolloutAction::Abort)).await.unwrap();
+    s.wait_until(&id, Duration::from_secs(20), |r| {
+        r.nodes.iter().any(|n| n.state == "switched")
+    })
+    .await;
+    s.client
+        .control_rollout(control(&id, pb::RolloutAction::Abort))
+        .await
+        .unwrap();
     let aborted = s.finish(&id).await;
     assert_eq!(aborted.state, "aborted", "{aborted:#?}");
     let versions = s.versions();
     for (i, node) in aborted.nodes.iter().enumerate() {
-        let expect = if node.release.starts_with("web-v3-") { "v3" } else { "v2" };
-        assert_eq!(versions[i], expect, "node {} serves what the rollout reports: {aborted:#?}", node.name);
+        let expect = if node.release.starts_with("web-v3-") {
+            "v3"
+        } else {
+            "v2"
+        };
+        assert_eq!(
+            versions[i], expect,
+            "node {} serves what the rollout reports: {aborted:#?}",
+            node.name
+        );
     }
-    assert!(versions.contains(&"v3".to_string()) && versions.contains(&"v2".to_string()), "{versions:?}");
+    assert!(
+        versions.contains(&"v3".to_string()) && versions.contains(&"v2".to_string()),
+        "{versions:?}"
+    );
     // A finished rollout cannot be paused.
-    let refused = s.client.control_rollout(control(&id, pb::RolloutAction::Pause)).await.unwrap_err();
+    let refused = s
+        .client
+        .control_rollout(control(&id, pb::RolloutAction::Pause))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(refused.message().contains("already ended (aborted)"), "{}", refused.message());
+    assert!(
+        refused.message().contains("already ended (aborted)"),
+        "{}",
+        refused.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,23 +382,39 @@ async fn rollback_returns_to_the_previous_or_a_named_release() {
     assert_eq!(s.versions(), vec!["v2"; 3]);
 
     let v1_id = v1.release.unwrap().id;
-    let started = s.client.rollback(rollback(&v1_id)).await.unwrap().into_inner();
+    let started = s
+        .client
+        .rollback(rollback(&v1_id))
+        .await
+        .unwrap()
+        .into_inner();
     let done = s.finish(&started.rollouts[0].id).await;
     assert_eq!(done.state, "succeeded", "{done:#?}");
     assert_eq!(s.versions(), vec!["v1"; 3]);
 
     let history = s.releases().await;
     let state_of = |v: &str| {
-        let r = history.iter().find(|r| r.release.as_ref().unwrap().version == v).unwrap();
+        let r = history
+            .iter()
+            .find(|r| r.release.as_ref().unwrap().version == v)
+            .unwrap();
         (r.state.clone(), r.current)
     };
     assert_eq!(state_of("v1"), ("stable".into(), true));
     assert_eq!(state_of("v2").0, "rolled_back");
     assert_eq!(state_of("v3").0, "rolled_back");
 
-    let missing = s.client.rollback(rollback("web-v9-00000000")).await.unwrap_err();
+    let missing = s
+        .client
+        .rollback(rollback("web-v9-00000000"))
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::FailedPrecondition);
-    assert!(missing.message().contains("web-v9-00000000"), "{}", missing.message());
+    assert!(
+        missing.message().contains("web-v9-00000000"),
+        "{}",
+        missing.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,15 +425,23 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
     // The same release again changes nothing.
     let again = s.deploy("v1", "", FAST).await.unwrap();
     assert!(again.rollouts.is_empty(), "{again:?}");
-    assert!(again.unchanged[0].contains("already runs on all 3 nodes"), "{again:?}");
+    assert!(
+        again.unchanged[0].contains("already runs on all 3 nodes"),
+        "{again:?}"
+    );
 
     // One rollout per service and environment at a time.
-    let id = s.start("v2", "", "batch = 1\nmin_healthy_time = \"30s\"").await;
+    let id = s
+        .start("v2", "", "batch = 1\nmin_healthy_time = \"30s\"")
+        .await;
     let locked = s.deploy("v3", "", FAST).await.unwrap_err();
     assert_eq!(locked.code(), tonic::Code::Aborted);
     assert!(locked.message().contains(&id), "{}", locked.message());
     s.client
-        .control_rollout(pb::ControlRolloutRequest { id: id.clone(), action: pb::RolloutAction::Abort as i32 })
+        .control_rollout(pb::ControlRolloutRequest {
+            id: id.clone(),
+            action: pb::RolloutAction::Abort as i32,
+        })
         .await
         .unwrap();
     assert_eq!(s.finish(&id).await.state, "aborted");
@@ -318,12 +450,26 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
     let down = s.cluster.agents.pop().unwrap();
     down.crash().await;
     s.cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| n.iter().any(|n| n.name == "node-3" && n.status == pb::NodeStatus::Unreachable as i32))
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.iter()
+                .any(|n| n.name == "node-3" && n.status == pb::NodeStatus::Unreachable as i32)
+        })
         .await;
     let refused = s.deploy("v3", "", FAST).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(refused.message().contains("node-3") && refused.message().contains("--allow-unreachable"), "{}", refused.message());
-    let rollouts_before = s.client.list_rollouts(pb::ListRolloutsRequest::default()).await.unwrap().into_inner().rollouts.len();
+    assert!(
+        refused.message().contains("node-3") && refused.message().contains("--allow-unreachable"),
+        "{}",
+        refused.message()
+    );
+    let rollouts_before = s
+        .client
+        .list_rollouts(pb::ListRolloutsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .rollouts
+        .len();
 
     let env = "VERSION = \"v3\"";
     let response = s
@@ -334,7 +480,10 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
             env: "test".into(),
             service: "web".into(),
             version: "v3".into(),
-            artifact: Some(pb::Artifact { url: s.artifact.0.clone(), digest: s.artifact.1.clone() }),
+            artifact: Some(pb::Artifact {
+                url: s.artifact.0.clone(),
+                digest: s.artifact.1.clone(),
+            }),
             allow_unreachable: true,
         })
         .await
@@ -345,7 +494,14 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
     assert_eq!(rollout.skipped_nodes, vec!["node-3".to_string()]);
     assert_eq!(rollout.nodes.len(), 2);
     assert!(timeline_kinds(&rollout).contains(&"nodes_skipped"));
-    let rollouts_after = s.client.list_rollouts(pb::ListRolloutsRequest::default()).await.unwrap().into_inner().rollouts.len();
+    let rollouts_after = s
+        .client
+        .list_rollouts(pb::ListRolloutsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .rollouts
+        .len();
     assert_eq!(rollouts_after, rollouts_before + 1);
 }
 
@@ -353,7 +509,10 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
 async fn bad_spec_files_are_refused_and_create_nothing() {
     let mut s = setup(1).await;
     let good = spec(s.port, "VERSION = \"v1\"", FAST);
-    let artifact = Some(pb::Artifact { url: s.artifact.0.clone(), digest: s.artifact.1.clone() });
+    let artifact = Some(pb::Artifact {
+        url: s.artifact.0.clone(),
+        digest: s.artifact.1.clone(),
+    });
     let cases: Vec<(String, &str, &[&str])> = vec![
         (good.replace("drain_timeout", "drain_timout"), "test", &["cutover.toml", "services.web.drain_timout", "unknown field"]),
         (good.replace("interval = \"100ms\"", "interval = \"10 parsecs\""), "test", &["services.web.health.interval", "10 parsecs"]),
@@ -382,10 +541,20 @@ async fn bad_spec_files_are_refused_and_create_nothing() {
             .await
             .expect_err("a bad spec is refused");
         for fragment in expect {
-            assert!(error.message().contains(fragment), "{fragment:?} missing in: {}", error.message());
+            assert!(
+                error.message().contains(fragment),
+                "{fragment:?} missing in: {}",
+                error.message()
+            );
         }
     }
-    let rollouts = s.client.list_rollouts(pb::ListRolloutsRequest::default()).await.unwrap().into_inner().rollouts;
+    let rollouts = s
+        .client
+        .list_rollouts(pb::ListRolloutsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .rollouts;
     assert!(rollouts.is_empty(), "{rollouts:?}");
     assert!(s.releases().await.is_empty());
 }
@@ -394,8 +563,13 @@ async fn bad_spec_files_are_refused_and_create_nothing() {
 async fn a_rollout_survives_a_coordinator_restart_mid_batch() {
     let mut s = setup(3).await;
     s.deploy_and_finish("v1").await;
-    let id = s.start("v2", "", "batch = 1\nmin_healthy_time = \"1s\"").await;
-    s.wait_until(&id, Duration::from_secs(20), |r| r.nodes.iter().any(|n| n.state == "switched")).await;
+    let id = s
+        .start("v2", "", "batch = 1\nmin_healthy_time = \"1s\"")
+        .await;
+    s.wait_until(&id, Duration::from_secs(20), |r| {
+        r.nodes.iter().any(|n| n.state == "switched")
+    })
+    .await;
     s.cluster.restart_coordinator().await;
     s.client = s.cluster.operator().await;
     let done = s.finish(&id).await;
@@ -403,5 +577,9 @@ async fn a_rollout_survives_a_coordinator_restart_mid_batch() {
     assert_eq!(s.versions(), vec!["v2"; 3]);
     let kinds = timeline_kinds(&done);
     assert!(kinds.contains(&"recovered"), "{kinds:?}");
-    assert_eq!(kinds.iter().filter(|k| **k == "node_switched").count(), 3, "each node switched once: {kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "node_switched").count(),
+        3,
+        "each node switched once: {kinds:?}"
+    );
 }
