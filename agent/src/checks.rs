@@ -226,7 +226,7 @@ pub struct Healthy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{check} did not pass {threshold} times in a row within {}: {attempts} attempts, last after {}: {}", humantime::format_duration(*.deadline), humantime::format_duration(.last.took), .last.detail)]
+#[error("{check} did not pass {threshold} times in a row within {}: {attempts} attempts, last took {} ms: {}", humantime::format_duration(*.deadline), .last.took.as_millis(), .last.detail)]
 pub struct Unhealthy {
     pub check: String,
     pub threshold: u32,

@@ -23,6 +23,29 @@ fn example_configs_load_with_the_real_loaders() {
     assert_eq!(agent.labels.get("role").map(String::as_str), Some("web"));
 }
 
+/// The example app specs parse and resolve as documented.
+#[test]
+fn example_app_specs_resolve() {
+    use cutover_coordinator::spec::AppSpec;
+    let artifact = cutover_proto::v1::Artifact {
+        url: "coordinator:".into(),
+        digest: format!("sha256:{}", "0".repeat(64)),
+    };
+    for (file, env, service) in [
+        ("deploy/examples/shop/cutover.toml", "production", "web"),
+        ("deploy/examples/shop/cutover.toml", "staging", "web"),
+        ("examples/demo/cutover.toml", "local", "web"),
+    ] {
+        let path = repo().join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let spec = AppSpec::parse(&text, file).unwrap_or_else(|e| panic!("{e}"));
+        let resolved = spec.resolve(file, env, service, "v1", artifact.clone()).unwrap();
+        assert_eq!(resolved.selector.get("env").map(String::as_str), Some(env), "{file}");
+    }
+    let shop = AppSpec::parse(&std::fs::read_to_string(repo().join("deploy/examples/shop/cutover.toml")).unwrap(), "shop").unwrap();
+    assert!(shop.services.contains_key("horizon"), "the shop example has its Horizon worker");
+}
+
 /// `systemd-analyze verify` on both units, with ExecStart pointed at the
 /// built binaries (verify checks that they exist), plus the offline security
 /// score so hardening cannot quietly regress. Skipped where systemd-analyze is
