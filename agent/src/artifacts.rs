@@ -8,17 +8,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
 pub use cutover_common::digest::Digest;
 use cutover_common::digest::{DigestError, Hasher};
+use cutover_common::fetch::HttpFetcher;
 use cutover_proto::v1::agent_service_client::AgentServiceClient;
 use cutover_proto::v1::FetchArtifactRequest;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use sha2::Digest as _;
 use tokio::io::AsyncWriteExt;
-use tokio_rustls::rustls;
 use tonic::transport::Channel;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
@@ -56,15 +52,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
     }
 }
 
-type HttpsClient = Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Empty<Bytes>,
->;
-
 /// The digest-addressed artifact cache of one agent.
 pub struct ArtifactCache {
     dir: PathBuf,
-    client: HttpsClient,
+    http: HttpFetcher,
 }
 
 impl ArtifactCache {
@@ -72,33 +63,11 @@ impl ArtifactCache {
     /// servers behind a private CA.
     pub fn open(dir: PathBuf, extra_ca: Option<&Path>) -> Result<Self, ArtifactError> {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        cutover_common::tls::install_crypto_provider();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = extra_ca {
-            let certs = cutover_common::tls::load_certs(path, "artifact CA").map_err(|e| {
-                ArtifactError::Io {
-                    path: path.to_path_buf(),
-                    source: std::io::Error::other(e.to_string()),
-                }
-            })?;
-            for cert in certs {
-                roots.add(cert).map_err(|e| ArtifactError::Io {
-                    path: path.to_path_buf(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Self { dir, client })
+        let http = HttpFetcher::new(extra_ca).map_err(|e| ArtifactError::Io {
+            path: extra_ca.map(Path::to_path_buf).unwrap_or_default(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(Self { dir, http })
     }
 
     pub fn path_for(&self, digest: &Digest) -> PathBuf {
@@ -181,27 +150,18 @@ impl ArtifactCache {
                 file.write_all(&buf[..n]).await.map_err(io(dest))?;
             }
         } else if url.starts_with("http://") || url.starts_with("https://") {
-            let uri: http::Uri = url
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| fetch_error(e.to_string()))?;
-            let response = self
-                .client
-                .get(uri)
+            let mut download = self
+                .http
+                .get(url)
                 .await
-                .map_err(|e| fetch_error(cutover_common::error_chain(&e)))?;
-            if !response.status().is_success() {
-                return Err(fetch_error(format!(
-                    "server answered {}",
-                    response.status()
-                )));
-            }
-            let mut body = response.into_body();
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| fetch_error(e.to_string()))?;
-                if let Some(data) = frame.data_ref() {
-                    hasher.update(data);
-                    file.write_all(data).await.map_err(io(dest))?;
-                }
+                .map_err(|e| fetch_error(e.to_string()))?;
+            while let Some(data) = download
+                .chunk()
+                .await
+                .map_err(|e| fetch_error(e.to_string()))?
+            {
+                hasher.update(&data);
+                file.write_all(&data).await.map_err(io(dest))?;
             }
         } else if url == COORDINATOR_URL {
             let channel = coordinator

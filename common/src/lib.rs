@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod config;
 pub mod digest;
+pub mod fetch;
 pub mod fsutil;
 pub mod identity;
 pub mod net;

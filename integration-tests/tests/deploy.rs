@@ -39,11 +39,24 @@ fn example_app_specs_resolve() {
         let path = repo().join(file);
         let text = std::fs::read_to_string(&path).unwrap();
         let spec = AppSpec::parse(&text, file).unwrap_or_else(|e| panic!("{e}"));
-        let resolved = spec.resolve(file, env, service, "v1", artifact.clone()).unwrap();
-        assert_eq!(resolved.selector.get("env").map(String::as_str), Some(env), "{file}");
+        let resolved = spec
+            .resolve(file, env, service, "v1", artifact.clone())
+            .unwrap();
+        assert_eq!(
+            resolved.selector.get("env").map(String::as_str),
+            Some(env),
+            "{file}"
+        );
     }
-    let shop = AppSpec::parse(&std::fs::read_to_string(repo().join("deploy/examples/shop/cutover.toml")).unwrap(), "shop").unwrap();
-    assert!(shop.services.contains_key("horizon"), "the shop example has its Horizon worker");
+    let shop = AppSpec::parse(
+        &std::fs::read_to_string(repo().join("deploy/examples/shop/cutover.toml")).unwrap(),
+        "shop",
+    )
+    .unwrap();
+    assert!(
+        shop.services.contains_key("horizon"),
+        "the shop example has its Horizon worker"
+    );
 }
 
 /// `systemd-analyze verify` on both units, with ExecStart pointed at the

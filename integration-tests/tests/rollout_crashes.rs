@@ -70,8 +70,14 @@ impl Fixture {
         serde_json::from_slice(&output.stdout).unwrap_or(Value::Null)
     }
 
-    /// Starts a deploy without waiting; returns the rollout id.
-    fn deploy(&self, version: &str, (url, digest): (&str, &str), fail_host: &str) -> String {
+    /// Starts a deploy without waiting; returns the rollout id. Without a
+    /// digest the CLI hashes the artifact itself.
+    fn deploy(
+        &self,
+        version: &str,
+        (url, digest): (&str, Option<&str>),
+        fail_host: &str,
+    ) -> String {
         let spec_path = self.cluster.path(&format!("cutover-{version}.toml"));
         std::fs::write(&spec_path, spec(self.port, fail_host)).unwrap();
         let spec_path = spec_path.display().to_string();
@@ -82,7 +88,7 @@ impl Fixture {
             &format!("[services.web.env]\nVERSION = \"{version}\"\n"),
         );
         std::fs::write(&spec_path, text).unwrap();
-        let out = self.cli(&[
+        let mut args = vec![
             "--output",
             "json",
             "deploy",
@@ -94,9 +100,11 @@ impl Fixture {
             version,
             "--artifact",
             url,
-            "--digest",
-            digest,
-        ]);
+        ];
+        if let Some(digest) = digest {
+            args.extend(["--digest", digest]);
+        }
+        let out = self.cli(&args);
         out["rollouts"][0]["id"]
             .as_str()
             .expect("a rollout id")
@@ -246,7 +254,7 @@ fn slow_server(path: &Path, seconds: f64) -> String {
 #[test]
 fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
     let f = Fixture::new();
-    let file = (f.artifact.0.as_str(), f.artifact.1.as_str());
+    let file = (f.artifact.0.as_str(), Some(f.artifact.1.as_str()));
     let v1 = f.deploy("v1", file, "");
     assert_eq!(f.finish(&v1)["state"], "succeeded");
     assert_eq!(f.versions(), vec!["v1"; 3]);
@@ -255,7 +263,8 @@ fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
     // (another archive, so no agent has it cached).
     let (archive, digest) = other_archive(f._dir.path());
     let slow_url = slow_server(&archive, 1.5);
-    let v2 = f.deploy("v2", (&slow_url, &digest), "");
+    // No --digest: the CLI downloads it once and pins the release to it.
+    let v2 = f.deploy("v2", (&slow_url, None), "");
     f.wait(&v2, Duration::from_secs(20), |r| {
         r["phase"] == "prepare"
             && r["nodes"]
@@ -267,6 +276,7 @@ fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
     f.kill_and_restart_coordinator();
     let done = f.finish(&v2);
     assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["release"]["digest"], digest.as_str());
     assert_eq!(f.versions(), vec!["v2"; 3]);
     let k = kinds(&done);
     assert!(k.contains(&"recovered".to_string()), "{k:?}");

@@ -235,6 +235,29 @@ async fn five_nodes_in_batches_of_two_under_load_end_on_v2_without_a_failed_requ
             && history[0].release.as_ref().unwrap().version == "v2"
     );
     assert_eq!(history[0].deployed_by, "tester");
+
+    let http = s
+        .cluster
+        .coordinator
+        .as_ref()
+        .unwrap()
+        .http_addr
+        .to_string();
+    let metrics = body(&http_get(&http, "/metrics")).to_string();
+    assert!(
+        metrics.contains(r#"cutover_rollouts_total{env="test",service="web",kind="deploy",outcome="succeeded"} 2"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cutover_rollout_duration_seconds_count{env=\"test\",service=\"web\",kind=\"deploy\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("cutover_rollouts_in_progress 0"),
+        "{metrics}"
+    );
+    let on_v2 = metrics
+        .lines()
+        .filter(|l| l.starts_with("cutover_node_release{") && l.contains("release=\"web-v2-"))
+        .count();
+    assert_eq!(on_v2, 5, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

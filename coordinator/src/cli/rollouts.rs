@@ -31,7 +31,8 @@ pub struct DeployArgs {
     /// of an artifact already in the store.
     #[arg(long)]
     pub artifact: String,
-    /// Pin the artifact to this digest; required for http(s) URLs.
+    /// Pin the artifact to this digest. Without it a URL is downloaded once
+    /// and hashed (a private CA for it: CUTOVER_ARTIFACT_CA=ca.pem).
     #[arg(long)]
     pub digest: Option<String>,
     /// Deploy only this service (default: every service of the spec).
@@ -98,6 +99,25 @@ pub struct ReleasesArgs {
     pub env: String,
 }
 
+/// The sha256 of what `url` serves, streamed (never held whole).
+async fn hash_url(url: &str) -> Result<Digest> {
+    let extra_ca = std::env::var_os("CUTOVER_ARTIFACT_CA").map(PathBuf::from);
+    let fetcher = cutover_common::fetch::HttpFetcher::new(extra_ca.as_deref())?;
+    let mut download = fetcher
+        .get(url)
+        .await
+        .with_context(|| format!("cannot fetch {url} to hash it"))?;
+    let mut hasher = <cutover_common::digest::Hasher as sha2::Digest>::new();
+    while let Some(chunk) = download
+        .chunk()
+        .await
+        .with_context(|| format!("cannot fetch {url} to hash it"))?
+    {
+        sha2::Digest::update(&mut hasher, &chunk);
+    }
+    Ok(Digest::from_hasher(hasher))
+}
+
 /// Where agents get the artifact, and its digest.
 async fn resolve_artifact(
     client: &mut OperatorServiceClient<Channel>,
@@ -122,9 +142,20 @@ async fn resolve_artifact(
         });
     }
     if source.starts_with("https://") || source.starts_with("http://") {
-        let digest = digest.with_context(|| {
-            format!("--artifact {source}: pass --digest sha256:... for artifacts served over http(s) (run `sha256sum` on the file you published); agents refuse anything else")
-        })?;
+        let digest = match digest {
+            Some(d) => d,
+            None => {
+                // Hashed once here; every node then verifies what it fetches
+                // against this digest, so a file changed on the server
+                // after this point is refused, not deployed.
+                if !json {
+                    eprintln!(
+                        "{source}: downloading once to pin its digest (pass --digest to skip)"
+                    );
+                }
+                hash_url(source).await?.to_string()
+            }
+        };
         return Ok(pb::Artifact {
             url: source.into(),
             digest,
@@ -427,39 +458,34 @@ async fn follow(
             }
             Err(status) => return Err(explain(status)),
         };
-        loop {
-            match stream.message().await {
-                Ok(Some(rollout)) => {
-                    if !quiet {
-                        let mut err = std::io::stderr().lock();
-                        if terminal {
-                            if drawn_lines > 0 {
-                                write!(err, "\x1b[{drawn_lines}A\x1b[J")?;
-                            }
-                            let text = progress(&rollout);
-                            drawn_lines = text.lines().count();
-                            write!(err, "{text}")?;
-                        } else {
-                            for entry in rollout.timeline.iter().skip(printed) {
-                                writeln!(
-                                    err,
-                                    "{} {:<18} {}",
-                                    rfc3339(entry.at_ms),
-                                    entry.kind,
-                                    entry.message
-                                )?;
-                            }
-                            printed = rollout.timeline.len();
-                        }
+        while let Ok(Some(rollout)) = stream.message().await {
+            if !quiet {
+                let mut err = std::io::stderr().lock();
+                if terminal {
+                    if drawn_lines > 0 {
+                        write!(err, "\x1b[{drawn_lines}A\x1b[J")?;
                     }
-                    if is_terminal_state(&rollout.state) {
-                        if !quiet {
-                            eprintln!("{}", summary(&rollout));
-                        }
-                        return Ok(rollout);
+                    let text = progress(&rollout);
+                    drawn_lines = text.lines().count();
+                    write!(err, "{text}")?;
+                } else {
+                    for entry in rollout.timeline.iter().skip(printed) {
+                        writeln!(
+                            err,
+                            "{} {:<18} {}",
+                            rfc3339(entry.at_ms),
+                            entry.kind,
+                            entry.message
+                        )?;
                     }
+                    printed = rollout.timeline.len();
                 }
-                Ok(None) | Err(_) => break,
+            }
+            if is_terminal_state(&rollout.state) {
+                if !quiet {
+                    eprintln!("{}", summary(&rollout));
+                }
+                return Ok(rollout);
             }
         }
         // The stream ended early (a coordinator restart): watch again.

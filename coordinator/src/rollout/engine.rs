@@ -544,12 +544,11 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                 finish(r, now, RolloutState::Failed, why);
             }
         }
-        RolloutState::Running if r.abort_requested => {
-            if in_flight(r) == 0 {
-                let summary = where_nodes_are(r);
-                finish(r, now, RolloutState::Aborted, format!("aborted; {summary}"));
-            }
+        RolloutState::Running if r.abort_requested && in_flight(r) == 0 => {
+            let summary = where_nodes_are(r);
+            finish(r, now, RolloutState::Aborted, format!("aborted; {summary}"));
         }
+        RolloutState::Running if r.abort_requested => {}
         RolloutState::Running => run(r, now, sends),
         RolloutState::Paused if r.abort_requested => {
             let summary = where_nodes_are(r);

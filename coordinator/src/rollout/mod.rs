@@ -7,7 +7,7 @@
 pub mod engine;
 pub mod model;
 #[cfg(test)]
-mod sim;
+pub(crate) mod sim;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,8 @@ const TICK: Duration = Duration::from_millis(250);
 const RESEND_DELAY: Duration = Duration::from_millis(500);
 /// Releases kept per service and environment (the current one always).
 const RELEASES_KEPT: usize = 10;
+/// Finished rollouts kept, with their timelines; older ones are deleted.
+const FINISHED_ROLLOUTS_KEPT: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -97,7 +99,7 @@ pub struct DeployRequest {
 /// What a deploy started, per service: a rollout, or nothing because the
 /// release already runs everywhere.
 pub enum Started {
-    Rollout(Rollout),
+    Rollout(Box<Rollout>),
     NoOp { service: String, message: String },
 }
 
@@ -474,7 +476,7 @@ impl Rollouts {
             ),
         );
         self.spawn(rollout.clone(), Input::Start);
-        Ok(Started::Rollout(rollout))
+        Ok(Started::Rollout(Box::new(rollout)))
     }
 
     fn record(&self, rollout: &Rollout, kind: &str, node: &str, message: String) {
@@ -680,6 +682,23 @@ impl Rollouts {
         if let Err(error) = self.settle_history(rollout) {
             tracing::error!(rollout = %rollout.id, %error, "cannot update the release history");
         }
+        if let Err(error) = self.prune_rollouts() {
+            tracing::error!(%error, "cannot prune old rollouts");
+        }
+    }
+
+    fn prune_rollouts(&self) -> Result<(), StoreError> {
+        let finished: Vec<Rollout> = self
+            .store
+            .rollouts()?
+            .into_iter()
+            .filter(|r| r.state.is_terminal())
+            .collect();
+        let excess = finished.len().saturating_sub(FINISHED_ROLLOUTS_KEPT);
+        for old in &finished[..excess] {
+            self.store.delete_rollout(&old.id)?;
+        }
+        Ok(())
     }
 
     fn settle_history(&self, rollout: &Rollout) -> Result<(), StoreError> {

@@ -183,7 +183,7 @@ pub struct StoredRelease(pub pb::Release);
 impl TryFrom<String> for StoredRelease {
     type Error = String;
     fn try_from(hex: String) -> Result<Self, String> {
-        if hex.len() % 2 != 0 {
+        if !hex.len().is_multiple_of(2) {
             return Err("odd hex length".into());
         }
         let bytes = (0..hex.len())

@@ -214,6 +214,7 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a rollout durably: when this returns, a crash keeps it.
     fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError>;
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError>;
+    fn delete_rollout(&self, id: &str) -> Result<(), StoreError>;
     /// Every stored rollout, oldest first.
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
     /// A number never handed out before, for rollout ids.

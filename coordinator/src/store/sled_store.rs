@@ -169,6 +169,11 @@ impl Store for SledStore {
         }
     }
 
+    fn delete_rollout(&self, id: &str) -> Result<(), StoreError> {
+        self.rollouts.remove(id.as_bytes()).map_err(backend)?;
+        Ok(())
+    }
+
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
         let mut all: Vec<Rollout> = self
             .rollouts
@@ -290,6 +295,82 @@ mod tests {
             })
             .unwrap();
         assert!(next.seq > events[4].seq);
+    }
+
+    #[test]
+    fn rollouts_and_releases_survive_reopen() {
+        use crate::rollout::model::RolloutState;
+        use crate::store::{ReleaseRecord, ReleaseState};
+        let dir = tempfile::tempdir().unwrap();
+        let strategy = crate::spec::Strategy {
+            batch: crate::spec::BatchSize::Count(1),
+            max_unavailable: 0,
+            min_healthy_time_ms: 0,
+            progress_deadline_ms: 1000,
+            auto_rollback: true,
+            prepare_parallelism: 1,
+        };
+        let mut first = crate::rollout::sim::rollout(2, strategy.clone());
+        first.created_at_ms = 10;
+        let mut second = first.clone();
+        second.id = "web-2".into();
+        second.created_at_ms = 20;
+        second.state = RolloutState::Succeeded;
+        let record = |id: &str, at: i64| ReleaseRecord {
+            app: "shop".into(),
+            env: "prod".into(),
+            service: "web".into(),
+            release: crate::rollout::model::StoredRelease(cutover_proto::v1::Release {
+                release_id: id.into(),
+                ..Default::default()
+            }),
+            state: ReleaseState::Stable,
+            current: false,
+            deployed_by: "alice".into(),
+            deployed_at_ms: at,
+            rollout_id: "web-1".into(),
+            selector: Default::default(),
+            strategy: strategy.clone(),
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.put_rollout(&second).unwrap();
+            store.put_rollout(&first).unwrap();
+            store.put_release(&record("web-v1", 1)).unwrap();
+            store.put_release(&record("web-v2", 2)).unwrap();
+            // Another service's history stays apart.
+            store
+                .put_release(&ReleaseRecord {
+                    service: "api".into(),
+                    ..record("api-v1", 3)
+                })
+                .unwrap();
+            assert_eq!(store.next_rollout_number().unwrap(), 1);
+            assert_eq!(store.next_rollout_number().unwrap(), 2);
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.rollouts().unwrap(),
+            vec![first.clone(), second.clone()],
+            "oldest first"
+        );
+        assert_eq!(store.rollout("web-2").unwrap(), Some(second));
+        store.delete_rollout("web-2").unwrap();
+        assert_eq!(store.rollouts().unwrap(), vec![first]);
+        let ids: Vec<String> = store
+            .releases("prod", "web")
+            .unwrap()
+            .iter()
+            .map(|r| r.release.id().to_string())
+            .collect();
+        assert_eq!(ids, ["web-v2", "web-v1"], "newest first");
+        store.delete_release("prod", "web", "web-v1").unwrap();
+        assert_eq!(store.releases("prod", "web").unwrap().len(), 1);
+        assert_eq!(
+            store.next_rollout_number().unwrap(),
+            3,
+            "numbers never repeat"
+        );
     }
 
     #[test]

@@ -1,0 +1,98 @@
+//! HTTP(S) downloads of release artifacts: agents fetch them, the CLI hashes
+//! a remote artifact once to pin a release to its digest. Public web roots,
+//! plus an optional private CA for artifact servers behind one.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("artifact CA {path}: {reason}")]
+    Ca { path: String, reason: String },
+    #[error("{0}")]
+    Failed(String),
+}
+
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<Bytes>,
+>;
+
+pub struct HttpFetcher {
+    client: HttpsClient,
+}
+
+impl HttpFetcher {
+    /// `extra_ca` adds a PEM CA to the public web roots.
+    pub fn new(extra_ca: Option<&Path>) -> Result<Self, FetchError> {
+        crate::tls::install_crypto_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = extra_ca {
+            let ca_error = |reason: String| FetchError::Ca {
+                path: path.display().to_string(),
+                reason,
+            };
+            let certs =
+                crate::tls::load_certs(path, "artifact CA").map_err(|e| ca_error(e.to_string()))?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        })
+    }
+
+    /// Starts a GET of `url` (http:// or https://); any status but 2xx is
+    /// an error. The body follows with [`Download::chunk`].
+    pub async fn get(&self, url: &str) -> Result<Download, FetchError> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| FetchError::Failed(e.to_string()))?;
+        let response = self
+            .client
+            .get(uri)
+            .await
+            .map_err(|e| FetchError::Failed(crate::error_chain(&e)))?;
+        if !response.status().is_success() {
+            return Err(FetchError::Failed(format!(
+                "server answered {}",
+                response.status()
+            )));
+        }
+        Ok(Download {
+            body: response.into_body(),
+        })
+    }
+}
+
+/// A response body on its way, read chunk by chunk: never held whole.
+pub struct Download {
+    body: hyper::body::Incoming,
+}
+
+impl Download {
+    /// The next piece of the body; `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, FetchError> {
+        while let Some(frame) = self.body.frame().await {
+            let frame = frame.map_err(|e| FetchError::Failed(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                return Ok(Some(data));
+            }
+        }
+        Ok(None)
+    }
+}
