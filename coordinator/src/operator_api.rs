@@ -110,7 +110,15 @@ fn started_to_pb(started: Vec<Started>) -> pb::DeployResponse {
     for s in started {
         match s {
             Started::Rollout(rollout) => response.rollouts.push(rollout_to_pb(&rollout)),
-            Started::NoOp { message, .. } => response.unchanged.push(message),
+            Started::NoOp {
+                service,
+                release_id,
+                message,
+            } => response.unchanged.push(pb::Unchanged {
+                service,
+                release_id,
+                message,
+            }),
         }
     }
     response

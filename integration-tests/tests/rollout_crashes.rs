@@ -105,10 +105,7 @@ impl Fixture {
             args.extend(["--digest", digest]);
         }
         let out = self.cli(&args);
-        out["rollouts"][0]["id"]
-            .as_str()
-            .expect("a rollout id")
-            .to_string()
+        out["id"].as_str().expect("a rollout id").to_string()
     }
 
     fn status(&self, id: &str) -> Option<Value> {

@@ -449,9 +449,12 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
     let again = s.deploy("v1", "", FAST).await.unwrap();
     assert!(again.rollouts.is_empty(), "{again:?}");
     assert!(
-        again.unchanged[0].contains("already runs on all 3 nodes"),
+        again.unchanged[0]
+            .message
+            .contains("already runs on all 3 nodes"),
         "{again:?}"
     );
+    assert_eq!(again.unchanged[0].service, "web");
 
     // One rollout per service and environment at a time.
     let id = s

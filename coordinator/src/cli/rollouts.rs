@@ -246,18 +246,18 @@ async fn started(
     json: bool,
 ) -> Result<ExitCode> {
     if !json {
-        for line in &response.unchanged {
-            println!("{line}");
+        for unchanged in &response.unchanged {
+            println!("{}", unchanged.message);
         }
     }
-    if !wait {
-        if json {
-            let value = json!({
-                "rollouts": response.rollouts.iter().map(to_json).collect::<Vec<_>>(),
-                "unchanged": response.unchanged,
-            });
-            println!("{}", serde_json::to_string_pretty(&value)?);
-        } else {
+    let rollouts = if wait {
+        let mut finals = Vec::new();
+        for r in &response.rollouts {
+            finals.push(follow(client, &r.id, json).await?);
+        }
+        finals
+    } else {
+        if !json {
             for r in &response.rollouts {
                 println!("{}", r.id);
                 eprintln!(
@@ -269,20 +269,25 @@ async fn started(
                 );
             }
         }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut finals = Vec::new();
-    for r in &response.rollouts {
-        finals.push(follow(client, &r.id, json).await?);
-    }
+        response.rollouts
+    };
     if json {
-        let value = json!({
-            "rollouts": finals.iter().map(to_json).collect::<Vec<_>>(),
-            "unchanged": response.unchanged,
-        });
+        // One service: its rollout object (or its no-op); several: an array.
+        let mut items: Vec<Value> = rollouts.iter().map(to_json).collect();
+        items.extend(response.unchanged.iter().map(|u| {
+            json!({"service": u.service, "release": u.release_id, "unchanged": true, "message": u.message})
+        }));
+        let value = match items.len() {
+            1 => items.pop().expect("one item"),
+            _ => Value::Array(items),
+        };
         println!("{}", serde_json::to_string_pretty(&value)?);
     }
-    Ok(exit_for(&finals))
+    Ok(if wait {
+        exit_for(&rollouts)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn exit_for(rollouts: &[pb::Rollout]) -> ExitCode {

@@ -100,7 +100,11 @@ pub struct DeployRequest {
 /// release already runs everywhere.
 pub enum Started {
     Rollout(Box<Rollout>),
-    NoOp { service: String, message: String },
+    NoOp {
+        service: String,
+        release_id: String,
+        message: String,
+    },
 }
 
 /// Everything needed to launch a rollout of one service.
@@ -403,6 +407,7 @@ impl Rollouts {
                     plan.env
                 ),
                 service: plan.service,
+                release_id,
             });
         }
         let number = self.store.next_rollout_number()?;
