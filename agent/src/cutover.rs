@@ -10,6 +10,11 @@
 //!
 //! If 2 or 3 fails, B is stopped and A keeps serving, untouched: the proxy
 //! never pointed anywhere but at a release that passed its checks.
+//!
+//! A worker (a service without a port, like a queue consumer) has no proxy:
+//! B starts, must pass its exec check (if it has one) and stay up for its
+//! `min_healthy_time`, then A is asked to stop with its stop command and
+//! given `stop_timeout` to finish its jobs and exit by itself.
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -35,12 +40,21 @@ pub struct WebRelease {
     /// The unpacked release dir; the command runs there.
     pub workdir: PathBuf,
     pub env: Vec<(String, String)>,
-    pub health: Check,
+    /// Web services always have one; a worker may not.
+    pub health: Option<Check>,
     pub gate: HealthGate,
     pub smoke: Vec<Check>,
     #[serde(with = "signal_name")]
     pub stop_signal: Signal,
     pub stop_grace: Duration,
+    /// A new release must stay up this long without a crash before it
+    /// counts as healthy (workers).
+    #[serde(default)]
+    pub min_healthy_time: Duration,
+    #[serde(default)]
+    pub stop_command: Vec<String>,
+    #[serde(default)]
+    pub stop_timeout: Duration,
 }
 
 /// Signals by name ("SIGTERM") in stored records.
@@ -123,6 +137,13 @@ pub enum CutoverError {
         /// How the process last exited, when it crashed during the checks.
         crashed: Option<String>,
     },
+    #[error("release {release_id} did not stay up for {}, {} keeps serving: {exit}", humantime::format_duration(*.min_healthy_time), describe_serving(.serving))]
+    NotStable {
+        release_id: String,
+        serving: Option<String>,
+        min_healthy_time: Duration,
+        exit: String,
+    },
     #[error("release {release_id} failed smoke check {check}, {} keeps serving: {}", describe_serving(.serving), .outcome.detail)]
     SmokeFailed {
         release_id: String,
@@ -188,6 +209,38 @@ impl Running {
     }
 }
 
+/// A worker's "drain": it has no proxy, its stop command lets it finish.
+const NOTHING_TO_DRAIN: DrainReport = DrainReport {
+    completed: true,
+    cut: 0,
+    waited: Duration::ZERO,
+};
+
+/// Waits `time` while the release's process stays up without a crash;
+/// the error says how it went down.
+async fn stays_up(supervisor: &Supervisor, time: Duration) -> Result<(), String> {
+    if time.is_zero() {
+        return Ok(());
+    }
+    let mut status = supervisor.watch();
+    let end = tokio::time::sleep(time);
+    tokio::pin!(end);
+    loop {
+        {
+            let now = status.borrow_and_update();
+            if now.crashes > 0 || now.process.is_none() {
+                return Err(now.last_exit.clone().unwrap_or_else(|| "it exited".into()));
+            }
+        }
+        tokio::select! {
+            _ = &mut end => return Ok(()),
+            changed = status.changed() => if changed.is_err() {
+                return Err("its supervision ended".into());
+            }
+        }
+    }
+}
+
 /// Keeps checking a serving release with its health check, every gate
 /// interval (at least a second): a release that turns unhealthy after its
 /// cutover shows in heartbeats and `cutover nodes`.
@@ -198,8 +251,11 @@ fn monitor_health(
 ) -> (Arc<std::sync::Mutex<Option<Outcome>>>, DropGuard) {
     let health = Arc::new(std::sync::Mutex::new(None));
     let stop = CancellationToken::new();
+    let Some(check) = release.health.clone() else {
+        // A worker without a check: its process status is its health.
+        return (health, stop.drop_guard());
+    };
     let every = release.gate.interval.max(Duration::from_secs(1));
-    let check = release.health.clone();
     let (service, release_id, last) = (
         service.to_string(),
         release.release_id.clone(),
@@ -235,10 +291,11 @@ fn monitor_health(
     (health, stop.drop_guard())
 }
 
-/// One web service on this node: its proxy and the release it serves.
+/// One service on this node: the release it serves and, for a web
+/// service, its proxy (workers have none).
 pub struct WebService {
     settings: WebServiceSettings,
-    proxy: Proxy,
+    proxy: Option<Proxy>,
     store: Arc<AgentStore>,
     active: Option<Running>,
 }
@@ -251,6 +308,8 @@ fn process_spec(settings: &WebServiceSettings, release: &WebRelease, port: u16) 
         env: release_env(settings, release, port),
         stop_signal: release.stop_signal,
         stop_grace: release.stop_grace,
+        stop_command: release.stop_command.clone(),
+        stop_timeout: release.stop_timeout,
         log_dir: settings.log_root.join(&release.release_id),
         log_max_bytes: settings.log_max_bytes,
         log_keep: settings.log_keep,
@@ -259,7 +318,8 @@ fn process_spec(settings: &WebServiceSettings, release: &WebRelease, port: u16) 
     }
 }
 
-/// The release environment plus where to listen.
+/// The release environment plus where to listen (port 0: a worker, which
+/// listens nowhere).
 fn release_env(
     settings: &WebServiceSettings,
     release: &WebRelease,
@@ -267,7 +327,9 @@ fn release_env(
 ) -> Vec<(String, String)> {
     let mut env = release.env.clone();
     env.push(("HOST".into(), settings.address.to_string()));
-    env.push(("PORT".into(), port.to_string()));
+    if port != 0 {
+        env.push(("PORT".into(), port.to_string()));
+    }
     env
 }
 
@@ -277,7 +339,7 @@ impl WebService {
     /// runs, started again (and health-gated) if not, and the proxy serves it.
     pub async fn recover(
         settings: WebServiceSettings,
-        proxy: Proxy,
+        proxy: Option<Proxy>,
         store: Arc<AgentStore>,
     ) -> Result<Self, CutoverError> {
         let mut service = Self {
@@ -296,7 +358,9 @@ impl WebService {
         let Some(record) = record else {
             return Ok(service);
         };
-        service.proxy.set_admitted(record.admitted);
+        if let Some(proxy) = &service.proxy {
+            proxy.set_admitted(record.admitted);
+        }
         if !record.leftovers.is_empty() {
             stop_leftovers(&service.settings.name, &record.leftovers).await;
             service.forget_leftovers();
@@ -321,13 +385,10 @@ impl WebService {
                 };
                 // Nothing else can serve: an unhealthy start still gets the
                 // traffic (and keeps being restarted), but it is logged.
-                if let Err(failure) = active
-                    .release
-                    .gate
-                    .wait(&active.release.health, &target)
-                    .await
-                {
-                    tracing::error!(service = %service.settings.name, %failure, "recovered release is not healthy");
+                if let Some(check) = &active.release.health {
+                    if let Err(failure) = active.release.gate.wait(check, &target).await {
+                        tracing::error!(service = %service.settings.name, %failure, "recovered release is not healthy");
+                    }
                 }
                 started
             }
@@ -354,7 +415,10 @@ impl WebService {
             env: release_env(&self.settings, &release, port),
         };
         let (health, monitor) = monitor_health(&self.settings.name, &release, target);
-        let upstream = self.proxy.switch(Some((&release.release_id, addr)));
+        let upstream = self
+            .proxy
+            .as_ref()
+            .and_then(|proxy| proxy.switch(Some((&release.release_id, addr))));
         let old = self.active.replace(Running {
             release_id: release.release_id.clone(),
             addr,
@@ -417,8 +481,20 @@ impl WebService {
         });
     }
 
-    pub fn proxy(&self) -> &Proxy {
-        &self.proxy
+    /// The service's proxy; `None` for a worker.
+    pub fn proxy(&self) -> Option<&Proxy> {
+        self.proxy.as_ref()
+    }
+
+    /// The proxy's address; `None` for a worker.
+    fn listen(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().map(Proxy::local_addr)
+    }
+
+    /// Whether an external load balancer may send traffic (always for a
+    /// worker, which has none).
+    fn admitted(&self) -> bool {
+        self.proxy.as_ref().is_none_or(Proxy::admitted)
     }
 
     /// The release serving now and where it listens.
@@ -438,17 +514,21 @@ impl WebService {
         let started = Instant::now();
         let settings = &self.settings;
         progress(Step::Starting);
-        let mut taken: Vec<u16> = self.active.iter().map(|r| r.addr.port()).collect();
-        // Other services' releases too, even one down waiting for its restart.
-        taken.extend(self.store.ports_in_use().unwrap_or_default());
-        let port = allocate_port(settings.address, &settings.ports, &taken).ok_or_else(|| {
-            CutoverError::NoPort {
-                release_id: release.release_id.clone(),
-                address: settings.address,
-                first: *settings.ports.start(),
-                last: *settings.ports.end(),
-            }
-        })?;
+        let port = if self.proxy.is_some() {
+            let mut taken: Vec<u16> = self.active.iter().map(|r| r.addr.port()).collect();
+            // Other services' releases too, even one down waiting for its restart.
+            taken.extend(self.store.ports_in_use().unwrap_or_default());
+            allocate_port(settings.address, &settings.ports, &taken).ok_or_else(|| {
+                CutoverError::NoPort {
+                    release_id: release.release_id.clone(),
+                    address: settings.address,
+                    first: *settings.ports.start(),
+                    last: *settings.ports.end(),
+                }
+            })?
+        } else {
+            0
+        };
         let addr = SocketAddr::new(settings.address, port);
         let supervisor = Supervisor::start(process_spec(settings, &release, port)).await?;
         if let Some(process) = supervisor.status().process {
@@ -476,7 +556,14 @@ impl WebService {
         let serving = self.active.as_ref().map(|r| r.release_id.clone());
 
         progress(Step::HealthChecking);
-        let healthy = match release.gate.wait(&release.health, &target).await {
+        let checked = match &release.health {
+            Some(check) => release.gate.wait(check, &target).await,
+            None => Ok(Healthy {
+                attempts: 0,
+                took: Duration::ZERO,
+            }),
+        };
+        let healthy = match checked {
             Ok(healthy) => healthy,
             Err(failure) => {
                 let crashed = supervisor.status().last_exit;
@@ -490,6 +577,16 @@ impl WebService {
                 });
             }
         };
+        if let Err(exit) = stays_up(&supervisor, release.min_healthy_time).await {
+            supervisor.stop().await;
+            self.forget_leftovers();
+            return Err(CutoverError::NotStable {
+                release_id: release.release_id,
+                serving,
+                min_healthy_time: release.min_healthy_time,
+                exit,
+            });
+        }
 
         progress(Step::SmokeTesting);
         for check in &release.smoke {
@@ -536,10 +633,15 @@ impl WebService {
         }
         let release_id = release.release_id.clone();
         let (old, old_upstream) = self.serve(release, port, supervisor);
-        let previous = match (old, old_upstream) {
-            (Some(old), Some(upstream)) => {
-                progress(Step::Draining);
-                let drain = upstream.drain(self.settings.drain_timeout).await;
+        let previous = match old {
+            Some(old) => {
+                let drain = match old_upstream {
+                    Some(upstream) => {
+                        progress(Step::Draining);
+                        upstream.drain(self.settings.drain_timeout).await
+                    }
+                    None => NOTHING_TO_DRAIN,
+                };
                 progress(Step::StoppingOld);
                 let stop = old.supervisor.stop().await;
                 self.forget_leftovers();
@@ -578,9 +680,9 @@ impl WebService {
             history.drain(..excess);
         }
         ServiceRecord {
-            listen: self.proxy.local_addr(),
+            listen: self.listen(),
             drain_timeout: self.settings.drain_timeout,
-            admitted: self.proxy.admitted(),
+            admitted: self.admitted(),
             active,
             previous,
             leftovers: Vec::new(),
@@ -609,7 +711,10 @@ impl WebService {
     /// Takes the node out of (or back into) rotation for this service, and
     /// records it so a restarted agent keeps it that way.
     pub fn set_admitted(&self, admitted: bool) -> Result<(), StoreError> {
-        self.proxy.set_admitted(admitted);
+        let Some(proxy) = &self.proxy else {
+            return Ok(()); // a worker is in no load balancer
+        };
+        proxy.set_admitted(admitted);
         self.store.update_service(&self.settings.name, |current| {
             let mut record = current.unwrap_or_else(|| self.record(None, None, None));
             record.admitted = admitted;
@@ -638,16 +743,17 @@ impl WebService {
             upstream: self
                 .active
                 .as_ref()
+                .filter(|r| r.addr.port() != 0)
                 .map(|r| r.addr.to_string())
                 .unwrap_or_default(),
-            listen: self.proxy.local_addr().to_string(),
-            admitted: self.proxy.admitted(),
+            listen: self.listen().map(|a| a.to_string()).unwrap_or_default(),
+            admitted: self.admitted(),
             crashes: status.crashes,
             last_exit: status.last_exit.unwrap_or_default(),
             healthy: health.as_ref().is_none_or(|o| o.passed),
             health_detail: health.map(|o| o.detail).unwrap_or_default(),
             traffic: self.active.as_ref().and_then(|r| {
-                let stats = self.proxy.release_stats(&r.release_id)?;
+                let stats = self.proxy.as_ref()?.release_stats(&r.release_id)?;
                 Some(cutover_proto::v1::ReleaseTraffic {
                     release_id: r.release_id.clone(),
                     requests: stats.requests,
@@ -668,13 +774,15 @@ impl WebService {
         if let Some(running) = self.active {
             running.supervisor.release().await;
         }
-        self.proxy.close().await;
+        if let Some(proxy) = self.proxy {
+            proxy.close().await;
+        }
     }
 
     /// Stops serving: the proxy answers 502 from now on, in-flight requests
     /// drain, the release stops.
     pub async fn stop(&mut self) -> Option<PreviousRelease> {
-        let upstream = self.proxy.switch(None)?;
+        let upstream = self.proxy.as_ref().and_then(|proxy| proxy.switch(None));
         let running = self.active.take()?;
         // Until it is stopped, a restart must stop it too.
         let retiring: Vec<Leftover> = running.as_leftover().into_iter().collect();
@@ -686,7 +794,10 @@ impl WebService {
         if let Err(error) = written {
             tracing::error!(service = %self.settings.name, %error, "cannot record the stop");
         }
-        let drain = upstream.drain(self.settings.drain_timeout).await;
+        let drain = match upstream {
+            Some(upstream) => upstream.drain(self.settings.drain_timeout).await,
+            None => NOTHING_TO_DRAIN,
+        };
         let stop = running.supervisor.stop().await;
         self.forget_leftovers();
         Some(PreviousRelease {

@@ -60,11 +60,11 @@ pub enum ServiceError {
         listen: SocketAddr,
         reason: String,
     },
-    #[error("service {service} listens on {current}; moving it to {requested} needs `stop_service` first")]
+    #[error("service {service} listens on {}; moving it to {} needs `stop_service` first", describe_listen(.current), describe_listen(.requested))]
     ListenChanged {
         service: String,
-        current: SocketAddr,
-        requested: SocketAddr,
+        current: Option<SocketAddr>,
+        requested: Option<SocketAddr>,
     },
     #[error("no service {0} on this node")]
     UnknownService(String),
@@ -82,6 +82,10 @@ pub struct NodeServices {
     snapshots: std::sync::Mutex<BTreeMap<String, pb::ServiceState>>,
     /// The open connection to the coordinator, for `coordinator:` artifacts.
     coordinator: std::sync::Mutex<Option<Channel>>,
+}
+
+fn describe_listen(listen: &Option<SocketAddr>) -> String {
+    listen.map_or_else(|| "no port (a worker)".to_string(), |addr| addr.to_string())
 }
 
 /// Release ids name directories: keep them to safe file names.
@@ -165,6 +169,24 @@ fn listen_addr(listen: &str, address: IpAddr) -> Result<SocketAddr, ServiceError
     })
 }
 
+/// What a release runs as: exactly one of a web service or a worker.
+enum ReleaseKind<'a> {
+    Web(&'a pb::WebService),
+    Worker(&'a pb::Worker),
+}
+
+impl<'a> ReleaseKind<'a> {
+    fn of(release: &'a pb::Release) -> Result<Self, ServiceError> {
+        match (&release.web, &release.worker) {
+            (Some(web), None) => Ok(ReleaseKind::Web(web)),
+            (None, Some(worker)) => Ok(ReleaseKind::Worker(worker)),
+            _ => Err(ServiceError::Invalid(
+                "a release is either `web` or `worker`, exactly one".into(),
+            )),
+        }
+    }
+}
+
 pub fn step_name(step: Step) -> &'static str {
     match step {
         Step::Starting => "starting",
@@ -232,21 +254,29 @@ impl NodeServices {
         Ok(node)
     }
 
+    /// Brings up a service: its proxy on `listen` (none for a worker) and
+    /// whatever the store says it ran.
     async fn bind(
         &self,
         name: &str,
-        listen: SocketAddr,
+        listen: Option<SocketAddr>,
         drain_timeout: Duration,
     ) -> Result<WebService, ServiceError> {
-        let mut config = ProxyConfig::new(name, listen);
-        config.trusted_networks = self.settings.trusted_networks.clone();
-        let proxy = Proxy::bind(config, self.shutdown.clone())
-            .await
-            .map_err(|e| ServiceError::Bind {
-                service: name.to_string(),
-                listen,
-                reason: e.to_string(),
-            })?;
+        let proxy = match listen {
+            Some(listen) => {
+                let mut config = ProxyConfig::new(name, listen);
+                config.trusted_networks = self.settings.trusted_networks.clone();
+                let proxy = Proxy::bind(config, self.shutdown.clone())
+                    .await
+                    .map_err(|e| ServiceError::Bind {
+                        service: name.to_string(),
+                        listen,
+                        reason: e.to_string(),
+                    })?;
+                Some(proxy)
+            }
+            None => None,
+        };
         let settings = WebServiceSettings {
             name: name.to_string(),
             address: self.settings.address,
@@ -276,9 +306,7 @@ impl NodeServices {
         validate_release_id(&release.release_id)?;
         cutover_common::identity::validate_name(&release.service)
             .map_err(|e| ServiceError::Invalid(format!("service name: {e}")))?;
-        let web = release.web.as_ref().ok_or_else(|| {
-            ServiceError::Invalid("only web services can run yet: `web` is missing".into())
-        })?;
+        let kind = ReleaseKind::of(release)?;
         let artifact = release
             .artifact
             .as_ref()
@@ -287,18 +315,51 @@ impl NodeServices {
             return Err(ServiceError::Invalid("no command".into()));
         }
         let digest = Digest::parse(&artifact.digest).map_err(ArtifactError::from)?;
-        let health = check_from(
-            web.health
-                .as_ref()
-                .ok_or_else(|| ServiceError::Invalid("no health check".into()))?,
-            "health check",
-        )?;
-        let smoke = web
-            .smoke
-            .iter()
-            .enumerate()
-            .map(|(i, c)| check_from(c, &format!("smoke check {}", i + 1)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (health, gate, smoke, min_healthy_time) = match kind {
+            ReleaseKind::Web(web) => (
+                Some(check_from(
+                    web.health
+                        .as_ref()
+                        .ok_or_else(|| ServiceError::Invalid("no health check".into()))?,
+                    "health check",
+                )?),
+                HealthGate {
+                    interval: millis(web.health_interval_ms, Duration::from_secs(1)),
+                    healthy_threshold: web.healthy_threshold.max(1),
+                    deadline: millis(web.healthy_deadline_ms, Duration::from_secs(60)),
+                },
+                web.smoke
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| check_from(c, &format!("smoke check {}", i + 1)))
+                    .collect::<Result<Vec<_>, _>>()?,
+                Duration::ZERO,
+            ),
+            ReleaseKind::Worker(worker) => {
+                let health = match &worker.health {
+                    Some(check) => {
+                        let check = check_from(check, "health check")?;
+                        if !matches!(check.probe, Probe::Exec { .. }) {
+                            return Err(ServiceError::Invalid(
+                                "a worker has no port: its health check must be an exec check".into(),
+                            ));
+                        }
+                        Some(check)
+                    }
+                    None => None,
+                };
+                (
+                    health,
+                    HealthGate {
+                        interval: millis(worker.health_interval_ms, Duration::from_secs(1)),
+                        healthy_threshold: worker.healthy_threshold.max(1),
+                        deadline: millis(worker.healthy_deadline_ms, Duration::from_secs(60)),
+                    },
+                    Vec::new(),
+                    Duration::from_millis(worker.min_healthy_time_ms),
+                )
+            }
+        };
         let stop_signal = if release.stop_signal.is_empty() {
             Signal::SIGTERM
         } else {
@@ -335,14 +396,13 @@ impl NodeServices {
             workdir,
             env,
             health,
-            gate: HealthGate {
-                interval: millis(web.health_interval_ms, Duration::from_secs(1)),
-                healthy_threshold: web.healthy_threshold.max(1),
-                deadline: millis(web.healthy_deadline_ms, Duration::from_secs(60)),
-            },
+            gate,
             smoke,
             stop_signal,
             stop_grace: millis(release.stop_grace_ms, Duration::from_secs(10)),
+            min_healthy_time,
+            stop_command: release.stop_command.clone(),
+            stop_timeout: Duration::from_millis(release.stop_timeout_ms),
         })
     }
 
@@ -357,9 +417,13 @@ impl NodeServices {
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<pb::Activated, ServiceError> {
         let web_release = self.prepare(release, progress).await?;
-        let web = release.web.as_ref().expect("prepare checked it");
-        let listen = listen_addr(&web.listen, self.settings.address)?;
-        let drain_timeout = millis(web.drain_timeout_ms, Duration::from_secs(30));
+        let (listen, drain_timeout) = match ReleaseKind::of(release)? {
+            ReleaseKind::Web(web) => (
+                Some(listen_addr(&web.listen, self.settings.address)?),
+                millis(web.drain_timeout_ms, Duration::from_secs(30)),
+            ),
+            ReleaseKind::Worker(_) => (None, Duration::ZERO),
+        };
         let (shared, created) = {
             let mut services = self.services.lock().await;
             match services.get(&release.service) {
@@ -374,7 +438,7 @@ impl NodeServices {
             }
         };
         let mut service = shared.lock().await;
-        let current = service.proxy().local_addr();
+        let current = service.proxy().map(|p| p.local_addr());
         if current != listen {
             return Err(ServiceError::ListenChanged {
                 service: release.service.clone(),
@@ -396,7 +460,7 @@ impl NodeServices {
                 took_ms: 0,
             });
         }
-        let drain = drain_first && !created && service.proxy().admitted();
+        let drain = drain_first && !created && service.proxy().is_some_and(|p| p.admitted());
         if drain {
             service.set_admitted(false)?;
         }

@@ -24,8 +24,8 @@ pub enum StoreError {
 /// What runs for one web service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRecord {
-    /// The proxy's public address.
-    pub listen: SocketAddr,
+    /// The proxy's public address; `None` for a worker.
+    pub listen: Option<SocketAddr>,
     pub drain_timeout: Duration,
     /// False while the node is drained for this service; survives restarts,
     /// so an agent restart does not put a node under maintenance back in

@@ -65,14 +65,14 @@ fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> WebRele
         command: vec!["python3".into(), dir.join("app.py").display().to_string()],
         workdir: dir.to_path_buf(),
         env,
-        health: Check {
+        health: Some(Check {
             probe: Probe::Http {
                 path: "/health".into(),
                 expect_status: 200..=299,
                 body_contains: None,
             },
             timeout: Duration::from_secs(1),
-        },
+        }),
         gate: HealthGate {
             interval: Duration::from_millis(100),
             healthy_threshold: 2,
@@ -88,6 +88,9 @@ fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> WebRele
         }],
         stop_signal: Signal::SIGTERM,
         stop_grace: Duration::from_secs(5),
+        min_healthy_time: Duration::ZERO,
+        stop_command: Vec::new(),
+        stop_timeout: Duration::ZERO,
     }
 }
 
@@ -122,7 +125,7 @@ async fn fixture() -> Fixture {
     )
     .await
     .unwrap();
-    let service = WebService::recover(settings(root.path()), proxy, store.clone())
+    let service = WebService::recover(settings(root.path()), Some(proxy), store.clone())
         .await
         .unwrap();
     Fixture {
@@ -169,7 +172,7 @@ impl Fixture {
     /// without stopping anything (as after kill -9), a new one binds the
     /// same proxy port and recovers from the store.
     async fn restart_agent(&mut self, before_recovery: impl FnOnce()) {
-        let listen = self.service.proxy().local_addr();
+        let listen = self.service.proxy().expect("a web service").local_addr();
         let shutdown = std::mem::replace(&mut self.shutdown, CancellationToken::new());
         let old = std::mem::replace(
             &mut self.service,
@@ -181,7 +184,7 @@ impl Fixture {
         let proxy = Proxy::bind(ProxyConfig::new("web", listen), self.shutdown.clone())
             .await
             .unwrap();
-        self.service = WebService::recover(settings(self.root.path()), proxy, self.store.clone())
+        self.service = WebService::recover(settings(self.root.path()), Some(proxy), self.store.clone())
             .await
             .unwrap();
     }
@@ -192,7 +195,7 @@ impl Fixture {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.service.proxy().local_addr())
+        format!("http://{}{path}", self.service.proxy().expect("a web service").local_addr())
     }
 
     /// Live processes of this fixture's releases.
@@ -211,7 +214,7 @@ async fn placeholder(root: &tempfile::TempDir, store: &Arc<AgentStore>) -> WebSe
     .unwrap();
     let mut settings = settings(root.path());
     settings.name = "placeholder".into();
-    WebService::recover(settings, proxy, store.clone())
+    WebService::recover(settings, Some(proxy), store.clone())
         .await
         .unwrap()
 }

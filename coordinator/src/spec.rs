@@ -51,6 +51,14 @@ pub struct ServiceSpec {
     pub stop_signal: Option<String>,
     #[serde(default = "default_stop_grace", with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// Asks a release to finish its work and exit before the stop signal.
+    #[serde(default)]
+    pub stop_command: Vec<String>,
+    #[serde(default = "default_stop_timeout", with = "humantime_serde")]
+    pub stop_timeout: Duration,
+    /// Workers: a new release must stay up this long without a crash.
+    #[serde(default, with = "humantime_serde")]
+    pub min_healthy_time: Option<Duration>,
     pub health: Option<HealthSpec>,
     #[serde(default)]
     pub smoke: Vec<SmokeSpec>,
@@ -245,6 +253,12 @@ fn default_drain_timeout() -> Duration {
 fn default_stop_grace() -> Duration {
     Duration::from_secs(10)
 }
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_worker_min_healthy_time() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_interval() -> Duration {
     Duration::from_secs(1)
 }
@@ -401,16 +415,6 @@ impl AppSpec {
                 format!("version {version:?} must be 1 to 64 characters from a-z, A-Z, 0-9, '.', '_', '-', starting with a letter or digit"),
             ));
         }
-        let Some(listen) = &spec.listen else {
-            return Err(error(
-                format!("services.{service}.listen"),
-                "services without `listen` (queue workers) cannot be deployed yet: agents run web services only; deploy the web services with --service".into(),
-            ));
-        };
-        let health = spec
-            .health
-            .as_ref()
-            .expect("validated: web services have a health check");
         let mut selector = environment.nodes.clone();
         for (k, v) in &spec.nodes {
             if let Some(existing) = selector.get(k).filter(|e| *e != v) {
@@ -423,25 +427,42 @@ impl AppSpec {
         }
         let mut vars = environment.env.clone();
         vars.extend(spec.env.clone());
-        let web = pb::WebService {
-            listen: listen.clone(),
-            health: Some(health_check(health)),
-            health_interval_ms: ms(health.interval),
-            healthy_threshold: health.healthy_threshold,
-            healthy_deadline_ms: ms(health.healthy_deadline),
-            smoke: spec
-                .smoke
-                .iter()
-                .map(|s| pb::Check {
-                    probe: Some(pb::check::Probe::Http(http_probe(
-                        &s.path,
-                        s.expect_status.or(Some(StatusRange(200, 200))),
-                        &s.expect_body,
-                    ))),
-                    timeout_ms: ms(s.timeout),
-                })
-                .collect(),
-            drain_timeout_ms: ms(spec.drain_timeout),
+        let (web, worker) = match &spec.listen {
+            Some(listen) => {
+                let health = spec.health.as_ref().expect("validated: web services have a health check");
+                let web = pb::WebService {
+                    listen: listen.clone(),
+                    health: Some(health_check(health)),
+                    health_interval_ms: ms(health.interval),
+                    healthy_threshold: health.healthy_threshold,
+                    healthy_deadline_ms: ms(health.healthy_deadline),
+                    smoke: spec
+                        .smoke
+                        .iter()
+                        .map(|s| pb::Check {
+                            probe: Some(pb::check::Probe::Http(http_probe(
+                                &s.path,
+                                s.expect_status.or(Some(StatusRange(200, 200))),
+                                &s.expect_body,
+                            ))),
+                            timeout_ms: ms(s.timeout),
+                        })
+                        .collect(),
+                    drain_timeout_ms: ms(spec.drain_timeout),
+                };
+                (Some(web), None)
+            }
+            None => {
+                let health = spec.health.as_ref();
+                let worker = pb::Worker {
+                    health: health.map(health_check),
+                    health_interval_ms: health.map_or(0, |h| ms(h.interval)),
+                    healthy_threshold: health.map_or(0, |h| h.healthy_threshold),
+                    healthy_deadline_ms: health.map_or(0, |h| ms(h.healthy_deadline)),
+                    min_healthy_time_ms: ms(spec.min_healthy_time.unwrap_or_else(default_worker_min_healthy_time)),
+                };
+                (None, Some(worker))
+            }
         };
         let mut release = pb::Release {
             release_id: String::new(),
@@ -450,9 +471,12 @@ impl AppSpec {
             artifact: Some(artifact),
             command: spec.command.clone(),
             env: vars.into_iter().collect(),
-            web: Some(web),
+            web,
+            worker,
             stop_signal: spec.stop_signal.clone().unwrap_or_default(),
             stop_grace_ms: ms(spec.stop_grace),
+            stop_command: spec.stop_command.clone(),
+            stop_timeout_ms: ms(spec.stop_timeout),
         };
         release.release_id = release_id(&release);
         let s = &self.strategy;
@@ -606,17 +630,28 @@ fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
         }
     }
     validate_env_vars(&s.env).map_err(|(k, m)| (format!("env.{k}"), m))?;
+    if s.stop_command.first().is_some_and(|p| p.is_empty()) {
+        return Err(("stop_command".into(), "must name a program, e.g. [\"php\", \"artisan\", \"horizon:terminate\"]".into()));
+    }
     if let Some(listen) = &s.listen {
         parse_listen(listen).map_err(|m| ("listen".to_string(), m))?;
         let Some(health) = &s.health else {
             return Err(("health".into(), "a web service (it has `listen`) needs a health check: add [services.NAME.health] with a `path`".into()));
         };
         validate_health(health).map_err(|(k, m)| (format!("health.{k}"), m))?;
-    } else if s.health.is_some() || !s.smoke.is_empty() {
-        return Err((
-            "listen".into(),
-            "health and smoke checks need a `listen` address (a web service)".into(),
-        ));
+        if s.min_healthy_time.is_some() {
+            return Err(("min_healthy_time".into(), "is for workers (services without `listen`); a web release is judged by its health check, and batches by strategy.min_healthy_time".into()));
+        }
+    } else {
+        if !s.smoke.is_empty() {
+            return Err(("smoke".into(), "smoke checks are HTTP requests: they need a `listen` address (a web service)".into()));
+        }
+        if let Some(health) = &s.health {
+            validate_health(health).map_err(|(k, m)| (format!("health.{k}"), m))?;
+            if health.exec.is_none() {
+                return Err(("health".into(), "a worker has no port: its health check must be `exec = [..]`".into()));
+            }
+        }
     }
     for (i, smoke) in s.smoke.iter().enumerate() {
         if !smoke.path.starts_with('/') {

@@ -625,24 +625,34 @@ pub fn http_get(addr: &str, path: &str) -> String {
 
 /// The test web app (see agent/tests/fixtures/app.py).
 pub const APP: &str = include_str!("../../agent/tests/fixtures/app.py");
+/// The test queue worker (see agent/tests/fixtures/worker.py).
+pub const WORKER: &str = include_str!("../../agent/tests/fixtures/worker.py");
 
-/// Packs the test app as a release artifact; returns its file URL and digest.
+/// Packs the test app and worker as a release artifact; returns its file
+/// URL and digest.
 pub fn app_archive(dir: &Path) -> (String, String) {
-    let path = dir.join("app.tar.gz");
+    let path = archive(dir, "app.tar.gz", &[("app.py", APP), ("worker.py", WORKER)]);
+    let digest = Digest::of_file(&path).unwrap().to_string();
+    (format!("file://{}", path.display()), digest)
+}
+
+/// Writes `files` as `dir/name`, a .tar.gz; returns its path.
+pub fn archive(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let path = dir.join(name);
     let file = std::fs::File::create(&path).unwrap();
     let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
         file,
         flate2::Compression::fast(),
     ));
-    let mut header = tar::Header::new_gnu();
-    header.set_size(APP.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    tar.append_data(&mut header, "app.py", APP.as_bytes())
-        .unwrap();
+    for (name, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, data.as_bytes()).unwrap();
+    }
     tar.into_inner().unwrap().finish().unwrap();
-    let digest = Digest::of_file(&path).unwrap().to_string();
-    (format!("file://{}", path.display()), digest)
+    path
 }
 
 /// A release of the test app as the coordinator sends it: health on
@@ -693,6 +703,7 @@ pub fn web_release(
         }),
         stop_signal: String::new(),
         stop_grace_ms: 5000,
+        ..Default::default()
     }
 }
 

@@ -193,26 +193,12 @@ fn count(kinds: &[String], kind: &str) -> usize {
 
 /// The test app packed with one more file: same app, another digest.
 fn other_archive(dir: &Path) -> (std::path::PathBuf, String) {
-    let path = dir.join("other.tar.gz");
-    let file = std::fs::File::create(&path).unwrap();
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
-        file,
-        flate2::Compression::fast(),
-    ));
-    for (name, data) in [
-        ("app.py", cutover_integration_tests::APP),
-        ("NOTE", "a second build"),
-    ] {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        tar.append_data(&mut header, name, data.as_bytes()).unwrap();
-    }
-    tar.into_inner().unwrap().finish().unwrap();
-    let digest = cutover_common::digest::Digest::of_file(&path)
-        .unwrap()
-        .to_string();
+    let path = cutover_integration_tests::archive(
+        dir,
+        "other.tar.gz",
+        &[("app.py", cutover_integration_tests::APP), ("NOTE", "a second build")],
+    );
+    let digest = cutover_common::digest::Digest::of_file(&path).unwrap().to_string();
     (path, digest)
 }
 

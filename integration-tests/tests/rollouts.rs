@@ -609,3 +609,78 @@ async fn a_rollout_survives_a_coordinator_restart_mid_batch() {
         "each node switched once: {kinds:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_rollout_lets_old_workers_finish_their_jobs() {
+    let mut s = setup(3).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("worker");
+    let worker_spec = |version: &str| {
+        format!(
+            r#"
+app = "shop"
+[services.queue]
+command = ["python3", "worker.py"]
+stop_command = ["python3", "worker.py", "terminate"]
+stop_timeout = "5s"
+stop_grace = "1s"
+min_healthy_time = "500ms"
+[services.queue.env]
+VERSION = "{version}"
+WORKER_LOG = "{}"
+[strategy]
+batch = 3
+min_healthy_time = "300ms"
+[environments.test]
+nodes = {{ env = "test" }}
+"#,
+            log.display()
+        )
+    };
+    for version in ["v1", "v2"] {
+        let response = s
+            .client
+            .deploy(pb::DeployRequest {
+                spec: worker_spec(version),
+                spec_file: "cutover.toml".into(),
+                env: "test".into(),
+                service: String::new(),
+                version: version.into(),
+                artifact: Some(pb::Artifact {
+                    url: s.artifact.0.clone(),
+                    digest: s.artifact.1.clone(),
+                }),
+                allow_unreachable: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let done = s.finish(&response.rollouts[0].id).await;
+        assert_eq!(done.state, "succeeded", "{done:#?}");
+    }
+    for i in 0..3 {
+        let host = format!("127.0.0.{}", 11 + i);
+        let text = std::fs::read_to_string(format!("{}-{host}", log.display())).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // v2 started beside v1; v1 then finished its job and left by itself
+        // (it ignores SIGTERM: a kill would leave no such line).
+        assert_eq!(
+            lines,
+            ["v1 started", "v2 started", "v1 finished its jobs and exited"],
+            "{host}"
+        );
+    }
+    let nodes = s
+        .cluster
+        .wait_for_nodes(Duration::from_secs(5), |nodes| {
+            nodes.iter().all(|n| {
+                n.services
+                    .iter()
+                    .any(|x| x.service == "queue" && x.release_id.starts_with("queue-v2-") && x.running)
+            })
+        })
+        .await;
+    let queue = nodes[0].services.iter().find(|x| x.service == "queue").unwrap();
+    assert_eq!(queue.listen, "", "a worker listens nowhere");
+    assert_eq!(queue.upstream, "");
+}

@@ -37,6 +37,11 @@ pub struct ProcessSpec {
     pub env: Vec<(String, String)>,
     pub stop_signal: Signal,
     pub stop_grace: Duration,
+    /// Asks the process to finish its work and exit (a queue worker's
+    /// `horizon:terminate`); run before the stop signal, which follows only
+    /// if the process has not exited within `stop_timeout`.
+    pub stop_command: Vec<String>,
+    pub stop_timeout: Duration,
     pub log_dir: PathBuf,
     pub log_max_bytes: u64,
     pub log_keep: u32,
@@ -298,7 +303,13 @@ async fn supervise(
         let id = tracked.id();
         let exit = tokio::select! {
             exit = tracked.exited() => exit,
-            _ = stop.cancelled() => return Some(stop_process(&spec.name, spec.stop_signal, spec.stop_grace, tracked).await),
+            _ = stop.cancelled() => {
+                let started = Instant::now();
+                if ask_to_stop(&spec, &mut tracked).await {
+                    return Some(StopReport { graceful: true, took: started.elapsed() });
+                }
+                return Some(stop_process(&spec.name, spec.stop_signal, spec.stop_grace, tracked).await);
+            }
             _ = release.cancelled() => {
                 tracing::info!(release = %spec.name, pid = id.pid, "leaving the process running");
                 return None;
@@ -334,6 +345,53 @@ async fn supervise(
         };
         status.send_modify(|s| s.process = Some(tracked.id()));
     }
+}
+
+/// Runs the release's stop command, if it has one, and waits up to
+/// `stop_timeout` for the process to exit by itself; true if it did (its
+/// group is then cleared of stragglers).
+async fn ask_to_stop(spec: &ProcessSpec, tracked: &mut Tracked) -> bool {
+    let Some((program, args)) = spec.stop_command.split_first() else {
+        return false;
+    };
+    let pid = tracked.id().pid;
+    tracing::info!(release = %spec.name, pid, command = ?spec.stop_command, "asking the process to stop");
+    let deadline = Instant::now() + spec.stop_timeout;
+    let output = |file: &str| open_append(&spec.log_dir.join(file));
+    let command = match (output(STDOUT), output(STDERR)) {
+        (Ok(stdout), Ok(stderr)) => super::release_command(program, args, &spec.workdir, &spec.env)
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn(),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    match command {
+        Ok(mut child) => {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, child.wait()).await {
+                Ok(Ok(status)) if !status.success() => {
+                    tracing::warn!(release = %spec.name, %status, "stop command failed")
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(release = %spec.name, "stop command still running at the stop timeout");
+                    if let Some(id) = child.id() {
+                        signal_group(id, Signal::SIGKILL);
+                    }
+                }
+            }
+        }
+        Err(error) => tracing::warn!(release = %spec.name, %error, "cannot run the stop command"),
+    }
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let exited = tokio::time::timeout(remaining, tracked.exited()).await.is_ok();
+    if exited {
+        signal_group(pid, Signal::SIGKILL);
+        tracing::info!(release = %spec.name, pid, "process finished its work and exited");
+    } else {
+        tracing::warn!(release = %spec.name, pid, timeout_ms = spec.stop_timeout.as_millis() as u64, "process still running after its stop timeout; sending the stop signal");
+    }
+    exited
 }
 
 /// Stops a process that no supervisor owns any more (left behind by an
@@ -388,12 +446,41 @@ mod tests {
             env: vec![("GREETING".into(), "hello".into())],
             stop_signal: Signal::SIGTERM,
             stop_grace: Duration::from_millis(500),
+            stop_command: Vec::new(),
+            stop_timeout: Duration::ZERO,
             log_dir: dir.join("logs"),
             log_max_bytes: 1 << 20,
             log_keep: 2,
             restart_min: Duration::from_millis(100),
             restart_max: Duration::from_millis(400),
         }
+    }
+
+    #[tokio::test]
+    async fn a_worker_asked_by_its_stop_command_finishes_and_exits_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        // Ignores SIGTERM: only the stop command ends it, after its "job".
+        let mut worker = spec(
+            dir.path(),
+            "trap '' TERM; while [ ! -f stop ]; do sleep 0.05; done; sleep 0.2; echo finished > done",
+        );
+        worker.stop_command = vec!["sh".into(), "-c".into(), "touch stop".into()];
+        worker.stop_timeout = Duration::from_secs(5);
+        let supervisor = Supervisor::start(worker.clone()).await.unwrap();
+        let report = supervisor.stop().await;
+        assert!(report.graceful, "{report:?}");
+        assert!(report.took < Duration::from_secs(3), "{report:?}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("done")).unwrap().trim(), "finished");
+
+        // One that does not finish in time gets the signal, then SIGKILL.
+        std::fs::remove_file(dir.path().join("stop")).unwrap();
+        worker.stop_command = vec!["true".into()];
+        worker.stop_timeout = Duration::from_millis(300);
+        let supervisor = Supervisor::start(worker).await.unwrap();
+        let pid = supervisor.status().process.unwrap();
+        let report = supervisor.stop().await;
+        assert!(!report.graceful, "{report:?}");
+        assert!(!pid.is_alive());
     }
 
     async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {

@@ -221,10 +221,17 @@ fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
     match state {
         NodeState::Preparing => r.strategy.progress_deadline_ms as i64,
         _ => {
-            let web = release.web.clone().unwrap_or_default();
-            let smoke: u64 = web.smoke.iter().map(|c| c.timeout_ms).sum();
-            (web.healthy_deadline_ms + smoke + web.drain_timeout_ms + release.stop_grace_ms) as i64
-                + ACTIVATION_MARGIN_MS
+            let start = match (&release.web, &release.worker) {
+                (Some(web), _) => {
+                    let smoke: u64 = web.smoke.iter().map(|c| c.timeout_ms).sum();
+                    web.healthy_deadline_ms + smoke + web.drain_timeout_ms
+                }
+                (None, Some(worker)) => worker.healthy_deadline_ms + worker.min_healthy_time_ms,
+                (None, None) => 0,
+            };
+            let stop = release.stop_grace_ms
+                + if release.stop_command.is_empty() { 0 } else { release.stop_timeout_ms };
+            (start + stop) as i64 + ACTIVATION_MARGIN_MS
         }
     }
 }

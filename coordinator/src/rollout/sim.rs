@@ -85,6 +85,7 @@ fn release(id: &str) -> StoredRelease {
         }),
         stop_signal: String::new(),
         stop_grace_ms: 1_000,
+        ..Default::default()
     })
 }
 
