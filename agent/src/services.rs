@@ -41,8 +41,8 @@ pub struct NodeSettings {
 }
 
 /// A release dir younger than this is never pruned: it may be prepared for a
-/// cutover that has not run yet.
-const PRUNE_MIN_AGE: Duration = Duration::from_secs(3600);
+/// cutover that has not run yet (a rollout paused overnight still finds it).
+const PRUNE_MIN_AGE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -341,7 +341,8 @@ impl NodeServices {
                         let check = check_from(check, "health check")?;
                         if !matches!(check.probe, Probe::Exec { .. }) {
                             return Err(ServiceError::Invalid(
-                                "a worker has no port: its health check must be an exec check".into(),
+                                "a worker has no port: its health check must be an exec check"
+                                    .into(),
                             ));
                         }
                         Some(check)

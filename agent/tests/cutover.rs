@@ -184,9 +184,10 @@ impl Fixture {
         let proxy = Proxy::bind(ProxyConfig::new("web", listen), self.shutdown.clone())
             .await
             .unwrap();
-        self.service = WebService::recover(settings(self.root.path()), Some(proxy), self.store.clone())
-            .await
-            .unwrap();
+        self.service =
+            WebService::recover(settings(self.root.path()), Some(proxy), self.store.clone())
+                .await
+                .unwrap();
     }
 
     async fn release(&self, version: &str, env: &[(&str, &str)]) -> WebRelease {
@@ -195,7 +196,10 @@ impl Fixture {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.service.proxy().expect("a web service").local_addr())
+        format!(
+            "http://{}{path}",
+            self.service.proxy().expect("a web service").local_addr()
+        )
     }
 
     /// Live processes of this fixture's releases.

@@ -158,13 +158,18 @@ impl Coordinator {
             let mut grpc_task = tokio::spawn(grpc_server);
             let mut http_task =
                 tokio::spawn(async move { http_server.await.map_err(ServerError::Http) });
+                        // A server that ends by itself (an error) ends the other too;
+            // its handle is spent then and must not be awaited again.
+            let (mut grpc_done, mut http_done) = (false, false);
             tokio::select! {
                 _ = task_shutdown.cancelled() => {}
                 result = &mut grpc_task => {
+                    grpc_done = true;
                     task_shutdown.cancel();
                     result.expect("grpc task")?;
                 }
                 result = &mut http_task => {
+                    http_done = true;
                     task_shutdown.cancel();
                     result.expect("http task")?;
                 }
@@ -172,8 +177,12 @@ impl Coordinator {
             // Bounded drain: a stuck connection must not keep the process up
             // (graceful shutdown can hang on a half-open HTTP/2 stream).
             let drained = tokio::time::timeout(grace, async {
-                let _ = (&mut grpc_task).await;
-                let _ = (&mut http_task).await;
+                if !grpc_done {
+                    let _ = (&mut grpc_task).await;
+                }
+                if !http_done {
+                    let _ = (&mut http_task).await;
+                }
             })
             .await;
             if drained.is_err() {

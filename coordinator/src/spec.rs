@@ -429,7 +429,10 @@ impl AppSpec {
         vars.extend(spec.env.clone());
         let (web, worker) = match &spec.listen {
             Some(listen) => {
-                let health = spec.health.as_ref().expect("validated: web services have a health check");
+                let health = spec
+                    .health
+                    .as_ref()
+                    .expect("validated: web services have a health check");
                 let web = pb::WebService {
                     listen: listen.clone(),
                     health: Some(health_check(health)),
@@ -459,7 +462,9 @@ impl AppSpec {
                     health_interval_ms: health.map_or(0, |h| ms(h.interval)),
                     healthy_threshold: health.map_or(0, |h| h.healthy_threshold),
                     healthy_deadline_ms: health.map_or(0, |h| ms(h.healthy_deadline)),
-                    min_healthy_time_ms: ms(spec.min_healthy_time.unwrap_or_else(default_worker_min_healthy_time)),
+                    min_healthy_time_ms: ms(spec
+                        .min_healthy_time
+                        .unwrap_or_else(default_worker_min_healthy_time)),
                 };
                 (None, Some(worker))
             }
@@ -631,7 +636,10 @@ fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
     }
     validate_env_vars(&s.env).map_err(|(k, m)| (format!("env.{k}"), m))?;
     if s.stop_command.first().is_some_and(|p| p.is_empty()) {
-        return Err(("stop_command".into(), "must name a program, e.g. [\"php\", \"artisan\", \"horizon:terminate\"]".into()));
+        return Err((
+            "stop_command".into(),
+            "must name a program, e.g. [\"php\", \"artisan\", \"horizon:terminate\"]".into(),
+        ));
     }
     if let Some(listen) = &s.listen {
         parse_listen(listen).map_err(|m| ("listen".to_string(), m))?;
@@ -644,12 +652,19 @@ fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
         }
     } else {
         if !s.smoke.is_empty() {
-            return Err(("smoke".into(), "smoke checks are HTTP requests: they need a `listen` address (a web service)".into()));
+            return Err((
+                "smoke".into(),
+                "smoke checks are HTTP requests: they need a `listen` address (a web service)"
+                    .into(),
+            ));
         }
         if let Some(health) = &s.health {
             validate_health(health).map_err(|(k, m)| (format!("health.{k}"), m))?;
             if health.exec.is_none() {
-                return Err(("health".into(), "a worker has no port: its health check must be `exec = [..]`".into()));
+                return Err((
+                    "health".into(),
+                    "a worker has no port: its health check must be `exec = [..]`".into(),
+                ));
             }
         }
     }

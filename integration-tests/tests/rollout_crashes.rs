@@ -196,9 +196,14 @@ fn other_archive(dir: &Path) -> (std::path::PathBuf, String) {
     let path = cutover_integration_tests::archive(
         dir,
         "other.tar.gz",
-        &[("app.py", cutover_integration_tests::APP), ("NOTE", "a second build")],
+        &[
+            ("app.py", cutover_integration_tests::APP),
+            ("NOTE", "a second build"),
+        ],
     );
-    let digest = cutover_common::digest::Digest::of_file(&path).unwrap().to_string();
+    let digest = cutover_common::digest::Digest::of_file(&path)
+        .unwrap()
+        .to_string();
     (path, digest)
 }
 

@@ -666,7 +666,11 @@ nodes = {{ env = "test" }}
         // (it ignores SIGTERM: a kill would leave no such line).
         assert_eq!(
             lines,
-            ["v1 started", "v2 started", "v1 finished its jobs and exited"],
+            [
+                "v1 started",
+                "v2 started",
+                "v1 finished its jobs and exited"
+            ],
             "{host}"
         );
     }
@@ -674,13 +678,17 @@ nodes = {{ env = "test" }}
         .cluster
         .wait_for_nodes(Duration::from_secs(5), |nodes| {
             nodes.iter().all(|n| {
-                n.services
-                    .iter()
-                    .any(|x| x.service == "queue" && x.release_id.starts_with("queue-v2-") && x.running)
+                n.services.iter().any(|x| {
+                    x.service == "queue" && x.release_id.starts_with("queue-v2-") && x.running
+                })
             })
         })
         .await;
-    let queue = nodes[0].services.iter().find(|x| x.service == "queue").unwrap();
+    let queue = nodes[0]
+        .services
+        .iter()
+        .find(|x| x.service == "queue")
+        .unwrap();
     assert_eq!(queue.listen, "", "a worker listens nowhere");
     assert_eq!(queue.upstream, "");
 }

@@ -384,7 +384,9 @@ async fn ask_to_stop(spec: &ProcessSpec, tracked: &mut Tracked) -> bool {
         Err(error) => tracing::warn!(release = %spec.name, %error, "cannot run the stop command"),
     }
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let exited = tokio::time::timeout(remaining, tracked.exited()).await.is_ok();
+    let exited = tokio::time::timeout(remaining, tracked.exited())
+        .await
+        .is_ok();
     if exited {
         signal_group(pid, Signal::SIGKILL);
         tracing::info!(release = %spec.name, pid, "process finished its work and exited");
@@ -470,7 +472,12 @@ mod tests {
         let report = supervisor.stop().await;
         assert!(report.graceful, "{report:?}");
         assert!(report.took < Duration::from_secs(3), "{report:?}");
-        assert_eq!(std::fs::read_to_string(dir.path().join("done")).unwrap().trim(), "finished");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("done"))
+                .unwrap()
+                .trim(),
+            "finished"
+        );
 
         // One that does not finish in time gets the signal, then SIGKILL.
         std::fs::remove_file(dir.path().join("stop")).unwrap();

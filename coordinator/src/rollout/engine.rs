@@ -17,6 +17,9 @@ use super::model::{
 /// Margin on top of a release's own deadlines before an activation without
 /// an answer counts as lost: process start, smoke checks, stop.
 const ACTIVATION_MARGIN_MS: i64 = 60_000;
+/// After a coordinator restart, how long agents have to reconnect before a
+/// switched node counts as lost.
+const RECONNECT_GRACE_MS: i64 = 60_000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
@@ -85,6 +88,12 @@ pub struct Send {
 /// persisted.
 pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
     let mut sends = Vec::new();
+    // A rollout stored but never started (a crash right after its
+    // creation) starts on recovery.
+    let input = match input {
+        Input::Recover if r.state == RolloutState::Pending => Input::Start,
+        other => other,
+    };
     match input {
         Input::Start => {
             if r.state == RolloutState::Pending {
@@ -120,6 +129,15 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
                     "",
                     "coordinator restarted; resending the commands in flight".into(),
                 );
+                // Time down does not count against the deadline, and agents
+                // get a while to reconnect before a node counts as lost.
+                if r.state == RolloutState::Running {
+                    r.deadline_ms += (now - r.updated_at_ms).max(0);
+                }
+                r.lost_grace_until_ms = now + RECONNECT_GRACE_MS;
+                for node in &mut r.nodes {
+                    node.lost_since_ms = None;
+                }
                 for i in 0..r.nodes.len() {
                     if r.nodes[i].state.in_flight() {
                         let timeout = timeout_for(r, r.nodes[i].state);
@@ -230,7 +248,11 @@ fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
                 (None, None) => 0,
             };
             let stop = release.stop_grace_ms
-                + if release.stop_command.is_empty() { 0 } else { release.stop_timeout_ms };
+                + if release.stop_command.is_empty() {
+                    0
+                } else {
+                    release.stop_timeout_ms
+                };
             (start + stop) as i64 + ACTIVATION_MARGIN_MS
         }
     }
@@ -431,12 +453,16 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
         if r.nodes[i].state != NodeState::Switched {
             continue;
         }
-        let Some(seen) = observations.iter().find(|o| o.node_id == r.nodes[i].id) else {
-            continue;
-        };
+        // A node gone from the registry (replaced under another id) is as
+        // lost as a disconnected one.
+        let seen = observations.iter().find(|o| o.node_id == r.nodes[i].id);
+        let in_grace = now < r.lost_grace_until_ms;
         let node = &mut r.nodes[i];
         let name = node.name.clone();
-        if !seen.connected {
+        let Some(seen) = seen.filter(|s| s.connected) else {
+            if in_grace {
+                continue;
+            }
             let since = *node.lost_since_ms.get_or_insert(now);
             if now - since >= healthy_deadline {
                 fail(
@@ -453,7 +479,7 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
                 );
             }
             continue;
-        }
+        };
         node.lost_since_ms = None;
         if seen.last_seen_ms <= node.switched_at_ms {
             continue; // a heartbeat from before the switch says nothing
@@ -557,6 +583,14 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
         }
         RolloutState::Running if r.abort_requested => {}
         RolloutState::Running => run(r, now, sends),
+        RolloutState::Pending if r.abort_requested => {
+            finish(
+                r,
+                now,
+                RolloutState::Aborted,
+                "aborted before it started; nothing changed".into(),
+            );
+        }
         RolloutState::Paused if r.abort_requested => {
             let summary = where_nodes_are(r);
             finish(
@@ -571,8 +605,12 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
     }
 }
 
+/// Whether a rollback must return this node: it serves the new release
+/// (switched by this rollout, or already before it), or its command's fate
+/// is unknown.
 fn needs_revert(node: &RolloutNode) -> bool {
-    node.state == NodeState::Switched || (node.state == NodeState::Failed && node.uncertain)
+    matches!(node.state, NodeState::Switched | NodeState::Unchanged)
+        || (node.state == NodeState::Failed && node.uncertain)
 }
 
 fn where_nodes_are(r: &Rollout) -> String {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use cutover_common::now_ms;
 use cutover_proto::v1 as pb;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,6 +31,8 @@ use model::{NodeState, Phase, Rollout, RolloutKind, RolloutNode, RolloutState, S
 const TICK: Duration = Duration::from_millis(250);
 /// Pause before resending a command to a node that was not connected.
 const RESEND_DELAY: Duration = Duration::from_millis(500);
+/// A command without an answer this long is sent again (same id).
+const RESEND_EVERY: Duration = Duration::from_secs(15);
 /// Releases kept per service and environment (the current one always).
 const RELEASES_KEPT: usize = 10;
 /// Finished rollouts kept, with their timelines; older ones are deleted.
@@ -121,8 +123,12 @@ struct Plan {
     skipped: Vec<String>,
 }
 
+/// An operator's request to a running rollout, answered with the rollout
+/// once taken in.
+type Control = (Input, oneshot::Sender<Rollout>);
+
 struct Handle {
-    control: mpsc::UnboundedSender<Input>,
+    control: mpsc::UnboundedSender<Control>,
     watch: watch::Receiver<Arc<Rollout>>,
 }
 
@@ -433,6 +439,7 @@ impl Rollouts {
             batches: (targets as u32).div_ceil(batch_size),
             deadline_ms: 0,
             paused_at_ms: None,
+            lost_grace_until_ms: 0,
             pause_requested: false,
             abort_requested: false,
             error: None,
@@ -456,13 +463,24 @@ impl Rollouts {
             });
         }
         if plan.kind == RolloutKind::Deploy {
+            // Deploying the current release again (to repair a node) keeps
+            // it current and stable whatever this rollout's outcome.
+            let current = self
+                .store
+                .releases(&plan.env, &plan.service)?
+                .into_iter()
+                .any(|r| r.current && r.release.id() == release_id);
             self.store.put_release(&ReleaseRecord {
                 app: plan.app,
                 env: plan.env,
                 service: plan.service,
                 release: rollout.release.clone(),
-                state: ReleaseState::Deploying,
-                current: false,
+                state: if current {
+                    ReleaseState::Stable
+                } else {
+                    ReleaseState::Deploying
+                },
+                current,
                 deployed_by: by.to_string(),
                 deployed_at_ms: now,
                 rollout_id: id.clone(),
@@ -561,22 +579,16 @@ impl Rollouts {
             Input::Resume { .. } => "resume",
             _ => "abort",
         };
+        let (reply, answer) = oneshot::channel();
         let sent = {
             let running = self.running.lock().expect("rollouts lock");
-            running.get(id).map(|handle| {
-                let mut watch = handle.watch.clone();
-                watch.borrow_and_update();
-                (handle.control.send(input).is_ok(), watch)
-            })
+            running
+                .get(id)
+                .is_some_and(|handle| handle.control.send((input, reply)).is_ok())
         };
-        match sent {
-            Some((true, mut watch)) => {
-                // The answer shows the request taken in (a request that
-                // changes nothing, like a second pause, changes nothing).
-                let _ = tokio::time::timeout(Duration::from_secs(2), watch.changed()).await;
-                let latest = (**watch.borrow()).clone();
-                Ok(latest)
-            }
+        // The answer is the rollout once the request is taken in.
+        match (sent, answer.await) {
+            (true, Ok(rollout)) => Ok(rollout),
             _ => {
                 let rollout = self.get(id)?;
                 Err(RolloutError::Finished {
@@ -592,9 +604,10 @@ impl Rollouts {
         self: &Arc<Self>,
         mut rollout: Rollout,
         first: Input,
-        mut control: mpsc::UnboundedReceiver<Input>,
+        mut control: mpsc::UnboundedReceiver<Control>,
         watch: watch::Sender<Arc<Rollout>>,
     ) {
+        let mut reply: Option<oneshot::Sender<Rollout>> = None;
         let (results_tx, mut results) = mpsc::unbounded_channel::<Input>();
         let mut commands: HashMap<String, AbortHandle> = HashMap::new();
         let mut ticker = tokio::time::interval(TICK);
@@ -603,6 +616,13 @@ impl Rollouts {
         loop {
             let before = rollout.clone();
             let sends = engine::handle(&mut rollout, now_ms(), input);
+            if rollout.state.is_terminal() && !before.state.is_terminal() {
+                // The history first: once the terminal state is stored the
+                // deploy lock is free, and the next deploy must find the
+                // release this one made current. A crash in between only
+                // redoes the end after the restart.
+                self.finished(&rollout);
+            }
             if rollout != before {
                 // Durable before anything it implies is sent.
                 while let Err(error) = self.store.put_rollout(&rollout) {
@@ -617,6 +637,9 @@ impl Rollouts {
                     self.record(&rollout, &entry.kind, &entry.node, entry.message.clone());
                 }
                 watch.send_replace(Arc::new(rollout.clone()));
+            }
+            if let Some(reply) = reply.take() {
+                let _ = reply.send(rollout.clone());
             }
             let live: HashSet<&str> = rollout
                 .nodes
@@ -636,12 +659,14 @@ impl Rollouts {
                 commands.insert(id, task.abort_handle());
             }
             if rollout.state.is_terminal() {
-                self.finished(&rollout);
                 break;
             }
             input = tokio::select! {
                 Some(next) = results.recv() => next,
-                Some(next) = control.recv() => next,
+                                Some((next, answer)) = control.recv() => {
+                    reply = Some(answer);
+                    next
+                }
                 _ = ticker.tick() => Input::Tick { nodes: self.observe(&rollout) },
                 _ = self.shutdown.cancelled() => break,
             };
@@ -723,7 +748,7 @@ impl Rollouts {
                 {
                     record.state = ReleaseState::RolledBack;
                 }
-            } else if is_target && rollout.kind == RolloutKind::Deploy {
+            } else if is_target && rollout.kind == RolloutKind::Deploy && !record.current {
                 record.state = match rollout.state {
                     RolloutState::RolledBack => ReleaseState::RolledBack,
                     RolloutState::Aborted => ReleaseState::Aborted,
@@ -768,8 +793,11 @@ async fn deliver(
             Ok(pending) => {
                 let progress = results.clone();
                 let id = command_id.clone();
+                // Resent now and then while waiting: a result the agent
+                // could not send (its queue full) is replayed from its
+                // journal; a command still running is not run twice.
                 let waited = pending
-                    .wait(Duration::from_secs(24 * 3600), |step| {
+                    .wait(RESEND_EVERY, |step| {
                         let _ = progress.send(Input::Progress {
                             command_id: id.clone(),
                             step: step.step,

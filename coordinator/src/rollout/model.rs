@@ -241,6 +241,10 @@ pub struct Rollout {
     pub batches: u32,
     pub deadline_ms: i64,
     pub paused_at_ms: Option<i64>,
+    /// Until then a disconnected node does not count as lost (agents
+    /// reconnecting after a coordinator restart).
+    #[serde(default)]
+    pub lost_grace_until_ms: i64,
     pub pause_requested: bool,
     pub abort_requested: bool,
     pub error: Option<RolloutError>,

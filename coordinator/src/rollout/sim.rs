@@ -61,6 +61,7 @@ struct Sim {
     /// Commands the driver has out: resent until answered or dropped.
     outstanding: HashMap<String, Send>,
     executions: HashMap<String, u32>,
+    first: Option<Input>,
 }
 
 fn release(id: &str) -> StoredRelease {
@@ -126,6 +127,7 @@ pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
         batches: (targets as u32).div_ceil(batch_size),
         deadline_ms: 0,
         paused_at_ms: None,
+        lost_grace_until_ms: 0,
         pause_requested: false,
         abort_requested: false,
         error: None,
@@ -179,7 +181,24 @@ impl Sim {
                 },
             );
         }
-        let rollout = rollout(count, strategy);
+        let mut rollout = rollout(count, strategy);
+        // Some nodes already run the new release (an earlier attempt that
+        // was aborted): the rollout leaves them, a rollback must not.
+        for node in &mut rollout.nodes {
+            if rng.random_bool(0.1) {
+                node.state = NodeState::Unchanged;
+                node.release = NEW.into();
+                node.from_release = NEW.into();
+                nodes.get_mut(&node.id).expect("same ids").release = NEW.into();
+            }
+        }
+        // Sometimes the coordinator died right after storing the rollout:
+        // the first thing it sees is its own restart.
+        let first = if rng.random_bool(0.1) {
+            Input::Recover
+        } else {
+            Input::Start
+        };
         let mut sim = Sim {
             rng,
             now: 0,
@@ -190,6 +209,7 @@ impl Sim {
             rollout,
             outstanding: HashMap::new(),
             executions: HashMap::new(),
+            first: Some(first),
         };
         sim.at(250, Event::Tick);
         sim.at(1000, Event::Heartbeats);
@@ -254,7 +274,8 @@ impl Sim {
     }
 
     fn run(&mut self) {
-        self.apply(Input::Start);
+        let first = self.first.take().expect("run once");
+        self.apply(first);
         while let Some(Reverse((t, seq))) = self.queue.pop() {
             if self.rollout.state.is_terminal() || t > 400_000 {
                 break;
