@@ -158,7 +158,7 @@ impl Coordinator {
             let mut grpc_task = tokio::spawn(grpc_server);
             let mut http_task =
                 tokio::spawn(async move { http_server.await.map_err(ServerError::Http) });
-                        // A server that ends by itself (an error) ends the other too;
+            // A server that ends by itself (an error) ends the other too;
             // its handle is spent then and must not be awaited again.
             let (mut grpc_done, mut http_done) = (false, false);
             tokio::select! {

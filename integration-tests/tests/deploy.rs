@@ -53,9 +53,15 @@ fn example_app_specs_resolve() {
         "shop",
     )
     .unwrap();
-    assert!(
-        shop.services.contains_key("horizon"),
-        "the shop example has its Horizon worker"
+    let horizon = shop
+        .resolve("shop", "production", "horizon", "v1", artifact)
+        .unwrap();
+    let worker = horizon.release.worker.expect("Horizon is a worker");
+    assert!(horizon.release.web.is_none());
+    assert_eq!(worker.min_healthy_time_ms, 15_000);
+    assert_eq!(
+        horizon.release.stop_command,
+        ["php", "artisan", "horizon:terminate"]
     );
 }
 
