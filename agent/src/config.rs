@@ -77,6 +77,12 @@ pub struct AgentConfig {
     /// peer those headers are replaced. Default: loopback and private ranges.
     #[serde(default = "default_trusted_networks", deserialize_with = "networks")]
     pub proxy_trusted_networks: Vec<Network>,
+    /// On shutdown, drain and stop every service instead of leaving them
+    /// running for the next agent (fail static, the default). For
+    /// development clusters, where stopping the agents should stop
+    /// everything.
+    #[serde(default)]
+    pub stop_services_on_shutdown: bool,
 }
 
 fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Network>, D::Error> {

@@ -175,8 +175,12 @@ impl Agent {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        // Fail static: what the node runs keeps running for the next agent.
-        self.executor.services().release_all().await;
+        // Fail static: what the node runs keeps running for the next agent,
+        // unless this agent is configured to take it down with it.
+        self.executor
+            .services()
+            .shut_down(self.config.stop_services_on_shutdown)
+            .await;
         tracing::info!("agent stopped");
     }
 

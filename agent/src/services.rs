@@ -590,11 +590,18 @@ impl NodeServices {
     }
 
     /// Agent shutdown: leaves every release running for the next agent.
-    pub async fn release_all(&self) {
+    /// Closes every service's proxy on the agent's way out, leaving the
+    /// releases running for the next agent to adopt, or, with `stop`,
+    /// draining and stopping them first.
+    pub async fn shut_down(&self, stop: bool) {
         let services = std::mem::take(&mut *self.services.lock().await);
-        for (_, service) in services {
+        for (name, service) in services {
             if let Ok(service) = Arc::try_unwrap(service) {
-                service.into_inner().release().await;
+                let mut service = service.into_inner();
+                if stop && service.stop().await.is_some() {
+                    tracing::info!(service = %name, "stopped the service on shutdown");
+                }
+                service.release().await;
             }
         }
     }

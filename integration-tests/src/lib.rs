@@ -252,6 +252,7 @@ impl Cluster {
             release_log_files: 2,
             releases_keep: 5,
             proxy_trusted_networks: Vec::new(),
+            stop_services_on_shutdown: false,
         }
     }
 

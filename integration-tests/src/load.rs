@@ -13,6 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
     pub sent: u64,
@@ -110,7 +112,7 @@ async fn client(
     let mut connection: Option<BufReader<TcpStream>> = None;
     while !stop.is_cancelled() {
         let started = Instant::now();
-        let outcome = async {
+        let attempt = async {
             if connection.is_none() {
                 let stream = TcpStream::connect(target)
                     .await
@@ -124,8 +126,15 @@ async fn client(
                 .await
                 .map_err(|e| format!("write: {e}"))?;
             read_response(conn).await
-        }
-        .await;
+        };
+        // A request that hangs is a failure a user would see, and must not
+        // keep the load from stopping.
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout(REQUEST_TIMEOUT, attempt) => {
+                outcome.unwrap_or_else(|_| Err(format!("no response within {REQUEST_TIMEOUT:?}")))
+            }
+            _ = stop.cancelled() => break,
+        };
         report.sent += 1;
         match outcome {
             Ok((status, body, keep_alive)) if (200..300).contains(&status) => {

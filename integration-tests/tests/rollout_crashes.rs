@@ -314,4 +314,27 @@ fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
         .collect();
     assert_eq!(current.len(), 1);
     assert_eq!(current[0]["release"]["version"], "v3");
+
+    // `dev down` takes the apps down with the agents: nothing is left.
+    let agents = f.cluster.path("agents");
+    let releases = |node: &str| cutover_integration_tests::release_pids(&agents.join(node));
+    assert!(!releases("node-1").is_empty(), "node-1 runs its release");
+    let down = f.cluster.cutover(&[
+        "dev",
+        "down",
+        "--dir",
+        &f.cluster.dir.path().display().to_string(),
+    ]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    for node in ["node-1", "node-2", "node-3"] {
+        assert!(
+            releases(node).is_empty(),
+            "{node} left its release running: {:?}",
+            releases(node)
+        );
+    }
 }

@@ -198,7 +198,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
                  state_dir = {state:?}\n\
                  name = {name:?}\n\
                  address = \"127.0.0.{addr}\"\n\
-                 reconnect_max = \"5s\"\n\
+                                  reconnect_max = \"5s\"\n\
+                 # `dev down` takes the apps down with the agents\n\
+                 stop_services_on_shutdown = true\n\
                  [tls]\n\
                  ca_cert = {ca:?}\n\
                  cert = {cert:?}\n\
