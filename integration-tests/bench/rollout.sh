@@ -57,7 +57,9 @@ for f in r["failures"]:
 # Runs "$@" while the load runs; prints the load's JSON.
 under_load() {
   local out=$dir/load.json
-  load >"$out" &
+    # The binary itself in the background (not the function, whose subshell
+  # would take the signal instead).
+  "$loadgen" "${targets[@]}" --connections "$connections" >"$out" 2>>"$dir/load.log" &
   local pid=$!
   sleep 1
   "$@" >/dev/null 2>&1 || true
