@@ -283,6 +283,7 @@ impl Registry {
             services: previous
                 .map(|p| p.record.services.clone())
                 .unwrap_or_default(),
+            services_at_ms: previous.map_or(0, |p| p.record.services_at_ms),
         };
         if let Some((old, _)) = &replaced {
             self.store.delete_node(&old.id)?;
@@ -395,6 +396,7 @@ impl Registry {
             entry.record.figures = figures;
         }
         entry.record.services = services;
+        entry.record.services_at_ms = entry.record.last_seen_ms;
         entry.dirty = true;
         if entry.record.status == NodeStatus::Unreachable {
             entry.record.status = NodeStatus::Ready;

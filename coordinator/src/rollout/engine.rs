@@ -60,7 +60,8 @@ pub enum Outcome {
 pub struct Observation {
     pub node_id: String,
     pub connected: bool,
-    /// When its last heartbeat arrived (coordinator clock).
+    /// When its last heartbeat (its service report) arrived, coordinator
+    /// clock.
     pub last_seen_ms: i64,
     /// The rollout's service as the node reported it; `None` when it runs
     /// nothing of it.

@@ -698,7 +698,7 @@ impl Rollouts {
                     }),
                 node_id: v.record.id,
                 connected: v.connected,
-                last_seen_ms: v.record.last_seen_ms,
+                last_seen_ms: v.record.services_at_ms,
             })
             .collect()
     }

@@ -66,6 +66,11 @@ pub struct NodeRecord {
     /// What the node last reported running, service by service.
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
+    /// When `services` was reported (a heartbeat), unlike `last_seen_ms`,
+    /// which a reconnect's hello also moves: a rollout must not take a
+    /// report from before a node's switch for a fresh one.
+    #[serde(default)]
+    pub services_at_ms: i64,
 }
 
 /// One service on a node, as its agent last reported it.

@@ -255,6 +255,7 @@ mod tests {
             last_seen_ms: 2,
             figures: None,
             services: vec![],
+            services_at_ms: 0,
         }
     }
 
