@@ -368,6 +368,26 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    /// In-process agents leave their releases running when dropped (fail
+    /// static); a finished test must not, so their process groups go.
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.state_root.path()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            for pid in release_pids(&entry.path()) {
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
 async fn start_coordinator(
     pki: &Pki,
     data_dir: &Path,
