@@ -74,6 +74,22 @@ nodes = {{ env = "test" }}
 const FAST: &str = "batch = 2\nmin_healthy_time = \"500ms\"";
 
 impl Setup {
+    /// A deploy of `spec_text` to environment test with this test's artifact.
+    fn request(&self, spec_text: String, version: &str) -> pb::DeployRequest {
+        pb::DeployRequest {
+            spec: spec_text,
+            spec_file: "cutover.toml".into(),
+            env: "test".into(),
+            service: String::new(),
+            version: version.into(),
+            artifact: Some(pb::Artifact {
+                url: self.artifact.0.clone(),
+                digest: self.artifact.1.clone(),
+            }),
+            allow_unreachable: false,
+        }
+    }
+
     async fn deploy(
         &mut self,
         version: &str,
@@ -82,18 +98,7 @@ impl Setup {
     ) -> Result<pb::DeployResponse, tonic::Status> {
         let env = format!("VERSION = \"{version}\"\n{extra_env}");
         self.client
-            .deploy(pb::DeployRequest {
-                spec: spec(self.port, &env, strategy),
-                spec_file: "cutover.toml".into(),
-                env: "test".into(),
-                service: String::new(),
-                version: version.into(),
-                artifact: Some(pb::Artifact {
-                    url: self.artifact.0.clone(),
-                    digest: self.artifact.1.clone(),
-                }),
-                allow_unreachable: false,
-            })
+            .deploy(self.request(spec(self.port, &env, strategy), version))
             .await
             .map(|r| r.into_inner())
     }
@@ -501,16 +506,9 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
     let response = s
         .client
         .deploy(pb::DeployRequest {
-            spec: spec(s.port, env, FAST),
-            spec_file: "cutover.toml".into(),
-            env: "test".into(),
             service: "web".into(),
-            version: "v3".into(),
-            artifact: Some(pb::Artifact {
-                url: s.artifact.0.clone(),
-                digest: s.artifact.1.clone(),
-            }),
             allow_unreachable: true,
+            ..s.request(spec(s.port, env, FAST), "v3")
         })
         .await
         .unwrap()
@@ -535,10 +533,6 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
 async fn bad_spec_files_are_refused_and_create_nothing() {
     let mut s = setup(1).await;
     let good = spec(s.port, "VERSION = \"v1\"", FAST);
-    let artifact = Some(pb::Artifact {
-        url: s.artifact.0.clone(),
-        digest: s.artifact.1.clone(),
-    });
     let cases: Vec<(String, &str, &[&str])> = vec![
         (good.replace("drain_timeout", "drain_timout"), "test", &["cutover.toml", "services.web.drain_timout", "unknown field"]),
         (good.replace("interval = \"100ms\"", "interval = \"10 parsecs\""), "test", &["services.web.health.interval", "10 parsecs"]),
@@ -556,13 +550,8 @@ async fn bad_spec_files_are_refused_and_create_nothing() {
         let error = s
             .client
             .deploy(pb::DeployRequest {
-                spec: text,
-                spec_file: "cutover.toml".into(),
                 env: env.into(),
-                service: String::new(),
-                version: "v1".into(),
-                artifact: artifact.clone(),
-                allow_unreachable: false,
+                ..s.request(text, "v1")
             })
             .await
             .expect_err("a bad spec is refused");
@@ -640,18 +629,7 @@ nodes = {{ env = "test" }}
     for version in ["v1", "v2"] {
         let response = s
             .client
-            .deploy(pb::DeployRequest {
-                spec: worker_spec(version),
-                spec_file: "cutover.toml".into(),
-                env: "test".into(),
-                service: String::new(),
-                version: version.into(),
-                artifact: Some(pb::Artifact {
-                    url: s.artifact.0.clone(),
-                    digest: s.artifact.1.clone(),
-                }),
-                allow_unreachable: false,
-            })
+            .deploy(s.request(worker_spec(version), version))
             .await
             .unwrap()
             .into_inner();
