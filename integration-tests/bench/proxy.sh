@@ -56,6 +56,7 @@ nginx_conf proxy "upstream backend { server 127.0.0.1:$backend_port; keepalive 2
 
 taskset -c 0 nginx -p "$work" -c "$work/backend.conf" & pids+=($!)
 taskset -c 0 nginx -p "$work" -c "$work/proxy.conf" & pids+=($!)
+nginx_master=$!
 PROXY_BENCH_THREADS=${PROXY_BENCH_THREADS:-1} taskset -c 0 target/release/proxy-bench \
   --listen 127.0.0.1:$cutover_port --upstream 127.0.0.1:$backend_port 2>"$work/proxy-bench.log" & pids+=($!)
 proxy_pid=$!
@@ -67,13 +68,22 @@ for port in $backend_port $cutover_port $nginx_port; do
   done
 done
 
+# The worker, not the master, does nginx's proxying.
+nginx_proxy_worker=$(pgrep -P "$nginx_master" || true)
+[ -n "$nginx_proxy_worker" ] || { echo "no worker process under nginx $nginx_master" >&2; exit 1; }
+
 # wrk's latency lines ("  99%    1.23ms") in microseconds.
 to_us() { awk '{ v=$2; u=v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
   m = (u=="us") ? 1 : (u=="ms") ? 1000 : (u=="s") ? 1000000 : 1; printf "%.0f", v*m }'; }
 
-run() { # port -> "rps p50_us p99_us"
-  local out
+# User and system CPU time of a process so far, in clock ticks.
+cpu_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
+
+run() { # port [proxy pid] -> "rps p50_us p99_us user_us_per_request sys_us_per_request"
+  local out u0=0 s0=0 u1=0 s1=0
+  [ -n "${2:-}" ] && read -r u0 s0 < <(cpu_ticks "$2")
   out=$(taskset -c 1 wrk -t1 -c"$conns" -d"$duration" --latency "http://127.0.0.1:$1/")
+  [ -n "${2:-}" ] && read -r u1 s1 < <(cpu_ticks "$2")
   if echo "$out" | grep -q "Non-2xx\|Socket errors"; then
     echo "errors in the run against port $1:" >&2
     echo "$out" >&2
@@ -82,8 +92,11 @@ run() { # port -> "rps p50_us p99_us"
   local rps p50 p99
   rps=$(echo "$out" | awk '/Requests\/sec/ { printf "%.0f", $2 }')
   p50=$(echo "$out" | grep -E '^ +50%' | to_us)
-  p99=$(echo "$out" | grep -E '^ +99%' | to_us)
-  echo "$rps $p50 $p99"
+    p99=$(echo "$out" | grep -E '^ +99%' | to_us)
+  local n tick_us=$((1000000 / $(getconf CLK_TCK)))
+  n=$(echo "$out" | awk '/requests in/ { print $1 }')
+  awk -v r="$rps" -v a="$p50" -v b="$p99" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v n="$n" -v t="$tick_us" \
+    'BEGIN { printf "%s %s %s %.2f %.2f\n", r, a, b, u*t/n, s*t/n }'
 }
 
 median() { sort -n | awk '{ a[NR]=$1 } END { print a[int((NR+1)/2)] }'; }
@@ -92,17 +105,17 @@ for port in $backend_port $cutover_port $nginx_port; do
   taskset -c 1 wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/" >/dev/null
 done
 
-declare -A rps p50 p99
+declare -A rps p50 p99 usr sys
 for round in $(seq "$rounds"); do
   for target in direct cutover nginx; do
     case $target in
-      direct) port=$backend_port ;;
-      cutover) port=$cutover_port ;;
-      nginx) port=$nginx_port ;;
+      direct) port=$backend_port; pid= ;;
+      cutover) port=$cutover_port; pid=$proxy_pid ;;
+      nginx) port=$nginx_port; pid=$nginx_proxy_worker ;;
     esac
-    read -r r a b < <(run $port)
-    rps[$target]+="$r "; p50[$target]+="$a "; p99[$target]+="$b "
-    echo "round $round $target: $r req/s, p50 ${a}us, p99 ${b}us" >&2
+    read -r r a b u s < <(run $port $pid)
+    rps[$target]+="$r "; p50[$target]+="$a "; p99[$target]+="$b "; usr[$target]+="$u "; sys[$target]+="$s "
+    echo "round $round $target: $r req/s, p50 ${a}us, p99 ${b}us, proxy CPU per request ${u}us user ${s}us system" >&2
   done
 done
 
@@ -120,5 +133,17 @@ for target in direct cutover nginx; do
 done
 c=$(echo "${rps[cutover]}" | med); n=$(echo "${rps[nginx]}" | med)
 awk -v c="$c" -v n="$n" 'BEGIN { printf "\ncutover proxy / nginx requests/s: %.2f\n", c/n }'
+echo
+echo "| proxy | user CPU per request | system CPU per request | total |"
+echo "| --- | --- | --- | --- |"
+for target in cutover nginx; do
+  u=$(echo "${usr[$target]}" | med); s=$(echo "${sys[$target]}" | med)
+  awk -v t="$target" -v u="$u" -v s="$s" 'BEGIN { printf "| %s | %.2f µs | %.2f µs | %.2f µs |\n", t, u, s, u+s }'
+done
+# What 1.1 times nginx's rate leaves the proxy: core 0 runs the proxy and the
+# backend, so the backend's share per request is what nginx's run left over.
+nu=$(echo "${usr[nginx]}" | med); ns=$(echo "${sys[nginx]}" | med)
+awk -v n="$n" -v nu="$nu" -v ns="$ns" 'BEGIN { rest = 1e6/n - nu - ns;
+  printf "\nproxy CPU per request that 1.1 times nginx requests/s would allow: %.2f µs\n", 1e6/(1.1*n) - rest }'
 echo "cutover proxy RSS after the runs: ${rss_kib} KiB"
 echo "($rounds rounds of $duration, $conns connections, medians; proxies and backend on core 0, wrk on core 1)"
