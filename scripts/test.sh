@@ -12,6 +12,11 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command
     || echo "warning: could not install systemd; the unit verification test will be skipped"
 fi
 
+# The docker runtime's tests run against a real engine and real registries.
+source scripts/docker-env.sh
+trap docker_env_stop EXIT
+docker_env_start
+
 cargo build --locked --workspace --bins
 # nextest runs each test in its own process and ends with one summary line;
 # plain cargo test is the fallback where it is not installed.

@@ -230,6 +230,12 @@ mod tests {
                 log_keep: 2,
                 releases_keep: 5,
                 trusted_networks: Vec::new(),
+                docker: crate::runtime::docker::DockerEngine::new(
+                    "unix:///var/run/docker.sock",
+                    "test",
+                    "test-id",
+                    Vec::new(),
+                ),
             },
             CancellationToken::new(),
         )

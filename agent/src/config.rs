@@ -83,6 +83,22 @@ pub struct AgentConfig {
     /// everything.
     #[serde(default)]
     pub stop_services_on_shutdown: bool,
+    /// The Docker Engine socket for `runtime = "docker"` releases; default
+    /// `DOCKER_HOST` if set, else `unix:///var/run/docker.sock`. Only used
+    /// when such a release arrives: nodes without docker run process
+    /// releases as before.
+    #[serde(default = "default_docker_host")]
+    pub docker_host: String,
+    /// Credentials for private registries, presented when pulling images.
+    #[serde(default)]
+    pub registries: Vec<cutover_common::registry::RegistryLogin>,
+}
+
+pub fn default_docker_host() -> String {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|h| h.starts_with("unix://"))
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string())
 }
 
 fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Network>, D::Error> {

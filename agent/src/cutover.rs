@@ -28,7 +28,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::checks::{Check, HealthGate, Healthy, Outcome, Target, Unhealthy};
 use crate::proxy::{DrainReport, Proxy, Upstream};
-use crate::runtime::process::{stop_leftover, ProcessError, ProcessSpec, StopReport, Supervisor};
+use crate::runtime::docker::{ContainerSpec, DockerEngine};
+use crate::runtime::process::{
+    stop_leftover, ContainerLaunch, ProcessError, ProcessSpec, StopReport, Supervisor,
+};
 use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError, HISTORY_LIMIT};
 use cutover_common::net::allocate_port;
 
@@ -55,6 +58,9 @@ pub struct WebRelease {
     pub stop_command: Vec<String>,
     #[serde(default)]
     pub stop_timeout: Duration,
+    /// Set for a docker release: run as a container of this image.
+    #[serde(default)]
+    pub container: Option<ContainerSpec>,
 }
 
 /// Signals by name ("SIGTERM") in stored records.
@@ -87,6 +93,8 @@ pub struct WebServiceSettings {
     pub log_root: PathBuf,
     pub log_max_bytes: u64,
     pub log_keep: u32,
+    /// Runs docker releases (and finds their leftovers).
+    pub docker: DockerEngine,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,14 +187,15 @@ struct Running {
 }
 
 /// Stops what an interrupted cutover (or stop) of `service` left running.
-pub async fn stop_leftovers(service: &str, leftovers: &[Leftover]) {
+pub async fn stop_leftovers(service: &str, leftovers: &[Leftover], engine: &DockerEngine) {
     for leftover in leftovers {
         let signal = Signal::from_str(&leftover.stop_signal).unwrap_or(Signal::SIGTERM);
         if let Some(report) = stop_leftover(
             &leftover.release_id,
-            leftover.process,
+            leftover.instance.clone(),
             signal,
             leftover.stop_grace,
+            engine,
         )
         .await
         {
@@ -202,7 +211,7 @@ impl Running {
         Some(Leftover {
             release_id: self.release_id.clone(),
             port: self.addr.port(),
-            process: self.supervisor.status().process?,
+            instance: self.supervisor.status().instance?,
             stop_signal: self.spec.stop_signal.as_str().to_string(),
             stop_grace: self.spec.stop_grace,
         })
@@ -228,7 +237,7 @@ async fn stays_up(supervisor: &Supervisor, time: Duration) -> Result<(), String>
     loop {
         {
             let now = status.borrow_and_update();
-            if now.crashes > 0 || now.process.is_none() {
+            if now.crashes > 0 || now.instance.is_none() {
                 return Err(now.last_exit.clone().unwrap_or_else(|| "it exited".into()));
             }
         }
@@ -315,6 +324,12 @@ fn process_spec(settings: &WebServiceSettings, release: &WebRelease, port: u16) 
         log_keep: settings.log_keep,
         restart_min: Duration::from_secs(1),
         restart_max: Duration::from_secs(30),
+        container: release.container.clone().map(|spec| ContainerLaunch {
+            engine: settings.docker.clone(),
+            spec,
+            address: settings.address,
+            port,
+        }),
     }
 }
 
@@ -362,7 +377,12 @@ impl WebService {
             proxy.set_admitted(record.admitted);
         }
         if !record.leftovers.is_empty() {
-            stop_leftovers(&service.settings.name, &record.leftovers).await;
+            stop_leftovers(
+                &service.settings.name,
+                &record.leftovers,
+                &service.settings.docker,
+            )
+            .await;
             service.forget_leftovers();
         }
         let Some(active) = record.active else {
@@ -370,10 +390,11 @@ impl WebService {
         };
         let spec = process_spec(&service.settings, &active.release, active.port);
         let addr = SocketAddr::new(service.settings.address, active.port);
-        let supervisor = match active
-            .process
-            .and_then(|p| Supervisor::adopt(spec.clone(), p))
-        {
+        let adopted = match active.instance.clone() {
+            Some(instance) => Supervisor::adopt(spec.clone(), instance).await,
+            None => None,
+        };
+        let supervisor = match adopted {
             Some(adopted) => adopted,
             None => {
                 tracing::warn!(service = %service.settings.name, release = %active.release.release_id, "recorded process is gone, starting the release again");
@@ -441,7 +462,7 @@ impl WebService {
         let release_id = release_id.to_string();
         tokio::spawn(async move {
             loop {
-                let process = status.borrow_and_update().process;
+                let instance = status.borrow_and_update().instance.clone();
                 let mut named = true;
                 let written = store.update_service(&name, |current| {
                     let mut record = current?;
@@ -451,10 +472,10 @@ impl WebService {
                         .as_mut()
                         .filter(|a| ours(&a.release.release_id, a.port))
                     {
-                        if active.process == process {
+                        if active.instance == instance {
                             return None;
                         }
-                        active.process = process;
+                        active.instance = instance;
                         return Some(record);
                     }
                     if let Some(leftover) = record
@@ -464,8 +485,8 @@ impl WebService {
                     {
                         // Between a crash and its restart the last known
                         // process stays recorded.
-                        let process = process.filter(|p| *p != leftover.process)?;
-                        leftover.process = process;
+                        let instance = instance.filter(|i| *i != leftover.instance)?;
+                        leftover.instance = instance;
                         return Some(record);
                     }
                     named = false;
@@ -531,11 +552,11 @@ impl WebService {
         };
         let addr = SocketAddr::new(settings.address, port);
         let supervisor = Supervisor::start(process_spec(settings, &release, port)).await?;
-        if let Some(process) = supervisor.status().process {
+        if let Some(instance) = supervisor.status().instance {
             let candidate = Leftover {
                 release_id: release.release_id.clone(),
                 port,
-                process,
+                instance,
                 stop_signal: release.stop_signal.as_str().to_string(),
                 stop_grace: release.stop_grace,
             };
@@ -610,7 +631,7 @@ impl WebService {
         let active = ActiveRelease {
             release: release.clone(),
             port,
-            process: supervisor.status().process,
+            instance: supervisor.status().instance,
         };
         let retiring: Vec<Leftover> = self
             .active
@@ -764,7 +785,7 @@ impl WebService {
                     latency_sum_us: stats.latency_sum_us,
                 })
             }),
-            running: status.process.is_some(),
+            running: status.instance.is_some(),
         }
     }
 

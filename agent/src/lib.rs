@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{Executor, Outbox, CAPABILITIES};
 use crate::config::AgentConfig;
 use crate::figures::Sampler;
+use crate::runtime::docker::DockerEngine;
 use crate::services::{NodeServices, NodeSettings};
 use crate::state::{Journal, StateError};
 
@@ -51,6 +52,8 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("{0}")]
     Identity(String),
+    #[error("{0}")]
+    Config(String),
     #[error(transparent)]
     Services(#[from] services::ServiceError),
 }
@@ -116,8 +119,11 @@ impl Agent {
         let node_id = state::node_id(&config.state_dir)?;
         let journal = Journal::open(&config.state_dir)?;
         let address = config.address.unwrap_or_else(|| route_address(&url));
+        let registries = cutover_common::registry::load_credentials(&config.registries)
+            .map_err(AgentError::Config)?;
         let services = NodeServices::open(
             NodeSettings {
+                docker: DockerEngine::new(&config.docker_host, &name, &node_id, registries),
                 address,
                 ports: config.port_range.clone(),
                 state_dir: config.state_dir.clone(),

@@ -23,6 +23,7 @@ use crate::cutover::{
 };
 use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
+use crate::runtime::docker::{ContainerSpec, DockerEngine, DockerError};
 use crate::store::{AgentStore, StoreError};
 
 /// Node-wide settings for services, from the agent config.
@@ -38,6 +39,8 @@ pub struct NodeSettings {
     pub releases_keep: usize,
     /// Peers whose forwarding headers the proxies keep.
     pub trusted_networks: Vec<Network>,
+    /// Runs docker releases.
+    pub docker: DockerEngine,
 }
 
 /// A release dir younger than this is never pruned: it may be prepared for a
@@ -50,8 +53,10 @@ pub enum ServiceError {
     Invalid(String),
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
-    #[error(transparent)]
-    Cutover(#[from] CutoverError),
+        #[error(transparent)]
+    Docker(Box<DockerError>),
+        #[error(transparent)]
+    Cutover(Box<CutoverError>),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot listen on {listen} for service {service}: {reason}; is the port taken?")]
@@ -82,6 +87,58 @@ pub struct NodeServices {
     snapshots: std::sync::Mutex<BTreeMap<String, pb::ServiceState>>,
     /// The open connection to the coordinator, for `coordinator:` artifacts.
     coordinator: std::sync::Mutex<Option<Channel>>,
+}
+
+/// A release's container settings, checked: the image must be pinned by
+/// digest, so every node runs the same bytes whatever a tag says now.
+fn container_spec(container: &pb::Container, service: &str) -> Result<ContainerSpec, ServiceError> {
+    let pinned = container
+        .image
+        .split_once("@sha256:")
+        .is_some_and(|(repo, hex)| {
+            !repo.is_empty() && hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())
+        });
+    if !pinned {
+        return Err(ServiceError::Invalid(format!(
+            "image {:?} is not pinned: expected REPO@sha256:<64 hex digits>",
+            container.image
+        )));
+    }
+    let host_network = match container.network.as_str() {
+        "" | "bridge" => false,
+        "host" => true,
+        other => {
+            return Err(ServiceError::Invalid(format!(
+                "container network {other:?}: expected \"bridge\" or \"host\""
+            )))
+        }
+    };
+    if !(container.cpus >= 0.0 && container.cpus.is_finite()) {
+        return Err(ServiceError::Invalid(format!(
+            "container cpus {}: expected a positive number",
+            container.cpus
+        )));
+    }
+    Ok(ContainerSpec {
+        image: container.image.clone(),
+        host_network,
+        memory_bytes: container.memory_bytes,
+        cpus: container.cpus,
+        init: container.init,
+        service: service.to_string(),
+    })
+}
+
+impl From<CutoverError> for ServiceError {
+    fn from(error: CutoverError) -> Self {
+        ServiceError::Cutover(Box::new(error))
+    }
+}
+
+impl From<DockerError> for ServiceError {
+    fn from(error: DockerError) -> Self {
+        ServiceError::Docker(Box::new(error))
+    }
 }
 
 fn describe_listen(listen: &Option<SocketAddr>) -> String {
@@ -227,7 +284,7 @@ impl NodeServices {
                 // Nothing serves, but a first cutover or a stop may have been
                 // cut short: what it left must not run on unsupervised.
                 if !record.leftovers.is_empty() {
-                    stop_leftovers(&name, &record.leftovers).await;
+                    stop_leftovers(&name, &record.leftovers, &node.settings.docker).await;
                     node.store.update_service(&name, |current| {
                         let mut record = current?;
                         record.leftovers.clear();
@@ -251,7 +308,38 @@ impl NodeServices {
                 }
             }
         }
+        node.remove_orphan_containers().await;
         Ok(node)
+    }
+
+    /// Removes containers labelled as this node's that no service record
+    /// names: an agent killed between creating a container and recording it
+    /// left them, and nothing else would ever stop them.
+    async fn remove_orphan_containers(&self) {
+        let containers = match self.settings.docker.node_containers().await {
+            Ok(containers) => containers,
+            Err(DockerError::Unreachable { .. }) => return, // no docker here
+            Err(error) => {
+                tracing::warn!(%error, "cannot list this node's containers");
+                return;
+            }
+        };
+        let mut known = std::collections::HashSet::new();
+        for name in self.store.service_names().unwrap_or_default() {
+            if let Ok(Some(record)) = self.store.service(&name) {
+                known.extend(record.active.and_then(|a| a.instance));
+                known.extend(record.leftovers.into_iter().map(|l| l.instance));
+            }
+        }
+        for (id, release) in containers {
+            let instance = crate::runtime::process::InstanceId::Container {
+                container: id.clone(),
+            };
+            if !known.contains(&instance) {
+                tracing::warn!(%release, container = %crate::runtime::docker::short(&id), "removing a container no service records");
+                self.settings.docker.remove(&id).await;
+            }
+        }
     }
 
     /// Brings up a service: its proxy on `listen` (none for a worker) and
@@ -285,6 +373,7 @@ impl NodeServices {
             log_root: self.settings.state_dir.join("logs").join(name),
             log_max_bytes: self.settings.log_max_bytes,
             log_keep: self.settings.log_keep,
+            docker: self.settings.docker.clone(),
         };
         Ok(WebService::recover(settings, proxy, self.store.clone()).await?)
     }
@@ -307,14 +396,28 @@ impl NodeServices {
         cutover_common::identity::validate_name(&release.service)
             .map_err(|e| ServiceError::Invalid(format!("service name: {e}")))?;
         let kind = ReleaseKind::of(release)?;
-        let artifact = release
-            .artifact
+        let container = release
+            .container
             .as_ref()
-            .ok_or_else(|| ServiceError::Invalid("no artifact".into()))?;
-        if release.command.is_empty() {
+            .map(|c| container_spec(c, &release.service))
+            .transpose()?;
+        let artifact = match (&container, &release.artifact) {
+            (Some(_), Some(_)) => {
+                return Err(ServiceError::Invalid(
+                    "a release has an artifact or a container image, not both".into(),
+                ))
+            }
+            (Some(_), None) => None,
+            (None, Some(artifact)) => Some((
+                artifact,
+                Digest::parse(&artifact.digest).map_err(ArtifactError::from)?,
+            )),
+            (None, None) => return Err(ServiceError::Invalid("no artifact".into())),
+        };
+        // An image brings its own command; an artifact needs one.
+        if container.is_none() && release.command.is_empty() {
             return Err(ServiceError::Invalid("no command".into()));
         }
-        let digest = Digest::parse(&artifact.digest).map_err(ArtifactError::from)?;
         let (health, gate, smoke, min_healthy_time) = match kind {
             ReleaseKind::Web(web) => (
                 Some(check_from(
@@ -369,22 +472,53 @@ impl NodeServices {
             })?
         };
 
-        progress("fetching");
-        let coordinator = self.coordinator.lock().expect("coordinator lock").clone();
-        let archive = self
-            .cache
-            .fetch(&artifact.url, &digest, coordinator)
-            .await?;
-        progress("unpacking");
+        if container.is_some()
+            && [&health]
+                .into_iter()
+                .flatten()
+                .chain(&smoke)
+                .any(|check| matches!(check.probe, Probe::Exec { .. }))
+        {
+            return Err(ServiceError::Invalid(
+                "exec checks run on the node, not in a container: give a docker release an http or tcp check, or a worker min_healthy_time".into(),
+            ));
+        }
+
         let workdir = self
             .settings
             .state_dir
             .join("releases")
             .join(&release.release_id);
-        let dest = workdir.clone();
-        tokio::task::spawn_blocking(move || unpack(&archive, &dest))
-            .await
-            .expect("unpack task panicked")?;
+        match (&container, artifact) {
+            (Some(container), _) => {
+                progress("pulling");
+                self.settings
+                    .docker
+                    .pull(&container.image, progress)
+                    .await?;
+                // The release dir holds nothing but marks the release as on
+                // this node, for retention like any other release.
+                std::fs::create_dir_all(&workdir).map_err(|e| {
+                    ServiceError::Invalid(format!("cannot create {}: {e}", workdir.display()))
+                })?;
+            }
+            (None, Some((artifact, digest))) => {
+                progress("fetching");
+                let coordinator = self.coordinator.lock().expect("coordinator lock").clone();
+                let archive = self
+                    .cache
+                    .fetch(&artifact.url, &digest, coordinator)
+                    .await?;
+                progress("unpacking");
+                let dest = workdir.clone();
+                tokio::task::spawn_blocking(move || unpack(&archive, &dest))
+                    .await
+                    .expect("unpack task panicked")?;
+            }
+            (None, None) => {
+                unreachable!("checked above: a release without an image has an artifact")
+            }
+        }
         let mut env: Vec<(String, String)> = release
             .env
             .iter()
@@ -404,6 +538,7 @@ impl NodeServices {
             min_healthy_time,
             stop_command: release.stop_command.clone(),
             stop_timeout: Duration::from_millis(release.stop_timeout_ms),
+            container,
         })
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::cutover::WebRelease;
-use crate::runtime::process::ProcessId;
+use crate::runtime::process::InstanceId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -55,7 +55,8 @@ pub struct Leftover {
     /// when the same release is deployed again.
     #[serde(default)]
     pub port: u16,
-    pub process: ProcessId,
+    #[serde(alias = "process")]
+    pub instance: InstanceId,
     pub stop_signal: String,
     pub stop_grace: Duration,
 }
@@ -64,7 +65,8 @@ pub struct Leftover {
 pub struct ActiveRelease {
     pub release: WebRelease,
     pub port: u16,
-    pub process: Option<ProcessId>,
+    #[serde(alias = "process")]
+    pub instance: Option<InstanceId>,
 }
 
 pub struct AgentStore {

@@ -13,6 +13,7 @@ use cutover_agent::artifacts::{unpack, ArtifactCache, Digest};
 use cutover_agent::checks::{Check, HealthGate, Probe};
 use cutover_agent::cutover::{CutoverError, Step, WebRelease, WebService, WebServiceSettings};
 use cutover_agent::proxy::{Proxy, ProxyConfig};
+use cutover_agent::runtime::docker::DockerEngine;
 use cutover_agent::store::AgentStore;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
@@ -91,6 +92,7 @@ fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> WebRele
         min_healthy_time: Duration::ZERO,
         stop_command: Vec::new(),
         stop_timeout: Duration::ZERO,
+        container: None,
     }
 }
 
@@ -111,6 +113,7 @@ fn settings(root: &Path) -> WebServiceSettings {
         log_root: root.join("logs"),
         log_max_bytes: 1 << 20,
         log_keep: 2,
+        docker: DockerEngine::new("unix:///var/run/docker.sock", "test", "test-id", Vec::new()),
     }
 }
 
@@ -500,7 +503,14 @@ async fn a_release_that_died_with_the_agent_is_started_again_on_recovery() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let record = fx.store.service("web").unwrap().unwrap();
-        if record.active.unwrap().process.map(|p| p.pid) == Some(now[0]) {
+        if record
+            .active
+            .unwrap()
+            .instance
+            .and_then(|i| i.process())
+            .map(|p| p.pid)
+            == Some(now[0])
+        {
             break;
         }
         assert!(

@@ -59,14 +59,10 @@ impl HttpFetcher {
     /// Starts a GET of `url` (http:// or https://); any status but 2xx is
     /// an error. The body follows with [`Download::chunk`].
     pub async fn get(&self, url: &str) -> Result<Download, FetchError> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| FetchError::Failed(e.to_string()))?;
-        let response = self
-            .client
-            .get(uri)
-            .await
-            .map_err(|e| FetchError::Failed(crate::error_chain(&e)))?;
+        let request = http::Request::get(url)
+            .body(Empty::new())
+            .map_err(|e| FetchError::Failed(format!("{url}: {e}")))?;
+        let response = self.send(request).await?;
         if !response.status().is_success() {
             return Err(FetchError::Failed(format!(
                 "server answered {}",
@@ -77,6 +73,39 @@ impl HttpFetcher {
             body: response.into_body(),
         })
     }
+}
+
+impl HttpFetcher {
+    /// Sends any bodiless request; the caller judges the status.
+    pub async fn send(
+        &self,
+        request: http::Request<Empty<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
+        self.client
+            .request(request)
+            .await
+            .map_err(|e| FetchError::Failed(crate::error_chain(&e)))
+    }
+}
+
+/// Reads a whole (small) response body, refusing one past `limit` bytes.
+pub async fn read_small(
+    response: http::Response<hyper::body::Incoming>,
+    limit: usize,
+) -> Result<Bytes, FetchError> {
+    let mut download = Download {
+        body: response.into_body(),
+    };
+    let mut body = Vec::new();
+    while let Some(chunk) = download.chunk().await? {
+        body.extend_from_slice(&chunk);
+        if body.len() > limit {
+            return Err(FetchError::Failed(format!(
+                "response larger than {limit} bytes"
+            )));
+        }
+    }
+    Ok(body.into())
 }
 
 /// A response body on its way, read chunk by chunk: never held whole.

@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod net;
 pub mod pki;
+pub mod registry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

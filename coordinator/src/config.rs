@@ -39,6 +39,13 @@ pub struct CoordinatorConfig {
     pub log_format: LogFormat,
     #[serde(default)]
     pub limits: Limits,
+    /// Logins for private registries, used to resolve image tags to digests
+    /// at deploy time (agents have their own, to pull).
+    #[serde(default)]
+    pub registries: Vec<cutover_common::registry::RegistryLogin>,
+    /// A PEM CA trusted for registries besides the public web roots.
+    #[serde(default)]
+    pub registry_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

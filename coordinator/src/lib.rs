@@ -6,6 +6,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod images;
 pub mod metrics;
 pub mod operator_api;
 pub mod registry;

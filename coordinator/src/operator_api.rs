@@ -38,6 +38,7 @@ fn release_info(release: &StoredRelease) -> pb::ReleaseInfo {
         id: release.id().to_string(),
         version: release.version().to_string(),
         digest: release.digest().to_string(),
+        image: release.image().to_string(),
     }
 }
 
@@ -336,11 +337,10 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<pb::DeployResponse>, Status> {
         let by = caller(&request);
         let r = request.into_inner();
-        let artifact = r
-            .artifact
-            .ok_or_else(|| Status::invalid_argument("a deploy needs an artifact"))?;
-        Digest::parse(&artifact.digest)
-            .map_err(|e| Status::invalid_argument(format!("artifact digest: {e}")))?;
+        if let Some(artifact) = &r.artifact {
+            Digest::parse(&artifact.digest)
+                .map_err(|e| Status::invalid_argument(format!("artifact digest: {e}")))?;
+        }
         let started = self
             .rollouts
             .deploy(DeployRequest {
@@ -353,7 +353,8 @@ impl OperatorService for OperatorApi {
                 env: r.env,
                 service: Some(r.service).filter(|s| !s.is_empty()),
                 version: r.version,
-                artifact,
+                artifact: r.artifact,
+                image: Some(r.image).filter(|i| !i.is_empty()),
                 allow_unreachable: r.allow_unreachable,
                 by,
             })

@@ -17,6 +17,7 @@ use crate::agent_api::AgentApi;
 use crate::artifacts::ArtifactStore;
 use crate::auth::require;
 use crate::config::CoordinatorConfig;
+use crate::images::ImageResolver;
 use crate::metrics::Metrics;
 use crate::operator_api::OperatorApi;
 use crate::registry::Registry;
@@ -32,6 +33,8 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("registries: {0}")]
+    Registries(String),
     #[error("cannot create data dir {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -94,6 +97,12 @@ impl Coordinator {
                 source,
             })?,
         );
+        let credentials = cutover_common::registry::load_credentials(&config.registries)
+            .map_err(ServerError::Registries)?;
+        let images = Arc::new(
+            ImageResolver::new(config.registry_ca.as_deref(), credentials)
+                .map_err(|e| ServerError::Registries(e.to_string()))?,
+        );
         let grpc_addr = grpc.local_addr().map_err(ServerError::Http)?;
         let http_addr = http.local_addr().map_err(ServerError::Http)?;
         let config = Arc::new(config);
@@ -113,6 +122,7 @@ impl Coordinator {
             registry.clone(),
             metrics.clone(),
             artifacts.clone(),
+            images,
             shutdown.clone(),
         );
         let resumed = rollouts.recover()?;

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use cutover_common::registry::ImageRef;
 use cutover_proto::v1 as pb;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -36,9 +37,30 @@ pub struct AppSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
+    /// "process" (an artifact unpacked and run) or "docker" (a container
+    /// of a pinned image).
     #[serde(default = "default_runtime")]
     pub runtime: String,
+    /// Required for "process"; for "docker" it overrides the image's command.
+    #[serde(default)]
     pub command: Vec<String>,
+    /// Docker: the image deployed when `deploy` gives no `--image`, e.g.
+    /// "registry.example.com/shop/web:1.4"; its tag is resolved to a digest
+    /// once per deploy.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Docker: "bridge" (default) or "host".
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Docker: memory limit, e.g. "512MiB".
+    #[serde(default, deserialize_with = "optional_byte_size")]
+    pub memory: Option<usize>,
+    /// Docker: CPUs the container may use, e.g. 1.5.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Docker: an init process as PID 1 (signal forwarding, zombie reaping).
+    #[serde(default)]
+    pub init: Option<bool>,
     /// The node proxy's public address; a service without one is a worker.
     pub listen: Option<String>,
     #[serde(default)]
@@ -238,6 +260,10 @@ pub struct EnvironmentSpec {
 fn default_runtime() -> String {
     "process".into()
 }
+
+fn optional_byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    cutover_common::config::byte_size::deserialize(d).map(Some)
+}
 fn default_kind() -> String {
     "rolling".into()
 }
@@ -378,14 +404,16 @@ impl AppSpec {
     }
 
     /// Resolves one service in one environment, with its release pinned to
-    /// `version` and `artifact`.
+    /// `version` and, by its runtime, `artifact` or `image` (already pinned
+    /// to a digest).
     pub fn resolve(
         &self,
         file: &str,
         env: &str,
         service: &str,
         version: &str,
-        artifact: pb::Artifact,
+        artifact: Option<&pb::Artifact>,
+        image: Option<&str>,
     ) -> Result<Resolved, SpecError> {
         let error = |key: String, message: String| SpecError {
             file: file.to_string(),
@@ -425,6 +453,31 @@ impl AppSpec {
             }
             selector.insert(k.clone(), v.clone());
         }
+        let (artifact, container) = match (spec.runtime.as_str(), artifact, image) {
+            ("docker", _, Some(image)) => (
+                None,
+                Some(pb::Container {
+                    image: image.to_string(),
+                    network: spec.network.clone().unwrap_or_default(),
+                    memory_bytes: spec.memory.unwrap_or(0) as u64,
+                    cpus: spec.cpus.unwrap_or(0.0),
+                    init: spec.init.unwrap_or(false),
+                }),
+            ),
+            ("docker", _, None) => {
+                return Err(error(
+                    format!("services.{service}.image"),
+                    format!("service {service} runs as a container: deploy it with --image REPO:TAG or set services.{service}.image"),
+                ))
+            }
+            (_, Some(artifact), _) => (Some(artifact.clone()), None),
+            (_, None, _) => {
+                return Err(error(
+                    format!("services.{service}"),
+                    format!("service {service} runs as a process: deploy it with --artifact"),
+                ))
+            }
+        };
         let mut vars = environment.env.clone();
         vars.extend(spec.env.clone());
         let (web, worker) = match &spec.listen {
@@ -473,7 +526,8 @@ impl AppSpec {
             release_id: String::new(),
             service: service.to_string(),
             version: version.to_string(),
-            artifact: Some(artifact),
+            artifact,
+            container,
             command: spec.command.clone(),
             env: vars.into_iter().collect(),
             web,
@@ -611,16 +665,59 @@ fn validate_env_vars(vars: &BTreeMap<String, String>) -> Result<(), (String, Str
 }
 
 fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
-    if s.runtime != "process" {
-        return Err((
-            "runtime".into(),
-            format!(
-                "{:?} is not a runtime this version has; use \"process\"",
-                s.runtime
-            ),
-        ));
+    let docker =
+        match s.runtime.as_str() {
+            "process" => false,
+            "docker" => true,
+            other => return Err((
+                "runtime".into(),
+                format!(
+                    "{other:?} is not a runtime this version has; use \"process\" or \"docker\""
+                ),
+            )),
+        };
+    if docker {
+        if let Some(image) = &s.image {
+            ImageRef::parse(image).map_err(|e| ("image".to_string(), e.to_string()))?;
+        }
+        if let Some(network) = s
+            .network
+            .as_deref()
+            .filter(|n| !["bridge", "host"].contains(n))
+        {
+            return Err((
+                "network".into(),
+                format!("{network:?}: use \"bridge\" (the default) or \"host\""),
+            ));
+        }
+        if let Some(cpus) = s
+            .cpus
+            .filter(|c| !(c.is_finite() && *c > 0.0 && *c <= 1024.0))
+        {
+            return Err((
+                "cpus".into(),
+                format!("{cpus}: expected a number of CPUs above 0, e.g. 1.5"),
+            ));
+        }
+        if s.health.as_ref().is_some_and(|h| h.exec.is_some()) {
+            return Err(("health.exec".into(), "exec checks run on the node, not in the container; use `path` or `tcp = true`, or for a worker `min_healthy_time`".into()));
+        }
+    } else {
+        let docker_only = [
+            ("image", s.image.is_some()),
+            ("network", s.network.is_some()),
+            ("memory", s.memory.is_some()),
+            ("cpus", s.cpus.is_some()),
+            ("init", s.init.is_some()),
+        ];
+        if let Some((key, _)) = docker_only.iter().find(|(_, set)| *set) {
+            return Err((
+                key.to_string(),
+                "is a docker setting; this service runs as a process (set runtime = \"docker\" to run an image)".into(),
+            ));
+        }
     }
-    if s.command.is_empty() || s.command[0].is_empty() {
+    if s.command.first().is_some_and(|p| p.is_empty()) || (!docker && s.command.is_empty()) {
         return Err((
             "command".into(),
             "must name the program to run, e.g. [\"php\", \"artisan\", \"octane:start\"]".into(),
@@ -796,7 +893,14 @@ APP_ENV = "local"
     fn the_documented_shape_resolves_to_a_release() {
         let spec = AppSpec::parse(GOOD, "cutover.toml").unwrap();
         let resolved = spec
-            .resolve("cutover.toml", "local", "web", "v1", artifact())
+            .resolve(
+                "cutover.toml",
+                "local",
+                "web",
+                "v1",
+                Some(&artifact()),
+                None,
+            )
             .unwrap();
         assert_eq!(
             resolved.selector,
@@ -826,12 +930,26 @@ APP_ENV = "local"
         assert_eq!(web.smoke.len(), 1);
         // The same inputs give the same id; another command gives another.
         let again = spec
-            .resolve("cutover.toml", "local", "web", "v1", artifact())
+            .resolve(
+                "cutover.toml",
+                "local",
+                "web",
+                "v1",
+                Some(&artifact()),
+                None,
+            )
             .unwrap();
         assert_eq!(again.release.release_id, release.release_id);
         let changed = AppSpec::parse(&GOOD.replace("app.py", "app2.py"), "cutover.toml").unwrap();
         let other = changed
-            .resolve("cutover.toml", "local", "web", "v1", artifact())
+            .resolve(
+                "cutover.toml",
+                "local",
+                "web",
+                "v1",
+                Some(&artifact()),
+                None,
+            )
             .unwrap();
         assert_ne!(other.release.release_id, release.release_id);
     }
@@ -870,7 +988,14 @@ APP_ENV = "local"
     fn resolving_names_missing_environments_and_services() {
         let spec = AppSpec::parse(GOOD, "cutover.toml").unwrap();
         let e = spec
-            .resolve("cutover.toml", "production", "web", "v1", artifact())
+            .resolve(
+                "cutover.toml",
+                "production",
+                "web",
+                "v1",
+                Some(&artifact()),
+                None,
+            )
             .unwrap_err();
         assert_eq!(e.key, "environments");
         assert!(
@@ -880,7 +1005,14 @@ APP_ENV = "local"
         let e = spec.services_for(Some("api"), "cutover.toml").unwrap_err();
         assert!(e.message.contains("\"api\""), "{e}");
         let e = spec
-            .resolve("cutover.toml", "local", "web", "v 1", artifact())
+            .resolve(
+                "cutover.toml",
+                "local",
+                "web",
+                "v 1",
+                Some(&artifact()),
+                None,
+            )
             .unwrap_err();
         assert!(e.message.contains("version \"v 1\""), "{e}");
     }

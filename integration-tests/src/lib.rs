@@ -6,6 +6,7 @@
 //! for end-to-end cases (hyperqueue and garage style).
 #![forbid(unsafe_code)]
 
+pub mod docker;
 pub mod load;
 
 use std::path::{Path, PathBuf};
@@ -97,6 +98,8 @@ pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> 
         shutdown_grace: Duration::from_secs(3),
         log_format: LogFormat::Text,
         limits: Limits::default(),
+        registries: Vec::new(),
+        registry_ca: None,
     }
 }
 
@@ -253,6 +256,8 @@ impl Cluster {
             releases_keep: 5,
             proxy_trusted_networks: Vec::new(),
             stop_services_on_shutdown: false,
+            docker_host: cutover_agent::config::default_docker_host(),
+            registries: Vec::new(),
         }
     }
 
@@ -631,6 +636,22 @@ pub fn field<'a>(node: &'a serde_json::Value, key: &str) -> &'a str {
 
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the whole raw
 /// response (status line, headers, body).
+/// GETs `/` until the node's proxy answers (it is down while its agent is).
+pub async fn get_when_up(public: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(stream) = std::net::TcpStream::connect(public) {
+            drop(stream);
+            return http_get(public, "/");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy on {public} did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect http");

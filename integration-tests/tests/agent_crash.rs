@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cutover_integration_tests::{
-    activate, app_archive, body, find, http_get, ready, release_pids, web_release, Cluster, Tuning,
+    activate, app_archive, body, find, get_when_up, http_get, ready, release_pids, web_release,
+    Cluster, Tuning,
 };
 use cutover_proto::v1 as pb;
 
@@ -28,22 +29,6 @@ async fn wait_for_releases(state_dir: &Path, count: usize) -> Vec<u32> {
         assert!(
             Instant::now() < deadline,
             "expected {count} release processes, found {pids:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// GETs until the node's proxy answers (it is down while the agent is).
-async fn get_when_up(public: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(stream) = std::net::TcpStream::connect(public) {
-            drop(stream);
-            return http_get(public, "/");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the proxy on {public} did not come back"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -40,7 +40,7 @@ fn example_app_specs_resolve() {
         let text = std::fs::read_to_string(&path).unwrap();
         let spec = AppSpec::parse(&text, file).unwrap_or_else(|e| panic!("{e}"));
         let resolved = spec
-            .resolve(file, env, service, "v1", artifact.clone())
+            .resolve(file, env, service, "v1", Some(&artifact), None)
             .unwrap();
         assert_eq!(
             resolved.selector.get("env").map(String::as_str),
@@ -54,7 +54,7 @@ fn example_app_specs_resolve() {
     )
     .unwrap();
     let horizon = shop
-        .resolve("shop", "production", "horizon", "v1", artifact)
+        .resolve("shop", "production", "horizon", "v1", Some(&artifact), None)
         .unwrap();
     let worker = horizon.release.worker.expect("Horizon is a worker");
     assert!(horizon.release.web.is_none());

@@ -86,6 +86,7 @@ impl Setup {
                 url: self.artifact.0.clone(),
                 digest: self.artifact.1.clone(),
             }),
+            image: String::new(),
             allow_unreachable: false,
         }
     }

@@ -1,7 +1,7 @@
-//! Runtimes that run releases. The process runtime runs a release as a
-//! supervised process group; a docker runtime arrives with the docker issue
-//! behind the same interface.
+//! Runtimes that run releases: a supervised process group (`process`), or a
+//! container of a pinned image (`docker`), under the same supervisor.
 
+pub mod docker;
 pub mod logs;
 pub mod process;
 

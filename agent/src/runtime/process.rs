@@ -9,7 +9,12 @@
 //! the agent's pipes, and an agent that stops (or dies) leaves it running. A
 //! restarted agent adopts it again by pid and start time, the pair that
 //! identifies a process even after its pid is reused.
+//!
+//! A docker release runs as a container under the same supervisor: one
+//! restart, stop and adoption logic for both, with the engine calls in
+//! `docker.rs` where this module signals and waits on a process group.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -21,6 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::docker::{short, ContainerSpec, DockerEngine, DockerError};
 use super::logs::{keep_rotated, open_append, STDERR, STDOUT};
 
 /// A run that lasted this long was healthy: the next crash restarts quickly.
@@ -47,10 +53,29 @@ pub struct ProcessSpec {
     pub log_keep: u32,
     pub restart_min: Duration,
     pub restart_max: Duration,
+    /// Set for a docker release: it runs as a container of this image
+    /// (`command`, when not empty, overrides the image's; `workdir` is
+    /// unused) and its logs stay with the engine, rotated by it.
+    pub container: Option<ContainerLaunch>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContainerLaunch {
+    pub engine: DockerEngine,
+    pub spec: ContainerSpec,
+    /// Where the container's port is published (bridge network).
+    pub address: IpAddr,
+    /// 0: a worker, nothing published.
+    pub port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
+        #[error("release {name}: {source}")]
+    Container {
+        name: String,
+        source: Box<DockerError>,
+    },
     #[error("release {name}: empty command")]
     EmptyCommand { name: String },
     #[error("release {name}: cannot start {program:?} in {workdir}: {reason}")]
@@ -70,7 +95,7 @@ pub enum ProcessError {
 
 /// A process as the kernel knows it: the pid and its start time (clock
 /// ticks since boot), which together survive pid reuse as an identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ProcessId {
     pub pid: u32,
     pub start_time: u64,
@@ -100,11 +125,39 @@ fn stat_field(pid: u32, n: usize) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A running release as the agent records it: a process group, or a
+/// container. Untagged, so records written before containers existed (a bare
+/// process id) still read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum InstanceId {
+    Process(ProcessId),
+    Container { container: String },
+}
+
+impl InstanceId {
+    pub fn process(&self) -> Option<ProcessId> {
+        match self {
+            InstanceId::Process(p) => Some(*p),
+            InstanceId::Container { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InstanceId::Process(p) => write!(f, "pid {}", p.pid),
+            InstanceId::Container { container } => write!(f, "container {}", short(container)),
+        }
+    }
+}
+
 /// What the supervisor knows right now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcessStatus {
-    /// The running process (and group leader), if one runs.
-    pub process: Option<ProcessId>,
+    /// The running process (and group leader) or container, if one runs.
+    pub instance: Option<InstanceId>,
     /// Unexpected exits so far.
     pub crashes: u32,
     /// How the last unexpected exit went, e.g. "exit status: 1".
@@ -119,16 +172,42 @@ pub struct StopReport {
 }
 
 /// The process being supervised: our child, or one adopted from an earlier
-/// agent, which can only be watched, not waited on.
+/// agent, which can only be watched, not waited on; or a container, which
+/// the engine waits on either way.
 enum Tracked {
     Child(Child, ProcessId),
     Adopted(ProcessId),
+    Container(DockerEngine, String),
 }
 
 impl Tracked {
-    fn id(&self) -> ProcessId {
+    fn id(&self) -> InstanceId {
         match self {
-            Tracked::Child(_, id) | Tracked::Adopted(id) => *id,
+            Tracked::Child(_, id) | Tracked::Adopted(id) => InstanceId::Process(*id),
+            Tracked::Container(_, id) => InstanceId::Container {
+                container: id.clone(),
+            },
+        }
+    }
+
+    /// Sends `signal` to the whole process group, or to the container.
+    async fn signal(&self, signal: Signal) {
+        match self {
+            Tracked::Child(_, id) | Tracked::Adopted(id) => signal_group(id.pid, signal),
+            Tracked::Container(engine, id) => engine.signal(id, signal.as_str()).await,
+        }
+    }
+
+    /// Leaves nothing of this run behind: SIGKILL to the group (the leader
+    /// may be gone while its children are not), or the container removed.
+    async fn clear(&mut self) {
+        match self {
+            Tracked::Child(child, id) => {
+                signal_group(id.pid, Signal::SIGKILL);
+                let _ = child.wait().await;
+            }
+            Tracked::Adopted(id) => signal_group(id.pid, Signal::SIGKILL),
+            Tracked::Container(engine, id) => engine.remove(id).await,
         }
     }
 
@@ -146,6 +225,7 @@ impl Tracked {
                 }
                 "exited (status unknown: it was adopted after an agent restart)".to_string()
             }
+            Tracked::Container(engine, id) => engine.wait(id).await,
         }
     }
 }
@@ -169,19 +249,18 @@ impl Supervisor {
         Ok(Self::supervise(spec, tracked))
     }
 
-    /// Takes over a process an earlier agent started, if it still runs;
-    /// `None` means it is gone and the caller should start it anew.
-    pub fn adopt(spec: ProcessSpec, process: ProcessId) -> Option<Self> {
-        if !process.is_alive() {
-            return None;
-        }
-        tracing::info!(release = %spec.name, pid = process.pid, "adopted running process");
-        Some(Self::supervise(spec, Tracked::Adopted(process)))
+    /// Takes over a process or container an earlier agent started, if it
+    /// still runs; `None` means it is gone and the caller should start it
+    /// anew.
+    pub async fn adopt(spec: ProcessSpec, instance: InstanceId) -> Option<Self> {
+        let tracked = alive(instance, spec.container.as_ref().map(|c| &c.engine)).await?;
+        tracing::info!(release = %spec.name, instance = %tracked.id(), "adopted running release");
+        Some(Self::supervise(spec, tracked))
     }
 
     fn supervise(spec: ProcessSpec, tracked: Tracked) -> Self {
         let (status_tx, status) = watch::channel(ProcessStatus {
-            process: Some(tracked.id()),
+            instance: Some(tracked.id()),
             ..ProcessStatus::default()
         });
         let stop = CancellationToken::new();
@@ -229,7 +308,50 @@ impl Supervisor {
     }
 }
 
+/// `instance` as something to supervise, if it still runs. A container
+/// needs the engine; without one (a release recorded by a docker-enabled
+/// agent, read by one without) it counts as gone.
+async fn alive(instance: InstanceId, engine: Option<&DockerEngine>) -> Option<Tracked> {
+    match instance {
+        InstanceId::Process(process) => process.is_alive().then_some(Tracked::Adopted(process)),
+        InstanceId::Container { container } => {
+            let engine = engine?;
+            match engine.running(&container).await {
+                Ok(true) => Some(Tracked::Container(engine.clone(), container)),
+                Ok(false) => {
+                    // Stopped but still there: removed, so a restart starts clean.
+                    engine.remove(&container).await;
+                    None
+                }
+                Err(error) => {
+                    tracing::error!(container = %short(&container), %error, "cannot check the release's container");
+                    None
+                }
+            }
+        }
+    }
+}
+
 async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
+    if let Some(launch) = &spec.container {
+        let id = launch
+            .engine
+            .run(
+                &spec.name,
+                &launch.spec,
+                &spec.command,
+                &spec.env,
+                launch.address,
+                launch.port,
+                (spec.log_max_bytes, spec.log_keep),
+            )
+            .await
+                        .map_err(|source| ProcessError::Container {
+                name: spec.name.clone(),
+                source: Box::new(source),
+            })?;
+        return Ok(Tracked::Container(launch.engine.clone(), id));
+    }
     let (program, args) = spec
         .command
         .split_first()
@@ -290,12 +412,14 @@ async fn supervise(
     release: CancellationToken,
 ) -> Option<StopReport> {
     let rotation = CancellationToken::new();
-    tokio::spawn(keep_rotated(
-        spec.log_dir.clone(),
-        spec.log_max_bytes,
-        spec.log_keep,
-        rotation.clone(),
-    ));
+    if spec.container.is_none() {
+        tokio::spawn(keep_rotated(
+            spec.log_dir.clone(),
+            spec.log_max_bytes,
+            spec.log_keep,
+            rotation.clone(),
+        ));
+    }
     let _rotation = rotation.drop_guard();
     let mut backoff = Backoff::new(spec.restart_min, spec.restart_max);
     loop {
@@ -310,21 +434,22 @@ async fn supervise(
                 }
                 return Some(stop_process(&spec.name, spec.stop_signal, spec.stop_grace, tracked).await);
             }
-            _ = release.cancelled() => {
-                tracing::info!(release = %spec.name, pid = id.pid, "leaving the process running");
+                        _ = release.cancelled() => {
+                tracing::info!(release = %spec.name, instance = %id, "leaving the release running");
                 return None;
             }
         };
-        // Whatever the leader left behind in its group goes with it.
-        signal_group(id.pid, Signal::SIGKILL);
+        // Whatever the leader left behind in its group goes with it; a
+        // container is removed, its successor is a fresh one.
+        tracked.clear().await;
         if started.elapsed() >= STABLE_RUN {
             backoff.reset();
         }
         // Jitter may draw near zero; a crash loop still gets a breather.
         let delay = backoff.next_delay().max(spec.restart_min / 2);
-        tracing::warn!(release = %spec.name, pid = id.pid, %exit, restart_in_ms = delay.as_millis() as u64, "process exited unexpectedly");
+        tracing::warn!(release = %spec.name, instance = %id, %exit, restart_in_ms = delay.as_millis() as u64, "release exited unexpectedly");
         status.send_modify(|s| {
-            s.process = None;
+            s.instance = None;
             s.crashes += 1;
             s.last_exit = Some(exit.clone());
         });
@@ -343,7 +468,7 @@ async fn supervise(
                 }
             }
         };
-        status.send_modify(|s| s.process = Some(tracked.id()));
+        status.send_modify(|s| s.instance = Some(tracked.id()));
     }
 }
 
@@ -354,9 +479,22 @@ async fn ask_to_stop(spec: &ProcessSpec, tracked: &mut Tracked) -> bool {
     let Some((program, args)) = spec.stop_command.split_first() else {
         return false;
     };
-    let pid = tracked.id().pid;
-    tracing::info!(release = %spec.name, pid, command = ?spec.stop_command, "asking the process to stop");
+    let id = tracked.id();
+    tracing::info!(release = %spec.name, instance = %id, command = ?spec.stop_command, "asking the release to stop");
     let deadline = Instant::now() + spec.stop_timeout;
+    if let Tracked::Container(engine, container) = &*tracked {
+        match engine
+            .exec(container, &spec.stop_command, spec.stop_timeout)
+            .await
+        {
+            Ok(0) => {}
+            Ok(code) => tracing::warn!(release = %spec.name, code, "stop command failed"),
+            Err(error) => {
+                tracing::warn!(release = %spec.name, %error, "cannot run the stop command")
+            }
+        }
+        return exits_by(spec, tracked, deadline).await;
+    }
     let output = |file: &str| open_append(&spec.log_dir.join(file));
     let command = match (output(STDOUT), output(STDERR)) {
         (Ok(stdout), Ok(stderr)) => super::release_command(program, args, &spec.workdir, &spec.env)
@@ -383,31 +521,37 @@ async fn ask_to_stop(spec: &ProcessSpec, tracked: &mut Tracked) -> bool {
         }
         Err(error) => tracing::warn!(release = %spec.name, %error, "cannot run the stop command"),
     }
+    exits_by(spec, tracked, deadline).await
+}
+
+/// Waits until `deadline` for the release to exit after its stop command;
+/// true if it did (what it left behind is then cleared).
+async fn exits_by(spec: &ProcessSpec, tracked: &mut Tracked, deadline: Instant) -> bool {
     let remaining = deadline.saturating_duration_since(Instant::now());
     let exited = tokio::time::timeout(remaining, tracked.exited())
         .await
         .is_ok();
+    let id = tracked.id();
     if exited {
-        signal_group(pid, Signal::SIGKILL);
-        tracing::info!(release = %spec.name, pid, "process finished its work and exited");
+        tracked.clear().await;
+        tracing::info!(release = %spec.name, instance = %id, "release finished its work and exited");
     } else {
-        tracing::warn!(release = %spec.name, pid, timeout_ms = spec.stop_timeout.as_millis() as u64, "process still running after its stop timeout; sending the stop signal");
+        tracing::warn!(release = %spec.name, instance = %id, timeout_ms = spec.stop_timeout.as_millis() as u64, "release still running after its stop timeout; sending the stop signal");
     }
     exited
 }
 
-/// Stops a process that no supervisor owns any more (left behind by an
+/// Stops a release that no supervisor owns any more (left behind by an
 /// agent that died mid-cutover), the same way a supervised one is stopped.
 pub async fn stop_leftover(
     name: &str,
-    process: ProcessId,
+    instance: InstanceId,
     signal: Signal,
     grace: Duration,
+    engine: &DockerEngine,
 ) -> Option<StopReport> {
-    if !process.is_alive() {
-        return None;
-    }
-    Some(stop_process(name, signal, grace, Tracked::Adopted(process)).await)
+    let tracked = alive(instance, Some(engine)).await?;
+    Some(stop_process(name, signal, grace, tracked).await)
 }
 
 async fn stop_process(
@@ -417,18 +561,15 @@ async fn stop_process(
     mut tracked: Tracked,
 ) -> StopReport {
     let started = Instant::now();
-    let pid = tracked.id().pid;
-    signal_group(pid, signal);
+    let id = tracked.id();
+    tracked.signal(signal).await;
     let graceful = tokio::time::timeout(grace, tracked.exited()).await.is_ok();
     if !graceful {
-        tracing::warn!(release = %name, pid, grace_ms = grace.as_millis() as u64, "process ignored the stop signal, killing its group");
+        tracing::warn!(release = %name, instance = %id, grace_ms = grace.as_millis() as u64, "release ignored the stop signal, killing it");
     }
     // Always: the leader may be gone while its children are not.
-    signal_group(pid, Signal::SIGKILL);
-    if let Tracked::Child(child, _) = &mut tracked {
-        let _ = child.wait().await;
-    }
-    tracing::info!(release = %name, pid, graceful, "process stopped");
+    tracked.clear().await;
+    tracing::info!(release = %name, instance = %id, graceful, "release stopped");
     StopReport {
         graceful,
         took: started.elapsed(),
@@ -455,6 +596,7 @@ mod tests {
             log_keep: 2,
             restart_min: Duration::from_millis(100),
             restart_max: Duration::from_millis(400),
+            container: None,
         }
     }
 
@@ -484,7 +626,11 @@ mod tests {
         worker.stop_command = vec!["true".into()];
         worker.stop_timeout = Duration::from_millis(300);
         let supervisor = Supervisor::start(worker).await.unwrap();
-        let pid = supervisor.status().process.unwrap();
+        let pid = supervisor
+            .status()
+            .instance
+            .and_then(|i| i.process())
+            .unwrap();
         let report = supervisor.stop().await;
         assert!(!report.graceful, "{report:?}");
         assert!(!pid.is_alive());
@@ -507,7 +653,7 @@ mod tests {
         ))
         .await
         .unwrap();
-        assert!(supervisor.status().process.is_some());
+        assert!(supervisor.status().instance.is_some());
         let stdout = dir.path().join("logs/stdout.log");
         wait_for("stdout", || {
             std::fs::read_to_string(&stdout)
@@ -579,7 +725,7 @@ mod tests {
         let marker = format!("cutover-adopt-test-{}", std::process::id());
         let script = format!("trap 'echo stopped; exit 0' TERM; while true; do echo tick; sleep 0.05; done; : {marker}");
         let first = Supervisor::start(spec(dir.path(), &script)).await.unwrap();
-        let process = first.status().process.unwrap();
+        let process = first.status().instance.and_then(|i| i.process()).unwrap();
         // The agent goes away: the process must not notice.
         first.release().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -597,10 +743,19 @@ mod tests {
             start_time: process.start_time + 1,
             ..process
         };
-        assert!(Supervisor::adopt(spec(dir.path(), &script), impostor).is_none());
+        assert!(
+            Supervisor::adopt(spec(dir.path(), &script), InstanceId::Process(impostor))
+                .await
+                .is_none()
+        );
 
-        let adopted = Supervisor::adopt(spec(dir.path(), &script), process).expect("still running");
-        assert_eq!(adopted.status().process, Some(process));
+        let adopted = Supervisor::adopt(spec(dir.path(), &script), InstanceId::Process(process))
+            .await
+            .expect("still running");
+        assert_eq!(
+            adopted.status().instance,
+            Some(InstanceId::Process(process))
+        );
         let report = adopted.stop().await;
         assert!(report.graceful, "{report:?}");
         assert!(!process.is_alive());
@@ -614,12 +769,13 @@ mod tests {
         let first = Supervisor::start(spec(dir.path(), "echo run >> runs.txt; exec sleep 60"))
             .await
             .unwrap();
-        let process = first.status().process.unwrap();
+        let process = first.status().instance.and_then(|i| i.process()).unwrap();
         first.release().await;
         let adopted = Supervisor::adopt(
             spec(dir.path(), "echo run >> runs.txt; exec sleep 60"),
-            process,
+            InstanceId::Process(process),
         )
+        .await
         .unwrap();
         let runs = dir.path().join("runs.txt");
         wait_for("the first run", || {
@@ -634,7 +790,10 @@ mod tests {
         let mut status = adopted.watch();
         wait_for("a restart", || {
             let s = status.borrow_and_update();
-            s.crashes == 1 && s.process.is_some_and(|p| p != process)
+            s.crashes == 1
+                && s.instance
+                    .as_ref()
+                    .is_some_and(|p| *p != InstanceId::Process(process))
         })
         .await;
         assert!(adopted.status().last_exit.unwrap().contains("adopted"));

@@ -23,14 +23,20 @@ pub struct DeployArgs {
     pub file: PathBuf,
     #[arg(long)]
     pub env: String,
-    /// The release's version label, e.g. a git tag or commit.
-    #[arg(long)]
+    /// The release's version label, e.g. a git tag or commit. Default: the
+    /// tag of the image deployed.
+    #[arg(long, default_value = "")]
     pub version: String,
-    /// A local .tar.gz (pushed to the coordinator's artifact store first), an
-    /// https://, http:// or file:// URL agents fetch, or the sha256: digest
-    /// of an artifact already in the store.
+    /// For process services: a local .tar.gz (pushed to the coordinator's
+    /// artifact store first), an https://, http:// or file:// URL agents
+    /// fetch, or the sha256: digest of an artifact already in the store.
     #[arg(long)]
-    pub artifact: String,
+    pub artifact: Option<String>,
+    /// For docker services: REGISTRY/REPO:TAG, resolved to its digest once
+    /// by the coordinator, or REPO@sha256:... as is. Default: the spec's
+    /// `image`.
+    #[arg(long)]
+    pub image: Option<String>,
     /// Pin the artifact to this digest. Without it a URL is downloaded once
     /// and hashed (a private CA for it: CUTOVER_ARTIFACT_CA=ca.pem).
     #[arg(long)]
@@ -203,7 +209,13 @@ pub async fn deploy(
     // Checked here first so a typo fails before any upload.
     let spec = AppSpec::parse(&text, &file)?;
     spec.services_for(args.service.as_deref(), &file)?;
-    let artifact = resolve_artifact(client, &args.artifact, args.digest.clone(), json).await?;
+    let artifact = match &args.artifact {
+        Some(source) => Some(resolve_artifact(client, source, args.digest.clone(), json).await?),
+        None => None,
+    };
+    if let Some(image) = &args.image {
+        cutover_common::registry::ImageRef::parse(image).context("--image")?;
+    }
     let response = client
         .deploy(pb::DeployRequest {
             spec: text,
@@ -211,7 +223,8 @@ pub async fn deploy(
             env: args.env,
             service: args.service.unwrap_or_default(),
             version: args.version,
-            artifact: Some(artifact),
+            artifact,
+            image: args.image.unwrap_or_default(),
             allow_unreachable: args.allow_unreachable,
         })
         .await
@@ -629,7 +642,11 @@ fn describe(r: &pb::Rollout) -> String {
 }
 
 fn release_json(x: &pb::ReleaseInfo) -> Value {
-    json!({"id": x.id, "version": x.version, "digest": x.digest})
+    if x.image.is_empty() {
+        json!({"id": x.id, "version": x.version, "digest": x.digest})
+    } else {
+        json!({"id": x.id, "version": x.version, "digest": x.digest, "image": x.image})
+    }
 }
 
 fn error_json(e: &pb::RolloutError) -> Value {

@@ -20,6 +20,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::images::{ImageResolver, PinnedImage};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::spec::{selects, AppSpec, SpecError, Strategy};
@@ -70,6 +71,10 @@ pub enum RolloutError {
     #[error("artifact {0} is not in the coordinator's artifact store; push it with `cutover artifact push FILE`")]
     ArtifactMissing(String),
     #[error(transparent)]
+    Image(#[from] cutover_common::registry::RegistryError),
+    #[error("{0}")]
+    NoVersion(String),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -77,7 +82,11 @@ impl From<RolloutError> for tonic::Status {
     fn from(error: RolloutError) -> Self {
         let message = error.to_string();
         match error {
-            RolloutError::Spec(_) => tonic::Status::invalid_argument(message),
+            RolloutError::Spec(_)
+            | RolloutError::NoVersion(_)
+            | RolloutError::Image(cutover_common::registry::RegistryError::Invalid { .. }) => {
+                tonic::Status::invalid_argument(message)
+            }
             RolloutError::NotFound(_) => tonic::Status::not_found(message),
             RolloutError::Store(_) => tonic::Status::internal(message),
             RolloutError::Locked { .. } => tonic::Status::aborted(message),
@@ -92,8 +101,12 @@ pub struct DeployRequest {
     pub spec_file: String,
     pub env: String,
     pub service: Option<String>,
+    /// Empty: the tag of the image deployed.
     pub version: String,
-    pub artifact: pb::Artifact,
+    /// For services that run as processes.
+    pub artifact: Option<pb::Artifact>,
+    /// For services that run as containers, over the spec's `image`.
+    pub image: Option<String>,
     pub allow_unreachable: bool,
     pub by: String,
 }
@@ -137,6 +150,7 @@ pub struct Rollouts {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     artifacts: Arc<crate::artifacts::ArtifactStore>,
+    images: Arc<ImageResolver>,
     running: Mutex<HashMap<String, Handle>>,
     /// Held while checking the deploy lock and creating, so two deploys of
     /// one service cannot both pass the check.
@@ -151,6 +165,7 @@ impl Rollouts {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         artifacts: Arc<crate::artifacts::ArtifactStore>,
+        images: Arc<ImageResolver>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -158,6 +173,7 @@ impl Rollouts {
             registry,
             metrics,
             artifacts,
+            images,
             running: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
             shutdown,
@@ -199,13 +215,45 @@ impl Rollouts {
         let file = request.spec_file.as_str();
         let spec = AppSpec::parse(&request.spec_text, file)?;
         let services = spec.services_for(request.service.as_deref(), file)?;
-        if request.artifact.url == "coordinator:"
-            && !self.artifacts.contains(&request.artifact.digest)
+        if let Some(artifact) = request
+            .artifact
+            .as_ref()
+            .filter(|a| a.url == "coordinator:" && !self.artifacts.contains(&a.digest))
         {
-            return Err(RolloutError::ArtifactMissing(
-                request.artifact.digest.clone(),
-            ));
+            return Err(RolloutError::ArtifactMissing(artifact.digest.clone()));
         }
+        // Each image is pinned once, before anything is created: every
+        // service (and node) of this deploy runs the same digest.
+        let mut pinned: BTreeMap<String, PinnedImage> = BTreeMap::new();
+        let mut images: BTreeMap<&str, String> = BTreeMap::new();
+        for service in &services {
+            let spec_image = spec.services[service].image.clone();
+            if spec.services[service].runtime != "docker" {
+                continue;
+            }
+            let Some(reference) = request.image.clone().or(spec_image) else {
+                continue; // resolve() says what is missing
+            };
+            if !pinned.contains_key(&reference) {
+                let image = self.images.pin(&reference).await?;
+                pinned.insert(reference.clone(), image);
+            }
+            images.insert(service, pinned[&reference].image.clone());
+        }
+        let version = if request.version.is_empty() {
+            let tags: std::collections::BTreeSet<_> =
+                pinned.values().filter_map(|p| p.tag.clone()).collect();
+            match (tags.len(), pinned.values().all(|p| p.tag.is_some())) {
+                (1, true) => tags.into_iter().next().expect("one tag"),
+                _ => {
+                    return Err(RolloutError::NoVersion(
+                        "give the release a version label with --version (it defaults to the image's tag only when every image of the deploy has the same one)".into(),
+                    ))
+                }
+            }
+        } else {
+            request.version.clone()
+        };
         // Every service resolves before anything is created.
         let resolved = services
             .iter()
@@ -214,8 +262,9 @@ impl Rollouts {
                     file,
                     &request.env,
                     service,
-                    &request.version,
-                    request.artifact.clone(),
+                    &version,
+                    request.artifact.as_ref(),
+                    images.get(service.as_str()).map(String::as_str),
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;

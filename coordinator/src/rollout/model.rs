@@ -214,8 +214,20 @@ impl StoredRelease {
     pub fn version(&self) -> &str {
         &self.0.version
     }
+    /// The artifact's digest, or the image's.
     pub fn digest(&self) -> &str {
-        self.0.artifact.as_ref().map_or("", |a| a.digest.as_str())
+        match (&self.0.artifact, &self.0.container) {
+            (Some(artifact), _) => &artifact.digest,
+            (None, Some(container)) => container
+                .image
+                .rsplit_once('@')
+                .map_or("", |(_, digest)| digest),
+            (None, None) => "",
+        }
+    }
+    /// `REPO@sha256:...` for a docker release, empty otherwise.
+    pub fn image(&self) -> &str {
+        self.0.container.as_ref().map_or("", |c| c.image.as_str())
     }
 }
 

@@ -1,0 +1,394 @@
+//! The docker runtime against a real engine and a real registry (started by
+//! `scripts/test.sh`): images of the sample app built `FROM scratch`, pushed
+//! to the local registry, resolved to digests by the coordinator and run as
+//! containers by the agents, behind the same node proxy and cutover as
+//! process releases.
+
+use std::time::{Duration, Instant};
+
+use cutover_integration_tests::docker::{
+    container_image_and_state, containers_of, docker, docker_env, push_sample_image,
+    ContainerCleanup,
+};
+use cutover_integration_tests::load::Load;
+use cutover_integration_tests::{body, find, get_when_up, http_get, ready, Cluster, Tuning};
+use cutover_proto::v1::operator_service_client::OperatorServiceClient;
+use cutover_proto::v1::{self as pb};
+use tonic::transport::Channel;
+
+struct Setup {
+    _cluster: Cluster,
+    client: OperatorServiceClient<Channel>,
+    port: u16,
+    /// REGISTRY/REPO, one per test so tests never share tags.
+    repo: String,
+    node_ids: Vec<String>,
+    _cleanup: ContainerCleanup,
+}
+
+async fn setup(nodes: usize, test: &str) -> Setup {
+    let env = docker_env();
+    let cluster = Cluster::start(nodes, Tuning::default()).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == nodes && n.iter().all(|n| n.connected)
+        })
+        .await;
+    let node_ids: Vec<String> = cluster.agents.iter().map(|a| a.node_id.clone()).collect();
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[]).unwrap();
+    let client = cluster.operator().await;
+    Setup {
+        _cluster: cluster,
+        client,
+        port,
+        repo: format!(
+            "{}/cutover-test/{test}-{}",
+            env.registry,
+            std::process::id()
+        ),
+        _cleanup: ContainerCleanup(node_ids.clone()),
+        node_ids,
+    }
+}
+
+fn spec(port: u16, strategy: &str) -> String {
+    format!(
+        r#"
+app = "shop"
+
+[services.web]
+runtime = "docker"
+listen = ":{port}"
+init = true
+drain_timeout = "2s"
+stop_grace = "2s"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+timeout = "1s"
+healthy_threshold = 2
+healthy_deadline = "10s"
+[[services.web.smoke]]
+path = "/"
+expect_status = 200
+
+[strategy]
+{strategy}
+
+[environments.test]
+nodes = {{ env = "test" }}
+"#
+    )
+}
+
+const FAST: &str = "batch = 1\nmin_healthy_time = \"300ms\"";
+
+impl Setup {
+    async fn deploy(
+        &mut self,
+        image: &str,
+        strategy: &str,
+    ) -> Result<pb::DeployResponse, tonic::Status> {
+        self.client
+            .deploy(pb::DeployRequest {
+                spec: spec(self.port, strategy),
+                spec_file: "cutover.toml".into(),
+                env: "test".into(),
+                service: String::new(),
+                version: String::new(),
+                artifact: None,
+                image: image.into(),
+                allow_unreachable: false,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn finish(&mut self, id: &str) -> pb::Rollout {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let rollout = self
+                .client
+                .get_rollout(pb::GetRolloutRequest { id: id.into() })
+                .await
+                .expect("get rollout")
+                .into_inner();
+            if matches!(
+                rollout.state.as_str(),
+                "succeeded" | "failed" | "rolled_back" | "aborted"
+            ) {
+                return rollout;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rollout did not end: {rollout:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Deploys `image` and waits for the rollout's end.
+    async fn roll(&mut self, image: &str, strategy: &str) -> pb::Rollout {
+        let response = self.deploy(image, strategy).await.expect("deploy accepted");
+        assert_eq!(response.rollouts.len(), 1, "{response:?}");
+        let id = response.rollouts[0].id.clone();
+        self.finish(&id).await
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("127.0.0.{}:{}", 11 + i, self.port)
+    }
+
+    fn versions(&self) -> Vec<String> {
+        (0..self.node_ids.len())
+            .map(|i| body(&http_get(&self.addr(i), "/")).trim().to_string())
+            .collect()
+    }
+
+    /// Each node's containers as (image, state).
+    fn containers(&self) -> Vec<Vec<(String, String)>> {
+        self.node_ids
+            .iter()
+            .map(|id| {
+                containers_of(id)
+                    .iter()
+                    .map(|c| container_image_and_state(c))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Asserts every node runs exactly one container, of `image`.
+    fn assert_each_node_runs(&self, image: &str) {
+        for (node, containers) in self.containers().iter().enumerate() {
+            assert_eq!(
+                containers,
+                &vec![(image.to_string(), "running".to_string())],
+                "node {node}'s containers"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_image_versions_cut_over_under_load_without_a_failed_request() {
+    let mut s = setup(2, "cutover").await;
+    let v1 = push_sample_image(&format!("{}:v1", s.repo), "v1", &[]);
+    let v2 = push_sample_image(&format!("{}:v2", s.repo), "v2", &[]);
+
+    let rollout = s.roll(&format!("{}:v1", s.repo), FAST).await;
+    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    // The version label defaults to the tag; the release pins the digest.
+    let release = rollout.release.clone().unwrap_or_default();
+    assert!(release.id.starts_with("web-v1-"), "{release:?}");
+    assert_eq!(release.image, format!("{}@{v1}", s.repo));
+    assert_eq!(release.digest, v1);
+    assert_eq!(s.versions(), vec!["v1", "v1"]);
+    s.assert_each_node_runs(&format!("{}@{v1}", s.repo));
+
+    let targets = (0..2).map(|i| s.addr(i).parse().unwrap()).collect();
+    let load = Load::start(targets, "/", 8);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rollout = s.roll(&format!("{}:v2", s.repo), FAST).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = load.stop().await;
+    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
+    assert!(
+        report.sent > 500,
+        "too little load to prove anything: {report:?}"
+    );
+    let bodies: Vec<&str> = report.by_body.keys().map(|b| b.trim()).collect();
+    assert_eq!(bodies, vec!["v1", "v2"], "{:?}", report.by_body);
+    assert_eq!(s.versions(), vec!["v2", "v2"]);
+    // The old containers are gone, not merely stopped.
+    s.assert_each_node_runs(&format!("{}@{v2}", s.repo));
+    println!(
+        "docker cutover under load: {} requests, 0 failed, p99 {:.2} ms",
+        report.sent,
+        report.quantile_ms(0.99)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_moved_during_a_rollout_changes_nothing() {
+    let mut s = setup(2, "moved-tag").await;
+    let stable = format!("{}:stable", s.repo);
+    let first = push_sample_image(&stable, "first", &[]);
+    // Slow batches: the tag moves while the first node is being watched.
+    let response = s
+        .deploy(&stable, "batch = 1\nmin_healthy_time = \"3s\"")
+        .await
+        .expect("deploy accepted");
+    let id = response.rollouts[0].id.clone();
+    let second = push_sample_image(&stable, "second", &[]);
+    assert_ne!(first, second, "the tag really moved");
+    let rollout = s.finish(&id).await;
+    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(s.versions(), vec!["first", "first"]);
+    s.assert_each_node_runs(&format!("{}@{first}", s.repo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_refused_and_the_serving_release_is_untouched() {
+    let mut s = setup(1, "missing").await;
+    // A tag the registry does not have: the deploy itself is refused.
+    let error = s
+        .deploy(&format!("{}:nope", s.repo), FAST)
+        .await
+        .expect_err("an unknown tag is refused");
+    assert!(error.message().contains("not found"), "{}", error.message());
+    assert!(error.message().contains("nope"), "{}", error.message());
+    let listed = s
+        .client
+        .list_rollouts(pb::ListRolloutsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.rollouts.is_empty(),
+        "nothing was created: {listed:?}"
+    );
+
+    let v1 = push_sample_image(&format!("{}:v1", s.repo), "v1", &[]);
+    assert_eq!(
+        s.roll(&format!("{}:v1", s.repo), FAST).await.state,
+        "succeeded"
+    );
+    // A pinned digest is taken as is; the node cannot pull it, and says so.
+    let absent = format!("{}@sha256:{}", s.repo, "0".repeat(64));
+    let response = s
+        .client
+        .deploy(pb::DeployRequest {
+            spec: spec(s.port, FAST),
+            spec_file: "cutover.toml".into(),
+            env: "test".into(),
+            service: String::new(),
+            version: "v2".into(),
+            artifact: None,
+            image: absent,
+            allow_unreachable: false,
+        })
+        .await
+        .expect("a pinned image is accepted as is")
+        .into_inner();
+    let rollout = s.finish(&response.rollouts[0].id).await;
+    assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
+    let error = rollout
+        .error
+        .as_ref()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    assert!(error.contains("not found"), "{rollout:#?}");
+    assert_eq!(s.versions(), vec!["v1"]);
+    s.assert_each_node_runs(&format!("{}@{v1}", s.repo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_image_never_takes_traffic() {
+    let mut s = setup(1, "broken").await;
+    let v1 = push_sample_image(&format!("{}:v1", s.repo), "v1", &[]);
+    push_sample_image(&format!("{}:v2", s.repo), "v2", &[("BROKEN", "1")]);
+    assert_eq!(
+        s.roll(&format!("{}:v1", s.repo), FAST).await.state,
+        "succeeded"
+    );
+    let rollout = s
+        .roll(
+            &format!("{}:v2", s.repo),
+            "batch = 1\nmin_healthy_time = \"300ms\"\nauto_rollback = true",
+        )
+        .await;
+    assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
+    let error = rollout
+        .error
+        .as_ref()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    assert!(error.contains("not healthy"), "{rollout:#?}");
+    assert_eq!(s.versions(), vec!["v1"]);
+    // The broken container was removed; only v1's runs.
+    s.assert_each_node_runs(&format!("{}@{v1}", s.repo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_readopts_its_container_and_restarts_one_that_died() {
+    let env = docker_env();
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let agent = cluster.spawn_agent_binary("node-1");
+    let wait_ready = || async {
+        cluster
+            .wait_for_nodes(Duration::from_secs(15), |n| {
+                find(n, "node-1").is_some_and(ready)
+            })
+            .await
+    };
+    wait_ready().await;
+    let node_id = cutover_agent::state::node_id(&agent.state_dir).unwrap();
+    let _cleanup = ContainerCleanup(vec![node_id.clone()]);
+    let repo = format!("{}/cutover-test/adopt-{}", env.registry, std::process::id());
+    push_sample_image(&format!("{repo}:v1"), "v1", &[]);
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[]).unwrap();
+    let mut client = cluster.operator().await;
+    let response = client
+        .deploy(pb::DeployRequest {
+            spec: spec(port, FAST),
+            spec_file: "cutover.toml".into(),
+            env: "test".into(),
+            image: format!("{repo}:v1"),
+            ..Default::default()
+        })
+        .await
+        .expect("deploy accepted")
+        .into_inner();
+    let id = response.rollouts[0].id.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rollout = client
+            .get_rollout(pb::GetRolloutRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if rollout.state == "succeeded" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && matches!(rollout.state.as_str(), "pending" | "running"),
+            "{rollout:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let public = format!("127.0.0.11:{port}");
+    let before = containers_of(&node_id);
+    assert_eq!(before.len(), 1);
+
+    // kill -9 of the agent: the container keeps running on its own.
+    let state_dir = agent.state_dir.clone();
+    agent.kill();
+    assert_eq!(container_image_and_state(&before[0]).1, "running");
+    let agent = cluster.spawn_agent_binary("node-1");
+    wait_ready().await;
+    let served = get_when_up(&public).await;
+    assert_eq!(body(&served).trim(), "v1");
+    assert_eq!(
+        containers_of(&node_id),
+        before,
+        "the same container, adopted"
+    );
+
+    // The container dies while the agent is down: the restarted agent
+    // removes it and starts the active release again.
+    agent.kill();
+    docker(&["kill", &before[0]]);
+    let agent = cluster.spawn_agent_binary("node-1");
+    wait_ready().await;
+    assert_eq!(body(&get_when_up(&public).await).trim(), "v1");
+    let after = containers_of(&node_id);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, before, "a new container replaced the dead one");
+    assert_eq!(container_image_and_state(&after[0]).1, "running");
+    assert_eq!(agent.state_dir, state_dir);
+    agent.kill();
+}
