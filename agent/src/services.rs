@@ -47,6 +47,9 @@ pub struct NodeSettings {
 /// cutover that has not run yet (a rollout paused overnight still finds it).
 const PRUNE_MIN_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// In a docker release's dir: the pinned image it runs.
+const IMAGE_FILE: &str = "image";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("invalid release: {0}")]
@@ -496,11 +499,14 @@ impl NodeServices {
                     .docker
                     .pull(&container.image, progress)
                     .await?;
-                // The release dir holds nothing but marks the release as on
-                // this node, for retention like any other release.
-                std::fs::create_dir_all(&workdir).map_err(|e| {
-                    ServiceError::Invalid(format!("cannot create {}: {e}", workdir.display()))
-                })?;
+                                // The release dir holds only the image's name: retention
+                // prunes docker releases like any other, and their images
+                // with them.
+                std::fs::create_dir_all(&workdir)
+                    .and_then(|()| std::fs::write(workdir.join(IMAGE_FILE), &container.image))
+                    .map_err(|e| {
+                        ServiceError::Invalid(format!("cannot record the release in {}: {e}", workdir.display()))
+                    })?;
             }
             (None, Some((artifact, digest))) => {
                 progress("fetching");
@@ -647,13 +653,22 @@ impl NodeServices {
             keep.extend(record.previous);
             keep.extend(record.leftovers.into_iter().map(|l| l.release_id));
         }
-        let dir = self.settings.state_dir.join("releases");
-        let removed =
-            tokio::task::spawn_blocking(move || prune_releases(&dir, &keep, PRUNE_MIN_AGE))
-                .await
-                .expect("prune task panicked");
-        for release in removed {
+                let dir = self.settings.state_dir.join("releases");
+        let (removed, mut images) = tokio::task::spawn_blocking(move || {
+            let images = release_images(&dir);
+            (prune_releases(&dir, &keep, PRUNE_MIN_AGE), images)
+        })
+        .await
+        .expect("prune task panicked");
+        let mut unused = std::collections::BTreeSet::new();
+        for release in &removed {
             tracing::info!(%release, "pruned release dir");
+            unused.extend(images.remove(release));
+        }
+        // An image a kept release (or any of its own) still names stays.
+        let kept: std::collections::BTreeSet<String> = images.into_values().collect();
+        for image in unused.difference(&kept) {
+            self.settings.docker.remove_image(image).await;
         }
     }
 
@@ -745,6 +760,20 @@ impl NodeServices {
 /// Removes the release dirs under `dir` that are not in `keep` and older
 /// than `min_age`; returns the ids removed. Half-unpacked temp dirs (names
 /// starting with '.') are left to their own cleanup.
+/// Images of the docker releases under `dir`, by release id.
+fn release_images(dir: &std::path::Path) -> BTreeMap<String, String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let image = std::fs::read_to_string(entry.path().join(IMAGE_FILE)).ok()?;
+            Some((entry.file_name().to_string_lossy().into_owned(), image))
+        })
+        .collect()
+}
+
 pub fn prune_releases(
     dir: &std::path::Path,
     keep: &std::collections::HashSet<String>,

@@ -86,7 +86,8 @@ pub fn sample_app() -> PathBuf {
 
 /// Builds an image of the sample app answering `version`, pushes it as
 /// `reference` (REGISTRY/REPO:TAG) and returns the digest the registry
-/// holds it under. `env` adds `ENV` lines (e.g. BROKEN=1).
+/// holds it under. `env` adds `ENV` lines (e.g. BROKEN=1). The local copy
+/// is removed again: agents share this engine, and must really pull.
 pub fn push_sample_image(reference: &str, version: &str, env: &[(&str, &str)]) -> String {
     let context = tempfile::tempdir().expect("build context");
     std::fs::copy(sample_app(), context.path().join("sample-app")).expect("copy the app");
@@ -111,12 +112,25 @@ pub fn push_sample_image(reference: &str, version: &str, env: &[(&str, &str)]) -
         "{{range .RepoDigests}}{{println .}}{{end}}",
         reference,
     ]);
-    let repo = reference.rsplit_once(':').map_or(reference, |(r, _)| r);
-    repo_digest
+        let repo = reference.rsplit_once(':').map_or(reference, |(r, _)| r);
+    let digest = repo_digest
         .lines()
         .find_map(|line| line.strip_prefix(&format!("{repo}@")))
         .unwrap_or_else(|| panic!("no digest for {reference} in {repo_digest:?}"))
-        .to_string()
+        .to_string();
+    docker(&["rmi", reference]);
+    assert!(!image_present(&format!("{repo}@{digest}")), "the local copy is gone");
+    digest
+}
+
+/// Whether the engine holds `reference` (e.g. `REPO@sha256:...`).
+pub fn image_present(reference: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", reference])
+        .output()
+        .expect("run the docker CLI")
+        .status
+        .success()
 }
 
 /// Containers the agent with this node id made (`cutover.node-id` label).

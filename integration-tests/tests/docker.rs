@@ -7,11 +7,13 @@
 use std::time::{Duration, Instant};
 
 use cutover_integration_tests::docker::{
-    container_image_and_state, containers_of, docker, docker_env, push_sample_image,
-    ContainerCleanup,
+    container_image_and_state, containers_of, docker, docker_env, image_present,
+    push_sample_image, ContainerCleanup,
 };
 use cutover_integration_tests::load::Load;
-use cutover_integration_tests::{body, find, get_when_up, http_get, ready, Cluster, Tuning};
+use cutover_integration_tests::{
+    body, find, get_when_up, http_get, ready, spawn_agent, Cluster, Tuning,
+};
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
 use tonic::transport::Channel;
@@ -391,4 +393,55 @@ async fn a_killed_agent_readopts_its_container_and_restarts_one_that_died() {
     assert_eq!(container_image_and_state(&after[0]).1, "running");
     assert_eq!(agent.state_dir, state_dir);
     agent.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_keeps_the_images_of_the_active_previous_and_newest_releases_only() {
+    let env = docker_env();
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let mut config = cluster.agent_config("node-1");
+    config.releases_keep = 1;
+    let agent = spawn_agent(config).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| find(n, "node-1").is_some_and(ready))
+        .await;
+    let _cleanup = ContainerCleanup(vec![agent.node_id.clone()]);
+    let mut s = Setup {
+        client: cluster.operator().await,
+        port: cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[])
+            .unwrap(),
+        repo: format!("{}/cutover-test/prune-{}", env.registry, std::process::id()),
+        node_ids: vec![agent.node_id.clone()],
+        _cleanup: ContainerCleanup(Vec::new()),
+        _cluster: cluster,
+    };
+    let mut images = Vec::new();
+    for version in ["v1", "v2", "v3", "v4"] {
+        let digest = push_sample_image(&format!("{}:{version}", s.repo), version, &[]);
+                images.push(format!("{}@{digest}", s.repo));
+        if version == "v4" {
+            // Releases prepared more than a day ago are fair game.
+            let releases = agent.state_dir.join("releases");
+            let old = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+            for entry in std::fs::read_dir(&releases).unwrap() {
+                let path = entry.unwrap().path();
+                std::fs::File::open(&path).unwrap().set_modified(old).unwrap();
+            }
+        }
+        let rollout = s.roll(&format!("{}:{version}", s.repo), FAST).await;
+        assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+        assert!(image_present(images.last().unwrap()), "pulled by digest");
+    }
+    // Kept: v4 (active, and the newest one `releases_keep = 1` keeps) and
+    // v3 (previous, for a fast rollback). Pruned: v1 and v2.
+    let present: Vec<bool> = images.iter().map(|i| image_present(i)).collect();
+    assert_eq!(present, vec![false, false, true, true], "{images:?}");
+    let mut dirs: Vec<String> = std::fs::read_dir(agent.state_dir.join("releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    assert!(dirs[0].starts_with("web-v3-") && dirs[1].starts_with("web-v4-"), "{dirs:?}");
+    s.assert_each_node_runs(&images[3]);
 }

@@ -426,6 +426,27 @@ impl DockerEngine {
         }
     }
 
+        /// Removes an image no kept release uses; one a container still uses
+    /// (another service, an operator's) is left, as the engine refuses it.
+    pub async fn remove_image(&self, image: &str) {
+        let Ok(client) = self.client() else { return };
+        match client
+            .remove_image(
+                image,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await
+        {
+            Ok(_) => tracing::info!(%image, "pruned image"),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                message,
+            }) => tracing::debug!(%image, %message, "image left in place"),
+            Err(error) => tracing::warn!(%image, %error, "cannot prune image"),
+        }
+    }
+
     /// Runs `command` inside the container (a stop command), up to `timeout`.
     pub async fn exec(
         &self,
