@@ -56,9 +56,9 @@ pub enum ServiceError {
     Invalid(String),
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
-        #[error(transparent)]
+    #[error(transparent)]
     Docker(Box<DockerError>),
-        #[error(transparent)]
+    #[error(transparent)]
     Cutover(Box<CutoverError>),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -499,13 +499,16 @@ impl NodeServices {
                     .docker
                     .pull(&container.image, progress)
                     .await?;
-                                // The release dir holds only the image's name: retention
+                // The release dir holds only the image's name: retention
                 // prunes docker releases like any other, and their images
                 // with them.
                 std::fs::create_dir_all(&workdir)
                     .and_then(|()| std::fs::write(workdir.join(IMAGE_FILE), &container.image))
                     .map_err(|e| {
-                        ServiceError::Invalid(format!("cannot record the release in {}: {e}", workdir.display()))
+                        ServiceError::Invalid(format!(
+                            "cannot record the release in {}: {e}",
+                            workdir.display()
+                        ))
                     })?;
             }
             (None, Some((artifact, digest))) => {
@@ -653,7 +656,7 @@ impl NodeServices {
             keep.extend(record.previous);
             keep.extend(record.leftovers.into_iter().map(|l| l.release_id));
         }
-                let dir = self.settings.state_dir.join("releases");
+        let dir = self.settings.state_dir.join("releases");
         let (removed, mut images) = tokio::task::spawn_blocking(move || {
             let images = release_images(&dir);
             (prune_releases(&dir, &keep, PRUNE_MIN_AGE), images)

@@ -665,17 +665,18 @@ fn validate_env_vars(vars: &BTreeMap<String, String>) -> Result<(), (String, Str
 }
 
 fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
-    let docker =
-        match s.runtime.as_str() {
-            "process" => false,
-            "docker" => true,
-            other => return Err((
+    let docker = match s.runtime.as_str() {
+        "process" => false,
+        "docker" => true,
+        other => {
+            return Err((
                 "runtime".into(),
                 format!(
                     "{other:?} is not a runtime this version has; use \"process\" or \"docker\""
                 ),
-            )),
-        };
+            ))
+        }
+    };
     if docker {
         if let Some(image) = &s.image {
             ImageRef::parse(image).map_err(|e| ("image".to_string(), e.to_string()))?;

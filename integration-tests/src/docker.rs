@@ -30,12 +30,22 @@ pub fn docker_env() -> DockerEnv {
     }
 }
 
+/// The test registry's login (scripts/docker-env.sh).
+pub const AUTH_LOGIN: (&str, &str) = ("cutover", "secret");
+
 /// Runs the docker CLI; panics with its output on failure.
 pub fn docker(args: &[&str]) -> String {
-    let output = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("run the docker CLI");
+    docker_in(None, args)
+}
+
+/// The docker CLI with its own config dir (a registry login that must not
+/// touch the user's `~/.docker`).
+fn docker_in(config: Option<&Path>, args: &[&str]) -> String {
+    let mut command = Command::new("docker");
+    if let Some(config) = config {
+        command.env("DOCKER_CONFIG", config);
+    }
+    let output = command.args(args).output().expect("run the docker CLI");
     assert!(
         output.status.success(),
         "docker {} failed: {}{}",
@@ -105,21 +115,35 @@ pub fn push_sample_image(reference: &str, version: &str, env: &[(&str, &str)]) -
         reference,
         &context.path().display().to_string(),
     ]);
-    docker(&["push", "--quiet", reference]);
+    // Pushes to the registry that wants a login log in first.
+    let registry = cutover_common::registry::registry_of(reference);
+    let login = std::env::var("CUTOVER_TEST_AUTH_REGISTRY").is_ok_and(|r| r == registry);
+    let config = tempfile::tempdir().expect("docker config dir");
+    let config = login.then_some(config.path());
+    if login {
+        docker_in(
+            config,
+            &["login", "-u", AUTH_LOGIN.0, "-p", AUTH_LOGIN.1, registry],
+        );
+    }
+    docker_in(config, &["push", "--quiet", reference]);
     let repo_digest = docker(&[
         "inspect",
         "--format",
         "{{range .RepoDigests}}{{println .}}{{end}}",
         reference,
     ]);
-        let repo = reference.rsplit_once(':').map_or(reference, |(r, _)| r);
+    let repo = reference.rsplit_once(':').map_or(reference, |(r, _)| r);
     let digest = repo_digest
         .lines()
         .find_map(|line| line.strip_prefix(&format!("{repo}@")))
         .unwrap_or_else(|| panic!("no digest for {reference} in {repo_digest:?}"))
         .to_string();
     docker(&["rmi", reference]);
-    assert!(!image_present(&format!("{repo}@{digest}")), "the local copy is gone");
+    assert!(
+        !image_present(&format!("{repo}@{digest}")),
+        "the local copy is gone"
+    );
     digest
 }
 

@@ -6,9 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+use cutover_common::registry::{load_credentials, RegistryError, RegistryLogin};
+use cutover_coordinator::images::ImageResolver;
 use cutover_integration_tests::docker::{
-    container_image_and_state, containers_of, docker, docker_env, image_present,
-    push_sample_image, ContainerCleanup,
+    container_image_and_state, containers_of, docker, docker_env, image_present, push_sample_image,
+    ContainerCleanup, AUTH_LOGIN,
 };
 use cutover_integration_tests::load::Load;
 use cutover_integration_tests::{
@@ -87,9 +89,19 @@ nodes = {{ env = "test" }}
 const FAST: &str = "batch = 1\nmin_healthy_time = \"300ms\"";
 
 impl Setup {
+    /// Deploys `image`, its version label its tag.
     async fn deploy(
         &mut self,
         image: &str,
+        strategy: &str,
+    ) -> Result<pb::DeployResponse, tonic::Status> {
+        self.deploy_as(image, "", strategy).await
+    }
+
+    async fn deploy_as(
+        &mut self,
+        image: &str,
+        version: &str,
         strategy: &str,
     ) -> Result<pb::DeployResponse, tonic::Status> {
         self.client
@@ -98,7 +110,7 @@ impl Setup {
                 spec_file: "cutover.toml".into(),
                 env: "test".into(),
                 service: String::new(),
-                version: String::new(),
+                version: version.into(),
                 artifact: None,
                 image: image.into(),
                 allow_unreachable: false,
@@ -132,7 +144,14 @@ impl Setup {
 
     /// Deploys `image` and waits for the rollout's end.
     async fn roll(&mut self, image: &str, strategy: &str) -> pb::Rollout {
-        let response = self.deploy(image, strategy).await.expect("deploy accepted");
+        self.roll_as(image, "", strategy).await
+    }
+
+    async fn roll_as(&mut self, image: &str, version: &str, strategy: &str) -> pb::Rollout {
+        let response = self
+            .deploy_as(image, version, strategy)
+            .await
+            .expect("deploy accepted");
         assert_eq!(response.rollouts.len(), 1, "{response:?}");
         let id = response.rollouts[0].id.clone();
         self.finish(&id).await
@@ -260,22 +279,7 @@ async fn a_missing_image_is_refused_and_the_serving_release_is_untouched() {
     );
     // A pinned digest is taken as is; the node cannot pull it, and says so.
     let absent = format!("{}@sha256:{}", s.repo, "0".repeat(64));
-    let response = s
-        .client
-        .deploy(pb::DeployRequest {
-            spec: spec(s.port, FAST),
-            spec_file: "cutover.toml".into(),
-            env: "test".into(),
-            service: String::new(),
-            version: "v2".into(),
-            artifact: None,
-            image: absent,
-            allow_unreachable: false,
-        })
-        .await
-        .expect("a pinned image is accepted as is")
-        .into_inner();
-    let rollout = s.finish(&response.rollouts[0].id).await;
+    let rollout = s.roll_as(&absent, "v2", FAST).await;
     assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
     let error = rollout
         .error
@@ -403,7 +407,9 @@ async fn pruning_keeps_the_images_of_the_active_previous_and_newest_releases_onl
     config.releases_keep = 1;
     let agent = spawn_agent(config).await;
     cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| find(n, "node-1").is_some_and(ready))
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            find(n, "node-1").is_some_and(ready)
+        })
         .await;
     let _cleanup = ContainerCleanup(vec![agent.node_id.clone()]);
     let mut s = Setup {
@@ -418,14 +424,17 @@ async fn pruning_keeps_the_images_of_the_active_previous_and_newest_releases_onl
     let mut images = Vec::new();
     for version in ["v1", "v2", "v3", "v4"] {
         let digest = push_sample_image(&format!("{}:{version}", s.repo), version, &[]);
-                images.push(format!("{}@{digest}", s.repo));
+        images.push(format!("{}@{digest}", s.repo));
         if version == "v4" {
             // Releases prepared more than a day ago are fair game.
             let releases = agent.state_dir.join("releases");
             let old = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
             for entry in std::fs::read_dir(&releases).unwrap() {
                 let path = entry.unwrap().path();
-                std::fs::File::open(&path).unwrap().set_modified(old).unwrap();
+                std::fs::File::open(&path)
+                    .unwrap()
+                    .set_modified(old)
+                    .unwrap();
             }
         }
         let rollout = s.roll(&format!("{}:{version}", s.repo), FAST).await;
@@ -442,6 +451,98 @@ async fn pruning_keeps_the_images_of_the_active_previous_and_newest_releases_onl
         .collect();
     dirs.sort();
     assert_eq!(dirs.len(), 2, "{dirs:?}");
-    assert!(dirs[0].starts_with("web-v3-") && dirs[1].starts_with("web-v4-"), "{dirs:?}");
+    assert!(
+        dirs[0].starts_with("web-v3-") && dirs[1].starts_with("web-v4-"),
+        "{dirs:?}"
+    );
     s.assert_each_node_runs(&images[3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_wants_a_login_refuses_without_one_and_serves_with_it() {
+    let env = docker_env();
+    let repo = format!(
+        "{}/cutover-test/auth-{}",
+        env.auth_registry,
+        std::process::id()
+    );
+    let digest = push_sample_image(&format!("{repo}:v1"), "v1", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, format!("{}\n", AUTH_LOGIN.1)).unwrap();
+    let login = |password_file: &std::path::Path| RegistryLogin {
+        registry: env.auth_registry.clone(),
+        username: AUTH_LOGIN.0.into(),
+        password_file: password_file.to_path_buf(),
+    };
+
+    // Resolving the tag: with the login the coordinator gets the digest,
+    // without one (or with a wrong one) it says the registry refused.
+    let credentials = load_credentials(&[login(&password_file)]).unwrap();
+    let resolver = ImageResolver::new(None, credentials).unwrap();
+    let pinned = resolver.pin(&format!("{repo}:v1")).await.unwrap();
+    assert_eq!(pinned.image, format!("{repo}@{digest}"));
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "nope").unwrap();
+    for credentials in [Vec::new(), load_credentials(&[login(&wrong)]).unwrap()] {
+        let error = ImageResolver::new(None, credentials)
+            .unwrap()
+            .pin(&format!("{repo}:v1"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, RegistryError::AuthRefused { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains(&env.auth_registry), "{error}");
+    }
+
+    // The test coordinator has no login: the deploy is refused at once.
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let agent = spawn_agent(cluster.agent_config("node-1")).await;
+    let wait_ready = || async {
+        cluster
+            .wait_for_nodes(Duration::from_secs(10), |n| {
+                find(n, "node-1").is_some_and(ready)
+            })
+            .await
+    };
+    wait_ready().await;
+    let node_id = agent.node_id.clone();
+    let mut s = Setup {
+        client: cluster.operator().await,
+        port: cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[])
+            .unwrap(),
+        repo: repo.clone(),
+        node_ids: vec![node_id.clone()],
+        _cleanup: ContainerCleanup(vec![node_id]),
+        _cluster: cluster,
+    };
+    let error = s.deploy(&format!("{repo}:v1"), FAST).await.unwrap_err();
+    assert!(
+        error.message().contains("refused access"),
+        "{}",
+        error.message()
+    );
+
+    // Pinned, the image reaches the agent, which has no login either.
+    let rollout = s.roll_as(&pinned.image, "v1", FAST).await;
+    assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
+    let message = rollout.error.map(|e| e.message).unwrap_or_default();
+    assert!(message.contains("refused access"), "{message}");
+    assert!(containers_of(&s.node_ids[0]).is_empty());
+
+    // Given the login, the same agent pulls and serves it.
+    agent.stop().await;
+    let mut config = s._cluster.agent_config("node-1");
+    config.registries = vec![login(&password_file)];
+    let _agent = spawn_agent(config).await;
+    s._cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            find(n, "node-1").is_some_and(ready)
+        })
+        .await;
+    let rollout = s.roll_as(&pinned.image, "v1", FAST).await;
+    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(s.versions(), vec!["v1"]);
 }

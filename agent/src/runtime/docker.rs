@@ -426,7 +426,7 @@ impl DockerEngine {
         }
     }
 
-        /// Removes an image no kept release uses; one a container still uses
+    /// Removes an image no kept release uses; one a container still uses
     /// (another service, an operator's) is left, as the engine refuses it.
     pub async fn remove_image(&self, image: &str) {
         let Ok(client) = self.client() else { return };

@@ -71,7 +71,7 @@ pub struct ContainerLaunch {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
-        #[error("release {name}: {source}")]
+    #[error("release {name}: {source}")]
     Container {
         name: String,
         source: Box<DockerError>,
@@ -346,7 +346,7 @@ async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
                 (spec.log_max_bytes, spec.log_keep),
             )
             .await
-                        .map_err(|source| ProcessError::Container {
+            .map_err(|source| ProcessError::Container {
                 name: spec.name.clone(),
                 source: Box::new(source),
             })?;
