@@ -467,7 +467,7 @@ impl NodeServices {
                 )
             }
         };
-        let stop_signal = if release.stop_signal.is_empty() {
+        let mut stop_signal = if release.stop_signal.is_empty() {
             Signal::SIGTERM
         } else {
             Signal::from_str(&release.stop_signal).map_err(|_| {
@@ -499,6 +499,18 @@ impl NodeServices {
                     .docker
                     .pull(&container.image, progress)
                     .await?;
+                // Without a stop signal in the spec, the image's own (its
+                // STOPSIGNAL, e.g. SIGQUIT for nginx) is the one it expects.
+                if release.stop_signal.is_empty() {
+                    let image_signal = self
+                        .settings
+                        .docker
+                        .image_stop_signal(&container.image)
+                        .await;
+                    if let Some(signal) = image_signal.as_deref().and_then(parse_signal) {
+                        stop_signal = signal;
+                    }
+                }
                 // The release dir holds only the image's name: retention
                 // prunes docker releases like any other, and their images
                 // with them.
@@ -763,6 +775,18 @@ impl NodeServices {
 /// Removes the release dirs under `dir` that are not in `keep` and older
 /// than `min_age`; returns the ids removed. Half-unpacked temp dirs (names
 /// starting with '.') are left to their own cleanup.
+/// A signal as images name it: "SIGQUIT", "QUIT" or "3".
+fn parse_signal(text: &str) -> Option<Signal> {
+    let text = text.trim();
+    if let Ok(number) = text.parse::<i32>() {
+        return Signal::try_from(number).ok();
+    }
+    let upper = text.to_ascii_uppercase();
+    Signal::from_str(&upper)
+        .or_else(|_| Signal::from_str(&format!("SIG{upper}")))
+        .ok()
+}
+
 /// Images of the docker releases under `dir`, by release id.
 fn release_images(dir: &std::path::Path) -> BTreeMap<String, String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -812,6 +836,14 @@ pub fn prune_releases(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_stop_signals_are_read_in_every_spelling() {
+        assert_eq!(parse_signal("SIGQUIT"), Some(Signal::SIGQUIT));
+        assert_eq!(parse_signal("quit"), Some(Signal::SIGQUIT));
+        assert_eq!(parse_signal("15"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("SIGNOPE"), None);
+    }
 
     #[test]
     fn pruning_keeps_what_is_needed_and_what_is_young() {

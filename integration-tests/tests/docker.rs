@@ -57,6 +57,11 @@ async fn setup(nodes: usize, test: &str) -> Setup {
 }
 
 fn spec(port: u16, strategy: &str) -> String {
+    spec_with(port, "", strategy)
+}
+
+/// The web service's spec with `settings` added to its table.
+fn spec_with(port: u16, settings: &str, strategy: &str) -> String {
     format!(
         r#"
 app = "shop"
@@ -65,6 +70,9 @@ app = "shop"
 runtime = "docker"
 listen = ":{port}"
 init = true
+memory = "64MiB"
+cpus = 0.5
+{settings}
 drain_timeout = "2s"
 stop_grace = "2s"
 [services.web.health]
@@ -225,6 +233,18 @@ async fn two_image_versions_cut_over_under_load_without_a_failed_request() {
     assert_eq!(s.versions(), vec!["v2", "v2"]);
     // The old containers are gone, not merely stopped.
     s.assert_each_node_runs(&format!("{}@{v2}", s.repo));
+    // Limits, labels and log rotation as the spec and agent config say.
+    let container = &containers_of(&s.node_ids[0])[0];
+    let settings = docker(&[
+        "inspect",
+        "--format",
+        r#"{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.RestartPolicy.Name}} {{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config "max-size"}} {{index .Config.Labels "cutover.service"}} {{index .Config.Labels "cutover.node"}}"#,
+        container,
+    ]);
+    assert_eq!(
+        settings,
+        format!("{} 500000000 no json-file {} web node-1", 64 << 20, 1 << 20)
+    );
     println!(
         "docker cutover under load: {} requests, 0 failed, p99 {:.2} ms",
         report.sent,
@@ -545,4 +565,97 @@ async fn a_registry_that_wants_a_login_refuses_without_one_and_serves_with_it() 
     let rollout = s.roll_as(&pinned.image, "v1", FAST).await;
     assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
     assert_eq!(s.versions(), vec!["v1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_networking_serves_on_the_node_address() {
+    let mut s = setup(1, "host-net").await;
+    let v1 = push_sample_image(&format!("{}:v1", s.repo), "v1", &[]);
+    let response = s
+        .client
+        .deploy(pb::DeployRequest {
+            spec: spec_with(s.port, "network = \"host\"", FAST),
+            spec_file: "cutover.toml".into(),
+            env: "test".into(),
+            image: format!("{}:v1", s.repo),
+            ..Default::default()
+        })
+        .await
+        .expect("deploy accepted")
+        .into_inner();
+    let rollout = s.finish(&response.rollouts[0].id).await;
+    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(s.versions(), vec!["v1"]);
+    let container = &containers_of(&s.node_ids[0])[0];
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "--format",
+            "{{.HostConfig.NetworkMode}}",
+            container
+        ]),
+        "host"
+    );
+    s.assert_each_node_runs(&format!("{}@{v1}", s.repo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_container_is_asked_by_its_stop_command_and_finishes_its_job() {
+    let mut s = setup(1, "worker").await;
+    let v1 = push_sample_image(&format!("{}:v1", s.repo), "v1", &[]);
+    let v2 = push_sample_image(&format!("{}:v2", s.repo), "v2", &[]);
+    // No init: the worker is PID 1 and ignores SIGTERM, so only its stop
+    // command can end it before the long stop timeout and grace.
+    let worker_spec = r#"
+app = "shop"
+
+[services.worker]
+runtime = "docker"
+command = ["worker"]
+stop_command = ["/sample-app", "stop"]
+stop_timeout = "30s"
+stop_grace = "30s"
+min_healthy_time = "500ms"
+
+[strategy]
+batch = 1
+min_healthy_time = "300ms"
+
+[environments.test]
+nodes = { env = "test" }
+"#;
+    let client = s.client.clone();
+    let deploy = |image: String| {
+        let mut client = client.clone();
+        async move {
+            client
+                .deploy(pb::DeployRequest {
+                    spec: worker_spec.into(),
+                    spec_file: "cutover.toml".into(),
+                    env: "test".into(),
+                    image,
+                    ..Default::default()
+                })
+                .await
+                .expect("deploy accepted")
+                .into_inner()
+                .rollouts[0]
+                .id
+                .clone()
+        }
+    };
+    let id = deploy(format!("{}:v1", s.repo)).await;
+    assert_eq!(s.finish(&id).await.state, "succeeded");
+    s.assert_each_node_runs(&format!("{}@{v1}", s.repo));
+    let started = Instant::now();
+    let id = deploy(format!("{}:v2", s.repo)).await;
+    let rollout = s.finish(&id).await;
+    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    // The stop signal would have needed the 30 s stop timeout and 30 s grace.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the old worker was not ended by its stop command: {:?}",
+        started.elapsed()
+    );
+    s.assert_each_node_runs(&format!("{}@{v2}", s.repo));
 }

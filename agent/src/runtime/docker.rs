@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bollard::auth::DockerCredentials;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, PortBinding};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
+};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
     ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
@@ -182,6 +185,12 @@ impl DockerEngine {
         }
     }
 
+    /// The image's own stop signal (its `STOPSIGNAL`), if it sets one.
+    pub async fn image_stop_signal(&self, image: &str) -> Option<String> {
+        let info = self.client().ok()?.inspect_image(image).await.ok()?;
+        info.config?.stop_signal.filter(|s| !s.is_empty())
+    }
+
     /// Pulls `image` (pinned by digest), reading the whole progress stream:
     /// any error item in it fails the pull. `progress` hears a summary (layers
     /// and bytes) at most once a second.
@@ -316,7 +325,13 @@ impl DockerEngine {
             }),
             memory: (spec.memory_bytes > 0).then_some(spec.memory_bytes as i64),
             nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
-            init: spec.init.then_some(true),
+                        init: spec.init.then_some(true),
+            // The agent restarts a crashed release itself, with backoff and
+            // a crash count; the engine restarting it too would race that.
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
             log_config: Some(HostConfigLogConfig {
                 typ: Some("json-file".into()),
                 config: Some(HashMap::from([
