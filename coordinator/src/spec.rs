@@ -1018,6 +1018,61 @@ APP_ENV = "local"
         assert!(e.message.contains("version \"v 1\""), "{e}");
     }
 
+        #[test]
+    fn docker_services_take_an_image_and_refuse_process_only_settings() {
+        let docker = GOOD.replace(
+            "command = [\"python3\", \"app.py\"]",
+            "runtime = \"docker\"\nimage = \"ghcr.io/acme/shop:1.4\"\nmemory = \"512MiB\"\ncpus = 1.5\ninit = true",
+        );
+        let spec = AppSpec::parse(&docker, "cutover.toml").unwrap();
+        let pinned = format!("ghcr.io/acme/shop@sha256:{}", "b".repeat(64));
+        let resolved = spec
+            .resolve("cutover.toml", "local", "web", "v1", None, Some(&pinned))
+            .unwrap();
+        let release = &resolved.release;
+        assert!(release.artifact.is_none());
+        assert!(release.command.is_empty(), "the image's own command");
+        let container = release.container.clone().unwrap();
+        assert_eq!(container.image, pinned);
+        assert_eq!(container.memory_bytes, 512 << 20);
+        assert_eq!(container.cpus, 1.5);
+        assert!(container.init);
+        // Another digest is another release.
+        let other = spec
+            .resolve(
+                "cutover.toml",
+                "local",
+                "web",
+                "v1",
+                None,
+                Some(&pinned.replace('b', "c")),
+            )
+            .unwrap();
+        assert_ne!(other.release.release_id, release.release_id);
+        // A docker service needs an image, a process service an artifact.
+        let e = spec
+            .resolve("cutover.toml", "local", "web", "v1", Some(&artifact()), None)
+            .unwrap_err();
+        assert!(e.message.contains("--image"), "{e}");
+        let process = AppSpec::parse(GOOD, "cutover.toml").unwrap();
+        let e = process
+            .resolve("cutover.toml", "local", "web", "v1", None, Some(&pinned))
+            .unwrap_err();
+        assert!(e.message.contains("--artifact"), "{e}");
+
+        let e = error_of(&docker.replace("cpus = 1.5", "cpus = -1"));
+        assert_eq!(e.key, "services.web.cpus");
+        let e = error_of(&docker.replace("ghcr.io/acme/shop:1.4", "Shop:1.4"));
+        assert_eq!(e.key, "services.web.image");
+        let e = error_of(&docker.replace("init = true", "network = \"overlay\""));
+        assert_eq!(e.key, "services.web.network");
+        let e = error_of(&GOOD.replace("listen = \":8080\"", "listen = \":8080\"\nimage = \"shop\""));
+        assert_eq!(e.key, "services.web.image");
+        assert!(e.message.contains("runtime = \"docker\""), "{e}");
+        let e = error_of(&GOOD.replace("runtime", "x").replace("command = [\"python3\", \"app.py\"]", "runtime = \"podman\""));
+        assert_eq!(e.key, "services.web.runtime");
+    }
+
     #[test]
     fn batch_sizes() {
         assert_eq!(BatchSize::Percent(25).nodes(5), 2);
