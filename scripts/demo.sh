@@ -11,12 +11,30 @@
 #     it is rolled back automatically, under load, and the reason is shown;
 #  5. stops everything (CUTOVER_DEMO_KEEP=1 leaves the cluster running).
 #
+# `--runtime docker` does the same with containers: the sample app is built
+# as a static binary, baked into FROM-scratch images v1, v2 and v3, pushed to
+# a local registry and deployed with --image (a Docker engine is started,
+# and Debian's docker.io and docker-registry installed, where missing).
+#
 # Exits 0 only if v2 rolled out with zero failed requests and v3 was rolled
 # back with every node on v2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${CUTOVER_DEMO_DIR:-.dev}
 keep=${CUTOVER_DEMO_KEEP:-0}
+runtime=process
+while [ $# -gt 0 ]; do
+  case $1 in
+    --runtime) runtime=${2:-}; shift 2 ;;
+    --runtime=*) runtime=${1#--runtime=}; shift ;;
+    *) echo "usage: $0 [--runtime process|docker]" >&2; exit 2 ;;
+  esac
+done
+case $runtime in
+  process|docker) ;;
+  *) echo "--runtime must be process or docker, not ${runtime:-nothing}" >&2; exit 2 ;;
+esac
+
 
 command -v python3 >/dev/null || {
   echo "the demo app needs python3; installing it"
@@ -30,18 +48,23 @@ loadgen=$PWD/target/debug/loadgen
 if [ -f "$dir/coordinator.pid" ]; then
   "$cutover" dev down --dir "$dir"
 fi
-"$cutover" dev up --nodes 3 --dir "$dir"
-# shellcheck disable=SC1091
-source "$dir/env"
-
 load_pid=""
 cleanup() {
   [ -n "$load_pid" ] && kill "$load_pid" 2>/dev/null || true
   if [ "$keep" != 1 ]; then
     "$cutover" dev down --dir "$dir" >/dev/null 2>&1 || true
+    [ "$runtime" != docker ] || docker_env_stop
   fi
 }
 trap cleanup EXIT
+if [ "$runtime" = docker ]; then
+  # shellcheck disable=SC1091
+  source scripts/docker-env.sh
+  docker_env_engine
+fi
+"$cutover" dev up --nodes 3 --dir "$dir" --runtime "$runtime"
+# shellcheck disable=SC1091
+source "$dir/env"
 
 # Three releases of the sample app: the same program with another VERSION;
 # v3 also ships BROKEN, which fails its health check 3 s after it starts.
@@ -56,8 +79,45 @@ echo 3 >"$artifacts/v3/BROKEN"
 for version in v1 v2 v3; do
   tar -C "$artifacts/$version" -czf "$artifacts/$version.tar.gz" .
 done
-
 spec=examples/demo/cutover.toml
+
+if [ "$runtime" = docker ]; then
+  # The same three versions as images: the sample app as a static binary
+  # in an otherwise empty image. Local copies are removed after the push,
+  # so the agents really pull them (by digest).
+  spec=examples/demo/cutover-docker.toml
+  rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols \
+    -o "$artifacts/sample-app" integration-tests/fixtures/sample-app.rs
+  for version in v1 v2 v3; do
+    context="$artifacts/image-$version"
+    mkdir -p "$context"
+    cp "$artifacts/sample-app" "$context/"
+    {
+      echo "FROM scratch"
+      echo "COPY sample-app /sample-app"
+      echo "ENV VERSION=$version"
+      [ "$version" != v3 ] || echo "ENV BROKEN=3"
+      echo 'ENTRYPOINT ["/sample-app"]'
+    } >"$context/Dockerfile"
+    image="$CUTOVER_DEV_REGISTRY/demo/web:$version"
+        # The CLI's notes about its builder go to the log, errors to the screen.
+    if ! { docker build --quiet -t "$image" "$context" && docker push --quiet "$image" &&
+      docker rmi "$image"; } >"$context/build.log" 2>&1; then
+      cat "$context/build.log" >&2
+      exit 1
+    fi
+    echo "  pushed $image"
+  done
+fi
+
+# Deploys version $1 of the demo, as an artifact or an image.
+deploy() {
+  if [ "$runtime" = docker ]; then
+    "$cutover" deploy -f "$spec" --env local --image "$CUTOVER_DEV_REGISTRY/demo/web:$1" --wait
+  else
+    "$cutover" deploy -f "$spec" --env local --version "$1" --artifact "$artifacts/$1.tar.gz" --wait
+  fi
+}
 port=18080
 mapfile -t addresses < <("$cutover" nodes --output json |
   python3 -c 'import json,sys; [print(n["address"]) for n in json.load(sys.stdin)]')
@@ -82,7 +142,7 @@ stop_load() {
   python3 - "$dir/load-$1.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-by = ", ".join("%s: %d" % kv for kv in sorted(r["by_body"].items()))
+by = ", ".join("%s: %d" % (body.strip(), n) for body, n in sorted(r["by_body"].items()))
 print("  requests sent %d, failed %d, in %.1f s (%.0f/s, p99 %.1f ms); answers by version: %s"
       % (r["sent"], r["failed"], r["elapsed_seconds"], r["requests_per_second"], r["p99_ms"], by))
 for f in r["failures"]:
@@ -96,7 +156,7 @@ failed_of() {
 
 echo
 echo "== 1. deploy v1 to every node"
-"$cutover" deploy -f "$spec" --env local --version v1 --artifact "$artifacts/v1.tar.gz" --wait
+deploy v1
 versions
 
 echo
@@ -105,7 +165,7 @@ start_load v2
 sleep 1
 started=$(date +%s.%N)
 v2_ok=0
-"$cutover" deploy -f "$spec" --env local --version v2 --artifact "$artifacts/v2.tar.gz" --wait && v2_ok=1
+deploy v2 && v2_ok=1
 took=$(python3 -c "import sys; print('%.1f' % ($(date +%s.%N) - $started))")
 sleep 1
 stop_load v2
@@ -116,7 +176,7 @@ echo
 echo "== 3. deploy a broken v3: its health check fails 3 s after it starts"
 start_load v3
 sleep 1
-"$cutover" deploy -f "$spec" --env local --version v3 --artifact "$artifacts/v3.tar.gz" --wait || true
+deploy v3 || true
 v3_state=$("$cutover" --output json rollout list --service web --limit 1 |
   python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["state"])')
 sleep 1

@@ -59,11 +59,12 @@ CONF
     bash -c "exec 3<>/dev/tcp/127.0.0.1/$1"
 }
 
-docker_env_start() {
-  docker_env_dir=$(mktemp -d /tmp/cutover-docker.XXXXXX)
+# An engine: the one that answers, or a dockerd of our own.
+docker_env_engine() {
+  [ -n "$docker_env_dir" ] || docker_env_dir=$(mktemp -d /tmp/cutover-docker.XXXXXX)
   if ! docker info >/dev/null 2>&1; then
     command -v dockerd >/dev/null 2>&1 || docker_env_install docker.io
-        export DOCKER_HOST="unix://$docker_env_dir/docker.sock"
+    export DOCKER_HOST="unix://$docker_env_dir/docker.sock"
     docker_env_own_engine=1
     dockerd --data-root "$docker_env_dir/data" --exec-root "$docker_env_dir/exec" \
       --pidfile "$docker_env_dir/docker.pid" -H "$DOCKER_HOST" \
@@ -76,6 +77,11 @@ docker_env_start() {
   fi
   export DOCKER_HOST=${DOCKER_HOST:-unix:///var/run/docker.sock}
   command -v docker-registry >/dev/null 2>&1 || docker_env_install docker-registry
+}
+
+# The engine and the tests' two registries.
+docker_env_start() {
+  docker_env_engine
   # bcrypt, as the registry's htpasswd auth requires.
   python3 -W ignore -c 'import crypt; print("cutover:" + crypt.crypt("secret", crypt.mksalt(crypt.METHOD_BLOWFISH)))' \
     > "$docker_env_dir/htpasswd"

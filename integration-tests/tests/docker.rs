@@ -315,7 +315,7 @@ async fn a_missing_image_is_refused_and_the_serving_release_is_untouched() {
 async fn a_broken_image_never_takes_traffic() {
     let mut s = setup(1, "broken").await;
     let v1 = push_sample_image(&format!("{}:v1", s.repo), "v1", &[]);
-    push_sample_image(&format!("{}:v2", s.repo), "v2", &[("BROKEN", "1")]);
+    push_sample_image(&format!("{}:v2", s.repo), "v2", &[("BROKEN", "0")]);
     assert_eq!(
         s.roll(&format!("{}:v1", s.repo), FAST).await.state,
         "succeeded"

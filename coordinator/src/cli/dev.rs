@@ -16,6 +16,8 @@ use super::client::ConnectArgs;
 
 const OPERATOR: &str = "dev";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The registry `--runtime docker` started, stopped last by `dev down`.
+const REGISTRY_PID: &str = "registry.pid";
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -25,9 +27,103 @@ pub struct UpArgs {
     /// Where certificates, configs, state, pid files and logs go.
     #[arg(long, default_value = ".dev")]
     pub dir: PathBuf,
-    /// Labels of every agent.
+        /// Labels of every agent.
     #[arg(long, default_value = "env=local,role=web")]
     pub labels: String,
+    /// "docker" also readies the agents for docker services: a Docker
+    /// engine must answer (DOCKER_HOST, else /var/run/docker.sock), and a
+    /// registry at --registry is started (Debian's docker-registry) unless
+    /// one answers there already.
+    #[arg(long, default_value = "process", value_parser = ["process", "docker"])]
+    pub runtime: String,
+    /// Where `--runtime docker` keeps the images it deploys.
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub registry: String,
+}
+
+/// The engine's socket, as agents will be told.
+fn docker_host() -> String {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|h| h.starts_with("unix://"))
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".into())
+}
+
+/// Asks the engine's `/_ping` over its socket.
+fn engine_answers(host: &str) -> Result<()> {
+    use std::io::{Read, Write};
+    let path = host.trim_start_matches("unix://");
+    let mut socket = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("no docker engine at {host}"))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")?;
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer)?;
+    if !answer.starts_with("HTTP/1.0 200") && !answer.starts_with("HTTP/1.1 200") {
+        bail!("the docker engine at {host} answered {:?}", answer.lines().next().unwrap_or(""));
+    }
+    Ok(())
+}
+
+fn registry_answers(registry: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(addr) = registry.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    let Ok(mut socket) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET /v2/ HTTP/1.0\r\nHost: {registry}\r\n\r\n");
+    let mut answer = String::new();
+    socket.write_all(request.as_bytes()).is_ok()
+        && socket.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.")
+        && answer.contains("Docker-Distribution-Api-Version")
+}
+
+/// Makes sure a registry answers at `registry` (a loopback address),
+/// starting Debian's `docker-registry` with its storage in the dev dir.
+async fn ensure_registry(registry: &str, dir: &Path, logs: &Path) -> Result<()> {
+    if registry_answers(registry) {
+        return Ok(());
+    }
+    let addr: std::net::SocketAddr = registry
+        .parse()
+        .with_context(|| format!("--registry {registry:?}: expected a loopback IP:PORT"))?;
+    if !addr.ip().is_loopback() {
+        bail!("--registry {registry}: no registry answers there, and dev up only starts one on loopback");
+    }
+    let binary = ["/usr/bin/docker-registry", "/usr/local/bin/docker-registry"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("no registry answers at --registry and docker-registry is not installed; install it (apt install docker-registry) or start one")?;
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "# written by `cutover dev up`\nversion: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {registry}\n",
+            dir.join("registry").display()
+        ),
+    )?;
+    spawn(
+        &binary,
+        &["serve", &config.display().to_string()],
+        &logs.join("registry.log"),
+        &dir.join(REGISTRY_PID),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !registry_answers(registry) {
+        if Instant::now() >= deadline {
+            bail!(
+                "the registry did not come up on {registry}; see {}",
+                logs.join("registry.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 fn parse_labels(text: &str) -> Result<Vec<(String, String)>> {
@@ -79,8 +175,8 @@ fn read_pid(path: &Path) -> Option<i32> {
         .to_string_lossy()
         .trim_end_matches(" (deleted)")
         .to_string();
-    (pid_alive(pid) && !is_zombie(pid) && (name == "cutover" || name == "cutover-agent"))
-        .then_some(pid)
+        let ours = ["cutover", "cutover-agent", "docker-registry"].contains(&name.as_str());
+    (pid_alive(pid) && !is_zombie(pid) && ours).then_some(pid)
 }
 
 /// The pid files of a cluster dir: agents first, the coordinator last.
@@ -93,8 +189,9 @@ fn pid_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".pid"))
         })
         .collect();
-    files.sort();
+        files.sort();
     files.push(dir.join("coordinator.pid"));
+    files.push(dir.join(REGISTRY_PID));
     Ok(files)
 }
 
@@ -131,11 +228,19 @@ pub async fn up(args: UpArgs) -> Result<()> {
             dir.display()
         );
     }
-    let server_bin = std::env::current_exe()?;
+        let server_bin = std::env::current_exe()?;
     let agent_bin = sibling_binary("cutover-agent")?;
     let pki = dir.join("pki");
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
+    let docker = args.runtime == "docker";
+    let docker_host = docker_host();
+    if docker {
+        engine_answers(&docker_host).context(
+            "--runtime docker needs a running Docker engine: start dockerd (or set DOCKER_HOST); scripts/demo.sh --runtime docker starts one",
+        )?;
+        ensure_registry(&args.registry, &dir, &logs).await?;
+    }
 
     let ca = match CertificateAuthority::load_dir(&pki) {
         Ok(ca) => ca,
@@ -199,8 +304,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
                  name = {name:?}\n\
                  address = \"127.0.0.{addr}\"\n\
                                   reconnect_max = \"5s\"\n\
-                 # `dev down` takes the apps down with the agents\n\
+                                  # `dev down` takes the apps down with the agents\n\
                  stop_services_on_shutdown = true\n\
+                 docker_host = {docker_host:?}\n\
                  [tls]\n\
                  ca_cert = {ca:?}\n\
                  cert = {cert:?}\n\
@@ -230,10 +336,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
              export CUTOVER_CA_CERT={}\n\
              export CUTOVER_CERT={}\n\
              export CUTOVER_KEY={}\n\
-             export CUTOVER_METRICS_URL=http://127.0.0.1:{http_port}/metrics\n",
+                          export CUTOVER_METRICS_URL=http://127.0.0.1:{http_port}/metrics\n{docker_lines}",
             pki.join("ca.crt").display(),
             pki.join(format!("operator-{OPERATOR}.crt")).display(),
             pki.join(format!("operator-{OPERATOR}.key")).display(),
+            docker_lines = if docker {
+                format!(
+                    "export DOCKER_HOST={docker_host}\nexport CUTOVER_DEV_REGISTRY={}\n",
+                    args.registry
+                )
+            } else {
+                String::new()
+            },
         ),
     )?;
 
@@ -287,7 +401,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!(
+        println!(
         "local cluster up in {}: coordinator {coordinator_url}, {} nodes ready\n\
          point this shell at it:  source {}\n\
          stop it:                 cutover dev down --dir {}",
@@ -296,6 +410,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
         env_file.display(),
         dir.display()
     );
+    if docker {
+        println!(
+            "docker: engine {docker_host}; push images to {} and deploy them with --image",
+            args.registry
+        );
+    }
     Ok(())
 }
 
