@@ -1018,7 +1018,7 @@ APP_ENV = "local"
         assert!(e.message.contains("version \"v 1\""), "{e}");
     }
 
-        #[test]
+    #[test]
     fn docker_services_take_an_image_and_refuse_process_only_settings() {
         let docker = GOOD.replace(
             "command = [\"python3\", \"app.py\"]",
@@ -1051,7 +1051,14 @@ APP_ENV = "local"
         assert_ne!(other.release.release_id, release.release_id);
         // A docker service needs an image, a process service an artifact.
         let e = spec
-            .resolve("cutover.toml", "local", "web", "v1", Some(&artifact()), None)
+            .resolve(
+                "cutover.toml",
+                "local",
+                "web",
+                "v1",
+                Some(&artifact()),
+                None,
+            )
             .unwrap_err();
         assert!(e.message.contains("--image"), "{e}");
         let process = AppSpec::parse(GOOD, "cutover.toml").unwrap();
@@ -1066,10 +1073,14 @@ APP_ENV = "local"
         assert_eq!(e.key, "services.web.image");
         let e = error_of(&docker.replace("init = true", "network = \"overlay\""));
         assert_eq!(e.key, "services.web.network");
-        let e = error_of(&GOOD.replace("listen = \":8080\"", "listen = \":8080\"\nimage = \"shop\""));
+        let e =
+            error_of(&GOOD.replace("listen = \":8080\"", "listen = \":8080\"\nimage = \"shop\""));
         assert_eq!(e.key, "services.web.image");
         assert!(e.message.contains("runtime = \"docker\""), "{e}");
-        let e = error_of(&GOOD.replace("runtime", "x").replace("command = [\"python3\", \"app.py\"]", "runtime = \"podman\""));
+        let e = error_of(&GOOD.replace("runtime", "x").replace(
+            "command = [\"python3\", \"app.py\"]",
+            "runtime = \"podman\"",
+        ));
         assert_eq!(e.key, "services.web.runtime");
     }
 

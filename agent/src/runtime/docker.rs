@@ -325,7 +325,7 @@ impl DockerEngine {
             }),
             memory: (spec.memory_bytes > 0).then_some(spec.memory_bytes as i64),
             nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
-                        init: spec.init.then_some(true),
+            init: spec.init.then_some(true),
             // The agent restarts a crashed release itself, with backoff and
             // a crash count; the engine restarting it too would race that.
             restart_policy: Some(RestartPolicy {

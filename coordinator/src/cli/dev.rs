@@ -27,7 +27,7 @@ pub struct UpArgs {
     /// Where certificates, configs, state, pid files and logs go.
     #[arg(long, default_value = ".dev")]
     pub dir: PathBuf,
-        /// Labels of every agent.
+    /// Labels of every agent.
     #[arg(long, default_value = "env=local,role=web")]
     pub labels: String,
     /// "docker" also readies the agents for docker services: a Docker
@@ -60,7 +60,10 @@ fn engine_answers(host: &str) -> Result<()> {
     let mut answer = String::new();
     socket.read_to_string(&mut answer)?;
     if !answer.starts_with("HTTP/1.0 200") && !answer.starts_with("HTTP/1.1 200") {
-        bail!("the docker engine at {host} answered {:?}", answer.lines().next().unwrap_or(""));
+        bail!(
+            "the docker engine at {host} answered {:?}",
+            answer.lines().next().unwrap_or("")
+        );
     }
     Ok(())
 }
@@ -175,7 +178,7 @@ fn read_pid(path: &Path) -> Option<i32> {
         .to_string_lossy()
         .trim_end_matches(" (deleted)")
         .to_string();
-        let ours = ["cutover", "cutover-agent", "docker-registry"].contains(&name.as_str());
+    let ours = ["cutover", "cutover-agent", "docker-registry"].contains(&name.as_str());
     (pid_alive(pid) && !is_zombie(pid) && ours).then_some(pid)
 }
 
@@ -189,7 +192,7 @@ fn pid_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".pid"))
         })
         .collect();
-        files.sort();
+    files.sort();
     files.push(dir.join("coordinator.pid"));
     files.push(dir.join(REGISTRY_PID));
     Ok(files)
@@ -228,7 +231,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
             dir.display()
         );
     }
-        let server_bin = std::env::current_exe()?;
+    let server_bin = std::env::current_exe()?;
     let agent_bin = sibling_binary("cutover-agent")?;
     let pki = dir.join("pki");
     let logs = dir.join("logs");
@@ -401,7 +404,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-        println!(
+    println!(
         "local cluster up in {}: coordinator {coordinator_url}, {} nodes ready\n\
          point this shell at it:  source {}\n\
          stop it:                 cutover dev down --dir {}",
