@@ -14,7 +14,7 @@ use cutover_integration_tests::docker::{
 };
 use cutover_integration_tests::load::Load;
 use cutover_integration_tests::{
-    body, find, get_when_up, http_get, ready, spawn_agent, Cluster, Tuning,
+    body, find, get_when_up, http_get, ready, spawn_agent, web_release, Cluster, Tuning,
 };
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
@@ -658,4 +658,42 @@ nodes = { env = "test" }
         started.elapsed()
     );
     s.assert_each_node_runs(&format!("{}@{v2}", s.repo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_reports_its_layers_and_bytes_as_it_goes() {
+    let s = setup(1, "progress").await;
+    let digest = push_sample_image(&format!("{}:v1", s.repo), "v1", &[]);
+    let image = format!("{}@{digest}", s.repo);
+    let mut release = web_release("v1", s.port, &(String::new(), String::new()), &[]);
+    release.artifact = None;
+    release.command.clear();
+    release.container = Some(pb::Container {
+        image: image.clone(),
+        ..Default::default()
+    });
+    let command = pb::Command {
+        command_id: "prepare-1".into(),
+        kind: Some(pb::command::Kind::Prepare(pb::PrepareRelease {
+            release: Some(release),
+        })),
+    };
+    let (result, steps) = s._cluster.run_command("node-1", command).await;
+    assert_eq!(
+        result.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{result:?}"
+    );
+    assert_eq!(
+        steps.first().map(String::as_str),
+        Some("pulling"),
+        "{steps:?}"
+    );
+    // The last summary: every layer done, sizes in MiB.
+    let last = steps.last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("pulling: 1/1 layers,") && last.ends_with("MiB"),
+        "{steps:?}"
+    );
+    assert!(image_present(&image));
 }

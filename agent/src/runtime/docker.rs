@@ -218,6 +218,10 @@ impl DockerEngine {
             let (Some(id), Some(status)) = (info.id, info.status) else {
                 continue;
             };
+            // "Pulling from REPO" names the reference, not a layer.
+            if status.starts_with("Pulling from") {
+                continue;
+            }
             let layer = layers.entry(id).or_insert((0, 0, false));
             match status.as_str() {
                 "Downloading" => {
