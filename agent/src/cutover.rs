@@ -398,7 +398,8 @@ impl WebService {
             Some(adopted) => adopted,
             None => {
                 tracing::warn!(service = %service.settings.name, release = %active.release.release_id, "recorded process is gone, starting the release again");
-                let started = Supervisor::start(spec).await?;
+                let started =
+                    Supervisor::restart(spec, "it ended while the agent was down".into()).await?;
                 let target = Target {
                     addr,
                     workdir: active.release.workdir.clone(),

@@ -411,6 +411,16 @@ async fn a_killed_agent_readopts_its_container_and_restarts_one_that_died() {
     let agent = cluster.spawn_agent_binary("node-1");
     wait_ready().await;
     assert_eq!(body(&get_when_up(&public).await).trim(), "v1");
+    // Reported: the node's state counts it as a crash, and says how.
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            find(n, "node-1").is_some_and(|node| {
+                node.services.iter().any(|s| {
+                    s.service == "web" && s.crashes == 1 && s.last_exit.contains("agent was down")
+                })
+            })
+        })
+        .await;
     let after = containers_of(&node_id);
     assert_eq!(after.len(), 1, "{after:?}");
     assert_ne!(after, before, "a new container replaced the dead one");
@@ -696,4 +706,42 @@ async fn a_pull_reports_its_layers_and_bytes_as_it_goes() {
         "{steps:?}"
     );
     assert!(image_present(&image));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_an_engine_says_so_and_changes_nothing() {
+    let env = docker_env();
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let mut config = cluster.agent_config("node-1");
+    config.docker_host = "unix:///nonexistent/docker.sock".into();
+    let _agent = spawn_agent(config).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            find(n, "node-1").is_some_and(ready)
+        })
+        .await;
+    let repo = format!(
+        "{}/cutover-test/no-engine-{}",
+        env.registry,
+        std::process::id()
+    );
+    push_sample_image(&format!("{repo}:v1"), "v1", &[]);
+    let mut s = Setup {
+        client: cluster.operator().await,
+        port: cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[])
+            .unwrap(),
+        repo: repo.clone(),
+        node_ids: Vec::new(),
+        _cleanup: ContainerCleanup(Vec::new()),
+        _cluster: cluster,
+    };
+    let rollout = s.roll(&format!("{repo}:v1"), FAST).await;
+    assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
+    let message = rollout.error.map(|e| e.message).unwrap_or_default();
+    assert!(
+        message.contains("/nonexistent/docker.sock") && message.contains("is dockerd running"),
+        "{message}"
+    );
+    // Nothing serves: the public port was never taken.
+    assert!(std::net::TcpStream::connect(format!("127.0.0.11:{}", s.port)).is_err());
 }

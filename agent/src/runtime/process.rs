@@ -246,7 +246,20 @@ impl Supervisor {
     /// dir) are returned here, later crashes are restarted and counted.
     pub async fn start(spec: ProcessSpec) -> Result<Self, ProcessError> {
         let tracked = spawn(&spec).await?;
-        Ok(Self::supervise(spec, tracked))
+        Ok(Self::supervise(spec, tracked, ProcessStatus::default()))
+    }
+
+    /// Starts a release that was found dead (its process or container ended
+    /// while no agent watched it): counted as a crash, with `how`, so the
+    /// node's state shows it.
+    pub async fn restart(spec: ProcessSpec, how: String) -> Result<Self, ProcessError> {
+        let tracked = spawn(&spec).await?;
+        let history = ProcessStatus {
+            crashes: 1,
+            last_exit: Some(how),
+            ..ProcessStatus::default()
+        };
+        Ok(Self::supervise(spec, tracked, history))
     }
 
     /// Takes over a process or container an earlier agent started, if it
@@ -255,13 +268,13 @@ impl Supervisor {
     pub async fn adopt(spec: ProcessSpec, instance: InstanceId) -> Option<Self> {
         let tracked = alive(instance, spec.container.as_ref().map(|c| &c.engine)).await?;
         tracing::info!(release = %spec.name, instance = %tracked.id(), "adopted running release");
-        Some(Self::supervise(spec, tracked))
+        Some(Self::supervise(spec, tracked, ProcessStatus::default()))
     }
 
-    fn supervise(spec: ProcessSpec, tracked: Tracked) -> Self {
+    fn supervise(spec: ProcessSpec, tracked: Tracked, history: ProcessStatus) -> Self {
         let (status_tx, status) = watch::channel(ProcessStatus {
             instance: Some(tracked.id()),
-            ..ProcessStatus::default()
+            ..history
         });
         let stop = CancellationToken::new();
         let release = CancellationToken::new();
