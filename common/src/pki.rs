@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -39,6 +40,25 @@ pub enum PkiError {
     Identity(#[from] IdentityError),
     #[error("invalid subject alternative name {0:?}")]
     BadSan(String),
+    #[error("cannot read the CA key {path}: {source}; set `ca_key` to the installation's ca.key (from `cutover ca init`)")]
+    NoCaKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid certificate signing request: {0}")]
+    BadRequest(String),
+}
+
+/// A key pair made where it will be used and a request for a certificate
+/// of `identity` on it: the private key never leaves this process's files.
+pub fn certificate_request(identity: &Identity) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, identity.to_string());
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
 }
 
 /// A PEM certificate and its PEM private key.
@@ -133,6 +153,21 @@ impl CertificateAuthority {
         Ok(Self { issuer, cert_pem })
     }
 
+    /// The CA from its certificate and key files (a coordinator that signs
+    /// certificates for operators and joining agents).
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, PkiError> {
+        let cert_pem = std::fs::read_to_string(cert).map_err(|source| PkiError::NoCa {
+            dir: cert.to_path_buf(),
+            source,
+        })?;
+        let key_pem = std::fs::read_to_string(key).map_err(|source| PkiError::NoCaKey {
+            path: key.to_path_buf(),
+            source,
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, KeyPair::from_pem(&key_pem)?)?;
+        Ok(Self { issuer, cert_pem })
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
@@ -172,14 +207,48 @@ impl CertificateAuthority {
         self.issue_with(identity, Vec::new(), false, validity_days)
     }
 
+    /// A client certificate for `identity` on the public key of a signing
+    /// request; the request's own subject and extensions are ignored, the
+    /// identity is the caller's to decide.
+    pub fn sign_request(
+        &self,
+        identity: &Identity,
+        csr_pem: &str,
+        validity_days: i64,
+    ) -> Result<String, PkiError> {
+        let request = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadRequest(e.to_string()))?;
+        self.sign(
+            identity,
+            &request.public_key,
+            Vec::new(),
+            false,
+            validity_days,
+        )
+    }
+
     fn issue_with(
         &self,
         identity: &Identity,
-        mut sans: Vec<SanType>,
+        sans: Vec<SanType>,
         server: bool,
         validity_days: i64,
     ) -> Result<IssuedPair, PkiError> {
         let key = KeyPair::generate()?;
+        Ok(IssuedPair {
+            cert_pem: self.sign(identity, &key, sans, server, validity_days)?,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    fn sign(
+        &self,
+        identity: &Identity,
+        public_key: &impl PublicKeyData,
+        mut sans: Vec<SanType>,
+        server: bool,
+        validity_days: i64,
+    ) -> Result<String, PkiError> {
         let mut params = CertificateParams::default();
         params
             .distinguished_name
@@ -204,11 +273,7 @@ impl CertificateAuthority {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
         params.not_after = now + Duration::days(validity_days);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedPair {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(params.signed_by(public_key, &self.issuer)?.pem())
     }
 }
 
@@ -249,6 +314,32 @@ mod tests {
         let facts = certificate_facts(&der).unwrap();
         assert_eq!(facts.identity, Some(agent));
         assert!(!facts.serial.is_empty());
+
+        // A request made elsewhere: the certificate carries the identity the
+        // CA chose, on the request's key.
+        let (csr, key_pem) =
+            certificate_request(&Identity::new(Role::Operator, "mallory").unwrap()).unwrap();
+        let alice = Identity::new(Role::Operator, "alice").unwrap();
+        let cert_pem = reloaded.sign_request(&alice, &csr, 1).unwrap();
+        let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(certificate_facts(&der).unwrap().identity, Some(alice));
+        let key = KeyPair::from_pem(&key_pem).unwrap();
+        let x509 = x509_parser::parse_x509_certificate(&der).unwrap().1;
+        assert_eq!(
+            x509.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        assert!(matches!(
+            reloaded.sign_request(
+                &Identity::new(Role::Operator, "bob").unwrap(),
+                "not a request",
+                1
+            ),
+            Err(PkiError::BadRequest(_))
+        ));
 
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join(CA_KEY))

@@ -46,6 +46,11 @@ pub struct CoordinatorConfig {
     /// A PEM CA trusted for registries besides the public web roots.
     #[serde(default)]
     pub registry_ca: Option<PathBuf>,
+    /// The CA's private key (`ca.key` from `cutover ca init`), to sign
+    /// certificates for operators created with `cutover operator create`.
+    /// Without it the coordinator signs nothing.
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

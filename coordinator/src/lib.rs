@@ -1,6 +1,7 @@
 //! The cutover coordinator: node registry, store, agent and operator APIs.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod agent_api;
 pub mod artifacts;
 pub mod auth;

@@ -84,6 +84,13 @@ enum Commands {
     Rollback(cli::rollouts::RollbackArgs),
     /// A service's kept releases in an environment.
     Releases(cli::rollouts::ReleasesArgs),
+    /// Create, list or revoke operators and their roles.
+    Operator {
+        #[command(subcommand)]
+        action: cli::access::OperatorCommand,
+    },
+    /// The audit log: every mutating call, who made it and how it ended.
+    Audit(cli::access::AuditArgs),
     /// A local cluster on loopback for development and demos.
     Dev {
         #[command(subcommand)]
@@ -315,6 +322,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Releases(args) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::rollouts::releases(&mut client, args, json).await;
+        }
+        Commands::Operator { action } => {
+            cli::access::operator(&cli.connect, action, json).await?;
+        }
+        Commands::Audit(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            cli::access::audit(&mut client, args, json).await?;
         }
         Commands::Dev { action } => match action {
             DevAction::Up(args) => cli::dev::up(args).await?,

@@ -7,13 +7,19 @@ use cutover_proto::v1::operator_service_server::OperatorService;
 use cutover_proto::v1::{self as pb, command, command_result};
 use tonic::{Request, Response, Status};
 
+use crate::access::{Access, Need};
 use crate::artifacts::ArtifactStore;
 use crate::registry::{CommandWaitError, NodeView, Registry};
 use crate::rollout::engine::Input;
 use crate::rollout::model::{self, Phase, Rollout, StoredRelease};
 use crate::rollout::{DeployRequest, Rollouts, Started};
-use crate::store::{EventRecord, Figures, NewEvent, NodeStatus, ServiceStatus};
+use crate::store::{
+    EventRecord, Figures, NewEvent, NodeStatus, OperatorRecord, OperatorRole, ServiceStatus,
+};
 use cutover_common::digest::Digest;
+use cutover_common::identity::{Identity, Role};
+use cutover_common::pki::CertificateAuthority;
+use serde_json::json;
 
 /// How long an operator call waits for a command result unless it says.
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,15 +28,23 @@ pub struct OperatorApi {
     pub registry: Arc<Registry>,
     pub artifacts: Arc<ArtifactStore>,
     pub rollouts: Arc<Rollouts>,
+    pub access: Arc<Access>,
+    /// Signs operator certificates; `None` when `ca_key` is not configured.
+    pub ca: Option<Arc<CertificateAuthority>>,
 }
 
-/// The operator's name from their certificate, for the record.
-fn caller<T>(request: &Request<T>) -> String {
-    request
-        .extensions()
-        .get::<cutover_common::identity::Identity>()
-        .map(|i| i.name.clone())
-        .unwrap_or_else(|| "unknown".into())
+/// Operators' certificates live a year unless the request says.
+const OPERATOR_CERT_DAYS: i64 = 365;
+
+fn operator_to_pb(record: &OperatorRecord) -> pb::Operator {
+    pb::Operator {
+        name: record.name.clone(),
+        role: record.role.as_str().to_string(),
+        envs: record.envs.clone(),
+        created_by: record.created_by.clone(),
+        created_at_ms: record.created_at_ms,
+        revoked_at_ms: record.revoked_at_ms.unwrap_or(0),
+    }
 }
 
 fn release_info(release: &StoredRelease) -> pb::ReleaseInfo {
@@ -195,22 +209,135 @@ fn event_to_pb(e: EventRecord) -> pb::Event {
     }
 }
 
-#[tonic::async_trait]
-impl OperatorService for OperatorApi {
-    async fn push_artifact(
+impl OperatorApi {
+    /// Records a new operator and signs its certificate, once allowed.
+    fn create_operator_as(
         &self,
-        request: Request<tonic::Streaming<pb::PushArtifactRequest>>,
-    ) -> Result<Response<pb::PushArtifactResponse>, Status> {
-        let who = request
-            .extensions()
-            .get::<cutover_common::identity::Identity>()
-            .map(|i| i.name.clone())
-            .unwrap_or_default();
-        let mut parts = request.into_inner();
-        let header = match parts.message().await?.and_then(|m| m.part) {
-            Some(pb::push_artifact_request::Part::Header(header)) => header,
-            _ => return Err(Status::invalid_argument("a push starts with its header")),
+        by: &str,
+        r: pb::CreateOperatorRequest,
+    ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
+        let ca = self.ca.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this coordinator cannot sign certificates: set `ca_key` in its config to the installation's ca.key (from `cutover ca init`)",
+            )
+        })?;
+        let identity = Identity::new(Role::Operator, &r.name)
+            .map_err(|e| Status::invalid_argument(format!("operator name: {e}")))?;
+        let role = OperatorRole::parse(&r.role).ok_or_else(|| {
+            Status::invalid_argument(format!("role {:?}: use viewer, deployer or admin", r.role))
+        })?;
+        for env in &r.envs {
+            cutover_common::identity::validate_name(env)
+                .map_err(|e| Status::invalid_argument(format!("environment {env:?}: {e}")))?;
+        }
+        if !r.envs.is_empty() && role != OperatorRole::Deployer {
+            return Err(Status::invalid_argument(
+                "only a deployer is limited to environments: a viewer reads everything, an admin changes everything",
+            ));
+        }
+        let store = self.registry.store();
+        if store
+            .operator(&r.name)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "operator {} exists (names are never reused, even revoked ones); choose another name",
+                r.name
+            )));
+        }
+        let days = match r.validity_days {
+            0 => OPERATOR_CERT_DAYS,
+            d => i64::from(d.min(3650)),
         };
+        let cert_pem = ca
+            .sign_request(&identity, &r.csr_pem, days)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let record = OperatorRecord {
+            name: r.name.clone(),
+            role,
+            envs: r.envs,
+            created_by: by.to_string(),
+            created_at_ms: cutover_common::now_ms(),
+            revoked_at_ms: None,
+        };
+        store
+            .put_operator(&record)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(operator = %record.name, role = record.role.as_str(), %by, "operator created");
+        Ok(Response::new(pb::CreateOperatorResponse {
+            operator: Some(operator_to_pb(&record)),
+            cert_pem,
+            ca_cert_pem: ca.cert_pem().to_string(),
+        }))
+    }
+
+    /// Marks an operator revoked, once allowed. A name without a record (a
+    /// certificate issued offline) gets a revoked one, so it is refused too.
+    fn revoke_operator_as(&self, by: &str, name: &str) -> Result<Response<pb::Operator>, Status> {
+        cutover_common::identity::validate_name(name)
+            .map_err(|e| Status::invalid_argument(format!("operator name: {e}")))?;
+        let store = self.registry.store();
+        let now = cutover_common::now_ms();
+        let mut record = store
+            .operator(name)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .unwrap_or_else(|| OperatorRecord {
+                name: name.to_string(),
+                role: OperatorRole::Admin,
+                envs: Vec::new(),
+                created_by: "ca issue (offline)".into(),
+                created_at_ms: now,
+                revoked_at_ms: None,
+            });
+        if record.revoked_at_ms.is_none() {
+            record.revoked_at_ms = Some(now);
+            store
+                .put_operator(&record)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            tracing::warn!(operator = %name, %by, "operator revoked");
+        }
+        Ok(Response::new(operator_to_pb(&record)))
+    }
+
+    /// A deploy by operator `by`, once allowed.
+    async fn deploy_as(
+        &self,
+        by: String,
+        r: pb::DeployRequest,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        if let Some(artifact) = &r.artifact {
+            Digest::parse(&artifact.digest)
+                .map_err(|e| Status::invalid_argument(format!("artifact digest: {e}")))?;
+        }
+        let started = self
+            .rollouts
+            .deploy(DeployRequest {
+                spec_text: r.spec,
+                spec_file: if r.spec_file.is_empty() {
+                    "cutover.toml".into()
+                } else {
+                    r.spec_file
+                },
+                env: r.env,
+                service: Some(r.service).filter(|s| !s.is_empty()),
+                version: r.version,
+                artifact: r.artifact,
+                image: Some(r.image).filter(|i| !i.is_empty()),
+                allow_unreachable: r.allow_unreachable,
+                by,
+            })
+            .await?;
+        Ok(Response::new(started_to_pb(started)))
+    }
+
+    /// The rest of a push after its header: the bytes, into the store.
+    async fn receive_artifact(
+        &self,
+        who: &str,
+        header: pb::PushArtifactHeader,
+        mut parts: tonic::Streaming<pb::PushArtifactRequest>,
+    ) -> Result<Response<pb::PushArtifactResponse>, Status> {
         let expect = match header.expect_digest.as_str() {
             "" => None,
             text => Some(Digest::parse(text).map_err(|e| Status::invalid_argument(e.to_string()))?),
@@ -253,11 +380,122 @@ impl OperatorService for OperatorApi {
             already_present,
         }))
     }
+}
+
+#[tonic::async_trait]
+impl OperatorService for OperatorApi {
+    async fn create_operator(
+        &self,
+        request: Request<pb::CreateOperatorRequest>,
+    ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
+        let r = request.get_ref();
+        let args = json!({
+            "name": r.name,
+            "role": r.role,
+            "envs": r.envs,
+            "validity_days": r.validity_days,
+        });
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "create_operator", &args)?;
+        let result = self.create_operator_as(&caller.who(), request.into_inner());
+        self.access
+            .audit(&caller, "create_operator", &args, &result);
+        result
+    }
+
+    async fn list_operators(
+        &self,
+        request: Request<pb::ListOperatorsRequest>,
+    ) -> Result<Response<pb::ListOperatorsResponse>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "list_operators",
+            &serde_json::Value::Null,
+        )?;
+        let operators = self
+            .registry
+            .store()
+            .operators()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .iter()
+            .map(operator_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListOperatorsResponse { operators }))
+    }
+
+    async fn revoke_operator(
+        &self,
+        request: Request<pb::RevokeOperatorRequest>,
+    ) -> Result<Response<pb::Operator>, Status> {
+        let args = json!({"name": request.get_ref().name});
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "revoke_operator", &args)?;
+        let result = self.revoke_operator_as(&caller.who(), &request.get_ref().name);
+        self.access
+            .audit(&caller, "revoke_operator", &args, &result);
+        result
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.access
+            .check(&request, Need::Read, "list_audit", &serde_json::Value::Null)?;
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => 1000,
+            n => n.min(100_000) as usize,
+        };
+        let entries = self
+            .registry
+            .store()
+            .audit(r.since_ms, limit)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|e| pb::AuditEntry {
+                seq: e.seq,
+                at_ms: e.at_ms,
+                who: e.who,
+                action: e.action,
+                arguments: e.arguments,
+                outcome: e.outcome,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAuditResponse { entries }))
+    }
+
+    async fn push_artifact(
+        &self,
+        request: Request<tonic::Streaming<pb::PushArtifactRequest>>,
+    ) -> Result<Response<pb::PushArtifactResponse>, Status> {
+        let caller = self.access.check(
+            &request,
+            Need::DeployAnywhere,
+            "push_artifact",
+            &serde_json::Value::Null,
+        )?;
+        let who = caller.identity.name.clone();
+        let mut parts = request.into_inner();
+        let header = match parts.message().await?.and_then(|m| m.part) {
+            Some(pb::push_artifact_request::Part::Header(header)) => header,
+            _ => return Err(Status::invalid_argument("a push starts with its header")),
+        };
+        let args = json!({"name": header.name, "expect_digest": header.expect_digest});
+        let result = self.receive_artifact(&who, header, parts).await;
+        self.access.audit(&caller, "push_artifact", &args, &result);
+        result
+    }
 
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.access
+            .check(&request, Need::Read, "list_nodes", &serde_json::Value::Null)?;
         let nodes = self.registry.list().into_iter().map(node_to_pb).collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -266,6 +504,8 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<pb::PingNodeRequest>,
     ) -> Result<Response<pb::PingNodeResponse>, Status> {
+        self.access
+            .check(&request, Need::Read, "ping_node", &serde_json::Value::Null)?;
         let request = request.into_inner();
         let timeout = match request.timeout_ms {
             0 => DEFAULT_COMMAND_TIMEOUT,
@@ -316,6 +556,12 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "list_events",
+            &serde_json::Value::Null,
+        )?;
         let request = request.into_inner();
         let limit = match request.limit {
             0 => 100,
@@ -335,51 +581,75 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<pb::DeployRequest>,
     ) -> Result<Response<pb::DeployResponse>, Status> {
-        let by = caller(&request);
-        let r = request.into_inner();
-        if let Some(artifact) = &r.artifact {
-            Digest::parse(&artifact.digest)
-                .map_err(|e| Status::invalid_argument(format!("artifact digest: {e}")))?;
-        }
-        let started = self
-            .rollouts
-            .deploy(DeployRequest {
-                spec_text: r.spec,
-                spec_file: if r.spec_file.is_empty() {
-                    "cutover.toml".into()
-                } else {
-                    r.spec_file
-                },
-                env: r.env,
-                service: Some(r.service).filter(|s| !s.is_empty()),
-                version: r.version,
-                artifact: r.artifact,
-                image: Some(r.image).filter(|i| !i.is_empty()),
-                allow_unreachable: r.allow_unreachable,
-                by,
-            })
-            .await?;
-        Ok(Response::new(started_to_pb(started)))
+        let r = request.get_ref();
+        // The spec itself is not kept (its env tables may hold what should
+        // not be copied around); its hash says which one it was.
+        let spec_sha256 = Digest::from_hasher(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
+            r.spec.as_bytes(),
+        ));
+        let args = json!({
+            "env": r.env,
+            "service": r.service,
+            "version": r.version,
+            "spec_file": r.spec_file,
+            "spec_sha256": spec_sha256.to_string(),
+            "artifact": r.artifact.as_ref().map(|a| json!({"url": a.url, "digest": a.digest})),
+            "image": r.image,
+            "allow_unreachable": r.allow_unreachable,
+        });
+        let env = r.env.clone();
+        let caller = self
+            .access
+            .check(&request, Need::Deploy(&env), "deploy", &args)?;
+        let by = caller.identity.name.clone();
+        let result = self.deploy_as(by, request.into_inner()).await;
+        self.access.audit(&caller, "deploy", &args, &result);
+        result
     }
 
     async fn rollback(
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::DeployResponse>, Status> {
-        let by = caller(&request);
+        let r = request.get_ref();
+        let args = json!({
+            "env": r.env,
+            "service": r.service,
+            "to_release": r.to_release,
+            "allow_unreachable": r.allow_unreachable,
+        });
+        let env = r.env.clone();
+        let caller = self
+            .access
+            .check(&request, Need::Deploy(&env), "rollback", &args)?;
         let r = request.into_inner();
         let to = Some(r.to_release.as_str()).filter(|t| !t.is_empty());
-        let started = self
+        let result = self
             .rollouts
-            .rollback(&r.env, &r.service, to, r.allow_unreachable, &by)
-            .await?;
-        Ok(Response::new(started_to_pb(vec![started])))
+            .rollback(
+                &r.env,
+                &r.service,
+                to,
+                r.allow_unreachable,
+                &caller.identity.name,
+            )
+            .await
+            .map(|started| Response::new(started_to_pb(vec![started])))
+            .map_err(Status::from);
+        self.access.audit(&caller, "rollback", &args, &result);
+        result
     }
 
     async fn list_rollouts(
         &self,
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "list_rollouts",
+            &serde_json::Value::Null,
+        )?;
         let r = request.into_inner();
         let limit = match r.limit {
             0 => 50,
@@ -401,6 +671,12 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "get_rollout",
+            &serde_json::Value::Null,
+        )?;
         let rollout = self.rollouts.get(&request.into_inner().id)?;
         Ok(Response::new(rollout_to_pb(&rollout)))
     }
@@ -413,6 +689,12 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "watch_rollout",
+            &serde_json::Value::Null,
+        )?;
         let id = request.into_inner().id;
         let Some(mut changes) = self.rollouts.subscribe(&id) else {
             let rollout = self.rollouts.get(&id)?;
@@ -451,7 +733,20 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<pb::ControlRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let by = caller(&request);
+        let r = request.get_ref();
+        let action = pb::RolloutAction::try_from(r.action)
+            .map(|a| {
+                a.as_str_name()
+                    .trim_start_matches("ROLLOUT_ACTION_")
+                    .to_lowercase()
+            })
+            .unwrap_or_default();
+        let args = json!({"id": r.id, "action": action});
+        let env = self.rollouts.get(&r.id)?.env;
+        let caller = self
+            .access
+            .check(&request, Need::Deploy(&env), "control_rollout", &args)?;
+        let by = caller.identity.name.clone();
         let r = request.into_inner();
         let input = match pb::RolloutAction::try_from(r.action) {
             Ok(pb::RolloutAction::Pause) => Input::Pause { by },
@@ -463,14 +758,27 @@ impl OperatorService for OperatorApi {
                 ))
             }
         };
-        let rollout = self.rollouts.control(&r.id, input).await?;
-        Ok(Response::new(rollout_to_pb(&rollout)))
+        let result = self
+            .rollouts
+            .control(&r.id, input)
+            .await
+            .map(|rollout| Response::new(rollout_to_pb(&rollout)))
+            .map_err(Status::from);
+        self.access
+            .audit(&caller, "control_rollout", &args, &result);
+        result
     }
 
     async fn list_releases(
         &self,
         request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "list_releases",
+            &serde_json::Value::Null,
+        )?;
         let r = request.into_inner();
         let releases = self
             .rollouts

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::Access;
 use crate::agent_api::AgentApi;
 use crate::artifacts::ArtifactStore;
 use crate::auth::require;
@@ -23,6 +24,7 @@ use crate::operator_api::OperatorApi;
 use crate::registry::Registry;
 use crate::rollout::Rollouts;
 use crate::store::{SledStore, Store, StoreError};
+use cutover_common::pki::CertificateAuthority;
 
 /// Checkpoint cadence for heartbeat-only changes (last seen, figures).
 const CHECKPOINT_EVERY: u32 = 30;
@@ -35,6 +37,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("registries: {0}")]
     Registries(String),
+    #[error("ca_key: {0}")]
+    Ca(cutover_common::pki::PkiError),
     #[error("cannot create data dir {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -103,6 +107,13 @@ impl Coordinator {
             ImageResolver::new(config.registry_ca.as_deref(), credentials)
                 .map_err(|e| ServerError::Registries(e.to_string()))?,
         );
+        let ca = match &config.ca_key {
+            Some(key) => Some(Arc::new(
+                CertificateAuthority::load(&config.tls.ca_cert, key).map_err(ServerError::Ca)?,
+            )),
+            None => None,
+        };
+        let access = Arc::new(Access::new(store.clone()));
         let grpc_addr = grpc.local_addr().map_err(ServerError::Http)?;
         let http_addr = http.local_addr().map_err(ServerError::Http)?;
         let config = Arc::new(config);
@@ -133,6 +144,8 @@ impl Coordinator {
             registry: registry.clone(),
             artifacts,
             rollouts: rollouts.clone(),
+            access,
+            ca,
         })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);

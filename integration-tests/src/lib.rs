@@ -88,6 +88,8 @@ impl Default for Tuning {
 }
 
 pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> CoordinatorConfig {
+    // The test PKI keeps its key beside its certificate.
+    let ca_key = files.ca_cert.with_file_name(cutover_common::pki::CA_KEY);
     CoordinatorConfig {
         data_dir: data_dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
@@ -100,6 +102,7 @@ pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> 
         limits: Limits::default(),
         registries: Vec::new(),
         registry_ca: None,
+        ca_key: Some(ca_key),
     }
 }
 

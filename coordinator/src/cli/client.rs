@@ -46,8 +46,16 @@ fn default_cli_config() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|home| Path::new(&home).join(".config/cutover/cli.toml"))
 }
 
+/// Where and as whom the CLI connects, resolved from flags, variables and
+/// the CLI config file.
+pub struct Connection {
+    pub coordinator: String,
+    pub server_name: Option<String>,
+    pub files: TlsFiles,
+}
+
 impl ConnectArgs {
-    pub async fn operator_client(&self) -> Result<OperatorServiceClient<Channel>> {
+    pub fn resolve(&self) -> Result<Connection> {
         let file: CliFile = match self.cli_config.clone().or_else(default_cli_config) {
             Some(path) if path.exists() || self.cli_config.is_some() => {
                 cutover_common::config::load_from(Some(&path), "", std::iter::empty())?
@@ -82,7 +90,19 @@ impl ConnectArgs {
                 .or(file.key)
                 .ok_or_else(|| missing("operator key", "key", "CUTOVER_KEY"))?,
         };
-        let server_name = self.server_name.clone().or(file.server_name);
+        Ok(Connection {
+            coordinator,
+            server_name: self.server_name.clone().or(file.server_name),
+            files,
+        })
+    }
+
+    pub async fn operator_client(&self) -> Result<OperatorServiceClient<Channel>> {
+        let Connection {
+            coordinator,
+            server_name,
+            files,
+        } = self.resolve()?;
         let url = CoordinatorUrl::parse(&coordinator)?;
         let config = tls::client_config(&files)?;
         let connection = tls::connect(

@@ -267,11 +267,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
              heartbeat_interval = \"1s\"\n\
              heartbeat_ttl = \"5s\"\n\
              shutdown_grace = \"5s\"\n\
+             # signs certificates for `cutover operator create`\n\
+             ca_key = {ca_key:?}\n\
              [tls]\n\
              ca_cert = {ca:?}\n\
              cert = {cert:?}\n\
              key = {key:?}\n",
             data = dir.join("coordinator").display().to_string(),
+            ca_key = pki.join(cutover_common::pki::CA_KEY).display().to_string(),
             ca = pki.join("ca.crt").display().to_string(),
             cert = pki.join("coordinator.crt").display().to_string(),
             key = pki.join("coordinator.key").display().to_string(),

@@ -1,3 +1,4 @@
+pub mod access;
 pub mod artifacts;
 pub mod client;
 pub mod dev;

@@ -163,6 +163,66 @@ pub struct NewEvent {
     pub message: String,
 }
 
+/// An operator's access, as `cutover operator create` recorded it. An
+/// operator certificate whose name has no record was issued offline with
+/// the CA key (`cutover ca issue operator`) and is an admin: whoever holds
+/// that key can mint any identity anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRecord {
+    pub name: String,
+    pub role: OperatorRole,
+    /// Environments a deployer may change; empty: every one.
+    pub envs: Vec<String>,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    /// Set by `operator revoke`: the name is refused from then on, whatever
+    /// certificate it presents. Records are never deleted, so a revoked
+    /// name cannot fall back to being an (unrecorded) admin.
+    pub revoked_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorRole {
+    Viewer,
+    Deployer,
+    Admin,
+}
+
+impl OperatorRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorRole::Viewer => "viewer",
+            OperatorRole::Deployer => "deployer",
+            OperatorRole::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "viewer" => Some(OperatorRole::Viewer),
+            "deployer" => Some(OperatorRole::Deployer),
+            "admin" => Some(OperatorRole::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// One mutating call, as the audit log keeps it: appended, never changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at_ms: i64,
+    /// The caller's identity, e.g. "operator/alice".
+    pub who: String,
+    /// The RPC, e.g. "deploy".
+    pub action: String,
+    /// Its arguments as JSON, secrets removed.
+    pub arguments: String,
+    /// "ok", or "refused: ..." / "failed: ..." with the reason.
+    pub outcome: String,
+}
+
 /// Where a release stands in its service's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -232,4 +292,13 @@ pub trait Store: Send + Sync + 'static {
     fn delete_release(&self, env: &str, service: &str, release_id: &str) -> Result<(), StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    fn put_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError>;
+    fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError>;
+    fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError>;
+
+    /// Appends to the audit log (durably: flushed before it returns).
+    fn append_audit(&self, entry: AuditRecord) -> Result<AuditRecord, StoreError>;
+    /// Entries at or after `since_ms`, oldest first, at most `limit`.
+    fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 }

@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
-use super::{EventRecord, NewEvent, NodeRecord, ReleaseRecord, Store, StoreError};
+use super::{
+    AuditRecord, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord, Store,
+    StoreError,
+};
 use crate::rollout::model::Rollout;
 
 pub struct SledStore {
@@ -12,6 +15,8 @@ pub struct SledStore {
     rollouts: sled::Tree,
     releases: sled::Tree,
     counters: sled::Tree,
+    operators: sled::Tree,
+    audit: sled::Tree,
 }
 
 /// `env NUL service NUL`: the prefix of one service's release keys.
@@ -52,7 +57,11 @@ impl SledStore {
         let rollouts = db.open_tree("rollouts").map_err(backend)?;
         let releases = db.open_tree("releases").map_err(backend)?;
         let counters = db.open_tree("counters").map_err(backend)?;
+        let operators = db.open_tree("operators").map_err(backend)?;
+        let audit = db.open_tree("audit").map_err(backend)?;
         Ok(Self {
+            operators,
+            audit,
             db,
             nodes,
             events,
@@ -222,6 +231,59 @@ impl Store for SledStore {
             .collect::<Result<_, _>>()?;
         all.sort_by_key(|r| std::cmp::Reverse(r.deployed_at_ms));
         Ok(all)
+    }
+
+    fn put_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(operator).expect("operator records serialize");
+        self.operators
+            .insert(operator.name.as_bytes(), value)
+            .map_err(backend)?;
+        self.operators.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        self.operators
+            .get(name.as_bytes())
+            .map_err(backend)?
+            .map(|value| decode(name.as_bytes(), &value))
+            .transpose()
+    }
+
+    fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        self.operators
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    fn append_audit(&self, mut entry: AuditRecord) -> Result<AuditRecord, StoreError> {
+        // Monotonic across restarts: big-endian keys keep entries in order.
+        entry.seq = self.db.generate_id().map_err(backend)? + 1;
+        let value = serde_json::to_vec(&entry).expect("audit records serialize");
+        self.audit
+            .insert(entry.seq.to_be_bytes(), value)
+            .map_err(backend)?;
+        self.audit.flush().map_err(backend)?;
+        Ok(entry)
+    }
+
+    fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.audit.iter() {
+            let (key, value) = item.map_err(backend)?;
+            let entry: AuditRecord = decode(&key, &value)?;
+            if entry.at_ms >= since_ms {
+                out.push(entry);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn delete_release(&self, env: &str, service: &str, release_id: &str) -> Result<(), StoreError> {

@@ -1,0 +1,273 @@
+//! `cutover operator create|list|revoke` and `cutover audit`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cutover_common::fsutil::write_atomic;
+use cutover_common::identity::{Identity, Role};
+use cutover_proto::v1::operator_service_client::OperatorServiceClient;
+use cutover_proto::v1::{self as pb};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use super::client::{explain, ConnectArgs};
+use super::nodes::{render_table, rfc3339};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum OperatorCommand {
+    /// Create an operator and write its CLI credentials (admin only).
+    Create {
+        name: String,
+        /// viewer (reads), deployer (also deploys, rolls back, pauses,
+        /// resumes and aborts, in --env environments), or admin (also
+        /// manages operators).
+        #[arg(long)]
+        role: String,
+        /// Limit a deployer to these environments (repeat; default: all).
+        #[arg(long = "env")]
+        envs: Vec<String>,
+        /// Where the credentials go: cli.toml (use it with --cli-config or
+        /// CUTOVER_CLI_CONFIG), the CA, the certificate and its key (0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Operators and their roles.
+    List,
+    /// Refuse an operator from now on, whatever certificate it holds.
+    Revoke { name: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// Only entries this recent, e.g. "1h", "7d".
+    #[arg(long)]
+    pub since: Option<humantime::Duration>,
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u32,
+}
+
+fn operator_json(o: &pb::Operator) -> Value {
+    json!({
+        "name": o.name,
+        "role": o.role,
+        "envs": o.envs,
+        "created_by": o.created_by,
+        "created_at": rfc3339(o.created_at_ms),
+        "revoked_at": (o.revoked_at_ms != 0).then(|| rfc3339(o.revoked_at_ms)),
+    })
+}
+
+/// Writes the new operator's credentials into `out`; returns the CLI
+/// config's path. The key was made here and is written only here.
+fn write_credentials(
+    out: &Path,
+    name: &str,
+    coordinator: &str,
+    key_pem: &str,
+    response: &pb::CreateOperatorResponse,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let out = out.canonicalize()?;
+    let ca = out.join("ca.crt");
+    let cert = out.join(format!("operator-{name}.crt"));
+    let key = out.join(format!("operator-{name}.key"));
+    let config = out.join("cli.toml");
+    let write = |path: &Path, text: &str, mode: u32| {
+        write_atomic(path, text.as_bytes(), mode)
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    write(&key, key_pem, 0o600)?;
+    write(&cert, &response.cert_pem, 0o644)?;
+    write(&ca, &response.ca_cert_pem, 0o644)?;
+    write(
+        &config,
+        &format!(
+            "# cutover CLI credentials of operator {name} ({}), written by `cutover operator create`\n\
+             coordinator = {coordinator:?}\n\
+             ca_cert = {:?}\n\
+             cert = {:?}\n\
+             key = {:?}\n",
+            response
+                .operator
+                .as_ref()
+                .map(|o| o.role.as_str())
+                .unwrap_or_default(),
+            ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+        ),
+        0o600,
+    )?;
+    Ok(config)
+}
+
+pub async fn operator(connect: &ConnectArgs, command: OperatorCommand, json: bool) -> Result<()> {
+    let mut client = connect.operator_client().await?;
+    match command {
+        OperatorCommand::Create {
+            name,
+            role,
+            envs,
+            out,
+            days,
+        } => {
+            let identity = Identity::new(Role::Operator, &name)
+                .with_context(|| format!("operator name {name:?}"))?;
+            if !["viewer", "deployer", "admin"].contains(&role.as_str()) {
+                bail!("--role {role:?}: use viewer, deployer or admin");
+            }
+            // Refuse before the coordinator records anything we could not
+            // write out.
+            if out.join("cli.toml").exists() {
+                bail!(
+                    "{} already holds credentials; choose another --out",
+                    out.display()
+                );
+            }
+            let (csr_pem, key_pem) = cutover_common::pki::certificate_request(&identity)?;
+            let response = client
+                .create_operator(pb::CreateOperatorRequest {
+                    name: name.clone(),
+                    role,
+                    envs,
+                    csr_pem,
+                    validity_days: days,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let coordinator = connect.resolve()?.coordinator;
+            let config = write_credentials(&out, &name, &coordinator, &key_pem, &response)?;
+            let operator = response.operator.unwrap_or_default();
+            if json {
+                let mut value = operator_json(&operator);
+                value["cli_config"] = json!(config.display().to_string());
+                println!("{value}");
+            } else {
+                println!(
+                    "created operator {name} ({}{}); its CLI config: {}\n\
+                     hand over the directory {} (the key in it is 0600); use it with --cli-config {}",
+                    operator.role,
+                    if operator.envs.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" of {}", operator.envs.join(", "))
+                    },
+                    config.display(),
+                    out.display(),
+                    config.display()
+                );
+            }
+        }
+        OperatorCommand::List => {
+            let operators = client
+                .list_operators(pb::ListOperatorsRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .operators;
+            if json {
+                let all: Vec<Value> = operators.iter().map(operator_json).collect();
+                println!("{}", Value::Array(all));
+            } else {
+                let mut rows = vec![[
+                    "NAME",
+                    "ROLE",
+                    "ENVIRONMENTS",
+                    "CREATED BY",
+                    "CREATED",
+                    "REVOKED",
+                ]
+                .map(String::from)
+                .to_vec()];
+                rows.extend(operators.iter().map(|o| {
+                    vec![
+                        o.name.clone(),
+                        o.role.clone(),
+                        if o.envs.is_empty() {
+                            "all".into()
+                        } else {
+                            o.envs.join(",")
+                        },
+                        o.created_by.clone(),
+                        rfc3339(o.created_at_ms),
+                        if o.revoked_at_ms == 0 {
+                            String::new()
+                        } else {
+                            rfc3339(o.revoked_at_ms)
+                        },
+                    ]
+                }));
+                print!("{}", render_table(&rows));
+            }
+        }
+        OperatorCommand::Revoke { name } => {
+            let operator = client
+                .revoke_operator(pb::RevokeOperatorRequest { name: name.clone() })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                println!("{}", operator_json(&operator));
+            } else {
+                println!("operator {name} is revoked: its calls are refused from now on");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn audit(
+    client: &mut OperatorServiceClient<Channel>,
+    args: AuditArgs,
+    json: bool,
+) -> Result<()> {
+    let since_ms = args.since.map_or(0, |since| {
+        let since: Duration = since.into();
+        cutover_common::now_ms() - since.as_millis() as i64
+    });
+    let entries = client
+        .list_audit(pb::ListAuditRequest {
+            since_ms,
+            limit: args.limit,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner()
+        .entries;
+    if json {
+        let all: Vec<Value> = entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "seq": e.seq,
+                    "at": rfc3339(e.at_ms),
+                    "who": e.who,
+                    "action": e.action,
+                    "arguments": serde_json::from_str::<Value>(&e.arguments).unwrap_or(Value::Null),
+                    "outcome": e.outcome,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(all));
+    } else {
+        let mut rows = vec![["AT", "WHO", "ACTION", "OUTCOME", "ARGUMENTS"]
+            .map(String::from)
+            .to_vec()];
+        rows.extend(entries.iter().map(|e| {
+            vec![
+                rfc3339(e.at_ms),
+                e.who.clone(),
+                e.action.clone(),
+                e.outcome.clone(),
+                e.arguments.clone(),
+            ]
+        }));
+        print!("{}", render_table(&rows));
+    }
+    Ok(())
+}

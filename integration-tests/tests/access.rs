@@ -1,0 +1,308 @@
+//! Operators and roles through the real `cutover` binary: an admin creates
+//! operators (the key made on the CLI's side, the certificate signed by the
+//! coordinator), each role is held to what it may do, a revoked operator is
+//! refused, and the audit log records every mutating call and refusal.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cutover_common::identity::Role;
+use cutover_integration_tests::{app_archive, bin, Cluster, Tuning};
+use serde_json::Value;
+
+struct Cli {
+    coordinator: String,
+}
+
+impl Cli {
+    /// Runs `cutover` with the credentials in `args` (flags or --cli-config).
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let output = std::process::Command::new(bin("cutover"))
+            .args(args)
+            .env_remove("CUTOVER_CLI_CONFIG")
+            .env("HOME", "/nonexistent")
+            .output()
+            .expect("run cutover");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
+    fn as_config(&self, config: &Path, args: &[&str]) -> (bool, String) {
+        let mut all = vec!["--cli-config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+}
+
+fn spec(port: u16) -> String {
+    format!(
+        r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "5s"
+[strategy]
+min_healthy_time = "200ms"
+[environments.test]
+nodes = {{ env = "test" }}
+[environments.production]
+nodes = {{ env = "production" }}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_hold_operators_to_what_they_may_do_and_the_audit_log_says_so() {
+    let cluster = Cluster::start(1, Tuning::default()).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| n.len() == 1 && n[0].connected)
+        .await;
+    let cli = Cli {
+        coordinator: cluster.url(),
+    };
+    // The bootstrap admin: a certificate issued offline with the CA key.
+    let root = cluster.pki.client_files(Role::Operator, "root");
+    let admin_flags = [
+        "--coordinator",
+        &cli.coordinator,
+        "--ca-cert",
+        root.ca_cert.to_str().unwrap(),
+        "--cert",
+        root.cert.to_str().unwrap(),
+        "--key",
+        root.key.to_str().unwrap(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let create = |name: &str, role: &str, envs: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args: Vec<&str> = admin_flags.to_vec();
+        let out_text = out.display().to_string();
+        args.extend([
+            "operator", "create", name, "--role", role, "--out", &out_text,
+        ]);
+        for env in envs {
+            args.extend(["--env", env]);
+        }
+        let (ok, text) = cli.run(&args);
+        assert!(ok, "operator create {name}: {text}");
+        out.join("cli.toml")
+    };
+    let viewer = create("vera", "viewer", &[]);
+    let test_deployer = create("dora", "deployer", &["test"]);
+    let production_deployer = create("pete", "deployer", &["production"]);
+    use std::os::unix::fs::PermissionsExt;
+    let key_mode = std::fs::metadata(dir.path().join("vera/operator-vera.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    let app = tempfile::tempdir().unwrap();
+    let (_, digest) = app_archive(app.path());
+    let archive = app.path().join("app.tar.gz");
+    assert!(archive.exists(), "the test app archive");
+    let spec_file = app.path().join("cutover.toml");
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    std::fs::write(&spec_file, spec(port)).unwrap();
+    let deploy = |config: &Path, env: &str| {
+        cli.as_config(
+            config,
+            &[
+                "deploy",
+                "-f",
+                spec_file.to_str().unwrap(),
+                "--env",
+                env,
+                "--version",
+                "v1",
+                "--artifact",
+                archive.to_str().unwrap(),
+                "--wait",
+            ],
+        )
+    };
+
+    // A viewer reads, and is refused a deploy with the role it would need.
+    let (ok, text) = cli.as_config(&viewer, &["nodes"]);
+    assert!(ok, "{text}");
+    let (ok, text) = deploy(&viewer, "test");
+    assert!(!ok);
+    assert!(text.contains("operator vera is a viewer"), "{text}");
+    assert!(text.contains("deployer"), "{text}");
+
+    // A deployer deploys in its environment, not in another one.
+    let (ok, text) = deploy(&production_deployer, "test");
+    assert!(!ok);
+    assert!(
+        text.contains("operator pete is a deployer of production")
+            && text.contains("environment test"),
+        "{text}"
+    );
+    let (ok, text) = deploy(&test_deployer, "test");
+    assert!(ok, "{text}");
+    // With the artifact already in the store, the viewer's deploy itself is
+    // what is refused.
+    let (ok, text) = cli.as_config(
+        &viewer,
+        &[
+            "deploy",
+            "-f",
+            spec_file.to_str().unwrap(),
+            "--env",
+            "test",
+            "--version",
+            "v2",
+            "--artifact",
+            &digest,
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        text.contains(
+            "operator vera is a viewer; deploy needs the deployer role for environment test"
+        ),
+        "{text}"
+    );
+
+    // Only an admin manages operators.
+    let (ok, text) = cli.as_config(
+        &test_deployer,
+        &[
+            "operator",
+            "create",
+            "eve",
+            "--role",
+            "admin",
+            "--out",
+            dir.path().join("eve").to_str().unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(text.contains("needs the admin role"), "{text}");
+    assert!(!dir.path().join("eve/cli.toml").exists());
+    // A name is never reused, and bad input changes nothing.
+    let (ok, text) = cli.run(
+        &[
+            &admin_flags[..],
+            &[
+                "operator",
+                "create",
+                "vera",
+                "--role",
+                "admin",
+                "--out",
+                dir.path().join("vera2").to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!ok && text.contains("exists"), "{text}");
+    let (ok, text) = cli.run(
+        &[
+            &admin_flags[..],
+            &[
+                "operator", "create", "../x", "--role", "viewer", "--out", "/tmp/x",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!ok && text.contains("operator name"), "{text}");
+
+    // Revoked: refused from then on, whatever it presents.
+    let (ok, text) = cli.run(&[&admin_flags[..], &["operator", "revoke", "vera"]].concat());
+    assert!(ok, "{text}");
+    let (ok, text) = cli.as_config(&viewer, &["nodes"]);
+    assert!(!ok);
+    assert!(text.contains("operator vera was revoked"), "{text}");
+
+    let (ok, text) =
+        cli.run(&[&admin_flags[..], &["--output", "json", "operator", "list"]].concat());
+    assert!(ok, "{text}");
+    let operators: Value = serde_json::from_str(&text).unwrap();
+    let roles: Vec<(String, String, bool)> = operators
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["name"].as_str().unwrap().to_string(),
+                o["role"].as_str().unwrap().to_string(),
+                !o["revoked_at"].is_null(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        vec![
+            ("dora".into(), "deployer".into(), false),
+            ("pete".into(), "deployer".into(), false),
+            ("vera".into(), "viewer".into(), true),
+        ]
+    );
+
+    // The audit log: who did what and how it ended, refusals included.
+    let (ok, text) = cli.as_config(
+        &test_deployer,
+        &["--output", "json", "audit", "--since", "1h"],
+    );
+    assert!(ok, "{text}");
+    let entries: Value = serde_json::from_str(&text).unwrap();
+    let summary: Vec<(String, String, String)> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let outcome = e["outcome"].as_str().unwrap();
+            (
+                e["who"].as_str().unwrap().to_string(),
+                e["action"].as_str().unwrap().to_string(),
+                outcome.split(':').next().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expect = |who: &str, action: &str, outcome: &str| {
+        assert!(
+            summary.contains(&(format!("operator/{who}"), action.into(), outcome.into())),
+            "no {who} {action} {outcome} in {summary:#?}"
+        );
+    };
+    expect("root", "create_operator", "ok");
+    expect("vera", "push_artifact", "refused");
+    expect("vera", "deploy", "refused");
+    expect("pete", "push_artifact", "ok");
+    expect("pete", "deploy", "refused");
+    expect("dora", "push_artifact", "ok");
+    expect("dora", "deploy", "ok");
+    expect("dora", "create_operator", "refused");
+    expect("root", "create_operator", "failed");
+    expect("root", "revoke_operator", "ok");
+    // Arguments are kept, the spec itself is not (only its hash).
+    let deploy_entry = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "deploy" && e["outcome"] == "ok")
+        .unwrap();
+    assert_eq!(deploy_entry["arguments"]["env"], "test");
+    assert_eq!(
+        deploy_entry["arguments"]["artifact"]["digest"],
+        digest.as_str()
+    );
+    assert!(deploy_entry["arguments"]["spec_sha256"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    assert!(
+        !text.contains("python3"),
+        "the spec text is not in the audit log"
+    );
+}
