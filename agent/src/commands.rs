@@ -126,7 +126,12 @@ impl Executor {
             Some(command::Kind::Activate(activate)) => match activate.release {
                 Some(release) => self
                     .services
-                    .activate(&release, activate.drain_first, &progress)
+                    .activate(
+                        &release,
+                        activate.drain_first,
+                        &activate.secret_values,
+                        &progress,
+                    )
                     .await
                     .map(|a| Some(command_result::Output::Activated(a)))
                     .map_err(|e| e.to_string()),

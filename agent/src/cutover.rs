@@ -61,6 +61,24 @@ pub struct WebRelease {
     /// Set for a docker release: run as a container of this image.
     #[serde(default)]
     pub container: Option<ContainerSpec>,
+    /// The names of the secrets the release gets (stored), and their values
+    /// (in memory only: never serialized, never printed).
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    #[serde(skip)]
+    pub secret_values: SecretValues,
+}
+
+/// Secret values as environment variables; their `Debug` shows names only.
+#[derive(Clone, Default, PartialEq)]
+pub struct SecretValues(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for SecretValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| format!("{name}=<redacted>")))
+            .finish()
+    }
 }
 
 /// Signals by name ("SIGTERM") in stored records.
@@ -341,6 +359,7 @@ fn release_env(
     port: u16,
 ) -> Vec<(String, String)> {
     let mut env = release.env.clone();
+    env.extend(release.secret_values.0.iter().cloned());
     env.push(("HOST".into(), settings.address.to_string()));
     if port != 0 {
         env.push(("PORT".into(), port.to_string()));

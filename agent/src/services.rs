@@ -467,6 +467,16 @@ impl NodeServices {
                 )
             }
         };
+        let secrets: Vec<String> = release.secrets.iter().map(|s| s.name.clone()).collect();
+        if let Some(bad) = secrets.iter().find(|name| {
+            name.is_empty()
+                || name.starts_with(|c: char| c.is_ascii_digit())
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        }) {
+            return Err(ServiceError::Invalid(format!(
+                "secret name {bad:?} is not an environment variable name"
+            )));
+        }
         let mut stop_signal = if release.stop_signal.is_empty() {
             Signal::SIGTERM
         } else {
@@ -560,20 +570,31 @@ impl NodeServices {
             stop_command: release.stop_command.clone(),
             stop_timeout: Duration::from_millis(release.stop_timeout_ms),
             container,
+            secrets,
+            secret_values: Default::default(),
         })
     }
 
-    /// Prepares `release` and cuts its service over to it.
-    /// Cuts the service over to `release`. With `drain_first` the node
+    /// Prepares `release` and cuts its service over to it, with the values
+    /// of its secrets in its environment. With `drain_first` the node
     /// leaves the external load balancer for the cutover and returns to it
     /// afterwards, whatever the outcome (unless an operator had drained it).
     pub async fn activate(
         &self,
         release: &pb::Release,
         drain_first: bool,
+        secret_values: &std::collections::HashMap<String, String>,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<pb::Activated, ServiceError> {
-        let web_release = self.prepare(release, progress).await?;
+        let mut web_release = self.prepare(release, progress).await?;
+        let mut values = Vec::new();
+        for name in &web_release.secrets {
+            let value = secret_values.get(name).ok_or_else(|| {
+                ServiceError::Invalid(format!("the coordinator sent no value for secret {name}"))
+            })?;
+            values.push((name.clone(), value.clone()));
+        }
+        web_release.secret_values = crate::cutover::SecretValues(values);
         let (listen, drain_timeout) = match ReleaseKind::of(release)? {
             ReleaseKind::Web(web) => (
                 Some(listen_addr(&web.listen, self.settings.address)?),

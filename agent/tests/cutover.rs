@@ -93,6 +93,8 @@ fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> WebRele
         stop_command: Vec::new(),
         stop_timeout: Duration::ZERO,
         container: None,
+        secrets: Vec::new(),
+        secret_values: Default::default(),
     }
 }
 

@@ -51,6 +51,11 @@ pub struct CoordinatorConfig {
     /// Without it the coordinator signs nothing.
     #[serde(default)]
     pub ca_key: Option<PathBuf>,
+    /// The master key file that seals secrets at rest (`cutover ca init`
+    /// creates `master.key` beside the CA). Without it secrets cannot be
+    /// set or deployed.
+    #[serde(default)]
+    pub master_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

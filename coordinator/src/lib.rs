@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod operator_api;
 pub mod registry;
 pub mod rollout;
+pub mod secrets;
 pub mod server;
 pub mod spec;
 pub mod store;

@@ -12,6 +12,7 @@ use cutover_common::identity::{Identity, Role};
 use cutover_common::pki::CertificateAuthority;
 use cutover_common::telemetry::{self, LogFormat};
 use cutover_coordinator::config::CoordinatorConfig;
+use cutover_coordinator::secrets::{MasterKeys, MASTER_KEY};
 use cutover_coordinator::Coordinator;
 use cutover_proto::v1::{ListEventsRequest, ListNodesRequest, PingNodeRequest};
 
@@ -91,6 +92,11 @@ enum Commands {
     },
     /// The audit log: every mutating call, who made it and how it ended.
     Audit(cli::access::AuditArgs),
+    /// Set, list or remove an environment's secrets; rotate the master key.
+    Secret {
+        #[command(subcommand)]
+        action: cli::access::SecretCommand,
+    },
     /// A local cluster on loopback for development and demos.
     Dev {
         #[command(subcommand)]
@@ -326,6 +332,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Operator { action } => {
             cli::access::operator(&cli.connect, action, json).await?;
         }
+        Commands::Secret { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            cli::access::secret(&mut client, action, json).await?;
+        }
         Commands::Audit(args) => {
             let mut client = cli.connect.operator_client().await?;
             cli::access::audit(&mut client, args, json).await?;
@@ -342,12 +352,11 @@ fn ca(action: CaAction) -> Result<()> {
     match action {
         CaAction::Init { dir, sans } => {
             CertificateAuthority::init_dir(&dir, &sans)?;
+            MasterKeys::create(&dir.join(MASTER_KEY))?;
             println!(
-                "created CA {}/ca.crt and the coordinator certificate {}/coordinator.crt\n\
-                 keep {}/ca.key secret: it signs every identity",
-                dir.display(),
-                dir.display(),
-                dir.display()
+                "created CA {dir}/ca.crt, the coordinator certificate {dir}/coordinator.crt and the secrets master key {dir}/{MASTER_KEY}\n\
+                 keep {dir}/ca.key (it signs every identity) and {dir}/{MASTER_KEY} (it seals every secret) secret",
+                dir = dir.display()
             );
         }
         CaAction::Issue {

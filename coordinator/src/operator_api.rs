@@ -13,6 +13,7 @@ use crate::registry::{CommandWaitError, NodeView, Registry};
 use crate::rollout::engine::Input;
 use crate::rollout::model::{self, Phase, Rollout, StoredRelease};
 use crate::rollout::{DeployRequest, Rollouts, Started};
+use crate::secrets::{SecretError, SecretInfo, Secrets};
 use crate::store::{
     EventRecord, Figures, NewEvent, NodeStatus, OperatorRecord, OperatorRole, ServiceStatus,
 };
@@ -31,6 +32,39 @@ pub struct OperatorApi {
     pub access: Arc<Access>,
     /// Signs operator certificates; `None` when `ca_key` is not configured.
     pub ca: Option<Arc<CertificateAuthority>>,
+    pub secrets: Arc<Secrets>,
+}
+
+fn secret_to_pb(env: &str, info: SecretInfo) -> pb::SecretEntry {
+    pb::SecretEntry {
+        env: env.to_string(),
+        name: info.name,
+        versions: info
+            .versions
+            .into_iter()
+            .map(
+                |(version, created_at_ms, created_by)| pb::SecretVersionInfo {
+                    version,
+                    created_at_ms,
+                    created_by,
+                },
+            )
+            .collect(),
+    }
+}
+
+impl From<SecretError> for Status {
+    fn from(error: SecretError) -> Self {
+        let message = error.to_string();
+        match error {
+            SecretError::BadName(_) | SecretError::TooLarge(..) | SecretError::Nul(_) => {
+                Status::invalid_argument(message)
+            }
+            SecretError::Missing { .. } => Status::not_found(message),
+            SecretError::Store(_) | SecretError::Corrupt { .. } => Status::internal(message),
+            _ => Status::failed_precondition(message),
+        }
+    }
 }
 
 /// Operators' certificates live a year unless the request says.
@@ -384,6 +418,93 @@ impl OperatorApi {
 
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
+    async fn set_secret(
+        &self,
+        request: Request<pb::SetSecretRequest>,
+    ) -> Result<Response<pb::SecretEntry>, Status> {
+        // Never the value: not here, not in the log, not in an error.
+        let args = json!({"env": request.get_ref().env, "name": request.get_ref().name});
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "set_secret", &args)?;
+        let r = request.into_inner();
+        let result = self
+            .secrets
+            .set(&r.env, &r.name, &r.value, &caller.who())
+            .and_then(|_| self.secrets.list(&r.env))
+            .map_err(Status::from)
+            .and_then(|all| {
+                all.into_iter()
+                    .find(|s| s.name == r.name)
+                    .map(|info| Response::new(secret_to_pb(&r.env, info)))
+                    .ok_or_else(|| Status::internal("the secret vanished after it was set"))
+            });
+        self.access.audit(&caller, "set_secret", &args, &result);
+        result
+    }
+
+    async fn list_secrets(
+        &self,
+        request: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "list_secrets",
+            &serde_json::Value::Null,
+        )?;
+        let env = request.into_inner().env;
+        let secrets = self
+            .secrets
+            .list(&env)?
+            .into_iter()
+            .map(|info| secret_to_pb(&env, info))
+            .collect();
+        Ok(Response::new(pb::ListSecretsResponse { secrets }))
+    }
+
+    async fn remove_secret(
+        &self,
+        request: Request<pb::RemoveSecretRequest>,
+    ) -> Result<Response<pb::RemoveSecretResponse>, Status> {
+        let args = json!({"env": request.get_ref().env, "name": request.get_ref().name});
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "remove_secret", &args)?;
+        let r = request.into_inner();
+        let result = self
+            .secrets
+            .remove(&r.env, &r.name)
+            .map(|removed| Response::new(pb::RemoveSecretResponse { removed }))
+            .map_err(Status::from);
+        self.access.audit(&caller, "remove_secret", &args, &result);
+        result
+    }
+
+    async fn rotate_master_key(
+        &self,
+        request: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
+        let args = serde_json::Value::Null;
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "rotate_master_key", &args)?;
+        let secrets = self.secrets.clone();
+        let result = tokio::task::spawn_blocking(move || secrets.rotate_master_key())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))
+            .and_then(|r| r.map_err(Status::from))
+            .map(|(key_id, reencrypted)| {
+                Response::new(pb::RotateMasterKeyResponse {
+                    key_id,
+                    reencrypted: reencrypted as u64,
+                })
+            });
+        self.access
+            .audit(&caller, "rotate_master_key", &args, &result);
+        result
+    }
+
     async fn create_operator(
         &self,
         request: Request<pb::CreateOperatorRequest>,

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::operator_api::OperatorApi;
 use crate::registry::Registry;
 use crate::rollout::Rollouts;
+use crate::secrets::{MasterKeys, Secrets};
 use crate::store::{SledStore, Store, StoreError};
 use cutover_common::pki::CertificateAuthority;
 
@@ -39,6 +40,8 @@ pub enum ServerError {
     Registries(String),
     #[error("ca_key: {0}")]
     Ca(cutover_common::pki::PkiError),
+    #[error(transparent)]
+    Secrets(crate::secrets::SecretError),
     #[error("cannot create data dir {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -114,6 +117,11 @@ impl Coordinator {
             None => None,
         };
         let access = Arc::new(Access::new(store.clone()));
+        let master_keys = match &config.master_key_file {
+            Some(path) => Some(MasterKeys::load(path).map_err(ServerError::Secrets)?),
+            None => None,
+        };
+        let secrets = Arc::new(Secrets::new(store.clone(), master_keys));
         let grpc_addr = grpc.local_addr().map_err(ServerError::Http)?;
         let http_addr = http.local_addr().map_err(ServerError::Http)?;
         let config = Arc::new(config);
@@ -134,6 +142,7 @@ impl Coordinator {
             metrics.clone(),
             artifacts.clone(),
             images,
+            secrets.clone(),
             shutdown.clone(),
         );
         let resumed = rollouts.recover()?;
@@ -146,6 +155,7 @@ impl Coordinator {
             rollouts: rollouts.clone(),
             access,
             ca,
+            secrets,
         })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);

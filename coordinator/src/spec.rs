@@ -61,6 +61,10 @@ pub struct ServiceSpec {
     /// Docker: an init process as PID 1 (signal forwarding, zombie reaping).
     #[serde(default)]
     pub init: Option<bool>,
+    /// Secrets of the environment this service's releases get as
+    /// environment variables of the same name (`cutover secret set`).
+    #[serde(default)]
+    pub secrets: Vec<String>,
     /// The node proxy's public address; a service without one is a worker.
     pub listen: Option<String>,
     #[serde(default)]
@@ -528,6 +532,14 @@ impl AppSpec {
             version: version.to_string(),
             artifact,
             container,
+            secrets: spec
+                .secrets
+                .iter()
+                .map(|name| pb::SecretRef {
+                    name: name.clone(),
+                    version: 0,
+                })
+                .collect(),
             command: spec.command.clone(),
             env: vars.into_iter().collect(),
             web,
@@ -733,6 +745,16 @@ fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
         }
     }
     validate_env_vars(&s.env).map_err(|(k, m)| (format!("env.{k}"), m))?;
+    for (i, name) in s.secrets.iter().enumerate() {
+        crate::secrets::validate_name(name)
+            .map_err(|e| (format!("secrets[{i}]"), e.to_string()))?;
+        if s.env.contains_key(name) {
+            return Err((
+                format!("secrets[{i}]"),
+                format!("{name} is also in env; a variable comes from one place"),
+            ));
+        }
+    }
     if s.stop_command.first().is_some_and(|p| p.is_empty()) {
         return Err((
             "stop_command".into(),

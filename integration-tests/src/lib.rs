@@ -47,6 +47,10 @@ impl Pki {
         tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = CertificateAuthority::init_dir(dir.path(), &[]).expect("ca init");
+        cutover_coordinator::secrets::MasterKeys::create(
+            &dir.path().join(cutover_coordinator::secrets::MASTER_KEY),
+        )
+        .expect("master key");
         Self { dir, ca }
     }
 
@@ -102,6 +106,7 @@ pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> 
         limits: Limits::default(),
         registries: Vec::new(),
         registry_ca: None,
+        master_key_file: Some(ca_key.with_file_name(cutover_coordinator::secrets::MASTER_KEY)),
         ca_key: Some(ca_key),
     }
 }
@@ -510,11 +515,27 @@ impl DevCluster {
     /// Runs `cutover ARGS` against this cluster, as a shell that sourced
     /// DIR/env would.
     pub fn cutover(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(bin("cutover"))
+        self.cutover_with_input(args, "")
+    }
+
+    /// `cutover ARGS` with `input` on its stdin.
+    pub fn cutover_with_input(&self, args: &[&str], input: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = std::process::Command::new(bin("cutover"))
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()
-            .expect("run cutover")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run cutover");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("cutover output")
     }
 
     pub fn nodes_json(&self) -> Vec<serde_json::Value> {
@@ -758,6 +779,7 @@ pub fn activate(id: &str, release: pb::Release) -> pb::Command {
         kind: Some(command::Kind::Activate(pb::ActivateRelease {
             release: Some(release),
             drain_first: false,
+            secret_values: Default::default(),
         })),
     }
 }

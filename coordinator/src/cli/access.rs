@@ -271,3 +271,150 @@ pub async fn audit(
     }
     Ok(())
 }
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SecretCommand {
+    /// Store a new version of a secret, read from stdin (never from the
+    /// command line, where it would land in shell history and `ps`).
+    Set {
+        #[arg(long)]
+        env: String,
+        name: String,
+    },
+    /// Names, versions and dates; never values.
+    List {
+        #[arg(long)]
+        env: String,
+    },
+    /// Remove every version of a secret.
+    Rm {
+        #[arg(long)]
+        env: String,
+        name: String,
+    },
+    /// A new master key; every stored value is re-encrypted with it.
+    RotateMasterKey,
+}
+
+fn secret_json(s: &pb::SecretEntry) -> Value {
+    json!({
+        "env": s.env,
+        "name": s.name,
+        "versions": s.versions.iter().map(|v| json!({
+            "version": v.version,
+            "created_at": rfc3339(v.created_at_ms),
+            "created_by": v.created_by,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn secret(
+    client: &mut OperatorServiceClient<Channel>,
+    command: SecretCommand,
+    json: bool,
+) -> Result<()> {
+    match command {
+        SecretCommand::Set { env, name } => {
+            use std::io::{IsTerminal, Read};
+            if std::io::stdin().is_terminal() {
+                eprintln!("reading the value of {name} from stdin; end it with Ctrl-D");
+            }
+            let mut value = Vec::new();
+            std::io::stdin()
+                .take(cutover_coordinator::secrets::MAX_VALUE_BYTES as u64 + 2)
+                .read_to_end(&mut value)
+                .context("cannot read the value from stdin")?;
+            // `echo value |` and a terminal both end with a newline that is
+            // not part of the value.
+            if value.ends_with(b"\n") {
+                value.pop();
+                if value.ends_with(b"\r") {
+                    value.pop();
+                }
+            }
+            let entry = client
+                .set_secret(pb::SetSecretRequest {
+                    env: env.clone(),
+                    name: name.clone(),
+                    value,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let version = entry.versions.last().map_or(0, |v| v.version);
+            if json {
+                println!("{}", secret_json(&entry));
+            } else {
+                println!(
+                    "secret {name} in {env} is now at version {version}; it takes effect with the next deploy of the services that name it"
+                );
+            }
+        }
+        SecretCommand::List { env } => {
+            let secrets = client
+                .list_secrets(pb::ListSecretsRequest { env })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .secrets;
+            if json {
+                println!(
+                    "{}",
+                    Value::Array(secrets.iter().map(secret_json).collect())
+                );
+            } else {
+                let mut rows = vec![["NAME", "VERSION", "VERSIONS KEPT", "SET", "BY"]
+                    .map(String::from)
+                    .to_vec()];
+                rows.extend(secrets.iter().map(|s| {
+                    let last = s.versions.last().cloned().unwrap_or_default();
+                    vec![
+                        s.name.clone(),
+                        last.version.to_string(),
+                        s.versions.len().to_string(),
+                        rfc3339(last.created_at_ms),
+                        last.created_by,
+                    ]
+                }));
+                print!("{}", render_table(&rows));
+            }
+        }
+        SecretCommand::Rm { env, name } => {
+            let removed = client
+                .remove_secret(pb::RemoveSecretRequest {
+                    env: env.clone(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .removed;
+            if json {
+                println!("{}", json!({"env": env, "name": name, "removed": removed}));
+            } else if removed {
+                println!("removed secret {name} from {env}");
+            } else {
+                println!("no secret {name} in {env}: nothing removed");
+            }
+        }
+        SecretCommand::RotateMasterKey => {
+            let rotated = client
+                .rotate_master_key(pb::RotateMasterKeyRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    json!({"key_id": rotated.key_id, "reencrypted": rotated.reencrypted})
+                );
+            } else {
+                println!(
+                    "master key {} is current; {} stored values re-encrypted with it",
+                    rotated.key_id, rotated.reencrypted
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -249,6 +249,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
         Ok(ca) => ca,
         Err(_) => CertificateAuthority::init_dir(&pki, &[])?,
     };
+    let master_key = pki.join(cutover_coordinator::secrets::MASTER_KEY);
+    if !master_key.exists() {
+        cutover_coordinator::secrets::MasterKeys::create(&master_key)?;
+    }
     let operator = Identity::new(Role::Operator, OPERATOR)?;
     ca.issue_client(&operator, 365)?
         .write(&pki, &format!("operator-{OPERATOR}"))?;
@@ -269,12 +273,15 @@ pub async fn up(args: UpArgs) -> Result<()> {
              shutdown_grace = \"5s\"\n\
              # signs certificates for `cutover operator create`\n\
              ca_key = {ca_key:?}\n\
+             # seals secrets at rest\n\
+             master_key_file = {master_key:?}\n\
              [tls]\n\
              ca_cert = {ca:?}\n\
              cert = {cert:?}\n\
              key = {key:?}\n",
             data = dir.join("coordinator").display().to_string(),
             ca_key = pki.join(cutover_common::pki::CA_KEY).display().to_string(),
+            master_key = master_key.display().to_string(),
             ca = pki.join("ca.crt").display().to_string(),
             cert = pki.join("coordinator.crt").display().to_string(),
             key = pki.join("coordinator.key").display().to_string(),

@@ -272,11 +272,14 @@ fn send_for(r: &Rollout, i: usize) -> Send {
         NodeState::Activating => command::Kind::Activate(pb::ActivateRelease {
             release: Some(r.release.0.clone()),
             drain_first: r.strategy.max_unavailable > 0,
+            // Filled by the driver on the way out, never stored.
+            secret_values: Default::default(),
         }),
         NodeState::RollingBack => match &r.previous {
             Some(previous) => command::Kind::Activate(pb::ActivateRelease {
                 release: Some(previous.0.clone()),
                 drain_first: r.strategy.max_unavailable > 0,
+                secret_values: Default::default(),
             }),
             None => command::Kind::StopService(pb::StopService {
                 service: r.service.clone(),

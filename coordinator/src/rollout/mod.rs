@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::images::{ImageResolver, PinnedImage};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
+use crate::secrets::{SecretError, Secrets};
 use crate::spec::{selects, AppSpec, SpecError, Strategy};
 use crate::store::{NewEvent, NodeStatus, ReleaseRecord, ReleaseState, Store, StoreError};
 use engine::{Input, Observation, Outcome, ServiceObservation};
@@ -74,6 +75,8 @@ pub enum RolloutError {
     Image(#[from] cutover_common::registry::RegistryError),
     #[error("{0}")]
     NoVersion(String),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -151,6 +154,7 @@ pub struct Rollouts {
     metrics: Arc<Metrics>,
     artifacts: Arc<crate::artifacts::ArtifactStore>,
     images: Arc<ImageResolver>,
+    secrets: Arc<Secrets>,
     running: Mutex<HashMap<String, Handle>>,
     /// Held while checking the deploy lock and creating, so two deploys of
     /// one service cannot both pass the check.
@@ -166,6 +170,7 @@ impl Rollouts {
         metrics: Arc<Metrics>,
         artifacts: Arc<crate::artifacts::ArtifactStore>,
         images: Arc<ImageResolver>,
+        secrets: Arc<Secrets>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -174,6 +179,7 @@ impl Rollouts {
             metrics,
             artifacts,
             images,
+            secrets,
             running: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
             shutdown,
@@ -268,6 +274,18 @@ impl Rollouts {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Secrets are pinned to their current versions, which the release
+        // id covers: a new version is a new release, rolled out like one.
+        let mut resolved = resolved;
+        for service in &mut resolved {
+            let release = &mut service.release;
+            for secret in &mut release.secrets {
+                secret.version = self.secrets.current(&service.env, &secret.name)?;
+            }
+            if !release.secrets.is_empty() {
+                release.release_id = crate::spec::release_id(release);
+            }
+        }
         let _creating = self.create.lock().await;
         let mut plans = Vec::new();
         for resolved in resolved {
@@ -704,7 +722,13 @@ impl Rollouts {
             });
             for send in sends {
                 let id = send.command.command_id.clone();
-                let task = tokio::spawn(deliver(self.registry.clone(), send, results_tx.clone()));
+                let task = tokio::spawn(deliver(
+                    self.registry.clone(),
+                    self.secrets.clone(),
+                    rollout.env.clone(),
+                    send,
+                    results_tx.clone(),
+                ));
                 commands.insert(id, task.abort_handle());
             }
             if rollout.state.is_terminal() {
@@ -821,6 +845,27 @@ impl Rollouts {
     }
 }
 
+/// Fills an activation's `secret_values` from the secret store.
+fn add_secret_values(
+    secrets: &Secrets,
+    env: &str,
+    command: &mut pb::Command,
+) -> Result<(), SecretError> {
+    let Some(pb::command::Kind::Activate(activate)) = command.kind.as_mut() else {
+        return Ok(());
+    };
+    let refs = activate
+        .release
+        .as_ref()
+        .map(|r| r.secrets.clone())
+        .unwrap_or_default();
+    for secret in refs {
+        let value = secrets.value(env, &secret.name, secret.version)?;
+        activate.secret_values.insert(secret.name, value);
+    }
+    Ok(())
+}
+
 fn abort_all(commands: HashMap<String, AbortHandle>) {
     for handle in commands.values() {
         handle.abort();
@@ -833,10 +878,21 @@ fn abort_all(commands: HashMap<String, AbortHandle>) {
 /// then aborts this task.
 async fn deliver(
     registry: Arc<Registry>,
-    send: engine::Send,
+    secrets: Arc<Secrets>,
+    env: String,
+    mut send: engine::Send,
     results: mpsc::UnboundedSender<Input>,
 ) {
     let command_id = send.command.command_id.clone();
+    // Secret values join the command here, on its way out: the rollout
+    // record (and anything else stored) holds only names and versions.
+    if let Err(error) = add_secret_values(&secrets, &env, &mut send.command) {
+        let _ = results.send(Input::Result {
+            command_id,
+            outcome: Outcome::Failed(error.to_string()),
+        });
+        return;
+    }
     loop {
         match registry.send_command(&send.node_id, send.command.clone()) {
             Ok(pending) => {

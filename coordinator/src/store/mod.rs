@@ -208,6 +208,28 @@ impl OperatorRole {
     }
 }
 
+/// A secret's kept versions, each sealed (see `secrets.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    pub env: String,
+    pub name: String,
+    /// Oldest first.
+    pub versions: Vec<SecretVersion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretVersion {
+    pub version: u32,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    /// The master key that sealed it.
+    pub key_id: String,
+    /// Hex.
+    pub nonce: String,
+    /// Hex, the AEAD tag included.
+    pub ciphertext: String,
+}
+
 /// One mutating call, as the audit log keeps it: appended, never changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
@@ -301,4 +323,11 @@ pub trait Store: Send + Sync + 'static {
     fn append_audit(&self, entry: AuditRecord) -> Result<AuditRecord, StoreError>;
     /// Entries at or after `since_ms`, oldest first, at most `limit`.
     fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    fn put_secret(&self, record: &SecretRecord) -> Result<(), StoreError>;
+    fn secret(&self, env: &str, name: &str) -> Result<Option<SecretRecord>, StoreError>;
+    fn secrets(&self, env: &str) -> Result<Vec<SecretRecord>, StoreError>;
+    fn all_secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Whether there was one to delete.
+    fn delete_secret(&self, env: &str, name: &str) -> Result<bool, StoreError>;
 }

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use super::{
-    AuditRecord, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord, Store,
-    StoreError,
+    AuditRecord, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord, SecretRecord,
+    Store, StoreError,
 };
 use crate::rollout::model::Rollout;
 
@@ -17,6 +17,7 @@ pub struct SledStore {
     counters: sled::Tree,
     operators: sled::Tree,
     audit: sled::Tree,
+    secrets: sled::Tree,
 }
 
 /// `env NUL service NUL`: the prefix of one service's release keys.
@@ -59,7 +60,9 @@ impl SledStore {
         let counters = db.open_tree("counters").map_err(backend)?;
         let operators = db.open_tree("operators").map_err(backend)?;
         let audit = db.open_tree("audit").map_err(backend)?;
+        let secrets = db.open_tree("secrets").map_err(backend)?;
         Ok(Self {
+            secrets,
             operators,
             audit,
             db,
@@ -284,6 +287,52 @@ impl Store for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn put_secret(&self, record: &SecretRecord) -> Result<(), StoreError> {
+        let key = format!("{}\0{}", record.env, record.name);
+        let value = serde_json::to_vec(record).expect("secret records serialize");
+        self.secrets.insert(key, value).map_err(backend)?;
+        self.secrets.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn secret(&self, env: &str, name: &str) -> Result<Option<SecretRecord>, StoreError> {
+        let key = format!("{env}\0{name}");
+        self.secrets
+            .get(&key)
+            .map_err(backend)?
+            .map(|value| decode(key.as_bytes(), &value))
+            .transpose()
+    }
+
+    fn secrets(&self, env: &str) -> Result<Vec<SecretRecord>, StoreError> {
+        self.secrets
+            .scan_prefix(format!("{env}\0"))
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    fn all_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        self.secrets
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    fn delete_secret(&self, env: &str, name: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .secrets
+            .remove(format!("{env}\0{name}"))
+            .map_err(backend)?;
+        self.secrets.flush().map_err(backend)?;
+        Ok(removed.is_some())
     }
 
     fn delete_release(&self, env: &str, service: &str, release_id: &str) -> Result<(), StoreError> {

@@ -1,0 +1,388 @@
+//! Secrets: values an environment's releases need but nobody should read
+//! along the way. Stored encrypted (ChaCha20-Poly1305) under a master key
+//! from `master_key_file`; each ciphertext records the id of the key that
+//! sealed it and is bound to its environment, name and version, so a value
+//! cannot be moved to another secret. Values leave the coordinator only in
+//! the activate command to an agent of that environment, over mTLS.
+//!
+//! The master key file holds one key per line, `<key id> <64 hex digits>`,
+//! the first one current. Rotation adds a key in front, re-encrypts every
+//! stored value with it, then drops the others: a crash in between leaves a
+//! file with both keys, so every record still opens.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cutover_common::fsutil::write_atomic;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use ring::rand::{SecureRandom, SystemRandom};
+use sha2::{Digest as _, Sha256};
+
+use crate::store::{SecretRecord, SecretVersion, Store, StoreError};
+
+/// The master key file's name in a PKI dir (`cutover ca init`).
+pub const MASTER_KEY: &str = "master.key";
+
+/// Versions kept per secret: a rollback to a release that used an older
+/// one still finds its value.
+pub const VERSIONS_KEPT: usize = 10;
+
+/// Largest value accepted.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("master key file {path}: {reason}")]
+    KeyFile { path: PathBuf, reason: String },
+    #[error("this coordinator has no master key: set `master_key_file` in its config (`cutover ca init` creates one)")]
+    NoMasterKey,
+    #[error(
+        "secret name {0:?}: use letters, digits and '_', not starting with a digit, at most 128"
+    )]
+    BadName(String),
+    #[error("the value of {0} is {1} bytes; at most {MAX_VALUE_BYTES} are accepted")]
+    TooLarge(String, usize),
+    #[error("the value of {0} contains a NUL byte, which an environment variable cannot hold")]
+    Nul(String),
+    #[error("no secret {name} in environment {env}; set it with `cutover secret set --env {env} {name}`")]
+    Missing { env: String, name: String },
+    #[error("secret {name} version {version} in environment {env} is no longer kept (the last {VERSIONS_KEPT} are); deploy with the current version")]
+    VersionGone {
+        env: String,
+        name: String,
+        version: u32,
+    },
+    #[error("secret {name} in environment {env} cannot be opened: {reason}")]
+    Corrupt {
+        env: String,
+        name: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub fn validate_name(name: &str) -> Result<(), SecretError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(SecretError::BadName(name.to_string()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+struct MasterKey {
+    id: String,
+    key: [u8; 32],
+}
+
+impl MasterKey {
+    fn generate() -> Self {
+        let mut key = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut key)
+            .expect("the system random source works");
+        let id = hex(&Sha256::digest(key)[..8]);
+        Self { id, key }
+    }
+
+    fn aead(&self) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &self.key).expect("a 32-byte key"))
+    }
+}
+
+/// The master keys, current first.
+pub struct MasterKeys {
+    path: PathBuf,
+    keys: Vec<MasterKey>,
+}
+
+impl MasterKeys {
+    /// Creates a key file with one new key; refuses to overwrite one, which
+    /// would make every stored secret unreadable.
+    pub fn create(path: &Path) -> Result<(), SecretError> {
+        if path.exists() {
+            return Err(SecretError::KeyFile {
+                path: path.to_path_buf(),
+                reason: "exists already; keep it (the secrets are sealed with it)".into(),
+            });
+        }
+        Self {
+            path: path.to_path_buf(),
+            keys: vec![MasterKey::generate()],
+        }
+        .write()
+    }
+
+    pub fn load(path: &Path) -> Result<Self, SecretError> {
+        let bad = |reason: String| SecretError::KeyFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let mut keys = Vec::new();
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let (id, key) = line
+                .split_once(' ')
+                .ok_or_else(|| bad(format!("line {}: expected `<key id> <hex key>`", n + 1)))?;
+            let key: [u8; 32] = unhex(key.trim())
+                .and_then(|k| k.try_into().ok())
+                .ok_or_else(|| bad(format!("line {}: the key is not 64 hex digits", n + 1)))?;
+            keys.push(MasterKey {
+                id: id.to_string(),
+                key,
+            });
+        }
+        if keys.is_empty() {
+            return Err(bad("holds no key".into()));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            keys,
+        })
+    }
+
+    fn write(&self) -> Result<(), SecretError> {
+        let text: String = self
+            .keys
+            .iter()
+            .map(|k| format!("{} {}\n", k.id, hex(&k.key)))
+            .collect();
+        write_atomic(&self.path, text.as_bytes(), 0o600).map_err(|e| SecretError::KeyFile {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn current_id(&self) -> &str {
+        &self.keys[0].id
+    }
+
+    fn seal(&self, plaintext: &[u8], aad: &[u8]) -> (String, String, String) {
+        let key = &self.keys[0];
+        let mut nonce = [0u8; 12];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .expect("the system random source works");
+        let mut data = plaintext.to_vec();
+        key.aead()
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut data,
+            )
+            .expect("sealing never fails for a valid key");
+        (key.id.clone(), hex(&nonce), hex(&data))
+    }
+
+    fn open(&self, version: &SecretVersion, aad: &[u8]) -> Result<Vec<u8>, String> {
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id == version.key_id)
+            .ok_or_else(|| {
+                format!(
+                    "it was sealed with master key {}, which the key file no longer holds",
+                    version.key_id
+                )
+            })?;
+        let nonce: [u8; 12] = unhex(&version.nonce)
+            .and_then(|n| n.try_into().ok())
+            .ok_or("its nonce is malformed")?;
+        let mut data = unhex(&version.ciphertext).ok_or("its ciphertext is malformed")?;
+        let plain = key
+            .aead()
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut data,
+            )
+            .map_err(|_| "authentication failed (wrong key, or the record was altered)")?;
+        Ok(plain.to_vec())
+    }
+}
+
+/// What binds a ciphertext to its place.
+fn aad(env: &str, name: &str, version: u32) -> Vec<u8> {
+    format!("cutover-secret\0{env}\0{name}\0{version}").into_bytes()
+}
+
+/// A secret's name and version, never its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretInfo {
+    pub name: String,
+    pub versions: Vec<(u32, i64, String)>,
+}
+
+pub struct Secrets {
+    store: Arc<dyn Store>,
+    keys: Option<Mutex<MasterKeys>>,
+}
+
+impl Secrets {
+    pub fn new(store: Arc<dyn Store>, keys: Option<MasterKeys>) -> Self {
+        Self {
+            store,
+            keys: keys.map(Mutex::new),
+        }
+    }
+
+    fn keys(&self) -> Result<std::sync::MutexGuard<'_, MasterKeys>, SecretError> {
+        Ok(self
+            .keys
+            .as_ref()
+            .ok_or(SecretError::NoMasterKey)?
+            .lock()
+            .expect("master key lock"))
+    }
+
+    /// Stores a new version of `env`/`name`; returns its number.
+    pub fn set(&self, env: &str, name: &str, value: &[u8], by: &str) -> Result<u32, SecretError> {
+        validate_name(name)?;
+        cutover_common::identity::validate_name(env)
+            .map_err(|e| SecretError::BadName(format!("{env} ({e})")))?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(SecretError::TooLarge(name.into(), value.len()));
+        }
+        if value.contains(&0) {
+            return Err(SecretError::Nul(name.into()));
+        }
+        let keys = self.keys()?;
+        let mut record = self.store.secret(env, name)?.unwrap_or(SecretRecord {
+            env: env.to_string(),
+            name: name.to_string(),
+            versions: Vec::new(),
+        });
+        let version = record.versions.last().map_or(1, |v| v.version + 1);
+        let (key_id, nonce, ciphertext) = keys.seal(value, &aad(env, name, version));
+        record.versions.push(SecretVersion {
+            version,
+            created_at_ms: cutover_common::now_ms(),
+            created_by: by.to_string(),
+            key_id,
+            nonce,
+            ciphertext,
+        });
+        let excess = record.versions.len().saturating_sub(VERSIONS_KEPT);
+        record.versions.drain(..excess);
+        self.store.put_secret(&record)?;
+        Ok(version)
+    }
+
+    pub fn list(&self, env: &str) -> Result<Vec<SecretInfo>, SecretError> {
+        Ok(self
+            .store
+            .secrets(env)?
+            .into_iter()
+            .map(|r| SecretInfo {
+                name: r.name,
+                versions: r
+                    .versions
+                    .into_iter()
+                    .map(|v| (v.version, v.created_at_ms, v.created_by))
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// Removes every version; releases that name it can no longer start.
+    pub fn remove(&self, env: &str, name: &str) -> Result<bool, SecretError> {
+        validate_name(name)?;
+        Ok(self.store.delete_secret(env, name)?)
+    }
+
+    /// The current version of each named secret in `env`.
+    pub fn current(&self, env: &str, name: &str) -> Result<u32, SecretError> {
+        self.store
+            .secret(env, name)?
+            .and_then(|r| r.versions.last().map(|v| v.version))
+            .ok_or_else(|| SecretError::Missing {
+                env: env.into(),
+                name: name.into(),
+            })
+    }
+
+    /// The value of `env`/`name` at `version`, to hand to an agent.
+    pub fn value(&self, env: &str, name: &str, version: u32) -> Result<String, SecretError> {
+        let keys = self.keys()?;
+        let record = self
+            .store
+            .secret(env, name)?
+            .ok_or_else(|| SecretError::Missing {
+                env: env.into(),
+                name: name.into(),
+            })?;
+        let stored = record
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| SecretError::VersionGone {
+                env: env.into(),
+                name: name.into(),
+                version,
+            })?;
+        let corrupt = |reason: String| SecretError::Corrupt {
+            env: env.into(),
+            name: name.into(),
+            reason,
+        };
+        let plain = keys
+            .open(stored, &aad(env, name, version))
+            .map_err(corrupt)?;
+        String::from_utf8(plain).map_err(|_| corrupt("not UTF-8".into()))
+    }
+
+    /// A new master key; every stored value re-encrypted with it; the old
+    /// keys dropped. Returns the new key's id and how many values were
+    /// re-encrypted.
+    pub fn rotate_master_key(&self) -> Result<(String, usize), SecretError> {
+        let mut keys = self.keys()?;
+        keys.keys.insert(0, MasterKey::generate());
+        // Both keys on disk before any record changes.
+        keys.write()?;
+        let mut count = 0;
+        for mut record in self.store.all_secrets()? {
+            for version in &mut record.versions {
+                let aad = aad(&record.env, &record.name, version.version);
+                let plain = keys
+                    .open(version, &aad)
+                    .map_err(|reason| SecretError::Corrupt {
+                        env: record.env.clone(),
+                        name: record.name.clone(),
+                        reason,
+                    })?;
+                let (key_id, nonce, ciphertext) = keys.seal(&plain, &aad);
+                version.key_id = key_id;
+                version.nonce = nonce;
+                version.ciphertext = ciphertext;
+                count += 1;
+            }
+            self.store.put_secret(&record)?;
+        }
+        keys.keys.truncate(1);
+        keys.write()?;
+        tracing::info!(key_id = %keys.current_id(), values = count, "master key rotated");
+        Ok((keys.current_id().to_string(), count))
+    }
+}
