@@ -30,7 +30,7 @@ use crate::checks::{Check, HealthGate, Healthy, Outcome, Target, Unhealthy};
 use crate::proxy::{DrainReport, Proxy, Upstream};
 use crate::runtime::docker::{ContainerSpec, DockerEngine};
 use crate::runtime::process::{
-    stop_leftover, ContainerLaunch, ProcessError, ProcessSpec, StopReport, Supervisor,
+    stop_leftover, ContainerLaunch, ProcessError, ProcessSpec, SecretSlot, StopReport, Supervisor,
 };
 use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError, HISTORY_LIMIT};
 use cutover_common::net::allocate_port;
@@ -62,23 +62,13 @@ pub struct WebRelease {
     #[serde(default)]
     pub container: Option<ContainerSpec>,
     /// The names of the secrets the release gets (stored), and their values
-    /// (in memory only: never serialized, never printed).
+    /// (in memory only: never serialized, never printed; pending in a
+    /// release read back from the store until the coordinator sends them
+    /// again).
     #[serde(default)]
     pub secrets: Vec<String>,
     #[serde(skip)]
-    pub secret_values: SecretValues,
-}
-
-/// Secret values as environment variables; their `Debug` shows names only.
-#[derive(Clone, Default, PartialEq)]
-pub struct SecretValues(pub Vec<(String, String)>);
-
-impl std::fmt::Debug for SecretValues {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.0.iter().map(|(name, _)| format!("{name}=<redacted>")))
-            .finish()
-    }
+    pub secret_values: SecretSlot,
 }
 
 /// Signals by name ("SIGTERM") in stored records.
@@ -348,6 +338,23 @@ fn process_spec(settings: &WebServiceSettings, release: &WebRelease, port: u16) 
             address: settings.address,
             port,
         }),
+        secrets: if release.secrets.is_empty() {
+            SecretSlot::ready(Vec::new())
+        } else {
+            release.secret_values.clone()
+        },
+    }
+}
+
+/// Where checks reach a release, and the environment exec checks run with
+/// (the release's, its secrets included once known).
+fn check_target(settings: &WebServiceSettings, release: &WebRelease, port: u16) -> Target {
+    let mut env = release_env(settings, release, port);
+    env.extend(release.secret_values.values().unwrap_or_default());
+    Target {
+        addr: SocketAddr::new(settings.address, port),
+        workdir: release.workdir.clone(),
+        env,
     }
 }
 
@@ -359,7 +366,6 @@ fn release_env(
     port: u16,
 ) -> Vec<(String, String)> {
     let mut env = release.env.clone();
-    env.extend(release.secret_values.0.iter().cloned());
     env.push(("HOST".into(), settings.address.to_string()));
     if port != 0 {
         env.push(("PORT".into(), port.to_string()));
@@ -408,7 +414,6 @@ impl WebService {
             return Ok(service);
         };
         let spec = process_spec(&service.settings, &active.release, active.port);
-        let addr = SocketAddr::new(service.settings.address, active.port);
         let adopted = match active.instance.clone() {
             Some(instance) => Supervisor::adopt(spec.clone(), instance).await,
             None => None,
@@ -417,16 +422,17 @@ impl WebService {
             Some(adopted) => adopted,
             None => {
                 tracing::warn!(service = %service.settings.name, release = %active.release.release_id, "recorded process is gone, starting the release again");
+                let waits_for_secrets = spec.secrets.is_pending();
                 let started =
-                    Supervisor::restart(spec, "it ended while the agent was down".into()).await?;
-                let target = Target {
-                    addr,
-                    workdir: active.release.workdir.clone(),
-                    env: release_env(&service.settings, &active.release, active.port),
-                };
+                    Supervisor::restart(spec, "it ended while the agent was down".into()).await;
+                let target = check_target(&service.settings, &active.release, active.port);
                 // Nothing else can serve: an unhealthy start still gets the
-                // traffic (and keeps being restarted), but it is logged.
-                if let Some(check) = &active.release.health {
+                // traffic (and keeps being restarted), but it is logged. One
+                // that waits for its secrets starts once the session to the
+                // coordinator brings them; nothing to check before.
+                if waits_for_secrets {
+                    tracing::warn!(service = %service.settings.name, release = %active.release.release_id, "the release starts once the coordinator sends its secrets again");
+                } else if let Some(check) = &active.release.health {
                     if let Err(failure) = active.release.gate.wait(check, &target).await {
                         tracing::error!(service = %service.settings.name, %failure, "recovered release is not healthy");
                     }
@@ -450,11 +456,7 @@ impl WebService {
         supervisor: Supervisor,
     ) -> (Option<Running>, Option<Arc<Upstream>>) {
         let addr = SocketAddr::new(self.settings.address, port);
-        let target = Target {
-            addr,
-            workdir: release.workdir.clone(),
-            env: release_env(&self.settings, &release, port),
-        };
+        let target = check_target(&self.settings, &release, port);
         let (health, monitor) = monitor_health(&self.settings.name, &release, target);
         let upstream = self
             .proxy
@@ -520,6 +522,20 @@ impl WebService {
                 }
             }
         });
+    }
+
+    /// The serving release, if it needs secret values it does not have (the
+    /// agent restarted): its id, the names, and the slot to fill.
+    pub fn pending_secrets(&self) -> Option<(String, Vec<String>, SecretSlot)> {
+        let running = self.active.as_ref()?;
+        let release = &running.spec;
+        (!release.secrets.is_empty() && release.secret_values.is_pending()).then(|| {
+            (
+                release.release_id.clone(),
+                release.secrets.clone(),
+                release.secret_values.clone(),
+            )
+        })
     }
 
     /// The service's proxy; `None` for a worker.
@@ -589,11 +605,7 @@ impl WebService {
             }
         }
         self.track(&release.release_id, port, &supervisor);
-        let target = Target {
-            addr,
-            workdir: release.workdir.clone(),
-            env: release_env(settings, &release, port),
-        };
+        let target = check_target(settings, &release, port);
         let serving = self.active.as_ref().map(|r| r.release_id.clone());
 
         progress(Step::HealthChecking);

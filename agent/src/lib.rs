@@ -257,6 +257,9 @@ impl Agent {
         // until it ends.
         *self.outbox.lock().expect("outbox lock") = Some(outbound.clone());
         self.executor.services().set_coordinator(Some(connection));
+        // Releases that restarted without their secrets get them back now.
+        let services = self.executor.services().clone();
+        tokio::spawn(async move { services.fetch_pending_secrets().await });
         let _closed = SessionGuard {
             outbox: self.outbox.clone(),
             services: self.executor.services().clone(),

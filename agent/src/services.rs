@@ -594,7 +594,7 @@ impl NodeServices {
             })?;
             values.push((name.clone(), value.clone()));
         }
-        web_release.secret_values = crate::cutover::SecretValues(values);
+        web_release.secret_values = crate::runtime::process::SecretSlot::ready(values);
         let (listen, drain_timeout) = match ReleaseKind::of(release)? {
             ReleaseKind::Web(web) => (
                 Some(listen_addr(&web.listen, self.settings.address)?),
@@ -722,6 +722,58 @@ impl NodeServices {
     /// The session's connection, while one is open.
     pub fn set_coordinator(&self, channel: Option<Channel>) {
         *self.coordinator.lock().expect("coordinator lock") = channel;
+    }
+
+    /// Asks the coordinator for the secrets of every serving release that
+    /// needs them and lacks them (the agent restarted: they were in memory
+    /// only). Their supervisors (re)start them with the values from then on.
+    pub async fn fetch_pending_secrets(&self) {
+        let Some(channel) = self.coordinator.lock().expect("coordinator lock").clone() else {
+            return;
+        };
+        let services: Vec<(String, Arc<Mutex<WebService>>)> = self
+            .services
+            .lock()
+            .await
+            .iter()
+            .map(|(name, service)| (name.clone(), service.clone()))
+            .collect();
+        for (name, service) in services {
+            let Some((release_id, names, slot)) = service.lock().await.pending_secrets() else {
+                continue;
+            };
+            let mut client =
+                cutover_proto::v1::agent_service_client::AgentServiceClient::new(channel.clone());
+            let request = pb::FetchSecretsRequest {
+                service: name.clone(),
+                release_id: release_id.clone(),
+            };
+            match client.fetch_secrets(request).await {
+                Ok(response) => {
+                    let mut values = response.into_inner().values;
+                    let mut missing = Vec::new();
+                    let found: Vec<(String, String)> = names
+                        .iter()
+                        .filter_map(|secret| match values.remove(secret) {
+                            Some(value) => Some((secret.clone(), value)),
+                            None => {
+                                missing.push(secret.clone());
+                                None
+                            }
+                        })
+                        .collect();
+                    if missing.is_empty() {
+                        slot.fill(found);
+                        tracing::info!(service = %name, release = %release_id, "secrets fetched again; the release can start");
+                    } else {
+                        tracing::error!(service = %name, release = %release_id, ?missing, "the coordinator sent no value for these secrets");
+                    }
+                }
+                Err(status) => {
+                    tracing::error!(service = %name, release = %release_id, error = %status.message(), "cannot fetch the release's secrets")
+                }
+            }
+        }
     }
 
     async fn service(&self, name: &str) -> Result<Arc<Mutex<WebService>>, ServiceError> {

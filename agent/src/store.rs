@@ -79,13 +79,12 @@ pub struct AgentStore {
 
 impl AgentStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|e| StoreError::Open {
+        let db = cutover_common::sled_open::open(sled::Config::new(), dir).map_err(|e| {
+            StoreError::Open {
                 path: dir.display().to_string(),
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         let services = db.open_tree("services").map_err(backend)?;
         Ok(Self {
             db,

@@ -13,6 +13,7 @@ pub mod net;
 pub mod pki;
 pub mod registry;
 pub mod shutdown;
+pub mod sled_open;
 pub mod telemetry;
 pub mod tls;
 

@@ -164,7 +164,9 @@ impl Access {
         self.append(&caller.who(), action, arguments, &outcome);
     }
 
-    fn append(&self, who: &str, action: &str, arguments: &Value, outcome: &str) {
+    /// Appends one entry as is (calls outside the operator API, such as an
+    /// agent fetching its secrets).
+    pub fn append(&self, who: &str, action: &str, arguments: &Value, outcome: &str) {
         let entry = AuditRecord {
             seq: 0,
             at_ms: cutover_common::now_ms(),

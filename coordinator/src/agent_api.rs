@@ -13,15 +13,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::access::Access;
 use crate::artifacts::ArtifactStore;
 use crate::config::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::registry::{Attached, Registry};
+use crate::secrets::Secrets;
 use crate::store::{Figures, ServiceStatus, Traffic};
 
 pub struct AgentApi {
     pub registry: Arc<Registry>,
     pub artifacts: Arc<ArtifactStore>,
+    pub secrets: Arc<Secrets>,
+    pub access: Arc<Access>,
     pub config: Arc<CoordinatorConfig>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
@@ -30,6 +34,50 @@ pub struct AgentApi {
 const MAX_LABELS: usize = 64;
 const MAX_CAPABILITIES: usize = 64;
 const MAX_RECENT_COMMANDS: usize = 1024;
+
+impl AgentApi {
+    /// The values of a release's secrets, if `node` may have them: the
+    /// release was rolled out to an environment whose selector matches it.
+    fn secrets_for(
+        &self,
+        node: &str,
+        request: &pb::FetchSecretsRequest,
+    ) -> Result<std::collections::HashMap<String, String>, Status> {
+        let labels = self
+            .registry
+            .list()
+            .into_iter()
+            .find(|n| n.record.name == node)
+            .map(|n| n.record.labels)
+            .ok_or_else(|| Status::permission_denied(format!("node {node} is not registered")))?;
+        let record = self
+            .registry
+            .store()
+            .all_releases()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .find(|r| {
+                r.service == request.service
+                    && r.release.id() == request.release_id
+                    && crate::spec::selects(&r.selector, &labels)
+            })
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "node {node} runs no release {} of service {} that was rolled out to it",
+                    request.release_id, request.service
+                ))
+            })?;
+        let mut values = std::collections::HashMap::new();
+        for secret in &record.release.0.secrets {
+            let value = self
+                .secrets
+                .value(&record.env, &secret.name, secret.version)
+                .map_err(Status::from)?;
+            values.insert(secret.name.clone(), value);
+        }
+        Ok(values)
+    }
+}
 
 fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> {
     if hello.name != identity.name {
@@ -123,6 +171,27 @@ impl AgentService for AgentApi {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let chunks = self.artifacts.open_stream(&digest).await?;
         Ok(Response::new(ReceiverStream::new(chunks)))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<pb::FetchSecretsRequest>,
+    ) -> Result<Response<pb::FetchSecretsResponse>, Status> {
+        let identity = request
+            .extensions()
+            .get::<Identity>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no peer identity"))?;
+        let r = request.into_inner();
+        let args = serde_json::json!({"service": r.service, "release_id": r.release_id});
+        let who = format!("{}/{}", identity.role, identity.name);
+        let result = self.secrets_for(&identity.name, &r);
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(status) => format!("refused: {}", status.message()),
+        };
+        self.access.append(&who, "fetch_secrets", &args, &outcome);
+        result.map(|values| Response::new(pb::FetchSecretsResponse { values }))
     }
 
     async fn session(

@@ -13,7 +13,7 @@ use crate::registry::{CommandWaitError, NodeView, Registry};
 use crate::rollout::engine::Input;
 use crate::rollout::model::{self, Phase, Rollout, StoredRelease};
 use crate::rollout::{DeployRequest, Rollouts, Started};
-use crate::secrets::{SecretError, SecretInfo, Secrets};
+use crate::secrets::{SecretInfo, Secrets};
 use crate::store::{
     EventRecord, Figures, NewEvent, NodeStatus, OperatorRecord, OperatorRole, ServiceStatus,
 };
@@ -50,20 +50,6 @@ fn secret_to_pb(env: &str, info: SecretInfo) -> pb::SecretEntry {
                 },
             )
             .collect(),
-    }
-}
-
-impl From<SecretError> for Status {
-    fn from(error: SecretError) -> Self {
-        let message = error.to_string();
-        match error {
-            SecretError::BadName(_) | SecretError::TooLarge(..) | SecretError::Nul(_) => {
-                Status::invalid_argument(message)
-            }
-            SecretError::Missing { .. } => Status::not_found(message),
-            SecretError::Store(_) | SecretError::Corrupt { .. } => Status::internal(message),
-            _ => Status::failed_precondition(message),
-        }
     }
 }
 

@@ -130,6 +130,8 @@ impl Coordinator {
         let agent_api = AgentServiceServer::new(AgentApi {
             registry: registry.clone(),
             artifacts: artifacts.clone(),
+            secrets: secrets.clone(),
+            access: access.clone(),
             config: config.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),

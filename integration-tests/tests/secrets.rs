@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cutover_integration_tests::{app_archive, body, http_get, DevCluster};
+use cutover_integration_tests::{app_archive, body, http_get, release_pids, sigkill, DevCluster};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
@@ -24,6 +24,24 @@ fn sha256_hex(value: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The body of GET `path`, or `None` while the node cannot answer (its
+/// agent and proxy restarting, its release not started yet).
+fn try_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .starts_with("HTTP/1.1 200")
+        .then(|| body(&response).to_string())
 }
 
 /// Every file under `dir` (recursively) whose bytes contain `needle`.
@@ -188,6 +206,36 @@ fn a_secret_reaches_its_release_and_nothing_else() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(seen(0), sha256_hex(&marker));
+
+    // kill -9 of an agent and of its release: the restarted agent has no
+    // values (they were in memory only), asks the coordinator again, and
+    // starts the release with them.
+    sigkill(cluster.pid("agent-1.pid"));
+    for pid in release_pids(&cluster.path("agents/node-1")) {
+        sigkill(pid as i32);
+    }
+    let config = cluster.path("agent-1.toml").display().to_string();
+    cluster.restart(
+        "cutover-agent",
+        &["--config", &config],
+        "agent-1.pid",
+        "agent-1.log",
+    );
+    let public = format!("127.0.0.11:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if try_get(&public, "/env-sha256/DB_PASSWORD").as_deref()
+            == Some(sha256_hex(&marker).as_str())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 1 did not come back with its secret: {}",
+            cluster.log_tails()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let (ok, stdout, out) = run(
         &["--output", "json", "secret", "list", "--env", "local"],

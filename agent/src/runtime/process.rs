@@ -16,6 +16,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cutover_common::backoff::Backoff;
@@ -57,6 +58,69 @@ pub struct ProcessSpec {
     /// (`command`, when not empty, overrides the image's; `workdir` is
     /// unused) and its logs stay with the engine, rotated by it.
     pub container: Option<ContainerLaunch>,
+    /// Secret values added to `env` at every (re)start.
+    pub secrets: SecretSlot,
+}
+
+impl ProcessSpec {
+    /// `env` and the secret values: what the release (and its stop
+    /// command) runs with.
+    fn environment(&self) -> Result<Vec<(String, String)>, ProcessError> {
+        let secrets = self
+            .secrets
+            .values()
+            .ok_or_else(|| ProcessError::SecretsPending {
+                name: self.name.clone(),
+            })?;
+        Ok(self.env.iter().cloned().chain(secrets).collect())
+    }
+}
+
+/// Secret values of a release, shared by its supervisor and the agent: in
+/// memory only, and `None` while unknown (an agent that restarted has to
+/// ask the coordinator for them again; until then the release cannot be
+/// (re)started). `Debug` shows names only.
+#[derive(Clone, Default)]
+pub struct SecretSlot(Arc<Mutex<Option<Vec<(String, String)>>>>);
+
+impl SecretSlot {
+    pub fn ready(values: Vec<(String, String)>) -> Self {
+        Self(Arc::new(Mutex::new(Some(values))))
+    }
+
+    pub fn pending() -> Self {
+        Self(Arc::new(Mutex::new(None)))
+    }
+
+    pub fn fill(&self, values: Vec<(String, String)>) {
+        *self.0.lock().expect("secret slot lock") = Some(values);
+    }
+
+    pub fn values(&self) -> Option<Vec<(String, String)>> {
+        self.0.lock().expect("secret slot lock").clone()
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.0.lock().expect("secret slot lock").is_none()
+    }
+}
+
+impl PartialEq for SecretSlot {
+    fn eq(&self, other: &Self) -> bool {
+        self.values() == other.values()
+    }
+}
+
+impl std::fmt::Debug for SecretSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &*self.0.lock().expect("secret slot lock") {
+            None => f.write_str("SecretSlot(pending)"),
+            Some(values) => f
+                .debug_list()
+                .entries(values.iter().map(|(name, _)| format!("{name}=<redacted>")))
+                .finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +135,8 @@ pub struct ContainerLaunch {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
+    #[error("release {name}: waiting for its secrets from the coordinator")]
+    SecretsPending { name: String },
     #[error("release {name}: {source}")]
     Container {
         name: String,
@@ -246,20 +312,31 @@ impl Supervisor {
     /// dir) are returned here, later crashes are restarted and counted.
     pub async fn start(spec: ProcessSpec) -> Result<Self, ProcessError> {
         let tracked = spawn(&spec).await?;
-        Ok(Self::supervise(spec, tracked, ProcessStatus::default()))
+        Ok(Self::supervise(
+            spec,
+            Some(tracked),
+            ProcessStatus::default(),
+        ))
     }
 
     /// Starts a release that was found dead (its process or container ended
     /// while no agent watched it): counted as a crash, with `how`, so the
-    /// node's state shows it.
-    pub async fn restart(spec: ProcessSpec, how: String) -> Result<Self, ProcessError> {
-        let tracked = spawn(&spec).await?;
+    /// node's state shows it. If it cannot start yet (its secrets are not
+    /// back from the coordinator, say) it is retried like a crashed one.
+    pub async fn restart(spec: ProcessSpec, how: String) -> Self {
+        let (tracked, how) = match spawn(&spec).await {
+            Ok(tracked) => (Some(tracked), how),
+            Err(error) => {
+                tracing::warn!(release = %spec.name, %error, "cannot start the release yet; retrying");
+                (None, format!("{how}; {error}"))
+            }
+        };
         let history = ProcessStatus {
             crashes: 1,
             last_exit: Some(how),
             ..ProcessStatus::default()
         };
-        Ok(Self::supervise(spec, tracked, history))
+        Self::supervise(spec, tracked, history)
     }
 
     /// Takes over a process or container an earlier agent started, if it
@@ -268,12 +345,16 @@ impl Supervisor {
     pub async fn adopt(spec: ProcessSpec, instance: InstanceId) -> Option<Self> {
         let tracked = alive(instance, spec.container.as_ref().map(|c| &c.engine)).await?;
         tracing::info!(release = %spec.name, instance = %tracked.id(), "adopted running release");
-        Some(Self::supervise(spec, tracked, ProcessStatus::default()))
+        Some(Self::supervise(
+            spec,
+            Some(tracked),
+            ProcessStatus::default(),
+        ))
     }
 
-    fn supervise(spec: ProcessSpec, tracked: Tracked, history: ProcessStatus) -> Self {
+    fn supervise(spec: ProcessSpec, tracked: Option<Tracked>, history: ProcessStatus) -> Self {
         let (status_tx, status) = watch::channel(ProcessStatus {
-            instance: Some(tracked.id()),
+            instance: tracked.as_ref().map(Tracked::id),
             ..history
         });
         let stop = CancellationToken::new();
@@ -346,6 +427,7 @@ async fn alive(instance: InstanceId, engine: Option<&DockerEngine>) -> Option<Tr
 }
 
 async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
+    let env = &spec.environment()?;
     if let Some(launch) = &spec.container {
         let id = launch
             .engine
@@ -353,7 +435,7 @@ async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
                 &spec.name,
                 &launch.spec,
                 &spec.command,
-                &spec.env,
+                env,
                 launch.address,
                 launch.port,
                 (spec.log_max_bytes, spec.log_keep),
@@ -381,7 +463,7 @@ async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
     };
     let stdout = open_log(STDOUT)?;
     let stderr = open_log(STDERR)?;
-    let child = super::release_command(program, args, &spec.workdir, &spec.env)
+    let child = super::release_command(program, args, &spec.workdir, env)
         .stdout(stdout)
         .stderr(stderr)
         .spawn()
@@ -419,7 +501,7 @@ fn signal_group(pid: u32, signal: Signal) {
 
 async fn supervise(
     spec: ProcessSpec,
-    mut tracked: Tracked,
+    tracked: Option<Tracked>,
     status: watch::Sender<ProcessStatus>,
     stop: CancellationToken,
     release: CancellationToken,
@@ -435,6 +517,13 @@ async fn supervise(
     }
     let _rotation = rotation.drop_guard();
     let mut backoff = Backoff::new(spec.restart_min, spec.restart_max);
+    let mut tracked = match tracked {
+        Some(tracked) => tracked,
+        None => match respawn(&spec, &status, &stop, &release, spec.restart_min).await {
+            Ok(tracked) => tracked,
+            Err(ended) => return ended,
+        },
+    };
     loop {
         let started = Instant::now();
         let id = tracked.id();
@@ -466,22 +555,38 @@ async fn supervise(
             s.crashes += 1;
             s.last_exit = Some(exit.clone());
         });
-        // Respawn until it starts again or we are told to stop.
-        tracked = loop {
-            tokio::select! {
-                _ = stop.cancelled() => return Some(StopReport { graceful: true, took: Duration::ZERO }),
-                _ = release.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            match spawn(&spec).await {
-                Ok(tracked) => break tracked,
-                Err(error) => {
-                    tracing::error!(release = %spec.name, %error, "restart failed");
-                    status.send_modify(|s| s.last_exit = Some(error.to_string()));
-                }
-            }
+        tracked = match respawn(&spec, &status, &stop, &release, delay).await {
+            Ok(tracked) => tracked,
+            Err(ended) => return ended,
         };
-        status.send_modify(|s| s.instance = Some(tracked.id()));
+    }
+}
+
+/// Starts the release again every `delay` until it starts or supervision is
+/// told to stop (`Err` with what `supervise` returns then).
+async fn respawn(
+    spec: &ProcessSpec,
+    status: &watch::Sender<ProcessStatus>,
+    stop: &CancellationToken,
+    release: &CancellationToken,
+    delay: Duration,
+) -> Result<Tracked, Option<StopReport>> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Err(Some(StopReport { graceful: true, took: Duration::ZERO })),
+            _ = release.cancelled() => return Err(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        match spawn(spec).await {
+            Ok(tracked) => {
+                status.send_modify(|s| s.instance = Some(tracked.id()));
+                return Ok(tracked);
+            }
+            Err(error) => {
+                tracing::error!(release = %spec.name, %error, "restart failed");
+                status.send_modify(|s| s.last_exit = Some(error.to_string()));
+            }
+        }
     }
 }
 
@@ -509,8 +614,9 @@ async fn ask_to_stop(spec: &ProcessSpec, tracked: &mut Tracked) -> bool {
         return exits_by(spec, tracked, deadline).await;
     }
     let output = |file: &str| open_append(&spec.log_dir.join(file));
+    let env = spec.environment().unwrap_or_else(|_| spec.env.clone());
     let command = match (output(STDOUT), output(STDERR)) {
-        (Ok(stdout), Ok(stderr)) => super::release_command(program, args, &spec.workdir, &spec.env)
+        (Ok(stdout), Ok(stderr)) => super::release_command(program, args, &spec.workdir, &env)
             .stdout(stdout)
             .stderr(stderr)
             .spawn(),
@@ -610,6 +716,7 @@ mod tests {
             restart_min: Duration::from_millis(100),
             restart_max: Duration::from_millis(400),
             container: None,
+            secrets: SecretSlot::ready(Vec::new()),
         }
     }
 

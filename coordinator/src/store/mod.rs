@@ -324,6 +324,9 @@ pub trait Store: Send + Sync + 'static {
     /// Entries at or after `since_ms`, oldest first, at most `limit`.
     fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 
+    /// Every kept release record of every environment and service.
+    fn all_releases(&self) -> Result<Vec<ReleaseRecord>, StoreError>;
+
     fn put_secret(&self, record: &SecretRecord) -> Result<(), StoreError>;
     fn secret(&self, env: &str, name: &str) -> Result<Option<SecretRecord>, StoreError>;
     fn secrets(&self, env: &str) -> Result<Vec<SecretRecord>, StoreError>;

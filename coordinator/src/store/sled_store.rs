@@ -27,32 +27,13 @@ fn release_prefix(env: &str, service: &str) -> Vec<u8> {
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // A store closed a moment ago in this process (a restart in place)
-        // may still be locked by sled's background flusher finishing its
-        // last pass; wait for it briefly rather than fail.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let db = loop {
-            match sled::Config::new()
-                .path(dir)
-                .flush_every_ms(Some(200))
-                .open()
-            {
-                Ok(db) => break db,
-                // sled reports a held lock as an `Other` i/o error.
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => {
-                    return Err(StoreError::Backend(format!(
-                        "cannot open store at {}: {e}; is another coordinator using this data_dir?",
-                        dir.display()
-                    )))
-                }
-            }
-        };
+        let config = sled::Config::new().flush_every_ms(Some(200));
+        let db = cutover_common::sled_open::open(config, dir).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot open store at {}: {e}; is another coordinator using this data_dir?",
+                dir.display()
+            ))
+        })?;
         let nodes = db.open_tree("nodes").map_err(backend)?;
         let events = db.open_tree("events").map_err(backend)?;
         let rollouts = db.open_tree("rollouts").map_err(backend)?;
@@ -287,6 +268,16 @@ impl Store for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn all_releases(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
+        self.releases
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&key, &value)
+            })
+            .collect()
     }
 
     fn put_secret(&self, record: &SecretRecord) -> Result<(), StoreError> {
