@@ -19,6 +19,9 @@ fn text(output: &std::process::Output) -> String {
     )
 }
 
+/// A CLI run: success, stdout, stdout and stderr.
+type Ran = (bool, String, String);
+
 fn sha256_hex(value: &str) -> String {
     Sha256::digest(value.as_bytes())
         .iter()
@@ -90,8 +93,7 @@ fn a_secret_reaches_its_release_and_nothing_else() {
     let marker = format!("cutover-marker-{:016x}", rand::random::<u64>());
     let marker2 = format!("cutover-marker-{:016x}", rand::random::<u64>());
     let mut outputs = String::new();
-    // (success, stdout, stdout and stderr)
-    let mut run = |args: &[&str], input: &str| {
+    let mut run = |args: &[&str], input: &str| -> Ran {
         let output = cluster.cutover_with_input(args, input);
         let all = text(&output);
         outputs.push_str(&all);
@@ -118,9 +120,7 @@ fn a_secret_reaches_its_release_and_nothing_else() {
     let port =
         cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
     let spec_file = app.path().join("cutover.toml");
-    let deploy = |run: &mut dyn FnMut(&[&str], &str) -> (bool, String, String),
-                  secrets: &str,
-                  version: &str| {
+    let deploy = |run: &mut dyn FnMut(&[&str], &str) -> Ran, secrets: &str, version: &str| {
         std::fs::write(&spec_file, spec(port, secrets)).unwrap();
         run(
             &[

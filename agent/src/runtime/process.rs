@@ -81,10 +81,13 @@ impl ProcessSpec {
 /// ask the coordinator for them again; until then the release cannot be
 /// (re)started). `Debug` shows names only.
 #[derive(Clone, Default)]
-pub struct SecretSlot(Arc<Mutex<Option<Vec<(String, String)>>>>);
+pub struct SecretSlot(Arc<Mutex<Option<EnvVars>>>);
+
+/// Environment variables, name and value.
+type EnvVars = Vec<(String, String)>;
 
 impl SecretSlot {
-    pub fn ready(values: Vec<(String, String)>) -> Self {
+    pub fn ready(values: EnvVars) -> Self {
         Self(Arc::new(Mutex::new(Some(values))))
     }
 
@@ -92,11 +95,11 @@ impl SecretSlot {
         Self(Arc::new(Mutex::new(None)))
     }
 
-    pub fn fill(&self, values: Vec<(String, String)>) {
+    pub fn fill(&self, values: EnvVars) {
         *self.0.lock().expect("secret slot lock") = Some(values);
     }
 
-    pub fn values(&self) -> Option<Vec<(String, String)>> {
+    pub fn values(&self) -> Option<EnvVars> {
         self.0.lock().expect("secret slot lock").clone()
     }
 
