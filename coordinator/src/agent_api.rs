@@ -36,6 +36,21 @@ const MAX_CAPABILITIES: usize = 64;
 const MAX_RECENT_COMMANDS: usize = 1024;
 
 impl AgentApi {
+    /// Refuses a revoked certificate, on every agent call.
+    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .ok_or_else(|| Status::unauthenticated("no peer info"))?;
+        match self.registry.refusal(peer) {
+            Some(reason) => {
+                tracing::warn!(peer = ?peer.identity, %reason, "refused a revoked certificate");
+                Err(Status::permission_denied(reason))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// The values of a release's secrets, if `node` may have them: the
     /// release was rolled out to an environment whose selector matches it.
     fn secrets_for(
@@ -167,6 +182,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        self.admit(&request)?;
         let digest = cutover_common::digest::Digest::parse(&request.get_ref().digest)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let chunks = self.artifacts.open_stream(&digest).await?;
@@ -177,6 +193,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::FetchSecretsRequest>,
     ) -> Result<Response<pb::FetchSecretsResponse>, Status> {
+        self.admit(&request)?;
         let identity = request
             .extensions()
             .get::<Identity>()
@@ -198,6 +215,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        self.admit(&request)?;
         let identity = request
             .extensions()
             .get::<Identity>()

@@ -149,6 +149,12 @@ enum NodesAction {
         #[arg(long, default_value = "10s")]
         timeout: humantime::Duration,
     },
+    /// End a node's session and refuse its certificate from now on (admin).
+    /// The node keeps serving what it runs; a new certificate lets it back.
+    Revoke {
+        /// Node name.
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -224,6 +230,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         );
                     } else {
                         print!("{}", cli::nodes::to_table(&nodes));
+                    }
+                }
+                NodesAction::Revoke { node } => {
+                    let revoked = client
+                        .revoke_node(cutover_proto::v1::RevokeNodeRequest { node: node.clone() })
+                        .await
+                        .map_err(explain)?
+                        .into_inner();
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"node": revoked.node, "serial": revoked.serial})
+                        );
+                    } else if revoked.serial.is_empty() {
+                        println!("node {node} was never seen: every certificate of it is refused from now on");
+                    } else {
+                        println!(
+                            "node {node}: certificate {} refused from now on, its session ended; issue it a new one to let it back (`cutover ca issue agent --name {node}`)",
+                            revoked.serial
+                        );
                     }
                 }
                 NodesAction::Ping { node, timeout } => {

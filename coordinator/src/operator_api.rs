@@ -404,6 +404,32 @@ impl OperatorApi {
 
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
+    async fn revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        let args = json!({"node": request.get_ref().node});
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "revoke_node", &args)?;
+        let node = request.into_inner().node;
+        let result = cutover_common::identity::validate_name(&node)
+            .map_err(|e| Status::invalid_argument(format!("node name: {e}")))
+            .and_then(|()| {
+                self.registry
+                    .revoke(&node, &caller.who())
+                    .map_err(Status::from)
+            })
+            .map(|revocation| {
+                Response::new(pb::RevokeNodeResponse {
+                    node: revocation.node,
+                    serial: revocation.serial,
+                })
+            });
+        self.access.audit(&caller, "revoke_node", &args, &result);
+        result
+    }
+
     async fn set_secret(
         &self,
         request: Request<pb::SetSecretRequest>,

@@ -6,7 +6,7 @@
 //! touch memory, so thousands of agents do not turn into thousands of writes
 //! per interval.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::store::{
-    EventRecord, Figures, NewEvent, NodeRecord, NodeStatus, ServiceStatus, Store, StoreError,
+    EventRecord, Figures, NewEvent, NodeRecord, NodeStatus, Revocation, ServiceStatus, Store,
+    StoreError,
 };
 
 pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
@@ -172,6 +173,9 @@ pub struct Registry {
     inner: Mutex<Inner>,
     store: Arc<dyn Store>,
     ttl: Duration,
+    /// Refused agent certificates: (node, serial); an empty serial refuses
+    /// every certificate of the node.
+    revoked: Mutex<HashSet<(String, String)>>,
 }
 
 impl Registry {
@@ -196,11 +200,66 @@ impl Registry {
                 },
             );
         }
+        let revoked = store
+            .revocations()?
+            .into_iter()
+            .map(|r| (r.node, r.serial))
+            .collect();
         Ok(Self {
             inner: Mutex::new(inner),
             store,
             ttl,
+            revoked: Mutex::new(revoked),
         })
+    }
+
+    /// Why an agent's certificate is refused, if it is.
+    pub fn refusal(&self, peer: &PeerInfo) -> Option<String> {
+        let name = &peer.identity.as_ref()?.name;
+        let serial = peer.serial.clone().unwrap_or_default();
+        let revoked = self.revoked.lock().expect("revocation lock");
+        let refused = revoked.contains(&(name.clone(), serial.clone()))
+            || revoked.contains(&(name.clone(), String::new()));
+        refused.then(|| {
+            format!(
+                "the certificate of node {name} (serial {serial}) was revoked; issue the node a new one with `cutover ca issue agent --name {name}`"
+            )
+        })
+    }
+
+    /// Refuses node `name`'s certificate from now on and ends its session.
+    /// The certificate is the one it is connected with, or last connected
+    /// with; a node never seen has all its certificates refused.
+    pub fn revoke(&self, name: &str, by: &str) -> Result<Revocation, RegistryError> {
+        let mut inner = self.inner.lock().expect("registry lock");
+        let entry = inner.nodes.values_mut().find(|e| e.record.name == name);
+        let serial = entry
+            .as_ref()
+            .map(|e| e.record.cert_serial.clone())
+            .unwrap_or_default();
+        let revocation = Revocation {
+            node: name.to_string(),
+            serial,
+            at_ms: now_ms(),
+            by: by.to_string(),
+        };
+        self.store.put_revocation(&revocation)?;
+        self.revoked
+            .lock()
+            .expect("revocation lock")
+            .insert((revocation.node.clone(), revocation.serial.clone()));
+        if let Some(entry) = entry {
+            if let Some(session) = &entry.session {
+                session.cancel.cancel();
+            }
+            let record = entry.record.clone();
+            self.record_event(
+                "node_revoked",
+                &record,
+                format!("{by} revoked the certificate of node {name}"),
+            );
+        }
+        Ok(revocation)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -284,6 +343,7 @@ impl Registry {
                 .map(|p| p.record.services.clone())
                 .unwrap_or_default(),
             services_at_ms: previous.map_or(0, |p| p.record.services_at_ms),
+            cert_serial: peer.serial.clone().unwrap_or_default(),
         };
         if let Some((old, _)) = &replaced {
             self.store.delete_node(&old.id)?;

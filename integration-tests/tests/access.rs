@@ -306,3 +306,70 @@ async fn roles_hold_operators_to_what_they_may_do_and_the_audit_log_says_so() {
         "the spec text is not in the audit log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_is_cut_off_until_it_gets_a_new_certificate() {
+    let mut cluster = Cluster::start(1, Tuning::default()).await;
+    let connected = |want: bool| {
+        move |n: &[cutover_proto::v1::Node]| {
+            n.iter().any(|n| n.name == "node-1" && n.connected == want)
+        }
+    };
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), connected(true))
+        .await;
+    let mut client = cluster.operator().await;
+    let revoked = client
+        .revoke_node(cutover_proto::v1::RevokeNodeRequest {
+            node: "node-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!revoked.serial.is_empty(), "the serial it connected with");
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), connected(false))
+        .await;
+    // It keeps trying (every 500 ms here) and keeps being refused.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let nodes = cluster
+        .wait_for_nodes(Duration::from_secs(1), |_| true)
+        .await;
+    assert!(nodes.iter().all(|n| !n.connected), "{nodes:?}");
+
+    // A new certificate for the node is let back in.
+    let agent = cluster.agents.remove(0);
+    agent.stop().await;
+    cluster.pki.client_files(Role::Agent, "node-1");
+    let agent = cluster.start_agent("node-1").await;
+    cluster.agents.push(agent);
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), connected(true))
+        .await;
+
+    let events = client
+        .list_events(cutover_proto::v1::ListEventsRequest {
+            after_seq: 0,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(
+        events.iter().any(|e| e.kind == "node_revoked"),
+        "{events:?}"
+    );
+    let audit = client
+        .list_audit(cutover_proto::v1::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        audit.iter().any(|e| e.action == "revoke_node"
+            && e.outcome == "ok"
+            && e.arguments.contains("node-1")),
+        "{audit:?}"
+    );
+}

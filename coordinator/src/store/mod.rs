@@ -71,6 +71,21 @@ pub struct NodeRecord {
     /// report from before a node's switch for a fresh one.
     #[serde(default)]
     pub services_at_ms: i64,
+    /// The serial of the certificate the node last connected with: what
+    /// `nodes revoke` refuses.
+    #[serde(default)]
+    pub cert_serial: String,
+}
+
+/// A refused agent certificate (`cutover nodes revoke`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub node: String,
+    /// The certificate's serial; empty when the node never connected, and
+    /// then every certificate of that name is refused.
+    pub serial: String,
+    pub at_ms: i64,
+    pub by: String,
 }
 
 /// One service on a node, as its agent last reported it.
@@ -323,6 +338,9 @@ pub trait Store: Send + Sync + 'static {
     fn append_audit(&self, entry: AuditRecord) -> Result<AuditRecord, StoreError>;
     /// Entries at or after `since_ms`, oldest first, at most `limit`.
     fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError>;
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
 
     /// Every kept release record of every environment and service.
     fn all_releases(&self) -> Result<Vec<ReleaseRecord>, StoreError>;

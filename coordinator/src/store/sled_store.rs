@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use super::{
-    AuditRecord, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord, SecretRecord,
-    Store, StoreError,
+    AuditRecord, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord, Revocation,
+    SecretRecord, Store, StoreError,
 };
 use crate::rollout::model::Rollout;
 
@@ -18,6 +18,7 @@ pub struct SledStore {
     operators: sled::Tree,
     audit: sled::Tree,
     secrets: sled::Tree,
+    revocations: sled::Tree,
 }
 
 /// `env NUL service NUL`: the prefix of one service's release keys.
@@ -42,7 +43,9 @@ impl SledStore {
         let operators = db.open_tree("operators").map_err(backend)?;
         let audit = db.open_tree("audit").map_err(backend)?;
         let secrets = db.open_tree("secrets").map_err(backend)?;
+        let revocations = db.open_tree("revocations").map_err(backend)?;
         Ok(Self {
+            revocations,
             secrets,
             operators,
             audit,
@@ -270,6 +273,24 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
+        let key = format!("{}\0{}", revocation.node, revocation.serial);
+        let value = serde_json::to_vec(revocation).expect("revocations serialize");
+        self.revocations.insert(key, value).map_err(backend)?;
+        self.revocations.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.revocations
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
     fn all_releases(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
         self.releases
             .iter()
@@ -358,6 +379,7 @@ mod tests {
             figures: None,
             services: vec![],
             services_at_ms: 0,
+            cert_serial: String::new(),
         }
     }
 
