@@ -9,6 +9,7 @@ pub mod config;
 pub mod cutover;
 pub mod figures;
 pub mod proxy;
+pub mod renewal;
 pub mod runtime;
 pub mod services;
 pub mod state;
@@ -70,12 +71,35 @@ enum SessionError {
     Protocol(String),
 }
 
+/// How often a session checks whether the certificate is due for renewal.
+const RENEWAL_CHECK: Duration = Duration::from_secs(600);
+
+async fn keep_certificate_fresh(
+    files: cutover_common::tls::TlsFiles,
+    identity: cutover_common::identity::Identity,
+    channel: tonic::transport::Channel,
+    stop: CancellationToken,
+) {
+    loop {
+        if let Err(error) = renewal::renew_if_due(&files, &identity, channel.clone()).await {
+            tracing::error!(%error, "certificate renewal failed; retrying later");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RENEWAL_CHECK) => {}
+        }
+    }
+}
+
 pub struct Agent {
     config: AgentConfig,
     url: CoordinatorUrl,
     name: String,
     node_id: String,
+    /// Rebuilt for every connection: a renewed certificate is used from the
+    /// next one on.
     tls: Arc<rustls::ClientConfig>,
+    identity: cutover_common::identity::Identity,
     /// The address services bind and the hello reports.
     address: IpAddr,
     executor: Arc<Executor>,
@@ -92,6 +116,7 @@ impl Agent {
     /// `shutdown` ends the session loop and closes the service proxies.
     pub async fn new(config: AgentConfig, shutdown: CancellationToken) -> Result<Self, AgentError> {
         let url = CoordinatorUrl::parse(&config.coordinator)?;
+        renewal::complete_interrupted(&config.tls);
         let tls = tls::client_config(&config.tls)?;
         let identity = config.tls.identity()?.ok_or_else(|| {
             AgentError::Identity(format!(
@@ -144,6 +169,7 @@ impl Agent {
             name,
             node_id,
             tls,
+            identity,
             address,
             executor,
             outbox,
@@ -208,6 +234,7 @@ impl Agent {
             keepalive_timeout: self.config.keepalive_timeout,
             ..ChannelOptions::default()
         };
+        self.tls = tls::client_config(&self.config.tls)?;
         let connection = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             connection = tls::connect(&self.url, self.config.server_name.as_deref(), self.tls.clone(), &options) => connection?,
@@ -256,10 +283,22 @@ impl Agent {
         // Command tasks report (and fetch artifacts) through this session
         // until it ends.
         *self.outbox.lock().expect("outbox lock") = Some(outbound.clone());
-        self.executor.services().set_coordinator(Some(connection));
+        self.executor
+            .services()
+            .set_coordinator(Some(connection.clone()));
         // Releases that restarted without their secrets get them back now.
         let services = self.executor.services().clone();
         tokio::spawn(async move { services.fetch_pending_secrets().await });
+        // The certificate is renewed over this session when it is due; the
+        // checks end with the session.
+        let renewals = CancellationToken::new();
+        let _renewals = renewals.clone().drop_guard();
+        tokio::spawn(keep_certificate_fresh(
+            self.config.tls.clone(),
+            self.identity.clone(),
+            connection.clone(),
+            renewals,
+        ));
         let _closed = SessionGuard {
             outbox: self.outbox.clone(),
             services: self.executor.services().clone(),

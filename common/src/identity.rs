@@ -114,6 +114,9 @@ pub struct CertificateFacts {
     pub identity: Option<Identity>,
     /// Hex serial number: the handle for revocation.
     pub serial: String,
+    /// Validity, seconds since the epoch.
+    pub not_before: i64,
+    pub not_after: i64,
 }
 
 pub fn certificate_facts(der: &[u8]) -> Result<CertificateFacts, IdentityError> {
@@ -135,6 +138,8 @@ pub fn certificate_facts(der: &[u8]) -> Result<CertificateFacts, IdentityError> 
     Ok(CertificateFacts {
         identity,
         serial: cert.raw_serial_as_string().replace(':', ""),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
     })
 }
 

@@ -195,7 +195,7 @@ impl CertificateAuthority {
                 ),
             });
         }
-        self.issue_with(&identity, extra, true, validity_days)
+        self.issue_with(&identity, extra, true, days(validity_days))
     }
 
     /// A client certificate for an agent or an operator.
@@ -204,7 +204,17 @@ impl CertificateAuthority {
         identity: &Identity,
         validity_days: i64,
     ) -> Result<IssuedPair, PkiError> {
-        self.issue_with(identity, Vec::new(), false, validity_days)
+        self.issue_client_for(identity, days(validity_days))
+    }
+
+    /// A client certificate that lives `lifetime` (tests of renewal use
+    /// seconds, not days).
+    pub fn issue_client_for(
+        &self,
+        identity: &Identity,
+        lifetime: std::time::Duration,
+    ) -> Result<IssuedPair, PkiError> {
+        self.issue_with(identity, Vec::new(), false, lifetime)
     }
 
     /// A client certificate for `identity` on the public key of a signing
@@ -214,17 +224,11 @@ impl CertificateAuthority {
         &self,
         identity: &Identity,
         csr_pem: &str,
-        validity_days: i64,
+        lifetime: std::time::Duration,
     ) -> Result<String, PkiError> {
         let request = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadRequest(e.to_string()))?;
-        self.sign(
-            identity,
-            &request.public_key,
-            Vec::new(),
-            false,
-            validity_days,
-        )
+        self.sign(identity, &request.public_key, Vec::new(), false, lifetime)
     }
 
     fn issue_with(
@@ -232,11 +236,11 @@ impl CertificateAuthority {
         identity: &Identity,
         sans: Vec<SanType>,
         server: bool,
-        validity_days: i64,
+        lifetime: std::time::Duration,
     ) -> Result<IssuedPair, PkiError> {
         let key = KeyPair::generate()?;
         Ok(IssuedPair {
-            cert_pem: self.sign(identity, &key, sans, server, validity_days)?,
+            cert_pem: self.sign(identity, &key, sans, server, lifetime)?,
             key_pem: key.serialize_pem(),
         })
     }
@@ -247,7 +251,7 @@ impl CertificateAuthority {
         public_key: &impl PublicKeyData,
         mut sans: Vec<SanType>,
         server: bool,
-        validity_days: i64,
+        lifetime: std::time::Duration,
     ) -> Result<String, PkiError> {
         let mut params = CertificateParams::default();
         params
@@ -272,9 +276,13 @@ impl CertificateAuthority {
         params.serial_number = Some(random_serial());
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
-        params.not_after = now + Duration::days(validity_days);
+        params.not_after = now + lifetime;
         Ok(params.signed_by(public_key, &self.issuer)?.pem())
     }
+}
+
+fn days(count: i64) -> std::time::Duration {
+    std::time::Duration::from_secs(count.max(0) as u64 * 86_400)
 }
 
 fn random_serial() -> SerialNumber {
@@ -320,7 +328,9 @@ mod tests {
         let (csr, key_pem) =
             certificate_request(&Identity::new(Role::Operator, "mallory").unwrap()).unwrap();
         let alice = Identity::new(Role::Operator, "alice").unwrap();
-        let cert_pem = reloaded.sign_request(&alice, &csr, 1).unwrap();
+        let cert_pem = reloaded
+            .sign_request(&alice, &csr, std::time::Duration::from_secs(86_400))
+            .unwrap();
         let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .next()
             .unwrap()

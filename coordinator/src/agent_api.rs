@@ -26,6 +26,8 @@ pub struct AgentApi {
     pub artifacts: Arc<ArtifactStore>,
     pub secrets: Arc<Secrets>,
     pub access: Arc<Access>,
+    /// Signs renewed agent certificates; `None` without `ca_key`.
+    pub ca: Option<Arc<cutover_common::pki::CertificateAuthority>>,
     pub config: Arc<CoordinatorConfig>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
@@ -209,6 +211,37 @@ impl AgentService for AgentApi {
         };
         self.access.append(&who, "fetch_secrets", &args, &outcome);
         result.map(|values| Response::new(pb::FetchSecretsResponse { values }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        self.admit(&request)?;
+        let identity = request
+            .extensions()
+            .get::<Identity>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no peer identity"))?;
+        let who = format!("{}/{}", identity.role, identity.name);
+        let lifetime = self.config.agent_cert_lifetime;
+        let result = match &self.ca {
+            None => Err(Status::failed_precondition(
+                "this coordinator cannot sign certificates: set `ca_key` in its config",
+            )),
+            Some(ca) => ca
+                .sign_request(&identity, &request.get_ref().csr_pem, lifetime)
+                .map_err(|e| Status::invalid_argument(e.to_string())),
+        };
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(status) => format!("failed: {}", status.message()),
+        };
+        let args =
+            serde_json::json!({"lifetime": humantime::format_duration(lifetime).to_string()});
+        self.access
+            .append(&who, "renew_certificate", &args, &outcome);
+        result.map(|cert_pem| Response::new(pb::RenewCertificateResponse { cert_pem }))
     }
 
     async fn session(

@@ -56,6 +56,14 @@ pub struct CoordinatorConfig {
     /// set or deployed.
     #[serde(default)]
     pub master_key_file: Option<PathBuf>,
+    /// Lifetime of the certificates agents get when they renew theirs (at
+    /// two thirds of its life, over their connection). Needs `ca_key`.
+    #[serde(default = "default_agent_cert_lifetime", with = "humantime_serde")]
+    pub agent_cert_lifetime: Duration,
+}
+
+fn default_agent_cert_lifetime() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -127,8 +127,11 @@ enum CaAction {
         /// Where to write <role>-<name>.crt/.key (default: the PKI dir).
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value_t = 365)]
-        days: i64,
+        /// Lifetime. Default: 7 days for an agent (it renews its certificate
+        /// at two thirds of its life, over its connection), 365 for an
+        /// operator.
+        #[arg(long)]
+        days: Option<i64>,
     },
 }
 
@@ -392,10 +395,11 @@ fn ca(action: CaAction) -> Result<()> {
             out,
             days,
         } => {
-            let role = match role {
-                IssueRole::Agent => Role::Agent,
-                IssueRole::Operator => Role::Operator,
+            let (role, default_days) = match role {
+                IssueRole::Agent => (Role::Agent, 7),
+                IssueRole::Operator => (Role::Operator, 365),
             };
+            let days = days.unwrap_or(default_days);
             let identity = Identity::new(role, &name)?;
             let ca = CertificateAuthority::load_dir(&dir)?;
             let out = out.unwrap_or(dir);

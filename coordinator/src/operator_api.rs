@@ -54,7 +54,7 @@ fn secret_to_pb(env: &str, info: SecretInfo) -> pb::SecretEntry {
 }
 
 /// Operators' certificates live a year unless the request says.
-const OPERATOR_CERT_DAYS: i64 = 365;
+const OPERATOR_CERT_DAYS: u64 = 365;
 
 fn operator_to_pb(record: &OperatorRecord) -> pb::Operator {
     pb::Operator {
@@ -268,10 +268,10 @@ impl OperatorApi {
         }
         let days = match r.validity_days {
             0 => OPERATOR_CERT_DAYS,
-            d => i64::from(d.min(3650)),
+            d => u64::from(d.min(3650)),
         };
         let cert_pem = ca
-            .sign_request(&identity, &r.csr_pem, days)
+            .sign_request(&identity, &r.csr_pem, Duration::from_secs(days * 86_400))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let record = OperatorRecord {
             name: r.name.clone(),

@@ -132,6 +132,7 @@ impl Coordinator {
             artifacts: artifacts.clone(),
             secrets: secrets.clone(),
             access: access.clone(),
+            ca: ca.clone(),
             config: config.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),

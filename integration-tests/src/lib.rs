@@ -64,10 +64,15 @@ impl Pki {
 
     /// Issues (or re-issues) a client certificate for `role`/`name`.
     pub fn client_files(&self, role: Role, name: &str) -> TlsFiles {
+        self.client_files_for(role, name, Duration::from_secs(30 * 86_400))
+    }
+
+    /// The same, living only `lifetime` (it starts 5 minutes in the past).
+    pub fn client_files_for(&self, role: Role, name: &str, lifetime: Duration) -> TlsFiles {
         let stem = format!("{role}-{name}");
         let identity = Identity::new(role, name).expect("valid name");
         self.ca
-            .issue_client(&identity, 30)
+            .issue_client_for(&identity, lifetime)
             .expect("issue")
             .write(self.dir.path(), &stem)
             .expect("write pair");
@@ -108,6 +113,7 @@ pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> 
         registry_ca: None,
         master_key_file: Some(ca_key.with_file_name(cutover_coordinator::secrets::MASTER_KEY)),
         ca_key: Some(ca_key),
+        agent_cert_lifetime: Duration::from_secs(7 * 24 * 3600),
     }
 }
 

@@ -373,3 +373,71 @@ async fn a_revoked_node_is_cut_off_until_it_gets_a_new_certificate() {
         "{audit:?}"
     );
 }
+
+/// The serial and expiry (seconds since the epoch) of a PEM certificate.
+fn serial_and_expiry(path: &Path) -> (String, i64) {
+    let certs = cutover_common::tls::load_certs(path, "certificate").unwrap();
+    let facts = cutover_common::identity::certificate_facts(&certs[0]).unwrap();
+    (facts.serial, facts.not_after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_renews_its_certificate_over_its_connection() {
+    let mut cluster = Cluster::start(0, Tuning::default()).await;
+    let config = cluster.agent_config("node-1");
+    // A certificate more than two thirds through its life: due at once.
+    let files = cluster
+        .pki
+        .client_files_for(Role::Agent, "node-1", Duration::from_secs(60));
+    let (old_serial, old_expiry) = serial_and_expiry(&files.cert);
+    let agent = cutover_integration_tests::spawn_agent(config).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (new_serial, new_expiry) = loop {
+        let now = serial_and_expiry(&files.cert);
+        if now.0 != old_serial {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "never renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The coordinator's agent_cert_lifetime (7 days), not the old 60 s.
+    let week = 7 * 24 * 3600;
+    assert!(
+        new_expiry - old_expiry > week - 600,
+        "{old_expiry} -> {new_expiry}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The session went on; the next connection presents the new one.
+    cluster.restart_coordinator().await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.iter().any(|n| n.name == "node-1" && n.connected)
+        })
+        .await;
+    let mut client = cluster.operator().await;
+    let audit = client
+        .list_audit(cutover_proto::v1::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        audit.iter().any(|e| e.who == "agent/node-1"
+            && e.action == "renew_certificate"
+            && e.outcome == "ok"),
+        "{audit:?}"
+    );
+    let connected_with = client
+        .revoke_node(cutover_proto::v1::RevokeNodeRequest {
+            node: "node-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .serial;
+    assert_eq!(connected_with, new_serial);
+    agent.stop().await;
+}
