@@ -7,6 +7,7 @@ pub mod checks;
 pub mod commands;
 pub mod config;
 pub mod cutover;
+pub mod enroll;
 pub mod figures;
 pub mod proxy;
 pub mod renewal;

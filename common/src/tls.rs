@@ -158,16 +158,21 @@ fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Server side: TLS 1.3 only, a client certificate signed by our CA required.
+/// Server side: TLS 1.3 only. A client certificate, when presented, must
+/// be signed by our CA; a client without one is let through the handshake
+/// only to reach the enrollment service (every other service refuses a
+/// connection without an identity). The chain sent includes the CA, so a
+/// joining agent can pin it by fingerprint.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     install_crypto_provider();
-    let verifier = WebPkiClientVerifier::builder(Arc::new(root_store(&files.ca_cert)?)).build()?;
+    let verifier = WebPkiClientVerifier::builder(Arc::new(root_store(&files.ca_cert)?))
+        .allow_unauthenticated()
+        .build()?;
+    let mut chain = load_certs(&files.cert, "certificate")?;
+    chain.extend(load_certs(&files.ca_cert, "CA certificate")?);
     let mut config = ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            load_certs(&files.cert, "certificate")?,
-            load_key(&files.key)?,
-        )?;
+        .with_single_cert(chain, load_key(&files.key)?)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -182,6 +187,104 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
         )?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// `sha256:<hex>` of a DER certificate: what `cutover-agent join` pins.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(der);
+    format!(
+        "sha256:{}",
+        hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// The fingerprint of the CA certificate in `path`.
+pub fn ca_fingerprint(path: &Path) -> Result<String, TlsError> {
+    Ok(fingerprint(&load_certs(path, "CA certificate")?[0]))
+}
+
+/// A client without a certificate that trusts the one CA whose certificate
+/// has `fingerprint` and comes in the server's chain: the first contact of
+/// a joining agent, which has no CA file yet.
+pub fn pinned_client_config(fingerprint: &str) -> Arc<ClientConfig> {
+    install_crypto_provider();
+    let mut config = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            fingerprint: fingerprint.to_ascii_lowercase(),
+        }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+/// Verifies the server against the CA it sends, if that CA is the pinned
+/// one; the usual checks (signature chain, name, validity) then apply.
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|cert| fingerprint(cert) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the server's CA is not the one with fingerprint {}",
+                    self.fingerprint
+                ))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// What the server learned about a peer during the handshake; tonic puts it in

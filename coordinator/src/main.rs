@@ -92,6 +92,11 @@ enum Commands {
     },
     /// The audit log: every mutating call, who made it and how it ended.
     Audit(cli::access::AuditArgs),
+    /// Join tokens that let new nodes enroll (`cutover-agent join`).
+    Token {
+        #[command(subcommand)]
+        action: cli::access::TokenCommand,
+    },
     /// Set, list or remove an environment's secrets; rotate the master key.
     Secret {
         #[command(subcommand)]
@@ -364,6 +369,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Secret { action } => {
             let mut client = cli.connect.operator_client().await?;
             cli::access::secret(&mut client, action, json).await?;
+        }
+        Commands::Token { action } => {
+            cli::access::token(&cli.connect, action, json).await?;
         }
         Commands::Audit(args) => {
             let mut client = cli.connect.operator_client().await?;

@@ -404,6 +404,113 @@ impl OperatorApi {
 
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let r = request.get_ref();
+        let args = json!({"labels": r.labels, "ttl_ms": r.ttl_ms, "uses": r.uses});
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "create_token", &args)?;
+        let r = request.into_inner();
+        let result = (|| {
+            let ttl = Duration::from_millis(r.ttl_ms);
+            if ttl.is_zero() || ttl > crate::enroll::MAX_TOKEN_TTL {
+                return Err(Status::invalid_argument(
+                    "a token lives more than 0 and at most 30 days (--ttl)",
+                ));
+            }
+            for (key, value) in &r.labels {
+                cutover_common::identity::validate_name(key)
+                    .map_err(|e| Status::invalid_argument(format!("label key {key:?}: {e}")))?;
+                if value.len() > 253 || value.chars().any(char::is_control) {
+                    return Err(Status::invalid_argument(format!(
+                        "label {key}: the value must be at most 253 printable characters"
+                    )));
+                }
+            }
+            let ca = self.ca.as_ref().ok_or_else(|| {
+                Status::failed_precondition(
+                    "this coordinator cannot sign certificates, so nodes could not join: set `ca_key` in its config",
+                )
+            })?;
+            let (token, record) = crate::enroll::new_token(
+                r.labels.into_iter().collect(),
+                ttl,
+                r.uses,
+                &caller.who(),
+            );
+            self.registry
+                .store()
+                .put_token(&record)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let ca_der = rustls_pemfile::certs(&mut ca.cert_pem().as_bytes())
+                .next()
+                .and_then(Result::ok)
+                .ok_or_else(|| Status::internal("the CA certificate does not parse"))?;
+            Ok(Response::new(pb::CreateTokenResponse {
+                token,
+                info: Some(crate::enroll::token_to_pb(&record)),
+                ca_fingerprint: cutover_common::tls::fingerprint(&ca_der),
+            }))
+        })();
+        self.access.audit(&caller, "create_token", &args, &result);
+        result
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "list_tokens",
+            &serde_json::Value::Null,
+        )?;
+        let tokens = self
+            .registry
+            .store()
+            .tokens()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .iter()
+            .map(crate::enroll::token_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::JoinToken>, Status> {
+        let args = json!({"id": request.get_ref().id});
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "revoke_token", &args)?;
+        let id = request.into_inner().id;
+        let store = self.registry.store();
+        let result = store
+            .token(&id)
+            .map_err(|e| Status::internal(e.to_string()))
+            .and_then(|t| {
+                t.ok_or_else(|| {
+                    Status::not_found(format!(
+                        "no join token {id:?}; `cutover token list` shows them"
+                    ))
+                })
+            })
+            .and_then(|mut token| {
+                token.revoked_at_ms.get_or_insert(cutover_common::now_ms());
+                store
+                    .put_token(&token)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                Ok(Response::new(crate::enroll::token_to_pb(&token)))
+            });
+        self.access.audit(&caller, "revoke_token", &args, &result);
+        result
+    }
+
     async fn revoke_node(
         &self,
         request: Request<pb::RevokeNodeRequest>,

@@ -18,6 +18,7 @@ use crate::agent_api::AgentApi;
 use crate::artifacts::ArtifactStore;
 use crate::auth::require;
 use crate::config::CoordinatorConfig;
+use crate::enroll::EnrollApi;
 use crate::images::ImageResolver;
 use crate::metrics::Metrics;
 use crate::operator_api::OperatorApi;
@@ -26,6 +27,7 @@ use crate::rollout::Rollouts;
 use crate::secrets::{MasterKeys, Secrets};
 use crate::store::{SledStore, Store, StoreError};
 use cutover_common::pki::CertificateAuthority;
+use cutover_proto::v1::enroll_service_server::EnrollServiceServer;
 
 /// Checkpoint cadence for heartbeat-only changes (last seen, figures).
 const CHECKPOINT_EVERY: u32 = 30;
@@ -156,8 +158,8 @@ impl Coordinator {
             registry: registry.clone(),
             artifacts,
             rollouts: rollouts.clone(),
-            access,
-            ca,
+            access: access.clone(),
+            ca: ca.clone(),
             secrets,
         })
         .max_decoding_message_size(max_message)
@@ -175,6 +177,18 @@ impl Coordinator {
                 operator_api,
                 require(Role::Operator),
             ))
+            // No interceptor: a node without a certificate calls it, with a
+            // join token.
+            .add_service(
+                EnrollServiceServer::new(EnrollApi::new(
+                    store.clone(),
+                    registry.clone(),
+                    ca.clone(),
+                    access.clone(),
+                    config.agent_cert_lifetime,
+                ))
+                .max_decoding_message_size(64 * 1024),
+            )
             .serve_with_incoming_shutdown(
                 accept_mtls(grpc, tls, shutdown.clone()),
                 shutdown.clone().cancelled_owned(),

@@ -418,3 +418,129 @@ pub async fn secret(
     }
     Ok(())
 }
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCommand {
+    /// A join token for `cutover-agent join` (admin); printed once.
+    Create {
+        /// Labels the joining node gets, e.g. env=production,role=web.
+        #[arg(long, default_value = "")]
+        labels: String,
+        /// How long it can be used, e.g. "1h" (at most 30 days).
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        /// How many nodes may join with it (0: any number until it expires).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// Tokens, their labels, uses and the nodes that joined with them.
+    List,
+    /// Refuse a token from now on (admin).
+    Revoke { id: String },
+}
+
+fn token_json(t: &pb::JoinToken) -> Value {
+    json!({
+        "id": t.id,
+        "labels": t.labels,
+        "created_by": t.created_by,
+        "created_at": rfc3339(t.created_at_ms),
+        "expires_at": rfc3339(t.expires_at_ms),
+        "uses": t.uses,
+        "used": t.used,
+        "nodes": t.nodes,
+        "revoked_at": (t.revoked_at_ms != 0).then(|| rfc3339(t.revoked_at_ms)),
+    })
+}
+
+pub async fn token(connect: &ConnectArgs, command: TokenCommand, json: bool) -> Result<()> {
+    let mut client = connect.operator_client().await?;
+    match command {
+        TokenCommand::Create { labels, ttl, uses } => {
+            let labels = labels
+                .split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                        .with_context(|| format!("label {pair:?} is not key=value"))
+                })
+                .collect::<Result<std::collections::HashMap<_, _>>>()?;
+            let ttl: Duration = ttl.into();
+            let created = client
+                .create_token(pb::CreateTokenRequest {
+                    labels,
+                    ttl_ms: ttl.as_millis() as u64,
+                    uses,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let coordinator = connect.resolve()?.coordinator;
+            if json {
+                let mut value = token_json(&created.info.unwrap_or_default());
+                value["token"] = json!(created.token);
+                value["ca_fingerprint"] = json!(created.ca_fingerprint);
+                println!("{value}");
+            } else {
+                println!(
+                    "join token (shown once; it expires in {}):\n  {}\non the node:\n  cutover-agent join --coordinator {coordinator} --token {} --ca-fingerprint {} --out /etc/cutover",
+                    humantime::format_duration(ttl),
+                    created.token,
+                    created.token,
+                    created.ca_fingerprint
+                );
+            }
+        }
+        TokenCommand::List => {
+            let tokens = client
+                .list_tokens(pb::ListTokensRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .tokens;
+            if json {
+                println!("{}", Value::Array(tokens.iter().map(token_json).collect()));
+            } else {
+                let mut rows = vec![["ID", "LABELS", "USED", "EXPIRES", "REVOKED", "NODES"]
+                    .map(String::from)
+                    .to_vec()];
+                rows.extend(tokens.iter().map(|t| {
+                    let mut labels: Vec<String> =
+                        t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    labels.sort();
+                    vec![
+                        t.id.clone(),
+                        labels.join(","),
+                        if t.uses == 0 {
+                            format!("{}", t.used)
+                        } else {
+                            format!("{}/{}", t.used, t.uses)
+                        },
+                        rfc3339(t.expires_at_ms),
+                        if t.revoked_at_ms == 0 {
+                            String::new()
+                        } else {
+                            rfc3339(t.revoked_at_ms)
+                        },
+                        t.nodes.join(","),
+                    ]
+                }));
+                print!("{}", render_table(&rows));
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            let token = client
+                .revoke_token(pb::RevokeTokenRequest { id: id.clone() })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                println!("{}", token_json(&token));
+            } else {
+                println!("join token {id} is revoked");
+            }
+        }
+    }
+    Ok(())
+}

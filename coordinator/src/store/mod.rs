@@ -77,6 +77,24 @@ pub struct NodeRecord {
     pub cert_serial: String,
 }
 
+/// A join token as kept: its secret only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    /// sha256 of the secret part, hex.
+    pub hash: String,
+    pub labels: BTreeMap<String, String>,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// 0: unlimited.
+    pub uses: u32,
+    pub used: u32,
+    /// Nodes that joined with it.
+    pub nodes: Vec<String>,
+    pub revoked_at_ms: Option<i64>,
+}
+
 /// A refused agent certificate (`cutover nodes revoke`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
@@ -338,6 +356,10 @@ pub trait Store: Send + Sync + 'static {
     fn append_audit(&self, entry: AuditRecord) -> Result<AuditRecord, StoreError>;
     /// Entries at or after `since_ms`, oldest first, at most `limit`.
     fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
 
     fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError>;
     fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::{
     AuditRecord, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord, Revocation,
-    SecretRecord, Store, StoreError,
+    SecretRecord, Store, StoreError, TokenRecord,
 };
 use crate::rollout::model::Rollout;
 
@@ -19,6 +19,7 @@ pub struct SledStore {
     audit: sled::Tree,
     secrets: sled::Tree,
     revocations: sled::Tree,
+    tokens: sled::Tree,
 }
 
 /// `env NUL service NUL`: the prefix of one service's release keys.
@@ -44,7 +45,9 @@ impl SledStore {
         let audit = db.open_tree("audit").map_err(backend)?;
         let secrets = db.open_tree("secrets").map_err(backend)?;
         let revocations = db.open_tree("revocations").map_err(backend)?;
+        let tokens = db.open_tree("tokens").map_err(backend)?;
         Ok(Self {
+            tokens,
             revocations,
             secrets,
             operators,
@@ -271,6 +274,33 @@ impl Store for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(token).expect("tokens serialize");
+        self.tokens
+            .insert(token.id.as_bytes(), value)
+            .map_err(backend)?;
+        self.tokens.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.tokens
+            .get(id.as_bytes())
+            .map_err(backend)?
+            .map(|value| decode(id.as_bytes(), &value))
+            .transpose()
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.tokens
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&key, &value)
+            })
+            .collect()
     }
 
     fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
