@@ -92,6 +92,14 @@ pub struct AgentConfig {
     /// Credentials for private registries, presented when pulling images.
     #[serde(default)]
     pub registries: Vec<cutover_common::registry::RegistryLogin>,
+    /// How often a session checks whether the certificate is due for
+    /// renewal (at two thirds of its life).
+    #[serde(default = "default_certificate_check", with = "humantime_serde")]
+    pub certificate_check_interval: Duration,
+}
+
+fn default_certificate_check() -> Duration {
+    Duration::from_secs(600)
 }
 
 pub fn default_docker_host() -> String {

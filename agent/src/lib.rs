@@ -72,13 +72,11 @@ enum SessionError {
     Protocol(String),
 }
 
-/// How often a session checks whether the certificate is due for renewal.
-const RENEWAL_CHECK: Duration = Duration::from_secs(600);
-
 async fn keep_certificate_fresh(
     files: cutover_common::tls::TlsFiles,
     identity: cutover_common::identity::Identity,
     channel: tonic::transport::Channel,
+    every: Duration,
     stop: CancellationToken,
 ) {
     loop {
@@ -87,7 +85,7 @@ async fn keep_certificate_fresh(
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(RENEWAL_CHECK) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }
@@ -298,6 +296,7 @@ impl Agent {
             self.config.tls.clone(),
             self.identity.clone(),
             connection.clone(),
+            self.config.certificate_check_interval,
             renewals,
         ));
         let _closed = SessionGuard {

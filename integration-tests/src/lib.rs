@@ -85,6 +85,8 @@ impl Pki {
 pub struct Tuning {
     pub heartbeat_interval: Duration,
     pub heartbeat_ttl: Duration,
+    /// Lifetime of renewed agent certificates.
+    pub agent_cert_lifetime: Duration,
 }
 
 impl Default for Tuning {
@@ -92,6 +94,7 @@ impl Default for Tuning {
         Self {
             heartbeat_interval: Duration::from_millis(300),
             heartbeat_ttl: Duration::from_secs(2),
+            agent_cert_lifetime: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -113,7 +116,7 @@ pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> 
         registry_ca: None,
         master_key_file: Some(ca_key.with_file_name(cutover_coordinator::secrets::MASTER_KEY)),
         ca_key: Some(ca_key),
-        agent_cert_lifetime: Duration::from_secs(7 * 24 * 3600),
+        agent_cert_lifetime: tuning.agent_cert_lifetime,
     }
 }
 
@@ -272,6 +275,7 @@ impl Cluster {
             stop_services_on_shutdown: false,
             docker_host: cutover_agent::config::default_docker_host(),
             registries: Vec::new(),
+            certificate_check_interval: Duration::from_secs(600),
         }
     }
 

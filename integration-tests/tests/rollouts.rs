@@ -18,7 +18,11 @@ struct Setup {
 }
 
 async fn setup(nodes: usize) -> Setup {
-    let cluster = Cluster::start(nodes, Tuning::default()).await;
+    setup_on(Cluster::start(nodes, Tuning::default()).await, nodes).await
+}
+
+/// A setup on a cluster the test started itself, with `nodes` agents.
+async fn setup_on(cluster: Cluster, nodes: usize) -> Setup {
     cluster
         .wait_for_nodes(Duration::from_secs(10), |n| {
             n.len() == nodes && n.iter().all(|n| n.connected)
@@ -670,4 +674,68 @@ nodes = {{ env = "test" }}
         .unwrap();
     assert_eq!(queue.listen, "", "a worker listens nowhere");
     assert_eq!(queue.upstream, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renewed_all_through_a_rollout_under_load_fail_nothing() {
+    // Renewed certificates live 30 s and start 5 minutes back, so every
+    // check (each 200 ms) finds them due: the agents renew over and over
+    // while the rollout runs.
+    let tuning = Tuning {
+        agent_cert_lifetime: Duration::from_secs(30),
+        ..Tuning::default()
+    };
+    let mut cluster = Cluster::start(0, tuning).await;
+    for i in 1..=3 {
+        let name = format!("node-{i}");
+        let mut config = cluster.agent_config(&name);
+        config.certificate_check_interval = Duration::from_millis(200);
+        cluster.pki.client_files_for(
+            cutover_common::identity::Role::Agent,
+            &name,
+            Duration::from_secs(60),
+        );
+        let agent = cutover_integration_tests::spawn_agent(config).await;
+        cluster.agents.push(agent);
+    }
+    let mut s = setup_on(cluster, 3).await;
+    s.deploy_and_finish("v1").await;
+
+    let renewals = |audit: &[pb::AuditEntry]| {
+        audit
+            .iter()
+            .filter(|e| e.action == "renew_certificate" && e.outcome == "ok")
+            .count()
+    };
+    let audit = |client: &mut OperatorServiceClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_audit(pb::ListAuditRequest {
+                    since_ms: 0,
+                    limit: 100_000,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .entries
+        }
+    };
+    let before = renewals(&audit(&mut s.client).await);
+    let targets = (0..3).map(|i| s.addr(i).parse().unwrap()).collect();
+    let load = Load::start(targets, "/", 6);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rollout = s.deploy_and_finish("v2").await;
+    let report = load.stop().await;
+    let during = renewals(&audit(&mut s.client).await) - before;
+    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert!(rollout.error.is_none(), "no command failed: {rollout:#?}");
+    assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
+    assert!(report.sent > 1000, "{report:?}");
+    assert!(during >= 6, "only {during} renewals during the rollout");
+    assert_eq!(s.versions(), vec!["v2"; 3]);
+    println!(
+        "{during} certificate renewals during the rollout; {} requests, 0 failed",
+        report.sent
+    );
 }
