@@ -40,6 +40,8 @@ pub enum SecretError {
         "secret name {0:?}: use letters, digits and '_', not starting with a digit, at most 128"
     )]
     BadName(String),
+    #[error("environment {0}")]
+    BadEnv(String),
     #[error("the value of {0} is {1} bytes; at most {MAX_VALUE_BYTES} are accepted")]
     TooLarge(String, usize),
     #[error("the value of {0} contains a NUL byte, which an environment variable cannot hold")]
@@ -66,7 +68,10 @@ impl From<SecretError> for tonic::Status {
     fn from(error: SecretError) -> Self {
         let message = error.to_string();
         match error {
-            SecretError::BadName(_) | SecretError::TooLarge(..) | SecretError::Nul(_) => {
+            SecretError::BadName(_)
+            | SecretError::BadEnv(_)
+            | SecretError::TooLarge(..)
+            | SecretError::Nul(_) => {
                 tonic::Status::invalid_argument(message)
             }
             SecretError::Missing { .. } => tonic::Status::not_found(message),
@@ -275,7 +280,7 @@ impl Secrets {
     pub fn set(&self, env: &str, name: &str, value: &[u8], by: &str) -> Result<u32, SecretError> {
         validate_name(name)?;
         cutover_common::identity::validate_name(env)
-            .map_err(|e| SecretError::BadName(format!("{env} ({e})")))?;
+            .map_err(|e| SecretError::BadEnv(format!("{env:?}: {e}")))?;
         if value.len() > MAX_VALUE_BYTES {
             return Err(SecretError::TooLarge(name.into(), value.len()));
         }

@@ -407,6 +407,22 @@ impl AppSpec {
         }
     }
 
+    /// The environment `env`, or an error naming the ones the spec has.
+    pub fn environment(&self, file: &str, env: &str) -> Result<&EnvironmentSpec, SpecError> {
+        self.environments.get(env).ok_or_else(|| SpecError {
+            file: file.to_string(),
+            key: "environments".into(),
+            message: format!(
+                "no environment {env:?}; the spec defines {}",
+                self.environments
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+    }
+
     /// Resolves one service in one environment, with its release pinned to
     /// `version` and, by its runtime, `artifact` or `image` (already pinned
     /// to a digest).
@@ -424,19 +440,7 @@ impl AppSpec {
             key,
             message,
         };
-        let environment = self.environments.get(env).ok_or_else(|| {
-            error(
-                "environments".into(),
-                format!(
-                    "no environment {env:?}; the spec defines {}",
-                    self.environments
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )
-        })?;
+        let environment = self.environment(file, env)?;
         let spec = self
             .services
             .get(service)

@@ -221,13 +221,7 @@ impl Rollouts {
         let file = request.spec_file.as_str();
         let spec = AppSpec::parse(&request.spec_text, file)?;
         let services = spec.services_for(request.service.as_deref(), file)?;
-        if let Some(artifact) = request
-            .artifact
-            .as_ref()
-            .filter(|a| a.url == "coordinator:" && !self.artifacts.contains(&a.digest))
-        {
-            return Err(RolloutError::ArtifactMissing(artifact.digest.clone()));
-        }
+        spec.environment(file, &request.env)?;
         // Each image is pinned once, before anything is created: every
         // service (and node) of this deploy runs the same digest.
         let mut pinned: BTreeMap<String, PinnedImage> = BTreeMap::new();
@@ -245,6 +239,15 @@ impl Rollouts {
                 pinned.insert(reference.clone(), image);
             }
             images.insert(service, pinned[&reference].image.clone());
+        }
+        // After what is wrong with the request itself: a missing artifact is
+        // the last thing to complain about.
+        if let Some(artifact) = request
+            .artifact
+            .as_ref()
+            .filter(|a| a.url == "coordinator:" && !self.artifacts.contains(&a.digest))
+        {
+            return Err(RolloutError::ArtifactMissing(artifact.digest.clone()));
         }
         let version = if request.version.is_empty() {
             let tags: std::collections::BTreeSet<_> =
