@@ -346,7 +346,7 @@ mod tests {
             reloaded.sign_request(
                 &Identity::new(Role::Operator, "bob").unwrap(),
                 "not a request",
-                1
+                std::time::Duration::from_secs(60)
             ),
             Err(PkiError::BadRequest(_))
         ));
