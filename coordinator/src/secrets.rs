@@ -71,9 +71,7 @@ impl From<SecretError> for tonic::Status {
             SecretError::BadName(_)
             | SecretError::BadEnv(_)
             | SecretError::TooLarge(..)
-            | SecretError::Nul(_) => {
-                tonic::Status::invalid_argument(message)
-            }
+            | SecretError::Nul(_) => tonic::Status::invalid_argument(message),
             SecretError::Missing { .. } => tonic::Status::not_found(message),
             SecretError::Store(_) | SecretError::Corrupt { .. } => tonic::Status::internal(message),
             _ => tonic::Status::failed_precondition(message),
