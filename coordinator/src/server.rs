@@ -298,7 +298,7 @@ async fn sweep_loop(registry: Arc<Registry>, max_events: usize, shutdown: Cancel
             _ = tick.tick() => {}
         }
         count = count.wrapping_add(1);
-        let checkpoint = count % CHECKPOINT_EVERY == 0;
+        let checkpoint = count.is_multiple_of(CHECKPOINT_EVERY);
         registry.sweep(checkpoint);
         if checkpoint {
             match registry.store().prune_events(max_events) {
