@@ -739,3 +739,37 @@ async fn certificates_renewed_all_through_a_rollout_under_load_fail_nothing() {
         report.sent
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_that_flaps_during_the_watch_rolls_the_release_back() {
+    let mut s = setup(3).await;
+    s.deploy_and_finish("v1").await;
+    let id = s
+        .start("v2", "", "batch = 1\nmin_healthy_time = \"5s\"")
+        .await;
+    // The first node switched and is being watched: its release turns sick
+    // for a moment and recovers. It was not healthy all through the watch.
+    s.wait_until(&id, Duration::from_secs(30), |r| {
+        r.phase == "watch"
+            && r.nodes
+                .iter()
+                .any(|n| n.name == "node-1" && n.state == "switched")
+    })
+    .await;
+    assert!(body(&http_get(&s.addr(0), "/sick")).contains("now sick"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(body(&http_get(&s.addr(0), "/heal")).contains("healthy again"));
+    let rollout = s.finish(&id).await;
+    assert_eq!(rollout.state, "rolled_back", "{rollout:#?}");
+    let error = rollout.error.clone().expect("an error");
+    assert_eq!(error.node, "node-1", "{error:?}");
+    assert!(error.message.contains("unhealthy"), "{error:?}");
+    assert_eq!(s.versions(), vec!["v1"; 3]);
+    // Only the first batch ever switched.
+    let switched = rollout
+        .timeline
+        .iter()
+        .filter(|t| t.kind == "node_switched")
+        .count();
+    assert_eq!(switched, 1, "{:?}", timeline_kinds(&rollout));
+}
