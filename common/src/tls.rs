@@ -294,6 +294,8 @@ pub struct PeerInfo {
     pub remote_addr: Option<SocketAddr>,
     pub identity: Option<Identity>,
     pub serial: Option<String>,
+    /// The certificate's expiry, seconds since the epoch.
+    pub not_after: Option<i64>,
 }
 
 /// An accepted, handshaken mTLS connection.
@@ -398,6 +400,7 @@ pub fn accept_mtls(
                         let peer = PeerInfo {
                             remote_addr: Some(remote),
                             identity: facts.as_ref().and_then(|f| f.identity.clone()),
+                            not_after: facts.as_ref().map(|f| f.not_after),
                             serial: facts.map(|f| f.serial),
                         };
                         let _ = tx.send(Ok(TlsConn { stream, peer })).await;

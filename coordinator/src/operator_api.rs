@@ -177,6 +177,8 @@ fn node_to_pb(view: NodeView) -> pb::Node {
         figures: record.figures.map(figures_to_pb),
         services: record.services.into_iter().map(service_to_pb).collect(),
         registered_at_ms: record.registered_at_ms,
+        cert_serial: record.cert_serial,
+        cert_expires_at_ms: record.cert_expires_at_ms,
     }
 }
 

@@ -344,6 +344,7 @@ impl Registry {
                 .unwrap_or_default(),
             services_at_ms: previous.map_or(0, |p| p.record.services_at_ms),
             cert_serial: peer.serial.clone().unwrap_or_default(),
+            cert_expires_at_ms: peer.not_after.map_or(0, |s| s * 1000),
         };
         if let Some((old, _)) = &replaced {
             self.store.delete_node(&old.id)?;

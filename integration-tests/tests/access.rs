@@ -410,13 +410,17 @@ async fn an_agent_renews_its_certificate_over_its_connection() {
     let mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 
-    // The session went on; the next connection presents the new one.
+    // The session went on; the next connection presents the new one, and
+    // `cutover nodes` shows its serial and expiry.
     cluster.restart_coordinator().await;
-    cluster
+    let nodes = cluster
         .wait_for_nodes(Duration::from_secs(10), |n| {
             n.iter().any(|n| n.name == "node-1" && n.connected)
         })
         .await;
+    let node = nodes.iter().find(|n| n.name == "node-1").unwrap();
+    assert_eq!(node.cert_serial, new_serial);
+    assert_eq!(node.cert_expires_at_ms, new_expiry * 1000);
     let mut client = cluster.operator().await;
     let audit = client
         .list_audit(cutover_proto::v1::ListAuditRequest::default())

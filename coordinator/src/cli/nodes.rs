@@ -77,6 +77,8 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                     "capabilities": n.capabilities,
                     "figures": figures,
                     "services": services,
+                    "cert_serial": n.cert_serial,
+                    "cert_expires_at": (n.cert_expires_at_ms != 0).then(|| rfc3339(n.cert_expires_at_ms)),
                 })
             })
             .collect(),
@@ -128,6 +130,7 @@ pub fn to_table(nodes: &[pb::Node]) -> String {
         "MEMORY",
         "DISK FREE",
         "VERSION",
+        "CERT EXPIRES",
         "LABELS",
         "SERVICES",
     ]
@@ -158,11 +161,29 @@ pub fn to_table(nodes: &[pb::Node]) -> String {
             memory,
             disk,
             n.agent_version.clone(),
+            cert_expiry(n.cert_expires_at_ms),
             labels.join(","),
             services_cell(&n.services),
         ]);
     }
     render_table(&rows)
+}
+
+/// "in 6d 23h" (or "expired 2h ago"): how long the node's certificate has.
+fn cert_expiry(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let left = ms - cutover_common::now_ms();
+    let span = |ms: i64| {
+        let secs = (ms.unsigned_abs() / 1000) / 60 * 60;
+        humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+    };
+    if left >= 0 {
+        format!("in {}", span(left))
+    } else {
+        format!("expired {} ago", span(left))
+    }
 }
 
 /// "web=web-v2" per service, flagged when it is not serving normally.

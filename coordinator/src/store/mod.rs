@@ -75,6 +75,9 @@ pub struct NodeRecord {
     /// `nodes revoke` refuses.
     #[serde(default)]
     pub cert_serial: String,
+    /// That certificate's expiry, ms since the epoch; 0 when unknown.
+    #[serde(default)]
+    pub cert_expires_at_ms: i64,
 }
 
 /// A join token as kept: its secret only as a hash.

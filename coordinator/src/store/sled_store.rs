@@ -410,6 +410,7 @@ mod tests {
             services: vec![],
             services_at_ms: 0,
             cert_serial: String::new(),
+            cert_expires_at_ms: 0,
         }
     }
 
