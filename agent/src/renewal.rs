@@ -104,8 +104,10 @@ pub async fn renew_if_due(
         })
     };
     let (cert_new, key_new) = (staged(&files.cert), staged(&files.key));
-    write(&cert_new, &cert_pem, 0o644)?;
+    // The staged key first: a staged certificate alone then always means
+    // the key was already swapped in (see `complete_interrupted`).
     write(&key_new, &key_pem, 0o600)?;
+    write(&cert_new, &cert_pem, 0o644)?;
     let rename = |from: &Path, to: &Path| {
         std::fs::rename(from, to).map_err(|e| RenewalError::Write {
             path: to.to_path_buf(),

@@ -233,6 +233,9 @@ impl AgentService for AgentApi {
                 .sign_request(&identity, &request.get_ref().csr_pem, lifetime)
                 .map_err(|e| Status::invalid_argument(e.to_string())),
         };
+        if let Ok(cert_pem) = &result {
+            self.registry.record_issued(&identity.name, cert_pem);
+        }
         let outcome = match &result {
             Ok(_) => "ok".to_string(),
             Err(status) => format!("failed: {}", status.message()),

@@ -94,6 +94,19 @@ pub fn token_to_pb(t: &TokenRecord) -> pb::JoinToken {
     }
 }
 
+/// The id of a token in the `cutover-join.<12 hex>.<secret>` form.
+fn token_id(token: &str) -> Option<&str> {
+    let mut parts = token.splitn(3, '.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(TOKEN_PREFIX), Some(id), Some(_))
+            if id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            Some(id)
+        }
+        _ => None,
+    }
+}
+
 pub struct EnrollApi {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
@@ -102,8 +115,10 @@ pub struct EnrollApi {
     pub lifetime: Duration,
     /// Failed joins by source address: count and window start.
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
-    /// One join at a time: a single-use token cannot be spent twice.
-    joining: tokio::sync::Mutex<()>,
+    /// Held by every read-modify-write of a token (a join here, a
+    /// revocation in the operator API): a single-use token is spent once,
+    /// and a revocation is never overwritten by a join in flight.
+    token_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl EnrollApi {
@@ -113,6 +128,7 @@ impl EnrollApi {
         ca: Option<Arc<CertificateAuthority>>,
         access: Arc<Access>,
         lifetime: Duration,
+        token_writes: Arc<tokio::sync::Mutex<()>>,
     ) -> Self {
         Self {
             store,
@@ -121,7 +137,7 @@ impl EnrollApi {
             access,
             lifetime,
             failures: Mutex::new(HashMap::new()),
-            joining: tokio::sync::Mutex::new(()),
+            token_writes,
         }
     }
 
@@ -154,12 +170,8 @@ impl EnrollApi {
                 "this coordinator cannot sign certificates: set `ca_key` in its config",
             )
         })?;
-        let mut parts = request.token.splitn(3, '.');
-        let (Some(TOKEN_PREFIX), Some(id), Some(secret)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(refused());
-        };
+        let id = token_id(&request.token).ok_or_else(refused)?;
+        let secret = request.token.rsplit('.').next().unwrap_or_default();
         let mut token = self
             .store
             .token(id)
@@ -184,15 +196,22 @@ impl EnrollApi {
         }
         let identity = Identity::new(Role::Agent, &request.name)
             .map_err(|e| Status::invalid_argument(format!("node name: {e}")))?;
-        // A token lets a new node in, not anyone take over a known one.
-        if self
-            .registry
-            .list()
-            .iter()
-            .any(|n| n.record.name == request.name)
+        // A token lets a new node in, not anyone take over a known one
+        // (registered, or enrolled and not connected yet).
+        let enrolled = self
+            .store
+            .enrollment(&request.name)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .is_some();
+        if enrolled
+            || self
+                .registry
+                .list()
+                .iter()
+                .any(|n| n.record.name == request.name)
         {
             return Err(Status::already_exists(format!(
-                "a node named {} is registered already; join under another name, or have an admin issue this one a certificate",
+                "a node named {} is registered (or enrolled) already; join under another name, or have an admin issue this one a certificate",
                 request.name
             )));
         }
@@ -204,6 +223,10 @@ impl EnrollApi {
         self.store
             .put_token(&token)
             .map_err(|e| Status::internal(e.to_string()))?;
+        self.store
+            .put_enrollment(&request.name, &token.labels)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.registry.record_issued(&request.name, &cert_pem);
         Ok(pb::JoinResponse {
             cert_pem,
             ca_cert_pem: ca.cert_pem().to_string(),
@@ -228,7 +251,9 @@ impl EnrollService for EnrollApi {
             ip.map_or("unknown".into(), |ip| ip.to_string())
         );
         let r = request.into_inner();
-        let token_id = r.token.split('.').nth(1).unwrap_or_default().to_string();
+        // Only an id in the token's own form is logged: a token pasted
+        // without its prefix must not put its secret in the audit log.
+        let token_id = token_id(&r.token).unwrap_or_default().to_string();
         let args = serde_json::json!({"token_id": token_id, "name": r.name});
         if self.limited(ip) {
             let message = "too many failed joins from this address; wait a minute";
@@ -237,8 +262,16 @@ impl EnrollService for EnrollApi {
             return Err(Status::resource_exhausted(message));
         }
         let result = {
-            let _one = self.joining.lock().await;
-            self.join_as(&r)
+            let _one = self.token_writes.lock().await;
+            // Counted again under the lock: a burst sent at once must not
+            // all pass the check above before any failure is counted.
+            if self.limited(ip) {
+                Err(Status::resource_exhausted(
+                    "too many failed joins from this address; wait a minute",
+                ))
+            } else {
+                self.join_as(&r)
+            }
         };
         let outcome = match &result {
             Ok(_) => "ok".to_string(),

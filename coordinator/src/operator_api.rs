@@ -33,6 +33,8 @@ pub struct OperatorApi {
     /// Signs operator certificates; `None` when `ca_key` is not configured.
     pub ca: Option<Arc<CertificateAuthority>>,
     pub secrets: Arc<Secrets>,
+    /// Shared with the enrollment service (see `EnrollApi`).
+    pub token_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn secret_to_pb(env: &str, info: SecretInfo) -> pb::SecretEntry {
@@ -492,6 +494,7 @@ impl OperatorService for OperatorApi {
             .check(&request, Need::Admin, "revoke_token", &args)?;
         let id = request.into_inner().id;
         let store = self.registry.store();
+        let _writing = self.token_writes.lock().await;
         let result = store
             .token(&id)
             .map_err(|e| Status::internal(e.to_string()))

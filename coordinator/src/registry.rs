@@ -6,7 +6,7 @@
 //! touch memory, so thousands of agents do not turn into thousands of writes
 //! per interval.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,6 +41,12 @@ pub enum RegistryError {
     NotConnected(String),
     #[error("node {0} has too many commands queued; try again")]
     QueueFull(String),
+    #[error("node {name} enrolled with labels {enrolled} but now says {claimed}; the labels a node joined with are the ones it keeps (join again under another name to change them)")]
+    LabelsDiffer {
+        name: String,
+        enrolled: String,
+        claimed: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -54,6 +60,7 @@ impl From<RegistryError> for Status {
             RegistryError::UnknownNode(_) => Status::not_found(message),
             RegistryError::NotConnected(_) => Status::unavailable(message),
             RegistryError::QueueFull(_) => Status::resource_exhausted(message),
+            RegistryError::LabelsDiffer { .. } => Status::permission_denied(message),
             RegistryError::Store(_) => Status::internal(message),
         }
     }
@@ -213,6 +220,23 @@ impl Registry {
         })
     }
 
+    /// Records a certificate signed for `node` (see `Store::add_issued`).
+    pub fn record_issued(&self, node: &str, cert_pem: &str) {
+        let serial = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .and_then(|der| cutover_common::identity::certificate_facts(&der).ok())
+            .map(|facts| facts.serial);
+        match serial {
+            Some(serial) => {
+                if let Err(error) = self.store.add_issued(node, &serial) {
+                    tracing::error!(%node, %error, "cannot record an issued certificate");
+                }
+            }
+            None => tracing::error!(%node, "an issued certificate does not parse"),
+        }
+    }
+
     /// Why an agent's certificate is refused, if it is.
     pub fn refusal(&self, peer: &PeerInfo) -> Option<String> {
         let name = &peer.identity.as_ref()?.name;
@@ -237,17 +261,37 @@ impl Registry {
             .as_ref()
             .map(|e| e.record.cert_serial.clone())
             .unwrap_or_default();
+        // Every certificate we know of for the node: the one it connected
+        // with and every one this coordinator signed for it (a renewal made
+        // just before the revocation must not slip through).
+        let mut serials: Vec<String> = self.store.issued(name)?;
+        serials.push(serial.clone());
+        serials.retain(|s| !s.is_empty());
+        if serials.is_empty() {
+            serials.push(String::new()); // never seen: every certificate of the name
+        }
+        serials.sort();
+        serials.dedup();
+        let at_ms = now_ms();
+        for serial in &serials {
+            let revocation = Revocation {
+                node: name.to_string(),
+                serial: serial.clone(),
+                at_ms,
+                by: by.to_string(),
+            };
+            self.store.put_revocation(&revocation)?;
+            self.revoked
+                .lock()
+                .expect("revocation lock")
+                .insert((revocation.node.clone(), revocation.serial.clone()));
+        }
         let revocation = Revocation {
             node: name.to_string(),
             serial,
-            at_ms: now_ms(),
+            at_ms,
             by: by.to_string(),
         };
-        self.store.put_revocation(&revocation)?;
-        self.revoked
-            .lock()
-            .expect("revocation lock")
-            .insert((revocation.node.clone(), revocation.serial.clone()));
         if let Some(entry) = entry {
             if let Some(session) = &entry.session {
                 session.cancel.cancel();
@@ -291,6 +335,30 @@ impl Registry {
         sender: AgentSender,
         parent: &CancellationToken,
     ) -> Result<Attached, RegistryError> {
+        // A node that enrolled with a join token keeps the token's labels:
+        // they decide which environments (and secrets) reach it, so the
+        // node's own config cannot change them.
+        if let Some(enrolled) = self.store.enrollment(&hello.name)? {
+            let claimed: BTreeMap<String, String> = hello
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if claimed != enrolled {
+                let show = |labels: &BTreeMap<String, String>| {
+                    labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                return Err(RegistryError::LabelsDiffer {
+                    name: hello.name.clone(),
+                    enrolled: show(&enrolled),
+                    claimed: show(&claimed),
+                });
+            }
+        }
         let now = Instant::now();
         let mut inner = self.inner.lock().expect("registry lock");
 

@@ -46,6 +46,8 @@ pub enum SecretError {
     TooLarge(String, usize),
     #[error("the value of {0} contains a NUL byte, which an environment variable cannot hold")]
     Nul(String),
+    #[error("the value of {0} is not UTF-8 text, which an environment variable must be")]
+    NotText(String),
     #[error("no secret {name} in environment {env}; set it with `cutover secret set --env {env} {name}`")]
     Missing { env: String, name: String },
     #[error("secret {name} version {version} in environment {env} is no longer kept (the last {VERSIONS_KEPT} are); deploy with the current version")]
@@ -105,6 +107,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+#[derive(Clone)]
 struct MasterKey {
     id: String,
     key: [u8; 32],
@@ -285,6 +288,9 @@ impl Secrets {
         if value.contains(&0) {
             return Err(SecretError::Nul(name.into()));
         }
+        if std::str::from_utf8(value).is_err() {
+            return Err(SecretError::NotText(name.into()));
+        }
         let keys = self.keys()?;
         let mut record = self.store.secret(env, name)?.unwrap_or(SecretRecord {
             env: env.to_string(),
@@ -326,6 +332,9 @@ impl Secrets {
     /// Removes every version; releases that name it can no longer start.
     pub fn remove(&self, env: &str, name: &str) -> Result<bool, SecretError> {
         validate_name(name)?;
+        // Under the key lock: a rotation re-sealing every record must not
+        // write this one back.
+        let _keys = self.keys()?;
         Ok(self.store.delete_secret(env, name)?)
     }
 
@@ -375,9 +384,16 @@ impl Secrets {
     /// re-encrypted.
     pub fn rotate_master_key(&self) -> Result<(String, usize), SecretError> {
         let mut keys = self.keys()?;
-        keys.keys.insert(0, MasterKey::generate());
-        // Both keys on disk before any record changes.
-        keys.write()?;
+        // Both keys on disk before any record changes, and in memory only
+        // once they are: a failed write changes nothing.
+        let next = MasterKeys {
+            path: keys.path.clone(),
+            keys: std::iter::once(MasterKey::generate())
+                .chain(keys.keys.iter().cloned())
+                .collect(),
+        };
+        next.write()?;
+        *keys = next;
         let mut count = 0;
         for mut record in self.store.all_secrets()? {
             for version in &mut record.versions {
@@ -397,8 +413,12 @@ impl Secrets {
             }
             self.store.put_secret(&record)?;
         }
-        keys.keys.truncate(1);
-        keys.write()?;
+        let mut retired = MasterKeys {
+            path: keys.path.clone(),
+            keys: vec![keys.keys[0].clone()],
+        };
+        retired.write()?;
+        std::mem::swap(&mut *keys, &mut retired);
         tracing::info!(key_id = %keys.current_id(), values = count, "master key rotated");
         Ok((keys.current_id().to_string(), count))
     }

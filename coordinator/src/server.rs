@@ -119,6 +119,7 @@ impl Coordinator {
             None => None,
         };
         let access = Arc::new(Access::new(store.clone()));
+        let token_writes = Arc::new(tokio::sync::Mutex::new(()));
         let master_keys = match &config.master_key_file {
             Some(path) => Some(MasterKeys::load(path).map_err(ServerError::Secrets)?),
             None => None,
@@ -161,6 +162,7 @@ impl Coordinator {
             access: access.clone(),
             ca: ca.clone(),
             secrets,
+            token_writes: token_writes.clone(),
         })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -186,6 +188,7 @@ impl Coordinator {
                     ca.clone(),
                     access.clone(),
                     config.agent_cert_lifetime,
+                    token_writes,
                 ))
                 .max_decoding_message_size(64 * 1024),
             )

@@ -443,5 +443,14 @@ async fn an_agent_renews_its_certificate_over_its_connection() {
         .into_inner()
         .serial;
     assert_eq!(connected_with, new_serial);
+    // The renewed certificate is refused too: the agent stays out.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let nodes = cluster
+        .wait_for_nodes(Duration::from_secs(1), |_| true)
+        .await;
+    assert!(
+        nodes.iter().all(|n| n.name != "node-1" || !n.connected),
+        "{nodes:?}"
+    );
     agent.stop().await;
 }

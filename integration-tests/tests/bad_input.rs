@@ -133,6 +133,14 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         })
     );
     refused!(
+        "a secret that is not UTF-8",
+        c.set_secret(pb::SetSecretRequest {
+            env: "test".into(),
+            name: "X".into(),
+            value: vec![0xff, 0xfe],
+        })
+    );
+    refused!(
         "a secret with a control character in its name",
         c.remove_secret(pb::RemoveSecretRequest {
             env: "test".into(),

@@ -360,6 +360,19 @@ pub trait Store: Send + Sync + 'static {
     /// Entries at or after `since_ms`, oldest first, at most `limit`.
     fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 
+    /// Records a certificate the coordinator signed for a node (a join or
+    /// a renewal): revoking the node refuses every one of them.
+    fn add_issued(&self, node: &str, serial: &str) -> Result<(), StoreError>;
+    fn issued(&self, node: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The labels a node joined with (a join token's), by node name.
+    fn put_enrollment(
+        &self,
+        node: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError>;
+    fn enrollment(&self, node: &str) -> Result<Option<BTreeMap<String, String>>, StoreError>;
+
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;

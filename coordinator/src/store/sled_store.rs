@@ -20,6 +20,8 @@ pub struct SledStore {
     secrets: sled::Tree,
     revocations: sled::Tree,
     tokens: sled::Tree,
+    enrollments: sled::Tree,
+    issued: sled::Tree,
 }
 
 /// `env NUL service NUL`: the prefix of one service's release keys.
@@ -46,7 +48,11 @@ impl SledStore {
         let secrets = db.open_tree("secrets").map_err(backend)?;
         let revocations = db.open_tree("revocations").map_err(backend)?;
         let tokens = db.open_tree("tokens").map_err(backend)?;
+        let enrollments = db.open_tree("enrollments").map_err(backend)?;
+        let issued = db.open_tree("issued").map_err(backend)?;
         Ok(Self {
+            issued,
+            enrollments,
             tokens,
             revocations,
             secrets,
@@ -274,6 +280,52 @@ impl Store for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn add_issued(&self, node: &str, serial: &str) -> Result<(), StoreError> {
+        self.issued
+            .insert(format!("{node}\0{serial}"), &[])
+            .map_err(backend)?;
+        self.issued.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn issued(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        self.issued
+            .scan_prefix(format!("{node}\0"))
+            .map(|item| {
+                let (key, _) = item.map_err(backend)?;
+                let key = String::from_utf8_lossy(&key).into_owned();
+                Ok(key
+                    .split_once('\0')
+                    .map(|(_, s)| s.to_string())
+                    .unwrap_or_default())
+            })
+            .collect()
+    }
+
+    fn put_enrollment(
+        &self,
+        node: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(labels).expect("labels serialize");
+        self.enrollments
+            .insert(node.as_bytes(), value)
+            .map_err(backend)?;
+        self.enrollments.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn enrollment(
+        &self,
+        node: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>, StoreError> {
+        self.enrollments
+            .get(node.as_bytes())
+            .map_err(backend)?
+            .map(|value| decode(node.as_bytes(), &value))
+            .transpose()
     }
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
