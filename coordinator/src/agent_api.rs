@@ -37,6 +37,15 @@ const MAX_LABELS: usize = 64;
 const MAX_CAPABILITIES: usize = 64;
 const MAX_RECENT_COMMANDS: usize = 1024;
 
+/// The identity the CA signed into the caller's certificate.
+fn peer_identity<T>(request: &Request<T>) -> Result<Identity, Status> {
+    request
+        .extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no peer identity"))
+}
+
 impl AgentApi {
     /// Refuses a revoked certificate, on every agent call.
     fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -196,11 +205,7 @@ impl AgentService for AgentApi {
         request: Request<pb::FetchSecretsRequest>,
     ) -> Result<Response<pb::FetchSecretsResponse>, Status> {
         self.admit(&request)?;
-        let identity = request
-            .extensions()
-            .get::<Identity>()
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("no peer identity"))?;
+        let identity = peer_identity(&request)?;
         let r = request.into_inner();
         let args = serde_json::json!({"service": r.service, "release_id": r.release_id});
         let who = format!("{}/{}", identity.role, identity.name);
@@ -218,11 +223,7 @@ impl AgentService for AgentApi {
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
         self.admit(&request)?;
-        let identity = request
-            .extensions()
-            .get::<Identity>()
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("no peer identity"))?;
+        let identity = peer_identity(&request)?;
         let who = format!("{}/{}", identity.role, identity.name);
         let lifetime = self.config.agent_cert_lifetime;
         let result = match &self.ca {
@@ -252,11 +253,7 @@ impl AgentService for AgentApi {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         self.admit(&request)?;
-        let identity = request
-            .extensions()
-            .get::<Identity>()
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("no peer identity"))?;
+        let identity = peer_identity(&request)?;
         let peer = request
             .extensions()
             .get::<PeerInfo>()

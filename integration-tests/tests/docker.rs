@@ -39,21 +39,21 @@ async fn setup(nodes: usize, test: &str) -> Setup {
         })
         .await;
     let node_ids: Vec<String> = cluster.agents.iter().map(|a| a.node_id.clone()).collect();
-    let port =
-        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[]).unwrap();
-    let client = cluster.operator().await;
-    Setup {
-        _cluster: cluster,
-        client,
-        port,
-        repo: format!(
-            "{}/cutover-test/{test}-{}",
-            env.registry,
-            std::process::id()
-        ),
-        _cleanup: ContainerCleanup(node_ids.clone()),
-        node_ids,
-    }
+    let repo = format!(
+        "{}/cutover-test/{test}-{}",
+        env.registry,
+        std::process::id()
+    );
+    Setup::on(cluster, repo, node_ids.clone(), ContainerCleanup(node_ids)).await
+}
+
+/// What a rollout's error says, or nothing.
+fn error_message(rollout: &pb::Rollout) -> String {
+    rollout
+        .error
+        .as_ref()
+        .map(|e| e.message.clone())
+        .unwrap_or_default()
 }
 
 fn spec(port: u16, strategy: &str) -> String {
@@ -97,6 +97,24 @@ nodes = {{ env = "test" }}
 const FAST: &str = "batch = 1\nmin_healthy_time = \"300ms\"";
 
 impl Setup {
+    /// A setup on a cluster the test built itself.
+    async fn on(
+        cluster: Cluster,
+        repo: String,
+        node_ids: Vec<String>,
+        cleanup: ContainerCleanup,
+    ) -> Self {
+        Setup {
+            client: cluster.operator().await,
+            port: cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[])
+                .unwrap(),
+            repo,
+            node_ids,
+            _cleanup: cleanup,
+            _cluster: cluster,
+        }
+    }
+
     /// Deploys `image`, its version label its tag.
     async fn deploy(
         &mut self,
@@ -301,11 +319,7 @@ async fn a_missing_image_is_refused_and_the_serving_release_is_untouched() {
     let absent = format!("{}@sha256:{}", s.repo, "0".repeat(64));
     let rollout = s.roll_as(&absent, "v2", FAST).await;
     assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
-    let error = rollout
-        .error
-        .as_ref()
-        .map(|e| e.message.clone())
-        .unwrap_or_default();
+    let error = error_message(&rollout);
     assert!(error.contains("not found"), "{rollout:#?}");
     assert_eq!(s.versions(), vec!["v1"]);
     s.assert_each_node_runs(&format!("{}@{v1}", s.repo));
@@ -327,11 +341,7 @@ async fn a_broken_image_never_takes_traffic() {
         )
         .await;
     assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
-    let error = rollout
-        .error
-        .as_ref()
-        .map(|e| e.message.clone())
-        .unwrap_or_default();
+    let error = error_message(&rollout);
     assert!(error.contains("not healthy"), "{rollout:#?}");
     assert_eq!(s.versions(), vec!["v1"]);
     // The broken container was removed; only v1's runs.
@@ -441,16 +451,13 @@ async fn pruning_keeps_the_images_of_the_active_previous_and_newest_releases_onl
             find(n, "node-1").is_some_and(ready)
         })
         .await;
-    let _cleanup = ContainerCleanup(vec![agent.node_id.clone()]);
-    let mut s = Setup {
-        client: cluster.operator().await,
-        port: cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[])
-            .unwrap(),
-        repo: format!("{}/cutover-test/prune-{}", env.registry, std::process::id()),
-        node_ids: vec![agent.node_id.clone()],
-        _cleanup: ContainerCleanup(Vec::new()),
-        _cluster: cluster,
-    };
+    let mut s = Setup::on(
+        cluster,
+        format!("{}/cutover-test/prune-{}", env.registry, std::process::id()),
+        vec![agent.node_id.clone()],
+        ContainerCleanup(vec![agent.node_id.clone()]),
+    )
+    .await;
     let mut images = Vec::new();
     for version in ["v1", "v2", "v3", "v4"] {
         let digest = push_sample_image(&format!("{}:{version}", s.repo), version, &[]);
@@ -539,15 +546,13 @@ async fn a_registry_that_wants_a_login_refuses_without_one_and_serves_with_it() 
     };
     wait_ready().await;
     let node_id = agent.node_id.clone();
-    let mut s = Setup {
-        client: cluster.operator().await,
-        port: cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[])
-            .unwrap(),
-        repo: repo.clone(),
-        node_ids: vec![node_id.clone()],
-        _cleanup: ContainerCleanup(vec![node_id]),
-        _cluster: cluster,
-    };
+    let mut s = Setup::on(
+        cluster,
+        repo.clone(),
+        vec![node_id.clone()],
+        ContainerCleanup(vec![node_id]),
+    )
+    .await;
     let error = s.deploy(&format!("{repo}:v1"), FAST).await.unwrap_err();
     assert!(
         error.message().contains("refused access"),
@@ -726,15 +731,13 @@ async fn a_node_without_an_engine_says_so_and_changes_nothing() {
         std::process::id()
     );
     push_sample_image(&format!("{repo}:v1"), "v1", &[]);
-    let mut s = Setup {
-        client: cluster.operator().await,
-        port: cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[])
-            .unwrap(),
-        repo: repo.clone(),
-        node_ids: Vec::new(),
-        _cleanup: ContainerCleanup(Vec::new()),
-        _cluster: cluster,
-    };
+    let mut s = Setup::on(
+        cluster,
+        repo.clone(),
+        Vec::new(),
+        ContainerCleanup(Vec::new()),
+    )
+    .await;
     let rollout = s.roll(&format!("{repo}:v1"), FAST).await;
     assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
     let message = rollout.error.map(|e| e.message).unwrap_or_default();

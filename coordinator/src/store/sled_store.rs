@@ -72,6 +72,14 @@ fn backend(error: sled::Error) -> StoreError {
     StoreError::Backend(error.to_string())
 }
 
+/// One record of a tree scan, decoded.
+fn decode_item<T: serde::de::DeserializeOwned>(
+    item: sled::Result<(sled::IVec, sled::IVec)>,
+) -> Result<T, StoreError> {
+    let (key, value) = item.map_err(backend)?;
+    decode(&key, &value)
+}
+
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -94,13 +102,7 @@ impl Store for SledStore {
     }
 
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.nodes
-            .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
-            .collect()
+        self.nodes.iter().map(decode_item).collect()
     }
 
     fn append_event(&self, event: NewEvent) -> Result<EventRecord, StoreError> {
@@ -127,10 +129,7 @@ impl Store for SledStore {
         self.events
             .range(start..)
             .take(limit)
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
+            .map(decode_item)
             .collect()
     }
 
@@ -183,10 +182,7 @@ impl Store for SledStore {
         let mut all: Vec<Rollout> = self
             .rollouts
             .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
+            .map(decode_item)
             .collect::<Result<_, _>>()?;
         all.sort_by_key(|r| r.created_at_ms);
         Ok(all)
@@ -220,10 +216,7 @@ impl Store for SledStore {
         let mut all: Vec<ReleaseRecord> = self
             .releases
             .scan_prefix(release_prefix(env, service))
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
+            .map(decode_item)
             .collect::<Result<_, _>>()?;
         all.sort_by_key(|r| std::cmp::Reverse(r.deployed_at_ms));
         Ok(all)
@@ -247,13 +240,7 @@ impl Store for SledStore {
     }
 
     fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
-        self.operators
-            .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
-            .collect()
+        self.operators.iter().map(decode_item).collect()
     }
 
     fn append_audit(&self, mut entry: AuditRecord) -> Result<AuditRecord, StoreError> {
@@ -270,8 +257,7 @@ impl Store for SledStore {
     fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.audit.iter() {
-            let (key, value) = item.map_err(backend)?;
-            let entry: AuditRecord = decode(&key, &value)?;
+            let entry: AuditRecord = decode_item(item)?;
             if entry.at_ms >= since_ms {
                 out.push(entry);
                 if out.len() >= limit {
@@ -346,13 +332,7 @@ impl Store for SledStore {
     }
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        self.tokens
-            .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
-            .collect()
+        self.tokens.iter().map(decode_item).collect()
     }
 
     fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
@@ -364,23 +344,11 @@ impl Store for SledStore {
     }
 
     fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
-        self.revocations
-            .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
-            .collect()
+        self.revocations.iter().map(decode_item).collect()
     }
 
     fn all_releases(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
-        self.releases
-            .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
-            .collect()
+        self.releases.iter().map(decode_item).collect()
     }
 
     fn put_secret(&self, record: &SecretRecord) -> Result<(), StoreError> {
@@ -403,21 +371,12 @@ impl Store for SledStore {
     fn secrets(&self, env: &str) -> Result<Vec<SecretRecord>, StoreError> {
         self.secrets
             .scan_prefix(format!("{env}\0"))
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
+            .map(decode_item)
             .collect()
     }
 
     fn all_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
-        self.secrets
-            .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode(&key, &value)
-            })
-            .collect()
+        self.secrets.iter().map(decode_item).collect()
     }
 
     fn delete_secret(&self, env: &str, name: &str) -> Result<bool, StoreError> {
