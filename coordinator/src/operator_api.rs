@@ -7,7 +7,7 @@ use cutover_proto::v1::operator_service_server::OperatorService;
 use cutover_proto::v1::{self as pb, command, command_result};
 use tonic::{Request, Response, Status};
 
-use crate::access::{Access, Need};
+use crate::access::{Access, Caller, Need};
 use crate::artifacts::ArtifactStore;
 use crate::registry::{CommandWaitError, NodeView, Registry};
 use crate::rollout::engine::Input;
@@ -327,7 +327,7 @@ impl OperatorApi {
     /// A deploy by operator `by`, once allowed.
     async fn deploy_as(
         &self,
-        by: String,
+        caller: &Caller,
         r: pb::DeployRequest,
     ) -> Result<Response<pb::DeployResponse>, Status> {
         if let Some(artifact) = &r.artifact {
@@ -349,7 +349,8 @@ impl OperatorApi {
                 artifact: r.artifact,
                 image: Some(r.image).filter(|i| !i.is_empty()),
                 allow_unreachable: r.allow_unreachable,
-                by,
+                by: caller.identity.name.clone(),
+                may_pin_environments: caller.role == OperatorRole::Admin || caller.envs.is_empty(),
             })
             .await?;
         Ok(Response::new(started_to_pb(started)))
@@ -846,8 +847,7 @@ impl OperatorService for OperatorApi {
         let caller = self
             .access
             .check(&request, Need::Deploy(&env), "deploy", &args)?;
-        let by = caller.identity.name.clone();
-        let result = self.deploy_as(by, request.into_inner()).await;
+        let result = self.deploy_as(&caller, request.into_inner()).await;
         self.access.audit(&caller, "deploy", &args, &result);
         result
     }

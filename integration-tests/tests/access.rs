@@ -147,8 +147,41 @@ async fn roles_hold_operators_to_what_they_may_do_and_the_audit_log_says_so() {
             && text.contains("environment test"),
         "{text}"
     );
+    // Which nodes an environment covers is pinned by its first deploy,
+    // which a deployer limited to environments may not make.
+    let (ok, text) = deploy(&test_deployer, "test");
+    assert!(!ok && text.contains("has never been deployed"), "{text}");
+    let admin = dir.path().join("root.toml");
+    std::fs::write(
+        &admin,
+        format!(
+            "coordinator = {:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+            cli.coordinator,
+            root.ca_cert.display().to_string(),
+            root.cert.display().to_string(),
+            root.key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, text) = deploy(&admin, "test");
+    assert!(ok, "{text}");
     let (ok, text) = deploy(&test_deployer, "test");
     assert!(ok, "{text}");
+    // Its own environment pointed at other nodes: refused.
+    std::fs::write(
+        &spec_file,
+        spec(port).replace(
+            "nodes = { env = \"test\" }",
+            "nodes = { env = \"production\" }",
+        ),
+    )
+    .unwrap();
+    let (ok, text) = deploy(&test_deployer, "test");
+    assert!(
+        !ok && text.contains("environment test selects env=test on this coordinator"),
+        "{text}"
+    );
+    std::fs::write(&spec_file, spec(port)).unwrap();
     // With the artifact already in the store, the viewer's deploy itself is
     // what is refused.
     let (ok, text) = cli.as_config(

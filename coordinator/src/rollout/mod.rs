@@ -75,6 +75,8 @@ pub enum RolloutError {
     Image(#[from] cutover_common::registry::RegistryError),
     #[error("{0}")]
     NoVersion(String),
+    #[error("{0}")]
+    EnvironmentPinned(String),
     #[error(transparent)]
     Secret(#[from] SecretError),
     #[error(transparent)]
@@ -93,6 +95,7 @@ impl From<RolloutError> for tonic::Status {
             RolloutError::NotFound(_) => tonic::Status::not_found(message),
             RolloutError::Store(_) => tonic::Status::internal(message),
             RolloutError::Locked { .. } => tonic::Status::aborted(message),
+            RolloutError::EnvironmentPinned(_) => tonic::Status::permission_denied(message),
             _ => tonic::Status::failed_precondition(message),
         }
     }
@@ -112,6 +115,9 @@ pub struct DeployRequest {
     pub image: Option<String>,
     pub allow_unreachable: bool,
     pub by: String,
+    /// May set or change which nodes an environment selects (an admin, or
+    /// a deployer not limited to environments).
+    pub may_pin_environments: bool,
 }
 
 /// What a deploy started, per service: a rollout, or nothing because the
@@ -221,7 +227,32 @@ impl Rollouts {
         let file = request.spec_file.as_str();
         let spec = AppSpec::parse(&request.spec_text, file)?;
         let services = spec.services_for(request.service.as_deref(), file)?;
-        spec.environment(file, &request.env)?;
+        let environment = spec.environment(file, &request.env)?;
+        // Which nodes an environment covers is the coordinator's to keep,
+        // not each spec's: a deployer limited to staging must not point
+        // "staging" at production's nodes. The first deploy pins it (only
+        // someone allowed to: an admin or an unlimited deployer), later
+        // specs must select the same nodes unless such a caller changes it.
+        let pinned = self.store.environment(&request.env)?;
+        if pinned.as_ref() != Some(&environment.nodes) {
+            if !request.may_pin_environments {
+                return Err(RolloutError::EnvironmentPinned(match pinned {
+                    Some(pinned) => format!(
+                        "environment {} selects {} on this coordinator, but the spec says {}; only an admin (or a deployer of every environment) can change that",
+                        request.env,
+                        show_selector(&pinned),
+                        show_selector(&environment.nodes)
+                    ),
+                    None => format!(
+                        "environment {} has never been deployed: an admin (or a deployer of every environment) deploys it first, which pins the nodes it selects",
+                        request.env
+                    ),
+                }));
+            }
+            self.store
+                .put_environment(&request.env, &environment.nodes)?;
+            tracing::info!(env = %request.env, selector = %show_selector(&environment.nodes), by = %request.by, "environment pinned");
+        }
         // Each image is pinned once, before anything is created: every
         // service (and node) of this deploy runs the same digest.
         let mut pinned: BTreeMap<String, PinnedImage> = BTreeMap::new();
@@ -846,6 +877,17 @@ impl Rollouts {
         }
         Ok(())
     }
+}
+
+fn show_selector(selector: &BTreeMap<String, String>) -> String {
+    if selector.is_empty() {
+        return "every node".into();
+    }
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Fills an activation's `secret_values` from the secret store.

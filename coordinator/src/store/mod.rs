@@ -360,6 +360,15 @@ pub trait Store: Send + Sync + 'static {
     /// Entries at or after `since_ms`, oldest first, at most `limit`.
     fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 
+    /// The node selector an environment is pinned to (see
+    /// `Rollouts::deploy`).
+    fn put_environment(
+        &self,
+        env: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError>;
+    fn environment(&self, env: &str) -> Result<Option<BTreeMap<String, String>>, StoreError>;
+
     /// Records a certificate the coordinator signed for a node (a join or
     /// a renewal): revoking the node refuses every one of them.
     fn add_issued(&self, node: &str, serial: &str) -> Result<(), StoreError>;

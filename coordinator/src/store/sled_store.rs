@@ -22,6 +22,7 @@ pub struct SledStore {
     tokens: sled::Tree,
     enrollments: sled::Tree,
     issued: sled::Tree,
+    environments: sled::Tree,
 }
 
 /// `env NUL service NUL`: the prefix of one service's release keys.
@@ -50,7 +51,9 @@ impl SledStore {
         let tokens = db.open_tree("tokens").map_err(backend)?;
         let enrollments = db.open_tree("enrollments").map_err(backend)?;
         let issued = db.open_tree("issued").map_err(backend)?;
+        let environments = db.open_tree("environments").map_err(backend)?;
         Ok(Self {
+            environments,
             issued,
             enrollments,
             tokens,
@@ -266,6 +269,30 @@ impl Store for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn put_environment(
+        &self,
+        env: &str,
+        selector: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(selector).expect("selectors serialize");
+        self.environments
+            .insert(env.as_bytes(), value)
+            .map_err(backend)?;
+        self.environments.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn environment(
+        &self,
+        env: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>, StoreError> {
+        self.environments
+            .get(env.as_bytes())
+            .map_err(backend)?
+            .map(|value| decode(env.as_bytes(), &value))
+            .transpose()
     }
 
     fn add_issued(&self, node: &str, serial: &str) -> Result<(), StoreError> {
