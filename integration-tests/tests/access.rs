@@ -393,18 +393,27 @@ async fn a_revoked_node_is_cut_off_until_it_gets_a_new_certificate() {
         events.iter().any(|e| e.kind == "node_revoked"),
         "{events:?}"
     );
-    let audit = client
-        .list_audit(cutover_proto::v1::ListAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let audit = audit_entries(&mut client).await;
     assert!(
         audit.iter().any(|e| e.action == "revoke_node"
             && e.outcome == "ok"
             && e.arguments.contains("node-1")),
         "{audit:?}"
     );
+}
+
+/// Every entry of the audit log.
+async fn audit_entries(
+    client: &mut cutover_proto::v1::operator_service_client::OperatorServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> Vec<cutover_proto::v1::AuditEntry> {
+    client
+        .list_audit(cutover_proto::v1::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
 }
 
 /// The serial and expiry (seconds since the epoch) of a PEM certificate.
@@ -455,12 +464,7 @@ async fn an_agent_renews_its_certificate_over_its_connection() {
     assert_eq!(node.cert_serial, new_serial);
     assert_eq!(node.cert_expires_at_ms, new_expiry * 1000);
     let mut client = cluster.operator().await;
-    let audit = client
-        .list_audit(cutover_proto::v1::ListAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let audit = audit_entries(&mut client).await;
     assert!(
         audit.iter().any(|e| e.who == "agent/node-1"
             && e.action == "renew_certificate"

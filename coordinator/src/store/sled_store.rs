@@ -75,6 +75,30 @@ fn backend(error: sled::Error) -> StoreError {
     StoreError::Backend(error.to_string())
 }
 
+/// Writes `value` under `key` and flushes the tree before returning: for
+/// records something depends on as soon as the call returns.
+fn put_durable<T: serde::Serialize>(
+    tree: &sled::Tree,
+    key: &[u8],
+    value: &T,
+) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(value).expect("store records serialize");
+    tree.insert(key, bytes).map_err(backend)?;
+    tree.flush().map_err(backend)?;
+    Ok(())
+}
+
+/// The record under `key`, decoded, if there is one.
+fn get_decoded<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    tree.get(key)
+        .map_err(backend)?
+        .map(|value| decode(key, &value))
+        .transpose()
+}
+
 /// One record of a tree scan, decoded.
 fn decode_item<T: serde::de::DeserializeOwned>(
     item: sled::Result<(sled::IVec, sled::IVec)>,
@@ -161,19 +185,11 @@ impl Store for SledStore {
     }
 
     fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(rollout).expect("rollouts serialize");
-        self.rollouts
-            .insert(rollout.id.as_bytes(), value)
-            .map_err(backend)?;
-        self.rollouts.flush().map_err(backend)?;
-        Ok(())
+        put_durable(&self.rollouts, rollout.id.as_bytes(), rollout)
     }
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
-        match self.rollouts.get(id.as_bytes()).map_err(backend)? {
-            Some(value) => decode(id.as_bytes(), &value).map(Some),
-            None => Ok(None),
-        }
+        get_decoded(&self.rollouts, id.as_bytes())
     }
 
     fn delete_rollout(&self, id: &str) -> Result<(), StoreError> {
@@ -209,10 +225,7 @@ impl Store for SledStore {
     fn put_release(&self, record: &ReleaseRecord) -> Result<(), StoreError> {
         let mut key = release_prefix(&record.env, &record.service);
         key.extend_from_slice(record.release.id().as_bytes());
-        let value = serde_json::to_vec(record).expect("release records serialize");
-        self.releases.insert(key, value).map_err(backend)?;
-        self.releases.flush().map_err(backend)?;
-        Ok(())
+        put_durable(&self.releases, &key, record)
     }
 
     fn releases(&self, env: &str, service: &str) -> Result<Vec<ReleaseRecord>, StoreError> {
@@ -226,20 +239,11 @@ impl Store for SledStore {
     }
 
     fn put_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(operator).expect("operator records serialize");
-        self.operators
-            .insert(operator.name.as_bytes(), value)
-            .map_err(backend)?;
-        self.operators.flush().map_err(backend)?;
-        Ok(())
+        put_durable(&self.operators, operator.name.as_bytes(), operator)
     }
 
     fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
-        self.operators
-            .get(name.as_bytes())
-            .map_err(backend)?
-            .map(|value| decode(name.as_bytes(), &value))
-            .transpose()
+        get_decoded(&self.operators, name.as_bytes())
     }
 
     fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
@@ -276,23 +280,14 @@ impl Store for SledStore {
         env: &str,
         selector: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(selector).expect("selectors serialize");
-        self.environments
-            .insert(env.as_bytes(), value)
-            .map_err(backend)?;
-        self.environments.flush().map_err(backend)?;
-        Ok(())
+        put_durable(&self.environments, env.as_bytes(), selector)
     }
 
     fn environment(
         &self,
         env: &str,
     ) -> Result<Option<std::collections::BTreeMap<String, String>>, StoreError> {
-        self.environments
-            .get(env.as_bytes())
-            .map_err(backend)?
-            .map(|value| decode(env.as_bytes(), &value))
-            .transpose()
+        get_decoded(&self.environments, env.as_bytes())
     }
 
     fn add_issued(&self, node: &str, serial: &str) -> Result<(), StoreError> {
@@ -322,40 +317,22 @@ impl Store for SledStore {
         node: &str,
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(labels).expect("labels serialize");
-        self.enrollments
-            .insert(node.as_bytes(), value)
-            .map_err(backend)?;
-        self.enrollments.flush().map_err(backend)?;
-        Ok(())
+        put_durable(&self.enrollments, node.as_bytes(), labels)
     }
 
     fn enrollment(
         &self,
         node: &str,
     ) -> Result<Option<std::collections::BTreeMap<String, String>>, StoreError> {
-        self.enrollments
-            .get(node.as_bytes())
-            .map_err(backend)?
-            .map(|value| decode(node.as_bytes(), &value))
-            .transpose()
+        get_decoded(&self.enrollments, node.as_bytes())
     }
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(token).expect("tokens serialize");
-        self.tokens
-            .insert(token.id.as_bytes(), value)
-            .map_err(backend)?;
-        self.tokens.flush().map_err(backend)?;
-        Ok(())
+        put_durable(&self.tokens, token.id.as_bytes(), token)
     }
 
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.tokens
-            .get(id.as_bytes())
-            .map_err(backend)?
-            .map(|value| decode(id.as_bytes(), &value))
-            .transpose()
+        get_decoded(&self.tokens, id.as_bytes())
     }
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
@@ -364,10 +341,7 @@ impl Store for SledStore {
 
     fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
         let key = format!("{}\0{}", revocation.node, revocation.serial);
-        let value = serde_json::to_vec(revocation).expect("revocations serialize");
-        self.revocations.insert(key, value).map_err(backend)?;
-        self.revocations.flush().map_err(backend)?;
-        Ok(())
+        put_durable(&self.revocations, key.as_bytes(), revocation)
     }
 
     fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
@@ -380,19 +354,11 @@ impl Store for SledStore {
 
     fn put_secret(&self, record: &SecretRecord) -> Result<(), StoreError> {
         let key = format!("{}\0{}", record.env, record.name);
-        let value = serde_json::to_vec(record).expect("secret records serialize");
-        self.secrets.insert(key, value).map_err(backend)?;
-        self.secrets.flush().map_err(backend)?;
-        Ok(())
+        put_durable(&self.secrets, key.as_bytes(), record)
     }
 
     fn secret(&self, env: &str, name: &str) -> Result<Option<SecretRecord>, StoreError> {
-        let key = format!("{env}\0{name}");
-        self.secrets
-            .get(&key)
-            .map_err(backend)?
-            .map(|value| decode(key.as_bytes(), &value))
-            .transpose()
+        get_decoded(&self.secrets, format!("{env}\0{name}").as_bytes())
     }
 
     fn secrets(&self, env: &str) -> Result<Vec<SecretRecord>, StoreError> {
