@@ -14,6 +14,7 @@ use cutover_proto::v1::{
 };
 use tokio::sync::mpsc;
 
+use crate::renewal::Renewer;
 use crate::services::NodeServices;
 use crate::state::Journal;
 
@@ -25,6 +26,7 @@ pub const CAPABILITIES: &[&str] = &[
     "command.set_admission",
     "command.stop_service",
     "command.report_state",
+    "command.renew_certificate",
     "runtime.process",
     "proxy.http",
 ];
@@ -37,15 +39,22 @@ pub struct Executor {
     running: Mutex<HashSet<String>>,
     services: Arc<NodeServices>,
     outbox: Outbox,
+    renewer: Arc<Renewer>,
 }
 
 impl Executor {
-    pub fn new(journal: Journal, services: Arc<NodeServices>, outbox: Outbox) -> Self {
+    pub fn new(
+        journal: Journal,
+        services: Arc<NodeServices>,
+        outbox: Outbox,
+        renewer: Arc<Renewer>,
+    ) -> Self {
         Self {
             journal: Mutex::new(journal),
             running: Mutex::new(HashSet::new()),
             services,
             outbox,
+            renewer,
         }
     }
 
@@ -149,6 +158,15 @@ impl Executor {
                 .await
                 .map(|_| None)
                 .map_err(|e| e.to_string()),
+            Some(command::Kind::RenewCertificate(_)) => match self.services.coordinator() {
+                Some(channel) => self
+                    .renewer
+                    .renew_now(channel)
+                    .await
+                    .map(|r| Some(command_result::Output::Renewed(r)))
+                    .map_err(|e| e.to_string()),
+                None => Err("no connection to the coordinator to renew over".into()),
+            },
             Some(command::Kind::ReportState(_)) => {
                 Ok(Some(command_result::Output::NodeState(NodeState {
                     services: self.services.state(),
@@ -246,10 +264,17 @@ mod tests {
         )
         .await
         .unwrap();
+        // Never called here: no test command renews.
+        let renewer = Renewer::new(
+            cutover_common::tls::TlsFiles::in_dir(dir, "agent"),
+            cutover_common::identity::Identity::new(cutover_common::identity::Role::Agent, "test")
+                .unwrap(),
+        );
         Executor::new(
             Journal::open(dir).unwrap(),
             Arc::new(services),
             Arc::new(Mutex::new(None)),
+            Arc::new(renewer),
         )
     }
 

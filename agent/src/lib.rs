@@ -73,14 +73,13 @@ enum SessionError {
 }
 
 async fn keep_certificate_fresh(
-    files: cutover_common::tls::TlsFiles,
-    identity: cutover_common::identity::Identity,
+    renewer: Arc<renewal::Renewer>,
     channel: tonic::transport::Channel,
     every: Duration,
     stop: CancellationToken,
 ) {
     loop {
-        if let Err(error) = renewal::renew_if_due(&files, &identity, channel.clone()).await {
+        if let Err(error) = renewer.renew_if_due(channel.clone()).await {
             tracing::error!(%error, "certificate renewal failed; retrying later");
         }
         tokio::select! {
@@ -98,7 +97,7 @@ pub struct Agent {
     /// Rebuilt for every connection: a renewed certificate is used from the
     /// next one on.
     tls: Arc<rustls::ClientConfig>,
-    identity: cutover_common::identity::Identity,
+    renewer: Arc<renewal::Renewer>,
     /// The address services bind and the hello reports.
     address: IpAddr,
     executor: Arc<Executor>,
@@ -161,14 +160,20 @@ impl Agent {
         )
         .await?;
         let outbox: Outbox = Arc::new(std::sync::Mutex::new(None));
-        let executor = Arc::new(Executor::new(journal, Arc::new(services), outbox.clone()));
+        let renewer = Arc::new(renewal::Renewer::new(config.tls.clone(), identity));
+        let executor = Arc::new(Executor::new(
+            journal,
+            Arc::new(services),
+            outbox.clone(),
+            renewer.clone(),
+        ));
         let sampler = Sampler::new(config.state_dir.clone());
         Ok(Self {
             url,
             name,
             node_id,
             tls,
-            identity,
+            renewer,
             address,
             executor,
             outbox,
@@ -293,8 +298,7 @@ impl Agent {
         let renewals = CancellationToken::new();
         let _renewals = renewals.clone().drop_guard();
         tokio::spawn(keep_certificate_fresh(
-            self.config.tls.clone(),
-            self.identity.clone(),
+            self.renewer.clone(),
             connection.clone(),
             self.config.certificate_check_interval,
             renewals,

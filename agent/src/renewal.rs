@@ -4,13 +4,14 @@
 //! The open session goes on with the old certificate; the next connection
 //! uses the new one. No restart, no command lost.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use cutover_common::fsutil::write_atomic;
 use cutover_common::identity::{certificate_facts, Identity};
+use cutover_common::pki::{finish_pair_swap, split_certs, IssuedPair};
 use cutover_common::tls::{load_certs, TlsFiles};
 use cutover_proto::v1::agent_service_client::AgentServiceClient;
-use cutover_proto::v1::RenewCertificateRequest;
+use cutover_proto::v1::{RenewCertificateRequest, Renewed};
 use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,33 +26,10 @@ pub enum RenewalError {
     Write { path: PathBuf, reason: String },
 }
 
-/// `<path>.new`: where a pair is written before it replaces the old one.
-fn staged(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".new");
-    PathBuf::from(name)
-}
-
 /// Finishes (or undoes) a renewal a crash interrupted, before the pair is
-/// loaded: the key is swapped in first, so a staged certificate whose key is
-/// already in place completes the swap, and a staged pair means nothing was
-/// swapped yet and is dropped.
+/// loaded.
 pub fn complete_interrupted(files: &TlsFiles) {
-    let (cert_new, key_new) = (staged(&files.cert), staged(&files.key));
-    match (cert_new.exists(), key_new.exists()) {
-        (true, false) => {
-            if let Err(error) = std::fs::rename(&cert_new, &files.cert) {
-                tracing::error!(%error, "cannot complete an interrupted certificate renewal");
-            } else {
-                tracing::warn!("completed a certificate renewal an earlier run left halfway");
-            }
-        }
-        (true, true) | (false, true) => {
-            let _ = std::fs::remove_file(&cert_new);
-            let _ = std::fs::remove_file(&key_new);
-        }
-        (false, false) => {}
-    }
+    finish_pair_swap(&files.cert, &files.key);
 }
 
 /// Seconds since the epoch at which the certificate is due for renewal:
@@ -68,91 +46,115 @@ fn renewal_due(files: &TlsFiles) -> Result<i64, RenewalError> {
     Ok(facts.not_before + (facts.not_after - facts.not_before) * 2 / 3)
 }
 
-/// Renews the certificate if it is due; true if it did.
-pub async fn renew_if_due(
-    files: &TlsFiles,
-    identity: &Identity,
-    channel: Channel,
-) -> Result<bool, RenewalError> {
-    let due = renewal_due(files)?;
-    if cutover_common::now_ms() / 1000 < due {
-        return Ok(false);
-    }
-    let (csr_pem, key_pem) = cutover_common::pki::certificate_request(identity)
-        .map_err(|e| RenewalError::Refused(e.to_string()))?;
-    let cert_pem = AgentServiceClient::new(channel)
-        .renew_certificate(RenewCertificateRequest { csr_pem })
-        .await
-        .map_err(|status| RenewalError::Refused(status.message().to_string()))?
-        .into_inner()
-        .cert_pem;
-    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
-        .next()
-        .and_then(Result::ok)
-        .ok_or_else(|| RenewalError::Refused("the answer holds no certificate".into()))?;
-    let got = certificate_facts(&der).ok().and_then(|f| f.identity);
-    if got.as_ref() != Some(identity) {
-        return Err(RenewalError::WrongIdentity {
-            want: identity.to_string(),
-            got: got.map(|i| i.to_string()),
-        });
-    }
-    let write = |path: &Path, text: &str, mode: u32| {
-        write_atomic(path, text.as_bytes(), mode).map_err(|e| RenewalError::Write {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
-    };
-    let (cert_new, key_new) = (staged(&files.cert), staged(&files.key));
-    // The staged key first: a staged certificate alone then always means
-    // the key was already swapped in (see `complete_interrupted`).
-    write(&key_new, &key_pem, 0o600)?;
-    write(&cert_new, &cert_pem, 0o644)?;
-    let rename = |from: &Path, to: &Path| {
-        std::fs::rename(from, to).map_err(|e| RenewalError::Write {
-            path: to.to_path_buf(),
-            reason: e.to_string(),
-        })
-    };
-    // Key first: see `complete_interrupted`.
-    rename(&key_new, &files.key)?;
-    rename(&cert_new, &files.cert)?;
-    tracing::info!(next_due = renewal_due(files)?, "certificate renewed");
-    Ok(true)
+/// Renews the node's certificate: when due (the periodic check) or at once
+/// (a command, during a CA rotation). One renewal at a time.
+pub struct Renewer {
+    files: TlsFiles,
+    identity: Identity,
+    running: tokio::sync::Mutex<()>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn files(dir: &Path) -> TlsFiles {
-        TlsFiles {
-            ca_cert: dir.join("ca.crt"),
-            cert: dir.join("agent.crt"),
-            key: dir.join("agent.key"),
+impl Renewer {
+    pub fn new(files: TlsFiles, identity: Identity) -> Self {
+        Self {
+            files,
+            identity,
+            running: tokio::sync::Mutex::new(()),
         }
     }
 
-    #[test]
-    fn a_renewal_cut_short_is_completed_or_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = files(dir.path());
-        std::fs::write(&f.cert, "old cert").unwrap();
-        std::fs::write(&f.key, "old key").unwrap();
-
-        // Cut before any swap: the staged pair goes, the old pair stays.
-        std::fs::write(staged(&f.cert), "new cert").unwrap();
-        std::fs::write(staged(&f.key), "new key").unwrap();
-        complete_interrupted(&f);
-        assert_eq!(std::fs::read_to_string(&f.cert).unwrap(), "old cert");
-        assert_eq!(std::fs::read_to_string(&f.key).unwrap(), "old key");
-        assert!(!staged(&f.cert).exists() && !staged(&f.key).exists());
-
-        // Cut between the swaps: the key is new, so the certificate follows.
-        std::fs::write(&f.key, "new key").unwrap();
-        std::fs::write(staged(&f.cert), "new cert").unwrap();
-        complete_interrupted(&f);
-        assert_eq!(std::fs::read_to_string(&f.cert).unwrap(), "new cert");
-        assert!(!staged(&f.cert).exists());
+    /// Renews if the certificate is due; what was installed, if it did.
+    pub async fn renew_if_due(&self, channel: Channel) -> Result<Option<Renewed>, RenewalError> {
+        let _running = self.running.lock().await;
+        if cutover_common::now_ms() / 1000 < renewal_due(&self.files)? {
+            return Ok(None);
+        }
+        self.renew_locked(channel).await.map(Some)
     }
+
+    /// Renews now, whatever the certificate's age.
+    pub async fn renew_now(&self, channel: Channel) -> Result<Renewed, RenewalError> {
+        let _running = self.running.lock().await;
+        self.renew_locked(channel).await
+    }
+
+    async fn renew_locked(&self, channel: Channel) -> Result<Renewed, RenewalError> {
+        let identity = &self.identity;
+        let (csr_pem, key_pem) = cutover_common::pki::certificate_request(identity)
+            .map_err(|e| RenewalError::Refused(e.to_string()))?;
+        let answer = AgentServiceClient::new(channel)
+            .renew_certificate(RenewCertificateRequest { csr_pem })
+            .await
+            .map_err(|status| RenewalError::Refused(status.message().to_string()))?
+            .into_inner();
+        let der = rustls_pemfile::certs(&mut answer.cert_pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| RenewalError::Refused("the answer holds no certificate".into()))?;
+        let facts = certificate_facts(&der).ok();
+        let got = facts.as_ref().and_then(|f| f.identity.clone());
+        if got.as_ref() != Some(identity) {
+            return Err(RenewalError::WrongIdentity {
+                want: identity.to_string(),
+                got: got.map(|i| i.to_string()),
+            });
+        }
+        let facts = facts.expect("parsed above");
+        // The bundle must hold the CA of the new certificate, or the next
+        // connection could not be verified with what this node trusts.
+        let bundle = split_certs(&answer.ca_bundle_pem);
+        let bundle_names: Vec<String> = bundle
+            .iter()
+            .filter_map(|pem| rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok())
+            .filter_map(|der| certificate_facts(&der).ok().map(|f| f.subject))
+            .collect();
+        if !answer.ca_bundle_pem.is_empty() {
+            if !bundle_names.contains(&facts.issuer) {
+                return Err(RenewalError::Refused(format!(
+                    "the trust bundle sent does not hold {}, the CA of the new certificate",
+                    facts.issuer
+                )));
+            }
+            // Trust first: the bundle always holds the CA the coordinator
+            // presents now and the one it will present, so writing it before
+            // the pair is safe whatever happens next.
+            write_atomic(&self.files.ca_cert, answer.ca_bundle_pem.as_bytes(), 0o644).map_err(
+                |e| RenewalError::Write {
+                    path: self.files.ca_cert.clone(),
+                    reason: e.to_string(),
+                },
+            )?;
+        }
+        IssuedPair {
+            cert_pem: answer.cert_pem,
+            key_pem,
+        }
+        .replace(&self.files.cert, &self.files.key)
+        .map_err(|e| RenewalError::Write {
+            path: self.files.cert.clone(),
+            reason: e.to_string(),
+        })?;
+        let trusted =
+            std::fs::read_to_string(&self.files.ca_cert).map_err(|e| RenewalError::Read {
+                path: self.files.ca_cert.clone(),
+                reason: e.to_string(),
+            })?;
+        tracing::info!(
+            serial = %facts.serial,
+            issuer = %facts.issuer,
+            next_due = renewal_due(&self.files)?,
+            "certificate renewed"
+        );
+        Ok(Renewed {
+            serial: facts.serial,
+            issuer: facts.issuer,
+            ca_bundle_sha256: sha256_hex(trusted.as_bytes()),
+        })
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    cutover_common::tls::fingerprint(bytes)
+        .trim_start_matches("sha256:")
+        .to_string()
 }

@@ -535,7 +535,7 @@ impl NodeServices {
             }
             (None, Some((artifact, digest))) => {
                 progress("fetching");
-                let coordinator = self.coordinator.lock().expect("coordinator lock").clone();
+                let coordinator = self.coordinator();
                 let archive = self
                     .cache
                     .fetch(&artifact.url, &digest, coordinator)
@@ -720,6 +720,11 @@ impl NodeServices {
     }
 
     /// The session's connection, while one is open.
+    /// The open connection to the coordinator, if any.
+    pub fn coordinator(&self) -> Option<Channel> {
+        self.coordinator.lock().expect("coordinator lock").clone()
+    }
+
     pub fn set_coordinator(&self, channel: Option<Channel>) {
         *self.coordinator.lock().expect("coordinator lock") = channel;
     }
@@ -728,7 +733,7 @@ impl NodeServices {
     /// needs them and lacks them (the agent restarted: they were in memory
     /// only). Their supervisors (re)start them with the values from then on.
     pub async fn fetch_pending_secrets(&self) {
-        let Some(channel) = self.coordinator.lock().expect("coordinator lock").clone() else {
+        let Some(channel) = self.coordinator() else {
             return;
         };
         let services: Vec<(String, Arc<Mutex<WebService>>)> = self

@@ -117,6 +117,13 @@ pub struct CertificateFacts {
     /// Validity, seconds since the epoch.
     pub not_before: i64,
     pub not_after: i64,
+    /// Common name of the issuing CA ("cutover CA <label>"): which CA a
+    /// node's certificate comes from, during a CA rotation.
+    pub issuer: String,
+    /// Its own common name (a CA's name, for CA certificates).
+    pub subject: String,
+    /// DNS names and IP addresses it is valid for (server certificates).
+    pub names: Vec<String>,
 }
 
 pub fn certificate_facts(der: &[u8]) -> Result<CertificateFacts, IdentityError> {
@@ -125,21 +132,43 @@ pub fn certificate_facts(der: &[u8]) -> Result<CertificateFacts, IdentityError> 
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     let mut identity = None;
+    let mut names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name {
-                if let Some(found) = Identity::from_uri(uri) {
-                    identity = Some(found);
-                    break;
+            match name {
+                GeneralName::URI(uri) if identity.is_none() => {
+                    identity = Identity::from_uri(uri);
                 }
+                GeneralName::DNSName(dns) => names.push(dns.to_string()),
+                GeneralName::IPAddress(bytes) => {
+                    let ip = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*bytes)
+                            .ok()
+                            .map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    names.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
             }
         }
     }
+    let common_name = |name: &X509Name<'_>| {
+        name.iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
     Ok(CertificateFacts {
         identity,
         serial: cert.raw_serial_as_string().replace(':', ""),
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
+        issuer: common_name(cert.issuer()),
+        subject: common_name(cert.subject()),
+        names,
     })
 }
 

@@ -19,6 +19,9 @@ use crate::identity::{Identity, IdentityError, Role};
 
 pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
+/// Issued certificates start this long in the past, for clocks a little
+/// behind ours; a certificate's span is its lifetime plus this.
+pub const BACKDATE_SECS: i64 = 300;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -47,6 +50,8 @@ pub enum PkiError {
     },
     #[error("invalid certificate signing request: {0}")]
     BadRequest(String),
+    #[error("no certificate in {cert} is the CA of the key {key}; check `tls.ca_cert` and `ca_key` name the same installation's files")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
 }
 
 /// A key pair made where it will be used and a request for a certificate
@@ -88,6 +93,82 @@ impl IssuedPair {
         })?;
         Ok((cert, key))
     }
+
+    /// Puts this pair in place of the one at `cert` and `key` so that a crash
+    /// at any moment leaves a matching pair once `finish_pair_swap` ran: the
+    /// new pair is staged beside the old one, then the key is swapped in
+    /// first.
+    pub fn replace(&self, cert: &Path, key: &Path) -> Result<(), PkiError> {
+        let (cert_new, key_new) = (staged(cert), staged(key));
+        let write = |path: &Path, text: &str, mode: u32| {
+            write_atomic(path, text.as_bytes(), mode).map_err(|source| PkiError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let rename = |from: &Path, to: &Path| {
+            std::fs::rename(from, to).map_err(|source| PkiError::Write {
+                path: to.to_path_buf(),
+                source,
+            })
+        };
+        // The staged key first: a staged certificate alone then always
+        // means the key was already swapped in (see `finish_pair_swap`).
+        write(&key_new, &self.key_pem, 0o600)?;
+        write(&cert_new, &self.cert_pem, 0o644)?;
+        rename(&key_new, key)?;
+        rename(&cert_new, cert)
+    }
+}
+
+/// `<path>.new`: where a pair is staged before it replaces the old one.
+fn staged(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".new");
+    PathBuf::from(name)
+}
+
+/// Finishes (or undoes) a `IssuedPair::replace` a crash interrupted, before
+/// the pair is loaded: a staged certificate whose key is already in place
+/// completes the swap; a staged pair means nothing was swapped yet and is
+/// dropped.
+pub fn finish_pair_swap(cert: &Path, key: &Path) {
+    let (cert_new, key_new) = (staged(cert), staged(key));
+    match (cert_new.exists(), key_new.exists()) {
+        (true, false) => match std::fs::rename(&cert_new, cert) {
+            Ok(()) => {
+                tracing::warn!(cert = %cert.display(), "completed a certificate swap an earlier run left halfway")
+            }
+            Err(error) => {
+                tracing::error!(%error, cert = %cert.display(), "cannot complete an interrupted certificate swap")
+            }
+        },
+        (true, true) | (false, true) => {
+            let _ = std::fs::remove_file(&cert_new);
+            let _ = std::fs::remove_file(&key_new);
+        }
+        (false, false) => {}
+    }
+}
+
+/// Each certificate of a PEM bundle, as its own PEM block.
+pub fn split_certs(bundle: &str) -> Vec<String> {
+    rustls_pemfile::certs(&mut bundle.as_bytes())
+        .filter_map(Result::ok)
+        .map(|der| der_to_pem(&der))
+        .collect()
+}
+
+fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ascii"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 pub struct CertificateAuthority {
@@ -120,6 +201,12 @@ impl CertificateAuthority {
         })
     }
 
+    /// A new CA with a random label, valid ten years: what `ca init` and a
+    /// CA rotation make.
+    pub fn generate_fresh() -> Result<Self, PkiError> {
+        Self::generate(&random_label(), 3650)
+    }
+
     /// Creates a CA and the coordinator's certificate in `dir`; refuses to
     /// overwrite an existing CA, since that would orphan every issued
     /// certificate.
@@ -128,13 +215,13 @@ impl CertificateAuthority {
         if ca_cert.exists() {
             return Err(PkiError::AlreadyExists(ca_cert));
         }
-        let ca = Self::generate(&random_label(), 3650)?;
+        let ca = Self::generate_fresh()?;
         ca.issue_server(coordinator_sans, 825)?
             .write(dir, "coordinator")?;
         // The CA key goes last: its presence marks a complete PKI dir.
         IssuedPair {
             cert_pem: ca.cert_pem.clone(),
-            key_pem: ca.issuer.key().serialize_pem(),
+            key_pem: ca.key_pem(),
         }
         .write(dir, "ca")?;
         Ok(ca)
@@ -147,14 +234,16 @@ impl CertificateAuthority {
                 source,
             })
         };
-        let cert_pem = read(CA_CERT)?;
-        let key = KeyPair::from_pem(&read(CA_KEY)?)?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
-        Ok(Self { issuer, cert_pem })
+        Self::from_bundle(&read(CA_CERT)?, &read(CA_KEY)?)?.ok_or(PkiError::KeyMismatch {
+            cert: dir.join(CA_CERT),
+            key: dir.join(CA_KEY),
+        })
     }
 
     /// The CA from its certificate and key files (a coordinator that signs
-    /// certificates for operators and joining agents).
+    /// certificates for operators and joining agents). During a CA rotation
+    /// the certificate file is a bundle of the old and the new CA; the one
+    /// whose public key is the key's is the signer.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, PkiError> {
         let cert_pem = std::fs::read_to_string(cert).map_err(|source| PkiError::NoCa {
             dir: cert.to_path_buf(),
@@ -164,12 +253,61 @@ impl CertificateAuthority {
             path: key.to_path_buf(),
             source,
         })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, KeyPair::from_pem(&key_pem)?)?;
-        Ok(Self { issuer, cert_pem })
+        Self::from_bundle(&cert_pem, &key_pem)?.ok_or(PkiError::KeyMismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        })
     }
 
+    /// The CA of `key_pem` among the certificates of `bundle`, if there.
+    pub fn from_bundle(bundle: &str, key_pem: &str) -> Result<Option<Self>, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let public = key.subject_public_key_info();
+        let found = rustls_pemfile::certs(&mut bundle.as_bytes())
+            .filter_map(Result::ok)
+            .find(|der| {
+                x509_parser::parse_x509_certificate(der)
+                    .is_ok_and(|(_, cert)| cert.public_key().raw == public.as_slice())
+            });
+        let Some(der) = found else {
+            return Ok(None);
+        };
+        let cert_pem = der_to_pem(&der);
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+        Ok(Some(Self { issuer, cert_pem }))
+    }
+
+    /// The PEM of this CA's certificate.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The PEM of the private key; only for writing it to its file.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// Its common name, "cutover CA <label>": how certificates name their
+    /// issuer.
+    pub fn name(&self) -> String {
+        self.facts().map(|f| f.subject).unwrap_or_default()
+    }
+
+    /// `sha256:<hex>` of its certificate: what join tokens pin.
+    pub fn fingerprint(&self) -> String {
+        crate::tls::fingerprint(&self.der())
+    }
+
+    fn der(&self) -> Vec<u8> {
+        rustls_pemfile::certs(&mut self.cert_pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .map(|der| der.to_vec())
+            .unwrap_or_default()
+    }
+
+    fn facts(&self) -> Option<crate::identity::CertificateFacts> {
+        crate::identity::certificate_facts(&self.der()).ok()
     }
 
     /// The coordinator's server certificate. It always covers `localhost`,
@@ -183,6 +321,7 @@ impl CertificateAuthority {
         let identity = Identity::new(Role::Coordinator, "coordinator")?;
         let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
         names.extend(sans.iter().cloned());
+        names.sort();
         names.dedup();
         let mut extra = Vec::new();
         for name in names {
@@ -275,7 +414,7 @@ impl CertificateAuthority {
         };
         params.serial_number = Some(random_serial());
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
+        params.not_before = now - Duration::seconds(BACKDATE_SECS);
         params.not_after = now + lifetime;
         Ok(params.signed_by(public_key, &self.issuer)?.pem())
     }
@@ -301,6 +440,56 @@ fn random_label() -> String {
 mod tests {
     use super::*;
     use crate::identity::certificate_facts;
+
+    #[test]
+    fn a_pair_swap_cut_short_is_completed_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("a.crt"), dir.path().join("a.key"));
+        std::fs::write(&cert, "old cert").unwrap();
+        std::fs::write(&key, "old key").unwrap();
+
+        // Cut before any swap: the staged pair goes, the old pair stays.
+        std::fs::write(staged(&cert), "new cert").unwrap();
+        std::fs::write(staged(&key), "new key").unwrap();
+        finish_pair_swap(&cert, &key);
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), "old cert");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "old key");
+        assert!(!staged(&cert).exists() && !staged(&key).exists());
+
+        // Cut between the swaps: the key is new, so the certificate follows.
+        std::fs::write(&key, "new key").unwrap();
+        std::fs::write(staged(&cert), "new cert").unwrap();
+        finish_pair_swap(&cert, &key);
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), "new cert");
+        assert!(!staged(&cert).exists());
+
+        // A whole replace leaves no staged file.
+        IssuedPair {
+            cert_pem: "third cert".into(),
+            key_pem: "third key".into(),
+        }
+        .replace(&cert, &key)
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "third key");
+        assert!(!staged(&cert).exists() && !staged(&key).exists());
+    }
+
+    #[test]
+    fn the_signer_is_found_in_a_bundle() {
+        let old = CertificateAuthority::generate_fresh().unwrap();
+        let new = CertificateAuthority::generate_fresh().unwrap();
+        let bundle = format!("{}{}", old.cert_pem(), new.cert_pem());
+        let found = CertificateAuthority::from_bundle(&bundle, &new.key_pem())
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.name(), new.name());
+        assert_ne!(found.name(), old.name());
+        assert_eq!(split_certs(&bundle).len(), 2);
+        let other = CertificateAuthority::generate_fresh().unwrap();
+        assert!(CertificateAuthority::from_bundle(&bundle, &other.key_pem())
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn init_issue_and_reload() {

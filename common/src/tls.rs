@@ -294,8 +294,11 @@ pub struct PeerInfo {
     pub remote_addr: Option<SocketAddr>,
     pub identity: Option<Identity>,
     pub serial: Option<String>,
-    /// The certificate's expiry, seconds since the epoch.
+    /// The certificate's validity, seconds since the epoch.
+    pub not_before: Option<i64>,
     pub not_after: Option<i64>,
+    /// Common name of the CA that signed it.
+    pub issuer: Option<String>,
 }
 
 /// An accepted, handshaken mTLS connection.
@@ -355,14 +358,15 @@ impl AsyncWrite for TlsConn {
 /// Accepts TCP connections and completes mTLS handshakes concurrently,
 /// yielding only verified connections. Failed handshakes (no certificate,
 /// another CA's certificate, garbage) are logged and dropped here, before any
-/// gRPC code runs. Stops accepting when `shutdown` fires.
+/// gRPC code runs. Each handshake uses the newest configuration `config`
+/// holds, so a CA rotation changes what is trusted and presented without a
+/// restart or a dropped connection. Stops accepting when `shutdown` fires.
 pub fn accept_mtls(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: tokio::sync::watch::Receiver<Arc<ServerConfig>>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
-    let acceptor = TlsAcceptor::from(config);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
@@ -384,7 +388,7 @@ pub fn accept_mtls(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
@@ -400,7 +404,9 @@ pub fn accept_mtls(
                         let peer = PeerInfo {
                             remote_addr: Some(remote),
                             identity: facts.as_ref().and_then(|f| f.identity.clone()),
+                            not_before: facts.as_ref().map(|f| f.not_before),
                             not_after: facts.as_ref().map(|f| f.not_after),
+                            issuer: facts.as_ref().map(|f| f.issuer.clone()),
                             serial: facts.map(|f| f.serial),
                         };
                         let _ = tx.send(Ok(TlsConn { stream, peer })).await;

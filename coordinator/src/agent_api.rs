@@ -27,7 +27,7 @@ pub struct AgentApi {
     pub secrets: Arc<Secrets>,
     pub access: Arc<Access>,
     /// Signs renewed agent certificates; `None` without `ca_key`.
-    pub ca: Option<Arc<cutover_common::pki::CertificateAuthority>>,
+    pub pki: Arc<crate::ca::Pki>,
     pub config: Arc<CoordinatorConfig>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
@@ -226,14 +226,10 @@ impl AgentService for AgentApi {
         let identity = peer_identity(&request)?;
         let who = format!("{}/{}", identity.role, identity.name);
         let lifetime = self.config.agent_cert_lifetime;
-        let result = match &self.ca {
-            None => Err(Status::failed_precondition(
-                "this coordinator cannot sign certificates: set `ca_key` in its config",
-            )),
-            Some(ca) => ca
-                .sign_request(&identity, &request.get_ref().csr_pem, lifetime)
-                .map_err(|e| Status::invalid_argument(e.to_string())),
-        };
+        let result = self.pki.signer().map_err(Status::from).and_then(|ca| {
+            ca.sign_request(&identity, &request.get_ref().csr_pem, lifetime)
+                .map_err(|e| Status::invalid_argument(e.to_string()))
+        });
         if let Ok(cert_pem) = &result {
             self.registry.record_issued(&identity.name, cert_pem);
         }
@@ -245,7 +241,11 @@ impl AgentService for AgentApi {
             serde_json::json!({"lifetime": humantime::format_duration(lifetime).to_string()});
         self.access
             .append(&who, "renew_certificate", &args, &outcome);
-        result.map(|cert_pem| Response::new(pb::RenewCertificateResponse { cert_pem }))
+        let cert_pem = result?;
+        Ok(Response::new(pb::RenewCertificateResponse {
+            cert_pem,
+            ca_bundle_pem: self.pki.bundle_pem()?,
+        }))
     }
 
     async fn session(

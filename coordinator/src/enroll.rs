@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cutover_common::identity::{Identity, Role};
-use cutover_common::pki::CertificateAuthority;
 use cutover_common::tls::PeerInfo;
 use cutover_proto::v1::enroll_service_server::EnrollService;
 use cutover_proto::v1::{self as pb};
@@ -110,7 +109,7 @@ fn token_id(token: &str) -> Option<&str> {
 pub struct EnrollApi {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
-    pub ca: Option<Arc<CertificateAuthority>>,
+    pub pki: Arc<crate::ca::Pki>,
     pub access: Arc<Access>,
     pub lifetime: Duration,
     /// Failed joins by source address: count and window start.
@@ -125,7 +124,7 @@ impl EnrollApi {
     pub fn new(
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
-        ca: Option<Arc<CertificateAuthority>>,
+        pki: Arc<crate::ca::Pki>,
         access: Arc<Access>,
         lifetime: Duration,
         token_writes: Arc<tokio::sync::Mutex<()>>,
@@ -133,7 +132,7 @@ impl EnrollApi {
         Self {
             store,
             registry,
-            ca,
+            pki,
             access,
             lifetime,
             failures: Mutex::new(HashMap::new()),
@@ -165,11 +164,7 @@ impl EnrollApi {
         let refused = || {
             Status::permission_denied("the join token is unknown or wrong; ask an admin for a new one (`cutover token create`)")
         };
-        let ca = self.ca.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
-                "this coordinator cannot sign certificates: set `ca_key` in its config",
-            )
-        })?;
+        let ca = self.pki.signer()?;
         let id = token_id(&request.token).ok_or_else(refused)?;
         let secret = request.token.rsplit('.').next().unwrap_or_default();
         let mut token = self
@@ -229,7 +224,7 @@ impl EnrollApi {
         self.registry.record_issued(&request.name, &cert_pem);
         Ok(pb::JoinResponse {
             cert_pem,
-            ca_cert_pem: ca.cert_pem().to_string(),
+            ca_cert_pem: self.pki.bundle_pem()?,
             labels: token.labels.into_iter().collect(),
         })
     }

@@ -5,6 +5,7 @@ pub mod access;
 pub mod agent_api;
 pub mod artifacts;
 pub mod auth;
+pub mod ca;
 pub mod config;
 pub mod enroll;
 pub mod http;

@@ -138,6 +138,13 @@ enum CaAction {
         #[arg(long)]
         days: Option<i64>,
     },
+    /// Move the installation to a new CA without downtime (admin): the new
+    /// CA signs from now on while the old one stays trusted, every node
+    /// renews, and the old CA is retired once all have. Renews your own
+    /// credentials too.
+    Rotate,
+    /// The CAs, the rotation in progress and which nodes still hold what.
+    Status,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -220,7 +227,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let shutdown = cutover_common::shutdown::on_signals();
             Coordinator::bind(config, shutdown).await?.wait().await?;
         }
-        Commands::Ca { action } => ca(action)?,
+        Commands::Ca { action } => ca(action, &cli.connect, json).await?,
         Commands::Nodes { action } => {
             let mut client = cli.connect.operator_client().await?;
             match action.unwrap_or(NodesAction::List) {
@@ -385,8 +392,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn ca(action: CaAction) -> Result<()> {
+async fn ca(action: CaAction, connect: &ConnectArgs, json: bool) -> Result<()> {
     match action {
+        CaAction::Rotate => cli::ca::rotate(connect, json).await?,
+        CaAction::Status => cli::ca::status(connect, json).await?,
         CaAction::Init { dir, sans } => {
             CertificateAuthority::init_dir(&dir, &sans)?;
             MasterKeys::create(&dir.join(MASTER_KEY))?;

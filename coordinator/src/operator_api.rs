@@ -19,7 +19,7 @@ use crate::store::{
 };
 use cutover_common::digest::Digest;
 use cutover_common::identity::{Identity, Role};
-use cutover_common::pki::CertificateAuthority;
+use cutover_common::tls::PeerInfo;
 use serde_json::json;
 
 /// How long an operator call waits for a command result unless it says.
@@ -31,7 +31,7 @@ pub struct OperatorApi {
     pub rollouts: Arc<Rollouts>,
     pub access: Arc<Access>,
     /// Signs operator certificates; `None` when `ca_key` is not configured.
-    pub ca: Option<Arc<CertificateAuthority>>,
+    pub pki: Arc<crate::ca::Pki>,
     pub secrets: Arc<Secrets>,
     /// Shared with the enrollment service (see `EnrollApi`).
     pub token_writes: Arc<tokio::sync::Mutex<()>>,
@@ -240,11 +240,7 @@ impl OperatorApi {
         by: &str,
         r: pb::CreateOperatorRequest,
     ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
-        let ca = self.ca.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
-                "this coordinator cannot sign certificates: set `ca_key` in its config to the installation's ca.key (from `cutover ca init`)",
-            )
-        })?;
+        let ca = self.pki.signer()?;
         let identity = Identity::new(Role::Operator, &r.name)
             .map_err(|e| Status::invalid_argument(format!("operator name: {e}")))?;
         let role = OperatorRole::parse(&r.role).ok_or_else(|| {
@@ -292,7 +288,7 @@ impl OperatorApi {
         Ok(Response::new(pb::CreateOperatorResponse {
             operator: Some(operator_to_pb(&record)),
             cert_pem,
-            ca_cert_pem: ca.cert_pem().to_string(),
+            ca_cert_pem: self.pki.bundle_pem()?,
         }))
     }
 
@@ -435,7 +431,7 @@ impl OperatorService for OperatorApi {
                     )));
                 }
             }
-            let ca = self.ca.as_ref().ok_or_else(|| {
+            self.pki.signer().map_err(|_| {
                 Status::failed_precondition(
                     "this coordinator cannot sign certificates, so nodes could not join: set `ca_key` in its config",
                 )
@@ -450,14 +446,10 @@ impl OperatorService for OperatorApi {
                 .store()
                 .put_token(&record)
                 .map_err(|e| Status::internal(e.to_string()))?;
-            let ca_der = rustls_pemfile::certs(&mut ca.cert_pem().as_bytes())
-                .next()
-                .and_then(Result::ok)
-                .ok_or_else(|| Status::internal("the CA certificate does not parse"))?;
             Ok(Response::new(pb::CreateTokenResponse {
                 token,
                 info: Some(crate::enroll::token_to_pb(&record)),
-                ca_fingerprint: cutover_common::tls::fingerprint(&ca_der),
+                ca_fingerprint: self.pki.server_ca_fingerprint()?,
             }))
         })();
         self.access.audit(&caller, "create_token", &args, &result);
@@ -627,6 +619,74 @@ impl OperatorService for OperatorApi {
             });
         self.access
             .audit(&caller, "rotate_master_key", &args, &result);
+        result
+    }
+
+    async fn rotate_ca(
+        &self,
+        request: Request<pb::RotateCaRequest>,
+    ) -> Result<Response<pb::CaStatus>, Status> {
+        let args = serde_json::Value::Null;
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "rotate_ca", &args)?;
+        let result = async {
+            self.pki.start_rotation(&caller.who()).await?;
+            Ok(Response::new(self.pki.status(&self.registry)?))
+        }
+        .await
+        .map_err(|e: crate::ca::CaError| Status::from(e));
+        self.access.audit(&caller, "rotate_ca", &args, &result);
+        result
+    }
+
+    async fn get_ca_status(
+        &self,
+        request: Request<pb::GetCaStatusRequest>,
+    ) -> Result<Response<pb::CaStatus>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "get_ca_status",
+            &serde_json::Value::Null,
+        )?;
+        Ok(Response::new(self.pki.status(&self.registry)?))
+    }
+
+    async fn renew_operator_certificate(
+        &self,
+        request: Request<pb::RenewOperatorCertificateRequest>,
+    ) -> Result<Response<pb::RenewOperatorCertificateResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        // The new certificate lives as long as the one it replaces was
+        // made to (an operator chose it at creation), within the bounds
+        // `operator create` allows.
+        let lifetime = peer
+            .and_then(|p| Some(p.not_after? - p.not_before? - cutover_common::pki::BACKDATE_SECS))
+            .map_or(OPERATOR_CERT_DAYS * 86_400, |s| {
+                (s.max(3600) as u64).min(3650 * 86_400)
+            });
+        let args = json!({"lifetime": humantime::format_duration(Duration::from_secs(lifetime)).to_string()});
+        let caller =
+            self.access
+                .check(&request, Need::Read, "renew_operator_certificate", &args)?;
+        let result = (|| {
+            let cert_pem = self
+                .pki
+                .signer()?
+                .sign_request(
+                    &caller.identity,
+                    &request.get_ref().csr_pem,
+                    Duration::from_secs(lifetime),
+                )
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(Response::new(pb::RenewOperatorCertificateResponse {
+                cert_pem,
+                ca_bundle_pem: self.pki.bundle_pem()?,
+            }))
+        })();
+        self.access
+            .audit(&caller, "renew_operator_certificate", &args, &result);
         result
     }
 

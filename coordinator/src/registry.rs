@@ -237,14 +237,38 @@ impl Registry {
         }
     }
 
+    /// Records what a node confirmed installing on a renewal: a certificate
+    /// of CA `cert_ca` and the trust bundle with sha256 `trust_bundle`.
+    pub fn set_credentials(
+        &self,
+        node_id: &str,
+        cert_ca: &str,
+        trust_bundle: &str,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().expect("registry lock");
+        let Some(entry) = inner.nodes.get_mut(node_id) else {
+            return Ok(());
+        };
+        let mut record = entry.record.clone();
+        record.cert_ca = cert_ca.to_string();
+        record.trust_bundle = trust_bundle.to_string();
+        self.store.put_node(&record)?;
+        entry.record = record;
+        Ok(())
+    }
+
+    /// True if the certificate node `name` last connected with is refused.
+    pub fn is_revoked(&self, name: &str, serial: &str) -> bool {
+        let revoked = self.revoked.lock().expect("revocation lock");
+        revoked.contains(&(name.to_string(), serial.to_string()))
+            || revoked.contains(&(name.to_string(), String::new()))
+    }
+
     /// Why an agent's certificate is refused, if it is.
     pub fn refusal(&self, peer: &PeerInfo) -> Option<String> {
         let name = &peer.identity.as_ref()?.name;
         let serial = peer.serial.clone().unwrap_or_default();
-        let revoked = self.revoked.lock().expect("revocation lock");
-        let refused = revoked.contains(&(name.clone(), serial.clone()))
-            || revoked.contains(&(name.clone(), String::new()));
-        refused.then(|| {
+        self.is_revoked(name, &serial).then(|| {
             format!(
                 "the certificate of node {name} (serial {serial}) was revoked; issue the node a new one with `cutover ca issue agent --name {name}`"
             )
@@ -413,6 +437,10 @@ impl Registry {
             services_at_ms: previous.map_or(0, |p| p.record.services_at_ms),
             cert_serial: peer.serial.clone().unwrap_or_default(),
             cert_expires_at_ms: peer.not_after.map_or(0, |s| s * 1000),
+            cert_ca: peer.issuer.clone().unwrap_or_default(),
+            trust_bundle: previous
+                .map(|p| p.record.trust_bundle.clone())
+                .unwrap_or_default(),
         };
         if let Some((old, _)) = &replaced {
             self.store.delete_node(&old.id)?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cutover_common::identity::Role;
-use cutover_common::tls::{accept_mtls, server_config, TlsError};
+use cutover_common::tls::{accept_mtls, TlsError};
 use cutover_proto::v1::agent_service_server::AgentServiceServer;
 use cutover_proto::v1::operator_service_server::OperatorServiceServer;
 use tokio::net::TcpListener;
@@ -26,7 +26,6 @@ use crate::registry::Registry;
 use crate::rollout::Rollouts;
 use crate::secrets::{MasterKeys, Secrets};
 use crate::store::{SledStore, Store, StoreError};
-use cutover_common::pki::CertificateAuthority;
 use cutover_proto::v1::enroll_service_server::EnrollServiceServer;
 
 /// Checkpoint cadence for heartbeat-only changes (last seen, figures).
@@ -40,8 +39,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("registries: {0}")]
     Registries(String),
-    #[error("ca_key: {0}")]
-    Ca(cutover_common::pki::PkiError),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
     #[error(transparent)]
     Secrets(crate::secrets::SecretError),
     #[error("cannot create data dir {path}: {source}")]
@@ -87,8 +86,12 @@ impl Coordinator {
         http: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<Self, ServerError> {
-        // Everything that can fail on bad input fails before anything serves.
-        let tls = server_config(&config.tls)?;
+        // Everything that can fail on bad input fails before anything is
+        // created or serves. A certificate swap a crash cut short (a CA
+        // rotation moving the coordinator's own certificate) is completed
+        // first.
+        cutover_common::pki::finish_pair_swap(&config.tls.cert, &config.tls.key);
+        cutover_common::tls::server_config(&config.tls)?;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
             path: config.data_dir.clone(),
             source,
@@ -112,12 +115,11 @@ impl Coordinator {
             ImageResolver::new(config.registry_ca.as_deref(), credentials)
                 .map_err(|e| ServerError::Registries(e.to_string()))?,
         );
-        let ca = match &config.ca_key {
-            Some(key) => Some(Arc::new(
-                CertificateAuthority::load(&config.tls.ca_cert, key).map_err(ServerError::Ca)?,
-            )),
-            None => None,
-        };
+        let pki = Arc::new(crate::ca::Pki::open(
+            config.tls.clone(),
+            config.ca_key.clone(),
+            store.clone(),
+        )?);
         let access = Arc::new(Access::new(store.clone()));
         let token_writes = Arc::new(tokio::sync::Mutex::new(()));
         let master_keys = match &config.master_key_file {
@@ -135,7 +137,7 @@ impl Coordinator {
             artifacts: artifacts.clone(),
             secrets: secrets.clone(),
             access: access.clone(),
-            ca: ca.clone(),
+            pki: pki.clone(),
             config: config.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
@@ -160,7 +162,7 @@ impl Coordinator {
             artifacts,
             rollouts: rollouts.clone(),
             access: access.clone(),
-            ca: ca.clone(),
+            pki: pki.clone(),
             secrets,
             token_writes: token_writes.clone(),
         })
@@ -185,7 +187,7 @@ impl Coordinator {
                 EnrollServiceServer::new(EnrollApi::new(
                     store.clone(),
                     registry.clone(),
-                    ca.clone(),
+                    pki.clone(),
                     access.clone(),
                     config.agent_cert_lifetime,
                     token_writes,
@@ -193,7 +195,7 @@ impl Coordinator {
                 .max_decoding_message_size(64 * 1024),
             )
             .serve_with_incoming_shutdown(
-                accept_mtls(grpc, tls, shutdown.clone()),
+                accept_mtls(grpc, pki.server_configs(), shutdown.clone()),
                 shutdown.clone().cancelled_owned(),
             );
         let http_server = axum::serve(http, crate::http::router(registry.clone(), metrics))
@@ -202,6 +204,11 @@ impl Coordinator {
         let sweeper = tokio::spawn(sweep_loop(
             registry.clone(),
             config.limits.max_events,
+            shutdown.clone(),
+        ));
+        let rotation = tokio::spawn(crate::ca::drive_rotation(
+            pki.clone(),
+            registry.clone(),
             shutdown.clone(),
         ));
         let grace = config.shutdown_grace;
@@ -244,6 +251,7 @@ impl Coordinator {
                 http_task.abort();
             }
             let _ = sweeper.await;
+            let _ = rotation.await;
             rollouts.drain(grace).await;
             task_registry.sweep(true);
             task_registry.store().flush()?;

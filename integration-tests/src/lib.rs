@@ -67,16 +67,42 @@ impl Pki {
         self.client_files_for(role, name, Duration::from_secs(30 * 86_400))
     }
 
-    /// The same, living only `lifetime` (it starts 5 minutes in the past).
-    pub fn client_files_for(&self, role: Role, name: &str, lifetime: Duration) -> TlsFiles {
+    /// Where the files of `role`/`name` are (whether issued or not).
+    pub fn files_of(&self, role: Role, name: &str) -> TlsFiles {
         let stem = format!("{role}-{name}");
+        TlsFiles::in_dir(&self.dir.path().join(&stem), &stem)
+    }
+
+    /// The files of `role`/`name`, issued now unless they exist: an agent
+    /// started again keeps what it has (renewed, or from a rotated CA).
+    pub fn existing_or_new(&self, role: Role, name: &str) -> TlsFiles {
+        let files = self.files_of(role, name);
+        if files.cert.exists() {
+            files
+        } else {
+            self.client_files(role, name)
+        }
+    }
+
+    /// The same, living only `lifetime` (it starts 5 minutes in the past).
+    /// Each identity gets a dir of its own with its own copy of the CA, as
+    /// on a real node: what it trusts changes only when it is told.
+    pub fn client_files_for(&self, role: Role, name: &str, lifetime: Duration) -> TlsFiles {
+        let files = self.files_of(role, name);
+        let stem = format!("{role}-{name}");
+        let dir = files.cert.parent().expect("in a dir").to_path_buf();
         let identity = Identity::new(role, name).expect("valid name");
         self.ca
             .issue_client_for(&identity, lifetime)
             .expect("issue")
-            .write(self.dir.path(), &stem)
+            .write(&dir, &stem)
             .expect("write pair");
-        TlsFiles::in_dir(self.dir.path(), &stem)
+        std::fs::copy(
+            self.dir.path().join(cutover_common::pki::CA_CERT),
+            dir.join(cutover_common::pki::CA_CERT),
+        )
+        .expect("copy the CA");
+        files
     }
 }
 
@@ -259,7 +285,7 @@ impl Cluster {
             name: Some(name.to_string()),
             address: Some(format!("127.0.0.{index}").parse().expect("ip")),
             labels: [("env".to_string(), "test".to_string())].into(),
-            tls: self.pki.client_files(Role::Agent, name),
+            tls: self.pki.existing_or_new(Role::Agent, name),
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_millis(500),
             keepalive_interval: Duration::from_secs(2),

@@ -39,6 +39,10 @@ pub enum OperatorCommand {
     List,
     /// Refuse an operator from now on, whatever certificate it holds.
     Revoke { name: String },
+    /// Renew your own certificate (same lifetime, a new key made here) and
+    /// take the current CA bundle: before your certificate expires, and
+    /// during a CA rotation (`cutover ca status`) before it finishes.
+    Renew,
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +112,7 @@ fn write_credentials(
 pub async fn operator(connect: &ConnectArgs, command: OperatorCommand, json: bool) -> Result<()> {
     let mut client = connect.operator_client().await?;
     match command {
+        OperatorCommand::Renew => super::ca::renew(connect, &mut client, json).await?,
         OperatorCommand::Create {
             name,
             role,

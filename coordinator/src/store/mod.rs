@@ -78,6 +78,14 @@ pub struct NodeRecord {
     /// That certificate's expiry, ms since the epoch; 0 when unknown.
     #[serde(default)]
     pub cert_expires_at_ms: i64,
+    /// Common name of the CA of the newest certificate the node holds: the
+    /// one it connected with, or one it confirmed installing since.
+    #[serde(default)]
+    pub cert_ca: String,
+    /// sha256 hex of the trust bundle the node confirmed installing; empty
+    /// until a renewal on command.
+    #[serde(default)]
+    pub trust_bundle: String,
 }
 
 /// A join token as kept: its secret only as a hash.
@@ -96,6 +104,21 @@ pub struct TokenRecord {
     /// Nodes that joined with it.
     pub nodes: Vec<String>,
     pub revoked_at_ms: Option<i64>,
+}
+
+/// The newest CA rotation (`cutover ca rotate`). CAs are named by their
+/// common name, which every certificate they sign carries as its issuer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRotation {
+    pub started_at_ms: i64,
+    pub started_by: String,
+    pub old_ca: String,
+    pub new_ca: String,
+    /// When the coordinator moved its own certificate to the new CA and
+    /// stopped trusting the old one.
+    pub retired_at_ms: Option<i64>,
+    /// When every node confirmed the bundle without the old CA.
+    pub finished_at_ms: Option<i64>,
 }
 
 /// A refused agent certificate (`cutover nodes revoke`).
@@ -371,6 +394,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a certificate the coordinator signed for a node (a join or
     /// a renewal): revoking the node refuses every one of them.
+    fn put_ca_rotation(&self, rotation: &CaRotation) -> Result<(), StoreError>;
+    fn ca_rotation(&self) -> Result<Option<CaRotation>, StoreError>;
     fn add_issued(&self, node: &str, serial: &str) -> Result<(), StoreError>;
     fn issued(&self, node: &str) -> Result<Vec<String>, StoreError>;
 

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use super::{
-    AuditRecord, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord, Revocation,
-    SecretRecord, Store, StoreError, TokenRecord,
+    AuditRecord, CaRotation, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord,
+    Revocation, SecretRecord, Store, StoreError, TokenRecord,
 };
 use crate::rollout::model::Rollout;
 
@@ -23,6 +23,8 @@ pub struct SledStore {
     enrollments: sled::Tree,
     issued: sled::Tree,
     environments: sled::Tree,
+    /// Single records: the CA rotation.
+    meta: sled::Tree,
 }
 
 /// `env NUL service NUL`: the prefix of one service's release keys.
@@ -52,7 +54,9 @@ impl SledStore {
         let enrollments = db.open_tree("enrollments").map_err(backend)?;
         let issued = db.open_tree("issued").map_err(backend)?;
         let environments = db.open_tree("environments").map_err(backend)?;
+        let meta = db.open_tree("meta").map_err(backend)?;
         Ok(Self {
+            meta,
             environments,
             issued,
             enrollments,
@@ -290,6 +294,14 @@ impl Store for SledStore {
         get_decoded(&self.environments, env.as_bytes())
     }
 
+    fn put_ca_rotation(&self, rotation: &CaRotation) -> Result<(), StoreError> {
+        put_durable(&self.meta, b"ca_rotation", rotation)
+    }
+
+    fn ca_rotation(&self) -> Result<Option<CaRotation>, StoreError> {
+        get_decoded(&self.meta, b"ca_rotation")
+    }
+
     fn add_issued(&self, node: &str, serial: &str) -> Result<(), StoreError> {
         self.issued
             .insert(format!("{node}\0{serial}"), &[])
@@ -415,6 +427,8 @@ mod tests {
             services_at_ms: 0,
             cert_serial: String::new(),
             cert_expires_at_ms: 0,
+            cert_ca: String::new(),
+            trust_bundle: String::new(),
         }
     }
 
