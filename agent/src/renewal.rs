@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use cutover_common::fsutil::write_atomic;
 use cutover_common::identity::{certificate_facts, Identity};
-use cutover_common::pki::{finish_pair_swap, split_certs, IssuedPair};
-use cutover_common::tls::{load_certs, TlsFiles};
+use cutover_common::pki::{finish_pair_swap, IssuedPair};
+use cutover_common::tls::{load_certs, parse_bundle, TlsFiles};
 use cutover_proto::v1::agent_service_client::AgentServiceClient;
 use cutover_proto::v1::{RenewCertificateRequest, Renewed};
 use tonic::transport::Channel;
@@ -100,16 +100,12 @@ impl Renewer {
             });
         }
         let facts = facts.expect("parsed above");
-        // The bundle must hold the CA of the new certificate, or the next
-        // connection could not be verified with what this node trusts.
-        let bundle = split_certs(&answer.ca_bundle_pem);
-        let bundle_names: Vec<String> = bundle
-            .iter()
-            .filter_map(|pem| rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok())
-            .filter_map(|der| certificate_facts(&der).ok().map(|f| f.subject))
-            .collect();
         if !answer.ca_bundle_pem.is_empty() {
-            if !bundle_names.contains(&facts.issuer) {
+            // A bundle this node could not load, or without the CA of its
+            // new certificate, would lock it out: refused, nothing written.
+            let bundle = parse_bundle(&answer.ca_bundle_pem)
+                .map_err(|e| RenewalError::Refused(e.to_string()))?;
+            if !bundle.iter().any(|ca| ca.subject == facts.issuer) {
                 return Err(RenewalError::Refused(format!(
                     "the trust bundle sent does not hold {}, the CA of the new certificate",
                     facts.issuer

@@ -56,6 +56,8 @@ pub enum TlsError {
     BadUrl { url: String, reason: String },
     #[error("cannot connect to {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error("the CA bundle is not usable: {0}")]
+    BadBundle(String),
 }
 
 /// The innermost error of a chain: tonic nests "transport error" wrappers
@@ -156,6 +158,31 @@ fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
         roots.add(cert)?;
     }
     Ok(roots)
+}
+
+/// The CAs of a trust bundle, checked strictly: every PEM block must be a
+/// certificate a root store takes, and there must be one. A bundle that
+/// passes can be written where a client config will load it.
+pub fn parse_bundle(pem: &str) -> Result<Vec<crate::identity::CertificateFacts>, TlsError> {
+    let bad = |reason: String| TlsError::BadBundle(reason);
+    let blocks = pem.matches("-----BEGIN ").count();
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() || certs.len() != blocks {
+        return Err(bad(format!(
+            "{} of its {blocks} PEM blocks are certificates",
+            certs.len()
+        )));
+    }
+    let mut roots = RootCertStore::empty();
+    certs
+        .iter()
+        .map(|der| {
+            roots.add(der.clone())?;
+            certificate_facts(der).map_err(|e| bad(e.to_string()))
+        })
+        .collect()
 }
 
 /// Server side: TLS 1.3 only. A client certificate, when presented, must

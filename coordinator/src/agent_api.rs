@@ -244,7 +244,7 @@ impl AgentService for AgentApi {
         let cert_pem = result?;
         Ok(Response::new(pb::RenewCertificateResponse {
             cert_pem,
-            ca_bundle_pem: self.pki.bundle_pem()?,
+            ca_bundle_pem: self.pki.bundle_pem(),
         }))
     }
 

@@ -78,9 +78,30 @@ pub struct Pki {
     ca_key: Option<PathBuf>,
     store: Arc<dyn Store>,
     signer: RwLock<Option<Arc<CertificateAuthority>>>,
+    /// The trust bundle the server config was built from: what is handed
+    /// out is always what is in force.
+    bundle: RwLock<Bundle>,
     server: watch::Sender<Arc<ServerConfig>>,
-    /// Serializes the steps of a rotation (start, retire, finish).
+    /// Serializes the steps of a rotation (start, each drive step).
     changes: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Bundle {
+    pem: String,
+    /// Common names of its CAs.
+    names: Vec<String>,
+}
+
+impl Bundle {
+    fn load(path: &Path) -> Result<Self, CaError> {
+        let pem = read(path)?;
+        let names = cutover_common::tls::parse_bundle(&pem)?
+            .into_iter()
+            .map(|f| f.subject)
+            .collect();
+        Ok(Self { pem, names })
+    }
 }
 
 /// `<path>.next`: the new CA's files before it is installed.
@@ -131,6 +152,7 @@ impl Pki {
         };
         let (server, _) = watch::channel(server_config(&files)?);
         Ok(Self {
+            bundle: RwLock::new(Bundle::load(&files.ca_cert)?),
             files,
             ca_key,
             store,
@@ -155,8 +177,18 @@ impl Pki {
     }
 
     /// The CAs every peer must trust now (PEM).
-    pub fn bundle_pem(&self) -> Result<String, CaError> {
-        read(&self.files.ca_cert)
+    pub fn bundle_pem(&self) -> String {
+        self.bundle.read().expect("bundle lock").pem.clone()
+    }
+
+    /// Whether certificates of the CA named `issuer` are accepted now.
+    pub fn trusts(&self, issuer: &str) -> bool {
+        self.bundle
+            .read()
+            .expect("bundle lock")
+            .names
+            .iter()
+            .any(|name| name == issuer)
     }
 
     /// The fingerprint of the CA that signed the certificate the coordinator
@@ -188,13 +220,16 @@ impl Pki {
     /// Starts a rotation, or returns the one in progress.
     pub async fn start_rotation(&self, by: &str) -> Result<CaRotation, CaError> {
         let _change = self.changes.lock().await;
+        let key = self.ca_key.as_deref().ok_or(CaError::NoSigner)?;
         if let Some(rotation) = self.store.ca_rotation()? {
             if rotation.finished_at_ms.is_none() {
+                // Whatever of its start failed before is done again.
+                recover_staged_ca(&self.files.ca_cert, key, Some(&rotation))?;
+                self.reload()?;
                 return Ok(rotation);
             }
         }
         let old = self.signer()?;
-        let key = self.ca_key.as_deref().ok_or(CaError::NoSigner)?;
         let new = CertificateAuthority::generate_fresh()?;
         // Staged complete (key, then certificate) before the rotation is
         // recorded, so a recorded rotation always finds its CA.
@@ -219,9 +254,10 @@ impl Pki {
     }
 
     /// Moves the coordinator's certificate to the signing CA and trusts
-    /// that CA only. Repeating it changes nothing more.
-    async fn retire(&self, mut rotation: CaRotation) -> Result<(), CaError> {
-        let _change = self.changes.lock().await;
+    /// that CA only, then ends the sessions opened with certificates of the
+    /// old one (their agents reconnect at once with the new ones).
+    /// Repeating it changes nothing more. Called under `changes`.
+    fn retire(&self, mut rotation: CaRotation, registry: &Registry) -> Result<(), CaError> {
         let signer = self.signer()?;
         let current = self.server_facts()?;
         if current.issuer != signer.name() {
@@ -230,9 +266,11 @@ impl Pki {
                 .replace(&self.files.cert, &self.files.key)?;
         }
         write(&self.files.ca_cert, signer.cert_pem(), 0o644)?;
+        self.reload()?;
         rotation.retired_at_ms = Some(cutover_common::now_ms());
         self.store.put_ca_rotation(&rotation)?;
-        self.reload()?;
+        let ended = registry.end_sessions_not_trusted(|issuer| self.trusts(issuer));
+        tracing::info!(ended, "sessions of the retired ca ended");
         self.event(format!(
             "every node holds a certificate of {}: the coordinator presents one too and no longer trusts {}",
             rotation.new_ca, rotation.old_ca
@@ -240,8 +278,8 @@ impl Pki {
         Ok(())
     }
 
-    async fn finish(&self, mut rotation: CaRotation) -> Result<(), CaError> {
-        let _change = self.changes.lock().await;
+    /// Called under `changes`.
+    fn finish(&self, mut rotation: CaRotation) -> Result<(), CaError> {
         rotation.finished_at_ms = Some(cutover_common::now_ms());
         self.store.put_ca_rotation(&rotation)?;
         self.event(format!(
@@ -251,12 +289,20 @@ impl Pki {
         Ok(())
     }
 
+    /// Loads the files again; nothing changes in memory unless all load.
     fn reload(&self) -> Result<(), CaError> {
-        if let Some(key) = &self.ca_key {
-            let signer = CertificateAuthority::load(&self.files.ca_cert, key)?;
-            *self.signer.write().expect("signer lock") = Some(Arc::new(signer));
-        }
-        self.server.send_replace(server_config(&self.files)?);
+        let signer = match &self.ca_key {
+            Some(key) => Some(Arc::new(CertificateAuthority::load(
+                &self.files.ca_cert,
+                key,
+            )?)),
+            None => None,
+        };
+        let bundle = Bundle::load(&self.files.ca_cert)?;
+        let config = server_config(&self.files)?;
+        *self.signer.write().expect("signer lock") = signer;
+        *self.bundle.write().expect("bundle lock") = bundle;
+        self.server.send_replace(config);
         Ok(())
     }
 
@@ -274,7 +320,7 @@ impl Pki {
 
     /// What `cutover ca status` shows.
     pub fn status(&self, registry: &Registry) -> Result<pb::CaStatus, CaError> {
-        let bundle_pem = self.bundle_pem()?;
+        let bundle_pem = self.bundle_pem();
         let bundle = bundle_sha256(&bundle_pem);
         let signing = self.signer().map(|s| s.name()).ok();
         let mut cas: Vec<pb::CaInfo> = split_certs(&bundle_pem)
@@ -416,13 +462,16 @@ async fn drive_step(
     registry: &Arc<Registry>,
     busy: &Arc<Mutex<HashMap<String, Instant>>>,
 ) -> Result<(), CaError> {
+    // One step at a time, and none beside a start: the nodes counted are
+    // the nodes when the phase changes.
+    let _change = pki.changes.lock().await;
     let Some(rotation) = pki.rotation()? else {
         return Ok(());
     };
     if rotation.finished_at_ms.is_some() {
         return Ok(());
     }
-    let bundle = bundle_sha256(&pki.bundle_pem()?);
+    let bundle = bundle_sha256(&pki.bundle_pem());
     let mut waiting = 0;
     for view in registry.list() {
         let node = view.record;
@@ -452,9 +501,9 @@ async fn drive_step(
     }
     if waiting == 0 {
         if rotation.retired_at_ms.is_none() {
-            pki.retire(rotation).await?;
+            pki.retire(rotation, registry)?;
         } else {
-            pki.finish(rotation).await?;
+            pki.finish(rotation)?;
         }
     }
     Ok(())

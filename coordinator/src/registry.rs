@@ -71,6 +71,8 @@ struct Session {
     sender: AgentSender,
     cancel: CancellationToken,
     remote: Option<SocketAddr>,
+    /// The CA of the certificate the session was opened with.
+    issuer: String,
 }
 
 struct NodeEntry {
@@ -255,6 +257,22 @@ impl Registry {
         self.store.put_node(&record)?;
         entry.record = record;
         Ok(())
+    }
+
+    /// Ends every session opened with a certificate of a CA `trusted` no
+    /// longer accepts; its agent reconnects with the certificate it holds
+    /// now. Returns how many ended.
+    pub fn end_sessions_not_trusted(&self, trusted: impl Fn(&str) -> bool) -> usize {
+        let inner = self.inner.lock().expect("registry lock");
+        let mut ended = 0;
+        for entry in inner.nodes.values() {
+            if let Some(session) = entry.session.as_ref().filter(|s| !trusted(&s.issuer)) {
+                tracing::info!(node = %entry.record.name, ca = %session.issuer, "ending a session opened with a certificate of a retired ca");
+                session.cancel.cancel();
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// True if the certificate node `name` last connected with is refused.
@@ -498,6 +516,7 @@ impl Registry {
                     sender,
                     cancel: cancel.clone(),
                     remote,
+                    issuer: peer.issuer.clone().unwrap_or_default(),
                 }),
                 dirty: false,
             },

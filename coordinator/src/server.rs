@@ -154,6 +154,7 @@ impl Coordinator {
             shutdown.clone(),
         );
         let resumed = rollouts.recover()?;
+        let converger = tokio::spawn(rollouts.clone().converge_loop());
         if resumed > 0 {
             tracing::info!(resumed, "resumed unfinished rollouts");
         }
@@ -175,11 +176,11 @@ impl Coordinator {
             .tcp_nodelay(true)
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 agent_api,
-                require(Role::Agent),
+                require(Role::Agent, pki.clone()),
             ))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 operator_api,
-                require(Role::Operator),
+                require(Role::Operator, pki.clone()),
             ))
             // No interceptor: a node without a certificate calls it, with a
             // join token.
@@ -252,6 +253,7 @@ impl Coordinator {
             }
             let _ = sweeper.await;
             let _ = rotation.await;
+            let _ = converger.await;
             rollouts.drain(grace).await;
             task_registry.sweep(true);
             task_registry.store().flush()?;

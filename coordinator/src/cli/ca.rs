@@ -86,7 +86,17 @@ async fn renew_own(
         .map_err(explain)?
         .into_inner();
     // Trust first: the bundle holds both the CA the coordinator presents
-    // now and the one it will.
+    // now and the one it will. One this CLI could not load is not written.
+    let bundle = cutover_common::tls::parse_bundle(&answer.ca_bundle_pem)?;
+    let issuer = rustls_pemfile::certs(&mut answer.cert_pem.as_bytes())
+        .next()
+        .and_then(Result::ok)
+        .and_then(|der| cutover_common::identity::certificate_facts(&der).ok())
+        .map(|f| f.issuer)
+        .context("the coordinator's answer holds no certificate")?;
+    if !bundle.iter().any(|ca| ca.subject == issuer) {
+        anyhow::bail!("the CA bundle sent does not hold {issuer}, the CA of the new certificate; nothing was written");
+    }
     write_atomic(&files.ca_cert, answer.ca_bundle_pem.as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", files.ca_cert.display()))?;
     IssuedPair {

@@ -104,6 +104,8 @@ impl ConnectArgs {
             files,
         } = self.resolve()?;
         let url = CoordinatorUrl::parse(&coordinator)?;
+        // A renewal (`operator renew`) a crash cut short is completed first.
+        cutover_common::pki::finish_pair_swap(&files.cert, &files.key);
         let config = tls::client_config(&files)?;
         let connection = tls::connect(
             &url,

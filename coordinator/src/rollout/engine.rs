@@ -413,20 +413,54 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
     if r.state.is_terminal() {
         return;
     }
-    // Commands without an answer in time.
+    let healthy_deadline = r
+        .release
+        .0
+        .web
+        .as_ref()
+        .map_or(30_000, |w| w.healthy_deadline_ms) as i64;
+    let in_grace = now < r.lost_grace_until_ms;
+    // Commands without an answer in time, or to a node out of reach for as
+    // long as a serving node may be: a partitioned node must not hold the
+    // rollout (or its rollback) for the whole command timeout. Whatever it
+    // ends up running, the converger brings it to the fleet's release once
+    // it is back.
     for i in 0..r.nodes.len() {
         let node = &r.nodes[i];
-        if node.state.in_flight() && now >= node.command_deadline_ms {
-            let message = format!(
+        if !node.state.in_flight() {
+            continue;
+        }
+        let reachable = in_grace
+            || observations
+                .iter()
+                .any(|o| o.node_id == node.id && o.connected);
+        let lost_for = if reachable {
+            r.nodes[i].lost_since_ms = None;
+            0
+        } else {
+            now - *r.nodes[i].lost_since_ms.get_or_insert(now)
+        };
+        let node = &r.nodes[i];
+        let message = if now >= node.command_deadline_ms {
+            format!(
                 "no answer from node {} within {}s; it may be partitioned or down",
                 node.name,
                 timeout_for(r, node.state) / 1000
-            );
-            if matches!(node.state, NodeState::Activating | NodeState::RollingBack) {
-                r.nodes[i].uncertain = true;
-            }
-            on_result(r, now, i, Outcome::Failed(message));
+            )
+        } else if lost_for >= healthy_deadline {
+            format!(
+                "node {} has been unreachable for {}s (healthy_deadline); it may be partitioned or down",
+                node.name,
+                lost_for / 1000
+            )
+        } else {
+            continue;
+        };
+        if matches!(node.state, NodeState::Activating | NodeState::RollingBack) {
+            r.nodes[i].uncertain = true;
         }
+        r.nodes[i].lost_since_ms = None;
+        on_result(r, now, i, Outcome::Failed(message));
     }
     if r.state == RolloutState::Running && now >= r.deadline_ms && r.error.is_none() {
         fail(
@@ -446,12 +480,6 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
         return;
     }
     // Switched nodes must stay up and healthy on the new release.
-    let healthy_deadline = r
-        .release
-        .0
-        .web
-        .as_ref()
-        .map_or(30_000, |w| w.healthy_deadline_ms) as i64;
     let release = r.release.id().to_string();
     for i in 0..r.nodes.len() {
         if r.nodes[i].state != NodeState::Switched {
@@ -460,7 +488,6 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
         // A node gone from the registry (replaced under another id) is as
         // lost as a disconnected one.
         let seen = observations.iter().find(|o| o.node_id == r.nodes[i].id);
-        let in_grace = now < r.lost_grace_until_ms;
         let node = &mut r.nodes[i];
         let name = node.name.clone();
         let Some(seen) = seen.filter(|s| s.connected) else {

@@ -4,6 +4,7 @@
 //! commands it implies go out, and picks running rollouts up again after a
 //! restart.
 
+mod converge;
 pub mod engine;
 pub mod model;
 #[cfg(test)]

@@ -50,6 +50,9 @@ impl RolloutState {
 pub enum RolloutKind {
     Deploy,
     Rollback,
+    /// Nodes that drifted from their environment's current release,
+    /// brought back to it (see `rollout::converge`).
+    Converge,
 }
 
 impl RolloutKind {
@@ -57,6 +60,7 @@ impl RolloutKind {
         match self {
             RolloutKind::Deploy => "deploy",
             RolloutKind::Rollback => "rollback",
+            RolloutKind::Converge => "converge",
         }
     }
 }
