@@ -12,6 +12,13 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command
     || echo "warning: could not install systemd; the unit verification test will be skipped"
 fi
 
+# The partition tests give each agent a network namespace of its own and cut
+# links with iptables.
+if ! { command -v ip && command -v iptables; } >/dev/null 2>&1; then
+  echo "installing iproute2 and iptables (for the partition tests)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables >/dev/null
+fi
+
 # The docker runtime's tests run against a real engine and real registries.
 source scripts/docker-env.sh
 trap docker_env_stop EXIT

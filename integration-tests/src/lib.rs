@@ -8,6 +8,7 @@
 
 pub mod docker;
 pub mod load;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,6 +114,9 @@ pub struct Tuning {
     pub heartbeat_ttl: Duration,
     /// Lifetime of renewed agent certificates.
     pub agent_cert_lifetime: Duration,
+    /// HTTP/2 ping interval and timeout on the coordinator's connections:
+    /// how soon it drops a session to a partitioned node.
+    pub keepalive: Duration,
 }
 
 impl Default for Tuning {
@@ -121,6 +125,7 @@ impl Default for Tuning {
             heartbeat_interval: Duration::from_millis(300),
             heartbeat_ttl: Duration::from_secs(2),
             agent_cert_lifetime: Duration::from_secs(7 * 24 * 3600),
+            keepalive: Limits::default().keepalive_interval,
         }
     }
 }
@@ -137,7 +142,11 @@ pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> 
         heartbeat_ttl: tuning.heartbeat_ttl,
         shutdown_grace: Duration::from_secs(3),
         log_format: LogFormat::Text,
-        limits: Limits::default(),
+        limits: Limits {
+            keepalive_interval: tuning.keepalive,
+            keepalive_timeout: tuning.keepalive,
+            ..Limits::default()
+        },
         registries: Vec::new(),
         registry_ca: None,
         master_key_file: Some(ca_key.with_file_name(cutover_coordinator::secrets::MASTER_KEY)),
@@ -242,18 +251,18 @@ pub struct Cluster {
 impl Cluster {
     /// A coordinator and `agents` agents named node-1.., all in-process.
     pub async fn start(agents: usize, tuning: Tuning) -> Self {
+        Self::start_on([127, 0, 0, 1].into(), agents, tuning).await
+    }
+
+    /// The same, with the coordinator listening on `ip` (0.0.0.0 for
+    /// agents in network namespaces of their own).
+    pub async fn start_on(ip: std::net::IpAddr, agents: usize, tuning: Tuning) -> Self {
         let pki = Pki::new();
         let data_dir = tempfile::tempdir().expect("temp dir");
         // A stable port: the restart tests bind it again.
-        let port = cutover_common::net::allocate_port(
-            [127, 0, 0, 1].into(),
-            &cutover_common::net::STABLE_PORTS,
-            &[],
-        )
-        .expect("a free port");
-        let grpc = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind grpc");
+        let port = cutover_common::net::allocate_port(ip, &cutover_common::net::STABLE_PORTS, &[])
+            .expect("a free port");
+        let grpc = TcpListener::bind((ip, port)).await.expect("bind grpc");
         let grpc_addr = grpc.local_addr().expect("addr");
         let coordinator = start_coordinator(&pki, data_dir.path(), &tuning, grpc).await;
         let mut cluster = Self {
@@ -273,7 +282,8 @@ impl Cluster {
     }
 
     pub fn url(&self) -> String {
-        format!("https://{}", self.grpc_addr)
+        format!("https://{}:{}", self.grpc_addr.ip(), self.grpc_addr.port())
+            .replace("0.0.0.0", "127.0.0.1")
     }
 
     pub fn agent_config(&self, name: &str) -> AgentConfig {
@@ -315,13 +325,32 @@ impl Cluster {
     /// this in-process coordinator. Its state dir is the same one an
     /// in-process agent of that name would use.
     pub fn spawn_agent_binary(&self, name: &str) -> AgentProcess {
+        self.spawn_agent_binary_on(name, None)
+    }
+
+    /// The same, inside `host`'s network namespace when given: it dials the
+    /// coordinator through the host's link and serves on the host's address.
+    pub fn spawn_agent_binary_on(&self, name: &str, host: Option<&netns::NetHost>) -> AgentProcess {
         let config = self.agent_config(name);
         let path = self.state_root.path().join(format!("{name}.toml"));
+        let (coordinator, address, server_name) = match host {
+            Some(host) => (
+                format!("https://{}:{}", host.gateway, self.grpc_addr.port()),
+                std::net::IpAddr::from(host.address),
+                // The test CA's server certificate names localhost.
+                "server_name = \"localhost\"\n",
+            ),
+            None => (
+                config.coordinator.clone(),
+                config.address.expect("test agents have an address"),
+                "",
+            ),
+        };
         let text = format!(
-            "coordinator = {:?}\nstate_dir = {:?}\nname = {name:?}\naddress = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n[labels]\nenv = \"test\"\n[tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
-            config.coordinator,
+            "coordinator = {:?}\n{server_name}state_dir = {:?}\nname = {name:?}\naddress = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n[labels]\nenv = \"test\"\n[tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+            coordinator,
             config.state_dir.display().to_string(),
-            config.address.expect("test agents have an address"),
+            address,
             config.tls.ca_cert.display().to_string(),
             config.tls.cert.display().to_string(),
             config.tls.key.display().to_string(),
@@ -329,7 +358,11 @@ impl Cluster {
         std::fs::write(&path, text).expect("agent config");
         let log = std::fs::File::create(self.state_root.path().join(format!("{name}.log")))
             .expect("agent log");
-        let child = std::process::Command::new(bin("cutover-agent"))
+        let mut command = match host {
+            Some(host) => host.command(&bin("cutover-agent")),
+            None => std::process::Command::new(bin("cutover-agent")),
+        };
+        let child = command
             .arg("--config")
             .arg(&path)
             .stdin(std::process::Stdio::null())

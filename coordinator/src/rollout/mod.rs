@@ -805,7 +805,9 @@ impl Rollouts {
                         },
                     }),
                 node_id: v.record.id,
-                connected: v.connected,
+                // A node whose heartbeats stopped is as lost as a closed
+                // connection (a partition can keep one open for a while).
+                connected: v.connected && v.record.status == NodeStatus::Ready,
                 last_seen_ms: v.record.services_at_ms,
             })
             .collect()
