@@ -420,6 +420,10 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
         .as_ref()
         .map_or(30_000, |w| w.healthy_deadline_ms) as i64;
     let in_grace = now < r.lost_grace_until_ms;
+    let seen: std::collections::HashMap<&str, &Observation> = observations
+        .iter()
+        .map(|o| (o.node_id.as_str(), o))
+        .collect();
     // Commands without an answer in time, or to a node out of reach for as
     // long as a serving node may be: a partitioned node must not hold the
     // rollout (or its rollback) for the whole command timeout. Whatever it
@@ -430,10 +434,7 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
         if !node.state.in_flight() {
             continue;
         }
-        let reachable = in_grace
-            || observations
-                .iter()
-                .any(|o| o.node_id == node.id && o.connected);
+        let reachable = in_grace || seen.get(node.id.as_str()).is_some_and(|o| o.connected);
         let lost_for = if reachable {
             r.nodes[i].lost_since_ms = None;
             0
@@ -487,7 +488,7 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
         }
         // A node gone from the registry (replaced under another id) is as
         // lost as a disconnected one.
-        let seen = observations.iter().find(|o| o.node_id == r.nodes[i].id);
+        let seen = seen.get(r.nodes[i].id.as_str()).copied();
         let node = &mut r.nodes[i];
         let name = node.name.clone();
         let Some(seen) = seen.filter(|s| s.connected) else {

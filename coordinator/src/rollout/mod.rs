@@ -38,6 +38,8 @@ const RESEND_DELAY: Duration = Duration::from_millis(500);
 const RESEND_EVERY: Duration = Duration::from_secs(15);
 /// Releases kept per service and environment (the current one always).
 const RELEASES_KEPT: usize = 10;
+/// Inputs taken in at most before the rollout is written (see `run`).
+const GROUP_INPUTS: usize = 512;
 /// Finished rollouts kept, with their timelines; older ones are deleted.
 const FINISHED_ROLLOUTS_KEPT: usize = 1000;
 
@@ -717,7 +719,20 @@ impl Rollouts {
         let mut input = first;
         loop {
             let before = rollout.clone();
-            let sends = engine::handle(&mut rollout, now_ms(), input);
+            let mut sends = engine::handle(&mut rollout, now_ms(), input);
+            // Answers that arrived meanwhile are taken in before the one
+            // write below: a batch of a hundred nodes answering costs a few
+            // writes, not one per node. The engine is pure, so this is the
+            // same as handling them one by one.
+            for _ in 0..GROUP_INPUTS {
+                if rollout.state.is_terminal() {
+                    break;
+                }
+                match results.try_recv() {
+                    Ok(next) => sends.extend(engine::handle(&mut rollout, now_ms(), next)),
+                    Err(_) => break,
+                }
+            }
             if rollout.state.is_terminal() && !before.state.is_terminal() {
                 // The history first: once the terminal state is stored the
                 // deploy lock is free, and the next deploy must find the

@@ -1,0 +1,296 @@
+//! Thousands of simulated agents in one process, for the control-plane scale
+//! benchmark (`integration-tests/bench/control-plane.sh`). Each speaks the
+//! real protocol over its own mTLS connection with a certificate of its own:
+//! hello, heartbeats at the coordinator's interval, and answers to every
+//! command (prepare, activate, ping, report state) at once, as a node whose
+//! cutovers take no time would. What is measured is the coordinator.
+//!
+//! `agent-sim --coordinator https://127.0.0.1:7443 --pki DIR --agents N
+//! [--first I] [--connect-rate PER_SECOND] [--labels env=sim]`
+//!
+//! Prints `connected N` on stdout once every agent has its welcome, then
+//! runs until SIGTERM/SIGINT and prints a JSON line of totals.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cutover_common::identity::{Identity, Role};
+use cutover_common::pki::CertificateAuthority;
+use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl};
+use cutover_proto::v1::agent_service_client::AgentServiceClient;
+use cutover_proto::v1::{
+    self as pb, agent_message, command, command_result, coordinator_message, AgentMessage,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+#[derive(Default)]
+struct Totals {
+    connected: AtomicU64,
+    heartbeats: AtomicU64,
+    commands: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+struct Options {
+    url: CoordinatorUrl,
+    labels: HashMap<String, String>,
+}
+
+fn usage() -> ! {
+    eprintln!("usage: agent-sim --coordinator URL --pki DIR --agents N [--first I] [--connect-rate N] [--labels k=v,...]");
+    std::process::exit(2);
+}
+
+#[tokio::main]
+async fn main() {
+    let mut coordinator = None;
+    let mut pki = None;
+    let mut agents: usize = 0;
+    let mut first: usize = 1;
+    let mut rate: u64 = 500;
+    let mut labels: HashMap<String, String> = [("env".to_string(), "sim".to_string())].into();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--coordinator" => coordinator = Some(value),
+            "--pki" => pki = Some(std::path::PathBuf::from(value)),
+            "--agents" => agents = value.parse().unwrap_or_else(|_| usage()),
+            "--first" => first = value.parse().unwrap_or_else(|_| usage()),
+            "--connect-rate" => rate = value.parse().unwrap_or_else(|_| usage()),
+            "--labels" => {
+                labels = value
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            }
+            _ => usage(),
+        }
+    }
+    let (Some(coordinator), Some(pki)) = (coordinator, pki) else {
+        usage()
+    };
+    if agents == 0 || rate == 0 {
+        usage();
+    }
+    tls::install_crypto_provider();
+    let ca = CertificateAuthority::load_dir(&pki).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1)
+    });
+    let options = Arc::new(Options {
+        url: CoordinatorUrl::parse(&coordinator).unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(2)
+        }),
+        labels,
+    });
+    // Each agent's key and certificate go through files, as on a node.
+    let files = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(
+        pki.join(cutover_common::pki::CA_CERT),
+        files.path().join(cutover_common::pki::CA_CERT),
+    )
+    .expect("copy the CA");
+    let totals = Arc::new(Totals::default());
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    for i in first..first + agents {
+        pace.tick().await;
+        let name = format!("sim-{i:05}");
+        let identity = Identity::new(Role::Agent, &name).expect("valid name");
+        let stem = format!("agent-{name}");
+        ca.issue_client(&identity, 7)
+            .expect("issue")
+            .write(files.path(), &stem)
+            .expect("write the pair");
+        let config = tls::client_config(&tls::TlsFiles::in_dir(files.path(), &stem))
+            .expect("client config");
+        tokio::spawn(agent(i, name, config, options.clone(), totals.clone()));
+    }
+    while totals.connected.load(Ordering::Relaxed) < agents as u64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("connected {agents}");
+    let shutdown = cutover_common::shutdown::on_signals();
+    shutdown.cancelled().await;
+    println!(
+        "{{\"agents\":{agents},\"heartbeats\":{},\"commands\":{},\"reconnects\":{}}}",
+        totals.heartbeats.load(Ordering::Relaxed),
+        totals.commands.load(Ordering::Relaxed),
+        totals.reconnects.load(Ordering::Relaxed)
+    );
+}
+
+/// One simulated node, reconnecting forever.
+async fn agent(
+    index: usize,
+    name: String,
+    config: Arc<rustls::ClientConfig>,
+    options: Arc<Options>,
+    totals: Arc<Totals>,
+) {
+    let node_id = format!("00000000-0000-4000-8000-{index:012}");
+    let address = format!("10.{}.{}.{}", (index >> 16) & 255, (index >> 8) & 255, index & 255);
+    let services: Arc<Mutex<Vec<pb::ServiceState>>> = Arc::default();
+    let mut first = true;
+    loop {
+        let result = session(
+            &name, &node_id, &address, &config, &options, &services, &totals, first,
+        )
+        .await;
+        if !first || result.is_err() {
+            totals.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(error) = result {
+            if first {
+                eprintln!("{name}: {error}");
+            }
+        }
+        first = false;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    name: &str,
+    node_id: &str,
+    address: &str,
+    config: &Arc<rustls::ClientConfig>,
+    options: &Options,
+    services: &Mutex<Vec<pb::ServiceState>>,
+    totals: &Totals,
+    first: bool,
+) -> Result<(), String> {
+    let channel = tls::connect(
+        &options.url,
+        Some("localhost"),
+        config.clone(),
+        &ChannelOptions {
+            connect_timeout: Duration::from_secs(30),
+            ..ChannelOptions::default()
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let (outbound, outbound_rx) = mpsc::channel::<AgentMessage>(16);
+    let send = |kind| AgentMessage { kind: Some(kind) };
+    outbound
+        .send(send(agent_message::Kind::Hello(pb::Hello {
+            node_id: node_id.to_string(),
+            name: name.to_string(),
+            address: address.to_string(),
+            labels: options.labels.clone(),
+            agent_version: "sim".into(),
+            capabilities: [
+                "command.ping",
+                "command.prepare",
+                "command.activate",
+                "command.report_state",
+                "runtime.process",
+                "proxy.http",
+            ]
+            .map(String::from)
+            .to_vec(),
+            recent_command_ids: Vec::new(),
+        })))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut inbound = AgentServiceClient::new(channel)
+        .session(ReceiverStream::new(outbound_rx))
+        .await
+        .map_err(|e| e.message().to_string())?
+        .into_inner();
+    let welcome = match inbound.message().await.map_err(|e| e.message().to_string())? {
+        Some(pb::CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Welcome(w)),
+        }) => w,
+        _ => return Err("no welcome".into()),
+    };
+    if first {
+        totals.connected.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(100)));
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                let beat = pb::Heartbeat {
+                    sent_at_ms: cutover_common::now_ms(),
+                    figures: None,
+                    services: services.lock().expect("services lock").clone(),
+                };
+                outbound.send(send(agent_message::Kind::Heartbeat(beat))).await.map_err(|e| e.to_string())?;
+                totals.heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+            message = inbound.message() => {
+                let Some(message) = message.map_err(|e| e.message().to_string())? else {
+                    return Ok(());
+                };
+                let Some(coordinator_message::Kind::Command(command)) = message.kind else {
+                    continue;
+                };
+                totals.commands.fetch_add(1, Ordering::Relaxed);
+                let output = answer(command.kind, services);
+                let result = pb::CommandResult {
+                    command_id: command.command_id,
+                    status: pb::CommandStatus::Succeeded as i32,
+                    message: String::new(),
+                    replayed: false,
+                    output,
+                };
+                outbound.send(send(agent_message::Kind::CommandResult(result))).await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+}
+
+/// What a node whose every step succeeds at once answers.
+fn answer(
+    kind: Option<command::Kind>,
+    services: &Mutex<Vec<pb::ServiceState>>,
+) -> Option<command_result::Output> {
+    match kind {
+        Some(command::Kind::Ping(ping)) => Some(command_result::Output::Pong(pb::Pong {
+            payload: ping.payload,
+            agent_time_ms: cutover_common::now_ms(),
+        })),
+        Some(command::Kind::Activate(activate)) => {
+            let release = activate.release.unwrap_or_default();
+            let mut services = services.lock().expect("services lock");
+            let previous = services
+                .iter()
+                .find(|s| s.service == release.service)
+                .map(|s| s.release_id.clone())
+                .unwrap_or_default();
+            services.retain(|s| s.service != release.service);
+            services.push(pb::ServiceState {
+                service: release.service.clone(),
+                release_id: release.release_id.clone(),
+                admitted: true,
+                running: true,
+                healthy: true,
+                ..Default::default()
+            });
+            Some(command_result::Output::Activated(pb::Activated {
+                release_id: release.release_id,
+                upstream: String::new(),
+                previous_release_id: previous,
+                drain_completed: true,
+                drain_cut: 0,
+                took_ms: 0,
+            }))
+        }
+        Some(command::Kind::ReportState(_)) => {
+            Some(command_result::Output::NodeState(pb::NodeState {
+                services: services.lock().expect("services lock").clone(),
+            }))
+        }
+        _ => None,
+    }
+}
