@@ -287,7 +287,13 @@ impl Cluster {
     }
 
     pub fn agent_config(&self, name: &str) -> AgentConfig {
-        let index = self.agents.len() + 11;
+        // node-N serves on 127.0.0.(10+N), whichever way it was started and
+        // however often; other names take the next free slot.
+        let index = 10
+            + name
+                .strip_prefix("node-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(self.agents.len() + 1);
         AgentConfig {
             coordinator: self.url(),
             server_name: None,
@@ -856,4 +862,60 @@ pub fn activate(id: &str, release: pb::Release) -> pb::Command {
 /// The body of a raw HTTP response.
 pub fn body(response: &str) -> &str {
     response.split("\r\n\r\n").nth(1).unwrap_or_default()
+}
+
+/// The app spec the rollout tests deploy: the test app (`app_archive`) as
+/// service `web` on `port` of every node labelled env=test, in environment
+/// `test`. `extra_env` lands in the release's environment (`KEY = "value"`
+/// lines), `strategy` is the strategy table's body.
+pub fn web_spec(port: u16, extra_env: &str, strategy: &str) -> String {
+    format!(
+        r#"
+app = "shop"
+
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+drain_timeout = "2s"
+stop_grace = "2s"
+[services.web.env]
+{extra_env}
+[services.web.health]
+path = "/health"
+interval = "100ms"
+timeout = "1s"
+healthy_threshold = 2
+healthy_deadline = "3s"
+[[services.web.smoke]]
+path = "/"
+expect_status = 200
+
+[strategy]
+{strategy}
+
+[environments.test]
+nodes = {{ env = "test" }}
+"#
+    )
+}
+
+/// A deploy of `spec` to environment test with the artifact `(url, digest)`.
+pub fn deploy_request(
+    spec: String,
+    version: &str,
+    artifact: &(String, String),
+) -> pb::DeployRequest {
+    pb::DeployRequest {
+        spec,
+        spec_file: "cutover.toml".into(),
+        env: "test".into(),
+        service: String::new(),
+        version: version.into(),
+        artifact: Some(pb::Artifact {
+            url: artifact.0.clone(),
+            digest: artifact.1.clone(),
+        }),
+        image: String::new(),
+        allow_unreachable: false,
+    }
 }

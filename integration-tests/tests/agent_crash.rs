@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cutover_integration_tests::{
-    activate, app_archive, body, find, get_when_up, http_get, ready, release_pids, web_release,
-    Cluster, Tuning,
+    activate, app_archive, body, deploy_request, find, get_when_up, http_get, ready, release_pids,
+    web_release, web_spec, Cluster, Tuning,
 };
 use cutover_proto::v1 as pb;
 
@@ -118,4 +118,120 @@ async fn a_killed_agent_comes_back_to_one_serving_release_without_orphans() {
     );
     wait_for_releases(&state_dir, 0).await;
     drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release() {
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let names = ["node-1", "node-2", "node-3"];
+    let mut agents: Vec<_> = names
+        .iter()
+        .map(|n| cluster.spawn_agent_binary(n))
+        .collect();
+    cluster
+        .wait_for_nodes(Duration::from_secs(20), |n| {
+            n.len() == 3 && n.iter().all(ready)
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = app_archive(dir.path());
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 11].into(), &(40000..=44999), &[]).unwrap();
+    let mut client = cluster.operator().await;
+    let deploy = |version: &str, env: &str, strategy: &str| {
+        let spec = web_spec(port, &format!("VERSION = \"{version}\"\n{env}"), strategy);
+        deploy_request(spec, version, &artifact)
+    };
+    let watcher = client.clone();
+    let finish = |id: String| {
+        let mut client = watcher.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let r = client
+                    .get_rollout(pb::GetRolloutRequest { id: id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if matches!(
+                    r.state.as_str(),
+                    "succeeded" | "failed" | "rolled_back" | "aborted"
+                ) {
+                    return r;
+                }
+                assert!(Instant::now() < deadline, "{r:#?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let v1 = client
+        .deploy(deploy("v1", "", "batch = 3"))
+        .await
+        .unwrap()
+        .into_inner()
+        .rollouts[0]
+        .id
+        .clone();
+    assert_eq!(finish(v1).await.state, "succeeded");
+
+    // v2 starts slowly, so its cutover on node-2 is well under way when
+    // node-2's agent is killed.
+    let v2 = client
+        .deploy(deploy(
+            "v2",
+            "START_DELAY = \"1.5\"",
+            "batch = 1\nmin_healthy_time = \"500ms\"",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .rollouts[0]
+        .id
+        .clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = client
+            .get_rollout(pb::GetRolloutRequest { id: v2.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.nodes
+            .iter()
+            .any(|n| n.name == "node-2" && n.state == "activating")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-2 never activated: {r:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    agents.remove(1).kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agents.insert(1, cluster.spawn_agent_binary("node-2"));
+
+    let ended = finish(v2).await;
+    let last = ended.timeline.last().map(|e| e.kind.as_str());
+    assert_eq!(last, Some(ended.state.as_str()), "{ended:#?}");
+    let expected = match ended.state.as_str() {
+        "succeeded" => "v2",
+        "rolled_back" => "v1",
+        other => panic!("the rollout ended {other}: {ended:#?}"),
+    };
+    for (i, agent) in agents.iter().enumerate() {
+        let public = format!("127.0.0.{}:{port}", 11 + i);
+        assert_eq!(
+            body(&get_when_up(&public).await),
+            expected,
+            "node-{}",
+            i + 1
+        );
+        assert_eq!(
+            wait_for_releases(&agent.state_dir, 1).await.len(),
+            1,
+            "node-{}: one release process, no orphan",
+            i + 1
+        );
+    }
+    eprintln!("the rollout ended {} ({expected} everywhere)", ended.state);
+    drop(agents);
 }

@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use cutover_integration_tests::netns::NetLab;
-use cutover_integration_tests::{app_archive, body, http_get, AgentProcess, Cluster, Tuning};
+use cutover_integration_tests::{
+    app_archive, body, deploy_request, http_get, web_spec, AgentProcess, Cluster, Tuning,
+};
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
 use tonic::transport::Channel;
@@ -101,45 +103,9 @@ impl Lab {
         version: &str,
         strategy: &str,
     ) -> Result<pb::DeployResponse, tonic::Status> {
-        let spec = format!(
-            r#"
-app = "shop"
-
-[services.web]
-command = ["python3", "app.py"]
-listen = ":{PORT}"
-drain_timeout = "1s"
-stop_grace = "1s"
-[services.web.env]
-VERSION = "{version}"
-[services.web.health]
-path = "/health"
-interval = "100ms"
-timeout = "1s"
-healthy_threshold = 2
-healthy_deadline = "3s"
-
-[strategy]
-{strategy}
-
-[environments.test]
-nodes = {{ env = "test" }}
-"#
-        );
+        let spec = web_spec(PORT, &format!("VERSION = \"{version}\""), strategy);
         self.client
-            .deploy(pb::DeployRequest {
-                spec,
-                spec_file: "cutover.toml".into(),
-                env: "test".into(),
-                service: String::new(),
-                version: version.into(),
-                artifact: Some(pb::Artifact {
-                    url: self.artifact.0.clone(),
-                    digest: self.artifact.1.clone(),
-                }),
-                image: String::new(),
-                allow_unreachable: false,
-            })
+            .deploy(deploy_request(spec, version, &self.artifact))
             .await
             .map(|r| r.into_inner())
     }

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use cutover_integration_tests::load::Load;
-use cutover_integration_tests::{app_archive, body, http_get, Cluster, Tuning};
+use cutover_integration_tests::{
+    app_archive, body, deploy_request, http_get, web_spec as spec, Cluster, Tuning,
+};
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
 use tonic::transport::Channel;
@@ -42,57 +44,12 @@ async fn setup_on(cluster: Cluster, nodes: usize) -> Setup {
     }
 }
 
-/// The app spec the tests deploy; `extra_env` lands in the release's
-/// environment, `strategy` replaces the strategy table's body.
-fn spec(port: u16, extra_env: &str, strategy: &str) -> String {
-    format!(
-        r#"
-app = "shop"
-
-[services.web]
-command = ["python3", "app.py"]
-listen = ":{port}"
-drain_timeout = "2s"
-stop_grace = "2s"
-[services.web.env]
-{extra_env}
-[services.web.health]
-path = "/health"
-interval = "100ms"
-timeout = "1s"
-healthy_threshold = 2
-healthy_deadline = "3s"
-[[services.web.smoke]]
-path = "/"
-expect_status = 200
-
-[strategy]
-{strategy}
-
-[environments.test]
-nodes = {{ env = "test" }}
-"#
-    )
-}
-
 const FAST: &str = "batch = 2\nmin_healthy_time = \"500ms\"";
 
 impl Setup {
     /// A deploy of `spec_text` to environment test with this test's artifact.
     fn request(&self, spec_text: String, version: &str) -> pb::DeployRequest {
-        pb::DeployRequest {
-            spec: spec_text,
-            spec_file: "cutover.toml".into(),
-            env: "test".into(),
-            service: String::new(),
-            version: version.into(),
-            artifact: Some(pb::Artifact {
-                url: self.artifact.0.clone(),
-                digest: self.artifact.1.clone(),
-            }),
-            image: String::new(),
-            allow_unreachable: false,
-        }
+        deploy_request(spec_text, version, &self.artifact)
     }
 
     async fn deploy(

@@ -108,8 +108,8 @@ async fn main() {
             .expect("issue")
             .write(files.path(), &stem)
             .expect("write the pair");
-        let config = tls::client_config(&tls::TlsFiles::in_dir(files.path(), &stem))
-            .expect("client config");
+        let config =
+            tls::client_config(&tls::TlsFiles::in_dir(files.path(), &stem)).expect("client config");
         tokio::spawn(agent(i, name, config, options.clone(), totals.clone()));
     }
     while totals.connected.load(Ordering::Relaxed) < agents as u64 {
@@ -135,7 +135,12 @@ async fn agent(
     totals: Arc<Totals>,
 ) {
     let node_id = format!("00000000-0000-4000-8000-{index:012}");
-    let address = format!("10.{}.{}.{}", (index >> 16) & 255, (index >> 8) & 255, index & 255);
+    let address = format!(
+        "10.{}.{}.{}",
+        (index >> 16) & 255,
+        (index >> 8) & 255,
+        index & 255
+    );
     let services: Arc<Mutex<Vec<pb::ServiceState>>> = Arc::default();
     let mut first = true;
     loop {
@@ -206,7 +211,11 @@ async fn session(
         .await
         .map_err(|e| e.message().to_string())?
         .into_inner();
-    let welcome = match inbound.message().await.map_err(|e| e.message().to_string())? {
+    let welcome = match inbound
+        .message()
+        .await
+        .map_err(|e| e.message().to_string())?
+    {
         Some(pb::CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Welcome(w)),
         }) => w,
@@ -215,8 +224,9 @@ async fn session(
     if first {
         totals.connected.fetch_add(1, Ordering::Relaxed);
     }
-    let mut heartbeat =
-        tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(100)));
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(
+        welcome.heartbeat_interval_ms.max(100),
+    ));
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
