@@ -919,3 +919,37 @@ pub fn deploy_request(
         allow_unreachable: false,
     }
 }
+
+/// Whether a rollout has ended.
+pub fn ended(rollout: &pb::Rollout) -> bool {
+    matches!(
+        rollout.state.as_str(),
+        "succeeded" | "failed" | "rolled_back" | "aborted"
+    )
+}
+
+/// Polls rollout `id` until `done` holds; panics with the rollout after
+/// `timeout`.
+pub async fn wait_for_rollout(
+    client: &mut OperatorServiceClient<Channel>,
+    id: &str,
+    timeout: Duration,
+    done: impl Fn(&pb::Rollout) -> bool,
+) -> pb::Rollout {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rollout = client
+            .get_rollout(pb::GetRolloutRequest { id: id.into() })
+            .await
+            .expect("get rollout")
+            .into_inner();
+        if done(&rollout) {
+            return rollout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rollout not as expected within {timeout:?}: {rollout:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

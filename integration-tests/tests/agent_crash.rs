@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cutover_integration_tests::{
-    activate, app_archive, body, deploy_request, find, get_when_up, http_get, ready, release_pids,
-    web_release, web_spec, Cluster, Tuning,
+    activate, app_archive, body, deploy_request, ended, find, get_when_up, http_get, ready,
+    release_pids, wait_for_rollout, web_release, web_spec, Cluster, Tuning,
 };
 use cutover_proto::v1 as pb;
 
@@ -142,28 +142,6 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
         let spec = web_spec(port, &format!("VERSION = \"{version}\"\n{env}"), strategy);
         deploy_request(spec, version, &artifact)
     };
-    let watcher = client.clone();
-    let finish = |id: String| {
-        let mut client = watcher.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(90);
-            loop {
-                let r = client
-                    .get_rollout(pb::GetRolloutRequest { id: id.clone() })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                if matches!(
-                    r.state.as_str(),
-                    "succeeded" | "failed" | "rolled_back" | "aborted"
-                ) {
-                    return r;
-                }
-                assert!(Instant::now() < deadline, "{r:#?}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
     let v1 = client
         .deploy(deploy("v1", "", "batch = 3"))
         .await
@@ -172,7 +150,8 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
         .rollouts[0]
         .id
         .clone();
-    assert_eq!(finish(v1).await.state, "succeeded");
+    let v1 = wait_for_rollout(&mut client, &v1, Duration::from_secs(90), ended).await;
+    assert_eq!(v1.state, "succeeded");
 
     // v2 starts slowly, so its cutover on node-2 is well under way when
     // node-2's agent is killed.
@@ -188,34 +167,24 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
         .rollouts[0]
         .id
         .clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = client
-            .get_rollout(pb::GetRolloutRequest { id: v2.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if r.nodes
+    wait_for_rollout(&mut client, &v2, Duration::from_secs(60), |r| {
+        r.nodes
             .iter()
             .any(|n| n.name == "node-2" && n.state == "activating")
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "node-2 never activated: {r:#?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     agents.remove(1).kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     agents.insert(1, cluster.spawn_agent_binary("node-2"));
 
-    let ended = finish(v2).await;
-    let last = ended.timeline.last().map(|e| e.kind.as_str());
-    assert_eq!(last, Some(ended.state.as_str()), "{ended:#?}");
-    let expected = match ended.state.as_str() {
+    let done = wait_for_rollout(&mut client, &v2, Duration::from_secs(90), ended).await;
+    let last = done.timeline.last().map(|e| e.kind.as_str());
+    assert_eq!(last, Some(done.state.as_str()), "{done:#?}");
+    let expected = match done.state.as_str() {
         "succeeded" => "v2",
         "rolled_back" => "v1",
-        other => panic!("the rollout ended {other}: {ended:#?}"),
+        other => panic!("the rollout ended {other}: {done:#?}"),
     };
     for (i, agent) in agents.iter().enumerate() {
         let public = format!("127.0.0.{}:{port}", 11 + i);
@@ -232,6 +201,6 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
             i + 1
         );
     }
-    eprintln!("the rollout ended {} ({expected} everywhere)", ended.state);
+    eprintln!("the rollout ended {} ({expected} everywhere)", done.state);
     drop(agents);
 }

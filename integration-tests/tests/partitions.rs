@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use cutover_integration_tests::netns::NetLab;
 use cutover_integration_tests::{
-    app_archive, body, deploy_request, http_get, web_spec, AgentProcess, Cluster, Tuning,
+    app_archive, body, deploy_request, ended, http_get, wait_for_rollout, web_spec, AgentProcess,
+    Cluster, Tuning,
 };
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
@@ -113,23 +114,9 @@ impl Lab {
     async fn rollout_until(
         &mut self,
         id: &str,
-        what: &str,
         done: impl Fn(&pb::Rollout) -> bool,
     ) -> pb::Rollout {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let rollout = self
-                .client
-                .get_rollout(pb::GetRolloutRequest { id: id.into() })
-                .await
-                .unwrap()
-                .into_inner();
-            if done(&rollout) {
-                return rollout;
-            }
-            assert!(Instant::now() < deadline, "{what}: {rollout:#?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_rollout(&mut self.client, id, Duration::from_secs(90), done).await
     }
 
     async fn rollouts(&mut self) -> Vec<pb::Rollout> {
@@ -142,18 +129,11 @@ impl Lab {
     }
 }
 
-fn ended(r: &pb::Rollout) -> bool {
-    matches!(
-        r.state.as_str(),
-        "succeeded" | "failed" | "rolled_back" | "aborted"
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_link_heals() {
     let mut lab = Lab::start(3).await;
     let v1 = lab.deploy("v1", "batch = 3").await;
-    let done = lab.rollout_until(&v1, "v1 rolls out", ended).await;
+    let done = lab.rollout_until(&v1, ended).await;
     assert_eq!(done.state, "succeeded", "{done:#?}");
     for i in 0..3 {
         assert_eq!(lab.serves(i), "v1");
@@ -165,7 +145,7 @@ async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_lin
         .deploy("v2", "batch = 1\nmin_healthy_time = \"8s\"")
         .await;
     let watched = lab
-        .rollout_until(&v2, "two nodes switch", |r| {
+        .rollout_until(&v2, |r| {
             r.nodes.iter().filter(|n| n.state == "switched").count() == 2
         })
         .await;
@@ -191,7 +171,7 @@ async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_lin
 
     // The rollout fails once the node is lost for healthy_deadline, and is
     // rolled back on the nodes it can reach; the lost one is reported.
-    let failed = lab.rollout_until(&v2, "the rollout ends", ended).await;
+    let failed = lab.rollout_until(&v2, ended).await;
     assert_eq!(failed.state, "failed", "{failed:#?}");
     assert!(
         failed
@@ -230,9 +210,7 @@ async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_lin
         .iter()
         .find(|r| r.kind == "converge")
         .unwrap_or_else(|| panic!("no converge rollout: {rollouts:#?}"));
-    let converge = lab
-        .rollout_until(&converge.id.clone(), "the convergence ends", ended)
-        .await;
+    let converge = lab.rollout_until(&converge.id.clone(), ended).await;
     assert_eq!(converge.state, "succeeded", "{converge:#?}");
     assert_eq!(converge.created_by, "converger");
     assert_eq!(
@@ -254,7 +232,7 @@ async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_lin
 async fn a_coordinator_cut_off_from_every_node_changes_nothing() {
     let mut lab = Lab::start(3).await;
     let v1 = lab.deploy("v1", "batch = 3").await;
-    let done = lab.rollout_until(&v1, "v1 rolls out", ended).await;
+    let done = lab.rollout_until(&v1, ended).await;
     assert_eq!(done.state, "succeeded", "{done:#?}");
     let before = lab.rollouts().await.len();
 

@@ -1,11 +1,12 @@
 //! Rolling rollouts across an in-process cluster: real coordinator, real
 //! agents, real releases of the test app behind the node proxies.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cutover_integration_tests::load::Load;
 use cutover_integration_tests::{
-    app_archive, body, deploy_request, http_get, web_spec as spec, Cluster, Tuning,
+    app_archive, body, deploy_request, ended, http_get, wait_for_rollout, web_spec as spec,
+    Cluster, Tuning,
 };
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
@@ -89,28 +90,11 @@ impl Setup {
         timeout: Duration,
         done: impl Fn(&pb::Rollout) -> bool,
     ) -> pb::Rollout {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let rollout = self.get(id).await;
-            if done(&rollout) {
-                return rollout;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rollout not as expected within {timeout:?}: {rollout:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_rollout(&mut self.client, id, timeout, done).await
     }
 
     async fn finish(&mut self, id: &str) -> pb::Rollout {
-        self.wait_until(id, Duration::from_secs(60), |r| {
-            matches!(
-                r.state.as_str(),
-                "succeeded" | "failed" | "rolled_back" | "aborted"
-            )
-        })
-        .await
+        self.wait_until(id, Duration::from_secs(60), ended).await
     }
 
     async fn deploy_and_finish(&mut self, version: &str) -> pb::Rollout {
