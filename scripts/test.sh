@@ -12,6 +12,13 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command
     || echo "warning: could not install systemd; the unit verification test will be skipped"
 fi
 
+# promtool checks and unit-tests the alert rules in deploy/prometheus.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing prometheus (for promtool)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    || echo "warning: could not install prometheus; the alert rule checks fail in CI"
+fi
+
 # The partition tests give each agent a network namespace of its own and cut
 # links with iptables.
 if ! { command -v ip && command -v iptables; } >/dev/null 2>&1; then

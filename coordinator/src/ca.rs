@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{CaRotation, NewEvent, Store, StoreError};
 
@@ -441,7 +442,12 @@ fn recover_staged_ca(
 /// Drives the rotation in progress: tells each connected node that lacks
 /// the new CA's certificate or the current bundle to renew, retires the old
 /// CA once all have, and finishes once all hold the trimmed bundle.
-pub async fn drive_rotation(pki: Arc<Pki>, registry: Arc<Registry>, shutdown: CancellationToken) {
+pub async fn drive_rotation(
+    pki: Arc<Pki>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     // Node id -> when it may be asked again (a renewal in flight or failed).
     let busy: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut tick = tokio::time::interval(DRIVE_EVERY);
@@ -451,7 +457,7 @@ pub async fn drive_rotation(pki: Arc<Pki>, registry: Arc<Registry>, shutdown: Ca
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(error) = drive_step(&pki, &registry, &busy).await {
+        if let Err(error) = drive_step(&pki, &registry, &metrics, &busy).await {
             tracing::error!(%error, "ca rotation step failed; retrying");
         }
     }
@@ -460,17 +466,25 @@ pub async fn drive_rotation(pki: Arc<Pki>, registry: Arc<Registry>, shutdown: Ca
 async fn drive_step(
     pki: &Pki,
     registry: &Arc<Registry>,
+    metrics: &Metrics,
     busy: &Arc<Mutex<HashMap<String, Instant>>>,
 ) -> Result<(), CaError> {
     // One step at a time, and none beside a start: the nodes counted are
     // the nodes when the phase changes.
     let _change = pki.changes.lock().await;
-    let Some(rotation) = pki.rotation()? else {
+    let rotation = pki.rotation()?.filter(|r| r.finished_at_ms.is_none());
+    let Some(rotation) = rotation else {
+        metrics.ca_rotation_phase.set(0);
+        metrics.ca_rotation_waiting.set(0);
         return Ok(());
     };
-    if rotation.finished_at_ms.is_some() {
-        return Ok(());
-    }
+    metrics
+        .ca_rotation_phase
+        .set(if rotation.retired_at_ms.is_some() {
+            2
+        } else {
+            1
+        });
     let bundle = bundle_sha256(&pki.bundle_pem());
     let mut waiting = 0;
     for view in registry.list() {
@@ -499,6 +513,7 @@ async fn drive_step(
             node.name,
         ));
     }
+    metrics.ca_rotation_waiting.set(waiting);
     if waiting == 0 {
         if rotation.retired_at_ms.is_none() {
             pki.retire(rotation, registry)?;

@@ -35,6 +35,14 @@ pub struct Metrics {
     release_upstream_failures: Family<Labels, Gauge>,
     node_release: Family<Labels, Gauge>,
     rollouts: Family<Labels, Counter>,
+    cert_expiry: Family<Labels, Gauge>,
+    /// 0: no CA rotation in progress, 1: reissuing, 2: retiring.
+    pub ca_rotation_phase: Gauge,
+    /// Nodes a CA rotation still waits for.
+    pub ca_rotation_waiting: Gauge,
+    /// Nodes found running another release than their environment's
+    /// current one, at the converger's last pass.
+    pub nodes_drifted: Gauge,
     rollout_duration: Family<Labels, Histogram>,
     pub rollouts_in_progress: Gauge,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
@@ -73,6 +81,10 @@ impl Metrics {
             release_upstream_failures: Family::default(),
             node_release: Family::default(),
             rollouts: Family::default(),
+            cert_expiry: Family::default(),
+            ca_rotation_phase: Gauge::default(),
+            ca_rotation_waiting: Gauge::default(),
+            nodes_drifted: Gauge::default(),
             rollout_duration: Family::new_with_constructor(|| {
                 Histogram::new([5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0])
             }),
@@ -157,6 +169,26 @@ impl Metrics {
             "Rollouts running or paused",
             metrics.rollouts_in_progress.clone(),
         );
+        registry.register(
+            "node_cert_expiry_timestamp_seconds",
+            "When the certificate each node last connected with expires, by its CA; agents renew at two thirds of its life, so one close to now means renewals fail",
+            metrics.cert_expiry.clone(),
+        );
+        registry.register(
+            "ca_rotation_phase",
+            "The CA rotation in progress: 0 none, 1 reissuing (both CAs trusted), 2 retiring (the old CA no longer trusted)",
+            metrics.ca_rotation_phase.clone(),
+        );
+        registry.register(
+            "ca_rotation_nodes_waiting",
+            "Nodes the CA rotation in progress still waits for",
+            metrics.ca_rotation_waiting.clone(),
+        );
+        registry.register(
+            "nodes_drifted",
+            "Nodes the converger found running another release of a service than their environment's current one at its last pass (services mid-rollout, or left mixed by an aborted rollout or one without auto_rollback, are not counted)",
+            metrics.nodes_drifted.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -191,6 +223,7 @@ impl Metrics {
             &self.release_responses,
             &self.release_upstream_failures,
             &self.node_release,
+            &self.cert_expiry,
         ] {
             family.clear();
         }
@@ -211,6 +244,13 @@ impl Metrics {
             self.heartbeat_age
                 .get_or_create(&labels)
                 .set(view.heartbeat_age.as_secs_f64());
+            if record.cert_expires_at_ms > 0 {
+                let mut labels = labels.clone();
+                labels.push(("ca".to_string(), record.cert_ca.clone()));
+                self.cert_expiry
+                    .get_or_create(&labels)
+                    .set(record.cert_expires_at_ms / 1000);
+            }
             for service in record.services.iter().filter(|s| !s.release_id.is_empty()) {
                 self.node_release
                     .get_or_create(&vec![

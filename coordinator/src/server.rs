@@ -199,7 +199,7 @@ impl Coordinator {
                 accept_mtls(grpc, pki.server_configs(), shutdown.clone()),
                 shutdown.clone().cancelled_owned(),
             );
-        let http_server = axum::serve(http, crate::http::router(registry.clone(), metrics))
+        let http_server = axum::serve(http, crate::http::router(registry.clone(), metrics.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
         let sweeper = tokio::spawn(sweep_loop(
@@ -210,6 +210,7 @@ impl Coordinator {
         let rotation = tokio::spawn(crate::ca::drive_rotation(
             pki.clone(),
             registry.clone(),
+            metrics.clone(),
             shutdown.clone(),
         ));
         let grace = config.shutdown_grace;

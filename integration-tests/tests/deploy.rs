@@ -136,3 +136,115 @@ fn systemd_units_verify_and_stay_hardened() {
         );
     }
 }
+
+/// The metric names of a live coordinator's exposition, as samples carry
+/// them (a counter `x` is sampled as `x_total`, a histogram as `x_bucket`,
+/// `x_sum` and `x_count`), once a node serves a release that took a
+/// request, so that every family has a sample.
+async fn exposed_metric_names() -> std::collections::BTreeSet<String> {
+    use cutover_integration_tests::{
+        app_archive, body, deploy_request, ended, http_get, wait_for_rollout, web_spec, Cluster,
+        Tuning,
+    };
+    use std::time::Duration;
+    let cluster = Cluster::start(1, Tuning::default()).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| n.len() == 1 && n[0].connected)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = app_archive(dir.path());
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 11].into(), &(40000..=44999), &[]).unwrap();
+    let mut client = cluster.operator().await;
+    let spec = web_spec(port, "VERSION = \"v1\"", "min_healthy_time = \"0s\"");
+    let id = client
+        .deploy(deploy_request(spec, "v1", &artifact))
+        .await
+        .unwrap()
+        .into_inner()
+        .rollouts[0]
+        .id
+        .clone();
+    let done = wait_for_rollout(&mut client, &id, Duration::from_secs(60), ended).await;
+    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert_eq!(body(&http_get(&format!("127.0.0.11:{port}"), "/")), "v1");
+    // The next heartbeat carries the proxy's counts.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let http = cluster.coordinator.as_ref().unwrap().http_addr.to_string();
+    let text = body(&http_get(&http, "/metrics")).to_string();
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+    }
+    names
+}
+
+/// The alert rules name only metrics the coordinator exposes, pass
+/// `promtool check rules`, and fire as their unit tests say
+/// (`deploy/prometheus/cutover-alerts.test.yml`). promtool is skipped where
+/// it is not installed outside CI; the test script installs it on Debian.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_rules_name_real_metrics_and_fire_as_tested() {
+    let dir = repo().join("deploy/prometheus");
+    let exposed = exposed_metric_names().await;
+    let mut named = std::collections::BTreeSet::new();
+    for file in ["cutover-alerts.yml", "cutover-alerts.test.yml"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        for line in text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("expr:") || l.contains("series:"))
+        {
+            let mut rest = line;
+            while let Some(at) = rest.find("cutover_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                named.insert(name);
+            }
+        }
+    }
+    assert!(named.len() >= 8, "{named:?}");
+    let unknown: Vec<_> = named.difference(&exposed).collect();
+    assert!(
+        unknown.is_empty(),
+        "the rules name metrics the coordinator does not expose: {unknown:?}; it exposes {exposed:?}"
+    );
+
+    if Command::new("promtool").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is missing in CI"
+        );
+        eprintln!("promtool not installed: skipping the rule checks");
+        return;
+    }
+    for args in [
+        ["check", "rules", "cutover-alerts.yml"],
+        ["test", "rules", "cutover-alerts.test.yml"],
+    ] {
+        let output = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

@@ -209,6 +209,12 @@ async fn five_nodes_in_batches_of_two_under_load_end_on_v2_without_a_failed_requ
         .filter(|l| l.starts_with("cutover_node_release{") && l.contains("release=\"web-v2-"))
         .count();
     assert_eq!(on_v2, 5, "{metrics}");
+    let expiries = metrics
+        .lines()
+        .filter(|l| l.starts_with("cutover_node_cert_expiry_timestamp_seconds{"))
+        .count();
+    assert_eq!(expiries, 5, "{metrics}");
+    assert!(metrics.contains("cutover_ca_rotation_phase 0"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,6 +64,7 @@ impl Rollouts {
             .collect();
         let views = self.registry.list();
         let now = Instant::now();
+        let mut drifted_total = 0;
         for current in self.store.all_releases()?.into_iter().filter(|r| r.current) {
             let (env, service) = (current.env.clone(), current.service.clone());
             if busy.contains(&(env.clone(), service.clone())) {
@@ -89,6 +90,7 @@ impl Rollouts {
                     backoff.remove(&key);
                     continue;
                 }
+                drifted_total += 1;
                 if !view.connected || view.record.status != NodeStatus::Ready {
                     continue;
                 }
@@ -135,6 +137,7 @@ impl Rollouts {
                 );
             }
         }
+        self.metrics.nodes_drifted.set(drifted_total);
         Ok(())
     }
 }
