@@ -189,12 +189,27 @@ async fn exposed_metric_names() -> std::collections::BTreeSet<String> {
     names
 }
 
-/// The alert rules name only metrics the coordinator exposes, pass
-/// `promtool check rules`, and fire as their unit tests say
-/// (`deploy/prometheus/cutover-alerts.test.yml`). promtool is skipped where
-/// it is not installed outside CI; the test script installs it on Debian.
+/// Every `cutover_*` metric name in `text`.
+fn metric_names(text: &str, into: &mut std::collections::BTreeSet<String>) {
+    let mut rest = text;
+    while let Some(at) = rest.find("cutover_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        into.insert(name);
+    }
+}
+
+/// The alert rules and the Grafana dashboard name only metrics the
+/// coordinator exposes; the rules pass `promtool check rules` and fire as
+/// their unit tests say (`deploy/prometheus/cutover-alerts.test.yml`); the
+/// dashboard's queries parse (checked as recording rules). promtool is
+/// skipped where it is not installed outside CI; the test script installs
+/// it on Debian.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alert_rules_name_real_metrics_and_fire_as_tested() {
+async fn alert_rules_and_dashboard_name_real_metrics_and_fire_as_tested() {
     let dir = repo().join("deploy/prometheus");
     let exposed = exposed_metric_names().await;
     let mut named = std::collections::BTreeSet::new();
@@ -204,18 +219,25 @@ async fn alert_rules_name_real_metrics_and_fire_as_tested() {
             .lines()
             .filter(|l| l.trim_start().starts_with("expr:") || l.contains("series:"))
         {
-            let mut rest = line;
-            while let Some(at) = rest.find("cutover_") {
-                let name: String = rest[at..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                rest = &rest[at + name.len()..];
-                named.insert(name);
-            }
+            metric_names(line, &mut named);
         }
     }
-    assert!(named.len() >= 8, "{named:?}");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/cutover.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().expect("a query").to_string())
+        .collect();
+    assert!(queries.len() >= 10, "{queries:?}");
+    for query in &queries {
+        metric_names(query, &mut named);
+    }
+    assert!(named.len() >= 12, "{named:?}");
     let unknown: Vec<_> = named.difference(&exposed).collect();
     assert!(
         unknown.is_empty(),
@@ -230,9 +252,24 @@ async fn alert_rules_name_real_metrics_and_fire_as_tested() {
         eprintln!("promtool not installed: skipping the rule checks");
         return;
     }
+    let scratch = tempfile::tempdir().unwrap();
+    let as_rules = scratch.path().join("dashboard-queries.yml");
+    let rules: Vec<serde_json::Value> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, q)| serde_json::json!({"record": format!("dashboard_query_{i}"), "expr": q}))
+        .collect();
+    // JSON is YAML: promtool reads it as a rules file.
+    std::fs::write(
+        &as_rules,
+        serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]}).to_string(),
+    )
+    .unwrap();
+    let dashboard_rules = as_rules.display().to_string();
     for args in [
         ["check", "rules", "cutover-alerts.yml"],
         ["test", "rules", "cutover-alerts.test.yml"],
+        ["check", "rules", dashboard_rules.as_str()],
     ] {
         let output = Command::new("promtool")
             .args(args)
