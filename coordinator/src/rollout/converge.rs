@@ -78,6 +78,14 @@ impl Rollouts {
                 continue;
             }
             let _creating = self.create.lock().await;
+            // A deploy or rollback may have come and gone while this pass
+            // looked: converge only to what is still current.
+            let still_current = self
+                .current_release(&env, &service)?
+                .is_some_and(|r| r.id() == current.release.id());
+            if !still_current {
+                continue;
+            }
             let mut strategy = current.strategy.clone();
             strategy.auto_rollback = false;
             let mut plan = match self.plan(
