@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::model::RolloutKind;
+use super::model::{RolloutKind, RolloutState};
 use super::{RolloutError, Rollouts, Started};
 use crate::registry::NodeView;
 use crate::spec::selects;
-use crate::store::{NodeStatus, ReleaseRecord, ReleaseState};
+use crate::store::{NodeStatus, ReleaseRecord, ReleaseState, ServiceOutcome};
 
 /// How often the fleet is compared with the current releases.
 const CONVERGE_EVERY: Duration = Duration::from_secs(2);
@@ -64,80 +64,147 @@ impl Rollouts {
             })
             .collect();
         let views = self.registry.list();
+        let currents: Vec<ReleaseRecord> = self
+            .store
+            .all_releases()?
+            .into_iter()
+            .filter(|r| r.current)
+            .collect();
         let now = Instant::now();
         let mut drifted_total = 0;
-        for current in self.store.all_releases()?.into_iter().filter(|r| r.current) {
+        for current in &currents {
             let (env, service) = (current.env.clone(), current.service.clone());
             if busy.contains(&(env.clone(), service.clone())) {
                 continue;
             }
-            let history = self.store.releases(&env, &service)?;
-            let (drifted, due) = decide(&current, &history, &views, backoff, now);
-            drifted_total += drifted;
-            if due.is_empty() {
-                continue;
-            }
-            let _creating = self.create.lock().await;
-            // A deploy or rollback may have come and gone while this pass
-            // looked: converge only to what is still current.
-            let still_current = self
-                .current_release(&env, &service)?
-                .is_some_and(|r| r.id() == current.release.id());
-            if !still_current {
-                continue;
-            }
-            let mut strategy = current.strategy.clone();
-            strategy.auto_rollback = false;
-            let mut plan = match self.plan(
-                current.app.clone(),
-                env.clone(),
-                service.clone(),
-                RolloutKind::Converge,
-                current.release.0.clone(),
-                None,
-                current.selector.clone(),
-                strategy,
-                true,
-            ) {
-                Ok(plan) => plan,
-                // A deploy got in first: it decides now.
-                Err(RolloutError::Locked { .. }) => continue,
-                Err(error) => return Err(error),
-            };
-            plan.nodes.retain(|n| due.contains(&n.id));
-            plan.skipped.clear();
-            if let Started::Rollout(rollout) = self.launch(plan, CONVERGER)? {
-                tracing::warn!(
-                    rollout = %rollout.id,
-                    %env,
-                    %service,
-                    release = %current.release.id(),
-                    nodes = ?rollout.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
-                    "nodes run another release than their environment's current one; converging them"
-                );
+            match self
+                .converge_service(current, &currents, &views, backoff, now)
+                .await
+            {
+                Ok(drifted) => drifted_total += drifted,
+                Err(error) => {
+                    tracing::error!(%env, %service, %error, "cannot converge the service's drifted nodes")
+                }
             }
         }
         self.metrics.nodes_drifted.set(drifted_total);
         Ok(())
     }
+
+    /// Converges one service's drifted nodes; returns how many drifted.
+    async fn converge_service(
+        self: &Arc<Self>,
+        current: &ReleaseRecord,
+        currents: &[ReleaseRecord],
+        views: &[NodeView],
+        backoff: &mut Backoff,
+        now: Instant,
+    ) -> Result<i64, RolloutError> {
+        let (env, service) = (&current.env, &current.service);
+        // Nodes of the environment as it is pinned now, and selected by no
+        // other environment's current release of the service: a node two
+        // environments claim is not moved back and forth.
+        let pinned = self.store.environment(env)?;
+        let views: Vec<NodeView> = views
+            .iter()
+            .filter(|v| {
+                pinned
+                    .as_ref()
+                    .is_none_or(|selector| selects(selector, &v.record.labels))
+                    && !currents.iter().any(|other| {
+                        other.service == *service
+                            && other.env != *env
+                            && selects(&other.selector, &v.record.labels)
+                    })
+            })
+            .cloned()
+            .collect();
+        let last = self.store.outcome(env, service)?;
+        let history = self.store.releases(env, service)?;
+        let (drifted, due) = decide(current, last.as_ref(), &history, &views, backoff, now);
+        if due.is_empty() {
+            return Ok(drifted);
+        }
+        let _creating = self.create.lock().await;
+        // A deploy or rollback may have come and gone while this pass
+        // looked: converge only to what is still current, and only if its
+        // outcome still allows it.
+        let still_current = self
+            .current_release(env, service)?
+            .is_some_and(|r| r.id() == current.release.id());
+        if !still_current || self.store.outcome(env, service)? != last {
+            return Ok(drifted);
+        }
+        let mut strategy = current.strategy.clone();
+        strategy.auto_rollback = false;
+        let mut plan = match self.plan(
+            current.app.clone(),
+            env.clone(),
+            service.clone(),
+            RolloutKind::Converge,
+            current.release.0.clone(),
+            None,
+            current.selector.clone(),
+            strategy,
+            true,
+        ) {
+            Ok(plan) => plan,
+            // A deploy got in first: it decides now.
+            Err(RolloutError::Locked { .. }) => return Ok(drifted),
+            Err(error) => return Err(error),
+        };
+        plan.nodes.retain(|n| due.contains(&n.id));
+        plan.skipped.clear();
+        if let Started::Rollout(rollout) = self.launch(plan, CONVERGER)? {
+            tracing::warn!(
+                rollout = %rollout.id,
+                %env,
+                %service,
+                release = %current.release.id(),
+                nodes = ?rollout.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
+                "nodes run another release than their environment's current one; converging them"
+            );
+        }
+        Ok(drifted)
+    }
+}
+
+/// Whether an operator chose to leave the service's fleet as it is: its
+/// newest rollout (of any kind but a convergence that failed) was aborted,
+/// or failed without auto_rollback. Without a recorded outcome (a store
+/// from before outcomes were kept), the newest release record says it.
+fn left_mixed_by_operator(last: Option<&ServiceOutcome>, history: &[ReleaseRecord]) -> bool {
+    match last {
+        Some(outcome) => {
+            outcome.state == RolloutState::Aborted
+                || (outcome.state == RolloutState::Failed
+                    && outcome.kind != RolloutKind::Converge
+                    && !outcome.auto_rollback)
+        }
+        None => history
+            .iter()
+            .max_by_key(|r| r.deployed_at_ms)
+            .is_some_and(|r| {
+                r.state == ReleaseState::Aborted
+                    || (r.state == ReleaseState::Failed && !r.strategy.auto_rollback)
+            }),
+    }
 }
 
 /// The converger's decision for one service, given its current release,
-/// its release history and the fleet: how many nodes drifted, and which of
-/// them to converge now (connected, ready, and not waiting out a backoff).
-/// Records the attempt in `backoff`; forgets nodes no longer drifted.
+/// how its newest rollout ended, its release history and the nodes it may
+/// move: how many drifted, and which of them to converge now (connected,
+/// ready, and not waiting out a backoff). Records the attempt in
+/// `backoff`; forgets nodes no longer drifted.
 fn decide(
     current: &ReleaseRecord,
+    last: Option<&ServiceOutcome>,
     history: &[ReleaseRecord],
     views: &[NodeView],
     backoff: &mut Backoff,
     now: Instant,
 ) -> (i64, Vec<String>) {
-    let newest = history.iter().max_by_key(|r| r.deployed_at_ms);
-    if newest.is_some_and(|r| {
-        r.state == ReleaseState::Aborted
-            || (r.state == ReleaseState::Failed && !r.strategy.auto_rollback)
-    }) {
+    if left_mixed_by_operator(last, history) {
         return (0, Vec::new());
     }
     let target = current.release.id();
@@ -256,36 +323,39 @@ mod tests {
         ];
         let mut backoff = Backoff::new();
         let now = Instant::now();
-        let (drifted, due) = decide(&v1, &history, &fleet, &mut backoff, now);
+        let (drifted, due) = decide(&v1, None, &history, &fleet, &mut backoff, now);
         assert_eq!(drifted, 2);
         assert_eq!(due, ["on-v2"]);
 
         // Tried again only after the backoff, then after twice as long.
         let soon = now + FIRST_RETRY - Duration::from_secs(1);
-        assert!(decide(&v1, &history, &fleet, &mut backoff, soon)
+        assert!(decide(&v1, None, &history, &fleet, &mut backoff, soon)
             .1
             .is_empty());
         let later = now + FIRST_RETRY;
         assert_eq!(
-            decide(&v1, &history, &fleet, &mut backoff, later).1,
+            decide(&v1, None, &history, &fleet, &mut backoff, later).1,
             ["on-v2"]
         );
         let after_one_wait = later + FIRST_RETRY;
         assert!(
-            decide(&v1, &history, &fleet, &mut backoff, after_one_wait)
+            decide(&v1, None, &history, &fleet, &mut backoff, after_one_wait)
                 .1
                 .is_empty(),
             "the second wait is twice as long"
         );
         let after_two = later + FIRST_RETRY * 2;
         assert_eq!(
-            decide(&v1, &history, &fleet, &mut backoff, after_two).1,
+            decide(&v1, None, &history, &fleet, &mut backoff, after_two).1,
             ["on-v2"]
         );
 
         // Once converged, its backoff is forgotten.
         let fleet = [node("on-v2", "production", "web-v1", true)];
-        assert_eq!(decide(&v1, &history, &fleet, &mut backoff, after_two).0, 0);
+        assert_eq!(
+            decide(&v1, None, &history, &fleet, &mut backoff, after_two).0,
+            0
+        );
         assert!(backoff.is_empty());
     }
 
@@ -301,7 +371,14 @@ mod tests {
         manual.strategy.auto_rollback = false;
         let no_auto_rollback = [v1.clone(), manual];
         for history in [&aborted[..], &no_auto_rollback[..]] {
-            let (drifted, due) = decide(&v1, history, &fleet, &mut Backoff::new(), Instant::now());
+            let (drifted, due) = decide(
+                &v1,
+                None,
+                history,
+                &fleet,
+                &mut Backoff::new(),
+                Instant::now(),
+            );
             assert_eq!((drifted, due.len()), (0, 0), "{history:?}");
         }
         // An older abort does not hold back a later stable release.
@@ -311,11 +388,73 @@ mod tests {
         ];
         let (_, due) = decide(
             &later[1],
+            None,
             &later,
             &fleet,
             &mut Backoff::new(),
             Instant::now(),
         );
         assert_eq!(due, ["on-v2"]);
+    }
+
+    fn ended(kind: RolloutKind, state: RolloutState, auto_rollback: bool) -> ServiceOutcome {
+        ServiceOutcome {
+            env: "production".into(),
+            service: "web".into(),
+            rollout_id: "web-9".into(),
+            kind,
+            state,
+            auto_rollback,
+            at_ms: 9,
+        }
+    }
+
+    #[test]
+    fn the_newest_rollout_of_any_kind_says_whether_the_operator_chose_the_mix() {
+        // A rollback from v2 to v1 aborted half-way: v2 stays current, and
+        // the nodes already back on v1 are the operator's doing.
+        let v2 = release("web-v2", ReleaseState::Stable, true, 2);
+        let history = [
+            release("web-v1", ReleaseState::Stable, false, 1),
+            v2.clone(),
+        ];
+        let fleet = [node("on-v1", "production", "web-v1", true)];
+        let decide_after = |last: ServiceOutcome| {
+            decide(
+                &v2,
+                Some(&last),
+                &history,
+                &fleet,
+                &mut Backoff::new(),
+                Instant::now(),
+            )
+        };
+        let rollback_aborted = ended(RolloutKind::Rollback, RolloutState::Aborted, true);
+        assert_eq!(decide_after(rollback_aborted), (0, Vec::new()));
+        let rollback_failed_by_hand = ended(RolloutKind::Rollback, RolloutState::Failed, false);
+        assert_eq!(decide_after(rollback_failed_by_hand), (0, Vec::new()));
+        let converge_aborted = ended(RolloutKind::Converge, RolloutState::Aborted, false);
+        assert_eq!(decide_after(converge_aborted), (0, Vec::new()));
+        // A convergence that failed is tried again; a partition that left a
+        // rollback incomplete is repaired.
+        let converge_failed = ended(RolloutKind::Converge, RolloutState::Failed, false);
+        assert_eq!(decide_after(converge_failed).1, ["on-v1"]);
+        let deploy_failed = ended(RolloutKind::Deploy, RolloutState::Failed, true);
+        assert_eq!(decide_after(deploy_failed).1, ["on-v1"]);
+        // The outcome outweighs an older aborted deploy in the history.
+        let history = [
+            release("web-v3", ReleaseState::Aborted, false, 3),
+            v2.clone(),
+        ];
+        let rolled_back = ended(RolloutKind::Rollback, RolloutState::Succeeded, true);
+        let (_, due) = decide(
+            &v2,
+            Some(&rolled_back),
+            &history,
+            &fleet,
+            &mut Backoff::new(),
+            Instant::now(),
+        );
+        assert_eq!(due, ["on-v1"]);
     }
 }

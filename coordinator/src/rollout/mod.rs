@@ -26,7 +26,9 @@ use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::secrets::{SecretError, Secrets};
 use crate::spec::{selects, AppSpec, SpecError, Strategy};
-use crate::store::{NewEvent, NodeStatus, ReleaseRecord, ReleaseState, Store, StoreError};
+use crate::store::{
+    NewEvent, NodeStatus, ReleaseRecord, ReleaseState, ServiceOutcome, Store, StoreError,
+};
 use engine::{Input, Observation, Outcome, ServiceObservation};
 use model::{NodeState, Phase, Rollout, RolloutKind, RolloutNode, RolloutState, StoredRelease};
 
@@ -834,6 +836,18 @@ impl Rollouts {
             - rollout.created_at_ms) as f64
             / 1000.0;
         self.metrics.rollout_finished(rollout, seconds);
+        let outcome = ServiceOutcome {
+            env: rollout.env.clone(),
+            service: rollout.service.clone(),
+            rollout_id: rollout.id.clone(),
+            kind: rollout.kind,
+            state: rollout.state,
+            auto_rollback: rollout.strategy.auto_rollback,
+            at_ms: rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms),
+        };
+        if let Err(error) = self.store.put_outcome(&outcome) {
+            tracing::error!(rollout = %rollout.id, %error, "cannot record how the rollout ended");
+        }
         if let Err(error) = self.settle_history(rollout) {
             tracing::error!(rollout = %rollout.id, %error, "cannot update the release history");
         }

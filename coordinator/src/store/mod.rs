@@ -106,6 +106,21 @@ pub struct TokenRecord {
     pub revoked_at_ms: Option<i64>,
 }
 
+/// How the newest rollout of a service in an environment ended, of any
+/// kind: what the converger reads to tell a fleet an operator chose to
+/// leave mixed (an aborted rollout, or a failed one without auto_rollback)
+/// from one a partition left behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceOutcome {
+    pub env: String,
+    pub service: String,
+    pub rollout_id: String,
+    pub kind: crate::rollout::model::RolloutKind,
+    pub state: crate::rollout::model::RolloutState,
+    pub auto_rollback: bool,
+    pub at_ms: i64,
+}
+
 /// The newest CA rotation (`cutover ca rotate`). CAs are named by their
 /// common name, which every certificate they sign carries as its issuer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,6 +409,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a certificate the coordinator signed for a node (a join or
     /// a renewal): revoking the node refuses every one of them.
+    fn put_outcome(&self, outcome: &ServiceOutcome) -> Result<(), StoreError>;
+    fn outcome(&self, env: &str, service: &str) -> Result<Option<ServiceOutcome>, StoreError>;
     fn put_ca_rotation(&self, rotation: &CaRotation) -> Result<(), StoreError>;
     fn ca_rotation(&self) -> Result<Option<CaRotation>, StoreError>;
     fn add_issued(&self, node: &str, serial: &str) -> Result<(), StoreError>;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::{
     AuditRecord, CaRotation, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord,
-    Revocation, SecretRecord, Store, StoreError, TokenRecord,
+    Revocation, SecretRecord, ServiceOutcome, Store, StoreError, TokenRecord,
 };
 use crate::rollout::model::Rollout;
 
@@ -25,6 +25,8 @@ pub struct SledStore {
     environments: sled::Tree,
     /// Single records: the CA rotation.
     meta: sled::Tree,
+    /// The newest rollout's ending per environment and service.
+    outcomes: sled::Tree,
 }
 
 /// `env NUL service NUL`: the prefix of one service's release keys.
@@ -55,8 +57,10 @@ impl SledStore {
         let issued = db.open_tree("issued").map_err(backend)?;
         let environments = db.open_tree("environments").map_err(backend)?;
         let meta = db.open_tree("meta").map_err(backend)?;
+        let outcomes = db.open_tree("outcomes").map_err(backend)?;
         Ok(Self {
             meta,
+            outcomes,
             environments,
             issued,
             enrollments,
@@ -292,6 +296,18 @@ impl Store for SledStore {
         env: &str,
     ) -> Result<Option<std::collections::BTreeMap<String, String>>, StoreError> {
         get_decoded(&self.environments, env.as_bytes())
+    }
+
+    fn put_outcome(&self, outcome: &ServiceOutcome) -> Result<(), StoreError> {
+        put_durable(
+            &self.outcomes,
+            &release_prefix(&outcome.env, &outcome.service),
+            outcome,
+        )
+    }
+
+    fn outcome(&self, env: &str, service: &str) -> Result<Option<ServiceOutcome>, StoreError> {
+        get_decoded(&self.outcomes, &release_prefix(env, service))
     }
 
     fn put_ca_rotation(&self, rotation: &CaRotation) -> Result<(), StoreError> {
