@@ -348,6 +348,11 @@ impl Registry {
         Ok(revocation)
     }
 
+    /// How long a node may go without a heartbeat before it is unreachable.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use cutover_integration_tests::load::Load;
 use cutover_integration_tests::{
-    app_archive, body, deploy_request, ended, http_get, wait_for_rollout, web_spec as spec,
-    Cluster, Tuning,
+    activate, app_archive, body, deploy_request, ended, http_get, wait_for_rollout, web_release,
+    web_spec as spec, Cluster, Tuning,
 };
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
@@ -719,4 +719,68 @@ async fn a_health_check_that_flaps_during_the_watch_rolls_the_release_back() {
         .filter(|t| t.kind == "node_switched")
         .count();
     assert_eq!(switched, 1, "{:?}", timeline_kinds(&rollout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_changed_by_hand_is_converged_and_a_deploy_goes_before_a_convergence() {
+    let mut s = setup(3).await;
+    // v1 starts slowly, so a convergence back to it is still under way
+    // when the operator deploys.
+    let id = s.start("v1", "START_DELAY = \"1.5\"", FAST).await;
+    assert_eq!(s.finish(&id).await.state, "succeeded");
+
+    // Someone starts another release on node-2 behind cutover's back.
+    let stray = web_release("stray", s.port, &s.artifact, &[]);
+    let (result, _) = s
+        .cluster
+        .run_command("node-2", activate("by-hand", stray))
+        .await;
+    assert_eq!(
+        result.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{result:?}"
+    );
+    assert_eq!(s.versions()[1], "stray");
+
+    // The converger notices from node-2's heartbeats and brings it back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let converge = loop {
+        let rollouts = s
+            .client
+            .list_rollouts(pb::ListRolloutsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .rollouts;
+        if let Some(r) = rollouts.into_iter().find(|r| r.kind == "converge") {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no convergence started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(converge.created_by, "converger");
+    assert_eq!(
+        converge
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>(),
+        ["node-2"]
+    );
+
+    s.wait_until(&converge.id, Duration::from_secs(20), |r| {
+        r.nodes[0].state == "activating"
+    })
+    .await;
+
+    // An operator's deploy is not refused for it: the convergence is
+    // aborted (node-2 finishes its cutover first) and the deploy rolls out.
+    let v2 = s.start("v2", "", FAST).await;
+    let aborted = s.finish(&converge.id).await;
+    assert_eq!(aborted.state, "aborted", "{aborted:#?}");
+    assert_eq!(s.finish(&v2).await.state, "succeeded");
+    assert_eq!(s.versions(), ["v2", "v2", "v2"]);
 }

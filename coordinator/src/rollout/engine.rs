@@ -232,6 +232,18 @@ fn note(r: &mut Rollout, now: i64, kind: &str, node: &str, message: String) {
     });
 }
 
+/// How long a switched node may be lost or unhealthy: the release's
+/// healthy_deadline.
+fn healthy_deadline(r: &Rollout) -> i64 {
+    let release = &r.release.0;
+    let ms = match (&release.web, &release.worker) {
+        (Some(web), _) => web.healthy_deadline_ms,
+        (None, Some(worker)) => worker.healthy_deadline_ms,
+        (None, None) => 30_000,
+    };
+    ms as i64
+}
+
 fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
     let release = match state {
         NodeState::RollingBack => r.previous.as_ref().map_or(&r.release.0, |p| &p.0),
@@ -308,6 +320,8 @@ fn dispatch(r: &mut Rollout, now: i64, i: usize, state: NodeState, sends: &mut V
     r.updated_at_ms = now;
     let node = &mut r.nodes[i];
     node.state = state;
+    // A new command gets the whole grace, whatever the node went through.
+    node.lost_since_ms = None;
     node.command_id = Some(id);
     node.command_deadline_ms = now + timeout;
     node.step.clear();
@@ -413,22 +427,19 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
     if r.state.is_terminal() {
         return;
     }
-    let healthy_deadline = r
-        .release
-        .0
-        .web
-        .as_ref()
-        .map_or(30_000, |w| w.healthy_deadline_ms) as i64;
+    let healthy_deadline = healthy_deadline(r);
+    let lost_after = healthy_deadline.max(r.node_lost_after_ms as i64);
     let in_grace = now < r.lost_grace_until_ms;
     let seen: std::collections::HashMap<&str, &Observation> = observations
         .iter()
         .map(|o| (o.node_id.as_str(), o))
         .collect();
-    // Commands without an answer in time, or to a node out of reach for as
-    // long as a serving node may be: a partitioned node must not hold the
-    // rollout (or its rollback) for the whole command timeout. Whatever it
-    // ends up running, the converger brings it to the fleet's release once
-    // it is back.
+    // Commands without an answer in time, or to a node out of reach for
+    // `lost_after`: a partitioned node must not hold the rollout (or its
+    // rollback) for the whole command timeout. It counts as possibly
+    // switched; once it is back, the converger brings it to its
+    // environment's current release (a first deploy has none: the rollout
+    // names the node and the operator decides).
     for i in 0..r.nodes.len() {
         let node = &r.nodes[i];
         if !node.state.in_flight() {
@@ -448,9 +459,9 @@ fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
                 node.name,
                 timeout_for(r, node.state) / 1000
             )
-        } else if lost_for >= healthy_deadline {
+        } else if lost_for >= lost_after {
             format!(
-                "node {} has been unreachable for {}s (healthy_deadline); it may be partitioned or down",
+                "node {} has been unreachable for {}s; it may be partitioned or down",
                 node.name,
                 lost_for / 1000
             )

@@ -40,6 +40,10 @@ const RESEND_DELAY: Duration = Duration::from_millis(500);
 const RESEND_EVERY: Duration = Duration::from_secs(15);
 /// Releases kept per service and environment (the current one always).
 const RELEASES_KEPT: usize = 10;
+/// Finished converge rollouts kept (besides `FINISHED_ROLLOUTS_KEPT`).
+const CONVERGE_ROLLOUTS_KEPT: usize = 100;
+/// How long an operator's deploy waits for a convergence it aborted.
+const CONVERGE_YIELD: Duration = Duration::from_secs(60);
 /// Inputs taken in at most before the rollout is written (see `run`).
 const GROUP_INPUTS: usize = 512;
 /// Finished rollouts kept, with their timelines; older ones are deleted.
@@ -328,6 +332,8 @@ impl Rollouts {
         let _creating = self.create.lock().await;
         let mut plans = Vec::new();
         for resolved in resolved {
+            self.make_way(&resolved.env, &resolved.service, &request.by)
+                .await;
             let previous = self.current_release(&resolved.env, &resolved.service)?;
             plans.push(self.plan(
                 resolved.app,
@@ -357,6 +363,7 @@ impl Rollouts {
         by: &str,
     ) -> Result<Started, RolloutError> {
         let _creating = self.create.lock().await;
+        self.make_way(env, service, by).await;
         let history = self.store.releases(env, service)?;
         if history.is_empty() {
             return Err(RolloutError::NoRollbackTarget(format!(
@@ -391,6 +398,43 @@ impl Rollouts {
             allow_unreachable,
         )?;
         self.launch(plan, by)
+    }
+
+    /// An operator's deploy or rollback goes before a convergence: a
+    /// converge rollout of the service is aborted and waited for (nodes in
+    /// the middle of their cutover finish it), within `CONVERGE_YIELD`;
+    /// after that the deploy meets the usual lock.
+    async fn make_way(&self, env: &str, service: &str, by: &str) {
+        let converging = self
+            .running
+            .lock()
+            .expect("rollouts lock")
+            .iter()
+            .find(|(_, h)| {
+                let r = h.watch.borrow();
+                r.env == env && r.service == service && r.kind == RolloutKind::Converge
+            })
+            .map(|(id, h)| (id.clone(), h.watch.clone()));
+        let Some((id, mut watch)) = converging else {
+            return;
+        };
+        tracing::info!(rollout = %id, %env, %service, %by, "aborting a convergence for an operator's rollout");
+        let _ = self
+            .control(
+                &id,
+                Input::Abort {
+                    by: format!("{by}, deploying"),
+                },
+            )
+            .await;
+        let _ = tokio::time::timeout(CONVERGE_YIELD, async {
+            while !watch.borrow_and_update().state.is_terminal() {
+                if watch.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     fn current_release(
@@ -546,6 +590,7 @@ impl Rollouts {
             deadline_ms: 0,
             paused_at_ms: None,
             lost_grace_until_ms: 0,
+            node_lost_after_ms: self.registry.ttl().as_millis() as u64 * 2,
             pause_requested: false,
             abort_requested: false,
             error: None,
@@ -856,16 +901,24 @@ impl Rollouts {
         }
     }
 
+    /// Keeps the newest finished rollouts; convergences, which a node that
+    /// cannot converge repeats, have a smaller share of their own so they
+    /// never push operators' rollouts out.
     fn prune_rollouts(&self) -> Result<(), StoreError> {
-        let finished: Vec<Rollout> = self
+        let (converges, others): (Vec<Rollout>, Vec<Rollout>) = self
             .store
             .rollouts()?
             .into_iter()
             .filter(|r| r.state.is_terminal())
-            .collect();
-        let excess = finished.len().saturating_sub(FINISHED_ROLLOUTS_KEPT);
-        for old in &finished[..excess] {
-            self.store.delete_rollout(&old.id)?;
+            .partition(|r| r.kind == RolloutKind::Converge);
+        for (finished, kept) in [
+            (converges, CONVERGE_ROLLOUTS_KEPT),
+            (others, FINISHED_ROLLOUTS_KEPT),
+        ] {
+            let excess = finished.len().saturating_sub(kept);
+            for old in &finished[..excess] {
+                self.store.delete_rollout(&old.id)?;
+            }
         }
         Ok(())
     }

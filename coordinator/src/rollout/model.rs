@@ -261,6 +261,12 @@ pub struct Rollout {
     /// reconnecting after a coordinator restart).
     #[serde(default)]
     pub lost_grace_until_ms: i64,
+    /// A node with a command in flight counts as lost once out of reach
+    /// this long (or its release's healthy_deadline, if longer): long
+    /// enough for an agent to reconnect after a blip (twice the
+    /// coordinator's heartbeat_ttl), short of the command's own timeout.
+    #[serde(default)]
+    pub node_lost_after_ms: u64,
     pub pause_requested: bool,
     pub abort_requested: bool,
     pub error: Option<RolloutError>,

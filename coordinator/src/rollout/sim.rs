@@ -128,6 +128,7 @@ pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
         deadline_ms: 0,
         paused_at_ms: None,
         lost_grace_until_ms: 0,
+        node_lost_after_ms: 0,
         pause_requested: false,
         abort_requested: false,
         error: None,
