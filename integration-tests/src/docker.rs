@@ -106,6 +106,10 @@ pub fn push_sample_image(reference: &str, version: &str, env: &[(&str, &str)]) -
     for (key, value) in env {
         dockerfile.push_str(&format!("ENV {key}={value}\n"));
     }
+    // An image of its own for each reference: tests running at once would
+    // otherwise build the same image id, and one test removing its local
+    // copy would pull it from under another's build.
+    dockerfile.push_str(&format!("LABEL cutover.test.reference={reference:?}\n"));
     dockerfile.push_str("ENTRYPOINT [\"/sample-app\"]\n");
     std::fs::write(context.path().join("Dockerfile"), dockerfile).expect("write the Dockerfile");
     docker(&[
