@@ -324,9 +324,8 @@ impl Pki {
         let bundle_pem = self.bundle_pem();
         let bundle = bundle_sha256(&bundle_pem);
         let signing = self.signer().map(|s| s.name()).ok();
-        let mut cas: Vec<pb::CaInfo> = split_certs(&bundle_pem)
-            .iter()
-            .filter_map(|pem| rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok())
+        let mut cas: Vec<pb::CaInfo> = rustls_pemfile::certs(&mut bundle_pem.as_bytes())
+            .filter_map(Result::ok)
             .filter_map(|der| {
                 let facts = certificate_facts(&der).ok()?;
                 Some(pb::CaInfo {
