@@ -349,9 +349,21 @@ impl Pki {
             .map(|view| {
                 let record = view.record;
                 let current_bundle = record.trust_bundle == bundle;
+                let revoked = registry.is_revoked(&record.name, &record.cert_serial);
+                let moved = record.cert_ca == target && (active.is_none() || current_bundle);
+                let waiting_because = if active.is_none() || moved || revoked {
+                    ""
+                } else if !view.connected {
+                    "offline: it renews when it is back, or revoke it"
+                } else if !record.capabilities.iter().any(|c| c == RENEW_CAPABILITY) {
+                    "its agent cannot renew on command: upgrade it"
+                } else {
+                    ""
+                };
                 pb::CaNode {
-                    revoked: registry.is_revoked(&record.name, &record.cert_serial),
-                    moved: record.cert_ca == target && (active.is_none() || current_bundle),
+                    revoked,
+                    moved,
+                    waiting_because: waiting_because.to_string(),
                     name: record.name,
                     connected: view.connected,
                     cert_ca: record.cert_ca,

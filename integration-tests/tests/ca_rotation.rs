@@ -302,11 +302,25 @@ async fn an_offline_node_holds_the_rotation_across_a_coordinator_restart_until_i
             .iter()
             .any(|n| n["name"] == "node-1" && n["moved"] == true)
     });
-    // node-2 cannot have moved, so the old CA stays trusted.
+    // node-2 cannot have moved, so the old CA stays trusted, and the
+    // status says why it waits.
     std::thread::sleep(Duration::from_secs(2));
     let held = status(&url);
     assert_eq!(held["phase"], "reissuing", "{held:#}");
     assert_eq!(held["cas"].as_array().unwrap().len(), 2, "{held:#}");
+    let node_2 = held["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node-2")
+        .unwrap();
+    assert!(
+        node_2["waiting_because"]
+            .as_str()
+            .unwrap()
+            .starts_with("offline"),
+        "{held:#}"
+    );
     let new_ca = waiting["new_ca"].as_str().unwrap().to_string();
 
     // The coordinator restarts mid-rotation and goes on where it was.

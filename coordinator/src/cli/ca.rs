@@ -136,6 +136,7 @@ fn status_json(status: &pb::CaStatus) -> Value {
             "current_bundle": n.current_bundle,
             "moved": n.moved,
             "revoked": n.revoked,
+            "waiting_because": n.waiting_because,
         })).collect::<Vec<_>>(),
     })
 }
@@ -191,6 +192,8 @@ fn status_table(status: &pb::CaStatus) -> String {
             yes(n.current_bundle),
             if n.revoked {
                 "revoked (not waited for)".into()
+            } else if !n.waiting_because.is_empty() {
+                format!("no: {}", n.waiting_because)
             } else {
                 yes(n.moved)
             },
