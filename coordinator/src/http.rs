@@ -10,6 +10,7 @@ use axum::Router;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::store::Page;
 
 #[derive(Clone)]
 struct HttpState {
@@ -37,7 +38,7 @@ async fn metrics_page(State(state): State<HttpState>) -> impl IntoResponse {
 
 /// Healthy when the store answers a read.
 async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
-    match state.registry.events(u64::MAX - 1, 1) {
+    match state.registry.events(Page::oldest(u64::MAX - 1, 1)) {
         Ok(_) => (StatusCode::OK, "ok\n".to_string()),
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,

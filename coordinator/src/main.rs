@@ -14,7 +14,7 @@ use cutover_common::telemetry::{self, LogFormat};
 use cutover_coordinator::config::CoordinatorConfig;
 use cutover_coordinator::secrets::{MasterKeys, MASTER_KEY};
 use cutover_coordinator::Coordinator;
-use cutover_proto::v1::{ListEventsRequest, ListNodesRequest, PingNodeRequest};
+use cutover_proto::v1::{ListNodesRequest, PingNodeRequest};
 
 use cli::client::{ensure_output, explain, ConnectArgs};
 
@@ -61,14 +61,8 @@ enum Commands {
         #[command(subcommand)]
         action: Option<NodesAction>,
     },
-    /// The coordinator's event log.
-    Events {
-        /// Show events after this sequence number.
-        #[arg(long, default_value_t = 0)]
-        after: u64,
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-    },
+    /// The coordinator's event log: the newest events, or `--follow` them.
+    Events(cli::logs::EventsArgs),
     /// The coordinator's artifact store.
     Artifact {
         #[command(subcommand)]
@@ -91,7 +85,7 @@ enum Commands {
         action: cli::access::OperatorCommand,
     },
     /// The audit log: every mutating call, who made it and how it ended.
-    Audit(cli::access::AuditArgs),
+    Audit(cli::logs::AuditArgs),
     /// Join tokens that let new nodes enroll (`cutover-agent join`).
     Token {
         #[command(subcommand)]
@@ -295,40 +289,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Commands::Events { after, limit } => {
+        Commands::Events(args) => {
             let mut client = cli.connect.operator_client().await?;
-            let events = client
-                .list_events(ListEventsRequest {
-                    after_seq: after,
-                    limit,
-                })
-                .await
-                .map_err(explain)?
-                .into_inner()
-                .events;
-            if json {
-                let items: Vec<_> = events
-                    .iter()
-                    .map(|e| {
-                        serde_json::json!({
-                            "seq": e.seq, "at": cli::nodes::rfc3339(e.at_ms), "kind": e.kind,
-                            "node_id": e.node_id, "node": e.node_name, "message": e.message,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&items)?);
-            } else {
-                let mut rows = vec![["SEQ", "AT", "KIND", "MESSAGE"].map(String::from).to_vec()];
-                rows.extend(events.iter().map(|e| {
-                    vec![
-                        e.seq.to_string(),
-                        cli::nodes::rfc3339(e.at_ms),
-                        e.kind.clone(),
-                        e.message.clone(),
-                    ]
-                }));
-                print!("{}", cli::nodes::render_table(&rows));
-            }
+            cli::logs::events(&mut client, args, json).await?;
         }
         Commands::Artifact {
             action: ArtifactAction::Push { file, digest },
@@ -382,7 +345,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Commands::Audit(args) => {
             let mut client = cli.connect.operator_client().await?;
-            cli::access::audit(&mut client, args, json).await?;
+            cli::logs::audit(&mut client, args, json).await?;
         }
         Commands::Dev { action } => match action {
             DevAction::Up(args) => cli::dev::up(args).await?,

@@ -10,12 +10,13 @@ use tonic::{Request, Response, Status};
 use crate::access::{Access, Caller, Need};
 use crate::artifacts::ArtifactStore;
 use crate::registry::{CommandWaitError, NodeView, Registry};
+use crate::rollout::deployment::Deployment;
 use crate::rollout::engine::Input;
 use crate::rollout::model::{self, Phase, Rollout, StoredRelease};
-use crate::rollout::{DeployRequest, Rollouts, Started};
+use crate::rollout::{DeployRequest, Deployed, RollbackRequest, Rollouts, Started};
 use crate::secrets::{SecretInfo, Secrets};
 use crate::store::{
-    EventRecord, Figures, NewEvent, NodeStatus, OperatorRecord, OperatorRole, ServiceStatus,
+    EventRecord, Figures, NewEvent, NodeStatus, OperatorRecord, OperatorRole, Page, ServiceStatus,
 };
 use cutover_common::digest::Digest;
 use cutover_common::identity::{Identity, Role};
@@ -129,6 +130,7 @@ pub fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
         created_at_ms: r.created_at_ms,
         updated_at_ms: r.updated_at_ms,
         finished_at_ms: r.finished_at_ms.unwrap_or(0),
+        deployment: r.deployment.clone(),
         timeline: r
             .timeline
             .iter()
@@ -139,6 +141,30 @@ pub fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
                 message: t.message.clone(),
             })
             .collect(),
+    }
+}
+
+pub fn deployment_to_pb(d: &Deployment) -> pb::Deployment {
+    pb::Deployment {
+        id: d.id.clone(),
+        app: d.app.clone(),
+        env: d.env.clone(),
+        state: d.state.as_str().into(),
+        steps: d
+            .steps
+            .iter()
+            .map(|s| pb::DeploymentStep {
+                service: s.service.clone(),
+                release_id: s.release.id().to_string(),
+                state: s.state.as_str().into(),
+                rollout_id: s.rollout_id.clone(),
+                rollback_rollout_id: s.rollback_rollout_id.clone(),
+            })
+            .collect(),
+        created_by: d.created_by.clone(),
+        created_at_ms: d.created_at_ms,
+        finished_at_ms: d.finished_at_ms.unwrap_or(0),
+        error: d.error.clone(),
     }
 }
 
@@ -330,7 +356,7 @@ impl OperatorApi {
             Digest::parse(&artifact.digest)
                 .map_err(|e| Status::invalid_argument(format!("artifact digest: {e}")))?;
         }
-        let started = self
+        let deployed = self
             .rollouts
             .deploy(DeployRequest {
                 spec_text: r.spec,
@@ -349,7 +375,13 @@ impl OperatorApi {
                 may_pin_environments: caller.role == OperatorRole::Admin || caller.envs.is_empty(),
             })
             .await?;
-        Ok(Response::new(started_to_pb(started)))
+        Ok(Response::new(match deployed {
+            Deployed::Alone(started) => started_to_pb(started),
+            Deployed::Together(deployment) => pb::DeployResponse {
+                deployment: Some(deployment_to_pb(&deployment)),
+                ..Default::default()
+            },
+        }))
     }
 
     /// The rest of a push after its header: the bytes, into the store.
@@ -759,7 +791,14 @@ impl OperatorService for OperatorApi {
         let entries = self
             .registry
             .store()
-            .audit(r.since_ms, limit)
+            .audit(
+                r.since_ms,
+                Page {
+                    after_seq: r.after_seq,
+                    limit,
+                    newest: r.newest,
+                },
+            )
             .map_err(|e| Status::internal(e.to_string()))?
             .into_iter()
             .map(|e| pb::AuditEntry {
@@ -875,7 +914,11 @@ impl OperatorService for OperatorApi {
         };
         let events = self
             .registry
-            .events(request.after_seq, limit)
+            .events(Page {
+                after_seq: request.after_seq,
+                limit,
+                newest: request.newest,
+            })
             .map_err(|e| Status::internal(e.to_string()))?
             .into_iter()
             .map(event_to_pb)
@@ -922,22 +965,24 @@ impl OperatorService for OperatorApi {
             "service": r.service,
             "to_release": r.to_release,
             "allow_unreachable": r.allow_unreachable,
+            "force": r.force,
         });
         let env = r.env.clone();
         let caller = self
             .access
             .check(&request, Need::Deploy(&env), "rollback", &args)?;
         let r = request.into_inner();
-        let to = Some(r.to_release.as_str()).filter(|t| !t.is_empty());
         let result = self
             .rollouts
-            .rollback(
-                &r.env,
-                &r.service,
-                to,
-                r.allow_unreachable,
-                &caller.identity.name,
-            )
+            .rollback(RollbackRequest {
+                to: Some(r.to_release).filter(|t| !t.is_empty()),
+                env: r.env,
+                service: r.service,
+                allow_unreachable: r.allow_unreachable,
+                force: r.force,
+                by: caller.identity.name.clone(),
+                deployment: String::new(),
+            })
             .await
             .map(|started| Response::new(started_to_pb(vec![started])))
             .map_err(Status::from);
@@ -970,6 +1015,20 @@ impl OperatorService for OperatorApi {
             .map(rollout_to_pb)
             .collect();
         Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
+    }
+
+    async fn get_deployment(
+        &self,
+        request: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "get_deployment",
+            &serde_json::Value::Null,
+        )?;
+        let deployment = self.rollouts.deployment(&request.get_ref().id)?;
+        Ok(Response::new(deployment_to_pb(&deployment)))
     }
 
     async fn get_rollout(
@@ -1096,6 +1155,7 @@ impl OperatorService for OperatorApi {
                 deployed_by: record.deployed_by,
                 deployed_at_ms: record.deployed_at_ms,
                 rollout_id: record.rollout_id,
+                note: record.note,
             })
             .collect();
         Ok(Response::new(pb::ListReleasesResponse { releases }))

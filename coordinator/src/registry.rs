@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::store::{
-    EventRecord, Figures, NewEvent, NodeRecord, NodeStatus, Revocation, ServiceStatus, Store,
+    EventRecord, Figures, NewEvent, NodeRecord, NodeStatus, Page, Revocation, ServiceStatus, Store,
     StoreError,
 };
 
@@ -716,7 +716,7 @@ impl Registry {
         }
     }
 
-    pub fn events(&self, after_seq: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        self.store.events(after_seq, limit)
+    pub fn events(&self, page: Page) -> Result<Vec<EventRecord>, StoreError> {
+        self.store.events(page)
     }
 }

@@ -32,6 +32,11 @@ pub struct AppSpec {
     pub strategy: StrategySpec,
     #[serde(default)]
     pub environments: BTreeMap<String, EnvironmentSpec>,
+    /// The order in which a deploy of several services rolls them out, one
+    /// after the other. Default: web services (with `listen`) first, then
+    /// workers, each by name; services not named come after, in that order.
+    #[serde(default)]
+    pub order: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -388,10 +393,26 @@ impl AppSpec {
             name_ok(name).map_err(|m| (key.clone(), m))?;
             validate_service(service).map_err(|(k, m)| (format!("{key}.{k}"), m))?;
         }
+        let mut ordered = std::collections::BTreeSet::new();
+        for name in &self.order {
+            if !self.services.contains_key(name) {
+                return Err((
+                    "order".into(),
+                    format!(
+                        "names {name:?}, which is not a service; the spec defines {}",
+                        self.services.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            if !ordered.insert(name) {
+                return Err(("order".into(), format!("names {name:?} twice")));
+            }
+        }
         Ok(())
     }
 
-    /// The service names a deploy covers: `only`, or all of them.
+    /// The service names a deploy covers, in the order it rolls them out:
+    /// `only`, or all of them (see `order`).
     pub fn services_for(&self, only: Option<&str>, file: &str) -> Result<Vec<String>, SpecError> {
         match only {
             Some(name) if self.services.contains_key(name) => Ok(vec![name.to_string()]),
@@ -403,7 +424,15 @@ impl AppSpec {
                     self.services.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
             }),
-            None => Ok(self.services.keys().cloned().collect()),
+            None => {
+                let mut rest: Vec<&String> = self
+                    .services
+                    .keys()
+                    .filter(|name| !self.order.contains(name))
+                    .collect();
+                rest.sort_by_key(|name| (self.services[*name].listen.is_none(), *name));
+                Ok(self.order.iter().chain(rest).cloned().collect())
+            }
         }
     }
 
@@ -1009,6 +1038,34 @@ APP_ENV = "local"
         assert!(e.message.contains("\"8080\""), "{e}");
         let e = error_of(&GOOD.replace("app = \"shop\"", "app = \"shop\"\n[[oops"));
         assert!(e.message.starts_with("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn a_deploy_of_several_services_runs_them_in_the_declared_order_web_first_by_default() {
+        let worker = |name: &str| {
+            format!("\n[services.{name}]\ncommand = [\"php\", \"artisan\", \"{name}\"]\n")
+        };
+        let text = format!("{GOOD}{}{}", worker("horizon"), worker("audit"));
+        let spec = AppSpec::parse(&text, "cutover.toml").unwrap();
+        assert_eq!(
+            spec.services_for(None, "cutover.toml").unwrap(),
+            ["web", "audit", "horizon"],
+            "web services first, then workers by name"
+        );
+        let ordered = format!("order = [\"horizon\"]\n{text}");
+        let spec = AppSpec::parse(&ordered, "cutover.toml").unwrap();
+        assert_eq!(
+            spec.services_for(None, "cutover.toml").unwrap(),
+            ["horizon", "web", "audit"]
+        );
+        let e = AppSpec::parse(&format!("order = [\"api\"]\n{text}"), "f").unwrap_err();
+        assert_eq!(e.key, "order");
+        assert!(
+            e.message.contains("\"api\"") && e.message.contains("horizon"),
+            "{e}"
+        );
+        let e = AppSpec::parse(&format!("order = [\"web\", \"web\"]\n{text}"), "f").unwrap_err();
+        assert!(e.message.contains("twice"), "{e}");
     }
 
     #[test]

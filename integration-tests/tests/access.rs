@@ -384,6 +384,7 @@ async fn a_revoked_node_is_cut_off_until_it_gets_a_new_certificate() {
         .list_events(cutover_proto::v1::ListEventsRequest {
             after_seq: 0,
             limit: 1000,
+            newest: false,
         })
         .await
         .unwrap()

@@ -149,6 +149,7 @@ async fn a_ca_rotation_moves_every_node_without_dropping_one() {
         .list_events(cutover_proto::v1::ListEventsRequest {
             after_seq: 0,
             limit: 1000,
+            newest: false,
         })
         .await
         .unwrap()

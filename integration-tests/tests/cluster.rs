@@ -54,6 +54,7 @@ async fn agents_register_report_figures_and_take_commands() {
         .list_events(ListEventsRequest {
             after_seq: 0,
             limit: 100,
+            newest: false,
         })
         .await
         .unwrap()
@@ -160,6 +161,7 @@ async fn a_coordinator_restart_keeps_the_node_list_and_agents_reconnect() {
         .list_events(ListEventsRequest {
             after_seq: 0,
             limit: 1000,
+            newest: false,
         })
         .await
         .unwrap()

@@ -353,6 +353,7 @@ async fn rollback_returns_to_the_previous_or_a_named_release() {
         service: "web".into(),
         to_release: to.into(),
         allow_unreachable: false,
+        force: false,
     };
     let started = s.client.rollback(rollback("")).await.unwrap().into_inner();
     let id = started.rollouts[0].id.clone();
@@ -661,6 +662,7 @@ async fn certificates_renewed_all_through_a_rollout_under_load_fail_nothing() {
                 .list_audit(pb::ListAuditRequest {
                     since_ms: 0,
                     limit: 100_000,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

@@ -45,15 +45,6 @@ pub enum OperatorCommand {
     Renew,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct AuditArgs {
-    /// Only entries this recent, e.g. "1h", "7d".
-    #[arg(long)]
-    pub since: Option<humantime::Duration>,
-    #[arg(long, default_value_t = 1000)]
-    pub limit: u32,
-}
-
 fn operator_json(o: &pb::Operator) -> Value {
     json!({
         "name": o.name,
@@ -222,57 +213,6 @@ pub async fn operator(connect: &ConnectArgs, command: OperatorCommand, json: boo
                 println!("operator {name} is revoked: its calls are refused from now on");
             }
         }
-    }
-    Ok(())
-}
-
-pub async fn audit(
-    client: &mut OperatorServiceClient<Channel>,
-    args: AuditArgs,
-    json: bool,
-) -> Result<()> {
-    let since_ms = args.since.map_or(0, |since| {
-        let since: Duration = since.into();
-        cutover_common::now_ms() - since.as_millis() as i64
-    });
-    let entries = client
-        .list_audit(pb::ListAuditRequest {
-            since_ms,
-            limit: args.limit,
-        })
-        .await
-        .map_err(explain)?
-        .into_inner()
-        .entries;
-    if json {
-        let all: Vec<Value> = entries
-            .iter()
-            .map(|e| {
-                json!({
-                    "seq": e.seq,
-                    "at": rfc3339(e.at_ms),
-                    "who": e.who,
-                    "action": e.action,
-                    "arguments": serde_json::from_str::<Value>(&e.arguments).unwrap_or(Value::Null),
-                    "outcome": e.outcome,
-                })
-            })
-            .collect();
-        println!("{}", Value::Array(all));
-    } else {
-        let mut rows = vec![["AT", "WHO", "ACTION", "OUTCOME", "ARGUMENTS"]
-            .map(String::from)
-            .to_vec()];
-        rows.extend(entries.iter().map(|e| {
-            vec![
-                rfc3339(e.at_ms),
-                e.who.clone(),
-                e.action.clone(),
-                e.outcome.clone(),
-                e.arguments.clone(),
-            ]
-        }));
-        print!("{}", render_table(&rows));
     }
     Ok(())
 }

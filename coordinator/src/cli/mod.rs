@@ -2,6 +2,8 @@ pub mod access;
 pub mod artifacts;
 pub mod ca;
 pub mod client;
+pub mod deployments;
 pub mod dev;
+pub mod logs;
 pub mod nodes;
 pub mod rollouts;

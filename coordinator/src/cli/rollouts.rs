@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use super::client::explain;
+use super::deployments;
 use super::nodes::{render_table, rfc3339};
 
 #[derive(Debug, clap::Args)]
@@ -44,7 +45,8 @@ pub struct DeployArgs {
     /// Deploy only this service (default: every service of the spec).
     #[arg(long)]
     pub service: Option<String>,
-    /// Follow the rollout to its end; exit 0 only if it succeeded.
+    /// Follow the rollout (or, for several services, each rollout of the
+    /// deployment) to its end; exit 0 only if it succeeded.
     #[arg(long)]
     pub wait: bool,
     /// Roll out without the nodes that are unreachable now.
@@ -65,6 +67,11 @@ pub enum RolloutCommand {
     },
     /// A rollout's nodes, error and timeline.
     Status {
+        id: String,
+    },
+    /// A deployment's services (a deploy of several), in order, and how
+    /// each ended.
+    Deployment {
         id: String,
     },
     /// Follow a rollout live until it ends; exit 0 only if it succeeded.
@@ -89,9 +96,14 @@ pub struct RollbackArgs {
     pub service: String,
     #[arg(long)]
     pub env: String,
-    /// The release id to return to (default: the previous stable one).
+    /// The release id to return to (default: the previous release: the
+    /// newest stable one deployed before the current one).
     #[arg(long)]
     pub to: Option<String>,
+    /// Allow a `--to` release that failed (or never finished) its own
+    /// rollout.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub wait: bool,
     #[arg(long)]
@@ -244,6 +256,7 @@ pub async fn rollback(
             service: args.service,
             to_release: args.to.unwrap_or_default(),
             allow_unreachable: args.allow_unreachable,
+            force: args.force,
         })
         .await
         .map_err(explain)?
@@ -258,6 +271,14 @@ async fn started(
     wait: bool,
     json: bool,
 ) -> Result<ExitCode> {
+    if let Some(deployment) = response.deployment {
+        return started_deployment(client, deployment, wait, json).await;
+    }
+    for r in &response.rollouts {
+        for warning in r.timeline.iter().filter(|t| t.kind == "warning") {
+            eprintln!("warning: {}", warning.message);
+        }
+    }
     if !json {
         for unchanged in &response.unchanged {
             println!("{}", unchanged.message);
@@ -303,6 +324,73 @@ async fn started(
     })
 }
 
+/// A deploy of several services: its deployment, followed rollout by
+/// rollout with `wait`.
+async fn started_deployment(
+    client: &mut OperatorServiceClient<Channel>,
+    deployment: pb::Deployment,
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let order: Vec<&str> = deployment
+        .steps
+        .iter()
+        .map(|s| s.service.as_str())
+        .collect();
+    if !wait {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&deployments::to_json(&deployment))?
+            );
+        } else {
+            println!("{}", deployment.id);
+            eprintln!(
+                "started deployment {} of {} (one after another: {}); follow it with `cutover rollout deployment {}`",
+                deployment.id,
+                deployment.app,
+                order.join(", then "),
+                deployment.id
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !json {
+        eprintln!("deployment {}: {}", deployment.id, order.join(", then "));
+    }
+    let last = deployments::follow(client, &deployment.id, json, |mut client, id| async move {
+        follow(&mut client, &id, json).await
+    })
+    .await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&deployments::to_json(&last))?
+        );
+    }
+    Ok(deployments::exit_for(&last))
+}
+
+/// Newest first, with the rollouts of one deployment together (in the
+/// order they ran) where its newest one stands.
+fn grouped(rollouts: Vec<pb::Rollout>) -> Vec<pb::Rollout> {
+    let mut out: Vec<pb::Rollout> = Vec::with_capacity(rollouts.len());
+    let mut placed = std::collections::HashSet::new();
+    for r in &rollouts {
+        if r.deployment.is_empty() {
+            out.push(r.clone());
+        } else if placed.insert(r.deployment.clone()) {
+            let mut members: Vec<&pb::Rollout> = rollouts
+                .iter()
+                .filter(|m| m.deployment == r.deployment)
+                .collect();
+            members.sort_by_key(|m| m.created_at_ms);
+            out.extend(members.into_iter().cloned());
+        }
+    }
+    out
+}
+
 fn exit_for(rollouts: &[pb::Rollout]) -> ExitCode {
     if rollouts.iter().all(|r| r.state == "succeeded") {
         ExitCode::SUCCESS
@@ -336,13 +424,23 @@ pub async fn rollout(
                 .map_err(explain)?
                 .into_inner()
                 .rollouts;
+            let rollouts = grouped(rollouts);
             if json {
                 let items: Vec<Value> = rollouts.iter().map(to_json).collect();
                 println!("{}", serde_json::to_string_pretty(&items)?);
             } else {
-                let mut rows = vec![["ID", "STATE", "ENV", "RELEASE", "NODES", "BY", "CREATED"]
-                    .map(String::from)
-                    .to_vec()];
+                let mut rows = vec![[
+                    "ID",
+                    "STATE",
+                    "ENV",
+                    "RELEASE",
+                    "NODES",
+                    "DEPLOYMENT",
+                    "BY",
+                    "CREATED",
+                ]
+                .map(String::from)
+                .to_vec()];
                 rows.extend(rollouts.iter().map(|r| {
                     let done = r.nodes.iter().filter(|n| done_state(&n.state)).count();
                     vec![
@@ -351,6 +449,11 @@ pub async fn rollout(
                         r.env.clone(),
                         r.release.as_ref().map(|x| x.id.clone()).unwrap_or_default(),
                         format!("{done}/{}", r.nodes.len()),
+                        if r.deployment.is_empty() {
+                            "-".into()
+                        } else {
+                            r.deployment.clone()
+                        },
                         r.created_by.clone(),
                         rfc3339(r.created_at_ms),
                     ]
@@ -365,6 +468,18 @@ pub async fn rollout(
                 println!("{}", serde_json::to_string_pretty(&to_json(&last))?);
             }
             return Ok(exit_for(&[last]));
+        }
+        RolloutCommand::Deployment { id } => {
+            let deployment = deployments::get(client, &id).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&deployments::to_json(&deployment))?
+                );
+            } else {
+                print!("{}", deployments::describe(&deployment));
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         RolloutCommand::Status { id } => client.get_rollout(pb::GetRolloutRequest { id }).await,
         RolloutCommand::Pause { id } => {
@@ -418,6 +533,7 @@ pub async fn releases(
                     "deployed_by": r.deployed_by,
                     "deployed_at": rfc3339(r.deployed_at_ms),
                     "rollout": r.rollout_id,
+                    "note": r.note,
                 })
             })
             .collect();
@@ -426,7 +542,7 @@ pub async fn releases(
         println!("no releases of {} in {}", args.service, args.env);
     } else {
         let mut rows = vec![[
-            "", "RELEASE", "VERSION", "STATE", "BY", "DEPLOYED", "ROLLOUT",
+            "", "RELEASE", "VERSION", "STATE", "BY", "DEPLOYED", "ROLLOUT", "NOTE",
         ]
         .map(String::from)
         .to_vec()];
@@ -440,6 +556,7 @@ pub async fn releases(
                 r.deployed_by.clone(),
                 rfc3339(r.deployed_at_ms),
                 r.rollout_id.clone(),
+                r.note.clone(),
             ]
         }));
         print!("{}", render_table(&rows));
@@ -546,15 +663,22 @@ fn progress(r: &pb::Rollout) -> String {
         } else {
             format!(" ({})", n.step)
         };
+        let target = r.release.as_ref().map_or("", |x| x.id.as_str());
+        let serves = if n.release.is_empty() {
+            "-"
+        } else {
+            &n.release
+        };
+        // Mid-cutover the node still serves its old release: say where it
+        // is going, not only where it is.
+        let release = if n.state == "activating" && n.release != target {
+            format!("{serves} -> {target}")
+        } else {
+            serves.to_string()
+        };
         out.push_str(&format!(
-            "  {:<16} {:<13} {}{step}\n",
-            n.name,
-            n.state,
-            if n.release.is_empty() {
-                "-"
-            } else {
-                &n.release
-            }
+            "  {:<16} {:<13} {release}{step}\n",
+            n.name, n.state
         ));
     }
     out
@@ -690,6 +814,7 @@ pub fn to_json(r: &pb::Rollout) -> Value {
         "pause_requested": r.pause_requested,
         "abort_requested": r.abort_requested,
         "created_by": r.created_by,
+        "deployment": (!r.deployment.is_empty()).then_some(&r.deployment),
         "created_at": time(r.created_at_ms),
         "updated_at": time(r.updated_at_ms),
         "finished_at": time(r.finished_at_ms),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::model::{RolloutKind, RolloutState};
-use super::{RolloutError, Rollouts, Started};
+use super::{RolloutError, Rollouts, Started, Target};
 use crate::registry::NodeView;
 use crate::spec::selects;
 use crate::store::{NodeStatus, ReleaseRecord, ReleaseState, ServiceOutcome};
@@ -137,20 +137,22 @@ impl Rollouts {
         }
         let mut strategy = current.strategy.clone();
         strategy.auto_rollback = false;
-        let mut plan = match self.plan(
-            current.app.clone(),
-            env.clone(),
-            service.clone(),
-            RolloutKind::Converge,
-            current.release.0.clone(),
-            None,
-            current.selector.clone(),
+        let target = Target {
+            app: current.app.clone(),
+            env: env.clone(),
+            service: service.clone(),
+            kind: RolloutKind::Converge,
+            release: current.release.0.clone(),
+            previous: None,
+            selector: current.selector.clone(),
             strategy,
-            true,
-        ) {
+            deployment: String::new(),
+            warning: None,
+        };
+        let mut plan = match self.plan(target, true) {
             Ok(plan) => plan,
             // A deploy got in first: it decides now.
-            Err(RolloutError::Locked { .. }) => return Ok(drifted),
+            Err(RolloutError::Locked { .. } | RolloutError::Claimed { .. }) => return Ok(drifted),
             Err(error) => return Err(error),
         };
         plan.nodes.retain(|n| due.contains(&n.id));
@@ -271,6 +273,7 @@ mod tests {
                 auto_rollback: true,
                 prepare_parallelism: 1,
             },
+            note: String::new(),
         }
     }
 

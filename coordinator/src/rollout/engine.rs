@@ -161,12 +161,12 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
             }
         }
         Input::Progress { command_id, step } => {
-            if let Some(node) = r
+            if let Some(i) = r
                 .nodes
-                .iter_mut()
-                .find(|n| n.command_id.as_deref() == Some(&command_id))
+                .iter()
+                .position(|n| n.command_id.as_deref() == Some(&command_id))
             {
-                node.step = step;
+                on_progress(r, now, i, step);
             }
         }
         Input::Tick { nodes } => on_tick(r, now, &nodes),
@@ -353,18 +353,23 @@ fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
             );
         }
         (NodeState::Activating, Outcome::Succeeded) => {
-            let node = &mut r.nodes[i];
-            node.release = r.release.id().to_string();
-            node.switched_at_ms = now;
-            node.seen_healthy = false;
-            settle(node, NodeState::Switched);
-            note(
-                r,
-                now,
-                "node_switched",
-                &name,
-                format!("{name} serves {}", r.release.id()),
-            );
+            // The switch is noted when the agent reported it; an agent whose
+            // progress did not arrive (or a first release: nothing to drain
+            // or stop) switched by the time it answers.
+            let noted = r.nodes[i].release == r.release.id();
+            if !noted {
+                switched(r, now, i);
+            } else if !r.nodes[i].from_release.is_empty() {
+                let from = r.nodes[i].from_release.clone();
+                note(
+                    r,
+                    now,
+                    "node_old_stopped",
+                    &name,
+                    format!("{name} stopped {from}"),
+                );
+            }
+            settle(&mut r.nodes[i], NodeState::Switched);
         }
         (NodeState::RollingBack, Outcome::Succeeded) => {
             let back_to = r
@@ -412,6 +417,51 @@ fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
         }
         (state, Outcome::Succeeded) => unreachable!("a result for a node in state {state:?}"),
     }
+}
+
+/// The steps an agent reports after its proxy switched: the new release
+/// serves from then on, whatever the drain and stop of the old one take.
+const AFTER_SWITCH: [&str; 2] = ["draining", "stopping_old"];
+
+fn on_progress(r: &mut Rollout, now: i64, i: usize, step: String) {
+    let after_switch = AFTER_SWITCH.contains(&step.as_str());
+    let was_switched = r.nodes[i].release == r.release.id();
+    let drained = step == "stopping_old" && r.nodes[i].step == "draining";
+    r.nodes[i].step = step;
+    if r.nodes[i].state != NodeState::Activating || !after_switch {
+        return;
+    }
+    if !was_switched {
+        switched(r, now, i);
+    }
+    if drained {
+        let name = r.nodes[i].name.clone();
+        let from = r.nodes[i].from_release.clone();
+        note(
+            r,
+            now,
+            "node_drained",
+            &name,
+            format!("{name} drained {from}"),
+        );
+    }
+}
+
+/// Node `i` serves the rollout's release from `now` on.
+fn switched(r: &mut Rollout, now: i64, i: usize) {
+    let release = r.release.id().to_string();
+    let node = &mut r.nodes[i];
+    node.release = release.clone();
+    node.switched_at_ms = now;
+    node.seen_healthy = false;
+    let name = node.name.clone();
+    note(
+        r,
+        now,
+        "node_switched",
+        &name,
+        format!("{name} serves {release}"),
+    );
 }
 
 /// Records the rollout's first failure; `advance` acts on it once nothing
@@ -695,6 +745,10 @@ fn run(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                 .iter()
                 .all(|n| !matches!(n.state, NodeState::Pending | NodeState::Preparing))
             {
+                if r.pause_requested {
+                    pause(r, now);
+                    return;
+                }
                 note(r, now, "prepared", "", "every node has the release".into());
                 next_batch(r, now, 0);
             }
@@ -759,7 +813,7 @@ fn run(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                 .filter(|n| n.batch == Some(batch))
                 .all(|n| n.seen_healthy || r.strategy.min_healthy_time_ms == 0);
             if now >= until_ms && members_seen {
-                next_batch(r, now, batch + 1);
+                start_batch_or_pause(r, now, batch + 1);
             }
         }
         Phase::RollingBack | Phase::Done => {}
@@ -776,6 +830,16 @@ fn pause(r: &mut Rollout, now: i64) {
         "",
         format!("paused; {}", where_nodes_are(r)),
     );
+}
+
+/// Between batches is the safe point for a requested pause: a batch is only
+/// announced when it starts.
+fn start_batch_or_pause(r: &mut Rollout, now: i64, batch: u32) {
+    if r.pause_requested && r.nodes.iter().any(|n| n.state == NodeState::Prepared) {
+        pause(r, now);
+    } else {
+        next_batch(r, now, batch);
+    }
 }
 
 fn next_batch(r: &mut Rollout, now: i64, batch: u32) {

@@ -5,8 +5,12 @@
 //! restart.
 
 mod converge;
+pub mod deployment;
 pub mod engine;
+#[cfg(test)]
+mod engine_tests;
 pub mod model;
+mod rollback;
 #[cfg(test)]
 pub(crate) mod sim;
 
@@ -29,8 +33,10 @@ use crate::spec::{selects, AppSpec, SpecError, Strategy};
 use crate::store::{
     NewEvent, NodeStatus, ReleaseRecord, ReleaseState, ServiceOutcome, Store, StoreError,
 };
+use deployment::{Deployment, DeploymentState, DeploymentStep, StepState};
 use engine::{Input, Observation, Outcome, ServiceObservation};
 use model::{NodeState, Phase, Rollout, RolloutKind, RolloutNode, RolloutState, StoredRelease};
+pub use rollback::RollbackRequest;
 
 /// How often a running rollout looks at heartbeats and deadlines.
 const TICK: Duration = Duration::from_millis(250);
@@ -65,6 +71,12 @@ pub enum RolloutError {
     Locked {
         id: String,
         state: &'static str,
+        env: String,
+        service: String,
+    },
+    #[error("deployment {deployment} will roll out {service} in {env} after the services before it; wait for it, or abort its running rollout (`cutover rollout list` shows it)")]
+    Claimed {
+        deployment: String,
         env: String,
         service: String,
     },
@@ -103,7 +115,9 @@ impl From<RolloutError> for tonic::Status {
             }
             RolloutError::NotFound(_) => tonic::Status::not_found(message),
             RolloutError::Store(_) => tonic::Status::internal(message),
-            RolloutError::Locked { .. } => tonic::Status::aborted(message),
+            RolloutError::Locked { .. } | RolloutError::Claimed { .. } => {
+                tonic::Status::aborted(message)
+            }
             RolloutError::EnvironmentPinned(_) => tonic::Status::permission_denied(message),
             _ => tonic::Status::failed_precondition(message),
         }
@@ -140,8 +154,8 @@ pub enum Started {
     },
 }
 
-/// Everything needed to launch a rollout of one service.
-struct Plan {
+/// What a rollout of one service is to do, before the nodes are picked.
+struct Target {
     app: String,
     env: String,
     service: String,
@@ -150,8 +164,25 @@ struct Plan {
     previous: Option<StoredRelease>,
     selector: BTreeMap<String, String>,
     strategy: Strategy,
+    /// The deployment it is a step of, or empty.
+    deployment: String,
+    /// Said first in its timeline (a forced rollback's).
+    warning: Option<String>,
+}
+
+/// Everything needed to launch a rollout of one service.
+struct Plan {
+    target: Target,
     nodes: Vec<RolloutNode>,
     skipped: Vec<String>,
+}
+
+/// What a deploy started.
+pub enum Deployed {
+    /// One service: its rollout, or nothing to do.
+    Alone(Vec<Started>),
+    /// Several services, rolled out one after another.
+    Together(Box<Deployment>),
 }
 
 /// An operator's request to a running rollout, answered with the rollout
@@ -202,7 +233,8 @@ impl Rollouts {
         })
     }
 
-    /// Picks up every rollout a previous run left unfinished.
+    /// Picks up every rollout and deployment a previous run left
+    /// unfinished; returns how many.
     pub fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
         let unfinished: Vec<Rollout> = self
             .store
@@ -215,7 +247,7 @@ impl Rollouts {
             tracing::info!(rollout = %rollout.id, state = rollout.state.as_str(), "resuming rollout after restart");
             self.spawn(rollout, Input::Recover);
         }
-        Ok(count)
+        Ok(count + self.recover_deployments()?)
     }
 
     /// Waits for the rollout tasks to stop after shutdown, within `grace`.
@@ -229,10 +261,11 @@ impl Rollouts {
         }
     }
 
+    /// What one service started, or the deployment of several.
     pub async fn deploy(
         self: &Arc<Self>,
         request: DeployRequest,
-    ) -> Result<Vec<Started>, RolloutError> {
+    ) -> Result<Deployed, RolloutError> {
         let file = request.spec_file.as_str();
         let spec = AppSpec::parse(&request.spec_text, file)?;
         let services = spec.services_for(request.service.as_deref(), file)?;
@@ -330,74 +363,92 @@ impl Rollouts {
             }
         }
         let _creating = self.create.lock().await;
-        let mut plans = Vec::new();
+        if resolved.len() > 1 {
+            return Ok(Deployed::Together(Box::new(
+                self.deploy_together(resolved, &request).await?,
+            )));
+        }
+        let mut started = Vec::new();
         for resolved in resolved {
             self.make_way(&resolved.env, &resolved.service, &request.by)
                 .await;
             let previous = self.current_release(&resolved.env, &resolved.service)?;
-            plans.push(self.plan(
-                resolved.app,
-                resolved.env,
-                resolved.service,
-                RolloutKind::Deploy,
-                resolved.release,
-                previous,
-                resolved.selector,
-                resolved.strategy,
+            let plan = self.plan(
+                Target {
+                    app: resolved.app,
+                    env: resolved.env,
+                    service: resolved.service,
+                    kind: RolloutKind::Deploy,
+                    release: resolved.release,
+                    previous,
+                    selector: resolved.selector,
+                    strategy: resolved.strategy,
+                    deployment: String::new(),
+                    warning: None,
+                },
                 request.allow_unreachable,
-            )?);
+            )?;
+            started.push(self.launch(plan, &request.by)?);
         }
-        plans
-            .into_iter()
-            .map(|plan| self.launch(plan, &request.by))
-            .collect()
+        Ok(Deployed::Alone(started))
     }
 
-    /// Rolls a service back to its previous stable release, or to `to`.
-    pub async fn rollback(
+    /// Several services: one deployment, checked whole before it starts
+    /// (no service of it may be locked), whose driver rolls them out in
+    /// order, starting with the first at once.
+    async fn deploy_together(
         self: &Arc<Self>,
-        env: &str,
-        service: &str,
-        to: Option<&str>,
-        allow_unreachable: bool,
-        by: &str,
-    ) -> Result<Started, RolloutError> {
-        let _creating = self.create.lock().await;
-        self.make_way(env, service, by).await;
-        let history = self.store.releases(env, service)?;
-        if history.is_empty() {
-            return Err(RolloutError::NoRollbackTarget(format!(
-                "{service} has no releases in {env}; check the names with `cutover releases`"
-            )));
+        resolved: Vec<crate::spec::Resolved>,
+        request: &DeployRequest,
+    ) -> Result<Deployment, RolloutError> {
+        for service in &resolved {
+            self.make_way(&service.env, &service.service, &request.by)
+                .await;
+            // The same checks the driver meets at each step, now, so a
+            // deploy that cannot start is refused whole.
+            self.plan(
+                Target {
+                    app: service.app.clone(),
+                    env: service.env.clone(),
+                    service: service.service.clone(),
+                    kind: RolloutKind::Deploy,
+                    release: service.release.clone(),
+                    previous: None,
+                    selector: service.selector.clone(),
+                    strategy: service.strategy.clone(),
+                    deployment: String::new(),
+                    warning: None,
+                },
+                request.allow_unreachable,
+            )?;
         }
-        let current = history.iter().find(|r| r.current);
-        let target = match to {
-            Some(id) => history.iter().find(|r| r.release.id() == id).ok_or_else(|| {
-                RolloutError::NoRollbackTarget(format!(
-                    "{service} in {env} has no kept release {id:?}; `cutover releases {service} --env {env}` lists them"
-                ))
-            })?,
-            None => history
-                .iter()
-                .find(|r| !r.current && r.state == ReleaseState::Stable)
-                .ok_or_else(|| {
-                    RolloutError::NoRollbackTarget(format!(
-                        "{service} in {env} has no stable release before the current one; name one with --to"
-                    ))
-                })?,
+        let first = &resolved[0];
+        let now = now_ms();
+        let deployment = Deployment {
+            id: format!("{}-d{}", first.app, self.store.next_rollout_number()?),
+            app: first.app.clone(),
+            env: first.env.clone(),
+            state: DeploymentState::Running,
+            steps: resolved
+                .into_iter()
+                .map(|service| DeploymentStep {
+                    service: service.service,
+                    release: StoredRelease(service.release),
+                    selector: service.selector,
+                    strategy: service.strategy,
+                    state: StepState::Waiting,
+                    rollout_id: String::new(),
+                    rollback_rollout_id: String::new(),
+                })
+                .collect(),
+            allow_unreachable: request.allow_unreachable,
+            created_by: request.by.clone(),
+            created_at_ms: now,
+            finished_at_ms: None,
+            error: String::new(),
         };
-        let plan = self.plan(
-            target.app.clone(),
-            env.to_string(),
-            service.to_string(),
-            RolloutKind::Rollback,
-            target.release.0.clone(),
-            current.map(|c| c.release.clone()),
-            target.selector.clone(),
-            target.strategy.clone(),
-            allow_unreachable,
-        )?;
-        self.launch(plan, by)
+        self.start_deployment(deployment.clone())?;
+        Ok(deployment)
     }
 
     /// An operator's deploy or rollback goes before a convergence: a
@@ -450,37 +501,45 @@ impl Rollouts {
             .map(|r| r.release))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn plan(
-        &self,
-        app: String,
-        env: String,
-        service: String,
-        kind: RolloutKind,
-        release: pb::Release,
-        previous: Option<StoredRelease>,
-        selector: BTreeMap<String, String>,
-        strategy: Strategy,
-        allow_unreachable: bool,
-    ) -> Result<Plan, RolloutError> {
+    /// Picks the nodes of `target`, once nothing else holds its service.
+    fn plan(&self, target: Target, allow_unreachable: bool) -> Result<Plan, RolloutError> {
+        let Target { env, service, .. } = &target;
         if let Some(running) = self
             .store
             .rollouts()?
             .into_iter()
-            .find(|r| !r.state.is_terminal() && r.env == env && r.service == service)
+            .find(|r| !r.state.is_terminal() && &r.env == env && &r.service == service)
         {
             return Err(RolloutError::Locked {
                 id: running.id,
                 state: running.state.as_str(),
-                env,
-                service,
+                env: env.clone(),
+                service: service.clone(),
             });
         }
+        if let Some(deployment) = self
+            .store
+            .deployments()?
+            .into_iter()
+            .find(|d| d.id != target.deployment && d.claims(env, service))
+        {
+            return Err(RolloutError::Claimed {
+                deployment: deployment.id,
+                env: env.clone(),
+                service: service.clone(),
+            });
+        }
+        let (env, service, selector, release) = (
+            target.env.clone(),
+            target.service.clone(),
+            &target.selector,
+            &target.release,
+        );
         let views: Vec<_> = self
             .registry
             .list()
             .into_iter()
-            .filter(|v| selects(&selector, &v.record.labels))
+            .filter(|v| selects(selector, &v.record.labels))
             .collect();
         if views.is_empty() {
             let selector = selector
@@ -534,23 +593,20 @@ impl Rollouts {
             })
             .collect();
         Ok(Plan {
-            app,
-            env,
-            service,
-            kind,
-            release,
-            previous,
-            selector,
-            strategy,
+            target,
             nodes,
             skipped,
         })
     }
 
     fn launch(self: &Arc<Self>, plan: Plan, by: &str) -> Result<Started, RolloutError> {
-        let release_id = plan.release.release_id.clone();
-        let targets = plan
-            .nodes
+        let Plan {
+            target: plan_target,
+            nodes,
+            skipped,
+        } = plan;
+        let release_id = plan_target.release.release_id.clone();
+        let targets = nodes
             .iter()
             .filter(|n| n.state == NodeState::Pending)
             .count();
@@ -558,33 +614,33 @@ impl Rollouts {
             return Ok(Started::NoOp {
                 message: format!(
                     "{release_id} already runs on all {} nodes of {} in {}; nothing to do",
-                    plan.nodes.len(),
-                    plan.service,
-                    plan.env
+                    nodes.len(),
+                    plan_target.service,
+                    plan_target.env
                 ),
-                service: plan.service,
+                service: plan_target.service,
                 release_id,
             });
         }
         let number = self.store.next_rollout_number()?;
-        let id = format!("{}-{number}", plan.service);
+        let id = format!("{}-{number}", plan_target.service);
         let nonce: u32 = rand::random();
-        let batch_size = plan.strategy.batch.nodes(targets) as u32;
+        let batch_size = plan_target.strategy.batch.nodes(targets) as u32;
         let now = now_ms();
         let mut rollout = Rollout {
             command_prefix: format!("{id}.{nonce:08x}"),
             id: id.clone(),
-            app: plan.app.clone(),
-            env: plan.env.clone(),
-            service: plan.service.clone(),
-            kind: plan.kind,
+            app: plan_target.app.clone(),
+            env: plan_target.env.clone(),
+            service: plan_target.service.clone(),
+            kind: plan_target.kind,
             state: RolloutState::Pending,
             phase: Phase::Prepare,
-            release: StoredRelease(plan.release),
-            previous: plan.previous,
-            strategy: plan.strategy.clone(),
-            nodes: plan.nodes,
-            skipped: plan.skipped.clone(),
+            release: StoredRelease(plan_target.release),
+            previous: plan_target.previous,
+            strategy: plan_target.strategy.clone(),
+            nodes,
+            skipped: skipped.clone(),
             batch_size,
             batches: (targets as u32).div_ceil(batch_size),
             deadline_ms: 0,
@@ -601,30 +657,39 @@ impl Rollouts {
             finished_at_ms: None,
             next_command: 1,
             timeline: Vec::new(),
+            deployment: plan_target.deployment,
         };
-        if !plan.skipped.is_empty() {
+        if let Some(warning) = plan_target.warning {
+            rollout.timeline.push(model::TimelineEntry {
+                at_ms: now,
+                kind: "warning".into(),
+                node: String::new(),
+                message: warning,
+            });
+        }
+        if !skipped.is_empty() {
             rollout.timeline.push(model::TimelineEntry {
                 at_ms: now,
                 kind: "nodes_skipped".into(),
                 node: String::new(),
                 message: format!(
                     "unreachable at the start, skipped on request: {}",
-                    plan.skipped.join(", ")
+                    skipped.join(", ")
                 ),
             });
         }
-        if plan.kind == RolloutKind::Deploy {
+        if plan_target.kind == RolloutKind::Deploy {
             // Deploying the current release again (to repair a node) keeps
             // it current and stable whatever this rollout's outcome.
             let current = self
                 .store
-                .releases(&plan.env, &plan.service)?
+                .releases(&plan_target.env, &plan_target.service)?
                 .into_iter()
                 .any(|r| r.current && r.release.id() == release_id);
             self.store.put_release(&ReleaseRecord {
-                app: plan.app,
-                env: plan.env,
-                service: plan.service,
+                app: plan_target.app,
+                env: plan_target.env,
+                service: plan_target.service,
                 release: rollout.release.clone(),
                 state: if current {
                     ReleaseState::Stable
@@ -635,8 +700,9 @@ impl Rollouts {
                 deployed_by: by.to_string(),
                 deployed_at_ms: now,
                 rollout_id: id.clone(),
-                selector: plan.selector,
-                strategy: plan.strategy,
+                selector: plan_target.selector,
+                strategy: plan_target.strategy,
+                note: String::new(),
             })?;
         }
         self.store.put_rollout(&rollout)?;
@@ -938,13 +1004,23 @@ impl Rollouts {
                 } else if rollout.kind == RolloutKind::Rollback
                     && Some(record.release.id()) == from.as_deref()
                 {
-                    record.state = ReleaseState::RolledBack;
+                    // Not a failure of its own: it is kept apart from
+                    // releases that failed their rollout.
+                    record.state = ReleaseState::Reverted;
+                    record.note = format!(
+                        "{} rolled back to {target} ({})",
+                        rollout.created_by, rollout.id
+                    );
                 }
             } else if is_target && rollout.kind == RolloutKind::Deploy && !record.current {
                 record.state = match rollout.state {
                     RolloutState::RolledBack => ReleaseState::RolledBack,
                     RolloutState::Aborted => ReleaseState::Aborted,
                     _ => ReleaseState::Failed,
+                };
+                record.note = match &rollout.error {
+                    Some(error) => error.to_string(),
+                    None => format!("{} ({})", rollout.state.as_str(), rollout.id),
                 };
             }
             if *record != before {

@@ -282,6 +282,10 @@ pub struct Rollout {
     pub command_prefix: String,
     pub next_command: u64,
     pub timeline: Vec<TimelineEntry>,
+    /// The deployment this rollout is a step of (see `rollout::deployment`);
+    /// empty for a deploy of one service.
+    #[serde(default)]
+    pub deployment: String,
 }
 
 impl Rollout {

@@ -140,6 +140,7 @@ pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
         command_prefix: "web-1.sim".into(),
         next_command: 1,
         timeline: vec![],
+        deployment: String::new(),
     }
 }
 

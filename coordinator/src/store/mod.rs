@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub use sled_store::SledStore;
 
+use crate::rollout::deployment::Deployment;
 use crate::rollout::model::{Rollout, StoredRelease};
 use crate::spec::Strategy;
 
@@ -328,6 +329,9 @@ pub enum ReleaseState {
     Failed,
     RolledBack,
     Aborted,
+    /// It was stable; an operator (or a deployment a later service of which
+    /// failed) rolled back from it.
+    Reverted,
 }
 
 impl ReleaseState {
@@ -338,6 +342,7 @@ impl ReleaseState {
             ReleaseState::Failed => "failed",
             ReleaseState::RolledBack => "rolled_back",
             ReleaseState::Aborted => "aborted",
+            ReleaseState::Reverted => "reverted",
         }
     }
 }
@@ -360,6 +365,30 @@ pub struct ReleaseRecord {
     /// How it was rolled out, reused when rolling back to it.
     pub selector: BTreeMap<String, String>,
     pub strategy: Strategy,
+    /// Why its rollout failed, or who rolled back from it.
+    #[serde(default)]
+    pub note: String,
+}
+
+/// Which records of a log (events, audit) a read returns. Sequence numbers
+/// only grow, with gaps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Only records after this sequence number (0: from the start).
+    pub after_seq: u64,
+    pub limit: usize,
+    /// The newest `limit` records instead of the oldest.
+    pub newest: bool,
+}
+
+impl Page {
+    pub fn oldest(after_seq: u64, limit: usize) -> Self {
+        Self {
+            after_seq,
+            limit,
+            newest: false,
+        }
+    }
 }
 
 pub trait Store: Send + Sync + 'static {
@@ -367,8 +396,8 @@ pub trait Store: Send + Sync + 'static {
     fn delete_node(&self, id: &str) -> Result<(), StoreError>;
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
     fn append_event(&self, event: NewEvent) -> Result<EventRecord, StoreError>;
-    /// Events with `seq > after_seq`, oldest first, at most `limit`.
-    fn events(&self, after_seq: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError>;
+    /// One page of events with `seq > page.after_seq`, oldest first.
+    fn events(&self, page: Page) -> Result<Vec<EventRecord>, StoreError>;
     /// Deletes the oldest events so that at most `keep` remain; returns how
     /// many went.
     fn prune_events(&self, keep: usize) -> Result<usize, StoreError>;
@@ -395,8 +424,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends to the audit log (durably: flushed before it returns).
     fn append_audit(&self, entry: AuditRecord) -> Result<AuditRecord, StoreError>;
-    /// Entries at or after `since_ms`, oldest first, at most `limit`.
-    fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// One page of the entries at or after `since_ms` with
+    /// `seq > page.after_seq`, oldest first.
+    fn audit(&self, since_ms: i64, page: Page) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// The node selector an environment is pinned to (see
     /// `Rollouts::deploy`).
@@ -440,4 +470,11 @@ pub trait Store: Send + Sync + 'static {
     fn all_secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
     /// Whether there was one to delete.
     fn delete_secret(&self, env: &str, name: &str) -> Result<bool, StoreError>;
+
+    /// Writes a deployment durably.
+    fn put_deployment(&self, deployment: &Deployment) -> Result<(), StoreError>;
+    fn deployment(&self, id: &str) -> Result<Option<Deployment>, StoreError>;
+    /// Every stored deployment, oldest first.
+    fn deployments(&self) -> Result<Vec<Deployment>, StoreError>;
+    fn delete_deployment(&self, id: &str) -> Result<(), StoreError>;
 }

@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use super::{
-    AuditRecord, CaRotation, EventRecord, NewEvent, NodeRecord, OperatorRecord, ReleaseRecord,
-    Revocation, SecretRecord, ServiceOutcome, Store, StoreError, TokenRecord,
+    AuditRecord, CaRotation, EventRecord, NewEvent, NodeRecord, OperatorRecord, Page,
+    ReleaseRecord, Revocation, SecretRecord, ServiceOutcome, Store, StoreError, TokenRecord,
 };
+use crate::rollout::deployment::Deployment;
 use crate::rollout::model::Rollout;
 
 pub struct SledStore {
@@ -27,6 +28,7 @@ pub struct SledStore {
     meta: sled::Tree,
     /// The newest rollout's ending per environment and service.
     outcomes: sled::Tree,
+    deployments: sled::Tree,
 }
 
 /// `env NUL service NUL`: the prefix of one service's release keys.
@@ -58,7 +60,9 @@ impl SledStore {
         let environments = db.open_tree("environments").map_err(backend)?;
         let meta = db.open_tree("meta").map_err(backend)?;
         let outcomes = db.open_tree("outcomes").map_err(backend)?;
+        let deployments = db.open_tree("deployments").map_err(backend)?;
         Ok(Self {
+            deployments,
             meta,
             outcomes,
             environments,
@@ -115,6 +119,31 @@ fn decode_item<T: serde::de::DeserializeOwned>(
     decode(&key, &value)
 }
 
+/// One page of a sequence-keyed tree scan: the first `page.limit` records
+/// that `keep` accepts, or with `page.newest` the last ones; oldest first
+/// either way.
+fn collect_page<T: serde::de::DeserializeOwned>(
+    range: sled::Iter,
+    page: Page,
+    keep: impl Fn(&T) -> bool,
+) -> Result<Vec<T>, StoreError> {
+    let accepted = |item| match decode_item::<T>(item) {
+        Ok(record) if !keep(&record) => None,
+        other => Some(other),
+    };
+    if page.newest {
+        let mut newest: Vec<T> = range
+            .rev()
+            .filter_map(accepted)
+            .take(page.limit)
+            .collect::<Result<_, _>>()?;
+        newest.reverse();
+        Ok(newest)
+    } else {
+        range.filter_map(accepted).take(page.limit).collect()
+    }
+}
+
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -159,37 +188,25 @@ impl Store for SledStore {
         Ok(record)
     }
 
-    fn events(&self, after_seq: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        let start = after_seq.saturating_add(1).to_be_bytes();
-        self.events
-            .range(start..)
-            .take(limit)
-            .map(decode_item)
-            .collect()
+    fn events(&self, page: Page) -> Result<Vec<EventRecord>, StoreError> {
+        let start = page.after_seq.saturating_add(1).to_be_bytes();
+        collect_page(self.events.range(start..), page, |_: &EventRecord| true)
     }
 
     fn prune_events(&self, keep: usize) -> Result<usize, StoreError> {
-        let seq = |key: sled::IVec| u64::from_be_bytes(key.as_ref().try_into().unwrap_or_default());
-        let (Some((first, _)), Some((last, _))) = (
-            self.events.first().map_err(backend)?,
-            self.events.last().map_err(backend)?,
-        ) else {
-            return Ok(0);
-        };
-        // Sequence numbers have no gaps but the pruned prefix, so the span
-        // is the count, found without walking the tree.
-        let (first, last) = (seq(first), seq(last));
-        let count = last - first + 1;
-        let excess = count.saturating_sub(keep as u64);
+        // Sequence numbers have gaps (sled's `generate_id` skips ahead after
+        // every reopen), so the count comes from the tree, never from the
+        // span of the keys.
+        let excess = self.events.len().saturating_sub(keep);
         if excess == 0 {
             return Ok(0);
         }
         let mut batch = sled::Batch::default();
-        for key in self.events.range(..(first + excess).to_be_bytes()).keys() {
+        for key in self.events.iter().keys().take(excess) {
             batch.remove(key.map_err(backend)?);
         }
         self.events.apply_batch(batch).map_err(backend)?;
-        Ok(excess as usize)
+        Ok(excess)
     }
 
     fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError> {
@@ -269,18 +286,11 @@ impl Store for SledStore {
         Ok(entry)
     }
 
-    fn audit(&self, since_ms: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.audit.iter() {
-            let entry: AuditRecord = decode_item(item)?;
-            if entry.at_ms >= since_ms {
-                out.push(entry);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+    fn audit(&self, since_ms: i64, page: Page) -> Result<Vec<AuditRecord>, StoreError> {
+        let start = page.after_seq.saturating_add(1).to_be_bytes();
+        collect_page(self.audit.range(start..), page, |entry: &AuditRecord| {
+            entry.at_ms >= since_ms
+        })
     }
 
     fn put_environment(
@@ -420,6 +430,29 @@ impl Store for SledStore {
         self.db.flush().map_err(backend)?;
         Ok(())
     }
+
+    fn put_deployment(&self, deployment: &Deployment) -> Result<(), StoreError> {
+        put_durable(&self.deployments, deployment.id.as_bytes(), deployment)
+    }
+
+    fn deployment(&self, id: &str) -> Result<Option<Deployment>, StoreError> {
+        get_decoded(&self.deployments, id.as_bytes())
+    }
+
+    fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+        let mut all: Vec<Deployment> = self
+            .deployments
+            .iter()
+            .map(decode_item)
+            .collect::<Result<_, _>>()?;
+        all.sort_by_key(|d| d.created_at_ms);
+        Ok(all)
+    }
+
+    fn delete_deployment(&self, id: &str) -> Result<(), StoreError> {
+        self.deployments.remove(id.as_bytes()).map_err(backend)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -470,10 +503,10 @@ mod tests {
         }
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(store.nodes().unwrap(), vec![node("a")]);
-        let events = store.events(0, 100).unwrap();
+        let events = store.events(Page::oldest(0, 100)).unwrap();
         assert_eq!(events.len(), 5);
         assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
-        let after = store.events(events[1].seq, 2).unwrap();
+        let after = store.events(Page::oldest(events[1].seq, 2)).unwrap();
         assert_eq!(after, events[2..4].to_vec());
         // Sequence numbers keep growing after a reopen.
         let next = store
@@ -521,6 +554,7 @@ mod tests {
             rollout_id: "web-1".into(),
             selector: Default::default(),
             strategy: strategy.clone(),
+            note: String::new(),
         };
         {
             let store = SledStore::open(dir.path()).unwrap();
@@ -578,10 +612,95 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(store.prune_events(5).unwrap(), 15);
-        let left = store.events(0, 100).unwrap();
+        let left = store.events(Page::oldest(0, 100)).unwrap();
         assert_eq!(left.len(), 5);
         assert_eq!(left[0].message, "event 15");
         assert_eq!(store.prune_events(5).unwrap(), 0);
+    }
+
+    fn event(store: &SledStore, message: String) -> EventRecord {
+        store
+            .append_event(NewEvent {
+                kind: "test",
+                node_id: String::new(),
+                node_name: String::new(),
+                message,
+            })
+            .unwrap()
+    }
+
+    /// sled's `generate_id` jumps ahead after every reopen (…, 2000001,
+    /// 4000001): pruning must count what is there, and reads must page
+    /// across the gaps.
+    #[test]
+    fn events_written_across_reopens_are_kept_and_paged_by_count() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..3 {
+            let store = SledStore::open(dir.path()).unwrap();
+            for i in 0..4 {
+                event(&store, format!("round {round} event {i}"));
+            }
+            // The sweep prunes right after every start; nothing is over.
+            assert_eq!(store.prune_events(100).unwrap(), 0);
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let all = store.events(Page::oldest(0, 100)).unwrap();
+        assert_eq!(all.len(), 12, "history survives every reopen");
+        assert!(
+            all.windows(2).any(|w| w[1].seq - w[0].seq > 1),
+            "the test needs sequence gaps to mean anything: {:?}",
+            all.iter().map(|e| e.seq).collect::<Vec<_>>()
+        );
+        let newest = store
+            .events(Page {
+                after_seq: 0,
+                limit: 3,
+                newest: true,
+            })
+            .unwrap();
+        assert_eq!(newest, all[9..].to_vec(), "the newest three, oldest first");
+        assert_eq!(store.prune_events(5).unwrap(), 7);
+        let left = store.events(Page::oldest(0, 100)).unwrap();
+        assert_eq!(left, all[7..].to_vec());
+        assert_eq!(store.prune_events(5).unwrap(), 0);
+    }
+
+    #[test]
+    fn audit_pages_newest_and_after_a_sequence_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |at_ms: i64| AuditRecord {
+            seq: 0,
+            at_ms,
+            who: "operator/alice".into(),
+            action: "deploy".into(),
+            arguments: "{}".into(),
+            outcome: "ok".into(),
+        };
+        let mut written = Vec::new();
+        for round in 0..2 {
+            let store = SledStore::open(dir.path()).unwrap();
+            for i in 0..3 {
+                written.push(store.append_audit(entry(round * 10 + i)).unwrap());
+            }
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let newest = |since_ms, limit| {
+            store
+                .audit(
+                    since_ms,
+                    Page {
+                        after_seq: 0,
+                        limit,
+                        newest: true,
+                    },
+                )
+                .unwrap()
+        };
+        assert_eq!(newest(0, 2), written[4..].to_vec());
+        assert_eq!(newest(10, 100), written[3..].to_vec(), "since_ms applies");
+        let after = store.audit(0, Page::oldest(written[1].seq, 2)).unwrap();
+        assert_eq!(after, written[2..4].to_vec());
     }
 
     /// The writer side of the crash test: acknowledged writes, one line per
@@ -704,7 +823,7 @@ mod tests {
                 );
             }
             store
-                .events(0, usize::MAX)
+                .events(Page::oldest(0, usize::MAX))
                 .unwrap_or_else(|e| panic!("seed {seed}: an event does not decode: {e}"));
             println!(
                 "seed {seed}: killed after {kill_after:?} and {} acknowledged writes; all present",

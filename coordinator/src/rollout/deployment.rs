@@ -1,0 +1,506 @@
+//! A deploy of several services as one deployment: the services roll out
+//! one after another in the spec's order (web first by default), each only
+//! once the one before succeeded. When one fails and its strategy rolls
+//! back, the services of the deployment that already switched are rolled
+//! back too, newest first, so the app ends on one version: the one from
+//! before the deployment.
+//!
+//! The deployment is stored before and after every step; its driver is
+//! re-entrant, so a coordinator restarted at any point picks it up where
+//! the stored record and the rollouts (which name their deployment) say
+//! it was.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_common::now_ms;
+use serde::{Deserialize, Serialize};
+
+use super::model::{Rollout, RolloutKind, RolloutState, StoredRelease};
+use super::{RollbackRequest, RolloutError, Rollouts, Started};
+use crate::spec::Strategy;
+use crate::store::StoreError;
+
+/// Finished deployments kept; older ones are deleted.
+const FINISHED_DEPLOYMENTS_KEPT: usize = 200;
+/// How often a waiting driver looks at a rollout it cannot watch live.
+const POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentState {
+    Running,
+    /// A service failed; the ones that switched before it return.
+    RollingBack,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Aborted,
+}
+
+impl DeploymentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentState::Running => "running",
+            DeploymentState::RollingBack => "rolling_back",
+            DeploymentState::Succeeded => "succeeded",
+            DeploymentState::Failed => "failed",
+            DeploymentState::RolledBack => "rolled_back",
+            DeploymentState::Aborted => "aborted",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(
+            self,
+            DeploymentState::Running | DeploymentState::RollingBack
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Waiting,
+    Running,
+    Succeeded,
+    /// Its release already ran everywhere.
+    Unchanged,
+    Failed,
+    /// Returned to its release from before the deployment.
+    RolledBack,
+    /// Switched, and could not be returned: it serves the deployment's
+    /// release (the deployment's error says why).
+    RollbackFailed,
+    /// An earlier service failed first.
+    NotStarted,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Waiting => "waiting",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Unchanged => "unchanged",
+            StepState::Failed => "failed",
+            StepState::RolledBack => "rolled_back",
+            StepState::RollbackFailed => "rollback_failed",
+            StepState::NotStarted => "not_started",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentStep {
+    pub service: String,
+    /// Resolved and pinned at the deploy: every step runs what the operator
+    /// deployed, however long the steps before it take.
+    pub release: StoredRelease,
+    pub selector: BTreeMap<String, String>,
+    pub strategy: Strategy,
+    pub state: StepState,
+    pub rollout_id: String,
+    pub rollback_rollout_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: String,
+    pub app: String,
+    pub env: String,
+    pub state: DeploymentState,
+    pub steps: Vec<DeploymentStep>,
+    pub allow_unreachable: bool,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    /// Why it did not succeed.
+    pub error: String,
+}
+
+impl Deployment {
+    /// Whether the deployment still has `service` of `env` to roll out:
+    /// nobody else may deploy it meanwhile.
+    pub fn claims(&self, env: &str, service: &str) -> bool {
+        !self.state.is_terminal()
+            && self.env == env
+            && self
+                .steps
+                .iter()
+                .any(|s| s.service == service && s.state == StepState::Waiting)
+    }
+}
+
+/// The id of the rollout started; `None` when nothing was to do.
+fn rollout_id(started: Started) -> Option<String> {
+    match started {
+        Started::Rollout(rollout) => Some(rollout.id),
+        Started::NoOp { .. } => None,
+    }
+}
+
+impl Rollouts {
+    /// Stores a new deployment and starts its driver.
+    pub(super) fn start_deployment(
+        self: &Arc<Self>,
+        deployment: Deployment,
+    ) -> Result<(), StoreError> {
+        self.store.put_deployment(&deployment)?;
+        self.record_deployment(
+            &deployment,
+            format!(
+                "{} started a deployment of {} in {}: {}",
+                deployment.created_by,
+                deployment.app,
+                deployment.env,
+                deployment
+                    .steps
+                    .iter()
+                    .map(|s| format!("{} {}", s.service, s.release.id()))
+                    .collect::<Vec<_>>()
+                    .join(", then ")
+            ),
+        );
+        self.spawn_deployment(deployment);
+        Ok(())
+    }
+
+    /// Picks up every deployment a previous run left unfinished (after the
+    /// rollouts: the driver waits on them).
+    pub(super) fn recover_deployments(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let unfinished: Vec<Deployment> = self
+            .store
+            .deployments()?
+            .into_iter()
+            .filter(|d| !d.state.is_terminal())
+            .collect();
+        let count = unfinished.len();
+        for deployment in unfinished {
+            tracing::info!(deployment = %deployment.id, state = deployment.state.as_str(), "resuming deployment after restart");
+            self.spawn_deployment(deployment);
+        }
+        Ok(count)
+    }
+
+    pub fn deployment(&self, id: &str) -> Result<Deployment, RolloutError> {
+        self.store
+            .deployment(id)?
+            .ok_or_else(|| RolloutError::NotFound(id.to_string()))
+    }
+
+    fn spawn_deployment(self: &Arc<Self>, deployment: Deployment) {
+        let this = self.clone();
+        self.tasks
+            .spawn(async move { this.drive(deployment).await });
+    }
+
+    /// Runs the deployment to its end, one step per turn, storing it after
+    /// each; returns early only on shutdown.
+    async fn drive(self: &Arc<Self>, mut d: Deployment) {
+        while !d.state.is_terminal() {
+            let turned = match d.state {
+                DeploymentState::Running => self.forward(&mut d).await,
+                _ => self.backward(&mut d).await,
+            };
+            if !turned {
+                return; // shutting down; the next start resumes
+            }
+            while let Err(error) = self.store.put_deployment(&d) {
+                tracing::error!(deployment = %d.id, %error, "cannot persist the deployment; retrying");
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+        if let Err(error) = self.prune_deployments() {
+            tracing::error!(%error, "cannot prune old deployments");
+        }
+    }
+
+    /// One step forward: start the next service, or take in how the
+    /// running one ended. False on shutdown.
+    async fn forward(self: &Arc<Self>, d: &mut Deployment) -> bool {
+        let Some(i) = d
+            .steps
+            .iter()
+            .position(|s| matches!(s.state, StepState::Waiting | StepState::Running))
+        else {
+            self.end(d, DeploymentState::Succeeded, String::new());
+            return true;
+        };
+        if d.steps[i].state == StepState::Waiting {
+            match self.start_step(d, i).await {
+                Ok(Some(rollout_id)) => {
+                    d.steps[i].rollout_id = rollout_id;
+                    d.steps[i].state = StepState::Running;
+                }
+                Ok(None) => d.steps[i].state = StepState::Unchanged,
+                Err(error) => {
+                    d.steps[i].state = StepState::Failed;
+                    let why = format!("{} could not start: {error}", d.steps[i].service);
+                    self.failed(d, i, why, d.steps[i].strategy.auto_rollback);
+                }
+            }
+            return true;
+        }
+        let Some(rollout) = self.ended(&d.steps[i].rollout_id).await else {
+            return false;
+        };
+        match rollout.state {
+            RolloutState::Succeeded => d.steps[i].state = StepState::Succeeded,
+            RolloutState::Aborted => {
+                d.steps[i].state = StepState::Failed;
+                for later in &mut d.steps[i + 1..] {
+                    later.state = StepState::NotStarted;
+                }
+                let why = format!(
+                    "rollout {} of {} was aborted; the services after it were not started",
+                    rollout.id, rollout.service
+                );
+                self.end(d, DeploymentState::Aborted, why);
+            }
+            state => {
+                d.steps[i].state = StepState::Failed;
+                let cause = rollout
+                    .error
+                    .as_ref()
+                    .map_or_else(|| state.as_str().to_string(), ToString::to_string);
+                let why = format!(
+                    "{} failed in rollout {} ({cause})",
+                    rollout.service, rollout.id
+                );
+                self.failed(d, i, why, rollout.strategy.auto_rollback);
+            }
+        }
+        true
+    }
+
+    /// Step `i` failed: later services never start; with `auto_rollback`
+    /// the ones before it that switched return.
+    fn failed(&self, d: &mut Deployment, i: usize, why: String, auto_rollback: bool) {
+        for later in &mut d.steps[i + 1..] {
+            later.state = StepState::NotStarted;
+        }
+        let switched: Vec<&str> = d.steps[..i]
+            .iter()
+            .filter(|s| s.state == StepState::Succeeded)
+            .map(|s| s.service.as_str())
+            .collect();
+        if switched.is_empty() {
+            self.end(d, DeploymentState::RolledBack, why);
+        } else if auto_rollback {
+            self.record_deployment(d, format!("{why}; rolling back {}", switched.join(", ")));
+            d.error = why;
+            d.state = DeploymentState::RollingBack;
+        } else {
+            let why = format!(
+                "{why}; auto_rollback is off: {} stay on the new release",
+                switched.join(", ")
+            );
+            self.end(d, DeploymentState::Failed, why);
+        }
+    }
+
+    /// One step back: return the newest service that switched, or take in
+    /// how its rollback ended. False on shutdown.
+    async fn backward(self: &Arc<Self>, d: &mut Deployment) -> bool {
+        let Some(j) = d
+            .steps
+            .iter()
+            .rposition(|s| s.state == StepState::Succeeded)
+        else {
+            let state = if d.steps.iter().any(|s| s.state == StepState::RollbackFailed) {
+                DeploymentState::Failed
+            } else {
+                DeploymentState::RolledBack
+            };
+            let why = d.error.clone();
+            self.end(d, state, why);
+            return true;
+        };
+        if d.steps[j].rollback_rollout_id.is_empty() {
+            match self.start_step_rollback(d, j).await {
+                Ok(Some(id)) => d.steps[j].rollback_rollout_id = id,
+                Ok(None) => d.steps[j].state = StepState::RolledBack,
+                Err(error) => {
+                    // It stays on the deployment's release: said, and left.
+                    d.error = format!(
+                        "{}; {} could not be rolled back: {error}",
+                        d.error, d.steps[j].service
+                    );
+                    d.steps[j].state = StepState::RollbackFailed;
+                }
+            }
+            return true;
+        }
+        let Some(rollout) = self.ended(&d.steps[j].rollback_rollout_id).await else {
+            return false;
+        };
+        if rollout.state == RolloutState::Succeeded {
+            d.steps[j].state = StepState::RolledBack;
+        } else {
+            d.error = format!(
+                "{}; rolling {} back failed in rollout {} ({})",
+                d.error,
+                rollout.service,
+                rollout.id,
+                rollout.state.as_str()
+            );
+            d.steps[j].state = StepState::RollbackFailed;
+        }
+        true
+    }
+
+    /// Starts step `i`'s rollout; `None` when its release already runs
+    /// everywhere. A rollout an earlier run started for the step (the
+    /// coordinator stopped before storing the deployment) is taken as is.
+    async fn start_step(
+        self: &Arc<Self>,
+        d: &Deployment,
+        i: usize,
+    ) -> Result<Option<String>, RolloutError> {
+        let step = &d.steps[i];
+        if let Some(id) = self.started_for(d, &step.service, RolloutKind::Deploy)? {
+            return Ok(Some(id));
+        }
+        let _creating = self.create.lock().await;
+        self.make_way(&d.env, &step.service, &d.created_by).await;
+        let previous = self.current_release(&d.env, &step.service)?;
+        let plan = self.plan(
+            super::Target {
+                app: d.app.clone(),
+                env: d.env.clone(),
+                service: step.service.clone(),
+                kind: RolloutKind::Deploy,
+                release: step.release.0.clone(),
+                previous,
+                selector: step.selector.clone(),
+                strategy: step.strategy.clone(),
+                deployment: d.id.clone(),
+                warning: None,
+            },
+            d.allow_unreachable,
+        )?;
+        Ok(rollout_id(self.launch(plan, &d.created_by)?))
+    }
+
+    /// Starts the rollback of step `j` to what its service ran before the
+    /// deployment; `None` when that already runs everywhere.
+    async fn start_step_rollback(
+        self: &Arc<Self>,
+        d: &mut Deployment,
+        j: usize,
+    ) -> Result<Option<String>, RolloutError> {
+        let service = d.steps[j].service.clone();
+        if let Some(id) = self.started_for(d, &service, RolloutKind::Rollback)? {
+            return Ok(Some(id));
+        }
+        let rollout = self.get(&d.steps[j].rollout_id)?;
+        let Some(previous) = rollout.previous else {
+            return Err(RolloutError::NoRollbackTarget(format!(
+                "it had no release before the deployment and keeps {}",
+                rollout.release.id()
+            )));
+        };
+        let started = self
+            .rollback(RollbackRequest {
+                env: d.env.clone(),
+                service,
+                to: Some(previous.id().to_string()),
+                allow_unreachable: true,
+                force: false,
+                by: format!("deployment {}", d.id),
+                deployment: d.id.clone(),
+            })
+            .await?;
+        Ok(rollout_id(started))
+    }
+
+    /// The rollout of `kind` this deployment started for `service`, if any.
+    fn started_for(
+        &self,
+        d: &Deployment,
+        service: &str,
+        kind: RolloutKind,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .store
+            .rollouts()?
+            .into_iter()
+            .find(|r| r.deployment == d.id && r.service == service && r.kind == kind)
+            .map(|r| r.id))
+    }
+
+    /// Waits for rollout `id` to end; `None` on shutdown.
+    async fn ended(&self, id: &str) -> Option<Rollout> {
+        loop {
+            if let Some(mut watch) = self.subscribe(id) {
+                let ended = async {
+                    while !watch.borrow_and_update().state.is_terminal() {
+                        if watch.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return None,
+                    _ = ended => {}
+                }
+            }
+            match self.get(id) {
+                Ok(rollout) if rollout.state.is_terminal() => return Some(rollout),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::error!(rollout = %id, %error, "cannot read a deployment's rollout");
+                }
+            }
+            // Between the live view and the stored one (or not yet spawned
+            // after a restart): look again shortly.
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    fn end(&self, d: &mut Deployment, state: DeploymentState, why: String) {
+        d.state = state;
+        d.error = why;
+        d.finished_at_ms = Some(now_ms());
+        let message = match d.error.as_str() {
+            "" => format!("deployment {} {}", d.id, state.as_str()),
+            why => format!("deployment {} {}: {why}", d.id, state.as_str()),
+        };
+        self.record_deployment(d, message);
+    }
+
+    fn record_deployment(&self, d: &Deployment, message: String) {
+        tracing::info!(deployment = %d.id, state = d.state.as_str(), "{message}");
+        let event = crate::store::NewEvent {
+            kind: "deployment",
+            node_id: String::new(),
+            node_name: String::new(),
+            message,
+        };
+        if let Err(error) = self.store.append_event(event) {
+            tracing::error!(%error, "cannot record a deployment event");
+        }
+    }
+
+    fn prune_deployments(&self) -> Result<(), StoreError> {
+        let finished: Vec<Deployment> = self
+            .store
+            .deployments()?
+            .into_iter()
+            .filter(|d| d.state.is_terminal())
+            .collect();
+        let excess = finished.len().saturating_sub(FINISHED_DEPLOYMENTS_KEPT);
+        for old in &finished[..excess] {
+            self.store.delete_deployment(&old.id)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,160 @@
+//! Direct tests of single engine decisions, beside the seeded simulation.
+
+use super::engine::{handle, Input, Observation, Outcome, Send, ServiceObservation};
+use super::model::*;
+use crate::spec::{BatchSize, Strategy};
+
+fn strategy(min_healthy_time_ms: u64) -> Strategy {
+    Strategy {
+        batch: BatchSize::Count(1),
+        max_unavailable: 0,
+        min_healthy_time_ms,
+        progress_deadline_ms: 600_000,
+        auto_rollback: true,
+        prepare_parallelism: 4,
+    }
+}
+
+fn kinds(r: &Rollout) -> Vec<&str> {
+    r.timeline.iter().map(|t| t.kind.as_str()).collect()
+}
+
+fn succeed(r: &mut Rollout, now: i64, sends: &[Send]) -> Vec<Send> {
+    sends
+        .iter()
+        .flat_map(|send| {
+            handle(
+                r,
+                now,
+                Input::Result {
+                    command_id: send.command.command_id.clone(),
+                    outcome: Outcome::Succeeded,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Every node reports the new release running and healthy.
+fn healthy_tick(r: &Rollout, now: i64) -> Input {
+    Input::Tick {
+        nodes: r
+            .nodes
+            .iter()
+            .map(|n| Observation {
+                node_id: n.id.clone(),
+                connected: true,
+                last_seen_ms: now,
+                service: Some(ServiceObservation {
+                    release_id: n.release.clone(),
+                    running: true,
+                    healthy: true,
+                    crashes: 0,
+                    detail: String::new(),
+                }),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_pause_between_batches_announces_no_batch_and_the_next_starts_on_resume() {
+    let mut r = super::sim::rollout(2, strategy(1_000));
+    let prepares = handle(&mut r, 0, Input::Start);
+    let activations = succeed(&mut r, 10, &prepares);
+    assert_eq!(activations.len(), 1, "batch 1 of 2");
+    let none = succeed(&mut r, 20, &activations);
+    assert!(none.is_empty());
+    handle(&mut r, 30, Input::Pause { by: "alice".into() });
+    // The watch of batch 1 passes: the pause takes effect there.
+    let tick = healthy_tick(&r, 1_500);
+    let sends = handle(&mut r, 1_500, tick);
+    assert!(sends.is_empty(), "nothing may start while pausing");
+    assert_eq!(r.state, RolloutState::Paused);
+    let batches = kinds(&r).iter().filter(|k| **k == "batch_started").count();
+    assert_eq!(batches, 1, "batch 2 was announced: {:?}", kinds(&r));
+    assert_eq!(kinds(&r).last(), Some(&"paused"));
+    assert_eq!(r.nodes[1].state, NodeState::Prepared);
+
+    let sends = handle(&mut r, 2_000, Input::Resume { by: "alice".into() });
+    assert_eq!(sends.len(), 1, "batch 2 starts on resume");
+    assert_eq!(r.nodes[1].batch, Some(1));
+    let last = r.timeline.last().unwrap();
+    assert_eq!(last.kind, "batch_started");
+    assert!(last.message.starts_with("batch 2 of 2"), "{}", last.message);
+}
+
+#[test]
+fn a_pause_requested_while_preparing_holds_before_the_first_batch() {
+    let mut r = super::sim::rollout(2, strategy(0));
+    let prepares = handle(&mut r, 0, Input::Start);
+    handle(&mut r, 5, Input::Pause { by: "bob".into() });
+    let sends = succeed(&mut r, 10, &prepares);
+    assert!(sends.is_empty());
+    assert_eq!(r.state, RolloutState::Paused);
+    assert!(!kinds(&r).contains(&"batch_started"), "{:?}", kinds(&r));
+    let sends = handle(&mut r, 20, Input::Resume { by: "bob".into() });
+    assert_eq!(sends.len(), 1);
+    assert_eq!(
+        kinds(&r).iter().filter(|k| **k == "prepared").count(),
+        1,
+        "{:?}",
+        kinds(&r)
+    );
+}
+
+#[test]
+fn the_switch_is_recorded_when_the_agent_reports_it_not_when_the_old_release_stopped() {
+    let mut r = super::sim::rollout(1, strategy(0));
+    let prepares = handle(&mut r, 0, Input::Start);
+    let activations = succeed(&mut r, 10, &prepares);
+    let id = activations[0].command.command_id.clone();
+    let progress = |r: &mut Rollout, now, step: &str| {
+        handle(
+            r,
+            now,
+            Input::Progress {
+                command_id: id.clone(),
+                step: step.into(),
+            },
+        )
+    };
+    progress(&mut r, 20, "switching");
+    assert_eq!(r.nodes[0].release, r.previous.as_ref().unwrap().id());
+    progress(&mut r, 30, "draining");
+    // Live views show the release the proxy now sends to.
+    assert_eq!(r.nodes[0].release, r.release.id());
+    assert_eq!(r.nodes[0].state, NodeState::Activating);
+    progress(&mut r, 3_030, "stopping_old");
+    succeed(&mut r, 4_000, &activations);
+    let at = |kind: &str| {
+        let found: Vec<i64> = r
+            .timeline
+            .iter()
+            .filter(|t| t.kind == kind)
+            .map(|t| t.at_ms)
+            .collect();
+        assert_eq!(found.len(), 1, "{kind}: {:?}", kinds(&r));
+        found[0]
+    };
+    assert_eq!(at("node_switched"), 30);
+    assert_eq!(at("node_drained"), 3_030);
+    assert_eq!(at("node_old_stopped"), 4_000);
+    assert_eq!(r.state, RolloutState::Succeeded);
+}
+
+#[test]
+fn an_agent_that_reports_no_progress_switches_when_it_answers() {
+    let mut r = super::sim::rollout(1, strategy(0));
+    let prepares = handle(&mut r, 0, Input::Start);
+    let activations = succeed(&mut r, 10, &prepares);
+    succeed(&mut r, 50, &activations);
+    let switched: Vec<i64> = r
+        .timeline
+        .iter()
+        .filter(|t| t.kind == "node_switched")
+        .map(|t| t.at_ms)
+        .collect();
+    assert_eq!(switched, [50]);
+    assert!(!kinds(&r).contains(&"node_old_stopped"));
+}

@@ -1,0 +1,120 @@
+//! Rollbacks: returning a service to a kept release.
+//!
+//! "Previous" is the newest stable release deployed before the current
+//! one. Releases whose rollout failed, and releases an operator (or a
+//! failed deployment) rolled back from, are skipped: `cutover rollback`
+//! run twice walks further back, never forward again. Any kept release can
+//! be named with `--to`; one that never passed its own rollout needs
+//! `--force`.
+
+use std::sync::Arc;
+
+use super::model::RolloutKind;
+use super::{RolloutError, Rollouts, Started, Target};
+use crate::store::{ReleaseRecord, ReleaseState};
+
+/// A rollback as the operator (or a deployment) asked for it.
+pub struct RollbackRequest {
+    pub env: String,
+    pub service: String,
+    /// A kept release id; `None`: the previous release.
+    pub to: Option<String>,
+    pub allow_unreachable: bool,
+    /// Allows a target that failed (or never finished) its own rollout.
+    pub force: bool,
+    pub by: String,
+    /// The deployment rolling back its services, or empty.
+    pub deployment: String,
+}
+
+/// The release a rollback without `--to` returns to: the newest stable one
+/// deployed before the current one (`history` is newest first).
+pub fn previous(history: &[ReleaseRecord]) -> Option<&ReleaseRecord> {
+    let current = history.iter().find(|r| r.current);
+    history.iter().find(|r| {
+        !r.current
+            && r.state == ReleaseState::Stable
+            && current.is_none_or(|c| r.deployed_at_ms < c.deployed_at_ms)
+    })
+}
+
+impl Rollouts {
+    /// Rolls a service back to its previous release, or to `request.to`.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        request: RollbackRequest,
+    ) -> Result<Started, RolloutError> {
+        let RollbackRequest {
+            env, service, by, ..
+        } = &request;
+        let _creating = self.create.lock().await;
+        self.make_way(env, service, by).await;
+        // A running rollout is the answer to "why not", before any question
+        // of which release to return to.
+        if let Some(running) = self
+            .list()?
+            .into_iter()
+            .find(|r| !r.state.is_terminal() && &r.env == env && &r.service == service)
+        {
+            return Err(RolloutError::Locked {
+                id: running.id,
+                state: running.state.as_str(),
+                env: env.clone(),
+                service: service.clone(),
+            });
+        }
+        let history = self.store.releases(env, service)?;
+        if history.is_empty() {
+            return Err(RolloutError::NoRollbackTarget(format!(
+                "{service} has no releases in {env}; check the names with `cutover releases`"
+            )));
+        }
+        let current = history.iter().find(|r| r.current);
+        let target = match &request.to {
+            Some(id) => history.iter().find(|r| r.release.id() == id).ok_or_else(|| {
+                RolloutError::NoRollbackTarget(format!(
+                    "{service} in {env} has no kept release {id:?}; `cutover releases {service} --env {env}` lists them"
+                ))
+            })?,
+            None => previous(&history).ok_or_else(|| {
+                RolloutError::NoRollbackTarget(format!(
+                    "{service} in {env} has no stable release deployed before the current one; name one with --to (`cutover releases {service} --env {env}` lists them)"
+                ))
+            })?,
+        };
+        let proven = matches!(target.state, ReleaseState::Stable | ReleaseState::Reverted);
+        if !proven && !request.force {
+            return Err(RolloutError::NoRollbackTarget(format!(
+                "release {} of {service} is {}{}: it never passed its own rollout; roll back to it with --force if you mean it",
+                target.release.id(),
+                target.state.as_str(),
+                match target.note.as_str() {
+                    "" => String::new(),
+                    note => format!(" ({note})"),
+                }
+            )));
+        }
+        let plan = self.plan(
+            Target {
+                app: target.app.clone(),
+                env: env.clone(),
+                service: service.clone(),
+                kind: RolloutKind::Rollback,
+                release: target.release.0.clone(),
+                previous: current.map(|c| c.release.clone()),
+                selector: target.selector.clone(),
+                strategy: target.strategy.clone(),
+                deployment: request.deployment.clone(),
+                warning: (!proven).then(|| {
+                    format!(
+                        "{by} forced a rollback to {}, which is {}",
+                        target.release.id(),
+                        target.state.as_str()
+                    )
+                }),
+            },
+            request.allow_unreachable,
+        )?;
+        self.launch(plan, by)
+    }
+}
