@@ -74,7 +74,7 @@ pub struct AgentConfig {
     pub releases_keep: usize,
     /// Peers (CIDR networks) whose X-Forwarded-For/-Proto/-Host headers the
     /// node proxy keeps, i.e. where the load balancers are; from any other
-    /// peer those headers are replaced. Default: loopback and private ranges.
+    /// peer those headers are replaced. Default: loopback only.
     #[serde(default = "default_trusted_networks", deserialize_with = "networks")]
     pub proxy_trusted_networks: Vec<Network>,
     /// On shutdown, drain and stop every service instead of leaving them

@@ -394,10 +394,26 @@ async fn forwarding_headers_and_request_ids() {
     assert_eq!(response.headers().get("x-request-id").unwrap().len(), 36);
 }
 
+/// GETs `url` with `x-request-id: id`; returns the status, the body and
+/// the request id the proxy answered with.
+async fn get_with_id(url: &str, id: &str) -> (u16, String, String) {
+    let request = Request::get(url)
+        .header("x-request-id", id)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let echoed = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), echoed)
+}
+
 #[tokio::test]
-async fn a_dead_release_gives_502_and_a_slow_one_504() {
+async fn a_dead_release_gives_502_and_a_slow_one_504_without_internals() {
     let (proxy, _shutdown) = proxy(|c| c.request_timeout = Duration::from_millis(300)).await;
-    let client = client();
     let base = format!("http://{}", proxy.local_addr());
 
     let dead = TcpListener::bind("127.0.0.1:0")
@@ -405,39 +421,44 @@ async fn a_dead_release_gives_502_and_a_slow_one_504() {
         .unwrap()
         .local_addr()
         .unwrap();
-    proxy.switch(Some(("gone", dead)));
-    let (status, body) = get(&client, &format!("{base}/")).await.unwrap();
-    assert_eq!(status, 502);
-    assert!(body.contains("release gone of service web"), "{body}");
+    proxy.switch(Some(("release-gone", dead)));
+    let (status, body, id) = get_with_id(&format!("{base}/"), "req-502").await;
+    assert_eq!((status, id.as_str()), (502, "req-502"));
+    assert_eq!(body, "bad gateway (request id req-502)\n");
+    for internal in ["release-gone", &dead.to_string(), "127.0.0.1", "refused"] {
+        assert!(!body.contains(internal), "{internal} leaked: {body}");
+    }
 
     let slow = backend("S").await;
-    proxy.switch(Some(("slow", slow.addr)));
+    proxy.switch(Some(("release-slow", slow.addr)));
     let started = Instant::now();
-    let (status, body) = get(&client, &format!("{base}/hang")).await.unwrap();
+    let (status, body, _) = get_with_id(&format!("{base}/hang"), "req-504").await;
     assert_eq!(status, 504, "{body}");
+    assert_eq!(body, "gateway timeout (request id req-504)\n");
+    assert!(!body.contains("release-slow") && !body.contains(&slow.addr.to_string()));
     assert!(started.elapsed() < Duration::from_secs(2));
 
     let stats = proxy.stats();
-    let gone = &stats.iter().find(|(r, _)| r == "gone").unwrap().1;
+    let gone = &stats.iter().find(|(r, _)| r == "release-gone").unwrap().1;
     assert_eq!((gone.by_class[4], gone.upstream_failures), (1, 1));
-    let slow = &stats.iter().find(|(r, _)| r == "slow").unwrap().1;
+    let slow = &stats.iter().find(|(r, _)| r == "release-slow").unwrap().1;
     assert_eq!((slow.by_class[4], slow.upstream_failures), (1, 1));
 }
 
-#[tokio::test]
-async fn request_bodies_stream_through() {
-    let (proxy, _shutdown) = proxy(|_| {}).await;
-    // An echo backend that answers with the number of bytes it received.
+/// A backend that reads each request's whole body and answers with its
+/// length.
+async fn echo_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                    let body = request.into_body().collect().await.unwrap().to_bytes();
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
-                        body.len().to_string(),
-                    ))))
+                    let length = match request.into_body().collect().await {
+                        Ok(body) => body.to_bytes().len().to_string(),
+                        Err(error) => format!("broken body: {error}"),
+                    };
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(length))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
@@ -445,7 +466,45 @@ async fn request_bodies_stream_through() {
             });
         }
     });
-    proxy.switch(Some(("echo", addr)));
+    addr
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_clients_fault_not_the_releases() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    proxy.switch(Some(("echo", echo_backend().await)));
+    let mut tcp = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    // One good chunk, then a chunk size that is not hex.
+    tcp.write_all(
+        b"POST /upload HTTP/1.1\r\nhost: shop.example\r\nx-request-id: req-400\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nbroken\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("(request id req-400)"), "{answer}");
+    let stats = proxy.release_stats("echo").unwrap();
+    assert_eq!(
+        (
+            stats.upstream_failures,
+            stats.by_class[4],
+            stats.by_class[3]
+        ),
+        (0, 0, 1),
+        "a client error, not a failure of the release: {stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn request_bodies_stream_through() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    proxy.switch(Some(("echo", echo_backend().await)));
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let payload = Bytes::from(vec![b'x'; 8 << 20]);
     let request = Request::post(format!("http://{}/upload", proxy.local_addr()))

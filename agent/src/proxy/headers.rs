@@ -131,19 +131,14 @@ impl Network {
     }
 }
 
-/// Where load balancers sit by default: loopback and the private ranges.
+/// Peers trusted by default: loopback only (a proxy on the node itself).
+/// Private ranges are not: any client inside them could claim to be
+/// another address or https. Load balancers are configured by address.
 pub fn default_trusted_networks() -> Vec<Network> {
-    [
-        "127.0.0.0/8",
-        "10.0.0.0/8",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "::1/128",
-        "fc00::/7",
-    ]
-    .iter()
-    .map(|n| n.parse().expect("valid default network"))
-    .collect()
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .map(|n| n.parse().expect("valid default network"))
+        .collect()
 }
 
 /// Adds the forwarding headers and returns the request id (the client's when
@@ -157,11 +152,18 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, trusted: &[Networ
         headers.remove(&X_FORWARDED_PROTO);
         headers.remove(&X_FORWARDED_HOST);
     }
+    // Several X-Forwarded-For headers are one list in order (RFC 9110 5.3):
+    // each proxy on the way may have added its own.
+    let mut hops: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
     let client = client.to_string();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client}"),
-        _ => client,
-    };
+    hops.push(&client);
+    let forwarded_for = hops.join(", ");
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR, value);
     }
@@ -254,17 +256,56 @@ mod tests {
         assert!(headers.get("x-secret").is_none());
     }
 
+    fn load_balancers() -> Vec<Network> {
+        vec!["10.0.0.0/24".parse().unwrap()]
+    }
+
+    #[test]
+    fn by_default_only_loopback_is_trusted() {
+        let trusted = default_trusted_networks();
+        let is_trusted = |ip: &str| trusted.iter().any(|n| n.contains(ip.parse().unwrap()));
+        for ip in ["127.0.0.1", "127.3.2.1", "::1"] {
+            assert!(is_trusted(ip), "{ip}");
+        }
+        for ip in [
+            "10.1.2.3",
+            "172.16.0.9",
+            "192.168.1.1",
+            "fd00::1",
+            "203.0.113.5",
+        ] {
+            assert!(!is_trusted(ip), "{ip}");
+        }
+        // A private-range client's claim of https is replaced.
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        add_forwarding(&mut headers, "10.1.2.3".parse().unwrap(), &trusted);
+        assert_eq!(headers.get(X_FORWARDED_PROTO).unwrap(), "http");
+        assert_eq!(headers.get(X_FORWARDED_FOR).unwrap(), "10.1.2.3");
+    }
+
+    #[test]
+    fn several_forwarded_for_headers_from_a_trusted_peer_are_kept_in_order() {
+        let mut headers = HeaderMap::new();
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        headers.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("198.51.100.2, 10.0.0.9"),
+        );
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static(" "));
+        add_forwarding(&mut headers, "10.0.0.2".parse().unwrap(), &load_balancers());
+        let all: Vec<_> = headers.get_all(X_FORWARDED_FOR).iter().collect();
+        assert_eq!(all, ["203.0.113.7, 198.51.100.2, 10.0.0.9, 10.0.0.2"]);
+    }
+
     #[test]
     fn forwarding_headers_append_and_keep() {
         let mut headers = HeaderMap::new();
         headers.insert(HOST, HeaderValue::from_static("shop.example"));
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
         headers.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        let id = add_forwarding(
-            &mut headers,
-            "10.0.0.2".parse().unwrap(),
-            &default_trusted_networks(),
-        );
+        let id = add_forwarding(&mut headers, "10.0.0.2".parse().unwrap(), &load_balancers());
         assert_eq!(id, "abc-123");
         assert_eq!(
             headers.get(X_FORWARDED_FOR).unwrap(),
@@ -275,11 +316,7 @@ mod tests {
 
         let mut headers = HeaderMap::new();
         headers.insert(X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
-        let id = add_forwarding(
-            &mut headers,
-            "10.0.0.2".parse().unwrap(),
-            &default_trusted_networks(),
-        );
+        let id = add_forwarding(&mut headers, "10.0.0.2".parse().unwrap(), &load_balancers());
         assert_eq!(id.len(), 36);
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -161,6 +161,39 @@ impl Drop for InFlight {
         if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+/// The client's request body on its way to the release. A read error here
+/// is the client's doing (a malformed chunk, a connection cut mid-body), so
+/// it is flagged: the failed forward is answered 400 and not counted as the
+/// release's failure.
+struct ClientBody {
+    inner: Incoming,
+    failed: Arc<AtomicBool>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -483,8 +516,16 @@ async fn forward(
     let result = if upgrade {
         tunnel(shared, &upstream, guard, request).await
     } else {
+        let body_failed = Arc::new(AtomicBool::new(false));
+        let request = request.map(|inner| ClientBody {
+            inner,
+            failed: body_failed.clone(),
+        });
         match tokio::time::timeout(shared.config.request_timeout, send(shared, request)).await {
             Err(_) => Err(Failure::Timeout),
+            Ok(Err(error)) if body_failed.load(Ordering::Acquire) => {
+                Err(Failure::ClientBody(cutover_common::error_chain(&error)))
+            }
             Ok(Err(error)) => Err(Failure::Unreachable(cutover_common::error_chain(&error))),
             Ok(Ok(response)) => Ok(response.map(|inner| {
                 GuardedBody {
@@ -505,34 +546,56 @@ async fn forward(
             }
             response
         }
-        Err(failure) => {
-            let (status, text) = match failure {
-                Failure::Timeout => (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "release {} of service {} did not answer within {}\n",
-                        upstream.release,
-                        shared.config.service,
-                        humantime::format_duration(shared.config.request_timeout)
-                    ),
-                ),
-                Failure::Unreachable(error) => (
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "release {} of service {} at {} failed: {error}\n",
-                        upstream.release, shared.config.service, upstream.addr
-                    ),
-                ),
-            };
-            tracing::warn!(service = %shared.config.service, release = %upstream.release, status = status.as_u16(), request_id = ?request_id, "proxy error");
-            upstream
-                .stats
-                .record_upstream_failure(status.as_u16(), started.elapsed());
-            text_response(status, text)
-        }
+        Err(failure) => failure_response(shared, &upstream, failure, &request_id, started),
     };
     response.headers_mut().insert(X_REQUEST_ID, request_id);
     response
+}
+
+/// The proxy's own answer when a request could not be forwarded. Clients
+/// get a short text with the request id to quote; what went wrong, and
+/// where, goes to the log under that id (release ids and upstream
+/// addresses are the node's business, not the client's).
+fn failure_response(
+    shared: &Shared,
+    upstream: &Upstream,
+    failure: Failure,
+    request_id: &HeaderValue,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let id = request_id.to_str().unwrap_or("-");
+    let (service, release, addr) = (&shared.config.service, &upstream.release, upstream.addr);
+    let (status, text) = match failure {
+        Failure::ClientBody(error) => {
+            // The client's fault: counted as its 4xx, never as a failure of
+            // the release.
+            tracing::info!(%service, %release, request_id = %id, %error, "request body from the client is malformed or cut short");
+            upstream.stats.record(400, started.elapsed());
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                format!("bad request: the request body is malformed (request id {id})\n"),
+            );
+        }
+        Failure::Timeout => {
+            let timeout = humantime::format_duration(shared.config.request_timeout);
+            tracing::warn!(%service, %release, upstream = %addr, request_id = %id, %timeout, "release did not answer in time");
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("gateway timeout (request id {id})\n"),
+            )
+        }
+        Failure::Unreachable(error) => {
+            tracing::warn!(%service, %release, upstream = %addr, request_id = %id, %error, "release failed the request");
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("bad gateway (request id {id})\n"),
+            )
+        }
+    };
+    upstream
+        .stats
+        .record_upstream_failure(status.as_u16(), started.elapsed());
+    text_response(status, text)
 }
 
 /// Sends a request on a pooled upstream connection. A bodiless GET, HEAD
@@ -542,7 +605,7 @@ async fn forward(
 /// effect, and the client must not see that race as a 502.
 async fn send(
     shared: &Shared,
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
 ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
     let replayable = matches!(
         *request.method(),
@@ -576,6 +639,8 @@ fn empty_body() -> ProxyBody {
 enum Failure {
     Timeout,
     Unreachable(String),
+    /// Reading the client's request body failed.
+    ClientBody(String),
 }
 
 /// Forwards an upgrade request on a connection of its own and, once the
