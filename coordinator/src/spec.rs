@@ -22,6 +22,12 @@ pub struct SpecError {
     pub message: String,
 }
 
+/// The most a release (its environment, command, checks) may weigh,
+/// encoded.
+pub const MAX_RELEASE_BYTES: usize = 256 * 1024;
+/// The most a spec file may weigh (several services and environments).
+pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppSpec {
@@ -352,6 +358,16 @@ impl AppSpec {
             key,
             message,
         };
+        if text.len() > MAX_SPEC_BYTES {
+            return Err(error(
+                String::new(),
+                format!(
+                    "the spec is {} KiB, over the {} KiB limit; ship large data in the artifact or image",
+                    text.len() / 1024,
+                    MAX_SPEC_BYTES / 1024
+                ),
+            ));
+        }
         let deserializer = toml::Deserializer::parse(text).map_err(|e| {
             error(
                 String::new(),
@@ -583,6 +599,32 @@ impl AppSpec {
             stop_timeout_ms: ms(spec.stop_timeout),
         };
         release.release_id = release_id(&release);
+        // Every release is stored whole and sent with every command: a
+        // bound keeps the store and the command path small.
+        let size = release.encoded_len();
+        if size > MAX_RELEASE_BYTES {
+            let (key, value) = release
+                .env
+                .iter()
+                .max_by_key(|(k, v)| k.len() + v.len())
+                .map_or((String::new(), 0), |(k, v)| {
+                    let table = if spec.env.contains_key(k) {
+                        format!("services.{service}.env.{k}")
+                    } else {
+                        format!("environments.{env}.env.{k}")
+                    };
+                    (table, k.len() + v.len())
+                });
+            return Err(error(
+                key,
+                format!(
+                    "the release of {service} would be {} KiB, over the {} KiB limit (this value: {} KiB); ship large data in the artifact or image, not the environment",
+                    size / 1024,
+                    MAX_RELEASE_BYTES / 1024,
+                    value / 1024
+                ),
+            ));
+        }
         let s = &self.strategy;
         Ok(Resolved {
             app: self.app.clone(),
@@ -1066,6 +1108,61 @@ APP_ENV = "local"
         );
         let e = AppSpec::parse(&format!("order = [\"web\", \"web\"]\n{text}"), "f").unwrap_err();
         assert!(e.message.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn a_release_over_the_size_limit_is_refused_naming_its_largest_value() {
+        let big = "x".repeat(MAX_RELEASE_BYTES);
+        let text = GOOD.replace("APP_ENV = \"local\"", "APP_ENV = \"local\"\nSMALL = \"1\"");
+        let text = text.replace(
+            "APP_NAME = \"shop\"",
+            &format!(
+                "APP_NAME = \"shop\"\nBLOB = \"{}\"",
+                &big[..MAX_RELEASE_BYTES / 2]
+            ),
+        );
+        let spec = AppSpec::parse(&text, "cutover.toml").unwrap();
+        let release = spec
+            .resolve(
+                "cutover.toml",
+                "local",
+                "web",
+                "v1",
+                Some(&artifact()),
+                None,
+            )
+            .unwrap();
+        assert!(release.release.encoded_len() < MAX_RELEASE_BYTES);
+        let text = GOOD.replace(
+            "APP_ENV = \"local\"",
+            &format!(
+                "APP_ENV = \"local\"\nBLOB = \"{}\"",
+                &big[..MAX_RELEASE_BYTES / 2]
+            ),
+        );
+        let text = text.replace(
+            "APP_NAME = \"shop\"",
+            &format!(
+                "APP_NAME = \"shop\"\nBLOB2 = \"{}\"",
+                &big[..MAX_RELEASE_BYTES / 2 - 10]
+            ),
+        );
+        let spec = AppSpec::parse(&text, "cutover.toml").unwrap();
+        let e = spec
+            .resolve(
+                "cutover.toml",
+                "local",
+                "web",
+                "v1",
+                Some(&artifact()),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(e.key, "environments.local.env.BLOB", "{e}");
+        assert!(e.message.contains("over the 256 KiB limit"), "{e}");
+        let huge = "x".repeat(MAX_SPEC_BYTES);
+        let e = AppSpec::parse(&format!("{GOOD}\n# {huge}"), "cutover.toml").unwrap_err();
+        assert!(e.message.contains("over the 1024 KiB limit"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,8 @@
 use cutover_proto::v1::{self as pb, command};
 
 use super::model::{
-    NodeState, Phase, Rollout, RolloutError, RolloutNode, RolloutState, TimelineEntry,
+    NodeState, Phase, Rollout, RolloutError, RolloutNode, RolloutState, StoredRelease,
+    TimelineEntry,
 };
 
 /// Margin on top of a release's own deadlines before an activation without
@@ -623,6 +624,10 @@ fn finish(r: &mut Rollout, now: i64, state: RolloutState, message: String) {
     r.phase = Phase::Done;
     r.finished_at_ms = Some(now);
     r.pause_requested = false;
+    // Nothing is sent any more: what stays of the releases is what names
+    // them (the release history keeps each whole).
+    r.release = r.release.summary();
+    r.previous = r.previous.as_ref().map(StoredRelease::summary);
     note(r, now, state.as_str(), "", message);
 }
 

@@ -1,6 +1,8 @@
 //! Direct tests of single engine decisions, beside the seeded simulation.
 
 use super::engine::{handle, Input, Observation, Outcome, Send, ServiceObservation};
+use prost::Message as _;
+
 use super::model::*;
 use crate::spec::{BatchSize, Strategy};
 
@@ -157,4 +159,23 @@ fn an_agent_that_reports_no_progress_switches_when_it_answers() {
         .collect();
     assert_eq!(switched, [50]);
     assert!(!kinds(&r).contains(&"node_old_stopped"));
+}
+
+#[test]
+fn a_finished_rollout_keeps_only_what_names_its_releases() {
+    let mut r = super::sim::rollout(1, strategy(0));
+    r.release.0.env.insert("BLOB".into(), "x".repeat(100_000));
+    let prepares = handle(&mut r, 0, Input::Start);
+    let activations = succeed(&mut r, 10, &prepares);
+    assert!(
+        activations[0].command.encoded_len() > 100_000,
+        "commands carry the whole release"
+    );
+    succeed(&mut r, 20, &activations);
+    assert_eq!(r.state, RolloutState::Succeeded);
+    assert!(r.release.0.env.is_empty());
+    assert_eq!(r.release.id(), "web-v2-11111111");
+    assert_eq!(r.release.digest(), format!("sha256:{}", "a".repeat(64)));
+    let stored = serde_json::to_vec(&r).unwrap();
+    assert!(stored.len() < 10_000, "{} bytes", stored.len());
 }

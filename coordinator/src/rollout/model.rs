@@ -212,6 +212,24 @@ impl From<StoredRelease> for String {
 }
 
 impl StoredRelease {
+    /// What names the release (id, service, version, artifact or image),
+    /// without what only a node needs to run it (environment, command,
+    /// checks): the form a finished rollout keeps.
+    pub fn summary(&self) -> StoredRelease {
+        let release = &self.0;
+        StoredRelease(pb::Release {
+            release_id: release.release_id.clone(),
+            service: release.service.clone(),
+            version: release.version.clone(),
+            artifact: release.artifact.clone(),
+            container: release.container.as_ref().map(|c| pb::Container {
+                image: c.image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
     pub fn id(&self) -> &str {
         &self.0.release_id
     }
