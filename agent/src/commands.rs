@@ -249,6 +249,7 @@ mod tests {
                 ports: 20000..=29999,
                 state_dir: dir.join("state"),
                 artifact_ca: None,
+                file_artifact_dirs: Vec::new(),
                 log_max_bytes: 1 << 20,
                 log_keep: 2,
                 releases_keep: 5,

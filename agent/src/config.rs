@@ -59,6 +59,12 @@ pub struct AgentConfig {
     /// A PEM CA trusted for https:// artifact URLs besides the public roots.
     #[serde(default)]
     pub artifact_ca: Option<PathBuf>,
+    /// The only dirs `file://` artifacts may be read from (absolute paths;
+    /// symlinks are resolved before the check). Default: none, so
+    /// `file://` artifacts are refused: the agent could otherwise be made
+    /// to copy any file it can read into its artifact cache.
+    #[serde(default)]
+    pub file_artifact_dirs: Vec<PathBuf>,
     /// Each release's stdout and stderr are rotated past this size.
     #[serde(
         default = "default_release_log_max",
@@ -187,6 +193,12 @@ impl AgentConfig {
                     "label value is longer than 253".into(),
                 ));
             }
+        }
+        if let Some(dir) = self.file_artifact_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(invalid(
+                "file_artifact_dirs",
+                format!("{} is not an absolute path", dir.display()),
+            ));
         }
         if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
             return Err(invalid(

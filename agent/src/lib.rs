@@ -9,6 +9,7 @@ pub mod config;
 pub mod cutover;
 pub mod enroll;
 pub mod figures;
+pub mod modes;
 pub mod proxy;
 pub mod renewal;
 pub mod runtime;
@@ -151,6 +152,7 @@ impl Agent {
                 ports: config.port_range.clone(),
                 state_dir: config.state_dir.clone(),
                 artifact_ca: config.artifact_ca.clone(),
+                file_artifact_dirs: config.file_artifact_dirs.clone(),
                 log_max_bytes: config.release_log_max_bytes as u64,
                 log_keep: config.release_log_files,
                 releases_keep: config.releases_keep,

@@ -33,6 +33,8 @@ pub struct NodeSettings {
     pub ports: RangeInclusive<u16>,
     pub state_dir: PathBuf,
     pub artifact_ca: Option<PathBuf>,
+    /// The only dirs `file://` artifacts may come from.
+    pub file_artifact_dirs: Vec<PathBuf>,
     pub log_max_bytes: u64,
     pub log_keep: u32,
     /// Release dirs kept per service (besides the active and previous ones).
@@ -269,6 +271,7 @@ impl NodeServices {
         let cache = ArtifactCache::open(
             settings.state_dir.join("artifacts"),
             settings.artifact_ca.as_deref(),
+            &settings.file_artifact_dirs,
         )?;
         let node = Self {
             settings,

@@ -121,7 +121,12 @@ fn settings(root: &Path) -> WebServiceSettings {
 
 async fn fixture() -> Fixture {
     let root = tempfile::tempdir().unwrap();
-    let cache = ArtifactCache::open(root.path().join("artifacts"), None).unwrap();
+    let cache = ArtifactCache::open(
+        root.path().join("artifacts"),
+        None,
+        &[root.path().to_path_buf()],
+    )
+    .unwrap();
     let store = Arc::new(AgentStore::open(&root.path().join("db")).unwrap());
     let shutdown = CancellationToken::new();
     let proxy = Proxy::bind(

@@ -310,6 +310,8 @@ impl Cluster {
             log_format: LogFormat::Text,
             port_range: 20000..=29999,
             artifact_ca: None,
+            // Tests make their file:// artifacts in temp dirs.
+            file_artifact_dirs: vec![std::env::temp_dir()],
             release_log_max_bytes: 1 << 20,
             release_log_files: 2,
             releases_keep: 5,
@@ -353,10 +355,15 @@ impl Cluster {
             ),
         };
         let text = format!(
-            "coordinator = {:?}\n{server_name}state_dir = {:?}\nname = {name:?}\naddress = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n[labels]\nenv = \"test\"\n[tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+            "coordinator = {:?}\n{server_name}state_dir = {:?}\nname = {name:?}\naddress = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\nfile_artifact_dirs = {:?}\n[labels]\nenv = \"test\"\n[tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
             coordinator,
             config.state_dir.display().to_string(),
             address,
+            config
+                .file_artifact_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>(),
             config.tls.ca_cert.display().to_string(),
             config.tls.cert.display().to_string(),
             config.tls.key.display().to_string(),
