@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cutover_common::fsutil::write_atomic;
 use cutover_proto::v1 as pb;
 use nix::sys::signal::Signal;
 use tokio::sync::Mutex;
@@ -21,6 +22,7 @@ use crate::checks::{Check, HealthGate, Probe};
 use crate::cutover::{
     stop_leftovers, CutoverError, Step, WebRelease, WebService, WebServiceSettings,
 };
+use crate::modes;
 use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::runtime::docker::{ContainerSpec, DockerEngine, DockerError};
@@ -78,6 +80,18 @@ pub enum ServiceError {
     },
     #[error("no service {0} on this node")]
     UnknownService(String),
+    #[error("cannot use {path}: {source}; the agent's user must own its state dir")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn state_dir_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ServiceError + '_ {
+    move |source| ServiceError::StateDir {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 pub struct NodeServices {
@@ -268,6 +282,16 @@ impl NodeServices {
         shutdown: CancellationToken,
     ) -> Result<Self, ServiceError> {
         let store = Arc::new(AgentStore::open(&settings.state_dir.join("db"))?);
+        // Private, also when an older agent (or umask) left them open to
+        // others; the files of releases keep their modes, logs do not.
+        let (releases, logs) = (
+            settings.state_dir.join("releases"),
+            settings.state_dir.join("logs"),
+        );
+        modes::private_dir(&releases).map_err(state_dir_error(&releases))?;
+        modes::private_dir(&logs)
+            .and_then(|()| modes::restrict_tree(&logs))
+            .map_err(state_dir_error(&logs))?;
         let cache = ArtifactCache::open(
             settings.state_dir.join("artifacts"),
             settings.artifact_ca.as_deref(),
@@ -527,8 +551,14 @@ impl NodeServices {
                 // The release dir holds only the image's name: retention
                 // prunes docker releases like any other, and their images
                 // with them.
-                std::fs::create_dir_all(&workdir)
-                    .and_then(|()| std::fs::write(workdir.join(IMAGE_FILE), &container.image))
+                modes::private_dir(&workdir)
+                    .and_then(|()| {
+                        write_atomic(
+                            &workdir.join(IMAGE_FILE),
+                            container.image.as_bytes(),
+                            modes::PRIVATE_FILE,
+                        )
+                    })
                     .map_err(|e| {
                         ServiceError::Invalid(format!(
                             "cannot record the release in {}: {e}",

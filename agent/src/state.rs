@@ -8,6 +8,8 @@ use cutover_common::fsutil::write_atomic;
 use cutover_proto::v1::{CommandJournal, CommandResult};
 use prost::Message;
 
+use crate::modes;
+
 const NODE_ID_FILE: &str = "node-id";
 const JOURNAL_FILE: &str = "commands.journal";
 /// Results kept for replay; far more than one reconnect can leave in flight.
@@ -31,12 +33,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
     }
 }
 
-/// Reads the node id, creating and persisting one on first start.
+/// Makes a state file an older agent (or another umask) left readable by
+/// others 0600.
+fn restrict(path: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::PermissionsExt;
+    let private = std::fs::Permissions::from_mode(modes::PRIVATE_FILE);
+    std::fs::set_permissions(path, private).map_err(io(path))
+}
+
+/// Reads the node id, creating and persisting one on first start. Creates
+/// the state dir too, or narrows it to 0700 if it exists (see `modes`).
 pub fn node_id(state_dir: &Path) -> Result<String, StateError> {
-    std::fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+    modes::private_dir(state_dir).map_err(io(state_dir))?;
     let path = state_dir.join(NODE_ID_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
+            restrict(&path)?;
             let id = text.trim();
             uuid::Uuid::parse_str(id).map_err(|e| StateError::Corrupt {
                 path: path.clone(),
@@ -46,7 +58,8 @@ pub fn node_id(state_dir: &Path) -> Result<String, StateError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = uuid::Uuid::new_v4().to_string();
-            write_atomic(&path, format!("{id}\n").as_bytes(), 0o644).map_err(io(&path))?;
+            write_atomic(&path, format!("{id}\n").as_bytes(), modes::PRIVATE_FILE)
+                .map_err(io(&path))?;
             Ok(id)
         }
         Err(e) => Err(io(&path)(e)),
@@ -64,13 +77,16 @@ impl Journal {
     pub fn open(state_dir: &Path) -> Result<Self, StateError> {
         let path = state_dir.join(JOURNAL_FILE);
         let results = match std::fs::read(&path) {
-            Ok(bytes) => CommandJournal::decode(bytes.as_slice())
-                .map_err(|e| StateError::Corrupt {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?
-                .results
-                .into(),
+            Ok(bytes) => {
+                restrict(&path)?;
+                CommandJournal::decode(bytes.as_slice())
+                    .map_err(|e| StateError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .results
+                    .into()
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => VecDeque::new(),
             Err(e) => return Err(io(&path)(e)),
         };
@@ -93,7 +109,7 @@ impl Journal {
             results: self.results.iter().cloned().collect(),
         }
         .encode_to_vec();
-        write_atomic(&self.path, &bytes, 0o600).map_err(io(&self.path))
+        write_atomic(&self.path, &bytes, modes::PRIVATE_FILE).map_err(io(&self.path))
     }
 
     /// The most recent ids, newest last, for the hello.

@@ -85,6 +85,12 @@ impl AgentStore {
                 reason: e.to_string(),
             }
         })?;
+        // sled makes its files with the umask's modes; they hold every
+        // release's environment, so they are the agent's alone.
+        crate::modes::restrict_tree(dir).map_err(|e| StoreError::Open {
+            path: dir.display().to_string(),
+            reason: format!("cannot make it private (0700/0600): {e}"),
+        })?;
         let services = db.open_tree("services").map_err(backend)?;
         Ok(Self {
             db,

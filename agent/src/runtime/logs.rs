@@ -20,16 +20,17 @@ pub const STDERR: &str = "stderr.log";
 /// How often the agent checks a release's log sizes.
 const ROTATE_EVERY: Duration = Duration::from_secs(2);
 
-/// Opens (creating) a log file for a release to append to.
+/// Opens (creating) a log file for a release to append to; logs are the
+/// agent's alone (see `crate::modes`).
 pub fn open_append(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::modes::private_dir(dir)?;
     }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .mode(0o640)
+        .mode(crate::modes::PRIVATE_FILE)
         .open(path)
 }
 

@@ -1,0 +1,176 @@
+//! What the agent keeps in its state dir: who may read it, and what is
+//! pruned from it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use cutover_agent::artifacts::Digest;
+use cutover_agent::modes::{mode_of, PRIVATE_DIR, PRIVATE_FILE};
+use cutover_agent::runtime::docker::DockerEngine;
+use cutover_agent::services::{NodeServices, NodeSettings};
+use cutover_agent::state::{self, Journal};
+use cutover_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+const APP: &str = include_str!("fixtures/app.py");
+
+fn settings(state_dir: &Path, sources: &Path, releases_keep: usize) -> NodeSettings {
+    NodeSettings {
+        address: "127.0.0.1".parse().unwrap(),
+        ports: 20000..=29999,
+        state_dir: state_dir.to_path_buf(),
+        artifact_ca: None,
+        file_artifact_dirs: vec![sources.to_path_buf()],
+        log_max_bytes: 1 << 20,
+        log_keep: 2,
+        releases_keep,
+        trusted_networks: Vec::new(),
+        docker: DockerEngine::new("unix:///var/run/docker.sock", "test", "test-id", Vec::new()),
+    }
+}
+
+/// The test app's archive for `version` in `sources` (each version has
+/// other bytes, so another digest).
+fn archive(sources: &Path, version: &str) -> (PathBuf, Digest) {
+    let path = sources.join(format!("app-{version}.tar.gz"));
+    let file = std::fs::File::create(&path).unwrap();
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    for (name, data) in [("app.py", APP), ("VERSION", version)] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, data.as_bytes()).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+    let digest = Digest::of_file(&path).unwrap();
+    (path, digest)
+}
+
+/// Release `web-<version>` of the test app as the coordinator sends it,
+/// served on `listen`.
+fn release(sources: &Path, version: &str, listen: u16) -> (pb::Release, Digest) {
+    let (path, digest) = archive(sources, version);
+    let http = |path: &str, body: &str| pb::Check {
+        probe: Some(pb::check::Probe::Http(pb::HttpProbe {
+            path: path.into(),
+            body_contains: body.into(),
+            ..Default::default()
+        })),
+        timeout_ms: 1000,
+    };
+    let release = pb::Release {
+        release_id: format!("web-{version}"),
+        service: "web".into(),
+        version: version.into(),
+        artifact: Some(pb::Artifact {
+            url: format!("file://{}", path.display()),
+            digest: digest.to_string(),
+        }),
+        command: vec!["python3".into(), "app.py".into()],
+        env: [("VERSION".to_string(), version.to_string())].into(),
+        web: Some(pb::WebService {
+            listen: format!("127.0.0.1:{listen}"),
+            health: Some(http("/health", "")),
+            health_interval_ms: 100,
+            healthy_threshold: 1,
+            healthy_deadline_ms: 10_000,
+            smoke: vec![http("/", version)],
+            drain_timeout_ms: 5_000,
+        }),
+        stop_grace_ms: 5_000,
+        ..Default::default()
+    };
+    (release, digest)
+}
+
+fn walk(dir: &Path, into: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() && !path.is_symlink() {
+            walk(&path, into);
+        }
+        into.push(path);
+    }
+}
+
+/// Dirs under `dir` that are not 0700 and files that are not 0600.
+fn not_private(dir: &Path) -> Vec<(PathBuf, u32)> {
+    let mut all = Vec::new();
+    walk(dir, &mut all);
+    all.push(dir.to_path_buf());
+    all.into_iter()
+        .filter(|path| !path.is_symlink())
+        .filter_map(|path| {
+            let mode = mode_of(&path).unwrap();
+            let wanted = if path.is_dir() {
+                PRIVATE_DIR
+            } else {
+                PRIVATE_FILE
+            };
+            (mode != wanted).then_some((path, mode))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_files_are_private_whatever_the_umask() {
+    // As when the agent is started by hand, outside its systemd unit.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let root = tempfile::tempdir().unwrap();
+    let (state, sources) = (root.path().join("state"), root.path().join("sources"));
+    std::fs::create_dir_all(&sources).unwrap();
+    // What an older agent left, readable by everyone.
+    let open = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    std::fs::create_dir_all(state.join("artifacts")).unwrap();
+    std::fs::create_dir_all(state.join("logs/web/web-v0")).unwrap();
+    let old_archive = state
+        .join("artifacts")
+        .join(format!("sha256-{}.tar.gz", "ab".repeat(32)));
+    std::fs::write(&old_archive, "cached").unwrap();
+    let old_log = state.join("logs/web/web-v0/stdout.log");
+    std::fs::write(&old_log, "secret in a log").unwrap();
+    std::fs::write(
+        state.join("node-id"),
+        "6f1c2a52-3d0b-4c55-9d43-2f2b1b0c8a11\n",
+    )
+    .unwrap();
+    for (path, mode) in [
+        (state.as_path(), 0o755),
+        (&state.join("artifacts"), 0o755),
+        (&old_archive, 0o644),
+        (&old_log, 0o644),
+        (&state.join("node-id"), 0o644),
+    ] {
+        open(path, mode);
+    }
+
+    // The agent's start-up, then a prepared release.
+    state::node_id(&state).unwrap();
+    let mut journal = Journal::open(&state).unwrap();
+    journal.record(pb::CommandResult::default()).unwrap();
+    let services = NodeServices::open(settings(&state, &sources, 5), CancellationToken::new())
+        .await
+        .unwrap();
+    let (v1, _) = release(&sources, "v1", 1);
+    services.prepare(&v1, &|_| {}).await.unwrap();
+
+    assert_eq!(mode_of(&state).unwrap(), PRIVATE_DIR);
+    for file in ["node-id", "commands.journal"] {
+        assert_eq!(mode_of(&state.join(file)).unwrap(), PRIVATE_FILE, "{file}");
+    }
+    for dir in ["db", "artifacts", "logs"] {
+        assert_eq!(not_private(&state.join(dir)), [], "{dir}");
+    }
+    assert_eq!(mode_of(&state.join("releases")).unwrap(), PRIVATE_DIR);
+    assert_eq!(
+        mode_of(&state.join("releases/web-v1/app.py")).unwrap(),
+        0o644,
+        "a release's own files keep the modes they need to run"
+    );
+}
