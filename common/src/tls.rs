@@ -316,7 +316,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
 
 /// What the server learned about a peer during the handshake; tonic puts it in
 /// every request's extensions.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PeerInfo {
     pub remote_addr: Option<SocketAddr>,
     pub identity: Option<Identity>,

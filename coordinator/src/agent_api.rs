@@ -47,15 +47,30 @@ fn peer_identity<T>(request: &Request<T>) -> Result<Identity, Status> {
 }
 
 impl AgentApi {
-    /// Refuses a revoked certificate, on every agent call.
-    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    /// Refuses a revoked certificate, on every agent call (`action`), and
+    /// audits the attempt.
+    fn admit<T>(&self, request: &Request<T>, action: &str) -> Result<(), Status> {
         let peer = request
             .extensions()
             .get::<PeerInfo>()
             .ok_or_else(|| Status::unauthenticated("no peer info"))?;
         match self.registry.refusal(peer) {
             Some(reason) => {
-                tracing::warn!(peer = ?peer.identity, %reason, "refused a revoked certificate");
+                let who = peer
+                    .identity
+                    .as_ref()
+                    .map_or_else(|| "unknown".to_string(), crate::access::who);
+                let address = peer.remote_addr.map(|a| a.ip().to_string()).unwrap_or_default();
+                self.access.refused(
+                    &format!("{who}@{address}"),
+                    &who,
+                    action,
+                    &serde_json::json!({
+                        "from": address,
+                        "serial": peer.serial.clone().unwrap_or_default(),
+                    }),
+                    &reason,
+                );
                 Err(Status::permission_denied(reason))
             }
             None => Ok(()),
@@ -193,7 +208,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        self.admit(&request)?;
+        self.admit(&request, "fetch_artifact")?;
         let digest = cutover_common::digest::Digest::parse(&request.get_ref().digest)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let chunks = self.artifacts.open_stream(&digest).await?;
@@ -204,7 +219,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::FetchSecretsRequest>,
     ) -> Result<Response<pb::FetchSecretsResponse>, Status> {
-        self.admit(&request)?;
+        self.admit(&request, "fetch_secrets")?;
         let identity = peer_identity(&request)?;
         let r = request.into_inner();
         let args = serde_json::json!({"service": r.service, "release_id": r.release_id});
@@ -222,7 +237,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
-        self.admit(&request)?;
+        self.admit(&request, "renew_certificate")?;
         let identity = peer_identity(&request)?;
         let who = format!("{}/{}", identity.role, identity.name);
         let lifetime = self.config.agent_cert_lifetime;
@@ -252,7 +267,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        self.admit(&request)?;
+        self.admit(&request, "session")?;
         let identity = peer_identity(&request)?;
         let peer = request
             .extensions()

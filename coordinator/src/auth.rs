@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use cutover_common::identity::{Identity, Role};
+use cutover_common::identity::Role;
 
+use crate::access::Access;
 use crate::ca::Pki;
 use cutover_common::tls::PeerInfo;
 use tonic::{Request, Status};
@@ -17,39 +18,52 @@ use tonic::{Request, Status};
 pub fn require(
     role: Role,
     pki: Arc<Pki>,
+    access: Arc<Access>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
-        let identity = peer_identity(&request)?;
-        let issuer = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|peer| peer.issuer.clone())
-            .unwrap_or_default();
+        let peer = request.extensions().get::<PeerInfo>().cloned().unwrap_or_default();
+        let address = peer
+            .remote_addr
+            .map_or_else(|| "an unknown address".to_string(), |a| a.ip().to_string());
+        let action = format!("{role}_api");
+        // Refused calls are audited (rate-limited per source): a probe with
+        // the wrong credentials is something an operator must see.
+        let refuse = |who: String, status: Status| {
+            access.refused(
+                &format!("{who}@{address}"),
+                &who,
+                &action,
+                &serde_json::json!({ "from": address }),
+                status.message(),
+            );
+            status
+        };
+        let Some(identity) = peer.identity.clone() else {
+            return Err(refuse(
+                format!("anonymous@{address}"),
+                Status::unauthenticated(
+                    "client certificate carries no cutover identity; issue one with `cutover ca issue`",
+                ),
+            ));
+        };
+        let issuer = peer.issuer.clone().unwrap_or_default();
         if !pki.trusts(&issuer) {
-            tracing::warn!(peer = %identity, ca = %issuer, "refused: certificate of a retired ca");
-            return Err(Status::unauthenticated(format!(
-                "the certificate of {identity} comes from {issuer}, which a CA rotation retired; get a new one (`cutover operator renew` before a rotation finishes, or new credentials from an admin)"
-            )));
+            return Err(refuse(
+                crate::access::who(&identity),
+                Status::unauthenticated(format!(
+                    "the certificate of {identity} comes from {issuer}, which a CA rotation retired; get a new one (`cutover operator renew` before a rotation finishes, or new credentials from an admin)"
+                )),
+            ));
         }
         if identity.role != role {
-            tracing::warn!(peer = %identity, required = %role, "refused: wrong role");
-            return Err(Status::permission_denied(format!(
-                "certificate of {identity} cannot call the {role} api; use a certificate issued with `cutover ca issue {role}`"
-            )));
+            return Err(refuse(
+                crate::access::who(&identity),
+                Status::permission_denied(format!(
+                    "certificate of {identity} cannot call the {role} api; use a certificate issued with `cutover ca issue {role}`"
+                )),
+            ));
         }
         request.extensions_mut().insert(identity);
         Ok(request)
     }
-}
-
-fn peer_identity<T>(request: &Request<T>) -> Result<Identity, Status> {
-    request
-        .extensions()
-        .get::<PeerInfo>()
-        .and_then(|peer| peer.identity.clone())
-        .ok_or_else(|| {
-            Status::unauthenticated(
-                "client certificate carries no cutover identity; issue one with `cutover ca issue`",
-            )
-        })
 }

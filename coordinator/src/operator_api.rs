@@ -306,6 +306,7 @@ impl OperatorApi {
             created_by: by.to_string(),
             created_at_ms: cutover_common::now_ms(),
             revoked_at_ms: None,
+            replaced: Vec::new(),
         };
         store
             .put_operator(&record)
@@ -318,32 +319,70 @@ impl OperatorApi {
         }))
     }
 
-    /// Marks an operator revoked, once allowed. A name without a record (a
-    /// certificate issued offline) gets a revoked one, so it is refused too.
-    fn revoke_operator_as(&self, by: &str, name: &str) -> Result<Response<pb::Operator>, Status> {
+    /// Marks an operator revoked, once allowed: every certificate of the
+    /// name is refused from then on. A name without a record is refused
+    /// unless `never_seen` (a certificate issued offline that never
+    /// connected: it gets a revoked record, so it is refused too).
+    fn revoke_operator_as(
+        &self,
+        by: &str,
+        name: &str,
+        never_seen: bool,
+    ) -> Result<Response<pb::Operator>, Status> {
         cutover_common::identity::validate_name(name)
             .map_err(|e| Status::invalid_argument(format!("operator name: {e}")))?;
         let store = self.registry.store();
-        let now = cutover_common::now_ms();
+        let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
+        let operators = store.operators().map_err(internal)?;
+        let mut record = match operators.iter().find(|o| o.name == name) {
+            Some(record) => record.clone(),
+            None if never_seen => OperatorRecord::issued_offline(name),
+            None => {
+                return Err(Status::not_found(format!(
+                    "no operator {name}; `cutover operator list` shows them (a certificate issued offline that never connected: add --never-seen)"
+                )))
+            }
+        };
+        if record.revoked_at_ms.is_some() {
+            return Ok(Response::new(operator_to_pb(&record)));
+        }
+        let admins_left = operators
+            .iter()
+            .filter(|o| o.name != name && o.role == OperatorRole::Admin && o.revoked_at_ms.is_none())
+            .count();
+        if record.role == OperatorRole::Admin && admins_left == 0 {
+            return Err(Status::failed_precondition(format!(
+                "operator {name} is the last admin; create another admin first (`cutover operator create NAME --role admin`)"
+            )));
+        }
+        record.revoked_at_ms = Some(cutover_common::now_ms());
+        store.put_operator(&record).map_err(internal)?;
+        tracing::warn!(operator = %name, %by, "operator revoked");
+        Ok(Response::new(operator_to_pb(&record)))
+    }
+
+    /// Records that `peer`'s certificate of operator `name` was renewed,
+    /// so it is refused until it expires (certificates already expired
+    /// leave the record).
+    fn replace_operator_certificate(&self, name: &str, peer: &PeerInfo) -> Result<(), Status> {
+        let (Some(serial), Some(not_after)) = (&peer.serial, peer.not_after) else {
+            return Err(Status::unauthenticated(
+                "the connection's certificate has no serial or expiry; cannot renew it",
+            ));
+        };
+        let store = self.registry.store();
+        let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
         let mut record = store
             .operator(name)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .unwrap_or_else(|| OperatorRecord {
-                name: name.to_string(),
-                role: OperatorRole::Admin,
-                envs: Vec::new(),
-                created_by: "ca issue (offline)".into(),
-                created_at_ms: now,
-                revoked_at_ms: None,
-            });
-        if record.revoked_at_ms.is_none() {
-            record.revoked_at_ms = Some(now);
-            store
-                .put_operator(&record)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            tracing::warn!(operator = %name, %by, "operator revoked");
-        }
-        Ok(Response::new(operator_to_pb(&record)))
+            .map_err(internal)?
+            .unwrap_or_else(|| OperatorRecord::issued_offline(name));
+        let now = cutover_common::now_ms();
+        record.replaced.retain(|c| c.expires_at_ms > now);
+        record.replaced.push(crate::store::ReplacedCertificate {
+            serial: serial.clone(),
+            expires_at_ms: not_after * 1000,
+        });
+        store.put_operator(&record).map_err(internal)
     }
 
     /// A deploy by operator `by`, once allowed.
@@ -689,11 +728,12 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<pb::RenewOperatorCertificateRequest>,
     ) -> Result<Response<pb::RenewOperatorCertificateResponse>, Status> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let peer_info = request.extensions().get::<PeerInfo>().cloned();
         // The new certificate lives as long as the one it replaces was
         // made to (an operator chose it at creation), within the bounds
         // `operator create` allows.
-        let lifetime = peer
+        let lifetime = peer_info
+            .clone()
             .and_then(|p| Some(p.not_after? - p.not_before? - cutover_common::pki::BACKDATE_SECS))
             .map_or(OPERATOR_CERT_DAYS * 86_400, |s| {
                 (s.max(3600) as u64).min(3650 * 86_400)
@@ -701,7 +741,7 @@ impl OperatorService for OperatorApi {
         let args = json!({"lifetime": humantime::format_duration(Duration::from_secs(lifetime)).to_string()});
         let caller =
             self.access
-                .check(&request, Need::Read, "renew_operator_certificate", &args)?;
+                .check(&request, Need::Own, "renew_operator_certificate", &args)?;
         let result = (|| {
             let cert_pem = self
                 .pki
@@ -712,6 +752,11 @@ impl OperatorService for OperatorApi {
                     Duration::from_secs(lifetime),
                 )
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            // The certificate renewed is refused from now on: recorded
+            // before the new one is handed out.
+            if let Some(peer) = &peer_info {
+                self.replace_operator_certificate(&caller.identity.name, peer)?;
+            }
             Ok(Response::new(pb::RenewOperatorCertificateResponse {
                 cert_pem,
                 ca_bundle_pem: self.pki.bundle_pem(),
@@ -767,11 +812,12 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<pb::RevokeOperatorRequest>,
     ) -> Result<Response<pb::Operator>, Status> {
-        let args = json!({"name": request.get_ref().name});
+        let args = json!({"name": request.get_ref().name, "never_seen": request.get_ref().never_seen});
         let caller = self
             .access
             .check(&request, Need::Admin, "revoke_operator", &args)?;
-        let result = self.revoke_operator_as(&caller.who(), &request.get_ref().name);
+        let r = request.get_ref();
+        let result = self.revoke_operator_as(&caller.who(), &r.name, r.never_seen);
         self.access
             .audit(&caller, "revoke_operator", &args, &result);
         result

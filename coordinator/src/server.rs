@@ -176,11 +176,11 @@ impl Coordinator {
             .tcp_nodelay(true)
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 agent_api,
-                require(Role::Agent, pki.clone()),
+                require(Role::Agent, pki.clone(), access.clone()),
             ))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 operator_api,
-                require(Role::Operator, pki.clone()),
+                require(Role::Operator, pki.clone(), access.clone()),
             ))
             // No interceptor: a node without a certificate calls it, with a
             // join token.

@@ -278,6 +278,9 @@ async fn roles_hold_operators_to_what_they_may_do_and_the_audit_log_says_so() {
         vec![
             ("dora".into(), "deployer".into(), false),
             ("pete".into(), "deployer".into(), false),
+            // Issued offline, recorded when first seen.
+            ("root".into(), "admin".into(), false),
+            ("tester".into(), "admin".into(), false),
             ("vera".into(), "viewer".into(), true),
         ]
     );
@@ -400,6 +403,161 @@ async fn a_revoked_node_is_cut_off_until_it_gets_a_new_certificate() {
             && e.outcome == "ok"
             && e.arguments.contains("node-1")),
         "{audit:?}"
+    );
+    // The revoked node's attempts are in the audit log, not only a warning.
+    assert!(
+        audit.iter().any(|e| e.who == "agent/node-1"
+            && e.action == "session"
+            && e.outcome.starts_with("refused")
+            && e.arguments.contains(&revoked.serial)),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_callers_are_audited_and_operator_credentials_are_guarded() {
+    let cluster = Cluster::start(1, Tuning::default()).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| n.len() == 1 && n[0].connected)
+        .await;
+    let admin = cluster.pki.client_files(Role::Operator, "root");
+    let mut root = cutover_integration_tests::operator_client(&cluster.url(), &admin)
+        .await
+        .unwrap();
+    // An agent's certificate on the operator API, again and again: each
+    // refusal is audited, up to a bound per source and minute.
+    let agent = cluster.pki.existing_or_new(Role::Agent, "node-1");
+    let mut intruder = cutover_integration_tests::operator_client(&cluster.url(), &agent)
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        let refused = intruder
+            .list_nodes(cutover_proto::v1::ListNodesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    }
+    let audit = audit_entries(&mut root).await;
+    let by_agent: Vec<_> = audit
+        .iter()
+        .filter(|e| e.who == "agent/node-1" && e.action == "operator_api")
+        .collect();
+    assert!(
+        (1..=20).contains(&by_agent.len()),
+        "{} entries: {by_agent:#?}",
+        by_agent.len()
+    );
+    assert!(
+        by_agent[0].outcome.starts_with("refused: ")
+            && by_agent[0].outcome.contains("cannot call the operator api"),
+        "{by_agent:#?}"
+    );
+
+    // The offline admin was recorded when first seen: its name is not
+    // handed out again, and it cannot revoke itself as the last admin.
+    let cli = Cli {
+        coordinator: cluster.url(),
+    };
+    let flags = [
+        "--coordinator",
+        &cli.coordinator,
+        "--ca-cert",
+        admin.ca_cert.to_str().unwrap(),
+        "--cert",
+        admin.cert.to_str().unwrap(),
+        "--key",
+        admin.key.to_str().unwrap(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    let (ok, text) = cli.run(
+        &[
+            &flags[..],
+            &[
+                "operator",
+                "create",
+                "root",
+                "--role",
+                "viewer",
+                "--out",
+                &out("root"),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!ok && text.contains("operator root exists"), "{text}");
+    // (The harness's own admin, seen while waiting for the node.)
+    let (ok, text) = cli.run(&[&flags[..], &["operator", "revoke", "tester"]].concat());
+    assert!(ok, "{text}");
+    let (ok, text) = cli.run(&[&flags[..], &["operator", "revoke", "root"]].concat());
+    assert!(!ok && text.contains("last admin"), "{text}");
+    let (ok, text) = cli.run(&[&flags[..], &["operator", "revoke", "nobody"]].concat());
+    assert!(!ok && text.contains("no operator nobody"), "{text}");
+    let (ok, text) = cli.run(
+        &[
+            &flags[..],
+            &["operator", "revoke", "nobody", "--never-seen"],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{text}");
+
+    // A renewal retires the certificate it replaces.
+    let (ok, text) = cli.run(
+        &[
+            &flags[..],
+            &[
+                "operator",
+                "create",
+                "olga",
+                "--role",
+                "viewer",
+                "--out",
+                &out("olga"),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{text}");
+    let olga = dir.path().join("olga/cli.toml");
+    let old_cert = dir.path().join("olga-old.crt");
+    std::fs::copy(dir.path().join("olga/operator-olga.crt"), &old_cert).unwrap();
+    let old_key = dir.path().join("olga-old.key");
+    std::fs::copy(dir.path().join("olga/operator-olga.key"), &old_key).unwrap();
+    let (ok, text) = cli.as_config(&olga, &["operator", "renew"]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli.as_config(&olga, &["nodes"]);
+    assert!(ok, "the renewed certificate works: {text}");
+    let (ok, text) = cli.run(&[
+        "--coordinator",
+        &cli.coordinator,
+        "--ca-cert",
+        dir.path().join("olga/ca.crt").to_str().unwrap(),
+        "--cert",
+        old_cert.to_str().unwrap(),
+        "--key",
+        old_key.to_str().unwrap(),
+        "nodes",
+    ]);
+    assert!(!ok && text.contains("replaced by a renewal"), "{text}");
+
+    // A revoked operator's renewal is refused, and audited.
+    let (ok, text) = cli.run(&[&flags[..], &["operator", "revoke", "olga"]].concat());
+    assert!(ok, "{text}");
+    let (ok, text) = cli.as_config(&olga, &["operator", "renew"]);
+    assert!(!ok && text.contains("was revoked"), "{text}");
+    let audit = audit_entries(&mut root).await;
+    assert!(
+        audit.iter().any(|e| e.who == "operator/olga"
+            && e.action == "renew_operator_certificate"
+            && e.outcome.starts_with("refused")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|e| e.who == "operator/olga"
+            && e.action == "list_nodes"
+            && e.outcome.contains("replaced by a renewal")),
+        "{audit:#?}"
     );
 }
 

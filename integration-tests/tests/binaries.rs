@@ -325,3 +325,72 @@ fn bad_config_files_fail_with_the_key_and_the_file_and_start_nothing() {
         &state,
     );
 }
+
+/// `token create` prints the commands to run on the node; run as printed
+/// (the token pasted at the prompt), they join it, and the secret is on
+/// no command line.
+#[test]
+fn the_printed_join_commands_work_and_keep_the_token_off_the_command_line() {
+    let cluster = DevCluster::up(1);
+    let created = cluster.cutover(&[
+        "token",
+        "create",
+        "--labels",
+        "env=local,role=web",
+        "--ttl",
+        "10m",
+    ]);
+    let text = String::from_utf8_lossy(&created.stdout).into_owned();
+    assert!(
+        created.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let mut lines = text.lines().map(str::trim);
+    let token = lines
+        .find(|l| l.starts_with("cutover-join."))
+        .expect("the token is printed once")
+        .to_string();
+    let commands: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("on the node"))
+        .skip(1)
+        .map(str::trim)
+        .collect();
+    assert_eq!(commands.len(), 2, "{text}");
+    assert!(commands.iter().all(|c| !c.contains(&token)), "{text}");
+    let out = cluster.path("joined");
+    let script = format!(
+        "set -e\n{}\n{} --name node-9",
+        commands[0],
+        commands[1].replace("/etc/cutover", out.to_str().unwrap())
+    );
+    let bin_dir = bin("cutover-agent").parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = Command::new("bash")
+        .args(["-c", &script])
+        .env("PATH", path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(child.stdin.take().unwrap(), "{token}").unwrap();
+    let joined = child.wait_with_output().unwrap();
+    assert!(
+        joined.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&joined.stdout),
+        String::from_utf8_lossy(&joined.stderr)
+    );
+    let config = std::fs::read_to_string(out.join("agent.toml")).unwrap();
+    assert!(
+        config.contains("node-9") || config.contains("env"),
+        "{config}"
+    );
+}

@@ -38,7 +38,13 @@ pub enum OperatorCommand {
     /// Operators and their roles.
     List,
     /// Refuse an operator from now on, whatever certificate it holds.
-    Revoke { name: String },
+    Revoke {
+        name: String,
+        /// The name has no record: a certificate issued offline
+        /// (`cutover ca issue operator`) that never connected.
+        #[arg(long)]
+        never_seen: bool,
+    },
     /// Renew your own certificate (same lifetime, a new key made here) and
     /// take the current CA bundle: before your certificate expires, and
     /// during a CA rotation (`cutover ca status`) before it finishes.
@@ -201,9 +207,12 @@ pub async fn operator(connect: &ConnectArgs, command: OperatorCommand, json: boo
                 print!("{}", render_table(&rows));
             }
         }
-        OperatorCommand::Revoke { name } => {
+        OperatorCommand::Revoke { name, never_seen } => {
             let operator = client
-                .revoke_operator(pb::RevokeOperatorRequest { name: name.clone() })
+                .revoke_operator(pb::RevokeOperatorRequest {
+                    name: name.clone(),
+                    never_seen,
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -428,10 +437,12 @@ pub async fn token(connect: &ConnectArgs, command: TokenCommand, json: bool) -> 
                 value["ca_fingerprint"] = json!(created.ca_fingerprint);
                 println!("{value}");
             } else {
+                // The secret never goes on a command line, where `ps` and the
+                // shell history would keep it: the agent reads it from its
+                // environment.
                 println!(
-                    "join token (shown once; it expires in {}):\n  {}\non the node:\n  cutover-agent join --coordinator {coordinator} --token {} --ca-fingerprint {} --out /etc/cutover",
+                    "join token (shown once; it expires in {}):\n  {}\non the node, paste the token at the prompt (it is not echoed), then join:\n  read -rs -p 'token: ' CUTOVER_JOIN_TOKEN && export CUTOVER_JOIN_TOKEN\n  cutover-agent join --coordinator {coordinator} --ca-fingerprint {} --out /etc/cutover",
                     humantime::format_duration(ttl),
-                    created.token,
                     created.token,
                     created.ca_fingerprint
                 );

@@ -254,6 +254,36 @@ pub struct OperatorRecord {
     /// certificate it presents. Records are never deleted, so a revoked
     /// name cannot fall back to being an (unrecorded) admin.
     pub revoked_at_ms: Option<i64>,
+    /// Certificates a renewal replaced, refused until they expire.
+    #[serde(default)]
+    pub replaced: Vec<ReplacedCertificate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplacedCertificate {
+    pub serial: String,
+    pub expires_at_ms: i64,
+}
+
+impl OperatorRecord {
+    /// The record of an admin whose certificate was issued offline with the
+    /// CA key, first seen now.
+    pub fn issued_offline(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            role: OperatorRole::Admin,
+            envs: Vec::new(),
+            created_by: "ca issue (offline)".into(),
+            created_at_ms: cutover_common::now_ms(),
+            revoked_at_ms: None,
+            replaced: Vec::new(),
+        }
+    }
+
+    /// Whether the certificate with `serial` was replaced by a renewal.
+    pub fn refuses(&self, serial: &str) -> bool {
+        !serial.is_empty() && self.replaced.iter().any(|c| c.serial == serial)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
