@@ -382,8 +382,31 @@ async fn rollback_returns_to_the_previous_or_a_named_release() {
         (r.state.clone(), r.current)
     };
     assert_eq!(state_of("v1"), ("stable".into(), true));
-    assert_eq!(state_of("v2").0, "rolled_back");
-    assert_eq!(state_of("v3").0, "rolled_back");
+    // Replaced by an operator's rollback, not failed: kept apart.
+    assert_eq!(state_of("v2").0, "reverted");
+    assert_eq!(state_of("v3").0, "reverted");
+    let note_of = |v: &str| {
+        history
+            .iter()
+            .find(|r| r.release.as_ref().unwrap().version == v)
+            .unwrap()
+            .note
+            .clone()
+    };
+    assert!(
+        note_of("v3").contains("rolled back to"),
+        "{}",
+        note_of("v3")
+    );
+
+    // "Previous" never walks forward: nothing stable was deployed before v1.
+    let none = s.client.rollback(rollback("")).await.unwrap_err();
+    assert!(
+        none.message()
+            .contains("no stable release deployed before the current one"),
+        "{}",
+        none.message()
+    );
 
     let missing = s
         .client
@@ -396,6 +419,73 @@ async fn rollback_returns_to_the_previous_or_a_named_release() {
         "{}",
         missing.message()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_says_why_it_cannot_start_and_a_failed_target_needs_force() {
+    let mut s = setup(2).await;
+    s.deploy_and_finish("v1").await;
+    // v2 fails its health check and is rolled back automatically.
+    let id = s.start("v2", "HEALTH = \"fail\"", FAST).await;
+    let failed = s.finish(&id).await;
+    assert_eq!(failed.state, "rolled_back", "{failed:#?}");
+    let v2 = failed.release.unwrap().id;
+    let history = s.releases().await;
+    let entry = history
+        .iter()
+        .find(|r| r.release.as_ref().unwrap().id == v2)
+        .unwrap();
+    assert_eq!(entry.state, "rolled_back");
+    assert!(entry.note.contains("health"), "{entry:?}");
+
+    let rollback = |to: &str, force: bool| pb::RollbackRequest {
+        env: "test".into(),
+        service: "web".into(),
+        to_release: to.into(),
+        allow_unreachable: false,
+        force,
+    };
+    let refused = s.client.rollback(rollback(&v2, false)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("--force") && refused.message().contains("rolled_back"),
+        "{}",
+        refused.message()
+    );
+
+    // While a rollout runs, the answer is that rollout, and how to stop it.
+    let running = s
+        .start("v3", "", "batch = 1\nmin_healthy_time = \"30s\"")
+        .await;
+    s.wait_until(&running, Duration::from_secs(30), |r| r.phase == "watch")
+        .await;
+    let locked = s.client.rollback(rollback("", false)).await.unwrap_err();
+    assert_eq!(locked.code(), tonic::Code::Aborted, "{locked:?}");
+    assert!(
+        locked.message().contains(&running) && locked.message().contains("cutover rollout abort"),
+        "{}",
+        locked.message()
+    );
+    s.client
+        .control_rollout(pb::ControlRolloutRequest {
+            id: running.clone(),
+            action: pb::RolloutAction::Abort as i32,
+        })
+        .await
+        .unwrap();
+    s.finish(&running).await;
+
+    // Forced, with the warning first in its timeline.
+    let forced = s
+        .client
+        .rollback(rollback(&v2, true))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = &forced.rollouts[0].timeline[0];
+    assert_eq!(first.kind, "warning");
+    assert!(first.message.contains("forced a rollback"), "{first:?}");
+    s.finish(&forced.rollouts[0].id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -370,7 +370,12 @@ fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
                     format!("{name} stopped {from}"),
                 );
             }
-            settle(&mut r.nodes[i], NodeState::Switched);
+            // Heartbeats count from the answer on: one sent between the
+            // switch and the answer may still show the old release.
+            let node = &mut r.nodes[i];
+            node.switched_at_ms = now;
+            node.seen_healthy = false;
+            settle(node, NodeState::Switched);
         }
         (NodeState::RollingBack, Outcome::Succeeded) => {
             let back_to = r
@@ -453,8 +458,6 @@ fn switched(r: &mut Rollout, now: i64, i: usize) {
     let release = r.release.id().to_string();
     let node = &mut r.nodes[i];
     node.release = release.clone();
-    node.switched_at_ms = now;
-    node.seen_healthy = false;
     let name = node.name.clone();
     note(
         r,
