@@ -5,7 +5,7 @@
 //!    within `healthy_deadline`;
 //! 3. run the smoke checks against B;
 //! 4. switch the node proxy to B, atomically;
-//! 5. drain A: requests in flight to A finish, up to `drain_timeout`;
+//! 5. drain A: requests in flight to A finish, up to B's `drain_timeout`;
 //! 6. stop A.
 //!
 //! If 2 or 3 fails, B is stopped and A keeps serving, untouched: the proxy
@@ -58,6 +58,12 @@ pub struct WebRelease {
     pub stop_command: Vec<String>,
     #[serde(default)]
     pub stop_timeout: Duration,
+    /// How long requests in flight to the release this one replaces may
+    /// finish (and, once this one is replaced or stopped, requests to it).
+    /// Each release carries its own: the operator's choice for the release
+    /// being deployed governs its cutover.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Duration,
     /// Set for a docker release: run as a container of this image.
     #[serde(default)]
     pub container: Option<ContainerSpec>,
@@ -69,6 +75,14 @@ pub struct WebRelease {
     pub secrets: Vec<String>,
     #[serde(skip)]
     pub secret_values: SecretSlot,
+}
+
+/// A web release's drain timeout when its spec names none; also that of
+/// releases recorded before releases carried their own.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn default_drain_timeout() -> Duration {
+    DEFAULT_DRAIN_TIMEOUT
 }
 
 /// Signals by name ("SIGTERM") in stored records.
@@ -96,7 +110,6 @@ pub struct WebServiceSettings {
     /// The node's address: releases bind here, on a port from `ports`.
     pub address: IpAddr,
     pub ports: RangeInclusive<u16>,
-    pub drain_timeout: Duration,
     /// Each release logs to `<log_root>/<release id>/`.
     pub log_root: PathBuf,
     pub log_max_bytes: u64,
@@ -685,13 +698,15 @@ impl WebService {
             });
         }
         let release_id = release.release_id.clone();
+        // B's own: what the operator chose for the release deployed now.
+        let drain_timeout = release.drain_timeout;
         let (old, old_upstream) = self.serve(release, port, supervisor);
         let previous = match old {
             Some(old) => {
                 let drain = match old_upstream {
                     Some(upstream) => {
                         progress(Step::Draining);
-                        upstream.drain(self.settings.drain_timeout).await
+                        upstream.drain(drain_timeout).await
                     }
                     None => NOTHING_TO_DRAIN,
                 };
@@ -734,7 +749,6 @@ impl WebService {
         }
         ServiceRecord {
             listen: self.listen(),
-            drain_timeout: self.settings.drain_timeout,
             admitted: self.admitted(),
             active,
             previous,
@@ -848,7 +862,7 @@ impl WebService {
             tracing::error!(service = %self.settings.name, %error, "cannot record the stop");
         }
         let drain = match upstream {
-            Some(upstream) => upstream.drain(self.settings.drain_timeout).await,
+            Some(upstream) => upstream.drain(running.spec.drain_timeout).await,
             None => NOTHING_TO_DRAIN,
         };
         let stop = running.supervisor.stop().await;

@@ -21,6 +21,7 @@ use crate::artifacts::{unpack, ArtifactCache, ArtifactError, Digest};
 use crate::checks::{Check, HealthGate, Probe};
 use crate::cutover::{
     stop_leftovers, CutoverError, Step, WebRelease, WebService, WebServiceSettings,
+    DEFAULT_DRAIN_TIMEOUT,
 };
 use crate::modes;
 use crate::proxy::headers::Network;
@@ -325,7 +326,7 @@ impl NodeServices {
             }
             // One service that cannot come back must not keep the others
             // (and the agent) down: it is logged and left out.
-            match node.bind(&name, record.listen, record.drain_timeout).await {
+            match node.bind(&name, record.listen).await {
                 Ok(service) => {
                     node.remember(&service);
                     node.services
@@ -378,7 +379,6 @@ impl NodeServices {
         &self,
         name: &str,
         listen: Option<SocketAddr>,
-        drain_timeout: Duration,
     ) -> Result<WebService, ServiceError> {
         let proxy = match listen {
             Some(listen) => {
@@ -399,7 +399,6 @@ impl NodeServices {
             name: name.to_string(),
             address: self.settings.address,
             ports: self.settings.ports.clone(),
-            drain_timeout,
             log_root: self.settings.state_dir.join("logs").join(name),
             log_max_bytes: self.settings.log_max_bytes,
             log_keep: self.settings.log_keep,
@@ -448,7 +447,7 @@ impl NodeServices {
         if container.is_none() && release.command.is_empty() {
             return Err(ServiceError::Invalid("no command".into()));
         }
-        let (health, gate, smoke, min_healthy_time) = match kind {
+        let (health, gate, smoke, min_healthy_time, drain_timeout) = match kind {
             ReleaseKind::Web(web) => (
                 Some(check_from(
                     web.health
@@ -467,6 +466,7 @@ impl NodeServices {
                     .map(|(i, c)| check_from(c, &format!("smoke check {}", i + 1)))
                     .collect::<Result<Vec<_>, _>>()?,
                 Duration::ZERO,
+                millis(web.drain_timeout_ms, DEFAULT_DRAIN_TIMEOUT),
             ),
             ReleaseKind::Worker(worker) => {
                 let health = match &worker.health {
@@ -491,6 +491,8 @@ impl NodeServices {
                     },
                     Vec::new(),
                     Duration::from_millis(worker.min_healthy_time_ms),
+                    // A worker has no proxy, nothing to drain.
+                    Duration::ZERO,
                 )
             }
         };
@@ -602,6 +604,7 @@ impl NodeServices {
             min_healthy_time,
             stop_command: release.stop_command.clone(),
             stop_timeout: Duration::from_millis(release.stop_timeout_ms),
+            drain_timeout,
             container,
             secrets,
             secret_values: Default::default(),
@@ -628,21 +631,16 @@ impl NodeServices {
             values.push((name.clone(), value.clone()));
         }
         web_release.secret_values = crate::runtime::process::SecretSlot::ready(values);
-        let (listen, drain_timeout) = match ReleaseKind::of(release)? {
-            ReleaseKind::Web(web) => (
-                Some(listen_addr(&web.listen, self.settings.address)?),
-                millis(web.drain_timeout_ms, Duration::from_secs(30)),
-            ),
-            ReleaseKind::Worker(_) => (None, Duration::ZERO),
+        let listen = match ReleaseKind::of(release)? {
+            ReleaseKind::Web(web) => Some(listen_addr(&web.listen, self.settings.address)?),
+            ReleaseKind::Worker(_) => None,
         };
         let (shared, created) = {
             let mut services = self.services.lock().await;
             match services.get(&release.service) {
                 Some(existing) => (existing.clone(), false),
                 None => {
-                    let service = Arc::new(Mutex::new(
-                        self.bind(&release.service, listen, drain_timeout).await?,
-                    ));
+                    let service = Arc::new(Mutex::new(self.bind(&release.service, listen).await?));
                     services.insert(release.service.clone(), service.clone());
                     (service, true)
                 }

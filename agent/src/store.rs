@@ -26,7 +26,6 @@ pub enum StoreError {
 pub struct ServiceRecord {
     /// The proxy's public address; `None` for a worker.
     pub listen: Option<SocketAddr>,
-    pub drain_timeout: Duration,
     /// False while the node is drained for this service; survives restarts,
     /// so an agent restart does not put a node under maintenance back in
     /// rotation.
@@ -169,4 +168,66 @@ fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError>
         key: key.to_string(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checks::HealthGate;
+    use crate::cutover::DEFAULT_DRAIN_TIMEOUT;
+
+    fn release(drain_timeout: Duration) -> WebRelease {
+        WebRelease {
+            release_id: "web-v1".into(),
+            command: vec!["./run".into()],
+            workdir: "/var/lib/cutover-agent/releases/web-v1".into(),
+            env: Vec::new(),
+            health: None,
+            gate: HealthGate {
+                interval: Duration::from_secs(1),
+                healthy_threshold: 1,
+                deadline: Duration::from_secs(60),
+            },
+            smoke: Vec::new(),
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            stop_grace: Duration::from_secs(10),
+            min_healthy_time: Duration::ZERO,
+            stop_command: Vec::new(),
+            stop_timeout: Duration::ZERO,
+            drain_timeout,
+            container: None,
+            secrets: Vec::new(),
+            secret_values: Default::default(),
+        }
+    }
+
+    #[test]
+    fn records_from_before_releases_carried_their_drain_timeout_still_read() {
+        let record = ServiceRecord {
+            listen: Some("127.0.0.1:8080".parse().unwrap()),
+            admitted: true,
+            active: Some(ActiveRelease {
+                release: release(Duration::from_millis(200)),
+                port: 20001,
+                instance: None,
+            }),
+            previous: None,
+            leftovers: Vec::new(),
+            history: vec!["web-v1".into()],
+        };
+        let written = serde_json::to_vec(&record).unwrap();
+        let read: ServiceRecord = decode("web", &written).unwrap();
+        assert_eq!(read, record, "a release keeps its own drain timeout");
+
+        // The old shape: one drain timeout per service, none per release.
+        let mut old: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        old["active"]["release"]
+            .as_object_mut()
+            .unwrap()
+            .remove("drain_timeout");
+        old["drain_timeout"] = serde_json::json!({ "secs": 3, "nanos": 0 });
+        let read: ServiceRecord = decode("web", old.to_string().as_bytes()).unwrap();
+        let active = read.active.unwrap();
+        assert_eq!(active.release.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    }
 }

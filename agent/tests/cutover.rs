@@ -92,6 +92,7 @@ fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> WebRele
         min_healthy_time: Duration::ZERO,
         stop_command: Vec::new(),
         stop_timeout: Duration::ZERO,
+        drain_timeout: Duration::from_secs(10),
         container: None,
         secrets: Vec::new(),
         secret_values: Default::default(),
@@ -111,7 +112,6 @@ fn settings(root: &Path) -> WebServiceSettings {
         name: "web".into(),
         address: "127.0.0.1".parse().unwrap(),
         ports: 20000..=29999,
-        drain_timeout: Duration::from_secs(10),
         log_root: root.join("logs"),
         log_max_bytes: 1 << 20,
         log_keep: 2,
@@ -210,6 +210,20 @@ impl Fixture {
             "http://{}{path}",
             self.service.proxy().expect("a web service").local_addr()
         )
+    }
+
+    /// Starts GET /slow?chunks=N (a chunk a second) and returns once it is
+    /// under way: in flight to the serving release until its last chunk,
+    /// which the returned task reads.
+    async fn hold_request(&self, chunks: u32) -> tokio::task::JoinHandle<()> {
+        let client = Client::builder(TokioExecutor::new())
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let url = self.url(&format!("/slow?chunks={chunks}"));
+        let response = client.get(url.parse().unwrap()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        tokio::spawn(async move {
+            let _ = response.into_body().collect().await;
+        })
     }
 
     /// Live processes of this fixture's releases.
@@ -603,4 +617,49 @@ async fn a_first_cutover_cut_short_leaves_no_orphan() {
         "the candidate of the first cutover was stopped"
     );
     assert!(fx.service.active().is_none());
+}
+
+/// The drain when cutting over to a release is that release's own drain
+/// timeout, in both directions, whatever the service's first release said;
+/// a stop drains with the serving release's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_release_drains_with_its_own_drain_timeout() {
+    let (short, long) = (Duration::from_millis(200), Duration::from_secs(60));
+    let mut fx = fixture().await;
+    let draining = |mut release: WebRelease, drain_timeout| {
+        release.drain_timeout = drain_timeout;
+        release
+    };
+    let v1 = draining(fx.release("v1", &[]).await, short);
+    fx.service.cutover(v1, |_| {}).await.unwrap();
+
+    // Short to long: a 2 s response to v1 finishes, v1's 200 ms aside.
+    let held = fx.hold_request(3).await;
+    let v2 = draining(fx.release("v2", &[]).await, long);
+    let report = fx.service.cutover(v2, |_| {}).await.unwrap();
+    let drain = report.previous.unwrap().drain;
+    assert!(drain.completed && drain.cut == 0, "{drain:?}");
+    held.await.unwrap();
+
+    // Long to short: a response to v2 that would take a minute is cut.
+    let held = fx.hold_request(60).await;
+    let v3 = draining(fx.release("v3", &[]).await, short);
+    let report = fx.service.cutover(v3, |_| {}).await.unwrap();
+    let drain = report.previous.unwrap().drain;
+    assert!(!drain.completed && drain.cut == 1, "{drain:?}");
+    assert!(drain.waited >= short, "{drain:?}");
+    held.abort();
+
+    // A stop drains as the serving release says.
+    let v4 = draining(fx.release("v4", &[]).await, long);
+    fx.service.cutover(v4, |_| {}).await.unwrap();
+    let held = fx.hold_request(3).await;
+    let stopped = fx.service.stop().await.unwrap();
+    assert!(
+        stopped.drain.completed && stopped.drain.cut == 0,
+        "{:?}",
+        stopped.drain
+    );
+    held.await.unwrap();
+    assert_eq!(fx.app_processes(), 0);
 }
