@@ -106,6 +106,9 @@ impl ConnectArgs {
         let url = CoordinatorUrl::parse(&coordinator)?;
         // A renewal (`operator renew`) a crash cut short is completed first.
         cutover_common::pki::finish_pair_swap(&files.cert, &files.key);
+        if let Some(warning) = exposed_key(&files.key) {
+            eprintln!("warning: {warning}");
+        }
         let config = tls::client_config(&files)?;
         let connection = tls::connect(
             &url,
@@ -152,4 +155,38 @@ pub fn ensure_output(output: &str) -> Result<()> {
         bail!("unknown output format {output:?}: use table or json");
     }
     Ok(())
+}
+
+/// A warning when others can read the operator key at `path`: whoever
+/// reads it acts as this operator.
+fn exposed_key(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the operator key {} is readable by others (mode {mode:o}); anyone who reads it can act as you: `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_key_others_can_read_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("operator.key");
+        std::fs::write(&key, "key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(super::exposed_key(&key), None);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = super::exposed_key(&key).unwrap();
+        assert!(
+            warning.contains("mode 644") && warning.contains("chmod 600"),
+            "{warning}"
+        );
+    }
 }

@@ -501,34 +501,40 @@ impl Rollouts {
             .map(|r| r.release))
     }
 
-    /// Picks the nodes of `target`, once nothing else holds its service.
-    fn plan(&self, target: Target, allow_unreachable: bool) -> Result<Plan, RolloutError> {
-        let Target { env, service, .. } = &target;
+    /// Whether anything but `deployment` holds `service` of `env`: a
+    /// running rollout of it, or a deployment that has yet to roll it out.
+    fn check_free(&self, env: &str, service: &str, deployment: &str) -> Result<(), RolloutError> {
         if let Some(running) = self
             .store
             .rollouts()?
             .into_iter()
-            .find(|r| !r.state.is_terminal() && &r.env == env && &r.service == service)
+            .find(|r| !r.state.is_terminal() && r.env == env && r.service == service)
         {
             return Err(RolloutError::Locked {
                 id: running.id,
                 state: running.state.as_str(),
-                env: env.clone(),
-                service: service.clone(),
+                env: env.to_string(),
+                service: service.to_string(),
             });
         }
-        if let Some(deployment) = self
+        if let Some(claimed) = self
             .store
             .deployments()?
             .into_iter()
-            .find(|d| d.id != target.deployment && d.claims(env, service))
+            .find(|d| d.id != deployment && d.claims(env, service))
         {
             return Err(RolloutError::Claimed {
-                deployment: deployment.id,
-                env: env.clone(),
-                service: service.clone(),
+                deployment: claimed.id,
+                env: env.to_string(),
+                service: service.to_string(),
             });
         }
+        Ok(())
+    }
+
+    /// Picks the nodes of `target`, once nothing else holds its service.
+    fn plan(&self, target: Target, allow_unreachable: bool) -> Result<Plan, RolloutError> {
+        self.check_free(&target.env, &target.service, &target.deployment)?;
         let (env, service, selector, release) = (
             target.env.clone(),
             target.service.clone(),

@@ -51,18 +51,7 @@ impl Rollouts {
         self.make_way(env, service, by).await;
         // A running rollout is the answer to "why not", before any question
         // of which release to return to.
-        if let Some(running) = self
-            .list()?
-            .into_iter()
-            .find(|r| !r.state.is_terminal() && &r.env == env && &r.service == service)
-        {
-            return Err(RolloutError::Locked {
-                id: running.id,
-                state: running.state.as_str(),
-                env: env.clone(),
-                service: service.clone(),
-            });
-        }
+        self.check_free(env, service, &request.deployment)?;
         let history = self.store.releases(env, service)?;
         if history.is_empty() {
             return Err(RolloutError::NoRollbackTarget(format!(
