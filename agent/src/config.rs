@@ -75,7 +75,8 @@ pub struct AgentConfig {
     #[serde(default = "default_release_log_files")]
     pub release_log_files: u32,
     /// Release dirs kept on disk per service for fast rollbacks, besides the
-    /// active and the previous release, which are never pruned.
+    /// active and the previous release and releases prepared but not yet
+    /// activated, which are never pruned (the last for a week at most).
     #[serde(default = "default_releases_keep")]
     pub releases_keep: usize,
     /// Peers (CIDR networks) whose X-Forwarded-For/-Proto/-Host headers the

@@ -21,8 +21,10 @@ impl Sampler {
     }
 
     /// CPU use is measured between two calls: every sample covers the time
-    /// since the previous one, i.e. one heartbeat interval.
-    pub fn sample(&mut self) -> SystemFigures {
+    /// since the previous one, i.e. one heartbeat interval. The disk the
+    /// releases take is the services' to measure (after their changes, not
+    /// every heartbeat): it comes in as `release_disk_bytes`.
+    pub fn sample(&mut self, release_disk_bytes: u64) -> SystemFigures {
         self.system.refresh_cpu_usage();
         self.system
             .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
@@ -51,6 +53,7 @@ impl Sampler {
             disk_free_bytes,
             disk_total_bytes,
             uptime_seconds: System::uptime(),
+            release_disk_bytes,
         }
     }
 }
@@ -63,9 +66,9 @@ mod tests {
     fn figures_are_plausible() {
         let dir = tempfile::tempdir().unwrap();
         let mut sampler = Sampler::new(dir.path().to_path_buf());
-        let _ = sampler.sample();
+        let _ = sampler.sample(0);
         std::thread::sleep(std::time::Duration::from_millis(200));
-        let figures = sampler.sample();
+        let figures = sampler.sample(4096);
         assert!(figures.memory_total_bytes > 0);
         assert!(figures.memory_used_bytes <= figures.memory_total_bytes);
         assert!(
@@ -73,5 +76,6 @@ mod tests {
         );
         assert!((0.0..=100.0).contains(&figures.cpu_percent));
         assert!(figures.uptime_seconds > 0);
+        assert_eq!(figures.release_disk_bytes, 4096);
     }
 }

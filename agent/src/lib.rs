@@ -12,6 +12,7 @@ pub mod figures;
 pub mod modes;
 pub mod proxy;
 pub mod renewal;
+pub mod retention;
 pub mod runtime;
 pub mod services;
 pub mod state;
@@ -316,10 +317,11 @@ impl Agent {
                 // Dropping `outbound` ends our half of the stream cleanly.
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = ticker.tick() => {
+                    let services = self.executor.services();
                     let heartbeat = pb::Heartbeat {
                         sent_at_ms: cutover_common::now_ms(),
-                        figures: Some(self.sampler.sample()),
-                        services: self.executor.services().state(),
+                        figures: Some(self.sampler.sample(services.release_disk_bytes())),
+                        services: services.state(),
                     };
                     // A full queue means the connection is stuck; the next
                     // heartbeat will do, and keepalive will end a dead one.

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use crate::cutover::{
 use crate::modes;
 use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
+use crate::retention;
 use crate::runtime::docker::{ContainerSpec, DockerEngine, DockerError};
 use crate::store::{AgentStore, StoreError};
 
@@ -47,13 +49,6 @@ pub struct NodeSettings {
     /// Runs docker releases.
     pub docker: DockerEngine,
 }
-
-/// A release dir younger than this is never pruned: it may be prepared for a
-/// cutover that has not run yet (a rollout paused overnight still finds it).
-const PRUNE_MIN_AGE: Duration = Duration::from_secs(24 * 3600);
-
-/// In a docker release's dir: the pinned image it runs.
-const IMAGE_FILE: &str = "image";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -107,6 +102,10 @@ pub struct NodeServices {
     snapshots: std::sync::Mutex<BTreeMap<String, pb::ServiceState>>,
     /// The open connection to the coordinator, for `coordinator:` artifacts.
     coordinator: std::sync::Mutex<Option<Channel>>,
+    /// One prune at a time (activations of different services run at once).
+    pruning: Mutex<()>,
+    /// Bytes release dirs and cached artifacts took when last measured.
+    release_disk_bytes: AtomicU64,
 }
 
 /// A release's container settings, checked: the image must be pinned by
@@ -306,6 +305,8 @@ impl NodeServices {
             services: Mutex::new(BTreeMap::new()),
             snapshots: std::sync::Mutex::new(BTreeMap::new()),
             coordinator: std::sync::Mutex::new(None),
+            pruning: Mutex::new(()),
+            release_disk_bytes: AtomicU64::new(0),
         };
         for name in node.store.service_names()? {
             let Some(record) = node.store.service(&name)? else {
@@ -340,6 +341,7 @@ impl NodeServices {
             }
         }
         node.remove_orphan_containers().await;
+        node.prune().await;
         Ok(node)
     }
 
@@ -415,8 +417,22 @@ impl NodeServices {
             .insert(state.service.clone(), state);
     }
 
-    /// Fetches, verifies and unpacks a release; returns it ready to start.
+    /// The `prepare` command: fetches, verifies and unpacks a release for a
+    /// cutover to come; returns it ready to start.
     pub async fn prepare(
+        &self,
+        release: &pb::Release,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<WebRelease, ServiceError> {
+        let ready = self.make_ready(release, progress).await;
+        self.measure_disk().await;
+        ready
+    }
+
+    /// Fetches, verifies and unpacks a release (pulls its image); returns
+    /// it ready to start. It stays on disk until activated, or for
+    /// `retention::PREPARED_KEEP`.
+    async fn make_ready(
         &self,
         release: &pb::Release,
         progress: &(dyn Fn(&str) + Sync),
@@ -531,6 +547,12 @@ impl NodeServices {
             .state_dir
             .join("releases")
             .join(&release.release_id);
+        // Noted before anything lands on disk: a prune meanwhile keeps it.
+        self.store.note_prepared(
+            &release.release_id,
+            artifact.as_ref().map(|(_, digest)| digest.to_string()),
+            cutover_common::now_ms(),
+        )?;
         match (&container, artifact) {
             (Some(container), _) => {
                 progress("pulling");
@@ -556,7 +578,7 @@ impl NodeServices {
                 modes::private_dir(&workdir)
                     .and_then(|()| {
                         write_atomic(
-                            &workdir.join(IMAGE_FILE),
+                            &workdir.join(retention::IMAGE_FILE),
                             container.image.as_bytes(),
                             modes::PRIVATE_FILE,
                         )
@@ -622,7 +644,7 @@ impl NodeServices {
         secret_values: &std::collections::HashMap<String, String>,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<pb::Activated, ServiceError> {
-        let mut web_release = self.prepare(release, progress).await?;
+        let mut web_release = self.make_ready(release, progress).await?;
         let mut values = Vec::new();
         for name in &web_release.secrets {
             let value = secret_values.get(name).ok_or_else(|| {
@@ -660,6 +682,7 @@ impl NodeServices {
         // second copy of the release.
         let state = service.state();
         if state.release_id == release.release_id && state.running {
+            self.store.note_activated(&release.release_id)?;
             return Ok(pb::Activated {
                 release_id: state.release_id,
                 upstream: state.upstream,
@@ -689,6 +712,11 @@ impl NodeServices {
             self.forget_service(&release.service, shared).await;
         }
         let report = result?;
+        // Recorded active first (by the cutover), then no longer waiting:
+        // a prune in between keeps it either way.
+        if let Err(error) = self.store.note_activated(&report.release_id) {
+            tracing::error!(release = %report.release_id, %error, "cannot record the activation; the release dir may be pruned late");
+        }
         self.prune().await;
         let previous = report.previous.as_ref();
         Ok(pb::Activated {
@@ -701,32 +729,58 @@ impl NodeServices {
         })
     }
 
-    /// Deletes release dirs no service needs: each service keeps its last
-    /// `releases_keep` releases, and always its active and previous one and
-    /// anything a cutover is busy with.
+    /// Removes the release dirs and cached artifacts nothing keeps (see
+    /// `retention`), and the images only removed docker releases ran; then
+    /// measures what is left.
     pub async fn prune(&self) {
-        let mut keep = std::collections::HashSet::new();
-        let names = self.store.service_names().unwrap_or_default();
-        for name in names {
-            let Ok(Some(record)) = self.store.service(&name) else {
-                continue;
-            };
-            let skip = record
-                .history
-                .len()
-                .saturating_sub(self.settings.releases_keep);
-            keep.extend(record.history.into_iter().skip(skip));
-            keep.extend(record.active.map(|a| a.release.release_id));
-            keep.extend(record.previous);
-            keep.extend(record.leftovers.into_iter().map(|l| l.release_id));
-        }
-        let dir = self.settings.state_dir.join("releases");
-        let (removed, mut images) = tokio::task::spawn_blocking(move || {
-            let images = release_images(&dir);
-            (prune_releases(&dir, &keep, PRUNE_MIN_AGE), images)
+        let _one_at_a_time = self.pruning.lock().await;
+        let releases = self.settings.state_dir.join("releases");
+        let cache = self.cache.dir().to_path_buf();
+        // The disk first, then the store: a dir listed was noted prepared
+        // before it existed. The release records before the services': an
+        // activation records its release active before it clears the note.
+        let (dirs, archives, mut images) = {
+            let (releases, cache) = (releases.clone(), cache.clone());
+            tokio::task::spawn_blocking(move || {
+                let images = retention::release_images(&releases);
+                (retention::list(&releases), retention::list(&cache), images)
+            })
+            .await
+            .expect("prune listing panicked")
+        };
+        let read = || -> Result<_, StoreError> {
+            let files = self.store.release_files()?;
+            let mut services = Vec::new();
+            for name in self.store.service_names()? {
+                services.extend(self.store.service(&name)?);
+            }
+            Ok((files, services))
+        };
+        let (files, services) = match read() {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::error!(%error, "cannot read what the releases need; nothing pruned");
+                return;
+            }
+        };
+        let plan = retention::plan(
+            &services,
+            &files,
+            self.settings.releases_keep,
+            cutover_common::now_ms(),
+            &dirs,
+            &archives,
+        );
+        let removed = tokio::task::spawn_blocking(move || {
+            retention::remove(&cache, &plan.archives);
+            (retention::remove(&releases, &plan.dirs), plan.forget)
         })
         .await
         .expect("prune task panicked");
+        let (removed, forget) = removed;
+        if let Err(error) = self.store.forget_releases(&forget) {
+            tracing::warn!(%error, "cannot forget pruned releases");
+        }
         let mut unused = std::collections::BTreeSet::new();
         for release in &removed {
             tracing::info!(%release, "pruned release dir");
@@ -737,6 +791,28 @@ impl NodeServices {
         for image in unused.difference(&kept) {
             self.settings.docker.remove_image(image).await;
         }
+        self.measure_disk().await;
+    }
+
+    /// Measures the disk release dirs and cached artifacts take, for
+    /// heartbeats.
+    async fn measure_disk(&self) {
+        let dirs = [
+            self.settings.state_dir.join("releases"),
+            self.cache.dir().to_path_buf(),
+        ];
+        let used = tokio::task::spawn_blocking(move || {
+            dirs.iter().map(|d| retention::disk_usage(d)).sum()
+        })
+        .await
+        .expect("disk usage task panicked");
+        self.release_disk_bytes.store(used, Ordering::Relaxed);
+    }
+
+    /// Bytes release dirs and cached artifacts took when last measured
+    /// (after each prepare, prune and at start-up).
+    pub fn release_disk_bytes(&self) -> u64 {
+        self.release_disk_bytes.load(Ordering::Relaxed)
     }
 
     async fn forget_service(&self, name: &str, service: Arc<Mutex<WebService>>) {
@@ -881,9 +957,6 @@ impl NodeServices {
     }
 }
 
-/// Removes the release dirs under `dir` that are not in `keep` and older
-/// than `min_age`; returns the ids removed. Half-unpacked temp dirs (names
-/// starting with '.') are left to their own cleanup.
 /// A signal as images name it: "SIGQUIT", "QUIT" or "3".
 fn parse_signal(text: &str) -> Option<Signal> {
     let text = text.trim();
@@ -896,52 +969,6 @@ fn parse_signal(text: &str) -> Option<Signal> {
         .ok()
 }
 
-/// Images of the docker releases under `dir`, by release id.
-fn release_images(dir: &std::path::Path) -> BTreeMap<String, String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return BTreeMap::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let image = std::fs::read_to_string(entry.path().join(IMAGE_FILE)).ok()?;
-            Some((entry.file_name().to_string_lossy().into_owned(), image))
-        })
-        .collect()
-}
-
-pub fn prune_releases(
-    dir: &std::path::Path,
-    keep: &std::collections::HashSet<String>,
-    min_age: Duration,
-) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut removed = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || keep.contains(&name) {
-            continue;
-        }
-        let old_enough = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age >= min_age);
-        if !old_enough {
-            continue;
-        }
-        match std::fs::remove_dir_all(entry.path()) {
-            Ok(()) => removed.push(name),
-            Err(error) => tracing::warn!(%error, release = %name, "cannot prune release dir"),
-        }
-    }
-    removed.sort();
-    removed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -952,37 +979,5 @@ mod tests {
         assert_eq!(parse_signal("quit"), Some(Signal::SIGQUIT));
         assert_eq!(parse_signal("15"), Some(Signal::SIGTERM));
         assert_eq!(parse_signal("SIGNOPE"), None);
-    }
-
-    #[test]
-    fn pruning_keeps_what_is_needed_and_what_is_young() {
-        let dir = tempfile::tempdir().unwrap();
-        let old = std::time::SystemTime::now() - Duration::from_secs(7200);
-        for name in ["web-v1", "web-v2", "web-v3", "web-v4", ".unpack-123"] {
-            let path = dir.path().join(name);
-            std::fs::create_dir_all(path.join("sub")).unwrap();
-            std::fs::write(path.join("sub/file"), "x").unwrap();
-            std::fs::File::open(&path)
-                .unwrap()
-                .set_modified(old)
-                .unwrap();
-        }
-        // Young: prepared a moment ago for a cutover to come.
-        std::fs::create_dir(dir.path().join("web-v5")).unwrap();
-        let keep = ["web-v3".to_string(), "web-v4".to_string()]
-            .into_iter()
-            .collect();
-        let removed = prune_releases(dir.path(), &keep, Duration::from_secs(3600));
-        assert_eq!(removed, ["web-v1", "web-v2"]);
-        let left: std::collections::BTreeSet<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        let expected: std::collections::BTreeSet<String> =
-            [".unpack-123", "web-v3", "web-v4", "web-v5"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        assert_eq!(left, expected);
     }
 }

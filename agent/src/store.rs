@@ -1,6 +1,7 @@
 //! The agent's durable record of what it runs, in sled: for each service the
 //! active release (its full spec, port and process identity) and the one
-//! before it. A restarted agent reads it to adopt what still runs.
+//! before it. A restarted agent reads it to adopt what still runs. Beside
+//! it, per release dir, what retention needs (`ReleaseFiles`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -68,9 +69,24 @@ pub struct ActiveRelease {
     pub instance: Option<InstanceId>,
 }
 
+/// What retention knows of one release dir.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseFiles {
+    /// The cached artifact ("sha256:<hex>") the dir was unpacked from; none
+    /// for a docker release. The artifact stays cached while the dir stays.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// When its last prepare began, if it has not been activated since: a
+    /// rollout may still activate it, so its dir stays (for a while).
+    #[serde(default)]
+    pub prepared_at_ms: Option<i64>,
+}
+
 pub struct AgentStore {
     db: sled::Db,
     services: sled::Tree,
+    /// `ReleaseFiles` by release id.
+    releases: sled::Tree,
     /// Serializes read-modify-write updates, so concurrent writers (a
     /// cutover, a process tracker) never lose each other's changes.
     writes: std::sync::Mutex<()>,
@@ -91,9 +107,11 @@ impl AgentStore {
             reason: format!("cannot make it private (0700/0600): {e}"),
         })?;
         let services = db.open_tree("services").map_err(backend)?;
+        let releases = db.open_tree("releases").map_err(backend)?;
         Ok(Self {
             db,
             services,
+            releases,
             writes: std::sync::Mutex::new(()),
         })
     }
@@ -147,6 +165,69 @@ impl AgentStore {
         Ok(())
     }
 
+    /// Notes that a prepare of `release_id` begins (from the artifact
+    /// `digest`), durably before anything is fetched: a prune running
+    /// meanwhile keeps its dir and artifact.
+    pub fn note_prepared(
+        &self,
+        release_id: &str,
+        digest: Option<String>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.update_release(release_id, |files| {
+            files.digest = digest;
+            files.prepared_at_ms = Some(now_ms);
+        })
+    }
+
+    /// Notes that `release_id` serves now: no rollout waits for it any more.
+    pub fn note_activated(&self, release_id: &str) -> Result<(), StoreError> {
+        self.update_release(release_id, |files| files.prepared_at_ms = None)
+    }
+
+    fn update_release(
+        &self,
+        release_id: &str,
+        change: impl FnOnce(&mut ReleaseFiles),
+    ) -> Result<(), StoreError> {
+        cutover_common::blocking(|| {
+            let _write = self.writes.lock().expect("store write lock");
+            let mut files: ReleaseFiles = match self.releases.get(release_id).map_err(backend)? {
+                Some(value) => decode(release_id, &value)?,
+                None => ReleaseFiles::default(),
+            };
+            change(&mut files);
+            let value = serde_json::to_vec(&files).expect("release records serialize");
+            self.releases
+                .insert(release_id.as_bytes(), value)
+                .map_err(backend)?;
+            self.db.flush().map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    /// Every release dir's record, by release id.
+    pub fn release_files(&self) -> Result<Vec<(String, ReleaseFiles)>, StoreError> {
+        self.releases
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                let id = String::from_utf8_lossy(&key).into_owned();
+                let files = decode(&id, &value)?;
+                Ok((id, files))
+            })
+            .collect()
+    }
+
+    /// Forgets the records of release dirs that are gone.
+    pub fn forget_releases(&self, release_ids: &[String]) -> Result<(), StoreError> {
+        for id in release_ids {
+            self.releases.remove(id.as_bytes()).map_err(backend)?;
+        }
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
     pub fn service_names(&self) -> Result<Vec<String>, StoreError> {
         self.services
             .iter()
@@ -171,16 +252,17 @@ fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::checks::HealthGate;
     use crate::cutover::DEFAULT_DRAIN_TIMEOUT;
 
-    fn release(drain_timeout: Duration) -> WebRelease {
+    /// A release as the store records it.
+    pub(crate) fn release(id: &str, drain_timeout: Duration) -> WebRelease {
         WebRelease {
-            release_id: "web-v1".into(),
+            release_id: id.into(),
             command: vec!["./run".into()],
-            workdir: "/var/lib/cutover-agent/releases/web-v1".into(),
+            workdir: format!("/var/lib/cutover-agent/releases/{id}").into(),
             env: Vec::new(),
             health: None,
             gate: HealthGate {
@@ -207,7 +289,7 @@ mod tests {
             listen: Some("127.0.0.1:8080".parse().unwrap()),
             admitted: true,
             active: Some(ActiveRelease {
-                release: release(Duration::from_millis(200)),
+                release: release("web-v1", Duration::from_millis(200)),
                 port: 20001,
                 instance: None,
             }),

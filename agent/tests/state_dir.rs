@@ -1,10 +1,11 @@
 //! What the agent keeps in its state dir: who may read it, and what is
 //! pruned from it.
 
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use cutover_agent::artifacts::Digest;
+use cutover_agent::artifacts::{cache_file_name, Digest};
 use cutover_agent::modes::{mode_of, PRIVATE_DIR, PRIVATE_FILE};
 use cutover_agent::runtime::docker::DockerEngine;
 use cutover_agent::services::{NodeServices, NodeSettings};
@@ -173,4 +174,78 @@ async fn state_files_are_private_whatever_the_umask() {
         0o644,
         "a release's own files keep the modes they need to run"
     );
+}
+
+/// The release dirs and cached artifacts on the node.
+fn on_disk(state: &Path) -> (Vec<String>, Vec<String>) {
+    let list = |dir: &str| cutover_agent::retention::list(&state.join(dir));
+    (list("releases"), list("artifacts"))
+}
+
+fn expected(versions: &[&str], digests: &BTreeMap<String, Digest>) -> (Vec<String>, Vec<String>) {
+    let mut archives: Vec<String> = versions
+        .iter()
+        .map(|v| cache_file_name(&digests[*v]))
+        .collect();
+    archives.sort();
+    let dirs = versions.iter().map(|v| format!("web-{v}")).collect();
+    (dirs, archives)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_keeps_the_last_releases_and_what_a_rollout_still_needs() {
+    let root = tempfile::tempdir().unwrap();
+    let (state, sources) = (root.path().join("state"), root.path().join("sources"));
+    std::fs::create_dir_all(&sources).unwrap();
+    let open = |releases_keep| {
+        NodeServices::open(
+            settings(&state, &sources, releases_keep),
+            CancellationToken::new(),
+        )
+    };
+    let services = open(3).await.unwrap();
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    let mut digests = BTreeMap::new();
+    for i in 1..=8 {
+        let version = format!("v{i}");
+        let (release, digest) = release(&sources, &version, port);
+        services
+            .activate(&release, false, &HashMap::new(), &|_| {})
+            .await
+            .unwrap();
+        digests.insert(version, digest);
+    }
+    assert_eq!(on_disk(&state), expected(&["v6", "v7", "v8"], &digests));
+
+    // Prepared for a rollout that has not activated it yet: it stays.
+    let (v9, digest) = release(&sources, "v9", port);
+    services.prepare(&v9, &|_| {}).await.unwrap();
+    digests.insert("v9".into(), digest);
+    services.prune().await;
+    assert_eq!(
+        on_disk(&state),
+        expected(&["v6", "v7", "v8", "v9"], &digests)
+    );
+    let measured = ["releases", "artifacts"]
+        .iter()
+        .map(|dir| cutover_agent::retention::disk_usage(&state.join(dir)))
+        .sum::<u64>();
+    assert_eq!(services.release_disk_bytes(), measured);
+    assert!(measured > 0);
+
+    // At start-up, keeping none of the history: the active and previous
+    // releases stay, and the prepared one.
+    services.shut_down(false).await;
+    drop(services);
+    let services = open(0).await.unwrap();
+    assert_eq!(on_disk(&state), expected(&["v7", "v8", "v9"], &digests));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client
+        .get(format!("http://127.0.0.1:{port}/").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "v8 still serves, from its dir");
+    services.shut_down(true).await;
 }

@@ -196,6 +196,7 @@ fn figures_from(pb: pb::SystemFigures) -> Figures {
         disk_free_bytes: pb.disk_free_bytes,
         disk_total_bytes: pb.disk_total_bytes,
         uptime_seconds: pb.uptime_seconds,
+        release_disk_bytes: pb.release_disk_bytes,
     }
 }
 

@@ -245,6 +245,7 @@ fn figures_to_pb(f: Figures) -> pb::SystemFigures {
         disk_free_bytes: f.disk_free_bytes,
         disk_total_bytes: f.disk_total_bytes,
         uptime_seconds: f.uptime_seconds,
+        release_disk_bytes: f.release_disk_bytes,
     }
 }
 

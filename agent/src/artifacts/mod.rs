@@ -77,6 +77,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
     }
 }
 
+/// The name of the artifact with `digest` in the cache.
+pub fn cache_file_name(digest: &Digest) -> String {
+    format!("sha256-{}.tar.gz", digest.hex())
+}
+
 /// The digest-addressed artifact cache of one agent.
 pub struct ArtifactCache {
     dir: PathBuf,
@@ -132,7 +137,7 @@ impl ArtifactCache {
     }
 
     pub fn path_for(&self, digest: &Digest) -> PathBuf {
-        self.dir.join(format!("sha256-{}.tar.gz", digest.hex()))
+        self.dir.join(cache_file_name(digest))
     }
 
     /// The cached artifact for `digest`, fetched from `url` and verified

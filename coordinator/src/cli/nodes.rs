@@ -37,6 +37,7 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                         "disk_free_bytes": f.disk_free_bytes,
                         "disk_total_bytes": f.disk_total_bytes,
                         "uptime_seconds": f.uptime_seconds,
+                        "release_disk_bytes": f.release_disk_bytes,
                     })
                 });
                 let labels: serde_json::Map<String, Value> = n
@@ -129,6 +130,7 @@ pub fn to_table(nodes: &[pb::Node]) -> String {
         "CPU",
         "MEMORY",
         "DISK FREE",
+        "RELEASES",
         "VERSION",
         "CERT EXPIRES",
         "LABELS",
@@ -137,7 +139,7 @@ pub fn to_table(nodes: &[pb::Node]) -> String {
     .map(String::from)
     .to_vec()];
     for n in nodes {
-        let (cpu, memory, disk) = match &n.figures {
+        let (cpu, memory, disk, releases) = match &n.figures {
             Some(f) => (
                 format!("{:.1}%", f.cpu_percent),
                 format!(
@@ -146,8 +148,9 @@ pub fn to_table(nodes: &[pb::Node]) -> String {
                     bytes(f.memory_total_bytes)
                 ),
                 bytes(f.disk_free_bytes),
+                bytes(f.release_disk_bytes),
             ),
-            None => ("-".into(), "-".into(), "-".into()),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         let mut labels: Vec<_> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
@@ -160,6 +163,7 @@ pub fn to_table(nodes: &[pb::Node]) -> String {
             cpu,
             memory,
             disk,
+            releases,
             n.agent_version.clone(),
             cert_expiry(n.cert_expires_at_ms),
             labels.join(","),
@@ -235,4 +239,27 @@ pub fn render_table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_releases_take_shows_in_table_and_json() {
+        let node = pb::Node {
+            name: "web-1".into(),
+            figures: Some(pb::SystemFigures {
+                release_disk_bytes: 3 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let json = to_json(std::slice::from_ref(&node));
+        assert_eq!(json[0]["figures"]["release_disk_bytes"], 3 << 20);
+        let table = to_table(&[node]);
+        let (head, row) = table.split_once('\n').unwrap();
+        let column = head.find("RELEASES").expect(&table);
+        assert!(row[column..].starts_with("3.0MiB"), "{table}");
+    }
 }

@@ -49,6 +49,9 @@ pub struct Figures {
     pub disk_free_bytes: u64,
     pub disk_total_bytes: u64,
     pub uptime_seconds: u64,
+    /// Disk the node's release dirs and cached artifacts take.
+    #[serde(default)]
+    pub release_disk_bytes: u64,
 }
 
 /// A node as the coordinator knows it, kept across coordinator restarts.
