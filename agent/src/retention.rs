@@ -5,10 +5,15 @@
 //! prepared for a rollout that was abandoned does not stay forever. A
 //! cached artifact stays while a kept release dir came from it. Everything
 //! else goes, after each activation and at start-up.
+//!
+//! A prepare in progress holds its release dir and artifact (`InUse`) from
+//! before it looks at the disk: a prune never removes what it is about to
+//! use, however their steps interleave.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::artifacts::{cache_file_name, Digest};
@@ -20,6 +25,12 @@ pub const PREPARED_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// In a docker release's dir: the pinned image it runs.
 pub const IMAGE_FILE: &str = "image";
 
+/// What a prune renames an entry to before deleting it (a crash may leave
+/// one; `remove_leftovers` takes it at start-up).
+const PRUNING_PREFIX: &str = ".pruning-";
+/// A release dir being unpacked (see `artifacts::unpack`).
+const UNPACKING_PREFIX: &str = ".unpack-";
+
 /// What to remove.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -27,8 +38,8 @@ pub struct Plan {
     pub dirs: Vec<String>,
     /// Cached artifacts (file names in the cache).
     pub archives: Vec<String>,
-    /// Release records to forget: nothing keeps their dirs.
-    pub forget: Vec<String>,
+    /// Release records to forget, as read: nothing keeps their dirs.
+    pub forget: Vec<(String, ReleaseFiles)>,
 }
 
 /// Decides what goes, from the services' records, the release records, and
@@ -76,7 +87,7 @@ pub fn plan(
         forget: files
             .iter()
             .filter(|(id, _)| !keep.contains(id))
-            .map(|(id, _)| id.clone())
+            .cloned()
             .collect(),
     }
 }
@@ -107,27 +118,97 @@ pub fn release_images(dir: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Removes `names` (dirs or files) from `dir`; returns those removed.
-pub fn remove(dir: &Path, names: &[String]) -> Vec<String> {
-    names
-        .iter()
-        .filter(|name| {
-            let path = dir.join(name);
-            let removed = match std::fs::symlink_metadata(&path) {
-                Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&path),
-                Ok(_) => std::fs::remove_file(&path),
-                Err(error) => Err(error),
-            };
-            match removed {
-                Ok(()) => true,
-                Err(error) => {
-                    tracing::warn!(%error, path = %path.display(), "cannot prune");
-                    false
+/// Paths (release dirs, cached artifacts) prepares in progress are using,
+/// with how many use each.
+#[derive(Default)]
+pub struct InUse(Mutex<BTreeMap<PathBuf, usize>>);
+
+/// Holds paths in use until dropped.
+pub struct Held {
+    in_use: Arc<InUse>,
+    paths: Vec<PathBuf>,
+}
+
+impl InUse {
+    /// Marks `paths` in use until the returned guard drops.
+    pub fn hold(self: &Arc<Self>, paths: Vec<PathBuf>) -> Held {
+        let mut held = self.0.lock().expect("in-use lock");
+        for path in &paths {
+            *held.entry(path.clone()).or_default() += 1;
+        }
+        Held {
+            in_use: self.clone(),
+            paths,
+        }
+    }
+
+    /// Removes `names` (dirs or files) from `dir` unless in use; returns
+    /// those removed. Each is renamed aside while the in-use list is locked
+    /// (so a prepare that holds it after that finds it gone, never half
+    /// gone), then deleted.
+    pub fn remove_unused(&self, dir: &Path, names: &[String]) -> Vec<String> {
+        let aside: Vec<(String, PathBuf)> = {
+            let held = self.0.lock().expect("in-use lock");
+            names
+                .iter()
+                .filter(|name| !held.contains_key(&dir.join(name)))
+                .filter_map(|name| {
+                    let aside = dir.join(format!("{PRUNING_PREFIX}{name}"));
+                    match std::fs::rename(dir.join(name), &aside) {
+                        Ok(()) => Some((name.clone(), aside)),
+                        Err(error) => {
+                            tracing::warn!(%error, %name, dir = %dir.display(), "cannot prune");
+                            None
+                        }
+                    }
+                })
+                .collect()
+        };
+        for (_, path) in &aside {
+            if let Err(error) = remove_any(path) {
+                tracing::warn!(%error, path = %path.display(), "cannot delete a pruned entry");
+            }
+        }
+        aside.into_iter().map(|(name, _)| name).collect()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self.in_use.0.lock().expect("in-use lock");
+        for path in &self.paths {
+            if let Some(count) = held.get_mut(path) {
+                *count -= 1;
+                if *count == 0 {
+                    held.remove(path);
                 }
             }
-        })
-        .cloned()
-        .collect()
+        }
+    }
+}
+
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    }
+}
+
+/// Removes what an agent that died while pruning or unpacking left in
+/// `dir`. Only at start-up, when nothing else is at work there.
+pub fn remove_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(PRUNING_PREFIX) || name.starts_with(UNPACKING_PREFIX) {
+            if let Err(error) = remove_any(&entry.path()) {
+                tracing::warn!(%error, %name, "cannot remove a leftover");
+            }
+        }
+    }
 }
 
 /// Bytes allocated on disk under `path`, as `du` counts them; symlinks are
@@ -210,7 +291,7 @@ mod tests {
         let plan = plan(&[record], &files, 0, now, &dirs, &archives);
         assert_eq!(plan.dirs, ["v4", "v5"]);
         assert_eq!(plan.archives, [archive(4), archive(5)]);
-        assert_eq!(plan.forget, ["v4", "v5"]);
+        assert_eq!(plan.forget, [files[3].clone(), files[4].clone()]);
     }
 
     #[test]
@@ -228,7 +309,7 @@ mod tests {
         let plan = plan(&[record], &files, 3, now, &dirs, &archives);
         assert_eq!(plan.dirs, ["v3", "unknown"]);
         assert_eq!(plan.archives, [archive(3), archive(9)]);
-        assert_eq!(plan.forget, ["v3"]);
+        assert_eq!(plan.forget, [files[2].clone()]);
     }
 
     #[test]
@@ -237,6 +318,36 @@ mod tests {
         let files = [files("a", 7, None), files("b", 7, None)];
         let plan = plan(&[record], &files, 0, 0, &names(&["a", "b"]), &[archive(7)]);
         assert_eq!((plan.dirs, plan.archives), (names(&["a"]), Vec::new()));
+    }
+
+    #[test]
+    fn what_a_prepare_holds_is_not_removed_until_it_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["r1", "r2"] {
+            std::fs::create_dir_all(dir.path().join(name).join("sub")).unwrap();
+        }
+        std::fs::write(dir.path().join("a.tar.gz"), "x").unwrap();
+        let in_use = Arc::new(InUse::default());
+        let held = in_use.hold(vec![dir.path().join("r1"), dir.path().join("a.tar.gz")]);
+        let also = in_use.hold(vec![dir.path().join("r1")]);
+        let all = names(&["r1", "r2", "a.tar.gz"]);
+        assert_eq!(in_use.remove_unused(dir.path(), &all), ["r2"]);
+        drop(held);
+        assert_eq!(in_use.remove_unused(dir.path(), &all), ["a.tar.gz"]);
+        drop(also);
+        assert_eq!(in_use.remove_unused(dir.path(), &all), ["r1"]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn leftovers_of_a_dead_agent_go_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [".pruning-r1", ".unpack-0123", "r2"] {
+            std::fs::create_dir_all(dir.path().join(name).join("sub")).unwrap();
+        }
+        remove_leftovers(dir.path());
+        assert_eq!(list(dir.path()), ["r2"]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

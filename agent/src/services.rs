@@ -104,6 +104,8 @@ pub struct NodeServices {
     coordinator: std::sync::Mutex<Option<Channel>>,
     /// One prune at a time (activations of different services run at once).
     pruning: Mutex<()>,
+    /// What prepares in progress use: a prune leaves it alone.
+    in_use: Arc<retention::InUse>,
     /// Bytes release dirs and cached artifacts took when last measured.
     release_disk_bytes: AtomicU64,
 }
@@ -289,6 +291,7 @@ impl NodeServices {
             settings.state_dir.join("logs"),
         );
         modes::private_dir(&releases).map_err(state_dir_error(&releases))?;
+        retention::remove_leftovers(&releases);
         modes::private_dir(&logs)
             .and_then(|()| modes::restrict_tree(&logs))
             .map_err(state_dir_error(&logs))?;
@@ -297,6 +300,7 @@ impl NodeServices {
             settings.artifact_ca.as_deref(),
             &settings.file_artifact_dirs,
         )?;
+        retention::remove_leftovers(cache.dir());
         let node = Self {
             settings,
             cache,
@@ -306,6 +310,7 @@ impl NodeServices {
             snapshots: std::sync::Mutex::new(BTreeMap::new()),
             coordinator: std::sync::Mutex::new(None),
             pruning: Mutex::new(()),
+            in_use: Arc::default(),
             release_disk_bytes: AtomicU64::new(0),
         };
         for name in node.store.service_names()? {
@@ -547,7 +552,17 @@ impl NodeServices {
             .state_dir
             .join("releases")
             .join(&release.release_id);
-        // Noted before anything lands on disk: a prune meanwhile keeps it.
+        // Held before the disk is looked at, noted (for prunes after an agent
+        // restart) before anything lands on it: a prune keeps it either way.
+        let _held = self.in_use.hold(
+            [
+                Some(workdir.clone()),
+                artifact.as_ref().map(|(_, d)| self.cache.path_for(d)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        );
         self.store.note_prepared(
             &release.release_id,
             artifact.as_ref().map(|(_, digest)| digest.to_string()),
@@ -736,9 +751,8 @@ impl NodeServices {
         let _one_at_a_time = self.pruning.lock().await;
         let releases = self.settings.state_dir.join("releases");
         let cache = self.cache.dir().to_path_buf();
-        // The disk first, then the store: a dir listed was noted prepared
-        // before it existed. The release records before the services': an
-        // activation records its release active before it clears the note.
+        // The release records are read before the services': an activation
+        // records its release active before it clears its prepared note.
         let (dirs, archives, mut images) = {
             let (releases, cache) = (releases.clone(), cache.clone());
             tokio::task::spawn_blocking(move || {
@@ -771,9 +785,10 @@ impl NodeServices {
             &dirs,
             &archives,
         );
+        let in_use = self.in_use.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            retention::remove(&cache, &plan.archives);
-            (retention::remove(&releases, &plan.dirs), plan.forget)
+            in_use.remove_unused(&cache, &plan.archives);
+            (in_use.remove_unused(&releases, &plan.dirs), plan.forget)
         })
         .await
         .expect("prune task panicked");

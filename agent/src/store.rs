@@ -70,7 +70,7 @@ pub struct ActiveRelease {
 }
 
 /// What retention knows of one release dir.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseFiles {
     /// The cached artifact ("sha256:<hex>") the dir was unpacked from; none
     /// for a docker release. The artifact stays cached while the dir stays.
@@ -219,13 +219,24 @@ impl AgentStore {
             .collect()
     }
 
-    /// Forgets the records of release dirs that are gone.
-    pub fn forget_releases(&self, release_ids: &[String]) -> Result<(), StoreError> {
-        for id in release_ids {
-            self.releases.remove(id.as_bytes()).map_err(backend)?;
-        }
-        self.db.flush().map_err(backend)?;
-        Ok(())
+    /// Forgets release records nothing keeps, each only if it is still
+    /// what was read: a prepare that noted it meanwhile wins.
+    pub fn forget_releases(&self, records: &[(String, ReleaseFiles)]) -> Result<(), StoreError> {
+        cutover_common::blocking(|| {
+            let _write = self.writes.lock().expect("store write lock");
+            for (id, read) in records {
+                let current = self.releases.get(id.as_bytes()).map_err(backend)?;
+                let unchanged = current
+                    .map(|value| decode::<ReleaseFiles>(id, &value))
+                    .transpose()?
+                    .is_some_and(|current| current == *read);
+                if unchanged {
+                    self.releases.remove(id.as_bytes()).map_err(backend)?;
+                }
+            }
+            self.db.flush().map_err(backend)?;
+            Ok(())
+        })
     }
 
     pub fn service_names(&self) -> Result<Vec<String>, StoreError> {
@@ -281,6 +292,24 @@ pub(crate) mod tests {
             secrets: Vec::new(),
             secret_values: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_release_noted_prepared_again_is_not_forgotten_by_a_prune_that_read_it_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(&dir.path().join("db")).unwrap();
+        store.note_prepared("web-v1", None, 1).unwrap();
+        store.note_prepared("web-v2", None, 1).unwrap();
+        let read = store.release_files().unwrap();
+        // A new prepare of v1 between the prune's read and its forget.
+        store.note_prepared("web-v1", None, 2).unwrap();
+        store.forget_releases(&read).unwrap();
+        let left = store.release_files().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].0, "web-v1");
+        assert_eq!(left[0].1.prepared_at_ms, Some(2));
+        store.note_activated("web-v1").unwrap();
+        assert_eq!(store.release_files().unwrap()[0].1.prepared_at_ms, None);
     }
 
     #[test]
