@@ -11,6 +11,7 @@ pub mod enroll;
 pub mod figures;
 pub mod modes;
 pub mod proxy;
+pub mod release_spec;
 pub mod renewal;
 pub mod retention;
 pub mod runtime;

@@ -442,8 +442,12 @@ mod tests {
         );
         assert!(cached(&off).is_empty());
 
-        let cache =
-            ArtifactCache::open(dir.path().join("cache"), None, &[allowed.clone()]).unwrap();
+        let cache = ArtifactCache::open(
+            dir.path().join("cache"),
+            None,
+            std::slice::from_ref(&allowed),
+        )
+        .unwrap();
         // Outside the allowed dir, directly, by "..", or by a symlink in it.
         let climbing = format!("{}/../pki/ca.key", allowed.display());
         let link = allowed.join("innocent.tar.gz");
