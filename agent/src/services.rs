@@ -650,13 +650,12 @@ impl NodeServices {
             &archives,
         );
         let in_use = self.in_use.clone();
-        let removed = tokio::task::spawn_blocking(move || {
+        let (removed, forget) = tokio::task::spawn_blocking(move || {
             in_use.remove_unused(&cache, &plan.archives);
             (in_use.remove_unused(&releases, &plan.dirs), plan.forget)
         })
         .await
         .expect("prune task panicked");
-        let (removed, forget) = removed;
         if let Err(error) = self.store.forget_releases(&forget) {
             tracing::warn!(%error, "cannot forget pruned releases");
         }
