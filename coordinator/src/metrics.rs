@@ -31,6 +31,7 @@ pub struct Metrics {
     memory_used: Family<Labels, Gauge>,
     memory_total: Family<Labels, Gauge>,
     disk_free: Family<Labels, Gauge>,
+    release_disk: Family<Labels, Gauge>,
     release_responses: Family<Labels, Gauge>,
     release_upstream_failures: Family<Labels, Gauge>,
     node_release: Family<Labels, Gauge>,
@@ -77,6 +78,7 @@ impl Metrics {
             memory_used: Family::default(),
             memory_total: Family::default(),
             disk_free: Family::default(),
+            release_disk: Family::default(),
             release_responses: Family::default(),
             release_upstream_failures: Family::default(),
             node_release: Family::default(),
@@ -138,6 +140,11 @@ impl Metrics {
             "node_disk_free_bytes",
             "Free disk space of each agent's state dir",
             metrics.disk_free.clone(),
+        );
+        registry.register(
+            "node_release_disk_bytes",
+            "Disk the kept release dirs and cached artifacts take on each node",
+            metrics.release_disk.clone(),
         );
         registry.register(
             "release_responses",
@@ -220,6 +227,7 @@ impl Metrics {
             &self.memory_used,
             &self.memory_total,
             &self.disk_free,
+            &self.release_disk,
             &self.release_responses,
             &self.release_upstream_failures,
             &self.node_release,
@@ -293,6 +301,9 @@ impl Metrics {
                 self.disk_free
                     .get_or_create(&labels)
                     .set(clamp(f.disk_free_bytes));
+                self.release_disk
+                    .get_or_create(&labels)
+                    .set(clamp(f.release_disk_bytes));
             }
         }
         for (status, count) in [

@@ -314,8 +314,13 @@ async fn sweep_loop(registry: Arc<Registry>, max_events: usize, shutdown: Cancel
         count = count.wrapping_add(1);
         let checkpoint = count.is_multiple_of(CHECKPOINT_EVERY);
         registry.sweep(checkpoint);
-        if checkpoint {
+        // Right after start-up too: what a restart does to the event log
+        // shows at once, not half a minute later.
+        if count % CHECKPOINT_EVERY == 1 {
             match registry.store().prune_events(max_events) {
+                Ok(pruned) if count == 1 => {
+                    tracing::info!(pruned, max_events, "event log pruned at start-up")
+                }
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, max_events, "pruned old events"),
                 Err(error) => tracing::error!(%error, "cannot prune events"),

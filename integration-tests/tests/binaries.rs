@@ -169,6 +169,10 @@ fn a_coordinator_killed_with_sigkill_restarts_with_its_nodes_and_agents_reconnec
     let before = cluster.nodes_json();
     // The store flushes registrations within 200 ms; give it that.
     std::thread::sleep(Duration::from_millis(600));
+    let events_before = cluster.cutover(&["events", "--limit", "10000", "-o", "json"]);
+    let events_before: serde_json::Value = serde_json::from_slice(&events_before.stdout).unwrap();
+    let events_before = events_before.as_array().unwrap().clone();
+    assert!(!events_before.is_empty());
     let pid = cluster.pid("coordinator.pid");
     sigkill(pid);
     // SIGKILL is asynchronous: the port is free once the process is gone.
@@ -194,6 +198,36 @@ fn a_coordinator_killed_with_sigkill_restarts_with_its_nodes_and_agents_reconnec
         assert_eq!(field(old, "id"), field(new, "id"));
         assert_eq!(field(old, "registered_at"), field(new, "registered_at"));
     }
+    // The event log survives the restart and the pruning pass after it
+    // (sequence numbers jump after a reopen; the pass must not take the
+    // jump for thousands of events).
+    let log = cluster.path("logs").join("coordinator.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("event log pruned at start-up")
+    {
+        assert!(Instant::now() < deadline, "{}", cluster.log_tails());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events_after = cluster.cutover(&["events", "--limit", "10000", "-o", "json"]);
+    let events_after: serde_json::Value = serde_json::from_slice(&events_after.stdout).unwrap();
+    let seqs: Vec<u64> = events_after
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    for event in &events_before {
+        assert!(
+            seqs.contains(&event["seq"].as_u64().unwrap()),
+            "{event} is gone after the restart: {seqs:?}"
+        );
+    }
+    assert!(
+        seqs.len() > events_before.len(),
+        "new events after the restart"
+    );
 }
 
 /// Runs a binary with a config file and checks it refuses to start, names the

@@ -298,6 +298,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
         &dir.join("coordinator.pid"),
     )?;
 
+    // `--artifact file://...` in a local cluster: the usual temp dir, the
+    // cluster's dir and where the operator works.
+    let mut file_artifact_dirs = vec![std::env::temp_dir().display().to_string()];
+    file_artifact_dirs.push(dir.display().to_string());
+    if let Ok(cwd) = std::env::current_dir() {
+        file_artifact_dirs.push(cwd.display().to_string());
+    }
     let mut label_lines = String::new();
     for (k, v) in &labels {
         writeln!(label_lines, "{k} = {v:?}")?;
@@ -319,6 +326,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
                                   reconnect_max = \"5s\"\n\
                                   # `dev down` takes the apps down with the agents\n\
                  stop_services_on_shutdown = true\n\
+                 # a local cluster reads file:// artifacts from here\n\
+                 file_artifact_dirs = {file_dirs:?}\n\
                  docker_host = {docker_host:?}\n\
                  [tls]\n\
                  ca_cert = {ca:?}\n\
@@ -326,6 +335,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
                  key = {key:?}\n\
                  [labels]\n{label_lines}",
                 state = dir.join("agents").join(&name).display().to_string(),
+                file_dirs = file_artifact_dirs,
                 addr = 10 + u16::from(i),
                 ca = pki.join("ca.crt").display().to_string(),
                 cert = pki.join(format!("{stem}.crt")).display().to_string(),
