@@ -9,7 +9,6 @@ pub mod config;
 pub mod cutover;
 pub mod enroll;
 pub mod figures;
-pub mod modes;
 pub mod proxy;
 pub mod release_spec;
 pub mod renewal;

@@ -24,7 +24,7 @@ use crate::cutover::{
     stop_leftovers, CutoverError, Step, WebRelease, WebService, WebServiceSettings,
     DEFAULT_DRAIN_TIMEOUT,
 };
-use crate::modes;
+use cutover_common::modes;
 use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::release_spec::{

@@ -8,7 +8,7 @@ use cutover_common::fsutil::write_atomic;
 use cutover_proto::v1::{CommandJournal, CommandResult};
 use prost::Message;
 
-use crate::modes;
+use cutover_common::modes;
 
 const NODE_ID_FILE: &str = "node-id";
 const JOURNAL_FILE: &str = "commands.journal";

@@ -102,7 +102,7 @@ impl AgentStore {
         })?;
         // sled makes its files with the umask's modes; they hold every
         // release's environment, so they are the agent's alone.
-        crate::modes::restrict_tree(dir).map_err(|e| StoreError::Open {
+        cutover_common::modes::restrict_tree(dir).map_err(|e| StoreError::Open {
             path: dir.display().to_string(),
             reason: format!("cannot make it private (0700/0600): {e}"),
         })?;

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use cutover_agent::artifacts::{cache_file_name, Digest};
-use cutover_agent::modes::{mode_of, PRIVATE_DIR, PRIVATE_FILE};
+use cutover_common::modes::{mode_of, PRIVATE_DIR, PRIVATE_FILE};
 use cutover_agent::runtime::docker::DockerEngine;
 use cutover_agent::services::{NodeServices, NodeSettings};
 use cutover_agent::state::{self, Journal};

@@ -9,6 +9,7 @@ pub mod digest;
 pub mod fetch;
 pub mod fsutil;
 pub mod identity;
+pub mod modes;
 pub mod net;
 pub mod pki;
 pub mod registry;

@@ -218,6 +218,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             telemetry::init(cli.log_format.unwrap_or(config.log_format), "info");
+            // Whatever the daemon creates from now on (store files, pushed
+            // artifacts) is its own, whatever umask it was started with.
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
             let shutdown = cutover_common::shutdown::on_signals();
             Coordinator::bind(config, shutdown).await?.wait().await?;
         }

@@ -92,10 +92,14 @@ impl Coordinator {
         // first.
         cutover_common::pki::finish_pair_swap(&config.tls.cert, &config.tls.key);
         cutover_common::tls::server_config(&config.tls)?;
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
+        // The store and the artifacts are the coordinator's alone: private
+        // whatever the umask, also when an older run left them wider.
+        cutover_common::modes::private_dir(&config.data_dir)
+            .and_then(|()| cutover_common::modes::restrict_tree(&config.data_dir))
+            .map_err(|source| ServerError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir.join("store"))?);
         let registry = Arc::new(Registry::load(store.clone(), config.heartbeat_ttl)?);
         let metrics = Arc::new(Metrics::new());

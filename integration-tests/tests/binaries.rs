@@ -27,6 +27,10 @@ fn dev_up_gives_ready_nodes_with_figures_metrics_and_a_command_path() {
         assert!(node["figures"]["cpu_percent"].is_number());
     }
 
+    // The coordinator's store is its own, whatever umask it started with.
+    let data = cluster.path("coordinator");
+    assert_private_tree(&data);
+
     let ping = cluster.cutover(&["nodes", "ping", "node-3", "--output", "json"]);
     assert!(
         ping.status.success(),
@@ -173,6 +177,15 @@ fn a_coordinator_killed_with_sigkill_restarts_with_its_nodes_and_agents_reconnec
     let events_before: serde_json::Value = serde_json::from_slice(&events_before.stdout).unwrap();
     let events_before = events_before.as_array().unwrap().clone();
     assert!(!events_before.is_empty());
+    // Left wider by an older version or by hand: narrowed at the next start.
+    use std::os::unix::fs::PermissionsExt;
+    let data = cluster.path("coordinator");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        data.join("store/conf"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let config = cluster.path("coordinator.toml").display().to_string();
     let log = cluster.path("logs").join("coordinator.log");
     let starts = || {
@@ -240,6 +253,22 @@ fn a_coordinator_killed_with_sigkill_restarts_with_its_nodes_and_agents_reconnec
         seqs.len() > events_before.len(),
         "new events after the restarts"
     );
+    assert_private_tree(&data);
+}
+
+/// Every dir under `root` is 0700 and every file 0600.
+fn assert_private_tree(root: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(root).unwrap();
+    let mode = meta.permissions().mode() & 0o777;
+    if meta.is_dir() {
+        assert_eq!(mode, 0o700, "{}", root.display());
+        for entry in std::fs::read_dir(root).unwrap() {
+            assert_private_tree(&entry.unwrap().path());
+        }
+    } else if meta.is_file() {
+        assert_eq!(mode, 0o600, "{}", root.display());
+    }
 }
 
 /// Runs a binary with a config file and checks it refuses to start, names the

@@ -221,6 +221,14 @@ async fn a_ca_rotation_moves_every_node_without_dropping_one() {
     assert_ne!(before.0, after.0);
     assert!((before.1 - after.1).abs() < 5, "{before:?} -> {after:?}");
     cutover(&url, &admin, &["nodes"]);
+    // The renewal retired the certificate it replaced, also on a
+    // connection that stayed open.
+    let refused = watcher.list_nodes(ListNodesRequest {}).await.unwrap_err();
+    assert!(
+        refused.message().contains("replaced by a renewal"),
+        "{refused:?}"
+    );
+    let mut watcher = operator_client(&url, &admin).await.unwrap();
 
     // The whole cluster comes back after the agents restart: what they
     // wrote is complete and consistent.

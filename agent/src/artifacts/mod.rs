@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 pub use self::unpack::unpack;
-use crate::modes;
+use cutover_common::modes;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 

@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use tar::EntryType;
 
 use super::{io, ArtifactError};
-use crate::modes;
+use cutover_common::modes;
 
 /// Setuid, setgid and sticky.
 const SPECIAL_BITS: u32 = 0o7000;

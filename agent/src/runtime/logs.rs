@@ -21,16 +21,16 @@ pub const STDERR: &str = "stderr.log";
 const ROTATE_EVERY: Duration = Duration::from_secs(2);
 
 /// Opens (creating) a log file for a release to append to; logs are the
-/// agent's alone (see `crate::modes`).
+/// agent's alone (see `cutover_common::modes`).
 pub fn open_append(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        crate::modes::private_dir(dir)?;
+        cutover_common::modes::private_dir(dir)?;
     }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .mode(crate::modes::PRIVATE_FILE)
+        .mode(cutover_common::modes::PRIVATE_FILE)
         .open(path)
 }
 

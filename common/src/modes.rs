@@ -1,9 +1,9 @@
-//! Modes of what the agent keeps in its state dir. Everything there is the
-//! agent's alone (its store, node id, cached artifacts, logs), so dirs are
-//! 0700 and files 0600, set explicitly: the umask only ever narrows a mode,
-//! and an agent started by hand (umask 022) would otherwise leave them
-//! world-readable. Release dirs are the exception: their contents keep the
-//! modes their archive gave them (executables must stay executable).
+//! Modes of what a daemon keeps for itself (the agent's state dir, the
+//! coordinator's data dir): dirs 0700 and files 0600, set explicitly, since
+//! the umask only ever narrows a mode and a daemon started by hand (umask
+//! 022) would otherwise leave them world-readable. An agent's release dirs
+//! are the exception: their contents keep the modes their archive gave
+//! them (executables must stay executable).
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::io;
