@@ -594,6 +594,12 @@ impl DevCluster {
         self.dir.path().join(name)
     }
 
+    /// What a shell that sourced DIR/env has: for commands the test runs
+    /// itself (e.g. one that keeps running).
+    pub fn env(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// Runs `cutover ARGS` against this cluster, as a shell that sourced
     /// DIR/env would.
     pub fn cutover(&self, args: &[&str]) -> std::process::Output {
@@ -605,7 +611,7 @@ impl DevCluster {
         use std::io::Write;
         let mut child = std::process::Command::new(bin("cutover"))
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(self.env())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

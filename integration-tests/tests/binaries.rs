@@ -469,3 +469,66 @@ fn the_printed_join_commands_work_and_keep_the_token_off_the_command_line() {
         "{config}"
     );
 }
+
+/// `events --follow` and `audit --follow` print the newest entries, then
+/// each new one as it is written (JSON: one object a line).
+#[test]
+fn events_and_audit_follow_prints_new_entries_as_they_come() {
+    use std::io::BufRead;
+    let cluster = DevCluster::up(1);
+    let follow = |what: &str| {
+        let mut child = Command::new(bin("cutover"))
+            .args([what, "--follow", "--limit", "5", "-o", "json"])
+            .envs(cluster.env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (lines, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if lines.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, received)
+    };
+    let (mut events, event_lines) = follow("events");
+    let (mut audit, audit_lines) = follow("audit");
+    // Something for both logs: a pushed artifact is an event and an audited call.
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _) = cutover_integration_tests::app_archive(dir.path());
+    let pushed = cluster.cutover(&["artifact", "push", url.trim_start_matches("file://")]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let wait_for =
+        |lines: &std::sync::mpsc::Receiver<String>, what: &str, key: &str, value: &str| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = lines
+                    .recv_timeout(left)
+                    .unwrap_or_else(|_| panic!("no {what} line with {key} = {value}"));
+                let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("{what} --follow printed a line that is not JSON ({e}): {line}")
+                });
+                if entry[key].as_str().is_some_and(|v| v.contains(value)) {
+                    return;
+                }
+            }
+        };
+    wait_for(&audit_lines, "audit", "action", "push_artifact");
+    wait_for(&event_lines, "events", "message", "app.tar.gz");
+    for child in [&mut events, &mut audit] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
