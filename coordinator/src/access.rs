@@ -5,7 +5,6 @@
 //! operator's role and environments, and every mutating call, allowed or
 //! refused, is appended to the audit log and logged as a structured line.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cutover_common::identity::Identity;
@@ -13,13 +12,8 @@ use cutover_common::tls::PeerInfo;
 use serde_json::Value;
 use tonic::{Request, Status};
 
+use crate::refusals::{source_address, RefusalLimiter};
 use crate::store::{AuditRecord, OperatorRecord, OperatorRole, Store};
-
-/// Refusals written to the audit log per source and window; more are
-/// counted and said in the next entry, so a flood of bad calls cannot fill
-/// the store.
-const REFUSALS_PER_WINDOW: u32 = 20;
-const REFUSAL_WINDOW_MS: i64 = 60_000;
 
 /// What a call needs.
 #[derive(Debug, Clone, Copy)]
@@ -95,63 +89,47 @@ fn needed(need: Need) -> String {
 
 pub struct Access {
     store: Arc<dyn Store>,
-    /// Refusals written per source in the current window.
-    refusals: Mutex<HashMap<String, Window>>,
-}
-
-struct Window {
-    started_ms: i64,
-    written: u32,
-    left_out: u32,
+    refusals: RefusalLimiter,
+    /// Held while an operator record is read, changed and written back, so
+    /// two changes (a revoke and a renewal, two revokes) cannot undo each
+    /// other.
+    operator_writes: Mutex<()>,
 }
 
 impl Access {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            refusals: Mutex::new(HashMap::new()),
+            refusals: RefusalLimiter::default(),
+            operator_writes: Mutex::new(()),
         }
     }
 
-    /// Records a call refused before any operator check (a wrong or missing
-    /// certificate, a revoked node), rate-limited per `source`; `who` names
-    /// the caller as far as it is known.
+    /// Runs `change` on the operator records alone (see `operator_writes`).
+    pub fn change_operators<T>(
+        &self,
+        change: impl FnOnce(&dyn Store) -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        let _alone = self.operator_writes.lock().expect("operator writes lock");
+        change(self.store.as_ref())
+    }
+
+    /// Records a refused call, rate-limited per `source` (see
+    /// `refusals`); `who` names the caller as far as it is known.
     pub fn refused(&self, source: &str, who: &str, action: &str, arguments: &Value, reason: &str) {
-        let now = cutover_common::now_ms();
-        // Some(n): write this refusal, saying n were left out before it.
-        let left_out = {
-            let mut windows = self.refusals.lock().expect("refusals lock");
-            windows.retain(|_, w| now - w.started_ms < REFUSAL_WINDOW_MS || w.left_out > 0);
-            let window = windows.entry(source.to_string()).or_insert(Window {
-                started_ms: now,
-                written: 0,
-                left_out: 0,
-            });
-            if now - window.started_ms >= REFUSAL_WINDOW_MS {
-                let left_out = window.left_out;
-                *window = Window {
-                    started_ms: now,
-                    written: 1,
-                    left_out: 0,
-                };
-                Some(left_out)
-            } else if window.written < REFUSALS_PER_WINDOW {
-                window.written += 1;
-                Some(0)
-            } else {
-                window.left_out += 1;
-                None
-            }
-        };
-        tracing::warn!(%who, %source, %action, %reason, "refused");
-        let Some(left_out) = left_out else {
-            return;
-        };
-        let outcome = match left_out {
-            0 => format!("refused: {reason}"),
-            n => format!("refused: {reason} ({n} more refusals from {source} in the minute before were not recorded)"),
-        };
-        self.append(who, action, arguments, &outcome);
+        let admitted = self.refusals.admit(source, cutover_common::now_ms());
+        for (source, left_out) in admitted.summaries {
+            self.append(
+                "coordinator",
+                "refusals_not_recorded",
+                &serde_json::json!({ "source": source }),
+                &format!("{left_out} refusals from {source} in the minute before were not recorded (rate limit)"),
+            );
+        }
+        if admitted.write {
+            tracing::warn!(%who, %source, %action, %reason, "refused");
+            self.append(who, action, arguments, &format!("refused: {reason}"));
+        }
     }
 
     /// The caller, if `need` is within its role; a refusal of a mutating
@@ -174,18 +152,19 @@ impl Access {
             .operator(&identity.name)
             .map_err(|e| Status::internal(e.to_string()))?;
         let who = who(&identity);
-        let serial = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|peer| peer.serial.clone())
-            .unwrap_or_default();
+        let peer = request.extensions().get::<PeerInfo>();
+        let serial = peer.and_then(|p| p.serial.clone()).unwrap_or_default();
+        let source = format!("{who}@{}", source_address(peer.and_then(|p| p.remote_addr)));
         let refuse = |message: String| {
-            // A revoked or replaced credential is audited whatever it
-            // tried; a read within a valid one's role is not a change.
-            if !matches!(need, Need::Read) || record.as_ref().is_some_and(|r| r.refuses(&serial)) {
-                self.append(&who, action, arguments, &format!("refused: {message}"));
+            // A read within a valid credential's role changes nothing; every
+            // other refusal (a revoked or replaced credential, whatever it
+            // tried) is audited.
+            let credential_refused = record
+                .as_ref()
+                .is_some_and(|r| r.revoked_at_ms.is_some() || r.refuses(&serial));
+            if !matches!(need, Need::Read) || credential_refused {
+                self.refused(&source, &who, action, arguments, &message);
             }
-            tracing::warn!(operator = %who, %action, %message, "refused");
             Status::permission_denied(message)
         };
         let caller = match &record {
@@ -204,20 +183,30 @@ impl Access {
                     identity.name
                 )))
             }
-            Some(record) => Caller {
-                identity,
-                role: record.role,
-                envs: record.envs.clone(),
-            },
+            Some(record) => {
+                if record.retires_with(&serial) {
+                    self.retire_renewed(&identity.name, &serial)?;
+                }
+                Caller {
+                    identity,
+                    role: record.role,
+                    envs: record.envs.clone(),
+                }
+            }
             // Issued offline with the CA key: see `OperatorRecord`. Recorded
             // at first sight, so the name can be revoked and is never
             // handed out again by `operator create`.
             None => {
-                let record = OperatorRecord::issued_offline(&identity.name);
-                self.store
-                    .put_operator(&record)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                tracing::info!(operator = %identity.name, "recorded an admin issued offline");
+                self.change_operators(|store| {
+                    let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
+                    if store.operator(&identity.name).map_err(internal)?.is_none() {
+                        store
+                            .put_operator(&OperatorRecord::issued_offline(&identity.name))
+                            .map_err(internal)?;
+                        tracing::info!(operator = %identity.name, "recorded an admin issued offline");
+                    }
+                    Ok(())
+                })?;
                 Caller {
                     identity,
                     role: OperatorRole::Admin,
@@ -233,6 +222,25 @@ impl Access {
             )));
         }
         Ok(caller)
+    }
+
+    /// The renewed certificate `serial` of operator `name` was used: the
+    /// one it replaced is refused from now on. Until then the old one still
+    /// works, so a renewal whose answer never reached the operator locks
+    /// nobody out.
+    fn retire_renewed(&self, name: &str, serial: &str) -> Result<(), Status> {
+        self.change_operators(|store| {
+            let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
+            let Some(mut record) = store.operator(name).map_err(internal)? else {
+                return Ok(());
+            };
+            for replaced in record.replaced.iter_mut().filter(|c| c.by == serial) {
+                replaced.retired = true;
+            }
+            store.put_operator(&record).map_err(internal)?;
+            tracing::info!(operator = %name, %serial, "renewed certificate in use; the one it replaced is retired");
+            Ok(())
+        })
     }
 
     /// Records how an allowed mutating call ended.

@@ -60,7 +60,7 @@ impl AgentApi {
                     .identity
                     .as_ref()
                     .map_or_else(|| "unknown".to_string(), crate::access::who);
-                let address = peer.remote_addr.map(|a| a.ip().to_string()).unwrap_or_default();
+                let address = crate::refusals::source_address(peer.remote_addr);
                 self.access.refused(
                     &format!("{who}@{address}"),
                     &who,

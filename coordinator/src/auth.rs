@@ -21,10 +21,12 @@ pub fn require(
     access: Arc<Access>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
-        let peer = request.extensions().get::<PeerInfo>().cloned().unwrap_or_default();
-        let address = peer
-            .remote_addr
-            .map_or_else(|| "an unknown address".to_string(), |a| a.ip().to_string());
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .unwrap_or_default();
+        let address = crate::refusals::source_address(peer.remote_addr);
         let action = format!("{role}_api");
         // Refused calls are audited (rate-limited per source): a probe with
         // the wrong credentials is something an operator must see.
@@ -40,7 +42,7 @@ pub fn require(
         };
         let Some(identity) = peer.identity.clone() else {
             return Err(refuse(
-                format!("anonymous@{address}"),
+                "anonymous".to_string(),
                 Status::unauthenticated(
                     "client certificate carries no cutover identity; issue one with `cutover ca issue`",
                 ),

@@ -90,6 +90,10 @@ pub struct Limits {
     /// Events kept in the event log; older ones are deleted.
     #[serde(default = "default_max_events")]
     pub max_events: usize,
+    /// Entries kept in the audit log; older ones are deleted (a year of a
+    /// busy installation's calls; refusals are rate-limited).
+    #[serde(default = "default_max_audit_entries")]
+    pub max_audit_entries: usize,
     /// Largest artifact `cutover artifact push` accepts.
     #[serde(
         default = "default_max_artifact",
@@ -108,12 +112,16 @@ impl Default for Limits {
             keepalive_timeout: default_keepalive_timeout(),
             max_artifact_bytes: default_max_artifact(),
             max_events: default_max_events(),
+            max_audit_entries: default_max_audit_entries(),
         }
     }
 }
 
 fn default_max_events() -> usize {
     100_000
+}
+fn default_max_audit_entries() -> usize {
+    1_000_000
 }
 fn default_max_artifact() -> usize {
     2 << 30

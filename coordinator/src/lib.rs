@@ -12,6 +12,7 @@ pub mod http;
 pub mod images;
 pub mod metrics;
 pub mod operator_api;
+pub mod refusals;
 pub mod registry;
 pub mod rollout;
 pub mod secrets;

@@ -282,36 +282,33 @@ impl OperatorApi {
                 "only a deployer is limited to environments: a viewer reads everything, an admin changes everything",
             ));
         }
-        let store = self.registry.store();
-        if store
-            .operator(&r.name)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .is_some()
-        {
-            return Err(Status::already_exists(format!(
-                "operator {} exists (names are never reused, even revoked ones); choose another name",
-                r.name
-            )));
-        }
         let days = match r.validity_days {
             0 => OPERATOR_CERT_DAYS,
             d => u64::from(d.min(3650)),
         };
-        let cert_pem = ca
-            .sign_request(&identity, &r.csr_pem, Duration::from_secs(days * 86_400))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let record = OperatorRecord {
-            name: r.name.clone(),
-            role,
-            envs: r.envs,
-            created_by: by.to_string(),
-            created_at_ms: cutover_common::now_ms(),
-            revoked_at_ms: None,
-            replaced: Vec::new(),
-        };
-        store
-            .put_operator(&record)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
+        let (record, cert_pem) = self.access.change_operators(|store| {
+            if store.operator(&r.name).map_err(internal)?.is_some() {
+                return Err(Status::already_exists(format!(
+                    "operator {} exists (names are never reused, even revoked ones); choose another name",
+                    r.name
+                )));
+            }
+            let cert_pem = ca
+                .sign_request(&identity, &r.csr_pem, Duration::from_secs(days * 86_400))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let record = OperatorRecord {
+                name: r.name.clone(),
+                role,
+                envs: r.envs.clone(),
+                created_by: by.to_string(),
+                created_at_ms: cutover_common::now_ms(),
+                revoked_at_ms: None,
+                replaced: Vec::new(),
+            };
+            store.put_operator(&record).map_err(internal)?;
+            Ok((record, cert_pem))
+        })?;
         tracing::info!(operator = %record.name, role = record.role.as_str(), %by, "operator created");
         Ok(Response::new(pb::CreateOperatorResponse {
             operator: Some(operator_to_pb(&record)),
@@ -332,58 +329,75 @@ impl OperatorApi {
     ) -> Result<Response<pb::Operator>, Status> {
         cutover_common::identity::validate_name(name)
             .map_err(|e| Status::invalid_argument(format!("operator name: {e}")))?;
-        let store = self.registry.store();
         let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
-        let operators = store.operators().map_err(internal)?;
-        let mut record = match operators.iter().find(|o| o.name == name) {
-            Some(record) => record.clone(),
-            None if never_seen => OperatorRecord::issued_offline(name),
-            None => {
-                return Err(Status::not_found(format!(
-                    "no operator {name}; `cutover operator list` shows them (a certificate issued offline that never connected: add --never-seen)"
-                )))
+        let record = self.access.change_operators(|store| {
+            let operators = store.operators().map_err(internal)?;
+            let mut record = match operators.iter().find(|o| o.name == name) {
+                Some(record) => record.clone(),
+                None if never_seen => OperatorRecord::issued_offline(name),
+                None => {
+                    return Err(Status::not_found(format!(
+                        "no operator {name}; `cutover operator list` shows them (a certificate issued offline that never connected: add --never-seen)"
+                    )))
+                }
+            };
+            if record.revoked_at_ms.is_some() {
+                return Ok(record);
             }
-        };
-        if record.revoked_at_ms.is_some() {
-            return Ok(Response::new(operator_to_pb(&record)));
-        }
-        let admins_left = operators
-            .iter()
-            .filter(|o| o.name != name && o.role == OperatorRole::Admin && o.revoked_at_ms.is_none())
-            .count();
-        if record.role == OperatorRole::Admin && admins_left == 0 {
-            return Err(Status::failed_precondition(format!(
-                "operator {name} is the last admin; create another admin first (`cutover operator create NAME --role admin`)"
-            )));
-        }
-        record.revoked_at_ms = Some(cutover_common::now_ms());
-        store.put_operator(&record).map_err(internal)?;
-        tracing::warn!(operator = %name, %by, "operator revoked");
+            let admins_left = operators
+                .iter()
+                .filter(|o| {
+                    o.name != name && o.role == OperatorRole::Admin && o.revoked_at_ms.is_none()
+                })
+                .count();
+            if record.role == OperatorRole::Admin && admins_left == 0 {
+                return Err(Status::failed_precondition(format!(
+                    "operator {name} is the last admin; create another admin first (`cutover operator create NAME --role admin`)"
+                )));
+            }
+            record.revoked_at_ms = Some(cutover_common::now_ms());
+            store.put_operator(&record).map_err(internal)?;
+            tracing::warn!(operator = %name, %by, "operator revoked");
+            Ok(record)
+        })?;
         Ok(Response::new(operator_to_pb(&record)))
     }
 
-    /// Records that `peer`'s certificate of operator `name` was renewed,
-    /// so it is refused until it expires (certificates already expired
-    /// leave the record).
-    fn replace_operator_certificate(&self, name: &str, peer: &PeerInfo) -> Result<(), Status> {
+    /// Records that `peer`'s certificate of operator `name` was renewed
+    /// into `renewed_pem`: the old one is refused once the new one is used
+    /// (see `Access::check`); certificates already expired leave the record.
+    fn replace_operator_certificate(
+        &self,
+        name: &str,
+        peer: &PeerInfo,
+        renewed_pem: &str,
+    ) -> Result<(), Status> {
         let (Some(serial), Some(not_after)) = (&peer.serial, peer.not_after) else {
             return Err(Status::unauthenticated(
                 "the connection's certificate has no serial or expiry; cannot renew it",
             ));
         };
-        let store = self.registry.store();
+        let renewed = rustls_pemfile::certs(&mut renewed_pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .and_then(|der| cutover_common::identity::certificate_facts(&der).ok())
+            .ok_or_else(|| Status::internal("cannot read the renewed certificate"))?;
         let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
-        let mut record = store
-            .operator(name)
-            .map_err(internal)?
-            .unwrap_or_else(|| OperatorRecord::issued_offline(name));
-        let now = cutover_common::now_ms();
-        record.replaced.retain(|c| c.expires_at_ms > now);
-        record.replaced.push(crate::store::ReplacedCertificate {
-            serial: serial.clone(),
-            expires_at_ms: not_after * 1000,
-        });
-        store.put_operator(&record).map_err(internal)
+        self.access.change_operators(|store| {
+            let mut record = store
+                .operator(name)
+                .map_err(internal)?
+                .unwrap_or_else(|| OperatorRecord::issued_offline(name));
+            let now = cutover_common::now_ms();
+            record.replaced.retain(|c| c.expires_at_ms > now);
+            record.replaced.push(crate::store::ReplacedCertificate {
+                serial: serial.clone(),
+                expires_at_ms: not_after * 1000,
+                by: renewed.serial,
+                retired: false,
+            });
+            store.put_operator(&record).map_err(internal)
+        })
     }
 
     /// A deploy by operator `by`, once allowed.
@@ -740,9 +754,9 @@ impl OperatorService for OperatorApi {
                 (s.max(3600) as u64).min(3650 * 86_400)
             });
         let args = json!({"lifetime": humantime::format_duration(Duration::from_secs(lifetime)).to_string()});
-        let caller =
-            self.access
-                .check(&request, Need::Own, "renew_operator_certificate", &args)?;
+        let caller = self
+            .access
+            .check(&request, Need::Own, "renew_operator_certificate", &args)?;
         let result = (|| {
             let cert_pem = self
                 .pki
@@ -753,10 +767,10 @@ impl OperatorService for OperatorApi {
                     Duration::from_secs(lifetime),
                 )
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            // The certificate renewed is refused from now on: recorded
-            // before the new one is handed out.
+            // The certificate renewed is refused once the new one is used:
+            // recorded before the new one is handed out.
             if let Some(peer) = &peer_info {
-                self.replace_operator_certificate(&caller.identity.name, peer)?;
+                self.replace_operator_certificate(&caller.identity.name, peer, &cert_pem)?;
             }
             Ok(Response::new(pb::RenewOperatorCertificateResponse {
                 cert_pem,
@@ -813,7 +827,8 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<pb::RevokeOperatorRequest>,
     ) -> Result<Response<pb::Operator>, Status> {
-        let args = json!({"name": request.get_ref().name, "never_seen": request.get_ref().never_seen});
+        let args =
+            json!({"name": request.get_ref().name, "never_seen": request.get_ref().never_seen});
         let caller = self
             .access
             .check(&request, Need::Admin, "revoke_operator", &args)?;

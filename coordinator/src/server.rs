@@ -17,7 +17,7 @@ use crate::access::Access;
 use crate::agent_api::AgentApi;
 use crate::artifacts::ArtifactStore;
 use crate::auth::require;
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, Limits};
 use crate::enroll::EnrollApi;
 use crate::images::ImageResolver;
 use crate::metrics::Metrics;
@@ -93,13 +93,24 @@ impl Coordinator {
         cutover_common::pki::finish_pair_swap(&config.tls.cert, &config.tls.key);
         cutover_common::tls::server_config(&config.tls)?;
         // The store and the artifacts are the coordinator's alone: private
-        // whatever the umask, also when an older run left them wider.
-        cutover_common::modes::private_dir(&config.data_dir)
-            .and_then(|()| cutover_common::modes::restrict_tree(&config.data_dir))
-            .map_err(|source| ServerError::DataDir {
+        // whatever the umask, also when an older run left them wider. Only
+        // what it made is narrowed, never whatever else shares the dir.
+        let private = |dir: &std::path::Path| {
+            cutover_common::modes::private_dir(dir)
+                .and_then(|()| cutover_common::modes::restrict_tree(dir))
+                .map_err(|source| ServerError::DataDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+        };
+        cutover_common::modes::private_dir(&config.data_dir).map_err(|source| {
+            ServerError::DataDir {
                 path: config.data_dir.clone(),
                 source,
-            })?;
+            }
+        })?;
+        private(&config.data_dir.join("store"))?;
+        private(&config.data_dir.join("artifacts"))?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir.join("store"))?);
         let registry = Arc::new(Registry::load(store.clone(), config.heartbeat_ttl)?);
         let metrics = Arc::new(Metrics::new());
@@ -208,7 +219,7 @@ impl Coordinator {
 
         let sweeper = tokio::spawn(sweep_loop(
             registry.clone(),
-            config.limits.max_events,
+            config.limits.clone(),
             shutdown.clone(),
         ));
         let rotation = tokio::spawn(crate::ca::drive_rotation(
@@ -306,7 +317,8 @@ async fn bind_listener(what: &'static str, addr: SocketAddr) -> Result<TcpListen
     }
 }
 
-async fn sweep_loop(registry: Arc<Registry>, max_events: usize, shutdown: CancellationToken) {
+async fn sweep_loop(registry: Arc<Registry>, limits: Limits, shutdown: CancellationToken) {
+    let max_events = limits.max_events;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut count: u32 = 0;
@@ -328,6 +340,15 @@ async fn sweep_loop(registry: Arc<Registry>, max_events: usize, shutdown: Cancel
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, max_events, "pruned old events"),
                 Err(error) => tracing::error!(%error, "cannot prune events"),
+            }
+            match registry.store().prune_audit(limits.max_audit_entries) {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(
+                    pruned,
+                    max = limits.max_audit_entries,
+                    "pruned old audit entries"
+                ),
+                Err(error) => tracing::error!(%error, "cannot prune the audit log"),
             }
         }
     }

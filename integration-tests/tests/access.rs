@@ -526,6 +526,23 @@ async fn refused_callers_are_audited_and_operator_credentials_are_guarded() {
     std::fs::copy(dir.path().join("olga/operator-olga.key"), &old_key).unwrap();
     let (ok, text) = cli.as_config(&olga, &["operator", "renew"]);
     assert!(ok, "{text}");
+    let old = |cli: &Cli| {
+        cli.run(&[
+            "--coordinator",
+            &cli.coordinator,
+            "--ca-cert",
+            dir.path().join("olga/ca.crt").to_str().unwrap(),
+            "--cert",
+            old_cert.to_str().unwrap(),
+            "--key",
+            old_key.to_str().unwrap(),
+            "nodes",
+        ])
+    };
+    // Until the renewed certificate is used, the old one still works: a
+    // renewal whose answer was lost locks nobody out.
+    let (ok, text) = old(&cli);
+    assert!(ok, "{text}");
     let (ok, text) = cli.as_config(&olga, &["nodes"]);
     assert!(ok, "the renewed certificate works: {text}");
     let (ok, text) = cli.run(&[

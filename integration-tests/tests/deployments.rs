@@ -3,7 +3,12 @@
 //! already switched, so the app ends on one version. Driven through the
 //! real `cutover` binary, as an operator saw the mixed fleet.
 
-use cutover_integration_tests::{app_archive, body, http_get, DevCluster};
+use std::time::{Duration, Instant};
+
+use cutover_integration_tests::{
+    app_archive, body, deploy_request, http_get, Cluster, DevCluster, Tuning,
+};
+use cutover_proto::v1 as pb;
 use serde_json::Value;
 
 /// The dev cluster's web port for this test.
@@ -213,4 +218,120 @@ fn a_failing_worker_returns_the_web_tier_so_the_app_ends_on_one_version() {
         seqs.windows(2).all(|w| w[0] < w[1]),
         "oldest first: {seqs:?}"
     );
+}
+
+/// The deployment is stored and its driver re-entrant: a coordinator
+/// restarted while the first service rolls out carries on with the next.
+/// Meanwhile the deployment holds its services: nobody deploys them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_holds_its_services_and_carries_on_after_a_coordinator_restart() {
+    let mut cluster = Cluster::start(2, Tuning::default()).await;
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == 2 && n.iter().all(|n| n.connected)
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = app_archive(dir.path());
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    // Web's batches are watched for 2 s each: time to restart in.
+    let text = format!(
+        r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "5s"
+[services.horizon]
+command = ["python3", "worker.py"]
+stop_command = ["python3", "worker.py", "terminate"]
+min_healthy_time = "300ms"
+[strategy]
+batch = 1
+min_healthy_time = "2s"
+[environments.test]
+nodes = {{ env = "test" }}
+"#
+    );
+    let mut client = cluster.operator().await;
+    let response = client
+        .deploy(deploy_request(text.clone(), "v1", &artifact))
+        .await
+        .unwrap()
+        .into_inner();
+    let deployment = response.deployment.clone().expect("a deployment").id;
+    assert!(response.rollouts.is_empty(), "{response:?}");
+
+    // Its second service is claimed before its turn.
+    let mut alone = deploy_request(text.clone(), "v1", &artifact);
+    alone.service = "horizon".into();
+    let claimed = client.deploy(alone).await.unwrap_err();
+    assert_eq!(claimed.code(), tonic::Code::Aborted, "{claimed:?}");
+    assert!(
+        claimed.message().contains(&deployment),
+        "{}",
+        claimed.message()
+    );
+
+    // Web's rollout runs: restart the coordinator under it.
+    let get = |mut client: cutover_proto::v1::operator_service_client::OperatorServiceClient<
+        tonic::transport::Channel,
+    >,
+               id: String| async move {
+        client
+            .get_deployment(pb::GetDeploymentRequest { id })
+            .await
+            .map(|d| d.into_inner())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = get(client.clone(), deployment.clone()).await.unwrap();
+        if d.steps[0].state == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{d:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.restart_coordinator().await;
+    let mut client = cluster.operator().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        if let Ok(d) = get(client.clone(), deployment.clone()).await {
+            if d.state != "running" {
+                break d;
+            }
+        }
+        assert!(Instant::now() < deadline, "the deployment did not end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done.state, "succeeded", "{done:#?}");
+    let states: Vec<&str> = done.steps.iter().map(|s| s.state.as_str()).collect();
+    assert_eq!(states, ["succeeded", "succeeded"], "{done:#?}");
+    let nodes = client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    for node in &nodes {
+        let mut services: Vec<(&str, &str)> = node
+            .services
+            .iter()
+            .map(|s| (s.service.as_str(), s.release_id.as_str()))
+            .collect();
+        services.sort();
+        assert_eq!(services.len(), 2, "{node:#?}");
+        assert!(
+            services.iter().all(|(_, r)| r.contains("-v1-")),
+            "{node:#?}"
+        );
+    }
+    // Once it ended, its services are free again.
+    let mut alone = deploy_request(text, "v2", &artifact);
+    alone.service = "horizon".into();
+    client.deploy(alone).await.unwrap();
 }

@@ -15,6 +15,8 @@ use super::nodes::{render_table, rfc3339};
 
 /// How often `--follow` asks for new entries.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// How long `--follow` waits for one answer before asking again.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, clap::Args)]
 pub struct EventsArgs {
@@ -179,16 +181,31 @@ where
     }
     let mut last = first.last().map_or(after.unwrap_or(0), Entry::seq);
     print_follow(&first, json, true);
+    // One Ctrl-C handler for the whole follow, raced against every wait
+    // and every call: a call hanging on a lost connection still ends.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut interrupted => return Ok(()),
             _ = tokio::time::sleep(FOLLOW_EVERY) => {}
         }
-        let next = fetch(last, false).await?;
-        if let Some(entry) = next.last() {
-            last = entry.seq();
+        let next = tokio::select! {
+            _ = &mut interrupted => return Ok(()),
+            next = tokio::time::timeout(CALL_TIMEOUT, fetch(last, false)) => next,
+        };
+        // A coordinator restarting or out of reach for a moment is waited
+        // for, said once per failure on stderr.
+        match next {
+            Ok(Ok(next)) => {
+                if let Some(entry) = next.last() {
+                    last = entry.seq();
+                }
+                print_follow(&next, json, false);
+            }
+            Ok(Err(error)) => eprintln!("warning: {error:#}; retrying"),
+            Err(_) => eprintln!("warning: no answer within {CALL_TIMEOUT:?}; retrying"),
         }
-        print_follow(&next, json, false);
     }
 }
 

@@ -102,6 +102,10 @@ pub struct DeploymentStep {
     pub strategy: Strategy,
     pub state: StepState,
     pub rollout_id: String,
+    /// What the service ran before its rollout (from the rollout): what a
+    /// rollback returns it to.
+    #[serde(default)]
+    pub previous: Option<String>,
     pub rollback_rollout_id: String,
 }
 
@@ -121,23 +125,13 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Whether the deployment still has `service` of `env` to roll out:
-    /// nobody else may deploy it meanwhile.
+    /// Whether the deployment holds `service` of `env`: every service of a
+    /// deployment that runs, the ones still to roll out and the ones it may
+    /// have to roll back, is its own until it ends.
     pub fn claims(&self, env: &str, service: &str) -> bool {
         !self.state.is_terminal()
             && self.env == env
-            && self
-                .steps
-                .iter()
-                .any(|s| s.service == service && s.state == StepState::Waiting)
-    }
-}
-
-/// The id of the rollout started; `None` when nothing was to do.
-fn rollout_id(started: Started) -> Option<String> {
-    match started {
-        Started::Rollout(rollout) => Some(rollout.id),
-        Started::NoOp { .. } => None,
+            && self.steps.iter().any(|s| s.service == service)
     }
 }
 
@@ -233,8 +227,9 @@ impl Rollouts {
         };
         if d.steps[i].state == StepState::Waiting {
             match self.start_step(d, i).await {
-                Ok(Some(rollout_id)) => {
-                    d.steps[i].rollout_id = rollout_id;
+                Ok(Some(rollout)) => {
+                    d.steps[i].rollout_id = rollout.id;
+                    d.steps[i].previous = rollout.previous.map(|p| p.id().to_string());
                     d.steps[i].state = StepState::Running;
                 }
                 Ok(None) => d.steps[i].state = StepState::Unchanged,
@@ -246,8 +241,15 @@ impl Rollouts {
             }
             return true;
         }
-        let Some(rollout) = self.ended(&d.steps[i].rollout_id).await else {
-            return false;
+        let rollout = match self.ended(&d.steps[i].rollout_id).await {
+            Some(Ok(rollout)) => rollout,
+            Some(Err(error)) => {
+                d.steps[i].state = StepState::Failed;
+                let why = format!("{}: {error}", d.steps[i].service);
+                self.failed(d, i, why, d.steps[i].strategy.auto_rollback);
+                return true;
+            }
+            None => return false,
         };
         match rollout.state {
             RolloutState::Succeeded => d.steps[i].state = StepState::Succeeded,
@@ -336,20 +338,25 @@ impl Rollouts {
             }
             return true;
         }
-        let Some(rollout) = self.ended(&d.steps[j].rollback_rollout_id).await else {
-            return false;
-        };
-        if rollout.state == RolloutState::Succeeded {
-            d.steps[j].state = StepState::RolledBack;
-        } else {
-            d.error = format!(
-                "{}; rolling {} back failed in rollout {} ({})",
-                d.error,
-                rollout.service,
-                rollout.id,
-                rollout.state.as_str()
-            );
-            d.steps[j].state = StepState::RollbackFailed;
+        match self.ended(&d.steps[j].rollback_rollout_id).await {
+            None => return false,
+            Some(Ok(rollout)) if rollout.state == RolloutState::Succeeded => {
+                d.steps[j].state = StepState::RolledBack;
+            }
+            Some(Ok(rollout)) => {
+                d.error = format!(
+                    "{}; rolling {} back failed in rollout {} ({})",
+                    d.error,
+                    rollout.service,
+                    rollout.id,
+                    rollout.state.as_str()
+                );
+                d.steps[j].state = StepState::RollbackFailed;
+            }
+            Some(Err(error)) => {
+                d.error = format!("{}; rolling {} back: {error}", d.error, d.steps[j].service);
+                d.steps[j].state = StepState::RollbackFailed;
+            }
         }
         true
     }
@@ -361,10 +368,10 @@ impl Rollouts {
         self: &Arc<Self>,
         d: &Deployment,
         i: usize,
-    ) -> Result<Option<String>, RolloutError> {
+    ) -> Result<Option<Rollout>, RolloutError> {
         let step = &d.steps[i];
-        if let Some(id) = self.started_for(d, &step.service, RolloutKind::Deploy)? {
-            return Ok(Some(id));
+        if let Some(rollout) = self.started_for(d, &step.service, RolloutKind::Deploy)? {
+            return Ok(Some(rollout));
         }
         let _creating = self.create.lock().await;
         self.make_way(&d.env, &step.service, &d.created_by).await;
@@ -384,7 +391,10 @@ impl Rollouts {
             },
             d.allow_unreachable,
         )?;
-        Ok(rollout_id(self.launch(plan, &d.created_by)?))
+        Ok(match self.launch(plan, &d.created_by)? {
+            Started::Rollout(rollout) => Some(*rollout),
+            Started::NoOp { .. } => None,
+        })
     }
 
     /// Starts the rollback of step `j` to what its service ran before the
@@ -395,28 +405,30 @@ impl Rollouts {
         j: usize,
     ) -> Result<Option<String>, RolloutError> {
         let service = d.steps[j].service.clone();
-        if let Some(id) = self.started_for(d, &service, RolloutKind::Rollback)? {
-            return Ok(Some(id));
+        if let Some(rollout) = self.started_for(d, &service, RolloutKind::Rollback)? {
+            return Ok(Some(rollout.id));
         }
-        let rollout = self.get(&d.steps[j].rollout_id)?;
-        let Some(previous) = rollout.previous else {
+        let Some(previous) = d.steps[j].previous.clone() else {
             return Err(RolloutError::NoRollbackTarget(format!(
                 "it had no release before the deployment and keeps {}",
-                rollout.release.id()
+                d.steps[j].release.id()
             )));
         };
         let started = self
             .rollback(RollbackRequest {
                 env: d.env.clone(),
                 service,
-                to: Some(previous.id().to_string()),
+                to: Some(previous),
                 allow_unreachable: true,
                 force: false,
                 by: format!("deployment {}", d.id),
                 deployment: d.id.clone(),
             })
             .await?;
-        Ok(rollout_id(started))
+        Ok(match started {
+            Started::Rollout(rollout) => Some(rollout.id),
+            Started::NoOp { .. } => None,
+        })
     }
 
     /// The rollout of `kind` this deployment started for `service`, if any.
@@ -425,17 +437,17 @@ impl Rollouts {
         d: &Deployment,
         service: &str,
         kind: RolloutKind,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Rollout>, StoreError> {
         Ok(self
             .store
             .rollouts()?
             .into_iter()
-            .find(|r| r.deployment == d.id && r.service == service && r.kind == kind)
-            .map(|r| r.id))
+            .find(|r| r.deployment == d.id && r.service == service && r.kind == kind))
     }
 
-    /// Waits for rollout `id` to end; `None` on shutdown.
-    async fn ended(&self, id: &str) -> Option<Rollout> {
+    /// Waits for rollout `id` to end; `None` on shutdown, an error when the
+    /// rollout is gone.
+    async fn ended(&self, id: &str) -> Option<Result<Rollout, RolloutError>> {
         loop {
             if let Some(mut watch) = self.subscribe(id) {
                 let ended = async {
@@ -451,8 +463,9 @@ impl Rollouts {
                 }
             }
             match self.get(id) {
-                Ok(rollout) if rollout.state.is_terminal() => return Some(rollout),
+                Ok(rollout) if rollout.state.is_terminal() => return Some(Ok(rollout)),
                 Ok(_) => {}
+                Err(error @ RolloutError::NotFound(_)) => return Some(Err(error)),
                 Err(error) => {
                     tracing::error!(rollout = %id, %error, "cannot read a deployment's rollout");
                 }
@@ -470,6 +483,11 @@ impl Rollouts {
         d.state = state;
         d.error = why;
         d.finished_at_ms = Some(now_ms());
+        // What names each release is all a finished deployment needs (the
+        // release history keeps them whole).
+        for step in &mut d.steps {
+            step.release = step.release.summary();
+        }
         let message = match d.error.as_str() {
             "" => format!("deployment {} {}", d.id, state.as_str()),
             why => format!("deployment {} {}: {why}", d.id, state.as_str()),

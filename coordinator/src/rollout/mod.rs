@@ -401,12 +401,18 @@ impl Rollouts {
         resolved: Vec<crate::spec::Resolved>,
         request: &DeployRequest,
     ) -> Result<Deployment, RolloutError> {
-        for service in &resolved {
-            self.make_way(&service.env, &service.service, &request.by)
-                .await;
+        for (i, service) in resolved.iter().enumerate() {
+            // A convergence of a later service is stopped when its turn
+            // comes (meanwhile the deployment's claim keeps new ones out):
+            // stopped now, it would count as the operator's choice if the
+            // deployment never got there.
+            if i == 0 {
+                self.make_way(&service.env, &service.service, &request.by)
+                    .await;
+            }
             // The same checks the driver meets at each step, now, so a
             // deploy that cannot start is refused whole.
-            self.plan(
+            let checked = self.plan(
                 Target {
                     app: service.app.clone(),
                     env: service.env.clone(),
@@ -420,7 +426,13 @@ impl Rollouts {
                     warning: None,
                 },
                 request.allow_unreachable,
-            )?;
+            );
+            match checked {
+                Ok(_) => {}
+                Err(RolloutError::Locked { id, .. })
+                    if i > 0 && self.get(&id).is_ok_and(|r| r.kind == RolloutKind::Converge) => {}
+                Err(error) => return Err(error),
+            }
         }
         let first = &resolved[0];
         let now = now_ms();
@@ -438,6 +450,7 @@ impl Rollouts {
                     strategy: service.strategy,
                     state: StepState::Waiting,
                     rollout_id: String::new(),
+                    previous: None,
                     rollback_rollout_id: String::new(),
                 })
                 .collect(),
@@ -977,11 +990,19 @@ impl Rollouts {
     /// cannot converge repeats, have a smaller share of their own so they
     /// never push operators' rollouts out.
     fn prune_rollouts(&self) -> Result<(), StoreError> {
+        // A deployment that runs still reads the rollouts of its steps.
+        let running_deployments: HashSet<String> = self
+            .store
+            .deployments()?
+            .into_iter()
+            .filter(|d| !d.state.is_terminal())
+            .map(|d| d.id)
+            .collect();
         let (converges, others): (Vec<Rollout>, Vec<Rollout>) = self
             .store
             .rollouts()?
             .into_iter()
-            .filter(|r| r.state.is_terminal())
+            .filter(|r| r.state.is_terminal() && !running_deployments.contains(&r.deployment))
             .partition(|r| r.kind == RolloutKind::Converge);
         for (finished, kept) in [
             (converges, CONVERGE_ROLLOUTS_KEPT),

@@ -262,10 +262,17 @@ pub struct OperatorRecord {
     pub replaced: Vec<ReplacedCertificate>,
 }
 
+/// A certificate an operator renewed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplacedCertificate {
     pub serial: String,
     pub expires_at_ms: i64,
+    /// The serial of the certificate that replaced it.
+    #[serde(default)]
+    pub by: String,
+    /// Refused from now on: set the first time the new one is used.
+    #[serde(default)]
+    pub retired: bool,
 }
 
 impl OperatorRecord {
@@ -283,9 +290,19 @@ impl OperatorRecord {
         }
     }
 
-    /// Whether the certificate with `serial` was replaced by a renewal.
+    /// Whether the certificate with `serial` was replaced by a renewal
+    /// that is in use.
     pub fn refuses(&self, serial: &str) -> bool {
-        !serial.is_empty() && self.replaced.iter().any(|c| c.serial == serial)
+        !serial.is_empty()
+            && self
+                .replaced
+                .iter()
+                .any(|c| c.serial == serial && c.retired)
+    }
+
+    /// Whether `serial` is a renewed certificate used for the first time.
+    pub fn retires_with(&self, serial: &str) -> bool {
+        !serial.is_empty() && self.replaced.iter().any(|c| c.by == serial && !c.retired)
     }
 }
 
@@ -455,6 +472,9 @@ pub trait Store: Send + Sync + 'static {
     fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError>;
     fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError>;
 
+    /// Deletes the oldest audit entries so that at most `keep` remain;
+    /// returns how many went.
+    fn prune_audit(&self, keep: usize) -> Result<usize, StoreError>;
     /// Appends to the audit log (durably: flushed before it returns).
     fn append_audit(&self, entry: AuditRecord) -> Result<AuditRecord, StoreError>;
     /// One page of the entries at or after `since_ms` with

@@ -119,6 +119,23 @@ fn decode_item<T: serde::de::DeserializeOwned>(
     decode(&key, &value)
 }
 
+/// Deletes the oldest records of a sequence-keyed log so that at most
+/// `keep` remain; returns how many went. Sequence numbers have gaps (sled's
+/// `generate_id` skips ahead after every reopen), so the count comes from
+/// the tree, never from the span of the keys.
+fn prune_oldest(tree: &sled::Tree, keep: usize) -> Result<usize, StoreError> {
+    let excess = tree.len().saturating_sub(keep);
+    if excess == 0 {
+        return Ok(0);
+    }
+    let mut batch = sled::Batch::default();
+    for key in tree.iter().keys().take(excess) {
+        batch.remove(key.map_err(backend)?);
+    }
+    tree.apply_batch(batch).map_err(backend)?;
+    Ok(excess)
+}
+
 /// One page of a sequence-keyed tree scan: the first `page.limit` records
 /// that `keep` accepts, or with `page.newest` the last ones; oldest first
 /// either way.
@@ -194,19 +211,7 @@ impl Store for SledStore {
     }
 
     fn prune_events(&self, keep: usize) -> Result<usize, StoreError> {
-        // Sequence numbers have gaps (sled's `generate_id` skips ahead after
-        // every reopen), so the count comes from the tree, never from the
-        // span of the keys.
-        let excess = self.events.len().saturating_sub(keep);
-        if excess == 0 {
-            return Ok(0);
-        }
-        let mut batch = sled::Batch::default();
-        for key in self.events.iter().keys().take(excess) {
-            batch.remove(key.map_err(backend)?);
-        }
-        self.events.apply_batch(batch).map_err(backend)?;
-        Ok(excess)
+        prune_oldest(&self.events, keep)
     }
 
     fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError> {
@@ -284,6 +289,10 @@ impl Store for SledStore {
             .map_err(backend)?;
         self.audit.flush().map_err(backend)?;
         Ok(entry)
+    }
+
+    fn prune_audit(&self, keep: usize) -> Result<usize, StoreError> {
+        prune_oldest(&self.audit, keep)
     }
 
     fn audit(&self, since_ms: i64, page: Page) -> Result<Vec<AuditRecord>, StoreError> {
