@@ -5,25 +5,38 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# systemd-analyze checks the units in deploy/systemd; install it where we can.
-if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing systemd (for systemd-analyze)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null \
-    || echo "warning: could not install systemd; the unit verification test will be skipped"
-fi
-
+# Every tool a test needs is installed here, or the run fails: no test skips
+# itself for want of one. Debian's packages, as root.
+need_package() { # COMMAND PACKAGE [apt-get flags]
+  local command=$1 package=$2
+  shift 2
+  command -v "$command" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: $command is missing (Debian package $package); install it, or run this as root on Debian" >&2
+    exit 1
+  fi
+  echo "installing $package (for $command)"
+  if [ -z "${apt_updated:-}" ]; then
+    apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" "$package" >/dev/null
+  command -v "$command" >/dev/null 2>&1 || { echo "error: installing $package gave no $command" >&2; exit 1; }
+}
+# systemd-analyze checks the units in deploy/systemd.
+need_package systemd-analyze systemd
 # promtool checks and unit-tests the alert rules in deploy/prometheus.
-if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing prometheus (for promtool)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-    || echo "warning: could not install prometheus; the alert rule checks fail in CI"
-fi
-
+need_package promtool prometheus --no-install-recommends
 # The partition tests give each agent a network namespace of its own and cut
 # links with iptables.
-if ! { command -v ip && command -v iptables; } >/dev/null 2>&1; then
-  echo "installing iproute2 and iptables (for the partition tests)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables >/dev/null
+need_package ip iproute2
+need_package iptables iptables
+
+# The runner: nextest, for its per-test timeouts (.config/nextest.toml);
+# built from crates.io where the machine lacks it.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest (per-test timeouts)"
+  cargo install --locked cargo-nextest
 fi
 
 # The docker runtime's tests run against a real engine and real registries.
@@ -32,10 +45,6 @@ trap docker_env_stop EXIT
 docker_env_start
 
 cargo build --locked --workspace --bins
-# nextest runs each test in its own process and ends with one summary line;
-# plain cargo test is the fallback where it is not installed.
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --locked --workspace --no-fail-fast "$@"
-else
-  cargo test --locked --workspace "$@"
-fi
+# nextest runs each test in its own process, kills one that hangs, and ends
+# with one summary line.
+cargo nextest run --locked --workspace --no-fail-fast "$@"

@@ -746,8 +746,6 @@ pub fn field<'a>(node: &'a serde_json::Value, key: &str) -> &'a str {
     node[key].as_str().unwrap_or_default()
 }
 
-/// A plain HTTP/1.1 GET with `Connection: close`; returns the whole raw
-/// response (status line, headers, body).
 /// GETs `/` until the node's proxy answers (it is down while its agent is).
 pub async fn get_when_up(public: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -764,16 +762,31 @@ pub async fn get_when_up(public: &str) -> String {
     }
 }
 
+/// How long `http_get` waits to connect, and then for the whole answer: a
+/// proxy or app that hangs fails the test instead of holding it forever.
+const HTTP_GET_DEADLINE: Duration = Duration::from_secs(30);
+
+/// One plain HTTP/1.1 GET (blocking, `Connection: close`); the raw answer.
+/// Panics, naming the address, when it cannot connect or answer within
+/// `HTTP_GET_DEADLINE`.
 pub fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect http");
+    let socket: std::net::SocketAddr = addr
+        .parse()
+        .unwrap_or_else(|e| panic!("http_get: {addr:?} is not an address: {e}"));
+    let mut stream = std::net::TcpStream::connect_timeout(&socket, HTTP_GET_DEADLINE)
+        .unwrap_or_else(|e| panic!("http_get: cannot connect to {addr}: {e}"));
+    stream.set_read_timeout(Some(HTTP_GET_DEADLINE)).unwrap();
+    stream.set_write_timeout(Some(HTTP_GET_DEADLINE)).unwrap();
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .unwrap_or_else(|e| panic!("http_get: cannot send to {addr}: {e}"));
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    stream.read_to_string(&mut response).unwrap_or_else(|e| {
+        panic!("http_get {addr}{path}: no whole answer within {HTTP_GET_DEADLINE:?}: {e}")
+    });
     response
 }
 

@@ -67,23 +67,11 @@ fn example_app_specs_resolve() {
 
 /// `systemd-analyze verify` on both units, with ExecStart pointed at the
 /// built binaries (verify checks that they exist), plus the offline security
-/// score so hardening cannot quietly regress. Skipped where systemd-analyze is
-/// not installed outside CI; the test script installs it on Debian.
+/// score so hardening cannot quietly regress. Never skipped: without
+/// systemd-analyze it fails (scripts/test.sh installs it).
 #[test]
 fn systemd_units_verify_and_stay_hardened() {
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        // CI installs it (scripts/test.sh): there a missing tool is a failure.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "systemd-analyze is missing in CI"
-        );
-        eprintln!("systemd-analyze not installed: skipping unit verification");
-        return;
-    }
+    require_tool("systemd-analyze", "systemd");
     let dir = tempfile::tempdir().unwrap();
     // Exposure in tenths, as --threshold takes it: 20 is systemd's "2.0 OK".
     for (unit, binary, max_exposure) in [
@@ -205,9 +193,8 @@ fn metric_names(text: &str, into: &mut std::collections::BTreeSet<String>) {
 /// The alert rules and the Grafana dashboard name only metrics the
 /// coordinator exposes; the rules pass `promtool check rules` and fire as
 /// their unit tests say (`deploy/prometheus/cutover-alerts.test.yml`); the
-/// dashboard's queries parse (checked as recording rules). promtool is
-/// skipped where it is not installed outside CI; the test script installs
-/// it on Debian.
+/// dashboard's queries parse (checked as recording rules). Never skipped:
+/// without promtool it fails (scripts/test.sh installs it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alert_rules_and_dashboard_name_real_metrics_and_fire_as_tested() {
     let dir = repo().join("deploy/prometheus");
@@ -244,14 +231,7 @@ async fn alert_rules_and_dashboard_name_real_metrics_and_fire_as_tested() {
         "the rules name metrics the coordinator does not expose: {unknown:?}; it exposes {exposed:?}"
     );
 
-    if Command::new("promtool").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is missing in CI"
-        );
-        eprintln!("promtool not installed: skipping the rule checks");
-        return;
-    }
+    require_tool("promtool", "prometheus");
     let scratch = tempfile::tempdir().unwrap();
     let as_rules = scratch.path().join("dashboard-queries.yml");
     let rules: Vec<serde_json::Value> = queries
@@ -284,4 +264,13 @@ async fn alert_rules_and_dashboard_name_real_metrics_and_fire_as_tested() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// Fails the test, saying how to get it, when `tool` is not installed: a
+/// check that skips itself where its tool is missing proves nothing.
+fn require_tool(tool: &str, package: &str) {
+    assert!(
+        Command::new(tool).arg("--version").output().is_ok(),
+        "{tool} is not installed; scripts/test.sh installs it (Debian package {package})"
+    );
 }
