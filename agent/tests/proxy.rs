@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cutover_agent::proxy::{Proxy, ProxyConfig};
+use cutover_agent::proxy::routes::HeaderRule;
+use cutover_agent::proxy::{Proxy, ProxyConfig, RouteSpec};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
@@ -396,6 +397,57 @@ async fn forwarding_headers_and_request_ids() {
 
 /// GETs `url` with `x-request-id: id`; returns the status, the body and
 /// the request id the proxy answered with.
+/// A table of two routes: a header rule sends testers to the canary, the
+/// weights send everyone else to stable; a weight change keeps the
+/// upstreams, and emptying the table retires both and answers 502.
+#[tokio::test]
+async fn a_header_rule_routes_to_a_weightless_canary_and_an_empty_table_gives_502() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    let (stable, canary) = (backend("stable").await, backend("canary").await);
+    let rule = HeaderRule {
+        name: http::HeaderName::from_static("x-canary"),
+        value: http::HeaderValue::from_static("yes"),
+    };
+    let table = |canary_weight| {
+        vec![
+            RouteSpec::all("stable", stable.addr),
+            RouteSpec {
+                weight: canary_weight,
+                rules: vec![rule.clone()],
+                ..RouteSpec::all("canary", canary.addr)
+            },
+        ]
+    };
+    assert!(proxy.set_routes(table(0)).is_empty());
+    let base = format!("http://{}", proxy.local_addr());
+    assert_eq!(
+        get(&client(), &format!("{base}/")).await.unwrap(),
+        (200, "stable".into())
+    );
+    let tester = Request::get(format!("{base}/"))
+        .header("x-canary", "yes")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = client().request(tester).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "canary");
+
+    let before = proxy.routes();
+    assert!(
+        proxy.set_routes(table(10)).is_empty(),
+        "a weight change retires nothing"
+    );
+    let after = proxy.routes();
+    assert!(after.contains(&before.get("canary").unwrap().upstream));
+
+    let retired = proxy.set_routes(Vec::new());
+    let names: Vec<&str> = retired.iter().map(|u| u.release()).collect();
+    assert_eq!(names, ["stable", "canary"]);
+    let (status, body) = get(&client(), &format!("{base}/")).await.unwrap();
+    assert_eq!(status, 502);
+    assert!(body.contains("no release of service web"), "{body}");
+}
+
 async fn get_with_id(url: &str, id: &str) -> (u16, String, String) {
     let request = Request::get(url)
         .header("x-request-id", id)

@@ -1,27 +1,30 @@
 //! The node proxy: serves a service's public port and forwards every request
-//! to the release that is active right now.
+//! to a release of its routing table (`routes`): today one release, active
+//! right now.
 //!
-//! Switching is one atomic pointer swap: requests that started before it
-//! finish on the old release (each holds an in-flight guard until its response
+//! Switching is one atomic pointer swap of the whole table: requests that
+//! started before it finish on the release they were sent to (each holds an in-flight guard until its response
 //! body, or its upgraded tunnel, is done), requests after it go to the new
 //! one. Draining the old release is waiting for its guards to drop, bounded by
 //! the drain timeout, after which its remaining tunnels are closed.
 
 pub mod headers;
+pub mod routes;
 pub mod stats;
+mod upstream;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
@@ -32,14 +35,16 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use self::headers::{
     add_forwarding, default_trusted_networks, is_upgrade, strip_hop_by_hop, Network, X_REQUEST_ID,
 };
+use self::routes::{HeaderRule, Route, RouteTable, ALL_TRAFFIC};
 use self::stats::{ReleaseStats, StatsSnapshot};
+pub use self::upstream::{DrainReport, Upstream};
+use self::upstream::{GuardedBody, InFlight};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -79,87 +84,23 @@ impl ProxyConfig {
     }
 }
 
-/// A release the proxy can forward to.
-pub struct Upstream {
-    release: String,
-    addr: SocketAddr,
-    /// `addr` as a URI authority, built once instead of per request.
-    authority: Authority,
-    in_flight: AtomicUsize,
-    idle: Notify,
-    /// Fired at the drain deadline: closes the tunnels still open.
-    cut: CancellationToken,
-    stats: Arc<ReleaseStats>,
+/// A route to put in the table: which release, where, and what it gets.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub release: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub rules: Vec<HeaderRule>,
 }
 
-/// How a drain ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DrainReport {
-    /// Every request finished before the deadline.
-    pub completed: bool,
-    /// Requests and tunnels still open at the deadline, now cut.
-    pub cut: usize,
-    pub waited: Duration,
-}
-
-impl Upstream {
-    pub fn release(&self) -> &str {
-        &self.release
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
-    }
-
-    /// Waits until nothing is in flight to this release, at most `timeout`;
-    /// then closes whatever is still open. Call after switching away from it.
-    pub async fn drain(&self, timeout: Duration) -> DrainReport {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            // Registered before the check, so a guard dropping in between
-            // cannot be missed.
-            idle.as_mut().enable();
-            if self.in_flight() == 0 {
-                return DrainReport {
-                    completed: true,
-                    cut: 0,
-                    waited: started.elapsed(),
-                };
-            }
-            if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                let cut = self.in_flight();
-                self.cut.cancel();
-                return DrainReport {
-                    completed: cut == 0,
-                    cut,
-                    waited: started.elapsed(),
-                };
-            }
-        }
-    }
-}
-
-/// Held by every request (and upgraded tunnel) to a release until it is done.
-struct InFlight(Arc<Upstream>);
-
-impl InFlight {
-    fn new(upstream: Arc<Upstream>) -> Self {
-        upstream.in_flight.fetch_add(1, Ordering::SeqCst);
-        Self(upstream)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
+impl RouteSpec {
+    /// A release that takes every request (today's only kind of table).
+    pub fn all(release: &str, addr: SocketAddr) -> Self {
+        Self {
+            release: release.to_string(),
+            addr,
+            weight: ALL_TRAFFIC,
+            rules: Vec::new(),
         }
     }
 }
@@ -197,36 +138,9 @@ impl Body for ClientBody {
     }
 }
 
-/// A response body that keeps its request counted in flight until the last
-/// byte went out, so a drain waits for streamed responses too.
-struct GuardedBody {
-    inner: Incoming,
-    _guard: InFlight,
-}
-
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 struct Shared {
     config: ProxyConfig,
-    active: ArcSwapOption<Upstream>,
+    routes: ArcSwap<RouteTable>,
     admitted: AtomicBool,
     client: Client<HttpConnector, ProxyBody>,
     /// Stats by release, kept across switches so a release switched back to
@@ -259,7 +173,7 @@ impl Proxy {
             .build(connector);
         let shared = Arc::new(Shared {
             config,
-            active: ArcSwapOption::empty(),
+            routes: ArcSwap::from_pointee(RouteTable::default()),
             admitted: AtomicBool::new(true),
             client,
             stats: Mutex::new(HashMap::new()),
@@ -277,49 +191,79 @@ impl Proxy {
         self.local_addr
     }
 
-    /// Sends every new request to `release` at `addr` (or to nobody), at once.
-    /// Returns the release that was active, for the caller to drain.
+    /// Sends every new request to `release` at `addr` (or to nobody), at once:
+    /// a table of one route of all the weight. Returns the release that was
+    /// routed to, for the caller to drain. Of a table of several routes only
+    /// one would come back: replace those with `set_routes`.
     pub fn switch(&self, target: Option<(&str, SocketAddr)>) -> Option<Arc<Upstream>> {
-        let next = target.map(|(release, addr)| {
-            let stats = self
-                .shared
-                .stats
-                .lock()
-                .expect("stats lock")
-                .entry(release.to_string())
-                .or_default()
-                .clone();
-            Arc::new(Upstream {
-                release: release.to_string(),
-                addr,
-                authority: Authority::try_from(addr.to_string())
-                    .expect("a socket address is an authority"),
-                in_flight: AtomicUsize::new(0),
-                idle: Notify::new(),
-                cut: CancellationToken::new(),
-                stats,
-            })
-        });
-        if let Some(next) = &next {
-            tracing::info!(service = %self.shared.config.service, release = %next.release, upstream = %next.addr, "proxy switched");
-        }
-        let previous = self.shared.active.swap(next);
-        // Counts are kept for the serving release and the one it replaced
+        let routes = target.map(|(release, addr)| RouteSpec::all(release, addr));
+        self.set_routes(routes.into_iter().collect()).pop()
+    }
+
+    /// Replaces the routing table with `routes`, at once. A route to the same
+    /// release at the same address keeps its upstream (its requests in
+    /// flight and tunnels stay counted, a weight change drains nothing).
+    /// Returns the upstreams no longer routed to, for the caller to drain.
+    pub fn set_routes(&self, routes: Vec<RouteSpec>) -> Vec<Arc<Upstream>> {
+        let current = self.shared.routes.load_full();
+        let table = RouteTable::new(
+            routes
+                .into_iter()
+                .map(|spec| {
+                    let kept = current
+                        .get(&spec.release)
+                        .filter(|route| route.upstream.addr == spec.addr);
+                    let upstream = match kept {
+                        Some(route) => route.upstream.clone(),
+                        None => Arc::new(Upstream::new(
+                            &spec.release,
+                            spec.addr,
+                            self.release_counts(&spec.release),
+                        )),
+                    };
+                    tracing::info!(service = %self.shared.config.service, release = %spec.release, upstream = %spec.addr, weight = spec.weight, "proxy routes to release");
+                    Route {
+                        upstream,
+                        weight: spec.weight,
+                        rules: spec.rules,
+                    }
+                })
+                .collect(),
+        );
+        let previous = self.shared.routes.swap(Arc::new(table));
+        let table = self.shared.routes.load();
+        let retired: Vec<Arc<Upstream>> = previous
+            .routes()
+            .iter()
+            .filter(|route| !table.contains(&route.upstream))
+            .map(|route| route.upstream.clone())
+            .collect();
+        // Counts are kept for the releases routed to and those they replaced
         // (still draining, and the baseline to compare with); older ones go.
-        let current = target.map(|(release, _)| release.to_string());
-        let outgoing = previous.as_ref().map(|p| p.release.clone());
         self.shared
             .stats
             .lock()
             .expect("stats lock")
             .retain(|release, _| {
-                Some(release) == current.as_ref() || Some(release) == outgoing.as_ref()
+                table.get(release).is_some() || retired.iter().any(|r| r.release == *release)
             });
-        previous
+        retired
     }
 
-    pub fn active(&self) -> Option<Arc<Upstream>> {
-        self.shared.active.load_full()
+    /// The counts of `release`, continued if the proxy served it before.
+    fn release_counts(&self, release: &str) -> Arc<ReleaseStats> {
+        self.shared
+            .stats
+            .lock()
+            .expect("stats lock")
+            .entry(release.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The routing table in force now.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.shared.routes.load_full()
     }
 
     /// Admitted nodes answer the readiness path with 200 (when a release
@@ -444,10 +388,15 @@ async fn handle(
         return Ok(readiness(&shared));
     }
     // Count the request in flight first, then confirm its release is still
-    // the active one: a switch and a drain that both finished in between
-    // would otherwise send it to a release that is being stopped.
+    // routed to: a switch and a drain that both finished in between would
+    // otherwise send it to a release that is being stopped.
     let (upstream, guard) = loop {
-        let Some(upstream) = shared.active.load_full() else {
+        let picked = shared
+            .routes
+            .load()
+            .pick(request.headers(), |n| rand::random_range(0..n))
+            .map(|route| route.upstream.clone());
+        let Some(upstream) = picked else {
             return Ok(text_response(
                 StatusCode::BAD_GATEWAY,
                 format!(
@@ -457,12 +406,7 @@ async fn handle(
             ));
         };
         let guard = InFlight::new(upstream.clone());
-        let still_active = shared
-            .active
-            .load()
-            .as_ref()
-            .is_some_and(|active| Arc::ptr_eq(active, &upstream));
-        if still_active {
+        if shared.routes.load().contains(&upstream) {
             break (upstream, guard);
         }
     };
@@ -470,16 +414,21 @@ async fn handle(
 }
 
 fn readiness(shared: &Shared) -> Response<ProxyBody> {
-    let active = shared.active.load();
-    match (active.as_ref(), shared.admitted.load(Ordering::Acquire)) {
-        (Some(upstream), true) => {
-            text_response(StatusCode::OK, format!("ready: {}\n", upstream.release))
+    let table = shared.routes.load();
+    match (table.is_empty(), shared.admitted.load(Ordering::Acquire)) {
+        (false, true) => {
+            let releases: Vec<&str> = table
+                .routes()
+                .iter()
+                .map(|r| r.upstream.release())
+                .collect();
+            text_response(StatusCode::OK, format!("ready: {}\n", releases.join(", ")))
         }
-        (Some(_), false) => text_response(
+        (false, false) => text_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining: this node is out of rotation\n".into(),
         ),
-        (None, _) => text_response(
+        (true, _) => text_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no release is serving\n".into(),
         ),
