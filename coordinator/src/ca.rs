@@ -65,15 +65,6 @@ pub enum CaError {
     },
 }
 
-impl From<CaError> for tonic::Status {
-    fn from(error: CaError) -> Self {
-        match error {
-            CaError::NoSigner => tonic::Status::failed_precondition(error.to_string()),
-            other => tonic::Status::internal(other.to_string()),
-        }
-    }
-}
-
 pub struct Pki {
     files: TlsFiles,
     ca_key: Option<PathBuf>,

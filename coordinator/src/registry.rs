@@ -51,21 +51,6 @@ pub enum RegistryError {
     Store(#[from] StoreError),
 }
 
-impl From<RegistryError> for Status {
-    fn from(error: RegistryError) -> Self {
-        let message = error.to_string();
-        match error {
-            RegistryError::NameTaken { .. } => Status::already_exists(message),
-            RegistryError::IdTaken { .. } => Status::failed_precondition(message),
-            RegistryError::UnknownNode(_) => Status::not_found(message),
-            RegistryError::NotConnected(_) => Status::unavailable(message),
-            RegistryError::QueueFull(_) => Status::resource_exhausted(message),
-            RegistryError::LabelsDiffer { .. } => Status::permission_denied(message),
-            RegistryError::Store(_) => Status::internal(message),
-        }
-    }
-}
-
 struct Session {
     generation: u64,
     sender: AgentSender,

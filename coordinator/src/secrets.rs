@@ -66,21 +66,6 @@ pub enum SecretError {
     Store(#[from] StoreError),
 }
 
-impl From<SecretError> for tonic::Status {
-    fn from(error: SecretError) -> Self {
-        let message = error.to_string();
-        match error {
-            SecretError::BadName(_)
-            | SecretError::BadEnv(_)
-            | SecretError::TooLarge(..)
-            | SecretError::Nul(_) => tonic::Status::invalid_argument(message),
-            SecretError::Missing { .. } => tonic::Status::not_found(message),
-            SecretError::Store(_) | SecretError::Corrupt { .. } => tonic::Status::internal(message),
-            _ => tonic::Status::failed_precondition(message),
-        }
-    }
-}
-
 pub fn validate_name(name: &str) -> Result<(), SecretError> {
     let ok = !name.is_empty()
         && name.len() <= 128

@@ -104,26 +104,6 @@ pub enum RolloutError {
     Store(#[from] StoreError),
 }
 
-impl From<RolloutError> for tonic::Status {
-    fn from(error: RolloutError) -> Self {
-        let message = error.to_string();
-        match error {
-            RolloutError::Spec(_)
-            | RolloutError::NoVersion(_)
-            | RolloutError::Image(cutover_common::registry::RegistryError::Invalid { .. }) => {
-                tonic::Status::invalid_argument(message)
-            }
-            RolloutError::NotFound(_) => tonic::Status::not_found(message),
-            RolloutError::Store(_) => tonic::Status::internal(message),
-            RolloutError::Locked { .. } | RolloutError::Claimed { .. } => {
-                tonic::Status::aborted(message)
-            }
-            RolloutError::EnvironmentPinned(_) => tonic::Status::permission_denied(message),
-            _ => tonic::Status::failed_precondition(message),
-        }
-    }
-}
-
 /// A deploy as the operator asked for it.
 pub struct DeployRequest {
     pub spec_text: String,

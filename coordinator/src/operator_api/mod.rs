@@ -1,0 +1,266 @@
+//! `OperatorService`: what the CLI calls.
+//!
+//! One module per resource holds its handlers; the service impl below only
+//! hands each call to its handler (tonic wants all of them in one impl). A
+//! mutating call goes through `audited`, so the role check, the call and its
+//! audit entry cannot drift apart between handlers; a read is checked alone.
+//! Which gRPC code a domain error answers with is decided in `errors`.
+
+mod artifacts;
+mod ca;
+mod errors;
+mod events;
+mod nodes;
+mod operators;
+mod rollouts;
+mod secrets;
+mod tokens;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use cutover_proto::v1 as pb;
+use cutover_proto::v1::operator_service_server::OperatorService;
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+
+use crate::access::{Access, Caller, Need};
+use crate::artifacts::ArtifactStore;
+use crate::registry::Registry;
+use crate::rollout::Rollouts;
+use crate::secrets::Secrets;
+
+pub struct OperatorApi {
+    pub registry: Arc<Registry>,
+    pub artifacts: Arc<ArtifactStore>,
+    pub rollouts: Arc<Rollouts>,
+    pub access: Arc<Access>,
+    /// Signs operator certificates; `None` when `ca_key` is not configured.
+    pub pki: Arc<crate::ca::Pki>,
+    pub secrets: Arc<Secrets>,
+    /// Shared with the enrollment service (see `EnrollApi`).
+    pub token_writes: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl OperatorApi {
+    /// A mutating call: checks that the caller's role allows `need` (a
+    /// refusal is audited by the check), runs the call with the caller and
+    /// the request's message, and audits how it ended. `args` are what the
+    /// audit log keeps of the call, refused or not: never a secret.
+    async fn audited<Q, T, F, Fut>(
+        &self,
+        request: Request<Q>,
+        need: Need<'_>,
+        action: &str,
+        args: Value,
+        run: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(Caller, Q) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let caller = self.access.check(&request, need, action, &args)?;
+        let result = run(caller.clone(), request.into_inner())
+            .await
+            .map(Response::new);
+        self.access.audit(&caller, action, &args, &result);
+        result
+    }
+}
+
+// The handlers are named `handle_<rpc>`, not after the RPC itself: a call
+// below that found no handler of that name would otherwise resolve to the
+// trait method and recurse forever without a word from the compiler.
+#[tonic::async_trait]
+impl OperatorService for OperatorApi {
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        self.handle_create_token(request).await
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.handle_list_tokens(request).await
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::JoinToken>, Status> {
+        self.handle_revoke_token(request).await
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        self.handle_revoke_node(request).await
+    }
+
+    async fn set_secret(
+        &self,
+        request: Request<pb::SetSecretRequest>,
+    ) -> Result<Response<pb::SecretEntry>, Status> {
+        self.handle_set_secret(request).await
+    }
+
+    async fn list_secrets(
+        &self,
+        request: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        self.handle_list_secrets(request).await
+    }
+
+    async fn remove_secret(
+        &self,
+        request: Request<pb::RemoveSecretRequest>,
+    ) -> Result<Response<pb::RemoveSecretResponse>, Status> {
+        self.handle_remove_secret(request).await
+    }
+
+    async fn rotate_master_key(
+        &self,
+        request: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
+        self.handle_rotate_master_key(request).await
+    }
+
+    async fn rotate_ca(
+        &self,
+        request: Request<pb::RotateCaRequest>,
+    ) -> Result<Response<pb::CaStatus>, Status> {
+        self.handle_rotate_ca(request).await
+    }
+
+    async fn get_ca_status(
+        &self,
+        request: Request<pb::GetCaStatusRequest>,
+    ) -> Result<Response<pb::CaStatus>, Status> {
+        self.handle_get_ca_status(request).await
+    }
+
+    async fn renew_operator_certificate(
+        &self,
+        request: Request<pb::RenewOperatorCertificateRequest>,
+    ) -> Result<Response<pb::RenewOperatorCertificateResponse>, Status> {
+        self.handle_renew_operator_certificate(request).await
+    }
+
+    async fn create_operator(
+        &self,
+        request: Request<pb::CreateOperatorRequest>,
+    ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
+        self.handle_create_operator(request).await
+    }
+
+    async fn list_operators(
+        &self,
+        request: Request<pb::ListOperatorsRequest>,
+    ) -> Result<Response<pb::ListOperatorsResponse>, Status> {
+        self.handle_list_operators(request).await
+    }
+
+    async fn revoke_operator(
+        &self,
+        request: Request<pb::RevokeOperatorRequest>,
+    ) -> Result<Response<pb::Operator>, Status> {
+        self.handle_revoke_operator(request).await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.handle_list_audit(request).await
+    }
+
+    async fn push_artifact(
+        &self,
+        request: Request<tonic::Streaming<pb::PushArtifactRequest>>,
+    ) -> Result<Response<pb::PushArtifactResponse>, Status> {
+        self.handle_push_artifact(request).await
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.handle_list_nodes(request).await
+    }
+
+    async fn ping_node(
+        &self,
+        request: Request<pb::PingNodeRequest>,
+    ) -> Result<Response<pb::PingNodeResponse>, Status> {
+        self.handle_ping_node(request).await
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        self.handle_list_events(request).await
+    }
+
+    async fn deploy(
+        &self,
+        request: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        self.handle_deploy(request).await
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        self.handle_rollback(request).await
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        self.handle_list_rollouts(request).await
+    }
+
+    async fn get_deployment(
+        &self,
+        request: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.handle_get_deployment(request).await
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.handle_get_rollout(request).await
+    }
+
+    type WatchRolloutStream = rollouts::WatchStream;
+
+    async fn watch_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        self.handle_watch_rollout(request).await
+    }
+
+    async fn control_rollout(
+        &self,
+        request: Request<pb::ControlRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.handle_control_rollout(request).await
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        self.handle_list_releases(request).await
+    }
+}

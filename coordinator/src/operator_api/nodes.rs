@@ -1,0 +1,164 @@
+//! Nodes: the fleet as the registry sees it, pinging one, revoking one.
+
+use std::time::{Duration, Instant};
+
+use cutover_proto::v1::{self as pb, command, command_result};
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+use super::OperatorApi;
+use crate::access::Need;
+use crate::registry::{CommandWaitError, NodeView};
+use crate::store::{Figures, NodeStatus, ServiceStatus};
+
+/// How long an operator call waits for a command result unless it says.
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn node_to_pb(view: NodeView) -> pb::Node {
+    let record = view.record;
+    pb::Node {
+        id: record.id,
+        name: record.name,
+        address: record.address,
+        labels: record.labels.into_iter().collect(),
+        status: match record.status {
+            NodeStatus::Ready => pb::NodeStatus::Ready,
+            NodeStatus::Unreachable => pb::NodeStatus::Unreachable,
+        } as i32,
+        last_seen_ms: record.last_seen_ms,
+        connected: view.connected,
+        agent_version: record.agent_version,
+        capabilities: record.capabilities,
+        figures: record.figures.map(figures_to_pb),
+        services: record.services.into_iter().map(service_to_pb).collect(),
+        registered_at_ms: record.registered_at_ms,
+        cert_serial: record.cert_serial,
+        cert_expires_at_ms: record.cert_expires_at_ms,
+    }
+}
+
+fn service_to_pb(s: ServiceStatus) -> pb::ServiceState {
+    pb::ServiceState {
+        service: s.service,
+        release_id: s.release_id,
+        upstream: s.upstream,
+        listen: s.listen,
+        admitted: s.admitted,
+        crashes: s.crashes,
+        last_exit: s.last_exit,
+        running: s.running,
+        healthy: s.healthy,
+        health_detail: s.health_detail,
+        traffic: s.traffic.map(|t| pb::ReleaseTraffic {
+            release_id: t.release_id,
+            requests: t.requests,
+            by_class: t.by_class,
+            upstream_failures: t.upstream_failures,
+            latency_bounds_ms: t.latency_bounds_ms,
+            latency_cumulative: t.latency_cumulative,
+            latency_sum_us: t.latency_sum_us,
+        }),
+    }
+}
+
+fn figures_to_pb(f: Figures) -> pb::SystemFigures {
+    pb::SystemFigures {
+        cpu_percent: f.cpu_percent,
+        load_1: f.load_1,
+        load_5: f.load_5,
+        load_15: f.load_15,
+        memory_used_bytes: f.memory_used_bytes,
+        memory_total_bytes: f.memory_total_bytes,
+        disk_free_bytes: f.disk_free_bytes,
+        disk_total_bytes: f.disk_total_bytes,
+        uptime_seconds: f.uptime_seconds,
+        release_disk_bytes: f.release_disk_bytes,
+    }
+}
+
+impl OperatorApi {
+    pub(super) async fn handle_list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.access
+            .check(&request, Need::Read, "list_nodes", &serde_json::Value::Null)?;
+        let nodes = self.registry.list().into_iter().map(node_to_pb).collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    pub(super) async fn handle_ping_node(
+        &self,
+        request: Request<pb::PingNodeRequest>,
+    ) -> Result<Response<pb::PingNodeResponse>, Status> {
+        self.access
+            .check(&request, Need::Read, "ping_node", &serde_json::Value::Null)?;
+        let request = request.into_inner();
+        let timeout = match request.timeout_ms {
+            0 => DEFAULT_COMMAND_TIMEOUT,
+            ms => Duration::from_millis(ms).min(Duration::from_secs(300)),
+        };
+        let command_id = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let waiter = self.registry.send_command(
+            &request.node,
+            pb::Command {
+                command_id: command_id.clone(),
+                kind: Some(command::Kind::Ping(pb::Ping {
+                    payload: command_id.clone(),
+                })),
+            },
+        )?;
+        let result = waiter
+            .wait(timeout, |_| {})
+            .await
+            .map_err(|error| match error {
+                CommandWaitError::Disconnected => Status::unavailable(format!(
+                    "node {} disconnected before answering; run the command again once it is back",
+                    request.node
+                )),
+                CommandWaitError::TimedOut(_) => {
+                    Status::deadline_exceeded(format!("node {}: {error}", request.node))
+                }
+            })?;
+        let round_trip = started.elapsed();
+        match (pb::CommandStatus::try_from(result.status), result.output) {
+            (Ok(pb::CommandStatus::Succeeded), Some(command_result::Output::Pong(pong)))
+                if pong.payload == command_id =>
+            {
+                Ok(Response::new(pb::PingNodeResponse {
+                    command_id,
+                    round_trip_us: round_trip.as_micros() as u64,
+                    agent_time_ms: pong.agent_time_ms,
+                }))
+            }
+            _ => Err(Status::internal(format!(
+                "node {} answered the ping wrongly: {}",
+                request.node, result.message
+            ))),
+        }
+    }
+
+    pub(super) async fn handle_revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        let args = json!({"node": request.get_ref().node});
+        self.audited(
+            request,
+            Need::Admin,
+            "revoke_node",
+            args,
+            |caller, r| async move {
+                cutover_common::identity::validate_name(&r.node)
+                    .map_err(|e| Status::invalid_argument(format!("node name: {e}")))?;
+                let revocation = self.registry.revoke(&r.node, &caller.who())?;
+                Ok(pb::RevokeNodeResponse {
+                    node: revocation.node,
+                    serial: revocation.serial,
+                })
+            },
+        )
+        .await
+    }
+}

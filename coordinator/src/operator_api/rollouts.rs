@@ -1,0 +1,412 @@
+//! Deploys and rollbacks, the rollouts and deployments they start (listing,
+//! watching, pausing, resuming, aborting), and each service's releases.
+
+use cutover_common::digest::Digest;
+use cutover_proto::v1 as pb;
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+use super::OperatorApi;
+use crate::access::{Caller, Need};
+use crate::rollout::deployment::Deployment;
+use crate::rollout::engine::Input;
+use crate::rollout::model::{self, Phase, Rollout, StoredRelease};
+use crate::rollout::{DeployRequest, Deployed, RollbackRequest, Started};
+use crate::store::OperatorRole;
+
+/// What `WatchRollout` answers with: the rollout as it changes.
+pub(super) type WatchStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::Rollout, Status>> + Send + 'static>,
+>;
+
+fn release_info(release: &StoredRelease) -> pb::ReleaseInfo {
+    pb::ReleaseInfo {
+        id: release.id().to_string(),
+        version: release.version().to_string(),
+        digest: release.digest().to_string(),
+        image: release.image().to_string(),
+    }
+}
+
+fn error_to_pb(e: &model::RolloutError) -> pb::RolloutError {
+    pb::RolloutError {
+        node: e.node.clone(),
+        step: e.step.clone(),
+        message: e.message.clone(),
+    }
+}
+
+fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
+    let (phase, batch) = match r.phase {
+        Phase::Prepare => ("prepare", 0),
+        Phase::Batch(b) => ("batch", b + 1),
+        Phase::Watch { batch, .. } => ("watch", batch + 1),
+        Phase::RollingBack => ("rolling_back", 0),
+        Phase::Done => ("done", 0),
+    };
+    pb::Rollout {
+        id: r.id.clone(),
+        app: r.app.clone(),
+        env: r.env.clone(),
+        service: r.service.clone(),
+        kind: r.kind.as_str().into(),
+        state: r.state.as_str().into(),
+        release: Some(release_info(&r.release)),
+        previous_release: r.previous.as_ref().map(release_info),
+        nodes: r
+            .nodes
+            .iter()
+            .map(|n| pb::RolloutNode {
+                name: n.name.clone(),
+                id: n.id.clone(),
+                state: n.state.as_str().into(),
+                release: n.release.clone(),
+                from_release: n.from_release.clone(),
+                batch: n.batch.map_or(0, |b| b + 1),
+                step: n.step.clone(),
+            })
+            .collect(),
+        error: r.error.as_ref().map(error_to_pb),
+        rollback_failures: r.rollback_failures.iter().map(error_to_pb).collect(),
+        batch,
+        batches: r.batches,
+        batch_size: r.batch_size,
+        phase: phase.into(),
+        skipped_nodes: r.skipped.clone(),
+        pause_requested: r.pause_requested,
+        abort_requested: r.abort_requested,
+        created_by: r.created_by.clone(),
+        created_at_ms: r.created_at_ms,
+        updated_at_ms: r.updated_at_ms,
+        finished_at_ms: r.finished_at_ms.unwrap_or(0),
+        deployment: r.deployment.clone(),
+        timeline: r
+            .timeline
+            .iter()
+            .map(|t| pb::TimelineEntry {
+                at_ms: t.at_ms,
+                kind: t.kind.clone(),
+                node: t.node.clone(),
+                message: t.message.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn deployment_to_pb(d: &Deployment) -> pb::Deployment {
+    pb::Deployment {
+        id: d.id.clone(),
+        app: d.app.clone(),
+        env: d.env.clone(),
+        state: d.state.as_str().into(),
+        steps: d
+            .steps
+            .iter()
+            .map(|s| pb::DeploymentStep {
+                service: s.service.clone(),
+                release_id: s.release.id().to_string(),
+                state: s.state.as_str().into(),
+                rollout_id: s.rollout_id.clone(),
+                rollback_rollout_id: s.rollback_rollout_id.clone(),
+            })
+            .collect(),
+        created_by: d.created_by.clone(),
+        created_at_ms: d.created_at_ms,
+        finished_at_ms: d.finished_at_ms.unwrap_or(0),
+        error: d.error.clone(),
+    }
+}
+
+fn started_to_pb(started: Vec<Started>) -> pb::DeployResponse {
+    let mut response = pb::DeployResponse::default();
+    for s in started {
+        match s {
+            Started::Rollout(rollout) => response.rollouts.push(rollout_to_pb(&rollout)),
+            Started::NoOp {
+                service,
+                release_id,
+                message,
+            } => response.unchanged.push(pb::Unchanged {
+                service,
+                release_id,
+                message,
+            }),
+        }
+    }
+    response
+}
+
+impl OperatorApi {
+    pub(super) async fn handle_deploy(
+        &self,
+        request: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let r = request.get_ref();
+        // The spec itself is not kept (its env tables may hold what should
+        // not be copied around); its hash says which one it was.
+        let spec_sha256 = Digest::from_hasher(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
+            r.spec.as_bytes(),
+        ));
+        let args = json!({
+            "env": r.env,
+            "service": r.service,
+            "version": r.version,
+            "spec_file": r.spec_file,
+            "spec_sha256": spec_sha256.to_string(),
+            "artifact": r.artifact.as_ref().map(|a| json!({"url": a.url, "digest": a.digest})),
+            "image": r.image,
+            "allow_unreachable": r.allow_unreachable,
+        });
+        let env = r.env.clone();
+        self.audited(request, Need::Deploy(&env), "deploy", args, |caller, r| {
+            self.deploy_as(caller, r)
+        })
+        .await
+    }
+
+    /// A deploy by `caller`, once allowed.
+    async fn deploy_as(
+        &self,
+        caller: Caller,
+        r: pb::DeployRequest,
+    ) -> Result<pb::DeployResponse, Status> {
+        if let Some(artifact) = &r.artifact {
+            Digest::parse(&artifact.digest)
+                .map_err(|e| Status::invalid_argument(format!("artifact digest: {e}")))?;
+        }
+        let deployed = self
+            .rollouts
+            .deploy(DeployRequest {
+                spec_text: r.spec,
+                spec_file: if r.spec_file.is_empty() {
+                    "cutover.toml".into()
+                } else {
+                    r.spec_file
+                },
+                env: r.env,
+                service: Some(r.service).filter(|s| !s.is_empty()),
+                version: r.version,
+                artifact: r.artifact,
+                image: Some(r.image).filter(|i| !i.is_empty()),
+                allow_unreachable: r.allow_unreachable,
+                may_pin_environments: caller.role == OperatorRole::Admin || caller.envs.is_empty(),
+                by: caller.identity.name,
+            })
+            .await?;
+        Ok(match deployed {
+            Deployed::Alone(started) => started_to_pb(started),
+            Deployed::Together(deployment) => pb::DeployResponse {
+                deployment: Some(deployment_to_pb(&deployment)),
+                ..Default::default()
+            },
+        })
+    }
+
+    pub(super) async fn handle_rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let r = request.get_ref();
+        let args = json!({
+            "env": r.env,
+            "service": r.service,
+            "to_release": r.to_release,
+            "allow_unreachable": r.allow_unreachable,
+            "force": r.force,
+        });
+        let env = r.env.clone();
+        self.audited(
+            request,
+            Need::Deploy(&env),
+            "rollback",
+            args,
+            |caller, r| async move {
+                let started = self
+                    .rollouts
+                    .rollback(RollbackRequest {
+                        to: Some(r.to_release).filter(|t| !t.is_empty()),
+                        env: r.env,
+                        service: r.service,
+                        allow_unreachable: r.allow_unreachable,
+                        force: r.force,
+                        by: caller.identity.name,
+                        deployment: String::new(),
+                    })
+                    .await?;
+                Ok(started_to_pb(vec![started]))
+            },
+        )
+        .await
+    }
+
+    pub(super) async fn handle_list_rollouts(
+        &self,
+        request: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "list_rollouts",
+            &serde_json::Value::Null,
+        )?;
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => 50,
+            n => n as usize,
+        };
+        let rollouts = self
+            .rollouts
+            .list()?
+            .iter()
+            .filter(|x| r.env.is_empty() || x.env == r.env)
+            .filter(|x| r.service.is_empty() || x.service == r.service)
+            .take(limit)
+            .map(rollout_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
+    }
+
+    pub(super) async fn handle_get_deployment(
+        &self,
+        request: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "get_deployment",
+            &serde_json::Value::Null,
+        )?;
+        let deployment = self.rollouts.deployment(&request.get_ref().id)?;
+        Ok(Response::new(deployment_to_pb(&deployment)))
+    }
+
+    pub(super) async fn handle_get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "get_rollout",
+            &serde_json::Value::Null,
+        )?;
+        let rollout = self.rollouts.get(&request.into_inner().id)?;
+        Ok(Response::new(rollout_to_pb(&rollout)))
+    }
+
+    pub(super) async fn handle_watch_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "watch_rollout",
+            &serde_json::Value::Null,
+        )?;
+        let id = request.into_inner().id;
+        let Some(mut changes) = self.rollouts.subscribe(&id) else {
+            let rollout = self.rollouts.get(&id)?;
+            let once = tokio_stream::once(Ok(rollout_to_pb(&rollout)));
+            return Ok(Response::new(Box::pin(once)));
+        };
+        let rollouts = self.rollouts.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                let current = changes.borrow_and_update().clone();
+                if tx.send(Ok(rollout_to_pb(&current))).await.is_err() {
+                    return;
+                }
+                if current.state.is_terminal() {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    // The run ended (or the coordinator stops): the last
+                    // word is the stored rollout.
+                    if let Ok(last) = rollouts.get(&id) {
+                        if last != *current {
+                            let _ = tx.send(Ok(rollout_to_pb(&last))).await;
+                        }
+                    }
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    /// Checked and audited by hand, not through `audited`: the rollout's
+    /// environment (what the role is checked against) is looked up first,
+    /// and an unknown action is refused after the check without an audit
+    /// entry, as nothing was attempted.
+    pub(super) async fn handle_control_rollout(
+        &self,
+        request: Request<pb::ControlRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let r = request.get_ref();
+        let action = pb::RolloutAction::try_from(r.action)
+            .map(|a| {
+                a.as_str_name()
+                    .trim_start_matches("ROLLOUT_ACTION_")
+                    .to_lowercase()
+            })
+            .unwrap_or_default();
+        let args = json!({"id": r.id, "action": action});
+        let env = self.rollouts.get(&r.id)?.env;
+        let caller = self
+            .access
+            .check(&request, Need::Deploy(&env), "control_rollout", &args)?;
+        let by = caller.identity.name.clone();
+        let r = request.into_inner();
+        let input = match pb::RolloutAction::try_from(r.action) {
+            Ok(pb::RolloutAction::Pause) => Input::Pause { by },
+            Ok(pb::RolloutAction::Resume) => Input::Resume { by },
+            Ok(pb::RolloutAction::Abort) => Input::Abort { by },
+            _ => {
+                return Err(Status::invalid_argument(
+                    "action must be pause, resume or abort",
+                ))
+            }
+        };
+        let result = self
+            .rollouts
+            .control(&r.id, input)
+            .await
+            .map(|rollout| Response::new(rollout_to_pb(&rollout)))
+            .map_err(Status::from);
+        self.access
+            .audit(&caller, "control_rollout", &args, &result);
+        result
+    }
+
+    pub(super) async fn handle_list_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "list_releases",
+            &serde_json::Value::Null,
+        )?;
+        let r = request.into_inner();
+        let releases = self
+            .rollouts
+            .release_history(&r.env, &r.service)?
+            .into_iter()
+            .map(|record| pb::ReleaseEntry {
+                release: Some(release_info(&record.release)),
+                state: record.state.as_str().into(),
+                current: record.current,
+                deployed_by: record.deployed_by,
+                deployed_at_ms: record.deployed_at_ms,
+                rollout_id: record.rollout_id,
+                note: record.note,
+            })
+            .collect();
+        Ok(Response::new(pb::ListReleasesResponse { releases }))
+    }
+}

@@ -1,0 +1,119 @@
+//! Secrets: setting, listing (names and versions, never values), removing,
+//! and rotating the master key they are sealed with.
+
+use cutover_proto::v1 as pb;
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+use super::OperatorApi;
+use crate::access::Need;
+use crate::secrets::SecretInfo;
+
+fn secret_to_pb(env: &str, info: SecretInfo) -> pb::SecretEntry {
+    pb::SecretEntry {
+        env: env.to_string(),
+        name: info.name,
+        versions: info
+            .versions
+            .into_iter()
+            .map(
+                |(version, created_at_ms, created_by)| pb::SecretVersionInfo {
+                    version,
+                    created_at_ms,
+                    created_by,
+                },
+            )
+            .collect(),
+    }
+}
+
+impl OperatorApi {
+    pub(super) async fn handle_set_secret(
+        &self,
+        request: Request<pb::SetSecretRequest>,
+    ) -> Result<Response<pb::SecretEntry>, Status> {
+        // Never the value: not here, not in the log, not in an error.
+        let args = json!({"env": request.get_ref().env, "name": request.get_ref().name});
+        self.audited(
+            request,
+            Need::Admin,
+            "set_secret",
+            args,
+            |caller, r| async move {
+                self.secrets.set(&r.env, &r.name, &r.value, &caller.who())?;
+                self.secrets
+                    .list(&r.env)?
+                    .into_iter()
+                    .find(|s| s.name == r.name)
+                    .map(|info| secret_to_pb(&r.env, info))
+                    .ok_or_else(|| Status::internal("the secret vanished after it was set"))
+            },
+        )
+        .await
+    }
+
+    pub(super) async fn handle_list_secrets(
+        &self,
+        request: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        self.access.check(
+            &request,
+            Need::Read,
+            "list_secrets",
+            &serde_json::Value::Null,
+        )?;
+        let env = request.into_inner().env;
+        let secrets = self
+            .secrets
+            .list(&env)?
+            .into_iter()
+            .map(|info| secret_to_pb(&env, info))
+            .collect();
+        Ok(Response::new(pb::ListSecretsResponse { secrets }))
+    }
+
+    pub(super) async fn handle_remove_secret(
+        &self,
+        request: Request<pb::RemoveSecretRequest>,
+    ) -> Result<Response<pb::RemoveSecretResponse>, Status> {
+        let args = json!({"env": request.get_ref().env, "name": request.get_ref().name});
+        self.audited(
+            request,
+            Need::Admin,
+            "remove_secret",
+            args,
+            |_, r| async move {
+                let removed = self.secrets.remove(&r.env, &r.name)?;
+                Ok(pb::RemoveSecretResponse { removed })
+            },
+        )
+        .await
+    }
+
+    pub(super) async fn handle_rotate_master_key(
+        &self,
+        request: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
+        let args = serde_json::Value::Null;
+        self.audited(
+            request,
+            Need::Admin,
+            "rotate_master_key",
+            args,
+            |_, _| async move {
+                // Re-encrypting every stored value is file and CPU work: off the
+                // async workers.
+                let secrets = self.secrets.clone();
+                let (key_id, reencrypted) =
+                    tokio::task::spawn_blocking(move || secrets.rotate_master_key())
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))??;
+                Ok(pb::RotateMasterKeyResponse {
+                    key_id,
+                    reencrypted: reencrypted as u64,
+                })
+            },
+        )
+        .await
+    }
+}
