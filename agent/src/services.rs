@@ -20,11 +20,6 @@ use tonic::transport::Channel;
 
 use crate::artifacts::{unpack, ArtifactCache, ArtifactError, Digest};
 use crate::checks::{HealthGate, Probe};
-use crate::cutover::{
-    stop_leftovers, CutoverError, Step, WebRelease, WebService, WebServiceSettings,
-    DEFAULT_DRAIN_TIMEOUT,
-};
-use cutover_common::modes;
 use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::release_spec::{
@@ -32,7 +27,12 @@ use crate::release_spec::{
 };
 use crate::retention;
 use crate::runtime::docker::{DockerEngine, DockerError};
+use crate::service::{
+    stop_leftovers, CutoverError, Service, ServiceKind, ServiceSettings, WebRelease,
+    DEFAULT_DRAIN_TIMEOUT,
+};
 use crate::store::{AgentStore, StoreError};
+use cutover_common::modes;
 
 /// Node-wide settings for services, from the agent config.
 #[derive(Debug, Clone)]
@@ -99,7 +99,7 @@ pub struct NodeServices {
     store: Arc<AgentStore>,
     /// Stops every proxy listener when the agent shuts down.
     shutdown: CancellationToken,
-    services: Mutex<BTreeMap<String, Arc<Mutex<WebService>>>>,
+    services: Mutex<BTreeMap<String, Arc<Mutex<Service>>>>,
     /// The last state of each service, for heartbeats sent while a command
     /// holds the service.
     snapshots: std::sync::Mutex<BTreeMap<String, pb::ServiceState>>,
@@ -129,20 +129,9 @@ fn describe_listen(listen: &Option<SocketAddr>) -> String {
     listen.map_or_else(|| "no port (a worker)".to_string(), |addr| addr.to_string())
 }
 
-pub fn step_name(step: Step) -> &'static str {
-    match step {
-        Step::Starting => "starting",
-        Step::HealthChecking => "health_checking",
-        Step::SmokeTesting => "smoke_testing",
-        Step::Switching => "switching",
-        Step::Draining => "draining",
-        Step::StoppingOld => "stopping_old",
-    }
-}
-
 impl NodeServices {
     /// Opens the agent store and brings back every service it records (see
-    /// `WebService::recover`).
+    /// `Service::recover`).
     pub async fn open(
         settings: NodeSettings,
         shutdown: CancellationToken,
@@ -246,12 +235,8 @@ impl NodeServices {
 
     /// Brings up a service: its proxy on `listen` (none for a worker) and
     /// whatever the store says it ran.
-    async fn bind(
-        &self,
-        name: &str,
-        listen: Option<SocketAddr>,
-    ) -> Result<WebService, ServiceError> {
-        let proxy = match listen {
+    async fn bind(&self, name: &str, listen: Option<SocketAddr>) -> Result<Service, ServiceError> {
+        let kind = match listen {
             Some(listen) => {
                 let mut config = ProxyConfig::new(name, listen);
                 config.trusted_networks = self.settings.trusted_networks.clone();
@@ -262,11 +247,11 @@ impl NodeServices {
                         listen,
                         reason: e.to_string(),
                     })?;
-                Some(proxy)
+                ServiceKind::Web(proxy)
             }
-            None => None,
+            None => ServiceKind::Worker,
         };
-        let settings = WebServiceSettings {
+        let settings = ServiceSettings {
             name: name.to_string(),
             address: self.settings.address,
             ports: self.settings.ports.clone(),
@@ -275,10 +260,10 @@ impl NodeServices {
             log_keep: self.settings.log_keep,
             docker: self.settings.docker.clone(),
         };
-        Ok(WebService::recover(settings, proxy, self.store.clone()).await?)
+        Ok(Service::recover(settings, kind, self.store.clone()).await?)
     }
 
-    fn remember(&self, service: &WebService) {
+    fn remember(&self, service: &Service) {
         let state = service.state();
         self.snapshots
             .lock()
@@ -576,7 +561,7 @@ impl NodeServices {
             service.set_admitted(false)?;
         }
         let result = service
-            .cutover(web_release, |step| progress(step_name(step)))
+            .cutover(web_release, |step| progress(step.name()))
             .await;
         if drain {
             if let Err(error) = service.set_admitted(true) {
@@ -693,7 +678,7 @@ impl NodeServices {
         self.release_disk_bytes.load(Ordering::Relaxed)
     }
 
-    async fn forget_service(&self, name: &str, service: Arc<Mutex<WebService>>) {
+    async fn forget_service(&self, name: &str, service: Arc<Mutex<Service>>) {
         self.services.lock().await.remove(name);
         self.snapshots.lock().expect("snapshots lock").remove(name);
         if let Err(error) = self.store.remove_service(name) {
@@ -721,7 +706,7 @@ impl NodeServices {
         let Some(channel) = self.coordinator() else {
             return;
         };
-        let services: Vec<(String, Arc<Mutex<WebService>>)> = self
+        let services: Vec<(String, Arc<Mutex<Service>>)> = self
             .services
             .lock()
             .await
@@ -766,7 +751,7 @@ impl NodeServices {
         }
     }
 
-    async fn service(&self, name: &str) -> Result<Arc<Mutex<WebService>>, ServiceError> {
+    async fn service(&self, name: &str) -> Result<Arc<Mutex<Service>>, ServiceError> {
         self.services
             .lock()
             .await

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::cutover::WebRelease;
 use crate::runtime::process::InstanceId;
+use crate::service::WebRelease;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -266,7 +266,7 @@ fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError>
 pub(crate) mod tests {
     use super::*;
     use crate::checks::HealthGate;
-    use crate::cutover::DEFAULT_DRAIN_TIMEOUT;
+    use crate::service::DEFAULT_DRAIN_TIMEOUT;
 
     /// A release as the store records it.
     pub(crate) fn release(id: &str, drain_timeout: Duration) -> WebRelease {

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use cutover_agent::artifacts::{unpack, ArtifactCache, Digest};
 use cutover_agent::checks::{Check, HealthGate, Probe};
-use cutover_agent::cutover::{CutoverError, Step, WebRelease, WebService, WebServiceSettings};
 use cutover_agent::proxy::{Proxy, ProxyConfig};
 use cutover_agent::runtime::docker::DockerEngine;
+use cutover_agent::service::{
+    CutoverError, Service, ServiceKind, ServiceSettings, Step, WebRelease,
+};
 use cutover_agent::store::AgentStore;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
@@ -103,12 +105,12 @@ struct Fixture {
     root: tempfile::TempDir,
     cache: ArtifactCache,
     store: Arc<AgentStore>,
-    service: WebService,
+    service: Service,
     shutdown: CancellationToken,
 }
 
-fn settings(root: &Path) -> WebServiceSettings {
-    WebServiceSettings {
+fn settings(root: &Path) -> ServiceSettings {
+    ServiceSettings {
         name: "web".into(),
         address: "127.0.0.1".parse().unwrap(),
         ports: 20000..=29999,
@@ -135,9 +137,13 @@ async fn fixture() -> Fixture {
     )
     .await
     .unwrap();
-    let service = WebService::recover(settings(root.path()), Some(proxy), store.clone())
-        .await
-        .unwrap();
+    let service = Service::recover(
+        settings(root.path()),
+        ServiceKind::Web(proxy),
+        store.clone(),
+    )
+    .await
+    .unwrap();
     Fixture {
         root,
         cache,
@@ -194,10 +200,13 @@ impl Fixture {
         let proxy = Proxy::bind(ProxyConfig::new("web", listen), self.shutdown.clone())
             .await
             .unwrap();
-        self.service =
-            WebService::recover(settings(self.root.path()), Some(proxy), self.store.clone())
-                .await
-                .unwrap();
+        self.service = Service::recover(
+            settings(self.root.path()),
+            ServiceKind::Web(proxy),
+            self.store.clone(),
+        )
+        .await
+        .unwrap();
     }
 
     async fn release(&self, version: &str, env: &[(&str, &str)]) -> WebRelease {
@@ -233,7 +242,7 @@ impl Fixture {
 }
 
 /// A stand-in service on a throwaway port while the real one is swapped out.
-async fn placeholder(root: &tempfile::TempDir, store: &Arc<AgentStore>) -> WebService {
+async fn placeholder(root: &tempfile::TempDir, store: &Arc<AgentStore>) -> Service {
     let proxy = Proxy::bind(
         ProxyConfig::new("web", "127.0.0.1:0".parse().unwrap()),
         CancellationToken::new(),
@@ -242,7 +251,7 @@ async fn placeholder(root: &tempfile::TempDir, store: &Arc<AgentStore>) -> WebSe
     .unwrap();
     let mut settings = settings(root.path());
     settings.name = "placeholder".into();
-    WebService::recover(settings, Some(proxy), store.clone())
+    Service::recover(settings, ServiceKind::Web(proxy), store.clone())
         .await
         .unwrap()
 }

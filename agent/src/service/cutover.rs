@@ -1,0 +1,358 @@
+//! Zero-downtime cutover of one service on one node, as a pipeline of
+//! steps:
+//!
+//! 1. start B beside A on a free port;
+//! 2. health-check B until it passes `healthy_threshold` times in a row,
+//!    within `healthy_deadline`;
+//! 3. run the smoke checks against B;
+//! 4. switch the node proxy to B, atomically;
+//! 5. drain A: requests in flight to A finish, up to B's `drain_timeout`;
+//! 6. stop A.
+//!
+//! If anything fails before 4, B is stopped and A keeps serving, untouched:
+//! the proxy never pointed anywhere but at a release that passed its checks.
+//! One place does that (`Candidate::abandon`), whichever step failed.
+//!
+//! A worker (a service without a port, like a queue consumer) has no proxy:
+//! B starts, must pass its exec check (if it has one) and stay up for its
+//! `min_healthy_time`, then A is asked to stop with its stop command and
+//! given `stop_timeout` to finish its jobs and exit by itself.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::health::stays_up;
+use super::release::{check_target, process_spec};
+use super::{drain, PreviousRelease, Running, Service, ServiceKind, WebRelease};
+use crate::checks::{Healthy, Outcome, Target, Unhealthy};
+use crate::runtime::process::{ProcessError, Supervisor};
+use crate::store::{ActiveRelease, Leftover, StoreError};
+use cutover_common::net::allocate_port;
+
+/// The steps of a cutover, reported as each starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Starting,
+    HealthChecking,
+    SmokeTesting,
+    Switching,
+    Draining,
+    StoppingOld,
+}
+
+impl Step {
+    /// The name progress reports carry (the coordinator reads them).
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Starting => "starting",
+            Step::HealthChecking => "health_checking",
+            Step::SmokeTesting => "smoke_testing",
+            Step::Switching => "switching",
+            Step::Draining => "draining",
+            Step::StoppingOld => "stopping_old",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CutoverReport {
+    pub release_id: String,
+    pub addr: SocketAddr,
+    pub healthy: Healthy,
+    /// None when no release served before.
+    pub previous: Option<PreviousRelease>,
+    pub took: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CutoverError {
+    #[error("no free port for release {release_id} in {first}-{last} on {address}")]
+    NoPort {
+        release_id: String,
+        address: IpAddr,
+        first: u16,
+        last: u16,
+    },
+    #[error(transparent)]
+    Start(#[from] ProcessError),
+    #[error("cannot record the cutover of service {service}: {error}")]
+    Store { service: String, error: StoreError },
+    #[error("release {release_id} is not healthy, {} keeps serving: {failure}{}", describe_serving(.serving), describe_crash(.crashed))]
+    Unhealthy {
+        release_id: String,
+        serving: Option<String>,
+        failure: Unhealthy,
+        /// How the process last exited, when it crashed during the checks.
+        crashed: Option<String>,
+    },
+    #[error("release {release_id} did not stay up for {}, {} keeps serving: {exit}", humantime::format_duration(*.min_healthy_time), describe_serving(.serving))]
+    NotStable {
+        release_id: String,
+        serving: Option<String>,
+        min_healthy_time: Duration,
+        exit: String,
+    },
+    #[error("release {release_id} failed smoke check {check}, {} keeps serving: {}", describe_serving(.serving), .outcome.detail)]
+    SmokeFailed {
+        release_id: String,
+        serving: Option<String>,
+        check: String,
+        outcome: Outcome,
+    },
+}
+
+fn describe_serving(release: &Option<String>) -> String {
+    match release {
+        Some(release) => format!("release {release}"),
+        None => "nothing".to_string(),
+    }
+}
+
+fn describe_crash(crashed: &Option<String>) -> String {
+    crashed
+        .as_ref()
+        .map(|exit| format!(" (the process crashed: {exit})"))
+        .unwrap_or_default()
+}
+
+/// The release a cutover started, until it serves. Whatever fails before
+/// the switch ends in `abandon`, the one place that stops it and forgets it
+/// as a leftover. (Not a drop guard: stopping is async, and a cutover cut
+/// short by an agent shutdown must leave it recorded for the next agent to
+/// stop, as any process the agent leaves behind.)
+struct Candidate {
+    release: WebRelease,
+    port: u16,
+    supervisor: Supervisor,
+    /// Where the checks reach it.
+    target: Target,
+    /// The release serving while this one is checked, for messages.
+    serving: Option<String>,
+}
+
+impl Candidate {
+    async fn abandon(self, service: &Service) {
+        self.supervisor.stop().await;
+        service.forget_leftovers();
+    }
+}
+
+impl Service {
+    /// Replaces the active release with `release` (see the module docs).
+    /// `progress` hears each step as it starts.
+    pub async fn cutover(
+        &mut self,
+        release: WebRelease,
+        progress: impl Fn(Step),
+    ) -> Result<CutoverReport, CutoverError> {
+        let started = Instant::now();
+        progress(Step::Starting);
+        let candidate = self.start(release).await?;
+        let healthy = match self.vet(&candidate, &progress).await {
+            Ok(healthy) => healthy,
+            Err(error) => {
+                candidate.abandon(self).await;
+                return Err(error);
+            }
+        };
+        let Candidate {
+            release,
+            port,
+            supervisor,
+            ..
+        } = candidate;
+        let release_id = release.release_id.clone();
+        let addr = SocketAddr::new(self.settings.address, port);
+        // B's own: what the operator chose for the release deployed now.
+        let drain_timeout = release.drain_timeout;
+        let (old, upstream) = self.serve(release, port, supervisor);
+        let previous = match old {
+            Some(old) => {
+                if upstream.is_some() {
+                    progress(Step::Draining);
+                }
+                let drained = drain(upstream, drain_timeout).await;
+                progress(Step::StoppingOld);
+                Some(self.stop_old(old, drained).await)
+            }
+            None => None,
+        };
+        tracing::info!(service = %self.settings.name, release = %release_id, %addr, took_ms = started.elapsed().as_millis() as u64, "cutover done");
+        Ok(CutoverReport {
+            release_id,
+            addr,
+            healthy,
+            previous,
+            took: started.elapsed(),
+        })
+    }
+
+    /// The steps between starting B and serving it: each error leaves B to
+    /// be abandoned.
+    async fn vet(
+        &self,
+        candidate: &Candidate,
+        progress: &impl Fn(Step),
+    ) -> Result<Healthy, CutoverError> {
+        progress(Step::HealthChecking);
+        let healthy = health_gate(candidate).await?;
+        progress(Step::SmokeTesting);
+        smoke(candidate).await?;
+        progress(Step::Switching);
+        self.record_switch(candidate)?;
+        Ok(healthy)
+    }
+
+    /// Starts B beside A, on a port of its own (a worker's listens nowhere),
+    /// recorded as a leftover until it serves.
+    async fn start(&self, release: WebRelease) -> Result<Candidate, CutoverError> {
+        let port = match self.kind {
+            ServiceKind::Web(_) => self.free_port(&release.release_id)?,
+            ServiceKind::Worker => 0,
+        };
+        let supervisor = Supervisor::start(process_spec(&self.settings, &release, port)).await?;
+        let candidate = Candidate {
+            target: check_target(&self.settings, &release, port),
+            serving: self.active.as_ref().map(|r| r.release_id.clone()),
+            release,
+            port,
+            supervisor,
+        };
+        if let Some(instance) = candidate.supervisor.status().instance {
+            let leftover = Leftover {
+                release_id: candidate.release.release_id.clone(),
+                port,
+                instance,
+                stop_signal: candidate.release.stop_signal.as_str().to_string(),
+                stop_grace: candidate.release.stop_grace,
+            };
+            if let Err(error) = self.note_leftovers(vec![leftover]) {
+                candidate.abandon(self).await;
+                return Err(self.store_error(error));
+            }
+        }
+        self.track(&candidate.release.release_id, port, &candidate.supervisor);
+        Ok(candidate)
+    }
+
+    fn free_port(&self, release_id: &str) -> Result<u16, CutoverError> {
+        let settings = &self.settings;
+        let mut taken: Vec<u16> = self.active.iter().map(|r| r.addr.port()).collect();
+        // Other services' releases too, even one down waiting for its restart.
+        taken.extend(self.store.ports_in_use().unwrap_or_default());
+        allocate_port(settings.address, &settings.ports, &taken).ok_or_else(|| {
+            CutoverError::NoPort {
+                release_id: release_id.to_string(),
+                address: settings.address,
+                first: *settings.ports.start(),
+                last: *settings.ports.end(),
+            }
+        })
+    }
+
+    /// Records B as the release that serves, before the switch: a crash
+    /// right after it must find B in the store, and A, drained next, as a
+    /// leftover to stop.
+    fn record_switch(&self, candidate: &Candidate) -> Result<(), CutoverError> {
+        let active = ActiveRelease {
+            release: candidate.release.clone(),
+            port: candidate.port,
+            instance: candidate.supervisor.status().instance,
+        };
+        let retiring: Vec<Leftover> = self
+            .active
+            .as_ref()
+            .and_then(Running::as_leftover)
+            .into_iter()
+            .collect();
+        self.store
+            .update_service(&self.settings.name, |current| {
+                let mut record =
+                    self.record(current.as_ref(), Some(active), candidate.serving.clone());
+                record.leftovers = retiring;
+                Some(record)
+            })
+            .map_err(|error| self.store_error(error))
+    }
+
+    fn store_error(&self, error: StoreError) -> CutoverError {
+        CutoverError::Store {
+            service: self.settings.name.clone(),
+            error,
+        }
+    }
+}
+
+/// B passes its health check `healthy_threshold` times in a row within the
+/// deadline (a worker without one: at once), then stays up for its
+/// `min_healthy_time`.
+async fn health_gate(candidate: &Candidate) -> Result<Healthy, CutoverError> {
+    let release = &candidate.release;
+    let checked = match &release.health {
+        Some(check) => release.gate.wait(check, &candidate.target).await,
+        None => Ok(Healthy {
+            attempts: 0,
+            took: Duration::ZERO,
+        }),
+    };
+    let healthy = checked.map_err(|failure| CutoverError::Unhealthy {
+        release_id: release.release_id.clone(),
+        serving: candidate.serving.clone(),
+        failure,
+        crashed: candidate.supervisor.status().last_exit,
+    })?;
+    stays_up(&candidate.supervisor, release.min_healthy_time)
+        .await
+        .map_err(|exit| CutoverError::NotStable {
+            release_id: release.release_id.clone(),
+            serving: candidate.serving.clone(),
+            min_healthy_time: release.min_healthy_time,
+            exit,
+        })?;
+    Ok(healthy)
+}
+
+/// B passes every smoke check, in order; the first failure ends it.
+async fn smoke(candidate: &Candidate) -> Result<(), CutoverError> {
+    for check in &candidate.release.smoke {
+        let outcome = check.run(&candidate.target).await;
+        if !outcome.passed {
+            return Err(CutoverError::SmokeFailed {
+                release_id: candidate.release.release_id.clone(),
+                serving: candidate.serving.clone(),
+                check: check.describe(),
+                outcome,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+
+    #[test]
+    fn steps_report_the_names_the_coordinator_reads() {
+        let steps = [
+            Step::Starting,
+            Step::HealthChecking,
+            Step::SmokeTesting,
+            Step::Switching,
+            Step::Draining,
+            Step::StoppingOld,
+        ];
+        let names: Vec<&str> = steps.into_iter().map(Step::name).collect();
+        assert_eq!(
+            names,
+            [
+                "starting",
+                "health_checking",
+                "smoke_testing",
+                "switching",
+                "draining",
+                "stopping_old"
+            ]
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! Health of a release beyond its gate: staying up for a while after it
+//! starts, and being checked for as long as it serves.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::release::WebRelease;
+use crate::checks::{Outcome, Target};
+use crate::runtime::process::Supervisor;
+
+/// The last health check of a serving release.
+pub(super) type LastHealth = Arc<Mutex<Option<Outcome>>>;
+
+/// Waits `time` while the release's process stays up without a crash;
+/// the error says how it went down.
+pub(super) async fn stays_up(supervisor: &Supervisor, time: Duration) -> Result<(), String> {
+    if time.is_zero() {
+        return Ok(());
+    }
+    let mut status = supervisor.watch();
+    let end = tokio::time::sleep(time);
+    tokio::pin!(end);
+    loop {
+        {
+            let now = status.borrow_and_update();
+            if now.crashes > 0 || now.instance.is_none() {
+                return Err(now.last_exit.clone().unwrap_or_else(|| "it exited".into()));
+            }
+        }
+        tokio::select! {
+            _ = &mut end => return Ok(()),
+            changed = status.changed() => if changed.is_err() {
+                return Err("its supervision ended".into());
+            }
+        }
+    }
+}
+
+/// Keeps checking a serving release with its health check, every gate
+/// interval (at least a second): a release that turns unhealthy after its
+/// cutover shows in heartbeats and `cutover nodes`.
+pub(super) fn monitor_health(
+    service: &str,
+    release: &WebRelease,
+    target: Target,
+) -> (LastHealth, DropGuard) {
+    let health: LastHealth = Arc::default();
+    let stop = CancellationToken::new();
+    let Some(check) = release.health.clone() else {
+        // A worker without a check: its process status is its health.
+        return (health, stop.drop_guard());
+    };
+    let every = release.gate.interval.max(Duration::from_secs(1));
+    let (service, release_id, last) = (
+        service.to_string(),
+        release.release_id.clone(),
+        health.clone(),
+    );
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let outcome = check.run(&target).await;
+            let was = last
+                .lock()
+                .expect("health lock")
+                .as_ref()
+                .map(|o: &Outcome| o.passed);
+            match (was, outcome.passed) {
+                (Some(true) | None, false) => {
+                    tracing::warn!(%service, release = %release_id, detail = %outcome.detail, "serving release is unhealthy")
+                }
+                (Some(false), true) => {
+                    tracing::info!(%service, release = %release_id, "serving release is healthy again")
+                }
+                _ => {}
+            }
+            *last.lock().expect("health lock") = Some(outcome);
+        }
+    });
+    (health, stop.drop_guard())
+}
