@@ -35,7 +35,8 @@ pub struct OperatorApi {
     pub artifacts: Arc<ArtifactStore>,
     pub rollouts: Arc<Rollouts>,
     pub access: Arc<Access>,
-    /// Signs operator certificates; `None` when `ca_key` is not configured.
+    /// Signs operator certificates; without `ca_key` in the config it has
+    /// no signer, and calls that sign fail with a failed precondition.
     pub pki: Arc<crate::ca::Pki>,
     pub secrets: Arc<Secrets>,
     /// Shared with the enrollment service (see `EnrollApi`).
