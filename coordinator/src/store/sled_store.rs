@@ -775,8 +775,10 @@ mod tests {
             .and_then(|s| s.parse().ok())
             .unwrap_or(1);
         for seed in first_seed..first_seed + rounds {
-            // The kill lands somewhere in 30..530 ms of writing.
-            let kill_after = std::time::Duration::from_millis(30 + (seed * 7919) % 500);
+            // The kill lands somewhere in 0..500 ms after the first
+            // acknowledged write (however slow the start is), by the seed
+            // alone: a seed replays the same moment.
+            let kill_after = std::time::Duration::from_millis((seed * 7919) % 500);
             let dir = tempfile::tempdir().unwrap();
             let mut child = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
@@ -791,6 +793,7 @@ mod tests {
                 .spawn()
                 .unwrap();
             let stdout = child.stdout.take().unwrap();
+            let (first_ack, writing) = std::sync::mpsc::channel();
             let reader = std::thread::spawn(move || {
                 let mut acked = std::collections::HashMap::new();
                 for line in std::io::BufReader::new(stdout)
@@ -801,11 +804,21 @@ mod tests {
                     if let (Some("ack"), Some(id), Some(version)) =
                         (parts.next(), parts.next(), parts.next())
                     {
+                        if acked.is_empty() {
+                            let _ = first_ack.send(());
+                        }
                         acked.insert(id.to_string(), version.parse::<i64>().unwrap());
                     }
                 }
                 acked
             });
+            if writing
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .is_err()
+            {
+                let _ = child.kill();
+                panic!("seed {seed}: the writer acknowledged nothing within 60 s");
+            }
             std::thread::sleep(kill_after);
             child.kill().unwrap();
             child.wait().unwrap();
