@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::runtime::process::GroupGuard;
 use crate::runtime::release_command;
 
 /// Output kept from a check, enough to diagnose, small enough to report.
@@ -169,7 +170,9 @@ async fn exec_probe(command: &[String], target: &Target) -> Result<String, Strin
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
-    let _group = child.id().map(ProcessGroupGuard);
+    // Its whole group goes when the check ends or times out (the future
+    // holding the guard is dropped).
+    let _group = child.id().map(GroupGuard);
     let output = child
         .wait_with_output()
         .await
@@ -181,21 +184,6 @@ async fn exec_probe(command: &[String], target: &Target) -> Result<String, Strin
         Ok(detail)
     } else {
         Err(detail)
-    }
-}
-
-/// Kills a check's whole process group when the check ends or times out
-/// (the future holding it is dropped): an exec check leaves no orphans.
-struct ProcessGroupGuard(u32);
-
-impl Drop for ProcessGroupGuard {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.0) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
     }
 }
 

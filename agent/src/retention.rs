@@ -279,7 +279,7 @@ mod tests {
         record.leftovers.push(Leftover {
             release_id: "v3".into(),
             port: 20001,
-            instance: crate::runtime::process::InstanceId::Container {
+            instance: crate::runtime::InstanceId::Container {
                 container: "c".into(),
             },
             stop_signal: "SIGTERM".into(),

@@ -223,7 +223,7 @@ impl NodeServices {
             }
         }
         for (id, release) in containers {
-            let instance = crate::runtime::process::InstanceId::Container {
+            let instance = crate::runtime::InstanceId::Container {
                 container: id.clone(),
             };
             if !known.contains(&instance) {
@@ -516,7 +516,7 @@ impl NodeServices {
             })?;
             values.push((name.clone(), value.clone()));
         }
-        web_release.secret_values = crate::runtime::process::SecretSlot::ready(values);
+        web_release.secret_values = crate::runtime::supervisor::SecretSlot::ready(values);
         let listen = match ReleaseKind::of(release)? {
             ReleaseKind::Web(web) => Some(listen_addr(&web.listen, self.settings.address)?),
             ReleaseKind::Worker(_) => None,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::runtime::process::InstanceId;
+use crate::runtime::InstanceId;
 use crate::service::WebRelease;
 
 #[derive(Debug, thiserror::Error)]

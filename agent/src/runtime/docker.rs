@@ -3,8 +3,8 @@
 //! Engine API on the local socket.
 //!
 //! The agent supervises containers itself (restart policy `no`), exactly as
-//! it supervises processes: the supervisor in `process.rs` drives both, this
-//! module only speaks to the engine.
+//! it supervises processes: the supervisor in `supervisor.rs` drives both
+//! (through `container.rs`), this module only speaks to the engine.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -1,166 +1,33 @@
-//! The process runtime: a release runs as a supervised process group.
-//!
-//! Each release gets its own process group, so a stop or a crash never
-//! leaves a child or grandchild behind (the whole group is signalled, and
-//! always ends with SIGKILL to the group), and a crashed process is restarted
-//! with backoff until it is stopped.
+//! The process runtime: a release runs as a process group of its own, so a
+//! stop or a crash never leaves a child or grandchild behind (the whole
+//! group is signalled, and always ends with SIGKILL to the group).
 //!
 //! A release does not depend on the agent process: it logs to files, not to
 //! the agent's pipes, and an agent that stops (or dies) leaves it running. A
 //! restarted agent adopts it again by pid and start time, the pair that
-//! identifies a process even after its pid is reused.
-//!
-//! A docker release runs as a container under the same supervisor: one
-//! restart, stop and adoption logic for both, with the engine calls in
-//! `docker.rs` where this module signals and waits on a process group.
+//! identifies a process even after its pid is reused. A job run to
+//! completion is the exception: its output comes back through pipes, and it
+//! is the agent's to kill at its deadline.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cutover_common::backoff::Backoff;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use super::docker::{short, ContainerSpec, DockerEngine, DockerError};
-use super::logs::{keep_rotated, open_append, STDERR, STDOUT};
+use super::job::{Completion, Ended, Job, JobError, Tail};
+use super::logs::{open_append, STDERR, STDOUT};
+use super::supervisor::{ProcessError, ProcessSpec};
+use super::{release_command, BoxFuture, Instance, InstanceId, Runtime};
 
-/// A run that lasted this long was healthy: the next crash restarts quickly.
-const STABLE_RUN: Duration = Duration::from_secs(30);
+/// How often an adopted process is checked for liveness.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
 
-#[derive(Debug, Clone)]
-pub struct ProcessSpec {
-    /// The release id, for logs and messages.
-    pub name: String,
-    pub command: Vec<String>,
-    pub workdir: PathBuf,
-    /// The release environment (PORT included). The process sees only this
-    /// and PATH: nothing of the agent's own environment leaks into it.
-    pub env: Vec<(String, String)>,
-    pub stop_signal: Signal,
-    pub stop_grace: Duration,
-    /// Asks the process to finish its work and exit (a queue worker's
-    /// `horizon:terminate`); run before the stop signal, which follows only
-    /// if the process has not exited within `stop_timeout`.
-    pub stop_command: Vec<String>,
-    pub stop_timeout: Duration,
-    pub log_dir: PathBuf,
-    pub log_max_bytes: u64,
-    pub log_keep: u32,
-    pub restart_min: Duration,
-    pub restart_max: Duration,
-    /// Set for a docker release: it runs as a container of this image
-    /// (`command`, when not empty, overrides the image's; `workdir` is
-    /// unused) and its logs stay with the engine, rotated by it.
-    pub container: Option<ContainerLaunch>,
-    /// Secret values added to `env` at every (re)start.
-    pub secrets: SecretSlot,
-}
-
-impl ProcessSpec {
-    /// `env` and the secret values: what the release (and its stop
-    /// command) runs with.
-    fn environment(&self) -> Result<Vec<(String, String)>, ProcessError> {
-        let secrets = self
-            .secrets
-            .values()
-            .ok_or_else(|| ProcessError::SecretsPending {
-                name: self.name.clone(),
-            })?;
-        Ok(self.env.iter().cloned().chain(secrets).collect())
-    }
-}
-
-/// Secret values of a release, shared by its supervisor and the agent: in
-/// memory only, and `None` while unknown (an agent that restarted has to
-/// ask the coordinator for them again; until then the release cannot be
-/// (re)started). `Debug` shows names only.
-#[derive(Clone, Default)]
-pub struct SecretSlot(Arc<Mutex<Option<EnvVars>>>);
-
-/// Environment variables, name and value.
-type EnvVars = Vec<(String, String)>;
-
-impl SecretSlot {
-    pub fn ready(values: EnvVars) -> Self {
-        Self(Arc::new(Mutex::new(Some(values))))
-    }
-
-    pub fn pending() -> Self {
-        Self(Arc::new(Mutex::new(None)))
-    }
-
-    pub fn fill(&self, values: EnvVars) {
-        *self.0.lock().expect("secret slot lock") = Some(values);
-    }
-
-    pub fn values(&self) -> Option<EnvVars> {
-        self.0.lock().expect("secret slot lock").clone()
-    }
-
-    pub fn is_pending(&self) -> bool {
-        self.0.lock().expect("secret slot lock").is_none()
-    }
-}
-
-impl PartialEq for SecretSlot {
-    fn eq(&self, other: &Self) -> bool {
-        self.values() == other.values()
-    }
-}
-
-impl std::fmt::Debug for SecretSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &*self.0.lock().expect("secret slot lock") {
-            None => f.write_str("SecretSlot(pending)"),
-            Some(values) => f
-                .debug_list()
-                .entries(values.iter().map(|(name, _)| format!("{name}=<redacted>")))
-                .finish(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ContainerLaunch {
-    pub engine: DockerEngine,
-    pub spec: ContainerSpec,
-    /// Where the container's port is published (bridge network).
-    pub address: IpAddr,
-    /// 0: a worker, nothing published.
-    pub port: u16,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
-    #[error("release {name}: waiting for its secrets from the coordinator")]
-    SecretsPending { name: String },
-    #[error("release {name}: {source}")]
-    Container {
-        name: String,
-        source: Box<DockerError>,
-    },
-    #[error("release {name}: empty command")]
-    EmptyCommand { name: String },
-    #[error("release {name}: cannot start {program:?} in {workdir}: {reason}")]
-    Spawn {
-        name: String,
-        program: String,
-        workdir: PathBuf,
-        reason: String,
-    },
-    #[error("release {name}: cannot open log {path}: {source}")]
-    Log {
-        name: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
+/// How long a job's output may still come once the job is over: its group
+/// is gone by then, so only a process that left the group holds the pipes.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
 
 /// A process as the kernel knows it: the pid and its start time (clock
 /// ticks since boot), which together survive pid reuse as an identity.
@@ -171,7 +38,7 @@ pub struct ProcessId {
 }
 
 impl ProcessId {
-    fn of(pid: u32) -> Option<Self> {
+    pub(super) fn of(pid: u32) -> Option<Self> {
         let start_time = stat_field(pid, 22)?.parse().ok()?;
         Some(Self { pid, start_time })
     }
@@ -194,262 +61,57 @@ fn stat_field(pid: u32, n: usize) -> Option<String> {
         .map(str::to_string)
 }
 
-/// A running release as the agent records it: a process group, or a
-/// container. Untagged, so records written before containers existed (a bare
-/// process id) still read.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(untagged)]
-pub enum InstanceId {
-    Process(ProcessId),
-    Container { container: String },
-}
-
-impl InstanceId {
-    pub fn process(&self) -> Option<ProcessId> {
-        match self {
-            InstanceId::Process(p) => Some(*p),
-            InstanceId::Container { .. } => None,
-        }
+pub(super) fn signal_group(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // ESRCH (group already gone) is the expected case after an exit.
+        let _ = killpg(Pid::from_raw(pid), signal);
     }
 }
 
-impl std::fmt::Display for InstanceId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            InstanceId::Process(p) => write!(f, "pid {}", p.pid),
-            InstanceId::Container { container } => write!(f, "container {}", short(container)),
-        }
-    }
-}
+/// Runs releases as process groups.
+pub struct ProcessRuntime;
 
-/// What the supervisor knows right now.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProcessStatus {
-    /// The running process (and group leader) or container, if one runs.
-    pub instance: Option<InstanceId>,
-    /// Unexpected exits so far.
-    pub crashes: u32,
-    /// How the last unexpected exit went, e.g. "exit status: 1".
-    pub last_exit: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StopReport {
-    /// The process exited within the grace period after the stop signal.
-    pub graceful: bool,
-    pub took: Duration,
-}
-
-/// The process being supervised: our child, or one adopted from an earlier
-/// agent, which can only be watched, not waited on; or a container, which
-/// the engine waits on either way.
-enum Tracked {
+/// A release's process group: our child, or one adopted from an earlier
+/// agent, which can only be watched, not waited on.
+pub(super) enum ProcessGroup {
     Child(Child, ProcessId),
     Adopted(ProcessId),
-    Container(DockerEngine, String),
 }
 
-impl Tracked {
-    fn id(&self) -> InstanceId {
+impl ProcessGroup {
+    /// The recorded process, if it still runs.
+    pub(super) fn adopt(process: ProcessId) -> Option<Self> {
+        process.is_alive().then_some(ProcessGroup::Adopted(process))
+    }
+
+    fn process(&self) -> ProcessId {
         match self {
-            Tracked::Child(_, id) | Tracked::Adopted(id) => InstanceId::Process(*id),
-            Tracked::Container(_, id) => InstanceId::Container {
-                container: id.clone(),
-            },
-        }
-    }
-
-    /// Sends `signal` to the whole process group, or to the container.
-    async fn signal(&self, signal: Signal) {
-        match self {
-            Tracked::Child(_, id) | Tracked::Adopted(id) => signal_group(id.pid, signal),
-            Tracked::Container(engine, id) => engine.signal(id, signal.as_str()).await,
-        }
-    }
-
-    /// Leaves nothing of this run behind: SIGKILL to the group (the leader
-    /// may be gone while its children are not), or the container removed.
-    async fn clear(&mut self) {
-        match self {
-            Tracked::Child(child, id) => {
-                signal_group(id.pid, Signal::SIGKILL);
-                let _ = child.wait().await;
-            }
-            Tracked::Adopted(id) => signal_group(id.pid, Signal::SIGKILL),
-            Tracked::Container(engine, id) => engine.remove(id).await,
-        }
-    }
-
-    /// Waits for the process to end and says how it ended.
-    async fn exited(&mut self) -> String {
-        match self {
-            Tracked::Child(child, _) => child
-                .wait()
-                .await
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| e.to_string()),
-            Tracked::Adopted(id) => {
-                while id.is_alive() {
-                    tokio::time::sleep(ADOPTED_POLL).await;
-                }
-                "exited (status unknown: it was adopted after an agent restart)".to_string()
-            }
-            Tracked::Container(engine, id) => engine.wait(id).await,
+            ProcessGroup::Child(_, id) | ProcessGroup::Adopted(id) => *id,
         }
     }
 }
 
-/// How often an adopted process is checked for liveness.
-const ADOPTED_POLL: Duration = Duration::from_millis(250);
-
-pub struct Supervisor {
-    stop: CancellationToken,
-    /// Ends supervision and leaves the process running (agent shutdown).
-    release: CancellationToken,
-    status: watch::Receiver<ProcessStatus>,
-    task: JoinHandle<Option<StopReport>>,
-}
-
-impl Supervisor {
-    /// Starts the process; errors that show at once (missing command, bad
-    /// dir) are returned here, later crashes are restarted and counted.
-    pub async fn start(spec: ProcessSpec) -> Result<Self, ProcessError> {
-        let tracked = spawn(&spec).await?;
-        Ok(Self::supervise(
-            spec,
-            Some(tracked),
-            ProcessStatus::default(),
-        ))
+impl Runtime for ProcessRuntime {
+    fn start<'a>(
+        &'a self,
+        spec: &'a ProcessSpec,
+        env: &'a [(String, String)],
+    ) -> BoxFuture<'a, Result<Box<dyn Instance>, ProcessError>> {
+        Box::pin(async move {
+            let group: Box<dyn Instance> = Box::new(start(spec, env)?);
+            Ok(group)
+        })
     }
 
-    /// Starts a release that was found dead (its process or container ended
-    /// while no agent watched it): counted as a crash, with `how`, so the
-    /// node's state shows it. If it cannot start yet (its secrets are not
-    /// back from the coordinator, say) it is retried like a crashed one.
-    pub async fn restart(spec: ProcessSpec, how: String) -> Self {
-        let (tracked, how) = match spawn(&spec).await {
-            Ok(tracked) => (Some(tracked), how),
-            Err(error) => {
-                tracing::warn!(release = %spec.name, %error, "cannot start the release yet; retrying");
-                (None, format!("{how}; {error}"))
-            }
-        };
-        let history = ProcessStatus {
-            crashes: 1,
-            last_exit: Some(how),
-            ..ProcessStatus::default()
-        };
-        Self::supervise(spec, tracked, history)
-    }
-
-    /// Takes over a process or container an earlier agent started, if it
-    /// still runs; `None` means it is gone and the caller should start it
-    /// anew.
-    pub async fn adopt(spec: ProcessSpec, instance: InstanceId) -> Option<Self> {
-        let tracked = alive(instance, spec.container.as_ref().map(|c| &c.engine)).await?;
-        tracing::info!(release = %spec.name, instance = %tracked.id(), "adopted running release");
-        Some(Self::supervise(
-            spec,
-            Some(tracked),
-            ProcessStatus::default(),
-        ))
-    }
-
-    fn supervise(spec: ProcessSpec, tracked: Option<Tracked>, history: ProcessStatus) -> Self {
-        let (status_tx, status) = watch::channel(ProcessStatus {
-            instance: tracked.as_ref().map(Tracked::id),
-            ..history
-        });
-        let stop = CancellationToken::new();
-        let release = CancellationToken::new();
-        let task = tokio::spawn(supervise(
-            spec,
-            tracked,
-            status_tx,
-            stop.clone(),
-            release.clone(),
-        ));
-        Self {
-            stop,
-            release,
-            status,
-            task,
-        }
-    }
-
-    pub fn status(&self) -> ProcessStatus {
-        self.status.borrow().clone()
-    }
-
-    /// A receiver that sees every status change (crashes, restarts).
-    pub fn watch(&self) -> watch::Receiver<ProcessStatus> {
-        self.status.clone()
-    }
-
-    /// Stops the process group: the stop signal, up to the grace period,
-    /// then SIGKILL to the whole group.
-    pub async fn stop(mut self) -> StopReport {
-        self.stop.cancel();
-        (&mut self.task)
-            .await
-            .expect("supervisor task panicked")
-            .expect("a stop always reports")
-    }
-
-    /// Stops supervising and leaves the process running, for the next agent
-    /// to adopt: what an agent shutdown does (fail static). Dropping a
-    /// supervisor does the same, without waiting.
-    pub async fn release(mut self) {
-        self.release.cancel();
-        let _ = (&mut self.task).await;
+    fn run_to_completion<'a>(
+        &'a self,
+        job: &'a Job,
+    ) -> BoxFuture<'a, Result<Completion, JobError>> {
+        Box::pin(run_to_completion(job))
     }
 }
 
-/// `instance` as something to supervise, if it still runs. A container
-/// needs the engine; without one (a release recorded by a docker-enabled
-/// agent, read by one without) it counts as gone.
-async fn alive(instance: InstanceId, engine: Option<&DockerEngine>) -> Option<Tracked> {
-    match instance {
-        InstanceId::Process(process) => process.is_alive().then_some(Tracked::Adopted(process)),
-        InstanceId::Container { container } => {
-            let engine = engine?;
-            match engine.running(&container).await {
-                Ok(true) => Some(Tracked::Container(engine.clone(), container)),
-                Ok(false) => {
-                    // Stopped but still there: removed, so a restart starts clean.
-                    engine.remove(&container).await;
-                    None
-                }
-                Err(error) => {
-                    tracing::error!(container = %short(&container), %error, "cannot check the release's container");
-                    None
-                }
-            }
-        }
-    }
-}
-
-async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
-    let env = &spec.environment()?;
-    if let Some(launch) = &spec.container {
-        let id = launch
-            .engine
-            .run(
-                &spec.name,
-                &launch.spec,
-                &spec.command,
-                env,
-                launch.address,
-                launch.port,
-                (spec.log_max_bytes, spec.log_keep),
-            )
-            .await
-            .map_err(|source| ProcessError::Container {
-                name: spec.name.clone(),
-                source: Box::new(source),
-            })?;
-        return Ok(Tracked::Container(launch.engine.clone(), id));
-    }
+fn start(spec: &ProcessSpec, env: &[(String, String)]) -> Result<ProcessGroup, ProcessError> {
     let (program, args) = spec
         .command
         .split_first()
@@ -466,7 +128,7 @@ async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
     };
     let stdout = open_log(STDOUT)?;
     let stderr = open_log(STDERR)?;
-    let child = super::release_command(program, args, &spec.workdir, env)
+    let child = release_command(program, args, &spec.workdir, env)
         .stdout(stdout)
         .stderr(stderr)
         .spawn()
@@ -474,161 +136,84 @@ async fn spawn(spec: &ProcessSpec) -> Result<Tracked, ProcessError> {
             name: spec.name.clone(),
             program: program.clone(),
             workdir: spec.workdir.clone(),
-            reason: match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    format!("{e}: is the command in the release or on PATH?")
-                }
-                _ => e.to_string(),
-            },
+            reason: spawn_failure(&e),
         })?;
     let pid = child.id().expect("a just-spawned child has a pid");
     let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 });
     tracing::info!(release = %spec.name, pid, "process started");
-    Ok(Tracked::Child(child, id))
+    Ok(ProcessGroup::Child(child, id))
 }
 
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        // After stop() or release() this is a no-op; otherwise the owner is
-        // gone (a cutover cut short) and the process is left as is.
-        self.release.cancel();
+/// Why a command did not start, with the likely fix for the usual case.
+fn spawn_failure(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            format!("{error}: is the command in the release or on PATH?")
+        }
+        _ => error.to_string(),
     }
 }
 
-fn signal_group(pid: u32, signal: Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
-        // ESRCH (group already gone) is the expected case after an exit.
-        let _ = killpg(Pid::from_raw(pid), signal);
+impl Instance for ProcessGroup {
+    fn id(&self) -> InstanceId {
+        InstanceId::Process(self.process())
     }
-}
 
-async fn supervise(
-    spec: ProcessSpec,
-    tracked: Option<Tracked>,
-    status: watch::Sender<ProcessStatus>,
-    stop: CancellationToken,
-    release: CancellationToken,
-) -> Option<StopReport> {
-    let rotation = CancellationToken::new();
-    if spec.container.is_none() {
-        tokio::spawn(keep_rotated(
-            spec.log_dir.clone(),
-            spec.log_max_bytes,
-            spec.log_keep,
-            rotation.clone(),
-        ));
+    fn signal(&self, signal: Signal) -> BoxFuture<'_, ()> {
+        signal_group(self.process().pid, signal);
+        Box::pin(std::future::ready(()))
     }
-    let _rotation = rotation.drop_guard();
-    let mut backoff = Backoff::new(spec.restart_min, spec.restart_max);
-    let mut tracked = match tracked {
-        Some(tracked) => tracked,
-        None => match respawn(&spec, &status, &stop, &release, spec.restart_min).await {
-            Ok(tracked) => tracked,
-            Err(ended) => return ended,
-        },
-    };
-    loop {
-        let started = Instant::now();
-        let id = tracked.id();
-        let exit = tokio::select! {
-            exit = tracked.exited() => exit,
-            _ = stop.cancelled() => {
-                let started = Instant::now();
-                if ask_to_stop(&spec, &mut tracked).await {
-                    return Some(StopReport { graceful: true, took: started.elapsed() });
+
+    fn clear(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            signal_group(self.process().pid, Signal::SIGKILL);
+            if let ProcessGroup::Child(child, _) = self {
+                let _ = child.wait().await;
+            }
+        })
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            match self {
+                ProcessGroup::Child(child, _) => child
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string()),
+                ProcessGroup::Adopted(id) => {
+                    while id.is_alive() {
+                        tokio::time::sleep(ADOPTED_POLL).await;
+                    }
+                    "exited (status unknown: it was adopted after an agent restart)".to_string()
                 }
-                return Some(stop_process(&spec.name, spec.stop_signal, spec.stop_grace, tracked).await);
             }
-                        _ = release.cancelled() => {
-                tracing::info!(release = %spec.name, instance = %id, "leaving the release running");
-                return None;
-            }
-        };
-        // Whatever the leader left behind in its group goes with it; a
-        // container is removed, its successor is a fresh one.
-        tracked.clear().await;
-        if started.elapsed() >= STABLE_RUN {
-            backoff.reset();
-        }
-        // Jitter may draw near zero; a crash loop still gets a breather.
-        let delay = backoff.next_delay().max(spec.restart_min / 2);
-        tracing::warn!(release = %spec.name, instance = %id, %exit, restart_in_ms = delay.as_millis() as u64, "release exited unexpectedly");
-        status.send_modify(|s| {
-            s.instance = None;
-            s.crashes += 1;
-            s.last_exit = Some(exit.clone());
-        });
-        tracked = match respawn(&spec, &status, &stop, &release, delay).await {
-            Ok(tracked) => tracked,
-            Err(ended) => return ended,
-        };
+        })
     }
-}
 
-/// Starts the release again every `delay` until it starts or supervision is
-/// told to stop (`Err` with what `supervise` returns then).
-async fn respawn(
-    spec: &ProcessSpec,
-    status: &watch::Sender<ProcessStatus>,
-    stop: &CancellationToken,
-    release: &CancellationToken,
-    delay: Duration,
-) -> Result<Tracked, Option<StopReport>> {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return Err(Some(StopReport { graceful: true, took: Duration::ZERO })),
-            _ = release.cancelled() => return Err(None),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        match spawn(spec).await {
-            Ok(tracked) => {
-                status.send_modify(|s| s.instance = Some(tracked.id()));
-                return Ok(tracked);
-            }
-            Err(error) => {
-                tracing::error!(release = %spec.name, %error, "restart failed");
-                status.send_modify(|s| s.last_exit = Some(error.to_string()));
-            }
-        }
-    }
-}
-
-/// Runs the release's stop command, if it has one, and waits up to
-/// `stop_timeout` for the process to exit by itself; true if it did (its
-/// group is then cleared of stragglers).
-async fn ask_to_stop(spec: &ProcessSpec, tracked: &mut Tracked) -> bool {
-    let Some((program, args)) = spec.stop_command.split_first() else {
-        return false;
-    };
-    let id = tracked.id();
-    tracing::info!(release = %spec.name, instance = %id, command = ?spec.stop_command, "asking the release to stop");
-    let deadline = Instant::now() + spec.stop_timeout;
-    if let Tracked::Container(engine, container) = &*tracked {
-        match engine
-            .exec(container, &spec.stop_command, spec.stop_timeout)
-            .await
-        {
-            Ok(0) => {}
-            Ok(code) => tracing::warn!(release = %spec.name, code, "stop command failed"),
-            Err(error) => {
-                tracing::warn!(release = %spec.name, %error, "cannot run the stop command")
-            }
-        }
-        return exits_by(spec, tracked, deadline).await;
-    }
-    let output = |file: &str| open_append(&spec.log_dir.join(file));
-    let env = spec.environment().unwrap_or_else(|_| spec.env.clone());
-    let command = match (output(STDOUT), output(STDERR)) {
-        (Ok(stdout), Ok(stderr)) => super::release_command(program, args, &spec.workdir, &env)
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn(),
-        (Err(e), _) | (_, Err(e)) => Err(e),
-    };
-    match command {
-        Ok(mut child) => {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(remaining, child.wait()).await {
+    fn run_stop_command<'a>(&'a self, spec: &'a ProcessSpec) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some((program, args)) = spec.stop_command.split_first() else {
+                return;
+            };
+            // Beside the release's own output, in its log files.
+            let output = |file: &str| open_append(&spec.log_dir.join(file));
+            let env = spec.environment().unwrap_or_else(|_| spec.env.clone());
+            let command = match (output(STDOUT), output(STDERR)) {
+                (Ok(stdout), Ok(stderr)) => release_command(program, args, &spec.workdir, &env)
+                    .stdout(stdout)
+                    .stderr(stderr)
+                    .spawn(),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            let mut child = match command {
+                Ok(child) => child,
+                Err(error) => {
+                    tracing::warn!(release = %spec.name, %error, "cannot run the stop command");
+                    return;
+                }
+            };
+            match tokio::time::timeout(spec.stop_timeout, child.wait()).await {
                 Ok(Ok(status)) if !status.success() => {
                     tracing::warn!(release = %spec.name, %status, "stop command failed")
                 }
@@ -640,311 +225,174 @@ async fn ask_to_stop(spec: &ProcessSpec, tracked: &mut Tracked) -> bool {
                     }
                 }
             }
-        }
-        Err(error) => tracing::warn!(release = %spec.name, %error, "cannot run the stop command"),
+        })
     }
-    exits_by(spec, tracked, deadline).await
 }
 
-/// Waits until `deadline` for the release to exit after its stop command;
-/// true if it did (what it left behind is then cleared).
-async fn exits_by(spec: &ProcessSpec, tracked: &mut Tracked, deadline: Instant) -> bool {
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let exited = tokio::time::timeout(remaining, tracked.exited())
-        .await
-        .is_ok();
-    let id = tracked.id();
-    if exited {
-        tracked.clear().await;
-        tracing::info!(release = %spec.name, instance = %id, "release finished its work and exited");
-    } else {
-        tracing::warn!(release = %spec.name, instance = %id, timeout_ms = spec.stop_timeout.as_millis() as u64, "release still running after its stop timeout; sending the stop signal");
+/// Kills a process group when dropped: a command run for the agent (an
+/// exec check, a job) leaves no orphans, even when the future waiting on it
+/// is dropped at a timeout.
+pub struct GroupGuard(pub u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        signal_group(self.0, Signal::SIGKILL);
     }
-    exited
 }
 
-/// Stops a release that no supervisor owns any more (left behind by an
-/// agent that died mid-cutover), the same way a supervised one is stopped.
-pub async fn stop_leftover(
-    name: &str,
-    instance: InstanceId,
-    signal: Signal,
-    grace: Duration,
-    engine: &DockerEngine,
-) -> Option<StopReport> {
-    let tracked = alive(instance, Some(engine)).await?;
-    Some(stop_process(name, signal, grace, tracked).await)
-}
-
-async fn stop_process(
-    name: &str,
-    signal: Signal,
-    grace: Duration,
-    mut tracked: Tracked,
-) -> StopReport {
+/// Runs `job` in a process group of its own to its exit or its deadline;
+/// either way nothing it started survives it.
+async fn run_to_completion(job: &Job) -> Result<Completion, JobError> {
     let started = Instant::now();
-    let id = tracked.id();
-    tracked.signal(signal).await;
-    let graceful = tokio::time::timeout(grace, tracked.exited()).await.is_ok();
-    if !graceful {
-        tracing::warn!(release = %name, instance = %id, grace_ms = grace.as_millis() as u64, "release ignored the stop signal, killing it");
+    let (program, args) = job
+        .command
+        .split_first()
+        .ok_or_else(|| JobError::EmptyCommand {
+            name: job.name.clone(),
+        })?;
+    let mut child = release_command(program, args, &job.workdir, &job.env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| JobError::Spawn {
+            name: job.name.clone(),
+            program: program.clone(),
+            workdir: job.workdir.clone(),
+            reason: spawn_failure(&e),
+        })?;
+    let group = GroupGuard(child.id().expect("a just-spawned child has a pid"));
+    let tail = Arc::new(Mutex::new(Tail::new(job.tail_bytes)));
+    let readers = [
+        child.stdout.take().map(|out| keep_tail(out, tail.clone())),
+        child.stderr.take().map(|err| keep_tail(err, tail.clone())),
+    ];
+    let ended = match tokio::time::timeout(job.deadline, child.wait()).await {
+        Ok(status) => {
+            let status = status.map_err(|e| JobError::Spawn {
+                name: job.name.clone(),
+                program: program.clone(),
+                workdir: job.workdir.clone(),
+                reason: format!("waiting for it: {e}"),
+            })?;
+            Ended::Exited {
+                code: status.code(),
+                detail: status.to_string(),
+            }
+        }
+        Err(_) => {
+            tracing::warn!(job = %job.name, deadline = %humantime::format_duration(job.deadline), "job still running at its deadline, killing it");
+            Ended::DeadlineExceeded
+        }
+    };
+    // What it left running in its group goes now (it closes the pipes too).
+    drop(group);
+    let _ = child.wait().await;
+    for reader in readers.into_iter().flatten() {
+        let _ = tokio::time::timeout(OUTPUT_GRACE, reader).await;
     }
-    // Always: the leader may be gone while its children are not.
-    tracked.clear().await;
-    tracing::info!(release = %name, instance = %id, graceful, "release stopped");
-    StopReport {
-        graceful,
+    let output = tail.lock().expect("tail lock").text();
+    Ok(Completion {
+        ended,
+        output,
         took: started.elapsed(),
-    }
+    })
+}
+
+/// Reads `pipe` to its end into `tail`.
+fn keep_tail(
+    mut pipe: impl AsyncRead + Unpin + Send + 'static,
+    tail: Arc<Mutex<Tail>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut chunk = [0u8; 8192];
+        while let Ok(read @ 1..) = pipe.read(&mut chunk).await {
+            tail.lock().expect("tail lock").push(&chunk[..read]);
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::test_support::processes_mentioning;
 
-    fn spec(dir: &std::path::Path, script: &str) -> ProcessSpec {
-        ProcessSpec {
-            name: "web-v1".into(),
+    fn job(dir: &Path, script: &str, deadline: Duration) -> Job {
+        Job {
+            name: "web-v1 migrate".into(),
             command: vec!["sh".into(), "-c".into(), script.into()],
             workdir: dir.to_path_buf(),
             env: vec![("GREETING".into(), "hello".into())],
-            stop_signal: Signal::SIGTERM,
-            stop_grace: Duration::from_millis(500),
-            stop_command: Vec::new(),
-            stop_timeout: Duration::ZERO,
-            log_dir: dir.join("logs"),
-            log_max_bytes: 1 << 20,
-            log_keep: 2,
-            restart_min: Duration::from_millis(100),
-            restart_max: Duration::from_millis(400),
-            container: None,
-            secrets: SecretSlot::ready(Vec::new()),
+            deadline,
+            tail_bytes: 64,
         }
     }
 
-    #[tokio::test]
-    async fn a_worker_asked_by_its_stop_command_finishes_and_exits_by_itself() {
-        let dir = tempfile::tempdir().unwrap();
-        // Ignores SIGTERM: only the stop command ends it, after its "job".
-        let mut worker = spec(
-            dir.path(),
-            "trap '' TERM; while [ ! -f stop ]; do sleep 0.05; done; sleep 0.2; echo finished > done",
-        );
-        worker.stop_command = vec!["sh".into(), "-c".into(), "touch stop".into()];
-        worker.stop_timeout = Duration::from_secs(5);
-        let supervisor = Supervisor::start(worker.clone()).await.unwrap();
-        let report = supervisor.stop().await;
-        assert!(report.graceful, "{report:?}");
-        assert!(report.took < Duration::from_secs(3), "{report:?}");
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("done"))
-                .unwrap()
-                .trim(),
-            "finished"
-        );
-
-        // One that does not finish in time gets the signal, then SIGKILL.
-        std::fs::remove_file(dir.path().join("stop")).unwrap();
-        worker.stop_command = vec!["true".into()];
-        worker.stop_timeout = Duration::from_millis(300);
-        let supervisor = Supervisor::start(worker).await.unwrap();
-        let pid = supervisor
-            .status()
-            .instance
-            .and_then(|i| i.process())
-            .unwrap();
-        let report = supervisor.stop().await;
-        assert!(!report.graceful, "{report:?}");
-        assert!(!pid.is_alive());
+    async fn run(job: &Job) -> Completion {
+        ProcessRuntime.run_to_completion(job).await.unwrap()
     }
 
-    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+    #[tokio::test]
+    async fn a_job_that_exits_0_succeeded_with_its_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = run(&job(
+            dir.path(),
+            "echo \"$GREETING\"; echo warning >&2; touch ran",
+            Duration::from_secs(10),
+        ))
+        .await;
+        assert!(done.succeeded(), "{done:?}");
+        assert!(
+            done.output.contains("hello") && done.output.contains("warning"),
+            "{done:?}"
+        );
+        assert!(dir.path().join("ran").exists(), "it ran in its workdir");
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_reports_its_status_and_the_tail_of_its_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = "i=0; while [ $i -lt 500 ]; do echo line $i; i=$((i+1)); done; echo migration failed >&2; exit 3";
+        let done = run(&job(dir.path(), script, Duration::from_secs(10))).await;
+        assert!(!done.succeeded());
+        assert!(
+            matches!(&done.ended, Ended::Exited { code: Some(3), detail } if detail.contains('3')),
+            "{done:?}"
+        );
+        assert!(done.output.len() <= 64, "the tail is bounded: {done:?}");
+        assert!(done.output.ends_with("migration failed\n"), "{done:?}");
+    }
+
+    #[tokio::test]
+    async fn a_job_past_its_deadline_is_killed_with_its_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        // A background grandchild too: it must not outlive the job.
+        let script = "sleep 987651 & echo started; sleep 987652";
+        let done = run(&job(dir.path(), script, Duration::from_millis(300))).await;
+        assert_eq!(done.ended, Ended::DeadlineExceeded);
+        assert!(!done.succeeded());
+        assert!(done.took < Duration::from_secs(5), "{done:?}");
+        assert_eq!(done.output, "started\n");
+        for _ in 0..50 {
+            if processes_mentioning("98765").is_empty() {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        panic!("left running: {:?}", processes_mentioning("98765"));
     }
 
     #[tokio::test]
-    async fn output_is_logged_and_a_polite_process_stops_gracefully() {
+    async fn a_job_without_a_command_or_program_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let supervisor = Supervisor::start(spec(
-            dir.path(),
-            "trap 'echo bye; exit 0' TERM; echo $GREETING from $PWD; echo oops >&2; [ -z \"$HOME\" ] && echo clean env; while true; do sleep 0.05; done",
-        ))
-        .await
-        .unwrap();
-        assert!(supervisor.status().instance.is_some());
-        let stdout = dir.path().join("logs/stdout.log");
-        wait_for("stdout", || {
-            std::fs::read_to_string(&stdout)
-                .unwrap_or_default()
-                .contains("clean env")
-        })
-        .await;
-        let report = supervisor.stop().await;
-        assert!(report.graceful, "{report:?}");
-        let out = std::fs::read_to_string(&stdout).unwrap();
-        assert!(
-            out.contains(&format!("hello from {}", dir.path().display())),
-            "{out}"
-        );
-        assert!(
-            out.contains("bye"),
-            "the stop signal reached the process: {out}"
-        );
-        assert!(std::fs::read_to_string(dir.path().join("logs/stderr.log"))
-            .unwrap()
-            .contains("oops"));
-    }
-
-    #[tokio::test]
-    async fn a_stubborn_process_and_its_children_are_killed_after_the_grace() {
-        let dir = tempfile::tempdir().unwrap();
-        let marker = format!("cutover-runtime-test-{}", std::process::id());
-        let supervisor = Supervisor::start(spec(
-            dir.path(),
-            &format!("trap '' TERM; sh -c 'trap \"\" TERM; sleep 60; : {marker}' & while true; do sleep 0.05; done"),
-        ))
-        .await
-        .unwrap();
-        // The leader's command line names the marker too: two processes mean
-        // the grandchild started, so the leader's trap is already set.
-        wait_for("the grandchild", || {
-            processes_mentioning(&marker).len() >= 2
-        })
-        .await;
-        let report = supervisor.stop().await;
-        assert!(!report.graceful);
-        assert!(
-            report.took >= Duration::from_millis(450) && report.took < Duration::from_secs(3),
-            "{report:?}"
-        );
-        wait_for("no orphans", || processes_mentioning(&marker).is_empty()).await;
-    }
-
-    #[tokio::test]
-    async fn a_crashing_process_is_restarted_and_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let supervisor =
-            Supervisor::start(spec(dir.path(), "echo run >> runs.txt; sleep 0.1; exit 3"))
-                .await
-                .unwrap();
-        let mut status = supervisor.watch();
-        wait_for("three crashes", || status.borrow_and_update().crashes >= 3).await;
-        let snapshot = supervisor.status();
-        assert_eq!(snapshot.last_exit.as_deref(), Some("exit status: 3"));
-        let report = supervisor.stop().await;
-        assert!(report.took < Duration::from_secs(2));
-        let runs = std::fs::read_to_string(dir.path().join("runs.txt")).unwrap();
-        assert!(runs.lines().count() >= 3, "{runs}");
-    }
-
-    #[tokio::test]
-    async fn a_released_process_keeps_running_and_is_adopted_by_the_next_supervisor() {
-        let dir = tempfile::tempdir().unwrap();
-        let marker = format!("cutover-adopt-test-{}", std::process::id());
-        let script = format!("trap 'echo stopped; exit 0' TERM; while true; do echo tick; sleep 0.05; done; : {marker}");
-        let first = Supervisor::start(spec(dir.path(), &script)).await.unwrap();
-        let process = first.status().instance.and_then(|i| i.process()).unwrap();
-        // The agent goes away: the process must not notice.
-        first.release().await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(process.is_alive());
-        let log = dir.path().join("logs/stdout.log");
-        let before = std::fs::metadata(&log).unwrap().len();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            std::fs::metadata(&log).unwrap().len() > before,
-            "it keeps logging without the agent"
-        );
-
-        // A pid with another start time is not ours.
-        let impostor = ProcessId {
-            start_time: process.start_time + 1,
-            ..process
-        };
-        assert!(
-            Supervisor::adopt(spec(dir.path(), &script), InstanceId::Process(impostor))
-                .await
-                .is_none()
-        );
-
-        let adopted = Supervisor::adopt(spec(dir.path(), &script), InstanceId::Process(process))
-            .await
-            .expect("still running");
-        assert_eq!(
-            adopted.status().instance,
-            Some(InstanceId::Process(process))
-        );
-        let report = adopted.stop().await;
-        assert!(report.graceful, "{report:?}");
-        assert!(!process.is_alive());
-        assert!(std::fs::read_to_string(&log).unwrap().contains("stopped"));
-        assert!(processes_mentioning(&marker).is_empty());
-    }
-
-    #[tokio::test]
-    async fn an_adopted_process_that_dies_is_restarted() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = Supervisor::start(spec(dir.path(), "echo run >> runs.txt; exec sleep 60"))
-            .await
-            .unwrap();
-        let process = first.status().instance.and_then(|i| i.process()).unwrap();
-        first.release().await;
-        let adopted = Supervisor::adopt(
-            spec(dir.path(), "echo run >> runs.txt; exec sleep 60"),
-            InstanceId::Process(process),
-        )
-        .await
-        .unwrap();
-        let runs = dir.path().join("runs.txt");
-        wait_for("the first run", || {
-            std::fs::read_to_string(&runs)
-                .unwrap_or_default()
-                .lines()
-                .count()
-                == 1
-        })
-        .await;
-        signal_group(process.pid, Signal::SIGKILL);
-        let mut status = adopted.watch();
-        wait_for("a restart", || {
-            let s = status.borrow_and_update();
-            s.crashes == 1
-                && s.instance
-                    .as_ref()
-                    .is_some_and(|p| *p != InstanceId::Process(process))
-        })
-        .await;
-        assert!(adopted.status().last_exit.unwrap().contains("adopted"));
-        wait_for("the second run", || {
-            std::fs::read_to_string(&runs)
-                .unwrap_or_default()
-                .lines()
-                .count()
-                == 2
-        })
-        .await;
-        adopted.stop().await;
-    }
-
-    #[tokio::test]
-    async fn a_missing_command_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spec = spec(dir.path(), "");
-        spec.command = vec!["./no-such-binary".into()];
-        let error = Supervisor::start(spec)
-            .await
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(
-            error.contains("./no-such-binary") && error.contains("web-v1"),
-            "{error}"
-        );
-        assert!(error.contains(&dir.path().display().to_string()), "{error}");
+        let mut empty = job(dir.path(), "", Duration::from_secs(1));
+        empty.command.clear();
+        let error = ProcessRuntime.run_to_completion(&empty).await.unwrap_err();
+        assert!(error.to_string().contains("empty command"), "{error}");
+        empty.command = vec!["no-such-program-here".into()];
+        let error = ProcessRuntime.run_to_completion(&empty).await.unwrap_err();
+        assert!(error.to_string().contains("on PATH"), "{error}");
     }
 }

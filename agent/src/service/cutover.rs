@@ -25,7 +25,7 @@ use super::health::stays_up;
 use super::release::{check_target, process_spec};
 use super::{drain, PreviousRelease, Running, Service, ServiceKind, WebRelease};
 use crate::checks::{Healthy, Outcome, Target, Unhealthy};
-use crate::runtime::process::{ProcessError, Supervisor};
+use crate::runtime::supervisor::{ProcessError, Supervisor};
 use crate::store::{ActiveRelease, Leftover, StoreError};
 use cutover_common::net::allocate_port;
 

@@ -8,7 +8,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::release::WebRelease;
 use crate::checks::{Outcome, Target};
-use crate::runtime::process::Supervisor;
+use crate::runtime::supervisor::Supervisor;
 
 /// The last health check of a serving release.
 pub(super) type LastHealth = Arc<Mutex<Option<Outcome>>>;

@@ -21,7 +21,7 @@ use self::health::{monitor_health, LastHealth};
 use self::release::{check_target, process_spec};
 use crate::proxy::{DrainReport, Proxy, Upstream};
 use crate::runtime::docker::DockerEngine;
-use crate::runtime::process::{stop_leftover, SecretSlot, StopReport, Supervisor};
+use crate::runtime::supervisor::{stop_leftover, SecretSlot, StopReport, Supervisor};
 use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError, HISTORY_LIMIT};
 
 pub use self::cutover::{CutoverError, CutoverReport, Step};

@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use super::ServiceSettings;
 use crate::checks::{Check, HealthGate, Target};
 use crate::runtime::docker::ContainerSpec;
-use crate::runtime::process::{ContainerLaunch, ProcessSpec, SecretSlot};
+use crate::runtime::supervisor::{ContainerLaunch, ProcessSpec, SecretSlot};
 
 /// A release of a service (web or worker), unpacked and ready to start.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
