@@ -108,6 +108,9 @@ impl Pki {
 }
 
 /// Coordinator settings a test may tighten.
+/// The test coordinators' shutdown grace: a drain past it is cut short.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 #[derive(Debug, Clone)]
 pub struct Tuning {
     pub heartbeat_interval: Duration,
@@ -140,7 +143,7 @@ pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> 
         tls: files,
         heartbeat_interval: tuning.heartbeat_interval,
         heartbeat_ttl: tuning.heartbeat_ttl,
-        shutdown_grace: Duration::from_secs(3),
+        shutdown_grace: SHUTDOWN_GRACE,
         log_format: LogFormat::Text,
         limits: Limits {
             keepalive_interval: tuning.keepalive,
@@ -423,9 +426,18 @@ impl Cluster {
     /// Starts a new coordinator on the same address and data dir.
     pub async fn restart_coordinator(&mut self) {
         self.stop_coordinator().await;
-        let grpc = TcpListener::bind(self.grpc_addr)
-            .await
-            .expect("rebind grpc port");
+        // The agents know this address: the same port again, waited for
+        // while the stopped server's socket lets go of it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let grpc = loop {
+            match TcpListener::bind(self.grpc_addr).await {
+                Ok(listener) => break listener,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("cannot bind {} again: {error}", self.grpc_addr),
+            }
+        };
         self.coordinator =
             Some(start_coordinator(&self.pki, self.data_dir.path(), &self.tuning, grpc).await);
     }

@@ -366,8 +366,24 @@ async fn a_revoked_node_is_cut_off_until_it_gets_a_new_certificate() {
     cluster
         .wait_for_nodes(Duration::from_secs(10), connected(false))
         .await;
-    // It keeps trying (every 500 ms here) and keeps being refused.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // It keeps trying (every 500 ms here) and keeps being refused: the
+    // audit log shows three attempts, and it never got back in meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempts = audit_entries(&mut client)
+            .await
+            .iter()
+            .filter(|e| e.who == "agent/node-1" && e.outcome.starts_with("refused"))
+            .count();
+        if attempts >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{attempts} refused attempts"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let nodes = cluster
         .wait_for_nodes(Duration::from_secs(1), |_| true)
         .await;

@@ -666,9 +666,11 @@ nodes = { env = "test" }
     let id = deploy(format!("{}:v2", s.repo)).await;
     let rollout = s.finish(&id).await;
     assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
-    // The stop signal would have needed the 30 s stop timeout and 30 s grace.
+    // The stop signal would have needed the 30 s stop timeout and 30 s
+    // grace: a bound well short of that says the stop command ended it,
+    // however slow the machine is otherwise.
     assert!(
-        started.elapsed() < Duration::from_secs(20),
+        started.elapsed() < Duration::from_secs(50),
         "the old worker was not ended by its stop command: {:?}",
         started.elapsed()
     );
