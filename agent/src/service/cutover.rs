@@ -199,7 +199,8 @@ impl Service {
         progress(Step::SmokeTesting);
         smoke(candidate).await?;
         progress(Step::Switching);
-        self.record_switch(candidate)?;
+        self.record_switch(candidate)
+            .map_err(|error| self.store_error(error))?;
         Ok(healthy)
     }
 
@@ -207,7 +208,12 @@ impl Service {
     /// recorded as a leftover until it serves.
     async fn start(&self, release: WebRelease) -> Result<Candidate, CutoverError> {
         let port = match self.kind {
-            ServiceKind::Web(_) => self.free_port(&release.release_id)?,
+            ServiceKind::Web(_) => self.free_port().ok_or_else(|| CutoverError::NoPort {
+                release_id: release.release_id.clone(),
+                address: self.settings.address,
+                first: *self.settings.ports.start(),
+                last: *self.settings.ports.end(),
+            })?,
             ServiceKind::Worker => 0,
         };
         let supervisor = Supervisor::start(process_spec(&self.settings, &release, port)).await?;
@@ -235,25 +241,19 @@ impl Service {
         Ok(candidate)
     }
 
-    fn free_port(&self, release_id: &str) -> Result<u16, CutoverError> {
+    /// A port on the node's address that no release uses, if one is left.
+    fn free_port(&self) -> Option<u16> {
         let settings = &self.settings;
         let mut taken: Vec<u16> = self.active.iter().map(|r| r.addr.port()).collect();
         // Other services' releases too, even one down waiting for its restart.
         taken.extend(self.store.ports_in_use().unwrap_or_default());
-        allocate_port(settings.address, &settings.ports, &taken).ok_or_else(|| {
-            CutoverError::NoPort {
-                release_id: release_id.to_string(),
-                address: settings.address,
-                first: *settings.ports.start(),
-                last: *settings.ports.end(),
-            }
-        })
+        allocate_port(settings.address, &settings.ports, &taken)
     }
 
     /// Records B as the release that serves, before the switch: a crash
     /// right after it must find B in the store, and A, drained next, as a
     /// leftover to stop.
-    fn record_switch(&self, candidate: &Candidate) -> Result<(), CutoverError> {
+    fn record_switch(&self, candidate: &Candidate) -> Result<(), StoreError> {
         let active = ActiveRelease {
             release: candidate.release.clone(),
             port: candidate.port,
@@ -265,14 +265,11 @@ impl Service {
             .and_then(Running::as_leftover)
             .into_iter()
             .collect();
-        self.store
-            .update_service(&self.settings.name, |current| {
-                let mut record =
-                    self.record(current.as_ref(), Some(active), candidate.serving.clone());
-                record.leftovers = retiring;
-                Some(record)
-            })
-            .map_err(|error| self.store_error(error))
+        self.store.update_service(&self.settings.name, |current| {
+            let mut record = self.record(current.as_ref(), Some(active), candidate.serving.clone());
+            record.leftovers = retiring;
+            Some(record)
+        })
     }
 
     fn store_error(&self, error: StoreError) -> CutoverError {
