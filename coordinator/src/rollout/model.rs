@@ -139,6 +139,33 @@ pub struct RolloutNode {
     pub uncertain: bool,
 }
 
+impl RolloutNode {
+    /// A node as a rollout starts with it: serving `from_release` (empty:
+    /// nothing), `unchanged` when that already is the rollout's release.
+    pub fn new(id: String, name: String, from_release: String, unchanged: bool) -> Self {
+        Self {
+            id,
+            name,
+            state: if unchanged {
+                NodeState::Unchanged
+            } else {
+                NodeState::Pending
+            },
+            release: from_release.clone(),
+            from_release,
+            batch: None,
+            command_id: None,
+            command_deadline_ms: 0,
+            step: String::new(),
+            detail: String::new(),
+            switched_at_ms: 0,
+            seen_healthy: false,
+            lost_since_ms: None,
+            uncertain: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutError {
     /// Empty when the rollout as a whole failed (its deadline).
@@ -306,7 +333,69 @@ pub struct Rollout {
     pub deployment: String,
 }
 
+/// What a new rollout is made of; `Rollout::new` sets the rest (pending,
+/// no command sent yet, batches from the nodes that need the release).
+#[derive(Debug, Clone)]
+pub struct NewRollout {
+    pub id: String,
+    pub app: String,
+    pub env: String,
+    pub service: String,
+    pub kind: RolloutKind,
+    pub release: StoredRelease,
+    pub previous: Option<StoredRelease>,
+    pub strategy: Strategy,
+    pub nodes: Vec<RolloutNode>,
+    pub skipped: Vec<String>,
+    pub command_prefix: String,
+    pub node_lost_after_ms: u64,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub deployment: String,
+}
+
 impl Rollout {
+    pub fn new(new: NewRollout) -> Self {
+        let targets = new
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Pending)
+            .count();
+        let batch_size = new.strategy.batch.nodes(targets) as u32;
+        Rollout {
+            id: new.id,
+            app: new.app,
+            env: new.env,
+            service: new.service,
+            kind: new.kind,
+            state: RolloutState::Pending,
+            phase: Phase::Prepare,
+            release: new.release,
+            previous: new.previous,
+            strategy: new.strategy,
+            nodes: new.nodes,
+            skipped: new.skipped,
+            batch_size,
+            batches: (targets as u32).div_ceil(batch_size),
+            deadline_ms: 0,
+            paused_at_ms: None,
+            lost_grace_until_ms: 0,
+            node_lost_after_ms: new.node_lost_after_ms,
+            pause_requested: false,
+            abort_requested: false,
+            error: None,
+            rollback_failures: Vec::new(),
+            created_by: new.created_by,
+            created_at_ms: new.created_at_ms,
+            updated_at_ms: new.created_at_ms,
+            finished_at_ms: None,
+            command_prefix: new.command_prefix,
+            next_command: 1,
+            timeline: Vec::new(),
+            deployment: new.deployment,
+        }
+    }
+
     pub fn node(&self, name: &str) -> Option<&RolloutNode> {
         self.nodes.iter().find(|n| n.name == name)
     }

@@ -91,57 +91,25 @@ fn release(id: &str) -> StoredRelease {
 }
 
 pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
-    let targets = nodes;
-    let batch_size = strategy.batch.nodes(targets) as u32;
-    Rollout {
+    Rollout::new(NewRollout {
         id: "web-1".into(),
         app: "shop".into(),
         env: "test".into(),
         service: "web".into(),
         kind: RolloutKind::Deploy,
-        state: RolloutState::Pending,
-        phase: Phase::Prepare,
         release: release(NEW),
         previous: Some(release(OLD)),
         strategy,
         nodes: (0..nodes)
-            .map(|i| RolloutNode {
-                id: format!("id-{i}"),
-                name: format!("node-{i}"),
-                state: NodeState::Pending,
-                release: OLD.into(),
-                from_release: OLD.into(),
-                batch: None,
-                command_id: None,
-                command_deadline_ms: 0,
-                step: String::new(),
-                detail: String::new(),
-                switched_at_ms: 0,
-                seen_healthy: false,
-                lost_since_ms: None,
-                uncertain: false,
-            })
+            .map(|i| RolloutNode::new(format!("id-{i}"), format!("node-{i}"), OLD.into(), false))
             .collect(),
         skipped: vec![],
-        batch_size,
-        batches: (targets as u32).div_ceil(batch_size),
-        deadline_ms: 0,
-        paused_at_ms: None,
-        lost_grace_until_ms: 0,
+        command_prefix: "web-1.sim".into(),
         node_lost_after_ms: 0,
-        pause_requested: false,
-        abort_requested: false,
-        error: None,
-        rollback_failures: vec![],
         created_by: "sim".into(),
         created_at_ms: 0,
-        updated_at_ms: 0,
-        finished_at_ms: None,
-        command_prefix: "web-1.sim".into(),
-        next_command: 1,
-        timeline: vec![],
         deployment: String::new(),
-    }
+    })
 }
 
 impl Sim {

@@ -1,0 +1,315 @@
+//! The driver of one rollout: it feeds the pure engine with command
+//! results, heartbeats, operator requests and the clock, persists every
+//! change before the commands it implies go out, and delivers them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_common::now_ms;
+use cutover_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+
+use super::engine::{self, Input, Observation, Outcome, ServiceObservation};
+use super::model::Rollout;
+use super::{RolloutError, Rollouts};
+use crate::registry::{Registry, RegistryError};
+use crate::secrets::{SecretError, Secrets};
+use crate::store::{NewEvent, NodeStatus};
+
+/// How often a running rollout looks at heartbeats and deadlines.
+const TICK: Duration = Duration::from_millis(250);
+/// Pause before resending a command to a node that was not connected.
+const RESEND_DELAY: Duration = Duration::from_millis(500);
+/// A command without an answer this long is sent again (same id).
+const RESEND_EVERY: Duration = Duration::from_secs(15);
+/// Inputs taken in at most before the rollout is written (see `run`).
+const GROUP_INPUTS: usize = 512;
+
+/// An operator's request to a running rollout, answered with the rollout
+/// once taken in.
+pub(super) type Control = (Input, oneshot::Sender<Rollout>);
+
+pub(super) struct Handle {
+    pub(super) control: mpsc::UnboundedSender<Control>,
+    pub(super) watch: watch::Receiver<Arc<Rollout>>,
+}
+
+impl Rollouts {
+    pub(super) fn record(&self, rollout: &Rollout, kind: &str, node: &str, message: String) {
+        tracing::info!(rollout = %rollout.id, event = kind, node, "{message}");
+        let event = NewEvent {
+            kind: "rollout",
+            node_id: String::new(),
+            node_name: node.to_string(),
+            message: format!("{} {kind}: {message}", rollout.id),
+        };
+        if let Err(error) = self.store.append_event(event) {
+            tracing::error!(%error, "cannot record a rollout event");
+        }
+    }
+
+    pub(super) fn spawn(self: &Arc<Self>, rollout: Rollout, first: Input) {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (watch_tx, watch) = watch::channel(Arc::new(rollout.clone()));
+        self.running
+            .lock()
+            .expect("rollouts lock")
+            .insert(rollout.id.clone(), Handle { control, watch });
+        self.metrics.rollouts_in_progress.inc();
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let id = rollout.id.clone();
+            this.run(rollout, first, control_rx, watch_tx).await;
+            this.running.lock().expect("rollouts lock").remove(&id);
+            this.metrics.rollouts_in_progress.dec();
+        });
+    }
+
+    /// Asks a running rollout to pause, resume or abort.
+    pub async fn control(&self, id: &str, input: Input) -> Result<Rollout, RolloutError> {
+        let action = match &input {
+            Input::Pause { .. } => "pause",
+            Input::Resume { .. } => "resume",
+            _ => "abort",
+        };
+        let (reply, answer) = oneshot::channel();
+        let sent = {
+            let running = self.running.lock().expect("rollouts lock");
+            running
+                .get(id)
+                .is_some_and(|handle| handle.control.send((input, reply)).is_ok())
+        };
+        // The answer is the rollout once the request is taken in.
+        match (sent, answer.await) {
+            (true, Ok(rollout)) => Ok(rollout),
+            _ => {
+                let rollout = self.get(id)?;
+                Err(RolloutError::Finished {
+                    id: id.to_string(),
+                    state: rollout.state.as_str(),
+                    action,
+                })
+            }
+        }
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        mut rollout: Rollout,
+        first: Input,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        watch: watch::Sender<Arc<Rollout>>,
+    ) {
+        let mut reply: Option<oneshot::Sender<Rollout>> = None;
+        let (results_tx, mut results) = mpsc::unbounded_channel::<Input>();
+        let mut commands: HashMap<String, AbortHandle> = HashMap::new();
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut input = first;
+        loop {
+            let before = rollout.clone();
+            let mut sends = engine::handle(&mut rollout, now_ms(), input);
+            // Answers that arrived meanwhile are taken in before the one
+            // write below: a batch of a hundred nodes answering costs a few
+            // writes, not one per node. The engine is pure, so this is the
+            // same as handling them one by one.
+            for _ in 0..GROUP_INPUTS {
+                if rollout.state.is_terminal() {
+                    break;
+                }
+                match results.try_recv() {
+                    Ok(next) => sends.extend(engine::handle(&mut rollout, now_ms(), next)),
+                    Err(_) => break,
+                }
+            }
+            if rollout.state.is_terminal() && !before.state.is_terminal() {
+                // The history first: once the terminal state is stored the
+                // deploy lock is free, and the next deploy must find the
+                // release this one made current. A crash in between only
+                // redoes the end after the restart.
+                self.finished(&rollout);
+            }
+            if rollout != before {
+                // Durable before anything it implies is sent.
+                while let Err(error) = self.store.put_rollout(&rollout) {
+                    tracing::error!(rollout = %rollout.id, %error, "cannot persist the rollout; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return abort_all(commands),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                for entry in &rollout.timeline[before.timeline.len().min(rollout.timeline.len())..]
+                {
+                    self.record(&rollout, &entry.kind, &entry.node, entry.message.clone());
+                }
+                watch.send_replace(Arc::new(rollout.clone()));
+            }
+            if let Some(reply) = reply.take() {
+                let _ = reply.send(rollout.clone());
+            }
+            let live: HashSet<&str> = rollout
+                .nodes
+                .iter()
+                .filter_map(|n| n.command_id.as_deref())
+                .collect();
+            commands.retain(|id, handle| {
+                let keep = live.contains(id.as_str());
+                if !keep {
+                    handle.abort();
+                }
+                keep
+            });
+            for send in sends {
+                let id = send.command.command_id.clone();
+                let task = tokio::spawn(deliver(
+                    self.registry.clone(),
+                    self.secrets.clone(),
+                    rollout.env.clone(),
+                    send,
+                    results_tx.clone(),
+                ));
+                commands.insert(id, task.abort_handle());
+            }
+            if rollout.state.is_terminal() {
+                break;
+            }
+            input = tokio::select! {
+                Some(next) = results.recv() => next,
+                                Some((next, answer)) = control.recv() => {
+                    reply = Some(answer);
+                    next
+                }
+                _ = ticker.tick() => Input::Tick { nodes: self.observe(&rollout) },
+                _ = self.shutdown.cancelled() => break,
+            };
+        }
+        abort_all(commands);
+    }
+
+    fn observe(&self, rollout: &Rollout) -> Vec<Observation> {
+        let wanted: HashSet<&str> = rollout.nodes.iter().map(|n| n.id.as_str()).collect();
+        self.registry
+            .list()
+            .into_iter()
+            .filter(|v| wanted.contains(v.record.id.as_str()))
+            .map(|v| Observation {
+                service: v
+                    .record
+                    .services
+                    .iter()
+                    .find(|s| s.service == rollout.service)
+                    .map(|s| ServiceObservation {
+                        release_id: s.release_id.clone(),
+                        running: s.running,
+                        healthy: s.healthy,
+                        crashes: s.crashes,
+                        detail: match s.last_exit.as_str() {
+                            "" => s.health_detail.clone(),
+                            exit => format!("{} (last exit: {exit})", s.health_detail),
+                        },
+                    }),
+                node_id: v.record.id,
+                // A node whose heartbeats stopped is as lost as a closed
+                // connection (a partition can keep one open for a while).
+                connected: v.connected && v.record.status == NodeStatus::Ready,
+                last_seen_ms: v.record.services_at_ms,
+            })
+            .collect()
+    }
+}
+
+/// Fills an activation's `secret_values` from the secret store.
+fn add_secret_values(
+    secrets: &Secrets,
+    env: &str,
+    command: &mut pb::Command,
+) -> Result<(), SecretError> {
+    let Some(pb::command::Kind::Activate(activate)) = command.kind.as_mut() else {
+        return Ok(());
+    };
+    let refs = activate
+        .release
+        .as_ref()
+        .map(|r| r.secrets.clone())
+        .unwrap_or_default();
+    for secret in refs {
+        let value = secrets.value(env, &secret.name, secret.version)?;
+        activate.secret_values.insert(secret.name, value);
+    }
+    Ok(())
+}
+
+fn abort_all(commands: HashMap<String, AbortHandle>) {
+    for handle in commands.values() {
+        handle.abort();
+    }
+}
+
+/// Sends one command to its node and reports the result, resending the same
+/// id whenever the node was not connected or dropped before answering. The
+/// engine decides when to give up (the command's deadline) and the driver
+/// then aborts this task.
+async fn deliver(
+    registry: Arc<Registry>,
+    secrets: Arc<Secrets>,
+    env: String,
+    mut send: engine::Send,
+    results: mpsc::UnboundedSender<Input>,
+) {
+    let command_id = send.command.command_id.clone();
+    // Secret values join the command here, on its way out: the rollout
+    // record (and anything else stored) holds only names and versions.
+    if let Err(error) = add_secret_values(&secrets, &env, &mut send.command) {
+        let _ = results.send(Input::Result {
+            command_id,
+            outcome: Outcome::Failed(error.to_string()),
+        });
+        return;
+    }
+    loop {
+        match registry.send_command(&send.node_id, send.command.clone()) {
+            Ok(pending) => {
+                let progress = results.clone();
+                let id = command_id.clone();
+                // Resent now and then while waiting: a result the agent
+                // could not send (its queue full) is replayed from its
+                // journal; a command still running is not run twice.
+                let waited = pending
+                    .wait(RESEND_EVERY, |step| {
+                        let _ = progress.send(Input::Progress {
+                            command_id: id.clone(),
+                            step: step.step,
+                        });
+                    })
+                    .await;
+                if let Ok(result) = waited {
+                    let outcome = match pb::CommandStatus::try_from(result.status) {
+                        Ok(pb::CommandStatus::Succeeded) => Outcome::Succeeded,
+                        _ => Outcome::Failed(result.message),
+                    };
+                    let _ = results.send(Input::Result {
+                        command_id,
+                        outcome,
+                    });
+                    return;
+                }
+            }
+            Err(RegistryError::UnknownNode(_)) => {
+                let _ = results.send(Input::Result {
+                    command_id,
+                    outcome: Outcome::Failed(format!(
+                        "node {} is no longer registered",
+                        send.node_name
+                    )),
+                });
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(node = %send.node_name, %error, "command not delivered yet; will resend");
+            }
+        }
+        tokio::time::sleep(RESEND_DELAY).await;
+    }
+}

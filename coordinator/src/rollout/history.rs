@@ -1,0 +1,124 @@
+//! What stays of a rollout once it ended: the outcome, the release
+//! history (which release is current, which failed or was rolled back
+//! from) and the pruning of old rollouts.
+
+use std::collections::HashSet;
+
+use super::model::{Rollout, RolloutKind, RolloutState};
+use super::Rollouts;
+use crate::store::{ReleaseState, ServiceOutcome, StoreError};
+
+/// Releases kept per service and environment (the current one always).
+const RELEASES_KEPT: usize = 10;
+/// Finished converge rollouts kept (besides `FINISHED_ROLLOUTS_KEPT`).
+const CONVERGE_ROLLOUTS_KEPT: usize = 100;
+/// Finished rollouts kept, with their timelines; older ones are deleted.
+const FINISHED_ROLLOUTS_KEPT: usize = 1000;
+
+impl Rollouts {
+    /// Settles the release history and metrics of a rollout that ended.
+    pub(super) fn finished(&self, rollout: &Rollout) {
+        let seconds = (rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms)
+            - rollout.created_at_ms) as f64
+            / 1000.0;
+        self.metrics.rollout_finished(rollout, seconds);
+        let outcome = ServiceOutcome {
+            env: rollout.env.clone(),
+            service: rollout.service.clone(),
+            rollout_id: rollout.id.clone(),
+            kind: rollout.kind,
+            state: rollout.state,
+            auto_rollback: rollout.strategy.auto_rollback,
+            at_ms: rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms),
+        };
+        if let Err(error) = self.store.put_outcome(&outcome) {
+            tracing::error!(rollout = %rollout.id, %error, "cannot record how the rollout ended");
+        }
+        if let Err(error) = self.settle_history(rollout) {
+            tracing::error!(rollout = %rollout.id, %error, "cannot update the release history");
+        }
+        if let Err(error) = self.prune_rollouts() {
+            tracing::error!(%error, "cannot prune old rollouts");
+        }
+    }
+
+    /// Keeps the newest finished rollouts; convergences, which a node that
+    /// cannot converge repeats, have a smaller share of their own so they
+    /// never push operators' rollouts out.
+    fn prune_rollouts(&self) -> Result<(), StoreError> {
+        // A deployment that runs still reads the rollouts of its steps.
+        let running_deployments: HashSet<String> = self
+            .store
+            .deployments()?
+            .into_iter()
+            .filter(|d| !d.state.is_terminal())
+            .map(|d| d.id)
+            .collect();
+        let (converges, others): (Vec<Rollout>, Vec<Rollout>) = self
+            .store
+            .rollouts()?
+            .into_iter()
+            .filter(|r| r.state.is_terminal() && !running_deployments.contains(&r.deployment))
+            .partition(|r| r.kind == RolloutKind::Converge);
+        for (finished, kept) in [
+            (converges, CONVERGE_ROLLOUTS_KEPT),
+            (others, FINISHED_ROLLOUTS_KEPT),
+        ] {
+            let excess = finished.len().saturating_sub(kept);
+            for old in &finished[..excess] {
+                self.store.delete_rollout(&old.id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn settle_history(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        let mut history = self.store.releases(&rollout.env, &rollout.service)?;
+        let target = rollout.release.id();
+        let from = rollout.previous.as_ref().map(|p| p.id().to_string());
+        let succeeded = rollout.state == RolloutState::Succeeded;
+        for record in &mut history {
+            let before = record.clone();
+            let is_target = record.release.id() == target;
+            if succeeded {
+                record.current = is_target;
+                if is_target {
+                    record.state = ReleaseState::Stable;
+                } else if rollout.kind == RolloutKind::Rollback
+                    && Some(record.release.id()) == from.as_deref()
+                {
+                    // Not a failure of its own: it is kept apart from
+                    // releases that failed their rollout.
+                    record.state = ReleaseState::Reverted;
+                    record.note = format!(
+                        "{} rolled back to {target} ({})",
+                        rollout.created_by, rollout.id
+                    );
+                }
+            } else if is_target && rollout.kind == RolloutKind::Deploy && !record.current {
+                record.state = match rollout.state {
+                    RolloutState::RolledBack => ReleaseState::RolledBack,
+                    RolloutState::Aborted => ReleaseState::Aborted,
+                    _ => ReleaseState::Failed,
+                };
+                record.note = match &rollout.error {
+                    Some(error) => error.to_string(),
+                    None => format!("{} ({})", rollout.state.as_str(), rollout.id),
+                };
+            }
+            if *record != before {
+                self.store.put_release(record)?;
+            }
+        }
+        // Keep the newest few, and always the current one.
+        let mut kept = 0;
+        for record in &history {
+            kept += 1;
+            if kept > RELEASES_KEPT && !record.current {
+                self.store
+                    .delete_release(&record.env, &record.service, record.release.id())?;
+            }
+        }
+        Ok(())
+    }
+}

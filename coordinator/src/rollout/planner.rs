@@ -1,0 +1,577 @@
+//! Turning an operator's deploy into rollouts: the spec resolved into
+//! releases (environment, images, version and secrets pinned once, before
+//! anything is created), the lock checked, the nodes picked, the rollout
+//! created and stored.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_common::now_ms;
+use cutover_proto::v1 as pb;
+
+use super::deployment::{Deployment, DeploymentState, DeploymentStep, StepState};
+use super::engine::Input;
+use super::model::{self, NewRollout, NodeState, Rollout, RolloutKind, RolloutNode, StoredRelease};
+use super::{RolloutError, Rollouts, Started};
+use crate::images::PinnedImage;
+use crate::spec::{selects, AppSpec, Resolved, Strategy};
+use crate::store::{NodeStatus, ReleaseRecord, ReleaseState, StoreError};
+
+/// How long an operator's deploy waits for a convergence it aborted.
+const CONVERGE_YIELD: Duration = Duration::from_secs(60);
+
+/// A deploy as the operator asked for it.
+pub struct DeployRequest {
+    pub spec_text: String,
+    pub spec_file: String,
+    pub env: String,
+    pub service: Option<String>,
+    /// Empty: the tag of the image deployed.
+    pub version: String,
+    /// For services that run as processes.
+    pub artifact: Option<pb::Artifact>,
+    /// For services that run as containers, over the spec's `image`.
+    pub image: Option<String>,
+    pub allow_unreachable: bool,
+    pub by: String,
+    /// May set or change which nodes an environment selects (an admin, or
+    /// a deployer not limited to environments).
+    pub may_pin_environments: bool,
+}
+
+/// What a rollout of one service is to do, before the nodes are picked.
+pub(super) struct Target {
+    pub(super) app: String,
+    pub(super) env: String,
+    pub(super) service: String,
+    pub(super) kind: RolloutKind,
+    pub(super) release: pb::Release,
+    pub(super) previous: Option<StoredRelease>,
+    pub(super) selector: BTreeMap<String, String>,
+    pub(super) strategy: Strategy,
+    /// The deployment it is a step of, or empty.
+    pub(super) deployment: String,
+    /// Said first in its timeline (a forced rollback's).
+    pub(super) warning: Option<String>,
+}
+
+/// Everything needed to launch a rollout of one service.
+pub(super) struct Plan {
+    pub(super) target: Target,
+    pub(super) nodes: Vec<RolloutNode>,
+    pub(super) skipped: Vec<String>,
+}
+
+/// What a deploy started.
+pub enum Deployed {
+    /// One service: its rollout, or nothing to do.
+    Alone(Vec<Started>),
+    /// Several services, rolled out one after another.
+    Together(Box<Deployment>),
+}
+
+impl Rollouts {
+    /// What one service started, or the deployment of several.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        request: DeployRequest,
+    ) -> Result<Deployed, RolloutError> {
+        let resolved = self.resolve(&request).await?;
+        let _creating = self.create.lock().await;
+        if resolved.len() > 1 {
+            return Ok(Deployed::Together(Box::new(
+                self.deploy_together(resolved, &request).await?,
+            )));
+        }
+        let mut started = Vec::new();
+        for resolved in resolved {
+            self.make_way(&resolved.env, &resolved.service, &request.by)
+                .await;
+            let previous = self.current_release(&resolved.env, &resolved.service)?;
+            let plan = self.plan(
+                Target {
+                    app: resolved.app,
+                    env: resolved.env,
+                    service: resolved.service,
+                    kind: RolloutKind::Deploy,
+                    release: resolved.release,
+                    previous,
+                    selector: resolved.selector,
+                    strategy: resolved.strategy,
+                    deployment: String::new(),
+                    warning: None,
+                },
+                request.allow_unreachable,
+            )?;
+            started.push(self.launch(plan, &request.by)?);
+        }
+        Ok(Deployed::Alone(started))
+    }
+
+    /// The deploy's releases, one per service in rollout order, with
+    /// everything pinned once before anything is created: the environment's
+    /// nodes, each image's digest, the version label, each secret's version.
+    async fn resolve(&self, request: &DeployRequest) -> Result<Vec<Resolved>, RolloutError> {
+        let file = request.spec_file.as_str();
+        let spec = AppSpec::parse(&request.spec_text, file)?;
+        let services = spec.services_for(request.service.as_deref(), file)?;
+        let environment = spec.environment(file, &request.env)?;
+        self.pin_environment(request, &environment.nodes)?;
+        let (pinned, images) = self.pin_images(&spec, &services, request).await?;
+        // After what is wrong with the request itself: a missing artifact is
+        // the last thing to complain about.
+        if let Some(artifact) = request
+            .artifact
+            .as_ref()
+            .filter(|a| a.url == "coordinator:" && !self.artifacts.contains(&a.digest))
+        {
+            return Err(RolloutError::ArtifactMissing(artifact.digest.clone()));
+        }
+        let version = version_label(request, &pinned)?;
+        let mut resolved = services
+            .iter()
+            .map(|service| {
+                spec.resolve(
+                    file,
+                    &request.env,
+                    service,
+                    &version,
+                    request.artifact.as_ref(),
+                    images.get(service.as_str()).map(String::as_str),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for service in &mut resolved {
+            self.pin_secrets(service)?;
+        }
+        Ok(resolved)
+    }
+
+    /// Which nodes an environment covers is the coordinator's to keep, not
+    /// each spec's: a deployer limited to staging must not point "staging"
+    /// at production's nodes. The first deploy pins it (only someone allowed
+    /// to: an admin or an unlimited deployer), later specs must select the
+    /// same nodes unless such a caller changes it.
+    fn pin_environment(
+        &self,
+        request: &DeployRequest,
+        selector: &BTreeMap<String, String>,
+    ) -> Result<(), RolloutError> {
+        let pinned = self.store.environment(&request.env)?;
+        if pinned.as_ref() == Some(selector) {
+            return Ok(());
+        }
+        if !request.may_pin_environments {
+            return Err(RolloutError::EnvironmentPinned(match pinned {
+                Some(pinned) => format!(
+                    "environment {} selects {} on this coordinator, but the spec says {}; only an admin (or a deployer of every environment) can change that",
+                    request.env,
+                    show_selector(&pinned),
+                    show_selector(selector)
+                ),
+                None => format!(
+                    "environment {} has never been deployed: an admin (or a deployer of every environment) deploys it first, which pins the nodes it selects",
+                    request.env
+                ),
+            }));
+        }
+        self.store.put_environment(&request.env, selector)?;
+        tracing::info!(env = %request.env, selector = %show_selector(selector), by = %request.by, "environment pinned");
+        Ok(())
+    }
+
+    /// Each image pinned once: every service (and node) of this deploy runs
+    /// the same digest. Returns the pins by reference and each docker
+    /// service's pinned image.
+    async fn pin_images<'a>(
+        &self,
+        spec: &AppSpec,
+        services: &'a [String],
+        request: &DeployRequest,
+    ) -> Result<(BTreeMap<String, PinnedImage>, BTreeMap<&'a str, String>), RolloutError> {
+        let mut pinned: BTreeMap<String, PinnedImage> = BTreeMap::new();
+        let mut images = BTreeMap::new();
+        for service in services {
+            let spec_image = spec.services[service].image.clone();
+            if spec.services[service].runtime != "docker" {
+                continue;
+            }
+            let Some(reference) = request.image.clone().or(spec_image) else {
+                continue; // resolve() says what is missing
+            };
+            if !pinned.contains_key(&reference) {
+                let image = self.images.pin(&reference).await?;
+                pinned.insert(reference.clone(), image);
+            }
+            images.insert(service.as_str(), pinned[&reference].image.clone());
+        }
+        Ok((pinned, images))
+    }
+
+    /// Secrets are pinned to their current versions, which the release id
+    /// covers: a new version is a new release, rolled out like one.
+    fn pin_secrets(&self, service: &mut Resolved) -> Result<(), RolloutError> {
+        let release = &mut service.release;
+        for secret in &mut release.secrets {
+            secret.version = self.secrets.current(&service.env, &secret.name)?;
+        }
+        if !release.secrets.is_empty() {
+            release.release_id = crate::spec::release_id(release);
+        }
+        Ok(())
+    }
+
+    /// Several services: one deployment, checked whole before it starts
+    /// (no service of it may be locked), whose driver rolls them out in
+    /// order, starting with the first at once.
+    async fn deploy_together(
+        self: &Arc<Self>,
+        resolved: Vec<Resolved>,
+        request: &DeployRequest,
+    ) -> Result<Deployment, RolloutError> {
+        for (i, service) in resolved.iter().enumerate() {
+            // A convergence of a later service is stopped when its turn
+            // comes (meanwhile the deployment's claim keeps new ones out):
+            // stopped now, it would count as the operator's choice if the
+            // deployment never got there.
+            if i == 0 {
+                self.make_way(&service.env, &service.service, &request.by)
+                    .await;
+            }
+            // The same checks the driver meets at each step, now, so a
+            // deploy that cannot start is refused whole.
+            let checked = self.plan(
+                Target {
+                    app: service.app.clone(),
+                    env: service.env.clone(),
+                    service: service.service.clone(),
+                    kind: RolloutKind::Deploy,
+                    release: service.release.clone(),
+                    previous: None,
+                    selector: service.selector.clone(),
+                    strategy: service.strategy.clone(),
+                    deployment: String::new(),
+                    warning: None,
+                },
+                request.allow_unreachable,
+            );
+            match checked {
+                Ok(_) => {}
+                Err(RolloutError::Locked { id, .. })
+                    if i > 0 && self.get(&id).is_ok_and(|r| r.kind == RolloutKind::Converge) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let first = &resolved[0];
+        let now = now_ms();
+        let deployment = Deployment {
+            id: format!("{}-d{}", first.app, self.store.next_rollout_number()?),
+            app: first.app.clone(),
+            env: first.env.clone(),
+            state: DeploymentState::Running,
+            steps: resolved
+                .into_iter()
+                .map(|service| DeploymentStep {
+                    service: service.service,
+                    release: StoredRelease(service.release),
+                    selector: service.selector,
+                    strategy: service.strategy,
+                    state: StepState::Waiting,
+                    rollout_id: String::new(),
+                    previous: None,
+                    rollback_rollout_id: String::new(),
+                })
+                .collect(),
+            allow_unreachable: request.allow_unreachable,
+            created_by: request.by.clone(),
+            created_at_ms: now,
+            finished_at_ms: None,
+            error: String::new(),
+        };
+        self.start_deployment(deployment.clone())?;
+        Ok(deployment)
+    }
+
+    /// An operator's deploy or rollback goes before a convergence: a
+    /// converge rollout of the service is aborted and waited for (nodes in
+    /// the middle of their cutover finish it), within `CONVERGE_YIELD`;
+    /// after that the deploy meets the usual lock.
+    pub(super) async fn make_way(&self, env: &str, service: &str, by: &str) {
+        let converging = self
+            .running
+            .lock()
+            .expect("rollouts lock")
+            .iter()
+            .find(|(_, h)| {
+                let r = h.watch.borrow();
+                r.env == env && r.service == service && r.kind == RolloutKind::Converge
+            })
+            .map(|(id, h)| (id.clone(), h.watch.clone()));
+        let Some((id, mut watch)) = converging else {
+            return;
+        };
+        tracing::info!(rollout = %id, %env, %service, %by, "aborting a convergence for an operator's rollout");
+        let _ = self
+            .control(
+                &id,
+                Input::Abort {
+                    by: format!("{by}, deploying"),
+                },
+            )
+            .await;
+        let _ = tokio::time::timeout(CONVERGE_YIELD, async {
+            while !watch.borrow_and_update().state.is_terminal() {
+                if watch.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    pub(super) fn current_release(
+        &self,
+        env: &str,
+        service: &str,
+    ) -> Result<Option<StoredRelease>, StoreError> {
+        Ok(self
+            .store
+            .releases(env, service)?
+            .into_iter()
+            .find(|r| r.current)
+            .map(|r| r.release))
+    }
+
+    /// Whether anything but `deployment` holds `service` of `env`: a
+    /// running rollout of it, or a deployment that has yet to roll it out.
+    pub(super) fn check_free(
+        &self,
+        env: &str,
+        service: &str,
+        deployment: &str,
+    ) -> Result<(), RolloutError> {
+        if let Some(running) = self
+            .store
+            .rollouts()?
+            .into_iter()
+            .find(|r| !r.state.is_terminal() && r.env == env && r.service == service)
+        {
+            return Err(RolloutError::Locked {
+                id: running.id,
+                state: running.state.as_str(),
+                env: env.to_string(),
+                service: service.to_string(),
+            });
+        }
+        if let Some(claimed) = self
+            .store
+            .deployments()?
+            .into_iter()
+            .find(|d| d.id != deployment && d.claims(env, service))
+        {
+            return Err(RolloutError::Claimed {
+                deployment: claimed.id,
+                env: env.to_string(),
+                service: service.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Picks the nodes of `target`, once nothing else holds its service.
+    pub(super) fn plan(
+        &self,
+        target: Target,
+        allow_unreachable: bool,
+    ) -> Result<Plan, RolloutError> {
+        self.check_free(&target.env, &target.service, &target.deployment)?;
+        let (env, service, selector, release) = (
+            target.env.clone(),
+            target.service.clone(),
+            &target.selector,
+            &target.release,
+        );
+        let views: Vec<_> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|v| selects(selector, &v.record.labels))
+            .collect();
+        if views.is_empty() {
+            let selector = selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            return Err(RolloutError::NoNodes {
+                env,
+                service,
+                selector,
+            });
+        }
+        let (reachable, unreachable): (Vec<_>, Vec<_>) = views
+            .into_iter()
+            .partition(|v| v.connected && v.record.status == NodeStatus::Ready);
+        let skipped: Vec<String> = unreachable.iter().map(|v| v.record.name.clone()).collect();
+        if !skipped.is_empty() && (!allow_unreachable || reachable.is_empty()) {
+            return Err(RolloutError::Unreachable {
+                service,
+                nodes: skipped.join(", "),
+            });
+        }
+        let nodes = reachable
+            .into_iter()
+            .map(|v| {
+                let running = v.record.services.iter().find(|s| s.service == service);
+                let unchanged =
+                    running.is_some_and(|s| s.release_id == release.release_id && s.running);
+                RolloutNode::new(
+                    v.record.id.clone(),
+                    v.record.name.clone(),
+                    running.map(|s| s.release_id.clone()).unwrap_or_default(),
+                    unchanged,
+                )
+            })
+            .collect();
+        Ok(Plan {
+            target,
+            nodes,
+            skipped,
+        })
+    }
+
+    pub(super) fn launch(self: &Arc<Self>, plan: Plan, by: &str) -> Result<Started, RolloutError> {
+        let Plan {
+            target: plan_target,
+            nodes,
+            skipped,
+        } = plan;
+        let release_id = plan_target.release.release_id.clone();
+        let targets = nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Pending)
+            .count();
+        if targets == 0 {
+            return Ok(Started::NoOp {
+                message: format!(
+                    "{release_id} already runs on all {} nodes of {} in {}; nothing to do",
+                    nodes.len(),
+                    plan_target.service,
+                    plan_target.env
+                ),
+                service: plan_target.service,
+                release_id,
+            });
+        }
+        let number = self.store.next_rollout_number()?;
+        let id = format!("{}-{number}", plan_target.service);
+        let nonce: u32 = rand::random();
+        let now = now_ms();
+        let mut rollout = Rollout::new(NewRollout {
+            command_prefix: format!("{id}.{nonce:08x}"),
+            id: id.clone(),
+            app: plan_target.app.clone(),
+            env: plan_target.env.clone(),
+            service: plan_target.service.clone(),
+            kind: plan_target.kind,
+            release: StoredRelease(plan_target.release),
+            previous: plan_target.previous,
+            strategy: plan_target.strategy.clone(),
+            nodes,
+            skipped: skipped.clone(),
+            node_lost_after_ms: self.registry.ttl().as_millis() as u64 * 2,
+            created_by: by.to_string(),
+            created_at_ms: now,
+            deployment: plan_target.deployment,
+        });
+        if let Some(warning) = plan_target.warning {
+            rollout.timeline.push(model::TimelineEntry {
+                at_ms: now,
+                kind: "warning".into(),
+                node: String::new(),
+                message: warning,
+            });
+        }
+        if !skipped.is_empty() {
+            rollout.timeline.push(model::TimelineEntry {
+                at_ms: now,
+                kind: "nodes_skipped".into(),
+                node: String::new(),
+                message: format!(
+                    "unreachable at the start, skipped on request: {}",
+                    skipped.join(", ")
+                ),
+            });
+        }
+        if plan_target.kind == RolloutKind::Deploy {
+            // Deploying the current release again (to repair a node) keeps
+            // it current and stable whatever this rollout's outcome.
+            let current = self
+                .store
+                .releases(&plan_target.env, &plan_target.service)?
+                .into_iter()
+                .any(|r| r.current && r.release.id() == release_id);
+            self.store.put_release(&ReleaseRecord {
+                app: plan_target.app,
+                env: plan_target.env,
+                service: plan_target.service,
+                release: rollout.release.clone(),
+                state: if current {
+                    ReleaseState::Stable
+                } else {
+                    ReleaseState::Deploying
+                },
+                current,
+                deployed_by: by.to_string(),
+                deployed_at_ms: now,
+                rollout_id: id.clone(),
+                selector: plan_target.selector,
+                strategy: plan_target.strategy,
+                note: String::new(),
+            })?;
+        }
+        self.store.put_rollout(&rollout)?;
+        self.record(
+            &rollout,
+            "rollout_created",
+            "",
+            format!(
+                "{by} started {} of {release_id} ({id})",
+                rollout.kind.as_str()
+            ),
+        );
+        self.spawn(rollout.clone(), Input::Start);
+        Ok(Started::Rollout(Box::new(rollout)))
+    }
+}
+
+/// The release's version label: the operator's, or else the tag of the
+/// images deployed when they all have the same one.
+fn version_label(
+    request: &DeployRequest,
+    pinned: &BTreeMap<String, PinnedImage>,
+) -> Result<String, RolloutError> {
+    if !request.version.is_empty() {
+        return Ok(request.version.clone());
+    }
+    let tags: std::collections::BTreeSet<_> =
+        pinned.values().filter_map(|p| p.tag.clone()).collect();
+    match (tags.len(), pinned.values().all(|p| p.tag.is_some())) {
+        (1, true) => Ok(tags.into_iter().next().expect("one tag")),
+        _ => Err(RolloutError::NoVersion(
+            "give the release a version label with --version (it defaults to the image's tag only when every image of the deploy has the same one)".into(),
+        )),
+    }
+}
+
+fn show_selector(selector: &BTreeMap<String, String>) -> String {
+    if selector.is_empty() {
+        return "every node".into();
+    }
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
