@@ -31,20 +31,7 @@ async fn release_dir(root: &Path, cache: &ArtifactCache, version: &str) -> PathB
     let staging = root.join(format!("build-{version}"));
     std::fs::create_dir_all(&staging).unwrap();
     let archive = staging.join("app.tar.gz");
-    {
-        let file = std::fs::File::create(&archive).unwrap();
-        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
-            file,
-            flate2::Compression::fast(),
-        ));
-        let mut header = tar::Header::new_gnu();
-        header.set_size(APP.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        tar.append_data(&mut header, "app.py", APP.as_bytes())
-            .unwrap();
-        tar.into_inner().unwrap().finish().unwrap();
-    }
+    common::tar_gz(&archive, &[("app.py", APP)]);
     let digest = Digest::of_file(&archive).unwrap();
     let cached = cache
         .fetch(&format!("file://{}", archive.display()), &digest, None)

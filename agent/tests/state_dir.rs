@@ -6,12 +6,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use cutover_agent::artifacts::{cache_file_name, Digest};
-use cutover_common::modes::{mode_of, PRIVATE_DIR, PRIVATE_FILE};
 use cutover_agent::runtime::docker::DockerEngine;
 use cutover_agent::services::{NodeServices, NodeSettings};
 use cutover_agent::state::{self, Journal};
+use cutover_common::modes::{mode_of, PRIVATE_DIR, PRIVATE_FILE};
 use cutover_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
+
+mod common;
 
 const APP: &str = include_str!("fixtures/app.py");
 
@@ -34,19 +36,7 @@ fn settings(state_dir: &Path, sources: &Path, releases_keep: usize) -> NodeSetti
 /// other bytes, so another digest).
 fn archive(sources: &Path, version: &str) -> (PathBuf, Digest) {
     let path = sources.join(format!("app-{version}.tar.gz"));
-    let file = std::fs::File::create(&path).unwrap();
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
-        file,
-        flate2::Compression::fast(),
-    ));
-    for (name, data) in [("app.py", APP), ("VERSION", version)] {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        tar.append_data(&mut header, name, data.as_bytes()).unwrap();
-    }
-    tar.into_inner().unwrap().finish().unwrap();
+    common::tar_gz(&path, &[("app.py", APP), ("VERSION", version)]);
     let digest = Digest::of_file(&path).unwrap();
     (path, digest)
 }

@@ -1,4 +1,8 @@
-//! Helpers shared by this crate's integration tests.
+//! Helpers shared by this crate's integration tests (each test file uses
+//! some of them, hence the allowance).
+#![allow(dead_code)]
+
+use std::path::Path;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -22,4 +26,21 @@ pub async fn get(
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Writes `files` (name, contents; mode 0644) as the .tar.gz `path`.
+pub fn tar_gz(path: &Path, files: &[(&str, &str)]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    for (name, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, data.as_bytes()).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
 }
