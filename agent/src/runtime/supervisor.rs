@@ -507,8 +507,10 @@ mod tests {
         worker.stop_timeout = Duration::from_secs(5);
         let supervisor = Supervisor::start(worker.clone()).await.unwrap();
         let report = supervisor.stop().await;
+        // Graceful is the event: it exited by itself within the stop
+        // timeout, before any signal (it ignores SIGTERM anyway).
         assert!(report.graceful, "{report:?}");
-        assert!(report.took < Duration::from_secs(3), "{report:?}");
+        assert!(report.took < worker.stop_timeout, "{report:?}");
         assert_eq!(
             std::fs::read_to_string(dir.path().join("done"))
                 .unwrap()
@@ -532,7 +534,8 @@ mod tests {
     }
 
     async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Generous: only a failure waits this long.
+        let deadline = Instant::now() + Duration::from_secs(20);
         while !done() {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -589,9 +592,12 @@ mod tests {
         })
         .await;
         let report = supervisor.stop().await;
-        assert!(!report.graceful);
+        assert!(!report.graceful, "{report:?}");
+        // Not before the grace (500 ms); the upper bound only rules out
+        // waiting on the group instead of killing it (the grandchild would
+        // run 60 s, the leader for ever).
         assert!(
-            report.took >= Duration::from_millis(450) && report.took < Duration::from_secs(3),
+            report.took >= Duration::from_millis(450) && report.took < Duration::from_secs(30),
             "{report:?}"
         );
         wait_for("no orphans", || processes_mentioning(&marker).is_empty()).await;
@@ -609,7 +615,8 @@ mod tests {
         let snapshot = supervisor.status();
         assert_eq!(snapshot.last_exit.as_deref(), Some("exit status: 3"));
         let report = supervisor.stop().await;
-        assert!(report.took < Duration::from_secs(2));
+        // Stopped by its signal (or between runs), not killed after the grace.
+        assert!(report.graceful, "{report:?}");
         let runs = std::fs::read_to_string(dir.path().join("runs.txt")).unwrap();
         assert!(runs.lines().count() >= 3, "{runs}");
     }
@@ -623,15 +630,13 @@ mod tests {
         let process = first.status().instance.and_then(|i| i.process()).unwrap();
         // The agent goes away: the process must not notice.
         first.release().await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(process.is_alive());
+        // Positive evidence instead of a pause: once release() returned, the
+        // process keeps logging (a tick written after it), then is alive.
         let log = dir.path().join("logs/stdout.log");
-        let before = std::fs::metadata(&log).unwrap().len();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            std::fs::metadata(&log).unwrap().len() > before,
-            "it keeps logging without the agent"
-        );
+        let size = || std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let before = size();
+        wait_for("it keeps logging without the agent", || size() > before).await;
+        assert!(process.is_alive());
 
         // A pid with another start time is not ours.
         let impostor = ProcessId {
