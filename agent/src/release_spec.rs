@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
+use cutover_common::rules;
 use cutover_proto::v1 as pb;
 use nix::sys::signal::Signal;
 
@@ -57,19 +58,12 @@ pub(crate) fn container_spec(
 
 /// Release ids name directories: keep them to safe file names.
 pub(crate) fn validate_release_id(id: &str) -> Result<(), ServiceError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ServiceError::Invalid(format!(
-            "release id {id:?} must be 1 to 128 characters from a-z, A-Z, 0-9, '.', '_', '-' and not start with '.'"
-        )))
-    }
+    rules::release_id(id).map_err(invalid)
+}
+
+/// A rule's refusal as a refused release.
+fn invalid(error: rules::RuleError) -> ServiceError {
+    ServiceError::Invalid(error.message)
 }
 
 pub(crate) fn millis(ms: u64, default: Duration) -> Duration {
@@ -89,15 +83,12 @@ pub(crate) fn check_from(check: &pb::Check, what: &str) -> Result<Check, Service
                     http.path
                 )));
             }
-            let (min, max) = match (http.status_min, http.status_max) {
-                (0, 0) => (200, 399),
-                (min, 0) => (min, min),
-                (min, max) => (min, max),
-            };
-            let min = u16::try_from(min)
-                .map_err(|_| ServiceError::Invalid(format!("{what}: bad status {min}")))?;
-            let max = u16::try_from(max)
-                .map_err(|_| ServiceError::Invalid(format!("{what}: bad status {max}")))?;
+            let (min, max) = rules::status_range(
+                http.status_min,
+                http.status_max,
+                rules::DEFAULT_HEALTH_STATUS,
+            )
+            .map_err(|e| ServiceError::Invalid(format!("{what}: {e}")))?;
             Probe::Http {
                 path: http.path.clone(),
                 expect_status: min..=max,
@@ -154,16 +145,37 @@ impl<'a> ReleaseKind<'a> {
     }
 }
 
-/// A signal as images name it: "SIGQUIT", "QUIT" or "3".
-pub(crate) fn parse_signal(text: &str) -> Option<Signal> {
-    let text = text.trim();
-    if let Ok(number) = text.parse::<i32>() {
-        return Signal::try_from(number).ok();
+/// The signal a release stops with, as the coordinator sent it (empty:
+/// none chosen) or, failing that, as its image's `STOPSIGNAL` names it.
+/// An unknown signal is refused, naming it: never replaced by another.
+pub(crate) fn stop_signal(text: &str, source: &str) -> Result<Signal, ServiceError> {
+    let name =
+        rules::stop_signal(text).map_err(|e| ServiceError::Invalid(format!("{source}: {e}")))?;
+    Signal::from_str(name).map_err(|_| {
+        ServiceError::Invalid(format!(
+            "{source}: {name} is not a signal on this system; set another stop_signal in the service's spec"
+        ))
+    })
+}
+
+/// Exec checks run on the node: a release in a container cannot have one.
+pub(crate) fn exec_checks_allowed<'a>(
+    in_container: bool,
+    mut checks: impl Iterator<Item = &'a Check>,
+) -> Result<(), ServiceError> {
+    if checks.any(|check| matches!(check.probe, Probe::Exec { .. })) {
+        rules::exec_check(in_container).map_err(invalid)?;
     }
-    let upper = text.to_ascii_uppercase();
-    Signal::from_str(&upper)
-        .or_else(|_| Signal::from_str(&format!("SIG{upper}")))
-        .ok()
+    Ok(())
+}
+
+/// Secrets become the release's environment variables of the same name.
+pub(crate) fn validate_secret_names<'a>(
+    mut names: impl Iterator<Item = &'a String>,
+) -> Result<(), ServiceError> {
+    names.try_for_each(|name| {
+        rules::env_var_name(name).map_err(|e| ServiceError::Invalid(format!("secret {e}")))
+    })
 }
 
 #[cfg(test)]
@@ -172,9 +184,13 @@ mod tests {
 
     #[test]
     fn image_stop_signals_are_read_in_every_spelling() {
-        assert_eq!(parse_signal("SIGQUIT"), Some(Signal::SIGQUIT));
-        assert_eq!(parse_signal("quit"), Some(Signal::SIGQUIT));
-        assert_eq!(parse_signal("15"), Some(Signal::SIGTERM));
-        assert_eq!(parse_signal("SIGNOPE"), None);
+        let image = "image STOPSIGNAL";
+        assert_eq!(stop_signal("SIGQUIT", image).ok(), Some(Signal::SIGQUIT));
+        assert_eq!(stop_signal("quit", image).ok(), Some(Signal::SIGQUIT));
+        assert_eq!(stop_signal("15", image).ok(), Some(Signal::SIGTERM));
+        let Err(ServiceError::Invalid(message)) = stop_signal("SIGNOPE", image) else {
+            panic!("an unknown signal is refused");
+        };
+        assert!(message.contains("\"SIGNOPE\""), "{message}");
     }
 }

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +22,8 @@ use crate::checks::{HealthGate, Probe};
 use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::release_spec::{
-    check_from, container_spec, listen_addr, millis, parse_signal, validate_release_id, ReleaseKind,
+    check_from, container_spec, exec_checks_allowed, listen_addr, millis,
+    stop_signal as release_stop_signal, validate_release_id, validate_secret_names, ReleaseKind,
 };
 use crate::retention;
 use crate::runtime::docker::{DockerEngine, DockerError};
@@ -367,34 +367,13 @@ impl NodeServices {
             }
         };
         let secrets: Vec<String> = release.secrets.iter().map(|s| s.name.clone()).collect();
-        if let Some(bad) = secrets.iter().find(|name| {
-            name.is_empty()
-                || name.starts_with(|c: char| c.is_ascii_digit())
-                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        }) {
-            return Err(ServiceError::Invalid(format!(
-                "secret name {bad:?} is not an environment variable name"
-            )));
-        }
+        validate_secret_names(secrets.iter())?;
         let mut stop_signal = if release.stop_signal.is_empty() {
             Signal::SIGTERM
         } else {
-            Signal::from_str(&release.stop_signal).map_err(|_| {
-                ServiceError::Invalid(format!("unknown stop signal {:?}", release.stop_signal))
-            })?
+            release_stop_signal(&release.stop_signal, "stop_signal")?
         };
-
-        if container.is_some()
-            && [&health]
-                .into_iter()
-                .flatten()
-                .chain(&smoke)
-                .any(|check| matches!(check.probe, Probe::Exec { .. }))
-        {
-            return Err(ServiceError::Invalid(
-                "exec checks run on the node, not in a container: give a docker release an http or tcp check, or a worker min_healthy_time".into(),
-            ));
-        }
+        exec_checks_allowed(container.is_some(), health.iter().chain(&smoke))?;
 
         let workdir = self
             .settings
@@ -432,8 +411,14 @@ impl NodeServices {
                         .docker
                         .image_stop_signal(&container.image)
                         .await;
-                    if let Some(signal) = image_signal.as_deref().and_then(parse_signal) {
-                        stop_signal = signal;
+                    if let Some(signal) = image_signal {
+                        stop_signal = release_stop_signal(
+                            &signal,
+                            &format!(
+                                "image {} stops with a signal the agent does not send (set the service's stop_signal to override it)",
+                                container.image
+                            ),
+                        )?;
                     }
                 }
                 // The release dir holds only the image's name: retention

@@ -48,7 +48,7 @@ pub struct Identity {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
-    #[error("invalid name {0:?}: use 1 to 63 characters from a-z, A-Z, 0-9, '.', '_' and '-', starting with a letter or digit")]
+    #[error("invalid name {0:?}: use 1 to {max} characters from a-z, A-Z, 0-9, '.', '_' and '-', starting with a letter or digit", max = crate::rules::NAME_MAX)]
     InvalidName(String),
     #[error("certificate cannot be parsed: {0}")]
     BadCertificate(String),
@@ -90,18 +90,10 @@ impl fmt::Display for Identity {
     }
 }
 
-/// Node, operator and service names: safe in file names, URIs and labels.
+/// Node, operator and service names: safe in file names, URIs and labels
+/// (the rule is [`crate::rules::is_name`]).
 pub fn validate_name(name: &str) -> Result<(), IdentityError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+    if crate::rules::is_name(name) {
         Ok(())
     } else {
         Err(IdentityError::InvalidName(name.to_string()))

@@ -13,6 +13,7 @@ pub mod modes;
 pub mod net;
 pub mod pki;
 pub mod registry;
+pub mod rules;
 pub mod shutdown;
 pub mod sled_open;
 pub mod telemetry;

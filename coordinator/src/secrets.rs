@@ -36,10 +36,9 @@ pub enum SecretError {
     KeyFile { path: PathBuf, reason: String },
     #[error("this coordinator has no master key: set `master_key_file` in its config (`cutover ca init` creates one)")]
     NoMasterKey,
-    #[error(
-        "secret name {0:?}: use letters, digits and '_', not starting with a digit, at most 128"
-    )]
-    BadName(String),
+    /// A name the release could not get as its environment variable.
+    #[error("secret {0}")]
+    BadName(cutover_common::rules::RuleError),
     #[error("environment {0}")]
     BadEnv(String),
     #[error("the value of {0} is {1} bytes; at most {MAX_VALUE_BYTES} are accepted")]
@@ -66,16 +65,10 @@ pub enum SecretError {
     Store(#[from] StoreError),
 }
 
+/// A secret is its release's environment variable of the same name: its
+/// name follows that rule.
 pub fn validate_name(name: &str) -> Result<(), SecretError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(SecretError::BadName(name.to_string()))
-    }
+    cutover_common::rules::env_var_name(name).map_err(SecretError::BadName)
 }
 
 fn hex(bytes: &[u8]) -> String {

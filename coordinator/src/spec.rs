@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cutover_common::registry::ImageRef;
+use cutover_common::rules;
 use cutover_proto::v1 as pb;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -144,38 +145,12 @@ impl<'de> Deserialize<'de> for StatusRange {
             Code(i64),
             Text(String),
         }
-        let invalid = |what: &str| {
-            serde::de::Error::custom(format!(
-                "{what} is not a status: use a code like 200 or a range like \"200-299\""
-            ))
-        };
-        let code = |n: i64| {
-            u16::try_from(n)
-                .ok()
-                .filter(|n| (100..=599).contains(n))
-                .ok_or_else(|| invalid(&n.to_string()))
-        };
-        match Raw::deserialize(d)? {
-            Raw::Code(n) => code(n).map(|c| StatusRange(c, c)),
-            Raw::Text(text) => {
-                let parse = |s: &str| {
-                    s.trim()
-                        .parse::<i64>()
-                        .map_err(|_| invalid(&format!("{text:?}")))
-                };
-                let (min, max) = match text.split_once('-') {
-                    Some((a, b)) => (code(parse(a)?)?, code(parse(b)?)?),
-                    None => {
-                        let c = code(parse(&text)?)?;
-                        (c, c)
-                    }
-                };
-                if min > max {
-                    return Err(invalid(&format!("{text:?}")));
-                }
-                Ok(StatusRange(min, max))
-            }
+        let (min, max) = match Raw::deserialize(d)? {
+            Raw::Code(n) => rules::status_code(n).map(|c| (c, c)),
+            Raw::Text(text) => rules::parse_status(&text),
         }
+        .map_err(serde::de::Error::custom)?;
+        Ok(StatusRange(min, max))
     }
 }
 
@@ -490,12 +465,15 @@ impl AppSpec {
             .services
             .get(service)
             .ok_or_else(|| error("services".into(), format!("no service {service:?}")))?;
-        if !is_safe_label(version) {
-            return Err(error(
-                String::new(),
-                format!("version {version:?} must be 1 to 64 characters from a-z, A-Z, 0-9, '.', '_', '-', starting with a letter or digit"),
-            ));
-        }
+        rules::version(version).map_err(|e| error(String::new(), e.message))?;
+        // Sent by its canonical name ("SIGQUIT" for "quit"), the one every
+        // agent reads.
+        let stop_signal = match &spec.stop_signal {
+            Some(signal) => rules::stop_signal(signal)
+                .map_err(|e| error(format!("services.{service}.stop_signal"), e.message))?
+                .to_string(),
+            None => String::new(),
+        };
         let mut selector = environment.nodes.clone();
         for (k, v) in &spec.nodes {
             if let Some(existing) = selector.get(k).filter(|e| *e != v) {
@@ -551,7 +529,10 @@ impl AppSpec {
                         .map(|s| pb::Check {
                             probe: Some(pb::check::Probe::Http(http_probe(
                                 &s.path,
-                                s.expect_status.or(Some(StatusRange(200, 200))),
+                                s.expect_status.or(Some(StatusRange(
+                                    rules::DEFAULT_SMOKE_STATUS.0,
+                                    rules::DEFAULT_SMOKE_STATUS.1,
+                                ))),
                                 &s.expect_body,
                             ))),
                             timeout_ms: ms(s.timeout),
@@ -593,7 +574,7 @@ impl AppSpec {
             env: vars.into_iter().collect(),
             web,
             worker,
-            stop_signal: spec.stop_signal.clone().unwrap_or_default(),
+            stop_signal,
             stop_grace_ms: ms(spec.stop_grace),
             stop_command: spec.stop_command.clone(),
             stop_timeout_ms: ms(spec.stop_timeout),
@@ -671,7 +652,9 @@ fn ms(d: Duration) -> u64 {
 }
 
 fn http_probe(path: &str, status: Option<StatusRange>, body: &Option<String>) -> pb::HttpProbe {
-    let StatusRange(min, max) = status.unwrap_or(StatusRange(200, 399));
+    let (min, max) = status.map_or(rules::DEFAULT_HEALTH_STATUS, |StatusRange(min, max)| {
+        (min, max)
+    });
     pb::HttpProbe {
         path: path.to_string(),
         status_min: min.into(),
@@ -696,19 +679,8 @@ fn health_check(h: &HealthSpec) -> pb::Check {
     }
 }
 
-fn is_safe_label(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 64
-        && text.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
-
 fn name_ok(name: &str) -> Result<(), String> {
-    cutover_common::identity::validate_name(name).map_err(|_| {
-        format!("{name:?} is not a valid name: 1 to 63 characters from a-z, A-Z, 0-9, '.', '_', '-', starting with a letter or digit")
-    })
+    rules::name(name).map_err(|e| e.message)
 }
 
 fn validate_strategy(s: &StrategySpec) -> Result<(), (String, String)> {
@@ -735,17 +707,12 @@ fn validate_strategy(s: &StrategySpec) -> Result<(), (String, String)> {
 
 fn validate_env_vars(vars: &BTreeMap<String, String>) -> Result<(), (String, String)> {
     for (name, value) in vars {
-        let ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !ok {
+        rules::env_var_name(name).map_err(|e| (name.clone(), e.message))?;
+        if value.contains('\0') {
             return Err((
                 name.clone(),
-                "environment variable names are letters, digits and '_', not starting with a digit"
-                    .into(),
+                "the value contains a NUL byte, which an environment variable cannot hold; remove it".into(),
             ));
-        }
-        if value.contains('\0') {
-            return Err((name.clone(), "the value contains a NUL byte".into()));
         }
     }
     Ok(())
@@ -788,7 +755,7 @@ fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
             ));
         }
         if s.health.as_ref().is_some_and(|h| h.exec.is_some()) {
-            return Err(("health.exec".into(), "exec checks run on the node, not in the container; use `path` or `tcp = true`, or for a worker `min_healthy_time`".into()));
+            rules::exec_check(docker).map_err(|e| ("health.exec".to_string(), e.message))?;
         }
     } else {
         let docker_only = [
@@ -812,12 +779,7 @@ fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
         ));
     }
     if let Some(signal) = &s.stop_signal {
-        if nix_signal_ok(signal).is_none() {
-            return Err((
-                "stop_signal".into(),
-                format!("{signal:?} is not a signal name like \"SIGTERM\" or \"SIGQUIT\""),
-            ));
-        }
+        rules::stop_signal(signal).map_err(|e| ("stop_signal".to_string(), e.message))?;
     }
     validate_env_vars(&s.env).map_err(|(k, m)| (format!("env.{k}"), m))?;
     for (i, name) in s.secrets.iter().enumerate() {
@@ -872,13 +834,6 @@ fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
         }
     }
     Ok(())
-}
-
-fn nix_signal_ok(name: &str) -> Option<()> {
-    const SIGNALS: &[&str] = &[
-        "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGWINCH",
-    ];
-    SIGNALS.contains(&name).then_some(())
 }
 
 fn validate_health(h: &HealthSpec) -> Result<(), (String, String)> {
@@ -1196,6 +1151,59 @@ APP_ENV = "local"
             )
             .unwrap_err();
         assert!(e.message.contains("version \"v 1\""), "{e}");
+    }
+
+    #[test]
+    fn stop_signals_are_sent_by_their_name_and_unknown_ones_refused_at_deploy() {
+        let with_signal = |signal: &str| {
+            GOOD.replace(
+                "drain_timeout = \"10s\"",
+                &format!("drain_timeout = \"10s\"\nstop_signal = {signal:?}"),
+            )
+        };
+        for (spelling, name) in [
+            ("SIGTERM", "SIGTERM"),
+            ("quit", "SIGQUIT"),
+            ("3", "SIGQUIT"),
+        ] {
+            let spec = AppSpec::parse(&with_signal(spelling), "cutover.toml").unwrap();
+            let resolved = spec
+                .resolve(
+                    "cutover.toml",
+                    "local",
+                    "web",
+                    "v1",
+                    Some(&artifact()),
+                    None,
+                )
+                .unwrap();
+            assert_eq!(resolved.release.stop_signal, name, "{spelling}");
+        }
+        // What an agent would refuse never reaches one.
+        for bad in ["SIGSTOP", "SIGRTMIN+3", "NOPE", ""] {
+            let e = error_of(&with_signal(bad));
+            assert_eq!(e.key, "services.web.stop_signal", "{e}");
+            assert!(e.message.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn env_var_names_follow_the_secret_name_rule() {
+        let long = "A".repeat(129);
+        let e = error_of(&GOOD.replace("APP_NAME = \"shop\"", &format!("{long} = \"x\"")));
+        assert_eq!(e.key, format!("services.web.env.{long}"), "{e}");
+        assert!(
+            e.message.contains("not an environment variable name"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("APP_ENV = \"local\"", "1X = \"local\""));
+        assert_eq!(e.key, "environments.local.env.1X", "{e}");
+        let e = error_of(&GOOD.replace(
+            "drain_timeout = \"10s\"",
+            "drain_timeout = \"10s\"\nsecrets = [\"DB-PASSWORD\"]",
+        ));
+        assert_eq!(e.key, "services.web.secrets[0]", "{e}");
+        assert!(e.message.contains("\"DB-PASSWORD\""), "{e}");
     }
 
     #[test]

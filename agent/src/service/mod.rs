@@ -83,12 +83,21 @@ struct Running {
 /// Stops what an interrupted cutover (or stop) of `service` left running.
 pub async fn stop_leftovers(service: &str, leftovers: &[Leftover], engine: &DockerEngine) {
     for leftover in leftovers {
-        let signal = Signal::from_str(&leftover.stop_signal).unwrap_or(Signal::SIGTERM);
+        // The record holds the name the agent itself wrote; one it cannot
+        // read is reported, and the leftover killed rather than asked
+        // with a signal it never chose.
+        let (signal, grace) = match Signal::from_str(&leftover.stop_signal) {
+            Ok(signal) => (signal, leftover.stop_grace),
+            Err(_) => {
+                tracing::error!(%service, release = %leftover.release_id, stop_signal = %leftover.stop_signal, "the record of a release an interrupted cutover left running names an unknown stop signal; killing the release without a graceful stop");
+                (Signal::SIGKILL, Duration::ZERO)
+            }
+        };
         if let Some(report) = stop_leftover(
             &leftover.release_id,
             leftover.instance.clone(),
             signal,
-            leftover.stop_grace,
+            grace,
             engine,
         )
         .await
