@@ -663,6 +663,13 @@ async fn an_agent_renews_its_certificate_over_its_connection() {
             && e.outcome == "ok"),
         "{audit:?}"
     );
+    let refused = |audit: &[cutover_proto::v1::AuditEntry]| {
+        audit
+            .iter()
+            .filter(|e| e.who == "agent/node-1" && e.outcome.starts_with("refused"))
+            .count()
+    };
+    let refused_before = refused(&audit);
     let connected_with = client
         .revoke_node(cutover_proto::v1::RevokeNodeRequest {
             node: "node-1".into(),
@@ -672,8 +679,26 @@ async fn an_agent_renews_its_certificate_over_its_connection() {
         .into_inner()
         .serial;
     assert_eq!(connected_with, new_serial);
-    // The renewed certificate is refused too: the agent stays out.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The renewed certificate is refused too: the agent stays out. Proven
+    // by its retries (every 500 ms at most here) refused in the audit log,
+    // not by a pause.
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.iter().any(|n| n.name == "node-1" && !n.connected)
+        })
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempts = refused(&audit_entries(&mut client).await) - refused_before;
+        if attempts >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{attempts} refused attempts after the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let nodes = cluster
         .wait_for_nodes(Duration::from_secs(1), |_| true)
         .await;

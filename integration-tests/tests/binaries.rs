@@ -95,8 +95,25 @@ fn dev_up_gives_ready_nodes_with_figures_metrics_and_a_command_path() {
         .output()
         .unwrap();
     assert!(down.status.success());
+    // Each process stopped on its SIGTERM (the SIGKILL after 10 s was not
+    // needed): its log ends with its own "stopped" line.
+    for (log, line) in [
+        ("coordinator.log", "coordinator stopped"),
+        ("agent-1.log", "agent stopped"),
+        ("agent-2.log", "agent stopped"),
+        ("agent-3.log", "agent stopped"),
+    ] {
+        let text = std::fs::read_to_string(cluster.path("logs").join(log)).unwrap();
+        assert!(
+            text.contains(line),
+            "{log} has no {line:?}: {}",
+            cluster.log_tails()
+        );
+    }
+    // Bounded: 10 s of grace per process before its SIGKILL, four
+    // processes. This only rules out a `dev down` that waits without end.
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(60),
         "dev down took {:?}",
         started.elapsed()
     );

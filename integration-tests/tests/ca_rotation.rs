@@ -312,8 +312,25 @@ async fn an_offline_node_holds_the_rotation_across_a_coordinator_restart_until_i
             .any(|n| n["name"] == "node-1" && n["moved"] == true)
     });
     // node-2 cannot have moved, so the old CA stays trusted, and the
-    // status says why it waits.
-    std::thread::sleep(Duration::from_secs(2));
+    // status says why it waits. Evidence that the rotation had its chance
+    // to go on (not a pause): a drive step after node-1 moved counted
+    // node-2 alone as waiting, and held.
+    let metrics = cluster.coordinator.as_ref().unwrap().http_addr.to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = cutover_integration_tests::http_get(&metrics, "/metrics");
+        if text
+            .lines()
+            .any(|l| l == "cutover_ca_rotation_nodes_waiting 1")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rotation step counted node-2 alone: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let held = status(&url);
     assert_eq!(held["phase"], "reissuing", "{held:#}");
     assert_eq!(held["cas"].as_array().unwrap().len(), 2, "{held:#}");

@@ -156,10 +156,28 @@ async fn exposed_metric_names() -> std::collections::BTreeSet<String> {
     let done = wait_for_rollout(&mut client, &id, Duration::from_secs(60), ended).await;
     assert_eq!(done.state, "succeeded", "{done:#?}");
     assert_eq!(body(&http_get(&format!("127.0.0.11:{port}"), "/")), "v1");
-    // The next heartbeat carries the proxy's counts.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The next heartbeat carries the proxy's counts: wait until the
+    // request above shows in them (not for a heartbeat's worth of time).
     let http = cluster.coordinator.as_ref().unwrap().http_addr.to_string();
-    let text = body(&http_get(&http, "/metrics")).to_string();
+    let counted = |text: &str| {
+        text.lines().any(|l| {
+            l.starts_with("cutover_release_responses{")
+                && l.contains("class=\"2xx\"")
+                && !l.ends_with(" 0")
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = body(&http_get(&http, "/metrics")).to_string();
+        if counted(&text) {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heartbeat brought the proxy's counts: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let mut names = std::collections::BTreeSet::new();
     for line in text.lines() {
         let mut words = line.split_whitespace();

@@ -243,10 +243,22 @@ async fn a_taken_port_or_a_missing_command_is_refused_and_changes_nothing() {
     // A first release that fails leaves nothing behind: the port is free
     // and the node reports no service.
     std::net::TcpListener::bind(("127.0.0.11", port)).expect("the public port was released");
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let nodes = cluster
-        .wait_for_nodes(Duration::from_secs(1), |_| true)
-        .await;
+    // What the node reports after the failure, not after a pause: the
+    // second heartbeat received from now on (the first may have been
+    // built before the command ended).
+    let mut after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes = cluster
+            .wait_for_nodes(Duration::from_secs(20), |n| {
+                n.first().is_some_and(|n| n.last_seen_ms > after)
+            })
+            .await;
+        after = nodes[0].last_seen_ms;
+    }
     assert!(nodes[0].services.is_empty(), "{:?}", nodes[0].services);
 }
 

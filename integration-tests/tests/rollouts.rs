@@ -128,6 +128,24 @@ impl Setup {
     }
 }
 
+/// Waits until `load` has sent `more` requests beyond `from` (what a pause
+/// used to stand for, which a slow machine may fill with few requests).
+async fn load_sends(load: &Load, from: u64, more: u64, what: &str) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (sent, _) = load.progress();
+        if sent >= from + more {
+            return sent;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} requests {what}",
+            sent - from
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn timeline_kinds(r: &pb::Rollout) -> Vec<&str> {
     r.timeline.iter().map(|t| t.kind.as_str()).collect()
 }
@@ -140,9 +158,10 @@ async fn five_nodes_in_batches_of_two_under_load_end_on_v2_without_a_failed_requ
 
     let targets = (0..5).map(|i| s.addr(i).parse().unwrap()).collect();
     let load = Load::start(targets, "/", 10);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    load_sends(&load, 0, 300, "on v1").await;
     let rollout = s.deploy_and_finish("v2").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sent, _) = load.progress();
+    load_sends(&load, sent, 250, "on v2").await;
     let report = load.stop().await;
 
     assert_eq!(rollout.batches, 3);
@@ -763,8 +782,10 @@ async fn certificates_renewed_all_through_a_rollout_under_load_fail_nothing() {
     let before = renewals(&audit(&mut s.client).await);
     let targets = (0..3).map(|i| s.addr(i).parse().unwrap()).collect();
     let load = Load::start(targets, "/", 6);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    load_sends(&load, 0, 100, "before the rollout").await;
     let rollout = s.deploy_and_finish("v2").await;
+    // Enough load to prove anything, however fast the rollout went.
+    load_sends(&load, 0, 1001, "in all").await;
     let report = load.stop().await;
     let during = renewals(&audit(&mut s.client).await) - before;
     assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
@@ -796,7 +817,10 @@ async fn a_health_check_that_flaps_during_the_watch_rolls_the_release_back() {
     })
     .await;
     assert!(body(&http_get(&s.addr(0), "/sick")).contains("now sick"));
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Sick until the watch has seen it (its error is set), not for a fixed
+    // time a slow machine may spend before the next health check.
+    s.wait_until(&id, Duration::from_secs(30), |r| r.error.is_some())
+        .await;
     assert!(body(&http_get(&s.addr(0), "/heal")).contains("healthy again"));
     let rollout = s.finish(&id).await;
     assert_eq!(rollout.state, "rolled_back", "{rollout:#?}");
