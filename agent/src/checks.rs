@@ -401,12 +401,15 @@ mod tests {
         drop(listener);
         assert!(!tcp.run(&target(open)).await.passed);
 
-        let exec = |script: &str| Check {
+        // Generous for the checks that must finish (a slow machine may take a
+        // while to start sh); the one that must time out gets 500 ms below.
+        let exec_within = |script: &str, timeout: Duration| Check {
             probe: Probe::Exec {
                 command: vec!["sh".into(), "-c".into(), script.into()],
             },
-            timeout: Duration::from_millis(500),
+            timeout,
         };
+        let exec = |script: &str| exec_within(script, Duration::from_secs(10));
         let ok = exec("echo $GREETING on $PORT").run(&target(open)).await;
         assert!(ok.passed, "{ok:?}");
         assert!(
@@ -425,9 +428,12 @@ mod tests {
         );
         // A grandchild in the background must die with the check.
         let marker = format!("cutover-check-orphan-{}", std::process::id());
-        let slow = exec(&format!("sh -c 'sleep 30; : {marker}' & wait"))
-            .run(&target(open))
-            .await;
+        let slow = exec_within(
+            &format!("sh -c 'sleep 30; : {marker}' & wait"),
+            Duration::from_millis(500),
+        )
+        .run(&target(open))
+        .await;
         assert!(
             !slow.passed && slow.detail.contains("timed out"),
             "{slow:?}"
