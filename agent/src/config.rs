@@ -186,14 +186,8 @@ impl AgentConfig {
                 .map_err(|e| invalid("name", e.to_string()))?;
         }
         for (key, value) in &self.labels {
-            cutover_common::identity::validate_name(key)
-                .map_err(|e| invalid(&format!("labels.{key}"), format!("label key: {e}")))?;
-            if value.len() > 253 {
-                return Err(invalid(
-                    &format!("labels.{key}"),
-                    "label value is longer than 253".into(),
-                ));
-            }
+            cutover_common::rules::label(key, value)
+                .map_err(|e| invalid(&format!("labels.{key}"), e.to_string()))?;
         }
         if let Some(dir) = self.file_artifact_dirs.iter().find(|d| !d.is_absolute()) {
             return Err(invalid(

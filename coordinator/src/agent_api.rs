@@ -152,11 +152,8 @@ fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> 
         )));
     }
     for (key, value) in &hello.labels {
-        if cutover_common::identity::validate_name(key).is_err() || value.len() > 253 {
-            return Err(Status::invalid_argument(format!(
-                "invalid label {key}={value}"
-            )));
-        }
+        cutover_common::rules::label(key, value)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
     }
     Ok(())
 }

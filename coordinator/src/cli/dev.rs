@@ -136,9 +136,9 @@ fn parse_labels(text: &str) -> Result<Vec<(String, String)>> {
             let (k, v) = pair
                 .split_once('=')
                 .with_context(|| format!("label {pair:?} is not key=value"))?;
-            cutover_common::identity::validate_name(k.trim())
-                .with_context(|| format!("label key {k:?}"))?;
-            Ok((k.trim().to_string(), v.trim().to_string()))
+            let (key, value) = (k.trim(), v.trim());
+            cutover_common::rules::label(key, value)?;
+            Ok((key.to_string(), value.to_string()))
         })
         .collect()
 }

@@ -25,13 +25,8 @@ impl OperatorApi {
                 ));
             }
             for (key, value) in &r.labels {
-                cutover_common::identity::validate_name(key)
-                    .map_err(|e| Status::invalid_argument(format!("label key {key:?}: {e}")))?;
-                if value.len() > 253 || value.chars().any(char::is_control) {
-                    return Err(Status::invalid_argument(format!(
-                        "label {key}: the value must be at most 253 printable characters"
-                    )));
-                }
+                cutover_common::rules::label(key, value)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
             }
             self.pki.signer().map_err(|_| {
                 Status::failed_precondition(
