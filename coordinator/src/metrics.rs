@@ -23,6 +23,11 @@ pub struct Metrics {
     registry: Registry,
     pub heartbeats: Counter,
     pub sessions_opened: Counter,
+    /// Passes of the converger; a stuck converger stops counting.
+    pub converger_passes: Counter,
+    /// Ticks taken in by running rollouts' drivers (each looks at deadlines
+    /// and heartbeats); stuck drivers stop counting.
+    pub rollout_ticks: Counter,
     nodes: Family<Labels, Gauge>,
     agents_connected: Gauge,
     heartbeat_age: Family<Labels, FloatGauge>,
@@ -70,6 +75,8 @@ impl Metrics {
         let metrics = Self {
             heartbeats: Counter::default(),
             sessions_opened: Counter::default(),
+            converger_passes: Counter::default(),
+            rollout_ticks: Counter::default(),
             nodes: Family::default(),
             agents_connected: Gauge::default(),
             heartbeat_age: Family::default(),
@@ -99,6 +106,16 @@ impl Metrics {
             "heartbeats",
             "Agent heartbeats received",
             metrics.heartbeats.clone(),
+        );
+        registry.register(
+            "converger_passes",
+            "Passes of the converger over every service's nodes (one every 2 s)",
+            metrics.converger_passes.clone(),
+        );
+        registry.register(
+            "rollout_ticks",
+            "Ticks (deadlines and heartbeats looked at) taken in by running rollouts",
+            metrics.rollout_ticks.clone(),
         );
         registry.register(
             "agent_sessions",

@@ -442,6 +442,39 @@ impl Cluster {
             Some(start_coordinator(&self.pki, self.data_dir.path(), &self.tuning, grpc).await);
     }
 
+    /// The value of counter `cutover_<name>_total` on the coordinator's
+    /// /metrics now.
+    pub fn counter(&self, name: &str) -> u64 {
+        let http = self
+            .coordinator
+            .as_ref()
+            .expect("the coordinator runs")
+            .http_addr
+            .to_string();
+        let metrics = http_get(&http, "/metrics");
+        let prefix = format!("cutover_{name}_total ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {prefix}in /metrics")) as u64
+    }
+
+    /// Waits until counter `name` grew by `by` from now: positive evidence
+    /// that a periodic pass (a rollout's tick, the converger) had its chance,
+    /// before a test asserts that it changed nothing.
+    pub async fn wait_for_counter(&self, name: &str, by: u64, timeout: Duration) {
+        let start = self.counter(name);
+        let deadline = Instant::now() + timeout;
+        while self.counter(name) < start + by {
+            assert!(
+                Instant::now() < deadline,
+                "cutover_{name}_total did not grow by {by} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn operator(&self) -> OperatorServiceClient<Channel> {
         let files = self.pki.client_files(Role::Operator, "tester");
         operator_client(&self.url(), &files)

@@ -222,8 +222,10 @@ async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_lin
     for i in 0..3 {
         assert_eq!(lab.serves(i), "v1", "node-{}", i + 1);
     }
-    // Nothing more to do: no further rollout starts.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nothing more to do: two more passes of the converger start nothing.
+    lab.cluster
+        .wait_for_counter("converger_passes", 2, Duration::from_secs(20))
+        .await;
     assert_eq!(lab.rollouts().await.len(), rollouts.len());
     drop(lab.agents);
 }
@@ -264,7 +266,10 @@ async fn a_coordinator_cut_off_from_every_node_changes_nothing() {
         n.iter().all(cutover_integration_tests::ready)
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Two passes of the converger over the healed fleet start nothing.
+    lab.cluster
+        .wait_for_counter("converger_passes", 2, Duration::from_secs(20))
+        .await;
     assert_eq!(lab.rollouts().await.len(), before, "nothing was started");
     for i in 0..3 {
         assert_eq!(lab.serves(i), "v1");

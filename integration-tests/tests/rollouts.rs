@@ -300,7 +300,11 @@ async fn pause_resume_and_abort_take_effect_between_nodes() {
         .filter(|n| n.state == "switched")
         .count();
     assert!(switched < 3, "paused after the end: {paused:#?}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Its driver keeps looking (8 ticks: twice the 1 s watch that would
+    // otherwise have let the next batch start), and nothing moves.
+    s.cluster
+        .wait_for_counter("rollout_ticks", 8, Duration::from_secs(20))
+        .await;
     let still = s.get(&id).await;
     assert_eq!(still.state, "paused");
     assert_eq!(

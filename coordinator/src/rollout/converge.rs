@@ -49,6 +49,7 @@ impl Rollouts {
             if let Err(error) = self.converge_once(&mut backoff).await {
                 tracing::error!(%error, "convergence check failed; retrying");
             }
+            self.metrics.converger_passes.inc();
         }
     }
 

@@ -181,7 +181,10 @@ impl Rollouts {
                     reply = Some(answer);
                     next
                 }
-                _ = ticker.tick() => Input::Tick { nodes: self.observe(&rollout) },
+                _ = ticker.tick() => {
+                    self.metrics.rollout_ticks.inc();
+                    Input::Tick { nodes: self.observe(&rollout) }
+                }
                 _ = self.shutdown.cancelled() => break,
             };
         }
