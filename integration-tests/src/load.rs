@@ -87,6 +87,25 @@ impl Load {
         *self.live.lock().expect("load lock")
     }
 
+    /// Waits until `more` requests beyond `from` were sent (what a pause
+    /// used to stand for, which a slow machine may fill with few requests);
+    /// returns how many were sent by then. Panics after 30 s, saying `what`.
+    pub async fn wait_for_sent(&self, from: u64, more: u64, what: &str) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (sent, _) = self.progress();
+            if sent >= from + more {
+                return sent;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} requests {what}",
+                sent.saturating_sub(from)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn stop(self) -> LoadReport {
         self.stop.cancel();
         let mut report = LoadReport::default();

@@ -236,9 +236,10 @@ async fn two_image_versions_cut_over_under_load_without_a_failed_request() {
 
     let targets = (0..2).map(|i| s.addr(i).parse().unwrap()).collect();
     let load = Load::start(targets, "/", 8);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    load.wait_for_sent(0, 250, "on v1").await;
     let rollout = s.roll(&format!("{}:v2", s.repo), FAST).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sent, _) = load.progress();
+    load.wait_for_sent(sent, 250, "on v2").await;
     let report = load.stop().await;
     assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
     assert_eq!(report.failed, 0, "failures: {:?}", report.failures);

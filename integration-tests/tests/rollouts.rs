@@ -128,24 +128,6 @@ impl Setup {
     }
 }
 
-/// Waits until `load` has sent `more` requests beyond `from` (what a pause
-/// used to stand for, which a slow machine may fill with few requests).
-async fn load_sends(load: &Load, from: u64, more: u64, what: &str) -> u64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (sent, _) = load.progress();
-        if sent >= from + more {
-            return sent;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} requests {what}",
-            sent - from
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn timeline_kinds(r: &pb::Rollout) -> Vec<&str> {
     r.timeline.iter().map(|t| t.kind.as_str()).collect()
 }
@@ -158,10 +140,10 @@ async fn five_nodes_in_batches_of_two_under_load_end_on_v2_without_a_failed_requ
 
     let targets = (0..5).map(|i| s.addr(i).parse().unwrap()).collect();
     let load = Load::start(targets, "/", 10);
-    load_sends(&load, 0, 300, "on v1").await;
+    load.wait_for_sent(0, 300, "on v1").await;
     let rollout = s.deploy_and_finish("v2").await;
     let (sent, _) = load.progress();
-    load_sends(&load, sent, 250, "on v2").await;
+    load.wait_for_sent(sent, 250, "on v2").await;
     let report = load.stop().await;
 
     assert_eq!(rollout.batches, 3);
@@ -786,10 +768,10 @@ async fn certificates_renewed_all_through_a_rollout_under_load_fail_nothing() {
     let before = renewals(&audit(&mut s.client).await);
     let targets = (0..3).map(|i| s.addr(i).parse().unwrap()).collect();
     let load = Load::start(targets, "/", 6);
-    load_sends(&load, 0, 100, "before the rollout").await;
+    load.wait_for_sent(0, 100, "before the rollout").await;
     let rollout = s.deploy_and_finish("v2").await;
     // Enough load to prove anything, however fast the rollout went.
-    load_sends(&load, 0, 1001, "in all").await;
+    load.wait_for_sent(0, 1001, "in all").await;
     let report = load.stop().await;
     let during = renewals(&audit(&mut s.client).await) - before;
     assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
