@@ -931,6 +931,18 @@ nodes = { env = "local" }
 APP_ENV = "local"
 "#;
 
+    /// Service web of `spec` resolved in environment local at v1.
+    fn resolve_web(spec: &AppSpec) -> Result<Resolved, SpecError> {
+        spec.resolve(
+            "cutover.toml",
+            "local",
+            "web",
+            "v1",
+            Some(&artifact()),
+            None,
+        )
+    }
+
     fn artifact() -> pb::Artifact {
         pb::Artifact {
             url: "coordinator:".into(),
@@ -945,16 +957,7 @@ APP_ENV = "local"
     #[test]
     fn the_documented_shape_resolves_to_a_release() {
         let spec = AppSpec::parse(GOOD, "cutover.toml").unwrap();
-        let resolved = spec
-            .resolve(
-                "cutover.toml",
-                "local",
-                "web",
-                "v1",
-                Some(&artifact()),
-                None,
-            )
-            .unwrap();
+        let resolved = resolve_web(&spec).unwrap();
         assert_eq!(
             resolved.selector,
             [
@@ -982,28 +985,10 @@ APP_ENV = "local"
         assert_eq!(web.drain_timeout_ms, 10_000);
         assert_eq!(web.smoke.len(), 1);
         // The same inputs give the same id; another command gives another.
-        let again = spec
-            .resolve(
-                "cutover.toml",
-                "local",
-                "web",
-                "v1",
-                Some(&artifact()),
-                None,
-            )
-            .unwrap();
+        let again = resolve_web(&spec).unwrap();
         assert_eq!(again.release.release_id, release.release_id);
         let changed = AppSpec::parse(&GOOD.replace("app.py", "app2.py"), "cutover.toml").unwrap();
-        let other = changed
-            .resolve(
-                "cutover.toml",
-                "local",
-                "web",
-                "v1",
-                Some(&artifact()),
-                None,
-            )
-            .unwrap();
+        let other = resolve_web(&changed).unwrap();
         assert_ne!(other.release.release_id, release.release_id);
     }
 
@@ -1077,16 +1062,7 @@ APP_ENV = "local"
             ),
         );
         let spec = AppSpec::parse(&text, "cutover.toml").unwrap();
-        let release = spec
-            .resolve(
-                "cutover.toml",
-                "local",
-                "web",
-                "v1",
-                Some(&artifact()),
-                None,
-            )
-            .unwrap();
+        let release = resolve_web(&spec).unwrap();
         assert!(release.release.encoded_len() < MAX_RELEASE_BYTES);
         let text = GOOD.replace(
             "APP_ENV = \"local\"",
@@ -1103,16 +1079,7 @@ APP_ENV = "local"
             ),
         );
         let spec = AppSpec::parse(&text, "cutover.toml").unwrap();
-        let e = spec
-            .resolve(
-                "cutover.toml",
-                "local",
-                "web",
-                "v1",
-                Some(&artifact()),
-                None,
-            )
-            .unwrap_err();
+        let e = resolve_web(&spec).unwrap_err();
         assert_eq!(e.key, "environments.local.env.BLOB", "{e}");
         assert!(e.message.contains("over the 256 KiB limit"), "{e}");
         let huge = "x".repeat(MAX_SPEC_BYTES);
@@ -1167,16 +1134,7 @@ APP_ENV = "local"
             ("3", "SIGQUIT"),
         ] {
             let spec = AppSpec::parse(&with_signal(spelling), "cutover.toml").unwrap();
-            let resolved = spec
-                .resolve(
-                    "cutover.toml",
-                    "local",
-                    "web",
-                    "v1",
-                    Some(&artifact()),
-                    None,
-                )
-                .unwrap();
+            let resolved = resolve_web(&spec).unwrap();
             assert_eq!(resolved.release.stop_signal, name, "{spelling}");
         }
         // What an agent would refuse never reaches one.
@@ -1238,16 +1196,7 @@ APP_ENV = "local"
             .unwrap();
         assert_ne!(other.release.release_id, release.release_id);
         // A docker service needs an image, a process service an artifact.
-        let e = spec
-            .resolve(
-                "cutover.toml",
-                "local",
-                "web",
-                "v1",
-                Some(&artifact()),
-                None,
-            )
-            .unwrap_err();
+        let e = resolve_web(&spec).unwrap_err();
         assert!(e.message.contains("--image"), "{e}");
         let process = AppSpec::parse(GOOD, "cutover.toml").unwrap();
         let e = process

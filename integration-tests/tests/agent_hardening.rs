@@ -22,8 +22,10 @@ async fn a_file_artifact_outside_the_allowed_dirs_is_refused_naming_the_setting(
         })
         .await;
     // Any file the agent can read, outside the dirs its config allows
-    // (the test harness allows the temp dir only), with its right digest.
-    let secret = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    // (the test harness allows the temp dir only, where a checkout may live
+    // too), with its right digest.
+    let secret = std::path::Path::new("/etc/passwd");
+    assert!(!secret.starts_with(std::env::temp_dir()));
     let artifact = (
         format!("file://{}", secret.display()),
         Digest::of_file(&secret).unwrap().to_string(),
