@@ -259,6 +259,17 @@ impl Cluster {
 
     /// The same, with the coordinator listening on `ip` (0.0.0.0 for
     /// agents in network namespaces of their own).
+    /// A cluster whose `agents` agents are all connected and ready.
+    pub async fn start_ready(agents: usize, tuning: Tuning) -> Self {
+        let cluster = Self::start(agents, tuning).await;
+        cluster
+            .wait_for_nodes(Duration::from_secs(10), |n| {
+                n.len() == agents && n.iter().all(ready)
+            })
+            .await;
+        cluster
+    }
+
     pub async fn start_on(ip: std::net::IpAddr, agents: usize, tuning: Tuning) -> Self {
         let pki = Pki::new();
         let data_dir = tempfile::tempdir().expect("temp dir");

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cutover_common::identity::Role;
+use cutover_common::tls::TlsFiles;
 use cutover_integration_tests::{app_archive, bin, Cluster, Tuning};
 use serde_json::Value;
 
@@ -29,6 +30,20 @@ impl Cli {
             String::from_utf8_lossy(&output.stderr)
         );
         (output.status.success(), text)
+    }
+
+    /// The connection flags for the credentials in `files`.
+    fn flags<'a>(&'a self, files: &'a TlsFiles) -> [&'a str; 8] {
+        [
+            "--coordinator",
+            &self.coordinator,
+            "--ca-cert",
+            files.ca_cert.to_str().unwrap(),
+            "--cert",
+            files.cert.to_str().unwrap(),
+            "--key",
+            files.key.to_str().unwrap(),
+        ]
     }
 
     fn as_config(&self, config: &Path, args: &[&str]) -> (bool, String) {
@@ -70,16 +85,7 @@ async fn roles_hold_operators_to_what_they_may_do_and_the_audit_log_says_so() {
     };
     // The bootstrap admin: a certificate issued offline with the CA key.
     let root = cluster.pki.client_files(Role::Operator, "root");
-    let admin_flags = [
-        "--coordinator",
-        &cli.coordinator,
-        "--ca-cert",
-        root.ca_cert.to_str().unwrap(),
-        "--cert",
-        root.cert.to_str().unwrap(),
-        "--key",
-        root.key.to_str().unwrap(),
-    ];
+    let admin_flags = cli.flags(&root);
     let dir = tempfile::tempdir().unwrap();
     let create = |name: &str, role: &str, envs: &[&str]| {
         let out = dir.path().join(name);
@@ -474,16 +480,7 @@ async fn refused_callers_are_audited_and_operator_credentials_are_guarded() {
     let cli = Cli {
         coordinator: cluster.url(),
     };
-    let flags = [
-        "--coordinator",
-        &cli.coordinator,
-        "--ca-cert",
-        admin.ca_cert.to_str().unwrap(),
-        "--cert",
-        admin.cert.to_str().unwrap(),
-        "--key",
-        admin.key.to_str().unwrap(),
-    ];
+    let flags = cli.flags(&admin);
     let dir = tempfile::tempdir().unwrap();
     let out = |name: &str| dir.path().join(name).display().to_string();
     let (ok, text) = cli.run(
@@ -542,36 +539,19 @@ async fn refused_callers_are_audited_and_operator_credentials_are_guarded() {
     std::fs::copy(dir.path().join("olga/operator-olga.key"), &old_key).unwrap();
     let (ok, text) = cli.as_config(&olga, &["operator", "renew"]);
     assert!(ok, "{text}");
-    let old = |cli: &Cli| {
-        cli.run(&[
-            "--coordinator",
-            &cli.coordinator,
-            "--ca-cert",
-            dir.path().join("olga/ca.crt").to_str().unwrap(),
-            "--cert",
-            old_cert.to_str().unwrap(),
-            "--key",
-            old_key.to_str().unwrap(),
-            "nodes",
-        ])
+    let old_files = TlsFiles {
+        ca_cert: dir.path().join("olga/ca.crt"),
+        cert: old_cert,
+        key: old_key,
     };
+    let old = |cli: &Cli| cli.run(&[&cli.flags(&old_files)[..], &["nodes"]].concat());
     // Until the renewed certificate is used, the old one still works: a
     // renewal whose answer was lost locks nobody out.
     let (ok, text) = old(&cli);
     assert!(ok, "{text}");
     let (ok, text) = cli.as_config(&olga, &["nodes"]);
     assert!(ok, "the renewed certificate works: {text}");
-    let (ok, text) = cli.run(&[
-        "--coordinator",
-        &cli.coordinator,
-        "--ca-cert",
-        dir.path().join("olga/ca.crt").to_str().unwrap(),
-        "--cert",
-        old_cert.to_str().unwrap(),
-        "--key",
-        old_key.to_str().unwrap(),
-        "nodes",
-    ]);
+    let (ok, text) = old(&cli);
     assert!(!ok && text.contains("replaced by a renewal"), "{text}");
 
     // A revoked operator's renewal is refused, and audited.

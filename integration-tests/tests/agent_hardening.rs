@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cutover_agent::artifacts::Digest;
 use cutover_integration_tests::{
-    activate, app_archive, find, ready, web_release as release, Cluster, Tuning,
+    activate, app_archive, find, web_release as release, Cluster, Tuning,
 };
 use cutover_proto::v1 as pb;
 
@@ -15,12 +15,7 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_artifact_outside_the_allowed_dirs_is_refused_naming_the_setting() {
-    let cluster = Cluster::start(1, Tuning::default()).await;
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 1 && n.iter().all(ready)
-        })
-        .await;
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
     // Any file the agent can read, outside the dirs its config allows
     // (the test harness allows the temp dir only, where a checkout may live
     // too), with its right digest.
@@ -51,12 +46,7 @@ async fn a_file_artifact_outside_the_allowed_dirs_is_refused_naming_the_setting(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_disk_releases_take_reaches_the_node_list() {
-    let cluster = Cluster::start(1, Tuning::default()).await;
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 1 && n.iter().all(ready)
-        })
-        .await;
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let artifact = app_archive(dir.path());
     let archive_bytes = std::fs::metadata(artifact.0.trim_start_matches("file://"))

@@ -182,12 +182,7 @@ async fn a_coordinator_restart_keeps_the_node_list_and_agents_reconnect() {
 
 #[tokio::test]
 async fn connections_without_the_right_certificate_are_refused() {
-    let cluster = Cluster::start(1, Tuning::default()).await;
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 1 && n.iter().all(ready)
-        })
-        .await;
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
     let url = cluster.url();
 
     // No client certificate at all: the handshake fails.

@@ -5,18 +5,13 @@
 use std::time::Duration;
 
 use cutover_integration_tests::{
-    activate, app_archive, body, find, http_get, ready, web_release as release, Cluster, Tuning,
+    activate, app_archive, body, find, http_get, web_release as release, Cluster, Tuning,
 };
 use cutover_proto::v1::{self as pb, command, command_result};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
-    let cluster = Cluster::start(1, Tuning::default()).await;
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 1 && n.iter().all(ready)
-        })
-        .await;
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let artifact = app_archive(dir.path());
     let port = std::net::TcpListener::bind("127.0.0.11:0")
@@ -198,12 +193,7 @@ async fn the_coordinator_activates_releases_on_an_agent_and_sees_what_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_port_or_a_missing_command_is_refused_and_changes_nothing() {
-    let cluster = Cluster::start(1, Tuning::default()).await;
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 1 && n.iter().all(ready)
-        })
-        .await;
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let artifact = app_archive(dir.path());
 
@@ -279,12 +269,7 @@ fn cutover_cli(cluster: &Cluster, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_artifact_pushed_to_the_coordinator_is_fetched_by_the_agent() {
-    let cluster = Cluster::start(1, Tuning::default()).await;
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 1 && n.iter().all(ready)
-        })
-        .await;
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let (file_url, digest) = app_archive(dir.path());
     let file = file_url.strip_prefix("file://").unwrap().to_string();
