@@ -438,7 +438,7 @@ async fn a_revoked_node_is_cut_off_until_it_gets_a_new_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_callers_are_audited_and_operator_credentials_are_guarded() {
-    let cluster = Cluster::start(1, Tuning::default()).await;
+    let mut cluster = Cluster::start(1, Tuning::default()).await;
     cluster
         .wait_for_nodes(Duration::from_secs(10), |n| n.len() == 1 && n[0].connected)
         .await;
@@ -553,6 +553,13 @@ async fn refused_callers_are_audited_and_operator_credentials_are_guarded() {
     assert!(ok, "the renewed certificate works: {text}");
     let (ok, text) = old(&cli);
     assert!(!ok && text.contains("replaced by a renewal"), "{text}");
+    // Recorded, not remembered: still refused after a restart.
+    cluster.restart_coordinator().await;
+    let (ok, text) = old(&cli);
+    assert!(!ok && text.contains("replaced by a renewal"), "{text}");
+    let mut root = cutover_integration_tests::operator_client(&cluster.url(), &admin)
+        .await
+        .unwrap();
 
     // A revoked operator's renewal is refused, and audited.
     let (ok, text) = cli.run(&[&flags[..], &["operator", "revoke", "olga"]].concat());
