@@ -802,17 +802,23 @@ pub fn field<'a>(node: &'a serde_json::Value, key: &str) -> &'a str {
     node[key].as_str().unwrap_or_default()
 }
 
-/// GETs `/` until the node's proxy answers (it is down while its agent is).
+/// GETs `/` until the node's proxy answers 200 and returns that answer: it
+/// is down while its agent is, and answers 502 until a release the agent
+/// restarts serves again.
 pub async fn get_when_up(public: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::from("no connection");
     loop {
         if let Ok(stream) = std::net::TcpStream::connect(public) {
             drop(stream);
-            return http_get(public, "/");
+            last = http_get(public, "/");
+            if last.starts_with("HTTP/1.1 200") {
+                return last;
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "the proxy on {public} did not come back"
+            "the proxy on {public} did not serve again; last answer: {last}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
