@@ -101,15 +101,16 @@ pub fn sample_app() -> PathBuf {
 pub fn push_sample_image(reference: &str, version: &str, env: &[(&str, &str)]) -> String {
     let context = tempfile::tempdir().expect("build context");
     std::fs::copy(sample_app(), context.path().join("sample-app")).expect("copy the app");
-    let mut dockerfile =
-        format!("FROM scratch\nCOPY sample-app /sample-app\nENV VERSION={version}\n");
+    // An image of its own for each reference, from the first step on: tests
+    // running at once would otherwise build on the same cached intermediate
+    // images, and one test (or an agent's pruning) removing its image would
+    // pull them from under another's build.
+    let mut dockerfile = format!(
+        "FROM scratch\nLABEL cutover.test.reference={reference:?}\nCOPY sample-app /sample-app\nENV VERSION={version}\n"
+    );
     for (key, value) in env {
         dockerfile.push_str(&format!("ENV {key}={value}\n"));
     }
-    // An image of its own for each reference: tests running at once would
-    // otherwise build the same image id, and one test removing its local
-    // copy would pull it from under another's build.
-    dockerfile.push_str(&format!("LABEL cutover.test.reference={reference:?}\n"));
     dockerfile.push_str("ENTRYPOINT [\"/sample-app\"]\n");
     std::fs::write(context.path().join("Dockerfile"), dockerfile).expect("write the Dockerfile");
     docker(&[
