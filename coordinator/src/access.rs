@@ -5,8 +5,6 @@
 //! operator's role and environments, and every mutating call, allowed or
 //! refused, is appended to the audit log and logged as a structured line.
 
-use std::sync::{Arc, Mutex};
-
 use cutover_common::identity::Identity;
 use cutover_common::tls::PeerInfo;
 use serde_json::Value;
@@ -88,35 +86,43 @@ fn needed(need: Need) -> String {
 }
 
 pub struct Access {
-    store: Arc<dyn Store>,
+    store: Store,
     refusals: RefusalLimiter,
-    /// Held while an operator record is read, changed and written back, so
-    /// two changes (a revoke and a renewal, two revokes) cannot undo each
-    /// other.
-    operator_writes: Mutex<()>,
+    /// Held while the operator records are read and one is changed on what
+    /// they say together (the last admin is never revoked). A change of one
+    /// record alone is a conditional write in the store instead.
+    operator_writes: tokio::sync::Mutex<()>,
 }
 
 impl Access {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Store) -> Self {
         Self {
             store,
             refusals: RefusalLimiter::default(),
-            operator_writes: Mutex::new(()),
+            operator_writes: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Runs `change` on the operator records alone (see `operator_writes`).
-    pub fn change_operators<T>(
-        &self,
-        change: impl FnOnce(&dyn Store) -> Result<T, Status>,
-    ) -> Result<T, Status> {
-        let _alone = self.operator_writes.lock().expect("operator writes lock");
-        change(self.store.as_ref())
+    /// Holds the operator records still for a change that depends on
+    /// more than one of them (see `operator_writes`).
+    pub async fn operators_alone(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.operator_writes.lock().await
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Records a refused call, rate-limited per `source` (see
     /// `refusals`); `who` names the caller as far as it is known.
-    pub fn refused(&self, source: &str, who: &str, action: &str, arguments: &Value, reason: &str) {
+    pub async fn refused(
+        &self,
+        source: &str,
+        who: &str,
+        action: &str,
+        arguments: &Value,
+        reason: &str,
+    ) {
         let admitted = self.refusals.admit(source, cutover_common::now_ms());
         for (source, left_out) in admitted.summaries {
             self.append(
@@ -124,21 +130,23 @@ impl Access {
                 "refusals_not_recorded",
                 &serde_json::json!({ "source": source }),
                 &format!("{left_out} refusals from {source} in the minute before were not recorded (rate limit)"),
-            );
+            )
+            .await;
         }
         if admitted.write {
             tracing::warn!(%who, %source, %action, %reason, "refused");
-            self.append(who, action, arguments, &format!("refused: {reason}"));
+            self.append(who, action, arguments, &format!("refused: {reason}"))
+                .await;
         }
     }
 
     /// The caller, if `need` is within its role; a refusal of a mutating
     /// call is audited. `arguments` are what the audit log keeps of the call
     /// (never a secret).
-    pub fn check<T>(
+    pub async fn check<T>(
         &self,
         request: &Request<T>,
-        need: Need,
+        need: Need<'_>,
         action: &str,
         arguments: &Value,
     ) -> Result<Caller, Status> {
@@ -149,21 +157,25 @@ impl Access {
             .ok_or_else(|| Status::unauthenticated("no operator identity on the connection"))?;
         let record = self
             .store
+            .access
             .operator(&identity.name)
+            .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let who = who(&identity);
         let peer = request.extensions().get::<PeerInfo>();
         let serial = peer.and_then(|p| p.serial.clone()).unwrap_or_default();
         let source = format!("{who}@{}", source_address(peer.and_then(|p| p.remote_addr)));
-        let refuse = |message: String| {
-            // A read within a valid credential's role changes nothing; every
-            // other refusal (a revoked or replaced credential, whatever it
-            // tried) is audited.
-            let credential_refused = record
-                .as_ref()
-                .is_some_and(|r| r.revoked_at_ms.is_some() || r.refuses(&serial));
-            if !matches!(need, Need::Read) || credential_refused {
-                self.refused(&source, &who, action, arguments, &message);
+        // A read within a valid credential's role changes nothing; every
+        // other refusal (a revoked or replaced credential, whatever it
+        // tried) is audited.
+        let credential_refused = record
+            .as_ref()
+            .is_some_and(|r| r.revoked_at_ms.is_some() || r.refuses(&serial));
+        let audit_refusal = !matches!(need, Need::Read) || credential_refused;
+        let refuse = async |message: String| {
+            if audit_refusal {
+                self.refused(&source, &who, action, arguments, &message)
+                    .await;
             }
             Status::permission_denied(message)
         };
@@ -175,17 +187,19 @@ impl Access {
                 return Err(refuse(format!(
                     "operator {} was revoked; an admin can create a new operator",
                     identity.name
-                )))
+                ))
+                .await)
             }
             Some(record) if record.refuses(&serial) => {
                 return Err(refuse(format!(
                     "this certificate of operator {} (serial {serial}) was replaced by a renewal; use the renewed one",
                     identity.name
-                )))
+                ))
+                .await)
             }
             Some(record) => {
                 if record.retires_with(&serial) {
-                    self.retire_renewed(&identity.name, &serial)?;
+                    self.retire_renewed(&identity.name, &serial).await?;
                 }
                 Caller {
                     identity,
@@ -197,16 +211,18 @@ impl Access {
             // at first sight, so the name can be revoked and is never
             // handed out again by `operator create`.
             None => {
-                self.change_operators(|store| {
-                    let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
-                    if store.operator(&identity.name).map_err(internal)?.is_none() {
-                        store
-                            .put_operator(&OperatorRecord::issued_offline(&identity.name))
-                            .map_err(internal)?;
-                        tracing::info!(operator = %identity.name, "recorded an admin issued offline");
-                    }
-                    Ok(())
-                })?;
+                self.store
+                    .access
+                    .update_operator(&identity.name, |current| {
+                        Ok::<_, Status>(match current {
+                            Some(_) => None,
+                            None => {
+                                tracing::info!(operator = %identity.name, "recorded an admin issued offline");
+                                Some(OperatorRecord::issued_offline(&identity.name))
+                            }
+                        })
+                    })
+                    .await?;
                 Caller {
                     identity,
                     role: OperatorRole::Admin,
@@ -219,7 +235,8 @@ impl Access {
                 "{}; {action} needs {}",
                 caller.describe(),
                 needed(need)
-            )));
+            ))
+            .await);
         }
         Ok(caller)
     }
@@ -228,23 +245,25 @@ impl Access {
     /// one it replaced is refused from now on. Until then the old one still
     /// works, so a renewal whose answer never reached the operator locks
     /// nobody out.
-    fn retire_renewed(&self, name: &str, serial: &str) -> Result<(), Status> {
-        self.change_operators(|store| {
-            let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
-            let Some(mut record) = store.operator(name).map_err(internal)? else {
-                return Ok(());
-            };
-            for replaced in record.replaced.iter_mut().filter(|c| c.by == serial) {
-                replaced.retired = true;
-            }
-            store.put_operator(&record).map_err(internal)?;
-            tracing::info!(operator = %name, %serial, "renewed certificate in use; the one it replaced is retired");
-            Ok(())
-        })
+    async fn retire_renewed(&self, name: &str, serial: &str) -> Result<(), Status> {
+        self.store
+            .access
+            .update_operator(name, |current| {
+                let Some(mut record) = current else {
+                    return Ok::<_, Status>(None);
+                };
+                for replaced in record.replaced.iter_mut().filter(|c| c.by == serial) {
+                    replaced.retired = true;
+                }
+                Ok(Some(record))
+            })
+            .await?;
+        tracing::info!(operator = %name, %serial, "renewed certificate in use; the one it replaced is retired");
+        Ok(())
     }
 
     /// Records how an allowed mutating call ended.
-    pub fn audit<T>(
+    pub async fn audit<T>(
         &self,
         caller: &Caller,
         action: &str,
@@ -255,12 +274,13 @@ impl Access {
             Ok(_) => "ok".to_string(),
             Err(status) => format!("failed: {}", status.message()),
         };
-        self.append(&caller.who(), action, arguments, &outcome);
+        self.append(&caller.who(), action, arguments, &outcome)
+            .await;
     }
 
     /// Appends one entry as is (calls outside the operator API, such as an
     /// agent fetching its secrets).
-    pub fn append(&self, who: &str, action: &str, arguments: &Value, outcome: &str) {
+    pub async fn append(&self, who: &str, action: &str, arguments: &Value, outcome: &str) {
         let entry = AuditRecord {
             seq: 0,
             at_ms: cutover_common::now_ms(),
@@ -270,7 +290,7 @@ impl Access {
             outcome: outcome.to_string(),
         };
         tracing::info!(target: "audit", %who, %action, arguments = %entry.arguments, %outcome, "audit");
-        if let Err(error) = self.store.append_audit(entry) {
+        if let Err(error) = self.store.access.append_audit(entry).await {
             tracing::error!(%error, %who, %action, "cannot append to the audit log");
         }
     }

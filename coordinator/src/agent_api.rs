@@ -49,7 +49,7 @@ fn peer_identity<T>(request: &Request<T>) -> Result<Identity, Status> {
 impl AgentApi {
     /// Refuses a revoked certificate, on every agent call (`action`), and
     /// audits the attempt.
-    fn admit<T>(&self, request: &Request<T>, action: &str) -> Result<(), Status> {
+    async fn admit<T>(&self, request: &Request<T>, action: &str) -> Result<(), Status> {
         let peer = request
             .extensions()
             .get::<PeerInfo>()
@@ -61,16 +61,18 @@ impl AgentApi {
                     .as_ref()
                     .map_or_else(|| "unknown".to_string(), crate::access::who);
                 let address = crate::refusals::source_address(peer.remote_addr);
-                self.access.refused(
-                    &format!("{who}@{address}"),
-                    &who,
-                    action,
-                    &serde_json::json!({
-                        "from": address,
-                        "serial": peer.serial.clone().unwrap_or_default(),
-                    }),
-                    &reason,
-                );
+                self.access
+                    .refused(
+                        &format!("{who}@{address}"),
+                        &who,
+                        action,
+                        &serde_json::json!({
+                            "from": address,
+                            "serial": peer.serial.clone().unwrap_or_default(),
+                        }),
+                        &reason,
+                    )
+                    .await;
                 Err(Status::permission_denied(reason))
             }
             None => Ok(()),
@@ -79,7 +81,7 @@ impl AgentApi {
 
     /// The values of a release's secrets, if `node` may have them: the
     /// release was rolled out to an environment whose selector matches it.
-    fn secrets_for(
+    async fn secrets_for(
         &self,
         node: &str,
         request: &pb::FetchSecretsRequest,
@@ -94,7 +96,9 @@ impl AgentApi {
         let record = self
             .registry
             .store()
-            .all_releases()
+            .releases
+            .all()
+            .await
             .map_err(|e| Status::internal(e.to_string()))?
             .into_iter()
             .find(|r| {
@@ -113,6 +117,7 @@ impl AgentApi {
             let value = self
                 .secrets
                 .value(&record.env, &secret.name, secret.version)
+                .await
                 .map_err(Status::from)?;
             values.insert(secret.name.clone(), value);
         }
@@ -206,7 +211,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        self.admit(&request, "fetch_artifact")?;
+        self.admit(&request, "fetch_artifact").await?;
         let digest = cutover_common::digest::Digest::parse(&request.get_ref().digest)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let chunks = self.artifacts.open_stream(&digest).await?;
@@ -217,17 +222,19 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::FetchSecretsRequest>,
     ) -> Result<Response<pb::FetchSecretsResponse>, Status> {
-        self.admit(&request, "fetch_secrets")?;
+        self.admit(&request, "fetch_secrets").await?;
         let identity = peer_identity(&request)?;
         let r = request.into_inner();
         let args = serde_json::json!({"service": r.service, "release_id": r.release_id});
         let who = format!("{}/{}", identity.role, identity.name);
-        let result = self.secrets_for(&identity.name, &r);
+        let result = self.secrets_for(&identity.name, &r).await;
         let outcome = match &result {
             Ok(_) => "ok".to_string(),
             Err(status) => format!("refused: {}", status.message()),
         };
-        self.access.append(&who, "fetch_secrets", &args, &outcome);
+        self.access
+            .append(&who, "fetch_secrets", &args, &outcome)
+            .await;
         result.map(|values| Response::new(pb::FetchSecretsResponse { values }))
     }
 
@@ -235,7 +242,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
-        self.admit(&request, "renew_certificate")?;
+        self.admit(&request, "renew_certificate").await?;
         let identity = peer_identity(&request)?;
         let who = format!("{}/{}", identity.role, identity.name);
         let lifetime = self.config.agent_cert_lifetime;
@@ -244,7 +251,7 @@ impl AgentService for AgentApi {
                 .map_err(|e| Status::invalid_argument(e.to_string()))
         });
         if let Ok(cert_pem) = &result {
-            self.registry.record_issued(&identity.name, cert_pem);
+            self.registry.record_issued(&identity.name, cert_pem).await;
         }
         let outcome = match &result {
             Ok(_) => "ok".to_string(),
@@ -253,7 +260,8 @@ impl AgentService for AgentApi {
         let args =
             serde_json::json!({"lifetime": humantime::format_duration(lifetime).to_string()});
         self.access
-            .append(&who, "renew_certificate", &args, &outcome);
+            .append(&who, "renew_certificate", &args, &outcome)
+            .await;
         let cert_pem = result?;
         Ok(Response::new(pb::RenewCertificateResponse {
             cert_pem,
@@ -265,7 +273,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        self.admit(&request, "session")?;
+        self.admit(&request, "session").await?;
         let identity = peer_identity(&request)?;
         let peer = request
             .extensions()
@@ -303,7 +311,8 @@ impl AgentService for AgentApi {
             .expect("fresh channel has room");
         let attached = self
             .registry
-            .attach(&hello, &peer, sender, &self.shutdown)?;
+            .attach(&hello, &peer, sender, &self.shutdown)
+            .await?;
         self.metrics.sessions_opened.inc();
 
         let registry = self.registry.clone();

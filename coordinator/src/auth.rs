@@ -30,14 +30,22 @@ pub fn require(
         let action = format!("{role}_api");
         // Refused calls are audited (rate-limited per source): a probe with
         // the wrong credentials is something an operator must see.
+        // An interceptor cannot wait: the entry is written by a task of its
+        // own (the audit log orders entries by when they are written).
         let refuse = |who: String, status: Status| {
-            access.refused(
-                &format!("{who}@{address}"),
-                &who,
-                &action,
-                &serde_json::json!({ "from": address }),
-                status.message(),
-            );
+            let (access, action, address) = (access.clone(), action.clone(), address.clone());
+            let reason = status.message().to_string();
+            tokio::spawn(async move {
+                access
+                    .refused(
+                        &format!("{who}@{address}"),
+                        &who,
+                        &action,
+                        &serde_json::json!({ "from": address }),
+                        &reason,
+                    )
+                    .await;
+            });
             status
         };
         let Some(identity) = peer.identity.clone() else {

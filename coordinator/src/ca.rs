@@ -68,7 +68,7 @@ pub enum CaError {
 pub struct Pki {
     files: TlsFiles,
     ca_key: Option<PathBuf>,
-    store: Arc<dyn Store>,
+    store: Store,
     signer: RwLock<Option<Arc<CertificateAuthority>>>,
     /// The trust bundle the server config was built from: what is handed
     /// out is always what is in force.
@@ -130,13 +130,14 @@ impl Pki {
     /// Loads the PKI files, first completing the start of a rotation a
     /// crash cut short (the server's certificate swap is completed by the
     /// caller, before it checks the files).
-    pub fn open(
+    pub async fn open(
         files: TlsFiles,
         ca_key: Option<PathBuf>,
-        store: Arc<dyn Store>,
+        store: Store,
     ) -> Result<Self, CaError> {
         if let Some(key) = &ca_key {
-            recover_staged_ca(&files.ca_cert, key, store.ca_rotation()?.as_ref())?;
+            let rotation = store.pki.ca_rotation().await?;
+            recover_staged_ca(&files.ca_cert, key, rotation.as_ref())?;
         }
         let signer = match &ca_key {
             Some(key) => Some(Arc::new(CertificateAuthority::load(&files.ca_cert, key)?)),
@@ -205,15 +206,15 @@ impl Pki {
         })
     }
 
-    pub fn rotation(&self) -> Result<Option<CaRotation>, CaError> {
-        Ok(self.store.ca_rotation()?)
+    pub async fn rotation(&self) -> Result<Option<CaRotation>, CaError> {
+        Ok(self.store.pki.ca_rotation().await?)
     }
 
     /// Starts a rotation, or returns the one in progress.
     pub async fn start_rotation(&self, by: &str) -> Result<CaRotation, CaError> {
         let _change = self.changes.lock().await;
         let key = self.ca_key.as_deref().ok_or(CaError::NoSigner)?;
-        if let Some(rotation) = self.store.ca_rotation()? {
+        if let Some(rotation) = self.store.pki.ca_rotation().await? {
             if rotation.finished_at_ms.is_none() {
                 // Whatever of its start failed before is done again.
                 recover_staged_ca(&self.files.ca_cert, key, Some(&rotation))?;
@@ -235,13 +236,14 @@ impl Pki {
             retired_at_ms: None,
             finished_at_ms: None,
         };
-        self.store.put_ca_rotation(&rotation)?;
+        self.store.pki.put_ca_rotation(&rotation).await?;
         install_staged_ca(&self.files.ca_cert, key)?;
         self.reload()?;
         self.event(format!(
             "{by} started a CA rotation from {} to {}; nodes are renewing",
             rotation.old_ca, rotation.new_ca
-        ));
+        ))
+        .await;
         Ok(rotation)
     }
 
@@ -249,7 +251,7 @@ impl Pki {
     /// that CA only, then ends the sessions opened with certificates of the
     /// old one (their agents reconnect at once with the new ones).
     /// Repeating it changes nothing more. Called under `changes`.
-    fn retire(&self, mut rotation: CaRotation, registry: &Registry) -> Result<(), CaError> {
+    async fn retire(&self, mut rotation: CaRotation, registry: &Registry) -> Result<(), CaError> {
         let signer = self.signer()?;
         let current = self.server_facts()?;
         if current.issuer != signer.name() {
@@ -260,24 +262,26 @@ impl Pki {
         write(&self.files.ca_cert, signer.cert_pem(), 0o644)?;
         self.reload()?;
         rotation.retired_at_ms = Some(cutover_common::now_ms());
-        self.store.put_ca_rotation(&rotation)?;
+        self.store.pki.put_ca_rotation(&rotation).await?;
         let ended = registry.end_sessions_not_trusted(|issuer| self.trusts(issuer));
         tracing::info!(ended, "sessions of the retired ca ended");
         self.event(format!(
             "every node holds a certificate of {}: the coordinator presents one too and no longer trusts {}",
             rotation.new_ca, rotation.old_ca
-        ));
+        ))
+        .await;
         Ok(())
     }
 
     /// Called under `changes`.
-    fn finish(&self, mut rotation: CaRotation) -> Result<(), CaError> {
+    async fn finish(&self, mut rotation: CaRotation) -> Result<(), CaError> {
         rotation.finished_at_ms = Some(cutover_common::now_ms());
-        self.store.put_ca_rotation(&rotation)?;
+        self.store.pki.put_ca_rotation(&rotation).await?;
         self.event(format!(
             "CA rotation to {} finished: every node trusts it alone",
             rotation.new_ca
-        ));
+        ))
+        .await;
         Ok(())
     }
 
@@ -298,20 +302,25 @@ impl Pki {
         Ok(())
     }
 
-    fn event(&self, message: String) {
+    async fn event(&self, message: String) {
         tracing::info!(event = "ca_rotation", "{message}");
-        if let Err(error) = self.store.append_event(NewEvent {
-            kind: "ca_rotation",
-            node_id: String::new(),
-            node_name: String::new(),
-            message,
-        }) {
+        if let Err(error) = self
+            .store
+            .events
+            .append(NewEvent {
+                kind: "ca_rotation",
+                node_id: String::new(),
+                node_name: String::new(),
+                message,
+            })
+            .await
+        {
             tracing::error!(%error, "cannot record event");
         }
     }
 
     /// What `cutover ca status` shows.
-    pub fn status(&self, registry: &Registry) -> Result<pb::CaStatus, CaError> {
+    pub async fn status(&self, registry: &Registry) -> Result<pb::CaStatus, CaError> {
         let bundle_pem = self.bundle_pem();
         let bundle = bundle_sha256(&bundle_pem);
         let signing = self.signer().map(|s| s.name()).ok();
@@ -328,7 +337,7 @@ impl Pki {
             })
             .collect();
         cas.sort_by_key(|ca| !ca.signing);
-        let rotation = self.rotation()?;
+        let rotation = self.rotation().await?;
         let active = rotation.as_ref().filter(|r| r.finished_at_ms.is_none());
         let target = active
             .map(|r| r.new_ca.clone())
@@ -474,7 +483,7 @@ async fn drive_step(
     // One step at a time, and none beside a start: the nodes counted are
     // the nodes when the phase changes.
     let _change = pki.changes.lock().await;
-    let rotation = pki.rotation()?.filter(|r| r.finished_at_ms.is_none());
+    let rotation = pki.rotation().await?.filter(|r| r.finished_at_ms.is_none());
     let Some(rotation) = rotation else {
         metrics.ca_rotation_phase.set(0);
         metrics.ca_rotation_waiting.set(0);
@@ -518,9 +527,9 @@ async fn drive_step(
     metrics.ca_rotation_waiting.set(waiting);
     if waiting == 0 {
         if rotation.retired_at_ms.is_none() {
-            pki.retire(rotation, registry)?;
+            pki.retire(rotation, registry).await?;
         } else {
-            pki.finish(rotation)?;
+            pki.finish(rotation).await?;
         }
     }
     Ok(())
@@ -557,13 +566,8 @@ async fn renew_node(
     let retry_at = match renewed {
         Ok(renewed) => {
             tracing::info!(node = %name, ca = %renewed.issuer, serial = %renewed.serial, "node renewed for the ca rotation");
-            match registry.set_credentials(&node_id, &renewed.issuer, &renewed.ca_bundle_sha256) {
-                Ok(()) => Instant::now(),
-                Err(error) => {
-                    tracing::error!(node = %name, %error, "cannot record a node's renewal");
-                    Instant::now() + RENEW_RETRY
-                }
-            }
+            registry.set_credentials(&node_id, &renewed.issuer, &renewed.ca_bundle_sha256);
+            Instant::now()
         }
         Err(error) => {
             tracing::warn!(node = %name, %error, "node could not renew for the ca rotation; asking again");

@@ -107,27 +107,27 @@ fn token_id(token: &str) -> Option<&str> {
 }
 
 pub struct EnrollApi {
-    pub store: Arc<dyn Store>,
+    pub store: Store,
     pub registry: Arc<Registry>,
     pub pki: Arc<crate::ca::Pki>,
     pub access: Arc<Access>,
     pub lifetime: Duration,
     /// Failed joins by source address: count and window start.
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
-    /// Held by every read-modify-write of a token (a join here, a
-    /// revocation in the operator API): a single-use token is spent once,
-    /// and a revocation is never overwritten by a join in flight.
-    token_writes: Arc<tokio::sync::Mutex<()>>,
+    /// Joins are taken one at a time, so the failures of a burst are
+    /// counted before the next attempt is checked. (A token's use is a
+    /// conditional write in the store: spent once, even across
+    /// coordinators.)
+    one_join: tokio::sync::Mutex<()>,
 }
 
 impl EnrollApi {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Store,
         registry: Arc<Registry>,
         pki: Arc<crate::ca::Pki>,
         access: Arc<Access>,
         lifetime: Duration,
-        token_writes: Arc<tokio::sync::Mutex<()>>,
     ) -> Self {
         Self {
             store,
@@ -136,7 +136,7 @@ impl EnrollApi {
             access,
             lifetime,
             failures: Mutex::new(HashMap::new()),
-            token_writes,
+            one_join: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -160,42 +160,31 @@ impl EnrollApi {
         failures.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
     }
 
-    fn join_as(&self, request: &pb::JoinRequest) -> Result<pb::JoinResponse, Status> {
+    async fn join_as(&self, request: &pb::JoinRequest) -> Result<pb::JoinResponse, Status> {
         let refused = || {
             Status::permission_denied("the join token is unknown or wrong; ask an admin for a new one (`cutover token create`)")
         };
         let ca = self.pki.signer()?;
         let id = token_id(&request.token).ok_or_else(refused)?;
         let secret = request.token.rsplit('.').next().unwrap_or_default();
-        let mut token = self
+        let token = self
             .store
+            .access
             .token(id)
+            .await
             .map_err(|e| Status::internal(e.to_string()))?
             .filter(|t| same(&t.hash, &hash(secret)))
             .ok_or_else(refused)?;
-        if token.revoked_at_ms.is_some() {
-            return Err(Status::permission_denied(format!(
-                "join token {id} was revoked; ask an admin for a new one"
-            )));
-        }
-        if cutover_common::now_ms() >= token.expires_at_ms {
-            return Err(Status::permission_denied(format!(
-                "join token {id} expired; ask an admin for a new one"
-            )));
-        }
-        if token.uses != 0 && token.used >= token.uses {
-            return Err(Status::permission_denied(format!(
-                "join token {id} is used up ({} of {} uses); ask an admin for a new one",
-                token.used, token.uses
-            )));
-        }
+        usable(&token)?;
         let identity = Identity::new(Role::Agent, &request.name)
             .map_err(|e| Status::invalid_argument(format!("node name: {e}")))?;
         // A token lets a new node in, not anyone take over a known one
         // (registered, or enrolled and not connected yet).
         let enrolled = self
             .store
+            .access
             .enrollment(&request.name)
+            .await
             .map_err(|e| Status::internal(e.to_string()))?
             .is_some();
         if enrolled
@@ -213,21 +202,54 @@ impl EnrollApi {
         let cert_pem = ca
             .sign_request(&identity, &request.csr_pem, self.lifetime)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        token.used += 1;
-        token.nodes.push(request.name.clone());
+        // The use is counted on the token as stored now, checked again: two
+        // joins on two coordinators cannot both take a token's last use.
+        let token = self
+            .store
+            .access
+            .update_token(id, |current| {
+                let mut token = current.ok_or_else(refused)?;
+                usable(&token)?;
+                token.used += 1;
+                token.nodes.push(request.name.clone());
+                Ok::<_, Status>(Some(token))
+            })
+            .await?
+            .expect("a counted use leaves the token");
         self.store
-            .put_token(&token)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        self.store
+            .access
             .put_enrollment(&request.name, &token.labels)
+            .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        self.registry.record_issued(&request.name, &cert_pem);
+        self.registry.record_issued(&request.name, &cert_pem).await;
         Ok(pb::JoinResponse {
             cert_pem,
             ca_cert_pem: self.pki.bundle_pem(),
             labels: token.labels.into_iter().collect(),
         })
     }
+}
+
+/// Refuses a token that was revoked, expired or is used up.
+fn usable(token: &TokenRecord) -> Result<(), Status> {
+    let id = &token.id;
+    if token.revoked_at_ms.is_some() {
+        return Err(Status::permission_denied(format!(
+            "join token {id} was revoked; ask an admin for a new one"
+        )));
+    }
+    if cutover_common::now_ms() >= token.expires_at_ms {
+        return Err(Status::permission_denied(format!(
+            "join token {id} expired; ask an admin for a new one"
+        )));
+    }
+    if token.uses != 0 && token.used >= token.uses {
+        return Err(Status::permission_denied(format!(
+            "join token {id} is used up ({} of {} uses); ask an admin for a new one",
+            token.used, token.uses
+        )));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -253,11 +275,12 @@ impl EnrollService for EnrollApi {
         if self.limited(ip) {
             let message = "too many failed joins from this address; wait a minute";
             self.access
-                .append(&who, "join", &args, &format!("refused: {message}"));
+                .append(&who, "join", &args, &format!("refused: {message}"))
+                .await;
             return Err(Status::resource_exhausted(message));
         }
         let result = {
-            let _one = self.token_writes.lock().await;
+            let _one = self.one_join.lock().await;
             // Counted again under the lock: a burst sent at once must not
             // all pass the check above before any failure is counted.
             if self.limited(ip) {
@@ -265,7 +288,7 @@ impl EnrollService for EnrollApi {
                     "too many failed joins from this address; wait a minute",
                 ))
             } else {
-                self.join_as(&r)
+                self.join_as(&r).await
             }
         };
         let outcome = match &result {
@@ -275,7 +298,7 @@ impl EnrollService for EnrollApi {
                 format!("refused: {}", status.message())
             }
         };
-        self.access.append(&who, "join", &args, &outcome);
+        self.access.append(&who, "join", &args, &outcome).await;
         result.map(Response::new)
     }
 }

@@ -38,7 +38,7 @@ async fn metrics_page(State(state): State<HttpState>) -> impl IntoResponse {
 
 /// Healthy when the store answers a read.
 async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
-    match state.registry.events(Page::oldest(u64::MAX - 1, 1)) {
+    match state.registry.events(Page::oldest(u64::MAX - 1, 1)).await {
         Ok(_) => (StatusCode::OK, "ok\n".to_string()),
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,

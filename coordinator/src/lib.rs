@@ -10,6 +10,7 @@ pub mod config;
 pub mod enroll;
 pub mod http;
 pub mod images;
+pub mod journal;
 pub mod metrics;
 pub mod operator_api;
 pub mod refusals;

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cutover_common::now_ms;
@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::journal::Journal;
 use crate::store::{
     EventRecord, Figures, NewEvent, NodeRecord, NodeStatus, Page, Revocation, ServiceStatus, Store,
     StoreError,
@@ -165,7 +166,9 @@ pub struct Attached {
 
 pub struct Registry {
     inner: Mutex<Inner>,
-    store: Arc<dyn Store>,
+    store: Store,
+    /// Node records and events, written behind the lock in order.
+    journal: Journal,
     ttl: Duration,
     /// Refused agent certificates: (node, serial); an empty serial refuses
     /// every certificate of the node.
@@ -176,10 +179,10 @@ impl Registry {
     /// Loads known nodes. Nodes that were ready get one TTL of grace to
     /// reconnect before they are marked unreachable, as after a coordinator
     /// restart their heartbeats simply had nowhere to go.
-    pub fn load(store: Arc<dyn Store>, ttl: Duration) -> Result<Self, StoreError> {
+    pub async fn load(store: Store, ttl: Duration) -> Result<Self, StoreError> {
         let now = Instant::now();
         let mut inner = Inner::default();
-        for record in store.nodes()? {
+        for record in store.nodes.list().await? {
             let ready_until = match record.status {
                 NodeStatus::Ready => now + ttl,
                 NodeStatus::Unreachable => now,
@@ -195,20 +198,23 @@ impl Registry {
             );
         }
         let revoked = store
-            .revocations()?
+            .access
+            .revocations()
+            .await?
             .into_iter()
             .map(|r| (r.node, r.serial))
             .collect();
         Ok(Self {
             inner: Mutex::new(inner),
+            journal: Journal::start(store.clone()),
             store,
             ttl,
             revoked: Mutex::new(revoked),
         })
     }
 
-    /// Records a certificate signed for `node` (see `Store::add_issued`).
-    pub fn record_issued(&self, node: &str, cert_pem: &str) {
+    /// Records a certificate signed for `node` (see `PkiRepo::add_issued`).
+    pub async fn record_issued(&self, node: &str, cert_pem: &str) {
         let serial = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .next()
             .and_then(Result::ok)
@@ -216,7 +222,7 @@ impl Registry {
             .map(|facts| facts.serial);
         match serial {
             Some(serial) => {
-                if let Err(error) = self.store.add_issued(node, &serial) {
+                if let Err(error) = self.store.pki.add_issued(node, &serial).await {
                     tracing::error!(%node, %error, "cannot record an issued certificate");
                 }
             }
@@ -226,22 +232,14 @@ impl Registry {
 
     /// Records what a node confirmed installing on a renewal: a certificate
     /// of CA `cert_ca` and the trust bundle with sha256 `trust_bundle`.
-    pub fn set_credentials(
-        &self,
-        node_id: &str,
-        cert_ca: &str,
-        trust_bundle: &str,
-    ) -> Result<(), StoreError> {
+    pub fn set_credentials(&self, node_id: &str, cert_ca: &str, trust_bundle: &str) {
         let mut inner = self.inner.lock().expect("registry lock");
         let Some(entry) = inner.nodes.get_mut(node_id) else {
-            return Ok(());
+            return;
         };
-        let mut record = entry.record.clone();
-        record.cert_ca = cert_ca.to_string();
-        record.trust_bundle = trust_bundle.to_string();
-        self.store.put_node(&record)?;
-        entry.record = record;
-        Ok(())
+        entry.record.cert_ca = cert_ca.to_string();
+        entry.record.trust_bundle = trust_bundle.to_string();
+        self.journal.put_node(entry.record.clone());
     }
 
     /// Ends every session opened with a certificate of a CA `trusted` no
@@ -281,17 +279,20 @@ impl Registry {
     /// Refuses node `name`'s certificate from now on and ends its session.
     /// The certificate is the one it is connected with, or last connected
     /// with; a node never seen has all its certificates refused.
-    pub fn revoke(&self, name: &str, by: &str) -> Result<Revocation, RegistryError> {
-        let mut inner = self.inner.lock().expect("registry lock");
-        let entry = inner.nodes.values_mut().find(|e| e.record.name == name);
-        let serial = entry
-            .as_ref()
-            .map(|e| e.record.cert_serial.clone())
-            .unwrap_or_default();
+    pub async fn revoke(&self, name: &str, by: &str) -> Result<Revocation, RegistryError> {
         // Every certificate we know of for the node: the one it connected
         // with and every one this coordinator signed for it (a renewal made
         // just before the revocation must not slip through).
-        let mut serials: Vec<String> = self.store.issued(name)?;
+        let mut serials: Vec<String> = self.store.pki.issued(name).await?;
+        let serial = self
+            .inner
+            .lock()
+            .expect("registry lock")
+            .nodes
+            .values()
+            .find(|e| e.record.name == name)
+            .map(|e| e.record.cert_serial.clone())
+            .unwrap_or_default();
         serials.push(serial.clone());
         serials.retain(|s| !s.is_empty());
         if serials.is_empty() {
@@ -307,7 +308,7 @@ impl Registry {
                 at_ms,
                 by: by.to_string(),
             };
-            self.store.put_revocation(&revocation)?;
+            self.store.access.put_revocation(&revocation).await?;
             self.revoked
                 .lock()
                 .expect("revocation lock")
@@ -319,7 +320,8 @@ impl Registry {
             at_ms,
             by: by.to_string(),
         };
-        if let Some(entry) = entry {
+        let inner = self.inner.lock().expect("registry lock");
+        if let Some(entry) = inner.nodes.values().find(|e| e.record.name == name) {
             if let Some(session) = &entry.session {
                 session.cancel.cancel();
             }
@@ -338,29 +340,32 @@ impl Registry {
         self.ttl
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Where node records and events are queued for the store.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     fn record_event(&self, kind: &'static str, node: &NodeRecord, message: String) {
         tracing::info!(event = kind, node = %node.name, node_id = %node.id, "{message}");
-        if let Err(error) = self.store.append_event(NewEvent {
+        self.journal.event(NewEvent {
             kind,
             node_id: node.id.clone(),
             node_name: node.name.clone(),
             message,
-        }) {
-            tracing::error!(%error, event = kind, "cannot record event");
-        }
+        });
     }
 
     /// Registers (or re-registers) the node of a validated hello and makes
     /// `sender` its command path.
     ///
-    /// Store writes and event appends happen under the registry lock and
-    /// before memory changes: the store never sees an older state written
-    /// after a newer one, and a failed write leaves the registry as it was.
-    pub fn attach(
+    /// Store writes and events are queued under the registry lock (see
+    /// `Journal`): the store never sees an older state written after a
+    /// newer one.
+    pub async fn attach(
         &self,
         hello: &pb::Hello,
         peer: &PeerInfo,
@@ -370,7 +375,7 @@ impl Registry {
         // A node that enrolled with a join token keeps the token's labels:
         // they decide which environments (and secrets) reach it, so the
         // node's own config cannot change them.
-        if let Some(enrolled) = self.store.enrollment(&hello.name)? {
+        if let Some(enrolled) = self.store.access.enrollment(&hello.name).await? {
             let claimed: BTreeMap<String, String> = hello
                 .labels
                 .iter()
@@ -451,11 +456,10 @@ impl Registry {
                 .unwrap_or_default(),
         };
         if let Some((old, _)) = &replaced {
-            self.store.delete_node(&old.id)?;
+            self.journal.delete_node(old.id.clone());
         }
-        self.store.put_node(&record)?;
+        self.journal.put_node(record.clone());
 
-        // Persisted; now the memory side, which cannot fail.
         if let Some((old, _)) = replaced {
             inner.nodes.remove(&old.id);
             self.record_event(
@@ -578,9 +582,7 @@ impl Registry {
     }
 
     fn persist(&self, record: &NodeRecord) {
-        if let Err(error) = self.store.put_node(record) {
-            tracing::error!(%error, node = %record.name, "cannot persist node");
-        }
+        self.journal.put_node(record.clone());
     }
 
     /// Marks nodes whose heartbeats stopped as unreachable. With `checkpoint`,
@@ -701,7 +703,7 @@ impl Registry {
         }
     }
 
-    pub fn events(&self, page: Page) -> Result<Vec<EventRecord>, StoreError> {
-        self.store.events(page)
+    pub async fn events(&self, page: Page) -> Result<Vec<EventRecord>, StoreError> {
+        self.store.events.page(page).await
     }
 }

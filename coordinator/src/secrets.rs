@@ -11,7 +11,6 @@
 //! file with both keys, so every record still opens.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use cutover_common::fsutil::write_atomic;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
@@ -234,29 +233,37 @@ pub struct SecretInfo {
 }
 
 pub struct Secrets {
-    store: Arc<dyn Store>,
-    keys: Option<Mutex<MasterKeys>>,
+    store: Store,
+    /// Held across a store call (a rotation re-seals every record under
+    /// it), so an async lock.
+    keys: Option<tokio::sync::Mutex<MasterKeys>>,
 }
 
 impl Secrets {
-    pub fn new(store: Arc<dyn Store>, keys: Option<MasterKeys>) -> Self {
+    pub fn new(store: Store, keys: Option<MasterKeys>) -> Self {
         Self {
             store,
-            keys: keys.map(Mutex::new),
+            keys: keys.map(tokio::sync::Mutex::new),
         }
     }
 
-    fn keys(&self) -> Result<std::sync::MutexGuard<'_, MasterKeys>, SecretError> {
+    async fn keys(&self) -> Result<tokio::sync::MutexGuard<'_, MasterKeys>, SecretError> {
         Ok(self
             .keys
             .as_ref()
             .ok_or(SecretError::NoMasterKey)?
             .lock()
-            .expect("master key lock"))
+            .await)
     }
 
     /// Stores a new version of `env`/`name`; returns its number.
-    pub fn set(&self, env: &str, name: &str, value: &[u8], by: &str) -> Result<u32, SecretError> {
+    pub async fn set(
+        &self,
+        env: &str,
+        name: &str,
+        value: &[u8],
+        by: &str,
+    ) -> Result<u32, SecretError> {
         validate_name(name)?;
         cutover_common::identity::validate_name(env)
             .map_err(|e| SecretError::BadEnv(format!("{env:?}: {e}")))?;
@@ -269,32 +276,42 @@ impl Secrets {
         if std::str::from_utf8(value).is_err() {
             return Err(SecretError::NotText(name.into()));
         }
-        let keys = self.keys()?;
-        let mut record = self.store.secret(env, name)?.unwrap_or(SecretRecord {
-            env: env.to_string(),
-            name: name.to_string(),
-            versions: Vec::new(),
-        });
-        let version = record.versions.last().map_or(1, |v| v.version + 1);
-        let (key_id, nonce, ciphertext) = keys.seal(value, &aad(env, name, version));
-        record.versions.push(SecretVersion {
-            version,
-            created_at_ms: cutover_common::now_ms(),
-            created_by: by.to_string(),
-            key_id,
-            nonce,
-            ciphertext,
-        });
-        let excess = record.versions.len().saturating_sub(VERSIONS_KEPT);
-        record.versions.drain(..excess);
-        self.store.put_secret(&record)?;
-        Ok(version)
+        let keys = self.keys().await?;
+        // The next version of what is stored now: two writers never both
+        // create the same version.
+        let record = self
+            .store
+            .secrets
+            .update(env, name, |current| {
+                let mut record = current.unwrap_or(SecretRecord {
+                    env: env.to_string(),
+                    name: name.to_string(),
+                    versions: Vec::new(),
+                });
+                let version = record.versions.last().map_or(1, |v| v.version + 1);
+                let (key_id, nonce, ciphertext) = keys.seal(value, &aad(env, name, version));
+                record.versions.push(SecretVersion {
+                    version,
+                    created_at_ms: cutover_common::now_ms(),
+                    created_by: by.to_string(),
+                    key_id,
+                    nonce,
+                    ciphertext,
+                });
+                let excess = record.versions.len().saturating_sub(VERSIONS_KEPT);
+                record.versions.drain(..excess);
+                Ok::<_, SecretError>(record)
+            })
+            .await?;
+        Ok(record.versions.last().map_or(0, |v| v.version))
     }
 
-    pub fn list(&self, env: &str) -> Result<Vec<SecretInfo>, SecretError> {
+    pub async fn list(&self, env: &str) -> Result<Vec<SecretInfo>, SecretError> {
         Ok(self
             .store
-            .secrets(env)?
+            .secrets
+            .list(env)
+            .await?
             .into_iter()
             .map(|r| SecretInfo {
                 name: r.name,
@@ -308,18 +325,20 @@ impl Secrets {
     }
 
     /// Removes every version; releases that name it can no longer start.
-    pub fn remove(&self, env: &str, name: &str) -> Result<bool, SecretError> {
+    pub async fn remove(&self, env: &str, name: &str) -> Result<bool, SecretError> {
         validate_name(name)?;
         // Under the key lock: a rotation re-sealing every record must not
         // write this one back.
-        let _keys = self.keys()?;
-        Ok(self.store.delete_secret(env, name)?)
+        let _keys = self.keys().await?;
+        Ok(self.store.secrets.delete(env, name).await?)
     }
 
     /// The current version of each named secret in `env`.
-    pub fn current(&self, env: &str, name: &str) -> Result<u32, SecretError> {
+    pub async fn current(&self, env: &str, name: &str) -> Result<u32, SecretError> {
         self.store
-            .secret(env, name)?
+            .secrets
+            .get(env, name)
+            .await?
             .and_then(|r| r.versions.last().map(|v| v.version))
             .ok_or_else(|| SecretError::Missing {
                 env: env.into(),
@@ -328,15 +347,17 @@ impl Secrets {
     }
 
     /// The value of `env`/`name` at `version`, to hand to an agent.
-    pub fn value(&self, env: &str, name: &str, version: u32) -> Result<String, SecretError> {
-        let keys = self.keys()?;
-        let record = self
-            .store
-            .secret(env, name)?
-            .ok_or_else(|| SecretError::Missing {
-                env: env.into(),
-                name: name.into(),
-            })?;
+    pub async fn value(&self, env: &str, name: &str, version: u32) -> Result<String, SecretError> {
+        let keys = self.keys().await?;
+        let record =
+            self.store
+                .secrets
+                .get(env, name)
+                .await?
+                .ok_or_else(|| SecretError::Missing {
+                    env: env.into(),
+                    name: name.into(),
+                })?;
         let stored = record
             .versions
             .iter()
@@ -360,8 +381,8 @@ impl Secrets {
     /// A new master key; every stored value re-encrypted with it; the old
     /// keys dropped. Returns the new key's id and how many values were
     /// re-encrypted.
-    pub fn rotate_master_key(&self) -> Result<(String, usize), SecretError> {
-        let mut keys = self.keys()?;
+    pub async fn rotate_master_key(&self) -> Result<(String, usize), SecretError> {
+        let mut keys = self.keys().await?;
         // Both keys on disk before any record changes, and in memory only
         // once they are: a failed write changes nothing.
         let next = MasterKeys {
@@ -373,23 +394,40 @@ impl Secrets {
         next.write()?;
         *keys = next;
         let mut count = 0;
-        for mut record in self.store.all_secrets()? {
-            for version in &mut record.versions {
-                let aad = aad(&record.env, &record.name, version.version);
-                let plain = keys
-                    .open(version, &aad)
-                    .map_err(|reason| SecretError::Corrupt {
-                        env: record.env.clone(),
-                        name: record.name.clone(),
-                        reason,
+        for listed in self.store.secrets.all().await? {
+            let (env, name) = (listed.env.as_str(), listed.name.as_str());
+            // Re-sealed as stored now: a version added in between is kept.
+            let resealed = self
+                .store
+                .secrets
+                .update(env, name, |current| {
+                    let mut record = current.ok_or_else(|| SecretError::Missing {
+                        env: env.into(),
+                        name: name.into(),
                     })?;
-                let (key_id, nonce, ciphertext) = keys.seal(&plain, &aad);
-                version.key_id = key_id;
-                version.nonce = nonce;
-                version.ciphertext = ciphertext;
-                count += 1;
+                    for version in &mut record.versions {
+                        let aad = aad(env, name, version.version);
+                        let plain =
+                            keys.open(version, &aad)
+                                .map_err(|reason| SecretError::Corrupt {
+                                    env: env.into(),
+                                    name: name.into(),
+                                    reason,
+                                })?;
+                        let (key_id, nonce, ciphertext) = keys.seal(&plain, &aad);
+                        version.key_id = key_id;
+                        version.nonce = nonce;
+                        version.ciphertext = ciphertext;
+                    }
+                    Ok(record)
+                })
+                .await;
+            match resealed {
+                Ok(record) => count += record.versions.len(),
+                // Removed since the listing: nothing to re-seal.
+                Err(SecretError::Missing { .. }) => {}
+                Err(error) => return Err(error),
             }
-            self.store.put_secret(&record)?;
         }
         let mut retired = MasterKeys {
             path: keys.path.clone(),

@@ -25,7 +25,7 @@ use crate::operator_api::OperatorApi;
 use crate::registry::Registry;
 use crate::rollout::Rollouts;
 use crate::secrets::{MasterKeys, Secrets};
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{Store, StoreError};
 use cutover_proto::v1::enroll_service_server::EnrollServiceServer;
 
 /// Checkpoint cadence for heartbeat-only changes (last seen, figures).
@@ -111,8 +111,8 @@ impl Coordinator {
         })?;
         private(&config.data_dir.join("store"))?;
         private(&config.data_dir.join("artifacts"))?;
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir.join("store"))?);
-        let registry = Arc::new(Registry::load(store.clone(), config.heartbeat_ttl)?);
+        let store = Store::open_sled(&config.data_dir.join("store"))?;
+        let registry = Arc::new(Registry::load(store.clone(), config.heartbeat_ttl).await?);
         let metrics = Arc::new(Metrics::new());
         let artifacts = Arc::new(
             ArtifactStore::open(
@@ -130,13 +130,10 @@ impl Coordinator {
             ImageResolver::new(config.registry_ca.as_deref(), credentials)
                 .map_err(|e| ServerError::Registries(e.to_string()))?,
         );
-        let pki = Arc::new(crate::ca::Pki::open(
-            config.tls.clone(),
-            config.ca_key.clone(),
-            store.clone(),
-        )?);
+        let pki = Arc::new(
+            crate::ca::Pki::open(config.tls.clone(), config.ca_key.clone(), store.clone()).await?,
+        );
         let access = Arc::new(Access::new(store.clone()));
-        let token_writes = Arc::new(tokio::sync::Mutex::new(()));
         let master_keys = match &config.master_key_file {
             Some(path) => Some(MasterKeys::load(path).map_err(ServerError::Secrets)?),
             None => None,
@@ -168,7 +165,7 @@ impl Coordinator {
             secrets.clone(),
             shutdown.clone(),
         );
-        let resumed = rollouts.recover()?;
+        let resumed = rollouts.recover().await?;
         let converger = tokio::spawn(rollouts.clone().converge_loop());
         if resumed > 0 {
             tracing::info!(resumed, "resumed unfinished rollouts");
@@ -180,7 +177,6 @@ impl Coordinator {
             access: access.clone(),
             pki: pki.clone(),
             secrets,
-            token_writes: token_writes.clone(),
         })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -206,7 +202,6 @@ impl Coordinator {
                     pki.clone(),
                     access.clone(),
                     config.agent_cert_lifetime,
-                    token_writes,
                 ))
                 .max_decoding_message_size(64 * 1024),
             )
@@ -272,7 +267,8 @@ impl Coordinator {
             let _ = converger.await;
             rollouts.drain(grace).await;
             task_registry.sweep(true);
-            task_registry.store().flush()?;
+            task_registry.journal().close().await;
+            task_registry.store().flush().await?;
             tracing::info!("coordinator stopped");
             Ok(())
         });
@@ -333,7 +329,7 @@ async fn sweep_loop(registry: Arc<Registry>, limits: Limits, shutdown: Cancellat
         // Right after start-up too: what a restart does to the event log
         // shows at once, not half a minute later.
         if count % CHECKPOINT_EVERY == 1 {
-            match registry.store().prune_events(max_events) {
+            match registry.store().events.prune(max_events).await {
                 Ok(pruned) if count == 1 => {
                     tracing::info!(pruned, max_events, "event log pruned at start-up")
                 }
@@ -341,7 +337,12 @@ async fn sweep_loop(registry: Arc<Registry>, limits: Limits, shutdown: Cancellat
                 Ok(pruned) => tracing::info!(pruned, max_events, "pruned old events"),
                 Err(error) => tracing::error!(%error, "cannot prune events"),
             }
-            match registry.store().prune_audit(limits.max_audit_entries) {
+            match registry
+                .store()
+                .access
+                .prune_audit(limits.max_audit_entries)
+                .await
+            {
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(
                     pruned,

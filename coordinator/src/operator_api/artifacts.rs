@@ -18,12 +18,15 @@ impl OperatorApi {
         &self,
         request: Request<tonic::Streaming<pb::PushArtifactRequest>>,
     ) -> Result<Response<pb::PushArtifactResponse>, Status> {
-        let caller = self.access.check(
-            &request,
-            Need::DeployAnywhere,
-            "push_artifact",
-            &serde_json::Value::Null,
-        )?;
+        let caller = self
+            .access
+            .check(
+                &request,
+                Need::DeployAnywhere,
+                "push_artifact",
+                &serde_json::Value::Null,
+            )
+            .await?;
         let who = caller.identity.name.clone();
         let mut parts = request.into_inner();
         let header = match parts.message().await?.and_then(|m| m.part) {
@@ -32,7 +35,9 @@ impl OperatorApi {
         };
         let args = json!({"name": header.name, "expect_digest": header.expect_digest});
         let result = self.receive_artifact(&who, header, parts).await;
-        self.access.audit(&caller, "push_artifact", &args, &result);
+        self.access
+            .audit(&caller, "push_artifact", &args, &result)
+            .await;
         result
     }
 
@@ -74,9 +79,7 @@ impl OperatorApi {
                 node_name: String::new(),
                 message: format!("{who} pushed {} ({size} bytes) as {digest}", header.name),
             };
-            if let Err(error) = self.registry.store().append_event(event) {
-                tracing::error!(%error, "cannot record the artifact push");
-            }
+            self.registry.journal().event(event);
         }
         tracing::info!(%digest, size, already_present, operator = %who, "artifact pushed");
         Ok(Response::new(pb::PushArtifactResponse {

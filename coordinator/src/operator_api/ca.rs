@@ -19,7 +19,7 @@ impl OperatorApi {
             args,
             |caller, _| async move {
                 self.pki.start_rotation(&caller.who()).await?;
-                Ok(self.pki.status(&self.registry)?)
+                Ok(self.pki.status(&self.registry).await?)
             },
         )
         .await
@@ -29,12 +29,14 @@ impl OperatorApi {
         &self,
         request: Request<pb::GetCaStatusRequest>,
     ) -> Result<Response<pb::CaStatus>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "get_ca_status",
-            &serde_json::Value::Null,
-        )?;
-        Ok(Response::new(self.pki.status(&self.registry)?))
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "get_ca_status",
+                &serde_json::Value::Null,
+            )
+            .await?;
+        Ok(Response::new(self.pki.status(&self.registry).await?))
     }
 }

@@ -35,12 +35,14 @@ impl OperatorApi {
         &self,
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "list_events",
-            &serde_json::Value::Null,
-        )?;
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "list_events",
+                &serde_json::Value::Null,
+            )
+            .await?;
         let request = request.into_inner();
         let limit = match request.limit {
             0 => 100,
@@ -52,7 +54,8 @@ impl OperatorApi {
                 after_seq: request.after_seq,
                 limit,
                 newest: request.newest,
-            })?
+            })
+            .await?
             .into_iter()
             .map(event_to_pb)
             .collect();
@@ -64,7 +67,8 @@ impl OperatorApi {
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         self.access
-            .check(&request, Need::Read, "list_audit", &serde_json::Value::Null)?;
+            .check(&request, Need::Read, "list_audit", &serde_json::Value::Null)
+            .await?;
         let r = request.into_inner();
         let limit = match r.limit {
             0 => 1000,
@@ -73,6 +77,7 @@ impl OperatorApi {
         let entries = self
             .registry
             .store()
+            .access
             .audit(
                 r.since_ms,
                 Page {
@@ -80,7 +85,8 @@ impl OperatorApi {
                     limit,
                     newest: r.newest,
                 },
-            )?
+            )
+            .await?
             .into_iter()
             .map(audit_to_pb)
             .collect();

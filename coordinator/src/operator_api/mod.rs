@@ -39,8 +39,6 @@ pub struct OperatorApi {
     /// no signer, and calls that sign fail with a failed precondition.
     pub pki: Arc<crate::ca::Pki>,
     pub secrets: Arc<Secrets>,
-    /// Shared with the enrollment service (see `EnrollApi`).
-    pub token_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl OperatorApi {
@@ -60,11 +58,11 @@ impl OperatorApi {
         F: FnOnce(Caller, Q) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let caller = self.access.check(&request, need, action, &args)?;
+        let caller = self.access.check(&request, need, action, &args).await?;
         let result = run(caller.clone(), request.into_inner())
             .await
             .map(Response::new);
-        self.access.audit(&caller, action, &args, &result);
+        self.access.audit(&caller, action, &args, &result).await;
         result
     }
 }

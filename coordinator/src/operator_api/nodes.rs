@@ -82,7 +82,8 @@ impl OperatorApi {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.access
-            .check(&request, Need::Read, "list_nodes", &serde_json::Value::Null)?;
+            .check(&request, Need::Read, "list_nodes", &serde_json::Value::Null)
+            .await?;
         let nodes = self.registry.list().into_iter().map(node_to_pb).collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -92,7 +93,8 @@ impl OperatorApi {
         request: Request<pb::PingNodeRequest>,
     ) -> Result<Response<pb::PingNodeResponse>, Status> {
         self.access
-            .check(&request, Need::Read, "ping_node", &serde_json::Value::Null)?;
+            .check(&request, Need::Read, "ping_node", &serde_json::Value::Null)
+            .await?;
         let request = request.into_inner();
         let timeout = match request.timeout_ms {
             0 => DEFAULT_COMMAND_TIMEOUT,
@@ -152,7 +154,7 @@ impl OperatorApi {
             |caller, r| async move {
                 cutover_common::identity::validate_name(&r.node)
                     .map_err(|e| Status::invalid_argument(format!("node name: {e}")))?;
-                let revocation = self.registry.revoke(&r.node, &caller.who())?;
+                let revocation = self.registry.revoke(&r.node, &caller.who()).await?;
                 Ok(pb::RevokeNodeResponse {
                     node: revocation.node,
                     serial: revocation.serial,

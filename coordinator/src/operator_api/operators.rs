@@ -44,7 +44,7 @@ impl OperatorApi {
             Need::Admin,
             "create_operator",
             args,
-            |caller, r| async move { self.create_operator_as(&caller.who(), r) },
+            |caller, r| async move { self.create_operator_as(&caller.who(), r).await },
         )
         .await
     }
@@ -53,16 +53,20 @@ impl OperatorApi {
         &self,
         request: Request<pb::ListOperatorsRequest>,
     ) -> Result<Response<pb::ListOperatorsResponse>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "list_operators",
-            &serde_json::Value::Null,
-        )?;
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "list_operators",
+                &serde_json::Value::Null,
+            )
+            .await?;
         let operators = self
             .registry
             .store()
-            .operators()?
+            .access
+            .operators()
+            .await?
             .iter()
             .map(operator_to_pb)
             .collect();
@@ -75,9 +79,16 @@ impl OperatorApi {
     ) -> Result<Response<pb::Operator>, Status> {
         let args =
             json!({"name": request.get_ref().name, "never_seen": request.get_ref().never_seen});
-        self.audited(request, Need::Admin, "revoke_operator", args, |caller, r| async move {
-            self.revoke_operator_as(&caller.who(), &r.name, r.never_seen)
-        })
+        self.audited(
+            request,
+            Need::Admin,
+            "revoke_operator",
+            args,
+            |caller, r| async move {
+                self.revoke_operator_as(&caller.who(), &r.name, r.never_seen)
+                    .await
+            },
+        )
         .await
     }
 
@@ -110,7 +121,8 @@ impl OperatorApi {
                 // The certificate renewed is refused once the new one is used:
                 // recorded before the new one is handed out.
                 if let Some(peer) = &peer_info {
-                    self.replace_operator_certificate(&caller.identity.name, peer, &cert_pem)?;
+                    self.replace_operator_certificate(&caller.identity.name, peer, &cert_pem)
+                        .await?;
                 }
                 Ok(pb::RenewOperatorCertificateResponse {
                     cert_pem,
@@ -122,7 +134,7 @@ impl OperatorApi {
     }
 
     /// Records a new operator and signs its certificate, once allowed.
-    fn create_operator_as(
+    async fn create_operator_as(
         &self,
         by: &str,
         r: pb::CreateOperatorRequest,
@@ -146,28 +158,37 @@ impl OperatorApi {
             0 => OPERATOR_CERT_DAYS,
             d => u64::from(d.min(3650)),
         };
-        let (record, cert_pem) = self.access.change_operators(|store| {
-            if store.operator(&r.name)?.is_some() {
-                return Err(Status::already_exists(format!(
-                    "operator {} exists (names are never reused, even revoked ones); choose another name",
-                    r.name
-                )));
-            }
-            let cert_pem = ca
-                .sign_request(&identity, &r.csr_pem, Duration::from_secs(days * 86_400))
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let record = OperatorRecord {
-                name: r.name.clone(),
-                role,
-                envs: r.envs.clone(),
-                created_by: by.to_string(),
-                created_at_ms: cutover_common::now_ms(),
-                revoked_at_ms: None,
-                replaced: Vec::new(),
-            };
-            store.put_operator(&record)?;
-            Ok((record, cert_pem))
-        })?;
+        let record = OperatorRecord {
+            name: r.name.clone(),
+            role,
+            envs: r.envs.clone(),
+            created_by: by.to_string(),
+            created_at_ms: cutover_common::now_ms(),
+            revoked_at_ms: None,
+            replaced: Vec::new(),
+        };
+        let cert_pem = ca
+            .sign_request(&identity, &r.csr_pem, Duration::from_secs(days * 86_400))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Created only where no record is: a name is never handed out twice,
+        // even by two coordinators at once. Signed first: a request that
+        // cannot be signed leaves no record.
+        let mut exists = false;
+        self.registry
+            .store()
+            .access
+            .update_operator(&r.name, |current| {
+                exists = current.is_some();
+                Ok::<_, Status>((!exists).then(|| record.clone()))
+            })
+            .await?;
+        if exists {
+            return Err(Status::already_exists(format!(
+                "operator {} exists (names are never reused, even revoked ones); choose another name",
+                r.name
+            )));
+        }
+
         tracing::info!(operator = %record.name, role = record.role.as_str(), %by, "operator created");
         Ok(pb::CreateOperatorResponse {
             operator: Some(operator_to_pb(&record)),
@@ -180,7 +201,7 @@ impl OperatorApi {
     /// name is refused from then on. A name without a record is refused
     /// unless `never_seen` (a certificate issued offline that never
     /// connected: it gets a revoked record, so it is refused too).
-    fn revoke_operator_as(
+    async fn revoke_operator_as(
         &self,
         by: &str,
         name: &str,
@@ -188,8 +209,10 @@ impl OperatorApi {
     ) -> Result<pb::Operator, Status> {
         cutover_common::identity::validate_name(name)
             .map_err(|e| Status::invalid_argument(format!("operator name: {e}")))?;
-        let record = self.access.change_operators(|store| {
-            let operators = store.operators()?;
+        let record = {
+            let _alone = self.access.operators_alone().await;
+            let store = self.registry.store();
+            let operators = store.access.operators().await?;
             let mut record = match operators.iter().find(|o| o.name == name) {
                 Some(record) => record.clone(),
                 None if never_seen => OperatorRecord::issued_offline(name),
@@ -200,7 +223,7 @@ impl OperatorApi {
                 }
             };
             if record.revoked_at_ms.is_some() {
-                return Ok(record);
+                return Ok(operator_to_pb(&record));
             }
             let admins_left = operators
                 .iter()
@@ -214,17 +237,17 @@ impl OperatorApi {
                 )));
             }
             record.revoked_at_ms = Some(cutover_common::now_ms());
-            store.put_operator(&record)?;
+            store.access.put_operator(&record).await?;
             tracing::warn!(operator = %name, %by, "operator revoked");
-            Ok(record)
-        })?;
+            record
+        };
         Ok(operator_to_pb(&record))
     }
 
     /// Records that `peer`'s certificate of operator `name` was renewed
     /// into `renewed_pem`: the old one is refused once the new one is used
     /// (see `Access::check`); certificates already expired leave the record.
-    fn replace_operator_certificate(
+    async fn replace_operator_certificate(
         &self,
         name: &str,
         peer: &PeerInfo,
@@ -240,19 +263,22 @@ impl OperatorApi {
             .and_then(Result::ok)
             .and_then(|der| cutover_common::identity::certificate_facts(&der).ok())
             .ok_or_else(|| Status::internal("cannot read the renewed certificate"))?;
-        self.access.change_operators(|store| {
-            let mut record = store
-                .operator(name)?
-                .unwrap_or_else(|| OperatorRecord::issued_offline(name));
-            let now = cutover_common::now_ms();
-            record.replaced.retain(|c| c.expires_at_ms > now);
-            record.replaced.push(ReplacedCertificate {
-                serial: serial.clone(),
-                expires_at_ms: not_after * 1000,
-                by: renewed.serial,
-                retired: false,
-            });
-            Ok(store.put_operator(&record)?)
-        })
+        self.registry
+            .store()
+            .access
+            .update_operator(name, |current| {
+                let mut record = current.unwrap_or_else(|| OperatorRecord::issued_offline(name));
+                let now = cutover_common::now_ms();
+                record.replaced.retain(|c| c.expires_at_ms > now);
+                record.replaced.push(ReplacedCertificate {
+                    serial: serial.clone(),
+                    expires_at_ms: not_after * 1000,
+                    by: renewed.serial.clone(),
+                    retired: false,
+                });
+                Ok::<_, Status>(Some(record))
+            })
+            .await?;
+        Ok(())
     }
 }

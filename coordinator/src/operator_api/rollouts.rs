@@ -243,12 +243,14 @@ impl OperatorApi {
         &self,
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "list_rollouts",
-            &serde_json::Value::Null,
-        )?;
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "list_rollouts",
+                &serde_json::Value::Null,
+            )
+            .await?;
         let r = request.into_inner();
         let limit = match r.limit {
             0 => 50,
@@ -256,7 +258,8 @@ impl OperatorApi {
         };
         let rollouts = self
             .rollouts
-            .list()?
+            .list()
+            .await?
             .iter()
             .filter(|x| r.env.is_empty() || x.env == r.env)
             .filter(|x| r.service.is_empty() || x.service == r.service)
@@ -270,13 +273,15 @@ impl OperatorApi {
         &self,
         request: Request<pb::GetDeploymentRequest>,
     ) -> Result<Response<pb::Deployment>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "get_deployment",
-            &serde_json::Value::Null,
-        )?;
-        let deployment = self.rollouts.deployment(&request.get_ref().id)?;
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "get_deployment",
+                &serde_json::Value::Null,
+            )
+            .await?;
+        let deployment = self.rollouts.deployment(&request.get_ref().id).await?;
         Ok(Response::new(deployment_to_pb(&deployment)))
     }
 
@@ -284,13 +289,15 @@ impl OperatorApi {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "get_rollout",
-            &serde_json::Value::Null,
-        )?;
-        let rollout = self.rollouts.get(&request.into_inner().id)?;
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "get_rollout",
+                &serde_json::Value::Null,
+            )
+            .await?;
+        let rollout = self.rollouts.get(&request.into_inner().id).await?;
         Ok(Response::new(rollout_to_pb(&rollout)))
     }
 
@@ -298,15 +305,17 @@ impl OperatorApi {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "watch_rollout",
-            &serde_json::Value::Null,
-        )?;
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "watch_rollout",
+                &serde_json::Value::Null,
+            )
+            .await?;
         let id = request.into_inner().id;
         let Some(mut changes) = self.rollouts.subscribe(&id) else {
-            let rollout = self.rollouts.get(&id)?;
+            let rollout = self.rollouts.get(&id).await?;
             let once = tokio_stream::once(Ok(rollout_to_pb(&rollout)));
             return Ok(Response::new(Box::pin(once)));
         };
@@ -324,7 +333,7 @@ impl OperatorApi {
                 if changes.changed().await.is_err() {
                     // The run ended (or the coordinator stops): the last
                     // word is the stored rollout.
-                    if let Ok(last) = rollouts.get(&id) {
+                    if let Ok(last) = rollouts.get(&id).await {
                         if last != *current {
                             let _ = tx.send(Ok(rollout_to_pb(&last))).await;
                         }
@@ -355,10 +364,11 @@ impl OperatorApi {
             })
             .unwrap_or_default();
         let args = json!({"id": r.id, "action": action});
-        let env = self.rollouts.get(&r.id)?.env;
+        let env = self.rollouts.get(&r.id).await?.env;
         let caller = self
             .access
-            .check(&request, Need::Deploy(&env), "control_rollout", &args)?;
+            .check(&request, Need::Deploy(&env), "control_rollout", &args)
+            .await?;
         let by = caller.identity.name.clone();
         let r = request.into_inner();
         let input = match pb::RolloutAction::try_from(r.action) {
@@ -378,7 +388,8 @@ impl OperatorApi {
             .map(|rollout| Response::new(rollout_to_pb(&rollout)))
             .map_err(Status::from);
         self.access
-            .audit(&caller, "control_rollout", &args, &result);
+            .audit(&caller, "control_rollout", &args, &result)
+            .await;
         result
     }
 
@@ -386,16 +397,19 @@ impl OperatorApi {
         &self,
         request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "list_releases",
-            &serde_json::Value::Null,
-        )?;
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "list_releases",
+                &serde_json::Value::Null,
+            )
+            .await?;
         let r = request.into_inner();
         let releases = self
             .rollouts
-            .release_history(&r.env, &r.service)?
+            .release_history(&r.env, &r.service)
+            .await?
             .into_iter()
             .map(|record| pb::ReleaseEntry {
                 release: Some(release_info(&record.release)),

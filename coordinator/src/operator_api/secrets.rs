@@ -40,9 +40,12 @@ impl OperatorApi {
             "set_secret",
             args,
             |caller, r| async move {
-                self.secrets.set(&r.env, &r.name, &r.value, &caller.who())?;
                 self.secrets
-                    .list(&r.env)?
+                    .set(&r.env, &r.name, &r.value, &caller.who())
+                    .await?;
+                self.secrets
+                    .list(&r.env)
+                    .await?
                     .into_iter()
                     .find(|s| s.name == r.name)
                     .map(|info| secret_to_pb(&r.env, info))
@@ -56,16 +59,19 @@ impl OperatorApi {
         &self,
         request: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "list_secrets",
-            &serde_json::Value::Null,
-        )?;
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "list_secrets",
+                &serde_json::Value::Null,
+            )
+            .await?;
         let env = request.into_inner().env;
         let secrets = self
             .secrets
-            .list(&env)?
+            .list(&env)
+            .await?
             .into_iter()
             .map(|info| secret_to_pb(&env, info))
             .collect();
@@ -83,7 +89,7 @@ impl OperatorApi {
             "remove_secret",
             args,
             |_, r| async move {
-                let removed = self.secrets.remove(&r.env, &r.name)?;
+                let removed = self.secrets.remove(&r.env, &r.name).await?;
                 Ok(pb::RemoveSecretResponse { removed })
             },
         )
@@ -101,13 +107,7 @@ impl OperatorApi {
             "rotate_master_key",
             args,
             |_, _| async move {
-                // Re-encrypting every stored value is file and CPU work: off the
-                // async workers.
-                let secrets = self.secrets.clone();
-                let (key_id, reencrypted) =
-                    tokio::task::spawn_blocking(move || secrets.rotate_master_key())
-                        .await
-                        .map_err(|e| Status::internal(e.to_string()))??;
+                let (key_id, reencrypted) = self.secrets.rotate_master_key().await?;
                 Ok(pb::RotateMasterKeyResponse {
                     key_id,
                     reencrypted: reencrypted as u64,

@@ -39,7 +39,7 @@ impl OperatorApi {
                 r.uses,
                 &caller.who(),
             );
-            self.registry.store().put_token(&record)?;
+            self.registry.store().access.put_token(&record).await?;
             Ok(pb::CreateTokenResponse {
                 token,
                 info: Some(token_to_pb(&record)),
@@ -53,16 +53,20 @@ impl OperatorApi {
         &self,
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        self.access.check(
-            &request,
-            Need::Read,
-            "list_tokens",
-            &serde_json::Value::Null,
-        )?;
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "list_tokens",
+                &serde_json::Value::Null,
+            )
+            .await?;
         let tokens = self
             .registry
             .store()
-            .tokens()?
+            .access
+            .tokens()
+            .await?
             .iter()
             .map(token_to_pb)
             .collect();
@@ -80,16 +84,22 @@ impl OperatorApi {
             "revoke_token",
             args,
             |_, r| async move {
-                let store = self.registry.store();
-                let _writing = self.token_writes.lock().await;
-                let mut token = store.token(&r.id)?.ok_or_else(|| {
-                    Status::not_found(format!(
-                        "no join token {:?}; `cutover token list` shows them",
-                        r.id
-                    ))
-                })?;
-                token.revoked_at_ms.get_or_insert(cutover_common::now_ms());
-                store.put_token(&token)?;
+                let token = self
+                    .registry
+                    .store()
+                    .access
+                    .update_token(&r.id, |current| {
+                        let mut token = current.ok_or_else(|| {
+                            Status::not_found(format!(
+                                "no join token {:?}; `cutover token list` shows them",
+                                r.id
+                            ))
+                        })?;
+                        token.revoked_at_ms.get_or_insert(cutover_common::now_ms());
+                        Ok::<_, Status>(Some(token))
+                    })
+                    .await?
+                    .expect("a revocation leaves the token");
                 Ok(token_to_pb(&token))
             },
         )

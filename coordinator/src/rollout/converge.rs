@@ -67,7 +67,9 @@ impl Rollouts {
         let views = self.registry.list();
         let currents: Vec<ReleaseRecord> = self
             .store
-            .all_releases()?
+            .releases
+            .all()
+            .await?
             .into_iter()
             .filter(|r| r.current)
             .collect();
@@ -105,7 +107,7 @@ impl Rollouts {
         // Nodes of the environment as it is pinned now, and selected by no
         // other environment's current release of the service: a node two
         // environments claim is not moved back and forth.
-        let pinned = self.store.environment(env)?;
+        let pinned = self.store.releases.environment(env).await?;
         let views: Vec<NodeView> = views
             .iter()
             .filter(|v| {
@@ -120,8 +122,8 @@ impl Rollouts {
             })
             .cloned()
             .collect();
-        let last = self.store.outcome(env, service)?;
-        let history = self.store.releases(env, service)?;
+        let last = self.store.releases.outcome(env, service).await?;
+        let history = self.store.releases.history(env, service).await?;
         let (drifted, due) = decide(current, last.as_ref(), &history, &views, backoff, now);
         if due.is_empty() {
             return Ok(drifted);
@@ -131,9 +133,10 @@ impl Rollouts {
         // looked: converge only to what is still current, and only if its
         // outcome still allows it.
         let still_current = self
-            .current_release(env, service)?
+            .current_release(env, service)
+            .await?
             .is_some_and(|r| r.id() == current.release.id());
-        if !still_current || self.store.outcome(env, service)? != last {
+        if !still_current || self.store.releases.outcome(env, service).await? != last {
             return Ok(drifted);
         }
         let mut strategy = current.strategy.clone();
@@ -150,7 +153,7 @@ impl Rollouts {
             deployment: String::new(),
             warning: None,
         };
-        let mut plan = match self.plan(target, true) {
+        let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,
             // A deploy got in first: it decides now.
             Err(RolloutError::Locked { .. } | RolloutError::Claimed { .. }) => return Ok(drifted),
@@ -158,7 +161,13 @@ impl Rollouts {
         };
         plan.nodes.retain(|n| due.contains(&n.id));
         plan.skipped.clear();
-        if let Started::Rollout(rollout) = self.launch(plan, CONVERGER)? {
+        let started = match self.launch(plan, CONVERGER).await {
+            Ok(started) => started,
+            // A deploy got in first: it decides now.
+            Err(RolloutError::Locked { .. } | RolloutError::Claimed { .. }) => return Ok(drifted),
+            Err(error) => return Err(error),
+        };
+        if let Started::Rollout(rollout) = started {
             tracing::warn!(
                 rollout = %rollout.id,
                 %env,

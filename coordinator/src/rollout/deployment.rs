@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{Rollout, RolloutKind, RolloutState, StoredRelease};
 use super::{RollbackRequest, RolloutError, Rollouts, Started};
 use crate::spec::Strategy;
-use crate::store::StoreError;
+use crate::store::{LockHolder, StoreError};
 
 /// Finished deployments kept; older ones are deleted.
 const FINISHED_DEPLOYMENTS_KEPT: usize = 200;
@@ -124,24 +124,13 @@ pub struct Deployment {
     pub error: String,
 }
 
-impl Deployment {
-    /// Whether the deployment holds `service` of `env`: every service of a
-    /// deployment that runs, the ones still to roll out and the ones it may
-    /// have to roll back, is its own until it ends.
-    pub fn claims(&self, env: &str, service: &str) -> bool {
-        !self.state.is_terminal()
-            && self.env == env
-            && self.steps.iter().any(|s| s.service == service)
-    }
-}
-
 impl Rollouts {
     /// Stores a new deployment and starts its driver.
-    pub(super) fn start_deployment(
+    pub(super) async fn start_deployment(
         self: &Arc<Self>,
         deployment: Deployment,
     ) -> Result<(), StoreError> {
-        self.store.put_deployment(&deployment)?;
+        self.store.rollouts.put_deployment(&deployment).await?;
         self.record_deployment(
             &deployment,
             format!(
@@ -163,10 +152,12 @@ impl Rollouts {
 
     /// Picks up every deployment a previous run left unfinished (after the
     /// rollouts: the driver waits on them).
-    pub(super) fn recover_deployments(self: &Arc<Self>) -> Result<usize, StoreError> {
+    pub(super) async fn recover_deployments(self: &Arc<Self>) -> Result<usize, StoreError> {
         let unfinished: Vec<Deployment> = self
             .store
-            .deployments()?
+            .rollouts
+            .deployments()
+            .await?
             .into_iter()
             .filter(|d| !d.state.is_terminal())
             .collect();
@@ -178,9 +169,11 @@ impl Rollouts {
         Ok(count)
     }
 
-    pub fn deployment(&self, id: &str) -> Result<Deployment, RolloutError> {
+    pub async fn deployment(&self, id: &str) -> Result<Deployment, RolloutError> {
         self.store
-            .deployment(id)?
+            .rollouts
+            .deployment(id)
+            .await?
             .ok_or_else(|| RolloutError::NotFound(id.to_string()))
     }
 
@@ -201,7 +194,7 @@ impl Rollouts {
             if !turned {
                 return; // shutting down; the next start resumes
             }
-            while let Err(error) = self.store.put_deployment(&d) {
+            while let Err(error) = self.store.rollouts.put_deployment(&d).await {
                 tracing::error!(deployment = %d.id, %error, "cannot persist the deployment; retrying");
                 tokio::select! {
                     _ = self.shutdown.cancelled() => return,
@@ -209,8 +202,17 @@ impl Rollouts {
                 }
             }
         }
-        if let Err(error) = self.prune_deployments() {
+        self.free_deployment(&d).await;
+        if let Err(error) = self.prune_deployments().await {
             tracing::error!(%error, "cannot prune old deployments");
+        }
+    }
+
+    /// Frees every service of a deployment that ended (or never started).
+    pub(super) async fn free_deployment(&self, d: &Deployment) {
+        let holder = LockHolder::Deployment(d.id.clone());
+        for step in &d.steps {
+            self.free_service(&d.env, &step.service, &holder).await;
         }
     }
 
@@ -370,28 +372,33 @@ impl Rollouts {
         i: usize,
     ) -> Result<Option<Rollout>, RolloutError> {
         let step = &d.steps[i];
-        if let Some(rollout) = self.started_for(d, &step.service, RolloutKind::Deploy)? {
+        if let Some(rollout) = self
+            .started_for(d, &step.service, RolloutKind::Deploy)
+            .await?
+        {
             return Ok(Some(rollout));
         }
         let _creating = self.create.lock().await;
         self.make_way(&d.env, &step.service, &d.created_by).await;
-        let previous = self.current_release(&d.env, &step.service)?;
-        let plan = self.plan(
-            super::Target {
-                app: d.app.clone(),
-                env: d.env.clone(),
-                service: step.service.clone(),
-                kind: RolloutKind::Deploy,
-                release: step.release.0.clone(),
-                previous,
-                selector: step.selector.clone(),
-                strategy: step.strategy.clone(),
-                deployment: d.id.clone(),
-                warning: None,
-            },
-            d.allow_unreachable,
-        )?;
-        Ok(match self.launch(plan, &d.created_by)? {
+        let previous = self.current_release(&d.env, &step.service).await?;
+        let plan = self
+            .plan(
+                super::Target {
+                    app: d.app.clone(),
+                    env: d.env.clone(),
+                    service: step.service.clone(),
+                    kind: RolloutKind::Deploy,
+                    release: step.release.0.clone(),
+                    previous,
+                    selector: step.selector.clone(),
+                    strategy: step.strategy.clone(),
+                    deployment: d.id.clone(),
+                    warning: None,
+                },
+                d.allow_unreachable,
+            )
+            .await?;
+        Ok(match self.launch(plan, &d.created_by).await? {
             Started::Rollout(rollout) => Some(*rollout),
             Started::NoOp { .. } => None,
         })
@@ -405,7 +412,7 @@ impl Rollouts {
         j: usize,
     ) -> Result<Option<String>, RolloutError> {
         let service = d.steps[j].service.clone();
-        if let Some(rollout) = self.started_for(d, &service, RolloutKind::Rollback)? {
+        if let Some(rollout) = self.started_for(d, &service, RolloutKind::Rollback).await? {
             return Ok(Some(rollout.id));
         }
         let Some(previous) = d.steps[j].previous.clone() else {
@@ -432,7 +439,7 @@ impl Rollouts {
     }
 
     /// The rollout of `kind` this deployment started for `service`, if any.
-    fn started_for(
+    async fn started_for(
         &self,
         d: &Deployment,
         service: &str,
@@ -440,7 +447,9 @@ impl Rollouts {
     ) -> Result<Option<Rollout>, StoreError> {
         Ok(self
             .store
-            .rollouts()?
+            .rollouts
+            .list()
+            .await?
             .into_iter()
             .find(|r| r.deployment == d.id && r.service == service && r.kind == kind))
     }
@@ -462,7 +471,7 @@ impl Rollouts {
                     _ = ended => {}
                 }
             }
-            match self.get(id) {
+            match self.get(id).await {
                 Ok(rollout) if rollout.state.is_terminal() => return Some(Ok(rollout)),
                 Ok(_) => {}
                 Err(error @ RolloutError::NotFound(_)) => return Some(Err(error)),
@@ -503,21 +512,21 @@ impl Rollouts {
             node_name: String::new(),
             message,
         };
-        if let Err(error) = self.store.append_event(event) {
-            tracing::error!(%error, "cannot record a deployment event");
-        }
+        self.registry.journal().event(event);
     }
 
-    fn prune_deployments(&self) -> Result<(), StoreError> {
+    async fn prune_deployments(&self) -> Result<(), StoreError> {
         let finished: Vec<Deployment> = self
             .store
-            .deployments()?
+            .rollouts
+            .deployments()
+            .await?
             .into_iter()
             .filter(|d| d.state.is_terminal())
             .collect();
         let excess = finished.len().saturating_sub(FINISHED_DEPLOYMENTS_KEPT);
         for old in &finished[..excess] {
-            self.store.delete_deployment(&old.id)?;
+            self.store.rollouts.delete_deployment(&old.id).await?;
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use super::model::Rollout;
 use super::{RolloutError, Rollouts};
 use crate::registry::{Registry, RegistryError};
 use crate::secrets::{SecretError, Secrets};
-use crate::store::{NewEvent, NodeStatus};
+use crate::store::{LockHolder, NewEvent, NodeStatus};
 
 /// How often a running rollout looks at heartbeats and deadlines.
 const TICK: Duration = Duration::from_millis(250);
@@ -45,9 +45,7 @@ impl Rollouts {
             node_name: node.to_string(),
             message: format!("{} {kind}: {message}", rollout.id),
         };
-        if let Err(error) = self.store.append_event(event) {
-            tracing::error!(%error, "cannot record a rollout event");
-        }
+        self.registry.journal().event(event);
     }
 
     pub(super) fn spawn(self: &Arc<Self>, rollout: Rollout, first: Input) {
@@ -85,7 +83,7 @@ impl Rollouts {
         match (sent, answer.await) {
             (true, Ok(rollout)) => Ok(rollout),
             _ => {
-                let rollout = self.get(id)?;
+                let rollout = self.get(id).await?;
                 Err(RolloutError::Finished {
                     id: id.to_string(),
                     state: rollout.state.as_str(),
@@ -129,11 +127,11 @@ impl Rollouts {
                 // deploy lock is free, and the next deploy must find the
                 // release this one made current. A crash in between only
                 // redoes the end after the restart.
-                self.finished(&rollout);
+                self.finished(&rollout).await;
             }
             if rollout != before {
                 // Durable before anything it implies is sent.
-                while let Err(error) = self.store.put_rollout(&rollout) {
+                while let Err(error) = self.store.rollouts.put(&rollout).await {
                     tracing::error!(rollout = %rollout.id, %error, "cannot persist the rollout; retrying");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return abort_all(commands),
@@ -143,6 +141,12 @@ impl Rollouts {
                 for entry in &rollout.timeline[before.timeline.len().min(rollout.timeline.len())..]
                 {
                     self.record(&rollout, &entry.kind, &entry.node, entry.message.clone());
+                }
+                if rollout.state.is_terminal() && rollout.deployment.is_empty() {
+                    // A deployment's rollouts run under its lock.
+                    let holder = LockHolder::Rollout(rollout.id.clone());
+                    self.free_service(&rollout.env, &rollout.service, &holder)
+                        .await;
                 }
                 watch.send_replace(Arc::new(rollout.clone()));
             }
@@ -224,7 +228,7 @@ impl Rollouts {
 }
 
 /// Fills an activation's `secret_values` from the secret store.
-fn add_secret_values(
+async fn add_secret_values(
     secrets: &Secrets,
     env: &str,
     command: &mut pb::Command,
@@ -238,7 +242,7 @@ fn add_secret_values(
         .map(|r| r.secrets.clone())
         .unwrap_or_default();
     for secret in refs {
-        let value = secrets.value(env, &secret.name, secret.version)?;
+        let value = secrets.value(env, &secret.name, secret.version).await?;
         activate.secret_values.insert(secret.name, value);
     }
     Ok(())
@@ -264,7 +268,7 @@ async fn deliver(
     let command_id = send.command.command_id.clone();
     // Secret values join the command here, on its way out: the rollout
     // record (and anything else stored) holds only names and versions.
-    if let Err(error) = add_secret_values(&secrets, &env, &mut send.command) {
+    if let Err(error) = add_secret_values(&secrets, &env, &mut send.command).await {
         let _ = results.send(Input::Result {
             command_id,
             outcome: Outcome::Failed(error.to_string()),

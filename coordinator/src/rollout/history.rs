@@ -17,7 +17,7 @@ const FINISHED_ROLLOUTS_KEPT: usize = 1000;
 
 impl Rollouts {
     /// Settles the release history and metrics of a rollout that ended.
-    pub(super) fn finished(&self, rollout: &Rollout) {
+    pub(super) async fn finished(&self, rollout: &Rollout) {
         let seconds = (rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms)
             - rollout.created_at_ms) as f64
             / 1000.0;
@@ -31,13 +31,13 @@ impl Rollouts {
             auto_rollback: rollout.strategy.auto_rollback,
             at_ms: rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms),
         };
-        if let Err(error) = self.store.put_outcome(&outcome) {
+        if let Err(error) = self.store.releases.put_outcome(&outcome).await {
             tracing::error!(rollout = %rollout.id, %error, "cannot record how the rollout ended");
         }
-        if let Err(error) = self.settle_history(rollout) {
+        if let Err(error) = self.settle_history(rollout).await {
             tracing::error!(rollout = %rollout.id, %error, "cannot update the release history");
         }
-        if let Err(error) = self.prune_rollouts() {
+        if let Err(error) = self.prune_rollouts().await {
             tracing::error!(%error, "cannot prune old rollouts");
         }
     }
@@ -45,18 +45,22 @@ impl Rollouts {
     /// Keeps the newest finished rollouts; convergences, which a node that
     /// cannot converge repeats, have a smaller share of their own so they
     /// never push operators' rollouts out.
-    fn prune_rollouts(&self) -> Result<(), StoreError> {
+    async fn prune_rollouts(&self) -> Result<(), StoreError> {
         // A deployment that runs still reads the rollouts of its steps.
         let running_deployments: HashSet<String> = self
             .store
-            .deployments()?
+            .rollouts
+            .deployments()
+            .await?
             .into_iter()
             .filter(|d| !d.state.is_terminal())
             .map(|d| d.id)
             .collect();
         let (converges, others): (Vec<Rollout>, Vec<Rollout>) = self
             .store
-            .rollouts()?
+            .rollouts
+            .list()
+            .await?
             .into_iter()
             .filter(|r| r.state.is_terminal() && !running_deployments.contains(&r.deployment))
             .partition(|r| r.kind == RolloutKind::Converge);
@@ -66,14 +70,18 @@ impl Rollouts {
         ] {
             let excess = finished.len().saturating_sub(kept);
             for old in &finished[..excess] {
-                self.store.delete_rollout(&old.id)?;
+                self.store.rollouts.delete(&old.id).await?;
             }
         }
         Ok(())
     }
 
-    fn settle_history(&self, rollout: &Rollout) -> Result<(), StoreError> {
-        let mut history = self.store.releases(&rollout.env, &rollout.service)?;
+    async fn settle_history(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        let mut history = self
+            .store
+            .releases
+            .history(&rollout.env, &rollout.service)
+            .await?;
         let target = rollout.release.id();
         let from = rollout.previous.as_ref().map(|p| p.id().to_string());
         let succeeded = rollout.state == RolloutState::Succeeded;
@@ -107,7 +115,7 @@ impl Rollouts {
                 };
             }
             if *record != before {
-                self.store.put_release(record)?;
+                self.store.releases.put(record).await?;
             }
         }
         // Keep the newest few, and always the current one.
@@ -116,7 +124,9 @@ impl Rollouts {
             kept += 1;
             if kept > RELEASES_KEPT && !record.current {
                 self.store
-                    .delete_release(&record.env, &record.service, record.release.id())?;
+                    .releases
+                    .delete(&record.env, &record.service, record.release.id())
+                    .await?;
             }
         }
         Ok(())

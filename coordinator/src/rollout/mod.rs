@@ -11,6 +11,7 @@ pub mod engine;
 #[cfg(test)]
 mod engine_tests;
 mod history;
+mod locks;
 pub mod model;
 mod planner;
 mod rollback;
@@ -99,15 +100,17 @@ pub enum Started {
 }
 
 pub struct Rollouts {
-    store: Arc<dyn Store>,
+    store: Store,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     artifacts: Arc<crate::artifacts::ArtifactStore>,
     images: Arc<ImageResolver>,
     secrets: Arc<Secrets>,
     running: Mutex<HashMap<String, Handle>>,
-    /// Held while checking the deploy lock and creating, so two deploys of
-    /// one service cannot both pass the check.
+    /// Orders this coordinator's check-then-create sequences (the
+    /// converger's second look, a deploy's checks of several services).
+    /// What makes a service exclusive, also across coordinators, is the
+    /// deploy lock in the store (`locks.rs`).
     create: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -115,7 +118,7 @@ pub struct Rollouts {
 
 impl Rollouts {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         artifacts: Arc<crate::artifacts::ArtifactStore>,
@@ -139,10 +142,13 @@ impl Rollouts {
 
     /// Picks up every rollout and deployment a previous run left
     /// unfinished; returns how many.
-    pub fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
+    pub async fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
+        self.reconcile_locks().await?;
         let unfinished: Vec<Rollout> = self
             .store
-            .rollouts()?
+            .rollouts
+            .list()
+            .await?
             .into_iter()
             .filter(|r| !r.state.is_terminal())
             .collect();
@@ -151,7 +157,7 @@ impl Rollouts {
             tracing::info!(rollout = %rollout.id, state = rollout.state.as_str(), "resuming rollout after restart");
             self.spawn(rollout, Input::Recover);
         }
-        Ok(count + self.recover_deployments()?)
+        Ok(count + self.recover_deployments().await?)
     }
 
     /// Waits for the rollout tasks to stop after shutdown, within `grace`.
@@ -167,18 +173,20 @@ impl Rollouts {
 
     /// What one service started, or the deployment of several.
     /// A rollout, live when it runs, else as stored.
-    pub fn get(&self, id: &str) -> Result<Rollout, RolloutError> {
+    pub async fn get(&self, id: &str) -> Result<Rollout, RolloutError> {
         if let Some(handle) = self.running.lock().expect("rollouts lock").get(id) {
             return Ok((**handle.watch.borrow()).clone());
         }
         self.store
-            .rollout(id)?
+            .rollouts
+            .get(id)
+            .await?
             .ok_or_else(|| RolloutError::NotFound(id.to_string()))
     }
 
     /// Every rollout, newest first, live ones as they are now.
-    pub fn list(&self) -> Result<Vec<Rollout>, RolloutError> {
-        let mut all = self.store.rollouts()?;
+    pub async fn list(&self) -> Result<Vec<Rollout>, RolloutError> {
+        let mut all = self.store.rollouts.list().await?;
         let running = self.running.lock().expect("rollouts lock");
         for rollout in &mut all {
             if let Some(handle) = running.get(&rollout.id) {
@@ -198,11 +206,11 @@ impl Rollouts {
             .map(|h| h.watch.clone())
     }
 
-    pub fn release_history(
+    pub async fn release_history(
         &self,
         env: &str,
         service: &str,
     ) -> Result<Vec<ReleaseRecord>, RolloutError> {
-        Ok(self.store.releases(env, service)?)
+        Ok(self.store.releases.history(env, service).await?)
     }
 }

@@ -16,7 +16,7 @@ use super::model::{self, NewRollout, NodeState, Rollout, RolloutKind, RolloutNod
 use super::{RolloutError, Rollouts, Started};
 use crate::images::PinnedImage;
 use crate::spec::{selects, AppSpec, Resolved, Strategy};
-use crate::store::{NodeStatus, ReleaseRecord, ReleaseState, StoreError};
+use crate::store::{LockHolder, NodeStatus, ReleaseRecord, ReleaseState, StoreError};
 
 /// How long an operator's deploy waits for a convergence it aborted.
 const CONVERGE_YIELD: Duration = Duration::from_secs(60);
@@ -88,23 +88,27 @@ impl Rollouts {
         for resolved in resolved {
             self.make_way(&resolved.env, &resolved.service, &request.by)
                 .await;
-            let previous = self.current_release(&resolved.env, &resolved.service)?;
-            let plan = self.plan(
-                Target {
-                    app: resolved.app,
-                    env: resolved.env,
-                    service: resolved.service,
-                    kind: RolloutKind::Deploy,
-                    release: resolved.release,
-                    previous,
-                    selector: resolved.selector,
-                    strategy: resolved.strategy,
-                    deployment: String::new(),
-                    warning: None,
-                },
-                request.allow_unreachable,
-            )?;
-            started.push(self.launch(plan, &request.by)?);
+            let previous = self
+                .current_release(&resolved.env, &resolved.service)
+                .await?;
+            let plan = self
+                .plan(
+                    Target {
+                        app: resolved.app,
+                        env: resolved.env,
+                        service: resolved.service,
+                        kind: RolloutKind::Deploy,
+                        release: resolved.release,
+                        previous,
+                        selector: resolved.selector,
+                        strategy: resolved.strategy,
+                        deployment: String::new(),
+                        warning: None,
+                    },
+                    request.allow_unreachable,
+                )
+                .await?;
+            started.push(self.launch(plan, &request.by).await?);
         }
         Ok(Deployed::Alone(started))
     }
@@ -117,7 +121,7 @@ impl Rollouts {
         let spec = AppSpec::parse(&request.spec_text, file)?;
         let services = spec.services_for(request.service.as_deref(), file)?;
         let environment = spec.environment(file, &request.env)?;
-        self.pin_environment(request, &environment.nodes)?;
+        self.pin_environment(request, &environment.nodes).await?;
         let (pinned, images) = self.pin_images(&spec, &services, request).await?;
         // After what is wrong with the request itself: a missing artifact is
         // the last thing to complain about.
@@ -143,7 +147,7 @@ impl Rollouts {
             })
             .collect::<Result<Vec<_>, _>>()?;
         for service in &mut resolved {
-            self.pin_secrets(service)?;
+            self.pin_secrets(service).await?;
         }
         Ok(resolved)
     }
@@ -153,12 +157,12 @@ impl Rollouts {
     /// at production's nodes. The first deploy pins it (only someone allowed
     /// to: an admin or an unlimited deployer), later specs must select the
     /// same nodes unless such a caller changes it.
-    fn pin_environment(
+    async fn pin_environment(
         &self,
         request: &DeployRequest,
         selector: &BTreeMap<String, String>,
     ) -> Result<(), RolloutError> {
-        let pinned = self.store.environment(&request.env)?;
+        let pinned = self.store.releases.environment(&request.env).await?;
         if pinned.as_ref() == Some(selector) {
             return Ok(());
         }
@@ -176,7 +180,10 @@ impl Rollouts {
                 ),
             }));
         }
-        self.store.put_environment(&request.env, selector)?;
+        self.store
+            .releases
+            .pin_environment(&request.env, selector)
+            .await?;
         tracing::info!(env = %request.env, selector = %show_selector(selector), by = %request.by, "environment pinned");
         Ok(())
     }
@@ -211,10 +218,10 @@ impl Rollouts {
 
     /// Secrets are pinned to their current versions, which the release id
     /// covers: a new version is a new release, rolled out like one.
-    fn pin_secrets(&self, service: &mut Resolved) -> Result<(), RolloutError> {
+    async fn pin_secrets(&self, service: &mut Resolved) -> Result<(), RolloutError> {
         let release = &mut service.release;
         for secret in &mut release.secrets {
-            secret.version = self.secrets.current(&service.env, &secret.name)?;
+            secret.version = self.secrets.current(&service.env, &secret.name).await?;
         }
         if !release.secrets.is_empty() {
             release.release_id = crate::spec::release_id(release);
@@ -241,32 +248,57 @@ impl Rollouts {
             }
             // The same checks the driver meets at each step, now, so a
             // deploy that cannot start is refused whole.
-            let checked = self.plan(
-                Target {
-                    app: service.app.clone(),
-                    env: service.env.clone(),
-                    service: service.service.clone(),
-                    kind: RolloutKind::Deploy,
-                    release: service.release.clone(),
-                    previous: None,
-                    selector: service.selector.clone(),
-                    strategy: service.strategy.clone(),
-                    deployment: String::new(),
-                    warning: None,
-                },
-                request.allow_unreachable,
-            );
+            let checked = self
+                .plan(
+                    Target {
+                        app: service.app.clone(),
+                        env: service.env.clone(),
+                        service: service.service.clone(),
+                        kind: RolloutKind::Deploy,
+                        release: service.release.clone(),
+                        previous: None,
+                        selector: service.selector.clone(),
+                        strategy: service.strategy.clone(),
+                        deployment: String::new(),
+                        warning: None,
+                    },
+                    request.allow_unreachable,
+                )
+                .await;
             match checked {
                 Ok(_) => {}
                 Err(RolloutError::Locked { id, .. })
-                    if i > 0 && self.get(&id).is_ok_and(|r| r.kind == RolloutKind::Converge) => {}
+                    if i > 0
+                        && self
+                            .get(&id)
+                            .await
+                            .is_ok_and(|r| r.kind == RolloutKind::Converge) => {}
                 Err(error) => return Err(error),
             }
         }
         let first = &resolved[0];
         let now = now_ms();
+        let id = format!(
+            "{}-d{}",
+            first.app,
+            self.store.rollouts.next_number().await?
+        );
+        // Every service is the deployment's until it ends; if one cannot be
+        // taken (a deploy got in since the checks), none stays taken.
+        let holder = LockHolder::Deployment(id.clone());
+        for (i, service) in resolved.iter().enumerate() {
+            if let Err(error) = self
+                .take_service(&service.env, &service.service, holder.clone())
+                .await
+            {
+                for taken in &resolved[..i] {
+                    self.free_service(&taken.env, &taken.service, &holder).await;
+                }
+                return Err(error);
+            }
+        }
         let deployment = Deployment {
-            id: format!("{}-d{}", first.app, self.store.next_rollout_number()?),
+            id,
             app: first.app.clone(),
             env: first.env.clone(),
             state: DeploymentState::Running,
@@ -289,7 +321,10 @@ impl Rollouts {
             finished_at_ms: None,
             error: String::new(),
         };
-        self.start_deployment(deployment.clone())?;
+        if let Err(error) = self.start_deployment(deployment.clone()).await {
+            self.free_deployment(&deployment).await;
+            return Err(error.into());
+        }
         Ok(deployment)
     }
 
@@ -330,62 +365,27 @@ impl Rollouts {
         .await;
     }
 
-    pub(super) fn current_release(
+    pub(super) async fn current_release(
         &self,
         env: &str,
         service: &str,
     ) -> Result<Option<StoredRelease>, StoreError> {
         Ok(self
             .store
-            .releases(env, service)?
-            .into_iter()
-            .find(|r| r.current)
+            .releases
+            .current(env, service)
+            .await?
             .map(|r| r.release))
     }
 
-    /// Whether anything but `deployment` holds `service` of `env`: a
-    /// running rollout of it, or a deployment that has yet to roll it out.
-    pub(super) fn check_free(
-        &self,
-        env: &str,
-        service: &str,
-        deployment: &str,
-    ) -> Result<(), RolloutError> {
-        if let Some(running) = self
-            .store
-            .rollouts()?
-            .into_iter()
-            .find(|r| !r.state.is_terminal() && r.env == env && r.service == service)
-        {
-            return Err(RolloutError::Locked {
-                id: running.id,
-                state: running.state.as_str(),
-                env: env.to_string(),
-                service: service.to_string(),
-            });
-        }
-        if let Some(claimed) = self
-            .store
-            .deployments()?
-            .into_iter()
-            .find(|d| d.id != deployment && d.claims(env, service))
-        {
-            return Err(RolloutError::Claimed {
-                deployment: claimed.id,
-                env: env.to_string(),
-                service: service.to_string(),
-            });
-        }
-        Ok(())
-    }
-
     /// Picks the nodes of `target`, once nothing else holds its service.
-    pub(super) fn plan(
+    pub(super) async fn plan(
         &self,
         target: Target,
         allow_unreachable: bool,
     ) -> Result<Plan, RolloutError> {
-        self.check_free(&target.env, &target.service, &target.deployment)?;
+        self.check_free(&target.env, &target.service, &target.deployment)
+            .await?;
         let (env, service, selector, release) = (
             target.env.clone(),
             target.service.clone(),
@@ -441,7 +441,13 @@ impl Rollouts {
         })
     }
 
-    pub(super) fn launch(self: &Arc<Self>, plan: Plan, by: &str) -> Result<Started, RolloutError> {
+    /// Creates and starts the rollout of a plan, with the deploy lock of
+    /// its service: its own, or its deployment's.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        plan: Plan,
+        by: &str,
+    ) -> Result<Started, RolloutError> {
         let Plan {
             target: plan_target,
             nodes,
@@ -464,8 +470,40 @@ impl Rollouts {
                 release_id,
             });
         }
-        let number = self.store.next_rollout_number()?;
+        let number = self.store.rollouts.next_number().await?;
         let id = format!("{}-{number}", plan_target.service);
+        let holder = match plan_target.deployment.as_str() {
+            "" => LockHolder::Rollout(id.clone()),
+            deployment => LockHolder::Deployment(deployment.to_string()),
+        };
+        self.take_service(&plan_target.env, &plan_target.service, holder.clone())
+            .await?;
+        let (env, service) = (plan_target.env.clone(), plan_target.service.clone());
+        match self
+            .create_rollout(id, plan_target, nodes, skipped, by)
+            .await
+        {
+            Ok(rollout) => Ok(Started::Rollout(Box::new(rollout))),
+            Err(error) => {
+                if matches!(holder, LockHolder::Rollout(_)) {
+                    self.free_service(&env, &service, &holder).await;
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Stores a new rollout (and its release record) and starts its
+    /// driver, its service's lock taken.
+    async fn create_rollout(
+        self: &Arc<Self>,
+        id: String,
+        plan_target: Target,
+        nodes: Vec<RolloutNode>,
+        skipped: Vec<String>,
+        by: &str,
+    ) -> Result<Rollout, StoreError> {
+        let release_id = plan_target.release.release_id.clone();
         let nonce: u32 = rand::random();
         let now = now_ms();
         let mut rollout = Rollout::new(NewRollout {
@@ -509,29 +547,33 @@ impl Rollouts {
             // it current and stable whatever this rollout's outcome.
             let current = self
                 .store
-                .releases(&plan_target.env, &plan_target.service)?
-                .into_iter()
-                .any(|r| r.current && r.release.id() == release_id);
-            self.store.put_release(&ReleaseRecord {
-                app: plan_target.app,
-                env: plan_target.env,
-                service: plan_target.service,
-                release: rollout.release.clone(),
-                state: if current {
-                    ReleaseState::Stable
-                } else {
-                    ReleaseState::Deploying
-                },
-                current,
-                deployed_by: by.to_string(),
-                deployed_at_ms: now,
-                rollout_id: id.clone(),
-                selector: plan_target.selector,
-                strategy: plan_target.strategy,
-                note: String::new(),
-            })?;
+                .releases
+                .current(&plan_target.env, &plan_target.service)
+                .await?
+                .is_some_and(|r| r.release.id() == release_id);
+            self.store
+                .releases
+                .put(&ReleaseRecord {
+                    app: plan_target.app,
+                    env: plan_target.env,
+                    service: plan_target.service,
+                    release: rollout.release.clone(),
+                    state: if current {
+                        ReleaseState::Stable
+                    } else {
+                        ReleaseState::Deploying
+                    },
+                    current,
+                    deployed_by: by.to_string(),
+                    deployed_at_ms: now,
+                    rollout_id: id.clone(),
+                    selector: plan_target.selector,
+                    strategy: plan_target.strategy,
+                    note: String::new(),
+                })
+                .await?;
         }
-        self.store.put_rollout(&rollout)?;
+        self.store.rollouts.put(&rollout).await?;
         self.record(
             &rollout,
             "rollout_created",
@@ -542,7 +584,7 @@ impl Rollouts {
             ),
         );
         self.spawn(rollout.clone(), Input::Start);
-        Ok(Started::Rollout(Box::new(rollout)))
+        Ok(rollout)
     }
 }
 

@@ -51,8 +51,8 @@ impl Rollouts {
         self.make_way(env, service, by).await;
         // A running rollout is the answer to "why not", before any question
         // of which release to return to.
-        self.check_free(env, service, &request.deployment)?;
-        let history = self.store.releases(env, service)?;
+        self.check_free(env, service, &request.deployment).await?;
+        let history = self.store.releases.history(env, service).await?;
         if history.is_empty() {
             return Err(RolloutError::NoRollbackTarget(format!(
                 "{service} has no releases in {env}; check the names with `cutover releases`"
@@ -83,27 +83,29 @@ impl Rollouts {
                 }
             )));
         }
-        let plan = self.plan(
-            Target {
-                app: target.app.clone(),
-                env: env.clone(),
-                service: service.clone(),
-                kind: RolloutKind::Rollback,
-                release: target.release.0.clone(),
-                previous: current.map(|c| c.release.clone()),
-                selector: target.selector.clone(),
-                strategy: target.strategy.clone(),
-                deployment: request.deployment.clone(),
-                warning: (!proven).then(|| {
-                    format!(
-                        "{by} forced a rollback to {}, which is {}",
-                        target.release.id(),
-                        target.state.as_str()
-                    )
-                }),
-            },
-            request.allow_unreachable,
-        )?;
-        self.launch(plan, by)
+        let plan = self
+            .plan(
+                Target {
+                    app: target.app.clone(),
+                    env: env.clone(),
+                    service: service.clone(),
+                    kind: RolloutKind::Rollback,
+                    release: target.release.0.clone(),
+                    previous: current.map(|c| c.release.clone()),
+                    selector: target.selector.clone(),
+                    strategy: target.strategy.clone(),
+                    deployment: request.deployment.clone(),
+                    warning: (!proven).then(|| {
+                        format!(
+                            "{by} forced a rollback to {}, which is {}",
+                            target.release.id(),
+                            target.state.as_str()
+                        )
+                    }),
+                },
+                request.allow_unreachable,
+            )
+            .await?;
+        self.launch(plan, by).await
     }
 }

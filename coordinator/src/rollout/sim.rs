@@ -90,6 +90,18 @@ fn release(id: &str) -> StoredRelease {
     })
 }
 
+/// A plain rolling strategy: one node at a time, rolled back on failure.
+pub fn strategy() -> Strategy {
+    Strategy {
+        batch: BatchSize::Count(1),
+        max_unavailable: 0,
+        min_healthy_time_ms: 0,
+        progress_deadline_ms: 1000,
+        auto_rollback: true,
+        prepare_parallelism: 1,
+    }
+}
+
 pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
     Rollout::new(NewRollout {
         id: "web-1".into(),

@@ -1,0 +1,408 @@
+//! The records the store keeps, domain by domain: plain data, serialized as
+//! JSON by the repositories.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rollout::model::StoredRelease;
+use crate::spec::Strategy;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Ready,
+    Unreachable,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// The last figures a node reported.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    pub cpu_percent: f64,
+    pub load_1: f64,
+    pub load_5: f64,
+    pub load_15: f64,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub uptime_seconds: u64,
+    /// Disk the node's release dirs and cached artifacts take.
+    #[serde(default)]
+    pub release_disk_bytes: u64,
+}
+
+/// A node as the coordinator knows it, kept across coordinator restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    pub capabilities: Vec<String>,
+    pub status: NodeStatus,
+    pub registered_at_ms: i64,
+    pub last_seen_ms: i64,
+    pub figures: Option<Figures>,
+    /// What the node last reported running, service by service.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+    /// When `services` was reported (a heartbeat), unlike `last_seen_ms`,
+    /// which a reconnect's hello also moves: a rollout must not take a
+    /// report from before a node's switch for a fresh one.
+    #[serde(default)]
+    pub services_at_ms: i64,
+    /// The serial of the certificate the node last connected with: what
+    /// `nodes revoke` refuses.
+    #[serde(default)]
+    pub cert_serial: String,
+    /// That certificate's expiry, ms since the epoch; 0 when unknown.
+    #[serde(default)]
+    pub cert_expires_at_ms: i64,
+    /// Common name of the CA of the newest certificate the node holds: the
+    /// one it connected with, or one it confirmed installing since.
+    #[serde(default)]
+    pub cert_ca: String,
+    /// sha256 hex of the trust bundle the node confirmed installing; empty
+    /// until a renewal on command.
+    #[serde(default)]
+    pub trust_bundle: String,
+}
+
+/// A join token as kept: its secret only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    /// sha256 of the secret part, hex.
+    pub hash: String,
+    pub labels: BTreeMap<String, String>,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// 0: unlimited.
+    pub uses: u32,
+    pub used: u32,
+    /// Nodes that joined with it.
+    pub nodes: Vec<String>,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// How the newest rollout of a service in an environment ended, of any
+/// kind: what the converger reads to tell a fleet an operator chose to
+/// leave mixed (an aborted rollout, or a failed one without auto_rollback)
+/// from one a partition left behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceOutcome {
+    pub env: String,
+    pub service: String,
+    pub rollout_id: String,
+    pub kind: crate::rollout::model::RolloutKind,
+    pub state: crate::rollout::model::RolloutState,
+    pub auto_rollback: bool,
+    pub at_ms: i64,
+}
+
+/// The newest CA rotation (`cutover ca rotate`). CAs are named by their
+/// common name, which every certificate they sign carries as its issuer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRotation {
+    pub started_at_ms: i64,
+    pub started_by: String,
+    pub old_ca: String,
+    pub new_ca: String,
+    /// When the coordinator moved its own certificate to the new CA and
+    /// stopped trusting the old one.
+    pub retired_at_ms: Option<i64>,
+    /// When every node confirmed the bundle without the old CA.
+    pub finished_at_ms: Option<i64>,
+}
+
+/// A refused agent certificate (`cutover nodes revoke`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub node: String,
+    /// The certificate's serial; empty when the node never connected, and
+    /// then every certificate of that name is refused.
+    pub serial: String,
+    pub at_ms: i64,
+    pub by: String,
+}
+
+/// One service on a node, as its agent last reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub service: String,
+    pub release_id: String,
+    pub upstream: String,
+    pub listen: String,
+    pub admitted: bool,
+    pub crashes: u32,
+    pub last_exit: String,
+    pub running: bool,
+    #[serde(default)]
+    pub healthy: bool,
+    #[serde(default)]
+    pub health_detail: String,
+    #[serde(default)]
+    pub traffic: Option<Traffic>,
+}
+
+/// What the node proxy counted for the serving release.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub release_id: String,
+    pub requests: u64,
+    /// Responses by status class: 1xx to 5xx.
+    pub by_class: Vec<u64>,
+    pub upstream_failures: u64,
+    pub latency_bounds_ms: Vec<u64>,
+    /// Cumulative counts per bound, then +Inf.
+    pub latency_cumulative: Vec<u64>,
+    pub latency_sum_us: u64,
+}
+
+impl Traffic {
+    /// The upper bound (ms) of the latency bucket holding quantile `q`;
+    /// `None` without requests or when it lies in the +Inf bucket.
+    pub fn quantile_ms(&self, q: f64) -> Option<u64> {
+        latency_quantile_ms(&self.latency_bounds_ms, &self.latency_cumulative, q)
+    }
+}
+
+/// The upper bound (ms) of the cumulative histogram bucket that holds
+/// quantile `q`; `None` without data or in the +Inf bucket.
+pub fn latency_quantile_ms(bounds_ms: &[u64], cumulative: &[u64], q: f64) -> Option<u64> {
+    let total = *cumulative.last()?;
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let bucket = cumulative.iter().position(|count| *count >= rank)?;
+    bounds_ms.get(bucket).copied()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Strictly increasing, assigned by the store.
+    pub seq: u64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub node_id: String,
+    pub node_name: String,
+    pub message: String,
+}
+
+/// An event before the store gave it a sequence number.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: &'static str,
+    pub node_id: String,
+    pub node_name: String,
+    pub message: String,
+}
+
+/// An operator's access, as `cutover operator create` recorded it. An
+/// operator certificate whose name has no record was issued offline with
+/// the CA key (`cutover ca issue operator`) and is an admin: whoever holds
+/// that key can mint any identity anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRecord {
+    pub name: String,
+    pub role: OperatorRole,
+    /// Environments a deployer may change; empty: every one.
+    pub envs: Vec<String>,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    /// Set by `operator revoke`: the name is refused from then on, whatever
+    /// certificate it presents. Records are never deleted, so a revoked
+    /// name cannot fall back to being an (unrecorded) admin.
+    pub revoked_at_ms: Option<i64>,
+    /// Certificates a renewal replaced, refused until they expire.
+    #[serde(default)]
+    pub replaced: Vec<ReplacedCertificate>,
+}
+
+/// A certificate an operator renewed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplacedCertificate {
+    pub serial: String,
+    pub expires_at_ms: i64,
+    /// The serial of the certificate that replaced it.
+    #[serde(default)]
+    pub by: String,
+    /// Refused from now on: set the first time the new one is used.
+    #[serde(default)]
+    pub retired: bool,
+}
+
+impl OperatorRecord {
+    /// The record of an admin whose certificate was issued offline with the
+    /// CA key, first seen now.
+    pub fn issued_offline(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            role: OperatorRole::Admin,
+            envs: Vec::new(),
+            created_by: "ca issue (offline)".into(),
+            created_at_ms: cutover_common::now_ms(),
+            revoked_at_ms: None,
+            replaced: Vec::new(),
+        }
+    }
+
+    /// Whether the certificate with `serial` was replaced by a renewal
+    /// that is in use.
+    pub fn refuses(&self, serial: &str) -> bool {
+        !serial.is_empty()
+            && self
+                .replaced
+                .iter()
+                .any(|c| c.serial == serial && c.retired)
+    }
+
+    /// Whether `serial` is a renewed certificate used for the first time.
+    pub fn retires_with(&self, serial: &str) -> bool {
+        !serial.is_empty() && self.replaced.iter().any(|c| c.by == serial && !c.retired)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorRole {
+    Viewer,
+    Deployer,
+    Admin,
+}
+
+impl OperatorRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorRole::Viewer => "viewer",
+            OperatorRole::Deployer => "deployer",
+            OperatorRole::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "viewer" => Some(OperatorRole::Viewer),
+            "deployer" => Some(OperatorRole::Deployer),
+            "admin" => Some(OperatorRole::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A secret's kept versions, each sealed (see `secrets.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    pub env: String,
+    pub name: String,
+    /// Oldest first.
+    pub versions: Vec<SecretVersion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretVersion {
+    pub version: u32,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    /// The master key that sealed it.
+    pub key_id: String,
+    /// Hex.
+    pub nonce: String,
+    /// Hex, the AEAD tag included.
+    pub ciphertext: String,
+}
+
+/// One mutating call, as the audit log keeps it: appended, never changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at_ms: i64,
+    /// The caller's identity, e.g. "operator/alice".
+    pub who: String,
+    /// The RPC, e.g. "deploy".
+    pub action: String,
+    /// Its arguments as JSON, secrets removed.
+    pub arguments: String,
+    /// "ok", or "refused: ..." / "failed: ..." with the reason.
+    pub outcome: String,
+}
+
+/// Where a release stands in its service's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseState {
+    Deploying,
+    Stable,
+    Failed,
+    RolledBack,
+    Aborted,
+    /// It was stable; an operator (or a deployment a later service of which
+    /// failed) rolled back from it.
+    Reverted,
+}
+
+impl ReleaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseState::Deploying => "deploying",
+            ReleaseState::Stable => "stable",
+            ReleaseState::Failed => "failed",
+            ReleaseState::RolledBack => "rolled_back",
+            ReleaseState::Aborted => "aborted",
+            ReleaseState::Reverted => "reverted",
+        }
+    }
+}
+
+/// One release of a service in an environment, kept for `cutover releases`
+/// and as a rollback target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub app: String,
+    pub env: String,
+    pub service: String,
+    pub release: StoredRelease,
+    pub state: ReleaseState,
+    /// The release the environment's nodes are meant to run: the last one
+    /// that rolled out successfully.
+    pub current: bool,
+    pub deployed_by: String,
+    pub deployed_at_ms: i64,
+    pub rollout_id: String,
+    /// How it was rolled out, reused when rolling back to it.
+    pub selector: BTreeMap<String, String>,
+    pub strategy: Strategy,
+    /// Why its rollout failed, or who rolled back from it.
+    #[serde(default)]
+    pub note: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_from_cumulative_buckets() {
+        let bounds = [1, 5, 10];
+        // 50 requests under 1 ms, 45 more under 5 ms, 4 under 10, 1 slower.
+        let cumulative = [50, 95, 99, 100];
+        assert_eq!(latency_quantile_ms(&bounds, &cumulative, 0.5), Some(1));
+        assert_eq!(latency_quantile_ms(&bounds, &cumulative, 0.9), Some(5));
+        assert_eq!(latency_quantile_ms(&bounds, &cumulative, 0.99), Some(10));
+        assert_eq!(latency_quantile_ms(&bounds, &cumulative, 1.0), None, "+Inf");
+        assert_eq!(latency_quantile_ms(&bounds, &[0, 0, 0, 0], 0.5), None);
+    }
+}

@@ -1,0 +1,172 @@
+//! Rollouts, deployments, their numbering, and the deploy lock: which
+//! rollout or deployment holds each service of an environment. The lock is
+//! a record taken with a conditional write, so two coordinators sharing a
+//! backend can never both hold it.
+
+use serde::{Deserialize, Serialize};
+
+use super::backend::{Durability, Revision, Swap, Table};
+use super::kv::Kv;
+use super::StoreError;
+use crate::rollout::deployment::Deployment;
+use crate::rollout::model::Rollout;
+
+#[derive(Clone)]
+pub struct RolloutRepo {
+    kv: Kv,
+}
+
+/// What holds a service: one rollout, or a deployment of several services
+/// (for all of them, from its start until it ends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
+pub enum LockHolder {
+    Rollout(String),
+    Deployment(String),
+}
+
+/// The deploy lock of one service in one environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceLock {
+    pub env: String,
+    pub service: String,
+    pub holder: LockHolder,
+    pub at_ms: i64,
+}
+
+fn lock_key(env: &str, service: &str) -> Vec<u8> {
+    format!("{env}\0{service}").into_bytes()
+}
+
+impl RolloutRepo {
+    pub(super) fn new(kv: Kv) -> Self {
+        Self { kv }
+    }
+
+    /// Writes a rollout durably: when this returns, a crash keeps it.
+    pub async fn put(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        self.kv
+            .put(
+                Table::Rollouts,
+                rollout.id.as_bytes(),
+                rollout,
+                Durability::Durable,
+            )
+            .await
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
+        self.kv.get(Table::Rollouts, id.as_bytes()).await
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.kv
+            .delete(Table::Rollouts, id.as_bytes(), Durability::Lazy)
+            .await
+            .map(drop)
+    }
+
+    /// Every stored rollout, oldest first.
+    pub async fn list(&self) -> Result<Vec<Rollout>, StoreError> {
+        let mut all: Vec<Rollout> = self.kv.list(Table::Rollouts, b"").await?;
+        all.sort_by_key(|r| r.created_at_ms);
+        Ok(all)
+    }
+
+    /// A number never handed out before, for rollout and deployment ids.
+    pub async fn next_number(&self) -> Result<u64, StoreError> {
+        self.kv.next_number("rollouts").await
+    }
+
+    /// Writes a deployment durably.
+    pub async fn put_deployment(&self, deployment: &Deployment) -> Result<(), StoreError> {
+        self.kv
+            .put(
+                Table::Deployments,
+                deployment.id.as_bytes(),
+                deployment,
+                Durability::Durable,
+            )
+            .await
+    }
+
+    pub async fn deployment(&self, id: &str) -> Result<Option<Deployment>, StoreError> {
+        self.kv.get(Table::Deployments, id.as_bytes()).await
+    }
+
+    /// Every stored deployment, oldest first.
+    pub async fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+        let mut all: Vec<Deployment> = self.kv.list(Table::Deployments, b"").await?;
+        all.sort_by_key(|d| d.created_at_ms);
+        Ok(all)
+    }
+
+    pub async fn delete_deployment(&self, id: &str) -> Result<(), StoreError> {
+        self.kv
+            .delete(Table::Deployments, id.as_bytes(), Durability::Lazy)
+            .await
+            .map(drop)
+    }
+
+    /// Who holds a service now, with the revision a takeover must name.
+    pub async fn lock(
+        &self,
+        env: &str,
+        service: &str,
+    ) -> Result<Option<(ServiceLock, Revision)>, StoreError> {
+        self.kv
+            .get_versioned(Table::Locks, &lock_key(env, service))
+            .await
+    }
+
+    /// Takes a service for `lock.holder` if it is free (`replacing` is
+    /// `None`) or still held as read at `replacing` (a takeover from a
+    /// holder that ended). Whether it was taken: false when anyone else
+    /// wrote the lock in between.
+    pub async fn take_lock(
+        &self,
+        lock: &ServiceLock,
+        replacing: Option<Revision>,
+    ) -> Result<bool, StoreError> {
+        let key = lock_key(&lock.env, &lock.service);
+        Ok(self
+            .kv
+            .swap(Table::Locks, &key, replacing, Some(lock))
+            .await?
+            == Swap::Done)
+    }
+
+    /// Frees a service if `holder` holds it; whether it did.
+    pub async fn release_lock(
+        &self,
+        env: &str,
+        service: &str,
+        holder: &LockHolder,
+    ) -> Result<bool, StoreError> {
+        let key = lock_key(env, service);
+        loop {
+            let Some((lock, revision)) = self
+                .kv
+                .get_versioned::<ServiceLock>(Table::Locks, &key)
+                .await?
+            else {
+                return Ok(false);
+            };
+            if &lock.holder != holder {
+                return Ok(false);
+            }
+            let freed = self
+                .kv
+                .swap::<ServiceLock>(Table::Locks, &key, Some(revision), None)
+                .await?;
+            if freed == Swap::Done {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Every held service.
+    pub async fn locks(&self) -> Result<Vec<ServiceLock>, StoreError> {
+        self.kv.list(Table::Locks, b"").await
+    }
+}

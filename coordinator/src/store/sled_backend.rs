@@ -1,0 +1,253 @@
+//! The embedded backend on sled 0.34: one tree per table and log, values
+//! as the repositories encode them. The layout is the one earlier versions
+//! wrote, so an existing data dir opens as it is.
+
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+
+use async_trait::async_trait;
+
+use super::backend::{
+    Backend, Durability, Entry, Log, LogFilter, LogRecord, Revision, Swap, Table,
+};
+use super::{Page, StoreError};
+
+pub struct SledBackend {
+    db: sled::Db,
+    tables: Vec<(Table, sled::Tree)>,
+    logs: Vec<(Log, sled::Tree)>,
+}
+
+fn backend(error: sled::Error) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+/// sled keeps no version per key: a digest of the value stands in, and the
+/// conditional write compares the value itself, so a stale digest never
+/// overwrites a newer value.
+fn revision(value: &[u8]) -> Revision {
+    let mut hasher = std::hash::DefaultHasher::new();
+    value.hash(&mut hasher);
+    Revision(hasher.finish())
+}
+
+fn entry(key: &[u8], value: &[u8]) -> Entry {
+    Entry {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        revision: revision(value),
+    }
+}
+
+/// Runs a flush (an fsync) off the async runtime's threads.
+async fn flush_tree(tree: &sled::Tree) -> Result<(), StoreError> {
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || tree.flush().map(drop))
+        .await
+        .map_err(|e| StoreError::Backend(format!("flush task failed: {e}")))?
+        .map_err(backend)
+}
+
+impl SledBackend {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let config = sled::Config::new().flush_every_ms(Some(200));
+        let db = cutover_common::sled_open::open(config, dir).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot open store at {}: {e}; is another coordinator using this data_dir?",
+                dir.display()
+            ))
+        })?;
+        let tables = Table::ALL
+            .iter()
+            .map(|t| Ok((*t, db.open_tree(t.name()).map_err(backend)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let logs = Log::ALL
+            .iter()
+            .map(|l| Ok((*l, db.open_tree(l.name()).map_err(backend)?)))
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Self { db, tables, logs })
+    }
+
+    fn table(&self, table: Table) -> &sled::Tree {
+        &self
+            .tables
+            .iter()
+            .find(|(t, _)| *t == table)
+            .expect("every table is opened")
+            .1
+    }
+
+    fn log(&self, log: Log) -> &sled::Tree {
+        &self
+            .logs
+            .iter()
+            .find(|(l, _)| *l == log)
+            .expect("every log is opened")
+            .1
+    }
+
+    async fn settle(tree: &sled::Tree, durability: Durability) -> Result<(), StoreError> {
+        match durability {
+            Durability::Durable => flush_tree(tree).await,
+            Durability::Lazy => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for SledBackend {
+    async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        Ok(self
+            .table(table)
+            .get(key)
+            .map_err(backend)?
+            .map(|value| entry(key, &value)))
+    }
+
+    async fn scan(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
+        self.table(table)
+            .scan_prefix(prefix)
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                Ok(entry(&key, &value))
+            })
+            .collect()
+    }
+
+    async fn put(
+        &self,
+        table: Table,
+        key: &[u8],
+        value: Vec<u8>,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        let tree = self.table(table);
+        tree.insert(key, value).map_err(backend)?;
+        Self::settle(tree, durability).await
+    }
+
+    async fn delete(
+        &self,
+        table: Table,
+        key: &[u8],
+        durability: Durability,
+    ) -> Result<bool, StoreError> {
+        let tree = self.table(table);
+        let removed = tree.remove(key).map_err(backend)?.is_some();
+        Self::settle(tree, durability).await?;
+        Ok(removed)
+    }
+
+    async fn compare_and_put(
+        &self,
+        table: Table,
+        key: &[u8],
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<Swap, StoreError> {
+        let tree = self.table(table);
+        let current = tree.get(key).map_err(backend)?;
+        let matches = match (&current, expected) {
+            (None, None) => true,
+            (Some(stored), Some(expected)) => revision(stored) == expected,
+            _ => false,
+        };
+        if !matches {
+            return Ok(Swap::Conflict);
+        }
+        // The swap compares the bytes just read: a writer in between makes
+        // it fail rather than be overwritten.
+        match tree
+            .compare_and_swap(key, current, value)
+            .map_err(backend)?
+        {
+            Ok(()) => {
+                flush_tree(tree).await?;
+                Ok(Swap::Done)
+            }
+            Err(_) => Ok(Swap::Conflict),
+        }
+    }
+
+    async fn append(
+        &self,
+        log: Log,
+        record: LogRecord,
+        durability: Durability,
+    ) -> Result<u64, StoreError> {
+        // generate_id is monotonic across restarts (it jumps ahead after a
+        // reopen), so big-endian keys keep records in order.
+        let seq = self.db.generate_id().map_err(backend)? + 1;
+        let tree = self.log(log);
+        tree.insert(seq.to_be_bytes(), record(seq))
+            .map_err(backend)?;
+        Self::settle(tree, durability).await?;
+        Ok(seq)
+    }
+
+    async fn log_page(
+        &self,
+        log: Log,
+        page: Page,
+        keep: LogFilter<'_>,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let start = page.after_seq.saturating_add(1).to_be_bytes();
+        let range = self.log(log).range(start..);
+        let accepted = |item: sled::Result<(sled::IVec, sled::IVec)>| match item {
+            Ok((_, value)) if !keep(&value) => None,
+            Ok((_, value)) => Some(Ok(value.to_vec())),
+            Err(error) => Some(Err(backend(error))),
+        };
+        if page.newest {
+            let mut newest: Vec<Vec<u8>> = range
+                .rev()
+                .filter_map(accepted)
+                .take(page.limit)
+                .collect::<Result<_, _>>()?;
+            newest.reverse();
+            Ok(newest)
+        } else {
+            range.filter_map(accepted).take(page.limit).collect()
+        }
+    }
+
+    async fn prune_log(&self, log: Log, keep: usize) -> Result<usize, StoreError> {
+        // Sequence numbers have gaps: the count comes from the tree, never
+        // from the span of the keys.
+        let tree = self.log(log);
+        let excess = tree.len().saturating_sub(keep);
+        if excess == 0 {
+            return Ok(0);
+        }
+        let mut batch = sled::Batch::default();
+        for key in tree.iter().keys().take(excess) {
+            batch.remove(key.map_err(backend)?);
+        }
+        tree.apply_batch(batch).map_err(backend)?;
+        Ok(excess)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush().map(drop))
+            .await
+            .map_err(|e| StoreError::Backend(format!("flush task failed: {e}")))?
+            .map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{self, Opener};
+
+    struct Sled;
+
+    impl Opener for Sled {
+        fn open(&self, dir: &Path) -> std::sync::Arc<dyn Backend> {
+            std::sync::Arc::new(SledBackend::open(dir).expect("store opens"))
+        }
+    }
+
+    conformance::suite!(Sled, "store::sled_backend::tests");
+}
