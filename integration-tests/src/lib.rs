@@ -434,6 +434,11 @@ impl Cluster {
         }
     }
 
+    /// The coordinator's data dir (its store is `store` in it).
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
     /// Starts a new coordinator on the same address and data dir.
     pub async fn restart_coordinator(&mut self) {
         self.stop_coordinator().await;

@@ -647,6 +647,77 @@ async fn a_rollout_survives_a_coordinator_restart_mid_batch() {
     );
 }
 
+/// The deploy lock is a record in the store, and the restart path
+/// reconciles it: locks a crash left behind (their rollout ended, or was
+/// never stored) are freed, and a rollout stored without one (by a version
+/// before the lock was a record) takes its lock again before it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_lock_is_reconciled_after_a_restart() {
+    use cutover_coordinator::store::{LockHolder, ServiceLock, Store};
+    let mut s = setup(2).await;
+    let first = s.deploy_and_finish("v1").await;
+    let id = s
+        .start("v2", "", "batch = 1\nmin_healthy_time = \"30s\"")
+        .await;
+    s.wait_until(&id, Duration::from_secs(20), |r| {
+        r.nodes.iter().any(|n| n.state == "switched")
+    })
+    .await;
+    s.cluster.stop_coordinator().await;
+    let store_dir = s.cluster.data_dir().join("store");
+    {
+        let store = Store::open_sled(&store_dir).unwrap();
+        let held: Vec<(String, LockHolder)> = store
+            .rollouts
+            .locks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.service, l.holder))
+            .collect();
+        assert_eq!(held, [("web".to_string(), LockHolder::Rollout(id.clone()))]);
+        assert!(store
+            .rollouts
+            .release_lock("test", "web", &LockHolder::Rollout(id.clone()))
+            .await
+            .unwrap());
+        for (service, holder) in [
+            ("api", LockHolder::Rollout(first.id.clone())),
+            ("horizon", LockHolder::Rollout("horizon-999".into())),
+            ("web", LockHolder::Deployment("shop-d998".into())),
+        ] {
+            let lock = ServiceLock {
+                env: if service == "web" { "staging" } else { "test" }.into(),
+                service: service.into(),
+                holder,
+                at_ms: 1,
+            };
+            assert!(store.rollouts.take_lock(&lock, None).await.unwrap());
+        }
+        store.flush().await.unwrap();
+    }
+    s.cluster.restart_coordinator().await;
+    s.client = s.cluster.operator().await;
+    let locked = s.deploy("v3", "", FAST).await.unwrap_err();
+    assert_eq!(locked.code(), tonic::Code::Aborted, "{locked:?}");
+    assert!(locked.message().contains(&id), "{}", locked.message());
+    s.client
+        .control_rollout(pb::ControlRolloutRequest {
+            id: id.clone(),
+            action: pb::RolloutAction::Abort as i32,
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.finish(&id).await.state, "aborted");
+    s.cluster.stop_coordinator().await;
+    let store = Store::open_sled(&store_dir).unwrap();
+    assert_eq!(
+        store.rollouts.locks().await.unwrap(),
+        [],
+        "the ended rollout freed its lock, the restart the leftovers"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_rollout_lets_old_workers_finish_their_jobs() {
     let mut s = setup(3).await;
