@@ -20,5 +20,6 @@ pub mod secrets;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod strategy;
 
 pub use server::Coordinator;

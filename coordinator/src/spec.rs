@@ -11,8 +11,10 @@ use cutover_common::registry::ImageRef;
 use cutover_common::rules;
 use cutover_proto::v1 as pb;
 use prost::Message as _;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
+
+pub use crate::strategy::{BatchSize, Strategy, StrategySpec};
 
 /// A spec that cannot be used, with the file, the key and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,90 +158,6 @@ impl<'de> Deserialize<'de> for StatusRange {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StrategySpec {
-    #[serde(default = "default_kind")]
-    pub kind: String,
-    #[serde(default = "default_batch")]
-    pub batch: BatchSize,
-    #[serde(default)]
-    pub max_unavailable: u32,
-    #[serde(default = "default_min_healthy_time", with = "humantime_serde")]
-    pub min_healthy_time: Duration,
-    #[serde(default = "default_progress_deadline", with = "humantime_serde")]
-    pub progress_deadline: Duration,
-    #[serde(default = "default_true")]
-    pub auto_rollback: bool,
-    /// Nodes fetching the release at once before the first batch.
-    #[serde(default = "default_prepare_parallelism")]
-    pub prepare_parallelism: u32,
-}
-
-impl Default for StrategySpec {
-    fn default() -> Self {
-        toml::from_str("").expect("every strategy key has a default")
-    }
-}
-
-/// Nodes per batch: a count, or a percentage of the target nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "BatchText", into = "BatchText")]
-pub enum BatchSize {
-    Count(u32),
-    Percent(u32),
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(untagged)]
-enum BatchText {
-    Count(i64),
-    Text(String),
-}
-
-impl TryFrom<BatchText> for BatchSize {
-    type Error = String;
-    fn try_from(raw: BatchText) -> Result<Self, String> {
-        let bad = |v: String| {
-            format!("{v} is not a batch size: use a node count of at least 1, or a percentage from 1% to 100%")
-        };
-        match raw {
-            BatchText::Count(n) if n >= 1 && n <= u32::MAX as i64 => Ok(BatchSize::Count(n as u32)),
-            BatchText::Count(n) => Err(bad(n.to_string())),
-            BatchText::Text(text) => match text.trim().strip_suffix('%') {
-                Some(p) => match p.trim().parse::<u32>() {
-                    Ok(p) if (1..=100).contains(&p) => Ok(BatchSize::Percent(p)),
-                    _ => Err(bad(format!("{text:?}"))),
-                },
-                None => match text.trim().parse::<i64>() {
-                    Ok(n) => BatchSize::try_from(BatchText::Count(n)),
-                    Err(_) => Err(bad(format!("{text:?}"))),
-                },
-            },
-        }
-    }
-}
-
-impl From<BatchSize> for BatchText {
-    fn from(size: BatchSize) -> Self {
-        match size {
-            BatchSize::Count(n) => BatchText::Count(n.into()),
-            BatchSize::Percent(p) => BatchText::Text(format!("{p}%")),
-        }
-    }
-}
-
-impl BatchSize {
-    /// Nodes per batch out of `targets`, at least one.
-    pub fn nodes(self, targets: usize) -> usize {
-        let n = match self {
-            BatchSize::Count(n) => n as usize,
-            BatchSize::Percent(p) => (targets * p as usize).div_ceil(100),
-        };
-        n.clamp(1, targets.max(1))
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EnvironmentSpec {
     #[serde(default)]
     pub nodes: BTreeMap<String, String>,
@@ -253,15 +171,6 @@ fn default_runtime() -> String {
 
 fn optional_byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     cutover_common::config::byte_size::deserialize(d).map(Some)
-}
-fn default_kind() -> String {
-    "rolling".into()
-}
-fn default_batch() -> BatchSize {
-    BatchSize::Percent(25)
-}
-fn default_true() -> bool {
-    true
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
@@ -289,26 +198,6 @@ fn default_healthy_threshold() -> u32 {
 }
 fn default_healthy_deadline() -> Duration {
     Duration::from_secs(30)
-}
-fn default_min_healthy_time() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_progress_deadline() -> Duration {
-    Duration::from_secs(600)
-}
-fn default_prepare_parallelism() -> u32 {
-    8
-}
-
-/// The strategy a rollout runs with, as stored with it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Strategy {
-    pub batch: BatchSize,
-    pub max_unavailable: u32,
-    pub min_healthy_time_ms: u64,
-    pub progress_deadline_ms: u64,
-    pub auto_rollback: bool,
-    pub prepare_parallelism: u32,
 }
 
 /// Everything a deploy of one service in one environment needs from the
@@ -373,7 +262,9 @@ impl AppSpec {
                 "the spec defines no environment; add an [environments.NAME] table".into(),
             ));
         }
-        validate_strategy(&self.strategy).map_err(|(k, m)| (format!("strategy.{k}"), m))?;
+        self.strategy
+            .resolve()
+            .map_err(|(k, m)| (format!("strategy.{k}"), m))?;
         for (name, env) in &self.environments {
             let key = format!("environments.{name}");
             name_ok(name).map_err(|m| (key.clone(), m))?;
@@ -606,20 +497,16 @@ impl AppSpec {
                 ),
             ));
         }
-        let s = &self.strategy;
+        let strategy = self
+            .strategy
+            .resolve()
+            .map_err(|(key, message)| error(format!("strategy.{key}"), message))?;
         Ok(Resolved {
             app: self.app.clone(),
             env: env.to_string(),
             service: service.to_string(),
             selector,
-            strategy: Strategy {
-                batch: s.batch,
-                max_unavailable: s.max_unavailable,
-                min_healthy_time_ms: ms(s.min_healthy_time),
-                progress_deadline_ms: ms(s.progress_deadline),
-                auto_rollback: s.auto_rollback,
-                prepare_parallelism: s.prepare_parallelism,
-            },
+            strategy,
             release,
         })
     }
@@ -681,28 +568,6 @@ fn health_check(h: &HealthSpec) -> pb::Check {
 
 fn name_ok(name: &str) -> Result<(), String> {
     rules::name(name).map_err(|e| e.message)
-}
-
-fn validate_strategy(s: &StrategySpec) -> Result<(), (String, String)> {
-    if s.kind != "rolling" {
-        return Err((
-            "kind".into(),
-            format!(
-                "{:?} is not a strategy kind this version runs; use \"rolling\"",
-                s.kind
-            ),
-        ));
-    }
-    if s.progress_deadline.is_zero() {
-        return Err((
-            "progress_deadline".into(),
-            "must be above zero, e.g. \"10m\"".into(),
-        ));
-    }
-    if s.prepare_parallelism == 0 {
-        return Err(("prepare_parallelism".into(), "must be at least 1".into()));
-    }
-    Ok(())
 }
 
 fn validate_env_vars(vars: &BTreeMap<String, String>) -> Result<(), (String, String)> {
@@ -966,7 +831,8 @@ APP_ENV = "local"
             ]
             .into()
         );
-        assert_eq!(resolved.strategy.batch, BatchSize::Percent(25));
+        let crate::strategy::StrategyKind::Rolling(rolling) = resolved.strategy.kind;
+        assert_eq!(rolling.batch, BatchSize::Percent(25));
         let release = &resolved.release;
         assert!(
             release.release_id.starts_with("web-v1-"),

@@ -10,7 +10,7 @@ use super::OperatorApi;
 use crate::access::{Caller, Need};
 use crate::rollout::deployment::Deployment;
 use crate::rollout::engine::Input;
-use crate::rollout::model::{self, Phase, Rollout, StoredRelease};
+use crate::rollout::model::{self, Phase, RollingPhase, Rollout, StoredRelease};
 use crate::rollout::{DeployRequest, Deployed, RollbackRequest, Started};
 use crate::store::OperatorRole;
 
@@ -39,8 +39,8 @@ fn error_to_pb(e: &model::RolloutError) -> pb::RolloutError {
 fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
     let (phase, batch) = match r.phase {
         Phase::Prepare => ("prepare", 0),
-        Phase::Batch(b) => ("batch", b + 1),
-        Phase::Watch { batch, .. } => ("watch", batch + 1),
+        Phase::Rolling(RollingPhase::Batch(b)) => ("batch", b + 1),
+        Phase::Rolling(RollingPhase::Watch { batch, .. }) => ("watch", batch + 1),
         Phase::RollingBack => ("rolling_back", 0),
         Phase::Done => ("done", 0),
     };

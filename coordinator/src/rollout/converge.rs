@@ -276,12 +276,8 @@ mod tests {
             rollout_id: format!("web-{at}"),
             selector: [("env".to_string(), "production".to_string())].into(),
             strategy: Strategy {
-                batch: BatchSize::Count(1),
-                max_unavailable: 0,
-                min_healthy_time_ms: 0,
-                progress_deadline_ms: 600_000,
-                auto_rollback: true,
                 prepare_parallelism: 1,
+                ..Strategy::rolling(BatchSize::Count(1), 0, 0)
             },
             note: String::new(),
         }

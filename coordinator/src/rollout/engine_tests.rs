@@ -8,12 +8,8 @@ use crate::spec::{BatchSize, Strategy};
 
 fn strategy(min_healthy_time_ms: u64) -> Strategy {
     Strategy {
-        batch: BatchSize::Count(1),
-        max_unavailable: 0,
-        min_healthy_time_ms,
-        progress_deadline_ms: 600_000,
-        auto_rollback: true,
         prepare_parallelism: 4,
+        ..Strategy::rolling(BatchSize::Count(1), 0, min_healthy_time_ms)
     }
 }
 

@@ -5,7 +5,7 @@ use cutover_proto::v1 as pb;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::Strategy;
+use crate::strategy::{Strategy, StrategyKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -191,18 +191,56 @@ pub struct TimelineEntry {
     pub message: String,
 }
 
+/// What a rollout does, in order; the engine runs one step after the
+/// other, each in a module of its own (`engine::steps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Every node fetches and unpacks the release, nothing switches.
+    Prepare,
+    /// The strategy moves the nodes to the release (batches, for rolling).
+    Cutover,
+}
+
+/// The steps of a rollout stored before they were recorded.
+pub fn default_steps() -> Vec<Step> {
+    vec![Step::Prepare, Step::Cutover]
+}
+
+/// Where a rollout is: in one of its steps (a strategy's cutover has
+/// phases of its own), rolling back, or done. Stored as it was before
+/// steps had names, so a rollout running across an upgrade resumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Prepare,
+    RollingBack,
+    Done,
+    #[serde(untagged)]
+    Rolling(RollingPhase),
+}
+
+/// The rolling strategy's cutover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollingPhase {
     Batch(u32),
     /// Every node of the batch switched; it must stay healthy until then.
     Watch {
         batch: u32,
         until_ms: i64,
     },
-    RollingBack,
-    Done,
+}
+
+impl Phase {
+    /// The step this phase belongs to; `None` rolling back or done.
+    pub fn step(self) -> Option<Step> {
+        match self {
+            Phase::Prepare => Some(Step::Prepare),
+            Phase::Rolling(_) => Some(Step::Cutover),
+            Phase::RollingBack | Phase::Done => None,
+        }
+    }
 }
 
 /// A release, stored as its protobuf encoding: the wire type is the one
@@ -288,6 +326,9 @@ pub struct Rollout {
     pub service: String,
     pub kind: RolloutKind,
     pub state: RolloutState,
+    /// The plan, fixed when the rollout is created.
+    #[serde(default = "default_steps")]
+    pub steps: Vec<Step>,
     pub phase: Phase,
     pub release: StoredRelease,
     /// What a failure returns switched nodes to; `None` on a first deploy,
@@ -361,7 +402,9 @@ impl Rollout {
             .iter()
             .filter(|n| n.state == NodeState::Pending)
             .count();
-        let batch_size = new.strategy.batch.nodes(targets) as u32;
+        let batch_size = match new.strategy.kind {
+            StrategyKind::Rolling(rolling) => rolling.batch.nodes(targets) as u32,
+        };
         Rollout {
             id: new.id,
             app: new.app,
@@ -369,6 +412,7 @@ impl Rollout {
             service: new.service,
             kind: new.kind,
             state: RolloutState::Pending,
+            steps: default_steps(),
             phase: Phase::Prepare,
             release: new.release,
             previous: new.previous,

@@ -93,12 +93,9 @@ fn release(id: &str) -> StoredRelease {
 /// A plain rolling strategy: one node at a time, rolled back on failure.
 pub fn strategy() -> Strategy {
     Strategy {
-        batch: BatchSize::Count(1),
-        max_unavailable: 0,
-        min_healthy_time_ms: 0,
         progress_deadline_ms: 1000,
-        auto_rollback: true,
         prepare_parallelism: 1,
+        ..Strategy::rolling(BatchSize::Count(1), 0, 0)
     }
 }
 
@@ -128,21 +125,22 @@ impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let count = rng.random_range(1..=7);
+        let batch = if rng.random_bool(0.5) {
+            BatchSize::Count(rng.random_range(1..=3))
+        } else {
+            BatchSize::Percent(rng.random_range(1..=100))
+        };
+        let max_unavailable = if rng.random_bool(0.3) {
+            rng.random_range(1..=2)
+        } else {
+            0
+        };
+        let min_healthy_time_ms = rng.random_range(0..=3) * 1000;
         let strategy = Strategy {
-            batch: if rng.random_bool(0.5) {
-                BatchSize::Count(rng.random_range(1..=3))
-            } else {
-                BatchSize::Percent(rng.random_range(1..=100))
-            },
-            max_unavailable: if rng.random_bool(0.3) {
-                rng.random_range(1..=2)
-            } else {
-                0
-            },
-            min_healthy_time_ms: rng.random_range(0..=3) * 1000,
             progress_deadline_ms: 120_000,
             auto_rollback: rng.random_bool(0.8),
             prepare_parallelism: rng.random_range(1..=4),
+            ..Strategy::rolling(batch, max_unavailable, min_healthy_time_ms)
         };
         let mut nodes = BTreeMap::new();
         for i in 0..count {

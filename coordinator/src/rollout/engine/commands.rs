@@ -1,0 +1,119 @@
+//! The commands a node gets: which one its state calls for, under which
+//! id, and how long it may take before it counts as lost.
+
+use cutover_proto::v1::{self as pb, command};
+
+use super::Send;
+use crate::rollout::model::{NodeState, Rollout, RolloutNode};
+
+/// Margin on top of a release's own deadlines before an activation without
+/// an answer counts as lost: process start, smoke checks, stop.
+const ACTIVATION_MARGIN_MS: i64 = 60_000;
+
+/// How long a switched node may be lost or unhealthy: the release's
+/// healthy_deadline.
+pub(super) fn healthy_deadline(r: &Rollout) -> i64 {
+    let release = &r.release.0;
+    let ms = match (&release.web, &release.worker) {
+        (Some(web), _) => web.healthy_deadline_ms,
+        (None, Some(worker)) => worker.healthy_deadline_ms,
+        (None, None) => 30_000,
+    };
+    ms as i64
+}
+
+pub(super) fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
+    let release = match state {
+        NodeState::RollingBack => r.previous.as_ref().map_or(&r.release.0, |p| &p.0),
+        _ => &r.release.0,
+    };
+    match state {
+        NodeState::Preparing => r.strategy.progress_deadline_ms as i64,
+        _ => {
+            let start = match (&release.web, &release.worker) {
+                (Some(web), _) => {
+                    let smoke: u64 = web.smoke.iter().map(|c| c.timeout_ms).sum();
+                    web.healthy_deadline_ms + smoke + web.drain_timeout_ms
+                }
+                (None, Some(worker)) => worker.healthy_deadline_ms + worker.min_healthy_time_ms,
+                (None, None) => 0,
+            };
+            let stop = release.stop_grace_ms
+                + if release.stop_command.is_empty() {
+                    0
+                } else {
+                    release.stop_timeout_ms
+                };
+            (start + stop) as i64 + ACTIVATION_MARGIN_MS
+        }
+    }
+}
+
+/// The command a node in an in-flight state has out, under its id.
+pub(super) fn send_for(r: &Rollout, i: usize) -> Send {
+    let node = &r.nodes[i];
+    let kind = match node.state {
+        NodeState::Preparing => command::Kind::Prepare(pb::PrepareRelease {
+            release: Some(r.release.0.clone()),
+        }),
+        // With max_unavailable > 0 the agent takes the node out of the load
+        // balancer for its cutover and puts it back whatever the outcome:
+        // one command, so no failure or restart can leave it drained.
+        NodeState::Activating => command::Kind::Activate(pb::ActivateRelease {
+            release: Some(r.release.0.clone()),
+            drain_first: r.strategy.drains_first(),
+            // Filled by the driver on the way out, never stored.
+            secret_values: Default::default(),
+        }),
+        NodeState::RollingBack => match &r.previous {
+            Some(previous) => command::Kind::Activate(pb::ActivateRelease {
+                release: Some(previous.0.clone()),
+                drain_first: r.strategy.drains_first(),
+                secret_values: Default::default(),
+            }),
+            None => command::Kind::StopService(pb::StopService {
+                service: r.service.clone(),
+            }),
+        },
+        other => unreachable!("no command for a node in state {other:?}"),
+    };
+    Send {
+        node_id: node.id.clone(),
+        node_name: node.name.clone(),
+        command: pb::Command {
+            command_id: node
+                .command_id
+                .clone()
+                .expect("in-flight nodes have a command id"),
+            kind: Some(kind),
+        },
+    }
+}
+
+/// Moves node `i` into an in-flight state with a fresh command.
+pub(super) fn dispatch(
+    r: &mut Rollout,
+    now: i64,
+    i: usize,
+    state: NodeState,
+    sends: &mut Vec<Send>,
+) {
+    let id = format!("{}.{}", r.command_prefix, r.next_command);
+    r.next_command += 1;
+    let timeout = timeout_for(r, state);
+    r.updated_at_ms = now;
+    let node = &mut r.nodes[i];
+    node.state = state;
+    // A new command gets the whole grace, whatever the node went through.
+    node.lost_since_ms = None;
+    node.command_id = Some(id);
+    node.command_deadline_ms = now + timeout;
+    node.step.clear();
+    sends.push(send_for(r, i));
+}
+
+pub(super) fn settle(node: &mut RolloutNode, state: NodeState) {
+    node.state = state;
+    node.command_id = None;
+    node.step.clear();
+}

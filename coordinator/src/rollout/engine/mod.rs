@@ -1,0 +1,485 @@
+//! The rollout engine: a pure state machine. `handle(rollout, now, input)`
+//! changes the rollout and returns the commands to send; it does no I/O and
+//! reads no clock, so the driver owns the store, the agents and time, and
+//! tests replay thousands of seeded fault schedules deterministically.
+//!
+//! The driver persists the rollout after every `handle` and before it sends
+//! the returned commands: a command is never out without its node's state
+//! saying so, and after a restart `Input::Recover` resends exactly the
+//! commands in flight, with their original ids, which agents run once.
+//!
+//! A rollout is a list of steps (`steps.rs`: prepare, then the strategy's
+//! cutover, `rolling.rs` for rolling); the rest here is what every step
+//! shares: command results and progress, operator requests, failure,
+//! ticks (`ticks.rs`) and the rollback (`rollback.rs`).
+
+mod commands;
+mod rollback;
+mod rolling;
+mod steps;
+mod ticks;
+
+use cutover_proto::v1 as pb;
+
+use super::model::{
+    NodeState, Phase, Rollout, RolloutError, RolloutState, StoredRelease, TimelineEntry,
+};
+use commands::{send_for, settle, timeout_for};
+use rollback::{needs_revert, roll_back, where_nodes_are};
+use ticks::on_tick;
+/// After a coordinator restart, how long agents have to reconnect before a
+/// switched node counts as lost.
+const RECONNECT_GRACE_MS: i64 = 60_000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Start,
+    /// The coordinator restarted: resend what was in flight.
+    Recover,
+    Result {
+        command_id: String,
+        outcome: Outcome,
+    },
+    Progress {
+        command_id: String,
+        step: String,
+    },
+    /// Periodic: deadlines, and what the nodes report in their heartbeats.
+    Tick {
+        nodes: Vec<Observation>,
+    },
+    Pause {
+        by: String,
+    },
+    Resume {
+        by: String,
+    },
+    Abort {
+        by: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded,
+    Failed(String),
+}
+
+/// What the registry knows of one node right now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub node_id: String,
+    pub connected: bool,
+    /// When its last heartbeat (its service report) arrived, coordinator
+    /// clock.
+    pub last_seen_ms: i64,
+    /// The rollout's service as the node reported it; `None` when it runs
+    /// nothing of it.
+    pub service: Option<ServiceObservation>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceObservation {
+    pub release_id: String,
+    pub running: bool,
+    pub healthy: bool,
+    pub crashes: u32,
+    pub detail: String,
+}
+
+/// A command for one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Send {
+    pub node_id: String,
+    pub node_name: String,
+    pub command: pb::Command,
+}
+
+/// Applies one input; returns the commands to send once the rollout is
+/// persisted.
+pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
+    let mut sends = Vec::new();
+    // A rollout stored but never started (a crash right after its
+    // creation) starts on recovery.
+    let input = match input {
+        Input::Recover if r.state == RolloutState::Pending => Input::Start,
+        other => other,
+    };
+    match input {
+        Input::Start => {
+            if r.state == RolloutState::Pending {
+                r.state = RolloutState::Running;
+                r.deadline_ms = now + r.strategy.progress_deadline_ms as i64;
+                let targets = r
+                    .nodes
+                    .iter()
+                    .filter(|n| n.state == NodeState::Pending)
+                    .count();
+                note(
+                    r,
+                    now,
+                    "started",
+                    "",
+                    format!(
+                        "{} {} to {} on {targets} nodes in {} batches of {}",
+                        r.kind.as_str(),
+                        r.service,
+                        r.release.id(),
+                        r.batches,
+                        r.batch_size
+                    ),
+                );
+            }
+        }
+        Input::Recover => {
+            if !r.state.is_terminal() {
+                note(
+                    r,
+                    now,
+                    "recovered",
+                    "",
+                    "coordinator restarted; resending the commands in flight".into(),
+                );
+                // Time down does not count against the deadline, and agents
+                // get a while to reconnect before a node counts as lost.
+                if r.state == RolloutState::Running {
+                    r.deadline_ms += (now - r.updated_at_ms).max(0);
+                }
+                r.lost_grace_until_ms = now + RECONNECT_GRACE_MS;
+                for node in &mut r.nodes {
+                    node.lost_since_ms = None;
+                }
+                for i in 0..r.nodes.len() {
+                    if r.nodes[i].state.in_flight() {
+                        let timeout = timeout_for(r, r.nodes[i].state);
+                        r.nodes[i].command_deadline_ms = now + timeout;
+                        sends.push(send_for(r, i));
+                    }
+                }
+            }
+        }
+        Input::Result {
+            command_id,
+            outcome,
+        } => {
+            if let Some(i) = r
+                .nodes
+                .iter()
+                .position(|n| n.command_id.as_deref() == Some(&command_id))
+            {
+                on_result(r, now, i, outcome);
+            }
+        }
+        Input::Progress { command_id, step } => {
+            if let Some(i) = r
+                .nodes
+                .iter()
+                .position(|n| n.command_id.as_deref() == Some(&command_id))
+            {
+                on_progress(r, now, i, step);
+            }
+        }
+        Input::Tick { nodes } => on_tick(r, now, &nodes),
+        Input::Pause { by } => {
+            if matches!(r.state, RolloutState::Running | RolloutState::Pending)
+                && !r.pause_requested
+            {
+                r.pause_requested = true;
+                note(
+                    r,
+                    now,
+                    "pause_requested",
+                    "",
+                    format!("{by} asked to pause; it takes effect at the next safe point"),
+                );
+            }
+        }
+        Input::Resume { by } => {
+            if r.state == RolloutState::Paused {
+                r.state = RolloutState::Running;
+                r.pause_requested = false;
+                if let Some(at) = r.paused_at_ms.take() {
+                    // Time spent paused does not count against the deadline.
+                    r.deadline_ms += now - at;
+                }
+                note(r, now, "resumed", "", format!("{by} resumed the rollout"));
+            } else if r.pause_requested {
+                r.pause_requested = false;
+                note(
+                    r,
+                    now,
+                    "resumed",
+                    "",
+                    format!("{by} withdrew the pause before it took effect"),
+                );
+            }
+        }
+        Input::Abort { by } => {
+            if !r.state.is_terminal() && r.state != RolloutState::RollingBack && !r.abort_requested
+            {
+                r.abort_requested = true;
+                note(
+                    r,
+                    now,
+                    "abort_requested",
+                    "",
+                    format!("{by} asked to abort; nodes mid-cutover finish first"),
+                );
+            }
+        }
+    }
+    advance(r, now, &mut sends);
+    sends
+}
+
+pub(super) fn note(r: &mut Rollout, now: i64, kind: &str, node: &str, message: String) {
+    r.updated_at_ms = now;
+    r.timeline.push(TimelineEntry {
+        at_ms: now,
+        kind: kind.to_string(),
+        node: node.to_string(),
+        message,
+    });
+}
+
+pub(super) fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
+    let name = r.nodes[i].name.clone();
+    let state = r.nodes[i].state;
+    let step = match r.nodes[i].step.as_str() {
+        "" => state.as_str().to_string(),
+        step => step.to_string(),
+    };
+    match (state, outcome) {
+        (NodeState::Preparing, Outcome::Succeeded) => {
+            settle(&mut r.nodes[i], NodeState::Prepared);
+            note(
+                r,
+                now,
+                "node_prepared",
+                &name,
+                format!("{name} has {}", r.release.id()),
+            );
+        }
+        (NodeState::Activating, Outcome::Succeeded) => {
+            // The switch is noted when the agent reported it; an agent whose
+            // progress did not arrive (or a first release: nothing to drain
+            // or stop) switched by the time it answers.
+            let noted = r.nodes[i].release == r.release.id();
+            if !noted {
+                switched(r, now, i);
+            } else if !r.nodes[i].from_release.is_empty() {
+                let from = r.nodes[i].from_release.clone();
+                note(
+                    r,
+                    now,
+                    "node_old_stopped",
+                    &name,
+                    format!("{name} stopped {from}"),
+                );
+            }
+            // Heartbeats count from the answer on: one sent between the
+            // switch and the answer may still show the old release.
+            let node = &mut r.nodes[i];
+            node.switched_at_ms = now;
+            node.seen_healthy = false;
+            settle(node, NodeState::Switched);
+        }
+        (NodeState::RollingBack, Outcome::Succeeded) => {
+            let back_to = r
+                .previous
+                .as_ref()
+                .map(|p| p.id().to_string())
+                .unwrap_or_default();
+            let node = &mut r.nodes[i];
+            node.release = back_to.clone();
+            node.uncertain = false;
+            settle(node, NodeState::RolledBack);
+            let what = if back_to.is_empty() {
+                "stopped the service".to_string()
+            } else {
+                format!("serves {back_to} again")
+            };
+            note(r, now, "node_rolled_back", &name, format!("{name} {what}"));
+        }
+        (NodeState::RollingBack, Outcome::Failed(message)) => {
+            settle(&mut r.nodes[i], NodeState::Failed);
+            note(
+                r,
+                now,
+                "node_rollback_failed",
+                &name,
+                format!("{name}: {message}"),
+            );
+            r.rollback_failures.push(RolloutError {
+                node: name,
+                step: "rollback".into(),
+                message,
+            });
+        }
+        (_, Outcome::Failed(message)) => {
+            settle(&mut r.nodes[i], NodeState::Failed);
+            fail(
+                r,
+                now,
+                RolloutError {
+                    node: name,
+                    step,
+                    message,
+                },
+            );
+        }
+        (state, Outcome::Succeeded) => unreachable!("a result for a node in state {state:?}"),
+    }
+}
+
+/// The steps an agent reports after its proxy switched: the new release
+/// serves from then on, whatever the drain and stop of the old one take.
+const AFTER_SWITCH: [&str; 2] = ["draining", "stopping_old"];
+
+fn on_progress(r: &mut Rollout, now: i64, i: usize, step: String) {
+    let after_switch = AFTER_SWITCH.contains(&step.as_str());
+    let was_switched = r.nodes[i].release == r.release.id();
+    let drained = step == "stopping_old" && r.nodes[i].step == "draining";
+    r.nodes[i].step = step;
+    if r.nodes[i].state != NodeState::Activating || !after_switch {
+        return;
+    }
+    if !was_switched {
+        switched(r, now, i);
+    }
+    if drained {
+        let name = r.nodes[i].name.clone();
+        let from = r.nodes[i].from_release.clone();
+        note(
+            r,
+            now,
+            "node_drained",
+            &name,
+            format!("{name} drained {from}"),
+        );
+    }
+}
+
+/// Node `i` serves the rollout's release from `now` on.
+fn switched(r: &mut Rollout, now: i64, i: usize) {
+    let release = r.release.id().to_string();
+    let node = &mut r.nodes[i];
+    node.release = release.clone();
+    let name = node.name.clone();
+    note(
+        r,
+        now,
+        "node_switched",
+        &name,
+        format!("{name} serves {release}"),
+    );
+}
+
+/// Records the rollout's first failure; `advance` acts on it once nothing
+/// is in flight.
+pub(super) fn fail(r: &mut Rollout, now: i64, error: RolloutError) {
+    if r.error.is_none() {
+        note(r, now, "failed", &error.node, error.to_string());
+        r.error = Some(error);
+    }
+}
+
+pub(super) fn in_flight(r: &Rollout) -> usize {
+    r.nodes.iter().filter(|n| n.state.in_flight()).count()
+}
+
+pub(super) fn finish(r: &mut Rollout, now: i64, state: RolloutState, message: String) {
+    r.state = state;
+    r.phase = Phase::Done;
+    r.finished_at_ms = Some(now);
+    r.pause_requested = false;
+    // Nothing is sent any more: what stays of the releases is what names
+    // them (the release history keeps each whole).
+    r.release = r.release.summary();
+    r.previous = r.previous.as_ref().map(StoredRelease::summary);
+    note(r, now, state.as_str(), "", message);
+}
+
+pub(super) fn pause(r: &mut Rollout, now: i64) {
+    r.state = RolloutState::Paused;
+    r.paused_at_ms = Some(now);
+    note(
+        r,
+        now,
+        "paused",
+        "",
+        format!("paused; {}", where_nodes_are(r)),
+    );
+}
+
+/// Starts whatever may start now and settles the rollout's state.
+fn advance(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
+    loop {
+        let before = (r.state, r.phase);
+        step(r, now, sends);
+        if (r.state, r.phase) == before {
+            return;
+        }
+    }
+}
+
+fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
+    match r.state {
+        RolloutState::Running | RolloutState::Paused if r.error.is_some() => {
+            if in_flight(r) > 0 {
+                return;
+            }
+            let revert = r.nodes.iter().filter(|n| needs_revert(n)).count();
+            if r.strategy.auto_rollback {
+                // With nothing switched yet this ends at once, rolled back:
+                // the fleet is on the previous release.
+                r.state = RolloutState::RollingBack;
+                r.phase = Phase::RollingBack;
+                let to = r
+                    .previous
+                    .as_ref()
+                    .map_or("no release (first deploy)".to_string(), |p| {
+                        p.id().to_string()
+                    });
+                note(
+                    r,
+                    now,
+                    "rolling_back",
+                    "",
+                    format!("returning {revert} switched nodes to {to}"),
+                );
+            } else {
+                let why = match revert {
+                    0 => "no node had switched; each serves what it served before".to_string(),
+                    n => format!("auto_rollback is off: {n} nodes serve the new release, the rest the old; roll back or deploy again"),
+                };
+                finish(r, now, RolloutState::Failed, why);
+            }
+        }
+        RolloutState::Running if r.abort_requested && in_flight(r) == 0 => {
+            let summary = where_nodes_are(r);
+            finish(r, now, RolloutState::Aborted, format!("aborted; {summary}"));
+        }
+        RolloutState::Running if r.abort_requested => {}
+        RolloutState::Running => steps::run(r, now, sends),
+        RolloutState::Pending if r.abort_requested => {
+            finish(
+                r,
+                now,
+                RolloutState::Aborted,
+                "aborted before it started; nothing changed".into(),
+            );
+        }
+        RolloutState::Paused if r.abort_requested => {
+            let summary = where_nodes_are(r);
+            finish(
+                r,
+                now,
+                RolloutState::Aborted,
+                format!("aborted while paused; {summary}"),
+            );
+        }
+        RolloutState::RollingBack => roll_back(r, now, sends),
+        _ => {}
+    }
+}

@@ -1,0 +1,82 @@
+//! Rolling back after a failure: the nodes that serve the new release (or
+//! may) return to the previous one, a strategy batch at a time.
+
+use super::commands::dispatch;
+use super::{finish, in_flight, Send};
+use crate::rollout::model::{NodeState, Rollout, RolloutNode, RolloutState};
+
+/// Whether a rollback must return this node: it serves the new release
+/// (switched by this rollout, or already before it), or its command's fate
+/// is unknown.
+pub(super) fn needs_revert(node: &RolloutNode) -> bool {
+    matches!(node.state, NodeState::Switched | NodeState::Unchanged)
+        || (node.state == NodeState::Failed && node.uncertain)
+}
+
+pub(super) fn where_nodes_are(r: &Rollout) -> String {
+    let mut by_release: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for node in &r.nodes {
+        let release = if node.release.is_empty() {
+            "nothing"
+        } else {
+            node.release.as_str()
+        };
+        by_release.entry(release).or_default().push(&node.name);
+    }
+    by_release
+        .iter()
+        .map(|(release, nodes)| format!("{release}: {}", nodes.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub(super) fn roll_back(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
+    let limit = r.batch_size as usize;
+    let mut room = limit.saturating_sub(
+        r.nodes
+            .iter()
+            .filter(|n| n.state == NodeState::RollingBack)
+            .count(),
+    );
+    for i in 0..r.nodes.len() {
+        if room == 0 {
+            break;
+        }
+        if needs_revert(&r.nodes[i])
+            && !r
+                .rollback_failures
+                .iter()
+                .any(|f| f.node == r.nodes[i].name)
+        {
+            dispatch(r, now, i, NodeState::RollingBack, sends);
+            room -= 1;
+        }
+    }
+    if in_flight(r) > 0 {
+        return;
+    }
+    let error = r.error.clone().expect("rolling back after a failure");
+    if r.rollback_failures.is_empty() {
+        let to = r
+            .previous
+            .as_ref()
+            .map_or("no release".to_string(), |p| p.id().to_string());
+        finish(
+            r,
+            now,
+            RolloutState::RolledBack,
+            format!("every node serves {to}; the cause: {error}"),
+        );
+    } else {
+        let failed: Vec<String> = r.rollback_failures.iter().map(|f| f.to_string()).collect();
+        finish(
+            r,
+            now,
+            RolloutState::Failed,
+            format!(
+                "rollback incomplete after: {error}; {}; the operator must act",
+                failed.join("; ")
+            ),
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! How a rollout moves a service's nodes to a new release: the spec's
+//! `[strategy]` table as written, and the checked `Strategy` a rollout (and
+//! each release, for a rollback to it) stores. Settings every strategy has
+//! sit beside a tagged `kind` that holds the kind's own; the engine runs
+//! each kind as one implementation over its common core (see
+//! `rollout::engine`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[strategy]` as written: flat keys, `kind` choosing which apply.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategySpec {
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    #[serde(default = "default_batch")]
+    pub batch: BatchSize,
+    #[serde(default)]
+    pub max_unavailable: u32,
+    #[serde(default = "default_min_healthy_time", with = "humantime_serde")]
+    pub min_healthy_time: Duration,
+    #[serde(default = "default_progress_deadline", with = "humantime_serde")]
+    pub progress_deadline: Duration,
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
+    /// Nodes fetching the release at once before the first batch.
+    #[serde(default = "default_prepare_parallelism")]
+    pub prepare_parallelism: u32,
+}
+
+impl Default for StrategySpec {
+    fn default() -> Self {
+        toml::from_str("").expect("every strategy key has a default")
+    }
+}
+
+impl StrategySpec {
+    /// The checked strategy; an error names the key (under `strategy.`)
+    /// and what is wrong with it.
+    pub fn resolve(&self) -> Result<Strategy, (String, String)> {
+        let kind = match self.kind.as_str() {
+            "rolling" => StrategyKind::Rolling(Rolling {
+                batch: self.batch,
+                max_unavailable: self.max_unavailable,
+                min_healthy_time_ms: ms(self.min_healthy_time),
+            }),
+            other => {
+                return Err((
+                    "kind".into(),
+                    format!("{other:?} is not a strategy kind this version runs; use \"rolling\""),
+                ))
+            }
+        };
+        if self.progress_deadline.is_zero() {
+            return Err((
+                "progress_deadline".into(),
+                "must be above zero, e.g. \"10m\"".into(),
+            ));
+        }
+        if self.prepare_parallelism == 0 {
+            return Err(("prepare_parallelism".into(), "must be at least 1".into()));
+        }
+        Ok(Strategy {
+            progress_deadline_ms: ms(self.progress_deadline),
+            auto_rollback: self.auto_rollback,
+            prepare_parallelism: self.prepare_parallelism,
+            kind,
+        })
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// The strategy a rollout runs with, as stored with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Strategy {
+    pub progress_deadline_ms: u64,
+    pub auto_rollback: bool,
+    /// Nodes fetching the release at once before the cutover.
+    pub prepare_parallelism: u32,
+    #[serde(flatten)]
+    pub kind: StrategyKind,
+}
+
+/// What each kind of strategy adds, tagged `kind` in the stored record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StrategyKind {
+    /// Batches of nodes, each switched and watched before the next.
+    Rolling(Rolling),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rolling {
+    pub batch: BatchSize,
+    /// 0: a batch's nodes all switch at once, each running both releases
+    /// for its cutover; otherwise at most this many are out of the load
+    /// balancer at a time.
+    pub max_unavailable: u32,
+    /// How long a switched batch must stay healthy before the next starts.
+    pub min_healthy_time_ms: u64,
+}
+
+/// The same shape, derived: what `StrategyKind` decodes once a record
+/// without a `kind` (written before there was more than one) got one.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum TaggedKind {
+    Rolling(Rolling),
+}
+
+impl<'de> Deserialize<'de> for StrategyKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut fields = serde_json::Map::deserialize(deserializer)?;
+        fields
+            .entry("kind")
+            .or_insert_with(|| serde_json::Value::String("rolling".into()));
+        let tagged: TaggedKind = serde_json::from_value(serde_json::Value::Object(fields))
+            .map_err(serde::de::Error::custom)?;
+        Ok(match tagged {
+            TaggedKind::Rolling(rolling) => StrategyKind::Rolling(rolling),
+        })
+    }
+}
+
+impl Strategy {
+    /// Rolling with these settings, the others as the spec's defaults.
+    #[cfg(test)]
+    pub fn rolling(batch: BatchSize, max_unavailable: u32, min_healthy_time_ms: u64) -> Self {
+        Strategy {
+            progress_deadline_ms: 600_000,
+            auto_rollback: true,
+            prepare_parallelism: 8,
+            kind: StrategyKind::Rolling(Rolling {
+                batch,
+                max_unavailable,
+                min_healthy_time_ms,
+            }),
+        }
+    }
+
+    /// Whether the agent takes a node out of the load balancer for its
+    /// cutover (and puts it back whatever the outcome).
+    pub fn drains_first(&self) -> bool {
+        match self.kind {
+            StrategyKind::Rolling(rolling) => rolling.max_unavailable > 0,
+        }
+    }
+}
+
+/// Nodes per batch: a count, or a percentage of the target nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "BatchText", into = "BatchText")]
+pub enum BatchSize {
+    Count(u32),
+    Percent(u32),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum BatchText {
+    Count(i64),
+    Text(String),
+}
+
+impl TryFrom<BatchText> for BatchSize {
+    type Error = String;
+    fn try_from(raw: BatchText) -> Result<Self, String> {
+        let bad = |v: String| {
+            format!("{v} is not a batch size: use a node count of at least 1, or a percentage from 1% to 100%")
+        };
+        match raw {
+            BatchText::Count(n) if n >= 1 && n <= u32::MAX as i64 => Ok(BatchSize::Count(n as u32)),
+            BatchText::Count(n) => Err(bad(n.to_string())),
+            BatchText::Text(text) => match text.trim().strip_suffix('%') {
+                Some(p) => match p.trim().parse::<u32>() {
+                    Ok(p) if (1..=100).contains(&p) => Ok(BatchSize::Percent(p)),
+                    _ => Err(bad(format!("{text:?}"))),
+                },
+                None => match text.trim().parse::<i64>() {
+                    Ok(n) => BatchSize::try_from(BatchText::Count(n)),
+                    Err(_) => Err(bad(format!("{text:?}"))),
+                },
+            },
+        }
+    }
+}
+
+impl From<BatchSize> for BatchText {
+    fn from(size: BatchSize) -> Self {
+        match size {
+            BatchSize::Count(n) => BatchText::Count(n.into()),
+            BatchSize::Percent(p) => BatchText::Text(format!("{p}%")),
+        }
+    }
+}
+
+impl BatchSize {
+    /// Nodes per batch out of `targets`, at least one.
+    pub fn nodes(self, targets: usize) -> usize {
+        let n = match self {
+            BatchSize::Count(n) => n as usize,
+            BatchSize::Percent(p) => (targets * p as usize).div_ceil(100),
+        };
+        n.clamp(1, targets.max(1))
+    }
+}
+
+fn default_kind() -> String {
+    "rolling".into()
+}
+fn default_batch() -> BatchSize {
+    BatchSize::Percent(25)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_min_healthy_time() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_progress_deadline() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_prepare_parallelism() -> u32 {
+    8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rolling() -> Strategy {
+        Strategy::rolling(BatchSize::Percent(25), 1, 5_000)
+    }
+
+    #[test]
+    fn the_stored_record_is_tagged_and_reads_back() {
+        let json = serde_json::to_value(rolling()).unwrap();
+        assert_eq!(json["kind"], "rolling");
+        assert_eq!(json["batch"], "25%");
+        assert_eq!(serde_json::from_value::<Strategy>(json).unwrap(), rolling());
+    }
+
+    /// Rollouts and releases stored before strategies had kinds carry the
+    /// rolling settings flat, without `kind`: they read as rolling.
+    #[test]
+    fn a_record_from_before_kinds_reads_as_rolling() {
+        let old = r#"{"batch":"25%","max_unavailable":1,"min_healthy_time_ms":5000,
+            "progress_deadline_ms":600000,"auto_rollback":true,"prepare_parallelism":8}"#;
+        assert_eq!(serde_json::from_str::<Strategy>(old).unwrap(), rolling());
+        let unknown = old.replace("\"batch\"", "\"kind\":\"sideways\",\"batch\"");
+        assert!(serde_json::from_str::<Strategy>(&unknown).is_err());
+    }
+
+    #[test]
+    fn the_spec_names_the_kind_and_checks_common_settings() {
+        let spec: StrategySpec = toml::from_str("batch = \"25%\"\nmax_unavailable = 1").unwrap();
+        assert_eq!(spec.resolve().unwrap(), rolling());
+        let canary: StrategySpec = toml::from_str("kind = \"canary\"").unwrap();
+        let (key, message) = canary.resolve().unwrap_err();
+        assert_eq!(key, "kind");
+        assert!(message.contains("\"canary\""), "{message}");
+        let stuck: StrategySpec = toml::from_str("progress_deadline = \"0s\"").unwrap();
+        assert_eq!(stuck.resolve().unwrap_err().0, "progress_deadline");
+    }
+}
