@@ -907,7 +907,7 @@ pub fn web_release(
         }),
         command: vec!["python3".into(), "app.py".into()],
         env: vars,
-        web: Some(pb::WebService {
+        kind: Some(pb::release::Kind::Web(pb::WebService {
             listen: format!(":{listen_port}"),
             health: Some(pb::Check {
                 probe: Some(pb::check::Probe::Http(pb::HttpProbe {
@@ -929,7 +929,7 @@ pub fn web_release(
                 timeout_ms: 1000,
             }],
             drain_timeout_ms: 5000,
-        }),
+        })),
         stop_signal: String::new(),
         stop_grace_ms: 5000,
         ..Default::default()

@@ -81,7 +81,9 @@ async fn a_killed_agent_comes_back_to_one_serving_release_without_orphans() {
     // During a cutover: v2 never turns healthy, so the agent is killed while
     // it checks v2 beside v1.
     let mut v2 = web_release("v2", port, &artifact, &[("HEALTH", "fail")]);
-    v2.web.as_mut().unwrap().healthy_deadline_ms = 60_000;
+    if let Some(pb::release::Kind::Web(web)) = &mut v2.kind {
+        web.healthy_deadline_ms = 60_000;
+    }
     let registry = &cluster.coordinator.as_ref().unwrap().registry;
     let pending = registry.send_command("node-1", activate("v2", v2)).unwrap();
     let waiting = pending.wait(Duration::from_secs(60), |_| {});

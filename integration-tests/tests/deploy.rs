@@ -6,6 +6,7 @@ use std::process::Command;
 use cutover_agent::config::AgentConfig;
 use cutover_coordinator::config::CoordinatorConfig;
 use cutover_integration_tests::bin;
+use cutover_proto::v1 as pb;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -56,8 +57,9 @@ fn example_app_specs_resolve() {
     let horizon = shop
         .resolve("shop", "production", "horizon", "v1", Some(&artifact), None)
         .unwrap();
-    let worker = horizon.release.worker.expect("Horizon is a worker");
-    assert!(horizon.release.web.is_none());
+    let Some(pb::release::Kind::Worker(worker)) = horizon.release.kind else {
+        panic!("Horizon is a worker")
+    };
     assert_eq!(worker.min_healthy_time_ms, 15_000);
     assert_eq!(
         horizon.release.stop_command,
