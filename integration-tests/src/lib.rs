@@ -1010,9 +1010,10 @@ pub fn deploy_request(
 
 /// Whether a rollout has ended.
 pub fn ended(rollout: &pb::Rollout) -> bool {
+    use pb::RolloutState as R;
     matches!(
-        rollout.state.as_str(),
-        "succeeded" | "failed" | "rolled_back" | "aborted"
+        rollout.state(),
+        R::Succeeded | R::Failed | R::RolledBack | R::Aborted
     )
 }
 

@@ -153,7 +153,7 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
         .id
         .clone();
     let v1 = wait_for_rollout(&mut client, &v1, Duration::from_secs(90), ended).await;
-    assert_eq!(v1.state, "succeeded");
+    assert_eq!(v1.state().as_str(), "succeeded");
 
     // v2 starts slowly, so its cutover on node-2 is well under way when
     // node-2's agent is killed.
@@ -172,7 +172,7 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
     wait_for_rollout(&mut client, &v2, Duration::from_secs(60), |r| {
         r.nodes
             .iter()
-            .any(|n| n.name == "node-2" && n.state == "activating")
+            .any(|n| n.name == "node-2" && n.state().as_str() == "activating")
     })
     .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -182,8 +182,8 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
 
     let done = wait_for_rollout(&mut client, &v2, Duration::from_secs(90), ended).await;
     let last = done.timeline.last().map(|e| e.kind.as_str());
-    assert_eq!(last, Some(done.state.as_str()), "{done:#?}");
-    let expected = match done.state.as_str() {
+    assert_eq!(last, Some(done.state().as_str()), "{done:#?}");
+    let expected = match done.state().as_str() {
         "succeeded" => "v2",
         "rolled_back" => "v1",
         other => panic!("the rollout ended {other}: {done:#?}"),
@@ -203,6 +203,9 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
             i + 1
         );
     }
-    eprintln!("the rollout ended {} ({expected} everywhere)", done.state);
+    eprintln!(
+        "the rollout ended {} ({expected} everywhere)",
+        done.state().as_str()
+    );
     drop(agents);
 }

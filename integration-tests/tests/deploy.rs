@@ -156,7 +156,7 @@ async fn exposed_metric_names() -> std::collections::BTreeSet<String> {
         .id
         .clone();
     let done = wait_for_rollout(&mut client, &id, Duration::from_secs(60), ended).await;
-    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     assert_eq!(body(&http_get(&format!("127.0.0.11:{port}"), "/")), "v1");
     // The next heartbeat carries the proxy's counts: wait until the
     // request above shows in them (not for a heartbeat's worth of time).

@@ -7,6 +7,71 @@ pub mod v1 {
     tonic::include_proto!("cutover.v1");
 }
 
+/// How each state prints: its name without the prefix, in lowercase, the
+/// spelling operators (and scripts reading `--json`) have always seen.
+macro_rules! state_names {
+    ($($state:ident { $($variant:ident => $name:literal,)* })*) => {$(
+        impl v1::$state {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    v1::$state::Unspecified => "unspecified",
+                    $(v1::$state::$variant => $name,)*
+                }
+            }
+        }
+    )*};
+}
+
+state_names! {
+    RolloutState {
+        Pending => "pending",
+        Running => "running",
+        Paused => "paused",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        RollingBack => "rolling_back",
+        RolledBack => "rolled_back",
+        Aborted => "aborted",
+    }
+    RolloutNodeState {
+        Pending => "pending",
+        Preparing => "preparing",
+        Prepared => "prepared",
+        Activating => "activating",
+        Switched => "switched",
+        Unchanged => "unchanged",
+        Failed => "failed",
+        RollingBack => "rolling_back",
+        RolledBack => "rolled_back",
+    }
+    DeploymentState {
+        Running => "running",
+        RollingBack => "rolling_back",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        RolledBack => "rolled_back",
+        Aborted => "aborted",
+    }
+    DeploymentStepState {
+        Waiting => "waiting",
+        Running => "running",
+        Succeeded => "succeeded",
+        Unchanged => "unchanged",
+        Failed => "failed",
+        RolledBack => "rolled_back",
+        RollbackFailed => "rollback_failed",
+        NotStarted => "not_started",
+    }
+    ReleaseState {
+        Deploying => "deploying",
+        Stable => "stable",
+        Failed => "failed",
+        RolledBack => "rolled_back",
+        Aborted => "aborted",
+        Reverted => "reverted",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1 as pb;
@@ -25,6 +90,51 @@ mod tests {
         stop_signal: String,
         #[prost(message, optional, tag = "10")]
         worker: Option<pb::Worker>,
+    }
+
+    #[test]
+    fn states_print_as_their_proto_names_without_the_prefix() {
+        fn check(value: i32, prefix: &str, proto: Option<&str>, printed: Option<&str>) {
+            let expected = proto.map(|name| name.strip_prefix(prefix).unwrap().to_lowercase());
+            assert_eq!(printed.map(str::to_string), expected, "{value}");
+        }
+        for value in 0..16 {
+            let rollout = pb::RolloutState::try_from(value).ok();
+            check(
+                value,
+                "ROLLOUT_STATE_",
+                rollout.map(|s| s.as_str_name()),
+                rollout.map(|s| s.as_str()),
+            );
+            let node = pb::RolloutNodeState::try_from(value).ok();
+            check(
+                value,
+                "ROLLOUT_NODE_STATE_",
+                node.map(|s| s.as_str_name()),
+                node.map(|s| s.as_str()),
+            );
+            let deployment = pb::DeploymentState::try_from(value).ok();
+            check(
+                value,
+                "DEPLOYMENT_STATE_",
+                deployment.map(|s| s.as_str_name()),
+                deployment.map(|s| s.as_str()),
+            );
+            let step = pb::DeploymentStepState::try_from(value).ok();
+            check(
+                value,
+                "DEPLOYMENT_STEP_STATE_",
+                step.map(|s| s.as_str_name()),
+                step.map(|s| s.as_str()),
+            );
+            let release = pb::ReleaseState::try_from(value).ok();
+            check(
+                value,
+                "RELEASE_STATE_",
+                release.map(|s| s.as_str_name()),
+                release.map(|s| s.as_str()),
+            );
+        }
     }
 
     #[test]
