@@ -23,27 +23,9 @@ const MAX_DETAIL: usize = 2048;
 /// Response bytes an HTTP check reads (for `body_contains`).
 const MAX_BODY: usize = 64 << 10;
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Probe {
-    /// GET `path`; passes when the status is in `expect_status` and, if set,
-    /// the body contains `body_contains`.
-    Http {
-        path: String,
-        expect_status: RangeInclusive<u16>,
-        body_contains: Option<String>,
-    },
-    /// A TCP connection to the release's port is accepted.
-    Tcp,
-    /// The command exits 0; it runs in the release dir with the release
-    /// environment and `PORT`.
-    Exec { command: Vec<String> },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Check {
-    pub probe: Probe,
-    pub timeout: Duration,
-}
+// The checks a release names, checked on the way in (see
+// `cutover_common::release`); what follows runs them.
+pub use cutover_common::release::{Check, HealthGate, Probe};
 
 /// Where a check runs: the release's address, and for exec checks its dir
 /// and environment.
@@ -63,49 +45,40 @@ pub struct Outcome {
     pub took: Duration,
 }
 
-impl Check {
-    pub fn describe(&self) -> String {
-        match &self.probe {
-            Probe::Http { path, .. } => format!("http GET {path}"),
-            Probe::Tcp => "tcp connect".to_string(),
-            Probe::Exec { command } => format!("exec {}", command.join(" ")),
-        }
-    }
-
-    pub async fn run(&self, target: &Target) -> Outcome {
-        let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.probe(target)).await;
-        let (passed, detail) = match result {
-            Ok(Ok(detail)) => (true, detail),
-            Ok(Err(detail)) => (false, detail),
-            Err(_) => (
-                false,
-                format!(
-                    "timed out after {}",
-                    humantime::format_duration(self.timeout)
-                ),
+/// Runs `check` once against `target`, within its timeout.
+pub async fn run(check: &Check, target: &Target) -> Outcome {
+    let started = Instant::now();
+    let result = tokio::time::timeout(check.timeout, probe(check, target)).await;
+    let (passed, detail) = match result {
+        Ok(Ok(detail)) => (true, detail),
+        Ok(Err(detail)) => (false, detail),
+        Err(_) => (
+            false,
+            format!(
+                "timed out after {}",
+                humantime::format_duration(check.timeout)
             ),
-        };
-        Outcome {
-            passed,
-            detail: truncate(detail),
-            took: started.elapsed(),
-        }
+        ),
+    };
+    Outcome {
+        passed,
+        detail: truncate(detail),
+        took: started.elapsed(),
     }
+}
 
-    async fn probe(&self, target: &Target) -> Result<String, String> {
-        match &self.probe {
-            Probe::Tcp => TcpStream::connect(target.addr)
-                .await
-                .map(|_| format!("connected to {}", target.addr))
-                .map_err(|e| format!("connect to {}: {e}", target.addr)),
-            Probe::Http {
-                path,
-                expect_status,
-                body_contains,
-            } => http_probe(target.addr, path, expect_status, body_contains.as_deref()).await,
-            Probe::Exec { command } => exec_probe(command, target).await,
-        }
+async fn probe(check: &Check, target: &Target) -> Result<String, String> {
+    match &check.probe {
+        Probe::Tcp => TcpStream::connect(target.addr)
+            .await
+            .map(|_| format!("connected to {}", target.addr))
+            .map_err(|e| format!("connect to {}: {e}", target.addr)),
+        Probe::Http {
+            path,
+            expect_status,
+            body_contains,
+        } => http_probe(target.addr, path, expect_status, body_contains.as_deref()).await,
+        Probe::Exec { command } => exec_probe(command, target).await,
     }
 }
 
@@ -199,14 +172,6 @@ fn truncate(mut text: String) -> String {
     text
 }
 
-/// How a health check gates a release.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct HealthGate {
-    pub interval: Duration,
-    pub healthy_threshold: u32,
-    pub deadline: Duration,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Healthy {
     pub attempts: u32,
@@ -223,41 +188,39 @@ pub struct Unhealthy {
     pub last: Outcome,
 }
 
-impl HealthGate {
-    /// Runs `check` every `interval` until it passes `healthy_threshold`
-    /// times in a row (healthy) or `deadline` has passed (unhealthy, with the
-    /// last outcome).
-    pub async fn wait(&self, check: &Check, target: &Target) -> Result<Healthy, Unhealthy> {
-        let started = Instant::now();
-        let deadline = started + self.deadline;
-        let mut attempts = 0;
-        let mut in_a_row = 0;
-        loop {
-            attempts += 1;
-            let outcome = check.run(target).await;
-            if outcome.passed {
-                in_a_row += 1;
-                if in_a_row >= self.healthy_threshold.max(1) {
-                    return Ok(Healthy {
-                        attempts,
-                        took: started.elapsed(),
-                    });
-                }
-            } else {
-                in_a_row = 0;
-            }
-            let next = Instant::now() + self.interval;
-            if next > deadline {
-                return Err(Unhealthy {
-                    check: check.describe(),
-                    threshold: self.healthy_threshold,
-                    deadline: self.deadline,
+/// Runs `check` every `gate.interval` until it passes `healthy_threshold`
+/// times in a row (healthy) or `deadline` has passed (unhealthy, with the
+/// last outcome).
+pub async fn wait(gate: &HealthGate, check: &Check, target: &Target) -> Result<Healthy, Unhealthy> {
+    let started = Instant::now();
+    let deadline = started + gate.deadline;
+    let mut attempts = 0;
+    let mut in_a_row = 0;
+    loop {
+        attempts += 1;
+        let outcome = run(check, target).await;
+        if outcome.passed {
+            in_a_row += 1;
+            if in_a_row >= gate.healthy_threshold.max(1) {
+                return Ok(Healthy {
                     attempts,
-                    last: outcome,
+                    took: started.elapsed(),
                 });
             }
-            tokio::time::sleep_until(next.into()).await;
+        } else {
+            in_a_row = 0;
         }
+        let next = Instant::now() + gate.interval;
+        if next > deadline {
+            return Err(Unhealthy {
+                check: check.describe(),
+                threshold: gate.healthy_threshold,
+                deadline: gate.deadline,
+                attempts,
+                last: outcome,
+            });
+        }
+        tokio::time::sleep_until(next.into()).await;
     }
 }
 
@@ -322,7 +285,7 @@ mod tests {
             }
         })
         .await;
-        let first = http("/health", None).run(&target(addr)).await;
+        let first = run(&http("/health", None), &target(addr)).await;
         assert!(!first.passed);
         assert!(
             first.detail.contains("503") && first.detail.contains("warming up"),
@@ -330,12 +293,11 @@ mod tests {
             first.detail
         );
         assert!(
-            http("/health", Some("shop"))
-                .run(&target(addr))
+            run(&http("/health", Some("shop")), &target(addr))
                 .await
                 .passed
         );
-        let missing = http("/health", Some("cart")).run(&target(addr)).await;
+        let missing = run(&http("/health", Some("cart")), &target(addr)).await;
         assert!(
             !missing.passed && missing.detail.contains("lacks \"cart\""),
             "{}",
@@ -353,7 +315,7 @@ mod tests {
             healthy_threshold: 2,
             deadline: Duration::from_secs(5),
         };
-        let healthy = gate.wait(&http("/", None), &target(addr)).await.unwrap();
+        let healthy = wait(&gate, &http("/", None), &target(addr)).await.unwrap();
         assert_eq!(healthy.attempts, 4);
     }
 
@@ -366,8 +328,7 @@ mod tests {
             deadline: Duration::from_millis(300),
         };
         let started = Instant::now();
-        let error = gate
-            .wait(&http("/health", None), &target(addr))
+        let error = wait(&gate, &http("/health", None), &target(addr))
             .await
             .unwrap_err();
         // The deadline is the point, so a bound, but a generous one: it only
@@ -397,9 +358,9 @@ mod tests {
             probe: Probe::Tcp,
             timeout: Duration::from_secs(1),
         };
-        assert!(tcp.run(&target(open)).await.passed);
+        assert!(run(&tcp, &target(open)).await.passed);
         drop(listener);
-        assert!(!tcp.run(&target(open)).await.passed);
+        assert!(!run(&tcp, &target(open)).await.passed);
 
         // Generous for the checks that must finish (a slow machine may take a
         // while to start sh); the one that must time out gets 500 ms below.
@@ -410,16 +371,14 @@ mod tests {
             timeout,
         };
         let exec = |script: &str| exec_within(script, Duration::from_secs(10));
-        let ok = exec("echo $GREETING on $PORT").run(&target(open)).await;
+        let ok = run(&exec("echo $GREETING on $PORT"), &target(open)).await;
         assert!(ok.passed, "{ok:?}");
         assert!(
             ok.detail.contains(&format!("hello on {}", open.port())),
             "{}",
             ok.detail
         );
-        let failed = exec("echo queue stalled >&2; exit 3")
-            .run(&target(open))
-            .await;
+        let failed = run(&exec("echo queue stalled >&2; exit 3"), &target(open)).await;
         assert!(
             !failed.passed
                 && failed.detail.contains("queue stalled")
@@ -428,11 +387,13 @@ mod tests {
         );
         // A grandchild in the background must die with the check.
         let marker = format!("cutover-check-orphan-{}", std::process::id());
-        let slow = exec_within(
-            &format!("sh -c 'sleep 30; : {marker}' & wait"),
-            Duration::from_millis(500),
+        let slow = run(
+            &exec_within(
+                &format!("sh -c 'sleep 30; : {marker}' & wait"),
+                Duration::from_millis(500),
+            ),
+            &target(open),
         )
-        .run(&target(open))
         .await;
         assert!(
             !slow.passed && slow.detail.contains("timed out"),

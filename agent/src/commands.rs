@@ -8,14 +8,15 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use cutover_common::release::ReleaseSpec;
 use cutover_proto::v1::{
-    agent_message, command, command_result, AgentMessage, Command, CommandProgress, CommandResult,
-    CommandStatus, NodeState, Pong,
+    self as pb, agent_message, command, command_result, AgentMessage, Command, CommandProgress,
+    CommandResult, CommandStatus, NodeState, Pong,
 };
 use tokio::sync::mpsc;
 
 use crate::renewal::Renewer;
-use crate::services::NodeServices;
+use crate::services::{NodeServices, ServiceError};
 use crate::state::Journal;
 
 /// What this agent can do; the coordinator sends only commands it announced.
@@ -123,29 +124,33 @@ impl Executor {
                 payload: ping.payload,
                 agent_time_ms: cutover_common::now_ms(),
             }))),
-            Some(command::Kind::Prepare(prepare)) => match prepare.release {
-                Some(release) => self
-                    .services
-                    .prepare(&release, &progress)
-                    .await
-                    .map(|_| None)
-                    .map_err(|e| e.to_string()),
-                None => Err("prepare without a release".into()),
-            },
-            Some(command::Kind::Activate(activate)) => match activate.release {
-                Some(release) => self
-                    .services
-                    .activate(
-                        &release,
-                        activate.drain_first,
-                        &activate.secret_values,
-                        &progress,
-                    )
-                    .await
-                    .map(|a| Some(command_result::Output::Activated(a)))
-                    .map_err(|e| e.to_string()),
-                None => Err("activate without a release".into()),
-            },
+            Some(command::Kind::Prepare(prepare)) => {
+                match checked(prepare.release.as_ref(), "prepare") {
+                    Ok(release) => self
+                        .services
+                        .prepare(&release, &progress)
+                        .await
+                        .map(|_| None)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(command::Kind::Activate(activate)) => {
+                match checked(activate.release.as_ref(), "activate") {
+                    Ok(release) => self
+                        .services
+                        .activate(
+                            &release,
+                            activate.drain_first,
+                            &activate.secret_values,
+                            &progress,
+                        )
+                        .await
+                        .map(|a| Some(command_result::Output::Activated(a)))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                }
+            }
             Some(command::Kind::SetAdmission(admission)) => self
                 .services
                 .set_admission(&admission.service, admission.admitted)
@@ -227,6 +232,13 @@ impl Executor {
             }
         }
     }
+}
+
+/// Every release off the wire is checked here, once: the services act on
+/// the checked value only.
+fn checked(release: Option<&pb::Release>, command: &str) -> Result<ReleaseSpec, String> {
+    let release = release.ok_or_else(|| format!("{command} without a release"))?;
+    ReleaseSpec::try_from(release).map_err(|e| ServiceError::from(e).to_string())
 }
 
 fn result_message(result: CommandResult) -> AgentMessage {

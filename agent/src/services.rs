@@ -11,25 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cutover_common::fsutil::write_atomic;
+use cutover_common::release::{Kind, ReleaseSpec, Source};
 use cutover_proto::v1 as pb;
 use nix::sys::signal::Signal;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::artifacts::{unpack, ArtifactCache, ArtifactError, Digest};
-use crate::checks::{HealthGate, Probe};
+use crate::artifacts::{unpack, ArtifactCache, ArtifactError};
 use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
-use crate::release_spec::{
-    check_from, container_spec, exec_checks_allowed, listen_addr, millis,
-    stop_signal as release_stop_signal, validate_release_id, validate_secret_names, ReleaseKind,
-};
+use crate::release_spec::{container_spec, stop_signal as release_stop_signal};
 use crate::retention;
 use crate::runtime::docker::{DockerEngine, DockerError};
 use crate::service::{
     stop_leftovers, CutoverError, Service, ServiceKind, ServiceSettings, WebRelease,
-    DEFAULT_DRAIN_TIMEOUT,
 };
 use crate::store::{AgentStore, StoreError};
 use cutover_common::modes;
@@ -275,7 +271,7 @@ impl NodeServices {
     /// cutover to come; returns it ready to start.
     pub async fn prepare(
         &self,
-        release: &pb::Release,
+        release: &ReleaseSpec,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<WebRelease, ServiceError> {
         let ready = self.make_ready(release, progress).await;
@@ -288,93 +284,37 @@ impl NodeServices {
     /// `retention::PREPARED_KEEP`.
     async fn make_ready(
         &self,
-        release: &pb::Release,
+        release: &ReleaseSpec,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<WebRelease, ServiceError> {
-        validate_release_id(&release.release_id)?;
-        cutover_common::identity::validate_name(&release.service)
-            .map_err(|e| ServiceError::Invalid(format!("service name: {e}")))?;
-        let kind = ReleaseKind::of(release)?;
-        let container = release
-            .container
-            .as_ref()
-            .map(|c| container_spec(c, &release.service))
-            .transpose()?;
-        let artifact = match (&container, &release.artifact) {
-            (Some(_), Some(_)) => {
-                return Err(ServiceError::Invalid(
-                    "a release has an artifact or a container image, not both".into(),
-                ))
+        let (container, artifact_digest) = match &release.source {
+            Source::Container(container) => {
+                (Some(container_spec(container, &release.service)), None)
             }
-            (Some(_), None) => None,
-            (None, Some(artifact)) => Some((
-                artifact,
-                Digest::parse(&artifact.digest).map_err(ArtifactError::from)?,
-            )),
-            (None, None) => return Err(ServiceError::Invalid("no artifact".into())),
+            Source::Artifact { digest, .. } => (None, Some(digest)),
         };
-        // An image brings its own command; an artifact needs one.
-        if container.is_none() && release.command.is_empty() {
-            return Err(ServiceError::Invalid("no command".into()));
-        }
-        let (health, gate, smoke, min_healthy_time, drain_timeout) = match kind {
-            ReleaseKind::Web(web) => (
-                Some(check_from(
-                    web.health
-                        .as_ref()
-                        .ok_or_else(|| ServiceError::Invalid("no health check".into()))?,
-                    "health check",
-                )?),
-                HealthGate {
-                    interval: millis(web.health_interval_ms, Duration::from_secs(1)),
-                    healthy_threshold: web.healthy_threshold.max(1),
-                    deadline: millis(web.healthy_deadline_ms, Duration::from_secs(60)),
-                },
-                web.smoke
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| check_from(c, &format!("smoke check {}", i + 1)))
-                    .collect::<Result<Vec<_>, _>>()?,
+        let (health, gate, smoke, min_healthy_time, drain_timeout) = match &release.kind {
+            Kind::Web(web) => (
+                Some(web.health.clone()),
+                web.gate.clone(),
+                web.smoke.clone(),
                 Duration::ZERO,
-                millis(web.drain_timeout_ms, DEFAULT_DRAIN_TIMEOUT),
+                web.drain_timeout,
             ),
-            ReleaseKind::Worker(worker) => {
-                let health = match &worker.health {
-                    Some(check) => {
-                        let check = check_from(check, "health check")?;
-                        if !matches!(check.probe, Probe::Exec { .. }) {
-                            return Err(ServiceError::Invalid(
-                                "a worker has no port: its health check must be an exec check"
-                                    .into(),
-                            ));
-                        }
-                        Some(check)
-                    }
-                    None => None,
-                };
-                (
-                    health,
-                    HealthGate {
-                        interval: millis(worker.health_interval_ms, Duration::from_secs(1)),
-                        healthy_threshold: worker.healthy_threshold.max(1),
-                        deadline: millis(worker.healthy_deadline_ms, Duration::from_secs(60)),
-                    },
-                    Vec::new(),
-                    Duration::from_millis(worker.min_healthy_time_ms),
-                    // A worker has no proxy, nothing to drain.
-                    Duration::ZERO,
-                )
-            }
+            // A worker has no proxy, nothing to drain.
+            Kind::Worker(worker) => (
+                worker.health.clone(),
+                worker.gate.clone(),
+                Vec::new(),
+                worker.min_healthy_time,
+                Duration::ZERO,
+            ),
         };
         let secrets: Vec<String> = release.secrets.iter().map(|s| s.name.clone()).collect();
-        validate_secret_names(secrets.iter())?;
-        let mut stop_signal = if release.stop_signal.is_empty() {
-            Signal::SIGTERM
-        } else {
-            release_stop_signal(&release.stop_signal, "stop_signal")?
+        let mut stop_signal = match release.stop_signal {
+            None => Signal::SIGTERM,
+            Some(name) => release_stop_signal(name, "stop_signal")?,
         };
-        exec_checks_allowed(container.is_some(), health.iter().chain(&smoke))?;
-
         let workdir = self
             .settings
             .state_dir
@@ -385,7 +325,7 @@ impl NodeServices {
         let _held = self.in_use.hold(
             [
                 Some(workdir.clone()),
-                artifact.as_ref().map(|(_, d)| self.cache.path_for(d)),
+                artifact_digest.map(|digest| self.cache.path_for(digest)),
             ]
             .into_iter()
             .flatten()
@@ -393,11 +333,11 @@ impl NodeServices {
         );
         self.store.note_prepared(
             &release.release_id,
-            artifact.as_ref().map(|(_, digest)| digest.to_string()),
+            artifact_digest.map(ToString::to_string),
             cutover_common::now_ms(),
         )?;
-        match (&container, artifact) {
-            (Some(container), _) => {
+        match &release.source {
+            Source::Container(container) => {
                 progress("pulling");
                 self.settings
                     .docker
@@ -405,7 +345,7 @@ impl NodeServices {
                     .await?;
                 // Without a stop signal in the spec, the image's own (its
                 // STOPSIGNAL, e.g. SIGQUIT for nginx) is the one it expects.
-                if release.stop_signal.is_empty() {
+                if release.stop_signal.is_none() {
                     let image_signal = self
                         .settings
                         .docker
@@ -439,42 +379,30 @@ impl NodeServices {
                         ))
                     })?;
             }
-            (None, Some((artifact, digest))) => {
+            Source::Artifact { url, digest } => {
                 progress("fetching");
                 let coordinator = self.coordinator();
-                let archive = self
-                    .cache
-                    .fetch(&artifact.url, &digest, coordinator)
-                    .await?;
+                let archive = self.cache.fetch(url, digest, coordinator).await?;
                 progress("unpacking");
                 let dest = workdir.clone();
                 tokio::task::spawn_blocking(move || unpack(&archive, &dest))
                     .await
                     .expect("unpack task panicked")?;
             }
-            (None, None) => {
-                unreachable!("checked above: a release without an image has an artifact")
-            }
         }
-        let mut env: Vec<(String, String)> = release
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        env.sort();
         Ok(WebRelease {
             release_id: release.release_id.clone(),
             command: release.command.clone(),
             workdir,
-            env,
+            env: release.env.clone(),
             health,
             gate,
             smoke,
             stop_signal,
-            stop_grace: millis(release.stop_grace_ms, Duration::from_secs(10)),
+            stop_grace: release.stop_grace,
             min_healthy_time,
             stop_command: release.stop_command.clone(),
-            stop_timeout: Duration::from_millis(release.stop_timeout_ms),
+            stop_timeout: release.stop_timeout,
             drain_timeout,
             container,
             secrets,
@@ -488,7 +416,7 @@ impl NodeServices {
     /// afterwards, whatever the outcome (unless an operator had drained it).
     pub async fn activate(
         &self,
-        release: &pb::Release,
+        release: &ReleaseSpec,
         drain_first: bool,
         secret_values: &std::collections::HashMap<String, String>,
         progress: &(dyn Fn(&str) + Sync),
@@ -502,9 +430,9 @@ impl NodeServices {
             values.push((name.clone(), value.clone()));
         }
         web_release.secret_values = crate::runtime::supervisor::SecretSlot::ready(values);
-        let listen = match ReleaseKind::of(release)? {
-            ReleaseKind::Web(web) => Some(listen_addr(&web.listen, self.settings.address)?),
-            ReleaseKind::Worker(_) => None,
+        let listen = match &release.kind {
+            Kind::Web(web) => Some(web.listen.on(self.settings.address)),
+            Kind::Worker(_) => None,
         };
         let (shared, created) = {
             let mut services = self.services.lock().await;

@@ -10,6 +10,7 @@ use cutover_agent::runtime::docker::DockerEngine;
 use cutover_agent::services::{NodeServices, NodeSettings};
 use cutover_agent::state::{self, Journal};
 use cutover_common::modes::{mode_of, PRIVATE_DIR, PRIVATE_FILE};
+use cutover_common::release::ReleaseSpec;
 use cutover_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -41,9 +42,9 @@ fn archive(sources: &Path, version: &str) -> (PathBuf, Digest) {
     (path, digest)
 }
 
-/// Release `web-<version>` of the test app as the coordinator sends it,
-/// served on `listen`.
-fn release(sources: &Path, version: &str, listen: u16) -> (pb::Release, Digest) {
+/// Release `web-<version>` of the test app as the coordinator sends it
+/// and the agent checks it, served on `listen`.
+fn release(sources: &Path, version: &str, listen: u16) -> (ReleaseSpec, Digest) {
     let (path, digest) = archive(sources, version);
     let http = |path: &str, body: &str| pb::Check {
         probe: Some(pb::check::Probe::Http(pb::HttpProbe {
@@ -63,7 +64,7 @@ fn release(sources: &Path, version: &str, listen: u16) -> (pb::Release, Digest) 
         }),
         command: vec!["python3".into(), "app.py".into()],
         env: [("VERSION".to_string(), version.to_string())].into(),
-        web: Some(pb::WebService {
+        kind: Some(pb::release::Kind::Web(pb::WebService {
             listen: format!("127.0.0.1:{listen}"),
             health: Some(http("/health", "")),
             health_interval_ms: 100,
@@ -71,11 +72,11 @@ fn release(sources: &Path, version: &str, listen: u16) -> (pb::Release, Digest) 
             healthy_deadline_ms: 10_000,
             smoke: vec![http("/", version)],
             drain_timeout_ms: 5_000,
-        }),
+        })),
         stop_grace_ms: 5_000,
         ..Default::default()
     };
-    (release, digest)
+    (ReleaseSpec::try_from(&release).unwrap(), digest)
 }
 
 fn walk(dir: &Path, into: &mut Vec<PathBuf>) {

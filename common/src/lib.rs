@@ -1,6 +1,6 @@
 //! Pieces shared by the coordinator, the agent and the tests: configuration
 //! loading, the PKI and mTLS plumbing, identities, telemetry, shutdown and
-//! reconnect backoff.
+//! reconnect backoff, and the validated release type both sides act on.
 #![forbid(unsafe_code)]
 
 pub mod backoff;
@@ -13,6 +13,7 @@ pub mod modes;
 pub mod net;
 pub mod pki;
 pub mod registry;
+pub mod release;
 pub mod rules;
 pub mod shutdown;
 pub mod sled_open;

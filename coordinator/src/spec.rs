@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cutover_common::registry::ImageRef;
+use cutover_common::release::ReleaseSpec;
 use cutover_common::rules;
 use cutover_proto::v1 as pb;
 use prost::Message as _;
@@ -402,7 +403,7 @@ impl AppSpec {
         };
         let mut vars = environment.env.clone();
         vars.extend(spec.env.clone());
-        let (web, worker) = match &spec.listen {
+        let kind = match &spec.listen {
             Some(listen) => {
                 let health = spec
                     .health
@@ -431,7 +432,7 @@ impl AppSpec {
                         .collect(),
                     drain_timeout_ms: ms(spec.drain_timeout),
                 };
-                (Some(web), None)
+                pb::release::Kind::Web(web)
             }
             None => {
                 let health = spec.health.as_ref();
@@ -444,7 +445,7 @@ impl AppSpec {
                         .min_healthy_time
                         .unwrap_or_else(default_worker_min_healthy_time)),
                 };
-                (None, Some(worker))
+                pb::release::Kind::Worker(worker)
             }
         };
         let mut release = pb::Release {
@@ -463,14 +464,21 @@ impl AppSpec {
                 .collect(),
             command: spec.command.clone(),
             env: vars.into_iter().collect(),
-            web,
-            worker,
+            kind: Some(kind),
             stop_signal,
             stop_grace_ms: ms(spec.stop_grace),
             stop_command: spec.stop_command.clone(),
             stop_timeout_ms: ms(spec.stop_timeout),
         };
         release.release_id = release_id(&release);
+        // The agents' own check, run here too: a release a node would
+        // refuse is refused at deploy time, with the message it would give.
+        ReleaseSpec::try_from(&release).map_err(|e| {
+            error(
+                format!("services.{service}"),
+                format!("the release would be refused: {e}"),
+            )
+        })?;
         // Every release is stored whole and sent with every command: a
         // bound keeps the store and the command path small.
         let size = release.encoded_len();
@@ -528,10 +536,38 @@ pub fn release_id(release: &pb::Release) -> String {
         hasher.update(v.as_bytes());
         hasher.update([0]);
     }
-    hasher.update(canonical.encode_to_vec());
+    hasher.update(encoding_before_the_oneof(&canonical));
     let hash = hasher.finalize();
     let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{}-{hex}", release.service, release.version)
+}
+
+/// A release's bytes in the field order they had before `web` and `worker`
+/// became a oneof: prost encodes a oneof at its lowest tag (7), which puts a
+/// worker (tag 10) before fields 8 and 9 and would change the id of every
+/// worker, so a worker deployed again would no longer be recognised. Fields
+/// after 10 go after the worker, as they did.
+fn encoding_before_the_oneof(release: &pb::Release) -> Vec<u8> {
+    let Some(pb::release::Kind::Worker(worker)) = &release.kind else {
+        return release.encode_to_vec();
+    };
+    let mut head = release.clone();
+    head.kind = None;
+    let tail = pb::Release {
+        stop_command: std::mem::take(&mut head.stop_command),
+        stop_timeout_ms: std::mem::take(&mut head.stop_timeout_ms),
+        container: head.container.take(),
+        secrets: std::mem::take(&mut head.secrets),
+        ..Default::default()
+    };
+    let worker = pb::Release {
+        kind: Some(pb::release::Kind::Worker(worker.clone())),
+        ..Default::default()
+    };
+    [head, worker, tail]
+        .iter()
+        .flat_map(|part| part.encode_to_vec())
+        .collect()
 }
 
 fn ms(d: Duration) -> u64 {
@@ -847,7 +883,9 @@ APP_ENV = "local"
             release.env.get("APP_NAME").map(String::as_str),
             Some("shop")
         );
-        let web = release.web.as_ref().unwrap();
+        let Some(pb::release::Kind::Web(web)) = &release.kind else {
+            panic!("a service with `listen` is a web service")
+        };
         assert_eq!(web.drain_timeout_ms, 10_000);
         assert_eq!(web.smoke.len(), 1);
         // The same inputs give the same id; another command gives another.
@@ -886,6 +924,31 @@ APP_ENV = "local"
         assert!(e.message.contains("\"8080\""), "{e}");
         let e = error_of(&GOOD.replace("app = \"shop\"", "app = \"shop\"\n[[oops"));
         assert!(e.message.starts_with("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn release_ids_stay_what_earlier_versions_computed() {
+        // Ids are compared with stored ones to recognise a release deployed
+        // again: the hash must not move when the wire type changes shape
+        // (web and worker became a oneof, which prost encodes at tag 7).
+        let text = format!(
+            "{GOOD}\n[services.horizon]\ncommand = [\"php\", \"artisan\", \"horizon\"]\nstop_signal = \"quit\"\nstop_command = [\"php\", \"artisan\", \"horizon:terminate\"]\n"
+        );
+        let spec = AppSpec::parse(&text, "cutover.toml").unwrap();
+        let web = resolve_web(&spec).unwrap().release;
+        let worker = spec
+            .resolve(
+                "cutover.toml",
+                "local",
+                "horizon",
+                "v1",
+                Some(&artifact()),
+                None,
+            )
+            .unwrap()
+            .release;
+        assert_eq!(web.release_id, "web-v1-33c1932c");
+        assert_eq!(worker.release_id, "horizon-v1-a703644a");
     }
 
     #[test]
@@ -1061,6 +1124,16 @@ APP_ENV = "local"
             )
             .unwrap();
         assert_ne!(other.release.release_id, release.release_id);
+        // What an agent would refuse is refused here, in the agent's words.
+        let e = spec
+            .resolve("cutover.toml", "local", "web", "v1", None, Some("shop:1.4"))
+            .unwrap_err();
+        assert_eq!(e.key, "services.web", "{e}");
+        assert!(
+            e.message
+                .contains("would be refused: container.image: \"shop:1.4\" is not pinned"),
+            "{e}"
+        );
         // A docker service needs an image, a process service an artifact.
         let e = resolve_web(&spec).unwrap_err();
         assert!(e.message.contains("--image"), "{e}");

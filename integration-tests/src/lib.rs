@@ -912,7 +912,7 @@ pub fn web_release(
         }),
         command: vec!["python3".into(), "app.py".into()],
         env: vars,
-        web: Some(pb::WebService {
+        kind: Some(pb::release::Kind::Web(pb::WebService {
             listen: format!(":{listen_port}"),
             health: Some(pb::Check {
                 probe: Some(pb::check::Probe::Http(pb::HttpProbe {
@@ -934,7 +934,7 @@ pub fn web_release(
                 timeout_ms: 1000,
             }],
             drain_timeout_ms: 5000,
-        }),
+        })),
         stop_signal: String::new(),
         stop_grace_ms: 5000,
         ..Default::default()
@@ -1015,9 +1015,10 @@ pub fn deploy_request(
 
 /// Whether a rollout has ended.
 pub fn ended(rollout: &pb::Rollout) -> bool {
+    use pb::RolloutState as R;
     matches!(
-        rollout.state.as_str(),
-        "succeeded" | "failed" | "rolled_back" | "aborted"
+        rollout.state(),
+        R::Succeeded | R::Failed | R::RolledBack | R::Aborted
     )
 }
 

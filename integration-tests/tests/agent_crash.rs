@@ -81,7 +81,9 @@ async fn a_killed_agent_comes_back_to_one_serving_release_without_orphans() {
     // During a cutover: v2 never turns healthy, so the agent is killed while
     // it checks v2 beside v1.
     let mut v2 = web_release("v2", port, &artifact, &[("HEALTH", "fail")]);
-    v2.web.as_mut().unwrap().healthy_deadline_ms = 60_000;
+    if let Some(pb::release::Kind::Web(web)) = &mut v2.kind {
+        web.healthy_deadline_ms = 60_000;
+    }
     let registry = &cluster.coordinator.as_ref().unwrap().registry;
     let pending = registry.send_command("node-1", activate("v2", v2)).unwrap();
     let waiting = pending.wait(Duration::from_secs(60), |_| {});
@@ -151,7 +153,7 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
         .id
         .clone();
     let v1 = wait_for_rollout(&mut client, &v1, Duration::from_secs(90), ended).await;
-    assert_eq!(v1.state, "succeeded");
+    assert_eq!(v1.state().as_str(), "succeeded");
 
     // v2 starts slowly, so its cutover on node-2 is well under way when
     // node-2's agent is killed.
@@ -170,7 +172,7 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
     wait_for_rollout(&mut client, &v2, Duration::from_secs(60), |r| {
         r.nodes
             .iter()
-            .any(|n| n.name == "node-2" && n.state == "activating")
+            .any(|n| n.name == "node-2" && n.state().as_str() == "activating")
     })
     .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -180,8 +182,8 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
 
     let done = wait_for_rollout(&mut client, &v2, Duration::from_secs(90), ended).await;
     let last = done.timeline.last().map(|e| e.kind.as_str());
-    assert_eq!(last, Some(done.state.as_str()), "{done:#?}");
-    let expected = match done.state.as_str() {
+    assert_eq!(last, Some(done.state().as_str()), "{done:#?}");
+    let expected = match done.state().as_str() {
         "succeeded" => "v2",
         "rolled_back" => "v1",
         other => panic!("the rollout ended {other}: {done:#?}"),
@@ -201,6 +203,9 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
             i + 1
         );
     }
-    eprintln!("the rollout ended {} ({expected} everywhere)", done.state);
+    eprintln!(
+        "the rollout ended {} ({expected} everywhere)",
+        done.state().as_str()
+    );
     drop(agents);
 }

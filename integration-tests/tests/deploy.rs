@@ -6,6 +6,7 @@ use std::process::Command;
 use cutover_agent::config::AgentConfig;
 use cutover_coordinator::config::CoordinatorConfig;
 use cutover_integration_tests::bin;
+use cutover_proto::v1 as pb;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -56,8 +57,9 @@ fn example_app_specs_resolve() {
     let horizon = shop
         .resolve("shop", "production", "horizon", "v1", Some(&artifact), None)
         .unwrap();
-    let worker = horizon.release.worker.expect("Horizon is a worker");
-    assert!(horizon.release.web.is_none());
+    let Some(pb::release::Kind::Worker(worker)) = horizon.release.kind else {
+        panic!("Horizon is a worker")
+    };
     assert_eq!(worker.min_healthy_time_ms, 15_000);
     assert_eq!(
         horizon.release.stop_command,
@@ -154,7 +156,7 @@ async fn exposed_metric_names() -> std::collections::BTreeSet<String> {
         .id
         .clone();
     let done = wait_for_rollout(&mut client, &id, Duration::from_secs(60), ended).await;
-    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     assert_eq!(body(&http_get(&format!("127.0.0.11:{port}"), "/")), "v1");
     // The next heartbeat carries the proxy's counts: wait until the
     // request above shows in them (not for a heartbeat's worth of time).

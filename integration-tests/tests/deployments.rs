@@ -290,7 +290,7 @@ nodes = {{ env = "test" }}
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let d = get(client.clone(), deployment.clone()).await.unwrap();
-        if d.steps[0].state == "running" {
+        if d.steps[0].state().as_str() == "running" {
             break;
         }
         assert!(Instant::now() < deadline, "{d:#?}");
@@ -301,15 +301,15 @@ nodes = {{ env = "test" }}
     let deadline = Instant::now() + Duration::from_secs(60);
     let done = loop {
         if let Ok(d) = get(client.clone(), deployment.clone()).await {
-            if d.state != "running" {
+            if d.state().as_str() != "running" {
                 break d;
             }
         }
         assert!(Instant::now() < deadline, "the deployment did not end");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(done.state, "succeeded", "{done:#?}");
-    let states: Vec<&str> = done.steps.iter().map(|s| s.state.as_str()).collect();
+    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
+    let states: Vec<&str> = done.steps.iter().map(|s| s.state().as_str()).collect();
     assert_eq!(states, ["succeeded", "succeeded"], "{done:#?}");
     let nodes = client
         .list_nodes(pb::ListNodesRequest {})

@@ -155,7 +155,7 @@ impl Setup {
                 .expect("get rollout")
                 .into_inner();
             if matches!(
-                rollout.state.as_str(),
+                rollout.state().as_str(),
                 "succeeded" | "failed" | "rolled_back" | "aborted"
             ) {
                 return rollout;
@@ -225,7 +225,7 @@ async fn two_image_versions_cut_over_under_load_without_a_failed_request() {
     let v2 = push_sample_image(&format!("{}:v2", s.repo), "v2", &[]);
 
     let rollout = s.roll(&format!("{}:v1", s.repo), FAST).await;
-    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     // The version label defaults to the tag; the release pins the digest.
     let release = rollout.release.clone().unwrap_or_default();
     assert!(release.id.starts_with("web-v1-"), "{release:?}");
@@ -241,7 +241,7 @@ async fn two_image_versions_cut_over_under_load_without_a_failed_request() {
     let (sent, _) = load.progress();
     load.wait_for_sent(sent, 250, "on v2").await;
     let report = load.stop().await;
-    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
     assert!(
         report.sent > 500,
@@ -285,7 +285,7 @@ async fn a_tag_moved_during_a_rollout_changes_nothing() {
     let second = push_sample_image(&stable, "second", &[]);
     assert_ne!(first, second, "the tag really moved");
     let rollout = s.finish(&id).await;
-    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     assert_eq!(s.versions(), vec!["first", "first"]);
     s.assert_each_node_runs(&format!("{}@{first}", s.repo));
 }
@@ -313,13 +313,16 @@ async fn a_missing_image_is_refused_and_the_serving_release_is_untouched() {
 
     let v1 = push_sample_image(&format!("{}:v1", s.repo), "v1", &[]);
     assert_eq!(
-        s.roll(&format!("{}:v1", s.repo), FAST).await.state,
+        s.roll(&format!("{}:v1", s.repo), FAST)
+            .await
+            .state()
+            .as_str(),
         "succeeded"
     );
     // A pinned digest is taken as is; the node cannot pull it, and says so.
     let absent = format!("{}@sha256:{}", s.repo, "0".repeat(64));
     let rollout = s.roll_as(&absent, "v2", FAST).await;
-    assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_ne!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     let error = error_message(&rollout);
     assert!(error.contains("not found"), "{rollout:#?}");
     assert_eq!(s.versions(), vec!["v1"]);
@@ -332,7 +335,10 @@ async fn a_broken_image_never_takes_traffic() {
     let v1 = push_sample_image(&format!("{}:v1", s.repo), "v1", &[]);
     push_sample_image(&format!("{}:v2", s.repo), "v2", &[("BROKEN", "0")]);
     assert_eq!(
-        s.roll(&format!("{}:v1", s.repo), FAST).await.state,
+        s.roll(&format!("{}:v1", s.repo), FAST)
+            .await
+            .state()
+            .as_str(),
         "succeeded"
     );
     let rollout = s
@@ -341,7 +347,7 @@ async fn a_broken_image_never_takes_traffic() {
             "batch = 1\nmin_healthy_time = \"300ms\"\nauto_rollback = true",
         )
         .await;
-    assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_ne!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     let error = error_message(&rollout);
     assert!(error.contains("not healthy"), "{rollout:#?}");
     assert_eq!(s.versions(), vec!["v1"]);
@@ -388,11 +394,11 @@ async fn a_killed_agent_readopts_its_container_and_restarts_one_that_died() {
             .await
             .unwrap()
             .into_inner();
-        if rollout.state == "succeeded" {
+        if rollout.state().as_str() == "succeeded" {
             break;
         }
         assert!(
-            Instant::now() < deadline && matches!(rollout.state.as_str(), "pending" | "running"),
+            Instant::now() < deadline && matches!(rollout.state().as_str(), "pending" | "running"),
             "{rollout:#?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -476,7 +482,7 @@ async fn pruning_keeps_the_images_of_the_active_previous_and_newest_releases_onl
             }
         }
         let rollout = s.roll(&format!("{}:{version}", s.repo), FAST).await;
-        assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+        assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
         assert!(image_present(images.last().unwrap()), "pulled by digest");
     }
     // Kept: v4 (active, and the newest one `releases_keep = 1` keeps) and
@@ -563,7 +569,7 @@ async fn a_registry_that_wants_a_login_refuses_without_one_and_serves_with_it() 
 
     // Pinned, the image reaches the agent, which has no login either.
     let rollout = s.roll_as(&pinned.image, "v1", FAST).await;
-    assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_ne!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     let message = rollout.error.map(|e| e.message).unwrap_or_default();
     assert!(message.contains("refused access"), "{message}");
     assert!(containers_of(&s.node_ids[0]).is_empty());
@@ -579,7 +585,7 @@ async fn a_registry_that_wants_a_login_refuses_without_one_and_serves_with_it() 
         })
         .await;
     let rollout = s.roll_as(&pinned.image, "v1", FAST).await;
-    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     assert_eq!(s.versions(), vec!["v1"]);
 }
 
@@ -600,7 +606,7 @@ async fn host_networking_serves_on_the_node_address() {
         .expect("deploy accepted")
         .into_inner();
     let rollout = s.finish(&response.rollouts[0].id).await;
-    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     assert_eq!(s.versions(), vec!["v1"]);
     let container = &containers_of(&s.node_ids[0])[0];
     assert_eq!(
@@ -661,12 +667,12 @@ nodes = { env = "test" }
         }
     };
     let id = deploy(format!("{}:v1", s.repo)).await;
-    assert_eq!(s.finish(&id).await.state, "succeeded");
+    assert_eq!(s.finish(&id).await.state().as_str(), "succeeded");
     s.assert_each_node_runs(&format!("{}@{v1}", s.repo));
     let started = Instant::now();
     let id = deploy(format!("{}:v2", s.repo)).await;
     let rollout = s.finish(&id).await;
-    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     // The stop signal would have needed the 30 s stop timeout and 30 s
     // grace: a bound well short of that says the stop command ended it,
     // however slow the machine is otherwise.
@@ -742,7 +748,7 @@ async fn a_node_without_an_engine_says_so_and_changes_nothing() {
     )
     .await;
     let rollout = s.roll(&format!("{repo}:v1"), FAST).await;
-    assert_ne!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_ne!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     let message = rollout.error.map(|e| e.message).unwrap_or_default();
     assert!(
         message.contains("/nonexistent/docker.sock") && message.contains("is dockerd running"),

@@ -134,7 +134,7 @@ async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_lin
     let mut lab = Lab::start(3).await;
     let v1 = lab.deploy("v1", "batch = 3").await;
     let done = lab.rollout_until(&v1, ended).await;
-    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     for i in 0..3 {
         assert_eq!(lab.serves(i), "v1");
     }
@@ -146,13 +146,17 @@ async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_lin
         .await;
     let watched = lab
         .rollout_until(&v2, |r| {
-            r.nodes.iter().filter(|n| n.state == "switched").count() == 2
+            r.nodes
+                .iter()
+                .filter(|n| n.state().as_str() == "switched")
+                .count()
+                == 2
         })
         .await;
     let (first, second): (Vec<_>, Vec<_>) = watched
         .nodes
         .iter()
-        .filter(|n| n.state == "switched")
+        .filter(|n| n.state().as_str() == "switched")
         .map(|n| n.name.clone())
         .partition(|name| {
             watched
@@ -172,12 +176,12 @@ async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_lin
     // The rollout fails once the node is lost for healthy_deadline, and is
     // rolled back on the nodes it can reach; the lost one is reported.
     let failed = lab.rollout_until(&v2, ended).await;
-    assert_eq!(failed.state, "failed", "{failed:#?}");
+    assert_eq!(failed.state().as_str(), "failed", "{failed:#?}");
     assert!(
         failed
             .nodes
             .iter()
-            .any(|n| n.name == first[0] && n.state == "rolled_back"),
+            .any(|n| n.name == first[0] && n.state().as_str() == "rolled_back"),
         "{failed:#?}"
     );
     for i in 0..3 {
@@ -211,7 +215,7 @@ async fn a_node_partitioned_mid_rollout_keeps_serving_and_converges_when_the_lin
         .find(|r| r.kind == "converge")
         .unwrap_or_else(|| panic!("no converge rollout: {rollouts:#?}"));
     let converge = lab.rollout_until(&converge.id.clone(), ended).await;
-    assert_eq!(converge.state, "succeeded", "{converge:#?}");
+    assert_eq!(converge.state().as_str(), "succeeded", "{converge:#?}");
     assert_eq!(converge.created_by, "converger");
     assert_eq!(
         converge.nodes.len(),
@@ -235,7 +239,7 @@ async fn a_coordinator_cut_off_from_every_node_changes_nothing() {
     let mut lab = Lab::start(3).await;
     let v1 = lab.deploy("v1", "batch = 3").await;
     let done = lab.rollout_until(&v1, ended).await;
-    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     let before = lab.rollouts().await.len();
 
     for i in 0..3 {

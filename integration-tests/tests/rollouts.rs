@@ -100,7 +100,7 @@ impl Setup {
     async fn deploy_and_finish(&mut self, version: &str) -> pb::Rollout {
         let id = self.start(version, "", FAST).await;
         let rollout = self.finish(&id).await;
-        assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+        assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
         rollout
     }
 
@@ -152,7 +152,7 @@ async fn five_nodes_in_batches_of_two_under_load_end_on_v2_without_a_failed_requ
         rollout
             .nodes
             .iter()
-            .all(|n| n.state == "switched" && n.release.starts_with("web-v2-")),
+            .all(|n| n.state().as_str() == "switched" && n.release.starts_with("web-v2-")),
         "{rollout:#?}"
     );
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
@@ -183,7 +183,7 @@ async fn five_nodes_in_batches_of_two_under_load_end_on_v2_without_a_failed_requ
     assert_eq!(history.len(), 2);
     assert!(
         history[0].current
-            && history[0].state == "stable"
+            && history[0].state().as_str() == "stable"
             && history[0].release.as_ref().unwrap().version == "v2"
     );
     assert_eq!(history[0].deployed_by, "tester");
@@ -224,7 +224,7 @@ async fn a_release_failing_health_on_the_third_node_is_rolled_back_everywhere() 
     s.deploy_and_finish("v1").await;
     let id = s.start("v2", "FAIL_HOST = \"127.0.0.13\"", FAST).await;
     let rollout = s.finish(&id).await;
-    assert_eq!(rollout.state, "rolled_back", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "rolled_back", "{rollout:#?}");
     let error = rollout.error.clone().expect("an error");
     assert_eq!(error.node, "node-3");
     assert_eq!(error.step, "health_checking");
@@ -236,7 +236,7 @@ async fn a_release_failing_health_on_the_third_node_is_rolled_back_everywhere() 
     // The first batch had switched and came back.
     for name in ["node-1", "node-2"] {
         let node = rollout.nodes.iter().find(|n| n.name == name).unwrap();
-        assert_eq!(node.state, "rolled_back", "{node:?}");
+        assert_eq!(node.state().as_str(), "rolled_back", "{node:?}");
         assert!(node.release.starts_with("web-v1-"), "{node:?}");
     }
     let history = s.releases().await;
@@ -244,7 +244,7 @@ async fn a_release_failing_health_on_the_third_node_is_rolled_back_everywhere() 
         .iter()
         .find(|r| r.release.as_ref().unwrap().version == "v2")
         .unwrap();
-    assert_eq!(v2.state, "rolled_back");
+    assert_eq!(v2.state().as_str(), "rolled_back");
     assert!(
         history
             .iter()
@@ -274,12 +274,14 @@ async fn pause_resume_and_abort_take_effect_between_nodes() {
         .await
         .unwrap();
     let paused = s
-        .wait_until(&id, Duration::from_secs(20), |r| r.state == "paused")
+        .wait_until(&id, Duration::from_secs(20), |r| {
+            r.state().as_str() == "paused"
+        })
         .await;
     let switched = paused
         .nodes
         .iter()
-        .filter(|n| n.state == "switched")
+        .filter(|n| n.state().as_str() == "switched")
         .count();
     assert!(switched < 3, "paused after the end: {paused:#?}");
     // Its driver keeps looking (8 ticks: twice the 1 s watch that would
@@ -288,9 +290,13 @@ async fn pause_resume_and_abort_take_effect_between_nodes() {
         .wait_for_counter("rollout_ticks", 8, Duration::from_secs(20))
         .await;
     let still = s.get(&id).await;
-    assert_eq!(still.state, "paused");
+    assert_eq!(still.state().as_str(), "paused");
     assert_eq!(
-        still.nodes.iter().filter(|n| n.state == "switched").count(),
+        still
+            .nodes
+            .iter()
+            .filter(|n| n.state().as_str() == "switched")
+            .count(),
         switched,
         "nothing moves while paused"
     );
@@ -299,13 +305,13 @@ async fn pause_resume_and_abort_take_effect_between_nodes() {
         .await
         .unwrap();
     let done = s.finish(&id).await;
-    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     assert!(timeline_kinds(&done).contains(&"resumed"));
 
     // Abort once the first node switched: the rest stay where they are.
     let id = s.start("v3", "", slow).await;
     s.wait_until(&id, Duration::from_secs(20), |r| {
-        r.nodes.iter().any(|n| n.state == "switched")
+        r.nodes.iter().any(|n| n.state().as_str() == "switched")
     })
     .await;
     s.client
@@ -313,7 +319,7 @@ async fn pause_resume_and_abort_take_effect_between_nodes() {
         .await
         .unwrap();
     let aborted = s.finish(&id).await;
-    assert_eq!(aborted.state, "aborted", "{aborted:#?}");
+    assert_eq!(aborted.state().as_str(), "aborted", "{aborted:#?}");
     let versions = s.versions();
     for (i, node) in aborted.nodes.iter().enumerate() {
         let expect = if node.release.starts_with("web-v3-") {
@@ -363,7 +369,7 @@ async fn rollback_returns_to_the_previous_or_a_named_release() {
     let started = s.client.rollback(rollback("")).await.unwrap().into_inner();
     let id = started.rollouts[0].id.clone();
     let done = s.finish(&id).await;
-    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     assert_eq!(done.kind, "rollback");
     assert_eq!(s.versions(), vec!["v2"; 3]);
 
@@ -375,7 +381,7 @@ async fn rollback_returns_to_the_previous_or_a_named_release() {
         .unwrap()
         .into_inner();
     let done = s.finish(&started.rollouts[0].id).await;
-    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     assert_eq!(s.versions(), vec!["v1"; 3]);
 
     let history = s.releases().await;
@@ -384,7 +390,7 @@ async fn rollback_returns_to_the_previous_or_a_named_release() {
             .iter()
             .find(|r| r.release.as_ref().unwrap().version == v)
             .unwrap();
-        (r.state.clone(), r.current)
+        (r.state().as_str().to_string(), r.current)
     };
     assert_eq!(state_of("v1"), ("stable".into(), true));
     // Replaced by an operator's rollback, not failed: kept apart.
@@ -433,14 +439,14 @@ async fn a_rollback_says_why_it_cannot_start_and_a_failed_target_needs_force() {
     // v2 fails its health check and is rolled back automatically.
     let id = s.start("v2", "HEALTH = \"fail\"", FAST).await;
     let failed = s.finish(&id).await;
-    assert_eq!(failed.state, "rolled_back", "{failed:#?}");
+    assert_eq!(failed.state().as_str(), "rolled_back", "{failed:#?}");
     let v2 = failed.release.unwrap().id;
     let history = s.releases().await;
     let entry = history
         .iter()
         .find(|r| r.release.as_ref().unwrap().id == v2)
         .unwrap();
-    assert_eq!(entry.state, "rolled_back");
+    assert_eq!(entry.state().as_str(), "rolled_back");
     assert!(entry.note.contains("health"), "{entry:?}");
 
     let rollback = |to: &str, force: bool| pb::RollbackRequest {
@@ -523,7 +529,7 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
         })
         .await
         .unwrap();
-    assert_eq!(s.finish(&id).await.state, "aborted");
+    assert_eq!(s.finish(&id).await.state().as_str(), "aborted");
 
     // A node down at the start is named, and skipped only on request.
     let down = s.cluster.agents.pop().unwrap();
@@ -562,7 +568,7 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
         .unwrap()
         .into_inner();
     let rollout = s.finish(&response.rollouts[0].id).await;
-    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     assert_eq!(rollout.skipped_nodes, vec!["node-3".to_string()]);
     assert_eq!(rollout.nodes.len(), 2);
     assert!(timeline_kinds(&rollout).contains(&"nodes_skipped"));
@@ -630,13 +636,13 @@ async fn a_rollout_survives_a_coordinator_restart_mid_batch() {
         .start("v2", "", "batch = 1\nmin_healthy_time = \"1s\"")
         .await;
     s.wait_until(&id, Duration::from_secs(20), |r| {
-        r.nodes.iter().any(|n| n.state == "switched")
+        r.nodes.iter().any(|n| n.state().as_str() == "switched")
     })
     .await;
     s.cluster.restart_coordinator().await;
     s.client = s.cluster.operator().await;
     let done = s.finish(&id).await;
-    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     assert_eq!(s.versions(), vec!["v2"; 3]);
     let kinds = timeline_kinds(&done);
     assert!(kinds.contains(&"recovered"), "{kinds:?}");
@@ -660,7 +666,7 @@ async fn the_deploy_lock_is_reconciled_after_a_restart() {
         .start("v2", "", "batch = 1\nmin_healthy_time = \"30s\"")
         .await;
     s.wait_until(&id, Duration::from_secs(20), |r| {
-        r.nodes.iter().any(|n| n.state == "switched")
+        r.nodes.iter().any(|n| n.state().as_str() == "switched")
     })
     .await;
     s.cluster.stop_coordinator().await;
@@ -708,7 +714,7 @@ async fn the_deploy_lock_is_reconciled_after_a_restart() {
         })
         .await
         .unwrap();
-    assert_eq!(s.finish(&id).await.state, "aborted");
+    assert_eq!(s.finish(&id).await.state().as_str(), "aborted");
     s.cluster.stop_coordinator().await;
     let store = Store::open_sled(&store_dir).unwrap();
     assert_eq!(
@@ -753,7 +759,7 @@ nodes = {{ env = "test" }}
             .unwrap()
             .into_inner();
         let done = s.finish(&response.rollouts[0].id).await;
-        assert_eq!(done.state, "succeeded", "{done:#?}");
+        assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     }
     for i in 0..3 {
         let host = format!("127.0.0.{}", 11 + i);
@@ -845,7 +851,7 @@ async fn certificates_renewed_all_through_a_rollout_under_load_fail_nothing() {
     load.wait_for_sent(0, 1001, "in all").await;
     let report = load.stop().await;
     let during = renewals(&audit(&mut s.client).await) - before;
-    assert_eq!(rollout.state, "succeeded", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
     assert!(rollout.error.is_none(), "no command failed: {rollout:#?}");
     assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
     assert!(report.sent > 1000, "{report:?}");
@@ -870,7 +876,7 @@ async fn a_health_check_that_flaps_during_the_watch_rolls_the_release_back() {
         r.phase == "watch"
             && r.nodes
                 .iter()
-                .any(|n| n.name == "node-1" && n.state == "switched")
+                .any(|n| n.name == "node-1" && n.state().as_str() == "switched")
     })
     .await;
     assert!(body(&http_get(&s.addr(0), "/sick")).contains("now sick"));
@@ -880,7 +886,7 @@ async fn a_health_check_that_flaps_during_the_watch_rolls_the_release_back() {
         .await;
     assert!(body(&http_get(&s.addr(0), "/heal")).contains("healthy again"));
     let rollout = s.finish(&id).await;
-    assert_eq!(rollout.state, "rolled_back", "{rollout:#?}");
+    assert_eq!(rollout.state().as_str(), "rolled_back", "{rollout:#?}");
     let error = rollout.error.clone().expect("an error");
     assert_eq!(error.node, "node-1", "{error:?}");
     assert!(error.message.contains("unhealthy"), "{error:?}");
@@ -900,7 +906,7 @@ async fn a_node_changed_by_hand_is_converged_and_a_deploy_goes_before_a_converge
     // v1 starts slowly, so a convergence back to it is still under way
     // when the operator deploys.
     let id = s.start("v1", "START_DELAY = \"1.5\"", FAST).await;
-    assert_eq!(s.finish(&id).await.state, "succeeded");
+    assert_eq!(s.finish(&id).await.state().as_str(), "succeeded");
 
     // Someone starts another release on node-2 behind cutover's back.
     let stray = web_release("stray", s.port, &s.artifact, &[]);
@@ -945,7 +951,7 @@ async fn a_node_changed_by_hand_is_converged_and_a_deploy_goes_before_a_converge
     );
 
     s.wait_until(&converge.id, Duration::from_secs(20), |r| {
-        r.nodes[0].state == "activating"
+        r.nodes[0].state().as_str() == "activating"
     })
     .await;
 
@@ -953,7 +959,7 @@ async fn a_node_changed_by_hand_is_converged_and_a_deploy_goes_before_a_converge
     // aborted (node-2 finishes its cutover first) and the deploy rolls out.
     let v2 = s.start("v2", "", FAST).await;
     let aborted = s.finish(&converge.id).await;
-    assert_eq!(aborted.state, "aborted", "{aborted:#?}");
-    assert_eq!(s.finish(&v2).await.state, "succeeded");
+    assert_eq!(aborted.state().as_str(), "aborted", "{aborted:#?}");
+    assert_eq!(s.finish(&v2).await.state().as_str(), "succeeded");
     assert_eq!(s.versions(), ["v2", "v2", "v2"]);
 }

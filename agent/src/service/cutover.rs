@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use super::health::stays_up;
 use super::release::{check_target, process_spec};
 use super::{drain, PreviousRelease, Running, Service, ServiceKind, WebRelease};
-use crate::checks::{Healthy, Outcome, Target, Unhealthy};
+use crate::checks::{self, Healthy, Outcome, Target, Unhealthy};
 use crate::runtime::supervisor::{ProcessError, Supervisor};
 use crate::store::{ActiveRelease, Leftover, StoreError};
 use cutover_common::net::allocate_port;
@@ -286,7 +286,7 @@ impl Service {
 async fn health_gate(candidate: &Candidate) -> Result<Healthy, CutoverError> {
     let release = &candidate.release;
     let checked = match &release.health {
-        Some(check) => release.gate.wait(check, &candidate.target).await,
+        Some(check) => checks::wait(&release.gate, check, &candidate.target).await,
         None => Ok(Healthy {
             attempts: 0,
             took: Duration::ZERO,
@@ -312,7 +312,7 @@ async fn health_gate(candidate: &Candidate) -> Result<Healthy, CutoverError> {
 /// B passes every smoke check, in order; the first failure ends it.
 async fn smoke(candidate: &Candidate) -> Result<(), CutoverError> {
     for check in &candidate.release.smoke {
-        let outcome = check.run(&candidate.target).await;
+        let outcome = checks::run(check, &candidate.target).await;
         if !outcome.passed {
             return Err(CutoverError::SmokeFailed {
                 release_id: candidate.release.release_id.clone(),

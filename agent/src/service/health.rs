@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::release::WebRelease;
-use crate::checks::{Outcome, Target};
+use crate::checks::{self, Outcome, Target};
 use crate::runtime::supervisor::Supervisor;
 
 /// The last health check of a serving release.
@@ -67,7 +67,7 @@ pub(super) fn monitor_health(
                 _ = token.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let outcome = check.run(&target).await;
+            let outcome = checks::run(&check, &target).await;
             let was = last
                 .lock()
                 .expect("health lock")

@@ -19,6 +19,7 @@ use tokio_util::sync::DropGuard;
 
 use self::health::{monitor_health, LastHealth};
 use self::release::{check_target, process_spec};
+use crate::checks;
 use crate::proxy::{DrainReport, Proxy, Upstream};
 use crate::runtime::docker::DockerEngine;
 use crate::runtime::supervisor::{stop_leftover, SecretSlot, StopReport, Supervisor};
@@ -196,7 +197,7 @@ impl Service {
                 if waits_for_secrets {
                     tracing::warn!(service = %service.settings.name, release = %active.release.release_id, "the release starts once the coordinator sends its secrets again");
                 } else if let Some(check) = &active.release.health {
-                    if let Err(failure) = active.release.gate.wait(check, &target).await {
+                    if let Err(failure) = checks::wait(&active.release.gate, check, &target).await {
                         tracing::error!(service = %service.settings.name, %failure, "recovered release is not healthy");
                     }
                 }

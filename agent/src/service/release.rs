@@ -54,9 +54,9 @@ pub struct WebRelease {
     pub secret_values: SecretSlot,
 }
 
-/// A web release's drain timeout when its spec names none; also that of
-/// releases recorded before releases carried their own.
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Also the drain timeout of releases recorded before releases carried
+/// their own.
+pub use cutover_common::release::DEFAULT_DRAIN_TIMEOUT;
 
 fn default_drain_timeout() -> Duration {
     DEFAULT_DRAIN_TIMEOUT

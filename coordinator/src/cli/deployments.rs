@@ -17,8 +17,9 @@ use super::nodes::{render_table, rfc3339};
 /// How often a follower looks for the deployment's next rollout.
 const POLL: Duration = Duration::from_millis(500);
 
-pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "rolled_back" | "aborted")
+pub fn is_terminal(state: pb::DeploymentState) -> bool {
+    use pb::DeploymentState as D;
+    matches!(state, D::Succeeded | D::Failed | D::RolledBack | D::Aborted)
 }
 
 pub async fn get(client: &mut OperatorServiceClient<Channel>, id: &str) -> Result<pb::Deployment> {
@@ -55,7 +56,7 @@ where
                 followed.insert(rollout.clone());
                 follow_rollout(client.clone(), rollout).await?;
             }
-            None if is_terminal(&deployment.state) => {
+            None if is_terminal(deployment.state()) => {
                 if !quiet {
                     eprintln!("{}", summary(&deployment));
                 }
@@ -67,7 +68,7 @@ where
 }
 
 pub fn exit_for(deployment: &pb::Deployment) -> ExitCode {
-    if deployment.state == "succeeded" {
+    if deployment.state() == pb::DeploymentState::Succeeded {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -78,9 +79,14 @@ pub fn summary(d: &pb::Deployment) -> String {
     let steps: Vec<String> = d
         .steps
         .iter()
-        .map(|s| format!("{} {}", s.service, s.state))
+        .map(|s| format!("{} {}", s.service, s.state().as_str()))
         .collect();
-    let mut text = format!("deployment {} {}: {}", d.id, d.state, steps.join(", "));
+    let mut text = format!(
+        "deployment {} {}: {}",
+        d.id,
+        d.state().as_str(),
+        steps.join(", ")
+    );
     if !d.error.is_empty() {
         text.push_str(&format!("\n  cause: {}", d.error));
     }
@@ -92,7 +98,7 @@ pub fn describe(d: &pb::Deployment) -> String {
     let mut out = format!(
         "deployment {}\nstate      {}\napp        {} in {}\nby         {} at {}\n",
         d.id,
-        d.state,
+        d.state().as_str(),
         d.app,
         d.env,
         d.created_by,
@@ -108,7 +114,7 @@ pub fn describe(d: &pb::Deployment) -> String {
         vec![
             s.service.clone(),
             s.release_id.clone(),
-            s.state.clone(),
+            s.state().as_str().to_string(),
             dash(&s.rollout_id),
             dash(&s.rollback_rollout_id),
         ]
@@ -131,7 +137,7 @@ pub fn to_json(d: &pb::Deployment) -> Value {
         "deployment": d.id,
         "app": d.app,
         "env": d.env,
-        "state": d.state,
+        "state": d.state().as_str(),
         "error": (!d.error.is_empty()).then_some(&d.error),
         "created_by": d.created_by,
         "created_at": rfc3339(d.created_at_ms),
@@ -139,7 +145,7 @@ pub fn to_json(d: &pb::Deployment) -> Value {
         "steps": d.steps.iter().map(|s| json!({
             "service": s.service,
             "release": s.release_id,
-            "state": s.state,
+            "state": s.state().as_str(),
             "rollout": (!s.rollout_id.is_empty()).then_some(&s.rollout_id),
             "rollback_rollout": (!s.rollback_rollout_id.is_empty()).then_some(&s.rollback_rollout_id),
         })).collect::<Vec<_>>(),

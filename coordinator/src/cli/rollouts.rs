@@ -392,7 +392,10 @@ fn grouped(rollouts: Vec<pb::Rollout>) -> Vec<pb::Rollout> {
 }
 
 fn exit_for(rollouts: &[pb::Rollout]) -> ExitCode {
-    if rollouts.iter().all(|r| r.state == "succeeded") {
+    if rollouts
+        .iter()
+        .all(|r| r.state() == pb::RolloutState::Succeeded)
+    {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -442,10 +445,10 @@ pub async fn rollout(
                 .map(String::from)
                 .to_vec()];
                 rows.extend(rollouts.iter().map(|r| {
-                    let done = r.nodes.iter().filter(|n| done_state(&n.state)).count();
+                    let done = r.nodes.iter().filter(|n| done_state(n.state())).count();
                     vec![
                         r.id.clone(),
-                        r.state.clone(),
+                        r.state().as_str().to_string(),
                         r.env.clone(),
                         r.release.as_ref().map(|x| x.id.clone()).unwrap_or_default(),
                         format!("{done}/{}", r.nodes.len()),
@@ -528,7 +531,7 @@ pub async fn releases(
             .map(|r| {
                 json!({
                     "release": r.release.as_ref().map(release_json),
-                    "state": r.state,
+                    "state": r.state().as_str(),
                     "current": r.current,
                     "deployed_by": r.deployed_by,
                     "deployed_at": rfc3339(r.deployed_at_ms),
@@ -552,7 +555,7 @@ pub async fn releases(
                 if r.current { "*".into() } else { String::new() },
                 info.id,
                 info.version,
-                r.state.clone(),
+                r.state().as_str().to_string(),
                 r.deployed_by.clone(),
                 rfc3339(r.deployed_at_ms),
                 r.rollout_id.clone(),
@@ -564,8 +567,9 @@ pub async fn releases(
     Ok(ExitCode::SUCCESS)
 }
 
-fn done_state(state: &str) -> bool {
-    matches!(state, "switched" | "unchanged" | "rolled_back")
+fn done_state(state: pb::RolloutNodeState) -> bool {
+    use pb::RolloutNodeState as N;
+    matches!(state, N::Switched | N::Unchanged | N::RolledBack)
 }
 
 /// Follows a rollout to its end, drawing its progress on stderr (redrawn in
@@ -616,7 +620,7 @@ async fn follow(
                     printed = rollout.timeline.len();
                 }
             }
-            if is_terminal_state(&rollout.state) {
+            if is_terminal_state(rollout.state()) {
                 if !quiet {
                     eprintln!("{}", summary(&rollout));
                 }
@@ -632,8 +636,9 @@ async fn follow(
     }
 }
 
-fn is_terminal_state(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "rolled_back" | "aborted")
+fn is_terminal_state(state: pb::RolloutState) -> bool {
+    use pb::RolloutState as R;
+    matches!(state, R::Succeeded | R::Failed | R::RolledBack | R::Aborted)
 }
 
 fn bar(done: usize, total: usize, width: usize) -> String {
@@ -643,7 +648,7 @@ fn bar(done: usize, total: usize, width: usize) -> String {
 
 /// The live view: a bar of nodes done, the batch, each node's step.
 fn progress(r: &pb::Rollout) -> String {
-    let done = r.nodes.iter().filter(|n| done_state(&n.state)).count();
+    let done = r.nodes.iter().filter(|n| done_state(n.state())).count();
     let total = r.nodes.len();
     let batch = match r.phase.as_str() {
         "batch" | "watch" => format!("batch {}/{} ({})", r.batch, r.batches, r.phase),
@@ -654,7 +659,7 @@ fn progress(r: &pb::Rollout) -> String {
         r.id,
         r.service,
         r.release.as_ref().map_or("", |x| x.id.as_str()),
-        r.state,
+        r.state().as_str(),
         bar(done, total, 30),
     );
     for n in &r.nodes {
@@ -671,14 +676,15 @@ fn progress(r: &pb::Rollout) -> String {
         };
         // Mid-cutover the node still serves its old release: say where it
         // is going, not only where it is.
-        let release = if n.state == "activating" && n.release != target {
+        let release = if n.state() == pb::RolloutNodeState::Activating && n.release != target {
             format!("{serves} -> {target}")
         } else {
             serves.to_string()
         };
         out.push_str(&format!(
             "  {:<16} {:<13} {release}{step}\n",
-            n.name, n.state
+            n.name,
+            n.state().as_str()
         ));
     }
     out
@@ -686,7 +692,7 @@ fn progress(r: &pb::Rollout) -> String {
 
 fn summary(r: &pb::Rollout) -> String {
     let took = (r.finished_at_ms.max(r.updated_at_ms) - r.created_at_ms) as f64 / 1000.0;
-    let mut text = format!("rollout {} {} in {took:.1}s", r.id, r.state);
+    let mut text = format!("rollout {} {} in {took:.1}s", r.id, r.state().as_str());
     if let Some(e) = &r.error {
         text.push_str(&format!("\n  cause: {}", error_text(e)));
     }
@@ -712,7 +718,7 @@ fn describe(r: &pb::Rollout) -> String {
         "rollout   {}\nkind      {}\nstate     {}{}{}\nservice   {} ({} in {})\nrelease   {}\nprevious  {}\nbatches   {} of {} nodes\nby        {} at {}\n",
         r.id,
         r.kind,
-        r.state,
+        r.state().as_str(),
         if r.pause_requested { " (pause requested)" } else { "" },
         if r.abort_requested { " (abort requested)" } else { "" },
         r.service,
@@ -740,7 +746,7 @@ fn describe(r: &pb::Rollout) -> String {
     rows.extend(r.nodes.iter().map(|n| {
         vec![
             n.name.clone(),
-            n.state.clone(),
+            n.state().as_str().to_string(),
             if n.batch == 0 {
                 "-".into()
             } else {
@@ -792,13 +798,13 @@ pub fn to_json(r: &pb::Rollout) -> Value {
         "env": r.env,
         "service": r.service,
         "kind": r.kind,
-        "state": r.state,
+        "state": r.state().as_str(),
         "release": r.release.as_ref().map(release_json),
         "previous_release": r.previous_release.as_ref().map(release_json),
         "nodes": r.nodes.iter().map(|n| json!({
             "name": n.name,
             "id": n.id,
-            "state": n.state,
+            "state": n.state().as_str(),
             "release": n.release,
             "from_release": n.from_release,
             "batch": if n.batch == 0 { Value::Null } else { Value::from(n.batch) },

@@ -50,7 +50,7 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
         env: r.env.clone(),
         service: r.service.clone(),
         kind: r.kind.as_str().into(),
-        state: r.state.as_str().into(),
+        state: pb::RolloutState::from(r.state).into(),
         release: Some(release_info(&r.release)),
         previous_release: r.previous.as_ref().map(release_info),
         nodes: r
@@ -59,7 +59,7 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
             .map(|n| pb::RolloutNode {
                 name: n.name.clone(),
                 id: n.id.clone(),
-                state: n.state.as_str().into(),
+                state: pb::RolloutNodeState::from(n.state).into(),
                 release: n.release.clone(),
                 from_release: n.from_release.clone(),
                 batch: n.batch.map_or(0, |b| b + 1),
@@ -98,14 +98,14 @@ fn deployment_to_pb(d: &Deployment) -> pb::Deployment {
         id: d.id.clone(),
         app: d.app.clone(),
         env: d.env.clone(),
-        state: d.state.as_str().into(),
+        state: pb::DeploymentState::from(d.state).into(),
         steps: d
             .steps
             .iter()
             .map(|s| pb::DeploymentStep {
                 service: s.service.clone(),
                 release_id: s.release.id().to_string(),
-                state: s.state.as_str().into(),
+                state: pb::DeploymentStepState::from(s.state).into(),
                 rollout_id: s.rollout_id.clone(),
                 rollback_rollout_id: s.rollback_rollout_id.clone(),
             })
@@ -413,7 +413,7 @@ impl OperatorApi {
             .into_iter()
             .map(|record| pb::ReleaseEntry {
                 release: Some(release_info(&record.release)),
-                state: record.state.as_str().into(),
+                state: pb::ReleaseState::from(record.state).into(),
                 current: record.current,
                 deployed_by: record.deployed_by,
                 deployed_at_ms: record.deployed_at_ms,

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cutover_common::now_ms;
+use cutover_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use super::model::{Rollout, RolloutKind, RolloutState, StoredRelease};
@@ -40,15 +41,9 @@ pub enum DeploymentState {
 }
 
 impl DeploymentState {
+    /// As operators see it: the wire enum's name (see `rollout::states`).
     pub fn as_str(self) -> &'static str {
-        match self {
-            DeploymentState::Running => "running",
-            DeploymentState::RollingBack => "rolling_back",
-            DeploymentState::Succeeded => "succeeded",
-            DeploymentState::Failed => "failed",
-            DeploymentState::RolledBack => "rolled_back",
-            DeploymentState::Aborted => "aborted",
-        }
+        pb::DeploymentState::from(self).as_str()
     }
 
     pub fn is_terminal(self) -> bool {
@@ -78,17 +73,9 @@ pub enum StepState {
 }
 
 impl StepState {
+    /// As operators see it: the wire enum's name (see `rollout::states`).
     pub fn as_str(self) -> &'static str {
-        match self {
-            StepState::Waiting => "waiting",
-            StepState::Running => "running",
-            StepState::Succeeded => "succeeded",
-            StepState::Unchanged => "unchanged",
-            StepState::Failed => "failed",
-            StepState::RolledBack => "rolled_back",
-            StepState::RollbackFailed => "rollback_failed",
-            StepState::NotStarted => "not_started",
-        }
+        pb::DeploymentStepState::from(self).as_str()
     }
 }
 

@@ -17,6 +17,7 @@ mod planner;
 mod rollback;
 #[cfg(test)]
 pub(crate) mod sim;
+mod states;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -21,17 +21,9 @@ pub enum RolloutState {
 }
 
 impl RolloutState {
+    /// As operators see it: the wire enum's name (see `rollout::states`).
     pub fn as_str(self) -> &'static str {
-        match self {
-            RolloutState::Pending => "pending",
-            RolloutState::Running => "running",
-            RolloutState::Paused => "paused",
-            RolloutState::Succeeded => "succeeded",
-            RolloutState::Failed => "failed",
-            RolloutState::RollingBack => "rolling_back",
-            RolloutState::RolledBack => "rolled_back",
-            RolloutState::Aborted => "aborted",
-        }
+        pb::RolloutState::from(self).as_str()
     }
 
     pub fn is_terminal(self) -> bool {
@@ -88,18 +80,9 @@ pub enum NodeState {
 }
 
 impl NodeState {
+    /// As operators see it: the wire enum's name (see `rollout::states`).
     pub fn as_str(self) -> &'static str {
-        match self {
-            NodeState::Pending => "pending",
-            NodeState::Preparing => "preparing",
-            NodeState::Prepared => "prepared",
-            NodeState::Activating => "activating",
-            NodeState::Switched => "switched",
-            NodeState::Unchanged => "unchanged",
-            NodeState::Failed => "failed",
-            NodeState::RollingBack => "rolling_back",
-            NodeState::RolledBack => "rolled_back",
-        }
+        pb::RolloutNodeState::from(self).as_str()
     }
 
     pub fn in_flight(self) -> bool {

@@ -75,7 +75,7 @@ fn release(id: &str) -> StoredRelease {
         }),
         command: vec!["app".into()],
         env: Default::default(),
-        web: Some(pb::WebService {
+        kind: Some(pb::release::Kind::Web(pb::WebService {
             listen: ":8080".into(),
             health: None,
             health_interval_ms: 1000,
@@ -83,7 +83,7 @@ fn release(id: &str) -> StoredRelease {
             healthy_deadline_ms: 10_000,
             smoke: vec![],
             drain_timeout_ms: 2_000,
-        }),
+        })),
         stop_signal: String::new(),
         stop_grace_ms: 1_000,
         ..Default::default()

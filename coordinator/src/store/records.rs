@@ -355,15 +355,9 @@ pub enum ReleaseState {
 }
 
 impl ReleaseState {
+    /// As operators see it: the wire enum's name (see `rollout::states`).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ReleaseState::Deploying => "deploying",
-            ReleaseState::Stable => "stable",
-            ReleaseState::Failed => "failed",
-            ReleaseState::RolledBack => "rolled_back",
-            ReleaseState::Aborted => "aborted",
-            ReleaseState::Reverted => "reverted",
-        }
+        cutover_proto::v1::ReleaseState::from(self).as_str()
     }
 }
 

@@ -14,10 +14,10 @@ const ACTIVATION_MARGIN_MS: i64 = 60_000;
 /// healthy_deadline.
 pub(super) fn healthy_deadline(r: &Rollout) -> i64 {
     let release = &r.release.0;
-    let ms = match (&release.web, &release.worker) {
-        (Some(web), _) => web.healthy_deadline_ms,
-        (None, Some(worker)) => worker.healthy_deadline_ms,
-        (None, None) => 30_000,
+    let ms = match &release.kind {
+        Some(pb::release::Kind::Web(web)) => web.healthy_deadline_ms,
+        Some(pb::release::Kind::Worker(worker)) => worker.healthy_deadline_ms,
+        None => 30_000,
     };
     ms as i64
 }
@@ -30,13 +30,15 @@ pub(super) fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
     match state {
         NodeState::Preparing => r.strategy.progress_deadline_ms as i64,
         _ => {
-            let start = match (&release.web, &release.worker) {
-                (Some(web), _) => {
+            let start = match &release.kind {
+                Some(pb::release::Kind::Web(web)) => {
                     let smoke: u64 = web.smoke.iter().map(|c| c.timeout_ms).sum();
                     web.healthy_deadline_ms + smoke + web.drain_timeout_ms
                 }
-                (None, Some(worker)) => worker.healthy_deadline_ms + worker.min_healthy_time_ms,
-                (None, None) => 0,
+                Some(pb::release::Kind::Worker(worker)) => {
+                    worker.healthy_deadline_ms + worker.min_healthy_time_ms
+                }
+                None => 0,
             };
             let stop = release.stop_grace_ms
                 + if release.stop_command.is_empty() {
