@@ -51,6 +51,9 @@ pub struct Metrics {
     pub nodes_drifted: Gauge,
     rollout_duration: Family<Labels, Histogram>,
     pub rollouts_in_progress: Gauge,
+    /// Node records and events queued for the store and not yet on disk
+    /// (see `Journal`).
+    pub journal_pending: Gauge,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
     render_lock: Mutex<()>,
 }
@@ -98,6 +101,7 @@ impl Metrics {
                 Histogram::new([5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0])
             }),
             rollouts_in_progress: Gauge::default(),
+            journal_pending: Gauge::default(),
             render_lock: Mutex::new(()),
             registry,
         };
@@ -192,6 +196,11 @@ impl Metrics {
             "rollouts_in_progress",
             "Rollouts running or paused",
             metrics.rollouts_in_progress.clone(),
+        );
+        registry.register(
+            "journal_pending",
+            "Node records and events queued for the store and not yet flushed to disk; above zero for long, the store is slow or failing",
+            metrics.journal_pending.clone(),
         );
         registry.register(
             "node_cert_expiry_timestamp_seconds",

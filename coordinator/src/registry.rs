@@ -179,7 +179,7 @@ impl Registry {
     /// Loads known nodes. Nodes that were ready get one TTL of grace to
     /// reconnect before they are marked unreachable, as after a coordinator
     /// restart their heartbeats simply had nowhere to go.
-    pub async fn load(store: Store, ttl: Duration) -> Result<Self, StoreError> {
+    pub async fn load(store: Store, journal: Journal, ttl: Duration) -> Result<Self, StoreError> {
         let now = Instant::now();
         let mut inner = Inner::default();
         for record in store.nodes.list().await? {
@@ -206,7 +206,7 @@ impl Registry {
             .collect();
         Ok(Self {
             inner: Mutex::new(inner),
-            journal: Journal::start(store.clone()),
+            journal,
             store,
             ttl,
             revoked: Mutex::new(revoked),

@@ -20,6 +20,7 @@ use crate::auth::require;
 use crate::config::{CoordinatorConfig, Limits};
 use crate::enroll::EnrollApi;
 use crate::images::ImageResolver;
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::operator_api::OperatorApi;
 use crate::registry::Registry;
@@ -112,8 +113,10 @@ impl Coordinator {
         private(&config.data_dir.join("store"))?;
         private(&config.data_dir.join("artifacts"))?;
         let store = Store::open_sled(&config.data_dir.join("store"))?;
-        let registry = Arc::new(Registry::load(store.clone(), config.heartbeat_ttl).await?);
         let metrics = Arc::new(Metrics::new());
+        let journal = Journal::start(store.clone(), metrics.journal_pending.clone());
+        let registry =
+            Arc::new(Registry::load(store.clone(), journal, config.heartbeat_ttl).await?);
         let artifacts = Arc::new(
             ArtifactStore::open(
                 config.data_dir.join("artifacts"),

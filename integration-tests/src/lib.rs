@@ -687,6 +687,38 @@ impl DevCluster {
         child.wait_with_output().expect("cutover output")
     }
 
+    /// Waits until the coordinator flushed every node record and event it
+    /// queued (`cutover_journal_pending` is 0): what it showed so far
+    /// survives a SIGKILL from here on.
+    pub fn wait_for_journal_flushed(&self) {
+        let url = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "CUTOVER_METRICS_URL")
+            .map(|(_, v)| v.clone())
+            .expect("dev up exports CUTOVER_METRICS_URL");
+        let (addr, path) = url
+            .trim_start_matches("http://")
+            .split_once('/')
+            .expect("a metrics URL with a path");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let metrics = http_get(addr, &format!("/{path}"));
+            let pending = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix("cutover_journal_pending "))
+                .and_then(|v| v.trim().parse::<f64>().ok());
+            if pending == Some(0.0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the journal did not flush within 20 s (pending {pending:?})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn nodes_json(&self) -> Vec<serde_json::Value> {
         self.try_nodes_json()
             .unwrap_or_else(|error| panic!("cutover nodes failed: {error}"))

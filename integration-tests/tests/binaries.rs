@@ -188,8 +188,8 @@ fn an_agent_killed_with_sigkill_is_unreachable_within_ttl_and_ready_again_after_
 fn a_coordinator_killed_with_sigkill_restarts_with_its_nodes_and_agents_reconnect() {
     let cluster = DevCluster::up(2);
     let before = cluster.nodes_json();
-    // The store flushes registrations within 200 ms; give it that.
-    std::thread::sleep(Duration::from_millis(600));
+    // Registrations and their events on disk before the kill.
+    cluster.wait_for_journal_flushed();
     let events_before = cluster.cutover(&["events", "--limit", "10000", "-o", "json"]);
     let events_before: serde_json::Value = serde_json::from_slice(&events_before.stdout).unwrap();
     let events_before = events_before.as_array().unwrap().clone();
@@ -249,7 +249,7 @@ fn a_coordinator_killed_with_sigkill_restarts_with_its_nodes_and_agents_reconnec
             std::thread::sleep(Duration::from_millis(100));
         }
         // The reconnections' events, flushed before the next kill.
-        std::thread::sleep(Duration::from_millis(600));
+        cluster.wait_for_journal_flushed();
     }
     // The event log survives the restarts and the pruning passes after them.
     let events_after = cluster.cutover(&["events", "--limit", "10000", "-o", "json"]);
