@@ -32,11 +32,8 @@ impl Sampler {
         let (disk_free_bytes, disk_total_bytes) = match nix::sys::statvfs::statvfs(&self.state_dir)
         {
             Ok(stat) => {
-                let fragment = stat.fragment_size() as u64;
-                (
-                    stat.blocks_available() as u64 * fragment,
-                    stat.blocks() as u64 * fragment,
-                )
+                let fragment = stat.fragment_size();
+                (stat.blocks_available() * fragment, stat.blocks() * fragment)
             }
             Err(error) => {
                 tracing::warn!(%error, dir = %self.state_dir.display(), "cannot stat state dir");

@@ -16,7 +16,7 @@ use crate::store::{NewEvent, NodeRecord, Store};
 
 /// One change to the store.
 enum Change {
-    Node(NodeRecord),
+    Node(Box<NodeRecord>),
     DeleteNode(String),
     Event(NewEvent),
 }
@@ -62,7 +62,7 @@ impl Journal {
     }
 
     pub fn put_node(&self, record: NodeRecord) {
-        self.send(Change::Node(record));
+        self.send(Change::Node(Box::new(record)));
     }
 
     pub fn delete_node(&self, id: String) {

@@ -787,6 +787,9 @@ impl DevCluster {
 
     /// Starts a process of the cluster again with the config `dev up` wrote,
     /// recording its new pid so `dev down` stops it.
+    // `dev down` finds the process through the pid file and treats it as
+    // stopped once it is a zombie, so the handle is not kept or waited on.
+    #[allow(clippy::zombie_processes)]
     pub fn restart(&self, binary: &str, args: &[&str], pid_file: &str, log: &str) {
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -800,8 +803,6 @@ impl DevCluster {
             .stderr(log)
             .spawn()
             .expect("restart process");
-        // `dev down` finds it through the pid file and treats it as stopped
-        // once it is a zombie, so the handle need not be kept.
         std::fs::write(self.path(pid_file), format!("{}\n", child.id())).expect("pid file");
     }
 }

@@ -23,7 +23,7 @@ async fn a_file_artifact_outside_the_allowed_dirs_is_refused_naming_the_setting(
     assert!(!secret.starts_with(std::env::temp_dir()));
     let artifact = (
         format!("file://{}", secret.display()),
-        Digest::of_file(&secret).unwrap().to_string(),
+        Digest::of_file(secret).unwrap().to_string(),
     );
     let (result, _) = cluster
         .run_command(
