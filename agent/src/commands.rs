@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::renewal::Renewer;
 use crate::services::{NodeServices, ServiceError};
 use crate::state::Journal;
+use crate::tasks::Task;
 
 /// What this agent can do; the coordinator sends only commands it announced.
 pub const CAPABILITIES: &[&str] = &[
@@ -28,6 +29,7 @@ pub const CAPABILITIES: &[&str] = &[
     "command.stop_service",
     "command.report_state",
     "command.renew_certificate",
+    "command.run_task",
     "runtime.process",
     "proxy.http",
 ];
@@ -67,9 +69,20 @@ impl Executor {
         &self.services
     }
 
-    /// Takes a command off the stream: replays a journaled result, ignores a
-    /// repeat of a command still running (its result will come), or starts it.
+    /// Takes a command off the stream: ignores a repeat of a command still
+    /// running (its result will come), replays a journaled result, or
+    /// starts it. Running is asked first: a task is journaled as started
+    /// (UNKNOWN) while it runs.
     pub fn submit(self: &Arc<Self>, command: Command) {
+        if self
+            .running
+            .lock()
+            .expect("running lock")
+            .contains(&command.command_id)
+        {
+            tracing::info!(command_id = %command.command_id, "command already running");
+            return;
+        }
         let previous = self
             .journal
             .lock()
@@ -84,15 +97,10 @@ impl Executor {
             }));
             return;
         }
-        if !self
-            .running
+        self.running
             .lock()
             .expect("running lock")
-            .insert(command.command_id.clone())
-        {
-            tracing::info!(command_id = %command.command_id, "command already running");
-            return;
-        }
+            .insert(command.command_id.clone());
         let executor = self.clone();
         tokio::spawn(async move {
             let command_id = command.command_id.clone();
@@ -172,6 +180,10 @@ impl Executor {
                     .map_err(|e| e.to_string()),
                 None => Err("no connection to the coordinator to renew over".into()),
             },
+            Some(command::Kind::RunTask(run)) => match checked(run.release.as_ref(), "run_task") {
+                Ok(release) => self.run_task(&command_id, &release, &run, &progress).await,
+                Err(e) => Err(e),
+            },
             Some(command::Kind::ReportState(_)) => {
                 Ok(Some(command_result::Output::NodeState(NodeState {
                     services: self.services.state(),
@@ -210,16 +222,58 @@ impl Executor {
                 }
             }
         };
-        let journaled = cutover_common::blocking(|| {
-            self.journal
-                .lock()
-                .expect("journal lock")
-                .record(result.clone())
-        });
-        if let Err(error) = journaled {
+        if let Err(error) = self.journal_result(result.clone()) {
             tracing::error!(%error, command_id = %result.command_id, "cannot journal command result");
         }
         result
+    }
+
+    /// Runs a task once: journaled as started before it starts, so an
+    /// agent that stops while it runs answers the id with UNKNOWN after
+    /// its restart instead of running it a second time.
+    async fn run_task(
+        &self,
+        command_id: &str,
+        release: &ReleaseSpec,
+        run: &pb::RunTask,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<Option<command_result::Output>, String> {
+        self.journal_result(CommandResult {
+            command_id: command_id.to_string(),
+            status: CommandStatus::Unknown as i32,
+            message: "the agent stopped while the task ran; whether it finished is not known"
+                .into(),
+            replayed: false,
+            output: None,
+        })
+        .map_err(|e| format!("cannot journal the task before it starts: {e}"))?;
+        let (output, mut chunks) = mpsc::unbounded_channel();
+        let forward = async {
+            while let Some(chunk) = chunks.recv().await {
+                self.send(AgentMessage {
+                    kind: Some(agent_message::Kind::CommandProgress(CommandProgress {
+                        command_id: command_id.to_string(),
+                        step: "output".into(),
+                        message: chunk,
+                    })),
+                });
+            }
+        };
+        let run_it = async {
+            let ran = self
+                .services
+                .run_task(Task::new(release, run), output, progress)
+                .await;
+            ran.map(|task| Some(command_result::Output::Task(task)))
+                .map_err(|e| e.to_string())
+        };
+        // The output is forwarded until the task's sender is dropped.
+        let (ran, ()) = tokio::join!(run_it, forward);
+        ran
+    }
+
+    fn journal_result(&self, result: CommandResult) -> Result<(), crate::state::StateError> {
+        cutover_common::blocking(|| self.journal.lock().expect("journal lock").record(result))
     }
 
     /// Hands a message to the open session; without one it is dropped (a

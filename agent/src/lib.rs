@@ -17,6 +17,7 @@ pub mod service;
 pub mod services;
 pub mod state;
 pub mod store;
+pub mod tasks;
 #[cfg(test)]
 mod test_support;
 

@@ -75,6 +75,8 @@ pub enum ServiceError {
     },
     #[error("no service {0} on this node")]
     UnknownService(String),
+    #[error(transparent)]
+    Job(#[from] crate::runtime::job::JobError),
     #[error("cannot use {path}: {source}; the agent's user must own its state dir")]
     StateDir {
         path: PathBuf,
@@ -282,7 +284,7 @@ impl NodeServices {
     /// Fetches, verifies and unpacks a release (pulls its image); returns
     /// it ready to start. It stays on disk until activated, or for
     /// `retention::PREPARED_KEEP`.
-    async fn make_ready(
+    pub(crate) async fn make_ready(
         &self,
         release: &ReleaseSpec,
         progress: &(dyn Fn(&str) + Sync),
@@ -422,13 +424,7 @@ impl NodeServices {
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<pb::Activated, ServiceError> {
         let mut web_release = self.make_ready(release, progress).await?;
-        let mut values = Vec::new();
-        for name in &web_release.secrets {
-            let value = secret_values.get(name).ok_or_else(|| {
-                ServiceError::Invalid(format!("the coordinator sent no value for secret {name}"))
-            })?;
-            values.push((name.clone(), value.clone()));
-        }
+        let values = secret_env(&web_release.secrets, secret_values)?;
         web_release.secret_values = crate::runtime::supervisor::SecretSlot::ready(values);
         let listen = match &release.kind {
             Kind::Web(web) => Some(web.listen.on(self.settings.address)),
@@ -604,6 +600,11 @@ impl NodeServices {
 
     /// The session's connection, while one is open.
     /// The open connection to the coordinator, if any.
+    /// The node's address, where its releases listen.
+    pub fn address(&self) -> std::net::IpAddr {
+        self.settings.address
+    }
+
     pub fn coordinator(&self) -> Option<Channel> {
         self.coordinator.lock().expect("coordinator lock").clone()
     }
@@ -731,4 +732,21 @@ impl NodeServices {
             }
         }
     }
+}
+
+/// The environment entries of a release's secrets, from the values the
+/// coordinator sent with the command.
+pub(crate) fn secret_env(
+    names: &[String],
+    values: &std::collections::HashMap<String, String>,
+) -> Result<Vec<(String, String)>, ServiceError> {
+    names
+        .iter()
+        .map(|name| {
+            let value = values.get(name).ok_or_else(|| {
+                ServiceError::Invalid(format!("the coordinator sent no value for secret {name}"))
+            })?;
+            Ok((name.clone(), value.clone()))
+        })
+        .collect()
 }

@@ -112,16 +112,10 @@ impl AgentApi {
                     request.release_id, request.service
                 ))
             })?;
-        let mut values = std::collections::HashMap::new();
-        for secret in &record.release.0.secrets {
-            let value = self
-                .secrets
-                .value(&record.env, &secret.name, secret.version)
-                .await
-                .map_err(Status::from)?;
-            values.insert(secret.name.clone(), value);
-        }
-        Ok(values)
+        Ok(self
+            .secrets
+            .values_for(&record.env, &record.release.0.secrets)
+            .await?)
     }
 }
 

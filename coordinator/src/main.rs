@@ -79,6 +79,10 @@ enum Commands {
     Rollback(cli::rollouts::RollbackArgs),
     /// A service's kept releases in an environment.
     Releases(cli::rollouts::ReleasesArgs),
+    /// Run a command once on one node with a release of a service (its
+    /// files, environment and secrets), e.g. `cutover run web --env prod --
+    /// php artisan migrate:status`; exits with the command's exit code.
+    Run(cli::tasks::RunArgs),
     /// Create, list or revoke operators and their roles.
     Operator {
         #[command(subcommand)]
@@ -335,6 +339,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Releases(args) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::rollouts::releases(&mut client, args, json).await;
+        }
+        Commands::Run(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::tasks::run(&mut client, args).await;
         }
         Commands::Operator { action } => {
             cli::access::operator(&cli.connect, action, json).await?;

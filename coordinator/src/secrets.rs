@@ -346,6 +346,20 @@ impl Secrets {
             })
     }
 
+    /// The values of a release's secrets, by name, to hand to its agent.
+    pub async fn values_for(
+        &self,
+        env: &str,
+        refs: &[cutover_proto::v1::SecretRef],
+    ) -> Result<std::collections::HashMap<String, String>, SecretError> {
+        let mut values = std::collections::HashMap::new();
+        for secret in refs {
+            let value = self.value(env, &secret.name, secret.version).await?;
+            values.insert(secret.name.clone(), value);
+        }
+        Ok(values)
+    }
+
     /// The value of `env`/`name` at `version`, to hand to an agent.
     pub async fn value(&self, env: &str, name: &str, version: u32) -> Result<String, SecretError> {
         let keys = self.keys().await?;

@@ -427,6 +427,21 @@ impl Cluster {
         (result, steps)
     }
 
+    /// Sends `command` to `node` through the coordinator without waiting
+    /// for its result (which the coordinator then ignores).
+    pub fn send_command(&self, node: &str, command: cutover_proto::v1::Command) {
+        let registry = &self
+            .coordinator
+            .as_ref()
+            .expect("coordinator runs")
+            .registry;
+        drop(
+            registry
+                .send_command(node, command)
+                .expect("the node takes commands"),
+        );
+    }
+
     /// Stops the coordinator gracefully.
     pub async fn stop_coordinator(&mut self) {
         if let Some(coordinator) = self.coordinator.take() {

@@ -209,3 +209,92 @@ async fn an_agent_killed_during_its_own_cutover_in_a_rollout_ends_on_one_release
     );
     drop(agents);
 }
+
+fn task(id: &str, release: pb::Release, script: &str, timeout_ms: u64) -> pb::Command {
+    pb::Command {
+        command_id: id.into(),
+        kind: Some(pb::command::Kind::RunTask(pb::RunTask {
+            release: Some(release),
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            timeout_ms,
+            secret_values: Default::default(),
+            env: [("CUTOVER_ENV".to_string(), "test".to_string())].into(),
+        })),
+    }
+}
+
+fn task_result(result: &pb::CommandResult) -> &pb::TaskResult {
+    match &result.output {
+        Some(pb::command_result::Output::Task(task)) => task,
+        _ => panic!("not a task result: {result:?}"),
+    }
+}
+
+/// A task runs once per id, with its release's files and environment: its
+/// exit code, output and timeout come back; an agent killed while one runs
+/// answers its id, once restarted, with UNKNOWN, and never runs it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_runs_once_even_when_its_agent_is_killed_while_it_runs() {
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let agent = cluster.spawn_agent_binary("node-1");
+    wait_ready(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = app_archive(dir.path());
+    let release = web_release("v1", 1, &artifact, &[("GREETING", "hello")]);
+
+    let script =
+        "test -f app.py && echo \"$GREETING $VERSION in $CUTOVER_ENV\"; echo oops >&2; exit 3";
+    let (result, steps) = cluster
+        .run_command("node-1", task("t1", release.clone(), script, 0))
+        .await;
+    assert_eq!(
+        result.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{result:?}"
+    );
+    let ended = task_result(&result);
+    assert_eq!(ended.exit_code, 3, "{ended:?}");
+    assert!(!ended.timed_out);
+    assert!(ended.output_tail.contains("hello v1 in test"), "{ended:?}");
+    assert!(ended.output_tail.contains("oops"), "{ended:?}");
+    assert!(steps.iter().any(|s| s == "output"), "{steps:?}");
+
+    let (result, _) = cluster
+        .run_command("node-1", task("t2", release.clone(), "sleep 30", 300))
+        .await;
+    let ended = task_result(&result);
+    assert!(ended.timed_out && ended.exit_code == -1, "{ended:?}");
+
+    // Killed mid-run: the marker shows it started, once.
+    let marker = dir.path().join("runs");
+    let script = format!("echo run >> {}; sleep 30", marker.display());
+    cluster.send_command("node-1", task("t3", release.clone(), &script, 0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&marker).is_ok_and(|m| m == "run\n") {
+        assert!(Instant::now() < deadline, "the task never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.kill();
+    cluster
+        .wait_for_nodes(Duration::from_secs(15), |n| {
+            find(n, "node-1").is_some_and(|n| !n.connected)
+        })
+        .await;
+    let _agent = cluster.spawn_agent_binary("node-1");
+    wait_ready(&cluster).await;
+    let (result, _) = cluster
+        .run_command("node-1", task("t3", release, &script, 0))
+        .await;
+    assert_eq!(
+        result.status,
+        pb::CommandStatus::Unknown as i32,
+        "{result:?}"
+    );
+    assert!(result.replayed, "{result:?}");
+    assert!(result.message.contains("not known"), "{}", result.message);
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "run\n",
+        "run once, never again"
+    );
+}

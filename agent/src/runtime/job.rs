@@ -20,6 +20,9 @@ pub struct Job {
     /// How much of its output (stdout and stderr, as they came) is kept: the
     /// last bytes, where a failure usually explains itself.
     pub tail_bytes: usize,
+    /// Where its output goes as it comes, besides the tail (lossy UTF-8,
+    /// in chunks as read).
+    pub output: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 /// How a job ended, and the tail of its output.

@@ -264,8 +264,14 @@ async fn run_to_completion(job: &Job) -> Result<Completion, JobError> {
     let group = GroupGuard(child.id().expect("a just-spawned child has a pid"));
     let tail = Arc::new(Mutex::new(Tail::new(job.tail_bytes)));
     let readers = [
-        child.stdout.take().map(|out| keep_tail(out, tail.clone())),
-        child.stderr.take().map(|err| keep_tail(err, tail.clone())),
+        child
+            .stdout
+            .take()
+            .map(|out| keep_tail(out, tail.clone(), job.output.clone())),
+        child
+            .stderr
+            .take()
+            .map(|err| keep_tail(err, tail.clone(), job.output.clone())),
     ];
     let ended = match tokio::time::timeout(job.deadline, child.wait()).await {
         Ok(status) => {
@@ -299,15 +305,19 @@ async fn run_to_completion(job: &Job) -> Result<Completion, JobError> {
     })
 }
 
-/// Reads `pipe` to its end into `tail`.
+/// Reads `pipe` to its end into `tail`, and into `output` as it comes.
 fn keep_tail(
     mut pipe: impl AsyncRead + Unpin + Send + 'static,
     tail: Arc<Mutex<Tail>>,
+    output: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut chunk = [0u8; 8192];
         while let Ok(read @ 1..) = pipe.read(&mut chunk).await {
             tail.lock().expect("tail lock").push(&chunk[..read]);
+            if let Some(output) = &output {
+                let _ = output.send(String::from_utf8_lossy(&chunk[..read]).into_owned());
+            }
         }
     })
 }
@@ -327,6 +337,7 @@ mod tests {
             env: vec![("GREETING".into(), "hello".into())],
             deadline,
             tail_bytes: 64,
+            output: None,
         }
     }
 

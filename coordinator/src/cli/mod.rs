@@ -7,3 +7,4 @@ pub mod dev;
 pub mod logs;
 pub mod nodes;
 pub mod rollouts;
+pub mod tasks;

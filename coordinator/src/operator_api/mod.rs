@@ -14,6 +14,7 @@ mod nodes;
 mod operators;
 mod rollouts;
 mod secrets;
+mod tasks;
 mod tokens;
 
 use std::future::Future;
@@ -241,6 +242,15 @@ impl OperatorService for OperatorApi {
     }
 
     type WatchRolloutStream = rollouts::WatchStream;
+
+    type RunTaskStream = tasks::TaskStream;
+
+    async fn run_task(
+        &self,
+        request: Request<pb::RunTaskRequest>,
+    ) -> Result<Response<Self::RunTaskStream>, Status> {
+        self.handle_run_task(request).await
+    }
 
     async fn watch_rollout(
         &self,

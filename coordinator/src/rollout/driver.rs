@@ -241,10 +241,7 @@ async fn add_secret_values(
         .as_ref()
         .map(|r| r.secrets.clone())
         .unwrap_or_default();
-    for secret in refs {
-        let value = secrets.value(env, &secret.name, secret.version).await?;
-        activate.secret_values.insert(secret.name, value);
-    }
+    activate.secret_values = secrets.values_for(env, &refs).await?;
     Ok(())
 }
 
