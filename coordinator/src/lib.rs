@@ -12,6 +12,7 @@ pub mod http;
 pub mod images;
 pub mod journal;
 pub mod metrics;
+pub mod migration;
 pub mod operator_api;
 pub mod refusals;
 pub mod registry;

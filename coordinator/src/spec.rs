@@ -15,6 +15,7 @@ use prost::Message as _;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
+use crate::migration::{MigrateSpec, Migration};
 pub use crate::strategy::{BatchSize, Strategy, StrategySpec};
 
 /// A spec that cannot be used, with the file, the key and what is wrong.
@@ -47,6 +48,10 @@ pub struct AppSpec {
     /// workers, each by name; services not named come after, in that order.
     #[serde(default)]
     pub order: Vec<String>,
+    /// The database migration a deploy of one service runs once, on one
+    /// node, before (or after) its cutover.
+    #[serde(default)]
+    pub migrate: Option<MigrateSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +218,8 @@ pub struct Resolved {
     pub selector: BTreeMap<String, String>,
     pub strategy: Strategy,
     pub release: pb::Release,
+    /// Set for the service whose deploy runs the spec's migration.
+    pub migration: Option<Migration>,
 }
 
 impl AppSpec {
@@ -266,6 +273,12 @@ impl AppSpec {
         self.strategy
             .resolve()
             .map_err(|(k, m)| (format!("strategy.{k}"), m))?;
+        if let Some(migrate) = &self.migrate {
+            let services: Vec<&String> = self.services.keys().collect();
+            migrate
+                .check(&services)
+                .map_err(|(k, m)| (format!("migrate.{k}"), m))?;
+        }
         for (name, env) in &self.environments {
             let key = format!("environments.{name}");
             name_ok(name).map_err(|m| (key.clone(), m))?;
@@ -516,6 +529,11 @@ impl AppSpec {
             selector,
             strategy,
             release,
+            migration: self
+                .migrate
+                .as_ref()
+                .filter(|m| m.service == service)
+                .map(MigrateSpec::plan),
         })
     }
 }

@@ -1,23 +1,28 @@
-//! `cutover run` as an operator uses it, through the real binaries: a
-//! command once on one node with the environment's current release, its
-//! output streamed, its exit code as the CLI's own, and what it ran in the
-//! audit log.
+//! Tasks as operators meet them, through the real binaries: `cutover run`
+//! (a command once on one node with the environment's current release, its
+//! output streamed, its exit code as the CLI's own, what it ran in the
+//! audit log), and a deploy's `[migrate]` step (once, on one node, before
+//! any node switched; a failing one leaves every node on the old release).
 
 use cutover_integration_tests::{app_archive, DevCluster};
 use serde_json::Value;
 
-const PORT: u16 = 18_490;
+/// Each test's web port: tests run at once, and dev clusters share the
+/// nodes' loopback addresses.
+const RUN_PORT: u16 = 18_490;
+const MIGRATE_PORT: u16 = 18_491;
 
-fn spec() -> String {
+fn spec(port: u16, version: &str) -> String {
     format!(
         r#"
 app = "shop"
 
 [services.web]
 command = ["python3", "app.py"]
-listen = ":{PORT}"
+listen = ":{port}"
 [services.web.env]
 GREETING = "hello"
+VERSION = "{version}"
 [services.web.health]
 path = "/health"
 interval = "100ms"
@@ -32,6 +37,59 @@ nodes = {{ env = "local" }}
     )
 }
 
+/// The same app with a migration that appends a line to `runs` (a row
+/// per run proves it ran once) and prints `say`, then exits `code`.
+fn spec_with_migration(version: &str, runs: &std::path::Path, say: &str, code: u8) -> String {
+    format!(
+        r#"{}
+[migrate]
+service = "web"
+command = ["sh", "-c", "echo ran >> {runs}; echo {say}; exit {code}"]
+checks = [["test", "-f", "app.py"]]
+timeout = "1m"
+"#,
+        spec(MIGRATE_PORT, version),
+        runs = runs.display()
+    )
+}
+
+fn deploy(cluster: &DevCluster, text: &str, version: &str) -> std::process::Output {
+    let file = cluster.path(&format!("cutover-{version}.toml"));
+    std::fs::write(&file, text).unwrap();
+    let (url, _) = app_archive(cluster.dir.path());
+    let archive = url.trim_start_matches("file://").to_string();
+    cluster.cutover(&[
+        "deploy",
+        "-f",
+        file.to_str().unwrap(),
+        "--env",
+        "local",
+        "--version",
+        version,
+        "--artifact",
+        &archive,
+        "--wait",
+    ])
+}
+
+fn newest_rollout(cluster: &DevCluster) -> Value {
+    let list = cluster.cutover(&["rollout", "list", "-o", "json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let status = cluster.cutover(&["rollout", "status", &id, "-o", "json"]);
+    serde_json::from_slice(&status.stdout).unwrap()
+}
+
+fn versions(nodes: u8) -> Vec<String> {
+    (0..nodes)
+        .map(|i| {
+            let addr = format!("127.0.0.{}:{MIGRATE_PORT}", 11 + i);
+            cutover_integration_tests::body(&cutover_integration_tests::http_get(&addr, "/"))
+                .to_string()
+        })
+        .collect()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -39,22 +97,7 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn cutover_run_streams_a_commands_output_and_exits_with_its_code() {
     let cluster = DevCluster::up(2);
-    let file = cluster.path("cutover.toml");
-    std::fs::write(&file, spec()).unwrap();
-    let (url, _) = app_archive(cluster.dir.path());
-    let archive = url.trim_start_matches("file://").to_string();
-    let deployed = cluster.cutover(&[
-        "deploy",
-        "-f",
-        file.to_str().unwrap(),
-        "--env",
-        "local",
-        "--version",
-        "v1",
-        "--artifact",
-        &archive,
-        "--wait",
-    ]);
+    let deployed = deploy(&cluster, &spec(RUN_PORT, "v1"), "v1");
     assert!(
         deployed.status.success(),
         "{}{}",
@@ -150,5 +193,90 @@ fn cutover_run_streams_a_commands_output_and_exits_with_its_code() {
     assert!(
         !audit.to_string().contains("hello v1"),
         "no output in the audit log"
+    );
+}
+
+#[test]
+fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_nothing() {
+    let cluster = DevCluster::up(3);
+    let runs = cluster.path("runs");
+    let deployed = deploy(
+        &cluster,
+        &spec_with_migration("v1", &runs, "migrated-v1", 0),
+        "v1",
+    );
+    assert!(
+        deployed.status.success(),
+        "{}{}",
+        text(&deployed.stderr),
+        cluster.log_tails()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "ran\n",
+        "once, on one node"
+    );
+    assert_eq!(versions(3), vec!["v1"; 3]);
+    let rollout = newest_rollout(&cluster);
+    let kinds: Vec<&str> = rollout["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["kind"].as_str().unwrap())
+        .collect();
+    let at = |kind: &str| {
+        kinds
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or_else(|| panic!("no {kind} in {kinds:?}"))
+    };
+    assert!(at("migration_started") < at("migrated"), "{kinds:?}");
+    assert!(at("migrated") < at("batch_started"), "{kinds:?}");
+    assert!(
+        rollout.to_string().contains("migrated-v1"),
+        "its output in the timeline"
+    );
+
+    // A migration that fails: the deploy fails before any node switched,
+    // saying why with the migration's last output, and v1 keeps serving.
+    let failed = deploy(
+        &cluster,
+        &spec_with_migration("v2", &runs, "boom-v2", 3),
+        "v2",
+    );
+    let stderr = text(&failed.stderr);
+    assert!(!failed.status.success(), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\nran\n");
+    assert_eq!(versions(3), vec!["v1"; 3]);
+    let rollout = newest_rollout(&cluster);
+    assert_eq!(rollout["state"], "rolled_back", "{rollout:#}");
+    let cause = rollout["error"].to_string();
+    assert!(
+        cause.contains("exit status: 3") && cause.contains("boom-v2"),
+        "{cause}"
+    );
+    assert!(
+        rollout["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] != "switched"),
+        "{rollout:#}"
+    );
+
+    // A destructive migration before the cutover is refused whole.
+    let contract = spec_with_migration("v3", &runs, "x", 0)
+        .replace("timeout = \"1m\"", "phase = \"contract\"");
+    let refused = deploy(&cluster, &contract, "v3");
+    let stderr = text(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("migrate.phase") && stderr.contains("when = \"after\""),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "ran\nran\n",
+        "nothing ran"
     );
 }

@@ -39,6 +39,7 @@ fn error_to_pb(e: &model::RolloutError) -> pb::RolloutError {
 fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
     let (phase, batch) = match r.phase {
         Phase::Prepare => ("prepare", 0),
+        Phase::Migrate => ("migrate", 0),
         Phase::Rolling(RollingPhase::Batch(b)) => ("batch", b + 1),
         Phase::Rolling(RollingPhase::Watch { batch, .. }) => ("watch", batch + 1),
         Phase::RollingBack => ("rolling_back", 0),

@@ -152,6 +152,7 @@ impl Rollouts {
             strategy,
             deployment: String::new(),
             warning: None,
+            migration: None,
         };
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,

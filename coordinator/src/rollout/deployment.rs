@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Rollout, RolloutKind, RolloutState, StoredRelease};
 use super::{RollbackRequest, RolloutError, Rollouts, Started};
+use crate::migration::Migration;
 use crate::spec::Strategy;
 use crate::store::{LockHolder, StoreError};
 
@@ -87,6 +88,9 @@ pub struct DeploymentStep {
     pub release: StoredRelease,
     pub selector: BTreeMap<String, String>,
     pub strategy: Strategy,
+    /// The app's migration, when this service runs it.
+    #[serde(default)]
+    pub migration: Option<Migration>,
     pub state: StepState,
     pub rollout_id: String,
     /// What the service ran before its rollout (from the rollout): what a
@@ -381,6 +385,7 @@ impl Rollouts {
                     strategy: step.strategy.clone(),
                     deployment: d.id.clone(),
                     warning: None,
+                    migration: step.migration.clone(),
                 },
                 d.allow_unreachable,
             )

@@ -11,7 +11,7 @@ use cutover_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
-use super::engine::{self, Input, Observation, Outcome, ServiceObservation};
+use super::engine::{self, Input, Observation, Outcome, ServiceObservation, TaskEnd};
 use super::model::Rollout;
 use super::{RolloutError, Rollouts};
 use crate::registry::{Registry, RegistryError};
@@ -142,22 +142,24 @@ impl Rollouts {
                 {
                     self.record(&rollout, &entry.kind, &entry.node, entry.message.clone());
                 }
-                if rollout.state.is_terminal() && rollout.deployment.is_empty() {
-                    // A deployment's rollouts run under its lock.
+                if rollout.state.is_terminal() {
                     let holder = LockHolder::Rollout(rollout.id.clone());
-                    self.free_service(&rollout.env, &rollout.service, &holder)
-                        .await;
+                    // A deployment's rollouts run under its lock.
+                    if rollout.deployment.is_empty() {
+                        self.free_service(&rollout.env, &rollout.service, &holder)
+                            .await;
+                    }
+                    if rollout.migration.is_some() {
+                        let migrations = super::locks::migration_lock(&rollout.app);
+                        self.free_service(&rollout.env, &migrations, &holder).await;
+                    }
                 }
                 watch.send_replace(Arc::new(rollout.clone()));
             }
             if let Some(reply) = reply.take() {
                 let _ = reply.send(rollout.clone());
             }
-            let live: HashSet<&str> = rollout
-                .nodes
-                .iter()
-                .filter_map(|n| n.command_id.as_deref())
-                .collect();
+            let live: HashSet<&str> = rollout.commands_out().collect();
             commands.retain(|id, handle| {
                 let keep = live.contains(id.as_str());
                 if !keep {
@@ -227,21 +229,41 @@ impl Rollouts {
     }
 }
 
-/// Fills an activation's `secret_values` from the secret store.
+/// What an agent's answer says, for the engine.
+fn outcome_of(result: pb::CommandResult) -> Outcome {
+    match (pb::CommandStatus::try_from(result.status), result.output) {
+        (Ok(pb::CommandStatus::Succeeded), Some(pb::command_result::Output::Task(task))) => {
+            Outcome::Task(TaskEnd {
+                exit_code: task.exit_code,
+                timed_out: task.timed_out,
+                detail: task.detail,
+            })
+        }
+        (Ok(pb::CommandStatus::Succeeded), _) => Outcome::Succeeded,
+        (Ok(pb::CommandStatus::Unknown), _) => Outcome::Unknown(result.message),
+        _ => Outcome::Failed(result.message),
+    }
+}
+
+/// Fills the `secret_values` of an activation or a task from the secret
+/// store.
 async fn add_secret_values(
     secrets: &Secrets,
     env: &str,
     command: &mut pb::Command,
 ) -> Result<(), SecretError> {
-    let Some(pb::command::Kind::Activate(activate)) = command.kind.as_mut() else {
-        return Ok(());
+    let (release, values) = match command.kind.as_mut() {
+        Some(pb::command::Kind::Activate(activate)) => {
+            (&activate.release, &mut activate.secret_values)
+        }
+        Some(pb::command::Kind::RunTask(task)) => (&task.release, &mut task.secret_values),
+        _ => return Ok(()),
     };
-    let refs = activate
-        .release
+    let refs = release
         .as_ref()
         .map(|r| r.secrets.clone())
         .unwrap_or_default();
-    activate.secret_values = secrets.values_for(env, &refs).await?;
+    *values = secrets.values_for(env, &refs).await?;
     Ok(())
 }
 
@@ -285,14 +307,12 @@ async fn deliver(
                         let _ = progress.send(Input::Progress {
                             command_id: id.clone(),
                             step: step.step,
+                            message: step.message,
                         });
                     })
                     .await;
                 if let Ok(result) = waited {
-                    let outcome = match pb::CommandStatus::try_from(result.status) {
-                        Ok(pb::CommandStatus::Succeeded) => Outcome::Succeeded,
-                        _ => Outcome::Failed(result.message),
-                    };
+                    let outcome = outcome_of(result);
                     let _ = results.send(Input::Result {
                         command_id,
                         outcome,

@@ -114,6 +114,7 @@ fn the_switch_is_recorded_when_the_agent_reports_it_not_when_the_old_release_sto
             Input::Progress {
                 command_id: id.clone(),
                 step: step.into(),
+                message: String::new(),
             },
         )
     };

@@ -14,6 +14,13 @@ use cutover_common::now_ms;
 use super::model::RolloutKind;
 use super::{RolloutError, Rollouts};
 
+/// The lock name of an app's migrations in an environment: one at a time,
+/// whatever the service or operator. Not a service name (those have no
+/// spaces), so it shares the lock table without meeting one.
+pub(super) fn migration_lock(app: &str) -> String {
+    format!("{app} migrations")
+}
+
 impl Rollouts {
     /// Takes `service` of `env` for `holder`: when free, already its own,
     /// or held by a rollout or deployment that ended.

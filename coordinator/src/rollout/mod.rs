@@ -12,6 +12,8 @@ pub mod engine;
 mod engine_tests;
 mod history;
 mod locks;
+#[cfg(test)]
+mod migrate_tests;
 pub mod model;
 mod planner;
 mod rollback;

@@ -5,6 +5,7 @@ use cutover_proto::v1 as pb;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
+use crate::migration::{Migration, When};
 use crate::strategy::{Strategy, StrategyKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +182,9 @@ pub struct TimelineEntry {
 pub enum Step {
     /// Every node fetches and unpacks the release, nothing switches.
     Prepare,
+    /// The app's migration runs once, on one node, with the release
+    /// (`engine/migrate.rs`).
+    Migrate,
     /// The strategy moves the nodes to the release (batches, for rolling).
     Cutover,
 }
@@ -190,6 +194,15 @@ pub fn default_steps() -> Vec<Step> {
     vec![Step::Prepare, Step::Cutover]
 }
 
+/// A rollout's steps: with a migration, before or after the cutover.
+pub fn steps_for(migration: Option<&Migration>) -> Vec<Step> {
+    match migration.map(|m| m.when) {
+        None => default_steps(),
+        Some(When::Before) => vec![Step::Prepare, Step::Migrate, Step::Cutover],
+        Some(When::After) => vec![Step::Prepare, Step::Cutover, Step::Migrate],
+    }
+}
+
 /// Where a rollout is: in one of its steps (a strategy's cutover has
 /// phases of its own), rolling back, or done. Stored as it was before
 /// steps had names, so a rollout running across an upgrade resumes.
@@ -197,6 +210,7 @@ pub fn default_steps() -> Vec<Step> {
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Prepare,
+    Migrate,
     RollingBack,
     Done,
     #[serde(untagged)]
@@ -215,11 +229,32 @@ pub enum RollingPhase {
     },
 }
 
+/// A rollout's migration step as it runs: its plan, where it runs, and
+/// which of its commands (checks, then the migration) is out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRun {
+    pub plan: Migration,
+    /// The node it runs on, chosen when the step starts.
+    pub node_id: String,
+    pub node_name: String,
+    /// Index in `plan.commands` of the command out (or next).
+    pub next: usize,
+    /// The command out, under this id: resent as is after a restart, and
+    /// the agent runs an id once.
+    pub command_id: Option<String>,
+    pub deadline_ms: i64,
+    /// The tail of what the commands printed.
+    pub output: String,
+    /// Output lines put in the timeline so far (a bounded number).
+    pub lines_noted: u32,
+}
+
 impl Phase {
     /// The step this phase belongs to; `None` rolling back or done.
     pub fn step(self) -> Option<Step> {
         match self {
             Phase::Prepare => Some(Step::Prepare),
+            Phase::Migrate => Some(Step::Migrate),
             Phase::Rolling(_) => Some(Step::Cutover),
             Phase::RollingBack | Phase::Done => None,
         }
@@ -312,6 +347,9 @@ pub struct Rollout {
     /// The plan, fixed when the rollout is created.
     #[serde(default = "default_steps")]
     pub steps: Vec<Step>,
+    /// The app's migration, for a deploy of the service that runs it.
+    #[serde(default)]
+    pub migration: Option<MigrationRun>,
     pub phase: Phase,
     pub release: StoredRelease,
     /// What a failure returns switched nodes to; `None` on a first deploy,
@@ -361,6 +399,7 @@ pub struct Rollout {
 /// no command sent yet, batches from the nodes that need the release).
 #[derive(Debug, Clone)]
 pub struct NewRollout {
+    pub migration: Option<Migration>,
     pub id: String,
     pub app: String,
     pub env: String,
@@ -395,7 +434,17 @@ impl Rollout {
             service: new.service,
             kind: new.kind,
             state: RolloutState::Pending,
-            steps: default_steps(),
+            steps: steps_for(new.migration.as_ref()),
+            migration: new.migration.map(|plan| MigrationRun {
+                plan,
+                node_id: String::new(),
+                node_name: String::new(),
+                next: 0,
+                command_id: None,
+                deadline_ms: 0,
+                output: String::new(),
+                lines_noted: 0,
+            }),
             phase: Phase::Prepare,
             release: new.release,
             previous: new.previous,
@@ -421,6 +470,19 @@ impl Rollout {
             timeline: Vec::new(),
             deployment: new.deployment,
         }
+    }
+
+    /// The ids of the commands out: the nodes' and the migration's. The
+    /// driver keeps delivering exactly these.
+    pub fn commands_out(&self) -> impl Iterator<Item = &str> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.command_id.as_deref())
+            .chain(
+                self.migration
+                    .as_ref()
+                    .and_then(|m| m.command_id.as_deref()),
+            )
     }
 
     pub fn node(&self, name: &str) -> Option<&RolloutNode> {

@@ -12,9 +12,11 @@ use cutover_proto::v1 as pb;
 
 use super::deployment::{Deployment, DeploymentState, DeploymentStep, StepState};
 use super::engine::Input;
+use super::locks::migration_lock;
 use super::model::{self, NewRollout, NodeState, Rollout, RolloutKind, RolloutNode, StoredRelease};
 use super::{RolloutError, Rollouts, Started};
 use crate::images::PinnedImage;
+use crate::migration::Migration;
 use crate::spec::{selects, AppSpec, Resolved, Strategy};
 use crate::store::{LockHolder, NodeStatus, ReleaseRecord, ReleaseState, StoreError};
 
@@ -54,6 +56,8 @@ pub(super) struct Target {
     pub(super) deployment: String,
     /// Said first in its timeline (a forced rollback's).
     pub(super) warning: Option<String>,
+    /// The app's migration, run by a deploy of the service that owns it.
+    pub(super) migration: Option<Migration>,
 }
 
 /// Everything needed to launch a rollout of one service.
@@ -104,6 +108,7 @@ impl Rollouts {
                         strategy: resolved.strategy,
                         deployment: String::new(),
                         warning: None,
+                        migration: resolved.migration,
                     },
                     request.allow_unreachable,
                 )
@@ -261,6 +266,7 @@ impl Rollouts {
                         strategy: service.strategy.clone(),
                         deployment: String::new(),
                         warning: None,
+                        migration: None,
                     },
                     request.allow_unreachable,
                 )
@@ -309,6 +315,7 @@ impl Rollouts {
                     release: StoredRelease(service.release),
                     selector: service.selector,
                     strategy: service.strategy,
+                    migration: service.migration,
                     state: StepState::Waiting,
                     rollout_id: String::new(),
                     previous: None,
@@ -476,21 +483,35 @@ impl Rollouts {
             "" => LockHolder::Rollout(id.clone()),
             deployment => LockHolder::Deployment(deployment.to_string()),
         };
-        self.take_service(&plan_target.env, &plan_target.service, holder.clone())
-            .await?;
         let (env, service) = (plan_target.env.clone(), plan_target.service.clone());
-        match self
-            .create_rollout(id, plan_target, nodes, skipped, by)
-            .await
-        {
-            Ok(rollout) => Ok(Started::Rollout(Box::new(rollout))),
-            Err(error) => {
-                if matches!(holder, LockHolder::Rollout(_)) {
-                    self.free_service(&env, &service, &holder).await;
-                }
-                Err(error.into())
+        self.take_service(&env, &service, holder.clone()).await?;
+        // One migration at a time per app and environment, held by the
+        // rollout that runs it until it ends.
+        let migrations = plan_target
+            .migration
+            .is_some()
+            .then(|| migration_lock(&plan_target.app));
+        let own = LockHolder::Rollout(id.clone());
+        let taken = match &migrations {
+            Some(name) => self.take_service(&env, name, own.clone()).await,
+            None => Ok(()),
+        };
+        let created = match taken {
+            Ok(()) => self
+                .create_rollout(id, plan_target, nodes, skipped, by)
+                .await
+                .map_err(RolloutError::from),
+            Err(error) => Err(error),
+        };
+        if created.is_err() {
+            if matches!(holder, LockHolder::Rollout(_)) {
+                self.free_service(&env, &service, &holder).await;
+            }
+            if let Some(name) = &migrations {
+                self.free_service(&env, name, &own).await;
             }
         }
+        Ok(Started::Rollout(Box::new(created?)))
     }
 
     /// Stores a new rollout (and its release record) and starts its
@@ -522,6 +543,7 @@ impl Rollouts {
             created_by: by.to_string(),
             created_at_ms: now,
             deployment: plan_target.deployment,
+            migration: plan_target.migration,
         });
         if let Some(warning) = plan_target.warning {
             rollout.timeline.push(model::TimelineEntry {

@@ -102,6 +102,8 @@ impl Rollouts {
                             target.state.as_str()
                         )
                     }),
+                    // A rollback returns code, never runs a migration.
+                    migration: None,
                 },
                 request.allow_unreachable,
             )

@@ -118,6 +118,7 @@ pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
         created_by: "sim".into(),
         created_at_ms: 0,
         deployment: String::new(),
+        migration: None,
     })
 }
 

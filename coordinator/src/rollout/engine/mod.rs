@@ -14,6 +14,7 @@
 //! ticks (`ticks.rs`) and the rollback (`rollback.rs`).
 
 mod commands;
+mod migrate;
 mod rollback;
 mod rolling;
 mod steps;
@@ -43,6 +44,8 @@ pub enum Input {
     Progress {
         command_id: String,
         step: String,
+        /// What the step carries: a task's output for step "output".
+        message: String,
     },
     /// Periodic: deadlines, and what the nodes report in their heartbeats.
     Tick {
@@ -63,6 +66,18 @@ pub enum Input {
 pub enum Outcome {
     Succeeded,
     Failed(String),
+    /// A task ran to its end; its exit code says whether it worked.
+    Task(TaskEnd),
+    /// The agent stopped while the command ran: how it ended is not known.
+    Unknown(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEnd {
+    pub exit_code: i32,
+    pub timed_out: bool,
+    /// How it ended, e.g. "exit status: 3".
+    pub detail: String,
 }
 
 /// What the registry knows of one node right now.
@@ -156,8 +171,15 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
                         sends.push(send_for(r, i));
                     }
                 }
+                if migrate::in_flight(r) {
+                    sends.push(migrate::send(r));
+                }
             }
         }
+        Input::Result {
+            command_id,
+            outcome,
+        } if migrate::owns(r, &command_id) => migrate::on_result(r, now, outcome),
         Input::Result {
             command_id,
             outcome,
@@ -170,7 +192,18 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
                 on_result(r, now, i, outcome);
             }
         }
-        Input::Progress { command_id, step } => {
+        Input::Progress {
+            command_id,
+            step,
+            message,
+        } if migrate::owns(r, &command_id) => {
+            if step == "output" {
+                migrate::on_output(r, now, &message);
+            }
+        }
+        Input::Progress {
+            command_id, step, ..
+        } => {
             if let Some(i) = r
                 .nodes
                 .iter()
@@ -243,6 +276,18 @@ pub(super) fn note(r: &mut Rollout, now: i64, kind: &str, node: &str, message: S
 }
 
 pub(super) fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
+    // Nodes run no tasks: anything but a plain answer is a failure (and
+    // one whose effect is not known leaves the node uncertain).
+    let outcome = match outcome {
+        Outcome::Task(task) => {
+            Outcome::Failed(format!("an unexpected task result: {}", task.detail))
+        }
+        Outcome::Unknown(why) => {
+            r.nodes[i].uncertain = true;
+            Outcome::Failed(why)
+        }
+        plain => plain,
+    };
     let name = r.nodes[i].name.clone();
     let state = r.nodes[i].state;
     let step = match r.nodes[i].step.as_str() {
@@ -328,7 +373,7 @@ pub(super) fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
                 },
             );
         }
-        (state, Outcome::Succeeded) => unreachable!("a result for a node in state {state:?}"),
+        (state, _) => unreachable!("a result for a node in state {state:?}"),
     }
 }
 
@@ -385,7 +430,7 @@ pub(super) fn fail(r: &mut Rollout, now: i64, error: RolloutError) {
 }
 
 pub(super) fn in_flight(r: &Rollout) -> usize {
-    r.nodes.iter().filter(|n| n.state.in_flight()).count()
+    r.nodes.iter().filter(|n| n.state.in_flight()).count() + usize::from(migrate::in_flight(r))
 }
 
 pub(super) fn finish(r: &mut Rollout, now: i64, state: RolloutState, message: String) {

@@ -5,6 +5,7 @@
 //! implementation, and a new strategy is another, not a branch here.
 
 use super::commands::dispatch;
+use super::migrate;
 use super::{finish, note, pause, Send};
 use crate::rollout::model::{NodeState, Phase, Rollout, RolloutState, Step};
 use crate::strategy::StrategyKind;
@@ -30,6 +31,7 @@ fn cutover(kind: StrategyKind) -> impl Cutover {
 pub(super) fn run(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
     match r.phase.step() {
         Some(Step::Prepare) => prepare(r, now, sends),
+        Some(Step::Migrate) => migrate::run(r, now, sends),
         Some(Step::Cutover) => cutover(r.strategy.kind).run(r, now, sends),
         None => {}
     }
@@ -59,6 +61,7 @@ pub(super) fn step_done(r: &mut Rollout, now: i64, done: Option<(&str, String)>)
     }
     match next {
         Step::Prepare => r.phase = Phase::Prepare,
+        Step::Migrate => migrate::start(r, now),
         Step::Cutover => cutover(r.strategy.kind).start(r, now),
     }
 }

@@ -10,6 +10,7 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
     if r.state.is_terminal() {
         return;
     }
+    super::migrate::on_tick(r, now);
     let healthy_deadline = healthy_deadline(r);
     let lost_after = healthy_deadline.max(r.node_lost_after_ms as i64);
     let in_grace = now < r.lost_grace_until_ms;

@@ -1,0 +1,210 @@
+//! Direct tests of the engine's migration step: it runs once, on one node,
+//! between the prepare and the cutover, its checks first; a failure or an
+//! unknown outcome ends the rollout before any node switched; a restart
+//! resends the same command id.
+
+use super::engine::{handle, Input, Outcome, Send, TaskEnd};
+use super::model::*;
+use crate::migration::{Migration, MigrationPhase, When};
+use cutover_proto::v1 as pb;
+
+fn with_migration(nodes: usize, when: When) -> Rollout {
+    let template = super::sim::rollout(nodes, super::sim::strategy());
+    Rollout::new(NewRollout {
+        id: template.id.clone(),
+        app: template.app.clone(),
+        env: template.env.clone(),
+        service: template.service.clone(),
+        kind: RolloutKind::Deploy,
+        release: template.release.clone(),
+        previous: template.previous.clone(),
+        strategy: template.strategy.clone(),
+        nodes: template.nodes.clone(),
+        skipped: vec![],
+        command_prefix: template.command_prefix.clone(),
+        node_lost_after_ms: 0,
+        created_by: "alice".into(),
+        created_at_ms: 0,
+        deployment: String::new(),
+        migration: Some(Migration {
+            commands: vec![vec!["check".into()], vec!["migrate".into()]],
+            when,
+            phase: MigrationPhase::Expand,
+            timeout_ms: 60_000,
+        }),
+    })
+}
+
+fn answer(r: &mut Rollout, now: i64, send: &Send, outcome: Outcome) -> Vec<Send> {
+    handle(
+        r,
+        now,
+        Input::Result {
+            command_id: send.command.command_id.clone(),
+            outcome,
+        },
+    )
+}
+
+fn exited(code: i32) -> Outcome {
+    Outcome::Task(TaskEnd {
+        exit_code: code,
+        timed_out: false,
+        detail: format!("exit status: {code}"),
+    })
+}
+
+fn task(send: &Send) -> &pb::RunTask {
+    match &send.command.kind {
+        Some(pb::command::Kind::RunTask(task)) => task,
+        other => panic!("not a task: {other:?}"),
+    }
+}
+
+fn is_activation(send: &Send) -> bool {
+    matches!(send.command.kind, Some(pb::command::Kind::Activate(_)))
+}
+
+fn is_prepare(send: &Send) -> bool {
+    matches!(send.command.kind, Some(pb::command::Kind::Prepare(_)))
+}
+
+/// Prepares every node (one at a time); returns what comes next.
+fn prepared(r: &mut Rollout) -> Vec<Send> {
+    let mut sends = handle(r, 0, Input::Start);
+    while !sends.is_empty() && sends.iter().all(is_prepare) {
+        sends = sends
+            .iter()
+            .flat_map(|p| answer(r, 10, p, Outcome::Succeeded))
+            .collect();
+    }
+    sends
+}
+
+#[test]
+fn checks_then_the_migration_run_once_before_any_node_switches() {
+    let mut r = with_migration(3, When::Before);
+    assert_eq!(r.steps, [Step::Prepare, Step::Migrate, Step::Cutover]);
+    let sends = prepared(&mut r);
+    assert_eq!(sends.len(), 1, "one command, on one node: {sends:?}");
+    assert_eq!(task(&sends[0]).command, ["check"]);
+    assert_eq!(r.phase, Phase::Migrate);
+    let env = &task(&sends[0]).env;
+    assert_eq!(env["CUTOVER_ROLLOUT"], "web-1");
+    assert_eq!(env["CUTOVER_OPERATOR"], "alice");
+
+    let next = answer(&mut r, 20, &sends[0], exited(0));
+    assert_eq!(next.len(), 1);
+    assert_eq!(task(&next[0]).command, ["migrate"]);
+    assert_eq!(next[0].node_id, sends[0].node_id, "the same node");
+    handle(
+        &mut r,
+        25,
+        Input::Progress {
+            command_id: next[0].command.command_id.clone(),
+            step: "output".into(),
+            message: "Migrating: add_orders_total\nMigrated\n".into(),
+        },
+    );
+    let activations = answer(&mut r, 30, &next[0], exited(0));
+    assert!(!activations.is_empty() && activations.iter().all(is_activation));
+    let kinds: Vec<&str> = r.timeline.iter().map(|t| t.kind.as_str()).collect();
+    let at = |kind: &str| kinds.iter().position(|k| *k == kind).unwrap();
+    assert!(at("prepared") < at("migration_started"));
+    assert!(at("migration_started") < at("migrated"));
+    assert!(at("migrated") < at("batch_started"));
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "migration_output").count(),
+        2,
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn a_failing_migration_ends_the_rollout_before_any_switch_with_its_last_output() {
+    let mut r = with_migration(2, When::Before);
+    let check = prepared(&mut r);
+    let migrate = answer(&mut r, 20, &check[0], exited(0));
+    handle(
+        &mut r,
+        25,
+        Input::Progress {
+            command_id: migrate[0].command.command_id.clone(),
+            step: "output".into(),
+            message: "SQLSTATE[42P07]: relation \"orders\" already exists\n".into(),
+        },
+    );
+    let after = answer(&mut r, 30, &migrate[0], exited(1));
+    assert!(after.iter().all(|s| !is_activation(s)), "{after:?}");
+    assert_eq!(r.state, RolloutState::RolledBack, "{:#?}", r.timeline);
+    let error = r.error.clone().unwrap();
+    assert_eq!(error.step, "migrate");
+    assert!(error.message.contains("exit status: 1"), "{error}");
+    assert!(error.message.contains("already exists"), "{error}");
+    assert!(r.nodes.iter().all(|n| n.state == NodeState::Prepared));
+}
+
+#[test]
+fn a_failed_check_stops_the_migration_from_running() {
+    let mut r = with_migration(2, When::Before);
+    let check = prepared(&mut r);
+    let after = answer(&mut r, 20, &check[0], exited(2));
+    assert!(after.is_empty(), "{after:?}");
+    assert_eq!(r.state, RolloutState::RolledBack);
+    assert_eq!(r.error.clone().unwrap().step, "migrate_check");
+}
+
+#[test]
+fn an_unknown_outcome_is_said_and_never_run_again() {
+    let mut r = with_migration(2, When::Before);
+    let check = prepared(&mut r);
+    let migrate = answer(&mut r, 20, &check[0], exited(0));
+    let after = answer(
+        &mut r,
+        30,
+        &migrate[0],
+        Outcome::Unknown("the agent stopped while the task ran".into()),
+    );
+    assert!(after.is_empty(), "nothing resent: {after:?}");
+    assert_eq!(r.state, RolloutState::RolledBack);
+    assert!(r.error.clone().unwrap().message.contains("not known"));
+}
+
+#[test]
+fn a_restart_mid_migration_resends_the_same_command() {
+    let mut r = with_migration(2, When::Before);
+    let check = prepared(&mut r);
+    let migrate = answer(&mut r, 20, &check[0], exited(0));
+    // The stored form is all that survives.
+    let stored: Rollout = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    let mut r = stored;
+    let resent = handle(&mut r, 40, Input::Recover);
+    assert_eq!(resent.len(), 1);
+    assert_eq!(resent[0].command.command_id, migrate[0].command.command_id);
+    assert_eq!(task(&resent[0]).command, ["migrate"]);
+}
+
+#[test]
+fn after_the_cutover_the_migration_runs_on_a_node_that_serves_the_release() {
+    let mut r = with_migration(2, When::After);
+    assert_eq!(r.steps, [Step::Prepare, Step::Cutover, Step::Migrate]);
+    let mut sends = prepared(&mut r);
+    let mut now = 20;
+    // Activate every node, watching each batch (min_healthy_time 0).
+    while sends.iter().all(is_activation) && !sends.is_empty() {
+        sends = sends
+            .iter()
+            .flat_map(|s| answer(&mut r, now, s, Outcome::Succeeded))
+            .collect();
+        now += 10;
+        if sends.is_empty() {
+            sends = handle(&mut r, now, Input::Tick { nodes: vec![] });
+        }
+    }
+    assert_eq!(r.phase, Phase::Migrate, "{:#?}", r.timeline);
+    assert!(r.nodes.iter().all(|n| n.state == NodeState::Switched));
+    assert_eq!(task(&sends[0]).command, ["check"]);
+    let migrate = answer(&mut r, now, &sends[0], exited(0));
+    answer(&mut r, now + 10, &migrate[0], exited(0));
+    assert_eq!(r.state, RolloutState::Succeeded, "{:#?}", r.timeline);
+}
