@@ -4,7 +4,9 @@
 //! audit log), and a deploy's `[migrate]` step (once, on one node, before
 //! any node switched; a failing one leaves every node on the old release).
 
-use cutover_integration_tests::{app_archive, DevCluster};
+use std::time::{Duration, Instant};
+
+use cutover_integration_tests::{app_archive, running, sigkill, DevCluster};
 use serde_json::Value;
 
 /// Each test's web port: tests run at once, and dev clusters share the
@@ -54,11 +56,20 @@ timeout = "1m"
 }
 
 fn deploy(cluster: &DevCluster, text: &str, version: &str) -> std::process::Output {
+    deploy_with(cluster, text, version, &["--wait"])
+}
+
+fn deploy_with(
+    cluster: &DevCluster,
+    text: &str,
+    version: &str,
+    extra: &[&str],
+) -> std::process::Output {
     let file = cluster.path(&format!("cutover-{version}.toml"));
     std::fs::write(&file, text).unwrap();
     let (url, _) = app_archive(cluster.dir.path());
     let archive = url.trim_start_matches("file://").to_string();
-    cluster.cutover(&[
+    let mut args = vec![
         "deploy",
         "-f",
         file.to_str().unwrap(),
@@ -68,8 +79,22 @@ fn deploy(cluster: &DevCluster, text: &str, version: &str) -> std::process::Outp
         version,
         "--artifact",
         &archive,
-        "--wait",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    cluster.cutover(&args)
+}
+
+/// Waits until `path` holds `lines` lines.
+fn wait_for_lines(path: &std::path::Path, lines: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(path).map_or(0, |t| t.lines().count()) < lines {
+        assert!(
+            Instant::now() < deadline,
+            "{} never had {lines} lines",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn newest_rollout(cluster: &DevCluster) -> Value {
@@ -279,4 +304,64 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
         "ran\nran\n",
         "nothing ran"
     );
+}
+
+/// The coordinator killed with SIGKILL while the migration runs: after its
+/// restart the rollout carries on and the migration has run once.
+#[test]
+fn a_migration_runs_once_across_a_coordinator_killed_while_it_runs() {
+    let cluster = DevCluster::up(2);
+    let runs = cluster.path("runs");
+    let slow = spec_with_migration("v1", &runs, "done", 0)
+        .replace("echo ran >> ", "sleep 2; echo ran >> ");
+    let started = cluster.path("started");
+    let slow = slow.replace(
+        "command = [\"sh\", \"-c\", \"sleep 2;",
+        &format!(
+            "command = [\"sh\", \"-c\", \"echo go >> {}; sleep 2;",
+            started.display()
+        ),
+    );
+    let deployed = deploy_with(&cluster, &slow, "v1", &[]);
+    assert!(deployed.status.success(), "{}", text(&deployed.stderr));
+    wait_for_lines(&started, 1);
+
+    let pid = cluster.pid("coordinator.pid");
+    sigkill(pid);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = cluster.path("coordinator.toml").display().to_string();
+    cluster.restart(
+        "cutover",
+        &["server", "--config", &config],
+        "coordinator.pid",
+        "coordinator.log",
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rollout = loop {
+        let list = cluster.cutover(&["rollout", "list", "-o", "json"]);
+        if let Ok(list) = serde_json::from_slice::<Value>(&list.stdout) {
+            if list[0]["state"] == "succeeded" {
+                break newest_rollout(&cluster);
+            }
+            let state = list[0]["state"].as_str().unwrap_or_default().to_string();
+            assert!(
+                matches!(state.as_str(), "running" | "pending"),
+                "the rollout ended {state}: {:#}{}",
+                newest_rollout(&cluster),
+                cluster.log_tails()
+            );
+        }
+        assert!(Instant::now() < deadline, "{}", cluster.log_tails());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(rollout.to_string().contains("recovered"), "{rollout:#}");
+    assert_eq!(
+        std::fs::read_to_string(&started).unwrap(),
+        "go\n",
+        "started once"
+    );
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n", "ran once");
 }
