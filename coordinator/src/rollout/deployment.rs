@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cutover_common::now_ms;
 use cutover_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -478,7 +477,7 @@ impl Rollouts {
     fn end(&self, d: &mut Deployment, state: DeploymentState, why: String) {
         d.state = state;
         d.error = why;
-        d.finished_at_ms = Some(now_ms());
+        d.finished_at_ms = Some(self.registry.now_ms());
         // What names each release is all a finished deployment needs (the
         // release history keeps them whole).
         for step in &mut d.steps {

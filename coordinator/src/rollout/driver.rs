@@ -6,7 +6,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cutover_common::now_ms;
 use cutover_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -108,7 +107,7 @@ impl Rollouts {
         let mut input = first;
         loop {
             let before = rollout.clone();
-            let mut sends = engine::handle(&mut rollout, now_ms(), input);
+            let mut sends = engine::handle(&mut rollout, self.registry.now_ms(), input);
             // Answers that arrived meanwhile are taken in before the one
             // write below: a batch of a hundred nodes answering costs a few
             // writes, not one per node. The engine is pure, so this is the
@@ -118,7 +117,9 @@ impl Rollouts {
                     break;
                 }
                 match results.try_recv() {
-                    Ok(next) => sends.extend(engine::handle(&mut rollout, now_ms(), next)),
+                    Ok(next) => {
+                        sends.extend(engine::handle(&mut rollout, self.registry.now_ms(), next))
+                    }
                     Err(_) => break,
                 }
             }
