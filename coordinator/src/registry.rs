@@ -78,8 +78,10 @@ struct Inner {
     nodes: HashMap<String, NodeEntry>,
     next_generation: u64,
     /// Command id to (node id, waiter). A node's entries are dropped when its
-    /// session ends, so waiters learn at once that no answer will come.
-    pending: HashMap<String, Waiter>,
+    /// session ends, so waiters learn at once that no answer will come; in
+    /// key order, so they wake in the same order on every run (a
+    /// simulation seed replays).
+    pending: BTreeMap<String, Waiter>,
 }
 
 /// Someone waiting for a command's result (and hearing its progress).

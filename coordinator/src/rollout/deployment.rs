@@ -183,6 +183,7 @@ impl Rollouts {
             while let Err(error) = self.store.rollouts.put_deployment(&d).await {
                 tracing::error!(deployment = %d.id, %error, "cannot persist the deployment; retrying");
                 tokio::select! {
+                    biased;
                     _ = self.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
@@ -453,6 +454,7 @@ impl Rollouts {
                     }
                 };
                 tokio::select! {
+                    biased;
                     _ = self.shutdown.cancelled() => return None,
                     _ = ended => {}
                 }
@@ -468,6 +470,7 @@ impl Rollouts {
             // Between the live view and the stored one (or not yet spawned
             // after a restart): look again shortly.
             tokio::select! {
+                biased;
                 _ = self.shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(POLL) => {}
             }

@@ -128,13 +128,16 @@ impl Rollouts {
                 // deploy lock is free, and the next deploy must find the
                 // release this one made current. A crash in between only
                 // redoes the end after the restart.
-                self.finished(&rollout).await;
+                if !self.finished(&rollout).await {
+                    return abort_all(commands);
+                }
             }
             if rollout != before {
                 // Durable before anything it implies is sent.
                 while let Err(error) = self.store.rollouts.put(&rollout).await {
                     tracing::error!(rollout = %rollout.id, %error, "cannot persist the rollout; retrying");
                     tokio::select! {
+                        biased;
                         _ = self.shutdown.cancelled() => return abort_all(commands),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
@@ -180,17 +183,21 @@ impl Rollouts {
             if rollout.state.is_terminal() {
                 break;
             }
+            // Biased, in this order: which of several ready inputs comes
+            // first is then the same on every run, so a simulation seed
+            // replays (`sim`); shutdown first so that it is prompt.
             input = tokio::select! {
-                Some(next) = results.recv() => next,
-                                Some((next, answer)) = control.recv() => {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                Some((next, answer)) = control.recv() => {
                     reply = Some(answer);
                     next
                 }
+                Some(next) = results.recv() => next,
                 _ = ticker.tick() => {
                     self.metrics.rollout_ticks.inc();
                     Input::Tick { nodes: self.observe(&rollout) }
                 }
-                _ = self.shutdown.cancelled() => break,
             };
         }
         abort_all(commands);

@@ -36,15 +36,24 @@ pub(crate) struct Faults {
     rng: StdRng,
     /// Chance that a write fails with a backend error.
     fail: f64,
+    /// The coordinator using the handle: once it is cancelled (it
+    /// crashed) no write goes through.
+    crash: CancellationToken,
     /// The write this many writes from now fails and cancels `crash`.
-    crash_in: Option<(u64, CancellationToken)>,
+    crash_in: Option<u64>,
 }
 
 impl Faults {
-    pub(crate) fn new(seed: u64, fail: f64, crash_in: Option<(u64, CancellationToken)>) -> Self {
+    pub(crate) fn new(
+        seed: u64,
+        fail: f64,
+        crash: CancellationToken,
+        crash_in: Option<u64>,
+    ) -> Self {
         Self {
             rng: StdRng::seed_from_u64(seed),
             fail,
+            crash,
             crash_in,
         }
     }
@@ -78,14 +87,16 @@ impl MemoryBackend {
         let Some(faults) = faults.as_mut() else {
             return Ok(());
         };
-        if let Some((left, crash)) = &mut faults.crash_in {
-            if *left == 0 {
-                crash.cancel();
-                return Err(StoreError::Backend("coordinator crashed".into()));
-            }
+        if faults.crash_in == Some(0) {
+            faults.crash.cancel();
+        }
+        if faults.crash.is_cancelled() {
+            return Err(StoreError::Backend("the coordinator crashed".into()));
+        }
+        if let Some(left) = &mut faults.crash_in {
             *left -= 1;
         }
-        if crash_done(&faults.crash_in) || faults.rng.random_bool(faults.fail) {
+        if faults.rng.random_bool(faults.fail) {
             return Err(StoreError::Backend("injected write failure".into()));
         }
         Ok(())
@@ -94,13 +105,6 @@ impl MemoryBackend {
     fn data(&self) -> std::sync::MutexGuard<'_, Data> {
         self.data.lock().expect("memory store lock")
     }
-}
-
-/// A crashed coordinator writes nothing more.
-fn crash_done(crash_in: &Option<(u64, CancellationToken)>) -> bool {
-    crash_in
-        .as_ref()
-        .is_some_and(|(_, crash)| crash.is_cancelled())
 }
 
 impl Data {
@@ -258,7 +262,7 @@ mod tests {
     async fn a_crash_point_fails_that_write_and_every_later_one() {
         let crash = CancellationToken::new();
         let backend =
-            MemoryBackend::new().reopen(Some(Faults::new(1, 0.0, Some((1, crash.clone())))));
+            MemoryBackend::new().reopen(Some(Faults::new(1, 0.0, crash.clone(), Some(1))));
         let put = |key: &'static [u8]| backend.put(Table::Meta, key, vec![1], Durability::Durable);
         put(b"a").await.expect("the first write goes through");
         assert!(put(b"b").await.is_err());
