@@ -202,7 +202,9 @@ impl Runner {
             self.work = None;
             self.queue.clear();
         }
-        self.away_until = Some(Instant::now() + outage.length);
+        // Outages that overlap add up to the longer one.
+        let back = Instant::now() + outage.length;
+        self.away_until = Some(self.away_until.map_or(back, |until| until.max(back)));
     }
 
     fn on_message(&mut self, message: Option<CoordinatorMessage>) {

@@ -36,8 +36,8 @@ const FAULTS_FOR: Duration = Duration::from_secs(60);
 const SETTLE_WITHIN: Duration = Duration::from_secs(40 * 60);
 const EPOCH_MS: i64 = 1_700_000_000_000;
 
-/// Runs one seed; returns how its second deploys ended.
-pub(super) fn check(seed: u64) -> Vec<RolloutState> {
+/// Runs one seed; returns its second deploys as they ended.
+pub(super) fn check(seed: u64) -> Vec<Rollout> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -159,7 +159,7 @@ impl World {
         }
     }
 
-    async fn run(mut self) -> Vec<RolloutState> {
+    async fn run(mut self) -> Vec<Rollout> {
         let started = Instant::now();
         let faults_from = started + FIRST_PHASE;
         let done = CancellationToken::new();
@@ -256,7 +256,7 @@ impl World {
         self.drift(&seconds, deadline).await;
         done.cancel();
         life.stop().await;
-        seconds.iter().map(|r| r.state).collect()
+        seconds
     }
 
     fn scenario_operator(&self, service: usize) -> OperatorPlan {
@@ -602,7 +602,7 @@ async fn control(current: &watch::Receiver<Arc<Rollouts>>, id: &str, input: Inpu
     }
 }
 
-fn show(r: &Rollout) -> String {
+pub(super) fn show(r: &Rollout) -> String {
     format!(
         "{} {} ({:?}, auto_rollback {}): nodes {:?}\n{}",
         r.id,
