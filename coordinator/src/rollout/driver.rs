@@ -81,8 +81,17 @@ impl Rollouts {
         // The answer is the rollout once the request is taken in.
         match (sent, answer.await) {
             (true, Ok(rollout)) => Ok(rollout),
+            // Not taken in: the rollout ended, or its driver stopped first
+            // (a shutdown), which must not read as ended (the simulation's
+            // seed 1138: a resume so lost left a rollout paused for good).
             _ => {
                 let rollout = self.get(id).await?;
+                if !rollout.state.is_terminal() {
+                    return Err(RolloutError::Interrupted {
+                        id: id.to_string(),
+                        action,
+                    });
+                }
                 Err(RolloutError::Finished {
                     id: id.to_string(),
                     state: rollout.state.as_str(),

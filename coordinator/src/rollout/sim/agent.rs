@@ -411,6 +411,26 @@ fn version(release: Option<&pb::Release>) -> &str {
 }
 
 impl Faults {
+    /// The longest time away at a stretch, outages that overlap (or are
+    /// less than a second apart: the driver looks every 250 ms and may
+    /// miss the node between them) as one.
+    pub fn longest_away(&self) -> Duration {
+        let mut longest = Duration::ZERO;
+        let mut span: Option<(Duration, Duration)> = None;
+        for outage in &self.outages {
+            let end = outage.at + outage.length;
+            span = match span {
+                Some((start, until)) if outage.at <= until + Duration::from_secs(1) => {
+                    Some((start, until.max(end)))
+                }
+                _ => Some((outage.at, end)),
+            };
+            let (start, until) = span.expect("set above");
+            longest = longest.max(until - start);
+        }
+        longest
+    }
+
     /// Whether `version` fails here (prepare, health, or crashes).
     pub fn cannot_run(&self, version: &str) -> bool {
         let hit = |v: &Option<String>| v.as_deref() == Some(version);

@@ -85,8 +85,9 @@ pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
 const DEFAULT_SEEDS: u64 = 60;
 /// Seeds that found a bug, run by default too: 24, a converger that never
 /// converged a node failing alongside one that cannot converge; 63, a
-/// release history left "deploying" after a failed store write.
-const REGRESSIONS: [u64; 2] = [24, 63];
+/// release history left "deploying" after a failed store write; 1138, a
+/// resume lost in a coordinator crash but answered as if the rollout ended.
+const REGRESSIONS: [u64; 3] = [24, 63, 1138];
 
 #[test]
 fn seeded_fleets_end_on_releases_an_operator_chose() {

@@ -19,8 +19,12 @@ pub(super) const SECOND: &str = "2";
 /// The registry's heartbeat TTL: a node gone for twice this (or its
 /// release's healthy_deadline, 10 s, if longer) counts as lost.
 pub(super) const TTL: Duration = Duration::from_secs(5);
-/// An outage shorter than this never makes a node lost or a command late.
-pub(super) const SHORT_OUTAGE: Duration = Duration::from_secs(8);
+/// A short outage; a few can add up to a long one.
+const SHORT_OUTAGE: Duration = Duration::from_secs(8);
+/// How long a node may be out of reach before its command counts as
+/// failed and the node as uncertain: twice the TTL, or the releases'
+/// healthy_deadline (10 s) if longer.
+pub(super) const LOST_AFTER: Duration = Duration::from_secs(10);
 
 pub(super) struct Node {
     pub labels: BTreeMap<String, String>,

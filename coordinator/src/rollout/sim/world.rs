@@ -14,7 +14,7 @@ use tokio::time::{sleep, sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{self, Agent, Running};
-use super::scenario::{Scenario, FIRST, SECOND, SERVICES, SHORT_OUTAGE, TTL};
+use super::scenario::{Scenario, FIRST, LOST_AFTER, SECOND, SERVICES, TTL};
 use crate::clock::Clock;
 use crate::images::ImageResolver;
 use crate::metrics::Metrics;
@@ -416,18 +416,15 @@ impl World {
                 }
             }
             // The bound: a node is left uncertain only when its command
-            // went unanswered past its deadline or it was gone for the
-            // time a node may be lost (10 s here). Results are lost at
-            // most twice in a row and resent every 15 s, and short
-            // outages end before that time, so only a node with a long
-            // outage can be uncertain.
+            // went unanswered past its deadline (73 s) or it was out of
+            // reach for LOST_AFTER. Results are lost at most twice in a
+            // row and resent every 15 s, a crashed coordinator resends at
+            // once and gives agents a grace to reconnect, so only a node
+            // away for LOST_AFTER at a stretch can be uncertain: at most
+            // the nodes with such outages.
             for node in second.nodes.iter().filter(|n| n.uncertain) {
                 let i: usize = node.id["id-".len()..].parse().expect("sim node ids");
-                let long = self.scenario.nodes[i]
-                    .faults
-                    .outages
-                    .iter()
-                    .any(|o| o.length >= SHORT_OUTAGE);
+                let long = self.scenario.nodes[i].faults.longest_away() >= LOST_AFTER;
                 assert!(
                     long,
                     "node {} uncertain without a long outage: {}",
