@@ -6,6 +6,7 @@ pub mod agent_api;
 pub mod artifacts;
 pub mod auth;
 pub mod ca;
+pub mod clock;
 pub mod config;
 pub mod enroll;
 pub mod http;

@@ -9,15 +9,18 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cutover_common::now_ms;
 use cutover_common::tls::PeerInfo;
 use cutover_proto::v1::{self as pb, coordinator_message, CoordinatorMessage};
 use tokio::sync::{mpsc, oneshot};
+// Tokio's instant: a TTL follows the runtime's clock, which the rollout
+// simulation pauses and advances.
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::clock::Clock;
 use crate::journal::Journal;
 use crate::store::{
     EventRecord, Figures, NewEvent, NodeRecord, NodeStatus, Page, Revocation, ServiceStatus, Store,
@@ -75,8 +78,10 @@ struct Inner {
     nodes: HashMap<String, NodeEntry>,
     next_generation: u64,
     /// Command id to (node id, waiter). A node's entries are dropped when its
-    /// session ends, so waiters learn at once that no answer will come.
-    pending: HashMap<String, Waiter>,
+    /// session ends, so waiters learn at once that no answer will come; in
+    /// key order, so they wake in the same order on every run (a
+    /// simulation seed replays).
+    pending: BTreeMap<String, Waiter>,
 }
 
 /// Someone waiting for a command's result (and hearing its progress).
@@ -170,6 +175,8 @@ pub struct Registry {
     /// Node records and events, written behind the lock in order.
     journal: Journal,
     ttl: Duration,
+    /// Stamps heartbeats; rollouts compare those stamps with it.
+    clock: Clock,
     /// Refused agent certificates: (node, serial); an empty serial refuses
     /// every certificate of the node.
     revoked: Mutex<HashSet<(String, String)>>,
@@ -209,8 +216,21 @@ impl Registry {
             journal,
             store,
             ttl,
+            clock: Clock::Wall,
             revoked: Mutex::new(revoked),
         })
+    }
+
+    /// The same registry on another clock (the rollout simulation's).
+    #[cfg(test)]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Milliseconds since the Unix epoch on the registry's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     /// Records a certificate signed for `node` (see `PkiRepo::add_issued`).
@@ -300,7 +320,7 @@ impl Registry {
         }
         serials.sort();
         serials.dedup();
-        let at_ms = now_ms();
+        let at_ms = self.now_ms();
         for serial in &serials {
             let revocation = Revocation {
                 node: name.to_string(),
@@ -426,7 +446,7 @@ impl Registry {
             });
         }
 
-        let at = now_ms();
+        let at = self.now_ms();
         let previous = inner.nodes.get(&hello.node_id);
         let is_new = previous.is_none();
         let record = NodeRecord {
@@ -561,7 +581,7 @@ impl Registry {
             return;
         }
         entry.ready_until = Instant::now() + self.ttl;
-        entry.record.last_seen_ms = now_ms();
+        entry.record.last_seen_ms = self.now_ms();
         if figures.is_some() {
             entry.record.figures = figures;
         }
@@ -596,7 +616,8 @@ impl Registry {
                 entry.dirty = false;
                 self.persist(&entry.record);
                 let silent_for =
-                    u64::try_from(now_ms().saturating_sub(entry.record.last_seen_ms)).unwrap_or(0);
+                    u64::try_from(self.now_ms().saturating_sub(entry.record.last_seen_ms))
+                        .unwrap_or(0);
                 self.record_event(
                     "node_unreachable",
                     &entry.record,
@@ -623,7 +644,8 @@ impl Registry {
                 record: entry.record.clone(),
                 connected: entry.session.is_some(),
                 heartbeat_age: Duration::from_millis(
-                    u64::try_from(now_ms().saturating_sub(entry.record.last_seen_ms)).unwrap_or(0),
+                    u64::try_from(self.now_ms().saturating_sub(entry.record.last_seen_ms))
+                        .unwrap_or(0),
                 ),
             })
             .collect();

@@ -36,6 +36,7 @@ impl From<RolloutError> for Status {
             RolloutError::Store(_) => Status::internal(message),
             RolloutError::Locked { .. } | RolloutError::Claimed { .. } => Status::aborted(message),
             RolloutError::EnvironmentPinned(_) => Status::permission_denied(message),
+            RolloutError::Interrupted { .. } => Status::unavailable(message),
             _ => Status::failed_precondition(message),
         }
     }

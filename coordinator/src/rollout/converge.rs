@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::model::{RolloutKind, RolloutState};
+use super::model::{NodeState, RolloutKind, RolloutState};
 use super::{RolloutError, Rollouts, Started, Target};
 use crate::registry::NodeView;
 use crate::spec::selects;
-use crate::store::{NodeStatus, ReleaseRecord, ReleaseState, ServiceOutcome};
+use crate::store::{NodeStatus, ReleaseRecord, ReleaseState, ServiceOutcome, StoreError};
 
 /// How often the fleet is compared with the current releases.
 const CONVERGE_EVERY: Duration = Duration::from_secs(2);
@@ -43,6 +43,7 @@ impl Rollouts {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
@@ -123,6 +124,8 @@ impl Rollouts {
             .cloned()
             .collect();
         let last = self.store.releases.outcome(env, service).await?;
+        self.spare_bystanders(current, last.as_ref(), backoff)
+            .await?;
         let history = self.store.releases.history(env, service).await?;
         let (drifted, due) = decide(current, last.as_ref(), &history, &views, backoff, now);
         if due.is_empty() {
@@ -179,6 +182,39 @@ impl Rollouts {
             );
         }
         Ok(drifted)
+    }
+}
+
+impl Rollouts {
+    /// A convergence that failed on one node (its prepare or health check
+    /// fails there) must not hold back the others it included: they are
+    /// due again at once, while the failed ones wait out their backoff.
+    /// Else a node that can never converge keeps every node drifted with
+    /// it on the same backoff (the rollout simulation's seed 24).
+    async fn spare_bystanders(
+        &self,
+        current: &ReleaseRecord,
+        last: Option<&ServiceOutcome>,
+        backoff: &mut Backoff,
+    ) -> Result<(), StoreError> {
+        let Some(last) =
+            last.filter(|l| l.kind == RolloutKind::Converge && l.state == RolloutState::Failed)
+        else {
+            return Ok(());
+        };
+        let Some(rollout) = self.store.rollouts.get(&last.rollout_id).await? else {
+            return Ok(());
+        };
+        for node in &rollout.nodes {
+            if node.state != NodeState::Failed && !node.uncertain {
+                backoff.remove(&(
+                    current.env.clone(),
+                    current.service.clone(),
+                    node.id.clone(),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

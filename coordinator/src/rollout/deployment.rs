@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cutover_common::now_ms;
 use cutover_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -188,6 +187,7 @@ impl Rollouts {
             while let Err(error) = self.store.rollouts.put_deployment(&d).await {
                 tracing::error!(deployment = %d.id, %error, "cannot persist the deployment; retrying");
                 tokio::select! {
+                    biased;
                     _ = self.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
@@ -459,6 +459,7 @@ impl Rollouts {
                     }
                 };
                 tokio::select! {
+                    biased;
                     _ = self.shutdown.cancelled() => return None,
                     _ = ended => {}
                 }
@@ -474,6 +475,7 @@ impl Rollouts {
             // Between the live view and the stored one (or not yet spawned
             // after a restart): look again shortly.
             tokio::select! {
+                biased;
                 _ = self.shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(POLL) => {}
             }
@@ -483,7 +485,7 @@ impl Rollouts {
     fn end(&self, d: &mut Deployment, state: DeploymentState, why: String) {
         d.state = state;
         d.error = why;
-        d.finished_at_ms = Some(now_ms());
+        d.finished_at_ms = Some(self.registry.now_ms());
         // What names each release is all a finished deployment needs (the
         // release history keeps them whole).
         for step in &mut d.steps {

@@ -6,7 +6,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cutover_common::now_ms;
 use cutover_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -82,8 +81,17 @@ impl Rollouts {
         // The answer is the rollout once the request is taken in.
         match (sent, answer.await) {
             (true, Ok(rollout)) => Ok(rollout),
+            // Not taken in: the rollout ended, or its driver stopped first
+            // (a shutdown), which must not read as ended (the simulation's
+            // seed 1138: a resume so lost left a rollout paused for good).
             _ => {
                 let rollout = self.get(id).await?;
+                if !rollout.state.is_terminal() {
+                    return Err(RolloutError::Interrupted {
+                        id: id.to_string(),
+                        action,
+                    });
+                }
                 Err(RolloutError::Finished {
                     id: id.to_string(),
                     state: rollout.state.as_str(),
@@ -108,7 +116,7 @@ impl Rollouts {
         let mut input = first;
         loop {
             let before = rollout.clone();
-            let mut sends = engine::handle(&mut rollout, now_ms(), input);
+            let mut sends = engine::handle(&mut rollout, self.registry.now_ms(), input);
             // Answers that arrived meanwhile are taken in before the one
             // write below: a batch of a hundred nodes answering costs a few
             // writes, not one per node. The engine is pure, so this is the
@@ -118,7 +126,9 @@ impl Rollouts {
                     break;
                 }
                 match results.try_recv() {
-                    Ok(next) => sends.extend(engine::handle(&mut rollout, now_ms(), next)),
+                    Ok(next) => {
+                        sends.extend(engine::handle(&mut rollout, self.registry.now_ms(), next))
+                    }
                     Err(_) => break,
                 }
             }
@@ -127,13 +137,16 @@ impl Rollouts {
                 // deploy lock is free, and the next deploy must find the
                 // release this one made current. A crash in between only
                 // redoes the end after the restart.
-                self.finished(&rollout).await;
+                if !self.finished(&rollout).await {
+                    return abort_all(commands);
+                }
             }
             if rollout != before {
                 // Durable before anything it implies is sent.
                 while let Err(error) = self.store.rollouts.put(&rollout).await {
                     tracing::error!(rollout = %rollout.id, %error, "cannot persist the rollout; retrying");
                     tokio::select! {
+                        biased;
                         _ = self.shutdown.cancelled() => return abort_all(commands),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
@@ -181,17 +194,21 @@ impl Rollouts {
             if rollout.state.is_terminal() {
                 break;
             }
+            // Biased, in this order: which of several ready inputs comes
+            // first is then the same on every run, so a simulation seed
+            // replays (`sim`); shutdown first so that it is prompt.
             input = tokio::select! {
-                Some(next) = results.recv() => next,
-                                Some((next, answer)) = control.recv() => {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                Some((next, answer)) = control.recv() => {
                     reply = Some(answer);
                     next
                 }
+                Some(next) = results.recv() => next,
                 _ = ticker.tick() => {
                     self.metrics.rollout_ticks.inc();
                     Input::Tick { nodes: self.observe(&rollout) }
                 }
-                _ = self.shutdown.cancelled() => break,
             };
         }
         abort_all(commands);

@@ -176,3 +176,133 @@ fn a_finished_rollout_keeps_only_what_names_its_releases() {
     let stored = serde_json::to_vec(&r).unwrap();
     assert!(stored.len() < 10_000, "{} bytes", stored.len());
 }
+
+fn ids(sends: &[Send]) -> Vec<&str> {
+    sends
+        .iter()
+        .map(|s| s.command.command_id.as_str())
+        .collect()
+}
+
+fn activates(send: &Send) -> &str {
+    match &send.command.kind {
+        Some(cutover_proto::v1::command::Kind::Activate(a)) => {
+            &a.release.as_ref().expect("a release").release_id
+        }
+        other => panic!("not an activation: {other:?}"),
+    }
+}
+
+#[test]
+fn max_unavailable_limits_how_many_nodes_activate_at_once() {
+    let strategy = Strategy {
+        prepare_parallelism: 4,
+        ..Strategy::rolling(BatchSize::Count(4), 2, 0)
+    };
+    let mut r = super::sim::rollout(4, strategy);
+    let prepares = handle(&mut r, 0, Input::Start);
+    assert_eq!(prepares.len(), 4);
+    let activations = succeed(&mut r, 10, &prepares);
+    assert_eq!(activations.len(), 2, "one batch of 4, two out at a time");
+    let next = succeed(&mut r, 20, &activations[..1]);
+    assert_eq!(next.len(), 1, "a node back makes room for one more");
+    let activating = r
+        .nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Activating)
+        .count();
+    assert_eq!(activating, 2);
+}
+
+#[test]
+fn a_failure_without_auto_rollback_ends_failed_and_sends_nothing() {
+    let mut r = super::sim::rollout(
+        2,
+        Strategy {
+            auto_rollback: false,
+            ..strategy(0)
+        },
+    );
+    let prepares = handle(&mut r, 0, Input::Start);
+    let activations = succeed(&mut r, 10, &prepares);
+    assert_eq!(activations.len(), 1);
+    let sends = handle(
+        &mut r,
+        20,
+        Input::Result {
+            command_id: activations[0].command.command_id.clone(),
+            outcome: Outcome::Failed("health check failed".into()),
+        },
+    );
+    assert!(sends.is_empty(), "nothing is rolled back: {sends:?}");
+    assert_eq!(r.state, RolloutState::Failed);
+    assert_eq!(r.nodes[0].state, NodeState::Failed);
+    assert_eq!(
+        r.nodes[1].state,
+        NodeState::Prepared,
+        "the second never started"
+    );
+    assert!(r.error.is_some());
+}
+
+#[test]
+fn a_command_past_its_deadline_leaves_the_node_uncertain_and_the_rollback_returns_it() {
+    let mut r = super::sim::rollout(1, strategy(0));
+    let prepares = handle(&mut r, 0, Input::Start);
+    let activations = succeed(&mut r, 10, &prepares);
+    let deadline = r.nodes[0].command_deadline_ms;
+    let tick = healthy_tick(&r, deadline - 1);
+    assert!(
+        handle(&mut r, deadline - 1, tick).is_empty(),
+        "not yet late"
+    );
+    assert!(!r.nodes[0].uncertain);
+    let tick = healthy_tick(&r, deadline);
+    let rollback = handle(&mut r, deadline, tick);
+    assert!(r.nodes[0].uncertain, "it may or may not have switched");
+    assert_eq!(r.state, RolloutState::RollingBack);
+    assert_eq!(rollback.len(), 1, "the uncertain node is returned");
+    assert_eq!(activates(&rollback[0]), r.previous.as_ref().unwrap().id());
+    assert_ne!(ids(&rollback), ids(&activations), "a command of its own");
+    succeed(&mut r, deadline + 10, &rollback);
+    assert_eq!(r.state, RolloutState::RolledBack);
+}
+
+#[test]
+fn the_progress_deadline_fails_the_rollout() {
+    let mut r = super::sim::rollout(
+        2,
+        Strategy {
+            auto_rollback: false,
+            progress_deadline_ms: 60_000,
+            ..strategy(0)
+        },
+    );
+    let prepares = handle(&mut r, 0, Input::Start);
+    let activations = succeed(&mut r, 10, &prepares);
+    let tick = healthy_tick(&r, 59_999);
+    handle(&mut r, 59_999, tick);
+    assert!(r.error.is_none());
+    let tick = healthy_tick(&r, 60_000);
+    let sends = handle(&mut r, 60_000, tick);
+    assert!(sends.is_empty(), "nothing new starts: {sends:?}");
+    let error = r.error.clone().expect("the deadline failed it");
+    assert_eq!(error.step, "progress_deadline");
+    // The node in the middle of its cutover finishes it.
+    succeed(&mut r, 60_010, &activations);
+    assert_eq!(r.state, RolloutState::Failed);
+    assert_eq!(r.nodes[1].state, NodeState::Prepared);
+}
+
+#[test]
+fn recovery_resends_the_commands_in_flight_under_their_ids() {
+    let mut r = super::sim::rollout(3, strategy(0));
+    let prepares = handle(&mut r, 0, Input::Start);
+    assert_eq!(prepares.len(), 3);
+    // One answered before the crash; only the stored form survives it.
+    succeed(&mut r, 10, &prepares[..1]);
+    let mut stored: Rollout = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+    let resent = handle(&mut stored, 5_000, Input::Recover);
+    assert_eq!(ids(&resent), ids(&prepares[1..]));
+    assert_eq!(resent[0].command, prepares[1].command);
+}

@@ -3,6 +3,7 @@
 //! from) and the pruning of old rollouts.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use super::model::{Rollout, RolloutKind, RolloutState};
 use super::Rollouts;
@@ -17,11 +18,33 @@ const FINISHED_ROLLOUTS_KEPT: usize = 1000;
 
 impl Rollouts {
     /// Settles the release history and metrics of a rollout that ended.
-    pub(super) async fn finished(&self, rollout: &Rollout) {
+    /// A store that fails is tried again: the rollout must not be stored
+    /// as ended while its history says it still deploys (the simulation's
+    /// seed 63 found the history left so, the error only logged). Returns
+    /// false when the coordinator shuts down first; the rollout is then
+    /// not stored as ended, and the restart redoes its end.
+    pub(super) async fn finished(&self, rollout: &Rollout) -> bool {
         let seconds = (rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms)
             - rollout.created_at_ms) as f64
             / 1000.0;
         self.metrics.rollout_finished(rollout, seconds);
+        loop {
+            match self.settle(rollout).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    tracing::error!(rollout = %rollout.id, %error, "cannot record how the rollout ended; retrying");
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// The outcome, the release history and the pruning, each idempotent.
+    async fn settle(&self, rollout: &Rollout) -> Result<(), StoreError> {
         let outcome = ServiceOutcome {
             env: rollout.env.clone(),
             service: rollout.service.clone(),
@@ -31,15 +54,9 @@ impl Rollouts {
             auto_rollback: rollout.strategy.auto_rollback,
             at_ms: rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms),
         };
-        if let Err(error) = self.store.releases.put_outcome(&outcome).await {
-            tracing::error!(rollout = %rollout.id, %error, "cannot record how the rollout ended");
-        }
-        if let Err(error) = self.settle_history(rollout).await {
-            tracing::error!(rollout = %rollout.id, %error, "cannot update the release history");
-        }
-        if let Err(error) = self.prune_rollouts().await {
-            tracing::error!(%error, "cannot prune old rollouts");
-        }
+        self.store.releases.put_outcome(&outcome).await?;
+        self.settle_history(rollout).await?;
+        self.prune_rollouts().await
     }
 
     /// Keeps the newest finished rollouts; convergences, which a node that

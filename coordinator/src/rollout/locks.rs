@@ -9,7 +9,6 @@
 //! convergence when that service's turn comes.
 
 use crate::store::{LockHolder, ServiceLock, StoreError};
-use cutover_common::now_ms;
 
 use super::model::RolloutKind;
 use super::{RolloutError, Rollouts};
@@ -34,7 +33,7 @@ impl Rollouts {
             env: env.to_string(),
             service: service.to_string(),
             holder,
-            at_ms: now_ms(),
+            at_ms: self.registry.now_ms(),
         };
         loop {
             let held = self.store.rollouts.lock(env, service).await?;

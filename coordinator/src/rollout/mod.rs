@@ -69,6 +69,8 @@ pub enum RolloutError {
     },
     #[error("no rollout {0:?}; `cutover rollout list` shows them")]
     NotFound(String),
+    #[error("rollout {id} did not take the {action} in: the coordinator is shutting down; try again once it is back")]
+    Interrupted { id: String, action: &'static str },
     #[error("rollout {id} already ended ({state}); nothing to {action}")]
     Finished {
         id: String,

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cutover_common::now_ms;
 use cutover_proto::v1 as pb;
 
 use super::deployment::{Deployment, DeploymentState, DeploymentStep, StepState};
@@ -283,7 +282,7 @@ impl Rollouts {
             }
         }
         let first = &resolved[0];
-        let now = now_ms();
+        let now = self.registry.now_ms();
         let id = format!(
             "{}-d{}",
             first.app,
@@ -526,7 +525,7 @@ impl Rollouts {
     ) -> Result<Rollout, StoreError> {
         let release_id = plan_target.release.release_id.clone();
         let nonce: u32 = rand::random();
-        let now = now_ms();
+        let now = self.registry.now_ms();
         let mut rollout = Rollout::new(NewRollout {
             command_prefix: format!("{id}.{nonce:08x}"),
             id: id.clone(),

@@ -25,6 +25,22 @@ pub(crate) trait Opener: Sync {
 /// module it expands in, which the crash test re-runs itself by.
 macro_rules! suite {
     ($opener:expr, $module:literal) => {
+        $crate::store::conformance::suite!(in_process $opener);
+
+        #[test]
+        fn acknowledged_writes_survive_sigkill_at_any_point() {
+            $crate::store::conformance::acknowledged_writes_survive_sigkill_at_any_point(
+                &$opener,
+                concat!(
+                    $module,
+                    "::acknowledged_writes_survive_sigkill_at_any_point"
+                ),
+            );
+        }
+    };
+    // Every case that runs in the test's own process (a backend that
+    // cannot outlive it skips the SIGKILL case).
+    (in_process $opener:expr) => {
         #[tokio::test]
         async fn tables_round_trip_and_survive_reopen() {
             $crate::store::conformance::tables_round_trip_and_survive_reopen(&$opener).await;
@@ -51,17 +67,6 @@ macro_rules! suite {
         #[tokio::test]
         async fn records_keep_their_order_and_survive_reopen() {
             $crate::store::conformance::records_keep_their_order_and_survive_reopen(&$opener).await;
-        }
-
-        #[test]
-        fn acknowledged_writes_survive_sigkill_at_any_point() {
-            $crate::store::conformance::acknowledged_writes_survive_sigkill_at_any_point(
-                &$opener,
-                concat!(
-                    $module,
-                    "::acknowledged_writes_survive_sigkill_at_any_point"
-                ),
-            );
         }
     };
 }

@@ -9,6 +9,8 @@ pub mod backend;
 #[cfg(test)]
 pub(crate) mod conformance;
 mod kv;
+#[cfg(test)]
+pub(crate) mod memory;
 mod nodes;
 mod pki;
 mod records;

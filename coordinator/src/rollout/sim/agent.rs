@@ -1,0 +1,441 @@
+//! A simulated agent on the real registry, as `agent_api` attaches one: it
+//! runs the commands it gets one after another with seeded durations,
+//! reports progress and results, heartbeats what it runs, and answers a
+//! command id it completed from its journal, as the real agent does. Its
+//! faults: results lost on the way, outages (a partition keeps the work
+//! going, a crash loses the work in progress), a release whose prepare or
+//! health check fails here, and one that crash-loops after it switched.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::pending;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cutover_common::tls::PeerInfo;
+use cutover_proto::v1::{self as pb, command, coordinator_message, CoordinatorMessage};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::registry::{Attached, Registry};
+use crate::store::ServiceStatus;
+
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A result is lost at most this often in a row: the driver's resends
+/// (every 15 s) then get an answer well within a command's deadline.
+const DROPS_IN_A_ROW: u32 = 2;
+
+/// Time away from the coordinator, from the start of the faulty phase.
+#[derive(Debug, Clone)]
+pub(super) struct Outage {
+    pub at: Duration,
+    pub length: Duration,
+    /// The agent process died: the command in progress and those queued
+    /// are forgotten (the journal stays).
+    pub crash: bool,
+}
+
+/// One node's seeded faults; versions name the release they hit.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Faults {
+    pub rejects: Option<String>,
+    pub prepare_fails: Option<String>,
+    /// The version crashes over and over this long after its switch.
+    pub crash_loops: Option<(String, Duration)>,
+    pub drop_results: f64,
+    pub outages: Vec<Outage>,
+}
+
+/// What runs on a node, shared with the checks.
+#[derive(Debug, Default)]
+pub(super) struct Node {
+    pub services: BTreeMap<String, Running>,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Running {
+    pub release_id: String,
+    pub version: String,
+    pub since: Instant,
+}
+
+pub(super) struct Agent {
+    pub index: usize,
+    pub labels: BTreeMap<String, String>,
+    pub faults: Faults,
+    pub node: Arc<Mutex<Node>>,
+}
+
+impl Agent {
+    pub fn id(&self) -> String {
+        format!("id-{}", self.index)
+    }
+}
+
+struct Session {
+    attached: Attached,
+    commands: mpsc::Receiver<Result<CoordinatorMessage, Status>>,
+}
+
+/// The command being run: what it does when.
+struct Work {
+    command: pb::Command,
+    steps: VecDeque<(Instant, Step)>,
+}
+
+enum Step {
+    Progress(&'static str),
+    /// The node serves the activated release from here on.
+    Switch,
+    Finish(Result<(), String>),
+}
+
+struct Runner {
+    agent: Agent,
+    registry: Arc<Registry>,
+    rng: StdRng,
+    session: Option<Session>,
+    /// Away (partitioned or crashed) until then.
+    away_until: Option<Instant>,
+    queue: VecDeque<pb::Command>,
+    work: Option<Work>,
+    journal: HashMap<String, pb::CommandResult>,
+    drops: HashMap<String, u32>,
+    /// The faulty phase began here; outages count from it.
+    faults_from: Instant,
+}
+
+/// Runs `agent` until `done`; its outages count from `faults_from`.
+pub(super) async fn run(
+    agent: Agent,
+    registry: Arc<Registry>,
+    seed: u64,
+    faults_from: Instant,
+    done: CancellationToken,
+) {
+    let mut outages: VecDeque<Outage> = agent.faults.outages.clone().into();
+    let mut runner = Runner {
+        rng: StdRng::seed_from_u64(seed),
+        agent,
+        registry,
+        session: None,
+        away_until: None,
+        queue: VecDeque::new(),
+        work: None,
+        journal: HashMap::new(),
+        drops: HashMap::new(),
+        faults_from,
+    };
+    runner.connect().await;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    loop {
+        let next_step = runner.work.as_ref().map(|w| w.steps[0].0);
+        let next_outage = outages.front().map(|o| runner.faults_from + o.at);
+        tokio::select! {
+            biased;
+            _ = done.cancelled() => return,
+            message = next_message(&mut runner.session) => runner.on_message(message),
+            _ = heartbeat.tick() => runner.heartbeat(),
+            _ = sleep_until(next_step.unwrap_or_else(Instant::now)), if next_step.is_some() => runner.step(),
+            _ = sleep_until(next_outage.unwrap_or_else(Instant::now)), if next_outage.is_some() => {
+                let outage = outages.pop_front().expect("checked above");
+                runner.go_away(&outage);
+            }
+            _ = sleep_until(runner.away_until.unwrap_or_else(Instant::now)), if runner.away_until.is_some() => {
+                runner.connect().await;
+            }
+        }
+        runner.start_next();
+    }
+}
+
+async fn next_message(session: &mut Option<Session>) -> Option<CoordinatorMessage> {
+    match session {
+        Some(session) => session.commands.recv().await.and_then(Result::ok),
+        None => pending().await,
+    }
+}
+
+impl Runner {
+    async fn connect(&mut self) {
+        self.away_until = None;
+        let (sender, commands) = mpsc::channel(64);
+        let hello = pb::Hello {
+            node_id: self.agent.id(),
+            name: format!("node-{}", self.agent.index),
+            address: format!("10.0.0.{}", self.agent.index),
+            labels: self.agent.labels.clone().into_iter().collect(),
+            agent_version: "sim".into(),
+            capabilities: vec!["runtime.process".into()],
+            recent_command_ids: vec![],
+        };
+        let peer = PeerInfo {
+            remote_addr: None,
+            identity: None,
+            serial: None,
+            not_before: None,
+            not_after: None,
+            issuer: None,
+        };
+        let attached = self
+            .registry
+            .attach(&hello, &peer, sender, &CancellationToken::new())
+            .await
+            .expect("a simulated agent attaches");
+        self.session = Some(Session { attached, commands });
+        self.heartbeat();
+    }
+
+    fn go_away(&mut self, outage: &Outage) {
+        if let Some(session) = self.session.take() {
+            let why = if outage.crash {
+                "agent crashed"
+            } else {
+                "partition"
+            };
+            self.registry.detach(&session.attached, why);
+        }
+        if outage.crash {
+            self.work = None;
+            self.queue.clear();
+        }
+        // Outages that overlap add up to the longer one.
+        let back = Instant::now() + outage.length;
+        self.away_until = Some(self.away_until.map_or(back, |until| until.max(back)));
+    }
+
+    fn on_message(&mut self, message: Option<CoordinatorMessage>) {
+        let Some(message) = message else {
+            // The registry ended the session: connect again shortly.
+            self.session = None;
+            self.away_until = Some(Instant::now() + Duration::from_secs(1));
+            return;
+        };
+        let Some(coordinator_message::Kind::Command(command)) = message.kind else {
+            return;
+        };
+        if let Some(result) = self.journal.get(&command.command_id) {
+            let result = pb::CommandResult {
+                replayed: true,
+                ..result.clone()
+            };
+            self.answer(result);
+            return;
+        }
+        let id = &command.command_id;
+        let known = self
+            .work
+            .iter()
+            .map(|w| &w.command)
+            .chain(&self.queue)
+            .any(|c| &c.command_id == id);
+        if !known {
+            self.queue.push_back(command);
+        }
+    }
+
+    fn start_next(&mut self) {
+        if self.work.is_some() {
+            return;
+        }
+        let Some(command) = self.queue.pop_front() else {
+            return;
+        };
+        let now = Instant::now();
+        let at = |rng: &mut StdRng, lo: u64, hi: u64| {
+            now + Duration::from_millis(rng.random_range(lo..hi))
+        };
+        let faults = &self.agent.faults;
+        let steps: Vec<(Instant, Step)> = match &command.kind {
+            Some(command::Kind::Prepare(prepare)) => {
+                let version = version(prepare.release.as_ref());
+                let outcome = match faults.prepare_fails.as_deref() == Some(version) {
+                    true => Err(format!("cannot fetch the artifact of {version}: 404")),
+                    false => Ok(()),
+                };
+                vec![(at(&mut self.rng, 50, 2_000), Step::Finish(outcome))]
+            }
+            Some(command::Kind::Activate(activate)) => {
+                let version = version(activate.release.as_ref());
+                let switch = at(&mut self.rng, 200, 3_000);
+                let finish = switch + Duration::from_millis(self.rng.random_range(100..3_000));
+                if faults.rejects.as_deref() == Some(version) {
+                    vec![
+                        (switch, Step::Progress("health_checking")),
+                        (
+                            finish,
+                            Step::Finish(Err(format!(
+                                "{version} failed its health check: 503 from /health"
+                            ))),
+                        ),
+                    ]
+                } else {
+                    vec![
+                        (switch, Step::Progress("switching")),
+                        (switch, Step::Switch),
+                        (switch, Step::Progress("draining")),
+                        (finish, Step::Finish(Ok(()))),
+                    ]
+                }
+            }
+            Some(command::Kind::StopService(_)) => {
+                vec![(at(&mut self.rng, 50, 1_000), Step::Finish(Ok(())))]
+            }
+            other => panic!("the simulation sends no {other:?}"),
+        };
+        self.work = Some(Work {
+            command,
+            steps: steps.into(),
+        });
+    }
+
+    fn step(&mut self) {
+        let work = self.work.as_mut().expect("a step of the work in progress");
+        let (_, step) = work.steps.pop_front().expect("work has steps left");
+        let id = work.command.command_id.clone();
+        match step {
+            Step::Progress(step) => {
+                if self.session.is_some() {
+                    self.registry.command_progress(pb::CommandProgress {
+                        command_id: id,
+                        step: step.into(),
+                        message: String::new(),
+                    });
+                }
+            }
+            Step::Switch => {
+                let Some(command::Kind::Activate(activate)) = &work.command.kind else {
+                    unreachable!("only an activation switches");
+                };
+                let release = activate
+                    .release
+                    .as_ref()
+                    .expect("an activation names its release");
+                self.agent.node.lock().expect("node lock").services.insert(
+                    release.service.clone(),
+                    Running {
+                        release_id: release.release_id.clone(),
+                        version: release.version.clone(),
+                        since: Instant::now(),
+                    },
+                );
+            }
+            Step::Finish(outcome) => {
+                let command = self.work.take().expect("checked above").command;
+                if let Some(command::Kind::StopService(stop)) = &command.kind {
+                    self.agent
+                        .node
+                        .lock()
+                        .expect("node lock")
+                        .services
+                        .remove(&stop.service);
+                }
+                let (status, message) = match outcome {
+                    Ok(()) => (pb::CommandStatus::Succeeded, String::new()),
+                    Err(message) => (pb::CommandStatus::Failed, message),
+                };
+                let result = pb::CommandResult {
+                    command_id: id.clone(),
+                    status: status.into(),
+                    message,
+                    ..Default::default()
+                };
+                self.journal.insert(id, result.clone());
+                self.answer(result);
+            }
+        }
+    }
+
+    /// Sends a result, unless the session is gone or the network loses it.
+    fn answer(&mut self, result: pb::CommandResult) {
+        if self.session.is_none() {
+            return;
+        }
+        let drops = self.drops.entry(result.command_id.clone()).or_default();
+        if *drops < DROPS_IN_A_ROW && self.rng.random_bool(self.agent.faults.drop_results) {
+            *drops += 1;
+            return;
+        }
+        *drops = 0;
+        self.registry.complete_command(result);
+    }
+
+    fn heartbeat(&mut self) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        let now = Instant::now();
+        let node = self.agent.node.lock().expect("node lock");
+        let services = node
+            .services
+            .iter()
+            .map(|(service, running)| {
+                let crashing_since = self
+                    .agent
+                    .faults
+                    .crash_loops
+                    .as_ref()
+                    .filter(|(version, _)| *version == running.version)
+                    .map(|(_, after)| running.since + *after)
+                    .filter(|since| now >= *since);
+                let crashes = crashing_since.map_or(0, |since| (now - since).as_secs() as u32 + 1);
+                ServiceStatus {
+                    service: service.clone(),
+                    release_id: running.release_id.clone(),
+                    running: crashes == 0,
+                    healthy: crashes == 0,
+                    crashes,
+                    last_exit: if crashes == 0 {
+                        String::new()
+                    } else {
+                        "exit status 1".into()
+                    },
+                    health_detail: if crashes == 0 {
+                        String::new()
+                    } else {
+                        "connection refused".into()
+                    },
+                    ..Default::default()
+                }
+            })
+            .collect();
+        self.registry.heartbeat(&session.attached, None, services);
+    }
+}
+
+fn version(release: Option<&pb::Release>) -> &str {
+    release.map_or("", |r| r.version.as_str())
+}
+
+impl Faults {
+    /// The longest time away at a stretch, outages that overlap (or are
+    /// less than a second apart: the driver looks every 250 ms and may
+    /// miss the node between them) as one.
+    pub fn longest_away(&self) -> Duration {
+        let mut longest = Duration::ZERO;
+        let mut span: Option<(Duration, Duration)> = None;
+        for outage in &self.outages {
+            let end = outage.at + outage.length;
+            span = match span {
+                Some((start, until)) if outage.at <= until + Duration::from_secs(1) => {
+                    Some((start, until.max(end)))
+                }
+                _ => Some((outage.at, end)),
+            };
+            let (start, until) = span.expect("set above");
+            longest = longest.max(until - start);
+        }
+        longest
+    }
+
+    /// Whether `version` fails here (prepare, health, or crashes).
+    pub fn cannot_run(&self, version: &str) -> bool {
+        let hit = |v: &Option<String>| v.as_deref() == Some(version);
+        hit(&self.rejects)
+            || hit(&self.prepare_fails)
+            || self.crash_loops.as_ref().is_some_and(|(v, _)| v == version)
+    }
+}

@@ -1,0 +1,130 @@
+//! Deterministic simulation of the real rollout driver (`Rollouts`: the
+//! planner, the drivers, the history, the locks and the converger) against
+//! simulated agents on the real registry, an in-memory store with seeded
+//! write failures and crash points, and tokio's paused clock. Each seed
+//! draws a fleet, two services, a strategy and a fault schedule (see
+//! `scenario.rs`), deploys a first release, then a second under faults and
+//! coordinator crashes, lets the converger settle the fleet and checks
+//! that it ends on releases an operator chose (`world.rs`).
+//!
+//! `CUTOVER_SIM_SEEDS=n` runs n seeds, `CUTOVER_SIM_SEED=s` replays one.
+//! Also home to the small rollout builders other tests share.
+
+mod agent;
+mod scenario;
+mod world;
+
+use std::collections::BTreeMap;
+
+use cutover_proto::v1 as pb;
+
+use super::model::*;
+use crate::spec::{BatchSize, Strategy};
+
+const OLD: &str = "web-v1-00000000";
+const NEW: &str = "web-v2-11111111";
+
+fn release(id: &str) -> StoredRelease {
+    StoredRelease(pb::Release {
+        release_id: id.into(),
+        service: "web".into(),
+        version: id.split('-').nth(1).unwrap_or_default().into(),
+        artifact: Some(pb::Artifact {
+            url: "coordinator:".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+        }),
+        command: vec!["app".into()],
+        env: Default::default(),
+        kind: Some(pb::release::Kind::Web(pb::WebService {
+            listen: ":8080".into(),
+            health: None,
+            health_interval_ms: 1000,
+            healthy_threshold: 2,
+            healthy_deadline_ms: 10_000,
+            smoke: vec![],
+            drain_timeout_ms: 2_000,
+        })),
+        stop_signal: String::new(),
+        stop_grace_ms: 1_000,
+        ..Default::default()
+    })
+}
+
+/// A plain rolling strategy: one node at a time, rolled back on failure.
+pub fn strategy() -> Strategy {
+    Strategy {
+        progress_deadline_ms: 1000,
+        prepare_parallelism: 1,
+        ..Strategy::rolling(BatchSize::Count(1), 0, 0)
+    }
+}
+
+pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
+    Rollout::new(NewRollout {
+        id: "web-1".into(),
+        app: "shop".into(),
+        env: "test".into(),
+        service: "web".into(),
+        kind: RolloutKind::Deploy,
+        release: release(NEW),
+        previous: Some(release(OLD)),
+        strategy,
+        nodes: (0..nodes)
+            .map(|i| RolloutNode::new(format!("id-{i}"), format!("node-{i}"), OLD.into(), false))
+            .collect(),
+        skipped: vec![],
+        command_prefix: "web-1.sim".into(),
+        node_lost_after_ms: 0,
+        created_by: "sim".into(),
+        created_at_ms: 0,
+        deployment: String::new(),
+        migration: None,
+    })
+}
+
+/// Seeds run by default: a few seconds in all.
+const DEFAULT_SEEDS: u64 = 60;
+/// Seeds that found a bug, run by default too: 24, a converger that never
+/// converged a node failing alongside one that cannot converge; 63, a
+/// release history left "deploying" after a failed store write; 1138, a
+/// resume lost in a coordinator crash but answered as if the rollout ended.
+const REGRESSIONS: [u64; 3] = [24, 63, 1138];
+
+#[test]
+fn seeded_fleets_end_on_releases_an_operator_chose() {
+    let env = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
+    let seeds: Vec<u64> = match env("CUTOVER_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => (0..env("CUTOVER_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS))
+            .chain(REGRESSIONS)
+            .collect(),
+    };
+    let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
+    for &seed in &seeds {
+        for rollout in world::check(seed) {
+            *outcomes.entry(rollout.state.as_str()).or_default() += 1;
+        }
+    }
+    eprintln!("outcomes of {} seeds: {outcomes:?}", seeds.len());
+    // The schedules must reach every ending, or they prove little.
+    if seeds.len() as u64 >= DEFAULT_SEEDS {
+        for state in ["succeeded", "rolled_back", "failed", "aborted"] {
+            assert!(outcomes.contains_key(state), "no {state}: {outcomes:?}");
+        }
+    }
+}
+
+#[test]
+fn a_seed_replays_the_same_run() {
+    // Seed 3 has a crash loop, partitions and lost results; 63 store
+    // failures, a long partition, a failing health check, an agent crash.
+    let run = |seed| {
+        world::check(seed)
+            .iter()
+            .map(world::show)
+            .collect::<Vec<_>>()
+    };
+    for seed in [3, 63] {
+        assert_eq!(run(seed), run(seed), "seed {seed}");
+    }
+}

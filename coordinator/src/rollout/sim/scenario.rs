@@ -1,0 +1,212 @@
+//! What one seed draws: the fleet and which service each node runs, the
+//! strategy, each node's faults, the coordinator's crashes and store
+//! faults, and what the operator does. Everything the run does comes from
+//! here and from seeded generators, never from the wall clock.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::agent::{Faults, Outage};
+
+pub(super) const SERVICES: [&str; 2] = ["web", "api"];
+/// The release deployed first, without faults, and the one deployed under
+/// them.
+pub(super) const FIRST: &str = "1";
+pub(super) const SECOND: &str = "2";
+/// The registry's heartbeat TTL: a node gone for twice this (or its
+/// release's healthy_deadline, 10 s, if longer) counts as lost.
+pub(super) const TTL: Duration = Duration::from_secs(5);
+/// A short outage; a few can add up to a long one.
+const SHORT_OUTAGE: Duration = Duration::from_secs(8);
+/// How long a node may be out of reach before its command counts as
+/// failed and the node as uncertain: twice the TTL, or the releases'
+/// healthy_deadline (10 s) if longer.
+pub(super) const LOST_AFTER: Duration = Duration::from_secs(10);
+
+pub(super) struct Node {
+    pub labels: BTreeMap<String, String>,
+    pub faults: Faults,
+}
+
+pub(super) struct Operator {
+    pub allow_unreachable: bool,
+    /// When each service's second deploy starts, from the faulty phase on.
+    pub deploy_at: [Duration; 2],
+    /// Pauses the second deploy of a service at, resumes after.
+    pub pause: Option<(usize, Duration, Duration)>,
+    pub abort: Option<(usize, Duration)>,
+}
+
+pub(super) struct Coordinator {
+    /// Crashes (and restarts) at these times from the faulty phase on.
+    pub crashes_at: Vec<Duration>,
+    /// Crash points: the coordinator crashes at its nth write (the
+    /// coordinator's life, the write).
+    pub crash_writes: Option<(usize, u64)>,
+    /// Chance that a store write fails.
+    pub store_fails: f64,
+}
+
+pub(super) struct Scenario {
+    pub nodes: Vec<Node>,
+    pub spec: String,
+    pub operator: Operator,
+    pub coordinator: Coordinator,
+    /// Which node's service is changed behind the coordinator's back once
+    /// the fleet settled.
+    pub drift: (usize, usize),
+}
+
+impl Scenario {
+    pub fn draw(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let count = rng.random_range(2..=6);
+        let nodes = (0..count)
+            .map(|i| {
+                // Node 0 runs web and node 1 api; the rest one, or both.
+                let runs = |s: usize, rng: &mut StdRng| i == s || (i > 1 && rng.random_bool(0.7));
+                let mut labels = BTreeMap::from([("env".to_string(), "sim".to_string())]);
+                for (s, service) in SERVICES.iter().enumerate() {
+                    if runs(s, &mut rng) {
+                        labels.insert((*service).to_string(), "yes".to_string());
+                    }
+                }
+                Node {
+                    labels,
+                    faults: node_faults(&mut rng),
+                }
+            })
+            .collect();
+        let spec = spec(&mut rng);
+        let operator = Operator {
+            allow_unreachable: rng.random_bool(0.5),
+            deploy_at: [
+                Duration::from_millis(rng.random_range(0..20_000)),
+                Duration::from_millis(rng.random_range(0..20_000)),
+            ],
+            pause: rng.random_bool(0.15).then(|| {
+                let at = Duration::from_millis(rng.random_range(0..30_000));
+                (
+                    rng.random_range(0..2),
+                    at,
+                    at + Duration::from_millis(rng.random_range(0..10_000)),
+                )
+            }),
+            abort: rng.random_bool(0.1).then(|| {
+                (
+                    rng.random_range(0..2),
+                    Duration::from_millis(rng.random_range(0..40_000)),
+                )
+            }),
+        };
+        let mut crashes_at: Vec<Duration> = (0..rng.random_range(0..3))
+            .map(|_| Duration::from_millis(rng.random_range(0..60_000)))
+            .collect();
+        crashes_at.sort();
+        let coordinator = Coordinator {
+            crash_writes: rng.random_bool(0.3).then(|| {
+                (
+                    rng.random_range(0..=crashes_at.len()),
+                    rng.random_range(0..80),
+                )
+            }),
+            crashes_at,
+            store_fails: if rng.random_bool(0.3) { 0.05 } else { 0.0 },
+        };
+        let drift = (
+            rng.random_range(0..count),
+            rng.random_range(0..SERVICES.len()),
+        );
+        Self {
+            nodes,
+            spec,
+            operator,
+            coordinator,
+            drift,
+        }
+    }
+}
+
+fn node_faults(rng: &mut StdRng) -> Faults {
+    let second = || Some(SECOND.to_string());
+    let outages = (0..rng.random_range(0..3))
+        .map(|_| {
+            // Some outages outlast a command's deadline or the time a node
+            // may be lost.
+            let length = if rng.random_bool(0.15) {
+                rng.random_range(20_000..150_000)
+            } else {
+                rng.random_range(100..SHORT_OUTAGE.as_millis() as u64)
+            };
+            Outage {
+                at: Duration::from_millis(rng.random_range(0..50_000)),
+                length: Duration::from_millis(length),
+                crash: rng.random_bool(0.4),
+            }
+        })
+        .collect::<Vec<_>>();
+    let mut outages = outages;
+    outages.sort_by_key(|o| o.at);
+    Faults {
+        rejects: rng.random_bool(0.08).then(second).flatten(),
+        prepare_fails: rng.random_bool(0.05).then(second).flatten(),
+        crash_loops: rng.random_bool(0.06).then(|| {
+            (
+                SECOND.to_string(),
+                Duration::from_millis(rng.random_range(0..4_000)),
+            )
+        }),
+        drop_results: if rng.random_bool(0.5) { 0.1 } else { 0.0 },
+        outages,
+    }
+}
+
+/// The app's spec: both services on every node labelled for them, one
+/// rolling strategy drawn from the seed.
+fn spec(rng: &mut StdRng) -> String {
+    let batch = if rng.random_bool(0.5) {
+        rng.random_range(1..=3).to_string()
+    } else {
+        format!("\"{}%\"", rng.random_range(1..=100))
+    };
+    let max_unavailable = rng.random_range(0..=1);
+    let min_healthy_time = rng.random_range(0..=2);
+    let auto_rollback = rng.random_bool(0.8);
+    let mut spec = String::from("app = \"shop\"\n");
+    for (i, service) in SERVICES.iter().enumerate() {
+        spec += &format!(
+            r#"
+[services.{service}]
+command = ["app"]
+listen = ":1808{i}"
+nodes = {{ {service} = "yes" }}
+drain_timeout = "2s"
+stop_grace = "1s"
+
+[services.{service}.health]
+path = "/health"
+interval = "1s"
+healthy_threshold = 2
+healthy_deadline = "10s"
+"#
+        );
+    }
+    spec += &format!(
+        r#"
+[strategy]
+kind = "rolling"
+batch = {batch}
+max_unavailable = {max_unavailable}
+min_healthy_time = "{min_healthy_time}s"
+progress_deadline = "10m"
+auto_rollback = {auto_rollback}
+
+[environments.sim]
+nodes = {{ env = "sim" }}
+"#
+    );
+    spec
+}

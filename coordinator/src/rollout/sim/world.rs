@@ -1,0 +1,627 @@
+//! One seed's run: the agents on the real registry, the coordinator's
+//! lives (each a `Rollouts` over the shared in-memory store, with faults,
+//! crashed and recovered at seeded moments), the operator's deploys, the
+//! converger, and the checks once the fleet settled.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cutover_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::agent::{self, Agent, Running};
+use super::scenario::{Scenario, FIRST, LOST_AFTER, SECOND, SERVICES, TTL};
+use crate::clock::Clock;
+use crate::images::ImageResolver;
+use crate::journal::Journal;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::rollout::engine::Input;
+use crate::rollout::model::{Rollout, RolloutKind, RolloutState};
+use crate::rollout::{DeployRequest, Deployed, RolloutError, Rollouts, Started};
+use crate::secrets::Secrets;
+use crate::store::memory::{Faults, MemoryBackend};
+use crate::store::{ReleaseState, Store};
+
+/// The first release must be out by then; the faulty phase starts there.
+const FIRST_PHASE: Duration = Duration::from_secs(300);
+/// Faults (outages, crashes) all begin within this of the faulty phase;
+/// the coordinator restarts once more without faults at its end.
+const FAULTS_FOR: Duration = Duration::from_secs(60);
+/// Everything must have ended and settled this long after the faulty phase
+/// began: a seed that takes longer hangs.
+const SETTLE_WITHIN: Duration = Duration::from_secs(40 * 60);
+const EPOCH_MS: i64 = 1_700_000_000_000;
+
+/// Runs one seed; returns its second deploys as they ended.
+pub(super) fn check(seed: u64) -> Vec<Rollout> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a test runtime");
+    runtime.block_on(async {
+        let world = World::new(seed).await;
+        world.run().await
+    })
+}
+
+/// One coordinator process: dropped by cancelling `shutdown` (a crash: its
+/// store handle refuses every write from then on).
+struct Life {
+    rollouts: Arc<Rollouts>,
+    shutdown: CancellationToken,
+    converger: JoinHandle<()>,
+}
+
+impl Life {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.rollouts.drain(Duration::from_secs(10)).await;
+        let _ = self.converger.await;
+    }
+}
+
+struct World {
+    seed: u64,
+    scenario: Scenario,
+    backend: MemoryBackend,
+    /// Fault-free, for the checks.
+    store: Store,
+    registry: Arc<Registry>,
+    nodes: Vec<Arc<Mutex<agent::Node>>>,
+    metrics: Arc<Metrics>,
+    artifacts: Arc<crate::artifacts::ArtifactStore>,
+    images: Arc<ImageResolver>,
+    secrets: Arc<Secrets>,
+    _artifacts_dir: tempfile::TempDir,
+    faulty_lives: usize,
+}
+
+impl World {
+    async fn new(seed: u64) -> Self {
+        let scenario = Scenario::draw(seed);
+        let backend = MemoryBackend::new();
+        let store = Store::new(Arc::new(backend.reopen(None)));
+        let journal = Journal::start(store.clone(), Default::default());
+        let registry = Registry::load(store.clone(), journal, TTL)
+            .await
+            .expect("an empty store loads")
+            .with_clock(Clock::virtual_at(EPOCH_MS));
+        let dir = tempfile::tempdir().expect("a temp dir");
+        Self {
+            seed,
+            backend,
+            registry: Arc::new(registry),
+            nodes: scenario.nodes.iter().map(|_| Arc::default()).collect(),
+            metrics: Arc::new(Metrics::new()),
+            artifacts: Arc::new(
+                crate::artifacts::ArtifactStore::open(dir.path().to_path_buf(), 1 << 20)
+                    .expect("an artifact store"),
+            ),
+            images: Arc::new(ImageResolver::new(None, vec![]).expect("an image resolver")),
+            secrets: Arc::new(Secrets::new(store.clone(), None)),
+            store,
+            scenario,
+            _artifacts_dir: dir,
+            faulty_lives: 0,
+        }
+    }
+
+    /// Starts a coordinator over the store, faulty or not, and recovers
+    /// what the previous one left; a start that fails is started again.
+    async fn start(&mut self, faulty: bool) -> Life {
+        loop {
+            let shutdown = CancellationToken::new();
+            let plan = &self.scenario.coordinator;
+            let (fails, crash_in) = if faulty {
+                let life = self.faulty_lives;
+                self.faulty_lives += 1;
+                let crash_in = plan
+                    .crash_writes
+                    .filter(|(l, _)| *l == life)
+                    .map(|(_, n)| n);
+                (plan.store_fails, crash_in)
+            } else {
+                (0.0, None)
+            };
+            let faults = Faults::new(
+                self.seed ^ ((self.faulty_lives as u64) << 40),
+                fails,
+                shutdown.clone(),
+                crash_in,
+            );
+            let rollouts = Rollouts::new(
+                Store::new(Arc::new(self.backend.reopen(Some(faults)))),
+                self.registry.clone(),
+                self.metrics.clone(),
+                self.artifacts.clone(),
+                self.images.clone(),
+                self.secrets.clone(),
+                shutdown.clone(),
+            );
+            match rollouts.recover().await {
+                Ok(_) => {
+                    let converger = tokio::spawn(rollouts.clone().converge_loop());
+                    return Life {
+                        rollouts,
+                        shutdown,
+                        converger,
+                    };
+                }
+                Err(_) => {
+                    shutdown.cancel();
+                    rollouts.drain(Duration::from_secs(10)).await;
+                }
+            }
+        }
+    }
+
+    async fn run(mut self) -> Vec<Rollout> {
+        let started = Instant::now();
+        let faults_from = started + FIRST_PHASE;
+        let done = CancellationToken::new();
+        for (i, node) in self.scenario.nodes.iter().enumerate() {
+            let agent = Agent {
+                index: i,
+                labels: node.labels.clone(),
+                faults: node.faults.clone(),
+                node: self.nodes[i].clone(),
+            };
+            let seed = self.seed.wrapping_mul(31).wrapping_add(i as u64);
+            tokio::spawn(agent::run(
+                agent,
+                self.registry.clone(),
+                seed,
+                faults_from,
+                done.clone(),
+            ));
+        }
+        // The first release, without faults: what the second replaces,
+        // once every agent said hello.
+        sleep(Duration::from_secs(2)).await;
+        let mut life = self.start(false).await;
+        let (current, operator_view) = watch::channel(life.rollouts.clone());
+        let mut firsts = Vec::new();
+        for service in SERVICES {
+            firsts.push(deploy(&operator_view, &self.scenario.spec, service, FIRST, false).await);
+        }
+        let firsts = self.ended(&firsts, faults_from).await;
+        for rollout in &firsts {
+            assert_eq!(
+                rollout.state,
+                RolloutState::Succeeded,
+                "seed {}: {}",
+                self.seed,
+                show(rollout)
+            );
+        }
+        sleep_until(faults_from).await;
+
+        // The second, under faults and crashes.
+        life.stop().await;
+        life = self.start(true).await;
+        current.send_replace(life.rollouts.clone());
+        let operator: Vec<JoinHandle<String>> = (0..SERVICES.len())
+            .map(|i| {
+                tokio::spawn(operate(
+                    self.scenario_operator(i),
+                    operator_view.clone(),
+                    faults_from,
+                ))
+            })
+            .collect();
+        let mut crashes = self
+            .scenario
+            .coordinator
+            .crashes_at
+            .clone()
+            .into_iter()
+            .peekable();
+        let faults_end = faults_from + FAULTS_FOR;
+        loop {
+            let next = crashes.peek().map(|at| faults_from + *at);
+            tokio::select! {
+                biased;
+                _ = life.shutdown.cancelled() => {}
+                _ = sleep_until(next.unwrap_or(faults_end)), if next.is_some() => {
+                    crashes.next();
+                }
+                _ = sleep_until(faults_end) => break,
+            }
+            life.stop().await;
+            life = self.start(true).await;
+            current.send_replace(life.rollouts.clone());
+        }
+        life.stop().await;
+        life = self.start(false).await;
+        current.send_replace(life.rollouts.clone());
+
+        let deadline = faults_from + SETTLE_WITHIN;
+        let mut seconds = Vec::new();
+        for task in operator {
+            let id = timeout_at(deadline, task)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("seed {}: the operator's deploy never started", self.seed)
+                })
+                .expect("the operator task");
+            seconds.push(id);
+        }
+        let seconds = self.ended(&seconds, deadline).await;
+        self.settled(&seconds, deadline).await;
+        self.check_records(&seconds).await;
+        self.drift(&seconds, deadline).await;
+        done.cancel();
+        life.stop().await;
+        seconds
+    }
+
+    fn scenario_operator(&self, service: usize) -> OperatorPlan {
+        let op = &self.scenario.operator;
+        OperatorPlan {
+            spec: self.scenario.spec.clone(),
+            service: SERVICES[service],
+            allow_unreachable: op.allow_unreachable,
+            deploy_at: op.deploy_at[service],
+            pause: op
+                .pause
+                .filter(|(s, ..)| *s == service)
+                .map(|(_, a, b)| (a, b)),
+            abort: op.abort.filter(|(s, _)| *s == service).map(|(_, a)| a),
+        }
+    }
+
+    /// The rollouts once they ended, as stored.
+    async fn ended(&self, ids: &[String], deadline: Instant) -> Vec<Rollout> {
+        let mut ended = Vec::new();
+        for id in ids {
+            loop {
+                let stored = self.store.rollouts.get(id).await.expect("reads never fail");
+                if let Some(rollout) = stored.filter(|r| r.state.is_terminal()) {
+                    ended.push(rollout);
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let stored = self.store.rollouts.get(id).await.ok().flatten();
+                    panic!(
+                        "seed {}: rollout {id} never ended: {}",
+                        self.seed,
+                        stored.as_ref().map_or("gone".into(), show)
+                    );
+                }
+                sleep(Duration::from_secs(1)).await;
+            }
+        }
+        ended
+    }
+
+    /// Waits until every node runs what its service's outcome calls for
+    /// (the converger brings back those that were out of reach).
+    async fn settled(&self, seconds: &[Rollout], deadline: Instant) {
+        loop {
+            let wrong = self.wrong_nodes(seconds).await;
+            if wrong.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let all = self.store.rollouts.list().await.expect("reads never fail");
+                panic!(
+                    "seed {}: nodes never settled: {wrong:?}\n{}",
+                    self.seed,
+                    all.iter().map(show).collect::<Vec<_>>().join("\n")
+                );
+            }
+            sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Nodes that run a release their service's outcome does not allow.
+    async fn wrong_nodes(&self, seconds: &[Rollout]) -> Vec<String> {
+        let mut wrong = Vec::new();
+        for (s, second) in seconds.iter().enumerate() {
+            let service = SERVICES[s];
+            let new = second.release.id();
+            let old = second.previous.as_ref().expect("the first release").id();
+            let allowed: BTreeSet<&str> = match expected(second) {
+                Some(release) => [release].into(),
+                None => [old, new].into(),
+            };
+            for (i, node) in self.scenario.nodes.iter().enumerate() {
+                if !node.labels.contains_key(service) {
+                    continue;
+                }
+                let runs = self.nodes[i]
+                    .lock()
+                    .expect("node lock")
+                    .services
+                    .get(service)
+                    .map(|r| r.release_id.clone());
+                let runs = runs.unwrap_or_default();
+                // A node that cannot run the second release may stay
+                // where it is: its convergence fails, and is retried.
+                let cannot_run_new = node.faults.cannot_run(SECOND) && runs == old;
+                if !allowed.contains(runs.as_str()) && !cannot_run_new {
+                    wrong.push(format!(
+                        "node-{i} runs {service} {runs:?}, allowed {allowed:?}"
+                    ));
+                }
+            }
+        }
+        wrong
+    }
+
+    /// The store agrees with the fleet: the release history names the
+    /// release the outcome made current, the rollout what each node it
+    /// knows for sure runs; and only nodes out of reach for long were left
+    /// uncertain.
+    async fn check_records(&self, seconds: &[Rollout]) {
+        for (s, second) in seconds.iter().enumerate() {
+            let service = SERVICES[s];
+            let ctx = || format!("seed {}: {}", self.seed, show(second));
+            assert_eq!(
+                second.timeline.last().map(|e| e.kind.as_str()),
+                Some(second.state.as_str()),
+                "{}",
+                ctx()
+            );
+            let history = self
+                .store
+                .releases
+                .history("sim", service)
+                .await
+                .expect("reads never fail");
+            let current = history
+                .iter()
+                .find(|r| r.current)
+                .expect("a current release");
+            let old = second.previous.as_ref().expect("the first release").id();
+            let made_current = match second.state {
+                RolloutState::Succeeded => second.release.id(),
+                _ => old,
+            };
+            assert_eq!(current.release.id(), made_current, "{}", ctx());
+            let record = history
+                .iter()
+                .find(|r| r.release.id() == second.release.id())
+                .expect("the second release's record");
+            let state = match second.state {
+                RolloutState::Succeeded => ReleaseState::Stable,
+                RolloutState::RolledBack => ReleaseState::RolledBack,
+                RolloutState::Aborted => ReleaseState::Aborted,
+                _ => ReleaseState::Failed,
+            };
+            assert_eq!(record.state, state, "{}", ctx());
+            if matches!(
+                second.state,
+                RolloutState::Succeeded | RolloutState::RolledBack
+            ) {
+                for node in second.nodes.iter().filter(|n| !n.uncertain) {
+                    let i: usize = node.id["id-".len()..].parse().expect("sim node ids");
+                    let runs = self.nodes[i]
+                        .lock()
+                        .expect("node lock")
+                        .services
+                        .get(service)
+                        .map(|r| r.release_id.clone());
+                    assert_eq!(
+                        Some(node.release.clone()),
+                        runs,
+                        "node {}: {}",
+                        node.name,
+                        ctx()
+                    );
+                }
+            }
+            // The bound: a node is left uncertain only when its command
+            // went unanswered past its deadline (73 s) or it was out of
+            // reach for LOST_AFTER. Results are lost at most twice in a
+            // row and resent every 15 s, a crashed coordinator resends at
+            // once and gives agents a grace to reconnect, so only a node
+            // away for LOST_AFTER at a stretch can be uncertain: at most
+            // the nodes with such outages.
+            for node in second.nodes.iter().filter(|n| n.uncertain) {
+                let i: usize = node.id["id-".len()..].parse().expect("sim node ids");
+                let long = self.scenario.nodes[i].faults.longest_away() >= LOST_AFTER;
+                assert!(
+                    long,
+                    "node {} uncertain without a long outage: {}",
+                    node.name,
+                    ctx()
+                );
+            }
+        }
+    }
+
+    /// A node changed behind the coordinator's back is converged back to
+    /// its environment's current release.
+    async fn drift(&self, seconds: &[Rollout], deadline: Instant) {
+        let (i, s) = self.scenario.drift;
+        let service = SERVICES[s];
+        let second = &seconds[s];
+        let Some(current) = expected(second) else {
+            return; // left mixed by the operator: the converger leaves it
+        };
+        let node = &self.scenario.nodes[i];
+        if !node.labels.contains_key(service) || node.faults.cannot_run(SECOND) {
+            return;
+        }
+        let old = second.previous.as_ref().expect("the first release");
+        let other = if current == old.id() {
+            &second.release
+        } else {
+            old
+        };
+        self.nodes[i].lock().expect("node lock").services.insert(
+            service.to_string(),
+            Running {
+                release_id: other.id().to_string(),
+                version: other.0.version.clone(),
+                since: Instant::now(),
+            },
+        );
+        sleep(Duration::from_secs(5)).await;
+        self.settled(
+            seconds,
+            deadline.max(Instant::now() + Duration::from_secs(600)),
+        )
+        .await;
+        let converges: Vec<String> = self
+            .store
+            .rollouts
+            .list()
+            .await
+            .expect("reads never fail")
+            .into_iter()
+            .filter(|r| r.kind == RolloutKind::Converge && r.service == service)
+            .map(|r| r.id)
+            .collect();
+        let converged = self
+            .ended(&converges, Instant::now() + Duration::from_secs(600))
+            .await
+            .iter()
+            .any(|r| r.state == RolloutState::Succeeded);
+        assert!(
+            converged,
+            "seed {}: node-{i} came back without a convergence",
+            self.seed
+        );
+    }
+}
+
+/// The one release an outcome leaves every node on, or `None` when the
+/// operator chose to leave the fleet mixed (an abort, or a failure without
+/// auto_rollback).
+fn expected(second: &Rollout) -> Option<&str> {
+    let old = second.previous.as_ref().expect("the first release").id();
+    match second.state {
+        RolloutState::Succeeded => Some(second.release.id()),
+        RolloutState::Aborted => None,
+        RolloutState::Failed if !second.strategy.auto_rollback => None,
+        _ => Some(old),
+    }
+}
+
+struct OperatorPlan {
+    spec: String,
+    service: &'static str,
+    allow_unreachable: bool,
+    deploy_at: Duration,
+    pause: Option<(Duration, Duration)>,
+    abort: Option<Duration>,
+}
+
+/// The operator: deploys the second release of a service, and pauses,
+/// resumes or aborts it as the seed says, on whichever coordinator runs.
+async fn operate(
+    plan: OperatorPlan,
+    current: watch::Receiver<Arc<Rollouts>>,
+    from: Instant,
+) -> String {
+    sleep_until(from + plan.deploy_at).await;
+    let id = deploy(
+        &current,
+        &plan.spec,
+        plan.service,
+        SECOND,
+        plan.allow_unreachable,
+    )
+    .await;
+    if let Some((pause, resume)) = plan.pause {
+        sleep_until(from + pause).await;
+        control(&current, &id, Input::Pause { by: "op".into() }).await;
+        sleep_until(from + resume).await;
+        control(&current, &id, Input::Resume { by: "op".into() }).await;
+    }
+    if let Some(abort) = plan.abort {
+        sleep_until(from + abort).await;
+        control(&current, &id, Input::Abort { by: "op".into() }).await;
+    }
+    id
+}
+
+/// Deploys `version` of `service`, again until a coordinator takes it.
+async fn deploy(
+    current: &watch::Receiver<Arc<Rollouts>>,
+    spec: &str,
+    service: &str,
+    version: &str,
+    allow_unreachable: bool,
+) -> String {
+    loop {
+        let rollouts = current.borrow().clone();
+        let request = DeployRequest {
+            spec_text: spec.to_string(),
+            spec_file: "cutover.toml".into(),
+            env: "sim".into(),
+            service: Some(service.into()),
+            version: version.into(),
+            artifact: Some(pb::Artifact {
+                url: format!("https://artifacts.sim/{service}-{version}.tar.gz"),
+                digest: format!("sha256:{}", version.repeat(64)),
+            }),
+            image: None,
+            allow_unreachable,
+            by: "op".into(),
+            may_pin_environments: true,
+        };
+        match rollouts.deploy(request).await {
+            Ok(Deployed::Alone(mut started)) => match started.pop() {
+                Some(Started::Rollout(rollout)) => return rollout.id,
+                _ => panic!("{service} {version} already ran everywhere"),
+            },
+            Ok(Deployed::Together(_)) => panic!("one service makes no deployment"),
+            Err(
+                RolloutError::Store(_)
+                | RolloutError::Locked { .. }
+                | RolloutError::Claimed { .. }
+                | RolloutError::Unreachable { .. },
+            ) => {
+                sleep(Duration::from_secs(2)).await;
+            }
+            Err(error) => panic!("deploy of {service} {version} refused: {error}"),
+        }
+    }
+}
+
+/// Pauses, resumes or aborts a rollout, again until a coordinator takes
+/// it in or the rollout ended. A resume must arrive, or the rollout waits
+/// forever.
+async fn control(current: &watch::Receiver<Arc<Rollouts>>, id: &str, input: Input) {
+    loop {
+        let rollouts = current.borrow().clone();
+        match rollouts.control(id, input.clone()).await {
+            Ok(_) | Err(RolloutError::Finished { .. }) => return,
+            Err(_) => sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+pub(super) fn show(r: &Rollout) -> String {
+    format!(
+        "{} {} ({:?}, auto_rollback {}): nodes {:?}\n{}",
+        r.id,
+        r.state.as_str(),
+        r.strategy.kind,
+        r.strategy.auto_rollback,
+        r.nodes
+            .iter()
+            .map(|n| (&n.name, n.state, &n.release, n.uncertain))
+            .collect::<Vec<_>>(),
+        r.timeline
+            .iter()
+            .map(|e| format!(
+                "  {} {} {} {}",
+                e.at_ms - EPOCH_MS,
+                e.kind,
+                e.node,
+                e.message
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
+    )
+}

@@ -1,0 +1,278 @@
+//! An in-memory backend for the rollout simulation: every table and log in
+//! one shared map, so a "reopen" (a coordinator restart) finds what was
+//! written, and seeded faults: a write fails now and then, and a crash
+//! point fails one write and ends the coordinator that made it (a crash
+//! between any two writes, e.g. after a rollout's history and before the
+//! rollout itself).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+use super::backend::{
+    Backend, Durability, Entry, Log, LogFilter, LogRecord, Revision, Swap, Table,
+};
+use super::{Page, StoreError};
+
+/// A table's keys with their value and the revision of its last write.
+type Rows = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
+
+/// What a coordinator's life shares with the next: the data.
+#[derive(Default)]
+struct Data {
+    tables: HashMap<Table, Rows>,
+    logs: HashMap<Log, BTreeMap<u64, Vec<u8>>>,
+    /// Revisions and log sequence numbers, both only growing.
+    last_revision: u64,
+    last_seq: u64,
+}
+
+/// Seeded write faults of one backend handle (one coordinator's life).
+pub(crate) struct Faults {
+    rng: StdRng,
+    /// Chance that a write fails with a backend error.
+    fail: f64,
+    /// The coordinator using the handle: once it is cancelled (it
+    /// crashed) no write goes through.
+    crash: CancellationToken,
+    /// The write this many writes from now fails and cancels `crash`.
+    crash_in: Option<u64>,
+}
+
+impl Faults {
+    pub(crate) fn new(
+        seed: u64,
+        fail: f64,
+        crash: CancellationToken,
+        crash_in: Option<u64>,
+    ) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            fail,
+            crash,
+            crash_in,
+        }
+    }
+}
+
+pub(crate) struct MemoryBackend {
+    data: Arc<Mutex<Data>>,
+    faults: Mutex<Option<Faults>>,
+}
+
+impl MemoryBackend {
+    pub(crate) fn new() -> Self {
+        Self {
+            data: Arc::default(),
+            faults: Mutex::new(None),
+        }
+    }
+
+    /// Another handle on the same data, as a restarted coordinator opens
+    /// it, with faults of its own.
+    pub(crate) fn reopen(&self, faults: Option<Faults>) -> Self {
+        Self {
+            data: self.data.clone(),
+            faults: Mutex::new(faults),
+        }
+    }
+
+    /// Whether the next write goes through (see `Faults`).
+    fn write(&self) -> Result<(), StoreError> {
+        let mut faults = self.faults.lock().expect("faults lock");
+        let Some(faults) = faults.as_mut() else {
+            return Ok(());
+        };
+        if faults.crash_in == Some(0) {
+            faults.crash.cancel();
+        }
+        if faults.crash.is_cancelled() {
+            return Err(StoreError::Backend("the coordinator crashed".into()));
+        }
+        if let Some(left) = &mut faults.crash_in {
+            *left -= 1;
+        }
+        if faults.rng.random_bool(faults.fail) {
+            return Err(StoreError::Backend("injected write failure".into()));
+        }
+        Ok(())
+    }
+
+    fn data(&self) -> std::sync::MutexGuard<'_, Data> {
+        self.data.lock().expect("memory store lock")
+    }
+}
+
+impl Data {
+    fn table(&mut self, table: Table) -> &mut Rows {
+        self.tables.entry(table).or_default()
+    }
+
+    fn next_revision(&mut self) -> u64 {
+        self.last_revision += 1;
+        self.last_revision
+    }
+}
+
+fn entry(key: &[u8], (value, revision): &(Vec<u8>, u64)) -> Entry {
+    Entry {
+        key: key.to_vec(),
+        value: value.clone(),
+        revision: Revision(*revision),
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        Ok(self.data().table(table).get(key).map(|v| entry(key, v)))
+    }
+
+    async fn scan(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .data()
+            .table(table)
+            .range(prefix.to_vec()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, v)| entry(key, v))
+            .collect())
+    }
+
+    async fn put(
+        &self,
+        table: Table,
+        key: &[u8],
+        value: Vec<u8>,
+        _: Durability,
+    ) -> Result<(), StoreError> {
+        self.write()?;
+        let mut data = self.data();
+        let revision = data.next_revision();
+        data.table(table).insert(key.to_vec(), (value, revision));
+        Ok(())
+    }
+
+    async fn delete(&self, table: Table, key: &[u8], _: Durability) -> Result<bool, StoreError> {
+        self.write()?;
+        Ok(self.data().table(table).remove(key).is_some())
+    }
+
+    async fn compare_and_put(
+        &self,
+        table: Table,
+        key: &[u8],
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<Swap, StoreError> {
+        self.write()?;
+        let mut data = self.data();
+        let current = data.table(table).get(key).map(|(_, r)| Revision(*r));
+        if current != expected {
+            return Ok(Swap::Conflict);
+        }
+        match value {
+            Some(value) => {
+                let revision = data.next_revision();
+                data.table(table).insert(key.to_vec(), (value, revision));
+            }
+            None => {
+                data.table(table).remove(key);
+            }
+        }
+        Ok(Swap::Done)
+    }
+
+    async fn append(&self, log: Log, record: LogRecord, _: Durability) -> Result<u64, StoreError> {
+        self.write()?;
+        let mut data = self.data();
+        data.last_seq += 1;
+        let seq = data.last_seq;
+        data.logs.entry(log).or_default().insert(seq, record(seq));
+        Ok(seq)
+    }
+
+    async fn log_page(
+        &self,
+        log: Log,
+        page: Page,
+        keep: LogFilter<'_>,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut data = self.data();
+        let records = data.logs.entry(log).or_default();
+        let mut range = records
+            .range(page.after_seq.saturating_add(1)..)
+            .map(|(_, value)| value)
+            .filter(|value| keep(value));
+        Ok(if page.newest {
+            let mut newest: Vec<Vec<u8>> = range.rev().take(page.limit).cloned().collect();
+            newest.reverse();
+            newest
+        } else {
+            range.by_ref().take(page.limit).cloned().collect()
+        })
+    }
+
+    async fn prune_log(&self, log: Log, keep: usize) -> Result<usize, StoreError> {
+        let mut data = self.data();
+        let records = data.logs.entry(log).or_default();
+        let excess = records.len().saturating_sub(keep);
+        let oldest: Vec<u64> = records.keys().take(excess).copied().collect();
+        for seq in oldest {
+            records.remove(&seq);
+        }
+        Ok(excess)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::store::conformance::{self, Opener};
+
+    /// One memory store per dir, kept after every handle is dropped, so
+    /// the suite's reopens find their data.
+    struct Memory;
+
+    static STORES: Mutex<BTreeMap<PathBuf, Arc<MemoryBackend>>> = Mutex::new(BTreeMap::new());
+
+    impl Opener for Memory {
+        fn open(&self, dir: &Path) -> Arc<dyn Backend> {
+            let mut stores = STORES.lock().expect("stores lock");
+            let first = stores
+                .entry(dir.to_path_buf())
+                .or_insert_with(|| Arc::new(MemoryBackend::new()));
+            Arc::new(first.reopen(None))
+        }
+    }
+
+    // Without the SIGKILL case: nothing in memory outlives its process.
+    conformance::suite!(in_process Memory);
+
+    #[tokio::test]
+    async fn a_crash_point_fails_that_write_and_every_later_one() {
+        let crash = CancellationToken::new();
+        let backend =
+            MemoryBackend::new().reopen(Some(Faults::new(1, 0.0, crash.clone(), Some(1))));
+        let put = |key: &'static [u8]| backend.put(Table::Meta, key, vec![1], Durability::Durable);
+        put(b"a").await.expect("the first write goes through");
+        assert!(put(b"b").await.is_err());
+        assert!(crash.is_cancelled());
+        assert!(
+            put(b"c").await.is_err(),
+            "a crashed coordinator writes nothing"
+        );
+        let reopened = backend.reopen(None);
+        assert!(reopened.get(Table::Meta, b"a").await.unwrap().is_some());
+        assert!(reopened.get(Table::Meta, b"b").await.unwrap().is_none());
+    }
+}
