@@ -93,6 +93,18 @@ impl Setup {
         wait_for_rollout(&mut self.client, id, timeout, done).await
     }
 
+    /// Aborts rollout `id` and waits for it to end aborted.
+    async fn abort(&mut self, id: &str) {
+        self.client
+            .control_rollout(pb::ControlRolloutRequest {
+                id: id.into(),
+                action: pb::RolloutAction::Abort as i32,
+            })
+            .await
+            .unwrap();
+        assert_eq!(self.finish(id).await.state().as_str(), "aborted");
+    }
+
     async fn finish(&mut self, id: &str) -> pb::Rollout {
         self.wait_until(id, Duration::from_secs(60), ended).await
     }
@@ -522,14 +534,7 @@ async fn deploy_lock_no_op_and_unreachable_nodes() {
     let locked = s.deploy("v3", "", FAST).await.unwrap_err();
     assert_eq!(locked.code(), tonic::Code::Aborted);
     assert!(locked.message().contains(&id), "{}", locked.message());
-    s.client
-        .control_rollout(pb::ControlRolloutRequest {
-            id: id.clone(),
-            action: pb::RolloutAction::Abort as i32,
-        })
-        .await
-        .unwrap();
-    assert_eq!(s.finish(&id).await.state().as_str(), "aborted");
+    s.abort(&id).await;
 
     // A node down at the start is named, and skipped only on request.
     let down = s.cluster.agents.pop().unwrap();
@@ -707,14 +712,7 @@ async fn the_deploy_lock_is_reconciled_after_a_restart() {
     let locked = s.deploy("v3", "", FAST).await.unwrap_err();
     assert_eq!(locked.code(), tonic::Code::Aborted, "{locked:?}");
     assert!(locked.message().contains(&id), "{}", locked.message());
-    s.client
-        .control_rollout(pb::ControlRolloutRequest {
-            id: id.clone(),
-            action: pb::RolloutAction::Abort as i32,
-        })
-        .await
-        .unwrap();
-    assert_eq!(s.finish(&id).await.state().as_str(), "aborted");
+    s.abort(&id).await;
     s.cluster.stop_coordinator().await;
     let store = Store::open_sled(&store_dir).unwrap();
     assert_eq!(

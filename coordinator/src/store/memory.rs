@@ -203,17 +203,12 @@ impl Backend for MemoryBackend {
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut data = self.data();
         let records = data.logs.entry(log).or_default();
-        let mut range = records
+        let range = records
             .range(page.after_seq.saturating_add(1)..)
             .map(|(_, value)| value)
-            .filter(|value| keep(value));
-        Ok(if page.newest {
-            let mut newest: Vec<Vec<u8>> = range.rev().take(page.limit).cloned().collect();
-            newest.reverse();
-            newest
-        } else {
-            range.by_ref().take(page.limit).cloned().collect()
-        })
+            .filter(|value| keep(value))
+            .map(|value| Ok(value.clone()));
+        page.pick(range)
     }
 
     async fn prune_log(&self, log: Log, keep: usize) -> Result<usize, StoreError> {

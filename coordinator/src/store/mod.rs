@@ -60,6 +60,22 @@ impl Page {
             newest: false,
         }
     }
+
+    /// This page out of a log's `records` past `after_seq` (filtered,
+    /// oldest first): the first `limit`, or with `newest` the last ones,
+    /// oldest first either way. What every backend's `log_page` returns.
+    pub(crate) fn pick<T, E>(
+        self,
+        records: impl DoubleEndedIterator<Item = Result<T, E>>,
+    ) -> Result<Vec<T>, E> {
+        if self.newest {
+            let mut newest: Vec<T> = records.rev().take(self.limit).collect::<Result<_, _>>()?;
+            newest.reverse();
+            Ok(newest)
+        } else {
+            records.take(self.limit).collect()
+        }
+    }
 }
 
 /// Every repository over one backend. Cheap to clone: each part shares the

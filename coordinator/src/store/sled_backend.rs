@@ -198,17 +198,7 @@ impl Backend for SledBackend {
             Ok((_, value)) => Some(Ok(value.to_vec())),
             Err(error) => Some(Err(backend(error))),
         };
-        if page.newest {
-            let mut newest: Vec<Vec<u8>> = range
-                .rev()
-                .filter_map(accepted)
-                .take(page.limit)
-                .collect::<Result<_, _>>()?;
-            newest.reverse();
-            Ok(newest)
-        } else {
-            range.filter_map(accepted).take(page.limit).collect()
-        }
+        page.pick(range.filter_map(accepted))
     }
 
     async fn prune_log(&self, log: Log, keep: usize) -> Result<usize, StoreError> {
