@@ -13,6 +13,8 @@ use serde_json::Value;
 /// nodes' loopback addresses.
 const RUN_PORT: u16 = 18_490;
 const MIGRATE_PORT: u16 = 18_491;
+const ROLLBACK_PORT: u16 = 18_492;
+const CRASH_PORT: u16 = 18_493;
 
 fn spec(port: u16, version: &str) -> String {
     format!(
@@ -41,7 +43,13 @@ nodes = {{ env = "local" }}
 
 /// The same app with a migration that appends a line to `runs` (a row
 /// per run proves it ran once) and prints `say`, then exits `code`.
-fn spec_with_migration(version: &str, runs: &std::path::Path, say: &str, code: u8) -> String {
+fn spec_with_migration(
+    port: u16,
+    version: &str,
+    runs: &std::path::Path,
+    say: &str,
+    code: u8,
+) -> String {
     format!(
         r#"{}
 [migrate]
@@ -50,7 +58,7 @@ command = ["sh", "-c", "echo ran >> {runs}; echo {say}; exit {code}"]
 checks = [["test", "-f", "app.py"]]
 timeout = "1m"
 "#,
-        spec(MIGRATE_PORT, version),
+        spec(port, version),
         runs = runs.display()
     )
 }
@@ -105,10 +113,10 @@ fn newest_rollout(cluster: &DevCluster) -> Value {
     serde_json::from_slice(&status.stdout).unwrap()
 }
 
-fn versions(nodes: u8) -> Vec<String> {
+fn versions(port: u16, nodes: u8) -> Vec<String> {
     (0..nodes)
         .map(|i| {
-            let addr = format!("127.0.0.{}:{MIGRATE_PORT}", 11 + i);
+            let addr = format!("127.0.0.{}:{port}", 11 + i);
             cutover_integration_tests::body(&cutover_integration_tests::http_get(&addr, "/"))
                 .to_string()
         })
@@ -227,7 +235,7 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
     let runs = cluster.path("runs");
     let deployed = deploy(
         &cluster,
-        &spec_with_migration("v1", &runs, "migrated-v1", 0),
+        &spec_with_migration(MIGRATE_PORT, "v1", &runs, "migrated-v1", 0),
         "v1",
     );
     assert!(
@@ -241,7 +249,7 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
         "ran\n",
         "once, on one node"
     );
-    assert_eq!(versions(3), vec!["v1"; 3]);
+    assert_eq!(versions(MIGRATE_PORT, 3), vec!["v1"; 3]);
     let rollout = newest_rollout(&cluster);
     let kinds: Vec<&str> = rollout["timeline"]
         .as_array()
@@ -266,13 +274,13 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
     // saying why with the migration's last output, and v1 keeps serving.
     let failed = deploy(
         &cluster,
-        &spec_with_migration("v2", &runs, "boom-v2", 3),
+        &spec_with_migration(MIGRATE_PORT, "v2", &runs, "boom-v2", 3),
         "v2",
     );
     let stderr = text(&failed.stderr);
     assert!(!failed.status.success(), "{stderr}");
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\nran\n");
-    assert_eq!(versions(3), vec!["v1"; 3]);
+    assert_eq!(versions(MIGRATE_PORT, 3), vec!["v1"; 3]);
     let rollout = newest_rollout(&cluster);
     assert_eq!(rollout["state"], "rolled_back", "{rollout:#}");
     let cause = rollout["error"].to_string();
@@ -290,7 +298,7 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
     );
 
     // A destructive migration before the cutover is refused whole.
-    let contract = spec_with_migration("v3", &runs, "x", 0)
+    let contract = spec_with_migration(MIGRATE_PORT, "v3", &runs, "x", 0)
         .replace("timeout = \"1m\"", "phase = \"contract\"");
     let refused = deploy(&cluster, &contract, "v3");
     let stderr = text(&refused.stderr);
@@ -312,7 +320,7 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
 fn a_migration_runs_once_across_a_coordinator_killed_while_it_runs() {
     let cluster = DevCluster::up(2);
     let runs = cluster.path("runs");
-    let slow = spec_with_migration("v1", &runs, "done", 0)
+    let slow = spec_with_migration(CRASH_PORT, "v1", &runs, "done", 0)
         .replace("echo ran >> ", "sleep 2; echo ran >> ");
     let started = cluster.path("started");
     let slow = slow.replace(
@@ -364,4 +372,60 @@ fn a_migration_runs_once_across_a_coordinator_killed_while_it_runs() {
         "started once"
     );
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n", "ran once");
+}
+
+/// A contract migration makes the releases before it unsafe to return to:
+/// a rollback past it is refused, naming it, unless an admin overrides it
+/// with a reason (audited).
+#[test]
+fn a_rollback_past_a_contract_migration_is_refused_unless_an_admin_says_why() {
+    let cluster = DevCluster::up(2);
+    let runs = cluster.path("runs");
+    let first = deploy(&cluster, &spec(ROLLBACK_PORT, "v1"), "v1");
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let contract = spec_with_migration(ROLLBACK_PORT, "v2", &runs, "dropped", 0)
+        .replace("timeout = \"1m\"", "phase = \"contract\"\nwhen = \"after\"");
+    let second = deploy(&cluster, &contract, "v2");
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n");
+    let releases = cluster.cutover(&["releases", "web", "--env", "local", "-o", "json"]);
+    let releases: Value = serde_json::from_slice(&releases.stdout).unwrap();
+    assert_eq!(
+        releases[0]["migration"]["phase"], "contract",
+        "{releases:#}"
+    );
+    assert_eq!(releases[1]["migration"], Value::Null, "{releases:#}");
+
+    let refused = cluster.cutover(&["rollback", "web", "--env", "local", "--wait"]);
+    let stderr = text(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("contract migration") && stderr.contains("--ignore-schema"),
+        "{stderr}"
+    );
+    assert_eq!(versions(ROLLBACK_PORT, 2), vec!["v2"; 2], "nothing changed");
+
+    let reason = "v1 reads no dropped column";
+    let forced = cluster.cutover(&[
+        "rollback",
+        "web",
+        "--env",
+        "local",
+        "--ignore-schema",
+        "--reason",
+        reason,
+        "--wait",
+    ]);
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
+    assert_eq!(versions(ROLLBACK_PORT, 2), vec!["v1"; 2]);
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "ran\n",
+        "a rollback runs no migration"
+    );
+    let audit = cluster.cutover(&["audit", "-o", "json"]);
+    assert!(
+        text(&audit.stdout).contains(reason),
+        "the reason is audited"
+    );
 }

@@ -104,6 +104,13 @@ pub struct RollbackArgs {
     /// rollout.
     #[arg(long)]
     pub force: bool,
+    /// Roll back past a contract migration (admin), whose schema the
+    /// target's code may not work with; needs --reason.
+    #[arg(long, requires = "reason")]
+    pub ignore_schema: bool,
+    /// Why that is safe: kept in the audit log and the rollout's timeline.
+    #[arg(long)]
+    pub reason: Option<String>,
     #[arg(long)]
     pub wait: bool,
     #[arg(long)]
@@ -257,6 +264,8 @@ pub async fn rollback(
             to_release: args.to.unwrap_or_default(),
             allow_unreachable: args.allow_unreachable,
             force: args.force,
+            ignore_schema: args.ignore_schema,
+            reason: args.reason.unwrap_or_default(),
         })
         .await
         .map_err(explain)?
@@ -537,6 +546,10 @@ pub async fn releases(
                     "deployed_at": rfc3339(r.deployed_at_ms),
                     "rollout": r.rollout_id,
                     "note": r.note,
+                    "migration": (!r.migration_phase.is_empty()).then(|| json!({
+                        "phase": r.migration_phase,
+                        "ran_at": rfc3339(r.migrated_at_ms),
+                    })),
                 })
             })
             .collect();
@@ -545,7 +558,15 @@ pub async fn releases(
         println!("no releases of {} in {}", args.service, args.env);
     } else {
         let mut rows = vec![[
-            "", "RELEASE", "VERSION", "STATE", "BY", "DEPLOYED", "ROLLOUT", "NOTE",
+            "",
+            "RELEASE",
+            "VERSION",
+            "STATE",
+            "BY",
+            "DEPLOYED",
+            "ROLLOUT",
+            "MIGRATION",
+            "NOTE",
         ]
         .map(String::from)
         .to_vec()];
@@ -559,6 +580,10 @@ pub async fn releases(
                 r.deployed_by.clone(),
                 rfc3339(r.deployed_at_ms),
                 r.rollout_id.clone(),
+                match r.migration_phase.as_str() {
+                    "" => "-".to_string(),
+                    phase => phase.to_string(),
+                },
                 r.note.clone(),
             ]
         }));

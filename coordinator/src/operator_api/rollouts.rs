@@ -214,14 +214,27 @@ impl OperatorApi {
             "to_release": r.to_release,
             "allow_unreachable": r.allow_unreachable,
             "force": r.force,
+            "ignore_schema": r.ignore_schema,
+            "reason": r.reason,
         });
         let env = r.env.clone();
+        // Past a contract migration is an admin's call, with a reason.
+        let need = if r.ignore_schema {
+            Need::Admin
+        } else {
+            Need::Deploy(&env)
+        };
         self.audited(
             request,
-            Need::Deploy(&env),
+            need,
             "rollback",
             args,
             |caller, r| async move {
+                if r.ignore_schema && r.reason.trim().is_empty() {
+                    return Err(Status::invalid_argument(
+                        "--ignore-schema needs --reason TEXT: why the old code is safe with the new schema",
+                    ));
+                }
                 let started = self
                     .rollouts
                     .rollback(RollbackRequest {
@@ -230,6 +243,7 @@ impl OperatorApi {
                         service: r.service,
                         allow_unreachable: r.allow_unreachable,
                         force: r.force,
+                        ignore_schema: r.ignore_schema.then_some(r.reason),
                         by: caller.identity.name,
                         deployment: String::new(),
                     })
@@ -420,6 +434,12 @@ impl OperatorApi {
                 deployed_at_ms: record.deployed_at_ms,
                 rollout_id: record.rollout_id,
                 note: record.note,
+                migration_phase: record
+                    .migration
+                    .as_ref()
+                    .map(|m| m.phase.as_str().to_string())
+                    .unwrap_or_default(),
+                migrated_at_ms: record.migration.as_ref().map_or(0, |m| m.ran_at_ms),
             })
             .collect();
         Ok(Response::new(pb::ListReleasesResponse { releases }))

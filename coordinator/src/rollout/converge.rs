@@ -317,6 +317,7 @@ mod tests {
                 ..Strategy::rolling(BatchSize::Count(1), 0, 0)
             },
             note: String::new(),
+            migration: None,
         }
     }
 

@@ -421,6 +421,7 @@ impl Rollouts {
                 allow_unreachable: true,
                 force: false,
                 by: format!("deployment {}", d.id),
+                ignore_schema: None,
                 deployment: d.id.clone(),
             })
             .await?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::model::{Rollout, RolloutKind, RolloutState};
 use super::Rollouts;
-use crate::store::{ReleaseState, ServiceOutcome, StoreError};
+use crate::store::{MigrationRecord, ReleaseState, ServiceOutcome, StoreError};
 
 /// Releases kept per service and environment (the current one always).
 const RELEASES_KEPT: usize = 10;
@@ -120,7 +120,23 @@ impl Rollouts {
                         rollout.created_by, rollout.id
                     );
                 }
-            } else if is_target && rollout.kind == RolloutKind::Deploy && !record.current {
+            }
+            if is_target {
+                if let Some(run) = rollout.migration.as_ref().filter(|m| m.ran()) {
+                    let ran_at_ms = rollout
+                        .timeline
+                        .iter()
+                        .find(|t| t.kind == "migrated")
+                        .map_or(rollout.updated_at_ms, |t| t.at_ms);
+                    record.migration = Some(MigrationRecord {
+                        phase: run.plan.phase,
+                        ran_at_ms,
+                        node: run.node_name.clone(),
+                        rollout_id: rollout.id.clone(),
+                    });
+                }
+            }
+            if !succeeded && is_target && rollout.kind == RolloutKind::Deploy && !record.current {
                 record.state = match rollout.state {
                     RolloutState::RolledBack => ReleaseState::RolledBack,
                     RolloutState::Aborted => ReleaseState::Aborted,

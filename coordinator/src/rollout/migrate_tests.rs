@@ -9,6 +9,10 @@ use crate::migration::{Migration, MigrationPhase, When};
 use cutover_proto::v1 as pb;
 
 fn with_migration(nodes: usize, when: When) -> Rollout {
+    migrating(nodes, when, MigrationPhase::Expand)
+}
+
+fn migrating(nodes: usize, when: When, phase: MigrationPhase) -> Rollout {
     let template = super::sim::rollout(nodes, super::sim::strategy());
     Rollout::new(NewRollout {
         id: template.id.clone(),
@@ -29,7 +33,7 @@ fn with_migration(nodes: usize, when: When) -> Rollout {
         migration: Some(Migration {
             commands: vec![vec!["check".into()], vec!["migrate".into()]],
             when,
-            phase: MigrationPhase::Expand,
+            phase,
             timeout_ms: 60_000,
         }),
     })
@@ -184,23 +188,64 @@ fn a_restart_mid_migration_resends_the_same_command() {
     assert_eq!(task(&resent[0]).command, ["migrate"]);
 }
 
+/// Activates every node, watching each batch (min_healthy_time 0); returns
+/// the first migration command.
+fn switched(r: &mut Rollout) -> (Vec<Send>, i64) {
+    let mut sends = prepared(r);
+    let mut now = 20;
+    while sends.iter().all(is_activation) && !sends.is_empty() {
+        sends = sends
+            .iter()
+            .flat_map(|s| answer(r, now, s, Outcome::Succeeded))
+            .collect();
+        now += 10;
+        if sends.is_empty() {
+            sends = handle(r, now, Input::Tick { nodes: vec![] });
+        }
+    }
+    (sends, now)
+}
+
+#[test]
+fn a_failed_contract_migration_rolls_no_code_back_and_an_expand_one_says_the_schema_stays() {
+    let mut r = migrating(2, When::After, MigrationPhase::Contract);
+    let (check, now) = switched(&mut r);
+    let migrate = answer(&mut r, now, &check[0], exited(0));
+    let after = answer(&mut r, now + 10, &migrate[0], exited(1));
+    assert!(after.is_empty(), "nothing sent back: {after:?}");
+    assert_eq!(r.state, RolloutState::Failed, "{:#?}", r.timeline);
+    assert!(r.nodes.iter().all(|n| n.state == NodeState::Switched));
+    let last = &r.timeline.last().unwrap().message;
+    assert!(last.contains("fix forward"), "{last}");
+
+    // A failing check ran nothing: the old code is still safe to return to.
+    let mut r = migrating(2, When::After, MigrationPhase::Contract);
+    let (check, now) = switched(&mut r);
+    answer(&mut r, now, &check[0], exited(1));
+    assert_eq!(r.state, RolloutState::RollingBack, "{:#?}", r.timeline);
+
+    let mut r = migrating(2, When::After, MigrationPhase::Expand);
+    let (check, now) = switched(&mut r);
+    let migrate = answer(&mut r, now, &check[0], exited(0));
+    answer(&mut r, now + 10, &migrate[0], exited(1));
+    assert_eq!(r.state, RolloutState::RollingBack, "{:#?}", r.timeline);
+    let rolling = r
+        .timeline
+        .iter()
+        .find(|t| t.kind == "rolling_back")
+        .unwrap();
+    assert!(
+        rolling.message.contains("schema stays"),
+        "{}",
+        rolling.message
+    );
+}
+
 #[test]
 fn after_the_cutover_the_migration_runs_on_a_node_that_serves_the_release() {
     let mut r = with_migration(2, When::After);
     assert_eq!(r.steps, [Step::Prepare, Step::Cutover, Step::Migrate]);
-    let mut sends = prepared(&mut r);
-    let mut now = 20;
-    // Activate every node, watching each batch (min_healthy_time 0).
-    while sends.iter().all(is_activation) && !sends.is_empty() {
-        sends = sends
-            .iter()
-            .flat_map(|s| answer(&mut r, now, s, Outcome::Succeeded))
-            .collect();
-        now += 10;
-        if sends.is_empty() {
-            sends = handle(&mut r, now, Input::Tick { nodes: vec![] });
-        }
-    }
+    let (sends, now) = switched(&mut r);
     assert_eq!(r.phase, Phase::Migrate, "{:#?}", r.timeline);
     assert!(r.nodes.iter().all(|n| n.state == NodeState::Switched));
     assert_eq!(task(&sends[0]).command, ["check"]);

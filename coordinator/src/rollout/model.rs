@@ -247,6 +247,17 @@ pub struct MigrationRun {
     pub output: String,
     /// Output lines put in the timeline so far (a bounded number).
     pub lines_noted: u32,
+    /// The migration itself (not a check) went out: whatever came of it,
+    /// the schema may have changed.
+    #[serde(default)]
+    pub sent: bool,
+}
+
+impl MigrationRun {
+    /// Every command, the migration last, exited 0.
+    pub fn ran(&self) -> bool {
+        self.next >= self.plan.commands.len()
+    }
 }
 
 impl Phase {
@@ -444,6 +455,7 @@ impl Rollout {
                 deadline_ms: 0,
                 output: String::new(),
                 lines_noted: 0,
+                sent: false,
             }),
             phase: Phase::Prepare,
             release: new.release,

@@ -591,6 +591,7 @@ impl Rollouts {
                     selector: plan_target.selector,
                     strategy: plan_target.strategy,
                     note: String::new(),
+                    migration: None,
                 })
                 .await?;
         }

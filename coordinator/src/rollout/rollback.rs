@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::model::RolloutKind;
 use super::{RolloutError, Rollouts, Started, Target};
+use crate::migration::MigrationPhase;
 use crate::store::{ReleaseRecord, ReleaseState};
 
 /// A rollback as the operator (or a deployment) asked for it.
@@ -22,6 +23,9 @@ pub struct RollbackRequest {
     pub allow_unreachable: bool,
     /// Allows a target that failed (or never finished) its own rollout.
     pub force: bool,
+    /// Rolls back past a contract migration, for this reason (an admin's
+    /// call, checked by the caller).
+    pub ignore_schema: Option<String>,
     pub by: String,
     /// The deployment rolling back its services, or empty.
     pub deployment: String,
@@ -83,6 +87,39 @@ impl Rollouts {
                 }
             )));
         }
+        // Code older than a contract migration may not work with the
+        // schema it left.
+        let past_contract = history.iter().find(|r| {
+            r.deployed_at_ms > target.deployed_at_ms
+                && r.migration
+                    .as_ref()
+                    .is_some_and(|m| m.phase == MigrationPhase::Contract)
+        });
+        let mut warning = (!proven).then(|| {
+            format!(
+                "{by} forced a rollback to {}, which is {}",
+                target.release.id(),
+                target.state.as_str()
+            )
+        });
+        if let Some(contract) = past_contract {
+            let Some(reason) = &request.ignore_schema else {
+                return Err(RolloutError::NoRollbackTarget(format!(
+                    "release {} of {service} ran a contract migration ({}), and the code of {} may not work with the schema it left; roll forward instead, or (admin) pass --ignore-schema --reason TEXT",
+                    contract.release.id(),
+                    contract.migration.as_ref().map_or("", |m| m.rollout_id.as_str()),
+                    target.release.id()
+                )));
+            };
+            let note = format!(
+                "{by} rolled back past the contract migration of {}: {reason}",
+                contract.release.id()
+            );
+            warning = Some(match warning {
+                Some(forced) => format!("{forced}; {note}"),
+                None => note,
+            });
+        }
         let plan = self
             .plan(
                 Target {
@@ -95,13 +132,7 @@ impl Rollouts {
                     selector: target.selector.clone(),
                     strategy: target.strategy.clone(),
                     deployment: request.deployment.clone(),
-                    warning: (!proven).then(|| {
-                        format!(
-                            "{by} forced a rollback to {}, which is {}",
-                            target.release.id(),
-                            target.state.as_str()
-                        )
-                    }),
+                    warning,
                     // A rollback returns code, never runs a migration.
                     migration: None,
                 },

@@ -450,6 +450,7 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         selector: Default::default(),
         strategy: crate::rollout::sim::strategy(),
         note: String::new(),
+        migration: None,
     };
     {
         let store = Store::new(opener.open(dir.path()));

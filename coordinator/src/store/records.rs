@@ -382,6 +382,18 @@ pub struct ReleaseRecord {
     /// Why its rollout failed, or who rolled back from it.
     #[serde(default)]
     pub note: String,
+    /// Its migration, once it ran to exit 0.
+    #[serde(default)]
+    pub migration: Option<MigrationRecord>,
+}
+
+/// A migration that ran with a release: what a rollback past it must know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub phase: crate::migration::MigrationPhase,
+    pub ran_at_ms: i64,
+    pub node: String,
+    pub rollout_id: String,
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use cutover_proto::v1 as pb;
 
 use super::steps::step_done;
 use super::{fail, note, Outcome, Send, TaskEnd};
-use crate::migration::When;
+use crate::migration::{MigrationPhase, When};
 use crate::rollout::model::{NodeState, Phase, Rollout, RolloutError};
 
 /// Past its timeout, how long a command may take to answer (preparing the
@@ -94,6 +94,7 @@ pub(super) fn run(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
     r.next_command += 1;
     r.updated_at_ms = now;
     let migration = r.migration.as_mut().expect("checked above");
+    migration.sent |= migration.next + 1 == migration.plan.commands.len();
     migration.command_id = Some(id);
     migration.deadline_ms = now + migration.plan.timeout_ms as i64 + ANSWER_MARGIN_MS;
     sends.push(send(r));
@@ -133,6 +134,14 @@ pub(super) fn send(r: &Rollout) -> Send {
             })),
         },
     }
+}
+
+/// Whether the migration went out with `phase`: the schema may have
+/// changed that way.
+pub(super) fn sent(r: &Rollout, phase: MigrationPhase) -> bool {
+    r.migration
+        .as_ref()
+        .is_some_and(|m| m.sent && m.plan.phase == phase)
 }
 
 /// Whether `command_id` is the migration's command out.

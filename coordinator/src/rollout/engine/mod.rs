@@ -25,6 +25,7 @@ use cutover_proto::v1 as pb;
 use super::model::{
     NodeState, Phase, Rollout, RolloutError, RolloutState, StoredRelease, TimelineEntry,
 };
+use crate::migration::MigrationPhase;
 use commands::{send_for, settle, timeout_for};
 use rollback::{needs_revert, roll_back, where_nodes_are};
 use ticks::on_tick;
@@ -475,7 +476,10 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                 return;
             }
             let revert = r.nodes.iter().filter(|n| needs_revert(n)).count();
-            if r.strategy.auto_rollback {
+            // Code from before a contract migration may not work with the
+            // schema it left (or half left): no automatic way back.
+            let contracted = migrate::sent(r, MigrationPhase::Contract);
+            if r.strategy.auto_rollback && !contracted {
                 // With nothing switched yet this ends at once, rolled back:
                 // the fleet is on the previous release.
                 r.state = RolloutState::RollingBack;
@@ -486,15 +490,21 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                     .map_or("no release (first deploy)".to_string(), |p| {
                         p.id().to_string()
                     });
+                let schema = if migrate::sent(r, MigrationPhase::Expand) {
+                    "; the expand migration's schema stays, by design: the code returns, the schema does not"
+                } else {
+                    ""
+                };
                 note(
                     r,
                     now,
                     "rolling_back",
                     "",
-                    format!("returning {revert} switched nodes to {to}"),
+                    format!("returning {revert} switched nodes to {to}{schema}"),
                 );
             } else {
                 let why = match revert {
+                    _ if contracted => format!("the contract migration ran (or may have): the code from before it may not work with the schema, so nothing rolls back; {revert} nodes serve the new release; fix forward with a new deploy"),
                     0 => "no node had switched; each serves what it served before".to_string(),
                     n => format!("auto_rollback is off: {n} nodes serve the new release, the rest the old; roll back or deploy again"),
                 };
