@@ -377,6 +377,7 @@ async fn rollback_returns_to_the_previous_or_a_named_release() {
         to_release: to.into(),
         allow_unreachable: false,
         force: false,
+        ..Default::default()
     };
     let started = s.client.rollback(rollback("")).await.unwrap().into_inner();
     let id = started.rollouts[0].id.clone();
@@ -467,6 +468,7 @@ async fn a_rollback_says_why_it_cannot_start_and_a_failed_target_needs_force() {
         to_release: to.into(),
         allow_unreachable: false,
         force,
+        ..Default::default()
     };
     let refused = s.client.rollback(rollback(&v2, false)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
