@@ -69,6 +69,9 @@ pub struct Migration {
     pub when: When,
     pub phase: MigrationPhase,
     pub timeout_ms: u64,
+    /// The node an operator chose to run it on (`--migrate-node`).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 impl MigrateSpec {
@@ -130,6 +133,7 @@ impl MigrateSpec {
             when: self.when,
             phase: self.phase,
             timeout_ms: self.timeout.as_millis() as u64,
+            node: None,
         }
     }
 }

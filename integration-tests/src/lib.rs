@@ -1058,6 +1058,8 @@ pub fn deploy_request(
         }),
         image: String::new(),
         allow_unreachable: false,
+        skip_migrate: false,
+        migrate_node: String::new(),
     }
 }
 

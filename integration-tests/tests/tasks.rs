@@ -297,6 +297,57 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
         "{rollout:#}"
     );
 
+    // Left out on request (audited), or on a node of the operator's choice.
+    let skipped = deploy_with(
+        &cluster,
+        &spec_with_migration(MIGRATE_PORT, "v4", &runs, "skipped", 0),
+        "v4",
+        &["--wait", "--skip-migrate"],
+    );
+    assert!(skipped.status.success(), "{}", text(&skipped.stderr));
+    assert_eq!(versions(MIGRATE_PORT, 3), vec!["v4"; 3]);
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "ran\nran\n",
+        "skipped"
+    );
+    let audit: Value =
+        serde_json::from_slice(&cluster.cutover(&["audit", "-o", "json"]).stdout).unwrap();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "deploy" && e["arguments"]["skip_migrate"] == true),
+        "{audit:#}"
+    );
+    let unknown = deploy_with(
+        &cluster,
+        &spec_with_migration(MIGRATE_PORT, "v5", &runs, "here", 0),
+        "v5",
+        &["--wait", "--migrate-node", "node-9"],
+    );
+    let stderr = text(&unknown.stderr);
+    assert!(
+        !unknown.status.success() && stderr.contains("node-9"),
+        "{stderr}"
+    );
+    let placed = deploy_with(
+        &cluster,
+        &spec_with_migration(MIGRATE_PORT, "v5", &runs, "here", 0),
+        "v5",
+        &["--wait", "--migrate-node", "node-3"],
+    );
+    assert!(placed.status.success(), "{}", text(&placed.stderr));
+    let rollout = newest_rollout(&cluster);
+    let started = rollout["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "migration_started")
+        .unwrap();
+    assert_eq!(started["node"], "node-3", "{rollout:#}");
+
     // A destructive migration before the cutover is refused whole.
     let contract = spec_with_migration(MIGRATE_PORT, "v3", &runs, "x", 0)
         .replace("timeout = \"1m\"", "phase = \"contract\"");
@@ -309,7 +360,7 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
     );
     assert_eq!(
         std::fs::read_to_string(&runs).unwrap(),
-        "ran\nran\n",
+        "ran\nran\nran\n",
         "nothing ran"
     );
 }

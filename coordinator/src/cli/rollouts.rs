@@ -52,6 +52,12 @@ pub struct DeployArgs {
     /// Roll out without the nodes that are unreachable now.
     #[arg(long)]
     pub allow_unreachable: bool,
+    /// Leave the spec's `[migrate]` out of this deploy (audited).
+    #[arg(long, conflicts_with = "migrate_node")]
+    pub skip_migrate: bool,
+    /// Run the migration on this node (a target node of its service).
+    #[arg(long)]
+    pub migrate_node: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -245,6 +251,8 @@ pub async fn deploy(
             artifact,
             image: args.image.unwrap_or_default(),
             allow_unreachable: args.allow_unreachable,
+            skip_migrate: args.skip_migrate,
+            migrate_node: args.migrate_node.unwrap_or_default(),
         })
         .await
         .map_err(explain)?

@@ -29,6 +29,7 @@ impl From<RolloutError> for Status {
         match error {
             RolloutError::Spec(_)
             | RolloutError::NoVersion(_)
+            | RolloutError::MigrateNode { .. }
             | RolloutError::Image(ImageRegistryError::Invalid { .. }) => {
                 Status::invalid_argument(message)
             }

@@ -157,6 +157,8 @@ impl OperatorApi {
             "artifact": r.artifact.as_ref().map(|a| json!({"url": a.url, "digest": a.digest})),
             "image": r.image,
             "allow_unreachable": r.allow_unreachable,
+            "skip_migrate": r.skip_migrate,
+            "migrate_node": r.migrate_node,
         });
         let env = r.env.clone();
         self.audited(request, Need::Deploy(&env), "deploy", args, |caller, r| {
@@ -190,6 +192,8 @@ impl OperatorApi {
                 artifact: r.artifact,
                 image: Some(r.image).filter(|i| !i.is_empty()),
                 allow_unreachable: r.allow_unreachable,
+                skip_migrate: r.skip_migrate,
+                migrate_node: Some(r.migrate_node).filter(|n| !n.is_empty()),
                 may_pin_environments: caller.role == OperatorRole::Admin || caller.envs.is_empty(),
                 by: caller.identity.name,
             })

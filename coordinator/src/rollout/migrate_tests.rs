@@ -35,6 +35,7 @@ fn migrating(nodes: usize, when: When, phase: MigrationPhase) -> Rollout {
             when,
             phase,
             timeout_ms: 60_000,
+            node: None,
         }),
     })
 }

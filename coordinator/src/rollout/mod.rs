@@ -67,6 +67,13 @@ pub enum RolloutError {
         env: String,
         service: String,
     },
+    #[error("node {node} is not a target node of {service} in {env}; --migrate-node names one of: {targets}")]
+    MigrateNode {
+        node: String,
+        service: String,
+        env: String,
+        targets: String,
+    },
     #[error("no rollout {0:?}; `cutover rollout list` shows them")]
     NotFound(String),
     #[error("rollout {id} did not take the {action} in: the coordinator is shutting down; try again once it is back")]

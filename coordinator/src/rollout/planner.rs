@@ -35,6 +35,11 @@ pub struct DeployRequest {
     /// For services that run as containers, over the spec's `image`.
     pub image: Option<String>,
     pub allow_unreachable: bool,
+    /// Leaves the spec's migration out.
+    pub skip_migrate: bool,
+    /// The node the migration runs on; `None`: the first that has the
+    /// release.
+    pub migrate_node: Option<String>,
     pub by: String,
     /// May set or change which nodes an environment selects (an admin, or
     /// a deployer not limited to environments).
@@ -152,6 +157,12 @@ impl Rollouts {
             .collect::<Result<Vec<_>, _>>()?;
         for service in &mut resolved {
             self.pin_secrets(service).await?;
+            if request.skip_migrate {
+                service.migration = None;
+            }
+            if let Some(migration) = &mut service.migration {
+                migration.node = request.migrate_node.clone();
+            }
         }
         Ok(resolved)
     }
@@ -475,6 +486,20 @@ impl Rollouts {
                 service: plan_target.service,
                 release_id,
             });
+        }
+        if let Some(name) = plan_target.migration.as_ref().and_then(|m| m.node.as_ref()) {
+            if !nodes.iter().any(|n| &n.name == name) {
+                return Err(RolloutError::MigrateNode {
+                    node: name.clone(),
+                    service: plan_target.service,
+                    env: plan_target.env,
+                    targets: nodes
+                        .iter()
+                        .map(|n| n.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
         }
         let number = self.store.rollouts.next_number().await?;
         let id = format!("{}-{number}", plan_target.service);

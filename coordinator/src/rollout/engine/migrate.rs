@@ -38,14 +38,24 @@ pub(super) fn start(r: &mut Rollout, now: i64) {
         NodeState::Prepared => !after,
         _ => false,
     };
-    let Some(node) = r.nodes.iter().find(|n| has_release(n.state)) else {
+    let chosen = r.migration.as_ref().and_then(|m| m.plan.node.clone());
+    let Some(node) = r
+        .nodes
+        .iter()
+        .find(|n| has_release(n.state) && chosen.as_ref().is_none_or(|c| *c == n.name))
+    else {
         fail(
             r,
             now,
             RolloutError {
                 node: String::new(),
                 step: "migrate".into(),
-                message: "no node has the release to run the migration on".into(),
+                message: match &chosen {
+                    Some(name) => {
+                        format!("node {name} does not have the release to run the migration")
+                    }
+                    None => "no node has the release to run the migration on".into(),
+                },
             },
         );
         return;

@@ -566,6 +566,8 @@ async fn deploy(
             }),
             image: None,
             allow_unreachable,
+            skip_migrate: false,
+            migrate_node: None,
             by: "op".into(),
             may_pin_environments: true,
         };
