@@ -140,6 +140,7 @@ impl Setup {
                 artifact: None,
                 image: image.into(),
                 allow_unreachable: false,
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())
