@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{CaRotation, NewEvent, Store, StoreError};
@@ -69,6 +70,8 @@ pub struct Pki {
     files: TlsFiles,
     ca_key: Option<PathBuf>,
     store: Store,
+    /// Where its events go, in order with the registry's.
+    journal: Journal,
     signer: RwLock<Option<Arc<CertificateAuthority>>>,
     /// The trust bundle the server config was built from: what is handed
     /// out is always what is in force.
@@ -134,6 +137,7 @@ impl Pki {
         files: TlsFiles,
         ca_key: Option<PathBuf>,
         store: Store,
+        journal: Journal,
     ) -> Result<Self, CaError> {
         if let Some(key) = &ca_key {
             let rotation = store.pki.ca_rotation().await?;
@@ -149,6 +153,7 @@ impl Pki {
             files,
             ca_key,
             store,
+            journal,
             signer: RwLock::new(signer),
             server,
             changes: tokio::sync::Mutex::new(()),
@@ -242,8 +247,7 @@ impl Pki {
         self.event(format!(
             "{by} started a CA rotation from {} to {}; nodes are renewing",
             rotation.old_ca, rotation.new_ca
-        ))
-        .await;
+        ));
         Ok(rotation)
     }
 
@@ -268,8 +272,7 @@ impl Pki {
         self.event(format!(
             "every node holds a certificate of {}: the coordinator presents one too and no longer trusts {}",
             rotation.new_ca, rotation.old_ca
-        ))
-        .await;
+        ));
         Ok(())
     }
 
@@ -280,8 +283,7 @@ impl Pki {
         self.event(format!(
             "CA rotation to {} finished: every node trusts it alone",
             rotation.new_ca
-        ))
-        .await;
+        ));
         Ok(())
     }
 
@@ -302,21 +304,14 @@ impl Pki {
         Ok(())
     }
 
-    async fn event(&self, message: String) {
+    fn event(&self, message: String) {
         tracing::info!(event = "ca_rotation", "{message}");
-        if let Err(error) = self
-            .store
-            .events
-            .append(NewEvent {
-                kind: "ca_rotation",
-                node_id: String::new(),
-                node_name: String::new(),
-                message,
-            })
-            .await
-        {
-            tracing::error!(%error, "cannot record event");
-        }
+        self.journal.event(NewEvent {
+            kind: "ca_rotation",
+            node_id: String::new(),
+            node_name: String::new(),
+            message,
+        });
     }
 
     /// What `cutover ca status` shows.

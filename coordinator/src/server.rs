@@ -134,7 +134,13 @@ impl Coordinator {
                 .map_err(|e| ServerError::Registries(e.to_string()))?,
         );
         let pki = Arc::new(
-            crate::ca::Pki::open(config.tls.clone(), config.ca_key.clone(), store.clone()).await?,
+            crate::ca::Pki::open(
+                config.tls.clone(),
+                config.ca_key.clone(),
+                store.clone(),
+                registry.journal().clone(),
+            )
+            .await?,
         );
         let access = Arc::new(Access::new(store.clone()));
         let master_keys = match &config.master_key_file {

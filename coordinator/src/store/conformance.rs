@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use super::backend::{Backend, Durability, Swap, Table};
 use super::{
-    AuditRecord, LockHolder, NewEvent, NodeRecord, NodeStatus, Page, ReleaseRecord, ReleaseState,
-    ServiceLock, Store,
+    AuditRecord, LockHolder, MigrationRecord, NewEvent, NodeRecord, NodeStatus, Page,
+    ReleaseRecord, ReleaseState, ServiceLock, Store,
 };
 use crate::rollout::model::{RolloutState, StoredRelease};
 
@@ -450,7 +450,13 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         selector: Default::default(),
         strategy: crate::rollout::sim::strategy(),
         note: String::new(),
-        migration: None,
+        // The schema's history survives a restart with its release.
+        migration: (id == "web-v2").then(|| MigrationRecord {
+            phase: crate::migration::MigrationPhase::Contract,
+            ran_at_ms: at,
+            node: "node-a".into(),
+            rollout_id: "web-1".into(),
+        }),
     };
     {
         let store = Store::new(opener.open(dir.path()));
@@ -498,13 +504,8 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         "newest first"
     );
     assert_eq!(
-        store
-            .releases
-            .current("prod", "web")
-            .await
-            .unwrap()
-            .map(|r| r.release.id().to_string()),
-        Some("web-v2".into())
+        store.releases.current("prod", "web").await.unwrap(),
+        Some(record("web-v2", 2))
     );
     store
         .releases
