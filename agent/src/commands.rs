@@ -151,6 +151,7 @@ impl Executor {
                             &release,
                             activate.drain_first,
                             &activate.secret_values,
+                            &activate.hook_env,
                             &progress,
                         )
                         .await

@@ -409,6 +409,8 @@ impl NodeServices {
             container,
             secrets,
             secret_values: Default::default(),
+            hooks: release.hooks.clone(),
+            hook_env: Vec::new(),
         })
     }
 
@@ -421,9 +423,15 @@ impl NodeServices {
         release: &ReleaseSpec,
         drain_first: bool,
         secret_values: &std::collections::HashMap<String, String>,
+        hook_env: &std::collections::HashMap<String, String>,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<pb::Activated, ServiceError> {
         let mut web_release = self.make_ready(release, progress).await?;
+        web_release.hook_env = hook_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        web_release.hook_env.sort();
         let values = secret_env(&web_release.secrets, secret_values)?;
         web_release.secret_values = crate::runtime::supervisor::SecretSlot::ready(values);
         let listen = match &release.kind {

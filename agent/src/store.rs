@@ -291,6 +291,8 @@ pub(crate) mod tests {
             container: None,
             secrets: Vec::new(),
             secret_values: Default::default(),
+            hooks: Vec::new(),
+            hook_env: Vec::new(),
         }
     }
 

@@ -85,6 +85,8 @@ fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> WebRele
         container: None,
         secrets: Vec::new(),
         secret_values: Default::default(),
+        hooks: Vec::new(),
+        hook_env: Vec::new(),
     }
 }
 

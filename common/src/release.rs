@@ -66,6 +66,35 @@ pub struct ReleaseSpec {
     /// The secrets the release's environment gets, by name; each name is an
     /// environment variable name.
     pub secrets: Vec<SecretRef>,
+    /// Run around the release's start on each node (see `ReleaseHook` in
+    /// the proto), in order.
+    pub hooks: Vec<ActivateHook>,
+}
+
+/// A command the node runs as part of a release's cutover.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ActivateHook {
+    pub at: HookPoint,
+    pub command: Vec<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookPoint {
+    /// Before the release starts.
+    PreActivate,
+    /// Once it passed its checks, before the switch.
+    PostActivate,
+}
+
+impl HookPoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookPoint::PreActivate => "pre_activate",
+            HookPoint::PostActivate => "post_activate",
+        }
+    }
 }
 
 /// Where a release's code comes from.
@@ -295,6 +324,12 @@ impl TryFrom<&pb::Release> for ReleaseSpec {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let hooks = release
+            .hooks
+            .iter()
+            .enumerate()
+            .map(|(i, hook)| hook_from(hook, in_container, &format!("hooks[{i}]")))
+            .collect::<Result<_, _>>()?;
         let mut env: Vec<(String, String)> = release
             .env
             .iter()
@@ -314,8 +349,43 @@ impl TryFrom<&pb::Release> for ReleaseSpec {
             stop_command: release.stop_command.clone(),
             stop_timeout: Duration::from_millis(release.stop_timeout_ms),
             secrets,
+            hooks,
         })
     }
+}
+
+fn hook_from(
+    hook: &pb::ReleaseHook,
+    in_container: bool,
+    field: &str,
+) -> Result<ActivateHook, ReleaseError> {
+    let at = match pb::release_hook::At::try_from(hook.at) {
+        Ok(pb::release_hook::At::PreActivate) => HookPoint::PreActivate,
+        Ok(pb::release_hook::At::PostActivate) => HookPoint::PostActivate,
+        _ => {
+            return Err(refuse(
+                format!("{field}.at"),
+                "must be pre_activate or post_activate",
+            ))
+        }
+    };
+    if in_container {
+        return Err(refuse(
+            field,
+            "hooks run as processes in the release's dir; a container release cannot have them",
+        ));
+    }
+    if hook.command.first().is_none_or(|p| p.is_empty()) {
+        return Err(refuse(format!("{field}.command"), "empty"));
+    }
+    if hook.timeout_ms == 0 {
+        return Err(refuse(format!("{field}.timeout_ms"), "must be above zero"));
+    }
+    Ok(ActivateHook {
+        at,
+        command: hook.command.clone(),
+        timeout: Duration::from_millis(hook.timeout_ms),
+    })
 }
 
 /// The image must be pinned by digest, so every node runs the same bytes

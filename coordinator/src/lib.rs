@@ -9,6 +9,7 @@ pub mod ca;
 pub mod clock;
 pub mod config;
 pub mod enroll;
+pub mod hooks;
 pub mod http;
 pub mod images;
 pub mod journal;

@@ -24,6 +24,11 @@ pub struct MigrateSpec {
     /// deploy before the migration runs.
     #[serde(default)]
     pub checks: Vec<Vec<String>>,
+    /// Run after the migration, on the same node: what it prints (e.g.
+    /// `php artisan migrate:status`) is recorded with the release, the
+    /// schema it runs with.
+    #[serde(default)]
+    pub schema_command: Option<Vec<String>>,
 }
 
 /// When the migration runs.
@@ -72,6 +77,9 @@ pub struct Migration {
     /// The node an operator chose to run it on (`--migrate-node`).
     #[serde(default)]
     pub node: Option<String>,
+    /// Run after the migration; its output is recorded with the release.
+    #[serde(default)]
+    pub schema_command: Option<Vec<String>>,
 }
 
 impl MigrateSpec {
@@ -109,6 +117,16 @@ impl MigrateSpec {
         {
             return Err((format!("checks[{i}]"), "is an empty command".into()));
         }
+        if self
+            .schema_command
+            .as_ref()
+            .is_some_and(|c| c.first().is_none_or(|p| p.is_empty()))
+        {
+            return Err((
+                "schema_command".into(),
+                "is empty; give a command that prints the schema's state, e.g. [\"php\", \"artisan\", \"migrate:status\"], or leave the key out".into(),
+            ));
+        }
         if self.timeout.is_zero() {
             return Err(("timeout".into(), "must be above zero, e.g. \"15m\"".into()));
         }
@@ -134,6 +152,7 @@ impl MigrateSpec {
             phase: self.phase,
             timeout_ms: self.timeout.as_millis() as u64,
             node: None,
+            schema_command: self.schema_command.clone(),
         }
     }
 }
@@ -169,6 +188,10 @@ mod tests {
         assert_eq!(
             bad("service = \"web\"\ncommand = [\"m\"]\nchecks = [[]]"),
             "checks[0]"
+        );
+        assert_eq!(
+            bad("service = \"web\"\ncommand = [\"m\"]\nschema_command = []"),
+            "schema_command"
         );
         assert_eq!(
             bad("service = \"web\"\ncommand = [\"m\"]\ntimeout = \"0s\""),

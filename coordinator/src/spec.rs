@@ -15,6 +15,7 @@ use prost::Message as _;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
+use crate::hooks::{Hook, HookSpec};
 use crate::migration::{MigrateSpec, Migration};
 pub use crate::strategy::{BatchSize, Strategy, StrategySpec};
 
@@ -52,6 +53,9 @@ pub struct AppSpec {
     /// node, before (or after) its cutover.
     #[serde(default)]
     pub migrate: Option<MigrateSpec>,
+    /// Commands a deploy runs at fixed points (see `hooks`).
+    #[serde(default)]
+    pub hooks: Vec<HookSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +224,8 @@ pub struct Resolved {
     pub release: pb::Release,
     /// Set for the service whose deploy runs the spec's migration.
     pub migration: Option<Migration>,
+    /// The run-once hooks a deploy of this service runs.
+    pub hooks: Vec<Hook>,
 }
 
 impl AppSpec {
@@ -279,6 +285,12 @@ impl AppSpec {
                 .check(&services)
                 .map_err(|(k, m)| (format!("migrate.{k}"), m))?;
         }
+        let services: Vec<&String> = self.services.keys().collect();
+        for (i, hook) in self.hooks.iter().enumerate() {
+            hook.check(&services)
+                .map_err(|(k, m)| (format!("hooks[{i}].{k}"), m))?;
+        }
+        self.commands_run_as_processes()?;
         for (name, env) in &self.environments {
             let key = format!("environments.{name}");
             name_ok(name).map_err(|m| (key.clone(), m))?;
@@ -307,6 +319,41 @@ impl AppSpec {
         Ok(())
     }
 
+    /// The migration and the hooks run as processes in a release's dir;
+    /// docker services have no such dir on the node yet, so a spec that
+    /// gives them either is refused here rather than at the deploy.
+    fn commands_run_as_processes(&self) -> Result<(), (String, String)> {
+        let docker = |service: &str| {
+            self.services
+                .get(service)
+                .is_some_and(|s| s.runtime == "docker")
+        };
+        let refusal = |what: &str, service: &str| {
+            format!("{what} run as processes in the release's dir, and service {service} runs as a docker container; run it with a process service, or leave it out")
+        };
+        if let Some(migrate) = self.migrate.as_ref().filter(|m| docker(&m.service)) {
+            return Err((
+                "migrate.service".into(),
+                refusal("migrations", &migrate.service),
+            ));
+        }
+        let order = self.services_for(None, "").unwrap_or_default();
+        let once_service = self.once_service();
+        for (i, hook) in self.hooks.iter().enumerate() {
+            if let Some(service) = order
+                .iter()
+                .find(|s| docker(s) && hook.runs_for(s, &once_service))
+            {
+                let key = match hook.service {
+                    Some(_) => format!("hooks[{i}].service"),
+                    None => format!("hooks[{i}]"),
+                };
+                return Err((key, refusal("hooks", service)));
+            }
+        }
+        Ok(())
+    }
+
     /// The service names a deploy covers, in the order it rolls them out:
     /// `only`, or all of them (see `order`).
     pub fn services_for(&self, only: Option<&str>, file: &str) -> Result<Vec<String>, SpecError> {
@@ -330,6 +377,31 @@ impl AppSpec {
                 Ok(self.order.iter().chain(rest).cloned().collect())
             }
         }
+    }
+
+    /// The service run-once hooks naming none run with: the migration's,
+    /// else the first in the deploy order.
+    fn once_service(&self) -> String {
+        match &self.migrate {
+            Some(migrate) => migrate.service.clone(),
+            None => self
+                .services_for(None, "")
+                .ok()
+                .and_then(|order| order.into_iter().next())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The run-once hooks a deploy of `service` runs: those naming it, and
+    /// those naming no service when it is the migration's service (else
+    /// the first in the deploy order).
+    fn once_hooks(&self, service: &str) -> Vec<Hook> {
+        let once_service = self.once_service();
+        self.hooks
+            .iter()
+            .filter(|h| !h.at.on_every_node() && h.runs_for(service, &once_service))
+            .map(HookSpec::plan)
+            .collect()
     }
 
     /// The environment `env`, or an error naming the ones the spec has.
@@ -482,6 +554,12 @@ impl AppSpec {
             stop_grace_ms: ms(spec.stop_grace),
             stop_command: spec.stop_command.clone(),
             stop_timeout_ms: ms(spec.stop_timeout),
+            hooks: self
+                .hooks
+                .iter()
+                .filter(|h| h.at.on_every_node() && h.runs_for(service, ""))
+                .map(HookSpec::release_hook)
+                .collect(),
         };
         release.release_id = release_id(&release);
         // The agents' own check, run here too: a release a node would
@@ -534,6 +612,7 @@ impl AppSpec {
                 .as_ref()
                 .filter(|m| m.service == service)
                 .map(MigrateSpec::plan),
+            hooks: self.once_hooks(service),
         })
     }
 }
@@ -815,6 +894,7 @@ pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hooks::HookAt;
 
     const GOOD: &str = r#"
 app = "shop"
@@ -1109,6 +1189,89 @@ APP_ENV = "local"
         ));
         assert_eq!(e.key, "services.web.secrets[0]", "{e}");
         assert!(e.message.contains("\"DB-PASSWORD\""), "{e}");
+    }
+
+    #[test]
+    fn hooks_go_to_the_rollout_or_into_the_release_by_where_they_run() {
+        let hooks = r#"
+[[hooks]]
+at = "pre_activate"
+command = ["php", "artisan", "config:cache"]
+[[hooks]]
+at = "pre_deploy"
+command = ["php", "artisan", "down:check"]
+timeout = "1m"
+[[hooks]]
+at = "post_deploy"
+command = ["notify"]
+service = "worker"
+"#;
+        let worker = "\n[services.worker]\ncommand = [\"php\", \"artisan\", \"horizon\"]\n";
+        let spec = AppSpec::parse(&format!("{GOOD}{worker}{hooks}"), "cutover.toml").unwrap();
+        let web = resolve_web(&spec).unwrap();
+        assert_eq!(
+            web.hooks.len(),
+            1,
+            "run-once hooks without a service go with web"
+        );
+        assert_eq!(web.hooks[0].at, HookAt::PreDeploy);
+        assert_eq!(web.hooks[0].timeout_ms, 60_000);
+        assert_eq!(web.release.hooks.len(), 1);
+        assert_eq!(
+            web.release.hooks[0].command,
+            ["php", "artisan", "config:cache"]
+        );
+        let worker = spec
+            .resolve(
+                "cutover.toml",
+                "local",
+                "worker",
+                "v1",
+                Some(&artifact()),
+                None,
+            )
+            .unwrap();
+        assert_eq!(worker.hooks.len(), 1);
+        assert_eq!(worker.hooks[0].at, HookAt::PostDeploy);
+        assert_eq!(
+            worker.release.hooks.len(),
+            1,
+            "activate hooks: every service"
+        );
+        // A hook is part of the release it runs in.
+        assert_ne!(
+            web.release.release_id,
+            resolve_web(&AppSpec::parse(GOOD, "cutover.toml").unwrap())
+                .unwrap()
+                .release
+                .release_id
+        );
+
+        let e = error_of(&format!(
+            "{GOOD}\n[[hooks]]\nat = \"pre_deploy\"\ncommand = []\n"
+        ));
+        assert_eq!(e.key, "hooks[0].command", "{e}");
+        let e = error_of(&format!(
+            "{GOOD}\n[[hooks]]\nat = \"post_deploy\"\ncommand = [\"x\"]\ntimeout = \"0s\"\n"
+        ));
+        assert_eq!(e.key, "hooks[0].timeout", "{e}");
+        let e = error_of(&format!(
+            "{GOOD}\n[[hooks]]\nat = \"later\"\ncommand = [\"x\"]\n"
+        ));
+        assert_eq!(e.key, "hooks[0].at", "{e}");
+        let docker = "\n[services.api]\nruntime = \"docker\"\nimage = \"ghcr.io/acme/api:1\"\n";
+        let e = error_of(&format!(
+            "{GOOD}{docker}\n[[hooks]]\nat = \"pre_activate\"\ncommand = [\"x\"]\n"
+        ));
+        assert_eq!(e.key, "hooks[0]", "{e}");
+        assert!(
+            e.message.contains("service api runs as a docker container"),
+            "{e}"
+        );
+        let e = error_of(&format!(
+            "{GOOD}{docker}\n[migrate]\nservice = \"api\"\ncommand = [\"migrate\"]\n"
+        ));
+        assert_eq!(e.key, "migrate.service", "{e}");
     }
 
     #[test]

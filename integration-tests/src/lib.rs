@@ -996,6 +996,7 @@ pub fn activate(id: &str, release: pb::Release) -> pb::Command {
             release: Some(release),
             drain_first: false,
             secret_values: Default::default(),
+            hook_env: Default::default(),
         })),
     }
 }

@@ -32,6 +32,7 @@ state_names! {
         RollingBack => "rolling_back",
         RolledBack => "rolled_back",
         Aborted => "aborted",
+        Held => "held",
     }
     RolloutNodeState {
         Pending => "pending",

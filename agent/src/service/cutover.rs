@@ -22,12 +22,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::health::stays_up;
+use super::hooks::{self, HookFailure};
 use super::release::{check_target, process_spec};
 use super::{drain, PreviousRelease, Running, Service, ServiceKind, WebRelease};
 use crate::checks::{self, Healthy, Outcome, Target, Unhealthy};
 use crate::runtime::supervisor::{ProcessError, Supervisor};
 use crate::store::{ActiveRelease, Leftover, StoreError};
 use cutover_common::net::allocate_port;
+use cutover_common::release::HookPoint;
 
 /// The steps of a cutover, reported as each starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub enum Step {
     Switching,
     Draining,
     StoppingOld,
+    PreActivate,
+    PostActivate,
 }
 
 impl Step {
@@ -50,6 +54,8 @@ impl Step {
             Step::Switching => "switching",
             Step::Draining => "draining",
             Step::StoppingOld => "stopping_old",
+            Step::PreActivate => "pre_activate",
+            Step::PostActivate => "post_activate",
         }
     }
 }
@@ -91,6 +97,12 @@ pub enum CutoverError {
         serving: Option<String>,
         min_healthy_time: Duration,
         exit: String,
+    },
+    #[error("release {release_id}'s {failure}, {} keeps serving", describe_serving(.serving))]
+    HookFailed {
+        release_id: String,
+        serving: Option<String>,
+        failure: HookFailure,
     },
     #[error("release {release_id} failed smoke check {check}, {} keeps serving: {}", describe_serving(.serving), .outcome.detail)]
     SmokeFailed {
@@ -146,6 +158,21 @@ impl Service {
         progress: impl Fn(Step),
     ) -> Result<CutoverReport, CutoverError> {
         let started = Instant::now();
+        if hooks::has(&release, HookPoint::PreActivate) {
+            progress(Step::PreActivate);
+            hooks::run(
+                &release,
+                HookPoint::PreActivate,
+                self.settings.address,
+                None,
+            )
+            .await
+            .map_err(|failure| CutoverError::HookFailed {
+                release_id: release.release_id.clone(),
+                serving: self.active.as_ref().map(|a| a.release_id.clone()),
+                failure,
+            })?;
+        }
         progress(Step::Starting);
         let candidate = self.start(release).await?;
         let healthy = match self.vet(&candidate, &progress).await {
@@ -198,6 +225,22 @@ impl Service {
         let healthy = health_gate(candidate).await?;
         progress(Step::SmokeTesting);
         smoke(candidate).await?;
+        if hooks::has(&candidate.release, HookPoint::PostActivate) {
+            progress(Step::PostActivate);
+            let port = Some(candidate.port).filter(|p| *p != 0);
+            hooks::run(
+                &candidate.release,
+                HookPoint::PostActivate,
+                self.settings.address,
+                port,
+            )
+            .await
+            .map_err(|failure| CutoverError::HookFailed {
+                release_id: candidate.release.release_id.clone(),
+                serving: candidate.serving.clone(),
+                failure,
+            })?;
+        }
         progress(Step::Switching);
         self.record_switch(candidate)
             .map_err(|error| self.store_error(error))?;

@@ -5,6 +5,7 @@
 
 mod cutover;
 mod health;
+mod hooks;
 mod release;
 
 use std::net::{IpAddr, SocketAddr};

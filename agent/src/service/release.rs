@@ -11,6 +11,7 @@ use super::ServiceSettings;
 use crate::checks::{Check, HealthGate, Target};
 use crate::runtime::docker::ContainerSpec;
 use crate::runtime::supervisor::{ContainerLaunch, ProcessSpec, SecretSlot};
+use cutover_common::release::ActivateHook;
 
 /// A release of a service (web or worker), unpacked and ready to start.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -52,6 +53,13 @@ pub struct WebRelease {
     pub secrets: Vec<String>,
     #[serde(skip)]
     pub secret_values: SecretSlot,
+    /// Run around its start (`service::hooks`).
+    #[serde(default)]
+    pub hooks: Vec<ActivateHook>,
+    /// The CUTOVER_* variables its hooks get from the command that
+    /// activates it.
+    #[serde(default)]
+    pub hook_env: Vec<(String, String)>,
 }
 
 /// Also the drain timeout of releases recorded before releases carried

@@ -95,6 +95,11 @@ pub enum RolloutCommand {
     Abort {
         id: String,
     },
+    /// A held rollout (a migration's or hook's outcome is not known): run
+    /// that command again, once you have checked what it did.
+    Retry {
+        id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -517,6 +522,11 @@ pub async fn rollout(
                 .control_rollout(control(id, pb::RolloutAction::Abort))
                 .await
         }
+        RolloutCommand::Retry { id } => {
+            client
+                .control_rollout(control(id, pb::RolloutAction::Retry))
+                .await
+        }
     }
     .map_err(explain)?
     .into_inner();
@@ -557,6 +567,9 @@ pub async fn releases(
                     "migration": (!r.migration_phase.is_empty()).then(|| json!({
                         "phase": r.migration_phase,
                         "ran_at": rfc3339(r.migrated_at_ms),
+                        "duration_ms": r.migration_duration_ms,
+                        "output": r.migration_output,
+                        "schema": r.schema,
                     })),
                 })
             })
@@ -653,7 +666,7 @@ async fn follow(
                     printed = rollout.timeline.len();
                 }
             }
-            if is_terminal_state(rollout.state()) {
+            if watch_ends(rollout.state()) {
                 if !quiet {
                     eprintln!("{}", summary(&rollout));
                 }
@@ -669,9 +682,13 @@ async fn follow(
     }
 }
 
-fn is_terminal_state(state: pb::RolloutState) -> bool {
+/// Where watching a rollout stops: it ended, or waits for the operator.
+fn watch_ends(state: pb::RolloutState) -> bool {
     use pb::RolloutState as R;
-    matches!(state, R::Succeeded | R::Failed | R::RolledBack | R::Aborted)
+    matches!(
+        state,
+        R::Succeeded | R::Failed | R::RolledBack | R::Aborted | R::Held
+    )
 }
 
 fn bar(done: usize, total: usize, width: usize) -> String {
@@ -731,6 +748,11 @@ fn summary(r: &pb::Rollout) -> String {
     }
     for f in &r.rollback_failures {
         text.push_str(&format!("\n  rollback failed: {}", error_text(f)));
+    }
+    if r.state() == pb::RolloutState::Held {
+        if let Some(held) = r.timeline.iter().rev().find(|e| e.kind == "held") {
+            text.push_str(&format!("\n  held: {}", held.message));
+        }
     }
     text
 }

@@ -10,7 +10,7 @@ use super::OperatorApi;
 use crate::access::{Caller, Need};
 use crate::rollout::deployment::Deployment;
 use crate::rollout::engine::Input;
-use crate::rollout::model::{self, Phase, RollingPhase, Rollout, StoredRelease};
+use crate::rollout::model::{self, Phase, RollingPhase, Rollout, RolloutState, StoredRelease};
 use crate::rollout::{DeployRequest, Deployed, RollbackRequest, Started};
 use crate::store::OperatorRole;
 
@@ -40,6 +40,7 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
     let (phase, batch) = match r.phase {
         Phase::Prepare => ("prepare", 0),
         Phase::Migrate => ("migrate", 0),
+        Phase::Hooks(at) => (at.as_str(), 0),
         Phase::Rolling(RollingPhase::Batch(b)) => ("batch", b + 1),
         Phase::Rolling(RollingPhase::Watch { batch, .. }) => ("watch", batch + 1),
         Phase::RollingBack => ("rolling_back", 0),
@@ -394,12 +395,35 @@ impl OperatorApi {
             Ok(pb::RolloutAction::Pause) => Input::Pause { by },
             Ok(pb::RolloutAction::Resume) => Input::Resume { by },
             Ok(pb::RolloutAction::Abort) => Input::Abort { by },
+            Ok(pb::RolloutAction::Retry) => Input::Retry { by },
             _ => {
                 return Err(Status::invalid_argument(
-                    "action must be pause, resume or abort",
+                    "action must be pause, resume, abort or retry",
                 ))
             }
         };
+        // Retry is for a held rollout, and only retry (or abort) moves one.
+        let state = self.rollouts.get(&r.id).await?.state;
+        let held = state == RolloutState::Held;
+        let refusal = match &input {
+            Input::Retry { .. } if !held => Some(format!(
+                "rollout {} is {}, not held: retry runs again a migration or hook whose outcome is not known",
+                r.id,
+                state.as_str()
+            )),
+            Input::Resume { .. } | Input::Pause { .. } if held => Some(format!(
+                "rollout {} is held: a command's outcome is not known (see `cutover rollout status {}`); retry or abort it",
+                r.id, r.id
+            )),
+            _ => None,
+        };
+        if let Some(message) = refusal {
+            let result = Err(Status::failed_precondition(message));
+            self.access
+                .audit(&caller, "control_rollout", &args, &result)
+                .await;
+            return result;
+        }
         let result = self
             .rollouts
             .control(&r.id, input)
@@ -444,6 +468,17 @@ impl OperatorApi {
                     .map(|m| m.phase.as_str().to_string())
                     .unwrap_or_default(),
                 migrated_at_ms: record.migration.as_ref().map_or(0, |m| m.ran_at_ms),
+                migration_duration_ms: record.migration.as_ref().map_or(0, |m| m.duration_ms),
+                migration_output: record
+                    .migration
+                    .as_ref()
+                    .map(|m| m.output.clone())
+                    .unwrap_or_default(),
+                schema: record
+                    .migration
+                    .as_ref()
+                    .and_then(|m| m.schema.clone())
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(pb::ListReleasesResponse { releases }))

@@ -156,6 +156,7 @@ impl Rollouts {
             deployment: String::new(),
             warning: None,
             migration: None,
+            hooks: Vec::new(),
         };
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,

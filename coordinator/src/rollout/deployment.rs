@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Rollout, RolloutKind, RolloutState, StoredRelease};
 use super::{RollbackRequest, RolloutError, Rollouts, Started};
+use crate::hooks::Hook;
 use crate::migration::Migration;
 use crate::spec::Strategy;
 use crate::store::{LockHolder, StoreError};
@@ -90,6 +91,9 @@ pub struct DeploymentStep {
     /// The app's migration, when this service runs it.
     #[serde(default)]
     pub migration: Option<Migration>,
+    /// The spec's run-once hooks for this service.
+    #[serde(default)]
+    pub hooks: Vec<Hook>,
     pub state: StepState,
     pub rollout_id: String,
     /// What the service ran before its rollout (from the rollout): what a
@@ -386,6 +390,7 @@ impl Rollouts {
                     deployment: d.id.clone(),
                     warning: None,
                     migration: step.migration.clone(),
+                    hooks: step.hooks.clone(),
                 },
                 d.allow_unreachable,
             )

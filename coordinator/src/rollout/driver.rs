@@ -254,6 +254,7 @@ fn outcome_of(result: pb::CommandResult) -> Outcome {
                 exit_code: task.exit_code,
                 timed_out: task.timed_out,
                 detail: task.detail,
+                duration_ms: task.duration_ms,
             })
         }
         (Ok(pb::CommandStatus::Succeeded), _) => Outcome::Succeeded,

@@ -131,8 +131,11 @@ impl Rollouts {
                     record.migration = Some(MigrationRecord {
                         phase: run.plan.phase,
                         ran_at_ms,
-                        node: run.node_name.clone(),
+                        node: run.run.node_name.clone(),
                         rollout_id: rollout.id.clone(),
+                        duration_ms: run.duration_ms,
+                        output: run.summary.clone(),
+                        schema: run.schema.clone(),
                     });
                 }
             }

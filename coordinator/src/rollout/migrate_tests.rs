@@ -1,10 +1,12 @@
 //! Direct tests of the engine's migration step: it runs once, on one node,
-//! between the prepare and the cutover, its checks first; a failure or an
-//! unknown outcome ends the rollout before any node switched; a restart
-//! resends the same command id.
+//! between the prepare and the cutover, its checks first; a failure ends
+//! the rollout before any node switched, an unknown outcome holds it for
+//! the operator; a restart resends the same command id. The helpers serve
+//! the hooks' tests too (`hooks_tests.rs`).
 
 use super::engine::{handle, Input, Outcome, Send, TaskEnd};
 use super::model::*;
+use crate::hooks::Hook;
 use crate::migration::{Migration, MigrationPhase, When};
 use cutover_proto::v1 as pb;
 
@@ -13,6 +15,19 @@ fn with_migration(nodes: usize, when: When) -> Rollout {
 }
 
 fn migrating(nodes: usize, when: When, phase: MigrationPhase) -> Rollout {
+    let migration = Migration {
+        commands: vec![vec!["check".into()], vec!["migrate".into()]],
+        when,
+        phase,
+        timeout_ms: 60_000,
+        node: None,
+        schema_command: None,
+    };
+    planned(nodes, Some(migration), vec![])
+}
+
+/// A rollout of `nodes` nodes with a migration and run-once hooks.
+pub(super) fn planned(nodes: usize, migration: Option<Migration>, hooks: Vec<Hook>) -> Rollout {
     let template = super::sim::rollout(nodes, super::sim::strategy());
     Rollout::new(NewRollout {
         id: template.id.clone(),
@@ -30,17 +45,12 @@ fn migrating(nodes: usize, when: When, phase: MigrationPhase) -> Rollout {
         created_by: "alice".into(),
         created_at_ms: 0,
         deployment: String::new(),
-        migration: Some(Migration {
-            commands: vec![vec!["check".into()], vec!["migrate".into()]],
-            when,
-            phase,
-            timeout_ms: 60_000,
-            node: None,
-        }),
+        migration,
+        hooks,
     })
 }
 
-fn answer(r: &mut Rollout, now: i64, send: &Send, outcome: Outcome) -> Vec<Send> {
+pub(super) fn answer(r: &mut Rollout, now: i64, send: &Send, outcome: Outcome) -> Vec<Send> {
     handle(
         r,
         now,
@@ -51,31 +61,32 @@ fn answer(r: &mut Rollout, now: i64, send: &Send, outcome: Outcome) -> Vec<Send>
     )
 }
 
-fn exited(code: i32) -> Outcome {
+pub(super) fn exited(code: i32) -> Outcome {
     Outcome::Task(TaskEnd {
         exit_code: code,
         timed_out: false,
         detail: format!("exit status: {code}"),
+        duration_ms: 5,
     })
 }
 
-fn task(send: &Send) -> &pb::RunTask {
+pub(super) fn task(send: &Send) -> &pb::RunTask {
     match &send.command.kind {
         Some(pb::command::Kind::RunTask(task)) => task,
         other => panic!("not a task: {other:?}"),
     }
 }
 
-fn is_activation(send: &Send) -> bool {
+pub(super) fn is_activation(send: &Send) -> bool {
     matches!(send.command.kind, Some(pb::command::Kind::Activate(_)))
 }
 
-fn is_prepare(send: &Send) -> bool {
+pub(super) fn is_prepare(send: &Send) -> bool {
     matches!(send.command.kind, Some(pb::command::Kind::Prepare(_)))
 }
 
 /// Prepares every node (one at a time); returns what comes next.
-fn prepared(r: &mut Rollout) -> Vec<Send> {
+pub(super) fn prepared(r: &mut Rollout) -> Vec<Send> {
     let mut sends = handle(r, 0, Input::Start);
     while !sends.is_empty() && sends.iter().all(is_prepare) {
         sends = sends
@@ -160,19 +171,93 @@ fn a_failed_check_stops_the_migration_from_running() {
 }
 
 #[test]
-fn an_unknown_outcome_is_said_and_never_run_again() {
+fn an_unknown_outcome_holds_the_rollout_until_the_operator_retries_or_aborts() {
     let mut r = with_migration(2, When::Before);
     let check = prepared(&mut r);
     let migrate = answer(&mut r, 20, &check[0], exited(0));
-    let after = answer(
-        &mut r,
-        30,
-        &migrate[0],
-        Outcome::Unknown("the agent stopped while the task ran".into()),
-    );
+    let unknown = || Outcome::Unknown("the agent stopped while the task ran".into());
+    let after = answer(&mut r, 30, &migrate[0], unknown());
     assert!(after.is_empty(), "nothing resent: {after:?}");
-    assert_eq!(r.state, RolloutState::RolledBack);
-    assert!(r.error.clone().unwrap().message.contains("not known"));
+    assert_eq!(r.state, RolloutState::Held);
+    let held = r.timeline.last().unwrap();
+    assert_eq!(held.kind, "held");
+    assert!(held.message.contains("not known"), "{}", held.message);
+    // Neither time nor a restart sends it again.
+    assert!(handle(&mut r, 10_000_000, Input::Tick { nodes: vec![] }).is_empty());
+    assert!(handle(&mut r, 10_000_001, Input::Recover).is_empty());
+    assert!(handle(&mut r, 10_000_002, Input::Resume { by: "bob".into() }).is_empty());
+    assert_eq!(r.state, RolloutState::Held);
+
+    // Retry: the same command under a new id, and the rollout goes on.
+    let again = handle(&mut r, 10_000_010, Input::Retry { by: "bob".into() });
+    assert_eq!(r.state, RolloutState::Running);
+    assert_eq!(again.len(), 1);
+    assert_eq!(task(&again[0]).command, ["migrate"]);
+    assert_ne!(again[0].command.command_id, migrate[0].command.command_id);
+    let deadline = r.deadline_ms;
+    assert!(
+        deadline > 10_000_010,
+        "time held does not count: {deadline}"
+    );
+    let batch = answer(&mut r, 10_000_020, &again[0], exited(0));
+    assert!(batch.iter().all(is_activation) && !batch.is_empty());
+
+    // Abort: it ends where it is, nothing sent.
+    let mut r = with_migration(2, When::Before);
+    let check = prepared(&mut r);
+    let migrate = answer(&mut r, 20, &check[0], exited(0));
+    answer(&mut r, 30, &migrate[0], unknown());
+    assert!(handle(&mut r, 40, Input::Abort { by: "bob".into() }).is_empty());
+    assert_eq!(r.state, RolloutState::Aborted, "{:#?}", r.timeline);
+    assert!(r.nodes.iter().all(|n| n.state == NodeState::Prepared));
+}
+
+#[test]
+fn the_schema_command_runs_after_the_migration_and_only_reports() {
+    let schema = |r: &mut Rollout| {
+        r.migration.as_mut().unwrap().plan.schema_command = Some(vec!["status".into()]);
+    };
+    let mut r = with_migration(2, When::Before);
+    schema(&mut r);
+    let check = prepared(&mut r);
+    let migrate = answer(&mut r, 20, &check[0], exited(0));
+    handle(
+        &mut r,
+        25,
+        Input::Progress {
+            command_id: migrate[0].command.command_id.clone(),
+            step: "output".into(),
+            message: "Migrated: add_note\n".into(),
+        },
+    );
+    let status = answer(&mut r, 30, &migrate[0], exited(0));
+    assert_eq!(task(&status[0]).command, ["status"]);
+    handle(
+        &mut r,
+        35,
+        Input::Progress {
+            command_id: status[0].command.command_id.clone(),
+            step: "output".into(),
+            message: "Yes add_note\n".into(),
+        },
+    );
+    let batch = answer(&mut r, 40, &status[0], exited(0));
+    assert!(batch.iter().all(is_activation) && !batch.is_empty());
+    let m = r.migration.as_ref().unwrap();
+    assert_eq!(m.summary, "Migrated: add_note\n");
+    assert_eq!(m.schema.as_deref(), Some("Yes add_note\n"));
+    assert_eq!(m.duration_ms, 5);
+
+    // A failing schema command is reported; the deploy goes on.
+    let mut r = with_migration(2, When::Before);
+    schema(&mut r);
+    let check = prepared(&mut r);
+    let migrate = answer(&mut r, 20, &check[0], exited(0));
+    let status = answer(&mut r, 30, &migrate[0], exited(0));
+    let batch = answer(&mut r, 40, &status[0], exited(2));
+    assert!(batch.iter().all(is_activation) && !batch.is_empty());
+    assert!(r.timeline.iter().any(|t| t.kind == "schema_failed"));
+    assert!(r.error.is_none());
 }
 
 #[test]
@@ -190,10 +275,18 @@ fn a_restart_mid_migration_resends_the_same_command() {
 }
 
 /// Activates every node, watching each batch (min_healthy_time 0); returns
-/// the first migration command.
-fn switched(r: &mut Rollout) -> (Vec<Send>, i64) {
-    let mut sends = prepared(r);
-    let mut now = 20;
+/// what comes after the cutover (the first migration command, say).
+pub(super) fn switched(r: &mut Rollout) -> (Vec<Send>, i64) {
+    let sends = prepared(r);
+    activate_all(r, sends, 20)
+}
+
+/// Answers `sends`, activations, and every batch's after them.
+pub(super) fn activate_all(
+    r: &mut Rollout,
+    mut sends: Vec<Send>,
+    mut now: i64,
+) -> (Vec<Send>, i64) {
     while sends.iter().all(is_activation) && !sends.is_empty() {
         sends = sends
             .iter()

@@ -11,6 +11,8 @@ pub mod engine;
 #[cfg(test)]
 mod engine_tests;
 mod history;
+#[cfg(test)]
+mod hooks_tests;
 mod locks;
 #[cfg(test)]
 mod migrate_tests;

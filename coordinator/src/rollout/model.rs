@@ -5,6 +5,7 @@ use cutover_proto::v1 as pb;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
+use crate::hooks::{Hook, HookAt};
 use crate::migration::{Migration, When};
 use crate::strategy::{Strategy, StrategyKind};
 
@@ -14,6 +15,9 @@ pub enum RolloutState {
     Pending,
     Running,
     Paused,
+    /// Stopped until the operator decides: a run-once command's outcome is
+    /// not known (`cutover rollout retry` or `abort`).
+    Held,
     Succeeded,
     Failed,
     RollingBack,
@@ -187,6 +191,9 @@ pub enum Step {
     Migrate,
     /// The strategy moves the nodes to the release (batches, for rolling).
     Cutover,
+    /// The spec's hooks at this point run once, on one node, in order
+    /// (`engine/hooks.rs`).
+    Hooks(HookAt),
 }
 
 /// The steps of a rollout stored before they were recorded.
@@ -194,13 +201,24 @@ pub fn default_steps() -> Vec<Step> {
     vec![Step::Prepare, Step::Cutover]
 }
 
-/// A rollout's steps: with a migration, before or after the cutover.
-pub fn steps_for(migration: Option<&Migration>) -> Vec<Step> {
-    match migration.map(|m| m.when) {
-        None => default_steps(),
-        Some(When::Before) => vec![Step::Prepare, Step::Migrate, Step::Cutover],
-        Some(When::After) => vec![Step::Prepare, Step::Cutover, Step::Migrate],
+/// A rollout's steps: with a migration, before or after the cutover; with
+/// hooks, before the migration and after everything. `on_failure` hooks
+/// are not a step: they run when a failed rollout ends.
+pub fn steps_for(migration: Option<&Migration>, hooks: &[Hook]) -> Vec<Step> {
+    let has = |at: HookAt| hooks.iter().any(|h| h.at == at);
+    let mut steps = vec![Step::Prepare];
+    if has(HookAt::PreDeploy) {
+        steps.push(Step::Hooks(HookAt::PreDeploy));
     }
+    match migration.map(|m| m.when) {
+        None => steps.push(Step::Cutover),
+        Some(When::Before) => steps.extend([Step::Migrate, Step::Cutover]),
+        Some(When::After) => steps.extend([Step::Cutover, Step::Migrate]),
+    }
+    if has(HookAt::PostDeploy) {
+        steps.push(Step::Hooks(HookAt::PostDeploy));
+    }
+    steps
 }
 
 /// Where a rollout is: in one of its steps (a strategy's cutover has
@@ -211,6 +229,7 @@ pub fn steps_for(migration: Option<&Migration>) -> Vec<Step> {
 pub enum Phase {
     Prepare,
     Migrate,
+    Hooks(HookAt),
     RollingBack,
     Done,
     #[serde(untagged)]
@@ -229,15 +248,15 @@ pub enum RollingPhase {
     },
 }
 
-/// A rollout's migration step as it runs: its plan, where it runs, and
-/// which of its commands (checks, then the migration) is out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationRun {
-    pub plan: Migration,
-    /// The node it runs on, chosen when the step starts.
+/// Commands run once each, in order, on one node (a migration's, the
+/// hooks at one point): where they run, which one is out, what they
+/// printed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRun {
+    /// The node they run on, chosen when the step starts.
     pub node_id: String,
     pub node_name: String,
-    /// Index in `plan.commands` of the command out (or next).
+    /// Index of the command out (or next).
     pub next: usize,
     /// The command out, under this id: resent as is after a restart, and
     /// the agent runs an id once.
@@ -247,17 +266,48 @@ pub struct MigrationRun {
     pub output: String,
     /// Output lines put in the timeline so far (a bounded number).
     pub lines_noted: u32,
+    /// The command out when its outcome turned out unknown: the rollout is
+    /// held until the operator retries (a new id) or aborts.
+    #[serde(default)]
+    pub unknown: bool,
+}
+
+/// A rollout's migration step as it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRun {
+    pub plan: Migration,
+    #[serde(flatten)]
+    pub run: TaskRun,
     /// The migration itself (not a check) went out: whatever came of it,
     /// the schema may have changed.
     #[serde(default)]
     pub sent: bool,
+    /// What the migration printed (its tail), once it exited 0.
+    #[serde(default)]
+    pub summary: String,
+    /// How long the migration ran.
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// What `schema_command` printed after the migration (its tail).
+    #[serde(default)]
+    pub schema: Option<String>,
 }
 
 impl MigrationRun {
     /// Every command, the migration last, exited 0.
     pub fn ran(&self) -> bool {
-        self.next >= self.plan.commands.len()
+        self.run.next >= self.plan.commands.len()
     }
+}
+
+/// The run-once hooks at one point as they run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRun {
+    pub at: HookAt,
+    /// In the spec's order.
+    pub hooks: Vec<Hook>,
+    #[serde(flatten)]
+    pub run: TaskRun,
 }
 
 impl Phase {
@@ -266,6 +316,7 @@ impl Phase {
         match self {
             Phase::Prepare => Some(Step::Prepare),
             Phase::Migrate => Some(Step::Migrate),
+            Phase::Hooks(at) => Some(Step::Hooks(at)),
             Phase::Rolling(_) => Some(Step::Cutover),
             Phase::RollingBack | Phase::Done => None,
         }
@@ -361,6 +412,15 @@ pub struct Rollout {
     /// The app's migration, for a deploy of the service that runs it.
     #[serde(default)]
     pub migration: Option<MigrationRun>,
+    /// The spec's run-once hooks, by point.
+    #[serde(default)]
+    pub hooks: Vec<HookRun>,
+    /// A failed rollout's end, kept while its `on_failure` hooks run.
+    #[serde(default)]
+    pub ending: Option<(RolloutState, String)>,
+    /// When the rollout was held (`RolloutState::Held`).
+    #[serde(default)]
+    pub held_at_ms: Option<i64>,
     pub phase: Phase,
     pub release: StoredRelease,
     /// What a failure returns switched nodes to; `None` on a first deploy,
@@ -411,6 +471,8 @@ pub struct Rollout {
 #[derive(Debug, Clone)]
 pub struct NewRollout {
     pub migration: Option<Migration>,
+    /// The run-once hooks (`pre_deploy`, `post_deploy`, `on_failure`).
+    pub hooks: Vec<Hook>,
     pub id: String,
     pub app: String,
     pub env: String,
@@ -426,6 +488,22 @@ pub struct NewRollout {
     pub created_by: String,
     pub created_at_ms: i64,
     pub deployment: String,
+}
+
+/// The hooks grouped by point, each group in the spec's order.
+fn hook_runs(hooks: Vec<Hook>) -> Vec<HookRun> {
+    let mut runs: Vec<HookRun> = Vec::new();
+    for hook in hooks {
+        match runs.iter_mut().find(|r| r.at == hook.at) {
+            Some(run) => run.hooks.push(hook),
+            None => runs.push(HookRun {
+                at: hook.at,
+                hooks: vec![hook],
+                run: TaskRun::default(),
+            }),
+        }
+    }
+    runs
 }
 
 impl Rollout {
@@ -445,18 +523,18 @@ impl Rollout {
             service: new.service,
             kind: new.kind,
             state: RolloutState::Pending,
-            steps: steps_for(new.migration.as_ref()),
+            steps: steps_for(new.migration.as_ref(), &new.hooks),
             migration: new.migration.map(|plan| MigrationRun {
                 plan,
-                node_id: String::new(),
-                node_name: String::new(),
-                next: 0,
-                command_id: None,
-                deadline_ms: 0,
-                output: String::new(),
-                lines_noted: 0,
+                run: TaskRun::default(),
                 sent: false,
+                summary: String::new(),
+                duration_ms: 0,
+                schema: None,
             }),
+            hooks: hook_runs(new.hooks),
+            ending: None,
+            held_at_ms: None,
             phase: Phase::Prepare,
             release: new.release,
             previous: new.previous,
@@ -484,17 +562,26 @@ impl Rollout {
         }
     }
 
-    /// The ids of the commands out: the nodes' and the migration's. The
-    /// driver keeps delivering exactly these.
+    /// The ids of the commands out: the nodes', the migration's and the
+    /// hooks'. The driver keeps delivering exactly these.
     pub fn commands_out(&self) -> impl Iterator<Item = &str> {
         self.nodes
             .iter()
             .filter_map(|n| n.command_id.as_deref())
-            .chain(
-                self.migration
-                    .as_ref()
-                    .and_then(|m| m.command_id.as_deref()),
-            )
+            .chain(self.task_runs().filter_map(|t| t.command_id.as_deref()))
+    }
+
+    /// Every run-once step's state: the migration's, then the hooks'.
+    pub fn task_runs(&self) -> impl Iterator<Item = &TaskRun> {
+        self.migration
+            .as_ref()
+            .map(|m| &m.run)
+            .into_iter()
+            .chain(self.hooks.iter().map(|h| &h.run))
+    }
+
+    pub fn hook_run(&self, at: HookAt) -> Option<&HookRun> {
+        self.hooks.iter().find(|h| h.at == at)
     }
 
     pub fn node(&self, name: &str) -> Option<&RolloutNode> {

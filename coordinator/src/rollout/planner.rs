@@ -14,6 +14,7 @@ use super::engine::Input;
 use super::locks::migration_lock;
 use super::model::{self, NewRollout, NodeState, Rollout, RolloutKind, RolloutNode, StoredRelease};
 use super::{RolloutError, Rollouts, Started};
+use crate::hooks::Hook;
 use crate::images::PinnedImage;
 use crate::migration::Migration;
 use crate::spec::{selects, AppSpec, Resolved, Strategy};
@@ -62,6 +63,8 @@ pub(super) struct Target {
     pub(super) warning: Option<String>,
     /// The app's migration, run by a deploy of the service that owns it.
     pub(super) migration: Option<Migration>,
+    /// The spec's run-once hooks for this service.
+    pub(super) hooks: Vec<Hook>,
 }
 
 /// Everything needed to launch a rollout of one service.
@@ -113,6 +116,7 @@ impl Rollouts {
                         deployment: String::new(),
                         warning: None,
                         migration: resolved.migration,
+                        hooks: resolved.hooks,
                     },
                     request.allow_unreachable,
                 )
@@ -277,6 +281,7 @@ impl Rollouts {
                         deployment: String::new(),
                         warning: None,
                         migration: None,
+                        hooks: Vec::new(),
                     },
                     request.allow_unreachable,
                 )
@@ -326,6 +331,7 @@ impl Rollouts {
                     selector: service.selector,
                     strategy: service.strategy,
                     migration: service.migration,
+                    hooks: service.hooks,
                     state: StepState::Waiting,
                     rollout_id: String::new(),
                     previous: None,
@@ -568,6 +574,7 @@ impl Rollouts {
             created_at_ms: now,
             deployment: plan_target.deployment,
             migration: plan_target.migration,
+            hooks: plan_target.hooks,
         });
         if let Some(warning) = plan_target.warning {
             rollout.timeline.push(model::TimelineEntry {

@@ -135,6 +135,7 @@ impl Rollouts {
                     warning,
                     // A rollback returns code, never runs a migration.
                     migration: None,
+                    hooks: Vec::new(),
                 },
                 request.allow_unreachable,
             )

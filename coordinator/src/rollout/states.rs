@@ -15,6 +15,7 @@ impl From<RolloutState> for pb::RolloutState {
             RolloutState::Pending => pb::RolloutState::Pending,
             RolloutState::Running => pb::RolloutState::Running,
             RolloutState::Paused => pb::RolloutState::Paused,
+            RolloutState::Held => pb::RolloutState::Held,
             RolloutState::Succeeded => pb::RolloutState::Succeeded,
             RolloutState::Failed => pb::RolloutState::Failed,
             RolloutState::RollingBack => pb::RolloutState::RollingBack,

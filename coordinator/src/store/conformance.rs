@@ -456,6 +456,9 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
             ran_at_ms: at,
             node: "node-a".into(),
             rollout_id: "web-1".into(),
+            duration_ms: 1200,
+            output: "Migrated: 2026_12_01_add_note".into(),
+            schema: Some("Ran? Migration\nYes 2026_12_01_add_note".into()),
         }),
     };
     {

@@ -394,6 +394,15 @@ pub struct MigrationRecord {
     pub ran_at_ms: i64,
     pub node: String,
     pub rollout_id: String,
+    /// How long the migration ran (it exited 0: a record means it ran).
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// The end of what it printed.
+    #[serde(default)]
+    pub output: String,
+    /// What the spec's `schema_command` printed after it, if it has one.
+    #[serde(default)]
+    pub schema: Option<String>,
 }
 
 #[cfg(test)]

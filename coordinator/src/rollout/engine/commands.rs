@@ -4,7 +4,7 @@
 use cutover_proto::v1::{self as pb, command};
 
 use super::Send;
-use crate::rollout::model::{NodeState, Rollout, RolloutNode};
+use crate::rollout::model::{NodeState, Rollout, RolloutNode, StoredRelease};
 
 /// Margin on top of a release's own deadlines before an activation without
 /// an answer counts as lost: process start, smoke checks, stop.
@@ -66,12 +66,14 @@ pub(super) fn send_for(r: &Rollout, i: usize) -> Send {
             drain_first: r.strategy.drains_first(),
             // Filled by the driver on the way out, never stored.
             secret_values: Default::default(),
+            hook_env: hook_env(r, &r.release, r.previous.as_ref()),
         }),
         NodeState::RollingBack => match &r.previous {
             Some(previous) => command::Kind::Activate(pb::ActivateRelease {
                 release: Some(previous.0.clone()),
                 drain_first: r.strategy.drains_first(),
                 secret_values: Default::default(),
+                hook_env: hook_env(r, previous, Some(&r.release)),
             }),
             None => command::Kind::StopService(pb::StopService {
                 service: r.service.clone(),
@@ -118,4 +120,25 @@ pub(super) fn settle(node: &mut RolloutNode, state: NodeState) {
     node.state = state;
     node.command_id = None;
     node.step.clear();
+}
+
+/// What a hook learns of the deploy that runs it: `release` is the one it
+/// runs with, `replacing` the one that served before.
+pub(super) fn hook_env(
+    r: &Rollout,
+    release: &StoredRelease,
+    replacing: Option<&StoredRelease>,
+) -> std::collections::HashMap<String, String> {
+    [
+        ("CUTOVER_APP", r.app.as_str()),
+        ("CUTOVER_ENV", r.env.as_str()),
+        ("CUTOVER_RELEASE", release.id()),
+        ("CUTOVER_VERSION", release.0.version.as_str()),
+        ("CUTOVER_PREVIOUS_RELEASE", replacing.map_or("", |p| p.id())),
+        ("CUTOVER_ROLLOUT", r.id.as_str()),
+        ("CUTOVER_OPERATOR", r.created_by.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }

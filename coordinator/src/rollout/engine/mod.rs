@@ -14,7 +14,9 @@
 //! ticks (`ticks.rs`) and the rollback (`rollback.rs`).
 
 mod commands;
+mod hooks;
 mod migrate;
+mod once;
 mod rollback;
 mod rolling;
 mod steps;
@@ -25,6 +27,7 @@ use cutover_proto::v1 as pb;
 use super::model::{
     NodeState, Phase, Rollout, RolloutError, RolloutState, StoredRelease, TimelineEntry,
 };
+use crate::hooks::HookAt;
 use crate::migration::MigrationPhase;
 use commands::{send_for, settle, timeout_for};
 use rollback::{needs_revert, roll_back, where_nodes_are};
@@ -61,6 +64,11 @@ pub enum Input {
     Abort {
         by: String,
     },
+    /// Runs again the command whose outcome was not known (a held
+    /// rollout).
+    Retry {
+        by: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +87,7 @@ pub struct TaskEnd {
     pub timed_out: bool,
     /// How it ended, e.g. "exit status: 3".
     pub detail: String,
+    pub duration_ms: u64,
 }
 
 /// What the registry knows of one node right now.
@@ -172,15 +181,16 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
                         sends.push(send_for(r, i));
                     }
                 }
-                if migrate::in_flight(r) {
-                    sends.push(migrate::send(r));
-                }
+                sends.extend(once::resend(r));
             }
         }
         Input::Result {
             command_id,
             outcome,
-        } if migrate::owns(r, &command_id) => migrate::on_result(r, now, outcome),
+        } if once::owner(r, &command_id).is_some() => {
+            let task = once::owner(r, &command_id).expect("checked in the guard");
+            task_result(r, now, task, outcome);
+        }
         Input::Result {
             command_id,
             outcome,
@@ -197,9 +207,10 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
             command_id,
             step,
             message,
-        } if migrate::owns(r, &command_id) => {
+        } if once::owner(r, &command_id).is_some() => {
+            let task = once::owner(r, &command_id).expect("checked in the guard");
             if step == "output" {
-                migrate::on_output(r, now, &message);
+                once::on_output(r, task, now, &message);
             }
         }
         Input::Progress {
@@ -248,6 +259,11 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
                 );
             }
         }
+        Input::Retry { by } => {
+            if r.state == RolloutState::Held {
+                once::retry(r, now, &by);
+            }
+        }
         Input::Abort { by } => {
             if !r.state.is_terminal() && r.state != RolloutState::RollingBack && !r.abort_requested
             {
@@ -264,6 +280,14 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
     }
     advance(r, now, &mut sends);
     sends
+}
+
+/// The answer to a run-once step's command, to the step it belongs to.
+fn task_result(r: &mut Rollout, now: i64, task: once::Task, outcome: Outcome) {
+    match task {
+        once::Task::Migration => migrate::on_result(r, now, outcome),
+        once::Task::Hooks(at) => hooks::on_result(r, at, now, outcome),
+    }
 }
 
 pub(super) fn note(r: &mut Rollout, now: i64, kind: &str, node: &str, message: String) {
@@ -431,7 +455,7 @@ pub(super) fn fail(r: &mut Rollout, now: i64, error: RolloutError) {
 }
 
 pub(super) fn in_flight(r: &Rollout) -> usize {
-    r.nodes.iter().filter(|n| n.state.in_flight()).count() + usize::from(migrate::in_flight(r))
+    r.nodes.iter().filter(|n| n.state.in_flight()).count() + once::in_flight(r)
 }
 
 pub(super) fn finish(r: &mut Rollout, now: i64, state: RolloutState, message: String) {
@@ -470,6 +494,13 @@ fn advance(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
 }
 
 fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
+    // A failed rollout's end waits for its on_failure hooks.
+    if r.phase == Phase::Hooks(HookAt::OnFailure) {
+        if r.state != RolloutState::Held {
+            hooks::run(r, HookAt::OnFailure, now, sends);
+        }
+        return;
+    }
     match r.state {
         RolloutState::Running | RolloutState::Paused if r.error.is_some() => {
             if in_flight(r) > 0 {
@@ -508,7 +539,7 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                     0 => "no node had switched; each serves what it served before".to_string(),
                     n => format!("auto_rollback is off: {n} nodes serve the new release, the rest the old; roll back or deploy again"),
                 };
-                finish(r, now, RolloutState::Failed, why);
+                hooks::end_failed(r, now, RolloutState::Failed, why);
             }
         }
         RolloutState::Running if r.abort_requested && in_flight(r) == 0 => {
@@ -525,13 +556,18 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                 "aborted before it started; nothing changed".into(),
             );
         }
-        RolloutState::Paused if r.abort_requested => {
+        RolloutState::Paused | RolloutState::Held if r.abort_requested => {
             let summary = where_nodes_are(r);
+            let how = if r.state == RolloutState::Held {
+                "held"
+            } else {
+                "paused"
+            };
             finish(
                 r,
                 now,
                 RolloutState::Aborted,
-                format!("aborted while paused; {summary}"),
+                format!("aborted while {how}; {summary}"),
             );
         }
         RolloutState::RollingBack => roll_back(r, now, sends),

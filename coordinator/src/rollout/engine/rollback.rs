@@ -2,7 +2,8 @@
 //! may) return to the previous one, a strategy batch at a time.
 
 use super::commands::dispatch;
-use super::{finish, in_flight, Send};
+use super::hooks::end_failed;
+use super::{in_flight, Send};
 use crate::rollout::model::{NodeState, Rollout, RolloutNode, RolloutState};
 
 /// Whether a rollback must return this node: it serves the new release
@@ -61,7 +62,7 @@ pub(super) fn roll_back(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
             .previous
             .as_ref()
             .map_or("no release".to_string(), |p| p.id().to_string());
-        finish(
+        end_failed(
             r,
             now,
             RolloutState::RolledBack,
@@ -69,7 +70,7 @@ pub(super) fn roll_back(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
         );
     } else {
         let failed: Vec<String> = r.rollback_failures.iter().map(|f| f.to_string()).collect();
-        finish(
+        end_failed(
             r,
             now,
             RolloutState::Failed,

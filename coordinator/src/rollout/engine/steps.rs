@@ -5,8 +5,8 @@
 //! implementation, and a new strategy is another, not a branch here.
 
 use super::commands::dispatch;
-use super::migrate;
 use super::{finish, note, pause, Send};
+use super::{hooks, migrate};
 use crate::rollout::model::{NodeState, Phase, Rollout, RolloutState, Step};
 use crate::strategy::StrategyKind;
 
@@ -33,6 +33,7 @@ pub(super) fn run(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
         Some(Step::Prepare) => prepare(r, now, sends),
         Some(Step::Migrate) => migrate::run(r, now, sends),
         Some(Step::Cutover) => cutover(r.strategy.kind).run(r, now, sends),
+        Some(Step::Hooks(at)) => hooks::run(r, at, now, sends),
         None => {}
     }
 }
@@ -63,6 +64,7 @@ pub(super) fn step_done(r: &mut Rollout, now: i64, done: Option<(&str, String)>)
         Step::Prepare => r.phase = Phase::Prepare,
         Step::Migrate => migrate::start(r, now),
         Step::Cutover => cutover(r.strategy.kind).start(r, now),
+        Step::Hooks(at) => hooks::start_step(r, at, now),
     }
 }
 

@@ -10,7 +10,9 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
     if r.state.is_terminal() {
         return;
     }
-    super::migrate::on_tick(r, now);
+    if let Some((task, why)) = super::once::overdue(r, now) {
+        super::task_result(r, now, task, Outcome::Unknown(why));
+    }
     let healthy_deadline = healthy_deadline(r);
     let lost_after = healthy_deadline.max(r.node_lost_after_ms as i64);
     let in_grace = now < r.lost_grace_until_ms;
