@@ -316,7 +316,9 @@ fn two_deploys_at_once_never_run_their_migrations_together() {
     let cluster = DevCluster::up(2);
     let web = spec("web", WEB_PORT, &db, "");
     let api = spec("api", API_PORT, &db, "");
-    let slow = |name: &'static str| (name, "SELECT pg_sleep(1);\n");
+    // Long enough that both deploys meet, however slowly their CLIs start;
+    // an overlap, had the lock let one happen, shows in the runs' times.
+    let slow = |name: &'static str| (name, "SELECT pg_sleep(2);\n");
     let web_archive = archive(&cluster, "w1", "SELECT 1", &[slow("001_web.sql")]);
     let api_archive = archive(&cluster, "a1", "SELECT 1", &[slow("001_api.sql")]);
 
