@@ -16,24 +16,39 @@
 # a local registry and deployed with --image (a Docker engine is started,
 # and Debian's docker.io and docker-registry installed, where missing).
 #
+# `--with-db` gives the app a real PostgreSQL (Debian's postgresql, installed
+# where missing, a throw-away cluster on 127.0.0.1:18432 stopped at the end;
+# scripts/pg-env.sh) and the spec examples/demo/cutover-db.toml: each deploy
+# runs the release's migrations once (`sh migrate.sh`: SQL files through
+# psql) on one node before its first batch switches. v1 creates a table, v2
+# adds a column that v2's code reads in its health check, while the load
+# runs; the demo then shows the database's record of the runs.
+#
 # Exits 0 only if v2 rolled out with zero failed requests and v3 was rolled
-# back with every node on v2.
+# back with every node on v2 (and, with --with-db, v2's migration ran exactly
+# once and every node reads the column it added).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${CUTOVER_DEMO_DIR:-.dev}
 keep=${CUTOVER_DEMO_KEEP:-0}
 runtime=process
+with_db=0
 while [ $# -gt 0 ]; do
   case $1 in
     --runtime) runtime=${2:-}; shift 2 ;;
     --runtime=*) runtime=${1#--runtime=}; shift ;;
-    *) echo "usage: $0 [--runtime process|docker]" >&2; exit 2 ;;
+    --with-db) with_db=1; shift ;;
+    *) echo "usage: $0 [--runtime process|docker] [--with-db]" >&2; exit 2 ;;
   esac
 done
 case $runtime in
   process|docker) ;;
   *) echo "--runtime must be process or docker, not ${runtime:-nothing}" >&2; exit 2 ;;
 esac
+if [ "$with_db" = 1 ] && [ "$runtime" = docker ]; then
+  echo "--with-db runs the migration as a task, which the docker runtime does not run yet; use --runtime process" >&2
+  exit 2
+fi
 
 
 command -v python3 >/dev/null || {
@@ -44,9 +59,18 @@ cargo build --locked --workspace --bins
 cutover=$PWD/target/debug/cutover
 loadgen=$PWD/target/debug/loadgen
 
-# A demo started earlier in the same dir is replaced, not doubled.
+# shellcheck disable=SC1091
+source scripts/pg-env.sh
+# A demo started earlier in the same dir is replaced, not doubled (its
+# database too, if it kept one: the port is the spec's).
 if [ -f "$dir/coordinator.pid" ]; then
   "$cutover" dev down --dir "$dir"
+fi
+if [ -f "$dir/postgres-dir" ]; then
+  pg_env_install
+  pg_env_dir=$(cat "$dir/postgres-dir")
+  pg_env_stop
+  rm -f "$dir/postgres-dir"
 fi
 load_pid=""
 cleanup() {
@@ -54,6 +78,7 @@ cleanup() {
   if [ "$keep" != 1 ]; then
     "$cutover" dev down --dir "$dir" >/dev/null 2>&1 || true
     [ "$runtime" != docker ] || docker_env_stop
+    pg_env_stop
   fi
 }
 trap cleanup EXIT
@@ -61,6 +86,16 @@ if [ "$runtime" = docker ]; then
   # shellcheck disable=SC1091
   source scripts/docker-env.sh
   docker_env_engine
+fi
+db_port=18432
+if [ "$with_db" = 1 ]; then
+  pg_env_start "$db_port"
+  mkdir -p "$dir"
+  echo "$pg_env_dir" >"$dir/postgres-dir"
+  # The spec's PG* variables name this database; so does every psql below.
+  export PGHOST=127.0.0.1 PGPORT=$db_port PGUSER=postgres
+  psql -X -q -d postgres -c "CREATE DATABASE demo"
+  export PGDATABASE=demo
 fi
 "$cutover" dev up --nodes 3 --dir "$dir" --runtime "$runtime"
 # shellcheck disable=SC1091
@@ -76,10 +111,28 @@ for version in v1 v2 v3; do
   echo "$version" >"$artifacts/$version/VERSION"
 done
 echo 3 >"$artifacts/v3/BROKEN"
+spec=examples/demo/cutover.toml
+if [ "$with_db" = 1 ]; then
+  # With a database: the migration runner and the migrations ship in the
+  # release. v1 creates the greetings table; v2 adds a column (expand) and
+  # its code reads it (QUERY, run by each health check), so v2 is healthy
+  # only once its migration ran; v3 changes no schema.
+  spec=examples/demo/cutover-db.toml
+  for version in v1 v2 v3; do
+    cp examples/demo/pgwire.py examples/demo/migrate.sh "$artifacts/$version/"
+    mkdir -p "$artifacts/$version/migrations"
+    if [ "$version" = v1 ]; then
+      cp examples/demo/migrations/001_*.sql "$artifacts/$version/migrations/"
+      echo "SELECT text FROM greetings ORDER BY id LIMIT 1" >"$artifacts/$version/QUERY"
+    else
+      cp examples/demo/migrations/*.sql "$artifacts/$version/migrations/"
+      echo "SELECT text || ' (' || language || ')' FROM greetings ORDER BY id LIMIT 1" >"$artifacts/$version/QUERY"
+    fi
+  done
+fi
 for version in v1 v2 v3; do
   tar -C "$artifacts/$version" -czf "$artifacts/$version.tar.gz" .
 done
-spec=examples/demo/cutover.toml
 
 if [ "$runtime" = docker ]; then
   # The same three versions as images: the sample app as a static binary
@@ -171,6 +224,16 @@ sleep 1
 stop_load v2
 echo "  rollout took ${took}s; versions per node:"
 versions
+if [ "$with_db" = 1 ]; then
+  v2_rollout=$("$cutover" --output json rollout list --service web --limit 1 |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+  echo "  the migration in the rollout's timeline (cutover rollout status $v2_rollout):"
+  "$cutover" rollout status "$v2_rollout" | grep -E " (migration_|migrated|batch_started)" | head -8 | sed 's/^/  /'
+  echo "  what v2's code reads from the new column, per node:"
+  for a in "${addresses[@]}"; do
+    printf '  %s:%s  %s\n' "$a" "$port" "$(curl -fsS --max-time 2 "http://$a:$port/db" || echo unreachable)"
+  done
+fi
 
 echo
 echo "== 3. deploy a broken v3: its health check fails 3 s after it starts"
@@ -185,6 +248,11 @@ echo "  v3 rollout ended: $v3_state; versions per node:"
 versions
 echo
 "$cutover" releases web --env local
+if [ "$with_db" = 1 ]; then
+  echo
+  echo "  the database's record of the migration runs (one row per run, from migrate.sh):"
+  psql -X -P pager=off -c "SELECT id, version, rollout, started_at::time(0) AS started, finished_at::time(0) AS finished FROM migration_runs ORDER BY id" | sed 's/^/  /'
+fi
 
 echo
 v2_failed=$(failed_of v2)
@@ -193,15 +261,33 @@ all_v2=1
 for a in "${addresses[@]}"; do
   [ "$(curl -fsS --max-time 2 "http://$a:$port/" || true)" = v2 ] || all_v2=0
 done
-if [ "$v2_ok" = 1 ] && [ "$v2_failed" = 0 ] && [ "$v3_state" = rolled_back ] && [ "$all_v2" = 1 ]; then
-  echo "demo passed: v2 rolled out with 0 failed requests; broken v3 rolled back ($v3_failed failed requests); every node serves v2"
+db_ok=1
+db_note=""
+if [ "$with_db" = 1 ]; then
+  # v2's migration ran exactly once (a row per run), to its end, and every
+  # node's v2 reads the column it added.
+  v2_runs=$(psql -X -At -c "SELECT count(*) FROM migration_runs WHERE version = 'v2' AND finished_at IS NOT NULL")
+  v2_all_runs=$(psql -X -At -c "SELECT count(*) FROM migration_runs WHERE version = 'v2'")
+  [ "$v2_runs" = 1 ] && [ "$v2_all_runs" = 1 ] || db_ok=0
+  for a in "${addresses[@]}"; do
+    [ "$(curl -fsS --max-time 2 "http://$a:$port/db" || true)" = "hello (en)" ] || db_ok=0
+  done
+  if [ "$db_ok" = 1 ]; then
+    db_note="; v2's migration ran exactly once and every node reads the column it added"
+  else
+    db_note="; v2's migration ran $v2_all_runs time(s) ($v2_runs to its end), every node reads its column: $db_ok"
+  fi
+fi
+if [ "$v2_ok" = 1 ] && [ "$v2_failed" = 0 ] && [ "$v3_state" = rolled_back ] && [ "$all_v2" = 1 ] && [ "$db_ok" = 1 ]; then
+  echo "demo passed: v2 rolled out with 0 failed requests; broken v3 rolled back ($v3_failed failed requests); every node serves v2$db_note"
   result=0
 else
-  echo "demo FAILED: v2 ok=$v2_ok, failed requests v2=$v2_failed v3=$v3_failed, v3 ended $v3_state, all nodes on v2=$all_v2"
+  echo "demo FAILED: v2 ok=$v2_ok, failed requests v2=$v2_failed v3=$v3_failed, v3 ended $v3_state, all nodes on v2=$all_v2$db_note"
   result=1
 fi
 if [ "$keep" = 1 ]; then
   echo "the cluster keeps running (CUTOVER_DEMO_KEEP=1): source $dir/env; stop it with: $cutover dev down --dir $dir"
+  [ "$with_db" = 0 ] || echo "its database too (psql -h 127.0.0.1 -p $db_port -U postgres demo); the next demo run stops it"
 else
   echo "stopping the local cluster (CUTOVER_DEMO_KEEP=1 keeps it)"
 fi

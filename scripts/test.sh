@@ -39,10 +39,14 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-# The docker runtime's tests run against a real engine and real registries.
+# The docker runtime's tests run against a real engine and real registries;
+# the migration tests against a real PostgreSQL, one throw-away cluster for
+# the whole run (a database per test).
 source scripts/docker-env.sh
-trap docker_env_stop EXIT
+source scripts/pg-env.sh
+trap 'docker_env_stop; pg_env_stop' EXIT
 docker_env_start
+pg_env_start
 
 cargo build --locked --workspace --bins
 # nextest runs each test in its own process, kills one that hangs, and ends

@@ -9,6 +9,7 @@
 pub mod docker;
 pub mod load;
 pub mod netns;
+pub mod pg;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -36,6 +36,7 @@ fn example_app_specs_resolve() {
         ("deploy/examples/shop/cutover.toml", "production", "web"),
         ("deploy/examples/shop/cutover.toml", "staging", "web"),
         ("examples/demo/cutover.toml", "local", "web"),
+        ("examples/demo/cutover-db.toml", "local", "web"),
     ] {
         let path = repo().join(file);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -64,6 +65,19 @@ fn example_app_specs_resolve() {
     assert_eq!(
         horizon.release.stop_command,
         ["php", "artisan", "horizon:terminate"]
+    );
+    // The migration goes with web's deploys only, its checks first.
+    assert!(horizon.migration.is_none());
+    let web = shop
+        .resolve("shop", "production", "web", "v1", Some(&artifact), None)
+        .unwrap();
+    let migration = web.migration.expect("web runs the migration");
+    assert_eq!(
+        migration.commands,
+        [
+            vec!["php", "artisan", "migrate:status"],
+            vec!["php", "artisan", "migrate", "--force", "--no-interaction"]
+        ]
     );
 }
 
