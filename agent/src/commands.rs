@@ -30,6 +30,7 @@ pub const CAPABILITIES: &[&str] = &[
     "command.report_state",
     "command.renew_certificate",
     "command.run_task",
+    "command.read_logs",
     "runtime.process",
     "proxy.http",
 ];
@@ -114,7 +115,8 @@ impl Executor {
         });
     }
 
-    /// Runs one command to its result, journaling it (unless rejected).
+    /// Runs one command to its result, journaling it (unless rejected, or
+    /// a read of logs).
     pub async fn execute(&self, command: Command) -> CommandResult {
         let command_id = command.command_id.clone();
         let progress = |step: &str| {
@@ -185,6 +187,7 @@ impl Executor {
                 Ok(release) => self.run_task(&command_id, &release, &run, &progress).await,
                 Err(e) => Err(e),
             },
+            Some(command::Kind::ReadLogs(read)) => return self.read_logs(command_id, read).await,
             Some(command::Kind::ReportState(_)) => {
                 Ok(Some(command_result::Output::NodeState(NodeState {
                     services: self.services.state(),
@@ -271,6 +274,39 @@ impl Executor {
         // The output is forwarded until the task's sender is dropped.
         let (ran, ()) = tokio::join!(run_it, forward);
         ran
+    }
+
+    /// Reads release logs. Not journaled: it changes nothing, a repeated
+    /// id reads again, and an answer can be large.
+    async fn read_logs(&self, command_id: String, read: pb::ReadLogs) -> CommandResult {
+        let logs = self.services.release_logs();
+        let now_ms = cutover_common::now_ms();
+        let outcome =
+            tokio::task::spawn_blocking(move || crate::release_logs::read(&logs, &read, now_ms))
+                .await;
+        let (status, message, output) = match outcome {
+            Ok(Ok(chunk)) => (
+                CommandStatus::Succeeded,
+                String::new(),
+                Some(command_result::Output::Logs(chunk)),
+            ),
+            Ok(Err(error)) => (CommandStatus::Failed, error.to_string(), None),
+            Err(error) => (
+                CommandStatus::Failed,
+                format!("reading the logs failed: {error}"),
+                None,
+            ),
+        };
+        if status == CommandStatus::Failed {
+            tracing::warn!(command_id = %command_id, %message, "cannot read release logs");
+        }
+        CommandResult {
+            command_id,
+            status: status as i32,
+            message,
+            replayed: false,
+            output,
+        }
     }
 
     fn journal_result(&self, result: CommandResult) -> Result<(), crate::state::StateError> {
@@ -385,5 +421,40 @@ mod tests {
             .await;
         assert_eq!(unknown.status, CommandStatus::Rejected as i32);
         assert!(restarted.journal.lock().unwrap().get("c2").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_read_of_logs_answers_with_lines_and_leaves_the_journal_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = executor(dir.path()).await;
+        let log = executor
+            .services
+            .release_logs()
+            .join("web/web-v1")
+            .join(crate::runtime::logs::STDOUT);
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        std::fs::write(&log, "started\n").unwrap();
+        let read = |id: &str| Command {
+            command_id: id.into(),
+            kind: Some(command::Kind::ReadLogs(pb::ReadLogs {
+                service: "web".into(),
+                ..Default::default()
+            })),
+        };
+        let result = executor.execute(read("l1")).await;
+        assert_eq!(result.status, CommandStatus::Succeeded as i32);
+        let Some(command_result::Output::Logs(chunk)) = result.output else {
+            panic!("expected logs: {result:?}");
+        };
+        assert_eq!(chunk.lines[0].text, "started");
+        assert_eq!(chunk.lines[0].release_id, "web-v1");
+        assert!(executor.journal.lock().unwrap().get("l1").is_none());
+        // The same id reads again.
+        std::fs::write(&log, "started\nagain\n").unwrap();
+        let again = executor.execute(read("l1")).await;
+        let Some(command_result::Output::Logs(chunk)) = again.output else {
+            panic!("expected logs: {again:?}");
+        };
+        assert_eq!(chunk.lines.len(), 2);
     }
 }

@@ -253,7 +253,7 @@ impl NodeServices {
             name: name.to_string(),
             address: self.settings.address,
             ports: self.settings.ports.clone(),
-            log_root: self.settings.state_dir.join("logs").join(name),
+            log_root: self.release_logs().join(name),
             log_max_bytes: self.settings.log_max_bytes,
             log_keep: self.settings.log_keep,
             docker: self.settings.docker.clone(),
@@ -606,13 +606,17 @@ impl NodeServices {
         }
     }
 
-    /// The session's connection, while one is open.
-    /// The open connection to the coordinator, if any.
+    /// Where releases log: `<dir>/<service>/<release id>/`.
+    pub fn release_logs(&self) -> PathBuf {
+        self.settings.state_dir.join("logs")
+    }
+
     /// The node's address, where its releases listen.
     pub fn address(&self) -> std::net::IpAddr {
         self.settings.address
     }
 
+    /// The open connection to the coordinator, if any.
     pub fn coordinator(&self) -> Option<Channel> {
         self.coordinator.lock().expect("coordinator lock").clone()
     }

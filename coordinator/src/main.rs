@@ -83,6 +83,10 @@ enum Commands {
     /// files, environment and secrets), e.g. `cutover run web --env prod --
     /// php artisan migrate:status`; exits with the command's exit code.
     Run(cli::tasks::RunArgs),
+    /// What a service's releases wrote to stdout and stderr, from every node
+    /// that runs it, each line as `NODE RELEASE | line`; `--follow` keeps
+    /// printing new lines (deployer or admin: logs may hold customer data).
+    Logs(cli::release_logs::LogsArgs),
     /// Create, list or revoke operators and their roles.
     Operator {
         #[command(subcommand)]
@@ -343,6 +347,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Run(args) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::tasks::run(&mut client, args).await;
+        }
+        Commands::Logs(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            cli::release_logs::logs(&mut client, args, json).await?;
         }
         Commands::Operator { action } => {
             cli::access::operator(&cli.connect, action, json).await?;

@@ -186,6 +186,7 @@ impl Coordinator {
             access: access.clone(),
             pki: pki.clone(),
             secrets,
+            shutdown: shutdown.clone(),
         })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);

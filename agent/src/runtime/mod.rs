@@ -7,6 +7,7 @@
 pub mod container;
 pub mod docker;
 pub mod job;
+pub mod log_index;
 pub mod logs;
 pub mod process;
 pub mod supervisor;

@@ -6,5 +6,6 @@ pub mod deployments;
 pub mod dev;
 pub mod logs;
 pub mod nodes;
+pub mod release_logs;
 pub mod rollouts;
 pub mod tasks;

@@ -10,6 +10,7 @@ mod artifacts;
 mod ca;
 mod errors;
 mod events;
+mod logs;
 mod nodes;
 mod operators;
 mod rollouts;
@@ -40,6 +41,8 @@ pub struct OperatorApi {
     /// no signer, and calls that sign fail with a failed precondition.
     pub pki: Arc<crate::ca::Pki>,
     pub secrets: Arc<Secrets>,
+    /// Ends the streams that would run on forever (`logs --follow`).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl OperatorApi {
@@ -250,6 +253,15 @@ impl OperatorService for OperatorApi {
         request: Request<pb::RunTaskRequest>,
     ) -> Result<Response<Self::RunTaskStream>, Status> {
         self.handle_run_task(request).await
+    }
+
+    type StreamLogsStream = logs::LogsStream;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        self.handle_stream_logs(request).await
     }
 
     async fn watch_rollout(
