@@ -140,8 +140,8 @@ fn newest_rollout(cluster: &DevCluster) -> Value {
     rollout(cluster, &id)
 }
 
-/// Polls the newest rollout until it has ended (a coordinator restarting
-/// meanwhile counts as not yet).
+/// Polls the newest rollout until it has ended or waits for the operator
+/// (held); a coordinator restarting meanwhile counts as not yet.
 fn wait_for_end(cluster: &DevCluster) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -191,6 +191,19 @@ fn timeline_at(rollout: &Value, kind: &str) -> (usize, String) {
         .position(|t| t["kind"] == kind)
         .unwrap_or_else(|| panic!("no {kind} in {rollout:#}"));
     (at, timeline[at]["at"].as_str().unwrap().to_string())
+}
+
+/// The message of the last timeline entry of `kind`.
+fn timeline_message(rollout: &Value, kind: &str) -> String {
+    rollout["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|t| t["kind"] == kind)
+        .and_then(|t| t["message"].as_str())
+        .unwrap_or_else(|| panic!("no {kind} in {rollout:#}"))
+        .to_string()
 }
 
 fn archive(cluster: &DevCluster, version: &str, query: &str, m: &[(&str, &str)]) -> PathBuf {
@@ -415,11 +428,12 @@ fn a_coordinator_killed_while_the_migration_runs_does_not_run_it_twice() {
 }
 
 /// The agent running the migration killed with SIGKILL mid-run: restarted,
-/// it answers that how the migration ended is not known, the deploy fails
-/// saying so before any node switched, and the migration is not run a
-/// second time.
+/// it answers that how the migration ended is not known, and the rollout
+/// is held saying so, before any node switched, without running the
+/// migration again; only the operator's `cutover rollout retry` does, and
+/// the deploy then goes on.
 #[test]
-fn an_agent_killed_while_the_migration_runs_reports_it_unknown_and_never_reruns_it() {
+fn an_agent_killed_while_the_migration_runs_holds_the_rollout_until_the_operator_retries() {
     let db = TestDb::create("agent_crash");
     let cluster = DevCluster::up(2);
     let spec = spec("web", AGENT_CRASH_PORT, &db, "");
@@ -453,13 +467,14 @@ fn an_agent_killed_while_the_migration_runs_reports_it_unknown_and_never_reruns_
     );
 
     let rollout = wait_for_end(&cluster);
-    assert_eq!(rollout["state"], "rolled_back", "{rollout:#}");
-    let cause = rollout["error"]["message"].as_str().unwrap();
+    assert_eq!(rollout["state"], "held", "{rollout:#}");
+    let cause = timeline_message(&rollout, "held");
     // The restarted agent's own answer, not a timeout's guess.
     assert!(
         cause.contains("is not known") && cause.contains("the agent stopped while the task ran"),
         "{cause}"
     );
+    assert!(cause.contains("cutover rollout retry"), "{cause}");
     assert!(
         rollout["nodes"]
             .as_array()
@@ -474,6 +489,26 @@ fn an_agent_killed_while_the_migration_runs_reports_it_unknown_and_never_reruns_
         "1",
         "not run again"
     );
+
+    // Resume is not the way out; retry is, and only for a held rollout.
+    let id = rollout["id"].as_str().unwrap();
+    let resumed = cluster.cutover(&["rollout", "resume", id]);
+    assert!(!resumed.status.success());
+    assert!(text(&resumed.stderr).contains("retry or abort"), "{}", text(&resumed.stderr));
+    let retried = cluster.cutover(&["rollout", "retry", id]);
+    assert!(retried.status.success(), "{}", text(&retried.stderr));
+    let rollout = wait_for_end(&cluster);
+    assert_eq!(rollout["state"], "succeeded", "{rollout:#}");
+    assert!(timeline_message(&rollout, "retried").contains("retried the migration step"));
+    assert_eq!(
+        db.query("SELECT count(*) FROM migration_runs WHERE version = 'v2'"),
+        "2",
+        "once more, on the operator's word"
+    );
+    assert_eq!(get_each(AGENT_CRASH_PORT, 2, "/"), vec!["v2"; 2]);
+    let again = cluster.cutover(&["rollout", "retry", id]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("not held"), "{}", text(&again.stderr));
 }
 
 /// A contract migration (`when = "after"`, once every node serves the
