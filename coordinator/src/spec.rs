@@ -16,6 +16,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::migration::{MigrateSpec, Migration};
+use crate::notify::spec::{NotifySpec, NotifyTarget};
 pub use crate::strategy::{BatchSize, Strategy, StrategySpec};
 
 /// A spec that cannot be used, with the file, the key and what is wrong.
@@ -52,6 +53,9 @@ pub struct AppSpec {
     /// node, before (or after) its cutover.
     #[serde(default)]
     pub migrate: Option<MigrateSpec>,
+    /// Webhooks for rollout events (`[[notify]]`).
+    #[serde(default)]
+    pub notify: Vec<NotifySpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +224,7 @@ pub struct Resolved {
     pub release: pb::Release,
     /// Set for the service whose deploy runs the spec's migration.
     pub migration: Option<Migration>,
+    pub notify: Vec<NotifyTarget>,
 }
 
 impl AppSpec {
@@ -289,6 +294,7 @@ impl AppSpec {
             name_ok(name).map_err(|m| (key.clone(), m))?;
             validate_service(service).map_err(|(k, m)| (format!("{key}.{k}"), m))?;
         }
+        crate::notify::spec::check(&self.notify)?;
         let mut ordered = std::collections::BTreeSet::new();
         for name in &self.order {
             if !self.services.contains_key(name) {
@@ -534,6 +540,7 @@ impl AppSpec {
                 .as_ref()
                 .filter(|m| m.service == service)
                 .map(MigrateSpec::plan),
+            notify: self.notify.iter().map(NotifySpec::target).collect(),
         })
     }
 }
@@ -1176,6 +1183,25 @@ APP_ENV = "local"
             "runtime = \"podman\"",
         ));
         assert_eq!(e.key, "services.web.runtime");
+    }
+
+    #[test]
+    fn webhooks_are_checked_with_the_spec_and_go_with_every_service() {
+        let text = format!(
+            "{GOOD}\n[[notify]]\nurl = \"https://hooks.example.com/x\"\nevents = [\"failed\"]\n"
+        );
+        let spec = AppSpec::parse(&text, "cutover.toml").unwrap();
+        let notify = resolve_web(&spec).unwrap().notify;
+        assert_eq!(notify.len(), 1);
+        assert_eq!(notify[0].url, "https://hooks.example.com/x");
+        let e = error_of(&text.replace("https://", "ftp://"));
+        assert!(
+            e.to_string()
+                .starts_with("cutover.toml: key `notify[0].url`: \"ftp://hooks.example.com/x\""),
+            "{e}"
+        );
+        let e = error_of(&format!("{text}tiemout = \"1s\"\n"));
+        assert_eq!(e.key, "notify[0].tiemout", "{e}");
     }
 
     #[test]

@@ -156,6 +156,7 @@ impl Rollouts {
             deployment: String::new(),
             warning: None,
             migration: None,
+            notify: self.inherited_notify(Some(current)).await?,
         };
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,

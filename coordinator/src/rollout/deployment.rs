@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{Rollout, RolloutKind, RolloutState, StoredRelease};
 use super::{RollbackRequest, RolloutError, Rollouts, Started};
 use crate::migration::Migration;
+use crate::notify::spec::NotifyTarget;
 use crate::spec::Strategy;
 use crate::store::{LockHolder, StoreError};
 
@@ -112,6 +113,9 @@ pub struct Deployment {
     pub finished_at_ms: Option<i64>,
     /// Why it did not succeed.
     pub error: String,
+    /// The webhooks of its rollouts' events.
+    #[serde(default)]
+    pub notify: Vec<NotifyTarget>,
 }
 
 impl Rollouts {
@@ -386,6 +390,7 @@ impl Rollouts {
                     deployment: d.id.clone(),
                     warning: None,
                     migration: step.migration.clone(),
+                    notify: d.notify.clone(),
                 },
                 d.allow_unreachable,
             )

@@ -30,6 +30,7 @@ fn migrating(nodes: usize, when: When, phase: MigrationPhase) -> Rollout {
         created_by: "alice".into(),
         created_at_ms: 0,
         deployment: String::new(),
+        notify: Vec::new(),
         migration: Some(Migration {
             commands: vec![vec!["check".into()], vec!["migrate".into()]],
             when,

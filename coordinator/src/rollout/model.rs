@@ -6,6 +6,7 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use crate::migration::{Migration, When};
+use crate::notify::spec::NotifyTarget;
 use crate::strategy::{Strategy, StrategyKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -404,6 +405,9 @@ pub struct Rollout {
     /// empty for a deploy of one service.
     #[serde(default)]
     pub deployment: String,
+    /// The webhooks of its events, fixed when it is created.
+    #[serde(default)]
+    pub notify: Vec<NotifyTarget>,
 }
 
 /// What a new rollout is made of; `Rollout::new` sets the rest (pending,
@@ -426,6 +430,7 @@ pub struct NewRollout {
     pub created_by: String,
     pub created_at_ms: i64,
     pub deployment: String,
+    pub notify: Vec<NotifyTarget>,
 }
 
 impl Rollout {
@@ -481,6 +486,7 @@ impl Rollout {
             next_command: 1,
             timeline: Vec::new(),
             deployment: new.deployment,
+            notify: new.notify,
         }
     }
 

@@ -16,6 +16,7 @@ use super::model::{self, NewRollout, NodeState, Rollout, RolloutKind, RolloutNod
 use super::{RolloutError, Rollouts, Started};
 use crate::images::PinnedImage;
 use crate::migration::Migration;
+use crate::notify::spec::NotifyTarget;
 use crate::spec::{selects, AppSpec, Resolved, Strategy};
 use crate::store::{LockHolder, NodeStatus, ReleaseRecord, ReleaseState, StoreError};
 
@@ -62,6 +63,8 @@ pub(super) struct Target {
     pub(super) warning: Option<String>,
     /// The app's migration, run by a deploy of the service that owns it.
     pub(super) migration: Option<Migration>,
+    /// The webhooks of its events.
+    pub(super) notify: Vec<NotifyTarget>,
 }
 
 /// Everything needed to launch a rollout of one service.
@@ -113,6 +116,7 @@ impl Rollouts {
                         deployment: String::new(),
                         warning: None,
                         migration: resolved.migration,
+                        notify: resolved.notify,
                     },
                     request.allow_unreachable,
                 )
@@ -277,6 +281,7 @@ impl Rollouts {
                         deployment: String::new(),
                         warning: None,
                         migration: None,
+                        notify: Vec::new(),
                     },
                     request.allow_unreachable,
                 )
@@ -318,6 +323,7 @@ impl Rollouts {
             app: first.app.clone(),
             env: first.env.clone(),
             state: DeploymentState::Running,
+            notify: first.notify.clone(),
             steps: resolved
                 .into_iter()
                 .map(|service| DeploymentStep {
@@ -568,6 +574,7 @@ impl Rollouts {
             created_at_ms: now,
             deployment: plan_target.deployment,
             migration: plan_target.migration,
+            notify: plan_target.notify,
         });
         if let Some(warning) = plan_target.warning {
             rollout.timeline.push(model::TimelineEntry {

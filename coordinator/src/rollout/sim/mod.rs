@@ -79,6 +79,7 @@ pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
         created_at_ms: 0,
         deployment: String::new(),
         migration: None,
+        notify: Vec::new(),
     })
 }
 
