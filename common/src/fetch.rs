@@ -1,6 +1,7 @@
 //! HTTP(S) downloads of release artifacts: agents fetch them, the CLI hashes
 //! a remote artifact once to pin a release to its digest. Public web roots,
-//! plus an optional private CA for artifact servers behind one.
+//! plus an optional private CA for artifact servers behind one. The same
+//! connector carries the coordinator's webhooks.
 
 use std::path::Path;
 
@@ -17,10 +18,32 @@ pub enum FetchError {
     Failed(String),
 }
 
-type HttpsClient = Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Empty<Bytes>,
->;
+/// A connector for http:// and https:// URLs (see [`https_connector`]).
+pub type HttpsConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+type HttpsClient = Client<HttpsConnector, Empty<Bytes>>;
+
+/// The public web roots (webpki-roots).
+pub fn public_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    roots
+}
+
+/// A connector for http:// and https:// URLs, HTTP/1, trusting `roots`,
+/// with the process's crypto provider (ring, see `tls`).
+pub fn https_connector(roots: rustls::RootCertStore) -> HttpsConnector {
+    crate::tls::install_crypto_provider();
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build()
+}
 
 pub struct HttpFetcher {
     client: HttpsClient,
@@ -29,9 +52,7 @@ pub struct HttpFetcher {
 impl HttpFetcher {
     /// `extra_ca` adds a PEM CA to the public web roots.
     pub fn new(extra_ca: Option<&Path>) -> Result<Self, FetchError> {
-        crate::tls::install_crypto_provider();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let mut roots = public_roots();
         if let Some(path) = extra_ca {
             let ca_error = |reason: String| FetchError::Ca {
                 path: path.display().to_string(),
@@ -43,16 +64,8 @@ impl HttpFetcher {
                 roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
             }
         }
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(Self {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new()).build(https_connector(roots)),
         })
     }
 

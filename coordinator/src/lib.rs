@@ -15,6 +15,7 @@ pub mod images;
 pub mod journal;
 pub mod metrics;
 pub mod migration;
+pub mod notify;
 pub mod operator_api;
 pub mod refusals;
 pub mod registry;

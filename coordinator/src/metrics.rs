@@ -50,6 +50,8 @@ pub struct Metrics {
     /// current one, at the converger's last pass.
     pub nodes_drifted: Gauge,
     rollout_duration: Family<Labels, Histogram>,
+    /// Webhooks by event and outcome (see `notify`).
+    notify_deliveries: Family<Labels, Counter>,
     pub rollouts_in_progress: Gauge,
     /// Node records and events queued for the store and not yet on disk
     /// (see `Journal`).
@@ -100,6 +102,7 @@ impl Metrics {
             rollout_duration: Family::new_with_constructor(|| {
                 Histogram::new([5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0])
             }),
+            notify_deliveries: Family::default(),
             rollouts_in_progress: Gauge::default(),
             journal_pending: Gauge::default(),
             render_lock: Mutex::new(()),
@@ -193,6 +196,11 @@ impl Metrics {
             metrics.rollout_duration.clone(),
         );
         registry.register(
+            "notify_deliveries",
+            "Webhooks ([[notify]]) by event and outcome: delivered, failed (after its attempts, also in the event log) or dropped (queue full, or the coordinator stopping)",
+            metrics.notify_deliveries.clone(),
+        );
+        registry.register(
             "rollouts_in_progress",
             "Rollouts running or paused",
             metrics.rollouts_in_progress.clone(),
@@ -241,6 +249,16 @@ impl Metrics {
         let mut labels = labels;
         labels.push(("outcome".to_string(), rollout.state.as_str().to_string()));
         self.rollouts.get_or_create(&labels).inc();
+    }
+
+    /// Counts a webhook that was delivered, failed or dropped.
+    pub fn notify_delivery(&self, event: &str, outcome: &str) {
+        self.notify_deliveries
+            .get_or_create(&vec![
+                ("event".to_string(), event.to_string()),
+                ("outcome".to_string(), outcome.to_string()),
+            ])
+            .inc();
     }
 
     /// The Prometheus text exposition for the current fleet.

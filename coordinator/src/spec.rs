@@ -17,6 +17,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::hooks::{Hook, HookSpec};
 use crate::migration::{MigrateSpec, Migration};
+use crate::notify::spec::{NotifySpec, NotifyTarget};
 pub use crate::strategy::{BatchSize, Strategy, StrategySpec};
 
 /// A spec that cannot be used, with the file, the key and what is wrong.
@@ -56,6 +57,9 @@ pub struct AppSpec {
     /// Commands a deploy runs at fixed points (see `hooks`).
     #[serde(default)]
     pub hooks: Vec<HookSpec>,
+    /// Webhooks for rollout events (`[[notify]]`).
+    #[serde(default)]
+    pub notify: Vec<NotifySpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +230,7 @@ pub struct Resolved {
     pub migration: Option<Migration>,
     /// The run-once hooks a deploy of this service runs.
     pub hooks: Vec<Hook>,
+    pub notify: Vec<NotifyTarget>,
 }
 
 impl AppSpec {
@@ -301,6 +306,7 @@ impl AppSpec {
             name_ok(name).map_err(|m| (key.clone(), m))?;
             validate_service(service).map_err(|(k, m)| (format!("{key}.{k}"), m))?;
         }
+        crate::notify::spec::check(&self.notify)?;
         let mut ordered = std::collections::BTreeSet::new();
         for name in &self.order {
             if !self.services.contains_key(name) {
@@ -613,6 +619,7 @@ impl AppSpec {
                 .filter(|m| m.service == service)
                 .map(MigrateSpec::plan),
             hooks: self.once_hooks(service),
+            notify: self.notify.iter().map(NotifySpec::target).collect(),
         })
     }
 }
@@ -1339,6 +1346,25 @@ service = "worker"
             "runtime = \"podman\"",
         ));
         assert_eq!(e.key, "services.web.runtime");
+    }
+
+    #[test]
+    fn webhooks_are_checked_with_the_spec_and_go_with_every_service() {
+        let text = format!(
+            "{GOOD}\n[[notify]]\nurl = \"https://hooks.example.com/x\"\nevents = [\"failed\"]\n"
+        );
+        let spec = AppSpec::parse(&text, "cutover.toml").unwrap();
+        let notify = resolve_web(&spec).unwrap().notify;
+        assert_eq!(notify.len(), 1);
+        assert_eq!(notify[0].url, "https://hooks.example.com/x");
+        let e = error_of(&text.replace("https://", "ftp://"));
+        assert!(
+            e.to_string()
+                .starts_with("cutover.toml: key `notify[0].url`: \"ftp://hooks.example.com/x\""),
+            "{e}"
+        );
+        let e = error_of(&format!("{text}tiemout = \"1s\"\n"));
+        assert_eq!(e.key, "notify[0].tiemout", "{e}");
     }
 
     #[test]

@@ -793,6 +793,29 @@ impl DevCluster {
         out
     }
 
+    /// SIGKILLs the coordinator and starts it again with its config, as a
+    /// crash and a restart by systemd would.
+    pub fn kill_and_restart_coordinator(&self) {
+        let pid = self.pid("coordinator.pid");
+        sigkill(pid);
+        // A process in uninterruptible sleep (an fsync) dies when it returns.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while running(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "the coordinator survived SIGKILL for 30s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let config = self.path("coordinator.toml").display().to_string();
+        self.restart(
+            "cutover",
+            &["server", "--config", &config],
+            "coordinator.pid",
+            "coordinator.log",
+        );
+    }
+
     pub fn pid(&self, pid_file: &str) -> i32 {
         std::fs::read_to_string(self.path(pid_file))
             .expect("pid file")

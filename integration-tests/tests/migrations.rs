@@ -494,7 +494,11 @@ fn an_agent_killed_while_the_migration_runs_holds_the_rollout_until_the_operator
     let id = rollout["id"].as_str().unwrap();
     let resumed = cluster.cutover(&["rollout", "resume", id]);
     assert!(!resumed.status.success());
-    assert!(text(&resumed.stderr).contains("retry or abort"), "{}", text(&resumed.stderr));
+    assert!(
+        text(&resumed.stderr).contains("retry or abort"),
+        "{}",
+        text(&resumed.stderr)
+    );
     let retried = cluster.cutover(&["rollout", "retry", id]);
     assert!(retried.status.success(), "{}", text(&retried.stderr));
     let rollout = wait_for_end(&cluster);
@@ -508,7 +512,11 @@ fn an_agent_killed_while_the_migration_runs_holds_the_rollout_until_the_operator
     assert_eq!(get_each(AGENT_CRASH_PORT, 2, "/"), vec!["v2"; 2]);
     let again = cluster.cutover(&["rollout", "retry", id]);
     assert!(!again.status.success());
-    assert!(text(&again.stderr).contains("not held"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("not held"),
+        "{}",
+        text(&again.stderr)
+    );
 }
 
 /// A contract migration (`when = "after"`, once every node serves the

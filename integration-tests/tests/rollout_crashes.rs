@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cutover_integration_tests::{app_archive, body, http_get, running, sigkill, DevCluster};
+use cutover_integration_tests::{app_archive, body, http_get, DevCluster};
 use serde_json::Value;
 
 fn spec(port: u16, fail_host: &str) -> String {
@@ -150,27 +150,6 @@ impl Fixture {
         })
     }
 
-    fn kill_and_restart_coordinator(&self) {
-        let pid = self.cluster.pid("coordinator.pid");
-        sigkill(pid);
-        // A process in uninterruptible sleep (an fsync) dies when it returns.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while running(pid) {
-            assert!(
-                Instant::now() < deadline,
-                "the coordinator survived SIGKILL for 30s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let config = self.cluster.path("coordinator.toml").display().to_string();
-        self.cluster.restart(
-            "cutover",
-            &["server", "--config", &config],
-            "coordinator.pid",
-            "coordinator.log",
-        );
-    }
-
     fn versions(&self) -> Vec<String> {
         (11..=13)
             .map(|i| body(&http_get(&format!("127.0.0.{i}:{}", self.port), "/")).to_string())
@@ -261,7 +240,7 @@ fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
                 .iter()
                 .any(|n| n["state"] == "preparing")
     });
-    f.kill_and_restart_coordinator();
+    f.cluster.kill_and_restart_coordinator();
     let done = f.finish(&v2);
     assert_eq!(done["state"], "succeeded", "{done:#}");
     assert_eq!(done["release"]["digest"], digest.as_str());
@@ -280,7 +259,7 @@ fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
             .iter()
             .any(|n| n["state"] == "switched")
     });
-    f.kill_and_restart_coordinator();
+    f.cluster.kill_and_restart_coordinator();
     let done = f.finish(&v3);
     assert_eq!(done["state"], "succeeded", "{done:#}");
     assert_eq!(f.versions(), vec!["v3"; 3]);
@@ -297,7 +276,7 @@ fn coordinator_sigkill_during_prepull_mid_batch_and_rollback_ends_consistent() {
     f.wait(&v4, Duration::from_secs(60), |r| {
         r["state"] == "rolling_back"
     });
-    f.kill_and_restart_coordinator();
+    f.cluster.kill_and_restart_coordinator();
     let done = f.finish(&v4);
     assert_eq!(done["state"], "rolled_back", "{done:#}");
     assert_eq!(done["error"]["node"], "node-3");
@@ -405,7 +384,7 @@ fn coordinator_sigkilled_at_ten_seeded_moments_leaves_every_rollout_consistent()
             "kill {kill}: {after:?} into {}",
             current.as_deref().unwrap_or("-")
         );
-        f.kill_and_restart_coordinator();
+        f.cluster.kill_and_restart_coordinator();
         // Back up before the next move.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !f.cluster.cutover(&["nodes"]).status.success() {

@@ -157,6 +157,7 @@ impl Rollouts {
             warning: None,
             migration: None,
             hooks: Vec::new(),
+            notify: self.inherited_notify(Some(current)).await?,
         };
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,

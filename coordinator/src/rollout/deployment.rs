@@ -21,6 +21,7 @@ use super::model::{Rollout, RolloutKind, RolloutState, StoredRelease};
 use super::{RollbackRequest, RolloutError, Rollouts, Started};
 use crate::hooks::Hook;
 use crate::migration::Migration;
+use crate::notify::spec::NotifyTarget;
 use crate::spec::Strategy;
 use crate::store::{LockHolder, StoreError};
 
@@ -116,6 +117,9 @@ pub struct Deployment {
     pub finished_at_ms: Option<i64>,
     /// Why it did not succeed.
     pub error: String,
+    /// The webhooks of its rollouts' events.
+    #[serde(default)]
+    pub notify: Vec<NotifyTarget>,
 }
 
 impl Rollouts {
@@ -391,6 +395,7 @@ impl Rollouts {
                     warning: None,
                     migration: step.migration.clone(),
                     hooks: step.hooks.clone(),
+                    notify: d.notify.clone(),
                 },
                 d.allow_unreachable,
             )

@@ -155,6 +155,7 @@ impl Rollouts {
                 {
                     self.record(&rollout, &entry.kind, &entry.node, entry.message.clone());
                 }
+                self.notifier.rollout_changed(&before, &rollout);
                 if rollout.state.is_terminal() {
                     let holder = LockHolder::Rollout(rollout.id.clone());
                     // A deployment's rollouts run under its lock.

@@ -47,6 +47,7 @@ pub(super) fn planned(nodes: usize, migration: Option<Migration>, hooks: Vec<Hoo
         deployment: String::new(),
         migration,
         hooks,
+        notify: Vec::new(),
     })
 }
 

@@ -33,6 +33,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::images::ImageResolver;
 use crate::metrics::Metrics;
+use crate::notify::deliver::Sender;
+use crate::notify::Notifier;
 use crate::registry::Registry;
 use crate::secrets::{SecretError, Secrets};
 use crate::spec::SpecError;
@@ -126,6 +128,8 @@ pub struct Rollouts {
     /// What makes a service exclusive, also across coordinators, is the
     /// deploy lock in the store (`locks.rs`).
     create: tokio::sync::Mutex<()>,
+    /// Webhooks of the rollouts' events (`[[notify]]`).
+    notifier: Notifier,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -140,6 +144,12 @@ impl Rollouts {
         secrets: Arc<Secrets>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let tasks = TaskTracker::new();
+        let notifier = Notifier::start(
+            Sender::new(secrets.clone(), registry.journal().clone(), metrics.clone()),
+            shutdown.clone(),
+            &tasks,
+        );
         Arc::new(Self {
             store,
             registry,
@@ -149,8 +159,9 @@ impl Rollouts {
             secrets,
             running: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
+            notifier,
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks,
         })
     }
 

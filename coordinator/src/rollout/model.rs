@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hooks::{Hook, HookAt};
 use crate::migration::{Migration, When};
+use crate::notify::spec::NotifyTarget;
 use crate::strategy::{Strategy, StrategyKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -464,6 +465,9 @@ pub struct Rollout {
     /// empty for a deploy of one service.
     #[serde(default)]
     pub deployment: String,
+    /// The webhooks of its events, fixed when it is created.
+    #[serde(default)]
+    pub notify: Vec<NotifyTarget>,
 }
 
 /// What a new rollout is made of; `Rollout::new` sets the rest (pending,
@@ -488,6 +492,7 @@ pub struct NewRollout {
     pub created_by: String,
     pub created_at_ms: i64,
     pub deployment: String,
+    pub notify: Vec<NotifyTarget>,
 }
 
 /// The hooks grouped by point, each group in the spec's order.
@@ -559,6 +564,7 @@ impl Rollout {
             next_command: 1,
             timeline: Vec::new(),
             deployment: new.deployment,
+            notify: new.notify,
         }
     }
 

@@ -17,6 +17,7 @@ use super::{RolloutError, Rollouts, Started};
 use crate::hooks::Hook;
 use crate::images::PinnedImage;
 use crate::migration::Migration;
+use crate::notify::spec::NotifyTarget;
 use crate::spec::{selects, AppSpec, Resolved, Strategy};
 use crate::store::{LockHolder, NodeStatus, ReleaseRecord, ReleaseState, StoreError};
 
@@ -65,6 +66,8 @@ pub(super) struct Target {
     pub(super) migration: Option<Migration>,
     /// The spec's run-once hooks for this service.
     pub(super) hooks: Vec<Hook>,
+    /// The webhooks of its events.
+    pub(super) notify: Vec<NotifyTarget>,
 }
 
 /// Everything needed to launch a rollout of one service.
@@ -117,6 +120,7 @@ impl Rollouts {
                         warning: None,
                         migration: resolved.migration,
                         hooks: resolved.hooks,
+                        notify: resolved.notify,
                     },
                     request.allow_unreachable,
                 )
@@ -282,6 +286,7 @@ impl Rollouts {
                         warning: None,
                         migration: None,
                         hooks: Vec::new(),
+                        notify: Vec::new(),
                     },
                     request.allow_unreachable,
                 )
@@ -323,6 +328,7 @@ impl Rollouts {
             app: first.app.clone(),
             env: first.env.clone(),
             state: DeploymentState::Running,
+            notify: first.notify.clone(),
             steps: resolved
                 .into_iter()
                 .map(|service| DeploymentStep {
@@ -575,6 +581,7 @@ impl Rollouts {
             deployment: plan_target.deployment,
             migration: plan_target.migration,
             hooks: plan_target.hooks,
+            notify: plan_target.notify,
         });
         if let Some(warning) = plan_target.warning {
             rollout.timeline.push(model::TimelineEntry {

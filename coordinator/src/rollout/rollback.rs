@@ -12,7 +12,8 @@ use std::sync::Arc;
 use super::model::RolloutKind;
 use super::{RolloutError, Rollouts, Started, Target};
 use crate::migration::MigrationPhase;
-use crate::store::{ReleaseRecord, ReleaseState};
+use crate::notify::spec::NotifyTarget;
+use crate::store::{ReleaseRecord, ReleaseState, StoreError};
 
 /// A rollback as the operator (or a deployment) asked for it.
 pub struct RollbackRequest {
@@ -136,10 +137,30 @@ impl Rollouts {
                     // A rollback returns code, never runs a migration.
                     migration: None,
                     hooks: Vec::new(),
+                    notify: self.inherited_notify(current).await?,
                 },
                 request.allow_unreachable,
             )
             .await?;
         self.launch(plan, by).await
+    }
+
+    /// The webhooks of the rollout that made `current` current: a rollback
+    /// or a convergence has no spec of its own, and notifies where the
+    /// service's last deploy did.
+    pub(super) async fn inherited_notify(
+        &self,
+        current: Option<&ReleaseRecord>,
+    ) -> Result<Vec<NotifyTarget>, StoreError> {
+        let Some(current) = current else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .store
+            .rollouts
+            .get(&current.rollout_id)
+            .await?
+            .map(|r| r.notify)
+            .unwrap_or_default())
     }
 }

@@ -430,6 +430,14 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
     let dir = tempfile::tempdir().unwrap();
     let mut first = crate::rollout::sim::rollout(2, crate::rollout::sim::strategy());
     first.created_at_ms = 10;
+    // Its webhooks too: a rollout resumed after a restart notifies where
+    // it did.
+    first.notify = vec![crate::notify::spec::NotifyTarget {
+        url: "https://hooks.example.com/cutover".into(),
+        events: Some(vec![crate::notify::spec::EventKind::Failed]),
+        secret: Some("HOOK_KEY".into()),
+        timeout_ms: 5000,
+    }];
     let mut second = first.clone();
     second.id = "web-2".into();
     second.created_at_ms = 20;

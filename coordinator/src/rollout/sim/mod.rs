@@ -80,6 +80,7 @@ pub fn rollout(nodes: usize, strategy: Strategy) -> Rollout {
         deployment: String::new(),
         migration: None,
         hooks: Vec::new(),
+        notify: Vec::new(),
     })
 }
 

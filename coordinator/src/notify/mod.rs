@@ -1,0 +1,240 @@
+//! Webhooks for rollout events: the spec's `[[notify]]` (`spec`), fixed in
+//! each rollout when it is created. The driver hands every change of a
+//! rollout to the `Notifier`, which reads the events out of it (`events`)
+//! and queues one delivery per event and target without ever waiting: a
+//! full queue drops (counted and logged), and a slow or dead receiver
+//! delays only the webhooks behind it. One task sends them (`deliver`),
+//! in order per URL, receivers side by side, and stops with the
+//! coordinator.
+
+pub mod deliver;
+pub mod events;
+pub mod spec;
+#[cfg(test)]
+mod test_receiver;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::{Id, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::rollout::model::Rollout;
+use deliver::{Delivery, Sender};
+
+/// Deliveries handed over and not yet taken in by the sending task.
+const QUEUE: usize = 1024;
+/// Deliveries waiting behind the one being sent to the same URL.
+const PER_URL: usize = 256;
+
+pub struct Notifier {
+    queue: mpsc::Sender<Delivery>,
+    sender: Arc<Sender>,
+}
+
+impl Notifier {
+    /// Starts the sending task on `tasks`; it stops at `shutdown`.
+    pub fn start(sender: Sender, shutdown: CancellationToken, tasks: &TaskTracker) -> Self {
+        let (queue, inbox) = mpsc::channel(QUEUE);
+        let sender = Arc::new(sender);
+        tasks.spawn(dispatch(inbox, sender.clone(), shutdown));
+        Self { queue, sender }
+    }
+
+    /// Queues the webhooks of what happened between `before` and `after`,
+    /// without waiting.
+    pub fn rollout_changed(&self, before: &Rollout, after: &Rollout) {
+        if after.notify.is_empty() {
+            return;
+        }
+        for event in events::derive(before, after) {
+            for target in after.notify.iter().filter(|t| t.wants(event.kind)) {
+                let id = uuid::Uuid::new_v4().to_string();
+                let delivery = Delivery {
+                    body: events::body(after, &event, &id).into(),
+                    target: target.clone(),
+                    env: after.env.clone(),
+                    rollout: after.id.clone(),
+                    event: event.kind,
+                    id,
+                };
+                match self.queue.try_send(delivery) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(delivery)) => {
+                        dropped(&self.sender, &delivery, "the webhook queue is full");
+                    }
+                    Err(mpsc::error::TrySendError::Closed(delivery)) => {
+                        dropped(&self.sender, &delivery, "the coordinator is stopping");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn dropped(sender: &Sender, delivery: &Delivery, why: &str) {
+    tracing::warn!(rollout = %delivery.rollout, event = delivery.event.as_str(), url = %delivery.target.shown(), "webhook dropped: {why}");
+    sender
+        .metrics()
+        .notify_delivery(delivery.event.as_str(), "dropped");
+}
+
+/// Takes deliveries in and sends them: one at a time per URL, in the order
+/// they came, URLs side by side. What is left at shutdown is dropped.
+async fn dispatch(
+    mut inbox: mpsc::Receiver<Delivery>,
+    sender: Arc<Sender>,
+    shutdown: CancellationToken,
+) {
+    // A URL has an entry while one of its deliveries is being sent; the
+    // entry holds those waiting behind it.
+    let mut waiting: HashMap<String, VecDeque<Delivery>> = HashMap::new();
+    let mut sending = JoinSet::new();
+    let mut sent_by: HashMap<Id, Delivery> = HashMap::new();
+    let start =
+        |delivery: Delivery, sending: &mut JoinSet<()>, sent_by: &mut HashMap<Id, Delivery>| {
+            let sender = sender.clone();
+            let copy = delivery.clone();
+            let task = sending.spawn(async move { sender.send(&copy).await });
+            sent_by.insert(task.id(), delivery);
+        };
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(done) = sending.join_next_with_id() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(error) => error.id(),
+                };
+                let url = sent_by.remove(&id).map(|d| d.target.url).unwrap_or_default();
+                match waiting.get_mut(&url).and_then(VecDeque::pop_front) {
+                    Some(next) => start(next, &mut sending, &mut sent_by),
+                    None => {
+                        waiting.remove(&url);
+                    }
+                }
+            }
+            next = inbox.recv() => {
+                let Some(delivery) = next else { break };
+                match waiting.get_mut(&delivery.target.url) {
+                    Some(queue) if queue.len() >= PER_URL => {
+                        dropped(&sender, &delivery, "too many webhooks wait for this receiver");
+                    }
+                    Some(queue) => queue.push_back(delivery),
+                    None => {
+                        waiting.insert(delivery.target.url.clone(), VecDeque::new());
+                        start(delivery, &mut sending, &mut sent_by);
+                    }
+                }
+            }
+        }
+    }
+    sending.abort_all();
+    inbox.close();
+    let left: Vec<Delivery> = sent_by
+        .into_values()
+        .chain(waiting.into_values().flatten())
+        .chain(std::iter::from_fn(|| inbox.try_recv().ok()))
+        .collect();
+    for delivery in &left {
+        sender
+            .metrics()
+            .notify_delivery(delivery.event.as_str(), "dropped");
+    }
+    if !left.is_empty() {
+        tracing::warn!(
+            count = left.len(),
+            "the coordinator is stopping: webhooks not sent yet are dropped"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use prometheus_client::metrics::gauge::Gauge;
+
+    use super::spec::NotifyTarget;
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::rollout::engine::{self, Input, Outcome};
+    use crate::secrets::Secrets;
+    use crate::store::memory::MemoryBackend;
+    use crate::store::Store;
+
+    fn target(url: String) -> NotifyTarget {
+        NotifyTarget {
+            url,
+            events: None,
+            secret: None,
+            timeout_ms: 5_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_receiver_holds_up_only_its_own_webhooks_and_shutdown_does_not_wait() {
+        // Connections are accepted (the backlog) and never answered.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (live, received) = test_receiver::receiver(&[200]).await;
+        let store = Store::new(Arc::new(MemoryBackend::new()));
+        let metrics = Arc::new(Metrics::new());
+        let sender = Sender::new(
+            Arc::new(Secrets::new(store.clone(), None)),
+            crate::journal::Journal::start(store, Gauge::default()),
+            metrics.clone(),
+        );
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let notifier = Notifier::start(sender, shutdown.clone(), &tasks);
+        let mut r = crate::rollout::sim::rollout(1, crate::rollout::sim::strategy());
+        r.notify = vec![
+            target(format!("http://{}/dead", dead.local_addr().unwrap())),
+            target(live),
+        ];
+        let feed = |r: &mut Rollout, input: Input| {
+            let before = r.clone();
+            engine::handle(r, 1, input);
+            notifier.rollout_changed(&before, r);
+        };
+        feed(&mut r, Input::Start);
+        let id = r.nodes[0].command_id.clone().unwrap();
+        feed(
+            &mut r,
+            Input::Result {
+                command_id: id,
+                outcome: Outcome::Failed("disk full".into()),
+            },
+        );
+        // Both reach the live receiver, in order, well within the dead
+        // one's timeout.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while received.lock().unwrap().len() < 2 {
+            assert!(Instant::now() < deadline, "the live receiver waited");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let events: Vec<String> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(headers, _)| headers["x-cutover-event"].to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(events, ["started", "rolled_back"]);
+        shutdown.cancel();
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(1), tasks.wait())
+            .await
+            .expect("the sender stops at once");
+        let metrics = metrics.render(&[]);
+        for event in ["started", "rolled_back"] {
+            assert!(
+                metrics.contains(&format!(
+                    "cutover_notify_deliveries_total{{event=\"{event}\",outcome=\"dropped\"}} 1"
+                )),
+                "the dead receiver's webhooks are dropped at shutdown: {metrics}"
+            );
+        }
+    }
+}
