@@ -703,6 +703,38 @@ impl DevCluster {
         child.wait_with_output().expect("cutover output")
     }
 
+    /// `cutover deploy` of spec `text` (written to `cutover-VERSION.toml`)
+    /// with the test app's archive as `version` to environment `local`,
+    /// plus `extra` flags.
+    pub fn deploy_spec(&self, text: &str, version: &str, extra: &[&str]) -> std::process::Output {
+        let file = self.path(&format!("cutover-{version}.toml"));
+        std::fs::write(&file, text).expect("write the spec");
+        let (url, _) = app_archive(self.dir.path());
+        let archive = url.trim_start_matches("file://").to_string();
+        let mut args = vec![
+            "deploy",
+            "-f",
+            file.to_str().expect("a UTF-8 path"),
+            "--env",
+            "local",
+            "--version",
+            version,
+            "--artifact",
+            &archive,
+        ];
+        args.extend_from_slice(extra);
+        self.cutover(&args)
+    }
+
+    /// The newest rollout as `cutover rollout status -o json` shows it.
+    pub fn newest_rollout(&self) -> serde_json::Value {
+        let list = self.cutover(&["rollout", "list", "-o", "json"]);
+        let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("rollout list");
+        let id = list[0]["id"].as_str().expect("a rollout").to_string();
+        let status = self.cutover(&["rollout", "status", &id, "-o", "json"]);
+        serde_json::from_slice(&status.stdout).expect("rollout status")
+    }
+
     /// Waits until the coordinator flushed every node record and event it
     /// queued (`cutover_journal_pending` is 0): what it showed so far
     /// survives a SIGKILL from here on.
@@ -1063,6 +1095,48 @@ expect_status = 200
 nodes = {{ env = "test" }}
 "#
     )
+}
+
+/// The app spec the real-binary tests deploy on a `DevCluster`: the test
+/// app (`app_archive`) as service `web` on `port` of every node of
+/// environment `local`, serving `version`; `strategy` is the strategy
+/// table's body and `tail` is appended (hooks, a migration, webhooks).
+pub fn dev_spec(port: u16, version: &str, strategy: &str, tail: &str) -> String {
+    format!(
+        r#"
+app = "shop"
+
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.env]
+GREETING = "hello"
+VERSION = "{version}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+
+[strategy]
+{strategy}
+
+[environments.local]
+nodes = {{ env = "local" }}
+{tail}
+"#
+    )
+}
+
+/// What each of the first `nodes` dev nodes serves on `port` at `/` (the
+/// test app's VERSION).
+pub fn versions(port: u16, nodes: u8) -> Vec<String> {
+    (0..nodes)
+        .map(|i| body(&http_get(&format!("127.0.0.{}:{port}", 11 + i), "/")).to_string())
+        .collect()
+}
+
+/// A process's output as text, for messages.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// A deploy of `spec` to environment test with the artifact `(url, digest)`.

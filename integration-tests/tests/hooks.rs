@@ -3,36 +3,18 @@
 //! of its environment; failing hooks stop what they should, and the old
 //! release keeps serving.
 
-use cutover_integration_tests::{app_archive, DevCluster};
-use serde_json::Value;
+use cutover_integration_tests::{dev_spec, text, versions, DevCluster};
 
 const ORDER_PORT: u16 = 18_560;
 const FAILURE_PORT: u16 = 18_561;
 
-/// The test app on two nodes; `extra` adds the hooks.
+/// The test app on two nodes, a batch at a time; `extra` adds the hooks.
 fn spec(port: u16, version: &str, extra: &str) -> String {
-    format!(
-        r#"
-app = "shop"
-
-[services.web]
-command = ["python3", "app.py"]
-listen = ":{port}"
-[services.web.env]
-GREETING = "hello"
-VERSION = "{version}"
-[services.web.health]
-path = "/health"
-interval = "100ms"
-
-[strategy]
-batch = 1
-min_healthy_time = "100ms"
-
-[environments.local]
-nodes = {{ env = "local" }}
-{extra}
-"#
+    dev_spec(
+        port,
+        version,
+        "batch = 1\nmin_healthy_time = \"100ms\"",
+        extra,
     )
 }
 
@@ -51,22 +33,7 @@ timeout = "30s"
 }
 
 fn deploy(cluster: &DevCluster, text: &str, version: &str) -> std::process::Output {
-    let file = cluster.path(&format!("cutover-{version}.toml"));
-    std::fs::write(&file, text).unwrap();
-    let (url, _) = app_archive(cluster.dir.path());
-    let archive = url.trim_start_matches("file://").to_string();
-    cluster.cutover(&[
-        "deploy",
-        "-f",
-        file.to_str().unwrap(),
-        "--env",
-        "local",
-        "--version",
-        version,
-        "--artifact",
-        &archive,
-        "--wait",
-    ])
+    cluster.deploy_spec(text, version, &["--wait"])
 }
 
 fn lines(path: &std::path::Path) -> Vec<String> {
@@ -75,28 +42,6 @@ fn lines(path: &std::path::Path) -> Vec<String> {
         .lines()
         .map(String::from)
         .collect()
-}
-
-fn versions(port: u16) -> Vec<String> {
-    (0..2)
-        .map(|i| {
-            let addr = format!("127.0.0.{}:{port}", 11 + i);
-            cutover_integration_tests::body(&cutover_integration_tests::http_get(&addr, "/"))
-                .to_string()
-        })
-        .collect()
-}
-
-fn newest_rollout(cluster: &DevCluster) -> Value {
-    let list = cluster.cutover(&["rollout", "list", "-o", "json"]);
-    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
-    let id = list[0]["id"].as_str().unwrap().to_string();
-    let status = cluster.cutover(&["rollout", "status", &id, "-o", "json"]);
-    serde_json::from_slice(&status.stdout).unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[test]
@@ -145,9 +90,9 @@ fn hooks_run_in_order_around_the_migration_and_each_nodes_switch_with_the_deploy
         text(&deployed.stderr),
         cluster.log_tails()
     );
-    assert_eq!(versions(ORDER_PORT), ["v1", "v1"]);
+    assert_eq!(versions(ORDER_PORT, 2), ["v1", "v1"]);
     let ran = lines(&markers);
-    let rollout = newest_rollout(&cluster);
+    let rollout = cluster.newest_rollout();
     let id = rollout["id"].as_str().unwrap();
     let words = |line: &str| line.split_whitespace().next().unwrap().to_string();
     assert_eq!(
@@ -194,12 +139,12 @@ fn failing_hooks_stop_the_deploy_before_any_switch_and_on_failure_hooks_say_so()
     .concat();
     let failed = deploy(&cluster, &spec(FAILURE_PORT, "v2", &hooks), "v2");
     assert!(!failed.status.success());
-    assert_eq!(versions(FAILURE_PORT), ["v1", "v1"]);
+    assert_eq!(versions(FAILURE_PORT, 2), ["v1", "v1"]);
     let ran = lines(&markers);
     assert_eq!(ran.len(), 2, "{ran:#?}");
     assert_eq!(ran[0], "pre_deploy refused");
     assert!(ran[1].starts_with("on_failure web-v2-"), "{ran:#?}");
-    let rollout = newest_rollout(&cluster);
+    let rollout = cluster.newest_rollout();
     assert_eq!(rollout["state"], "rolled_back", "{rollout:#}");
     assert_eq!(rollout["error"]["step"], "pre_deploy", "{rollout:#}");
     assert!(
@@ -216,9 +161,9 @@ fn failing_hooks_stop_the_deploy_before_any_switch_and_on_failure_hooks_say_so()
     let hooks = hook("post_activate", &markers, "post_activate $HOST", 5);
     let failed = deploy(&cluster, &spec(FAILURE_PORT, "v3", &hooks), "v3");
     assert!(!failed.status.success());
-    assert_eq!(versions(FAILURE_PORT), ["v1", "v1"]);
+    assert_eq!(versions(FAILURE_PORT, 2), ["v1", "v1"]);
     assert_eq!(lines(&markers), ["post_activate 127.0.0.11"]);
-    let rollout = newest_rollout(&cluster);
+    let rollout = cluster.newest_rollout();
     let cause = rollout["error"]["message"].as_str().unwrap().to_string();
     assert!(
         cause.contains("post_activate hook") && cause.contains("exit status: 5"),

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cutover_integration_tests::{app_archive, bin, http_get, DevCluster};
+use cutover_integration_tests::{bin, dev_spec, http_get, text, DevCluster};
 use serde_json::Value;
 
 /// Each test's web port: tests run at once, and dev clusters share the
@@ -17,52 +17,10 @@ use serde_json::Value;
 const LINES_PORT: u16 = 18_520;
 const FOLLOW_PORT: u16 = 18_521;
 
-fn spec(port: u16, version: &str) -> String {
-    format!(
-        r#"
-app = "shop"
-
-[services.web]
-command = ["python3", "app.py"]
-listen = ":{port}"
-[services.web.env]
-VERSION = "{version}"
-[services.web.health]
-path = "/health"
-interval = "100ms"
-
-[strategy]
-batch = 2
-min_healthy_time = "200ms"
-
-[environments.local]
-nodes = {{ env = "local" }}
-"#
-    )
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// Deploys `version` of the test app to both nodes; returns its release id.
 fn deploy(cluster: &DevCluster, port: u16, version: &str) -> String {
-    let file = cluster.path(&format!("cutover-{version}.toml"));
-    std::fs::write(&file, spec(port, version)).unwrap();
-    let (url, _) = app_archive(cluster.dir.path());
-    let archive = url.trim_start_matches("file://").to_string();
-    let deployed = cluster.cutover(&[
-        "deploy",
-        "-f",
-        file.to_str().unwrap(),
-        "--env",
-        "local",
-        "--version",
-        version,
-        "--artifact",
-        &archive,
-        "--wait",
-    ]);
+    let spec = dev_spec(port, version, "batch = 2\nmin_healthy_time = \"200ms\"", "");
+    let deployed = cluster.deploy_spec(&spec, version, &["--wait"]);
     assert!(
         deployed.status.success(),
         "{}{}",

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use cutover_integration_tests::{app_archive, running, sigkill, DevCluster};
+use cutover_integration_tests::{dev_spec, running, sigkill, text, versions, DevCluster};
 use serde_json::Value;
 
 /// Each test's web port: tests run at once, and dev clusters share the
@@ -17,28 +17,7 @@ const ROLLBACK_PORT: u16 = 18_492;
 const CRASH_PORT: u16 = 18_493;
 
 fn spec(port: u16, version: &str) -> String {
-    format!(
-        r#"
-app = "shop"
-
-[services.web]
-command = ["python3", "app.py"]
-listen = ":{port}"
-[services.web.env]
-GREETING = "hello"
-VERSION = "{version}"
-[services.web.health]
-path = "/health"
-interval = "100ms"
-
-[strategy]
-batch = 2
-min_healthy_time = "200ms"
-
-[environments.local]
-nodes = {{ env = "local" }}
-"#
-    )
+    dev_spec(port, version, "batch = 2\nmin_healthy_time = \"200ms\"", "")
 }
 
 /// The same app with a migration that appends a line to `runs` (a row
@@ -73,23 +52,7 @@ fn deploy_with(
     version: &str,
     extra: &[&str],
 ) -> std::process::Output {
-    let file = cluster.path(&format!("cutover-{version}.toml"));
-    std::fs::write(&file, text).unwrap();
-    let (url, _) = app_archive(cluster.dir.path());
-    let archive = url.trim_start_matches("file://").to_string();
-    let mut args = vec![
-        "deploy",
-        "-f",
-        file.to_str().unwrap(),
-        "--env",
-        "local",
-        "--version",
-        version,
-        "--artifact",
-        &archive,
-    ];
-    args.extend_from_slice(extra);
-    cluster.cutover(&args)
+    cluster.deploy_spec(text, version, extra)
 }
 
 /// Waits until `path` holds `lines` lines.
@@ -103,28 +66,6 @@ fn wait_for_lines(path: &std::path::Path, lines: usize) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn newest_rollout(cluster: &DevCluster) -> Value {
-    let list = cluster.cutover(&["rollout", "list", "-o", "json"]);
-    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
-    let id = list[0]["id"].as_str().unwrap().to_string();
-    let status = cluster.cutover(&["rollout", "status", &id, "-o", "json"]);
-    serde_json::from_slice(&status.stdout).unwrap()
-}
-
-fn versions(port: u16, nodes: u8) -> Vec<String> {
-    (0..nodes)
-        .map(|i| {
-            let addr = format!("127.0.0.{}:{port}", 11 + i);
-            cutover_integration_tests::body(&cutover_integration_tests::http_get(&addr, "/"))
-                .to_string()
-        })
-        .collect()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[test]
@@ -250,7 +191,7 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
         "once, on one node"
     );
     assert_eq!(versions(MIGRATE_PORT, 3), vec!["v1"; 3]);
-    let rollout = newest_rollout(&cluster);
+    let rollout = cluster.newest_rollout();
     let kinds: Vec<&str> = rollout["timeline"]
         .as_array()
         .unwrap()
@@ -281,7 +222,7 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
     assert!(!failed.status.success(), "{stderr}");
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\nran\n");
     assert_eq!(versions(MIGRATE_PORT, 3), vec!["v1"; 3]);
-    let rollout = newest_rollout(&cluster);
+    let rollout = cluster.newest_rollout();
     assert_eq!(rollout["state"], "rolled_back", "{rollout:#}");
     let cause = rollout["error"].to_string();
     assert!(
@@ -339,7 +280,7 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
         &["--wait", "--migrate-node", "node-3"],
     );
     assert!(placed.status.success(), "{}", text(&placed.stderr));
-    let rollout = newest_rollout(&cluster);
+    let rollout = cluster.newest_rollout();
     let started = rollout["timeline"]
         .as_array()
         .unwrap()
@@ -403,13 +344,13 @@ fn a_migration_runs_once_across_a_coordinator_killed_while_it_runs() {
         let list = cluster.cutover(&["rollout", "list", "-o", "json"]);
         if let Ok(list) = serde_json::from_slice::<Value>(&list.stdout) {
             if list[0]["state"] == "succeeded" {
-                break newest_rollout(&cluster);
+                break cluster.newest_rollout();
             }
             let state = list[0]["state"].as_str().unwrap_or_default().to_string();
             assert!(
                 matches!(state.as_str(), "running" | "pending"),
                 "the rollout ended {state}: {:#}{}",
-                newest_rollout(&cluster),
+                cluster.newest_rollout(),
                 cluster.log_tails()
             );
         }
