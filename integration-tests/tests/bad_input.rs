@@ -67,6 +67,54 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             )
         })
     );
+    // A migration or hook that cannot run as written: the error names the
+    // file, the key and the value, before anything is created.
+    let migrate = |table: &str| format!("{spec}{table}");
+    for (label, table, key) in [
+        (
+            "a migration of an unknown service",
+            "[migrate]\nservice = \"api\"\ncommand = [\"m\"]\n",
+            "migrate.service",
+        ),
+        (
+            "a contract migration before the cutover",
+            "[migrate]\nservice = \"web\"\ncommand = [\"m\"]\nphase = \"contract\"\n",
+            "migrate.phase",
+        ),
+        (
+            "a migration without a command",
+            "[migrate]\nservice = \"web\"\ncommand = []\n",
+            "migrate.command",
+        ),
+        (
+            "a migration with a timeout of 0",
+            "[migrate]\nservice = \"web\"\ncommand = [\"m\"]\ntimeout = \"0s\"\n",
+            "migrate.timeout",
+        ),
+        (
+            "a hook without a command",
+            "[[hooks]]\nat = \"pre_deploy\"\ncommand = []\n",
+            "hooks[0].command",
+        ),
+    ] {
+        let status = c
+            .deploy(deploy("test", migrate(table)))
+            .await
+            .expect_err(label);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{label}: {status:?}"
+        );
+        assert!(
+            status
+                .message()
+                .contains(&format!("cutover.toml: key `{key}`")),
+            "{label}: {}",
+            status.message()
+        );
+        refusals.push((label, status));
+    }
     refused!(
         "rollback of a/b",
         c.rollback(pb::RollbackRequest {
