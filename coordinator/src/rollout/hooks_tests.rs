@@ -2,7 +2,7 @@
 //! steps, what a failure at each point does, `on_failure` after a
 //! rollback, and a restart mid-hook.
 
-use super::engine::{handle, Input, Outcome, Send};
+use super::engine::{handle, Input, Observation, Outcome, Send, ServiceObservation};
 use super::migrate_tests::{
     activate_all, answer, exited, is_activation, planned, prepared, switched, task,
 };
@@ -178,4 +178,40 @@ fn a_restart_mid_hook_resends_it_and_an_unknown_pre_deploy_outcome_holds() {
     assert_eq!(task(&again[0]).command, ["guard"]);
     let batch = answer(&mut r, 70, &again[0], exited(0));
     assert!(!batch.is_empty() && batch.iter().all(is_activation));
+}
+
+#[test]
+fn a_rollout_failing_while_paused_still_runs_its_on_failure_hooks_and_ends() {
+    let mut r = planned(2, None, vec![hook(HookAt::OnFailure, "page-oncall")]);
+    r.strategy.auto_rollback = false;
+    let first = prepared(&mut r);
+    handle(&mut r, 15, Input::Pause { by: "dora".into() });
+    answer(&mut r, 20, &first[0], Outcome::Succeeded);
+    handle(&mut r, 30, Input::Tick { nodes: vec![] });
+    assert_eq!(r.state, RolloutState::Paused, "{:#?}", r.timeline);
+    // The switched node turns unhealthy while the rollout is paused.
+    let node = &r.nodes[0];
+    let sick = Observation {
+        node_id: node.id.clone(),
+        connected: true,
+        last_seen_ms: 40,
+        service: Some(ServiceObservation {
+            release_id: r.release.id().to_string(),
+            running: true,
+            healthy: false,
+            crashes: 0,
+            detail: "health check failed".into(),
+        }),
+    };
+    let out = handle(&mut r, 40, Input::Tick { nodes: vec![sick] });
+    assert!(r.error.is_some(), "{:#?}", r.timeline);
+    assert_eq!(
+        r.phase,
+        Phase::Hooks(HookAt::OnFailure),
+        "{:#?}",
+        r.timeline
+    );
+    assert_eq!(task(&out[0]).command, ["page-oncall"]);
+    answer(&mut r, 50, &out[0], exited(0));
+    assert_eq!(r.state, RolloutState::Failed, "{:#?}", r.timeline);
 }

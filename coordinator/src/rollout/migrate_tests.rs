@@ -348,3 +348,17 @@ fn after_the_cutover_the_migration_runs_on_a_node_that_serves_the_release() {
     answer(&mut r, now + 10, &migrate[0], exited(0));
     assert_eq!(r.state, RolloutState::Succeeded, "{:#?}", r.timeline);
 }
+
+#[test]
+fn the_progress_deadline_waits_for_a_migration_within_its_own_bounds() {
+    // progress_deadline is 1 s; each command may take its timeout (60 s)
+    // plus the answer margin before its outcome counts as unknown.
+    let mut r = with_migration(2, When::Before);
+    let check = prepared(&mut r);
+    let migrate = answer(&mut r, 20, &check[0], exited(0));
+    let late = 20 + 60_000 + 200_000;
+    assert!(handle(&mut r, late, Input::Tick { nodes: vec![] }).is_empty());
+    assert!(r.error.is_none(), "{:#?}", r.timeline);
+    let batch = answer(&mut r, late + 10, &migrate[0], exited(0));
+    assert!(!batch.is_empty() && batch.iter().all(is_activation));
+}

@@ -46,7 +46,10 @@ pub(super) fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
                 } else {
                     release.stop_timeout_ms
                 };
-            (start + stop) as i64 + ACTIVATION_MARGIN_MS
+            // The release's pre/post_activate hooks run within the node's
+            // cutover.
+            let hooks: u64 = release.hooks.iter().map(|h| h.timeout_ms).sum();
+            (start + stop + hooks) as i64 + ACTIVATION_MARGIN_MS
         }
     }
 }

@@ -43,12 +43,10 @@ fn start(r: &mut Rollout, at: HookAt, now: i64) -> bool {
         return false;
     };
     let count = r.hook_run(at).map_or(0, |h| h.hooks.len());
-    let timeout: u64 = r
-        .hook_run(at)
-        .map_or(0, |h| h.hooks.iter().map(|h| h.timeout_ms).sum());
     if at != HookAt::OnFailure {
         // The hooks' own timeouts bound them, not the progress deadline.
-        r.deadline_ms += timeout as i64;
+        let timeouts = r.hook_run(at).map(|h| h.hooks.iter().map(|h| h.timeout_ms));
+        r.deadline_ms += timeouts.map_or(0, once::budget);
     }
     let name = r.nodes[node].name.clone();
     let what = match count {

@@ -43,9 +43,10 @@ pub(super) fn start(r: &mut Rollout, now: i64) {
         );
         return;
     };
-    // The migration's own timeout is its bound, not the rollout's
-    // progress deadline.
-    r.deadline_ms += plan.timeout_ms as i64;
+    // The migration's own timeout is its bound (each of its commands'),
+    // not the rollout's progress deadline.
+    let commands = plan.commands.len() + usize::from(plan.schema_command.is_some());
+    r.deadline_ms += once::budget(std::iter::repeat_n(plan.timeout_ms, commands));
     let what = match plan.commands.len() {
         1 => "the migration".to_string(),
         n => format!("{} checks, then the migration", n - 1),
@@ -138,6 +139,8 @@ pub(super) fn on_result(r: &mut Rollout, now: i64, outcome: Outcome) {
             // command's output is kept apart.
             let migration = r.migration.as_mut().expect("a migration");
             migration.summary = std::mem::take(&mut migration.run.output);
+            // The schema command's lines get a timeline budget of their own.
+            migration.run.lines_noted = 0;
         }
         Ended::Failed(message) => fail(
             r,

@@ -496,9 +496,7 @@ fn advance(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
 fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
     // A failed rollout's end waits for its on_failure hooks.
     if r.phase == Phase::Hooks(HookAt::OnFailure) {
-        if r.state != RolloutState::Held {
-            hooks::run(r, HookAt::OnFailure, now, sends);
-        }
+        hooks::run(r, HookAt::OnFailure, now, sends);
         return;
     }
     match r.state {

@@ -16,12 +16,20 @@ use cutover_proto::v1 as pb;
 use super::commands::hook_env;
 use super::{note, Outcome, Send, TaskEnd};
 use crate::hooks::HookAt;
-use crate::rollout::model::{NodeState, Rollout, RolloutState, TaskRun};
+use crate::rollout::model::{NodeState, Phase, Rollout, RolloutState, TaskRun};
 
 /// Past its timeout, how long a command may take to answer (preparing the
 /// release first, the agent stopping it) before its outcome counts as
 /// unknown.
 const ANSWER_MARGIN_MS: i64 = 300_000;
+
+/// How long `timeouts` (a step's commands, one after the other) may take
+/// in all before the last is overdue: what the step adds to the rollout's
+/// progress deadline, so that the deadline never cuts a command short of
+/// its own bound.
+pub(super) fn budget(timeouts: impl Iterator<Item = u64>) -> i64 {
+    timeouts.map(|t| t as i64 + ANSWER_MARGIN_MS).sum()
+}
 /// What a step keeps of the output, and how many lines go to the
 /// timeline.
 pub(super) const OUTPUT_TAIL: usize = 8 * 1024;
@@ -155,8 +163,10 @@ pub(super) enum Next {
 /// Sends the step's next command unless one is out.
 pub(super) fn run(r: &mut Rollout, task: Task, now: i64, sends: &mut Vec<Send>) -> Next {
     let run = task.run(r);
-    // Rolling back: a failed rollout's on_failure hooks.
-    let may_send = matches!(r.state, RolloutState::Running | RolloutState::RollingBack);
+    // A failed rollout's on_failure hooks run whatever its state (rolling
+    // back, or failed while paused): it is ending.
+    let may_send = matches!(r.state, RolloutState::Running | RolloutState::RollingBack)
+        || r.phase == Phase::Hooks(HookAt::OnFailure);
     if run.command_id.is_some() || run.unknown || !may_send {
         return Next::Waiting;
     }
@@ -288,6 +298,11 @@ pub(super) fn overdue(r: &Rollout, now: i64) -> Option<(Task, String)> {
 /// Holds the rollout: the command's outcome is not known, and only the
 /// operator may decide whether it runs again.
 pub(super) fn hold(r: &mut Rollout, now: i64, message: String) {
+    if r.error.is_some() {
+        // Failing already: the rollback goes on; retrying cannot help.
+        note(r, now, "unknown_outcome", "", message);
+        return;
+    }
     r.state = RolloutState::Held;
     r.held_at_ms = Some(now);
     note(
