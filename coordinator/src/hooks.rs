@@ -11,6 +11,8 @@ use std::time::Duration;
 use cutover_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
+use crate::spec_checks::{is_empty, known_service};
+
 /// `[[hooks]]` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,25 +82,9 @@ impl HookSpec {
     /// `hooks[i].`) and what is wrong.
     pub fn check(&self, services: &[&String]) -> Result<(), (String, String)> {
         if let Some(service) = &self.service {
-            if !services.contains(&service) {
-                return Err((
-                    "service".into(),
-                    format!(
-                        "{service:?} is not a service of this spec; name one of {}",
-                        services
-                            .iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
-            }
+            known_service(service, services)?;
         }
-        if self
-            .command
-            .first()
-            .is_none_or(|program| program.is_empty())
-        {
+        if is_empty(&self.command) {
             return Err((
                 "command".into(),
                 "is empty; give the hook's command, e.g. [\"php\", \"artisan\", \"config:cache\"]"

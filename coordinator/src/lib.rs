@@ -23,6 +23,7 @@ pub mod rollout;
 pub mod secrets;
 pub mod server;
 pub mod spec;
+pub mod spec_checks;
 pub mod store;
 pub mod strategy;
 

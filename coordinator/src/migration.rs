@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::spec_checks::{is_empty, known_service};
+
 /// `[migrate]` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,42 +88,17 @@ impl MigrateSpec {
     /// Checked against the spec's services; an error names the key (under
     /// `migrate.`) and what is wrong.
     pub fn check(&self, services: &[&String]) -> Result<(), (String, String)> {
-        if !services.contains(&&self.service) {
-            return Err((
-                "service".into(),
-                format!(
-                    "{:?} is not a service of this spec; name one of {}",
-                    self.service,
-                    services
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-        if self
-            .command
-            .first()
-            .is_none_or(|program| program.is_empty())
-        {
+        known_service(&self.service, services)?;
+        if is_empty(&self.command) {
             return Err((
                 "command".into(),
                 "is empty; give the migration's command, e.g. [\"php\", \"artisan\", \"migrate\", \"--force\"]".into(),
             ));
         }
-        if let Some(i) = self
-            .checks
-            .iter()
-            .position(|c| c.first().is_none_or(|p| p.is_empty()))
-        {
+        if let Some(i) = self.checks.iter().position(|c| is_empty(c)) {
             return Err((format!("checks[{i}]"), "is an empty command".into()));
         }
-        if self
-            .schema_command
-            .as_ref()
-            .is_some_and(|c| c.first().is_none_or(|p| p.is_empty()))
-        {
+        if self.schema_command.as_ref().is_some_and(|c| is_empty(c)) {
             return Err((
                 "schema_command".into(),
                 "is empty; give a command that prints the schema's state, e.g. [\"php\", \"artisan\", \"migrate:status\"], or leave the key out".into(),

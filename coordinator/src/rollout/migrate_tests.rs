@@ -183,7 +183,9 @@ fn an_unknown_outcome_holds_the_rollout_until_the_operator_retries_or_aborts() {
     let held = r.timeline.last().unwrap();
     assert_eq!(held.kind, "held");
     assert!(held.message.contains("not known"), "{}", held.message);
-    // Neither time nor a restart sends it again.
+    // Neither time nor a restart (from the stored form) sends it again.
+    let mut r: Rollout = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    assert_eq!(r.state, RolloutState::Held);
     assert!(handle(&mut r, 10_000_000, Input::Tick { nodes: vec![] }).is_empty());
     assert!(handle(&mut r, 10_000_001, Input::Recover).is_empty());
     assert!(handle(&mut r, 10_000_002, Input::Resume { by: "bob".into() }).is_empty());
