@@ -210,6 +210,13 @@ fn a_deploys_migration_runs_once_before_any_switch_and_a_failing_one_changes_not
         rollout.to_string().contains("migrated-v1"),
         "its output in the timeline"
     );
+    let logs = cluster.cutover(&["rollout", "logs", rollout["id"].as_str().unwrap()]);
+    let logs = text(&logs.stdout);
+    assert!(
+        logs.lines()
+            .any(|l| l.starts_with("migration node-") && l.ends_with("| migrated-v1")),
+        "{logs}"
+    );
 
     // A migration that fails: the deploy fails before any node switched,
     // saying why with the migration's last output, and v1 keeps serving.

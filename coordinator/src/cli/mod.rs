@@ -7,5 +7,6 @@ pub mod dev;
 pub mod logs;
 pub mod nodes;
 pub mod release_logs;
+pub mod rollout_logs;
 pub mod rollouts;
 pub mod tasks;

@@ -75,6 +75,13 @@ pub enum RolloutCommand {
     Status {
         id: String,
     },
+    /// What its migration and hooks printed, step and node first.
+    Logs {
+        id: String,
+        /// Keep printing lines until the rollout ends or is held.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// A deployment's services (a deploy of several), in order, and how
     /// each ended.
     Deployment {
@@ -487,6 +494,9 @@ pub async fn rollout(
             }
             return Ok(ExitCode::SUCCESS);
         }
+        RolloutCommand::Logs { id, follow } => {
+            return super::rollout_logs::rollout_logs(client, id, follow, json).await;
+        }
         RolloutCommand::Watch { id } => {
             let last = follow(client, &id, json).await?;
             if json {
@@ -683,7 +693,7 @@ async fn follow(
 }
 
 /// Where watching a rollout stops: it ended, or waits for the operator.
-fn watch_ends(state: pb::RolloutState) -> bool {
+pub(super) fn watch_ends(state: pb::RolloutState) -> bool {
     use pb::RolloutState as R;
     matches!(
         state,
