@@ -244,6 +244,11 @@ fn a_migration_runs_once_before_any_switch_under_load_and_a_failing_one_changes_
     let report = runtime.block_on(load.stop());
     assert_ok(&cluster, &deployed);
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
+    // The figure docs/benchmarks.md records (`--no-capture`).
+    eprintln!(
+        "a deploy with a migration under load: {} requests in {:?}, {} failed",
+        report.sent, report.elapsed, report.failed
+    );
     let bodies: Vec<&str> = report.by_body.keys().map(|b| b.trim()).collect();
     assert_eq!(bodies, ["v1", "v2"], "{:?}", report.by_body);
 
