@@ -30,6 +30,7 @@ pub const CAPABILITIES: &[&str] = &[
     "command.report_state",
     "command.renew_certificate",
     "command.run_task",
+    "command.run_plain_task",
     "command.read_logs",
     "runtime.process",
     "proxy.http",
@@ -183,9 +184,16 @@ impl Executor {
                     .map_err(|e| e.to_string()),
                 None => Err("no connection to the coordinator to renew over".into()),
             },
-            Some(command::Kind::RunTask(run)) => match checked(run.release.as_ref(), "run_task") {
-                Ok(release) => self.run_task(&command_id, &release, &run, &progress).await,
-                Err(e) => Err(e),
+            // Without a release: a plain command on the node (a job).
+            Some(command::Kind::RunTask(run)) => match run.release.as_ref() {
+                None => self.run_task(&command_id, None, &run, &progress).await,
+                Some(release) => match checked(Some(release), "run_task") {
+                    Ok(release) => {
+                        self.run_task(&command_id, Some(&release), &run, &progress)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
             },
             Some(command::Kind::ReadLogs(read)) => return self.read_logs(command_id, read).await,
             Some(command::Kind::ReportState(_)) => {
@@ -238,7 +246,7 @@ impl Executor {
     async fn run_task(
         &self,
         command_id: &str,
-        release: &ReleaseSpec,
+        release: Option<&ReleaseSpec>,
         run: &pb::RunTask,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<Option<command_result::Output>, String> {

@@ -616,6 +616,14 @@ impl NodeServices {
         self.settings.address
     }
 
+    /// Where plain tasks (scheduled jobs without a release) run: the
+    /// agent's own, private dir, made on first use.
+    pub(crate) fn jobs_dir(&self) -> Result<std::path::PathBuf, ServiceError> {
+        let dir = self.settings.state_dir.join("jobs");
+        modes::private_dir(&dir).map_err(state_dir_error(&dir))?;
+        Ok(dir)
+    }
+
     /// The open connection to the coordinator, if any.
     pub fn coordinator(&self) -> Option<Channel> {
         self.coordinator.lock().expect("coordinator lock").clone()

@@ -1,7 +1,9 @@
 //! Tasks: a command run once to its exit with a release's files,
 //! environment and secrets, beside whatever the node serves (`cutover run`,
-//! and a rollout's migration and hooks). The release is prepared first if
-//! the node lacks it; nothing it serves changes.
+//! a rollout's migration and hooks, scheduled jobs of a service). The
+//! release is prepared first if the node lacks it; nothing it serves
+//! changes. A task without a release (a plain job, e.g. a backup) runs in
+//! the agent's jobs dir with only PATH, HOST and the variables it brings.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,7 +25,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A task as the command carries it, its release checked.
 pub struct Task<'a> {
-    pub release: &'a ReleaseSpec,
+    pub release: Option<&'a ReleaseSpec>,
     pub command: &'a [String],
     pub timeout: Duration,
     pub secret_values: &'a HashMap<String, String>,
@@ -31,7 +33,7 @@ pub struct Task<'a> {
 }
 
 impl<'a> Task<'a> {
-    pub fn new(release: &'a ReleaseSpec, run: &'a pb::RunTask) -> Self {
+    pub fn new(release: Option<&'a ReleaseSpec>, run: &'a pb::RunTask) -> Self {
         Self {
             release,
             command: &run.command,
@@ -54,24 +56,30 @@ impl NodeServices {
         output: mpsc::UnboundedSender<String>,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<pb::TaskResult, ServiceError> {
-        let name = format!("{} task", task.release.release_id);
-        let ready = self.make_ready(task.release, progress).await?;
-        if ready.container.is_some() {
-            return Err(JobError::Unsupported {
-                name,
-                runtime: "docker",
+        let (name, workdir, mut env) = match task.release {
+            Some(release) => {
+                let name = format!("{} task", release.release_id);
+                let ready = self.make_ready(release, progress).await?;
+                if ready.container.is_some() {
+                    return Err(JobError::Unsupported {
+                        name,
+                        runtime: "docker",
+                    }
+                    .into());
+                }
+                let mut env = ready.env.clone();
+                env.extend(secret_env(&ready.secrets, task.secret_values)?);
+                (name, ready.workdir.clone(), env)
             }
-            .into());
-        }
-        let mut env = ready.env.clone();
+            None => ("plain task".to_string(), self.jobs_dir()?, Vec::new()),
+        };
         env.push(("HOST".into(), self.address().to_string()));
-        env.extend(secret_env(&ready.secrets, task.secret_values)?);
         env.extend(task.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         progress("running");
         let job = Job {
             name,
             command: task.command.to_vec(),
-            workdir: ready.workdir.clone(),
+            workdir,
             env,
             deadline: task.timeout,
             tail_bytes: TAIL_BYTES,

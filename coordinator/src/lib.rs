@@ -12,6 +12,7 @@ pub mod enroll;
 pub mod hooks;
 pub mod http;
 pub mod images;
+pub mod jobs;
 pub mod journal;
 pub mod metrics;
 pub mod migration;

@@ -87,6 +87,12 @@ enum Commands {
     /// that runs it, each line as `NODE RELEASE | line`; `--follow` keeps
     /// printing new lines (deployer or admin: logs may hold customer data).
     Logs(cli::release_logs::LogsArgs),
+    /// Scheduled jobs: apply them from the spec, list them and their runs,
+    /// run one now, pause or resume one.
+    Jobs {
+        #[command(subcommand)]
+        action: cli::jobs::JobsCommand,
+    },
     /// Create, list or revoke operators and their roles.
     Operator {
         #[command(subcommand)]
@@ -343,6 +349,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Releases(args) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::rollouts::releases(&mut client, args, json).await;
+        }
+        Commands::Jobs { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::jobs::jobs(&mut client, action, json).await;
         }
         Commands::Run(args) => {
             let mut client = cli.connect.operator_client().await?;

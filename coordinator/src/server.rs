@@ -179,7 +179,23 @@ impl Coordinator {
         if resumed > 0 {
             tracing::info!(resumed, "resumed unfinished rollouts");
         }
+        let jobs = crate::jobs::Jobs::new(
+            store.clone(),
+            registry.clone(),
+            secrets.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        let open_runs = jobs.recover().await?;
+        if open_runs > 0 {
+            tracing::info!(
+                open_runs,
+                "following job runs a previous start left running"
+            );
+        }
+        let scheduler = tokio::spawn(jobs.clone().schedule_loop());
         let operator_api = OperatorServiceServer::new(OperatorApi {
+            jobs: jobs.clone(),
             registry: registry.clone(),
             artifacts,
             rollouts: rollouts.clone(),
@@ -275,7 +291,9 @@ impl Coordinator {
             let _ = sweeper.await;
             let _ = rotation.await;
             let _ = converger.await;
+            let _ = scheduler.await;
             rollouts.drain(grace).await;
+            jobs.drain(grace).await;
             task_registry.sweep(true);
             task_registry.journal().close().await;
             task_registry.store().flush().await?;

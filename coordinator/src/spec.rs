@@ -60,6 +60,10 @@ pub struct AppSpec {
     /// Webhooks for rollout events (`[[notify]]`).
     #[serde(default)]
     pub notify: Vec<NotifySpec>,
+    /// Commands the agents run on a schedule (`[jobs.NAME]`), set in an
+    /// environment by `cutover jobs apply`.
+    #[serde(default)]
+    pub jobs: BTreeMap<String, crate::jobs::spec::JobSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,7 +303,8 @@ impl AppSpec {
         for (name, env) in &self.environments {
             let key = format!("environments.{name}");
             name_ok(name).map_err(|m| (key.clone(), m))?;
-            validate_env_vars(&env.env).map_err(|(k, m)| (format!("{key}.env.{k}"), m))?;
+            crate::spec_checks::env_vars(&env.env)
+                .map_err(|(k, m)| (format!("{key}.env.{k}"), m))?;
         }
         for (name, service) in &self.services {
             let key = format!("services.{name}");
@@ -307,6 +312,7 @@ impl AppSpec {
             validate_service(service).map_err(|(k, m)| (format!("{key}.{k}"), m))?;
         }
         crate::notify::spec::check(&self.notify)?;
+        crate::jobs::spec::check_all(self)?;
         let mut ordered = std::collections::BTreeSet::new();
         for name in &self.order {
             if !self.services.contains_key(name) {
@@ -706,21 +712,8 @@ fn health_check(h: &HealthSpec) -> pb::Check {
     }
 }
 
-fn name_ok(name: &str) -> Result<(), String> {
+pub(crate) fn name_ok(name: &str) -> Result<(), String> {
     rules::name(name).map_err(|e| e.message)
-}
-
-fn validate_env_vars(vars: &BTreeMap<String, String>) -> Result<(), (String, String)> {
-    for (name, value) in vars {
-        rules::env_var_name(name).map_err(|e| (name.clone(), e.message))?;
-        if value.contains('\0') {
-            return Err((
-                name.clone(),
-                "the value contains a NUL byte, which an environment variable cannot hold; remove it".into(),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
@@ -786,7 +779,7 @@ fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> {
     if let Some(signal) = &s.stop_signal {
         rules::stop_signal(signal).map_err(|e| ("stop_signal".to_string(), e.message))?;
     }
-    validate_env_vars(&s.env).map_err(|(k, m)| (format!("env.{k}"), m))?;
+    crate::spec_checks::env_vars(&s.env).map_err(|(k, m)| (format!("env.{k}"), m))?;
     for (i, name) in s.secrets.iter().enumerate() {
         crate::secrets::validate_name(name)
             .map_err(|e| (format!("secrets[{i}]"), e.to_string()))?;

@@ -739,6 +739,22 @@ impl DevCluster {
     /// queued (`cutover_journal_pending` is 0): what it showed so far
     /// survives a SIGKILL from here on.
     pub fn wait_for_journal_flushed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pending = self.metric("cutover_journal_pending");
+            if pending == Some(0.0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the journal did not flush within 20 s (pending {pending:?})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The coordinator's metrics page (`CUTOVER_METRICS_URL`).
+    pub fn metrics(&self) -> String {
         let url = self
             .env
             .iter()
@@ -749,22 +765,18 @@ impl DevCluster {
             .trim_start_matches("http://")
             .split_once('/')
             .expect("a metrics URL with a path");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let metrics = http_get(addr, &format!("/{path}"));
-            let pending = metrics
-                .lines()
-                .find_map(|line| line.strip_prefix("cutover_journal_pending "))
-                .and_then(|v| v.trim().parse::<f64>().ok());
-            if pending == Some(0.0) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the journal did not flush within 20 s (pending {pending:?})"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        http_get(addr, &format!("/{path}"))
+    }
+
+    /// The value of one series of the metrics page: `series` is its name
+    /// with its labels as the page prints them, e.g.
+    /// `cutover_rpo_target_seconds{app="shop",env="local",dataset="db"}`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
     }
 
     pub fn nodes_json(&self) -> Vec<serde_json::Value> {
@@ -828,6 +840,12 @@ impl DevCluster {
     /// SIGKILLs the coordinator and starts it again with its config, as a
     /// crash and a restart by systemd would.
     pub fn kill_and_restart_coordinator(&self) {
+        self.kill_coordinator();
+        self.start_coordinator();
+    }
+
+    /// SIGKILLs the coordinator and waits until it is gone.
+    pub fn kill_coordinator(&self) {
         let pid = self.pid("coordinator.pid");
         sigkill(pid);
         // A process in uninterruptible sleep (an fsync) dies when it returns.
@@ -839,6 +857,10 @@ impl DevCluster {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Starts the coordinator again with the config `dev up` wrote.
+    pub fn start_coordinator(&self) {
         let config = self.path("coordinator.toml").display().to_string();
         self.restart(
             "cutover",

@@ -23,6 +23,19 @@ macro_rules! state_names {
 }
 
 state_names! {
+    JobKind {
+        Job => "job",
+        Backup => "backup",
+        RestoreTest => "restore_test",
+    }
+    JobRunState {
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        TimedOut => "timed_out",
+        Lost => "lost",
+        Skipped => "skipped",
+    }
     RolloutState {
         Pending => "pending",
         Running => "running",
@@ -127,6 +140,20 @@ mod tests {
                 "DEPLOYMENT_STEP_STATE_",
                 step.map(|s| s.as_str_name()),
                 step.map(|s| s.as_str()),
+            );
+            let kind = pb::JobKind::try_from(value).ok();
+            check(
+                value,
+                "JOB_KIND_",
+                kind.map(|s| s.as_str_name()),
+                kind.map(|s| s.as_str()),
+            );
+            let run = pb::JobRunState::try_from(value).ok();
+            check(
+                value,
+                "JOB_RUN_STATE_",
+                run.map(|s| s.as_str_name()),
+                run.map(|s| s.as_str()),
             );
             let release = pb::ReleaseState::try_from(value).ok();
             check(

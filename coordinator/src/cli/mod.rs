@@ -4,6 +4,7 @@ pub mod ca;
 pub mod client;
 pub mod deployments;
 pub mod dev;
+pub mod jobs;
 pub mod logs;
 pub mod nodes;
 pub mod release_logs;

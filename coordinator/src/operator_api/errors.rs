@@ -12,6 +12,7 @@ use cutover_common::registry::RegistryError as ImageRegistryError;
 use tonic::Status;
 
 use crate::ca::CaError;
+use crate::jobs::JobError;
 use crate::registry::RegistryError;
 use crate::rollout::RolloutError;
 use crate::secrets::SecretError;
@@ -78,6 +79,21 @@ impl From<RegistryError> for Status {
             RegistryError::QueueFull(_) => Status::resource_exhausted(message),
             RegistryError::LabelsDiffer { .. } => Status::permission_denied(message),
             RegistryError::Store(_) => Status::internal(message),
+        }
+    }
+}
+
+impl From<JobError> for Status {
+    fn from(error: JobError) -> Self {
+        let message = error.to_string();
+        match error {
+            JobError::Spec(_) => Status::invalid_argument(message),
+            JobError::NotFound { .. } | JobError::RunNotFound { .. } => Status::not_found(message),
+            JobError::OtherApp { .. } | JobError::CannotRun { .. } => {
+                Status::failed_precondition(message)
+            }
+            JobError::Busy { .. } => Status::aborted(message),
+            JobError::Store(_) => Status::internal(message),
         }
     }
 }

@@ -10,6 +10,7 @@ mod artifacts;
 mod ca;
 mod errors;
 mod events;
+mod jobs;
 mod logs;
 mod nodes;
 mod operators;
@@ -36,6 +37,7 @@ pub struct OperatorApi {
     pub registry: Arc<Registry>,
     pub artifacts: Arc<ArtifactStore>,
     pub rollouts: Arc<Rollouts>,
+    pub jobs: Arc<crate::jobs::Jobs>,
     pub access: Arc<Access>,
     /// Signs operator certificates; without `ca_key` in the config it has
     /// no signer, and calls that sign fail with a failed precondition.
@@ -283,5 +285,47 @@ impl OperatorService for OperatorApi {
         request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
         self.handle_list_releases(request).await
+    }
+
+    async fn apply_jobs(
+        &self,
+        request: Request<pb::ApplyJobsRequest>,
+    ) -> Result<Response<pb::ApplyJobsResponse>, Status> {
+        self.handle_apply_jobs(request).await
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.handle_list_jobs(request).await
+    }
+
+    async fn list_job_runs(
+        &self,
+        request: Request<pb::ListJobRunsRequest>,
+    ) -> Result<Response<pb::ListJobRunsResponse>, Status> {
+        self.handle_list_job_runs(request).await
+    }
+
+    async fn get_job_run(
+        &self,
+        request: Request<pb::GetJobRunRequest>,
+    ) -> Result<Response<pb::JobRun>, Status> {
+        self.handle_get_job_run(request).await
+    }
+
+    async fn run_job(
+        &self,
+        request: Request<pb::RunJobRequest>,
+    ) -> Result<Response<pb::RunJobResponse>, Status> {
+        self.handle_run_job(request).await
+    }
+
+    async fn set_job_paused(
+        &self,
+        request: Request<pb::SetJobPausedRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        self.handle_set_job_paused(request).await
     }
 }

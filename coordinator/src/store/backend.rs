@@ -29,10 +29,14 @@ pub enum Table {
     Secrets,
     /// Single records (the CA rotation).
     Meta,
+    /// Scheduled jobs of each environment.
+    Jobs,
+    /// Their runs.
+    JobRuns,
 }
 
 impl Table {
-    pub const ALL: [Table; 15] = [
+    pub const ALL: [Table; 17] = [
         Table::Nodes,
         Table::Rollouts,
         Table::Deployments,
@@ -48,6 +52,8 @@ impl Table {
         Table::Issued,
         Table::Secrets,
         Table::Meta,
+        Table::Jobs,
+        Table::JobRuns,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +73,8 @@ impl Table {
             Table::Issued => "issued",
             Table::Secrets => "secrets",
             Table::Meta => "meta",
+            Table::Jobs => "jobs",
+            Table::JobRuns => "job_runs",
         }
     }
 }

@@ -8,6 +8,7 @@ mod access;
 pub mod backend;
 #[cfg(test)]
 pub(crate) mod conformance;
+mod jobs;
 mod kv;
 #[cfg(test)]
 pub(crate) mod memory;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 
 pub use access::AccessRepo;
 pub use backend::{Backend, Revision};
+pub use jobs::*;
 pub use nodes::{EventLog, NodeRepo};
 pub use pki::PkiRepo;
 pub use records::*;
@@ -89,6 +91,7 @@ pub struct Store {
     pub access: AccessRepo,
     pub pki: PkiRepo,
     pub secrets: SecretRepo,
+    pub jobs: JobRepo,
     kv: Kv,
 }
 
@@ -103,6 +106,7 @@ impl Store {
             access: AccessRepo::new(kv.clone()),
             pki: PkiRepo::new(kv.clone()),
             secrets: SecretRepo::new(kv.clone()),
+            jobs: JobRepo::new(kv.clone()),
             kv,
         }
     }

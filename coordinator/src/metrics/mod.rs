@@ -13,6 +13,10 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+mod jobs;
+
+pub use jobs::{data_time_s, JobMetrics};
+
 use crate::registry::NodeView;
 use crate::store::NodeStatus;
 
@@ -56,6 +60,8 @@ pub struct Metrics {
     /// Node records and events queued for the store and not yet on disk
     /// (see `Journal`).
     pub journal_pending: Gauge,
+    /// Job runs, backups and restore drills.
+    pub jobs: JobMetrics,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
     render_lock: Mutex<()>,
 }
@@ -105,6 +111,7 @@ impl Metrics {
             notify_deliveries: Family::default(),
             rollouts_in_progress: Gauge::default(),
             journal_pending: Gauge::default(),
+            jobs: JobMetrics::default(),
             render_lock: Mutex::new(()),
             registry,
         };
@@ -230,6 +237,7 @@ impl Metrics {
             "Nodes the converger found running another release of a service than their environment's current one at its last pass (services mid-rollout, or left mixed by an aborted rollout or one without auto_rollback, are not counted)",
             metrics.nodes_drifted.clone(),
         );
+        metrics.jobs.register(&mut registry);
         Self {
             registry,
             ..metrics
@@ -359,6 +367,7 @@ impl Metrics {
                 .set(count);
         }
         self.agents_connected.set(connected);
+        self.jobs.render(cutover_common::now_ms() as f64 / 1000.0);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a string cannot fail");
         out

@@ -1,0 +1,300 @@
+//! Sees one run to its end: sends its command to its node (again after a
+//! reconnect or a coordinator restart: the agent runs an id once and
+//! answers it again), waits for the answer, and stores how it ended. A
+//! node that stays away past its heartbeat TTL, an agent that restarted
+//! mid-run (it answers UNKNOWN) or no answer within the run's timeout and
+//! a margin: the run is `lost`, and nothing runs it again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_proto::v1 as pb;
+
+use super::Jobs;
+use crate::registry::CommandWaitError;
+use crate::store::{JobDef, JobRun, NodeStatus, RunState};
+
+/// How long past its timeout a run's answer may take (preparing the
+/// release, the agent stopping it) before it counts as lost.
+const ANSWER_MARGIN: Duration = Duration::from_secs(120);
+/// How often a run whose node is away looks for it again.
+const RECONNECT_POLL: Duration = Duration::from_millis(500);
+/// Output a run record keeps: its end.
+const TAIL_KEPT: usize = 4096;
+/// The largest last line read as the run's facts.
+const MAX_FACTS_LINE: usize = 4096;
+
+/// How a run ended, before it is stored.
+struct Ending {
+    state: RunState,
+    exit_code: Option<i32>,
+    detail: String,
+    output_tail: String,
+}
+
+impl Ending {
+    fn lost(detail: String) -> Self {
+        Self {
+            state: RunState::Lost,
+            exit_code: None,
+            detail,
+            output_tail: String::new(),
+        }
+    }
+}
+
+impl Jobs {
+    /// Sees `run` to its end in a task of its own.
+    pub(super) fn supervise(self: &Arc<Self>, run: JobRun) {
+        self.running
+            .lock()
+            .expect("jobs lock")
+            .entry((run.env.clone(), run.job.clone()))
+            .or_default()
+            .insert(run.id.clone());
+        let jobs = self.clone();
+        self.tasks.spawn(async move {
+            let key = (run.env.clone(), run.job.clone());
+            let id = run.id.clone();
+            tokio::select! {
+                // Shutdown leaves the run `running` in the store; the next
+                // start asks its node again.
+                _ = jobs.shutdown.cancelled() => {}
+                ending = jobs.follow(&run) => jobs.end(run, ending).await,
+            }
+            let mut running = jobs.running.lock().expect("jobs lock");
+            if let Some(ids) = running.get_mut(&key) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    running.remove(&key);
+                }
+            }
+        });
+    }
+
+    /// Sends the run's command until its node answers, or the run is lost.
+    async fn follow(&self, run: &JobRun) -> Ending {
+        let deadline_ms = match self.store.jobs.get(&run.env, &run.job).await {
+            Ok(Some(job)) => {
+                run.started_ms + (job.timeout_ms + ANSWER_MARGIN.as_millis() as u64) as i64
+            }
+            Ok(None) => {
+                return Ending::lost(format!(
+                    "job {} was removed from {} while this run went",
+                    run.job, run.env
+                ))
+            }
+            Err(error) => return Ending::lost(format!("cannot read the job: {error}")),
+        };
+        let mut away_since: Option<i64> = None;
+        loop {
+            let now_ms = self.registry.now_ms();
+            if now_ms > deadline_ms {
+                return Ending::lost(format!(
+                    "node {} gave no answer within the job's timeout and {}; whether it finished is not known",
+                    run.node,
+                    humantime::format_duration(ANSWER_MARGIN)
+                ));
+            }
+            let command = match self.command(run).await {
+                Ok(command) => command,
+                Err(detail) => {
+                    return Ending {
+                        state: RunState::Failed,
+                        exit_code: None,
+                        detail,
+                        output_tail: String::new(),
+                    }
+                }
+            };
+            let pending = match self.registry.send_command(&run.node, command) {
+                Ok(pending) => pending,
+                Err(error) => {
+                    let since = *away_since.get_or_insert(now_ms);
+                    if self.node_gone(&run.node)
+                        || now_ms - since > self.registry.ttl().as_millis() as i64
+                    {
+                        return Ending::lost(format!(
+                            "lost node {} mid-run ({error}); whether the run finished is not known, and it is not run again",
+                            run.node
+                        ));
+                    }
+                    tokio::time::sleep(RECONNECT_POLL).await;
+                    continue;
+                }
+            };
+            away_since = None;
+            let left = Duration::from_millis((deadline_ms - now_ms).max(0) as u64);
+            match pending.wait(left, |_| {}).await {
+                Ok(result) => return ended(&run.node, result),
+                // Sent again once the node is back; it runs the id once.
+                Err(CommandWaitError::Disconnected) => continue,
+                Err(CommandWaitError::TimedOut(_)) => continue,
+            }
+        }
+    }
+
+    /// Whether the registry has given the node up (unreachable, revoked).
+    fn node_gone(&self, node: &str) -> bool {
+        self.registry
+            .list()
+            .into_iter()
+            .find(|v| v.record.name == node)
+            .is_none_or(|v| v.record.status != NodeStatus::Ready)
+    }
+
+    /// The agent command of a run, built afresh for each send: secret
+    /// values are never stored.
+    async fn command(&self, run: &JobRun) -> Result<pb::Command, String> {
+        let job = self
+            .store
+            .jobs
+            .get(&run.env, &run.job)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("job {} was removed from {}", run.job, run.env))?;
+        let (release, secret_values) = match &run.release_id {
+            Some(id) => {
+                let service = job.service.as_deref().unwrap_or_default();
+                let history = self
+                    .store
+                    .releases
+                    .history(&run.env, service)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let record = history
+                    .into_iter()
+                    .find(|r| r.release.id() == id)
+                    .ok_or_else(|| {
+                        format!("release {id} of {service} is no longer kept in {}", run.env)
+                    })?;
+                let release = record.release.0;
+                let secrets = self
+                    .secrets
+                    .values_for(&run.env, &release.secrets)
+                    .await
+                    .map_err(|e| format!("cannot read the release's secrets: {e}"))?;
+                (Some(release), secrets)
+            }
+            None => (None, Default::default()),
+        };
+        Ok(pb::Command {
+            command_id: run.command_id.clone(),
+            kind: Some(pb::command::Kind::RunTask(pb::RunTask {
+                release,
+                command: job.command.clone(),
+                timeout_ms: job.timeout_ms,
+                secret_values,
+                env: run_env(&job, run),
+            })),
+        })
+    }
+
+    /// Stores how a run ended, and counts it.
+    async fn end(&self, mut run: JobRun, ending: Ending) {
+        run.state = ending.state;
+        run.exit_code = ending.exit_code;
+        run.detail = ending.detail;
+        run.facts = facts(&ending.output_tail);
+        run.output_tail = tail(&ending.output_tail, TAIL_KEPT);
+        run.ended_ms = Some(self.registry.now_ms());
+        tracing::info!(run = %run.id, job = %run.job, env = %run.env, node = %run.node, state = run.state.as_str(), detail = %run.detail, "job run ended");
+        if let Err(error) = self.store.jobs.put_run(&run).await {
+            // Left `running` in the store: the next start asks the node,
+            // which answers the id again.
+            tracing::error!(%error, run = %run.id, "cannot store how a job run ended");
+            return;
+        }
+        self.metrics.jobs.run_ended(&run);
+    }
+}
+
+/// What a run's command sees besides the job's own variables.
+fn run_env(job: &JobDef, run: &JobRun) -> std::collections::HashMap<String, String> {
+    let mut env: std::collections::HashMap<String, String> = job.vars.clone().into_iter().collect();
+    env.insert("CUTOVER_APP".into(), run.app.clone());
+    env.insert("CUTOVER_ENV".into(), run.env.clone());
+    env.insert("CUTOVER_JOB".into(), run.job.clone());
+    env.insert("CUTOVER_JOB_RUN".into(), run.id.clone());
+    env.insert("CUTOVER_NODE".into(), run.node.clone());
+    if let Some(dataset) = &run.dataset {
+        env.insert("CUTOVER_DATASET".into(), dataset.clone());
+    }
+    env
+}
+
+/// How the agent's answer ends the run.
+fn ended(node: &str, result: pb::CommandResult) -> Ending {
+    match (pb::CommandStatus::try_from(result.status), result.output) {
+        (Ok(pb::CommandStatus::Succeeded), Some(pb::command_result::Output::Task(task))) => {
+            let state = if task.timed_out {
+                RunState::TimedOut
+            } else if task.exit_code == 0 {
+                RunState::Succeeded
+            } else {
+                RunState::Failed
+            };
+            Ending {
+                state,
+                exit_code: Some(task.exit_code),
+                detail: task.detail,
+                output_tail: task.output_tail,
+            }
+        }
+        (Ok(pb::CommandStatus::Unknown), _) => Ending::lost(format!(
+            "the agent on {node} restarted mid-run: {}; it is not run again",
+            result.message
+        )),
+        _ => Ending {
+            state: RunState::Failed,
+            exit_code: None,
+            detail: format!("node {node} could not run it: {}", result.message),
+            output_tail: String::new(),
+        },
+    }
+}
+
+/// The fields of the JSON object a job printed as its last line: what a
+/// backup reports (label, size, times). Anything else is no facts.
+fn facts(output: &str) -> BTreeMap<String, serde_json::Value> {
+    let last = output.lines().rev().map(str::trim).find(|l| !l.is_empty());
+    match last {
+        Some(line) if line.starts_with('{') && line.len() <= MAX_FACTS_LINE => {
+            serde_json::from_str(line).unwrap_or_default()
+        }
+        _ => BTreeMap::new(),
+    }
+}
+
+/// The last `max` bytes of `text`, cut at a character boundary.
+fn tail(text: &str, max: usize) -> String {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_line_as_json_object_is_the_facts() {
+        let out = "backing up\n{\"label\": \"20261202-170500F\", \"size_bytes\": 1234}\n\n";
+        let f = facts(out);
+        assert_eq!(f["label"], "20261202-170500F");
+        assert_eq!(f["size_bytes"], 1234);
+        assert!(facts("done\n").is_empty());
+        assert!(facts("{not json\n").is_empty());
+        assert!(facts("[1, 2]\n").is_empty());
+        assert!(facts("{\"a\": 1}\nbye\n").is_empty());
+    }
+
+    #[test]
+    fn tails_cut_at_char_boundaries() {
+        assert_eq!(tail("héllo", 4), "llo");
+        assert_eq!(tail("abc", 10), "abc");
+    }
+}

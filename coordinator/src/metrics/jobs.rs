@@ -1,0 +1,182 @@
+//! Job and recovery metrics: runs by outcome, and per data set the newest
+//! successful backup and restore drill against their targets. The figures
+//! are kept here as the runs end (and loaded from the stored runs at
+//! start), and ages are worked out at each scrape, so they follow real
+//! time between runs.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use super::{FloatGauge, Labels};
+use crate::store::{JobDef, JobKind, JobRun, RunState};
+
+/// (app, env, dataset)
+type DatasetKey = (String, String, String);
+
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    backup_success_s: Option<f64>,
+    /// When the newest successful backup's data is from.
+    backup_data_s: Option<f64>,
+    rpo_s: Option<f64>,
+    drill_success_s: Option<f64>,
+    drill_duration_s: Option<f64>,
+    drill_data_age_s: Option<f64>,
+    rto_s: Option<f64>,
+}
+
+#[derive(Default)]
+pub struct JobMetrics {
+    runs: Family<Labels, Counter>,
+    backup_success: Family<Labels, FloatGauge>,
+    backup_age: Family<Labels, FloatGauge>,
+    rpo: Family<Labels, FloatGauge>,
+    drill_success: Family<Labels, FloatGauge>,
+    drill_duration: Family<Labels, FloatGauge>,
+    drill_data_age: Family<Labels, FloatGauge>,
+    rto: Family<Labels, FloatGauge>,
+    figures: Mutex<BTreeMap<DatasetKey, Figures>>,
+}
+
+/// When a run's data is from: the `data_time` (or `stopped_at`) it
+/// reported, in Unix seconds, else when it ended.
+pub fn data_time_s(run: &JobRun) -> Option<f64> {
+    ["data_time", "stopped_at"]
+        .iter()
+        .find_map(|k| run.facts.get(*k).and_then(serde_json::Value::as_f64))
+        .or_else(|| run.ended_ms.map(|ms| ms as f64 / 1000.0))
+}
+
+impl JobMetrics {
+    pub(super) fn register(&self, registry: &mut Registry) {
+        for (name, help, family) in [
+            ("backup_last_success_timestamp_seconds", "When the newest successful backup of each data set ended", &self.backup_success),
+            ("backup_age_seconds", "Age of the data in the newest successful backup of each data set (now minus the time it reported as data_time or stopped_at, else its end)", &self.backup_age),
+            ("rpo_target_seconds", "Each data set's recovery point objective (its backup job's rpo)", &self.rpo),
+            ("restore_test_last_success_timestamp_seconds", "When the newest passing restore drill of each data set ended", &self.drill_success),
+            ("restore_test_duration_seconds", "How long the newest passing restore drill of each data set took: the measured recovery time", &self.drill_duration),
+            ("restore_test_data_age_seconds", "How old the restored data was when the newest passing drill started (from the data_time it reported): the measured recovery point", &self.drill_data_age),
+            ("rto_target_seconds", "Each data set's recovery time objective (its restore_test job's rto)", &self.rto),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "job_runs",
+            "Job runs by how they ended: succeeded, failed, timed_out, lost (its node went away mid-run) or skipped (due while a run still went)",
+            self.runs.clone(),
+        );
+    }
+
+    /// Counts a run that just ended, and takes in its figures.
+    pub fn run_ended(&self, run: &JobRun) {
+        self.runs
+            .get_or_create(&vec![
+                ("app".to_string(), run.app.clone()),
+                ("env".to_string(), run.env.clone()),
+                ("job".to_string(), run.job.clone()),
+                ("outcome".to_string(), run.state.as_str().to_string()),
+            ])
+            .inc();
+        self.run_seen(run);
+    }
+
+    /// Takes in a run's figures without counting it (a stored run, at
+    /// start).
+    pub fn run_seen(&self, run: &JobRun) {
+        let (Some(dataset), RunState::Succeeded, Some(ended)) =
+            (&run.dataset, run.state, run.ended_ms)
+        else {
+            return;
+        };
+        let ended_s = ended as f64 / 1000.0;
+        let mut figures = self.figures.lock().expect("job metrics lock");
+        let f = figures
+            .entry((run.app.clone(), run.env.clone(), dataset.clone()))
+            .or_default();
+        match run.kind {
+            JobKind::Backup if f.backup_success_s.is_none_or(|s| s < ended_s) => {
+                f.backup_success_s = Some(ended_s);
+                f.backup_data_s = data_time_s(run);
+            }
+            JobKind::RestoreTest if f.drill_success_s.is_none_or(|s| s < ended_s) => {
+                f.drill_success_s = Some(ended_s);
+                f.drill_duration_s = Some((ended - run.started_ms) as f64 / 1000.0);
+                f.drill_data_age_s = run
+                    .facts
+                    .get("data_time")
+                    .and_then(serde_json::Value::as_f64)
+                    .map(|t| run.started_ms as f64 / 1000.0 - t);
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes in a job's targets as applied.
+    pub fn targets(&self, job: &JobDef) {
+        let Some(dataset) = &job.dataset else { return };
+        let mut figures = self.figures.lock().expect("job metrics lock");
+        let f = figures
+            .entry((job.app.clone(), job.env.clone(), dataset.clone()))
+            .or_default();
+        match job.kind {
+            JobKind::Backup => f.rpo_s = job.rpo_ms.map(|ms| ms as f64 / 1000.0),
+            JobKind::RestoreTest => f.rto_s = job.rto_ms.map(|ms| ms as f64 / 1000.0),
+            JobKind::Job => {}
+        }
+    }
+
+    /// Forgets the targets of a removed job (its runs' figures stay).
+    pub fn removed(&self, job: &JobDef) {
+        let Some(dataset) = &job.dataset else { return };
+        let mut figures = self.figures.lock().expect("job metrics lock");
+        if let Some(f) = figures.get_mut(&(job.app.clone(), job.env.clone(), dataset.clone())) {
+            match job.kind {
+                JobKind::Backup => f.rpo_s = None,
+                JobKind::RestoreTest => f.rto_s = None,
+                JobKind::Job => {}
+            }
+        }
+    }
+
+    /// Sets the gauges for a scrape at `now_s`.
+    pub(super) fn render(&self, now_s: f64) {
+        let families = [
+            &self.backup_success,
+            &self.backup_age,
+            &self.rpo,
+            &self.drill_success,
+            &self.drill_duration,
+            &self.drill_data_age,
+            &self.rto,
+        ];
+        for family in families {
+            family.clear();
+        }
+        let figures = self.figures.lock().expect("job metrics lock");
+        for ((app, env, dataset), f) in figures.iter() {
+            let labels: Labels = vec![
+                ("app".to_string(), app.clone()),
+                ("env".to_string(), env.clone()),
+                ("dataset".to_string(), dataset.clone()),
+            ];
+            let backup_age = f.backup_data_s.map(|t| (now_s - t).max(0.0));
+            for (family, value) in [
+                (&self.backup_success, f.backup_success_s),
+                (&self.backup_age, backup_age),
+                (&self.rpo, f.rpo_s),
+                (&self.drill_success, f.drill_success_s),
+                (&self.drill_duration, f.drill_duration_s),
+                (&self.drill_data_age, f.drill_data_age_s),
+                (&self.rto, f.rto_s),
+            ] {
+                if let Some(value) = value {
+                    family.get_or_create(&labels).set(value);
+                }
+            }
+        }
+    }
+}
