@@ -93,6 +93,11 @@ enum Commands {
         #[command(subcommand)]
         action: cli::jobs::JobsCommand,
     },
+    /// Backups and restore drills against their RPO and RTO.
+    Recovery {
+        #[command(subcommand)]
+        action: cli::recovery::RecoveryCommand,
+    },
     /// Create, list or revoke operators and their roles.
     Operator {
         #[command(subcommand)]
@@ -353,6 +358,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Jobs { action } => {
             let mut client = cli.connect.operator_client().await?;
             return cli::jobs::jobs(&mut client, action, json).await;
+        }
+        Commands::Recovery { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::recovery::recovery(&mut client, action, json).await;
         }
         Commands::Run(args) => {
             let mut client = cli.connect.operator_client().await?;

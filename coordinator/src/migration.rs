@@ -31,6 +31,10 @@ pub struct MigrateSpec {
     /// schema it runs with.
     #[serde(default)]
     pub schema_command: Option<Vec<String>>,
+    /// A fresh (and, if asked, restore-tested) backup the migration
+    /// needs before it may run: the deploy is refused without one.
+    #[serde(default)]
+    pub require_backup: Option<crate::jobs::recovery::RequireBackup>,
 }
 
 /// When the migration runs.

@@ -181,6 +181,9 @@ pub struct EnvironmentSpec {
     pub nodes: BTreeMap<String, String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A fresh backup every deploy to this environment needs.
+    #[serde(default)]
+    pub require_backup: Option<crate::jobs::recovery::RequireBackup>,
 }
 
 fn default_runtime() -> String {
@@ -313,6 +316,27 @@ impl AppSpec {
         }
         crate::notify::spec::check(&self.notify)?;
         crate::jobs::spec::check_all(self)?;
+        let gates = self
+            .environments
+            .iter()
+            .map(|(name, e)| {
+                (
+                    format!("environments.{name}.require_backup"),
+                    e.require_backup.as_ref(),
+                )
+            })
+            .chain(std::iter::once((
+                "migrate.require_backup".to_string(),
+                self.migrate
+                    .as_ref()
+                    .and_then(|m| m.require_backup.as_ref()),
+            )));
+        for (key, gate) in gates {
+            if let Some(gate) = gate {
+                crate::jobs::spec::check_gate(self, gate)
+                    .map_err(|m| (format!("{key}.dataset"), m))?;
+            }
+        }
         let mut ordered = std::collections::BTreeSet::new();
         for name in &self.order {
             if !self.services.contains_key(name) {

@@ -1181,6 +1181,8 @@ pub fn deploy_request(
         allow_unreachable: false,
         skip_migrate: false,
         migrate_node: String::new(),
+        skip_backup_gate: false,
+        reason: String::new(),
     }
 }
 

@@ -314,6 +314,83 @@ async fn set_paused(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `deploy --backup-now`: runs the backup job of each data set the deploy's
+/// backup gates name (the environment's, and the migration's when the
+/// deploy runs it) and waits for each to succeed.
+pub async fn backup_now(
+    client: &mut OperatorServiceClient<Channel>,
+    spec: &AppSpec,
+    env: &str,
+    service: Option<&str>,
+    skip_migrate: bool,
+    json: bool,
+) -> Result<()> {
+    let migrating = spec
+        .migrate
+        .as_ref()
+        .filter(|m| !skip_migrate && service.is_none_or(|s| s == m.service));
+    let datasets: std::collections::BTreeSet<&String> = spec
+        .environments
+        .get(env)
+        .and_then(|e| e.require_backup.as_ref())
+        .into_iter()
+        .chain(migrating.and_then(|m| m.require_backup.as_ref()))
+        .map(|gate| &gate.dataset)
+        .collect();
+    if datasets.is_empty() {
+        anyhow::bail!(
+            "--backup-now: the spec requires no backup for a deploy to {env}; leave it out"
+        );
+    }
+    let jobs = client
+        .list_jobs(pb::ListJobsRequest {
+            env: env.to_string(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner()
+        .jobs;
+    for dataset in datasets {
+        let job = jobs
+            .iter()
+            .find(|j| j.kind() == pb::JobKind::Backup && &j.dataset == dataset)
+            .with_context(|| format!("--backup-now: {env} has no backup job of {dataset}; `cutover jobs apply --env {env}` sets the spec's jobs"))?;
+        if !json {
+            eprintln!("backing up {dataset}: running job {} ...", job.name);
+        }
+        let runs = client
+            .run_job(pb::RunJobRequest {
+                env: env.to_string(),
+                job: job.name.clone(),
+                node: String::new(),
+            })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .runs;
+        for run in runs {
+            let ended = wait_for(client, env, run).await?;
+            if ended.state() != pb::JobRunState::Succeeded {
+                anyhow::bail!(
+                    "backup {} of {dataset} {}: {}; nothing was deployed (`cutover jobs show {} --env {env}` shows its output)",
+                    ended.id,
+                    ended.state().as_str(),
+                    ended.detail,
+                    ended.id
+                );
+            }
+            if !json {
+                eprintln!(
+                    "backup {} of {dataset} succeeded in {}",
+                    ended.id,
+                    duration(&ended)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The job of a run id: what comes before its time (`JOB.YYYYMMDD-HHMMSS`).
 fn job_of(run: &str) -> Result<&str> {
     run.split_once('.')

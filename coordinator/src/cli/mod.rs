@@ -7,6 +7,7 @@ pub mod dev;
 pub mod jobs;
 pub mod logs;
 pub mod nodes;
+pub mod recovery;
 pub mod release_logs;
 pub mod rollout_logs;
 pub mod rollouts;

@@ -58,6 +58,17 @@ pub struct DeployArgs {
     /// Run the migration on this node (a target node of its service).
     #[arg(long)]
     pub migrate_node: Option<String>,
+    /// Run the backup jobs of the data sets the spec's `require_backup`
+    /// names first, and wait for them to succeed.
+    #[arg(long, conflicts_with = "skip_backup_gate")]
+    pub backup_now: bool,
+    /// Deploy without the fresh backups the spec requires (admin, with
+    /// --reason; audited).
+    #[arg(long, requires = "reason")]
+    pub skip_backup_gate: bool,
+    /// Why the backup gate is skipped (kept in the audit log).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -253,6 +264,17 @@ pub async fn deploy(
     if let Some(image) = &args.image {
         cutover_common::registry::ImageRef::parse(image).context("--image")?;
     }
+    if args.backup_now {
+        super::jobs::backup_now(
+            client,
+            &spec,
+            &args.env,
+            args.service.as_deref(),
+            args.skip_migrate,
+            json,
+        )
+        .await?;
+    }
     let response = client
         .deploy(pb::DeployRequest {
             spec: text,
@@ -265,6 +287,8 @@ pub async fn deploy(
             allow_unreachable: args.allow_unreachable,
             skip_migrate: args.skip_migrate,
             migrate_node: args.migrate_node.unwrap_or_default(),
+            skip_backup_gate: args.skip_backup_gate,
+            reason: args.reason.unwrap_or_default(),
         })
         .await
         .map_err(explain)?

@@ -8,6 +8,7 @@
 //! turns due ticks into runs, `runner` sees each run to its end.
 
 pub mod cron;
+pub mod recovery;
 mod runner;
 mod scheduler;
 pub mod spec;

@@ -216,6 +216,28 @@ pub fn is_production(env: &str) -> bool {
     matches!(env, "production" | "prod")
 }
 
+/// A backup gate (`require_backup`) must name a data set one of the
+/// spec's backup jobs backs up.
+pub fn check_gate(spec: &AppSpec, gate: &super::recovery::RequireBackup) -> Result<(), String> {
+    let backed_up: Vec<&String> = spec
+        .jobs
+        .values()
+        .filter(|j| j.kind == JobKind::Backup)
+        .filter_map(|j| j.dataset.as_ref())
+        .collect();
+    if backed_up.contains(&&gate.dataset) {
+        return Ok(());
+    }
+    Err(match backed_up.is_empty() {
+        true => format!("{:?} is not backed up by any job of this spec; add a [jobs.NAME] with kind = \"backup\" and dataset = {:?}", gate.dataset, gate.dataset),
+        false => format!(
+            "{:?} is not backed up by any job of this spec; the backed-up data sets are {}",
+            gate.dataset,
+            backed_up.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    })
+}
+
 /// Checks every job of a spec.
 pub fn check_all(spec: &AppSpec) -> Result<(), (String, String)> {
     if spec.jobs.len() > MAX_JOBS {

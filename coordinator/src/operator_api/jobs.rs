@@ -162,6 +162,53 @@ impl OperatorApi {
     }
 }
 
+impl OperatorApi {
+    pub(super) async fn handle_get_recovery_status(
+        &self,
+        request: Request<pb::GetRecoveryStatusRequest>,
+    ) -> Result<Response<pb::RecoveryStatus>, Status> {
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "get_recovery_status",
+                &serde_json::Value::Null,
+            )
+            .await?;
+        let env = request.into_inner().env;
+        let datasets = self
+            .jobs
+            .recovery_status((!env.is_empty()).then_some(env.as_str()))
+            .await?;
+        // Runs without their output: reading it needs deploy rights.
+        let brief = |run: Option<JobRun>| {
+            run.map(|run| pb::JobRun {
+                output_tail: String::new(),
+                ..run_info(run)
+            })
+        };
+        Ok(Response::new(pb::RecoveryStatus {
+            datasets: datasets
+                .into_iter()
+                .map(|d| pb::DatasetRecovery {
+                    app: d.app,
+                    dataset: d.dataset,
+                    env: d.env,
+                    rpo_ms: d.rpo_ms.unwrap_or(0),
+                    rto_ms: d.rto_ms.unwrap_or(0),
+                    last_backup: brief(d.last_backup),
+                    backup_age_ms: d.backup_age_ms.unwrap_or(0),
+                    failed_backup: brief(d.failed_backup),
+                    last_drill: brief(d.last_drill),
+                    passed_drill: brief(d.passed_drill),
+                    verdict: d.verdict.as_str().to_string(),
+                    reasons: d.reasons,
+                })
+                .collect(),
+        }))
+    }
+}
+
 fn kind(kind: JobKind) -> pb::JobKind {
     match kind {
         JobKind::Job => pb::JobKind::Job,

@@ -328,4 +328,11 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<pb::Job>, Status> {
         self.handle_set_job_paused(request).await
     }
+
+    async fn get_recovery_status(
+        &self,
+        request: Request<pb::GetRecoveryStatusRequest>,
+    ) -> Result<Response<pb::RecoveryStatus>, Status> {
+        self.handle_get_recovery_status(request).await
+    }
 }

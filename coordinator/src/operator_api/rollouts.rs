@@ -160,10 +160,24 @@ impl OperatorApi {
             "allow_unreachable": r.allow_unreachable,
             "skip_migrate": r.skip_migrate,
             "migrate_node": r.migrate_node,
+            "skip_backup_gate": r.skip_backup_gate,
+            "reason": r.reason,
         });
         let env = r.env.clone();
-        self.audited(request, Need::Deploy(&env), "deploy", args, |caller, r| {
-            self.deploy_as(caller, r)
+        // Deploying without the backups the spec requires is an admin's
+        // call, with a reason.
+        let need = if r.skip_backup_gate {
+            Need::Admin
+        } else {
+            Need::Deploy(&env)
+        };
+        self.audited(request, need, "deploy", args, |caller, r| async move {
+            if r.skip_backup_gate && r.reason.trim().is_empty() {
+                return Err(Status::invalid_argument(
+                    "--skip-backup-gate needs --reason TEXT: why deploying without a fresh backup is safe",
+                ));
+            }
+            self.deploy_as(caller, r).await
         })
         .await
     }
@@ -194,6 +208,7 @@ impl OperatorApi {
                 image: Some(r.image).filter(|i| !i.is_empty()),
                 allow_unreachable: r.allow_unreachable,
                 skip_migrate: r.skip_migrate,
+                skip_backup_gate: r.skip_backup_gate,
                 migrate_node: Some(r.migrate_node).filter(|n| !n.is_empty()),
                 may_pin_environments: caller.role == OperatorRole::Admin || caller.envs.is_empty(),
                 by: caller.identity.name,

@@ -98,6 +98,8 @@ pub enum RolloutError {
     NoVersion(String),
     #[error("{0}")]
     EnvironmentPinned(String),
+    #[error("{0}; or an admin deploys without it: --skip-backup-gate --reason TEXT")]
+    BackupGate(String),
     #[error(transparent)]
     Secret(#[from] SecretError),
     #[error(transparent)]

@@ -39,6 +39,9 @@ pub struct DeployRequest {
     pub allow_unreachable: bool,
     /// Leaves the spec's migration out.
     pub skip_migrate: bool,
+    /// Deploys without the fresh backups the spec requires (an admin's
+    /// call, with a reason, audited).
+    pub skip_backup_gate: bool,
     /// The node the migration runs on; `None`: the first that has the
     /// release.
     pub migrate_node: Option<String>,
@@ -138,6 +141,8 @@ impl Rollouts {
         let spec = AppSpec::parse(&request.spec_text, file)?;
         let services = spec.services_for(request.service.as_deref(), file)?;
         let environment = spec.environment(file, &request.env)?;
+        self.check_backup_gates(&spec, &services, environment, request)
+            .await?;
         self.pin_environment(request, &environment.nodes).await?;
         let (pinned, images) = self.pin_images(&spec, &services, request).await?;
         // After what is wrong with the request itself: a missing artifact is
@@ -173,6 +178,40 @@ impl Rollouts {
             }
         }
         Ok(resolved)
+    }
+
+    /// The fresh backups the environment (every deploy) and the migration
+    /// (a deploy that runs it) require, unless an admin skips them.
+    async fn check_backup_gates(
+        &self,
+        spec: &AppSpec,
+        services: &[String],
+        environment: &crate::spec::EnvironmentSpec,
+        request: &DeployRequest,
+    ) -> Result<(), RolloutError> {
+        if request.skip_backup_gate {
+            return Ok(());
+        }
+        let migration = spec
+            .migrate
+            .as_ref()
+            .filter(|m| !request.skip_migrate && services.contains(&m.service))
+            .and_then(|m| m.require_backup.as_ref());
+        for gate in environment.require_backup.iter().chain(migration) {
+            let now_ms = self.registry.now_ms();
+            let refusal = crate::jobs::recovery::check_gate(
+                &self.store,
+                &spec.app,
+                &request.env,
+                gate,
+                now_ms,
+            )
+            .await?;
+            if let Some(refusal) = refusal {
+                return Err(RolloutError::BackupGate(refusal));
+            }
+        }
+        Ok(())
     }
 
     /// Which nodes an environment covers is the coordinator's to keep, not

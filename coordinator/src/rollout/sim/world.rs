@@ -567,6 +567,7 @@ async fn deploy(
             image: None,
             allow_unreachable,
             skip_migrate: false,
+            skip_backup_gate: false,
             migrate_node: None,
             by: "op".into(),
             may_pin_environments: true,
