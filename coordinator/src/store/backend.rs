@@ -128,16 +128,20 @@ pub type LogFilter<'a> = &'a (dyn Fn(&[u8]) -> bool + Send + Sync);
 /// Builds a log record once its sequence number is known.
 pub type LogRecord = Box<dyn FnOnce(u64) -> Vec<u8> + Send>;
 
+/// A table's (key, value) pairs in key order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A log's (sequence number, record) pairs, oldest first.
+pub type Records = Vec<(u64, Vec<u8>)>;
+
 /// Every table and log of a backend as of one instant (see
 /// `Backend::snapshot`): what a backup of the coordinator holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Every table of `Table::ALL`, each with its (key, value) pairs in key
-    /// order.
-    pub tables: Vec<(Table, Vec<(Vec<u8>, Vec<u8>)>)>,
-    /// Every log of `Log::ALL`, each with its (sequence number, record)
-    /// pairs, oldest first.
-    pub logs: Vec<(Log, Vec<(u64, Vec<u8>)>)>,
+    /// Every table of `Table::ALL` with its rows.
+    pub tables: Vec<(Table, Rows)>,
+    /// Every log of `Log::ALL` with its records.
+    pub logs: Vec<(Log, Records)>,
     /// At least every sequence number handed out before the cut, also of
     /// records pruned since: a restored backend hands out greater ones.
     pub last_seq: u64,
