@@ -5,6 +5,7 @@ pub mod access;
 pub mod agent_api;
 pub mod artifacts;
 pub mod auth;
+pub mod backup;
 pub mod ca;
 pub mod clock;
 pub mod config;

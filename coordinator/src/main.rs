@@ -115,6 +115,12 @@ enum Commands {
         #[command(subcommand)]
         action: cli::access::SecretCommand,
     },
+    /// Back up the coordinator's store while it runs, or restore a backup
+    /// into an empty data dir.
+    Admin {
+        #[command(subcommand)]
+        action: cli::backup::AdminCommand,
+    },
     /// A local cluster on loopback for development and demos.
     Dev {
         #[command(subcommand)]
@@ -385,6 +391,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let mut client = cli.connect.operator_client().await?;
             cli::logs::audit(&mut client, args, json).await?;
         }
+        Commands::Admin { action } => cli::backup::admin(&cli.connect, action, json).await?,
         Commands::Dev { action } => match action {
             DevAction::Up(args) => cli::dev::up(args).await?,
             DevAction::Down { dir } => cli::dev::down(&dir)?,

@@ -176,6 +176,21 @@ impl MasterKeys {
         &self.keys[0].id
     }
 
+    /// Whether every kept version of `record` opens with these keys: what
+    /// a store restored from a backup needs of the key file beside it.
+    pub fn opens(&self, record: &SecretRecord) -> Result<(), SecretError> {
+        for version in &record.versions {
+            let aad = aad(&record.env, &record.name, version.version);
+            self.open(version, &aad)
+                .map_err(|reason| SecretError::Corrupt {
+                    env: record.env.clone(),
+                    name: record.name.clone(),
+                    reason,
+                })?;
+        }
+        Ok(())
+    }
+
     fn seal(&self, plaintext: &[u8], aad: &[u8]) -> (String, String, String) {
         let key = &self.keys[0];
         let mut nonce = [0u8; 12];

@@ -1,5 +1,6 @@
 pub mod access;
 pub mod artifacts;
+pub mod backup;
 pub mod ca;
 pub mod client;
 pub mod deployments;

@@ -7,6 +7,7 @@
 //! Which gRPC code a domain error answers with is decided in `errors`.
 
 mod artifacts;
+mod backup;
 mod ca;
 mod errors;
 mod events;
@@ -334,5 +335,14 @@ impl OperatorService for OperatorApi {
         request: Request<pb::GetRecoveryStatusRequest>,
     ) -> Result<Response<pb::RecoveryStatus>, Status> {
         self.handle_get_recovery_status(request).await
+    }
+
+    type BackupStoreStream = backup::BackupStream;
+
+    async fn backup_store(
+        &self,
+        request: Request<pb::BackupStoreRequest>,
+    ) -> Result<Response<Self::BackupStoreStream>, Status> {
+        self.handle_backup_store(request).await
     }
 }

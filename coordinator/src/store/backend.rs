@@ -136,6 +136,25 @@ pub type LogFilter<'a> = &'a (dyn Fn(&[u8]) -> bool + Send + Sync);
 /// Builds a log record once its sequence number is known.
 pub type LogRecord = Box<dyn FnOnce(u64) -> Vec<u8> + Send>;
 
+/// A table's (key, value) pairs in key order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A log's (sequence number, record) pairs, oldest first.
+pub type Records = Vec<(u64, Vec<u8>)>;
+
+/// Every table and log of a backend as of one instant (see
+/// `Backend::snapshot`): what a backup of the coordinator holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every table of `Table::ALL` with its rows.
+    pub tables: Vec<(Table, Rows)>,
+    /// Every log of `Log::ALL` with its records.
+    pub logs: Vec<(Log, Records)>,
+    /// At least every sequence number handed out before the cut, also of
+    /// records pruned since: a restored backend hands out greater ones.
+    pub last_seq: u64,
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError>;
@@ -195,4 +214,17 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Makes every write so far durable.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Every table and log as of one instant while writes go on: each
+    /// write is in it whole or not at all, and one it holds comes with
+    /// every write that returned before that one started. The store is
+    /// crash-consistent between any two writes, so such a cut is a state
+    /// the coordinator starts from like after a crash. (etcd: every range
+    /// read at one revision.)
+    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// Loads `snapshot` into this backend, which must hold no record
+    /// (`StoreError::NotEmpty` otherwise); appends after it get sequence
+    /// numbers above `snapshot.last_seq`. Durable when it returns.
+    async fn restore(&self, snapshot: Snapshot) -> Result<(), StoreError>;
 }

@@ -2,7 +2,8 @@
 //! instantiates with `suite!`: round trips, prefix scans, conditional
 //! writes and their exclusivity under concurrency (also between two
 //! coordinators sharing one backend), counters, logs with gaps, reopening,
-//! and acknowledged writes surviving SIGKILL.
+//! acknowledged writes surviving SIGKILL, and snapshots
+//! (`snapshot_conformance`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -67,6 +68,21 @@ macro_rules! suite {
         #[tokio::test]
         async fn records_keep_their_order_and_survive_reopen() {
             $crate::store::conformance::records_keep_their_order_and_survive_reopen(&$opener).await;
+        }
+
+        #[tokio::test]
+        async fn snapshots_restore_every_table_and_log_into_an_empty_store() {
+            $crate::store::snapshot_conformance::snapshots_restore_every_table_and_log_into_an_empty_store(&$opener).await;
+        }
+
+        #[tokio::test]
+        async fn a_restore_refuses_a_store_holding_only_log_records() {
+            $crate::store::snapshot_conformance::a_restore_refuses_a_store_holding_only_log_records(&$opener).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn a_snapshot_is_one_instant_while_writes_go_on() {
+            $crate::store::snapshot_conformance::a_snapshot_is_one_instant_while_writes_go_on(&$opener).await;
         }
     };
 }

@@ -254,4 +254,9 @@ impl Kv {
     pub(super) async fn flush(&self) -> Result<(), StoreError> {
         self.backend.flush().await
     }
+
+    /// The backend itself, for what spans every table (snapshots).
+    pub(super) fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
 }

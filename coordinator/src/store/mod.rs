@@ -19,11 +19,13 @@ mod releases;
 mod rollouts;
 mod secrets;
 mod sled_backend;
+#[cfg(test)]
+pub(crate) mod snapshot_conformance;
 
 use std::sync::Arc;
 
 pub use access::AccessRepo;
-pub use backend::{Backend, Revision};
+pub use backend::{Backend, Revision, Snapshot};
 pub use jobs::*;
 pub use nodes::{EventLog, NodeRepo};
 pub use pki::PkiRepo;
@@ -41,6 +43,9 @@ pub enum StoreError {
     Backend(String),
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    /// A restore found records already there (`what` names where).
+    #[error("the store is not empty ({what} holds records); restore only into an empty store")]
+    NotEmpty { what: String },
 }
 
 /// Which records of a log (events, audit) a read returns. Sequence numbers
@@ -119,5 +124,17 @@ impl Store {
     /// Makes every write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.kv.flush().await
+    }
+
+    /// Every table and log as of one instant, while writes go on (see
+    /// `Backend::snapshot`).
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.kv.backend().snapshot().await
+    }
+
+    /// Loads a snapshot into this store, which must be empty (see
+    /// `Backend::restore`).
+    pub async fn restore(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        self.kv.backend().restore(snapshot).await
     }
 }
