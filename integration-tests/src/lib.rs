@@ -10,6 +10,7 @@ pub mod docker;
 pub mod load;
 pub mod netns;
 pub mod pg;
+pub mod pgbackrest;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -213,13 +213,23 @@ impl Steps {
         let stderr = String::from_utf8_lossy(&output.stderr);
         self.transcript.push(stderr.as_bytes());
         if !output.status.success() {
-            return Err(failed(
-                step,
-                format!("{}: {}", output.status, last_line(&stderr)),
-            ));
+            return Err(failed(step, format!("{}: {}", output.status, why(&stderr))));
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
+}
+
+/// Why a command failed: its first error line (psql follows it with
+/// the query and a caret), else its last line.
+fn why(text: &str) -> &str {
+    text.lines()
+        .map(str::trim)
+        .find(|line| {
+            ["ERROR:", "FATAL:", "error:"]
+                .iter()
+                .any(|e| line.contains(e))
+        })
+        .unwrap_or_else(|| last_line(text))
 }
 
 /// The last line with something on it: where a command says why it failed.
@@ -239,6 +249,9 @@ mod tests {
     fn the_last_line_skips_blank_ones() {
         assert_eq!(last_line("a\nERROR: boom\n\n  \n"), "ERROR: boom");
         assert_eq!(last_line(""), "(no output)");
+        let psql = "ERROR:  relation \"t\" does not exist\nLINE 1: select * from t\n                      ^\n";
+        assert_eq!(why(psql), "ERROR:  relation \"t\" does not exist");
+        assert_eq!(why("a\nb\n"), "b");
     }
 
     #[tokio::test]

@@ -1,0 +1,409 @@
+//! Backups and restore drills on a node, as the coordinator sends them
+//! (RunRecovery through a real coordinator to a real agent), against a
+//! real PostgreSQL with WAL archived by a real pgBackRest: each test has
+//! a cluster and a repository of its own (`PgBackRestCluster`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use cutover_integration_tests::pgbackrest::{listening, PgBackRestCluster};
+use cutover_integration_tests::{Cluster, Tuning};
+use cutover_proto::v1::{self as pb, recovery_check::Expect, run_recovery};
+use serde_json::Value;
+
+const SHOP: &str = "shop";
+
+/// A cluster with a `shop` database whose `orders` table has `rows` rows.
+fn shop(rows: u32) -> PgBackRestCluster {
+    let pg = PgBackRestCluster::start();
+    pg.psql("postgres", "create database shop");
+    pg.psql(
+        SHOP,
+        "create table orders (id serial primary key, created_at timestamptz not null default now())",
+    );
+    add_orders(&pg, rows);
+    pg
+}
+
+fn add_orders(pg: &PgBackRestCluster, rows: u32) {
+    pg.psql(
+        SHOP,
+        &format!("insert into orders (created_at) select now() from generate_series(1, {rows})"),
+    );
+}
+
+fn backup(id: &str, pg: &PgBackRestCluster, kind: pb::recovery_backup::Type) -> pb::Command {
+    pb::Command {
+        command_id: id.into(),
+        kind: Some(pb::command::Kind::RunRecovery(pb::RunRecovery {
+            timeout_ms: 120_000,
+            target: Some(pg.target()),
+            action: Some(run_recovery::Action::Backup(pb::RecoveryBackup {
+                r#type: kind as i32,
+            })),
+        })),
+    }
+}
+
+fn drill(
+    id: &str,
+    pg: &PgBackRestCluster,
+    drill: pb::RestoreDrill,
+    timeout_ms: u64,
+) -> pb::Command {
+    pb::Command {
+        command_id: id.into(),
+        kind: Some(pb::command::Kind::RunRecovery(pb::RunRecovery {
+            timeout_ms,
+            target: Some(pg.target()),
+            action: Some(run_recovery::Action::RestoreDrill(pb::RestoreDrill {
+                scratch_parent: pg.scratch_parent().display().to_string(),
+                ..drill
+            })),
+        })),
+    }
+}
+
+fn check(name: &str, sql: &str, expect: Expect) -> pb::RecoveryCheck {
+    pb::RecoveryCheck {
+        name: name.into(),
+        sql: sql.into(),
+        database: SHOP.into(),
+        expect: Some(expect),
+    }
+}
+
+fn orders_are(count: u32) -> pb::RecoveryCheck {
+    check(
+        "orders",
+        "select count(*) from orders",
+        Expect::Equals(count.to_string()),
+    )
+}
+
+/// Runs `command` on node-1 and returns its RecoveryResult and the
+/// progress steps that came before it.
+async fn recovery(cluster: &Cluster, command: pb::Command) -> (pb::RecoveryResult, Vec<String>) {
+    let (result, steps) = cluster.run_command("node-1", command).await;
+    assert_eq!(
+        result.status,
+        pb::CommandStatus::Succeeded as i32,
+        "{result:?}"
+    );
+    match result.output {
+        Some(pb::command_result::Output::Recovery(recovery)) => (recovery, steps),
+        other => panic!("expected a recovery result, got {other:?}"),
+    }
+}
+
+fn facts(result: &pb::RecoveryResult) -> Value {
+    serde_json::from_str(&result.facts_json).expect("facts are a JSON object")
+}
+
+fn now_s() -> i64 {
+    cutover_common::now_ms() / 1000
+}
+
+/// Nothing of a drill is left: its dir, its server's port, its processes.
+fn assert_nothing_left(pg: &PgBackRestCluster, facts: &Value) {
+    let scratch = facts["scratch_dir"]
+        .as_str()
+        .expect("the drill made a scratch dir");
+    assert!(!Path::new(scratch).exists(), "{scratch} is still there");
+    let leftovers: Vec<_> = std::fs::read_dir(pg.scratch_parent()).unwrap().collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A drill cut short before its server started has no port.
+    if let Some(port) = facts["port"].as_u64() {
+        assert!(
+            !listening(port as u16),
+            "something still listens on the scratch port {port}"
+        );
+    }
+    let processes = processes_mentioning(scratch);
+    assert!(processes.is_empty(), "still running: {processes:?}");
+}
+
+/// Command lines of running processes that mention `text`.
+fn processes_mentioning(text: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(text))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_then_incremental_backups_report_their_facts_once() {
+    let pg = shop(1000);
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
+
+    let before = now_s();
+    let (full, steps) =
+        recovery(&cluster, backup("b1", &pg, pb::recovery_backup::Type::Full)).await;
+    assert!(full.passed, "{full:?}");
+    assert!(
+        steps.iter().any(|s| s == "output"),
+        "pgbackrest's output streams: {steps:?}"
+    );
+    assert!(
+        full.output_tail
+            .contains("backup command end: completed successfully"),
+        "{}",
+        full.output_tail
+    );
+    let f = facts(&full);
+    let label = f["label"].as_str().unwrap().to_string();
+    assert!(label.ends_with('F'), "{f}");
+    assert_eq!(f["type"], "full");
+    assert_eq!(f["prior"], Value::Null);
+    assert_eq!(
+        f["pg_version"],
+        pg.bin_dir()
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
+    for key in [
+        "size_bytes",
+        "delta_bytes",
+        "repo_size_bytes",
+        "repo_delta_bytes",
+    ] {
+        assert!(f[key].as_u64().unwrap() > 0, "{key}: {f}");
+    }
+    let (started, stopped) = (
+        f["started_at"].as_i64().unwrap(),
+        f["stopped_at"].as_i64().unwrap(),
+    );
+    assert!(
+        before - 1 <= started && started <= stopped && stopped <= now_s(),
+        "{f}"
+    );
+    assert_eq!(f["data_time"], f["stopped_at"]);
+    assert_eq!(full.data_time_ms, stopped * 1000);
+    let wal_stop = f["wal_stop"].as_str().unwrap();
+    assert_eq!(wal_stop.len(), 24, "{f}");
+    assert!(f["archive_max"].as_str().unwrap() >= wal_stop, "{f}");
+    assert!(
+        f["archive_min"].as_str().unwrap() <= f["wal_start"].as_str().unwrap(),
+        "{f}"
+    );
+
+    add_orders(&pg, 500);
+    let (incr, _) = recovery(&cluster, backup("b2", &pg, pb::recovery_backup::Type::Incr)).await;
+    assert!(incr.passed, "{incr:?}");
+    let i = facts(&incr);
+    assert_eq!(i["type"], "incr");
+    assert_eq!(i["prior"], label.as_str());
+    let incr_label = i["label"].as_str().unwrap();
+    assert!(
+        incr_label.starts_with(&format!("{label}_")) && incr_label.ends_with('I'),
+        "{i}"
+    );
+    assert!(
+        i["delta_bytes"].as_u64().unwrap() < i["size_bytes"].as_u64().unwrap(),
+        "{i}"
+    );
+    assert!(i["started_at"].as_i64().unwrap() >= stopped, "{i}");
+    assert!(
+        incr.data_time_ms >= full.data_time_ms && incr.data_time_ms <= cutover_common::now_ms(),
+        "{incr:?}"
+    );
+
+    // The same id again: the stored result, not a third backup.
+    let (again, _) = cluster
+        .run_command("node-1", backup("b2", &pg, pb::recovery_backup::Type::Incr))
+        .await;
+    assert!(again.replayed, "{again:?}");
+    let listed = pg.pgbackrest(&["info", "--output=json"]);
+    let info: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(info[0]["backup"].as_array().unwrap().len(), 2, "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_has_the_rows_up_to_the_archive_or_up_to_the_backup() {
+    let pg = shop(1000);
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
+    let (full, _) = recovery(&cluster, backup("b1", &pg, pb::recovery_backup::Type::Full)).await;
+    assert!(full.passed, "{full:?}");
+    let written = cutover_common::now_ms();
+    add_orders(&pg, 500);
+    pg.archive_now();
+
+    let latest = pb::RestoreDrill {
+        checks: vec![
+            orders_are(1500),
+            check(
+                "fresh",
+                "select max(created_at) from orders",
+                Expect::MaxAgeMs(3_600_000),
+            ),
+            check(
+                "no gaps",
+                "select count(*) from orders where id > 1500",
+                Expect::AtMost(0.0),
+            ),
+        ],
+        freshness_sql: "select max(created_at) from orders".into(),
+        freshness_database: SHOP.into(),
+        ..Default::default()
+    };
+    let started = cutover_common::now_ms();
+    let (result, _) = recovery(&cluster, drill("d1", &pg, latest, 120_000)).await;
+    assert!(result.passed, "{}\n{result:?}", result.reason);
+    assert_eq!(result.reason, "");
+    let names: Vec<_> = result
+        .checks
+        .iter()
+        .map(|c| (c.name.as_str(), c.passed))
+        .collect();
+    assert_eq!(
+        names,
+        [("orders", true), ("fresh", true), ("no gaps", true)]
+    );
+    assert_eq!(result.checks[0].value, "1500");
+    // The measured recovery point: the newest order, written after the
+    // backup and restored from the archived WAL.
+    assert!(
+        result.data_time_ms >= written && result.data_time_ms <= started,
+        "{result:?}"
+    );
+    let f = facts(&result);
+    assert_eq!(f["data_time_source"], "freshness_sql");
+    assert_eq!(f["recovery_target"], "latest");
+    assert_eq!(f["backup_label"], facts(&full)["label"]);
+    // The measured recovery time covers its steps.
+    let steps: u64 = ["restore_ms", "recovery_ms", "checks_ms"]
+        .iter()
+        .map(|k| f[k].as_u64().unwrap_or_else(|| panic!("{k}: {f}")))
+        .sum();
+    assert!(result.duration_ms >= steps && steps > 0, "{f} {result:?}");
+    assert!(result.duration_ms <= cutover_common::now_ms().saturating_sub(started) as u64);
+    assert_nothing_left(&pg, &f);
+
+    // The backup alone: the rows written after it are not there.
+    let immediate = pb::RestoreDrill {
+        recovery_target: pb::restore_drill::Target::Immediate as i32,
+        checks: vec![orders_are(1000)],
+        ..Default::default()
+    };
+    let (result, _) = recovery(&cluster, drill("d2", &pg, immediate, 120_000)).await;
+    assert!(result.passed, "{}\n{result:?}", result.reason);
+    let f = facts(&result);
+    assert_eq!(f["recovery_target"], "immediate");
+    assert!(result.data_time_ms < written, "{f} {result:?}");
+    assert_nothing_left(&pg, &f);
+
+    // The scratch copies never pushed WAL into the repository: the
+    // cluster's own archive still ends where it archived last.
+    let info: Value =
+        serde_json::from_slice(&pg.pgbackrest(&["info", "--output=json"]).stdout).unwrap();
+    let archived = pg.psql("postgres", "select last_archived_wal from pg_stat_archiver");
+    assert_eq!(info[0]["archive"][0]["max"], archived.as_str(), "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_check_fails_the_drill_naming_it_and_leaves_nothing_behind() {
+    let pg = shop(1000);
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
+    let (full, _) = recovery(&cluster, backup("b1", &pg, pb::recovery_backup::Type::Full)).await;
+    assert!(full.passed, "{full:?}");
+
+    let checks = pb::RestoreDrill {
+        checks: vec![
+            check(
+                "some orders",
+                "select count(*) from orders",
+                Expect::AtLeast(1.0),
+            ),
+            check(
+                "enough orders",
+                "select count(*) from orders",
+                Expect::AtLeast(2000.0),
+            ),
+            check(
+                "customers",
+                "select count(*) from customers",
+                Expect::AtLeast(1.0),
+            ),
+        ],
+        ..Default::default()
+    };
+    let (result, _) = recovery(&cluster, drill("d1", &pg, checks, 120_000)).await;
+    assert!(!result.passed, "{result:?}");
+    assert_eq!(
+        result.reason,
+        "check \"enough orders\" failed: expected at least 2000, saw 1000"
+    );
+    let seen: Vec<_> = result
+        .checks
+        .iter()
+        .map(|c| (c.name.as_str(), c.value.as_str(), c.passed))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("some orders", "1000", true),
+            ("enough orders", "1000", false),
+            ("customers", "", false)
+        ]
+    );
+    assert!(
+        result.checks[2]
+            .detail
+            .contains("relation \"customers\" does not exist"),
+        "{:?}",
+        result.checks[2]
+    );
+    let f = facts(&result);
+    assert_eq!(f["data_time_source"], "backup_stop", "{f}");
+    assert_eq!(
+        result.data_time_ms,
+        facts(&full)["stopped_at"].as_i64().unwrap() * 1000
+    );
+    assert_nothing_left(&pg, &f);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_past_its_timeout_is_killed_and_cleaned_up() {
+    let pg = shop(10);
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
+    let (full, _) = recovery(&cluster, backup("b1", &pg, pb::recovery_backup::Type::Full)).await;
+    assert!(full.passed, "{full:?}");
+
+    let hangs = pb::RestoreDrill {
+        checks: vec![check(
+            "slow",
+            "select pg_sleep(600)",
+            Expect::Equals(String::new()),
+        )],
+        ..Default::default()
+    };
+    let timeout = Duration::from_secs(20);
+    let (result, _) = recovery(
+        &cluster,
+        drill("d1", &pg, hangs, timeout.as_millis() as u64),
+    )
+    .await;
+    assert!(!result.passed, "{result:?}");
+    assert!(
+        result
+            .reason
+            .starts_with("still running at its timeout of 20s during "),
+        "{}",
+        result.reason
+    );
+    assert!(
+        result.duration_ms >= timeout.as_millis() as u64,
+        "{result:?}"
+    );
+    assert!(result.checks.iter().all(|c| !c.passed), "{result:?}");
+    assert_nothing_left(&pg, &facts(&result));
+}
