@@ -197,6 +197,24 @@ impl PgBackRestCluster {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
     }
 
+    /// pgbench against `database` as the superuser through the socket, as
+    /// a command to run or spawn; `args` before the database name.
+    pub fn pgbench(&self, database: &str, args: &[&str]) -> Command {
+        let mut command = self.command(&self.bin("pgbench"));
+        command
+            .args([
+                "-h",
+                &path(self.dir()),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .args(args)
+            .arg(database);
+        command
+    }
+
     /// Closes the current WAL segment and waits until it is in the
     /// repository: what was committed before is then restorable by
     /// replaying the archive.
@@ -253,8 +271,16 @@ impl PgBackRestCluster {
         )
     }
 
-    /// Runs `program args` as the OS user, in a dir it may enter.
+    /// Runs `program args` as the OS user.
     fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+    }
+
+    /// `program` as the OS user runs it, in a dir it may enter.
+    fn command(&self, program: &str) -> Command {
         let mut command = if nix::unistd::geteuid().is_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", &self.os_user, "--", program]);
@@ -262,11 +288,8 @@ impl PgBackRestCluster {
         } else {
             Command::new(program)
         };
+        command.current_dir(self.dir());
         command
-            .args(args)
-            .current_dir(self.dir())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
     }
 
     fn expect_ok(&self, what: &str, program: &str, args: &[&str]) {

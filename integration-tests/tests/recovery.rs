@@ -272,10 +272,13 @@ async fn a_drill_has_the_rows_up_to_the_archive_or_up_to_the_backup() {
     // The measured recovery point: the newest order, written after the
     // backup and restored from the archived WAL.
     assert!(
-        result.data_time_ms >= written && result.data_time_ms <= started,
+        written <= result.data_time_ms && result.data_time_ms <= result.recovered_at_ms,
         "{result:?}"
     );
+    assert!(started <= result.recovered_at_ms, "{result:?}");
     let f = facts(&result);
+    let age = f["data_age_seconds"].as_f64().expect("a data age");
+    assert!((0.0..60.0).contains(&age), "{f}");
     assert_eq!(f["data_time_source"], "freshness_sql");
     assert_eq!(f["recovery_target"], "latest");
     assert_eq!(f["backup_label"], facts(&full)["label"]);
@@ -406,4 +409,147 @@ async fn a_drill_past_its_timeout_is_killed_and_cleaned_up() {
     );
     assert!(result.checks.iter().all(|c| !c.passed), "{result:?}");
     assert_nothing_left(&pg, &facts(&result));
+}
+
+/// Figures for docs/benchmarks.md (integration-tests/bench/recovery.sh):
+/// a pgbench database of scale PGBENCH_SCALE (default 70, about 1 GB), a
+/// full backup, an incremental one after some writes, and a drill of the
+/// latest backup plus the WAL archived since while pgbench keeps writing;
+/// the times and sizes as the agent measured them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark of minutes: integration-tests/bench/recovery.sh"]
+async fn recovery_figures() {
+    use std::os::unix::process::CommandExt as _;
+
+    let scale: u32 = std::env::var("PGBENCH_SCALE")
+        .ok()
+        .map(|s| s.parse().expect("PGBENCH_SCALE is a number"))
+        .unwrap_or(70);
+    let pg = PgBackRestCluster::start();
+    pg.psql("postgres", "create database bench");
+    let timed = std::time::Instant::now();
+    let init = pg
+        .pgbench("bench", &["-i", "-q", "-s", &scale.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let init_s = timed.elapsed().as_secs_f64();
+    let db_bytes: u64 = pg
+        .psql("bench", "select pg_database_size('bench')")
+        .parse()
+        .unwrap();
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
+    let within = Duration::from_secs(3600);
+    let run = |id: &'static str, command: pb::Command| {
+        let cluster = &cluster;
+        async move {
+            let (result, _) = cluster.run_command_within("node-1", command, within).await;
+            let Some(pb::command_result::Output::Recovery(recovery)) = result.output else {
+                panic!("{id}: {result:?}");
+            };
+            assert!(
+                recovery.passed,
+                "{id}: {}\n{}",
+                recovery.reason, recovery.output_tail
+            );
+            recovery
+        }
+    };
+    let full = run("full", backup("full", &pg, pb::recovery_backup::Type::Full)).await;
+    let writes = pg
+        .pgbench("bench", &["-c", "4", "-j", "2", "-T", "20", "-n"])
+        .output()
+        .unwrap();
+    assert!(
+        writes.status.success(),
+        "{}",
+        String::from_utf8_lossy(&writes.stderr)
+    );
+    let incr = run("incr", backup("incr", &pg, pb::recovery_backup::Type::Incr)).await;
+
+    // Writes go on during the drill: the archive is as far behind as a
+    // real one would be when the primary is lost.
+    let mut load = pg
+        .pgbench("bench", &["-c", "2", "-j", "1", "-T", "3600", "-n"])
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let accounts = u64::from(scale) * 100_000;
+    let verify = pb::RestoreDrill {
+        checks: vec![
+            check(
+                "accounts",
+                "select count(*) from pgbench_accounts",
+                Expect::Equals(accounts.to_string()),
+            ),
+            check(
+                "history fresh",
+                "select max(mtime) at time zone current_setting('TimeZone') from pgbench_history",
+                Expect::MaxAgeMs(15 * 60 * 1000),
+            ),
+        ]
+        .into_iter()
+        .map(|c| pb::RecoveryCheck {
+            database: "bench".into(),
+            ..c
+        })
+        .collect(),
+        freshness_sql:
+            "select max(mtime) at time zone current_setting('TimeZone') from pgbench_history".into(),
+        freshness_database: "bench".into(),
+        ..Default::default()
+    };
+    let drill_start = cutover_common::now_ms();
+    let drilled = run(
+        "drill",
+        drill("drill", &pg, verify, within.as_millis() as u64),
+    )
+    .await;
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(load.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = load.wait();
+
+    let (f, i, d) = (facts(&full), facts(&incr), facts(&drilled));
+    let mib = |v: &Value| v.as_u64().unwrap_or_default() as f64 / 1_048_576.0;
+    let secs = |ms: u64| ms as f64 / 1000.0;
+    println!(
+        "pgbench scale {scale}: database {:.0} MiB, pgbench -i {init_s:.1} s",
+        db_bytes as f64 / 1_048_576.0
+    );
+    println!("| step | time | size | in the repository |");
+    println!("|---|---|---|---|");
+    println!(
+        "| full backup | {:.1} s | {:.0} MiB | {:.0} MiB |",
+        secs(full.duration_ms),
+        mib(&f["size_bytes"]),
+        mib(&f["repo_size_bytes"])
+    );
+    println!(
+        "| incremental backup (after 20 s of pgbench) | {:.1} s | {:.0} MiB copied | {:.0} MiB |",
+        secs(incr.duration_ms),
+        mib(&i["delta_bytes"]),
+        mib(&i["repo_delta_bytes"])
+    );
+    println!(
+        "| restore drill (latest: backup + archived WAL) | {:.1} s | restore {:.1} s, start and recovery {:.1} s, checks {:.1} s | clean-up {:.1} s |",
+        secs(drilled.duration_ms),
+        secs(d["restore_ms"].as_u64().unwrap()),
+        secs(d["recovery_ms"].as_u64().unwrap()),
+        secs(d["checks_ms"].as_u64().unwrap()),
+        secs(d["cleanup_ms"].as_u64().unwrap()),
+    );
+    println!(
+        "measured RPO (recovery end - newest restored pgbench_history row): {:.1} s; the drill started {:.1} s before its recovery ended",
+        (drilled.recovered_at_ms - drilled.data_time_ms) as f64 / 1000.0,
+        (drilled.recovered_at_ms - drill_start) as f64 / 1000.0,
+    );
+    println!("drill facts: {d}");
 }

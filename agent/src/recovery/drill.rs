@@ -42,6 +42,7 @@ pub(super) struct Report {
     pub checks: Vec<pb::RecoveryCheckResult>,
     pub duration: Duration,
     pub data_time_ms: i64,
+    pub recovered_at_ms: i64,
 }
 
 pub(super) async fn run(steps: &mut Steps, stanza: &Stanza, drill: &Drill) -> Report {
@@ -54,6 +55,7 @@ pub(super) async fn run(steps: &mut Steps, stanza: &Stanza, drill: &Drill) -> Re
         checks: Vec::new(),
         duration: Duration::ZERO,
         data_time_ms: 0,
+        recovered_at_ms: 0,
     };
     report.facts.insert(
         "recovery_target".into(),
@@ -173,6 +175,10 @@ async fn verify_copy(
         role: &drill.db_user,
     };
     scratch.wait_recovered(steps, &psql).await?;
+    report.recovered_at_ms = cutover_common::now_ms();
+    report
+        .facts
+        .insert("recovered_at".into(), json!(report.recovered_at_ms / 1000));
     report.facts.insert(
         "recovery_ms".into(),
         json!(timed.elapsed().as_millis() as u64),
@@ -184,6 +190,12 @@ async fn verify_copy(
     report
         .facts
         .insert("data_time".into(), json!(data_time as i64));
+    // Negative when the data says it is from after the recovery ended (a
+    // freshness query reading a time the application set).
+    let age_ms = report.recovered_at_ms - report.data_time_ms;
+    report
+        .facts
+        .insert("data_age_seconds".into(), json!(age_ms as f64 / 1000.0));
     report
         .facts
         .insert("data_time_source".into(), json!(source));

@@ -204,6 +204,7 @@ pub async fn run(request: &Request, output: mpsc::UnboundedSender<String>) -> pb
                 duration_ms: started.elapsed().as_millis() as u64,
                 data_time_ms,
                 output_tail: steps.tail(),
+                recovered_at_ms: 0,
             }
         }
         Action::Drill(drill) => {
@@ -216,6 +217,7 @@ pub async fn run(request: &Request, output: mpsc::UnboundedSender<String>) -> pb
                 duration_ms: report.duration.as_millis() as u64,
                 data_time_ms: report.data_time_ms,
                 output_tail: steps.tail(),
+                recovered_at_ms: report.recovered_at_ms,
             }
         }
     }
