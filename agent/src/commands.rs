@@ -244,27 +244,11 @@ impl Executor {
         run: &pb::RunTask,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<Option<command_result::Output>, String> {
-        self.journal_result(CommandResult {
-            command_id: command_id.to_string(),
-            status: CommandStatus::Unknown as i32,
-            message: "the agent stopped while the task ran; whether it finished is not known"
-                .into(),
-            replayed: false,
-            output: None,
-        })
-        .map_err(|e| format!("cannot journal the task before it starts: {e}"))?;
-        let (output, mut chunks) = mpsc::unbounded_channel();
-        let forward = async {
-            while let Some(chunk) = chunks.recv().await {
-                self.send(AgentMessage {
-                    kind: Some(agent_message::Kind::CommandProgress(CommandProgress {
-                        command_id: command_id.to_string(),
-                        step: "output".into(),
-                        message: chunk,
-                    })),
-                });
-            }
-        };
+        self.journal_started(
+            command_id,
+            "the agent stopped while the task ran; whether it finished is not known",
+        )?;
+        let (output, chunks) = mpsc::unbounded_channel();
         let run_it = async {
             let ran = self
                 .services
@@ -274,7 +258,7 @@ impl Executor {
                 .map_err(|e| e.to_string())
         };
         // The output is forwarded until the task's sender is dropped.
-        let (ran, ()) = tokio::join!(run_it, forward);
+        let (ran, ()) = tokio::join!(run_it, self.forward_output(command_id, chunks));
         ran
     }
 

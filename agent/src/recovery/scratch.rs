@@ -21,6 +21,8 @@ pub(super) struct Scratch {
     pub data: PathBuf,
     /// Set once the server was started here.
     pub port: Option<u16>,
+    /// Set by `remove`; otherwise dropping it removes what it can.
+    removed: bool,
 }
 
 impl Scratch {
@@ -40,17 +42,22 @@ impl Scratch {
         let data = dir.join("data");
         let mut builder = std::fs::DirBuilder::new();
         builder.mode(0o700);
-        for path in [&dir, &data] {
+        let make = |path: &Path| {
             builder
                 .create(path)
                 .and_then(|()| user.own(path))
-                .map_err(|e| failed(step, format!("{}: {e}", path.display())))?;
-        }
-        Ok(Self {
+                .map_err(|e| failed(step, format!("{}: {e}", path.display())))
+        };
+        make(&dir)?;
+        // From here on, a failure drops it: the dir goes again.
+        let scratch = Self {
             dir,
             data,
             port: None,
-        })
+            removed: false,
+        };
+        make(&scratch.data)?;
+        Ok(scratch)
     }
 
     /// Starts PostgreSQL on the restored data: loopback and a socket in the
@@ -94,7 +101,9 @@ impl Scratch {
             .map(|s| format!("-c {}", shell_quote(s)))
             .collect::<Vec<_>>()
             .join(" ");
-        let wait = steps.remaining(step)?.as_secs().max(1).to_string();
+        // pg_ctl waits a little longer than the drill may: the drill's own
+        // deadline ends it first, and says so.
+        let wait = (steps.remaining(step)?.as_secs() + 10).to_string();
         self.port = Some(port);
         let pg_ctl = bin_dir.join("pg_ctl").display().to_string();
         let args = [
@@ -137,7 +146,11 @@ impl Scratch {
 
     /// Stops the server (if it runs) at once and removes the dir: what
     /// happens after every drill, whatever happened in it.
-    pub async fn remove(self, steps: &mut Steps, bin_dir: Option<&Path>) -> Result<(), Failure> {
+    pub async fn remove(
+        mut self,
+        steps: &mut Steps,
+        bin_dir: Option<&Path>,
+    ) -> Result<(), Failure> {
         let step = "removing the scratch copy";
         if self.running() {
             let stopped = match bin_dir {
@@ -170,6 +183,7 @@ impl Scratch {
                 }
             }
         }
+        self.removed = true;
         let dir = self.dir.clone();
         let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
             .await
@@ -217,6 +231,23 @@ impl Scratch {
                 detail: format!("{detail}; the server log ends:\n{tail}"),
             },
             timed_out @ Failure::TimedOut { .. } => timed_out,
+        }
+    }
+}
+
+/// A drill dropped before its clean-up (the agent stopping mid-drill):
+/// the server is told to stop at once (SIGQUIT, without waiting) and the
+/// dir is removed.
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        if let Some(pid) = self.postmaster_pid() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+        }
+        if let Err(error) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), %error, "cannot remove a drill's scratch copy; remove it by hand");
         }
     }
 }
