@@ -411,6 +411,42 @@ async fn a_drill_past_its_timeout_is_killed_and_cleaned_up() {
     assert_nothing_left(&pg, &facts(&result));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_run_fails_and_a_stanza_without_backups_fails_the_drill() {
+    let pg = PgBackRestCluster::start();
+    let cluster = Cluster::start_ready(1, Tuning::default()).await;
+
+    let mut nameless = drill("d1", &pg, pb::RestoreDrill::default(), 60_000);
+    if let Some(pb::command::Kind::RunRecovery(run)) = nameless.kind.as_mut() {
+        run.target.as_mut().unwrap().stanza.clear();
+    }
+    let (result, _) = cluster.run_command("node-1", nameless).await;
+    assert_eq!(
+        result.status,
+        pb::CommandStatus::Failed as i32,
+        "{result:?}"
+    );
+    assert_eq!(
+        result.message,
+        "run_recovery without a stanza: name the pgBackRest stanza to back up or restore"
+    );
+
+    let (result, _) = recovery(
+        &cluster,
+        drill("d2", &pg, pb::RestoreDrill::default(), 60_000),
+    )
+    .await;
+    assert!(!result.passed, "{result:?}");
+    assert_eq!(
+        result.reason,
+        "pgbackrest info failed: the stanza \"cutover\" has no backup (pgbackrest says: no valid backups): run a backup first"
+    );
+    assert!(std::fs::read_dir(pg.scratch_parent())
+        .unwrap()
+        .next()
+        .is_none());
+}
+
 /// Figures for docs/benchmarks.md (integration-tests/bench/recovery.sh):
 /// a pgbench database of scale PGBENCH_SCALE (default 70, about 1 GB), a
 /// full backup, an incremental one after some writes, and a drill of the
