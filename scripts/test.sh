@@ -31,6 +31,8 @@ need_package promtool prometheus --no-install-recommends
 # links with iptables.
 need_package ip iproute2
 need_package iptables iptables
+# The backup and restore tests back a throw-away cluster up with pgBackRest.
+need_package pgbackrest pgbackrest --no-install-recommends
 
 # The runner: nextest, for its per-test timeouts (.config/nextest.toml);
 # built from crates.io where the machine lacks it.

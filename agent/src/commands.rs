@@ -32,6 +32,7 @@ pub const CAPABILITIES: &[&str] = &[
     "command.run_task",
     "command.run_plain_task",
     "command.read_logs",
+    "command.run_recovery",
     "runtime.process",
     "proxy.http",
 ];
@@ -196,6 +197,7 @@ impl Executor {
                 },
             },
             Some(command::Kind::ReadLogs(read)) => return self.read_logs(command_id, read).await,
+            Some(command::Kind::RunRecovery(run)) => self.run_recovery(&command_id, &run).await,
             Some(command::Kind::ReportState(_)) => {
                 Ok(Some(command_result::Output::NodeState(NodeState {
                     services: self.services.state(),
@@ -250,27 +252,11 @@ impl Executor {
         run: &pb::RunTask,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<Option<command_result::Output>, String> {
-        self.journal_result(CommandResult {
-            command_id: command_id.to_string(),
-            status: CommandStatus::Unknown as i32,
-            message: "the agent stopped while the task ran; whether it finished is not known"
-                .into(),
-            replayed: false,
-            output: None,
-        })
-        .map_err(|e| format!("cannot journal the task before it starts: {e}"))?;
-        let (output, mut chunks) = mpsc::unbounded_channel();
-        let forward = async {
-            while let Some(chunk) = chunks.recv().await {
-                self.send(AgentMessage {
-                    kind: Some(agent_message::Kind::CommandProgress(CommandProgress {
-                        command_id: command_id.to_string(),
-                        step: "output".into(),
-                        message: chunk,
-                    })),
-                });
-            }
-        };
+        self.journal_started(
+            command_id,
+            "the agent stopped while the task ran; whether it finished is not known",
+        )?;
+        let (output, chunks) = mpsc::unbounded_channel();
         let run_it = async {
             let ran = self
                 .services
@@ -280,8 +266,54 @@ impl Executor {
                 .map_err(|e| e.to_string())
         };
         // The output is forwarded until the task's sender is dropped.
-        let (ran, ()) = tokio::join!(run_it, forward);
+        let (ran, ()) = tokio::join!(run_it, self.forward_output(command_id, chunks));
         ran
+    }
+
+    /// Runs a backup or a restore drill once, journaled as started before
+    /// it starts (as a task is). Its output is forwarded as it comes.
+    async fn run_recovery(
+        &self,
+        command_id: &str,
+        run: &pb::RunRecovery,
+    ) -> Result<Option<command_result::Output>, String> {
+        let request = crate::recovery::Request::try_from(run).map_err(|e| e.to_string())?;
+        self.journal_started(
+            command_id,
+            "the agent stopped while the backup or drill ran; whether it finished is not known",
+        )?;
+        let (output, chunks) = mpsc::unbounded_channel();
+        let run_it = crate::recovery::run(&request, output);
+        let (result, ()) = tokio::join!(run_it, self.forward_output(command_id, chunks));
+        Ok(Some(command_result::Output::Recovery(result)))
+    }
+
+    /// Journals `command_id` as UNKNOWN before it starts: an agent that
+    /// stops while it runs answers with that after its restart instead of
+    /// running it a second time.
+    fn journal_started(&self, command_id: &str, message: &str) -> Result<(), String> {
+        self.journal_result(CommandResult {
+            command_id: command_id.to_string(),
+            status: CommandStatus::Unknown as i32,
+            message: message.into(),
+            replayed: false,
+            output: None,
+        })
+        .map_err(|e| format!("cannot journal the command before it starts: {e}"))
+    }
+
+    /// Sends what a command prints as progress ("output") until its sender
+    /// is dropped.
+    async fn forward_output(&self, command_id: &str, mut chunks: mpsc::UnboundedReceiver<String>) {
+        while let Some(chunk) = chunks.recv().await {
+            self.send(AgentMessage {
+                kind: Some(agent_message::Kind::CommandProgress(CommandProgress {
+                    command_id: command_id.to_string(),
+                    step: "output".into(),
+                    message: chunk,
+                })),
+            });
+        }
     }
 
     /// Reads release logs. Not journaled: it changes nothing, a repeated

@@ -9,6 +9,7 @@ pub mod config;
 pub mod enroll;
 pub mod figures;
 pub mod proxy;
+pub mod recovery;
 pub mod release_logs;
 pub mod release_spec;
 pub mod renewal;

@@ -10,6 +10,7 @@ pub mod docker;
 pub mod load;
 pub mod netns;
 pub mod pg;
+pub mod pgbackrest;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -412,6 +413,17 @@ impl Cluster {
         node: &str,
         command: cutover_proto::v1::Command,
     ) -> (cutover_proto::v1::CommandResult, Vec<String>) {
+        self.run_command_within(node, command, Duration::from_secs(60))
+            .await
+    }
+
+    /// The same, for a command that may take longer (a benchmark's backup).
+    pub async fn run_command_within(
+        &self,
+        node: &str,
+        command: cutover_proto::v1::Command,
+        wait: Duration,
+    ) -> (cutover_proto::v1::CommandResult, Vec<String>) {
         let registry = &self
             .coordinator
             .as_ref()
@@ -422,7 +434,7 @@ impl Cluster {
             .expect("the node takes commands");
         let mut steps = Vec::new();
         let result = pending
-            .wait(Duration::from_secs(60), |p| steps.push(p.step))
+            .wait(wait, |p| steps.push(p.step))
             .await
             .expect("a result");
         (result, steps)

@@ -67,27 +67,27 @@ pub enum JobError {
 
 /// The last `limit` bytes written to it.
 #[derive(Debug)]
-pub(super) struct Tail {
+pub(crate) struct Tail {
     bytes: Vec<u8>,
     limit: usize,
 }
 
 impl Tail {
-    pub(super) fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self {
             bytes: Vec::new(),
             limit,
         }
     }
 
-    pub(super) fn push(&mut self, chunk: &[u8]) {
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
         let chunk = &chunk[chunk.len().saturating_sub(self.limit)..];
         let overflow = (self.bytes.len() + chunk.len()).saturating_sub(self.limit);
         self.bytes.drain(..overflow);
         self.bytes.extend_from_slice(chunk);
     }
 
-    pub(super) fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.bytes).into_owned()
     }
 }
