@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod migration;
 pub mod notify;
 pub mod operator_api;
+pub mod pgbackrest;
 pub mod refusals;
 pub mod registry;
 pub mod rollout;

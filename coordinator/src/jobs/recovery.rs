@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::{next_due, JobError, Jobs};
-use crate::metrics::data_time_s;
+use crate::metrics::{data_time_s, drill_data_age_s};
 use crate::store::{JobDef, JobKind, JobRun, RunState, Schedule, Store, StoreError};
 
 /// What a deploy may require of a data set (`require_backup`).
@@ -167,11 +167,7 @@ pub fn dataset_status(
                 duration(rto as i64)
             ));
         }
-        let data_age = passed
-            .facts
-            .get("data_time")
-            .and_then(serde_json::Value::as_f64)
-            .map(|t| passed.started_ms - (t * 1000.0) as i64);
+        let data_age = drill_data_age_s(passed).map(|s| (s * 1000.0) as i64);
         if let (Some(age), Some(rpo)) = (data_age, rpo_ms) {
             if age > rpo as i64 {
                 at_risk.push(format!(
@@ -364,6 +360,8 @@ mod tests {
             applied_by: "ops".into(),
             last_tick_ms: 0,
             paused: false,
+            pgbackrest: None,
+            verify: Vec::new(),
         }
     }
 

@@ -31,15 +31,23 @@ struct Ending {
     exit_code: Option<i32>,
     detail: String,
     output_tail: String,
+    /// What the agent reported as facts; `None`: read the output's last
+    /// line.
+    facts: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 impl Ending {
     fn lost(detail: String) -> Self {
+        Self::failed(RunState::Lost, detail)
+    }
+
+    fn failed(state: RunState, detail: String) -> Self {
         Self {
-            state: RunState::Lost,
+            state,
             exit_code: None,
             detail,
             output_tail: String::new(),
+            facts: None,
         }
     }
 }
@@ -99,14 +107,7 @@ impl Jobs {
             }
             let command = match self.command(run).await {
                 Ok(command) => command,
-                Err(detail) => {
-                    return Ending {
-                        state: RunState::Failed,
-                        exit_code: None,
-                        detail,
-                        output_tail: String::new(),
-                    }
-                }
+                Err(detail) => return Ending::failed(RunState::Failed, detail),
             };
             let pending = match self.registry.send_command(&run.node, command) {
                 Ok(pending) => pending,
@@ -154,6 +155,18 @@ impl Jobs {
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("job {} was removed from {}", run.job, run.env))?;
+        if let Some(pgbackrest) = &job.pgbackrest {
+            let drill = job.kind == crate::store::JobKind::RestoreTest;
+            return Ok(pb::Command {
+                command_id: run.command_id.clone(),
+                kind: Some(pb::command::Kind::RunRecovery(crate::pgbackrest::command(
+                    pgbackrest,
+                    drill,
+                    &job.verify,
+                    job.timeout_ms,
+                ))),
+            });
+        }
         let (release, secret_values) = match &run.release_id {
             Some(id) => {
                 let service = job.service.as_deref().unwrap_or_default();
@@ -196,7 +209,7 @@ impl Jobs {
         run.state = ending.state;
         run.exit_code = ending.exit_code;
         run.detail = ending.detail;
-        run.facts = facts(&ending.output_tail);
+        run.facts = ending.facts.unwrap_or_else(|| facts(&ending.output_tail));
         run.output_tail = tail(&ending.output_tail, TAIL_KEPT);
         run.ended_ms = Some(self.registry.now_ms());
         tracing::info!(run = %run.id, job = %run.job, env = %run.env, node = %run.node, state = run.state.as_str(), detail = %run.detail, "job run ended");
@@ -240,18 +253,36 @@ fn ended(node: &str, result: pb::CommandResult) -> Ending {
                 exit_code: Some(task.exit_code),
                 detail: task.detail,
                 output_tail: task.output_tail,
+                facts: None,
+            }
+        }
+        (Ok(pb::CommandStatus::Succeeded), Some(pb::command_result::Output::Recovery(r))) => {
+            let (state, detail) = match r.passed {
+                true => (
+                    RunState::Succeeded,
+                    format!(
+                        "passed in {}",
+                        humantime::format_duration(Duration::from_millis(r.duration_ms))
+                    ),
+                ),
+                false => (RunState::Failed, r.reason),
+            };
+            Ending {
+                state,
+                exit_code: None,
+                detail,
+                output_tail: r.output_tail,
+                facts: Some(serde_json::from_str(&r.facts_json).unwrap_or_default()),
             }
         }
         (Ok(pb::CommandStatus::Unknown), _) => Ending::lost(format!(
             "the agent on {node} restarted mid-run: {}; it is not run again",
             result.message
         )),
-        _ => Ending {
-            state: RunState::Failed,
-            exit_code: None,
-            detail: format!("node {node} could not run it: {}", result.message),
-            output_tail: String::new(),
-        },
+        _ => Ending::failed(
+            RunState::Failed,
+            format!("node {node} could not run it: {}", result.message),
+        ),
     }
 }
 

@@ -230,9 +230,15 @@ impl Jobs {
             .into_iter()
             .filter(|v| selects(&job.selector, &v.record.labels))
             .collect();
-        // A plain command needs an agent that runs one without a release.
+        // A plain command needs an agent that runs one without a release;
+        // a pgBackRest job, one that runs pgBackRest.
+        let needs = match (&job.pgbackrest, &job.service) {
+            (Some(_), _) => Some(crate::pgbackrest::CAPABILITY),
+            (None, None) => Some(PLAIN_TASKS),
+            (None, Some(_)) => None,
+        };
         let capable = |v: &crate::registry::NodeView| {
-            job.service.is_some() || v.record.capabilities.iter().any(|c| c == PLAIN_TASKS)
+            needs.is_none_or(|need| v.record.capabilities.iter().any(|c| c == need))
         };
         let ready = |v: &&crate::registry::NodeView| {
             v.connected && v.record.status == NodeStatus::Ready && capable(v)
@@ -253,7 +259,10 @@ impl Jobs {
                     true => format!(
                         "{name} is not connected and ready; pick another, or leave --node out"
                     ),
-                    false => format!("the agent on {name} cannot run a plain command; upgrade it"),
+                    false => format!(
+                        "the agent on {name} cannot run this job ({}); upgrade it",
+                        needs.unwrap_or_default()
+                    ),
                 });
             }
             return Placement::Nodes(vec![name.to_string()]);

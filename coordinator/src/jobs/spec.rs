@@ -27,7 +27,16 @@ pub struct JobSpec {
     /// secrets); left out: a plain command on the node.
     #[serde(default)]
     pub service: Option<String>,
+    /// What runs; or `pgbackrest`.
+    #[serde(default)]
     pub command: Vec<String>,
+    /// A backup or restore drill of PostgreSQL run by the agent with
+    /// pgBackRest, instead of a command.
+    #[serde(default)]
+    pub pgbackrest: Option<crate::pgbackrest::PgBackrestSpec>,
+    /// A pgBackRest drill's checks of the restored copy.
+    #[serde(default)]
+    pub verify: Vec<crate::pgbackrest::VerifySpec>,
     /// Crontab syntax, e.g. "*/15 * * * *"; or `every`.
     #[serde(default)]
     pub schedule: Option<String>,
@@ -85,11 +94,27 @@ impl JobSpec {
                 ));
             }
         }
-        if spec_checks::is_empty(&self.command) {
-            return Err((
+        match (&self.pgbackrest, spec_checks::is_empty(&self.command)) {
+            (None, true) => return Err((
                 "command".into(),
-                "no command to run; give the program and its arguments, e.g. [\"php\", \"artisan\", \"schedule:run\"]".into(),
-            ));
+                "no command to run; give the program and its arguments, e.g. [\"php\", \"artisan\", \"schedule:run\"], or a [pgbackrest] table".into(),
+            )),
+            (Some(_), false) => return Err(("command".into(), "give a command or a [pgbackrest] table, not both".into())),
+            (Some(pgbackrest), true) => {
+                if self.kind == JobKind::Job {
+                    return Err(("pgbackrest".into(), "only a backup or a restore drill runs pgBackRest; add kind = \"backup\" or \"restore_test\"".into()));
+                }
+                if self.service.is_some() {
+                    return Err(("service".into(), "a pgBackRest job runs on the database node, with no release; remove service".into()));
+                }
+                crate::pgbackrest::check(pgbackrest, self.kind == JobKind::RestoreTest, &self.verify)?;
+            }
+            (None, false) => {}
+        }
+        if !self.verify.is_empty()
+            && (self.pgbackrest.is_none() || self.kind != JobKind::RestoreTest)
+        {
+            return Err(("verify".into(), "only a restore drill run with [pgbackrest] has checks; a command drill checks the copy itself and exits non-zero when one fails".into()));
         }
         self.schedule()?;
         if self.timeout < Duration::from_secs(1) || self.timeout > MAX_TIMEOUT {
@@ -323,6 +348,8 @@ pub fn resolve(
             applied_by: by.to_string(),
             last_tick_ms: now_ms,
             paused: false,
+            pgbackrest: job.pgbackrest.clone(),
+            verify: job.verify.clone(),
         });
     }
     Ok(defs)

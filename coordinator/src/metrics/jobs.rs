@@ -51,6 +51,15 @@ pub fn data_time_s(run: &JobRun) -> Option<f64> {
         .or_else(|| run.ended_ms.map(|ms| ms as f64 / 1000.0))
 }
 
+/// How old a drill's restored data was: the `data_age_seconds` it
+/// reported (a pgBackRest drill: recovery end minus data time), else its
+/// start minus the `data_time` it reported.
+pub fn drill_data_age_s(run: &JobRun) -> Option<f64> {
+    let fact = |k: &str| run.facts.get(k).and_then(serde_json::Value::as_f64);
+    fact("data_age_seconds")
+        .or_else(|| fact("data_time").map(|t| run.started_ms as f64 / 1000.0 - t))
+}
+
 impl JobMetrics {
     pub(super) fn register(&self, registry: &mut Registry) {
         for (name, help, family) in [
@@ -105,11 +114,7 @@ impl JobMetrics {
             JobKind::RestoreTest if f.drill_success_s.is_none_or(|s| s < ended_s) => {
                 f.drill_success_s = Some(ended_s);
                 f.drill_duration_s = Some((ended - run.started_ms) as f64 / 1000.0);
-                f.drill_data_age_s = run
-                    .facts
-                    .get("data_time")
-                    .and_then(serde_json::Value::as_f64)
-                    .map(|t| run.started_ms as f64 / 1000.0 - t);
+                f.drill_data_age_s = drill_data_age_s(run);
             }
             _ => {}
         }

@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 
 mod jobs;
 
-pub use jobs::{data_time_s, JobMetrics};
+pub use jobs::{data_time_s, drill_data_age_s, JobMetrics};
 
 use crate::registry::NodeView;
 use crate::store::NodeStatus;

@@ -90,6 +90,13 @@ pub struct JobDef {
     /// or folded into a later one after an outage). Runs are due after it.
     pub last_tick_ms: i64,
     pub paused: bool,
+    /// A backup or drill the agent runs with pgBackRest (`command` is
+    /// empty then).
+    #[serde(default)]
+    pub pgbackrest: Option<crate::pgbackrest::PgBackrestSpec>,
+    /// A pgBackRest drill's checks of the restored copy.
+    #[serde(default)]
+    pub verify: Vec<crate::pgbackrest::VerifySpec>,
 }
 
 /// How a run ended, or that it has not yet.
