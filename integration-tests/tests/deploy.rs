@@ -162,7 +162,7 @@ async fn exposed_metric_names() -> std::collections::BTreeSet<String> {
     let mut client = cluster.operator().await;
     let spec = web_spec(port, "VERSION = \"v1\"", "min_healthy_time = \"0s\"");
     let id = client
-        .deploy(deploy_request(spec, "v1", &artifact))
+        .deploy(deploy_request(spec.clone(), "v1", &artifact))
         .await
         .unwrap()
         .into_inner()
@@ -172,6 +172,59 @@ async fn exposed_metric_names() -> std::collections::BTreeSet<String> {
     let done = wait_for_rollout(&mut client, &id, Duration::from_secs(60), ended).await;
     assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
     assert_eq!(body(&http_get(&format!("127.0.0.11:{port}"), "/")), "v1");
+    // A backup and a drill of a data set, run once each: the job and
+    // recovery families have series only once such runs ended.
+    let jobs = format!(
+        "{spec}\n{}",
+        r#"
+[jobs.backup]
+kind = "backup"
+dataset = "db"
+rpo = "15m"
+command = ["sh", "-c", "echo '{\"data_time\": 1}'"]
+schedule = "@daily"
+[jobs.drill]
+kind = "restore_test"
+dataset = "db"
+rto = "1h"
+command = ["sh", "-c", "echo '{\"data_time\": 1}'"]
+schedule = "@daily"
+"#
+    );
+    client
+        .apply_jobs(pb::ApplyJobsRequest {
+            spec: jobs,
+            spec_file: "cutover.toml".into(),
+            env: "test".into(),
+        })
+        .await
+        .unwrap();
+    for job in ["backup", "drill"] {
+        let mut run = client
+            .run_job(pb::RunJobRequest {
+                env: "test".into(),
+                job: job.into(),
+                node: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .runs
+            .remove(0);
+        while run.state() == pb::JobRunState::Running {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            run = client
+                .get_job_run(pb::GetJobRunRequest {
+                    env: "test".into(),
+                    job: job.into(),
+                    run_id: run.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+        }
+        assert_eq!(run.state(), pb::JobRunState::Succeeded, "{run:#?}");
+    }
     // The next heartbeat carries the proxy's counts: wait until the
     // request above shows in them (not for a heartbeat's worth of time).
     let http = cluster.coordinator.as_ref().unwrap().http_addr.to_string();

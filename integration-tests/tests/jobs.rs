@@ -175,7 +175,7 @@ fn each_tick_runs_exactly_once_on_one_node_also_when_that_node_is_killed() {
     let dues: BTreeSet<&str> = runs.iter().map(|r| r["due"].as_str().unwrap()).collect();
     assert_eq!(dues.len(), runs.len());
     let total = cluster
-        .metric(r#"cutover_job_runs_total{app="shop",env="local",job="tick",outcome="succeeded"}"#);
+        .metric(r#"cutover_job_runs_total{app="shop",env="local",job="tick",kind="job",outcome="succeeded"}"#);
     assert_eq!(total, Some(succeeded.len() as f64));
 }
 
@@ -399,7 +399,7 @@ every = "1h"
     );
     assert_eq!(
         cluster.metric(
-            r#"cutover_job_runs_total{app="shop",env="local",job="sleeper",outcome="lost"}"#
+            r#"cutover_job_runs_total{app="shop",env="local",job="sleeper",kind="job",outcome="lost"}"#
         ),
         Some(1.0)
     );

@@ -26,7 +26,7 @@ use crate::secrets::Secrets;
 use crate::spec::{AppSpec, SpecError};
 use crate::store::{Concurrency, JobDef, JobRun, Store, StoreError};
 
-pub use scheduler::next_due;
+pub use scheduler::{next_due, period_ms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -135,7 +135,9 @@ impl Jobs {
             }
         }
         for job in self.store.jobs.list(None).await? {
-            self.metrics.jobs.targets(&job);
+            self.metrics
+                .jobs
+                .targets(&job, period_ms(&job.schedule, self.registry.now_ms()));
         }
         let open: Vec<JobRun> = runs.into_iter().filter(|r| !r.state.ended()).collect();
         for run in &open {
@@ -207,7 +209,9 @@ impl Jobs {
                 None => applied.added.push(job.name.clone()),
             }
             self.store.jobs.put(&job).await?;
-            self.metrics.jobs.targets(&job);
+            self.metrics
+                .jobs
+                .targets(&job, period_ms(&job.schedule, self.registry.now_ms()));
         }
         for old in existing.values().filter(|e| e.app == spec.app) {
             if !wanted_names.contains(&old.name) {

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::{next_due, JobError, Jobs};
+use super::{period_ms, JobError, Jobs};
 use crate::metrics::{data_time_s, drill_data_age_s};
-use crate::store::{JobDef, JobKind, JobRun, RunState, Schedule, Store, StoreError};
+use crate::store::{JobDef, JobKind, JobRun, RunState, Store, StoreError};
 
 /// What a deploy may require of a data set (`require_backup`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -72,12 +72,6 @@ fn newest<'a>(runs: impl Iterator<Item = &'a JobRun>) -> Option<&'a JobRun> {
 fn duration(ms: i64) -> String {
     humantime::format_duration(std::time::Duration::from_secs((ms.max(0) / 1000) as u64))
         .to_string()
-}
-
-/// The time between two runs of `schedule` around `now_ms`.
-fn period_ms(schedule: &Schedule, now_ms: i64) -> Option<i64> {
-    let first = next_due(schedule, now_ms)?;
-    Some(next_due(schedule, first)? - first)
 }
 
 /// The newest successful backup of a data set: its age in ms at `now_ms`.
@@ -333,7 +327,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::store::{Concurrency, RunOn};
+    use crate::store::{Concurrency, RunOn, Schedule};
 
     const MIN: i64 = 60_000;
 

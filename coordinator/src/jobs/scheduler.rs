@@ -46,6 +46,12 @@ pub fn next_due(schedule: &Schedule, after_ms: i64) -> Option<i64> {
     }
 }
 
+/// The time between two runs of `schedule` after `now_ms`.
+pub fn period_ms(schedule: &Schedule, now_ms: i64) -> Option<i64> {
+    let first = next_due(schedule, now_ms)?;
+    Some(next_due(schedule, first)? - first)
+}
+
 /// The newest tick due at `now_ms` after `last_ms`, and how many earlier
 /// ones it passes over; `None` when none is due yet.
 pub(super) fn due_tick(schedule: &Schedule, last_ms: i64, now_ms: i64) -> Option<(i64, u32)> {

@@ -26,6 +26,9 @@ struct Figures {
     drill_success_s: Option<f64>,
     drill_duration_s: Option<f64>,
     drill_data_age_s: Option<f64>,
+    /// The newest drill that ended: when, and whether it passed.
+    drill_last: Option<(f64, bool)>,
+    drill_interval_s: Option<f64>,
     rto_s: Option<f64>,
 }
 
@@ -38,6 +41,8 @@ pub struct JobMetrics {
     drill_success: Family<Labels, FloatGauge>,
     drill_duration: Family<Labels, FloatGauge>,
     drill_data_age: Family<Labels, FloatGauge>,
+    drill_passed: Family<Labels, FloatGauge>,
+    drill_interval: Family<Labels, FloatGauge>,
     rto: Family<Labels, FloatGauge>,
     figures: Mutex<BTreeMap<DatasetKey, Figures>>,
 }
@@ -69,13 +74,15 @@ impl JobMetrics {
             ("restore_test_last_success_timestamp_seconds", "When the newest passing restore drill of each data set ended", &self.drill_success),
             ("restore_test_duration_seconds", "How long the newest passing restore drill of each data set took: the measured recovery time", &self.drill_duration),
             ("restore_test_data_age_seconds", "How old the restored data was when the newest passing drill started (from the data_time it reported): the measured recovery point", &self.drill_data_age),
+            ("restore_test_passed", "1 if the newest restore drill of each data set that ended passed, 0 if it failed, timed out or was lost", &self.drill_passed),
+            ("restore_test_interval_seconds", "How often each data set's restore drill is scheduled to run", &self.drill_interval),
             ("rto_target_seconds", "Each data set's recovery time objective (its restore_test job's rto)", &self.rto),
         ] {
             registry.register(name, help, family.clone());
         }
         registry.register(
             "job_runs",
-            "Job runs by how they ended: succeeded, failed, timed_out, lost (its node went away mid-run) or skipped (due while a run still went)",
+            "Job runs by kind (job, backup, restore_test) and how they ended: succeeded, failed, timed_out, lost (its node went away mid-run) or skipped (due while a run still went)",
             self.runs.clone(),
         );
     }
@@ -87,6 +94,7 @@ impl JobMetrics {
                 ("app".to_string(), run.app.clone()),
                 ("env".to_string(), run.env.clone()),
                 ("job".to_string(), run.job.clone()),
+                ("kind".to_string(), run.kind.as_str().to_string()),
                 ("outcome".to_string(), run.state.as_str().to_string()),
             ])
             .inc();
@@ -96,32 +104,39 @@ impl JobMetrics {
     /// Takes in a run's figures without counting it (a stored run, at
     /// start).
     pub fn run_seen(&self, run: &JobRun) {
-        let (Some(dataset), RunState::Succeeded, Some(ended)) =
-            (&run.dataset, run.state, run.ended_ms)
-        else {
+        let (Some(dataset), Some(ended)) = (&run.dataset, run.ended_ms) else {
             return;
         };
+        if run.state == RunState::Skipped {
+            return;
+        }
         let ended_s = ended as f64 / 1000.0;
         let mut figures = self.figures.lock().expect("job metrics lock");
         let f = figures
             .entry((run.app.clone(), run.env.clone(), dataset.clone()))
             .or_default();
+        let passed = run.state == RunState::Succeeded;
         match run.kind {
-            JobKind::Backup if f.backup_success_s.is_none_or(|s| s < ended_s) => {
+            JobKind::Backup if passed && f.backup_success_s.is_none_or(|s| s < ended_s) => {
                 f.backup_success_s = Some(ended_s);
                 f.backup_data_s = data_time_s(run);
             }
-            JobKind::RestoreTest if f.drill_success_s.is_none_or(|s| s < ended_s) => {
-                f.drill_success_s = Some(ended_s);
-                f.drill_duration_s = Some((ended - run.started_ms) as f64 / 1000.0);
-                f.drill_data_age_s = drill_data_age_s(run);
+            JobKind::RestoreTest => {
+                if f.drill_last.is_none_or(|(s, _)| s < ended_s) {
+                    f.drill_last = Some((ended_s, passed));
+                }
+                if passed && f.drill_success_s.is_none_or(|s| s < ended_s) {
+                    f.drill_success_s = Some(ended_s);
+                    f.drill_duration_s = Some((ended - run.started_ms) as f64 / 1000.0);
+                    f.drill_data_age_s = drill_data_age_s(run);
+                }
             }
             _ => {}
         }
     }
 
-    /// Takes in a job's targets as applied.
-    pub fn targets(&self, job: &JobDef) {
+    /// Takes in a job's targets as applied, and how often it runs.
+    pub fn targets(&self, job: &JobDef, period_ms: Option<i64>) {
         let Some(dataset) = &job.dataset else { return };
         let mut figures = self.figures.lock().expect("job metrics lock");
         let f = figures
@@ -129,7 +144,10 @@ impl JobMetrics {
             .or_default();
         match job.kind {
             JobKind::Backup => f.rpo_s = job.rpo_ms.map(|ms| ms as f64 / 1000.0),
-            JobKind::RestoreTest => f.rto_s = job.rto_ms.map(|ms| ms as f64 / 1000.0),
+            JobKind::RestoreTest => {
+                f.rto_s = job.rto_ms.map(|ms| ms as f64 / 1000.0);
+                f.drill_interval_s = period_ms.map(|ms| ms as f64 / 1000.0);
+            }
             JobKind::Job => {}
         }
     }
@@ -141,7 +159,10 @@ impl JobMetrics {
         if let Some(f) = figures.get_mut(&(job.app.clone(), job.env.clone(), dataset.clone())) {
             match job.kind {
                 JobKind::Backup => f.rpo_s = None,
-                JobKind::RestoreTest => f.rto_s = None,
+                JobKind::RestoreTest => {
+                    f.rto_s = None;
+                    f.drill_interval_s = None;
+                }
                 JobKind::Job => {}
             }
         }
@@ -156,6 +177,8 @@ impl JobMetrics {
             &self.drill_success,
             &self.drill_duration,
             &self.drill_data_age,
+            &self.drill_passed,
+            &self.drill_interval,
             &self.rto,
         ];
         for family in families {
@@ -176,6 +199,11 @@ impl JobMetrics {
                 (&self.drill_success, f.drill_success_s),
                 (&self.drill_duration, f.drill_duration_s),
                 (&self.drill_data_age, f.drill_data_age_s),
+                (
+                    &self.drill_passed,
+                    f.drill_last.map(|(_, passed)| f64::from(u8::from(passed))),
+                ),
+                (&self.drill_interval, f.drill_interval_s),
                 (&self.rto, f.rto_s),
             ] {
                 if let Some(value) = value {
