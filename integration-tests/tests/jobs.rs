@@ -19,6 +19,7 @@ const FORBID_PORT: u16 = 18_621;
 const OUTAGE_PORT: u16 = 18_622;
 const SERVICE_PORT: u16 = 18_623;
 const BAD_PORT: u16 = 18_624;
+const RESTART_PORT: u16 = 18_626;
 
 /// A job that inserts a row keyed by its run id: a tick run twice fails
 /// its second insert.
@@ -433,4 +434,27 @@ fn bad_job_specs_name_file_key_and_value_and_create_nothing() {
         "{}",
         text(&missing.stderr)
     );
+}
+
+#[test]
+fn a_run_going_when_the_coordinator_restarts_ends_as_it_ran_and_runs_once() {
+    let db = TestDb::create("jobs_restart");
+    ticks_table(&db);
+    let cluster = DevCluster::up(1);
+    let job = insert_job("slow", &db, "1h")
+        .replace("sh\", \"-c\", \"psql", "sh\", \"-c\", \"sleep 3; psql");
+    apply(&cluster, &dev_spec(RESTART_PORT, "v1", "", &job));
+    let started = cluster.cutover(&["jobs", "run", "slow", "--env", "local"]);
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    cluster.wait_for_journal_flushed();
+    cluster.kill_and_restart_coordinator();
+    // The restarted coordinator asks the node for the run's command id
+    // again: the agent, still running it, answers once it ends.
+    let runs = wait_for_history(&cluster, "slow", Duration::from_secs(60), |runs| {
+        runs.iter().all(|r| state(r) != "running")
+    });
+    assert_eq!(runs.len(), 1, "{runs:#?}");
+    assert_eq!(state(&runs[0]), "succeeded", "{:#}", runs[0]);
+    assert_eq!(runs[0]["facts"]["inserted"], 1);
+    assert_eq!(rows(&db).len(), 1, "the run ran once");
 }

@@ -476,6 +476,26 @@ environments = ["staging"]
             ("[jobs.x]\ncommand = [\"true\"]\nevery = \"1m\"\nrun_on = \"all\"\n", "key `jobs.x.run_on`: unknown variant `all`"),
             ("[jobs.x]\ncommand = [\"true\"]\nevery = \"0s\"\n", "key `jobs.x.every`: 0s is under the 1s minimum"),
             ("[jobs.x]\ncommand = [\"true\"]\nschedule = \"0 0 31 2 *\"\n", "never fires"),
+            (
+                "[environments.production.require_backup]\ndataset = \"shop\"\nmax_age = \"15m\"\n",
+                "key `environments.production.require_backup.dataset`: \"shop\" is not backed up by any job of this spec",
+            ),
+            (
+                "[jobs.x]\nkind = \"backup\"\ndataset = \"db\"\nevery = \"1m\"\n[jobs.x.pgbackrest]\nstanza = \"main\"\nscratch_dir = \"/tmp\"\n",
+                "key `jobs.x.pgbackrest.scratch_dir`: only a restore drill has scratch_dir",
+            ),
+            (
+                "[jobs.x]\nkind = \"restore_test\"\ndataset = \"db\"\nevery = \"1m\"\nenvironments = [\"staging\"]\n[jobs.x.pgbackrest]\nstanza = \"main\"\n",
+                "key `jobs.x.pgbackrest.scratch_dir`: a restore drill needs an absolute scratch_dir",
+            ),
+            (
+                "[jobs.x]\nkind = \"restore_test\"\ndataset = \"db\"\nevery = \"1m\"\nenvironments = [\"staging\"]\n[jobs.x.pgbackrest]\nstanza = \"main\"\nscratch_dir = \"/tmp\"\n[[jobs.x.verify]]\nname = \"n\"\nsql = \"select 1\"\n",
+                "key `jobs.x.verify[0].equals`: give exactly one expectation",
+            ),
+            (
+                "[jobs.x]\nkind = \"backup\"\ndataset = \"db\"\nevery = \"1m\"\ncommand = [\"true\"]\n[jobs.x.pgbackrest]\nstanza = \"main\"\n",
+                "key `jobs.x.command`: give a command or a [pgbackrest] table, not both",
+            ),
         ] {
             let error = refused(jobs);
             assert!(error.contains(expected), "{jobs}\n=> {error}");
