@@ -40,6 +40,12 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// May set or change which nodes an environment selects: an admin, or
+    /// a deployer not limited to environments (see `environments::pin`).
+    pub fn may_pin_environments(&self) -> bool {
+        self.role == OperatorRole::Admin || self.envs.is_empty()
+    }
+
     /// "operator/alice", as the audit log names callers.
     pub fn who(&self) -> String {
         who(&self.identity)

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod clock;
 pub mod config;
 pub mod enroll;
+pub mod environments;
 pub mod hooks;
 pub mod http;
 pub mod images;

@@ -316,26 +316,19 @@ impl AppSpec {
         }
         crate::notify::spec::check(&self.notify)?;
         crate::jobs::spec::check_all(self)?;
-        let gates = self
-            .environments
-            .iter()
-            .map(|(name, e)| {
-                (
-                    format!("environments.{name}.require_backup"),
-                    e.require_backup.as_ref(),
-                )
-            })
-            .chain(std::iter::once((
-                "migrate.require_backup".to_string(),
-                self.migrate
-                    .as_ref()
-                    .and_then(|m| m.require_backup.as_ref()),
-            )));
-        for (key, gate) in gates {
-            if let Some(gate) = gate {
-                crate::jobs::spec::check_gate(self, gate)
-                    .map_err(|m| (format!("{key}.dataset"), m))?;
+        for (name, environment) in &self.environments {
+            if let Some(gate) = &environment.require_backup {
+                crate::jobs::spec::check_gate(self, gate, Some(name))
+                    .map_err(|(k, m)| (format!("environments.{name}.require_backup.{k}"), m))?;
             }
+        }
+        if let Some(gate) = self
+            .migrate
+            .as_ref()
+            .and_then(|m| m.require_backup.as_ref())
+        {
+            crate::jobs::spec::check_gate(self, gate, None)
+                .map_err(|(k, m)| (format!("migrate.require_backup.{k}"), m))?;
         }
         let mut ordered = std::collections::BTreeSet::new();
         for name in &self.order {

@@ -353,21 +353,36 @@ pub async fn backup_now(
     for dataset in datasets {
         let job = jobs
             .iter()
-            .find(|j| j.kind() == pb::JobKind::Backup && &j.dataset == dataset)
+            .find(|j| j.app == spec.app && j.kind() == pb::JobKind::Backup && &j.dataset == dataset)
             .with_context(|| format!("--backup-now: {env} has no backup job of {dataset}; `cutover jobs apply --env {env}` sets the spec's jobs"))?;
         if !json {
             eprintln!("backing up {dataset}: running job {} ...", job.name);
         }
-        let runs = client
+        let started = client
             .run_job(pb::RunJobRequest {
                 env: env.to_string(),
                 job: job.name.clone(),
                 node: String::new(),
             })
-            .await
-            .map_err(explain)?
-            .into_inner()
-            .runs;
+            .await;
+        let runs = match started {
+            Ok(response) => response.into_inner().runs,
+            // A backup already going (the schedule's): wait for that one.
+            Err(status) if status.code() == tonic::Code::Aborted => client
+                .list_job_runs(pb::ListJobRunsRequest {
+                    env: env.to_string(),
+                    job: job.name.clone(),
+                    limit: 10,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .runs
+                .into_iter()
+                .filter(|r| r.state() == pb::JobRunState::Running)
+                .collect(),
+            Err(status) => return Err(explain(status)),
+        };
         for run in runs {
             let ended = wait_for(client, env, run).await?;
             if ended.state() != pb::JobRunState::Succeeded {
@@ -391,11 +406,20 @@ pub async fn backup_now(
     Ok(())
 }
 
-/// The job of a run id: what comes before its time (`JOB.YYYYMMDD-HHMMSS`).
+/// The job of a run id: what comes before its time, `.YYYYMMDD-HHMMSS`
+/// (a job's name may hold dots).
 fn job_of(run: &str) -> Result<&str> {
-    run.split_once('.')
-        .map(|(job, _)| job)
-        .filter(|job| !job.is_empty())
+    let is_time = |rest: &str| {
+        let b = rest.as_bytes();
+        b.len() >= 15
+            && b[..8].iter().all(u8::is_ascii_digit)
+            && b[8] == b'-'
+            && b[9..15].iter().all(u8::is_ascii_digit)
+    };
+    run.match_indices('.')
+        .map(|(i, _)| i)
+        .find(|i| *i > 0 && is_time(&run[i + 1..]))
+        .map(|i| &run[..i])
         .with_context(|| format!("{run:?} is not a run id (JOB.YYYYMMDD-HHMMSS); `cutover jobs history JOB --env ENV` lists them"))
 }
 
@@ -404,10 +428,19 @@ async fn get_run(
     env: &str,
     run: &str,
 ) -> Result<pb::JobRun> {
+    fetch_run(client, env, job_of(run)?, run).await
+}
+
+async fn fetch_run(
+    client: &mut OperatorServiceClient<Channel>,
+    env: &str,
+    job: &str,
+    run: &str,
+) -> Result<pb::JobRun> {
     Ok(client
         .get_job_run(pb::GetJobRunRequest {
             env: env.to_string(),
-            job: job_of(run)?.to_string(),
+            job: job.to_string(),
             run_id: run.to_string(),
         })
         .await
@@ -422,7 +455,7 @@ async fn wait_for(
 ) -> Result<pb::JobRun> {
     while run.state() == pb::JobRunState::Running {
         tokio::time::sleep(WAIT_POLL).await;
-        run = get_run(client, env, &run.id).await?;
+        run = fetch_run(client, env, &run.job.clone(), &run.id).await?;
     }
     Ok(run)
 }
@@ -518,4 +551,17 @@ fn run_json(r: &pb::JobRun) -> Value {
         "facts": serde_json::from_str::<Value>(&r.facts_json).unwrap_or(Value::Null),
         "output_tail": r.output_tail,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::job_of;
+
+    #[test]
+    fn a_run_ids_job_may_hold_dots() {
+        assert_eq!(job_of("scheduler.20261202-170500").unwrap(), "scheduler");
+        assert_eq!(job_of("db.backup.20261202-170500m-2").unwrap(), "db.backup");
+        assert_eq!(job_of("backup.20261202-170500.db-1").unwrap(), "backup");
+        assert!(job_of("scheduler").is_err());
+    }
 }

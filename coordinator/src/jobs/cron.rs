@@ -216,7 +216,10 @@ fn parse_field(text: &str, field: &Field) -> Result<u64, String> {
         let mut v = low;
         while v <= high {
             set |= 1 << v;
-            v += step.unwrap_or(1);
+            match v.checked_add(step.unwrap_or(1)) {
+                Some(next) => v = next,
+                None => break,
+            }
         }
     }
     Ok(set)

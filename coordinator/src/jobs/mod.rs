@@ -24,9 +24,9 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::secrets::Secrets;
 use crate::spec::{AppSpec, SpecError};
-use crate::store::{Concurrency, JobDef, JobRun, Store, StoreError};
+use crate::store::{JobDef, JobRun, Store, StoreError};
 
-pub use scheduler::{next_due, period_ms};
+pub use scheduler::{next_due, next_run, period_ms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -59,6 +59,8 @@ pub enum JobError {
         job: String,
         run: String,
     },
+    #[error("{0}")]
+    EnvironmentPinned(String),
     #[error("job {job} in {env} cannot run now: {reason}")]
     CannotRun {
         env: String,
@@ -101,6 +103,9 @@ pub struct Jobs {
     metrics: Arc<Metrics>,
     /// Runs being seen to their end, by (env, job): what `forbid` checks.
     running: Mutex<BTreeMap<(String, String), BTreeSet<String>>>,
+    /// Held from the check for a run that goes on to the new run's
+    /// supervision, so `forbid` holds between a tick and a manual run.
+    starting: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -119,6 +124,7 @@ impl Jobs {
             secrets,
             metrics,
             running: Mutex::new(BTreeMap::new()),
+            starting: tokio::sync::Mutex::new(()),
             shutdown,
             tasks: TaskTracker::new(),
         })
@@ -169,9 +175,18 @@ impl Jobs {
         file: &str,
         env: &str,
         by: &str,
+        may_pin: bool,
     ) -> Result<Applied, JobError> {
         let now_ms = self.registry.now_ms();
         let wanted = spec::resolve(spec, file, env, now_ms, by)?;
+        // A job runs where its environment's nodes are: the coordinator's
+        // pinned selector, as for a deploy.
+        if !wanted.is_empty() {
+            let selector = &spec.environment(file, env)?.nodes;
+            crate::environments::pin(&self.store, env, selector, may_pin, by)
+                .await?
+                .map_err(JobError::EnvironmentPinned)?;
+        }
         let existing: BTreeMap<String, JobDef> = self
             .store
             .jobs
@@ -237,7 +252,7 @@ impl Jobs {
                 .max_by_key(|r| r.started_ms);
             let next_due_ms = match def.paused {
                 true => None,
-                false => next_due(&def.schedule, def.last_tick_ms.max(now_ms - 1)),
+                false => next_run(&def.schedule, def.last_tick_ms, now_ms),
             };
             views.push(JobView {
                 def,
@@ -329,15 +344,6 @@ impl Jobs {
         by: &str,
     ) -> Result<Vec<JobRun>, JobError> {
         let job = self.job(env, name).await?;
-        if job.concurrency == Concurrency::Forbid {
-            if let Some(run) = self.running_run(&job) {
-                return Err(JobError::Busy {
-                    env: env.into(),
-                    job: name.into(),
-                    run,
-                });
-            }
-        }
         let runs = self
             .start(&job, self.registry.now_ms(), 0, by, node)
             .await?;
@@ -367,12 +373,16 @@ fn same_definition(old: &JobDef, new: &JobDef) -> bool {
     strip(old) == strip(new)
 }
 
-/// A run's id: the job and its due time (UTC, to the second), and the node
-/// for a job that runs on each.
-pub fn run_id(job: &str, due_ms: i64, node: Option<&str>) -> String {
-    let time = jiff::Timestamp::from_millisecond(due_ms)
+/// A run's id: the job and its due time (UTC, to the second; `m` after
+/// it for a manual run, so one never takes a tick's id), and the node for
+/// a job that runs on each.
+pub fn run_id(job: &str, due_ms: i64, manual: bool, node: Option<&str>) -> String {
+    let mut time = jiff::Timestamp::from_millisecond(due_ms)
         .map(|t| t.strftime("%Y%m%d-%H%M%S").to_string())
         .unwrap_or_else(|_| due_ms.to_string());
+    if manual {
+        time.push('m');
+    }
     match node {
         Some(node) => format!("{job}.{time}.{node}"),
         None => format!("{job}.{time}"),

@@ -127,12 +127,15 @@ pub fn dataset_status(
         )),
         _ => {}
     }
+    // Run details may quote the data (a check's value): they stay with the
+    // runs, which need deploy rights to read.
+    let see = |run: &JobRun| format!("`cutover jobs show {} --env {}` says why", run.id, run.env);
     if let Some(failed) = &failed_backup {
         at_risk.push(format!(
-            "the newest backup run {} {}: {}",
+            "the newest backup run {} {}; {}",
             failed.id,
             failed.state.as_str(),
-            failed.detail
+            see(failed)
         ));
     }
     match (&last_drill, &passed_drill) {
@@ -145,10 +148,10 @@ pub fn dataset_status(
                 .into(),
         }),
         (Some(last), _) if last.state != RunState::Succeeded => breached.push(format!(
-            "the newest restore drill {} {}: {}",
+            "the newest restore drill {} {}; {}",
             last.id,
             last.state.as_str(),
-            last.detail
+            see(last)
         )),
         _ => {}
     }
@@ -269,17 +272,30 @@ impl Jobs {
         let now_ms = self.registry.now_ms();
         Ok(wanted
             .into_iter()
-            .map(|(app, dataset)| dataset_in(&app, &dataset, env, &jobs, &runs, now_ms))
+            .map(|(app, dataset)| {
+                let backed_up_here = env.filter(|e| backs_up(&jobs, &app, &dataset, e));
+                dataset_in(&app, &dataset, backed_up_here, &jobs, &runs, now_ms)
+            })
             .collect())
     }
 }
 
-/// One data set's status: its backups in `env` (when given and it is
-/// backed up there; else wherever it is), its drills wherever they run.
+/// Whether environment `env` has a backup job of `app`'s `dataset`.
+fn backs_up(jobs: &[JobDef], app: &str, dataset: &str, env: &str) -> bool {
+    jobs.iter().any(|j| {
+        j.app == app
+            && j.dataset.as_deref() == Some(dataset)
+            && j.kind == JobKind::Backup
+            && j.env == env
+    })
+}
+
+/// One data set's status: its backups taken in `backups_in` (`None`:
+/// wherever they are), its drills wherever they run.
 fn dataset_in(
     app: &str,
     dataset: &str,
-    env: Option<&str>,
+    backups_in: Option<&str>,
     jobs: &[JobDef],
     runs: &[JobRun],
     now_ms: i64,
@@ -287,15 +303,9 @@ fn dataset_in(
     let of_dataset = |j_app: &str, j_dataset: Option<&String>| {
         j_app == app && j_dataset.map(String::as_str) == Some(dataset)
     };
-    let backed_up_here = env.filter(|e| {
-        jobs.iter().any(|j| {
-            of_dataset(&j.app, j.dataset.as_ref()) && j.kind == JobKind::Backup && j.env == *e
-        })
-    });
     // Backups of other environments are other copies of the data.
-    let counts = |kind: JobKind, run_env: &str| {
-        kind != JobKind::Backup || backed_up_here.is_none_or(|e| run_env == e)
-    };
+    let counts =
+        |kind: JobKind, env: &str| kind != JobKind::Backup || backups_in.is_none_or(|e| env == e);
     let mine: Vec<&JobDef> = jobs
         .iter()
         .filter(|j| of_dataset(&j.app, j.dataset.as_ref()) && counts(j.kind, &j.env))
@@ -317,6 +327,14 @@ pub async fn check_gate(
     now_ms: i64,
 ) -> Result<Option<String>, StoreError> {
     let jobs = store.jobs.list(None).await?;
+    // Only backups taken in the deploy's own environment count: another
+    // environment's are of other data.
+    if !backs_up(&jobs, app, &required.dataset, env) {
+        return Ok(Some(format!(
+            "the deploy requires a backup of {}, and {env} has no backup job of it; `cutover jobs apply --env {env}` sets the spec's jobs there",
+            required.dataset
+        )));
+    }
     let runs = store.jobs.all_runs().await?;
     let status = dataset_in(app, &required.dataset, Some(env), &jobs, &runs, now_ms);
     Ok(gate_refusal(&status, required, env))
@@ -390,6 +408,7 @@ mod tests {
             output_tail: String::new(),
             facts,
             command_id: String::new(),
+            definition: None,
         }
     }
 

@@ -15,9 +15,11 @@ use super::Jobs;
 use crate::registry::CommandWaitError;
 use crate::store::{JobDef, JobRun, NodeStatus, RunState};
 
-/// How long past its timeout a run's answer may take (preparing the
-/// release, the agent stopping it) before it counts as lost.
-const ANSWER_MARGIN: Duration = Duration::from_secs(120);
+/// How long past its timeout a run's answer may take before it counts as
+/// lost: preparing a service's release (as `cutover run` allows, 5
+/// minutes) and a drill's clean-up after its timeout (2 minutes), with a
+/// minute to spare.
+const ANSWER_MARGIN: Duration = Duration::from_secs(8 * 60);
 /// How often a run whose node is away looks for it again.
 const RECONNECT_POLL: Duration = Duration::from_millis(500);
 /// Output a run record keeps: its end.
@@ -83,18 +85,11 @@ impl Jobs {
 
     /// Sends the run's command until its node answers, or the run is lost.
     async fn follow(&self, run: &JobRun) -> Ending {
-        let deadline_ms = match self.store.jobs.get(&run.env, &run.job).await {
-            Ok(Some(job)) => {
-                run.started_ms + (job.timeout_ms + ANSWER_MARGIN.as_millis() as u64) as i64
-            }
-            Ok(None) => {
-                return Ending::lost(format!(
-                    "job {} was removed from {} while this run went",
-                    run.job, run.env
-                ))
-            }
-            Err(error) => return Ending::lost(format!("cannot read the job: {error}")),
+        let Some(job) = &run.definition else {
+            return Ending::lost("the run has no job definition to send".into());
         };
+        let deadline_ms =
+            run.started_ms + (job.timeout_ms + ANSWER_MARGIN.as_millis() as u64) as i64;
         let mut away_since: Option<i64> = None;
         loop {
             let now_ms = self.registry.now_ms();
@@ -105,7 +100,7 @@ impl Jobs {
                     humantime::format_duration(ANSWER_MARGIN)
                 ));
             }
-            let command = match self.command(run).await {
+            let command = match self.command(run, job).await {
                 Ok(command) => command,
                 Err(detail) => return Ending::failed(RunState::Failed, detail),
             };
@@ -147,14 +142,7 @@ impl Jobs {
 
     /// The agent command of a run, built afresh for each send: secret
     /// values are never stored.
-    async fn command(&self, run: &JobRun) -> Result<pb::Command, String> {
-        let job = self
-            .store
-            .jobs
-            .get(&run.env, &run.job)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("job {} was removed from {}", run.job, run.env))?;
+    async fn command(&self, run: &JobRun, job: &JobDef) -> Result<pb::Command, String> {
         if let Some(pgbackrest) = &job.pgbackrest {
             let drill = job.kind == crate::store::JobKind::RestoreTest;
             return Ok(pb::Command {
@@ -199,7 +187,7 @@ impl Jobs {
                 command: job.command.clone(),
                 timeout_ms: job.timeout_ms,
                 secret_values,
-                env: run_env(&job, run),
+                env: run_env(job, run),
             })),
         })
     }

@@ -52,6 +52,19 @@ pub fn period_ms(schedule: &Schedule, now_ms: i64) -> Option<i64> {
     Some(next_due(schedule, first)? - first)
 }
 
+/// When a job whose last tick was `last_ms` runs next, seen at `now_ms`:
+/// its next tick on the job's own grid, not counted from now.
+pub fn next_run(schedule: &Schedule, last_ms: i64, now_ms: i64) -> Option<i64> {
+    match schedule {
+        Schedule::Every { every_ms } => {
+            let every = (*every_ms as i64).max(1);
+            let passed = (now_ms - last_ms).max(0) / every;
+            last_ms.checked_add((passed + 1).checked_mul(every)?)
+        }
+        Schedule::Cron { .. } => next_due(schedule, last_ms.max(now_ms)),
+    }
+}
+
 /// The newest tick due at `now_ms` after `last_ms`, and how many earlier
 /// ones it passes over; `None` when none is due yet.
 pub(super) fn due_tick(schedule: &Schedule, last_ms: i64, now_ms: i64) -> Option<(i64, u32)> {
@@ -97,41 +110,37 @@ impl Jobs {
     async fn start_due(self: &Arc<Self>) -> Result<(), JobError> {
         let now_ms = self.registry.now_ms();
         for job in self.store.jobs.list(None).await? {
-            if job.paused {
-                continue;
+            // One job's failure (its store records, its release) must not
+            // hold up the others.
+            if let Err(error) = self.start_job_due(&job, now_ms).await {
+                tracing::warn!(%error, job = %job.name, env = %job.env, "cannot start a due job run; trying again");
             }
-            let Some((tick, missed)) = due_tick(&job.schedule, job.last_tick_ms, now_ms) else {
-                continue;
-            };
-            let busy = match job.concurrency {
-                Concurrency::Forbid => self.running_run(&job),
-                Concurrency::Allow => None,
-            };
-            match busy {
-                Some(running) => {
-                    let detail =
-                        format!("due while {running} still ran (concurrency = \"forbid\")");
-                    self.record_unrun(&job, tick, missed, RunState::Skipped, detail)
-                        .await?;
-                }
-                None => {
-                    if self.start(&job, tick, missed, "", None).await?.is_none() {
-                        // Its node is reconnecting: the tick waits.
-                        continue;
-                    }
-                    if missed > 0 {
-                        tracing::info!(job = %job.name, env = %job.env, missed, "ticks passed while the coordinator was down ran once");
-                    }
-                }
-            }
-            // The job moves on only once its tick's run is stored.
-            self.store
-                .jobs
-                .update(&job.env, &job.name, |j| {
-                    j.last_tick_ms = j.last_tick_ms.max(tick)
-                })
-                .await?;
         }
+        Ok(())
+    }
+
+    async fn start_job_due(self: &Arc<Self>, job: &JobDef, now_ms: i64) -> Result<(), JobError> {
+        if job.paused {
+            return Ok(());
+        }
+        let Some((tick, missed)) = due_tick(&job.schedule, job.last_tick_ms, now_ms) else {
+            return Ok(());
+        };
+        match self.start(job, tick, missed, "", None).await? {
+            // Its node is reconnecting: the tick waits.
+            None => return Ok(()),
+            Some(_) if missed > 0 => {
+                tracing::info!(job = %job.name, env = %job.env, missed, "ticks passed while the coordinator was down ran once");
+            }
+            Some(_) => {}
+        }
+        // The job moves on only once its tick's run is stored.
+        self.store
+            .jobs
+            .update(&job.env, &job.name, |j| {
+                j.last_tick_ms = j.last_tick_ms.max(tick)
+            })
+            .await?;
         Ok(())
     }
 
@@ -154,6 +163,24 @@ impl Jobs {
             job: job.name.clone(),
             reason,
         };
+        // Checking for a run that goes on and starting this one are one
+        // step: two starts at once (a manual run and a tick) never both
+        // pass the check.
+        let _starting = self.starting.lock().await;
+        if let (Concurrency::Forbid, Some(running)) = (job.concurrency, self.running_run(job)) {
+            if manual {
+                return Err(JobError::Busy {
+                    env: job.env.clone(),
+                    job: job.name.clone(),
+                    run: running,
+                });
+            }
+            let detail = format!("due while {running} still ran (concurrency = \"forbid\")");
+            let skipped = self
+                .record_unrun(job, due_ms, missed, RunState::Skipped, detail)
+                .await?;
+            return Ok(Some(vec![skipped]));
+        }
         let release = match &job.service {
             Some(service) => match self.store.releases.current(&job.env, service).await? {
                 Some(record) => Some(record.release.id().to_string()),
@@ -195,6 +222,7 @@ impl Jobs {
             let mut run = self.new_run(job, due_ms, missed, by, each);
             run.node = node.clone();
             run.release_id = release.clone();
+            run.definition = Some(Box::new(job.clone()));
             if !self.create_unique(&mut run, by).await? {
                 continue;
             }
@@ -309,7 +337,7 @@ impl Jobs {
         node: Option<&str>,
     ) -> JobRun {
         let mut run = JobRun {
-            id: run_id(&job.name, due_ms, node),
+            id: run_id(&job.name, due_ms, !by.is_empty(), node),
             app: job.app.clone(),
             env: job.env.clone(),
             job: job.name.clone(),
@@ -328,6 +356,7 @@ impl Jobs {
             output_tail: String::new(),
             facts: Default::default(),
             command_id: String::new(),
+            definition: None,
         };
         run.command_id = command_id(&run);
         run
@@ -398,12 +427,33 @@ mod tests {
     #[test]
     fn run_ids_are_the_tick_in_utc() {
         assert_eq!(
-            run_id("scheduler", ms("2026-12-02T17:05:00Z"), None),
+            run_id("scheduler", ms("2026-12-02T17:05:00Z"), false, None),
             "scheduler.20261202-170500"
         );
         assert_eq!(
-            run_id("backup", ms("2026-12-02T17:05:07.5Z"), Some("db-1")),
+            run_id("backup", ms("2026-12-02T17:05:07.5Z"), false, Some("db-1")),
             "backup.20261202-170507.db-1"
+        );
+        // A manual run never takes a tick's id.
+        assert_eq!(
+            run_id("db.backup", ms("2026-12-02T17:05:00Z"), true, None),
+            "db.backup.20261202-170500m"
+        );
+    }
+
+    #[test]
+    fn the_next_run_of_an_interval_stays_on_its_grid() {
+        let hourly = Schedule::Every {
+            every_ms: 3_600_000,
+        };
+        let last = ms("2026-12-02T10:00:00Z");
+        assert_eq!(
+            next_run(&hourly, last, ms("2026-12-02T10:30:00Z")),
+            Some(ms("2026-12-02T11:00:00Z"))
+        );
+        assert_eq!(
+            next_run(&hourly, last, ms("2026-12-02T12:10:00Z")),
+            Some(ms("2026-12-02T13:00:00Z"))
         );
     }
 }

@@ -13,6 +13,9 @@ use crate::spec_checks;
 use crate::store::{Concurrency, JobDef, JobKind, RunOn, Schedule};
 
 const MIN_EVERY: Duration = Duration::from_secs(1);
+const MAX_EVERY: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The longest RPO, RTO or backup age a spec may give: longer is a typo.
+const MAX_TARGET: Duration = Duration::from_secs(366 * 24 * 3600);
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Jobs one spec may define.
 pub const MAX_JOBS: usize = 64;
@@ -165,6 +168,17 @@ impl JobSpec {
             (_, Some(dataset)) => crate::spec::name_ok(dataset).map_err(|m| ("dataset".to_string(), m))?,
             (JobKind::Job, None) => {}
         }
+        for (key, target) in [("rpo", self.rpo), ("rto", self.rto)] {
+            if let Some(target) = target.filter(|t| *t > MAX_TARGET || t.is_zero()) {
+                return Err((
+                    key.into(),
+                    format!(
+                        "{} is outside 1s to a year",
+                        humantime::format_duration(target)
+                    ),
+                ));
+            }
+        }
         if self.rpo.is_some() && self.kind != JobKind::Backup {
             return Err((
                 "rpo".into(),
@@ -225,6 +239,9 @@ impl JobSpec {
                 if self.timezone.is_some() {
                     return Err(("timezone".into(), "only a cron schedule has a zone; remove it, or use schedule".into()));
                 }
+                if every > MAX_EVERY {
+                    return Err(("every".into(), format!("{} is over the one-year maximum; use a cron schedule", humantime::format_duration(every))));
+                }
                 if every < MIN_EVERY {
                     return Err(("every".into(), format!("{} is under the 1s minimum", humantime::format_duration(every))));
                 }
@@ -242,25 +259,45 @@ pub fn is_production(env: &str) -> bool {
 }
 
 /// A backup gate (`require_backup`) must name a data set one of the
-/// spec's backup jobs backs up.
-pub fn check_gate(spec: &AppSpec, gate: &super::recovery::RequireBackup) -> Result<(), String> {
+/// spec's backup jobs backs up: in environment `env` for an environment's
+/// gate, in some environment for the migration's (checked again against
+/// the deploy's environment when it runs).
+pub fn check_gate(
+    spec: &AppSpec,
+    gate: &super::recovery::RequireBackup,
+    env: Option<&str>,
+) -> Result<(), (String, String)> {
+    if gate.max_age.is_zero() || gate.max_age > MAX_TARGET {
+        return Err((
+            "max_age".into(),
+            format!(
+                "{} is outside 1s to a year",
+                humantime::format_duration(gate.max_age)
+            ),
+        ));
+    }
     let backed_up: Vec<&String> = spec
         .jobs
         .values()
         .filter(|j| j.kind == JobKind::Backup)
+        .filter(|j| env.is_none_or(|e| j.environment_names(spec).iter().any(|n| *n == e)))
         .filter_map(|j| j.dataset.as_ref())
         .collect();
     if backed_up.contains(&&gate.dataset) {
         return Ok(());
     }
-    Err(match backed_up.is_empty() {
-        true => format!("{:?} is not backed up by any job of this spec; add a [jobs.NAME] with kind = \"backup\" and dataset = {:?}", gate.dataset, gate.dataset),
-        false => format!(
-            "{:?} is not backed up by any job of this spec; the backed-up data sets are {}",
-            gate.dataset,
-            backed_up.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", ")
-        ),
-    })
+    let place = env.map(|e| format!(" in {e}")).unwrap_or_default();
+    Err((
+        "dataset".into(),
+        match backed_up.is_empty() {
+            true => format!("{:?} is not backed up by any job of this spec{place}; add a [jobs.NAME] with kind = \"backup\" and dataset = {:?}", gate.dataset, gate.dataset),
+            false => format!(
+                "{:?} is not backed up by any job of this spec{place}; the backed-up data sets are {}",
+                gate.dataset,
+                backed_up.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        },
+    ))
 }
 
 /// Checks every job of a spec.

@@ -93,6 +93,7 @@ impl From<JobError> for Status {
                 Status::failed_precondition(message)
             }
             JobError::Busy { .. } => Status::aborted(message),
+            JobError::EnvironmentPinned(_) => Status::permission_denied(message),
             JobError::Store(_) => Status::internal(message),
         }
     }

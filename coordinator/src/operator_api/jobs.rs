@@ -35,7 +35,13 @@ impl OperatorApi {
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 let applied = self
                     .jobs
-                    .apply(&spec, &r.spec_file, &r.env, &caller.who())
+                    .apply(
+                        &spec,
+                        &r.spec_file,
+                        &r.env,
+                        &caller.who(),
+                        caller.may_pin_environments(),
+                    )
                     .await?;
                 Ok(pb::ApplyJobsResponse {
                     added: applied.added,
@@ -180,13 +186,7 @@ impl OperatorApi {
             .jobs
             .recovery_status((!env.is_empty()).then_some(env.as_str()))
             .await?;
-        // Runs without their output: reading it needs deploy rights.
-        let brief = |run: Option<JobRun>| {
-            run.map(|run| pb::JobRun {
-                output_tail: String::new(),
-                ..run_info(run)
-            })
-        };
+        let brief = |run: Option<JobRun>| run.map(brief_run);
         Ok(Response::new(pb::RecoveryStatus {
             datasets: datasets
                 .into_iter()
@@ -270,8 +270,8 @@ fn job_info(view: JobView) -> pb::Job {
         paused,
         next_due_ms: next_due_ms.unwrap_or(0),
         last_run: last_run.map(|run| pb::JobRun {
-            output_tail: String::new(),
-            ..run_info(run)
+            facts_json: "{}".into(),
+            ..brief_run(run)
         }),
         applied_by,
         applied_at_ms,
@@ -284,6 +284,16 @@ fn serde_plain<T: serde::Serialize>(value: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// A run as any role may see it: without its output or detail, which may
+/// quote the data (reading them needs deploy rights).
+fn brief_run(run: JobRun) -> pb::JobRun {
+    pb::JobRun {
+        output_tail: String::new(),
+        detail: String::new(),
+        ..run_info(run)
+    }
 }
 
 fn run_info(run: JobRun) -> pb::JobRun {

@@ -12,7 +12,6 @@ use crate::rollout::deployment::Deployment;
 use crate::rollout::engine::Input;
 use crate::rollout::model::{self, Phase, RollingPhase, Rollout, RolloutState, StoredRelease};
 use crate::rollout::{DeployRequest, Deployed, RollbackRequest, Started};
-use crate::store::OperatorRole;
 
 /// What `WatchRollout` answers with: the rollout as it changes.
 pub(super) type WatchStream = std::pin::Pin<
@@ -210,7 +209,7 @@ impl OperatorApi {
                 skip_migrate: r.skip_migrate,
                 skip_backup_gate: r.skip_backup_gate,
                 migrate_node: Some(r.migrate_node).filter(|n| !n.is_empty()),
-                may_pin_environments: caller.role == OperatorRole::Admin || caller.envs.is_empty(),
+                may_pin_environments: caller.may_pin_environments(),
                 by: caller.identity.name,
             })
             .await?;

@@ -214,40 +214,22 @@ impl Rollouts {
         Ok(())
     }
 
-    /// Which nodes an environment covers is the coordinator's to keep, not
-    /// each spec's: a deployer limited to staging must not point "staging"
-    /// at production's nodes. The first deploy pins it (only someone allowed
-    /// to: an admin or an unlimited deployer), later specs must select the
-    /// same nodes unless such a caller changes it.
+    /// Which nodes an environment covers is the coordinator's to keep (see
+    /// `environments::pin`).
     async fn pin_environment(
         &self,
         request: &DeployRequest,
         selector: &BTreeMap<String, String>,
     ) -> Result<(), RolloutError> {
-        let pinned = self.store.releases.environment(&request.env).await?;
-        if pinned.as_ref() == Some(selector) {
-            return Ok(());
-        }
-        if !request.may_pin_environments {
-            return Err(RolloutError::EnvironmentPinned(match pinned {
-                Some(pinned) => format!(
-                    "environment {} selects {} on this coordinator, but the spec says {}; only an admin (or a deployer of every environment) can change that",
-                    request.env,
-                    show_selector(&pinned),
-                    show_selector(selector)
-                ),
-                None => format!(
-                    "environment {} has never been deployed: an admin (or a deployer of every environment) deploys it first, which pins the nodes it selects",
-                    request.env
-                ),
-            }));
-        }
-        self.store
-            .releases
-            .pin_environment(&request.env, selector)
-            .await?;
-        tracing::info!(env = %request.env, selector = %show_selector(selector), by = %request.by, "environment pinned");
-        Ok(())
+        crate::environments::pin(
+            &self.store,
+            &request.env,
+            selector,
+            request.may_pin_environments,
+            &request.by,
+        )
+        .await?
+        .map_err(RolloutError::EnvironmentPinned)
     }
 
     /// Each image pinned once: every service (and node) of this deploy runs
@@ -705,15 +687,4 @@ fn version_label(
             "give the release a version label with --version (it defaults to the image's tag only when every image of the deploy has the same one)".into(),
         )),
     }
-}
-
-fn show_selector(selector: &BTreeMap<String, String>) -> String {
-    if selector.is_empty() {
-        return "every node".into();
-    }
-    selector
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }

@@ -166,10 +166,17 @@ pub struct JobRun {
     /// The agent command that runs it: resent as is after a reconnect or a
     /// coordinator restart, which the agent runs once.
     pub command_id: String,
+    /// The job as it was when the run started (what it runs, its timeout):
+    /// a run is resent and judged by it, whatever is applied later. `None`
+    /// for a tick that ran nowhere.
+    #[serde(default)]
+    pub definition: Option<Box<JobDef>>,
 }
 
 /// Runs kept per job; the oldest go first.
 pub const RUNS_KEPT: usize = 500;
+/// Runs past `RUNS_KEPT` before a prune.
+const PRUNE_BATCH: usize = 50;
 
 #[derive(Clone)]
 pub struct JobRepo {
@@ -247,20 +254,34 @@ impl JobRepo {
     }
 
     /// Stores a new run unless one with its id exists: `false` then, and
-    /// nothing changes. Prunes the job's oldest runs past `RUNS_KEPT`.
+    /// nothing changes. Prunes the job's oldest runs past `RUNS_KEPT`, in
+    /// batches (reading them is the cost), never one still running nor
+    /// the newest that succeeded: what recovery and `recovery status`
+    /// read.
     pub async fn create_run(&self, run: &JobRun) -> Result<bool, StoreError> {
         let key = run_key(&run.env, &run.job, &run.id);
         if self.kv.swap(Table::JobRuns, &key, None, Some(run)).await? == Swap::Conflict {
             return Ok(false);
         }
-        let keys = self
-            .kv
-            .keys(Table::JobRuns, &runs_prefix(&run.env, &run.job))
-            .await?;
-        for old in keys.iter().take(keys.len().saturating_sub(RUNS_KEPT)) {
+        let prefix = runs_prefix(&run.env, &run.job);
+        if self.kv.keys(Table::JobRuns, &prefix).await?.len() <= RUNS_KEPT + PRUNE_BATCH {
+            return Ok(true);
+        }
+        let runs: Vec<JobRun> = self.kv.list(Table::JobRuns, &prefix).await?;
+        let newest_success = runs.iter().rposition(|r| r.state == RunState::Succeeded);
+        let mut excess = runs.len().saturating_sub(RUNS_KEPT);
+        for (i, old) in runs.iter().enumerate() {
+            if excess == 0 {
+                break;
+            }
+            if old.state == RunState::Running || Some(i) == newest_success {
+                continue;
+            }
+            let key = run_key(&old.env, &old.job, &old.id);
             self.kv
-                .delete(Table::JobRuns, old, Durability::Lazy)
+                .delete(Table::JobRuns, &key, Durability::Lazy)
                 .await?;
+            excess -= 1;
         }
         Ok(true)
     }
@@ -324,6 +345,7 @@ mod tests {
             output_tail: String::new(),
             facts: BTreeMap::new(),
             command_id: format!("job.{id}"),
+            definition: None,
         }
     }
 
@@ -349,18 +371,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_the_newest_runs_are_kept() {
+    async fn only_the_newest_runs_are_kept_but_never_a_running_one_or_the_last_success() {
         let store = Store::new(Arc::new(crate::store::memory::MemoryBackend::new()));
-        for i in 0..RUNS_KEPT + 3 {
-            store
-                .jobs
-                .create_run(&run(&format!("scheduler.{i:06}")))
-                .await
-                .unwrap();
+        let mut first = run("scheduler.000000");
+        first.state = RunState::Succeeded;
+        store.jobs.create_run(&first).await.unwrap();
+        // Still running, old as it is.
+        store
+            .jobs
+            .create_run(&run("scheduler.000001"))
+            .await
+            .unwrap();
+        for i in 2..RUNS_KEPT + PRUNE_BATCH + 1 {
+            let mut skipped = run(&format!("scheduler.{i:06}"));
+            skipped.state = RunState::Skipped;
+            store.jobs.create_run(&skipped).await.unwrap();
         }
         let runs = store.jobs.runs("prod", "scheduler").await.unwrap();
         assert_eq!(runs.len(), RUNS_KEPT);
-        assert_eq!(runs[0].id, "scheduler.000003");
+        let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids[..3],
+            ["scheduler.000000", "scheduler.000001", "scheduler.000053"]
+        );
         // Another job's runs and another environment's are their own.
         assert!(store
             .jobs
