@@ -113,7 +113,7 @@ pub enum RunState {
     /// not known. Never retried on its own.
     Lost,
     /// Due while another run of the job still ran (`concurrency =
-    /// "forbid"`), or no node could take it.
+    /// "forbid"`). (A tick no node could take is `Failed`.)
     Skipped,
 }
 
