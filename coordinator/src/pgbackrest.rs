@@ -101,6 +101,11 @@ pub fn check(
         "scratch_dir",
         "restore drill",
     )?;
+    only(
+        !drill && spec.freshness_database.is_some(),
+        "freshness_database",
+        "restore drill",
+    )?;
     only(!drill && spec.target.is_some(), "target", "restore drill")?;
     only(
         !drill && spec.freshness_sql.is_some(),

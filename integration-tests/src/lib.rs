@@ -765,6 +765,29 @@ impl DevCluster {
         }
     }
 
+    /// `cutover jobs history JOB --env local -o json`: the job's kept runs,
+    /// newest first.
+    pub fn job_history(&self, job: &str) -> Vec<serde_json::Value> {
+        self.try_job_history(job)
+            .unwrap_or_else(|error| panic!("cutover jobs history {job}: {error}"))
+    }
+
+    /// The same, the CLI's error as the error: for polling a coordinator
+    /// that may be restarting.
+    pub fn try_job_history(&self, job: &str) -> Result<Vec<serde_json::Value>, String> {
+        let args = [
+            "jobs", "history", job, "--env", "local", "--limit", "500", "-o", "json",
+        ];
+        let out = self.cutover(&args);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        match serde_json::from_slice(&out.stdout).expect("history is JSON") {
+            serde_json::Value::Array(runs) => Ok(runs),
+            other => panic!("history is not a list: {other}"),
+        }
+    }
+
     /// The coordinator's metrics page (`CUTOVER_METRICS_URL`).
     pub fn metrics(&self) -> String {
         let url = self

@@ -91,18 +91,6 @@ fn cutover_ok(cluster: &DevCluster, args: &[&str]) -> String {
     text(&out.stdout)
 }
 
-fn history(cluster: &DevCluster, job: &str) -> Vec<Value> {
-    let out = cutover_ok(
-        cluster,
-        &["jobs", "history", job, "--env", "local", "-o", "json"],
-    );
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 fn series(name: &str) -> String {
     format!(r#"{name}{{app="shop",env="local",dataset="shop-db"}}"#)
 }
@@ -134,7 +122,7 @@ fn backups_drills_recovery_status_and_the_backup_gate_on_real_pgbackrest() {
     // on one node, with pgBackRest's facts.
     let deadline = Instant::now() + Duration::from_secs(120);
     let runs = loop {
-        let runs = history(&cluster, "db-backup");
+        let runs = cluster.job_history("db-backup");
         if runs.iter().filter(|r| r["state"] == "succeeded").count() >= 2 {
             break runs;
         }

@@ -66,20 +66,8 @@ fn try_apply(cluster: &DevCluster, spec: &str) -> std::process::Output {
     ])
 }
 
-/// `cutover jobs history JOB -o json`, newest first.
-fn history(cluster: &DevCluster, job: &str) -> Vec<Value> {
-    let out = cluster.cutover(&[
-        "jobs", "history", job, "--env", "local", "--limit", "500", "-o", "json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-/// Polls the history until `done` holds.
+/// Polls the history until `done` holds; a coordinator that does not
+/// answer yet (restarting) counts as not done.
 fn wait_for_history(
     cluster: &DevCluster,
     job: &str,
@@ -88,9 +76,11 @@ fn wait_for_history(
 ) -> Vec<Value> {
     let deadline = Instant::now() + timeout;
     loop {
-        let runs = history(cluster, job);
-        if done(&runs) {
-            return runs;
+        let runs = cluster.try_job_history(job);
+        if let Ok(runs) = &runs {
+            if done(runs) {
+                return runs.clone();
+            }
         }
         assert!(
             Instant::now() < deadline,
@@ -220,7 +210,7 @@ concurrency = "forbid"
     });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        history(&cluster, "slow").len(),
+        cluster.job_history("slow").len(),
         settled.len(),
         "a paused job ran"
     );
@@ -244,7 +234,7 @@ concurrency = "forbid"
         "{}",
         text(&manual.stdout)
     );
-    let runs = history(&cluster, "slow");
+    let runs = cluster.job_history("slow");
     assert!(runs[0]["manual_by"] == "operator/dev", "{}", runs[0]);
 }
 
@@ -285,7 +275,7 @@ fn ticks_missed_while_the_coordinator_was_down_run_once() {
         "{} rows after the restart",
         after - before
     );
-    let runs = history(&cluster, "tick");
+    let runs = cluster.job_history("tick");
     assert!(
         runs.iter()
             .all(|r| matches!(state(r), "succeeded" | "running")),
@@ -323,7 +313,7 @@ every = "1h"
         "{}",
         text(&early.stderr)
     );
-    assert!(history(&cluster, "version").is_empty());
+    assert!(cluster.job_history("version").is_empty());
 
     let deployed = cluster.deploy_spec(&spec, "v1", &["--wait"]);
     assert!(
