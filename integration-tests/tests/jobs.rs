@@ -20,6 +20,7 @@ const OUTAGE_PORT: u16 = 18_622;
 const SERVICE_PORT: u16 = 18_623;
 const BAD_PORT: u16 = 18_624;
 const RESTART_PORT: u16 = 18_626;
+const OVERLAP_PORT: u16 = 18_627;
 
 /// A job that inserts a row keyed by its run id: a tick run twice fails
 /// its second insert.
@@ -447,4 +448,85 @@ fn a_run_going_when_the_coordinator_restarts_ends_as_it_ran_and_runs_once() {
     assert_eq!(state(&runs[0]), "succeeded", "{:#}", runs[0]);
     assert_eq!(runs[0]["facts"]["inserted"], 1);
     assert_eq!(rows(&db).len(), 1, "the run ran once");
+}
+
+#[test]
+fn backups_of_one_data_set_never_overlap() {
+    let cluster = DevCluster::up(1);
+    let backup = |name: &str, seconds: &str| {
+        format!(
+            r#"
+[jobs.{name}]
+kind = "backup"
+dataset = "db"
+rpo = "{rpo}"
+command = ["sh", "-c", "sleep {seconds}; echo '{{\"type\": \"{name}\"}}'"]
+every = "{every}"
+concurrency = "allow"
+"#,
+            rpo = if name == "full" { "1h" } else { "15m" },
+            every = "1s",
+        )
+    };
+    let tail = format!("{}{}", backup("full", "1.5"), backup("incr", "0.3"));
+    apply(&cluster, &dev_spec(OVERLAP_PORT, "v1", "", &tail));
+    let skipped = |runs: &[Value]| {
+        runs.iter().any(|r| {
+            state(r) == "skipped"
+                && r["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("one backup of db at a time")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Both are kept from overlapping: the incremental by the full, the
+    // full (1.5 s every second, allowing overlap with itself) by its own
+    // run still going.
+    while !(skipped(&cluster.job_history("full")) && skipped(&cluster.job_history("incr"))) {
+        assert!(
+            Instant::now() < deadline,
+            "no backup was kept from overlapping another: {:#?} {:#?}",
+            cluster.job_history("full"),
+            cluster.job_history("incr")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for job in ["full", "incr"] {
+        let paused = cluster.cutover(&["jobs", "pause", job, "--env", "local"]);
+        assert!(paused.status.success(), "{}", text(&paused.stderr));
+    }
+    let mut ran: Vec<(i64, i64)> = Vec::new();
+    for job in ["full", "incr"] {
+        let runs = wait_for_history(&cluster, job, Duration::from_secs(10), |runs| {
+            runs.iter().all(|r| state(r) != "running")
+        });
+        let time = |r: &Value, key: &str| {
+            r[key]
+                .as_str()
+                .unwrap()
+                .parse::<humantime::Timestamp>()
+                .map(|t| {
+                    std::time::SystemTime::from(t)
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis() as i64
+                })
+        };
+        ran.extend(
+            runs.iter()
+                .filter(|r| state(r) == "succeeded")
+                .map(|r| (time(r, "started").unwrap(), time(r, "ended").unwrap())),
+        );
+    }
+    ran.sort();
+    for pair in ran.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "two backups of db overlapped: {pair:?}"
+        );
+    }
+    // The tightest RPO of the data set's backup jobs is its target.
+    let rpo = cluster.metric(r#"cutover_rpo_target_seconds{app="shop",env="local",dataset="db"}"#);
+    assert_eq!(rpo, Some(900.0));
 }

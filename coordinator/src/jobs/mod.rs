@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::secrets::Secrets;
 use crate::spec::{AppSpec, SpecError};
-use crate::store::{JobDef, JobRun, Store, StoreError};
+use crate::store::{Concurrency, JobDef, JobKind, JobRun, Store, StoreError};
 
 pub use scheduler::{next_due, next_run, period_ms};
 
@@ -53,11 +53,12 @@ pub enum JobError {
         owner: String,
         app: String,
     },
-    #[error("job {job} in {env} is still running ({run}) and allows no overlap (concurrency = \"forbid\"); wait for it (`cutover jobs history {job} --env {env}`)")]
+    #[error("job {job} in {env} cannot start while {run} is still running ({why}); wait for it (`cutover jobs list --env {env}`)")]
     Busy {
         env: String,
         job: String,
         run: String,
+        why: String,
     },
     #[error("{0}")]
     EnvironmentPinned(String),
@@ -101,8 +102,9 @@ pub struct Jobs {
     registry: Arc<Registry>,
     secrets: Arc<Secrets>,
     metrics: Arc<Metrics>,
-    /// Runs being seen to their end, by (env, job): what `forbid` checks.
-    running: Mutex<BTreeMap<(String, String), BTreeSet<String>>>,
+    /// Runs being seen to their end: what `forbid` and one backup per
+    /// data set check.
+    running: Mutex<Vec<Running>>,
     /// Held from the check for a run that goes on to the new run's
     /// supervision, so `forbid` holds between a tick and a manual run.
     starting: tokio::sync::Mutex<()>,
@@ -123,7 +125,7 @@ impl Jobs {
             registry,
             secrets,
             metrics,
-            running: Mutex::new(BTreeMap::new()),
+            running: Mutex::new(Vec::new()),
             starting: tokio::sync::Mutex::new(()),
             shutdown,
             tasks: TaskTracker::new(),
@@ -351,14 +353,44 @@ impl Jobs {
         Ok(runs.unwrap_or_default())
     }
 
-    /// A run of `job` being seen to its end, if any.
-    fn running_run(&self, job: &JobDef) -> Option<String> {
-        self.running
-            .lock()
-            .expect("jobs lock")
-            .get(&(job.env.clone(), job.name.clone()))
-            .and_then(|runs| runs.first().cloned())
+    /// A run that `job` may not overlap, and why: one of its own unless it
+    /// allows overlap (`concurrency`), and for a backup any backup of the
+    /// same data set, its own included whatever its `concurrency` (two at
+    /// once only fight over the repository's lock).
+    fn blocking_run(&self, job: &JobDef) -> Option<(String, String)> {
+        let running = self.running.lock().expect("jobs lock");
+        let own = running
+            .iter()
+            .filter(|_| job.concurrency == Concurrency::Forbid)
+            .find(|r| r.env == job.env && r.job == job.name)
+            .map(|r| (r.id.clone(), "concurrency = \"forbid\"".to_string()));
+        own.or_else(|| {
+            let dataset = job
+                .dataset
+                .as_ref()
+                .filter(|_| job.kind == JobKind::Backup)?;
+            running
+                .iter()
+                .find(|r| {
+                    r.kind == JobKind::Backup
+                        && r.app == job.app
+                        && r.env == job.env
+                        && r.dataset.as_ref() == Some(dataset)
+                })
+                .map(|r| (r.id.clone(), format!("one backup of {dataset} at a time")))
+        })
     }
+}
+
+/// A run being seen to its end.
+#[derive(Debug, Clone)]
+pub(crate) struct Running {
+    env: String,
+    job: String,
+    id: String,
+    app: String,
+    kind: JobKind,
+    dataset: Option<String>,
 }
 
 /// Whether two definitions differ only in who applied them when.

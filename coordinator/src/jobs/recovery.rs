@@ -101,8 +101,18 @@ pub fn dataset_status(
     let last_drill = newest(of(JobKind::RestoreTest)).cloned();
     let passed_drill =
         newest(of(JobKind::RestoreTest).filter(|r| r.state == RunState::Succeeded)).cloned();
-    let rpo_ms = backup_job.and_then(|j| j.rpo_ms);
-    let rto_ms = drill_job.and_then(|j| j.rto_ms);
+    // Several backup jobs of one data set (incremental, nightly full), or
+    // drills: the tightest target counts.
+    let rpo_ms = jobs
+        .iter()
+        .filter(|j| j.kind == JobKind::Backup)
+        .filter_map(|j| j.rpo_ms)
+        .min();
+    let rto_ms = jobs
+        .iter()
+        .filter(|j| j.kind == JobKind::RestoreTest)
+        .filter_map(|j| j.rto_ms)
+        .min();
     let backup_age_ms = last_backup.as_ref().and_then(|r| backup_age_ms(r, now_ms));
 
     let mut breached = Vec::new();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cutover_proto::v1 as pb;
 
-use super::Jobs;
+use super::{Jobs, Running};
 use crate::registry::CommandWaitError;
 use crate::store::{JobDef, JobRun, NodeStatus, RunState};
 
@@ -57,29 +57,27 @@ impl Ending {
 impl Jobs {
     /// Sees `run` to its end in a task of its own.
     pub(super) fn supervise(self: &Arc<Self>, run: JobRun) {
-        self.running
-            .lock()
-            .expect("jobs lock")
-            .entry((run.env.clone(), run.job.clone()))
-            .or_default()
-            .insert(run.id.clone());
+        self.running.lock().expect("jobs lock").push(Running {
+            env: run.env.clone(),
+            job: run.job.clone(),
+            id: run.id.clone(),
+            app: run.app.clone(),
+            kind: run.kind,
+            dataset: run.dataset.clone(),
+        });
         let jobs = self.clone();
         self.tasks.spawn(async move {
-            let key = (run.env.clone(), run.job.clone());
-            let id = run.id.clone();
+            let (env, id) = (run.env.clone(), run.id.clone());
             tokio::select! {
                 // Shutdown leaves the run `running` in the store; the next
                 // start asks its node again.
                 _ = jobs.shutdown.cancelled() => {}
                 ending = jobs.follow(&run) => jobs.end(run, ending).await,
             }
-            let mut running = jobs.running.lock().expect("jobs lock");
-            if let Some(ids) = running.get_mut(&key) {
-                ids.remove(&id);
-                if ids.is_empty() {
-                    running.remove(&key);
-                }
-            }
+            jobs.running
+                .lock()
+                .expect("jobs lock")
+                .retain(|r| !(r.env == env && r.id == id));
         });
     }
 

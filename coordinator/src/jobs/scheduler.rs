@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::{run_id, JobError, Jobs};
 use crate::spec::selects;
-use crate::store::{Concurrency, JobDef, JobRun, NodeStatus, RunOn, RunState, Schedule};
+use crate::store::{JobDef, JobRun, NodeStatus, RunOn, RunState, Schedule};
 
 /// The capability of agents that run a task without a release.
 const PLAIN_TASKS: &str = "command.run_plain_task";
@@ -167,15 +167,16 @@ impl Jobs {
         // step: two starts at once (a manual run and a tick) never both
         // pass the check.
         let _starting = self.starting.lock().await;
-        if let (Concurrency::Forbid, Some(running)) = (job.concurrency, self.running_run(job)) {
+        if let Some((running, why)) = self.blocking_run(job) {
             if manual {
                 return Err(JobError::Busy {
                     env: job.env.clone(),
                     job: job.name.clone(),
                     run: running,
+                    why,
                 });
             }
-            let detail = format!("due while {running} still ran (concurrency = \"forbid\")");
+            let detail = format!("due while {running} still ran ({why})");
             let skipped = self
                 .record_unrun(job, due_ms, missed, RunState::Skipped, detail)
                 .await?;

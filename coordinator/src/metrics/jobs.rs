@@ -22,14 +22,16 @@ struct Figures {
     backup_success_s: Option<f64>,
     /// When the newest successful backup's data is from.
     backup_data_s: Option<f64>,
-    rpo_s: Option<f64>,
+    /// Each job's target (or interval), by job name: a data set may have
+    /// several backup jobs (incremental, nightly full); the tightest counts.
+    rpo_s: BTreeMap<String, f64>,
     drill_success_s: Option<f64>,
     drill_duration_s: Option<f64>,
     drill_data_age_s: Option<f64>,
     /// The newest drill that ended: when, and whether it passed.
     drill_last: Option<(f64, bool)>,
-    drill_interval_s: Option<f64>,
-    rto_s: Option<f64>,
+    drill_interval_s: BTreeMap<String, f64>,
+    rto_s: BTreeMap<String, f64>,
 }
 
 #[derive(Default)]
@@ -137,34 +139,39 @@ impl JobMetrics {
 
     /// Takes in a job's targets as applied, and how often it runs.
     pub fn targets(&self, job: &JobDef, period_ms: Option<i64>) {
-        let Some(dataset) = &job.dataset else { return };
-        let mut figures = self.figures.lock().expect("job metrics lock");
-        let f = figures
-            .entry((job.app.clone(), job.env.clone(), dataset.clone()))
-            .or_default();
-        match job.kind {
-            JobKind::Backup => f.rpo_s = job.rpo_ms.map(|ms| ms as f64 / 1000.0),
-            JobKind::RestoreTest => {
-                f.rto_s = job.rto_ms.map(|ms| ms as f64 / 1000.0);
-                f.drill_interval_s = period_ms.map(|ms| ms as f64 / 1000.0);
-            }
-            JobKind::Job => {}
-        }
+        self.set_targets(job, period_ms, true);
     }
 
     /// Forgets the targets of a removed job (its runs' figures stay).
     pub fn removed(&self, job: &JobDef) {
+        self.set_targets(job, None, false);
+    }
+
+    fn set_targets(&self, job: &JobDef, period_ms: Option<i64>, applied: bool) {
         let Some(dataset) = &job.dataset else { return };
+        let seconds = |ms: Option<u64>| ms.filter(|_| applied).map(|ms| ms as f64 / 1000.0);
         let mut figures = self.figures.lock().expect("job metrics lock");
-        if let Some(f) = figures.get_mut(&(job.app.clone(), job.env.clone(), dataset.clone())) {
-            match job.kind {
-                JobKind::Backup => f.rpo_s = None,
-                JobKind::RestoreTest => {
-                    f.rto_s = None;
-                    f.drill_interval_s = None;
-                }
-                JobKind::Job => {}
+        let f = figures
+            .entry((job.app.clone(), job.env.clone(), dataset.clone()))
+            .or_default();
+        let set = |map: &mut BTreeMap<String, f64>, value: Option<f64>| match value {
+            Some(value) => {
+                map.insert(job.name.clone(), value);
             }
+            None => {
+                map.remove(&job.name);
+            }
+        };
+        match job.kind {
+            JobKind::Backup => set(&mut f.rpo_s, seconds(job.rpo_ms)),
+            JobKind::RestoreTest => {
+                set(&mut f.rto_s, seconds(job.rto_ms));
+                set(
+                    &mut f.drill_interval_s,
+                    seconds(period_ms.map(|ms| ms.max(0) as u64)),
+                );
+            }
+            JobKind::Job => {}
         }
     }
 
@@ -195,7 +202,7 @@ impl JobMetrics {
             for (family, value) in [
                 (&self.backup_success, f.backup_success_s),
                 (&self.backup_age, backup_age),
-                (&self.rpo, f.rpo_s),
+                (&self.rpo, tightest(&f.rpo_s)),
                 (&self.drill_success, f.drill_success_s),
                 (&self.drill_duration, f.drill_duration_s),
                 (&self.drill_data_age, f.drill_data_age_s),
@@ -203,8 +210,8 @@ impl JobMetrics {
                     &self.drill_passed,
                     f.drill_last.map(|(_, passed)| f64::from(u8::from(passed))),
                 ),
-                (&self.drill_interval, f.drill_interval_s),
-                (&self.rto, f.rto_s),
+                (&self.drill_interval, tightest(&f.drill_interval_s)),
+                (&self.rto, tightest(&f.rto_s)),
             ] {
                 if let Some(value) = value {
                     family.get_or_create(&labels).set(value);
@@ -212,4 +219,9 @@ impl JobMetrics {
             }
         }
     }
+}
+
+/// The smallest of several jobs' targets (or intervals).
+fn tightest(by_job: &BTreeMap<String, f64>) -> Option<f64> {
+    by_job.values().copied().reduce(f64::min)
 }
