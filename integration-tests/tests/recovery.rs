@@ -341,6 +341,10 @@ async fn a_failing_check_fails_the_drill_naming_it_and_leaves_nothing_behind() {
     };
     let (result, _) = recovery(&cluster, drill("d1", &pg, checks, 120_000)).await;
     assert!(!result.passed, "{result:?}");
+    assert!(
+        !result.timed_out,
+        "a failed check is not a timeout: {result:?}"
+    );
     assert_eq!(
         result.reason,
         "check \"enough orders\" failed: expected at least 2000, saw 1000"
@@ -396,6 +400,7 @@ async fn a_drill_past_its_timeout_is_killed_and_cleaned_up() {
     )
     .await;
     assert!(!result.passed, "{result:?}");
+    assert!(result.timed_out, "{result:?}");
     assert!(
         result
             .reason

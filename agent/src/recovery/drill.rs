@@ -37,6 +37,8 @@ pub(super) struct Drill {
 /// What a drill found: its verdict comes from the checks.
 pub(super) struct Report {
     pub passed: bool,
+    /// It ran out of time (before its clean-up).
+    pub timed_out: bool,
     pub reason: String,
     pub facts: Map<String, Value>,
     pub checks: Vec<pb::RecoveryCheckResult>,
@@ -50,6 +52,7 @@ pub(super) async fn run(steps: &mut Steps, stanza: &Stanza, drill: &Drill) -> Re
     let start_secs = cutover_common::now_ms() as f64 / 1000.0;
     let mut report = Report {
         passed: false,
+        timed_out: false,
         reason: String::new(),
         facts: Map::new(),
         checks: Vec::new(),
@@ -104,7 +107,10 @@ pub(super) async fn run(steps: &mut Steps, stanza: &Stanza, drill: &Drill) -> Re
     match verdict {
         Ok(None) => report.passed = true,
         Ok(Some(check_failed)) => report.reason = check_failed,
-        Err(failure) => report.reason = failure.to_string(),
+        Err(failure) => {
+            report.timed_out = matches!(failure, Failure::TimedOut { .. });
+            report.reason = failure.to_string();
+        }
     }
     if let Some(scratch) = scratch {
         steps.rebound(CLEANUP_TIMEOUT);

@@ -187,6 +187,7 @@ pub async fn run(request: &Request, output: mpsc::UnboundedSender<String>) -> pb
     match &request.action {
         Action::Backup { kind } => {
             let made = pgbackrest::backup(&mut steps, &request.stanza, *kind).await;
+            let timed_out = matches!(made, Err(steps::Failure::TimedOut { .. }));
             let (passed, reason, facts) = match made {
                 Ok(facts) => (true, String::new(), facts),
                 Err(failure) => (
@@ -205,6 +206,7 @@ pub async fn run(request: &Request, output: mpsc::UnboundedSender<String>) -> pb
                 data_time_ms,
                 output_tail: steps.tail(),
                 recovered_at_ms: 0,
+                timed_out,
             }
         }
         Action::Drill(drill) => {
@@ -218,6 +220,7 @@ pub async fn run(request: &Request, output: mpsc::UnboundedSender<String>) -> pb
                 data_time_ms: report.data_time_ms,
                 output_tail: steps.tail(),
                 recovered_at_ms: report.recovered_at_ms,
+                timed_out: report.timed_out,
             }
         }
     }

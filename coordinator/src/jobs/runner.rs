@@ -243,15 +243,16 @@ fn ended(node: &str, result: pb::CommandResult) -> Ending {
             }
         }
         (Ok(pb::CommandStatus::Succeeded), Some(pb::command_result::Output::Recovery(r))) => {
-            let (state, detail) = match r.passed {
-                true => (
+            let (state, detail) = match (r.passed, r.timed_out) {
+                (true, _) => (
                     RunState::Succeeded,
                     format!(
                         "passed in {}",
                         humantime::format_duration(Duration::from_millis(r.duration_ms))
                     ),
                 ),
-                false => (RunState::Failed, r.reason),
+                (false, true) => (RunState::TimedOut, r.reason),
+                (false, false) => (RunState::Failed, r.reason),
             };
             Ending {
                 state,
