@@ -425,6 +425,19 @@ fn bad_job_specs_name_file_key_and_value_and_create_nothing() {
         "{}",
         text(&missing.stderr)
     );
+
+    // A changed spec takes effect at its next apply, and a paused job stays
+    // paused; a job the spec no longer has goes.
+    let job = |every: &str| format!("[jobs.x]\ncommand = [\"true\"]\nevery = \"{every}\"\n");
+    assert!(apply(&cluster, &dev_spec(BAD_PORT, "v1", "", &job("1h"))).contains("added: x"));
+    let paused = cluster.cutover(&["jobs", "pause", "x", "--env", "local"]);
+    assert!(paused.status.success(), "{}", text(&paused.stderr));
+    assert!(apply(&cluster, &dev_spec(BAD_PORT, "v1", "", &job("2h"))).contains("changed: x"));
+    let list = cluster.cutover(&["jobs", "list", "--env", "local", "-o", "json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list[0]["schedule"], "every 2h", "{list:#}");
+    assert_eq!(list[0]["paused"], true, "{list:#}");
+    assert!(apply(&cluster, &dev_spec(BAD_PORT, "v1", "", "")).contains("removed: x"));
 }
 
 #[test]

@@ -2,13 +2,14 @@
 //! backup and restore drill, and whether the targets hold.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Result;
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
+
+use cutover_coordinator::jobs::recovery::duration;
 
 use super::client::explain;
 use super::nodes::{render_table, rfc3339};
@@ -88,15 +89,11 @@ pub async fn recovery(
     })
 }
 
-fn human(ms: i64) -> String {
-    humantime::format_duration(Duration::from_secs((ms.max(0) / 1000) as u64)).to_string()
-}
-
 fn target(ms: u64) -> String {
     if ms == 0 {
         "-".into()
     } else {
-        human(ms as i64)
+        duration(ms as i64)
     }
 }
 
@@ -109,7 +106,7 @@ fn backup(d: &pb::DatasetRecovery) -> String {
         return "none".into();
     };
     let f = facts(run);
-    let mut parts = vec![format!("data {} old", human(d.backup_age_ms))];
+    let mut parts = vec![format!("data {} old", duration(d.backup_age_ms))];
     if let Some(size) = f["size_bytes"].as_f64() {
         parts.push(format!("{:.1} MiB", size / (1024.0 * 1024.0)));
     }
@@ -124,16 +121,16 @@ fn drill(d: &pb::DatasetRecovery) -> String {
     let Some(last) = &d.last_drill else {
         return "none".into();
     };
-    let ago = human(cutover_common::now_ms() - last.ended_ms);
+    let ago = duration(cutover_common::now_ms() - last.ended_ms);
     if last.state() != pb::JobRunState::Succeeded {
         return format!("{} {ago} ago", last.state().as_str());
     }
-    let took = human(last.ended_ms - last.started_ms);
+    let took = duration(last.ended_ms - last.started_ms);
     let mut text = format!("passed {ago} ago in {took}");
     if let Some(t) = facts(last)["data_time"].as_f64() {
         text.push_str(&format!(
             ", data {} old",
-            human(last.started_ms - (t * 1000.0) as i64)
+            duration(last.started_ms - (t * 1000.0) as i64)
         ));
     }
     text

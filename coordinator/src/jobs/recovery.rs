@@ -69,7 +69,9 @@ fn newest<'a>(runs: impl Iterator<Item = &'a JobRun>) -> Option<&'a JobRun> {
     runs.max_by_key(|r| (r.ended_ms, r.started_ms))
 }
 
-fn duration(ms: i64) -> String {
+/// A span of milliseconds to the second, as status lines and the CLI
+/// print it ("22m 5s").
+pub fn duration(ms: i64) -> String {
     humantime::format_duration(std::time::Duration::from_secs((ms.max(0) / 1000) as u64))
         .to_string()
 }

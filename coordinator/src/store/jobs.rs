@@ -349,16 +349,73 @@ mod tests {
         }
     }
 
+    fn job() -> JobDef {
+        JobDef {
+            app: "shop".into(),
+            env: "prod".into(),
+            name: "scheduler".into(),
+            kind: JobKind::Job,
+            service: Some("web".into()),
+            command: vec!["php".into(), "artisan".into(), "schedule:run".into()],
+            vars: BTreeMap::new(),
+            schedule: Schedule::Cron {
+                expression: "* * * * *".into(),
+                timezone: "UTC".into(),
+            },
+            run_on: RunOn::One,
+            selector: [("role".to_string(), "web".to_string())].into(),
+            timeout_ms: 600_000,
+            concurrency: Concurrency::Forbid,
+            dataset: None,
+            rpo_ms: None,
+            rto_ms: None,
+            applied_at_ms: 1,
+            applied_by: "operator/ops".into(),
+            last_tick_ms: 1,
+            paused: false,
+            pgbackrest: None,
+            verify: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_jobs_pause_and_place_in_its_schedule_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
+            store.jobs.put(&job()).await.unwrap();
+            let updated = store
+                .jobs
+                .update("prod", "scheduler", |j| {
+                    j.paused = true;
+                    j.last_tick_ms = 60_000;
+                })
+                .await
+                .unwrap();
+            assert!(updated.is_some());
+            store.flush().await.unwrap();
+        }
+        let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
+        let jobs = store.jobs.list(Some("prod")).await.unwrap();
+        assert_eq!(
+            jobs,
+            vec![JobDef {
+                paused: true,
+                last_tick_ms: 60_000,
+                ..job()
+            }]
+        );
+        assert!(store.jobs.list(Some("staging")).await.unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn a_run_id_is_created_once_and_runs_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
-            assert!(store
-                .jobs
-                .create_run(&run("scheduler.20261202-170500"))
-                .await
-                .unwrap());
+            let mut first = run("scheduler.20261202-170500");
+            first.definition = Some(Box::new(job()));
+            assert!(store.jobs.create_run(&first).await.unwrap());
             let mut again = run("scheduler.20261202-170500");
             again.node = "n2".into();
             assert!(!store.jobs.create_run(&again).await.unwrap());
@@ -368,6 +425,7 @@ mod tests {
         let runs = store.jobs.runs("prod", "scheduler").await.unwrap();
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].node, "n1");
+        assert_eq!(runs[0].definition.as_deref(), Some(&job()));
     }
 
     #[tokio::test]
