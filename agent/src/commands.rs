@@ -204,7 +204,9 @@ impl Executor {
                 })))
             }
             // Not journaled: after an upgrade the same id may be retried.
-            None => {
+            None
+            | Some(command::Kind::StageRelease(_))
+            | Some(command::Kind::SetTraffic(_)) => {
                 return CommandResult {
                     command_id,
                     status: CommandStatus::Rejected as i32,

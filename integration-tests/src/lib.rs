@@ -1110,6 +1110,7 @@ pub fn activate(id: &str, release: pb::Release) -> pb::Command {
             drain_first: false,
             secret_values: Default::default(),
             hook_env: Default::default(),
+            keep_previous_ms: 0,
         })),
     }
 }

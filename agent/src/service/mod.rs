@@ -427,6 +427,7 @@ impl Service {
                 })
             }),
             running: status.instance.is_some(),
+            side: None,
         }
     }
 

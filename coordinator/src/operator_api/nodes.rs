@@ -58,6 +58,7 @@ fn service_to_pb(s: ServiceStatus) -> pb::ServiceState {
             latency_cumulative: t.latency_cumulative,
             latency_sum_us: t.latency_sum_us,
         }),
+        side: None,
     }
 }
 

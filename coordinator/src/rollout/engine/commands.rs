@@ -70,6 +70,7 @@ pub(super) fn send_for(r: &Rollout, i: usize) -> Send {
             // Filled by the driver on the way out, never stored.
             secret_values: Default::default(),
             hook_env: hook_env(r, &r.release, r.previous.as_ref()),
+            keep_previous_ms: 0,
         }),
         NodeState::RollingBack => match &r.previous {
             Some(previous) => command::Kind::Activate(pb::ActivateRelease {
@@ -77,6 +78,7 @@ pub(super) fn send_for(r: &Rollout, i: usize) -> Send {
                 drain_first: r.strategy.drains_first(),
                 secret_values: Default::default(),
                 hook_env: hook_env(r, previous, Some(&r.release)),
+                keep_previous_ms: 0,
             }),
             None => command::Kind::StopService(pb::StopService {
                 service: r.service.clone(),
