@@ -169,15 +169,8 @@ fn service_from(state: pb::ServiceState) -> ServiceStatus {
         running: state.running,
         healthy: state.healthy,
         health_detail: state.health_detail,
-        traffic: state.traffic.map(|t| Traffic {
-            release_id: t.release_id,
-            requests: t.requests,
-            by_class: t.by_class,
-            upstream_failures: t.upstream_failures,
-            latency_bounds_ms: t.latency_bounds_ms,
-            latency_cumulative: t.latency_cumulative,
-            latency_sum_us: t.latency_sum_us,
-        }),
+        traffic: state.traffic.map(Traffic::from),
+        side: state.side.map(Into::into),
     }
 }
 

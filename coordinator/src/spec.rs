@@ -184,6 +184,10 @@ pub struct EnvironmentSpec {
     /// A fresh backup every deploy to this environment needs.
     #[serde(default)]
     pub require_backup: Option<crate::jobs::recovery::RequireBackup>,
+    /// Replaces the app's `[strategy]` in this environment (a canary for
+    /// production, say).
+    #[serde(default)]
+    pub strategy: Option<StrategySpec>,
 }
 
 fn default_runtime() -> String {
@@ -291,6 +295,13 @@ impl AppSpec {
         self.strategy
             .resolve()
             .map_err(|(k, m)| (format!("strategy.{k}"), m))?;
+        for (name, environment) in &self.environments {
+            if let Some(strategy) = &environment.strategy {
+                strategy
+                    .resolve()
+                    .map_err(|(k, m)| (format!("environments.{name}.strategy.{k}"), m))?;
+            }
+        }
         if let Some(migrate) = &self.migrate {
             let services: Vec<&String> = self.services.keys().collect();
             migrate
@@ -625,10 +636,13 @@ impl AppSpec {
                 ),
             ));
         }
-        let strategy = self
-            .strategy
+        let (strategy, key) = match &environment.strategy {
+            Some(strategy) => (strategy, format!("environments.{env}.strategy")),
+            None => (&self.strategy, "strategy".to_string()),
+        };
+        let strategy = strategy
             .resolve()
-            .map_err(|(key, message)| error(format!("strategy.{key}"), message))?;
+            .map_err(|(k, message)| error(format!("{key}.{k}"), message))?;
         Ok(Resolved {
             app: self.app.clone(),
             env: env.to_string(),
@@ -982,8 +996,7 @@ APP_ENV = "local"
             ]
             .into()
         );
-        let crate::strategy::StrategyKind::Rolling(rolling) = resolved.strategy.kind;
-        assert_eq!(rolling.batch, BatchSize::Percent(25));
+        assert_eq!(resolved.strategy.batches().batch, BatchSize::Percent(25));
         let release = &resolved.release;
         assert!(
             release.release_id.starts_with("web-v1-"),

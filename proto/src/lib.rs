@@ -57,6 +57,9 @@ state_names! {
         Failed => "failed",
         RollingBack => "rolling_back",
         RolledBack => "rolled_back",
+        Staging => "staging",
+        Canary => "canary",
+        Weighting => "weighting",
     }
     DeploymentState {
         Running => "running",

@@ -49,16 +49,8 @@ fn service_to_pb(s: ServiceStatus) -> pb::ServiceState {
         running: s.running,
         healthy: s.healthy,
         health_detail: s.health_detail,
-        traffic: s.traffic.map(|t| pb::ReleaseTraffic {
-            release_id: t.release_id,
-            requests: t.requests,
-            by_class: t.by_class,
-            upstream_failures: t.upstream_failures,
-            latency_bounds_ms: t.latency_bounds_ms,
-            latency_cumulative: t.latency_cumulative,
-            latency_sum_us: t.latency_sum_us,
-        }),
-        side: None,
+        traffic: s.traffic.map(Into::into),
+        side: s.side.map(Into::into),
     }
 }
 

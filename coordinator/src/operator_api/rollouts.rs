@@ -10,8 +10,11 @@ use super::OperatorApi;
 use crate::access::{Caller, Need};
 use crate::rollout::deployment::Deployment;
 use crate::rollout::engine::Input;
-use crate::rollout::model::{self, Phase, RollingPhase, Rollout, RolloutState, StoredRelease};
+use crate::rollout::model::{
+    self, CanaryPhase, Phase, RollingPhase, Rollout, RolloutState, StoredRelease,
+};
 use crate::rollout::{DeployRequest, Deployed, RollbackRequest, Started};
+use crate::strategy::canary::CanaryStep;
 
 /// What `WatchRollout` answers with: the rollout as it changes.
 pub(super) type WatchStream = std::pin::Pin<
@@ -42,6 +45,7 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
         Phase::Hooks(at) => (at.as_str(), 0),
         Phase::Rolling(RollingPhase::Batch(b)) => ("batch", b + 1),
         Phase::Rolling(RollingPhase::Watch { batch, .. }) => ("watch", batch + 1),
+        Phase::Canary(_) => ("canary", 0),
         Phase::RollingBack => ("rolling_back", 0),
         Phase::Done => ("done", 0),
     };
@@ -65,6 +69,8 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
                 from_release: n.from_release.clone(),
                 batch: n.batch.map_or(0, |b| b + 1),
                 step: n.step.clone(),
+                canary: n.canary,
+                weight: n.weight,
             })
             .collect(),
         error: r.error.as_ref().map(error_to_pb),
@@ -81,6 +87,7 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
         updated_at_ms: r.updated_at_ms,
         finished_at_ms: r.finished_at_ms.unwrap_or(0),
         deployment: r.deployment.clone(),
+        canary: canary_status(r),
         timeline: r
             .timeline
             .iter()
@@ -92,6 +99,40 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
             })
             .collect(),
     }
+}
+
+/// Where a canary rollout is in its steps.
+fn canary_status(r: &Rollout) -> Option<pb::CanaryStatus> {
+    let canary = r.strategy.canary()?;
+    let canary_nodes: Vec<&model::RolloutNode> = r.nodes.iter().filter(|n| n.canary).collect();
+    let weight = canary_nodes.iter().map(|n| n.weight).max().unwrap_or(0);
+    let steps = canary.steps.len() as u32;
+    let (step, since) = match r.phase {
+        Phase::Canary(CanaryPhase::Staging) => (0, None),
+        Phase::Canary(CanaryPhase::Step { index, since_ms }) => (index + 1, since_ms),
+        // Promoted (or ended) once it left its steps with canary nodes.
+        _ if !canary_nodes.is_empty() => (steps + 1, None),
+        _ => (0, None),
+    };
+    let current = canary
+        .steps
+        .get(step.saturating_sub(1) as usize)
+        .filter(|_| step >= 1);
+    let (awaiting_promotion, pause_until_ms) = match (current, since) {
+        (Some(CanaryStep::Pause(None)), Some(_)) => (true, 0),
+        (Some(CanaryStep::Pause(Some(ms))), Some(since)) => (false, since + *ms as i64),
+        _ => (false, 0),
+    };
+    Some(pb::CanaryStatus {
+        steps: canary.steps.iter().map(ToString::to_string).collect(),
+        step,
+        weight,
+        fleet_weight: crate::rollout::engine::fleet_weight(r, weight),
+        canary_nodes: canary_nodes.iter().map(|n| n.name.clone()).collect(),
+        awaiting_promotion: awaiting_promotion && !r.state.is_terminal(),
+        pause_until_ms,
+        promoted: step > steps,
+    })
 }
 
 fn deployment_to_pb(d: &Deployment) -> pb::Deployment {
@@ -410,16 +451,20 @@ impl OperatorApi {
             Ok(pb::RolloutAction::Resume) => Input::Resume { by },
             Ok(pb::RolloutAction::Abort) => Input::Abort { by },
             Ok(pb::RolloutAction::Retry) => Input::Retry { by },
+            Ok(pb::RolloutAction::Promote) => Input::Promote { by, full: false },
+            Ok(pb::RolloutAction::PromoteFull) => Input::Promote { by, full: true },
             _ => {
                 return Err(Status::invalid_argument(
-                    "action must be pause, resume, abort or retry",
+                    "action must be pause, resume, abort, retry, promote or promote_full",
                 ))
             }
         };
         // Retry is for a held rollout, and only retry (or abort) moves one.
-        let state = self.rollouts.get(&r.id).await?.state;
+        let rollout = self.rollouts.get(&r.id).await?;
+        let state = rollout.state;
         let held = state == RolloutState::Held;
         let refusal = match &input {
+            Input::Promote { full, .. } => crate::rollout::engine::promote_refusal(&rollout, *full),
             Input::Retry { .. } if !held => Some(format!(
                 "rollout {} is {}, not held: retry runs again a migration or hook whose outcome is not known",
                 r.id,

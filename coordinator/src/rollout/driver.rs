@@ -10,7 +10,9 @@ use cutover_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
-use super::engine::{self, Input, Observation, Outcome, ServiceObservation, TaskEnd};
+use super::engine::{
+    self, Input, Observation, Outcome, ServiceObservation, SideObservation, TaskEnd,
+};
 use super::model::Rollout;
 use super::{RolloutError, Rollouts};
 use crate::registry::{Registry, RegistryError};
@@ -69,6 +71,7 @@ impl Rollouts {
         let action = match &input {
             Input::Pause { .. } => "pause",
             Input::Resume { .. } => "resume",
+            Input::Promote { .. } => "promote",
             _ => "abort",
         };
         let (reply, answer) = oneshot::channel();
@@ -232,10 +235,14 @@ impl Rollouts {
                         running: s.running,
                         healthy: s.healthy,
                         crashes: s.crashes,
-                        detail: match s.last_exit.as_str() {
-                            "" => s.health_detail.clone(),
-                            exit => format!("{} (last exit: {exit})", s.health_detail),
-                        },
+                        detail: detail(&s.health_detail, &s.last_exit),
+                        side: s.side.as_ref().map(|side| SideObservation {
+                            release_id: side.release_id.clone(),
+                            running: side.running,
+                            healthy: side.healthy,
+                            crashes: side.crashes,
+                            detail: detail(&side.health_detail, &side.last_exit),
+                        }),
                     }),
                 node_id: v.record.id,
                 // A node whose heartbeats stopped is as lost as a closed
@@ -244,6 +251,15 @@ impl Rollouts {
                 last_seen_ms: v.record.services_at_ms,
             })
             .collect()
+    }
+}
+
+/// A release's health as operators read it: the check's detail and how
+/// it last exited.
+fn detail(health: &str, last_exit: &str) -> String {
+    match last_exit {
+        "" => health.to_string(),
+        exit => format!("{health} (last exit: {exit})"),
     }
 }
 
@@ -276,6 +292,7 @@ async fn add_secret_values(
             (&activate.release, &mut activate.secret_values)
         }
         Some(pb::command::Kind::RunTask(task)) => (&task.release, &mut task.secret_values),
+        Some(pb::command::Kind::StageRelease(stage)) => (&stage.release, &mut stage.secret_values),
         _ => return Ok(()),
     };
     let refs = release

@@ -4,6 +4,8 @@
 //! commands it implies go out, and picks running rollouts up again after a
 //! restart.
 
+#[cfg(test)]
+mod canary_tests;
 mod converge;
 pub mod deployment;
 mod driver;

@@ -83,6 +83,13 @@ pub enum NodeState {
     Failed,
     RollingBack,
     RolledBack,
+    /// A canary node starting the release beside the stable one.
+    Staging,
+    /// A canary node: the release runs beside the stable one and gets the
+    /// node's `weight`.
+    Canary,
+    /// A canary node changing its weight.
+    Weighting,
 }
 
 impl NodeState {
@@ -94,7 +101,11 @@ impl NodeState {
     pub fn in_flight(self) -> bool {
         matches!(
             self,
-            NodeState::Preparing | NodeState::Activating | NodeState::RollingBack
+            NodeState::Preparing
+                | NodeState::Activating
+                | NodeState::RollingBack
+                | NodeState::Staging
+                | NodeState::Weighting
         )
     }
 }
@@ -126,6 +137,13 @@ pub struct RolloutNode {
     /// The node's command timed out: it may or may not have switched, so a
     /// rollback includes it.
     pub uncertain: bool,
+    /// Runs the canary beside the stable release (a canary rollout).
+    #[serde(default)]
+    pub canary: bool,
+    /// A canary node: percent of its requests the canary gets, as the
+    /// agent last confirmed.
+    #[serde(default)]
+    pub weight: u32,
 }
 
 impl RolloutNode {
@@ -151,6 +169,8 @@ impl RolloutNode {
             seen_healthy: false,
             lost_since_ms: None,
             uncertain: false,
+            canary: false,
+            weight: 0,
         }
     }
 }
@@ -233,8 +253,22 @@ pub enum Phase {
     Hooks(HookAt),
     RollingBack,
     Done,
+    /// The canary strategy before its promotion (which is rolling's
+    /// batches).
+    Canary(CanaryPhase),
     #[serde(untagged)]
     Rolling(RollingPhase),
+}
+
+/// Where a canary is in its steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CanaryPhase {
+    /// The canary nodes start the release beside the stable one.
+    Staging,
+    /// Step `index` of the strategy's plan; `since_ms` once it began (a
+    /// requested pause waits for a step that has not).
+    Step { index: u32, since_ms: Option<i64> },
 }
 
 /// The rolling strategy's cutover.
@@ -318,7 +352,7 @@ impl Phase {
             Phase::Prepare => Some(Step::Prepare),
             Phase::Migrate => Some(Step::Migrate),
             Phase::Hooks(at) => Some(Step::Hooks(at)),
-            Phase::Rolling(_) => Some(Step::Cutover),
+            Phase::Rolling(_) | Phase::Canary(_) => Some(Step::Cutover),
             Phase::RollingBack | Phase::Done => None,
         }
     }
@@ -448,6 +482,9 @@ pub struct Rollout {
     pub node_lost_after_ms: u64,
     pub pause_requested: bool,
     pub abort_requested: bool,
+    /// A canary skips its remaining steps once nothing is in flight.
+    #[serde(default)]
+    pub promote_full: bool,
     pub error: Option<RolloutError>,
     /// Nodes whose return to the previous release failed.
     pub rollback_failures: Vec<RolloutError>,
@@ -518,8 +555,19 @@ impl Rollout {
             .iter()
             .filter(|n| n.state == NodeState::Pending)
             .count();
-        let batch_size = match new.strategy.kind {
-            StrategyKind::Rolling(rolling) => rolling.batch.nodes(targets) as u32,
+        // A canary's nodes are its first batch; the others follow in the
+        // promotion's batches.
+        let (batch_size, batches) = match &new.strategy.kind {
+            StrategyKind::Rolling(rolling) => {
+                let size = rolling.batch.nodes(targets);
+                (size, targets.div_ceil(size))
+            }
+            StrategyKind::Canary(canary) => {
+                let canaries = canary.canary_nodes.nodes(targets).min(targets);
+                let rest = targets - canaries;
+                let size = canary.promotion.batch.nodes(rest);
+                (size, usize::from(canaries > 0) + rest.div_ceil(size))
+            }
         };
         Rollout {
             id: new.id,
@@ -546,14 +594,15 @@ impl Rollout {
             strategy: new.strategy,
             nodes: new.nodes,
             skipped: new.skipped,
-            batch_size,
-            batches: (targets as u32).div_ceil(batch_size),
+            batch_size: batch_size as u32,
+            batches: batches as u32,
             deadline_ms: 0,
             paused_at_ms: None,
             lost_grace_until_ms: 0,
             node_lost_after_ms: new.node_lost_after_ms,
             pause_requested: false,
             abort_requested: false,
+            promote_full: false,
             error: None,
             rollback_failures: Vec::new(),
             created_by: new.created_by,

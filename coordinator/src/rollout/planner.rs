@@ -584,6 +584,22 @@ impl Rollouts {
         let release_id = plan_target.release.release_id.clone();
         let nonce: u32 = rand::random();
         let now = self.registry.now_ms();
+        // A canary splits a node's traffic between a stable release and
+        // the new one: only a deploy of a web service that has one can.
+        let splits = plan_target.kind == RolloutKind::Deploy
+            && matches!(plan_target.release.kind, Some(pb::release::Kind::Web(_)))
+            && plan_target.previous.is_some();
+        let strategy = plan_target.strategy.clone().runnable(splits);
+        let changed = (strategy != plan_target.strategy).then(|| {
+            format!(
+                "the strategy is canary, but this {} has no stable release to split a node's traffic with: it rolls out in the canary's promotion batches",
+                match plan_target.kind {
+                    RolloutKind::Deploy if plan_target.previous.is_none() => "first deploy",
+                    RolloutKind::Deploy => "service (a worker)",
+                    other => other.as_str(),
+                }
+            )
+        });
         let mut rollout = Rollout::new(NewRollout {
             command_prefix: format!("{id}.{nonce:08x}"),
             id: id.clone(),
@@ -593,7 +609,7 @@ impl Rollouts {
             kind: plan_target.kind,
             release: StoredRelease(plan_target.release),
             previous: plan_target.previous,
-            strategy: plan_target.strategy.clone(),
+            strategy,
             nodes,
             skipped: skipped.clone(),
             node_lost_after_ms: self.registry.ttl().as_millis() as u64 * 2,
@@ -604,6 +620,14 @@ impl Rollouts {
             hooks: plan_target.hooks,
             notify: plan_target.notify,
         });
+        if let Some(why) = changed {
+            rollout.timeline.push(model::TimelineEntry {
+                at_ms: now,
+                kind: "strategy".into(),
+                node: String::new(),
+                message: why,
+            });
+        }
         if let Some(warning) = plan_target.warning {
             rollout.timeline.push(model::TimelineEntry {
                 at_ms: now,

@@ -37,6 +37,9 @@ impl From<NodeState> for pb::RolloutNodeState {
             NodeState::Failed => pb::RolloutNodeState::Failed,
             NodeState::RollingBack => pb::RolloutNodeState::RollingBack,
             NodeState::RolledBack => pb::RolloutNodeState::RolledBack,
+            NodeState::Staging => pb::RolloutNodeState::Staging,
+            NodeState::Canary => pb::RolloutNodeState::Canary,
+            NodeState::Weighting => pb::RolloutNodeState::Weighting,
         }
     }
 }

@@ -155,6 +155,89 @@ pub struct ServiceStatus {
     pub health_detail: String,
     #[serde(default)]
     pub traffic: Option<Traffic>,
+    /// The release running beside the serving one (a canary, a warm
+    /// standby).
+    #[serde(default)]
+    pub side: Option<SideStatus>,
+}
+
+/// A service's side release, as its agent last reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideStatus {
+    pub release_id: String,
+    /// Percent of the node's requests it gets.
+    pub weight: u32,
+    pub running: bool,
+    pub healthy: bool,
+    pub health_detail: String,
+    pub crashes: u32,
+    pub last_exit: String,
+    pub traffic: Option<Traffic>,
+    /// When the agent stops it by itself; 0: not planned.
+    pub retire_at_ms: i64,
+}
+
+impl From<cutover_proto::v1::SideRelease> for SideStatus {
+    fn from(side: cutover_proto::v1::SideRelease) -> Self {
+        SideStatus {
+            release_id: side.release_id,
+            weight: side.split.map_or(0, |s| s.weight),
+            running: side.running,
+            healthy: side.healthy,
+            health_detail: side.health_detail,
+            crashes: side.crashes,
+            last_exit: side.last_exit,
+            traffic: side.traffic.map(Traffic::from),
+            retire_at_ms: side.retire_at_ms,
+        }
+    }
+}
+
+impl From<SideStatus> for cutover_proto::v1::SideRelease {
+    fn from(side: SideStatus) -> Self {
+        cutover_proto::v1::SideRelease {
+            release_id: side.release_id,
+            split: Some(cutover_proto::v1::TrafficSplit {
+                weight: side.weight,
+                ..Default::default()
+            }),
+            running: side.running,
+            healthy: side.healthy,
+            health_detail: side.health_detail,
+            crashes: side.crashes,
+            last_exit: side.last_exit,
+            traffic: side.traffic.map(Into::into),
+            retire_at_ms: side.retire_at_ms,
+        }
+    }
+}
+
+impl From<cutover_proto::v1::ReleaseTraffic> for Traffic {
+    fn from(t: cutover_proto::v1::ReleaseTraffic) -> Self {
+        Traffic {
+            release_id: t.release_id,
+            requests: t.requests,
+            by_class: t.by_class,
+            upstream_failures: t.upstream_failures,
+            latency_bounds_ms: t.latency_bounds_ms,
+            latency_cumulative: t.latency_cumulative,
+            latency_sum_us: t.latency_sum_us,
+        }
+    }
+}
+
+impl From<Traffic> for cutover_proto::v1::ReleaseTraffic {
+    fn from(t: Traffic) -> Self {
+        cutover_proto::v1::ReleaseTraffic {
+            release_id: t.release_id,
+            requests: t.requests,
+            by_class: t.by_class,
+            upstream_failures: t.upstream_failures,
+            latency_bounds_ms: t.latency_bounds_ms,
+            latency_cumulative: t.latency_cumulative,
+            latency_sum_us: t.latency_sum_us,
+        }
+    }
 }
 
 /// What the node proxy counted for the serving release.

@@ -29,6 +29,8 @@ pub(super) fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
     };
     match state {
         NodeState::Preparing => r.strategy.progress_deadline_ms as i64,
+        // A proxy table swap.
+        NodeState::Weighting => ACTIVATION_MARGIN_MS,
         _ => {
             let start = match &release.kind {
                 Some(pb::release::Kind::Web(web)) => {
@@ -57,28 +59,46 @@ pub(super) fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
 /// The command a node in an in-flight state has out, under its id.
 pub(super) fn send_for(r: &Rollout, i: usize) -> Send {
     let node = &r.nodes[i];
+    let canary = r.strategy.canary();
     let kind = match node.state {
         NodeState::Preparing => command::Kind::Prepare(pb::PrepareRelease {
             release: Some(r.release.0.clone()),
         }),
         // With max_unavailable > 0 the agent takes the node out of the load
         // balancer for its cutover and puts it back whatever the outcome:
-        // one command, so no failure or restart can leave it drained.
+        // one command, so no failure or restart can leave it drained. A
+        // canary node's switch is its proxy's alone: nothing to drain for.
+        // A canary keeps the stable release warm for its scale_down_delay.
         NodeState::Activating => command::Kind::Activate(pb::ActivateRelease {
             release: Some(r.release.0.clone()),
-            drain_first: r.strategy.drains_first(),
+            drain_first: r.strategy.drains_first() && !node.canary,
             // Filled by the driver on the way out, never stored.
             secret_values: Default::default(),
             hook_env: hook_env(r, &r.release, r.previous.as_ref()),
-            keep_previous_ms: 0,
+            keep_previous_ms: canary.map_or(0, |c| c.scale_down_delay_ms),
         }),
+        // The canary starts beside the stable release, taking nothing yet.
+        NodeState::Staging => command::Kind::StageRelease(pb::StageRelease {
+            release: Some(r.release.0.clone()),
+            secret_values: Default::default(),
+            hook_env: hook_env(r, &r.release, r.previous.as_ref()),
+            split: canary.map(|c| c.split(0)),
+        }),
+        NodeState::Weighting => command::Kind::SetTraffic(pb::SetTraffic {
+            service: r.service.clone(),
+            side_release_id: r.release.id().to_string(),
+            split: canary.map(|c| c.split(super::canary::target_weight(r))),
+        }),
+        // Where the previous release still runs (a canary node, or one
+        // within its scale_down_delay) this is a switch in the proxy; a
+        // canary's release stays for abort_scale_down_delay, for debugging.
         NodeState::RollingBack => match &r.previous {
             Some(previous) => command::Kind::Activate(pb::ActivateRelease {
                 release: Some(previous.0.clone()),
-                drain_first: r.strategy.drains_first(),
+                drain_first: r.strategy.drains_first() && !node.canary,
                 secret_values: Default::default(),
                 hook_env: hook_env(r, previous, Some(&r.release)),
-                keep_previous_ms: 0,
+                keep_previous_ms: canary.map_or(0, |c| c.abort_scale_down_delay_ms),
             }),
             None => command::Kind::StopService(pb::StopService {
                 service: r.service.clone(),

@@ -13,6 +13,7 @@
 //! shares: command results and progress, operator requests, failure,
 //! ticks (`ticks.rs`) and the rollback (`rollback.rs`).
 
+mod canary;
 mod commands;
 mod hooks;
 mod migrate;
@@ -32,6 +33,8 @@ use crate::migration::MigrationPhase;
 use commands::{send_for, settle, timeout_for};
 use rollback::{needs_revert, roll_back, where_nodes_are};
 use ticks::on_tick;
+
+pub use canary::{fleet_weight, promote_refusal};
 /// After a coordinator restart, how long agents have to reconnect before a
 /// switched node counts as lost.
 const RECONNECT_GRACE_MS: i64 = 60_000;
@@ -69,6 +72,12 @@ pub enum Input {
     Retry {
         by: String,
     },
+    /// A canary waiting at a pause goes on; `full`: skips its remaining
+    /// steps (see `promote_refusal`).
+    Promote {
+        by: String,
+        full: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +114,17 @@ pub struct Observation {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceObservation {
+    pub release_id: String,
+    pub running: bool,
+    pub healthy: bool,
+    pub crashes: u32,
+    pub detail: String,
+    /// The release running beside the serving one (a canary).
+    pub side: Option<SideObservation>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SideObservation {
     pub release_id: String,
     pub running: bool,
     pub healthy: bool,
@@ -264,6 +284,11 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
                 once::retry(r, now, &by);
             }
         }
+        Input::Promote { by, full } => {
+            if r.state == RolloutState::Running && promote_refusal(r, full).is_none() {
+                canary::on_promote(r, now, &by, full);
+            }
+        }
         Input::Abort { by } => {
             if !r.state.is_terminal() && r.state != RolloutState::RollingBack && !r.abort_requested
             {
@@ -354,6 +379,28 @@ pub(super) fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
             node.seen_healthy = false;
             settle(node, NodeState::Switched);
         }
+        (NodeState::Staging, Outcome::Succeeded) => {
+            let node = &mut r.nodes[i];
+            // Heartbeats count from the answer on, as after a switch.
+            node.switched_at_ms = now;
+            node.seen_healthy = false;
+            node.weight = 0;
+            settle(node, NodeState::Canary);
+            let stable = node.from_release.clone();
+            note(
+                r,
+                now,
+                "node_canary",
+                &name,
+                format!("{name} runs {} beside {stable}", r.release.id()),
+            );
+        }
+        (NodeState::Weighting, Outcome::Succeeded) => {
+            let weight = canary::target_weight(r);
+            let node = &mut r.nodes[i];
+            node.weight = weight;
+            settle(node, NodeState::Canary);
+        }
         (NodeState::RollingBack, Outcome::Succeeded) => {
             let back_to = r
                 .previous
@@ -363,6 +410,7 @@ pub(super) fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
             let node = &mut r.nodes[i];
             node.release = back_to.clone();
             node.uncertain = false;
+            node.weight = 0;
             settle(node, NodeState::RolledBack);
             let what = if back_to.is_empty() {
                 "stopped the service".to_string()
@@ -539,6 +587,25 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                 };
                 hooks::end_failed(r, now, RolloutState::Failed, why);
             }
+        }
+        // A canary's abort returns its traffic to the stable release.
+        RolloutState::Running | RolloutState::Paused | RolloutState::Held
+            if r.abort_requested
+                && in_flight(r) == 0
+                && r.strategy.canary().is_some()
+                && r.nodes.iter().any(needs_revert) =>
+        {
+            let revert = r.nodes.iter().filter(|n| needs_revert(n)).count();
+            r.state = RolloutState::RollingBack;
+            r.phase = Phase::RollingBack;
+            let to = r.previous.as_ref().map_or("", |p| p.id()).to_string();
+            note(
+                r,
+                now,
+                "rolling_back",
+                "",
+                format!("aborting: returning {revert} nodes to {to}"),
+            );
         }
         RolloutState::Running if r.abort_requested && in_flight(r) == 0 => {
             let summary = where_nodes_are(r);

@@ -3,15 +3,17 @@
 
 use super::commands::dispatch;
 use super::hooks::end_failed;
-use super::{in_flight, Send};
+use super::{finish, in_flight, Send};
 use crate::rollout::model::{NodeState, Rollout, RolloutNode, RolloutState};
 
 /// Whether a rollback must return this node: it serves the new release
 /// (switched by this rollout, or already before it), or its command's fate
 /// is unknown.
 pub(super) fn needs_revert(node: &RolloutNode) -> bool {
-    matches!(node.state, NodeState::Switched | NodeState::Unchanged)
-        || (node.state == NodeState::Failed && node.uncertain)
+    matches!(
+        node.state,
+        NodeState::Switched | NodeState::Unchanged | NodeState::Canary
+    ) || (node.state == NodeState::Failed && node.uncertain)
 }
 
 pub(super) fn where_nodes_are(r: &Rollout) -> String {
@@ -32,7 +34,12 @@ pub(super) fn where_nodes_are(r: &Rollout) -> String {
 }
 
 pub(super) fn roll_back(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
-    let limit = r.batch_size as usize;
+    // A canary's nodes return at once: the stable release still runs
+    // there (its canary nodes', or within its scale_down_delay).
+    let limit = match r.strategy.canary() {
+        Some(_) => r.nodes.len(),
+        None => r.batch_size as usize,
+    };
     let mut room = limit.saturating_sub(
         r.nodes
             .iter()
@@ -56,12 +63,24 @@ pub(super) fn roll_back(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
     if in_flight(r) > 0 {
         return;
     }
-    let error = r.error.clone().expect("rolling back after a failure");
+    let to = r
+        .previous
+        .as_ref()
+        .map_or("no release".to_string(), |p| p.id().to_string());
+    // An abort (a canary's) that returned every node.
+    let Some(error) = r.error.clone() else {
+        let summary = match r.rollback_failures.is_empty() {
+            true => format!("every node serves {to}"),
+            false => {
+                let failed: Vec<String> =
+                    r.rollback_failures.iter().map(|f| f.to_string()).collect();
+                format!("{}; the operator must act", failed.join("; "))
+            }
+        };
+        finish(r, now, RolloutState::Aborted, format!("aborted; {summary}"));
+        return;
+    };
     if r.rollback_failures.is_empty() {
-        let to = r
-            .previous
-            .as_ref()
-            .map_or("no release".to_string(), |p| p.id().to_string());
         end_failed(
             r,
             now,

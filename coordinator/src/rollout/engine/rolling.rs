@@ -81,7 +81,9 @@ impl Rolling {
             if room == 0 {
                 break;
             }
-            if r.nodes[i].state == NodeState::Prepared {
+            // A canary node (a canary's promotion) switches as well: in its
+            // proxy alone, the release already runs there.
+            if matches!(r.nodes[i].state, NodeState::Prepared | NodeState::Canary) {
                 dispatch(r, now, i, NodeState::Activating, sends);
                 room -= 1;
             }

@@ -2,7 +2,7 @@
 //! step's run sends what may go now and calls `step_done` once it is
 //! through. Between two steps is a safe point for a requested pause. The
 //! cutover step is the strategy's (`Cutover`): rolling is one
-//! implementation, and a new strategy is another, not a branch here.
+//! implementation, canary another (`canary.rs`), not branches here.
 
 use super::commands::dispatch;
 use super::{finish, note, pause, Send};
@@ -21,9 +21,10 @@ pub(super) trait Cutover {
     fn run(&self, r: &mut Rollout, now: i64, sends: &mut Vec<Send>);
 }
 
-fn cutover(kind: StrategyKind) -> impl Cutover {
+fn cutover(kind: &StrategyKind) -> &dyn Cutover {
     match kind {
         StrategyKind::Rolling(rolling) => rolling,
+        StrategyKind::Canary(canary) => canary,
     }
 }
 
@@ -32,7 +33,10 @@ pub(super) fn run(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
     match r.phase.step() {
         Some(Step::Prepare) => prepare(r, now, sends),
         Some(Step::Migrate) => migrate::run(r, now, sends),
-        Some(Step::Cutover) => cutover(r.strategy.kind).run(r, now, sends),
+        Some(Step::Cutover) => {
+            let strategy = r.strategy.kind.clone();
+            cutover(&strategy).run(r, now, sends)
+        }
         Some(Step::Hooks(at)) => hooks::run(r, at, now, sends),
         None => {}
     }
@@ -63,7 +67,10 @@ pub(super) fn step_done(r: &mut Rollout, now: i64, done: Option<(&str, String)>)
     match next {
         Step::Prepare => r.phase = Phase::Prepare,
         Step::Migrate => migrate::start(r, now),
-        Step::Cutover => cutover(r.strategy.kind).start(r, now),
+        Step::Cutover => {
+            let strategy = r.strategy.kind.clone();
+            cutover(&strategy).start(r, now)
+        }
         Step::Hooks(at) => hooks::start_step(r, at, now),
     }
 }

@@ -3,7 +3,7 @@
 //! healthy on the new release.
 
 use super::commands::{healthy_deadline, timeout_for};
-use super::{fail, on_result, Observation, Outcome};
+use super::{fail, on_result, Observation, Outcome, ServiceObservation};
 use crate::rollout::model::{NodeState, Rollout, RolloutError, RolloutState};
 
 pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
@@ -54,13 +54,24 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
         } else {
             continue;
         };
-        if matches!(node.state, NodeState::Activating | NodeState::RollingBack) {
+        if matches!(
+            node.state,
+            NodeState::Activating
+                | NodeState::RollingBack
+                | NodeState::Staging
+                | NodeState::Weighting
+        ) {
             r.nodes[i].uncertain = true;
         }
         r.nodes[i].lost_since_ms = None;
         on_result(r, now, i, Outcome::Failed(message));
     }
-    if r.state == RolloutState::Running && now >= r.deadline_ms && r.error.is_none() {
+    // Time at a canary's pause is the operator's to take.
+    if r.state == RolloutState::Running
+        && now >= r.deadline_ms
+        && r.error.is_none()
+        && !super::canary::at_pause(r)
+    {
         fail(
             r,
             now,
@@ -77,10 +88,14 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
     if !matches!(r.state, RolloutState::Running | RolloutState::Paused) || r.error.is_some() {
         return;
     }
-    // Switched nodes must stay up and healthy on the new release.
+    // Switched nodes must stay up and healthy on the new release, canary
+    // nodes with the release beside the stable one.
     let release = r.release.id().to_string();
     for i in 0..r.nodes.len() {
-        if r.nodes[i].state != NodeState::Switched {
+        if !matches!(
+            r.nodes[i].state,
+            NodeState::Switched | NodeState::Canary | NodeState::Weighting
+        ) {
             continue;
         }
         // A node gone from the registry (replaced under another id) is as
@@ -114,6 +129,7 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
             continue; // a heartbeat from before the switch says nothing
         }
         let failure = match &seen.service {
+            Some(s) if node.state != NodeState::Switched => canary_failure(s, &release),
             None => Some((
                 "release",
                 "the node reports no release of the service".to_string(),
@@ -147,5 +163,27 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
             ),
             None => node.seen_healthy = true,
         }
+    }
+}
+
+/// What is wrong with a canary node's canary, as its heartbeat shows it.
+fn canary_failure(seen: &ServiceObservation, release: &str) -> Option<(&'static str, String)> {
+    match &seen.side {
+        Some(side) if side.release_id == release && side.crashes > 0 => Some((
+            "crash",
+            format!("the canary crashed {} times: {}", side.crashes, side.detail),
+        )),
+        Some(side) if side.release_id == release && (!side.running || !side.healthy) => Some((
+            "health",
+            format!("the canary turned unhealthy: {}", side.detail),
+        )),
+        Some(side) if side.release_id == release => None,
+        _ => Some((
+            "canary",
+            format!(
+                "the canary {release} no longer runs beside release {}",
+                seen.release_id
+            ),
+        )),
     }
 }

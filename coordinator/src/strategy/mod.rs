@@ -3,7 +3,9 @@
 //! each release, for a rollback to it) stores. Settings every strategy has
 //! sit beside a tagged `kind` that holds the kind's own; the engine runs
 //! each kind as one implementation over its common core (see
-//! `rollout::engine`).
+//! `rollout::engine`): rolling here, canary in `canary`.
+
+pub mod canary;
 
 use std::time::Duration;
 
@@ -28,6 +30,22 @@ pub struct StrategySpec {
     /// Nodes fetching the release at once before the first batch.
     #[serde(default = "default_prepare_parallelism")]
     pub prepare_parallelism: u32,
+    // The canary's own keys (see `canary`); `None` when not written, so a
+    // rolling strategy can refuse them.
+    #[serde(default)]
+    pub canary_nodes: Option<BatchSize>,
+    #[serde(default)]
+    pub steps: Option<Vec<canary::StepSpec>>,
+    #[serde(default)]
+    pub sticky: Option<String>,
+    #[serde(default)]
+    pub sticky_name: Option<String>,
+    #[serde(default)]
+    pub override_header: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub scale_down_delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub abort_scale_down_delay: Option<Duration>,
 }
 
 impl Default for StrategySpec {
@@ -40,16 +58,26 @@ impl StrategySpec {
     /// The checked strategy; an error names the key (under `strategy.`)
     /// and what is wrong with it.
     pub fn resolve(&self) -> Result<Strategy, (String, String)> {
+        let rolling = Rolling {
+            batch: self.batch,
+            max_unavailable: self.max_unavailable,
+            min_healthy_time_ms: ms(self.min_healthy_time),
+        };
         let kind = match self.kind.as_str() {
-            "rolling" => StrategyKind::Rolling(Rolling {
-                batch: self.batch,
-                max_unavailable: self.max_unavailable,
-                min_healthy_time_ms: ms(self.min_healthy_time),
-            }),
+            "rolling" => {
+                if let Some(key) = self.canary_key() {
+                    return Err((
+                        key.into(),
+                        "is a canary setting: it needs kind = \"canary\"".into(),
+                    ));
+                }
+                StrategyKind::Rolling(rolling)
+            }
+            "canary" => StrategyKind::Canary(canary::resolve(self, rolling)?),
             other => {
                 return Err((
                     "kind".into(),
-                    format!("{other:?} is not a strategy kind this version runs; use \"rolling\""),
+                    format!("{other:?} is not a strategy kind this version runs; use \"rolling\" or \"canary\""),
                 ))
             }
         };
@@ -71,6 +99,26 @@ impl StrategySpec {
     }
 }
 
+impl StrategySpec {
+    /// The first canary key written, if any.
+    fn canary_key(&self) -> Option<&'static str> {
+        [
+            ("canary_nodes", self.canary_nodes.is_some()),
+            ("steps", self.steps.is_some()),
+            ("sticky", self.sticky.is_some()),
+            ("sticky_name", self.sticky_name.is_some()),
+            ("override_header", self.override_header.is_some()),
+            ("scale_down_delay", self.scale_down_delay.is_some()),
+            (
+                "abort_scale_down_delay",
+                self.abort_scale_down_delay.is_some(),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(key, written)| written.then_some(key))
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -87,11 +135,14 @@ pub struct Strategy {
 }
 
 /// What each kind of strategy adds, tagged `kind` in the stored record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StrategyKind {
     /// Batches of nodes, each switched and watched before the next.
     Rolling(Rolling),
+    /// The release beside the stable one on some nodes, with a growing
+    /// share of their traffic, then promoted.
+    Canary(canary::Canary),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +162,7 @@ pub struct Rolling {
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum TaggedKind {
     Rolling(Rolling),
+    Canary(canary::Canary),
 }
 
 impl<'de> Deserialize<'de> for StrategyKind {
@@ -123,6 +175,7 @@ impl<'de> Deserialize<'de> for StrategyKind {
             .map_err(serde::de::Error::custom)?;
         Ok(match tagged {
             TaggedKind::Rolling(rolling) => StrategyKind::Rolling(rolling),
+            TaggedKind::Canary(canary) => StrategyKind::Canary(canary),
         })
     }
 }
@@ -146,8 +199,37 @@ impl Strategy {
     /// Whether the agent takes a node out of the load balancer for its
     /// cutover (and puts it back whatever the outcome).
     pub fn drains_first(&self) -> bool {
+        self.batches().max_unavailable > 0
+    }
+
+    /// How the strategy switches nodes in batches: rolling's own settings,
+    /// or a canary's promotion of the nodes without the canary.
+    pub fn batches(&self) -> &Rolling {
+        match &self.kind {
+            StrategyKind::Rolling(rolling) => rolling,
+            StrategyKind::Canary(canary) => &canary.promotion,
+        }
+    }
+
+    pub fn canary(&self) -> Option<&canary::Canary> {
+        match &self.kind {
+            StrategyKind::Canary(canary) => Some(canary),
+            StrategyKind::Rolling(_) => None,
+        }
+    }
+
+    /// The strategy a rollout can run: a canary splits a node proxy's
+    /// traffic between a stable release and the new one, so a rollout that
+    /// cannot (`splits` false: a worker has no proxy, a first deploy no
+    /// stable release, a rollback returns to a release that ran) rolls out
+    /// in the canary's promotion batches instead.
+    pub fn runnable(self, splits: bool) -> Strategy {
         match self.kind {
-            StrategyKind::Rolling(rolling) => rolling.max_unavailable > 0,
+            StrategyKind::Canary(canary) if !splits => Strategy {
+                kind: StrategyKind::Rolling(canary.promotion),
+                ..self
+            },
+            _ => self,
         }
     }
 }
@@ -260,10 +342,10 @@ mod tests {
     fn the_spec_names_the_kind_and_checks_common_settings() {
         let spec: StrategySpec = toml::from_str("batch = \"25%\"\nmax_unavailable = 1").unwrap();
         assert_eq!(spec.resolve().unwrap(), rolling());
-        let canary: StrategySpec = toml::from_str("kind = \"canary\"").unwrap();
-        let (key, message) = canary.resolve().unwrap_err();
+        let sideways: StrategySpec = toml::from_str("kind = \"sideways\"").unwrap();
+        let (key, message) = sideways.resolve().unwrap_err();
         assert_eq!(key, "kind");
-        assert!(message.contains("\"canary\""), "{message}");
+        assert!(message.contains("\"sideways\""), "{message}");
         let stuck: StrategySpec = toml::from_str("progress_deadline = \"0s\"").unwrap();
         assert_eq!(stuck.resolve().unwrap_err().0, "progress_deadline");
     }
