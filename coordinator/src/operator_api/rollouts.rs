@@ -118,10 +118,9 @@ fn canary_status(r: &Rollout) -> Option<pb::CanaryStatus> {
         .steps
         .get(step.saturating_sub(1) as usize)
         .filter(|_| step >= 1);
-    let (awaiting_promotion, pause_until_ms) = match (current, since) {
-        (Some(CanaryStep::Pause(None)), Some(_)) => (true, 0),
-        (Some(CanaryStep::Pause(Some(ms))), Some(since)) => (false, since + *ms as i64),
-        _ => (false, 0),
+    let pause_until_ms = match (current, since) {
+        (Some(CanaryStep::Pause(Some(ms))), Some(since)) => since + *ms as i64,
+        _ => 0,
     };
     Some(pb::CanaryStatus {
         steps: canary.steps.iter().map(ToString::to_string).collect(),
@@ -129,7 +128,7 @@ fn canary_status(r: &Rollout) -> Option<pb::CanaryStatus> {
         weight,
         fleet_weight: crate::rollout::engine::fleet_weight(r, weight),
         canary_nodes: canary_nodes.iter().map(|n| n.name.clone()).collect(),
-        awaiting_promotion: awaiting_promotion && !r.state.is_terminal(),
+        awaiting_promotion: crate::rollout::engine::awaiting_promotion(r),
         pause_until_ms,
         promoted: step > steps,
     })

@@ -1,6 +1,8 @@
 //! The converger: a node found running another release of a service than
 //! its environment's current one (it was out of reach when a rollout or
-//! its rollback reached the others, or skipped as unreachable) is brought
+//! its rollback reached the others, or skipped as unreachable), or left
+//! with a stray side release (a canary its rollout was cut off from), is
+//! brought
 //! to the current release by a `converge` rollout of just the nodes that
 //! drifted, with every check a rollout makes. No operator needed.
 //!
@@ -227,7 +229,7 @@ impl Rollouts {
 fn left_mixed_by_operator(last: Option<&ServiceOutcome>, history: &[ReleaseRecord]) -> bool {
     match last {
         Some(outcome) => {
-            outcome.state == RolloutState::Aborted
+            (outcome.state == RolloutState::Aborted && !outcome.returned)
                 || (outcome.state == RolloutState::Failed
                     && outcome.kind != RolloutKind::Converge
                     && !outcome.auto_rollback)
@@ -267,9 +269,13 @@ fn decide(
             current.service.clone(),
             view.record.id.clone(),
         );
+        // Another release, or a stray side release: at rest every request
+        // goes to the current release, and nothing else runs unplanned.
         let drifted = selects(&current.selector, &view.record.labels)
             && view.record.services.iter().any(|s| {
-                s.service == current.service && !s.release_id.is_empty() && s.release_id != target
+                s.service == current.service
+                    && !s.release_id.is_empty()
+                    && (s.release_id != target || s.stray_side())
             });
         if !drifted {
             backoff.remove(&key);
@@ -455,6 +461,7 @@ mod tests {
             state,
             auto_rollback,
             at_ms: 9,
+            returned: false,
         }
     }
 
@@ -490,6 +497,12 @@ mod tests {
         assert_eq!(decide_after(converge_failed).1, ["on-v1"]);
         let deploy_failed = ended(RolloutKind::Deploy, RolloutState::Failed, true);
         assert_eq!(decide_after(deploy_failed).1, ["on-v1"]);
+        // A canary's abort returned its nodes: no mix was chosen.
+        let canary_aborted = ServiceOutcome {
+            returned: true,
+            ..ended(RolloutKind::Deploy, RolloutState::Aborted, true)
+        };
+        assert_eq!(decide_after(canary_aborted).1, ["on-v1"]);
         // The outcome outweighs an older aborted deploy in the history.
         let history = [
             release("web-v3", ReleaseState::Aborted, false, 3),

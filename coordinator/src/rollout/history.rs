@@ -51,8 +51,9 @@ impl Rollouts {
             rollout_id: rollout.id.clone(),
             kind: rollout.kind,
             state: rollout.state,
-            auto_rollback: rollout.strategy.auto_rollback,
+            auto_rollback: rollout.rolls_back(),
             at_ms: rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms),
+            returned: rollout.returning,
         };
         self.store.releases.put_outcome(&outcome).await?;
         self.settle_history(rollout).await?;

@@ -485,6 +485,12 @@ pub struct Rollout {
     /// A canary skips its remaining steps once nothing is in flight.
     #[serde(default)]
     pub promote_full: bool,
+    /// It set out to return its nodes, after a failure (auto_rollback or
+    /// not: a canary before its promotion always does) or on a canary's
+    /// abort: what it left is no operator's choice, the converger finishes
+    /// the job.
+    #[serde(default)]
+    pub returning: bool,
     pub error: Option<RolloutError>,
     /// Nodes whose return to the previous release failed.
     pub rollback_failures: Vec<RolloutError>,
@@ -603,6 +609,7 @@ impl Rollout {
             pause_requested: false,
             abort_requested: false,
             promote_full: false,
+            returning: false,
             error: None,
             rollback_failures: Vec::new(),
             created_by: new.created_by,
@@ -637,6 +644,12 @@ impl Rollout {
 
     pub fn hook_run(&self, at: HookAt) -> Option<&HookRun> {
         self.hooks.iter().find(|h| h.at == at)
+    }
+
+    /// Whether a failure of this rollout returns (or returned) its nodes:
+    /// what a failed one left mixed is then no operator's choice.
+    pub fn rolls_back(&self) -> bool {
+        self.strategy.auto_rollback || self.returning
     }
 
     pub fn node(&self, name: &str) -> Option<&RolloutNode> {

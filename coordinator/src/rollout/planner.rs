@@ -474,8 +474,12 @@ impl Rollouts {
             .into_iter()
             .map(|v| {
                 let running = v.record.services.iter().find(|s| s.service == service);
-                let unchanged =
-                    running.is_some_and(|s| s.release_id == release.release_id && s.running);
+                // A node with a stray side release (a canary left by an
+                // interrupted rollout) needs the activation that takes its
+                // traffic back and stops it.
+                let unchanged = running.is_some_and(|s| {
+                    s.release_id == release.release_id && s.running && !s.stray_side()
+                });
                 RolloutNode::new(
                     v.record.id.clone(),
                     v.record.name.clone(),

@@ -108,8 +108,14 @@ pub struct ServiceOutcome {
     pub rollout_id: String,
     pub kind: crate::rollout::model::RolloutKind,
     pub state: crate::rollout::model::RolloutState,
+    /// It returns its nodes after a failure (auto_rollback, or a canary
+    /// failing before its promotion).
     pub auto_rollback: bool,
     pub at_ms: i64,
+    /// It set out to return its nodes to the release before it (a
+    /// canary's abort does): aborted or not, it left no mix to keep.
+    #[serde(default)]
+    pub returned: bool,
 }
 
 /// The newest CA rotation (`cutover ca rotate`). CAs are named by their
@@ -159,6 +165,19 @@ pub struct ServiceStatus {
     /// standby).
     #[serde(default)]
     pub side: Option<SideStatus>,
+}
+
+impl ServiceStatus {
+    /// Whether a side release runs that no rollout is using: one the node
+    /// proxy sends part of the requests to, or one nothing retires (a
+    /// canary staged by a rollout that lost the node). Outside a rollout
+    /// every request goes to the serving release, and a release kept warm
+    /// after a switch has its time to stop.
+    pub fn stray_side(&self) -> bool {
+        self.side
+            .as_ref()
+            .is_some_and(|side| side.weight > 0 || side.retire_at_ms == 0)
+    }
 }
 
 /// A service's side release, as its agent last reported it.

@@ -245,6 +245,22 @@ pub(super) fn at_pause(r: &Rollout) -> bool {
     matches!(canary.steps.get(index as usize), Some(CanaryStep::Pause(_)))
 }
 
+/// Whether the canary waits for `cutover rollout promote` (at a pause
+/// without a duration).
+pub fn awaiting_promotion(r: &Rollout) -> bool {
+    let (
+        Phase::Canary(CanaryPhase::Step {
+            index,
+            since_ms: Some(_),
+        }),
+        Some(canary),
+    ) = (r.phase, r.strategy.canary())
+    else {
+        return false;
+    };
+    !r.state.is_terminal() && canary.steps.get(index as usize) == Some(&CanaryStep::Pause(None))
+}
+
 /// The weight the canary nodes are to have in the step running: what a
 /// weight change sends (and resends after a restart).
 pub(super) fn target_weight(r: &Rollout) -> u32 {

@@ -34,7 +34,7 @@ use commands::{send_for, settle, timeout_for};
 use rollback::{needs_revert, roll_back, where_nodes_are};
 use ticks::on_tick;
 
-pub use canary::{fleet_weight, promote_refusal};
+pub use canary::{awaiting_promotion, fleet_weight, promote_refusal};
 /// After a coordinator restart, how long agents have to reconnect before a
 /// switched node counts as lost.
 const RECONNECT_GRACE_MS: i64 = 60_000;
@@ -293,6 +293,8 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
             if !r.state.is_terminal() && r.state != RolloutState::RollingBack && !r.abort_requested
             {
                 r.abort_requested = true;
+                // A canary's abort returns its traffic to the stable release.
+                r.returning |= r.strategy.canary().is_some();
                 note(
                     r,
                     now,
@@ -556,11 +558,16 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
             // Code from before a contract migration may not work with the
             // schema it left (or half left): no automatic way back.
             let contracted = migrate::sent(r, MigrationPhase::Contract);
-            if r.strategy.auto_rollback && !contracted {
+            // A canary that failed before its promotion always returns its
+            // traffic to the stable release: that is what a canary is for
+            // (auto_rollback is about nodes that switched).
+            let canary_failed = matches!(r.phase, Phase::Canary(_));
+            if (r.strategy.auto_rollback || canary_failed) && !contracted {
                 // With nothing switched yet this ends at once, rolled back:
                 // the fleet is on the previous release.
                 r.state = RolloutState::RollingBack;
                 r.phase = Phase::RollingBack;
+                r.returning = true;
                 let to = r
                     .previous
                     .as_ref()
@@ -577,7 +584,7 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                     now,
                     "rolling_back",
                     "",
-                    format!("returning {revert} switched nodes to {to}{schema}"),
+                    format!("returning {revert} nodes to {to}{schema}"),
                 );
             } else {
                 let why = match revert {

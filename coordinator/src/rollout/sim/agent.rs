@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::registry::{Attached, Registry};
-use crate::store::ServiceStatus;
+use crate::store::{ServiceStatus, SideStatus};
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A result is lost at most this often in a row: the driver's resends
@@ -53,6 +53,17 @@ pub(super) struct Faults {
 #[derive(Debug, Default)]
 pub(super) struct Node {
     pub services: BTreeMap<String, Running>,
+    /// Each service's side release (a canary, or one kept warm).
+    pub sides: BTreeMap<String, Side>,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Side {
+    pub running: Running,
+    /// Percent of the node's requests it gets.
+    pub weight: u32,
+    /// The agent stops it by itself then (kept warm after a switch).
+    pub retire_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -169,7 +180,11 @@ impl Runner {
             address: format!("10.0.0.{}", self.agent.index),
             labels: self.agent.labels.clone().into_iter().collect(),
             agent_version: "sim".into(),
-            capabilities: vec!["runtime.process".into()],
+            capabilities: vec![
+                "runtime.process".into(),
+                "command.stage_release".into(),
+                "command.set_traffic".into(),
+            ],
             recent_command_ids: vec![],
         };
         let peer = PeerInfo {
@@ -284,6 +299,26 @@ impl Runner {
             Some(command::Kind::StopService(_)) => {
                 vec![(at(&mut self.rng, 50, 1_000), Step::Finish(Ok(())))]
             }
+            // Starts beside the serving release, checked as an activation.
+            Some(command::Kind::StageRelease(stage)) => {
+                let version = version(stage.release.as_ref());
+                let ready = at(&mut self.rng, 200, 3_000);
+                if faults.rejects.as_deref() == Some(version) {
+                    vec![(
+                        ready,
+                        Step::Finish(Err(format!(
+                            "{version} failed its health check: 503 from /health"
+                        ))),
+                    )]
+                } else {
+                    vec![(ready, Step::Switch), (ready, Step::Finish(Ok(())))]
+                }
+            }
+            // A proxy table swap.
+            Some(command::Kind::SetTraffic(_)) => {
+                let done = at(&mut self.rng, 10, 200);
+                vec![(done, Step::Switch), (done, Step::Finish(Ok(())))]
+            }
             other => panic!("the simulation sends no {other:?}"),
         };
         self.work = Some(Work {
@@ -307,21 +342,14 @@ impl Runner {
                 }
             }
             Step::Switch => {
-                let Some(command::Kind::Activate(activate)) = &work.command.kind else {
-                    unreachable!("only an activation switches");
-                };
-                let release = activate
-                    .release
-                    .as_ref()
-                    .expect("an activation names its release");
-                self.agent.node.lock().expect("node lock").services.insert(
-                    release.service.clone(),
-                    Running {
-                        release_id: release.release_id.clone(),
-                        version: release.version.clone(),
-                        since: Instant::now(),
-                    },
-                );
+                let command = work.command.clone();
+                if let Err(why) = self.switch(&command) {
+                    // What the real agent refuses fails the command.
+                    let work = self.work.as_mut().expect("checked above");
+                    work.steps.clear();
+                    work.steps
+                        .push_back((Instant::now(), Step::Finish(Err(why))));
+                }
             }
             Step::Finish(outcome) => {
                 let command = self.work.take().expect("checked above").command;
@@ -349,6 +377,97 @@ impl Runner {
         }
     }
 
+    /// What a command changes on the node, as the real agent does it (see
+    /// `ActivateRelease`, `StageRelease` and `SetTraffic` in agent.proto).
+    fn switch(&mut self, command: &pb::Command) -> Result<(), String> {
+        let now = Instant::now();
+        let mut node = self.agent.node.lock().expect("node lock");
+        let running = |release: &pb::Release| Running {
+            release_id: release.release_id.clone(),
+            version: release.version.clone(),
+            since: now,
+        };
+        match &command.kind {
+            Some(command::Kind::Activate(activate)) => {
+                let release = activate
+                    .release
+                    .as_ref()
+                    .expect("an activation names its release");
+                let service = release.service.clone();
+                let side = node.sides.remove(&service);
+                let keep = (activate.keep_previous_ms > 0)
+                    .then(|| now + Duration::from_millis(activate.keep_previous_ms));
+                let active = node.services.get(&service).cloned();
+                let (serving, replaced) = match (active, side) {
+                    // Already serving: the side (if any) loses its traffic.
+                    (Some(active), side) if active.release_id == release.release_id => {
+                        (active, side.map(|s| s.running))
+                    }
+                    // The side release takes over in the proxy alone.
+                    (active, Some(side)) if side.running.release_id == release.release_id => {
+                        (side.running, active)
+                    }
+                    (active, _) => (running(release), active),
+                };
+                node.services.insert(service.clone(), serving);
+                if let (Some(replaced), Some(retire_at)) = (replaced, keep) {
+                    node.sides.insert(
+                        service,
+                        Side {
+                            running: replaced,
+                            weight: 0,
+                            retire_at: Some(retire_at),
+                        },
+                    );
+                }
+                Ok(())
+            }
+            Some(command::Kind::StageRelease(stage)) => {
+                let release = stage.release.as_ref().expect("a stage names its release");
+                if !node.services.contains_key(&release.service) {
+                    return Err(format!(
+                        "service {} serves nothing to stage beside",
+                        release.service
+                    ));
+                }
+                let weight = stage.split.as_ref().map_or(0, |s| s.weight);
+                let kept = node
+                    .sides
+                    .get(&release.service)
+                    .filter(|s| s.running.release_id == release.release_id)
+                    .map(|s| s.running.clone());
+                node.sides.insert(
+                    release.service.clone(),
+                    Side {
+                        running: kept.unwrap_or_else(|| running(release)),
+                        weight,
+                        retire_at: None,
+                    },
+                );
+                Ok(())
+            }
+            Some(command::Kind::SetTraffic(set)) => match node.sides.get_mut(&set.service) {
+                Some(side) if side.running.release_id == set.side_release_id => {
+                    side.weight = set.split.as_ref().map_or(0, |s| s.weight);
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "{} is not the side release of {}",
+                    set.side_release_id, set.service
+                )),
+            },
+            other => unreachable!("nothing to switch for {other:?}"),
+        }
+    }
+
+    /// Side releases kept warm past their time stop.
+    fn retire(&mut self) {
+        let now = Instant::now();
+        let mut node = self.agent.node.lock().expect("node lock");
+        node.sides
+            .retain(|_, side| side.retire_at.is_none_or(|at| at > now));
+    }
+
     /// Sends a result, unless the session is gone or the network loses it.
     fn answer(&mut self, result: pb::CommandResult) {
         if self.session.is_none() {
@@ -364,24 +483,49 @@ impl Runner {
     }
 
     fn heartbeat(&mut self) {
+        // The node's processes run on while the agent is away or down.
+        self.retire();
         let Some(session) = &self.session else {
             return;
         };
         let now = Instant::now();
         let node = self.agent.node.lock().expect("node lock");
+        let crashes_of = |running: &Running| {
+            let crashing_since = self
+                .agent
+                .faults
+                .crash_loops
+                .as_ref()
+                .filter(|(version, _)| *version == running.version)
+                .map(|(_, after)| running.since + *after)
+                .filter(|since| now >= *since);
+            crashing_since.map_or(0, |since| (now - since).as_secs() as u32 + 1)
+        };
         let services = node
             .services
             .iter()
             .map(|(service, running)| {
-                let crashing_since = self
-                    .agent
-                    .faults
-                    .crash_loops
-                    .as_ref()
-                    .filter(|(version, _)| *version == running.version)
-                    .map(|(_, after)| running.since + *after)
-                    .filter(|since| now >= *since);
-                let crashes = crashing_since.map_or(0, |since| (now - since).as_secs() as u32 + 1);
+                let crashes = crashes_of(running);
+                let side = node.sides.get(service).map(|side| {
+                    let crashes = crashes_of(&side.running);
+                    SideStatus {
+                        release_id: side.running.release_id.clone(),
+                        weight: side.weight,
+                        running: crashes == 0,
+                        healthy: crashes == 0,
+                        crashes,
+                        health_detail: if crashes == 0 {
+                            String::new()
+                        } else {
+                            "connection refused".into()
+                        },
+                        retire_at_ms: side.retire_at.map_or(0, |at| {
+                            self.registry.now_ms()
+                                + at.saturating_duration_since(now).as_millis() as i64
+                        }),
+                        ..Default::default()
+                    }
+                });
                 ServiceStatus {
                     service: service.clone(),
                     release_id: running.release_id.clone(),
@@ -398,6 +542,7 @@ impl Runner {
                     } else {
                         "connection refused".into()
                     },
+                    side,
                     ..Default::default()
                 }
             })

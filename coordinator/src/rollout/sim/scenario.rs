@@ -38,6 +38,9 @@ pub(super) struct Operator {
     /// Pauses the second deploy of a service at, resumes after.
     pub pause: Option<(usize, Duration, Duration)>,
     pub abort: Option<(usize, Duration)>,
+    /// A canary's waits for promotion are promoted, after this long at
+    /// one (`full`: every remaining step skipped).
+    pub promote: Option<(Duration, bool)>,
 }
 
 pub(super) struct Coordinator {
@@ -80,8 +83,18 @@ impl Scenario {
                 }
             })
             .collect();
-        let spec = spec(&mut rng);
+        // Drawn apart, so the seeds found before canaries draw what they
+        // drew then.
+        let mut canary_rng = StdRng::seed_from_u64(seed ^ 0xca4a_7000_0000_0000);
+        let canary = canary_rng.random_bool(0.4).then(|| canary(&mut canary_rng));
+        let spec = spec(&mut rng, canary.as_ref().map(|c| c.0.as_str()));
         let operator = Operator {
+            promote: canary.as_ref().filter(|c| c.1).map(|_| {
+                (
+                    Duration::from_millis(canary_rng.random_range(0..20_000)),
+                    canary_rng.random_bool(0.3),
+                )
+            }),
             allow_unreachable: rng.random_bool(0.5),
             deploy_at: [
                 Duration::from_millis(rng.random_range(0..20_000)),
@@ -164,9 +177,40 @@ fn node_faults(rng: &mut StdRng) -> Faults {
     }
 }
 
+/// A canary's own keys, and whether a step waits for promotion.
+fn canary(rng: &mut StdRng) -> (String, bool) {
+    let canary_nodes = if rng.random_bool(0.5) {
+        rng.random_range(1..=3).to_string()
+    } else {
+        format!("\"{}%\"", rng.random_range(1..=100))
+    };
+    let mut steps = Vec::new();
+    let mut weight = 0;
+    let mut waits = false;
+    for _ in 0..rng.random_range(1..=4) {
+        if weight < 100 && rng.random_bool(0.6) {
+            weight = rng.random_range(weight + 1..=100);
+            steps.push(format!("{{ set_weight = {weight} }}"));
+        } else if rng.random_bool(0.3) {
+            waits = true;
+            steps.push("{ pause = {} }".to_string());
+        } else {
+            steps.push(format!("{{ pause = \"{}s\" }}", rng.random_range(1..=20)));
+        }
+    }
+    let keys = format!(
+        "canary_nodes = {canary_nodes}\nsteps = [{}]\nscale_down_delay = \"{}s\"\nabort_scale_down_delay = \"{}s\"\n",
+        steps.join(", "),
+        rng.random_range(0..=30),
+        rng.random_range(0..=30),
+    );
+    (keys, waits)
+}
+
 /// The app's spec: both services on every node labelled for them, one
-/// rolling strategy drawn from the seed.
-fn spec(rng: &mut StdRng) -> String {
+/// strategy drawn from the seed: rolling, or a canary (`canary`: its own
+/// keys) promoted in rolling's batches.
+fn spec(rng: &mut StdRng, canary: Option<&str>) -> String {
     let batch = if rng.random_bool(0.5) {
         rng.random_range(1..=3).to_string()
     } else {
@@ -175,6 +219,10 @@ fn spec(rng: &mut StdRng) -> String {
     let max_unavailable = rng.random_range(0..=1);
     let min_healthy_time = rng.random_range(0..=2);
     let auto_rollback = rng.random_bool(0.8);
+    let (kind, canary_keys) = match canary {
+        Some(keys) => ("canary", keys),
+        None => ("rolling", ""),
+    };
     let mut spec = String::from("app = \"shop\"\n");
     for (i, service) in SERVICES.iter().enumerate() {
         spec += &format!(
@@ -197,8 +245,8 @@ healthy_deadline = "10s"
     spec += &format!(
         r#"
 [strategy]
-kind = "rolling"
-batch = {batch}
+kind = "{kind}"
+{canary_keys}batch = {batch}
 max_unavailable = {max_unavailable}
 min_healthy_time = "{min_healthy_time}s"
 progress_deadline = "10m"

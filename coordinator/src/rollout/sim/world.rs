@@ -3,7 +3,7 @@
 //! crashed and recovered at seeded moments), the operator's deploys, the
 //! converger, and the checks once the fleet settled.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use crate::images::ImageResolver;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::rollout::engine::Input;
+use crate::rollout::engine::{self, Input};
 use crate::rollout::model::{Rollout, RolloutKind, RolloutState};
 use crate::rollout::{DeployRequest, Deployed, RolloutError, Rollouts, Started};
 use crate::secrets::Secrets;
@@ -256,6 +256,7 @@ impl World {
         self.settled(&seconds, deadline).await;
         self.check_records(&seconds).await;
         self.drift(&seconds, deadline).await;
+        self.sides_retired().await;
         done.cancel();
         life.stop().await;
         seconds
@@ -273,6 +274,7 @@ impl World {
                 .filter(|(s, ..)| *s == service)
                 .map(|(_, a, b)| (a, b)),
             abort: op.abort.filter(|(s, _)| *s == service).map(|(_, a)| a),
+            promote: op.promote,
         }
     }
 
@@ -342,6 +344,20 @@ impl World {
                     .get(service)
                     .map(|r| r.release_id.clone());
                 let runs = runs.unwrap_or_default();
+                // At rest a node's proxy sends every request to one
+                // release: a side release keeps none.
+                let side = self.nodes[i]
+                    .lock()
+                    .expect("node lock")
+                    .sides
+                    .get(service)
+                    .cloned();
+                if let Some(side) = side.filter(|s| s.weight > 0) {
+                    wrong.push(format!(
+                        "node-{i} still sends {}% of {service} to {}",
+                        side.weight, side.running.release_id
+                    ));
+                }
                 // A node that cannot run the second release may stay
                 // where it is: its convergence fails, and is retried.
                 let cannot_run_new = node.faults.cannot_run(SECOND) && runs == old;
@@ -437,6 +453,34 @@ impl World {
         }
     }
 
+    /// Releases kept warm beside the serving one stop when their time is
+    /// up (at most 30 s in these specs), and the converger stops a canary
+    /// whose rollout lost the node: nothing is orphaned.
+    async fn sides_retired(&self) {
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            let left: Vec<(usize, BTreeMap<String, agent::Side>)> = self
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, node)| (i, node.lock().expect("node lock").sides.clone()))
+                .filter(|(_, sides)| !sides.is_empty())
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let all = self.store.rollouts.list().await.expect("reads never fail");
+                panic!(
+                    "seed {}: side releases still run: {left:?}\n{}",
+                    self.seed,
+                    all.iter().map(show).collect::<Vec<_>>().join("\n")
+                );
+            }
+            sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     /// A node changed behind the coordinator's back is converged back to
     /// its environment's current release.
     async fn drift(&self, seconds: &[Rollout], deadline: Instant) {
@@ -500,8 +544,14 @@ fn expected(second: &Rollout) -> Option<&str> {
     let old = second.previous.as_ref().expect("the first release").id();
     match second.state {
         RolloutState::Succeeded => Some(second.release.id()),
+        // A canary's abort returns every node to the stable release.
+        RolloutState::Aborted
+            if second.strategy.canary().is_some() && second.rollback_failures.is_empty() =>
+        {
+            Some(old)
+        }
         RolloutState::Aborted => None,
-        RolloutState::Failed if !second.strategy.auto_rollback => None,
+        RolloutState::Failed if !second.rolls_back() => None,
         _ => Some(old),
     }
 }
@@ -513,6 +563,7 @@ struct OperatorPlan {
     deploy_at: Duration,
     pause: Option<(Duration, Duration)>,
     abort: Option<Duration>,
+    promote: Option<(Duration, bool)>,
 }
 
 /// The operator: deploys the second release of a service, and pauses,
@@ -541,7 +592,44 @@ async fn operate(
         sleep_until(from + abort).await;
         control(&current, &id, Input::Abort { by: "op".into() }).await;
     }
+    if let Some((after, full)) = plan.promote {
+        promote(&current, &id, after, full).await;
+    }
     id
+}
+
+/// Promotes the canary each time it waits for promotion, `after` it was
+/// first seen waiting, until the rollout ends.
+async fn promote(current: &watch::Receiver<Arc<Rollouts>>, id: &str, after: Duration, full: bool) {
+    loop {
+        sleep(Duration::from_secs(1)).await;
+        let rollouts = current.borrow().clone();
+        let Ok(rollout) = rollouts.get(id).await else {
+            continue;
+        };
+        if rollout.state.is_terminal() {
+            return;
+        }
+        if engine::awaiting_promotion(&rollout) {
+            sleep(after).await;
+            let rollouts = current.borrow().clone();
+            let refused = match rollouts.get(id).await {
+                Ok(rollout) => engine::promote_refusal(&rollout, full).is_some(),
+                Err(_) => true,
+            };
+            if !refused {
+                control(
+                    current,
+                    id,
+                    Input::Promote {
+                        by: "op".into(),
+                        full,
+                    },
+                )
+                .await;
+            }
+        }
+    }
 }
 
 /// Deploys `version` of `service`, again until a coordinator takes it.
