@@ -11,5 +11,6 @@ pub mod nodes;
 pub mod recovery;
 pub mod release_logs;
 pub mod rollout_logs;
+mod rollout_view;
 pub mod rollouts;
 pub mod tasks;

@@ -50,7 +50,7 @@ pub async fn rollout_logs(
             }
         }
         printed = rollout.timeline.len();
-        if !follow || watch_ends(rollout.state()) {
+        if !follow || watch_ends(&rollout) {
             return Ok(ExitCode::SUCCESS);
         }
         tokio::time::sleep(FOLLOW_EVERY).await;

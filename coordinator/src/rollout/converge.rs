@@ -257,10 +257,10 @@ fn decide(
     backoff: &mut Backoff,
     now: Instant,
 ) -> (i64, Vec<String>) {
-    if left_mixed_by_operator(last, history) {
-        return (0, Vec::new());
-    }
     let target = current.release.id();
+    // A mix the operator chose stays, but no node of it keeps a stray side
+    // release (a canary its rollout could not reach): only that goes.
+    let mixed = left_mixed_by_operator(last, history);
     let mut drifted_count = 0;
     let mut due = Vec::new();
     for view in views {
@@ -275,7 +275,10 @@ fn decide(
             && view.record.services.iter().any(|s| {
                 s.service == current.service
                     && !s.release_id.is_empty()
-                    && (s.release_id != target || s.stray_side())
+                    && match mixed {
+                        true => s.release_id == target && s.stray_side(),
+                        false => s.release_id != target || s.stray_side(),
+                    }
             });
         if !drifted {
             backoff.remove(&key);

@@ -491,6 +491,10 @@ pub struct Rollout {
     /// the job.
     #[serde(default)]
     pub returning: bool,
+    /// A failure without auto_rollback: its rollback returns the canary
+    /// nodes only, switched nodes stay.
+    #[serde(default)]
+    pub keep_switched: bool,
     pub error: Option<RolloutError>,
     /// Nodes whose return to the previous release failed.
     pub rollback_failures: Vec<RolloutError>,
@@ -610,6 +614,7 @@ impl Rollout {
             abort_requested: false,
             promote_full: false,
             returning: false,
+            keep_switched: false,
             error: None,
             rollback_failures: Vec::new(),
             created_by: new.created_by,

@@ -586,6 +586,19 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
                     "",
                     format!("returning {revert} nodes to {to}{schema}"),
                 );
+            } else if !contracted && r.nodes.iter().any(|n| n.state == NodeState::Canary) {
+                // Without auto_rollback the switched nodes stay, but a node
+                // never keeps splitting its traffic: its canary goes.
+                r.state = RolloutState::RollingBack;
+                r.phase = Phase::RollingBack;
+                r.keep_switched = true;
+                note(
+                    r,
+                    now,
+                    "rolling_back",
+                    "",
+                    "auto_rollback is off: switched nodes stay; the canary nodes return to the stable release".into(),
+                );
             } else {
                 let why = match revert {
                     _ if contracted => format!("the contract migration ran (or may have): the code from before it may not work with the schema, so nothing rolls back; {revert} nodes serve the new release; fix forward with a new deploy"),

@@ -50,7 +50,9 @@ pub(super) fn roll_back(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
         if room == 0 {
             break;
         }
+        let stays = r.keep_switched && r.nodes[i].state != NodeState::Canary;
         if needs_revert(&r.nodes[i])
+            && !stays
             && !r
                 .rollback_failures
                 .iter()
@@ -80,7 +82,24 @@ pub(super) fn roll_back(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
         finish(r, now, RolloutState::Aborted, format!("aborted; {summary}"));
         return;
     };
-    if r.rollback_failures.is_empty() {
+    if r.keep_switched {
+        let switched = r
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Switched)
+            .count();
+        let failed: Vec<String> = r.rollback_failures.iter().map(|f| f.to_string()).collect();
+        let canaries = match failed.is_empty() {
+            true => "the canary nodes serve the stable release again".to_string(),
+            false => format!("returning the canary nodes failed: {}", failed.join("; ")),
+        };
+        end_failed(
+            r,
+            now,
+            RolloutState::Failed,
+            format!("{error}; auto_rollback is off: {switched} nodes serve the new release; {canaries}; roll back or deploy again"),
+        );
+    } else if r.rollback_failures.is_empty() {
         end_failed(
             r,
             now,

@@ -1,0 +1,271 @@
+//! How a rollout reads: the live progress view, the end-of-watch summary,
+//! `rollout status` as text, and the JSON of `--output json`.
+
+use serde_json::{json, Value};
+
+use cutover_proto::v1 as pb;
+
+use super::nodes::{render_table, rfc3339};
+
+pub(super) fn done_state(state: pb::RolloutNodeState) -> bool {
+    use pb::RolloutNodeState as N;
+    matches!(state, N::Switched | N::Unchanged | N::RolledBack)
+}
+
+fn bar(done: usize, total: usize, width: usize) -> String {
+    let filled = (done * width).checked_div(total).unwrap_or(width);
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// The live view: a bar of nodes done, the batch, each node's step.
+pub(super) fn progress(r: &pb::Rollout) -> String {
+    let done = r.nodes.iter().filter(|n| done_state(n.state())).count();
+    let total = r.nodes.len();
+    let batch = match r.phase.as_str() {
+        "batch" | "watch" => format!("batch {}/{} ({})", r.batch, r.batches, r.phase),
+        phase => phase.to_string(),
+    };
+    let batch = match r.canary.as_ref() {
+        Some(canary) if r.phase == "canary" => canary_line(canary),
+        _ => batch,
+    };
+    let mut out = format!(
+        "rollout {} {} -> {}  {}\n{} {done}/{total} nodes  {batch}\n",
+        r.id,
+        r.service,
+        r.release.as_ref().map_or("", |x| x.id.as_str()),
+        r.state().as_str(),
+        bar(done, total, 30),
+    );
+    for n in &r.nodes {
+        let step = if n.step.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", n.step)
+        };
+        let target = r.release.as_ref().map_or("", |x| x.id.as_str());
+        let serves = if n.release.is_empty() {
+            "-"
+        } else {
+            &n.release
+        };
+        // Mid-cutover the node still serves its old release: say where it
+        // is going, not only where it is.
+        let release = if n.state() == pb::RolloutNodeState::Activating && n.release != target {
+            format!("{serves} -> {target}")
+        } else {
+            serves.to_string()
+        };
+        let weight = match n.canary {
+            true => format!(" [canary {}%]", n.weight),
+            false => String::new(),
+        };
+        out.push_str(&format!(
+            "  {:<16} {:<13} {release}{weight}{step}\n",
+            n.name,
+            n.state().as_str()
+        ));
+    }
+    out
+}
+
+/// Where a canary is: its step, its weight, what it waits for.
+fn canary_line(c: &pb::CanaryStatus) -> String {
+    let step = match c.step as usize {
+        0 => "starting".to_string(),
+        n if n > c.steps.len() => "promoted".to_string(),
+        n => format!("step {n}/{}: {}", c.steps.len(), c.steps[n - 1]),
+    };
+    let wait = if c.awaiting_promotion {
+        " (waiting for `cutover rollout promote`)".to_string()
+    } else if c.pause_until_ms > 0 {
+        format!(" (until {})", rfc3339(c.pause_until_ms))
+    } else {
+        String::new()
+    };
+    format!(
+        "canary {step}{wait}, weight {}% on {} canary nodes ({:.1}% of the fleet)",
+        c.weight,
+        c.canary_nodes.len(),
+        c.fleet_weight
+    )
+}
+
+pub(super) fn summary(r: &pb::Rollout) -> String {
+    let took = (r.finished_at_ms.max(r.updated_at_ms) - r.created_at_ms) as f64 / 1000.0;
+    let mut text = format!("rollout {} {} in {took:.1}s", r.id, r.state().as_str());
+    if let Some(canary) = r.canary.as_ref().filter(|c| c.awaiting_promotion) {
+        text = format!(
+            "rollout {} {}: {}; promote with `cutover rollout promote {}` (or abort)",
+            r.id,
+            r.state().as_str(),
+            canary_line(canary),
+            r.id
+        );
+    }
+    if let Some(e) = &r.error {
+        text.push_str(&format!("\n  cause: {}", error_text(e)));
+    }
+    for f in &r.rollback_failures {
+        text.push_str(&format!("\n  rollback failed: {}", error_text(f)));
+    }
+    if r.state() == pb::RolloutState::Held {
+        if let Some(held) = r.timeline.iter().rev().find(|e| e.kind == "held") {
+            text.push_str(&format!("\n  held: {}", held.message));
+        }
+    }
+    text
+}
+
+pub(super) fn error_text(e: &pb::RolloutError) -> String {
+    if e.node.is_empty() {
+        format!("{}: {}", e.step, e.message)
+    } else {
+        format!("node {}, step {}: {}", e.node, e.step, e.message)
+    }
+}
+
+/// `cutover rollout status`: the whole story of one rollout.
+pub(super) fn describe(r: &pb::Rollout) -> String {
+    let release =
+        |x: &Option<pb::ReleaseInfo>| x.as_ref().map_or("-".to_string(), |x| x.id.clone());
+    let mut out = format!(
+        "rollout   {}\nkind      {}\nstate     {}{}{}\nservice   {} ({} in {})\nrelease   {}\nprevious  {}\nbatches   {} of {} nodes\nby        {} at {}\n",
+        r.id,
+        r.kind,
+        r.state().as_str(),
+        if r.pause_requested { " (pause requested)" } else { "" },
+        if r.abort_requested { " (abort requested)" } else { "" },
+        r.service,
+        r.app,
+        r.env,
+        release(&r.release),
+        release(&r.previous_release),
+        r.batches,
+        r.batch_size,
+        r.created_by,
+        rfc3339(r.created_at_ms),
+    );
+    if let Some(e) = &r.error {
+        out.push_str(&format!("error     {}\n", error_text(e)));
+    }
+    for f in &r.rollback_failures {
+        out.push_str(&format!("rollback  {}\n", error_text(f)));
+    }
+    if !r.skipped_nodes.is_empty() {
+        out.push_str(&format!("skipped   {}\n", r.skipped_nodes.join(", ")));
+    }
+    if let Some(canary) = &r.canary {
+        out.push_str(&format!("canary    {}\n", canary_line(canary)));
+        out.push_str(&format!("steps     {}\n", canary.steps.join(", ")));
+    }
+    let mut rows = vec![[
+        "NODE", "STATE", "BATCH", "RELEASE", "FROM", "CANARY", "STEP",
+    ]
+    .map(String::from)
+    .to_vec()];
+    rows.extend(r.nodes.iter().map(|n| {
+        vec![
+            n.name.clone(),
+            n.state().as_str().to_string(),
+            if n.batch == 0 {
+                "-".into()
+            } else {
+                n.batch.to_string()
+            },
+            n.release.clone(),
+            n.from_release.clone(),
+            match n.canary {
+                true => format!("{}%", n.weight),
+                false => "-".into(),
+            },
+            n.step.clone(),
+        ]
+    }));
+    out.push('\n');
+    out.push_str(&render_table(&rows));
+    out.push_str("\ntimeline\n");
+    for t in &r.timeline {
+        out.push_str(&format!(
+            "  {} {:<18} {}\n",
+            rfc3339(t.at_ms),
+            t.kind,
+            t.message
+        ));
+    }
+    out
+}
+
+pub(super) fn release_json(x: &pb::ReleaseInfo) -> Value {
+    if x.image.is_empty() {
+        json!({"id": x.id, "version": x.version, "digest": x.digest})
+    } else {
+        json!({"id": x.id, "version": x.version, "digest": x.digest, "image": x.image})
+    }
+}
+
+fn error_json(e: &pb::RolloutError) -> Value {
+    json!({"node": e.node, "step": e.step, "message": e.message})
+}
+
+/// The JSON contract of a rollout (`--output json`).
+pub fn to_json(r: &pb::Rollout) -> Value {
+    let time = |ms: i64| {
+        if ms == 0 {
+            Value::Null
+        } else {
+            Value::String(rfc3339(ms))
+        }
+    };
+    json!({
+        "id": r.id,
+        "app": r.app,
+        "env": r.env,
+        "service": r.service,
+        "kind": r.kind,
+        "state": r.state().as_str(),
+        "release": r.release.as_ref().map(release_json),
+        "previous_release": r.previous_release.as_ref().map(release_json),
+        "nodes": r.nodes.iter().map(|n| json!({
+            "name": n.name,
+            "id": n.id,
+            "state": n.state().as_str(),
+            "release": n.release,
+            "from_release": n.from_release,
+            "batch": if n.batch == 0 { Value::Null } else { Value::from(n.batch) },
+            "step": n.step,
+            "canary": n.canary,
+            "weight": n.canary.then_some(n.weight),
+        })).collect::<Vec<_>>(),
+        "canary": r.canary.as_ref().map(|c| json!({
+            "steps": c.steps,
+            "step": c.step,
+            "weight": c.weight,
+            "fleet_weight": c.fleet_weight,
+            "canary_nodes": c.canary_nodes,
+            "awaiting_promotion": c.awaiting_promotion,
+            "pause_until": (c.pause_until_ms > 0).then(|| rfc3339(c.pause_until_ms)),
+            "promoted": c.promoted,
+        })),
+        "error": r.error.as_ref().map(error_json),
+        "rollback_failures": r.rollback_failures.iter().map(error_json).collect::<Vec<_>>(),
+        "phase": r.phase,
+        "batch": r.batch,
+        "batches": r.batches,
+        "batch_size": r.batch_size,
+        "skipped_nodes": r.skipped_nodes,
+        "pause_requested": r.pause_requested,
+        "abort_requested": r.abort_requested,
+        "created_by": r.created_by,
+        "deployment": (!r.deployment.is_empty()).then_some(&r.deployment),
+        "created_at": time(r.created_at_ms),
+        "updated_at": time(r.updated_at_ms),
+        "finished_at": time(r.finished_at_ms),
+        "timeline": r.timeline.iter().map(|t| json!({
+            "at": rfc3339(t.at_ms),
+            "kind": t.kind,
+            "node": t.node,
+            "message": t.message,
+        })).collect::<Vec<_>>(),
+    })
+}
