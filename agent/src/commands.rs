@@ -204,9 +204,7 @@ impl Executor {
                 })))
             }
             // Not journaled: after an upgrade the same id may be retried.
-            None
-            | Some(command::Kind::StageRelease(_))
-            | Some(command::Kind::SetTraffic(_)) => {
+            None | Some(command::Kind::StageRelease(_)) | Some(command::Kind::SetTraffic(_)) => {
                 return CommandResult {
                     command_id,
                     status: CommandStatus::Rejected as i32,
