@@ -16,6 +16,7 @@ use cutover_proto::v1::{
 use tokio::sync::mpsc;
 
 use crate::renewal::Renewer;
+use crate::service::split_from_proto;
 use crate::services::{NodeServices, ServiceError};
 use crate::state::Journal;
 use crate::tasks::Task;
@@ -33,6 +34,8 @@ pub const CAPABILITIES: &[&str] = &[
     "command.run_plain_task",
     "command.read_logs",
     "command.run_recovery",
+    "command.stage_release",
+    "command.set_traffic",
     "runtime.process",
     "proxy.http",
 ];
@@ -156,6 +159,7 @@ impl Executor {
                             activate.drain_first,
                             &activate.secret_values,
                             &activate.hook_env,
+                            std::time::Duration::from_millis(activate.keep_previous_ms),
                             &progress,
                         )
                         .await
@@ -164,6 +168,36 @@ impl Executor {
                     Err(e) => Err(e),
                 }
             }
+            Some(command::Kind::StageRelease(stage)) => {
+                match checked(stage.release.as_ref(), "stage_release").and_then(|release| {
+                    let split =
+                        split_from_proto(stage.split.as_ref()).map_err(|e| e.to_string())?;
+                    Ok((release, split))
+                }) {
+                    Ok((release, split)) => self
+                        .services
+                        .stage(
+                            &release,
+                            &stage.secret_values,
+                            &stage.hook_env,
+                            split,
+                            &progress,
+                        )
+                        .await
+                        .map(|()| None)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(command::Kind::SetTraffic(set)) => match split_from_proto(set.split.as_ref()) {
+                Ok(split) => self
+                    .services
+                    .set_traffic(&set.service, &set.side_release_id, split)
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
             Some(command::Kind::SetAdmission(admission)) => self
                 .services
                 .set_admission(&admission.service, admission.admitted)
@@ -204,7 +238,7 @@ impl Executor {
                 })))
             }
             // Not journaled: after an upgrade the same id may be retried.
-            None | Some(command::Kind::StageRelease(_)) | Some(command::Kind::SetTraffic(_)) => {
+            None => {
                 return CommandResult {
                     command_id,
                     status: CommandStatus::Rejected as i32,

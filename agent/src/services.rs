@@ -19,13 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::artifacts::{unpack, ArtifactCache, ArtifactError};
+use crate::proxy::cohort::Cohorts;
 use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::release_spec::{container_spec, stop_signal as release_stop_signal};
 use crate::retention;
 use crate::runtime::docker::{DockerEngine, DockerError};
 use crate::service::{
-    stop_leftovers, CutoverError, Service, ServiceKind, ServiceSettings, WebRelease,
+    stop_leftovers, CutoverError, CutoverReport, Service, ServiceKind, ServiceSettings, WebRelease,
 };
 use crate::store::{AgentStore, StoreError};
 use cutover_common::modes;
@@ -170,12 +171,16 @@ impl NodeServices {
             };
             if record.active.is_none() {
                 // Nothing serves, but a first cutover or a stop may have been
-                // cut short: what it left must not run on unsupervised.
-                if !record.leftovers.is_empty() {
-                    stop_leftovers(&name, &record.leftovers, &node.settings.docker).await;
+                // cut short: what it left must not run on unsupervised (nor
+                // a side release, which runs beside a serving one only).
+                let mut leftovers = record.leftovers;
+                leftovers.extend(record.side.as_ref().and_then(|s| s.as_leftover()));
+                if !leftovers.is_empty() || record.side.is_some() {
+                    stop_leftovers(&name, &leftovers, &node.settings.docker).await;
                     node.store.update_service(&name, |current| {
                         let mut record = current?;
                         record.leftovers.clear();
+                        record.side = None;
                         Some(record)
                     })?;
                 }
@@ -186,10 +191,8 @@ impl NodeServices {
             match node.bind(&name, record.listen).await {
                 Ok(service) => {
                     node.remember(&service);
-                    node.services
-                        .lock()
-                        .await
-                        .insert(name, Arc::new(Mutex::new(service)));
+                    let service = crate::service::shared(service, node.shutdown.clone());
+                    node.services.lock().await.insert(name, service);
                 }
                 Err(error) => {
                     tracing::error!(service = %name, %error, "cannot bring the service back")
@@ -217,6 +220,7 @@ impl NodeServices {
         for name in self.store.service_names().unwrap_or_default() {
             if let Ok(Some(record)) = self.store.service(&name) {
                 known.extend(record.active.and_then(|a| a.instance));
+                known.extend(record.side.and_then(|s| s.instance));
                 known.extend(record.leftovers.into_iter().map(|l| l.instance));
             }
         }
@@ -418,22 +422,27 @@ impl NodeServices {
     /// of its secrets in its environment. With `drain_first` the node
     /// leaves the external load balancer for the cutover and returns to it
     /// afterwards, whatever the outcome (unless an operator had drained it).
+    /// With `keep_previous` (not zero) the release it replaces is kept as
+    /// the side release at weight 0 for that long. The serving and the side
+    /// release are activated without a cutover (`activate_running`).
     pub async fn activate(
         &self,
         release: &ReleaseSpec,
         drain_first: bool,
         secret_values: &std::collections::HashMap<String, String>,
         hook_env: &std::collections::HashMap<String, String>,
+        keep_previous: Duration,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<pb::Activated, ServiceError> {
-        let mut web_release = self.make_ready(release, progress).await?;
-        web_release.hook_env = hook_env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        web_release.hook_env.sort();
-        let values = secret_env(&web_release.secrets, secret_values)?;
-        web_release.secret_values = crate::runtime::supervisor::SecretSlot::ready(values);
+        if let Some(activated) = self
+            .activate_running(release, keep_previous, progress)
+            .await?
+        {
+            return Ok(activated);
+        }
+        let web_release = self
+            .ready_release(release, secret_values, hook_env, progress)
+            .await?;
         let listen = match &release.kind {
             Kind::Web(web) => Some(web.listen.on(self.settings.address)),
             Kind::Worker(_) => None,
@@ -443,42 +452,21 @@ impl NodeServices {
             match services.get(&release.service) {
                 Some(existing) => (existing.clone(), false),
                 None => {
-                    let service = Arc::new(Mutex::new(self.bind(&release.service, listen).await?));
+                    let service = self.bind(&release.service, listen).await?;
+                    let service = crate::service::shared(service, self.shutdown.clone());
                     services.insert(release.service.clone(), service.clone());
                     (service, true)
                 }
             }
         };
         let mut service = shared.lock().await;
-        let current = service.proxy().map(|p| p.local_addr());
-        if current != listen {
-            return Err(ServiceError::ListenChanged {
-                service: release.service.clone(),
-                current,
-                requested: listen,
-            });
-        }
-        // Activating what already serves changes nothing: a coordinator
-        // that lost track (a restart, a new command id) must not start a
-        // second copy of the release.
-        let state = service.state();
-        if state.release_id == release.release_id && state.running {
-            self.store.note_activated(&release.release_id)?;
-            return Ok(pb::Activated {
-                release_id: state.release_id,
-                upstream: state.upstream,
-                previous_release_id: String::new(),
-                drain_completed: true,
-                drain_cut: 0,
-                took_ms: 0,
-            });
-        }
+        check_listen(&service, release, listen)?;
         let drain = drain_first && !created && service.proxy().is_some_and(|p| p.admitted());
         if drain {
             service.set_admitted(false)?;
         }
         let result = service
-            .cutover(web_release, |step| progress(step.name()))
+            .replace(web_release, keep_previous, |step| progress(step.name()))
             .await;
         if drain {
             if let Err(error) = service.set_admitted(true) {
@@ -499,15 +487,128 @@ impl NodeServices {
             tracing::error!(release = %report.release_id, %error, "cannot record the activation; the release dir may be pruned late");
         }
         self.prune().await;
-        let previous = report.previous.as_ref();
-        Ok(pb::Activated {
-            release_id: report.release_id.clone(),
-            upstream: report.addr.to_string(),
-            previous_release_id: previous.map(|p| p.release_id.clone()).unwrap_or_default(),
-            drain_completed: previous.is_none_or(|p| p.drain.completed),
-            drain_cut: previous.map_or(0, |p| p.drain.cut as u32),
-            took_ms: report.took.as_millis() as u64,
-        })
+        Ok(activated(&report))
+    }
+
+    /// Activates what already runs: the serving release changes nothing (a
+    /// coordinator that lost track must not start a second copy), but takes
+    /// all traffic back from a side release; the side release is switched
+    /// to in the proxy alone. `None`: anything else, for a cutover.
+    async fn activate_running(
+        &self,
+        release: &ReleaseSpec,
+        keep_previous: Duration,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<Option<pb::Activated>, ServiceError> {
+        let Some(shared) = self.services.lock().await.get(&release.service).cloned() else {
+            return Ok(None);
+        };
+        let mut service = shared.lock().await;
+        let state = service.state();
+        let activated = if state.release_id == release.release_id && state.running {
+            let retired = service.take_back(keep_previous).await?;
+            pb::Activated {
+                release_id: state.release_id,
+                upstream: state.upstream,
+                previous_release_id: String::new(),
+                drain_completed: retired.as_ref().is_none_or(|r| r.drain.completed),
+                drain_cut: retired.map_or(0, |r| r.drain.cut as u32),
+                took_ms: 0,
+            }
+        } else if service
+            .side()
+            .is_some_and(|(id, _)| id == release.release_id)
+        {
+            let report = service
+                .promote(&release.release_id, keep_previous, |step| {
+                    progress(step.name())
+                })
+                .await?;
+            activated(&report)
+        } else {
+            return Ok(None);
+        };
+        self.remember(&service);
+        drop(service);
+        self.store.note_activated(&release.release_id)?;
+        self.prune().await;
+        Ok(Some(activated))
+    }
+
+    /// Prepares `release` and starts it beside the release serving its web
+    /// service, as its side release with `split` (see `Service::stage`).
+    pub async fn stage(
+        &self,
+        release: &ReleaseSpec,
+        secret_values: &std::collections::HashMap<String, String>,
+        hook_env: &std::collections::HashMap<String, String>,
+        split: Cohorts,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<(), ServiceError> {
+        let (service, release_id) = (release.service.clone(), release.release_id.clone());
+        let listen = match &release.kind {
+            Kind::Web(web) => web.listen.on(self.settings.address),
+            Kind::Worker(_) => {
+                return Err(CutoverError::WorkerSide {
+                    service,
+                    release_id,
+                }
+                .into())
+            }
+        };
+        let Some(shared) = self.services.lock().await.get(&service).cloned() else {
+            return Err(CutoverError::NothingServes {
+                service,
+                release_id,
+            }
+            .into());
+        };
+        let web_release = self
+            .ready_release(release, secret_values, hook_env, progress)
+            .await?;
+        let mut service = shared.lock().await;
+        check_listen(&service, release, Some(listen))?;
+        let result = service
+            .stage(web_release, split, |step| progress(step.name()))
+            .await;
+        self.remember(&service);
+        result?;
+        Ok(())
+    }
+
+    /// Divides the traffic of `service` with its side release
+    /// `side_release_id` by `split` from now on.
+    pub async fn set_traffic(
+        &self,
+        service: &str,
+        side_release_id: &str,
+        split: Cohorts,
+    ) -> Result<(), ServiceError> {
+        let shared = self.service(service).await?;
+        let mut service = shared.lock().await;
+        let result = service.set_traffic(side_release_id, split);
+        self.remember(&service);
+        result.map_err(ServiceError::Cutover)
+    }
+
+    /// Prepares `release` for a start with the secret values and hook
+    /// environment its command brought.
+    async fn ready_release(
+        &self,
+        release: &ReleaseSpec,
+        secret_values: &std::collections::HashMap<String, String>,
+        hook_env: &std::collections::HashMap<String, String>,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<WebRelease, ServiceError> {
+        let mut web_release = self.make_ready(release, progress).await?;
+        web_release.hook_env = hook_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        web_release.hook_env.sort();
+        let values = secret_env(&web_release.secrets, secret_values)?;
+        web_release.secret_values = crate::runtime::supervisor::SecretSlot::ready(values);
+        Ok(web_release)
     }
 
     /// Removes the release dirs and cached artifacts nothing keeps (see
@@ -633,8 +734,8 @@ impl NodeServices {
         *self.coordinator.lock().expect("coordinator lock") = channel;
     }
 
-    /// Asks the coordinator for the secrets of every serving release that
-    /// needs them and lacks them (the agent restarted: they were in memory
+    /// Asks the coordinator for the secrets of every serving and side
+    /// release that needs them and lacks them (the agent restarted: they were in memory
     /// only). Their supervisors (re)start them with the values from then on.
     pub async fn fetch_pending_secrets(&self) {
         let Some(channel) = self.coordinator() else {
@@ -647,10 +748,12 @@ impl NodeServices {
             .iter()
             .map(|(name, service)| (name.clone(), service.clone()))
             .collect();
+        let mut pending = Vec::new();
         for (name, service) in services {
-            let Some((release_id, names, slot)) = service.lock().await.pending_secrets() else {
-                continue;
-            };
+            let releases = service.lock().await.pending_secrets();
+            pending.extend(releases.into_iter().map(|release| (name.clone(), release)));
+        }
+        for (name, (release_id, names, slot)) in pending {
             let mut client =
                 cutover_proto::v1::agent_service_client::AgentServiceClient::new(channel.clone());
             let request = pb::FetchSecretsRequest {
@@ -751,6 +854,39 @@ impl NodeServices {
                 service.release().await;
             }
         }
+    }
+}
+
+/// Refuses a release for a service that listens elsewhere (or not at all).
+fn check_listen(
+    service: &Service,
+    release: &ReleaseSpec,
+    listen: Option<SocketAddr>,
+) -> Result<(), ServiceError> {
+    let current = service.proxy().map(|p| p.local_addr());
+    if current != listen {
+        return Err(ServiceError::ListenChanged {
+            service: release.service.clone(),
+            current,
+            requested: listen,
+        });
+    }
+    Ok(())
+}
+
+/// What an activation reports.
+fn activated(report: &CutoverReport) -> pb::Activated {
+    let previous = report.previous.as_ref();
+    pb::Activated {
+        release_id: report.release_id.clone(),
+        upstream: report.addr.to_string(),
+        previous_release_id: previous
+            .map(|p| p.release_id.clone())
+            .or_else(|| report.kept.clone())
+            .unwrap_or_default(),
+        drain_completed: previous.is_none_or(|p| p.drain.completed),
+        drain_cut: previous.map_or(0, |p| p.drain.cut as u32),
+        took_ms: report.took.as_millis() as u64,
     }
 }
 

@@ -364,7 +364,7 @@ mod tests {
         };
         let kept = with("theme=dark; cutover_cohort=1999; lang=en");
         assert_eq!((kept.side, kept.set_cookie), (true, None));
-        assert_eq!(with("cutover_cohort=2000").side, false);
+        assert!(!with("cutover_cohort=2000").side);
         for invalid in ["cutover_cohort=10000", "cutover_cohort=abc", "other=5"] {
             let choice = with(invalid);
             assert_eq!(choice.side, bucket < 2_000, "{invalid}");
