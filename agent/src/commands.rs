@@ -498,6 +498,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn side_release_commands_are_known_and_refused_with_their_cause() {
+        assert!(CAPABILITIES.contains(&"command.stage_release"));
+        assert!(CAPABILITIES.contains(&"command.set_traffic"));
+        let dir = tempfile::tempdir().unwrap();
+        let executor = executor(dir.path()).await;
+        let set = |id: &str, weight| Command {
+            command_id: id.into(),
+            kind: Some(command::Kind::SetTraffic(pb::SetTraffic {
+                service: "web".into(),
+                side_release_id: "web-v2".into(),
+                split: Some(pb::TrafficSplit {
+                    weight,
+                    ..Default::default()
+                }),
+            })),
+        };
+        let invalid = executor.execute(set("t1", 101)).await;
+        assert_eq!(invalid.status, CommandStatus::Failed as i32);
+        assert!(
+            invalid.message.contains("weight 101"),
+            "{}",
+            invalid.message
+        );
+        let unknown = executor.execute(set("t2", 10)).await;
+        assert_eq!(unknown.status, CommandStatus::Failed as i32);
+        assert_eq!(unknown.message, "no service web on this node");
+        assert!(
+            executor.journal.lock().unwrap().get("t2").is_some(),
+            "journaled by id"
+        );
+        let stage = executor
+            .execute(Command {
+                command_id: "s1".into(),
+                kind: Some(command::Kind::StageRelease(pb::StageRelease::default())),
+            })
+            .await;
+        assert_eq!(stage.status, CommandStatus::Failed as i32);
+        assert_eq!(stage.message, "stage_release without a release");
+    }
+
+    #[tokio::test]
     async fn a_read_of_logs_answers_with_lines_and_leaves_the_journal_alone() {
         let dir = tempfile::tempdir().unwrap();
         let executor = executor(dir.path()).await;

@@ -372,6 +372,8 @@ pub(crate) mod tests {
             .unwrap()
             .remove("drain_timeout");
         old["drain_timeout"] = serde_json::json!({ "secs": 3, "nanos": 0 });
+        // And from before side releases.
+        old.as_object_mut().unwrap().remove("side");
         let read: ServiceRecord = decode("web", old.to_string().as_bytes()).unwrap();
         let active = read.active.unwrap();
         assert_eq!(active.release.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
