@@ -16,6 +16,7 @@ use cutover_proto::v1::{
 use tokio::sync::mpsc;
 
 use crate::renewal::Renewer;
+use crate::service::split_from_proto;
 use crate::services::{NodeServices, ServiceError};
 use crate::state::Journal;
 use crate::tasks::Task;
@@ -33,6 +34,8 @@ pub const CAPABILITIES: &[&str] = &[
     "command.run_plain_task",
     "command.read_logs",
     "command.run_recovery",
+    "command.stage_release",
+    "command.set_traffic",
     "runtime.process",
     "proxy.http",
 ];
@@ -156,6 +159,7 @@ impl Executor {
                             activate.drain_first,
                             &activate.secret_values,
                             &activate.hook_env,
+                            std::time::Duration::from_millis(activate.keep_previous_ms),
                             &progress,
                         )
                         .await
@@ -164,6 +168,36 @@ impl Executor {
                     Err(e) => Err(e),
                 }
             }
+            Some(command::Kind::StageRelease(stage)) => {
+                match checked(stage.release.as_ref(), "stage_release").and_then(|release| {
+                    let split =
+                        split_from_proto(stage.split.as_ref()).map_err(|e| e.to_string())?;
+                    Ok((release, split))
+                }) {
+                    Ok((release, split)) => self
+                        .services
+                        .stage(
+                            &release,
+                            &stage.secret_values,
+                            &stage.hook_env,
+                            split,
+                            &progress,
+                        )
+                        .await
+                        .map(|()| None)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(command::Kind::SetTraffic(set)) => match split_from_proto(set.split.as_ref()) {
+                Ok(split) => self
+                    .services
+                    .set_traffic(&set.service, &set.side_release_id, split)
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
             Some(command::Kind::SetAdmission(admission)) => self
                 .services
                 .set_admission(&admission.service, admission.admitted)
@@ -204,7 +238,7 @@ impl Executor {
                 })))
             }
             // Not journaled: after an upgrade the same id may be retried.
-            None | Some(command::Kind::StageRelease(_)) | Some(command::Kind::SetTraffic(_)) => {
+            None => {
                 return CommandResult {
                     command_id,
                     status: CommandStatus::Rejected as i32,
@@ -461,6 +495,47 @@ mod tests {
             .await;
         assert_eq!(unknown.status, CommandStatus::Rejected as i32);
         assert!(restarted.journal.lock().unwrap().get("c2").is_none());
+    }
+
+    #[tokio::test]
+    async fn side_release_commands_are_known_and_refused_with_their_cause() {
+        assert!(CAPABILITIES.contains(&"command.stage_release"));
+        assert!(CAPABILITIES.contains(&"command.set_traffic"));
+        let dir = tempfile::tempdir().unwrap();
+        let executor = executor(dir.path()).await;
+        let set = |id: &str, weight| Command {
+            command_id: id.into(),
+            kind: Some(command::Kind::SetTraffic(pb::SetTraffic {
+                service: "web".into(),
+                side_release_id: "web-v2".into(),
+                split: Some(pb::TrafficSplit {
+                    weight,
+                    ..Default::default()
+                }),
+            })),
+        };
+        let invalid = executor.execute(set("t1", 101)).await;
+        assert_eq!(invalid.status, CommandStatus::Failed as i32);
+        assert!(
+            invalid.message.contains("weight 101"),
+            "{}",
+            invalid.message
+        );
+        let unknown = executor.execute(set("t2", 10)).await;
+        assert_eq!(unknown.status, CommandStatus::Failed as i32);
+        assert_eq!(unknown.message, "no service web on this node");
+        assert!(
+            executor.journal.lock().unwrap().get("t2").is_some(),
+            "journaled by id"
+        );
+        let stage = executor
+            .execute(Command {
+                command_id: "s1".into(),
+                kind: Some(command::Kind::StageRelease(pb::StageRelease::default())),
+            })
+            .await;
+        assert_eq!(stage.status, CommandStatus::Failed as i32);
+        assert_eq!(stage.message, "stage_release without a release");
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
-//! What stays on disk of past releases. Each service keeps its active and
-//! previous release, anything a cutover in progress owns, and the last
+//! What stays on disk of past releases. Each service keeps its active,
+//! side and previous release, anything a cutover in progress owns, and the last
 //! `releases_keep` releases it served (fast rollbacks); a release prepared
 //! for a rollout but not activated yet stays for `PREPARED_KEEP`, so one
 //! prepared for a rollout that was abandoned does not stay forever. A
@@ -59,6 +59,7 @@ pub fn plan(
         keep.extend(record.active.iter().map(|a| a.release.release_id.clone()));
         keep.extend(record.previous.iter().cloned());
         keep.extend(record.leftovers.iter().map(|l| l.release_id.clone()));
+        keep.extend(record.side.iter().map(|s| s.release.release_id.clone()));
     }
     let waited_long = now_ms.saturating_sub(PREPARED_KEEP.as_millis() as i64);
     keep.extend(
@@ -262,6 +263,7 @@ mod tests {
             previous: previous.map(str::to_string),
             leftovers: Vec::new(),
             history: history.iter().map(|s| s.to_string()).collect(),
+            side: None,
         }
     }
 
@@ -310,6 +312,30 @@ mod tests {
         assert_eq!(plan.dirs, ["v3", "unknown"]);
         assert_eq!(plan.archives, [archive(3), archive(9)]);
         assert_eq!(plan.forget, [files[2].clone()]);
+    }
+
+    #[test]
+    fn the_side_release_and_its_artifact_stay() {
+        // A canary staged but never served: in no history.
+        let mut record = service(&["v1"], Some("v1"), None);
+        record.side = Some(crate::store::SideRecord {
+            release: crate::store::tests::release("v2", Duration::ZERO),
+            port: 20001,
+            instance: None,
+            split: Default::default(),
+            retire_at_ms: 0,
+        });
+        let files = [files("v1", 1, None), files("v2", 2, None)];
+        let plan = plan(
+            &[record],
+            &files,
+            0,
+            0,
+            &names(&["v1", "v2"]),
+            &[archive(1), archive(2)],
+        );
+        assert_eq!(plan.dirs, Vec::<String>::new());
+        assert_eq!(plan.archives, Vec::<String>::new());
     }
 
     #[test]

@@ -30,6 +30,8 @@ use crate::service::{
 use crate::store::{AgentStore, StoreError};
 use cutover_common::modes;
 
+mod activation;
+
 /// Node-wide settings for services, from the agent config.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
@@ -170,12 +172,16 @@ impl NodeServices {
             };
             if record.active.is_none() {
                 // Nothing serves, but a first cutover or a stop may have been
-                // cut short: what it left must not run on unsupervised.
-                if !record.leftovers.is_empty() {
-                    stop_leftovers(&name, &record.leftovers, &node.settings.docker).await;
+                // cut short: what it left must not run on unsupervised (nor
+                // a side release, which runs beside a serving one only).
+                let mut leftovers = record.leftovers;
+                leftovers.extend(record.side.as_ref().and_then(|s| s.as_leftover()));
+                if !leftovers.is_empty() || record.side.is_some() {
+                    stop_leftovers(&name, &leftovers, &node.settings.docker).await;
                     node.store.update_service(&name, |current| {
                         let mut record = current?;
                         record.leftovers.clear();
+                        record.side = None;
                         Some(record)
                     })?;
                 }
@@ -186,10 +192,8 @@ impl NodeServices {
             match node.bind(&name, record.listen).await {
                 Ok(service) => {
                     node.remember(&service);
-                    node.services
-                        .lock()
-                        .await
-                        .insert(name, Arc::new(Mutex::new(service)));
+                    let service = crate::service::shared(service, node.shutdown.clone());
+                    node.services.lock().await.insert(name, service);
                 }
                 Err(error) => {
                     tracing::error!(service = %name, %error, "cannot bring the service back")
@@ -217,6 +221,7 @@ impl NodeServices {
         for name in self.store.service_names().unwrap_or_default() {
             if let Ok(Some(record)) = self.store.service(&name) {
                 known.extend(record.active.and_then(|a| a.instance));
+                known.extend(record.side.and_then(|s| s.instance));
                 known.extend(record.leftovers.into_iter().map(|l| l.instance));
             }
         }
@@ -414,102 +419,6 @@ impl NodeServices {
         })
     }
 
-    /// Prepares `release` and cuts its service over to it, with the values
-    /// of its secrets in its environment. With `drain_first` the node
-    /// leaves the external load balancer for the cutover and returns to it
-    /// afterwards, whatever the outcome (unless an operator had drained it).
-    pub async fn activate(
-        &self,
-        release: &ReleaseSpec,
-        drain_first: bool,
-        secret_values: &std::collections::HashMap<String, String>,
-        hook_env: &std::collections::HashMap<String, String>,
-        progress: &(dyn Fn(&str) + Sync),
-    ) -> Result<pb::Activated, ServiceError> {
-        let mut web_release = self.make_ready(release, progress).await?;
-        web_release.hook_env = hook_env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        web_release.hook_env.sort();
-        let values = secret_env(&web_release.secrets, secret_values)?;
-        web_release.secret_values = crate::runtime::supervisor::SecretSlot::ready(values);
-        let listen = match &release.kind {
-            Kind::Web(web) => Some(web.listen.on(self.settings.address)),
-            Kind::Worker(_) => None,
-        };
-        let (shared, created) = {
-            let mut services = self.services.lock().await;
-            match services.get(&release.service) {
-                Some(existing) => (existing.clone(), false),
-                None => {
-                    let service = Arc::new(Mutex::new(self.bind(&release.service, listen).await?));
-                    services.insert(release.service.clone(), service.clone());
-                    (service, true)
-                }
-            }
-        };
-        let mut service = shared.lock().await;
-        let current = service.proxy().map(|p| p.local_addr());
-        if current != listen {
-            return Err(ServiceError::ListenChanged {
-                service: release.service.clone(),
-                current,
-                requested: listen,
-            });
-        }
-        // Activating what already serves changes nothing: a coordinator
-        // that lost track (a restart, a new command id) must not start a
-        // second copy of the release.
-        let state = service.state();
-        if state.release_id == release.release_id && state.running {
-            self.store.note_activated(&release.release_id)?;
-            return Ok(pb::Activated {
-                release_id: state.release_id,
-                upstream: state.upstream,
-                previous_release_id: String::new(),
-                drain_completed: true,
-                drain_cut: 0,
-                took_ms: 0,
-            });
-        }
-        let drain = drain_first && !created && service.proxy().is_some_and(|p| p.admitted());
-        if drain {
-            service.set_admitted(false)?;
-        }
-        let result = service
-            .cutover(web_release, |step| progress(step.name()))
-            .await;
-        if drain {
-            if let Err(error) = service.set_admitted(true) {
-                tracing::error!(service = %release.service, %error, "cannot re-admit the node after its cutover");
-            }
-        }
-        self.remember(&service);
-        drop(service);
-        if result.is_err() && created {
-            // A first release that fails leaves no trace: the public port is
-            // free again and the service unknown, as before the command.
-            self.forget_service(&release.service, shared).await;
-        }
-        let report = result?;
-        // Recorded active first (by the cutover), then no longer waiting:
-        // a prune in between keeps it either way.
-        if let Err(error) = self.store.note_activated(&report.release_id) {
-            tracing::error!(release = %report.release_id, %error, "cannot record the activation; the release dir may be pruned late");
-        }
-        self.prune().await;
-        let previous = report.previous.as_ref();
-        Ok(pb::Activated {
-            release_id: report.release_id.clone(),
-            upstream: report.addr.to_string(),
-            previous_release_id: previous.map(|p| p.release_id.clone()).unwrap_or_default(),
-            drain_completed: previous.is_none_or(|p| p.drain.completed),
-            drain_cut: previous.map_or(0, |p| p.drain.cut as u32),
-            took_ms: report.took.as_millis() as u64,
-        })
-    }
-
     /// Removes the release dirs and cached artifacts nothing keeps (see
     /// `retention`), and the images only removed docker releases ran; then
     /// measures what is left.
@@ -633,8 +542,8 @@ impl NodeServices {
         *self.coordinator.lock().expect("coordinator lock") = channel;
     }
 
-    /// Asks the coordinator for the secrets of every serving release that
-    /// needs them and lacks them (the agent restarted: they were in memory
+    /// Asks the coordinator for the secrets of every serving and side
+    /// release that needs them and lacks them (the agent restarted: they were in memory
     /// only). Their supervisors (re)start them with the values from then on.
     pub async fn fetch_pending_secrets(&self) {
         let Some(channel) = self.coordinator() else {
@@ -647,10 +556,12 @@ impl NodeServices {
             .iter()
             .map(|(name, service)| (name.clone(), service.clone()))
             .collect();
+        let mut pending = Vec::new();
         for (name, service) in services {
-            let Some((release_id, names, slot)) = service.lock().await.pending_secrets() else {
-                continue;
-            };
+            let releases = service.lock().await.pending_secrets();
+            pending.extend(releases.into_iter().map(|release| (name.clone(), release)));
+        }
+        for (name, (release_id, names, slot)) in pending {
             let mut client =
                 cutover_proto::v1::agent_service_client::AgentServiceClient::new(channel.clone());
             let request = pb::FetchSecretsRequest {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::proxy::cohort::Split;
 use crate::runtime::InstanceId;
 use crate::service::WebRelease;
 
@@ -43,6 +44,11 @@ pub struct ServiceRecord {
     /// retention keeps on disk for fast rollbacks.
     #[serde(default)]
     pub history: Vec<String>,
+    /// The release running beside the active one (a canary, a warm
+    /// standby), with its split: a restarted agent adopts it and splits
+    /// traffic as before.
+    #[serde(default)]
+    pub side: Option<SideRecord>,
 }
 
 /// Most release ids remembered per service.
@@ -67,6 +73,31 @@ pub struct ActiveRelease {
     pub port: u16,
     #[serde(alias = "process")]
     pub instance: Option<InstanceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SideRecord {
+    pub release: WebRelease,
+    pub port: u16,
+    pub instance: Option<InstanceId>,
+    pub split: Split,
+    /// When the agent drains and stops it by itself (ms since the Unix
+    /// epoch); 0: it stays until told.
+    #[serde(default)]
+    pub retire_at_ms: i64,
+}
+
+impl SideRecord {
+    /// Its process as one to stop, if it has one.
+    pub fn as_leftover(&self) -> Option<Leftover> {
+        Some(Leftover {
+            release_id: self.release.release_id.clone(),
+            port: self.port,
+            instance: self.instance.clone()?,
+            stop_signal: self.release.stop_signal.as_str().to_string(),
+            stop_grace: self.release.stop_grace,
+        })
+    }
 }
 
 /// What retention knows of one release dir.
@@ -146,13 +177,14 @@ impl AgentStore {
         })
     }
 
-    /// Release ports recorded by any service: the serving ones and those of
-    /// cutovers in progress. A new release must not take one.
+    /// Release ports recorded by any service: the serving ones, the side
+    /// ones and those of cutovers in progress. A new release must not take one.
     pub fn ports_in_use(&self) -> Result<Vec<u16>, StoreError> {
         let mut ports = Vec::new();
         for name in self.service_names()? {
             if let Some(record) = self.service(&name)? {
                 ports.extend(record.active.map(|a| a.port));
+                ports.extend(record.side.map(|s| s.port));
                 ports.extend(record.leftovers.iter().map(|l| l.port));
             }
         }
@@ -327,6 +359,7 @@ pub(crate) mod tests {
             previous: None,
             leftovers: Vec::new(),
             history: vec!["web-v1".into()],
+            side: None,
         };
         let written = serde_json::to_vec(&record).unwrap();
         let read: ServiceRecord = decode("web", &written).unwrap();
@@ -339,6 +372,8 @@ pub(crate) mod tests {
             .unwrap()
             .remove("drain_timeout");
         old["drain_timeout"] = serde_json::json!({ "secs": 3, "nanos": 0 });
+        // And from before side releases.
+        old.as_object_mut().unwrap().remove("side");
         let read: ServiceRecord = decode("web", old.to_string().as_bytes()).unwrap();
         let active = read.active.unwrap();
         assert_eq!(active.release.drain_timeout, DEFAULT_DRAIN_TIMEOUT);

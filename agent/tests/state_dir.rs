@@ -202,7 +202,14 @@ async fn pruning_keeps_the_last_releases_and_what_a_rollout_still_needs() {
         let version = format!("v{i}");
         let (release, digest) = release(&sources, &version, port);
         services
-            .activate(&release, false, &HashMap::new(), &HashMap::new(), &|_| {})
+            .activate(
+                &release,
+                false,
+                &HashMap::new(),
+                &HashMap::new(),
+                std::time::Duration::ZERO,
+                &|_| {},
+            )
             .await
             .unwrap();
         digests.insert(version, digest);

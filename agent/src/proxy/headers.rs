@@ -141,26 +141,48 @@ pub fn default_trusted_networks() -> Vec<Network> {
         .collect()
 }
 
+fn is_trusted(peer: IpAddr, trusted: &[Network]) -> bool {
+    trusted.iter().any(|network| network.contains(peer))
+}
+
+/// The X-Forwarded-For hops, first (the original client) to last. Several
+/// X-Forwarded-For headers are one list in order (RFC 9110 5.3): each proxy
+/// on the way may have added its own.
+fn forwarded_hops(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// The client a request comes from: the first X-Forwarded-For hop when the
+/// peer is trusted (a load balancer in front knows the client), else the
+/// peer itself (also when that hop is no address).
+pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted: &[Network]) -> IpAddr {
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    forwarded_hops(headers)
+        .next()
+        .and_then(|hop| hop.parse().ok())
+        .unwrap_or(peer)
+}
+
 /// Adds the forwarding headers and returns the request id (the client's when
 /// it sent a sane one, a new uuid otherwise). Forwarding headers that a
 /// trusted peer (a load balancer in front, within `trusted`) set are kept:
 /// it knows the original client, scheme and host. From anyone else they
 /// are replaced, so a client cannot pose as another address or scheme.
 pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, trusted: &[Network]) -> HeaderValue {
-    if !trusted.iter().any(|network| network.contains(client)) {
+    if !is_trusted(client, trusted) {
         headers.remove(&X_FORWARDED_FOR);
         headers.remove(&X_FORWARDED_PROTO);
         headers.remove(&X_FORWARDED_HOST);
     }
-    // Several X-Forwarded-For headers are one list in order (RFC 9110 5.3):
-    // each proxy on the way may have added its own.
-    let mut hops: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
+    let mut hops: Vec<&str> = forwarded_hops(headers).collect();
     let client = client.to_string();
     hops.push(&client);
     let forwarded_for = hops.join(", ");
@@ -297,6 +319,25 @@ mod tests {
         add_forwarding(&mut headers, "10.0.0.2".parse().unwrap(), &load_balancers());
         let all: Vec<_> = headers.get_all(X_FORWARDED_FOR).iter().collect();
         assert_eq!(all, ["203.0.113.7, 198.51.100.2, 10.0.0.9, 10.0.0.2"]);
+    }
+
+    #[test]
+    fn the_client_is_the_first_hop_of_a_trusted_peer_only() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("203.0.113.7, 10.0.0.9"),
+        );
+        let lb = "10.0.0.2".parse().unwrap();
+        let stranger = "198.51.100.1".parse().unwrap();
+        let client = "203.0.113.7".parse::<IpAddr>().unwrap();
+        assert_eq!(client_address(&headers, lb, &load_balancers()), client);
+        assert_eq!(
+            client_address(&headers, stranger, &load_balancers()),
+            stranger
+        );
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("unknown"));
+        assert_eq!(client_address(&headers, lb, &load_balancers()), lb);
     }
 
     #[test]

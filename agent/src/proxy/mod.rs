@@ -1,6 +1,7 @@
 //! The node proxy: serves a service's public port and forwards every request
-//! to a release of its routing table (`routes`): today one release, active
-//! right now.
+//! to a release of its routing table (`routes`): the release serving, or it
+//! and a side release (a canary, a warm standby) divided per client by a
+//! split (`cohort`).
 //!
 //! Switching is one atomic pointer swap of the whole table: requests that
 //! started before it finish on the release they were sent to (each holds an in-flight guard until its response
@@ -8,6 +9,7 @@
 //! one. Draining the old release is waiting for its guards to drop, bounded by
 //! the drain timeout, after which its remaining tunnels are closed.
 
+pub mod cohort;
 pub mod headers;
 pub mod routes;
 pub mod stats;
@@ -38,6 +40,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use self::cohort::Cohorts;
 use self::headers::{
     add_forwarding, default_trusted_networks, is_upgrade, strip_hop_by_hop, Network, X_REQUEST_ID,
 };
@@ -206,30 +209,52 @@ impl Proxy {
     /// Returns the upstreams no longer routed to, for the caller to drain.
     pub fn set_routes(&self, routes: Vec<RouteSpec>) -> Vec<Arc<Upstream>> {
         let current = self.shared.routes.load_full();
-        let table = RouteTable::new(
-            routes
-                .into_iter()
-                .map(|spec| {
-                    let kept = current
-                        .get(&spec.release)
-                        .filter(|route| route.upstream.addr == spec.addr);
-                    let upstream = match kept {
-                        Some(route) => route.upstream.clone(),
-                        None => Arc::new(Upstream::new(
-                            &spec.release,
-                            spec.addr,
-                            self.release_counts(&spec.release),
-                        )),
-                    };
-                    tracing::info!(service = %self.shared.config.service, release = %spec.release, upstream = %spec.addr, weight = spec.weight, "proxy routes to release");
-                    Route {
-                        upstream,
-                        weight: spec.weight,
-                        rules: spec.rules,
-                    }
-                })
-                .collect(),
-        );
+        let routes = routes
+            .into_iter()
+            .map(|spec| self.route(&current, spec))
+            .collect();
+        self.install(RouteTable::new(routes))
+    }
+
+    /// Divides new requests between the release serving (`serving`) and a
+    /// side release (`side`) by `cohorts`, at once; otherwise as
+    /// `set_routes`.
+    pub fn split(
+        &self,
+        serving: (&str, SocketAddr),
+        side: (&str, SocketAddr),
+        cohorts: Cohorts,
+    ) -> Vec<Arc<Upstream>> {
+        let current = self.shared.routes.load_full();
+        let serving = self.route(&current, RouteSpec::all(serving.0, serving.1));
+        let side = self.route(&current, RouteSpec::all(side.0, side.1));
+        tracing::info!(service = %self.shared.config.service, side = %side.upstream.release, weight = cohorts.split().weight, sticky = ?cohorts.split().sticky, "proxy splits traffic");
+        self.install(RouteTable::split(serving, side, cohorts))
+    }
+
+    /// The route `spec` asks for, keeping the upstream `current` has for it.
+    fn route(&self, current: &RouteTable, spec: RouteSpec) -> Route {
+        let kept = current
+            .get(&spec.release)
+            .filter(|route| route.upstream.addr == spec.addr);
+        let upstream = match kept {
+            Some(route) => route.upstream.clone(),
+            None => Arc::new(Upstream::new(
+                &spec.release,
+                spec.addr,
+                self.release_counts(&spec.release),
+            )),
+        };
+        tracing::info!(service = %self.shared.config.service, release = %spec.release, upstream = %spec.addr, weight = spec.weight, "proxy routes to release");
+        Route {
+            upstream,
+            weight: spec.weight,
+            rules: spec.rules,
+        }
+    }
+
+    /// Swaps `table` in; returns the upstreams no longer routed to.
+    fn install(&self, table: RouteTable) -> Vec<Arc<Upstream>> {
         let previous = self.shared.routes.swap(Arc::new(table));
         let table = self.shared.routes.load();
         let retired: Vec<Arc<Upstream>> = previous
@@ -390,12 +415,28 @@ async fn handle(
     // Count the request in flight first, then confirm its release is still
     // routed to: a switch and a drain that both finished in between would
     // otherwise send it to a release that is being stopped.
-    let (upstream, guard) = loop {
-        let picked = shared
-            .routes
-            .load()
-            .pick(request.headers(), |n| rand::random_range(0..n))
-            .map(|route| route.upstream.clone());
+    let (upstream, guard, cookie) = loop {
+        let table = shared.routes.load();
+        // A table of one release (the common case) costs no hashing.
+        let (picked, cookie) = match table.cohorts() {
+            None => (
+                table.pick(request.headers(), |n| rand::random_range(0..n)),
+                None,
+            ),
+            Some((cohorts, serving, side)) => {
+                let choice = cohorts.choose(
+                    request.headers(),
+                    peer.ip(),
+                    &shared.config.trusted_networks,
+                );
+                (
+                    Some(if choice.side { side } else { serving }),
+                    choice.set_cookie,
+                )
+            }
+        };
+        let picked = picked.map(|route| route.upstream.clone());
+        drop(table);
         let Some(upstream) = picked else {
             return Ok(text_response(
                 StatusCode::BAD_GATEWAY,
@@ -407,10 +448,16 @@ async fn handle(
         };
         let guard = InFlight::new(upstream.clone());
         if shared.routes.load().contains(&upstream) {
-            break (upstream, guard);
+            break (upstream, guard, cookie);
         }
     };
-    Ok(forward(&shared, upstream, guard, request, peer).await)
+    let mut response = forward(&shared, upstream, guard, request, peer).await;
+    if let Some(cookie) = cookie {
+        response
+            .headers_mut()
+            .append(http::header::SET_COOKIE, cookie);
+    }
+    Ok(response)
 }
 
 fn readiness(shared: &Shared) -> Response<ProxyBody> {

@@ -2,15 +2,16 @@
 //! weight and rules. The proxy swaps a whole table at once (one pointer),
 //! so a request sees either the old table or the new one, never a mix.
 //!
-//! Today every table holds one route of weight 100 (or none: 502); weights
-//! make room for a canary, header rules for routing testers to a release,
-//! and a route of weight 0 without rules for a warm standby that gets
-//! nothing until a table gives it weight.
+//! A service's table holds one route of weight 100 (or none: 502), or,
+//! while a side release runs beside the serving one, those two divided by a
+//! split (`cohort`): sticky per client, so no random draw. Weights and
+//! header rules route among any number of releases at random.
 
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use super::cohort::Cohorts;
 use super::Upstream;
 
 /// The weight of a route that takes all the traffic no rule claims.
@@ -45,6 +46,9 @@ pub struct RouteTable {
     routes: Vec<Route>,
     /// Sum of the weights, kept so a pick does not add them up per request.
     total_weight: u64,
+    /// Set for a table of the serving release (the first route) and a
+    /// side release (the second): the split decides, not `pick`.
+    split: Option<Cohorts>,
 }
 
 impl RouteTable {
@@ -53,6 +57,27 @@ impl RouteTable {
         Self {
             routes,
             total_weight,
+            split: None,
+        }
+    }
+
+    /// The serving release and a side release, divided by `cohorts` (the
+    /// routes' weights say the same, for whoever lists them).
+    pub fn split(mut serving: Route, mut side: Route, cohorts: Cohorts) -> Self {
+        side.weight = cohorts.split().weight;
+        serving.weight = ALL_TRAFFIC - side.weight;
+        Self {
+            split: Some(cohorts),
+            ..Self::new(vec![serving, side])
+        }
+    }
+
+    /// The split of a table of a serving and a side release: it, and the
+    /// two routes.
+    pub fn cohorts(&self) -> Option<(&Cohorts, &Route, &Route)> {
+        match (&self.split, self.routes.as_slice()) {
+            (Some(cohorts), [serving, side]) => Some((cohorts, serving, side)),
+            _ => None,
         }
     }
 

@@ -13,6 +13,13 @@
 //! the proxy never pointed anywhere but at a release that passed its checks.
 //! One place does that (`Candidate::abandon`), whichever step failed.
 //!
+//! Steps 1 to 3 (with the hooks around them) are `launch`, which staging a
+//! side release (`side`) shares: a side release passes the same checks, it
+//! just is not switched to.
+//!
+//! With `keep_previous`, A is not drained and stopped in 5 and 6 but kept
+//! running as the side release at weight 0, until the agent retires it.
+//!
 //! A worker (a service without a port, like a queue consumer) has no proxy:
 //! B starts, must pass its exec check (if it has one) and stay up for its
 //! `min_healthy_time`, then A is asked to stop with its stop command and
@@ -24,10 +31,12 @@ use std::time::{Duration, Instant};
 use super::health::stays_up;
 use super::hooks::{self, HookFailure};
 use super::release::{check_target, process_spec};
-use super::{drain, PreviousRelease, Running, Service, ServiceKind, WebRelease};
+use super::side::{side_record, Side};
+use super::{drain, upstream_of, PreviousRelease, Running, Service, ServiceKind, WebRelease};
 use crate::checks::{self, Healthy, Outcome, Target, Unhealthy};
+use crate::proxy::cohort::Cohorts;
 use crate::runtime::supervisor::{ProcessError, Supervisor};
-use crate::store::{ActiveRelease, Leftover, StoreError};
+use crate::store::{ActiveRelease, Leftover, SideRecord, StoreError};
 use cutover_common::net::allocate_port;
 use cutover_common::release::HookPoint;
 
@@ -65,8 +74,12 @@ pub struct CutoverReport {
     pub release_id: String,
     pub addr: SocketAddr,
     pub healthy: Healthy,
-    /// None when no release served before.
+    /// The release that served before, drained and stopped; none when
+    /// nothing served or when it was kept.
     pub previous: Option<PreviousRelease>,
+    /// The release that served before, kept running as the side release
+    /// (`keep_previous`).
+    pub kept: Option<String>,
     pub took: Duration,
 }
 
@@ -111,6 +124,27 @@ pub enum CutoverError {
         check: String,
         outcome: Outcome,
     },
+    #[error("service {service} is a worker: it has no proxy to divide traffic in; activate release {release_id} instead")]
+    WorkerSide { service: String, release_id: String },
+    #[error("nothing serves service {service} on this node yet, so release {release_id} has nothing to run beside; activate a release first")]
+    NothingServes { service: String, release_id: String },
+    #[error(
+        "release {release_id} already serves service {service}; stage another release beside it"
+    )]
+    AlreadyServes { service: String, release_id: String },
+    #[error("release {release_id} is not the side release of service {service} ({}); stage it first", describe_side(.side))]
+    NotSide {
+        service: String,
+        release_id: String,
+        side: Option<String>,
+    },
+}
+
+fn describe_side(side: &Option<String>) -> String {
+    match side {
+        Some(side) => format!("its side release is {side}"),
+        None => "it has none".to_string(),
+    }
 }
 
 fn describe_serving(release: &Option<String>) -> String {
@@ -132,10 +166,10 @@ fn describe_crash(crashed: &Option<String>) -> String {
 /// as a leftover. (Not a drop guard: stopping is async, and a cutover cut
 /// short by an agent shutdown must leave it recorded for the next agent to
 /// stop, as any process the agent leaves behind.)
-struct Candidate {
-    release: WebRelease,
-    port: u16,
-    supervisor: Supervisor,
+pub(super) struct Candidate {
+    pub(super) release: WebRelease,
+    pub(super) port: u16,
+    pub(super) supervisor: Supervisor,
     /// Where the checks reach it.
     target: Target,
     /// The release serving while this one is checked, for messages.
@@ -143,7 +177,7 @@ struct Candidate {
 }
 
 impl Candidate {
-    async fn abandon(self, service: &Service) {
+    pub(super) async fn abandon(self, service: &Service) {
         self.supervisor.stop().await;
         service.forget_leftovers();
     }
@@ -157,7 +191,87 @@ impl Service {
         release: WebRelease,
         progress: impl Fn(Step),
     ) -> Result<CutoverReport, CutoverError> {
+        self.replace(release, Duration::ZERO, progress).await
+    }
+
+    /// A cutover to `release` that, with `keep_previous` (not zero, a web
+    /// service that served), keeps the release it replaces running as the
+    /// side release at weight 0 for that long instead of stopping it. A side
+    /// release running before is drained and stopped first.
+    pub async fn replace(
+        &mut self,
+        release: WebRelease,
+        keep_previous: Duration,
+        progress: impl Fn(Step),
+    ) -> Result<CutoverReport, CutoverError> {
         let started = Instant::now();
+        self.retire_side().await;
+        let (candidate, healthy) = self.launch(release, &progress).await?;
+        progress(Step::Switching);
+        let keep_until = (!keep_previous.is_zero() && self.kind.proxy().is_some())
+            .then(|| cutover_common::now_ms().saturating_add(keep_previous.as_millis() as i64));
+        let kept = match (&self.active, keep_until) {
+            (Some(old), Some(at)) => Some(side_record(old, Cohorts::standby().split(), at)),
+            _ => None,
+        };
+        if let Err(error) = self.record_switch(&candidate, kept) {
+            candidate.abandon(self).await;
+            return Err(self.store_error(error));
+        }
+        let Candidate {
+            release,
+            port,
+            supervisor,
+            ..
+        } = candidate;
+        let release_id = release.release_id.clone();
+        let addr = SocketAddr::new(self.settings.address, port);
+        // B's own: what the operator chose for the release deployed now.
+        let drain_timeout = release.drain_timeout;
+        let old = self.serve(release, port, supervisor);
+        let (mut previous, mut kept) = (None, None);
+        match (old, keep_until) {
+            (Some(old), Some(retire_at_ms)) => {
+                kept = Some(old.release_id.clone());
+                self.side = Some(Side {
+                    running: old,
+                    cohorts: Cohorts::standby(),
+                    retire_at_ms,
+                });
+                self.reroute();
+            }
+            (Some(old), None) => {
+                let upstream = upstream_of(self.reroute(), &old);
+                if upstream.is_some() {
+                    progress(Step::Draining);
+                }
+                let drained = drain(upstream, drain_timeout).await;
+                progress(Step::StoppingOld);
+                previous = Some(self.stop_old(old, drained).await);
+            }
+            (None, _) => {
+                self.reroute();
+            }
+        }
+        tracing::info!(service = %self.settings.name, release = %release_id, %addr, kept = ?kept, took_ms = started.elapsed().as_millis() as u64, "cutover done");
+        Ok(CutoverReport {
+            release_id,
+            addr,
+            healthy,
+            previous,
+            kept,
+            took: started.elapsed(),
+        })
+    }
+
+    /// Runs `release`'s pre_activate hook, starts it beside what serves and
+    /// vets it (health gate, smoke checks, post_activate hook): what a
+    /// cutover and a stage share. Whatever fails leaves nothing running.
+    pub(super) async fn launch(
+        &self,
+        release: WebRelease,
+        progress: &impl Fn(Step),
+    ) -> Result<(Candidate, Healthy), CutoverError> {
         if hooks::has(&release, HookPoint::PreActivate) {
             progress(Step::PreActivate);
             hooks::run(
@@ -175,43 +289,13 @@ impl Service {
         }
         progress(Step::Starting);
         let candidate = self.start(release).await?;
-        let healthy = match self.vet(&candidate, &progress).await {
-            Ok(healthy) => healthy,
+        match self.vet(&candidate, progress).await {
+            Ok(healthy) => Ok((candidate, healthy)),
             Err(error) => {
                 candidate.abandon(self).await;
-                return Err(error);
+                Err(error)
             }
-        };
-        let Candidate {
-            release,
-            port,
-            supervisor,
-            ..
-        } = candidate;
-        let release_id = release.release_id.clone();
-        let addr = SocketAddr::new(self.settings.address, port);
-        // B's own: what the operator chose for the release deployed now.
-        let drain_timeout = release.drain_timeout;
-        let (old, upstream) = self.serve(release, port, supervisor);
-        let previous = match old {
-            Some(old) => {
-                if upstream.is_some() {
-                    progress(Step::Draining);
-                }
-                let drained = drain(upstream, drain_timeout).await;
-                progress(Step::StoppingOld);
-                Some(self.stop_old(old, drained).await)
-            }
-            None => None,
-        };
-        tracing::info!(service = %self.settings.name, release = %release_id, %addr, took_ms = started.elapsed().as_millis() as u64, "cutover done");
-        Ok(CutoverReport {
-            release_id,
-            addr,
-            healthy,
-            previous,
-            took: started.elapsed(),
-        })
+        }
     }
 
     /// The steps between starting B and serving it: each error leaves B to
@@ -241,9 +325,6 @@ impl Service {
                 failure,
             })?;
         }
-        progress(Step::Switching);
-        self.record_switch(candidate)
-            .map_err(|error| self.store_error(error))?;
         Ok(healthy)
     }
 
@@ -288,6 +369,7 @@ impl Service {
     fn free_port(&self) -> Option<u16> {
         let settings = &self.settings;
         let mut taken: Vec<u16> = self.active.iter().map(|r| r.addr.port()).collect();
+        taken.extend(self.side.iter().map(|s| s.running.addr.port()));
         // Other services' releases too, even one down waiting for its restart.
         taken.extend(self.store.ports_in_use().unwrap_or_default());
         allocate_port(settings.address, &settings.ports, &taken)
@@ -295,27 +377,35 @@ impl Service {
 
     /// Records B as the release that serves, before the switch: a crash
     /// right after it must find B in the store, and A, drained next, as a
-    /// leftover to stop.
-    fn record_switch(&self, candidate: &Candidate) -> Result<(), StoreError> {
+    /// leftover to stop (or as the side release, when `kept`).
+    fn record_switch(
+        &self,
+        candidate: &Candidate,
+        kept: Option<SideRecord>,
+    ) -> Result<(), StoreError> {
         let active = ActiveRelease {
             release: candidate.release.clone(),
             port: candidate.port,
             instance: candidate.supervisor.status().instance,
         };
-        let retiring: Vec<Leftover> = self
-            .active
-            .as_ref()
-            .and_then(Running::as_leftover)
-            .into_iter()
-            .collect();
+        let retiring: Vec<Leftover> = match kept {
+            Some(_) => Vec::new(),
+            None => self
+                .active
+                .as_ref()
+                .and_then(Running::as_leftover)
+                .into_iter()
+                .collect(),
+        };
         self.store.update_service(&self.settings.name, |current| {
             let mut record = self.record(current.as_ref(), Some(active), candidate.serving.clone());
             record.leftovers = retiring;
+            record.side = kept;
             Some(record)
         })
     }
 
-    fn store_error(&self, error: StoreError) -> CutoverError {
+    pub(super) fn store_error(&self, error: StoreError) -> CutoverError {
         CutoverError::Store {
             service: self.settings.name.clone(),
             error,

@@ -1,12 +1,14 @@
-//! One service on this node: the release it serves, how it came back
-//! after an agent restart, what it reports, and how it stops. A web
-//! service serves a public port through its node proxy; a worker (a queue
-//! consumer, say) listens nowhere. Replacing the release is `cutover`.
+//! One service on this node: the release it serves (and, for a web
+//! service, one running beside it: `side`), how it came back after an agent
+//! restart, what it reports, and how it stops. A web service serves a
+//! public port through its node proxy; a worker (a queue consumer, say)
+//! listens nowhere. Replacing the release is `cutover`.
 
 mod cutover;
 mod health;
 mod hooks;
 mod release;
+mod side;
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use tokio::sync::watch;
 use tokio_util::sync::DropGuard;
 
 use self::health::{monitor_health, LastHealth};
@@ -24,10 +27,13 @@ use crate::checks;
 use crate::proxy::{DrainReport, Proxy, Upstream};
 use crate::runtime::docker::DockerEngine;
 use crate::runtime::supervisor::{stop_leftover, SecretSlot, StopReport, Supervisor};
+use crate::runtime::InstanceId;
 use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError, HISTORY_LIMIT};
 
 pub use self::cutover::{CutoverError, CutoverReport, Step};
 pub use self::release::{WebRelease, DEFAULT_DRAIN_TIMEOUT};
+use self::side::Side;
+pub use self::side::{shared, split_from_proto};
 
 /// Node-level settings of a service.
 #[derive(Debug, Clone)]
@@ -70,15 +76,16 @@ pub struct PreviousRelease {
     pub stop: StopReport,
 }
 
-/// The release a service serves, supervised, with its health monitor.
+/// A release a service runs (the serving one, or the side one),
+/// supervised, with its health monitor.
 struct Running {
     release_id: String,
     addr: SocketAddr,
     spec: WebRelease,
     supervisor: Supervisor,
-    /// The last health check of the serving release.
+    /// The last health check of the release.
     health: LastHealth,
-    /// Ends the health monitor when this release stops serving.
+    /// Ends the health monitor when this release stops.
     _monitor: DropGuard,
 }
 
@@ -110,6 +117,11 @@ pub async fn stop_leftovers(service: &str, leftovers: &[Leftover], engine: &Dock
 }
 
 impl Running {
+    /// What the proxy routes to.
+    fn target(&self) -> (&str, SocketAddr) {
+        (&self.release_id, self.addr)
+    }
+
     /// This release as a leftover to stop should the agent die before it
     /// does (it is being drained).
     fn as_leftover(&self) -> Option<Leftover> {
@@ -136,6 +148,11 @@ pub struct Service {
     kind: ServiceKind,
     store: Arc<AgentStore>,
     active: Option<Running>,
+    /// A release running beside the active one (web services only).
+    side: Option<Side>,
+    /// When the side release is due to be retired (ms since the Unix
+    /// epoch, 0: never), for `spawn_retirer`.
+    retire: watch::Sender<i64>,
 }
 
 impl Service {
@@ -151,6 +168,8 @@ impl Service {
             kind,
             store,
             active: None,
+            side: None,
+            retire: watch::Sender::new(0),
             settings,
         };
         let record = service
@@ -178,68 +197,111 @@ impl Service {
         let Some(active) = record.active else {
             return Ok(service);
         };
-        let spec = process_spec(&service.settings, &active.release, active.port);
-        let adopted = match active.instance.clone() {
-            Some(instance) => Supervisor::adopt(spec.clone(), instance).await,
-            None => None,
-        };
-        let supervisor = match adopted {
-            Some(adopted) => adopted,
-            None => {
-                tracing::warn!(service = %service.settings.name, release = %active.release.release_id, "recorded process is gone, starting the release again");
-                let waits_for_secrets = spec.secrets.is_pending();
-                let started =
-                    Supervisor::restart(spec, "it ended while the agent was down".into()).await;
-                let target = check_target(&service.settings, &active.release, active.port);
-                // Nothing else can serve: an unhealthy start still gets the
-                // traffic (and keeps being restarted), but it is logged. One
-                // that waits for its secrets starts once the session to the
-                // coordinator brings them; nothing to check before.
-                if waits_for_secrets {
-                    tracing::warn!(service = %service.settings.name, release = %active.release.release_id, "the release starts once the coordinator sends its secrets again");
-                } else if let Some(check) = &active.release.health {
-                    if let Err(failure) = checks::wait(&active.release.gate, check, &target).await {
-                        tracing::error!(service = %service.settings.name, %failure, "recovered release is not healthy");
-                    }
-                }
-                started
-            }
-        };
+        let supervisor = service
+            .bring_back(&active.release, active.port, active.instance)
+            .await;
         service.track(&active.release.release_id, active.port, &supervisor);
         service.serve(active.release, active.port, supervisor);
+        if let Some(side) = record.side {
+            let supervisor = service
+                .bring_back(&side.release, side.port, side.instance)
+                .await;
+            service.track(&side.release.release_id, side.port, &supervisor);
+            let running = service.running(side.release, side.port, supervisor);
+            service.side = Some(Side::recovered(
+                &service.settings.name,
+                running,
+                side.split,
+                side.retire_at_ms,
+            ));
+        }
+        service.reroute();
         Ok(service)
     }
 
-    /// Makes `release` (running under `supervisor` on `port`) the one that
-    /// serves: the proxy switches to it, its process identity is kept
-    /// recorded, its health keeps being checked. Returns the release it
-    /// replaced and that release's upstream, to drain and stop.
-    fn serve(
-        &mut self,
-        release: WebRelease,
+    /// The process of a recorded release: adopted if it still runs,
+    /// started again (and health-gated) if not.
+    async fn bring_back(
+        &self,
+        release: &WebRelease,
         port: u16,
-        supervisor: Supervisor,
-    ) -> (Option<Running>, Option<Arc<Upstream>>) {
+        instance: Option<InstanceId>,
+    ) -> Supervisor {
+        let spec = process_spec(&self.settings, release, port);
+        let adopted = match instance {
+            Some(instance) => Supervisor::adopt(spec.clone(), instance).await,
+            None => None,
+        };
+        if let Some(adopted) = adopted {
+            return adopted;
+        }
+        let service = &self.settings.name;
+        tracing::warn!(%service, release = %release.release_id, "recorded process is gone, starting the release again");
+        let waits_for_secrets = spec.secrets.is_pending();
+        let started = Supervisor::restart(spec, "it ended while the agent was down".into()).await;
+        let target = check_target(&self.settings, release, port);
+        // Nothing else can serve: an unhealthy start still gets the
+        // traffic (and keeps being restarted), but it is logged. One that
+        // waits for its secrets starts once the session to the coordinator
+        // brings them; nothing to check before.
+        if waits_for_secrets {
+            tracing::warn!(%service, release = %release.release_id, "the release starts once the coordinator sends its secrets again");
+        } else if let Some(check) = &release.health {
+            if let Err(failure) = checks::wait(&release.gate, check, &target).await {
+                tracing::error!(%service, release = %release.release_id, %failure, "recovered release is not healthy");
+            }
+        }
+        started
+    }
+
+    /// Makes `release` (running under `supervisor` on `port`) the one that
+    /// serves: its process identity is kept recorded, its health keeps
+    /// being checked. Returns the release it replaced; the caller routes
+    /// the proxy (`reroute`) and drains and stops that one.
+    fn serve(&mut self, release: WebRelease, port: u16, supervisor: Supervisor) -> Option<Running> {
+        let running = self.running(release, port, supervisor);
+        self.active.replace(running)
+    }
+
+    /// `release`, running under `supervisor` on `port`, with its health
+    /// monitor.
+    fn running(&self, release: WebRelease, port: u16, supervisor: Supervisor) -> Running {
         let addr = SocketAddr::new(self.settings.address, port);
         let target = check_target(&self.settings, &release, port);
         let (health, monitor) = monitor_health(&self.settings.name, &release, target);
-        let upstream = self
-            .kind
-            .proxy()
-            .and_then(|proxy| proxy.switch(Some((&release.release_id, addr))));
-        let old = self.active.replace(Running {
+        Running {
             release_id: release.release_id.clone(),
             addr,
             spec: release,
             supervisor,
             health,
             _monitor: monitor,
-        });
-        (old, upstream)
+        }
+    }
+
+    /// Points the proxy at what runs now: the active release alone, or it
+    /// and the side release by their split (one table swap); and tells the
+    /// retirer when the side release is due. Returns the upstreams no
+    /// longer routed to, for the caller to drain.
+    fn reroute(&self) -> Vec<Arc<Upstream>> {
+        self.retire
+            .send_replace(self.side.as_ref().map_or(0, |side| side.retire_at_ms));
+        let Some(proxy) = self.kind.proxy() else {
+            return Vec::new();
+        };
+        match (&self.active, &self.side) {
+            (Some(active), Some(side)) => {
+                proxy.split(active.target(), side.running.target(), side.cohorts.clone())
+            }
+            (active, _) => proxy
+                .switch(active.as_ref().map(Running::target))
+                .into_iter()
+                .collect(),
+        }
     }
 
     /// Keeps the recorded identity of a release's process current (as the
-    /// active release, or as a cutover's leftover) for as long as the record
+    /// active release, the side one, or a leftover) for as long as the record
     /// names it, writing once at the start too: a recovering agent must find
     /// the process that really runs, not one the supervisor has replaced.
     fn track(&self, release_id: &str, port: u16, supervisor: &Supervisor) {
@@ -263,6 +325,17 @@ impl Service {
                             return None;
                         }
                         active.instance = instance;
+                        return Some(record);
+                    }
+                    if let Some(side) = record
+                        .side
+                        .as_mut()
+                        .filter(|s| ours(&s.release.release_id, s.port))
+                    {
+                        if side.instance == instance {
+                            return None;
+                        }
+                        side.instance = instance;
                         return Some(record);
                     }
                     if let Some(leftover) = record
@@ -289,18 +362,24 @@ impl Service {
         });
     }
 
-    /// The serving release, if it needs secret values it does not have (the
-    /// agent restarted): its id, the names, and the slot to fill.
-    pub fn pending_secrets(&self) -> Option<(String, Vec<String>, SecretSlot)> {
-        let running = self.active.as_ref()?;
-        let release = &running.spec;
-        (!release.secrets.is_empty() && release.secret_values.is_pending()).then(|| {
-            (
-                release.release_id.clone(),
-                release.secrets.clone(),
-                release.secret_values.clone(),
-            )
-        })
+    /// The serving and side releases that need secret values they do not
+    /// have (the agent restarted): their ids, the names, and the slots to
+    /// fill.
+    pub fn pending_secrets(&self) -> Vec<(String, Vec<String>, SecretSlot)> {
+        let side = self.side.as_ref().map(|side| &side.running);
+        self.active
+            .iter()
+            .chain(side)
+            .map(|running| &running.spec)
+            .filter(|release| !release.secrets.is_empty() && release.secret_values.is_pending())
+            .map(|release| {
+                (
+                    release.release_id.clone(),
+                    release.secrets.clone(),
+                    release.secret_values.clone(),
+                )
+            })
+            .collect()
     }
 
     /// The service's proxy; `None` for a worker.
@@ -326,9 +405,9 @@ impl Service {
             .map(|r| (r.release_id.as_str(), r.addr))
     }
 
-    /// The service's record with `active` serving: its history (from
-    /// `current`, the stored record) gains the active release, everything
-    /// else is this service's state now.
+    /// The service's record with `active` serving: its history and side
+    /// release come from `current`, the stored record (the history gains the
+    /// active release), everything else is this service's state now.
     fn record(
         &self,
         current: Option<&ServiceRecord>,
@@ -349,6 +428,7 @@ impl Service {
             previous,
             leftovers: Vec::new(),
             history,
+            side: current.and_then(|c| c.side.clone()),
         }
     }
 
@@ -414,27 +494,34 @@ impl Service {
             last_exit: status.last_exit.unwrap_or_default(),
             healthy: health.as_ref().is_none_or(|o| o.passed),
             health_detail: health.map(|o| o.detail).unwrap_or_default(),
-            traffic: self.active.as_ref().and_then(|r| {
-                let stats = self.kind.proxy()?.release_stats(&r.release_id)?;
-                Some(cutover_proto::v1::ReleaseTraffic {
-                    release_id: r.release_id.clone(),
-                    requests: stats.requests,
-                    by_class: stats.by_class.to_vec(),
-                    upstream_failures: stats.upstream_failures,
-                    latency_bounds_ms: crate::proxy::stats::LATENCY_BUCKETS_MS.to_vec(),
-                    latency_cumulative: stats.latency_cumulative,
-                    latency_sum_us: stats.latency_sum_us,
-                })
-            }),
+            traffic: self
+                .active
+                .as_ref()
+                .and_then(|r| self.traffic(&r.release_id)),
             running: status.instance.is_some(),
-            side: None,
+            side: self.side_state(),
         }
+    }
+
+    /// The proxy's counts of `release_id`, if it routed to it.
+    fn traffic(&self, release_id: &str) -> Option<cutover_proto::v1::ReleaseTraffic> {
+        let stats = self.kind.proxy()?.release_stats(release_id)?;
+        Some(cutover_proto::v1::ReleaseTraffic {
+            release_id: release_id.to_string(),
+            requests: stats.requests,
+            by_class: stats.by_class.to_vec(),
+            upstream_failures: stats.upstream_failures,
+            latency_bounds_ms: crate::proxy::stats::LATENCY_BUCKETS_MS.to_vec(),
+            latency_cumulative: stats.latency_cumulative,
+            latency_sum_us: stats.latency_sum_us,
+        })
     }
 
     /// Leaves the release running and stops supervising it, for the next
     /// agent to adopt: an agent shutdown keeps the node serving.
     pub async fn release(self) {
-        if let Some(running) = self.active {
+        let side = self.side.map(|side| side.running);
+        for running in self.active.into_iter().chain(side) {
             running.supervisor.release().await;
         }
         if let ServiceKind::Web(proxy) = self.kind {
@@ -442,11 +529,15 @@ impl Service {
         }
     }
 
-    /// Stops serving: the proxy answers 502 from now on, in-flight requests
-    /// drain, the release stops.
+    /// Stops serving: the side release (if any) drains and stops, the
+    /// proxy answers 502 from now on, in-flight requests drain, the release
+    /// stops.
     pub async fn stop(&mut self) -> Option<PreviousRelease> {
-        let upstream = self.kind.proxy().and_then(|proxy| proxy.switch(None));
-        let running = self.active.take()?;
+        self.retire_side().await;
+        let Some(running) = self.active.take() else {
+            self.reroute();
+            return None;
+        };
         // Until it is stopped, a restart must stop it too.
         let retiring: Vec<Leftover> = running.as_leftover().into_iter().collect();
         let written = self.store.update_service(&self.settings.name, |current| {
@@ -457,6 +548,7 @@ impl Service {
         if let Err(error) = written {
             tracing::error!(service = %self.settings.name, %error, "cannot record the stop");
         }
+        let upstream = upstream_of(self.reroute(), &running);
         let drain = drain(upstream, running.spec.drain_timeout).await;
         Some(self.stop_old(running, drain).await)
     }
@@ -472,6 +564,13 @@ impl Service {
             stop,
         }
     }
+}
+
+/// The upstream of `running` among those a route change retired.
+fn upstream_of(retired: Vec<Arc<Upstream>>, running: &Running) -> Option<Arc<Upstream>> {
+    retired
+        .into_iter()
+        .find(|u| u.release() == running.release_id && u.addr() == running.addr)
 }
 
 /// Waits for the requests in flight to a release switched away from, up to

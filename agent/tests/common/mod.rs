@@ -2,6 +2,8 @@
 //! some of them, hence the allowance).
 #![allow(dead_code)]
 
+pub mod app;
+
 use std::path::Path;
 
 use bytes::Bytes;
