@@ -998,6 +998,11 @@ const HTTP_GET_DEADLINE: Duration = Duration::from_secs(30);
 /// Panics, naming the address, when it cannot connect or answer within
 /// `HTTP_GET_DEADLINE`.
 pub fn http_get(addr: &str, path: &str) -> String {
+    http_get_with(addr, path, &[])
+}
+
+/// `http_get` with extra request `headers` (a cookie, a forwarded address).
+pub fn http_get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> String {
     use std::io::{Read, Write};
     let socket: std::net::SocketAddr = addr
         .parse()
@@ -1006,9 +1011,13 @@ pub fn http_get(addr: &str, path: &str) -> String {
         .unwrap_or_else(|e| panic!("http_get: cannot connect to {addr}: {e}"));
     stream.set_read_timeout(Some(HTTP_GET_DEADLINE)).unwrap();
     stream.set_write_timeout(Some(HTTP_GET_DEADLINE)).unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
     )
     .unwrap_or_else(|e| panic!("http_get: cannot send to {addr}: {e}"));
     let mut response = String::new();

@@ -963,3 +963,62 @@ async fn a_node_changed_by_hand_is_converged_and_a_deploy_goes_before_a_converge
     assert_eq!(s.finish(&v2).await.state().as_str(), "succeeded");
     assert_eq!(s.versions(), ["v2", "v2", "v2"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_starts_an_ended_deploy_again_while_the_service_is_where_it_left_it() {
+    let mut s = setup(2).await;
+    let first = s.deploy_and_finish("v1").await;
+    let retry = |id: &str| pb::ControlRolloutRequest {
+        id: id.into(),
+        action: pb::RolloutAction::Retry as i32,
+    };
+
+    // A deploy that succeeded has nothing to retry.
+    let refused = s
+        .client
+        .control_rollout(retry(&first.id))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("succeeded"),
+        "{}",
+        refused.message()
+    );
+
+    let aborted = s
+        .start("v2", "", "batch = 1\nmin_healthy_time = \"30s\"")
+        .await;
+    s.abort(&aborted).await;
+    assert_eq!(s.versions().iter().filter(|v| *v == "v2").count(), 1);
+
+    // The same release again, from the first batch, as a new rollout.
+    let again = s
+        .client
+        .control_rollout(retry(&aborted))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(again.id, aborted);
+    assert!(again.release.as_ref().unwrap().id.starts_with("web-v2-"));
+    assert!(
+        again
+            .timeline
+            .iter()
+            .any(|e| e.message.contains(&format!("retried rollout {aborted}"))),
+        "{:?}",
+        again.timeline
+    );
+    s.abort(&again.id).await;
+
+    // Once another release is current, a retry would not start from where
+    // the aborted rollout left the service: refused, naming both.
+    s.deploy_and_finish("v3").await;
+    let refused = s.client.control_rollout(retry(&aborted)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("web-v3") && refused.message().contains("cutover deploy"),
+        "{}",
+        refused.message()
+    );
+}

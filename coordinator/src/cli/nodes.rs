@@ -61,6 +61,7 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                             "healthy": s.healthy,
                             "health_detail": s.health_detail,
                             "traffic": s.traffic.as_ref().map(traffic_json),
+                            "side": s.side.as_ref().map(side_json),
                         })
                     })
                     .collect();
@@ -84,6 +85,22 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
             })
             .collect(),
     )
+}
+
+/// The release a node runs beside the serving one (a canary, or the
+/// previous release kept warm) and its share of the requests.
+fn side_json(side: &pb::SideRelease) -> Value {
+    json!({
+        "release": side.release_id,
+        "weight": side.split.as_ref().map_or(0, |s| s.weight),
+        "running": side.running,
+        "healthy": side.healthy,
+        "health_detail": side.health_detail,
+        "crashes": side.crashes,
+        "last_exit": side.last_exit,
+        "traffic": side.traffic.as_ref().map(traffic_json),
+        "retire_at": (side.retire_at_ms > 0).then(|| rfc3339(side.retire_at_ms)),
+    })
 }
 
 fn traffic_json(t: &pb::ReleaseTraffic) -> Value {
@@ -213,6 +230,9 @@ fn services_cell(services: &[pb::ServiceState]) -> String {
             if !s.admitted {
                 cell.push_str(" (drained)");
             }
+            if let Some(side) = &s.side {
+                cell.push_str(&side_cell(side));
+            }
             cell
         })
         .collect();
@@ -221,6 +241,22 @@ fn services_cell(services: &[pb::ServiceState]) -> String {
     } else {
         cells.join(",")
     }
+}
+
+/// " +web-v3 20%" for a canary taking a share, " +web-v1 (warm)" for a
+/// release kept ready, flagged like the serving one.
+fn side_cell(side: &pb::SideRelease) -> String {
+    let weight = side.split.as_ref().map_or(0, |s| s.weight);
+    let mut cell = match weight {
+        0 => format!(" +{} (warm)", side.release_id),
+        w => format!(" +{} {w}%", side.release_id),
+    };
+    if !side.running {
+        cell.push_str(" (down)");
+    } else if !side.healthy {
+        cell.push_str(" (unhealthy)");
+    }
+    cell
 }
 
 pub fn render_table(rows: &[Vec<String>]) -> String {
@@ -261,5 +297,42 @@ mod tests {
         let (head, row) = table.split_once('\n').unwrap();
         let column = head.find("RELEASES").expect(&table);
         assert!(row[column..].starts_with("3.0MiB"), "{table}");
+    }
+
+    #[test]
+    fn a_side_release_shows_with_its_share_or_as_warm() {
+        let service = |weight, healthy| pb::ServiceState {
+            service: "web".into(),
+            release_id: "web-v2".into(),
+            running: true,
+            healthy: true,
+            admitted: true,
+            side: Some(pb::SideRelease {
+                release_id: "web-v3".into(),
+                split: Some(pb::TrafficSplit {
+                    weight,
+                    ..Default::default()
+                }),
+                running: true,
+                healthy,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            services_cell(&[service(20, true)]),
+            "web=web-v2 +web-v3 20%"
+        );
+        assert_eq!(
+            services_cell(&[service(0, false)]),
+            "web=web-v2 +web-v3 (warm) (unhealthy)"
+        );
+        let node = pb::Node {
+            services: vec![service(20, true)],
+            ..Default::default()
+        };
+        let json = to_json(&[node]);
+        assert_eq!(json[0]["services"][0]["side"]["release"], "web-v3");
+        assert_eq!(json[0]["services"][0]["side"]["weight"], 20);
     }
 }

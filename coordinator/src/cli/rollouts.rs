@@ -115,7 +115,9 @@ pub enum RolloutCommand {
         id: String,
     },
     /// A held rollout (a migration's or hook's outcome is not known): run
-    /// that command again, once you have checked what it did.
+    /// that command again, once you have checked what it did. A deploy
+    /// that ended aborted, rolled_back or failed: its release again, from
+    /// the first step, as a new rollout.
     Retry {
         id: String,
     },

@@ -458,14 +458,26 @@ impl OperatorApi {
                 ))
             }
         };
-        // Retry is for a held rollout, and only retry (or abort) moves one.
+        // Retry runs a held rollout's command again, or an ended deploy's
+        // release as a new rollout; only retry (or abort) moves a held one.
         let rollout = self.rollouts.get(&r.id).await?;
         let state = rollout.state;
         let held = state == RolloutState::Held;
+        if let (Input::Retry { by }, true) = (&input, state.is_terminal()) {
+            let result = match self.rollouts.retry_ended(&r.id, by).await {
+                Ok(Started::Rollout(rollout)) => Ok(Response::new(rollout_to_pb(&rollout))),
+                Ok(Started::NoOp { message, .. }) => Err(Status::failed_precondition(message)),
+                Err(error) => Err(Status::from(error)),
+            };
+            self.access
+                .audit(&caller, "control_rollout", &args, &result)
+                .await;
+            return result;
+        }
         let refusal = match &input {
             Input::Promote { full, .. } => crate::rollout::engine::promote_refusal(&rollout, *full),
             Input::Retry { .. } if !held => Some(format!(
-                "rollout {} is {}, not held: retry runs again a migration or hook whose outcome is not known",
+                "rollout {} is {}, not held or ended: retry runs again a held rollout's migration or hook, or an ended deploy from its first step",
                 r.id,
                 state.as_str()
             )),

@@ -20,6 +20,7 @@ mod locks;
 mod migrate_tests;
 pub mod model;
 mod planner;
+mod retry;
 mod rollback;
 #[cfg(test)]
 pub(crate) mod sim;
@@ -60,6 +61,8 @@ pub enum RolloutError {
     },
     #[error("nodes {nodes} of service {service} are unreachable; bring them back, or pass --allow-unreachable to roll out without them")]
     Unreachable { service: String, nodes: String },
+    #[error("the agents of nodes {nodes} cannot run {what}; upgrade them (see `cutover nodes`), or deploy with another strategy")]
+    AgentsTooOld { nodes: String, what: String },
     #[error("rollout {id} ({state}) is already in progress for {service} in {env}; wait for it, or stop it with `cutover rollout abort {id}`")]
     Locked {
         id: String,
@@ -92,6 +95,8 @@ pub enum RolloutError {
     },
     #[error("{0}")]
     NoRollbackTarget(String),
+    #[error("{0}")]
+    NotRetryable(String),
     #[error("artifact {0} is not in the coordinator's artifact store; push it with `cutover artifact push FILE`")]
     ArtifactMissing(String),
     #[error(transparent)]

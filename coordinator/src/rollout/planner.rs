@@ -73,6 +73,22 @@ pub(super) struct Target {
     pub(super) notify: Vec<NotifyTarget>,
 }
 
+/// What agents must announce to run a canary's commands.
+const CANARY_CAPABILITIES: [&str; 2] = ["command.stage_release", "command.set_traffic"];
+
+impl Target {
+    /// The strategy its rollout runs: a canary splits a node's traffic
+    /// between a stable release and the new one, so only a deploy of a web
+    /// service that has one runs it; the others roll out in the canary's
+    /// promotion batches (`Strategy::runnable`).
+    fn strategy_to_run(&self) -> Strategy {
+        let splits = self.kind == RolloutKind::Deploy
+            && matches!(self.release.kind, Some(pb::release::Kind::Web(_)))
+            && self.previous.is_some();
+        self.strategy.clone().runnable(splits)
+    }
+}
+
 /// Everything needed to launch a rollout of one service.
 pub(super) struct Plan {
     pub(super) target: Target,
@@ -470,6 +486,26 @@ impl Rollouts {
                 nodes: skipped.join(", "),
             });
         }
+        // A canary runs on nodes that serve a release; their agents must
+        // know its commands, or it would fail half-way.
+        if target.strategy_to_run().canary().is_some() {
+            let old: Vec<&str> = reachable
+                .iter()
+                .filter(|v| v.record.services.iter().any(|s| s.service == service))
+                .filter(|v| {
+                    !CANARY_CAPABILITIES
+                        .iter()
+                        .all(|c| v.record.capabilities.iter().any(|have| have == c))
+                })
+                .map(|v| v.record.name.as_str())
+                .collect();
+            if !old.is_empty() {
+                return Err(RolloutError::AgentsTooOld {
+                    nodes: old.join(", "),
+                    what: "a canary (they do not announce command.stage_release and command.set_traffic)".into(),
+                });
+            }
+        }
         let nodes = reachable
             .into_iter()
             .map(|v| {
@@ -588,12 +624,7 @@ impl Rollouts {
         let release_id = plan_target.release.release_id.clone();
         let nonce: u32 = rand::random();
         let now = self.registry.now_ms();
-        // A canary splits a node's traffic between a stable release and
-        // the new one: only a deploy of a web service that has one can.
-        let splits = plan_target.kind == RolloutKind::Deploy
-            && matches!(plan_target.release.kind, Some(pb::release::Kind::Web(_)))
-            && plan_target.previous.is_some();
-        let strategy = plan_target.strategy.clone().runnable(splits);
+        let strategy = plan_target.strategy_to_run();
         let changed = (strategy != plan_target.strategy).then(|| {
             format!(
                 "the strategy is canary, but this {} has no stable release to split a node's traffic with: it rolls out in the canary's promotion batches",

@@ -1,0 +1,108 @@
+//! `cutover rollout retry` of a deploy that ended without rolling out
+//! (aborted, rolled back or failed): the same release, strategy, nodes and
+//! hooks again, from the first step, as a new rollout (a canary starts at
+//! its first weight again). A held rollout's retry is the engine's
+//! (`Input::Retry`): it runs one command again within the same rollout.
+//!
+//! The retry is refused once the service moved on (another release became
+//! current, or a rollout of it runs): what the old rollout returned to is
+//! no longer what a retry would start from, and a deploy says what is
+//! meant. A migration that ran to its end is not run again: the schema
+//! already has it, and its record stays with the release.
+
+use std::sync::Arc;
+
+use super::model::{RolloutKind, RolloutState};
+use super::{RolloutError, Rollouts, Started, Target};
+
+impl Rollouts {
+    /// Starts rollout `id`'s release again as a new rollout, by `by`.
+    pub async fn retry_ended(
+        self: &Arc<Self>,
+        id: &str,
+        by: &str,
+    ) -> Result<Started, RolloutError> {
+        let old = self.get(id).await?;
+        let refuse = |why: String| Err(RolloutError::NotRetryable(why));
+        if !matches!(
+            old.state,
+            RolloutState::Aborted | RolloutState::RolledBack | RolloutState::Failed
+        ) {
+            return refuse(format!(
+                "rollout {id} is {}: only a deploy that ended aborted, rolled_back or failed starts again, and a held one runs its command again",
+                old.state.as_str()
+            ));
+        }
+        if old.kind != RolloutKind::Deploy {
+            return refuse(format!(
+                "rollout {id} is a {}, not a deploy; run `cutover rollback` (or wait for the converger) again instead",
+                old.kind.as_str()
+            ));
+        }
+        if !old.deployment.is_empty() {
+            return refuse(format!(
+                "rollout {id} is a step of deployment {}; deploy the spec again with `cutover deploy`",
+                old.deployment
+            ));
+        }
+        let _creating = self.create.lock().await;
+        self.make_way(&old.env, &old.service, by).await;
+        let history = self.release_history(&old.env, &old.service).await?;
+        let Some(record) = history.iter().find(|r| r.rollout_id == old.id) else {
+            return refuse(format!(
+                "release {} of rollout {id} is no longer kept for {} in {}; deploy it again with `cutover deploy`",
+                old.release.id(),
+                old.service,
+                old.env
+            ));
+        };
+        let current = history
+            .iter()
+            .find(|r| r.current)
+            .map(|r| r.release.clone());
+        if current.as_ref().map(|r| r.id()) != old.previous.as_ref().map(|r| r.id()) {
+            return refuse(format!(
+                "{} in {} serves {} now, not {} as when rollout {id} started; deploy {} again with `cutover deploy`",
+                old.service,
+                old.env,
+                current.as_ref().map_or("nothing", |r| r.id()),
+                old.previous.as_ref().map_or("nothing", |r| r.id()),
+                old.release.id()
+            ));
+        }
+        let migration = old
+            .migration
+            .as_ref()
+            .filter(|m| !m.ran() && record.migration.is_none())
+            .map(|m| m.plan.clone());
+        let plan = self
+            .plan(
+                Target {
+                    app: old.app.clone(),
+                    env: old.env.clone(),
+                    service: old.service.clone(),
+                    kind: RolloutKind::Deploy,
+                    release: old.release.0.clone(),
+                    previous: current,
+                    selector: record.selector.clone(),
+                    strategy: old.strategy.clone(),
+                    deployment: String::new(),
+                    warning: Some(format!(
+                        "{by} retried rollout {id} (it ended {}){}",
+                        old.state.as_str(),
+                        match (&old.migration, &migration) {
+                            (Some(_), None) => "; its migration ran already and is not run again",
+                            _ => "",
+                        }
+                    )),
+                    migration,
+                    hooks: old.hooks.iter().flat_map(|h| h.hooks.clone()).collect(),
+                    notify: old.notify.clone(),
+                },
+                // Nodes the operator left out of the first try stay out.
+                !old.skipped.is_empty(),
+            )
+            .await?;
+        self.launch(plan, by).await
+    }
+}
