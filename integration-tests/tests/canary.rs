@@ -159,6 +159,36 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// Waits until node `i`'s proxy answers again (after its agent's
+    /// restart).
+    fn wait_until_serving(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(self.node(i)).is_err() {
+            assert!(Instant::now() < deadline, "node {i}'s proxy is not back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `done` holds for the side release of web on both
+    /// nodes, as `cutover nodes` shows it (the agents report within a
+    /// heartbeat).
+    fn wait_sides(&self, what: &str, done: impl Fn(&Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let sides = self.sides();
+            if sides.iter().all(&done) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not {what} within 30 s: {sides:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// A client of the shop: its own address, and a browser that keeps the
 /// proxy's cookie or a script that does not.
 #[derive(Clone)]
@@ -218,7 +248,8 @@ fn newest_id(f: &Fixture) -> String {
 
 const CANARY_20: &str = r#"kind = "canary"
 steps = [{ set_weight = 20 }, { pause = {} }, { set_weight = 50 }]
-scale_down_delay = "3s""#;
+min_healthy_time = "1s"
+scale_down_delay = "15s""#;
 
 #[test]
 fn a_canary_splits_by_sticky_cohort_survives_restarts_and_promotes() {
@@ -248,10 +279,9 @@ fn a_canary_splits_by_sticky_cohort_survives_restarts_and_promotes() {
         rollout["canary"]["canary_nodes"].as_array().unwrap().len(),
         2
     );
-    for side in f.sides() {
-        assert_eq!(side["weight"], 20, "{side:#}");
-        assert_eq!(side["healthy"], true, "{side:#}");
-    }
+    f.wait_sides("v2 healthy at weight 20 on both nodes", |s| {
+        s["weight"] == 20 && s["healthy"] == true
+    });
 
     // 10,000 requests of 1,000 clients, half of them keeping the cookie.
     let mut clients = Client::many(CLIENTS);
@@ -281,7 +311,7 @@ fn a_canary_splits_by_sticky_cohort_survives_restarts_and_promotes() {
     let rollout = f.wait_rollout(&id, Duration::from_secs(30), |r| {
         r["canary"]["awaiting_promotion"] == true
     });
-    assert_eq!(rollout["canary"]["step"], 1, "{rollout:#}");
+    assert_eq!(rollout["canary"]["step"], 2, "at the pause: {rollout:#}");
     assert_eq!(rollout["canary"]["weight"], 20, "{rollout:#}");
     // An agent killed and restarted: its proxy comes back with the same
     // split, every client in its cohort.
@@ -300,6 +330,7 @@ fn a_canary_splits_by_sticky_cohort_survives_restarts_and_promotes() {
     f.cluster.wait_for_nodes(Duration::from_secs(30), |nodes| {
         nodes.len() == 2 && nodes.iter().all(|n| field(n, "status") == "ready")
     });
+    f.wait_until_serving(0);
     let mut again: Vec<Client> = clients.iter().take(200).cloned().collect();
     let seen = f.traffic(&mut again);
     assert_eq!(
@@ -324,22 +355,10 @@ fn a_canary_splits_by_sticky_cohort_survives_restarts_and_promotes() {
     );
     assert_eq!(f.rollout(&id)["state"], "succeeded");
     assert_eq!(versions(f.port, 2), ["v2", "v2"]);
-    let sides = f.sides();
-    assert!(
-        sides
-            .iter()
-            .all(|s| s["weight"] == 0 && s["retire_at"].is_string()),
-        "v1 kept warm until retired: {sides:#?}"
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f.sides().iter().all(Value::is_null) {
-        assert!(
-            Instant::now() < deadline,
-            "v1 not retired: {:#?}",
-            f.sides()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    f.wait_sides("v1 kept warm, out of the traffic, until retired", |s| {
+        s["weight"] == 0 && s["retire_at"].is_string()
+    });
+    f.wait_sides("v1 retired", Value::is_null);
     // Everyone is on v2 now, whatever their cohort was.
     let mut sample: Vec<Client> = clients.iter().take(50).cloned().collect();
     let seen = f.traffic(&mut sample);
@@ -402,20 +421,10 @@ abort_scale_down_delay = "2s""#;
     assert_eq!(rollout["canary"]["weight"], 0, "{rollout:#}");
     // The canary stays up for abort_scale_down_delay (for debugging), out
     // of the traffic, then stops.
-    let sides = f.sides();
-    assert!(
-        sides.iter().all(|s| s.is_null() || s["weight"] == 0),
-        "{sides:#?}"
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f.sides().iter().all(Value::is_null) {
-        assert!(
-            Instant::now() < deadline,
-            "the canary not retired: {:#?}",
-            f.sides()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    f.wait_sides("the canary out of the traffic", |s| {
+        s.is_null() || s["weight"] == 0
+    });
+    f.wait_sides("the canary retired", Value::is_null);
     assert_eq!(versions(f.port, 2), ["v1", "v1"]);
 
     // Retried, the aborted deploy starts again from its first step as a

@@ -990,7 +990,6 @@ async fn retry_starts_an_ended_deploy_again_while_the_service_is_where_it_left_i
         .start("v2", "", "batch = 1\nmin_healthy_time = \"30s\"")
         .await;
     s.abort(&aborted).await;
-    assert_eq!(s.versions().iter().filter(|v| *v == "v2").count(), 1);
 
     // The same release again, from the first batch, as a new rollout.
     let again = s

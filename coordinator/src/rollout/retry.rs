@@ -48,7 +48,7 @@ impl Rollouts {
         let _creating = self.create.lock().await;
         self.make_way(&old.env, &old.service, by).await;
         let history = self.release_history(&old.env, &old.service).await?;
-        let Some(record) = history.iter().find(|r| r.rollout_id == old.id) else {
+        let Some(record) = history.iter().find(|r| r.release.id() == old.release.id()) else {
             return refuse(format!(
                 "release {} of rollout {id} is no longer kept for {} in {}; deploy it again with `cutover deploy`",
                 old.release.id(),
@@ -82,7 +82,9 @@ impl Rollouts {
                     env: old.env.clone(),
                     service: old.service.clone(),
                     kind: RolloutKind::Deploy,
-                    release: old.release.0.clone(),
+                    // The rollout keeps a summary of its release once it
+                    // ended; the record keeps what the nodes need.
+                    release: record.release.0.clone(),
                     previous: current,
                     selector: record.selector.clone(),
                     strategy: old.strategy.clone(),

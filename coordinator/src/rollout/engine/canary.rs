@@ -246,7 +246,9 @@ pub(super) fn at_pause(r: &Rollout) -> bool {
 }
 
 /// Whether the canary waits for `cutover rollout promote` (at a pause
-/// without a duration).
+/// without a duration) and would take it: every canary node reported its
+/// canary healthy since it started. A CI job that sees this (exit code 3)
+/// may promote at once.
 pub fn awaiting_promotion(r: &Rollout) -> bool {
     let (
         Phase::Canary(CanaryPhase::Step {
@@ -258,7 +260,9 @@ pub fn awaiting_promotion(r: &Rollout) -> bool {
     else {
         return false;
     };
-    !r.state.is_terminal() && canary.steps.get(index as usize) == Some(&CanaryStep::Pause(None))
+    !r.state.is_terminal()
+        && canary.steps.get(index as usize) == Some(&CanaryStep::Pause(None))
+        && promote_refusal(r, false).is_none()
 }
 
 /// The weight the canary nodes are to have in the step running: what a
