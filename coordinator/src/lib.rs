@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod agent_api;
+pub mod analysis;
 pub mod artifacts;
 pub mod auth;
 pub mod backup;

@@ -64,6 +64,10 @@ pub struct AppSpec {
     /// environment by `cutover jobs apply`.
     #[serde(default)]
     pub jobs: BTreeMap<String, crate::jobs::spec::JobSpec>,
+    /// Analysis templates a canary's `{ analysis = "NAME" }` steps run
+    /// (`[analysis.NAME]`).
+    #[serde(default)]
+    pub analysis: BTreeMap<String, crate::analysis::AnalysisSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -278,6 +282,11 @@ impl AppSpec {
         Ok(spec)
     }
 
+    /// The checked `[analysis]` templates; an error names the key.
+    fn analyses(&self) -> Result<BTreeMap<String, crate::analysis::Analysis>, (String, String)> {
+        crate::analysis::resolve(&self.analysis).map_err(|(k, m)| (format!("analysis.{k}"), m))
+    }
+
     fn validate(&self) -> Result<(), (String, String)> {
         name_ok(&self.app).map_err(|m| ("app".to_string(), m))?;
         if self.services.is_empty() {
@@ -292,13 +301,14 @@ impl AppSpec {
                 "the spec defines no environment; add an [environments.NAME] table".into(),
             ));
         }
+        let analyses = self.analyses()?;
         self.strategy
-            .resolve()
+            .resolve(&analyses)
             .map_err(|(k, m)| (format!("strategy.{k}"), m))?;
         for (name, environment) in &self.environments {
             if let Some(strategy) = &environment.strategy {
                 strategy
-                    .resolve()
+                    .resolve(&analyses)
                     .map_err(|(k, m)| (format!("environments.{name}.strategy.{k}"), m))?;
             }
         }
@@ -640,8 +650,9 @@ impl AppSpec {
             Some(strategy) => (strategy, format!("environments.{env}.strategy")),
             None => (&self.strategy, "strategy".to_string()),
         };
+        let analyses = self.analyses().map_err(|(k, message)| error(k, message))?;
         let strategy = strategy
-            .resolve()
+            .resolve(&analyses)
             .map_err(|(k, message)| error(format!("{key}.{k}"), message))?;
         Ok(Resolved {
             app: self.app.clone(),

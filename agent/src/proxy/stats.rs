@@ -5,11 +5,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in milliseconds (Prometheus-style
-/// cumulative buckets are derived in the snapshot).
-pub const LATENCY_BUCKETS_MS: [u64; 13] =
-    [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
+/// cumulative buckets are derived in the snapshot). Above 4 ms neighbours
+/// are at most a third apart, so a quantile read as its bucket's bound
+/// overstates it by less than a third, and a release twice as slow as
+/// another reads at least 1.5 times as slow (what a canary's latency
+/// condition, e.g. `canary_p99 <= 1.2 * stable_p99`, needs).
+pub const LATENCY_BUCKETS_MS: [u64; 38] = [
+    1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300, 400,
+    500, 600, 800, 1000, 1200, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000,
+];
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReleaseStats {
     /// Index 1..=5 holds responses of status class 1xx..5xx.
     by_class: [AtomicU64; 6],
@@ -19,6 +25,18 @@ pub struct ReleaseStats {
     /// One counter per bucket plus the overflow bucket, not cumulative.
     latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     latency_sum_us: AtomicU64,
+}
+
+// Arrays over 32 long have no derived Default.
+impl Default for ReleaseStats {
+    fn default() -> Self {
+        ReleaseStats {
+            by_class: Default::default(),
+            upstream_failures: AtomicU64::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_sum_us: AtomicU64::new(0),
+        }
+    }
 }
 
 /// A copy of the counters at one instant.
@@ -38,10 +56,10 @@ impl ReleaseStats {
     pub fn record(&self, status: u16, latency: Duration) {
         let class = usize::from(status / 100).clamp(1, 5);
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
-        let ms = latency.as_millis() as u64;
+        let us = latency.as_micros() as u64;
         let bucket = LATENCY_BUCKETS_MS
             .iter()
-            .position(|bound| ms <= *bound)
+            .position(|bound| us <= bound * 1000)
             .unwrap_or(LATENCY_BUCKETS_MS.len());
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us
@@ -90,10 +108,13 @@ mod tests {
         assert_eq!(snap.requests, 4);
         assert_eq!(snap.by_class, [0, 2, 0, 1, 1]);
         assert_eq!(snap.upstream_failures, 1);
-        // <=1ms: 1, <=5ms: 2, <=50ms: 3, +Inf: 4.
-        assert_eq!(snap.latency_cumulative[0], 1);
-        assert_eq!(snap.latency_cumulative[2], 2);
-        assert_eq!(snap.latency_cumulative[5], 3);
+        // <=1ms: 1, <=3ms: 2, <=30ms: 3, +Inf: 4.
+        let at = |ms| LATENCY_BUCKETS_MS.iter().position(|b| *b == ms).unwrap();
+        assert_eq!(snap.latency_cumulative[at(1)], 1);
+        assert_eq!(snap.latency_cumulative[at(2)], 1);
+        assert_eq!(snap.latency_cumulative[at(3)], 2);
+        assert_eq!(snap.latency_cumulative[at(25)], 2);
+        assert_eq!(snap.latency_cumulative[at(30)], 3);
         assert_eq!(*snap.latency_cumulative.last().unwrap(), 4);
         assert_eq!(snap.latency_cumulative.len(), LATENCY_BUCKETS_MS.len() + 1);
     }

@@ -159,6 +159,9 @@ pub(super) fn describe(r: &pb::Rollout) -> String {
         out.push_str(&format!("canary    {}\n", canary_line(canary)));
         out.push_str(&format!("steps     {}\n", canary.steps.join(", ")));
     }
+    for run in &r.analysis {
+        out.push_str(&analysis_lines(run));
+    }
     let mut rows = vec![[
         "NODE", "STATE", "BATCH", "RELEASE", "FROM", "CANARY", "STEP",
     ]
@@ -194,6 +197,68 @@ pub(super) fn describe(r: &pb::Rollout) -> String {
         ));
     }
     out
+}
+
+/// "analysis  errors (step 3) failed: ..." and a line per metric with its
+/// samples' outcomes and the last sample's values.
+fn analysis_lines(run: &pb::AnalysisRun) -> String {
+    let mut out = format!("analysis  {} (step {}) {}", run.name, run.step, run.state);
+    if !run.summary.is_empty() {
+        out.push_str(&format!(": {}", run.summary));
+    }
+    out.push('\n');
+    for m in &run.metrics {
+        let outcomes: Vec<&str> = m.samples.iter().map(|s| s.outcome.as_str()).collect();
+        out.push_str(&format!(
+            "  {} ({}, `{}`) {}: {} of {} samples{}",
+            m.name,
+            m.provider,
+            m.condition,
+            m.state,
+            m.samples.len(),
+            m.count,
+            match outcomes.is_empty() {
+                true => String::new(),
+                false => format!(" [{}]", outcomes.join(" ")),
+            }
+        ));
+        if let Some(last) = m.samples.last() {
+            let mut values: Vec<(&String, &f64)> = last.values.iter().collect();
+            values.sort_by(|a, b| a.0.cmp(b.0));
+            let values: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+            out.push_str(&format!("; last: {}", values.join(" ")));
+            if !last.note.is_empty() {
+                out.push_str(&format!(" ({})", last.note));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn analysis_json(run: &pb::AnalysisRun) -> Value {
+    json!({
+        "step": run.step,
+        "name": run.name,
+        "state": run.state,
+        "started_at": rfc3339(run.started_at_ms),
+        "summary": run.summary,
+        "metrics": run.metrics.iter().map(|m| json!({
+            "name": m.name,
+            "provider": m.provider,
+            "condition": m.condition,
+            "state": m.state,
+            "count": m.count,
+            "failure_limit": m.failure_limit,
+            "inconclusive_limit": m.inconclusive_limit,
+            "samples": m.samples.iter().map(|s| json!({
+                "at": rfc3339(s.at_ms),
+                "outcome": s.outcome,
+                "values": s.values,
+                "note": s.note,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 pub(super) fn release_json(x: &pb::ReleaseInfo) -> Value {
@@ -247,6 +312,7 @@ pub fn to_json(r: &pb::Rollout) -> Value {
             "pause_until": (c.pause_until_ms > 0).then(|| rfc3339(c.pause_until_ms)),
             "promoted": c.promoted,
         })),
+        "analysis": r.analysis.iter().map(analysis_json).collect::<Vec<_>>(),
         "error": r.error.as_ref().map(error_json),
         "rollback_failures": r.rollback_failures.iter().map(error_json).collect::<Vec<_>>(),
         "phase": r.phase,

@@ -6,6 +6,7 @@
 //! audit entry cannot drift apart between handlers; a read is checked alone.
 //! Which gRPC code a domain error answers with is decided in `errors`.
 
+mod analysis;
 mod artifacts;
 mod backup;
 mod ca;

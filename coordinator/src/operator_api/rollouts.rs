@@ -88,6 +88,7 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
         finished_at_ms: r.finished_at_ms.unwrap_or(0),
         deployment: r.deployment.clone(),
         canary: canary_status(r),
+        analysis: super::analysis::analysis_to_pb(r),
         timeline: r
             .timeline
             .iter()

@@ -10,7 +10,7 @@ use super::model::*;
 use crate::strategy::canary::{Canary, CanaryStep, Sticky};
 use crate::strategy::{BatchSize, Rolling, Strategy, StrategyKind};
 
-fn canary(canary_nodes: BatchSize, steps: Vec<CanaryStep>) -> Strategy {
+pub(super) fn canary(canary_nodes: BatchSize, steps: Vec<CanaryStep>) -> Strategy {
     Strategy {
         progress_deadline_ms: 60_000,
         auto_rollback: true,
@@ -28,11 +28,12 @@ fn canary(canary_nodes: BatchSize, steps: Vec<CanaryStep>) -> Strategy {
                 max_unavailable: 0,
                 min_healthy_time_ms: 0,
             },
+            analyses: Default::default(),
         }),
     }
 }
 
-fn answer(r: &mut Rollout, now: i64, sends: &[Send], outcome: Outcome) -> Vec<Send> {
+pub(super) fn answer(r: &mut Rollout, now: i64, sends: &[Send], outcome: Outcome) -> Vec<Send> {
     sends
         .iter()
         .flat_map(|send| {
@@ -48,13 +49,13 @@ fn answer(r: &mut Rollout, now: i64, sends: &[Send], outcome: Outcome) -> Vec<Se
         .collect()
 }
 
-fn succeed(r: &mut Rollout, now: i64, sends: &[Send]) -> Vec<Send> {
+pub(super) fn succeed(r: &mut Rollout, now: i64, sends: &[Send]) -> Vec<Send> {
     answer(r, now, sends, Outcome::Succeeded)
 }
 
 /// Every node reports what the rollout thinks it runs: canary nodes the
 /// canary beside the stable release, healthy unless `sick`.
-fn tick(r: &Rollout, now: i64, sick: Option<&str>) -> Input {
+pub(super) fn tick(r: &Rollout, now: i64, sick: Option<&str>) -> Input {
     Input::Tick {
         nodes: r
             .nodes
@@ -69,6 +70,7 @@ fn tick(r: &Rollout, now: i64, sick: Option<&str>) -> Input {
                     healthy: true,
                     crashes: 0,
                     detail: String::new(),
+                    traffic: None,
                     side: matches!(n.state, NodeState::Canary | NodeState::Weighting).then(|| {
                         SideObservation {
                             release_id: r.release.id().to_string(),
@@ -76,6 +78,7 @@ fn tick(r: &Rollout, now: i64, sick: Option<&str>) -> Input {
                             healthy: sick != Some(n.name.as_str()),
                             crashes: 0,
                             detail: "503 from /health".into(),
+                            traffic: None,
                         }
                     }),
                 }),
@@ -84,11 +87,11 @@ fn tick(r: &Rollout, now: i64, sick: Option<&str>) -> Input {
     }
 }
 
-fn kinds(r: &Rollout) -> Vec<&str> {
+pub(super) fn kinds(r: &Rollout) -> Vec<&str> {
     r.timeline.iter().map(|t| t.kind.as_str()).collect()
 }
 
-fn promote(r: &mut Rollout, now: i64, full: bool) -> Vec<Send> {
+pub(super) fn promote(r: &mut Rollout, now: i64, full: bool) -> Vec<Send> {
     handle(
         r,
         now,
@@ -100,8 +103,17 @@ fn promote(r: &mut Rollout, now: i64, full: bool) -> Vec<Send> {
 }
 
 /// The rollout up to its canary nodes running the canary at weight 0.
-fn staged(nodes: usize, canary_nodes: BatchSize, steps: Vec<CanaryStep>) -> (Rollout, Vec<Send>) {
-    let mut r = super::sim::rollout(nodes, canary(canary_nodes, steps));
+pub(super) fn staged(
+    nodes: usize,
+    canary_nodes: BatchSize,
+    steps: Vec<CanaryStep>,
+) -> (Rollout, Vec<Send>) {
+    staged_with(nodes, canary(canary_nodes, steps))
+}
+
+/// The same with any canary strategy.
+pub(super) fn staged_with(nodes: usize, strategy: Strategy) -> (Rollout, Vec<Send>) {
+    let mut r = super::sim::rollout(nodes, strategy);
     let prepares = handle(&mut r, 0, Input::Start);
     let stages = succeed(&mut r, 10, &prepares);
     for send in &stages {
@@ -118,7 +130,7 @@ fn staged(nodes: usize, canary_nodes: BatchSize, steps: Vec<CanaryStep>) -> (Rol
     (r, next)
 }
 
-fn weights(sends: &[Send]) -> Vec<u32> {
+pub(super) fn weights(sends: &[Send]) -> Vec<u32> {
     sends
         .iter()
         .map(|s| match &s.command.kind {

@@ -114,6 +114,7 @@ impl Rollouts {
         let mut reply: Option<oneshot::Sender<Rollout>> = None;
         let (results_tx, mut results) = mpsc::unbounded_channel::<Input>();
         let mut commands: HashMap<String, AbortHandle> = HashMap::new();
+        let mut measuring: HashMap<(u32, usize, usize), AbortHandle> = HashMap::new();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut input = first;
@@ -141,7 +142,7 @@ impl Rollouts {
                 // release this one made current. A crash in between only
                 // redoes the end after the restart.
                 if !self.finished(&rollout).await {
-                    return abort_all(commands);
+                    return abort_all(commands, measuring);
                 }
             }
             if rollout != before {
@@ -150,7 +151,7 @@ impl Rollouts {
                     tracing::error!(rollout = %rollout.id, %error, "cannot persist the rollout; retrying");
                     tokio::select! {
                         biased;
-                        _ = self.shutdown.cancelled() => return abort_all(commands),
+                        _ = self.shutdown.cancelled() => return abort_all(commands, measuring),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
@@ -195,6 +196,7 @@ impl Rollouts {
                 ));
                 commands.insert(id, task.abort_handle());
             }
+            self.measure(&rollout, &mut measuring, &results_tx);
             if rollout.state.is_terminal() {
                 break;
             }
@@ -215,7 +217,48 @@ impl Rollouts {
                 }
             };
         }
-        abort_all(commands);
+        abort_all(commands, measuring);
+    }
+
+    /// Takes the analysis measurements due (prometheus, web), each once:
+    /// one still running is left to finish, one no longer due (the run
+    /// moved on or ended) is stopped. Each answers as `Input::Measured`.
+    fn measure(
+        &self,
+        rollout: &Rollout,
+        measuring: &mut HashMap<(u32, usize, usize), AbortHandle>,
+        results: &mpsc::UnboundedSender<Input>,
+    ) {
+        let due = match rollout.state.is_terminal() {
+            true => Vec::new(),
+            false => engine::external_due(rollout, self.registry.now_ms()),
+        };
+        let wanted: HashSet<(u32, usize, usize)> =
+            due.iter().map(|d| (d.step, d.metric, d.sample)).collect();
+        measuring.retain(|key, task| {
+            let keep = wanted.contains(key);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for due in due {
+            let key = (due.step, due.metric, due.sample);
+            if measuring.contains_key(&key) {
+                continue;
+            }
+            let results = results.clone();
+            let task = tokio::spawn(async move {
+                let result = crate::analysis::query::measure(&due.provider).await;
+                let _ = results.send(Input::Measured {
+                    step: due.step,
+                    metric: due.metric,
+                    sample: due.sample,
+                    result,
+                });
+            });
+            measuring.insert(key, task.abort_handle());
+        }
     }
 
     fn observe(&self, rollout: &Rollout) -> Vec<Observation> {
@@ -236,12 +279,14 @@ impl Rollouts {
                         healthy: s.healthy,
                         crashes: s.crashes,
                         detail: detail(&s.health_detail, &s.last_exit),
+                        traffic: s.traffic.clone(),
                         side: s.side.as_ref().map(|side| SideObservation {
                             release_id: side.release_id.clone(),
                             running: side.running,
                             healthy: side.healthy,
                             crashes: side.crashes,
                             detail: detail(&side.health_detail, &side.last_exit),
+                            traffic: side.traffic.clone(),
                         }),
                     }),
                 node_id: v.record.id,
@@ -303,8 +348,12 @@ async fn add_secret_values(
     Ok(())
 }
 
-fn abort_all(commands: HashMap<String, AbortHandle>) {
-    for handle in commands.values() {
+/// Stops the command deliveries and measurements of a driver that ends.
+fn abort_all(
+    commands: HashMap<String, AbortHandle>,
+    measuring: HashMap<(u32, usize, usize), AbortHandle>,
+) {
+    for handle in commands.values().chain(measuring.values()) {
         handle.abort();
     }
 }

@@ -49,6 +49,7 @@ fn healthy_tick(r: &Rollout, now: i64) -> Input {
                     healthy: true,
                     crashes: 0,
                     detail: String::new(),
+                    traffic: None,
                     side: None,
                 }),
             })

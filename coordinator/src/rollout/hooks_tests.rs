@@ -201,6 +201,7 @@ fn a_rollout_failing_while_paused_still_runs_its_on_failure_hooks_and_ends() {
             healthy: false,
             crashes: 0,
             detail: "health check failed".into(),
+            traffic: None,
             side: None,
         }),
     };

@@ -5,6 +5,8 @@
 //! restart.
 
 #[cfg(test)]
+mod analysis_tests;
+#[cfg(test)]
 mod canary_tests;
 mod converge;
 pub mod deployment;

@@ -515,6 +515,9 @@ pub struct Rollout {
     /// The webhooks of its events, fixed when it is created.
     #[serde(default)]
     pub notify: Vec<NotifyTarget>,
+    /// A canary's analysis runs, one per analysis step begun.
+    #[serde(default)]
+    pub analysis: Vec<crate::analysis::run::AnalysisRun>,
 }
 
 /// What a new rollout is made of; `Rollout::new` sets the rest (pending,
@@ -626,6 +629,7 @@ impl Rollout {
             timeline: Vec::new(),
             deployment: new.deployment,
             notify: new.notify,
+            analysis: Vec::new(),
         }
     }
 

@@ -4,12 +4,14 @@
 //! nodes switch to it in their proxy alone, the other nodes follow in
 //! batches, and the stable release stays warm for `scale_down_delay`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cutover_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use super::{ms, BatchSize, Rolling, StrategySpec};
+use crate::analysis::Analysis;
 
 /// The cookie the node proxies keep a client's cohort in.
 pub const DEFAULT_COOKIE: &str = "cutover_cohort";
@@ -39,16 +41,22 @@ pub struct Canary {
     /// the whole strategy of a service that has no traffic to split (a
     /// worker) or no stable release to split it with (a first deploy).
     pub promotion: Rolling,
+    /// The analysis templates its steps run, by name.
+    #[serde(default)]
+    pub analyses: BTreeMap<String, Analysis>,
 }
 
 /// One step of the plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CanaryStep {
     /// Percent of each canary node's requests for the canary.
     SetWeight(u32),
     /// Wait this long (ms), or, with `None`, for `cutover rollout promote`.
     Pause(Option<u64>),
+    /// Measure the canary with the analysis template of this name; go on
+    /// when it succeeds.
+    Analysis(String),
 }
 
 impl std::fmt::Display for CanaryStep {
@@ -61,6 +69,7 @@ impl std::fmt::Display for CanaryStep {
                 humantime::format_duration(Duration::from_millis(*ms))
             ),
             CanaryStep::Pause(None) => write!(f, "pause until promoted"),
+            CanaryStep::Analysis(name) => write!(f, "analysis {name}"),
         }
     }
 }
@@ -118,8 +127,19 @@ type KeyError = (String, String);
 
 /// The canary settings of `spec` (kind = "canary"); an error names the
 /// key (under `strategy.`) and what is wrong with it.
-pub(super) fn resolve(spec: &StrategySpec, promotion: Rolling) -> Result<Canary, KeyError> {
-    let steps = steps(spec.steps.as_deref().unwrap_or_default())?;
+pub(super) fn resolve(
+    spec: &StrategySpec,
+    promotion: Rolling,
+    analyses: &BTreeMap<String, Analysis>,
+) -> Result<Canary, KeyError> {
+    let steps = steps(spec.steps.as_deref().unwrap_or_default(), analyses)?;
+    let used: BTreeMap<String, Analysis> = steps
+        .iter()
+        .filter_map(|s| match s {
+            CanaryStep::Analysis(name) => Some((name.clone(), analyses[name].clone())),
+            _ => None,
+        })
+        .collect();
     let sticky = match spec.sticky.as_deref().unwrap_or("cookie") {
         "cookie" => Sticky::Cookie,
         "header" => Sticky::Header,
@@ -170,10 +190,14 @@ pub(super) fn resolve(spec: &StrategySpec, promotion: Rolling) -> Result<Canary,
             .abort_scale_down_delay
             .unwrap_or(Duration::from_secs(30))),
         promotion,
+        analyses: used,
     })
 }
 
-fn steps(specs: &[StepSpec]) -> Result<Vec<CanaryStep>, KeyError> {
+fn steps(
+    specs: &[StepSpec],
+    analyses: &BTreeMap<String, Analysis>,
+) -> Result<Vec<CanaryStep>, KeyError> {
     if specs.is_empty() {
         return Err((
             "steps".into(),
@@ -220,16 +244,23 @@ fn steps(specs: &[StepSpec]) -> Result<Vec<CanaryStep>, KeyError> {
                 CanaryStep::Pause(Some(ms(duration)))
             }
             (None, Some(PauseSpec::UntilPromoted(Empty {})), None) => CanaryStep::Pause(None),
+            (None, None, Some(name)) if analyses.contains_key(name) => {
+                CanaryStep::Analysis(name.clone())
+            }
             (None, None, Some(name)) => {
+                let known: Vec<&str> = analyses.keys().map(String::as_str).collect();
                 return Err((
                     key("analysis"),
-                    format!("analysis {name:?}: this version of cutover runs no analysis steps yet; use a pause and judge the canary by `cutover rollout status`"),
+                    match known.is_empty() {
+                        true => format!("{name:?} is not an analysis of this spec; define it as [analysis.{name}] with its metrics"),
+                        false => format!("{name:?} is not an analysis of this spec; it defines {}", known.join(", ")),
+                    },
                 ))
             }
             _ => {
                 return Err((
                     format!("steps[{i}]"),
-                    "each step is one of { set_weight = N }, { pause = \"5m\" } or { pause = {} }".into(),
+                    "each step is one of { set_weight = N }, { pause = \"5m\" }, { pause = {} } or { analysis = \"NAME\" }".into(),
                 ))
             }
         };
@@ -262,7 +293,7 @@ mod tests {
 
     fn resolve(toml_text: &str) -> Result<Strategy, KeyError> {
         let spec: StrategySpec = toml::from_str(toml_text).expect("valid toml");
-        spec.resolve()
+        spec.resolve(&BTreeMap::new())
     }
 
     fn canary(toml_text: &str) -> Canary {
@@ -308,6 +339,29 @@ mod tests {
     }
 
     #[test]
+    fn analysis_steps_name_a_template_of_the_spec_and_carry_it() {
+        let analyses: BTreeMap<String, crate::analysis::AnalysisSpec> = toml::from_str(
+            "[[errors.metrics]]\nname = \"success\"\ncondition = \"canary_success_rate >= 0.99\"",
+        )
+        .unwrap();
+        let analyses = crate::analysis::resolve(&analyses).unwrap();
+        let spec: StrategySpec = toml::from_str(
+            "kind = \"canary\"\nsteps = [{ set_weight = 10 }, { analysis = \"errors\" }]",
+        )
+        .unwrap();
+        let StrategyKind::Canary(c) = spec.resolve(&analyses).unwrap().kind else {
+            panic!("a canary")
+        };
+        assert_eq!(c.steps[1], CanaryStep::Analysis("errors".into()));
+        assert_eq!(c.analyses["errors"].metrics[0].name, "success");
+        let typo: StrategySpec =
+            toml::from_str("kind = \"canary\"\nsteps = [{ analysis = \"erors\" }]").unwrap();
+        let (key, message) = typo.resolve(&analyses).unwrap_err();
+        assert_eq!(key, "steps[0].analysis");
+        assert!(message.contains("it defines errors"), "{message}");
+    }
+
+    #[test]
     fn bad_steps_name_the_step_and_the_value() {
         let cases = [
             ("steps = []", "steps", "needs its steps"),
@@ -344,7 +398,7 @@ mod tests {
             (
                 "steps = [{ analysis = \"errors\" }]",
                 "steps[0].analysis",
-                "no analysis steps",
+                "\"errors\" is not an analysis of this spec; define it as [analysis.errors]",
             ),
             (
                 "steps = [{ set_weight = 5 }]\nsticky = \"sometimes\"",

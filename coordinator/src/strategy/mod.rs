@@ -7,9 +7,12 @@
 
 pub mod canary;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::analysis::Analysis;
 
 /// `[strategy]` as written: flat keys, `kind` choosing which apply.
 #[derive(Debug, Clone, Deserialize)]
@@ -55,9 +58,13 @@ impl Default for StrategySpec {
 }
 
 impl StrategySpec {
-    /// The checked strategy; an error names the key (under `strategy.`)
-    /// and what is wrong with it.
-    pub fn resolve(&self) -> Result<Strategy, (String, String)> {
+    /// The checked strategy, its analysis steps drawn from `analyses` (the
+    /// spec's checked `[analysis]` templates); an error names the key
+    /// (under `strategy.`) and what is wrong with it.
+    pub fn resolve(
+        &self,
+        analyses: &BTreeMap<String, Analysis>,
+    ) -> Result<Strategy, (String, String)> {
         let rolling = Rolling {
             batch: self.batch,
             max_unavailable: self.max_unavailable,
@@ -73,7 +80,7 @@ impl StrategySpec {
                 }
                 StrategyKind::Rolling(rolling)
             }
-            "canary" => StrategyKind::Canary(canary::resolve(self, rolling)?),
+            "canary" => StrategyKind::Canary(canary::resolve(self, rolling, analyses)?),
             other => {
                 return Err((
                     "kind".into(),
@@ -341,12 +348,15 @@ mod tests {
     #[test]
     fn the_spec_names_the_kind_and_checks_common_settings() {
         let spec: StrategySpec = toml::from_str("batch = \"25%\"\nmax_unavailable = 1").unwrap();
-        assert_eq!(spec.resolve().unwrap(), rolling());
+        assert_eq!(spec.resolve(&BTreeMap::new()).unwrap(), rolling());
         let sideways: StrategySpec = toml::from_str("kind = \"sideways\"").unwrap();
-        let (key, message) = sideways.resolve().unwrap_err();
+        let (key, message) = sideways.resolve(&BTreeMap::new()).unwrap_err();
         assert_eq!(key, "kind");
         assert!(message.contains("\"sideways\""), "{message}");
         let stuck: StrategySpec = toml::from_str("progress_deadline = \"0s\"").unwrap();
-        assert_eq!(stuck.resolve().unwrap_err().0, "progress_deadline");
+        assert_eq!(
+            stuck.resolve(&BTreeMap::new()).unwrap_err().0,
+            "progress_deadline"
+        );
     }
 }

@@ -5,10 +5,14 @@
 //! release in their proxy alone (batch 1), the others follow in the
 //! promotion's batches, as rolling's (`rolling.rs`).
 
+use super::analysis;
 use super::commands::dispatch;
 use super::steps::Cutover;
-use super::{in_flight, note, pause, Send};
-use crate::rollout::model::{CanaryPhase, NodeState, Phase, RollingPhase, Rollout, RolloutNode};
+use super::{fail, in_flight, note, pause, Send};
+use crate::analysis::run::Verdict;
+use crate::rollout::model::{
+    CanaryPhase, NodeState, Phase, RollingPhase, Rollout, RolloutError, RolloutNode,
+};
 use crate::strategy::canary::{Canary, CanaryStep};
 
 impl Cutover for Canary {
@@ -111,11 +115,14 @@ impl Canary {
         });
         let message = format!("step {} of {}: {step}", index + 1, self.steps.len());
         note(r, now, "canary_step", "", message);
+        if let CanaryStep::Analysis(name) = step {
+            analysis::begin(r, now, index, name);
+        }
     }
 
     fn step(&self, r: &mut Rollout, now: i64, index: u32, since: i64, sends: &mut Vec<Send>) {
-        match self.steps[index as usize] {
-            CanaryStep::SetWeight(weight) => {
+        match &self.steps[index as usize] {
+            &CanaryStep::SetWeight(weight) => {
                 for i in 0..r.nodes.len() {
                     let node = &r.nodes[i];
                     if node.canary && node.state == NodeState::Canary && node.weight != weight {
@@ -131,11 +138,35 @@ impl Canary {
                     next(r, index);
                 }
             }
-            CanaryStep::Pause(Some(ms)) if now >= since + ms as i64 => {
+            CanaryStep::Pause(Some(ms)) if now >= since + *ms as i64 => {
                 end_pause(r, now, since);
                 next(r, index);
             }
             CanaryStep::Pause(_) => {}
+            CanaryStep::Analysis(name) => match analysis::verdict(r, index) {
+                Some((Verdict::Successful, summary)) => {
+                    end_pause(r, now, since);
+                    note(
+                        r,
+                        now,
+                        "analysis_successful",
+                        "",
+                        format!("analysis {name} successful: {summary}"),
+                    );
+                    next(r, index);
+                }
+                Some((Verdict::Failed, summary)) => fail(
+                    r,
+                    now,
+                    RolloutError {
+                        node: String::new(),
+                        step: "analysis".into(),
+                        message: format!("analysis {name} failed: {summary}"),
+                    },
+                ),
+                // Inconclusive: a person decides (promote or abort).
+                Some((Verdict::Inconclusive, _)) | None => {}
+            },
         }
     }
 }
@@ -164,8 +195,8 @@ pub(super) fn on_promote(r: &mut Rollout, now: i64, by: &str, full: bool) {
         );
         return;
     }
-    let step = canary.steps.get(index as usize).copied();
-    if let (Some(since), Some(CanaryStep::Pause(_))) = (since_ms, step) {
+    let step = canary.steps.get(index as usize);
+    if let (Some(since), Some(CanaryStep::Pause(_) | CanaryStep::Analysis(_))) = (since_ms, step) {
         end_pause(r, now, since);
         note(
             r,
@@ -219,6 +250,20 @@ pub fn promote_refusal(r: &Rollout, full: bool) -> Option<String> {
         {
             None
         }
+        CanaryPhase::Step {
+            index,
+            since_ms: Some(_),
+        } if matches!(canary.steps.get(index as usize), Some(CanaryStep::Analysis(_))) => {
+            match analysis::verdict(r, index) {
+                Some((Verdict::Inconclusive, _)) => None,
+                _ => Some(format!(
+                    "rollout {} runs its analysis at step {} ({}): it goes on by itself when the analysis succeeds; `--full` skips every remaining step",
+                    r.id,
+                    index + 1,
+                    canary.steps[index as usize]
+                )),
+            }
+        }
         CanaryPhase::Step { index, .. } if (index as usize) < canary.steps.len() => Some(format!(
             "rollout {} is at step {} ({}), not at a pause: promote ends a pause; `--full` skips every remaining step",
             r.id,
@@ -229,8 +274,9 @@ pub fn promote_refusal(r: &Rollout, full: bool) -> Option<String> {
     }
 }
 
-/// Whether the canary waits at a pause that has begun: time there does
-/// not count against the progress deadline.
+/// Whether the canary waits at a pause, or measures at an analysis step,
+/// that has begun: time there is planned, and does not count against the
+/// progress deadline.
 pub(super) fn at_pause(r: &Rollout) -> bool {
     let (
         Phase::Canary(CanaryPhase::Step {
@@ -242,13 +288,16 @@ pub(super) fn at_pause(r: &Rollout) -> bool {
     else {
         return false;
     };
-    matches!(canary.steps.get(index as usize), Some(CanaryStep::Pause(_)))
+    matches!(
+        canary.steps.get(index as usize),
+        Some(CanaryStep::Pause(_) | CanaryStep::Analysis(_))
+    )
 }
 
 /// Whether the canary waits for `cutover rollout promote` (at a pause
-/// without a duration) and would take it: every canary node reported its
-/// canary healthy since it started. A CI job that sees this (exit code 3)
-/// may promote at once.
+/// without a duration, or after an inconclusive analysis) and would take
+/// it: every canary node reported its canary healthy since it started. A
+/// CI job that sees this (exit code 3) may promote at once.
 pub fn awaiting_promotion(r: &Rollout) -> bool {
     let (
         Phase::Canary(CanaryPhase::Step {
@@ -260,9 +309,17 @@ pub fn awaiting_promotion(r: &Rollout) -> bool {
     else {
         return false;
     };
-    !r.state.is_terminal()
-        && canary.steps.get(index as usize) == Some(&CanaryStep::Pause(None))
-        && promote_refusal(r, false).is_none()
+    let waits = match canary.steps.get(index as usize) {
+        Some(CanaryStep::Pause(None)) => true,
+        Some(CanaryStep::Analysis(_)) => {
+            matches!(
+                analysis::verdict(r, index),
+                Some((Verdict::Inconclusive, _))
+            )
+        }
+        _ => false,
+    };
+    !r.state.is_terminal() && waits && promote_refusal(r, false).is_none()
 }
 
 /// The weight the canary nodes are to have in the step running: what a

@@ -13,6 +13,7 @@
 //! shares: command results and progress, operator requests, failure,
 //! ticks (`ticks.rs`) and the rollback (`rollback.rs`).
 
+mod analysis;
 mod canary;
 mod commands;
 mod hooks;
@@ -30,10 +31,12 @@ use super::model::{
 };
 use crate::hooks::HookAt;
 use crate::migration::MigrationPhase;
+use crate::store::Traffic;
 use commands::{send_for, settle, timeout_for};
 use rollback::{needs_revert, roll_back, where_nodes_are};
 use ticks::on_tick;
 
+pub use analysis::{external_due, Due};
 pub use canary::{awaiting_promotion, fleet_weight, promote_refusal};
 /// After a coordinator restart, how long agents have to reconnect before a
 /// switched node counts as lost.
@@ -78,6 +81,15 @@ pub enum Input {
         by: String,
         full: bool,
     },
+    /// Sample `sample` of metric `metric` of the analysis of canary step
+    /// `step`, measured by the driver (see `external_due`): the value of
+    /// `result`, or why there is none.
+    Measured {
+        step: u32,
+        metric: usize,
+        sample: usize,
+        result: Result<f64, String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +131,8 @@ pub struct ServiceObservation {
     pub healthy: bool,
     pub crashes: u32,
     pub detail: String,
+    /// What the node's proxy counted for the serving release so far.
+    pub traffic: Option<Traffic>,
     /// The release running beside the serving one (a canary).
     pub side: Option<SideObservation>,
 }
@@ -130,6 +144,7 @@ pub struct SideObservation {
     pub healthy: bool,
     pub crashes: u32,
     pub detail: String,
+    pub traffic: Option<Traffic>,
 }
 
 /// A command for one node.
@@ -282,6 +297,16 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
         Input::Retry { by } => {
             if r.state == RolloutState::Held {
                 once::retry(r, now, &by);
+            }
+        }
+        Input::Measured {
+            step,
+            metric,
+            sample,
+            result,
+        } => {
+            if r.state == RolloutState::Running {
+                analysis::on_measured(r, now, step, metric, sample, result);
             }
         }
         Input::Promote { by, full } => {

@@ -164,6 +164,10 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
             None => node.seen_healthy = true,
         }
     }
+    // A canary's analysis samples what the proxies counted meanwhile.
+    if r.error.is_none() {
+        super::analysis::on_tick(r, now, &seen);
+    }
 }
 
 /// What is wrong with a canary node's canary, as its heartbeat shows it.

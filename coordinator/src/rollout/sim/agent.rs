@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::registry::{Attached, Registry};
-use crate::store::{ServiceStatus, SideStatus};
+use crate::store::{ServiceStatus, SideStatus, Traffic};
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A result is lost at most this often in a row: the driver's resends
@@ -47,6 +47,8 @@ pub(super) struct Faults {
     pub crash_loops: Option<(String, Duration)>,
     pub drop_results: f64,
     pub outages: Vec<Outage>,
+    /// The version answers one request in ten with a 5xx.
+    pub errors: Option<String>,
 }
 
 /// What runs on a node, shared with the checks.
@@ -71,6 +73,43 @@ pub(super) struct Running {
     pub release_id: String,
     pub version: String,
     pub since: Instant,
+    /// What the node's proxy counted for it: requests, and 5xx answers.
+    pub requests: u64,
+    pub errors: u64,
+}
+
+impl Running {
+    pub fn new(release_id: &str, version: &str, since: Instant) -> Self {
+        Running {
+            release_id: release_id.to_string(),
+            version: version.to_string(),
+            since,
+            requests: 0,
+            errors: 0,
+        }
+    }
+
+    /// `n` more requests served, one in ten failing where `errors` names
+    /// its version.
+    fn serve(&mut self, n: u64, errors: &Option<String>) {
+        self.requests += n;
+        if errors.as_deref() == Some(self.version.as_str()) {
+            self.errors += n / 10;
+        }
+    }
+
+    /// The counts as the proxy reports them (every answer in 5 ms).
+    fn traffic(&self) -> Traffic {
+        Traffic {
+            release_id: self.release_id.clone(),
+            requests: self.requests,
+            by_class: vec![0, self.requests - self.errors, 0, 0, self.errors],
+            upstream_failures: 0,
+            latency_bounds_ms: vec![5, 10],
+            latency_cumulative: vec![self.requests; 3],
+            latency_sum_us: self.requests * 5_000,
+        }
+    }
 }
 
 pub(super) struct Agent {
@@ -382,11 +421,8 @@ impl Runner {
     fn switch(&mut self, command: &pb::Command) -> Result<(), String> {
         let now = Instant::now();
         let mut node = self.agent.node.lock().expect("node lock");
-        let running = |release: &pb::Release| Running {
-            release_id: release.release_id.clone(),
-            version: release.version.clone(),
-            since: now,
-        };
+        let running =
+            |release: &pb::Release| Running::new(&release.release_id, &release.version, now);
         match &command.kind {
             Some(command::Kind::Activate(activate)) => {
                 let release = activate
@@ -489,7 +525,16 @@ impl Runner {
             return;
         };
         let now = Instant::now();
-        let node = self.agent.node.lock().expect("node lock");
+        let mut node = self.agent.node.lock().expect("node lock");
+        // A hundred requests a beat, divided as the proxy's split says.
+        let Node { services, sides } = &mut *node;
+        for (service, running) in services.iter_mut() {
+            let side_weight = sides.get(service).map_or(0, |s| u64::from(s.weight));
+            running.serve(100 - side_weight, &self.agent.faults.errors);
+            if let Some(side) = sides.get_mut(service) {
+                side.running.serve(side_weight, &self.agent.faults.errors);
+            }
+        }
         let crashes_of = |running: &Running| {
             let crashing_since = self
                 .agent
@@ -523,7 +568,8 @@ impl Runner {
                             self.registry.now_ms()
                                 + at.saturating_duration_since(now).as_millis() as i64
                         }),
-                        ..Default::default()
+                        traffic: Some(side.running.traffic()),
+                        last_exit: String::new(),
                     }
                 });
                 ServiceStatus {
@@ -543,6 +589,7 @@ impl Runner {
                         "connection refused".into()
                     },
                     side,
+                    traffic: Some(running.traffic()),
                     ..Default::default()
                 }
             })

@@ -87,7 +87,20 @@ impl Scenario {
         // drew then.
         let mut canary_rng = StdRng::seed_from_u64(seed ^ 0xca4a_7000_0000_0000);
         let canary = canary_rng.random_bool(0.4).then(|| canary(&mut canary_rng));
-        let spec = spec(&mut rng, canary.as_ref().map(|c| c.0.as_str()));
+        let mut spec = spec(&mut rng, canary.as_ref().map(|c| c.0.as_str()));
+        // Drawn apart again, so canaries drawn before analyses stay.
+        let mut analysis_rng = StdRng::seed_from_u64(seed ^ 0xa9a1_5150_0000_0000);
+        let mut nodes: Vec<Node> = nodes;
+        if let Some(table) = canary.as_ref().and_then(|c| c.2.as_ref()) {
+            spec += table;
+            // The new release answers one request in ten with a 5xx: its
+            // analysis fails, or (too little traffic) has no verdict.
+            if analysis_rng.random_bool(0.4) {
+                for node in &mut nodes {
+                    node.faults.errors = Some(SECOND.to_string());
+                }
+            }
+        }
         let operator = Operator {
             promote: canary.as_ref().filter(|c| c.1).map(|_| {
                 (
@@ -174,11 +187,13 @@ fn node_faults(rng: &mut StdRng) -> Faults {
         }),
         drop_results: if rng.random_bool(0.5) { 0.1 } else { 0.0 },
         outages,
+        errors: None,
     }
 }
 
-/// A canary's own keys, and whether a step waits for promotion.
-fn canary(rng: &mut StdRng) -> (String, bool) {
+/// A canary's own keys, whether a step waits for promotion, and the
+/// `[analysis.errors]` table its analysis steps (if any) run.
+fn canary(rng: &mut StdRng) -> (String, bool, Option<String>) {
     let canary_nodes = if rng.random_bool(0.5) {
         rng.random_range(1..=3).to_string()
     } else {
@@ -194,6 +209,10 @@ fn canary(rng: &mut StdRng) -> (String, bool) {
         } else if rng.random_bool(0.3) {
             waits = true;
             steps.push("{ pause = {} }".to_string());
+        } else if rng.random_bool(0.3) {
+            // An inconclusive analysis waits for promotion too.
+            waits = true;
+            steps.push("{ analysis = \"errors\" }".to_string());
         } else {
             steps.push(format!("{{ pause = \"{}s\" }}", rng.random_range(1..=20)));
         }
@@ -204,7 +223,26 @@ fn canary(rng: &mut StdRng) -> (String, bool) {
         rng.random_range(0..=30),
         rng.random_range(0..=30),
     );
-    (keys, waits)
+    let analysis = steps.iter().any(|s| s.contains("analysis")).then(|| {
+        format!(
+            r#"
+[[analysis.errors.metrics]]
+name = "success"
+condition = "canary_success_rate >= 0.95 and canary_p99 <= 2 * stable_p99"
+interval = "{}s"
+count = {}
+failure_limit = {}
+inconclusive_limit = {}
+min_requests = {}
+"#,
+            rng.random_range(1..=5),
+            rng.random_range(1..=3),
+            rng.random_range(0..=1),
+            rng.random_range(0..=1),
+            if rng.random_bool(0.3) { 100_000 } else { 0 },
+        )
+    });
+    (keys, waits, analysis)
 }
 
 /// The app's spec: both services on every node labelled for them, one

@@ -502,11 +502,7 @@ impl World {
         };
         self.nodes[i].lock().expect("node lock").services.insert(
             service.to_string(),
-            Running {
-                release_id: other.id().to_string(),
-                version: other.0.version.clone(),
-                since: Instant::now(),
-            },
+            Running::new(other.id(), &other.0.version, Instant::now()),
         );
         sleep(Duration::from_secs(5)).await;
         self.settled(

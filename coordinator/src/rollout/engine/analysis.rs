@@ -1,0 +1,169 @@
+//! A canary's analysis steps (see `crate::analysis`): the run begins with
+//! its step; proxy samples are taken on ticks from the canary nodes'
+//! heartbeats (their side release against the release they serve), the
+//! others arrive measured by the driver (`Input::Measured`). The canary's
+//! step then goes on, fails the rollout (every node back to stable) or,
+//! inconclusive, waits for `promote` or `abort`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{note, Observation};
+use crate::analysis::proxy::{self, NodeCounts};
+use crate::analysis::run::{AnalysisRun, Measured, Verdict};
+use crate::analysis::{Analysis, Provider};
+use crate::rollout::model::{CanaryPhase, NodeState, Phase, Rollout};
+use crate::store::Traffic;
+
+/// A measurement the driver is to take: sample `sample` of metric
+/// `metric` of the analysis of canary step `step`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Due {
+    pub step: u32,
+    pub metric: usize,
+    pub sample: usize,
+    pub provider: Provider,
+}
+
+/// The analysis of step `index` begins, named `name` (once).
+pub(super) fn begin(r: &mut Rollout, now: i64, index: u32, name: &str) {
+    if r.analysis.iter().any(|a| a.step == index) {
+        return;
+    }
+    if let Some(template) = template(r, name) {
+        let run = AnalysisRun::new(index, &template, now);
+        r.analysis.push(run);
+    }
+}
+
+fn template(r: &Rollout, name: &str) -> Option<Analysis> {
+    r.strategy.canary()?.analyses.get(name).cloned()
+}
+
+/// The run of the canary step running now, if it is an analysis that has
+/// begun, with its template.
+fn current(r: &Rollout) -> Option<(usize, Analysis)> {
+    let Phase::Canary(CanaryPhase::Step {
+        index,
+        since_ms: Some(_),
+    }) = r.phase
+    else {
+        return None;
+    };
+    let i = r.analysis.iter().position(|a| a.step == index)?;
+    Some((i, template(r, &r.analysis[i].name)?))
+}
+
+/// The verdict of step `index`'s analysis, with what decided it.
+pub(super) fn verdict(r: &Rollout, index: u32) -> Option<(Verdict, String)> {
+    let run = r.analysis.iter().find(|a| a.step == index)?;
+    Some((run.verdict?, run.summary.clone()))
+}
+
+/// The measurements of other providers due now, for the driver.
+pub fn external_due(r: &Rollout, now: i64) -> Vec<Due> {
+    let Some((i, template)) = current(r) else {
+        return Vec::new();
+    };
+    let run = &r.analysis[i];
+    run.due(&template, now)
+        .filter(|(m, _)| template.metrics[*m].provider != Provider::Proxy)
+        .map(|(metric, sample)| Due {
+            step: run.step,
+            metric,
+            sample,
+            provider: template.metrics[metric].provider.clone(),
+        })
+        .collect()
+}
+
+/// A measurement the driver took: recorded if it is still the one due.
+pub(super) fn on_measured(
+    r: &mut Rollout,
+    now: i64,
+    step: u32,
+    metric: usize,
+    sample: usize,
+    result: Result<f64, String>,
+) {
+    let Some((i, template)) = current(r).filter(|(i, _)| r.analysis[*i].step == step) else {
+        return;
+    };
+    let measured = match result {
+        Ok(value) => Measured::Values(BTreeMap::from([("result".to_string(), value)])),
+        Err(why) => Measured::Failed(why),
+    };
+    if r.analysis[i].record(&template, metric, sample, now, measured) {
+        noted(r, now, i);
+    }
+}
+
+/// On a tick: the proxy samples due, each the window since the one before
+/// (the first tick of the run only takes the totals it starts from).
+pub(super) fn on_tick(r: &mut Rollout, now: i64, seen: &HashMap<&str, &Observation>) {
+    let Some((i, template)) = current(r) else {
+        return;
+    };
+    let counts = proxy_counts(r, seen);
+    for (m, metric) in template.metrics.iter().enumerate() {
+        if metric.provider != Provider::Proxy {
+            continue;
+        }
+        let run = &mut r.analysis[i];
+        let Some(baseline) = run.metrics[m].baseline.clone() else {
+            run.metrics[m].baseline = Some(counts.clone());
+            continue;
+        };
+        let Some((_, sample)) = run.due(&template, now).find(|(due, _)| *due == m) else {
+            continue;
+        };
+        let values = proxy::window(&baseline, &counts).values();
+        if run.record(&template, m, sample, now, Measured::Values(values)) {
+            run.metrics[m].baseline = Some(counts.clone());
+            noted(r, now, i);
+        }
+    }
+}
+
+/// What each canary node's proxy counted so far: the canary (its side
+/// release) and the release it serves. A release that served nothing yet
+/// counts as zero.
+fn proxy_counts(r: &Rollout, seen: &HashMap<&str, &Observation>) -> BTreeMap<String, NodeCounts> {
+    let canary = r.release.id();
+    r.nodes
+        .iter()
+        .filter(|n| n.canary && matches!(n.state, NodeState::Canary | NodeState::Weighting))
+        .filter_map(|n| {
+            let service = seen.get(n.id.as_str())?.service.as_ref()?;
+            let side = service.side.as_ref().filter(|s| s.release_id == canary)?;
+            let counted = |traffic: &Option<Traffic>, release: &str| {
+                traffic
+                    .clone()
+                    .filter(|t| t.release_id == release)
+                    .unwrap_or_else(|| Traffic {
+                        release_id: release.to_string(),
+                        ..Default::default()
+                    })
+            };
+            Some((
+                n.name.clone(),
+                NodeCounts {
+                    canary: counted(&side.traffic, canary),
+                    stable: counted(&service.traffic, &service.release_id),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Notes a sample that decided the run inconclusive: the step waits for a
+/// person (successful and failed runs are the canary step's to act on).
+fn noted(r: &mut Rollout, now: i64, i: usize) {
+    let run = &r.analysis[i];
+    if run.verdict == Some(Verdict::Inconclusive) {
+        let message = format!(
+            "analysis {} inconclusive: {}; `cutover rollout promote {}` goes on, `cutover rollout abort {}` returns every node to stable",
+            run.name, run.summary, r.id, r.id
+        );
+        note(r, now, "analysis_inconclusive", "", message);
+    }
+}
