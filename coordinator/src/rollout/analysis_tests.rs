@@ -94,7 +94,19 @@ fn a_canary_returning_errors_fails_its_analysis_and_every_node_returns_to_stable
         steps,
         proxy_metric("canary_success_rate >= 0.99", 0),
     ));
-    // The first window starts here, whatever was counted before.
+    // The heartbeats right after the step began were sent before the
+    // canary showed in them: no node to count yet.
+    let mut t = tick(&r, 50, None);
+    let Input::Tick { nodes } = &mut t else {
+        unreachable!()
+    };
+    for seen in nodes {
+        seen.last_seen_ms = 0;
+        seen.service.as_mut().unwrap().side = None;
+    }
+    assert!(handle(&mut r, 50, t).is_empty());
+    // Each node's first window starts when it is first seen, whatever was
+    // counted before.
     let t = counted(&r, 100, (500, 500), (1000, 0));
     assert!(handle(&mut r, 100, t).is_empty());
     assert!(r.analysis[0].metrics[0].baseline.is_some());

@@ -1,28 +1,40 @@
 //! The node proxy alone, for benchmarks: serves `--listen` and forwards every
 //! request to `--upstream`, exactly as the agent's proxy does for an active
-//! release. Stops on SIGTERM or SIGINT.
+//! release. With `--split-weight N` it splits the traffic as for a canary
+//! at weight N (sticky by the proxy's cookie), the side release at the same
+//! upstream: what a split costs per request. Stops on SIGTERM or SIGINT.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 
+use cutover_agent::proxy::cohort::{Cohorts, Split};
 use cutover_agent::proxy::{Proxy, ProxyConfig};
 
-fn arg(name: &str) -> SocketAddr {
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        if flag == name {
-            if let Some(value) = args.next().and_then(|v| v.parse().ok()) {
-                return value;
-            }
-        }
-    }
-    eprintln!("usage: proxy-bench --listen ADDR:PORT --upstream ADDR:PORT (worker threads: PROXY_BENCH_THREADS, default 1, 0 for a current-thread runtime)");
+fn usage() -> ! {
+    eprintln!("usage: proxy-bench --listen ADDR:PORT --upstream ADDR:PORT [--split-weight N] (worker threads: PROXY_BENCH_THREADS, default 1, 0 for a current-thread runtime)");
     std::process::exit(2);
 }
 
+/// The value of `--name`, if given; a value that does not parse is a
+/// usage error.
+fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == name {
+            return Some(
+                args.next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage()),
+            );
+        }
+    }
+    None
+}
+
 fn main() {
-    let listen = arg("--listen");
-    let upstream = arg("--upstream");
+    let listen: SocketAddr = arg("--listen").unwrap_or_else(|| usage());
+    let upstream: SocketAddr = arg("--upstream").unwrap_or_else(|| usage());
+    let split: Option<u32> = arg("--split-weight");
     let threads = std::env::var("PROXY_BENCH_THREADS")
         .ok()
         .and_then(|t| t.parse().ok())
@@ -43,8 +55,23 @@ fn main() {
         let proxy = Proxy::bind(ProxyConfig::new("bench", listen), shutdown.clone())
             .await
             .expect("bind the proxy");
-        proxy.switch(Some(("bench", upstream)));
-        eprintln!("proxy-bench: {listen} -> {upstream}");
+        match split {
+            None => {
+                proxy.switch(Some(("bench", upstream)));
+            }
+            Some(weight) => {
+                let cohorts = Cohorts::new(Split {
+                    weight,
+                    ..Default::default()
+                })
+                .unwrap_or_else(|e| {
+                    eprintln!("--split-weight: {e}");
+                    std::process::exit(2)
+                });
+                proxy.split(("bench", upstream), ("canary", upstream), cohorts);
+            }
+        }
+        eprintln!("proxy-bench: {listen} -> {upstream} (split {split:?})");
         shutdown.cancelled().await;
         proxy.close().await;
     });

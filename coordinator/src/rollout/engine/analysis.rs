@@ -98,7 +98,7 @@ pub(super) fn on_measured(
 }
 
 /// On a tick: the proxy samples due, each the window since the one before
-/// (the first tick of the run only takes the totals it starts from).
+/// (a node's first window starts at the first tick that sees it).
 pub(super) fn on_tick(r: &mut Rollout, now: i64, seen: &HashMap<&str, &Observation>) {
     let Some((i, template)) = current(r) else {
         return;
@@ -109,10 +109,16 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, seen: &HashMap<&str, &Observati
             continue;
         }
         let run = &mut r.analysis[i];
-        let Some(baseline) = run.metrics[m].baseline.clone() else {
-            run.metrics[m].baseline = Some(counts.clone());
-            continue;
-        };
+        // A node's window starts when it is first seen with the canary
+        // (heartbeats show it a beat after the canary started, or after
+        // its agent reconnected).
+        let baseline = run.metrics[m].baseline.get_or_insert_with(BTreeMap::new);
+        for (node, count) in &counts {
+            baseline
+                .entry(node.clone())
+                .or_insert_with(|| count.clone());
+        }
+        let baseline = baseline.clone();
         let Some((_, sample)) = run.due(&template, now).find(|(due, _)| *due == m) else {
             continue;
         };
