@@ -246,6 +246,10 @@ pub struct Resolved {
     /// The run-once hooks a deploy of this service runs.
     pub hooks: Vec<Hook>,
     pub notify: Vec<NotifyTarget>,
+    /// The fresh backups a deploy of it requires: the environment's, and
+    /// the migration's when it runs it (kept with the rollout, so a retry
+    /// checks them again).
+    pub backup_gates: Vec<crate::jobs::recovery::RequireBackup>,
 }
 
 impl AppSpec {
@@ -654,6 +658,13 @@ impl AppSpec {
         let strategy = strategy
             .resolve(&analyses)
             .map_err(|(k, message)| error(format!("{key}.{k}"), message))?;
+        let migrate = self.migrate.as_ref().filter(|m| m.service == service);
+        let backup_gates = environment
+            .require_backup
+            .iter()
+            .chain(migrate.and_then(|m| m.require_backup.as_ref()))
+            .cloned()
+            .collect();
         Ok(Resolved {
             app: self.app.clone(),
             env: env.to_string(),
@@ -661,13 +672,10 @@ impl AppSpec {
             selector,
             strategy,
             release,
-            migration: self
-                .migrate
-                .as_ref()
-                .filter(|m| m.service == service)
-                .map(MigrateSpec::plan),
+            migration: migrate.map(MigrateSpec::plan),
             hooks: self.once_hooks(service),
             notify: self.notify.iter().map(NotifySpec::target).collect(),
+            backup_gates,
         })
     }
 }

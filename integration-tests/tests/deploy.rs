@@ -71,6 +71,13 @@ fn example_app_specs_resolve() {
     let web = shop
         .resolve("shop", "production", "web", "v1", Some(&artifact), None)
         .unwrap();
+    // Production is a canary judged by the checkout analysis; staging rolls.
+    let canary = web.strategy.canary().expect("production runs a canary");
+    assert_eq!(canary.analyses["checkout"].metrics.len(), 3);
+    let staging = shop
+        .resolve("shop", "staging", "web", "v1", Some(&artifact), None)
+        .unwrap();
+    assert!(staging.strategy.canary().is_none());
     let migration = web.migration.expect("web runs the migration");
     assert_eq!(
         migration.commands,

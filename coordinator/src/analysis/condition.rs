@@ -70,9 +70,19 @@ fn tokens(text: &str) -> Result<Vec<Token>, String> {
     while !rest.is_empty() {
         let c = rest.chars().next().expect("not empty");
         if c.is_ascii_digit() || c == '.' {
-            let end = rest
-                .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == 'E'))
-                .unwrap_or(rest.len());
+            // Digits and dots, and an exponent with its sign (1.5e-3).
+            let bytes = rest.as_bytes();
+            let mut end = 0;
+            while end < bytes.len() {
+                let b = bytes[end];
+                let sign_of_exponent =
+                    (b == b'-' || b == b'+') && end > 0 && matches!(bytes[end - 1], b'e' | b'E');
+                if !(b.is_ascii_digit() || b == b'.' || b == b'e' || b == b'E' || sign_of_exponent)
+                {
+                    break;
+                }
+                end += 1;
+            }
             let number = &rest[..end];
             let value: f64 = number
                 .parse()
@@ -380,6 +390,11 @@ mod tests {
         assert!(holds("canary_p99 > 60 || stable_p99 == 25", &slow));
         assert!(holds("-(canary_p99 - stable_p99) / 5 >= -5", &slow));
         assert!(holds("result != 1.5e1", &[("result", 14.0)]));
+        assert!(holds(
+            "result < 1e-3 and result > -2E+2",
+            &[("result", 0.0005)]
+        ));
+        assert!(holds("result-1 > 0", &[("result", 3.0)]));
         // Precedence: and binds tighter than or, * than +.
         assert!(holds(
             "result > 5 or result > 1 and result > 100",

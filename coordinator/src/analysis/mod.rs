@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::notify::spec::check_url;
 use condition::Condition;
 
 /// `[analysis.NAME]` as written.
@@ -81,6 +82,7 @@ fn default_count() -> u32 {
     5
 }
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// A checked template, as a canary stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,9 +140,11 @@ impl Provider {
 }
 
 impl Metric {
-    pub fn condition(&self) -> Condition {
+    /// The condition, parsed from its text (checked with the spec; a
+    /// rollout stored by another version may name values this one does
+    /// not measure: its samples then have no verdict).
+    pub fn condition(&self) -> Result<Condition, String> {
         Condition::parse(&self.condition, self.provider.values())
-            .expect("a stored condition was checked when its spec was parsed")
     }
 }
 
@@ -222,7 +226,7 @@ fn metric(m: &MetricSpec) -> Result<Metric, KeyError> {
             refuse("json_path", m.json_path.is_some())?;
             refuse("headers", m.headers.is_some())?;
             let address = required("address", &m.address, "http://prometheus:9090")?;
-            query::check_url(&address).map_err(|e| ("address".to_string(), e))?;
+            check_url(&address).map_err(|e| ("address".to_string(), e))?;
             Provider::Prometheus {
                 address,
                 query: required("query", &m.query, "sum(rate(http_errors_total[1m]))")?,
@@ -234,7 +238,7 @@ fn metric(m: &MetricSpec) -> Result<Metric, KeyError> {
             refuse("address", m.address.is_some())?;
             refuse("query", m.query.is_some())?;
             let url = required("url", &m.url, "https://status.example.com/api/errors")?;
-            query::check_url(&url).map_err(|e| ("url".to_string(), e))?;
+            check_url(&url).map_err(|e| ("url".to_string(), e))?;
             let json_path = m.json_path.clone().unwrap_or_default();
             query::check_json_path(&json_path).map_err(|e| ("json_path".to_string(), e))?;
             let headers = m.headers.clone().unwrap_or_default();
@@ -271,6 +275,28 @@ fn metric(m: &MetricSpec) -> Result<Metric, KeyError> {
     }
     if m.count == 0 {
         return Err(("count".into(), "must be at least 1".into()));
+    }
+    if m.interval > MAX_INTERVAL {
+        return Err((
+            "interval".into(),
+            "is over a day; an analysis step measures within the rollout".into(),
+        ));
+    }
+    if m.timeout.is_some_and(|t| t.is_zero()) {
+        return Err(("timeout".into(), "must be above zero, e.g. \"10s\"".into()));
+    }
+    // A limit at or above the samples taken could never be exceeded: the
+    // metric would pass with every sample failed, or with none judged.
+    for (key, limit) in [
+        ("failure_limit", m.failure_limit),
+        ("inconclusive_limit", m.inconclusive_limit),
+    ] {
+        if limit >= m.count {
+            return Err((
+                key.into(),
+                format!("{limit} is not below count ({}): no run could exceed it; lower it or raise count", m.count),
+            ));
+        }
     }
     Ok(Metric {
         name: m.name.clone(),
@@ -366,6 +392,21 @@ mod tests {
                 "at least 1",
             ),
             ("e = { metrics = [] }", "e.metrics", "at least one metric"),
+            (
+                "[[e.metrics]]\nname = \"m\"\ncount = 2\nfailure_limit = 2\ncondition = \"canary_p99 < 1\"",
+                "e.metrics[0].failure_limit",
+                "2 is not below count (2)",
+            ),
+            (
+                "[[e.metrics]]\nname = \"m\"\ninterval = \"2d\"\ncondition = \"canary_p99 < 1\"",
+                "e.metrics[0].interval",
+                "over a day",
+            ),
+            (
+                "[[e.metrics]]\nname = \"m\"\nprovider = \"web\"\nurl = \"http://user:pw@x/\"\ncondition = \"result < 1\"",
+                "e.metrics[0].url",
+                "credentials",
+            ),
         ] {
             let (k, m) = parse(text).unwrap_err();
             assert_eq!(k, key, "{text}");

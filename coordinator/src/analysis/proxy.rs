@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{latency_quantile_ms, Traffic};
+use crate::store::Traffic;
 
 /// The names a proxy condition may use.
 pub const VALUES: [&str; 12] = [
@@ -60,10 +60,15 @@ pub fn window(
     out
 }
 
-/// `now` minus `before`, or all of `now` after a restart (or when the
-/// histogram's buckets changed, an agent upgrade).
+/// `now` minus `before`, or all of `now` after a restart (any count went
+/// down: a restarted agent counts from zero, and on a busy node may have
+/// passed the old total already) or when the histogram's buckets changed
+/// (an agent upgrade).
 fn since(now: &Traffic, before: &Traffic) -> Traffic {
+    let down = |a: &[u64], b: &[u64]| a.iter().zip(b).any(|(x, y)| x < y) || a.len() < b.len();
     let restarted = now.requests < before.requests
+        || down(&now.by_class, &before.by_class)
+        || down(&now.latency_cumulative, &before.latency_cumulative)
         || now.latency_bounds_ms != before.latency_bounds_ms
         || now.release_id != before.release_id;
     if restarted {
@@ -114,7 +119,7 @@ fn add(sum: &mut Traffic, part: &Traffic) {
 impl Window {
     /// The values a condition reads. Rates and quantiles of a release
     /// without requests in the window are absent (a condition on them has
-    /// no verdict), as is a quantile beyond the last bucket.
+    /// no verdict).
     pub fn values(&self) -> BTreeMap<String, f64> {
         let mut out = BTreeMap::new();
         for (who, t) in [("canary", &self.canary), ("stable", &self.stable)] {
@@ -127,15 +132,25 @@ impl Window {
             out.insert(format!("{who}_error_rate"), error_rate);
             out.insert(format!("{who}_success_rate"), 1.0 - error_rate);
             for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)] {
-                if let Some(ms) =
-                    latency_quantile_ms(&t.latency_bounds_ms, &t.latency_cumulative, q)
-                {
+                if let Some(ms) = quantile_ms(t, q) {
                     out.insert(format!("{who}_{name}"), ms as f64);
                 }
             }
         }
         out
     }
+}
+
+/// The upper bound of the bucket holding quantile `q`; beyond the last
+/// bound, that bound (the release is at least that slow: a condition on it
+/// must still be able to fail).
+fn quantile_ms(t: &Traffic, q: f64) -> Option<u64> {
+    let counted = t.latency_cumulative.last().is_some_and(|n| *n > 0);
+    t.quantile_ms(q).or_else(|| {
+        counted
+            .then(|| t.latency_bounds_ms.last().copied())
+            .flatten()
+    })
 }
 
 #[cfg(test)]
@@ -186,6 +201,25 @@ mod tests {
         assert_eq!(v["stable_p99"], 10.0);
         assert_eq!(v["canary_p50"], 10.0);
         assert_eq!(v["canary_p99"], 50.0, "the 5xx answers took 40 ms");
+    }
+
+    #[test]
+    fn a_restart_on_a_busy_node_and_a_release_beyond_the_last_bucket_are_read_right() {
+        // The agent restarted and already counted more than before, but
+        // fewer 5xx: the window is all of it, never a negative count.
+        let baseline = BTreeMap::from([("a".to_string(), node((10, 50), (0, 0)))]);
+        let now = BTreeMap::from([("a".to_string(), node((100, 1), (0, 0)))]);
+        let v = window(&baseline, &now).values();
+        assert_eq!(v["canary_requests"], 101.0);
+        assert_eq!(v["canary_error_rate"], 1.0 / 101.0);
+        // Every answer slower than the last bound: p99 is at least it.
+        let mut slow = traffic("web-v2", 10, 0);
+        slow.latency_cumulative = vec![0, 0, 0, 0, 10];
+        let w = Window {
+            canary: slow,
+            stable: traffic("web-v1", 10, 0),
+        };
+        assert_eq!(w.values()["canary_p99"], 100.0);
     }
 
     #[test]

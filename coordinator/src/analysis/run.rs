@@ -101,7 +101,10 @@ impl AnalysisRun {
     }
 
     /// The samples due at `now`, as (metric, sample) indexes: sample k of
-    /// a metric still undecided is due `k + 1` intervals after the start.
+    /// a metric still undecided is due `k + 1` intervals after the start,
+    /// and at least an interval after the sample before (samples missed
+    /// while the coordinator was down are not taken in a burst of empty
+    /// windows).
     pub fn due<'a>(
         &'a self,
         analysis: &'a Analysis,
@@ -112,11 +115,10 @@ impl AnalysisRun {
             .zip(&analysis.metrics)
             .enumerate()
             .filter(move |(_, (run, metric))| {
-                self.verdict.is_none()
-                    && run.verdict.is_none()
-                    && now
-                        >= self.started_at_ms
-                            + (run.samples.len() as i64 + 1) * metric.interval_ms as i64
+                let interval = metric.interval_ms as i64;
+                let planned = self.started_at_ms + (run.samples.len() as i64 + 1) * interval;
+                let spaced = run.samples.last().map_or(0, |s| s.at_ms + interval);
+                self.verdict.is_none() && run.verdict.is_none() && now >= planned.max(spaced)
             })
             .map(|(i, (run, _))| (i, run.samples.len()))
     }
@@ -187,7 +189,32 @@ impl AnalysisRun {
 /// too few requests to judge or no values at all.
 fn judge(metric: &Metric, now: i64, measured: Measured) -> Sample {
     let values = match measured {
-        Measured::Values(values) => values,
+        // A value that is not a number (NaN, infinite) judges nothing,
+        // and the store could not keep it.
+        Measured::Values(values) if values.values().all(|v| v.is_finite()) => values,
+        Measured::Values(values) => {
+            let bad: Vec<&String> = values
+                .iter()
+                .filter(|(_, v)| !v.is_finite())
+                .map(|(k, _)| k)
+                .collect();
+            return Sample {
+                at_ms: now,
+                outcome: Outcome::Inconclusive,
+                values: values
+                    .iter()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect(),
+                note: format!(
+                    "{} measured no number",
+                    bad.iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+        }
         Measured::Failed(note) => {
             return Sample {
                 at_ms: now,
@@ -205,10 +232,14 @@ fn judge(metric: &Metric, now: i64, measured: Measured) -> Sample {
                 metric.min_requests
             ),
         ),
-        _ => match metric.condition().holds(&values) {
-            Ok(true) => (Outcome::Passed, String::new()),
-            Ok(false) => (Outcome::Failed, String::new()),
-            Err(why) => (Outcome::Inconclusive, why.to_string()),
+        _ => match metric.condition().map(|c| c.holds(&values)) {
+            Ok(Ok(true)) => (Outcome::Passed, String::new()),
+            Ok(Ok(false)) => (Outcome::Failed, String::new()),
+            Ok(Err(why)) => (Outcome::Inconclusive, why.to_string()),
+            Err(why) => (
+                Outcome::Inconclusive,
+                format!("this version of cutover cannot evaluate the condition: {why}"),
+            ),
         },
     };
     Sample {
@@ -225,6 +256,9 @@ fn metric_verdict(metric: &Metric, samples: &[Sample]) -> Option<Verdict> {
         Some(Verdict::Failed)
     } else if count(Outcome::Inconclusive) > metric.inconclusive_limit {
         Some(Verdict::Inconclusive)
+    } else if samples.len() as u32 >= metric.count && count(Outcome::Passed) == 0 {
+        // Within every limit, but nothing ever met the condition.
+        Some(Verdict::Inconclusive)
     } else if samples.len() as u32 >= metric.count {
         Some(Verdict::Successful)
     } else {
@@ -236,17 +270,19 @@ fn metric_verdict(metric: &Metric, samples: &[Sample]) -> Option<Verdict> {
 /// samples (failure_limit 0); last: canary_success_rate=0.9, ...".
 fn describe(metric: &Metric, run: &MetricRun) -> String {
     let count = |o: Outcome| run.samples.iter().filter(|s| s.outcome == o).count();
-    let (what, n, limit) = match run.verdict {
-        Some(Verdict::Failed) => ("failed", count(Outcome::Failed), metric.failure_limit),
+    let (what, n, limit_name, limit) = match run.verdict {
+        Some(Verdict::Failed) => (
+            "failed",
+            count(Outcome::Failed),
+            "failure_limit",
+            metric.failure_limit,
+        ),
         _ => (
             "had no verdict",
             count(Outcome::Inconclusive),
+            "inconclusive_limit",
             metric.inconclusive_limit,
         ),
-    };
-    let limit_name = match run.verdict {
-        Some(Verdict::Failed) => "failure_limit",
-        _ => "inconclusive_limit",
     };
     let mut text = format!(
         "metric {} ({}): `{}` {what} in {n} of {} samples ({limit_name} {limit})",
@@ -256,8 +292,8 @@ fn describe(metric: &Metric, run: &MetricRun) -> String {
         run.samples.len(),
     );
     if let Some(last) = run.samples.last() {
-        let condition = metric.condition();
-        let names = condition.names();
+        let condition = metric.condition().ok();
+        let names = condition.as_ref().map(|c| c.names()).unwrap_or_default();
         let shown: Vec<String> = last
             .values
             .iter()
@@ -341,6 +377,36 @@ mod tests {
         let mut run = AnalysisRun::new(2, &a, 0);
         run.record(&a, 0, 0, 1000, values(0.9, 120.0));
         assert_eq!(run.verdict, None);
+    }
+
+    #[test]
+    fn no_number_or_no_sample_passed_is_never_a_success() {
+        let mut a = analysis(1, 1, 0);
+        a.metrics[0].count = 2;
+        let mut run = AnalysisRun::new(0, &a, 0);
+        // Prometheus said NaN: no verdict, and nothing the store cannot keep.
+        run.record(&a, 0, 0, 1000, values(f64::NAN, 100.0));
+        let sample = &run.metrics[0].samples[0];
+        assert_eq!(sample.outcome, Outcome::Inconclusive);
+        assert!(sample.values.values().all(|v| v.is_finite()));
+        assert!(sample
+            .note
+            .contains("canary_success_rate measured no number"));
+        // One failed, one without a verdict: within both limits, but
+        // nothing passed.
+        run.record(&a, 0, 1, 2000, values(0.5, 100.0));
+        assert_eq!(run.verdict, Some(Verdict::Inconclusive));
+    }
+
+    #[test]
+    fn samples_missed_while_the_coordinator_was_down_are_not_taken_in_a_burst() {
+        let a = analysis(0, 0, 0);
+        let mut run = AnalysisRun::new(0, &a, 0);
+        // Down from 500 to 5000: one sample now, the next an interval on.
+        assert_eq!(run.due(&a, 5_000).collect::<Vec<_>>(), [(0, 0)]);
+        run.record(&a, 0, 0, 5_000, values(1.0, 100.0));
+        assert_eq!(run.due(&a, 5_250).count(), 0);
+        assert_eq!(run.due(&a, 6_000).collect::<Vec<_>>(), [(0, 1)]);
     }
 
     #[test]

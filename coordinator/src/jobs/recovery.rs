@@ -12,7 +12,7 @@ use crate::metrics::{data_time_s, drill_data_age_s};
 use crate::store::{JobDef, JobKind, JobRun, RunState, Store, StoreError};
 
 /// What a deploy may require of a data set (`require_backup`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequireBackup {
     pub dataset: String,

@@ -196,7 +196,9 @@ impl NotifySpec {
     }
 }
 
-fn check_url(url: &str) -> Result<(), String> {
+/// An http:// or https:// URL with a host and no credentials (URLs show in
+/// events and logs): webhooks' and analysis queries'.
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
     if url.len() > MAX_URL_BYTES {
         return Err(format!(
             "is {} bytes long; at most {MAX_URL_BYTES} are accepted",
@@ -207,9 +209,7 @@ fn check_url(url: &str) -> Result<(), String> {
         format!("{url:?} is not a URL ({e}); write e.g. \"https://hooks.example.com/cutover\"")
     })?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(format!(
-            "{url:?}: a webhook URL starts with http:// or https://"
-        ));
+        return Err(format!("{url:?}: use an http:// or https:// URL"));
     }
     let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
         return Err(format!("{url:?} names no host"));
@@ -217,7 +217,7 @@ fn check_url(url: &str) -> Result<(), String> {
     // A URL is shown in events and logs; a password in it would be too.
     if authority.as_str().contains('@') {
         return Err(
-            "holds credentials (user@ or user:password@), which events and logs would show; authenticate the receiver with `secret` (a signature) instead"
+            "holds credentials (user@ or user:password@), which events and logs would show; authenticate another way (a webhook's `secret` signs its body)"
                 .into(),
         );
     }

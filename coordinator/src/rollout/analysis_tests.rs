@@ -222,11 +222,12 @@ fn measurements_the_driver_takes_are_recorded_once_also_after_a_restart() {
     let stored = serde_json::to_string(&r).unwrap();
     let mut r: Rollout = serde_json::from_str(&stored).unwrap();
     handle(&mut r, 1_500, Input::Recover);
-    assert!(external_due(&r, 1_900).is_empty());
-    assert_eq!(external_due(&r, 2_030)[0].sample, 1);
+    // One interval after the sample before (taken at 1 050).
+    assert!(external_due(&r, 2_040).is_empty());
+    assert_eq!(external_due(&r, 2_050)[0].sample, 1);
     handle(
         &mut r,
-        2_050,
+        2_060,
         measured(1, Err("no answer within 1000 ms".into())),
     );
     // Out of its limit of 0 inconclusive samples.

@@ -349,3 +349,33 @@ fn a_worker_a_first_deploy_and_a_rollback_roll_out_in_batches() {
     assert_eq!(stages[0].node_name, "node-1");
     let _: &pb::Command = &stages[0].command;
 }
+
+#[test]
+fn a_canary_node_whose_weight_change_was_refused_returns_to_stable_too() {
+    let steps = vec![CanaryStep::SetWeight(20), CanaryStep::SetWeight(50)];
+    let (mut r, sets) = staged(2, BatchSize::Count(2), steps);
+    let raises = succeed(&mut r, 30, &sets);
+    assert_eq!(weights(&raises), [50, 50]);
+    // node-0 refuses its change (it keeps 20 %), node-1 takes it.
+    let mut returns = answer(
+        &mut r,
+        40,
+        &raises[..1],
+        Outcome::Failed("the split is invalid".into()),
+    );
+    returns.extend(succeed(&mut r, 41, &raises[1..]));
+    let mut now = 50;
+    let mut returned: Vec<String> = returns.iter().map(|s| s.node_name.clone()).collect();
+    let mut sends = succeed(&mut r, now, &returns);
+    while !r.state.is_terminal() {
+        now += 100;
+        let t = tick(&r, now, None);
+        sends.extend(handle(&mut r, now, t));
+        returned.extend(sends.iter().map(|s| s.node_name.clone()));
+        sends = succeed(&mut r, now, &sends);
+        assert!(now < 10_000, "{:?}", kinds(&r));
+    }
+    returned.sort();
+    returned.dedup();
+    assert_eq!(returned, ["node-0", "node-1"], "{:?}", kinds(&r));
+}

@@ -160,6 +160,7 @@ impl Rollouts {
             migration: None,
             hooks: Vec::new(),
             notify: self.inherited_notify(Some(current)).await?,
+            backup_gates: Vec::new(),
         };
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,

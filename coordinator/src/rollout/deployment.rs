@@ -396,6 +396,9 @@ impl Rollouts {
                     migration: step.migration.clone(),
                     hooks: step.hooks.clone(),
                     notify: d.notify.clone(),
+                    // Checked when the deployment was made; a step is not
+                    // retried on its own.
+                    backup_gates: Vec::new(),
                 },
                 d.allow_unreachable,
             )

@@ -518,6 +518,10 @@ pub struct Rollout {
     /// A canary's analysis runs, one per analysis step begun.
     #[serde(default)]
     pub analysis: Vec<crate::analysis::run::AnalysisRun>,
+    /// The fresh backups its deploy required (`require_backup`), checked
+    /// again by a retry.
+    #[serde(default)]
+    pub backup_gates: Vec<crate::jobs::recovery::RequireBackup>,
 }
 
 /// What a new rollout is made of; `Rollout::new` sets the rest (pending,
@@ -630,6 +634,7 @@ impl Rollout {
             deployment: new.deployment,
             notify: new.notify,
             analysis: Vec::new(),
+            backup_gates: Vec::new(),
         }
     }
 

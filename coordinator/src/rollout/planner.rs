@@ -71,6 +71,8 @@ pub(super) struct Target {
     pub(super) hooks: Vec<Hook>,
     /// The webhooks of its events.
     pub(super) notify: Vec<NotifyTarget>,
+    /// The fresh backups a deploy requires, kept for a retry.
+    pub(super) backup_gates: Vec<crate::jobs::recovery::RequireBackup>,
 }
 
 /// What agents must announce to run a canary's commands.
@@ -140,6 +142,7 @@ impl Rollouts {
                         migration: resolved.migration,
                         hooks: resolved.hooks,
                         notify: resolved.notify,
+                        backup_gates: resolved.backup_gates,
                     },
                     request.allow_unreachable,
                 )
@@ -324,6 +327,7 @@ impl Rollouts {
                         migration: None,
                         hooks: Vec::new(),
                         notify: Vec::new(),
+                        backup_gates: Vec::new(),
                     },
                     request.allow_unreachable,
                 )
@@ -655,6 +659,7 @@ impl Rollouts {
             hooks: plan_target.hooks,
             notify: plan_target.notify,
         });
+        rollout.backup_gates = plan_target.backup_gates;
         if let Some(why) = changed {
             rollout.timeline.push(model::TimelineEntry {
                 at_ms: now,

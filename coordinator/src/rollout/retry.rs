@@ -8,7 +8,10 @@
 //! current, or a rollout of it runs): what the old rollout returned to is
 //! no longer what a retry would start from, and a deploy says what is
 //! meant. A migration that ran to its end is not run again: the schema
-//! already has it, and its record stays with the release.
+//! already has it, and its record stays with the release; one that did not
+//! finish runs again, as a new deploy would run it, and the timeline says
+//! so. The fresh backups the deploy required are checked again (a retry
+//! never skips them, whoever skipped them for the deploy).
 
 use std::sync::Arc;
 
@@ -46,7 +49,6 @@ impl Rollouts {
             ));
         }
         let _creating = self.create.lock().await;
-        self.make_way(&old.env, &old.service, by).await;
         let history = self.release_history(&old.env, &old.service).await?;
         let Some(record) = history.iter().find(|r| r.release.id() == old.release.id()) else {
             return refuse(format!(
@@ -70,11 +72,30 @@ impl Rollouts {
                 old.release.id()
             ));
         }
+        for gate in &old.backup_gates {
+            let now_ms = self.registry.now_ms();
+            let refusal =
+                crate::jobs::recovery::check_gate(&self.store, &old.app, &old.env, gate, now_ms)
+                    .await?;
+            if let Some(refusal) = refusal {
+                return Err(RolloutError::BackupGate(refusal));
+            }
+        }
         let migration = old
             .migration
             .as_ref()
             .filter(|m| !m.ran() && record.migration.is_none())
             .map(|m| m.plan.clone());
+        let migration_note = match (&old.migration, &migration) {
+            (Some(_), None) => "; its migration ran already and is not run again",
+            (Some(m), Some(_)) if m.sent => {
+                "; its migration did not finish last time and runs again (check the schema)"
+            }
+            _ => "",
+        };
+        // An operator's rollout goes before a convergence, once it is sure
+        // to start.
+        self.make_way(&old.env, &old.service, by).await;
         let plan = self
             .plan(
                 Target {
@@ -90,16 +111,13 @@ impl Rollouts {
                     strategy: old.strategy.clone(),
                     deployment: String::new(),
                     warning: Some(format!(
-                        "{by} retried rollout {id} (it ended {}){}",
+                        "{by} retried rollout {id} (it ended {}){migration_note}",
                         old.state.as_str(),
-                        match (&old.migration, &migration) {
-                            (Some(_), None) => "; its migration ran already and is not run again",
-                            _ => "",
-                        }
                     )),
                     migration,
                     hooks: old.hooks.iter().flat_map(|h| h.hooks.clone()).collect(),
                     notify: old.notify.clone(),
+                    backup_gates: old.backup_gates.clone(),
                 },
                 // Nodes the operator left out of the first try stay out.
                 !old.skipped.is_empty(),

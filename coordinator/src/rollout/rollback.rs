@@ -138,6 +138,8 @@ impl Rollouts {
                     migration: None,
                     hooks: Vec::new(),
                     notify: self.inherited_notify(current).await?,
+                    // A rollback returns code and needs no fresh backup.
+                    backup_gates: Vec::new(),
                 },
                 request.allow_unreachable,
             )

@@ -124,7 +124,13 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, seen: &HashMap<&str, &Observati
         };
         let values = proxy::window(&baseline, &counts).values();
         if run.record(&template, m, sample, now, Measured::Values(values)) {
-            run.metrics[m].baseline = Some(counts.clone());
+            // The next window starts here for the nodes seen now; a node
+            // not seen this tick keeps its start (its counts since then
+            // go into the next window it is seen in).
+            let baseline = run.metrics[m].baseline.get_or_insert_with(BTreeMap::new);
+            for (node, count) in &counts {
+                baseline.insert(node.clone(), count.clone());
+            }
             noted(r, now, i);
         }
     }
@@ -139,7 +145,8 @@ fn proxy_counts(r: &Rollout, seen: &HashMap<&str, &Observation>) -> BTreeMap<Str
         .iter()
         .filter(|n| n.canary && matches!(n.state, NodeState::Canary | NodeState::Weighting))
         .filter_map(|n| {
-            let service = seen.get(n.id.as_str())?.service.as_ref()?;
+            let seen = seen.get(n.id.as_str()).filter(|o| o.connected)?;
+            let service = seen.service.as_ref()?;
             let side = service.side.as_ref().filter(|s| s.release_id == canary)?;
             let counted = |traffic: &Option<Traffic>, release: &str| {
                 traffic

@@ -8,12 +8,14 @@ use crate::rollout::model::{NodeState, Rollout, RolloutNode, RolloutState};
 
 /// Whether a rollback must return this node: it serves the new release
 /// (switched by this rollout, or already before it), or its command's fate
-/// is unknown.
+/// is unknown, or it is a canary node whose command failed (a refused
+/// weight change leaves the canary beside the stable release with its old
+/// share; the return takes it back, and is a no-op where nothing runs).
 pub(super) fn needs_revert(node: &RolloutNode) -> bool {
     matches!(
         node.state,
         NodeState::Switched | NodeState::Unchanged | NodeState::Canary
-    ) || (node.state == NodeState::Failed && node.uncertain)
+    ) || (node.state == NodeState::Failed && (node.uncertain || node.canary))
 }
 
 pub(super) fn where_nodes_are(r: &Rollout) -> String {
