@@ -45,18 +45,21 @@ path = "/health"
 interval = "100ms"
 [strategy]
 $2
-abort_scale_down_delay = "1s"
 [environments.local]
 nodes = { env = "local" }
 SPEC
 }
 deploy() { # version strategy -> exit code
   spec "$1" "$2"
-  "$cutover" deploy -f "$dir/cutover-$1.toml" --env local --version "$1" --artifact "$dir/app.tar.gz" --wait >/dev/null 2>&1 || return $?
+  "$cutover" deploy -f "$dir/cutover-$1.toml" --env local --version "$1" --artifact "$dir/app.tar.gz" --wait >"$dir/deploy-$1.log" 2>&1 || {
+    local code=$?
+    [ "$code" = 3 ] || cat "$dir/deploy-$1.log" >&2
+    return $code
+  }
 }
 deploy v1 'batch = 2'
 code=0
-deploy v2 $'kind = "canary"\nsteps = [{ set_weight = 50 }, { pause = {} }]' || code=$?
+deploy v2 $'kind = "canary"\nsteps = [{ set_weight = 50 }, { pause = {} }]\nabort_scale_down_delay = "1s"' || code=$?
 [ "$code" = 3 ] || { echo "the canary did not wait for promotion (exit $code)" >&2; exit 1; }
 
 # Requests through both proxies until told to stop; prints the wall-clock
@@ -85,7 +88,8 @@ while not os.path.exists(stop_file):
 print(last_canary, answers, canary, failed)
 PY
 
-newest() { "$cutover" --output json rollout list --limit 1 | python3 -c 'import json,sys; r=json.load(sys.stdin)[0]; print(r["id"], r["state"])'; }
+# The newest deploy (not a convergence).
+newest() { "$cutover" --output json rollout list | python3 -c 'import json,sys; r=[r for r in json.load(sys.stdin) if r["kind"]=="deploy"][0]; print(r["id"], r["state"])'; }
 results=()
 for round in $(seq "$rounds"); do
   read -r id state < <(newest)
@@ -115,6 +119,11 @@ for round in $(seq "$rounds"); do
   fi
 done
 
+"$cutover" --output json rollout list | python3 -c '
+import json, sys
+for r in json.load(sys.stdin):
+    if r["kind"] == "converge":
+        print("note: convergence %s (%s): %s" % (r["id"], r["state"], r["timeline"][0]["message"] if r.get("timeline") else ""), file=sys.stderr)'
 printf '%s\n' "${results[@]}" | python3 -c '
 import statistics, sys
 rows = [tuple(map(int, l.split())) for l in sys.stdin if l.strip()]

@@ -265,6 +265,12 @@ fn decide(
     let mut drifted_count = 0;
     let mut due = Vec::new();
     for view in views {
+        // A heartbeat sent before the service's newest rollout ended shows
+        // what that rollout was still changing (a canary's side release it
+        // took back a moment ago), not drift: wait for the next one.
+        if view.record.services_at_ms <= last.map_or(0, |o| o.at_ms) {
+            continue;
+        }
         let key = (
             current.env.clone(),
             current.service.clone(),
@@ -355,7 +361,8 @@ mod tests {
                     })
                     .into_iter()
                     .collect(),
-                services_at_ms: 0,
+                // After every outcome the tests record (`ended`).
+                services_at_ms: 1_000,
                 cert_serial: String::new(),
                 cert_expires_at_ms: 0,
                 cert_ca: String::new(),
@@ -467,6 +474,39 @@ mod tests {
             at_ms: 9,
             returned: false,
         }
+    }
+
+    #[test]
+    fn a_heartbeat_from_before_the_newest_rollout_ended_is_not_drift() {
+        let v1 = release("web-v1", ReleaseState::Stable, true, 1);
+        let history = [v1.clone()];
+        let mut stale = node("n", "production", "web-v2", true);
+        // A canary's abort, which returned every node.
+        let returned = ServiceOutcome {
+            at_ms: 2_000,
+            returned: true,
+            ..ended(RolloutKind::Deploy, RolloutState::Aborted, true)
+        };
+        let (drifted, due) = decide(
+            &v1,
+            Some(&returned),
+            &history,
+            std::slice::from_ref(&stale),
+            &mut Backoff::new(),
+            Instant::now(),
+        );
+        assert_eq!((drifted, due), (0, Vec::<String>::new()));
+        // The next heartbeat still shows v2: that is drift.
+        stale.record.services_at_ms = 2_500;
+        let (drifted, due) = decide(
+            &v1,
+            Some(&returned),
+            &history,
+            &[stale],
+            &mut Backoff::new(),
+            Instant::now(),
+        );
+        assert_eq!((drifted, due), (1, vec!["n".to_string()]));
     }
 
     #[test]
