@@ -17,6 +17,28 @@ use serde_json::Value;
 /// for `cutover rollout promote`.
 const AWAITING_PROMOTION: i32 = 3;
 
+/// Panics with its output unless the command exited 0.
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// Panics with its output unless `deploy --wait` or `rollout watch` stopped
+/// at a canary waiting for promotion.
+fn awaits_promotion(out: &std::process::Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(AWAITING_PROMOTION),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
 const CLIENTS: usize = 1000;
 const REQUESTS_PER_CLIENT: usize = 10;
 
@@ -255,21 +277,10 @@ scale_down_delay = "15s""#;
 fn a_canary_splits_by_sticky_cohort_survives_restarts_and_promotes() {
     let f = Fixture::new();
     let out = f.deploy("v1", "batch = 2");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    succeeded(&out);
 
     let out = f.deploy("v2", CANARY_20);
-    assert_eq!(
-        out.status.code(),
-        Some(AWAITING_PROMOTION),
-        "deploy --wait stops at the pause: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    awaits_promotion(&out);
     let id = newest_id(&f);
     let rollout = f.rollout(&id);
     assert_eq!(rollout["state"], "running", "{rollout:#}");
@@ -347,12 +358,7 @@ fn a_canary_splits_by_sticky_cohort_survives_restarts_and_promotes() {
     let out = f.cluster.cutover(&["rollout", "promote", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = f.cluster.cutover(&["rollout", "watch", &id]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(f.rollout(&id)["state"], "succeeded");
     assert_eq!(versions(f.port, 2), ["v2", "v2"]);
     f.wait_sides("v1 kept warm, out of the traffic, until retired", |s| {
@@ -369,22 +375,12 @@ fn a_canary_splits_by_sticky_cohort_survives_restarts_and_promotes() {
 fn an_abort_returns_every_request_to_stable_and_a_sick_canary_rolls_back() {
     let f = Fixture::new();
     let out = f.deploy("v1", "batch = 2");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    succeeded(&out);
     let half = r#"kind = "canary"
 steps = [{ set_weight = 50 }, { pause = {} }]
 abort_scale_down_delay = "2s""#;
     let out = f.deploy("v2", half);
-    assert_eq!(
-        out.status.code(),
-        Some(AWAITING_PROMOTION),
-        "{}",
-        text(&out.stderr)
-    );
+    awaits_promotion(&out);
     let id = newest_id(&f);
 
     // Cookieless clients from 200 addresses, half of them on the canary,
@@ -451,12 +447,7 @@ abort_scale_down_delay = "2s""#;
     // A canary that turns sick while it takes traffic is rolled back by
     // itself; its clients return to v2.
     let out = f.deploy("v3", half);
-    assert_eq!(
-        out.status.code(),
-        Some(AWAITING_PROMOTION),
-        "{}",
-        text(&out.stderr)
-    );
+    awaits_promotion(&out);
     let id = newest_id(&f);
     for i in 0..2 {
         let answer = http_get_with(&f.node(i), "/sick", &[("X-Cutover-Canary", "always")]);
@@ -570,12 +561,7 @@ fn the_proxies_analysis_fails_an_erroring_or_slower_canary_and_waits_on_too_litt
     };
     // Every release takes 20 ms a request, as a real app would.
     let out = deploy("v1", "LATENCY_MS = \"20\"");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    succeeded(&out);
 
     // v2 fails one request in ten: the first sample fails it, and every
     // node returns to v1; no request of a stable client failed.
@@ -626,13 +612,7 @@ fn the_proxies_analysis_fails_an_erroring_or_slower_canary_and_waits_on_too_litt
     // Without traffic there is no verdict: the analysis is inconclusive
     // and the rollout waits for a person (exit code 3), not promoted.
     let out = deploy("v4", "LATENCY_MS = \"20\"");
-    assert_eq!(
-        out.status.code(),
-        Some(AWAITING_PROMOTION),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    awaits_promotion(&out);
     let rollout = f.cluster.newest_rollout();
     assert_eq!(
         rollout["analysis"][0]["state"], "inconclusive",
@@ -765,12 +745,7 @@ fn status_endpoint(errors: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Stri
 fn prometheus_and_web_analysis_gate_a_canary() {
     let f = Fixture::new();
     let out = f.deploy("v1", "batch = 2");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    succeeded(&out);
     let metrics_url = f
         .cluster
         .env()
@@ -812,13 +787,7 @@ min_healthy_time = "1s""#;
 
     // Both pass: the canary goes on to its pause.
     let out = deploy("v2");
-    assert_eq!(
-        out.status.code(),
-        Some(AWAITING_PROMOTION),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    awaits_promotion(&out);
     let rollout = f.cluster.newest_rollout();
     let run = &rollout["analysis"][0];
     assert_eq!(run["state"], "successful", "{rollout:#}");

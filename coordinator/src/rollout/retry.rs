@@ -32,7 +32,7 @@ impl Rollouts {
             RolloutState::Aborted | RolloutState::RolledBack | RolloutState::Failed
         ) {
             return refuse(format!(
-                "rollout {id} is {}: only a deploy that ended aborted, rolled_back or failed starts again, and a held one runs its command again",
+                "rollout {id} is {}, not held and not ended aborted, rolled_back or failed: retry runs a held rollout's migration or hook again, or an ended deploy's release from its first step",
                 old.state.as_str()
             ));
         }

@@ -243,28 +243,20 @@ pub fn promote_refusal(r: &Rollout, full: bool) -> Option<String> {
             node.state.as_str()
         ));
     }
-    match phase {
-        _ if full => None,
-        CanaryPhase::Step { index, since_ms: Some(_) }
-            if matches!(canary.steps.get(index as usize), Some(CanaryStep::Pause(_))) =>
-        {
-            None
-        }
-        CanaryPhase::Step {
-            index,
-            since_ms: Some(_),
-        } if matches!(canary.steps.get(index as usize), Some(CanaryStep::Analysis(_))) => {
-            match analysis::verdict(r, index) {
-                Some((Verdict::Inconclusive, _)) => None,
-                _ => Some(format!(
-                    "rollout {} runs its analysis at step {} ({}): it goes on by itself when the analysis succeeds; `--full` skips every remaining step",
-                    r.id,
-                    index + 1,
-                    canary.steps[index as usize]
-                )),
-            }
-        }
-        CanaryPhase::Step { index, .. } if (index as usize) < canary.steps.len() => Some(format!(
+    if full {
+        return None;
+    }
+    match (begun_step(r), phase) {
+        (Some((_, CanaryStep::Pause(_))), _) => None,
+        (Some((index, step @ CanaryStep::Analysis(_))), _) => match analysis::verdict(r, index) {
+            Some((Verdict::Inconclusive, _)) => None,
+            _ => Some(format!(
+                "rollout {} runs its analysis at step {} ({step}): it goes on by itself when the analysis succeeds; `--full` skips every remaining step",
+                r.id,
+                index + 1,
+            )),
+        },
+        (_, CanaryPhase::Step { index, .. }) if (index as usize) < canary.steps.len() => Some(format!(
             "rollout {} is at step {} ({}), not at a pause: promote ends a pause; `--full` skips every remaining step",
             r.id,
             index + 1,
@@ -274,10 +266,8 @@ pub fn promote_refusal(r: &Rollout, full: bool) -> Option<String> {
     }
 }
 
-/// Whether the canary waits at a pause, or measures at an analysis step,
-/// that has begun: time there is planned, and does not count against the
-/// progress deadline.
-pub(super) fn at_pause(r: &Rollout) -> bool {
+/// The step the canary is at, with its index, once that step has begun.
+fn begun_step(r: &Rollout) -> Option<(u32, &CanaryStep)> {
     let (
         Phase::Canary(CanaryPhase::Step {
             index,
@@ -286,11 +276,18 @@ pub(super) fn at_pause(r: &Rollout) -> bool {
         Some(canary),
     ) = (r.phase, r.strategy.canary())
     else {
-        return false;
+        return None;
     };
+    Some((index, canary.steps.get(index as usize)?))
+}
+
+/// Whether the canary waits at a pause, or measures at an analysis step,
+/// that has begun: time there is planned, and does not count against the
+/// progress deadline.
+pub(super) fn at_pause(r: &Rollout) -> bool {
     matches!(
-        canary.steps.get(index as usize),
-        Some(CanaryStep::Pause(_) | CanaryStep::Analysis(_))
+        begun_step(r),
+        Some((_, CanaryStep::Pause(_) | CanaryStep::Analysis(_)))
     )
 }
 
@@ -299,19 +296,9 @@ pub(super) fn at_pause(r: &Rollout) -> bool {
 /// it: every canary node reported its canary healthy since it started. A
 /// CI job that sees this (exit code 3) may promote at once.
 pub fn awaiting_promotion(r: &Rollout) -> bool {
-    let (
-        Phase::Canary(CanaryPhase::Step {
-            index,
-            since_ms: Some(_),
-        }),
-        Some(canary),
-    ) = (r.phase, r.strategy.canary())
-    else {
-        return false;
-    };
-    let waits = match canary.steps.get(index as usize) {
-        Some(CanaryStep::Pause(None)) => true,
-        Some(CanaryStep::Analysis(_)) => {
+    let waits = match begun_step(r) {
+        Some((_, CanaryStep::Pause(None))) => true,
+        Some((index, CanaryStep::Analysis(_))) => {
             matches!(
                 analysis::verdict(r, index),
                 Some((Verdict::Inconclusive, _))
