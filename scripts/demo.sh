@@ -9,7 +9,12 @@
 #     sent/failed counts;
 #  4. deploys a broken v3 whose health check turns bad after its cutover:
 #     it is rolled back automatically, under load, and the reason is shown;
-#  5. stops everything (CUTOVER_DEMO_KEEP=1 leaves the cluster running).
+#  5. rolls v4 out as a canary (examples/demo/canary.toml appended to the
+#     spec): each node proxy gives it 20 %, then 50 % of its clients (the
+#     load comes from 1,000 client addresses), the proxies' analysis
+#     compares it with v2 on the same nodes, then every node switches;
+#     shows the verdicts and the load's answers by version;
+#  6. stops everything (CUTOVER_DEMO_KEEP=1 leaves the cluster running).
 #
 # `--runtime docker` does the same with containers: the sample app is built
 # as a static binary, baked into FROM-scratch images v1, v2 and v3, pushed to
@@ -24,8 +29,9 @@
 # adds a column that v2's code reads in its health check, while the load
 # runs; the demo then shows the database's record of the runs.
 #
-# Exits 0 only if v2 rolled out with zero failed requests and v3 was rolled
-# back with every node on v2 (and, with --with-db, v2's migration ran exactly
+# Exits 0 only if v2 rolled out with zero failed requests, v3 was rolled
+# back with every node on v2, and v4's canary passed its analysis and
+# rolled out with zero failed requests, every node on v4 (and, with --with-db, v2's migration ran exactly
 # once and every node reads the column it added).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -101,11 +107,11 @@ fi
 # shellcheck disable=SC1091
 source "$dir/env"
 
-# Three releases of the sample app: the same program with another VERSION;
+# Four releases of the sample app: the same program with another VERSION;
 # v3 also ships BROKEN, which fails its health check 3 s after it starts.
 artifacts="$dir/artifacts"
 rm -rf "$artifacts"
-for version in v1 v2 v3; do
+for version in v1 v2 v3 v4; do
   mkdir -p "$artifacts/$version"
   cp examples/demo/app.py "$artifacts/$version/"
   echo "$version" >"$artifacts/$version/VERSION"
@@ -118,7 +124,7 @@ if [ "$with_db" = 1 ]; then
   # its code reads it (QUERY, run by each health check), so v2 is healthy
   # only once its migration ran; v3 changes no schema.
   spec=examples/demo/cutover-db.toml
-  for version in v1 v2 v3; do
+  for version in v1 v2 v3 v4; do
     cp examples/demo/pgwire.py examples/demo/migrate.sh "$artifacts/$version/"
     mkdir -p "$artifacts/$version/migrations"
     if [ "$version" = v1 ]; then
@@ -130,18 +136,18 @@ if [ "$with_db" = 1 ]; then
     fi
   done
 fi
-for version in v1 v2 v3; do
+for version in v1 v2 v3 v4; do
   tar -C "$artifacts/$version" -czf "$artifacts/$version.tar.gz" .
 done
 
 if [ "$runtime" = docker ]; then
-  # The same three versions as images: the sample app as a static binary
+  # The same four versions as images: the sample app as a static binary
   # in an otherwise empty image. Local copies are removed after the push,
   # so the agents really pull them (by digest).
   spec=examples/demo/cutover-docker.toml
   rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols \
     -o "$artifacts/sample-app" integration-tests/fixtures/sample-app.rs
-  for version in v1 v2 v3; do
+  for version in v1 v2 v3 v4; do
     context="$artifacts/image-$version"
     mkdir -p "$context"
     cp "$artifacts/sample-app" "$context/"
@@ -163,12 +169,14 @@ if [ "$runtime" = docker ]; then
   done
 fi
 
-# Deploys version $1 of the demo, as an artifact or an image.
+# Deploys version $1 of the demo, as an artifact or an image, with the spec
+# $2 (default: the demo's).
 deploy() {
+  local file=${2:-$spec}
   if [ "$runtime" = docker ]; then
-    "$cutover" deploy -f "$spec" --env local --image "$CUTOVER_DEV_REGISTRY/demo/web:$1" --wait
+    "$cutover" deploy -f "$file" --env local --image "$CUTOVER_DEV_REGISTRY/demo/web:$1" --wait
   else
-    "$cutover" deploy -f "$spec" --env local --version "$1" --artifact "$artifacts/$1.tar.gz" --wait
+    "$cutover" deploy -f "$file" --env local --version "$1" --artifact "$artifacts/$1.tar.gz" --wait
   fi
 }
 port=18080
@@ -184,7 +192,7 @@ versions() {
 }
 
 start_load() {
-  "$loadgen" "${targets[@]}" --connections 6 >"$dir/load-$1.json" &
+  "$loadgen" "${targets[@]}" --connections 6 --clients 1000 >"$dir/load-$1.json" &
   load_pid=$!
 }
 
@@ -254,13 +262,37 @@ if [ "$with_db" = 1 ]; then
   psql -X -P pager=off -c "SELECT id, version, rollout, started_at::time(0) AS started, finished_at::time(0) AS finished FROM migration_runs ORDER BY id" | sed 's/^/  /'
 fi
 
+# Every node serves $1 (1) or not (0).
+all_on() {
+  local all=1
+  for a in "${addresses[@]}"; do
+    [ "$(curl -fsS --max-time 2 "http://$a:$port/" || true)" = "$1" ] || all=0
+  done
+  echo $all
+}
+all_v2=$(all_on v2)
+
+echo
+echo "== 4. roll v4 out as a canary: 20 %, then 50 % of each node's clients, judged by the proxies"
+cat "$spec" examples/demo/canary.toml >"$dir/cutover-canary.toml"
+start_load v4
+sleep 1
+v4_ok=0
+deploy v4 "$dir/cutover-canary.toml" && v4_ok=1
+sleep 1
+stop_load v4
+v4_rollout=$("$cutover" --output json rollout list --service web --limit 1 |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+echo "  the canary's steps and analysis verdicts (cutover rollout status $v4_rollout):"
+"$cutover" rollout status "$v4_rollout" | grep -E "^(canary|steps|analysis|  (success|latency)) " | sed 's/^/  /'
+echo "  versions per node:"
+versions
+all_v4=$(all_on v4)
+
 echo
 v2_failed=$(failed_of v2)
 v3_failed=$(failed_of v3)
-all_v2=1
-for a in "${addresses[@]}"; do
-  [ "$(curl -fsS --max-time 2 "http://$a:$port/" || true)" = v2 ] || all_v2=0
-done
+v4_failed=$(failed_of v4)
 db_ok=1
 db_note=""
 if [ "$with_db" = 1 ]; then
@@ -278,11 +310,12 @@ if [ "$with_db" = 1 ]; then
     db_note="; v2's migration ran $v2_all_runs time(s) ($v2_runs to its end), every node reads its column: $db_ok"
   fi
 fi
-if [ "$v2_ok" = 1 ] && [ "$v2_failed" = 0 ] && [ "$v3_state" = rolled_back ] && [ "$all_v2" = 1 ] && [ "$db_ok" = 1 ]; then
-  echo "demo passed: v2 rolled out with 0 failed requests; broken v3 rolled back ($v3_failed failed requests); every node serves v2$db_note"
+if [ "$v2_ok" = 1 ] && [ "$v2_failed" = 0 ] && [ "$v3_state" = rolled_back ] && [ "$all_v2" = 1 ] &&
+  [ "$v4_ok" = 1 ] && [ "$v4_failed" = 0 ] && [ "$all_v4" = 1 ] && [ "$db_ok" = 1 ]; then
+  echo "demo passed: v2 rolled out with 0 failed requests; broken v3 rolled back ($v3_failed failed requests) with every node on v2; the v4 canary passed its analysis and rolled out with 0 failed requests; every node serves v4$db_note"
   result=0
 else
-  echo "demo FAILED: v2 ok=$v2_ok, failed requests v2=$v2_failed v3=$v3_failed, v3 ended $v3_state, all nodes on v2=$all_v2$db_note"
+  echo "demo FAILED: v2 ok=$v2_ok, failed requests v2=$v2_failed v3=$v3_failed v4=$v4_failed, v3 ended $v3_state, all nodes on v2 after v3=$all_v2, v4 ok=$v4_ok, all nodes on v4=$all_v4$db_note"
   result=1
 fi
 if [ "$keep" = 1 ]; then

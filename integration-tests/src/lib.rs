@@ -6,6 +6,7 @@
 //! for end-to-end cases (hyperqueue and garage style).
 #![forbid(unsafe_code)]
 
+pub mod canary;
 pub mod docker;
 pub mod load;
 pub mod netns;

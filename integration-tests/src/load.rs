@@ -62,6 +62,19 @@ pub struct Load {
 
 impl Load {
     pub fn start(targets: Vec<SocketAddr>, path: &str, connections: usize) -> Self {
+        Self::start_as_clients(targets, path, connections, 0)
+    }
+
+    /// The same, each request from one of `clients` client addresses in
+    /// turn (X-Forwarded-For, as a load balancer in front sets it; the
+    /// node proxies trust it from loopback), so a canary's split sees many
+    /// clients; 0: every request from the connection's own address.
+    pub fn start_as_clients(
+        targets: Vec<SocketAddr>,
+        path: &str,
+        connections: usize,
+        clients: usize,
+    ) -> Self {
         assert!(!targets.is_empty(), "load needs a target");
         let stop = CancellationToken::new();
         let live = Arc::new(Mutex::new((0, 0)));
@@ -71,7 +84,12 @@ impl Load {
                 let stop = stop.clone();
                 let live = live.clone();
                 let path = path.to_string();
-                tokio::spawn(async move { client(target, path, stop, live).await })
+                let clients = Clients {
+                    count: clients,
+                    first: i,
+                    step: connections,
+                };
+                tokio::spawn(async move { client(target, path, clients, stop, live).await })
             })
             .collect();
         Self {
@@ -119,17 +137,46 @@ impl Load {
     }
 }
 
+/// Which client addresses one worker's requests come from: `first`, then
+/// every `step`th, of `count` (none when 0).
+struct Clients {
+    count: usize,
+    first: usize,
+    step: usize,
+}
+
+impl Clients {
+    /// The forwarding header of request `n`, if any.
+    fn header(&self, n: usize) -> String {
+        if self.count == 0 {
+            return String::new();
+        }
+        let i = (self.first + n * self.step) % self.count;
+        format!(
+            "X-Forwarded-For: 10.{}.{}.{}\r\n",
+            i >> 16 & 255,
+            i >> 8 & 255,
+            i & 255
+        )
+    }
+}
+
 async fn client(
     target: SocketAddr,
     path: String,
+    clients: Clients,
     stop: CancellationToken,
     live: Arc<Mutex<(u64, u64)>>,
 ) -> LoadReport {
     let mut report = LoadReport::default();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: cutover-load\r\n\r\n");
     let mut connection: Option<BufReader<TcpStream>> = None;
+    let mut n = 0;
     while !stop.is_cancelled() {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: cutover-load\r\n{}\r\n",
+            clients.header(n)
+        );
+        n += 1;
         let started = Instant::now();
         let attempt = async {
             if connection.is_none() {

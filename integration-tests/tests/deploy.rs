@@ -50,6 +50,23 @@ fn example_app_specs_resolve() {
             "{file}"
         );
     }
+    // The demo's canary step appends examples/demo/canary.toml to its spec.
+    let canary = std::fs::read_to_string(repo().join("examples/demo/canary.toml")).unwrap();
+    for file in [
+        "examples/demo/cutover.toml",
+        "examples/demo/cutover-db.toml",
+        "examples/demo/cutover-docker.toml",
+    ] {
+        let text = std::fs::read_to_string(repo().join(file)).unwrap() + &canary;
+        let spec = AppSpec::parse(&text, file).unwrap_or_else(|e| panic!("{e}"));
+        let image = file.contains("docker").then_some("registry.local/demo/web@sha256:0000000000000000000000000000000000000000000000000000000000000000");
+        let artifact = image.is_none().then_some(&artifact);
+        let resolved = spec
+            .resolve(file, "local", "web", "v4", artifact, image)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let canary = resolved.strategy.canary().expect("the demo's canary step");
+        assert_eq!(canary.analyses["errors"].metrics.len(), 2, "{file}");
+    }
     let shop = AppSpec::parse(
         &std::fs::read_to_string(repo().join("deploy/examples/shop/cutover.toml")).unwrap(),
         "shop",

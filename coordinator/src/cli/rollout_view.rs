@@ -223,9 +223,20 @@ fn analysis_lines(run: &pb::AnalysisRun) -> String {
             }
         ));
         if let Some(last) = m.samples.last() {
-            let mut values: Vec<(&String, &f64)> = last.values.iter().collect();
+            // What the condition reads, and the traffic it was read on.
+            let mut values: Vec<(&String, &f64)> = last
+                .values
+                .iter()
+                .filter(|(k, _)| m.condition.contains(k.as_str()) || k.ends_with("_requests"))
+                .collect();
             values.sort_by(|a, b| a.0.cmp(b.0));
-            let values: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+            let values: Vec<String> = values
+                .iter()
+                .map(|(k, v)| {
+                    let v = format!("{v:.4}");
+                    format!("{k}={}", v.trim_end_matches('0').trim_end_matches('.'))
+                })
+                .collect();
             out.push_str(&format!("; last: {}", values.join(" ")));
             if !last.note.is_empty() {
                 out.push_str(&format!(" ({})", last.note));
@@ -334,4 +345,42 @@ pub fn to_json(r: &pb::Rollout) -> Value {
             "message": t.message,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_analysis_shows_its_verdict_and_the_values_its_condition_read() {
+        let run = pb::AnalysisRun {
+            step: 2,
+            name: "errors".into(),
+            state: "failed".into(),
+            summary: "metric success (proxy) failed".into(),
+            metrics: vec![pb::AnalysisMetric {
+                name: "success".into(),
+                provider: "proxy".into(),
+                condition: "canary_success_rate >= 0.99".into(),
+                state: "failed".into(),
+                count: 3,
+                samples: vec![pb::AnalysisSample {
+                    outcome: "failed".into(),
+                    values: [
+                        ("canary_success_rate".to_string(), 0.9),
+                        ("canary_requests".to_string(), 120.0),
+                        ("stable_p99".to_string(), 25.0),
+                    ]
+                    .into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            analysis_lines(&run),
+            "analysis  errors (step 2) failed: metric success (proxy) failed\n  success (proxy, `canary_success_rate >= 0.99`) failed: 1 of 3 samples [failed]; last: canary_requests=120 canary_success_rate=0.9\n"
+        );
+    }
 }

@@ -1,6 +1,8 @@
 //! Closed-loop HTTP load for demos and benchmarks:
 //! `loadgen --target ADDR [--target ADDR ...] [--connections N] [--path P]
-//! [--duration SECS]`. Runs until the duration ends or SIGTERM/SIGINT, then
+//! [--duration SECS] [--clients N]` (`--clients`: each request from one of N
+//! client addresses in turn, in X-Forwarded-For, so a canary's split sees
+//! many clients). Runs until the duration ends or SIGTERM/SIGINT, then
 //! prints a JSON report (sent, failed, responses by body, p50/p99 ms,
 //! requests per second) on stdout.
 #![forbid(unsafe_code)]
@@ -11,7 +13,7 @@ use std::time::Duration;
 use cutover_integration_tests::load::Load;
 
 fn usage() -> ! {
-    eprintln!("usage: loadgen --target ADDR:PORT [--target ...] [--connections N] [--path /] [--duration SECS]");
+    eprintln!("usage: loadgen --target ADDR:PORT [--target ...] [--connections N] [--path /] [--duration SECS] [--clients N]");
     std::process::exit(2);
 }
 
@@ -20,6 +22,7 @@ fn main() {
     let mut connections = 8;
     let mut path = "/".to_string();
     let mut duration = None;
+    let mut clients = 0;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -27,6 +30,7 @@ fn main() {
             "--target" => targets.push(value.parse().unwrap_or_else(|_| usage())),
             "--connections" => connections = value.parse().unwrap_or_else(|_| usage()),
             "--path" => path = value,
+            "--clients" => clients = value.parse().unwrap_or_else(|_| usage()),
             "--duration" => {
                 duration = Some(Duration::from_secs_f64(
                     value.parse().unwrap_or_else(|_| usage()),
@@ -45,7 +49,7 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async {
         let shutdown = cutover_common::shutdown::on_signals();
-        let load = Load::start(targets, &path, connections);
+        let load = Load::start_as_clients(targets, &path, connections, clients);
         match duration {
             Some(d) => {
                 tokio::select! {
