@@ -46,14 +46,22 @@ fn the_proxies_analysis_fails_an_erroring_or_slower_canary_and_waits_on_too_litt
     let out = deploy("v1", "LATENCY_MS = \"20\"");
     succeeded(&out);
 
-    // v2 fails one request in ten: the first sample fails it, and every
-    // node returns to v1; no request of a stable client failed.
-    let shoppers = Shoppers::start(&f);
-    let out = deploy("v2", "LATENCY_MS = \"20\"\nFAIL_PERCENT = \"10\"");
-    let answers = shoppers.finish();
-    assert!(!out.status.success(), "{}", text(&out.stdout));
-    let rollout = f.cluster.newest_rollout();
-    assert_eq!(rollout["state"], "rolled_back", "{rollout:#}");
+    // Deploys `version` under load; it must end rolled back. The rollout
+    // and every answer the shoppers got.
+    let rolled_back_under_load = |version: &str, env: &str| {
+        let shoppers = Shoppers::start(&f);
+        let out = deploy(version, env);
+        let answers = shoppers.finish();
+        assert!(!out.status.success(), "{}", text(&out.stdout));
+        let rollout = f.cluster.newest_rollout();
+        assert_eq!(rollout["state"], "rolled_back", "{rollout:#}");
+        (rollout, answers)
+    };
+
+    // v2 fails one request in ten: a sample fails it, and every node
+    // returns to v1; no request of a stable client failed.
+    let (rollout, answers) =
+        rolled_back_under_load("v2", "LATENCY_MS = \"20\"\nFAIL_PERCENT = \"10\"");
     let error = rollout["error"]["message"].as_str().unwrap_or_default();
     assert!(
         error.contains(
@@ -79,12 +87,7 @@ fn the_proxies_analysis_fails_an_erroring_or_slower_canary_and_waits_on_too_litt
 
     // v3 answers every request, but twice as slowly: the latency
     // condition fails it.
-    let shoppers = Shoppers::start(&f);
-    let out = deploy("v3", "LATENCY_MS = \"40\"");
-    let answers = shoppers.finish();
-    assert!(!out.status.success(), "{}", text(&out.stdout));
-    let rollout = f.cluster.newest_rollout();
-    assert_eq!(rollout["state"], "rolled_back", "{rollout:#}");
+    let (rollout, answers) = rolled_back_under_load("v3", "LATENCY_MS = \"40\"");
     let error = rollout["error"]["message"].as_str().unwrap_or_default();
     assert!(
         error.contains("metric latency (proxy): `canary_p99 <= 1.2 * stable_p99` failed"),

@@ -320,6 +320,21 @@ fn a_weight_change_in_flight_is_resent_with_its_weight_after_a_restart() {
 }
 
 #[test]
+fn promote_of_a_paused_canary_is_refused_with_the_way_on() {
+    let steps = vec![CanaryStep::SetWeight(20), CanaryStep::SetWeight(40)];
+    let (mut r, sets) = staged(2, BatchSize::Count(1), steps);
+    handle(&mut r, 25, Input::Pause { by: "alice".into() });
+    let raises = succeed(&mut r, 30, &sets);
+    assert!(raises.is_empty(), "paused between steps");
+    assert_eq!(r.state, RolloutState::Paused, "{:?}", kinds(&r));
+    let refusal = promote_refusal(&r, true).expect("refused");
+    assert!(
+        refusal.contains("is paused") && refusal.contains("cutover rollout resume"),
+        "{refusal}"
+    );
+}
+
+#[test]
 fn a_pause_request_takes_effect_between_steps() {
     let steps = vec![CanaryStep::SetWeight(10), CanaryStep::SetWeight(20)];
     let (mut r, sets) = staged(1, BatchSize::Count(1), steps);

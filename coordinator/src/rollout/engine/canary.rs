@@ -11,7 +11,7 @@ use super::steps::Cutover;
 use super::{fail, in_flight, note, pause, Send};
 use crate::analysis::run::Verdict;
 use crate::rollout::model::{
-    CanaryPhase, NodeState, Phase, RollingPhase, Rollout, RolloutError, RolloutNode,
+    CanaryPhase, NodeState, Phase, RollingPhase, Rollout, RolloutError, RolloutNode, RolloutState,
 };
 use crate::strategy::canary::{Canary, CanaryStep};
 
@@ -224,6 +224,20 @@ pub fn promote_refusal(r: &Rollout, full: bool) -> Option<String> {
             r.state.as_str()
         ));
     };
+    // The engine takes a promotion only while the rollout runs.
+    if r.state == RolloutState::Paused {
+        return Some(format!(
+            "rollout {} is paused: `cutover rollout resume {}` first, then promote",
+            r.id, r.id
+        ));
+    }
+    if r.state != RolloutState::Running {
+        return Some(format!(
+            "rollout {} is {}: there is nothing to promote",
+            r.id,
+            r.state.as_str()
+        ));
+    }
     if r.abort_requested {
         return Some(format!("rollout {} is being aborted", r.id));
     }
