@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::canary_tests::{canary, kinds, promote, staged_with, succeed, tick, weights};
+use super::canary_tests::{
+    canary, commanded_until_done, kinds, promote, staged_with, succeed, tick, weights,
+};
 use super::engine::{awaiting_promotion, external_due, handle, Input};
 use super::model::*;
 use crate::analysis::run::Verdict;
@@ -125,19 +127,7 @@ fn a_canary_returning_errors_fails_its_analysis_and_every_node_returns_to_stable
             && error.contains("canary_requests=200"),
         "{error}"
     );
-    let mut returned: Vec<String> = returns.iter().map(|s| s.node_name.clone()).collect();
-    let mut now = 1_200;
-    let mut sends = succeed(&mut r, now, &returns);
-    while !r.state.is_terminal() {
-        now += 100;
-        let t = tick(&r, now, None);
-        sends.extend(handle(&mut r, now, t));
-        returned.extend(sends.iter().map(|s| s.node_name.clone()));
-        sends = succeed(&mut r, now, &sends);
-        assert!(now < 10_000, "{:?}", kinds(&r));
-    }
-    returned.sort();
-    returned.dedup();
+    let returned = commanded_until_done(&mut r, 1_200, returns);
     assert_eq!(returned, ["node-0", "node-1"], "both canary nodes return");
     assert_eq!(r.state, RolloutState::RolledBack, "{:?}", kinds(&r));
 }

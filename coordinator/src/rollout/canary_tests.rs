@@ -379,18 +379,25 @@ fn a_canary_node_whose_weight_change_was_refused_returns_to_stable_too() {
         Outcome::Failed("the split is invalid".into()),
     );
     returns.extend(succeed(&mut r, 41, &raises[1..]));
-    let mut now = 50;
-    let mut returned: Vec<String> = returns.iter().map(|s| s.node_name.clone()).collect();
-    let mut sends = succeed(&mut r, now, &returns);
+    let returned = commanded_until_done(&mut r, 50, returns);
+    assert_eq!(returned, ["node-0", "node-1"], "{:?}", kinds(&r));
+}
+
+/// Answers `sends` (sent at `now`) and every command after them, with a
+/// healthy tick every 100 ms, until the rollout ends: the nodes that got a
+/// command, each once, by name.
+pub(super) fn commanded_until_done(r: &mut Rollout, mut now: i64, sends: Vec<Send>) -> Vec<String> {
+    let mut commanded: Vec<String> = sends.iter().map(|s| s.node_name.clone()).collect();
+    let mut sends = succeed(r, now, &sends);
     while !r.state.is_terminal() {
         now += 100;
-        let t = tick(&r, now, None);
-        sends.extend(handle(&mut r, now, t));
-        returned.extend(sends.iter().map(|s| s.node_name.clone()));
-        sends = succeed(&mut r, now, &sends);
-        assert!(now < 10_000, "{:?}", kinds(&r));
+        let t = tick(r, now, None);
+        sends.extend(handle(r, now, t));
+        commanded.extend(sends.iter().map(|s| s.node_name.clone()));
+        sends = succeed(r, now, &sends);
+        assert!(now < 10_000, "{:?}", kinds(r));
     }
-    returned.sort();
-    returned.dedup();
-    assert_eq!(returned, ["node-0", "node-1"], "{:?}", kinds(&r));
+    commanded.sort();
+    commanded.dedup();
+    commanded
 }
