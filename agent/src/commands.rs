@@ -16,7 +16,7 @@ use cutover_proto::v1::{
 use tokio::sync::mpsc;
 
 use crate::renewal::Renewer;
-use crate::service::split_from_proto;
+use crate::service::{split_from_proto, KeepPrevious};
 use crate::services::{NodeServices, ServiceError};
 use crate::state::Journal;
 use crate::tasks::Task;
@@ -159,7 +159,10 @@ impl Executor {
                             activate.drain_first,
                             &activate.secret_values,
                             &activate.hook_env,
-                            std::time::Duration::from_millis(activate.keep_previous_ms),
+                            KeepPrevious::from_wire(
+                                activate.keep_previous_ms,
+                                activate.keep_previous_warm,
+                            ),
                             &progress,
                         )
                         .await

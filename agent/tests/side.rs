@@ -14,7 +14,9 @@ use bytes::Bytes;
 use cutover_agent::artifacts::ArtifactCache;
 use cutover_agent::proxy::cohort::{Cohorts, Split, Sticky};
 use cutover_agent::proxy::{Proxy, ProxyConfig};
-use cutover_agent::service::{shared, CutoverError, Service, ServiceKind, Step, WebRelease};
+use cutover_agent::service::{
+    shared, CutoverError, KeepPrevious, Service, ServiceKind, Step, WebRelease,
+};
 use cutover_agent::store::AgentStore;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -287,6 +289,58 @@ async fn set_traffic_moves_clients_one_way_and_zero_leaves_the_override_only() {
     fx.stop().await;
 }
 
+/// Blue/green's keep_warm: the release a promotion replaced stays running
+/// without a retire time, also in the record a restarted agent reads, and
+/// switching back to it is a switch in the proxy, no process started; the
+/// next stage replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_previous_release_stays_until_replaced_and_switching_back_starts_nothing() {
+    let fx = fixture().await;
+    fx.stage("v2", split(0, Sticky::ClientIp)).await;
+    let pids = app_pids(fx.root.path());
+    let mut service = fx.service.lock().await;
+    service
+        .promote("web-v2", KeepPrevious::Warm, |_| {})
+        .await
+        .unwrap();
+    let side = service.state().side.unwrap();
+    assert_eq!((side.release_id.as_str(), side.retire_at_ms), ("web-v1", 0));
+    let record = fx.store.service("web").unwrap().unwrap();
+    assert_eq!(record.side.as_ref().map(|s| s.retire_at_ms), Some(0));
+    assert!(service.retire_if_due().await.is_none(), "never due");
+    drop(service);
+    assert!(fx.versions(30).await.values().all(|v| v == "v2"));
+
+    // Back to v1: a switch, v2 now kept warm in its place.
+    let started = Instant::now();
+    let report = fx
+        .service
+        .lock()
+        .await
+        .promote("web-v1", KeepPrevious::Warm, |_| {})
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(report.kept.as_deref(), Some("web-v2"));
+    assert_eq!(
+        app_pids(fx.root.path()),
+        pids,
+        "no process started or stopped"
+    );
+    assert!(fx.versions(30).await.values().all(|v| v == "v1"));
+    assert!(
+        took < Duration::from_secs(1),
+        "the switch back took {took:?}"
+    );
+
+    // A new release staged replaces the warm one: two processes, not three.
+    fx.stage("v3", split(0, Sticky::ClientIp)).await;
+    fx.until_processes(2, Duration::from_secs(15)).await;
+    let side = fx.service.lock().await.state().side.unwrap();
+    assert_eq!(side.release_id, "web-v3");
+    fx.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activating_the_side_release_is_a_switch_and_the_kept_one_retires_on_time() {
     let fx = fixture().await;
@@ -299,9 +353,11 @@ async fn activating_the_side_release_is_a_switch_and_the_kept_one_retires_on_tim
         .service
         .lock()
         .await
-        .promote("web-v2", Duration::from_millis(1500), |step| {
-            steps.lock().unwrap().push(step)
-        })
+        .promote(
+            "web-v2",
+            KeepPrevious::For(Duration::from_millis(1500)),
+            |step| steps.lock().unwrap().push(step),
+        )
         .await
         .unwrap();
     assert_eq!(steps.into_inner().unwrap(), [Step::Switching]);
@@ -320,13 +376,12 @@ async fn activating_the_side_release_is_a_switch_and_the_kept_one_retires_on_tim
         ("web-v1", 0)
     );
     assert!(side.retire_at_ms > cutover_common::now_ms(), "{side:?}");
+    // The canary's override means the canary, which serves now: the kept
+    // release takes nothing, not even testers' requests.
     let from = client(1);
     let always = [("x-canary", "always"), ("x-forwarded-for", from.as_str())];
-    assert_eq!(
-        fx.ask(&always).await.0,
-        "v1",
-        "the kept release still answers"
-    );
+    assert_eq!(fx.ask(&always).await.0, "v2");
+    assert_eq!(app_pids(fx.root.path()), pids, "the kept release runs");
 
     // The agent stops it by itself when its time is up.
     fx.until_processes(1, Duration::from_secs(15)).await;
@@ -341,7 +396,7 @@ async fn activating_the_side_release_is_a_switch_and_the_kept_one_retires_on_tim
     assert!(fx.versions(20).await.values().all(|v| v == "v3"));
     let mut service = fx.service.lock().await;
     assert!(service
-        .take_back(Duration::from_secs(600))
+        .take_back(KeepPrevious::For(Duration::from_secs(600)))
         .await
         .unwrap()
         .is_none());
@@ -352,7 +407,7 @@ async fn activating_the_side_release_is_a_switch_and_the_kept_one_retires_on_tim
         .service
         .lock()
         .await
-        .take_back(Duration::ZERO)
+        .take_back(KeepPrevious::Stop)
         .await
         .unwrap()
         .expect("the side release stopped");
@@ -382,7 +437,10 @@ async fn a_restarted_agent_adopts_the_side_release_its_split_and_its_retire_time
 
     // Kept for a second after a take-back; the agent restarts meanwhile.
     let mut service = fx.service.lock().await;
-    service.take_back(Duration::from_secs(1)).await.unwrap();
+    service
+        .take_back(KeepPrevious::For(Duration::from_secs(1)))
+        .await
+        .unwrap();
     drop(service);
     fx.restart_agent().await;
     let side = fx.service.lock().await.state().side;

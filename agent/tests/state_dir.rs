@@ -207,7 +207,7 @@ async fn pruning_keeps_the_last_releases_and_what_a_rollout_still_needs() {
                 false,
                 &HashMap::new(),
                 &HashMap::new(),
-                std::time::Duration::ZERO,
+                cutover_agent::service::KeepPrevious::Stop,
                 &|_| {},
             )
             .await

@@ -1121,6 +1121,7 @@ pub fn activate(id: &str, release: pb::Release) -> pb::Command {
             secret_values: Default::default(),
             hook_env: Default::default(),
             keep_previous_ms: 0,
+            keep_previous_warm: false,
         })),
     }
 }

@@ -32,7 +32,9 @@ use super::health::stays_up;
 use super::hooks::{self, HookFailure};
 use super::release::{check_target, process_spec};
 use super::side::{side_record, Side};
-use super::{drain, upstream_of, PreviousRelease, Running, Service, ServiceKind, WebRelease};
+use super::{
+    drain, upstream_of, KeepPrevious, PreviousRelease, Running, Service, ServiceKind, WebRelease,
+};
 use crate::checks::{self, Healthy, Outcome, Target, Unhealthy};
 use crate::proxy::cohort::Cohorts;
 use crate::runtime::supervisor::{ProcessError, Supervisor};
@@ -191,25 +193,26 @@ impl Service {
         release: WebRelease,
         progress: impl Fn(Step),
     ) -> Result<CutoverReport, CutoverError> {
-        self.replace(release, Duration::ZERO, progress).await
+        self.replace(release, KeepPrevious::Stop, progress).await
     }
 
-    /// A cutover to `release` that, with `keep_previous` (not zero, a web
-    /// service that served), keeps the release it replaces running as the
-    /// side release at weight 0 for that long instead of stopping it. A side
-    /// release running before is drained and stopped first.
+    /// A cutover to `release` that, as `keep_previous` says (a web service
+    /// that served), keeps the release it replaces running as the side
+    /// release at weight 0 (for a while, or warm) instead of stopping it. A
+    /// side release running before is drained and stopped first.
     pub async fn replace(
         &mut self,
         release: WebRelease,
-        keep_previous: Duration,
+        keep_previous: KeepPrevious,
         progress: impl Fn(Step),
     ) -> Result<CutoverReport, CutoverError> {
         let started = Instant::now();
         self.retire_side().await;
         let (candidate, healthy) = self.launch(release, &progress).await?;
         progress(Step::Switching);
-        let keep_until = (!keep_previous.is_zero() && self.kind.proxy().is_some())
-            .then(|| cutover_common::now_ms().saturating_add(keep_previous.as_millis() as i64));
+        let keep_until = keep_previous
+            .retire_at_ms()
+            .filter(|_| self.kind.proxy().is_some());
         let kept = match (&self.active, keep_until) {
             (Some(old), Some(at)) => Some(side_record(old, Cohorts::standby().split(), at)),
             _ => None,

@@ -35,6 +35,43 @@ pub use self::release::{WebRelease, DEFAULT_DRAIN_TIMEOUT};
 use self::side::Side;
 pub use self::side::{shared, split_from_proto};
 
+/// What an activation does with the release it takes the traffic from
+/// (`ActivateRelease.keep_previous_ms` and `keep_previous_warm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepPrevious {
+    /// Drained and stopped at once.
+    Stop,
+    /// Kept as the side release at weight 0 this long, then retired by
+    /// the agent.
+    For(Duration),
+    /// Kept as the side release at weight 0 until a later activation or
+    /// stage replaces it: a warm standby to switch back to.
+    Warm,
+}
+
+impl KeepPrevious {
+    pub fn from_wire(keep_previous_ms: u64, warm: bool) -> Self {
+        match (warm, keep_previous_ms) {
+            (true, _) => Self::Warm,
+            (false, 0) => Self::Stop,
+            (false, ms) => Self::For(Duration::from_millis(ms)),
+        }
+    }
+
+    /// When the kept release is retired (ms since the Unix epoch; 0:
+    /// never), or `None` when it is not kept.
+    fn retire_at_ms(self) -> Option<i64> {
+        match self {
+            Self::Stop => None,
+            Self::For(keep) => {
+                let keep = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+                Some(cutover_common::now_ms().saturating_add(keep))
+            }
+            Self::Warm => Some(0),
+        }
+    }
+}
+
 /// Node-level settings of a service.
 #[derive(Debug, Clone)]
 pub struct ServiceSettings {

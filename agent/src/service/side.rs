@@ -16,7 +16,9 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::cutover::{Candidate, CutoverError, CutoverReport, Step};
-use super::{drain, upstream_of, PreviousRelease, Running, Service, ServiceKind, WebRelease};
+use super::{
+    drain, upstream_of, KeepPrevious, PreviousRelease, Running, Service, ServiceKind, WebRelease,
+};
 use crate::checks::Healthy;
 use crate::proxy::cohort::{Cohorts, Split, SplitError, Sticky};
 use crate::store::{ActiveRelease, Leftover, SideRecord, StoreError};
@@ -93,11 +95,6 @@ fn split_to_proto(split: &Split) -> pb::TrafficSplit {
         sticky_name: split.sticky_name.clone(),
         override_header: split.override_header.clone(),
     }
-}
-
-/// A deadline `keep` from now, in ms since the Unix epoch.
-fn retire_at(keep: Duration) -> i64 {
-    cutover_common::now_ms().saturating_add(keep.as_millis() as i64)
 }
 
 impl Service {
@@ -218,12 +215,13 @@ impl Service {
 
     /// Makes the side release `release_id` the one that serves: a switch
     /// in the proxy alone (it passed its checks when staged). The release it
-    /// replaces stays as the side release at weight 0 for `keep_previous`,
-    /// or is drained and stopped at once.
+    /// replaces stays as the side release at weight 0 as `keep_previous`
+    /// says (testers' override no longer reaches it), or is drained and
+    /// stopped at once.
     pub async fn promote(
         &mut self,
         release_id: &str,
-        keep_previous: Duration,
+        keep_previous: KeepPrevious,
         progress: impl Fn(Step),
     ) -> Result<CutoverReport, CutoverError> {
         let started = Instant::now();
@@ -237,9 +235,9 @@ impl Service {
         };
         let side = self.side.take().expect("checked above");
         progress(Step::Switching);
-        let keep = !keep_previous.is_zero();
-        let standby = side.cohorts.with_weight(0);
-        let retire_at_ms = retire_at(keep_previous);
+        let retire_at = keep_previous.retire_at_ms();
+        let (keep, retire_at_ms) = (retire_at.is_some(), retire_at.unwrap_or(0));
+        let standby = Cohorts::standby();
         let promoted = ActiveRelease {
             release: side.running.spec.clone(),
             port: side.running.addr.port(),
@@ -297,20 +295,20 @@ impl Service {
 
     /// Activating the release that serves while a side release runs: all
     /// the traffic goes back to it at once; the side release stays at
-    /// weight 0 for `keep_previous`, or is drained and stopped now.
+    /// weight 0 as `keep_previous` says (testers' override still reaches
+    /// it, for debugging), or is drained and stopped now.
     pub async fn take_back(
         &mut self,
-        keep_previous: Duration,
+        keep_previous: KeepPrevious,
     ) -> Result<Option<PreviousRelease>, CutoverError> {
         let Some(side) = &self.side else {
             return Ok(None);
         };
-        if keep_previous.is_zero() {
+        let Some(retire_at_ms) = keep_previous.retire_at_ms() else {
             return Ok(self.retire_side().await);
-        }
+        };
         let standby = side.cohorts.with_weight(0);
-        self.resplit(standby, retire_at(keep_previous))
-            .map_err(|e| *e)?;
+        self.resplit(standby, retire_at_ms).map_err(|e| *e)?;
         Ok(None)
     }
 

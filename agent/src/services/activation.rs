@@ -2,24 +2,22 @@
 //! a switch to what already runs) and stage (a side release), and the
 //! split between the two.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::time::Duration;
-
 use cutover_common::release::{Kind, ReleaseSpec};
 use cutover_proto::v1 as pb;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 
 use super::{secret_env, NodeServices, ServiceError};
 use crate::proxy::cohort::Cohorts;
-use crate::service::{CutoverError, CutoverReport, Service, WebRelease};
+use crate::service::{CutoverError, CutoverReport, KeepPrevious, Service, WebRelease};
 
 impl NodeServices {
     /// Prepares `release` and cuts its service over to it, with the values
     /// of its secrets in its environment. With `drain_first` the node
     /// leaves the external load balancer for the cutover and returns to it
     /// afterwards, whatever the outcome (unless an operator had drained it).
-    /// With `keep_previous` (not zero) the release it replaces is kept as
-    /// the side release at weight 0 for that long. The serving and the side
+    /// The release it replaces is kept as the side release at weight 0 as
+    /// `keep_previous` says. The serving and the side
     /// release are activated without a cutover (`activate_running`).
     pub async fn activate(
         &self,
@@ -27,7 +25,7 @@ impl NodeServices {
         drain_first: bool,
         secret_values: &HashMap<String, String>,
         hook_env: &HashMap<String, String>,
-        keep_previous: Duration,
+        keep_previous: KeepPrevious,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<pb::Activated, ServiceError> {
         if let Some(activated) = self
@@ -93,7 +91,7 @@ impl NodeServices {
     async fn activate_running(
         &self,
         release: &ReleaseSpec,
-        keep_previous: Duration,
+        keep_previous: KeepPrevious,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<Option<pb::Activated>, ServiceError> {
         let Some(shared) = self.services.lock().await.get(&release.service).cloned() else {

@@ -46,7 +46,7 @@ fn proxy_metric(condition: &str, min_requests: u64) -> Metric {
 }
 
 /// Totals of `ok` 2xx and `errors` 5xx answers of `release`, all fast.
-fn traffic(release: &str, ok: u64, errors: u64) -> Option<Traffic> {
+pub(super) fn traffic(release: &str, ok: u64, errors: u64) -> Option<Traffic> {
     Some(Traffic {
         release_id: release.into(),
         requests: ok + errors,
@@ -59,7 +59,7 @@ fn traffic(release: &str, ok: u64, errors: u64) -> Option<Traffic> {
 }
 
 /// A tick whose canary nodes each report `canary` and `stable` totals.
-fn counted(r: &Rollout, now: i64, canary: (u64, u64), stable: (u64, u64)) -> Input {
+pub(super) fn counted(r: &Rollout, now: i64, canary: (u64, u64), stable: (u64, u64)) -> Input {
     let mut input = tick(r, now, None);
     let Input::Tick { nodes } = &mut input else {
         unreachable!()

@@ -29,6 +29,7 @@ pub(super) fn canary(canary_nodes: BatchSize, steps: Vec<CanaryStep>) -> Strateg
                 min_healthy_time_ms: 0,
             },
             analyses: Default::default(),
+            keep_warm: false,
         }),
     }
 }

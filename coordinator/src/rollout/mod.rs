@@ -7,6 +7,8 @@
 #[cfg(test)]
 mod analysis_tests;
 #[cfg(test)]
+mod blue_green_tests;
+#[cfg(test)]
 mod canary_tests;
 mod converge;
 pub mod deployment;

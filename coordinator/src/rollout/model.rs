@@ -579,7 +579,7 @@ impl Rollout {
                 let size = rolling.batch.nodes(targets);
                 (size, targets.div_ceil(size))
             }
-            StrategyKind::Canary(canary) => {
+            StrategyKind::Canary(canary) | StrategyKind::BlueGreen(canary) => {
                 let canaries = canary.canary_nodes.nodes(targets).min(targets);
                 let rest = targets - canaries;
                 let size = canary.promotion.batch.nodes(rest);

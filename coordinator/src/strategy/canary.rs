@@ -44,6 +44,11 @@ pub struct Canary {
     /// The analysis templates its steps run, by name.
     #[serde(default)]
     pub analyses: BTreeMap<String, Analysis>,
+    /// Blue/green's `keep_warm = 1`: a promoted node keeps the release it
+    /// replaced running (not serving) until the next deploy, not for
+    /// `scale_down_delay`.
+    #[serde(default)]
+    pub keep_warm: bool,
 }
 
 /// One step of the plan.
@@ -171,14 +176,7 @@ pub(super) fn resolve(
             name.to_string()
         }
     };
-    let override_header = match spec.override_header.as_deref() {
-        None => DEFAULT_OVERRIDE_HEADER.to_string(),
-        Some("") => String::new(),
-        Some(name) => {
-            token(name).map_err(|m| ("override_header".to_string(), m))?;
-            name.to_string()
-        }
-    };
+    let override_header = override_header(spec)?;
     Ok(Canary {
         canary_nodes: spec.canary_nodes.unwrap_or(BatchSize::Percent(100)),
         steps,
@@ -191,6 +189,7 @@ pub(super) fn resolve(
             .unwrap_or(Duration::from_secs(30))),
         promotion,
         analyses: used,
+        keep_warm: false,
     })
 }
 
@@ -244,18 +243,9 @@ fn steps(
                 CanaryStep::Pause(Some(ms(duration)))
             }
             (None, Some(PauseSpec::UntilPromoted(Empty {})), None) => CanaryStep::Pause(None),
-            (None, None, Some(name)) if analyses.contains_key(name) => {
-                CanaryStep::Analysis(name.clone())
-            }
             (None, None, Some(name)) => {
-                let known: Vec<&str> = analyses.keys().map(String::as_str).collect();
-                return Err((
-                    key("analysis"),
-                    match known.is_empty() {
-                        true => format!("{name:?} is not an analysis of this spec; define it as [analysis.{name}] with its metrics"),
-                        false => format!("{name:?} is not an analysis of this spec; it defines {}", known.join(", ")),
-                    },
-                ))
+                template(analyses, &key("analysis"), name)?;
+                CanaryStep::Analysis(name.clone())
             }
             _ => {
                 return Err((
@@ -267,6 +257,37 @@ fn steps(
         steps.push(step);
     }
     Ok(steps)
+}
+
+/// The analysis template `name` (written at `key`) of the spec.
+pub(super) fn template(
+    analyses: &BTreeMap<String, Analysis>,
+    key: &str,
+    name: &str,
+) -> Result<Analysis, KeyError> {
+    if let Some(template) = analyses.get(name) {
+        return Ok(template.clone());
+    }
+    let known: Vec<&str> = analyses.keys().map(String::as_str).collect();
+    Err((
+        key.into(),
+        match known.is_empty() {
+            true => format!("{name:?} is not an analysis of this spec; define it as [analysis.{name}] with its metrics"),
+            false => format!("{name:?} is not an analysis of this spec; it defines {}", known.join(", ")),
+        },
+    ))
+}
+
+/// `override_header`: the default header, none (""), or a checked name.
+pub(super) fn override_header(spec: &StrategySpec) -> Result<String, KeyError> {
+    match spec.override_header.as_deref() {
+        None => Ok(DEFAULT_OVERRIDE_HEADER.to_string()),
+        Some("") => Ok(String::new()),
+        Some(name) => {
+            token(name).map_err(|m| ("override_header".to_string(), m))?;
+            Ok(name.to_string())
+        }
+    }
 }
 
 /// An HTTP header (or cookie) name: a token of letters, digits and

@@ -3,8 +3,10 @@
 //! each release, for a rollback to it) stores. Settings every strategy has
 //! sit beside a tagged `kind` that holds the kind's own; the engine runs
 //! each kind as one implementation over its common core (see
-//! `rollout::engine`): rolling here, canary in `canary`.
+//! `rollout::engine`): rolling here, canary in `canary`, and blue/green
+//! (`blue_green`) as a canary plan on every node.
 
+mod blue_green;
 pub mod canary;
 
 use std::collections::BTreeMap;
@@ -20,8 +22,9 @@ use crate::analysis::Analysis;
 pub struct StrategySpec {
     #[serde(default = "default_kind")]
     pub kind: String,
-    #[serde(default = "default_batch")]
-    pub batch: BatchSize,
+    /// `None` when not written: blue/green refuses it.
+    #[serde(default)]
+    pub batch: Option<BatchSize>,
     #[serde(default)]
     pub max_unavailable: u32,
     #[serde(default = "default_min_healthy_time", with = "humantime_serde")]
@@ -49,6 +52,15 @@ pub struct StrategySpec {
     pub scale_down_delay: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub abort_scale_down_delay: Option<Duration>,
+    // Blue/green's own keys (see `blue_green`).
+    #[serde(default)]
+    pub pre_promotion_analysis: Option<String>,
+    #[serde(default)]
+    pub post_promotion_analysis: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub auto_promote_after: Option<Duration>,
+    #[serde(default)]
+    pub keep_warm: Option<u32>,
 }
 
 impl Default for StrategySpec {
@@ -66,25 +78,38 @@ impl StrategySpec {
         analyses: &BTreeMap<String, Analysis>,
     ) -> Result<Strategy, (String, String)> {
         let rolling = Rolling {
-            batch: self.batch,
+            batch: self.batch.unwrap_or(BatchSize::Percent(25)),
             max_unavailable: self.max_unavailable,
             min_healthy_time_ms: ms(self.min_healthy_time),
         };
         let kind = match self.kind.as_str() {
             "rolling" => {
-                if let Some(key) = self.canary_key() {
+                if let Some(key) = self.canary_key().or(self.blue_green_key()) {
                     return Err((
                         key.into(),
-                        "is a canary setting: it needs kind = \"canary\"".into(),
+                        "is a canary or blue/green setting: it needs kind = \"canary\" or \"blue_green\"".into(),
                     ));
                 }
                 StrategyKind::Rolling(rolling)
             }
-            "canary" => StrategyKind::Canary(canary::resolve(self, rolling, analyses)?),
+            "canary" => {
+                if let Some(key) = self.blue_green_key() {
+                    return Err((
+                        key.into(),
+                        "is a blue/green setting: it needs kind = \"blue_green\"".into(),
+                    ));
+                }
+                StrategyKind::Canary(canary::resolve(self, rolling, analyses)?)
+            }
+            "blue_green" => StrategyKind::BlueGreen(blue_green::resolve(
+                self,
+                rolling.min_healthy_time_ms,
+                analyses,
+            )?),
             other => {
                 return Err((
                     "kind".into(),
-                    format!("{other:?} is not a strategy kind this version runs; use \"rolling\" or \"canary\""),
+                    format!("{other:?} is not a strategy kind this version runs; use \"rolling\", \"canary\" or \"blue_green\""),
                 ))
             }
         };
@@ -124,6 +149,24 @@ impl StrategySpec {
         .into_iter()
         .find_map(|(key, written)| written.then_some(key))
     }
+
+    /// The first blue/green key written, if any.
+    fn blue_green_key(&self) -> Option<&'static str> {
+        [
+            (
+                "pre_promotion_analysis",
+                self.pre_promotion_analysis.is_some(),
+            ),
+            (
+                "post_promotion_analysis",
+                self.post_promotion_analysis.is_some(),
+            ),
+            ("auto_promote_after", self.auto_promote_after.is_some()),
+            ("keep_warm", self.keep_warm.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(key, written)| written.then_some(key))
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -150,6 +193,9 @@ pub enum StrategyKind {
     /// The release beside the stable one on some nodes, with a growing
     /// share of their traffic, then promoted.
     Canary(canary::Canary),
+    /// The release beside the old one on every node, all switched at once:
+    /// a canary plan with no partial weight (see `blue_green`).
+    BlueGreen(canary::Canary),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +216,7 @@ pub struct Rolling {
 enum TaggedKind {
     Rolling(Rolling),
     Canary(canary::Canary),
+    BlueGreen(canary::Canary),
 }
 
 impl<'de> Deserialize<'de> for StrategyKind {
@@ -183,6 +230,7 @@ impl<'de> Deserialize<'de> for StrategyKind {
         Ok(match tagged {
             TaggedKind::Rolling(rolling) => StrategyKind::Rolling(rolling),
             TaggedKind::Canary(canary) => StrategyKind::Canary(canary),
+            TaggedKind::BlueGreen(plan) => StrategyKind::BlueGreen(plan),
         })
     }
 }
@@ -214,14 +262,24 @@ impl Strategy {
     pub fn batches(&self) -> &Rolling {
         match &self.kind {
             StrategyKind::Rolling(rolling) => rolling,
-            StrategyKind::Canary(canary) => &canary.promotion,
+            StrategyKind::Canary(canary) | StrategyKind::BlueGreen(canary) => &canary.promotion,
         }
     }
 
+    /// The canary plan the strategy runs: a canary's, or blue/green's.
     pub fn canary(&self) -> Option<&canary::Canary> {
         match &self.kind {
-            StrategyKind::Canary(canary) => Some(canary),
+            StrategyKind::Canary(canary) | StrategyKind::BlueGreen(canary) => Some(canary),
             StrategyKind::Rolling(_) => None,
+        }
+    }
+
+    /// What the kind is called in specs and views.
+    pub fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            StrategyKind::Rolling(_) => "rolling",
+            StrategyKind::Canary(_) => "canary",
+            StrategyKind::BlueGreen(_) => "blue_green",
         }
     }
 
@@ -232,7 +290,7 @@ impl Strategy {
     /// in the canary's promotion batches instead.
     pub fn runnable(self, splits: bool) -> Strategy {
         match self.kind {
-            StrategyKind::Canary(canary) if !splits => Strategy {
+            StrategyKind::Canary(canary) | StrategyKind::BlueGreen(canary) if !splits => Strategy {
                 kind: StrategyKind::Rolling(canary.promotion),
                 ..self
             },
@@ -301,9 +359,6 @@ impl BatchSize {
 
 fn default_kind() -> String {
     "rolling".into()
-}
-fn default_batch() -> BatchSize {
-    BatchSize::Percent(25)
 }
 fn default_true() -> bool {
     true

@@ -76,6 +76,7 @@ pub(super) fn send_for(r: &Rollout, i: usize) -> Send {
             secret_values: Default::default(),
             hook_env: hook_env(r, &r.release, r.previous.as_ref()),
             keep_previous_ms: canary.map_or(0, |c| c.scale_down_delay_ms),
+            keep_previous_warm: canary.is_some_and(|c| c.keep_warm),
         }),
         // The canary starts beside the stable release, taking nothing yet.
         NodeState::Staging => command::Kind::StageRelease(pb::StageRelease {
@@ -99,6 +100,7 @@ pub(super) fn send_for(r: &Rollout, i: usize) -> Send {
                 secret_values: Default::default(),
                 hook_env: hook_env(r, previous, Some(&r.release)),
                 keep_previous_ms: canary.map_or(0, |c| c.abort_scale_down_delay_ms),
+                keep_previous_warm: false,
             }),
             None => command::Kind::StopService(pb::StopService {
                 service: r.service.clone(),

@@ -560,9 +560,11 @@ pub(super) fn pause(r: &mut Rollout, now: i64) {
 /// Starts whatever may start now and settles the rollout's state.
 fn advance(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
     loop {
-        let before = (r.state, r.phase);
+        // A step that failed the rollout changes neither: its way back
+        // starts in the same pass.
+        let before = (r.state, r.phase, r.error.is_some());
         step(r, now, sends);
-        if (r.state, r.phase) == before {
+        if (r.state, r.phase, r.error.is_some()) == before {
             return;
         }
     }

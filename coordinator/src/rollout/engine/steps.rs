@@ -24,7 +24,7 @@ pub(super) trait Cutover {
 fn cutover(kind: &StrategyKind) -> &dyn Cutover {
     match kind {
         StrategyKind::Rolling(rolling) => rolling,
-        StrategyKind::Canary(canary) => canary,
+        StrategyKind::Canary(canary) | StrategyKind::BlueGreen(canary) => canary,
     }
 }
 

@@ -431,8 +431,12 @@ impl Runner {
                     .expect("an activation names its release");
                 let service = release.service.clone();
                 let side = node.sides.remove(&service);
-                let keep = (activate.keep_previous_ms > 0)
-                    .then(|| now + Duration::from_millis(activate.keep_previous_ms));
+                // Some(None): kept warm until replaced.
+                let keep = match (activate.keep_previous_warm, activate.keep_previous_ms) {
+                    (true, _) => Some(None),
+                    (false, 0) => None,
+                    (false, ms) => Some(Some(now + Duration::from_millis(ms))),
+                };
                 let active = node.services.get(&service).cloned();
                 let (serving, replaced) = match (active, side) {
                     // Already serving: the side (if any) loses its traffic.
@@ -452,7 +456,7 @@ impl Runner {
                         Side {
                             running: replaced,
                             weight: 0,
-                            retire_at: Some(retire_at),
+                            retire_at,
                         },
                     );
                 }
