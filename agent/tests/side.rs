@@ -15,7 +15,7 @@ use cutover_agent::artifacts::ArtifactCache;
 use cutover_agent::proxy::cohort::{Cohorts, Split, Sticky};
 use cutover_agent::proxy::{Proxy, ProxyConfig};
 use cutover_agent::service::{
-    shared, CutoverError, KeepPrevious, Service, ServiceKind, Step, WebRelease,
+    shared, CutoverError, KeepPrevious, Service, ServiceKind, Step, WebRelease, KEPT_WARM,
 };
 use cutover_agent::store::AgentStore;
 use http_body_util::{BodyExt, Empty};
@@ -304,9 +304,15 @@ async fn a_warm_previous_release_stays_until_replaced_and_switching_back_starts_
         .await
         .unwrap();
     let side = service.state().side.unwrap();
-    assert_eq!((side.release_id.as_str(), side.retire_at_ms), ("web-v1", 0));
+    assert_eq!(
+        (side.release_id.as_str(), side.retire_at_ms),
+        ("web-v1", KEPT_WARM)
+    );
     let record = fx.store.service("web").unwrap().unwrap();
-    assert_eq!(record.side.as_ref().map(|s| s.retire_at_ms), Some(0));
+    assert_eq!(
+        record.side.as_ref().map(|s| s.retire_at_ms),
+        Some(KEPT_WARM)
+    );
     assert!(service.retire_if_due().await.is_none(), "never due");
     drop(service);
     assert!(fx.versions(30).await.values().all(|v| v == "v2"));

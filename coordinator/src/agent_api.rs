@@ -171,6 +171,7 @@ fn service_from(state: pb::ServiceState) -> ServiceStatus {
         health_detail: state.health_detail,
         traffic: state.traffic.map(Traffic::from),
         side: state.side.map(Into::into),
+        memory_bytes: state.memory_bytes,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod docker;
 pub mod job;
 pub mod log_index;
 pub mod logs;
+pub mod memory;
 pub mod process;
 pub mod supervisor;
 

@@ -35,6 +35,11 @@ pub use self::release::{WebRelease, DEFAULT_DRAIN_TIMEOUT};
 use self::side::Side;
 pub use self::side::{shared, split_from_proto};
 
+/// The retire time of a side release kept warm until replaced
+/// (`SideRelease.retire_at_ms` in the proto): never due, and, unlike 0
+/// (a staged canary, stays until told), no stray for the coordinator.
+pub const KEPT_WARM: i64 = -1;
+
 /// What an activation does with the release it takes the traffic from
 /// (`ActivateRelease.keep_previous_ms` and `keep_previous_warm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,8 +63,8 @@ impl KeepPrevious {
         }
     }
 
-    /// When the kept release is retired (ms since the Unix epoch; 0:
-    /// never), or `None` when it is not kept.
+    /// When the kept release is retired (ms since the Unix epoch;
+    /// `KEPT_WARM`: never), or `None` when it is not kept.
     fn retire_at_ms(self) -> Option<i64> {
         match self {
             Self::Stop => None,
@@ -67,7 +72,7 @@ impl KeepPrevious {
                 let keep = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
                 Some(cutover_common::now_ms().saturating_add(keep))
             }
-            Self::Warm => Some(0),
+            Self::Warm => Some(KEPT_WARM),
         }
     }
 }
@@ -537,6 +542,11 @@ impl Service {
                 .and_then(|r| self.traffic(&r.release_id)),
             running: status.instance.is_some(),
             side: self.side_state(),
+            memory_bytes: status
+                .instance
+                .as_ref()
+                .and_then(crate::runtime::memory::resident_bytes)
+                .unwrap_or(0),
         }
     }
 

@@ -100,6 +100,7 @@ fn side_json(side: &pb::SideRelease) -> Value {
         "last_exit": side.last_exit,
         "traffic": side.traffic.as_ref().map(traffic_json),
         "retire_at": (side.retire_at_ms > 0).then(|| rfc3339(side.retire_at_ms)),
+        "kept_warm": side.retire_at_ms < 0,
     })
 }
 

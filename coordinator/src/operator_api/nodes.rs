@@ -51,6 +51,7 @@ fn service_to_pb(s: ServiceStatus) -> pb::ServiceState {
         health_detail: s.health_detail,
         traffic: s.traffic.map(Into::into),
         side: s.side.map(Into::into),
+        memory_bytes: s.memory_bytes,
     }
 }
 

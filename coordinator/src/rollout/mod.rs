@@ -10,6 +10,7 @@ mod analysis_tests;
 mod blue_green_tests;
 #[cfg(test)]
 mod canary_tests;
+pub mod capacity;
 mod converge;
 pub mod deployment;
 mod driver;
@@ -67,6 +68,8 @@ pub enum RolloutError {
     Unreachable { service: String, nodes: String },
     #[error("the agents of nodes {nodes} cannot run {what}; upgrade them (see `cutover nodes`), or deploy with another strategy")]
     AgentsTooOld { nodes: String, what: String },
+    #[error("a blue/green deploy runs the new release beside the serving one on every node until the switch, and {}; free memory there, or deploy with kind = \"rolling\" or \"canary\"", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    NoRoom(Vec<capacity::Shortfall>),
     #[error("rollout {id} ({state}) is already in progress for {service} in {env}; wait for it, or stop it with `cutover rollout abort {id}`")]
     Locked {
         id: String,

@@ -13,13 +13,14 @@ use super::deployment::{Deployment, DeploymentState, DeploymentStep, StepState};
 use super::engine::Input;
 use super::locks::migration_lock;
 use super::model::{self, NewRollout, NodeState, Rollout, RolloutKind, RolloutNode, StoredRelease};
-use super::{RolloutError, Rollouts, Started};
+use super::{capacity, RolloutError, Rollouts, Started};
 use crate::hooks::Hook;
 use crate::images::PinnedImage;
 use crate::migration::Migration;
 use crate::notify::spec::NotifyTarget;
 use crate::spec::{selects, AppSpec, Resolved, Strategy};
 use crate::store::{LockHolder, NodeStatus, ReleaseRecord, ReleaseState, StoreError};
+use crate::strategy::StrategyKind;
 
 /// How long an operator's deploy waits for a convergence it aborted.
 const CONVERGE_YIELD: Duration = Duration::from_secs(60);
@@ -508,6 +509,14 @@ impl Rollouts {
                     nodes: old.join(", "),
                     what: "a canary (they do not announce command.stage_release and command.set_traffic)".into(),
                 });
+            }
+        }
+        if matches!(target.strategy_to_run().kind, StrategyKind::BlueGreen(_)) {
+            let limit = release.container.as_ref().map_or(0, |c| c.memory_bytes);
+            let short =
+                capacity::memory_shortfalls(reachable.iter().map(|v| &v.record), &service, limit);
+            if !short.is_empty() {
+                return Err(RolloutError::NoRoom(short));
             }
         }
         let nodes = reachable

@@ -165,6 +165,9 @@ pub struct ServiceStatus {
     /// standby).
     #[serde(default)]
     pub side: Option<SideStatus>,
+    /// Resident memory of the serving release; 0: not known.
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 impl ServiceStatus {
@@ -172,7 +175,8 @@ impl ServiceStatus {
     /// proxy sends part of the requests to, or one nothing retires (a
     /// canary staged by a rollout that lost the node). Outside a rollout
     /// every request goes to the serving release, and a release kept warm
-    /// after a switch has its time to stop.
+    /// after a switch has its time to stop (or is kept warm on purpose,
+    /// -1).
     pub fn stray_side(&self) -> bool {
         self.side
             .as_ref()
@@ -192,7 +196,8 @@ pub struct SideStatus {
     pub crashes: u32,
     pub last_exit: String,
     pub traffic: Option<Traffic>,
-    /// When the agent stops it by itself; 0: not planned.
+    /// When the agent stops it by itself; 0: not planned; -1: kept warm
+    /// until the next deploy replaces it.
     pub retire_at_ms: i64,
 }
 

@@ -66,6 +66,9 @@ pub(super) struct Side {
     pub weight: u32,
     /// The agent stops it by itself then (kept warm after a switch).
     pub retire_at: Option<Instant>,
+    /// Kept warm until a later activation or stage replaces it
+    /// (`keep_previous_warm`).
+    pub kept_warm: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -457,6 +460,7 @@ impl Runner {
                             running: replaced,
                             weight: 0,
                             retire_at,
+                            kept_warm: retire_at.is_none(),
                         },
                     );
                 }
@@ -482,6 +486,7 @@ impl Runner {
                         running: kept.unwrap_or_else(|| running(release)),
                         weight,
                         retire_at: None,
+                        kept_warm: false,
                     },
                 );
                 Ok(())
@@ -568,10 +573,14 @@ impl Runner {
                         } else {
                             "connection refused".into()
                         },
-                        retire_at_ms: side.retire_at.map_or(0, |at| {
-                            self.registry.now_ms()
-                                + at.saturating_duration_since(now).as_millis() as i64
-                        }),
+                        retire_at_ms: match (side.kept_warm, side.retire_at) {
+                            (true, _) => -1,
+                            (false, None) => 0,
+                            (false, Some(at)) => {
+                                self.registry.now_ms()
+                                    + at.saturating_duration_since(now).as_millis() as i64
+                            }
+                        },
                         traffic: Some(side.running.traffic()),
                         last_exit: String::new(),
                     }

@@ -86,8 +86,19 @@ impl Scenario {
         // Drawn apart, so the seeds found before canaries draw what they
         // drew then.
         let mut canary_rng = StdRng::seed_from_u64(seed ^ 0xca4a_7000_0000_0000);
-        let canary = canary_rng.random_bool(0.4).then(|| canary(&mut canary_rng));
-        let mut spec = spec(&mut rng, canary.as_ref().map(|c| c.0.as_str()));
+        let mut canary = canary_rng
+            .random_bool(0.4)
+            .then(|| ("canary", canary(&mut canary_rng)));
+        // Blue/green, drawn apart too, where no canary was.
+        let mut blue_green_rng = StdRng::seed_from_u64(seed ^ 0xb1e9_4ee0_0000_0000);
+        if canary.is_none() && blue_green_rng.random_bool(0.3) {
+            canary = Some(("blue_green", blue_green(&mut blue_green_rng)));
+        }
+        let mut spec = spec(
+            &mut rng,
+            canary.as_ref().map(|(kind, c)| (*kind, c.0.as_str())),
+        );
+        let canary = canary.map(|(_, c)| c);
         // Drawn apart again, so canaries drawn before analyses stay.
         let mut analysis_rng = StdRng::seed_from_u64(seed ^ 0xa9a1_5150_0000_0000);
         let mut nodes: Vec<Node> = nodes;
@@ -223,9 +234,18 @@ fn canary(rng: &mut StdRng) -> (String, bool, Option<String>) {
         rng.random_range(0..=30),
         rng.random_range(0..=30),
     );
-    let analysis = steps.iter().any(|s| s.contains("analysis")).then(|| {
-        format!(
-            r#"
+    let analysis = steps
+        .iter()
+        .any(|s| s.contains("analysis"))
+        .then(|| analysis_table(rng));
+    (keys, waits, analysis)
+}
+
+/// The `[analysis.errors]` table analysis steps run: a success rate and a
+/// latency relative to stable.
+fn analysis_table(rng: &mut StdRng) -> String {
+    format!(
+        r#"
 [[analysis.errors.metrics]]
 name = "success"
 condition = "canary_success_rate >= 0.95 and canary_p99 <= 2 * stable_p99"
@@ -235,21 +255,47 @@ failure_limit = {}
 inconclusive_limit = {}
 min_requests = {}
 "#,
-            rng.random_range(1..=5),
-            // Above either limit, which the spec requires.
-            rng.random_range(2..=4),
-            rng.random_range(0..=1),
-            rng.random_range(0..=1),
-            if rng.random_bool(0.3) { 100_000 } else { 0 },
-        )
-    });
-    (keys, waits, analysis)
+        rng.random_range(1..=5),
+        // Above either limit, which the spec requires.
+        rng.random_range(2..=4),
+        rng.random_range(0..=1),
+        rng.random_range(0..=1),
+        if rng.random_bool(0.3) { 100_000 } else { 0 },
+    )
+}
+
+/// Blue/green's own keys, whether it waits for promotion, and its
+/// `[analysis.errors]` table, as `canary` draws them.
+fn blue_green(rng: &mut StdRng) -> (String, bool, Option<String>) {
+    let mut keys = String::new();
+    let mut waits = true;
+    if rng.random_bool(0.5) {
+        waits = false;
+        keys += &format!("auto_promote_after = \"{}s\"\n", rng.random_range(1..=20));
+    }
+    let mut analysed = false;
+    for key in ["pre_promotion_analysis", "post_promotion_analysis"] {
+        if rng.random_bool(0.3) {
+            analysed = true;
+            keys += &format!("{key} = \"errors\"\n");
+        }
+    }
+    keys += &format!(
+        "keep_warm = {}\nscale_down_delay = \"{}s\"\nabort_scale_down_delay = \"{}s\"\n",
+        rng.random_range(0..=1),
+        rng.random_range(0..=30),
+        rng.random_range(0..=30),
+    );
+    // An analysis that is inconclusive waits for promotion too.
+    let analysis = analysed.then(|| analysis_table(rng));
+    (keys, waits || analysed, analysis)
 }
 
 /// The app's spec: both services on every node labelled for them, one
-/// strategy drawn from the seed: rolling, or a canary (`canary`: its own
-/// keys) promoted in rolling's batches.
-fn spec(rng: &mut StdRng, canary: Option<&str>) -> String {
+/// strategy drawn from the seed: rolling, or another kind (`plan`: its kind
+/// and its own keys), a canary promoted in rolling's batches, blue/green
+/// switching every node at once (no batch written).
+fn spec(rng: &mut StdRng, plan: Option<(&str, &str)>) -> String {
     let batch = if rng.random_bool(0.5) {
         rng.random_range(1..=3).to_string()
     } else {
@@ -258,9 +304,10 @@ fn spec(rng: &mut StdRng, canary: Option<&str>) -> String {
     let max_unavailable = rng.random_range(0..=1);
     let min_healthy_time = rng.random_range(0..=2);
     let auto_rollback = rng.random_bool(0.8);
-    let (kind, canary_keys) = match canary {
-        Some(keys) => ("canary", keys),
-        None => ("rolling", ""),
+    let (kind, plan_keys) = plan.unwrap_or(("rolling", ""));
+    let batches = match kind {
+        "blue_green" => String::new(),
+        _ => format!("batch = {batch}\nmax_unavailable = {max_unavailable}\n"),
     };
     let mut spec = String::from("app = \"shop\"\n");
     for (i, service) in SERVICES.iter().enumerate() {
@@ -285,9 +332,7 @@ healthy_deadline = "10s"
         r#"
 [strategy]
 kind = "{kind}"
-{canary_keys}batch = {batch}
-max_unavailable = {max_unavailable}
-min_healthy_time = "{min_healthy_time}s"
+{plan_keys}{batches}min_healthy_time = "{min_healthy_time}s"
 progress_deadline = "10m"
 auto_rollback = {auto_rollback}
 

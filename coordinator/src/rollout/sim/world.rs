@@ -455,7 +455,8 @@ impl World {
 
     /// Releases kept warm beside the serving one stop when their time is
     /// up (at most 30 s in these specs), and the converger stops a canary
-    /// whose rollout lost the node: nothing is orphaned.
+    /// whose rollout lost the node: nothing is orphaned. Only blue/green's
+    /// keep_warm stays, taking no requests, and never the serving release.
     async fn sides_retired(&self) {
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
@@ -463,7 +464,17 @@ impl World {
                 .nodes
                 .iter()
                 .enumerate()
-                .map(|(i, node)| (i, node.lock().expect("node lock").sides.clone()))
+                .map(|(i, node)| {
+                    let node = node.lock().expect("node lock");
+                    let mut sides = node.sides.clone();
+                    sides.retain(|service, side| {
+                        let serving = node.services.get(service).map(|r| &r.release_id);
+                        !(side.kept_warm
+                            && side.weight == 0
+                            && serving != Some(&side.running.release_id))
+                    });
+                    (i, sides)
+                })
                 .filter(|(_, sides)| !sides.is_empty())
                 .collect();
             if left.is_empty() {

@@ -1,0 +1,122 @@
+//! Whether the nodes have room for a strategy that runs the new release
+//! beside the serving one on every node until the switch (blue/green):
+//! memory per node doubles meanwhile, so a node must report free memory
+//! for one more copy of what its serving release holds now (or the new
+//! release's container limit, if larger), with a tenth on top.
+
+use crate::store::NodeRecord;
+
+/// One node without room, for the refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    pub node: String,
+    pub free_bytes: u64,
+    pub needs_bytes: u64,
+    pub release_id: String,
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} has {} MiB free, a second copy of {} needs {} MiB",
+            self.node,
+            self.free_bytes >> 20,
+            self.release_id,
+            self.needs_bytes >> 20
+        )
+    }
+}
+
+/// The nodes among `nodes` running `service` that report too little free
+/// memory for a second release of it (`limit_bytes`: the new release's
+/// container memory limit, 0 for none). A node that reports no figures or
+/// no memory use of its release is not judged: there is nothing to judge
+/// by.
+pub fn memory_shortfalls<'a>(
+    nodes: impl IntoIterator<Item = &'a NodeRecord>,
+    service: &str,
+    limit_bytes: u64,
+) -> Vec<Shortfall> {
+    nodes
+        .into_iter()
+        .filter_map(|node| {
+            let figures = node.figures.as_ref()?;
+            let serving = node.services.iter().find(|s| s.service == service)?;
+            if serving.memory_bytes == 0 || figures.memory_total_bytes == 0 {
+                return None;
+            }
+            let free = figures
+                .memory_total_bytes
+                .saturating_sub(figures.memory_used_bytes);
+            let copy = serving.memory_bytes.max(limit_bytes);
+            let needs = copy.saturating_add(copy / 10);
+            (free < needs).then(|| Shortfall {
+                node: node.name.clone(),
+                free_bytes: free,
+                needs_bytes: needs,
+                release_id: serving.release_id.clone(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Figures, ServiceStatus};
+
+    fn node(name: &str, total: u64, used: u64, serving: u64) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            figures: Some(Figures {
+                memory_total_bytes: total << 20,
+                memory_used_bytes: used << 20,
+                ..Default::default()
+            }),
+            services: vec![ServiceStatus {
+                service: "web".into(),
+                release_id: "web-v1".into(),
+                memory_bytes: serving << 20,
+                ..Default::default()
+            }],
+            id: name.into(),
+            address: "10.0.0.1".into(),
+            labels: Default::default(),
+            agent_version: String::new(),
+            capabilities: Vec::new(),
+            status: crate::store::NodeStatus::Ready,
+            registered_at_ms: 0,
+            last_seen_ms: 0,
+            services_at_ms: 0,
+            cert_serial: String::new(),
+            cert_expires_at_ms: 0,
+            cert_ca: String::new(),
+            trust_bundle: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_node_without_room_for_a_second_copy_is_named_with_its_figures() {
+        let nodes = [
+            node("roomy", 4096, 1024, 500),
+            node("tight", 4096, 3600, 500),
+            node("limit", 4096, 2048, 100),
+        ];
+        let short = memory_shortfalls(&nodes, "web", 0);
+        assert_eq!(
+            short.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["tight has 496 MiB free, a second copy of web-v1 needs 550 MiB"]
+        );
+        // The new release's container limit counts when it is larger.
+        let short = memory_shortfalls(&nodes, "web", 2000 << 20);
+        let names: Vec<&str> = short.iter().map(|s| s.node.as_str()).collect();
+        assert_eq!(names, ["tight", "limit"], "2200 MiB fit into roomy's 3072");
+        // Not known: not judged.
+        let mut unknown = node("new", 4096, 4000, 0);
+        assert!(memory_shortfalls([&unknown], "web", 0).is_empty());
+        unknown.figures = None;
+        assert!(memory_shortfalls([&unknown], "web", 2000 << 20).is_empty());
+        assert!(memory_shortfalls(&nodes, "worker", 0).is_empty());
+    }
+}
