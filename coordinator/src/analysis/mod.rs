@@ -148,6 +148,33 @@ impl Metric {
     }
 }
 
+impl Analysis {
+    /// Its first metric measured by the node proxies, if any: one that
+    /// needs requests on the new release to judge anything.
+    pub fn proxy_metric(&self) -> Option<&Metric> {
+        self.metrics
+            .iter()
+            .find(|m| matches!(m.provider, Provider::Proxy))
+    }
+
+    /// Its first proxy metric whose condition reads the stable release,
+    /// with the value it reads: nothing to read once every request goes
+    /// to the new release.
+    pub fn reads_stable(&self) -> Option<(&Metric, String)> {
+        self.metrics
+            .iter()
+            .filter(|m| matches!(m.provider, Provider::Proxy))
+            .find_map(|m| {
+                let condition = m.condition().ok()?;
+                let stable = condition
+                    .names()
+                    .into_iter()
+                    .find(|n| n.starts_with("stable_"))?;
+                Some((m, stable.to_string()))
+            })
+    }
+}
+
 type KeyError = (String, String);
 
 /// The checked templates of `[analysis]`; an error names the key under

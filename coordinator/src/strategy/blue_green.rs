@@ -81,6 +81,25 @@ pub(super) fn resolve(
         &spec.post_promotion_analysis,
         &mut steps,
     )?;
+    // Before the switch only testers reach the new release; after it the
+    // old one takes nothing: the proxies have nothing to measure, or to
+    // compare with.
+    if let Some(name) = &spec.pre_promotion_analysis {
+        if let Some(metric) = analyses[name].proxy_metric() {
+            return Err((
+                "pre_promotion_analysis".into(),
+                format!("{name:?} measures with the node proxies (metric {}), but before the switch the new release takes only testers' requests; use a prometheus or web metric (a smoke endpoint)", metric.name),
+            ));
+        }
+    }
+    if let Some(name) = &spec.post_promotion_analysis {
+        if let Some((metric, stable)) = analyses[name].reads_stable() {
+            return Err((
+                "post_promotion_analysis".into(),
+                format!("{name:?} compares with the old release (metric {} reads {stable}), which takes no requests after the switch; write an absolute condition, e.g. canary_success_rate >= 0.99", metric.name),
+            ));
+        }
+    }
     let keep_warm = match spec.keep_warm {
         None | Some(0) => false,
         Some(1) => true,
@@ -120,7 +139,17 @@ mod tests {
 
     fn resolve(keys: &str) -> Result<StrategyKind, KeyError> {
         let analyses: BTreeMap<String, crate::analysis::AnalysisSpec> = toml::from_str(
-            "[[smoke.metrics]]\nname = \"ok\"\ncondition = \"canary_success_rate >= 0.99\"",
+            r#"[[smoke.metrics]]
+name = "ok"
+provider = "web"
+url = "http://127.0.0.1:9/smoke"
+condition = "result >= 1"
+[[errors.metrics]]
+name = "success"
+condition = "canary_success_rate >= 0.99"
+[[relative.metrics]]
+name = "latency"
+condition = "canary_p99 <= 1.2 * stable_p99""#,
         )
         .unwrap();
         let analyses = crate::analysis::resolve(&analyses).unwrap();
@@ -133,7 +162,7 @@ mod tests {
     fn the_keys_make_a_plan_of_every_node_switched_at_once() {
         let StrategyKind::BlueGreen(plan) = resolve(
             r#"pre_promotion_analysis = "smoke"
-            post_promotion_analysis = "smoke"
+            post_promotion_analysis = "errors"
             auto_promote_after = "10m"
             scale_down_delay = "1m"
             keep_warm = 1
@@ -148,7 +177,7 @@ mod tests {
                 CanaryStep::Analysis("smoke".into()),
                 CanaryStep::Pause(Some(600_000)),
                 CanaryStep::SetWeight(100),
-                CanaryStep::Analysis("smoke".into()),
+                CanaryStep::Analysis("errors".into()),
             ]
         );
         assert_eq!(plan.canary_nodes, BatchSize::Percent(100));
@@ -156,7 +185,7 @@ mod tests {
         assert_eq!(plan.promotion.max_unavailable, 0);
         assert_eq!(plan.promotion.min_healthy_time_ms, 3_000);
         assert_eq!(plan.scale_down_delay_ms, 60_000);
-        assert!(plan.keep_warm && plan.analyses.contains_key("smoke"));
+        assert!(plan.keep_warm && plan.analyses.len() == 2);
         // Without keys: stage, wait for promote, switch.
         let StrategyKind::BlueGreen(plain) = resolve("").unwrap() else {
             panic!("blue/green")
@@ -188,7 +217,17 @@ mod tests {
             (
                 "post_promotion_analysis = \"smok\"",
                 "post_promotion_analysis",
-                "\"smok\" is not an analysis of this spec; it defines smoke",
+                "\"smok\" is not an analysis of this spec; it defines errors, relative, smoke",
+            ),
+            (
+                "pre_promotion_analysis = \"errors\"",
+                "pre_promotion_analysis",
+                "\"errors\" measures with the node proxies (metric success), but before the switch",
+            ),
+            (
+                "post_promotion_analysis = \"relative\"",
+                "post_promotion_analysis",
+                "(metric latency reads stable_p99), which takes no requests after the switch",
             ),
             (
                 "pre_promotion_analysis = \"x\"",

@@ -244,7 +244,13 @@ fn steps(
             }
             (None, Some(PauseSpec::UntilPromoted(Empty {})), None) => CanaryStep::Pause(None),
             (None, None, Some(name)) => {
-                template(analyses, &key("analysis"), name)?;
+                let template = template(analyses, &key("analysis"), name)?;
+                if let (Some(metric), None | Some(0)) = (template.proxy_metric(), last_weight) {
+                    return Err((
+                        key("analysis"),
+                        format!("{name:?} measures with the node proxies (metric {}), but no set_weight above 0 comes before it: the canary has no requests to measure; put a {{ set_weight = N }} step first, or use a prometheus or web metric", metric.name),
+                    ));
+                }
                 CanaryStep::Analysis(name.clone())
             }
             _ => {
@@ -375,6 +381,17 @@ mod tests {
         };
         assert_eq!(c.steps[1], CanaryStep::Analysis("errors".into()));
         assert_eq!(c.analyses["errors"].metrics[0].name, "success");
+        // The proxies measure nothing before the canary takes requests.
+        let early: StrategySpec = toml::from_str(
+            "kind = \"canary\"\nsteps = [{ set_weight = 0 }, { analysis = \"errors\" }]",
+        )
+        .unwrap();
+        let (key, message) = early.resolve(&analyses).unwrap_err();
+        assert_eq!(key, "steps[1].analysis");
+        assert!(
+            message.contains("no set_weight above 0 comes before it"),
+            "{message}"
+        );
         let typo: StrategySpec =
             toml::from_str("kind = \"canary\"\nsteps = [{ analysis = \"erors\" }]").unwrap();
         let (key, message) = typo.resolve(&analyses).unwrap_err();

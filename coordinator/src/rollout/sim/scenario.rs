@@ -223,7 +223,11 @@ fn canary(rng: &mut StdRng) -> (String, bool, Option<String>) {
         } else if rng.random_bool(0.3) {
             // An inconclusive analysis waits for promotion too.
             waits = true;
-            steps.push("{ analysis = \"errors\" }".to_string());
+            // The proxies measure only a canary that takes requests.
+            steps.push(match weight {
+                0 => "{ pause = {} }".to_string(),
+                _ => "{ analysis = \"errors\" }".to_string(),
+            });
         } else {
             steps.push(format!("{{ pause = \"{}s\" }}", rng.random_range(1..=20)));
         }
@@ -237,18 +241,22 @@ fn canary(rng: &mut StdRng) -> (String, bool, Option<String>) {
     let analysis = steps
         .iter()
         .any(|s| s.contains("analysis"))
-        .then(|| analysis_table(rng));
+        .then(|| analysis_table(rng, true));
     (keys, waits, analysis)
 }
 
-/// The `[analysis.errors]` table analysis steps run: a success rate and a
-/// latency relative to stable.
-fn analysis_table(rng: &mut StdRng) -> String {
+/// The `[analysis.errors]` table analysis steps run: a success rate, and
+/// (`relative`) a latency relative to stable.
+fn analysis_table(rng: &mut StdRng, relative: bool) -> String {
+    let condition = match relative {
+        true => "canary_success_rate >= 0.95 and canary_p99 <= 2 * stable_p99",
+        false => "canary_success_rate >= 0.95",
+    };
     format!(
         r#"
 [[analysis.errors.metrics]]
 name = "success"
-condition = "canary_success_rate >= 0.95 and canary_p99 <= 2 * stable_p99"
+condition = "{condition}"
 interval = "{}s"
 count = {}
 failure_limit = {}
@@ -274,7 +282,8 @@ fn blue_green(rng: &mut StdRng) -> (String, bool, Option<String>) {
         keys += &format!("auto_promote_after = \"{}s\"\n", rng.random_range(1..=20));
     }
     let mut analysed = false;
-    for key in ["pre_promotion_analysis", "post_promotion_analysis"] {
+    // Only after the switch: before it, the proxies see testers alone.
+    for key in ["post_promotion_analysis"] {
         if rng.random_bool(0.3) {
             analysed = true;
             keys += &format!("{key} = \"errors\"\n");
@@ -287,7 +296,7 @@ fn blue_green(rng: &mut StdRng) -> (String, bool, Option<String>) {
         rng.random_range(0..=30),
     );
     // An analysis that is inconclusive waits for promotion too.
-    let analysis = analysed.then(|| analysis_table(rng));
+    let analysis = analysed.then(|| analysis_table(rng, false));
     (keys, waits || analysed, analysis)
 }
 
