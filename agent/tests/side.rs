@@ -289,6 +289,35 @@ async fn set_traffic_moves_clients_one_way_and_zero_leaves_the_override_only() {
     fx.stop().await;
 }
 
+/// A side release that crashed since it was staged (an aborted canary
+/// kept for debugging) is not reused by the next stage of the same
+/// release: it starts anew, vetted again, its crashes forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_again_restarts_a_side_release_that_crashed() {
+    let fx = fixture().await;
+    fx.stage("v2", split(0, Sticky::ClientIp)).await;
+    let before = app_pids(fx.root.path());
+    let addr = fx.service.lock().await.side().unwrap().1;
+    // The app exits on /crash; its supervisor counts it.
+    let request = format!("http://{addr}/crash");
+    let _ = fx
+        .client
+        .request(http::Request::get(request).body(Empty::new()).unwrap())
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fx.service.lock().await.state().side.unwrap().crashes == 0 {
+        assert!(Instant::now() < deadline, "the side release did not crash");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.stage("v2", split(0, Sticky::ClientIp)).await;
+    let side = fx.service.lock().await.state().side.unwrap();
+    assert_eq!((side.release_id.as_str(), side.crashes), ("web-v2", 0));
+    let after = app_pids(fx.root.path());
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_ne!(after, before, "a new process for v2");
+    fx.stop().await;
+}
+
 /// Blue/green's keep_warm: the release a promotion replaced stays running
 /// without a retire time, also in the record a restarted agent reads, and
 /// switching back to it is a switch in the proxy, no process started; the

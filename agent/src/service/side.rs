@@ -137,7 +137,18 @@ impl Service {
                 release_id,
             });
         }
-        if self.side().is_some_and(|(id, _)| id == release_id) {
+        // The side release staged again (a retried canary, a standby kept
+        // from an abort) is reused only as sound as a fresh one: one that
+        // crashed or failed its check since starts over, vetted again.
+        let sound = self.side.as_ref().is_some_and(|side| {
+            let status = side.running.supervisor.status();
+            let health = side.running.health.lock().expect("health lock");
+            side.running.release_id == release_id
+                && status.crashes == 0
+                && status.instance.is_some()
+                && health.as_ref().is_none_or(|o| o.passed)
+        });
+        if sound {
             self.resplit(cohorts, 0).map_err(|e| *e)?;
             return Ok(Healthy {
                 attempts: 0,
