@@ -166,13 +166,26 @@ fn prometheus_value(answer: &[u8]) -> Result<f64, String> {
     }
 }
 
+type HttpsClient = Client<cutover_common::fetch::HttpsConnector, Empty<Bytes>>;
+
+/// One client for every measurement of every rollout: its connections
+/// (and TLS sessions) to a Prometheus or an endpoint asked every few
+/// seconds are reused, not set up per sample.
+fn client() -> &'static HttpsClient {
+    static CLIENT: std::sync::OnceLock<HttpsClient> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let connector =
+            cutover_common::fetch::https_connector(cutover_common::fetch::public_roots());
+        Client::builder(TokioExecutor::new()).build(connector)
+    })
+}
+
 async fn get(
     url: &str,
     headers: &std::collections::BTreeMap<String, String>,
     timeout_ms: u64,
 ) -> Result<Vec<u8>, String> {
-    let connector = cutover_common::fetch::https_connector(cutover_common::fetch::public_roots());
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let client = client();
     let mut request = hyper::Request::get(url).header(
         hyper::header::USER_AGENT,
         format!("cutover/{}", cutover_common::VERSION),
