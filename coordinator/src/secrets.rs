@@ -375,6 +375,13 @@ impl Secrets {
         Ok(values)
     }
 
+    /// The current value of `env`/`name`: what signs a webhook, or goes
+    /// into an analysis measurement's header.
+    pub async fn current_value(&self, env: &str, name: &str) -> Result<String, SecretError> {
+        let version = self.current(env, name).await?;
+        self.value(env, name, version).await
+    }
+
     /// The value of `env`/`name` at `version`, to hand to an agent.
     pub async fn value(&self, env: &str, name: &str, version: u32) -> Result<String, SecretError> {
         let keys = self.keys().await?;

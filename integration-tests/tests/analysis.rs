@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cutover_integration_tests::canary::{
     analysed_spec, awaits_promotion, newest_id, succeeded, Fixture, Shoppers,
 };
-use cutover_integration_tests::{http_get_with, text, versions};
+use cutover_integration_tests::{files_containing, http_get_with, text, versions};
 use serde_json::Value;
 
 /// A canary at 50 % measured by the proxies for a few seconds, then a
@@ -251,8 +251,12 @@ impl Drop for Prometheus {
     }
 }
 
+/// The key the status endpoint wants in `X-Api-Key`.
+const STATUS_KEY: &str = "k3y-only-in-the-secret-store";
+
 /// A status endpoint answering `{"data": {"errors": N}}` with the number
-/// in `errors`, on its own thread for the rest of the test process.
+/// in `errors` to requests carrying `STATUS_KEY` (401 otherwise), on its
+/// own thread for the rest of the test process.
 fn status_endpoint(errors: std::sync::Arc<std::sync::atomic::AtomicU64>) -> String {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -260,17 +264,26 @@ fn status_endpoint(errors: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Stri
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let mut reader = BufReader::new(&stream);
-            let mut line = String::new();
+            let (mut line, mut keyed) = (String::new(), false);
             while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                keyed |= line
+                    .trim_end()
+                    .eq_ignore_ascii_case(&format!("x-api-key: {STATUS_KEY}"));
                 line.clear();
             }
-            let body = format!(
-                "{{\"data\":{{\"errors\":{}}}}}",
-                errors.load(std::sync::atomic::Ordering::Relaxed)
-            );
+            let (status, body) = match keyed {
+                true => (
+                    "200 OK",
+                    format!(
+                        "{{\"data\":{{\"errors\":{}}}}}",
+                        errors.load(std::sync::atomic::Ordering::Relaxed)
+                    ),
+                ),
+                false => ("401 Unauthorized", "{}".to_string()),
+            };
             let _ = write!(
                 &stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
         }
@@ -308,6 +321,7 @@ name = "status"
 provider = "web"
 url = "http://{status}/api/status"
 json_path = "$.data.errors"
+headers = {{ X-Api-Key = {{ secret = "STATUS_KEY" }} }}
 condition = "result < 5"
 interval = "1s"
 count = 2
@@ -322,6 +336,14 @@ min_healthy_time = "1s""#;
         f.cluster.deploy_spec(&spec, version, &["--wait"])
     };
 
+    // The endpoint's key is a secret of the environment: read for each
+    // measurement, never stored with the rollout.
+    let set = f.cluster.cutover_with_input(
+        &["secret", "set", "--env", "local", "STATUS_KEY"],
+        STATUS_KEY,
+    );
+    assert!(set.status.success(), "{}", text(&set.stderr));
+
     // Both pass: the canary goes on to its pause.
     let out = deploy("v2");
     awaits_promotion(&out);
@@ -331,6 +353,8 @@ min_healthy_time = "1s""#;
     assert_eq!(run["metrics"][0]["samples"][0]["values"]["result"], 2.0);
     assert_eq!(run["metrics"][1]["samples"][0]["values"]["result"], 0.0);
     let id = rollout["id"].as_str().unwrap().to_string();
+    let found = files_containing(f.cluster.dir.path(), STATUS_KEY.as_bytes());
+    assert!(found.is_empty(), "the key is in {found:?}");
     let out = f.cluster.cutover(&["rollout", "promote", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = f.cluster.cutover(&["rollout", "watch", &id]);

@@ -4,10 +4,11 @@
 //! master key rotation keeps every version readable, and the marker appears
 //! in no log file, no store file, no CLI output and not in the audit log.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cutover_integration_tests::{app_archive, body, http_get, release_pids, sigkill, DevCluster};
+use cutover_integration_tests::{
+    app_archive, body, files_containing, http_get, release_pids, sigkill, DevCluster,
+};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
@@ -45,25 +46,6 @@ fn try_get(addr: &str, path: &str) -> Option<String> {
     response
         .starts_with("HTTP/1.1 200")
         .then(|| body(&response).to_string())
-}
-
-/// Every file under `dir` (recursively) whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() && !path.is_symlink() {
-            found.extend(files_containing(&path, needle));
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                found.push(path.display().to_string());
-            }
-        }
-    }
-    found
 }
 
 fn spec(port: u16, secrets: &str) -> String {

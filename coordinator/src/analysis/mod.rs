@@ -64,9 +64,9 @@ pub struct MetricSpec {
     /// absent: the whole body is the number.
     #[serde(default)]
     pub json_path: Option<String>,
-    /// web: request headers.
+    /// web: request headers, each a value or `{ secret = "NAME" }`.
     #[serde(default)]
-    pub headers: Option<BTreeMap<String, String>>,
+    pub headers: Option<BTreeMap<String, HeaderValue>>,
     /// prometheus and web: how long one measurement may take.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
@@ -116,7 +116,7 @@ pub enum Provider {
     Web {
         url: String,
         json_path: String,
-        headers: BTreeMap<String, String>,
+        headers: BTreeMap<String, HeaderValue>,
         timeout_ms: u64,
     },
 }
@@ -146,6 +146,35 @@ impl Metric {
     pub fn condition(&self) -> Result<Condition, String> {
         Condition::parse(&self.condition, self.provider.values())
     }
+}
+
+/// A web metric's header value: as written, or the value of a secret of
+/// the rollout's environment, read for each measurement and never stored
+/// with the rollout or shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderValue {
+    Plain(String),
+    Secret { secret: String },
+}
+
+impl HeaderValue {
+    pub fn secret(&self) -> Option<&str> {
+        match self {
+            HeaderValue::Secret { secret } => Some(secret),
+            HeaderValue::Plain(_) => None,
+        }
+    }
+}
+
+/// Headers that carry credentials: written in a spec (and so in every
+/// rollout that stores it) they would leak; they must name a secret.
+fn carries_credentials(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["authorization", "proxy-authorization", "cookie"].contains(&name.as_str())
+        || ["token", "key", "secret", "password"]
+            .iter()
+            .any(|word| name.contains(word))
 }
 
 impl Analysis {
@@ -270,12 +299,25 @@ fn metric(m: &MetricSpec) -> Result<Metric, KeyError> {
             query::check_json_path(&json_path).map_err(|e| ("json_path".to_string(), e))?;
             let headers = m.headers.clone().unwrap_or_default();
             for (name, value) in &headers {
+                let key = || format!("headers.{name}");
                 let valid = hyper::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
-                    && hyper::header::HeaderValue::from_str(value).is_ok();
+                    && match value {
+                        HeaderValue::Plain(text) => {
+                            hyper::header::HeaderValue::from_str(text).is_ok()
+                        }
+                        HeaderValue::Secret { secret } => {
+                            crate::secrets::validate_name(secret)
+                                .map_err(|e| (key(), e.to_string()))?;
+                            true
+                        }
+                    };
                 if !valid {
+                    return Err((key(), "is not a valid HTTP header name and value".into()));
+                }
+                if matches!(value, HeaderValue::Plain(_)) && carries_credentials(name) {
                     return Err((
-                        format!("headers.{name}"),
-                        "is not a valid HTTP header name and value".into(),
+                        key(),
+                        format!("carries credentials, which every rollout would store and show; write {name} = {{ secret = \"NAME\" }} with `cutover secret set` holding the value"),
                     ));
                 }
             }
@@ -433,6 +475,16 @@ mod tests {
                 "[[e.metrics]]\nname = \"m\"\nprovider = \"web\"\nurl = \"http://user:pw@x/\"\ncondition = \"result < 1\"",
                 "e.metrics[0].url",
                 "credentials",
+            ),
+            (
+                "[[e.metrics]]\nname = \"m\"\nprovider = \"web\"\nurl = \"http://x/\"\nheaders = { Authorization = \"Bearer abc\" }\ncondition = \"result < 1\"",
+                "e.metrics[0].headers.Authorization",
+                "Authorization = { secret = \"NAME\" }",
+            ),
+            (
+                "[[e.metrics]]\nname = \"m\"\nprovider = \"web\"\nurl = \"http://x/\"\nheaders = { X-Api-Key = { secret = \"not a name\" } }\ncondition = \"result < 1\"",
+                "e.metrics[0].headers.X-Api-Key",
+                "",
             ),
         ] {
             let (k, m) = parse(text).unwrap_err();

@@ -3,6 +3,7 @@
 //! that fails (no answer, not 2xx, no number where expected) has no
 //! verdict: the sample counts as inconclusive, with the reason.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use super::Provider;
+use super::{HeaderValue, Provider};
 
 /// The most of an answer read.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
@@ -91,8 +92,12 @@ fn finite(value: f64) -> Result<f64, String> {
 }
 
 /// Measures `provider` (prometheus or web) once: the value of `result`,
-/// or why there is none.
-pub async fn measure(provider: &Provider) -> Result<f64, String> {
+/// or why there is none. `secrets`: the values of the secrets its headers
+/// name, by name.
+pub async fn measure(
+    provider: &Provider,
+    secrets: &BTreeMap<String, String>,
+) -> Result<f64, String> {
     match provider {
         Provider::Prometheus {
             address,
@@ -104,7 +109,7 @@ pub async fn measure(provider: &Provider) -> Result<f64, String> {
                 address.trim_end_matches('/'),
                 percent_encode(query)
             );
-            let answer = get(&url, &Default::default(), *timeout_ms).await?;
+            let answer = get(&url, &[], *timeout_ms).await?;
             prometheus_value(&answer)
         }
         Provider::Web {
@@ -113,7 +118,21 @@ pub async fn measure(provider: &Provider) -> Result<f64, String> {
             headers,
             timeout_ms,
         } => {
-            let answer = get(url, headers, *timeout_ms).await?;
+            let headers = headers
+                .iter()
+                .map(|(name, value)| {
+                    let value = match value {
+                        HeaderValue::Plain(text) => text.as_str(),
+                        HeaderValue::Secret { secret } => {
+                            secrets.get(secret).map(String::as_str).ok_or_else(|| {
+                                format!("header {name}: secret {secret} was not read")
+                            })?
+                        }
+                    };
+                    Ok((name.as_str(), value))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let answer = get(url, &headers, *timeout_ms).await?;
             match json_path.as_str() {
                 "" => {
                     let text = String::from_utf8_lossy(&answer);
@@ -180,18 +199,14 @@ fn client() -> &'static HttpsClient {
     })
 }
 
-async fn get(
-    url: &str,
-    headers: &std::collections::BTreeMap<String, String>,
-    timeout_ms: u64,
-) -> Result<Vec<u8>, String> {
+async fn get(url: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<Vec<u8>, String> {
     let client = client();
     let mut request = hyper::Request::get(url).header(
         hyper::header::USER_AGENT,
         format!("cutover/{}", cutover_common::VERSION),
     );
     for (name, value) in headers {
-        request = request.header(name, value);
+        request = request.header(*name, *value);
     }
     let request = request
         .body(Empty::new())

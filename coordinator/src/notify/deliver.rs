@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use super::spec::{EventKind, NotifyTarget};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
-use crate::secrets::{SecretError, Secrets};
+use crate::secrets::Secrets;
 use crate::store::NewEvent;
 
 /// Waits before the second, third and fourth attempt.
@@ -85,7 +85,7 @@ impl Sender {
     pub async fn send(&self, delivery: &Delivery) {
         let signature = match &delivery.target.secret {
             None => None,
-            Some(name) => match self.secret(&delivery.env, name).await {
+            Some(name) => match self.secrets.current_value(&delivery.env, name).await {
                 Ok(key) => Some(sign(key.as_bytes(), &delivery.body)),
                 Err(error) => {
                     let message = format!("{} not sent: {error}", delivery.describe());
@@ -120,11 +120,6 @@ impl Sender {
                 }
             }
         }
-    }
-
-    async fn secret(&self, env: &str, name: &str) -> Result<String, SecretError> {
-        let version = self.secrets.current(env, name).await?;
-        self.secrets.value(env, name, version).await
     }
 
     async fn attempt(&self, delivery: &Delivery, signature: Option<&str>) -> Result<(), Failure> {

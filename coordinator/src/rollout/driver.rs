@@ -2,7 +2,7 @@
 //! results, heartbeats, operator requests and the clock, persists every
 //! change before the commands it implies go out, and delivers them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -248,8 +248,12 @@ impl Rollouts {
                 continue;
             }
             let results = results.clone();
+            let (secrets, env) = (self.secrets.clone(), rollout.env.clone());
             let task = tokio::spawn(async move {
-                let result = crate::analysis::query::measure(&due.provider).await;
+                let result = match header_secrets(&secrets, &env, &due.provider).await {
+                    Ok(values) => crate::analysis::query::measure(&due.provider, &values).await,
+                    Err(error) => Err(error),
+                };
                 let _ = results.send(Input::Measured {
                     step: due.step,
                     metric: due.metric,
@@ -323,6 +327,27 @@ fn outcome_of(result: pb::CommandResult) -> Outcome {
         (Ok(pb::CommandStatus::Unknown), _) => Outcome::Unknown(result.message),
         _ => Outcome::Failed(result.message),
     }
+}
+
+/// The values of the secrets a web measurement's headers name, read now
+/// (a rotated secret counts from its rotation on).
+async fn header_secrets(
+    secrets: &Secrets,
+    env: &str,
+    provider: &crate::analysis::Provider,
+) -> Result<BTreeMap<String, String>, String> {
+    let crate::analysis::Provider::Web { headers, .. } = provider else {
+        return Ok(BTreeMap::new());
+    };
+    let mut values = BTreeMap::new();
+    for name in headers.values().filter_map(|v| v.secret()) {
+        let value = secrets
+            .current_value(env, name)
+            .await
+            .map_err(|e| format!("secret {name} of environment {env} for a header: {e}"))?;
+        values.insert(name.to_string(), value);
+    }
+    Ok(values)
 }
 
 /// Fills the `secret_values` of an activation or a task from the secret
