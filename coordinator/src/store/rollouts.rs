@@ -170,3 +170,34 @@ impl RolloutRepo {
         self.kv.list(Table::Locks, b"").await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::jobs::recovery::RequireBackup;
+    use crate::store::{SledBackend, Store};
+
+    /// What a retry re-checks (its backup gates) and where a canary stood
+    /// come back from the store after a coordinator restart as they went in.
+    #[tokio::test]
+    async fn a_rollouts_gates_and_strategy_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rollout = crate::rollout::sim::rollout(2, crate::rollout::sim::strategy());
+        rollout.backup_gates = vec![RequireBackup {
+            dataset: "orders".into(),
+            max_age: Duration::from_secs(3_600),
+            restore_tested: true,
+        }];
+        {
+            let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
+            store.rollouts.put(&rollout).await.unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
+        let read = store.rollouts.get(&rollout.id).await.unwrap().unwrap();
+        assert_eq!(read.backup_gates, rollout.backup_gates);
+        assert_eq!(read, rollout);
+    }
+}
