@@ -33,6 +33,8 @@ need_package ip iproute2
 need_package iptables iptables
 # The backup and restore tests back a throw-away cluster up with pgBackRest.
 need_package pgbackrest pgbackrest --no-install-recommends
+# The load balancer tests put a real HAProxy in front of the node proxies.
+need_package haproxy haproxy --no-install-recommends
 
 # The runner: nextest, for its per-test timeouts (.config/nextest.toml);
 # built from crates.io where the machine lacks it.

@@ -17,6 +17,7 @@ pub mod http;
 pub mod images;
 pub mod jobs;
 pub mod journal;
+pub mod lb;
 pub mod metrics;
 pub mod migration;
 pub mod notify;

@@ -48,7 +48,11 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn up() -> Self {
-        let cluster = DevCluster::up(2);
+        Self::with_nodes(2)
+    }
+
+    pub fn with_nodes(nodes: u8) -> Self {
+        let cluster = DevCluster::up(nodes);
         let port = cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[])
             .unwrap();
         Self { cluster, port }
@@ -329,13 +333,20 @@ pub struct Shoppers {
 }
 
 impl Shoppers {
+    /// Shoppers alternating between the cluster's first two nodes.
     pub fn start(f: &Fixture) -> Self {
+        Self::at(&[f.node(0), f.node(1)])
+    }
+
+    /// Shoppers sending to `targets` (a node's proxy, a load balancer),
+    /// one thread each in turn.
+    pub fn at(targets: &[String]) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let threads = (0..4)
             .map(|t| {
                 let stop = stop.clone();
-                let node = f.node(t % 2);
+                let node = targets[t % targets.len()].clone();
                 std::thread::spawn(move || {
                     let mut answers = Vec::new();
                     let mut i = t;

@@ -8,6 +8,7 @@
 
 pub mod canary;
 pub mod docker;
+pub mod haproxy;
 pub mod load;
 pub mod netns;
 pub mod pg;
@@ -1016,11 +1017,13 @@ pub fn http_get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> String
         .iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))
         .collect();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
-    )
-    .unwrap_or_else(|e| panic!("http_get: cannot send to {addr}: {e}"));
+    // One write: a request in several small segments waits out the peer's
+    // delayed ACK (40 ms) behind Nagle's algorithm.
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .unwrap_or_else(|e| panic!("http_get: cannot send to {addr}: {e}"));
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap_or_else(|e| {
         panic!("http_get {addr}{path}: no whole answer within {HTTP_GET_DEADLINE:?}: {e}")

@@ -146,6 +146,7 @@ impl Rollouts {
         }
         let mut strategy = current.strategy.clone();
         strategy.auto_rollback = false;
+        let (notify, load_balancer) = self.inherited(Some(current)).await?;
         let target = Target {
             app: current.app.clone(),
             env: env.clone(),
@@ -159,8 +160,9 @@ impl Rollouts {
             warning: None,
             migration: None,
             hooks: Vec::new(),
-            notify: self.inherited_notify(Some(current)).await?,
+            notify,
             backup_gates: Vec::new(),
+            load_balancer,
         };
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,

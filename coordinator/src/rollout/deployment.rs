@@ -102,6 +102,9 @@ pub struct DeploymentStep {
     #[serde(default)]
     pub previous: Option<String>,
     pub rollback_rollout_id: String,
+    /// The external load balancer of the service in the environment.
+    #[serde(default)]
+    pub load_balancer: Option<crate::lb::LoadBalancer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -399,6 +402,7 @@ impl Rollouts {
                     // Checked when the deployment was made; a step is not
                     // retried on its own.
                     backup_gates: Vec::new(),
+                    load_balancer: step.load_balancer.clone(),
                 },
                 d.allow_unreachable,
             )

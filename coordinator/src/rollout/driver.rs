@@ -191,6 +191,7 @@ impl Rollouts {
                     self.registry.clone(),
                     self.secrets.clone(),
                     rollout.env.clone(),
+                    rollout.load_balancer.clone(),
                     send,
                     results_tx.clone(),
                 ));
@@ -198,6 +199,9 @@ impl Rollouts {
             }
             self.measure(&rollout, &mut measuring, &results_tx);
             if rollout.state.is_terminal() {
+                if let Some(lb) = &rollout.load_balancer {
+                    super::balancer::all_back(lb, &self.registry, &rollout).await;
+                }
                 break;
             }
             // Biased, in this order: which of several ready inputs comes
@@ -391,6 +395,7 @@ async fn deliver(
     registry: Arc<Registry>,
     secrets: Arc<Secrets>,
     env: String,
+    lb: Option<crate::lb::LoadBalancer>,
     mut send: engine::Send,
     results: mpsc::UnboundedSender<Input>,
 ) {
@@ -403,6 +408,15 @@ async fn deliver(
             outcome: Outcome::Failed(error.to_string()),
         });
         return;
+    }
+    // Out of the external load balancer before the command goes, back in
+    // before its result is taken in: a restart in between resends the
+    // command, and this again.
+    let lb = lb.filter(|_| super::balancer::drains(&send.command));
+    let mut drained = None;
+    if let Some(lb) = &lb {
+        let server = super::balancer::leave(lb, &registry, &send.node_id, &send.node_name).await;
+        drained = Some((lb, server));
     }
     loop {
         match registry.send_command(&send.node_id, send.command.clone()) {
@@ -422,6 +436,16 @@ async fn deliver(
                     })
                     .await;
                 if let Ok(result) = waited {
+                    if let Some((lb, server)) = &drained {
+                        super::balancer::come_back(
+                            lb,
+                            &registry,
+                            &send.node_id,
+                            &send.node_name,
+                            server,
+                        )
+                        .await;
+                    }
                     let outcome = outcome_of(result);
                     let _ = results.send(Input::Result {
                         command_id,

@@ -6,6 +6,7 @@
 
 #[cfg(test)]
 mod analysis_tests;
+mod balancer;
 #[cfg(test)]
 mod blue_green_tests;
 #[cfg(test)]

@@ -522,6 +522,10 @@ pub struct Rollout {
     /// again by a retry.
     #[serde(default)]
     pub backup_gates: Vec<crate::jobs::recovery::RequireBackup>,
+    /// The external load balancer its nodes leave while drained (see
+    /// `lb`).
+    #[serde(default)]
+    pub load_balancer: Option<crate::lb::LoadBalancer>,
 }
 
 /// What a new rollout is made of; `Rollout::new` sets the rest (pending,
@@ -635,6 +639,7 @@ impl Rollout {
             notify: new.notify,
             analysis: Vec::new(),
             backup_gates: Vec::new(),
+            load_balancer: None,
         }
     }
 

@@ -16,6 +16,7 @@ use super::model::{self, NewRollout, NodeState, Rollout, RolloutKind, RolloutNod
 use super::{capacity, RolloutError, Rollouts, Started};
 use crate::hooks::Hook;
 use crate::images::PinnedImage;
+use crate::lb::LoadBalancer;
 use crate::migration::Migration;
 use crate::notify::spec::NotifyTarget;
 use crate::spec::{selects, AppSpec, Resolved, Strategy};
@@ -74,6 +75,8 @@ pub(super) struct Target {
     pub(super) notify: Vec<NotifyTarget>,
     /// The fresh backups a deploy requires, kept for a retry.
     pub(super) backup_gates: Vec<crate::jobs::recovery::RequireBackup>,
+    /// The external load balancer its drained nodes leave.
+    pub(super) load_balancer: Option<LoadBalancer>,
 }
 
 /// What agents must announce to run a canary's commands.
@@ -144,6 +147,7 @@ impl Rollouts {
                         hooks: resolved.hooks,
                         notify: resolved.notify,
                         backup_gates: resolved.backup_gates,
+                        load_balancer: resolved.load_balancer,
                     },
                     request.allow_unreachable,
                 )
@@ -329,6 +333,7 @@ impl Rollouts {
                         hooks: Vec::new(),
                         notify: Vec::new(),
                         backup_gates: Vec::new(),
+                        load_balancer: service.load_balancer.clone(),
                     },
                     request.allow_unreachable,
                 )
@@ -384,6 +389,7 @@ impl Rollouts {
                     rollout_id: String::new(),
                     previous: None,
                     rollback_rollout_id: String::new(),
+                    load_balancer: service.load_balancer,
                 })
                 .collect(),
             allow_unreachable: request.allow_unreachable,
@@ -669,6 +675,7 @@ impl Rollouts {
             notify: plan_target.notify,
         });
         rollout.backup_gates = plan_target.backup_gates;
+        rollout.load_balancer = plan_target.load_balancer;
         if let Some(why) = changed {
             rollout.timeline.push(model::TimelineEntry {
                 at_ms: now,

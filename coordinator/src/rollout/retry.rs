@@ -118,6 +118,7 @@ impl Rollouts {
                     hooks: old.hooks.iter().flat_map(|h| h.hooks.clone()).collect(),
                     notify: old.notify.clone(),
                     backup_gates: old.backup_gates.clone(),
+                    load_balancer: old.load_balancer.clone(),
                 },
                 // Nodes the operator left out of the first try stay out.
                 !old.skipped.is_empty(),

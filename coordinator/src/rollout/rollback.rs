@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::model::RolloutKind;
 use super::{RolloutError, Rollouts, Started, Target};
+use crate::lb::LoadBalancer;
 use crate::migration::MigrationPhase;
 use crate::notify::spec::NotifyTarget;
 use crate::store::{ReleaseRecord, ReleaseState, StoreError};
@@ -121,6 +122,7 @@ impl Rollouts {
                 None => note,
             });
         }
+        let (notify, load_balancer) = self.inherited(current).await?;
         let plan = self
             .plan(
                 Target {
@@ -137,9 +139,10 @@ impl Rollouts {
                     // A rollback returns code, never runs a migration.
                     migration: None,
                     hooks: Vec::new(),
-                    notify: self.inherited_notify(current).await?,
+                    notify,
                     // A rollback returns code and needs no fresh backup.
                     backup_gates: Vec::new(),
+                    load_balancer,
                 },
                 request.allow_unreachable,
             )
@@ -150,19 +153,22 @@ impl Rollouts {
     /// The webhooks of the rollout that made `current` current: a rollback
     /// or a convergence has no spec of its own, and notifies where the
     /// service's last deploy did.
-    pub(super) async fn inherited_notify(
+    /// What a rollout made without a spec (a rollback, a convergence)
+    /// keeps of the rollout that made `current` current: its webhooks and
+    /// its load balancer.
+    pub(super) async fn inherited(
         &self,
         current: Option<&ReleaseRecord>,
-    ) -> Result<Vec<NotifyTarget>, StoreError> {
+    ) -> Result<(Vec<NotifyTarget>, Option<LoadBalancer>), StoreError> {
         let Some(current) = current else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         Ok(self
             .store
             .rollouts
             .get(&current.rollout_id)
             .await?
-            .map(|r| r.notify)
+            .map(|r| (r.notify, r.load_balancer))
             .unwrap_or_default())
     }
 }

@@ -90,6 +90,9 @@ pub struct EnvironmentSpec {
     /// production, say).
     #[serde(default)]
     pub strategy: Option<StrategySpec>,
+    /// The HAProxy in front of its nodes (see `lb`).
+    #[serde(default)]
+    pub load_balancer: Option<crate::lb::LoadBalancerSpec>,
 }
 
 /// Everything a deploy of one service in one environment needs from the
@@ -113,6 +116,8 @@ pub struct Resolved {
     /// the migration's when it runs it (kept with the rollout, so a retry
     /// checks them again).
     pub backup_gates: Vec<crate::jobs::recovery::RequireBackup>,
+    /// The HAProxy backend of the service in the environment, if any.
+    pub load_balancer: Option<crate::lb::LoadBalancer>,
 }
 
 impl AppSpec {
@@ -204,7 +209,12 @@ impl AppSpec {
         }
         crate::notify::spec::check(&self.notify)?;
         crate::jobs::spec::check_all(self)?;
+        let services: Vec<&str> = self.services.keys().map(String::as_str).collect();
         for (name, environment) in &self.environments {
+            if let Some(lb) = &environment.load_balancer {
+                lb.check(&services)
+                    .map_err(|(k, m)| (format!("environments.{name}.load_balancer.{k}"), m))?;
+            }
             if let Some(gate) = &environment.require_backup {
                 crate::jobs::spec::check_gate(self, gate, Some(name))
                     .map_err(|(k, m)| (format!("environments.{name}.require_backup.{k}"), m))?;

@@ -220,6 +220,10 @@ impl AppSpec {
             hooks: self.once_hooks(service),
             notify: self.notify.iter().map(NotifySpec::target).collect(),
             backup_gates,
+            load_balancer: environment
+                .load_balancer
+                .as_ref()
+                .and_then(|lb| lb.for_service(service)),
         })
     }
 }
