@@ -100,6 +100,16 @@ fn haproxy_drains_each_node_for_its_cutover_and_splits_a_canary_across_four_node
     assert!(answers.len() > 100, "{} answers", answers.len());
     let rollout = f.cluster.newest_rollout();
     assert_eq!(rollout["state"], "succeeded", "{rollout:#}");
+    let events = text(&f.cluster.cutover(&["events", "--limit", "1000"]).stdout);
+    for node in 1..=NODES {
+        for what in ["drained in HAProxy", "ready in HAProxy"] {
+            let line = format!("{BACKEND}/node-{node} {what}");
+            assert!(
+                events.contains(&line),
+                "no {line:?} in the events:\n{events}"
+            );
+        }
+    }
 
     // A canary at 10 % on every node: through HAProxy's round robin, a
     // tenth of 10,000 requests from 1,000 clients reach v3, and each client

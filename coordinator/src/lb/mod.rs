@@ -167,3 +167,77 @@ impl LoadBalancer {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> LoadBalancerSpec {
+        toml::from_str(text).expect("valid toml")
+    }
+
+    const GOOD: &str = r#"kind = "haproxy"
+runtime_api = "10.0.0.2:9999"
+backends = { web = "shop_web" }"#;
+
+    #[test]
+    fn a_service_maps_to_its_backend_and_a_node_to_its_server() {
+        let lb = spec(&format!("{GOOD}\nserver_label = \"haproxy_server\""));
+        lb.check(&["web", "worker"]).unwrap();
+        assert!(lb.for_service("worker").is_none(), "not in the backends");
+        let web = lb.for_service("web").unwrap();
+        assert_eq!(
+            (web.backend.as_str(), web.drain_timeout_ms),
+            ("shop_web", 30_000)
+        );
+        let labels = BTreeMap::from([("haproxy_server".to_string(), "web3".to_string())]);
+        assert_eq!(web.server("node-3", &labels), "web3");
+        assert_eq!(web.server("node-4", &BTreeMap::new()), "node-4");
+    }
+
+    #[test]
+    fn bad_keys_name_the_key_and_the_value() {
+        let cases = [
+            (
+                "kind = \"nginx\"\nruntime_api = \"h:1\"\nbackends = { web = \"b\" }",
+                "kind",
+                "\"nginx\"",
+            ),
+            (
+                "kind = \"haproxy\"\nruntime_api = \"haproxy\"\nbackends = { web = \"b\" }",
+                "runtime_api",
+                "host:port",
+            ),
+            (
+                "kind = \"haproxy\"\nruntime_api = \"h:1\"\nbackends = {}",
+                "backends",
+                "names no backend",
+            ),
+            (
+                "kind = \"haproxy\"\nruntime_api = \"h:1\"\nbackends = { api = \"b\" }",
+                "backends.api",
+                "not a service",
+            ),
+            (
+                "kind = \"haproxy\"\nruntime_api = \"h:1\"\nbackends = { web = \"a b\" }",
+                "backends.web",
+                "\"a b\"",
+            ),
+            (
+                &format!("{GOOD}\nserver_label = \"\""),
+                "server_label",
+                "is empty",
+            ),
+            (
+                &format!("{GOOD}\ndrain_timeout = \"2h\""),
+                "drain_timeout",
+                "over an hour",
+            ),
+        ];
+        for (text, key, says) in cases {
+            let (k, m) = spec(text).check(&["web"]).unwrap_err();
+            assert_eq!(k, key, "{text}");
+            assert!(m.contains(says), "{text}: {m}");
+        }
+    }
+}
