@@ -107,6 +107,8 @@ pub struct Server {
     pub drained: bool,
     /// Its health check passes.
     pub up: bool,
+    /// Its weight now (1 as configured here).
+    pub weight: u32,
 }
 
 /// The servers of `BACKEND` from the runtime API at `api`; none while it
@@ -122,7 +124,7 @@ pub fn servers(api: &str) -> Vec<Server> {
     }
     // A version line, a header, then one line per server: srv_name is the
     // 4th column, srv_op_state (2: up) the 6th, srv_admin_state the 7th
-    // (0x08, 0x10: drain).
+    // (0x08, 0x10: drain), srv_uweight the 8th.
     answer
         .lines()
         .skip(2)
@@ -133,6 +135,7 @@ pub fn servers(api: &str) -> Vec<Server> {
                 name: fields.get(3)?.to_string(),
                 drained: admin & 0x18 != 0,
                 up: *fields.get(5)? == "2",
+                weight: fields.get(7)?.parse().ok()?,
             })
         })
         .collect()

@@ -136,6 +136,38 @@ fn haproxy_drains_each_node_for_its_cutover_and_splits_a_canary_across_four_node
     assert!(out.status.success(), "{}", text(&out.stderr));
     let again = through(&haproxy, &clients[..100]);
     assert!(one_version_each(&again).iter().all(|v| v == "v2"));
+    assert!(
+        haproxy.servers().iter().all(|s| s.weight == 1),
+        "weights untouched"
+    );
+
+    // A canary on 1 of the 4 nodes at 10 %: HAProxy's weights send a tenth
+    // of the requests to that node, whose proxy sends them all to v4.
+    let one_node = canary.replace("kind = \"canary\"", "kind = \"canary\"\ncanary_nodes = 1");
+    awaits_promotion(&deploy("v4", &one_node));
+    let id = newest_id(&f);
+    let mut weights: Vec<u32> = haproxy.servers().iter().map(|s| s.weight).collect();
+    weights.sort_unstable();
+    assert_eq!(weights, [85, 256, 256, 256], "85 for the canary node");
+    let seen = through(&haproxy, &clients);
+    let requests: usize = seen.iter().map(|s| s.values().sum::<usize>()).sum();
+    let on_canary: usize = seen.iter().filter_map(|s| s.get("v4")).sum();
+    let request_share = on_canary as f64 / requests as f64;
+    assert!(
+        (0.08..=0.12).contains(&request_share),
+        "{on_canary} of {requests} requests on v4"
+    );
+    let rollout = f.rollout(&id);
+    assert_eq!(rollout["canary"]["fleet_weight"], 10.0, "{rollout:#}");
+    // Abort: the canary node's proxy takes all back to v2 first, then the
+    // weights return to the configured ones.
+    let out = f.cluster.cutover(&["rollout", "abort", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    f.wait_rollout(&id, Duration::from_secs(30), |r| r["state"] == "aborted");
+    let weights: Vec<u32> = haproxy.servers().iter().map(|s| s.weight).collect();
+    assert_eq!(weights, [1, 1, 1, 1]);
+    let again = through(&haproxy, &clients[..100]);
+    assert!(one_version_each(&again).iter().all(|v| v == "v2"));
 }
 
 /// Ten requests of each of `clients` through HAProxy (its address in

@@ -171,15 +171,20 @@ impl RuntimeApi {
             .await
     }
 
-    /// Sets `server`'s weight (0 to 256; 0 sends it nothing new).
+    /// Sets `server`'s weight: 0 to 256 (0 sends it nothing new), or
+    /// `None`, back to the weight its configuration gives it.
     pub async fn set_weight(
         &self,
         backend: &str,
         server: &str,
-        weight: u32,
+        weight: Option<u32>,
     ) -> Result<(), HaproxyError> {
-        self.set(backend, server, &format!("weight {}", weight.min(256)))
-            .await
+        let weight = match weight {
+            Some(weight) => weight.min(256).to_string(),
+            // Relative to the configured (initial) weight.
+            None => "100%".to_string(),
+        };
+        self.set(backend, server, &format!("weight {weight}")).await
     }
 
     /// The servers of `backend`.

@@ -160,6 +160,11 @@ impl LoadBalancer {
         }
     }
 
+    /// Sets `server`'s weight (`None`: as configured).
+    pub async fn weight(&self, server: &str, weight: Option<u32>) -> Result<(), HaproxyError> {
+        self.api()?.set_weight(&self.backend, server, weight).await
+    }
+
     /// Makes `server` take new requests again.
     pub async fn ready(&self, server: &str) -> Result<(), HaproxyError> {
         self.api()?

@@ -117,6 +117,11 @@ impl Rollouts {
         let mut measuring: HashMap<(u32, usize, usize), AbortHandle> = HashMap::new();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The load balancer's weights as last set (none yet: a restarted
+        // coordinator sets them again), and the commands that wait for
+        // weights it could not set yet.
+        let mut weights: Option<super::balancer::Weights> = None;
+        let mut held: Vec<engine::Send> = Vec::new();
         let mut input = first;
         loop {
             let before = rollout.clone();
@@ -185,6 +190,28 @@ impl Rollouts {
                 }
                 keep
             });
+            // A canary split through the balancer: its weights first, then
+            // the commands (a proxy sends all to the canary only once the
+            // balancer gives its node no more than the canary's share).
+            held.extend(sends);
+            held.retain(|send| live.contains(send.command.command_id.as_str()));
+            let wanted = super::balancer::desired(&rollout);
+            if let (Some(lb), Some(want)) = (&rollout.load_balancer, wanted) {
+                if weights != Some(want) {
+                    match super::balancer::apply_weights(lb, &self.registry, &rollout, want).await {
+                        Ok(()) => weights = Some(want),
+                        Err(error) => {
+                            let message = format!("cannot set the {} weights in HAProxy ({error}); the canary's weight change waits for them", lb.backend);
+                            self.record(&rollout, "load_balancer", "", message);
+                        }
+                    }
+                }
+            }
+            let ready = wanted.is_none() || weights == wanted;
+            let sends = match ready {
+                true => std::mem::take(&mut held),
+                false => Vec::new(),
+            };
             for send in sends {
                 let id = send.command.command_id.clone();
                 let task = tokio::spawn(deliver(

@@ -526,6 +526,12 @@ pub struct Rollout {
     /// `lb`).
     #[serde(default)]
     pub load_balancer: Option<crate::lb::LoadBalancer>,
+    /// A canary on some of the nodes behind `load_balancer`: each step's
+    /// weight is the fleet's share, which the balancer's weights give the
+    /// canary nodes, whose proxies send all their requests to the canary
+    /// (see `rollout::balancer`). Without it the proxies split.
+    #[serde(default)]
+    pub balancer_split: bool,
 }
 
 /// What a new rollout is made of; `Rollout::new` sets the rest (pending,
@@ -640,6 +646,7 @@ impl Rollout {
             analysis: Vec::new(),
             backup_gates: Vec::new(),
             load_balancer: None,
+            balancer_split: false,
         }
     }
 

@@ -49,6 +49,10 @@ impl Cutover for Canary {
         }
         let rest = targets - chosen.len();
         r.batches = 1 + (rest as u32).div_ceil(r.batch_size.max(1));
+        // Behind a load balancer the weights shift the fleet's requests to
+        // the canary nodes; with the canary on every node their proxies
+        // split as well on their own.
+        r.balancer_split = r.load_balancer.is_some() && rest > 0;
         let names: Vec<&str> = chosen.iter().map(|&i| r.nodes[i].name.as_str()).collect();
         let message = format!(
             "canary {} on {} of {targets} nodes ({}); the stable release keeps serving beside it",
@@ -131,9 +135,14 @@ impl Canary {
                 }
                 if canaries(r).all(|n| n.state == NodeState::Canary && n.weight == weight) {
                     let fleet = fleet_weight(r, weight);
-                    let message = format!(
-                        "the canary gets {weight}% of the canary nodes' requests ({fleet:.1}% of the fleet's)"
-                    );
+                    let message = match r.balancer_split {
+                        true => format!(
+                            "the canary gets {weight}% of the fleet's requests: the load balancer's weights send that share to the canary nodes, which send it all to the canary"
+                        ),
+                        false => format!(
+                            "the canary gets {weight}% of the canary nodes' requests ({fleet:.1}% of the fleet's)"
+                        ),
+                    };
                     note(r, now, "canary_weight", "", message);
                     next(r, index);
                 }
@@ -325,7 +334,7 @@ pub fn awaiting_promotion(r: &Rollout) -> bool {
 
 /// The weight the canary nodes are to have in the step running: what a
 /// weight change sends (and resends after a restart).
-pub(super) fn target_weight(r: &Rollout) -> u32 {
+pub fn target_weight(r: &Rollout) -> u32 {
     let (Phase::Canary(CanaryPhase::Step { index, .. }), Some(canary)) =
         (r.phase, r.strategy.canary())
     else {
@@ -337,9 +346,23 @@ pub(super) fn target_weight(r: &Rollout) -> u32 {
     }
 }
 
+/// What the canary nodes' proxies send to the canary at step weight
+/// `weight`: all of it when the load balancer's weights give the canary
+/// its share (`balancer_split`).
+pub(super) fn proxy_weight(r: &Rollout, weight: u32) -> u32 {
+    match r.balancer_split && weight > 0 {
+        true => 100,
+        false => weight,
+    }
+}
+
 /// The canary's share of the whole fleet's requests at `weight` on its
-/// nodes (a load balancer spreading requests evenly), in percent.
+/// nodes (a load balancer spreading requests evenly, or weighted by
+/// cutover: `balancer_split`), in percent.
 pub fn fleet_weight(r: &Rollout, weight: u32) -> f64 {
+    if r.balancer_split {
+        return f64::from(weight);
+    }
     let targets = r
         .nodes
         .iter()

@@ -88,7 +88,12 @@ pub(super) fn send_for(r: &Rollout, i: usize) -> Send {
         NodeState::Weighting => command::Kind::SetTraffic(pb::SetTraffic {
             service: r.service.clone(),
             side_release_id: r.release.id().to_string(),
-            split: canary.map(|c| c.split(super::canary::target_weight(r))),
+            split: canary.map(|c| {
+                c.split(super::canary::proxy_weight(
+                    r,
+                    super::canary::target_weight(r),
+                ))
+            }),
         }),
         // Where the previous release still runs (a canary node, or one
         // within its scale_down_delay) this is a switch in the proxy; a

@@ -37,7 +37,7 @@ use rollback::{needs_revert, roll_back, where_nodes_are};
 use ticks::on_tick;
 
 pub use analysis::{external_due, Due};
-pub use canary::{awaiting_promotion, fleet_weight, promote_refusal};
+pub use canary::{awaiting_promotion, fleet_weight, promote_refusal, target_weight};
 /// After a coordinator restart, how long agents have to reconnect before a
 /// switched node counts as lost.
 const RECONNECT_GRACE_MS: i64 = 60_000;
