@@ -202,7 +202,11 @@ pub(super) fn describe(r: &pb::Rollout) -> String {
 /// "analysis  errors (step 3) failed: ..." and a line per metric with its
 /// samples' outcomes and the last sample's values.
 fn analysis_lines(run: &pb::AnalysisRun) -> String {
-    let mut out = format!("analysis  {} (step {}) {}", run.name, run.step, run.state);
+    let at = match run.step {
+        0 => "background".to_string(),
+        step => format!("step {step}"),
+    };
+    let mut out = format!("analysis  {} ({at}) {}", run.name, run.state);
     if !run.summary.is_empty() {
         out.push_str(&format!(": {}", run.summary));
     }
@@ -250,6 +254,7 @@ fn analysis_lines(run: &pb::AnalysisRun) -> String {
 fn analysis_json(run: &pb::AnalysisRun) -> Value {
     json!({
         "step": run.step,
+        "background": run.step == 0,
         "name": run.name,
         "state": run.state,
         "started_at": rfc3339(run.started_at_ms),

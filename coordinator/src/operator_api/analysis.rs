@@ -13,9 +13,10 @@ pub(super) fn analysis_to_pb(r: &Rollout) -> Vec<pb::AnalysisRun> {
         .map(|run| {
             // Undecided, it runs while the rollout is at its step; a
             // metric also stops when another one decided the run.
+            let background = run.step == crate::rollout::engine::BACKGROUND;
             let running = run.verdict.is_none()
                 && !r.state.is_terminal()
-                && matches!(r.phase, Phase::Canary(CanaryPhase::Step { index, .. }) if index == run.step);
+                && matches!(r.phase, Phase::Canary(CanaryPhase::Step { index, .. }) if index == run.step || background);
             let state = |verdict: Option<Verdict>| match verdict {
                 Some(v) => v.as_str(),
                 None if running => "running",
@@ -23,7 +24,8 @@ pub(super) fn analysis_to_pb(r: &Rollout) -> Vec<pb::AnalysisRun> {
             };
             let template = templates.and_then(|t| t.get(&run.name));
             pb::AnalysisRun {
-                step: run.step + 1,
+                // 0: the background analysis (steps count from 1).
+                step: if background { 0 } else { run.step + 1 },
                 name: run.name.clone(),
                 started_at_ms: run.started_at_ms,
                 state: state(run.verdict).into(),

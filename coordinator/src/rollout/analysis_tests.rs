@@ -232,3 +232,56 @@ fn measurements_the_driver_takes_are_recorded_once_also_after_a_restart() {
         "decided: nothing more due"
     );
 }
+
+/// The background analysis runs beside the steps from its step on, one
+/// run after the other: a successful run is followed by the next, and the
+/// failed one aborts the canary wherever it stands (here at a pause that
+/// waits for promotion).
+#[test]
+fn a_background_analysis_runs_beside_the_steps_and_a_failed_run_returns_every_node() {
+    let steps = vec![
+        CanaryStep::SetWeight(20),
+        CanaryStep::Pause(None),
+        CanaryStep::SetWeight(50),
+    ];
+    let mut strategy = strategy(steps, proxy_metric("canary_success_rate >= 0.99", 0));
+    let StrategyKind::Canary(c) = &mut strategy.kind else {
+        unreachable!("a canary")
+    };
+    c.background = Some(crate::strategy::canary::Background {
+        analysis: "errors".into(),
+        from_index: 0,
+    });
+    let (mut r, sets) = staged_with(2, strategy);
+    assert!(succeed(&mut r, 30, &sets).is_empty(), "at the pause");
+    let background = |r: &Rollout| {
+        r.analysis
+            .iter()
+            .filter(|a| a.step == super::engine::BACKGROUND)
+            .map(|a| a.verdict)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(background(&r), [None], "running from step 1 on");
+    // Two good windows: the run succeeds, the next begins.
+    let mut now = 100;
+    for (canary_ok, stable_ok) in [(0, 0), (100, 400), (200, 800)] {
+        let t = counted(&r, now, (canary_ok, 0), (stable_ok, 0));
+        handle(&mut r, now, t);
+        now += 1_000;
+    }
+    assert_eq!(background(&r), [Some(Verdict::Successful), None]);
+    assert!(kinds(&r).contains(&"background_analysis"));
+    assert!(awaiting_promotion(&r), "the pause still waits for a person");
+    // The canary turns bad: the next run's first window (on from where the
+    // last one ended) fails, and the rollout with it.
+    let t = counted(&r, now, (250, 50), (1_000, 0));
+    let returns = handle(&mut r, now, t);
+    let error = r.error.as_ref().expect("failed").to_string();
+    assert!(
+        error.contains("background analysis errors failed"),
+        "{error}"
+    );
+    let returned = commanded_until_done(&mut r, now + 100, returns);
+    assert_eq!(returned, ["node-0", "node-1"]);
+    assert_eq!(r.state, RolloutState::RolledBack, "{:?}", kinds(&r));
+}

@@ -30,6 +30,7 @@ pub(super) fn canary(canary_nodes: BatchSize, steps: Vec<CanaryStep>) -> Strateg
             },
             analyses: Default::default(),
             keep_warm: false,
+            background: None,
         }),
     }
 }

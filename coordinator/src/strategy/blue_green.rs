@@ -33,6 +33,7 @@ pub(super) fn resolve(
         ("steps", spec.steps.is_some()),
         ("sticky", spec.sticky.is_some()),
         ("sticky_name", spec.sticky_name.is_some()),
+        ("background_analysis", spec.background_analysis.is_some()),
         // Every node switches at once: there are no batches.
         ("batch", spec.batch.is_some()),
     ];
@@ -129,6 +130,7 @@ pub(super) fn resolve(
         },
         analyses: used,
         keep_warm,
+        background: None,
     })
 }
 

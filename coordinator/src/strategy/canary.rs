@@ -44,11 +44,34 @@ pub struct Canary {
     /// The analysis templates its steps run, by name.
     #[serde(default)]
     pub analyses: BTreeMap<String, Analysis>,
+    /// An analysis that runs beside the steps from one of them on until
+    /// the promotion, again and again: a failure aborts the canary.
+    #[serde(default)]
+    pub background: Option<Background>,
     /// Blue/green's `keep_warm = 1`: a promoted node keeps the release it
     /// replaced running (not serving) until the next deploy, not for
     /// `scale_down_delay`.
     #[serde(default)]
     pub keep_warm: bool,
+}
+
+/// `background_analysis`, checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Background {
+    /// The template (`[analysis.NAME]`) it runs.
+    pub analysis: String,
+    /// The index of the step it starts with (`from_step` - 1).
+    pub from_index: u32,
+}
+
+/// `background_analysis = { analysis = "NAME", from_step = N }` as
+/// written (`from_step` 1-based, default 1).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackgroundSpec {
+    analysis: String,
+    #[serde(default)]
+    from_step: Option<i64>,
 }
 
 /// One step of the plan.
@@ -138,12 +161,18 @@ pub(super) fn resolve(
     analyses: &BTreeMap<String, Analysis>,
 ) -> Result<Canary, KeyError> {
     let steps = steps(spec.steps.as_deref().unwrap_or_default(), analyses)?;
+    let background = match &spec.background_analysis {
+        Some(b) => Some(background(b, &steps, analyses)?),
+        None => None,
+    };
     let used: BTreeMap<String, Analysis> = steps
         .iter()
         .filter_map(|s| match s {
-            CanaryStep::Analysis(name) => Some((name.clone(), analyses[name].clone())),
+            CanaryStep::Analysis(name) => Some(name),
             _ => None,
         })
+        .chain(background.as_ref().map(|b| &b.analysis))
+        .map(|name| (name.clone(), analyses[name].clone()))
         .collect();
     let sticky = match spec.sticky.as_deref().unwrap_or("cookie") {
         "cookie" => Sticky::Cookie,
@@ -190,6 +219,7 @@ pub(super) fn resolve(
         promotion,
         analyses: used,
         keep_warm: false,
+        background,
     })
 }
 
@@ -263,6 +293,43 @@ fn steps(
         steps.push(step);
     }
     Ok(steps)
+}
+
+/// `background_analysis` checked against the plan's `steps`.
+fn background(
+    spec: &BackgroundSpec,
+    steps: &[CanaryStep],
+    analyses: &BTreeMap<String, Analysis>,
+) -> Result<Background, KeyError> {
+    let template = template(analyses, "background_analysis.analysis", &spec.analysis)?;
+    let from = spec.from_step.unwrap_or(1);
+    if from < 1 || from > steps.len() as i64 {
+        return Err((
+            "background_analysis.from_step".into(),
+            format!(
+                "{from} is not a step of this plan; give 1 to {} (the first step is 1)",
+                steps.len()
+            ),
+        ));
+    }
+    let index = (from - 1) as usize;
+    // The proxies measure requests: a weight above 0 must be set by then.
+    let weighted = steps[..=index]
+        .iter()
+        .any(|s| matches!(s, CanaryStep::SetWeight(w) if *w > 0));
+    if let (Some(metric), false) = (template.proxy_metric(), weighted) {
+        return Err((
+            "background_analysis.from_step".into(),
+            format!(
+                "step {from} comes before any set_weight above 0, and {:?} measures with the node proxies (metric {}): start it at or after the first set_weight",
+                spec.analysis, metric.name
+            ),
+        ));
+    }
+    Ok(Background {
+        analysis: spec.analysis.clone(),
+        from_index: index as u32,
+    })
 }
 
 /// The analysis template `name` (written at `key`) of the spec.
@@ -397,6 +464,61 @@ mod tests {
         let (key, message) = typo.resolve(&analyses).unwrap_err();
         assert_eq!(key, "steps[0].analysis");
         assert!(message.contains("it defines errors"), "{message}");
+    }
+
+    #[test]
+    fn a_background_analysis_starts_at_a_step_with_traffic_to_measure() {
+        let analyses: BTreeMap<String, crate::analysis::AnalysisSpec> = toml::from_str(
+            "[[errors.metrics]]\nname = \"success\"\ncondition = \"canary_success_rate >= 0.99\"",
+        )
+        .unwrap();
+        let analyses = crate::analysis::resolve(&analyses).unwrap();
+        let resolve = |background: &str| {
+            let spec: StrategySpec = toml::from_str(&format!(
+                "kind = \"canary\"\nsteps = [{{ pause = \"1m\" }}, {{ set_weight = 10 }}, {{ pause = {{}} }}]\nbackground_analysis = {background}"
+            ))
+            .unwrap();
+            spec.resolve(&analyses)
+        };
+        let StrategyKind::Canary(c) = resolve("{ analysis = \"errors\", from_step = 2 }")
+            .unwrap()
+            .kind
+        else {
+            panic!("a canary")
+        };
+        assert_eq!(
+            c.background,
+            Some(Background {
+                analysis: "errors".into(),
+                from_index: 1
+            })
+        );
+        assert!(c.analyses.contains_key("errors"), "carried with it");
+        for (background, says) in [
+            (
+                "{ analysis = \"errors\" }",
+                "step 1 comes before any set_weight above 0",
+            ),
+            (
+                "{ analysis = \"errors\", from_step = 4 }",
+                "4 is not a step of this plan; give 1 to 3",
+            ),
+            (
+                "{ analysis = \"errors\", from_step = 0 }",
+                "0 is not a step",
+            ),
+            (
+                "{ analysis = \"erors\", from_step = 2 }",
+                "it defines errors",
+            ),
+        ] {
+            let (key, message) = resolve(background).unwrap_err();
+            assert!(
+                key.starts_with("background_analysis."),
+                "{background}: {key}"
+            );
+            assert!(message.contains(says), "{background}: {message}");
+        }
     }
 
     #[test]

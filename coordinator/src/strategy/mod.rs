@@ -52,6 +52,8 @@ pub struct StrategySpec {
     pub scale_down_delay: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub abort_scale_down_delay: Option<Duration>,
+    #[serde(default)]
+    pub background_analysis: Option<canary::BackgroundSpec>,
     // Blue/green's own keys (see `blue_green`).
     #[serde(default)]
     pub pre_promotion_analysis: Option<String>,
@@ -145,6 +147,7 @@ impl StrategySpec {
                 "abort_scale_down_delay",
                 self.abort_scale_down_delay.is_some(),
             ),
+            ("background_analysis", self.background_analysis.is_some()),
         ]
         .into_iter()
         .find_map(|(key, written)| written.then_some(key))

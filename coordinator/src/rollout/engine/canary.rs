@@ -68,6 +68,10 @@ impl Cutover for Canary {
         match r.phase {
             Phase::Canary(CanaryPhase::Staging) => self.stage(r, now, sends),
             Phase::Canary(CanaryPhase::Step { index, since_ms }) => {
+                analysis::background(r, now, index);
+                if r.error.is_some() {
+                    return;
+                }
                 if r.promote_full {
                     if in_flight(r) == 0 {
                         promote(r, now, "every remaining step skipped on request");

@@ -36,7 +36,7 @@ use commands::{send_for, settle, timeout_for};
 use rollback::{needs_revert, roll_back, where_nodes_are};
 use ticks::on_tick;
 
-pub use analysis::{external_due, Due};
+pub use analysis::{external_due, Due, BACKGROUND};
 pub use canary::{awaiting_promotion, fleet_weight, promote_refusal, target_weight};
 /// After a coordinator restart, how long agents have to reconnect before a
 /// switched node counts as lost.

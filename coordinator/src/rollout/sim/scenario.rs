@@ -86,9 +86,10 @@ impl Scenario {
         // Drawn apart, so the seeds found before canaries draw what they
         // drew then.
         let mut canary_rng = StdRng::seed_from_u64(seed ^ 0xca4a_7000_0000_0000);
+        let mut background_rng = StdRng::seed_from_u64(seed ^ 0xbac6_9000_0000_0000);
         let mut canary = canary_rng
             .random_bool(0.4)
-            .then(|| ("canary", canary(&mut canary_rng)));
+            .then(|| ("canary", canary(&mut canary_rng, &mut background_rng)));
         // Blue/green, drawn apart too, where no canary was.
         let mut blue_green_rng = StdRng::seed_from_u64(seed ^ 0xb1e9_4ee0_0000_0000);
         if canary.is_none() && blue_green_rng.random_bool(0.3) {
@@ -203,8 +204,9 @@ fn node_faults(rng: &mut StdRng) -> Faults {
 }
 
 /// A canary's own keys, whether a step waits for promotion, and the
-/// `[analysis.errors]` table its analysis steps (if any) run.
-fn canary(rng: &mut StdRng) -> (String, bool, Option<String>) {
+/// `[analysis.errors]` table its analysis steps (if any) run, and (drawn
+/// from `background`) a background analysis from its first weight on.
+fn canary(rng: &mut StdRng, background: &mut StdRng) -> (String, bool, Option<String>) {
     let canary_nodes = if rng.random_bool(0.5) {
         rng.random_range(1..=3).to_string()
     } else {
@@ -242,6 +244,16 @@ fn canary(rng: &mut StdRng) -> (String, bool, Option<String>) {
         .iter()
         .any(|s| s.contains("analysis"))
         .then(|| analysis_table(rng, true));
+    let mut keys = keys;
+    let weighted = steps.iter().position(|s| s.contains("set_weight"));
+    if let (Some(_), Some(at)) = (&analysis, weighted) {
+        if background.random_bool(0.5) {
+            keys += &format!(
+                "background_analysis = {{ analysis = \"errors\", from_step = {} }}\n",
+                at + 1
+            );
+        }
+    }
     (keys, waits, analysis)
 }
 
