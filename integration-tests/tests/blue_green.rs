@@ -3,7 +3,8 @@
 //! switch together on promote, a failed post-promotion analysis switches
 //! them back to the release that never stopped (no process started, no
 //! request lost in the switch), and with keep_warm the previous release
-//! keeps running so that `cutover rollback` is a switch in the proxies.
+//! keeps running so that `cutover rollback` is a switch in the proxies
+//! (no process started; how fast: integration-tests/bench/blue_green.sh).
 
 use std::collections::BTreeMap;
 
@@ -118,7 +119,7 @@ fn blue_green_switches_together_switches_back_on_a_failed_analysis_and_rolls_bac
     );
 
     // v4 promoted keeps v2 warm: the rollback to v2 is a switch in the
-    // proxies, under a second per node.
+    // proxies.
     let out = deploy("v4", "", &["--wait"]);
     awaits_promotion(&out);
     let v4 = newest_id(&f);
@@ -135,25 +136,19 @@ fn blue_green_switches_together_switches_back_on_a_failed_analysis_and_rolls_bac
     assert_eq!(versions(f.port, 2), ["v2", "v2"]);
     let after = processes(&f);
     assert_eq!(after["v2"], before["v2"], "the rollback started no process");
+    // A switch in the proxies: no process started (above), both nodes
+    // switched by the rollback (how fast: integration-tests/bench/
+    // blue_green.sh).
     let back = f.rollout(&newest_id(&f));
     assert_eq!(back["kind"], "rollback", "{back:#}");
-    let timeline = back["timeline"].as_array().expect("a timeline");
-    let at = |kind: &str, node: &str| {
-        timeline
-            .iter()
-            .find(|t| t["kind"] == kind && (node.is_empty() || t["node"] == node))
-            .and_then(|t| t["at"].as_str())
-            .and_then(|at| humantime::parse_rfc3339(at).ok())
-            .unwrap_or_else(|| panic!("no {kind} {node} in {back:#}"))
-    };
-    let started = at("batch_started", "");
-    for node in ["node-1", "node-2"] {
-        let took = at("node_switched", node).duration_since(started).unwrap();
-        assert!(
-            took < std::time::Duration::from_secs(1),
-            "{node} switched back in {took:?}: {back:#}"
-        );
-    }
+    assert_eq!(back["state"], "succeeded", "{back:#}");
+    let switched = back["timeline"]
+        .as_array()
+        .expect("a timeline")
+        .iter()
+        .filter(|t| t["kind"] == "node_switched")
+        .count();
+    assert_eq!(switched, 2, "{back:#}");
     assert!(
         lost(&answers).is_empty(),
         "{:?} of {}",
