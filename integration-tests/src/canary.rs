@@ -225,35 +225,9 @@ impl Fixture {
 }
 
 impl Fixture {
-    /// The release processes of the cluster's nodes by release id: the
-    /// release dir each works in, under the cluster's dir.
+    /// The release processes of the cluster's nodes by release id.
     pub fn release_processes(&self) -> BTreeMap<String, Vec<u32>> {
-        let mut by_release: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-        for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
-                continue;
-            };
-            let Ok(inside) = cwd.strip_prefix(self.cluster.dir.path()) else {
-                continue;
-            };
-            let mut parts = inside.iter().map(|p| p.to_string_lossy().into_owned());
-            if parts.any(|p| p == "releases") {
-                if let Some(release) = parts.next() {
-                    by_release.entry(release).or_default().push(pid);
-                }
-            }
-        }
-        for pids in by_release.values_mut() {
-            pids.sort_unstable();
-        }
-        by_release
+        crate::release_processes(self.cluster.dir.path())
     }
 }
 

@@ -210,20 +210,47 @@ impl AgentProcess {
 /// Pids of the release processes of the agent with `state_dir`, whether or
 /// not that agent runs: their working directory is a release dir under it.
 pub fn release_pids(state_dir: &Path) -> Vec<u32> {
-    let releases = state_dir.join("releases");
-    std::fs::read_dir("/proc")
-        .expect("proc")
+    release_processes(state_dir)
+        .into_values()
         .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cwd = std::fs::read_link(entry.path().join("cwd")).ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            let zombie = stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-            (cwd.starts_with(&releases) && !zombie).then_some(pid)
-        })
         .collect()
+}
+
+/// The release processes (not zombies) working in a release dir
+/// (`.../releases/<release id>/...`) anywhere under `root`, by release id.
+pub fn release_processes(root: &Path) -> std::collections::BTreeMap<String, Vec<u32>> {
+    let mut by_release: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let (Ok(cwd), Ok(stat)) = (
+            std::fs::read_link(entry.path().join("cwd")),
+            std::fs::read_to_string(entry.path().join("stat")),
+        ) else {
+            continue;
+        };
+        let zombie = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        let Ok(inside) = cwd.strip_prefix(root) else {
+            continue;
+        };
+        let mut parts = inside.iter().map(|p| p.to_string_lossy().into_owned());
+        if !zombie && parts.any(|p| p == "releases") {
+            if let Some(release) = parts.next() {
+                by_release.entry(release).or_default().push(pid);
+            }
+        }
+    }
+    for pids in by_release.values_mut() {
+        pids.sort_unstable();
+    }
+    by_release
 }
 
 impl Drop for AgentProcess {
