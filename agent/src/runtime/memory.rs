@@ -40,7 +40,10 @@ fn group_resident_bytes(group: u32) -> Option<u64> {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.get(2).and_then(|g| g.parse::<u32>().ok()) != Some(group) {
+        // A zombie holds no memory and is no member any more.
+        if fields.first() == Some(&"Z")
+            || fields.get(2).and_then(|g| g.parse::<u32>().ok()) != Some(group)
+        {
             continue;
         }
         pages += fields

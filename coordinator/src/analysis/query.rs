@@ -132,7 +132,16 @@ pub async fn measure(
                     Ok((name.as_str(), value))
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            let answer = get(url, &headers, *timeout_ms).await?;
+            // An endpoint may echo a credential it refused: no secret
+            // goes into a sample's note.
+            let answer = get(url, &headers, *timeout_ms).await.map_err(|error| {
+                secrets
+                    .values()
+                    .filter(|v| !v.is_empty())
+                    .fold(error, |error, value| {
+                        error.replace(value.as_str(), "[secret]")
+                    })
+            })?;
             match json_path.as_str() {
                 "" => {
                     let text = String::from_utf8_lossy(&answer);

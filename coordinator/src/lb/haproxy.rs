@@ -2,7 +2,7 @@
 //! configuration), over TCP or a unix socket: one command per connection
 //! (non-interactive mode), its answer read to the end. What cutover asks
 //! of it: a server's admin state (ready, drain), its weight, and its
-//! current sessions.
+//! current sessions. Names go into commands only checked (`name_ok`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,6 +29,26 @@ pub enum HaproxyError {
     NoServer { backend: String, server: String },
     #[error("cannot read HAProxy's answer to `{command}`: {cause}")]
     Answer { command: String, cause: String },
+    #[error("{0:?} is not an HAProxy backend or server name (letters, digits, - _ . : only); check the spec's backends and the node label that names the server")]
+    BadName(String),
+}
+
+/// A backend or server name as it may go into a command: anything else
+/// (a space, a `;`) would let a node label inject commands of its own.
+pub fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+fn checked<'a>(backend: &'a str, server: &'a str) -> Result<(&'a str, &'a str), HaproxyError> {
+    for name in [backend, server] {
+        if !name_ok(name) {
+            return Err(HaproxyError::BadName(name.to_string()));
+        }
+    }
+    Ok((backend, server))
 }
 
 /// Where the runtime API listens: `host:port`, or a unix socket's path.
@@ -84,20 +104,6 @@ impl AdminState {
     }
 }
 
-/// One server of a backend, as `show servers state` and `show stat` say.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Server {
-    pub name: String,
-    /// Set by the runtime API (`set server ... state drain`) or the
-    /// configuration.
-    pub draining: bool,
-    /// In maintenance (by the runtime API, the configuration or a
-    /// resolution failure).
-    pub maintenance: bool,
-    /// The weight set now (the runtime API's, or the configured one).
-    pub weight: u32,
-}
-
 /// The runtime API of one HAProxy.
 #[derive(Debug, Clone)]
 pub struct RuntimeApi {
@@ -146,6 +152,7 @@ impl RuntimeApi {
 
     /// Runs a `set` command, which answers nothing when it worked.
     async fn set(&self, backend: &str, server: &str, what: &str) -> Result<(), HaproxyError> {
+        let (backend, server) = checked(backend, server)?;
         let command = format!("set server {backend}/{server} {what}");
         let answer = self.command(&command).await?;
         match answer.trim() {
@@ -187,18 +194,9 @@ impl RuntimeApi {
         self.set(backend, server, &format!("weight {weight}")).await
     }
 
-    /// The servers of `backend`.
-    pub async fn servers(&self, backend: &str) -> Result<Vec<Server>, HaproxyError> {
-        let command = format!("show servers state {backend}");
-        let answer = self.command(&command).await?;
-        parse_servers_state(&answer, backend).map_err(|cause| match cause {
-            Refusal::Refused(answer) => HaproxyError::Refused { command, answer },
-            Refusal::Unreadable(cause) => HaproxyError::Answer { command, cause },
-        })
-    }
-
     /// The sessions `server` of `backend` has now (`scur`).
     pub async fn sessions(&self, backend: &str, server: &str) -> Result<u64, HaproxyError> {
+        let (backend, server) = checked(backend, server)?;
         // Type 4: servers only.
         let command = format!("show stat {backend} 4 -1");
         let answer = self.command(&command).await?;
@@ -241,57 +239,6 @@ enum Refusal {
     Unreadable(String),
 }
 
-/// `show servers state BACKEND`: a version line, a `#` header naming the
-/// columns, then a line per server.
-fn parse_servers_state(answer: &str, backend: &str) -> Result<Vec<Server>, Refusal> {
-    let mut lines = answer.lines().filter(|l| !l.trim().is_empty());
-    let Some(version) = lines.next() else {
-        return Err(Refusal::Unreadable("an empty answer".into()));
-    };
-    if version.trim().parse::<u32>().is_err() {
-        return Err(Refusal::Refused(answer.trim().into()));
-    }
-    let header = lines
-        .next()
-        .and_then(|h| h.strip_prefix('#'))
-        .ok_or_else(|| Refusal::Unreadable("no column header".into()))?;
-    let columns: Vec<&str> = header.split_whitespace().collect();
-    let at = |name: &str| {
-        columns
-            .iter()
-            .position(|c| *c == name)
-            .ok_or_else(|| Refusal::Unreadable(format!("no column {name}")))
-    };
-    let (be, name, admin, weight) = (
-        at("be_name")?,
-        at("srv_name")?,
-        at("srv_admin_state")?,
-        at("srv_uweight")?,
-    );
-    lines
-        .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .filter(|fields| fields.get(be) == Some(&backend))
-        .map(|fields| {
-            let number = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .ok_or_else(|| Refusal::Unreadable(format!("column {i} of {fields:?}")))
-            };
-            let admin = number(admin)?;
-            Ok(Server {
-                name: fields[name].to_string(),
-                // SRV_ADMF_FDRAIN 0x08, IDRAIN 0x10 (inherited); the
-                // maintenance flags FMAINT 0x01, IMAINT 0x02, CMAINT 0x04,
-                // RMAINT 0x20, HMAINT 0x40.
-                draining: admin & 0x18 != 0,
-                maintenance: admin & 0x67 != 0,
-                weight: number(weight)?,
-            })
-        })
-        .collect()
-}
-
 /// `scur` of `server` in `show stat`'s CSV.
 fn current_sessions(answer: &str, backend: &str, server: &str) -> Result<u64, Refusal> {
     let mut lines = answer.lines().filter(|l| !l.trim().is_empty());
@@ -322,47 +269,17 @@ fn current_sessions(answer: &str, backend: &str, server: &str) -> Result<u64, Re
 mod tests {
     use super::*;
 
-    /// As HAProxy 2.6 (Debian 12) answers, node-1 drained and weighted 30.
-    const STATE: &str = "1
-# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port
-3 shop_web 1 node-1 127.0.0.11 2 8 30 100 0 1 0 2 0 0 0 0 - 18081 - 0 0 - - 0
-3 shop_web 2 node-2 127.0.0.12 2 1 100 100 1 1 0 2 0 0 0 0 - 18081 - 0 0 - - 0
-
-";
-
     const STAT: &str = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status,weight
 shop_web,node-1,0,0,3,5,,0,0,0,,0,,0,0,0,0,DRAIN,30
 shop_web,node-2,0,0,0,0,,0,0,0,,0,,0,0,0,0,MAINT,100
 ";
 
     #[test]
-    fn the_servers_state_and_sessions_are_read_by_column_name() {
-        let servers = match parse_servers_state(STATE, "shop_web") {
-            Ok(servers) => servers,
-            Err(_) => panic!("readable"),
-        };
-        assert_eq!(
-            servers,
-            [
-                Server {
-                    name: "node-1".into(),
-                    draining: true,
-                    maintenance: false,
-                    weight: 30
-                },
-                Server {
-                    name: "node-2".into(),
-                    draining: false,
-                    maintenance: true,
-                    weight: 100
-                },
-            ]
-        );
-        assert!(matches!(parse_servers_state(STATE, "other"), Ok(s) if s.is_empty()));
-        assert!(matches!(
-            parse_servers_state("Can't find backend.\n", "nope"),
-            Err(Refusal::Refused(m)) if m == "Can't find backend."
-        ));
+    fn sessions_are_read_by_column_name_and_names_are_checked() {
+        assert!(name_ok("shop_web") && name_ok("node-1.eu:2"));
+        for bad in ["", "x; set server b/s addr 6.6.6.6", "a b", "a/b"] {
+            assert!(!name_ok(bad), "{bad}");
+        }
         assert!(matches!(
             current_sessions(STAT, "shop_web", "node-1"),
             Ok(3)

@@ -5,8 +5,8 @@
 //! runtime API) the coordinator also drains a node's server there before a
 //! cutover that takes the node out (`max_unavailable > 0`), waits for its
 //! sessions to end, and makes it ready again once the node answered,
-//! whatever the outcome; at the end of a rollout every admitted node's
-//! server is made ready (a command cut short leaves none drained).
+//! whatever the outcome; at the end of a rollout every node's server is
+//! made ready (a command cut short leaves none drained).
 
 pub mod haproxy;
 
@@ -74,11 +74,7 @@ impl LoadBalancerSpec {
             if !services.contains(&service.as_str()) {
                 return Err((key(), format!("{service:?} is not a service of this spec")));
             }
-            let name_ok = !backend.is_empty()
-                && backend
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-            if !name_ok {
+            if !haproxy::name_ok(backend) {
                 return Err((
                     key(),
                     format!(

@@ -285,3 +285,51 @@ fn a_background_analysis_runs_beside_the_steps_and_a_failed_run_returns_every_no
     assert_eq!(returned, ["node-0", "node-1"]);
     assert_eq!(r.state, RolloutState::RolledBack, "{:?}", kinds(&r));
 }
+
+/// Under a balancer split the canary nodes send everything to the canary:
+/// the stable release's values come from the other nodes, so a condition
+/// relative to stable still decides.
+#[test]
+fn under_a_balancer_split_stable_is_measured_on_the_other_nodes() {
+    let steps = vec![
+        CanaryStep::SetWeight(10),
+        CanaryStep::Analysis("errors".into()),
+        CanaryStep::Pause(None),
+    ];
+    let mut strategy = strategy(
+        steps,
+        proxy_metric("canary_success_rate >= stable_success_rate - 0.01", 0),
+    );
+    let StrategyKind::Canary(c) = &mut strategy.kind else {
+        unreachable!("a canary")
+    };
+    c.canary_nodes = BatchSize::Count(1);
+    let mut r = super::sim::rollout(3, strategy);
+    r.load_balancer = Some(crate::lb::LoadBalancer {
+        runtime_api: "127.0.0.1:9999".into(),
+        backend: "shop_web".into(),
+        server_label: None,
+        drain_timeout_ms: 1_000,
+    });
+    let prepares = handle(&mut r, 0, Input::Start);
+    let stages = succeed(&mut r, 10, &prepares);
+    let sets = succeed(&mut r, 20, &stages);
+    assert!(r.balancer_split);
+    assert!(succeed(&mut r, 30, &sets).is_empty(), "at the analysis");
+    let mut now = 100;
+    for (canary_ok, stable_ok) in [(0, 0), (100, 400), (200, 800)] {
+        // `counted` gives every node these totals: the canary node's side
+        // its canary counts, the others' serving release the stable ones.
+        let t = counted(&r, now, (canary_ok, 0), (stable_ok, 0));
+        handle(&mut r, now, t);
+        now += 1_000;
+    }
+    let run = &r.analysis[0];
+    assert_eq!(run.verdict, Some(Verdict::Successful), "{run:#?}");
+    let values = &run.metrics[0].samples[0].values;
+    // The canary node's canary; the serving release of all three nodes:
+    // the two others' and the canary node's own (which takes nothing in
+    // practice under the split; `counted` gives every node the same).
+    assert_eq!(values["canary_requests"], 100.0, "{values:?}");
+    assert_eq!(values["stable_requests"], 1_200.0, "{values:?}");
+}

@@ -2,8 +2,8 @@
 //! whose command takes it out of the balancer (an activation with
 //! `drain_first`) leaves it before the command goes, and returns once its
 //! agent answered, whatever the answer; a rollout that ended makes the
-//! server of every node still admitted ready, so a command cut short (a
-//! timeout, a coordinator restart) leaves no server drained.
+//! server of every node of it ready, so a command cut short (a timeout, a
+//! coordinator restart) leaves no server drained.
 //!
 //! A canary on some of the nodes (`balancer_split`) gets its share of the
 //! fleet's requests from the balancer's weights: they follow the rollout
@@ -14,10 +14,17 @@
 
 use cutover_proto::v1 as pb;
 
-use super::model::{NodeState, Rollout};
+use super::model::{NodeState, Rollout, RolloutNode};
 use crate::lb::LoadBalancer;
 use crate::registry::Registry;
 use crate::store::NewEvent;
+
+/// Whether `command` raises a canary node's share (a weight change: a
+/// canary's weights only grow): under a balancer split it waits for the
+/// balancer's weights.
+pub(super) fn raises_share(command: &pb::Command) -> bool {
+    matches!(&command.kind, Some(pb::command::Kind::SetTraffic(set)) if set.split.as_ref().is_some_and(|s| s.weight > 0))
+}
 
 /// Whether `command` takes its node out of the load balancer.
 pub(super) fn drains(command: &pb::Command) -> bool {
@@ -89,24 +96,16 @@ pub(super) async fn come_back(
     note(registry, node_id, node_name, message);
 }
 
-/// At the end of `rollout`: every node of it that its agent reports
-/// admitted takes requests from the balancer again (one an operator
-/// drained stays drained).
+/// At the end of `rollout`: every node of it takes requests from the
+/// balancer again (its agent re-admits it after each command whatever the
+/// outcome; a heartbeat from the middle of its cutover may still say
+/// otherwise, so that is not asked).
 pub(super) async fn all_back(lb: &LoadBalancer, registry: &Registry, rollout: &Rollout) {
     let views = registry.list();
     for node in &rollout.nodes {
         let Some(view) = views.iter().find(|v| v.record.id == node.id) else {
             continue;
         };
-        let admitted = view
-            .record
-            .services
-            .iter()
-            .find(|s| s.service == rollout.service)
-            .is_none_or(|s| s.admitted);
-        if !admitted {
-            continue;
-        }
         let server = lb.server(&node.name, &view.record.labels);
         if let Err(error) = lb.ready(server).await {
             let message = format!(
@@ -175,6 +174,14 @@ pub(super) fn split_weights(share: u32, canaries: usize, stables: usize) -> (u32
     }
 }
 
+/// The weight of a server whose node serves nothing yet.
+fn weight_when_idle(weights: Weights) -> Option<u32> {
+    match weights {
+        Weights::Configured => None,
+        Weights::Split(_) => Some(0),
+    }
+}
+
 /// Sets the weights of every node's server of `r`.
 pub(super) async fn apply_weights(
     lb: &LoadBalancer,
@@ -190,18 +197,30 @@ pub(super) async fn apply_weights(
             .map(|v| v.record.labels.clone())
             .unwrap_or_default()
     };
+    // The stable servers: the others that serve the stable release; one
+    // that serves nothing yet takes nothing until the split ends.
+    let stable_node = |n: &&RolloutNode| !n.canary && !n.from_release.is_empty();
     let canaries = r.nodes.iter().filter(|n| n.canary).count();
+    let stables = r.nodes.iter().filter(stable_node).count();
     let (canary, stable) = match weights {
         Weights::Configured => (None, None),
         Weights::Split(share) => {
-            let (c, s) = split_weights(share, canaries, r.nodes.len() - canaries);
+            let (c, s) = split_weights(share, canaries, stables);
             (Some(c), Some(s))
         }
     };
-    for node in &r.nodes {
+    // Never more than the share on the canary nodes meanwhile: the stable
+    // servers first into a split, the canary ones first out of it.
+    let mut order: Vec<&RolloutNode> = r.nodes.iter().collect();
+    order.sort_by_key(|n| n.canary == matches!(weights, Weights::Split(_)));
+    for node in order {
         let labels = labels(&node.id);
         let server = lb.server(&node.name, &labels);
-        let weight = if node.canary { canary } else { stable };
+        let weight = match (node.canary, stable_node(&node)) {
+            (true, _) => canary,
+            (false, true) => stable,
+            (false, false) => weight_when_idle(weights),
+        };
         lb.weight(server, weight).await?;
     }
     let message = match weights {

@@ -122,6 +122,8 @@ impl Rollouts {
         // weights it could not set yet.
         let mut weights: Option<super::balancer::Weights> = None;
         let mut held: Vec<engine::Send> = Vec::new();
+        // The weights that could not be set (noted once each).
+        let mut not_set: Option<super::balancer::Weights> = None;
         let mut input = first;
         loop {
             let before = rollout.clone();
@@ -191,26 +193,36 @@ impl Rollouts {
                 keep
             });
             // A canary split through the balancer: its weights first, then
-            // the commands (a proxy sends all to the canary only once the
-            // balancer gives its node no more than the canary's share).
-            held.extend(sends);
+            // the weight changes that raise its share (a proxy sends all to
+            // the canary only once the balancer gives its node no more than
+            // the canary's share). Everything else goes at once: a return
+            // to stable never waits for HAProxy.
             held.retain(|send| live.contains(send.command.command_id.as_str()));
             let wanted = super::balancer::desired(&rollout);
             if let (Some(lb), Some(want)) = (&rollout.load_balancer, wanted) {
                 if weights != Some(want) {
                     match super::balancer::apply_weights(lb, &self.registry, &rollout, want).await {
                         Ok(()) => weights = Some(want),
-                        Err(error) => {
-                            let message = format!("cannot set the {} weights in HAProxy ({error}); the canary's weight change waits for them", lb.backend);
+                        Err(error) if not_set != Some(want) => {
+                            not_set = Some(want);
+                            let message = format!("cannot set the {} weights in HAProxy ({error}); a weight change of the canary waits for them, tried again each second", lb.backend);
                             self.record(&rollout, "load_balancer", "", message);
                         }
+                        Err(_) => {}
                     }
                 }
             }
-            let ready = wanted.is_none() || weights == wanted;
-            let sends = match ready {
-                true => std::mem::take(&mut held),
-                false => Vec::new(),
+            let (wait, go): (Vec<_>, Vec<_>) = sends
+                .into_iter()
+                .chain(std::mem::take(&mut held))
+                .partition(|send| super::balancer::raises_share(&send.command));
+            let weighted = wanted.is_none() || weights == wanted;
+            let sends = match weighted {
+                true => go.into_iter().chain(wait).collect(),
+                false => {
+                    held = wait;
+                    go
+                }
             };
             for send in sends {
                 let id = send.command.command_id.clone();

@@ -150,12 +150,10 @@ impl Rollouts {
         self.launch(plan, by).await
     }
 
-    /// The webhooks of the rollout that made `current` current: a rollback
-    /// or a convergence has no spec of its own, and notifies where the
-    /// service's last deploy did.
     /// What a rollout made without a spec (a rollback, a convergence)
-    /// keeps of the rollout that made `current` current: its webhooks and
-    /// its load balancer.
+    /// keeps of the rollout that made `current` current: it notifies where
+    /// the service's last deploy did, and drains through its load
+    /// balancer.
     pub(super) async fn inherited(
         &self,
         current: Option<&ReleaseRecord>,

@@ -232,32 +232,47 @@ fn sample_proxies(
 
 /// What each canary node's proxy counted so far: the canary (its side
 /// release) and the release it serves. A release that served nothing yet
-/// counts as zero.
+/// counts as zero. Under a balancer split the canary nodes send all to
+/// the canary: the stable release is counted on the other nodes.
 fn proxy_counts(r: &Rollout, seen: &HashMap<&str, &Observation>) -> BTreeMap<String, NodeCounts> {
     let canary = r.release.id();
+    let counted = |traffic: Option<&Traffic>, release: &str| {
+        traffic
+            .cloned()
+            .filter(|t| t.release_id == release)
+            .unwrap_or_else(|| Traffic {
+                release_id: release.to_string(),
+                ..Default::default()
+            })
+    };
     r.nodes
         .iter()
-        .filter(|n| n.canary && matches!(n.state, NodeState::Canary | NodeState::Weighting))
         .filter_map(|n| {
             let seen = seen.get(n.id.as_str()).filter(|o| o.connected)?;
             let service = seen.service.as_ref()?;
-            let side = service.side.as_ref().filter(|s| s.release_id == canary)?;
-            let counted = |traffic: &Option<Traffic>, release: &str| {
-                traffic
-                    .clone()
-                    .filter(|t| t.release_id == release)
-                    .unwrap_or_else(|| Traffic {
-                        release_id: release.to_string(),
-                        ..Default::default()
-                    })
+            let stable = counted(service.traffic.as_ref(), &service.release_id);
+            let counts = match n.canary {
+                true if matches!(n.state, NodeState::Canary | NodeState::Weighting) => {
+                    let side = service.side.as_ref().filter(|s| s.release_id == canary)?;
+                    NodeCounts {
+                        canary: counted(side.traffic.as_ref(), canary),
+                        stable,
+                    }
+                }
+                false
+                    if r.balancer_split
+                        && n.state == NodeState::Prepared
+                        && !n.from_release.is_empty()
+                        && service.release_id == n.from_release =>
+                {
+                    NodeCounts {
+                        canary: counted(None, canary),
+                        stable,
+                    }
+                }
+                _ => return None,
             };
-            Some((
-                n.name.clone(),
-                NodeCounts {
-                    canary: counted(&side.traffic, canary),
-                    stable: counted(&service.traffic, &service.release_id),
-                },
-            ))
+            Some((n.name.clone(), counts))
         })
         .collect()
 }

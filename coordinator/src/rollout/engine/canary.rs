@@ -50,9 +50,13 @@ impl Cutover for Canary {
         let rest = targets - chosen.len();
         r.batches = 1 + (rest as u32).div_ceil(r.batch_size.max(1));
         // Behind a load balancer the weights shift the fleet's requests to
-        // the canary nodes; with the canary on every node their proxies
-        // split as well on their own.
-        r.balancer_split = r.load_balancer.is_some() && rest > 0;
+        // the canary nodes when other nodes serve the stable release; with
+        // the canary on every serving node their proxies split on their
+        // own.
+        r.balancer_split = r.load_balancer.is_some()
+            && r.nodes
+                .iter()
+                .any(|n| n.state == NodeState::Prepared && !n.canary && !n.from_release.is_empty());
         let names: Vec<&str> = chosen.iter().map(|&i| r.nodes[i].name.as_str()).collect();
         let message = format!(
             "canary {} on {} of {targets} nodes ({}); the stable release keeps serving beside it",

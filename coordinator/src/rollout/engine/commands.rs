@@ -51,7 +51,13 @@ pub(super) fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
             // The release's pre/post_activate hooks run within the node's
             // cutover.
             let hooks: u64 = release.hooks.iter().map(|h| h.timeout_ms).sum();
-            (start + stop + hooks) as i64 + ACTIVATION_MARGIN_MS
+            // A node leaving the load balancer first waits for its
+            // sessions there before the command goes (`rollout::balancer`).
+            let drain = match r.strategy.drains_first() {
+                true => r.load_balancer.as_ref().map_or(0, |lb| lb.drain_timeout_ms),
+                false => 0,
+            };
+            (start + stop + hooks + drain) as i64 + ACTIVATION_MARGIN_MS
         }
     }
 }

@@ -421,6 +421,20 @@ impl Runner {
 
     /// What a command changes on the node, as the real agent does it (see
     /// `ActivateRelease`, `StageRelease` and `SetTraffic` in agent.proto).
+    /// How often `running` crashed by `now` (its release crash-loops from
+    /// a while after it started, as the faults say).
+    fn crashes(&self, running: &Running, now: Instant) -> u32 {
+        let crashing_since = self
+            .agent
+            .faults
+            .crash_loops
+            .as_ref()
+            .filter(|(version, _)| *version == running.version)
+            .map(|(_, after)| running.since + *after)
+            .filter(|since| now >= *since);
+        crashing_since.map_or(0, |since| (now - since).as_secs() as u32 + 1)
+    }
+
     fn switch(&mut self, command: &pb::Command) -> Result<(), String> {
         let now = Instant::now();
         let mut node = self.agent.node.lock().expect("node lock");
@@ -475,10 +489,12 @@ impl Runner {
                     ));
                 }
                 let weight = stage.split.as_ref().map_or(0, |s| s.weight);
+                // As the agent: reused only if it has not crashed since.
                 let kept = node
                     .sides
                     .get(&release.service)
                     .filter(|s| s.running.release_id == release.release_id)
+                    .filter(|s| self.crashes(&s.running, now) == 0)
                     .map(|s| s.running.clone());
                 node.sides.insert(
                     release.service.clone(),
@@ -544,17 +560,7 @@ impl Runner {
                 side.running.serve(side_weight, &self.agent.faults.errors);
             }
         }
-        let crashes_of = |running: &Running| {
-            let crashing_since = self
-                .agent
-                .faults
-                .crash_loops
-                .as_ref()
-                .filter(|(version, _)| *version == running.version)
-                .map(|(_, after)| running.since + *after)
-                .filter(|since| now >= *since);
-            crashing_since.map_or(0, |since| (now - since).as_secs() as u32 + 1)
-        };
+        let crashes_of = |running: &Running| self.crashes(running, now);
         let services = node
             .services
             .iter()
