@@ -388,6 +388,11 @@ impl Service {
             last_exit: status.last_exit.unwrap_or_default(),
             traffic: self.traffic(&running.release_id),
             retire_at_ms: side.retire_at_ms,
+            memory_bytes: status
+                .instance
+                .as_ref()
+                .and_then(crate::runtime::memory::resident_bytes)
+                .unwrap_or(0),
         })
     }
 }

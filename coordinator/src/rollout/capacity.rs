@@ -2,7 +2,10 @@
 //! beside the serving one on every node until the switch (blue/green):
 //! memory per node doubles meanwhile, so a node must report free memory
 //! for one more copy of what its serving release holds now (or the new
-//! release's container limit, if larger), with a tenth on top.
+//! release's container limit, if larger), with a tenth on top. A side
+//! release running there (one kept warm) is stopped before the new one
+//! starts: its memory counts as free; the new release itself kept warm
+//! is reused and needs nothing.
 
 use crate::store::NodeRecord;
 
@@ -29,13 +32,14 @@ impl std::fmt::Display for Shortfall {
 }
 
 /// The nodes among `nodes` running `service` that report too little free
-/// memory for a second release of it (`limit_bytes`: the new release's
+/// memory for a second release of it, `release_id` (`limit_bytes`: its
 /// container memory limit, 0 for none). A node that reports no figures or
 /// no memory use of its release is not judged: there is nothing to judge
 /// by.
 pub fn memory_shortfalls<'a>(
     nodes: impl IntoIterator<Item = &'a NodeRecord>,
     service: &str,
+    release_id: &str,
     limit_bytes: u64,
 ) -> Vec<Shortfall> {
     nodes
@@ -46,9 +50,14 @@ pub fn memory_shortfalls<'a>(
             if serving.memory_bytes == 0 || figures.memory_total_bytes == 0 {
                 return None;
             }
+            let side = serving.side.as_ref();
+            if side.is_some_and(|s| s.release_id == release_id) {
+                return None;
+            }
             let free = figures
                 .memory_total_bytes
-                .saturating_sub(figures.memory_used_bytes);
+                .saturating_sub(figures.memory_used_bytes)
+                .saturating_add(side.map_or(0, |s| s.memory_bytes));
             let copy = serving.memory_bytes.max(limit_bytes);
             let needs = copy.saturating_add(copy / 10);
             (free < needs).then(|| Shortfall {
@@ -103,20 +112,33 @@ mod tests {
             node("tight", 4096, 3600, 500),
             node("limit", 4096, 2048, 100),
         ];
-        let short = memory_shortfalls(&nodes, "web", 0);
+        let short = memory_shortfalls(&nodes, "web", "web-v2", 0);
         assert_eq!(
             short.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ["tight has 496 MiB free, a second copy of web-v1 needs 550 MiB"]
         );
         // The new release's container limit counts when it is larger.
-        let short = memory_shortfalls(&nodes, "web", 2000 << 20);
+        let short = memory_shortfalls(&nodes, "web", "web-v2", 2000 << 20);
         let names: Vec<&str> = short.iter().map(|s| s.node.as_str()).collect();
         assert_eq!(names, ["tight", "limit"], "2200 MiB fit into roomy's 3072");
         // Not known: not judged.
         let mut unknown = node("new", 4096, 4000, 0);
-        assert!(memory_shortfalls([&unknown], "web", 0).is_empty());
+        assert!(memory_shortfalls([&unknown], "web", "web-v2", 0).is_empty());
         unknown.figures = None;
-        assert!(memory_shortfalls([&unknown], "web", 2000 << 20).is_empty());
-        assert!(memory_shortfalls(&nodes, "worker", 0).is_empty());
+        assert!(memory_shortfalls([&unknown], "web", "web-v2", 2000 << 20).is_empty());
+        assert!(memory_shortfalls(&nodes, "worker", "worker-v2", 0).is_empty());
+        // A release kept warm there is stopped first: its memory is free
+        // for the new one; the warm release deployed again needs nothing.
+        let mut warm = node("warm", 4096, 3600, 500);
+        warm.services[0].side = Some(crate::store::SideStatus {
+            release_id: "web-v0".into(),
+            memory_bytes: 400 << 20,
+            retire_at_ms: -1,
+            ..Default::default()
+        });
+        assert!(memory_shortfalls([&warm], "web", "web-v2", 0).is_empty());
+        warm.services[0].side.as_mut().unwrap().memory_bytes = 0;
+        assert_eq!(memory_shortfalls([&warm], "web", "web-v2", 0).len(), 1);
+        assert!(memory_shortfalls([&warm], "web", "web-v0", 0).is_empty());
     }
 }

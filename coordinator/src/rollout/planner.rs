@@ -519,8 +519,12 @@ impl Rollouts {
         }
         if matches!(target.strategy_to_run().kind, StrategyKind::BlueGreen(_)) {
             let limit = release.container.as_ref().map_or(0, |c| c.memory_bytes);
-            let short =
-                capacity::memory_shortfalls(reachable.iter().map(|v| &v.record), &service, limit);
+            let short = capacity::memory_shortfalls(
+                reachable.iter().map(|v| &v.record),
+                &service,
+                &release.release_id,
+                limit,
+            );
             if !short.is_empty() {
                 return Err(RolloutError::NoRoom(short));
             }

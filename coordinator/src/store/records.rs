@@ -199,6 +199,9 @@ pub struct SideStatus {
     /// When the agent stops it by itself; 0: not planned; -1: kept warm
     /// until the next deploy replaces it.
     pub retire_at_ms: i64,
+    /// Resident memory; 0: not known.
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 impl From<cutover_proto::v1::SideRelease> for SideStatus {
@@ -213,6 +216,7 @@ impl From<cutover_proto::v1::SideRelease> for SideStatus {
             last_exit: side.last_exit,
             traffic: side.traffic.map(Traffic::from),
             retire_at_ms: side.retire_at_ms,
+            memory_bytes: side.memory_bytes,
         }
     }
 }
@@ -232,6 +236,7 @@ impl From<SideStatus> for cutover_proto::v1::SideRelease {
             last_exit: side.last_exit,
             traffic: side.traffic.map(Into::into),
             retire_at_ms: side.retire_at_ms,
+            memory_bytes: side.memory_bytes,
         }
     }
 }

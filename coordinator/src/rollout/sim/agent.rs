@@ -588,6 +588,7 @@ impl Runner {
                             }
                         },
                         traffic: Some(side.running.traffic()),
+                        memory_bytes: 0,
                         last_exit: String::new(),
                     }
                 });
