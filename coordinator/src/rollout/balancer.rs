@@ -96,11 +96,26 @@ pub(super) async fn come_back(
     note(registry, node_id, node_name, message);
 }
 
+/// What a rollout that ended leaves behind in the balancer: every node's
+/// server ready, and the weights, if it split there, as configured.
+pub(super) async fn restore(lb: &LoadBalancer, registry: &Registry, rollout: &Rollout) {
+    all_back(lb, registry, rollout).await;
+    if desired(rollout).is_some() {
+        if let Err(error) = apply_weights(lb, registry, rollout, Weights::Configured).await {
+            let message = format!(
+                "cannot set the {} weights back at the end of rollout {} ({error}); set them in HAProxy (`set server {}/SERVER weight 100%`)",
+                lb.backend, rollout.id, lb.backend
+            );
+            note(registry, "", "", message);
+        }
+    }
+}
+
 /// At the end of `rollout`: every node of it takes requests from the
 /// balancer again (its agent re-admits it after each command whatever the
 /// outcome; a heartbeat from the middle of its cutover may still say
 /// otherwise, so that is not asked).
-pub(super) async fn all_back(lb: &LoadBalancer, registry: &Registry, rollout: &Rollout) {
+async fn all_back(lb: &LoadBalancer, registry: &Registry, rollout: &Rollout) {
     let views = registry.list();
     for node in &rollout.nodes {
         let Some(view) = views.iter().find(|v| v.record.id == node.id) else {

@@ -144,6 +144,13 @@ impl Rollouts {
                 }
             }
             if rollout.state.is_terminal() && !before.state.is_terminal() {
+                // The balancer as the rollout found it, before the end is
+                // stored: `deploy --wait` returns to servers that take
+                // requests, and a crash in between does it again.
+                if let Some(lb) = &rollout.load_balancer {
+                    super::balancer::restore(lb, &self.registry, &rollout).await;
+                    weights = super::balancer::desired(&rollout);
+                }
                 // The history first: once the terminal state is stored the
                 // deploy lock is free, and the next deploy must find the
                 // release this one made current. A crash in between only
@@ -238,9 +245,6 @@ impl Rollouts {
             }
             self.measure(&rollout, &mut measuring, &results_tx);
             if rollout.state.is_terminal() {
-                if let Some(lb) = &rollout.load_balancer {
-                    super::balancer::all_back(lb, &self.registry, &rollout).await;
-                }
                 break;
             }
             // Biased, in this order: which of several ready inputs comes
