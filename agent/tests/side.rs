@@ -324,7 +324,7 @@ async fn staging_again_restarts_a_side_release_that_crashed() {
 /// next stage replaces it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_previous_release_stays_until_replaced_and_switching_back_starts_nothing() {
-    let fx = fixture().await;
+    let mut fx = fixture().await;
     fx.stage("v2", split(0, Sticky::ClientIp)).await;
     let pids = app_pids(fx.root.path());
     let mut service = fx.service.lock().await;
@@ -345,6 +345,14 @@ async fn a_warm_previous_release_stays_until_replaced_and_switching_back_starts_
     assert!(service.retire_if_due().await.is_none(), "never due");
     drop(service);
     assert!(fx.versions(30).await.values().all(|v| v == "v2"));
+    // A restarted agent adopts it, still warm, still running.
+    fx.restart_agent().await;
+    let side = fx.service.lock().await.state().side.unwrap();
+    assert_eq!(
+        (side.release_id.as_str(), side.retire_at_ms),
+        ("web-v1", KEPT_WARM)
+    );
+    assert_eq!(app_pids(fx.root.path()), pids, "adopted, not restarted");
 
     // Back to v1: a switch, v2 now kept warm in its place.
     let started = Instant::now();

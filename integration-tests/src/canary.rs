@@ -298,6 +298,18 @@ pub fn analysed_spec(port: u16, version: &str, env: &str, strategy: &str, tail: 
     )
 }
 
+/// `[analysis.errors]` with the proxies' success metric: 99 % of the
+/// canary's answers without a 5xx, in 2 windows of 2 s of at least 20
+/// requests.
+pub const ERRORS_ANALYSIS: &str = r#"
+[[analysis.errors.metrics]]
+name = "success"
+condition = "canary_success_rate >= 0.99"
+interval = "2s"
+count = 2
+min_requests = 20
+"#;
+
 /// Clients from 200 addresses (half of them in the canary's cohort) sending
 /// requests on 4 connections until stopped: the status and version of each
 /// answer.

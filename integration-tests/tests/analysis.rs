@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use cutover_integration_tests::canary::{
-    analysed_spec, awaits_promotion, newest_id, succeeded, Fixture, Shoppers,
+    analysed_spec, awaits_promotion, newest_id, succeeded, Fixture, Shoppers, ERRORS_ANALYSIS,
 };
 use cutover_integration_tests::{files_containing, http_get_with, text, versions};
 use serde_json::Value;
@@ -19,14 +19,8 @@ steps = [{ set_weight = 50 }, { analysis = "errors" }, { pause = {} }]
 min_healthy_time = "1s"
 abort_scale_down_delay = "1s""#;
 
-const ERRORS_AND_LATENCY: &str = r#"
-[[analysis.errors.metrics]]
-name = "success"
-condition = "canary_success_rate >= 0.99"
-interval = "2s"
-count = 2
-min_requests = 20
-
+/// A second metric of `[analysis.errors]` (after `ERRORS_ANALYSIS`'s).
+const LATENCY_METRIC: &str = r#"
 [[analysis.errors.metrics]]
 name = "latency"
 condition = "canary_p99 <= 1.2 * stable_p99"
@@ -39,7 +33,8 @@ min_requests = 20
 fn the_proxies_analysis_fails_an_erroring_or_slower_canary_and_waits_on_too_little_traffic() {
     let f = Fixture::up();
     let deploy = |version: &str, env: &str| {
-        let spec = analysed_spec(f.port, version, env, ANALYSED, ERRORS_AND_LATENCY);
+        let tail = format!("{ERRORS_ANALYSIS}{LATENCY_METRIC}");
+        let spec = analysed_spec(f.port, version, env, ANALYSED, &tail);
         f.cluster.deploy_spec(&spec, version, &["--wait"])
     };
     // Every release takes 20 ms a request, as a real app would.

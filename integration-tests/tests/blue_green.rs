@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use cutover_integration_tests::canary::{
-    analysed_spec, awaits_promotion, newest_id, succeeded, Fixture, Shoppers,
+    analysed_spec, awaits_promotion, newest_id, succeeded, Fixture, Shoppers, ERRORS_ANALYSIS,
 };
 use cutover_integration_tests::{body, http_get_with, text, versions};
 
@@ -18,15 +18,6 @@ keep_warm = 1
 post_promotion_analysis = "errors"
 min_healthy_time = "1s"
 abort_scale_down_delay = "1s""#;
-
-const ERRORS: &str = r#"
-[[analysis.errors.metrics]]
-name = "success"
-condition = "canary_success_rate >= 0.99"
-interval = "2s"
-count = 2
-min_requests = 20
-"#;
 
 /// The release ids of the processes running, by version ("v1", ...).
 fn processes(f: &Fixture) -> BTreeMap<String, Vec<u32>> {
@@ -51,7 +42,7 @@ fn lost(answers: &[(u16, String)]) -> Vec<&(u16, String)> {
 fn blue_green_switches_together_switches_back_on_a_failed_analysis_and_rolls_back_warm() {
     let f = Fixture::up();
     let deploy = |version: &str, env: &str, args: &[&str]| {
-        let spec = analysed_spec(f.port, version, env, BLUE_GREEN, ERRORS);
+        let spec = analysed_spec(f.port, version, env, BLUE_GREEN, ERRORS_ANALYSIS);
         f.cluster.deploy_spec(&spec, version, args)
     };
     // A first deploy has nothing to stand beside: it rolls out.

@@ -184,7 +184,18 @@ mod tests {
     #[tokio::test]
     async fn a_rollouts_gates_and_strategy_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut rollout = crate::rollout::sim::rollout(2, crate::rollout::sim::strategy());
+        // Blue/green with keep_warm, behind a load balancer.
+        let spec: crate::strategy::StrategySpec =
+            toml::from_str("kind = \"blue_green\"\nkeep_warm = 1").unwrap();
+        let strategy = spec.resolve(&Default::default()).unwrap();
+        let mut rollout = crate::rollout::sim::rollout(2, strategy);
+        rollout.load_balancer = Some(crate::lb::LoadBalancer {
+            runtime_api: "10.0.0.2:9999".into(),
+            backend: "shop_web".into(),
+            server_label: Some("haproxy_server".into()),
+            drain_timeout_ms: 30_000,
+        });
+        rollout.balancer_split = true;
         rollout.backup_gates = vec![RequireBackup {
             dataset: "orders".into(),
             max_age: Duration::from_secs(3_600),
