@@ -19,67 +19,20 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 counts=${AGENTS:-"1000 5000 10000"}
 window=${WINDOW:-30}
-# Each agent is a connection in both processes: as many descriptors as
-# allowed (10,000 agents need a little over 10,000 in each).
-ulimit -n "$(ulimit -Hn)"
-
-cargo build --release --locked -p cutover-coordinator -p cutover-integration-tests --bins >&2
-cutover=$PWD/target/release/cutover
-sim=$PWD/target/release/agent-sim
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source integration-tests/bench/sim-lib.sh
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 rss_mib() { awk '/VmRSS/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
-
-"$cutover" ca init --dir "$work/pki" >/dev/null
-"$cutover" ca issue operator --name bench --dir "$work/pki" >/dev/null
-export CUTOVER_CA_CERT=$work/pki/ca.crt CUTOVER_CERT=$work/pki/operator-bench.crt CUTOVER_KEY=$work/pki/operator-bench.key
-
-# The artifact the rollout names: agents never fetch it, but the deploy
-# pins its digest.
-mkdir -p "$work/app" && echo 'print("sim")' >"$work/app/app.py"
-tar -czf "$work/app.tar.gz" -C "$work/app" app.py
 
 first_count=${counts%% *}
 echo "| agents | coordinator RSS | coordinator CPU (one core) | heartbeats/s | connect time |"
 echo "| --- | --- | --- | --- | --- |"
 rollout_report=""
 for count in $counts; do
-  grpc=$(free_port); http=$(free_port)
-  data=$work/data-$count
-  cat >"$work/coordinator.toml" <<EOF
-data_dir = "$data"
-listen = "127.0.0.1:$grpc"
-http_listen = "127.0.0.1:$http"
-ca_key = "$work/pki/ca.key"
-[limits]
-agent_queue = 64
-[tls]
-ca_cert = "$work/pki/ca.crt"
-cert = "$work/pki/coordinator.crt"
-key = "$work/pki/coordinator.key"
-EOF
-  "$cutover" server --config "$work/coordinator.toml" >"$work/coordinator-$count.log" 2>&1 &
-  coordinator=$!
-  pids+=("$coordinator")
-  export CUTOVER_COORDINATOR=https://127.0.0.1:$grpc
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$http/healthz" >/dev/null && break; sleep 0.1; done
-
+  start_coordinator "$count" "[limits]
+agent_queue = 64"
   start=$(date +%s.%N)
-  coproc SIM { exec "$sim" --coordinator "$CUTOVER_COORDINATOR" --pki "$work/pki" --agents "$count" --connect-rate 1000 2>"$work/sim-$count.log"; }
-  sim_pid=$SIM_PID
-  pids+=("$sim_pid")
-  read -r line <&"${SIM[0]}"
-  [ "$line" = "connected $count" ] || { echo "simulator: $line" >&2; exit 1; }
+  start_sim "$count" --connect-rate 1000
   connected=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f s", e - s }')
   sleep 10
   beats() { curl -sf "http://127.0.0.1:$http/metrics" | awk '/^cutover_heartbeats_total / { print $2 }'; }
@@ -91,20 +44,8 @@ EOF
     'BEGIN { printf "| %d | %d MiB | %.1f%% | %.0f | %s |\n", n, r, 100 * c / hz / w, b / w, ct }'
 
   if [ "$count" = "$first_count" ]; then
-    cat >"$work/cutover.toml" <<'EOF'
-app = "sim"
-[services.web]
-command = ["python3", "app.py"]
-listen = ":8080"
-[services.web.health]
-path = "/health"
-[strategy]
-batch = "10%"
-min_healthy_time = "0s"
-prepare_parallelism = 100
-[environments.sim]
-nodes = { env = "sim" }
-EOF
+    sim_spec 'batch = "10%"
+min_healthy_time = "0s"' >"$work/cutover.toml"
     r0=$(ticks "$coordinator")
     "$cutover" deploy --env sim --file "$work/cutover.toml" --artifact "$work/app.tar.gz" --version v1 --wait >/dev/null
     r1=$(ticks "$coordinator")

@@ -60,8 +60,12 @@ pub(super) fn progress(r: &pb::Rollout) -> String {
             true => format!(" [canary {}%]", n.weight),
             false => String::new(),
         };
+        let refused = match n.refused {
+            true => " [refused the release: stays]",
+            false => "",
+        };
         out.push_str(&format!(
-            "  {:<16} {:<13} {release}{weight}{step}\n",
+            "  {:<16} {:<13} {release}{weight}{refused}{step}\n",
             n.name,
             n.state().as_str()
         ));
@@ -317,6 +321,7 @@ pub fn to_json(r: &pb::Rollout) -> Value {
             "step": n.step,
             "canary": n.canary,
             "weight": n.canary.then_some(n.weight),
+            "refused": n.refused,
         })).collect::<Vec<_>>(),
         "canary": r.canary.as_ref().map(|c| json!({
             "steps": c.steps,

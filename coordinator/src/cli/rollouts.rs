@@ -156,6 +156,12 @@ pub struct RollbackArgs {
     /// Why that is safe: kept in the audit log and the rollout's timeline.
     #[arg(long)]
     pub reason: Option<String>,
+    /// Return in the target's batches, each watched for its
+    /// min_healthy_time, as a deploy does. Without it a rollback to a
+    /// release that was stable here returns every node at once, each still
+    /// health-gated (the target's `[strategy] rollback` can say "batched").
+    #[arg(long)]
+    pub careful: bool,
     #[arg(long)]
     pub wait: bool,
     #[arg(long)]
@@ -326,6 +332,7 @@ pub async fn rollback(
             force: args.force,
             ignore_schema: args.ignore_schema,
             reason: args.reason.unwrap_or_default(),
+            careful: args.careful,
         })
         .await
         .map_err(explain)?

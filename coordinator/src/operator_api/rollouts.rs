@@ -46,6 +46,7 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
         Phase::Rolling(RollingPhase::Batch(b)) => ("batch", b + 1),
         Phase::Rolling(RollingPhase::Watch { batch, .. }) => ("watch", batch + 1),
         Phase::Canary(_) => ("canary", 0),
+        Phase::Return => ("return", 0),
         Phase::RollingBack => ("rolling_back", 0),
         Phase::Done => ("done", 0),
     };
@@ -71,6 +72,7 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
                 step: n.step.clone(),
                 canary: n.canary,
                 weight: n.weight,
+                refused: n.refused,
             })
             .collect(),
         error: r.error.as_ref().map(error_to_pb),
@@ -276,6 +278,7 @@ impl OperatorApi {
             "force": r.force,
             "ignore_schema": r.ignore_schema,
             "reason": r.reason,
+            "careful": r.careful,
         });
         let env = r.env.clone();
         // Past a contract migration is an admin's call, with a reason.
@@ -306,6 +309,7 @@ impl OperatorApi {
                         ignore_schema: r.ignore_schema.then_some(r.reason),
                         by: caller.identity.name,
                         deployment: String::new(),
+                        careful: r.careful,
                     })
                     .await?;
                 Ok(started_to_pb(vec![started]))

@@ -15,6 +15,8 @@ pub(super) fn canary(canary_nodes: BatchSize, steps: Vec<CanaryStep>) -> Strateg
         progress_deadline_ms: 60_000,
         auto_rollback: true,
         prepare_parallelism: 8,
+        rollback: Default::default(),
+        rollback_parallelism: None,
         kind: StrategyKind::Canary(Canary {
             canary_nodes,
             steps,

@@ -8,7 +8,9 @@
 //!
 //! It leaves alone what an operator chose to leave mixed: the nodes of a
 //! service whose newest rollout was aborted, or failed with
-//! `auto_rollback = false`. A convergence that fails leaves the node
+//! `auto_rollback = false`; and the nodes that refused the release a
+//! rollback returned them to (it cannot start there), until the next deploy
+//! or rollback of the service. A convergence that fails leaves the node
 //! serving what it serves (nothing is rolled back) and is tried again
 //! later, less and less often.
 
@@ -163,6 +165,7 @@ impl Rollouts {
             notify,
             backup_gates: Vec::new(),
             load_balancer,
+            fast_return: false,
         };
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,
@@ -294,7 +297,11 @@ fn decide(
             continue;
         }
         drifted_count += 1;
-        if !view.connected || view.record.status != NodeStatus::Ready {
+        // Its agent refused the release it was to return to: trying again
+        // would fail the same way. It stays until the next deploy or
+        // rollback of the service (convergences carry the list over).
+        let refused = last.is_some_and(|o| o.refused.contains(&view.record.id));
+        if refused || !view.connected || view.record.status != NodeStatus::Ready {
             continue;
         }
         let wait = match backoff.get(&key) {
@@ -475,7 +482,47 @@ mod tests {
             auto_rollback,
             at_ms: 9,
             returned: false,
+            refused: Vec::new(),
         }
+    }
+
+    /// A node whose agent refused the release it was to return to is
+    /// drifted (it says so in the metric) but not converged; once an
+    /// outcome no longer names it, it is again.
+    #[test]
+    fn a_node_that_refused_its_return_is_left_until_the_next_rollout() {
+        let v1 = release("web-v1", ReleaseState::Stable, true, 1);
+        let history = [
+            v1.clone(),
+            release("web-v2", ReleaseState::Reverted, false, 2),
+        ];
+        let fleet = [
+            node("refused", "production", "web-v2", true),
+            node("lost", "production", "web-v2", true),
+        ];
+        let rollback = ServiceOutcome {
+            refused: vec!["refused".into()],
+            ..ended(RolloutKind::Rollback, RolloutState::Failed, true)
+        };
+        let now = Instant::now();
+        let (drifted, due) = decide(
+            &v1,
+            Some(&rollback),
+            &history,
+            &fleet,
+            &mut Backoff::new(),
+            now,
+        );
+        assert_eq!(drifted, 2);
+        assert_eq!(
+            due,
+            ["lost"],
+            "the node whose return is not known converges"
+        );
+
+        let next = ended(RolloutKind::Deploy, RolloutState::Succeeded, true);
+        let (_, due) = decide(&v1, Some(&next), &history, &fleet, &mut Backoff::new(), now);
+        assert_eq!(due, ["refused", "lost"]);
     }
 
     #[test]

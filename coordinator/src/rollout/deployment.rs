@@ -403,6 +403,7 @@ impl Rollouts {
                     // retried on its own.
                     backup_gates: Vec::new(),
                     load_balancer: step.load_balancer.clone(),
+                    fast_return: false,
                 },
                 d.allow_unreachable,
             )
@@ -440,6 +441,7 @@ impl Rollouts {
                 by: format!("deployment {}", d.id),
                 ignore_schema: None,
                 deployment: d.id.clone(),
+                careful: false,
             })
             .await?;
         Ok(match started {

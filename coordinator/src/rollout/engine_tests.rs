@@ -13,11 +13,11 @@ fn strategy(min_healthy_time_ms: u64) -> Strategy {
     }
 }
 
-fn kinds(r: &Rollout) -> Vec<&str> {
+pub(super) fn kinds(r: &Rollout) -> Vec<&str> {
     r.timeline.iter().map(|t| t.kind.as_str()).collect()
 }
 
-fn succeed(r: &mut Rollout, now: i64, sends: &[Send]) -> Vec<Send> {
+pub(super) fn succeed(r: &mut Rollout, now: i64, sends: &[Send]) -> Vec<Send> {
     sends
         .iter()
         .flat_map(|send| {
@@ -34,7 +34,7 @@ fn succeed(r: &mut Rollout, now: i64, sends: &[Send]) -> Vec<Send> {
 }
 
 /// Every node reports the new release running and healthy.
-fn healthy_tick(r: &Rollout, now: i64) -> Input {
+pub(super) fn healthy_tick(r: &Rollout, now: i64) -> Input {
     Input::Tick {
         nodes: r
             .nodes
@@ -179,14 +179,14 @@ fn a_finished_rollout_keeps_only_what_names_its_releases() {
     assert!(stored.len() < 10_000, "{} bytes", stored.len());
 }
 
-fn ids(sends: &[Send]) -> Vec<&str> {
+pub(super) fn ids(sends: &[Send]) -> Vec<&str> {
     sends
         .iter()
         .map(|s| s.command.command_id.as_str())
         .collect()
 }
 
-fn activates(send: &Send) -> &str {
+pub(super) fn activates(send: &Send) -> &str {
     match &send.command.kind {
         Some(cutover_proto::v1::command::Kind::Activate(a)) => {
             &a.release.as_ref().expect("a release").release_id

@@ -18,6 +18,8 @@ mod driver;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod fast_tests;
 mod history;
 #[cfg(test)]
 mod hooks_tests;

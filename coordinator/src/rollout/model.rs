@@ -144,6 +144,11 @@ pub struct RolloutNode {
     /// agent last confirmed.
     #[serde(default)]
     pub weight: u32,
+    /// Its agent refused the release it was to return to (it cannot start
+    /// there): it serves what it served, and the converger leaves it so
+    /// until the service's next rollout.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 impl RolloutNode {
@@ -171,6 +176,7 @@ impl RolloutNode {
             uncertain: false,
             canary: false,
             weight: 0,
+            refused: false,
         }
     }
 }
@@ -215,6 +221,10 @@ pub enum Step {
     /// The spec's hooks at this point run once, on one node, in order
     /// (`engine/hooks.rs`).
     Hooks(HookAt),
+    /// A rollback's fast path, its only step: every node returns to a
+    /// release that ran there, all at once, each health-gated by its
+    /// agent, without batches or watches (`engine/fast.rs`).
+    Return,
 }
 
 /// The steps of a rollout stored before they were recorded.
@@ -251,6 +261,8 @@ pub enum Phase {
     Prepare,
     Migrate,
     Hooks(HookAt),
+    /// The fast path of a rollback (`Step::Return`).
+    Return,
     RollingBack,
     Done,
     /// The canary strategy before its promotion (which is rolling's
@@ -352,6 +364,7 @@ impl Phase {
             Phase::Prepare => Some(Step::Prepare),
             Phase::Migrate => Some(Step::Migrate),
             Phase::Hooks(at) => Some(Step::Hooks(at)),
+            Phase::Return => Some(Step::Return),
             Phase::Rolling(_) | Phase::Canary(_) => Some(Step::Cutover),
             Phase::RollingBack | Phase::Done => None,
         }
@@ -672,10 +685,41 @@ impl Rollout {
         self.hooks.iter().find(|h| h.at == at)
     }
 
+    /// Makes a new rollback the fast path (`Step::Return`): its one step
+    /// returns the nodes `Strategy::returning_at_once` at a time.
+    pub fn return_at_once(&mut self) {
+        let targets = self
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Pending)
+            .count();
+        self.steps = vec![Step::Return];
+        self.phase = Phase::Return;
+        self.batch_size = self.strategy.returning_at_once(targets) as u32;
+        self.batches = 1;
+    }
+
+    /// Whether it is a rollback's fast path.
+    pub fn returns_at_once(&self) -> bool {
+        self.steps == [Step::Return]
+    }
+
+    /// Whether it is a rollback's fast path that returned at least one
+    /// node: what it returned to is the operator's choice, current even
+    /// where nodes refused it.
+    pub fn returned_some(&self) -> bool {
+        self.returns_at_once() && self.nodes.iter().any(|n| n.state == NodeState::Switched)
+    }
+
     /// Whether a failure of this rollout returns (or returned) its nodes:
-    /// what a failed one left mixed is then no operator's choice.
+    /// what a failed one left mixed is then no operator's choice. A fast
+    /// rollback that returned no node left a mix nobody chose a release
+    /// for (some may have switched unseen): the operator decides.
     pub fn rolls_back(&self) -> bool {
-        self.strategy.auto_rollback || self.returning
+        match self.returns_at_once() {
+            true => self.returned_some(),
+            false => self.strategy.auto_rollback || self.returning,
+        }
     }
 
     pub fn node(&self, name: &str) -> Option<&RolloutNode> {

@@ -77,6 +77,8 @@ pub(super) struct Target {
     pub(super) backup_gates: Vec<crate::jobs::recovery::RequireBackup>,
     /// The external load balancer its drained nodes leave.
     pub(super) load_balancer: Option<LoadBalancer>,
+    /// A rollback on the fast path (`Rollout::return_at_once`).
+    pub(super) fast_return: bool,
 }
 
 /// What agents must announce to run a canary's commands.
@@ -148,6 +150,7 @@ impl Rollouts {
                         notify: resolved.notify,
                         backup_gates: resolved.backup_gates,
                         load_balancer: resolved.load_balancer,
+                        fast_return: false,
                     },
                     request.allow_unreachable,
                 )
@@ -334,6 +337,7 @@ impl Rollouts {
                         notify: Vec::new(),
                         backup_gates: Vec::new(),
                         load_balancer: service.load_balancer.clone(),
+                        fast_return: false,
                     },
                     request.allow_unreachable,
                 )
@@ -529,20 +533,48 @@ impl Rollouts {
                 return Err(RolloutError::NoRoom(short));
             }
         }
+        // A heartbeat sent before the service's newest rollout ended may
+        // show what that rollout changed since (a rollback right after a
+        // deploy would find every node "already" on the old release): for
+        // such a node, what that rollout knows it left there counts.
+        let last = self.store.releases.outcome(&env, &service).await?;
+        let ended_at = last.as_ref().map_or(0, |o| o.at_ms);
+        let last = match last {
+            Some(outcome) => self.store.rollouts.get(&outcome.rollout_id).await?,
+            None => None,
+        };
         let nodes = reachable
             .into_iter()
             .map(|v| {
                 let running = v.record.services.iter().find(|s| s.service == service);
-                // A node with a stray side release (a canary left by an
-                // interrupted rollout) needs the activation that takes its
-                // traffic back and stops it.
-                let unchanged = running.is_some_and(|s| {
-                    s.release_id == release.release_id && s.running && !s.stray_side()
-                });
+                let left = last
+                    .as_ref()
+                    .and_then(|r| r.nodes.iter().find(|n| n.id == v.record.id))
+                    .filter(|n| !n.uncertain);
+                let (serves, unchanged) = match (v.record.services_at_ms > ended_at, left) {
+                    (false, Some(left)) => {
+                        (left.release.clone(), left.release == release.release_id)
+                    }
+                    // Not sure: the command goes, and changes nothing where
+                    // the release serves already.
+                    (false, None) => (
+                        running.map(|s| s.release_id.clone()).unwrap_or_default(),
+                        false,
+                    ),
+                    // A node with a stray side release (a canary left by an
+                    // interrupted rollout) needs the activation that takes
+                    // its traffic back and stops it.
+                    (true, _) => (
+                        running.map(|s| s.release_id.clone()).unwrap_or_default(),
+                        running.is_some_and(|s| {
+                            s.release_id == release.release_id && s.running && !s.stray_side()
+                        }),
+                    ),
+                };
                 RolloutNode::new(
                     v.record.id.clone(),
                     v.record.name.clone(),
-                    running.map(|s| s.release_id.clone()).unwrap_or_default(),
+                    serves,
                     unchanged,
                 )
             })
@@ -648,7 +680,8 @@ impl Rollouts {
         let nonce: u32 = rand::random();
         let now = self.registry.now_ms();
         let strategy = plan_target.strategy_to_run();
-        let changed = (strategy != plan_target.strategy).then(|| {
+        // A fast rollback runs no strategy's batches: nothing to say.
+        let changed = (strategy != plan_target.strategy && !plan_target.fast_return).then(|| {
             format!(
                 "the strategy is canary, but this {} has no stable release to split a node's traffic with: it rolls out in the canary's promotion batches",
                 match plan_target.kind {
@@ -680,6 +713,9 @@ impl Rollouts {
         });
         rollout.backup_gates = plan_target.backup_gates;
         rollout.load_balancer = plan_target.load_balancer;
+        if plan_target.fast_return {
+            rollout.return_at_once();
+        }
         if let Some(why) = changed {
             rollout.timeline.push(model::TimelineEntry {
                 at_ms: now,

@@ -119,6 +119,7 @@ impl Rollouts {
                     notify: old.notify.clone(),
                     backup_gates: old.backup_gates.clone(),
                     load_balancer: old.load_balancer.clone(),
+                    fast_return: false,
                 },
                 // Nodes the operator left out of the first try stay out.
                 !old.skipped.is_empty(),

@@ -6,6 +6,11 @@
 //! run twice walks further back, never forward again. Any kept release can
 //! be named with `--to`; one that never passed its own rollout needs
 //! `--force`.
+//!
+//! A rollback to a release that was stable here takes the fast path
+//! (`Step::Return`): every node at once, each health-gated, no batches or
+//! watches. `--careful`, `[strategy] rollback = "batched"` (the target's)
+//! or a forced target (it never proved itself) run it as a deploy runs.
 
 use std::sync::Arc;
 
@@ -15,6 +20,7 @@ use crate::lb::LoadBalancer;
 use crate::migration::MigrationPhase;
 use crate::notify::spec::NotifyTarget;
 use crate::store::{ReleaseRecord, ReleaseState, StoreError};
+use crate::strategy::RollbackPace;
 
 /// A rollback as the operator (or a deployment) asked for it.
 pub struct RollbackRequest {
@@ -31,6 +37,9 @@ pub struct RollbackRequest {
     pub by: String,
     /// The deployment rolling back its services, or empty.
     pub deployment: String,
+    /// Returns in the strategy's batches, as a deploy, even to a release
+    /// that qualifies for the fast path (`cutover rollback --careful`).
+    pub careful: bool,
 }
 
 /// The release a rollback without `--to` returns to: the newest stable one
@@ -123,6 +132,13 @@ impl Rollouts {
             });
         }
         let (notify, load_balancer) = self.inherited(current).await?;
+        let fast_return =
+            proven && !request.careful && target.strategy.rollback == RollbackPace::Fast;
+        let mut strategy = target.strategy.clone();
+        if request.careful {
+            // Careful all the way: a failure returns in batches too.
+            strategy.rollback = RollbackPace::Batched;
+        }
         let plan = self
             .plan(
                 Target {
@@ -133,7 +149,7 @@ impl Rollouts {
                     release: target.release.0.clone(),
                     previous: current.map(|c| c.release.clone()),
                     selector: target.selector.clone(),
-                    strategy: target.strategy.clone(),
+                    strategy,
                     deployment: request.deployment.clone(),
                     warning,
                     // A rollback returns code, never runs a migration.
@@ -143,6 +159,7 @@ impl Rollouts {
                     // A rollback returns code and needs no fresh backup.
                     backup_gates: Vec::new(),
                     load_balancer,
+                    fast_return,
                 },
                 request.allow_unreachable,
             )

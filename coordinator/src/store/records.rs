@@ -116,6 +116,11 @@ pub struct ServiceOutcome {
     /// canary's abort does): aborted or not, it left no mix to keep.
     #[serde(default)]
     pub returned: bool,
+    /// Ids of the nodes whose agent refused the release they were to
+    /// return to (it cannot start there): the converger leaves them on
+    /// what they serve until the service's next rollout.
+    #[serde(default)]
+    pub refused: Vec<String>,
 }
 
 /// The newest CA rotation (`cutover ca rotate`). CAs are named by their

@@ -211,4 +211,45 @@ mod tests {
         assert_eq!(read.backup_gates, rollout.backup_gates);
         assert_eq!(read, rollout);
     }
+
+    /// A rollback on the fast path, mid-way, with a node that refused it:
+    /// its one step, its pace and the refusal read back after a restart,
+    /// and the outcome keeps the refusing node for the converger.
+    #[tokio::test]
+    async fn a_fast_rollback_and_its_refusals_survive_a_reopen() {
+        use crate::rollout::model::{Phase, RolloutKind, RolloutState};
+        use crate::store::ServiceOutcome;
+        let dir = tempfile::tempdir().unwrap();
+        let spec: crate::strategy::StrategySpec =
+            toml::from_str("rollback = \"fast\"\nrollback_parallelism = 2").unwrap();
+        let mut rollout =
+            crate::rollout::sim::rollout(3, spec.resolve(&Default::default()).unwrap());
+        rollout.kind = RolloutKind::Rollback;
+        rollout.return_at_once();
+        rollout.nodes[1].refused = true;
+        let outcome = ServiceOutcome {
+            env: "test".into(),
+            service: "web".into(),
+            rollout_id: rollout.id.clone(),
+            kind: RolloutKind::Rollback,
+            state: RolloutState::Failed,
+            auto_rollback: true,
+            at_ms: 5,
+            returned: false,
+            refused: vec![rollout.nodes[1].id.clone()],
+        };
+        {
+            let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
+            store.rollouts.put(&rollout).await.unwrap();
+            store.releases.put_outcome(&outcome).await.unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
+        let read = store.rollouts.get(&rollout.id).await.unwrap().unwrap();
+        assert_eq!(read, rollout);
+        assert!(read.returns_at_once() && read.phase == Phase::Return && read.batch_size == 2);
+        assert_eq!(read.strategy.rollback_parallelism, Some(2));
+        let kept = store.releases.outcome("test", "web").await.unwrap();
+        assert_eq!(kept, Some(outcome));
+    }
 }

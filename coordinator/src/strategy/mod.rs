@@ -36,6 +36,13 @@ pub struct StrategySpec {
     /// Nodes fetching the release at once before the first batch.
     #[serde(default = "default_prepare_parallelism")]
     pub prepare_parallelism: u32,
+    /// How a rollback (the operator's, or a failed rollout's own) returns
+    /// the nodes: all at once, or in the strategy's batches.
+    #[serde(default)]
+    pub rollback: RollbackPace,
+    /// Nodes returning at once on the fast path; `None`: all of them.
+    #[serde(default)]
+    pub rollback_parallelism: Option<u32>,
     // The canary's own keys (see `canary`); `None` when not written, so a
     // rolling strategy can refuse them.
     #[serde(default)]
@@ -124,10 +131,18 @@ impl StrategySpec {
         if self.prepare_parallelism == 0 {
             return Err(("prepare_parallelism".into(), "must be at least 1".into()));
         }
+        if self.rollback_parallelism == Some(0) {
+            return Err((
+                "rollback_parallelism".into(),
+                "must be at least 1; leave it out to return every node at once".into(),
+            ));
+        }
         Ok(Strategy {
             progress_deadline_ms: ms(self.progress_deadline),
             auto_rollback: self.auto_rollback,
             prepare_parallelism: self.prepare_parallelism,
+            rollback: self.rollback,
+            rollback_parallelism: self.rollback_parallelism,
             kind,
         })
     }
@@ -183,8 +198,28 @@ pub struct Strategy {
     pub auto_rollback: bool,
     /// Nodes fetching the release at once before the cutover.
     pub prepare_parallelism: u32,
+    /// Stored before rollbacks had a fast path: `Fast`, all at once.
+    #[serde(default)]
+    pub rollback: RollbackPace,
+    #[serde(default)]
+    pub rollback_parallelism: Option<u32>,
     #[serde(flatten)]
     pub kind: StrategyKind,
+}
+
+/// How nodes return to a release that ran on them (see
+/// `Strategy::returning_at_once`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackPace {
+    /// Every node at once (up to `rollback_parallelism`), each health-gated
+    /// and smoke-tested, without batches or watches: the release returned
+    /// to already ran there.
+    #[default]
+    Fast,
+    /// In the strategy's batches, each watched for `min_healthy_time`, as
+    /// a deploy.
+    Batched,
 }
 
 /// What each kind of strategy adds, tagged `kind` in the stored record.
@@ -246,6 +281,8 @@ impl Strategy {
             progress_deadline_ms: 600_000,
             auto_rollback: true,
             prepare_parallelism: 8,
+            rollback: RollbackPace::Fast,
+            rollback_parallelism: None,
             kind: StrategyKind::Rolling(Rolling {
                 batch,
                 max_unavailable,
@@ -258,6 +295,21 @@ impl Strategy {
     /// cutover (and puts it back whatever the outcome).
     pub fn drains_first(&self) -> bool {
         self.batches().max_unavailable > 0
+    }
+
+    /// How many of `targets` nodes return at once on the fast path: all,
+    /// or `rollback_parallelism`, and never more than `max_unavailable`
+    /// when nodes leave the load balancer for their cutover (that bound is
+    /// the fleet's capacity, an incident does not lift it).
+    pub fn returning_at_once(&self, targets: usize) -> usize {
+        let mut n = self
+            .rollback_parallelism
+            .map_or(targets, |p| p as usize)
+            .min(targets);
+        if self.drains_first() {
+            n = n.min(self.batches().max_unavailable as usize);
+        }
+        n.max(1)
     }
 
     /// How the strategy switches nodes in batches: rolling's own settings,
@@ -416,5 +468,32 @@ mod tests {
             stuck.resolve(&BTreeMap::new()).unwrap_err().0,
             "progress_deadline"
         );
+    }
+
+    #[test]
+    fn the_rollback_pace_defaults_to_fast_and_is_checked() {
+        let default = StrategySpec::default().resolve(&BTreeMap::new()).unwrap();
+        assert_eq!(default.rollback, RollbackPace::Fast);
+        assert_eq!(default.returning_at_once(40), 40, "every node at once");
+        let bounded: StrategySpec =
+            toml::from_str("rollback_parallelism = 10\nmax_unavailable = 3").unwrap();
+        let bounded = bounded.resolve(&BTreeMap::new()).unwrap();
+        assert_eq!(
+            bounded.returning_at_once(40),
+            3,
+            "max_unavailable bounds it"
+        );
+        assert_eq!(bounded.returning_at_once(2), 2);
+        let batched: StrategySpec = toml::from_str("rollback = \"batched\"").unwrap();
+        assert_eq!(
+            batched.resolve(&BTreeMap::new()).unwrap().rollback,
+            RollbackPace::Batched
+        );
+        let zero: StrategySpec = toml::from_str("rollback_parallelism = 0").unwrap();
+        let (key, message) = zero.resolve(&BTreeMap::new()).unwrap_err();
+        assert_eq!(key, "rollback_parallelism");
+        assert!(message.contains("at least 1"), "{message}");
+        let error = toml::from_str::<StrategySpec>("rollback = \"sideways\"").unwrap_err();
+        assert!(error.to_string().contains("fast"), "{error}");
     }
 }

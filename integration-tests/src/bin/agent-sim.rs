@@ -4,9 +4,13 @@
 //! hello, heartbeats at the coordinator's interval, and answers to every
 //! command (prepare, activate, ping, report state) at once, as a node whose
 //! cutovers take no time would. What is measured is the coordinator.
+//! `--cutover-ms N` makes each activation take N ms (a release's start,
+//! health gate and smoke checks), for the rollback benchmark
+//! (`integration-tests/bench/rollback.sh`).
 //!
 //! `agent-sim --coordinator https://127.0.0.1:7443 --pki DIR --agents N
-//! [--first I] [--connect-rate PER_SECOND] [--labels env=sim]`
+//! [--first I] [--connect-rate PER_SECOND] [--labels env=sim]
+//! [--cutover-ms N]`
 //!
 //! Prints `connected N` on stdout once every agent has its welcome, then
 //! runs until SIGTERM/SIGINT and prints a JSON line of totals.
@@ -38,10 +42,12 @@ struct Totals {
 struct Options {
     url: CoordinatorUrl,
     labels: HashMap<String, String>,
+    /// How long an activation takes before its node switches and answers.
+    cutover: Duration,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: agent-sim --coordinator URL --pki DIR --agents N [--first I] [--connect-rate N] [--labels k=v,...]");
+    eprintln!("usage: agent-sim --coordinator URL --pki DIR --agents N [--first I] [--connect-rate N] [--labels k=v,...] [--cutover-ms N]");
     std::process::exit(2);
 }
 
@@ -52,6 +58,7 @@ async fn main() {
     let mut agents: usize = 0;
     let mut first: usize = 1;
     let mut rate: u64 = 500;
+    let mut cutover_ms: u64 = 0;
     let mut labels: HashMap<String, String> = [("env".to_string(), "sim".to_string())].into();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -62,6 +69,7 @@ async fn main() {
             "--agents" => agents = value.parse().unwrap_or_else(|_| usage()),
             "--first" => first = value.parse().unwrap_or_else(|_| usage()),
             "--connect-rate" => rate = value.parse().unwrap_or_else(|_| usage()),
+            "--cutover-ms" => cutover_ms = value.parse().unwrap_or_else(|_| usage()),
             "--labels" => {
                 labels = value
                     .split(',')
@@ -89,6 +97,7 @@ async fn main() {
             std::process::exit(2)
         }),
         labels,
+        cutover: Duration::from_millis(cutover_ms),
     });
     // Each agent's key and certificate go through files, as on a node.
     let files = tempfile::tempdir().expect("temp dir");
@@ -168,7 +177,7 @@ async fn session(
     address: &str,
     config: &Arc<rustls::ClientConfig>,
     options: &Options,
-    services: &Mutex<Vec<pb::ServiceState>>,
+    services: &Arc<Mutex<Vec<pb::ServiceState>>>,
     totals: &Totals,
     first: bool,
 ) -> Result<(), String> {
@@ -246,15 +255,26 @@ async fn session(
                     continue;
                 };
                 totals.commands.fetch_add(1, Ordering::Relaxed);
-                let output = answer(command.kind, services);
-                let result = pb::CommandResult {
-                    command_id: command.command_id,
-                    status: pb::CommandStatus::Succeeded as i32,
-                    message: String::new(),
-                    replayed: false,
-                    output,
+                // An activation takes its time apart, as the real agent
+                // runs commands beside its heartbeats.
+                let takes = match command.kind {
+                    Some(command::Kind::Activate(_)) => options.cutover,
+                    _ => Duration::ZERO,
                 };
-                outbound.send(send(agent_message::Kind::CommandResult(result))).await.map_err(|e| e.to_string())?;
+                let (outbound, services) = (outbound.clone(), services.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(takes).await;
+                    let output = answer(command.kind, &services);
+                    let result = pb::CommandResult {
+                        command_id: command.command_id,
+                        status: pb::CommandStatus::Succeeded as i32,
+                        message: String::new(),
+                        replayed: false,
+                        output,
+                    };
+                    // A session gone meanwhile: the coordinator resends.
+                    let _ = outbound.send(send(agent_message::Kind::CommandResult(result))).await;
+                });
             }
         }
     }

@@ -57,7 +57,13 @@ pub(super) fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
                 true => r.load_balancer.as_ref().map_or(0, |lb| lb.drain_timeout_ms),
                 false => 0,
             };
-            (start + stop + hooks + drain) as i64 + ACTIVATION_MARGIN_MS
+            // On a rollback's fast path nothing was prepared: a node whose
+            // cache was pruned fetches first, bounded as a prepare is.
+            let fetch = match state == NodeState::Activating && r.returns_at_once() {
+                true => r.strategy.progress_deadline_ms,
+                false => 0,
+            };
+            (start + stop + hooks + drain + fetch) as i64 + ACTIVATION_MARGIN_MS
         }
     }
 }

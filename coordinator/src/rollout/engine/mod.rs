@@ -11,11 +11,13 @@
 //! A rollout is a list of steps (`steps.rs`: prepare, then the strategy's
 //! cutover, `rolling.rs` for rolling); the rest here is what every step
 //! shares: command results and progress, operator requests, failure,
-//! ticks (`ticks.rs`) and the rollback (`rollback.rs`).
+//! ticks (`ticks.rs`) and the rollback (`rollback.rs`). A rollback's fast
+//! path is a plan of one step of its own (`fast.rs`).
 
 mod analysis;
 mod canary;
 mod commands;
+mod fast;
 mod hooks;
 mod migrate;
 mod once;
@@ -175,18 +177,26 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
                     .iter()
                     .filter(|n| n.state == NodeState::Pending)
                     .count();
+                let how = match r.returns_at_once() {
+                    true if r.batch_size as usize >= targets => {
+                        "all at once (the fast path: no batches, no watches)".to_string()
+                    }
+                    true => format!(
+                        "{} at a time (the fast path: no batches, no watches)",
+                        r.batch_size
+                    ),
+                    false => format!("in {} batches of {}", r.batches, r.batch_size),
+                };
                 note(
                     r,
                     now,
                     "started",
                     "",
                     format!(
-                        "{} {} to {} on {targets} nodes in {} batches of {}",
+                        "{} {} to {} on {targets} nodes {how}",
                         r.kind.as_str(),
                         r.service,
                         r.release.id(),
-                        r.batches,
-                        r.batch_size
                     ),
                 );
             }
@@ -353,6 +363,8 @@ pub(super) fn note(r: &mut Rollout, now: i64, kind: &str, node: &str, message: S
 }
 
 pub(super) fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
+    // The agent's own "no": it ran the command and kept what it served.
+    let refused = matches!(outcome, Outcome::Failed(_));
     // Nodes run no tasks: anything but a plain answer is a failure (and
     // one whose effect is not known leaves the node uncertain).
     let outcome = match outcome {
@@ -447,19 +459,11 @@ pub(super) fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
             note(r, now, "node_rolled_back", &name, format!("{name} {what}"));
         }
         (NodeState::RollingBack, Outcome::Failed(message)) => {
-            settle(&mut r.nodes[i], NodeState::Failed);
-            note(
-                r,
-                now,
-                "node_rollback_failed",
-                &name,
-                format!("{name}: {message}"),
-            );
-            r.rollback_failures.push(RolloutError {
-                node: name,
-                step: "rollback".into(),
-                message,
-            });
+            returned_not(r, now, i, "rollback".into(), message, refused);
+        }
+        // On a rollback's fast path the other nodes go on.
+        (NodeState::Activating, Outcome::Failed(message)) if r.returns_at_once() => {
+            returned_not(r, now, i, step, message, refused);
         }
         (_, Outcome::Failed(message)) => {
             settle(&mut r.nodes[i], NodeState::Failed);
@@ -474,6 +478,39 @@ pub(super) fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
             );
         }
         (state, _) => unreachable!("a result for a node in state {state:?}"),
+    }
+}
+
+/// Node `i` did not return to the release before: it serves what it served
+/// where its agent `refused` the release, else it may serve either.
+fn returned_not(r: &mut Rollout, now: i64, i: usize, step: String, message: String, refused: bool) {
+    let node = &mut r.nodes[i];
+    node.refused = refused;
+    settle(node, NodeState::Failed);
+    let name = node.name.clone();
+    let stays = match refused {
+        true => format!("it serves {} still", describe(&node.release)),
+        false => "what it serves is not known; the converger brings it to its environment's current release once it answers".into(),
+    };
+    note(
+        r,
+        now,
+        "node_rollback_failed",
+        &name,
+        format!("{name}: {message}; {stays}"),
+    );
+    r.rollback_failures.push(RolloutError {
+        node: name,
+        step,
+        message,
+    });
+}
+
+/// A release a node serves, as the timeline names it.
+fn describe(release: &str) -> &str {
+    match release {
+        "" => "nothing",
+        release => release,
     }
 }
 
@@ -577,6 +614,11 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
         return;
     }
     match r.state {
+        RolloutState::Running | RolloutState::Paused
+            if r.error.is_some() && r.returns_at_once() =>
+        {
+            fast::on_error(r, now)
+        }
         RolloutState::Running | RolloutState::Paused if r.error.is_some() => {
             if in_flight(r) > 0 {
                 return;

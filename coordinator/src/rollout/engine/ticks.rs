@@ -54,17 +54,16 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
         } else {
             continue;
         };
-        if matches!(
-            node.state,
+        // A command that changes what runs may or may not have.
+        let outcome = match node.state {
             NodeState::Activating
-                | NodeState::RollingBack
-                | NodeState::Staging
-                | NodeState::Weighting
-        ) {
-            r.nodes[i].uncertain = true;
-        }
+            | NodeState::RollingBack
+            | NodeState::Staging
+            | NodeState::Weighting => Outcome::Unknown(message),
+            _ => Outcome::Failed(message),
+        };
         r.nodes[i].lost_since_ms = None;
-        on_result(r, now, i, Outcome::Failed(message));
+        on_result(r, now, i, outcome);
     }
     // Time at a canary's pause is the operator's to take.
     if r.state == RolloutState::Running

@@ -49,6 +49,10 @@ pub(super) struct Faults {
     pub outages: Vec<Outage>,
     /// The version answers one request in ten with a 5xx.
     pub errors: Option<String>,
+    /// The version no longer starts here once something else replaced it
+    /// (its files are gone): a return to it is refused, unless it still
+    /// runs (a proxy switch).
+    pub cannot_return: Option<String>,
 }
 
 /// What runs on a node, shared with the checks.
@@ -319,7 +323,9 @@ impl Runner {
                 let version = version(activate.release.as_ref());
                 let switch = at(&mut self.rng, 200, 3_000);
                 let finish = switch + Duration::from_millis(self.rng.random_range(100..3_000));
-                if faults.rejects.as_deref() == Some(version) {
+                let refused_return = faults.cannot_return(version)
+                    && activate.release.as_ref().is_some_and(|r| self.replaced(r));
+                if faults.rejects.as_deref() == Some(version) || refused_return {
                     vec![
                         (switch, Step::Progress("health_checking")),
                         (
@@ -433,6 +439,20 @@ impl Runner {
             .map(|(_, after)| running.since + *after)
             .filter(|since| now >= *since);
         crashing_since.map_or(0, |since| (now - since).as_secs() as u32 + 1)
+    }
+
+    /// Whether the node runs another release of `release`'s service and
+    /// not `release` itself (neither serving nor beside it).
+    fn replaced(&self, release: &pb::Release) -> bool {
+        let node = self.agent.node.lock().expect("node lock");
+        let is = |r: &Running| r.release_id == release.release_id;
+        node.services
+            .get(&release.service)
+            .is_some_and(|serving| !is(serving))
+            && !node
+                .sides
+                .get(&release.service)
+                .is_some_and(|side| is(&side.running))
     }
 
     fn switch(&mut self, command: &pb::Command) -> Result<(), String> {
@@ -641,6 +661,11 @@ impl Faults {
             longest = longest.max(until - start);
         }
         longest
+    }
+
+    /// Whether a return to `version` fails here.
+    pub fn cannot_return(&self, version: &str) -> bool {
+        self.cannot_return.as_deref() == Some(version)
     }
 
     /// Whether `version` fails here (prepare, health, or crashes).

@@ -13,6 +13,7 @@
 //! Also home to the small rollout builders other tests share.
 
 mod agent;
+mod operator;
 mod scenario;
 mod world;
 
@@ -23,8 +24,8 @@ use cutover_proto::v1 as pb;
 use super::model::*;
 use crate::spec::{BatchSize, Strategy};
 
-const OLD: &str = "web-v1-00000000";
-const NEW: &str = "web-v2-11111111";
+pub(crate) const OLD: &str = "web-v1-00000000";
+pub(crate) const NEW: &str = "web-v2-11111111";
 
 fn release(id: &str) -> StoredRelease {
     StoredRelease(pb::Release {
@@ -110,16 +111,31 @@ fn seeded_fleets_end_on_releases_an_operator_chose() {
             .collect(),
     };
     let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut rollbacks: BTreeMap<(bool, &str), u64> = BTreeMap::new();
     for &seed in &seeds {
         for rollout in world::check(seed) {
             *outcomes.entry(rollout.state.as_str()).or_default() += 1;
+            if rollout.kind == RolloutKind::Rollback {
+                let key = (rollout.returns_at_once(), rollout.state.as_str());
+                *rollbacks.entry(key).or_default() += 1;
+            }
         }
     }
-    eprintln!("outcomes of {} seeds: {outcomes:?}", seeds.len());
-    // The schedules must reach every ending, or they prove little.
+    eprintln!(
+        "outcomes of {} seeds: {outcomes:?}; operator rollbacks (fast, state): {rollbacks:?}",
+        seeds.len()
+    );
+    // The schedules must reach every ending, and both kinds of rollback,
+    // or they prove little.
     if seeds.len() as u64 >= DEFAULT_SEEDS {
         for state in ["succeeded", "rolled_back", "failed", "aborted"] {
             assert!(outcomes.contains_key(state), "no {state}: {outcomes:?}");
+        }
+        for fast in [true, false] {
+            assert!(
+                rollbacks.keys().any(|(f, _)| *f == fast),
+                "no rollback with fast = {fast}: {rollbacks:?}"
+            );
         }
     }
 }

@@ -41,6 +41,9 @@ pub(super) struct Operator {
     /// A canary's waits for promotion are promoted, after this long at
     /// one (`full`: every remaining step skipped).
     pub promote: Option<(Duration, bool)>,
+    /// The second deploy of a service, once it succeeded, is rolled back
+    /// after this long (`true`: `--careful`).
+    pub rollback: Option<(usize, Duration, bool)>,
 }
 
 pub(super) struct Coordinator {
@@ -113,7 +116,24 @@ impl Scenario {
                 }
             }
         }
+        // Drawn apart, so the seeds found before rollbacks draw what they
+        // drew then: a node whose first release can no longer return, and
+        // an operator's rollback.
+        let mut rollback_rng = StdRng::seed_from_u64(seed ^ 0x4e70_b4c6_0000_0000);
+        for node in &mut nodes {
+            if rollback_rng.random_bool(0.05) {
+                node.faults.cannot_return = Some(FIRST.to_string());
+            }
+        }
+        let rollback = rollback_rng.random_bool(0.3).then(|| {
+            (
+                rollback_rng.random_range(0..2),
+                Duration::from_millis(rollback_rng.random_range(0..20_000)),
+                rollback_rng.random_bool(0.3),
+            )
+        });
         let operator = Operator {
+            rollback,
             promote: canary.as_ref().filter(|c| c.1).map(|_| {
                 (
                     Duration::from_millis(canary_rng.random_range(0..20_000)),
@@ -200,6 +220,7 @@ fn node_faults(rng: &mut StdRng) -> Faults {
         drop_results: if rng.random_bool(0.5) { 0.1 } else { 0.0 },
         outages,
         errors: None,
+        cannot_return: None,
     }
 }
 

@@ -7,22 +7,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cutover_proto::v1 as pb;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{self, Agent, Running};
+use super::operator::{deploy, operate, OperatorPlan};
 use super::scenario::{Scenario, FIRST, LOST_AFTER, SECOND, SERVICES, TTL};
 use crate::clock::Clock;
 use crate::images::ImageResolver;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::rollout::engine::{self, Input};
 use crate::rollout::model::{NodeState, Rollout, RolloutKind, RolloutState};
-use crate::rollout::{DeployRequest, Deployed, RolloutError, Rollouts, Started};
+use crate::rollout::Rollouts;
 use crate::secrets::Secrets;
 use crate::store::memory::{Faults, MemoryBackend};
 use crate::store::{ReleaseState, Store};
@@ -275,6 +274,10 @@ impl World {
                 .map(|(_, a, b)| (a, b)),
             abort: op.abort.filter(|(s, _)| *s == service).map(|(_, a)| a),
             promote: op.promote,
+            rollback: op
+                .rollback
+                .filter(|(s, ..)| *s == service)
+                .map(|(_, after, careful)| (after, careful)),
         }
     }
 
@@ -359,9 +362,12 @@ impl World {
                     ));
                 }
                 // A node that cannot run the second release may stay
-                // where it is: its convergence fails, and is retried.
-                let cannot_run_new = node.faults.cannot_run(SECOND) && runs == old;
-                if !allowed.contains(runs.as_str()) && !cannot_run_new {
+                // where it is: its convergence fails, and is retried. One
+                // that cannot return to the first stays on the second.
+                let (first, second_id) = first_and_second(second);
+                let stays = (node.faults.cannot_run(SECOND) && runs == first)
+                    || (node.faults.cannot_return(FIRST) && runs == second_id);
+                if !allowed.contains(runs.as_str()) && !stays {
                     wrong.push(format!(
                         "node-{i} runs {service} {runs:?}, allowed {allowed:?}"
                     ));
@@ -396,16 +402,25 @@ impl World {
                 .find(|r| r.current)
                 .expect("a current release");
             let old = second.previous.as_ref().expect("the first release").id();
+            let returned = second.kind == RolloutKind::Rollback
+                && (second.state == RolloutState::Succeeded
+                    || (second.state == RolloutState::Failed && second.returned_some()));
             let made_current = match second.state {
                 RolloutState::Succeeded => second.release.id(),
+                _ if returned => second.release.id(),
                 _ => old,
             };
             assert_eq!(current.release.id(), made_current, "{}", ctx());
+            // A deploy's release ends as its rollout did; a rollback's
+            // target was stable, and what it left is reverted once it took.
+            let (_, second_id) = first_and_second(second);
             let record = history
                 .iter()
-                .find(|r| r.release.id() == second.release.id())
+                .find(|r| r.release.id() == second_id)
                 .expect("the second release's record");
             let state = match second.state {
+                _ if second.kind == RolloutKind::Rollback && returned => ReleaseState::Reverted,
+                _ if second.kind == RolloutKind::Rollback => ReleaseState::Stable,
                 RolloutState::Succeeded => ReleaseState::Stable,
                 RolloutState::RolledBack => ReleaseState::RolledBack,
                 RolloutState::Aborted => ReleaseState::Aborted,
@@ -502,7 +517,10 @@ impl World {
             return; // left mixed by the operator: the converger leaves it
         };
         let node = &self.scenario.nodes[i];
-        if !node.labels.contains_key(service) || node.faults.cannot_run(SECOND) {
+        if !node.labels.contains_key(service)
+            || node.faults.cannot_run(SECOND)
+            || node.faults.cannot_return(FIRST)
+        {
             return;
         }
         let old = second.previous.as_ref().expect("the first release");
@@ -555,9 +573,13 @@ impl World {
 
 /// The one release an outcome leaves every node on, or `None` when the
 /// operator chose to leave the fleet mixed (an abort, or a failure without
-/// auto_rollback).
+/// auto_rollback). A fast rollback that returned some nodes made its
+/// release current, whatever refused it.
 fn expected(second: &Rollout) -> Option<&str> {
     let old = second.previous.as_ref().expect("the first release").id();
+    if second.state == RolloutState::Failed && second.returned_some() {
+        return Some(second.release.id());
+    }
     match second.state {
         RolloutState::Succeeded => Some(second.release.id()),
         // A canary's abort returns every node to the stable release.
@@ -572,139 +594,13 @@ fn expected(second: &Rollout) -> Option<&str> {
     }
 }
 
-struct OperatorPlan {
-    spec: String,
-    service: &'static str,
-    allow_unreachable: bool,
-    deploy_at: Duration,
-    pause: Option<(Duration, Duration)>,
-    abort: Option<Duration>,
-    promote: Option<(Duration, bool)>,
-}
-
-/// The operator: deploys the second release of a service, and pauses,
-/// resumes or aborts it as the seed says, on whichever coordinator runs.
-async fn operate(
-    plan: OperatorPlan,
-    current: watch::Receiver<Arc<Rollouts>>,
-    from: Instant,
-) -> String {
-    sleep_until(from + plan.deploy_at).await;
-    let id = deploy(
-        &current,
-        &plan.spec,
-        plan.service,
-        SECOND,
-        plan.allow_unreachable,
-    )
-    .await;
-    if let Some((pause, resume)) = plan.pause {
-        sleep_until(from + pause).await;
-        control(&current, &id, Input::Pause { by: "op".into() }).await;
-        sleep_until(from + resume).await;
-        control(&current, &id, Input::Resume { by: "op".into() }).await;
-    }
-    if let Some(abort) = plan.abort {
-        sleep_until(from + abort).await;
-        control(&current, &id, Input::Abort { by: "op".into() }).await;
-    }
-    if let Some((after, full)) = plan.promote {
-        promote(&current, &id, after, full).await;
-    }
-    id
-}
-
-/// Promotes the canary each time it waits for promotion, `after` it was
-/// first seen waiting, until the rollout ends.
-async fn promote(current: &watch::Receiver<Arc<Rollouts>>, id: &str, after: Duration, full: bool) {
-    loop {
-        sleep(Duration::from_secs(1)).await;
-        let rollouts = current.borrow().clone();
-        let Ok(rollout) = rollouts.get(id).await else {
-            continue;
-        };
-        if rollout.state.is_terminal() {
-            return;
-        }
-        if engine::awaiting_promotion(&rollout) {
-            sleep(after).await;
-            let rollouts = current.borrow().clone();
-            let refused = match rollouts.get(id).await {
-                Ok(rollout) => engine::promote_refusal(&rollout, full).is_some(),
-                Err(_) => true,
-            };
-            if !refused {
-                control(
-                    current,
-                    id,
-                    Input::Promote {
-                        by: "op".into(),
-                        full,
-                    },
-                )
-                .await;
-            }
-        }
-    }
-}
-
-/// Deploys `version` of `service`, again until a coordinator takes it.
-async fn deploy(
-    current: &watch::Receiver<Arc<Rollouts>>,
-    spec: &str,
-    service: &str,
-    version: &str,
-    allow_unreachable: bool,
-) -> String {
-    loop {
-        let rollouts = current.borrow().clone();
-        let request = DeployRequest {
-            spec_text: spec.to_string(),
-            spec_file: "cutover.toml".into(),
-            env: "sim".into(),
-            service: Some(service.into()),
-            version: version.into(),
-            artifact: Some(pb::Artifact {
-                url: format!("https://artifacts.sim/{service}-{version}.tar.gz"),
-                digest: format!("sha256:{}", version.repeat(64)),
-            }),
-            image: None,
-            allow_unreachable,
-            skip_migrate: false,
-            skip_backup_gate: false,
-            migrate_node: None,
-            by: "op".into(),
-            may_pin_environments: true,
-        };
-        match rollouts.deploy(request).await {
-            Ok(Deployed::Alone(mut started)) => match started.pop() {
-                Some(Started::Rollout(rollout)) => return rollout.id,
-                _ => panic!("{service} {version} already ran everywhere"),
-            },
-            Ok(Deployed::Together(_)) => panic!("one service makes no deployment"),
-            Err(
-                RolloutError::Store(_)
-                | RolloutError::Locked { .. }
-                | RolloutError::Claimed { .. }
-                | RolloutError::Unreachable { .. },
-            ) => {
-                sleep(Duration::from_secs(2)).await;
-            }
-            Err(error) => panic!("deploy of {service} {version} refused: {error}"),
-        }
-    }
-}
-
-/// Pauses, resumes or aborts a rollout, again until a coordinator takes
-/// it in or the rollout ended. A resume must arrive, or the rollout waits
-/// forever.
-async fn control(current: &watch::Receiver<Arc<Rollouts>>, id: &str, input: Input) {
-    loop {
-        let rollouts = current.borrow().clone();
-        match rollouts.control(id, input.clone()).await {
-            Ok(_) | Err(RolloutError::Finished { .. }) => return,
-            Err(_) => sleep(Duration::from_secs(1)).await,
-        }
+/// The first and the second release of an outcome: a deploy's previous
+/// and own, a rollback's own and previous.
+fn first_and_second(r: &Rollout) -> (&str, &str) {
+    let previous = r.previous.as_ref().expect("the first release").id();
+    match r.kind {
+        RolloutKind::Rollback => (r.release.id(), previous),
+        _ => (previous, r.release.id()),
     }
 }
 
