@@ -150,7 +150,7 @@ impl Jobs {
         let open: Vec<JobRun> = runs.into_iter().filter(|r| !r.state.ended()).collect();
         for run in &open {
             tracing::info!(run = %run.id, job = %run.job, env = %run.env, node = %run.node, "resuming a job run after restart");
-            self.supervise(run.clone());
+            self.supervise(run.clone(), true);
         }
         Ok(open.len())
     }
@@ -356,14 +356,22 @@ impl Jobs {
     /// A run that `job` may not overlap, and why: one of its own unless it
     /// allows overlap (`concurrency`), and for a backup any backup of the
     /// same data set, its own included whatever its `concurrency` (two at
-    /// once only fight over the repository's lock).
-    fn blocking_run(&self, job: &JobDef) -> Option<(String, String)> {
+    /// once only fight over the repository's lock). Also whether that run
+    /// was left by a previous coordinator and its node has not answered
+    /// for it yet.
+    fn blocking_run(&self, job: &JobDef) -> Option<(String, String, bool)> {
         let running = self.running.lock().expect("jobs lock");
         let own = running
             .iter()
             .filter(|_| job.concurrency == Concurrency::Forbid)
             .find(|r| r.env == job.env && r.job == job.name)
-            .map(|r| (r.id.clone(), "concurrency = \"forbid\"".to_string()));
+            .map(|r| {
+                (
+                    r.id.clone(),
+                    "concurrency = \"forbid\"".to_string(),
+                    r.recovered,
+                )
+            });
         own.or_else(|| {
             let dataset = job
                 .dataset
@@ -377,7 +385,13 @@ impl Jobs {
                         && r.env == job.env
                         && r.dataset.as_ref() == Some(dataset)
                 })
-                .map(|r| (r.id.clone(), format!("one backup of {dataset} at a time")))
+                .map(|r| {
+                    (
+                        r.id.clone(),
+                        format!("one backup of {dataset} at a time"),
+                        r.recovered,
+                    )
+                })
         })
     }
 }
@@ -391,6 +405,9 @@ pub(crate) struct Running {
     app: String,
     kind: JobKind,
     dataset: Option<String>,
+    /// Left running by a previous coordinator: whether it still goes is
+    /// not known until its node answers for it.
+    recovered: bool,
 }
 
 /// Whether two definitions differ only in who applied them when.

@@ -22,6 +22,9 @@ use crate::store::{JobDef, JobRun, NodeStatus, RunState};
 const ANSWER_MARGIN: Duration = Duration::from_secs(8 * 60);
 /// How often a run whose node is away looks for it again.
 const RECONNECT_POLL: Duration = Duration::from_millis(500);
+/// How soon the agent answers for a run that ended while the coordinator
+/// was down (from its journal); beyond it the run is taken to still go.
+const RECOVERED_ANSWER: Duration = Duration::from_secs(2);
 /// Output a run record keeps: its end.
 const TAIL_KEPT: usize = 4096;
 /// The largest last line read as the run's facts.
@@ -55,8 +58,9 @@ impl Ending {
 }
 
 impl Jobs {
-    /// Sees `run` to its end in a task of its own.
-    pub(super) fn supervise(self: &Arc<Self>, run: JobRun) {
+    /// Sees `run` to its end in a task of its own; `recovered`: a run a
+    /// previous coordinator left running.
+    pub(super) fn supervise(self: &Arc<Self>, run: JobRun, recovered: bool) {
         self.running.lock().expect("jobs lock").push(Running {
             env: run.env.clone(),
             job: run.job.clone(),
@@ -64,6 +68,7 @@ impl Jobs {
             app: run.app.clone(),
             kind: run.kind,
             dataset: run.dataset.clone(),
+            recovered,
         });
         let jobs = self.clone();
         self.tasks.spawn(async move {
@@ -120,11 +125,43 @@ impl Jobs {
             };
             away_since = None;
             let left = Duration::from_millis((deadline_ms - now_ms).max(0) as u64);
-            match pending.wait(left, |_| {}).await {
+            // A run left by the previous coordinator that ended long ago
+            // is answered at once from the agent's journal; no answer soon
+            // means it still runs, and the ticks it holds back may be
+            // skipped as for any run that goes on.
+            let recovered = self.is_recovered(&run.env, &run.id);
+            let wait = if recovered {
+                left.min(RECOVERED_ANSWER)
+            } else {
+                left
+            };
+            match pending.wait(wait, |_| {}).await {
                 Ok(result) => return ended(&run.node, result),
                 // Sent again once the node is back; it runs the id once.
                 Err(CommandWaitError::Disconnected) => continue,
-                Err(CommandWaitError::TimedOut(_)) => continue,
+                Err(CommandWaitError::TimedOut(_)) => {
+                    if recovered {
+                        self.confirm_running(&run.env, &run.id);
+                    }
+                    continue;
+                }
+            }
+        }
+    }
+
+    fn is_recovered(&self, env: &str, id: &str) -> bool {
+        self.running
+            .lock()
+            .expect("jobs lock")
+            .iter()
+            .any(|r| r.env == env && r.id == id && r.recovered)
+    }
+
+    /// The node has the run and it still goes: known, not a guess.
+    fn confirm_running(&self, env: &str, id: &str) {
+        for run in self.running.lock().expect("jobs lock").iter_mut() {
+            if run.env == env && run.id == id {
+                run.recovered = false;
             }
         }
     }

@@ -127,7 +127,8 @@ impl Jobs {
             return Ok(());
         };
         match self.start(job, tick, missed, "", None).await? {
-            // Its node is reconnecting: the tick waits.
+            // Its node is reconnecting, or a run left by the previous
+            // coordinator is not accounted for yet: the tick waits.
             None => return Ok(()),
             Some(_) if missed > 0 => {
                 tracing::info!(job = %job.name, env = %job.env, missed, "ticks passed while the coordinator was down ran once");
@@ -146,7 +147,9 @@ impl Jobs {
 
     /// Starts the runs of one tick (or of a manual request, `by` set):
     /// on one ready node, or on each; stored first, then sent. `None`: not
-    /// yet, a node that may take it is reconnecting.
+    /// yet, a node that may take it is reconnecting, or a run it may not
+    /// overlap was left by the previous coordinator and is not answered
+    /// for yet.
     pub(super) async fn start(
         self: &Arc<Self>,
         job: &JobDef,
@@ -167,7 +170,15 @@ impl Jobs {
         // step: two starts at once (a manual run and a tick) never both
         // pass the check.
         let _starting = self.starting.lock().await;
-        if let Some((running, why)) = self.blocking_run(job) {
+        if let Some((running, why, recovered)) = self.blocking_run(job) {
+            // A run the previous coordinator left may have ended long ago;
+            // only its node's answer tells. Skipping the tick on a guess
+            // would drop it (and the missed ones it stands for): it waits
+            // for the answer, as for a reconnecting node.
+            if recovered && !manual {
+                tracing::debug!(job = %job.name, env = %job.env, run = %running, "a due tick waits for a run the previous coordinator left to be answered for");
+                return Ok(None);
+            }
             if manual {
                 return Err(JobError::Busy {
                     env: job.env.clone(),
@@ -228,7 +239,7 @@ impl Jobs {
                 continue;
             }
             tracing::info!(run = %run.id, job = %job.name, env = %job.env, node = %run.node, missed, "job run started");
-            self.supervise(run.clone());
+            self.supervise(run.clone(), false);
             runs.push(run);
         }
         Ok(Some(runs))
