@@ -67,6 +67,19 @@ impl Executor {
         }
     }
 
+    /// The commands running now.
+    pub fn in_flight(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .running
+            .lock()
+            .expect("running lock")
+            .iter()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids
+    }
+
     pub fn recent_ids(&self, limit: usize) -> Vec<String> {
         self.journal.lock().expect("journal lock").recent_ids(limit)
     }
@@ -434,10 +447,19 @@ mod tests {
                 log_keep: 2,
                 releases_keep: 5,
                 trusted_networks: Vec::new(),
+                inherited: Default::default(),
+                owner: crate::runtime::ownership::Owner::new(
+                    &dir.display().to_string(),
+                    "test",
+                    "sha256:test",
+                    dir,
+                ),
+                // Its own node id: the open stops release processes
+                // labelled with it that it has no record of.
                 docker: crate::runtime::docker::DockerEngine::new(
                     "unix:///var/run/docker.sock",
                     "test",
-                    "test-id",
+                    &dir.display().to_string(),
                     Vec::new(),
                 ),
             },

@@ -40,6 +40,7 @@ pub async fn join(
     ca_fingerprint: &str,
     name: &str,
     out: &Path,
+    state_dir: &Path,
 ) -> Result<Joined, JoinError> {
     let identity = Identity::new(Role::Agent, name)
         .map_err(|e| JoinError::Invalid(format!("node name {name:?}: {e}")))?;
@@ -121,7 +122,7 @@ pub async fn join(
          name = {name:?}\n\
          state_dir = {:?}\n\
          [labels]\n",
-        out.join("state").display().to_string()
+        state_dir.display().to_string()
     );
     for (k, v) in &labels {
         let _ = writeln!(text, "{k:?} = {v:?}");

@@ -8,6 +8,9 @@ pub mod commands;
 pub mod config;
 pub mod enroll;
 pub mod figures;
+pub mod handoff;
+pub mod listeners;
+pub mod notify;
 pub mod proxy;
 pub mod recovery;
 pub mod release_logs;
@@ -22,8 +25,10 @@ pub mod store;
 pub mod tasks;
 #[cfg(test)]
 mod test_support;
+pub mod upgrade;
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +45,10 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{Executor, Outbox, CAPABILITIES};
 use crate::config::AgentConfig;
 use crate::figures::Sampler;
+use crate::handoff::{HandoffError, Outcome, Predecessor, Successor, OWN_BINARY};
+use crate::listeners::Inherited;
 use crate::runtime::docker::DockerEngine;
+use crate::runtime::ownership::{self, Owner};
 use crate::services::{NodeServices, NodeSettings};
 use crate::state::{Journal, StateError};
 
@@ -50,6 +58,15 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// Messages queued towards the coordinator before heartbeats are skipped.
 const OUTBOUND_QUEUE: usize = 64;
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a handoff waits for the commands in flight to end; beyond it
+/// the handoff is refused and this agent carries on.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a handed-off proxy keeps idle keep-alive connections open:
+/// busy ones close after their next answer.
+const HANDOFF_LINGER: Duration = Duration::from_secs(2);
+/// The agent's pid, in its state dir: what `cutover-agent upgrade`
+/// signals, and how one tells which process runs the node after a handoff.
+pub const PID_FILE: &str = "agent.pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -63,6 +80,45 @@ pub enum AgentError {
     Config(String),
     #[error(transparent)]
     Services(#[from] services::ServiceError),
+    #[error("cannot take over from the running agent: {0}")]
+    Handoff(#[from] HandoffError),
+}
+
+/// What an agent takes from the process that started it.
+#[derive(Default)]
+pub struct Startup {
+    /// Listening sockets from systemd's store or the agent before.
+    pub inherited: Arc<Inherited>,
+    /// The running agent's handoff socket, when this one takes over.
+    pub predecessor: Option<PathBuf>,
+    /// Handoffs: the binary a SIGHUP starts to take over from this agent
+    /// (its path at start-up, where an upgrade puts the new one), and the
+    /// SIGHUPs, received from before start-up on (a reload right after a
+    /// start waits for it). `None`: SIGHUP is not handled (an agent inside
+    /// another program, as in tests).
+    pub reloads: Option<(PathBuf, mpsc::Receiver<()>)>,
+}
+
+impl Startup {
+    /// From the environment (removing what releases must not see), for the
+    /// `cutover-agent` binary. Must run before other threads start.
+    pub fn from_env() -> Self {
+        Self {
+            inherited: Arc::new(Inherited::from_env()),
+            predecessor: Predecessor::from_env(),
+            reloads: None,
+        }
+    }
+
+    /// Handles SIGHUP from now on (in a tokio runtime).
+    pub fn handle_reloads(&mut self) {
+        match handoff::binary_path("self") {
+            Ok(binary) => self.reloads = Some((binary, handoff::on_reload_signal())),
+            Err(error) => {
+                tracing::error!(%error, "cannot tell where this agent's binary is; SIGHUP will not hand over")
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +165,7 @@ pub struct Agent {
     outbox: Outbox,
     sampler: Sampler,
     shutdown: CancellationToken,
+    reloads: Option<(PathBuf, mpsc::Receiver<()>)>,
 }
 
 impl Agent {
@@ -117,9 +174,50 @@ impl Agent {
     /// start with a clear message instead of retrying forever; then brings
     /// back the services the agent ran before (adopting their processes).
     /// `shutdown` ends the session loop and closes the service proxies.
-    pub async fn new(config: AgentConfig, shutdown: CancellationToken) -> Result<Self, AgentError> {
+    /// Taking over from a running agent (`startup.predecessor`), the node's
+    /// state is opened only once that agent let go of it, and it is told
+    /// why when this one cannot run.
+    pub async fn new(
+        config: AgentConfig,
+        shutdown: CancellationToken,
+        startup: Startup,
+    ) -> Result<Self, AgentError> {
+        let mut predecessor = match &startup.predecessor {
+            Some(path) => Some(Predecessor::connect(path).await?),
+            None => None,
+        };
+        let started = Self::start(config, shutdown, startup, predecessor.as_mut()).await;
+        match (started, predecessor) {
+            (Ok(agent), Some(predecessor)) => {
+                predecessor.serving().await?;
+                Ok(agent)
+            }
+            (Ok(agent), None) => {
+                notify::ready();
+                Ok(agent)
+            }
+            (Err(error), Some(predecessor)) => {
+                predecessor
+                    .failed(&cutover_common::error_chain(&error))
+                    .await;
+                Err(error)
+            }
+            (Err(error), None) => Err(error),
+        }
+    }
+
+    async fn start(
+        config: AgentConfig,
+        shutdown: CancellationToken,
+        startup: Startup,
+        predecessor: Option<&mut Predecessor>,
+    ) -> Result<Self, AgentError> {
         let url = CoordinatorUrl::parse(&config.coordinator)?;
-        renewal::complete_interrupted(&config.tls);
+        // A predecessor may be renewing right now: what it left half done
+        // is completed once it let go (below).
+        if predecessor.is_none() {
+            renewal::complete_interrupted(&config.tls);
+        }
         let tls = tls::client_config(&config.tls)?;
         let identity = config.tls.identity()?.ok_or_else(|| {
             AgentError::Identity(format!(
@@ -144,11 +242,20 @@ impl Agent {
                 identity.name
             )));
         }
-        let node_id = state::node_id(&config.state_dir)?;
-        let journal = Journal::open(&config.state_dir)?;
+        // Everything that can be checked without the node's state is
+        // checked before a predecessor lets go of it: past that, a
+        // successor that fails has no way back.
+        let fingerprint = tls::ca_fingerprint(&config.tls.ca_cert)?;
+        refuse_releases_left_elsewhere(&name, &fingerprint, &config.state_dir)?;
         let address = config.address.unwrap_or_else(|| route_address(&url));
         let registries = cutover_common::registry::load_credentials(&config.registries)
             .map_err(AgentError::Config)?;
+        if let Some(predecessor) = predecessor {
+            predecessor.prepared().await?;
+            renewal::complete_interrupted(&config.tls);
+        }
+        let node_id = state::node_id(&config.state_dir)?;
+        let journal = Journal::open(&config.state_dir)?;
         let services = NodeServices::open(
             NodeSettings {
                 docker: DockerEngine::new(&config.docker_host, &name, &node_id, registries),
@@ -161,10 +268,19 @@ impl Agent {
                 log_keep: config.release_log_files,
                 releases_keep: config.releases_keep,
                 trusted_networks: config.proxy_trusted_networks.clone(),
+                inherited: startup.inherited,
+                owner: Owner::new(&node_id, &name, &fingerprint, &config.state_dir),
             },
             shutdown.clone(),
         )
         .await?;
+        let pid_file = config.state_dir.join(PID_FILE);
+        cutover_common::fsutil::write_atomic(
+            &pid_file,
+            format!("{}\n", std::process::id()).as_bytes(),
+            cutover_common::modes::PRIVATE_FILE,
+        )
+        .map_err(|e| AgentError::Config(format!("cannot write {}: {e}", pid_file.display())))?;
         let outbox: Outbox = Arc::new(std::sync::Mutex::new(None));
         let renewer = Arc::new(renewal::Renewer::new(config.tls.clone(), identity));
         let executor = Arc::new(Executor::new(
@@ -185,6 +301,7 @@ impl Agent {
             outbox,
             sampler,
             shutdown,
+            reloads: startup.reloads,
             config,
         })
     }
@@ -194,36 +311,229 @@ impl Agent {
     }
 
     /// Keeps a session open until `shutdown` fires, reconnecting forever with
-    /// jittered backoff. Whatever the node runs keeps running while the
-    /// coordinator is away (fail static).
-    pub async fn run(mut self) {
+    /// jittered backoff, and hands the node over to a new agent process on
+    /// SIGHUP (see `handoff`). Whatever the node runs keeps running while the
+    /// coordinator is away (fail static). An error: a handoff failed past
+    /// the point of return, and the process should exit for its service
+    /// manager to start an agent again.
+    pub async fn run(mut self) -> Result<(), HandoffError> {
         let shutdown = self.shutdown.clone();
         tracing::info!(node = %self.name, node_id = %self.node_id, coordinator = %self.url.url, "agent starting");
+        // Its own token: after a handoff the successor pings, not this one.
+        let pings = shutdown.child_token();
+        tokio::spawn(notify::watchdog(pings.clone()));
+        let mut reloads = self.reloads.take();
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
-        loop {
-            let started = Instant::now();
-            match self.session(&shutdown).await {
-                Ok(()) if shutdown.is_cancelled() => break,
-                Ok(()) => tracing::info!("coordinator closed the session"),
-                Err(error) => tracing::warn!(%error, "session ended"),
-            }
-            if started.elapsed() >= STABLE_SESSION {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay();
-            tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
-            }
+        while let Some(successor) = self
+            .serve_until_reload(&shutdown, &mut backoff, reloads.as_mut())
+            .await
+        {
+            // The session ended once no command ran; one that came in at
+            // its very end is waited for too.
+            let busy = self.settle().await;
+            let changed = self.listeners_changed(&successor).await;
+            let refusal = match (busy.is_empty(), changed) {
+                (true, None) => return self.hand_over(successor, pings).await,
+                (false, _) => HandoffError::Refused(format!(
+                    "commands {} still ran after {}",
+                    busy.join(", "),
+                    humantime::format_duration(SETTLE_TIMEOUT)
+                )),
+                (true, Some(changed)) => HandoffError::ServicesChanged(changed),
+            };
+            let error = successor.abort(refusal).await;
+            refused(&self.config.state_dir, &error, reloads.as_mut());
         }
         // Fail static: what the node runs keeps running for the next agent,
         // unless this agent is configured to take it down with it.
-        self.executor
+        notify::stopping();
+        let proxies = self
+            .executor
             .services()
             .shut_down(self.config.stop_services_on_shutdown)
             .await;
+        let mut closing = tokio::task::JoinSet::new();
+        for proxy in proxies {
+            closing.spawn(proxy.close());
+        }
+        closing.join_all().await;
         tracing::info!("agent stopped");
+        Ok(())
+    }
+
+    /// Sessions, one after the other, until `shutdown` (`None`) or a
+    /// successor is ready to take over (SIGHUP on `reloads`) and no command
+    /// runs. The session goes on while the successor starts and while
+    /// commands finish (heartbeats keep the node's jobs and rollouts
+    /// going): one that cannot run, or a node that stays busy, changes
+    /// nothing.
+    async fn serve_until_reload(
+        &mut self,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+        mut reloads: Option<&mut (PathBuf, mpsc::Receiver<()>)>,
+    ) -> Option<Successor> {
+        let executor = self.executor.clone();
+        let state_dir = self.config.state_dir.clone();
+        let mut starting: Option<tokio::task::JoinHandle<Result<Successor, HandoffError>>> = None;
+        let mut waiting: Option<(Successor, Instant)> = None;
+        let mut poll = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            let round = self.session_round(shutdown, backoff);
+            tokio::pin!(round);
+            loop {
+                let idle = starting.is_none() && waiting.is_none();
+                let reload = async {
+                    match reloads.as_deref_mut() {
+                        Some((binary, signals)) => signals.recv().await.map(|()| binary.clone()),
+                        None => std::future::pending().await,
+                    }
+                };
+                let started = async {
+                    match starting.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = &mut round => break,
+                    Some(binary) = reload, if idle => {
+                        notify::reloading();
+                        let (services, state_dir) = (executor.services().clone(), state_dir.clone());
+                        starting = Some(tokio::spawn(async move {
+                            let listeners = services.listener_fds().await.map_err(HandoffError::Listeners)?;
+                            Successor::start(&binary, &state_dir, listeners).await
+                        }));
+                    }
+                    started = started => {
+                        starting = None;
+                        match started {
+                            Ok(Ok(successor)) => {
+                                tracing::info!(pid = successor.pid(), version = %successor.version, "the new agent can run; handing over once no command runs");
+                                waiting = Some((successor, Instant::now() + SETTLE_TIMEOUT));
+                            }
+                            Ok(Err(error)) => refused(&state_dir, &error, reloads.as_deref_mut()),
+                            Err(error) => refused(&state_dir, &HandoffError::Refused(format!("the handoff task failed: {error}")), reloads.as_deref_mut()),
+                        }
+                    }
+                    _ = poll.tick(), if waiting.is_some() => {
+                        let busy = executor.in_flight();
+                        let Some((successor, deadline)) = waiting.take() else { continue };
+                        if busy.is_empty() {
+                            return Some(successor);
+                        }
+                        if Instant::now() < deadline {
+                            waiting = Some((successor, deadline));
+                            continue;
+                        }
+                        let error = successor.abort(HandoffError::Refused(format!(
+                            "commands {} still ran after {}",
+                            busy.join(", "),
+                            humantime::format_duration(SETTLE_TIMEOUT)
+                        ))).await;
+                        refused(&state_dir, &error, reloads.as_deref_mut());
+                    }
+                }
+            }
+        }
+    }
+    /// One session, then the backoff's wait before the next.
+    async fn session_round(&mut self, shutdown: &CancellationToken, backoff: &mut Backoff) {
+        let started = Instant::now();
+        match self.session(shutdown).await {
+            Ok(()) if shutdown.is_cancelled() => return,
+            Ok(()) => tracing::info!("coordinator closed the session"),
+            Err(error) => tracing::warn!(%error, "session ended"),
+        }
+        if started.elapsed() >= STABLE_SESSION {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+        tokio::time::sleep(delay).await;
+    }
+
+    /// Waits (within `SETTLE_TIMEOUT`) for the commands in flight to end;
+    /// the ones still running.
+    async fn settle(&self) -> Vec<String> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let busy = self.executor.in_flight();
+            if busy.is_empty() || Instant::now() >= deadline {
+                return busy;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What differs between the proxies now and the listening sockets the
+    /// successor was given (a deploy added a service meanwhile): it would
+    /// find the new port taken.
+    async fn listeners_changed(&self, successor: &Successor) -> Option<String> {
+        let now = self.executor.services().listen_addresses().await;
+        (now != successor.listeners).then(|| {
+            let added: Vec<String> = now
+                .iter()
+                .filter(|a| !successor.listeners.contains(a))
+                .map(|a| a.to_string())
+                .collect();
+            format!("a service now listens on {}", added.join(", "))
+        })
+    }
+
+    /// Lets go of the node's state for `successor`, keeping the proxies
+    /// accepting until it serves, then drains them. A successor that fails
+    /// now is replaced by this agent's own binary: there is no way back.
+    /// The watchdog (`pings`) goes on until another process is systemd's
+    /// main one.
+    async fn hand_over(
+        self,
+        mut successor: Successor,
+        pings: CancellationToken,
+    ) -> Result<(), HandoffError> {
+        let state_dir = self.config.state_dir.clone();
+        let services = self.executor.services().clone();
+        let proxies = services.shut_down(false).await;
+        // The store closes with the last handle to the services: the
+        // successor opens it next.
+        drop(self);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&services) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(services);
+        let outcome = match successor.released().await {
+            Ok(()) => Outcome::TookOver {
+                pid: successor.pid(),
+                version: successor.version.clone(),
+            },
+            Err(error) => {
+                let error = successor.abort(error).await;
+                tracing::error!(%error, "the new agent failed after this one let go of the node; handing over to this agent's own binary");
+                match fall_back(&state_dir, &proxies).await {
+                    Ok((pid, version)) => Outcome::FellBack {
+                        pid,
+                        version,
+                        why: error.to_string(),
+                    },
+                    Err(fallback) => Outcome::Failed(format!("{error}; then {fallback}")),
+                }
+            }
+        };
+        handoff::report(&state_dir, &outcome);
+        if !matches!(outcome, Outcome::Failed(_)) {
+            pings.cancel();
+        }
+        let mut draining = tokio::task::JoinSet::new();
+        for proxy in proxies {
+            draining.spawn(proxy.hand_off(HANDOFF_LINGER));
+        }
+        draining.join_all().await;
+        match outcome {
+            Outcome::Failed(why) => Err(HandoffError::Refused(why)),
+            _ => Ok(()),
+        }
     }
 
     fn hello(&self) -> pb::Hello {
@@ -343,6 +653,59 @@ impl Agent {
             }
         }
     }
+}
+
+/// A handoff that changed nothing: said, and a SIGHUP that came in
+/// meanwhile dropped (it asked for this handoff).
+fn refused(
+    state_dir: &std::path::Path,
+    error: &HandoffError,
+    reloads: Option<&mut (PathBuf, mpsc::Receiver<()>)>,
+) {
+    handoff::report(state_dir, &Outcome::Refused(error.to_string()));
+    if let Some((_, signals)) = reloads {
+        while signals.try_recv().is_ok() {}
+    }
+}
+
+/// The handoff to this agent's own binary, on the proxies' sockets, after
+/// a successor failed past the point of return: its pid and version.
+async fn fall_back(
+    state_dir: &std::path::Path,
+    proxies: &[proxy::Proxy],
+) -> Result<(u32, String), HandoffError> {
+    let listeners = proxies
+        .iter()
+        .map(|p| p.listener_fd().map(|fd| (p.listen(), fd)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(HandoffError::Listeners)?;
+    let mut own = Successor::start(OWN_BINARY.as_ref(), state_dir, listeners).await?;
+    match own.released().await {
+        Ok(()) => Ok((own.pid(), own.version.clone())),
+        Err(error) => Err(own.abort(error).await),
+    }
+}
+
+/// Refuses to start while releases of this node run from another state
+/// dir with no agent there (the agent moved, e.g. from a hand-run one to
+/// the unit): this one would not see them, and would leave them running
+/// unsupervised. Checked before a new state dir gets a node id.
+fn refuse_releases_left_elsewhere(
+    name: &str,
+    ca_fingerprint: &str,
+    state_dir: &std::path::Path,
+) -> Result<(), AgentError> {
+    let left = ownership::left_elsewhere(&ownership::identity(name, ca_fingerprint), state_dir);
+    let Some(first) = left.first() else {
+        return Ok(());
+    };
+    let elsewhere = first.owner.state_dir.display().to_string();
+    let pids: Vec<String> = left.iter().map(|g| g.process.pid.to_string()).collect();
+    Err(AgentError::Identity(format!(
+        "releases of node {name} run from state dir {elsewhere} (pids {}) with no agent there, not from this agent's state dir {}; start the agent on {elsewhere} to adopt them (`state_dir` in its config, or CUTOVER_AGENT_STATE_DIR, which the unit sets), or stop them first",
+        pids.join(", "),
+        state_dir.display(),
+    )))
 }
 
 fn message(kind: agent_message::Kind) -> AgentMessage {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cutover_agent::config::AgentConfig;
-use cutover_agent::Agent;
+use cutover_agent::{Agent, Startup};
 use cutover_common::telemetry::{self, LogFormat};
 
 /// The cutover agent: runs releases on this node for the coordinator.
@@ -46,20 +46,106 @@ enum Command {
         /// The node's name. Default: the host name.
         #[arg(long)]
         name: Option<String>,
-        /// Where the key, certificates, agent.toml and state go.
+        /// Where the key, certificates and agent.toml go.
         #[arg(long, default_value = "/etc/cutover")]
         out: PathBuf,
+        /// The agent's state dir, written to agent.toml: the unit's
+        /// (deploy/systemd/cutover-agent.service), so an agent run by hand
+        /// first and by systemd later keeps its node id and releases.
+        #[arg(long, default_value = "/var/lib/cutover-agent")]
+        state_dir: PathBuf,
+    },
+    /// Hand the running agent's node over to a new agent process, of a new
+    /// binary if given (installed where the running one was started from),
+    /// without a refused connection; waits for the outcome. The same as
+    /// `systemctl reload cutover-agent` after a package upgrade.
+    Upgrade {
+        /// The new cutover-agent binary.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// The running agent's state dir. Default: the config's.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// How long to wait for the handoff's outcome.
+        #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
     },
 }
 
-fn join(command: Command) -> ExitCode {
-    let Command::Join {
-        coordinator,
-        token,
-        ca_fingerprint,
-        name,
-        out,
-    } = command;
+fn upgrade(
+    config: &std::path::Path,
+    binary: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    wait: std::time::Duration,
+) -> ExitCode {
+    use cutover_agent::handoff::Outcome;
+    let state_dir = match state_dir {
+        Some(dir) => dir,
+        None => match AgentConfig::load(config) {
+            Ok(config) => config.state_dir,
+            Err(error) => {
+                eprintln!("error: {error}; or name the agent's state dir with --state-dir");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let upgraded = match cutover_agent::upgrade::upgrade(&state_dir, binary.as_deref(), wait) {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(installed) = &upgraded.installed {
+        println!(
+            "installed cutover-agent {} as {}",
+            installed.version,
+            installed.target.display()
+        );
+    }
+    let restored = if upgraded.restored {
+        "; the previous binary is back in place"
+    } else {
+        ""
+    };
+    match upgraded.outcome {
+        Outcome::TookOver { pid, version } => {
+            println!(
+                "agent {pid} (cutover-agent {version}) took over the node from agent {}",
+                upgraded.old_pid
+            );
+            ExitCode::SUCCESS
+        }
+        Outcome::FellBack { pid, version, why } => {
+            eprintln!(
+                "error: the new agent failed after the old one let go of the node ({why}); agent {pid} of the old binary (cutover-agent {version}) took over instead{restored}"
+            );
+            ExitCode::from(1)
+        }
+        Outcome::Refused(why) => {
+            eprintln!(
+                "error: the handoff was refused: {why}; agent {} serves on{restored}",
+                upgraded.old_pid
+            );
+            ExitCode::from(1)
+        }
+        Outcome::Failed(why) => {
+            eprintln!(
+                "error: no agent could take over: {why}; the service manager restarts the agent{restored}"
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn join(
+    coordinator: String,
+    token: String,
+    ca_fingerprint: String,
+    name: Option<String>,
+    out: PathBuf,
+    state_dir: PathBuf,
+) -> ExitCode {
     let name = name.or_else(sysinfo::System::host_name).unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -71,6 +157,7 @@ fn join(command: Command) -> ExitCode {
         &ca_fingerprint,
         &name,
         &out,
+        &state_dir,
     )) {
         Ok(joined) => {
             let labels: Vec<String> = joined
@@ -94,9 +181,24 @@ fn join(command: Command) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(command) = args.command {
-        cutover_common::tls::install_crypto_provider();
-        return join(command);
+    match args.command {
+        Some(Command::Join {
+            coordinator,
+            token,
+            ca_fingerprint,
+            name,
+            out,
+            state_dir,
+        }) => {
+            cutover_common::tls::install_crypto_provider();
+            return join(coordinator, token, ca_fingerprint, name, out, state_dir);
+        }
+        Some(Command::Upgrade {
+            binary,
+            state_dir,
+            wait,
+        }) => return upgrade(&args.config, binary, state_dir, wait),
+        None => {}
     }
     let config = match AgentConfig::load(&args.config) {
         Ok(config) => config,
@@ -107,6 +209,9 @@ fn main() -> ExitCode {
     };
     telemetry::init(args.log_format.unwrap_or(config.log_format), "info");
     cutover_common::tls::install_crypto_provider();
+    // Before the runtime's threads: it takes what it needs out of the
+    // environment.
+    let startup = Startup::from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -114,14 +219,21 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     runtime.block_on(async {
         let shutdown = cutover_common::shutdown::on_signals();
-        let agent = match Agent::new(config, shutdown).await {
+        let mut startup = startup;
+        startup.handle_reloads();
+        let agent = match Agent::new(config, shutdown, startup).await {
             Ok(agent) => agent,
             Err(error) => {
                 eprintln!("error: {}", cutover_common::error_chain(&error));
                 return ExitCode::from(2);
             }
         };
-        agent.run().await;
-        ExitCode::SUCCESS
+        match agent.run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {}", cutover_common::error_chain(&error));
+                ExitCode::from(1)
+            }
+        }
     })
 }

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::artifacts::{unpack, ArtifactCache, ArtifactError};
+use crate::listeners::Inherited;
+use crate::notify;
 use crate::proxy::headers::Network;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::release_spec::{container_spec, stop_signal as release_stop_signal};
@@ -31,6 +33,7 @@ use crate::store::{AgentStore, StoreError};
 use cutover_common::modes;
 
 mod activation;
+mod orphans;
 
 /// Node-wide settings for services, from the agent config.
 #[derive(Debug, Clone)]
@@ -49,6 +52,10 @@ pub struct NodeSettings {
     pub trusted_networks: Vec<Network>,
     /// Runs docker releases.
     pub docker: DockerEngine,
+    /// Listening sockets a previous agent left this one (see `listeners`).
+    pub inherited: Arc<Inherited>,
+    /// The labels of the release processes it starts.
+    pub owner: crate::runtime::ownership::Owner,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,44 +203,21 @@ impl NodeServices {
                     node.services.lock().await.insert(name, service);
                 }
                 Err(error) => {
+                    // Its socket, inherited or not, is closed: systemd must
+                    // not keep it, clients would wait on it for nothing.
+                    if let Some(listen) = record.listen {
+                        notify::forget_listener(listen);
+                    }
                     tracing::error!(service = %name, %error, "cannot bring the service back")
                 }
             }
         }
+        // A port whose service went away while no agent ran is free again.
+        node.settings.inherited.close_unclaimed();
         node.remove_orphan_containers().await;
+        node.stop_orphan_processes().await;
         node.prune().await;
         Ok(node)
-    }
-
-    /// Removes containers labelled as this node's that no service record
-    /// names: an agent killed between creating a container and recording it
-    /// left them, and nothing else would ever stop them.
-    async fn remove_orphan_containers(&self) {
-        let containers = match self.settings.docker.node_containers().await {
-            Ok(containers) => containers,
-            Err(DockerError::Unreachable { .. }) => return, // no docker here
-            Err(error) => {
-                tracing::warn!(%error, "cannot list this node's containers");
-                return;
-            }
-        };
-        let mut known = std::collections::HashSet::new();
-        for name in self.store.service_names().unwrap_or_default() {
-            if let Ok(Some(record)) = self.store.service(&name) {
-                known.extend(record.active.and_then(|a| a.instance));
-                known.extend(record.side.and_then(|s| s.instance));
-                known.extend(record.leftovers.into_iter().map(|l| l.instance));
-            }
-        }
-        for (id, release) in containers {
-            let instance = crate::runtime::InstanceId::Container {
-                container: id.clone(),
-            };
-            if !known.contains(&instance) {
-                tracing::warn!(%release, container = %crate::runtime::docker::short(&id), "removing a container no service records");
-                self.settings.docker.remove(&id).await;
-            }
-        }
     }
 
     /// Brings up a service: its proxy on `listen` (none for a worker) and
@@ -243,13 +227,20 @@ impl NodeServices {
             Some(listen) => {
                 let mut config = ProxyConfig::new(name, listen);
                 config.trusted_networks = self.settings.trusted_networks.clone();
-                let proxy = Proxy::bind(config, self.shutdown.clone())
+                let inherited = self.settings.inherited.take(listen);
+                let proxy = Proxy::bind_or_inherit(config, self.shutdown.clone(), inherited)
                     .await
                     .map_err(|e| ServiceError::Bind {
                         service: name.to_string(),
                         listen,
                         reason: e.to_string(),
                     })?;
+                match proxy.listener_fd() {
+                    Ok(fd) => notify::store_listener(listen, &fd),
+                    Err(error) => {
+                        tracing::warn!(service = %name, %error, "cannot copy the listening socket")
+                    }
+                }
                 ServiceKind::Web(proxy)
             }
             None => ServiceKind::Worker,
@@ -262,8 +253,16 @@ impl NodeServices {
             log_max_bytes: self.settings.log_max_bytes,
             log_keep: self.settings.log_keep,
             docker: self.settings.docker.clone(),
+            owner: self.settings.owner.clone(),
         };
-        Ok(Service::recover(settings, kind, self.store.clone()).await?)
+        let service = Service::recover(settings, kind, self.store.clone()).await?;
+        // Clients that waited in the backlog of an inherited socket meet
+        // the release the service serves, not a 502 of a proxy without
+        // routes.
+        if let Some(proxy) = service.proxy() {
+            proxy.start_accepting();
+        }
+        Ok(service)
     }
 
     fn remember(&self, service: &Service) {
@@ -511,7 +510,10 @@ impl NodeServices {
             tracing::error!(service = %name, %error, "cannot forget the service");
         }
         if let Ok(service) = Arc::try_unwrap(service) {
-            service.into_inner().release().await;
+            if let Some(proxy) = service.into_inner().release().await {
+                notify::forget_listener(proxy.listen());
+                proxy.close().await;
+            }
         }
     }
 
@@ -647,21 +649,57 @@ impl NodeServices {
             .collect()
     }
 
-    /// Agent shutdown: leaves every release running for the next agent.
-    /// Closes every service's proxy on the agent's way out, leaving the
-    /// releases running for the next agent to adopt, or, with `stop`,
-    /// draining and stopping them first.
-    pub async fn shut_down(&self, stop: bool) {
+    /// Agent shutdown: stops supervising every release, leaving it running
+    /// for the next agent to adopt, or, with `stop`, draining and stopping
+    /// it first. Returns the proxies, still accepting, for the caller to
+    /// close or hand off.
+    pub async fn shut_down(&self, stop: bool) -> Vec<Proxy> {
         let services = std::mem::take(&mut *self.services.lock().await);
+        let mut proxies = Vec::new();
         for (name, service) in services {
-            if let Ok(service) = Arc::try_unwrap(service) {
-                let mut service = service.into_inner();
-                if stop && service.stop().await.is_some() {
-                    tracing::info!(service = %name, "stopped the service on shutdown");
+            // A retirer or a heartbeat may hold it for a moment.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&service) > 1 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            match Arc::try_unwrap(service) {
+                Ok(service) => {
+                    let mut service = service.into_inner();
+                    if stop && service.stop().await.is_some() {
+                        tracing::info!(service = %name, "stopped the service on shutdown");
+                    }
+                    proxies.extend(service.release().await);
                 }
-                service.release().await;
+                // Its proxy ends with the agent's shutdown signal.
+                Err(_) => {
+                    tracing::warn!(service = %name, "a command still holds the service on shutdown")
+                }
             }
         }
+        proxies
+    }
+
+    /// The addresses the proxies listen on, sorted.
+    pub async fn listen_addresses(&self) -> Vec<SocketAddr> {
+        let services: Vec<_> = self.services.lock().await.values().cloned().collect();
+        let mut addresses = Vec::new();
+        for service in services {
+            addresses.extend(service.lock().await.proxy().map(Proxy::listen));
+        }
+        addresses.sort();
+        addresses
+    }
+
+    /// Copies of the proxies' listening sockets, for a successor agent.
+    pub async fn listener_fds(&self) -> std::io::Result<Vec<(SocketAddr, std::os::fd::OwnedFd)>> {
+        let services: Vec<_> = self.services.lock().await.values().cloned().collect();
+        let mut fds = Vec::new();
+        for service in services {
+            if let Some(proxy) = service.lock().await.proxy() {
+                fds.push((proxy.listen(), proxy.listener_fd()?));
+            }
+        }
+        Ok(fds)
     }
 }
 

@@ -101,7 +101,9 @@ impl Fixture {
             placeholder(&self.root, &self.store).await,
         );
         shutdown.cancel();
-        old.release().await;
+        if let Some(proxy) = old.release().await {
+            proxy.close().await;
+        }
         before_recovery();
         let proxy = Proxy::bind(ProxyConfig::new("web", listen), self.shutdown.clone())
             .await

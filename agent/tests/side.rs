@@ -161,7 +161,9 @@ impl Fixture {
         let Ok(old) = Arc::try_unwrap(old) else {
             panic!("the service is shared elsewhere");
         };
-        old.into_inner().release().await;
+        if let Some(proxy) = old.into_inner().release().await {
+            proxy.close().await;
+        }
         let proxy = Proxy::bind(ProxyConfig::new("web", listen), self.shutdown.clone())
             .await
             .unwrap();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use cutover_agent::artifacts::{cache_file_name, Digest};
 use cutover_agent::runtime::docker::DockerEngine;
+use cutover_agent::runtime::ownership::Owner;
 use cutover_agent::services::{NodeServices, NodeSettings};
 use cutover_agent::state::{self, Journal};
 use cutover_common::modes::{mode_of, PRIVATE_DIR, PRIVATE_FILE};
@@ -29,7 +30,20 @@ fn settings(state_dir: &Path, sources: &Path, releases_keep: usize) -> NodeSetti
         log_keep: 2,
         releases_keep,
         trusted_networks: Vec::new(),
-        docker: DockerEngine::new("unix:///var/run/docker.sock", "test", "test-id", Vec::new()),
+        inherited: Default::default(),
+        owner: Owner::new(
+            &state_dir.display().to_string(),
+            "test",
+            "sha256:test",
+            state_dir,
+        ),
+        // A node id of its own (see `a_release_process_no_record_names_...`).
+        docker: DockerEngine::new(
+            "unix:///var/run/docker.sock",
+            "test",
+            &state_dir.display().to_string(),
+            Vec::new(),
+        ),
     }
 }
 
@@ -246,4 +260,38 @@ async fn pruning_keeps_the_last_releases_and_what_a_rollout_still_needs() {
         .unwrap();
     assert_eq!(response.status(), 200, "v8 still serves, from its dir");
     services.shut_down(true).await;
+}
+
+/// An agent killed between starting a release and recording it left the
+/// process running, labelled as this node's: the next agent stops it. A
+/// release process of another node (another agent's state dir on this
+/// host) and a process without the label are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_process_no_record_names_is_stopped_at_start() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |label: Option<&str>| {
+        let mut command = std::process::Command::new("sleep");
+        command.arg("300").process_group(0);
+        if let Some(node) = label {
+            command.env(cutover_agent::runtime::ownership::NODE_LABEL, node);
+        }
+        command.spawn().unwrap()
+    };
+    let state = dir.path().join("state");
+    let mut orphan = start(Some(&state.display().to_string()));
+    let mut other_node = start(Some("another-node"));
+    let mut unlabelled = start(None);
+    let services = NodeServices::open(settings(&state, dir.path(), 5), CancellationToken::new())
+        .await
+        .unwrap();
+    let exited = orphan.try_wait().unwrap();
+    assert!(exited.is_some(), "the orphan still runs");
+    assert!(other_node.try_wait().unwrap().is_none());
+    assert!(unlabelled.try_wait().unwrap().is_none());
+    for mut child in [other_node, unlabelled] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    drop(services);
 }

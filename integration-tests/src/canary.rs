@@ -325,11 +325,11 @@ impl Shoppers {
     }
 
     /// Shoppers sending to `targets` (a node's proxy, a load balancer),
-    /// one thread each in turn.
+    /// one thread each in turn, at least 4 threads and one per target.
     pub fn at(targets: &[String]) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let threads = (0..4)
+        let threads = (0..targets.len().max(4))
             .map(|t| {
                 let stop = stop.clone();
                 let node = targets[t % targets.len()].clone();

@@ -13,6 +13,7 @@ pub mod load;
 pub mod netns;
 pub mod pg;
 pub mod pgbackrest;
+pub mod systemd;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -198,8 +199,25 @@ impl AgentProcess {
     /// running, as they would on a real node.
     pub fn kill(mut self) {
         self.reap_releases = false;
+        self.kill_agents();
+    }
+
+    /// The pid of the agent that runs the node now: the one started, or
+    /// the one it handed over to (`agent.pid` in the state dir).
+    pub fn pid(&self) -> i32 {
+        std::fs::read_to_string(self.state_dir.join(cutover_agent::PID_FILE))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(self.child.id() as i32)
+    }
+
+    fn kill_agents(&mut self) {
+        let current = self.pid();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if current != self.child.id() as i32 {
+            sigkill(current);
+        }
     }
 
     pub fn release_pids(&self) -> Vec<u32> {
@@ -255,8 +273,7 @@ pub fn release_processes(root: &Path) -> std::collections::BTreeMap<String, Vec<
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill_agents();
         if !self.reap_releases {
             return;
         }
@@ -384,6 +401,54 @@ impl Cluster {
     /// The same, inside `host`'s network namespace when given: it dials the
     /// coordinator through the host's link and serves on the host's address.
     pub fn spawn_agent_binary_on(&self, name: &str, host: Option<&netns::NetHost>) -> AgentProcess {
+        let (path, state_dir) = self.agent_config_file(name, host);
+        let mut command = match host {
+            Some(host) => host.command(&bin("cutover-agent")),
+            None => std::process::Command::new(bin("cutover-agent")),
+        };
+        command.arg("--config").arg(&path);
+        self.start_agent_process(name, &mut command, state_dir)
+    }
+
+    /// Runs `command`, an agent for node `name` however started, with its
+    /// output appended to the node's log.
+    pub fn start_agent_process(
+        &self,
+        name: &str,
+        command: &mut std::process::Command,
+        state_dir: PathBuf,
+    ) -> AgentProcess {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_root.path().join(format!("{name}.log")))
+            .expect("agent log");
+        let child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start cutover-agent");
+        AgentProcess {
+            child,
+            state_dir,
+            reap_releases: true,
+        }
+    }
+
+    /// The node's agent log so far.
+    pub fn agent_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.state_root.path().join(format!("{name}.log")))
+            .unwrap_or_default()
+    }
+
+    /// Writes node `name`'s agent config file (to run inside `host` when
+    /// given); its path, and the agent's state dir.
+    pub fn agent_config_file(
+        &self,
+        name: &str,
+        host: Option<&netns::NetHost>,
+    ) -> (PathBuf, PathBuf) {
         let config = self.agent_config(name);
         let path = self.state_root.path().join(format!("{name}.toml"));
         let (coordinator, address, server_name) = match host {
@@ -414,25 +479,7 @@ impl Cluster {
             config.tls.key.display().to_string(),
         );
         std::fs::write(&path, text).expect("agent config");
-        let log = std::fs::File::create(self.state_root.path().join(format!("{name}.log")))
-            .expect("agent log");
-        let mut command = match host {
-            Some(host) => host.command(&bin("cutover-agent")),
-            None => std::process::Command::new(bin("cutover-agent")),
-        };
-        let child = command
-            .arg("--config")
-            .arg(&path)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start cutover-agent");
-        AgentProcess {
-            child,
-            state_dir: config.state_dir,
-            reap_releases: true,
-        }
+        (path, config.state_dir)
     }
 
     /// Sends `command` to `node` through the coordinator and waits for its
@@ -618,11 +665,17 @@ pub async fn spawn_agent(config: AgentConfig) -> TestAgent {
     let name = config.name.clone().expect("test agents are named");
     let state_dir = config.state_dir.clone();
     let shutdown = CancellationToken::new();
-    let agent = Agent::new(config, shutdown.clone())
+    let agent = Agent::new(config, shutdown.clone(), Default::default())
         .await
         .expect("agent config is valid");
     let node_id = agent.node_id().to_string();
-    let task = tokio::spawn(agent.run());
+    // No handoffs in process (`Startup::binary` is unset): it never fails.
+    let task = tokio::spawn(async move {
+        agent
+            .run()
+            .await
+            .expect("an agent without handoffs ends cleanly")
+    });
     TestAgent {
         name,
         node_id,

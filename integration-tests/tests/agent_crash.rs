@@ -89,10 +89,10 @@ async fn a_killed_agent_comes_back_to_one_serving_release_without_orphans() {
     let waiting = pending.wait(Duration::from_secs(60), |_| {});
     let (outcome, _) = tokio::join!(waiting, async {
         wait_for_releases(&state_dir, 2).await;
-        // Into v2's health check (60 s): past the moment its process is
-        // spawned and not yet recorded as a leftover. A kill inside that
-        // moment orphans the process (the agent records it right after
-        // the spawn); that window is issue 18's "never orphans" work.
+        // Into v2's health check (60 s), where it is recorded as a
+        // leftover. A kill in the moment between its spawn and that record
+        // leaves it unrecorded; the restarted agent finds it by its label
+        // (agent/tests/state_dir.rs covers that moment).
         tokio::time::sleep(Duration::from_millis(500)).await;
         agent.kill();
     });

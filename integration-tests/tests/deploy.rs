@@ -147,6 +147,20 @@ fn systemd_units_verify_and_stay_hardened() {
         ] {
             assert!(text.contains(directive), "{unit} lacks {directive}");
         }
+        // What the agent's handoff and crash restarts rely on (see
+        // agent_handoff.rs, which plays systemd's side of them).
+        if unit == "cutover-agent.service" {
+            for directive in [
+                "Type=notify",
+                "WatchdogSec=",
+                "FileDescriptorStoreMax=",
+                "ExecReload=/usr/local/bin/cutover-agent --config /etc/cutover/agent.toml upgrade",
+                "TimeoutStartSec=",
+                "KillMode=process",
+            ] {
+                assert!(text.contains(directive), "{unit} lacks {directive}");
+            }
+        }
 
         let security = Command::new("systemd-analyze")
             .args([

@@ -20,6 +20,8 @@ fn join(
         .args(["join", "--coordinator", &cluster.url(), "--token", token])
         .args(["--ca-fingerprint", fingerprint, "--name", name, "--out"])
         .arg(out)
+        .arg("--state-dir")
+        .arg(out.join("state"))
         .output()
         .expect("run cutover-agent join");
     (

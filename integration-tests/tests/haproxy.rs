@@ -72,7 +72,7 @@ fn haproxy_drains_each_node_for_its_cutover_and_splits_a_canary_across_four_node
             }
         })
     };
-    let shoppers = Shoppers::at(&[haproxy.frontend.clone()]);
+    let shoppers = Shoppers::at(std::slice::from_ref(&haproxy.frontend));
     succeeded(&deploy("v2", rolling));
     let answers = shoppers.finish();
     watching.store(false, Ordering::Relaxed);

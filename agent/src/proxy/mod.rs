@@ -9,6 +9,7 @@
 //! one. Draining the old release is waiting for its guards to drop, bounded by
 //! the drain timeout, after which its remaining tunnels are closed.
 
+mod accept;
 pub mod cohort;
 pub mod headers;
 pub mod routes;
@@ -18,6 +19,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,7 +34,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -40,6 +41,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use self::accept::{accept_loop, Gates};
 use self::cohort::Cohorts;
 use self::headers::{
     add_forwarding, default_trusted_networks, is_upgrade, strip_hop_by_hop, Network, X_REQUEST_ID,
@@ -149,13 +151,27 @@ struct Shared {
     /// Stats by release, kept across switches so a release switched back to
     /// continues its counts.
     stats: Mutex<HashMap<String, Arc<ReleaseStats>>>,
+    /// Handing over to another agent: every response closes its
+    /// connection, so each client's next request opens one to the
+    /// successor, which accepts on the same socket.
+    closing: AtomicBool,
 }
 
 pub struct Proxy {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    /// The listening socket, held by the accept loop alone (it ends with
+    /// it, freeing the port): a copy of it is what a successor agent
+    /// accepts on.
+    listener: std::sync::Weak<TcpListener>,
     /// A child of the caller's shutdown token: `close` ends this proxy alone.
     shutdown: CancellationToken,
+    /// Ends the open client connections (gracefully): when the accept loop
+    /// ends, or, handing off, once they had time to go on their own.
+    connections: CancellationToken,
+    /// Opened by `start_accepting`: until then connections wait in the
+    /// socket's backlog (a restarted agent puts its routes back first).
+    accepting: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -163,8 +179,30 @@ impl Proxy {
     /// Binds the public port and starts serving (502 until a release is
     /// switched in). Stops accepting when `shutdown` fires.
     pub async fn bind(config: ProxyConfig, shutdown: CancellationToken) -> std::io::Result<Self> {
+        let proxy = Self::bind_or_inherit(config, shutdown, None).await?;
+        proxy.start_accepting();
+        Ok(proxy)
+    }
+
+    /// Listens on the public port, on `inherited` when given (a listening
+    /// socket of that address an agent before this one bound), without
+    /// accepting until `start_accepting`.
+    pub async fn bind_or_inherit(
+        config: ProxyConfig,
+        shutdown: CancellationToken,
+        inherited: Option<std::net::TcpListener>,
+    ) -> std::io::Result<Self> {
         let shutdown = shutdown.child_token();
-        let listener = TcpListener::bind(config.listen).await?;
+        let connections = CancellationToken::new();
+        let accepting = CancellationToken::new();
+        let listener = match inherited {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)?
+            }
+            None => TcpListener::bind(config.listen).await?,
+        };
+        let listener = Arc::new(listener);
         let local_addr = listener.local_addr()?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
@@ -180,18 +218,54 @@ impl Proxy {
             admitted: AtomicBool::new(true),
             client,
             stats: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
         });
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
+        let weak = Arc::downgrade(&listener);
+        let task = tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            Gates {
+                accepting: accepting.clone(),
+                shutdown: shutdown.clone(),
+                connections: connections.clone(),
+            },
+        ));
         Ok(Self {
             shared,
             local_addr,
+            listener: weak,
             shutdown,
+            connections,
+            accepting,
             task,
         })
     }
 
+    /// Accepts connections from now on.
+    pub fn start_accepting(&self) {
+        self.accepting.cancel();
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address the service asked for (`local_addr` differs for port 0).
+    pub fn listen(&self) -> SocketAddr {
+        self.shared.config.listen
+    }
+
+    /// A copy of the listening socket, for an agent that takes over from
+    /// this one or for systemd to keep across a crash.
+    pub fn listener_fd(&self) -> std::io::Result<OwnedFd> {
+        let listener = self.listener.upgrade().ok_or_else(|| {
+            std::io::Error::other(format!(
+                "the proxy of {} no longer listens",
+                self.shared.config.service
+            ))
+        })?;
+        let fd = listener.as_fd().try_clone_to_owned()?;
+        Ok(fd)
     }
 
     /// Sends every new request to `release` at `addr` (or to nobody), at once:
@@ -324,7 +398,25 @@ impl Proxy {
 
     /// Stops this proxy: the port is released at once, open connections
     /// drain within the shutdown grace, then this returns.
-    pub async fn close(mut self) {
+    pub async fn close(self) {
+        self.stop().await;
+    }
+
+    /// Stops accepting (the agent that took over accepts on the same
+    /// socket) and lets open connections go on their own: each response
+    /// from now on closes its connection. Those still open after `linger`
+    /// (idle keep-alive ones) are closed as by `close`.
+    pub async fn hand_off(self, linger: Duration) {
+        self.shared.closing.store(true, Ordering::Release);
+        let connections = self.connections.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            connections.cancel();
+        });
+        self.stop().await;
+    }
+
+    async fn stop(mut self) {
         self.shutdown.cancel();
         let _ = (&mut self.task).await;
     }
@@ -335,59 +427,6 @@ impl Drop for Proxy {
     /// taken otherwise); `close` is the way to also wait for that.
     fn drop(&mut self) {
         self.shutdown.cancel();
-    }
-}
-
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let grace = shared.config.shutdown_grace;
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(error) => {
-                tracing::warn!(%error, "proxy accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Reap finished connections so the set stays as large as what is open.
-        while connections.try_join_next().is_some() {}
-        let _ = tcp.set_nodelay(true);
-        let header_timeout = shared.config.header_timeout;
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |request| handle(shared.clone(), request, peer));
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        });
-    }
-    // The port is free for a successor at once; open connections drain.
-    drop(listener);
-    // Bounded: a client that keeps a connection busy cannot hold shutdown.
-    let drained = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(service = %shared.config.service, open = connections.len(), "proxy connections still open after the shutdown grace, closing them");
-        connections.abort_all();
     }
 }
 

@@ -10,6 +10,7 @@ pub mod job;
 pub mod log_index;
 pub mod logs;
 pub mod memory;
+pub mod ownership;
 pub mod process;
 pub mod supervisor;
 

@@ -38,7 +38,7 @@ pub struct ProcessId {
 }
 
 impl ProcessId {
-    pub(super) fn of(pid: u32) -> Option<Self> {
+    pub(crate) fn of(pid: u32) -> Option<Self> {
         let start_time = stat_field(pid, 22)?.parse().ok()?;
         Some(Self { pid, start_time })
     }
@@ -51,7 +51,7 @@ impl ProcessId {
 }
 
 /// Field `n` (1-based, as in proc(5)) of /proc/<pid>/stat.
-fn stat_field(pid: u32, n: usize) -> Option<String> {
+pub(crate) fn stat_field(pid: u32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields after it are
     // separated cleanly.
@@ -198,7 +198,10 @@ impl Instance for ProcessGroup {
             };
             // Beside the release's own output, in its log files.
             let output = |file: &str| open_append(&spec.log_dir.join(file));
-            let env = spec.environment().unwrap_or_else(|_| spec.env.clone());
+            // Not labelled as a release: it runs beside one, and a
+            // restarted agent must not take it for an orphan.
+            let mut env = spec.environment().unwrap_or_else(|_| spec.env.clone());
+            env.retain(|(key, _)| !super::ownership::Owner::is_label(key));
             let command = match (output(STDOUT), output(STDERR)) {
                 (Ok(stdout), Ok(stderr)) => release_command(program, args, &spec.workdir, &env)
                     .stdout(stdout)

@@ -90,6 +90,8 @@ pub struct ServiceSettings {
     pub log_keep: u32,
     /// Runs docker releases (and finds their leftovers).
     pub docker: DockerEngine,
+    /// The labels of the release processes it starts.
+    pub owner: crate::runtime::ownership::Owner,
 }
 
 /// What a service's releases serve through.
@@ -424,6 +426,17 @@ impl Service {
             .collect()
     }
 
+    /// What its supervisors run now (the active and the side release),
+    /// also before the store records it.
+    pub fn instances(&self) -> Vec<crate::runtime::InstanceId> {
+        let side = self.side.as_ref().map(|side| &side.running);
+        self.active
+            .iter()
+            .chain(side)
+            .filter_map(|running| running.supervisor.status().instance)
+            .collect()
+    }
+
     /// The service's proxy; `None` for a worker.
     pub fn proxy(&self) -> Option<&Proxy> {
         self.kind.proxy()
@@ -565,14 +578,17 @@ impl Service {
     }
 
     /// Leaves the release running and stops supervising it, for the next
-    /// agent to adopt: an agent shutdown keeps the node serving.
-    pub async fn release(self) {
+    /// agent to adopt: an agent shutdown keeps the node serving. Returns
+    /// the proxy, still accepting, for the caller to close or hand off.
+    #[must_use = "the proxy listens until it is closed or handed off"]
+    pub async fn release(self) -> Option<Proxy> {
         let side = self.side.map(|side| side.running);
         for running in self.active.into_iter().chain(side) {
             running.supervisor.release().await;
         }
-        if let ServiceKind::Web(proxy) = self.kind {
-            proxy.close().await;
+        match self.kind {
+            ServiceKind::Web(proxy) => Some(proxy),
+            ServiceKind::Worker => None,
         }
     }
 

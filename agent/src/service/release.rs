@@ -93,11 +93,17 @@ pub(super) fn process_spec(
     release: &WebRelease,
     port: u16,
 ) -> ProcessSpec {
+    let mut env = release_env(settings, release, port);
+    // A process on this host, which a restarted agent must find (a
+    // container is found by its labels instead).
+    if release.container.is_none() {
+        env.extend(settings.owner.labels());
+    }
     ProcessSpec {
         name: release.release_id.clone(),
         command: release.command.clone(),
         workdir: release.workdir.clone(),
-        env: release_env(settings, release, port),
+        env,
         stop_signal: release.stop_signal,
         stop_grace: release.stop_grace,
         stop_command: release.stop_command.clone(),

@@ -85,7 +85,21 @@ pub fn settings(root: &Path) -> ServiceSettings {
         log_root: root.join("logs"),
         log_max_bytes: 1 << 20,
         log_keep: 2,
-        docker: DockerEngine::new("unix:///var/run/docker.sock", "test", "test-id", Vec::new()),
+        // A node id of its own: a restarted agent stops release processes
+        // labelled with its node id that it has no record of, and tests
+        // run side by side.
+        docker: DockerEngine::new(
+            "unix:///var/run/docker.sock",
+            "test",
+            &root.display().to_string(),
+            Vec::new(),
+        ),
+        owner: cutover_agent::runtime::ownership::Owner::new(
+            &root.display().to_string(),
+            "test",
+            "sha256:test",
+            root,
+        ),
     }
 }
 
