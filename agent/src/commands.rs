@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cutover_common::release::ReleaseSpec;
 use cutover_proto::v1::{
@@ -15,6 +16,7 @@ use cutover_proto::v1::{
 };
 use tokio::sync::mpsc;
 
+use crate::fleet_upgrade::{binary_output, Upgrades};
 use crate::renewal::Renewer;
 use crate::service::{split_from_proto, KeepPrevious};
 use crate::services::{NodeServices, ServiceError};
@@ -36,6 +38,7 @@ pub const CAPABILITIES: &[&str] = &[
     "command.run_recovery",
     "command.stage_release",
     "command.set_traffic",
+    "command.upgrade_agent",
     "runtime.process",
     "proxy.http",
 ];
@@ -49,6 +52,7 @@ pub struct Executor {
     services: Arc<NodeServices>,
     outbox: Outbox,
     renewer: Arc<Renewer>,
+    upgrades: Arc<Upgrades>,
 }
 
 impl Executor {
@@ -57,6 +61,7 @@ impl Executor {
         services: Arc<NodeServices>,
         outbox: Outbox,
         renewer: Arc<Renewer>,
+        upgrades: Arc<Upgrades>,
     ) -> Self {
         Self {
             journal: Mutex::new(journal),
@@ -64,6 +69,7 @@ impl Executor {
             services,
             outbox,
             renewer,
+            upgrades,
         }
     }
 
@@ -248,6 +254,23 @@ impl Executor {
             },
             Some(command::Kind::ReadLogs(read)) => return self.read_logs(command_id, read).await,
             Some(command::Kind::RunRecovery(run)) => self.run_recovery(&command_id, &run).await,
+            Some(command::Kind::PrepareAgent(prepare)) => match prepare.artifact.as_ref() {
+                Some(artifact) => self
+                    .upgrades
+                    .prepare(&self.services, artifact, &progress)
+                    .await
+                    .map(|installed| Some(binary_output(&installed))),
+                None => Err("prepare_agent names no artifact".into()),
+            },
+            Some(command::Kind::UpgradeAgent(upgrade)) => self
+                .upgrades
+                .upgrade(&upgrade.digest, Duration::from_millis(upgrade.probation_ms))
+                .await
+                .map(|_| None),
+            Some(command::Kind::CommitAgent(commit)) => self
+                .upgrades
+                .commit(&commit.digest)
+                .map(|installed| Some(binary_output(&installed))),
             Some(command::Kind::ReportState(_)) => {
                 Ok(Some(command_result::Output::NodeState(NodeState {
                     services: self.services.state(),
@@ -478,6 +501,13 @@ mod tests {
             Arc::new(services),
             Arc::new(Mutex::new(None)),
             Arc::new(renewer),
+            crate::fleet_upgrade::Upgrades::new(
+                dir.join("state"),
+                None,
+                &crate::binaries::Start::Plain {
+                    build: String::new(),
+                },
+            ),
         )
     }
 

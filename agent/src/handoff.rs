@@ -23,6 +23,7 @@
 //! there, the predecessor's own binary (`/proc/self/exe`, the version that
 //! ran) takes over the same way.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -51,6 +52,52 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(180);
 const SERVE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The binary that ran this process, also when its file was replaced.
 pub const OWN_BINARY: &str = "/proc/self/exe";
+
+/// What a handoff starts: a binary, under which command line, and
+/// whether on probation (a fleet upgrade, see `binaries`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub binary: PathBuf,
+    /// `argv[0]` first.
+    pub argv: Vec<OsString>,
+    pub probation: bool,
+}
+
+impl Launch {
+    /// `binary` under this process's command line.
+    pub fn this_command_line(binary: &Path) -> Self {
+        Self {
+            binary: binary.to_path_buf(),
+            argv: std::env::args_os().collect(),
+            probation: false,
+        }
+    }
+}
+
+/// Why a handoff is asked for: a plain one is refused while the agent is
+/// on probation (only its way back may start then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Reload,
+    Upgrade,
+    Revert,
+}
+
+/// A handoff asked of the running agent, and where to say whether the new
+/// agent can run (its version) or why the handoff was refused.
+pub struct Request {
+    pub launch: Launch,
+    pub reason: Reason,
+    pub reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+}
+
+impl Request {
+    pub fn answer(self, answer: Result<String, String>) {
+        if let Some(reply) = self.reply {
+            let _ = reply.send(answer);
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
@@ -201,10 +248,10 @@ pub struct Successor {
 }
 
 impl Successor {
-    /// Starts `binary` (with this process's arguments) on copies of
-    /// `listeners`, and waits until it says it can run (`prepared`).
+    /// Starts `launch` on copies of `listeners`, and waits until it says
+    /// it can run (`prepared`).
     pub async fn start(
-        binary: &Path,
+        launch: &Launch,
         state_dir: &Path,
         listeners: Vec<(SocketAddr, OwnedFd)>,
     ) -> Result<Self, HandoffError> {
@@ -230,12 +277,16 @@ impl Successor {
                 child_fd: 3 + i as i32,
             })
             .collect();
+        let binary = launch.binary.as_path();
         let mut command = tokio::process::Command::new(binary);
-        if let Some(name) = std::env::args_os().next() {
+        if let Some(name) = launch.argv.first() {
             command.arg0(name);
         }
+        if launch.probation {
+            command.env(crate::binaries::PROBATION_ENV, "1");
+        }
         command
-            .args(std::env::args_os().skip(1))
+            .args(launch.argv.iter().skip(1))
             .env(HANDOFF_ENV, &path)
             .env("LISTEN_FDS", names.len().to_string())
             .env("LISTEN_FDNAMES", names.join(":"))
@@ -493,9 +544,9 @@ pub fn report(state_dir: &Path, outcome: &Outcome) {
     }
 }
 
-/// SIGHUP, as a stream of requests to hand over.
-pub fn on_reload_signal() -> tokio::sync::mpsc::Receiver<()> {
-    let (requests, received) = tokio::sync::mpsc::channel(1);
+/// SIGHUP, as requests to hand over to `binary` (the path this agent was
+/// started from, where a package upgrade puts the new one).
+pub fn on_reload_signal(binary: PathBuf, requests: tokio::sync::mpsc::Sender<Request>) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hangups) = signal(SignalKind::hangup()) else {
@@ -504,10 +555,13 @@ pub fn on_reload_signal() -> tokio::sync::mpsc::Receiver<()> {
         };
         while hangups.recv().await.is_some() {
             tracing::info!(signal = "SIGHUP", "handing over to a new agent process");
-            // One waits at most; the agent drops it after a refused
-            // handoff (a SIGHUP during a handoff is that handoff).
-            let _ = requests.try_send(());
+            // The agent drops those waiting after a refused handoff (a
+            // SIGHUP during a handoff is that handoff).
+            let _ = requests.try_send(Request {
+                launch: Launch::this_command_line(&binary),
+                reason: Reason::Reload,
+                reply: None,
+            });
         }
     });
-    received
 }

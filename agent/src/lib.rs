@@ -3,11 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod artifacts;
+pub mod binaries;
 pub mod checks;
 pub mod commands;
 pub mod config;
 pub mod enroll;
 pub mod figures;
+pub mod fleet_upgrade;
 pub mod handoff;
 pub mod listeners;
 pub mod notify;
@@ -45,7 +47,10 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{Executor, Outbox, CAPABILITIES};
 use crate::config::AgentConfig;
 use crate::figures::Sampler;
-use crate::handoff::{HandoffError, Outcome, Predecessor, Successor, OWN_BINARY};
+use crate::fleet_upgrade::Upgrades;
+use crate::handoff::{
+    HandoffError, Launch, Outcome, Predecessor, Reason, Request, Successor, OWN_BINARY,
+};
 use crate::listeners::Inherited;
 use crate::runtime::docker::DockerEngine;
 use crate::runtime::ownership::{self, Owner};
@@ -85,35 +90,55 @@ pub enum AgentError {
 }
 
 /// What an agent takes from the process that started it.
-#[derive(Default)]
 pub struct Startup {
     /// Listening sockets from systemd's store or the agent before.
     pub inherited: Arc<Inherited>,
     /// The running agent's handoff socket, when this one takes over.
     pub predecessor: Option<PathBuf>,
-    /// Handoffs: the binary a SIGHUP starts to take over from this agent
-    /// (its path at start-up, where an upgrade puts the new one), and the
-    /// SIGHUPs, received from before start-up on (a reload right after a
-    /// start waits for it). `None`: SIGHUP is not handled (an agent inside
-    /// another program, as in tests).
-    pub reloads: Option<(PathBuf, mpsc::Receiver<()>)>,
+    /// Requests to hand over: SIGHUP's (to the binary at this agent's
+    /// path at start-up, where a package upgrade puts the new one) from
+    /// before start-up on (a reload right after a start waits for it), and
+    /// fleet upgrades'. `None`: no handoffs (an agent inside another
+    /// program, as in tests).
+    pub handoffs: Option<(mpsc::Sender<Request>, mpsc::Receiver<Request>)>,
+    /// What this process is to a fleet upgrade (see `binaries`).
+    pub start: binaries::Start,
+}
+
+impl Default for Startup {
+    fn default() -> Self {
+        Self {
+            inherited: Default::default(),
+            predecessor: None,
+            handoffs: None,
+            start: binaries::Start::Plain {
+                build: String::new(),
+            },
+        }
+    }
 }
 
 impl Startup {
     /// From the environment (removing what releases must not see), for the
     /// `cutover-agent` binary. Must run before other threads start.
-    pub fn from_env() -> Self {
+    pub fn from_env(start: binaries::Start) -> Self {
+        binaries::clear_env();
         Self {
             inherited: Arc::new(Inherited::from_env()),
             predecessor: Predecessor::from_env(),
-            reloads: None,
+            handoffs: None,
+            start,
         }
     }
 
     /// Handles SIGHUP from now on (in a tokio runtime).
     pub fn handle_reloads(&mut self) {
         match handoff::binary_path("self") {
-            Ok(binary) => self.reloads = Some((binary, handoff::on_reload_signal())),
+            Ok(binary) => {
+                let (requests, received) = mpsc::channel(4);
+                handoff::on_reload_signal(binary, requests.clone());
+                self.handoffs = Some((requests, received));
+            }
             Err(error) => {
                 tracing::error!(%error, "cannot tell where this agent's binary is; SIGHUP will not hand over")
             }
@@ -165,7 +190,8 @@ pub struct Agent {
     outbox: Outbox,
     sampler: Sampler,
     shutdown: CancellationToken,
-    reloads: Option<(PathBuf, mpsc::Receiver<()>)>,
+    handoffs: Option<mpsc::Receiver<Request>>,
+    upgrades: Arc<Upgrades>,
 }
 
 impl Agent {
@@ -283,11 +309,14 @@ impl Agent {
         .map_err(|e| AgentError::Config(format!("cannot write {}: {e}", pid_file.display())))?;
         let outbox: Outbox = Arc::new(std::sync::Mutex::new(None));
         let renewer = Arc::new(renewal::Renewer::new(config.tls.clone(), identity));
+        let (requests, handoffs) = startup.handoffs.unzip();
+        let upgrades = Upgrades::new(config.state_dir.clone(), requests, &startup.start);
         let executor = Arc::new(Executor::new(
             journal,
             Arc::new(services),
             outbox.clone(),
             renewer.clone(),
+            upgrades.clone(),
         ));
         let sampler = Sampler::new(config.state_dir.clone());
         Ok(Self {
@@ -301,7 +330,8 @@ impl Agent {
             outbox,
             sampler,
             shutdown,
-            reloads: startup.reloads,
+            handoffs,
+            upgrades,
             config,
         })
     }
@@ -322,10 +352,11 @@ impl Agent {
         // Its own token: after a handoff the successor pings, not this one.
         let pings = shutdown.child_token();
         tokio::spawn(notify::watchdog(pings.clone()));
-        let mut reloads = self.reloads.take();
+        tokio::spawn(self.upgrades.clone().watch_probation(shutdown.clone()));
+        let mut handoffs = self.handoffs.take();
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
-        while let Some(successor) = self
-            .serve_until_reload(&shutdown, &mut backoff, reloads.as_mut())
+        while let Some((successor, reason)) = self
+            .serve_until_reload(&shutdown, &mut backoff, handoffs.as_mut())
             .await
         {
             // The session ended once no command ran; one that came in at
@@ -342,7 +373,7 @@ impl Agent {
                 (true, Some(changed)) => HandoffError::ServicesChanged(changed),
             };
             let error = successor.abort(refusal).await;
-            refused(&self.config.state_dir, &error, reloads.as_mut());
+            refused(&self.config.state_dir, &error, reason, handoffs.as_mut());
         }
         // Fail static: what the node runs keeps running for the next agent,
         // unless this agent is configured to take it down with it.
@@ -362,69 +393,86 @@ impl Agent {
     }
 
     /// Sessions, one after the other, until `shutdown` (`None`) or a
-    /// successor is ready to take over (SIGHUP on `reloads`) and no command
-    /// runs. The session goes on while the successor starts and while
-    /// commands finish (heartbeats keep the node's jobs and rollouts
+    /// successor is ready to take over (asked for on `handoffs`) and no
+    /// command runs. The session goes on while the successor starts and
+    /// while commands finish (heartbeats keep the node's jobs and rollouts
     /// going): one that cannot run, or a node that stays busy, changes
     /// nothing.
     async fn serve_until_reload(
         &mut self,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
-        mut reloads: Option<&mut (PathBuf, mpsc::Receiver<()>)>,
-    ) -> Option<Successor> {
+        mut handoffs: Option<&mut mpsc::Receiver<Request>>,
+    ) -> Option<(Successor, Reason)> {
         let executor = self.executor.clone();
+        let upgrades = self.upgrades.clone();
         let state_dir = self.config.state_dir.clone();
-        let mut starting: Option<tokio::task::JoinHandle<Result<Successor, HandoffError>>> = None;
-        let mut waiting: Option<(Successor, Instant)> = None;
+        type Starting = (
+            tokio::task::JoinHandle<Result<Successor, HandoffError>>,
+            Request,
+        );
+        let mut starting: Option<Starting> = None;
+        let mut waiting: Option<(Successor, Reason, Instant)> = None;
         let mut poll = tokio::time::interval(Duration::from_millis(50));
         loop {
             let round = self.session_round(shutdown, backoff);
             tokio::pin!(round);
             loop {
                 let idle = starting.is_none() && waiting.is_none();
-                let reload = async {
-                    match reloads.as_deref_mut() {
-                        Some((binary, signals)) => signals.recv().await.map(|()| binary.clone()),
+                let asked = async {
+                    match handoffs.as_deref_mut() {
+                        Some(requests) => requests.recv().await,
                         None => std::future::pending().await,
                     }
                 };
                 let started = async {
                     match starting.as_mut() {
-                        Some(task) => task.await,
+                        Some((task, _)) => task.await,
                         None => std::future::pending().await,
                     }
                 };
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     _ = &mut round => break,
-                    Some(binary) = reload, if idle => {
+                    Some(request) = asked, if idle => {
+                        if let Err(why) = upgrades.allows(request.reason) {
+                            tracing::warn!(reason = %why, "handoff refused");
+                            handoff::report(&state_dir, &Outcome::Refused(why.clone()));
+                            request.answer(Err(why));
+                            continue;
+                        }
                         notify::reloading();
-                        let (services, state_dir) = (executor.services().clone(), state_dir.clone());
-                        starting = Some(tokio::spawn(async move {
+                        let (services, state_dir, launch) = (executor.services().clone(), state_dir.clone(), request.launch.clone());
+                        let task = tokio::spawn(async move {
                             let listeners = services.listener_fds().await.map_err(HandoffError::Listeners)?;
-                            Successor::start(&binary, &state_dir, listeners).await
-                        }));
+                            Successor::start(&launch, &state_dir, listeners).await
+                        });
+                        starting = Some((task, request));
                     }
                     started = started => {
-                        starting = None;
+                        let Some((_, request)) = starting.take() else { continue };
+                        let reason = request.reason;
+                        let started = started.unwrap_or_else(|error| Err(HandoffError::Refused(format!("the handoff task failed: {error}"))));
                         match started {
-                            Ok(Ok(successor)) => {
+                            Ok(successor) => {
                                 tracing::info!(pid = successor.pid(), version = %successor.version, "the new agent can run; handing over once no command runs");
-                                waiting = Some((successor, Instant::now() + SETTLE_TIMEOUT));
+                                request.answer(Ok(successor.version.clone()));
+                                waiting = Some((successor, reason, Instant::now() + SETTLE_TIMEOUT));
                             }
-                            Ok(Err(error)) => refused(&state_dir, &error, reloads.as_deref_mut()),
-                            Err(error) => refused(&state_dir, &HandoffError::Refused(format!("the handoff task failed: {error}")), reloads.as_deref_mut()),
+                            Err(error) => {
+                                request.answer(Err(error.to_string()));
+                                refused(&state_dir, &error, reason, handoffs.as_deref_mut());
+                            }
                         }
                     }
                     _ = poll.tick(), if waiting.is_some() => {
                         let busy = executor.in_flight();
-                        let Some((successor, deadline)) = waiting.take() else { continue };
+                        let Some((successor, reason, deadline)) = waiting.take() else { continue };
                         if busy.is_empty() {
-                            return Some(successor);
+                            return Some((successor, reason));
                         }
                         if Instant::now() < deadline {
-                            waiting = Some((successor, deadline));
+                            waiting = Some((successor, reason, deadline));
                             continue;
                         }
                         let error = successor.abort(HandoffError::Refused(format!(
@@ -432,7 +480,7 @@ impl Agent {
                             busy.join(", "),
                             humantime::format_duration(SETTLE_TIMEOUT)
                         ))).await;
-                        refused(&state_dir, &error, reloads.as_deref_mut());
+                        refused(&state_dir, &error, reason, handoffs.as_deref_mut());
                     }
                 }
             }
@@ -545,6 +593,8 @@ impl Agent {
             agent_version: cutover_common::VERSION.to_string(),
             capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
             recent_command_ids: self.executor.recent_ids(256),
+            protocol_version: cutover_common::AGENT_PROTOCOL,
+            agent_build: self.upgrades.build().to_string(),
         }
     }
 
@@ -655,16 +705,25 @@ impl Agent {
     }
 }
 
-/// A handoff that changed nothing: said, and a SIGHUP that came in
-/// meanwhile dropped (it asked for this handoff).
+/// A handoff that changed nothing: said, an upgrade's probation
+/// forgotten, and the requests that came in meanwhile turned away (a
+/// SIGHUP during a handoff is that handoff).
 fn refused(
     state_dir: &std::path::Path,
     error: &HandoffError,
-    reloads: Option<&mut (PathBuf, mpsc::Receiver<()>)>,
+    reason: Reason,
+    handoffs: Option<&mut mpsc::Receiver<Request>>,
 ) {
     handoff::report(state_dir, &Outcome::Refused(error.to_string()));
-    if let Some((_, signals)) = reloads {
-        while signals.try_recv().is_ok() {}
+    if reason == Reason::Upgrade {
+        binaries::end_probation(state_dir);
+    }
+    if let Some(requests) = handoffs {
+        while let Ok(request) = requests.try_recv() {
+            request.answer(Err(format!(
+                "another handoff was refused just before: {error}"
+            )));
+        }
     }
 }
 
@@ -679,7 +738,8 @@ async fn fall_back(
         .map(|p| p.listener_fd().map(|fd| (p.listen(), fd)))
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(HandoffError::Listeners)?;
-    let mut own = Successor::start(OWN_BINARY.as_ref(), state_dir, listeners).await?;
+    let launch = Launch::this_command_line(OWN_BINARY.as_ref());
+    let mut own = Successor::start(&launch, state_dir, listeners).await?;
     match own.released().await {
         Ok(()) => Ok((own.pid(), own.version.clone())),
         Err(error) => Err(own.abort(error).await),

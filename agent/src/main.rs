@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cutover_agent::config::AgentConfig;
-use cutover_agent::{Agent, Startup};
+use cutover_agent::{binaries, Agent, Startup};
 use cutover_common::telemetry::{self, LogFormat};
 
 /// The cutover agent: runs releases on this node for the coordinator.
@@ -209,9 +209,21 @@ fn main() -> ExitCode {
     };
     telemetry::init(args.log_format.unwrap_or(config.log_format), "info");
     cutover_common::tls::install_crypto_provider();
-    // Before the runtime's threads: it takes what it needs out of the
-    // environment.
-    let startup = Startup::from_env();
+    // Before the runtime's threads: what runs is decided (the committed
+    // binary of a fleet upgrade may take this process's place), then
+    // taken out of the environment.
+    let own_binary = std::env::current_exe().unwrap_or_default();
+    let start = match binaries::at_start(&config.state_dir, &own_binary, cutover_common::VERSION) {
+        binaries::Start::Exec(installed) => {
+            let error = binaries::exec(&installed);
+            tracing::error!(binary = %installed.binary.display(), %error, "cannot run the committed agent binary; running this one");
+            binaries::Start::Plain {
+                build: String::new(),
+            }
+        }
+        start => start,
+    };
+    let startup = Startup::from_env(start);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

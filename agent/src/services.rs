@@ -386,14 +386,8 @@ impl NodeServices {
                     })?;
             }
             Source::Artifact { url, digest } => {
-                progress("fetching");
-                let coordinator = self.coordinator();
-                let archive = self.cache.fetch(url, digest, coordinator).await?;
-                progress("unpacking");
-                let dest = workdir.clone();
-                tokio::task::spawn_blocking(move || unpack(&archive, &dest))
-                    .await
-                    .expect("unpack task panicked")?;
+                self.unpack_artifact(url, digest, &workdir, progress)
+                    .await?;
             }
         }
         Ok(WebRelease {
@@ -536,6 +530,25 @@ impl NodeServices {
     }
 
     /// The open connection to the coordinator, if any.
+    /// The artifact with `digest` (cached, else fetched from `url` and
+    /// verified), unpacked at `dest`; one unpacked there before is kept.
+    pub async fn unpack_artifact(
+        &self,
+        url: &str,
+        digest: &cutover_common::digest::Digest,
+        dest: &std::path::Path,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<(), ServiceError> {
+        progress("fetching");
+        let archive = self.cache.fetch(url, digest, self.coordinator()).await?;
+        progress("unpacking");
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || unpack(&archive, &dest))
+            .await
+            .expect("unpack task panicked")?;
+        Ok(())
+    }
+
     pub fn coordinator(&self) -> Option<Channel> {
         self.coordinator.lock().expect("coordinator lock").clone()
     }

@@ -139,24 +139,10 @@ pub fn upgrade(
 
 /// `binary --version`'s version, proving it runs on this machine.
 fn version_of(binary: &Path) -> Result<String, UpgradeError> {
-    let bad = |reason: String| UpgradeError::BadBinary {
+    crate::binaries::version_of(binary).map_err(|reason| UpgradeError::BadBinary {
         binary: binary.to_path_buf(),
         reason,
-    };
-    let output = std::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .map_err(|e| bad(e.to_string()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    match stdout.trim().strip_prefix("cutover-agent ") {
-        Some(version) if output.status.success() => Ok(version.to_string()),
-        _ => Err(bad(format!(
-            "`--version` gave {}: {}{}",
-            output.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))),
-    }
+    })
 }
 
 /// Copies `binary` beside `target` and renames it over: the running agent

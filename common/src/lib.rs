@@ -23,6 +23,13 @@ pub mod tls;
 /// The version every cutover binary reports (agent hello, build info metric).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The agent protocol agents of this version speak (`Hello.protocol_version`):
+/// 2 added fleet upgrades (`upgrade_agent`). A hello without one is 1.
+pub const AGENT_PROTOCOL: u32 = 2;
+/// The oldest agent protocol this coordinator still speaks: older agents
+/// are refused, with what to do.
+pub const OLDEST_AGENT_PROTOCOL: u32 = 1;
+
 /// Milliseconds since the Unix epoch, the one timestamp unit on the wire and in
 /// the store.
 pub fn now_ms() -> i64 {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use cutover_common::identity::Identity;
 use cutover_common::tls::PeerInfo;
+use cutover_common::OLDEST_AGENT_PROTOCOL;
 use cutover_proto::v1::agent_service_server::AgentService;
 use cutover_proto::v1::{
     self as pb, agent_message, coordinator_message, AgentMessage, CoordinatorMessage,
@@ -126,6 +127,12 @@ fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> 
             identity.name, hello.name, hello.name
         )));
     }
+    check_protocol(
+        &hello.name,
+        &hello.agent_version,
+        hello.protocol_version,
+        OLDEST_AGENT_PROTOCOL,
+    )?;
     if uuid::Uuid::parse_str(&hello.node_id).is_err() {
         return Err(Status::invalid_argument(format!(
             "node id {:?} is not a uuid",
@@ -144,10 +151,11 @@ fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> 
         || hello.capabilities.len() > MAX_CAPABILITIES
         || hello.capabilities.iter().any(|c| c.len() > 64)
         || hello.agent_version.len() > 64
+        || hello.agent_build.len() > 80
         || hello.recent_command_ids.len() > MAX_RECENT_COMMANDS
     {
         return Err(Status::invalid_argument(format!(
-            "hello exceeds limits: at most {MAX_LABELS} labels, {MAX_CAPABILITIES} capabilities of 64 bytes, a 64-byte version, {MAX_RECENT_COMMANDS} recent command ids"
+            "hello exceeds limits: at most {MAX_LABELS} labels, {MAX_CAPABILITIES} capabilities of 64 bytes, a 64-byte version, an 80-byte build, {MAX_RECENT_COMMANDS} recent command ids"
         )));
     }
     for (key, value) in &hello.labels {
@@ -155,6 +163,20 @@ fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> 
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Refuses an agent older than the oldest protocol this coordinator
+/// speaks (a hello from before the field was sent says 0: protocol 1).
+fn check_protocol(node: &str, version: &str, protocol: u32, oldest: u32) -> Result<(), Status> {
+    let protocol = protocol.max(1);
+    if protocol >= oldest {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "agent {version} on node {node} speaks agent protocol {protocol}, but this coordinator ({}) speaks {oldest} to {}; upgrade the agent on {node} (`cutover-agent upgrade --binary NEW`), or run a coordinator that still speaks {protocol}",
+        cutover_common::VERSION,
+        cutover_common::AGENT_PROTOCOL,
+    )))
 }
 
 fn service_from(state: pb::ServiceState) -> ServiceStatus {
@@ -346,6 +368,32 @@ async fn read_session(
             }
             Ok(None) => return "agent closed the stream".into(),
             Err(status) => return format!("stream error: {}", status.message()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_protocol;
+
+    #[test]
+    fn an_agent_older_than_the_oldest_protocol_is_refused_with_what_to_do() {
+        assert!(check_protocol("node-1", "0.1.0", 2, 2).is_ok());
+        assert!(check_protocol("node-1", "0.1.0", 3, 2).is_ok());
+        // A hello from before the field existed speaks protocol 1.
+        assert!(check_protocol("node-1", "0.0.9", 0, 1).is_ok());
+        let refused = check_protocol("node-1", "0.0.9", 0, 2).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        for part in [
+            "agent 0.0.9 on node node-1",
+            "protocol 1",
+            "cutover-agent upgrade",
+        ] {
+            assert!(
+                refused.message().contains(part),
+                "{part}: {}",
+                refused.message()
+            );
         }
     }
 }

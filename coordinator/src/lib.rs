@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod agent_api;
+pub mod agent_upgrade;
 pub mod analysis;
 pub mod artifacts;
 pub mod auth;

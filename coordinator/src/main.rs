@@ -61,6 +61,11 @@ enum Commands {
         #[command(subcommand)]
         action: Option<NodesAction>,
     },
+    /// The fleet's agents: `upgrade` rolls a new agent binary across it.
+    Agents {
+        #[command(subcommand)]
+        action: cli::agents::AgentsCommand,
+    },
     /// The coordinator's event log: the newest events, or `--follow` them.
     Events(cli::logs::EventsArgs),
     /// The coordinator's artifact store.
@@ -344,6 +349,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{} ({} bytes pushed)", pushed.digest, pushed.size);
             }
+        }
+        Commands::Agents { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::agents::agents(&mut client, action, json).await;
         }
         Commands::Deploy(args) => {
             let mut client = cli.connect.operator_client().await?;

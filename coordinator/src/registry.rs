@@ -459,6 +459,7 @@ impl Registry {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             agent_version: hello.agent_version.clone(),
+            agent_build: hello.agent_build.clone(),
             capabilities: hello.capabilities.clone(),
             status: NodeStatus::Ready,
             registered_at_ms: previous.map_or(at, |p| p.record.registered_at_ms),
@@ -517,7 +518,7 @@ impl Registry {
                 record.name,
                 remote.map(|r| r.to_string()).unwrap_or_default(),
                 record.address,
-                record.agent_version
+                agent_label(&record.agent_version, &record.agent_build)
             ),
         );
         inner.nodes.insert(
@@ -727,5 +728,13 @@ impl Registry {
 
     pub async fn events(&self, page: Page) -> Result<Vec<EventRecord>, StoreError> {
         self.store.events.page(page).await
+    }
+}
+
+/// An agent's version, with the build a fleet upgrade installed it from.
+pub fn agent_label(version: &str, build: &str) -> String {
+    match build.strip_prefix("sha256:") {
+        Some(hex) => format!("{version} (build {})", &hex[..hex.len().min(12)]),
+        None => version.to_string(),
     }
 }

@@ -196,6 +196,7 @@ impl Coordinator {
         let scheduler = tokio::spawn(jobs.clone().schedule_loop());
         let operator_api = OperatorServiceServer::new(OperatorApi {
             jobs: jobs.clone(),
+            agent_upgrades: crate::agent_upgrade::AgentUpgrades::new(registry.clone()),
             registry: registry.clone(),
             artifacts,
             rollouts: rollouts.clone(),

@@ -669,7 +669,7 @@ pub async fn spawn_agent(config: AgentConfig) -> TestAgent {
         .await
         .expect("agent config is valid");
     let node_id = agent.node_id().to_string();
-    // No handoffs in process (`Startup::binary` is unset): it never fails.
+    // No handoffs in process (`Startup::handoffs` is unset): it never fails.
     let task = tokio::spawn(async move {
         agent
             .run()

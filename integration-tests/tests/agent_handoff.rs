@@ -300,10 +300,7 @@ async fn a_new_binary_that_cannot_take_over_leaves_the_old_agent_serving() {
     // (the old version) takes over instead.
     install(
         &binary,
-        format!(
-            "#!/usr/bin/env python3\nimport os, socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(os.environ['CUTOVER_HANDOFF_SOCKET'])\ns.sendall(b'prepared 99.0.0\\n')\nf = s.makefile()\nassert f.readline().startswith('released')\nsys.exit(4)\n"
-        )
-        .as_bytes(),
+        b"#!/usr/bin/env python3\nimport os, socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(os.environ['CUTOVER_HANDOFF_SOCKET'])\ns.sendall(b'prepared 99.0.0\\n')\nf = s.makefile()\nassert f.readline().startswith('released')\nsys.exit(4)\n",
     );
     hup();
     let deadline = Instant::now() + Duration::from_secs(30);

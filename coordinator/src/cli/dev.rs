@@ -182,7 +182,9 @@ fn read_pid(path: &Path) -> Option<i32> {
     (pid_alive(pid) && !is_zombie(pid) && ours).then_some(pid)
 }
 
-/// The pid files of a cluster dir: agents first, the coordinator last.
+/// The pid files of a cluster dir: agents first (the one each agent
+/// keeps in its state dir names the process that runs the node after a
+/// handoff or an upgrade), the coordinator last.
 fn pid_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -192,6 +194,13 @@ fn pid_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".pid"))
         })
         .collect();
+    if let Ok(agents) = std::fs::read_dir(dir.join("agents")) {
+        files.extend(
+            agents
+                .filter_map(|e| e.ok().map(|e| e.path().join("agent.pid")))
+                .filter(|p| p.exists()),
+        );
+    }
     files.sort();
     files.push(dir.join("coordinator.pid"));
     files.push(dir.join(REGISTRY_PID));
@@ -453,6 +462,9 @@ pub fn down(dir: &Path) -> Result<()> {
         if let Some(pid) = read_pid(&pid_file) {
             stop_process(pid, Duration::from_secs(10));
             stopped += 1;
+        }
+        if pid_file.starts_with(dir.join("agents")) {
+            continue;
         }
         let _ = std::fs::remove_file(&pid_file);
     }

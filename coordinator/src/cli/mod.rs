@@ -1,4 +1,5 @@
 pub mod access;
+pub mod agents;
 pub mod artifacts;
 pub mod backup;
 pub mod ca;

@@ -374,6 +374,7 @@ mod tests {
                 address: "127.0.0.1".into(),
                 labels: [("env".to_string(), env.to_string())].into(),
                 agent_version: "0.1.0".into(),
+                agent_build: String::new(),
                 capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
                 status: NodeStatus::Ready,
                 registered_at_ms: 0,

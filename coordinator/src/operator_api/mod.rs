@@ -40,6 +40,7 @@ pub struct OperatorApi {
     pub artifacts: Arc<ArtifactStore>,
     pub rollouts: Arc<Rollouts>,
     pub jobs: Arc<crate::jobs::Jobs>,
+    pub agent_upgrades: Arc<crate::agent_upgrade::AgentUpgrades>,
     pub access: Arc<Access>,
     /// Signs operator certificates; without `ca_key` in the config it has
     /// no signer, and calls that sign fail with a failed precondition.
@@ -249,6 +250,15 @@ impl OperatorService for OperatorApi {
     }
 
     type WatchRolloutStream = rollouts::WatchStream;
+
+    type UpgradeAgentsStream = nodes::UpgradeStream;
+
+    async fn upgrade_agents(
+        &self,
+        request: Request<pb::UpgradeAgentsRequest>,
+    ) -> Result<Response<Self::UpgradeAgentsStream>, Status> {
+        self.handle_upgrade_agents(request).await
+    }
 
     type RunTaskStream = tasks::TaskStream;
 

@@ -1,15 +1,19 @@
-//! Nodes: the fleet as the registry sees it, pinging one, revoking one.
+//! Nodes: the fleet as the registry sees it, pinging one, revoking one,
+//! upgrading their agents.
 
 use std::time::{Duration, Instant};
 
 use cutover_proto::v1::{self as pb, command, command_result};
 use serde_json::json;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::OperatorApi;
 use crate::access::Need;
+use crate::agent_upgrade::{Plan, DEFAULT_DEADLINE};
 use crate::registry::{CommandWaitError, NodeView};
 use crate::store::{Figures, NodeStatus, ServiceStatus};
+use crate::strategy::BatchSize;
 
 /// How long an operator call waits for a command result unless it says.
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +38,7 @@ fn node_to_pb(view: NodeView) -> pb::Node {
         registered_at_ms: record.registered_at_ms,
         cert_serial: record.cert_serial,
         cert_expires_at_ms: record.cert_expires_at_ms,
+        agent_build: record.agent_build,
     }
 }
 
@@ -157,4 +162,62 @@ impl OperatorApi {
         )
         .await
     }
+
+    /// Checked and audited by hand, as `run_task`: the answer is a stream;
+    /// what is audited is that the upgrade started.
+    pub(super) async fn handle_upgrade_agents(
+        &self,
+        request: Request<pb::UpgradeAgentsRequest>,
+    ) -> Result<Response<UpgradeStream>, Status> {
+        let r = request.get_ref();
+        let args = json!({"digest": r.digest, "batch": r.batch, "deadline_ms": r.deadline_ms});
+        let caller = self
+            .access
+            .check(&request, Need::Admin, "upgrade_agents", &args)
+            .await?;
+        let started = self.start_upgrade(request.into_inner());
+        let outcome = started.as_ref().map(|_| ()).map_err(Clone::clone);
+        self.access
+            .audit(&caller, "upgrade_agents", &args, &outcome)
+            .await;
+        started.map(Response::new)
+    }
+
+    fn start_upgrade(&self, r: pb::UpgradeAgentsRequest) -> Result<UpgradeStream, Status> {
+        cutover_common::digest::Digest::parse(&r.digest).map_err(|e| {
+            Status::invalid_argument(format!("agent artifact digest {:?}: {e}", r.digest))
+        })?;
+        if !self.artifacts.contains(&r.digest) {
+            return Err(Status::not_found(format!(
+                "the coordinator holds no artifact {}; push it first (`cutover artifact push FILE`, or `cutover agents upgrade --artifact FILE`)",
+                r.digest
+            )));
+        }
+        let batch = match r.batch.as_str() {
+            "" => BatchSize::Count(1),
+            text => text
+                .parse()
+                .map_err(|e: String| Status::invalid_argument(format!("batch: {e}")))?,
+        };
+        let deadline = match r.deadline_ms {
+            0 => DEFAULT_DEADLINE,
+            ms => Duration::from_millis(ms),
+        };
+        let plan = Plan {
+            digest: r.digest,
+            batch,
+            deadline,
+        };
+        let events = self
+            .agent_upgrades
+            .start(plan, &self.rollouts.running())
+            .map_err(Status::failed_precondition)?;
+        Ok(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(events).map(Ok),
+        ))
+    }
 }
+
+pub(super) type UpgradeStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::AgentUpgradeEvent, Status>> + Send>,
+>;

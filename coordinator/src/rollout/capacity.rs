@@ -93,6 +93,7 @@ mod tests {
             address: "10.0.0.1".into(),
             labels: Default::default(),
             agent_version: String::new(),
+            agent_build: String::new(),
             capabilities: Vec::new(),
             status: crate::store::NodeStatus::Ready,
             registered_at_ms: 0,

@@ -356,6 +356,7 @@ mod tests {
                 address: "10.0.0.1".into(),
                 labels: [("env".to_string(), env.to_string())].into(),
                 agent_version: String::new(),
+                agent_build: String::new(),
                 capabilities: Vec::new(),
                 status: NodeStatus::Ready,
                 registered_at_ms: 0,

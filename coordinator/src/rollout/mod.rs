@@ -241,6 +241,19 @@ impl Rollouts {
         Ok(all)
     }
 
+    /// The ids of the rollouts this coordinator runs now.
+    pub fn running(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .running
+            .lock()
+            .expect("rollouts lock")
+            .keys()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// Changes of a running rollout; `None` when it no longer runs.
     pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Arc<Rollout>>> {
         self.running

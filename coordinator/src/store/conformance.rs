@@ -428,6 +428,7 @@ fn node(id: &str) -> NodeRecord {
         address: "127.0.0.10".into(),
         labels: [("env".to_string(), "local".to_string())].into(),
         agent_version: "0.1.0".into(),
+        agent_build: String::new(),
         capabilities: vec![],
         status: NodeStatus::Ready,
         registered_at_ms: 1,

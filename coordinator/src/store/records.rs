@@ -49,6 +49,10 @@ pub struct NodeRecord {
     pub address: String,
     pub labels: BTreeMap<String, String>,
     pub agent_version: String,
+    /// The artifact digest a fleet upgrade installed the agent from; ""
+    /// for an agent installed otherwise.
+    #[serde(default)]
+    pub agent_build: String,
     pub capabilities: Vec<String>,
     pub status: NodeStatus,
     pub registered_at_ms: i64,

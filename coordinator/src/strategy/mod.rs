@@ -401,6 +401,13 @@ impl From<BatchSize> for BatchText {
     }
 }
 
+impl std::str::FromStr for BatchSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        BatchSize::try_from(BatchText::Text(text.to_string()))
+    }
+}
+
 impl BatchSize {
     /// Nodes per batch out of `targets`, at least one.
     pub fn nodes(self, targets: usize) -> usize {

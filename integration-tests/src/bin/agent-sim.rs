@@ -212,6 +212,8 @@ async fn session(
             .map(String::from)
             .to_vec(),
             recent_command_ids: Vec::new(),
+            protocol_version: cutover_common::AGENT_PROTOCOL,
+            agent_build: String::new(),
         })))
         .await
         .map_err(|e| e.to_string())?;

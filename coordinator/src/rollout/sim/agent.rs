@@ -232,6 +232,8 @@ impl Runner {
                 "command.set_traffic".into(),
             ],
             recent_command_ids: vec![],
+            protocol_version: cutover_common::AGENT_PROTOCOL,
+            agent_build: String::new(),
         };
         let peer = PeerInfo {
             remote_addr: None,
