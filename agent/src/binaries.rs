@@ -57,9 +57,9 @@ pub struct Probation {
 pub enum BinaryError {
     #[error("artifact {digest} holds no {BINARY_NAME} (at its top or in bin/); put the binary at the top of the archive")]
     Missing { digest: String },
-    #[error("{} does not run here ({reason}); nothing was installed", .binary.display())]
+    #[error("{} does not run here ({reason}); it will not be used: check it is built for this machine, and that the agent's state dir is not mounted noexec", .binary.display())]
     DoesNotRun { binary: PathBuf, reason: String },
-    #[error("cannot write {}: {source}", .path.display())]
+    #[error("cannot change {}: {source}; the agent's user needs to own its state dir", .path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -281,7 +281,10 @@ pub fn at_start(state_dir: &Path, own_binary: &Path, own_version: &str) -> Start
             build: current.digest,
         };
     }
-    if newer(own_version, &current.version) {
+    // Only a binary installed otherwise (a package upgrade) wins by being
+    // newer: one of bin/ that is not committed (an agent falling back to
+    // itself after its way back failed) never does.
+    if !own_binary.starts_with(bin_dir(state_dir)) && newer(own_version, &current.version) {
         tracing::info!(own = own_version, committed = %current.version, "this binary is newer than the committed one; it runs from now on");
         let path = bin_dir(state_dir).join(CURRENT_FILE);
         let _ = std::fs::remove_file(path);
@@ -432,6 +435,25 @@ mod tests {
             Start::Exec(committed.clone())
         );
         assert_eq!(probation(state), None);
+        // A binary of bin/ that is not the committed one never wins by
+        // being newer.
+        std::fs::create_dir_all(bin_dir(state).join("cc")).unwrap();
+        let uncommitted = bin_dir(state).join("cc").join(BINARY_NAME);
+        std::fs::write(&uncommitted, "").unwrap();
+        assert_eq!(
+            at_start(state, &uncommitted, "0.2.0"),
+            Start::Exec(committed.clone())
+        );
+        // The committed binary gone: this one runs.
+        let kept = committed.binary.with_extension("kept");
+        std::fs::rename(&committed.binary, &kept).unwrap();
+        assert_eq!(
+            at_start(state, &package.binary, "0.1.0"),
+            Start::Plain {
+                build: String::new()
+            }
+        );
+        std::fs::rename(&kept, &committed.binary).unwrap();
         // A package upgrade past the committed binary wins.
         assert_eq!(
             at_start(state, &package.binary, "0.2.0"),

@@ -121,13 +121,12 @@ impl Upgrades {
             until_ms: cutover_common::now_ms()
                 .saturating_add(i64::try_from(probation.as_millis()).unwrap_or(i64::MAX)),
         };
-        binaries::begin_probation(&self.state_dir, &probation_record).map_err(|e| e.to_string())?;
         let (reply, answer) = oneshot::channel();
         let request = Request {
             launch: Launch {
                 binary: installed.binary.clone(),
                 argv,
-                probation: true,
+                probation: Some(probation_record),
             },
             reason: Reason::Upgrade,
             reply: Some(reply),
@@ -151,11 +150,16 @@ impl Upgrades {
     /// node runs from now on.
     pub fn commit(&self, digest: &str) -> Result<Installed, String> {
         let mut probation = self.probation.lock().expect("probation lock");
-        if probation.is_none() && self.build != digest {
-            return Err(format!(
-                "this agent is build {:?}, not {digest}; it is no upgrade to commit",
-                self.build
-            ));
+        if probation.is_none() {
+            // Committed before (an answer that got lost), or handing the
+            // node back.
+            return match binaries::current(&self.state_dir) {
+                Some(current) if current.digest == digest && self.build == digest => Ok(current),
+                _ => Err(format!(
+                    "this agent (build {:?}) is not on probation with {digest}: there is nothing to commit",
+                    self.build
+                )),
+            };
         }
         let installed = binaries::commit(&self.state_dir, digest, cutover_common::now_ms())
             .map_err(|e| e.to_string())?;
@@ -185,11 +189,16 @@ impl Upgrades {
             _ = self.committed.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(left)) => {}
         }
-        // Taken under the lock a commit takes: one or the other.
-        let Some(probation) = self.probation.lock().expect("probation lock").take() else {
-            return;
+        // Taken, and its file removed, under the lock a commit takes: one
+        // or the other.
+        let probation = {
+            let mut held = self.probation.lock().expect("probation lock");
+            let Some(probation) = held.take() else {
+                return;
+            };
+            binaries::end_probation(&self.state_dir);
+            probation
         };
-        binaries::end_probation(&self.state_dir);
         let Some(requests) = &self.requests else {
             return;
         };
@@ -200,7 +209,7 @@ impl Upgrades {
                 launch: Launch {
                     binary: probation.previous.clone(),
                     argv: probation.previous_argv.iter().map(OsString::from).collect(),
-                    probation: false,
+                    probation: None,
                 },
                 reason: Reason::Revert,
                 reply: Some(reply),
@@ -248,4 +257,79 @@ pub fn binary_output(installed: &Installed) -> pb::command_result::Output {
         digest: installed.digest.clone(),
         version: installed.version.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_probation(state_dir: &std::path::Path, until_ms: i64) -> Probation {
+        let probation = Probation {
+            installed: Installed {
+                binary: state_dir.join("bin/aa/cutover-agent"),
+                version: "0.1.0".into(),
+                digest: "sha256:aa".into(),
+            },
+            previous: "/usr/local/bin/cutover-agent".into(),
+            previous_argv: vec!["cutover-agent".into(), "--config".into(), "a.toml".into()],
+            previous_build: String::new(),
+            until_ms,
+        };
+        binaries::begin_probation(state_dir, &probation).unwrap();
+        probation
+    }
+
+    #[tokio::test]
+    async fn uncommitted_the_agent_hands_the_node_back_and_a_late_commit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let probation = on_probation(dir.path(), cutover_common::now_ms() + 100);
+        let (requests, mut asked) = mpsc::channel(4);
+        let upgrades = Upgrades::new(
+            dir.path().to_path_buf(),
+            Some(requests),
+            &Start::OnProbation(probation.clone()),
+        );
+        assert!(
+            upgrades.allows(Reason::Reload).is_err(),
+            "no reload on probation"
+        );
+        assert!(upgrades
+            .upgrade("sha256:bb", Duration::from_secs(1))
+            .await
+            .is_err());
+        tokio::spawn(upgrades.clone().watch_probation(CancellationToken::new()));
+        let request = tokio::time::timeout(Duration::from_secs(5), asked.recv())
+            .await
+            .expect("asked to hand back in time")
+            .unwrap();
+        assert_eq!(request.reason, Reason::Revert);
+        assert_eq!(request.launch.binary, probation.previous);
+        assert_eq!(request.launch.argv.len(), 3);
+        assert_eq!(request.launch.probation, None);
+        assert_eq!(binaries::probation(dir.path()), None, "forgotten");
+        assert!(upgrades.commit("sha256:aa").is_err(), "too late");
+        assert_eq!(binaries::current(dir.path()), None);
+        request.answer(Ok("0.1.0".into()));
+    }
+
+    #[tokio::test]
+    async fn a_commit_in_time_stops_the_way_back_and_may_be_said_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let probation = on_probation(dir.path(), cutover_common::now_ms() + 300);
+        let (requests, mut asked) = mpsc::channel(4);
+        let upgrades = Upgrades::new(
+            dir.path().to_path_buf(),
+            Some(requests),
+            &Start::OnProbation(probation.clone()),
+        );
+        let watch = tokio::spawn(upgrades.clone().watch_probation(CancellationToken::new()));
+        assert!(upgrades.commit("sha256:bb").is_err(), "another build");
+        assert_eq!(upgrades.commit("sha256:aa").unwrap(), probation.installed);
+        assert_eq!(upgrades.commit("sha256:aa").unwrap(), probation.installed);
+        watch.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(asked.try_recv().is_err(), "no way back once committed");
+        assert_eq!(binaries::current(dir.path()), Some(probation.installed));
+        assert!(upgrades.allows(Reason::Reload).is_ok());
+    }
 }

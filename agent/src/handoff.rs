@@ -54,13 +54,14 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const OWN_BINARY: &str = "/proc/self/exe";
 
 /// What a handoff starts: a binary, under which command line, and
-/// whether on probation (a fleet upgrade, see `binaries`).
+/// whether on probation (a fleet upgrade, see `binaries`: recorded when
+/// the handoff starts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
     pub binary: PathBuf,
     /// `argv[0]` first.
     pub argv: Vec<OsString>,
-    pub probation: bool,
+    pub probation: Option<crate::binaries::Probation>,
 }
 
 impl Launch {
@@ -69,7 +70,7 @@ impl Launch {
         Self {
             binary: binary.to_path_buf(),
             argv: std::env::args_os().collect(),
-            probation: false,
+            probation: None,
         }
     }
 }
@@ -282,7 +283,7 @@ impl Successor {
         if let Some(name) = launch.argv.first() {
             command.arg0(name);
         }
-        if launch.probation {
+        if launch.probation.is_some() {
             command.env(crate::binaries::PROBATION_ENV, "1");
         }
         command

@@ -66,6 +66,8 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a handoff waits for the commands in flight to end; beyond it
 /// the handoff is refused and this agent carries on.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the start waits for the docker engine's list of containers.
+const DOCKER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a handed-off proxy keeps idle keep-alive connections open:
 /// busy ones close after their next answer.
 const HANDOFF_LINGER: Duration = Duration::from_secs(2);
@@ -272,19 +274,23 @@ impl Agent {
         // checked before a predecessor lets go of it: past that, a
         // successor that fails has no way back.
         let fingerprint = tls::ca_fingerprint(&config.tls.ca_cert)?;
-        refuse_releases_left_elsewhere(&name, &fingerprint, &config.state_dir)?;
         let address = config.address.unwrap_or_else(|| route_address(&url));
         let registries = cutover_common::registry::load_credentials(&config.registries)
             .map_err(AgentError::Config)?;
+        // The engine without a node id yet: it only lists here.
+        let engine = DockerEngine::new(&config.docker_host, &name, "", Vec::new());
+        refuse_releases_left_elsewhere(&name, &fingerprint, &config.state_dir, &engine).await?;
         if let Some(predecessor) = predecessor {
             predecessor.prepared().await?;
             renewal::complete_interrupted(&config.tls);
         }
         let node_id = state::node_id(&config.state_dir)?;
+        let owner = Owner::new(&node_id, &name, &fingerprint, &config.state_dir);
         let journal = Journal::open(&config.state_dir)?;
         let services = NodeServices::open(
             NodeSettings {
-                docker: DockerEngine::new(&config.docker_host, &name, &node_id, registries),
+                docker: DockerEngine::new(&config.docker_host, &name, &node_id, registries)
+                    .with_owner(&owner),
                 address,
                 ports: config.port_range.clone(),
                 state_dir: config.state_dir.clone(),
@@ -295,7 +301,7 @@ impl Agent {
                 releases_keep: config.releases_keep,
                 trusted_networks: config.proxy_trusted_networks.clone(),
                 inherited: startup.inherited,
-                owner: Owner::new(&node_id, &name, &fingerprint, &config.state_dir),
+                owner,
             },
             shutdown.clone(),
         )
@@ -435,7 +441,11 @@ impl Agent {
                     _ = shutdown.cancelled() => return None,
                     _ = &mut round => break,
                     Some(request) = asked, if idle => {
-                        if let Err(why) = upgrades.allows(request.reason) {
+                        let allowed = upgrades.allows(request.reason).and_then(|()| match &request.launch.probation {
+                            Some(probation) => binaries::begin_probation(&state_dir, probation).map_err(|e| e.to_string()),
+                            None => Ok(()),
+                        });
+                        if let Err(why) = allowed {
                             tracing::warn!(reason = %why, "handoff refused");
                             handoff::report(&state_dir, &Outcome::Refused(why.clone()));
                             request.answer(Err(why));
@@ -746,24 +756,48 @@ async fn fall_back(
     }
 }
 
-/// Refuses to start while releases of this node run from another state
-/// dir with no agent there (the agent moved, e.g. from a hand-run one to
-/// the unit): this one would not see them, and would leave them running
-/// unsupervised. Checked before a new state dir gets a node id.
-fn refuse_releases_left_elsewhere(
+/// Refuses to start while releases of this node (processes, or
+/// containers of `docker`) run from another state dir with no agent there
+/// (the agent moved, e.g. from a hand-run one to the unit): this one would
+/// not see them, and would leave them running unsupervised. Checked before
+/// a new state dir gets a node id.
+async fn refuse_releases_left_elsewhere(
     name: &str,
     ca_fingerprint: &str,
     state_dir: &std::path::Path,
+    docker: &DockerEngine,
 ) -> Result<(), AgentError> {
-    let left = ownership::left_elsewhere(&ownership::identity(name, ca_fingerprint), state_dir);
-    let Some(first) = left.first() else {
+    let identity = ownership::identity(name, ca_fingerprint);
+    let mut left: Vec<(String, String)> = ownership::left_elsewhere(&identity, state_dir)
+        .iter()
+        .map(|g| {
+            (
+                g.owner.state_dir.display().to_string(),
+                format!("pid {}", g.process.pid),
+            )
+        })
+        .collect();
+    match tokio::time::timeout(DOCKER_CHECK_TIMEOUT, docker.running_of(&identity)).await {
+        Ok(Ok(containers)) => left.extend(
+            containers
+                .into_iter()
+                .filter(|(_, dir)| ownership::elsewhere_without_agent(dir.as_ref(), state_dir))
+                .map(|(id, dir)| (dir, format!("container {}", &id[..id.len().min(12)]))),
+        ),
+        // No engine: no container can be left.
+        Ok(Err(error)) => tracing::debug!(%error, "no docker engine to look for containers"),
+        Err(_) => tracing::warn!(
+            timeout_s = DOCKER_CHECK_TIMEOUT.as_secs(),
+            "the docker engine did not answer; containers left by an agent on another state dir were not looked for"
+        ),
+    }
+    let Some((elsewhere, _)) = left.first().cloned() else {
         return Ok(());
     };
-    let elsewhere = first.owner.state_dir.display().to_string();
-    let pids: Vec<String> = left.iter().map(|g| g.process.pid.to_string()).collect();
+    let what: Vec<&str> = left.iter().map(|(_, what)| what.as_str()).collect();
     Err(AgentError::Identity(format!(
-        "releases of node {name} run from state dir {elsewhere} (pids {}) with no agent there, not from this agent's state dir {}; start the agent on {elsewhere} to adopt them (`state_dir` in its config, or CUTOVER_AGENT_STATE_DIR, which the unit sets), or stop them first",
-        pids.join(", "),
+        "releases of node {name} run from state dir {elsewhere} ({}) with no agent there, not from this agent's state dir {}; start the agent on {elsewhere} to adopt them (`state_dir` in its config, or CUTOVER_AGENT_STATE_DIR, which the unit sets), or stop them first",
+        what.join(", "),
         state_dir.display(),
     )))
 }

@@ -36,6 +36,12 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long past the deadline a node that failed is watched for its
 /// return to the previous agent (a handoff back, within its settle time).
 const RETURN_WAIT: Duration = Duration::from_secs(90);
+/// How long past the deadline a new agent's probation lasts: the time its
+/// commit has to arrive once it was found healthy by the deadline.
+fn commit_margin(deadline: Duration) -> Duration {
+    (deadline / 4).clamp(Duration::from_secs(2), Duration::from_secs(30))
+}
+
 /// How often a node's state is looked at while waiting for it.
 const POLL: Duration = Duration::from_millis(200);
 const CAPABILITY: &str = "command.upgrade_agent";
@@ -270,7 +276,7 @@ impl AgentUpgrades {
         );
         let command = pb::command::Kind::UpgradeAgent(pb::UpgradeAgent {
             digest: plan.digest.clone(),
-            probation_ms: plan.deadline.as_millis() as u64,
+            probation_ms: (plan.deadline + commit_margin(plan.deadline)).as_millis() as u64,
         });
         match self.command(node, "upgrade", command, plan.deadline).await {
             // The session ends as the new agent takes over: the answer
@@ -294,14 +300,8 @@ impl AgentUpgrades {
                 break state.err().unwrap_or_else(|| "no commit in time".into());
             }
             if state.is_ok() {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                let commit = pb::command::Kind::CommitAgent(pb::CommitAgent {
-                    digest: plan.digest.clone(),
-                });
-                match self
-                    .command(node, "commit", commit, COMMIT_TIMEOUT.min(left))
-                    .await
-                {
+                let until = deadline + commit_margin(plan.deadline) / 2;
+                match self.commit(node, plan, until).await {
                     Ok(_) => {
                         reporter.say(
                             node,
@@ -326,6 +326,37 @@ impl AgentUpgrades {
         );
         self.await_return(node, plan, reporter).await;
         Err(failure)
+    }
+
+    /// Commits the node's new agent, asking again (it is idempotent) while
+    /// an answer is lost, until `until`: well before the agent's
+    /// probation ends.
+    async fn commit(
+        &self,
+        node: &str,
+        plan: &Plan,
+        until: tokio::time::Instant,
+    ) -> Result<(), Failure> {
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(Failure::Said("no answer to the commit in time".into()));
+            }
+            let commit = pb::command::Kind::CommitAgent(pb::CommitAgent {
+                digest: plan.digest.clone(),
+            });
+            match self
+                .command(node, "commit", commit, COMMIT_TIMEOUT.min(left))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(Failure::Said(why)) => return Err(Failure::Said(why)),
+                Err(lost) => {
+                    tracing::warn!(node, error = %lost, "no answer to the commit; asking again");
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        }
     }
 
     /// Reports when the node is back on an agent of another build (its
@@ -469,7 +500,7 @@ impl AgentUpgrades {
             .map_err(|e| Failure::Send(e.to_string()))?;
         let result = pending.wait(timeout, |_| {}).await.map_err(|e| match e {
             CommandWaitError::Disconnected => Failure::Disconnected,
-            CommandWaitError::TimedOut(_) => Failure::Said(e.to_string()),
+            CommandWaitError::TimedOut(_) => Failure::NoAnswer(e.to_string()),
         })?;
         match pb::CommandStatus::try_from(result.status) {
             Ok(pb::CommandStatus::Succeeded) => Ok(result.output),
@@ -482,13 +513,14 @@ impl AgentUpgrades {
 enum Failure {
     Send(String),
     Disconnected,
+    NoAnswer(String),
     Said(String),
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Send(why) | Failure::Said(why) => f.write_str(why),
+            Failure::Send(why) | Failure::Said(why) | Failure::NoAnswer(why) => f.write_str(why),
             Failure::Disconnected => f.write_str("the node disconnected before answering"),
         }
     }

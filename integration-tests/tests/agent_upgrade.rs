@@ -140,6 +140,47 @@ fn a_fleet_upgrade_swaps_every_agent_under_load_and_a_node_that_fails_returns() 
     eprintln!("{stdout}");
     assert!(stdout.contains("3 of 3 agents upgraded"), "{stdout}");
 
+    // A crash and a start of the unit's binary (what systemd does after
+    // a reboot too): it runs the committed build, not the older file.
+    let pid_file = f.cluster.path("agents/node-3/agent.pid");
+    let killed: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    cutover_integration_tests::sigkill(killed);
+    let log = std::fs::File::create(f.cluster.path("logs/node-3-restarted.log")).unwrap();
+    {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(&agent)
+            .arg("--config")
+            .arg(f.cluster.path("agent-3.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(&pid_file)
+        .unwrap_or_default()
+        .trim()
+        == killed.to_string()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-3's agent did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        agent_binary(&f, 3),
+        f.cluster
+            .path(&format!("agents/node-3/bin/{hex}/cutover-agent")),
+        "the committed build runs after a restart"
+    );
+    wait_for_builds(&f, &on([&good_digest, &good_digest, &good_digest]));
+
     // A build whose agent on node-2 cannot reach the coordinator (its
     // config there points at a closed port): node-1 takes it, node-2
     // returns to the good build once its probation runs out, node-3 is

@@ -14,7 +14,7 @@ use cutover_integration_tests::docker::{
 };
 use cutover_integration_tests::load::Load;
 use cutover_integration_tests::{
-    body, find, get_when_up, http_get, ready, spawn_agent, web_release, Cluster, Tuning,
+    bin, body, find, get_when_up, http_get, ready, spawn_agent, web_release, Cluster, Tuning,
 };
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
@@ -422,9 +422,39 @@ async fn a_killed_agent_readopts_its_container_and_restarts_one_that_died() {
         "the same container, adopted"
     );
 
+    // An agent of the node on another state dir (a hand-run agent
+    // replaced by the unit) would not see the container: it refuses,
+    // naming the dir the container came from, and changes nothing.
+    agent.kill();
+    let (config, _) = cluster.agent_config_file("node-1", None);
+    let moved = config.with_file_name("moved-state");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("state_dir = {:?}", state_dir.display().to_string()),
+        &format!("state_dir = {:?}", moved.display().to_string()),
+    );
+    assert!(text.contains("moved-state"), "{text}");
+    let moved_config = config.with_file_name("moved.toml");
+    std::fs::write(&moved_config, text).unwrap();
+    let refused = std::process::Command::new(bin("cutover-agent"))
+        .arg("--config")
+        .arg(&moved_config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains(&format!(
+            "releases of node node-1 run from state dir {} (container {}",
+            state_dir.display(),
+            &before[0][..12]
+        )),
+        "{said}"
+    );
+    assert!(!moved.join("node-id").exists());
+    assert_eq!(containers_of(&node_id), before, "left alone");
+
     // The container dies while the agent is down: the restarted agent
     // removes it and starts the active release again.
-    agent.kill();
     docker(&["kill", &before[0]]);
     let agent = cluster.spawn_agent_binary("node-1");
     wait_ready().await;

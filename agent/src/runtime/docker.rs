@@ -42,6 +42,11 @@ pub const LABEL_NODE: &str = "cutover.node";
 /// The agent's node id (unique per state dir): what orphan cleanup matches,
 /// so two agents sharing an engine never touch each other's containers.
 pub const LABEL_NODE_ID: &str = "cutover.node-id";
+/// The agent identity (`name@CA fingerprint`) and state dir that started
+/// the container: how an agent on another state dir finds it (see
+/// `ownership`).
+pub const LABEL_OWNER: &str = "cutover.owner";
+pub const LABEL_STATE_DIR: &str = "cutover.state-dir";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -86,6 +91,8 @@ pub struct DockerEngine {
     node_id: String,
     credentials: Arc<Vec<RegistryCredential>>,
     client: Arc<Mutex<Option<Docker>>>,
+    /// The owner labels of the containers it creates.
+    owner: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for DockerEngine {
@@ -117,7 +124,18 @@ impl DockerEngine {
             node_id: node_id.to_string(),
             credentials: Arc::new(credentials),
             client: Arc::new(Mutex::new(None)),
+            owner: None,
         }
+    }
+
+    /// Labels the containers it creates with `owner`'s identity and state
+    /// dir.
+    pub fn with_owner(mut self, owner: &crate::runtime::ownership::Owner) -> Self {
+        self.owner = Some((
+            owner.identity.clone(),
+            owner.state_dir.display().to_string(),
+        ));
+        self
     }
 
     fn client(&self) -> Result<Docker, DockerError> {
@@ -309,12 +327,16 @@ impl DockerEngine {
                 _ => format!("{k}={v}"),
             })
             .collect();
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_SERVICE.to_string(), spec.service.clone()),
             (LABEL_RELEASE.to_string(), name.to_string()),
             (LABEL_NODE.to_string(), self.node.clone()),
             (LABEL_NODE_ID.to_string(), self.node_id.clone()),
         ]);
+        if let Some((identity, state_dir)) = &self.owner {
+            labels.insert(LABEL_OWNER.to_string(), identity.clone());
+            labels.insert(LABEL_STATE_DIR.to_string(), state_dir.clone());
+        }
         let published = (port != 0 && !spec.host_network).then(|| format!("{port}/tcp"));
         let host_config = HostConfig {
             network_mode: Some(if spec.host_network { "host" } else { "bridge" }.into()),
@@ -535,6 +557,31 @@ impl DockerEngine {
             .filter_map(|c| {
                 let release = c.labels?.get(LABEL_RELEASE)?.clone();
                 Some((c.id?, release))
+            })
+            .collect())
+    }
+}
+
+impl DockerEngine {
+    /// The running containers agents of `identity` started, by id, with
+    /// the state dir of the agent that did.
+    pub async fn running_of(&self, identity: &str) -> Result<Vec<(String, String)>, DockerError> {
+        let options = ListContainersOptionsBuilder::default()
+            .filters(&HashMap::from([(
+                "label".to_string(),
+                vec![format!("{LABEL_OWNER}={identity}")],
+            )]))
+            .build();
+        let listed = self
+            .client()?
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| self.classify(e, "list containers"))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|c| {
+                let state_dir = c.labels?.get(LABEL_STATE_DIR)?.clone();
+                Some((c.id?, state_dir))
             })
             .collect())
     }

@@ -113,15 +113,18 @@ pub fn labelled_groups() -> Vec<Labelled> {
 /// Releases without the state dir label (started by an older agent) are
 /// not counted: where they belong is not known.
 pub fn left_elsewhere(identity: &str, state_dir: &Path) -> Vec<Labelled> {
-    let canonical = |dir: &Path| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let own = canonical(state_dir);
     labelled_groups()
         .into_iter()
         .filter(|group| group.owner.identity == identity)
-        .filter(|group| !group.owner.state_dir.as_os_str().is_empty())
-        .filter(|group| {
-            let dir = canonical(&group.owner.state_dir);
-            dir != own && crate::handoff::running_agent(&dir).is_err()
-        })
+        .filter(|group| elsewhere_without_agent(&group.owner.state_dir, state_dir))
         .collect()
+}
+
+/// Whether `dir` (a release's recorded state dir) is another state dir
+/// than `own`, with no agent running on it.
+pub fn elsewhere_without_agent(dir: &Path, own: &Path) -> bool {
+    let canonical = |dir: &Path| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    !dir.as_os_str().is_empty()
+        && canonical(dir) != canonical(own)
+        && crate::handoff::running_agent(&canonical(dir)).is_err()
 }
