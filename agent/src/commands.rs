@@ -262,11 +262,18 @@ impl Executor {
                     .map(|installed| Some(binary_output(&installed))),
                 None => Err("prepare_agent names no artifact".into()),
             },
-            Some(command::Kind::UpgradeAgent(upgrade)) => self
-                .upgrades
-                .upgrade(&upgrade.digest, Duration::from_millis(upgrade.probation_ms))
-                .await
-                .map(|_| None),
+            Some(command::Kind::UpgradeAgent(upgrade)) => {
+                // The handoff it asks for waits for the commands in flight:
+                // not for this one, which waits for the handoff.
+                self.running
+                    .lock()
+                    .expect("running lock")
+                    .remove(&command_id);
+                self.upgrades
+                    .upgrade(&upgrade.digest, Duration::from_millis(upgrade.probation_ms))
+                    .await
+                    .map(|_| None)
+            }
             Some(command::Kind::CommitAgent(commit)) => self
                 .upgrades
                 .commit(&commit.digest)

@@ -80,7 +80,9 @@ impl Upgrades {
     }
 
     /// `upgrade_agent`: hands the node to the prepared binary of `digest`
-    /// on probation; the new agent's version once it can run.
+    /// on probation; once the new agent can run and no command runs, just
+    /// before this agent lets go of the node. A refusal at any step says
+    /// why.
     pub async fn upgrade(&self, digest: &str, probation: Duration) -> Result<String, String> {
         let Some(requests) = &self.requests else {
             return Err("this agent runs inside another program and cannot hand over".into());
@@ -138,11 +140,7 @@ impl Upgrades {
             Err(_) => Err("the agent is stopping".into()),
         };
         answer
-            .map(|version| {
-                format!(
-                    "agent {version} of build {digest} can run; it takes over once no command runs"
-                )
-            })
+            .map(|version| format!("agent {version} of build {digest} takes over"))
             .inspect_err(|_| binaries::end_probation(&self.state_dir))
     }
 

@@ -418,7 +418,7 @@ impl Agent {
             Request,
         );
         let mut starting: Option<Starting> = None;
-        let mut waiting: Option<(Successor, Reason, Instant)> = None;
+        let mut waiting: Option<(Successor, Request, Instant)> = None;
         let mut poll = tokio::time::interval(Duration::from_millis(50));
         loop {
             let round = self.session_round(shutdown, backoff);
@@ -461,15 +461,14 @@ impl Agent {
                     }
                     started = started => {
                         let Some((_, request)) = starting.take() else { continue };
-                        let reason = request.reason;
                         let started = started.unwrap_or_else(|error| Err(HandoffError::Refused(format!("the handoff task failed: {error}"))));
                         match started {
                             Ok(successor) => {
                                 tracing::info!(pid = successor.pid(), version = %successor.version, "the new agent can run; handing over once no command runs");
-                                request.answer(Ok(successor.version.clone()));
-                                waiting = Some((successor, reason, Instant::now() + SETTLE_TIMEOUT));
+                                waiting = Some((successor, request, Instant::now() + SETTLE_TIMEOUT));
                             }
                             Err(error) => {
+                                let reason = request.reason;
                                 request.answer(Err(error.to_string()));
                                 refused(&state_dir, &error, reason, handoffs.as_deref_mut());
                             }
@@ -477,12 +476,16 @@ impl Agent {
                     }
                     _ = poll.tick(), if waiting.is_some() => {
                         let busy = executor.in_flight();
-                        let Some((successor, reason, deadline)) = waiting.take() else { continue };
+                        let Some((successor, request, deadline)) = waiting.take() else { continue };
+                        let reason = request.reason;
                         if busy.is_empty() {
+                            // Said while the session is still open (its end
+                            // may cut the answer short).
+                            request.answer(Ok(successor.version.clone()));
                             return Some((successor, reason));
                         }
                         if Instant::now() < deadline {
-                            waiting = Some((successor, reason, deadline));
+                            waiting = Some((successor, request, deadline));
                             continue;
                         }
                         let error = successor.abort(HandoffError::Refused(format!(
@@ -490,6 +493,7 @@ impl Agent {
                             busy.join(", "),
                             humantime::format_duration(SETTLE_TIMEOUT)
                         ))).await;
+                        request.answer(Err(error.to_string()));
                         refused(&state_dir, &error, reason, handoffs.as_deref_mut());
                     }
                 }
