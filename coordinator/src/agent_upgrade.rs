@@ -96,6 +96,11 @@ impl AgentUpgrades {
         })
     }
 
+    /// The upgrade running now, if any.
+    pub fn running(&self) -> Option<String> {
+        self.running.lock().expect("upgrades lock").clone()
+    }
+
     /// Checks the fleet can take `plan` (every node connected and able to),
     /// then starts it; its events. `rollouts` are the rollouts running
     /// now: their commands would wait on the handoffs.

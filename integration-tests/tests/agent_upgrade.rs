@@ -208,7 +208,34 @@ fn a_fleet_upgrade_swaps_every_agent_under_load_and_a_node_that_fails_returns() 
     );
     let (broken, broken_digest) = agent_artifact(dir.path(), "broken.tar.gz", wrapper.as_bytes());
     let shoppers = Shoppers::at(&nodes);
-    let out = upgrade(&f, &broken, &["--batch", "1", "--deadline", "8s"]);
+    let running = std::process::Command::new(bin("cutover"))
+        .args(["agents", "upgrade", "--artifact"])
+        .arg(&broken)
+        .args(["--wait", "--batch", "1", "--deadline", "8s"])
+        .envs(f.cluster.env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A deploy meanwhile is refused (before the upgrade starts it is one
+    // that changes nothing: v1 runs everywhere).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let spec = cutover_integration_tests::dev_spec(f.port, "v1", STRATEGY, "");
+        let deploy = f.cluster.deploy_spec(&spec, "v1", &[]);
+        let said = text(&deploy.stderr);
+        if said.contains("agent upgrade agent-upgrade.") {
+            assert!(said.contains("is running; deploy once it ended"), "{said}");
+            assert!(!deploy.status.success());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a deploy was never refused: {said}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = running.wait_with_output().unwrap();
     let answers = shoppers.finish();
     let stdout = text(&out.stdout);
     eprintln!("{stdout}");

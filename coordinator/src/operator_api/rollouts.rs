@@ -230,6 +230,13 @@ impl OperatorApi {
         caller: Caller,
         r: pb::DeployRequest,
     ) -> Result<pb::DeployResponse, Status> {
+        // A switch while an agent upgrade waits for a node to serve what it
+        // served would fail that node's upgrade. A rollback is never held.
+        if let Some(upgrade) = self.agent_upgrades.running() {
+            return Err(Status::failed_precondition(format!(
+                "agent upgrade {upgrade} is running; deploy once it ended (`cutover events`)"
+            )));
+        }
         if let Some(artifact) = &r.artifact {
             Digest::parse(&artifact.digest)
                 .map_err(|e| Status::invalid_argument(format!("artifact digest: {e}")))?;
