@@ -1026,6 +1026,30 @@ impl Drop for DevCluster {
     }
 }
 
+/// Starts the agent of `config` on another state dir (`moved-state`
+/// beside `config`), as an agent moved to the unit would: the moved
+/// state dir and what the start said on stderr, once it exited with 2.
+pub fn start_on_moved_state_dir(config: &Path, state_dir: &Path) -> (PathBuf, String) {
+    let moved = config.with_file_name("moved-state");
+    let text = std::fs::read_to_string(config)
+        .expect("agent config")
+        .replace(
+            &format!("state_dir = {:?}", state_dir.display().to_string()),
+            &format!("state_dir = {:?}", moved.display().to_string()),
+        );
+    assert!(text.contains("moved-state"), "{text}");
+    let moved_config = config.with_file_name("moved.toml");
+    std::fs::write(&moved_config, text).expect("write the moved config");
+    let refused = std::process::Command::new(bin("cutover-agent"))
+        .arg("--config")
+        .arg(&moved_config)
+        .output()
+        .expect("run cutover-agent");
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    (moved, said)
+}
+
 pub fn sigkill(pid: i32) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use cutover_integration_tests::load::Load;
 use cutover_integration_tests::systemd::FakeSystemd;
 use cutover_integration_tests::{
-    activate, app_archive, bin, body, find, http_get, ready, release_pids, running, web_release,
-    AgentProcess, Cluster, Tuning,
+    activate, app_archive, bin, body, find, http_get, ready, release_pids, running,
+    start_on_moved_state_dir, web_release, AgentProcess, Cluster, Tuning,
 };
 use cutover_proto::v1 as pb;
 
@@ -453,21 +453,7 @@ async fn an_agent_on_a_new_state_dir_refuses_while_the_old_one_runs_the_nodes_re
     // state dir differs): it would not see v1, and would leave it running
     // unsupervised. It refuses, naming the old state dir, and changes
     // nothing: no node id in the new dir, v1 serves on.
-    let moved = dir.path().join("moved-state");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        &format!("state_dir = {:?}", state_dir.display().to_string()),
-        &format!("state_dir = {:?}", moved.display().to_string()),
-    );
-    assert!(text.contains("moved-state"), "{text}");
-    let moved_config = dir.path().join("moved.toml");
-    std::fs::write(&moved_config, text).unwrap();
-    let refused = std::process::Command::new(bin("cutover-agent"))
-        .arg("--config")
-        .arg(&moved_config)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{said}");
+    let (moved, said) = start_on_moved_state_dir(&config, &state_dir);
     assert!(
         said.contains(&format!(
             "releases of node node-1 run from state dir {}",

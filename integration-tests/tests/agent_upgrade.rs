@@ -150,7 +150,7 @@ fn a_fleet_upgrade_swaps_every_agent_under_load_and_a_node_that_fails_returns() 
         .unwrap();
     cutover_integration_tests::sigkill(killed);
     let log = std::fs::File::create(f.cluster.path("logs/node-3-restarted.log")).unwrap();
-    {
+    let mut restarted = {
         use std::os::unix::process::CommandExt;
         std::process::Command::new(&agent)
             .arg("--config")
@@ -159,8 +159,8 @@ fn a_fleet_upgrade_swaps_every_agent_under_load_and_a_node_that_fails_returns() 
             .stderr(log)
             .process_group(0)
             .spawn()
-            .unwrap();
-    }
+            .unwrap()
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::fs::read_to_string(&pid_file)
         .unwrap_or_default()
@@ -262,4 +262,7 @@ fn a_fleet_upgrade_swaps_every_agent_under_load_and_a_node_that_fails_returns() 
         "node-2 runs the good build again"
     );
     assert_eq!(f.release_processes(), apps, "the same app processes serve");
+    // `dev down` stops the agents, the restarted one too.
+    drop(f);
+    restarted.wait().unwrap();
 }

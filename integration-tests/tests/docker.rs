@@ -14,7 +14,8 @@ use cutover_integration_tests::docker::{
 };
 use cutover_integration_tests::load::Load;
 use cutover_integration_tests::{
-    bin, body, find, get_when_up, http_get, ready, spawn_agent, web_release, Cluster, Tuning,
+    body, find, get_when_up, http_get, ready, spawn_agent, start_on_moved_state_dir, web_release,
+    Cluster, Tuning,
 };
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
@@ -427,21 +428,7 @@ async fn a_killed_agent_readopts_its_container_and_restarts_one_that_died() {
     // naming the dir the container came from, and changes nothing.
     agent.kill();
     let (config, _) = cluster.agent_config_file("node-1", None);
-    let moved = config.with_file_name("moved-state");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        &format!("state_dir = {:?}", state_dir.display().to_string()),
-        &format!("state_dir = {:?}", moved.display().to_string()),
-    );
-    assert!(text.contains("moved-state"), "{text}");
-    let moved_config = config.with_file_name("moved.toml");
-    std::fs::write(&moved_config, text).unwrap();
-    let refused = std::process::Command::new(bin("cutover-agent"))
-        .arg("--config")
-        .arg(&moved_config)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{said}");
+    let (moved, said) = start_on_moved_state_dir(&config, &state_dir);
     assert!(
         said.contains(&format!(
             "releases of node node-1 run from state dir {} (container {}",

@@ -540,36 +540,34 @@ impl DockerEngine {
 
     /// Containers this node's agents made, by id, with their release label.
     pub async fn node_containers(&self) -> Result<Vec<(String, String)>, DockerError> {
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&HashMap::from([(
-                "label".to_string(),
-                vec![format!("{LABEL_NODE_ID}={}", self.node_id)],
-            )]))
-            .build();
-        let listed = self
-            .client()?
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| self.classify(e, "list containers"))?;
-        Ok(listed
-            .into_iter()
-            .filter_map(|c| {
-                let release = c.labels?.get(LABEL_RELEASE)?.clone();
-                Some((c.id?, release))
-            })
-            .collect())
+        self.labelled(
+            &format!("{LABEL_NODE_ID}={}", self.node_id),
+            true,
+            LABEL_RELEASE,
+        )
+        .await
     }
-}
 
-impl DockerEngine {
     /// The running containers agents of `identity` started, by id, with
     /// the state dir of the agent that did.
     pub async fn running_of(&self, identity: &str) -> Result<Vec<(String, String)>, DockerError> {
+        self.labelled(&format!("{LABEL_OWNER}={identity}"), false, LABEL_STATE_DIR)
+            .await
+    }
+
+    /// Containers with label `filter` (stopped ones too with `all`), by id,
+    /// with their `label`; those without it are left out.
+    async fn labelled(
+        &self,
+        filter: &str,
+        all: bool,
+        label: &str,
+    ) -> Result<Vec<(String, String)>, DockerError> {
         let options = ListContainersOptionsBuilder::default()
+            .all(all)
             .filters(&HashMap::from([(
                 "label".to_string(),
-                vec![format!("{LABEL_OWNER}={identity}")],
+                vec![filter.to_string()],
             )]))
             .build();
         let listed = self
@@ -580,8 +578,8 @@ impl DockerEngine {
         Ok(listed
             .into_iter()
             .filter_map(|c| {
-                let state_dir = c.labels?.get(LABEL_STATE_DIR)?.clone();
-                Some((c.id?, state_dir))
+                let value = c.labels?.get(label)?.clone();
+                Some((c.id?, value))
             })
             .collect())
     }
