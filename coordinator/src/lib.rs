@@ -24,6 +24,7 @@ pub mod migration;
 pub mod notify;
 pub mod operator_api;
 pub mod pgbackrest;
+pub mod policy;
 pub mod refusals;
 pub mod registry;
 pub mod rollout;

@@ -93,6 +93,17 @@ pub struct EnvironmentSpec {
     /// The HAProxy in front of its nodes (see `lb`).
     #[serde(default)]
     pub load_balancer: Option<crate::lb::LoadBalancerSpec>,
+    /// Only what has been stable in another environment for long enough
+    /// deploys here (see `policy`).
+    #[serde(default)]
+    pub promotion: Option<crate::policy::PromotionSpec>,
+    /// When no deploy or promotion goes here ("Fri 16:00 - Mon 08:00",
+    /// "2026-12-20 - 2027-01-02"), in `timezone`.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// The zone of the freeze windows; default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 /// Everything a deploy of one service in one environment needs from the
@@ -201,6 +212,8 @@ impl AppSpec {
             name_ok(name).map_err(|m| (key.clone(), m))?;
             crate::spec_checks::env_vars(&env.env)
                 .map_err(|(k, m)| (format!("{key}.env.{k}"), m))?;
+            self.check_policy(name, env)
+                .map_err(|(k, m)| (format!("{key}.{k}"), m))?;
         }
         for (name, service) in &self.services {
             let key = format!("services.{name}");
@@ -243,6 +256,35 @@ impl AppSpec {
                 return Err(("order".into(), format!("names {name:?} twice")));
             }
         }
+        Ok(())
+    }
+
+    /// An environment's promotion rule names another environment of the
+    /// spec; its freeze windows parse and do not overlap.
+    fn check_policy(&self, name: &str, env: &EnvironmentSpec) -> Result<(), (String, String)> {
+        if let Some(promotion) = &env.promotion {
+            let from = &promotion.from;
+            if from == name {
+                return Err((
+                    "promotion.from".into(),
+                    format!("environment {name} cannot take its releases from itself; name the environment they soak in first, such as staging"),
+                ));
+            }
+            if !self.environments.contains_key(from) {
+                return Err((
+                    "promotion.from".into(),
+                    format!(
+                        "names {from:?}, which is not an environment of the spec; it defines {}",
+                        self.environments
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        crate::policy::freeze::Freeze::parse(&env.freeze, env.timezone.as_deref())?;
         Ok(())
     }
 

@@ -33,10 +33,12 @@ pub enum Table {
     Jobs,
     /// Their runs.
     JobRuns,
+    /// Each environment's promotion rule and freeze windows, as pinned.
+    Policies,
 }
 
 impl Table {
-    pub const ALL: [Table; 17] = [
+    pub const ALL: [Table; 18] = [
         Table::Nodes,
         Table::Rollouts,
         Table::Deployments,
@@ -54,6 +56,7 @@ impl Table {
         Table::Meta,
         Table::Jobs,
         Table::JobRuns,
+        Table::Policies,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Table {
             Table::Meta => "meta",
             Table::Jobs => "jobs",
             Table::JobRuns => "job_runs",
+            Table::Policies => "policies",
         }
     }
 }

@@ -459,6 +459,14 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
     second.id = "web-2".into();
     second.created_at_ms = 20;
     second.state = RolloutState::Succeeded;
+    let policy = crate::policy::EnvironmentPolicy {
+        promotion: Some(crate::policy::Promotion {
+            from: "staging".into(),
+            min_soak_ms: 1_800_000,
+        }),
+        freeze: vec!["Fri 16:00 - Mon 08:00".into()],
+        timezone: Some("Europe/Berlin".into()),
+    };
     let record = |id: &str, at: i64| ReleaseRecord {
         app: "shop".into(),
         env: "prod".into(),
@@ -485,6 +493,9 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
             output: "Migrated: 2026_12_01_add_note".into(),
             schema: Some("Ran? Migration\nYes 2026_12_01_add_note".into()),
         }),
+        current_since_ms: at,
+        current_until_ms: if id == "web-v2" { 0 } else { 2 },
+        promoted_from: format!("staging/{id}"),
     };
     {
         let store = Store::new(opener.open(dir.path()));
@@ -506,6 +517,7 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
             .unwrap();
         store.pki.add_issued("node-a", "01ab").await.unwrap();
         store.pki.add_issued("node-ab", "02cd").await.unwrap();
+        store.releases.put_policy("prod", &policy).await.unwrap();
         assert_eq!(store.rollouts.next_number().await.unwrap(), 1);
         assert_eq!(store.rollouts.next_number().await.unwrap(), 2);
         store.flush().await.unwrap();
@@ -546,6 +558,12 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
     );
     assert_eq!(store.releases.all().await.unwrap().len(), 2);
     assert_eq!(store.pki.issued("node-a").await.unwrap(), ["01ab"]);
+    assert_eq!(
+        store.releases.policy("prod").await.unwrap(),
+        Some(policy),
+        "an environment's policy survives a restart"
+    );
+    assert_eq!(store.releases.policy("staging").await.unwrap(), None);
     assert_eq!(
         store.rollouts.next_number().await.unwrap(),
         3,

@@ -506,6 +506,18 @@ pub struct ReleaseRecord {
     /// Its migration, once it ran to exit 0.
     #[serde(default)]
     pub migration: Option<MigrationRecord>,
+    /// When it last became current; 0: never (or before this was kept).
+    /// With `current_until_ms`, how long it was stable: what a promotion
+    /// rule's soak reads.
+    #[serde(default)]
+    pub current_since_ms: i64,
+    /// When another release replaced it; 0 while it is current.
+    #[serde(default)]
+    pub current_until_ms: i64,
+    /// "ENV/RELEASE_ID" of the release it was promoted from; empty: it was
+    /// deployed.
+    #[serde(default)]
+    pub promoted_from: String,
 }
 
 /// A migration that ran with a release: what a rollback past it must know.

@@ -129,4 +129,22 @@ impl ReleaseRepo {
     ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
         self.kv.get(Table::Environments, env.as_bytes()).await
     }
+
+    /// Pins an environment's policy (see `policy::pin`).
+    pub async fn put_policy(
+        &self,
+        env: &str,
+        policy: &crate::policy::EnvironmentPolicy,
+    ) -> Result<(), StoreError> {
+        self.kv
+            .put(Table::Policies, env.as_bytes(), policy, Durability::Durable)
+            .await
+    }
+
+    pub async fn policy(
+        &self,
+        env: &str,
+    ) -> Result<Option<crate::policy::EnvironmentPolicy>, StoreError> {
+        self.kv.get(Table::Policies, env.as_bytes()).await
+    }
 }
