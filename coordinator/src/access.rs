@@ -46,6 +46,11 @@ impl Caller {
         self.role == OperatorRole::Admin || self.envs.is_empty()
     }
 
+    /// May change an environment's policy (see `policy`), or step past it.
+    pub fn is_admin(&self) -> bool {
+        self.role == OperatorRole::Admin
+    }
+
     /// "operator/alice", as the audit log names callers.
     pub fn who(&self) -> String {
         who(&self.identity)

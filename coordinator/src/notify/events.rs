@@ -49,6 +49,7 @@ pub fn derive(before: &Rollout, after: &Rollout) -> Vec<Event> {
             }
             "migration_started" => EventKind::MigrationStarted,
             "held" => EventKind::Held,
+            "break_glass" => EventKind::BreakGlass,
             // The engine notes its first failure once, as `error`.
             "failed" if migration_failed => EventKind::MigrationFailed,
             _ => continue,
@@ -169,6 +170,27 @@ mod tests {
         assert_eq!(all[0].kind.state(), "aborted");
         // Nothing more once it ended.
         assert!(step(&mut r, 9, Input::Tick { nodes: vec![] }).is_empty());
+    }
+
+    #[test]
+    fn a_break_of_glass_it_was_created_with_is_an_event_before_it_starts() {
+        let mut r = sim::rollout(2, sim::strategy());
+        r.timeline.push(TimelineEntry {
+            at_ms: 1,
+            kind: "break_glass".into(),
+            node: String::new(),
+            message: "root broke glass: checkout is down (past: a freeze)".into(),
+        });
+        let unsaid = Rollout {
+            timeline: Vec::new(),
+            ..r.clone()
+        };
+        let created = derive(&unsaid, &r);
+        assert_eq!(kinds(&created), ["break_glass"]);
+        assert_eq!(created[0].kind.state(), "pending");
+        assert!(created[0].message.contains("checkout is down"));
+        // Said once: starting it says only that.
+        assert_eq!(kinds(&step(&mut r, 2, Input::Start)), ["started"]);
     }
 
     #[test]

@@ -29,10 +29,13 @@ pub enum EventKind {
     /// A command that must run once may or may not have run: the rollout
     /// waits for the operator (`retry` or `abort`).
     Held,
+    /// An admin deployed past a freeze window or a promotion rule
+    /// (`--break-glass`).
+    BreakGlass,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 11] = [
         EventKind::Started,
         EventKind::Paused,
         EventKind::Resumed,
@@ -43,6 +46,7 @@ impl EventKind {
         EventKind::MigrationStarted,
         EventKind::MigrationFailed,
         EventKind::Held,
+        EventKind::BreakGlass,
     ];
 
     /// As the spec and the body spell it (also its serde form).
@@ -58,6 +62,7 @@ impl EventKind {
             EventKind::MigrationStarted => "migration_started",
             EventKind::MigrationFailed => "migration_failed",
             EventKind::Held => "held",
+            EventKind::BreakGlass => "break_glass",
         }
     }
 
@@ -75,6 +80,7 @@ impl EventKind {
             | EventKind::Failed
             | EventKind::RolledBack
             | EventKind::Aborted => self.as_str(),
+            EventKind::BreakGlass => "pending",
             EventKind::Started
             | EventKind::Resumed
             | EventKind::MigrationStarted

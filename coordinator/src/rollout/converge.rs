@@ -159,7 +159,8 @@ impl Rollouts {
             selector: current.selector.clone(),
             strategy,
             deployment: String::new(),
-            warning: None,
+            notes: Vec::new(),
+            promoted_from: String::new(),
             migration: None,
             hooks: Vec::new(),
             notify,
@@ -345,6 +346,9 @@ mod tests {
             },
             note: String::new(),
             migration: None,
+            current_since_ms: 0,
+            current_until_ms: 0,
+            promoted_from: String::new(),
         }
     }
 

@@ -115,6 +115,10 @@ pub struct Deployment {
     pub state: DeploymentState,
     pub steps: Vec<DeploymentStep>,
     pub allow_unreachable: bool,
+    /// What each of its rollouts says first, as (kind, message): an
+    /// admin's break of glass.
+    #[serde(default)]
+    pub notes: Vec<(String, String)>,
     pub created_by: String,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
@@ -395,7 +399,8 @@ impl Rollouts {
                     selector: step.selector.clone(),
                     strategy: step.strategy.clone(),
                     deployment: d.id.clone(),
-                    warning: None,
+                    notes: d.notes.clone(),
+                    promoted_from: String::new(),
                     migration: step.migration.clone(),
                     hooks: step.hooks.clone(),
                     notify: d.notify.clone(),

@@ -135,6 +135,16 @@ impl Rollouts {
             let before = record.clone();
             let is_target = record.release.id() == target;
             if took {
+                // How long each release was current is what a promotion
+                // rule's soak reads: a release made current again starts
+                // over.
+                let at = rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms);
+                if is_target && !record.current {
+                    record.current_since_ms = at;
+                    record.current_until_ms = 0;
+                } else if !is_target && record.current {
+                    record.current_until_ms = at;
+                }
                 record.current = is_target;
                 if is_target {
                     record.state = ReleaseState::Stable;

@@ -4,6 +4,7 @@
 //! commands it implies go out, and picks running rollouts up again after a
 //! restart.
 
+mod admission;
 #[cfg(test)]
 mod analysis_tests;
 mod balancer;
@@ -28,6 +29,8 @@ mod locks;
 mod migrate_tests;
 pub mod model;
 mod planner;
+#[cfg(test)]
+mod policy_tests;
 mod retry;
 mod rollback;
 #[cfg(test)]
@@ -117,6 +120,10 @@ pub enum RolloutError {
     EnvironmentPinned(String),
     #[error("{0}; or an admin deploys without it: --skip-backup-gate --reason TEXT")]
     BackupGate(String),
+    #[error("{0}")]
+    Frozen(String),
+    #[error("{0}")]
+    NotPromoted(String),
     #[error(transparent)]
     Secret(#[from] SecretError),
     #[error(transparent)]

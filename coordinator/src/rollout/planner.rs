@@ -51,6 +51,14 @@ pub struct DeployRequest {
     /// May set or change which nodes an environment selects (an admin, or
     /// a deployer not limited to environments).
     pub may_pin_environments: bool,
+    /// May set or change an environment's policy (an admin).
+    pub may_set_policy: bool,
+    /// An admin's reason to deploy past the environment's freeze window
+    /// and promotion rule.
+    pub break_glass: Option<String>,
+    /// "ENV/RELEASE_ID" of the release `cutover promote` took this one's
+    /// artifact and version from.
+    pub promoted_from: Option<String>,
 }
 
 /// What a rollout of one service is to do, before the nodes are picked.
@@ -65,8 +73,11 @@ pub(super) struct Target {
     pub(super) strategy: Strategy,
     /// The deployment it is a step of, or empty.
     pub(super) deployment: String,
-    /// Said first in its timeline (a forced rollback's).
-    pub(super) warning: Option<String>,
+    /// Said first in its timeline, as (kind, message): a forced
+    /// rollback's warning, a break of glass, a promotion.
+    pub(super) notes: Vec<(String, String)>,
+    /// For its release record: "ENV/RELEASE_ID" it was promoted from.
+    pub(super) promoted_from: String,
     /// The app's migration, run by a deploy of the service that owns it.
     pub(super) migration: Option<Migration>,
     /// The spec's run-once hooks for this service.
@@ -118,11 +129,11 @@ impl Rollouts {
         self: &Arc<Self>,
         request: DeployRequest,
     ) -> Result<Deployed, RolloutError> {
-        let resolved = self.resolve(&request).await?;
+        let (resolved, notes) = self.resolve(&request).await?;
         let _creating = self.create.lock().await;
         if resolved.len() > 1 {
             return Ok(Deployed::Together(Box::new(
-                self.deploy_together(resolved, &request).await?,
+                self.deploy_together(resolved, notes, &request).await?,
             )));
         }
         let mut started = Vec::new();
@@ -144,7 +155,8 @@ impl Rollouts {
                         selector: resolved.selector,
                         strategy: resolved.strategy,
                         deployment: String::new(),
-                        warning: None,
+                        notes: notes.clone(),
+                        promoted_from: request.promoted_from.clone().unwrap_or_default(),
                         migration: resolved.migration,
                         hooks: resolved.hooks,
                         notify: resolved.notify,
@@ -162,8 +174,13 @@ impl Rollouts {
 
     /// The deploy's releases, one per service in rollout order, with
     /// everything pinned once before anything is created: the environment's
-    /// nodes, each image's digest, the version label, each secret's version.
-    async fn resolve(&self, request: &DeployRequest) -> Result<Vec<Resolved>, RolloutError> {
+    /// nodes and policy, each image's digest, the version label, each
+    /// secret's version. With them, what their rollouts say first (a break
+    /// of glass, a promotion).
+    async fn resolve(
+        &self,
+        request: &DeployRequest,
+    ) -> Result<(Vec<Resolved>, Vec<(String, String)>), RolloutError> {
         let file = request.spec_file.as_str();
         let spec = AppSpec::parse(&request.spec_text, file)?;
         let services = spec.services_for(request.service.as_deref(), file)?;
@@ -171,6 +188,7 @@ impl Rollouts {
         self.check_backup_gates(&spec, &services, environment, request)
             .await?;
         self.pin_environment(request, &environment.nodes).await?;
+        let mut gate = self.policy_gate(request, environment).await?;
         let (pinned, images) = self.pin_images(&spec, &services, request).await?;
         // After what is wrong with the request itself: a missing artifact is
         // the last thing to complain about.
@@ -203,60 +221,10 @@ impl Rollouts {
             if let Some(migration) = &mut service.migration {
                 migration.node = request.migrate_node.clone();
             }
+            gate.check_release(&self.store, &service.release).await?;
         }
-        Ok(resolved)
-    }
-
-    /// The fresh backups the environment (every deploy) and the migration
-    /// (a deploy that runs it) require, unless an admin skips them.
-    async fn check_backup_gates(
-        &self,
-        spec: &AppSpec,
-        services: &[String],
-        environment: &crate::spec::EnvironmentSpec,
-        request: &DeployRequest,
-    ) -> Result<(), RolloutError> {
-        if request.skip_backup_gate {
-            return Ok(());
-        }
-        let migration = spec
-            .migrate
-            .as_ref()
-            .filter(|m| !request.skip_migrate && services.contains(&m.service))
-            .and_then(|m| m.require_backup.as_ref());
-        for gate in environment.require_backup.iter().chain(migration) {
-            let now_ms = self.registry.now_ms();
-            let refusal = crate::jobs::recovery::check_gate(
-                &self.store,
-                &spec.app,
-                &request.env,
-                gate,
-                now_ms,
-            )
-            .await?;
-            if let Some(refusal) = refusal {
-                return Err(RolloutError::BackupGate(refusal));
-            }
-        }
-        Ok(())
-    }
-
-    /// Which nodes an environment covers is the coordinator's to keep (see
-    /// `environments::pin`).
-    async fn pin_environment(
-        &self,
-        request: &DeployRequest,
-        selector: &BTreeMap<String, String>,
-    ) -> Result<(), RolloutError> {
-        crate::environments::pin(
-            &self.store,
-            &request.env,
-            selector,
-            request.may_pin_environments,
-            &request.by,
-        )
-        .await?
-        .map_err(RolloutError::EnvironmentPinned)
+        let notes = gate.admit(&self.store).await?;
+        Ok((resolved, notes))
     }
 
     /// Each image pinned once: every service (and node) of this deploy runs
@@ -306,6 +274,7 @@ impl Rollouts {
     async fn deploy_together(
         self: &Arc<Self>,
         resolved: Vec<Resolved>,
+        notes: Vec<(String, String)>,
         request: &DeployRequest,
     ) -> Result<Deployment, RolloutError> {
         for (i, service) in resolved.iter().enumerate() {
@@ -331,7 +300,8 @@ impl Rollouts {
                         selector: service.selector.clone(),
                         strategy: service.strategy.clone(),
                         deployment: String::new(),
-                        warning: None,
+                        notes: Vec::new(),
+                        promoted_from: String::new(),
                         migration: None,
                         hooks: Vec::new(),
                         notify: Vec::new(),
@@ -397,6 +367,7 @@ impl Rollouts {
                 })
                 .collect(),
             allow_unreachable: request.allow_unreachable,
+            notes,
             created_by: request.by.clone(),
             created_at_ms: now,
             finished_at_ms: None,
@@ -724,12 +695,12 @@ impl Rollouts {
                 message: why,
             });
         }
-        if let Some(warning) = plan_target.warning {
+        for (kind, message) in plan_target.notes {
             rollout.timeline.push(model::TimelineEntry {
                 at_ms: now,
-                kind: "warning".into(),
+                kind,
                 node: String::new(),
-                message: warning,
+                message,
             });
         }
         if !skipped.is_empty() {
@@ -745,13 +716,22 @@ impl Rollouts {
         }
         if plan_target.kind == RolloutKind::Deploy {
             // Deploying the current release again (to repair a node) keeps
-            // it current and stable whatever this rollout's outcome.
-            let current = self
+            // it current and stable whatever this rollout's outcome, with
+            // its history: since when, its migration, where it came from.
+            let kept = self
                 .store
                 .releases
                 .current(&plan_target.env, &plan_target.service)
                 .await?
-                .is_some_and(|r| r.release.id() == release_id);
+                .filter(|r| r.release.id() == release_id);
+            let current = kept.is_some();
+            let promoted_from = match plan_target.promoted_from.as_str() {
+                "" => kept
+                    .as_ref()
+                    .map(|r| r.promoted_from.clone())
+                    .unwrap_or_default(),
+                from => from.to_string(),
+            };
             self.store
                 .releases
                 .put(&ReleaseRecord {
@@ -771,7 +751,10 @@ impl Rollouts {
                     selector: plan_target.selector,
                     strategy: plan_target.strategy,
                     note: String::new(),
-                    migration: None,
+                    migration: kept.as_ref().and_then(|r| r.migration.clone()),
+                    current_since_ms: kept.as_ref().map_or(0, |r| r.current_since_ms),
+                    current_until_ms: 0,
+                    promoted_from,
                 })
                 .await?;
         }
@@ -785,6 +768,16 @@ impl Rollouts {
                 rollout.kind.as_str()
             ),
         );
+        // What it was created saying is told like what it says later (a
+        // break of glass is a webhook's business).
+        for entry in &rollout.timeline {
+            self.record(&rollout, &entry.kind, &entry.node, entry.message.clone());
+        }
+        let unsaid = Rollout {
+            timeline: Vec::new(),
+            ..rollout.clone()
+        };
+        self.notifier.rollout_changed(&unsaid, &rollout);
         self.spawn(rollout.clone(), Input::Start);
         Ok(rollout)
     }

@@ -81,6 +81,13 @@ impl Rollouts {
                 return Err(RolloutError::BackupGate(refusal));
             }
         }
+        // A retry is a deploy: a freeze window holds it too.
+        let policy = self.store.releases.policy(&old.env).await?;
+        if let Some(refusal) =
+            policy.and_then(|p| crate::policy::frozen(&old.env, &p, self.registry.now_ms()))
+        {
+            return Err(RolloutError::Frozen(refusal));
+        }
         let migration = old
             .migration
             .as_ref()
@@ -110,10 +117,14 @@ impl Rollouts {
                     selector: record.selector.clone(),
                     strategy: old.strategy.clone(),
                     deployment: String::new(),
-                    warning: Some(format!(
-                        "{by} retried rollout {id} (it ended {}){migration_note}",
-                        old.state.as_str(),
-                    )),
+                    notes: vec![(
+                        "warning".to_string(),
+                        format!(
+                            "{by} retried rollout {id} (it ended {}){migration_note}",
+                            old.state.as_str(),
+                        ),
+                    )],
+                    promoted_from: record.promoted_from.clone(),
                     migration,
                     hooks: old.hooks.iter().flat_map(|h| h.hooks.clone()).collect(),
                     notify: old.notify.clone(),

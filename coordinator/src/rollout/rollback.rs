@@ -151,7 +151,11 @@ impl Rollouts {
                     selector: target.selector.clone(),
                     strategy,
                     deployment: request.deployment.clone(),
-                    warning,
+                    notes: warning
+                        .map(|w| ("warning".to_string(), w))
+                        .into_iter()
+                        .collect(),
+                    promoted_from: String::new(),
                     // A rollback returns code, never runs a migration.
                     migration: None,
                     hooks: Vec::new(),

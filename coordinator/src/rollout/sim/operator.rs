@@ -177,6 +177,9 @@ pub(super) async fn deploy(
             migrate_node: None,
             by: "op".into(),
             may_pin_environments: true,
+            may_set_policy: true,
+            break_glass: None,
+            promoted_from: None,
         };
         match rollouts.deploy(request).await {
             Ok(Deployed::Alone(mut started)) => match started.pop() {

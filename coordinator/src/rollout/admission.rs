@@ -1,0 +1,165 @@
+//! What a deploy must pass before anything is created: the backup gates,
+//! the environment's pinned nodes and its policy (freeze windows, the
+//! promotion rule), with an admin's break of glass past the policy.
+//! Nothing here writes until every check has passed, so a refused deploy
+//! changes nothing.
+
+use std::collections::BTreeMap;
+
+use cutover_proto::v1 as pb;
+
+use super::planner::DeployRequest;
+use super::{RolloutError, Rollouts};
+use crate::policy::EnvironmentPolicy;
+use crate::spec::{AppSpec, EnvironmentSpec};
+use crate::store::Store;
+
+impl Rollouts {
+    /// The fresh backups the environment (every deploy) and the migration
+    /// (a deploy that runs it) require, unless an admin skips them.
+    pub(super) async fn check_backup_gates(
+        &self,
+        spec: &AppSpec,
+        services: &[String],
+        environment: &EnvironmentSpec,
+        request: &DeployRequest,
+    ) -> Result<(), RolloutError> {
+        if request.skip_backup_gate {
+            return Ok(());
+        }
+        let migration = spec
+            .migrate
+            .as_ref()
+            .filter(|m| !request.skip_migrate && services.contains(&m.service))
+            .and_then(|m| m.require_backup.as_ref());
+        for gate in environment.require_backup.iter().chain(migration) {
+            let now_ms = self.registry.now_ms();
+            let refusal = crate::jobs::recovery::check_gate(
+                &self.store,
+                &spec.app,
+                &request.env,
+                gate,
+                now_ms,
+            )
+            .await?;
+            if let Some(refusal) = refusal {
+                return Err(RolloutError::BackupGate(refusal));
+            }
+        }
+        Ok(())
+    }
+
+    /// Which nodes an environment covers is the coordinator's to keep (see
+    /// `environments::pin`).
+    pub(super) async fn pin_environment(
+        &self,
+        request: &DeployRequest,
+        selector: &BTreeMap<String, String>,
+    ) -> Result<(), RolloutError> {
+        crate::environments::pin(
+            &self.store,
+            &request.env,
+            selector,
+            request.may_pin_environments,
+            &request.by,
+        )
+        .await?
+        .map_err(RolloutError::EnvironmentPinned)
+    }
+
+    /// The environment's policy for this deploy: pinned (or changed by an
+    /// admin) and its freeze windows checked now; each release goes
+    /// through `PolicyGate::check_release`.
+    pub(super) async fn policy_gate<'a>(
+        &self,
+        request: &'a DeployRequest,
+        environment: &EnvironmentSpec,
+    ) -> Result<PolicyGate<'a>, RolloutError> {
+        let policy = EnvironmentPolicy::of(environment);
+        let new_policy =
+            crate::policy::check_pin(&self.store, &request.env, &policy, request.may_set_policy)
+                .await?
+                .map_err(RolloutError::EnvironmentPinned)?;
+        let mut gate = PolicyGate {
+            request,
+            now_ms: self.registry.now_ms(),
+            policy,
+            new_policy,
+            in_the_way: Vec::new(),
+        };
+        let frozen = crate::policy::frozen(&request.env, &gate.policy, gate.now_ms);
+        gate.refused(frozen, RolloutError::Frozen)?;
+        Ok(gate)
+    }
+}
+
+/// One deploy on its way past its environment's policy: what stood in the
+/// way of an admin who broke glass is kept for the timeline.
+pub(super) struct PolicyGate<'a> {
+    request: &'a DeployRequest,
+    now_ms: i64,
+    policy: EnvironmentPolicy,
+    /// The policy to pin once the deploy goes ahead.
+    new_policy: Option<EnvironmentPolicy>,
+    in_the_way: Vec<String>,
+}
+
+impl PolicyGate<'_> {
+    /// Whether the environment takes this release (the promotion rule).
+    pub(super) async fn check_release(
+        &mut self,
+        store: &Store,
+        release: &pb::Release,
+    ) -> Result<(), RolloutError> {
+        let refusal = crate::policy::promotion::check(
+            store,
+            &self.request.env,
+            &self.policy,
+            release,
+            self.now_ms,
+        )
+        .await?;
+        self.refused(refusal, RolloutError::NotPromoted)
+    }
+
+    /// A refusal ends the deploy, unless an admin broke glass.
+    fn refused(
+        &mut self,
+        refusal: Option<String>,
+        error: fn(String) -> RolloutError,
+    ) -> Result<(), RolloutError> {
+        match refusal {
+            Some(refusal) if self.request.break_glass.is_none() => Err(error(refusal)),
+            Some(refusal) => {
+                self.in_the_way.push(refusal);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Every check passed: pins a changed policy and returns what the
+    /// rollouts say first, as (kind, message): a break of glass (with
+    /// what it stepped past), a promotion.
+    pub(super) async fn admit(self, store: &Store) -> Result<Vec<(String, String)>, RolloutError> {
+        let request = self.request;
+        let mut notes = Vec::new();
+        if let Some(reason) = &request.break_glass {
+            let skipped = match self.in_the_way.as_slice() {
+                [] => "nothing was in the way".to_string(),
+                refusals => format!("past: {}", refusals.join("; ")),
+            };
+            notes.push((
+                "break_glass".to_string(),
+                format!("{} broke glass: {reason} ({skipped})", request.by),
+            ));
+        }
+        if let Some(from) = &request.promoted_from {
+            notes.push(("promoted".to_string(), format!("promoted from {from}")));
+        }
+        if let Some(policy) = &self.new_policy {
+            crate::policy::pin(store, &request.env, policy, &request.by).await?;
+        }
+        Ok(notes)
+    }
+}
