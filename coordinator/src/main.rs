@@ -82,6 +82,16 @@ enum Commands {
     },
     /// Roll a service back to its previous stable release (or --to one).
     Rollback(cli::rollouts::RollbackArgs),
+    /// Deploy to one environment the release stable in another: the same
+    /// artifact (or image digest) and version, with the target's
+    /// environment, secrets and strategy.
+    Promote(cli::environments::PromoteArgs),
+    /// An environment's freeze windows: `status` shows them, whether one
+    /// runs now, and the next.
+    Freeze {
+        #[command(subcommand)]
+        action: cli::environments::FreezeCommand,
+    },
     /// A service's kept releases in an environment.
     Releases(cli::rollouts::ReleasesArgs),
     /// Run a command once on one node with a release of a service (its
@@ -365,6 +375,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Rollback(args) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::rollouts::rollback(&mut client, args, json).await;
+        }
+        Commands::Promote(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::environments::promote(&mut client, args, json).await;
+        }
+        Commands::Freeze { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::environments::freeze(&mut client, action, json).await;
         }
         Commands::Releases(args) => {
             let mut client = cli.connect.operator_client().await?;

@@ -6,6 +6,7 @@ pub mod ca;
 pub mod client;
 pub mod deployments;
 pub mod dev;
+pub mod environments;
 pub mod jobs;
 pub mod logs;
 pub mod nodes;

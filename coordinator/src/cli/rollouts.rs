@@ -67,7 +67,12 @@ pub struct DeployArgs {
     /// --reason; audited).
     #[arg(long, requires = "reason")]
     pub skip_backup_gate: bool,
-    /// Why the backup gate is skipped (kept in the audit log).
+    /// Deploy past the environment's freeze window and promotion rule
+    /// (admin, with --reason; audited and notified).
+    #[arg(long, requires = "reason")]
+    pub break_glass: bool,
+    /// Why the backup gate is skipped or the glass broken (kept in the
+    /// audit log).
     #[arg(long)]
     pub reason: Option<String>,
 }
@@ -310,6 +315,7 @@ pub async fn deploy(
             skip_migrate: args.skip_migrate,
             migrate_node: args.migrate_node.unwrap_or_default(),
             skip_backup_gate: args.skip_backup_gate,
+            break_glass: args.break_glass,
             reason: args.reason.unwrap_or_default(),
         })
         .await
@@ -340,8 +346,9 @@ pub async fn rollback(
     started(client, response, args.wait, json).await
 }
 
-/// Reports what a deploy or rollback started, following it with `wait`.
-async fn started(
+/// Reports what a deploy, promotion or rollback started, following it
+/// with `wait`.
+pub(super) async fn started(
     client: &mut OperatorServiceClient<Channel>,
     response: pb::DeployResponse,
     wait: bool,
@@ -634,6 +641,7 @@ pub async fn releases(
                     "deployed_at": rfc3339(r.deployed_at_ms),
                     "rollout": r.rollout_id,
                     "note": r.note,
+                    "promoted_from": (!r.promoted_from.is_empty()).then_some(&r.promoted_from),
                     "migration": (!r.migration_phase.is_empty()).then(|| json!({
                         "phase": r.migration_phase,
                         "ran_at": rfc3339(r.migrated_at_ms),
@@ -656,6 +664,7 @@ pub async fn releases(
             "BY",
             "DEPLOYED",
             "ROLLOUT",
+            "FROM",
             "MIGRATION",
             "NOTE",
         ]
@@ -671,6 +680,10 @@ pub async fn releases(
                 r.deployed_by.clone(),
                 rfc3339(r.deployed_at_ms),
                 r.rollout_id.clone(),
+                match r.promoted_from.as_str() {
+                    "" => "-".to_string(),
+                    from => from.to_string(),
+                },
                 match r.migration_phase.as_str() {
                     "" => "-".to_string(),
                     phase => phase.to_string(),

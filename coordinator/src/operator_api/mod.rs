@@ -10,6 +10,7 @@ mod analysis;
 mod artifacts;
 mod backup;
 mod ca;
+mod environments;
 mod errors;
 mod events;
 mod jobs;
@@ -226,6 +227,20 @@ impl OperatorService for OperatorApi {
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::DeployResponse>, Status> {
         self.handle_rollback(request).await
+    }
+
+    async fn promote(
+        &self,
+        request: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        self.handle_promote(request).await
+    }
+
+    async fn get_environment_policy(
+        &self,
+        request: Request<pb::GetEnvironmentPolicyRequest>,
+    ) -> Result<Response<pb::EnvironmentPolicy>, Status> {
+        self.handle_get_environment_policy(request).await
     }
 
     async fn list_rollouts(

@@ -203,12 +203,13 @@ impl OperatorApi {
             "skip_migrate": r.skip_migrate,
             "migrate_node": r.migrate_node,
             "skip_backup_gate": r.skip_backup_gate,
+            "break_glass": r.break_glass,
             "reason": r.reason,
         });
         let env = r.env.clone();
-        // Deploying without the backups the spec requires is an admin's
-        // call, with a reason.
-        let need = if r.skip_backup_gate {
+        // Deploying without the backups the spec requires, or past a freeze
+        // or a promotion rule, is an admin's call, with a reason.
+        let need = if r.skip_backup_gate || r.break_glass {
             Need::Admin
         } else {
             Need::Deploy(&env)
@@ -219,17 +220,24 @@ impl OperatorApi {
                     "--skip-backup-gate needs --reason TEXT: why deploying without a fresh backup is safe",
                 ));
             }
-            self.deploy_as(caller, r).await
+            self.deploy_as(caller, r, None).await
         })
         .await
     }
 
-    /// A deploy by `caller`, once allowed.
-    async fn deploy_as(
+    /// A deploy by `caller`, once allowed; `promoted_from` names the
+    /// release a promotion took it from.
+    pub(super) async fn deploy_as(
         &self,
         caller: Caller,
         r: pb::DeployRequest,
+        promoted_from: Option<String>,
     ) -> Result<pb::DeployResponse, Status> {
+        if r.break_glass && r.reason.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "--break-glass needs --reason TEXT: why this deploy cannot wait for the freeze window's end or the promotion rule",
+            ));
+        }
         // A switch while an agent upgrade waits for a node to serve what it
         // served would fail that node's upgrade. A rollback is never held.
         if let Some(upgrade) = self.agent_upgrades.running() {
@@ -260,6 +268,9 @@ impl OperatorApi {
                 skip_backup_gate: r.skip_backup_gate,
                 migrate_node: Some(r.migrate_node).filter(|n| !n.is_empty()),
                 may_pin_environments: caller.may_pin_environments(),
+                may_set_policy: caller.is_admin(),
+                break_glass: r.break_glass.then_some(r.reason),
+                promoted_from,
                 by: caller.identity.name,
             })
             .await?;
@@ -561,6 +572,7 @@ impl OperatorApi {
                     .as_ref()
                     .and_then(|m| m.schema.clone())
                     .unwrap_or_default(),
+                promoted_from: record.promoted_from,
             })
             .collect();
         Ok(Response::new(pb::ListReleasesResponse { releases }))

@@ -1,0 +1,162 @@
+//! `cutover promote` (a release stable in one environment, deployed to
+//! the next) and `cutover freeze status` (an environment's freeze windows
+//! and promotion rule, as the coordinator keeps them).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use cutover_coordinator::policy::show_duration;
+use cutover_coordinator::spec::AppSpec;
+use cutover_proto::v1::operator_service_client::OperatorServiceClient;
+use cutover_proto::v1::{self as pb};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use super::client::explain;
+use super::nodes::rfc3339;
+
+#[derive(Debug, clap::Args)]
+pub struct PromoteArgs {
+    /// The service to promote.
+    pub service: String,
+    /// The app spec: the target environment's environment, secrets and
+    /// strategy come from it.
+    #[arg(short = 'f', long = "file", default_value = "cutover.toml")]
+    pub file: PathBuf,
+    /// The environment the release is stable in.
+    #[arg(long)]
+    pub from: String,
+    /// The environment to deploy it to.
+    #[arg(long)]
+    pub to: String,
+    /// The release of --from to promote (`cutover releases SERVICE --env
+    /// FROM`); default: its current one.
+    #[arg(long)]
+    pub release: Option<String>,
+    /// Follow the rollout to its end; exit 0 only if it succeeded.
+    #[arg(long)]
+    pub wait: bool,
+    /// Roll out without the nodes that are unreachable now.
+    #[arg(long)]
+    pub allow_unreachable: bool,
+    /// Promote past the target's freeze window and soak time (admin, with
+    /// --reason; audited and notified).
+    #[arg(long, requires = "reason")]
+    pub break_glass: bool,
+    /// Why (kept in the audit log and the rollout's timeline).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+pub async fn promote(
+    client: &mut OperatorServiceClient<Channel>,
+    args: PromoteArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    let file = args.file.display().to_string();
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read the app spec {file}"))?;
+    // Checked here first, with the file's name in the error.
+    let spec = AppSpec::parse(&text, &file)?;
+    spec.services_for(Some(&args.service), &file)?;
+    spec.environment(&file, &args.from)?;
+    spec.environment(&file, &args.to)?;
+    let response = client
+        .promote(pb::PromoteRequest {
+            spec: text,
+            spec_file: file,
+            service: args.service,
+            from_env: args.from,
+            to_env: args.to,
+            release_id: args.release.unwrap_or_default(),
+            allow_unreachable: args.allow_unreachable,
+            break_glass: args.break_glass,
+            reason: args.reason.unwrap_or_default(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    super::rollouts::started(client, response, args.wait, json).await
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum FreezeCommand {
+    /// An environment's freeze windows, whether one runs now and until
+    /// when, and the next one; with its promotion rule. Exits 0 either
+    /// way (`--json` says `frozen`).
+    Status {
+        #[arg(long)]
+        env: String,
+    },
+}
+
+pub async fn freeze(
+    client: &mut OperatorServiceClient<Channel>,
+    command: FreezeCommand,
+    json: bool,
+) -> Result<ExitCode> {
+    let FreezeCommand::Status { env } = command;
+    let p = client
+        .get_environment_policy(pb::GetEnvironmentPolicyRequest { env })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    let at = |ms: i64| (ms > 0).then(|| rfc3339(ms));
+    if json {
+        let value = json!({
+            "env": p.env,
+            "pinned": p.pinned,
+            "promotion": (!p.promotion_from.is_empty()).then(|| json!({
+                "from": p.promotion_from,
+                "min_soak_ms": p.min_soak_ms,
+            })),
+            "timezone": p.timezone,
+            "windows": p.freeze,
+            "frozen": !p.frozen_by.is_empty(),
+            "frozen_by": (!p.frozen_by.is_empty()).then_some(&p.frozen_by),
+            "frozen_until": at(p.frozen_until_ms),
+            "next": (!p.next_window.is_empty()).then(|| json!({
+                "window": p.next_window,
+                "starts_at": at(p.next_starts_at_ms),
+                "ends_at": at(p.next_ends_at_ms),
+            })),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !p.pinned {
+        println!(
+            "environment {}: no policy pinned (no deploy set one): no freeze window, no promotion rule",
+            p.env
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match p.promotion_from.as_str() {
+        "" => println!("promotion: none (any release deploys)"),
+        from => println!(
+            "promotion: only releases stable in {from} for {}",
+            show_duration(p.min_soak_ms)
+        ),
+    }
+    if p.freeze.is_empty() {
+        println!("freeze windows: none");
+    } else {
+        println!("freeze windows ({}):", p.timezone);
+        for window in &p.freeze {
+            println!("  {window}");
+        }
+    }
+    if p.frozen_by.is_empty() {
+        println!("now: open for deploys");
+    } else {
+        println!("now: FROZEN by {:?} until {}", p.frozen_by, p.frozen_until);
+    }
+    if !p.next_window.is_empty() {
+        println!(
+            "next: {:?} from {} to {}",
+            p.next_window, p.next_starts_at, p.next_ends_at
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
