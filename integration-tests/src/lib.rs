@@ -1332,11 +1332,7 @@ pub fn deploy_request(
             digest: artifact.1.clone(),
         }),
         image: String::new(),
-        allow_unreachable: false,
-        skip_migrate: false,
-        migrate_node: String::new(),
-        skip_backup_gate: false,
-        reason: String::new(),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,460 @@
+//! Environments through the real `cutover` binary: a release promoted from
+//! staging to production (the same digest and version, production's own
+//! environment), production's promotion rule refusing what did not soak in
+//! staging with the command that would promote it, an admin breaking glass
+//! (in the audit log and the rollout's timeline), a policy only an admin
+//! changes, and a freeze window that holds deploys and promotions but not
+//! a rollback. The freeze's clock semantics (zones, weekends, daylight
+//! saving) are tested on a fixed clock in `policy/freeze.rs` and
+//! `rollout/policy_tests.rs`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cutover_common::identity::Role;
+use cutover_integration_tests::{app_archive, archive, bin, spawn_agent, Cluster, Tuning, APP};
+use serde_json::Value;
+
+struct Cli {
+    coordinator: String,
+    dir: PathBuf,
+}
+
+impl Cli {
+    /// `cutover ARGS` as the operator whose CLI config is `config`.
+    fn run(&self, config: &Path, args: &[&str]) -> (bool, String) {
+        let output = std::process::Command::new(bin("cutover"))
+            .arg("--cli-config")
+            .arg(config)
+            .args(args)
+            .env_remove("CUTOVER_CLI_CONFIG")
+            .env("HOME", "/nonexistent")
+            .output()
+            .expect("run cutover");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
+    fn json(&self, config: &Path, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let (ok, text) = self.run(config, &all);
+        assert!(ok, "{args:?}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    }
+
+    /// The spec file for `policy` (the production table's extra lines).
+    fn spec(&self, port: u16, policy: &str) -> String {
+        let path = self.dir.join("cutover.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "5s"
+[strategy]
+min_healthy_time = "200ms"
+[environments.staging]
+nodes = {{ env = "staging" }}
+env = {{ APP_ENV = "staging" }}
+[environments.production]
+nodes = {{ env = "production" }}
+env = {{ APP_ENV = "production" }}
+{policy}
+"#
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A freeze window that runs now whatever the day: yesterday to tomorrow,
+/// in UTC.
+fn window_around_now() -> String {
+    let day = |offset: i64| {
+        let at = std::time::SystemTime::now() + Duration::from_secs(86_400);
+        let at = at - Duration::from_secs((86_400 * (1 - offset)) as u64);
+        humantime::format_rfc3339_seconds(at).to_string()[..10].to_string()
+    };
+    format!("{} - {}", day(-1), day(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_is_promoted_from_staging_under_productions_rules() {
+    let mut cluster = Cluster::start(0, Tuning::default()).await;
+    for (name, env) in [("node-1", "staging"), ("node-2", "production")] {
+        let mut config = cluster.agent_config(name);
+        config.labels = [("env".to_string(), env.to_string())].into();
+        let agent = spawn_agent(config).await;
+        cluster.agents.push(agent);
+    }
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == 2 && n.iter().all(|n| n.connected)
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli {
+        coordinator: cluster.url(),
+        dir: dir.path().to_path_buf(),
+    };
+    let root = cluster.pki.client_files(Role::Operator, "root");
+    let admin = dir.path().join("root.toml");
+    std::fs::write(
+        &admin,
+        format!(
+            "coordinator = {:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+            cli.coordinator,
+            root.ca_cert.display().to_string(),
+            root.cert.display().to_string(),
+            root.key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let pete = {
+        let out = dir.path().join("pete");
+        let (ok, text) = cli.run(
+            &admin,
+            &[
+                "operator",
+                "create",
+                "pete",
+                "--role",
+                "deployer",
+                "--env",
+                "production",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{text}");
+        out.join("cli.toml")
+    };
+    let (_, v1_digest) = app_archive(dir.path());
+    let v1 = dir.path().join("app.tar.gz").display().to_string();
+    // Another build: the same app, another digest.
+    let v2 = archive(
+        dir.path(),
+        "app-v2.tar.gz",
+        &[("app.py", &format!("{APP}\n# v2\n"))],
+    )
+    .display()
+    .to_string();
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    let long_soak = r#"promotion = { from = "staging", min_soak = "1h" }"#;
+    let short_soak = r#"promotion = { from = "staging", min_soak = "1s" }"#;
+    let deploy =
+        |config: &Path, spec: &str, env: &str, version: &str, artifact: &str, extra: &[&str]| {
+            let mut args = vec![
+                "deploy",
+                "-f",
+                spec,
+                "--env",
+                env,
+                "--version",
+                version,
+                "--artifact",
+                artifact,
+                "--wait",
+            ];
+            args.extend_from_slice(extra);
+            cli.run(config, &args)
+        };
+
+    // Staging takes anything.
+    let spec = cli.spec(port, long_soak);
+    let (ok, text) = deploy(&admin, &spec, "staging", "v1", &v1, &[]);
+    assert!(ok, "{text}");
+    let staging = cli.json(&admin, &["releases", "web", "--env", "staging"]);
+    let staged = staging[0]["release"]["id"].as_str().unwrap().to_string();
+
+    // Production asks for an hour in staging: a promotion now is refused,
+    // naming the release, how long it soaked, and the command for later.
+    let (ok, text) = cli.run(
+        &admin,
+        &[
+            "promote",
+            "web",
+            "-f",
+            &spec,
+            "--from",
+            "staging",
+            "--to",
+            "production",
+        ],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "artifact {v1_digest} of web has been stable in staging for"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("under the 1h environment production asks for"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "`cutover promote web --from staging --to production --release {staged}`"
+        )),
+        "{text}"
+    );
+    // A build staging never ran: refused, with the way through staging.
+    let (ok, text) = deploy(&admin, &spec, "production", "v2", &v2, &[]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("has never been stable in staging"), "{text}");
+    assert!(
+        text.contains(
+            "deploy it to staging first, then `cutover promote web --from staging --to production`"
+        ),
+        "{text}"
+    );
+    // A deployer cannot break glass; an admin can, with a reason.
+    let (ok, text) = deploy(
+        &pete,
+        &spec,
+        "production",
+        "v2",
+        &v2,
+        &["--break-glass", "--reason", "x"],
+    );
+    assert!(!ok && text.contains("admin"), "{text}");
+    let (ok, text) = deploy(&admin, &spec, "production", "v2", &v2, &["--break-glass"]);
+    assert!(!ok && text.contains("--reason"), "{text}");
+    let (ok, text) = deploy(
+        &admin,
+        &spec,
+        "production",
+        "v2",
+        &v2,
+        &[
+            "--break-glass",
+            "--reason",
+            "checkout is down, fix verified on a laptop",
+        ],
+    );
+    assert!(ok, "{text}");
+    let rollouts = cli.json(&admin, &["rollout", "list", "--env", "production"]);
+    let id = rollouts[0]["id"].as_str().unwrap().to_string();
+    let status = cli.json(&admin, &["rollout", "status", &id]);
+    let glass = status["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "break_glass")
+        .unwrap_or_else(|| panic!("a break_glass entry: {status}"));
+    let message = glass["message"].as_str().unwrap();
+    assert!(
+        message.contains("root broke glass: checkout is down, fix verified on a laptop")
+            && message.contains("has never been stable in staging"),
+        "{message}"
+    );
+    let audit = cli.json(&admin, &["audit", "--limit", "20"]);
+    let entry = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| {
+            a["action"] == "deploy" && a["outcome"] == "ok" && a["arguments"]["break_glass"] == true
+        })
+        .unwrap_or_else(|| panic!("the break of glass in the audit log: {audit}"));
+    assert_eq!(
+        entry["arguments"]["reason"],
+        "checkout is down, fix verified on a laptop"
+    );
+
+    // The policy is pinned: the deployer cannot shorten the soak...
+    let spec = cli.spec(port, short_soak);
+    let (ok, text) = cli.run(
+        &pete,
+        &[
+            "promote",
+            "web",
+            "-f",
+            &spec,
+            "--from",
+            "staging",
+            "--to",
+            "production",
+        ],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("environment production has promotion from staging after 1h")
+            && text.contains("the spec says promotion from staging after 1s")
+            && text.contains("only an admin changes"),
+        "{text}"
+    );
+    // ...an admin can, and the deployer promotes under it: production runs
+    // staging's digest and version with its own environment.
+    let (ok, text) = cli.run(
+        &admin,
+        &[
+            "promote",
+            "web",
+            "-f",
+            &spec,
+            "--from",
+            "nowhere",
+            "--to",
+            "production",
+        ],
+    );
+    assert!(!ok && text.contains("no environment \"nowhere\""), "{text}");
+    let (ok, text) = deploy(&admin, &spec, "staging", "v1", &v1, &[]);
+    assert!(ok, "{text}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (ok, text) = cli.run(
+        &admin,
+        &[
+            "promote",
+            "web",
+            "-f",
+            &spec,
+            "--from",
+            "staging",
+            "--to",
+            "production",
+            "--release",
+            &staged,
+            "--wait",
+        ],
+    );
+    assert!(ok, "{text}");
+    let production = cli.json(&admin, &["releases", "web", "--env", "production"]);
+    let promoted = &production[0];
+    assert_eq!(promoted["current"], true, "{production}");
+    assert_eq!(promoted["promoted_from"], format!("staging/{staged}"));
+    assert_eq!(promoted["release"]["version"], "v1");
+    assert_eq!(promoted["release"]["digest"], v1_digest.as_str());
+    assert_ne!(
+        promoted["release"]["id"],
+        staged.as_str(),
+        "production's own environment"
+    );
+    let app_env =
+        cutover_integration_tests::http_get(&format!("127.0.0.12:{port}"), "/env-sha256/APP_ENV");
+    assert!(app_env.contains(&sha256_hex("production")), "{app_env}");
+    let status = cli.json(
+        &admin,
+        &["rollout", "status", promoted["rollout"].as_str().unwrap()],
+    );
+    assert!(
+        status["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["kind"] == "promoted"
+                && t["message"] == format!("promoted from staging/{staged}")),
+        "{status}"
+    );
+    let (ok, table) = cli.run(&admin, &["releases", "web", "--env", "production"]);
+    assert!(
+        ok && table.contains(&format!("staging/{staged}")),
+        "{table}"
+    );
+
+    // A freeze window that runs now: refused even to an admin (nothing
+    // pinned), then pinned by breaking glass.
+    let freeze = format!("{short_soak}\nfreeze = [{:?}]", window_around_now());
+    let spec = cli.spec(port, &freeze);
+    let (ok, text) = cli.run(
+        &admin,
+        &[
+            "promote",
+            "web",
+            "-f",
+            &spec,
+            "--from",
+            "staging",
+            "--to",
+            "production",
+        ],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("environment production is frozen: window"),
+        "{text}"
+    );
+    assert!(text.contains("(UTC) runs until"), "{text}");
+    assert!(text.contains("a rollback is never frozen"), "{text}");
+    let status = cli.json(&admin, &["freeze", "status", "--env", "production"]);
+    assert_eq!(
+        status["frozen"], false,
+        "the refused deploy pinned nothing: {status}"
+    );
+    assert_eq!(status["promotion"]["from"], "staging");
+    let (ok, text) = cli.run(
+        &admin,
+        &[
+            "promote",
+            "web",
+            "-f",
+            &spec,
+            "--from",
+            "staging",
+            "--to",
+            "production",
+            "--break-glass",
+            "--reason",
+            "freeze for the sale",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("nothing to do"),
+        "the release runs already: {text}"
+    );
+    let status = cli.json(&admin, &["freeze", "status", "--env", "production"]);
+    assert_eq!(status["frozen"], true, "{status}");
+    assert_eq!(status["frozen_by"], window_around_now());
+    assert_eq!(status["timezone"], "UTC");
+    let (ok, text) = cli.run(&admin, &["freeze", "status", "--env", "production"]);
+    assert!(ok && text.contains("now: FROZEN by"), "{text}");
+    let (ok, text) = cli.run(
+        &pete,
+        &[
+            "promote",
+            "web",
+            "-f",
+            &spec,
+            "--from",
+            "staging",
+            "--to",
+            "production",
+        ],
+    );
+    assert!(!ok && text.contains("is frozen"), "{text}");
+    // An incident cannot wait: the rollback goes.
+    let (ok, text) = cli.run(&pete, &["rollback", "web", "--env", "production", "--wait"]);
+    assert!(ok, "{text}");
+    let production = cli.json(&admin, &["releases", "web", "--env", "production"]);
+    let current = production
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["current"] == true)
+        .unwrap();
+    assert_eq!(current["release"]["version"], "v2", "{production}");
+}
