@@ -46,6 +46,7 @@ state_names! {
         RolledBack => "rolled_back",
         Aborted => "aborted",
         Held => "held",
+        AwaitingApproval => "awaiting_approval",
     }
     RolloutNodeState {
         Pending => "pending",

@@ -53,7 +53,7 @@ impl Rollouts {
             state: rollout.state,
             auto_rollback: rollout.rolls_back(),
             at_ms: rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms),
-            returned: rollout.returning,
+            returned: rollout.returning || rollout.sent_nothing(),
             refused: self.refused_after(rollout).await?,
         };
         self.store.releases.put_outcome(&outcome).await?;

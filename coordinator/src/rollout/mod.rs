@@ -7,6 +7,8 @@
 mod admission;
 #[cfg(test)]
 mod analysis_tests;
+#[cfg(test)]
+mod approval_tests;
 mod balancer;
 #[cfg(test)]
 mod blue_green_tests;

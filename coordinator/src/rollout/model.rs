@@ -24,6 +24,8 @@ pub enum RolloutState {
     RollingBack,
     RolledBack,
     Aborted,
+    /// Created, nothing sent: waits for approvals (`Rollout::approval`).
+    AwaitingApproval,
 }
 
 impl RolloutState {
@@ -545,6 +547,35 @@ pub struct Rollout {
     /// (see `rollout::balancer`). Without it the proxies split.
     #[serde(default)]
     pub balancer_split: bool,
+    /// The approvals it waits for before it starts (the environment's
+    /// `approvals`); `None` when it needs none.
+    #[serde(default)]
+    pub approval: Option<Approval>,
+}
+
+/// A rollout's request for approval: it starts once `required` operators
+/// other than its requester approved, and ends aborted when one rejects
+/// it or at `expires_at_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub required: u32,
+    pub expires_at_ms: i64,
+    pub approvals: Vec<Decision>,
+    pub rejected: Option<Decision>,
+}
+
+/// An operator's approval or rejection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub by: String,
+    pub comment: String,
+    pub at_ms: i64,
+}
+
+impl Approval {
+    pub fn granted(&self) -> bool {
+        self.approvals.len() as u32 >= self.required
+    }
 }
 
 /// What a new rollout is made of; `Rollout::new` sets the rest (pending,
@@ -660,6 +691,7 @@ impl Rollout {
             backup_gates: Vec::new(),
             load_balancer: None,
             balancer_split: false,
+            approval: None,
         }
     }
 
@@ -720,6 +752,12 @@ impl Rollout {
             true => self.returned_some(),
             false => self.strategy.auto_rollback || self.returning,
         }
+    }
+
+    /// Whether no command ever went out: whatever its state, no node
+    /// changed (a request rejected or expired, an abort before the start).
+    pub fn sent_nothing(&self) -> bool {
+        self.next_command == 1
     }
 
     pub fn node(&self, name: &str) -> Option<&RolloutNode> {

@@ -21,6 +21,7 @@ impl From<RolloutState> for pb::RolloutState {
             RolloutState::RollingBack => pb::RolloutState::RollingBack,
             RolloutState::RolledBack => pb::RolloutState::RolledBack,
             RolloutState::Aborted => pb::RolloutState::Aborted,
+            RolloutState::AwaitingApproval => pb::RolloutState::AwaitingApproval,
         }
     }
 }

@@ -117,7 +117,9 @@ pub struct ServiceOutcome {
     pub auto_rollback: bool,
     pub at_ms: i64,
     /// It set out to return its nodes to the release before it (a
-    /// canary's abort does): aborted or not, it left no mix to keep.
+    /// canary's abort does), or never sent a command (rejected, expired
+    /// awaiting approval, aborted before it started): aborted or not, it
+    /// left no mix to keep.
     #[serde(default)]
     pub returned: bool,
     /// Ids of the nodes whose agent refused the release they were to

@@ -15,6 +15,7 @@
 //! path is a plan of one step of its own (`fast.rs`).
 
 mod analysis;
+mod approval;
 mod canary;
 mod commands;
 mod fast;
@@ -39,6 +40,7 @@ use rollback::{needs_revert, roll_back, where_nodes_are};
 use ticks::on_tick;
 
 pub use analysis::{external_due, Due, BACKGROUND};
+pub use approval::{approve_refusal, reject_refusal};
 pub use canary::{awaiting_promotion, fleet_weight, promote_refusal, target_weight};
 /// After a coordinator restart, how long agents have to reconnect before a
 /// switched node counts as lost.
@@ -91,6 +93,17 @@ pub enum Input {
         metric: usize,
         sample: usize,
         result: Result<f64, String>,
+    },
+    /// One more approval of a rollout awaiting approval (see
+    /// `approve_refusal`).
+    Approve {
+        by: String,
+        comment: String,
+    },
+    /// Ends a rollout awaiting approval, aborted.
+    Reject {
+        by: String,
+        comment: String,
     },
 }
 
@@ -169,36 +182,8 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
     };
     match input {
         Input::Start => {
-            if r.state == RolloutState::Pending {
-                r.state = RolloutState::Running;
-                r.deadline_ms = now + r.strategy.progress_deadline_ms as i64;
-                let targets = r
-                    .nodes
-                    .iter()
-                    .filter(|n| n.state == NodeState::Pending)
-                    .count();
-                let how = match r.returns_at_once() {
-                    true if r.batch_size as usize >= targets => {
-                        "all at once (the fast path: no batches, no watches)".to_string()
-                    }
-                    true => format!(
-                        "{} at a time (the fast path: no batches, no watches)",
-                        r.batch_size
-                    ),
-                    false => format!("in {} batches of {}", r.batches, r.batch_size),
-                };
-                note(
-                    r,
-                    now,
-                    "started",
-                    "",
-                    format!(
-                        "{} {} to {} on {targets} nodes {how}",
-                        r.kind.as_str(),
-                        r.service,
-                        r.release.id(),
-                    ),
-                );
+            if r.state == RolloutState::Pending && !approval::awaits(r, now) {
+                start(r, now);
             }
         }
         Input::Recover => {
@@ -269,7 +254,10 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
                 on_progress(r, now, i, step);
             }
         }
-        Input::Tick { nodes } => on_tick(r, now, &nodes),
+        Input::Tick { nodes } => {
+            approval::expire(r, now);
+            on_tick(r, now, &nodes)
+        }
         Input::Pause { by } => {
             if matches!(r.state, RolloutState::Running | RolloutState::Pending)
                 && !r.pause_requested
@@ -324,6 +312,15 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
                 canary::on_promote(r, now, &by, full);
             }
         }
+        Input::Approve { by, comment } => {
+            if approval::on_approve(r, now, by, comment) {
+                start(r, now);
+            }
+        }
+        Input::Reject { by, comment } => approval::on_reject(r, now, by, comment),
+        Input::Abort { by } if r.state == RolloutState::AwaitingApproval => {
+            approval::on_abort(r, now, &by)
+        }
         Input::Abort { by } => {
             if !r.state.is_terminal() && r.state != RolloutState::RollingBack && !r.abort_requested
             {
@@ -342,6 +339,39 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
     }
     advance(r, now, &mut sends);
     sends
+}
+
+/// A rollout that may start (approved, or needing no approval) starts.
+fn start(r: &mut Rollout, now: i64) {
+    r.state = RolloutState::Running;
+    r.deadline_ms = now + r.strategy.progress_deadline_ms as i64;
+    let targets = r
+        .nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Pending)
+        .count();
+    let how = match r.returns_at_once() {
+        true if r.batch_size as usize >= targets => {
+            "all at once (the fast path: no batches, no watches)".to_string()
+        }
+        true => format!(
+            "{} at a time (the fast path: no batches, no watches)",
+            r.batch_size
+        ),
+        false => format!("in {} batches of {}", r.batches, r.batch_size),
+    };
+    note(
+        r,
+        now,
+        "started",
+        "",
+        format!(
+            "{} {} to {} on {targets} nodes {how}",
+            r.kind.as_str(),
+            r.service,
+            r.release.id(),
+        ),
+    );
 }
 
 /// The answer to a run-once step's command, to the step it belongs to.

@@ -10,7 +10,7 @@ use cutover_proto::v1 as pb;
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 
-use super::scenario::SECOND;
+use super::scenario::{Verdict, SECOND};
 use crate::rollout::engine::{self, Input};
 use crate::rollout::model::RolloutState;
 use crate::rollout::{DeployRequest, Deployed, RollbackRequest, RolloutError, Rollouts, Started};
@@ -26,6 +26,9 @@ pub(super) struct OperatorPlan {
     /// Once the deploy succeeded, rolls it back after this long
     /// (`careful`: `--careful`).
     pub rollback: Option<(Duration, bool)>,
+    /// What the reviewer does with the deploy's approval request, and
+    /// whether a rollback asks for one too.
+    pub approval: Option<(Verdict, bool)>,
 }
 
 /// The operator: deploys the second release of a service, and pauses,
@@ -44,6 +47,9 @@ pub(super) async fn operate(
         plan.allow_unreachable,
     )
     .await;
+    if let Some((verdict, _)) = plan.approval {
+        review(&current, &id, verdict).await;
+    }
     if let Some((pause, resume)) = plan.pause {
         sleep_until(from + pause).await;
         control(&current, &id, Input::Pause { by: "op".into() }).await;
@@ -60,9 +66,11 @@ pub(super) async fn operate(
     match plan.rollback {
         Some((after, careful)) if ended(&current, &id).await == RolloutState::Succeeded => {
             sleep(after).await;
-            rollback(&current, plan.service, plan.allow_unreachable, careful)
-                .await
-                .unwrap_or(id)
+            let rollback = rollback(&current, plan.service, plan.allow_unreachable, careful).await;
+            if let (Some(rollback), Some((_, true))) = (&rollback, plan.approval) {
+                review(&current, rollback, Verdict::Approve(Duration::from_secs(5))).await;
+            }
+            rollback.unwrap_or(id)
         }
         _ => id,
     }
@@ -200,9 +208,23 @@ pub(super) async fn deploy(
     }
 }
 
-/// Pauses, resumes or aborts a rollout, again until a coordinator takes
-/// it in or the rollout ended. A resume must arrive, or the rollout waits
-/// forever.
+/// The reviewer, another operator than the one who deployed: approves
+/// or rejects rollout `id` after a while, or lets its request expire.
+pub(super) async fn review(current: &watch::Receiver<Arc<Rollouts>>, id: &str, verdict: Verdict) {
+    let by = "reviewer".to_string();
+    let comment = "seen".to_string();
+    let (after, input) = match verdict {
+        Verdict::Approve(after) => (after, Input::Approve { by, comment }),
+        Verdict::Reject(after) => (after, Input::Reject { by, comment }),
+        Verdict::Expire => return,
+    };
+    sleep(after).await;
+    control(current, id, input).await;
+}
+
+/// Pauses, resumes, aborts, approves or rejects a rollout, again until a
+/// coordinator takes it in or the rollout ended. A resume must arrive, or
+/// the rollout waits forever.
 async fn control(current: &watch::Receiver<Arc<Rollouts>>, id: &str, input: Input) {
     loop {
         let rollouts = current.borrow().clone();

@@ -44,7 +44,30 @@ pub(super) struct Operator {
     /// The second deploy of a service, once it succeeded, is rolled back
     /// after this long (`true`: `--careful`).
     pub rollback: Option<(usize, Duration, bool)>,
+    /// The environment asks for an approval of every deploy (see
+    /// `Approvals`).
+    pub approvals: Option<Approvals>,
 }
+
+/// `approvals = 1` on the environment: the firsts are approved at once,
+/// each service's second as its verdict says, an operator's rollback (when
+/// `for_rollback`) after a while.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Approvals {
+    pub for_rollback: bool,
+    pub verdicts: [Verdict; 2],
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Verdict {
+    Approve(Duration),
+    Reject(Duration),
+    /// Nobody answers: the request expires (`approval_timeout`).
+    Expire,
+}
+
+/// The sim environment's `approval_timeout`.
+const APPROVAL_TIMEOUT: &str = "1m";
 
 pub(super) struct Coordinator {
     /// Crashes (and restarts) at these times from the faulty phase on.
@@ -103,6 +126,29 @@ impl Scenario {
             canary.as_ref().map(|(kind, c)| (*kind, c.0.as_str())),
         );
         let canary = canary.map(|(_, c)| c);
+        // Drawn apart, so the seeds found before approvals draw what they
+        // drew then.
+        let mut approval_rng = StdRng::seed_from_u64(seed ^ 0xa990_0fa1_0000_0000);
+        let approvals = approval_rng.random_bool(0.25).then(|| {
+            let mut verdict = || match approval_rng.random_range(0..6) {
+                0 => Verdict::Reject(Duration::from_millis(approval_rng.random_range(0..20_000))),
+                1 => Verdict::Expire,
+                _ => Verdict::Approve(Duration::from_millis(approval_rng.random_range(0..20_000))),
+            };
+            let verdicts = [verdict(), verdict()];
+            Approvals {
+                for_rollback: approval_rng.random_bool(0.5),
+                verdicts,
+            }
+        });
+        if let Some(approvals) = &approvals {
+            let env = "nodes = { env = \"sim\" }\n";
+            let keys = format!(
+                "{env}approvals = 1\napprovals_for_rollback = {}\napproval_timeout = \"{APPROVAL_TIMEOUT}\"\n",
+                u32::from(approvals.for_rollback)
+            );
+            spec = spec.replace(env, &keys);
+        }
         // Drawn apart again, so canaries drawn before analyses stay.
         let mut analysis_rng = StdRng::seed_from_u64(seed ^ 0xa9a1_5150_0000_0000);
         let mut nodes: Vec<Node> = nodes;
@@ -133,6 +179,7 @@ impl Scenario {
             )
         });
         let operator = Operator {
+            approvals,
             rollback,
             promote: canary.as_ref().filter(|c| c.1).map(|_| {
                 (

@@ -13,8 +13,8 @@ use tokio::time::{sleep, sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{self, Agent, Running};
-use super::operator::{deploy, operate, OperatorPlan};
-use super::scenario::{Scenario, FIRST, LOST_AFTER, SECOND, SERVICES, TTL};
+use super::operator::{deploy, operate, review, OperatorPlan};
+use super::scenario::{Scenario, Verdict, FIRST, LOST_AFTER, SECOND, SERVICES, TTL};
 use crate::clock::Clock;
 use crate::images::ImageResolver;
 use crate::journal::Journal;
@@ -187,7 +187,11 @@ impl World {
         let (current, operator_view) = watch::channel(life.rollouts.clone());
         let mut firsts = Vec::new();
         for service in SERVICES {
-            firsts.push(deploy(&operator_view, &self.scenario.spec, service, FIRST, false).await);
+            let id = deploy(&operator_view, &self.scenario.spec, service, FIRST, false).await;
+            if self.scenario.operator.approvals.is_some() {
+                review(&operator_view, &id, Verdict::Approve(Duration::ZERO)).await;
+            }
+            firsts.push(id);
         }
         let firsts = self.ended(&firsts, faults_from).await;
         for rollout in &firsts {
@@ -252,6 +256,17 @@ impl World {
             seconds.push(id);
         }
         let seconds = self.ended(&seconds, deadline).await;
+        for rollout in &seconds {
+            // A rollout that ended awaiting approval never sent a command.
+            if rollout.approval.as_ref().is_some_and(|a| !a.granted()) {
+                assert!(
+                    rollout.sent_nothing() && rollout.state == RolloutState::Aborted,
+                    "seed {}: {}",
+                    self.seed,
+                    show(rollout)
+                );
+            }
+        }
         self.settled(&seconds, deadline).await;
         self.check_records(&seconds).await;
         self.drift(&seconds, deadline).await;
@@ -274,6 +289,7 @@ impl World {
                 .map(|(_, a, b)| (a, b)),
             abort: op.abort.filter(|(s, _)| *s == service).map(|(_, a)| a),
             promote: op.promote,
+            approval: op.approvals.map(|a| (a.verdicts[service], a.for_rollback)),
             rollback: op
                 .rollback
                 .filter(|(s, ..)| *s == service)
@@ -582,6 +598,11 @@ fn expected(second: &Rollout) -> Option<&str> {
     }
     match second.state {
         RolloutState::Succeeded => Some(second.release.id()),
+        // Rejected, expired or aborted before its approvals: nothing
+        // changed.
+        RolloutState::Aborted if second.approval.as_ref().is_some_and(|a| !a.granted()) => {
+            Some(old)
+        }
         // A canary's abort returns every node to the stable release.
         RolloutState::Aborted
             if second.strategy.canary().is_some() && second.rollback_failures.is_empty() =>
