@@ -50,6 +50,7 @@ pub fn derive(before: &Rollout, after: &Rollout) -> Vec<Event> {
             "migration_started" => EventKind::MigrationStarted,
             "held" => EventKind::Held,
             "break_glass" => EventKind::BreakGlass,
+            "awaiting_approval" => EventKind::AwaitingApproval,
             // The engine notes its first failure once, as `error`.
             "failed" if migration_failed => EventKind::MigrationFailed,
             _ => continue,

@@ -32,10 +32,13 @@ pub enum EventKind {
     /// An admin deployed past a freeze window or a promotion rule
     /// (`--break-glass`).
     BreakGlass,
+    /// A rollout waits for approvals by other operators (`cutover
+    /// approve`).
+    AwaitingApproval,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::Started,
         EventKind::Paused,
         EventKind::Resumed,
@@ -47,6 +50,7 @@ impl EventKind {
         EventKind::MigrationFailed,
         EventKind::Held,
         EventKind::BreakGlass,
+        EventKind::AwaitingApproval,
     ];
 
     /// As the spec and the body spell it (also its serde form).
@@ -63,6 +67,7 @@ impl EventKind {
             EventKind::MigrationFailed => "migration_failed",
             EventKind::Held => "held",
             EventKind::BreakGlass => "break_glass",
+            EventKind::AwaitingApproval => "awaiting_approval",
         }
     }
 
@@ -81,6 +86,7 @@ impl EventKind {
             | EventKind::RolledBack
             | EventKind::Aborted => self.as_str(),
             EventKind::BreakGlass => "pending",
+            EventKind::AwaitingApproval => "awaiting_approval",
             EventKind::Started
             | EventKind::Resumed
             | EventKind::MigrationStarted

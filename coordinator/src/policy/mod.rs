@@ -5,6 +5,8 @@
 //! spec's: a deployer must not lift production's rules by sending a spec
 //! without them. The first deploy pins it; only an admin changes it.
 //! Admins can step past both rules for one deploy (`--break-glass`).
+//! `approvals`: a deploy, promotion or rollback there waits until other
+//! operators approve it (the engine's `awaiting_approval`).
 
 pub mod freeze;
 pub mod promotion;
@@ -38,6 +40,26 @@ pub struct EnvironmentPolicy {
     pub freeze: Vec<String>,
     #[serde(default)]
     pub timezone: Option<String>,
+    #[serde(default)]
+    pub approvals: u32,
+    #[serde(default)]
+    pub approvals_for_rollback: Option<u32>,
+    /// 0: the default (`DEFAULT_APPROVAL_TIMEOUT`).
+    #[serde(default)]
+    pub approval_timeout_ms: u64,
+}
+
+/// How long a request waits for its approvals unless the environment says.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// More approvers than a team has on call is a typo.
+const MAX_APPROVALS: u32 = 5;
+
+/// What a rollout needs before it starts: `required` approvals by
+/// operators other than its requester within `timeout_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRule {
+    pub required: u32,
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +77,34 @@ impl EnvironmentPolicy {
             }),
             freeze: environment.freeze.clone(),
             timezone: environment.timezone.clone(),
+            approvals: environment.approvals,
+            approvals_for_rollback: environment.approvals_for_rollback,
+            approval_timeout_ms: environment
+                .approval_timeout
+                .map_or(0, |t| t.as_millis() as u64),
         }
+    }
+
+    /// The approvals a deploy (or promotion, or retry) needs; `None`
+    /// when it needs none.
+    pub fn deploy_approval(&self) -> Option<ApprovalRule> {
+        self.approval(self.approvals)
+    }
+
+    /// The approvals an operator's rollback needs.
+    pub fn rollback_approval(&self) -> Option<ApprovalRule> {
+        self.approval(self.approvals_for_rollback.unwrap_or(self.approvals))
+    }
+
+    fn approval(&self, required: u32) -> Option<ApprovalRule> {
+        let timeout_ms = match self.approval_timeout_ms {
+            0 => DEFAULT_APPROVAL_TIMEOUT.as_millis() as u64,
+            ms => ms,
+        };
+        (required > 0).then_some(ApprovalRule {
+            required,
+            timeout_ms,
+        })
     }
 
     /// The windows, checked (they were when the spec was parsed; a
@@ -86,7 +135,19 @@ impl EnvironmentPolicy {
                 self.timezone.as_deref().unwrap_or("UTC")
             ),
         };
-        format!("{promotion}, {freeze}")
+        let approvals = match (self.approvals, self.rollback_approval()) {
+            (0, None) => "no approvals".to_string(),
+            (n, rollback) => format!(
+                "{n} approvals ({} for a rollback) within {}",
+                rollback.map_or(0, |r| r.required),
+                show_duration(
+                    self.deploy_approval()
+                        .or(rollback)
+                        .map_or(0, |r| r.timeout_ms)
+                )
+            ),
+        };
+        format!("{promotion}, {freeze}, {approvals}")
     }
 }
 
@@ -151,7 +212,115 @@ pub fn frozen(env: &str, policy: &EnvironmentPolicy, now_ms: i64) -> Option<Stri
     ))
 }
 
+/// An environment's approval keys: a count a team can meet, and a
+/// timeout long enough for someone to answer.
+pub fn check_approvals(env: &EnvironmentSpec) -> Result<(), (String, String)> {
+    for (key, count) in [
+        ("approvals", Some(env.approvals)),
+        ("approvals_for_rollback", env.approvals_for_rollback),
+    ] {
+        if count.is_some_and(|n| n > MAX_APPROVALS) {
+            return Err((
+                key.into(),
+                format!(
+                    "is {}, more than {MAX_APPROVALS}: that many operators other than the requester rarely answer in time; set 1 or 2",
+                    count.unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    if let Some(timeout) = env.approval_timeout {
+        if env.approvals == 0 && env.approvals_for_rollback.unwrap_or(0) == 0 {
+            return Err((
+                "approval_timeout".into(),
+                "is set but nothing needs an approval: set approvals = 1 too, or remove it".into(),
+            ));
+        }
+        if timeout < Duration::from_secs(60) || timeout > Duration::from_secs(7 * 24 * 3600) {
+            return Err((
+                "approval_timeout".into(),
+                format!(
+                    "is {}; it must be between 1m and 7d",
+                    humantime::format_duration(timeout)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// "30m", "1h 30m", "0s".
 pub fn show_duration(ms: u64) -> String {
     humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::AppSpec;
+
+    fn production(keys: &str) -> Result<EnvironmentPolicy, String> {
+        let text = format!(
+            "app = \"shop\"\n[services.web]\ncommand = [\"./web\"]\nlisten = \":8080\"\nhealth = {{ path = \"/up\" }}\n[environments.production]\nnodes = {{ env = \"production\" }}\n{keys}\n"
+        );
+        let spec = AppSpec::parse(&text, "cutover.toml").map_err(|e| e.to_string())?;
+        Ok(EnvironmentPolicy::of(
+            spec.environment("cutover.toml", "production").unwrap(),
+        ))
+    }
+
+    #[test]
+    fn approvals_default_to_the_same_for_rollbacks_and_an_hour() {
+        let policy = production("approvals = 2").unwrap();
+        let rule = ApprovalRule {
+            required: 2,
+            timeout_ms: 3_600_000,
+        };
+        assert_eq!(policy.deploy_approval(), Some(rule));
+        assert_eq!(policy.rollback_approval(), Some(rule));
+        let policy =
+            production("approvals = 1\napprovals_for_rollback = 0\napproval_timeout = \"15m\"")
+                .unwrap();
+        assert_eq!(policy.deploy_approval().unwrap().timeout_ms, 900_000);
+        assert_eq!(policy.rollback_approval(), None);
+        assert!(policy
+            .describe()
+            .ends_with("1 approvals (0 for a rollback) within 15m"));
+        let none = production("").unwrap();
+        assert_eq!(none.deploy_approval(), None);
+        assert!(none.describe().ends_with("no approvals"));
+    }
+
+    #[test]
+    fn approval_keys_that_cannot_work_are_refused_by_name() {
+        for (keys, key, says) in [
+            ("approvals = 6", "approvals", "more than 5"),
+            (
+                "approvals_for_rollback = 9",
+                "approvals_for_rollback",
+                "more than 5",
+            ),
+            (
+                "approval_timeout = \"30m\"",
+                "approval_timeout",
+                "nothing needs an approval",
+            ),
+            (
+                "approvals = 1\napproval_timeout = \"10s\"",
+                "approval_timeout",
+                "between 1m and 7d",
+            ),
+            (
+                "approvals = 1\napproval_timeout = \"8d\"",
+                "approval_timeout",
+                "between 1m and 7d",
+            ),
+        ] {
+            let error = production(keys).unwrap_err();
+            assert!(
+                error.contains(key) && error.contains(says),
+                "{keys}: {error}"
+            );
+        }
+    }
 }

@@ -10,7 +10,7 @@ use cutover_proto::v1 as pb;
 
 use super::planner::DeployRequest;
 use super::{RolloutError, Rollouts};
-use crate::policy::EnvironmentPolicy;
+use crate::policy::{ApprovalRule, EnvironmentPolicy};
 use crate::spec::{AppSpec, EnvironmentSpec};
 use crate::store::Store;
 
@@ -139,10 +139,18 @@ impl PolicyGate<'_> {
     }
 
     /// Every check passed: pins a changed policy and returns what the
-    /// rollouts say first, as (kind, message): a break of glass (with
-    /// what it stepped past), a promotion.
-    pub(super) async fn admit(self, store: &Store) -> Result<Vec<(String, String)>, RolloutError> {
+    /// rollouts say first and the approvals they wait for. A break of
+    /// glass skips the approvals too (an admin's incident does not wait).
+    pub(super) async fn admit(mut self, store: &Store) -> Result<Admitted, RolloutError> {
         let request = self.request;
+        let mut approval = self.policy.deploy_approval();
+        if let (Some(rule), Some(_)) = (approval, &request.break_glass) {
+            self.in_the_way.push(format!(
+                "{} approval(s) of environment {}",
+                rule.required, request.env
+            ));
+            approval = None;
+        }
         let mut notes = Vec::new();
         if let Some(reason) = &request.break_glass {
             let skipped = match self.in_the_way.as_slice() {
@@ -160,6 +168,16 @@ impl PolicyGate<'_> {
         if let Some(policy) = &self.new_policy {
             crate::policy::pin(store, &request.env, policy, &request.by).await?;
         }
-        Ok(notes)
+        Ok(Admitted { notes, approval })
     }
+}
+
+/// What a deploy that passed its environment's policy carries into its
+/// rollouts.
+pub(super) struct Admitted {
+    /// Said first in their timelines, as (kind, message): a break of
+    /// glass (with what it stepped past), a promotion.
+    pub(super) notes: Vec<(String, String)>,
+    /// The approvals the deploy waits for (a deployment: its first step).
+    pub(super) approval: Option<ApprovalRule>,
 }

@@ -167,6 +167,7 @@ impl Rollouts {
             backup_gates: Vec::new(),
             load_balancer,
             fast_return: false,
+            approval: None,
         };
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,

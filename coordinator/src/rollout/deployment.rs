@@ -119,6 +119,10 @@ pub struct Deployment {
     /// admin's break of glass.
     #[serde(default)]
     pub notes: Vec<(String, String)>,
+    /// The approvals its first step's rollout waits for: approved, the
+    /// deployment goes on without asking again.
+    #[serde(default)]
+    pub approval: Option<crate::policy::ApprovalRule>,
     pub created_by: String,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
@@ -409,6 +413,7 @@ impl Rollouts {
                     backup_gates: Vec::new(),
                     load_balancer: step.load_balancer.clone(),
                     fast_return: false,
+                    approval: if i == 0 { d.approval } else { None },
                 },
                 d.allow_unreachable,
             )

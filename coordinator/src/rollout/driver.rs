@@ -66,12 +66,15 @@ impl Rollouts {
         });
     }
 
-    /// Asks a running rollout to pause, resume or abort.
+    /// Asks a running rollout to pause, resume, abort, promote, or a
+    /// rollout awaiting approval to take an approval or a rejection.
     pub async fn control(&self, id: &str, input: Input) -> Result<Rollout, RolloutError> {
         let action = match &input {
             Input::Pause { .. } => "pause",
             Input::Resume { .. } => "resume",
             Input::Promote { .. } => "promote",
+            Input::Approve { .. } => "approve",
+            Input::Reject { .. } => "reject",
             _ => "abort",
         };
         let (reply, answer) = oneshot::channel();

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use cutover_proto::v1 as pb;
 
+use super::admission::Admitted;
 use super::deployment::{Deployment, DeploymentState, DeploymentStep, StepState};
 use super::engine::Input;
 use super::locks::migration_lock;
@@ -19,6 +20,7 @@ use crate::images::PinnedImage;
 use crate::lb::LoadBalancer;
 use crate::migration::Migration;
 use crate::notify::spec::NotifyTarget;
+use crate::policy::ApprovalRule;
 use crate::spec::{selects, AppSpec, Resolved, Strategy};
 use crate::store::{LockHolder, NodeStatus, ReleaseRecord, ReleaseState, StoreError};
 use crate::strategy::StrategyKind;
@@ -90,6 +92,8 @@ pub(super) struct Target {
     pub(super) load_balancer: Option<LoadBalancer>,
     /// A rollback on the fast path (`Rollout::return_at_once`).
     pub(super) fast_return: bool,
+    /// The approvals it waits for before it starts.
+    pub(super) approval: Option<ApprovalRule>,
 }
 
 /// What agents must announce to run a canary's commands.
@@ -129,11 +133,11 @@ impl Rollouts {
         self: &Arc<Self>,
         request: DeployRequest,
     ) -> Result<Deployed, RolloutError> {
-        let (resolved, notes) = self.resolve(&request).await?;
+        let (resolved, admitted) = self.resolve(&request).await?;
         let _creating = self.create.lock().await;
         if resolved.len() > 1 {
             return Ok(Deployed::Together(Box::new(
-                self.deploy_together(resolved, notes, &request).await?,
+                self.deploy_together(resolved, admitted, &request).await?,
             )));
         }
         let mut started = Vec::new();
@@ -155,7 +159,7 @@ impl Rollouts {
                         selector: resolved.selector,
                         strategy: resolved.strategy,
                         deployment: String::new(),
-                        notes: notes.clone(),
+                        notes: admitted.notes.clone(),
                         promoted_from: request.promoted_from.clone().unwrap_or_default(),
                         migration: resolved.migration,
                         hooks: resolved.hooks,
@@ -163,6 +167,7 @@ impl Rollouts {
                         backup_gates: resolved.backup_gates,
                         load_balancer: resolved.load_balancer,
                         fast_return: false,
+                        approval: admitted.approval,
                     },
                     request.allow_unreachable,
                 )
@@ -175,12 +180,12 @@ impl Rollouts {
     /// The deploy's releases, one per service in rollout order, with
     /// everything pinned once before anything is created: the environment's
     /// nodes and policy, each image's digest, the version label, each
-    /// secret's version. With them, what their rollouts say first (a break
-    /// of glass, a promotion).
+    /// secret's version. With them, what the environment's policy adds to
+    /// their rollouts.
     async fn resolve(
         &self,
         request: &DeployRequest,
-    ) -> Result<(Vec<Resolved>, Vec<(String, String)>), RolloutError> {
+    ) -> Result<(Vec<Resolved>, Admitted), RolloutError> {
         let file = request.spec_file.as_str();
         let spec = AppSpec::parse(&request.spec_text, file)?;
         let services = spec.services_for(request.service.as_deref(), file)?;
@@ -223,8 +228,8 @@ impl Rollouts {
             }
             gate.check_release(&self.store, &service.release).await?;
         }
-        let notes = gate.admit(&self.store).await?;
-        Ok((resolved, notes))
+        let admitted = gate.admit(&self.store).await?;
+        Ok((resolved, admitted))
     }
 
     /// Each image pinned once: every service (and node) of this deploy runs
@@ -274,7 +279,7 @@ impl Rollouts {
     async fn deploy_together(
         self: &Arc<Self>,
         resolved: Vec<Resolved>,
-        notes: Vec<(String, String)>,
+        admitted: Admitted,
         request: &DeployRequest,
     ) -> Result<Deployment, RolloutError> {
         for (i, service) in resolved.iter().enumerate() {
@@ -308,6 +313,7 @@ impl Rollouts {
                         backup_gates: Vec::new(),
                         load_balancer: service.load_balancer.clone(),
                         fast_return: false,
+                        approval: None,
                     },
                     request.allow_unreachable,
                 )
@@ -367,7 +373,8 @@ impl Rollouts {
                 })
                 .collect(),
             allow_unreachable: request.allow_unreachable,
-            notes,
+            notes: admitted.notes,
+            approval: admitted.approval,
             created_by: request.by.clone(),
             created_at_ms: now,
             finished_at_ms: None,
@@ -683,6 +690,12 @@ impl Rollouts {
             notify: plan_target.notify,
         });
         rollout.backup_gates = plan_target.backup_gates;
+        rollout.approval = plan_target.approval.map(|rule| model::Approval {
+            required: rule.required,
+            expires_at_ms: now + rule.timeout_ms as i64,
+            approvals: Vec::new(),
+            rejected: None,
+        });
         rollout.load_balancer = plan_target.load_balancer;
         if plan_target.fast_return {
             rollout.return_at_once();

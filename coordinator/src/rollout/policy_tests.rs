@@ -265,7 +265,7 @@ async fn only_an_admin_sets_or_lifts_an_environments_policy() {
     };
     assert!(
         message.contains(
-            "environment production has no promotion rule, no freeze window on this coordinator"
+            "environment production has no promotion rule, no freeze window, no approvals on this coordinator"
         ),
         "{message}"
     );

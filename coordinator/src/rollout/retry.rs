@@ -83,8 +83,9 @@ impl Rollouts {
         }
         // A retry is a deploy: a freeze window holds it too.
         let policy = self.store.releases.policy(&old.env).await?;
-        if let Some(refusal) =
-            policy.and_then(|p| crate::policy::frozen(&old.env, &p, self.registry.now_ms()))
+        if let Some(refusal) = policy
+            .as_ref()
+            .and_then(|p| crate::policy::frozen(&old.env, p, self.registry.now_ms()))
         {
             return Err(RolloutError::Frozen(refusal));
         }
@@ -131,6 +132,7 @@ impl Rollouts {
                     backup_gates: old.backup_gates.clone(),
                     load_balancer: old.load_balancer.clone(),
                     fast_return: false,
+                    approval: policy.as_ref().and_then(|p| p.deploy_approval()),
                 },
                 // Nodes the operator left out of the first try stay out.
                 !old.skipped.is_empty(),

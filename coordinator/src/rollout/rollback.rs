@@ -132,6 +132,18 @@ impl Rollouts {
             });
         }
         let (notify, load_balancer) = self.inherited(current).await?;
+        // An operator's rollback asks the environment's approvers (unless
+        // `approvals_for_rollback = 0`); a deployment's rollback of its
+        // steps is part of what was approved.
+        let approval = match request.deployment.as_str() {
+            "" => self
+                .store
+                .releases
+                .policy(env)
+                .await?
+                .and_then(|p| p.rollback_approval()),
+            _ => None,
+        };
         let fast_return =
             proven && !request.careful && target.strategy.rollback == RollbackPace::Fast;
         let mut strategy = target.strategy.clone();
@@ -164,6 +176,7 @@ impl Rollouts {
                     backup_gates: Vec::new(),
                     load_balancer,
                     fast_return,
+                    approval,
                 },
                 request.allow_unreachable,
             )

@@ -104,6 +104,17 @@ pub struct EnvironmentSpec {
     /// The zone of the freeze windows; default UTC.
     #[serde(default)]
     pub timezone: Option<String>,
+    /// How many operators other than the requester approve a deploy,
+    /// promotion or rollback here before it starts (see `policy`).
+    #[serde(default)]
+    pub approvals: u32,
+    /// The same for a rollback; default `approvals` (0: an incident does
+    /// not wait).
+    #[serde(default)]
+    pub approvals_for_rollback: Option<u32>,
+    /// How long a request waits for its approvals; default 1h.
+    #[serde(default, with = "humantime_serde")]
+    pub approval_timeout: Option<std::time::Duration>,
 }
 
 /// Everything a deploy of one service in one environment needs from the
@@ -260,7 +271,8 @@ impl AppSpec {
     }
 
     /// An environment's promotion rule names another environment of the
-    /// spec; its freeze windows parse and do not overlap.
+    /// spec; its freeze windows parse and do not overlap; its approvals
+    /// can be met.
     fn check_policy(&self, name: &str, env: &EnvironmentSpec) -> Result<(), (String, String)> {
         if let Some(promotion) = &env.promotion {
             let from = &promotion.from;
@@ -285,7 +297,7 @@ impl AppSpec {
             }
         }
         crate::policy::freeze::Freeze::parse(&env.freeze, env.timezone.as_deref())?;
-        Ok(())
+        crate::policy::check_approvals(env)
     }
 
     /// The migration and the hooks run as processes in a release's dir;
