@@ -86,8 +86,15 @@ enum Commands {
     /// artifact (or image digest) and version, with the target's
     /// environment, secrets and strategy.
     Promote(cli::environments::PromoteArgs),
-    /// An environment's freeze windows: `status` shows them, whether one
-    /// runs now, and the next.
+    /// Approve a rollout awaiting approval (an operator with deployer
+    /// rights on its environment, not the one who asked); it starts once
+    /// it has every approval its environment requires.
+    Approve(cli::environments::DecisionArgs),
+    /// Reject a rollout awaiting approval: it ends aborted, nothing
+    /// changed.
+    Reject(cli::environments::DecisionArgs),
+    /// An environment's policy: `status` shows its freeze windows, whether
+    /// one runs now, the next, its promotion rule and approvals.
     Freeze {
         #[command(subcommand)]
         action: cli::environments::FreezeCommand,
@@ -379,6 +386,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Promote(args) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::environments::promote(&mut client, args, json).await;
+        }
+        Commands::Approve(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            let action = cutover_proto::v1::RolloutAction::Approve;
+            return cli::environments::decide(&mut client, args, action, json).await;
+        }
+        Commands::Reject(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            let action = cutover_proto::v1::RolloutAction::Reject;
+            return cli::environments::decide(&mut client, args, action, json).await;
         }
         Commands::Freeze { action } => {
             let mut client = cli.connect.operator_client().await?;

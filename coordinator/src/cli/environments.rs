@@ -1,6 +1,7 @@
 //! `cutover promote` (a release stable in one environment, deployed to
-//! the next) and `cutover freeze status` (an environment's freeze windows
-//! and promotion rule, as the coordinator keeps them).
+//! the next), `cutover approve` and `reject` (a rollout awaiting approval)
+//! and `cutover freeze status` (an environment's policy: freeze windows,
+//! promotion rule, approvals, as the coordinator keeps them).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +81,43 @@ pub async fn promote(
     super::rollouts::started(client, response, args.wait, json).await
 }
 
+#[derive(Debug, clap::Args)]
+pub struct DecisionArgs {
+    /// The rollout awaiting approval (`cutover rollout list`).
+    pub rollout: String,
+    /// Why (kept in the rollout's timeline and the audit log).
+    #[arg(long)]
+    pub comment: Option<String>,
+}
+
+/// `cutover approve` and `cutover reject`: one operator's decision on a
+/// rollout awaiting approval; prints the rollout as it is then.
+pub async fn decide(
+    client: &mut OperatorServiceClient<Channel>,
+    args: DecisionArgs,
+    action: pb::RolloutAction,
+    json: bool,
+) -> Result<ExitCode> {
+    let rollout = client
+        .control_rollout(pb::ControlRolloutRequest {
+            id: args.rollout,
+            action: action as i32,
+            comment: args.comment.unwrap_or_default(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&super::rollout_view::to_json(&rollout))?
+        );
+    } else {
+        print!("{}", super::rollout_view::describe(&rollout));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum FreezeCommand {
     /// An environment's freeze windows, whether one runs now and until
@@ -121,13 +159,16 @@ pub async fn freeze(
                 "starts_at": at(p.next_starts_at_ms),
                 "ends_at": at(p.next_ends_at_ms),
             })),
+            "approvals": p.approvals,
+            "approvals_for_rollback": p.approvals_for_rollback,
+            "approval_timeout_ms": p.approval_timeout_ms,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
     if !p.pinned {
         println!(
-            "environment {}: no policy pinned (no deploy set one): no freeze window, no promotion rule",
+            "environment {}: no policy pinned (no deploy set one): no freeze window, no promotion rule, no approvals",
             p.env
         );
         return Ok(ExitCode::SUCCESS);
@@ -137,6 +178,13 @@ pub async fn freeze(
         from => println!(
             "promotion: only releases stable in {from} for {}",
             show_duration(p.min_soak_ms)
+        ),
+    }
+    match (p.approvals, p.approvals_for_rollback) {
+        (0, 0) => println!("approvals: none"),
+        (deploy, rollback) => println!(
+            "approvals: {deploy} for a deploy or promotion, {rollback} for a rollback, by operators other than the requester, within {}",
+            show_duration(p.approval_timeout_ms)
         ),
     }
     if p.freeze.is_empty() {

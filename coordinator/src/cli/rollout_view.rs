@@ -25,8 +25,9 @@ pub(super) fn progress(r: &pb::Rollout) -> String {
         "batch" | "watch" => format!("batch {}/{} ({})", r.batch, r.batches, r.phase),
         phase => phase.to_string(),
     };
-    let batch = match r.canary.as_ref() {
-        Some(canary) if r.phase == "canary" => canary_line(canary),
+    let batch = match (r.canary.as_ref(), approval_line(r)) {
+        (_, Some(approval)) => approval,
+        (Some(canary), None) if r.phase == "canary" => canary_line(canary),
         _ => batch,
     };
     let mut out = format!(
@@ -95,6 +96,53 @@ fn canary_line(c: &pb::CanaryStatus) -> String {
     )
 }
 
+/// A rollout awaiting approval: how many it has, who may give them, until
+/// when; `None` for any other.
+fn approval_line(r: &pb::Rollout) -> Option<String> {
+    let approval = r.approval.as_ref()?;
+    if r.state() != pb::RolloutState::AwaitingApproval {
+        return None;
+    }
+    let by: Vec<&str> = approval.approvals.iter().map(|a| a.by.as_str()).collect();
+    let so_far = match by.as_slice() {
+        [] => String::new(),
+        by => format!(" (by {})", by.join(", ")),
+    };
+    Some(format!(
+        "awaiting approval: {} of {}{so_far}; another operator runs `cutover approve {}` (or reject) before {}",
+        approval.approvals.len(),
+        approval.required,
+        r.id,
+        rfc3339(approval.expires_at_ms)
+    ))
+}
+
+/// The approval story of a rollout that asked for one.
+fn approval_lines(approval: &pb::ApprovalStatus) -> String {
+    let mut out = format!(
+        "approval  {} required, expires {}\n",
+        approval.required,
+        rfc3339(approval.expires_at_ms)
+    );
+    let decisions = approval
+        .approvals
+        .iter()
+        .map(|d| ("approved", d))
+        .chain(approval.rejected.iter().map(|d| ("rejected", d)));
+    for (what, d) in decisions {
+        let comment = match d.comment.as_str() {
+            "" => String::new(),
+            comment => format!(": {comment}"),
+        };
+        out.push_str(&format!(
+            "          {what} by {} at {}{comment}\n",
+            d.by,
+            rfc3339(d.at_ms)
+        ));
+    }
+    out
+}
+
 pub(super) fn summary(r: &pb::Rollout) -> String {
     let took = (r.finished_at_ms.max(r.updated_at_ms) - r.created_at_ms) as f64 / 1000.0;
     let mut text = format!("rollout {} {} in {took:.1}s", r.id, r.state().as_str());
@@ -106,6 +154,9 @@ pub(super) fn summary(r: &pb::Rollout) -> String {
             canary_line(canary),
             r.id
         );
+    }
+    if let Some(approval) = approval_line(r) {
+        text = format!("rollout {} {approval}", r.id);
     }
     if let Some(e) = &r.error {
         text.push_str(&format!("\n  cause: {}", error_text(e)));
@@ -158,6 +209,9 @@ pub(super) fn describe(r: &pb::Rollout) -> String {
     }
     if !r.skipped_nodes.is_empty() {
         out.push_str(&format!("skipped   {}\n", r.skipped_nodes.join(", ")));
+    }
+    if let Some(approval) = &r.approval {
+        out.push_str(&approval_lines(approval));
     }
     if let Some(canary) = &r.canary {
         out.push_str(&format!("canary    {}\n", canary_line(canary)));
@@ -334,6 +388,19 @@ pub fn to_json(r: &pb::Rollout) -> Value {
             "promoted": c.promoted,
         })),
         "analysis": r.analysis.iter().map(analysis_json).collect::<Vec<_>>(),
+        "approval": r.approval.as_ref().map(|a| {
+            let decision = |d: &pb::ApprovalDecision| json!({
+                "by": d.by,
+                "comment": d.comment,
+                "at": rfc3339(d.at_ms),
+            });
+            json!({
+                "required": a.required,
+                "approvals": a.approvals.iter().map(decision).collect::<Vec<_>>(),
+                "rejected": a.rejected.as_ref().map(decision),
+                "expires_at": rfc3339(a.expires_at_ms),
+            })
+        }),
         "error": r.error.as_ref().map(error_json),
         "rollback_failures": r.rollback_failures.iter().map(error_json).collect::<Vec<_>>(),
         "phase": r.phase,

@@ -115,7 +115,8 @@ pub enum RolloutCommand {
     Resume {
         id: String,
     },
-    /// Stop at the next safe point; each node stays on the release it serves.
+    /// Stop at the next safe point; each node stays on the release it
+    /// serves. A rollout awaiting approval ends at once.
     Abort {
         id: String,
     },
@@ -377,13 +378,24 @@ pub(super) async fn started(
         if !json {
             for r in &response.rollouts {
                 println!("{}", r.id);
-                eprintln!(
-                    "started rollout {} of {} to {} nodes; follow it with `cutover rollout watch {}`",
-                    r.id,
-                    r.release.as_ref().map_or("", |x| x.id.as_str()),
-                    r.nodes.len(),
-                    r.id
-                );
+                let release = r.release.as_ref().map_or("", |x| x.id.as_str());
+                match &r.approval {
+                    Some(approval) => eprintln!(
+                        "rollout {} of {release} to {} nodes awaits {} approval(s): another deployer of {} runs `cutover approve {}`; follow it with `cutover rollout watch {}`",
+                        r.id,
+                        r.nodes.len(),
+                        approval.required,
+                        r.env,
+                        r.id,
+                        r.id
+                    ),
+                    None => eprintln!(
+                        "started rollout {} of {release} to {} nodes; follow it with `cutover rollout watch {}`",
+                        r.id,
+                        r.nodes.len(),
+                        r.id
+                    ),
+                }
             }
         }
         response.rollouts
@@ -499,6 +511,7 @@ pub async fn rollout(
     let control = |id: String, action: pb::RolloutAction| pb::ControlRolloutRequest {
         id,
         action: action as i32,
+        comment: String::new(),
     };
     let single = match command {
         RolloutCommand::List {

@@ -144,6 +144,12 @@ impl OperatorApi {
                 .as_ref()
                 .map(|n| freeze.show(n.ends))
                 .unwrap_or_default(),
+            approvals: policy.approvals,
+            approvals_for_rollback: policy.rollback_approval().map_or(0, |r| r.required),
+            approval_timeout_ms: policy
+                .deploy_approval()
+                .or(policy.rollback_approval())
+                .map_or(0, |r| r.timeout_ms),
         }))
     }
 }

@@ -91,6 +91,19 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
         deployment: r.deployment.clone(),
         canary: canary_status(r),
         analysis: super::analysis::analysis_to_pb(r),
+        approval: r.approval.as_ref().map(|a| {
+            let decision = |d: &model::Decision| pb::ApprovalDecision {
+                by: d.by.clone(),
+                comment: d.comment.clone(),
+                at_ms: d.at_ms,
+            };
+            pb::ApprovalStatus {
+                required: a.required,
+                approvals: a.approvals.iter().map(decision).collect(),
+                rejected: a.rejected.as_ref().map(decision),
+                expires_at_ms: a.expires_at_ms,
+            }
+        }),
         timeline: r
             .timeline
             .iter()
@@ -460,7 +473,7 @@ impl OperatorApi {
                     .to_lowercase()
             })
             .unwrap_or_default();
-        let args = json!({"id": r.id, "action": action});
+        let args = json!({"id": r.id, "action": action, "comment": r.comment});
         let env = self.rollouts.get(&r.id).await?.env;
         let caller = self
             .access
@@ -475,9 +488,17 @@ impl OperatorApi {
             Ok(pb::RolloutAction::Retry) => Input::Retry { by },
             Ok(pb::RolloutAction::Promote) => Input::Promote { by, full: false },
             Ok(pb::RolloutAction::PromoteFull) => Input::Promote { by, full: true },
+            Ok(pb::RolloutAction::Approve) => Input::Approve {
+                by,
+                comment: r.comment.clone(),
+            },
+            Ok(pb::RolloutAction::Reject) => Input::Reject {
+                by,
+                comment: r.comment.clone(),
+            },
             _ => {
                 return Err(Status::invalid_argument(
-                    "action must be pause, resume, abort, retry, promote or promote_full",
+                    "action must be pause, resume, abort, retry, promote, promote_full, approve or reject",
                 ))
             }
         };
@@ -499,6 +520,16 @@ impl OperatorApi {
         }
         let refusal = match &input {
             Input::Promote { full, .. } => crate::rollout::engine::promote_refusal(&rollout, *full),
+            Input::Approve { by, .. } => crate::rollout::engine::approve_refusal(&rollout, by),
+            Input::Reject { .. } => crate::rollout::engine::reject_refusal(&rollout),
+            Input::Pause { .. } | Input::Resume { .. }
+                if state == RolloutState::AwaitingApproval =>
+            {
+                Some(format!(
+                    "rollout {} awaits approval and has not started: approve, reject or abort it",
+                    r.id
+                ))
+            }
             Input::Retry { .. } if !held => Some(format!(
                 "rollout {} is {}, not held or ended: retry runs again a held rollout's migration or hook, or an ended deploy from its first step",
                 r.id,
