@@ -128,6 +128,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         c.control_rollout(pb::ControlRolloutRequest {
             id: "web-1\n".into(),
             action: pb::RolloutAction::Pause as i32,
+            ..Default::default()
         })
     );
     refused!(

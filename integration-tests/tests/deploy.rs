@@ -95,6 +95,13 @@ fn example_app_specs_resolve() {
         .resolve("shop", "staging", "web", "v1", Some(&artifact), None)
         .unwrap();
     assert!(staging.strategy.canary().is_none());
+    // Production waits for a second operator, its rollbacks do not.
+    let policy = cutover_coordinator::policy::EnvironmentPolicy::of(
+        shop.environment("shop", "production").unwrap(),
+    );
+    let approval = policy.deploy_approval().expect("production asks");
+    assert_eq!((approval.required, approval.timeout_ms), (1, 1_800_000));
+    assert_eq!(policy.rollback_approval(), None);
     let migration = web.migration.expect("web runs the migration");
     assert_eq!(
         migration.commands,

@@ -4,7 +4,12 @@
 //! staging with the command that would promote it, an admin breaking glass
 //! (in the audit log and the rollout's timeline), a policy only an admin
 //! changes, and a freeze window that holds deploys and promotions but not
-//! a rollback. The freeze's clock semantics (zones, weekends, daylight
+//! a rollback; approvals: a production deploy waits until another
+//! deployer of production approves it (not its requester, not a deployer
+//! of another environment), a rejection or an abort ends it with nothing
+//! changed, and a rollback exempted by `approvals_for_rollback = 0` goes at
+//! once. An approval's expiry is tested on the engine's clock
+//! (`rollout/approval_tests.rs`, and the simulation). The freeze's clock semantics (zones, weekends, daylight
 //! saving) are tested on a fixed clock in `policy/freeze.rs` and
 //! `rollout/policy_tests.rs`.
 
@@ -37,6 +42,50 @@ impl Cli {
             String::from_utf8_lossy(&output.stderr)
         );
         (output.status.success(), text)
+    }
+
+    /// The CLI of `cluster` in `dir`, with the admin's config (root).
+    fn as_admin(cluster: &Cluster, dir: &Path) -> (Cli, PathBuf) {
+        let cli = Cli {
+            coordinator: cluster.url(),
+            dir: dir.to_path_buf(),
+        };
+        let root = cluster.pki.client_files(Role::Operator, "root");
+        let admin = dir.join("root.toml");
+        std::fs::write(
+            &admin,
+            format!(
+                "coordinator = {:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+                cli.coordinator,
+                root.ca_cert.display().to_string(),
+                root.cert.display().to_string(),
+                root.key.display().to_string()
+            ),
+        )
+        .unwrap();
+        (cli, admin)
+    }
+
+    /// A deployer of `env` created by the admin, the way the operator
+    /// guide says; returns their CLI config.
+    fn operator(&self, admin: &Path, name: &str, env: &str) -> PathBuf {
+        let out = self.dir.join(name);
+        let (ok, text) = self.run(
+            admin,
+            &[
+                "operator",
+                "create",
+                name,
+                "--role",
+                "deployer",
+                "--env",
+                env,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{text}");
+        out.join("cli.toml")
     }
 
     fn json(&self, config: &Path, args: &[&str]) -> Value {
@@ -113,42 +162,8 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
         })
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let cli = Cli {
-        coordinator: cluster.url(),
-        dir: dir.path().to_path_buf(),
-    };
-    let root = cluster.pki.client_files(Role::Operator, "root");
-    let admin = dir.path().join("root.toml");
-    std::fs::write(
-        &admin,
-        format!(
-            "coordinator = {:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
-            cli.coordinator,
-            root.ca_cert.display().to_string(),
-            root.cert.display().to_string(),
-            root.key.display().to_string()
-        ),
-    )
-    .unwrap();
-    let pete = {
-        let out = dir.path().join("pete");
-        let (ok, text) = cli.run(
-            &admin,
-            &[
-                "operator",
-                "create",
-                "pete",
-                "--role",
-                "deployer",
-                "--env",
-                "production",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        );
-        assert!(ok, "{text}");
-        out.join("cli.toml")
-    };
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    let pete = cli.operator(&admin, "pete", "production");
     let (_, v1_digest) = app_archive(dir.path());
     let v1 = dir.path().join("app.tar.gz").display().to_string();
     // Another build: the same app, another digest.
@@ -457,4 +472,157 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
         .find(|r| r["current"] == true)
         .unwrap();
     assert_eq!(current["release"]["version"], "v2", "{production}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_deploys_wait_for_another_operators_approval() {
+    let mut cluster = Cluster::start(0, Tuning::default()).await;
+    let mut config = cluster.agent_config("node-1");
+    config.labels = [("env".to_string(), "production".to_string())].into();
+    let agent = spawn_agent(config).await;
+    cluster.agents.push(agent);
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == 1 && n.iter().all(|n| n.connected)
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    let pete = cli.operator(&admin, "pete", "production");
+    let quinn = cli.operator(&admin, "quinn", "production");
+    let sam = cli.operator(&admin, "sam", "staging");
+    app_archive(dir.path());
+    let v1 = dir.path().join("app.tar.gz").display().to_string();
+    let v2 = archive(
+        dir.path(),
+        "app-v2.tar.gz",
+        &[("app.py", &format!("{APP}\n# v2\n"))],
+    )
+    .display()
+    .to_string();
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    let spec = cli.spec(
+        port,
+        "approvals = 1\napprovals_for_rollback = 0\napproval_timeout = \"30m\"",
+    );
+    let deploy = |config: &Path, version: &str, artifact: &str| {
+        let args = [
+            "deploy",
+            "-f",
+            &spec,
+            "--env",
+            "production",
+            "--version",
+            version,
+            "--artifact",
+            artifact,
+        ];
+        let (ok, text) = cli.run(config, &args);
+        assert!(ok, "{text}");
+        let rollouts = cli.json(config, &["rollout", "list", "--env", "production"]);
+        rollouts[0]["id"].as_str().unwrap().to_string()
+    };
+    let current = || {
+        let releases = cli.json(&admin, &["releases", "web", "--env", "production"]);
+        releases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["current"] == true)
+            .map(|r| r["release"]["version"].as_str().unwrap().to_string())
+    };
+
+    // The first deploy pins the policy and waits: nothing runs yet.
+    let first = deploy(&admin, "v1", &v1);
+    let status = cli.json(&admin, &["rollout", "status", &first]);
+    assert_eq!(status["state"], "awaiting_approval", "{status}");
+    assert_eq!(status["approval"]["required"], 1);
+    assert_eq!(status["nodes"][0]["state"], "pending", "{status}");
+    let (ok, table) = cli.run(&admin, &["rollout", "list", "--env", "production"]);
+    assert!(ok && table.contains("awaiting_approval"), "{table}");
+    let (ok, text) = cli.run(&admin, &["freeze", "status", "--env", "production"]);
+    assert!(
+        ok && text.contains("approvals: 1 for a deploy or promotion, 0 for a rollback"),
+        "{text}"
+    );
+    // Not by the requester, nor by a deployer of another environment.
+    let (ok, text) = cli.run(&admin, &["approve", &first]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "root requested rollout {first} and cannot approve it"
+        )),
+        "{text}"
+    );
+    let (ok, text) = cli.run(&sam, &["approve", &first]);
+    assert!(!ok && text.contains("production"), "{text}");
+    assert_eq!(current(), None, "nothing ran");
+    // Another deployer of production approves: it runs.
+    let (ok, text) = cli.run(&pete, &["approve", &first, "--comment", "diff reviewed"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("approved by pete"), "{text}");
+    let (ok, text) = cli.run(&admin, &["rollout", "watch", &first]);
+    assert!(ok, "{text}");
+    assert_eq!(current().as_deref(), Some("v1"));
+    let audit = cli.json(&admin, &["audit", "--limit", "30"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "control_rollout"
+                && a["who"].as_str().unwrap_or_default().contains("pete")
+                && a["arguments"]["action"] == "approve"
+                && a["arguments"]["comment"] == "diff reviewed"
+                && a["outcome"] == "ok"),
+        "{audit}"
+    );
+
+    // A rejection ends the next deploy with nothing changed.
+    let second = deploy(&pete, "v2", &v2);
+    let (ok, text) = cli.run(&pete, &["approve", &second]);
+    assert!(!ok && text.contains("cannot approve"), "{text}");
+    let (ok, text) = cli.run(
+        &quinn,
+        &["reject", &second, "--comment", "not during the sale"],
+    );
+    assert!(ok, "{text}");
+    let status = cli.json(&admin, &["rollout", "status", &second]);
+    assert_eq!(status["state"], "aborted", "{status}");
+    assert_eq!(status["approval"]["rejected"]["by"], "quinn");
+    assert_eq!(
+        status["approval"]["rejected"]["comment"],
+        "not during the sale"
+    );
+    assert_eq!(current().as_deref(), Some("v1"), "nothing changed");
+    let (ok, text) = cli.run(&pete, &["approve", &second]);
+    assert!(!ok && text.contains("not awaiting approval"), "{text}");
+
+    // Approved, the next one runs; the rollback needs no approval here
+    // (approvals_for_rollback = 0), and approving it is a clear error.
+    let third = deploy(&pete, "v2", &v2);
+    let (ok, text) = cli.run(&quinn, &["approve", &third]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli.run(&pete, &["rollout", "watch", &third]);
+    assert!(ok, "{text}");
+    assert_eq!(current().as_deref(), Some("v2"));
+    let (ok, text) = cli.run(&pete, &["rollback", "web", "--env", "production", "--wait"]);
+    assert!(ok, "{text}");
+    assert_eq!(current().as_deref(), Some("v1"));
+    let rollouts = cli.json(&admin, &["rollout", "list", "--env", "production"]);
+    let rollback = rollouts[0]["id"].as_str().unwrap().to_string();
+    let (ok, text) = cli.run(&quinn, &["approve", &rollback]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!("rollout {rollback} needs no approval")),
+        "{text}"
+    );
+    // The requester withdraws a request with an abort.
+    let fourth = deploy(&pete, "v2", &v2);
+    let (ok, text) = cli.run(&pete, &["rollout", "abort", &fourth]);
+    assert!(ok, "{text}");
+    let status = cli.json(&admin, &["rollout", "status", &fourth]);
+    assert_eq!(status["state"], "aborted", "{status}");
+    assert_eq!(current().as_deref(), Some("v1"));
 }

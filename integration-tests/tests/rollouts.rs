@@ -99,6 +99,7 @@ impl Setup {
             .control_rollout(pb::ControlRolloutRequest {
                 id: id.into(),
                 action: pb::RolloutAction::Abort as i32,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -280,6 +281,7 @@ async fn pause_resume_and_abort_take_effect_between_nodes() {
     let control = |id: &str, action: pb::RolloutAction| pb::ControlRolloutRequest {
         id: id.into(),
         action: action as i32,
+        ..Default::default()
     };
     s.client
         .control_rollout(control(&id, pb::RolloutAction::Pause))
@@ -495,6 +497,7 @@ async fn a_rollback_says_why_it_cannot_start_and_a_failed_target_needs_force() {
         .control_rollout(pb::ControlRolloutRequest {
             id: running.clone(),
             action: pb::RolloutAction::Abort as i32,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -971,6 +974,7 @@ async fn retry_starts_an_ended_deploy_again_while_the_service_is_where_it_left_i
     let retry = |id: &str| pb::ControlRolloutRequest {
         id: id.into(),
         action: pb::RolloutAction::Retry as i32,
+        ..Default::default()
     };
 
     // A deploy that succeeded has nothing to retry.
