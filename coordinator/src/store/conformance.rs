@@ -466,6 +466,9 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         }),
         freeze: vec!["Fri 16:00 - Mon 08:00".into()],
         timezone: Some("Europe/Berlin".into()),
+        approvals: 1,
+        approvals_for_rollback: Some(0),
+        approval_timeout_ms: 1_800_000,
     };
     let record = |id: &str, at: i64| ReleaseRecord {
         app: "shop".into(),
