@@ -170,6 +170,7 @@ mod tests {
             current_since_ms: 0,
             current_until_ms: 0,
             promoted_from: String::new(),
+            config: Default::default(),
         }
     }
 

@@ -168,6 +168,7 @@ impl Rollouts {
             load_balancer,
             fast_return: false,
             approval: None,
+            config: Default::default(),
         };
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,
@@ -350,6 +351,7 @@ mod tests {
             current_since_ms: 0,
             current_until_ms: 0,
             promoted_from: String::new(),
+            config: Default::default(),
         }
     }
 

@@ -105,6 +105,9 @@ pub struct DeploymentStep {
     /// The external load balancer of the service in the environment.
     #[serde(default)]
     pub load_balancer: Option<crate::lb::LoadBalancer>,
+    /// The `cutover config set` overrides its release carries.
+    #[serde(default)]
+    pub config: BTreeMap<String, crate::store::ConfigOverride>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -414,6 +417,7 @@ impl Rollouts {
                     load_balancer: step.load_balancer.clone(),
                     fast_return: false,
                     approval: if i == 0 { d.approval } else { None },
+                    config: step.config.clone(),
                 },
                 d.allow_unreachable,
             )

@@ -15,6 +15,7 @@ mod blue_green_tests;
 #[cfg(test)]
 mod canary_tests;
 pub mod capacity;
+mod config;
 mod converge;
 pub mod deployment;
 mod driver;
@@ -30,6 +31,7 @@ mod locks;
 #[cfg(test)]
 mod migrate_tests;
 pub mod model;
+mod pins;
 mod planner;
 #[cfg(test)]
 mod policy_tests;
@@ -55,6 +57,7 @@ use crate::registry::Registry;
 use crate::secrets::{SecretError, Secrets};
 use crate::spec::SpecError;
 use crate::store::{ReleaseRecord, Store, StoreError};
+pub use config::ConfigChange;
 use driver::Handle;
 use engine::Input;
 use model::Rollout;
@@ -126,6 +129,11 @@ pub enum RolloutError {
     Frozen(String),
     #[error("{0}")]
     NotPromoted(String),
+    /// A `cutover config set` that cannot be made.
+    #[error("{0}")]
+    BadConfig(String),
+    #[error("{0}")]
+    NoCurrent(String),
     #[error(transparent)]
     Secret(#[from] SecretError),
     #[error(transparent)]

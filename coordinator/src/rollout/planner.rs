@@ -14,15 +14,17 @@ use super::deployment::{Deployment, DeploymentState, DeploymentStep, StepState};
 use super::engine::Input;
 use super::locks::migration_lock;
 use super::model::{self, NewRollout, NodeState, Rollout, RolloutKind, RolloutNode, StoredRelease};
+use super::pins::version_label;
 use super::{capacity, RolloutError, Rollouts, Started};
 use crate::hooks::Hook;
-use crate::images::PinnedImage;
 use crate::lb::LoadBalancer;
 use crate::migration::Migration;
 use crate::notify::spec::NotifyTarget;
 use crate::policy::ApprovalRule;
 use crate::spec::{selects, AppSpec, Resolved, Strategy};
-use crate::store::{LockHolder, NodeStatus, ReleaseRecord, ReleaseState, StoreError};
+use crate::store::{
+    ConfigOverride, LockHolder, NodeStatus, ReleaseRecord, ReleaseState, StoreError,
+};
 use crate::strategy::StrategyKind;
 
 /// How long an operator's deploy waits for a convergence it aborted.
@@ -94,6 +96,9 @@ pub(super) struct Target {
     pub(super) fast_return: bool,
     /// The approvals it waits for before it starts.
     pub(super) approval: Option<ApprovalRule>,
+    /// For its release record: the `cutover config set` overrides its
+    /// release carries.
+    pub(super) config: BTreeMap<String, ConfigOverride>,
 }
 
 /// What agents must announce to run a canary's commands.
@@ -168,6 +173,7 @@ impl Rollouts {
                         load_balancer: resolved.load_balancer,
                         fast_return: false,
                         approval: admitted.approval,
+                        config: resolved.config,
                     },
                     request.allow_unreachable,
                 )
@@ -219,6 +225,8 @@ impl Rollouts {
             })
             .collect::<Result<Vec<_>, _>>()?;
         for service in &mut resolved {
+            let in_force = self.config_in_force(&request.env, &service.service).await?;
+            service.config = super::config::apply(&mut service.release, &in_force);
             self.pin_secrets(service).await?;
             if request.skip_migrate {
                 service.migration = None;
@@ -230,47 +238,6 @@ impl Rollouts {
         }
         let admitted = gate.admit(&self.store).await?;
         Ok((resolved, admitted))
-    }
-
-    /// Each image pinned once: every service (and node) of this deploy runs
-    /// the same digest. Returns the pins by reference and each docker
-    /// service's pinned image.
-    async fn pin_images<'a>(
-        &self,
-        spec: &AppSpec,
-        services: &'a [String],
-        request: &DeployRequest,
-    ) -> Result<(BTreeMap<String, PinnedImage>, BTreeMap<&'a str, String>), RolloutError> {
-        let mut pinned: BTreeMap<String, PinnedImage> = BTreeMap::new();
-        let mut images = BTreeMap::new();
-        for service in services {
-            let spec_image = spec.services[service].image.clone();
-            if spec.services[service].runtime != "docker" {
-                continue;
-            }
-            let Some(reference) = request.image.clone().or(spec_image) else {
-                continue; // resolve() says what is missing
-            };
-            if !pinned.contains_key(&reference) {
-                let image = self.images.pin(&reference).await?;
-                pinned.insert(reference.clone(), image);
-            }
-            images.insert(service.as_str(), pinned[&reference].image.clone());
-        }
-        Ok((pinned, images))
-    }
-
-    /// Secrets are pinned to their current versions, which the release id
-    /// covers: a new version is a new release, rolled out like one.
-    async fn pin_secrets(&self, service: &mut Resolved) -> Result<(), RolloutError> {
-        let release = &mut service.release;
-        for secret in &mut release.secrets {
-            secret.version = self.secrets.current(&service.env, &secret.name).await?;
-        }
-        if !release.secrets.is_empty() {
-            release.release_id = crate::spec::release_id(release);
-        }
-        Ok(())
     }
 
     /// Several services: one deployment, checked whole before it starts
@@ -314,6 +281,7 @@ impl Rollouts {
                         load_balancer: service.load_balancer.clone(),
                         fast_return: false,
                         approval: None,
+                        config: Default::default(),
                     },
                     request.allow_unreachable,
                 )
@@ -370,6 +338,7 @@ impl Rollouts {
                     previous: None,
                     rollback_rollout_id: String::new(),
                     load_balancer: service.load_balancer,
+                    config: service.config,
                 })
                 .collect(),
             allow_unreachable: request.allow_unreachable,
@@ -708,6 +677,25 @@ impl Rollouts {
                 message: why,
             });
         }
+        // A deploy that keeps `cutover config set` overrides says so (a
+        // config change says what it changed instead).
+        let says_config = plan_target.notes.iter().any(|(kind, _)| kind == "config");
+        if plan_target.kind == RolloutKind::Deploy && !plan_target.config.is_empty() && !says_config
+        {
+            let keys: Vec<&str> = plan_target.config.keys().map(String::as_str).collect();
+            rollout.timeline.push(model::TimelineEntry {
+                at_ms: now,
+                kind: "config".into(),
+                node: String::new(),
+                message: format!(
+                    "keeps the environment `cutover config set` gave {}: {} (`cutover config show {} --env {}`)",
+                    plan_target.service,
+                    keys.join(", "),
+                    plan_target.service,
+                    plan_target.env
+                ),
+            });
+        }
         for (kind, message) in plan_target.notes {
             rollout.timeline.push(model::TimelineEntry {
                 at_ms: now,
@@ -768,6 +756,7 @@ impl Rollouts {
                     current_since_ms: kept.as_ref().map_or(0, |r| r.current_since_ms),
                     current_until_ms: 0,
                     promoted_from,
+                    config: plan_target.config,
                 })
                 .await?;
         }
@@ -793,24 +782,5 @@ impl Rollouts {
         self.notifier.rollout_changed(&unsaid, &rollout);
         self.spawn(rollout.clone(), Input::Start);
         Ok(rollout)
-    }
-}
-
-/// The release's version label: the operator's, or else the tag of the
-/// images deployed when they all have the same one.
-fn version_label(
-    request: &DeployRequest,
-    pinned: &BTreeMap<String, PinnedImage>,
-) -> Result<String, RolloutError> {
-    if !request.version.is_empty() {
-        return Ok(request.version.clone());
-    }
-    let tags: std::collections::BTreeSet<_> =
-        pinned.values().filter_map(|p| p.tag.clone()).collect();
-    match (tags.len(), pinned.values().all(|p| p.tag.is_some())) {
-        (1, true) => Ok(tags.into_iter().next().expect("one tag")),
-        _ => Err(RolloutError::NoVersion(
-            "give the release a version label with --version (it defaults to the image's tag only when every image of the deploy has the same one)".into(),
-        )),
     }
 }

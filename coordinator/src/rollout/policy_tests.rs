@@ -143,6 +143,7 @@ async fn stable_in_staging(c: &Coordinator, minutes: i64) {
             current_since_ms: c.now_ms - minutes * 60_000,
             current_until_ms: 0,
             promoted_from: String::new(),
+            config: Default::default(),
         })
         .await
         .unwrap();

@@ -133,6 +133,7 @@ impl Rollouts {
                     load_balancer: old.load_balancer.clone(),
                     fast_return: false,
                     approval: policy.as_ref().and_then(|p| p.deploy_approval()),
+                    config: record.config.clone(),
                 },
                 // Nodes the operator left out of the first try stay out.
                 !old.skipped.is_empty(),

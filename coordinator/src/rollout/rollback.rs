@@ -177,6 +177,7 @@ impl Rollouts {
                     load_balancer,
                     fast_return,
                     approval,
+                    config: Default::default(),
                 },
                 request.allow_unreachable,
             )

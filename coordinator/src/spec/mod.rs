@@ -140,6 +140,9 @@ pub struct Resolved {
     pub backup_gates: Vec<crate::jobs::recovery::RequireBackup>,
     /// The HAProxy backend of the service in the environment, if any.
     pub load_balancer: Option<crate::lb::LoadBalancer>,
+    /// The `cutover config set` overrides the deploy keeps (empty from
+    /// the spec; see `rollout::config`).
+    pub config: BTreeMap<String, crate::store::ConfigOverride>,
 }
 
 impl AppSpec {

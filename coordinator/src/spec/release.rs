@@ -224,6 +224,7 @@ impl AppSpec {
                 .load_balancer
                 .as_ref()
                 .and_then(|lb| lb.for_service(service)),
+            config: Default::default(),
         })
     }
 }

@@ -499,6 +499,16 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         current_since_ms: at,
         current_until_ms: if id == "web-v2" { 0 } else { 2 },
         promoted_from: format!("staging/{id}"),
+        config: [(
+            "CHECKOUT_V2".to_string(),
+            crate::store::ConfigOverride {
+                value: Some("off".into()),
+                spec_value: Some("on".into()),
+                by: "ana".into(),
+                at_ms: at,
+            },
+        )]
+        .into(),
     };
     {
         let store = Store::new(opener.open(dir.path()));

@@ -520,6 +520,23 @@ pub struct ReleaseRecord {
     /// deployed.
     #[serde(default)]
     pub promoted_from: String,
+    /// The `cutover config set` overrides in its environment, by key: the
+    /// current release's are the ones in force, kept by every deploy (see
+    /// `rollout::config`).
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigOverride>,
+}
+
+/// One key of a service's environment set (or removed) by `cutover config
+/// set` rather than by the spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigOverride {
+    /// The value in force; `None`: the key is removed.
+    pub value: Option<String>,
+    /// What the spec says (`None`: nothing), for `--reset`.
+    pub spec_value: Option<String>,
+    pub by: String,
+    pub at_ms: i64,
 }
 
 /// A migration that ran with a release: what a rollback past it must know.
