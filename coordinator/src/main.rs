@@ -86,6 +86,12 @@ enum Commands {
     /// artifact (or image digest) and version, with the target's
     /// environment, secrets and strategy.
     Promote(cli::environments::PromoteArgs),
+    /// A service's environment: `set` rolls out the current release with
+    /// variables changed (a config-only release), `show` prints it.
+    Config {
+        #[command(subcommand)]
+        action: cli::config::ConfigCommand,
+    },
     /// Approve a rollout awaiting approval (an operator with deployer
     /// rights on its environment, not the one who asked); it starts once
     /// it has every approval its environment requires.
@@ -386,6 +392,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Promote(args) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::environments::promote(&mut client, args, json).await;
+        }
+        Commands::Config { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::config::config(&mut client, action, json).await;
         }
         Commands::Approve(args) => {
             let mut client = cli.connect.operator_client().await?;

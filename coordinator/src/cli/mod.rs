@@ -4,6 +4,7 @@ pub mod artifacts;
 pub mod backup;
 pub mod ca;
 pub mod client;
+pub mod config;
 pub mod deployments;
 pub mod dev;
 pub mod environments;

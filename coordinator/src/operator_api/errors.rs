@@ -31,6 +31,7 @@ impl From<RolloutError> for Status {
             RolloutError::Spec(_)
             | RolloutError::NoVersion(_)
             | RolloutError::MigrateNode { .. }
+            | RolloutError::BadConfig(_)
             | RolloutError::Image(ImageRegistryError::Invalid { .. }) => {
                 Status::invalid_argument(message)
             }

@@ -10,6 +10,7 @@ mod analysis;
 mod artifacts;
 mod backup;
 mod ca;
+mod config;
 mod environments;
 mod errors;
 mod events;
@@ -241,6 +242,20 @@ impl OperatorService for OperatorApi {
         request: Request<pb::GetEnvironmentPolicyRequest>,
     ) -> Result<Response<pb::EnvironmentPolicy>, Status> {
         self.handle_get_environment_policy(request).await
+    }
+
+    async fn set_config(
+        &self,
+        request: Request<pb::SetConfigRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        self.handle_set_config(request).await
+    }
+
+    async fn get_config(
+        &self,
+        request: Request<pb::GetConfigRequest>,
+    ) -> Result<Response<pb::ServiceConfig>, Status> {
+        self.handle_get_config(request).await
     }
 
     async fn list_rollouts(

@@ -174,7 +174,7 @@ fn deployment_to_pb(d: &Deployment) -> pb::Deployment {
     }
 }
 
-fn started_to_pb(started: Vec<Started>) -> pb::DeployResponse {
+pub(super) fn started_to_pb(started: Vec<Started>) -> pb::DeployResponse {
     let mut response = pb::DeployResponse::default();
     for s in started {
         match s {
