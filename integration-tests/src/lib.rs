@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod canary;
+pub mod cli;
 pub mod docker;
 pub mod haproxy;
 pub mod load;

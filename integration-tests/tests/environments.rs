@@ -13,96 +13,20 @@
 //! saving) are tested on a fixed clock in `policy/freeze.rs` and
 //! `rollout/policy_tests.rs`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use cutover_common::identity::Role;
-use cutover_integration_tests::{app_archive, archive, bin, spawn_agent, Cluster, Tuning, APP};
-use serde_json::Value;
+use cutover_integration_tests::cli::Cli;
+use cutover_integration_tests::{app_archive, archive, spawn_agent, Cluster, Tuning, APP};
 
-struct Cli {
-    coordinator: String,
-    dir: PathBuf,
-}
-
-impl Cli {
-    /// `cutover ARGS` as the operator whose CLI config is `config`.
-    fn run(&self, config: &Path, args: &[&str]) -> (bool, String) {
-        let output = std::process::Command::new(bin("cutover"))
-            .arg("--cli-config")
-            .arg(config)
-            .args(args)
-            .env_remove("CUTOVER_CLI_CONFIG")
-            .env("HOME", "/nonexistent")
-            .output()
-            .expect("run cutover");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status.success(), text)
-    }
-
-    /// The CLI of `cluster` in `dir`, with the admin's config (root).
-    fn as_admin(cluster: &Cluster, dir: &Path) -> (Cli, PathBuf) {
-        let cli = Cli {
-            coordinator: cluster.url(),
-            dir: dir.to_path_buf(),
-        };
-        let root = cluster.pki.client_files(Role::Operator, "root");
-        let admin = dir.join("root.toml");
-        std::fs::write(
-            &admin,
-            format!(
-                "coordinator = {:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
-                cli.coordinator,
-                root.ca_cert.display().to_string(),
-                root.cert.display().to_string(),
-                root.key.display().to_string()
-            ),
-        )
-        .unwrap();
-        (cli, admin)
-    }
-
-    /// A deployer of `env` created by the admin, the way the operator
-    /// guide says; returns their CLI config.
-    fn operator(&self, admin: &Path, name: &str, env: &str) -> PathBuf {
-        let out = self.dir.join(name);
-        let (ok, text) = self.run(
-            admin,
-            &[
-                "operator",
-                "create",
-                name,
-                "--role",
-                "deployer",
-                "--env",
-                env,
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        );
-        assert!(ok, "{text}");
-        out.join("cli.toml")
-    }
-
-    fn json(&self, config: &Path, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        let (ok, text) = self.run(config, &all);
-        assert!(ok, "{args:?}: {text}");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
-    }
-
-    /// The spec file for `policy` (the production table's extra lines).
-    fn spec(&self, port: u16, policy: &str) -> String {
-        let path = self.dir.join("cutover.toml");
-        std::fs::write(
-            &path,
-            format!(
-                r#"
+/// The spec file for `policy` (the production table's extra lines), in
+/// the CLI's dir.
+fn spec_file(cli: &Cli, port: u16, policy: &str) -> String {
+    let path = cli.dir.join("cutover.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
 app = "shop"
 [services.web]
 command = ["python3", "app.py"]
@@ -121,11 +45,10 @@ nodes = {{ env = "production" }}
 env = {{ APP_ENV = "production" }}
 {policy}
 "#
-            ),
-        )
-        .unwrap();
-        path.display().to_string()
-    }
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -197,7 +120,7 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
         };
 
     // Staging takes anything.
-    let spec = cli.spec(port, long_soak);
+    let spec = spec_file(&cli, port, long_soak);
     let (ok, text) = deploy(&admin, &spec, "staging", "v1", &v1, &[]);
     assert!(ok, "{text}");
     let staging = cli.json(&admin, &["releases", "web", "--env", "staging"]);
@@ -300,7 +223,7 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
     );
 
     // The policy is pinned: the deployer cannot shorten the soak...
-    let spec = cli.spec(port, short_soak);
+    let spec = spec_file(&cli, port, short_soak);
     let (ok, text) = cli.run(
         &pete,
         &[
@@ -393,7 +316,7 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
     // A freeze window that runs now: refused even to an admin (nothing
     // pinned), then pinned by breaking glass.
     let freeze = format!("{short_soak}\nfreeze = [{:?}]", window_around_now());
-    let spec = cli.spec(port, &freeze);
+    let spec = spec_file(&cli, port, &freeze);
     let (ok, text) = cli.run(
         &admin,
         &[
@@ -502,7 +425,8 @@ async fn production_deploys_wait_for_another_operators_approval() {
     .to_string();
     let port =
         cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
-    let spec = cli.spec(
+    let spec = spec_file(
+        &cli,
         port,
         "approvals = 1\napprovals_for_rollback = 0\napproval_timeout = \"30m\"",
     );

@@ -1,0 +1,105 @@
+//! The `cutover` binary as an operator runs it in the tests: with a CLI
+//! config of their own (the admin's, or a deployer's created the way the
+//! operator guide says), never the machine's.
+
+use std::path::{Path, PathBuf};
+
+use cutover_common::identity::Role;
+use serde_json::Value;
+
+use crate::{bin, Cluster};
+
+pub struct Cli {
+    /// The coordinator's URL.
+    pub coordinator: String,
+    /// Where configs, specs and credentials go.
+    pub dir: PathBuf,
+}
+
+impl Cli {
+    /// `cutover ARGS` as the operator whose CLI config is `config`.
+    pub fn run(&self, config: &Path, args: &[&str]) -> (bool, String) {
+        self.run_with_input(config, args, "")
+    }
+
+    /// `run` with `input` on stdin (a secret's value).
+    pub fn run_with_input(&self, config: &Path, args: &[&str], input: &str) -> (bool, String) {
+        use std::io::Write;
+        let mut child = std::process::Command::new(bin("cutover"))
+            .arg("--cli-config")
+            .arg(config)
+            .args(args)
+            .env_remove("CUTOVER_CLI_CONFIG")
+            .env("HOME", "/nonexistent")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run cutover");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        let output = child.wait_with_output().expect("cutover output");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
+    /// The CLI of `cluster` in `dir`, with the admin's config (root).
+    pub fn as_admin(cluster: &Cluster, dir: &Path) -> (Cli, PathBuf) {
+        let cli = Cli {
+            coordinator: cluster.url(),
+            dir: dir.to_path_buf(),
+        };
+        let root = cluster.pki.client_files(Role::Operator, "root");
+        let admin = dir.join("root.toml");
+        std::fs::write(
+            &admin,
+            format!(
+                "coordinator = {:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+                cli.coordinator,
+                root.ca_cert.display().to_string(),
+                root.cert.display().to_string(),
+                root.key.display().to_string()
+            ),
+        )
+        .unwrap();
+        (cli, admin)
+    }
+
+    /// A deployer of `env` created by the admin, the way the operator
+    /// guide says; returns their CLI config.
+    pub fn operator(&self, admin: &Path, name: &str, env: &str) -> PathBuf {
+        let out = self.dir.join(name);
+        let (ok, text) = self.run(
+            admin,
+            &[
+                "operator",
+                "create",
+                name,
+                "--role",
+                "deployer",
+                "--env",
+                env,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{text}");
+        out.join("cli.toml")
+    }
+
+    pub fn json(&self, config: &Path, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let (ok, text) = self.run(config, &all);
+        assert!(ok, "{args:?}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    }
+}
