@@ -117,6 +117,13 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
     }
 }
 
+/// Whether `by`'s approval or rejection is recorded on `rollout`.
+fn decided(rollout: &Rollout, by: &str) -> bool {
+    rollout.approval.as_ref().is_some_and(|a| {
+        a.approvals.iter().any(|d| d.by == by) || a.rejected.as_ref().is_some_and(|d| d.by == by)
+    })
+}
+
 /// Where a canary rollout is in its steps.
 fn canary_status(r: &Rollout) -> Option<pb::CanaryStatus> {
     let canary = r.strategy.canary()?;
@@ -548,12 +555,23 @@ impl OperatorApi {
                 .await;
             return result;
         }
-        let result = self
-            .rollouts
-            .control(&r.id, input)
-            .await
-            .map(|rollout| Response::new(rollout_to_pb(&rollout)))
-            .map_err(Status::from);
+        let decision = match &input {
+            Input::Approve { by, .. } | Input::Reject { by, .. } => Some(by.clone()),
+            _ => None,
+        };
+        let result = match self.rollouts.control(&r.id, input).await {
+            Ok(rollout) => match decision.filter(|by| !decided(&rollout, by)) {
+                // Checked above, yet not taken: another operator's decision
+                // or the request's expiry came first.
+                Some(by) => Err(Status::failed_precondition(
+                    crate::rollout::engine::approve_refusal(&rollout, &by).unwrap_or_else(|| {
+                        format!("rollout {} did not take the decision in; try again", r.id)
+                    }),
+                )),
+                None => Ok(Response::new(rollout_to_pb(&rollout))),
+            },
+            Err(error) => Err(Status::from(error)),
+        };
         self.access
             .audit(&caller, "control_rollout", &args, &result)
             .await;

@@ -122,8 +122,9 @@ pub struct Deployment {
     /// admin's break of glass.
     #[serde(default)]
     pub notes: Vec<(String, String)>,
-    /// The approvals its first step's rollout waits for: approved, the
-    /// deployment goes on without asking again.
+    /// The approvals its first rollout waits for (the first step whose
+    /// release does not run everywhere already): approved, the deployment
+    /// goes on without asking again.
     #[serde(default)]
     pub approval: Option<crate::policy::ApprovalRule>,
     pub created_by: String,
@@ -416,7 +417,13 @@ impl Rollouts {
                     backup_gates: Vec::new(),
                     load_balancer: step.load_balancer.clone(),
                     fast_return: false,
-                    approval: if i == 0 { d.approval } else { None },
+                    // The first step that rolls anything out asks; the
+                    // rest are part of what was approved.
+                    approval: d.steps[..i]
+                        .iter()
+                        .all(|s| s.state == StepState::Unchanged)
+                        .then_some(d.approval)
+                        .flatten(),
                     config: step.config.clone(),
                 },
                 d.allow_unreachable,

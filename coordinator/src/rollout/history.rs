@@ -24,9 +24,14 @@ impl Rollouts {
     /// false when the coordinator shuts down first; the rollout is then
     /// not stored as ended, and the restart redoes its end.
     pub(super) async fn finished(&self, rollout: &Rollout) -> bool {
-        let seconds = (rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms)
-            - rollout.created_at_ms) as f64
-            / 1000.0;
+        // From its start: the wait for approvals is no rollout time.
+        let started_ms = rollout
+            .timeline
+            .iter()
+            .find(|t| t.kind == "started")
+            .map_or(rollout.created_at_ms, |t| t.at_ms);
+        let seconds =
+            (rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms) - started_ms) as f64 / 1000.0;
         self.metrics.rollout_finished(rollout, seconds);
         loop {
             match self.settle(rollout).await {

@@ -14,8 +14,7 @@ pub fn approve_refusal(r: &Rollout, by: &str) -> Option<String> {
     let id = &r.id;
     let Some(approval) = r.approval.as_ref() else {
         return Some(format!(
-            "rollout {id} needs no approval: environment {} asks for none (it is {})",
-            r.env,
+            "rollout {id} needs no approval: it asked for none when it was created (it is {})",
             r.state.as_str()
         ));
     };

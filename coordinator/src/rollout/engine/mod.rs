@@ -313,6 +313,8 @@ pub fn handle(r: &mut Rollout, now: i64, input: Input) -> Vec<Send> {
             }
         }
         Input::Approve { by, comment } => {
+            // An approval that comes after the request expired ends it.
+            approval::expire(r, now);
             if approval::on_approve(r, now, by, comment) {
                 start(r, now);
             }
