@@ -81,7 +81,9 @@ pub async fn config(
                 let Some((key, value)) = pair.split_once('=') else {
                     bail!("{pair:?} is not KEY=VALUE; to remove a variable use --unset {pair}");
                 };
-                set.insert(key.to_string(), value.to_string());
+                if set.insert(key.to_string(), value.to_string()).is_some() {
+                    bail!("{key} is set twice; give each variable one value");
+                }
             }
             let response = client
                 .set_config(pb::SetConfigRequest {

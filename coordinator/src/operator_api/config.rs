@@ -19,12 +19,13 @@ impl OperatorApi {
         request: Request<pb::SetConfigRequest>,
     ) -> Result<Response<pb::DeployResponse>, Status> {
         let r = request.get_ref();
-        // Values are configuration, not secrets (those are refused): the
-        // audit log keeps what changed.
+        // Keys only: a value typed for a key that turns out to be a secret
+        // (refused) must not land in the audit log; `config show` has the
+        // values in force.
         let args = json!({
             "env": r.env,
             "service": r.service,
-            "set": r.set.iter().collect::<BTreeMap<_, _>>(),
+            "set": r.set.keys().collect::<std::collections::BTreeSet<_>>(),
             "unset": r.unset,
             "reset": r.reset,
             "allow_unreachable": r.allow_unreachable,

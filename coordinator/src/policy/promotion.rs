@@ -11,8 +11,8 @@ use super::{show_duration, EnvironmentPolicy};
 use crate::rollout::model::StoredRelease;
 use crate::store::{ReleaseRecord, ReleaseState, Store, StoreError};
 
-/// The longest a digest was stable in an environment, as one of its
-/// releases.
+/// The longest a digest was stable in an environment without a break,
+/// as one or more of its releases.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Soak {
     pub release_id: String,
@@ -21,9 +21,12 @@ pub struct Soak {
 }
 
 /// How long `digest` has been stable in the environment whose release
-/// history is `history`, at `now_ms`; `None` if it never was.
+/// history is `history`, at `now_ms`; `None` if it never was. Releases of
+/// the same digest that followed each other without a gap (a config-only
+/// release, `cutover config set`, changes the environment, not the build)
+/// count as one stretch, named after its newest release.
 pub fn soak(history: &[ReleaseRecord], digest: &str, now_ms: i64) -> Option<Soak> {
-    history
+    let mut stretches: Vec<Soak> = history
         .iter()
         .filter(|r| r.release.digest() == digest && r.state == ReleaseState::Stable)
         .filter_map(|r| {
@@ -46,7 +49,21 @@ pub fn soak(history: &[ReleaseRecord], digest: &str, now_ms: i64) -> Option<Soak
                 soaked_ms: (until - since).max(0),
             })
         })
-        .max_by_key(|s| s.soaked_ms)
+        .collect();
+    stretches.sort_by_key(|s| s.since_ms);
+    let mut joined: Vec<Soak> = Vec::new();
+    for stretch in stretches {
+        match joined.last_mut() {
+            Some(last) if stretch.since_ms <= last.since_ms + last.soaked_ms => {
+                let until =
+                    (stretch.since_ms + stretch.soaked_ms).max(last.since_ms + last.soaked_ms);
+                last.soaked_ms = until - last.since_ms;
+                last.release_id = stretch.release_id;
+            }
+            _ => joined.push(stretch),
+        }
+    }
+    joined.into_iter().max_by_key(|s| s.soaked_ms)
 }
 
 /// The refusal of `release` of `service` in `env` under `policy`'s
@@ -172,6 +189,31 @@ mod tests {
             promoted_from: String::new(),
             config: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_config_change_does_not_restart_the_soak_but_a_break_does() {
+        let mut first = record("web-a1", "sha256:a", ReleaseState::Stable, false);
+        (first.current_since_ms, first.current_until_ms) = (10_000, 40_000);
+        // `cutover config set`: the same build, another release, at once.
+        let mut config = record("web-a2", "sha256:a", ReleaseState::Stable, true);
+        config.current_since_ms = 40_000;
+        let joined = soak(&[config.clone(), first.clone()], "sha256:a", 100_000).unwrap();
+        assert_eq!(
+            (
+                joined.release_id.as_str(),
+                joined.since_ms,
+                joined.soaked_ms
+            ),
+            ("web-a2", 10_000, 90_000)
+        );
+        // Another build ran in between: the stretches stay apart.
+        config.current_since_ms = 60_000;
+        let apart = soak(&[first, config], "sha256:a", 100_000).unwrap();
+        assert_eq!(
+            (apart.release_id.as_str(), apart.soaked_ms),
+            ("web-a2", 40_000)
+        );
     }
 
     #[test]

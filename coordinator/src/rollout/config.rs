@@ -105,6 +105,29 @@ impl Rollouts {
         Ok(current.map(|r| r.config).unwrap_or_default())
     }
 
+    /// The overrides `config` go on the current release `release_id` of
+    /// the service where nothing rolls out because that release runs
+    /// already: an override set to the value in force, a reset to a spec
+    /// value that is the override's, a deploy whose spec changed only an
+    /// overridden key (its new spec value). Returns whether they changed.
+    pub(super) async fn keep_config(
+        &self,
+        env: &str,
+        service: &str,
+        release_id: &str,
+        config: &BTreeMap<String, ConfigOverride>,
+    ) -> Result<bool, RolloutError> {
+        let Some(mut current) = self.store.releases.current(env, service).await? else {
+            return Ok(false);
+        };
+        if current.release.id() != release_id || current.config == *config {
+            return Ok(false);
+        }
+        current.config = config.clone();
+        self.store.releases.put(&current).await?;
+        Ok(true)
+    }
+
     /// Rolls out the current release of the service with `change` made to
     /// its environment.
     pub async fn set_config(
@@ -178,11 +201,18 @@ impl Rollouts {
         }
         release.release_id = crate::spec::release_id(&release);
         if release.release_id == current.release.id() {
+            let kept = self
+                .keep_config(env, service, &release.release_id, &config)
+                .await?;
+            let kept = match kept {
+                true => "; the overrides are recorded (`cutover config show`)",
+                false => "",
+            };
             return Ok(Started::NoOp {
                 service: service.clone(),
                 release_id: release.release_id,
                 message: format!(
-                    "{service} in {env} runs {} with that environment already: nothing to roll out",
+                    "{service} in {env} runs {} with that environment already: nothing to roll out{kept}",
                     current.release.id()
                 ),
             });
