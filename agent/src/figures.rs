@@ -8,6 +8,8 @@ use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 pub struct Sampler {
     system: System,
     state_dir: PathBuf,
+    /// Read once: the OS does not change under a running agent.
+    os: String,
 }
 
 impl Sampler {
@@ -17,7 +19,11 @@ impl Sampler {
                 .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
                 .with_memory(MemoryRefreshKind::nothing().with_ram()),
         );
-        Self { system, state_dir }
+        Self {
+            system,
+            state_dir,
+            os: os_name(),
+        }
     }
 
     /// CPU use is measured between two calls: every sample covers the time
@@ -51,8 +57,39 @@ impl Sampler {
             disk_total_bytes,
             uptime_seconds: System::uptime(),
             release_disk_bytes,
+            os: self.os.clone(),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get() as u32),
         }
     }
+}
+
+/// os-release's PRETTY_NAME (or NAME and VERSION), empty where there is
+/// none.
+fn os_name() -> String {
+    let text = ["/etc/os-release", "/usr/lib/os-release"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .unwrap_or_default();
+    pretty_name(&text)
+}
+
+fn pretty_name(os_release: &str) -> String {
+    let field = |name: &str| {
+        os_release.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix('=')?;
+            Some(value.trim().trim_matches('"').to_string())
+        })
+    };
+    field("PRETTY_NAME")
+        .or_else(|| {
+            Some(format!(
+                "{} {}",
+                field("NAME")?,
+                field("VERSION").unwrap_or_default()
+            ))
+        })
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -74,5 +111,17 @@ mod tests {
         assert!((0.0..=100.0).contains(&figures.cpu_percent));
         assert!(figures.uptime_seconds > 0);
         assert_eq!(figures.release_disk_bytes, 4096);
+        assert!(figures.cpus >= 1);
+        // The test machine is a Debian with an os-release.
+        assert!(!figures.os.is_empty());
+    }
+
+    #[test]
+    fn the_os_is_its_pretty_name_or_its_name_and_version() {
+        let debian = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\n";
+        assert_eq!(pretty_name(debian), "Debian GNU/Linux 12 (bookworm)");
+        assert_eq!(pretty_name("NAME=Alpine\nVERSION=3.20\n"), "Alpine 3.20");
+        assert_eq!(pretty_name("NAME=Plain\n"), "Plain");
+        assert_eq!(pretty_name(""), "");
     }
 }

@@ -209,6 +209,8 @@ fn figures_from(pb: pb::SystemFigures) -> Figures {
         disk_total_bytes: pb.disk_total_bytes,
         uptime_seconds: pb.uptime_seconds,
         release_disk_bytes: pb.release_disk_bytes,
+        os: pb.os,
+        cpus: pb.cpus,
     }
 }
 

@@ -38,6 +38,8 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                         "disk_total_bytes": f.disk_total_bytes,
                         "uptime_seconds": f.uptime_seconds,
                         "release_disk_bytes": f.release_disk_bytes,
+                        "os": f.os,
+                        "cpus": f.cpus,
                     })
                 });
                 let labels: serde_json::Map<String, Value> = n

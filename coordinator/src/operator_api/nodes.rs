@@ -72,6 +72,8 @@ fn figures_to_pb(f: Figures) -> pb::SystemFigures {
         disk_total_bytes: f.disk_total_bytes,
         uptime_seconds: f.uptime_seconds,
         release_disk_bytes: f.release_disk_bytes,
+        os: f.os,
+        cpus: f.cpus,
     }
 }
 

@@ -39,6 +39,11 @@ pub struct Figures {
     /// Disk the node's release dirs and cached artifacts take.
     #[serde(default)]
     pub release_disk_bytes: u64,
+    /// The operating system, as os-release names it.
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub cpus: u32,
 }
 
 /// A node as the coordinator knows it, kept across coordinator restarts.
