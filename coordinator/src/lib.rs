@@ -12,6 +12,7 @@ pub mod ca;
 pub mod clock;
 pub mod config;
 pub mod enroll;
+pub mod env_diff;
 pub mod environments;
 pub mod hooks;
 pub mod http;

@@ -92,6 +92,10 @@ enum Commands {
         #[command(subcommand)]
         action: cli::config::ConfigCommand,
     },
+    /// What differs between two environments' current releases of a
+    /// service and their nodes (build, command, environment, secrets by
+    /// version, checks, strategy, node count, OS, CPUs, memory).
+    Diff(cli::environments::DiffArgs),
     /// Approve a rollout awaiting approval (an operator with deployer
     /// rights on its environment, not the one who asked); it starts once
     /// it has every approval its environment requires.
@@ -396,6 +400,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Config { action } => {
             let mut client = cli.connect.operator_client().await?;
             return cli::config::config(&mut client, action, json).await;
+        }
+        Commands::Diff(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::environments::diff(&mut client, args, json).await;
         }
         Commands::Approve(args) => {
             let mut client = cli.connect.operator_client().await?;

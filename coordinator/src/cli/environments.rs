@@ -118,6 +118,84 @@ pub async fn decide(
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    pub service: String,
+    /// The two environments, e.g. `--env staging --env production`.
+    #[arg(long = "env", num_args = 1, required = true)]
+    pub envs: Vec<String>,
+    /// Show the rows that are the same too.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `cutover diff`: what differs between two environments' current
+/// releases of a service and their nodes. Exits 0 either way (`--json`
+/// has every row with `same`).
+pub async fn diff(
+    client: &mut OperatorServiceClient<Channel>,
+    args: DiffArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    let [env_a, env_b] = <[String; 2]>::try_from(args.envs).map_err(|envs| {
+        anyhow::anyhow!(
+            "name two environments with --env, e.g. `cutover diff {} --env staging --env production` (got {})",
+            args.service,
+            envs.len()
+        )
+    })?;
+    let diff = client
+        .diff_environments(pb::DiffEnvironmentsRequest {
+            service: args.service,
+            env_a,
+            env_b,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    if json {
+        let rows: Vec<_> = diff
+            .rows
+            .iter()
+            .map(|r| json!({"aspect": r.aspect, "key": r.key, "a": r.a, "b": r.b, "same": r.same}))
+            .collect();
+        let value = json!({
+            "service": diff.service,
+            "a": diff.env_a,
+            "b": diff.env_b,
+            "differences": diff.rows.iter().filter(|r| !r.same).count(),
+            "rows": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = vec![vec![
+        "ASPECT".to_string(),
+        "KEY".to_string(),
+        diff.env_a.to_uppercase(),
+        diff.env_b.to_uppercase(),
+    ]];
+    let shown = |v: &str| match v {
+        "" => "-".to_string(),
+        v => v.to_string(),
+    };
+    table.extend(
+        diff.rows
+            .iter()
+            .filter(|r| args.all || !r.same)
+            .map(|r| vec![r.aspect.clone(), r.key.clone(), shown(&r.a), shown(&r.b)]),
+    );
+    let differences = diff.rows.iter().filter(|r| !r.same).count();
+    if table.len() > 1 {
+        print!("{}", super::nodes::render_table(&table));
+    }
+    println!(
+        "{differences} difference(s) between {} in {} and in {}",
+        diff.service, diff.env_a, diff.env_b
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum FreezeCommand {
     /// An environment's freeze windows, whether one runs now and until

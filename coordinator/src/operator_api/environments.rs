@@ -1,5 +1,6 @@
-//! Promotions (`cutover promote`) and what an environment allows
-//! (`cutover freeze status`): its pinned policy read back.
+//! Promotions (`cutover promote`), what an environment allows (`cutover
+//! freeze status`: its pinned policy read back), and what differs between
+//! two environments (`cutover diff`).
 
 use cutover_common::digest::Digest;
 use cutover_proto::v1 as pb;
@@ -150,6 +151,75 @@ impl OperatorApi {
                 .deploy_approval()
                 .or(policy.rollback_approval())
                 .map_or(0, |r| r.timeout_ms),
+        }))
+    }
+
+    pub(super) async fn handle_diff_environments(
+        &self,
+        request: Request<pb::DiffEnvironmentsRequest>,
+    ) -> Result<Response<pb::EnvironmentDiff>, Status> {
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "diff_environments",
+                &serde_json::Value::Null,
+            )
+            .await?;
+        let r = request.into_inner();
+        for (what, name) in [
+            ("service", &r.service),
+            ("environment", &r.env_a),
+            ("environment", &r.env_b),
+        ] {
+            crate::spec::name_ok(name)
+                .map_err(|m| Status::invalid_argument(format!("{what} {name:?}: {m}")))?;
+        }
+        if r.env_a == r.env_b {
+            return Err(Status::invalid_argument(format!(
+                "both sides are {}: name two environments, `cutover diff {} --env staging --env production`",
+                r.env_a, r.service
+            )));
+        }
+        let store = self.access.store();
+        let mut current = Vec::new();
+        for env in [&r.env_a, &r.env_b] {
+            let Some(record) = store.releases.current(env, &r.service).await? else {
+                return Err(Status::not_found(format!(
+                    "{} has no current release in {env}: nothing runs there to compare; deploy it first",
+                    r.service
+                )));
+            };
+            current.push(record);
+        }
+        let nodes = self.registry.list();
+        let sides: Vec<crate::env_diff::Side> = current
+            .iter()
+            .map(|record| crate::env_diff::Side {
+                release: &record.release.0,
+                strategy: &record.strategy,
+                nodes: nodes
+                    .iter()
+                    .filter(|n| crate::spec::selects(&record.selector, &n.record.labels))
+                    .map(|n| n.record.figures.as_ref())
+                    .collect(),
+            })
+            .collect();
+        let rows = crate::env_diff::compare(&sides[0], &sides[1])
+            .into_iter()
+            .map(|row| pb::DiffRow {
+                same: row.same(),
+                aspect: row.aspect.to_string(),
+                key: row.key,
+                a: row.a,
+                b: row.b,
+            })
+            .collect();
+        Ok(Response::new(pb::EnvironmentDiff {
+            service: r.service,
+            env_a: r.env_a,
+            env_b: r.env_b,
+            rows,
         }))
     }
 }

@@ -258,6 +258,13 @@ impl OperatorService for OperatorApi {
         self.handle_get_config(request).await
     }
 
+    async fn diff_environments(
+        &self,
+        request: Request<pb::DiffEnvironmentsRequest>,
+    ) -> Result<Response<pb::EnvironmentDiff>, Status> {
+        self.handle_diff_environments(request).await
+    }
+
     async fn list_rollouts(
         &self,
         request: Request<pb::ListRolloutsRequest>,

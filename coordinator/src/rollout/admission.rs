@@ -93,6 +93,88 @@ impl Rollouts {
     }
 }
 
+impl Rollouts {
+    /// A deploy to an environment that mirrors another: a warning for
+    /// each difference from what the other runs (`env_diff::mirrored`),
+    /// said first in the rollouts' timelines.
+    pub(super) async fn mirror_warnings(
+        &self,
+        spec: &AppSpec,
+        env: &str,
+        resolved: &[crate::spec::Resolved],
+    ) -> Result<Vec<(String, String)>, RolloutError> {
+        let Some(other) = spec.environments.get(env).and_then(|e| e.mirror.clone()) else {
+            return Ok(Vec::new());
+        };
+        let declared: std::collections::BTreeSet<String> = [env, other.as_str()]
+            .iter()
+            .filter_map(|e| spec.environments.get(*e))
+            .flat_map(|e| e.env.keys().cloned())
+            .collect();
+        let nodes = self.registry.list();
+        let figures = |selector: &BTreeMap<String, String>| {
+            nodes
+                .iter()
+                .filter(|n| crate::spec::selects(selector, &n.record.labels))
+                .map(|n| n.record.figures.as_ref())
+                .collect::<Vec<_>>()
+        };
+        let mut warnings = Vec::new();
+        for service in resolved {
+            let name = &service.service;
+            let Some(theirs) = self.store.releases.current(&other, name).await? else {
+                warnings.push(format!(
+                    "{env} mirrors {other}, which runs no {name} yet: nothing to compare"
+                ));
+                continue;
+            };
+            let ours = crate::env_diff::Side {
+                release: &service.release,
+                strategy: &service.strategy,
+                nodes: figures(&service.selector),
+            };
+            let other_side = crate::env_diff::Side {
+                release: &theirs.release.0,
+                strategy: &theirs.strategy,
+                nodes: figures(&theirs.selector),
+            };
+            let rows =
+                crate::env_diff::mirrored(crate::env_diff::compare(&ours, &other_side), &declared);
+            let shown = rows.len().min(MIRROR_WARNINGS);
+            for row in &rows[..shown] {
+                warnings.push(format!(
+                    "{env} differs from {other}, which it mirrors: {name} {} {}: {} here, {} there",
+                    row.aspect,
+                    row.key,
+                    quoted(&row.a),
+                    quoted(&row.b)
+                ));
+            }
+            if rows.len() > shown {
+                warnings.push(format!(
+                    "{env} differs from {other} in {} more ways: `cutover diff {name} --env {env} --env {other}`",
+                    rows.len() - shown
+                ));
+            }
+        }
+        Ok(warnings
+            .into_iter()
+            .map(|w| ("warning".to_string(), w))
+            .collect())
+    }
+}
+
+/// Differences a mirror names one by one; `cutover diff` has the rest.
+const MIRROR_WARNINGS: usize = 10;
+
+/// A value as a warning quotes it; nothing for an absent one.
+fn quoted(value: &str) -> String {
+    match value {
+        "" => "nothing".to_string(),
+        value => format!("{value:?}"),
+    }
+}
+
 /// One deploy on its way past its environment's policy: what stood in the
 /// way of an admin who broke glass is kept for the timeline.
 pub(super) struct PolicyGate<'a> {

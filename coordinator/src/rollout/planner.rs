@@ -236,7 +236,9 @@ impl Rollouts {
             }
             gate.check_release(&self.store, &service.release).await?;
         }
-        let admitted = gate.admit(&self.store).await?;
+        let mut admitted = gate.admit(&self.store).await?;
+        let mirror = self.mirror_warnings(&spec, &request.env, &resolved).await?;
+        admitted.notes.extend(mirror);
         Ok((resolved, admitted))
     }
 
@@ -551,6 +553,11 @@ impl Rollouts {
             .filter(|n| n.state == NodeState::Pending)
             .count();
         if targets == 0 {
+            if plan_target.kind == RolloutKind::Deploy {
+                let (env, service) = (&plan_target.env, &plan_target.service);
+                self.keep_config(env, service, &release_id, &plan_target.config)
+                    .await?;
+            }
             return Ok(Started::NoOp {
                 message: format!(
                     "{release_id} already runs on all {} nodes of {} in {}; nothing to do",

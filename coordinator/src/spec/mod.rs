@@ -115,6 +115,11 @@ pub struct EnvironmentSpec {
     /// How long a request waits for its approvals; default 1h.
     #[serde(default, with = "humantime_serde")]
     pub approval_timeout: Option<std::time::Duration>,
+    /// The environment this one mirrors: a deploy here warns of every
+    /// difference from it but the variables either declares in `env` (see
+    /// `env_diff`).
+    #[serde(default)]
+    pub mirror: Option<String>,
 }
 
 /// Everything a deploy of one service in one environment needs from the
@@ -274,8 +279,8 @@ impl AppSpec {
     }
 
     /// An environment's promotion rule names another environment of the
-    /// spec; its freeze windows parse and do not overlap; its approvals
-    /// can be met.
+    /// spec, as does its mirror; its freeze windows parse and do not
+    /// overlap; its approvals can be met.
     fn check_policy(&self, name: &str, env: &EnvironmentSpec) -> Result<(), (String, String)> {
         if let Some(promotion) = &env.promotion {
             let from = &promotion.from;
@@ -292,6 +297,22 @@ impl AppSpec {
                         "names {from:?}, which is not an environment of the spec; it defines {}",
                         self.environments
                             .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(mirror) = &env.mirror {
+            if mirror == name || !self.environments.contains_key(mirror) {
+                return Err((
+                    "mirror".into(),
+                    format!(
+                        "names {mirror:?}; it must be another environment of the spec: {}",
+                        self.environments
+                            .keys()
+                            .filter(|e| *e != name)
                             .cloned()
                             .collect::<Vec<_>>()
                             .join(", ")
