@@ -215,6 +215,25 @@ nodes = {{ env = "production" }}
     assert_eq!(seen(port, "GREETING"), ["unset", "unset"]);
     assert_eq!(entry(&show(), "GREETING")["source"], "removed");
 
+    // A spec that changes only an overridden key rolls nothing out, but
+    // its new value is what a reset goes back to.
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &spec,
+        text.replace("CHECKOUT_V2 = \"on\"", "CHECKOUT_V2 = \"maybe\""),
+    )
+    .unwrap();
+    deploy(&pete, "v2", &v2);
+    assert_eq!(seen(port, "CHECKOUT_V2"), [off.as_str(), off.as_str()]);
+    assert_eq!(entry(&show(), "CHECKOUT_V2")["spec_value"], "maybe");
+    let (ok, text) = config_set(&["--reset", "CHECKOUT_V2", "--wait"]);
+    assert!(ok, "{text}");
+    let maybe = sha256_hex("maybe");
+    assert_eq!(seen(port, "CHECKOUT_V2"), [maybe.as_str(), maybe.as_str()]);
+    // Set to the value in force: nothing to roll out, the override kept.
+    let (ok, text) = config_set(&["NEW_FLAG=1"]);
+    assert!(ok && text.contains("nothing to roll out"), "{text}");
+
     // Bad input: a clear error, and nothing changes.
     let releases = cli.json(&pete, &["releases", "web", "--env", "production"]);
     for (args, says) in [
@@ -229,6 +248,7 @@ nodes = {{ env = "production" }}
             "NOPE has no override in production to reset",
         ),
         (vec!["A=1", "--unset", "A"], "A is named twice"),
+        (vec!["A=1", "A=2"], "A is set twice"),
         (vec![], "nothing to change"),
     ] {
         let (ok, text) = config_set(&args);
@@ -252,7 +272,7 @@ nodes = {{ env = "production" }}
             .iter()
             .any(|a| a["action"] == "set_config"
                 && a["outcome"] == "ok"
-                && a["arguments"]["set"]["CHECKOUT_V2"] == "off"),
+                && a["arguments"]["set"] == serde_json::json!(["CHECKOUT_V2", "NEW_FLAG"])),
         "{audit}"
     );
 }

@@ -549,4 +549,221 @@ async fn production_deploys_wait_for_another_operators_approval() {
     let status = cli.json(&admin, &["rollout", "status", &fourth]);
     assert_eq!(status["state"], "aborted", "{status}");
     assert_eq!(current().as_deref(), Some("v1"));
+
+    // A deploy of two services asks once, at its first rollout: here the
+    // second service's, as the first runs its release already.
+    let api_port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[]).unwrap();
+    let both = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("app = \"shop\"", "app = \"shop\"\norder = [\"web\", \"api\"]")
+        .replace(
+        "[strategy]",
+        &format!(
+            "[services.api]\ncommand = [\"python3\", \"app.py\"]\nlisten = \":{api_port}\"\n[services.api.health]\npath = \"/health\"\ninterval = \"100ms\"\nhealthy_deadline = \"5s\"\n[strategy]"
+        ),
+    );
+    let both_file = dir.path().join("both.toml");
+    std::fs::write(&both_file, both).unwrap();
+    let args = [
+        "deploy",
+        "-f",
+        both_file.to_str().unwrap(),
+        "--env",
+        "production",
+        "--version",
+        "v1",
+        "--artifact",
+        &v1,
+    ];
+    let (ok, text) = cli.run(&pete, &args);
+    assert!(ok, "{text}");
+    let deployment = text.lines().next().unwrap().trim().to_string();
+    let api = loop {
+        let rollouts = cli.json(&admin, &["rollout", "list", "--env", "production"]);
+        if let Some(api) = rollouts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["service"] == "api" && r["deployment"] == deployment.as_str())
+        {
+            break api.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let id = api["id"].as_str().unwrap().to_string();
+    let status = cli.json(&admin, &["rollout", "status", &id]);
+    assert_eq!(status["state"], "awaiting_approval", "{status}");
+    let (ok, text) = cli.run(&quinn, &["approve", &id]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli.run(&pete, &["rollout", "watch", &id]);
+    assert!(ok, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_mirrors_production_and_diff_says_where_they_differ() {
+    let mut cluster = Cluster::start(0, Tuning::default()).await;
+    for (name, env) in [("node-1", "staging"), ("node-2", "production")] {
+        let mut config = cluster.agent_config(name);
+        config.labels = [("env".to_string(), env.to_string())].into();
+        let agent = spawn_agent(config).await;
+        cluster.agents.push(agent);
+    }
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == 2 && n.iter().all(|n| n.connected && n.figures.is_some())
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    app_archive(dir.path());
+    let v1 = dir.path().join("app.tar.gz").display().to_string();
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    let spec = dir.path().join("cutover.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "5s"
+[strategy]
+min_healthy_time = "200ms"
+[environments.staging]
+nodes = {{ env = "staging" }}
+env = {{ APP_ENV = "staging" }}
+mirror = "production"
+[environments.production]
+nodes = {{ env = "production" }}
+env = {{ APP_ENV = "production" }}
+strategy = {{ min_healthy_time = "300ms" }}
+"#
+        ),
+    )
+    .unwrap();
+    let spec = spec.display().to_string();
+    let deploy = |env: &str| {
+        let args = [
+            "deploy",
+            "-f",
+            &spec,
+            "--env",
+            env,
+            "--version",
+            "v1",
+            "--artifact",
+            &v1,
+            "--wait",
+        ];
+        let (ok, text) = cli.run(&admin, &args);
+        assert!(ok, "{text}");
+        text
+    };
+    // Nothing in production yet: the mirror says so, the deploy goes on.
+    let text = deploy("staging");
+    assert!(
+        text.contains("warning: staging mirrors production, which runs no web yet"),
+        "{text}"
+    );
+    deploy("production");
+    // Now it names what differs but the declared APP_ENV: the strategy,
+    // and a variable `config set` gave staging alone.
+    let (ok, text) = cli.run(
+        &admin,
+        &[
+            "config", "set", "web", "--env", "staging", "DEBUG=1", "--wait",
+        ],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = cli.run(
+        &admin,
+        &[
+            "deploy",
+            "-f",
+            &spec,
+            "--env",
+            "staging",
+            "--version",
+            "v2",
+            "--artifact",
+            &v1,
+            "--wait",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("warning: staging differs from production, which it mirrors: web strategy min_healthy_time_ms: \"200\" here, \"300\" there"),
+        "{text}"
+    );
+    assert!(
+        text.contains("web env DEBUG: \"1\" here, nothing there"),
+        "{text}"
+    );
+    assert!(!text.contains("env APP_ENV"), "declared: {text}");
+
+    let diff = cli.json(
+        &admin,
+        &["diff", "web", "--env", "staging", "--env", "production"],
+    );
+    let row = |aspect: &str, key: &str| {
+        diff["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["aspect"] == aspect && r["key"] == key)
+            .unwrap_or_else(|| panic!("no {aspect} {key}: {diff}"))
+            .clone()
+    };
+    assert_eq!(row("env", "APP_ENV")["a"], "staging");
+    assert_eq!(row("env", "APP_ENV")["b"], "production");
+    assert_eq!(row("release", "digest")["same"], true, "one build");
+    assert_eq!(row("strategy", "min_healthy_time_ms")["same"], false);
+    assert_eq!(row("nodes", "count")["a"], "1");
+    let os = row("nodes", "os");
+    assert!(os["a"].as_str().unwrap().starts_with("1 x "), "{os}");
+    assert_eq!(os["same"], true, "both nodes are this machine");
+    let (ok, table) = cli.run(
+        &admin,
+        &["diff", "web", "--env", "staging", "--env", "production"],
+    );
+    assert!(ok, "{table}");
+    assert!(
+        table.contains("STAGING") && table.contains("PRODUCTION") && table.contains("APP_ENV"),
+        "{table}"
+    );
+    assert!(
+        !table.contains("digest"),
+        "equal rows only with --all: {table}"
+    );
+    assert!(
+        table.contains("difference(s) between web in staging and in production"),
+        "{table}"
+    );
+    let (ok, all) = cli.run(
+        &admin,
+        &[
+            "diff",
+            "web",
+            "--env",
+            "staging",
+            "--env",
+            "production",
+            "--all",
+        ],
+    );
+    assert!(ok && all.contains("digest"), "{all}");
+    // Bad input: clear errors.
+    let (ok, text) = cli.run(&admin, &["diff", "web", "--env", "staging"]);
+    assert!(!ok && text.contains("name two environments"), "{text}");
+    let (ok, text) = cli.run(&admin, &["diff", "web", "--env", "staging", "--env", "qa"]);
+    assert!(
+        !ok && text.contains("web has no current release in qa"),
+        "{text}"
+    );
 }
