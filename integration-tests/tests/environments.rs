@@ -598,6 +598,77 @@ async fn production_deploys_wait_for_another_operators_approval() {
     assert!(ok, "{text}");
     let (ok, text) = cli.run(&pete, &["rollout", "watch", &id]);
     assert!(ok, "{text}");
+
+    // Rollbacks ask too once an admin says so; an admin breaks glass.
+    let spec = spec_file(
+        &cli,
+        port,
+        "approvals = 1\napprovals_for_rollback = 1\napproval_timeout = \"30m\"",
+    );
+    let args = [
+        "deploy",
+        "-f",
+        &spec,
+        "--env",
+        "production",
+        "--version",
+        "v1",
+        "--artifact",
+        &v1,
+    ];
+    let (ok, text) = cli.run(&admin, &args);
+    assert!(ok && text.contains("nothing to do"), "{text}");
+    let (ok, text) = cli.run(&admin, &["freeze", "status", "--env", "production"]);
+    assert!(ok && text.contains("1 for a rollback"), "{text}");
+    let fifth = deploy(&pete, "v2", &v2);
+    let (ok, text) = cli.run(&quinn, &["approve", &fifth]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli.run(&pete, &["rollout", "watch", &fifth]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli.run(&pete, &["rollback", "web", "--env", "production"]);
+    assert!(ok && text.contains("awaits 1 approval(s)"), "{text}");
+    let waiting = text.lines().next().unwrap().trim().to_string();
+    let (ok, text) = cli.run(&pete, &["rollout", "abort", &waiting]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli.run(
+        &pete,
+        &[
+            "rollback",
+            "web",
+            "--env",
+            "production",
+            "--break-glass",
+            "--reason",
+            "x",
+        ],
+    );
+    assert!(!ok && text.contains("admin"), "{text}");
+    let (ok, text) = cli.run(
+        &admin,
+        &[
+            "rollback",
+            "web",
+            "--env",
+            "production",
+            "--break-glass",
+            "--reason",
+            "checkout is down",
+            "--wait",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(current().as_deref(), Some("v1"));
+    let rollouts = cli.json(&admin, &["rollout", "list", "--env", "production"]);
+    let status = cli.json(
+        &admin,
+        &["rollout", "status", rollouts[0]["id"].as_str().unwrap()],
+    );
+    assert!(
+        status["timeline"].as_array().unwrap().iter().any(|t| t["kind"] == "break_glass"
+            && t["message"]
+                == "root broke glass: checkout is down (past: 1 approval(s) of environment production)"),
+        "{status}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

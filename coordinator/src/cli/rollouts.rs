@@ -159,6 +159,10 @@ pub struct RollbackArgs {
     /// target's code may not work with; needs --reason.
     #[arg(long, requires = "reason")]
     pub ignore_schema: bool,
+    /// Roll back without waiting for the environment's approvals (admin,
+    /// with --reason; audited and notified).
+    #[arg(long, requires = "reason")]
+    pub break_glass: bool,
     /// Why that is safe: kept in the audit log and the rollout's timeline.
     #[arg(long)]
     pub reason: Option<String>,
@@ -340,6 +344,7 @@ pub async fn rollback(
             ignore_schema: args.ignore_schema,
             reason: args.reason.unwrap_or_default(),
             careful: args.careful,
+            break_glass: args.break_glass,
         })
         .await
         .map_err(explain)?

@@ -317,10 +317,12 @@ impl OperatorApi {
             "ignore_schema": r.ignore_schema,
             "reason": r.reason,
             "careful": r.careful,
+            "break_glass": r.break_glass,
         });
         let env = r.env.clone();
-        // Past a contract migration is an admin's call, with a reason.
-        let need = if r.ignore_schema {
+        // Past a contract migration, or without the approvals, is an
+        // admin's call, with a reason.
+        let need = if r.ignore_schema || r.break_glass {
             Need::Admin
         } else {
             Need::Deploy(&env)
@@ -336,6 +338,11 @@ impl OperatorApi {
                         "--ignore-schema needs --reason TEXT: why the old code is safe with the new schema",
                     ));
                 }
+                if r.break_glass && r.reason.trim().is_empty() {
+                    return Err(Status::invalid_argument(
+                        "--break-glass needs --reason TEXT: why this rollback cannot wait for an approval",
+                    ));
+                }
                 let started = self
                     .rollouts
                     .rollback(RollbackRequest {
@@ -344,10 +351,11 @@ impl OperatorApi {
                         service: r.service,
                         allow_unreachable: r.allow_unreachable,
                         force: r.force,
-                        ignore_schema: r.ignore_schema.then_some(r.reason),
+                        ignore_schema: r.ignore_schema.then(|| r.reason.clone()),
                         by: caller.identity.name,
                         deployment: String::new(),
                         careful: r.careful,
+                        break_glass: r.break_glass.then(|| r.reason.clone()),
                     })
                     .await?;
                 Ok(started_to_pb(vec![started]))

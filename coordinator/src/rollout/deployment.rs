@@ -463,6 +463,7 @@ impl Rollouts {
                 ignore_schema: None,
                 deployment: d.id.clone(),
                 careful: false,
+                break_glass: None,
             })
             .await?;
         Ok(match started {

@@ -40,6 +40,8 @@ pub struct RollbackRequest {
     /// Returns in the strategy's batches, as a deploy, even to a release
     /// that qualifies for the fast path (`cutover rollback --careful`).
     pub careful: bool,
+    /// An admin's reason not to wait for the environment's approvals.
+    pub break_glass: Option<String>,
 }
 
 /// The release a rollback without `--to` returns to: the newest stable one
@@ -135,7 +137,7 @@ impl Rollouts {
         // An operator's rollback asks the environment's approvers (unless
         // `approvals_for_rollback = 0`); a deployment's rollback of its
         // steps is part of what was approved.
-        let approval = match request.deployment.as_str() {
+        let mut approval = match request.deployment.as_str() {
             "" => self
                 .store
                 .releases
@@ -144,6 +146,20 @@ impl Rollouts {
                 .and_then(|p| p.rollback_approval()),
             _ => None,
         };
+        let mut notes: Vec<(String, String)> = warning
+            .map(|w| ("warning".to_string(), w))
+            .into_iter()
+            .collect();
+        if let Some(reason) = &request.break_glass {
+            let skipped = match approval.take() {
+                Some(rule) => format!("past: {} approval(s) of environment {env}", rule.required),
+                None => "nothing was in the way".to_string(),
+            };
+            notes.push((
+                "break_glass".to_string(),
+                format!("{by} broke glass: {reason} ({skipped})"),
+            ));
+        }
         let fast_return =
             proven && !request.careful && target.strategy.rollback == RollbackPace::Fast;
         let mut strategy = target.strategy.clone();
@@ -163,10 +179,7 @@ impl Rollouts {
                     selector: target.selector.clone(),
                     strategy,
                     deployment: request.deployment.clone(),
-                    notes: warning
-                        .map(|w| ("warning".to_string(), w))
-                        .into_iter()
-                        .collect(),
+                    notes,
                     promoted_from: String::new(),
                     // A rollback returns code, never runs a migration.
                     migration: None,

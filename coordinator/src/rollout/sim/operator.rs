@@ -109,6 +109,7 @@ async fn rollback(
             by: "op".into(),
             deployment: String::new(),
             careful,
+            break_glass: None,
         };
         match rollouts.rollback(request).await {
             Ok(Started::Rollout(rollout)) => return Some(rollout.id),
