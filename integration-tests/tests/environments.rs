@@ -837,4 +837,37 @@ strategy = {{ min_healthy_time = "300ms" }}
         !ok && text.contains("web has no current release in qa"),
         "{text}"
     );
+    // A spec whose policy cannot work is refused by name, before anything.
+    let good = std::fs::read_to_string(&spec).unwrap();
+    for (keys, says) in [
+        (
+            "freeze = [\"Fri 16:00 - Mon 08:00\", \"Sun 10:00 - Sun 12:00\"]",
+            "environments.production.freeze[1]",
+        ),
+        (
+            "freeze = [\"Fri 16:00 to Mon 08:00\"]",
+            "environments.production.freeze[0]",
+        ),
+        ("approvals = 9", "environments.production.approvals"),
+        ("mirror = \"production\"", "environments.production.mirror"),
+    ] {
+        let bad = good.replace(
+            "strategy = { min_healthy_time = \"300ms\" }",
+            &format!("strategy = {{ min_healthy_time = \"300ms\" }}\n{keys}"),
+        );
+        std::fs::write(&spec, bad).unwrap();
+        let args = [
+            "deploy",
+            "-f",
+            &spec,
+            "--env",
+            "production",
+            "--version",
+            "v9",
+            "--artifact",
+            &v1,
+        ];
+        let (ok, text) = cli.run(&admin, &args);
+        assert!(!ok && text.contains(says), "{keys}: {text}");
+    }
 }
