@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use cutover_common::identity::Role;
 use serde_json::Value;
 
-use crate::{bin, Cluster};
+use std::time::Duration;
+
+use crate::{app_archive, archive, bin, output_with_input, spawn_agent, Cluster, Tuning, APP};
 
 pub struct Cli {
     /// The coordinator's URL.
@@ -24,25 +26,14 @@ impl Cli {
 
     /// `run` with `input` on stdin (a secret's value).
     pub fn run_with_input(&self, config: &Path, args: &[&str], input: &str) -> (bool, String) {
-        use std::io::Write;
-        let mut child = std::process::Command::new(bin("cutover"))
+        let mut command = std::process::Command::new(bin("cutover"));
+        command
             .arg("--cli-config")
             .arg(config)
             .args(args)
             .env_remove("CUTOVER_CLI_CONFIG")
-            .env("HOME", "/nonexistent")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run cutover");
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-        let output = child.wait_with_output().expect("cutover output");
+            .env("HOME", "/nonexistent");
+        let output = output_with_input(command, input);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),
@@ -102,4 +93,35 @@ impl Cli {
         assert!(ok, "{args:?}: {text}");
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
     }
+}
+
+/// A cluster of one agent per `(name, env)`, labelled `env=ENV`, once
+/// every one is connected and has reported its figures.
+pub async fn cluster_of(nodes: &[(&str, &str)]) -> Cluster {
+    let mut cluster = Cluster::start(0, Tuning::default()).await;
+    for (name, env) in nodes {
+        let mut config = cluster.agent_config(name);
+        config.labels = [("env".to_string(), env.to_string())].into();
+        let agent = spawn_agent(config).await;
+        cluster.agents.push(agent);
+    }
+    cluster
+        .wait_for_nodes(Duration::from_secs(10), |n| {
+            n.len() == nodes.len() && n.iter().all(|n| n.connected && n.figures.is_some())
+        })
+        .await;
+    cluster
+}
+
+/// Two builds of the test app in `dir`: `app.tar.gz` and `app-v2.tar.gz`
+/// (the same app, another digest), as artifact paths.
+pub fn two_builds(dir: &Path) -> (String, String) {
+    app_archive(dir);
+    let v1 = dir.join("app.tar.gz").display().to_string();
+    let v2 = archive(
+        dir,
+        "app-v2.tar.gz",
+        &[("app.py", &format!("{APP}\n# v2\n"))],
+    );
+    (v1, v2.display().to_string())
 }

@@ -780,22 +780,9 @@ impl DevCluster {
 
     /// `cutover ARGS` with `input` on its stdin.
     pub fn cutover_with_input(&self, args: &[&str], input: &str) -> std::process::Output {
-        use std::io::Write;
-        let mut child = std::process::Command::new(bin("cutover"))
-            .args(args)
-            .envs(self.env())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run cutover");
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-        child.wait_with_output().expect("cutover output")
+        let mut command = std::process::Command::new(bin("cutover"));
+        command.args(args).envs(self.env());
+        output_with_input(command, input)
     }
 
     /// `cutover deploy` of spec `text` (written to `cutover-VERSION.toml`)
@@ -1237,6 +1224,34 @@ pub fn activate(id: &str, release: pb::Release) -> pb::Command {
 /// The body of a raw HTTP response.
 pub fn body(response: &str) -> &str {
     response.split("\r\n\r\n").nth(1).unwrap_or_default()
+}
+
+/// `command`'s output, run with `input` on its stdin.
+pub fn output_with_input(mut command: std::process::Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the command");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("the command's output")
+}
+
+/// What the test app answers at `/env-sha256/NAME` for a variable whose
+/// value is `value`: its SHA-256, in hex.
+pub fn sha256_hex(value: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(value.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The app spec the rollout tests deploy: the test app (`app_archive`) as

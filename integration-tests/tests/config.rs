@@ -5,24 +5,12 @@
 //! it, `config show` says where each value comes from and never shows a
 //! secret's value, and bad input changes nothing.
 
-use std::time::Duration;
-
-use cutover_integration_tests::cli::Cli;
+use cutover_integration_tests::cli::{cluster_of, two_builds, Cli};
 use cutover_integration_tests::load::Load;
-use cutover_integration_tests::{
-    app_archive, archive, http_get, spawn_agent, Cluster, Tuning, APP,
-};
+use cutover_integration_tests::{http_get, sha256_hex};
 use serde_json::Value;
 
 const SECRET_VALUE: &str = "s3cret-token-value";
-
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// What both nodes' releases see of variable `name`: its value's digest,
 /// or "unset".
@@ -49,18 +37,7 @@ fn entry<'a>(config: &'a Value, key: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_change_rolls_out_under_load_and_stays_across_deploys() {
-    let mut cluster = Cluster::start(0, Tuning::default()).await;
-    for name in ["node-1", "node-2"] {
-        let mut config = cluster.agent_config(name);
-        config.labels = [("env".to_string(), "production".to_string())].into();
-        let agent = spawn_agent(config).await;
-        cluster.agents.push(agent);
-    }
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 2 && n.iter().all(|n| n.connected)
-        })
-        .await;
+    let cluster = cluster_of(&[("node-1", "production"), ("node-2", "production")]).await;
     let dir = tempfile::tempdir().unwrap();
     let (cli, admin) = Cli::as_admin(&cluster, dir.path());
     let pete = cli.operator(&admin, "pete", "production");
@@ -70,15 +47,7 @@ async fn a_config_change_rolls_out_under_load_and_stays_across_deploys() {
         SECRET_VALUE,
     );
     assert!(ok, "{text}");
-    app_archive(dir.path());
-    let v1 = dir.path().join("app.tar.gz").display().to_string();
-    let v2 = archive(
-        dir.path(),
-        "app-v2.tar.gz",
-        &[("app.py", &format!("{APP}\n# v2\n"))],
-    )
-    .display()
-    .to_string();
+    let (v1, v2) = two_builds(dir.path());
     let port =
         cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
     let spec = dir.path().join("cutover.toml");

@@ -9,9 +9,10 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use cutover_integration_tests::{app_archive, bin, body, http_get, running, DevCluster};
+use cutover_integration_tests::{
+    app_archive, bin, body, http_get, running, sha256_hex, DevCluster,
+};
 use serde_json::Value;
-use sha2::{Digest as _, Sha256};
 
 /// Ports of this file's releases, used by no other test.
 const PORTS: std::ops::RangeInclusive<u16> = 18600..=18609;
@@ -56,13 +57,6 @@ fn json(cluster: &DevCluster, args: &[&str]) -> Value {
         cluster.log_tails()
     );
     serde_json::from_slice(&output.stdout).expect("JSON output")
-}
-
-fn sha256_hex(value: &str) -> String {
-    Sha256::digest(value.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// What node `i` serves at `path`.

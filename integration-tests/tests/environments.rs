@@ -16,12 +16,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cutover_integration_tests::cli::Cli;
-use cutover_integration_tests::{app_archive, archive, spawn_agent, Cluster, Tuning, APP};
+use cutover_integration_tests::cli::{cluster_of, two_builds, Cli};
+use cutover_integration_tests::{app_archive, archive, sha256_hex, APP};
 
-/// The spec file for `policy` (the production table's extra lines), in
-/// the CLI's dir.
-fn spec_file(cli: &Cli, port: u16, policy: &str) -> String {
+/// The spec file, in the CLI's dir, with the staging and production
+/// tables' extra lines.
+fn spec_file(cli: &Cli, port: u16, staging: &str, production: &str) -> String {
     let path = cli.dir.join("cutover.toml");
     std::fs::write(
         &path,
@@ -40,23 +40,16 @@ min_healthy_time = "200ms"
 [environments.staging]
 nodes = {{ env = "staging" }}
 env = {{ APP_ENV = "staging" }}
+{staging}
 [environments.production]
 nodes = {{ env = "production" }}
 env = {{ APP_ENV = "production" }}
-{policy}
+{production}
 "#
         ),
     )
     .unwrap();
     path.display().to_string()
-}
-
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// A freeze window that runs now whatever the day: yesterday to tomorrow,
@@ -72,18 +65,7 @@ fn window_around_now() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_is_promoted_from_staging_under_productions_rules() {
-    let mut cluster = Cluster::start(0, Tuning::default()).await;
-    for (name, env) in [("node-1", "staging"), ("node-2", "production")] {
-        let mut config = cluster.agent_config(name);
-        config.labels = [("env".to_string(), env.to_string())].into();
-        let agent = spawn_agent(config).await;
-        cluster.agents.push(agent);
-    }
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 2 && n.iter().all(|n| n.connected)
-        })
-        .await;
+    let cluster = cluster_of(&[("node-1", "staging"), ("node-2", "production")]).await;
     let dir = tempfile::tempdir().unwrap();
     let (cli, admin) = Cli::as_admin(&cluster, dir.path());
     let pete = cli.operator(&admin, "pete", "production");
@@ -119,8 +101,15 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
             cli.run(config, &args)
         };
 
+    let promote = |config: &Path, spec: &str, from: &str, extra: &[&str]| {
+        let mut args = vec!["promote", "web", "-f", spec, "--from", from];
+        args.extend(["--to", "production"]);
+        args.extend_from_slice(extra);
+        cli.run(config, &args)
+    };
+
     // Staging takes anything.
-    let spec = spec_file(&cli, port, long_soak);
+    let spec = spec_file(&cli, port, "", long_soak);
     let (ok, text) = deploy(&admin, &spec, "staging", "v1", &v1, &[]);
     assert!(ok, "{text}");
     let staging = cli.json(&admin, &["releases", "web", "--env", "staging"]);
@@ -128,19 +117,7 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
 
     // Production asks for an hour in staging: a promotion now is refused,
     // naming the release, how long it soaked, and the command for later.
-    let (ok, text) = cli.run(
-        &admin,
-        &[
-            "promote",
-            "web",
-            "-f",
-            &spec,
-            "--from",
-            "staging",
-            "--to",
-            "production",
-        ],
-    );
+    let (ok, text) = promote(&admin, &spec, "staging", &[]);
     assert!(!ok, "{text}");
     assert!(
         text.contains(&format!(
@@ -223,20 +200,8 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
     );
 
     // The policy is pinned: the deployer cannot shorten the soak...
-    let spec = spec_file(&cli, port, short_soak);
-    let (ok, text) = cli.run(
-        &pete,
-        &[
-            "promote",
-            "web",
-            "-f",
-            &spec,
-            "--from",
-            "staging",
-            "--to",
-            "production",
-        ],
-    );
+    let spec = spec_file(&cli, port, "", short_soak);
+    let (ok, text) = promote(&pete, &spec, "staging", &[]);
     assert!(!ok, "{text}");
     assert!(
         text.contains("environment production has promotion from staging after 1h")
@@ -246,39 +211,12 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
     );
     // ...an admin can, and the deployer promotes under it: production runs
     // staging's digest and version with its own environment.
-    let (ok, text) = cli.run(
-        &admin,
-        &[
-            "promote",
-            "web",
-            "-f",
-            &spec,
-            "--from",
-            "nowhere",
-            "--to",
-            "production",
-        ],
-    );
+    let (ok, text) = promote(&admin, &spec, "nowhere", &[]);
     assert!(!ok && text.contains("no environment \"nowhere\""), "{text}");
     let (ok, text) = deploy(&admin, &spec, "staging", "v1", &v1, &[]);
     assert!(ok, "{text}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (ok, text) = cli.run(
-        &admin,
-        &[
-            "promote",
-            "web",
-            "-f",
-            &spec,
-            "--from",
-            "staging",
-            "--to",
-            "production",
-            "--release",
-            &staged,
-            "--wait",
-        ],
-    );
+    let (ok, text) = promote(&admin, &spec, "staging", &["--release", &staged, "--wait"]);
     assert!(ok, "{text}");
     let production = cli.json(&admin, &["releases", "web", "--env", "production"]);
     let promoted = &production[0];
@@ -316,20 +254,8 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
     // A freeze window that runs now: refused even to an admin (nothing
     // pinned), then pinned by breaking glass.
     let freeze = format!("{short_soak}\nfreeze = [{:?}]", window_around_now());
-    let spec = spec_file(&cli, port, &freeze);
-    let (ok, text) = cli.run(
-        &admin,
-        &[
-            "promote",
-            "web",
-            "-f",
-            &spec,
-            "--from",
-            "staging",
-            "--to",
-            "production",
-        ],
-    );
+    let spec = spec_file(&cli, port, "", &freeze);
+    let (ok, text) = promote(&admin, &spec, "staging", &[]);
     assert!(!ok, "{text}");
     assert!(
         text.contains("environment production is frozen: window"),
@@ -343,21 +269,11 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
         "the refused deploy pinned nothing: {status}"
     );
     assert_eq!(status["promotion"]["from"], "staging");
-    let (ok, text) = cli.run(
+    let (ok, text) = promote(
         &admin,
-        &[
-            "promote",
-            "web",
-            "-f",
-            &spec,
-            "--from",
-            "staging",
-            "--to",
-            "production",
-            "--break-glass",
-            "--reason",
-            "freeze for the sale",
-        ],
+        &spec,
+        "staging",
+        &["--break-glass", "--reason", "freeze for the sale"],
     );
     assert!(ok, "{text}");
     assert!(
@@ -370,19 +286,7 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
     assert_eq!(status["timezone"], "UTC");
     let (ok, text) = cli.run(&admin, &["freeze", "status", "--env", "production"]);
     assert!(ok && text.contains("now: FROZEN by"), "{text}");
-    let (ok, text) = cli.run(
-        &pete,
-        &[
-            "promote",
-            "web",
-            "-f",
-            &spec,
-            "--from",
-            "staging",
-            "--to",
-            "production",
-        ],
-    );
+    let (ok, text) = promote(&pete, &spec, "staging", &[]);
     assert!(!ok && text.contains("is frozen"), "{text}");
     // An incident cannot wait: the rollback goes.
     let (ok, text) = cli.run(&pete, &["rollback", "web", "--env", "production", "--wait"]);
@@ -399,35 +303,19 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_deploys_wait_for_another_operators_approval() {
-    let mut cluster = Cluster::start(0, Tuning::default()).await;
-    let mut config = cluster.agent_config("node-1");
-    config.labels = [("env".to_string(), "production".to_string())].into();
-    let agent = spawn_agent(config).await;
-    cluster.agents.push(agent);
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 1 && n.iter().all(|n| n.connected)
-        })
-        .await;
+    let cluster = cluster_of(&[("node-1", "production")]).await;
     let dir = tempfile::tempdir().unwrap();
     let (cli, admin) = Cli::as_admin(&cluster, dir.path());
     let pete = cli.operator(&admin, "pete", "production");
     let quinn = cli.operator(&admin, "quinn", "production");
     let sam = cli.operator(&admin, "sam", "staging");
-    app_archive(dir.path());
-    let v1 = dir.path().join("app.tar.gz").display().to_string();
-    let v2 = archive(
-        dir.path(),
-        "app-v2.tar.gz",
-        &[("app.py", &format!("{APP}\n# v2\n"))],
-    )
-    .display()
-    .to_string();
+    let (v1, v2) = two_builds(dir.path());
     let port =
         cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
     let spec = spec_file(
         &cli,
         port,
+        "",
         "approvals = 1\napprovals_for_rollback = 0\napproval_timeout = \"30m\"",
     );
     let deploy = |config: &Path, version: &str, artifact: &str| {
@@ -603,6 +491,7 @@ async fn production_deploys_wait_for_another_operators_approval() {
     let spec = spec_file(
         &cli,
         port,
+        "",
         "approvals = 1\napprovals_for_rollback = 1\napproval_timeout = \"30m\"",
     );
     let args = [
@@ -673,52 +562,19 @@ async fn production_deploys_wait_for_another_operators_approval() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staging_mirrors_production_and_diff_says_where_they_differ() {
-    let mut cluster = Cluster::start(0, Tuning::default()).await;
-    for (name, env) in [("node-1", "staging"), ("node-2", "production")] {
-        let mut config = cluster.agent_config(name);
-        config.labels = [("env".to_string(), env.to_string())].into();
-        let agent = spawn_agent(config).await;
-        cluster.agents.push(agent);
-    }
-    cluster
-        .wait_for_nodes(Duration::from_secs(10), |n| {
-            n.len() == 2 && n.iter().all(|n| n.connected && n.figures.is_some())
-        })
-        .await;
+    let cluster = cluster_of(&[("node-1", "staging"), ("node-2", "production")]).await;
     let dir = tempfile::tempdir().unwrap();
     let (cli, admin) = Cli::as_admin(&cluster, dir.path());
     app_archive(dir.path());
     let v1 = dir.path().join("app.tar.gz").display().to_string();
     let port =
         cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
-    let spec = dir.path().join("cutover.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            r#"
-app = "shop"
-[services.web]
-command = ["python3", "app.py"]
-listen = ":{port}"
-[services.web.health]
-path = "/health"
-interval = "100ms"
-healthy_deadline = "5s"
-[strategy]
-min_healthy_time = "200ms"
-[environments.staging]
-nodes = {{ env = "staging" }}
-env = {{ APP_ENV = "staging" }}
-mirror = "production"
-[environments.production]
-nodes = {{ env = "production" }}
-env = {{ APP_ENV = "production" }}
-strategy = {{ min_healthy_time = "300ms" }}
-"#
-        ),
-    )
-    .unwrap();
-    let spec = spec.display().to_string();
+    let spec = spec_file(
+        &cli,
+        port,
+        "mirror = \"production\"",
+        "strategy = { min_healthy_time = \"300ms\" }",
+    );
     let deploy = |env: &str| {
         let args = [
             "deploy",

@@ -7,10 +7,9 @@
 use std::time::{Duration, Instant};
 
 use cutover_integration_tests::{
-    app_archive, body, files_containing, http_get, release_pids, sigkill, DevCluster,
+    app_archive, body, files_containing, http_get, release_pids, sha256_hex, sigkill, DevCluster,
 };
 use serde_json::Value;
-use sha2::{Digest as _, Sha256};
 
 fn text(output: &std::process::Output) -> String {
     format!(
@@ -22,13 +21,6 @@ fn text(output: &std::process::Output) -> String {
 
 /// A CLI run: success, stdout, stdout and stderr.
 type Ran = (bool, String, String);
-
-fn sha256_hex(value: &str) -> String {
-    Sha256::digest(value.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// The body of GET `path`, or `None` while the node cannot answer (its
 /// agent and proxy restarting, its release not started yet).

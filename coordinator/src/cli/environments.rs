@@ -6,9 +6,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use cutover_coordinator::policy::show_duration;
-use cutover_coordinator::spec::AppSpec;
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb};
 use serde_json::json;
@@ -55,11 +54,7 @@ pub async fn promote(
     args: PromoteArgs,
     json: bool,
 ) -> Result<ExitCode> {
-    let file = args.file.display().to_string();
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read the app spec {file}"))?;
-    // Checked here first, with the file's name in the error.
-    let spec = AppSpec::parse(&text, &file)?;
+    let (file, text, spec) = super::rollouts::read_spec(&args.file)?;
     spec.services_for(Some(&args.service), &file)?;
     spec.environment(&file, &args.from)?;
     spec.environment(&file, &args.to)?;

@@ -278,16 +278,24 @@ async fn resolve_artifact(
     })
 }
 
+/// The app spec at `path`: its name as errors say it, its text, and the
+/// spec parsed and checked (a mistake is named with the file and key
+/// before anything is sent).
+pub(super) fn read_spec(path: &Path) -> Result<(String, String, AppSpec)> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the app spec {file}"))?;
+    let spec = AppSpec::parse(&text, &file)?;
+    Ok((file, text, spec))
+}
+
 pub async fn deploy(
     client: &mut OperatorServiceClient<Channel>,
     args: DeployArgs,
     json: bool,
 ) -> Result<ExitCode> {
-    let file = args.file.display().to_string();
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read the app spec {file}"))?;
     // Checked here first so a typo fails before any upload.
-    let spec = AppSpec::parse(&text, &file)?;
+    let (file, text, spec) = read_spec(&args.file)?;
     spec.services_for(args.service.as_deref(), &file)?;
     let artifact = match &args.artifact {
         Some(source) => Some(resolve_artifact(client, source, args.digest.clone(), json).await?),
