@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use cutover_proto::v1 as pb;
 
-use super::model::RolloutKind;
-use super::{RolloutError, Rollouts, Started, Target};
+use super::variant::Variant;
+use super::{RolloutError, Rollouts, Started};
 use crate::store::ConfigOverride;
 
 /// One `cutover config set`.
@@ -153,23 +153,6 @@ impl Rollouts {
             }
         }
         let now_ms = self.registry.now_ms();
-        let policy = self.store.releases.policy(env).await?.unwrap_or_default();
-        let mut in_the_way = Vec::new();
-        if let Some(refusal) = crate::policy::frozen(env, &policy, now_ms) {
-            if change.break_glass.is_none() {
-                return Err(RolloutError::Frozen(refusal));
-            }
-            in_the_way.push(refusal);
-        }
-        let mut approval = policy.deploy_approval();
-        if let (Some(rule), Some(_)) = (approval, &change.break_glass) {
-            in_the_way.push(format!(
-                "{} approval(s) of environment {env}",
-                rule.required
-            ));
-            approval = None;
-        }
-
         let mut release = current.release.0.clone();
         let mut config = current.config.clone();
         let overridden = |value: Option<String>, spec_value: Option<String>| ConfigOverride {
@@ -228,55 +211,20 @@ impl Rollouts {
         if !change.reset.is_empty() {
             said.push(format!("reset {} to the spec", keys(&change.reset)));
         }
-        let mut notes = vec![(
-            "config".to_string(),
-            format!(
-                "{by} changed the environment of {}: {}",
-                current.release.id(),
-                said.join("; ")
-            ),
-        )];
-        if let Some(reason) = &change.break_glass {
-            let skipped = match in_the_way.as_slice() {
-                [] => "nothing was in the way".to_string(),
-                refusals => format!("past: {}", refusals.join("; ")),
-            };
-            notes.push((
-                "break_glass".to_string(),
-                format!("{by} broke glass: {reason} ({skipped})"),
-            ));
-        }
-        self.make_way(env, service, by).await;
-        let (notify, load_balancer) = self.inherited(Some(&current)).await?;
-        let plan = self
-            .plan(
-                Target {
-                    app: current.app.clone(),
-                    env: env.clone(),
-                    service: service.clone(),
-                    kind: RolloutKind::Deploy,
-                    release,
-                    previous: Some(current.release.clone()),
-                    selector: current.selector.clone(),
-                    strategy: current.strategy.clone(),
-                    deployment: String::new(),
-                    notes,
-                    // The same build, wherever it came from.
-                    promoted_from: current.promoted_from.clone(),
-                    // The same code: no migration, no hook.
-                    migration: None,
-                    hooks: Vec::new(),
-                    notify,
-                    backup_gates: Vec::new(),
-                    load_balancer,
-                    fast_return: false,
-                    approval,
-                    config,
-                },
-                change.allow_unreachable,
-            )
-            .await?;
-        self.launch(plan, by).await
+        let note = format!(
+            "{by} changed the environment of {}: {}",
+            current.release.id(),
+            said.join("; ")
+        );
+        let variant = Variant {
+            current,
+            release,
+            config,
+            note,
+        };
+        let break_glass = change.break_glass.as_deref();
+        self.roll_out_variant(variant, by, change.allow_unreachable, break_glass)
+            .await
     }
 }
 

@@ -40,6 +40,7 @@ mod rollback;
 #[cfg(test)]
 pub(crate) mod sim;
 mod states;
+mod variant;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
