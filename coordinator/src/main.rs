@@ -444,7 +444,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Commands::Secret { action } => {
             let mut client = cli.connect.operator_client().await?;
-            cli::access::secret(&mut client, action, json).await?;
+            return cli::access::secret(&mut client, action, json).await;
         }
         Commands::Token { action } => {
             cli::access::token(&cli.connect, action, json).await?;

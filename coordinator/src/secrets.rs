@@ -11,12 +11,14 @@
 //! file with both keys, so every record still opens.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use cutover_common::fsutil::write_atomic;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use ring::rand::{SecureRandom, SystemRandom};
 use sha2::{Digest as _, Sha256};
 
+use crate::metrics::Metrics;
 use crate::store::{SecretRecord, SecretVersion, Store, StoreError};
 
 /// The master key file's name in a PKI dir (`cutover ca init`).
@@ -28,6 +30,8 @@ pub const VERSIONS_KEPT: usize = 10;
 
 /// Largest value accepted.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// A rotation schedule shorter than this is a typo.
+const MIN_ROTATION_MS: u64 = 3_600_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -46,6 +50,8 @@ pub enum SecretError {
     Nul(String),
     #[error("the value of {0} is not UTF-8 text, which an environment variable must be")]
     NotText(String),
+    #[error("{0} is to be rotated every {1}; give at least 1h (e.g. 90d), or 0s for no schedule")]
+    BadRotation(String, String),
     #[error("no secret {name} in environment {env}; set it with `cutover secret set --env {env} {name}`")]
     Missing { env: String, name: String },
     #[error("secret {name} version {version} in environment {env} is no longer kept (the last {VERSIONS_KEPT} are); deploy with the current version")]
@@ -245,6 +251,8 @@ fn aad(env: &str, name: &str, version: u32) -> Vec<u8> {
 pub struct SecretInfo {
     pub name: String,
     pub versions: Vec<(u32, i64, String)>,
+    /// 0: no rotation schedule.
+    pub rotate_every_ms: u64,
 }
 
 pub struct Secrets {
@@ -252,6 +260,8 @@ pub struct Secrets {
     /// Held across a store call (a rotation re-seals every record under
     /// it), so an async lock.
     keys: Option<tokio::sync::Mutex<MasterKeys>>,
+    /// Where each secret's age and rotation interval are published.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Secrets {
@@ -259,7 +269,18 @@ impl Secrets {
         Self {
             store,
             keys: keys.map(tokio::sync::Mutex::new),
+            metrics: None,
         }
+    }
+
+    /// Publishes every stored secret's age and rotation interval to
+    /// `metrics`, now and as they change.
+    pub async fn with_metrics(mut self, metrics: Arc<Metrics>) -> Result<Self, SecretError> {
+        for record in self.store.secrets.all().await? {
+            publish(&metrics, &record);
+        }
+        self.metrics = Some(metrics);
+        Ok(self)
     }
 
     async fn keys(&self) -> Result<tokio::sync::MutexGuard<'_, MasterKeys>, SecretError> {
@@ -271,13 +292,16 @@ impl Secrets {
             .await)
     }
 
-    /// Stores a new version of `env`/`name`; returns its number.
+    /// Stores a new version of `env`/`name`; returns its number. A
+    /// `rotate_every` (milliseconds, 0 for none) replaces the secret's
+    /// rotation schedule; `None` keeps it.
     pub async fn set(
         &self,
         env: &str,
         name: &str,
         value: &[u8],
         by: &str,
+        rotate_every: Option<u64>,
     ) -> Result<u32, SecretError> {
         validate_name(name)?;
         cutover_common::identity::validate_name(env)
@@ -291,6 +315,10 @@ impl Secrets {
         if std::str::from_utf8(value).is_err() {
             return Err(SecretError::NotText(name.into()));
         }
+        if let Some(every) = rotate_every.filter(|ms| (1..MIN_ROTATION_MS).contains(ms)) {
+            let shown = humantime::format_duration(std::time::Duration::from_millis(every));
+            return Err(SecretError::BadRotation(name.into(), shown.to_string()));
+        }
         let keys = self.keys().await?;
         // The next version of what is stored now: two writers never both
         // create the same version.
@@ -302,7 +330,11 @@ impl Secrets {
                     env: env.to_string(),
                     name: name.to_string(),
                     versions: Vec::new(),
+                    rotate_every_ms: 0,
                 });
+                if let Some(every) = rotate_every {
+                    record.rotate_every_ms = every;
+                }
                 let version = record.versions.last().map_or(1, |v| v.version + 1);
                 let (key_id, nonce, ciphertext) = keys.seal(value, &aad(env, name, version));
                 record.versions.push(SecretVersion {
@@ -318,6 +350,9 @@ impl Secrets {
                 Ok::<_, SecretError>(record)
             })
             .await?;
+        if let Some(metrics) = &self.metrics {
+            publish(metrics, &record);
+        }
         Ok(record.versions.last().map_or(0, |v| v.version))
     }
 
@@ -329,6 +364,7 @@ impl Secrets {
             .await?
             .into_iter()
             .map(|r| SecretInfo {
+                rotate_every_ms: r.rotate_every_ms,
                 name: r.name,
                 versions: r
                     .versions
@@ -345,7 +381,11 @@ impl Secrets {
         // Under the key lock: a rotation re-sealing every record must not
         // write this one back.
         let _keys = self.keys().await?;
-        Ok(self.store.secrets.delete(env, name).await?)
+        let removed = self.store.secrets.delete(env, name).await?;
+        if let Some(metrics) = &self.metrics {
+            metrics.secrets.set(env, name, None);
+        }
+        Ok(removed)
     }
 
     /// The current version of each named secret in `env`.
@@ -473,5 +513,88 @@ impl Secrets {
         std::mem::swap(&mut *keys, &mut retired);
         tracing::info!(key_id = %keys.current_id(), values = count, "master key rotated");
         Ok((keys.current_id().to_string(), count))
+    }
+}
+
+/// A secret's newest version's age and its rotation interval, to metrics.
+fn publish(metrics: &Metrics, record: &SecretRecord) {
+    let newest = record.versions.last().map(|v| v.created_at_ms);
+    metrics.secrets.set(
+        &record.env,
+        &record.name,
+        newest.map(|created| (created, record.rotate_every_ms)),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rotation_schedule_survives_a_restart_and_reaches_the_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join(MASTER_KEY);
+        MasterKeys::create(&key).unwrap();
+        let data = dir.path().join("data");
+        {
+            let store = Store::open_sled(&data).unwrap();
+            let secrets = Secrets::new(store.clone(), Some(MasterKeys::load(&key).unwrap()));
+            secrets
+                .set(
+                    "prod",
+                    "DB_PASSWORD",
+                    b"hunter2",
+                    "alice",
+                    Some(90 * 86_400_000),
+                )
+                .await
+                .unwrap();
+            // A new value keeps the schedule; a short one is refused.
+            secrets
+                .set("prod", "DB_PASSWORD", b"hunter3", "alice", None)
+                .await
+                .unwrap();
+            let refused = secrets
+                .set("prod", "DB_PASSWORD", b"x", "alice", Some(60_000))
+                .await
+                .unwrap_err();
+            assert!(matches!(refused, SecretError::BadRotation(..)), "{refused}");
+            secrets
+                .set("prod", "APP_KEY", b"base64:k", "alice", None)
+                .await
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        // The coordinator starts again: the schedule is read back and
+        // published before any secret changes.
+        let store = Store::open_sled(&data).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let secrets = Secrets::new(store, Some(MasterKeys::load(&key).unwrap()))
+            .with_metrics(metrics.clone())
+            .await
+            .unwrap();
+        let listed = secrets.list("prod").await.unwrap();
+        let schedule = |name: &str| {
+            listed
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| (s.rotate_every_ms, s.versions.len()))
+        };
+        assert_eq!(schedule("DB_PASSWORD"), Some((90 * 86_400_000, 2)));
+        assert_eq!(schedule("APP_KEY"), Some((0, 1)));
+        let text = metrics.render(&[]);
+        assert!(
+            text.contains(
+                "cutover_secret_rotate_every_seconds{env=\"prod\",name=\"DB_PASSWORD\"} 7776000"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("cutover_secret_rotate_every_seconds{env=\"prod\",name=\"APP_KEY\"}")
+        );
+        assert!(text.contains("cutover_secret_age_seconds{env=\"prod\",name=\"APP_KEY\"}"));
+        // Removed: gone from the metrics.
+        secrets.remove("prod", "APP_KEY").await.unwrap();
+        assert!(!metrics.render(&[]).contains("name=\"APP_KEY\""));
     }
 }

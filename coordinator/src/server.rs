@@ -147,7 +147,12 @@ impl Coordinator {
             Some(path) => Some(MasterKeys::load(path).map_err(ServerError::Secrets)?),
             None => None,
         };
-        let secrets = Arc::new(Secrets::new(store.clone(), master_keys));
+        let secrets = Arc::new(
+            Secrets::new(store.clone(), master_keys)
+                .with_metrics(metrics.clone())
+                .await
+                .map_err(ServerError::Secrets)?,
+        );
         let grpc_addr = grpc.local_addr().map_err(ServerError::Http)?;
         let http_addr = http.local_addr().map_err(ServerError::Http)?;
         let config = Arc::new(config);

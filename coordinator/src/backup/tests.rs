@@ -18,7 +18,7 @@ async fn source(master_key: &Path) -> Source {
     let store = Store::open_sled(dir.path()).unwrap();
     let secrets = Secrets::new(store.clone(), Some(MasterKeys::load(master_key).unwrap()));
     secrets
-        .set("prod", "DB_PASSWORD", b"hunter2", "operator/alice")
+        .set("prod", "DB_PASSWORD", b"hunter2", "operator/alice", None)
         .await
         .unwrap();
     store

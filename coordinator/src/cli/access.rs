@@ -1,6 +1,7 @@
 //! `cutover operator create|list|revoke` and `cutover audit`.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -234,11 +235,35 @@ pub enum SecretCommand {
         #[arg(long)]
         env: String,
         name: String,
+        /// How often it is to be rotated from now on, e.g. `90d` (`0s`:
+        /// no schedule); `cutover secret list` and an alert say when it is
+        /// due. Default: as it was.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        rotate_every: Option<Duration>,
     },
-    /// Names, versions and dates; never values.
+    /// Names, versions, dates and rotation schedules; never values.
     List {
         #[arg(long)]
         env: String,
+    },
+    /// Store a new version of a secret, read from stdin, and roll out
+    /// every service of the environment whose current release names it
+    /// (each like a deploy: strategy, freeze windows, approvals). Exits 1
+    /// when a service's rollout was refused (it keeps the old version).
+    Rotate {
+        #[arg(long)]
+        env: String,
+        name: String,
+        /// Follow the rollouts to their end; exit 0 only if they succeeded.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        allow_unreachable: bool,
+        /// Past the freeze windows and approvals (with --reason).
+        #[arg(long, requires = "reason")]
+        break_glass: bool,
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Remove every version of a secret.
     Rm {
@@ -259,38 +284,59 @@ fn secret_json(s: &pb::SecretEntry) -> Value {
             "created_at": rfc3339(v.created_at_ms),
             "created_by": v.created_by,
         })).collect::<Vec<_>>(),
+        "rotate_every_ms": (s.rotate_every_ms > 0).then_some(s.rotate_every_ms),
+        "rotation_due_at": rotation_due_ms(s).map(rfc3339),
     })
+}
+
+/// When the newest version is due for rotation; `None` without a
+/// schedule.
+fn rotation_due_ms(s: &pb::SecretEntry) -> Option<i64> {
+    let newest = s.versions.last()?;
+    (s.rotate_every_ms > 0).then(|| newest.created_at_ms + s.rotate_every_ms as i64)
+}
+
+/// A secret's value from stdin (never the command line, where it would
+/// land in shell history and `ps`).
+fn read_value(name: &str) -> Result<Vec<u8>> {
+    use std::io::{IsTerminal, Read};
+    if std::io::stdin().is_terminal() {
+        eprintln!("reading the value of {name} from stdin; end it with Ctrl-D");
+    }
+    let mut value = Vec::new();
+    std::io::stdin()
+        .take(cutover_coordinator::secrets::MAX_VALUE_BYTES as u64 + 2)
+        .read_to_end(&mut value)
+        .context("cannot read the value from stdin")?;
+    // `echo value |` and a terminal both end with a newline that is not
+    // part of the value.
+    if value.ends_with(b"\n") {
+        value.pop();
+        if value.ends_with(b"\r") {
+            value.pop();
+        }
+    }
+    Ok(value)
 }
 
 pub async fn secret(
     client: &mut OperatorServiceClient<Channel>,
     command: SecretCommand,
     json: bool,
-) -> Result<()> {
+) -> Result<ExitCode> {
     match command {
-        SecretCommand::Set { env, name } => {
-            use std::io::{IsTerminal, Read};
-            if std::io::stdin().is_terminal() {
-                eprintln!("reading the value of {name} from stdin; end it with Ctrl-D");
-            }
-            let mut value = Vec::new();
-            std::io::stdin()
-                .take(cutover_coordinator::secrets::MAX_VALUE_BYTES as u64 + 2)
-                .read_to_end(&mut value)
-                .context("cannot read the value from stdin")?;
-            // `echo value |` and a terminal both end with a newline that is
-            // not part of the value.
-            if value.ends_with(b"\n") {
-                value.pop();
-                if value.ends_with(b"\r") {
-                    value.pop();
-                }
-            }
+        SecretCommand::Set {
+            env,
+            name,
+            rotate_every,
+        } => {
+            let value = read_value(&name)?;
             let entry = client
                 .set_secret(pb::SetSecretRequest {
                     env: env.clone(),
                     name: name.clone(),
                     value,
+                    rotate_every_ms: rotate_every.map(|d| d.as_millis() as u64),
                 })
                 .await
                 .map_err(explain)?
@@ -317,21 +363,92 @@ pub async fn secret(
                     Value::Array(secrets.iter().map(secret_json).collect())
                 );
             } else {
-                let mut rows = vec![["NAME", "VERSION", "VERSIONS KEPT", "SET", "BY"]
-                    .map(String::from)
-                    .to_vec()];
+                let mut rows = vec![[
+                    "NAME",
+                    "VERSION",
+                    "VERSIONS KEPT",
+                    "SET",
+                    "BY",
+                    "ROTATE EVERY",
+                    "DUE",
+                ]
+                .map(String::from)
+                .to_vec()];
+                let now = cutover_common::now_ms();
                 rows.extend(secrets.iter().map(|s| {
                     let last = s.versions.last().cloned().unwrap_or_default();
+                    let every = match s.rotate_every_ms {
+                        0 => "-".to_string(),
+                        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+                        ms => {
+                            humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+                        }
+                    };
+                    let due = match rotation_due_ms(s) {
+                        None => "-".to_string(),
+                        Some(due) if due <= now => format!("{} (OVERDUE)", rfc3339(due)),
+                        Some(due) => rfc3339(due),
+                    };
                     vec![
                         s.name.clone(),
                         last.version.to_string(),
                         s.versions.len().to_string(),
                         rfc3339(last.created_at_ms),
                         last.created_by,
+                        every,
+                        due,
                     ]
                 }));
                 print!("{}", render_table(&rows));
             }
+        }
+        SecretCommand::Rotate {
+            env,
+            name,
+            wait,
+            allow_unreachable,
+            break_glass,
+            reason,
+        } => {
+            let value = read_value(&name)?;
+            let rotated = client
+                .rotate_secret(pb::RotateSecretRequest {
+                    env: env.clone(),
+                    name: name.clone(),
+                    value,
+                    allow_unreachable,
+                    break_glass,
+                    reason: reason.unwrap_or_default(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let version = rotated
+                .secret
+                .as_ref()
+                .and_then(|s| s.versions.last())
+                .map_or(0, |v| v.version);
+            eprintln!("secret {name} in {env} is now at version {version}");
+            for refused in &rotated.refused {
+                eprintln!(
+                    "error: {} keeps the old version: {}; deploy it once that is resolved",
+                    refused.service, refused.message
+                );
+            }
+            let deploy = rotated.deploy.unwrap_or_default();
+            if deploy.rollouts.is_empty()
+                && deploy.unchanged.is_empty()
+                && rotated.refused.is_empty()
+            {
+                eprintln!(
+                    "no service in {env} runs a release that names {name}: nothing to roll out"
+                );
+            }
+            let code = super::rollouts::started(client, deploy, wait, json).await?;
+            return Ok(match rotated.refused.is_empty() {
+                true => code,
+                false => ExitCode::FAILURE,
+            });
         }
         SecretCommand::Rm { env, name } => {
             let removed = client
@@ -370,7 +487,7 @@ pub async fn secret(
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, clap::Subcommand)]

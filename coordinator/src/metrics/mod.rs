@@ -14,8 +14,10 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 mod jobs;
+mod secrets;
 
 pub use jobs::{data_time_s, drill_data_age_s, JobMetrics};
+pub use secrets::SecretMetrics;
 
 use crate::registry::NodeView;
 use crate::store::NodeStatus;
@@ -62,6 +64,7 @@ pub struct Metrics {
     pub journal_pending: Gauge,
     /// Job runs, backups and restore drills.
     pub jobs: JobMetrics,
+    pub secrets: SecretMetrics,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
     render_lock: Mutex<()>,
 }
@@ -112,6 +115,7 @@ impl Metrics {
             rollouts_in_progress: Gauge::default(),
             journal_pending: Gauge::default(),
             jobs: JobMetrics::default(),
+            secrets: SecretMetrics::default(),
             render_lock: Mutex::new(()),
             registry,
         };
@@ -238,6 +242,7 @@ impl Metrics {
             metrics.nodes_drifted.clone(),
         );
         metrics.jobs.register(&mut registry);
+        metrics.secrets.register(&mut registry);
         Self {
             registry,
             ..metrics
@@ -367,7 +372,9 @@ impl Metrics {
                 .set(count);
         }
         self.agents_connected.set(connected);
-        self.jobs.render(cutover_common::now_ms() as f64 / 1000.0);
+        let now_s = cutover_common::now_ms() as f64 / 1000.0;
+        self.jobs.render(now_s);
+        self.secrets.render(now_s);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a string cannot fail");
         out

@@ -240,7 +240,7 @@ mod tests {
             Some(MasterKeys::load(&key).unwrap()),
         ));
         secrets
-            .set("test", "HOOK_KEY", b"s3cret", "alice")
+            .set("test", "HOOK_KEY", b"s3cret", "alice", None)
             .await
             .unwrap();
         let journal = Journal::start(store.clone(), Gauge::default());

@@ -52,6 +52,7 @@ impl From<SecretError> for Status {
             SecretError::BadName(_)
             | SecretError::BadEnv(_)
             | SecretError::TooLarge(..)
+            | SecretError::BadRotation(..)
             | SecretError::Nul(_) => Status::invalid_argument(message),
             SecretError::Missing { .. } => Status::not_found(message),
             SecretError::Store(_) | SecretError::Corrupt { .. } => Status::internal(message),

@@ -111,6 +111,13 @@ impl OperatorService for OperatorApi {
         self.handle_revoke_node(request).await
     }
 
+    async fn rotate_secret(
+        &self,
+        request: Request<pb::RotateSecretRequest>,
+    ) -> Result<Response<pb::RotateSecretResponse>, Status> {
+        self.handle_rotate_secret(request).await
+    }
+
     async fn set_secret(
         &self,
         request: Request<pb::SetSecretRequest>,

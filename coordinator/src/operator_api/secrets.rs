@@ -24,6 +24,7 @@ fn secret_to_pb(env: &str, info: SecretInfo) -> pb::SecretEntry {
                 },
             )
             .collect(),
+        rotate_every_ms: info.rotate_every_ms,
     }
 }
 
@@ -33,7 +34,11 @@ impl OperatorApi {
         request: Request<pb::SetSecretRequest>,
     ) -> Result<Response<pb::SecretEntry>, Status> {
         // Never the value: not here, not in the log, not in an error.
-        let args = json!({"env": request.get_ref().env, "name": request.get_ref().name});
+        let args = json!({
+            "env": request.get_ref().env,
+            "name": request.get_ref().name,
+            "rotate_every_ms": request.get_ref().rotate_every_ms,
+        });
         self.audited(
             request,
             Need::Admin,
@@ -41,7 +46,7 @@ impl OperatorApi {
             args,
             |caller, r| async move {
                 self.secrets
-                    .set(&r.env, &r.name, &r.value, &caller.who())
+                    .set(&r.env, &r.name, &r.value, &caller.who(), r.rotate_every_ms)
                     .await?;
                 self.secrets
                     .list(&r.env)
@@ -50,6 +55,69 @@ impl OperatorApi {
                     .find(|s| s.name == r.name)
                     .map(|info| secret_to_pb(&r.env, info))
                     .ok_or_else(|| Status::internal("the secret vanished after it was set"))
+            },
+        )
+        .await
+    }
+
+    pub(super) async fn handle_rotate_secret(
+        &self,
+        request: Request<pb::RotateSecretRequest>,
+    ) -> Result<Response<pb::RotateSecretResponse>, Status> {
+        // Never the value.
+        let args = {
+            let r = request.get_ref();
+            json!({
+                "env": r.env,
+                "name": r.name,
+                "allow_unreachable": r.allow_unreachable,
+                "break_glass": r.break_glass,
+                "reason": r.reason,
+            })
+        };
+        self.audited(
+            request,
+            Need::Admin,
+            "rotate_secret",
+            args,
+            |caller, r| async move {
+                if r.break_glass && r.reason.trim().is_empty() {
+                    return Err(Status::invalid_argument(
+                        "--break-glass needs --reason TEXT: why the rollouts cannot wait for the freeze window's end or an approval",
+                    ));
+                }
+                let by = caller.who();
+                self.secrets
+                    .set(&r.env, &r.name, &r.value, &by, None)
+                    .await?;
+                let secret = self
+                    .secrets
+                    .list(&r.env)
+                    .await?
+                    .into_iter()
+                    .find(|s| s.name == r.name)
+                    .map(|info| secret_to_pb(&r.env, info));
+                let break_glass = r.break_glass.then_some(r.reason.as_str());
+                let results = self
+                    .rollouts
+                    .roll_out_secret(&r.env, &r.name, &by, r.allow_unreachable, break_glass)
+                    .await?;
+                let mut started = Vec::new();
+                let mut refused = Vec::new();
+                for (service, result) in results {
+                    match result {
+                        Ok(s) => started.push(s),
+                        Err(error) => refused.push(pb::ServiceRefusal {
+                            service,
+                            message: error.to_string(),
+                        }),
+                    }
+                }
+                Ok(pb::RotateSecretResponse {
+                    secret,
+                    deploy: Some(super::rollouts::started_to_pb(started)),
+                    refused,
+                })
             },
         )
         .await

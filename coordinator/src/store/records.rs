@@ -438,6 +438,10 @@ pub struct SecretRecord {
     pub name: String,
     /// Oldest first.
     pub versions: Vec<SecretVersion>,
+    /// How often it is to be rotated (`secret set --rotate-every`); 0: no
+    /// schedule.
+    #[serde(default)]
+    pub rotate_every_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
