@@ -163,6 +163,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             env: "test".into(),
             name: "../x".into(),
             value: b"v".to_vec(),
+            ..Default::default()
         })
     );
     refused!(
@@ -171,6 +172,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             env: String::new(),
             name: "X".into(),
             value: b"v".to_vec(),
+            ..Default::default()
         })
     );
     refused!(
@@ -179,6 +181,16 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             env: "test".into(),
             name: "X".into(),
             value: vec![b'v'; 65 << 10],
+            ..Default::default()
+        })
+    );
+    refused!(
+        "a secret rotated every second",
+        c.set_secret(pb::SetSecretRequest {
+            env: "test".into(),
+            name: "X".into(),
+            value: b"v".to_vec(),
+            rotate_every_ms: Some(1000),
         })
     );
     refused!(
@@ -187,6 +199,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             env: "test".into(),
             name: "X".into(),
             value: vec![0xff, 0xfe],
+            ..Default::default()
         })
     );
     refused!(

@@ -233,6 +233,98 @@ nodes = {{ env = "production" }}
         releases,
         "refusals change nothing"
     );
+    // Rotating the secret rolls out what names it, and its age and
+    // schedule reach the metrics.
+    let (ok, text) = cli.run_with_input(
+        &admin,
+        &[
+            "secret",
+            "set",
+            "--env",
+            "production",
+            "API_TOKEN",
+            "--rotate-every",
+            "90d",
+        ],
+        SECRET_VALUE,
+    );
+    assert!(ok, "{text}");
+    let (ok, table) = cli.run(&admin, &["secret", "list", "--env", "production"]);
+    assert!(ok && table.contains("90d"), "{table}");
+    let http = cluster.coordinator.as_ref().unwrap().http_addr.to_string();
+    let metrics = cutover_integration_tests::body(&http_get(&http, "/metrics")).to_string();
+    assert!(
+        metrics.contains(
+            "cutover_secret_rotate_every_seconds{env=\"production\",name=\"API_TOKEN\"} 7776000"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cutover_secret_age_seconds{env=\"production\",name=\"API_TOKEN\"}"),
+        "{metrics}"
+    );
+    let rotated = "r0tated-token-value";
+    let (ok, text) = cli.run_with_input(
+        &admin,
+        &[
+            "secret",
+            "rotate",
+            "--env",
+            "production",
+            "API_TOKEN",
+            "--wait",
+        ],
+        rotated,
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("secret API_TOKEN in production is now at version 3"),
+        "{text}"
+    );
+    let digest = sha256_hex(rotated);
+    assert_eq!(seen(port, "API_TOKEN"), [digest.as_str(), digest.as_str()]);
+    assert!(
+        !text.contains(rotated),
+        "the value is never printed: {text}"
+    );
+    let config = show();
+    assert_eq!(entry(&config, "API_TOKEN")["secret_version"], 3);
+    assert_eq!(
+        entry(&config, "CHECKOUT_V2")["value"],
+        "maybe",
+        "the config stays"
+    );
+    let rollouts = cli.json(&admin, &["rollout", "list", "--env", "production"]);
+    let status = cli.json(
+        &admin,
+        &["rollout", "status", rollouts[0]["id"].as_str().unwrap()],
+    );
+    assert!(
+        status["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["kind"] == "config"
+                && t["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("rotated secret API_TOKEN")),
+        "{status}"
+    );
+    // A deployer cannot rotate; a secret nothing names rolls nothing out.
+    let (ok, text) = cli.run_with_input(
+        &pete,
+        &["secret", "rotate", "--env", "production", "API_TOKEN"],
+        "x",
+    );
+    assert!(!ok && text.contains("admin"), "{text}");
+    let (ok, text) = cli.run_with_input(
+        &admin,
+        &["secret", "rotate", "--env", "production", "UNUSED"],
+        "x",
+    );
+    assert!(ok && text.contains("nothing to roll out"), "{text}");
+
     let audit = cli.json(&admin, &["audit", "--limit", "50"]);
     assert!(
         audit

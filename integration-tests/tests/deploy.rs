@@ -270,6 +270,16 @@ schedule = "@daily"
         }
         assert_eq!(run.state(), pb::JobRunState::Succeeded, "{run:#?}");
     }
+    // A secret with a rotation schedule: the rotation families.
+    client
+        .set_secret(pb::SetSecretRequest {
+            env: "test".into(),
+            name: "DB_PASSWORD".into(),
+            value: b"hunter2".to_vec(),
+            rotate_every_ms: Some(90 * 86_400_000),
+        })
+        .await
+        .unwrap();
     // The next heartbeat carries the proxy's counts: wait until the
     // request above shows in them (not for a heartbeat's worth of time).
     let http = cluster.coordinator.as_ref().unwrap().http_addr.to_string();
