@@ -249,6 +249,19 @@ pub fn check_approvals(env: &EnvironmentSpec) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// The timeline note of an admin's break of glass: who, why, and the
+/// refusals it stepped past (`in_the_way`).
+pub fn break_glass_note(by: &str, reason: &str, in_the_way: &[String]) -> (String, String) {
+    let skipped = match in_the_way {
+        [] => "nothing was in the way".to_string(),
+        refusals => format!("past: {}", refusals.join("; ")),
+    };
+    (
+        "break_glass".to_string(),
+        format!("{by} broke glass: {reason} ({skipped})"),
+    )
+}
+
 /// "30m", "1h 30m", "0s".
 pub fn show_duration(ms: u64) -> String {
     humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()

@@ -235,13 +235,10 @@ impl PolicyGate<'_> {
         }
         let mut notes = Vec::new();
         if let Some(reason) = &request.break_glass {
-            let skipped = match self.in_the_way.as_slice() {
-                [] => "nothing was in the way".to_string(),
-                refusals => format!("past: {}", refusals.join("; ")),
-            };
-            notes.push((
-                "break_glass".to_string(),
-                format!("{} broke glass: {reason} ({skipped})", request.by),
+            notes.push(crate::policy::break_glass_note(
+                &request.by,
+                reason,
+                &self.in_the_way,
             ));
         }
         if let Some(from) = &request.promoted_from {

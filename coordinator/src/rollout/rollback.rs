@@ -151,14 +151,12 @@ impl Rollouts {
             .into_iter()
             .collect();
         if let Some(reason) = &request.break_glass {
-            let skipped = match approval.take() {
-                Some(rule) => format!("past: {} approval(s) of environment {env}", rule.required),
-                None => "nothing was in the way".to_string(),
-            };
-            notes.push((
-                "break_glass".to_string(),
-                format!("{by} broke glass: {reason} ({skipped})"),
-            ));
+            let in_the_way: Vec<String> = approval
+                .take()
+                .map(|rule| format!("{} approval(s) of environment {env}", rule.required))
+                .into_iter()
+                .collect();
+            notes.push(crate::policy::break_glass_note(by, reason, &in_the_way));
         }
         let fast_return =
             proven && !request.careful && target.strategy.rollback == RollbackPace::Fast;

@@ -59,14 +59,7 @@ impl Rollouts {
         }
         let mut notes = vec![("config".to_string(), note)];
         if let Some(reason) = break_glass {
-            let skipped = match in_the_way.as_slice() {
-                [] => "nothing was in the way".to_string(),
-                refusals => format!("past: {}", refusals.join("; ")),
-            };
-            notes.push((
-                "break_glass".to_string(),
-                format!("{by} broke glass: {reason} ({skipped})"),
-            ));
+            notes.push(crate::policy::break_glass_note(by, reason, &in_the_way));
         }
         self.make_way(env, service, by).await;
         let (notify, load_balancer) = self.inherited(Some(&current)).await?;
