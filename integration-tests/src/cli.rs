@@ -42,6 +42,23 @@ impl Cli {
         (output.status.success(), text)
     }
 
+    /// `cutover deploy -f SPEC --env ENV --version VERSION --artifact
+    /// ARTIFACT EXTRA...` as `config`'s operator.
+    pub fn deploy(
+        &self,
+        config: &Path,
+        spec: &str,
+        env: &str,
+        version: &str,
+        artifact: &str,
+        extra: &[&str],
+    ) -> (bool, String) {
+        let mut args = vec!["deploy", "-f", spec, "--env", env];
+        args.extend(["--version", version, "--artifact", artifact]);
+        args.extend_from_slice(extra);
+        self.run(config, &args)
+    }
+
     /// The CLI of `cluster` in `dir`, with the admin's config (root).
     pub fn as_admin(cluster: &Cluster, dir: &Path) -> (Cli, PathBuf) {
         let cli = Cli {

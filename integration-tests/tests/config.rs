@@ -76,19 +76,7 @@ nodes = {{ env = "production" }}
     .unwrap();
     let spec = spec.display().to_string();
     let deploy = |by: &std::path::Path, version: &str, artifact: &str| {
-        let args = [
-            "deploy",
-            "-f",
-            &spec,
-            "--env",
-            "production",
-            "--version",
-            version,
-            "--artifact",
-            artifact,
-            "--wait",
-        ];
-        let (ok, text) = cli.run(by, &args);
+        let (ok, text) = cli.deploy(by, &spec, "production", version, artifact, &["--wait"]);
         assert!(ok, "{text}");
     };
     let config_set = |args: &[&str]| {

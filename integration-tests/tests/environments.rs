@@ -85,20 +85,9 @@ async fn a_release_is_promoted_from_staging_under_productions_rules() {
     let short_soak = r#"promotion = { from = "staging", min_soak = "1s" }"#;
     let deploy =
         |config: &Path, spec: &str, env: &str, version: &str, artifact: &str, extra: &[&str]| {
-            let mut args = vec![
-                "deploy",
-                "-f",
-                spec,
-                "--env",
-                env,
-                "--version",
-                version,
-                "--artifact",
-                artifact,
-                "--wait",
-            ];
-            args.extend_from_slice(extra);
-            cli.run(config, &args)
+            let mut all = vec!["--wait"];
+            all.extend_from_slice(extra);
+            cli.deploy(config, spec, env, version, artifact, &all)
         };
 
     let promote = |config: &Path, spec: &str, from: &str, extra: &[&str]| {
@@ -319,18 +308,7 @@ async fn production_deploys_wait_for_another_operators_approval() {
         "approvals = 1\napprovals_for_rollback = 0\napproval_timeout = \"30m\"",
     );
     let deploy = |config: &Path, version: &str, artifact: &str| {
-        let args = [
-            "deploy",
-            "-f",
-            &spec,
-            "--env",
-            "production",
-            "--version",
-            version,
-            "--artifact",
-            artifact,
-        ];
-        let (ok, text) = cli.run(config, &args);
+        let (ok, text) = cli.deploy(config, &spec, "production", version, artifact, &[]);
         assert!(ok, "{text}");
         let rollouts = cli.json(config, &["rollout", "list", "--env", "production"]);
         rollouts[0]["id"].as_str().unwrap().to_string()
@@ -453,18 +431,8 @@ async fn production_deploys_wait_for_another_operators_approval() {
     );
     let both_file = dir.path().join("both.toml");
     std::fs::write(&both_file, both).unwrap();
-    let args = [
-        "deploy",
-        "-f",
-        both_file.to_str().unwrap(),
-        "--env",
-        "production",
-        "--version",
-        "v1",
-        "--artifact",
-        &v1,
-    ];
-    let (ok, text) = cli.run(&pete, &args);
+    let both_file = both_file.to_str().unwrap();
+    let (ok, text) = cli.deploy(&pete, both_file, "production", "v1", &v1, &[]);
     assert!(ok, "{text}");
     let deployment = text.lines().next().unwrap().trim().to_string();
     let api = loop {
@@ -494,18 +462,7 @@ async fn production_deploys_wait_for_another_operators_approval() {
         "",
         "approvals = 1\napprovals_for_rollback = 1\napproval_timeout = \"30m\"",
     );
-    let args = [
-        "deploy",
-        "-f",
-        &spec,
-        "--env",
-        "production",
-        "--version",
-        "v1",
-        "--artifact",
-        &v1,
-    ];
-    let (ok, text) = cli.run(&admin, &args);
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &[]);
     assert!(ok && text.contains("nothing to do"), "{text}");
     let (ok, text) = cli.run(&admin, &["freeze", "status", "--env", "production"]);
     assert!(ok && text.contains("1 for a rollback"), "{text}");
@@ -576,19 +533,7 @@ async fn staging_mirrors_production_and_diff_says_where_they_differ() {
         "strategy = { min_healthy_time = \"300ms\" }",
     );
     let deploy = |env: &str| {
-        let args = [
-            "deploy",
-            "-f",
-            &spec,
-            "--env",
-            env,
-            "--version",
-            "v1",
-            "--artifact",
-            &v1,
-            "--wait",
-        ];
-        let (ok, text) = cli.run(&admin, &args);
+        let (ok, text) = cli.deploy(&admin, &spec, env, "v1", &v1, &["--wait"]);
         assert!(ok, "{text}");
         text
     };
@@ -608,21 +553,7 @@ async fn staging_mirrors_production_and_diff_says_where_they_differ() {
         ],
     );
     assert!(ok, "{text}");
-    let (ok, text) = cli.run(
-        &admin,
-        &[
-            "deploy",
-            "-f",
-            &spec,
-            "--env",
-            "staging",
-            "--version",
-            "v2",
-            "--artifact",
-            &v1,
-            "--wait",
-        ],
-    );
+    let (ok, text) = cli.deploy(&admin, &spec, "staging", "v2", &v1, &["--wait"]);
     assert!(ok, "{text}");
     assert!(
         text.contains("warning: staging differs from production, which it mirrors: web strategy min_healthy_time_ms: \"200\" here, \"300\" there"),
@@ -712,18 +643,7 @@ async fn staging_mirrors_production_and_diff_says_where_they_differ() {
             &format!("strategy = {{ min_healthy_time = \"300ms\" }}\n{keys}"),
         );
         std::fs::write(&spec, bad).unwrap();
-        let args = [
-            "deploy",
-            "-f",
-            &spec,
-            "--env",
-            "production",
-            "--version",
-            "v9",
-            "--artifact",
-            &v1,
-        ];
-        let (ok, text) = cli.run(&admin, &args);
+        let (ok, text) = cli.deploy(&admin, &spec, "production", "v9", &v1, &[]);
         assert!(!ok && text.contains(says), "{keys}: {text}");
     }
 }
