@@ -455,6 +455,17 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         secret: Some("HOOK_KEY".into()),
         timeout_ms: 5000,
     }];
+    // Its request for approval, one given: a restart asks no one again.
+    first.approval = Some(crate::rollout::model::Approval {
+        required: 2,
+        expires_at_ms: 3_600_010,
+        approvals: vec![crate::rollout::model::Decision {
+            by: "ana".into(),
+            comment: "diff reviewed".into(),
+            at_ms: 15,
+        }],
+        rejected: None,
+    });
     let mut second = first.clone();
     second.id = "web-2".into();
     second.created_at_ms = 20;
@@ -510,6 +521,38 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         )]
         .into(),
     };
+    let deployment = {
+        use crate::rollout::deployment::{Deployment, DeploymentState, DeploymentStep, StepState};
+        let step = DeploymentStep {
+            service: "web".into(),
+            release: record("web-v2", 2).release,
+            selector: [("env".to_string(), "prod".to_string())].into(),
+            strategy: crate::rollout::sim::strategy(),
+            migration: None,
+            hooks: Vec::new(),
+            state: StepState::Waiting,
+            rollout_id: String::new(),
+            previous: None,
+            rollback_rollout_id: String::new(),
+            load_balancer: None,
+            config: record("web-v2", 2).config,
+        };
+        Deployment {
+            id: "shop-d1".into(),
+            app: "shop".into(),
+            env: "prod".into(),
+            state: DeploymentState::Running,
+            steps: vec![step],
+            allow_unreachable: false,
+            notes: Vec::new(),
+            approval: policy.deploy_approval(),
+            created_by: "ana".into(),
+            created_at_ms: 30,
+            finished_at_ms: None,
+            error: String::new(),
+            notify: Vec::new(),
+        }
+    };
     {
         let store = Store::new(opener.open(dir.path()));
         store.nodes.put(&node("a")).await.unwrap();
@@ -531,6 +574,7 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         store.pki.add_issued("node-a", "01ab").await.unwrap();
         store.pki.add_issued("node-ab", "02cd").await.unwrap();
         store.releases.put_policy("prod", &policy).await.unwrap();
+        store.rollouts.put_deployment(&deployment).await.unwrap();
         assert_eq!(store.rollouts.next_number().await.unwrap(), 1);
         assert_eq!(store.rollouts.next_number().await.unwrap(), 2);
         store.flush().await.unwrap();
@@ -543,6 +587,11 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         "oldest first"
     );
     assert_eq!(store.rollouts.get("web-2").await.unwrap(), Some(second));
+    assert_eq!(
+        store.rollouts.deployment("shop-d1").await.unwrap(),
+        Some(deployment),
+        "a deployment keeps its approval rule and each step's overrides"
+    );
     store.rollouts.delete("web-2").await.unwrap();
     assert_eq!(store.rollouts.list().await.unwrap(), vec![first]);
     let ids = |records: Vec<ReleaseRecord>| {
