@@ -39,6 +39,7 @@ pub const CAPABILITIES: &[&str] = &[
     "command.stage_release",
     "command.set_traffic",
     "command.upgrade_agent",
+    "command.set_levers",
     "runtime.process",
     "proxy.http",
 ];
@@ -225,6 +226,12 @@ impl Executor {
                 .set_admission(&admission.service, admission.admitted)
                 .await
                 .map(|_| None)
+                .map_err(|e| e.to_string()),
+            Some(command::Kind::SetLevers(set)) => self
+                .services
+                .set_levers(&set.service, set.levers.as_ref().into())
+                .await
+                .map(|()| None)
                 .map_err(|e| e.to_string()),
             Some(command::Kind::StopService(stop)) => self
                 .services

@@ -264,6 +264,7 @@ mod tests {
             leftovers: Vec::new(),
             history: history.iter().map(|s| s.to_string()).collect(),
             side: None,
+            levers: Default::default(),
         }
     }
 

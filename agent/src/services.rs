@@ -33,6 +33,7 @@ use crate::store::{AgentStore, StoreError};
 use cutover_common::modes;
 
 mod activation;
+mod levers;
 mod orphans;
 
 /// Node-wide settings for services, from the agent config.
@@ -84,6 +85,8 @@ pub enum ServiceError {
     },
     #[error("no service {0} on this node")]
     UnknownService(String),
+    #[error("{0}")]
+    Levers(String),
     #[error(transparent)]
     Job(#[from] crate::runtime::job::JobError),
     #[error("cannot use {path}: {source}; the agent's user must own its state dir")]
@@ -118,6 +121,9 @@ pub struct NodeServices {
     in_use: Arc<retention::InUse>,
     /// Bytes release dirs and cached artifacts took when last measured.
     release_disk_bytes: AtomicU64,
+    /// The incident levers of each web service's proxy, set without
+    /// waiting for a command that holds the service.
+    levers: std::sync::Mutex<BTreeMap<String, crate::proxy::LeverHandle>>,
 }
 
 impl From<CutoverError> for ServiceError {
@@ -172,6 +178,7 @@ impl NodeServices {
             pruning: Mutex::new(()),
             in_use: Arc::default(),
             release_disk_bytes: AtomicU64::new(0),
+            levers: std::sync::Mutex::new(BTreeMap::new()),
         };
         for name in node.store.service_names()? {
             let Some(record) = node.store.service(&name)? else {
@@ -241,6 +248,10 @@ impl NodeServices {
                         tracing::warn!(service = %name, %error, "cannot copy the listening socket")
                     }
                 }
+                self.levers
+                    .lock()
+                    .expect("levers lock")
+                    .insert(name.to_string(), proxy.levers());
                 ServiceKind::Web(proxy)
             }
             None => ServiceKind::Worker,
@@ -500,6 +511,7 @@ impl NodeServices {
     async fn forget_service(&self, name: &str, service: Arc<Mutex<Service>>) {
         self.services.lock().await.remove(name);
         self.snapshots.lock().expect("snapshots lock").remove(name);
+        self.levers.lock().expect("levers lock").remove(name);
         if let Err(error) = self.store.remove_service(name) {
             tracing::error!(service = %name, %error, "cannot forget the service");
         }
@@ -654,12 +666,15 @@ impl NodeServices {
                 self.remember(&service);
             }
         }
-        self.snapshots
+        let mut states: Vec<pb::ServiceState> = self
+            .snapshots
             .lock()
             .expect("snapshots lock")
             .values()
             .cloned()
-            .collect()
+            .collect();
+        self.fill_levers(&mut states);
+        states
     }
 
     /// Agent shutdown: stops supervising every release, leaving it running

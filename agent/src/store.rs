@@ -49,6 +49,10 @@ pub struct ServiceRecord {
     /// traffic as before.
     #[serde(default)]
     pub side: Option<SideRecord>,
+    /// The incident levers of its proxy: a restarted agent applies them
+    /// before it accepts a connection.
+    #[serde(default)]
+    pub levers: crate::proxy::levers::LeverSettings,
 }
 
 /// Most release ids remembered per service.
@@ -360,6 +364,7 @@ pub(crate) mod tests {
             leftovers: Vec::new(),
             history: vec!["web-v1".into()],
             side: None,
+            levers: Default::default(),
         };
         let written = serde_json::to_vec(&record).unwrap();
         let read: ServiceRecord = decode("web", &written).unwrap();

@@ -9,6 +9,7 @@ pub mod digest;
 pub mod fetch;
 pub mod fsutil;
 pub mod identity;
+pub mod levers;
 pub mod modes;
 pub mod net;
 pub mod pki;

@@ -12,6 +12,7 @@
 mod accept;
 pub mod cohort;
 pub mod headers;
+pub mod levers;
 pub mod routes;
 pub mod stats;
 mod upstream;
@@ -46,6 +47,7 @@ use self::cohort::Cohorts;
 use self::headers::{
     add_forwarding, default_trusted_networks, is_upgrade, strip_hop_by_hop, Network, X_REQUEST_ID,
 };
+use self::levers::{LeverCounters, LeverCounts, LeverError, LeverSettings, Levers};
 use self::routes::{HeaderRule, Route, RouteTable, ALL_TRAFFIC};
 use self::stats::{ReleaseStats, StatsSnapshot};
 pub use self::upstream::{DrainReport, Upstream};
@@ -155,6 +157,11 @@ struct Shared {
     /// connection, so each client's next request opens one to the
     /// successor, which accepts on the same socket.
     closing: AtomicBool,
+    /// The incident levers in force (`levers`).
+    levers: ArcSwap<Levers>,
+    lever_counts: LeverCounters,
+    /// True while a pause lever is set: held requests wait for false.
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 pub struct Proxy {
@@ -219,6 +226,9 @@ impl Proxy {
             client,
             stats: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
+            levers: ArcSwap::from_pointee(Levers::default()),
+            lever_counts: LeverCounters::default(),
+            paused: tokio::sync::watch::Sender::new(false),
         });
         let weak = Arc::downgrade(&listener);
         let task = tokio::spawn(accept_loop(
@@ -376,6 +386,15 @@ impl Proxy {
         self.shared.admitted.load(Ordering::Acquire)
     }
 
+    /// Its incident levers, to set and read while a command holds the
+    /// service (a cutover must not delay maintenance).
+    pub fn levers(&self) -> LeverHandle {
+        LeverHandle {
+            shared: self.shared.clone(),
+            local_addr: self.local_addr,
+        }
+    }
+
     /// The counts of one release, if the proxy served it.
     pub fn release_stats(&self, release: &str) -> Option<StatsSnapshot> {
         self.shared
@@ -422,6 +441,43 @@ impl Proxy {
     }
 }
 
+/// A proxy's incident levers.
+#[derive(Clone)]
+pub struct LeverHandle {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+}
+
+impl LeverHandle {
+    /// Puts `settings` in force for every request from now on (a lever
+    /// left out is lifted; lifting a pause sends the held requests on).
+    /// Bad settings change nothing.
+    pub fn set(&self, settings: LeverSettings) -> Result<(), LeverError> {
+        let shared = &self.shared;
+        let current = shared.levers.load_full();
+        let levers = Levers::compile(settings, &current)?;
+        let paused = levers.pause().is_some();
+        tracing::info!(service = %shared.config.service, levers = ?levers.settings(), "proxy levers set");
+        shared.levers.store(Arc::new(levers));
+        shared.paused.send_replace(paused);
+        Ok(())
+    }
+
+    /// The levers in force.
+    pub fn settings(&self) -> LeverSettings {
+        self.shared.levers.load().settings().clone()
+    }
+
+    pub fn counts(&self) -> LeverCounts {
+        self.shared.lever_counts.snapshot()
+    }
+
+    /// The proxy's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
 impl Drop for Proxy {
     /// A proxy nobody holds any more stops listening (its port would stay
     /// taken otherwise); `close` is the way to also wait for that.
@@ -450,6 +506,11 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     if request.uri().path() == shared.config.readiness_path {
         return Ok(readiness(&shared));
+    }
+    if let Some(answer) =
+        levers::answer(&shared, request.uri().path(), request.headers(), peer.ip()).await
+    {
+        return Ok(answer);
     }
     // Count the request in flight first, then confirm its release is still
     // routed to: a switch and a drain that both finished in between would

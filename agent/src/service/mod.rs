@@ -228,6 +228,11 @@ impl Service {
         };
         if let Some(proxy) = service.kind.proxy() {
             proxy.set_admitted(record.admitted);
+            // Before the proxy accepts again: a restart must not lift
+            // maintenance or a throttle, even for a moment.
+            if let Err(error) = proxy.levers().set(record.levers.clone()) {
+                tracing::error!(service = %service.settings.name, %error, "the recorded levers are invalid; serving without them until the coordinator sets them again");
+            }
         }
         if !record.leftovers.is_empty() {
             stop_leftovers(
@@ -484,6 +489,9 @@ impl Service {
             leftovers: Vec::new(),
             history,
             side: current.and_then(|c| c.side.clone()),
+            // Set by `NodeServices::set_levers` alone, which does not
+            // wait for a cutover to end.
+            levers: current.map(|c| c.levers.clone()).unwrap_or_default(),
         }
     }
 
@@ -560,6 +568,9 @@ impl Service {
                 .as_ref()
                 .and_then(crate::runtime::memory::resident_bytes)
                 .unwrap_or(0),
+            // Filled in fresh by `NodeServices::state`.
+            levers: None,
+            lever_counts: None,
         }
     }
 
