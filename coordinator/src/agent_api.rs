@@ -194,6 +194,8 @@ fn service_from(state: pb::ServiceState) -> ServiceStatus {
         traffic: state.traffic.map(Traffic::from),
         side: state.side.map(Into::into),
         memory_bytes: state.memory_bytes,
+        levers: state.levers.as_ref().map(|l| Some(l).into()),
+        lever_counts: state.lever_counts.as_ref().map(Into::into),
     }
 }
 

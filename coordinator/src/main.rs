@@ -109,6 +109,24 @@ enum Commands {
         #[command(subcommand)]
         action: cli::environments::FreezeCommand,
     },
+    /// Maintenance at a service's node proxies: `on` answers 503 with a
+    /// message (but to allowed networks and the bypass cookie), `off`
+    /// lifts it.
+    Maintenance {
+        #[command(subcommand)]
+        action: cli::levers::MaintenanceCommand,
+    },
+    /// Limit the requests a service's node proxies let through (429 with
+    /// Retry-After beyond it); --off lifts it.
+    Throttle(cli::levers::ThrottleArgs),
+    /// Hold a service's requests at its node proxies (not fail them), each
+    /// up to --max-pause, then 503: for a short database failover.
+    PauseTraffic(cli::levers::PauseArgs),
+    /// Send the requests held by pause-traffic on.
+    ResumeTraffic(cli::levers::Scope),
+    /// The incident levers set (maintenance, throttle, pause) and the
+    /// nodes that apply each.
+    Levers(cli::levers::LeversArgs),
     /// A service's kept releases in an environment.
     Releases(cli::rollouts::ReleasesArgs),
     /// Run a command once on one node with a release of a service (its
@@ -400,6 +418,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Config { action } => {
             let mut client = cli.connect.operator_client().await?;
             return cli::config::config(&mut client, action, json).await;
+        }
+        Commands::Maintenance { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::levers::maintenance(&mut client, action, json).await;
+        }
+        Commands::Throttle(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::levers::throttle(&mut client, args, json).await;
+        }
+        Commands::PauseTraffic(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::levers::pause(&mut client, args, json).await;
+        }
+        Commands::ResumeTraffic(scope) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::levers::resume(&mut client, scope, json).await;
+        }
+        Commands::Levers(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::levers::list(&mut client, args, json).await;
         }
         Commands::Diff(args) => {
             let mut client = cli.connect.operator_client().await?;

@@ -199,6 +199,14 @@ impl Coordinator {
             );
         }
         let scheduler = tokio::spawn(jobs.clone().schedule_loop());
+        let levers = crate::levers::Levers::new(
+            store.clone(),
+            registry.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        let lever_reconciler = tokio::spawn(levers.clone().reconcile_loop());
         let operator_api = OperatorServiceServer::new(OperatorApi {
             jobs: jobs.clone(),
             agent_upgrades: crate::agent_upgrade::AgentUpgrades::new(registry.clone()),
@@ -208,6 +216,7 @@ impl Coordinator {
             access: access.clone(),
             pki: pki.clone(),
             secrets,
+            levers,
             shutdown: shutdown.clone(),
         })
         .max_decoding_message_size(max_message)
@@ -298,6 +307,7 @@ impl Coordinator {
             let _ = rotation.await;
             let _ = converger.await;
             let _ = scheduler.await;
+            let _ = lever_reconciler.await;
             rollouts.drain(grace).await;
             jobs.drain(grace).await;
             task_registry.sweep(true);

@@ -563,16 +563,16 @@ impl Cluster {
             Some(start_coordinator(&self.pki, self.data_dir.path(), &self.tuning, grpc).await);
     }
 
+    /// The coordinator's /metrics now.
+    pub fn metrics(&self) -> String {
+        let coordinator = self.coordinator.as_ref().expect("the coordinator runs");
+        http_get(&coordinator.http_addr.to_string(), "/metrics")
+    }
+
     /// The value of counter `cutover_<name>_total` on the coordinator's
     /// /metrics now.
     pub fn counter(&self, name: &str) -> u64 {
-        let http = self
-            .coordinator
-            .as_ref()
-            .expect("the coordinator runs")
-            .http_addr
-            .to_string();
-        let metrics = http_get(&http, "/metrics");
+        let metrics = self.metrics();
         let prefix = format!("cutover_{name}_total ");
         metrics
             .lines()

@@ -9,6 +9,7 @@ pub mod deployments;
 pub mod dev;
 pub mod environments;
 pub mod jobs;
+pub mod levers;
 pub mod logs;
 pub mod nodes;
 pub mod recovery;

@@ -64,6 +64,15 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                             "health_detail": s.health_detail,
                             "traffic": s.traffic.as_ref().map(traffic_json),
                             "side": s.side.as_ref().map(side_json),
+                            "levers": s.levers.as_ref().map(levers_json),
+                            "lever_counts": s.lever_counts.as_ref().map(|c| json!({
+                                "maintenance_answered": c.maintenance_answered,
+                                "maintenance_bypassed": c.maintenance_bypassed,
+                                "throttled": c.throttled,
+                                "held": c.held,
+                                "hold_expired": c.hold_expired,
+                                "holding": c.holding,
+                            })),
                         })
                     })
                     .collect();
@@ -88,6 +97,28 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
             })
             .collect(),
     )
+}
+
+/// The levers a node proxy applies (a bypass secret shows as "(set)").
+fn levers_json(l: &pb::TrafficLevers) -> Value {
+    json!({
+        "maintenance": l.maintenance.as_ref().map(|m| json!({
+            "message": m.message,
+            "retry_after_s": m.retry_after_s,
+            "allow": m.allow,
+            "bypass": !m.bypass_secret.is_empty(),
+        })),
+        "throttle": l.throttle.as_ref().map(|t| json!({
+            "rps": t.rps,
+            "burst": t.burst,
+            "per": t.per,
+            "path_prefix": t.path_prefix,
+        })),
+        "pause": l.pause.as_ref().map(|p| json!({
+            "max_pause_ms": p.max_pause_ms,
+            "since": rfc3339(p.since_ms),
+        })),
+    })
 }
 
 /// The release a node runs beside the serving one (a canary, or the
@@ -237,6 +268,9 @@ fn services_cell(services: &[pb::ServiceState]) -> String {
             if let Some(side) = &s.side {
                 cell.push_str(&side_cell(side));
             }
+            if let Some(levers) = &s.levers {
+                cell.push_str(&levers_cell(levers));
+            }
             cell
         })
         .collect();
@@ -244,6 +278,25 @@ fn services_cell(services: &[pb::ServiceState]) -> String {
         "-".into()
     } else {
         cells.join(",")
+    }
+}
+
+/// " (maintenance, throttle 100/s, paused)": the incident levers the
+/// node's proxy applies.
+fn levers_cell(levers: &pb::TrafficLevers) -> String {
+    let mut on = Vec::new();
+    if levers.maintenance.is_some() {
+        on.push("maintenance".to_string());
+    }
+    if let Some(t) = &levers.throttle {
+        on.push(format!("throttle {}/s", t.rps));
+    }
+    if levers.pause.is_some() {
+        on.push("paused".to_string());
+    }
+    match on.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", on.join(", ")),
     }
 }
 

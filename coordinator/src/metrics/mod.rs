@@ -14,9 +14,11 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 mod jobs;
+mod levers;
 mod secrets;
 
 pub use jobs::{data_time_s, drill_data_age_s, JobMetrics};
+pub use levers::LeverMetrics;
 pub use secrets::SecretMetrics;
 
 use crate::registry::NodeView;
@@ -65,6 +67,7 @@ pub struct Metrics {
     /// Job runs, backups and restore drills.
     pub jobs: JobMetrics,
     pub secrets: SecretMetrics,
+    pub levers: LeverMetrics,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
     render_lock: Mutex<()>,
 }
@@ -116,6 +119,7 @@ impl Metrics {
             journal_pending: Gauge::default(),
             jobs: JobMetrics::default(),
             secrets: SecretMetrics::default(),
+            levers: LeverMetrics::default(),
             render_lock: Mutex::new(()),
             registry,
         };
@@ -243,6 +247,7 @@ impl Metrics {
         );
         metrics.jobs.register(&mut registry);
         metrics.secrets.register(&mut registry);
+        metrics.levers.register(&mut registry);
         Self {
             registry,
             ..metrics
@@ -375,6 +380,7 @@ impl Metrics {
         let now_s = cutover_common::now_ms() as f64 / 1000.0;
         self.jobs.render(now_s);
         self.secrets.render(now_s);
+        self.levers.render(nodes);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a string cannot fail");
         out

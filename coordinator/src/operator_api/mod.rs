@@ -15,6 +15,7 @@ mod environments;
 mod errors;
 mod events;
 mod jobs;
+mod levers;
 mod logs;
 mod nodes;
 mod operators;
@@ -48,6 +49,7 @@ pub struct OperatorApi {
     /// no signer, and calls that sign fail with a failed precondition.
     pub pki: Arc<crate::ca::Pki>,
     pub secrets: Arc<Secrets>,
+    pub levers: Arc<crate::levers::Levers>,
     /// Ends the streams that would run on forever (`logs --follow`).
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -263,6 +265,20 @@ impl OperatorService for OperatorApi {
         request: Request<pb::GetConfigRequest>,
     ) -> Result<Response<pb::ServiceConfig>, Status> {
         self.handle_get_config(request).await
+    }
+
+    async fn set_lever(
+        &self,
+        request: Request<pb::SetLeverRequest>,
+    ) -> Result<Response<pb::SetLeverResponse>, Status> {
+        self.handle_set_lever(request).await
+    }
+
+    async fn list_levers(
+        &self,
+        request: Request<pb::ListLeversRequest>,
+    ) -> Result<Response<pb::ListLeversResponse>, Status> {
+        self.handle_list_levers(request).await
     }
 
     async fn diff_environments(

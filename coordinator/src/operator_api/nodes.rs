@@ -57,6 +57,20 @@ fn service_to_pb(s: ServiceStatus) -> pb::ServiceState {
         traffic: s.traffic.map(Into::into),
         side: s.side.map(Into::into),
         memory_bytes: s.memory_bytes,
+        levers: s.levers.as_ref().map(|levers| {
+            let mut levers = pb::TrafficLevers::from(levers);
+            // Whoever may read the fleet is not meant to pass
+            // maintenance: the secret is answered once, to who set it.
+            if let Some(m) = levers
+                .maintenance
+                .as_mut()
+                .filter(|m| !m.bypass_secret.is_empty())
+            {
+                m.bypass_secret = "(set)".into();
+            }
+            levers
+        }),
+        lever_counts: s.lever_counts.map(Into::into),
     }
 }
 

@@ -35,10 +35,12 @@ pub enum Table {
     JobRuns,
     /// Each environment's promotion rule and freeze windows, as pinned.
     Policies,
+    /// Incident levers set on services' node proxies.
+    Levers,
 }
 
 impl Table {
-    pub const ALL: [Table; 18] = [
+    pub const ALL: [Table; 19] = [
         Table::Nodes,
         Table::Rollouts,
         Table::Deployments,
@@ -57,6 +59,7 @@ impl Table {
         Table::Jobs,
         Table::JobRuns,
         Table::Policies,
+        Table::Levers,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +82,7 @@ impl Table {
             Table::Jobs => "jobs",
             Table::JobRuns => "job_runs",
             Table::Policies => "policies",
+            Table::Levers => "levers",
         }
     }
 }

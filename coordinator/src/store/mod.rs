@@ -10,6 +10,7 @@ pub mod backend;
 pub(crate) mod conformance;
 mod jobs;
 mod kv;
+mod levers;
 #[cfg(test)]
 pub(crate) mod memory;
 mod nodes;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 pub use access::AccessRepo;
 pub use backend::{Backend, Revision, Snapshot};
 pub use jobs::*;
+pub use levers::{LeverKind, LeverRecord, LeverRepo};
 pub use nodes::{EventLog, NodeRepo};
 pub use pki::PkiRepo;
 pub use records::*;
@@ -97,6 +99,7 @@ pub struct Store {
     pub pki: PkiRepo,
     pub secrets: SecretRepo,
     pub jobs: JobRepo,
+    pub levers: LeverRepo,
     kv: Kv,
 }
 
@@ -112,6 +115,7 @@ impl Store {
             pki: PkiRepo::new(kv.clone()),
             secrets: SecretRepo::new(kv.clone()),
             jobs: JobRepo::new(kv.clone()),
+            levers: LeverRepo::new(kv.clone()),
             kv,
         }
     }

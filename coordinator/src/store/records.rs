@@ -184,6 +184,12 @@ pub struct ServiceStatus {
     /// Resident memory of the serving release; 0: not known.
     #[serde(default)]
     pub memory_bytes: u64,
+    /// The incident levers its proxy applies; `None`: a worker, or an
+    /// agent without levers.
+    #[serde(default)]
+    pub levers: Option<cutover_common::levers::LeverSettings>,
+    #[serde(default)]
+    pub lever_counts: Option<cutover_common::levers::LeverCounts>,
 }
 
 impl ServiceStatus {
