@@ -132,6 +132,16 @@ async fn http_probe(
 }
 
 async fn exec_probe(command: &[String], target: &Target) -> Result<String, String> {
+    match exec(command, target).await? {
+        (0, detail) => Ok(detail),
+        (_, detail) => Err(detail),
+    }
+}
+
+/// Runs `command` in the release's dir with its environment to its exit:
+/// its exit code (-1 when a signal ended it) and what it said (the exit
+/// status, then its output); an error when it cannot run.
+pub async fn exec(command: &[String], target: &Target) -> Result<(i32, String), String> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| "exec check has an empty command".to_string())?;
@@ -152,12 +162,8 @@ async fn exec_probe(command: &[String], target: &Target) -> Result<String, Strin
         .map_err(|e| format!("waiting for {program}: {e}"))?;
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
-    let detail = format!("{}: {}", output.status, text.trim());
-    if output.status.success() {
-        Ok(detail)
-    } else {
-        Err(detail)
-    }
+    let detail = truncate(format!("{}: {}", output.status, text.trim()));
+    Ok((output.status.code().unwrap_or(-1), detail))
 }
 
 fn truncate(mut text: String) -> String {

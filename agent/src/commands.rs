@@ -229,7 +229,7 @@ impl Executor {
                 .map_err(|e| e.to_string()),
             Some(command::Kind::SetLevers(set)) => self
                 .services
-                .set_levers(&set.service, set.levers.as_ref().into())
+                .set_levers(&set.service, set.levers.as_ref().into(), set.generation)
                 .await
                 .map(|()| None)
                 .map_err(|e| e.to_string()),

@@ -14,6 +14,7 @@ pub mod handoff;
 pub mod listeners;
 pub mod notify;
 pub mod proxy;
+pub mod queues;
 pub mod recovery;
 pub mod release_logs;
 pub mod release_spec;

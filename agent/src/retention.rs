@@ -265,6 +265,7 @@ mod tests {
             history: history.iter().map(|s| s.to_string()).collect(),
             side: None,
             levers: Default::default(),
+            levers_generation: 0,
         }
     }
 

@@ -124,6 +124,8 @@ pub struct NodeServices {
     /// The incident levers of each web service's proxy, set without
     /// waiting for a command that holds the service.
     levers: std::sync::Mutex<BTreeMap<String, crate::proxy::LeverHandle>>,
+    /// One `set_levers` at a time.
+    levers_write: Mutex<()>,
 }
 
 impl From<CutoverError> for ServiceError {
@@ -179,6 +181,7 @@ impl NodeServices {
             in_use: Arc::default(),
             release_disk_bytes: AtomicU64::new(0),
             levers: std::sync::Mutex::new(BTreeMap::new()),
+            levers_write: Mutex::new(()),
         };
         for name in node.store.service_names()? {
             let Some(record) = node.store.service(&name)? else {
@@ -248,10 +251,6 @@ impl NodeServices {
                         tracing::warn!(service = %name, %error, "cannot copy the listening socket")
                     }
                 }
-                self.levers
-                    .lock()
-                    .expect("levers lock")
-                    .insert(name.to_string(), proxy.levers());
                 ServiceKind::Web(proxy)
             }
             None => ServiceKind::Worker,
@@ -267,6 +266,12 @@ impl NodeServices {
             owner: self.settings.owner.clone(),
         };
         let service = Service::recover(settings, kind, self.store.clone()).await?;
+        if let Some(proxy) = service.proxy() {
+            self.levers
+                .lock()
+                .expect("levers lock")
+                .insert(name.to_string(), proxy.levers());
+        }
         // Clients that waited in the backlog of an inherited socket meet
         // the release the service serves, not a 502 of a proxy without
         // routes.
@@ -420,6 +425,7 @@ impl NodeServices {
             secret_values: Default::default(),
             hooks: release.hooks.clone(),
             hook_env: Vec::new(),
+            queues: release.queues.clone(),
         })
     }
 

@@ -53,6 +53,10 @@ pub struct ServiceRecord {
     /// before it accepts a connection.
     #[serde(default)]
     pub levers: crate::proxy::levers::LeverSettings,
+    /// The coordinator's generation of those levers (`SetLevers`): older
+    /// sets are ignored.
+    #[serde(default)]
+    pub levers_generation: u64,
 }
 
 /// Most release ids remembered per service.
@@ -329,6 +333,7 @@ pub(crate) mod tests {
             secret_values: Default::default(),
             hooks: Vec::new(),
             hook_env: Vec::new(),
+            queues: None,
         }
     }
 
@@ -365,6 +370,7 @@ pub(crate) mod tests {
             history: vec!["web-v1".into()],
             side: None,
             levers: Default::default(),
+            levers_generation: 0,
         };
         let written = serde_json::to_vec(&record).unwrap();
         let read: ServiceRecord = decode("web", &written).unwrap();

@@ -94,6 +94,23 @@ impl LeverSettings {
         self.maintenance.is_none() && self.throttle.is_none() && self.pause.is_none()
     }
 
+    /// As an agent reports them: a bypass secret as its fingerprint
+    /// ("sha256:" and 16 hex digits), so heartbeats and the node records
+    /// made of them never hold the secret, and the coordinator still tells
+    /// whether a node has the one it set.
+    pub fn reported(&self) -> LeverSettings {
+        let mut reported = self.clone();
+        if let Some(m) = reported.maintenance.as_mut() {
+            if !m.bypass_secret.is_empty() {
+                use sha2::Digest;
+                let digest = sha2::Sha256::digest(m.bypass_secret.as_bytes());
+                let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                m.bypass_secret = format!("sha256:{hex}");
+            }
+        }
+        reported
+    }
+
     /// Whether a proxy takes these settings; the error names the lever and
     /// what is wrong.
     pub fn check(&self) -> Result<(), LeverError> {
@@ -297,6 +314,32 @@ mod tests {
         let wire = pb::TrafficLevers::from(&settings);
         assert_eq!(LeverSettings::from(Some(&wire)), settings);
         assert_eq!(LeverSettings::from(None), LeverSettings::default());
+    }
+
+    #[test]
+    fn a_reported_bypass_secret_is_a_fingerprint() {
+        let settings = LeverSettings {
+            maintenance: Some(MaintenanceSettings {
+                message: "m".into(),
+                retry_after_s: 0,
+                allow: Vec::new(),
+                bypass_secret: "0123456789abcdef0123".into(),
+            }),
+            ..Default::default()
+        };
+        let reported = settings.reported();
+        let shown = &reported.maintenance.as_ref().unwrap().bypass_secret;
+        assert!(shown.starts_with("sha256:") && shown.len() == 23, "{shown}");
+        assert!(!shown.contains("0123456789abcdef0123"));
+        assert_eq!(
+            reported,
+            settings.reported(),
+            "the same secret, the same print"
+        );
+        assert_eq!(
+            LeverSettings::default().reported(),
+            LeverSettings::default()
+        );
     }
 
     #[test]

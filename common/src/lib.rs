@@ -13,6 +13,7 @@ pub mod levers;
 pub mod modes;
 pub mod net;
 pub mod pki;
+pub mod queues;
 pub mod registry;
 pub mod release;
 pub mod rules;

@@ -69,6 +69,8 @@ pub struct ReleaseSpec {
     /// Run around the release's start on each node (see `ReleaseHook` in
     /// the proto), in order.
     pub hooks: Vec<ActivateHook>,
+    /// Queue depth and worker health to probe while it serves.
+    pub queues: Option<crate::queues::QueueProbeSpec>,
 }
 
 /// A command the node runs as part of a release's cutover.
@@ -330,6 +332,13 @@ impl TryFrom<&pb::Release> for ReleaseSpec {
             .enumerate()
             .map(|(i, hook)| hook_from(hook, in_container, &format!("hooks[{i}]")))
             .collect::<Result<_, _>>()?;
+        let secret_names: Vec<String> = release.secrets.iter().map(|s| s.name.clone()).collect();
+        let queues = release
+            .queues
+            .as_ref()
+            .map(|q| crate::queues::QueueProbeSpec::from_wire(q, &secret_names))
+            .transpose()
+            .map_err(|e| refuse(format!("queues.{}", e.key), e.message))?;
         let mut env: Vec<(String, String)> = release
             .env
             .iter()
@@ -350,6 +359,7 @@ impl TryFrom<&pb::Release> for ReleaseSpec {
             stop_timeout: Duration::from_millis(release.stop_timeout_ms),
             secrets,
             hooks,
+            queues,
         })
     }
 }

@@ -196,6 +196,7 @@ fn service_from(state: pb::ServiceState) -> ServiceStatus {
         memory_bytes: state.memory_bytes,
         levers: state.levers.as_ref().map(|l| Some(l).into()),
         lever_counts: state.lever_counts.as_ref().map(Into::into),
+        queues: state.queues.as_ref().map(Into::into),
     }
 }
 

@@ -27,6 +27,7 @@ pub mod notify;
 pub mod operator_api;
 pub mod pgbackrest;
 pub mod policy;
+pub mod queues;
 pub mod refusals;
 pub mod registry;
 pub mod rollout;

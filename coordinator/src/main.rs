@@ -127,6 +127,9 @@ enum Commands {
     /// The incident levers set (maintenance, throttle, pause) and the
     /// nodes that apply each.
     Levers(cli::levers::LeversArgs),
+    /// Queue depth (waiting, delayed, reserved, the oldest job's wait) and
+    /// worker health of the services that probe their queues.
+    Queues(cli::queues::QueuesArgs),
     /// A service's kept releases in an environment.
     Releases(cli::rollouts::ReleasesArgs),
     /// Run a command once on one node with a release of a service (its
@@ -434,6 +437,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::ResumeTraffic(scope) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::levers::resume(&mut client, scope, json).await;
+        }
+        Commands::Queues(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::queues::queues(&mut client, args, json).await;
         }
         Commands::Levers(args) => {
             let mut client = cli.connect.operator_client().await?;

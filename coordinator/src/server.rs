@@ -207,6 +207,12 @@ impl Coordinator {
         )
         .await?;
         let lever_reconciler = tokio::spawn(levers.clone().reconcile_loop());
+        let queue_watcher = tokio::spawn(crate::queues::watch_loop(
+            store.clone(),
+            registry.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         let operator_api = OperatorServiceServer::new(OperatorApi {
             jobs: jobs.clone(),
             agent_upgrades: crate::agent_upgrade::AgentUpgrades::new(registry.clone()),
@@ -308,6 +314,7 @@ impl Coordinator {
             let _ = converger.await;
             let _ = scheduler.await;
             let _ = lever_reconciler.await;
+            let _ = queue_watcher.await;
             rollouts.drain(grace).await;
             jobs.drain(grace).await;
             task_registry.sweep(true);

@@ -204,6 +204,35 @@ async fn maintenance_answers_503_but_to_the_allowed_and_survives_an_agent_restar
         serde_json::json!(["node-1", "node-2"])
     );
     assert!(!cli.json(&pete, &["nodes"]).to_string().contains(secret));
+    // A deploy under maintenance keeps it: the levers are the proxy's,
+    // not the release's.
+    let (_, v2) = two_builds(dir.path());
+    let spec = dir.path().join("cutover.toml").display().to_string();
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v2", &v2, &["--wait"]);
+    assert!(ok, "{text}");
+    assert_eq!(
+        status(&http_get(&nodes[0], "/")),
+        503,
+        "maintenance outlives a deploy"
+    );
+    // Lifting a node's own lever leaves the environment's, and says so.
+    let (ok, text) = cli.run(
+        &pete,
+        &[
+            "maintenance",
+            "off",
+            "web",
+            "--env",
+            "production",
+            "--node",
+            "node-1",
+        ],
+    );
+    assert!(ok && text.contains("was not set"), "{text}");
+    assert!(
+        text.contains("the environment-wide maintenance still applies to node-1"),
+        "{text}"
+    );
     let (ok, events) = cli.run(&pete, &["events"]);
     assert!(
         ok && events.contains("maintenance set for web in production"),

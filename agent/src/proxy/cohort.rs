@@ -374,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn the_client_address_of_a_trusted_peer_is_its_first_forwarded_hop() {
+    fn the_client_address_of_a_trusted_peer_is_its_forwarded_hop() {
         let split = cohorts(50, Sticky::ClientIp, "");
         let loopback: IpAddr = "127.0.0.1".parse().unwrap();
         let client = (0..100).map(address).find(|a| address_bucket(*a) < 5_000);

@@ -93,7 +93,7 @@ pub fn default_trusted_networks() -> Vec<Network> {
         .collect()
 }
 
-fn is_trusted(peer: IpAddr, trusted: &[Network]) -> bool {
+pub fn is_trusted(peer: IpAddr, trusted: &[Network]) -> bool {
     trusted.iter().any(|network| network.contains(peer))
 }
 
@@ -110,17 +110,28 @@ fn forwarded_hops(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|v| !v.is_empty())
 }
 
-/// The client a request comes from: the first X-Forwarded-For hop when the
-/// peer is trusted (a load balancer in front knows the client), else the
-/// peer itself (also when that hop is no address).
+/// The client a request comes from: when the peer is trusted (a load
+/// balancer in front knows the client), the last X-Forwarded-For hop that
+/// is not a trusted proxy itself, read from the right: hops further left
+/// are what the client sent, and a client can claim any address there (a
+/// load balancer appends to the header). Else, and when a hop is no
+/// address, the peer itself.
 pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted: &[Network]) -> IpAddr {
     if !is_trusted(peer, trusted) {
         return peer;
     }
-    forwarded_hops(headers)
-        .next()
-        .and_then(|hop| hop.parse().ok())
-        .unwrap_or(peer)
+    let hops: Vec<&str> = forwarded_hops(headers).collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Ok(address) = hop.parse::<IpAddr>() else {
+            return peer;
+        };
+        client = address;
+        if !is_trusted(address, trusted) {
+            break;
+        }
+    }
+    client
 }
 
 /// Adds the forwarding headers and returns the request id (the client's when
@@ -274,7 +285,7 @@ mod tests {
     }
 
     #[test]
-    fn the_client_is_the_first_hop_of_a_trusted_peer_only() {
+    fn the_client_is_the_last_untrusted_hop_of_a_trusted_peer_only() {
         let mut headers = HeaderMap::new();
         headers.append(
             X_FORWARDED_FOR,
@@ -288,6 +299,13 @@ mod tests {
             client_address(&headers, stranger, &load_balancers()),
             stranger
         );
+        // What the client itself put in front of the load balancer's hop
+        // does not count: it could claim any address.
+        headers.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("10.9.9.9, 1.2.3.4, 203.0.113.7"),
+        );
+        assert_eq!(client_address(&headers, lb, &load_balancers()), client);
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("unknown"));
         assert_eq!(client_address(&headers, lb, &load_balancers()), lb);
     }

@@ -47,7 +47,8 @@ use self::cohort::Cohorts;
 use self::headers::{
     add_forwarding, default_trusted_networks, is_upgrade, strip_hop_by_hop, Network, X_REQUEST_ID,
 };
-use self::levers::{LeverCounters, LeverCounts, LeverError, LeverSettings, Levers};
+pub use self::levers::LeverHandle;
+use self::levers::{LeverCounters, Levers};
 use self::routes::{HeaderRule, Route, RouteTable, ALL_TRAFFIC};
 use self::stats::{ReleaseStats, StatsSnapshot};
 pub use self::upstream::{DrainReport, Upstream};
@@ -162,6 +163,9 @@ struct Shared {
     lever_counts: LeverCounters,
     /// True while a pause lever is set: held requests wait for false.
     paused: tokio::sync::watch::Sender<bool>,
+    /// Cancelled when open connections are to end (shutdown, or a
+    /// handoff's linger over): held requests are answered then.
+    connections_ending: CancellationToken,
 }
 
 pub struct Proxy {
@@ -229,6 +233,7 @@ impl Proxy {
             levers: ArcSwap::from_pointee(Levers::default()),
             lever_counts: LeverCounters::default(),
             paused: tokio::sync::watch::Sender::new(false),
+            connections_ending: connections.clone(),
         });
         let weak = Arc::downgrade(&listener);
         let task = tokio::spawn(accept_loop(
@@ -441,43 +446,6 @@ impl Proxy {
     }
 }
 
-/// A proxy's incident levers.
-#[derive(Clone)]
-pub struct LeverHandle {
-    shared: Arc<Shared>,
-    local_addr: SocketAddr,
-}
-
-impl LeverHandle {
-    /// Puts `settings` in force for every request from now on (a lever
-    /// left out is lifted; lifting a pause sends the held requests on).
-    /// Bad settings change nothing.
-    pub fn set(&self, settings: LeverSettings) -> Result<(), LeverError> {
-        let shared = &self.shared;
-        let current = shared.levers.load_full();
-        let levers = Levers::compile(settings, &current)?;
-        let paused = levers.pause().is_some();
-        tracing::info!(service = %shared.config.service, levers = ?levers.settings(), "proxy levers set");
-        shared.levers.store(Arc::new(levers));
-        shared.paused.send_replace(paused);
-        Ok(())
-    }
-
-    /// The levers in force.
-    pub fn settings(&self) -> LeverSettings {
-        self.shared.levers.load().settings().clone()
-    }
-
-    pub fn counts(&self) -> LeverCounts {
-        self.shared.lever_counts.snapshot()
-    }
-
-    /// The proxy's address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-}
-
 impl Drop for Proxy {
     /// A proxy nobody holds any more stops listening (its port would stay
     /// taken otherwise); `close` is the way to also wait for that.
@@ -597,6 +565,7 @@ async fn forward(
         peer.ip(),
         &shared.config.trusted_networks,
     );
+    levers::strip_bypass_cookie(request.headers_mut());
     let path = request
         .uri()
         .path_and_query()

@@ -131,6 +131,9 @@ struct Running {
     health: LastHealth,
     /// Ends the health monitor when this release stops.
     _monitor: DropGuard,
+    /// The last pass of its queue probe, if it has one.
+    queues: crate::queues::LastQueues,
+    _queue_monitor: DropGuard,
 }
 
 /// Stops what an interrupted cutover (or stop) of `service` left running.
@@ -317,6 +320,13 @@ impl Service {
     fn running(&self, release: WebRelease, port: u16, supervisor: Supervisor) -> Running {
         let addr = SocketAddr::new(self.settings.address, port);
         let target = check_target(&self.settings, &release, port);
+        let (queues, queue_monitor) = crate::queues::monitor_queues(
+            &self.settings.name,
+            release.queues.as_ref(),
+            target.clone(),
+            release.secret_values.clone(),
+            supervisor.watch(),
+        );
         let (health, monitor) = monitor_health(&self.settings.name, &release, target);
         Running {
             release_id: release.release_id.clone(),
@@ -325,6 +335,8 @@ impl Service {
             supervisor,
             health,
             _monitor: monitor,
+            queues,
+            _queue_monitor: queue_monitor,
         }
     }
 
@@ -492,6 +504,7 @@ impl Service {
             // Set by `NodeServices::set_levers` alone, which does not
             // wait for a cutover to end.
             levers: current.map(|c| c.levers.clone()).unwrap_or_default(),
+            levers_generation: current.map_or(0, |c| c.levers_generation),
         }
     }
 
@@ -571,6 +584,13 @@ impl Service {
             // Filled in fresh by `NodeServices::state`.
             levers: None,
             lever_counts: None,
+            queues: self.active.as_ref().and_then(|r| {
+                r.queues
+                    .lock()
+                    .expect("queues lock")
+                    .as_ref()
+                    .map(Into::into)
+            }),
         }
     }
 

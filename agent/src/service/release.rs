@@ -60,6 +60,9 @@ pub struct WebRelease {
     /// activates it.
     #[serde(default)]
     pub hook_env: Vec<(String, String)>,
+    /// Queue depth and worker health to probe while it serves.
+    #[serde(default)]
+    pub queues: Option<cutover_common::queues::QueueProbeSpec>,
 }
 
 /// Also the drain timeout of releases recorded before releases carried

@@ -74,6 +74,7 @@ pub fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> Web
         secret_values: Default::default(),
         hooks: Vec::new(),
         hook_env: Vec::new(),
+        queues: None,
     }
 }
 

@@ -207,6 +207,7 @@ async fn set_lever(
             "changed": response.changed,
             "description": response.description,
             "bypass_path": response.bypass_path,
+            "note": response.note,
             "nodes": nodes,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -218,6 +219,9 @@ async fn set_lever(
                 "{lever} set for {service} in {env}: {}",
                 response.description
             ),
+        }
+        if !response.note.is_empty() {
+            println!("note: {}", response.note);
         }
         if !response.bypass_path.is_empty() {
             println!(

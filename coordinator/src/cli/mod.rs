@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod levers;
 pub mod logs;
 pub mod nodes;
+pub mod queues;
 pub mod recovery;
 pub mod release_logs;
 pub mod rollout_logs;

@@ -12,6 +12,7 @@
 mod reconcile;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,17 @@ pub struct LeverReport {
     /// not).
     pub changed: bool,
     pub nodes: Vec<(String, NodeOutcome)>,
+    /// What the operator should know besides: an environment-wide lever
+    /// that still applies to the node whose own was lifted.
+    pub note: String,
+}
+
+/// A lever sent to a node and not yet seen in its heartbeats.
+struct Sent {
+    levers: LeverSettings,
+    at: Instant,
+    /// The node refused it: sent again less often.
+    refused: bool,
 }
 
 pub struct Levers {
@@ -87,7 +99,9 @@ pub struct Levers {
     metrics: Arc<Metrics>,
     /// (node id, service) → levers sent and when: the reconciler does not
     /// send them again while the answer may still come.
-    sent: Mutex<HashMap<(String, String), (LeverSettings, Instant)>>,
+    sent: Mutex<HashMap<(String, String), Sent>>,
+    /// The last generation handed out (see `generation`).
+    generation: AtomicU64,
     /// Wakes the reconciler early (a change, a node that came back).
     wake: Notify,
     shutdown: CancellationToken,
@@ -108,6 +122,7 @@ impl Levers {
             registry,
             metrics,
             sent: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             wake: Notify::new(),
             shutdown,
         }))
@@ -119,8 +134,21 @@ impl Levers {
         if let Some(set) = &change.set {
             set.check()?;
         }
-        let (current, nodes) = self.nodes_of(&change.env, &change.service).await?;
-        if !change.node.is_empty() && !nodes.iter().any(|v| v.record.name == change.node) {
+        let nodes = match self.nodes_of(&change.env, &change.service).await {
+            Ok(nodes) => nodes,
+            // A lever set before the service became a worker, or was
+            // undeployed, can still be lifted.
+            Err(LeverError::NotDeployed { .. } | LeverError::Worker { .. })
+                if change.set.is_none() =>
+            {
+                Vec::new()
+            }
+            Err(error) => return Err(error),
+        };
+        if change.set.is_some()
+            && !change.node.is_empty()
+            && !nodes.iter().any(|v| v.record.name == change.node)
+        {
             let names: Vec<&str> = nodes.iter().map(|v| v.record.name.as_str()).collect();
             return Err(LeverError::NotANode {
                 env: change.env,
@@ -134,22 +162,57 @@ impl Levers {
             });
         }
         let changed = self.record(&change).await?;
+        // Taken after the write: a resend from an older read of the store
+        // carries an older generation, and the agents ignore it.
+        let generation = self.generation();
         let records = self
             .store
             .levers
-            .of_service(&current.env, &current.service)
+            .of_service(&change.env, &change.service)
             .await?;
+        let note = match change.set {
+            None if !change.node.is_empty() => records
+                .iter()
+                .find(|r| r.kind == change.kind && r.node.is_empty())
+                .map(|_| {
+                    format!(
+                        "the environment-wide {kind} still applies to {node}; `{command}` lifts it on every node",
+                        kind = change.kind.as_str(),
+                        node = change.node,
+                        command = lift_command(change.kind, &change.service, &change.env),
+                    )
+                })
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
         let touched = nodes
             .into_iter()
             .filter(|v| change.node.is_empty() || v.record.name == change.node);
         let mut answers = Vec::new();
         for view in touched {
             let levers = effective(&records, &view.record.name);
-            answers.push(self.send(view, &change.service, levers));
+            answers.push(self.send(view, &change.service, levers, generation));
         }
         let nodes = futures_util::future::join_all(answers).await;
         self.wake.notify_one();
-        Ok(LeverReport { changed, nodes })
+        Ok(LeverReport {
+            changed,
+            nodes,
+            note,
+        })
+    }
+
+    /// Orders what is sent: ever growing, from the clock (so a restarted
+    /// coordinator, or another one, goes on from where the last left).
+    fn generation(&self) -> u64 {
+        let now = u64::try_from(cutover_common::now_ms()).unwrap_or(0);
+        let previous = self
+            .generation
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(0);
+        now.max(previous + 1)
     }
 
     /// Writes the change; whether anything changed.
@@ -210,14 +273,11 @@ impl Levers {
         });
     }
 
-    /// The current release of `service` in `env` and the connected and
-    /// known nodes that serve it there through a proxy.
-    async fn nodes_of(
-        &self,
-        env: &str,
-        service: &str,
-    ) -> Result<(ReleaseRecord, Vec<NodeView>), LeverError> {
-        let Some(current) = self.store.releases.current(env, service).await? else {
+    /// The known nodes that serve `service` in `env` through a proxy: those
+    /// `env_of` gives to it.
+    async fn nodes_of(&self, env: &str, service: &str) -> Result<Vec<NodeView>, LeverError> {
+        let currents = self.currents(Some(service)).await?;
+        let Some(current) = currents.iter().find(|r| r.env == env) else {
             return Err(LeverError::NotDeployed {
                 env: env.to_string(),
                 service: service.to_string(),
@@ -228,16 +288,27 @@ impl Levers {
                 service: service.to_string(),
             });
         }
-        let nodes = self
+        Ok(self
             .registry
             .list()
             .into_iter()
             .filter(|v| {
-                selects(&current.selector, &v.record.labels)
-                    && v.record.services.iter().any(|s| s.service == service)
+                v.record.services.iter().any(|s| s.service == service)
+                    && env_of(&currents, service, &v.record.labels).is_some_and(|r| r.env == env)
             })
-            .collect();
-        Ok((current, nodes))
+            .collect())
+    }
+
+    /// The current releases (of `service`, or of every service).
+    async fn currents(&self, service: Option<&str>) -> Result<Vec<ReleaseRecord>, StoreError> {
+        Ok(self
+            .store
+            .releases
+            .all()
+            .await?
+            .into_iter()
+            .filter(|r| r.current && service.is_none_or(|s| r.service == s))
+            .collect())
     }
 
     /// Sends `levers` to the node's proxy of `service` and waits for the
@@ -247,6 +318,7 @@ impl Levers {
         view: NodeView,
         service: &str,
         levers: LeverSettings,
+        generation: u64,
     ) -> (String, NodeOutcome) {
         let name = view.record.name.clone();
         if !view.record.capabilities.iter().any(|c| c == CAPABILITY) {
@@ -259,15 +331,21 @@ impl Levers {
             );
         }
         let key = (view.record.id.clone(), service.to_string());
+        let sent = Sent {
+            levers: levers.clone(),
+            at: Instant::now(),
+            refused: false,
+        };
         self.sent
             .lock()
             .expect("levers lock")
-            .insert(key.clone(), (levers.clone(), Instant::now()));
+            .insert(key.clone(), sent);
         let command = pb::Command {
             command_id: format!("levers-{}", uuid::Uuid::new_v4()),
             kind: Some(pb::command::Kind::SetLevers(pb::SetLevers {
                 service: service.to_string(),
                 levers: Some((&levers).into()),
+                generation,
             })),
         };
         let pending = match self.registry.send_command(&view.record.id, command) {
@@ -286,9 +364,11 @@ impl Levers {
             Ok(result) => NodeOutcome::Failed(result.message),
             Err(error) => NodeOutcome::Pending(format!("{error}; sent again until it answers")),
         };
-        if outcome != NodeOutcome::Applied {
-            // Sent again by the reconciler's next pass.
-            self.sent.lock().expect("levers lock").remove(&key);
+        if let NodeOutcome::Failed(_) = outcome {
+            // The reconciler tries again, but less often.
+            if let Some(sent) = self.sent.lock().expect("levers lock").get_mut(&key) {
+                sent.refused = true;
+            }
         }
         (name, outcome)
     }
@@ -300,7 +380,7 @@ impl Levers {
         let mut states = Vec::new();
         for record in &records {
             let nodes = match self.nodes_of(&record.env, &record.service).await {
-                Ok((_, nodes)) => nodes,
+                Ok(nodes) => nodes,
                 Err(LeverError::Store(error)) => return Err(error),
                 // Undeployed since: no node to apply it.
                 Err(_) => Vec::new(),
@@ -325,7 +405,7 @@ impl Levers {
                     .iter()
                     .find(|s| s.service == record.service)
                     .and_then(|s| s.levers.as_ref());
-                let wanted = effective(std::slice::from_ref(record), name);
+                let wanted = effective(std::slice::from_ref(record), name).reported();
                 let applies = reported.is_some_and(|r| same_kind(r, &wanted, record.kind));
                 match applies {
                     true => applied.push(name.clone()),
@@ -355,6 +435,30 @@ fn same_kind(a: &LeverSettings, b: &LeverSettings, kind: LeverKind) -> bool {
         LeverKind::Maintenance => a.maintenance == b.maintenance,
         LeverKind::Throttle => a.throttle == b.throttle,
         LeverKind::Pause => a.pause == b.pause,
+    }
+}
+
+/// The current release of `service` whose environment a node with
+/// `labels` belongs to: the first (by environment name) that selects it.
+/// One answer for every path that sends levers, so a node two
+/// environments select never flips between their levers.
+pub fn env_of<'a>(
+    currents: &'a [ReleaseRecord],
+    service: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Option<&'a ReleaseRecord> {
+    currents
+        .iter()
+        .filter(|r| r.service == service && selects(&r.selector, labels))
+        .min_by(|a, b| a.env.cmp(&b.env))
+}
+
+/// The command that lifts a lever of `kind` on every node.
+fn lift_command(kind: LeverKind, service: &str, env: &str) -> String {
+    match kind {
+        LeverKind::Maintenance => format!("cutover maintenance off {service} --env {env}"),
+        LeverKind::Throttle => format!("cutover throttle {service} --env {env} --off"),
+        LeverKind::Pause => format!("cutover resume-traffic {service} --env {env}"),
     }
 }
 

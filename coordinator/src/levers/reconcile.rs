@@ -5,14 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{effective, Levers, NodeOutcome, CAPABILITY};
-use crate::spec::selects;
-use crate::store::{LeverRecord, ReleaseRecord, StoreError};
+use super::{effective, env_of, Levers, NodeOutcome, CAPABILITY};
+use crate::store::{LeverRecord, StoreError};
 
 /// How often heartbeats are compared with the store.
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
-/// Levers sent and not yet seen in a heartbeat are sent again after this.
+/// Levers sent and not yet seen in a heartbeat are sent again after this
+/// (heartbeats come every few seconds).
 const RESEND_AFTER: Duration = Duration::from_secs(10);
+/// Levers a node refused are sent again after this.
+const RETRY_REFUSED: Duration = Duration::from_secs(60);
 
 impl Levers {
     /// Runs until shutdown.
@@ -33,16 +35,21 @@ impl Levers {
     }
 
     async fn reconcile_once(self: &Arc<Self>) -> Result<(), StoreError> {
+        // Before the read: what this pass sends is as old as the read.
+        let generation = self.generation();
         let records = self.store.levers.list(None).await?;
-        let currents: Vec<ReleaseRecord> = self
-            .store
-            .releases
-            .all()
-            .await?
-            .into_iter()
-            .filter(|r| r.current)
-            .collect();
-        for view in self.registry.list() {
+        let currents = self.currents(None).await?;
+        let views = self.registry.list();
+        // Forget what was sent to nodes and services no longer there.
+        self.sent
+            .lock()
+            .expect("levers lock")
+            .retain(|(node, service), _| {
+                views.iter().any(|v| {
+                    v.record.id == *node && v.record.services.iter().any(|s| s.service == *service)
+                })
+            });
+        for view in views {
             if !view.connected || !view.record.capabilities.iter().any(|c| c == CAPABILITY) {
                 continue;
             }
@@ -50,14 +57,9 @@ impl Levers {
                 let Some(reported) = &status.levers else {
                     continue; // a worker
                 };
-                // The environment whose current release of the service
-                // selects the node; none: no lever applies.
-                let env = currents
-                    .iter()
-                    .find(|r| {
-                        r.service == status.service && selects(&r.selector, &view.record.labels)
-                    })
-                    .map(|r| r.env.as_str());
+                // No environment claims the node: no lever applies.
+                let env =
+                    env_of(&currents, &status.service, &view.record.labels).map(|r| r.env.as_str());
                 let of_service: Vec<LeverRecord> = records
                     .iter()
                     .filter(|r| Some(r.env.as_str()) == env && r.service == status.service)
@@ -65,7 +67,7 @@ impl Levers {
                     .collect();
                 let wanted = effective(&of_service, &view.record.name);
                 let key = (view.record.id.clone(), status.service.clone());
-                if *reported == wanted {
+                if *reported == wanted.reported() {
                     self.sent.lock().expect("levers lock").remove(&key);
                     continue;
                 }
@@ -74,7 +76,14 @@ impl Levers {
                     .lock()
                     .expect("levers lock")
                     .get(&key)
-                    .is_some_and(|(sent, at)| *sent == wanted && at.elapsed() < RESEND_AFTER);
+                    .is_some_and(|sent| {
+                        let wait = if sent.refused {
+                            RETRY_REFUSED
+                        } else {
+                            RESEND_AFTER
+                        };
+                        sent.levers == wanted && sent.at.elapsed() < wait
+                    });
                 if in_flight {
                     continue;
                 }
@@ -83,7 +92,7 @@ impl Levers {
                 let (view, service) = (view.clone(), status.service.clone());
                 tokio::spawn(async move {
                     let node = view.record.name.clone();
-                    let (_, outcome) = this.send(view, &service, wanted).await;
+                    let (_, outcome) = this.send(view, &service, wanted, generation).await;
                     if let NodeOutcome::Failed(error) = outcome {
                         tracing::error!(%node, %service, %error, "node refused its levers");
                     }

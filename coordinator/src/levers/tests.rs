@@ -3,11 +3,16 @@ use cutover_common::levers::{MaintenanceSettings, PauseSettings, ThrottleSetting
 use super::*;
 
 fn record(node: &str, settings: LeverSettings) -> LeverRecord {
+    let kind = match (&settings.maintenance, &settings.throttle) {
+        (Some(_), _) => LeverKind::Maintenance,
+        (_, Some(_)) => LeverKind::Throttle,
+        _ => LeverKind::Pause,
+    };
     LeverRecord {
         env: "production".into(),
         service: "web".into(),
         node: node.into(),
-        kind: LeverKind::of(&settings).unwrap(),
+        kind,
         settings,
         by: "alice".into(),
         at_ms: 1,

@@ -15,10 +15,12 @@ use prometheus_client::registry::Registry;
 
 mod jobs;
 mod levers;
+mod queues;
 mod secrets;
 
 pub use jobs::{data_time_s, drill_data_age_s, JobMetrics};
 pub use levers::LeverMetrics;
+pub use queues::QueueMetrics;
 pub use secrets::SecretMetrics;
 
 use crate::registry::NodeView;
@@ -68,6 +70,7 @@ pub struct Metrics {
     pub jobs: JobMetrics,
     pub secrets: SecretMetrics,
     pub levers: LeverMetrics,
+    pub queues: QueueMetrics,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
     render_lock: Mutex<()>,
 }
@@ -120,6 +123,7 @@ impl Metrics {
             jobs: JobMetrics::default(),
             secrets: SecretMetrics::default(),
             levers: LeverMetrics::default(),
+            queues: QueueMetrics::default(),
             render_lock: Mutex::new(()),
             registry,
         };
@@ -248,6 +252,7 @@ impl Metrics {
         metrics.jobs.register(&mut registry);
         metrics.secrets.register(&mut registry);
         metrics.levers.register(&mut registry);
+        metrics.queues.register(&mut registry);
         Self {
             registry,
             ..metrics
@@ -381,6 +386,7 @@ impl Metrics {
         self.jobs.render(now_s);
         self.secrets.render(now_s);
         self.levers.render(nodes);
+        self.queues.render();
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a string cannot fail");
         out

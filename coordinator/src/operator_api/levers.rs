@@ -1,5 +1,7 @@
 //! `cutover maintenance`, `throttle`, `pause-traffic` / `resume-traffic`
-//! and `levers`: incident levers at the node proxies (see `crate::levers`).
+//! and `levers`: incident levers at the node proxies (see `crate::levers`);
+//! `queues`: queue depth and worker health (see `crate::queues`), what an
+//! operator reads before pulling one.
 
 use cutover_common::levers::{LeverSettings, BYPASS_PATH};
 use cutover_proto::v1 as pb;
@@ -34,13 +36,8 @@ impl OperatorApi {
         request: Request<pb::SetLeverRequest>,
     ) -> Result<Response<pb::SetLeverResponse>, Status> {
         let r = request.get_ref();
-        // The bypass secret stays out of the audit log.
-        let mut set = r.set.clone();
-        if let Some(m) = set.as_mut().and_then(|s| s.maintenance.as_mut()) {
-            if !m.bypass_secret.is_empty() {
-                m.bypass_secret = "(given)".into();
-            }
-        }
+        // `describe` names a bypass secret, never shows it.
+        let set = r.set.clone();
         let args = json!({
             "env": r.env,
             "service": r.service,
@@ -116,6 +113,7 @@ impl OperatorApi {
                     nodes,
                     bypass_path,
                     description,
+                    note: report.note,
                 })
             },
         )
@@ -154,6 +152,64 @@ impl OperatorApi {
             })
             .collect();
         Ok(Response::new(pb::ListLeversResponse { levers }))
+    }
+}
+
+impl OperatorApi {
+    pub(super) async fn handle_list_queues(
+        &self,
+        request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        self.access
+            .check(
+                &request,
+                Need::Read,
+                "list_queues",
+                &serde_json::Value::Null,
+            )
+            .await?;
+        let env = request.into_inner().env;
+        let view = crate::queues::collect(
+            self.access.store(),
+            &self.registry,
+            (!env.is_empty()).then_some(env.as_str()),
+        )
+        .await?;
+        Ok(Response::new(pb::ListQueuesResponse {
+            queues: view
+                .queues
+                .into_iter()
+                .map(|q| pb::QueueEntry {
+                    app: q.app,
+                    env: q.env,
+                    service: q.service,
+                    queue: q.queue,
+                    waiting: q.waiting,
+                    delayed: q.delayed,
+                    reserved: q.reserved,
+                    oldest_age_ms: q.oldest_age_ms,
+                    node: q.node,
+                    probed_at_ms: q.probed_at_ms,
+                    max_depth: q.max_depth.unwrap_or(0),
+                    max_wait_ms: q.max_wait_ms.unwrap_or(0),
+                })
+                .collect(),
+            workers: view
+                .workers
+                .into_iter()
+                .map(|w| pb::WorkerEntry {
+                    app: w.app,
+                    env: w.env,
+                    service: w.service,
+                    node: w.node,
+                    up: w.up,
+                    status: w.status,
+                    detail: w.detail,
+                    probe_error: w.probe_error,
+                    probed_at_ms: w.probed_at_ms,
+                })
+                .collect(),
+        }))
     }
 }
 

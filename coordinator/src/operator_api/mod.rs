@@ -281,6 +281,13 @@ impl OperatorService for OperatorApi {
         self.handle_list_levers(request).await
     }
 
+    async fn list_queues(
+        &self,
+        request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        self.handle_list_queues(request).await
+    }
+
     async fn diff_environments(
         &self,
         request: Request<pb::DiffEnvironmentsRequest>,

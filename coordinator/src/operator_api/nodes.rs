@@ -71,6 +71,7 @@ fn service_to_pb(s: ServiceStatus) -> pb::ServiceState {
             levers
         }),
         lever_counts: s.lever_counts.map(Into::into),
+        queues: s.queues.as_ref().map(Into::into),
     }
 }
 

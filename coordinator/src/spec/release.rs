@@ -158,6 +158,7 @@ impl AppSpec {
                 .filter(|h| h.at.on_every_node() && h.runs_for(service, ""))
                 .map(HookSpec::release_hook)
                 .collect(),
+            queues: spec.queues.as_ref().map(|q| (&q.probe()).into()),
         };
         release.release_id = release_id(&release);
         // The agents' own check, run here too: a release a node would

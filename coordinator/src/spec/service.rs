@@ -63,6 +63,56 @@ pub struct ServiceSpec {
     pub health: Option<HealthSpec>,
     #[serde(default)]
     pub smoke: Vec<SmokeSpec>,
+    /// Queue depth and worker health, probed by the nodes that run it.
+    #[serde(default)]
+    pub queues: Option<QueuesSpec>,
+}
+
+/// `[services.NAME.queues]`: Laravel's Redis queues and the worker's
+/// status command (see `cutover_common::queues`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuesSpec {
+    /// "HOST:PORT" of the Redis server.
+    pub redis: String,
+    #[serde(default)]
+    pub db: u32,
+    /// A secret of the service holding the Redis password.
+    pub password_secret: Option<String>,
+    /// The app's Redis key prefix (Laravel: database.redis.options.prefix).
+    #[serde(default)]
+    pub prefix: String,
+    pub names: Vec<String>,
+    /// E.g. ["php", "artisan", "horizon:status"]: exit 0 running, 1 paused.
+    #[serde(default)]
+    pub status_command: Vec<String>,
+    #[serde(default = "default_queue_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Alert when more jobs wait than this (for a while).
+    pub max_depth: Option<u64>,
+    /// Alert when the oldest job waited longer than this.
+    #[serde(default, with = "humantime_serde")]
+    pub max_wait: Option<Duration>,
+}
+
+impl QueuesSpec {
+    pub fn probe(&self) -> cutover_common::queues::QueueProbeSpec {
+        cutover_common::queues::QueueProbeSpec {
+            redis: self.redis.clone(),
+            db: self.db,
+            password_secret: self.password_secret.clone(),
+            prefix: self.prefix.clone(),
+            names: self.names.clone(),
+            status_command: self.status_command.clone(),
+            interval: self.interval,
+            max_depth: self.max_depth,
+            max_wait: self.max_wait,
+        }
+    }
+}
+
+fn default_queue_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +308,12 @@ pub(super) fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> 
                 ));
             }
         }
+    }
+    if let Some(queues) = &s.queues {
+        queues
+            .probe()
+            .check(&s.secrets)
+            .map_err(|e| (format!("queues.{}", e.key), e.message))?;
     }
     for (i, smoke) in s.smoke.iter().enumerate() {
         if !smoke.path.starts_with('/') {

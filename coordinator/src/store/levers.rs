@@ -18,30 +18,11 @@ pub enum LeverKind {
 }
 
 impl LeverKind {
-    pub const ALL: [LeverKind; 3] = [
-        LeverKind::Maintenance,
-        LeverKind::Throttle,
-        LeverKind::Pause,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             LeverKind::Maintenance => "maintenance",
             LeverKind::Throttle => "throttle",
             LeverKind::Pause => "pause",
-        }
-    }
-
-    /// Which lever `settings` sets (the first, in this order).
-    pub fn of(settings: &LeverSettings) -> Option<Self> {
-        if settings.maintenance.is_some() {
-            Some(LeverKind::Maintenance)
-        } else if settings.throttle.is_some() {
-            Some(LeverKind::Throttle)
-        } else if settings.pause.is_some() {
-            Some(LeverKind::Pause)
-        } else {
-            None
         }
     }
 }

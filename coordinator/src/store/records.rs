@@ -190,6 +190,9 @@ pub struct ServiceStatus {
     pub levers: Option<cutover_common::levers::LeverSettings>,
     #[serde(default)]
     pub lever_counts: Option<cutover_common::levers::LeverCounts>,
+    /// The serving release's queue probe's last pass.
+    #[serde(default)]
+    pub queues: Option<cutover_common::queues::QueueReport>,
 }
 
 impl ServiceStatus {
