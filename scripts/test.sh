@@ -46,11 +46,14 @@ fi
 # The docker runtime's tests run against a real engine and real registries;
 # the migration tests against a real PostgreSQL, one throw-away cluster for
 # the whole run (a database per test).
+# The queue tests against a real Redis, one throw-away server for the run.
 source scripts/docker-env.sh
 source scripts/pg-env.sh
-trap 'docker_env_stop; pg_env_stop' EXIT
+source scripts/redis-env.sh
+trap 'docker_env_stop; pg_env_stop; redis_env_stop' EXIT
 docker_env_start
 pg_env_start
+redis_env_start
 
 cargo build --locked --workspace --bins
 # nextest runs each test in its own process, kills one that hangs, and ends

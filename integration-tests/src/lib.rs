@@ -14,6 +14,7 @@ pub mod load;
 pub mod netns;
 pub mod pg;
 pub mod pgbackrest;
+pub mod redis;
 pub mod systemd;
 
 use std::path::{Path, PathBuf};

@@ -205,17 +205,38 @@ async fn exposed_metric_names() -> std::collections::BTreeSet<String> {
     let port =
         cutover_common::net::allocate_port([127, 0, 0, 11].into(), &(40000..=44999), &[]).unwrap();
     let mut client = cluster.operator().await;
-    let spec = web_spec(port, "VERSION = \"v1\"", "min_healthy_time = \"0s\"");
-    let id = client
-        .deploy(deploy_request(spec.clone(), "v1", &artifact))
-        .await
-        .unwrap()
-        .into_inner()
-        .rollouts[0]
-        .id
-        .clone();
-    let done = wait_for_rollout(&mut client, &id, Duration::from_secs(60), ended).await;
-    assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
+    // A worker that probes its queues (in the test Redis): the queue and
+    // worker families have series only with such a release.
+    let redis = cutover_integration_tests::redis::TestRedis::from_env();
+    let spec = format!(
+        "{}\n{}",
+        web_spec(port, "VERSION = \"v1\"", "min_healthy_time = \"0s\""),
+        format_args!(
+            r#"
+[services.worker]
+command = ["python3", "worker.py"]
+stop_command = ["python3", "worker.py", "terminate"]
+min_healthy_time = "1s"
+[services.worker.queues]
+redis = "{}"
+prefix = "{}"
+names = ["default"]
+interval = "1s"
+max_depth = 100
+max_wait = "5m"
+"#,
+            redis.address, redis.prefix
+        )
+    );
+    for service in ["web", "worker"] {
+        let mut request = deploy_request(spec.clone(), "v1", &artifact);
+        request.service = service.into();
+        let id = client.deploy(request).await.unwrap().into_inner().rollouts[0]
+            .id
+            .clone();
+        let done = wait_for_rollout(&mut client, &id, Duration::from_secs(60), ended).await;
+        assert_eq!(done.state().as_str(), "succeeded", "{done:#?}");
+    }
     assert_eq!(body(&http_get(&format!("127.0.0.11:{port}"), "/")), "v1");
     // A backup and a drill of a data set, run once each: the job and
     // recovery families have series only once such runs ended.
@@ -270,6 +291,23 @@ schedule = "@daily"
         }
         assert_eq!(run.state(), pb::JobRunState::Succeeded, "{run:#?}");
     }
+    // A lever set: the lever families.
+    client
+        .set_lever(pb::SetLeverRequest {
+            env: "test".into(),
+            service: "web".into(),
+            lever: "throttle".into(),
+            set: Some(pb::TrafficLevers {
+                throttle: Some(pb::Throttle {
+                    rps: 10_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     // A secret with a rotation schedule: the rotation families.
     client
         .set_secret(pb::SetSecretRequest {
@@ -288,7 +326,8 @@ schedule = "@daily"
             l.starts_with("cutover_release_responses{")
                 && l.contains("class=\"2xx\"")
                 && !l.ends_with(" 0")
-        })
+        }) && text.contains("cutover_queue_depth{")
+            && text.contains("cutover_worker_up{")
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let text = loop {
@@ -298,7 +337,7 @@ schedule = "@daily"
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no heartbeat brought the proxy's counts: {text}"
+            "no heartbeat brought the proxy's counts and the worker's queues: {text}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
