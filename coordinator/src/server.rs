@@ -203,6 +203,7 @@ impl Coordinator {
             store.clone(),
             registry.clone(),
             metrics.clone(),
+            rollouts.notifier(),
             shutdown.clone(),
         )
         .await?;

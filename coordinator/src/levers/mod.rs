@@ -22,6 +22,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::notify::events::LeverEvent;
+use crate::notify::spec::EventKind;
+use crate::notify::Notifier;
 use crate::registry::{NodeView, Registry};
 use crate::spec::selects;
 use crate::store::{LeverKind, LeverRecord, NewEvent, ReleaseRecord, Store, StoreError};
@@ -104,6 +107,8 @@ pub struct Levers {
     generation: AtomicU64,
     /// Wakes the reconciler early (a change, a node that came back).
     wake: Notify,
+    /// The webhooks of levers set and lifted.
+    notifier: Notifier,
     shutdown: CancellationToken,
 }
 
@@ -112,6 +117,7 @@ impl Levers {
         store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
+        notifier: Notifier,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StoreError> {
         for record in store.levers.list(None).await? {
@@ -124,6 +130,7 @@ impl Levers {
             sent: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             wake: Notify::new(),
+            notifier,
             shutdown,
         }))
     }
@@ -228,7 +235,7 @@ impl Levers {
                         .delete(&record.env, &record.service, record.kind, &record.node)
                         .await?;
                     self.metrics.levers.set(&record, false);
-                    self.note(&record, "lifted", &change.by);
+                    self.note(&record, "lifted", &change.by).await;
                 }
             }
             return Ok(lifted);
@@ -244,12 +251,13 @@ impl Levers {
         };
         levers.put(&record).await?;
         self.metrics.levers.set(&record, true);
-        self.note(&record, "set", &change.by);
+        self.note(&record, "set", &change.by).await;
         Ok(true)
     }
 
-    /// An entry in `cutover events`.
-    fn note(&self, record: &LeverRecord, what: &str, by: &str) {
+    /// An entry in `cutover events`, and the webhooks of the service's
+    /// current release (its `[[notify]]`).
+    async fn note(&self, record: &LeverRecord, what: &str, by: &str) {
         let scope = match record.node.as_str() {
             "" => "every node".to_string(),
             node => format!("node {node}"),
@@ -269,8 +277,50 @@ impl Levers {
             kind: "lever",
             node_id: String::new(),
             node_name: record.node.clone(),
-            message,
+            message: message.clone(),
         });
+        let current = match self
+            .store
+            .releases
+            .current(&record.env, &record.service)
+            .await
+        {
+            Ok(Some(current)) => current,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the webhooks of the service; the lever's webhooks are not sent");
+                return;
+            }
+        };
+        let targets = match self.store.rollouts.get(&current.rollout_id).await {
+            Ok(rollout) => rollout.map(|r| r.notify).unwrap_or_default(),
+            Err(error) => {
+                tracing::error!(%error, "cannot read the webhooks of the service; the lever's webhooks are not sent");
+                return;
+            }
+        };
+        let set = what == "set";
+        let kind = match (record.kind, set) {
+            (LeverKind::Maintenance, true) => EventKind::MaintenanceOn,
+            (LeverKind::Maintenance, false) => EventKind::MaintenanceOff,
+            (LeverKind::Throttle, true) => EventKind::ThrottleOn,
+            (LeverKind::Throttle, false) => EventKind::ThrottleOff,
+            (LeverKind::Pause, true) => EventKind::TrafficPaused,
+            (LeverKind::Pause, false) => EventKind::TrafficResumed,
+        };
+        self.notifier.lever_changed(
+            &targets,
+            &LeverEvent {
+                kind,
+                app: current.app,
+                env: record.env.clone(),
+                service: record.service.clone(),
+                node: record.node.clone(),
+                operator: by.to_string(),
+                message,
+                at_ms: cutover_common::now_ms(),
+            },
+        );
     }
 
     /// The known nodes that serve `service` in `env` through a proxy: those

@@ -31,7 +31,9 @@ pub const BACKOFF: [Duration; 3] = [
 pub struct Delivery {
     pub target: NotifyTarget,
     pub env: String,
-    pub rollout: String,
+    /// What it is about, for messages: "rollout web-42", "web in
+    /// production".
+    pub subject: String,
     pub event: EventKind,
     pub id: String,
     pub body: Bytes,
@@ -41,9 +43,9 @@ impl Delivery {
     /// What messages call it.
     fn describe(&self) -> String {
         format!(
-            "webhook {} of rollout {} to {}",
+            "webhook {} of {} to {}",
             self.event.as_str(),
-            self.rollout,
+            self.subject,
             self.target.shown()
         )
     }
@@ -96,7 +98,7 @@ impl Sender {
         for attempt in 1.. {
             let failure = match self.attempt(delivery, signature.as_deref()).await {
                 Ok(()) => {
-                    tracing::debug!(rollout = %delivery.rollout, event = delivery.event.as_str(), url = %delivery.target.shown(), attempt, "webhook delivered");
+                    tracing::debug!(subject = %delivery.subject, event = delivery.event.as_str(), url = %delivery.target.shown(), attempt, "webhook delivered");
                     self.metrics
                         .notify_delivery(delivery.event.as_str(), "delivered");
                     return;
@@ -105,7 +107,7 @@ impl Sender {
             };
             match BACKOFF.get(attempt - 1).filter(|_| failure.retry) {
                 Some(wait) => {
-                    tracing::debug!(rollout = %delivery.rollout, event = delivery.event.as_str(), url = %delivery.target.shown(), attempt, why = %failure.why, "webhook not delivered; trying again");
+                    tracing::debug!(subject = %delivery.subject, event = delivery.event.as_str(), url = %delivery.target.shown(), attempt, why = %failure.why, "webhook not delivered; trying again");
                     tokio::time::sleep(*wait).await;
                 }
                 None => {
@@ -190,7 +192,7 @@ impl Sender {
     }
 
     fn failed(&self, delivery: &Delivery, attempts: usize, message: String) {
-        tracing::warn!(rollout = %delivery.rollout, event = delivery.event.as_str(), url = %delivery.target.shown(), attempts, "{message}");
+        tracing::warn!(subject = %delivery.subject, event = delivery.event.as_str(), url = %delivery.target.shown(), attempts, "{message}");
         self.metrics
             .notify_delivery(delivery.event.as_str(), "failed");
         self.journal.event(NewEvent {
@@ -269,9 +271,10 @@ mod tests {
                 events: None,
                 secret: secret.map(str::to_string),
                 timeout_ms: 2_000,
+                format: Default::default(),
             },
             env: "test".into(),
-            rollout: "web-1".into(),
+            subject: "rollout web-1".into(),
             event: EventKind::Started,
             id: "d-1".into(),
             body: Bytes::from_static(b"{\"event\":\"started\"}"),

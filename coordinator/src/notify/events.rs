@@ -103,6 +103,71 @@ pub fn body(rollout: &Rollout, event: &Event, delivery: &str) -> Vec<u8> {
     serde_json::to_vec(&value).expect("a JSON value serializes")
 }
 
+/// What a chat channel reads of a rollout's event: one line.
+pub fn rollout_text(rollout: &Rollout, event: &Event) -> String {
+    let node = match event.node.as_str() {
+        "" => String::new(),
+        node => format!(" on {node}"),
+    };
+    format!(
+        "[{env}] {app}/{service}: rollout {id} of {release} {what}{node}: {message}",
+        env = rollout.env,
+        app = rollout.app,
+        service = rollout.service,
+        id = rollout.id,
+        release = rollout.release.id(),
+        what = event.kind.as_str().replace('_', " "),
+        message = event.message,
+    )
+}
+
+/// A lever set or lifted, for a webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeverEvent {
+    pub kind: EventKind,
+    pub app: String,
+    pub env: String,
+    pub service: String,
+    /// Empty: every node of the service.
+    pub node: String,
+    pub operator: String,
+    pub message: String,
+    pub at_ms: i64,
+}
+
+/// The JSON body of a lever event: the fields of a rollout event that
+/// apply (no rollout, release or version), `state` saying how the
+/// service's traffic is left.
+pub fn lever_body(lever: &LeverEvent, delivery: &str) -> Vec<u8> {
+    let at = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(u64::try_from(lever.at_ms).unwrap_or(0));
+    let value = json!({
+        "event": lever.kind.as_str(),
+        "delivery": delivery,
+        "at": humantime::format_rfc3339_millis(at).to_string(),
+        "app": lever.app,
+        "env": lever.env,
+        "service": lever.service,
+        "operator": lever.operator,
+        "state": lever.kind.state(),
+        "node": (!lever.node.is_empty()).then_some(&lever.node),
+        "message": lever.message,
+    });
+    serde_json::to_vec(&value).expect("a JSON value serializes")
+}
+
+pub fn lever_text(lever: &LeverEvent) -> String {
+    format!(
+        "[{}] {}/{}: {}",
+        lever.env, lever.app, lever.service, lever.message
+    )
+}
+
+/// A Slack (or Mattermost) incoming webhook's body.
+pub fn slack_body(text: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "text": text })).expect("a JSON value serializes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +236,25 @@ mod tests {
         assert_eq!(all[0].kind.state(), "aborted");
         // Nothing more once it ended.
         assert!(step(&mut r, 9, Input::Tick { nodes: vec![] }).is_empty());
+    }
+
+    #[test]
+    fn a_chat_line_says_where_what_and_why() {
+        let mut r = sim::rollout(2, sim::strategy());
+        let started = step(&mut r, 1, Input::Start);
+        let text = rollout_text(&r, &started[0]);
+        assert!(
+            text.starts_with(&format!(
+                "[{}] {}/{}: rollout {} of {} started",
+                r.env,
+                r.app,
+                r.service,
+                r.id,
+                r.release.id()
+            )),
+            "{text}"
+        );
+        assert!(text.ends_with(&started[0].message), "{text}");
     }
 
     #[test]

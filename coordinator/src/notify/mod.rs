@@ -23,12 +23,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::rollout::model::Rollout;
 use deliver::{Delivery, Sender};
+use spec::{Format, NotifyTarget};
 
 /// Deliveries handed over and not yet taken in by the sending task.
 const QUEUE: usize = 1024;
 /// Deliveries waiting behind the one being sent to the same URL.
 const PER_URL: usize = 256;
 
+#[derive(Clone)]
 pub struct Notifier {
     queue: mpsc::Sender<Delivery>,
     sender: Arc<Sender>,
@@ -52,30 +54,57 @@ impl Notifier {
         for event in events::derive(before, after) {
             for target in after.notify.iter().filter(|t| t.wants(event.kind)) {
                 let id = uuid::Uuid::new_v4().to_string();
-                let delivery = Delivery {
-                    body: events::body(after, &event, &id).into(),
+                let body = match target.format {
+                    Format::Json => events::body(after, &event, &id),
+                    Format::Slack => events::slack_body(&events::rollout_text(after, &event)),
+                };
+                self.queue(Delivery {
+                    body: body.into(),
                     target: target.clone(),
                     env: after.env.clone(),
-                    rollout: after.id.clone(),
+                    subject: format!("rollout {}", after.id),
                     event: event.kind,
                     id,
-                };
-                match self.queue.try_send(delivery) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(delivery)) => {
-                        dropped(&self.sender, &delivery, "the webhook queue is full");
-                    }
-                    Err(mpsc::error::TrySendError::Closed(delivery)) => {
-                        dropped(&self.sender, &delivery, "the coordinator is stopping");
-                    }
-                }
+                });
+            }
+        }
+    }
+
+    /// Queues the webhooks of a lever set or lifted, to `targets` (those
+    /// of the service's current release), without waiting.
+    pub fn lever_changed(&self, targets: &[NotifyTarget], lever: &events::LeverEvent) {
+        for target in targets.iter().filter(|t| t.wants(lever.kind)) {
+            let id = uuid::Uuid::new_v4().to_string();
+            let body = match target.format {
+                Format::Json => events::lever_body(lever, &id),
+                Format::Slack => events::slack_body(&events::lever_text(lever)),
+            };
+            self.queue(Delivery {
+                body: body.into(),
+                target: target.clone(),
+                env: lever.env.clone(),
+                subject: format!("{} in {}", lever.service, lever.env),
+                event: lever.kind,
+                id,
+            });
+        }
+    }
+
+    fn queue(&self, delivery: Delivery) {
+        match self.queue.try_send(delivery) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(delivery)) => {
+                dropped(&self.sender, &delivery, "the webhook queue is full");
+            }
+            Err(mpsc::error::TrySendError::Closed(delivery)) => {
+                dropped(&self.sender, &delivery, "the coordinator is stopping");
             }
         }
     }
 }
 
 fn dropped(sender: &Sender, delivery: &Delivery, why: &str) {
-    tracing::warn!(rollout = %delivery.rollout, event = delivery.event.as_str(), url = %delivery.target.shown(), "webhook dropped: {why}");
+    tracing::warn!(subject = %delivery.subject, event = delivery.event.as_str(), url = %delivery.target.shown(), "webhook dropped: {why}");
     sender
         .metrics()
         .notify_delivery(delivery.event.as_str(), "dropped");
@@ -172,6 +201,7 @@ mod tests {
             events: None,
             secret: None,
             timeout_ms: 5_000,
+            format: Default::default(),
         }
     }
 
@@ -236,5 +266,58 @@ mod tests {
                 "the dead receiver's webhooks are dropped at shutdown: {metrics}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_lever_goes_to_json_and_slack_receivers_in_their_format() {
+        let (json_url, json_got) = test_receiver::receiver(&[200]).await;
+        let (slack_url, slack_got) = test_receiver::receiver(&[200]).await;
+        let store = Store::new(Arc::new(MemoryBackend::new()));
+        let sender = Sender::new(
+            Arc::new(Secrets::new(store.clone(), None)),
+            crate::journal::Journal::start(store, Gauge::default()),
+            Arc::new(Metrics::new()),
+        );
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let notifier = Notifier::start(sender, shutdown.clone(), &tasks);
+        let mut slack = target(slack_url);
+        slack.format = Format::Slack;
+        // One that wants only rollout endings gets nothing.
+        let mut endings = target(json_url.clone());
+        endings.events = Some(vec![spec::EventKind::Failed]);
+        let lever = events::LeverEvent {
+            kind: spec::EventKind::MaintenanceOn,
+            app: "shop".into(),
+            env: "production".into(),
+            service: "web".into(),
+            node: String::new(),
+            operator: "pete".into(),
+            message: "maintenance set for web in production on every node by pete".into(),
+            at_ms: 1_700_000_000_000,
+        };
+        notifier.lever_changed(&[target(json_url), slack, endings], &lever);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while json_got.lock().unwrap().is_empty() || slack_got.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "webhooks not received");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let json_got = json_got.lock().unwrap();
+        assert_eq!(json_got.len(), 1, "the endings-only target got nothing");
+        let (headers, body) = &json_got[0];
+        assert_eq!(headers["x-cutover-event"], "maintenance_on");
+        let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(body["event"], "maintenance_on");
+        assert_eq!(body["state"], "maintenance");
+        assert_eq!(body["service"], "web");
+        assert_eq!(body["operator"], "pete");
+        assert_eq!(body["node"], serde_json::Value::Null);
+        let slack: serde_json::Value =
+            serde_json::from_slice(&slack_got.lock().unwrap()[0].1).unwrap();
+        assert_eq!(
+            slack,
+            serde_json::json!({"text": "[production] shop/web: maintenance set for web in production on every node by pete"})
+        );
+        shutdown.cancel();
     }
 }

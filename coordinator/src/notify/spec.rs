@@ -35,10 +35,18 @@ pub enum EventKind {
     /// A rollout waits for approvals by other operators (`cutover
     /// approve`).
     AwaitingApproval,
+    /// Incident levers (`cutover maintenance`, `throttle`,
+    /// `pause-traffic`): set or lifted, for a service in an environment.
+    MaintenanceOn,
+    MaintenanceOff,
+    ThrottleOn,
+    ThrottleOff,
+    TrafficPaused,
+    TrafficResumed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 18] = [
         EventKind::Started,
         EventKind::Paused,
         EventKind::Resumed,
@@ -51,6 +59,12 @@ impl EventKind {
         EventKind::Held,
         EventKind::BreakGlass,
         EventKind::AwaitingApproval,
+        EventKind::MaintenanceOn,
+        EventKind::MaintenanceOff,
+        EventKind::ThrottleOn,
+        EventKind::ThrottleOff,
+        EventKind::TrafficPaused,
+        EventKind::TrafficResumed,
     ];
 
     /// As the spec and the body spell it (also its serde form).
@@ -68,6 +82,12 @@ impl EventKind {
             EventKind::Held => "held",
             EventKind::BreakGlass => "break_glass",
             EventKind::AwaitingApproval => "awaiting_approval",
+            EventKind::MaintenanceOn => "maintenance_on",
+            EventKind::MaintenanceOff => "maintenance_off",
+            EventKind::ThrottleOn => "throttle_on",
+            EventKind::ThrottleOff => "throttle_off",
+            EventKind::TrafficPaused => "traffic_paused",
+            EventKind::TrafficResumed => "traffic_resumed",
         }
     }
 
@@ -91,6 +111,13 @@ impl EventKind {
             | EventKind::Resumed
             | EventKind::MigrationStarted
             | EventKind::MigrationFailed => "running",
+            // Not a rollout's: the service's traffic, as the lever leaves it.
+            EventKind::MaintenanceOn => "maintenance",
+            EventKind::ThrottleOn => "throttled",
+            EventKind::TrafficPaused => "paused",
+            EventKind::MaintenanceOff | EventKind::ThrottleOff | EventKind::TrafficResumed => {
+                "serving"
+            }
         }
     }
 }
@@ -115,6 +142,19 @@ pub struct NotifySpec {
     /// How long one attempt may take.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// "json" (the default: cutover's own body) or "slack" (`{"text":
+    /// ...}`, what Slack's and Mattermost's incoming webhooks take).
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// The body a webhook carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    #[default]
+    Json,
+    Slack,
 }
 
 fn default_timeout() -> Duration {
@@ -130,6 +170,8 @@ pub struct NotifyTarget {
     /// A secret's name, never its value.
     pub secret: Option<String>,
     pub timeout_ms: u64,
+    #[serde(default)]
+    pub format: Format,
 }
 
 /// Checks every `[[notify]]`; an error names the key (`notify[I].KEY`)
@@ -181,6 +223,14 @@ impl NotifySpec {
             crate::secrets::validate_name(secret)
                 .map_err(|e| ("secret".to_string(), e.to_string()))?;
         }
+        if let Some(format) = &self.format {
+            if !matches!(format.as_str(), "json" | "slack") {
+                return Err((
+                    "format".into(),
+                    format!("{format:?} is not a payload format; use \"json\" or \"slack\""),
+                ));
+            }
+        }
         if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
             return Err((
                 "timeout".into(),
@@ -204,6 +254,10 @@ impl NotifySpec {
                 .map(|names| names.iter().filter_map(|n| EventKind::parse(n)).collect()),
             secret: self.secret.clone(),
             timeout_ms: self.timeout.as_millis() as u64,
+            format: match self.format.as_deref() {
+                Some("slack") => Format::Slack,
+                _ => Format::Json,
+            },
         }
     }
 }
@@ -291,6 +345,13 @@ mod tests {
         assert!(!target.wants(EventKind::Started));
         assert_eq!(target.secret.as_deref(), Some("HOOK_KEY"));
         assert_eq!(target.timeout_ms, 2000);
+        assert_eq!(target.format, Format::Json);
+        let chat = spec("url = \"https://hooks.slack.com/services/T/B/x\"\nformat = \"slack\"");
+        check(std::slice::from_ref(&chat)).unwrap();
+        assert_eq!(chat.target().format, Format::Slack);
+        let (key, message) = refused("url = \"http://127.0.0.1:9/x\"\nformat = \"teams\"");
+        assert_eq!(key, "notify[1].format");
+        assert!(message.contains("\"json\" or \"slack\""), "{message}");
         // Stored as the body spells the events.
         let stored = serde_json::to_value(&target).unwrap();
         assert_eq!(

@@ -202,6 +202,11 @@ impl Rollouts {
         })
     }
 
+    /// Where webhooks go out (levers send theirs there too).
+    pub fn notifier(&self) -> Notifier {
+        self.notifier.clone()
+    }
+
     /// Picks up every rollout and deployment a previous run left
     /// unfinished; returns how many.
     pub async fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {

@@ -454,6 +454,7 @@ pub(crate) async fn records_keep_their_order_and_survive_reopen(opener: &impl Op
         events: Some(vec![crate::notify::spec::EventKind::Failed]),
         secret: Some("HOOK_KEY".into()),
         timeout_ms: 5000,
+        format: Default::default(),
     }];
     // Its request for approval, one given: a restart asks no one again.
     first.approval = Some(crate::rollout::model::Approval {
