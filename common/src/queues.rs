@@ -28,7 +28,14 @@ pub struct QueueProbeSpec {
     pub interval: Duration,
     pub max_depth: Option<u64>,
     pub max_wait: Option<Duration>,
+    /// A new release must not let the waiting jobs grow over this long
+    /// before the old one stops (see `QueueProbe.gate_ms`).
+    #[serde(default)]
+    pub gate: Option<Duration>,
 }
+
+/// The longest consumption gate.
+pub const MAX_GATE: Duration = Duration::from_secs(600);
 
 /// Why a queue probe is refused: the key and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +106,11 @@ impl QueueProbeSpec {
         if self.interval < MIN_INTERVAL {
             return Err(refuse("interval", "must be at least 1s"));
         }
+        if let Some(gate) = self.gate {
+            if gate < MIN_INTERVAL || gate > MAX_GATE {
+                return Err(refuse("gate", "must be between 1s and 10m, e.g. \"30s\""));
+            }
+        }
         Ok(())
     }
 }
@@ -119,6 +131,7 @@ impl From<&QueueProbeSpec> for pb::QueueProbe {
             interval_ms: millis(q.interval),
             max_depth: q.max_depth.unwrap_or(0),
             max_wait_ms: q.max_wait.map_or(0, millis),
+            gate_ms: q.gate.map_or(0, millis),
         }
     }
 }
@@ -136,6 +149,7 @@ impl QueueProbeSpec {
             interval: Duration::from_millis(q.interval_ms),
             max_depth: (q.max_depth > 0).then_some(q.max_depth),
             max_wait: (q.max_wait_ms > 0).then(|| Duration::from_millis(q.max_wait_ms)),
+            gate: (q.gate_ms > 0).then(|| Duration::from_millis(q.gate_ms)),
         };
         if let Some(secret) = &spec.password_secret {
             rules::env_var_name(secret).map_err(|e| refuse("password_secret", e.to_string()))?;
@@ -227,6 +241,7 @@ mod tests {
             interval: Duration::from_secs(10),
             max_depth: Some(1000),
             max_wait: Some(Duration::from_secs(300)),
+            gate: Some(Duration::from_secs(30)),
         }
     }
 

@@ -5,7 +5,9 @@
 # wrk: directly, through the cutover node proxy (the agent's proxy code, run
 # by the proxy-bench binary), through the same proxy splitting its traffic
 # as for a canary at 20 % (every request hashed to its cohort and given the
-# cohort cookie, as new clients are), and through nginx as a keep-alive
+# cohort cookie, as new clients are), through the same proxy with a
+# throttle lever in force (per client address, set high enough to admit
+# every request: what checking it costs), and through nginx as a keep-alive
 # reverse proxy. The proxies and the backend share core 0 (one worker each), wrk
 # runs on core 1, so the figures compare CPU cost per proxied request.
 #
@@ -23,6 +25,7 @@ backend_port=18081
 cutover_port=18082
 nginx_port=18083
 split_port=18084
+throttle_port=18085
 
 if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
   apt-get update -qq
@@ -67,8 +70,12 @@ PROXY_BENCH_THREADS=${PROXY_BENCH_THREADS:-1} taskset -c 0 target/release/proxy-
   --listen 127.0.0.1:$split_port --upstream 127.0.0.1:$backend_port --split-weight 20 \
   2>"$work/proxy-bench-split.log" & pids+=($!)
 split_pid=$!
+PROXY_BENCH_THREADS=${PROXY_BENCH_THREADS:-1} taskset -c 0 target/release/proxy-bench \
+  --listen 127.0.0.1:$throttle_port --upstream 127.0.0.1:$backend_port --throttle-rps 100000000 \
+  2>"$work/proxy-bench-throttle.log" & pids+=($!)
+throttle_pid=$!
 
-for port in $backend_port $cutover_port $split_port $nginx_port; do
+for port in $backend_port $cutover_port $split_port $throttle_port $nginx_port; do
   for _ in $(seq 100); do
     (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
     sleep 0.05
@@ -108,17 +115,18 @@ run() { # port [proxy pid] -> "rps p50_us p99_us user_us_per_request sys_us_per_
 
 median() { sort -n | awk '{ a[NR]=$1 } END { print a[int((NR+1)/2)] }'; }
 
-for port in $backend_port $cutover_port $split_port $nginx_port; do
+for port in $backend_port $cutover_port $split_port $throttle_port $nginx_port; do
   taskset -c 1 wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/" >/dev/null
 done
 
 declare -A rps p50 p99 usr sys
 for round in $(seq "$rounds"); do
-  for target in direct cutover split nginx; do
+  for target in direct cutover split throttle nginx; do
     case $target in
       direct) port=$backend_port; pid= ;;
       cutover) port=$cutover_port; pid=$proxy_pid ;;
       split) port=$split_port; pid=$split_pid ;;
+      throttle) port=$throttle_port; pid=$throttle_pid ;;
       nginx) port=$nginx_port; pid=$nginx_proxy_worker ;;
     esac
     read -r r a b u s < <(run $port $pid)
@@ -134,7 +142,7 @@ direct_p99=$(echo "${p99[direct]}" | med)
 echo
 echo "| target | requests/s | p50 | p99 | throughput vs direct | added p99 |"
 echo "| --- | --- | --- | --- | --- | --- |"
-for target in direct cutover split nginx; do
+for target in direct cutover split throttle nginx; do
   r=$(echo "${rps[$target]}" | med); a=$(echo "${p50[$target]}" | med); b=$(echo "${p99[$target]}" | med)
   awk -v t="$target" -v r="$r" -v a="$a" -v b="$b" -v dr="$direct_rps" -v dp="$direct_p99" \
     'BEGIN { printf "| %s | %d | %d µs | %d µs | %.2f | %d µs |\n", t, r, a, b, r/dr, b-dp }'
@@ -143,10 +151,12 @@ c=$(echo "${rps[cutover]}" | med); n=$(echo "${rps[nginx]}" | med)
 awk -v c="$c" -v n="$n" 'BEGIN { printf "\ncutover proxy / nginx requests/s: %.2f\n", c/n }'
 sp=$(echo "${rps[split]}" | med)
 awk -v s="$sp" -v c="$c" 'BEGIN { printf "cutover proxy splitting at 20 %% / plain requests/s: %.2f\n", s/c }'
+th=$(echo "${rps[throttle]}" | med)
+awk -v s="$th" -v c="$c" 'BEGIN { printf "cutover proxy with a throttle in force / plain requests/s: %.2f\n", s/c }'
 echo
 echo "| proxy | user CPU per request | system CPU per request | total |"
 echo "| --- | --- | --- | --- |"
-for target in cutover split nginx; do
+for target in cutover split throttle nginx; do
   u=$(echo "${usr[$target]}" | med); s=$(echo "${sys[$target]}" | med)
   awk -v t="$target" -v u="$u" -v s="$s" 'BEGIN { printf "| %s | %.2f µs | %.2f µs | %.2f µs |\n", t, u, s, u+s }'
 done

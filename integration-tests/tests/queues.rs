@@ -184,3 +184,115 @@ nodes = {{ env = "production" }}
     std::fs::write(&pause, "").unwrap();
     wait_for_metric(&cluster, &worker_up, |v| v == 0.0).await;
 }
+
+/// Pushes `batch` jobs on queue `name` every 100 ms until `stop`.
+fn keep_pushing(
+    redis: &TestRedis,
+    name: &str,
+    batch: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let (address, prefix, name) = (
+        redis.address.clone(),
+        redis.prefix.clone(),
+        name.to_string(),
+    );
+    std::thread::spawn(move || {
+        let redis = TestRedis { address, prefix };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            redis.push_jobs(&name, batch, Some(0.0));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_release_that_takes_no_jobs_fails_its_queue_gate_and_the_old_one_keeps_working() {
+    let redis = TestRedis::from_env();
+    let cluster = cluster_of(&[("worker-1", "production")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    let artifact = archive(
+        dir.path(),
+        "worker.tar.gz",
+        &[("queue_worker.py", QUEUE_WORKER)],
+    )
+    .display()
+    .to_string();
+    // Each release pauses on a file of its own: v1 and v2 are stuck, v3
+    // works.
+    let pause = |release: &str| dir.path().join(format!("paused-{release}"));
+    for stuck in ["v1", "v2"] {
+        std::fs::write(pause(stuck), "").unwrap();
+    }
+    let deploy = |version: &str| {
+        let spec = dir.path().join(format!("cutover-{version}.toml"));
+        std::fs::write(
+            &spec,
+            format!(
+                r#"
+app = "shop"
+[services.horizon]
+command = ["python3", "queue_worker.py"]
+stop_command = ["python3", "queue_worker.py", "terminate"]
+min_healthy_time = "1s"
+env = {{ QUEUE_REDIS = "{address}", QUEUE_KEY = "{key}", QUEUE_PAUSE_FILE = "{pause}", JOB_SECONDS = "0.005" }}
+[services.horizon.queues]
+redis = "{address}"
+prefix = "{prefix}"
+names = ["default"]
+interval = "1s"
+gate = "3s"
+[environments.production]
+nodes = {{ env = "production" }}
+"#,
+                address = redis.address,
+                key = redis.queue_key("default"),
+                pause = pause(version).display(),
+                prefix = redis.prefix,
+            ),
+        )
+        .unwrap();
+        cli.deploy(
+            &admin,
+            &spec.display().to_string(),
+            "production",
+            version,
+            &artifact,
+            &["--wait"],
+        )
+    };
+    let serving = || {
+        let nodes = cli.json(&admin, &["nodes"]);
+        nodes[0]["services"][0]["release"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Nothing waits: the first release passes its gate at once.
+    let (ok, text) = deploy("v1");
+    assert!(ok, "{text}");
+    let v1 = serving();
+    assert!(v1.contains("v1"), "{v1}");
+
+    // v1 is stuck while jobs keep coming: v2, stuck too, lets them grow.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pusher = keep_pushing(&redis, "default", 3, stop.clone());
+    let (ok, text) = deploy("v2");
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("does not seem to take jobs") || {
+            let rollouts = cli.json(&admin, &["rollout", "list", "--env", "production"]);
+            rollouts.to_string().contains("does not seem to take jobs")
+        },
+        "{text}"
+    );
+    assert_eq!(serving(), v1, "the old release keeps working");
+
+    // v3 takes them: the queue shrinks over the gate, v3 replaces v1.
+    let (ok, text) = deploy("v3");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pusher.join().unwrap();
+    assert!(ok, "{text}");
+    assert!(serving().contains("v3"), "{}", serving());
+}

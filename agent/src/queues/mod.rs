@@ -108,6 +108,54 @@ async fn probe_once(
     }
 }
 
+/// The depth of every named queue (within `REDIS_TIMEOUT`), with the
+/// password from the release's secrets.
+async fn read_depths(
+    probe: &QueueProbeSpec,
+    secrets: &SecretSlot,
+    now_ms: i64,
+) -> Result<Vec<QueueDepth>, String> {
+    let password = match &probe.password_secret {
+        None => None,
+        Some(name) => Some(
+            secrets
+                .values()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value)
+                .ok_or_else(|| format!("the redis password (secret {name}) is not here yet; the coordinator sends it when the node connects"))?,
+        ),
+    };
+    tokio::time::timeout(REDIS_TIMEOUT, depths(probe, password.as_deref(), now_ms))
+        .await
+        .map_err(|_| format!("redis at {} did not answer within 5s", probe.redis))?
+}
+
+/// The consumption gate of a new release (`queues.gate`): over the gate's
+/// window the jobs waiting in its queues must not grow, unless none wait.
+/// The old release runs on meanwhile, so this catches a release that takes
+/// no jobs while they keep coming, not one slower than the old. Queues it
+/// cannot read fail it: a gate that cannot look does not let through.
+pub async fn consuming(
+    probe: &QueueProbeSpec,
+    secrets: &SecretSlot,
+    window: std::time::Duration,
+) -> Result<(), String> {
+    let total = |depths: Vec<QueueDepth>| depths.iter().map(|d| d.waiting).sum::<u64>();
+    let before = total(read_depths(probe, secrets, cutover_common::now_ms()).await?);
+    tokio::time::sleep(window).await;
+    let after = total(read_depths(probe, secrets, cutover_common::now_ms()).await?);
+    if after == 0 || after <= before {
+        return Ok(());
+    }
+    Err(format!(
+        "the jobs waiting in queues {} went from {before} to {after} in {} while it ran: it does not seem to take jobs",
+        probe.names.join(", "),
+        humantime::format_duration(window)
+    ))
+}
+
 /// The depth of every named queue, read in one round trip.
 async fn depths(
     probe: &QueueProbeSpec,

@@ -113,6 +113,12 @@ pub enum CutoverError {
         min_healthy_time: Duration,
         exit: String,
     },
+    #[error("release {release_id} failed its queue gate, {} keeps working: {failure}", describe_serving(.serving))]
+    NotConsuming {
+        release_id: String,
+        serving: Option<String>,
+        failure: String,
+    },
     #[error("release {release_id}'s {failure}, {} keeps serving", describe_serving(.serving))]
     HookFailed {
         release_id: String,
@@ -310,6 +316,20 @@ impl Service {
     ) -> Result<Healthy, CutoverError> {
         progress(Step::HealthChecking);
         let healthy = health_gate(candidate).await?;
+        let release = &candidate.release;
+        if let Some((probe, window)) = release
+            .queues
+            .as_ref()
+            .and_then(|probe| probe.gate.map(|window| (probe, window)))
+        {
+            crate::queues::consuming(probe, &release.secret_values, window)
+                .await
+                .map_err(|failure| CutoverError::NotConsuming {
+                    release_id: release.release_id.clone(),
+                    serving: candidate.serving.clone(),
+                    failure,
+                })?;
+        }
         progress(Step::SmokeTesting);
         smoke(candidate).await?;
         if hooks::has(&candidate.release, HookPoint::PostActivate) {

@@ -93,6 +93,10 @@ pub struct QueuesSpec {
     /// Alert when the oldest job waited longer than this.
     #[serde(default, with = "humantime_serde")]
     pub max_wait: Option<Duration>,
+    /// A new release must keep the waiting jobs from growing over this
+    /// long before the old one is told to stop.
+    #[serde(default, with = "humantime_serde")]
+    pub gate: Option<Duration>,
 }
 
 impl QueuesSpec {
@@ -107,6 +111,7 @@ impl QueuesSpec {
             interval: self.interval,
             max_depth: self.max_depth,
             max_wait: self.max_wait,
+            gate: self.gate,
         }
     }
 }

@@ -2,16 +2,20 @@
 //! request to `--upstream`, exactly as the agent's proxy does for an active
 //! release. With `--split-weight N` it splits the traffic as for a canary
 //! at weight N (sticky by the proxy's cookie), the side release at the same
-//! upstream: what a split costs per request. Stops on SIGTERM or SIGINT.
+//! upstream: what a split costs per request. With `--throttle-rps N` a
+//! throttle lever of N requests a second per client address is in force
+//! (set high, it admits every request: what checking it costs). Stops on
+//! SIGTERM or SIGINT.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 
 use cutover_agent::proxy::cohort::{Cohorts, Split};
+use cutover_agent::proxy::levers::{LeverSettings, ThrottleSettings};
 use cutover_agent::proxy::{Proxy, ProxyConfig};
 
 fn usage() -> ! {
-    eprintln!("usage: proxy-bench --listen ADDR:PORT --upstream ADDR:PORT [--split-weight N] (worker threads: PROXY_BENCH_THREADS, default 1, 0 for a current-thread runtime)");
+    eprintln!("usage: proxy-bench --listen ADDR:PORT --upstream ADDR:PORT [--split-weight N] [--throttle-rps N] (worker threads: PROXY_BENCH_THREADS, default 1, 0 for a current-thread runtime)");
     std::process::exit(2);
 }
 
@@ -35,6 +39,7 @@ fn main() {
     let listen: SocketAddr = arg("--listen").unwrap_or_else(|| usage());
     let upstream: SocketAddr = arg("--upstream").unwrap_or_else(|| usage());
     let split: Option<u32> = arg("--split-weight");
+    let throttle: Option<u32> = arg("--throttle-rps");
     let threads = std::env::var("PROXY_BENCH_THREADS")
         .ok()
         .and_then(|t| t.parse().ok())
@@ -71,7 +76,22 @@ fn main() {
                 proxy.split(("bench", upstream), ("canary", upstream), cohorts);
             }
         }
-        eprintln!("proxy-bench: {listen} -> {upstream} (split {split:?})");
+        if let Some(rps) = throttle {
+            let levers = LeverSettings {
+                throttle: Some(ThrottleSettings {
+                    rps,
+                    burst: rps,
+                    per: "client-ip".into(),
+                    path_prefix: String::new(),
+                }),
+                ..Default::default()
+            };
+            proxy.levers().set(levers).unwrap_or_else(|e| {
+                eprintln!("--throttle-rps: {e}");
+                std::process::exit(2)
+            });
+        }
+        eprintln!("proxy-bench: {listen} -> {upstream} (split {split:?}, throttle {throttle:?})");
         shutdown.cancelled().await;
         proxy.close().await;
     });
