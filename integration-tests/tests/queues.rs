@@ -63,6 +63,47 @@ async fn wait_for_metric(cluster: &Cluster, series: &str, check: impl Fn(f64) ->
     }
 }
 
+/// Writes the spec of `horizon`, the test queue worker consuming queue
+/// `default` of `redis`, paused while the file `pause` exists, each job
+/// taking `job_seconds`; `probe` is the body of its `queues` table after
+/// the connection. Returns the spec's path.
+fn worker_spec(
+    dir: &std::path::Path,
+    name: &str,
+    redis: &TestRedis,
+    pause: &std::path::Path,
+    job_seconds: &str,
+    probe: &str,
+) -> String {
+    let spec = dir.join(name);
+    std::fs::write(
+        &spec,
+        format!(
+            r#"
+app = "shop"
+[services.horizon]
+command = ["python3", "queue_worker.py"]
+stop_command = ["python3", "queue_worker.py", "terminate"]
+min_healthy_time = "1s"
+env = {{ QUEUE_REDIS = "{address}", QUEUE_KEY = "{key}", QUEUE_PAUSE_FILE = "{pause}", JOB_SECONDS = "{job_seconds}" }}
+[services.horizon.queues]
+redis = "{address}"
+prefix = "{prefix}"
+interval = "1s"
+{probe}
+[environments.production]
+nodes = {{ env = "production" }}
+"#,
+            address = redis.address,
+            key = redis.queue_key("default"),
+            pause = pause.display(),
+            prefix = redis.prefix,
+        ),
+    )
+    .unwrap();
+    spec.display().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_depth_and_wait_follow_real_jobs_and_a_paused_worker_is_down() {
     let redis = TestRedis::from_env();
@@ -77,36 +118,17 @@ async fn queue_depth_and_wait_follow_real_jobs_and_a_paused_worker_is_down() {
         "worker.tar.gz",
         &[("queue_worker.py", QUEUE_WORKER)],
     );
-    let spec = dir.path().join("cutover.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            r#"
-app = "shop"
-[services.horizon]
-command = ["python3", "queue_worker.py"]
-stop_command = ["python3", "queue_worker.py", "terminate"]
-min_healthy_time = "1s"
-env = {{ QUEUE_REDIS = "{address}", QUEUE_KEY = "{key}", QUEUE_PAUSE_FILE = "{pause}", JOB_SECONDS = "0.02" }}
-[services.horizon.queues]
-redis = "{address}"
-prefix = "{prefix}"
-names = ["default", "emails"]
+    let spec = worker_spec(
+        dir.path(),
+        "cutover.toml",
+        &redis,
+        &pause,
+        "0.02",
+        r#"names = ["default", "emails"]
 status_command = ["python3", "queue_worker.py", "status"]
-interval = "1s"
 max_depth = 5
-max_wait = "1m"
-[environments.production]
-nodes = {{ env = "production" }}
-"#,
-            address = redis.address,
-            key = redis.queue_key("default"),
-            pause = pause.display(),
-            prefix = redis.prefix,
-        ),
-    )
-    .unwrap();
-    let spec = spec.display().to_string();
+max_wait = "1m""#,
+    );
     let (ok, text) = cli.deploy(
         &admin,
         &spec,
@@ -226,41 +248,15 @@ async fn a_worker_release_that_takes_no_jobs_fails_its_queue_gate_and_the_old_on
         std::fs::write(pause(stuck), "").unwrap();
     }
     let deploy = |version: &str| {
-        let spec = dir.path().join(format!("cutover-{version}.toml"));
-        std::fs::write(
-            &spec,
-            format!(
-                r#"
-app = "shop"
-[services.horizon]
-command = ["python3", "queue_worker.py"]
-stop_command = ["python3", "queue_worker.py", "terminate"]
-min_healthy_time = "1s"
-env = {{ QUEUE_REDIS = "{address}", QUEUE_KEY = "{key}", QUEUE_PAUSE_FILE = "{pause}", JOB_SECONDS = "0.005" }}
-[services.horizon.queues]
-redis = "{address}"
-prefix = "{prefix}"
-names = ["default"]
-interval = "1s"
-gate = "3s"
-[environments.production]
-nodes = {{ env = "production" }}
-"#,
-                address = redis.address,
-                key = redis.queue_key("default"),
-                pause = pause(version).display(),
-                prefix = redis.prefix,
-            ),
-        )
-        .unwrap();
-        cli.deploy(
-            &admin,
-            &spec.display().to_string(),
-            "production",
-            version,
-            &artifact,
-            &["--wait"],
-        )
+        let spec = worker_spec(
+            dir.path(),
+            &format!("cutover-{version}.toml"),
+            &redis,
+            &pause(version),
+            "0.005",
+            "names = [\"default\"]\ngate = \"3s\"",
+        );
+        cli.deploy(&admin, &spec, "production", version, &artifact, &["--wait"])
     };
     let serving = || {
         let nodes = cli.json(&admin, &["nodes"]);
