@@ -52,6 +52,8 @@ pub struct WorkerRow {
     /// Why the node's probe could not read Redis; empty: it could.
     pub probe_error: String,
     pub probed_at_ms: i64,
+    /// Its last probe is recent and read Redis.
+    pub probe_ok: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -99,12 +101,16 @@ pub async fn collect(
                 service: current.service.clone(),
                 node: node.record.name.clone(),
                 up: node.connected && fresh && status_code == 0,
+                probe_ok: node.connected && fresh && report.is_some_and(|r| r.error.is_empty()),
                 status: status_code,
                 detail: report.map(|r| r.worker_detail.clone()).unwrap_or_default(),
                 probe_error: report.map(|r| r.error.clone()).unwrap_or_default(),
                 probed_at_ms: report.map_or(0, |r| r.probed_at_ms),
             });
-            if let Some(report) = report.filter(|r| r.error.is_empty()) {
+            // Figures of a node that stopped reporting, or could not read
+            // Redis, are no figures: the queue's series go, and the probe
+            // alert says why.
+            if let Some(report) = report.filter(|r| fresh && node.connected && r.error.is_empty()) {
                 reports.push((&node.record.name, report));
             }
         }

@@ -140,7 +140,18 @@ max_wait = "1m""#,
     assert!(ok, "{text}");
     let labels = r#"{app="shop",env="production",service="horizon""#;
     let worker_up = format!(r#"cutover_worker_up{labels},node="worker-1"}}"#);
+    // Probed, and read as paused (not merely not probed yet).
+    wait_for_queues(&cli, &admin, "the worker reads as paused", |v| {
+        v["workers"][0]["status"] == "paused"
+    })
+    .await;
     wait_for_metric(&cluster, &worker_up, |v| v == 0.0).await;
+    wait_for_metric(
+        &cluster,
+        &format!(r#"cutover_queue_probe_ok{labels},node="worker-1"}}"#),
+        |v| v == 1.0,
+    )
+    .await;
 
     // Jobs pushed a minute and a half ago (Horizon's pushedAt), and two
     // without a push time (plain Laravel).
@@ -265,7 +276,7 @@ async fn a_worker_release_that_takes_no_jobs_fails_its_queue_gate_and_the_old_on
             .unwrap_or_default()
             .to_string()
     };
-    // Nothing waits: the first release passes its gate at once.
+    // Nothing waits: the first release passes its gate at its first read.
     let (ok, text) = deploy("v1");
     assert!(ok, "{text}");
     let v1 = serving();

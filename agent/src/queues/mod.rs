@@ -98,7 +98,7 @@ async fn probe_once(
             format!("redis at {} did not answer within 5s", probe.redis),
         ),
     };
-    let (worker_status, worker_detail) = worker_status(probe, target, process).await;
+    let (worker_status, worker_detail) = worker_status(probe, target, secrets, process).await;
     QueueReport {
         probed_at_ms: now_ms,
         queues,
@@ -133,26 +133,39 @@ async fn read_depths(
 }
 
 /// The consumption gate of a new release (`queues.gate`): over the gate's
-/// window the jobs waiting in its queues must not grow, unless none wait.
-/// The old release runs on meanwhile, so this catches a release that takes
-/// no jobs while they keep coming, not one slower than the old. Queues it
+/// window (read five times, at least a second apart) the jobs waiting in
+/// its queues must not grow by more than a tenth (at least 5 jobs), unless
+/// at some read none wait. The old release runs on meanwhile, so this
+/// catches a release that takes no jobs while they come in faster than the
+/// old one clears them, not one merely slower than the old. Queues it
 /// cannot read fail it: a gate that cannot look does not let through.
 pub async fn consuming(
     probe: &QueueProbeSpec,
     secrets: &SecretSlot,
     window: std::time::Duration,
 ) -> Result<(), String> {
-    let total = |depths: Vec<QueueDepth>| depths.iter().map(|d| d.waiting).sum::<u64>();
-    let before = total(read_depths(probe, secrets, cutover_common::now_ms()).await?);
-    tokio::time::sleep(window).await;
-    let after = total(read_depths(probe, secrets, cutover_common::now_ms()).await?);
-    if after == 0 || after <= before {
+    let read = || async {
+        let depths = read_depths(probe, secrets, cutover_common::now_ms()).await?;
+        Ok::<u64, String>(depths.iter().map(|d| d.waiting).sum())
+    };
+    let step = (window / 5).max(Duration::from_secs(1)).min(window);
+    let first = read().await?;
+    let mut last = first;
+    let mut waited = Duration::ZERO;
+    while last > 0 && waited < window {
+        let pause = step.min(window - waited);
+        tokio::time::sleep(pause).await;
+        waited += pause;
+        last = read().await?;
+    }
+    let tolerance = (first / 10).max(5);
+    if last == 0 || last <= first + tolerance {
         return Ok(());
     }
     Err(format!(
-        "the jobs waiting in queues {} went from {before} to {after} in {} while it ran: it does not seem to take jobs",
+        "the jobs waiting in queues {} went from {first} to {last} in {} while it ran: it does not seem to take jobs",
         probe.names.join(", "),
-        humantime::format_duration(window)
+        humantime::format_duration(waited)
     ))
 }
 
@@ -224,15 +237,22 @@ fn pushed_at_ms(payload: &[u8]) -> Option<i64> {
 async fn worker_status(
     probe: &QueueProbeSpec,
     target: &Target,
+    secrets: &SecretSlot,
     process: &watch::Receiver<ProcessStatus>,
 ) -> (i32, String) {
-    if probe.status_command.is_empty() {
-        return match process.borrow().instance.is_some() {
-            true => (0, "the worker's process runs".into()),
-            false => (2, "the worker's process does not run".into()),
-        };
+    // Horizon's status command speaks for every Horizon on the same Redis:
+    // this node's worker is up only if its own process runs too.
+    if process.borrow().instance.is_none() {
+        return (2, "the worker's process does not run".into());
     }
-    match tokio::time::timeout(STATUS_TIMEOUT, exec(&probe.status_command, target)).await {
+    if probe.status_command.is_empty() {
+        return (0, "the worker's process runs".into());
+    }
+    // With the release's secrets as they are now: after an agent restart
+    // they come back from the coordinator after the probe started.
+    let mut target = target.clone();
+    target.env.extend(secrets.values().unwrap_or_default());
+    match tokio::time::timeout(STATUS_TIMEOUT, exec(&probe.status_command, &target)).await {
         Ok(Ok((code, output))) => (code, output),
         Ok(Err(error)) => (-1, error),
         Err(_) => (-1, "the status command did not end within 30s".into()),

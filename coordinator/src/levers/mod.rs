@@ -230,13 +230,28 @@ impl Levers {
             for record in levers.of_service(&change.env, &change.service).await? {
                 let ours = record.kind == change.kind
                     && (change.node.is_empty() || record.node == change.node);
-                if ours {
-                    lifted |= levers
+                if ours
+                    && levers
                         .delete(&record.env, &record.service, record.kind, &record.node)
-                        .await?;
+                        .await?
+                {
+                    lifted = true;
                     self.metrics.levers.set(&record, false);
-                    self.note(&record, "lifted", &change.by).await;
                 }
+            }
+            if lifted {
+                // One event and one webhook for the change, however many
+                // records (the environment's and nodes' own) it lifted.
+                let scope = LeverRecord {
+                    env: change.env.clone(),
+                    service: change.service.clone(),
+                    node: change.node.clone(),
+                    kind: change.kind,
+                    settings: LeverSettings::default(),
+                    by: change.by.clone(),
+                    at_ms: cutover_common::now_ms(),
+                };
+                self.note(&scope, "lifted", &change.by).await;
             }
             return Ok(lifted);
         };
@@ -300,6 +315,27 @@ impl Levers {
             }
         };
         let set = what == "set";
+        // How the service's traffic is left, by what is still set.
+        let left = match self
+            .store
+            .levers
+            .of_service(&record.env, &record.service)
+            .await
+        {
+            Ok(left) => left,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the levers left; the lever's webhooks are not sent");
+                return;
+            }
+        };
+        let state = [
+            (LeverKind::Maintenance, "maintenance"),
+            (LeverKind::Pause, "paused"),
+            (LeverKind::Throttle, "throttled"),
+        ]
+        .into_iter()
+        .find(|(kind, _)| left.iter().any(|r| r.kind == *kind))
+        .map_or("serving", |(_, state)| state);
         let kind = match (record.kind, set) {
             (LeverKind::Maintenance, true) => EventKind::MaintenanceOn,
             (LeverKind::Maintenance, false) => EventKind::MaintenanceOff,
@@ -318,6 +354,7 @@ impl Levers {
                 node: record.node.clone(),
                 operator: by.to_string(),
                 message,
+                state,
                 at_ms: cutover_common::now_ms(),
             },
         );

@@ -19,6 +19,7 @@ pub struct QueueMetrics {
     depth_limit: Family<Labels, Gauge>,
     wait_limit: Family<Labels, FloatGauge>,
     worker_up: Family<Labels, Gauge>,
+    probe_ok: Family<Labels, Gauge>,
     view: Mutex<QueueView>,
 }
 
@@ -59,6 +60,11 @@ impl QueueMetrics {
             "1 while the node's worker runs (its status command says running, or without one its process runs) and the node reports; 0 otherwise",
             self.worker_up.clone(),
         );
+        registry.register(
+            "queue_probe_ok",
+            "1 while the node's queue probe reads Redis and reports; 0 when it cannot (its error is in cutover queues) or the node stopped reporting",
+            self.probe_ok.clone(),
+        );
     }
 
     pub fn update(&self, view: QueueView) {
@@ -72,6 +78,7 @@ impl QueueMetrics {
             &self.reserved,
             &self.depth_limit,
             &self.worker_up,
+            &self.probe_ok,
         ] {
             family.clear();
         }
@@ -116,6 +123,9 @@ impl QueueMetrics {
                 ("node".to_string(), w.node.clone()),
             ];
             self.worker_up.get_or_create(&labels).set(i64::from(w.up));
+            self.probe_ok
+                .get_or_create(&labels)
+                .set(i64::from(w.probe_ok));
         }
     }
 }

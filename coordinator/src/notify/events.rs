@@ -132,12 +132,15 @@ pub struct LeverEvent {
     pub node: String,
     pub operator: String,
     pub message: String,
+    /// How the service's traffic is left by every lever still set:
+    /// `maintenance`, `paused`, `throttled` or `serving`.
+    pub state: &'static str,
     pub at_ms: i64,
 }
 
 /// The JSON body of a lever event: the fields of a rollout event that
-/// apply (no rollout, release or version), `state` saying how the
-/// service's traffic is left.
+/// apply (no rollout, release or version), `state` saying how the levers
+/// still set leave the service's traffic.
 pub fn lever_body(lever: &LeverEvent, delivery: &str) -> Vec<u8> {
     let at = std::time::UNIX_EPOCH
         + std::time::Duration::from_millis(u64::try_from(lever.at_ms).unwrap_or(0));
@@ -149,7 +152,7 @@ pub fn lever_body(lever: &LeverEvent, delivery: &str) -> Vec<u8> {
         "env": lever.env,
         "service": lever.service,
         "operator": lever.operator,
-        "state": lever.kind.state(),
+        "state": lever.state,
         "node": (!lever.node.is_empty()).then_some(&lever.node),
         "message": lever.message,
     });
@@ -163,8 +166,14 @@ pub fn lever_text(lever: &LeverEvent) -> String {
     )
 }
 
-/// A Slack (or Mattermost) incoming webhook's body.
+/// A Slack (or Mattermost) incoming webhook's body. `&`, `<` and `>` are
+/// escaped as Slack asks: an operator's message saying `<!channel>` must
+/// not ping the channel.
 pub fn slack_body(text: &str) -> Vec<u8> {
+    let text = text
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
     serde_json::to_vec(&json!({ "text": text })).expect("a JSON value serializes")
 }
 

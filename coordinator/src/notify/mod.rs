@@ -292,7 +292,8 @@ mod tests {
             service: "web".into(),
             node: String::new(),
             operator: "pete".into(),
-            message: "maintenance set for web in production on every node by pete".into(),
+            message: "maintenance set for web in production on every node by pete: 503 \"<!channel> back soon\"".into(),
+            state: "maintenance",
             at_ms: 1_700_000_000_000,
         };
         notifier.lever_changed(&[target(json_url), slack, endings], &lever);
@@ -316,7 +317,7 @@ mod tests {
             serde_json::from_slice(&slack_got.lock().unwrap()[0].1).unwrap();
         assert_eq!(
             slack,
-            serde_json::json!({"text": "[production] shop/web: maintenance set for web in production on every node by pete"})
+            serde_json::json!({"text": "[production] shop/web: maintenance set for web in production on every node by pete: 503 \"&lt;!channel&gt; back soon\""})
         );
         shutdown.cancel();
     }

@@ -111,13 +111,14 @@ impl EventKind {
             | EventKind::Resumed
             | EventKind::MigrationStarted
             | EventKind::MigrationFailed => "running",
-            // Not a rollout's: the service's traffic, as the lever leaves it.
-            EventKind::MaintenanceOn => "maintenance",
-            EventKind::ThrottleOn => "throttled",
-            EventKind::TrafficPaused => "paused",
-            EventKind::MaintenanceOff | EventKind::ThrottleOff | EventKind::TrafficResumed => {
-                "serving"
-            }
+            // Not a rollout's: a lever's body says how every lever still
+            // set leaves the service (`LeverEvent::state`).
+            EventKind::MaintenanceOn
+            | EventKind::MaintenanceOff
+            | EventKind::ThrottleOn
+            | EventKind::ThrottleOff
+            | EventKind::TrafficPaused
+            | EventKind::TrafficResumed => "lever",
         }
     }
 }

@@ -319,6 +319,12 @@ pub(super) fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> 
             .probe()
             .check(&s.secrets)
             .map_err(|e| (format!("queues.{}", e.key), e.message))?;
+        if queues.gate.is_some() && s.listen.is_some() {
+            return Err((
+                "queues.gate".into(),
+                "is for workers (services without `listen`): a web release takes no jobs, so its gate would measure only what fills the queues".into(),
+            ));
+        }
     }
     for (i, smoke) in s.smoke.iter().enumerate() {
         if !smoke.path.starts_with('/') {

@@ -474,3 +474,37 @@ fn batch_sizes() {
     assert_eq!(BatchSize::Count(2).nodes(5), 2);
     assert_eq!(BatchSize::Count(9).nodes(5), 5);
 }
+
+#[test]
+fn a_queue_probe_is_checked_and_its_gate_is_for_workers() {
+    let with_queues = |table: &str| {
+        GOOD.replace(
+            "[[services.web.smoke]]",
+            &format!("[services.web.queues]\n{table}\n[[services.web.smoke]]"),
+        )
+    };
+    let e = error_of(&with_queues(
+        "redis = \"10.0.0.5:6379\"\nnames = [\"default\"]\ngate = \"30s\"",
+    ));
+    assert_eq!(e.key, "services.web.queues.gate");
+    assert!(e.message.contains("is for workers"), "{e}");
+    let e = error_of(&with_queues("redis = \"10.0.0.5\"\nnames = [\"default\"]"));
+    assert_eq!(e.key, "services.web.queues.redis");
+    let e = error_of(&with_queues(
+        "redis = \"10.0.0.5:6379\"\nnames = [\"default\"]\npassword_secret = \"REDIS_PASSWORD\"",
+    ));
+    assert_eq!(e.key, "services.web.queues.password_secret");
+    assert!(e.message.contains("add it to `secrets`"), "{e}");
+    // A probe without a gate is fine on any service, and travels with the
+    // release.
+    let spec = AppSpec::parse(
+        &with_queues("redis = \"10.0.0.5:6379\"\nnames = [\"default\"]\nmax_depth = 100"),
+        "cutover.toml",
+    )
+    .unwrap();
+    let probe = resolve_web(&spec).unwrap().release.queues.unwrap();
+    assert_eq!(
+        (probe.redis.as_str(), probe.max_depth),
+        ("10.0.0.5:6379", 100)
+    );
+}

@@ -51,6 +51,13 @@ pub(super) fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
             // The release's pre/post_activate hooks run within the node's
             // cutover.
             let hooks: u64 = release.hooks.iter().map(|h| h.timeout_ms).sum();
+            // So does its queue gate: the window and two reads of Redis
+            // (5 s each at most).
+            let gate = release
+                .queues
+                .as_ref()
+                .filter(|q| q.gate_ms > 0)
+                .map_or(0, |q| q.gate_ms + 10_000);
             // A node leaving the load balancer first waits for its
             // sessions there before the command goes (`rollout::balancer`).
             let drain = match r.strategy.drains_first() {
@@ -63,7 +70,7 @@ pub(super) fn timeout_for(r: &Rollout, state: NodeState) -> i64 {
                 true => r.strategy.progress_deadline_ms,
                 false => 0,
             };
-            (start + stop + hooks + drain + fetch) as i64 + ACTIVATION_MARGIN_MS
+            (start + stop + hooks + gate + drain + fetch) as i64 + ACTIVATION_MARGIN_MS
         }
     }
 }
@@ -185,4 +192,24 @@ pub(super) fn hook_env(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cutover_is_given_its_queue_gate_on_top() {
+        let mut r = crate::rollout::sim::rollout(1, crate::rollout::sim::strategy());
+        let without = timeout_for(&r, NodeState::Activating);
+        r.release.0.queues = Some(pb::QueueProbe {
+            gate_ms: 300_000,
+            ..Default::default()
+        });
+        assert_eq!(
+            timeout_for(&r, NodeState::Activating),
+            without + 310_000,
+            "the window and two reads of Redis"
+        );
+    }
 }
