@@ -468,42 +468,10 @@ fn result_message(result: CommandResult) -> AgentMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::NodeSettings;
     use cutover_proto::v1::Ping;
-    use tokio_util::sync::CancellationToken;
 
     async fn executor(dir: &std::path::Path) -> Executor {
-        let services = NodeServices::open(
-            NodeSettings {
-                address: "127.0.0.1".parse().unwrap(),
-                ports: 20000..=29999,
-                state_dir: dir.join("state"),
-                artifact_ca: None,
-                file_artifact_dirs: Vec::new(),
-                log_max_bytes: 1 << 20,
-                log_keep: 2,
-                releases_keep: 5,
-                trusted_networks: Vec::new(),
-                inherited: Default::default(),
-                owner: crate::runtime::ownership::Owner::new(
-                    &dir.display().to_string(),
-                    "test",
-                    "sha256:test",
-                    dir,
-                ),
-                // Its own node id: the open stops release processes
-                // labelled with it that it has no record of.
-                docker: crate::runtime::docker::DockerEngine::new(
-                    "unix:///var/run/docker.sock",
-                    "test",
-                    &dir.display().to_string(),
-                    Vec::new(),
-                ),
-            },
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let services = crate::test_support::node_services(dir).await;
         // Never called here: no test command renews.
         let renewer = Renewer::new(
             cutover_common::tls::TlsFiles::in_dir(dir, "agent"),

@@ -82,3 +82,93 @@ impl NodeServices {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use cutover_common::levers::MaintenanceSettings;
+
+    use super::*;
+
+    fn maintenance(message: &str) -> LeverSettings {
+        LeverSettings {
+            maintenance: Some(MaintenanceSettings {
+                message: message.into(),
+                retry_after_s: 60,
+                allow: Vec::new(),
+                bypass_secret: "s3cret-s3cret-s3cret".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn message(node: &NodeServices) -> Option<String> {
+        let handle = node.levers.lock().unwrap().get("web").cloned().unwrap();
+        handle.settings().maintenance.map(|m| m.message)
+    }
+
+    #[tokio::test]
+    async fn older_sets_are_ignored_and_a_restart_applies_the_newest_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::test_support::node_services(dir.path()).await;
+        let unknown = node.set_levers("web", maintenance("a"), 1).await;
+        assert_eq!(
+            unknown.unwrap_err().to_string(),
+            "no service web on this node"
+        );
+        // A web service whose first release is still to come: a proxy, no
+        // record yet.
+        let service = node
+            .bind("web", Some("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        let shared = crate::service::shared(service, node.shutdown.clone());
+        node.services.lock().await.insert("web".into(), shared);
+        node.set_levers("web", maintenance("newer"), 10)
+            .await
+            .unwrap();
+        // A resend overtaken by the change above.
+        node.set_levers("web", maintenance("older"), 5)
+            .await
+            .unwrap();
+        assert_eq!(message(&node).as_deref(), Some("newer"));
+        let record = node.store.service("web").unwrap().unwrap();
+        assert_eq!(record.levers_generation, 10);
+        // Heartbeats carry a fingerprint, never the secret.
+        let states = node.state();
+        let reported = states[0]
+            .levers
+            .as_ref()
+            .unwrap()
+            .maintenance
+            .as_ref()
+            .unwrap();
+        assert!(
+            reported.bypass_secret.starts_with("sha256:"),
+            "{reported:?}"
+        );
+        // Bad settings change nothing.
+        let mut bad = maintenance("bad");
+        bad.maintenance.as_mut().unwrap().allow = vec!["10.0.0.0".into()];
+        assert!(node.set_levers("web", bad, 11).await.is_err());
+        assert_eq!(message(&node).as_deref(), Some("newer"));
+        // A restarted agent applies what is recorded when it binds the
+        // service's proxy again (at start for a service that serves; here,
+        // with nothing serving yet, at its first activation), before it
+        // accepts.
+        for proxy in node.shut_down(false).await {
+            proxy.close().await;
+        }
+        drop(node);
+        let node = crate::test_support::node_services(dir.path()).await;
+        let listen = node.store.service("web").unwrap().unwrap().listen;
+        let service = node.bind("web", listen).await.unwrap();
+        let shared = crate::service::shared(service, node.shutdown.clone());
+        node.services.lock().await.insert("web".into(), shared);
+        assert_eq!(message(&node).as_deref(), Some("newer"));
+        // 0 always applies (a coordinator without generations).
+        node.set_levers("web", LeverSettings::default(), 0)
+            .await
+            .unwrap();
+        assert_eq!(message(&node), None);
+    }
+}
