@@ -257,8 +257,7 @@ mod tests {
             admitted: true,
             active: active.map(|id| ActiveRelease {
                 release: crate::store::tests::release(id, Duration::ZERO),
-                port: 20000,
-                instance: None,
+                instances: crate::store::Instances::one(20000, None),
             }),
             previous: previous.map(str::to_string),
             leftovers: Vec::new(),
@@ -322,8 +321,7 @@ mod tests {
         let mut record = service(&["v1"], Some("v1"), None);
         record.side = Some(crate::store::SideRecord {
             release: crate::store::tests::release("v2", Duration::ZERO),
-            port: 20001,
-            instance: None,
+            instances: crate::store::Instances::one(20001, None),
             split: Default::default(),
             retire_at_ms: 0,
         });

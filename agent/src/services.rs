@@ -29,7 +29,7 @@ use crate::runtime::docker::{DockerEngine, DockerError};
 use crate::service::{
     stop_leftovers, CutoverError, Service, ServiceKind, ServiceSettings, WebRelease,
 };
-use crate::store::{AgentStore, StoreError};
+use crate::store::{AgentStore, SideRecord, StoreError};
 use cutover_common::modes;
 
 mod activation;
@@ -192,7 +192,7 @@ impl NodeServices {
                 // cut short: what it left must not run on unsupervised (nor
                 // a side release, which runs beside a serving one only).
                 let mut leftovers = record.leftovers;
-                leftovers.extend(record.side.as_ref().and_then(|s| s.as_leftover()));
+                leftovers.extend(record.side.iter().flat_map(SideRecord::as_leftovers));
                 if !leftovers.is_empty() || record.side.is_some() {
                     stop_leftovers(&name, &leftovers, &node.settings.docker).await;
                     node.store.update_service(&name, |current| {
@@ -426,6 +426,7 @@ impl NodeServices {
             hooks: release.hooks.clone(),
             hook_env: Vec::new(),
             queues: release.queues.clone(),
+            instances: release.instances,
         })
     }
 

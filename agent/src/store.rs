@@ -78,16 +78,15 @@ pub struct Leftover {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActiveRelease {
     pub release: WebRelease,
-    pub port: u16,
-    #[serde(alias = "process")]
-    pub instance: Option<InstanceId>,
+    #[serde(flatten)]
+    pub instances: Instances,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SideRecord {
     pub release: WebRelease,
-    pub port: u16,
-    pub instance: Option<InstanceId>,
+    #[serde(flatten)]
+    pub instances: Instances,
     pub split: Split,
     /// When the agent drains and stops it by itself (ms since the Unix
     /// epoch); 0: it stays until told.
@@ -96,15 +95,114 @@ pub struct SideRecord {
 }
 
 impl SideRecord {
-    /// Its process as one to stop, if it has one.
-    pub fn as_leftover(&self) -> Option<Leftover> {
-        Some(Leftover {
-            release_id: self.release.release_id.clone(),
-            port: self.port,
-            instance: self.instance.clone()?,
-            stop_signal: self.release.stop_signal.as_str().to_string(),
-            stop_grace: self.release.stop_grace,
-        })
+    /// Its processes as ones to stop.
+    pub fn as_leftovers(&self) -> Vec<Leftover> {
+        self.instances.leftovers(&self.release)
+    }
+}
+
+/// One process of a recorded release: the port it listens on (0: a
+/// worker) and what runs it, once known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub port: u16,
+    pub instance: Option<InstanceId>,
+}
+
+/// The processes of a recorded release (`cutover scale`), the first one
+/// first. Stored as `instances`, with the first one also as `port` and
+/// `instance`, the fields of records from before releases had several: an
+/// older agent (an upgrade rolled back) still finds that one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instances(pub Vec<InstanceRecord>);
+
+#[derive(Serialize, Deserialize)]
+struct InstancesLayout {
+    #[serde(default)]
+    port: u16,
+    #[serde(default, alias = "process")]
+    instance: Option<InstanceId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    instances: Vec<InstanceRecord>,
+}
+
+impl Serialize for Instances {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let first = self.0.first();
+        InstancesLayout {
+            port: first.map_or(0, |f| f.port),
+            instance: first.and_then(|f| f.instance.clone()),
+            // One process is written as records always were.
+            instances: match self.0.len() {
+                0 | 1 => Vec::new(),
+                _ => self.0.clone(),
+            },
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Instances {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let layout = InstancesLayout::deserialize(d)?;
+        Ok(Self(match layout.instances.is_empty() {
+            true => vec![InstanceRecord {
+                port: layout.port,
+                instance: layout.instance,
+            }],
+            false => layout.instances,
+        }))
+    }
+}
+
+impl Instances {
+    /// One process on `port`.
+    pub fn one(port: u16, instance: Option<InstanceId>) -> Self {
+        Self(vec![InstanceRecord { port, instance }])
+    }
+
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.0.iter().map(|i| i.port)
+    }
+
+    /// What runs them, as far as known.
+    pub fn ids(&self) -> impl Iterator<Item = &InstanceId> {
+        self.0.iter().filter_map(|i| i.instance.as_ref())
+    }
+
+    /// The one on `port`, to keep its process identity current.
+    pub fn on_port_mut(&mut self, port: u16) -> Option<&mut InstanceRecord> {
+        self.0.iter_mut().find(|i| i.port == port)
+    }
+
+    /// Those with a known process, as leftovers of `release` to stop.
+    pub fn leftovers(&self, release: &WebRelease) -> Vec<Leftover> {
+        self.0
+            .iter()
+            .filter_map(|i| {
+                Some(Leftover {
+                    release_id: release.release_id.clone(),
+                    port: i.port,
+                    instance: i.instance.clone()?,
+                    stop_signal: release.stop_signal.as_str().to_string(),
+                    stop_grace: release.stop_grace,
+                })
+            })
+            .collect()
+    }
+}
+
+impl ServiceRecord {
+    /// Every process the record names: the active release's, the side
+    /// release's and the leftovers'.
+    pub fn instance_ids(&self) -> Vec<InstanceId> {
+        let active = self.active.iter().flat_map(|a| a.instances.ids());
+        let side = self.side.iter().flat_map(|s| s.instances.ids());
+        active
+            .chain(side)
+            .cloned()
+            .chain(self.leftovers.iter().map(|l| l.instance.clone()))
+            .collect()
     }
 }
 
@@ -191,8 +289,8 @@ impl AgentStore {
         let mut ports = Vec::new();
         for name in self.service_names()? {
             if let Some(record) = self.service(&name)? {
-                ports.extend(record.active.map(|a| a.port));
-                ports.extend(record.side.map(|s| s.port));
+                ports.extend(record.active.iter().flat_map(|a| a.instances.ports()));
+                ports.extend(record.side.iter().flat_map(|s| s.instances.ports()));
                 ports.extend(record.leftovers.iter().map(|l| l.port));
             }
         }
@@ -334,6 +432,7 @@ pub(crate) mod tests {
             hooks: Vec::new(),
             hook_env: Vec::new(),
             queues: None,
+            instances: 1,
         }
     }
 
@@ -362,8 +461,7 @@ pub(crate) mod tests {
             admitted: true,
             active: Some(ActiveRelease {
                 release: release("web-v1", Duration::from_millis(200)),
-                port: 20001,
-                instance: None,
+                instances: Instances::one(20001, None),
             }),
             previous: None,
             leftovers: Vec::new(),
@@ -388,5 +486,55 @@ pub(crate) mod tests {
         let read: ServiceRecord = decode("web", old.to_string().as_bytes()).unwrap();
         let active = read.active.unwrap();
         assert_eq!(active.release.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    }
+
+    #[test]
+    fn several_instances_are_stored_and_the_first_also_as_records_had_it() {
+        let pid = |pid: u32| {
+            Some(InstanceId::Process(crate::runtime::process::ProcessId {
+                pid,
+                start_time: 7,
+            }))
+        };
+        let active = ActiveRelease {
+            release: release("web-v1", Duration::from_secs(1)),
+            instances: Instances(vec![
+                InstanceRecord {
+                    port: 20001,
+                    instance: pid(11),
+                },
+                InstanceRecord {
+                    port: 20002,
+                    instance: None,
+                },
+                InstanceRecord {
+                    port: 20003,
+                    instance: pid(13),
+                },
+            ]),
+        };
+        let written = serde_json::to_value(&active).unwrap();
+        // What an agent from before `cutover scale` reads: the first one.
+        assert_eq!(written["port"], 20001);
+        assert_eq!(written["instance"], serde_json::to_value(pid(11)).unwrap());
+        let read: ActiveRelease = serde_json::from_value(written).unwrap();
+        assert_eq!(read, active);
+        let leftovers = read.instances.leftovers(&read.release);
+        let ports: Vec<u16> = leftovers.iter().map(|l| l.port).collect();
+        assert_eq!(ports, [20001, 20003], "a process not yet known is not one");
+
+        // One process is written as before, without `instances`.
+        let one = ActiveRelease {
+            release: release("web-v1", Duration::from_secs(1)),
+            instances: Instances::one(20001, pid(11)),
+        };
+        let written = serde_json::to_value(&one).unwrap();
+        assert!(written.get("instances").is_none(), "{written}");
+        // And a record of the oldest shape (`process`) still reads.
+        let mut old = written.clone();
+        let instance = old.as_object_mut().unwrap().remove("instance").unwrap();
+        old["process"] = instance;
+        let read: ActiveRelease = serde_json::from_value(old).unwrap();
+        assert_eq!(read, one);
     }
 }

@@ -5,6 +5,7 @@ mod common;
 use common::app::{app_pids, release_dir, settings, web_release};
 use common::get;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -426,7 +427,9 @@ async fn a_release_that_died_with_the_agent_is_started_again_on_recovery() {
         if record
             .active
             .unwrap()
-            .instance
+            .instances
+            .ids()
+            .next()
             .and_then(|i| i.process())
             .map(|p| p.pid)
             == Some(now[0])
@@ -561,4 +564,114 @@ async fn each_release_drains_with_its_own_drain_timeout() {
     );
     held.await.unwrap();
     assert_eq!(fx.app_processes(), 0);
+}
+
+/// GETs /whoami `n` times: how many answers each (port, pid) gave; every
+/// answer must be a 200 from `version`.
+async fn whoami(fx: &Fixture, version: &str, n: usize) -> BTreeMap<(u16, u32), usize> {
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let (status, body) = get(&client, &fx.url("/whoami")).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let mut words = body.split(' ');
+        assert_eq!(words.next(), Some(version), "{body}");
+        let port = words.next().unwrap().parse().unwrap();
+        let pid = words.next().unwrap().parse().unwrap();
+        *seen.entry((port, pid)).or_default() += 1;
+    }
+    seen
+}
+
+/// Waits until the serving release reports `up` of its processes up.
+async fn until_up(fx: &Fixture, up: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fx.service.state().instances_up != up {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?} processes up, not {up}",
+            fx.service.state().instances_up
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaled_release_spreads_requests_and_skips_a_process_that_died() {
+    let mut fx = fixture().await;
+    let mut release = fx.release("v1", &[]).await;
+    release.instances = 3;
+    fx.service.cutover(release, |_| {}).await.unwrap();
+    assert_eq!(fx.app_processes(), 3);
+    let state = fx.service.state();
+    assert_eq!((state.instances, state.instances_up), (3, 3));
+
+    let seen = whoami(&fx, "v1", 30).await;
+    assert_eq!(seen.len(), 3, "every process answers: {seen:?}");
+    assert!(seen.values().all(|n| *n >= 5), "spread: {seen:?}");
+
+    // One dies: once its supervisor sees it, it gets nothing until its
+    // restart passes a health check.
+    let &(port, pid) = seen.keys().next().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    until_up(&fx, 2).await;
+    let meanwhile = whoami(&fx, "v1", 20).await;
+    assert!(
+        meanwhile.keys().all(|(p, _)| *p != port),
+        "the dead process's port got requests: {meanwhile:?}"
+    );
+    until_up(&fx, 3).await;
+    let after = whoami(&fx, "v1", 30).await;
+    assert!(
+        after.keys().any(|&(p, id)| p == port && id != pid),
+        "the restarted process serves on its port again: {after:?}"
+    );
+
+    // A restarted agent adopts all three, as recorded.
+    let pids = app_pids(fx.root.path());
+    fx.restart_agent(|| {}).await;
+    let mut adopted = app_pids(fx.root.path());
+    adopted.sort_unstable();
+    let mut before = pids.clone();
+    before.sort_unstable();
+    assert_eq!(adopted, before, "the same three processes");
+    until_up(&fx, 3).await;
+    assert_eq!(whoami(&fx, "v1", 30).await.len(), 3);
+    fx.service.stop().await;
+    assert_eq!(fx.app_processes(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_is_a_cutover_and_a_failed_scale_up_leaves_the_old_count_serving() {
+    let mut fx = fixture().await;
+    let v1 = fx.release("v1", &[]).await;
+    fx.service.cutover(v1, |_| {}).await.unwrap();
+
+    // Three processes that never turn healthy: all stopped, v1 serves on.
+    let mut sick = fx.release("v2", &[("HEALTH", "fail")]).await;
+    sick.instances = 3;
+    sick.gate.deadline = Duration::from_secs(2);
+    let error = fx.service.cutover(sick, |_| {}).await.unwrap_err();
+    assert!(matches!(error, CutoverError::Unhealthy { .. }), "{error}");
+    assert_eq!(fx.app_processes(), 1);
+    assert_eq!(whoami(&fx, "v1", 5).await.len(), 1);
+    let record = fx.store.service("web").unwrap().unwrap();
+    assert!(record.leftovers.is_empty(), "{:?}", record.leftovers);
+
+    // Up to three and back to one: each a cutover, each count served.
+    for (version, instances) in [("v3", 3), ("v4", 1)] {
+        let mut release = fx.release(version, &[]).await;
+        release.instances = instances;
+        fx.service.cutover(release, |_| {}).await.unwrap();
+        assert_eq!(fx.app_processes(), instances as usize);
+        assert_eq!(whoami(&fx, version, 20).await.len(), instances as usize);
+        let record = fx.store.service("web").unwrap().unwrap();
+        let active = record.active.unwrap();
+        assert_eq!(active.instances.ports().count(), instances as usize);
+    }
+    fx.service.stop().await;
 }

@@ -148,7 +148,7 @@ async fn twenty_back_to_back_cutovers_under_load_fail_no_request() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
     let url = format!("http://{}/", proxy.local_addr());
     let mut current = backend("v0").await;
-    proxy.switch(Some(("v0", current.addr)));
+    proxy.switch(Some(RouteSpec::all("v0", current.addr)));
 
     let stop = CancellationToken::new();
     let ok = Arc::new(AtomicU64::new(0));
@@ -193,7 +193,7 @@ async fn twenty_back_to_back_cutovers_under_load_fail_no_request() {
         let name = format!("v{i}");
         let next = backend(&name).await;
         let previous = proxy
-            .switch(Some((&name, next.addr)))
+            .switch(Some(RouteSpec::all(&name, next.addr)))
             .expect("a release was active");
         let report = previous.drain(Duration::from_secs(5)).await;
         // Drained: the outgoing release's count is final.
@@ -243,7 +243,7 @@ async fn a_slow_streamed_response_started_on_a_completes_after_the_switch() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
     let a = backend("A").await;
     let b = backend("B").await;
-    proxy.switch(Some(("A", a.addr)));
+    proxy.switch(Some(RouteSpec::all("A", a.addr)));
 
     let client = client();
     let response = client
@@ -257,7 +257,7 @@ async fn a_slow_streamed_response_started_on_a_completes_after_the_switch() {
     let reading =
         tokio::spawn(async move { response.into_body().collect().await.map(|b| b.to_bytes()) });
 
-    let previous = proxy.switch(Some(("B", b.addr))).unwrap();
+    let previous = proxy.switch(Some(RouteSpec::all("B", b.addr))).unwrap();
     assert_eq!(
         previous.in_flight(),
         1,
@@ -284,7 +284,7 @@ async fn a_websocket_opened_on_a_stays_usable_until_the_drain_deadline() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
     let a = websocket_backend("A").await;
     let b = websocket_backend("B").await;
-    proxy.switch(Some(("A", a)));
+    proxy.switch(Some(RouteSpec::all("A", a)));
 
     let tcp = tokio::net::TcpStream::connect(proxy.local_addr())
         .await
@@ -297,7 +297,7 @@ async fn a_websocket_opened_on_a_stays_usable_until_the_drain_deadline() {
     socket.send(Message::text("1")).await.unwrap();
     assert_eq!(socket.next().await.unwrap().unwrap(), Message::text("A:1"));
 
-    let previous = proxy.switch(Some(("B", b))).unwrap();
+    let previous = proxy.switch(Some(RouteSpec::all("B", b))).unwrap();
     socket.send(Message::text("2")).await.unwrap();
     assert_eq!(
         socket.next().await.unwrap().unwrap(),
@@ -349,7 +349,7 @@ async fn no_release_gives_502_and_readiness_follows_release_and_drain() {
     );
 
     let a = backend("A").await;
-    proxy.switch(Some(("A", a.addr)));
+    proxy.switch(Some(RouteSpec::all("A", a.addr)));
     assert_eq!(
         get(&client, &format!("{base}/_cutover/ready"))
             .await
@@ -382,7 +382,7 @@ async fn no_release_gives_502_and_readiness_follows_release_and_drain() {
 async fn forwarding_headers_and_request_ids() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
     let a = backend("A").await;
-    proxy.switch(Some(("A", a.addr)));
+    proxy.switch(Some(RouteSpec::all("A", a.addr)));
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let request = Request::get(format!("http://{}/headers", proxy.local_addr()))
         .header("x-request-id", "req-42")
@@ -492,7 +492,7 @@ async fn a_dead_release_gives_502_and_a_slow_one_504_without_internals() {
         .unwrap()
         .local_addr()
         .unwrap();
-    proxy.switch(Some(("release-gone", dead)));
+    proxy.switch(Some(RouteSpec::all("release-gone", dead)));
     let (status, body, id) = get_with_id(&format!("{base}/"), "req-502").await;
     assert_eq!((status, id.as_str()), (502, "req-502"));
     assert_eq!(body, "bad gateway (request id req-502)\n");
@@ -501,7 +501,7 @@ async fn a_dead_release_gives_502_and_a_slow_one_504_without_internals() {
     }
 
     let slow = backend("S").await;
-    proxy.switch(Some(("release-slow", slow.addr)));
+    proxy.switch(Some(RouteSpec::all("release-slow", slow.addr)));
     let started = Instant::now();
     let (status, body, _) = get_with_id(&format!("{base}/hang"), "req-504").await;
     assert_eq!(status, 504, "{body}");
@@ -550,7 +550,7 @@ async fn echo_backend() -> SocketAddr {
 async fn a_malformed_chunked_body_is_the_clients_fault_not_the_releases() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (proxy, _shutdown) = proxy(|_| {}).await;
-    proxy.switch(Some(("echo", echo_backend().await)));
+    proxy.switch(Some(RouteSpec::all("echo", echo_backend().await)));
     let mut tcp = tokio::net::TcpStream::connect(proxy.local_addr())
         .await
         .unwrap();
@@ -581,7 +581,7 @@ async fn a_malformed_chunked_body_is_the_clients_fault_not_the_releases() {
 #[tokio::test]
 async fn request_bodies_stream_through() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
-    proxy.switch(Some(("echo", echo_backend().await)));
+    proxy.switch(Some(RouteSpec::all("echo", echo_backend().await)));
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let payload = Bytes::from(vec![b'x'; 8 << 20]);
     let request = Request::post(format!("http://{}/upload", proxy.local_addr()))
@@ -624,7 +624,7 @@ async fn closing_backend() -> SocketAddr {
 #[tokio::test]
 async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_again() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
-    proxy.switch(Some(("closing", closing_backend().await)));
+    proxy.switch(Some(RouteSpec::all("closing", closing_backend().await)));
     let client = client();
     let url = format!("http://{}/", proxy.local_addr());
     for i in 0..20 {
@@ -654,7 +654,7 @@ async fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
     // No trusted networks: even loopback is just a client here.
     let (proxy, _shutdown) = proxy(|c| c.trusted_networks = Vec::new()).await;
     let a = backend("A").await;
-    proxy.switch(Some(("A", a.addr)));
+    proxy.switch(Some(RouteSpec::all("A", a.addr)));
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let request = Request::get(format!("http://{}/headers", proxy.local_addr()))
         .header("x-forwarded-for", "10.1.2.3")

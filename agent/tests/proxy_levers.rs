@@ -12,7 +12,7 @@ use bytes::Bytes;
 use cutover_agent::proxy::levers::{
     LeverSettings, MaintenanceSettings, PauseSettings, ThrottleSettings, BYPASS_COOKIE,
 };
-use cutover_agent::proxy::{Proxy, ProxyConfig};
+use cutover_agent::proxy::{Proxy, ProxyConfig, RouteSpec};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -52,7 +52,7 @@ async fn proxy(stop: &CancellationToken) -> (Proxy, String) {
     )
     .await
     .unwrap();
-    proxy.switch(Some(("web-v1", upstream)));
+    proxy.switch(Some(RouteSpec::all("web-v1", upstream)));
     let base = format!("http://{}", proxy.local_addr());
     (proxy, base)
 }

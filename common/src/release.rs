@@ -26,6 +26,11 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// release says 0.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// Most processes of one release per node (`cutover scale`): each needs a
+/// port of its own and its share of the node's memory; past this, add
+/// nodes.
+pub const MAX_INSTANCES: u32 = 32;
+
 /// A release refused: which field, what is wrong with it and what is
 /// expected instead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +76,8 @@ pub struct ReleaseSpec {
     pub hooks: Vec<ActivateHook>,
     /// Queue depth and worker health to probe while it serves.
     pub queues: Option<crate::queues::QueueProbeSpec>,
+    /// Processes per node, 1 to `MAX_INSTANCES` (`Release.instances`).
+    pub instances: u32,
 }
 
 /// A command the node runs as part of a release's cutover.
@@ -345,6 +352,16 @@ impl TryFrom<&pb::Release> for ReleaseSpec {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         env.sort();
+        let instances = match release.instances {
+            0 => 1,
+            n if n > MAX_INSTANCES => {
+                return Err(refuse(
+                    "instances",
+                    format!("{n} is too many: at most {MAX_INSTANCES} processes of a release per node; add nodes instead"),
+                ))
+            }
+            n => n,
+        };
         Ok(ReleaseSpec {
             release_id: release.release_id.clone(),
             service: release.service.clone(),
@@ -360,6 +377,7 @@ impl TryFrom<&pb::Release> for ReleaseSpec {
             secrets,
             hooks,
             queues,
+            instances,
         })
     }
 }

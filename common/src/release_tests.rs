@@ -67,8 +67,20 @@ fn refusal(release: &pb::Release) -> ReleaseError {
 }
 
 #[test]
+fn a_release_runs_as_many_processes_as_it_says_up_to_the_limit() {
+    for n in [1, 3, MAX_INSTANCES] {
+        let release = pb::Release {
+            instances: n,
+            ..web()
+        };
+        assert_eq!(ReleaseSpec::try_from(&release).unwrap().instances, n);
+    }
+}
+
+#[test]
 fn a_web_release_gets_every_default() {
     let spec = ReleaseSpec::try_from(&web()).unwrap();
+    assert_eq!(spec.instances, 1, "0 on the wire: one process");
     assert_eq!(
         spec.env,
         [("A".into(), "1".into()), ("B".into(), "2".into())]
@@ -187,6 +199,7 @@ fn each_refusal_names_its_field() {
         ),
         ("command", Box::new(|r| r.command.clear())),
         ("kind", Box::new(|r| r.kind = None)),
+        ("instances", Box::new(|r| r.instances = MAX_INSTANCES + 1)),
         (
             "stop_signal",
             Box::new(|r| r.stop_signal = "SIGSTOP".into()),

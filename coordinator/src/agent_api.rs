@@ -197,6 +197,8 @@ fn service_from(state: pb::ServiceState) -> ServiceStatus {
         levers: state.levers.as_ref().map(|l| Some(l).into()),
         lever_counts: state.lever_counts.as_ref().map(Into::into),
         queues: state.queues.as_ref().map(Into::into),
+        instances: state.instances,
+        instances_up: state.instances_up,
     }
 }
 

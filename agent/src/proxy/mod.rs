@@ -51,7 +51,7 @@ pub use self::levers::LeverHandle;
 use self::levers::{LeverCounters, Levers};
 use self::routes::{HeaderRule, Route, RouteTable, ALL_TRAFFIC};
 use self::stats::{ReleaseStats, StatsSnapshot};
-pub use self::upstream::{DrainReport, Upstream};
+pub use self::upstream::{BackendSpec, DrainReport, Upstream};
 use self::upstream::{GuardedBody, InFlight};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -92,21 +92,27 @@ impl ProxyConfig {
     }
 }
 
-/// A route to put in the table: which release, where, and what it gets.
+/// A route to put in the table: which release, its processes, and what
+/// it gets.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
     pub release: String,
-    pub addr: SocketAddr,
+    pub backends: Vec<BackendSpec>,
     pub weight: u32,
     pub rules: Vec<HeaderRule>,
 }
 
 impl RouteSpec {
-    /// A release that takes every request (today's only kind of table).
+    /// A release of one process that takes every request.
     pub fn all(release: &str, addr: SocketAddr) -> Self {
+        Self::to(release, vec![BackendSpec::at(addr)])
+    }
+
+    /// A release of `backends` that takes every request.
+    pub fn to(release: &str, backends: Vec<BackendSpec>) -> Self {
         Self {
             release: release.to_string(),
-            addr,
+            backends,
             weight: ALL_TRAFFIC,
             rules: Vec::new(),
         }
@@ -283,12 +289,16 @@ impl Proxy {
         Ok(fd)
     }
 
-    /// Sends every new request to `release` at `addr` (or to nobody), at once:
-    /// a table of one route of all the weight. Returns the release that was
-    /// routed to, for the caller to drain. Of a table of several routes only
-    /// one would come back: replace those with `set_routes`.
-    pub fn switch(&self, target: Option<(&str, SocketAddr)>) -> Option<Arc<Upstream>> {
-        let routes = target.map(|(release, addr)| RouteSpec::all(release, addr));
+    /// Sends every new request to the release `target` names (or to
+    /// nobody), at once: a table of one route of all the weight. Returns the
+    /// release that was routed to, for the caller to drain. Of a table of
+    /// several routes only one would come back: replace those with
+    /// `set_routes`.
+    pub fn switch(&self, target: Option<RouteSpec>) -> Option<Arc<Upstream>> {
+        let routes = target.map(|spec| RouteSpec {
+            weight: ALL_TRAFFIC,
+            ..spec
+        });
         self.set_routes(routes.into_iter().collect()).pop()
     }
 
@@ -310,13 +320,13 @@ impl Proxy {
     /// `set_routes`.
     pub fn split(
         &self,
-        serving: (&str, SocketAddr),
-        side: (&str, SocketAddr),
+        serving: RouteSpec,
+        side: RouteSpec,
         cohorts: Cohorts,
     ) -> Vec<Arc<Upstream>> {
         let current = self.shared.routes.load_full();
-        let serving = self.route(&current, RouteSpec::all(serving.0, serving.1));
-        let side = self.route(&current, RouteSpec::all(side.0, side.1));
+        let serving = self.route(&current, serving);
+        let side = self.route(&current, side);
         tracing::info!(service = %self.shared.config.service, side = %side.upstream.release, weight = cohorts.split().weight, sticky = ?cohorts.split().sticky, "proxy splits traffic");
         self.install(RouteTable::split(serving, side, cohorts))
     }
@@ -325,16 +335,17 @@ impl Proxy {
     fn route(&self, current: &RouteTable, spec: RouteSpec) -> Route {
         let kept = current
             .get(&spec.release)
-            .filter(|route| route.upstream.addr == spec.addr);
+            .filter(|route| route.upstream.serves(&spec.backends));
         let upstream = match kept {
             Some(route) => route.upstream.clone(),
             None => Arc::new(Upstream::new(
                 &spec.release,
-                spec.addr,
+                &spec.backends,
                 self.release_counts(&spec.release),
             )),
         };
-        tracing::info!(service = %self.shared.config.service, release = %spec.release, upstream = %spec.addr, weight = spec.weight, "proxy routes to release");
+        let addrs: Vec<String> = spec.backends.iter().map(|b| b.addr.to_string()).collect();
+        tracing::info!(service = %self.shared.config.service, release = %spec.release, upstream = %addrs.join(","), weight = spec.weight, "proxy routes to release");
         Route {
             upstream,
             weight: spec.weight,
@@ -558,6 +569,7 @@ async fn forward(
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
+    let addr = guard.backend().addr;
     let upgrade = is_upgrade(request.headers());
     strip_hop_by_hop(request.headers_mut(), upgrade);
     let request_id = add_forwarding(
@@ -573,13 +585,13 @@ async fn forward(
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *request.uri_mut() = Uri::builder()
         .scheme(Scheme::HTTP)
-        .authority(upstream.authority.clone())
+        .authority(guard.backend().authority.clone())
         .path_and_query(path)
         .build()
         .expect("scheme, authority and path form a uri");
 
     let result = if upgrade {
-        tunnel(shared, &upstream, guard, request).await
+        tunnel(shared, &upstream, addr, guard, request).await
     } else {
         let body_failed = Arc::new(AtomicBool::new(false));
         let request = request.map(|inner| ClientBody {
@@ -611,7 +623,7 @@ async fn forward(
             }
             response
         }
-        Err(failure) => failure_response(shared, &upstream, failure, &request_id, started),
+        Err(failure) => failure_response(shared, &upstream, addr, failure, &request_id, started),
     };
     response.headers_mut().insert(X_REQUEST_ID, request_id);
     response
@@ -624,12 +636,13 @@ async fn forward(
 fn failure_response(
     shared: &Shared,
     upstream: &Upstream,
+    addr: SocketAddr,
     failure: Failure,
     request_id: &HeaderValue,
     started: Instant,
 ) -> Response<ProxyBody> {
     let id = request_id.to_str().unwrap_or("-");
-    let (service, release, addr) = (&shared.config.service, &upstream.release, upstream.addr);
+    let (service, release) = (&shared.config.service, &upstream.release);
     let (status, text) = match failure {
         Failure::ClientBody(error) => {
             // The client's fault: counted as its 4xx, never as a failure of
@@ -715,19 +728,17 @@ enum Failure {
 async fn tunnel(
     shared: &Shared,
     upstream: &Arc<Upstream>,
+    addr: SocketAddr,
     guard: InFlight,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Failure> {
     let client_upgrade = hyper::upgrade::on(&mut request);
     let timeout = shared.config.request_timeout;
     let connect = async {
-        let tcp = tokio::time::timeout(
-            shared.config.connect_timeout,
-            TcpStream::connect(upstream.addr),
-        )
-        .await
-        .map_err(|_| Failure::Unreachable("connect timed out".into()))?
-        .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let tcp = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| Failure::Unreachable("connect timed out".into()))?
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await

@@ -144,7 +144,11 @@ mod tests {
     fn route(release: &str, weight: u32, rules: Vec<HeaderRule>) -> Route {
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         Route {
-            upstream: Arc::new(Upstream::new(release, addr, Default::default())),
+            upstream: Arc::new(Upstream::new(
+                release,
+                &[crate::proxy::BackendSpec::at(addr)],
+                Default::default(),
+            )),
             weight,
             rules,
         }

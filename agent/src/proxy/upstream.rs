@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -17,17 +17,51 @@ use tokio_util::sync::CancellationToken;
 
 use super::stats::ReleaseStats;
 
-/// A release the proxy can forward to.
+/// A release the proxy can forward to: its processes (one unless the
+/// release is scaled), each taking the next request while it has the
+/// fewest in flight.
 pub struct Upstream {
     pub(super) release: String,
-    pub(super) addr: SocketAddr,
-    /// `addr` as a URI authority, built once instead of per request.
-    pub(super) authority: Authority,
+    backends: Vec<Backend>,
+    /// Where the next pick starts looking, so equally loaded processes
+    /// take turns instead of the first taking every request of a lull.
+    next: AtomicUsize,
     in_flight: AtomicUsize,
     idle: Notify,
     /// Fired at the drain deadline: closes the tunnels still open.
     pub(super) cut: CancellationToken,
     pub(super) stats: Arc<ReleaseStats>,
+}
+
+/// One process of a release, as a route names it: where it listens, and
+/// whether it may take new requests (its owner lowers the flag while the
+/// process is down or fails its health check; none: always).
+#[derive(Debug, Clone)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub up: Option<Arc<AtomicBool>>,
+}
+
+impl BackendSpec {
+    /// A process that always takes requests.
+    pub fn at(addr: SocketAddr) -> Self {
+        Self { addr, up: None }
+    }
+}
+
+/// One process of an upstream.
+pub(super) struct Backend {
+    pub(super) addr: SocketAddr,
+    /// `addr` as a URI authority, built once instead of per request.
+    pub(super) authority: Authority,
+    up: Option<Arc<AtomicBool>>,
+    in_flight: AtomicUsize,
+}
+
+impl Backend {
+    fn is_up(&self) -> bool {
+        self.up.as_ref().is_none_or(|up| up.load(Ordering::Relaxed))
+    }
 }
 
 /// How a drain ended.
@@ -41,12 +75,20 @@ pub struct DrainReport {
 }
 
 impl Upstream {
-    pub(super) fn new(release: &str, addr: SocketAddr, stats: Arc<ReleaseStats>) -> Self {
+    pub(super) fn new(release: &str, backends: &[BackendSpec], stats: Arc<ReleaseStats>) -> Self {
         Self {
             release: release.to_string(),
-            addr,
-            authority: Authority::try_from(addr.to_string())
-                .expect("a socket address is an authority"),
+            backends: backends
+                .iter()
+                .map(|b| Backend {
+                    addr: b.addr,
+                    authority: Authority::try_from(b.addr.to_string())
+                        .expect("a socket address is an authority"),
+                    up: b.up.clone(),
+                    in_flight: AtomicUsize::new(0),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
             cut: CancellationToken::new(),
@@ -58,12 +100,50 @@ impl Upstream {
         &self.release
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// Where its processes listen.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.backends.iter().map(|b| b.addr)
+    }
+
+    /// Whether it forwards to exactly `backends` (the same addresses, the
+    /// same flags), so a new route to them can keep it.
+    pub(super) fn serves(&self, backends: &[BackendSpec]) -> bool {
+        self.backends.len() == backends.len()
+            && self.backends.iter().zip(backends).all(|(have, want)| {
+                let same_flag = match (&have.up, &want.up) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                };
+                have.addr == want.addr && same_flag
+            })
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The process the next request goes to: of those up, the one with the
+    /// fewest requests in flight, taking turns among equals; when none is
+    /// up, the same among all (a failed request is no worse than a 502
+    /// the proxy makes itself, and the flags may lag).
+    pub(super) fn pick(&self) -> usize {
+        let count = self.backends.len();
+        if count == 1 {
+            return 0;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let least = |only_up: bool| {
+            (0..count)
+                .map(|i| (start + i) % count)
+                .filter(|&i| !only_up || self.backends[i].is_up())
+                .min_by_key(|&i| self.backends[i].in_flight.load(Ordering::Relaxed))
+        };
+        least(true).or_else(|| least(false)).unwrap_or(0)
+    }
+
+    pub(super) fn backend(&self, index: usize) -> &Backend {
+        &self.backends[index]
     }
 
     /// Waits until nothing is in flight to this release, at most `timeout`;
@@ -97,20 +177,38 @@ impl Upstream {
     }
 }
 
-/// Held by every request (and upgraded tunnel) to a release until it is done.
-pub(super) struct InFlight(Arc<Upstream>);
+/// Held by every request (and upgraded tunnel) to a release until it is
+/// done: counted for the release (its drain) and for the process it went
+/// to (the next pick).
+pub(super) struct InFlight {
+    upstream: Arc<Upstream>,
+    backend: usize,
+}
 
 impl InFlight {
+    /// A request to `upstream`, sent to the process its pick chose.
     pub(super) fn new(upstream: Arc<Upstream>) -> Self {
+        let backend = upstream.pick();
         upstream.in_flight.fetch_add(1, Ordering::SeqCst);
-        Self(upstream)
+        upstream.backends[backend]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        Self { upstream, backend }
+    }
+
+    /// The process the request goes to.
+    pub(super) fn backend(&self) -> &Backend {
+        self.upstream.backend(self.backend)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
+        self.upstream.backends[self.backend]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+        if self.upstream.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.upstream.idle.notify_waiters();
         }
     }
 }
@@ -139,5 +237,74 @@ impl Body for GuardedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(ups: &[bool]) -> (Arc<Upstream>, Vec<Arc<AtomicBool>>) {
+        let flags: Vec<_> = ups
+            .iter()
+            .map(|up| Arc::new(AtomicBool::new(*up)))
+            .collect();
+        let backends: Vec<_> = flags
+            .iter()
+            .enumerate()
+            .map(|(i, up)| BackendSpec {
+                addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                up: Some(up.clone()),
+            })
+            .collect();
+        let upstream = Upstream::new("web-v1", &backends, Arc::default());
+        (Arc::new(upstream), flags)
+    }
+
+    fn picks(upstream: &Arc<Upstream>, n: usize) -> Vec<u16> {
+        (0..n)
+            .map(|_| InFlight::new(upstream.clone()).backend().addr.port() - 9000)
+            .collect()
+    }
+
+    #[test]
+    fn idle_processes_take_turns() {
+        let (upstream, _) = upstream(&[true, true, true]);
+        let mut seen = picks(&upstream, 6);
+        seen.sort_unstable();
+        assert_eq!(seen, [0, 0, 1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn the_process_with_the_fewest_requests_in_flight_takes_the_next() {
+        let (upstream, _) = upstream(&[true, true, true]);
+        // Three requests held open: one on each process.
+        let mut held: Vec<_> = (0..3).map(|_| InFlight::new(upstream.clone())).collect();
+        let busy = held[0].backend().addr.port() - 9000;
+        drop(held.split_off(1));
+        // The two others are idle again: they take the next two.
+        let next = picks(&upstream, 1)[0];
+        assert_ne!(next, busy);
+        let guards: Vec<_> = (0..2).map(|_| InFlight::new(upstream.clone())).collect();
+        assert!(guards
+            .iter()
+            .all(|g| g.backend().addr.port() - 9000 != busy));
+        assert_eq!(upstream.in_flight(), 3);
+    }
+
+    #[test]
+    fn a_process_down_gets_nothing_until_it_is_up_again() {
+        let (upstream, flags) = upstream(&[true, false, true]);
+        assert!(!picks(&upstream, 10).contains(&1));
+        flags[1].store(true, Ordering::Relaxed);
+        assert!(picks(&upstream, 10).contains(&1));
+    }
+
+    #[test]
+    fn with_every_process_down_requests_still_go_somewhere() {
+        let (upstream, _) = upstream(&[false, false]);
+        let mut seen = picks(&upstream, 4);
+        seen.sort_unstable();
+        assert_eq!(seen, [0, 0, 1, 1]);
     }
 }

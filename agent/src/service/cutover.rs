@@ -1,7 +1,7 @@
 //! Zero-downtime cutover of one service on one node, as a pipeline of
 //! steps:
 //!
-//! 1. start B beside A on a free port;
+//! 1. start B beside A on a free port (each of its processes on one);
 //! 2. health-check B until it passes `healthy_threshold` times in a row,
 //!    within `healthy_deadline`;
 //! 3. run the smoke checks against B;
@@ -38,7 +38,7 @@ use super::{
 use crate::checks::{self, Healthy, Outcome, Target, Unhealthy};
 use crate::proxy::cohort::Cohorts;
 use crate::runtime::supervisor::{ProcessError, Supervisor};
-use crate::store::{ActiveRelease, Leftover, SideRecord, StoreError};
+use crate::store::{ActiveRelease, InstanceRecord, Instances, Leftover, SideRecord, StoreError};
 use cutover_common::net::allocate_port;
 use cutover_common::release::HookPoint;
 
@@ -176,19 +176,53 @@ fn describe_crash(crashed: &Option<String>) -> String {
 /// stop, as any process the agent leaves behind.)
 pub(super) struct Candidate {
     pub(super) release: WebRelease,
-    pub(super) port: u16,
-    pub(super) supervisor: Supervisor,
-    /// Where the checks reach it.
-    target: Target,
+    /// Its processes (`WebRelease::instances` of them), each on a port of
+    /// its own (a worker's: 0).
+    pub(super) processes: Vec<Process>,
     /// The release serving while this one is checked, for messages.
     serving: Option<String>,
 }
 
+/// One process of a candidate release.
+pub(super) struct Process {
+    pub(super) port: u16,
+    pub(super) supervisor: Supervisor,
+    /// Where the checks reach it.
+    target: Target,
+}
+
 impl Candidate {
     pub(super) async fn abandon(self, service: &Service) {
-        self.supervisor.stop().await;
+        stop_all(self.processes).await;
         service.forget_leftovers();
     }
+
+    /// Its processes as a release that serves (or runs beside) takes them.
+    pub(super) fn into_parts(self) -> (WebRelease, Vec<(u16, Supervisor)>) {
+        let processes = self
+            .processes
+            .into_iter()
+            .map(|p| (p.port, p.supervisor))
+            .collect();
+        (self.release, processes)
+    }
+
+    /// Its processes as the store records them.
+    pub(super) fn record(&self) -> Instances {
+        Instances(
+            self.processes
+                .iter()
+                .map(|p| InstanceRecord {
+                    port: p.port,
+                    instance: p.supervisor.status().instance,
+                })
+                .collect(),
+        )
+    }
+}
+
+async fn stop_all(processes: Vec<Process>) {
+    futures_util::future::join_all(processes.into_iter().map(|p| p.supervisor.stop())).await;
 }
 
 impl Service {
@@ -227,17 +261,12 @@ impl Service {
             candidate.abandon(self).await;
             return Err(self.store_error(error));
         }
-        let Candidate {
-            release,
-            port,
-            supervisor,
-            ..
-        } = candidate;
+        let (release, processes) = candidate.into_parts();
         let release_id = release.release_id.clone();
-        let addr = SocketAddr::new(self.settings.address, port);
+        let addr = SocketAddr::new(self.settings.address, processes[0].0);
         // B's own: what the operator chose for the release deployed now.
         let drain_timeout = release.drain_timeout;
-        let old = self.serve(release, port, supervisor);
+        let old = self.serve(release, processes);
         let (mut previous, mut kept) = (None, None);
         match (old, keep_until) {
             (Some(old), Some(retire_at_ms)) => {
@@ -334,7 +363,8 @@ impl Service {
         smoke(candidate).await?;
         if hooks::has(&candidate.release, HookPoint::PostActivate) {
             progress(Step::PostActivate);
-            let port = Some(candidate.port).filter(|p| *p != 0);
+            // The hook talks to the release once, through its first process.
+            let port = Some(candidate.processes[0].port).filter(|p| *p != 0);
             hooks::run(
                 &candidate.release,
                 HookPoint::PostActivate,
@@ -351,11 +381,49 @@ impl Service {
         Ok(healthy)
     }
 
-    /// Starts B beside A, on a port of its own (a worker's listens nowhere),
-    /// recorded as a leftover until it serves.
+    /// Starts B's processes beside A, each on a port of its own (a
+    /// worker's listen nowhere), recorded as leftovers until B serves. One
+    /// that cannot start stops those started before it.
     async fn start(&self, release: WebRelease) -> Result<Candidate, CutoverError> {
+        let mut candidate = Candidate {
+            serving: self.active.as_ref().map(|r| r.release_id.clone()),
+            processes: Vec::new(),
+            release,
+        };
+        let mut taken = Vec::new();
+        for _ in 0..candidate.release.instances.max(1) {
+            match self.start_process(&candidate.release, &mut taken).await {
+                Ok(process) => candidate.processes.push(process),
+                Err(error) => {
+                    candidate.abandon(self).await;
+                    return Err(error);
+                }
+            }
+        }
+        let leftovers = candidate.record().leftovers(&candidate.release);
+        if let Err(error) = self.note_leftovers(leftovers) {
+            candidate.abandon(self).await;
+            return Err(self.store_error(error));
+        }
+        for process in &candidate.processes {
+            self.track(
+                &candidate.release.release_id,
+                process.port,
+                &process.supervisor,
+            );
+        }
+        Ok(candidate)
+    }
+
+    /// Starts one process of `release` on a free port, not one in `taken`
+    /// (the ports its other processes took), which gains it.
+    async fn start_process(
+        &self,
+        release: &WebRelease,
+        taken: &mut Vec<u16>,
+    ) -> Result<Process, CutoverError> {
         let port = match self.kind {
-            ServiceKind::Web(_) => self.free_port().ok_or_else(|| CutoverError::NoPort {
+            ServiceKind::Web(_) => self.free_port(taken).ok_or_else(|| CutoverError::NoPort {
                 release_id: release.release_id.clone(),
                 address: self.settings.address,
                 first: *self.settings.ports.start(),
@@ -363,36 +431,27 @@ impl Service {
             })?,
             ServiceKind::Worker => 0,
         };
-        let supervisor = Supervisor::start(process_spec(&self.settings, &release, port)).await?;
-        let candidate = Candidate {
-            target: check_target(&self.settings, &release, port),
-            serving: self.active.as_ref().map(|r| r.release_id.clone()),
-            release,
+        taken.push(port);
+        let supervisor = Supervisor::start(process_spec(&self.settings, release, port)).await?;
+        Ok(Process {
             port,
             supervisor,
-        };
-        if let Some(instance) = candidate.supervisor.status().instance {
-            let leftover = Leftover {
-                release_id: candidate.release.release_id.clone(),
-                port,
-                instance,
-                stop_signal: candidate.release.stop_signal.as_str().to_string(),
-                stop_grace: candidate.release.stop_grace,
-            };
-            if let Err(error) = self.note_leftovers(vec![leftover]) {
-                candidate.abandon(self).await;
-                return Err(self.store_error(error));
-            }
-        }
-        self.track(&candidate.release.release_id, port, &candidate.supervisor);
-        Ok(candidate)
+            target: check_target(&self.settings, release, port),
+        })
     }
 
-    /// A port on the node's address that no release uses, if one is left.
-    fn free_port(&self) -> Option<u16> {
+    /// A port on the node's address that no release uses, nor `also`, if
+    /// one is left.
+    fn free_port(&self, also: &[u16]) -> Option<u16> {
         let settings = &self.settings;
-        let mut taken: Vec<u16> = self.active.iter().map(|r| r.addr.port()).collect();
-        taken.extend(self.side.iter().map(|s| s.running.addr.port()));
+        let side = self.side.iter().map(|s| &s.running);
+        let mut taken: Vec<u16> = self
+            .active
+            .iter()
+            .chain(side)
+            .flat_map(|r| r.instances.iter().map(|i| i.addr.port()))
+            .collect();
+        taken.extend_from_slice(also);
         // Other services' releases too, even one down waiting for its restart.
         taken.extend(self.store.ports_in_use().unwrap_or_default());
         allocate_port(settings.address, &settings.ports, &taken)
@@ -408,17 +467,15 @@ impl Service {
     ) -> Result<(), StoreError> {
         let active = ActiveRelease {
             release: candidate.release.clone(),
-            port: candidate.port,
-            instance: candidate.supervisor.status().instance,
+            instances: candidate.record(),
         };
         let retiring: Vec<Leftover> = match kept {
             Some(_) => Vec::new(),
             None => self
                 .active
                 .as_ref()
-                .and_then(Running::as_leftover)
-                .into_iter()
-                .collect(),
+                .map(Running::as_leftovers)
+                .unwrap_or_default(),
         };
         self.store.update_service(&self.settings.name, |current| {
             let mut record = self.record(current.as_ref(), Some(active), candidate.serving.clone());
@@ -436,13 +493,32 @@ impl Service {
     }
 }
 
-/// B passes its health check `healthy_threshold` times in a row within the
-/// deadline (a worker without one: at once), then stays up for its
-/// `min_healthy_time`.
+/// Each of B's processes passes its health check `healthy_threshold` times
+/// in a row within the deadline (a worker without one: at once), then
+/// stays up for its `min_healthy_time`; all checked at once. The figures
+/// reported are the slowest process's.
 async fn health_gate(candidate: &Candidate) -> Result<Healthy, CutoverError> {
+    let gates = candidate
+        .processes
+        .iter()
+        .map(|process| process_gate(candidate, process));
+    let mut slowest = Healthy {
+        attempts: 0,
+        took: Duration::ZERO,
+    };
+    for healthy in futures_util::future::join_all(gates).await {
+        let healthy = healthy?;
+        if healthy.took >= slowest.took {
+            slowest = healthy;
+        }
+    }
+    Ok(slowest)
+}
+
+async fn process_gate(candidate: &Candidate, process: &Process) -> Result<Healthy, CutoverError> {
     let release = &candidate.release;
     let checked = match &release.health {
-        Some(check) => checks::wait(&release.gate, check, &candidate.target).await,
+        Some(check) => checks::wait(&release.gate, check, &process.target).await,
         None => Ok(Healthy {
             attempts: 0,
             took: Duration::ZERO,
@@ -452,9 +528,9 @@ async fn health_gate(candidate: &Candidate) -> Result<Healthy, CutoverError> {
         release_id: release.release_id.clone(),
         serving: candidate.serving.clone(),
         failure,
-        crashed: candidate.supervisor.status().last_exit,
+        crashed: process.supervisor.status().last_exit,
     })?;
-    stays_up(&candidate.supervisor, release.min_healthy_time)
+    stays_up(&process.supervisor, release.min_healthy_time)
         .await
         .map_err(|exit| CutoverError::NotStable {
             release_id: release.release_id.clone(),
@@ -465,17 +541,20 @@ async fn health_gate(candidate: &Candidate) -> Result<Healthy, CutoverError> {
     Ok(healthy)
 }
 
-/// B passes every smoke check, in order; the first failure ends it.
+/// Each of B's processes passes every smoke check, in order; the first
+/// failure ends it.
 async fn smoke(candidate: &Candidate) -> Result<(), CutoverError> {
-    for check in &candidate.release.smoke {
-        let outcome = checks::run(check, &candidate.target).await;
-        if !outcome.passed {
-            return Err(CutoverError::SmokeFailed {
-                release_id: candidate.release.release_id.clone(),
-                serving: candidate.serving.clone(),
-                check: check.describe(),
-                outcome,
-            });
+    for process in &candidate.processes {
+        for check in &candidate.release.smoke {
+            let outcome = checks::run(check, &process.target).await;
+            if !outcome.passed {
+                return Err(CutoverError::SmokeFailed {
+                    release_id: candidate.release.release_id.clone(),
+                    serving: candidate.serving.clone(),
+                    check: check.describe(),
+                    outcome,
+                });
+            }
         }
     }
     Ok(())

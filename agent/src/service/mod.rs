@@ -8,6 +8,7 @@ mod cutover;
 mod health;
 mod hooks;
 mod release;
+mod running;
 mod side;
 
 use std::net::{IpAddr, SocketAddr};
@@ -19,16 +20,17 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
-use tokio_util::sync::DropGuard;
 
-use self::health::{monitor_health, LastHealth};
 use self::release::{check_target, process_spec};
+use self::running::Running;
 use crate::checks;
 use crate::proxy::{DrainReport, Proxy, Upstream};
 use crate::runtime::docker::DockerEngine;
 use crate::runtime::supervisor::{stop_leftover, SecretSlot, StopReport, Supervisor};
 use crate::runtime::InstanceId;
-use crate::store::{ActiveRelease, AgentStore, Leftover, ServiceRecord, StoreError, HISTORY_LIMIT};
+use crate::store::{
+    ActiveRelease, AgentStore, Instances, Leftover, ServiceRecord, StoreError, HISTORY_LIMIT,
+};
 
 pub use self::cutover::{CutoverError, CutoverReport, Step};
 pub use self::release::{WebRelease, DEFAULT_DRAIN_TIMEOUT};
@@ -120,22 +122,6 @@ pub struct PreviousRelease {
     pub stop: StopReport,
 }
 
-/// A release a service runs (the serving one, or the side one),
-/// supervised, with its health monitor.
-struct Running {
-    release_id: String,
-    addr: SocketAddr,
-    spec: WebRelease,
-    supervisor: Supervisor,
-    /// The last health check of the release.
-    health: LastHealth,
-    /// Ends the health monitor when this release stops.
-    _monitor: DropGuard,
-    /// The last pass of its queue probe, if it has one.
-    queues: crate::queues::LastQueues,
-    _queue_monitor: DropGuard,
-}
-
 /// Stops what an interrupted cutover (or stop) of `service` left running.
 pub async fn stop_leftovers(service: &str, leftovers: &[Leftover], engine: &DockerEngine) {
     for leftover in leftovers {
@@ -160,25 +146,6 @@ pub async fn stop_leftovers(service: &str, leftovers: &[Leftover], engine: &Dock
         {
             tracing::warn!(%service, release = %leftover.release_id, graceful = report.graceful, "stopped a release an interrupted cutover left running");
         }
-    }
-}
-
-impl Running {
-    /// What the proxy routes to.
-    fn target(&self) -> (&str, SocketAddr) {
-        (&self.release_id, self.addr)
-    }
-
-    /// This release as a leftover to stop should the agent die before it
-    /// does (it is being drained).
-    fn as_leftover(&self) -> Option<Leftover> {
-        Some(Leftover {
-            release_id: self.release_id.clone(),
-            port: self.addr.port(),
-            instance: self.supervisor.status().instance?,
-            stop_signal: self.spec.stop_signal.as_str().to_string(),
-            stop_grace: self.spec.stop_grace,
-        })
     }
 }
 
@@ -249,17 +216,13 @@ impl Service {
         let Some(active) = record.active else {
             return Ok(service);
         };
-        let supervisor = service
-            .bring_back(&active.release, active.port, active.instance)
+        let processes = service
+            .bring_back_all(&active.release, active.instances)
             .await;
-        service.track(&active.release.release_id, active.port, &supervisor);
-        service.serve(active.release, active.port, supervisor);
+        service.serve(active.release, processes);
         if let Some(side) = record.side {
-            let supervisor = service
-                .bring_back(&side.release, side.port, side.instance)
-                .await;
-            service.track(&side.release.release_id, side.port, &supervisor);
-            let running = service.running(side.release, side.port, supervisor);
+            let processes = service.bring_back_all(&side.release, side.instances).await;
+            let running = service.running(side.release, processes);
             service.side = Some(Side::recovered(
                 &service.settings.name,
                 running,
@@ -269,6 +232,23 @@ impl Service {
         }
         service.reroute();
         Ok(service)
+    }
+
+    /// The processes of a recorded release, each as `bring_back`, their
+    /// identities kept recorded.
+    async fn bring_back_all(
+        &self,
+        release: &WebRelease,
+        instances: Instances,
+    ) -> Vec<(u16, Supervisor)> {
+        let mut processes = Vec::new();
+        for recorded in instances.0 {
+            let port = recorded.port;
+            let supervisor = self.bring_back(release, port, recorded.instance).await;
+            self.track(&release.release_id, port, &supervisor);
+            processes.push((port, supervisor));
+        }
+        processes
     }
 
     /// The process of a recorded release: adopted if it still runs,
@@ -306,38 +286,14 @@ impl Service {
         started
     }
 
-    /// Makes `release` (running under `supervisor` on `port`) the one that
-    /// serves: its process identity is kept recorded, its health keeps
-    /// being checked. Returns the release it replaced; the caller routes
-    /// the proxy (`reroute`) and drains and stops that one.
-    fn serve(&mut self, release: WebRelease, port: u16, supervisor: Supervisor) -> Option<Running> {
-        let running = self.running(release, port, supervisor);
+    /// Makes `release` (its processes running under their supervisors on
+    /// their ports) the one that serves: their identities are kept
+    /// recorded, their health keeps being checked. Returns the release it
+    /// replaced; the caller routes the proxy (`reroute`) and drains and
+    /// stops that one.
+    fn serve(&mut self, release: WebRelease, processes: Vec<(u16, Supervisor)>) -> Option<Running> {
+        let running = self.running(release, processes);
         self.active.replace(running)
-    }
-
-    /// `release`, running under `supervisor` on `port`, with its health
-    /// monitor.
-    fn running(&self, release: WebRelease, port: u16, supervisor: Supervisor) -> Running {
-        let addr = SocketAddr::new(self.settings.address, port);
-        let target = check_target(&self.settings, &release, port);
-        let (queues, queue_monitor) = crate::queues::monitor_queues(
-            &self.settings.name,
-            release.queues.as_ref(),
-            target.clone(),
-            release.secret_values.clone(),
-            supervisor.watch(),
-        );
-        let (health, monitor) = monitor_health(&self.settings.name, &release, target);
-        Running {
-            release_id: release.release_id.clone(),
-            addr,
-            spec: release,
-            supervisor,
-            health,
-            _monitor: monitor,
-            queues,
-            _queue_monitor: queue_monitor,
-        }
     }
 
     /// Points the proxy at what runs now: the active release alone, or it
@@ -352,10 +308,10 @@ impl Service {
         };
         match (&self.active, &self.side) {
             (Some(active), Some(side)) => {
-                proxy.split(active.target(), side.running.target(), side.cohorts.clone())
+                proxy.split(active.route(), side.running.route(), side.cohorts.clone())
             }
             (active, _) => proxy
-                .switch(active.as_ref().map(Running::target))
+                .switch(active.as_ref().map(Running::route))
                 .into_iter()
                 .collect(),
         }
@@ -377,26 +333,25 @@ impl Service {
                 let written = store.update_service(&name, |current| {
                     let mut record = current?;
                     let ours = |id: &str, at: u16| id == release_id && at == port;
-                    if let Some(active) = record
+                    let active = record
                         .active
                         .as_mut()
-                        .filter(|a| ours(&a.release.release_id, a.port))
-                    {
-                        if active.instance == instance {
-                            return None;
-                        }
-                        active.instance = instance;
-                        return Some(record);
-                    }
-                    if let Some(side) = record
+                        .filter(|a| a.release.release_id == release_id)
+                        .map(|a| &mut a.instances);
+                    let side = record
                         .side
                         .as_mut()
-                        .filter(|s| ours(&s.release.release_id, s.port))
+                        .filter(|s| s.release.release_id == release_id)
+                        .map(|s| &mut s.instances);
+                    if let Some(recorded) = active
+                        .into_iter()
+                        .chain(side)
+                        .find_map(|instances| instances.on_port_mut(port))
                     {
-                        if side.instance == instance {
+                        if recorded.instance == instance {
                             return None;
                         }
-                        side.instance = instance;
+                        recorded.instance = instance;
                         return Some(record);
                     }
                     if let Some(leftover) = record
@@ -450,7 +405,8 @@ impl Service {
         self.active
             .iter()
             .chain(side)
-            .filter_map(|running| running.supervisor.status().instance)
+            .flat_map(|running| &running.instances)
+            .filter_map(|i| i.supervisor.status().instance)
             .collect()
     }
 
@@ -470,11 +426,11 @@ impl Service {
         self.kind.proxy().is_none_or(Proxy::admitted)
     }
 
-    /// The release serving now and where it listens.
+    /// The release serving now and where its first process listens.
     pub fn active(&self) -> Option<(&str, SocketAddr)> {
         self.active
             .as_ref()
-            .map(|r| (r.release_id.as_str(), r.addr))
+            .map(|r| (r.release_id.as_str(), r.addr()))
     }
 
     /// The service's record with `active` serving: its history and side
@@ -542,15 +498,8 @@ impl Service {
 
     /// What runs, for heartbeats and `report_state`.
     pub fn state(&self) -> cutover_proto::v1::ServiceState {
-        let health = self
-            .active
-            .as_ref()
-            .and_then(|r| r.health.lock().expect("health lock").clone());
-        let status = self
-            .active
-            .as_ref()
-            .map(|r| r.supervisor.status())
-            .unwrap_or_default();
+        let summary = self.active.as_ref().map(Running::summary);
+        let health = summary.as_ref().and_then(|s| s.health.clone());
         cutover_proto::v1::ServiceState {
             service: self.settings.name.clone(),
             release_id: self
@@ -561,26 +510,25 @@ impl Service {
             upstream: self
                 .active
                 .as_ref()
-                .filter(|r| r.addr.port() != 0)
-                .map(|r| r.addr.to_string())
+                .filter(|r| r.addr().port() != 0)
+                .map(|r| r.addr().to_string())
                 .unwrap_or_default(),
             listen: self.listen().map(|a| a.to_string()).unwrap_or_default(),
             admitted: self.admitted(),
-            crashes: status.crashes,
-            last_exit: status.last_exit.unwrap_or_default(),
+            crashes: summary.as_ref().map_or(0, |s| s.crashes),
+            last_exit: summary
+                .as_ref()
+                .and_then(|s| s.last_exit.clone())
+                .unwrap_or_default(),
             healthy: health.as_ref().is_none_or(|o| o.passed),
             health_detail: health.map(|o| o.detail).unwrap_or_default(),
             traffic: self
                 .active
                 .as_ref()
                 .and_then(|r| self.traffic(&r.release_id)),
-            running: status.instance.is_some(),
+            running: summary.as_ref().is_some_and(|s| s.running > 0),
             side: self.side_state(),
-            memory_bytes: status
-                .instance
-                .as_ref()
-                .and_then(crate::runtime::memory::resident_bytes)
-                .unwrap_or(0),
+            memory_bytes: summary.as_ref().map_or(0, |s| s.memory_bytes),
             // Filled in fresh by `NodeServices::state`.
             levers: None,
             lever_counts: None,
@@ -591,6 +539,8 @@ impl Service {
                     .as_ref()
                     .map(Into::into)
             }),
+            instances: self.active.as_ref().map_or(0, |r| r.instances.len() as u32),
+            instances_up: summary.as_ref().map_or(0, |s| s.up),
         }
     }
 
@@ -614,8 +564,13 @@ impl Service {
     #[must_use = "the proxy listens until it is closed or handed off"]
     pub async fn release(self) -> Option<Proxy> {
         let side = self.side.map(|side| side.running);
-        for running in self.active.into_iter().chain(side) {
-            running.supervisor.release().await;
+        for instance in self
+            .active
+            .into_iter()
+            .chain(side)
+            .flat_map(|r| r.instances)
+        {
+            instance.supervisor.release().await;
         }
         match self.kind {
             ServiceKind::Web(proxy) => Some(proxy),
@@ -633,7 +588,7 @@ impl Service {
             return None;
         };
         // Until it is stopped, a restart must stop it too.
-        let retiring: Vec<Leftover> = running.as_leftover().into_iter().collect();
+        let retiring = running.as_leftovers();
         let written = self.store.update_service(&self.settings.name, |current| {
             let mut record = self.record(current.as_ref(), None, Some(running.release_id.clone()));
             record.leftovers = retiring;
@@ -650,10 +605,11 @@ impl Service {
     /// Stops a release that serves no more (drained) and forgets it as a
     /// leftover.
     async fn stop_old(&self, old: Running, drain: DrainReport) -> PreviousRelease {
-        let stop = old.supervisor.stop().await;
+        let release_id = old.release_id.clone();
+        let stop = old.stop().await;
         self.forget_leftovers();
         PreviousRelease {
-            release_id: old.release_id,
+            release_id,
             drain,
             stop,
         }
@@ -662,9 +618,9 @@ impl Service {
 
 /// The upstream of `running` among those a route change retired.
 fn upstream_of(retired: Vec<Arc<Upstream>>, running: &Running) -> Option<Arc<Upstream>> {
-    retired
-        .into_iter()
-        .find(|u| u.release() == running.release_id && u.addr() == running.addr)
+    retired.into_iter().find(|u| {
+        u.release() == running.release_id && u.addrs().eq(running.instances.iter().map(|i| i.addr))
+    })
 }
 
 /// Waits for the requests in flight to a release switched away from, up to

@@ -63,6 +63,14 @@ pub struct WebRelease {
     /// Queue depth and worker health to probe while it serves.
     #[serde(default)]
     pub queues: Option<cutover_common::queues::QueueProbeSpec>,
+    /// How many processes of it run (`cutover scale`), each on a port of
+    /// its own; releases recorded before had one.
+    #[serde(default = "one_instance")]
+    pub instances: u32,
+}
+
+fn one_instance() -> u32 {
+    1
 }
 
 /// Also the drain timeout of releases recorded before releases carried

@@ -15,7 +15,7 @@ use cutover_proto::v1 as pb;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use super::cutover::{Candidate, CutoverError, CutoverReport, Step};
+use super::cutover::{CutoverError, CutoverReport, Step};
 use super::{
     drain, upstream_of, KeepPrevious, PreviousRelease, Running, Service, ServiceKind, WebRelease,
 };
@@ -56,8 +56,7 @@ impl Side {
 pub(super) fn side_record(running: &Running, split: &Split, retire_at_ms: i64) -> SideRecord {
     SideRecord {
         release: running.spec.clone(),
-        port: running.addr.port(),
-        instance: running.supervisor.status().instance,
+        instances: running.record(),
         split: split.clone(),
         retire_at_ms,
     }
@@ -100,7 +99,9 @@ fn split_to_proto(split: &Split) -> pb::TrafficSplit {
 impl Service {
     /// The side release and where it listens.
     pub fn side(&self) -> Option<(&str, std::net::SocketAddr)> {
-        self.side.as_ref().map(|side| side.running.target())
+        self.side
+            .as_ref()
+            .map(|side| (side.running.release_id.as_str(), side.running.addr()))
     }
 
     /// When the side release is due to be retired (0: never), as it changes.
@@ -140,14 +141,10 @@ impl Service {
         // The side release staged again (a retried canary, a standby kept
         // from an abort) is reused only as sound as a fresh one: one that
         // crashed or failed its check since starts over, vetted again.
-        let sound = self.side.as_ref().is_some_and(|side| {
-            let status = side.running.supervisor.status();
-            let health = side.running.health.lock().expect("health lock");
-            side.running.release_id == release_id
-                && status.crashes == 0
-                && status.instance.is_some()
-                && health.as_ref().is_none_or(|o| o.passed)
-        });
+        let sound = self
+            .side
+            .as_ref()
+            .is_some_and(|side| side.running.release_id == release_id && side.running.sound());
         if sound {
             self.resplit(cohorts, 0).map_err(|e| *e)?;
             return Ok(Healthy {
@@ -162,8 +159,7 @@ impl Service {
         // adopts it instead of stopping it as the stage's leftover.
         let record = SideRecord {
             release: candidate.release.clone(),
-            port: candidate.port,
-            instance: candidate.supervisor.status().instance,
+            instances: candidate.record(),
             split: cohorts.split().clone(),
             retire_at_ms: 0,
         };
@@ -171,15 +167,10 @@ impl Service {
             candidate.abandon(self).await;
             return Err(self.store_error(error));
         }
-        let Candidate {
-            release,
-            port,
-            supervisor,
-            ..
-        } = candidate;
+        let (release, processes) = candidate.into_parts();
         let weight = cohorts.split().weight;
         self.side = Some(Side {
-            running: self.running(release, port, supervisor),
+            running: self.running(release, processes),
             cohorts,
             retire_at_ms: 0,
         });
@@ -251,13 +242,12 @@ impl Service {
         let standby = Cohorts::standby();
         let promoted = ActiveRelease {
             release: side.running.spec.clone(),
-            port: side.running.addr.port(),
-            instance: side.running.supervisor.status().instance,
+            instances: side.running.record(),
         };
         let kept = keep.then(|| side_record(active, standby.split(), retire_at_ms));
         let retiring: Vec<Leftover> = match keep {
             true => Vec::new(),
-            false => active.as_leftover().into_iter().collect(),
+            false => active.as_leftovers(),
         };
         let previous_id = active.release_id.clone();
         let written = self.store.update_service(&self.settings.name, |current| {
@@ -272,7 +262,7 @@ impl Service {
             return Err(self.store_error(error));
         }
         let release_id = side.running.release_id.clone();
-        let addr = side.running.addr;
+        let addr = side.running.addr();
         let old = self.active.replace(side.running).expect("checked above");
         let (mut previous, mut kept) = (None, None);
         if keep {
@@ -328,7 +318,7 @@ impl Service {
     pub(super) async fn retire_side(&mut self) -> Option<PreviousRelease> {
         let side = self.side.take()?;
         let running = side.running;
-        let leftovers = running.as_leftover().into_iter().collect();
+        let leftovers = running.as_leftovers();
         if let Err(error) = self.write_side(None, leftovers) {
             tracing::error!(service = %self.settings.name, %error, "cannot record the side release's retirement");
         }
@@ -376,23 +366,19 @@ impl Service {
     pub(super) fn side_state(&self) -> Option<pb::SideRelease> {
         let side = self.side.as_ref()?;
         let running = &side.running;
-        let health = running.health.lock().expect("health lock").clone();
-        let status = running.supervisor.status();
+        let summary = running.summary();
+        let health = summary.health;
         Some(pb::SideRelease {
             release_id: running.release_id.clone(),
             split: Some(split_to_proto(side.cohorts.split())),
-            running: status.instance.is_some(),
+            running: summary.running > 0,
             healthy: health.as_ref().is_none_or(|o| o.passed),
             health_detail: health.map(|o| o.detail).unwrap_or_default(),
-            crashes: status.crashes,
-            last_exit: status.last_exit.unwrap_or_default(),
+            crashes: summary.crashes,
+            last_exit: summary.last_exit.unwrap_or_default(),
             traffic: self.traffic(&running.release_id),
             retire_at_ms: side.retire_at_ms,
-            memory_bytes: status
-                .instance
-                .as_ref()
-                .and_then(crate::runtime::memory::resident_bytes)
-                .unwrap_or(0),
+            memory_bytes: summary.memory_bytes,
         })
     }
 }

@@ -29,9 +29,7 @@ impl NodeServices {
         let mut known = std::collections::HashSet::new();
         for name in self.store.service_names().unwrap_or_default() {
             if let Ok(Some(record)) = self.store.service(&name) {
-                known.extend(record.active.and_then(|a| a.instance));
-                known.extend(record.side.and_then(|s| s.instance));
-                known.extend(record.leftovers.into_iter().map(|l| l.instance));
+                known.extend(record.instance_ids());
             }
         }
         for (id, release) in containers {
@@ -55,13 +53,8 @@ impl NodeServices {
         let mut known: std::collections::HashSet<u32> = std::collections::HashSet::new();
         for name in self.store.service_names().unwrap_or_default() {
             if let Ok(Some(record)) = self.store.service(&name) {
-                let instances = record
-                    .active
-                    .and_then(|a| a.instance)
-                    .into_iter()
-                    .chain(record.side.and_then(|s| s.instance))
-                    .chain(record.leftovers.into_iter().map(|l| l.instance));
-                known.extend(instances.filter_map(|i| i.process()).map(|p| p.pid));
+                let instances = record.instance_ids();
+                known.extend(instances.iter().filter_map(|i| i.process()).map(|p| p.pid));
             }
         }
         let services: Vec<_> = self.services.lock().await.values().cloned().collect();

@@ -75,6 +75,7 @@ pub fn web_release(dir: &Path, version: &str, extra_env: &[(&str, &str)]) -> Web
         hooks: Vec::new(),
         hook_env: Vec::new(),
         queues: None,
+        instances: 1,
     }
 }
 

@@ -72,6 +72,8 @@ fn service_to_pb(s: ServiceStatus) -> pb::ServiceState {
         }),
         lever_counts: s.lever_counts.map(Into::into),
         queues: s.queues.as_ref().map(Into::into),
+        instances: s.instances,
+        instances_up: s.instances_up,
     }
 }
 

@@ -159,6 +159,9 @@ impl AppSpec {
                 .map(HookSpec::release_hook)
                 .collect(),
             queues: spec.queues.as_ref().map(|q| (&q.probe()).into()),
+            // A deploy keeps the count the service runs now (`scale` sets
+            // it): the planner fills it in.
+            instances: 0,
         };
         release.release_id = release_id(&release);
         // The agents' own check, run here too: a release a node would

@@ -193,6 +193,12 @@ pub struct ServiceStatus {
     /// The serving release's queue probe's last pass.
     #[serde(default)]
     pub queues: Option<cutover_common::queues::QueueReport>,
+    /// The serving release's processes (`cutover scale`), and how many of
+    /// them run and pass their health check; 0 from an agent before scale.
+    #[serde(default)]
+    pub instances: u32,
+    #[serde(default)]
+    pub instances_up: u32,
 }
 
 impl ServiceStatus {

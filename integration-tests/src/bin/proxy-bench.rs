@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use cutover_agent::proxy::cohort::{Cohorts, Split};
 use cutover_agent::proxy::levers::{LeverSettings, ThrottleSettings};
-use cutover_agent::proxy::{Proxy, ProxyConfig};
+use cutover_agent::proxy::{Proxy, ProxyConfig, RouteSpec};
 
 fn usage() -> ! {
     eprintln!("usage: proxy-bench --listen ADDR:PORT --upstream ADDR:PORT [--split-weight N] [--throttle-rps N] (worker threads: PROXY_BENCH_THREADS, default 1, 0 for a current-thread runtime)");
@@ -62,7 +62,7 @@ fn main() {
             .expect("bind the proxy");
         match split {
             None => {
-                proxy.switch(Some(("bench", upstream)));
+                proxy.switch(Some(RouteSpec::all("bench", upstream)));
             }
             Some(weight) => {
                 let cohorts = Cohorts::new(Split {
@@ -73,7 +73,11 @@ fn main() {
                     eprintln!("--split-weight: {e}");
                     std::process::exit(2)
                 });
-                proxy.split(("bench", upstream), ("canary", upstream), cohorts);
+                proxy.split(
+                    RouteSpec::all("bench", upstream),
+                    RouteSpec::all("canary", upstream),
+                    cohorts,
+                );
             }
         }
         if let Some(rps) = throttle {
