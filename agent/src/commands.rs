@@ -42,6 +42,8 @@ pub const CAPABILITIES: &[&str] = &[
     "command.set_levers",
     "runtime.process",
     "proxy.http",
+    // Runs `Release.instances` processes of a release.
+    "release.instances",
 ];
 
 /// The sender of the session open right now, if any.

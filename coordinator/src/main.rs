@@ -127,6 +127,10 @@ enum Commands {
     /// The incident levers set (maintenance, throttle, pause) and the
     /// nodes that apply each.
     Levers(cli::levers::LeversArgs),
+    /// Run N processes of a service per node: its current release rolled
+    /// out again with that count (health-checked before they get requests,
+    /// rolled back if they fail), kept by later deploys.
+    Scale(cli::config::ScaleArgs),
     /// Queue depth (waiting, delayed, reserved, the oldest job's wait) and
     /// worker health of the services that probe their queues.
     Queues(cli::queues::QueuesArgs),
@@ -437,6 +441,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::ResumeTraffic(scope) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::levers::resume(&mut client, scope, json).await;
+        }
+        Commands::Scale(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::config::scale(&mut client, args, json).await;
         }
         Commands::Queues(args) => {
             let mut client = cli.connect.operator_client().await?;

@@ -1,5 +1,6 @@
-//! `cutover config set` (a config-only release of the current artifact)
-//! and `cutover config show` (a service's effective environment).
+//! `cutover config set` (a config-only release of the current artifact),
+//! `cutover config show` (a service's effective environment) and `cutover
+//! scale` (the current release with another number of processes per node).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -57,6 +58,50 @@ pub enum ConfigCommand {
         #[arg(long)]
         env: String,
     },
+}
+
+/// `cutover scale SERVICE --env ENV --instances N`.
+#[derive(Debug, clap::Args)]
+pub struct ScaleArgs {
+    service: String,
+    #[arg(long)]
+    env: String,
+    /// Processes per node, 1 to 32.
+    #[arg(long)]
+    instances: u32,
+    /// Follow the rollout to its end; exit 0 only if it succeeded.
+    #[arg(long)]
+    wait: bool,
+    /// Roll out without the nodes that are unreachable now.
+    #[arg(long)]
+    allow_unreachable: bool,
+    /// Past the environment's freeze window and approvals (admin, with
+    /// --reason; audited and notified).
+    #[arg(long, requires = "reason")]
+    break_glass: bool,
+    /// Why (kept in the audit log and the rollout's timeline).
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+pub async fn scale(
+    client: &mut OperatorServiceClient<Channel>,
+    args: ScaleArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    let response = client
+        .scale_service(pb::ScaleServiceRequest {
+            env: args.env,
+            service: args.service,
+            instances: args.instances,
+            allow_unreachable: args.allow_unreachable,
+            break_glass: args.break_glass,
+            reason: args.reason.unwrap_or_default(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    super::rollouts::started(client, response, args.wait, json).await
 }
 
 pub async fn config(

@@ -58,6 +58,8 @@ pub fn to_json(nodes: &[pb::Node]) -> Value {
                             "listen": s.listen,
                             "admitted": s.admitted,
                             "running": s.running,
+                            "instances": s.instances.max(1),
+                            "instances_up": s.instances_up,
                             "crashes": s.crashes,
                             "last_exit": s.last_exit,
                             "healthy": s.healthy,
@@ -253,6 +255,12 @@ fn services_cell(services: &[pb::ServiceState]) -> String {
                 &s.release_id
             };
             let mut cell = format!("{}={release}", s.service);
+            if s.instances > 1 {
+                cell.push_str(&format!(" x{}", s.instances));
+                if s.running && s.instances_up < s.instances {
+                    cell.push_str(&format!(" ({}/{} up)", s.instances_up, s.instances));
+                }
+            }
             if !s.release_id.is_empty() && !s.running {
                 cell.push_str(" (down)");
             }
@@ -354,6 +362,28 @@ mod tests {
         let (head, row) = table.split_once('\n').unwrap();
         let column = head.find("RELEASES").expect(&table);
         assert!(row[column..].starts_with("3.0MiB"), "{table}");
+    }
+
+    #[test]
+    fn a_scaled_service_shows_its_processes_and_those_up() {
+        let service = |instances, instances_up| pb::ServiceState {
+            service: "web".into(),
+            release_id: "web-v2".into(),
+            running: true,
+            healthy: true,
+            admitted: true,
+            instances,
+            instances_up,
+            ..Default::default()
+        };
+        assert_eq!(services_cell(&[service(0, 1)]), "web=web-v2");
+        assert_eq!(services_cell(&[service(3, 3)]), "web=web-v2 x3");
+        assert_eq!(services_cell(&[service(3, 2)]), "web=web-v2 x3 (2/3 up)");
+        let json = to_json(&[pb::Node {
+            services: vec![service(0, 1)],
+            ..Default::default()
+        }]);
+        assert_eq!(json[0]["services"][0]["instances"], 1);
     }
 
     #[test]

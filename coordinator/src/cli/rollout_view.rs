@@ -336,10 +336,11 @@ fn analysis_json(run: &pb::AnalysisRun) -> Value {
 }
 
 pub(super) fn release_json(x: &pb::ReleaseInfo) -> Value {
+    let instances = x.instances.max(1);
     if x.image.is_empty() {
-        json!({"id": x.id, "version": x.version, "digest": x.digest})
+        json!({"id": x.id, "version": x.version, "digest": x.digest, "instances": instances})
     } else {
-        json!({"id": x.id, "version": x.version, "digest": x.digest, "image": x.image})
+        json!({"id": x.id, "version": x.version, "digest": x.digest, "image": x.image, "instances": instances})
     }
 }
 

@@ -701,7 +701,10 @@ pub async fn releases(
             vec![
                 if r.current { "*".into() } else { String::new() },
                 info.id,
-                info.version,
+                match info.instances {
+                    0 | 1 => info.version,
+                    n => format!("{} x{n}", info.version),
+                },
                 r.state().as_str().to_string(),
                 r.deployed_by.clone(),
                 rfc3339(r.deployed_at_ms),

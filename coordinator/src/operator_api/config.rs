@@ -39,17 +39,13 @@ impl OperatorApi {
             Need::Deploy(&env)
         };
         self.audited(request, need, "set_config", args, |caller, r| async move {
-            names_ok(&r.env, &r.service)?;
-            if r.break_glass && r.reason.trim().is_empty() {
-                return Err(Status::invalid_argument(
-                    "--break-glass needs --reason TEXT: why this change cannot wait for the freeze window's end or an approval",
-                ));
-            }
-            if let Some(upgrade) = self.agent_upgrades.running() {
-                return Err(Status::failed_precondition(format!(
-                    "agent upgrade {upgrade} is running; change the config once it ended (`cutover events`)"
-                )));
-            }
+            self.variant_ok(
+                &r.env,
+                &r.service,
+                r.break_glass,
+                &r.reason,
+                "change the config",
+            )?;
             let started = self
                 .rollouts
                 .set_config(ConfigChange {
@@ -137,6 +133,33 @@ impl OperatorApi {
 }
 
 /// An environment and a service name as names are written.
+impl OperatorApi {
+    /// What a change to the current release (config, scale) needs before
+    /// it can be rolled out: good names, a reason for a break of glass, and
+    /// no agent upgrade under way (`to` says what waits for it).
+    pub(super) fn variant_ok(
+        &self,
+        env: &str,
+        service: &str,
+        break_glass: bool,
+        reason: &str,
+        to: &str,
+    ) -> Result<(), Status> {
+        names_ok(env, service)?;
+        if break_glass && reason.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "--break-glass needs --reason TEXT: why this change cannot wait for the freeze window's end or an approval",
+            ));
+        }
+        if let Some(upgrade) = self.agent_upgrades.running() {
+            return Err(Status::failed_precondition(format!(
+                "agent upgrade {upgrade} is running; {to} once it ended (`cutover events`)"
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn names_ok(env: &str, service: &str) -> Result<(), Status> {
     for (what, name) in [("environment", env), ("service", service)] {
         crate::spec::name_ok(name)

@@ -32,6 +32,7 @@ impl From<RolloutError> for Status {
             | RolloutError::NoVersion(_)
             | RolloutError::MigrateNode { .. }
             | RolloutError::BadConfig(_)
+            | RolloutError::BadScale(_)
             | RolloutError::Image(ImageRegistryError::Invalid { .. }) => {
                 Status::invalid_argument(message)
             }

@@ -20,6 +20,7 @@ mod logs;
 mod nodes;
 mod operators;
 mod rollouts;
+mod scale;
 mod secrets;
 mod tasks;
 mod tokens;
@@ -258,6 +259,13 @@ impl OperatorService for OperatorApi {
         request: Request<pb::SetConfigRequest>,
     ) -> Result<Response<pb::DeployResponse>, Status> {
         self.handle_set_config(request).await
+    }
+
+    async fn scale_service(
+        &self,
+        request: Request<pb::ScaleServiceRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        self.handle_scale_service(request).await
     }
 
     async fn get_config(

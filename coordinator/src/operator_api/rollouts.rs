@@ -27,6 +27,7 @@ fn release_info(release: &StoredRelease) -> pb::ReleaseInfo {
         version: release.version().to_string(),
         digest: release.digest().to_string(),
         image: release.image().to_string(),
+        instances: release.0.instances.max(1),
     }
 }
 

@@ -94,17 +94,6 @@ pub(super) fn apply(
 }
 
 impl Rollouts {
-    /// The overrides in force for `service` in `env`: its current
-    /// release's.
-    pub(super) async fn config_in_force(
-        &self,
-        env: &str,
-        service: &str,
-    ) -> Result<BTreeMap<String, ConfigOverride>, RolloutError> {
-        let current = self.store.releases.current(env, service).await?;
-        Ok(current.map(|r| r.config).unwrap_or_default())
-    }
-
     /// The overrides `config` go on the current release `release_id` of
     /// the service where nothing rolls out because that release runs
     /// already: an override set to the value in force, a reset to a spec
@@ -217,6 +206,7 @@ impl Rollouts {
             said.join("; ")
         );
         let variant = Variant {
+            topic: "config",
             current,
             release,
             config,

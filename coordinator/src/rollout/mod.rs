@@ -31,12 +31,14 @@ mod locks;
 #[cfg(test)]
 mod migrate_tests;
 pub mod model;
+mod node_fit;
 mod pins;
 mod planner;
 #[cfg(test)]
 mod policy_tests;
 mod retry;
 mod rollback;
+mod scale;
 #[cfg(test)]
 pub(crate) mod sim;
 mod states;
@@ -65,6 +67,7 @@ use model::Rollout;
 use planner::Target;
 pub use planner::{DeployRequest, Deployed};
 pub use rollback::RollbackRequest;
+pub use scale::ScaleChange;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -78,8 +81,12 @@ pub enum RolloutError {
     },
     #[error("nodes {nodes} of service {service} are unreachable; bring them back, or pass --allow-unreachable to roll out without them")]
     Unreachable { service: String, nodes: String },
-    #[error("the agents of nodes {nodes} cannot run {what}; upgrade them (see `cutover nodes`), or deploy with another strategy")]
-    AgentsTooOld { nodes: String, what: String },
+    #[error("the agents of nodes {nodes} cannot run {what}; upgrade them (see `cutover nodes`), or {instead}")]
+    AgentsTooOld {
+        nodes: String,
+        what: String,
+        instead: &'static str,
+    },
     #[error("a blue/green deploy runs the new release beside the serving one on every node until the switch, and {}; free memory there, or deploy with kind = \"rolling\" or \"canary\"", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     NoRoom(Vec<capacity::Shortfall>),
     #[error("rollout {id} ({state}) is already in progress for {service} in {env}; wait for it, or stop it with `cutover rollout abort {id}`")]
@@ -133,6 +140,9 @@ pub enum RolloutError {
     /// A `cutover config set` that cannot be made.
     #[error("{0}")]
     BadConfig(String),
+    /// A `cutover scale` to a count no node runs.
+    #[error("{0}")]
+    BadScale(String),
     #[error("{0}")]
     NoCurrent(String),
     #[error(transparent)]

@@ -15,7 +15,7 @@ use super::engine::Input;
 use super::locks::migration_lock;
 use super::model::{self, NewRollout, NodeState, Rollout, RolloutKind, RolloutNode, StoredRelease};
 use super::pins::version_label;
-use super::{capacity, RolloutError, Rollouts, Started};
+use super::{node_fit, RolloutError, Rollouts, Started};
 use crate::hooks::Hook;
 use crate::lb::LoadBalancer;
 use crate::migration::Migration;
@@ -25,7 +25,6 @@ use crate::spec::{selects, AppSpec, Resolved, Strategy};
 use crate::store::{
     ConfigOverride, LockHolder, NodeStatus, ReleaseRecord, ReleaseState, StoreError,
 };
-use crate::strategy::StrategyKind;
 
 /// How long an operator's deploy waits for a convergence it aborted.
 const CONVERGE_YIELD: Duration = Duration::from_secs(60);
@@ -101,15 +100,12 @@ pub(super) struct Target {
     pub(super) config: BTreeMap<String, ConfigOverride>,
 }
 
-/// What agents must announce to run a canary's commands.
-const CANARY_CAPABILITIES: [&str; 2] = ["command.stage_release", "command.set_traffic"];
-
 impl Target {
     /// The strategy its rollout runs: a canary splits a node's traffic
     /// between a stable release and the new one, so only a deploy of a web
     /// service that has one runs it; the others roll out in the canary's
     /// promotion batches (`Strategy::runnable`).
-    fn strategy_to_run(&self) -> Strategy {
+    pub(super) fn strategy_to_run(&self) -> Strategy {
         let splits = self.kind == RolloutKind::Deploy
             && matches!(self.release.kind, Some(pb::release::Kind::Web(_)))
             && self.previous.is_some();
@@ -225,7 +221,13 @@ impl Rollouts {
             })
             .collect::<Result<Vec<_>, _>>()?;
         for service in &mut resolved {
-            let in_force = self.config_in_force(&request.env, &service.service).await?;
+            let current = self
+                .store
+                .releases
+                .current(&request.env, &service.service)
+                .await?;
+            super::scale::keep_count(&mut service.release, current.as_ref().map(|c| &c.release.0));
+            let in_force = current.map(|c| c.config).unwrap_or_default();
             service.config = super::config::apply(&mut service.release, &in_force);
             self.pin_secrets(service).await?;
             if request.skip_migrate {
@@ -450,38 +452,7 @@ impl Rollouts {
                 nodes: skipped.join(", "),
             });
         }
-        // A canary runs on nodes that serve a release; their agents must
-        // know its commands, or it would fail half-way.
-        if target.strategy_to_run().canary().is_some() {
-            let old: Vec<&str> = reachable
-                .iter()
-                .filter(|v| v.record.services.iter().any(|s| s.service == service))
-                .filter(|v| {
-                    !CANARY_CAPABILITIES
-                        .iter()
-                        .all(|c| v.record.capabilities.iter().any(|have| have == c))
-                })
-                .map(|v| v.record.name.as_str())
-                .collect();
-            if !old.is_empty() {
-                return Err(RolloutError::AgentsTooOld {
-                    nodes: old.join(", "),
-                    what: "a canary (they do not announce command.stage_release and command.set_traffic)".into(),
-                });
-            }
-        }
-        if matches!(target.strategy_to_run().kind, StrategyKind::BlueGreen(_)) {
-            let limit = release.container.as_ref().map_or(0, |c| c.memory_bytes);
-            let short = capacity::memory_shortfalls(
-                reachable.iter().map(|v| &v.record),
-                &service,
-                &release.release_id,
-                limit,
-            );
-            if !short.is_empty() {
-                return Err(RolloutError::NoRoom(short));
-            }
-        }
+        node_fit::check(&target, &service, &reachable)?;
         // A heartbeat sent before the service's newest rollout ended may
         // show what that rollout changed since (a rollback right after a
         // deploy would find every node "already" on the old release): for

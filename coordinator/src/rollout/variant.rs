@@ -1,6 +1,7 @@
 //! A service's current release again with something changed that is not
 //! the build: its environment (`cutover config set`, `config.rs`), a
-//! secret's version (`cutover secret rotate`). Rolled out like a deploy:
+//! secret's version (`cutover secret rotate`), its process count (`cutover
+//! scale`, `scale.rs`). Rolled out like a deploy:
 //! the environment's strategy, freeze windows and approvals (an admin's
 //! break of glass steps past both), no migration and no hook (the code is
 //! the same); a rollback returns the release before.
@@ -22,7 +23,8 @@ pub(super) struct Variant {
     pub release: pb::Release,
     /// The `config set` overrides the new release carries.
     pub config: BTreeMap<String, ConfigOverride>,
-    /// What changed, first in its timeline.
+    /// What changed, first in its timeline, under this topic.
+    pub topic: &'static str,
     pub note: String,
 }
 
@@ -38,6 +40,7 @@ impl Rollouts {
             current,
             release,
             config,
+            topic,
             note,
         } = variant;
         let (env, service) = (&current.env, &current.service);
@@ -57,7 +60,7 @@ impl Rollouts {
             ));
             approval = None;
         }
-        let mut notes = vec![("config".to_string(), note)];
+        let mut notes = vec![(topic.to_string(), note)];
         if let Some(reason) = break_glass {
             notes.push(crate::policy::break_glass_note(by, reason, &in_the_way));
         }
@@ -129,6 +132,7 @@ impl Rollouts {
                 }
                 release.release_id = crate::spec::release_id(&release);
                 let variant = Variant {
+                    topic: "config",
                     note: format!(
                         "{by} rotated secret {name}: {} runs version {version} instead of {was}",
                         current.release.id()
