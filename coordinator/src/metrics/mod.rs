@@ -50,6 +50,8 @@ pub struct Metrics {
     release_responses: Family<Labels, Gauge>,
     release_upstream_failures: Family<Labels, Gauge>,
     node_release: Family<Labels, Gauge>,
+    service_instances: Family<Labels, Gauge>,
+    service_instances_up: Family<Labels, Gauge>,
     rollouts: Family<Labels, Counter>,
     cert_expiry: Family<Labels, Gauge>,
     /// 0: no CA rotation in progress, 1: reissuing, 2: retiring.
@@ -109,6 +111,8 @@ impl Metrics {
             release_responses: Family::default(),
             release_upstream_failures: Family::default(),
             node_release: Family::default(),
+            service_instances: Family::default(),
+            service_instances_up: Family::default(),
             rollouts: Family::default(),
             cert_expiry: Family::default(),
             ca_rotation_phase: Gauge::default(),
@@ -205,6 +209,16 @@ impl Metrics {
             metrics.node_release.clone(),
         );
         registry.register(
+            "service_instances",
+            "Processes of its serving release each node runs per service (`cutover scale`), as its agent last reported",
+            metrics.service_instances.clone(),
+        );
+        registry.register(
+            "service_instances_up",
+            "Of those, the processes that run and pass their health check: the ones its node proxy sends requests to",
+            metrics.service_instances_up.clone(),
+        );
+        registry.register(
             "rollouts",
             "Rollouts that ended, by environment, service, kind and outcome",
             metrics.rollouts.clone(),
@@ -298,6 +312,8 @@ impl Metrics {
             &self.release_responses,
             &self.release_upstream_failures,
             &self.node_release,
+            &self.service_instances,
+            &self.service_instances_up,
             &self.cert_expiry,
         ] {
             family.clear();
@@ -334,6 +350,19 @@ impl Metrics {
                         ("release".to_string(), service.release_id.clone()),
                     ])
                     .set(1);
+                // 0: an agent from before `cutover scale`, which says nothing.
+                if service.instances > 0 {
+                    let labels: Labels = vec![
+                        ("node".to_string(), record.name.clone()),
+                        ("service".to_string(), service.service.clone()),
+                    ];
+                    self.service_instances
+                        .get_or_create(&labels)
+                        .set(i64::from(service.instances));
+                    self.service_instances_up
+                        .get_or_create(&labels)
+                        .set(i64::from(service.instances_up));
+                }
             }
             for (service, traffic) in record
                 .services
