@@ -27,6 +27,7 @@ pub mod notify;
 pub mod operator_api;
 pub mod pgbackrest;
 pub mod policy;
+pub mod queue_alerts;
 pub mod queues;
 pub mod refusals;
 pub mod registry;

@@ -12,9 +12,12 @@ use cutover_common::queues::QueueReport;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::notify::events::ServiceEvent;
+use crate::notify::Notifier;
+use crate::queue_alerts::{Alert, QueueAlerts};
 use crate::registry::Registry;
 use crate::spec::selects;
-use crate::store::{Store, StoreError};
+use crate::store::{NewEvent, Store, StoreError};
 
 /// How often the metrics are refreshed.
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
@@ -138,13 +141,16 @@ pub async fn collect(
     Ok(view)
 }
 
-/// Refreshes the queue metrics until shutdown.
+/// Refreshes the queue metrics, and raises and resolves the queue alerts
+/// (`queue_alerts`), until shutdown.
 pub async fn watch_loop(
     store: Store,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    notifier: Notifier,
     shutdown: CancellationToken,
 ) {
+    let mut alerts = QueueAlerts::default();
     let mut tick = tokio::time::interval(REFRESH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -154,10 +160,169 @@ pub async fn watch_loop(
             _ = tick.tick() => {}
         }
         match collect(&store, &registry, None).await {
-            Ok(view) => metrics.queues.update(view),
+            Ok(view) => {
+                for alert in alerts.observe(&view, registry.now_ms()) {
+                    send(&store, &registry, &notifier, alert).await;
+                }
+                metrics.queues.update(view);
+            }
             Err(error) => {
                 tracing::error!(%error, "cannot read the queues of the current releases; retrying")
             }
         }
+    }
+}
+
+/// Journals an alert (`cutover events`) and sends its webhooks.
+async fn send(store: &Store, registry: &Registry, notifier: &Notifier, alert: Alert) {
+    match alert.raised() {
+        true => {
+            tracing::warn!(env = %alert.env, service = %alert.service, event = alert.kind.as_str(), "{}", alert.message)
+        }
+        false => {
+            tracing::info!(env = %alert.env, service = %alert.service, event = alert.kind.as_str(), "{}", alert.message)
+        }
+    }
+    registry.journal().event(NewEvent {
+        kind: "queue_alert",
+        node_id: String::new(),
+        node_name: String::new(),
+        message: alert.message.clone(),
+    });
+    let targets = match crate::notify::service_targets(store, &alert.env, &alert.service).await {
+        Ok(found) => found.map(|(_, targets)| targets).unwrap_or_default(),
+        Err(error) => {
+            tracing::error!(%error, "cannot read the webhooks of the service; the alert's webhooks are not sent");
+            return;
+        }
+    };
+    notifier.service_event(
+        &targets,
+        &ServiceEvent {
+            kind: alert.kind,
+            state: if alert.raised() {
+                "alerting"
+            } else {
+                "resolved"
+            },
+            app: alert.app,
+            env: alert.env,
+            service: alert.service,
+            node: String::new(),
+            operator: "coordinator".into(),
+            message: alert.message,
+            at_ms: registry.now_ms(),
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use prometheus_client::metrics::gauge::Gauge;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::journal::Journal;
+    use crate::notify::deliver::Sender;
+    use crate::notify::spec::{EventKind, NotifyTarget};
+    use crate::notify::test_receiver;
+    use crate::rollout::model::StoredRelease;
+    use crate::store::memory::MemoryBackend;
+    use crate::store::{Page, ReleaseRecord, ReleaseState};
+
+    #[tokio::test]
+    async fn an_alert_is_journalled_and_sent_to_the_services_webhooks() {
+        let (url, got) = test_receiver::receiver(&[200]).await;
+        let store = Store::new(Arc::new(MemoryBackend::new()));
+        let mut rollout = crate::rollout::sim::rollout(1, crate::rollout::sim::strategy());
+        rollout.notify = vec![NotifyTarget {
+            url,
+            events: Some(vec![EventKind::WorkersDown]),
+            secret: None,
+            timeout_ms: 5_000,
+            format: Default::default(),
+        }];
+        store.rollouts.put(&rollout).await.unwrap();
+        store
+            .releases
+            .put(&ReleaseRecord {
+                app: "shop".into(),
+                env: "production".into(),
+                service: "horizon".into(),
+                release: StoredRelease(rollout.release.0.clone()),
+                state: ReleaseState::Stable,
+                current: true,
+                deployed_by: "dana".into(),
+                deployed_at_ms: 1,
+                rollout_id: rollout.id.clone(),
+                selector: Default::default(),
+                strategy: crate::rollout::sim::strategy(),
+                note: String::new(),
+                migration: None,
+                current_since_ms: 1,
+                current_until_ms: 0,
+                promoted_from: String::new(),
+                config: Default::default(),
+            })
+            .await
+            .unwrap();
+        let journal = Journal::start(store.clone(), Gauge::default());
+        let registry = Registry::load(store.clone(), journal.clone(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let sender = Sender::new(
+            Arc::new(crate::secrets::Secrets::new(store.clone(), None)),
+            journal.clone(),
+            metrics,
+        );
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let notifier = Notifier::start(sender, shutdown.clone(), &tasks);
+        let alert = |kind| Alert {
+            kind,
+            app: "shop".into(),
+            env: "production".into(),
+            service: "horizon".into(),
+            message: format!("{} of horizon", kind.as_str()),
+        };
+        // The webhook wants only workers_down; both are journalled.
+        send(&store, &registry, &notifier, alert(EventKind::QueueBacklog)).await;
+        send(&store, &registry, &notifier, alert(EventKind::WorkersDown)).await;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while got.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the webhook did not arrive");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = got.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "only the event the webhook wants");
+        assert_eq!(got[0].0["x-cutover-event"], "workers_down");
+        let body: serde_json::Value = serde_json::from_slice(&got[0].1).unwrap();
+        assert_eq!(body["state"], "alerting");
+        assert_eq!(body["operator"], "coordinator");
+        assert_eq!(body["service"], "horizon");
+        assert_eq!(body["message"], "workers_down of horizon");
+        journal.close().await;
+        let events = store
+            .events
+            .page(Page {
+                after_seq: 0,
+                limit: 10,
+                newest: true,
+            })
+            .await
+            .unwrap();
+        let alerts: Vec<&str> = events
+            .iter()
+            .filter(|e| e.kind == "queue_alert")
+            .map(|e| e.message.as_str())
+            .collect();
+        assert_eq!(
+            alerts,
+            ["queue_backlog of horizon", "workers_down of horizon"]
+        );
+        shutdown.cancel();
     }
 }

@@ -212,6 +212,7 @@ impl Coordinator {
             store.clone(),
             registry.clone(),
             metrics.clone(),
+            rollouts.notifier(),
             shutdown.clone(),
         ));
         let operator_api = OperatorServiceServer::new(OperatorApi {

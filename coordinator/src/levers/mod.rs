@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::notify::events::LeverEvent;
+use crate::notify::events::ServiceEvent;
 use crate::notify::spec::EventKind;
 use crate::notify::Notifier;
 use crate::registry::{NodeView, Registry};
@@ -294,21 +294,15 @@ impl Levers {
             node_name: record.node.clone(),
             message: message.clone(),
         });
-        let current = match self
-            .store
-            .releases
-            .current(&record.env, &record.service)
-            .await
+        let (app, targets) = match crate::notify::service_targets(
+            &self.store,
+            &record.env,
+            &record.service,
+        )
+        .await
         {
-            Ok(Some(current)) => current,
+            Ok(Some(found)) => found,
             Ok(None) => return,
-            Err(error) => {
-                tracing::error!(%error, "cannot read the webhooks of the service; the lever's webhooks are not sent");
-                return;
-            }
-        };
-        let targets = match self.store.rollouts.get(&current.rollout_id).await {
-            Ok(rollout) => rollout.map(|r| r.notify).unwrap_or_default(),
             Err(error) => {
                 tracing::error!(%error, "cannot read the webhooks of the service; the lever's webhooks are not sent");
                 return;
@@ -344,11 +338,11 @@ impl Levers {
             (LeverKind::Pause, true) => EventKind::TrafficPaused,
             (LeverKind::Pause, false) => EventKind::TrafficResumed,
         };
-        self.notifier.lever_changed(
+        self.notifier.service_event(
             &targets,
-            &LeverEvent {
+            &ServiceEvent {
                 kind,
-                app: current.app,
+                app,
                 env: record.env.clone(),
                 service: record.service.clone(),
                 node: record.node.clone(),

@@ -121,27 +121,30 @@ pub fn rollout_text(rollout: &Rollout, event: &Event) -> String {
     )
 }
 
-/// A lever set or lifted, for a webhook.
+/// What happened to a service outside a rollout, for a webhook: a lever
+/// set or lifted, or the coordinator's alert about its queues or workers
+/// (raised or resolved).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeverEvent {
+pub struct ServiceEvent {
     pub kind: EventKind,
     pub app: String,
     pub env: String,
     pub service: String,
     /// Empty: every node of the service.
     pub node: String,
+    /// Who set the lever; `coordinator` for an alert.
     pub operator: String,
     pub message: String,
-    /// How the service's traffic is left by every lever still set:
-    /// `maintenance`, `paused`, `throttled` or `serving`.
+    /// A lever's: how the service's traffic is left by every lever still
+    /// set (`maintenance`, `paused`, `throttled` or `serving`); an
+    /// alert's: `alerting` or `resolved`.
     pub state: &'static str,
     pub at_ms: i64,
 }
 
-/// The JSON body of a lever event: the fields of a rollout event that
-/// apply (no rollout, release or version), `state` saying how the levers
-/// still set leave the service's traffic.
-pub fn lever_body(lever: &LeverEvent, delivery: &str) -> Vec<u8> {
+/// The JSON body of a service event: the fields of a rollout event that
+/// apply (no rollout, release or version), and its `state`.
+pub fn service_body(lever: &ServiceEvent, delivery: &str) -> Vec<u8> {
     let at = std::time::UNIX_EPOCH
         + std::time::Duration::from_millis(u64::try_from(lever.at_ms).unwrap_or(0));
     let value = json!({
@@ -159,7 +162,7 @@ pub fn lever_body(lever: &LeverEvent, delivery: &str) -> Vec<u8> {
     serde_json::to_vec(&value).expect("a JSON value serializes")
 }
 
-pub fn lever_text(lever: &LeverEvent) -> String {
+pub fn service_text(lever: &ServiceEvent) -> String {
     format!(
         "[{}] {}/{}: {}",
         lever.env, lever.app, lever.service, lever.message

@@ -11,7 +11,7 @@ pub mod deliver;
 pub mod events;
 pub mod spec;
 #[cfg(test)]
-mod test_receiver;
+pub(crate) mod test_receiver;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -70,14 +70,15 @@ impl Notifier {
         }
     }
 
-    /// Queues the webhooks of a lever set or lifted, to `targets` (those
-    /// of the service's current release), without waiting.
-    pub fn lever_changed(&self, targets: &[NotifyTarget], lever: &events::LeverEvent) {
+    /// Queues the webhooks of a lever set or lifted, or an alert raised or
+    /// resolved, to `targets` (those of the service's current release),
+    /// without waiting.
+    pub fn service_event(&self, targets: &[NotifyTarget], lever: &events::ServiceEvent) {
         for target in targets.iter().filter(|t| t.wants(lever.kind)) {
             let id = uuid::Uuid::new_v4().to_string();
             let body = match target.format {
-                Format::Json => events::lever_body(lever, &id),
-                Format::Slack => events::slack_body(&events::lever_text(lever)),
+                Format::Json => events::service_body(lever, &id),
+                Format::Slack => events::slack_body(&events::service_text(lever)),
             };
             self.queue(Delivery {
                 body: body.into(),
@@ -101,6 +102,24 @@ impl Notifier {
             }
         }
     }
+}
+
+/// The webhooks of `service` in `env` outside a rollout (levers, alerts):
+/// those of the rollout that made its current release current, with the
+/// app's name; `None` when it has no current release.
+pub async fn service_targets(
+    store: &crate::store::Store,
+    env: &str,
+    service: &str,
+) -> Result<Option<(String, Vec<NotifyTarget>)>, crate::store::StoreError> {
+    let Some(current) = store.releases.current(env, service).await? else {
+        return Ok(None);
+    };
+    let rollout = store.rollouts.get(&current.rollout_id).await?;
+    Ok(Some((
+        current.app,
+        rollout.map(|r| r.notify).unwrap_or_default(),
+    )))
 }
 
 fn dropped(sender: &Sender, delivery: &Delivery, why: &str) {
@@ -285,7 +304,7 @@ mod tests {
         // One that wants only rollout endings gets nothing.
         let mut endings = target(json_url.clone());
         endings.events = Some(vec![spec::EventKind::Failed]);
-        let lever = events::LeverEvent {
+        let lever = events::ServiceEvent {
             kind: spec::EventKind::MaintenanceOn,
             app: "shop".into(),
             env: "production".into(),
@@ -296,7 +315,7 @@ mod tests {
             state: "maintenance",
             at_ms: 1_700_000_000_000,
         };
-        notifier.lever_changed(&[target(json_url), slack, endings], &lever);
+        notifier.service_event(&[target(json_url), slack, endings], &lever);
         let deadline = Instant::now() + Duration::from_secs(3);
         while json_got.lock().unwrap().is_empty() || slack_got.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "webhooks not received");

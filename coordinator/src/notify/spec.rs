@@ -43,10 +43,17 @@ pub enum EventKind {
     ThrottleOff,
     TrafficPaused,
     TrafficResumed,
+    /// The coordinator's own alerts about a service's queue probe
+    /// (`queue_alerts`): a queue over its `max_depth` or `max_wait`, or
+    /// no worker running, for two minutes; and their end.
+    QueueBacklog,
+    QueueRecovered,
+    WorkersDown,
+    WorkersUp,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 18] = [
+    pub const ALL: [EventKind; 22] = [
         EventKind::Started,
         EventKind::Paused,
         EventKind::Resumed,
@@ -65,6 +72,10 @@ impl EventKind {
         EventKind::ThrottleOff,
         EventKind::TrafficPaused,
         EventKind::TrafficResumed,
+        EventKind::QueueBacklog,
+        EventKind::QueueRecovered,
+        EventKind::WorkersDown,
+        EventKind::WorkersUp,
     ];
 
     /// As the spec and the body spell it (also its serde form).
@@ -88,6 +99,10 @@ impl EventKind {
             EventKind::ThrottleOff => "throttle_off",
             EventKind::TrafficPaused => "traffic_paused",
             EventKind::TrafficResumed => "traffic_resumed",
+            EventKind::QueueBacklog => "queue_backlog",
+            EventKind::QueueRecovered => "queue_recovered",
+            EventKind::WorkersDown => "workers_down",
+            EventKind::WorkersUp => "workers_up",
         }
     }
 
@@ -112,13 +127,18 @@ impl EventKind {
             | EventKind::MigrationStarted
             | EventKind::MigrationFailed => "running",
             // Not a rollout's: a lever's body says how every lever still
-            // set leaves the service (`LeverEvent::state`).
+            // set leaves the service (`ServiceEvent::state`).
             EventKind::MaintenanceOn
             | EventKind::MaintenanceOff
             | EventKind::ThrottleOn
             | EventKind::ThrottleOff
             | EventKind::TrafficPaused
             | EventKind::TrafficResumed => "lever",
+            // Nor these: an alert's body says `alerting` or `resolved`.
+            EventKind::QueueBacklog
+            | EventKind::QueueRecovered
+            | EventKind::WorkersDown
+            | EventKind::WorkersUp => "alert",
         }
     }
 }
