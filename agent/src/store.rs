@@ -170,11 +170,6 @@ impl Instances {
         self.0.iter().filter_map(|i| i.instance.as_ref())
     }
 
-    /// The one on `port`, to keep its process identity current.
-    pub fn on_port_mut(&mut self, port: u16) -> Option<&mut InstanceRecord> {
-        self.0.iter_mut().find(|i| i.port == port)
-    }
-
     /// Those with a known process, as leftovers of `release` to stop.
     pub fn leftovers(&self, release: &WebRelease) -> Vec<Leftover> {
         self.0

@@ -2,7 +2,7 @@
 //! the node proxy: real processes, real sockets.
 
 mod common;
-use common::app::{app_pids, release_dir, settings, web_release};
+use common::app::{app_pids, release_dir, running_app, settings, web_release};
 use common::get;
 
 use std::collections::BTreeMap;
@@ -674,4 +674,56 @@ async fn scaling_is_a_cutover_and_a_failed_scale_up_leaves_the_old_count_serving
         assert_eq!(active.instances.ports().count(), instances as usize);
     }
     fx.service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_of_three_processes_is_recorded_whole_and_adopted_after_a_restart() {
+    let fx = fixture().await;
+    let mut settings = settings(fx.root.path());
+    settings.name = "jobs".into();
+    let recover = || Service::recover(settings.clone(), ServiceKind::Worker, fx.store.clone());
+    let mut worker = recover().await.unwrap();
+    // A worker listens nowhere: each of its processes has port 0 (the app
+    // binds a port of the kernel's choosing, unused).
+    let mut release = fx.release("w1", &[("PORT", "0")]).await;
+    release.health = None;
+    release.smoke.clear();
+    release.instances = 3;
+    worker.cutover(release, |_| {}).await.unwrap();
+    let pids = running_app(fx.root.path(), 3).await;
+    // Each process is recorded as itself, not one in place of another.
+    let recorded = || {
+        let record = fx.store.service("jobs").unwrap().unwrap();
+        let mut ids: Vec<u32> = record
+            .active
+            .unwrap()
+            .instances
+            .ids()
+            .filter_map(|i| i.process())
+            .map(|p| p.pid)
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while recorded() != pids {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recorded {:?}, running {pids:?}",
+            recorded()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    assert!(worker.release().await.is_none(), "a worker has no proxy");
+    let mut worker = recover().await.unwrap();
+    assert_eq!(
+        running_app(fx.root.path(), 3).await,
+        pids,
+        "the same three processes, adopted"
+    );
+    let state = worker.state();
+    assert_eq!((state.instances, state.instances_up), (3, 3));
+    worker.stop().await;
+    assert_eq!(fx.app_processes(), 0);
 }

@@ -2,7 +2,7 @@
 //! `scripts/test.sh`): images of the sample app built `FROM scratch`, pushed
 //! to the local registry, resolved to digests by the coordinator and run as
 //! containers by the agents, behind the same node proxy and cutover as
-//! process releases.
+//! process releases, and scaled to two containers per node.
 
 use std::time::{Duration, Instant};
 
@@ -266,6 +266,24 @@ async fn two_image_versions_cut_over_under_load_without_a_failed_request() {
         settings,
         format!("{} 500000000 no json-file {} web node-1", 64 << 20, 1 << 20)
     );
+    // Scaled: two containers of the image per node, each on a port of its
+    // own behind the node's proxy.
+    let scaled = s
+        .client
+        .scale_service(pb::ScaleServiceRequest {
+            env: "test".into(),
+            service: "web".into(),
+            instances: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("scale accepted")
+        .into_inner();
+    let rollout = s.finish(&scaled.rollouts[0].id).await;
+    assert_eq!(rollout.state().as_str(), "succeeded", "{rollout:#?}");
+    let running = vec![(format!("{}@{v2}", s.repo), "running".to_string()); 2];
+    assert_eq!(s.containers(), vec![running.clone(), running]);
+    assert_eq!(s.versions(), vec!["v2", "v2"]);
     println!(
         "docker cutover under load: {} requests, 0 failed, p99 {:.2} ms",
         report.sent,

@@ -405,12 +405,9 @@ impl Service {
             candidate.abandon(self).await;
             return Err(self.store_error(error));
         }
-        for process in &candidate.processes {
-            self.track(
-                &candidate.release.release_id,
-                process.port,
-                &process.supervisor,
-            );
+        for (index, process) in candidate.processes.iter().enumerate() {
+            let release_id = &candidate.release.release_id;
+            self.track(release_id, index, process.port, &process.supervisor);
         }
         Ok(candidate)
     }

@@ -242,10 +242,10 @@ impl Service {
         instances: Instances,
     ) -> Vec<(u16, Supervisor)> {
         let mut processes = Vec::new();
-        for recorded in instances.0 {
+        for (index, recorded) in instances.0.into_iter().enumerate() {
             let port = recorded.port;
             let supervisor = self.bring_back(release, port, recorded.instance).await;
-            self.track(&release.release_id, port, &supervisor);
+            self.track(&release.release_id, index, port, &supervisor);
             processes.push((port, supervisor));
         }
         processes
@@ -321,7 +321,9 @@ impl Service {
     /// active release, the side one, or a leftover) for as long as the record
     /// names it, writing once at the start too: a recovering agent must find
     /// the process that really runs, not one the supervisor has replaced.
-    fn track(&self, release_id: &str, port: u16, supervisor: &Supervisor) {
+    /// The process is the `index`th of its release (the processes of a
+    /// worker all have port 0), on `port`.
+    fn track(&self, release_id: &str, index: usize, port: u16, supervisor: &Supervisor) {
         let mut status = supervisor.watch();
         let store = self.store.clone();
         let name = self.settings.name.clone();
@@ -332,7 +334,6 @@ impl Service {
                 let mut named = true;
                 let written = store.update_service(&name, |current| {
                     let mut record = current?;
-                    let ours = |id: &str, at: u16| id == release_id && at == port;
                     let active = record
                         .active
                         .as_mut()
@@ -346,7 +347,7 @@ impl Service {
                     if let Some(recorded) = active
                         .into_iter()
                         .chain(side)
-                        .find_map(|instances| instances.on_port_mut(port))
+                        .find_map(|instances| instances.0.get_mut(index))
                     {
                         if recorded.instance == instance {
                             return None;
@@ -354,11 +355,17 @@ impl Service {
                         recorded.instance = instance;
                         return Some(record);
                     }
-                    if let Some(leftover) = record
+                    let mut of_release = record
                         .leftovers
                         .iter_mut()
-                        .find(|l| ours(&l.release_id, l.port))
-                    {
+                        .filter(|l| l.release_id == release_id);
+                    // A web process by its port; a worker's (port 0) by
+                    // its place: leftovers are written in process order.
+                    let leftover = match port {
+                        0 => of_release.nth(index),
+                        _ => of_release.find(|l| l.port == port),
+                    };
+                    if let Some(leftover) = leftover {
                         // Between a crash and its restart the last known
                         // process stays recorded.
                         let instance = instance.filter(|i| *i != leftover.instance)?;

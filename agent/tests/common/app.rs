@@ -105,7 +105,8 @@ pub fn settings(root: &Path) -> ServiceSettings {
     }
 }
 
-/// The pids of this fixture's running (not zombie) releases.
+/// The pids of this fixture's running (not zombie) releases, and of
+/// anything they run.
 pub fn app_pids(root: &Path) -> Vec<u32> {
     let needle = root.display().to_string();
     std::fs::read_dir("/proc")
@@ -121,4 +122,46 @@ pub fn app_pids(root: &Path) -> Vec<u32> {
             (String::from_utf8_lossy(&cmdline).contains(&needle) && !zombie).then_some(pid)
         })
         .collect()
+}
+
+/// The pids of the `count` release processes of this fixture once each runs
+/// the app itself, sorted; panics after 10 s. `python3` may be a launcher
+/// script (pyenv's) whose subshells carry the same command line until it
+/// execs the interpreter in place, and a process in the middle of that
+/// exec cannot be read: a count taken earlier sees too many or too few.
+pub async fn running_app(root: &Path, count: usize) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let leaders = group_leaders(root);
+        let interpreters = leaders.iter().all(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe.to_string_lossy().contains("python"))
+        });
+        if leaders.len() == count && interpreters {
+            return leaders;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} release processes expected, running: {leaders:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Those of `app_pids` that lead their process group (the agent starts each
+/// release process in a group of its own), sorted.
+fn group_leaders(root: &Path) -> Vec<u32> {
+    let mut leaders: Vec<u32> = app_pids(root)
+        .into_iter()
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let group = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+                .and_then(|g| g.parse::<u32>().ok());
+            group == Some(*pid)
+        })
+        .collect();
+    leaders.sort_unstable();
+    leaders
 }
