@@ -657,6 +657,11 @@ async fn scaling_is_a_cutover_and_a_failed_scale_up_leaves_the_old_count_serving
     sick.gate.deadline = Duration::from_secs(2);
     let error = fx.service.cutover(sick, |_| {}).await.unwrap_err();
     assert!(matches!(error, CutoverError::Unhealthy { .. }), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains(" of 3 on port "),
+        "names the process: {message}"
+    );
     assert_eq!(fx.app_processes(), 1);
     assert_eq!(whoami(&fx, "v1", 5).await.len(), 1);
     let record = fx.store.service("web").unwrap().unwrap();

@@ -98,17 +98,20 @@ pub enum CutoverError {
     Start(#[from] ProcessError),
     #[error("cannot record the cutover of service {service}: {error}")]
     Store { service: String, error: StoreError },
-    #[error("release {release_id} is not healthy, {} keeps serving: {failure}{}", describe_serving(.serving), describe_crash(.crashed))]
+    #[error("release {release_id}{process} is not healthy, {} keeps serving: {failure}{}", describe_serving(.serving), describe_crash(.crashed))]
     Unhealthy {
         release_id: String,
+        /// Which of its processes, when it runs more than one.
+        process: String,
         serving: Option<String>,
         failure: Unhealthy,
         /// How the process last exited, when it crashed during the checks.
         crashed: Option<String>,
     },
-    #[error("release {release_id} did not stay up for {}, {} keeps serving: {exit}", humantime::format_duration(*.min_healthy_time), describe_serving(.serving))]
+    #[error("release {release_id}{process} did not stay up for {}, {} keeps serving: {exit}", humantime::format_duration(*.min_healthy_time), describe_serving(.serving))]
     NotStable {
         release_id: String,
+        process: String,
         serving: Option<String>,
         min_healthy_time: Duration,
         exit: String,
@@ -125,9 +128,10 @@ pub enum CutoverError {
         serving: Option<String>,
         failure: HookFailure,
     },
-    #[error("release {release_id} failed smoke check {check}, {} keeps serving: {}", describe_serving(.serving), .outcome.detail)]
+    #[error("release {release_id}{process} failed smoke check {check}, {} keeps serving: {}", describe_serving(.serving), .outcome.detail)]
     SmokeFailed {
         release_id: String,
+        process: String,
         serving: Option<String>,
         check: String,
         outcome: Outcome,
@@ -205,6 +209,22 @@ impl Candidate {
             .map(|p| (p.port, p.supervisor))
             .collect();
         (self.release, processes)
+    }
+
+    /// Which of its processes the `index`th is, for a message: nothing when
+    /// it has one, " (process 2 of 3 on port 41234)" (a worker's: no port)
+    /// when it has more, so the operator knows whose log to read.
+    fn describe_process(&self, index: usize) -> String {
+        let count = self.processes.len();
+        if count <= 1 {
+            return String::new();
+        }
+        let port = self.processes.get(index).map_or(0, |p| p.port);
+        let on = match port {
+            0 => String::new(),
+            port => format!(" on port {port}"),
+        };
+        format!(" (process {} of {count}{on})", index + 1)
     }
 
     /// Its processes as the store records them.
@@ -498,7 +518,8 @@ async fn health_gate(candidate: &Candidate) -> Result<Healthy, CutoverError> {
     let gates = candidate
         .processes
         .iter()
-        .map(|process| process_gate(candidate, process));
+        .enumerate()
+        .map(|(index, process)| process_gate(candidate, index, process));
     let mut slowest = Healthy {
         attempts: 0,
         took: Duration::ZERO,
@@ -512,7 +533,11 @@ async fn health_gate(candidate: &Candidate) -> Result<Healthy, CutoverError> {
     Ok(slowest)
 }
 
-async fn process_gate(candidate: &Candidate, process: &Process) -> Result<Healthy, CutoverError> {
+async fn process_gate(
+    candidate: &Candidate,
+    index: usize,
+    process: &Process,
+) -> Result<Healthy, CutoverError> {
     let release = &candidate.release;
     let checked = match &release.health {
         Some(check) => checks::wait(&release.gate, check, &process.target).await,
@@ -523,6 +548,7 @@ async fn process_gate(candidate: &Candidate, process: &Process) -> Result<Health
     };
     let healthy = checked.map_err(|failure| CutoverError::Unhealthy {
         release_id: release.release_id.clone(),
+        process: candidate.describe_process(index),
         serving: candidate.serving.clone(),
         failure,
         crashed: process.supervisor.status().last_exit,
@@ -531,6 +557,7 @@ async fn process_gate(candidate: &Candidate, process: &Process) -> Result<Health
         .await
         .map_err(|exit| CutoverError::NotStable {
             release_id: release.release_id.clone(),
+            process: candidate.describe_process(index),
             serving: candidate.serving.clone(),
             min_healthy_time: release.min_healthy_time,
             exit,
@@ -541,12 +568,13 @@ async fn process_gate(candidate: &Candidate, process: &Process) -> Result<Health
 /// Each of B's processes passes every smoke check, in order; the first
 /// failure ends it.
 async fn smoke(candidate: &Candidate) -> Result<(), CutoverError> {
-    for process in &candidate.processes {
+    for (index, process) in candidate.processes.iter().enumerate() {
         for check in &candidate.release.smoke {
             let outcome = checks::run(check, &process.target).await;
             if !outcome.passed {
                 return Err(CutoverError::SmokeFailed {
                     release_id: candidate.release.release_id.clone(),
+                    process: candidate.describe_process(index),
                     serving: candidate.serving.clone(),
                     check: check.describe(),
                     outcome,
