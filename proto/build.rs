@@ -1,5 +1,5 @@
-//! Compiles `cutover/v1/*.proto` with the pure-Rust `protox`, so no system
-//! `protoc` is needed.
+//! Compiles `cutover/v1/*.proto` and etcd's v3 API (`etcd/`, clients only)
+//! with the pure-Rust `protox`, so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
@@ -14,6 +14,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .compile_fds(descriptors)?;
+
+    let etcd = ["etcd/rpc.proto", "etcd/kv.proto", "etcd/auth.proto"];
+    for file in etcd {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(etcd, ["etcd"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
         .compile_fds(descriptors)?;
     Ok(())
 }

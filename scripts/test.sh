@@ -47,13 +47,18 @@ fi
 # the migration tests against a real PostgreSQL, one throw-away cluster for
 # the whole run (a database per test).
 # The queue tests against a real Redis, one throw-away server for the run.
+# The etcd store's tests against a real three-member etcd cluster over
+# mutual TLS, one for the run (a key prefix per test); a test may kill and
+# restart its members.
 source scripts/docker-env.sh
 source scripts/pg-env.sh
 source scripts/redis-env.sh
-trap 'docker_env_stop; pg_env_stop; redis_env_stop' EXIT
+source scripts/etcd-env.sh
+trap 'docker_env_stop; pg_env_stop; redis_env_stop; etcd_env_stop' EXIT
 docker_env_start
 pg_env_start
 redis_env_start
+etcd_env_start
 
 cargo build --locked --workspace --bins
 # nextest runs each test in its own process, kills one that hangs, and ends

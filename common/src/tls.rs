@@ -510,6 +510,37 @@ pub async fn connect(
     config: Arc<ClientConfig>,
     options: &ChannelOptions,
 ) -> Result<Channel, TlsError> {
+    let (endpoint, connector) = dialer(url, server_name, config, options)?;
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|error| TlsError::Connect {
+            url: url.url.clone(),
+            reason: root_cause(&error),
+        })
+}
+
+/// A gRPC channel over mTLS to `url` that dials on first use and again
+/// after the connection drops, so a peer that is down when the process
+/// starts (an etcd member, say) is reached once it is back.
+pub fn connect_lazy(
+    url: &CoordinatorUrl,
+    server_name: Option<&str>,
+    config: Arc<ClientConfig>,
+    options: &ChannelOptions,
+) -> Result<Channel, TlsError> {
+    let (endpoint, connector) = dialer(url, server_name, config, options)?;
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// The endpoint settings and the TLS connector `connect` and
+/// `connect_lazy` share.
+fn dialer(
+    url: &CoordinatorUrl,
+    server_name: Option<&str>,
+    config: Arc<ClientConfig>,
+    options: &ChannelOptions,
+) -> Result<(Endpoint, TlsDialer), TlsError> {
     let name = server_name.unwrap_or(&url.host).to_string();
     let server_name = ServerName::try_from(name.clone()).map_err(|_| TlsError::BadUrl {
         url: url.url.clone(),
@@ -526,33 +557,52 @@ pub async fn connect(
         .keep_alive_timeout(options.keepalive_timeout)
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
-    let connector = TlsConnector::from(config);
-    let target = format!("{}:{}", url.host, url.port);
-    let timeout = options.connect_timeout;
-    endpoint
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let connector = connector.clone();
-            let server_name = server_name.clone();
-            let target = target.clone();
-            async move {
-                let handshake = async {
-                    let tcp = TcpStream::connect(&target).await?;
-                    tcp.set_nodelay(true)?;
-                    connector.connect(server_name, tcp).await
-                };
-                let tls = tokio::time::timeout(timeout, handshake)
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(io::ErrorKind::TimedOut, "tls connect timed out")
-                    })??;
-                Ok::<_, io::Error>(TokioIo::new(tls))
-            }
-        }))
-        .await
-        .map_err(|error| TlsError::Connect {
-            url: url.url.clone(),
-            reason: root_cause(&error),
+    let dialer = TlsDialer {
+        connector: TlsConnector::from(config),
+        server_name,
+        target: format!("{}:{}", url.host, url.port),
+        timeout: options.connect_timeout,
+    };
+    Ok((endpoint, dialer))
+}
+
+/// Dials TCP and does the TLS handshake, within the connect timeout.
+#[derive(Clone)]
+struct TlsDialer {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    target: String,
+    timeout: Duration,
+}
+
+type Dialed = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tower::Service<http::Uri> for TlsDialer {
+    type Response = Dialed;
+    type Error = io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<Dialed>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), io::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let dialer = self.clone();
+        Box::pin(async move {
+            let handshake = async {
+                let tcp = TcpStream::connect(&dialer.target).await?;
+                tcp.set_nodelay(true)?;
+                dialer.connector.connect(dialer.server_name, tcp).await
+            };
+            let tls = tokio::time::timeout(dialer.timeout, handshake)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "tls connect timed out"))??;
+            Ok(TokioIo::new(tls))
         })
+    }
 }
 
 fn bracket(host: &str) -> String {

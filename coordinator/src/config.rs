@@ -16,8 +16,15 @@ pub const ENV_PREFIX: &str = "CUTOVER_SERVER_";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
-    /// Where the store lives.
+    /// Where the store lives (with `store = "etcd"`: the artifacts only).
     pub data_dir: PathBuf,
+    /// Where the coordinator's state is kept: `sled`, embedded in
+    /// `data_dir/store` (one coordinator), or `etcd`, on the cluster of the
+    /// `[etcd]` section (coordinators that outlive their machine).
+    #[serde(default)]
+    pub store: StoreKind,
+    #[serde(default)]
+    pub etcd: Option<EtcdSettings>,
     /// gRPC (mTLS) for agents and operators.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
@@ -60,6 +67,51 @@ pub struct CoordinatorConfig {
     /// two thirds of its life, over their connection). Needs `ca_key`.
     #[serde(default = "default_agent_cert_lifetime", with = "humantime_serde")]
     pub agent_cert_lifetime: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sled,
+    Etcd,
+}
+
+/// The `[etcd]` section: the cluster the store lives on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSettings {
+    /// The client URLs of the cluster's members (`https://HOST:2379`); a
+    /// call goes to another member when one cannot be reached.
+    pub endpoints: Vec<String>,
+    /// Every key of this installation starts with it, so several can share
+    /// one cluster.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// The CA of etcd's certificates and the coordinator's client
+    /// certificate for etcd (`--client-cert-auth`): etcd is reached over
+    /// mTLS only.
+    pub tls: TlsFiles,
+    /// The name checked against the members' certificates (default: each
+    /// endpoint's host).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// How long one call may wait for an answer: without a quorum etcd
+    /// keeps a request waiting.
+    #[serde(default = "default_etcd_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(default = "default_etcd_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+fn default_etcd_prefix() -> String {
+    "cutover/".into()
+}
+fn default_etcd_request_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_etcd_connect_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 
 fn default_agent_cert_lifetime() -> Duration {
@@ -184,6 +236,45 @@ impl CoordinatorConfig {
                 ),
             ));
         }
+        match (&self.store, &self.etcd) {
+            (StoreKind::Etcd, None) => {
+                return Err(invalid(
+                    "etcd",
+                    "store = \"etcd\" needs an [etcd] section with the cluster's endpoints and tls files".into(),
+                ))
+            }
+            (StoreKind::Sled, Some(_)) => {
+                return Err(invalid(
+                    "store",
+                    "an [etcd] section is set but store is \"sled\": set store = \"etcd\" to use it, or remove the section".into(),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(etcd) = &self.etcd {
+            if etcd.endpoints.is_empty() {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    "lists no member: give the client URLs, e.g. [\"https://10.0.0.5:2379\"]"
+                        .into(),
+                ));
+            }
+            if let Some(bad) = etcd.endpoints.iter().find(|e| !e.starts_with("https://")) {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("{bad:?} is not https://HOST:PORT: etcd is reached over mTLS only"),
+                ));
+            }
+            if etcd.prefix.is_empty() {
+                return Err(invalid(
+                    "etcd.prefix",
+                    "is empty: the store would mix with every other key of the cluster; use e.g. \"cutover/\"".into(),
+                ));
+            }
+            if etcd.request_timeout.is_zero() {
+                return Err(invalid("etcd.request_timeout", "must be above zero".into()));
+            }
+        }
         if self.limits.agent_queue == 0 {
             return Err(invalid("limits.agent_queue", "must be at least 1".into()));
         }
@@ -194,5 +285,53 @@ impl CoordinatorConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<CoordinatorConfig, ConfigError> {
+        let text = format!(
+            "data_dir = \"/var/lib/cutover\"\n\
+             tls = {{ ca_cert = \"ca.crt\", cert = \"c.crt\", key = \"c.key\" }}\n{extra}"
+        );
+        let config: CoordinatorConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+                origin: "test".into(),
+                key: String::new(),
+                message: e.to_string(),
+            })?;
+        config.validate("test").map(|()| config)
+    }
+
+    const ETCD: &str = "[etcd]\n\
+        endpoints = [\"https://10.0.0.5:2379\"]\n\
+        tls = { ca_cert = \"e.crt\", cert = \"e.crt\", key = \"e.key\" }\n";
+
+    #[test]
+    fn the_store_is_sled_unless_etcd_is_chosen_with_its_section() {
+        assert_eq!(parse("").unwrap().store, StoreKind::Sled);
+        let etcd = parse(&format!("store = \"etcd\"\n{ETCD}")).unwrap();
+        assert_eq!(etcd.store, StoreKind::Etcd);
+        let settings = etcd.etcd.unwrap();
+        assert_eq!(settings.prefix, "cutover/");
+        assert_eq!(settings.request_timeout, Duration::from_secs(5));
+
+        let refused = |extra: &str, key: &str| {
+            let error = parse(extra).unwrap_err().to_string();
+            assert!(error.contains(key), "{extra}: {error}");
+        };
+        refused("store = \"etcd\"\n", "[etcd] section");
+        refused(ETCD, "set store = \"etcd\"");
+        refused(
+            &format!("store = \"etcd\"\n{}", ETCD.replace("https", "http")),
+            "mTLS only",
+        );
+        refused(
+            &format!("store = \"etcd\"\n{ETCD}prefix = \"\"\n"),
+            "etcd.prefix",
+        );
     }
 }

@@ -17,7 +17,7 @@ use crate::access::Access;
 use crate::agent_api::AgentApi;
 use crate::artifacts::ArtifactStore;
 use crate::auth::require;
-use crate::config::{CoordinatorConfig, Limits};
+use crate::config::{CoordinatorConfig, Limits, StoreKind};
 use crate::enroll::EnrollApi;
 use crate::images::ImageResolver;
 use crate::journal::Journal;
@@ -110,9 +110,21 @@ impl Coordinator {
                 source,
             }
         })?;
-        private(&config.data_dir.join("store"))?;
         private(&config.data_dir.join("artifacts"))?;
-        let store = Store::open_sled(&config.data_dir.join("store"))?;
+        let store = match config.store {
+            StoreKind::Etcd => {
+                let etcd = config.etcd.as_ref().ok_or_else(|| {
+                    StoreError::Backend(
+                        "store = \"etcd\" but coordinator.toml has no [etcd] section".into(),
+                    )
+                })?;
+                Store::open_etcd(etcd)?
+            }
+            StoreKind::Sled => {
+                private(&config.data_dir.join("store"))?;
+                Store::open_sled(&config.data_dir.join("store"))?
+            }
+        };
         let metrics = Arc::new(Metrics::new());
         let journal = Journal::start(store.clone(), metrics.journal_pending.clone());
         let registry =

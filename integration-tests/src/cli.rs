@@ -115,7 +115,12 @@ impl Cli {
 /// A cluster of one agent per `(name, env)`, labelled `env=ENV`, once
 /// every one is connected and has reported its figures.
 pub async fn cluster_of(nodes: &[(&str, &str)]) -> Cluster {
-    let mut cluster = Cluster::start(0, Tuning::default()).await;
+    cluster_tuned(nodes, Tuning::default()).await
+}
+
+/// `cluster_of` with a coordinator tuned (on etcd, say).
+pub async fn cluster_tuned(nodes: &[(&str, &str)], tuning: Tuning) -> Cluster {
+    let mut cluster = Cluster::start(0, tuning).await;
     for (name, env) in nodes {
         let mut config = cluster.agent_config(name);
         config.labels = [("env".to_string(), env.to_string())].into();

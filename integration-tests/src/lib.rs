@@ -10,6 +10,7 @@ pub mod canary;
 pub mod cli;
 mod dev_cluster;
 pub mod docker;
+pub mod etcd;
 mod fixtures;
 pub mod haproxy;
 pub mod load;
@@ -33,7 +34,7 @@ use cutover_common::identity::{Identity, Role};
 use cutover_common::pki::CertificateAuthority;
 use cutover_common::telemetry::LogFormat;
 use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl, TlsFiles};
-use cutover_coordinator::config::{CoordinatorConfig, Limits};
+use cutover_coordinator::config::{CoordinatorConfig, EtcdSettings, Limits, StoreKind};
 use cutover_coordinator::Coordinator;
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use cutover_proto::v1::{self as pb, command, ListNodesRequest, Node, NodeStatus};
@@ -132,6 +133,9 @@ pub struct Tuning {
     /// HTTP/2 ping interval and timeout on the coordinator's connections:
     /// how soon it drops a session to a partitioned node.
     pub keepalive: Duration,
+    /// The coordinator's store on this etcd cluster instead of its data
+    /// dir (`etcd::settings`).
+    pub etcd: Option<EtcdSettings>,
 }
 
 impl Default for Tuning {
@@ -141,6 +145,7 @@ impl Default for Tuning {
             heartbeat_ttl: Duration::from_secs(2),
             agent_cert_lifetime: Duration::from_secs(7 * 24 * 3600),
             keepalive: Limits::default().keepalive_interval,
+            etcd: None,
         }
     }
 }
@@ -150,6 +155,11 @@ pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> 
     let ca_key = files.ca_cert.with_file_name(cutover_common::pki::CA_KEY);
     CoordinatorConfig {
         data_dir: data_dir.to_path_buf(),
+        store: match tuning.etcd {
+            Some(_) => StoreKind::Etcd,
+            None => StoreKind::Sled,
+        },
+        etcd: tuning.etcd.clone(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         http_listen: "127.0.0.1:0".parse().expect("addr"),
         tls: files,

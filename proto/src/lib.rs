@@ -7,6 +7,23 @@ pub mod v1 {
     tonic::include_proto!("cutover.v1");
 }
 
+/// etcd's v3 API, clients only: what the coordinator's etcd store speaks
+/// (see `etcd/README.md`).
+pub mod etcd {
+    pub mod mvccpb {
+        #![allow(clippy::all)]
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod authpb {
+        #![allow(clippy::all)]
+        tonic::include_proto!("authpb");
+    }
+    pub mod etcdserverpb {
+        #![allow(clippy::all)]
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
 /// How each state prints: its name without the prefix, in lowercase, the
 /// spelling operators (and scripts reading `--json`) have always seen.
 macro_rules! state_names {

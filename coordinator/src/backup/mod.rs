@@ -299,4 +299,6 @@ fn sha256_hex(content: &[u8]) -> String {
 }
 
 #[cfg(test)]
+mod etcd_tests;
+#[cfg(test)]
 mod tests;

@@ -1,19 +1,19 @@
 use std::path::{Path, PathBuf};
 
-use super::restore::{restore, RestoreError};
+use super::restore::{restore, RestoreError, Target};
 use super::*;
 use crate::secrets::{MasterKeys, Secrets};
 use crate::store::{AuditRecord, NewEvent, OperatorRecord, Page, Store};
 
 /// A coordinator's store on sled with records of every kind a repository
 /// writes here, a secret sealed with `master_key`.
-struct Source {
-    _dir: tempfile::TempDir,
-    store: Store,
-    secrets: Secrets,
+pub(super) struct Source {
+    pub dir: tempfile::TempDir,
+    pub store: Store,
+    pub secrets: Secrets,
 }
 
-async fn source(master_key: &Path) -> Source {
+pub(super) async fn source(master_key: &Path) -> Source {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_sled(dir.path()).unwrap();
     let secrets = Secrets::new(store.clone(), Some(MasterKeys::load(master_key).unwrap()));
@@ -32,13 +32,13 @@ async fn source(master_key: &Path) -> Source {
         store.rollouts.next_number().await.unwrap();
     }
     Source {
-        _dir: dir,
+        dir,
         store,
         secrets,
     }
 }
 
-fn audit(n: i64) -> AuditRecord {
+pub(super) fn audit(n: i64) -> AuditRecord {
     AuditRecord {
         seq: 0,
         at_ms: n,
@@ -58,13 +58,13 @@ fn event(n: i64) -> NewEvent {
     }
 }
 
-fn master_key(dir: &Path) -> PathBuf {
+pub(super) fn master_key(dir: &Path) -> PathBuf {
     let path = dir.join("master.key");
     MasterKeys::create(&path).unwrap();
     path
 }
 
-async fn backup_file(store: &Store, dir: &Path) -> PathBuf {
+pub(super) async fn backup_file(store: &Store, dir: &Path) -> PathBuf {
     let path = dir.join("coordinator.backup");
     let snapshot = store.snapshot().await.unwrap();
     std::fs::write(&path, encode(&snapshot, 1_700_000_000_000)).unwrap();
@@ -87,7 +87,9 @@ async fn a_backup_restores_every_record_and_numbers_go_on_above_it() {
     let last_audit = last_audit.last().unwrap().seq;
 
     let data_dir = work.path().join("data");
-    let header = restore(&file, &data_dir, Some(&key)).await.unwrap();
+    let header = restore(&file, Target::DataDir(&data_dir), Some(&key))
+        .await
+        .unwrap();
     assert_eq!(header.format_version, FORMAT_VERSION);
     assert_eq!(header.tables["secrets"], 1);
     assert_eq!(header.logs["audit"], 3);
@@ -124,7 +126,9 @@ async fn a_data_dir_with_anything_in_it_is_refused_and_left_alone() {
     let data_dir = work.path().join("data");
     std::fs::create_dir_all(data_dir.join("artifacts")).unwrap();
 
-    let error = restore(&file, &data_dir, Some(&key)).await.unwrap_err();
+    let error = restore(&file, Target::DataDir(&data_dir), Some(&key))
+        .await
+        .unwrap_err();
     assert!(matches!(error, RestoreError::NotEmpty { .. }), "{error}");
     let message = error.to_string();
     assert!(
@@ -136,7 +140,9 @@ async fn a_data_dir_with_anything_in_it_is_refused_and_left_alone() {
 
     // An empty dir that exists is fine.
     std::fs::remove_dir(data_dir.join("artifacts")).unwrap();
-    restore(&file, &data_dir, Some(&key)).await.unwrap();
+    restore(&file, Target::DataDir(&data_dir), Some(&key))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -149,7 +155,7 @@ async fn secrets_that_the_master_key_does_not_open_refuse_the_restore() {
     let other_key = master_key(other.path());
     let data_dir = work.path().join("data");
 
-    let error = restore(&file, &data_dir, Some(&other_key))
+    let error = restore(&file, Target::DataDir(&data_dir), Some(&other_key))
         .await
         .unwrap_err();
     let message = error.to_string();
@@ -158,7 +164,9 @@ async fn secrets_that_the_master_key_does_not_open_refuse_the_restore() {
         message.contains(&other_key.display().to_string()) && message.contains("DB_PASSWORD"),
         "{message}"
     );
-    let error = restore(&file, &data_dir, None).await.unwrap_err();
+    let error = restore(&file, Target::DataDir(&data_dir), None)
+        .await
+        .unwrap_err();
     assert!(matches!(error, RestoreError::NoMasterKey), "{error}");
     assert!(!data_dir.exists(), "a refused restore creates nothing");
 }
@@ -176,7 +184,9 @@ async fn a_damaged_file_is_refused_naming_it_and_why() {
         let (file, data_dir, key) = (file.clone(), data_dir.clone(), key.clone());
         async move {
             std::fs::write(&file, bytes).unwrap();
-            let error = restore(&file, &data_dir, Some(&key)).await.unwrap_err();
+            let error = restore(&file, Target::DataDir(&data_dir), Some(&key))
+                .await
+                .unwrap_err();
             assert!(
                 error.to_string().contains(&file.display().to_string()),
                 "{error}"

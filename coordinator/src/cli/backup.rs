@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use cutover_coordinator::backup::restore::Target;
 use cutover_coordinator::backup::{self, restore, Header};
-use cutover_coordinator::config::CoordinatorConfig;
+use cutover_coordinator::config::{CoordinatorConfig, StoreKind};
 use cutover_proto::v1::BackupStoreRequest;
 use serde_json::json;
 
@@ -24,15 +25,33 @@ pub enum AdminCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Restore a backup file into the coordinator's data dir, which must be
-    /// empty or absent, with the coordinator stopped (offline: run it on the
+    /// Restore a backup file into the coordinator's store, which must be
+    /// empty: its data dir (empty or absent), or with `store = "etcd"` its
+    /// etcd prefix; with every coordinator stopped (offline: run it on a
     /// coordinator's machine). Checks that the configured master key file
     /// opens every secret in it; then start the coordinator.
     Restore {
         /// The file `cutover admin backup` wrote.
         file: PathBuf,
-        /// The coordinator's config: its data_dir is restored into, its
+        /// The coordinator's config: its store is restored into, its
         /// master_key_file checked.
+        #[arg(
+            long,
+            env = "CUTOVER_SERVER_CONFIG",
+            default_value = "/etc/cutover/coordinator.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Copy a stopped coordinator's embedded store onto etcd: the config
+    /// must say `store = "etcd"` and name the cluster, whose prefix must be
+    /// empty. Secrets are checked against its master_key_file as a restore
+    /// does. Then start the coordinators with that config.
+    MigrateStore {
+        /// The embedded store: `sled:DIR`, DIR being the `store` dir inside
+        /// the old coordinator's data_dir (e.g. sled:/var/lib/cutover/store).
+        #[arg(long)]
+        from: String,
+        /// The coordinator's new config (store = "etcd", [etcd]).
         #[arg(
             long,
             env = "CUTOVER_SERVER_CONFIG",
@@ -46,6 +65,7 @@ pub async fn admin(connect: &ConnectArgs, command: AdminCommand, json: bool) -> 
     match command {
         AdminCommand::Backup { out } => backup_to(connect, &out, json).await,
         AdminCommand::Restore { file, config } => restore_from(&file, &config, json).await,
+        AdminCommand::MigrateStore { from, config } => migrate_store(&from, &config, json).await,
     }
 }
 
@@ -67,7 +87,7 @@ async fn backup_to(connect: &ConnectArgs, out: &Path, json: bool) -> Result<()> 
     cutover_common::fsutil::write_atomic(out, &file, 0o600)
         .with_context(|| format!("cannot write the backup to {}", out.display()))?;
     if json {
-        let mut summary = summary(&header, out);
+        let mut summary = summary(&header, &out.display().to_string());
         summary["bytes"] = json!(file.len());
         println!("{summary}");
     } else {
@@ -86,17 +106,40 @@ async fn backup_to(connect: &ConnectArgs, out: &Path, json: bool) -> Result<()> 
 
 async fn restore_from(file: &Path, config: &Path, json: bool) -> Result<()> {
     let config = CoordinatorConfig::load(config)?;
-    let header =
-        restore::restore(file, &config.data_dir, config.master_key_file.as_deref()).await?;
+    let target = Target::of(&config);
+    let header = restore::restore(file, target, config.master_key_file.as_deref()).await?;
     if json {
-        println!("{}", summary(&header, &config.data_dir));
+        println!("{}", summary(&header, &target.describe()));
     } else {
         println!(
             "restored the store of {} (taken by cutover {}) into {}\n{}\n\
              next: put back data_dir/artifacts if releases use `coordinator:` artifacts, then start the coordinator; agents reconnect on their own",
             rfc3339(header.created_at_ms),
             header.coordinator_version,
-            config.data_dir.display(),
+            target.describe(),
+            counts(&header),
+        );
+    }
+    Ok(())
+}
+
+async fn migrate_store(from: &str, config: &Path, json: bool) -> Result<()> {
+    let dir = from.strip_prefix("sled:").with_context(|| {
+        format!("--from {from:?}: name the embedded store as sled:DIR (e.g. sled:/var/lib/cutover/store)")
+    })?;
+    let config = CoordinatorConfig::load(config)?;
+    let etcd = match (config.store, &config.etcd) {
+        (StoreKind::Etcd, Some(etcd)) => etcd,
+        _ => return Err(restore::RestoreError::NotEtcd.into()),
+    };
+    let header = restore::migrate(Path::new(dir), etcd, config.master_key_file.as_deref()).await?;
+    let target = Target::Etcd(etcd).describe();
+    if json {
+        println!("{}", summary(&header, &target));
+    } else {
+        println!(
+            "copied the embedded store in {dir} onto {target}\n{}\n\
+             next: start the coordinators with this config (store = \"etcd\"); keep {dir} until they run, then archive it",
             counts(&header),
         );
     }
@@ -120,9 +163,10 @@ fn counts(header: &Header) -> String {
 }
 
 /// The JSON both commands print: the file's header and where it went.
-fn summary(header: &Header, path: &Path) -> serde_json::Value {
+/// `where_`: the backup file, or the store restored into.
+fn summary(header: &Header, where_: &str) -> serde_json::Value {
     json!({
-        "path": path.display().to_string(),
+        "path": where_,
         "format_version": header.format_version,
         "coordinator_version": header.coordinator_version,
         "created_at": rfc3339(header.created_at_ms),

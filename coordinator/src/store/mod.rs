@@ -8,6 +8,7 @@ mod access;
 pub mod backend;
 #[cfg(test)]
 pub(crate) mod conformance;
+pub(crate) mod etcd;
 mod jobs;
 mod kv;
 mod levers;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 
 pub use access::AccessRepo;
 pub use backend::{Backend, Revision, Snapshot};
+pub use etcd::EtcdBackend;
 pub use jobs::*;
 pub use levers::{LeverKind, LeverRecord, LeverRepo};
 pub use nodes::{EventLog, NodeRepo};
@@ -43,6 +45,10 @@ use kv::Kv;
 pub enum StoreError {
     #[error("store i/o failed: {0}")]
     Backend(String),
+    /// The store could not be reached (etcd without a quorum, say): the
+    /// same call may succeed later; nothing was decided.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     /// A restore found records already there (`what` names where).
@@ -123,6 +129,12 @@ impl Store {
     /// The embedded store in `dir`.
     pub fn open_sled(dir: &std::path::Path) -> Result<Self, StoreError> {
         Ok(Self::new(Arc::new(SledBackend::open(dir)?)))
+    }
+
+    /// The store on the etcd cluster `settings` names (connected on first
+    /// use).
+    pub fn open_etcd(settings: &crate::config::EtcdSettings) -> Result<Self, StoreError> {
+        Ok(Self::new(Arc::new(EtcdBackend::new(settings)?)))
     }
 
     /// Makes every write so far durable.

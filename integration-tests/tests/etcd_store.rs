@@ -1,0 +1,118 @@
+//! A coordinator whose store is a real three-member etcd cluster (Debian's
+//! etcd 3.4, mutual TLS), driven through the CLI: rollouts under load while
+//! the member it talks to is killed, writes refused with a clear error
+//! while the cluster has no quorum (the agents serve on), everything back
+//! once it has, and a restarted coordinator that finds its state in etcd,
+//! none in its data dir.
+
+use std::time::Duration;
+
+use cutover_integration_tests::cli::{cluster_tuned, two_builds, Cli};
+use cutover_integration_tests::etcd::EtcdCluster;
+use cutover_integration_tests::load::Load;
+use cutover_integration_tests::Tuning;
+
+const NODES: [&str; 2] = ["127.0.0.11", "127.0.0.12"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_on_etcd_ride_out_a_lost_member_and_wait_out_a_lost_quorum() {
+    let mut etcd = EtcdCluster::start();
+    let tuning = Tuning {
+        etcd: Some(etcd.settings("cutover/")),
+        ..Tuning::default()
+    };
+    let mut cluster = cluster_tuned(
+        &[("node-1", "production"), ("node-2", "production")],
+        tuning,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    let (v1, v2) = two_builds(dir.path());
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    let spec = dir.path().join("cutover.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "3s"
+[strategy]
+batch = 1
+min_healthy_time = "200ms"
+[environments.production]
+nodes = {{ env = "production" }}
+"#
+        ),
+    )
+    .unwrap();
+    let spec = spec.display().to_string();
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &["--wait"]);
+    assert!(ok, "{text}");
+
+    let targets = NODES
+        .iter()
+        .map(|ip| format!("{ip}:{port}").parse().unwrap())
+        .collect();
+    let load = Load::start(targets, "/", 4);
+    let mut sent = load.wait_for_sent(0, 100, "on v1").await;
+
+    // The member the coordinator talks to (the first listed) dies: the
+    // next calls go to another, the rollout does not notice.
+    etcd.members[0].kill();
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v2", &v2, &["--wait"]);
+    assert!(ok, "a rollout with one member of three down: {text}");
+    sent = load.wait_for_sent(sent, 100, "on v2").await;
+
+    // A second one: no quorum. A write is refused with the cause and what
+    // to check, within the request timeout; the nodes serve on.
+    etcd.members[1].kill();
+    let started = std::time::Instant::now();
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &[]);
+    assert!(!ok, "a deploy without a quorum: {text}");
+    assert!(
+        text.contains("store is unavailable") && text.contains("majority of the etcd members"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    sent = load.wait_for_sent(sent, 100, "without a quorum").await;
+
+    // Quorum back: the same deploy goes through.
+    etcd.members[0].start();
+    etcd.members[1].start();
+    etcd.wait_healthy(Duration::from_secs(30));
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &["--wait"]);
+    assert!(ok, "a deploy once the quorum is back: {text}");
+
+    // A new coordinator process finds every rollout in etcd; its data dir
+    // has no store.
+    cluster.restart_coordinator().await;
+    assert!(!cluster.data_dir().join("store").exists());
+    let rollouts = cli.json(&admin, &["rollout", "list", "--env", "production"]);
+    let states: Vec<&str> = rollouts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == "succeeded").count(),
+        3,
+        "{rollouts}"
+    );
+    load.wait_for_sent(sent, 100, "after the restart").await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
+    cluster.stop_coordinator().await;
+}
