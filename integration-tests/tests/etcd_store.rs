@@ -116,3 +116,136 @@ nodes = {{ env = "production" }}
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
     cluster.stop_coordinator().await;
 }
+
+/// The operator guide's move to etcd, as written: the coordinator stopped,
+/// `store = "etcd"` and an `[etcd]` section added to its config, `cutover
+/// admin migrate-store --from sled:DIR`, the coordinator started again: it
+/// serves every rollout from etcd (its old store moved away) and deploys on.
+#[test]
+fn a_stopped_coordinators_store_moves_to_etcd_with_the_documented_commands() {
+    let cluster = cutover_integration_tests::DevCluster::up(1);
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    let spec = format!(
+        r#"app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "10s"
+[environments.local]
+nodes = {{ env = "local" }}
+"#
+    );
+    let run = |args: &[&str]| {
+        let output = cluster.cutover(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success(),
+            "cutover {args:?}: {text}\n{}",
+            cluster.log_tails()
+        );
+        text
+    };
+    let deployed = cluster.deploy_spec(&spec, "v1", &["--wait"]);
+    assert!(deployed.status.success(), "{deployed:?}");
+    let before = run(&["rollout", "list", "-o", "json"]);
+
+    // systemctl stop: SIGTERM, then wait until it is gone.
+    let pid = cluster.pid("coordinator.pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cutover_integration_tests::running(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coordinator did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let config_path = cluster.path("coordinator.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let data_dir = config
+        .lines()
+        .find_map(|line| line.strip_prefix("data_dir = "))
+        .map(|quoted| quoted.trim_matches('"').to_string())
+        .expect("dev up writes data_dir");
+    let etcd = cutover_integration_tests::etcd::settings("unused");
+    let prefix = format!("migrated{}/", cluster.dir.path().display());
+    let endpoints = etcd
+        .endpoints
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    std::fs::write(
+        &config_path,
+        format!(
+            "store = \"etcd\"\n{config}\n[etcd]\nendpoints = [{endpoints}]\nprefix = {prefix:?}\n\
+             tls = {{ ca_cert = {:?}, cert = {:?}, key = {:?} }}\n",
+            etcd.tls.ca_cert, etcd.tls.cert, etcd.tls.key
+        ),
+    )
+    .unwrap();
+    let store = format!("sled:{data_dir}/store");
+    let config_arg = config_path.display().to_string();
+    let copied = run(&[
+        "admin",
+        "migrate-store",
+        "--from",
+        &store,
+        "--config",
+        &config_arg,
+    ]);
+    assert!(copied.contains("copied the embedded store"), "{copied}");
+    assert!(copied.contains("records per table"), "{copied}");
+    // Proof that what serves next comes from etcd.
+    std::fs::rename(
+        format!("{data_dir}/store"),
+        format!("{data_dir}/store.migrated"),
+    )
+    .unwrap();
+
+    cluster.start_coordinator();
+    cluster.wait_for_nodes(Duration::from_secs(20), |nodes| {
+        nodes
+            .iter()
+            .all(|n| n["status"] == "ready" && n["connected"] == true)
+    });
+    let after = run(&["rollout", "list", "-o", "json"]);
+    assert_eq!(after, before, "the same rollouts, read from etcd");
+    let deployed = cluster.deploy_spec(&spec, "v2", &["--wait"]);
+    assert!(
+        deployed.status.success(),
+        "{deployed:?}\n{}",
+        cluster.log_tails()
+    );
+    assert!(!std::path::Path::new(&format!("{data_dir}/store")).exists());
+
+    // Again: the prefix holds records now; refused, with what to do.
+    let moved = format!("sled:{data_dir}/store.migrated");
+    let again = cluster.cutover(&[
+        "admin",
+        "migrate-store",
+        "--from",
+        &moved,
+        "--config",
+        &config_arg,
+    ]);
+    let text = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(
+        text.contains("is not empty") && text.contains("etcdctl del --prefix"),
+        "{text}"
+    );
+}
