@@ -19,7 +19,9 @@ pub const ENV_PREFIX: &str = "CUTOVER_AGENT_";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// `https://host:port` of the coordinator.
+    /// `https://host:port` of the coordinator; several, comma-separated,
+    /// when coordinators run on etcd (the agent moves on to the next when
+    /// a session ends or cannot open).
     pub coordinator: String,
     /// Name expected in the coordinator's certificate; default the URL's host.
     #[serde(default)]
@@ -179,7 +181,7 @@ impl AgentConfig {
             key: key.to_string(),
             message,
         };
-        CoordinatorUrl::parse(&self.coordinator)
+        CoordinatorUrl::parse_list(&self.coordinator)
             .map_err(|e| invalid("coordinator", e.to_string()))?;
         if let Some(name) = &self.name {
             cutover_common::identity::validate_name(name)

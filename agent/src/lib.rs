@@ -180,7 +180,11 @@ async fn keep_certificate_fresh(
 
 pub struct Agent {
     config: AgentConfig,
-    url: CoordinatorUrl,
+    /// Every coordinator the config lists; sessions go to `urls[next_url]`.
+    urls: Vec<CoordinatorUrl>,
+    /// Which one the next session dials: the one after, once a session
+    /// ends (only the leader of several listens).
+    next_url: usize,
     name: String,
     node_id: String,
     /// Rebuilt for every connection: a renewed certificate is used from the
@@ -241,7 +245,7 @@ impl Agent {
         startup: Startup,
         predecessor: Option<&mut Predecessor>,
     ) -> Result<Self, AgentError> {
-        let url = CoordinatorUrl::parse(&config.coordinator)?;
+        let urls = CoordinatorUrl::parse_list(&config.coordinator)?;
         // A predecessor may be renewing right now: what it left half done
         // is completed once it let go (below).
         if predecessor.is_none() {
@@ -275,7 +279,7 @@ impl Agent {
         // checked before a predecessor lets go of it: past that, a
         // successor that fails has no way back.
         let fingerprint = tls::ca_fingerprint(&config.tls.ca_cert)?;
-        let address = config.address.unwrap_or_else(|| route_address(&url));
+        let address = config.address.unwrap_or_else(|| route_address(&urls[0]));
         let registries = cutover_common::registry::load_credentials(&config.registries)
             .map_err(AgentError::Config)?;
         // The engine without a node id yet: it only lists here.
@@ -327,7 +331,8 @@ impl Agent {
         ));
         let sampler = Sampler::new(config.state_dir.clone());
         Ok(Self {
-            url,
+            urls,
+            next_url: 0,
             name,
             node_id,
             tls,
@@ -355,7 +360,7 @@ impl Agent {
     /// manager to start an agent again.
     pub async fn run(mut self) -> Result<(), HandoffError> {
         let shutdown = self.shutdown.clone();
-        tracing::info!(node = %self.name, node_id = %self.node_id, coordinator = %self.url.url, "agent starting");
+        tracing::info!(node = %self.name, node_id = %self.node_id, coordinator = %self.config.coordinator, "agent starting");
         // Its own token: after a handoff the successor pings, not this one.
         let pings = shutdown.child_token();
         tokio::spawn(notify::watchdog(pings.clone()));
@@ -512,6 +517,9 @@ impl Agent {
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
         }
+        // The coordinator that ended it, or never answered, may have lost
+        // the lead to another one.
+        self.next_url = (self.next_url + 1) % self.urls.len();
         let delay = backoff.next_delay();
         tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::time::sleep(delay).await;
@@ -620,9 +628,10 @@ impl Agent {
             ..ChannelOptions::default()
         };
         self.tls = tls::client_config(&self.config.tls)?;
+        let url = self.urls[self.next_url % self.urls.len()].clone();
         let connection = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            connection = tls::connect(&self.url, self.config.server_name.as_deref(), self.tls.clone(), &options) => connection?,
+            connection = tls::connect(&url, self.config.server_name.as_deref(), self.tls.clone(), &options) => connection?,
         };
         let mut client = AgentServiceClient::new(connection.clone())
             .max_decoding_message_size(self.config.max_message_bytes)

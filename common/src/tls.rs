@@ -501,6 +501,27 @@ impl CoordinatorUrl {
     }
 }
 
+impl CoordinatorUrl {
+    /// Every coordinator of an installation, comma-separated
+    /// (`https://c1:7443,https://c2:7443`): with several coordinators on
+    /// etcd only the leader listens, and a client tries each in turn.
+    pub fn parse_list(urls: &str) -> Result<Vec<Self>, TlsError> {
+        let list: Vec<Self> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(Self::parse)
+            .collect::<Result<_, _>>()?;
+        if list.is_empty() {
+            return Err(TlsError::BadUrl {
+                url: urls.to_string(),
+                reason: "it names no coordinator, e.g. https://coordinator:7443".into(),
+            });
+        }
+        Ok(list)
+    }
+}
+
 /// Dials the coordinator over mTLS and returns a gRPC channel. `server_name`
 /// overrides the name checked against the coordinator's certificate (default:
 /// the URL's host).
@@ -624,6 +645,10 @@ mod tests {
         let url = CoordinatorUrl::parse("https://[::1]:7443/").unwrap();
         assert_eq!(url.host, "::1");
         assert!(CoordinatorUrl::parse("http://x:1").is_err());
+        let list = CoordinatorUrl::parse_list("https://a:1, https://b:2").unwrap();
+        assert_eq!(list.iter().map(|u| u.port).collect::<Vec<_>>(), [1, 2]);
+        assert!(CoordinatorUrl::parse_list(" , ").is_err());
+        assert!(CoordinatorUrl::parse_list("https://a:1,http://b:2").is_err());
         assert!(CoordinatorUrl::parse("https://x").is_err());
     }
 }

@@ -102,6 +102,11 @@ pub struct EtcdSettings {
     pub request_timeout: Duration,
     #[serde(default = "default_etcd_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// The URL agents and operators reach this coordinator at, recorded as
+    /// the leader's address while it leads (default: its host name and
+    /// `listen` port).
+    #[serde(default)]
+    pub advertise: Option<String>,
 }
 
 fn default_etcd_prefix() -> String {

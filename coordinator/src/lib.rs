@@ -20,6 +20,7 @@ pub mod images;
 pub mod jobs;
 pub mod journal;
 pub mod lb;
+pub mod leading;
 pub mod levers;
 pub mod metrics;
 pub mod migration;

@@ -13,7 +13,6 @@ use cutover_common::pki::CertificateAuthority;
 use cutover_common::telemetry::{self, LogFormat};
 use cutover_coordinator::config::CoordinatorConfig;
 use cutover_coordinator::secrets::{MasterKeys, MASTER_KEY};
-use cutover_coordinator::Coordinator;
 use cutover_proto::v1::{ListNodesRequest, PingNodeRequest};
 
 use cli::client::{ensure_output, explain, ConnectArgs};
@@ -304,7 +303,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             // artifacts) is its own, whatever umask it was started with.
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
             let shutdown = cutover_common::shutdown::on_signals();
-            Coordinator::bind(config, shutdown).await?.wait().await?;
+            cutover_coordinator::leading::serve(config, shutdown).await?;
         }
         Commands::Ca { action } => ca(action, &cli.connect, json).await?,
         Commands::Nodes { action } => {

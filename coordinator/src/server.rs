@@ -72,17 +72,30 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// Binds the configured addresses; `store`: one opened already (a
+    /// leader's fenced store), or the config's.
     pub async fn bind(
         config: CoordinatorConfig,
+        store: Option<Store>,
         shutdown: CancellationToken,
     ) -> Result<Self, ServerError> {
         let grpc = bind_listener("grpc", config.listen).await?;
         let http = bind_listener("http", config.http_listen).await?;
-        Self::start(config, grpc, http, shutdown).await
+        Self::start_with(config, store, grpc, http, shutdown).await
     }
 
     pub async fn start(
         config: CoordinatorConfig,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ServerError> {
+        Self::start_with(config, None, grpc, http, shutdown).await
+    }
+
+    async fn start_with(
+        config: CoordinatorConfig,
+        store: Option<Store>,
         grpc: TcpListener,
         http: TcpListener,
         shutdown: CancellationToken,
@@ -111,8 +124,9 @@ impl Coordinator {
             }
         })?;
         private(&config.data_dir.join("artifacts"))?;
-        let store = match config.store {
-            StoreKind::Etcd => {
+        let store = match (store, config.store) {
+            (Some(store), _) => store,
+            (None, StoreKind::Etcd) => {
                 let etcd = config.etcd.as_ref().ok_or_else(|| {
                     StoreError::Backend(
                         "store = \"etcd\" but coordinator.toml has no [etcd] section".into(),
@@ -120,7 +134,7 @@ impl Coordinator {
                 })?;
                 Store::open_etcd(etcd)?
             }
-            StoreKind::Sled => {
+            (None, StoreKind::Sled) => {
                 private(&config.data_dir.join("store"))?;
                 Store::open_sled(&config.data_dir.join("store"))?
             }

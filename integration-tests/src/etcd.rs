@@ -34,6 +34,7 @@ fn settings_for(endpoints: Vec<String>, prefix: &str) -> EtcdSettings {
         server_name: None,
         request_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
+        advertise: None,
     }
 }
 

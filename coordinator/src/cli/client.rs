@@ -103,23 +103,30 @@ impl ConnectArgs {
             server_name,
             files,
         } = self.resolve()?;
-        let url = CoordinatorUrl::parse(&coordinator)?;
+        let urls = CoordinatorUrl::parse_list(&coordinator)?;
         // A renewal (`operator renew`) a crash cut short is completed first.
         cutover_common::pki::finish_pair_swap(&files.cert, &files.key);
         if let Some(warning) = exposed_key(&files.key) {
             eprintln!("warning: {warning}");
         }
         let config = tls::client_config(&files)?;
-        let connection = tls::connect(
-            &url,
-            server_name.as_deref(),
-            config,
-            &ChannelOptions::default(),
-        )
-        .await
-        .map_err(|error| {
+        // Several coordinators (on etcd): only the leader listens.
+        let mut failures = Vec::new();
+        let mut connected = None;
+        for url in &urls {
+            let options = ChannelOptions::default();
+            match tls::connect(url, server_name.as_deref(), config.clone(), &options).await {
+                Ok(connection) => {
+                    connected = Some(connection);
+                    break;
+                }
+                Err(error) => failures.push(error.to_string()),
+            }
+        }
+        let connection = connected.ok_or_else(|| {
             anyhow::anyhow!(
-                "{error}; check that the coordinator runs there and that --coordinator and --ca-cert are this installation's"
+                "{}; check that the coordinator runs there and that --coordinator and --ca-cert are this installation's",
+                failures.join("; ")
             )
         })?;
         Ok(OperatorServiceClient::new(connection))

@@ -22,7 +22,9 @@ impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
         match error {
             // Retryable: the call changed nothing the caller must know of.
-            StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
+            StoreError::Unavailable(_) | StoreError::Fenced { .. } => {
+                Status::unavailable(error.to_string())
+            }
             _ => Status::internal(error.to_string()),
         }
     }
@@ -41,7 +43,9 @@ impl From<RolloutError> for Status {
                 Status::invalid_argument(message)
             }
             RolloutError::NotFound(_) => Status::not_found(message),
-            RolloutError::Store(StoreError::Unavailable(_)) => Status::unavailable(message),
+            RolloutError::Store(StoreError::Unavailable(_) | StoreError::Fenced { .. }) => {
+                Status::unavailable(message)
+            }
             RolloutError::Store(_) => Status::internal(message),
             RolloutError::Locked { .. } | RolloutError::Claimed { .. } => Status::aborted(message),
             RolloutError::EnvironmentPinned(_) => Status::permission_denied(message),

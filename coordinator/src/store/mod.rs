@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 pub use access::AccessRepo;
 pub use backend::{Backend, Revision, Snapshot};
-pub use etcd::EtcdBackend;
+pub use etcd::{Campaign, EtcdBackend, Leadership};
 pub use jobs::*;
 pub use levers::{LeverKind, LeverRecord, LeverRepo};
 pub use nodes::{EventLog, NodeRepo};
@@ -49,6 +49,10 @@ pub enum StoreError {
     /// same call may succeed later; nothing was decided.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// A write of a coordinator that is no longer the leader (its leader
+    /// key was created at revision `token`; it is now at `now`, 0: gone).
+    #[error("this coordinator is no longer the leader (its leadership began at etcd revision {token}, the leader key is now at {now}): it stops acting and the current leader carries on")]
+    Fenced { token: i64, now: i64 },
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     /// A restore found records already there (`what` names where).

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl};
 use cutover_proto::etcd::etcdserverpb::{
-    kv_client::KvClient, range_request, DeleteRangeRequest, PutRequest, RangeRequest,
-    RangeResponse, TxnRequest, TxnResponse,
+    kv_client::KvClient, lease_client::LeaseClient, range_request, LeaseGrantRequest,
+    LeaseKeepAliveRequest, LeaseRevokeRequest, RangeRequest, RangeResponse, TxnRequest,
+    TxnResponse,
 };
 use cutover_proto::etcd::mvccpb::KeyValue;
 use tonic::transport::Channel;
@@ -37,6 +38,7 @@ pub(super) enum Retry {
 struct Member {
     url: String,
     kv: KvClient<Channel>,
+    lease: LeaseClient<Channel>,
 }
 
 pub(super) struct EtcdClient {
@@ -80,9 +82,10 @@ impl EtcdClient {
                 })?;
                 Ok(Member {
                     url: endpoint.clone(),
-                    kv: KvClient::new(channel)
+                    kv: KvClient::new(channel.clone())
                         .max_decoding_message_size(MAX_RESPONSE_BYTES)
                         .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                    lease: LeaseClient::new(channel),
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -102,7 +105,7 @@ impl EtcdClient {
     /// (each once) when `retry` allows; the error names every member tried.
     async fn call<T, F, Fut>(&self, what: &str, retry: Retry, call: F) -> Result<T, StoreError>
     where
-        F: Fn(KvClient<Channel>) -> Fut,
+        F: Fn(&Member) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let first = self.current.load(Ordering::Relaxed);
@@ -110,7 +113,7 @@ impl EtcdClient {
         for attempt in 0..self.members.len() {
             let index = (first + attempt) % self.members.len();
             let member = &self.members[index];
-            let outcome = tokio::time::timeout(self.timeout, call(member.kv.clone())).await;
+            let outcome = tokio::time::timeout(self.timeout, call(member)).await;
             let failure = match outcome {
                 Ok(Ok(response)) => {
                     self.current.store(index, Ordering::Relaxed);
@@ -152,46 +155,12 @@ impl EtcdClient {
         request: RangeRequest,
         retry: Retry,
     ) -> Result<RangeResponse, StoreError> {
-        self.call("read", retry, |mut kv| {
+        self.call("read", retry, |member| {
+            let mut kv = member.kv.clone();
             let request = request.clone();
             async move { kv.range(request).await }
         })
         .await
-    }
-
-    pub(super) async fn put(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
-        let request = PutRequest {
-            key,
-            value,
-            ..PutRequest::default()
-        };
-        self.call("write", Retry::Safe, |mut kv| {
-            let request = request.clone();
-            async move { kv.put(request).await }
-        })
-        .await
-        .map(drop)
-    }
-
-    /// Deletes `key` (with `range_end`, every key up to it); how many went.
-    pub(super) async fn delete(
-        &self,
-        key: Vec<u8>,
-        range_end: Vec<u8>,
-        retry: Retry,
-    ) -> Result<i64, StoreError> {
-        let request = DeleteRangeRequest {
-            key,
-            range_end,
-            ..DeleteRangeRequest::default()
-        };
-        let response = self
-            .call("delete", retry, |mut kv| {
-                let request = request.clone();
-                async move { kv.delete_range(request).await }
-            })
-            .await?;
-        Ok(response.deleted)
     }
 
     pub(super) async fn txn(
@@ -199,11 +168,60 @@ impl EtcdClient {
         request: TxnRequest,
         retry: Retry,
     ) -> Result<TxnResponse, StoreError> {
-        self.call("transaction", retry, |mut kv| {
+        self.call("transaction", retry, |member| {
+            let mut kv = member.kv.clone();
             let request = request.clone();
             async move { kv.txn(request).await }
         })
         .await
+    }
+
+    /// A lease of `ttl` seconds; returns its id and the TTL granted.
+    pub(super) async fn grant(&self, ttl: i64) -> Result<(i64, i64), StoreError> {
+        let response = self
+            .call("lease grant", Retry::Safe, |member| {
+                let mut lease = member.lease.clone();
+                async move { lease.lease_grant(LeaseGrantRequest { ttl, id: 0 }).await }
+            })
+            .await?;
+        if !response.error.is_empty() {
+            return Err(StoreError::Backend(format!(
+                "etcd refused a lease: {}",
+                response.error
+            )));
+        }
+        Ok((response.id, response.ttl))
+    }
+
+    /// Renews lease `id` once; returns the TTL it has again (0 or less: it
+    /// had expired, nothing was renewed).
+    pub(super) async fn keep_alive(&self, id: i64) -> Result<i64, StoreError> {
+        self.call("lease renewal", Retry::Safe, |member| {
+            let mut lease = member.lease.clone();
+            async move {
+                // One renewal per stream: a stream would stay on one member
+                // and need its own failover.
+                let request = tokio_stream::once(LeaseKeepAliveRequest { id });
+                let mut responses = lease.lease_keep_alive(request).await?.into_inner();
+                match responses.message().await? {
+                    Some(response) => Ok(tonic::Response::new(response.ttl)),
+                    None => Err(tonic::Status::unavailable(
+                        "the lease renewal stream ended without an answer",
+                    )),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Ends lease `id` at once, deleting the keys attached to it.
+    pub(super) async fn revoke(&self, id: i64) -> Result<(), StoreError> {
+        self.call("lease revocation", Retry::Safe, |member| {
+            let mut lease = member.lease.clone();
+            async move { lease.lease_revoke(LeaseRevokeRequest { id }).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// Every key in `[key, range_end)` at one revision (the first page's,

@@ -13,10 +13,11 @@ mod client;
 
 use async_trait::async_trait;
 use cutover_proto::etcd::etcdserverpb::{
-    compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
-    TxnRequest,
+    compare, request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest, TxnResponse,
 };
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use super::backend::{
     Backend, Durability, Entry, Log, LogFilter, LogRecord, Revision, Snapshot, Swap, Table,
@@ -24,6 +25,9 @@ use super::backend::{
 use super::{Page, StoreError};
 use crate::config::EtcdSettings;
 use client::{prefix_end, EtcdClient, Retry, Scan};
+
+mod election;
+pub use election::{Campaign, Leadership};
 
 /// Sequence numbers are reserved from `PREFIX seq` this many at a time, so
 /// an append is one write; a restart skips what was left (gaps are allowed).
@@ -39,8 +43,11 @@ const RESTORE_BYTES: usize = 1 << 20;
 const PRUNE_BATCH: i64 = 1000;
 
 pub struct EtcdBackend {
-    client: EtcdClient,
+    client: std::sync::Arc<EtcdClient>,
     prefix: Vec<u8>,
+    /// A leader's writes hold only while its leader key is the one it
+    /// created (see `election.rs`).
+    fence: Option<Fence>,
     /// The next sequence number and the end of the reserved block; held
     /// across an append's write so that one coordinator's records land in
     /// sequence order (a reader following a log never skips one).
@@ -52,10 +59,96 @@ impl EtcdBackend {
     /// (see `EtcdClient::new`).
     pub fn new(settings: &EtcdSettings) -> Result<Self, StoreError> {
         Ok(Self {
-            client: EtcdClient::new(settings)?,
+            client: std::sync::Arc::new(EtcdClient::new(settings)?),
             prefix: settings.prefix.as_bytes().to_vec(),
+            fence: None,
             seq: Mutex::new((0, 0)),
         })
+    }
+
+    /// The store as `leadership`'s leader writes it: every write is a
+    /// transaction that also compares the leader key's creation revision
+    /// with the leader's token, so a deposed leader's late write changes
+    /// nothing; the first one refused ends the leadership.
+    pub fn fenced(settings: &EtcdSettings, leadership: &Leadership) -> Result<Self, StoreError> {
+        let mut backend = Self::new(settings)?;
+        backend.fence = Some(Fence {
+            key: leadership.key().to_vec(),
+            token: leadership.token,
+            lost: leadership.lost.clone(),
+        });
+        Ok(backend)
+    }
+
+    /// Writes `op` if every `compare` holds (and the fence, for a leader).
+    async fn write(
+        &self,
+        mut compare: Vec<Compare>,
+        op: RequestOp,
+        retry: Retry,
+    ) -> Result<Written, StoreError> {
+        let mut failure = Vec::new();
+        if let Some(fence) = &self.fence {
+            compare.push(fence.holds());
+            failure.push(range_op(fence.key.clone()));
+        }
+        let response = self
+            .client
+            .txn(
+                TxnRequest {
+                    compare,
+                    success: vec![op],
+                    failure,
+                },
+                retry,
+            )
+            .await?;
+        if response.succeeded {
+            return Ok(Written::Done(response));
+        }
+        if let Some(fence) = &self.fence {
+            let now = match response.responses.first().and_then(|r| r.response.as_ref()) {
+                Some(response_op::Response::ResponseRange(range)) => {
+                    range.kvs.first().map_or(0, |kv| kv.create_revision)
+                }
+                _ => 0,
+            };
+            if now != fence.token {
+                fence.lost.cancel();
+                return Err(StoreError::Fenced {
+                    token: fence.token,
+                    now,
+                });
+            }
+        }
+        Ok(Written::Conflict)
+    }
+
+    async fn put_key(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        match self
+            .write(Vec::new(), put_op(key, value), Retry::Safe)
+            .await?
+        {
+            Written::Done(_) => Ok(()),
+            Written::Conflict => Err(unconditional_refused()),
+        }
+    }
+
+    /// Deletes `key` (up to `range_end`, when not empty); how many went.
+    async fn delete_keys(&self, key: Vec<u8>, range_end: Vec<u8>) -> Result<usize, StoreError> {
+        let op = RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key,
+                    range_end,
+                    ..DeleteRangeRequest::default()
+                },
+            )),
+        };
+        match self.write(Vec::new(), op, Retry::Safe).await? {
+            Written::Done(response) => Ok(deleted(&response)),
+            Written::Conflict => Err(unconditional_refused()),
+        }
     }
 
     fn key(&self, parts: &[&[u8]]) -> Vec<u8> {
@@ -118,18 +211,8 @@ impl EtcdBackend {
             let first = reserved.max(at_least) + 1;
             let end = first + SEQ_BLOCK;
             let put = put_op(self.seq_key(), (end - 1).to_string().into_bytes());
-            let response = self
-                .client
-                .txn(
-                    TxnRequest {
-                        compare: vec![at_mod_revision(self.seq_key(), revision)],
-                        success: vec![put],
-                        failure: Vec::new(),
-                    },
-                    Retry::Once,
-                )
-                .await?;
-            if response.succeeded {
+            let compare = vec![at_mod_revision(self.seq_key(), revision)];
+            if let Written::Done(_) = self.write(compare, put, Retry::Once).await? {
                 return Ok((first, end));
             }
             // Another coordinator reserved meanwhile: read again.
@@ -192,17 +275,31 @@ impl EtcdBackend {
     }
 
     async fn commit(&self, success: Vec<RequestOp>) -> Result<(), StoreError> {
-        self.client
+        let mut compare = Vec::new();
+        if let Some(fence) = &self.fence {
+            compare.push(fence.holds());
+        }
+        let response = self
+            .client
             .txn(
                 TxnRequest {
-                    compare: Vec::new(),
+                    compare,
                     success,
                     failure: Vec::new(),
                 },
                 Retry::Safe,
             )
-            .await
-            .map(drop)
+            .await?;
+        match (&self.fence, response.succeeded) {
+            (Some(fence), false) => {
+                fence.lost.cancel();
+                Err(StoreError::Fenced {
+                    token: fence.token,
+                    now: 0,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -252,7 +349,7 @@ impl Backend for EtcdBackend {
         value: Vec<u8>,
         _durability: Durability,
     ) -> Result<(), StoreError> {
-        self.client.put(self.row_key(table, key), value).await
+        self.put_key(self.row_key(table, key), value).await
     }
 
     async fn delete(
@@ -261,8 +358,10 @@ impl Backend for EtcdBackend {
         key: &[u8],
         _durability: Durability,
     ) -> Result<bool, StoreError> {
-        let key = self.row_key(table, key);
-        Ok(self.client.delete(key, Vec::new(), Retry::Safe).await? > 0)
+        Ok(self
+            .delete_keys(self.row_key(table, key), Vec::new())
+            .await?
+            > 0)
     }
 
     async fn compare_and_put(
@@ -286,21 +385,10 @@ impl Backend for EtcdBackend {
                 )),
             },
         };
-        let response = self
-            .client
-            .txn(
-                TxnRequest {
-                    compare: vec![at_mod_revision(full, revision)],
-                    success: vec![op],
-                    failure: Vec::new(),
-                },
-                Retry::Once,
-            )
-            .await?;
-        Ok(if response.succeeded {
-            Swap::Done
-        } else {
-            Swap::Conflict
+        let compare = vec![at_mod_revision(full, revision)];
+        Ok(match self.write(compare, op, Retry::Once).await? {
+            Written::Done(_) => Swap::Done,
+            Written::Conflict => Swap::Conflict,
         })
     }
 
@@ -315,8 +403,7 @@ impl Backend for EtcdBackend {
             *seq = self.reserve(seq.1).await?;
         }
         let number = seq.0;
-        self.client
-            .put(self.log_key(log, number), record(number))
+        self.put_key(self.log_key(log, number), record(number))
             .await?;
         seq.0 += 1;
         Ok(number)
@@ -385,11 +472,7 @@ impl Backend for EtcdBackend {
             let Some(mut last) = last else { break };
             last.push(0);
             // Only the oldest: the range ends right after the last of them.
-            let deleted = self
-                .client
-                .delete(prefix.clone(), last, Retry::Safe)
-                .await?
-                .max(0) as usize;
+            let deleted = self.delete_keys(prefix.clone(), last).await?;
             if deleted == 0 {
                 break;
             }
@@ -486,6 +569,55 @@ impl Backend for EtcdBackend {
     }
 }
 
+/// A leader's fence: its leader key and the creation revision it had when
+/// the leader won (its token).
+struct Fence {
+    key: Vec<u8>,
+    token: i64,
+    /// Cancelled by the first write the fence refuses.
+    lost: CancellationToken,
+}
+
+impl Fence {
+    fn holds(&self) -> Compare {
+        Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Create as i32,
+            key: self.key.clone(),
+            range_end: Vec::new(),
+            target_union: Some(compare::TargetUnion::CreateRevision(self.token)),
+        }
+    }
+}
+
+enum Written {
+    Done(TxnResponse),
+    /// A condition of the caller's did not hold; nothing changed.
+    Conflict,
+}
+
+/// A write whose only condition is the fence was refused although the
+/// fence held: etcd broke its contract.
+fn unconditional_refused() -> StoreError {
+    StoreError::Backend("etcd refused a write that had no condition but the leader's fence, which held; check the etcd cluster's health".into())
+}
+
+fn range_op(key: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestRange(RangeRequest {
+            key,
+            ..RangeRequest::default()
+        })),
+    }
+}
+
+fn deleted(response: &TxnResponse) -> usize {
+    match response.responses.first().and_then(|r| r.response.as_ref()) {
+        Some(response_op::Response::ResponseDeleteRange(delete)) => delete.deleted.max(0) as usize,
+        _ => 0,
+    }
+}
+
 /// The condition "`key` is still at `revision`" (0: absent).
 fn at_mod_revision(key: Vec<u8>, revision: i64) -> Compare {
     Compare {
@@ -563,6 +695,7 @@ pub(crate) mod tests {
             server_name: None,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
+            advertise: None,
         }
     }
 

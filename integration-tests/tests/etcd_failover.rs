@@ -1,0 +1,251 @@
+//! Two `cutover server` processes on one etcd prefix: one leads (only it
+//! listens), the other follows. The leader is SIGKILLed in the middle of a
+//! rolling rollout under load: the follower takes the lead once the dead
+//! one's lease runs out, the agents (which list both) reconnect to it, the
+//! rollout ends succeeded with every node on the new release, no request
+//! fails, and the CLI (which lists both too) reaches whichever leads.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cutover_common::identity::Role;
+use cutover_integration_tests::cli::{two_builds, Cli};
+use cutover_integration_tests::load::Load;
+use cutover_integration_tests::{bin, spawn_agent, Cluster, Tuning};
+
+const NODES: [&str; 2] = ["127.0.0.11", "127.0.0.12"];
+
+/// A `cutover server` process of the test, SIGKILLed when dropped.
+struct Server {
+    child: Child,
+    grpc: u16,
+    http: u16,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(cluster: &Cluster, dir: &Path, name: &str, prefix: &str) -> Self {
+        let port = |taken: &[u16]| {
+            cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(36000..=38999), taken)
+                .unwrap()
+        };
+        let grpc = port(&[]);
+        let http = port(&[grpc]);
+        let files = cluster.pki.coordinator_files();
+        let ca_key = files.ca_cert.with_file_name(cutover_common::pki::CA_KEY);
+        let master_key = files
+            .ca_cert
+            .with_file_name(cutover_coordinator::secrets::MASTER_KEY);
+        let etcd = cutover_integration_tests::etcd::settings(prefix);
+        let endpoints = etcd
+            .endpoints
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {data:?}\nlisten = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\n\
+                 heartbeat_interval = \"300ms\"\nheartbeat_ttl = \"2s\"\nshutdown_grace = \"3s\"\n\
+                 ca_key = {ca_key:?}\nmaster_key_file = {master_key:?}\nstore = \"etcd\"\n\
+                 [tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n\
+                 [etcd]\nendpoints = [{endpoints}]\nprefix = {prefix:?}\nadvertise = \"https://127.0.0.1:{grpc}\"\n\
+                 tls = {{ ca_cert = {:?}, cert = {:?}, key = {:?} }}\n",
+                files.ca_cert,
+                files.cert,
+                files.key,
+                etcd.tls.ca_cert,
+                etcd.tls.cert,
+                etcd.tls.key,
+                data = dir.join(name),
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(bin("cutover"))
+            .args(["server", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            grpc,
+            http,
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.grpc)
+    }
+
+    /// Whether it serves (only a leader binds its ports).
+    fn leads(&self) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.http)).is_ok()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < timeout,
+            "{what}: not within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("failover{}/", dir.path().display());
+    // The PKI and the agents' settings of an in-process cluster whose own
+    // coordinator steps aside for the two processes.
+    let mut cluster = Cluster::start(0, Tuning::default()).await;
+    cluster.stop_coordinator().await;
+    let mut first = Server::start(&cluster, dir.path(), "first", &prefix);
+    wait_until(
+        "the first coordinator leads",
+        Duration::from_secs(20),
+        || first.leads(),
+    );
+    let second = Server::start(&cluster, dir.path(), "second", &prefix);
+    let both = format!("{},{}", first.url(), second.url());
+
+    for (name, env) in [("node-1", "production"), ("node-2", "production")] {
+        let mut config = cluster.agent_config(name);
+        config.labels = [("env".to_string(), env.to_string())].into();
+        config.coordinator = both.clone();
+        cluster.agents.push(spawn_agent(config).await);
+    }
+    let cli = Cli {
+        coordinator: both.clone(),
+        dir: dir.path().to_path_buf(),
+    };
+    let root = cluster.pki.client_files(Role::Operator, "root");
+    let admin = dir.path().join("root.toml");
+    std::fs::write(
+        &admin,
+        format!(
+            "coordinator = {both:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+            root.ca_cert, root.cert, root.key
+        ),
+    )
+    .unwrap();
+    wait_until("both agents connect", Duration::from_secs(20), || {
+        let (ok, text) = cli.run(&admin, &["nodes", "-o", "json"]);
+        ok && serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|nodes| {
+            nodes.as_array().is_some_and(|n| {
+                n.len() == 2
+                    && n.iter()
+                        .all(|n| n["connected"] == true && n["status"] == "ready")
+            })
+        })
+    });
+    assert!(!second.leads(), "two coordinators serve at once");
+
+    let (v1, v2) = two_builds(dir.path());
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    let spec = dir.path().join("cutover.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "5s"
+[strategy]
+batch = 1
+min_healthy_time = "3s"
+[environments.production]
+nodes = {{ env = "production" }}
+"#
+        ),
+    )
+    .unwrap();
+    let spec = spec.display().to_string();
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &["--wait"]);
+    assert!(ok, "{text}");
+
+    let targets = NODES
+        .iter()
+        .map(|ip| format!("{ip}:{port}").parse().unwrap())
+        .collect();
+    let load = Load::start(targets, "/", 4);
+    let sent = load.wait_for_sent(0, 100, "on v1").await;
+
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v2", &v2, &[]);
+    assert!(ok, "{text}");
+    let rollout = cli.json(&admin, &["rollout", "list", "--env", "production"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Mid-batch: the first node switched, its watch running.
+    wait_until("the first batch switches", Duration::from_secs(30), || {
+        let (ok, text) = cli.run(&admin, &["rollout", "status", &rollout, "-o", "json"]);
+        ok && text.contains("batch_switched")
+    });
+    first.kill();
+    let killed = Instant::now();
+    let took_over = wait_until(
+        "the second coordinator takes the lead",
+        Duration::from_secs(30),
+        || second.leads(),
+    );
+    println!("leader SIGKILLed; the follower serves after {took_over:?}");
+    assert!(
+        took_over < Duration::from_secs(20),
+        "took over after {took_over:?}"
+    );
+
+    let status = loop {
+        let (ok, text) = cli.run(&admin, &["rollout", "status", &rollout, "-o", "json"]);
+        if ok {
+            let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let state = status["state"].as_str().unwrap_or_default().to_string();
+            if !matches!(state.as_str(), "pending" | "running" | "paused") {
+                break status;
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(90),
+            "the rollout did not end after the failover:\n{}",
+            std::fs::read_to_string(&second.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    let nodes = cli.json(&admin, &["nodes"]);
+    for node in nodes.as_array().unwrap() {
+        let release = node["services"][0]["release"].as_str().unwrap_or_default();
+        assert!(release.starts_with("web-v2-"), "{node}");
+    }
+    load.wait_for_sent(sent, 100, "after the failover").await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
+}
