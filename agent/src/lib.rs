@@ -159,6 +159,10 @@ enum SessionError {
     Stream(tonic::Status),
     #[error("{0}")]
     Protocol(String),
+    #[error("the coordinator is of an older term (its token {token}, this node has seen {highest}): a leader that lost the lead; moving on to the next coordinator")]
+    Stale { token: i64, highest: i64 },
+    #[error("cannot record the coordinator's token: {0}")]
+    Token(String),
 }
 
 async fn keep_certificate_fresh(
@@ -607,6 +611,16 @@ impl Agent {
         }
     }
 
+    /// Accepts what a coordinator of the highest term seen (or a single
+    /// coordinator) sends; refuses one of an older term.
+    fn fence(&self, token: i64) -> Result<(), SessionError> {
+        match self.executor.services().observe_leader_token(token) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(highest)) => Err(SessionError::Stale { token, highest }),
+            Err(error) => Err(SessionError::Token(error.to_string())),
+        }
+    }
+
     fn hello(&self) -> pb::Hello {
         pb::Hello {
             node_id: self.node_id.clone(),
@@ -650,23 +664,22 @@ impl Agent {
                 .await
                 .map_err(SessionError::Refused)?
                 .into_inner();
-            match inbound
-                .message()
-                .await
-                .map_err(SessionError::Refused)?
-                .and_then(|m| m.kind)
-            {
-                Some(coordinator_message::Kind::Welcome(welcome)) => Ok((inbound, welcome)),
+            match inbound.message().await.map_err(SessionError::Refused)? {
+                Some(pb::CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Welcome(welcome)),
+                    leader_token,
+                }) => Ok((inbound, welcome, leader_token)),
                 _ => Err(SessionError::Protocol(
                     "the coordinator did not start with welcome".into(),
                 )),
             }
         };
-        let (mut inbound, welcome) = tokio::select! {
+        let (mut inbound, welcome, token) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             opened = tokio::time::timeout(WELCOME_TIMEOUT, opening) => opened
                 .map_err(|_| SessionError::Protocol("no welcome from the coordinator".into()))??,
         };
+        self.fence(token)?;
         let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
         tracing::info!(
             coordinator_version = %welcome.coordinator_version,
@@ -718,7 +731,10 @@ impl Agent {
                 }
                 received = inbound.message() => match received.map_err(SessionError::Stream)? {
                     None => return Ok(()),
-                    Some(pb::CoordinatorMessage { kind: Some(coordinator_message::Kind::Command(command)) }) => {
+                    Some(pb::CoordinatorMessage { kind: Some(coordinator_message::Kind::Command(command)), leader_token }) => {
+                        // Checked per command too: a newer leader may have
+                        // reached this node meanwhile (an agent restarted).
+                        self.fence(leader_token)?;
                         tracing::info!(command_id = %command.command_id, "command received");
                         self.executor.submit(command);
                     }

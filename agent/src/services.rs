@@ -572,6 +572,11 @@ impl NodeServices {
         self.coordinator.lock().expect("coordinator lock").clone()
     }
 
+    /// See `AgentStore::observe_leader_token`.
+    pub fn observe_leader_token(&self, token: i64) -> Result<Result<(), i64>, StoreError> {
+        self.store.observe_leader_token(token)
+    }
+
     pub fn set_coordinator(&self, channel: Option<Channel>) {
         *self.coordinator.lock().expect("coordinator lock") = channel;
     }

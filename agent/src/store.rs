@@ -214,6 +214,9 @@ pub struct ReleaseFiles {
     pub prepared_at_ms: Option<i64>,
 }
 
+/// Where `AgentStore::leader_token` lives (the default tree).
+const LEADER_TOKEN: &[u8] = b"leader_token";
+
 pub struct AgentStore {
     db: sled::Db,
     services: sled::Tree,
@@ -246,6 +249,39 @@ impl AgentStore {
             releases,
             writes: std::sync::Mutex::new(()),
         })
+    }
+
+    /// The highest fencing token a coordinator's message carried (0:
+    /// none), kept across restarts: a coordinator of an older term is
+    /// refused also by an agent restarted since it saw the newer one.
+    pub fn leader_token(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .db
+            .get(LEADER_TOKEN)
+            .map_err(backend)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, i64::from_be_bytes))
+    }
+
+    /// Accepts a message carrying `token` (0: from a single coordinator,
+    /// always accepted): a token at least the highest seen is recorded
+    /// (durably) and accepted; a lower one is refused with the highest.
+    pub fn observe_leader_token(&self, token: i64) -> Result<Result<(), i64>, StoreError> {
+        if token == 0 {
+            return Ok(Ok(()));
+        }
+        let _writing = self.writes.lock().expect("store write lock");
+        let highest = self.leader_token()?;
+        if token < highest {
+            return Ok(Err(highest));
+        }
+        if token > highest {
+            self.db
+                .insert(LEADER_TOKEN, &token.to_be_bytes())
+                .map_err(backend)?;
+            self.db.flush().map_err(backend)?;
+        }
+        Ok(Ok(()))
     }
 
     pub fn service(&self, name: &str) -> Result<Option<ServiceRecord>, StoreError> {
@@ -400,6 +436,28 @@ pub(crate) mod tests {
     use super::*;
     use crate::checks::HealthGate;
     use crate::service::DEFAULT_DRAIN_TIMEOUT;
+
+    #[test]
+    fn a_coordinator_of_an_older_term_is_refused_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = AgentStore::open(&dir.path().join("db")).unwrap();
+            assert_eq!(store.leader_token().unwrap(), 0);
+            assert_eq!(store.observe_leader_token(7).unwrap(), Ok(()));
+            assert_eq!(
+                store.observe_leader_token(7).unwrap(),
+                Ok(()),
+                "the same term"
+            );
+            assert_eq!(store.observe_leader_token(12).unwrap(), Ok(()));
+            assert_eq!(store.observe_leader_token(7).unwrap(), Err(12));
+            // A single coordinator (no election) is never refused.
+            assert_eq!(store.observe_leader_token(0).unwrap(), Ok(()));
+        }
+        let store = AgentStore::open(&dir.path().join("db")).unwrap();
+        assert_eq!(store.leader_token().unwrap(), 12);
+        assert_eq!(store.observe_leader_token(11).unwrap(), Err(12));
+    }
 
     /// A release as the store records it.
     pub(crate) fn release(id: &str, drain_timeout: Duration) -> WebRelease {

@@ -320,6 +320,7 @@ impl AgentService for AgentApi {
                 heartbeat_ttl_ms: self.config.heartbeat_ttl.as_millis() as u64,
                 coordinator_version: cutover_common::VERSION.to_string(),
             })),
+            leader_token: self.registry.leader_token(),
         };
         // Queued before the registry can route commands to this stream, so the
         // welcome is always the first message the agent reads.

@@ -183,6 +183,11 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The fencing token every message to the agents carries.
+    pub fn leader_token(&self) -> i64 {
+        self.store.leader_token()
+    }
+
     /// Loads known nodes. Nodes that were ready get one TTL of grace to
     /// reconnect before they are marked unreachable, as after a coordinator
     /// restart their heartbeats simply had nowhere to go.
@@ -678,6 +683,7 @@ impl Registry {
             .sender
             .try_send(Ok(CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::Command(command)),
+                leader_token: self.store.leader_token(),
             }))
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => RegistryError::QueueFull(name.clone()),

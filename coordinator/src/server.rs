@@ -93,7 +93,9 @@ impl Coordinator {
         Self::start_with(config, None, grpc, http, shutdown).await
     }
 
-    async fn start_with(
+    /// `start` on a store opened already (a leader's fenced one), or the
+    /// config's.
+    pub async fn start_with(
         config: CoordinatorConfig,
         store: Option<Store>,
         grpc: TcpListener,

@@ -249,3 +249,116 @@ nodes = {{ env = "production" }}
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
 }
+
+/// A leader deposed without noticing (its lease gone while it was cut off,
+/// say) is forced here: the coordinator of the older term keeps running
+/// with its fenced store beside the new leader. The agent, which saw the
+/// new leader's token, refuses every session the old one offers, and every
+/// write the old one tries is refused by etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_reaches_no_agent_and_writes_nothing() {
+    use std::sync::Arc;
+
+    use cutover_coordinator::store::{Campaign, EtcdBackend, Store};
+    use cutover_coordinator::Coordinator;
+    use tokio_util::sync::CancellationToken;
+
+    let dir = tempfile::tempdir().unwrap();
+    let settings =
+        cutover_integration_tests::etcd::settings(&format!("deposed{}/", dir.path().display()));
+    let never = CancellationToken::new();
+    let old = Campaign::new(&settings, "https://old:7443")
+        .unwrap()
+        .win(&never)
+        .await
+        .unwrap();
+    let old_store = Store::new(Arc::new(EtcdBackend::fenced(&settings, &old).unwrap()));
+    let old_token = old.token;
+    old.resign().await;
+    let new = Campaign::new(&settings, "https://new:7443")
+        .unwrap()
+        .win(&never)
+        .await
+        .unwrap();
+    assert!(new.token > old_token);
+    let new_store = Store::new(Arc::new(EtcdBackend::fenced(&settings, &new).unwrap()));
+
+    let mut cluster = Cluster::start(0, Tuning::default()).await;
+    cluster.stop_coordinator().await;
+    let start = |store: Store, data: &str| {
+        let config = cutover_integration_tests::coordinator_config(
+            cluster.pki.coordinator_files(),
+            &dir.path().join(data),
+            &Tuning::default(),
+        );
+        async move {
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            Coordinator::start_with(config, Some(store), grpc, http, CancellationToken::new())
+                .await
+                .unwrap()
+        }
+    };
+    let leader = start(new_store, "new").await;
+    let deposed = start(old_store, "old").await;
+    let url = |c: &Coordinator| format!("https://127.0.0.1:{}", c.grpc_addr.port());
+    let (leader_url, deposed_url) = (url(&leader), url(&deposed));
+
+    let mut config = cluster.agent_config("node-1");
+    config.labels = [("env".to_string(), "production".to_string())].into();
+    config.coordinator = format!("{leader_url},{deposed_url}");
+    cluster.agents.push(spawn_agent(config).await);
+    let root = cluster.pki.client_files(Role::Operator, "root");
+    let cli = Cli {
+        coordinator: deposed_url.clone(),
+        dir: dir.path().to_path_buf(),
+    };
+    let config_for = |url: &str, name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "coordinator = {url:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+                root.ca_cert, root.cert, root.key
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (via_leader, admin) = (
+        config_for(&leader_url, "leader.toml"),
+        config_for(&deposed_url, "deposed.toml"),
+    );
+    let ping = |config: &Path| cli.run(config, &["nodes", "ping", "node-1", "--timeout", "2s"]);
+    wait_until(
+        "the agent answers the leader",
+        Duration::from_secs(20),
+        || ping(&via_leader).0,
+    );
+
+    // The leader goes away; the agent turns to the other coordinator it
+    // lists, of the older term, and refuses it: its sessions end at the
+    // welcome, and a command sent on one is never run.
+    leader.stop().await.unwrap();
+    let watched = Instant::now();
+    let mut tries = 0;
+    while watched.elapsed() < Duration::from_secs(5) {
+        let (ok, text) = ping(&admin);
+        assert!(
+            !ok,
+            "a coordinator of an older term reached the agent: {text}"
+        );
+        tries += 1;
+    }
+    assert!(tries >= 2, "{tries} pings");
+
+    let (ok, text) = cli.run_with_input(
+        &admin,
+        &["secret", "set", "--env", "production", "TOKEN"],
+        "x",
+    );
+    assert!(!ok, "a write of a deposed leader went through: {text}");
+    assert!(text.contains("no longer the leader"), "{text}");
+    deposed.stop().await.unwrap();
+    new.resign().await;
+}

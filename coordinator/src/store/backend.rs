@@ -231,6 +231,12 @@ pub trait Backend: Send + Sync + 'static {
     /// read at one revision.)
     async fn snapshot(&self) -> Result<Snapshot, StoreError>;
 
+    /// The fencing token this backend's writes carry (a leader's on etcd),
+    /// 0 for a single coordinator's store.
+    fn leader_token(&self) -> i64 {
+        0
+    }
+
     /// Loads `snapshot` into this backend, which must hold no record
     /// (`StoreError::NotEmpty` otherwise); appends after it get sequence
     /// numbers above `snapshot.last_seq`. Durable when it returns.

@@ -141,6 +141,11 @@ impl Store {
         Ok(Self::new(Arc::new(EtcdBackend::new(settings)?)))
     }
 
+    /// The fencing token of this coordinator's term (0: not elected).
+    pub fn leader_token(&self) -> i64 {
+        self.kv.backend().leader_token()
+    }
+
     /// Makes every write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.kv.flush().await

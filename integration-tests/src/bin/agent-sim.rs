@@ -229,6 +229,7 @@ async fn session(
     {
         Some(pb::CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Welcome(w)),
+            ..
         }) => w,
         _ => return Err("no welcome".into()),
     };

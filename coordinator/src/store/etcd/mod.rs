@@ -533,6 +533,10 @@ impl Backend for EtcdBackend {
         })
     }
 
+    fn leader_token(&self) -> i64 {
+        self.fence.as_ref().map_or(0, |fence| fence.token)
+    }
+
     async fn restore(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         for table in Table::ALL {
             if self.holds(self.table_prefix(table)).await? {
