@@ -142,6 +142,9 @@ impl Coordinator {
             }
         };
         let metrics = Arc::new(Metrics::new());
+        metrics
+            .leadership
+            .leading(store.leader_token(), cutover_common::now_ms());
         let journal = Journal::start(store.clone(), metrics.journal_pending.clone());
         let registry =
             Arc::new(Registry::load(store.clone(), journal, config.heartbeat_ttl).await?);
@@ -377,7 +380,10 @@ impl Coordinator {
 /// Binds `addr`, waiting a little while it is in use: a coordinator
 /// restarted right after a crash (systemd, an operator) may find the dying
 /// process's sockets still there for a moment.
-async fn bind_listener(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+pub(crate) async fn bind_listener(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<TcpListener, ServerError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match TcpListener::bind(addr).await {

@@ -85,9 +85,18 @@ impl Server {
         format!("https://127.0.0.1:{}", self.grpc)
     }
 
-    /// Whether it serves (only a leader binds its ports).
+    /// Whether it serves (only a leader binds its gRPC port).
     fn leads(&self) -> bool {
-        std::net::TcpStream::connect(("127.0.0.1", self.http)).is_ok()
+        std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_ok()
+    }
+
+    /// Its /metrics and /healthz (a follower serves both).
+    fn page(&self, path: &str) -> String {
+        cutover_integration_tests::body(&cutover_integration_tests::http_get(
+            &format!("127.0.0.1:{}", self.http),
+            path,
+        ))
+        .to_string()
     }
 
     fn kill(&mut self) {
@@ -162,6 +171,42 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
         })
     });
     assert!(!second.leads(), "two coordinators serve at once");
+    // Both answer Prometheus: who acts, and the token of the term.
+    let leading = |page: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix("cutover_leading "))
+            .map(str::to_string)
+    };
+    let token = |page: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix("cutover_leader_token "))
+            .and_then(|t| t.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    wait_until(
+        "the follower's page answers",
+        Duration::from_secs(20),
+        || std::net::TcpStream::connect(("127.0.0.1", second.http)).is_ok(),
+    );
+    let (first_metrics, second_metrics) = (first.page("/metrics"), second.page("/metrics"));
+    assert_eq!(
+        leading(&first_metrics).as_deref(),
+        Some("1"),
+        "{first_metrics}"
+    );
+    assert_eq!(
+        leading(&second_metrics).as_deref(),
+        Some("0"),
+        "{second_metrics}"
+    );
+    let first_token = token(&first_metrics);
+    assert!(first_token > 0);
+    assert_eq!(token(&second_metrics), first_token, "{second_metrics}");
+    let healthz = second.page("/healthz");
+    assert!(
+        healthz.contains(&format!("following the leader at {}", first.url())),
+        "{healthz}"
+    );
 
     let (v1, v2) = two_builds(dir.path());
     let port =
@@ -240,6 +285,9 @@ nodes = {{ env = "production" }}
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(status["state"], "succeeded", "{status:#}");
+    let now = second.page("/metrics");
+    assert_eq!(leading(&now).as_deref(), Some("1"), "{now}");
+    assert!(token(&now) > first_token, "{now}");
     let nodes = cli.json(&admin, &["nodes"]);
     for node in nodes.as_array().unwrap() {
         let release = node["services"][0]["release"].as_str().unwrap_or_default();

@@ -14,11 +14,13 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 mod jobs;
+mod leadership;
 mod levers;
 mod queues;
 mod secrets;
 
 pub use jobs::{data_time_s, drill_data_age_s, JobMetrics};
+pub use leadership::LeadershipMetrics;
 pub use levers::LeverMetrics;
 pub use queues::QueueMetrics;
 pub use secrets::SecretMetrics;
@@ -73,8 +75,24 @@ pub struct Metrics {
     pub secrets: SecretMetrics,
     pub levers: LeverMetrics,
     pub queues: QueueMetrics,
+    pub leadership: LeadershipMetrics,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
     render_lock: Mutex<()>,
+}
+
+/// A registry of cutover's metrics with the build's version in it: the
+/// start of every coordinator's /metrics, a follower's too.
+pub fn registry_with_build_info() -> Registry {
+    let mut registry = Registry::with_prefix("cutover");
+    registry.register(
+        "build",
+        "Build information of this coordinator",
+        Info::new(vec![(
+            "version".to_string(),
+            cutover_common::VERSION.to_string(),
+        )]),
+    );
+    registry
 }
 
 impl Default for Metrics {
@@ -85,15 +103,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("cutover");
-        registry.register(
-            "build",
-            "Build information of this coordinator",
-            Info::new(vec![(
-                "version".to_string(),
-                cutover_common::VERSION.to_string(),
-            )]),
-        );
+        let registry = registry_with_build_info();
         let metrics = Self {
             heartbeats: Counter::default(),
             sessions_opened: Counter::default(),
@@ -128,6 +138,7 @@ impl Metrics {
             secrets: SecretMetrics::default(),
             levers: LeverMetrics::default(),
             queues: QueueMetrics::default(),
+            leadership: LeadershipMetrics::default(),
             render_lock: Mutex::new(()),
             registry,
         };
@@ -265,6 +276,7 @@ impl Metrics {
         );
         metrics.jobs.register(&mut registry);
         metrics.secrets.register(&mut registry);
+        metrics.leadership.register(&mut registry);
         metrics.levers.register(&mut registry);
         metrics.queues.register(&mut registry);
         Self {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 pub use access::AccessRepo;
 pub use backend::{Backend, Revision, Snapshot};
-pub use etcd::{Campaign, EtcdBackend, Leadership};
+pub use etcd::{Campaign, EtcdBackend, Leader, Leadership};
 pub use jobs::*;
 pub use levers::{LeverKind, LeverRecord, LeverRepo};
 pub use nodes::{EventLog, NodeRepo};

@@ -39,6 +39,8 @@ pub struct Campaign {
     key: Vec<u8>,
     /// Where operators and agents reach it, stored as the key's value.
     identity: String,
+    /// The leader this campaign last saw (for a follower's page).
+    observed: tokio::sync::watch::Sender<Option<Leader>>,
 }
 
 /// This coordinator leads until `lost` is cancelled.
@@ -69,7 +71,13 @@ impl Campaign {
             client: Arc::new(EtcdClient::new(settings)?),
             key,
             identity: identity.to_string(),
+            observed: tokio::sync::watch::Sender::new(None),
         })
+    }
+
+    /// The leader as `win` last saw it while following.
+    pub fn observed(&self) -> tokio::sync::watch::Receiver<Option<Leader>> {
+        self.observed.subscribe()
     }
 
     /// The current leader, if any.
@@ -99,6 +107,7 @@ impl Campaign {
             match self.try_once().await {
                 Ok(Ok(leadership)) => return Some(leadership),
                 Ok(Err(leader)) => {
+                    self.observed.send_replace(Some(leader.clone()));
                     if followed.as_ref() != Some(&leader) {
                         tracing::info!(leader = %leader.identity, token = leader.token, "following");
                         followed = Some(leader);

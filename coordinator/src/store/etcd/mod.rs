@@ -27,7 +27,7 @@ use crate::config::EtcdSettings;
 use client::{prefix_end, EtcdClient, Retry, Scan};
 
 mod election;
-pub use election::{Campaign, Leadership};
+pub use election::{Campaign, Leader, Leadership};
 
 /// Sequence numbers are reserved from `PREFIX seq` this many at a time, so
 /// an append is one write; a restart skips what was left (gaps are allowed).
