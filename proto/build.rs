@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cutover/v1/agent.proto",
         "cutover/v1/agent_state.proto",
         "cutover/v1/operator.proto",
+        "cutover/v1/server.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

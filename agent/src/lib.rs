@@ -513,20 +513,38 @@ impl Agent {
     /// One session, then the backoff's wait before the next.
     async fn session_round(&mut self, shutdown: &CancellationToken, backoff: &mut Backoff) {
         let started = Instant::now();
+        let mut leader = None;
         match self.session(shutdown).await {
             Ok(()) if shutdown.is_cancelled() => return,
             Ok(()) => tracing::info!("coordinator closed the session"),
-            Err(error) => tracing::warn!(%error, "session ended"),
+            Err(error) => {
+                tracing::warn!(%error, "session ended");
+                if let SessionError::Refused(status) = &error {
+                    leader = self.listed(status.metadata().get(cutover_common::LEADER_METADATA));
+                }
+            }
         }
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
         }
-        // The coordinator that ended it, or never answered, may have lost
+        // A follower named the leader: that one next, if listed. Otherwise
+        // the coordinator that ended it, or never answered, may have lost
         // the lead to another one.
-        self.next_url = (self.next_url + 1) % self.urls.len();
+        self.next_url = leader.unwrap_or((self.next_url + 1) % self.urls.len());
         let delay = backoff.next_delay();
         tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::time::sleep(delay).await;
+    }
+
+    /// The index of the listed coordinator a follower's refusal names.
+    fn listed(
+        &self,
+        leader: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    ) -> Option<usize> {
+        let leader = CoordinatorUrl::parse(leader?.to_str().ok()?).ok()?;
+        self.urls
+            .iter()
+            .position(|url| url.host == leader.host && url.port == leader.port)
     }
 
     /// Waits (within `SETTLE_TIMEOUT`) for the commands in flight to end;

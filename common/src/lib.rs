@@ -32,6 +32,11 @@ pub const AGENT_PROTOCOL: u32 = 2;
 /// are refused, with what to do.
 pub const OLDEST_AGENT_PROTOCOL: u32 = 1;
 
+/// The gRPC metadata key in which a coordinator that follows names the
+/// leader, on every call it refuses: an agent moves there (the CLI asks
+/// `ServerService.Status`, which names the leader too).
+pub const LEADER_METADATA: &str = "cutover-leader";
+
 /// Milliseconds since the Unix epoch, the one timestamp unit on the wire and in
 /// the store.
 pub fn now_ms() -> i64 {

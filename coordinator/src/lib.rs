@@ -35,6 +35,7 @@ pub mod registry;
 pub mod rollout;
 pub mod secrets;
 pub mod server;
+pub mod server_status;
 pub mod spec;
 pub mod spec_checks;
 pub mod store;

@@ -40,8 +40,17 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ServerAction {
+    /// Ask every coordinator listed in --coordinator whether it leads (or
+    /// runs alone) or whom it follows, since when and with which fencing
+    /// token, and every etcd member for its health. Exits 1 when none of
+    /// them leads.
+    Status,
+}
+
+#[derive(Subcommand)]
 enum Commands {
-    /// Run the coordinator daemon.
+    /// Run the coordinator daemon; `server status`: who leads.
     Server {
         #[arg(
             long,
@@ -49,6 +58,8 @@ enum Commands {
             default_value = "/etc/cutover/coordinator.toml"
         )]
         config: PathBuf,
+        #[command(subcommand)]
+        action: Option<ServerAction>,
     },
     /// Manage the certificate authority.
     Ca {
@@ -290,7 +301,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     ensure_output(&cli.output)?;
     let json = cli.output == "json";
     match cli.command {
-        Commands::Server { config } => {
+        Commands::Server {
+            action: Some(ServerAction::Status),
+            ..
+        } => {
+            // Exit 1 when no listed coordinator acts: a check for scripts.
+            if !cli::server::status(&cli.connect, json).await? {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Commands::Server {
+            config,
+            action: None,
+        } => {
             let config = match CoordinatorConfig::load(&config) {
                 Ok(config) => config,
                 Err(error) => {

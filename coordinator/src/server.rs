@@ -9,6 +9,7 @@ use cutover_common::identity::Role;
 use cutover_common::tls::{accept_mtls, TlsError};
 use cutover_proto::v1::agent_service_server::AgentServiceServer;
 use cutover_proto::v1::operator_service_server::OperatorServiceServer;
+use cutover_proto::v1::server_service_server::ServerServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,7 @@ use crate::operator_api::OperatorApi;
 use crate::registry::Registry;
 use crate::rollout::Rollouts;
 use crate::secrets::{MasterKeys, Secrets};
+use crate::server_status::{Standing, StatusApi};
 use crate::store::{Store, StoreError};
 use cutover_proto::v1::enroll_service_server::EnrollServiceServer;
 
@@ -142,9 +144,13 @@ impl Coordinator {
             }
         };
         let metrics = Arc::new(Metrics::new());
-        metrics
-            .leadership
-            .leading(store.leader_token(), cutover_common::now_ms());
+        let since_ms = cutover_common::now_ms();
+        metrics.leadership.leading(store.leader_token(), since_ms);
+        let standing = match store.leader_token() {
+            0 => Standing::Single { since_ms },
+            token => Standing::Leading { token, since_ms },
+        };
+        let status_api = StatusApi::new(&config, standing, store.cluster_health());
         let journal = Journal::start(store.clone(), metrics.journal_pending.clone());
         let registry =
             Arc::new(Registry::load(store.clone(), journal, config.heartbeat_ttl).await?);
@@ -271,6 +277,10 @@ impl Coordinator {
             ))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 operator_api,
+                require(Role::Operator, pki.clone(), access.clone()),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                ServerServiceServer::new(status_api),
                 require(Role::Operator, pki.clone(), access.clone()),
             ))
             // No interceptor: a node without a certificate calls it, with a

@@ -66,19 +66,26 @@ impl Cli {
             dir: dir.to_path_buf(),
         };
         let root = cluster.pki.client_files(Role::Operator, "root");
-        let admin = dir.join("root.toml");
+        let admin = cli.config_file("root.toml", &root);
+        (cli, admin)
+    }
+
+    /// A CLI config `name` in `dir` that reaches `coordinator` (one URL or
+    /// a comma-separated list) with the credentials `files`.
+    pub fn config_file(&self, name: &str, files: &cutover_common::tls::TlsFiles) -> PathBuf {
+        let path = self.dir.join(name);
         std::fs::write(
-            &admin,
+            &path,
             format!(
                 "coordinator = {:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
-                cli.coordinator,
-                root.ca_cert.display().to_string(),
-                root.cert.display().to_string(),
-                root.key.display().to_string()
+                self.coordinator,
+                files.ca_cert.display().to_string(),
+                files.cert.display().to_string(),
+                files.key.display().to_string()
             ),
         )
         .unwrap();
-        (cli, admin)
+        path
     }
 
     /// A deployer of `env` created by the admin, the way the operator

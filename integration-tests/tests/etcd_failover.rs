@@ -1,5 +1,5 @@
-//! Two `cutover server` processes on one etcd prefix: one leads (only it
-//! listens), the other follows. The leader is SIGKILLed in the middle of a
+//! Two `cutover server` processes on one etcd prefix: one leads, the other
+//! follows (it answers its status and refuses the rest, naming the leader). The leader is SIGKILLed in the middle of a
 //! rolling rollout under load: the follower takes the lead once the dead
 //! one's lease runs out, the agents (which list both) reconnect to it, the
 //! rollout ends succeeded with every node on the new release, no request
@@ -85,9 +85,16 @@ impl Server {
         format!("https://127.0.0.1:{}", self.grpc)
     }
 
-    /// Whether it serves (only a leader binds its gRPC port).
+    /// Whether it leads, as its /metrics says (false while it cannot
+    /// answer).
     fn leads(&self) -> bool {
-        std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_ok()
+        let addr = format!("127.0.0.1:{}", self.http);
+        std::net::TcpStream::connect(&addr).is_ok()
+            && cutover_integration_tests::body(&cutover_integration_tests::http_get(
+                &addr, "/metrics",
+            ))
+            .lines()
+            .any(|line| line == "cutover_leading 1")
     }
 
     /// Its /metrics and /healthz (a follower serves both).
@@ -140,10 +147,13 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
     let second = Server::start(&cluster, dir.path(), "second", &prefix);
     let both = format!("{},{}", first.url(), second.url());
 
-    for (name, env) in [("node-1", "production"), ("node-2", "production")] {
+    // node-2 lists the follower first: refused with the leader's address,
+    // it goes there.
+    let follower_first = format!("{},{}", second.url(), first.url());
+    for (name, coordinators) in [("node-1", &both), ("node-2", &follower_first)] {
         let mut config = cluster.agent_config(name);
-        config.labels = [("env".to_string(), env.to_string())].into();
-        config.coordinator = both.clone();
+        config.labels = [("env".to_string(), "production".to_string())].into();
+        config.coordinator = coordinators.clone();
         cluster.agents.push(spawn_agent(config).await);
     }
     let cli = Cli {
@@ -151,15 +161,13 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
         dir: dir.path().to_path_buf(),
     };
     let root = cluster.pki.client_files(Role::Operator, "root");
-    let admin = dir.path().join("root.toml");
-    std::fs::write(
-        &admin,
-        format!(
-            "coordinator = {both:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
-            root.ca_cert, root.cert, root.key
-        ),
-    )
-    .unwrap();
+    let admin = cli.config_file("root.toml", &root);
+    // An operator who lists only the follower reaches the leader it names.
+    let via_follower = Cli {
+        coordinator: second.url(),
+        dir: dir.path().to_path_buf(),
+    }
+    .config_file("via-follower.toml", &root);
     wait_until("both agents connect", Duration::from_secs(20), || {
         let (ok, text) = cli.run(&admin, &["nodes", "-o", "json"]);
         ok && serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|nodes| {
@@ -206,6 +214,48 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
     assert!(
         healthz.contains(&format!("following the leader at {}", first.url())),
         "{healthz}"
+    );
+    // The follower refuses what only a leader does, naming it.
+    let refused = cutover_integration_tests::operator_client(&second.url(), &root)
+        .await
+        .unwrap()
+        .list_nodes(cutover_proto::v1::ListNodesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        refused
+            .metadata()
+            .get(cutover_common::LEADER_METADATA)
+            .and_then(|v| v.to_str().ok()),
+        Some(first.url().as_str()),
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("this coordinator follows"),
+        "{refused:?}"
+    );
+    let nodes = cli.json(&via_follower, &["nodes"]);
+    assert_eq!(nodes.as_array().map(Vec::len), Some(2), "{nodes}");
+    // Who leads, since when, the token, and the etcd members, from either.
+    let status = cli.json(&admin, &["server", "status"]);
+    let coordinators = &status["coordinators"];
+    assert_eq!(coordinators[0]["role"], "leading", "{status:#}");
+    assert_eq!(coordinators[0]["leader_token"], first_token, "{status:#}");
+    assert!(coordinators[0]["since"].is_string(), "{status:#}");
+    assert_eq!(coordinators[1]["role"], "following", "{status:#}");
+    assert_eq!(
+        coordinators[1]["leader"],
+        first.url().as_str(),
+        "{status:#}"
+    );
+    assert_eq!(coordinators[1]["leader_token"], first_token, "{status:#}");
+    let members = status["store_members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{status:#}");
+    assert!(
+        members.iter().all(|m| m["healthy"] == true)
+            && members.iter().filter(|m| m["raft_leader"] == true).count() == 1,
+        "{status:#}"
     );
 
     let (v1, v2) = two_builds(dir.path());
@@ -285,6 +335,18 @@ nodes = {{ env = "production" }}
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(status["state"], "succeeded", "{status:#}");
+    // The dead one is reported, the other leads; exit 0 while one leads.
+    let (ok, text) = cli.run(&admin, &["server", "status"]);
+    assert!(ok, "{text}");
+    let rows: Vec<&str> = text.lines().collect();
+    assert!(
+        rows[1].starts_with(&first.url()) && rows[1].contains("unreachable"),
+        "{text}"
+    );
+    assert!(
+        rows[2].starts_with(&second.url()) && rows[2].contains("leading"),
+        "{text}"
+    );
     let now = second.page("/metrics");
     assert_eq!(leading(&now).as_deref(), Some("1"), "{now}");
     assert!(token(&now) > first_token, "{now}");
@@ -320,7 +382,7 @@ async fn a_deposed_leader_reaches_no_agent_and_writes_nothing() {
         .win(&never)
         .await
         .unwrap();
-    let old_store = Store::new(Arc::new(EtcdBackend::fenced(&settings, &old).unwrap()));
+    let old_store = Store::new(Arc::new(EtcdBackend::fenced(&settings, &old)));
     let old_token = old.token;
     old.resign().await;
     let new = Campaign::new(&settings, "https://new:7443")
@@ -329,7 +391,7 @@ async fn a_deposed_leader_reaches_no_agent_and_writes_nothing() {
         .await
         .unwrap();
     assert!(new.token > old_token);
-    let new_store = Store::new(Arc::new(EtcdBackend::fenced(&settings, &new).unwrap()));
+    let new_store = Store::new(Arc::new(EtcdBackend::fenced(&settings, &new)));
 
     let mut cluster = Cluster::start(0, Tuning::default()).await;
     cluster.stop_coordinator().await;
@@ -362,16 +424,11 @@ async fn a_deposed_leader_reaches_no_agent_and_writes_nothing() {
         dir: dir.path().to_path_buf(),
     };
     let config_for = |url: &str, name: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(
-            &path,
-            format!(
-                "coordinator = {url:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
-                root.ca_cert, root.cert, root.key
-            ),
-        )
-        .unwrap();
-        path
+        Cli {
+            coordinator: url.to_string(),
+            dir: dir.path().to_path_buf(),
+        }
+        .config_file(name, &root)
     };
     let (via_leader, admin) = (
         config_for(&leader_url, "leader.toml"),

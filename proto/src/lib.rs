@@ -40,6 +40,11 @@ macro_rules! state_names {
 }
 
 state_names! {
+    ServerRole {
+        Single => "single",
+        Leading => "leading",
+        Following => "following",
+    }
     JobKind {
         Job => "job",
         Backup => "backup",

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl, TlsFiles};
 use cutover_proto::v1::operator_service_client::OperatorServiceClient;
+use cutover_proto::v1::server_service_client::ServerServiceClient;
+use cutover_proto::v1::{ServerRole, ServerStatusRequest};
 use serde::Deserialize;
 use tonic::transport::Channel;
 
@@ -98,6 +100,12 @@ impl ConnectArgs {
     }
 
     pub async fn operator_client(&self) -> Result<OperatorServiceClient<Channel>> {
+        Ok(OperatorServiceClient::new(self.leader_channel().await?))
+    }
+
+    /// Where the CLI dials: the listed coordinators, the name to expect in
+    /// their certificate and the operator's TLS settings.
+    fn dial_plan(&self) -> Result<DialPlan> {
         let Connection {
             coordinator,
             server_name,
@@ -109,27 +117,129 @@ impl ConnectArgs {
         if let Some(warning) = exposed_key(&files.key) {
             eprintln!("warning: {warning}");
         }
-        let config = tls::client_config(&files)?;
-        // Several coordinators (on etcd): only the leader listens.
+        Ok(DialPlan {
+            urls,
+            server_name,
+            config: tls::client_config(&files)?,
+        })
+    }
+
+    /// A connection to the coordinator that leads. Several coordinators
+    /// (on etcd) all answer, but a follower refuses everything except its
+    /// status, which names the leader: that one is tried next, listed or
+    /// not (its certificate is checked like any other).
+    pub async fn leader_channel(&self) -> Result<Channel> {
+        let plan = self.dial_plan()?;
+        let mut candidates: std::collections::VecDeque<CoordinatorUrl> =
+            plan.urls.iter().cloned().collect();
+        let mut tried: Vec<String> = Vec::new();
         let mut failures = Vec::new();
-        let mut connected = None;
-        for url in &urls {
-            let options = ChannelOptions::default();
-            match tls::connect(url, server_name.as_deref(), config.clone(), &options).await {
-                Ok(connection) => {
-                    connected = Some(connection);
-                    break;
+        while let Some(url) = candidates.pop_front() {
+            if tried.contains(&url.url) {
+                continue;
+            }
+            tried.push(url.url.clone());
+            let channel = match plan.dial(&url).await {
+                Ok(channel) => channel,
+                Err(error) => {
+                    failures.push(error.to_string());
+                    continue;
                 }
-                Err(error) => failures.push(error.to_string()),
+            };
+            let asked = tokio::time::timeout(
+                PROBE_TIMEOUT,
+                ServerServiceClient::new(channel.clone()).status(ServerStatusRequest {
+                    store_health: false,
+                }),
+            )
+            .await;
+            let status = match asked {
+                Ok(Ok(status)) => status.into_inner(),
+                // A coordinator from before `ServerService` leads alone; a
+                // refused certificate is explained by the call itself.
+                Ok(Err(refused))
+                    if matches!(
+                        refused.code(),
+                        tonic::Code::Unimplemented
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    return Ok(channel)
+                }
+                // The last hope: the call that follows says what is wrong.
+                Ok(Err(_)) | Err(_) if candidates.is_empty() => return Ok(channel),
+                Ok(Err(refused)) => {
+                    failures.push(format!("{}: {}", url.url, explain(refused)));
+                    continue;
+                }
+                Err(_) => {
+                    failures.push(format!(
+                        "{}: no answer within {}",
+                        url.url,
+                        humantime::format_duration(PROBE_TIMEOUT)
+                    ));
+                    continue;
+                }
+            };
+            if status.role() != ServerRole::Following {
+                return Ok(channel);
+            }
+            if status.leader.is_empty() {
+                failures.push(format!(
+                    "{} follows, and no coordinator leads yet (an election is under way, or etcd has no quorum)",
+                    url.url
+                ));
+                continue;
+            }
+            failures.push(format!(
+                "{} follows the leader at {}",
+                url.url, status.leader
+            ));
+            match CoordinatorUrl::parse(&status.leader) {
+                Ok(leader) => candidates.push_front(leader),
+                Err(error) => failures.push(format!(
+                    "the leader's address {:?} is not a URL ({error}); set etcd.advertise on the coordinators",
+                    status.leader
+                )),
             }
         }
-        let connection = connected.ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}; check that the coordinator runs there and that --coordinator and --ca-cert are this installation's",
-                failures.join("; ")
-            )
-        })?;
-        Ok(OperatorServiceClient::new(connection))
+        bail!(
+            "{}; check that the coordinator runs there and that --coordinator and --ca-cert are this installation's",
+            failures.join("; ")
+        )
+    }
+
+    /// Every listed coordinator, each with its connection or why none.
+    pub async fn each_coordinator(&self) -> Result<Vec<(String, Result<Channel, String>)>> {
+        let plan = self.dial_plan()?;
+        let mut each = Vec::new();
+        for url in &plan.urls {
+            let dialled = plan.dial(url).await.map_err(|error| error.to_string());
+            each.push((url.url.clone(), dialled));
+        }
+        Ok(each)
+    }
+}
+
+/// How long a coordinator may take to say whether it leads.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+struct DialPlan {
+    urls: Vec<CoordinatorUrl>,
+    server_name: Option<String>,
+    config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl DialPlan {
+    async fn dial(&self, url: &CoordinatorUrl) -> Result<Channel, tls::TlsError> {
+        tls::connect(
+            url,
+            self.server_name.as_deref(),
+            self.config.clone(),
+            &ChannelOptions::default(),
+        )
+        .await
     }
 }
 

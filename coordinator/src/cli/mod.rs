@@ -18,4 +18,5 @@ pub mod release_logs;
 pub mod rollout_logs;
 mod rollout_view;
 pub mod rollouts;
+pub mod server;
 pub mod tasks;

@@ -158,7 +158,7 @@ fn traffic_json(t: &pb::ReleaseTraffic) -> Value {
     })
 }
 
-fn bytes(value: u64) -> String {
+pub fn bytes(value: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = value as f64;
     let mut unit = 0;

@@ -237,6 +237,12 @@ pub trait Backend: Send + Sync + 'static {
         0
     }
 
+    /// The members of a replicated store, for `cutover server status`
+    /// (`None`: the embedded store, nothing to ask).
+    fn cluster_health(&self) -> Option<super::EtcdHealth> {
+        None
+    }
+
     /// Loads `snapshot` into this backend, which must hold no record
     /// (`StoreError::NotEmpty` otherwise); appends after it get sequence
     /// numbers above `snapshot.last_seq`. Durable when it returns.

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 pub use access::AccessRepo;
 pub use backend::{Backend, Revision, Snapshot};
-pub use etcd::{Campaign, EtcdBackend, Leader, Leadership};
+pub use etcd::{Campaign, EtcdBackend, EtcdHealth, Leader, Leadership, MemberHealth};
 pub use jobs::*;
 pub use levers::{LeverKind, LeverRecord, LeverRepo};
 pub use nodes::{EventLog, NodeRepo};
@@ -144,6 +144,11 @@ impl Store {
     /// The fencing token of this coordinator's term (0: not elected).
     pub fn leader_token(&self) -> i64 {
         self.kv.backend().leader_token()
+    }
+
+    /// The members of a replicated store (`None` for the embedded one).
+    pub fn cluster_health(&self) -> Option<EtcdHealth> {
+        self.kv.backend().cluster_health()
     }
 
     /// Makes every write so far durable.

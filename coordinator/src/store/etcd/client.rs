@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use cutover_common::tls::{self, ChannelOptions, CoordinatorUrl};
 use cutover_proto::etcd::etcdserverpb::{
-    kv_client::KvClient, lease_client::LeaseClient, range_request, LeaseGrantRequest,
-    LeaseKeepAliveRequest, LeaseRevokeRequest, RangeRequest, RangeResponse, TxnRequest,
-    TxnResponse,
+    kv_client::KvClient, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
+    range_request, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, RangeRequest,
+    RangeResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
 };
 use cutover_proto::etcd::mvccpb::KeyValue;
 use tonic::transport::Channel;
@@ -39,6 +39,7 @@ struct Member {
     url: String,
     kv: KvClient<Channel>,
     lease: LeaseClient<Channel>,
+    maintenance: MaintenanceClient<Channel>,
 }
 
 pub(super) struct EtcdClient {
@@ -85,7 +86,8 @@ impl EtcdClient {
                     kv: KvClient::new(channel.clone())
                         .max_decoding_message_size(MAX_RESPONSE_BYTES)
                         .max_encoding_message_size(MAX_RESPONSE_BYTES),
-                    lease: LeaseClient::new(channel),
+                    lease: LeaseClient::new(channel.clone()),
+                    maintenance: MaintenanceClient::new(channel),
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -222,6 +224,26 @@ impl EtcdClient {
         })
         .await
         .map(drop)
+    }
+
+    /// Every member's own status, asked of all at once, each bounded by the
+    /// request timeout: the member's endpoint and its answer or why none.
+    pub(super) async fn statuses(&self) -> Vec<(String, Result<StatusResponse, String>)> {
+        let asks = self.members.iter().map(|member| async move {
+            let mut maintenance = member.maintenance.clone();
+            let answer =
+                tokio::time::timeout(self.timeout, maintenance.status(StatusRequest {})).await;
+            let answer = match answer {
+                Ok(Ok(response)) => Ok(response.into_inner()),
+                Ok(Err(status)) => Err(describe(&status)),
+                Err(_) => Err(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.timeout)
+                )),
+            };
+            (member.url.clone(), answer)
+        });
+        futures_util::future::join_all(asks).await
     }
 
     /// Every key in `[key, range_end)` at one revision (the first page's,

@@ -39,8 +39,9 @@ pub struct Campaign {
     key: Vec<u8>,
     /// Where operators and agents reach it, stored as the key's value.
     identity: String,
-    /// The leader this campaign last saw (for a follower's page).
-    observed: tokio::sync::watch::Sender<Option<Leader>>,
+    /// The leader this campaign last saw, and since when (unix ms), for a
+    /// follower's page and status.
+    observed: tokio::sync::watch::Sender<Option<(Leader, i64)>>,
 }
 
 /// This coordinator leads until `lost` is cancelled.
@@ -75,8 +76,15 @@ impl Campaign {
         })
     }
 
+    /// The cluster's members, for a follower's status.
+    pub fn health(&self) -> super::EtcdHealth {
+        super::EtcdHealth {
+            client: self.client.clone(),
+        }
+    }
+
     /// The leader as `win` last saw it while following.
-    pub fn observed(&self) -> tokio::sync::watch::Receiver<Option<Leader>> {
+    pub fn observed(&self) -> tokio::sync::watch::Receiver<Option<(Leader, i64)>> {
         self.observed.subscribe()
     }
 
@@ -107,9 +115,10 @@ impl Campaign {
             match self.try_once().await {
                 Ok(Ok(leadership)) => return Some(leadership),
                 Ok(Err(leader)) => {
-                    self.observed.send_replace(Some(leader.clone()));
                     if followed.as_ref() != Some(&leader) {
                         tracing::info!(leader = %leader.identity, token = leader.token, "following");
+                        self.observed
+                            .send_replace(Some((leader.clone(), cutover_common::now_ms())));
                         followed = Some(leader);
                     }
                 }
@@ -213,6 +222,17 @@ impl Campaign {
 impl Leadership {
     pub(super) fn key(&self) -> &[u8] {
         &self.key
+    }
+
+    pub(super) fn client(&self) -> &Arc<EtcdClient> {
+        &self.client
+    }
+
+    /// The cluster's members, for the leader's status.
+    pub fn health(&self) -> super::EtcdHealth {
+        super::EtcdHealth {
+            client: self.client.clone(),
+        }
     }
 
     /// Gives the lead up at once (a shutdown): the lease is revoked, which
@@ -336,7 +356,7 @@ mod tests {
                     .unwrap()
             }
         });
-        let leading = EtcdBackend::fenced(&settings, &first).unwrap();
+        let leading = EtcdBackend::fenced(&settings, &first);
         leading
             .put(Table::Meta, b"k", b"one".to_vec(), Durability::Durable)
             .await
@@ -399,7 +419,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(refused, StoreError::Fenced { .. }), "{refused}");
 
-        let now_leading = Arc::new(EtcdBackend::fenced(&settings, &second).unwrap());
+        let now_leading = Arc::new(EtcdBackend::fenced(&settings, &second));
         assert_eq!(
             now_leading
                 .compare_and_put(

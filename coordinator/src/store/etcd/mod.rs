@@ -27,7 +27,9 @@ use crate::config::EtcdSettings;
 use client::{prefix_end, EtcdClient, Retry, Scan};
 
 mod election;
+mod health;
 pub use election::{Campaign, Leader, Leadership};
+pub use health::{EtcdHealth, MemberHealth};
 
 /// Sequence numbers are reserved from `PREFIX seq` this many at a time, so
 /// an append is one write; a restart skips what was left (gaps are allowed).
@@ -66,18 +68,22 @@ impl EtcdBackend {
         })
     }
 
-    /// The store as `leadership`'s leader writes it: every write is a
-    /// transaction that also compares the leader key's creation revision
-    /// with the leader's token, so a deposed leader's late write changes
-    /// nothing; the first one refused ends the leadership.
-    pub fn fenced(settings: &EtcdSettings, leadership: &Leadership) -> Result<Self, StoreError> {
-        let mut backend = Self::new(settings)?;
-        backend.fence = Some(Fence {
-            key: leadership.key().to_vec(),
-            token: leadership.token,
-            lost: leadership.lost.clone(),
-        });
-        Ok(backend)
+    /// The store as `leadership`'s leader writes it, over the campaign's
+    /// own connections: every write is a transaction that also compares the
+    /// leader key's creation revision with the leader's token, so a deposed
+    /// leader's late write changes nothing; the first one refused ends the
+    /// leadership.
+    pub fn fenced(settings: &EtcdSettings, leadership: &Leadership) -> Self {
+        Self {
+            client: leadership.client().clone(),
+            prefix: settings.prefix.as_bytes().to_vec(),
+            fence: Some(Fence {
+                key: leadership.key().to_vec(),
+                token: leadership.token,
+                lost: leadership.lost.clone(),
+            }),
+            seq: Mutex::new((0, 0)),
+        }
     }
 
     /// Writes `op` if every `compare` holds (and the fence, for a leader).
@@ -535,6 +541,12 @@ impl Backend for EtcdBackend {
 
     fn leader_token(&self) -> i64 {
         self.fence.as_ref().map_or(0, |fence| fence.token)
+    }
+
+    fn cluster_health(&self) -> Option<EtcdHealth> {
+        Some(EtcdHealth {
+            client: self.client.clone(),
+        })
     }
 
     async fn restore(&self, snapshot: Snapshot) -> Result<(), StoreError> {
