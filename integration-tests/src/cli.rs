@@ -73,11 +73,25 @@ impl Cli {
     /// A CLI config `name` in `dir` that reaches `coordinator` (one URL or
     /// a comma-separated list) with the credentials `files`.
     pub fn config_file(&self, name: &str, files: &cutover_common::tls::TlsFiles) -> PathBuf {
+        self.config_file_expecting(name, files, None)
+    }
+
+    /// `config_file` expecting `server_name` in the coordinators'
+    /// certificate (one dialled at an address it does not name).
+    pub fn config_file_expecting(
+        &self,
+        name: &str,
+        files: &cutover_common::tls::TlsFiles,
+        server_name: Option<&str>,
+    ) -> PathBuf {
         let path = self.dir.join(name);
+        let server_name = server_name
+            .map(|name| format!("server_name = {name:?}\n"))
+            .unwrap_or_default();
         std::fs::write(
             &path,
             format!(
-                "coordinator = {:?}\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+                "coordinator = {:?}\n{server_name}ca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
                 self.coordinator,
                 files.ca_cert.display().to_string(),
                 files.cert.display().to_string(),

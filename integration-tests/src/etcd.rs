@@ -100,7 +100,9 @@ impl EtcdCluster {
                     format!("--data-dir={}", dir.path().join(name).display()),
                     "--logger=zap".into(),
                     "--log-outputs=stderr".into(),
-                    format!("--listen-client-urls={client_url}"),
+                    // Every interface: a coordinator on a host of its own
+                    // (netns) dials the test's side of its link.
+                    format!("--listen-client-urls=https://0.0.0.0:{}", ports[i * 2]),
                     format!("--advertise-client-urls={client_url}"),
                     format!("--listen-peer-urls={peer_url}"),
                     format!("--initial-advertise-peer-urls={peer_url}"),
@@ -136,6 +138,20 @@ impl EtcdCluster {
     pub fn settings(&self, prefix: &str) -> EtcdSettings {
         let endpoints = self.members.iter().map(|m| m.client_url.clone()).collect();
         settings_for(endpoints, prefix)
+    }
+
+    /// `settings` for a coordinator that reaches the members at `ip` (the
+    /// test's side of a netns link); their certificate names localhost.
+    pub fn settings_via(&self, prefix: &str, ip: std::net::Ipv4Addr) -> EtcdSettings {
+        let endpoints = self
+            .members
+            .iter()
+            .map(|m| format!("https://{ip}:{}", m.port()))
+            .collect();
+        EtcdSettings {
+            server_name: Some("localhost".into()),
+            ..settings_for(endpoints, prefix)
+        }
     }
 
     /// Waits until every running member reports healthy through etcdctl.
@@ -216,6 +232,12 @@ impl Member {
             .spawn()
             .expect("etcd starts (installed by scripts/etcd-env.sh)");
         self.child = Some(child);
+    }
+
+    /// Its client port.
+    pub fn port(&self) -> u16 {
+        let port = self.client_url.rsplit(':').next().expect("url has a port");
+        port.parse().expect("a port")
     }
 
     /// SIGKILL: a member's machine dying.

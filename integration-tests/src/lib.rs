@@ -8,6 +8,7 @@
 
 pub mod canary;
 pub mod cli;
+pub mod coordinators;
 mod dev_cluster;
 pub mod docker;
 pub mod etcd;

@@ -5,129 +5,122 @@
 //! rollout ends succeeded with every node on the new release, no request
 //! fails, and the CLI (which lists both too) reaches whichever leads.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cutover_common::identity::Role;
 use cutover_integration_tests::cli::{two_builds, Cli};
+use cutover_integration_tests::coordinators::{wait_until, ServerProcess};
 use cutover_integration_tests::load::Load;
-use cutover_integration_tests::{bin, spawn_agent, Cluster, Tuning};
+use cutover_integration_tests::{spawn_agent, Cluster, Tuning};
 
 const NODES: [&str; 2] = ["127.0.0.11", "127.0.0.12"];
 
-/// A `cutover server` process of the test, SIGKILLed when dropped.
-struct Server {
-    child: Child,
-    grpc: u16,
-    http: u16,
-    log: PathBuf,
+/// The shop's spec: one web service on both nodes, a batch of one, each
+/// node watched 3 s (a rollout long enough to fail over in); its path and
+/// the service's port.
+fn shop_spec(dir: &Path) -> (String, u16) {
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
+    let spec = dir.join("cutover.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "5s"
+[strategy]
+batch = 1
+min_healthy_time = "3s"
+[environments.production]
+nodes = {{ env = "production" }}
+"#
+        ),
+    )
+    .unwrap();
+    (spec.display().to_string(), port)
 }
 
-impl Server {
-    fn start(cluster: &Cluster, dir: &Path, name: &str, prefix: &str) -> Self {
-        let port = |taken: &[u16]| {
-            cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(36000..=38999), taken)
-                .unwrap()
-        };
-        let grpc = port(&[]);
-        let http = port(&[grpc]);
-        let files = cluster.pki.coordinator_files();
-        let ca_key = files.ca_cert.with_file_name(cutover_common::pki::CA_KEY);
-        let master_key = files
-            .ca_cert
-            .with_file_name(cutover_coordinator::secrets::MASTER_KEY);
-        let etcd = cutover_integration_tests::etcd::settings(prefix);
-        let endpoints = etcd
-            .endpoints
-            .iter()
-            .map(|e| format!("{e:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {data:?}\nlisten = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\n\
-                 heartbeat_interval = \"300ms\"\nheartbeat_ttl = \"2s\"\nshutdown_grace = \"3s\"\n\
-                 ca_key = {ca_key:?}\nmaster_key_file = {master_key:?}\nstore = \"etcd\"\n\
-                 [tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n\
-                 [etcd]\nendpoints = [{endpoints}]\nprefix = {prefix:?}\nadvertise = \"https://127.0.0.1:{grpc}\"\n\
-                 tls = {{ ca_cert = {:?}, cert = {:?}, key = {:?} }}\n",
-                files.ca_cert,
-                files.cert,
-                files.key,
-                etcd.tls.ca_cert,
-                etcd.tls.cert,
-                etcd.tls.key,
-                data = dir.join(name),
-            ),
-        )
-        .unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(bin("cutover"))
-            .args(["server", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
-            .spawn()
-            .unwrap();
-        Self {
-            child,
-            grpc,
-            http,
-            log,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.grpc)
-    }
-
-    /// Whether it leads, as its /metrics says (false while it cannot
-    /// answer).
-    fn leads(&self) -> bool {
-        let addr = format!("127.0.0.1:{}", self.http);
-        std::net::TcpStream::connect(&addr).is_ok()
-            && cutover_integration_tests::body(&cutover_integration_tests::http_get(
-                &addr, "/metrics",
-            ))
-            .lines()
-            .any(|line| line == "cutover_leading 1")
-    }
-
-    /// Its /metrics and /healthz (a follower serves both).
-    fn page(&self, path: &str) -> String {
-        cutover_integration_tests::body(&cutover_integration_tests::http_get(
-            &format!("127.0.0.1:{}", self.http),
-            path,
-        ))
-        .to_string()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Agents on `NODES`, labelled env=production, each listing `coordinators`
+/// (expecting `server_name` in their certificate when set).
+async fn agents(cluster: &mut Cluster, coordinators: &[String], server_name: Option<&str>) {
+    for (i, list) in coordinators.iter().enumerate() {
+        let mut config = cluster.agent_config(&format!("node-{}", i + 1));
+        config.labels = [("env".to_string(), "production".to_string())].into();
+        config.coordinator = list.clone();
+        config.server_name = server_name.map(str::to_string);
+        cluster.agents.push(spawn_agent(config).await);
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Waits until both agents are connected and ready, as the CLI sees them.
+fn wait_for_agents(cli: &Cli, config: &Path) {
+    wait_until("both agents connect", Duration::from_secs(30), || {
+        let (ok, text) = cli.run(config, &["nodes", "-o", "json"]);
+        ok && serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|nodes| {
+            nodes.as_array().is_some_and(|n| {
+                n.len() == 2
+                    && n.iter()
+                        .all(|n| n["connected"] == true && n["status"] == "ready")
+            })
+        })
+    });
 }
 
-fn wait_until(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Duration {
+/// Polls `rollout` until it ends; its status.
+async fn rollout_end(cli: &Cli, config: &Path, rollout: &str, log: &Path) -> serde_json::Value {
     let started = Instant::now();
-    while !done() {
+    loop {
+        let (ok, text) = cli.run(config, &["rollout", "status", rollout, "-o", "json"]);
+        if ok {
+            let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let state = status["state"].as_str().unwrap_or_default().to_string();
+            if !matches!(state.as_str(), "pending" | "running" | "paused") {
+                return status;
+            }
+        }
         assert!(
-            started.elapsed() < timeout,
-            "{what}: not within {timeout:?}"
+            started.elapsed() < Duration::from_secs(90),
+            "the rollout did not end after the failover:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    started.elapsed()
+}
+
+/// Every node serves the service's release of `version`.
+fn all_on(cli: &Cli, config: &Path, version: &str) {
+    let nodes = cli.json(config, &["nodes"]);
+    for node in nodes.as_array().unwrap() {
+        let release = node["services"][0]["release"].as_str().unwrap_or_default();
+        assert!(release.starts_with(&format!("web-{version}-")), "{node}");
+    }
+}
+
+/// The rollout in production, once its first batch switched (its watch
+/// running).
+fn mid_batch(cli: &Cli, config: &Path) -> String {
+    let rollout = cli.json(config, &["rollout", "list", "--env", "production"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until("the first batch switches", Duration::from_secs(30), || {
+        let (ok, text) = cli.run(config, &["rollout", "status", &rollout, "-o", "json"]);
+        ok && text.contains("batch_switched")
+    });
+    rollout
+}
+
+fn metric(page: &str, name: &str) -> Option<i64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,24 +131,20 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
     // coordinator steps aside for the two processes.
     let mut cluster = Cluster::start(0, Tuning::default()).await;
     cluster.stop_coordinator().await;
-    let mut first = Server::start(&cluster, dir.path(), "first", &prefix);
+    let etcd = cutover_integration_tests::etcd::settings(&prefix);
+    let mut first = ServerProcess::start(&cluster, dir.path(), "first", &etcd, None);
     wait_until(
         "the first coordinator leads",
         Duration::from_secs(20),
         || first.leads(),
     );
-    let second = Server::start(&cluster, dir.path(), "second", &prefix);
+    let second = ServerProcess::start(&cluster, dir.path(), "second", &etcd, None);
     let both = format!("{},{}", first.url(), second.url());
 
     // node-2 lists the follower first: refused with the leader's address,
     // it goes there.
     let follower_first = format!("{},{}", second.url(), first.url());
-    for (name, coordinators) in [("node-1", &both), ("node-2", &follower_first)] {
-        let mut config = cluster.agent_config(name);
-        config.labels = [("env".to_string(), "production".to_string())].into();
-        config.coordinator = coordinators.clone();
-        cluster.agents.push(spawn_agent(config).await);
-    }
+    agents(&mut cluster, &[both.clone(), follower_first], None).await;
     let cli = Cli {
         coordinator: both.clone(),
         dir: dir.path().to_path_buf(),
@@ -168,45 +157,19 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
         dir: dir.path().to_path_buf(),
     }
     .config_file("via-follower.toml", &root);
-    wait_until("both agents connect", Duration::from_secs(20), || {
-        let (ok, text) = cli.run(&admin, &["nodes", "-o", "json"]);
-        ok && serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|nodes| {
-            nodes.as_array().is_some_and(|n| {
-                n.len() == 2
-                    && n.iter()
-                        .all(|n| n["connected"] == true && n["status"] == "ready")
-            })
-        })
-    });
+    wait_for_agents(&cli, &admin);
     assert!(!second.leads(), "two coordinators serve at once");
     // Both answer Prometheus: who acts, and the token of the term.
-    let leading = |page: &str| {
-        page.lines()
-            .find_map(|l| l.strip_prefix("cutover_leading "))
-            .map(str::to_string)
-    };
-    let token = |page: &str| {
-        page.lines()
-            .find_map(|l| l.strip_prefix("cutover_leader_token "))
-            .and_then(|t| t.trim().parse::<i64>().ok())
-            .unwrap_or(0)
-    };
+    let leading = |page: &str| metric(page, "cutover_leading");
+    let token = |page: &str| metric(page, "cutover_leader_token").unwrap_or(0);
     wait_until(
         "the follower's page answers",
         Duration::from_secs(20),
         || std::net::TcpStream::connect(("127.0.0.1", second.http)).is_ok(),
     );
     let (first_metrics, second_metrics) = (first.page("/metrics"), second.page("/metrics"));
-    assert_eq!(
-        leading(&first_metrics).as_deref(),
-        Some("1"),
-        "{first_metrics}"
-    );
-    assert_eq!(
-        leading(&second_metrics).as_deref(),
-        Some("0"),
-        "{second_metrics}"
-    );
+    assert_eq!(leading(&first_metrics), Some(1), "{first_metrics}");
+    assert_eq!(leading(&second_metrics), Some(0), "{second_metrics}");
     let first_token = token(&first_metrics);
     assert!(first_token > 0);
     assert_eq!(token(&second_metrics), first_token, "{second_metrics}");
@@ -259,31 +222,7 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
     );
 
     let (v1, v2) = two_builds(dir.path());
-    let port =
-        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), &[]).unwrap();
-    let spec = dir.path().join("cutover.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            r#"
-app = "shop"
-[services.web]
-command = ["python3", "app.py"]
-listen = ":{port}"
-[services.web.health]
-path = "/health"
-interval = "100ms"
-healthy_deadline = "5s"
-[strategy]
-batch = 1
-min_healthy_time = "3s"
-[environments.production]
-nodes = {{ env = "production" }}
-"#
-        ),
-    )
-    .unwrap();
-    let spec = spec.display().to_string();
+    let (spec, port) = shop_spec(dir.path());
     let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &["--wait"]);
     assert!(ok, "{text}");
 
@@ -296,17 +235,8 @@ nodes = {{ env = "production" }}
 
     let (ok, text) = cli.deploy(&admin, &spec, "production", "v2", &v2, &[]);
     assert!(ok, "{text}");
-    let rollout = cli.json(&admin, &["rollout", "list", "--env", "production"])[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    // Mid-batch: the first node switched, its watch running.
-    wait_until("the first batch switches", Duration::from_secs(30), || {
-        let (ok, text) = cli.run(&admin, &["rollout", "status", &rollout, "-o", "json"]);
-        ok && text.contains("batch_switched")
-    });
+    let rollout = mid_batch(&cli, &admin);
     first.kill();
-    let killed = Instant::now();
     let took_over = wait_until(
         "the second coordinator takes the lead",
         Duration::from_secs(30),
@@ -318,25 +248,11 @@ nodes = {{ env = "production" }}
         "took over after {took_over:?}"
     );
 
-    let status = loop {
-        let (ok, text) = cli.run(&admin, &["rollout", "status", &rollout, "-o", "json"]);
-        if ok {
-            let status: serde_json::Value = serde_json::from_str(&text).unwrap();
-            let state = status["state"].as_str().unwrap_or_default().to_string();
-            if !matches!(state.as_str(), "pending" | "running" | "paused") {
-                break status;
-            }
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(90),
-            "the rollout did not end after the failover:\n{}",
-            std::fs::read_to_string(&second.log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = rollout_end(&cli, &admin, &rollout, &second.log).await;
     assert_eq!(status["state"], "succeeded", "{status:#}");
     // The dead one is reported, the other leads; exit 0 while one leads.
     let (ok, text) = cli.run(&admin, &["server", "status"]);
+    println!("{text}");
     assert!(ok, "{text}");
     let rows: Vec<&str> = text.lines().collect();
     assert!(
@@ -348,14 +264,162 @@ nodes = {{ env = "production" }}
         "{text}"
     );
     let now = second.page("/metrics");
-    assert_eq!(leading(&now).as_deref(), Some("1"), "{now}");
+    assert_eq!(leading(&now), Some(1), "{now}");
     assert!(token(&now) > first_token, "{now}");
-    let nodes = cli.json(&admin, &["nodes"]);
-    for node in nodes.as_array().unwrap() {
-        let release = node["services"][0]["release"].as_str().unwrap_or_default();
-        assert!(release.starts_with("web-v2-"), "{node}");
-    }
+    all_on(&cli, &admin, "v2");
     load.wait_for_sent(sent, 100, "after the failover").await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
+}
+
+/// Three coordinators; the leader runs on a host of its own (a network
+/// namespace) and is cut off from every etcd member by iptables in the
+/// middle of a rollout under load, its agents and operators still reaching
+/// it. It cannot renew its lease and stops acting before another one can
+/// be elected; one of the other two leads, the rollout ends succeeded with
+/// no failed request, and once the link heals the old leader follows. Then
+/// etcd loses its quorum: nobody leads, the nodes serve on, and once the
+/// quorum is back a coordinator leads and deploys again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_steps_down_before_another_leads() {
+    use cutover_integration_tests::etcd::EtcdCluster;
+    use cutover_integration_tests::netns::NetLab;
+
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("partition{}/", dir.path().display());
+    let etcd = EtcdCluster::start();
+    let net = NetLab::new(1);
+    let host = net.host(0);
+    let mut cluster = Cluster::start(0, Tuning::default()).await;
+    cluster.stop_coordinator().await;
+    let cut_off = ServerProcess::start(
+        &cluster,
+        dir.path(),
+        "a",
+        &etcd.settings_via(&prefix, host.gateway),
+        Some(host),
+    );
+    wait_until(
+        "the coordinator on its own host leads",
+        Duration::from_secs(30),
+        || cut_off.leads(),
+    );
+    let others = [
+        ServerProcess::start(&cluster, dir.path(), "b", &etcd.settings(&prefix), None),
+        ServerProcess::start(&cluster, dir.path(), "c", &etcd.settings(&prefix), None),
+    ];
+    let all = format!("{},{},{}", cut_off.url(), others[0].url(), others[1].url());
+    // The coordinators' certificate names localhost, not the host's address.
+    agents(&mut cluster, &[all.clone(), all.clone()], Some("localhost")).await;
+    let cli = Cli {
+        coordinator: all.clone(),
+        dir: dir.path().to_path_buf(),
+    };
+    let root = cluster.pki.client_files(Role::Operator, "root");
+    let admin = cli.config_file_expecting("root.toml", &root, Some("localhost"));
+    wait_for_agents(&cli, &admin);
+    let old_token = metric(&cut_off.page("/metrics"), "cutover_leader_token").unwrap();
+
+    let (v1, v2) = two_builds(dir.path());
+    let (spec, port) = shop_spec(dir.path());
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &["--wait"]);
+    assert!(ok, "{text}");
+    let targets = NODES
+        .iter()
+        .map(|ip| format!("{ip}:{port}").parse().unwrap())
+        .collect();
+    let load = Load::start(targets, "/", 4);
+    let sent = load.wait_for_sent(0, 100, "on v1").await;
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v2", &v2, &[]);
+    assert!(ok, "{text}");
+    let rollout = mid_batch(&cli, &admin);
+
+    for member in &etcd.members {
+        host.cut(member.port());
+    }
+    let cut = Instant::now();
+    // Who acts, every 50 ms: the cut-off leader must have stopped before
+    // either other one leads.
+    let (mut stopped, mut elected) = (None, None);
+    while elected.is_none() {
+        if stopped.is_none() && !cut_off.leads() {
+            stopped = Some(cut.elapsed());
+        }
+        if others.iter().any(ServerProcess::leads) {
+            elected = Some(cut.elapsed());
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(40),
+            "no other coordinator leads 40 s after the cut:\n{}",
+            std::fs::read_to_string(&cut_off.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (stopped, elected) = (stopped, elected.unwrap());
+    println!(
+        "cut off from etcd: stopped leading after {stopped:?}, another leads after {elected:?}"
+    );
+    let stopped = stopped.expect("the cut-off leader still led when another one was elected");
+    assert!(
+        stopped < elected,
+        "stopped {stopped:?}, elected {elected:?}"
+    );
+    assert!(
+        stopped < Duration::from_secs(10),
+        "stopped after {stopped:?}"
+    );
+    let log = std::fs::read_to_string(&cut_off.log).unwrap();
+    assert!(
+        log.contains("could not be renewed in time") || log.contains("no longer leading"),
+        "{log}"
+    );
+    let leader = others.iter().find(|o| o.leads()).unwrap();
+
+    let status = rollout_end(&cli, &admin, &rollout, &leader.log).await;
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    all_on(&cli, &admin, "v2");
+    let new_token = metric(&leader.page("/metrics"), "cutover_leader_token").unwrap();
+    assert!(new_token > old_token, "{new_token} after {old_token}");
+    let sent = load.wait_for_sent(sent, 100, "after the failover").await;
+
+    // Healed, the old leader follows the new one.
+    host.heal();
+    wait_until("the old leader follows", Duration::from_secs(30), || {
+        cut_off.answers()
+            && cut_off
+                .page("/healthz")
+                .contains(&format!("following the leader at {}", leader.url()))
+    });
+    assert!(!cut_off.leads());
+
+    // etcd loses its quorum: no coordinator can prove a lease, so none
+    // leads (`server status` says so and exits 1), and the nodes serve on.
+    let mut etcd = etcd;
+    etcd.members[1].kill();
+    etcd.members[2].kill();
+    wait_until(
+        "every coordinator stops leading",
+        Duration::from_secs(30),
+        || !leader.leads(),
+    );
+    let (ok, text) = cli.run(&admin, &["server", "status"]);
+    println!("{text}");
+    assert!(!ok, "{text}");
+    assert!(text.contains("no listed coordinator leads"), "{text}");
+    assert!(!text.contains(" leading "), "{text}");
+    let sent = load.wait_for_sent(sent, 100, "without a quorum").await;
+    // The quorum back, a coordinator leads again and deploys.
+    etcd.members[1].start();
+    etcd.members[2].start();
+    wait_until("a coordinator leads again", Duration::from_secs(60), || {
+        cut_off.leads() || others.iter().any(ServerProcess::leads)
+    });
+    wait_for_agents(&cli, &admin);
+    let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &["--wait"]);
+    assert!(ok, "after the quorum came back: {text}");
+    all_on(&cli, &admin, "v1");
+    load.wait_for_sent(sent, 100, "after the quorum came back")
+        .await;
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
 }

@@ -338,7 +338,11 @@ fn describe(status: &tonic::Status) -> String {
     let mut text = status.message().to_string();
     let mut source = status.source();
     while let Some(cause) = source {
-        text = format!("{text}: {cause}");
+        // hyper and tonic repeat their cause in their own message.
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
         source = cause.source();
     }
     if text.is_empty() {
