@@ -3,7 +3,9 @@
 //! written, and seeded faults: a write fails now and then, and a crash
 //! point fails one write and ends the coordinator that made it (a crash
 //! between any two writes, e.g. after a rollout's history and before the
-//! rollout itself).
+//! rollout itself). Every life is a leader's term, as on etcd: a handle
+//! opened for a later term fences off the earlier ones, whose writes are
+//! refused from then on (`StoreError::Fenced`) and end their life.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,8 @@ struct Data {
     /// Revisions and log sequence numbers, both only growing.
     last_revision: u64,
     last_seq: u64,
+    /// The token of the latest term (`reopen`): only its writes go through.
+    leader: i64,
 }
 
 /// Seeded write faults of one backend handle (one coordinator's life).
@@ -62,6 +66,8 @@ impl Faults {
 pub(crate) struct MemoryBackend {
     data: Arc<Mutex<Data>>,
     faults: Mutex<Option<Faults>>,
+    /// This handle's term (0: the checks' handle, never fenced).
+    term: i64,
 }
 
 impl MemoryBackend {
@@ -69,15 +75,27 @@ impl MemoryBackend {
         Self {
             data: Arc::default(),
             faults: Mutex::new(None),
+            term: 0,
         }
     }
 
     /// Another handle on the same data, as a restarted coordinator opens
-    /// it, with faults of its own.
+    /// it, with faults of its own; with faults, a new leader's term (the
+    /// one before, if it still runs, is fenced off), without, a handle for
+    /// reading and for the checks.
     pub(crate) fn reopen(&self, faults: Option<Faults>) -> Self {
+        let term = match faults {
+            Some(_) => {
+                let mut data = self.data();
+                data.leader += 1;
+                data.leader
+            }
+            None => 0,
+        };
         Self {
             data: self.data.clone(),
             faults: Mutex::new(faults),
+            term,
         }
     }
 
@@ -92,6 +110,15 @@ impl MemoryBackend {
         }
         if faults.crash.is_cancelled() {
             return Err(StoreError::Backend("the coordinator crashed".into()));
+        }
+        let now = self.data().leader;
+        if self.term < now {
+            // A deposed leader's write: refused, and its life ends there.
+            faults.crash.cancel();
+            return Err(StoreError::Fenced {
+                token: self.term,
+                now,
+            });
         }
         if let Some(left) = &mut faults.crash_in {
             *left -= 1;
@@ -128,6 +155,10 @@ fn entry(key: &[u8], (value, revision): &(Vec<u8>, u64)) -> Entry {
 
 #[async_trait]
 impl Backend for MemoryBackend {
+    fn leader_token(&self) -> i64 {
+        self.term
+    }
+
     async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError> {
         Ok(self.data().table(table).get(key).map(|v| entry(key, v)))
     }
@@ -322,5 +353,32 @@ mod tests {
         let reopened = backend.reopen(None);
         assert!(reopened.get(Table::Meta, b"a").await.unwrap().is_some());
         assert!(reopened.get(Table::Meta, b"b").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_later_term_fences_off_the_earlier_one_and_ends_it() {
+        let store = MemoryBackend::new();
+        let (old_life, new_life) = (CancellationToken::new(), CancellationToken::new());
+        let old = store.reopen(Some(Faults::new(1, 0.0, old_life.clone(), None)));
+        old.put(Table::Meta, b"k", b"old".to_vec(), Durability::Durable)
+            .await
+            .expect("the only term writes");
+        let new = store.reopen(Some(Faults::new(2, 0.0, new_life.clone(), None)));
+        assert!(new.leader_token() > old.leader_token());
+        let refused = old
+            .put(Table::Meta, b"k", b"late".to_vec(), Durability::Durable)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, StoreError::Fenced { token, now } if token == old.leader_token() && now == new.leader_token()),
+            "{refused}"
+        );
+        assert!(old_life.is_cancelled(), "a fenced-off leader stops acting");
+        new.put(Table::Meta, b"k", b"new".to_vec(), Durability::Durable)
+            .await
+            .expect("the new term writes");
+        assert!(!new_life.is_cancelled());
+        let read = store.reopen(None).get(Table::Meta, b"k").await.unwrap();
+        assert_eq!(read.unwrap().value, b"new");
     }
 }

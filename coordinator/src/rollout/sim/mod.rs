@@ -4,8 +4,10 @@
 //! write failures and crash points, and tokio's paused clock. Each seed
 //! draws a fleet, two services, a strategy (rolling, or a canary with
 //! steps the operator promotes or aborts) and a fault schedule (see
-//! `scenario.rs`), deploys a first release, then a second under faults and
-//! coordinator crashes, lets the converger settle the fleet and checks
+//! `scenario.rs`), deploys a first release, then a second under faults,
+//! coordinator crashes and leader changes (the deposed leader acting on
+//! beside the new one until the store's fence refuses its first write),
+//! lets the converger settle the fleet and checks
 //! that it ends on releases an operator chose, every request going to one
 //! release per node, and no side release left running (`world.rs`).
 //!
@@ -112,8 +114,12 @@ fn seeded_fleets_end_on_releases_an_operator_chose() {
     };
     let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
     let mut rollbacks: BTreeMap<(bool, &str), u64> = BTreeMap::new();
+    let (mut fenced, mut idle) = (0, 0);
     for &seed in &seeds {
-        for rollout in world::check(seed) {
+        let run = world::check(seed);
+        fenced += run.deposed_fenced;
+        idle += run.deposed_idle;
+        for rollout in run.rollouts {
             *outcomes.entry(rollout.state.as_str()).or_default() += 1;
             if rollout.kind == RolloutKind::Rollback {
                 let key = (rollout.returns_at_once(), rollout.state.as_str());
@@ -122,7 +128,7 @@ fn seeded_fleets_end_on_releases_an_operator_chose() {
         }
     }
     eprintln!(
-        "outcomes of {} seeds: {outcomes:?}; operator rollbacks (fast, state): {rollbacks:?}",
+        "outcomes of {} seeds: {outcomes:?}; operator rollbacks (fast, state): {rollbacks:?}; deposed leaders: {fenced} stopped by the fence, {idle} wrote nothing",
         seeds.len()
     );
     // The schedules must reach every ending, and both kinds of rollback,
@@ -137,6 +143,7 @@ fn seeded_fleets_end_on_releases_an_operator_chose() {
                 "no rollback with fast = {fast}: {rollbacks:?}"
             );
         }
+        assert!(fenced > 0, "no deposed leader tried to act");
     }
 }
 
@@ -146,6 +153,7 @@ fn a_seed_replays_the_same_run() {
     // failures, a long partition, a failing health check, an agent crash.
     let run = |seed| {
         world::check(seed)
+            .rollouts
             .iter()
             .map(world::show)
             .collect::<Vec<_>>()

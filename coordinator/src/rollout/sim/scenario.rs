@@ -77,6 +77,10 @@ pub(super) struct Coordinator {
     pub crash_writes: Option<(usize, u64)>,
     /// Chance that a store write fails.
     pub store_fails: f64,
+    /// Leader changes at these times from the faulty phase on: another
+    /// coordinator takes the lead while the deposed one still runs, for
+    /// `STALE_FOR` or until its first write is refused by the fence.
+    pub leader_changes: Vec<Duration>,
 }
 
 pub(super) struct Scenario {
@@ -220,6 +224,7 @@ impl Scenario {
             }),
             crashes_at,
             store_fails: if rng.random_bool(0.3) { 0.05 } else { 0.0 },
+            leader_changes: leader_changes(seed),
         };
         let drift = (
             rng.random_range(0..count),
@@ -233,6 +238,22 @@ impl Scenario {
             drift,
         }
     }
+}
+
+/// Drawn apart from the rest of the seed, so that adding this fault left
+/// every other seed's scenario (and the regressions they pin) as it was.
+fn leader_changes(seed: u64) -> Vec<Duration> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x1ead_e5c4_a46e);
+    let count = if rng.random_bool(0.4) {
+        rng.random_range(1..=2)
+    } else {
+        0
+    };
+    let mut at: Vec<Duration> = (0..count)
+        .map(|_| Duration::from_millis(rng.random_range(0..60_000)))
+        .collect();
+    at.sort();
+    at
 }
 
 fn node_faults(rng: &mut StdRng) -> Faults {

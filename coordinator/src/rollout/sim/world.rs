@@ -35,9 +35,22 @@ const FAULTS_FOR: Duration = Duration::from_secs(60);
 /// began: a seed that takes longer hangs.
 const SETTLE_WITHIN: Duration = Duration::from_secs(40 * 60);
 const EPOCH_MS: i64 = 1_700_000_000_000;
+/// How long a deposed leader may go on acting without writing (as one cut
+/// off from etcd does until its lease runs out): `LEASE_TTL` on etcd.
+const STALE_FOR: Duration = Duration::from_secs(10);
 
-/// Runs one seed; returns its second deploys as they ended.
-pub(super) fn check(seed: u64) -> Vec<Rollout> {
+/// One seed's outcome.
+pub(super) struct Run {
+    /// The second deploys as they ended.
+    pub rollouts: Vec<Rollout>,
+    /// Deposed leaders stopped by the fence (a write refused), and those
+    /// that wrote nothing before their time ran out.
+    pub deposed_fenced: usize,
+    pub deposed_idle: usize,
+}
+
+/// Runs one seed.
+pub(super) fn check(seed: u64) -> Run {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -160,7 +173,7 @@ impl World {
         }
     }
 
-    async fn run(mut self) -> Vec<Rollout> {
+    async fn run(mut self) -> Run {
         let started = Instant::now();
         let faults_from = started + FIRST_PHASE;
         let done = CancellationToken::new();
@@ -225,20 +238,52 @@ impl World {
             .clone()
             .into_iter()
             .peekable();
+        let mut changes = self
+            .scenario
+            .coordinator
+            .leader_changes
+            .clone()
+            .into_iter()
+            .peekable();
+        let mut deposed = Vec::new();
         let faults_end = faults_from + FAULTS_FOR;
         loop {
             let next = crashes.peek().map(|at| faults_from + *at);
+            let change = changes.peek().map(|at| faults_from + *at);
             tokio::select! {
                 biased;
                 _ = life.shutdown.cancelled() => {}
                 _ = sleep_until(next.unwrap_or(faults_end)), if next.is_some() => {
                     crashes.next();
                 }
+                _ = sleep_until(change.unwrap_or(faults_end)), if change.is_some() => {
+                    changes.next();
+                    // The new leader starts (and recovers) while the
+                    // deposed one still acts, until the fence stops it.
+                    let stale = std::mem::replace(&mut life, self.start(true).await);
+                    current.send_replace(life.rollouts.clone());
+                    deposed.push(tokio::spawn(async move {
+                        let fenced = tokio::select! {
+                            _ = stale.shutdown.cancelled() => true,
+                            _ = sleep(STALE_FOR) => false,
+                        };
+                        stale.stop().await;
+                        fenced
+                    }));
+                    continue;
+                }
                 _ = sleep_until(faults_end) => break,
             }
             life.stop().await;
             life = self.start(true).await;
             current.send_replace(life.rollouts.clone());
+        }
+        let (mut deposed_fenced, mut deposed_idle) = (0, 0);
+        for stale in deposed {
+            match stale.await.expect("a deposed leader stops") {
+                true => deposed_fenced += 1,
+                false => deposed_idle += 1,
+            }
         }
         life.stop().await;
         life = self.start(false).await;
@@ -273,7 +318,11 @@ impl World {
         self.sides_retired().await;
         done.cancel();
         life.stop().await;
-        seconds
+        Run {
+            rollouts: seconds,
+            deposed_fenced,
+            deposed_idle,
+        }
     }
 
     fn scenario_operator(&self, service: usize) -> OperatorPlan {
