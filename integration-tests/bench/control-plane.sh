@@ -20,14 +20,11 @@ cd "$(dirname "$0")/../.."
 counts=${AGENTS:-"1000 5000 10000"}
 window=${WINDOW:-30}
 source integration-tests/bench/sim-lib.sh
-ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-rss_mib() { awk '/VmRSS/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
-hz=$(getconf CLK_TCK)
 
 first_count=${counts%% *}
 echo "| agents | coordinator RSS | coordinator CPU (one core) | heartbeats/s | connect time |"
 echo "| --- | --- | --- | --- | --- |"
-rollout_report=""
+rollout_table=""
 for count in $counts; do
   start_coordinator "$count" "[limits]
 agent_queue = 64"
@@ -50,28 +47,10 @@ min_healthy_time = "0s"' >"$work/cutover.toml"
     "$cutover" deploy --env sim --file "$work/cutover.toml" --artifact "$work/app.tar.gz" --version v1 --wait >/dev/null
     r1=$(ticks "$coordinator")
     id=$("$cutover" rollout list -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
-    rollout_report=$("$cutover" rollout status "$id" -o json | python3 -c '
-import json, sys
-from datetime import datetime
-r = json.load(sys.stdin)
-t = r["timeline"]
-ms = lambda text: round(datetime.fromisoformat(text).timestamp() * 1000)
-at = lambda e: ms(e["at"])
-starts = [at(e) for e in t if e["kind"] == "batch_started"]
-end = [at(e) for e in t if e["kind"] == "succeeded"][0]
-created = ms(r["created_at"])
-prepared = [at(e) for e in t if e["kind"] == "prepared"][0]
-bounds = starts + [end]
-per = [b - a for a, b in zip(bounds, bounds[1:])]
-cpu_ms = '"$(( (r1 - r0) * 1000 / hz ))"'
-print(f"| nodes | batches | prepare (all nodes) | per batch, mean | per batch, max | whole rollout | coordinator CPU per batch |")
-print(f"| --- | --- | --- | --- | --- | --- | --- |")
-nodes = len(r["nodes"])
-print(f"| {nodes} | {len(per)} | {prepared - created} ms | {sum(per) / len(per):.0f} ms | {max(per)} ms | {end - created} ms | {cpu_ms / len(per):.0f} ms |")
-')
+    rollout_table=$(rollout_report "$id" $((r1 - r0)))
   fi
   kill "$sim_pid" "$coordinator"
   wait "$sim_pid" "$coordinator" 2>/dev/null || true
 done
 echo
-echo "$rollout_report"
+echo "$rollout_table"

@@ -21,6 +21,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A process's CPU time in clock ticks ($hz a second), and its RSS.
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+rss_mib() { awk '/VmRSS/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+hz=$(getconf CLK_TCK)
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 "$cutover" ca init --dir "$work/pki" >/dev/null
@@ -85,4 +90,30 @@ start_sim() {
   pids+=("$sim_pid")
   read -r line <&"${SIM[0]}"
   [ "$line" = "connected $count" ] || { echo "simulator: $line" >&2; return 1; }
+}
+
+# rollout_report ID CPU_TICKS: the table of rollout ID's batches from its own
+# timeline (prepare, per batch mean and max, whole rollout) and the
+# coordinator's CPU per batch, CPU_TICKS being its CPU time over the
+# rollout in clock ticks.
+rollout_report() {
+  "$cutover" rollout status "$1" -o json | python3 -c '
+import json, sys
+from datetime import datetime
+r = json.load(sys.stdin)
+t = r["timeline"]
+ms = lambda text: round(datetime.fromisoformat(text).timestamp() * 1000)
+at = lambda e: ms(e["at"])
+starts = [at(e) for e in t if e["kind"] == "batch_started"]
+end = [at(e) for e in t if e["kind"] == "succeeded"][0]
+created = ms(r["created_at"])
+prepared = [at(e) for e in t if e["kind"] == "prepared"][0]
+bounds = starts + [end]
+per = [b - a for a, b in zip(bounds, bounds[1:])]
+cpu_ms = int(sys.argv[1]) * 1000 / int(sys.argv[2])
+print(f"| nodes | batches | prepare (all nodes) | per batch, mean | per batch, max | whole rollout | coordinator CPU per batch |")
+print(f"| --- | --- | --- | --- | --- | --- | --- |")
+nodes = len(r["nodes"])
+print(f"| {nodes} | {len(per)} | {prepared - created} ms | {sum(per) / len(per):.0f} ms | {max(per)} ms | {end - created} ms | {cpu_ms / len(per):.0f} ms |")
+' "$2" "$hz"
 }

@@ -248,4 +248,44 @@ nodes = {{ env = "local" }}
         text.contains("is not empty") && text.contains("etcdctl del --prefix"),
         "{text}"
     );
+
+    // The guide's backup of etcd itself: a snapshot from one member, which
+    // holds the installation's records.
+    let snapshot = cluster.dir.path().join("etcd-snapshot.db");
+    let etcdctl = |args: &[&str]| {
+        let output = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", etcd.endpoints[0]))
+            .arg(format!("--cacert={}", etcd.tls.ca_cert.display()))
+            .arg(format!("--cert={}", etcd.tls.cert.display()))
+            .arg(format!("--key={}", etcd.tls.key.display()))
+            .args(args)
+            .output()
+            .expect("etcdctl runs (installed with etcd-server by scripts/etcd-env.sh)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "etcdctl {args:?}: {text}");
+        text
+    };
+    etcdctl(&["snapshot", "save", snapshot.to_str().unwrap()]);
+    let status: serde_json::Value = serde_json::from_str(
+        etcdctl(&[
+            "snapshot",
+            "status",
+            snapshot.to_str().unwrap(),
+            "-w",
+            "json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert!(status["totalKey"].as_u64().unwrap_or(0) > 10, "{status}");
+    let keys = etcdctl(&["get", "--prefix", "--keys-only", &prefix]);
+    assert!(
+        keys.lines().filter(|l| !l.is_empty()).count() > 10,
+        "{keys}"
+    );
 }

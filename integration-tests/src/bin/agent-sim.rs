@@ -8,6 +8,10 @@
 //! health gate and smoke checks), for the rollback benchmark
 //! (`integration-tests/bench/rollback.sh`).
 //!
+//! `--coordinator` takes a comma-separated list, as an agent does: a
+//! session goes to the next coordinator after one ends or is refused (a
+//! follower refuses, naming the leader, which is tried next).
+//!
 //! `agent-sim --coordinator https://127.0.0.1:7443 --pki DIR --agents N
 //! [--first I] [--connect-rate PER_SECOND] [--labels env=sim]
 //! [--cutover-ms N]`
@@ -40,7 +44,7 @@ struct Totals {
 }
 
 struct Options {
-    url: CoordinatorUrl,
+    urls: Vec<CoordinatorUrl>,
     labels: HashMap<String, String>,
     /// How long an activation takes before its node switches and answers.
     cutover: Duration,
@@ -92,7 +96,7 @@ async fn main() {
         std::process::exit(1)
     });
     let options = Arc::new(Options {
-        url: CoordinatorUrl::parse(&coordinator).unwrap_or_else(|e| {
+        urls: CoordinatorUrl::parse_list(&coordinator).unwrap_or_else(|e| {
             eprintln!("error: {e}");
             std::process::exit(2)
         }),
@@ -151,27 +155,79 @@ async fn agent(
         index & 255
     );
     let services: Arc<Mutex<Vec<pb::ServiceState>>> = Arc::default();
-    let mut first = true;
+    // Until the first welcome (a follower's refusal is no welcome).
+    let mut welcomed = false;
+    let mut next = index % options.urls.len();
     loop {
+        let url = &options.urls[next];
+        let was_welcomed = welcomed;
         let result = session(
-            &name, &node_id, &address, &config, &options, &services, &totals, first,
+            url,
+            &name,
+            &node_id,
+            &address,
+            &config,
+            &options,
+            &services,
+            &totals,
+            &mut welcomed,
         )
         .await;
-        if !first || result.is_err() {
+        next = match &result {
+            Err(Ended {
+                leader: Some(leader),
+                ..
+            }) => options
+                .urls
+                .iter()
+                .position(|u| u.host == leader.host && u.port == leader.port)
+                .unwrap_or((next + 1) % options.urls.len()),
+            _ => (next + 1) % options.urls.len(),
+        };
+        if was_welcomed || result.is_err() {
             totals.reconnects.fetch_add(1, Ordering::Relaxed);
         }
-        if let Err(error) = result {
-            if first {
-                eprintln!("{name}: {error}");
+        if let Err(ended) = result {
+            if !welcomed && ended.leader.is_none() {
+                eprintln!("{name}: {}", ended.message);
             }
         }
-        first = false;
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Why a session ended, and the leader a follower named.
+struct Ended {
+    message: String,
+    leader: Option<CoordinatorUrl>,
+}
+
+impl From<String> for Ended {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            leader: None,
+        }
+    }
+}
+
+impl From<tonic::Status> for Ended {
+    fn from(status: tonic::Status) -> Self {
+        let leader = status
+            .metadata()
+            .get(cutover_common::LEADER_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| CoordinatorUrl::parse(v).ok());
+        Self {
+            message: status.message().to_string(),
+            leader,
+        }
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn session(
+    url: &CoordinatorUrl,
     name: &str,
     node_id: &str,
     address: &str,
@@ -179,10 +235,10 @@ async fn session(
     options: &Options,
     services: &Arc<Mutex<Vec<pb::ServiceState>>>,
     totals: &Totals,
-    first: bool,
-) -> Result<(), String> {
+    welcomed: &mut bool,
+) -> Result<(), Ended> {
     let channel = tls::connect(
-        &options.url,
+        url,
         Some("localhost"),
         config.clone(),
         &ChannelOptions {
@@ -219,8 +275,7 @@ async fn session(
         .map_err(|e| e.to_string())?;
     let mut inbound = AgentServiceClient::new(channel)
         .session(ReceiverStream::new(outbound_rx))
-        .await
-        .map_err(|e| e.message().to_string())?
+        .await?
         .into_inner();
     let welcome = match inbound
         .message()
@@ -231,9 +286,10 @@ async fn session(
             kind: Some(coordinator_message::Kind::Welcome(w)),
             ..
         }) => w,
-        _ => return Err("no welcome".into()),
+        _ => return Err(String::from("no welcome").into()),
     };
-    if first {
+    if !*welcomed {
+        *welcomed = true;
         totals.connected.fetch_add(1, Ordering::Relaxed);
     }
     let mut heartbeat = tokio::time::interval(Duration::from_millis(
