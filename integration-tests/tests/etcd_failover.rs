@@ -117,6 +117,41 @@ fn mid_batch(cli: &Cli, config: &Path) -> String {
     rollout
 }
 
+/// v1 out on both nodes, load through both, and v2 rolling out, its first
+/// batch switched.
+struct Underway {
+    load: Load,
+    /// Requests sent when v2 started.
+    sent: u64,
+    rollout: String,
+    spec: String,
+    /// v1's artifact.
+    v1: String,
+}
+
+async fn v2_underway(cli: &Cli, admin: &Path, dir: &Path) -> Underway {
+    let (v1, v2) = two_builds(dir);
+    let (spec, port) = shop_spec(dir);
+    let (ok, text) = cli.deploy(admin, &spec, "production", "v1", &v1, &["--wait"]);
+    assert!(ok, "{text}");
+    let targets = NODES
+        .iter()
+        .map(|ip| format!("{ip}:{port}").parse().unwrap())
+        .collect();
+    let load = Load::start(targets, "/", 4);
+    let sent = load.wait_for_sent(0, 100, "on v1").await;
+    let (ok, text) = cli.deploy(admin, &spec, "production", "v2", &v2, &[]);
+    assert!(ok, "{text}");
+    let rollout = mid_batch(cli, admin);
+    Underway {
+        load,
+        sent,
+        rollout,
+        spec,
+        v1,
+    }
+}
+
 fn metric(page: &str, name: &str) -> Option<i64> {
     page.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
@@ -221,21 +256,12 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
         "{status:#}"
     );
 
-    let (v1, v2) = two_builds(dir.path());
-    let (spec, port) = shop_spec(dir.path());
-    let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &["--wait"]);
-    assert!(ok, "{text}");
-
-    let targets = NODES
-        .iter()
-        .map(|ip| format!("{ip}:{port}").parse().unwrap())
-        .collect();
-    let load = Load::start(targets, "/", 4);
-    let sent = load.wait_for_sent(0, 100, "on v1").await;
-
-    let (ok, text) = cli.deploy(&admin, &spec, "production", "v2", &v2, &[]);
-    assert!(ok, "{text}");
-    let rollout = mid_batch(&cli, &admin);
+    let Underway {
+        load,
+        sent,
+        rollout,
+        ..
+    } = v2_underway(&cli, &admin, dir.path()).await;
     first.kill();
     let took_over = wait_until(
         "the second coordinator takes the lead",
@@ -320,19 +346,13 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_another_leads() {
     wait_for_agents(&cli, &admin);
     let old_token = metric(&cut_off.page("/metrics"), "cutover_leader_token").unwrap();
 
-    let (v1, v2) = two_builds(dir.path());
-    let (spec, port) = shop_spec(dir.path());
-    let (ok, text) = cli.deploy(&admin, &spec, "production", "v1", &v1, &["--wait"]);
-    assert!(ok, "{text}");
-    let targets = NODES
-        .iter()
-        .map(|ip| format!("{ip}:{port}").parse().unwrap())
-        .collect();
-    let load = Load::start(targets, "/", 4);
-    let sent = load.wait_for_sent(0, 100, "on v1").await;
-    let (ok, text) = cli.deploy(&admin, &spec, "production", "v2", &v2, &[]);
-    assert!(ok, "{text}");
-    let rollout = mid_batch(&cli, &admin);
+    let Underway {
+        load,
+        sent,
+        rollout,
+        spec,
+        v1,
+    } = v2_underway(&cli, &admin, dir.path()).await;
 
     for member in &etcd.members {
         host.cut(member.port());
