@@ -14,20 +14,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::Access;
 use crate::agent_api::AgentApi;
-use crate::artifacts::ArtifactStore;
 use crate::auth::require;
 use crate::config::{CoordinatorConfig, Limits, StoreKind};
 use crate::enroll::EnrollApi;
-use crate::images::ImageResolver;
-use crate::journal::Journal;
-use crate::metrics::Metrics;
-use crate::operator_api::OperatorApi;
 use crate::registry::Registry;
-use crate::rollout::Rollouts;
-use crate::secrets::{MasterKeys, Secrets};
 use crate::server_status::{Standing, StatusApi};
+use crate::services::Services;
 use crate::store::{Store, StoreError};
 use cutover_proto::v1::enroll_service_server::EnrollServiceServer;
 
@@ -143,7 +136,20 @@ impl Coordinator {
                 Store::open_sled(&config.data_dir.join("store"))?
             }
         };
-        let metrics = Arc::new(Metrics::new());
+        let services = Services::open(&config, store.clone(), &shutdown).await?;
+        let operator_api = services.operator_api(&shutdown);
+        let Services {
+            metrics,
+            registry,
+            artifacts,
+            pki,
+            access,
+            secrets,
+            rollouts,
+            jobs,
+            levers,
+            ..
+        } = services;
         let since_ms = cutover_common::now_ms();
         metrics.leadership.leading(store.leader_token(), since_ms);
         let standing = match store.leader_token() {
@@ -151,45 +157,6 @@ impl Coordinator {
             token => Standing::Leading { token, since_ms },
         };
         let status_api = StatusApi::new(&config, standing, store.cluster_health());
-        let journal = Journal::start(store.clone(), metrics.journal_pending.clone());
-        let registry =
-            Arc::new(Registry::load(store.clone(), journal, config.heartbeat_ttl).await?);
-        let artifacts = Arc::new(
-            ArtifactStore::open(
-                config.data_dir.join("artifacts"),
-                config.limits.max_artifact_bytes as u64,
-            )
-            .map_err(|source| ServerError::DataDir {
-                path: config.data_dir.join("artifacts"),
-                source,
-            })?,
-        );
-        let credentials = cutover_common::registry::load_credentials(&config.registries)
-            .map_err(ServerError::Registries)?;
-        let images = Arc::new(
-            ImageResolver::new(config.registry_ca.as_deref(), credentials)
-                .map_err(|e| ServerError::Registries(e.to_string()))?,
-        );
-        let pki = Arc::new(
-            crate::ca::Pki::open(
-                config.tls.clone(),
-                config.ca_key.clone(),
-                store.clone(),
-                registry.journal().clone(),
-            )
-            .await?,
-        );
-        let access = Arc::new(Access::new(store.clone()));
-        let master_keys = match &config.master_key_file {
-            Some(path) => Some(MasterKeys::load(path).map_err(ServerError::Secrets)?),
-            None => None,
-        };
-        let secrets = Arc::new(
-            Secrets::new(store.clone(), master_keys)
-                .with_metrics(metrics.clone())
-                .await
-                .map_err(ServerError::Secrets)?,
-        );
         let grpc_addr = grpc.local_addr().map_err(ServerError::Http)?;
         let http_addr = http.local_addr().map_err(ServerError::Http)?;
         let config = Arc::new(config);
@@ -207,27 +174,11 @@ impl Coordinator {
         })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-        let rollouts = Rollouts::new(
-            store.clone(),
-            registry.clone(),
-            metrics.clone(),
-            artifacts.clone(),
-            images,
-            secrets.clone(),
-            shutdown.clone(),
-        );
         let resumed = rollouts.recover().await?;
         let converger = tokio::spawn(rollouts.clone().converge_loop());
         if resumed > 0 {
             tracing::info!(resumed, "resumed unfinished rollouts");
         }
-        let jobs = crate::jobs::Jobs::new(
-            store.clone(),
-            registry.clone(),
-            secrets.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
         let open_runs = jobs.recover().await?;
         if open_runs > 0 {
             tracing::info!(
@@ -236,14 +187,6 @@ impl Coordinator {
             );
         }
         let scheduler = tokio::spawn(jobs.clone().schedule_loop());
-        let levers = crate::levers::Levers::new(
-            store.clone(),
-            registry.clone(),
-            metrics.clone(),
-            rollouts.notifier(),
-            shutdown.clone(),
-        )
-        .await?;
         let lever_reconciler = tokio::spawn(levers.clone().reconcile_loop());
         let queue_watcher = tokio::spawn(crate::queues::watch_loop(
             store.clone(),
@@ -252,20 +195,9 @@ impl Coordinator {
             rollouts.notifier(),
             shutdown.clone(),
         ));
-        let operator_api = OperatorServiceServer::new(OperatorApi {
-            jobs: jobs.clone(),
-            agent_upgrades: crate::agent_upgrade::AgentUpgrades::new(registry.clone()),
-            registry: registry.clone(),
-            artifacts,
-            rollouts: rollouts.clone(),
-            access: access.clone(),
-            pki: pki.clone(),
-            secrets,
-            levers,
-            shutdown: shutdown.clone(),
-        })
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+        let operator_api = OperatorServiceServer::new(operator_api)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
 
         let grpc_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(config.limits.keepalive_interval))

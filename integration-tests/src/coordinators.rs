@@ -119,6 +119,18 @@ impl ServerProcess {
         self.get("/healthz").is_some()
     }
 
+    /// Whether it answers as a follower of the coordinator at `leader`.
+    pub fn follows(&self, leader: &str) -> bool {
+        self.get("/healthz")
+            .is_some_and(|page| page.contains(&format!("following the leader at {leader}")))
+    }
+
+    /// Whether it answers as a follower that knows of no leader.
+    pub fn follows_nobody(&self) -> bool {
+        self.get("/healthz")
+            .is_some_and(|page| page.contains("following; no leader yet"))
+    }
+
     /// Its /metrics or /healthz (a follower serves both).
     pub fn page(&self, path: &str) -> String {
         self.get(path)
@@ -141,6 +153,22 @@ impl ServerProcess {
             return None;
         }
         Some(crate::body(&response).to_string())
+    }
+
+    /// Freezes the process (SIGSTOP): it keeps its sockets and its state
+    /// and does nothing, as in a stalled VM or a long pause, until `resume`.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Wakes a process `pause` froze (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signalling the coordinator");
     }
 
     pub fn kill(&mut self) {

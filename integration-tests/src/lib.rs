@@ -707,8 +707,20 @@ pub async fn operator_client(
     url: &str,
     files: &TlsFiles,
 ) -> Result<OperatorServiceClient<Channel>, tls::TlsError> {
+    operator_client_expecting(url, files, None).await
+}
+
+/// `operator_client`, expecting `server_name` in the coordinator's
+/// certificate instead of the URL's host.
+pub async fn operator_client_expecting(
+    url: &str,
+    files: &TlsFiles,
+    server_name: Option<&str>,
+) -> Result<OperatorServiceClient<Channel>, tls::TlsError> {
+    let url = CoordinatorUrl::parse(url)?;
     let config = tls::client_config(files)?;
-    connect_with(url, config).await
+    let connection = tls::connect(&url, server_name, config, &ChannelOptions::default()).await?;
+    Ok(OperatorServiceClient::new(connection))
 }
 
 /// Connects with an arbitrary rustls client config (e.g. one without a

@@ -125,15 +125,19 @@ impl ConnectArgs {
     }
 
     /// A connection to the coordinator that leads. Several coordinators
-    /// (on etcd) all answer, but a follower refuses everything except its
-    /// status, which names the leader: that one is tried next, listed or
-    /// not (its certificate is checked like any other).
+    /// (on etcd) all answer, but a follower answers only its status (which
+    /// names the leader: that one is tried next, listed or not, its
+    /// certificate checked like any other) and the reads it keeps. While no
+    /// coordinator leads (an election, etcd without a quorum), a follower's
+    /// connection is the answer: reads go on, a write is refused with the
+    /// follower's word on why.
     pub async fn leader_channel(&self) -> Result<Channel> {
         let plan = self.dial_plan()?;
         let mut candidates: std::collections::VecDeque<CoordinatorUrl> =
             plan.urls.iter().cloned().collect();
         let mut tried: Vec<String> = Vec::new();
         let mut failures = Vec::new();
+        let mut leaderless = None;
         while let Some(url) = candidates.pop_front() {
             if tried.contains(&url.url) {
                 continue;
@@ -190,6 +194,7 @@ impl ConnectArgs {
                     "{} follows, and no coordinator leads yet (an election is under way, or etcd has no quorum)",
                     url.url
                 ));
+                leaderless.get_or_insert(channel);
                 continue;
             }
             failures.push(format!(
@@ -203,6 +208,9 @@ impl ConnectArgs {
                     status.leader
                 )),
             }
+        }
+        if let Some(follower) = leaderless {
+            return Ok(follower);
         }
         bail!(
             "{}; check that the coordinator runs there and that --coordinator and --ca-cert are this installation's",

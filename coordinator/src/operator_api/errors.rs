@@ -22,9 +22,10 @@ impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
         match error {
             // Retryable: the call changed nothing the caller must know of.
-            StoreError::Unavailable(_) | StoreError::Fenced { .. } => {
-                Status::unavailable(error.to_string())
-            }
+            StoreError::Unavailable(_)
+            | StoreError::Fenced { .. }
+            | StoreError::NotLeading { .. }
+            | StoreError::ReadOnly => Status::unavailable(error.to_string()),
             _ => Status::internal(error.to_string()),
         }
     }
@@ -43,9 +44,12 @@ impl From<RolloutError> for Status {
                 Status::invalid_argument(message)
             }
             RolloutError::NotFound(_) => Status::not_found(message),
-            RolloutError::Store(StoreError::Unavailable(_) | StoreError::Fenced { .. }) => {
-                Status::unavailable(message)
-            }
+            RolloutError::Store(
+                StoreError::Unavailable(_)
+                | StoreError::Fenced { .. }
+                | StoreError::NotLeading { .. }
+                | StoreError::ReadOnly,
+            ) => Status::unavailable(message),
             RolloutError::Store(_) => Status::internal(message),
             RolloutError::Locked { .. } | RolloutError::Claimed { .. } => Status::aborted(message),
             RolloutError::EnvironmentPinned(_) => Status::permission_denied(message),

@@ -16,6 +16,7 @@ mod levers;
 pub(crate) mod memory;
 mod nodes;
 mod pki;
+mod read_only;
 mod records;
 mod releases;
 mod rollouts;
@@ -33,6 +34,7 @@ pub use jobs::*;
 pub use levers::{LeverKind, LeverRecord, LeverRepo};
 pub use nodes::{EventLog, NodeRepo};
 pub use pki::PkiRepo;
+pub use read_only::ReadOnly;
 pub use records::*;
 pub use releases::ReleaseRepo;
 pub use rollouts::{LockHolder, RolloutRepo, ServiceLock};
@@ -53,6 +55,13 @@ pub enum StoreError {
     /// key was created at revision `token`; it is now at `now`, 0: gone).
     #[error("this coordinator is no longer the leader (its leadership began at etcd revision {token}, the leader key is now at {now}): it stops acting and the current leader carries on")]
     Fenced { token: i64, now: i64 },
+    /// A call of a leader whose lead is lost (its lease could not be
+    /// renewed in time, or a write was fenced): refused without asking etcd.
+    #[error("this coordinator no longer leads (its leadership began at etcd revision {token}): it stops acting and the current leader carries on")]
+    NotLeading { token: i64 },
+    /// A write through a follower's view of the store (`ReadOnly`).
+    #[error("this coordinator follows: it reads the store but only the leader writes; send the call to the leader (`cutover server status` names it)")]
+    ReadOnly,
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     /// A restore found records already there (`what` names where).

@@ -30,6 +30,8 @@ pub const LEASE_TTL: Duration = Duration::from_secs(10);
 /// What a leader keeps between its last confirmed renewal plus the TTL and
 /// the moment it stops acting: the time a stop takes to reach every task.
 const SAFETY: Duration = Duration::from_secs(2);
+/// How long a resigning leader waits for etcd to revoke its lease.
+const REVOKE_WITHIN: Duration = Duration::from_secs(2);
 /// How often a follower looks whether the leader key is gone.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -108,13 +110,17 @@ impl Campaign {
 
     /// Waits until this coordinator leads; `None` if `shutdown` came first.
     /// A store that cannot be reached is waited out (a follower has nothing
-    /// else to do).
+    /// else to do). A leader not seen for a whole lease TTL is forgotten:
+    /// whoever led then has stopped acting by now (it cannot renew either),
+    /// so a follower says nobody leads rather than send callers to it.
     pub async fn win(self, shutdown: &CancellationToken) -> Option<Leadership> {
         let mut followed: Option<Leader> = None;
+        let mut seen = Instant::now();
         loop {
             match self.try_once().await {
                 Ok(Ok(leadership)) => return Some(leadership),
                 Ok(Err(leader)) => {
+                    seen = Instant::now();
                     if followed.as_ref() != Some(&leader) {
                         tracing::info!(leader = %leader.identity, token = leader.token, "following");
                         self.observed
@@ -124,6 +130,13 @@ impl Campaign {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cannot campaign for the lead yet");
+                    if followed.is_some() && seen.elapsed() >= LEASE_TTL {
+                        tracing::warn!(
+                            "no leader confirmed for a lease TTL: following nobody until etcd answers"
+                        );
+                        self.observed.send_replace(None);
+                        followed = None;
+                    }
                 }
             }
             tokio::select! {
@@ -237,12 +250,20 @@ impl Leadership {
 
     /// Gives the lead up at once (a shutdown): the lease is revoked, which
     /// deletes the leader key, so a follower takes over without waiting for
-    /// the TTL.
+    /// the TTL. Bounded: a coordinator cut off from etcd follows (and
+    /// answers) again without waiting for it; the lease then runs out.
     pub async fn resign(self) {
         self.lost.cancel();
         let _ = self.renewer.await;
-        if let Err(error) = self.client.revoke(self.lease).await {
-            tracing::warn!(%error, "could not revoke the leader lease; another coordinator leads once it expires");
+        match tokio::time::timeout(REVOKE_WITHIN, self.client.revoke(self.lease)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not revoke the leader lease; another coordinator leads once it expires")
+            }
+            Err(_) => tracing::warn!(
+                within = %humantime::format_duration(REVOKE_WITHIN),
+                "etcd did not answer the lease revocation; another coordinator leads once it expires"
+            ),
         }
     }
 }
@@ -398,7 +419,24 @@ mod tests {
             .await
             .expect("the deposed leader notices");
 
+        // Noticed, it stops at once: nothing reaches etcd.
         let refused = leading
+            .put(Table::Meta, b"k", b"late".to_vec(), Durability::Durable)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, StoreError::NotLeading { token } if token == first.token),
+            "{refused}"
+        );
+        assert!(matches!(
+            leading.get(Table::Meta, b"k").await,
+            Err(StoreError::NotLeading { .. })
+        ));
+        // The same leader's store as it would be had it not noticed yet (its
+        // lost signal detached): etcd's fence refuses its writes, and the
+        // first refusal is its notice.
+        let unaware = leading.unaware();
+        let refused = unaware
             .put(Table::Meta, b"k", b"late".to_vec(), Durability::Durable)
             .await
             .unwrap_err();
@@ -406,9 +444,19 @@ mod tests {
             matches!(refused, StoreError::Fenced { token, now } if token == first.token && now == second.token),
             "{refused}"
         );
-        let stale = leading.get(Table::Meta, b"k").await.unwrap().unwrap();
+        assert!(matches!(
+            unaware.get(Table::Meta, b"k").await,
+            Err(StoreError::NotLeading { .. })
+        ));
+        let stale = EtcdBackend::new(&settings)
+            .unwrap()
+            .get(Table::Meta, b"k")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(stale.value, b"one");
         let refused = leading
+            .unaware()
             .compare_and_put(
                 Table::Meta,
                 b"k",

@@ -14,8 +14,9 @@ mod client;
 use async_trait::async_trait;
 use cutover_proto::etcd::etcdserverpb::{
     compare, request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
-    RequestOp, TxnRequest, TxnResponse,
+    RangeResponse, RequestOp, TxnRequest, TxnResponse,
 };
+use cutover_proto::etcd::mvccpb::KeyValue;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -86,6 +87,64 @@ impl EtcdBackend {
         }
     }
 
+    /// This leader's store as it would be before the leader noticed that it
+    /// lost the lead: the fence alone stops its writes.
+    #[cfg(test)]
+    fn unaware(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            fence: self.fence.as_ref().map(|fence| Fence {
+                key: fence.key.clone(),
+                token: fence.token,
+                lost: CancellationToken::new(),
+            }),
+            seq: Mutex::new((0, 0)),
+        }
+    }
+
+    /// `call`, unless this is a leader's store whose lead is lost: then
+    /// refused at once, also a call already waiting on etcd. A coordinator
+    /// that no longer leads stops acting without waiting for a cluster it
+    /// may not reach (its writes would be fenced anyway).
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let Some(fence) = &self.fence else {
+            return call.await;
+        };
+        let lost = || StoreError::NotLeading { token: fence.token };
+        if fence.lost.is_cancelled() {
+            return Err(lost());
+        }
+        tokio::select! {
+            biased;
+            _ = fence.lost.cancelled() => Err(lost()),
+            result = call => result,
+        }
+    }
+
+    async fn range(
+        &self,
+        request: RangeRequest,
+        retry: Retry,
+    ) -> Result<RangeResponse, StoreError> {
+        self.guarded(self.client.range(request, retry)).await
+    }
+
+    async fn txn(&self, request: TxnRequest, retry: Retry) -> Result<TxnResponse, StoreError> {
+        self.guarded(self.client.txn(request, retry)).await
+    }
+
+    async fn range_each(
+        &self,
+        scan: Scan,
+        each: impl FnMut(KeyValue) -> bool,
+    ) -> Result<i64, StoreError> {
+        self.guarded(self.client.range_each(scan, each)).await
+    }
+
     /// Writes `op` if every `compare` holds (and the fence, for a leader).
     async fn write(
         &self,
@@ -99,7 +158,6 @@ impl EtcdBackend {
             failure.push(range_op(fence.key.clone()));
         }
         let response = self
-            .client
             .txn(
                 TxnRequest {
                     compare,
@@ -193,7 +251,6 @@ impl EtcdBackend {
     /// the revision of its key (0: absent).
     async fn reserved(&self, revision: i64) -> Result<(u64, i64), StoreError> {
         let response = self
-            .client
             .range(
                 RangeRequest {
                     key: self.seq_key(),
@@ -229,7 +286,6 @@ impl EtcdBackend {
     async fn holds(&self, prefix: Vec<u8>) -> Result<bool, StoreError> {
         let end = prefix_end(&prefix);
         let response = self
-            .client
             .range(
                 RangeRequest {
                     key: prefix,
@@ -252,12 +308,11 @@ impl EtcdBackend {
         let mut rows = Vec::new();
         let mut scan = Scan::new(prefix.to_vec(), prefix_end(prefix));
         scan.revision = revision;
-        self.client
-            .range_each(scan, |kv| {
-                rows.push((kv.key[prefix.len()..].to_vec(), kv.value));
-                true
-            })
-            .await?;
+        self.range_each(scan, |kv| {
+            rows.push((kv.key[prefix.len()..].to_vec(), kv.value));
+            true
+        })
+        .await?;
         Ok(rows)
     }
 
@@ -286,7 +341,6 @@ impl EtcdBackend {
             compare.push(fence.holds());
         }
         let response = self
-            .client
             .txn(
                 TxnRequest {
                     compare,
@@ -313,7 +367,6 @@ impl EtcdBackend {
 impl Backend for EtcdBackend {
     async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError> {
         let response = self
-            .client
             .range(
                 RangeRequest {
                     key: self.row_key(table, key),
@@ -335,16 +388,15 @@ impl Backend for EtcdBackend {
         start.extend_from_slice(prefix);
         let end = prefix_end(&start);
         let mut entries = Vec::new();
-        self.client
-            .range_each(Scan::new(start, end), |kv| {
-                entries.push(Entry {
-                    key: kv.key[table_prefix.len()..].to_vec(),
-                    value: kv.value,
-                    revision: Revision(kv.mod_revision as u64),
-                });
-                true
-            })
-            .await?;
+        self.range_each(Scan::new(start, end), |kv| {
+            entries.push(Entry {
+                key: kv.key[table_prefix.len()..].to_vec(),
+                value: kv.value,
+                revision: Revision(kv.mod_revision as u64),
+            });
+            true
+        })
+        .await?;
         Ok(entries)
     }
 
@@ -429,14 +481,13 @@ impl Backend for EtcdBackend {
         let mut scan = Scan::new(start, end);
         scan.descending = page.newest;
         let mut records = Vec::new();
-        self.client
-            .range_each(scan, |kv| {
-                if keep(&kv.value) {
-                    records.push(kv.value);
-                }
-                records.len() < page.limit
-            })
-            .await?;
+        self.range_each(scan, |kv| {
+            if keep(&kv.value) {
+                records.push(kv.value);
+            }
+            records.len() < page.limit
+        })
+        .await?;
         if page.newest {
             records.reverse();
         }
@@ -447,7 +498,6 @@ impl Backend for EtcdBackend {
         let prefix = self.log_prefix(log);
         let end = prefix_end(&prefix);
         let count = self
-            .client
             .range(
                 RangeRequest {
                     key: prefix.clone(),
@@ -468,13 +518,12 @@ impl Backend for EtcdBackend {
             scan.keys_only = true;
             let mut last = None;
             let mut seen = 0;
-            self.client
-                .range_each(scan, |kv| {
-                    last = Some(kv.key);
-                    seen += 1;
-                    seen < batch
-                })
-                .await?;
+            self.range_each(scan, |kv| {
+                last = Some(kv.key);
+                seen += 1;
+                seen < batch
+            })
+            .await?;
             let Some(mut last) = last else { break };
             last.push(0);
             // Only the oldest: the range ends right after the last of them.
@@ -499,7 +548,6 @@ impl Backend for EtcdBackend {
         let revision = {
             let mut seq = self.seq.lock().await;
             let revision = self
-                .client
                 .range(
                     RangeRequest {
                         key: self.seq_key(),
