@@ -6,13 +6,10 @@ mod cli;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use cutover_common::identity::{Identity, Role};
-use cutover_common::pki::CertificateAuthority;
 use cutover_common::telemetry::{self, LogFormat};
 use cutover_coordinator::config::CoordinatorConfig;
-use cutover_coordinator::secrets::{MasterKeys, MASTER_KEY};
 use cutover_proto::v1::{ListNodesRequest, PingNodeRequest};
 
 use cli::client::{ensure_output, explain, ConnectArgs};
@@ -209,13 +206,17 @@ enum CaAction {
     /// Issue a client certificate for an agent or an operator.
     Issue {
         #[arg(value_enum)]
-        role: IssueRole,
+        role: cli::ca_local::IssueRole,
         /// Node name (agents) or person's name (operators).
         #[arg(long)]
         name: String,
         #[arg(long, env = "CUTOVER_PKI_DIR", default_value = "/etc/cutover/pki")]
         dir: PathBuf,
-        /// Where to write <role>-<name>.crt/.key (default: the PKI dir).
+        /// Where the files go. An agent's agent-<name>.crt/.key: default the
+        /// PKI dir. An operator's whole CLI credentials (key, certificate,
+        /// ca.crt and a cli.toml dialing --coordinator, default
+        /// https://localhost:7443): default ~/.config/cutover, where the
+        /// CLI looks.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Lifetime. Default: 7 days for an agent (it renews its certificate
@@ -231,12 +232,6 @@ enum CaAction {
     Rotate,
     /// The CAs, the rotation in progress and which nodes still hold what.
     Status,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum IssueRole {
-    Agent,
-    Operator,
 }
 
 #[derive(Subcommand)]
@@ -541,40 +536,14 @@ async fn ca(action: CaAction, connect: &ConnectArgs, json: bool) -> Result<()> {
     match action {
         CaAction::Rotate => cli::ca::rotate(connect, json).await?,
         CaAction::Status => cli::ca::status(connect, json).await?,
-        CaAction::Init { dir, sans } => {
-            CertificateAuthority::init_dir(&dir, &sans)?;
-            MasterKeys::create(&dir.join(MASTER_KEY))?;
-            println!(
-                "created CA {dir}/ca.crt, the coordinator certificate {dir}/coordinator.crt and the secrets master key {dir}/{MASTER_KEY}\n\
-                 keep {dir}/ca.key (it signs every identity) and {dir}/{MASTER_KEY} (it seals every secret) secret",
-                dir = dir.display()
-            );
-        }
+        CaAction::Init { dir, sans } => cli::ca_local::init(&dir, &sans)?,
         CaAction::Issue {
             role,
             name,
             dir,
             out,
             days,
-        } => {
-            let (role, default_days) = match role {
-                IssueRole::Agent => (Role::Agent, 7),
-                IssueRole::Operator => (Role::Operator, 365),
-            };
-            let days = days.unwrap_or(default_days);
-            let identity = Identity::new(role, &name)?;
-            let ca = CertificateAuthority::load_dir(&dir)?;
-            let out = out.unwrap_or(dir);
-            let (cert, key) = ca
-                .issue_client(&identity, days)?
-                .write(&out, &format!("{role}-{name}"))
-                .with_context(|| format!("writing the certificate for {identity}"))?;
-            println!(
-                "issued {identity}: {} and {}",
-                cert.display(),
-                key.display()
-            );
-        }
+        } => cli::ca_local::issue(role, &name, &dir, out, days, connect)?,
     }
     Ok(())
 }

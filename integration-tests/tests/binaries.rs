@@ -31,6 +31,18 @@ fn dev_up_gives_ready_nodes_with_figures_metrics_and_a_command_path() {
     let data = cluster.path("coordinator");
     assert_private_tree(&data);
 
+    // Logs written to files are plain text: no colour codes.
+    let logs: Vec<_> = std::fs::read_dir(cluster.path("logs"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert_eq!(logs.len(), 4, "{logs:?}");
+    for log in &logs {
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(text.contains(" INFO "), "{}: {text}", log.display());
+        assert!(!text.contains('\x1b'), "{}: {text}", log.display());
+    }
+
     let ping = cluster.cutover(&["nodes", "ping", "node-3", "--output", "json"]);
     assert!(
         ping.status.success(),
@@ -547,5 +559,166 @@ fn events_and_audit_follow_prints_new_entries_as_they_come() {
     for child in [&mut events, &mut audit] {
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+}
+
+/// The first steps of an install, as the guide gives them: `ca init` says
+/// what the CA's fingerprint is and what to run next; `ca issue operator`
+/// writes the first admin's whole credentials where the CLI looks, and a
+/// coordinator on that PKI dir answers that CLI with no other setting.
+#[test]
+fn ca_init_and_issue_operator_give_a_working_first_admin() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let run = |args: &[&str]| {
+        let mut command = Command::new(bin("cutover"));
+        command.args(args).env("HOME", &home);
+        for var in [
+            "CUTOVER_CLI_CONFIG",
+            "CUTOVER_COORDINATOR",
+            "CUTOVER_CA_CERT",
+            "CUTOVER_CERT",
+            "CUTOVER_KEY",
+            "CUTOVER_PKI_DIR",
+            "CUTOVER_TLS_SERVER_NAME",
+        ] {
+            command.env_remove(var);
+        }
+        let output = command.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    };
+    let pki_arg = pki.display().to_string();
+
+    let (ok, text) = run(&["ca", "init", "--dir", &pki_arg]);
+    assert!(ok, "{text}");
+    let fingerprint = cutover_common::tls::ca_fingerprint(&pki.join("ca.crt")).unwrap();
+    assert!(
+        text.contains(&format!("CA fingerprint: {fingerprint}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "cutover ca issue operator --name root --dir {pki_arg}"
+        )),
+        "{text}"
+    );
+
+    let port = |taken: &[u16]| {
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(40000..=44999), taken).unwrap()
+    };
+    let grpc = port(&[]);
+    let http = port(&[grpc]);
+    let url = format!("https://localhost:{grpc}");
+    let (ok, text) = run(&[
+        "ca",
+        "issue",
+        "operator",
+        "--name",
+        "root",
+        "--dir",
+        &pki_arg,
+        "--coordinator",
+        &url,
+    ]);
+    assert!(ok, "{text}");
+    let credentials = home.join(".config/cutover");
+    let cli_toml = std::fs::read_to_string(credentials.join("cli.toml")).unwrap();
+    assert!(
+        cli_toml.contains(&format!("coordinator = {url:?}")),
+        "{cli_toml}"
+    );
+    for (file, mode) in [
+        ("cli.toml", 0o600),
+        ("operator-root.key", 0o600),
+        ("operator-root.crt", 0o644),
+        ("ca.crt", 0o644),
+    ] {
+        let meta = std::fs::metadata(credentials.join(file)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+    }
+    assert!(text.contains("try `cutover nodes`"), "{text}");
+    // A second issue into the same place overwrites nothing.
+    let key_before = std::fs::read(credentials.join("operator-root.key")).unwrap();
+    let (ok, text) = run(&[
+        "ca", "issue", "operator", "--name", "root", "--dir", &pki_arg,
+    ]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("already holds credentials"), "{text}");
+    assert_eq!(
+        std::fs::read(credentials.join("operator-root.key")).unwrap(),
+        key_before
+    );
+
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{data}"
+listen = "127.0.0.1:{grpc}"
+http_listen = "127.0.0.1:{http}"
+ca_key = "{pki_arg}/ca.key"
+master_key_file = "{pki_arg}/master.key"
+[tls]
+ca_cert = "{pki_arg}/ca.crt"
+cert = "{pki_arg}/coordinator.crt"
+key = "{pki_arg}/coordinator.key"
+"#,
+            data = dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("coordinator.log")).unwrap();
+    let server = Command::new(bin("cutover"))
+        .args(["server", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _server = KillOnDrop(server);
+    let started = Instant::now();
+    loop {
+        let (ok, text) = run(&["nodes"]);
+        if ok {
+            assert!(text.starts_with("NAME"), "{text}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{text}\n{}",
+            std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, text) = run(&["operator", "list", "-o", "json"]);
+    assert!(ok, "{text}");
+    let operators: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        operators
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["name"] == "root" && o["role"] == "admin"),
+        "{operators:#}"
+    );
+}
+
+/// A child process killed (SIGKILL) when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -63,15 +63,50 @@ fn operator_json(o: &pb::Operator) -> Value {
     })
 }
 
-/// Writes the new operator's credentials into `out`; returns the CLI
-/// config's path. The key was made here and is written only here.
-fn write_credentials(
-    out: &Path,
-    name: &str,
-    coordinator: &str,
-    key_pem: &str,
-    response: &pb::CreateOperatorResponse,
-) -> Result<PathBuf> {
+/// An operator's CLI credentials, as `write_credentials` lays them out.
+pub(crate) struct Credentials<'a> {
+    pub name: &'a str,
+    pub role: &'a str,
+    /// The coordinator(s) the CLI dials, as `cli.toml` lists them.
+    pub coordinator: &'a str,
+    /// The name to expect in the coordinator's certificate, if not the
+    /// address's host.
+    pub server_name: Option<&'a str>,
+    pub key_pem: &'a str,
+    pub cert_pem: &'a str,
+    /// The installation's CA bundle.
+    pub ca_pem: &'a str,
+    /// The command that wrote them, named in `cli.toml`.
+    pub written_by: &'a str,
+}
+
+/// Refuses a credentials dir that holds some already: nothing is issued or
+/// recorded that could not be written out.
+pub(crate) fn refuse_used_dir(out: &Path) -> Result<()> {
+    if out.join("cli.toml").exists() {
+        bail!(
+            "{} already holds credentials (cli.toml); choose another --out, or move those away first",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes an operator's credentials into `out` (created if missing): the
+/// key (0600, made on this machine and written only here), the
+/// certificate, the CA bundle and `cli.toml` naming them by absolute path.
+/// Returns the CLI config's path.
+pub(crate) fn write_credentials(out: &Path, credentials: &Credentials) -> Result<PathBuf> {
+    let Credentials {
+        name,
+        role,
+        coordinator,
+        server_name,
+        key_pem,
+        cert_pem,
+        ca_pem,
+        written_by,
+    } = credentials;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let out = out.canonicalize()?;
     let ca = out.join("ca.crt");
@@ -83,21 +118,20 @@ fn write_credentials(
             .with_context(|| format!("cannot write {}", path.display()))
     };
     write(&key, key_pem, 0o600)?;
-    write(&cert, &response.cert_pem, 0o644)?;
-    write(&ca, &response.ca_cert_pem, 0o644)?;
+    write(&cert, cert_pem, 0o644)?;
+    write(&ca, ca_pem, 0o644)?;
+    let server_name = server_name
+        .map(|name| format!("server_name = {name:?}\n"))
+        .unwrap_or_default();
     write(
         &config,
         &format!(
-            "# cutover CLI credentials of operator {name} ({}), written by `cutover operator create`\n\
+            "# cutover CLI credentials of operator {name} ({role}), written by `{written_by}`\n\
              coordinator = {coordinator:?}\n\
+             {server_name}\
              ca_cert = {:?}\n\
              cert = {:?}\n\
              key = {:?}\n",
-            response
-                .operator
-                .as_ref()
-                .map(|o| o.role.as_str())
-                .unwrap_or_default(),
             ca.display().to_string(),
             cert.display().to_string(),
             key.display().to_string(),
@@ -125,12 +159,7 @@ pub async fn operator(connect: &ConnectArgs, command: OperatorCommand, json: boo
             }
             // Refuse before the coordinator records anything we could not
             // write out.
-            if out.join("cli.toml").exists() {
-                bail!(
-                    "{} already holds credentials; choose another --out",
-                    out.display()
-                );
-            }
+            refuse_used_dir(&out)?;
             let (csr_pem, key_pem) = cutover_common::pki::certificate_request(&identity)?;
             let response = client
                 .create_operator(pb::CreateOperatorRequest {
@@ -144,8 +173,20 @@ pub async fn operator(connect: &ConnectArgs, command: OperatorCommand, json: boo
                 .map_err(explain)?
                 .into_inner();
             let coordinator = connect.resolve()?.coordinator;
-            let config = write_credentials(&out, &name, &coordinator, &key_pem, &response)?;
-            let operator = response.operator.unwrap_or_default();
+            let operator = response.operator.clone().unwrap_or_default();
+            let config = write_credentials(
+                &out,
+                &Credentials {
+                    name: &name,
+                    role: &operator.role,
+                    coordinator: &coordinator,
+                    server_name: connect.resolve()?.server_name.as_deref(),
+                    key_pem: &key_pem,
+                    cert_pem: &response.cert_pem,
+                    ca_pem: &response.ca_cert_pem,
+                    written_by: "cutover operator create",
+                },
+            )?;
             if json {
                 let mut value = operator_json(&operator);
                 value["cli_config"] = json!(config.display().to_string());

@@ -3,6 +3,7 @@ pub mod agents;
 pub mod artifacts;
 pub mod backup;
 pub mod ca;
+pub mod ca_local;
 pub mod client;
 pub mod config;
 pub mod deployments;
