@@ -190,6 +190,21 @@ enum Commands {
         #[command(subcommand)]
         action: DevAction,
     },
+    /// Print the shell completion script:
+    /// `cutover completion bash > /etc/bash_completion.d/cutover`,
+    /// `cutover completion zsh > "${fpath[1]}/_cutover"`,
+    /// `cutover completion fish > ~/.config/fish/completions/cutover.fish`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (cutover.1 and one per command, e.g.
+    /// cutover-rollout-status.1) into --out: `cutover man --out
+    /// /usr/local/share/man/man1`.
+    Man {
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -324,6 +339,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             cutover_coordinator::leading::serve(config, shutdown).await?;
         }
         Commands::Ca { action } => ca(action, &cli.connect, json).await?,
+        Commands::Completion { shell } => {
+            cli::shell::completion(shell, <Cli as clap::CommandFactory>::command())
+        }
+        Commands::Man { out } => {
+            let written = cli::shell::man_pages(<Cli as clap::CommandFactory>::command(), &out)?;
+            println!("wrote {written} man pages into {}", out.display());
+        }
         Commands::Nodes { action } => {
             let mut client = cli.connect.operator_client().await?;
             match action.unwrap_or(NodesAction::List) {

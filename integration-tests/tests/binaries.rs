@@ -722,3 +722,70 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Completion scripts and man pages come from the CLI's definition: every
+/// command is in them, and the tools that read them accept them.
+#[test]
+fn completion_scripts_and_man_pages_cover_every_command() {
+    let run = |args: &[&str]| {
+        let output = Command::new(bin("cutover")).args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completion", shell]);
+        for command in ["rollout", "rollback", "recovery", "completion"] {
+            assert!(script.contains(command), "{shell}: {command} missing");
+        }
+    }
+    let bash = run(&["completion", "bash"]);
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("cutover.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let checked = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    let out = dir.path().join("man1");
+    let said = run(&["man", "--out", &out.display().to_string()]);
+    let pages: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        said.contains(&format!("wrote {} man pages", pages.len())),
+        "{said}"
+    );
+    for page in [
+        "cutover.1",
+        "cutover-rollout-status.1",
+        "cutover-ca-issue.1",
+    ] {
+        assert!(pages.iter().any(|p| p == page), "{page} missing: {pages:?}");
+    }
+    // groff renders them without a warning.
+    let rendered = Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww", "-z"])
+        .arg(out.join("cutover-rollout-status.1"))
+        .output()
+        .unwrap();
+    assert!(
+        rendered.status.success() && rendered.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let page = std::fs::read_to_string(out.join("cutover-rollout-status.1")).unwrap();
+    assert!(page.contains(".TH cutover-rollout-status 1"), "{page}");
+    assert!(page.contains(env!("CARGO_PKG_VERSION")), "{page}");
+}

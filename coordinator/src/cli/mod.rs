@@ -20,4 +20,5 @@ pub mod rollout_logs;
 mod rollout_view;
 pub mod rollouts;
 pub mod server;
+pub mod shell;
 pub mod tasks;
