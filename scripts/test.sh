@@ -60,6 +60,18 @@ pg_env_start
 redis_env_start
 etcd_env_start
 
+# A clean build and the run take about 10 GiB under target/ and /tmp; say so
+# before the compiler dies with "No space left on device" half-way through.
+free_gib=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
+if [ "$free_gib" -lt 12 ]; then
+  echo "error: $free_gib GiB free on the disk of $(pwd); the build and tests need about 12 GiB: free some (cargo clean in old checkouts, /tmp) and rerun" >&2
+  exit 1
+fi
+# A clean clone gains nothing from incremental compilation, which writes
+# gigabytes it never reads again.
+if [ "${CI:-}" = true ]; then
+  export CARGO_INCREMENTAL=0
+fi
 cargo build --locked --workspace --bins
 # nextest runs each test in its own process, kills one that hangs, and ends
 # with one summary line.
