@@ -57,10 +57,11 @@ if [ "$with_db" = 1 ] && [ "$runtime" = docker ]; then
 fi
 
 
-command -v python3 >/dev/null || {
-  echo "the demo app needs python3; installing it"
-  apt-get install -y python3 >/dev/null
-}
+# The sample app is a Python program; the demo reads the nodes with curl.
+# shellcheck source=scripts/packages.sh
+source scripts/packages.sh
+need_package python3 python3 --no-install-recommends
+need_package curl curl --no-install-recommends
 cargo build --locked --workspace --bins
 cutover=$PWD/target/debug/cutover
 loadgen=$PWD/target/debug/loadgen

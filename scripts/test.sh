@@ -7,22 +7,8 @@ cd "$(dirname "$0")/.."
 
 # Every tool a test needs is installed here, or the run fails: no test skips
 # itself for want of one. Debian's packages, as root.
-need_package() { # COMMAND PACKAGE [apt-get flags]
-  local command=$1 package=$2
-  shift 2
-  command -v "$command" >/dev/null 2>&1 && return 0
-  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: $command is missing (Debian package $package); install it, or run this as root on Debian" >&2
-    exit 1
-  fi
-  echo "installing $package (for $command)"
-  if [ -z "${apt_updated:-}" ]; then
-    apt-get update -qq
-    apt_updated=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" "$package" >/dev/null
-  command -v "$command" >/dev/null 2>&1 || { echo "error: installing $package gave no $command" >&2; exit 1; }
-}
+# shellcheck source=scripts/packages.sh
+source scripts/packages.sh
 # systemd-analyze checks the units in deploy/systemd.
 need_package systemd-analyze systemd
 # promtool checks and unit-tests the alert rules in deploy/prometheus.
@@ -31,6 +17,10 @@ need_package promtool prometheus --no-install-recommends
 # links with iptables.
 need_package ip iproute2
 need_package iptables iptables
+# The install guide's test creates the service users and runs the daemons
+# as them.
+need_package useradd passwd
+need_package runuser util-linux
 # The backup and restore tests back a throw-away cluster up with pgBackRest.
 need_package pgbackrest pgbackrest --no-install-recommends
 # The load balancer tests put a real HAProxy in front of the node proxies.

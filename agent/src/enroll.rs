@@ -16,12 +16,32 @@ use cutover_proto::v1::JoinRequest;
 pub enum JoinError {
     #[error("{0}")]
     Invalid(String),
-    #[error("cannot reach the coordinator at {url}: {reason}; check --coordinator, and that --ca-fingerprint is the one `cutover token create` printed")]
-    Connect { url: String, reason: String },
+    #[error("cannot reach the coordinator at {url}: {reason}; {hint}")]
+    Connect {
+        url: String,
+        reason: String,
+        hint: &'static str,
+    },
     #[error("the coordinator refused the join: {0}")]
     Refused(String),
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+}
+
+impl JoinError {
+    fn connect(url: &str, reason: String) -> Self {
+        // rustls: "certificate not valid for name ...".
+        let hint = if reason.contains("not valid for name") {
+            "the coordinator's certificate does not name the host of --coordinator: pass --server-name with a name it does hold (the coordinator's `server_sans`, or localhost)"
+        } else {
+            "check --coordinator, and that --ca-fingerprint is the one `cutover token create` printed"
+        };
+        JoinError::Connect {
+            url: url.to_string(),
+            reason,
+            hint,
+        }
+    }
 }
 
 /// What a join wrote.
@@ -31,17 +51,38 @@ pub struct Joined {
     pub labels: BTreeMap<String, String>,
 }
 
+/// Where a node joins and what its config says beyond the token's labels.
+#[derive(Debug, Default)]
+pub struct JoinTarget<'a> {
+    /// https://host:port of the coordinator.
+    pub coordinator: &'a str,
+    /// The name to check the coordinator's certificate against when it is
+    /// not the URL's host (written to agent.toml as `server_name`).
+    pub server_name: Option<&'a str>,
+    /// The address the node's services bind and the coordinator is told
+    /// (written as `address`); default: the agent's own pick at start.
+    pub address: Option<std::net::IpAddr>,
+}
+
 /// Joins node `name` with `token`, writing into `out`: `pki/ca.crt`,
 /// `pki/agent-NAME.crt`, `pki/agent-NAME.key` (0600) and `agent.toml`
-/// (state in `out/state`, the token's labels).
+/// (the state dir, the token's labels, every path absolute, so the config
+/// means the same whatever directory the agent starts in).
 pub async fn join(
-    coordinator: &str,
+    target: &JoinTarget<'_>,
     token: &str,
     ca_fingerprint: &str,
     name: &str,
     out: &Path,
     state_dir: &Path,
 ) -> Result<Joined, JoinError> {
+    let coordinator = target.coordinator;
+    let absolute = |path: &Path, flag: &str| {
+        std::path::absolute(path)
+            .map_err(|e| JoinError::Invalid(format!("{flag} {}: {e}", path.display())))
+    };
+    let out = &absolute(out, "--out")?;
+    let state_dir = &absolute(state_dir, "--state-dir")?;
     let identity = Identity::new(Role::Agent, name)
         .map_err(|e| JoinError::Invalid(format!("node name {name:?}: {e}")))?;
     let fingerprint_ok = ca_fingerprint
@@ -64,15 +105,12 @@ pub async fn join(
         .map_err(|e| JoinError::Invalid(e.to_string()))?;
     let channel = tls::connect(
         &url,
-        None,
+        target.server_name,
         tls::pinned_client_config(ca_fingerprint),
         &ChannelOptions::default(),
     )
     .await
-    .map_err(|e| JoinError::Connect {
-        url: coordinator.to_string(),
-        reason: e.to_string(),
-    })?;
+    .map_err(|e| JoinError::connect(coordinator, e.to_string()))?;
     let joined = EnrollServiceClient::new(channel)
         .join(JoinRequest {
             token: token.to_string(),
@@ -81,10 +119,9 @@ pub async fn join(
         })
         .await
         .map_err(|status| match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown => JoinError::Connect {
-                url: coordinator.to_string(),
-                reason: tls::root_cause(&status),
-            },
+            tonic::Code::Unavailable | tonic::Code::Unknown => {
+                JoinError::connect(coordinator, tls::root_cause(&status))
+            }
             _ => JoinError::Refused(status.message().to_string()),
         })?
         .into_inner();
@@ -124,6 +161,16 @@ pub async fn join(
          [labels]\n",
         state_dir.display().to_string()
     );
+    // Top-level keys, before the first table.
+    let at = text.find("[labels]").expect("written above");
+    let mut top = String::new();
+    if let Some(server_name) = target.server_name {
+        let _ = writeln!(top, "server_name = {server_name:?}");
+    }
+    if let Some(address) = target.address {
+        let _ = writeln!(top, "address = \"{address}\"");
+    }
+    text.insert_str(at, &top);
     for (k, v) in &labels {
         let _ = writeln!(text, "{k:?} = {v:?}");
     }

@@ -650,6 +650,9 @@ impl Agent {
             recent_command_ids: self.executor.recent_ids(256),
             protocol_version: cutover_common::AGENT_PROTOCOL,
             agent_build: self.upgrades.build().to_string(),
+            trust_bundle_sha256: std::fs::read(&self.config.tls.ca_cert)
+                .map(|pem| renewal::sha256_hex(&pem))
+                .unwrap_or_default(),
         }
     }
 

@@ -37,6 +37,16 @@ enum Command {
         /// https://host:port of the coordinator.
         #[arg(long)]
         coordinator: String,
+        /// The name the coordinator's certificate holds, when it is not
+        /// the host of --coordinator (an IP its certificate does not list,
+        /// a name behind a load balancer); kept in agent.toml.
+        #[arg(long)]
+        server_name: Option<String>,
+        /// The IP address this node's services bind and the coordinator
+        /// reaches it on; kept in agent.toml. Default: the address the
+        /// agent's connection to the coordinator leaves from.
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
         #[arg(long, env = "CUTOVER_JOIN_TOKEN")]
         token: String,
         /// sha256:... of the installation's CA, as `cutover token create`
@@ -139,7 +149,7 @@ fn upgrade(
 }
 
 fn join(
-    coordinator: String,
+    target: &cutover_agent::enroll::JoinTarget<'_>,
     token: String,
     ca_fingerprint: String,
     name: Option<String>,
@@ -152,7 +162,7 @@ fn join(
         .build()
         .expect("tokio runtime");
     match runtime.block_on(cutover_agent::enroll::join(
-        &coordinator,
+        target,
         &token,
         &ca_fingerprint,
         &name,
@@ -184,6 +194,8 @@ fn main() -> ExitCode {
     match args.command {
         Some(Command::Join {
             coordinator,
+            server_name,
+            address,
             token,
             ca_fingerprint,
             name,
@@ -191,7 +203,12 @@ fn main() -> ExitCode {
             state_dir,
         }) => {
             cutover_common::tls::install_crypto_provider();
-            return join(coordinator, token, ca_fingerprint, name, out, state_dir);
+            let target = cutover_agent::enroll::JoinTarget {
+                coordinator: &coordinator,
+                server_name: server_name.as_deref(),
+                address,
+            };
+            return join(&target, token, ca_fingerprint, name, out, state_dir);
         }
         Some(Command::Upgrade {
             binary,

@@ -149,7 +149,7 @@ impl Renewer {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     cutover_common::tls::fingerprint(bytes)
         .trim_start_matches("sha256:")
         .to_string()

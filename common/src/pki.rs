@@ -14,7 +14,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::{explain_io, write_atomic};
 use crate::identity::{Identity, IdentityError, Role};
 
 pub const CA_CERT: &str = "ca.crt";
@@ -27,12 +27,12 @@ pub const BACKDATE_SECS: i64 = 300;
 pub enum PkiError {
     #[error("a CA already exists at {0}: keep using it, or choose another --dir")]
     AlreadyExists(PathBuf),
-    #[error("no CA at {dir}: create one with `cutover ca init --dir {dir}` or pass the right --dir ({source})")]
+    #[error("{}", no_ca(.dir, .source))]
     NoCa {
         dir: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {}: {}", .path.display(), explain_io(.path, .source))]
     Write {
         path: PathBuf,
         source: std::io::Error,
@@ -43,7 +43,7 @@ pub enum PkiError {
     Identity(#[from] IdentityError),
     #[error("invalid subject alternative name {0:?}")]
     BadSan(String),
-    #[error("cannot read the CA key {path}: {source}; set `ca_key` to the installation's ca.key (from `cutover ca init`)")]
+    #[error("cannot read the CA key {}: {}", .path.display(), no_ca_key(.source, .path))]
     NoCaKey {
         path: PathBuf,
         source: std::io::Error,
@@ -52,6 +52,30 @@ pub enum PkiError {
     BadRequest(String),
     #[error("no certificate in {cert} is the CA of the key {key}; check `tls.ca_cert` and `ca_key` name the same installation's files")]
     KeyMismatch { cert: PathBuf, key: PathBuf },
+}
+
+fn no_ca(dir: &Path, source: &std::io::Error) -> String {
+    match source.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "no CA at {}: create one with `cutover ca init --dir {}` or pass the right --dir ({source})",
+            dir.display(),
+            dir.display()
+        ),
+        _ => format!(
+            "cannot read the CA at {}: {}",
+            dir.display(),
+            explain_io(dir, source)
+        ),
+    }
+}
+
+fn no_ca_key(source: &std::io::Error, path: &Path) -> String {
+    match source.kind() {
+        std::io::ErrorKind::NotFound => {
+            format!("{source}; set `ca_key` to the installation's ca.key (from `cutover ca init`)")
+        }
+        _ => explain_io(path, source),
+    }
 }
 
 /// A key pair made where it will be used and a request for a certificate

@@ -36,7 +36,7 @@ const MAX_PENDING_HANDSHAKES: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {}: {}", .path.display(), crate::fsutil::explain_io(.path, .source))]
     Read {
         what: &'static str,
         path: PathBuf,

@@ -243,7 +243,7 @@ impl Access {
         };
         if !caller.allows(need) {
             return Err(refuse(format!(
-                "{}; {action} needs {}",
+                "{}; {action} needs {}: ask an admin for it, or for them to do it",
                 caller.describe(),
                 needed(need)
             ))

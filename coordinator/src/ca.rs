@@ -58,7 +58,7 @@ pub enum CaError {
     Store(#[from] StoreError),
     #[error("this coordinator cannot sign certificates: set `ca_key` in its config to the installation's ca.key (from `cutover ca init`)")]
     NoSigner,
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {}: {}", .path.display(), cutover_common::fsutil::explain_io(.path, .source))]
     File {
         action: &'static str,
         path: PathBuf,
@@ -344,7 +344,7 @@ impl Pki {
             .map(|view| {
                 let record = view.record;
                 let current_bundle = record.trust_bundle == bundle;
-                let revoked = registry.is_revoked(&record.name, &record.cert_serial);
+                let revoked = view.revoked;
                 let moved = record.cert_ca == target && (active.is_none() || current_bundle);
                 let waiting_because = if active.is_none() || moved || revoked {
                     ""

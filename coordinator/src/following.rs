@@ -58,6 +58,7 @@ const FOLLOWER_READS: &[&str] = &[
     "ListSecrets",
     "ListOperators",
     "ListTokens",
+    "ListServiceLocks",
 ];
 
 fn is_follower_read(path: &str) -> bool {

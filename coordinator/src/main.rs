@@ -134,6 +134,14 @@ enum Commands {
     /// The incident levers set (maintenance, throttle, pause) and the
     /// nodes that apply each.
     Levers(cli::levers::LeversArgs),
+    /// Lock a service of an environment while you work on it by hand:
+    /// deploys, rollbacks, promotions, config changes and scaling of it
+    /// are refused, naming you and --reason, until `cutover unlock`.
+    Lock(cli::locks::LockArgs),
+    /// Lift a service's lock (anyone who may deploy there).
+    Unlock(cli::locks::UnlockArgs),
+    /// The locked services, who locked them, since when and why.
+    Locks(cli::locks::LocksArgs),
     /// Run N processes of a service per node: its current release rolled
     /// out again with that count (health-checked before they get requests,
     /// rolled back if they fail), kept by later deploys.
@@ -480,6 +488,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::ResumeTraffic(scope) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::levers::resume(&mut client, scope, json).await;
+        }
+        Commands::Lock(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::locks::lock(&mut client, args, json).await;
+        }
+        Commands::Unlock(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::locks::unlock(&mut client, args, json).await;
+        }
+        Commands::Locks(args) => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::locks::list(&mut client, args, json).await;
         }
         Commands::Scale(args) => {
             let mut client = cli.connect.operator_client().await?;

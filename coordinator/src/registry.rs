@@ -41,7 +41,7 @@ pub enum RegistryError {
     },
     #[error("no node named or with id {0:?}; `cutover nodes` lists them")]
     UnknownNode(String),
-    #[error("node {0} is not connected")]
+    #[error("node {0} is not connected to the coordinator (the node is offline, not the coordinator): `cutover nodes` shows when it was last seen; on the node, `systemctl status cutover-agent` says why")]
     NotConnected(String),
     #[error("node {0} has too many commands queued; try again")]
     QueueFull(String),
@@ -97,6 +97,9 @@ pub struct NodeView {
     pub record: NodeRecord,
     pub connected: bool,
     pub heartbeat_age: Duration,
+    /// The certificate it last connected with was revoked: an operator cut
+    /// it off, so its silence is no outage and no rollout waits for it.
+    pub revoked: bool,
 }
 
 /// A command on its way; dropping it (the caller gave up or went away)
@@ -477,9 +480,13 @@ impl Registry {
             cert_serial: peer.serial.clone().unwrap_or_default(),
             cert_expires_at_ms: peer.not_after.map_or(0, |s| s * 1000),
             cert_ca: peer.issuer.clone().unwrap_or_default(),
-            trust_bundle: previous
-                .map(|p| p.record.trust_bundle.clone())
-                .unwrap_or_default(),
+            // An agent from before it said so: what it confirmed last.
+            trust_bundle: match hello.trust_bundle_sha256.as_str() {
+                "" => previous
+                    .map(|p| p.record.trust_bundle.clone())
+                    .unwrap_or_default(),
+                said => said.to_string(),
+            },
         };
         if let Some((old, _)) = &replaced {
             self.journal.delete_node(old.id.clone());
@@ -621,6 +628,10 @@ impl Registry {
                 entry.record.status = NodeStatus::Unreachable;
                 entry.dirty = false;
                 self.persist(&entry.record);
+                // `node_revoked` said why it went quiet.
+                if self.is_revoked(&entry.record.name, &entry.record.cert_serial) {
+                    continue;
+                }
                 let silent_for =
                     u64::try_from(self.now_ms().saturating_sub(entry.record.last_seen_ms))
                         .unwrap_or(0);
@@ -653,6 +664,7 @@ impl Registry {
                     u64::try_from(self.now_ms().saturating_sub(entry.record.last_seen_ms))
                         .unwrap_or(0),
                 ),
+                revoked: self.is_revoked(&entry.record.name, &entry.record.cert_serial),
             })
             .collect();
         views.sort_by(|a, b| a.record.name.cmp(&b.record.name));

@@ -139,7 +139,8 @@ impl MasterKeys {
             path: path.to_path_buf(),
             reason,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(cutover_common::fsutil::explain_io(path, &e)))?;
         let mut keys = Vec::new();
         for (n, line) in text
             .lines()
@@ -174,7 +175,7 @@ impl MasterKeys {
             .collect();
         write_atomic(&self.path, text.as_bytes(), 0o600).map_err(|e| SecretError::KeyFile {
             path: self.path.clone(),
-            reason: e.to_string(),
+            reason: cutover_common::fsutil::explain_io(&self.path, &e),
         })
     }
 

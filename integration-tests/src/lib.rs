@@ -137,6 +137,8 @@ pub struct Tuning {
     /// The coordinator's store on this etcd cluster instead of its data
     /// dir (`etcd::settings`).
     pub etcd: Option<EtcdSettings>,
+    /// The coordinator's `limits.max_message_bytes`.
+    pub max_message_bytes: usize,
 }
 
 impl Default for Tuning {
@@ -147,6 +149,7 @@ impl Default for Tuning {
             agent_cert_lifetime: Duration::from_secs(7 * 24 * 3600),
             keepalive: Limits::default().keepalive_interval,
             etcd: None,
+            max_message_bytes: Limits::default().max_message_bytes,
         }
     }
 }
@@ -171,6 +174,7 @@ pub fn coordinator_config(files: TlsFiles, data_dir: &Path, tuning: &Tuning) -> 
         limits: Limits {
             keepalive_interval: tuning.keepalive,
             keepalive_timeout: tuning.keepalive,
+            max_message_bytes: tuning.max_message_bytes,
             ..Limits::default()
         },
         registries: Vec::new(),

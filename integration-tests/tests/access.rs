@@ -394,6 +394,26 @@ async fn a_revoked_node_is_cut_off_until_it_gets_a_new_certificate() {
         .wait_for_nodes(Duration::from_secs(1), |_| true)
         .await;
     assert!(nodes.iter().all(|n| !n.connected), "{nodes:?}");
+    // Revoked, not unreachable: nothing pages anyone for a node cut off
+    // on purpose (CutoverNodeUnreachable reads the heartbeat age).
+    let revoked_status = cutover_proto::v1::NodeStatus::Revoked as i32;
+    assert!(
+        nodes.iter().all(|n| n.status == revoked_status),
+        "{nodes:?}"
+    );
+    let metrics = cluster.metrics();
+    assert!(
+        metrics.contains("cutover_nodes{status=\"revoked\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cutover_nodes{status=\"unreachable\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("cutover_node_heartbeat_age_seconds{node=\"node-1\""),
+        "{metrics}"
+    );
 
     // A new certificate for the node is let back in.
     let agent = cluster.agents.remove(0);
@@ -401,9 +421,14 @@ async fn a_revoked_node_is_cut_off_until_it_gets_a_new_certificate() {
     cluster.pki.client_files(Role::Agent, "node-1");
     let agent = cluster.start_agent("node-1").await;
     cluster.agents.push(agent);
-    cluster
+    let nodes = cluster
         .wait_for_nodes(Duration::from_secs(10), connected(true))
         .await;
+    let ready = cutover_proto::v1::NodeStatus::Ready as i32;
+    assert!(nodes.iter().all(|n| n.status == ready), "{nodes:?}");
+    assert!(cluster
+        .metrics()
+        .contains("cutover_nodes{status=\"revoked\"} 0"));
 
     let events = client
         .list_events(cutover_proto::v1::ListEventsRequest {

@@ -293,7 +293,13 @@ async fn an_offline_node_holds_the_rotation_across_a_coordinator_restart_until_i
                 .iter()
                 .all(|n| n["connected"] == true)
     });
-    assert_eq!(status(&url)["phase"], "none");
+    let before = status(&url);
+    assert_eq!(before["phase"], "none");
+    // Each agent says which bundle it trusts from its first contact: no
+    // rotation ran, so both hold the current one.
+    for node in before["nodes"].as_array().unwrap() {
+        assert_eq!(node["current_bundle"], true, "{before:#}");
+    }
     offline.kill();
     wait_for("node-2 is seen gone", &|s| {
         s["nodes"]

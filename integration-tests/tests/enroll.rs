@@ -259,3 +259,109 @@ async fn a_join_token_lets_one_node_in_and_every_wrong_join_is_refused() {
         "no token secret in the audit log"
     );
 }
+
+/// `cutover-agent join` with the flags of a node that reaches the
+/// coordinator by an address its certificate does not name, run from
+/// `cwd` with `args` after the token's.
+fn join_with(
+    cwd: &std::path::Path,
+    url: &str,
+    created: &pb::CreateTokenResponse,
+    args: &[&str],
+) -> (bool, String) {
+    let output = std::process::Command::new(bin("cutover-agent"))
+        .current_dir(cwd)
+        .args(["join", "--coordinator", url, "--token", &created.token])
+        .args([
+            "--ca-fingerprint",
+            &created.ca_fingerprint,
+            "--name",
+            "node-7",
+        ])
+        .args(args)
+        .output()
+        .expect("run cutover-agent join");
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_takes_the_server_name_and_address_and_writes_absolute_paths() {
+    let cluster = Cluster::start_on([0, 0, 0, 0].into(), 0, Tuning::default()).await;
+    let created = cluster
+        .operator()
+        .await
+        .create_token(pb::CreateTokenRequest {
+            labels: [("env".to_string(), "test".to_string())].into(),
+            ttl_ms: 3_600_000,
+            uses: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // 127.0.0.2 reaches the coordinator, but its certificate names
+    // localhost and 127.0.0.1 only.
+    let url = format!("https://127.0.0.2:{}", cluster.grpc_addr.port());
+    let dir = tempfile::tempdir().unwrap();
+    let relative = ["--out", "node-7", "--state-dir", "node-7/state"];
+    let (ok, text) = join_with(dir.path(), &url, &created, &relative);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("not valid for name") && text.contains("pass --server-name"),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("node-7").exists(),
+        "a refused join writes nothing"
+    );
+
+    let mut args = relative.to_vec();
+    args.extend(["--server-name", "localhost", "--address", "127.0.0.3"]);
+    let (ok, text) = join_with(dir.path(), &url, &created, &args);
+    assert!(ok, "{text}");
+    let config_path = dir.path().join("node-7/agent.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let parsed: toml::Table = config.parse().unwrap();
+    assert_eq!(
+        parsed["server_name"].as_str(),
+        Some("localhost"),
+        "{config}"
+    );
+    assert_eq!(parsed["address"].as_str(), Some("127.0.0.3"), "{config}");
+    let base = dir.path().canonicalize().unwrap();
+    let state_dir = parsed["state_dir"].as_str().unwrap();
+    assert_eq!(
+        state_dir,
+        base.join("node-7/state").to_str().unwrap(),
+        "{config}"
+    );
+    for key in ["ca_cert", "cert", "key"] {
+        let path = std::path::Path::new(parsed["tls"][key].as_str().unwrap());
+        assert!(path.is_absolute() && path.exists(), "{key}: {config}");
+    }
+
+    // Started from another directory, the agent finds everything and
+    // dials the address its certificate does not name.
+    let _agent = Running(
+        std::process::Command::new(bin("cutover-agent"))
+            .current_dir("/")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the joined agent"),
+    );
+    let nodes = cluster
+        .wait_for_nodes(Duration::from_secs(15), |n| {
+            find(n, "node-7").is_some_and(ready)
+        })
+        .await;
+    assert_eq!(find(&nodes, "node-7").unwrap().address, "127.0.0.3");
+}

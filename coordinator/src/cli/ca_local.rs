@@ -42,7 +42,7 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<()> {
          \n\
          next:\n\
          \x20 1. your admin credentials: cutover ca issue operator --name root --dir {dir}\n\
-         \x20 2. the coordinator: point tls, ca_key and master_key_file in /etc/cutover/coordinator.toml at {dir}, then systemctl enable --now cutover\n\
+         \x20 2. the coordinator: chown -R cutover:cutover {dir} && chmod 0700 {dir} (its service user reads and rotates the keys there), point tls, ca_key and master_key_file in /etc/cutover/coordinator.toml at {dir}, then systemctl enable --now cutover\n\
          \x20 3. each node: cutover token create --labels env=production, and run the join command it prints on the node"
     );
     Ok(())

@@ -100,7 +100,11 @@ impl ConnectArgs {
     }
 
     pub async fn operator_client(&self) -> Result<OperatorServiceClient<Channel>> {
-        Ok(OperatorServiceClient::new(self.leader_channel().await?))
+        // The coordinator bounds its answers (`limits.max_message_bytes`);
+        // the CLI takes whatever it sends, so a size error is always the
+        // coordinator's limit and `explain` can name it.
+        Ok(OperatorServiceClient::new(self.leader_channel().await?)
+            .max_decoding_message_size(usize::MAX))
     }
 
     /// Where the CLI dials: the listed coordinators, the name to expect in
@@ -270,7 +274,21 @@ pub fn explain(status: tonic::Status) -> anyhow::Error {
             let hint = "; if it persists, check --cert and --key: the coordinator closes connections whose certificate this installation's CA did not issue";
             anyhow::anyhow!("connection to the coordinator failed: {cause}{hint}")
         }
-        Code::Unavailable => anyhow::anyhow!("coordinator unavailable: {message}"),
+        // tonic's words for a message over the limit, on each side.
+        Code::OutOfRange if message.contains("decoded message length too large") => {
+            anyhow::anyhow!(
+                "the coordinator refused the request as too large ({message}): it takes messages up to `limits.max_message_bytes` of its coordinator.toml (default 4MiB); send less (keep large data out of the spec: files, an artifact), or raise that limit and restart the coordinator"
+            )
+        }
+        Code::OutOfRange if message.contains("encoded message length too large") => {
+            anyhow::anyhow!(
+                "the coordinator's answer is over its `limits.max_message_bytes` ({message}); ask for less (--limit, one --env), or raise that limit in its coordinator.toml and restart it"
+            )
+        }
+        // The coordinator's own word on what is unavailable (a node, the
+        // store, the leader), which it words for the operator.
+        Code::Unavailable if !message.is_empty() => anyhow::anyhow!("{message}"),
+        Code::Unavailable => anyhow::anyhow!("the coordinator is unavailable; try again"),
         _ => anyhow::anyhow!("{message}"),
     }
 }

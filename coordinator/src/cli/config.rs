@@ -41,7 +41,8 @@ pub enum ConfigCommand {
         /// Roll out without the nodes that are unreachable now.
         #[arg(long)]
         allow_unreachable: bool,
-        /// Past the environment's freeze window and approvals (admin, with
+        /// Past the environment's freeze window, approvals and a `cutover
+        /// lock` of the service (admin, with
         /// --reason; audited and notified).
         #[arg(long, requires = "reason")]
         break_glass: bool,
@@ -75,7 +76,8 @@ pub struct ScaleArgs {
     /// Roll out without the nodes that are unreachable now.
     #[arg(long)]
     allow_unreachable: bool,
-    /// Past the environment's freeze window and approvals (admin, with
+    /// Past the environment's freeze window, approvals and a `cutover
+    /// lock` of the service (admin, with
     /// --reason; audited and notified).
     #[arg(long, requires = "reason")]
     break_glass: bool,

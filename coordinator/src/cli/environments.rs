@@ -40,8 +40,8 @@ pub struct PromoteArgs {
     /// Roll out without the nodes that are unreachable now.
     #[arg(long)]
     pub allow_unreachable: bool,
-    /// Promote past the target's freeze window and soak time (admin, with
-    /// --reason; audited and notified).
+    /// Promote past the target's freeze window, soak time and a `cutover
+    /// lock` of the service (admin, with --reason; audited and notified).
     #[arg(long, requires = "reason")]
     pub break_glass: bool,
     /// Why (kept in the audit log and the rollout's timeline).

@@ -11,6 +11,7 @@ pub mod dev;
 pub mod environments;
 pub mod jobs;
 pub mod levers;
+pub mod locks;
 pub mod logs;
 pub mod nodes;
 pub mod queues;

@@ -10,6 +10,7 @@ fn status_text(status: i32) -> &'static str {
     match NodeStatus::try_from(status) {
         Ok(NodeStatus::Ready) => "ready",
         Ok(NodeStatus::Unreachable) => "unreachable",
+        Ok(NodeStatus::Revoked) => "revoked",
         _ => "unknown",
     }
 }

@@ -67,8 +67,9 @@ pub struct DeployArgs {
     /// --reason; audited).
     #[arg(long, requires = "reason")]
     pub skip_backup_gate: bool,
-    /// Deploy past the environment's freeze window and promotion rule
-    /// (admin, with --reason; audited and notified).
+    /// Deploy past the environment's freeze window and promotion rule,
+    /// and a `cutover lock` of the service (admin, with --reason; audited
+    /// and notified).
     #[arg(long, requires = "reason")]
     pub break_glass: bool,
     /// Why the backup gate is skipped or the glass broken (kept in the
@@ -159,8 +160,9 @@ pub struct RollbackArgs {
     /// target's code may not work with; needs --reason.
     #[arg(long, requires = "reason")]
     pub ignore_schema: bool,
-    /// Roll back without waiting for the environment's approvals (admin,
-    /// with --reason; audited and notified).
+    /// Roll back without waiting for the environment's approvals, past a
+    /// `cutover lock` of the service (admin, with --reason; audited and
+    /// notified).
     #[arg(long, requires = "reason")]
     pub break_glass: bool,
     /// Why that is safe: kept in the audit log and the rollout's timeline.

@@ -332,14 +332,21 @@ impl Metrics {
         }
         let mut ready = 0;
         let mut unreachable = 0;
+        let mut revoked = 0;
         let mut connected = 0;
         for view in nodes {
             let record = &view.record;
+            connected += i64::from(view.connected);
+            // Cut off on purpose: counted, but without the heartbeat age
+            // and certificate expiry that would page someone for it.
+            if view.revoked {
+                revoked += 1;
+                continue;
+            }
             match record.status {
                 NodeStatus::Ready => ready += 1,
                 NodeStatus::Unreachable => unreachable += 1,
             }
-            connected += i64::from(view.connected);
             let labels: Labels = vec![
                 ("node".to_string(), record.name.clone()),
                 ("node_id".to_string(), record.id.clone()),
@@ -415,11 +422,12 @@ impl Metrics {
             }
         }
         for (status, count) in [
-            (NodeStatus::Ready, ready),
-            (NodeStatus::Unreachable, unreachable),
+            (NodeStatus::Ready.as_str(), ready),
+            (NodeStatus::Unreachable.as_str(), unreachable),
+            ("revoked", revoked),
         ] {
             self.nodes
-                .get_or_create(&vec![("status".to_string(), status.as_str().to_string())])
+                .get_or_create(&vec![("status".to_string(), status.to_string())])
                 .set(count);
         }
         self.agents_connected.set(connected);

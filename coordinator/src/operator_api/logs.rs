@@ -389,6 +389,7 @@ mod tests {
             },
             connected,
             heartbeat_age: Duration::ZERO,
+            revoked: false,
         }
     }
 

@@ -16,6 +16,7 @@ mod errors;
 mod events;
 mod jobs;
 mod levers;
+mod locks;
 mod logs;
 mod nodes;
 mod operators;
@@ -280,6 +281,27 @@ impl OperatorService for OperatorApi {
         request: Request<pb::SetLeverRequest>,
     ) -> Result<Response<pb::SetLeverResponse>, Status> {
         self.handle_set_lever(request).await
+    }
+
+    async fn lock_service(
+        &self,
+        request: Request<pb::LockServiceRequest>,
+    ) -> Result<Response<pb::ManualLock>, Status> {
+        self.handle_lock_service(request).await
+    }
+
+    async fn unlock_service(
+        &self,
+        request: Request<pb::UnlockServiceRequest>,
+    ) -> Result<Response<pb::UnlockServiceResponse>, Status> {
+        self.handle_unlock_service(request).await
+    }
+
+    async fn list_service_locks(
+        &self,
+        request: Request<pb::ListServiceLocksRequest>,
+    ) -> Result<Response<pb::ListServiceLocksResponse>, Status> {
+        self.handle_list_service_locks(request).await
     }
 
     async fn list_levers(

@@ -26,6 +26,7 @@ fn node_to_pb(view: NodeView) -> pb::Node {
         address: record.address,
         labels: record.labels.into_iter().collect(),
         status: match record.status {
+            _ if view.revoked => pb::NodeStatus::Revoked,
             NodeStatus::Ready => pb::NodeStatus::Ready,
             NodeStatus::Unreachable => pb::NodeStatus::Unreachable,
         } as i32,

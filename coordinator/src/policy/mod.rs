@@ -9,6 +9,7 @@
 //! operators approve it (the engine's `awaiting_approval`).
 
 pub mod freeze;
+pub mod lock;
 pub mod promotion;
 
 use std::time::Duration;

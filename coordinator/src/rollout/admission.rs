@@ -1,6 +1,7 @@
 //! What a deploy must pass before anything is created: the backup gates,
 //! the environment's pinned nodes and its policy (freeze windows, the
-//! promotion rule), with an admin's break of glass past the policy.
+//! promotion rule), operators' locks on its services, with an admin's
+//! break of glass past the policy and the locks.
 //! Nothing here writes until every check has passed, so a refused deploy
 //! changes nothing.
 
@@ -202,6 +203,17 @@ impl PolicyGate<'_> {
         )
         .await?;
         self.refused(refusal, RolloutError::NotPromoted)
+    }
+
+    /// Whether an operator locked the service (`cutover lock`).
+    pub(super) async fn check_lock(
+        &mut self,
+        store: &Store,
+        service: &str,
+    ) -> Result<(), RolloutError> {
+        let refusal =
+            crate::policy::lock::refusal(store, &self.request.env, service, self.now_ms).await?;
+        self.refused(refusal, RolloutError::ManuallyLocked)
     }
 
     /// A refusal ends the deploy, unless an admin broke glass.

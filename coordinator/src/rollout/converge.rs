@@ -275,8 +275,9 @@ fn decide(
     for view in views {
         // A heartbeat sent before the service's newest rollout ended shows
         // what that rollout was still changing (a canary's side release it
-        // took back a moment ago), not drift: wait for the next one.
-        if view.record.services_at_ms <= last.map_or(0, |o| o.at_ms) {
+        // took back a moment ago), not drift: wait for the next one. A
+        // revoked node's last heartbeat is old news of a node cut off.
+        if view.revoked || view.record.services_at_ms <= last.map_or(0, |o| o.at_ms) {
             continue;
         }
         let key = (
@@ -387,6 +388,7 @@ mod tests {
             },
             connected,
             heartbeat_age: Duration::ZERO,
+            revoked: false,
         }
     }
 

@@ -135,6 +135,9 @@ pub enum RolloutError {
     BackupGate(String),
     #[error("{0}")]
     Frozen(String),
+    /// An operator locked the service (`cutover lock`).
+    #[error("{0}")]
+    ManuallyLocked(String),
     #[error("{0}")]
     NotPromoted(String),
     /// A `cutover config set` that cannot be made.

@@ -98,6 +98,7 @@ mod tests {
             record,
             connected: true,
             heartbeat_age: std::time::Duration::ZERO,
+            revoked: false,
         }
     }
 

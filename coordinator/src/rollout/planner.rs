@@ -236,6 +236,7 @@ impl Rollouts {
             if let Some(migration) = &mut service.migration {
                 migration.node = request.migrate_node.clone();
             }
+            gate.check_lock(&self.store, &service.service).await?;
             gate.check_release(&self.store, &service.release).await?;
         }
         let mut admitted = gate.admit(&self.store).await?;
@@ -424,11 +425,13 @@ impl Rollouts {
             &target.selector,
             &target.release,
         );
+        // A revoked node was cut off on purpose: not a target, and no
+        // reason to refuse the deploy as unreachable.
         let views: Vec<_> = self
             .registry
             .list()
             .into_iter()
-            .filter(|v| selects(selector, &v.record.labels))
+            .filter(|v| !v.revoked && selects(selector, &v.record.labels))
             .collect();
         if views.is_empty() {
             let selector = selector

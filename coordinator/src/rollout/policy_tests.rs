@@ -302,3 +302,112 @@ async fn only_an_admin_sets_or_lifts_an_environments_policy() {
     let error = deploy(&c, request("staging", SPEC, false)).await;
     assert!(matches!(error, RolloutError::NoNodes { .. }), "{error}");
 }
+
+#[tokio::test]
+async fn a_locked_service_takes_no_deploy_rollback_or_scale_until_unlocked() {
+    use super::{RollbackRequest, ScaleChange};
+    use crate::store::ManualLock;
+
+    let c = coordinator(new_store(), berlin("2026-12-07T10:00")).await;
+    stable_in_staging(&c, 60).await;
+    // The release before, to roll back to.
+    let mut before = c
+        .store
+        .releases
+        .current("staging", "web")
+        .await
+        .unwrap()
+        .unwrap();
+    before.release.0.release_id = "web-1.1.0-0ddba11".into();
+    before.current = false;
+    before.deployed_at_ms -= 3_600_000;
+    c.store.releases.put(&before).await.unwrap();
+
+    let lock = ManualLock {
+        env: "staging".into(),
+        service: "web".into(),
+        reason: "reindexing orders".into(),
+        by: "erin".into(),
+        at_ms: c.now_ms - 10 * 60_000,
+    };
+    assert_eq!(c.store.rollouts.put_manual_lock(&lock).await.unwrap(), None);
+    let second = ManualLock {
+        by: "dana".into(),
+        ..lock.clone()
+    };
+    assert_eq!(
+        c.store.rollouts.put_manual_lock(&second).await.unwrap(),
+        Some(lock.clone()),
+        "a second lock is refused with the first"
+    );
+
+    let rollback = |break_glass: Option<&str>| RollbackRequest {
+        env: "staging".into(),
+        service: "web".into(),
+        to: None,
+        allow_unreachable: false,
+        force: false,
+        ignore_schema: None,
+        by: "dana".into(),
+        deployment: String::new(),
+        careful: false,
+        break_glass: break_glass.map(Into::into),
+    };
+    let scale = ScaleChange {
+        env: "staging".into(),
+        service: "web".into(),
+        instances: 2,
+        by: "dana".into(),
+        allow_unreachable: false,
+        break_glass: None,
+    };
+    let refusals = [
+        deploy(&c, request("staging", SPEC, false)).await,
+        c.rollouts.rollback(rollback(None)).await.err().unwrap(),
+        c.rollouts.scale(scale).await.err().unwrap(),
+    ];
+    for error in refusals {
+        let RolloutError::ManuallyLocked(message) = error else {
+            panic!("a locked service is refused: {error}");
+        };
+        assert!(
+            message.starts_with("web in staging is locked by erin since 2026-12-07 08:50 UTC (10m ago): \"reindexing orders\"; `cutover unlock web --env staging`"),
+            "{message}"
+        );
+    }
+    // An admin breaks glass: the lock is no longer in the way.
+    let mut glass = request("staging", SPEC, true);
+    glass.break_glass = Some("checkout is down".into());
+    assert!(matches!(
+        deploy(&c, glass).await,
+        RolloutError::NoNodes { .. }
+    ));
+    let error = c
+        .rollouts
+        .rollback(rollback(Some("checkout is down")))
+        .await;
+    assert!(
+        matches!(error, Err(RolloutError::NoNodes { .. })),
+        "{:?}",
+        error.err()
+    );
+
+    // Unlocked: the same deploy goes past it.
+    assert_eq!(
+        c.store
+            .rollouts
+            .remove_manual_lock("staging", "web")
+            .await
+            .unwrap(),
+        Some(lock)
+    );
+    assert_eq!(c.store.rollouts.manual_locks("").await.unwrap(), vec![]);
+    let error = deploy(&c, request("staging", SPEC, false)).await;
+    assert!(matches!(error, RolloutError::NoNodes { .. }), "{error}");
+    let error = c.rollouts.rollback(rollback(None)).await;
+    assert!(
+        matches!(error, Err(RolloutError::NoNodes { .. })),
+        "{:?}",
+        error.err()
+    );
+}

@@ -81,13 +81,20 @@ impl Rollouts {
                 return Err(RolloutError::BackupGate(refusal));
             }
         }
-        // A retry is a deploy: a freeze window holds it too.
+        // A retry is a deploy: a freeze window or an operator's lock holds
+        // it too.
+        let now_ms = self.registry.now_ms();
         let policy = self.store.releases.policy(&old.env).await?;
         if let Some(refusal) = policy
             .as_ref()
-            .and_then(|p| crate::policy::frozen(&old.env, p, self.registry.now_ms()))
+            .and_then(|p| crate::policy::frozen(&old.env, p, now_ms))
         {
             return Err(RolloutError::Frozen(refusal));
+        }
+        if let Some(refusal) =
+            crate::policy::lock::refusal(&self.store, &old.env, &old.service, now_ms).await?
+        {
+            return Err(RolloutError::ManuallyLocked(refusal));
         }
         let migration = old
             .migration

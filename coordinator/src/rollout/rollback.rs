@@ -69,6 +69,17 @@ impl Rollouts {
         // A running rollout is the answer to "why not", before any question
         // of which release to return to.
         self.check_free(env, service, &request.deployment).await?;
+        // An operator's lock holds a rollback too (whoever locked the
+        // service may be changing what a rollback would meet), but not a
+        // deployment's return of its own steps.
+        let mut locked = None;
+        if request.deployment.is_empty() {
+            let now_ms = self.registry.now_ms();
+            locked = crate::policy::lock::refusal(&self.store, env, service, now_ms).await?;
+            if let (Some(refusal), None) = (&locked, &request.break_glass) {
+                return Err(RolloutError::ManuallyLocked(refusal.clone()));
+            }
+        }
         let history = self.store.releases.history(env, service).await?;
         if history.is_empty() {
             return Err(RolloutError::NoRollbackTarget(format!(
@@ -155,6 +166,7 @@ impl Rollouts {
                 .take()
                 .map(|rule| format!("{} approval(s) of environment {env}", rule.required))
                 .into_iter()
+                .chain(locked)
                 .collect();
             notes.push(crate::policy::break_glass_note(by, reason, &in_the_way));
         }

@@ -2,8 +2,9 @@
 //! the build: its environment (`cutover config set`, `config.rs`), a
 //! secret's version (`cutover secret rotate`), its process count (`cutover
 //! scale`, `scale.rs`). Rolled out like a deploy:
-//! the environment's strategy, freeze windows and approvals (an admin's
-//! break of glass steps past both), no migration and no hook (the code is
+//! the environment's strategy, freeze windows, approvals and operators'
+//! locks (an admin's break of glass steps past them), no migration and no
+//! hook (the code is
 //! the same); a rollback returns the release before.
 
 use std::collections::BTreeMap;
@@ -45,10 +46,19 @@ impl Rollouts {
         } = variant;
         let (env, service) = (&current.env, &current.service);
         let policy = self.store.releases.policy(env).await?.unwrap_or_default();
+        let now_ms = self.registry.now_ms();
         let mut in_the_way = Vec::new();
-        if let Some(refusal) = crate::policy::frozen(env, &policy, self.registry.now_ms()) {
+        if let Some(refusal) = crate::policy::frozen(env, &policy, now_ms) {
             if break_glass.is_none() {
                 return Err(RolloutError::Frozen(refusal));
+            }
+            in_the_way.push(refusal);
+        }
+        if let Some(refusal) =
+            crate::policy::lock::refusal(&self.store, env, service, now_ms).await?
+        {
+            if break_glass.is_none() {
+                return Err(RolloutError::ManuallyLocked(refusal));
             }
             in_the_way.push(refusal);
         }

@@ -37,10 +37,12 @@ pub enum Table {
     Policies,
     /// Incident levers set on services' node proxies.
     Levers,
+    /// Operators' locks on services (`cutover lock`).
+    ManualLocks,
 }
 
 impl Table {
-    pub const ALL: [Table; 19] = [
+    pub const ALL: [Table; 20] = [
         Table::Nodes,
         Table::Rollouts,
         Table::Deployments,
@@ -60,6 +62,7 @@ impl Table {
         Table::JobRuns,
         Table::Policies,
         Table::Levers,
+        Table::ManualLocks,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl Table {
             Table::JobRuns => "job_runs",
             Table::Policies => "policies",
             Table::Levers => "levers",
+            Table::ManualLocks => "manual_locks",
         }
     }
 }

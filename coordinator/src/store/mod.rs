@@ -37,7 +37,7 @@ pub use pki::PkiRepo;
 pub use read_only::ReadOnly;
 pub use records::*;
 pub use releases::ReleaseRepo;
-pub use rollouts::{LockHolder, RolloutRepo, ServiceLock};
+pub use rollouts::{LockHolder, ManualLock, RolloutRepo, ServiceLock};
 pub use secrets::SecretRepo;
 pub use sled_backend::SledBackend;
 

@@ -34,6 +34,17 @@ pub struct ServiceLock {
     pub at_ms: i64,
 }
 
+/// An operator's lock on a service of an environment (`cutover lock`):
+/// no rollout of it starts until they unlock it (see `policy::lock`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManualLock {
+    pub env: String,
+    pub service: String,
+    pub reason: String,
+    pub by: String,
+    pub at_ms: i64,
+}
+
 fn lock_key(env: &str, service: &str) -> Vec<u8> {
     format!("{env}\0{service}").into_bytes()
 }
@@ -169,6 +180,68 @@ impl RolloutRepo {
     pub async fn locks(&self) -> Result<Vec<ServiceLock>, StoreError> {
         self.kv.list(Table::Locks, b"").await
     }
+
+    /// Locks a service for an operator unless someone did already; the
+    /// lock that was in the way otherwise.
+    pub async fn put_manual_lock(
+        &self,
+        lock: &ManualLock,
+    ) -> Result<Option<ManualLock>, StoreError> {
+        let key = lock_key(&lock.env, &lock.service);
+        loop {
+            if self
+                .kv
+                .swap(Table::ManualLocks, &key, None, Some(lock))
+                .await?
+                == Swap::Done
+            {
+                return Ok(None);
+            }
+            // Unlocked in between: try again.
+            if let Some(held) = self.manual_lock(&lock.env, &lock.service).await? {
+                return Ok(Some(held));
+            }
+        }
+    }
+
+    pub async fn manual_lock(
+        &self,
+        env: &str,
+        service: &str,
+    ) -> Result<Option<ManualLock>, StoreError> {
+        self.kv
+            .get(Table::ManualLocks, &lock_key(env, service))
+            .await
+    }
+
+    /// Removes a service's lock; the one removed.
+    pub async fn remove_manual_lock(
+        &self,
+        env: &str,
+        service: &str,
+    ) -> Result<Option<ManualLock>, StoreError> {
+        let held = self.manual_lock(env, service).await?;
+        if held.is_some() {
+            self.kv
+                .delete(
+                    Table::ManualLocks,
+                    &lock_key(env, service),
+                    Durability::Durable,
+                )
+                .await?;
+        }
+        Ok(held)
+    }
+
+    /// Every lock of `env` (every environment's when empty), by
+    /// environment and service.
+    pub async fn manual_locks(&self, env: &str) -> Result<Vec<ManualLock>, StoreError> {
+        let prefix = match env {
+            "" => Vec::new(),
+            env => format!("{env}\0").into_bytes(),
+        };
+        self.kv.list(Table::ManualLocks, &prefix).await
+    }
 }
 
 #[cfg(test)]
@@ -251,5 +324,80 @@ mod tests {
         assert_eq!(read.strategy.rollback_parallelism, Some(2));
         let kept = store.releases.outcome("test", "web").await.unwrap();
         assert_eq!(kept, Some(outcome));
+    }
+
+    /// An operator's lock outlives a coordinator restart, and the one
+    /// that reopens the store still refuses a second locker.
+    #[tokio::test]
+    async fn a_manual_lock_survives_a_reopen_and_stays_exclusive() {
+        use crate::store::ManualLock;
+        let dir = tempfile::tempdir().unwrap();
+        let lock = |env: &str, by: &str| ManualLock {
+            env: env.into(),
+            service: "web".into(),
+            reason: "reindexing".into(),
+            by: by.into(),
+            at_ms: 7,
+        };
+        {
+            let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
+            assert_eq!(
+                store
+                    .rollouts
+                    .put_manual_lock(&lock("production", "dana"))
+                    .await
+                    .unwrap(),
+                None
+            );
+            assert_eq!(
+                store
+                    .rollouts
+                    .put_manual_lock(&lock("staging", "erin"))
+                    .await
+                    .unwrap(),
+                None
+            );
+            store.flush().await.unwrap();
+        }
+        let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
+        assert_eq!(
+            store
+                .rollouts
+                .put_manual_lock(&lock("production", "sam"))
+                .await
+                .unwrap(),
+            Some(lock("production", "dana"))
+        );
+        assert_eq!(
+            store.rollouts.manual_locks("production").await.unwrap(),
+            vec![lock("production", "dana")]
+        );
+        assert_eq!(store.rollouts.manual_locks("").await.unwrap().len(), 2);
+        // "prod" is not a prefix of "production" here.
+        assert_eq!(store.rollouts.manual_locks("prod").await.unwrap(), vec![]);
+        assert_eq!(
+            store
+                .rollouts
+                .remove_manual_lock("production", "web")
+                .await
+                .unwrap(),
+            Some(lock("production", "dana"))
+        );
+        assert_eq!(
+            store
+                .rollouts
+                .remove_manual_lock("production", "web")
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .rollouts
+                .put_manual_lock(&lock("production", "sam"))
+                .await
+                .unwrap(),
+            None
+        );
     }
 }

@@ -270,6 +270,7 @@ async fn session(
             recent_command_ids: Vec::new(),
             protocol_version: cutover_common::AGENT_PROTOCOL,
             agent_build: String::new(),
+            trust_bundle_sha256: String::new(),
         })))
         .await
         .map_err(|e| e.to_string())?;

@@ -234,6 +234,7 @@ impl Runner {
             recent_command_ids: vec![],
             protocol_version: cutover_common::AGENT_PROTOCOL,
             agent_build: String::new(),
+            trust_bundle_sha256: String::new(),
         };
         let peer = PeerInfo {
             remote_addr: None,
