@@ -748,6 +748,18 @@ pub fn find<'a>(nodes: &'a [Node], name: &str) -> Option<&'a Node> {
 
 /// A built binary of this workspace (`cargo build --bins` first; the test
 /// script does).
+/// Fails the test, saying how to get it, when `tool` is not installed: a
+/// check that skips itself where its tool is missing proves nothing.
+pub fn require_tool(tool: &str, package: &str) {
+    assert!(
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "{tool} is not installed; scripts/test.sh installs it (Debian package {package})"
+    );
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>

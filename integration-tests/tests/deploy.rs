@@ -5,7 +5,7 @@ use std::process::Command;
 
 use cutover_agent::config::AgentConfig;
 use cutover_coordinator::config::CoordinatorConfig;
-use cutover_integration_tests::bin;
+use cutover_integration_tests::{bin, require_tool};
 use cutover_proto::v1 as pb;
 
 fn repo() -> PathBuf {
@@ -445,13 +445,4 @@ async fn alert_rules_and_dashboard_name_real_metrics_and_fire_as_tested() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-}
-
-/// Fails the test, saying how to get it, when `tool` is not installed: a
-/// check that skips itself where its tool is missing proves nothing.
-fn require_tool(tool: &str, package: &str) {
-    assert!(
-        Command::new(tool).arg("--version").output().is_ok(),
-        "{tool} is not installed; scripts/test.sh installs it (Debian package {package})"
-    );
 }
