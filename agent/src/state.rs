@@ -17,7 +17,7 @@ const JOURNAL_CAPACITY: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot use state dir {path}: {source}")]
+    #[error("cannot use state dir {}: {}", .path.display(), cutover_common::fsutil::explain_io(.path, .source))]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {}: {}", .path.display(), crate::fsutil::explain_io(.path, .source))]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -39,12 +39,12 @@ pub enum ServerError {
     Ca(#[from] crate::ca::CaError),
     #[error(transparent)]
     Secrets(crate::secrets::SecretError),
-    #[error("cannot create data dir {path}: {source}")]
+    #[error("cannot create data dir {}: {}", .path.display(), cutover_common::fsutil::explain_io(.path, .source))]
     DataDir {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot bind {what} listener on {addr}: {source}; is another coordinator running?")]
+    #[error("cannot bind the {what} listener on {addr}: {source}; {}", bind_hint(.what, .addr, .source))]
     Bind {
         what: &'static str,
         addr: SocketAddr,
@@ -322,6 +322,28 @@ impl Coordinator {
 /// Binds `addr`, waiting a little while it is in use: a coordinator
 /// restarted right after a crash (systemd, an operator) may find the dying
 /// process's sockets still there for a moment.
+/// What to do about a listener that cannot bind, naming the config key.
+fn bind_hint(what: &str, addr: &SocketAddr, source: &std::io::Error) -> String {
+    let key = match what {
+        "http" => "http_listen",
+        _ => "listen",
+    };
+    match source.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "another process listens there (another coordinator?); `ss -ltnp 'sport = :{}'` names it: stop it, or set `{key}` in coordinator.toml to a free address",
+            addr.port()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE; set `{key}` in coordinator.toml to a port above 1023"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            "no interface of this machine has {}; set `{key}` in coordinator.toml to one of its addresses (or 0.0.0.0)",
+            addr.ip()
+        ),
+        _ => format!("check `{key}` in coordinator.toml"),
+    }
+}
+
 pub(crate) async fn bind_listener(
     what: &'static str,
     addr: SocketAddr,
@@ -381,5 +403,31 @@ async fn sweep_loop(registry: Arc<Registry>, limits: Limits, shutdown: Cancellat
                 Err(error) => tracing::error!(%error, "cannot prune the audit log"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerError;
+
+    #[test]
+    fn a_listener_that_cannot_bind_names_the_key_to_change() {
+        let error = |what, kind| ServerError::Bind {
+            what,
+            addr: "0.0.0.0:443".parse().unwrap(),
+            source: std::io::Error::from(kind),
+        };
+        let taken = error("grpc", std::io::ErrorKind::AddrInUse).to_string();
+        assert!(
+            taken.starts_with("cannot bind the grpc listener on 0.0.0.0:443: ")
+                && taken.contains("`ss -ltnp 'sport = :443'`")
+                && taken.contains("set `listen` in coordinator.toml"),
+            "{taken}"
+        );
+        let low = error("http", std::io::ErrorKind::PermissionDenied).to_string();
+        assert!(
+            low.contains("CAP_NET_BIND_SERVICE") && low.contains("set `http_listen`"),
+            "{low}"
+        );
     }
 }
