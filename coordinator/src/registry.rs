@@ -288,9 +288,7 @@ impl Registry {
 
     /// True if the certificate node `name` last connected with is refused.
     pub fn is_revoked(&self, name: &str, serial: &str) -> bool {
-        let revoked = self.revoked.lock().expect("revocation lock");
-        revoked.contains(&(name.to_string(), serial.to_string()))
-            || revoked.contains(&(name.to_string(), String::new()))
+        revoked_in(&self.revoked.lock().expect("revocation lock"), name, serial)
     }
 
     /// Why an agent's certificate is refused, if it is.
@@ -654,6 +652,7 @@ impl Registry {
 
     pub fn list(&self) -> Vec<NodeView> {
         let inner = self.inner.lock().expect("registry lock");
+        let revoked = self.revoked.lock().expect("revocation lock");
         let mut views: Vec<NodeView> = inner
             .nodes
             .values()
@@ -664,7 +663,7 @@ impl Registry {
                     u64::try_from(self.now_ms().saturating_sub(entry.record.last_seen_ms))
                         .unwrap_or(0),
                 ),
-                revoked: self.is_revoked(&entry.record.name, &entry.record.cert_serial),
+                revoked: revoked_in(&revoked, &entry.record.name, &entry.record.cert_serial),
             })
             .collect();
         views.sort_by(|a, b| a.record.name.cmp(&b.record.name));
@@ -755,4 +754,11 @@ pub fn agent_label(version: &str, build: &str) -> String {
         Some(hex) => format!("{version} (build {})", &hex[..hex.len().min(12)]),
         None => version.to_string(),
     }
+}
+
+/// Whether `revoked` refuses the certificate `serial` of node `name` (an
+/// empty serial there refuses every one of the name).
+fn revoked_in(revoked: &HashSet<(String, String)>, name: &str, serial: &str) -> bool {
+    revoked.contains(&(name.to_string(), serial.to_string()))
+        || revoked.contains(&(name.to_string(), String::new()))
 }

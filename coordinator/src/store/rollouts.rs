@@ -220,17 +220,24 @@ impl RolloutRepo {
         env: &str,
         service: &str,
     ) -> Result<Option<ManualLock>, StoreError> {
-        let held = self.manual_lock(env, service).await?;
-        if held.is_some() {
-            self.kv
-                .delete(
-                    Table::ManualLocks,
-                    &lock_key(env, service),
-                    Durability::Durable,
-                )
+        // Only the lock read here goes: one taken again in between stays.
+        let key = lock_key(env, service);
+        loop {
+            let Some((held, revision)) = self
+                .kv
+                .get_versioned::<ManualLock>(Table::ManualLocks, &key)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let removed = self
+                .kv
+                .swap::<ManualLock>(Table::ManualLocks, &key, Some(revision), None)
                 .await?;
+            if removed == Swap::Done {
+                return Ok(Some(held));
+            }
         }
-        Ok(held)
     }
 
     /// Every lock of `env` (every environment's when empty), by
