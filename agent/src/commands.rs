@@ -237,7 +237,7 @@ impl Executor {
                 .map_err(|e| e.to_string()),
             Some(command::Kind::StopService(stop)) => self
                 .services
-                .stop_service(&stop.service)
+                .stop_service(&stop.service, stop.remove)
                 .await
                 .map(|_| None)
                 .map_err(|e| e.to_string()),

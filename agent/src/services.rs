@@ -35,6 +35,7 @@ use cutover_common::modes;
 mod activation;
 mod levers;
 mod orphans;
+mod removal;
 
 /// Node-wide settings for services, from the agent config.
 #[derive(Debug, Clone)]
@@ -515,21 +516,6 @@ impl NodeServices {
         self.release_disk_bytes.load(Ordering::Relaxed)
     }
 
-    async fn forget_service(&self, name: &str, service: Arc<Mutex<Service>>) {
-        self.services.lock().await.remove(name);
-        self.snapshots.lock().expect("snapshots lock").remove(name);
-        self.levers.lock().expect("levers lock").remove(name);
-        if let Err(error) = self.store.remove_service(name) {
-            tracing::error!(service = %name, %error, "cannot forget the service");
-        }
-        if let Ok(service) = Arc::try_unwrap(service) {
-            if let Some(proxy) = service.into_inner().release().await {
-                notify::forget_listener(proxy.listen());
-                proxy.close().await;
-            }
-        }
-    }
-
     /// Where releases log: `<dir>/<service>/<release id>/`.
     pub fn release_logs(&self) -> PathBuf {
         self.settings.state_dir.join("logs")
@@ -659,14 +645,6 @@ impl NodeServices {
         Ok(())
     }
 
-    pub async fn stop_service(&self, name: &str) -> Result<(), ServiceError> {
-        let service = self.service(name).await?;
-        let mut service = service.lock().await;
-        service.stop().await;
-        self.remember(&service);
-        Ok(())
-    }
-
     /// The state of every service, without waiting for running commands.
     pub fn state(&self) -> Vec<pb::ServiceState> {
         let services = match self.services.try_lock() {
@@ -697,14 +675,8 @@ impl NodeServices {
         let services = std::mem::take(&mut *self.services.lock().await);
         let mut proxies = Vec::new();
         for (name, service) in services {
-            // A retirer or a heartbeat may hold it for a moment.
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while Arc::strong_count(&service) > 1 && std::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            match Arc::try_unwrap(service) {
-                Ok(service) => {
-                    let mut service = service.into_inner();
+            match removal::sole(service).await {
+                Ok(mut service) => {
                     if stop && service.stop().await.is_some() {
                         tracing::info!(service = %name, "stopped the service on shutdown");
                     }

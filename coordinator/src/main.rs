@@ -140,6 +140,12 @@ enum Commands {
     Lock(cli::locks::LockArgs),
     /// Lift a service's lock (anyone who may deploy there).
     Unlock(cli::locks::UnlockArgs),
+    /// Stop a service of an environment on every node (freeing its port),
+    /// start it again, or remove it.
+    Service {
+        #[command(subcommand)]
+        action: cli::services::ServiceCommand,
+    },
     /// The locked services, who locked them, since when and why.
     Locks(cli::locks::LocksArgs),
     /// Run N processes of a service per node: its current release rolled
@@ -496,6 +502,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Unlock(args) => {
             let mut client = cli.connect.operator_client().await?;
             return cli::locks::unlock(&mut client, args, json).await;
+        }
+        Commands::Service { action } => {
+            let mut client = cli.connect.operator_client().await?;
+            return cli::services::service(&mut client, action, json).await;
         }
         Commands::Locks(args) => {
             let mut client = cli.connect.operator_client().await?;

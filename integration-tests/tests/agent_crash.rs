@@ -114,6 +114,7 @@ async fn a_killed_agent_comes_back_to_one_serving_release_without_orphans() {
         command_id: "stop".into(),
         kind: Some(pb::command::Kind::StopService(pb::StopService {
             service: "web".into(),
+            remove: false,
         })),
     };
     let (stopped, _) = cluster.run_command("node-1", stop).await;

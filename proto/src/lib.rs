@@ -83,6 +83,8 @@ state_names! {
         Staging => "staging",
         Canary => "canary",
         Weighting => "weighting",
+        Stopping => "stopping",
+        Stopped => "stopped",
     }
     DeploymentState {
         Running => "running",

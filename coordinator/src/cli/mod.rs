@@ -21,5 +21,6 @@ pub mod rollout_logs;
 mod rollout_view;
 pub mod rollouts;
 pub mod server;
+pub mod services;
 pub mod shell;
 pub mod tasks;

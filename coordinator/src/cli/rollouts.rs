@@ -404,6 +404,14 @@ pub(super) async fn started(
                         r.id,
                         r.id
                     ),
+                    None if r.kind == "stop" || r.kind == "remove" => eprintln!(
+                        "started rollout {} ({} {} on {} nodes); follow it with `cutover rollout watch {}`",
+                        r.id,
+                        r.kind,
+                        r.service,
+                        r.nodes.len(),
+                        r.id
+                    ),
                     None => eprintln!(
                         "started rollout {} of {release} to {} nodes; follow it with `cutover rollout watch {}`",
                         r.id,

@@ -5,12 +5,9 @@ use cutover_proto::v1 as pb;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use super::OperatorApi;
+use super::{OperatorApi, MAX_REASON};
 use crate::access::Need;
 use crate::store::ManualLock;
-
-/// Longer than anyone writes on a command line: a paste gone wrong.
-const MAX_REASON: usize = 500;
 
 fn lock_to_pb(lock: ManualLock) -> pb::ManualLock {
     pb::ManualLock {

@@ -23,6 +23,7 @@ mod operators;
 mod rollouts;
 mod scale;
 mod secrets;
+mod services;
 mod tasks;
 mod tokens;
 
@@ -39,6 +40,10 @@ use crate::artifacts::ArtifactStore;
 use crate::registry::Registry;
 use crate::rollout::Rollouts;
 use crate::secrets::Secrets;
+
+/// Longest reason (for a lock, a stop, a break of glass) taken: longer
+/// than anyone writes on a command line, a paste gone wrong.
+const MAX_REASON: usize = 500;
 
 pub struct OperatorApi {
     pub registry: Arc<Registry>,
@@ -295,6 +300,20 @@ impl OperatorService for OperatorApi {
         request: Request<pb::UnlockServiceRequest>,
     ) -> Result<Response<pb::UnlockServiceResponse>, Status> {
         self.handle_unlock_service(request).await
+    }
+
+    async fn stop_service(
+        &self,
+        request: Request<pb::StopServiceRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        self.handle_stop_service(request).await
+    }
+
+    async fn start_service(
+        &self,
+        request: Request<pb::StartServiceRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        self.handle_start_service(request).await
     }
 
     async fn list_service_locks(

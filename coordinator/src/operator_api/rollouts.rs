@@ -48,6 +48,7 @@ fn rollout_to_pb(r: &Rollout) -> pb::Rollout {
         Phase::Rolling(RollingPhase::Watch { batch, .. }) => ("watch", batch + 1),
         Phase::Canary(_) => ("canary", 0),
         Phase::Return => ("return", 0),
+        Phase::Stop => ("stop", 0),
         Phase::RollingBack => ("rolling_back", 0),
         Phase::Done => ("done", 0),
     };

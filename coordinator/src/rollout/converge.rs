@@ -14,14 +14,14 @@
 //! serving what it serves (nothing is rolled back) and is tried again
 //! later, less and less often.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::model::{NodeState, RolloutKind, RolloutState};
-use super::{RolloutError, Rollouts, Started, Target};
+use super::model::{NodeState, RolloutKind, RolloutState, CONVERGER};
+use super::{stopping, RolloutError, Rollouts, Started, Target};
 use crate::registry::NodeView;
 use crate::spec::selects;
 use crate::store::{NodeStatus, ReleaseRecord, ReleaseState, ServiceOutcome, StoreError};
@@ -32,12 +32,31 @@ const CONVERGE_EVERY: Duration = Duration::from_secs(2);
 /// up to `LAST_RETRY`.
 const FIRST_RETRY: Duration = Duration::from_secs(30);
 const LAST_RETRY: Duration = Duration::from_secs(600);
-/// Who the rollouts it starts are by, in events and the audit of history.
-pub const CONVERGER: &str = "converger";
 
 /// (env, service, node id) -> when it may be tried again, and the wait
 /// after that.
 type Backoff = HashMap<(String, String, String), (Instant, Duration)>;
+
+/// What the nodes of a service are to run: its current release, or nothing
+/// (a stopped or removed service, `stopping`).
+struct Want<'a> {
+    env: &'a str,
+    service: &'a str,
+    /// Empty: nothing.
+    release: &'a str,
+    selector: &'a BTreeMap<String, String>,
+}
+
+impl<'a> From<&'a ReleaseRecord> for Want<'a> {
+    fn from(current: &'a ReleaseRecord) -> Self {
+        Want {
+            env: &current.env,
+            service: &current.service,
+            release: current.release.id(),
+            selector: &current.selector,
+        }
+    }
+}
 
 impl Rollouts {
     /// Runs until shutdown.
@@ -70,19 +89,23 @@ impl Rollouts {
             })
             .collect();
         let views = self.registry.list();
-        let currents: Vec<ReleaseRecord> = self
+        let records = self.store.releases.all().await?;
+        let stopped: Vec<ServiceOutcome> = self
             .store
             .releases
-            .all()
+            .outcomes()
             .await?
             .into_iter()
-            .filter(|r| r.current)
+            .filter(stopping::stops)
             .collect();
+        let is_stopped =
+            |env: &str, service: &str| stopped.iter().any(|o| o.env == env && o.service == service);
+        let currents: Vec<ReleaseRecord> = records.iter().filter(|r| r.current).cloned().collect();
         let now = Instant::now();
         let mut drifted_total = 0;
         for current in &currents {
-            let (env, service) = (current.env.clone(), current.service.clone());
-            if busy.contains(&(env.clone(), service.clone())) {
+            let (env, service) = (&current.env, &current.service);
+            if busy.contains(&(env.clone(), service.clone())) || is_stopped(env, service) {
                 continue;
             }
             match self
@@ -95,8 +118,59 @@ impl Rollouts {
                 }
             }
         }
+        for stop in &stopped {
+            let (env, service) = (&stop.env, &stop.service);
+            if busy.contains(&(env.clone(), service.clone())) {
+                continue;
+            }
+            // What it stopped: its current release, or after a removal the
+            // last one that was.
+            let Some(record) = records
+                .iter()
+                .filter(|r| &r.env == env && &r.service == service)
+                .max_by_key(|r| (r.current, r.current_until_ms))
+            else {
+                continue;
+            };
+            match self
+                .stop_drifted(stop, record, &currents, &views, backoff, now)
+                .await
+            {
+                Ok(drifted) => drifted_total += drifted,
+                Err(error) => {
+                    tracing::error!(%env, %service, %error, "cannot stop the service on nodes that came back running it")
+                }
+            }
+        }
         self.metrics.nodes_drifted.set(drifted_total);
         Ok(())
+    }
+
+    /// The nodes of the environment as it is pinned now, and selected by
+    /// no other environment's current release of the service: a node two
+    /// environments claim is not moved back and forth.
+    async fn movable(
+        &self,
+        env: &str,
+        service: &str,
+        currents: &[ReleaseRecord],
+        views: &[NodeView],
+    ) -> Result<Vec<NodeView>, StoreError> {
+        let pinned = self.store.releases.environment(env).await?;
+        Ok(views
+            .iter()
+            .filter(|v| {
+                pinned
+                    .as_ref()
+                    .is_none_or(|selector| selects(selector, &v.record.labels))
+                    && !currents.iter().any(|other| {
+                        other.service == service
+                            && other.env != env
+                            && selects(&other.selector, &v.record.labels)
+                    })
+            })
+            .cloned()
+            .collect())
     }
 
     /// Converges one service's drifted nodes; returns how many drifted.
@@ -109,29 +183,19 @@ impl Rollouts {
         now: Instant,
     ) -> Result<i64, RolloutError> {
         let (env, service) = (&current.env, &current.service);
-        // Nodes of the environment as it is pinned now, and selected by no
-        // other environment's current release of the service: a node two
-        // environments claim is not moved back and forth.
-        let pinned = self.store.releases.environment(env).await?;
-        let views: Vec<NodeView> = views
-            .iter()
-            .filter(|v| {
-                pinned
-                    .as_ref()
-                    .is_none_or(|selector| selects(selector, &v.record.labels))
-                    && !currents.iter().any(|other| {
-                        other.service == *service
-                            && other.env != *env
-                            && selects(&other.selector, &v.record.labels)
-                    })
-            })
-            .cloned()
-            .collect();
+        let views = self.movable(env, service, currents, views).await?;
         let last = self.store.releases.outcome(env, service).await?;
         self.spare_bystanders(current, last.as_ref(), backoff)
             .await?;
         let history = self.store.releases.history(env, service).await?;
-        let (drifted, due) = decide(current, last.as_ref(), &history, &views, backoff, now);
+        let (drifted, due) = decide(
+            &Want::from(current),
+            last.as_ref(),
+            &history,
+            &views,
+            backoff,
+            now,
+        );
         if due.is_empty() {
             return Ok(drifted);
         }
@@ -170,31 +234,101 @@ impl Rollouts {
             approval: None,
             config: Default::default(),
         };
+        self.launch_for(
+            target,
+            &due,
+            "nodes run another release than their environment's current one; converging them",
+        )
+        .await?;
+        Ok(drifted)
+    }
+
+    /// Stops a stopped (or removed) service on the nodes that came back
+    /// running it; returns how many run it.
+    async fn stop_drifted(
+        self: &Arc<Self>,
+        stop: &ServiceOutcome,
+        record: &ReleaseRecord,
+        currents: &[ReleaseRecord],
+        views: &[NodeView],
+        backoff: &mut Backoff,
+        now: Instant,
+    ) -> Result<i64, RolloutError> {
+        let (env, service) = (&stop.env, &stop.service);
+        let views = self.movable(env, service, currents, views).await?;
+        let want = Want {
+            release: "",
+            ..Want::from(record)
+        };
+        let (drifted, due) = decide(&want, Some(stop), &[], &views, backoff, now);
+        if due.is_empty() {
+            return Ok(drifted);
+        }
+        let _creating = self.create.lock().await;
+        // A deploy or start may have come and gone while this pass looked.
+        if self.store.releases.outcome(env, service).await?.as_ref() != Some(stop) {
+            return Ok(drifted);
+        }
+        let (done, doing) = match stop.kind {
+            RolloutKind::Remove => ("removed", "removing"),
+            _ => ("stopped", "stopping"),
+        };
+        let notes = vec![(
+            stop.kind.as_str().to_string(),
+            format!(
+                "{service} was {done} in {env} (rollout {}), but nodes run it again: {doing} it there",
+                stop.rollout_id
+            ),
+        )];
+        let (notify, load_balancer) = self.inherited(Some(record)).await?;
+        let target = self.target_of(record, stop.kind, notes, notify, load_balancer);
+        self.launch_for(
+            target,
+            &due,
+            "nodes run a service stopped on purpose; stopping it there",
+        )
+        .await?;
+        Ok(drifted)
+    }
+
+    /// Starts the converger's rollout of `target` on the `due` nodes alone.
+    async fn launch_for(
+        self: &Arc<Self>,
+        target: Target,
+        due: &[String],
+        why: &'static str,
+    ) -> Result<(), RolloutError> {
+        let stops = target.kind.stops();
         let mut plan = match self.plan(target, true).await {
             Ok(plan) => plan,
             // A deploy got in first: it decides now.
-            Err(RolloutError::Locked { .. } | RolloutError::Claimed { .. }) => return Ok(drifted),
+            Err(RolloutError::Locked { .. } | RolloutError::Claimed { .. }) => return Ok(()),
             Err(error) => return Err(error),
         };
         plan.nodes.retain(|n| due.contains(&n.id));
+        if stops {
+            // Each runs it, as its heartbeat showed.
+            for node in &mut plan.nodes {
+                node.state = NodeState::Pending;
+            }
+        }
         plan.skipped.clear();
         let started = match self.launch(plan, CONVERGER).await {
             Ok(started) => started,
-            // A deploy got in first: it decides now.
-            Err(RolloutError::Locked { .. } | RolloutError::Claimed { .. }) => return Ok(drifted),
+            Err(RolloutError::Locked { .. } | RolloutError::Claimed { .. }) => return Ok(()),
             Err(error) => return Err(error),
         };
         if let Started::Rollout(rollout) = started {
             tracing::warn!(
                 rollout = %rollout.id,
-                %env,
-                %service,
-                release = %current.release.id(),
+                env = %rollout.env,
+                service = %rollout.service,
+                release = %rollout.release.id(),
                 nodes = ?rollout.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
-                "nodes run another release than their environment's current one; converging them"
+                "{why}"
             );
         }
-        Ok(drifted)
+        Ok(())
     }
 }
 
@@ -237,6 +371,8 @@ impl Rollouts {
 /// from before outcomes were kept), the newest release record says it.
 fn left_mixed_by_operator(last: Option<&ServiceOutcome>, history: &[ReleaseRecord]) -> bool {
     match last {
+        // What a stop could not stop is no operator's choice; an abort is.
+        Some(outcome) if outcome.kind.stops() => outcome.state == RolloutState::Aborted,
         Some(outcome) => {
             (outcome.state == RolloutState::Aborted && !outcome.returned)
                 || (outcome.state == RolloutState::Failed
@@ -259,14 +395,14 @@ fn left_mixed_by_operator(last: Option<&ServiceOutcome>, history: &[ReleaseRecor
 /// ready, and not waiting out a backoff). Records the attempt in
 /// `backoff`; forgets nodes no longer drifted.
 fn decide(
-    current: &ReleaseRecord,
+    want: &Want,
     last: Option<&ServiceOutcome>,
     history: &[ReleaseRecord],
     views: &[NodeView],
     backoff: &mut Backoff,
     now: Instant,
 ) -> (i64, Vec<String>) {
-    let target = current.release.id();
+    let target = want.release;
     // A mix the operator chose stays, but no node of it keeps a stray side
     // release (a canary its rollout could not reach): only that goes.
     let mixed = left_mixed_by_operator(last, history);
@@ -281,15 +417,15 @@ fn decide(
             continue;
         }
         let key = (
-            current.env.clone(),
-            current.service.clone(),
+            want.env.to_string(),
+            want.service.to_string(),
             view.record.id.clone(),
         );
         // Another release, or a stray side release: at rest every request
         // goes to the current release, and nothing else runs unplanned.
-        let drifted = selects(&current.selector, &view.record.labels)
+        let drifted = selects(want.selector, &view.record.labels)
             && view.record.services.iter().any(|s| {
-                s.service == current.service
+                s.service == want.service
                     && !s.release_id.is_empty()
                     && match mixed {
                         true => s.release_id == target && s.stray_side(),
@@ -408,37 +544,70 @@ mod tests {
         ];
         let mut backoff = Backoff::new();
         let now = Instant::now();
-        let (drifted, due) = decide(&v1, None, &history, &fleet, &mut backoff, now);
+        let (drifted, due) = decide(&Want::from(&v1), None, &history, &fleet, &mut backoff, now);
         assert_eq!(drifted, 2);
         assert_eq!(due, ["on-v2"]);
 
         // Tried again only after the backoff, then after twice as long.
         let soon = now + FIRST_RETRY - Duration::from_secs(1);
-        assert!(decide(&v1, None, &history, &fleet, &mut backoff, soon)
-            .1
-            .is_empty());
+        assert!(
+            decide(&Want::from(&v1), None, &history, &fleet, &mut backoff, soon)
+                .1
+                .is_empty()
+        );
         let later = now + FIRST_RETRY;
         assert_eq!(
-            decide(&v1, None, &history, &fleet, &mut backoff, later).1,
+            decide(
+                &Want::from(&v1),
+                None,
+                &history,
+                &fleet,
+                &mut backoff,
+                later
+            )
+            .1,
             ["on-v2"]
         );
         let after_one_wait = later + FIRST_RETRY;
         assert!(
-            decide(&v1, None, &history, &fleet, &mut backoff, after_one_wait)
-                .1
-                .is_empty(),
+            decide(
+                &Want::from(&v1),
+                None,
+                &history,
+                &fleet,
+                &mut backoff,
+                after_one_wait
+            )
+            .1
+            .is_empty(),
             "the second wait is twice as long"
         );
         let after_two = later + FIRST_RETRY * 2;
         assert_eq!(
-            decide(&v1, None, &history, &fleet, &mut backoff, after_two).1,
+            decide(
+                &Want::from(&v1),
+                None,
+                &history,
+                &fleet,
+                &mut backoff,
+                after_two
+            )
+            .1,
             ["on-v2"]
         );
 
         // Once converged, its backoff is forgotten.
         let fleet = [node("on-v2", "production", "web-v1", true)];
         assert_eq!(
-            decide(&v1, None, &history, &fleet, &mut backoff, after_two).0,
+            decide(
+                &Want::from(&v1),
+                None,
+                &history,
+                &fleet,
+                &mut backoff,
+                after_two
+            )
+            .0,
             0
         );
         assert!(backoff.is_empty());
@@ -457,7 +626,7 @@ mod tests {
         let no_auto_rollback = [v1.clone(), manual];
         for history in [&aborted[..], &no_auto_rollback[..]] {
             let (drifted, due) = decide(
-                &v1,
+                &Want::from(&v1),
                 None,
                 history,
                 &fleet,
@@ -472,7 +641,7 @@ mod tests {
             release("web-v3", ReleaseState::Stable, true, 2),
         ];
         let (_, due) = decide(
-            &later[1],
+            &Want::from(&later[1]),
             None,
             &later,
             &fleet,
@@ -516,7 +685,7 @@ mod tests {
         };
         let now = Instant::now();
         let (drifted, due) = decide(
-            &v1,
+            &Want::from(&v1),
             Some(&rollback),
             &history,
             &fleet,
@@ -531,8 +700,55 @@ mod tests {
         );
 
         let next = ended(RolloutKind::Deploy, RolloutState::Succeeded, true);
-        let (_, due) = decide(&v1, Some(&next), &history, &fleet, &mut Backoff::new(), now);
+        let (_, due) = decide(
+            &Want::from(&v1),
+            Some(&next),
+            &history,
+            &fleet,
+            &mut Backoff::new(),
+            now,
+        );
         assert_eq!(due, ["refused", "lost"]);
+    }
+
+    #[test]
+    fn a_stopped_service_is_stopped_where_it_runs_again_unless_the_stop_was_aborted() {
+        let v1 = release("web-v1", ReleaseState::Stable, true, 1);
+        let nothing = Want {
+            release: "",
+            ..Want::from(&v1)
+        };
+        let fleet = [
+            node("runs-it", "production", "web-v1", true),
+            node("stopped", "production", "", true),
+            node("away", "production", "web-v1", false),
+            node("staging", "staging", "web-v1", true),
+        ];
+        let decide_after = |last: ServiceOutcome| {
+            decide(
+                &nothing,
+                Some(&last),
+                &[],
+                &fleet,
+                &mut Backoff::new(),
+                Instant::now(),
+            )
+        };
+        let due = (2, vec!["runs-it".to_string()]);
+        assert_eq!(
+            decide_after(ended(RolloutKind::Stop, RolloutState::Succeeded, false)),
+            due
+        );
+        // What a stop could not stop is no one's choice: it goes too.
+        assert_eq!(
+            decide_after(ended(RolloutKind::Remove, RolloutState::Failed, false)),
+            due
+        );
+        assert_eq!(
+            decide_after(ended(RolloutKind::Stop, RolloutState::Aborted, false)),
+            (0, Vec::new()),
+            "an aborted stop leaves what it left"
+        );
     }
 
     #[test]
@@ -547,7 +763,7 @@ mod tests {
             ..ended(RolloutKind::Deploy, RolloutState::Aborted, true)
         };
         let (drifted, due) = decide(
-            &v1,
+            &Want::from(&v1),
             Some(&returned),
             &history,
             std::slice::from_ref(&stale),
@@ -558,7 +774,7 @@ mod tests {
         // The next heartbeat still shows v2: that is drift.
         stale.record.services_at_ms = 2_500;
         let (drifted, due) = decide(
-            &v1,
+            &Want::from(&v1),
             Some(&returned),
             &history,
             &[stale],
@@ -580,7 +796,7 @@ mod tests {
         let fleet = [node("on-v1", "production", "web-v1", true)];
         let decide_after = |last: ServiceOutcome| {
             decide(
-                &v2,
+                &Want::from(&v2),
                 Some(&last),
                 &history,
                 &fleet,
@@ -613,7 +829,7 @@ mod tests {
         ];
         let rolled_back = ended(RolloutKind::Rollback, RolloutState::Succeeded, true);
         let (_, due) = decide(
-            &v2,
+            &Want::from(&v2),
             Some(&rolled_back),
             &history,
             &fleet,

@@ -139,7 +139,19 @@ impl Rollouts {
         for record in &mut history {
             let before = record.clone();
             let is_target = record.release.id() == target;
-            if took {
+            if succeeded && rollout.kind == RolloutKind::Remove {
+                // Removed: nothing is current; the history stays, the
+                // releases keep their states.
+                if record.current {
+                    record.current = false;
+                    record.current_until_ms =
+                        rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms);
+                    record.note = format!(
+                        "{} removed {} ({})",
+                        rollout.created_by, rollout.service, rollout.id
+                    );
+                }
+            } else if took && !rollout.kind.stops() {
                 // How long each release was current is what a promotion
                 // rule's soak reads: a release made current again starts
                 // over.

@@ -10,7 +10,6 @@
 
 use crate::store::{LockHolder, ServiceLock, StoreError};
 
-use super::model::RolloutKind;
 use super::{RolloutError, Rollouts};
 
 /// The lock name of an app's migrations in an environment: one at a time,
@@ -112,7 +111,7 @@ impl Rollouts {
                 .rollouts
                 .get(id)
                 .await?
-                .is_some_and(|r| r.kind == RolloutKind::Converge),
+                .is_some_and(|r| r.by_converger()),
             LockHolder::Deployment(_) => false,
         })
     }

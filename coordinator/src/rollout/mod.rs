@@ -42,6 +42,9 @@ mod scale;
 #[cfg(test)]
 pub(crate) mod sim;
 mod states;
+mod stopping;
+#[cfg(test)]
+mod stopping_tests;
 mod variant;
 
 use std::collections::HashMap;
@@ -68,6 +71,7 @@ use planner::Target;
 pub use planner::{DeployRequest, Deployed};
 pub use rollback::RollbackRequest;
 pub use scale::ScaleChange;
+pub use stopping::{StartRequest, StopRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -81,6 +85,13 @@ pub enum RolloutError {
     },
     #[error("nodes {nodes} of service {service} are unreachable; bring them back, or pass --allow-unreachable to roll out without them")]
     Unreachable { service: String, nodes: String },
+    /// A stop finds no node to stop the service on.
+    #[error("every node of {service} in {env} is unreachable ({nodes}), so nothing can be stopped now; bring one back and run it again (a node that comes back after the stop is stopped then)")]
+    NoneReachable {
+        env: String,
+        service: String,
+        nodes: String,
+    },
     #[error("the agents of nodes {nodes} cannot run {what}; upgrade them (see `cutover nodes`), or {instead}")]
     AgentsTooOld {
         nodes: String,
@@ -148,6 +159,9 @@ pub enum RolloutError {
     BadScale(String),
     #[error("{0}")]
     NoCurrent(String),
+    /// The service is stopped or removed (`cutover service stop|remove`).
+    #[error("{0}")]
+    Stopped(String),
     #[error(transparent)]
     Secret(#[from] SecretError),
     #[error(transparent)]

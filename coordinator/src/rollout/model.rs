@@ -45,6 +45,10 @@ impl RolloutState {
     }
 }
 
+/// Who the rollouts the converger starts are by, in events and the audit
+/// of history (see `rollout::converge`).
+pub const CONVERGER: &str = "converger";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RolloutKind {
@@ -53,6 +57,12 @@ pub enum RolloutKind {
     /// Nodes that drifted from their environment's current release,
     /// brought back to it (see `rollout::converge`).
     Converge,
+    /// `cutover service stop`: every node drains and stops the service,
+    /// which keeps its current release for `cutover service start`.
+    Stop,
+    /// `cutover service remove`: a stop after which the nodes forget the
+    /// service and it has no current release.
+    Remove,
 }
 
 impl RolloutKind {
@@ -61,7 +71,15 @@ impl RolloutKind {
             RolloutKind::Deploy => "deploy",
             RolloutKind::Rollback => "rollback",
             RolloutKind::Converge => "converge",
+            RolloutKind::Stop => "stop",
+            RolloutKind::Remove => "remove",
         }
+    }
+
+    /// Whether it leaves the service running nothing (see
+    /// `rollout::stopping`).
+    pub fn stops(self) -> bool {
+        matches!(self, RolloutKind::Stop | RolloutKind::Remove)
     }
 }
 
@@ -92,6 +110,10 @@ pub enum NodeState {
     Canary,
     /// A canary node changing its weight.
     Weighting,
+    /// Its release drains and stops (a stop or removal of the service).
+    Stopping,
+    /// Runs nothing of the service.
+    Stopped,
 }
 
 impl NodeState {
@@ -108,6 +130,7 @@ impl NodeState {
                 | NodeState::RollingBack
                 | NodeState::Staging
                 | NodeState::Weighting
+                | NodeState::Stopping
         )
     }
 }
@@ -227,6 +250,9 @@ pub enum Step {
     /// release that ran there, all at once, each health-gated by its
     /// agent, without batches or watches (`engine/fast.rs`).
     Return,
+    /// A stop or removal's only step: every node drains and stops the
+    /// service (`engine/stop.rs`).
+    Stop,
 }
 
 /// The steps of a rollout stored before they were recorded.
@@ -265,6 +291,8 @@ pub enum Phase {
     Hooks(HookAt),
     /// The fast path of a rollback (`Step::Return`).
     Return,
+    /// A stop or removal (`Step::Stop`).
+    Stop,
     RollingBack,
     Done,
     /// The canary strategy before its promotion (which is rolling's
@@ -367,6 +395,7 @@ impl Phase {
             Phase::Migrate => Some(Step::Migrate),
             Phase::Hooks(at) => Some(Step::Hooks(at)),
             Phase::Return => Some(Step::Return),
+            Phase::Stop => Some(Step::Stop),
             Phase::Rolling(_) | Phase::Canary(_) => Some(Step::Cutover),
             Phase::RollingBack | Phase::Done => None,
         }
@@ -731,6 +760,15 @@ impl Rollout {
         self.batches = 1;
     }
 
+    /// Makes a new stop or removal a plan of its one step, every node at
+    /// once: stopping a service is not done by halves.
+    pub fn stop_at_once(&mut self) {
+        self.steps = vec![Step::Stop];
+        self.phase = Phase::Stop;
+        self.batch_size = self.nodes.len().max(1) as u32;
+        self.batches = 1;
+    }
+
     /// Whether it is a rollback's fast path.
     pub fn returns_at_once(&self) -> bool {
         self.steps == [Step::Return]
@@ -748,6 +786,9 @@ impl Rollout {
     /// rollback that returned no node left a mix nobody chose a release
     /// for (some may have switched unseen): the operator decides.
     pub fn rolls_back(&self) -> bool {
+        if self.kind.stops() {
+            return false;
+        }
         match self.returns_at_once() {
             true => self.returned_some(),
             false => self.strategy.auto_rollback || self.returning,
@@ -758,6 +799,13 @@ impl Rollout {
     /// changed (a request rejected or expired, an abort before the start).
     pub fn sent_nothing(&self) -> bool {
         self.next_command == 1
+    }
+
+    /// Whether the converger started it (a convergence, or the stop of a
+    /// stopped service on nodes that came back running it): an operator's
+    /// rollout of the service goes first.
+    pub fn by_converger(&self) -> bool {
+        self.kind == RolloutKind::Converge || self.created_by == CONVERGER
     }
 
     pub fn node(&self, name: &str) -> Option<&RolloutNode> {

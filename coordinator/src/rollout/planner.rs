@@ -294,11 +294,7 @@ impl Rollouts {
             match checked {
                 Ok(_) => {}
                 Err(RolloutError::Locked { id, .. })
-                    if i > 0
-                        && self
-                            .get(&id)
-                            .await
-                            .is_ok_and(|r| r.kind == RolloutKind::Converge) => {}
+                    if i > 0 && self.get(&id).await.is_ok_and(|r| r.by_converger()) => {}
                 Err(error) => return Err(error),
             }
         }
@@ -373,7 +369,7 @@ impl Rollouts {
             .iter()
             .find(|(_, h)| {
                 let r = h.watch.borrow();
-                r.env == env && r.service == service && r.kind == RolloutKind::Converge
+                r.env == env && r.service == service && r.by_converger()
             })
             .map(|(id, h)| (id.clone(), h.watch.clone()));
         let Some((id, mut watch)) = converging else {
@@ -403,6 +399,12 @@ impl Rollouts {
         env: &str,
         service: &str,
     ) -> Result<Option<StoredRelease>, StoreError> {
+        // A stopped service serves nothing: a deploy starts it as a first
+        // deploy does, and its failure stops it again rather than start the
+        // release the operator stopped (see `stopping`).
+        if self.stopped(env, service).await?.is_some() {
+            return Ok(None);
+        }
         Ok(self
             .store
             .releases
@@ -526,7 +528,9 @@ impl Rollouts {
             .iter()
             .filter(|n| n.state == NodeState::Pending)
             .count();
-        if targets == 0 {
+        // A stop with nothing to stop still runs (at once): its outcome is
+        // what says the service is stopped.
+        if targets == 0 && !plan_target.kind.stops() {
             if plan_target.kind == RolloutKind::Deploy {
                 let (env, service) = (&plan_target.env, &plan_target.service);
                 self.keep_config(env, service, &release_id, &plan_target.config)
@@ -609,11 +613,16 @@ impl Rollouts {
         let now = self.registry.now_ms();
         let strategy = plan_target.strategy_to_run();
         // A fast rollback runs no strategy's batches: nothing to say.
-        let changed = (strategy != plan_target.strategy && !plan_target.fast_return).then(|| {
+        let changed = (strategy != plan_target.strategy
+            && !plan_target.fast_return
+            && !plan_target.kind.stops())
+        .then(|| {
             format!(
                 "the strategy is canary, but this {} has no stable release to split a node's traffic with: it rolls out in the canary's promotion batches",
                 match plan_target.kind {
-                    RolloutKind::Deploy if plan_target.previous.is_none() => "first deploy",
+                    RolloutKind::Deploy if plan_target.previous.is_none() => {
+                        "deploy (a first one, or of a stopped service)"
+                    }
                     RolloutKind::Deploy => "service (a worker)",
                     other => other.as_str(),
                 }
@@ -649,6 +658,9 @@ impl Rollouts {
         rollout.load_balancer = plan_target.load_balancer;
         if plan_target.fast_return {
             rollout.return_at_once();
+        }
+        if plan_target.kind.stops() {
+            rollout.stop_at_once();
         }
         if let Some(why) = changed {
             rollout.timeline.push(model::TimelineEntry {
@@ -690,10 +702,17 @@ impl Rollouts {
                 at_ms: now,
                 kind: "nodes_skipped".into(),
                 node: String::new(),
-                message: format!(
-                    "unreachable at the start, skipped on request: {}",
-                    skipped.join(", ")
-                ),
+                message: match rollout.kind.stops() {
+                    true => format!(
+                        "unreachable at the start: {}; the converger {}s the service there once it is back",
+                        skipped.join(", "),
+                        rollout.kind.as_str()
+                    ),
+                    false => format!(
+                        "unreachable at the start, skipped on request: {}",
+                        skipped.join(", ")
+                    ),
+                },
             });
         }
         if plan_target.kind == RolloutKind::Deploy {

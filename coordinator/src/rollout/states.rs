@@ -41,6 +41,8 @@ impl From<NodeState> for pb::RolloutNodeState {
             NodeState::Staging => pb::RolloutNodeState::Staging,
             NodeState::Canary => pb::RolloutNodeState::Canary,
             NodeState::Weighting => pb::RolloutNodeState::Weighting,
+            NodeState::Stopping => pb::RolloutNodeState::Stopping,
+            NodeState::Stopped => pb::RolloutNodeState::Stopped,
         }
     }
 }

@@ -45,6 +45,8 @@ impl Rollouts {
             note,
         } = variant;
         let (env, service) = (&current.env, &current.service);
+        self.refuse_if_stopped(env, service, "roll out a change to")
+            .await?;
         let policy = self.store.releases.policy(env).await?.unwrap_or_default();
         let now_ms = self.registry.now_ms();
         let mut in_the_way = Vec::new();

@@ -107,6 +107,11 @@ impl ReleaseRepo {
             .await
     }
 
+    /// The newest outcome of every service of every environment.
+    pub async fn outcomes(&self) -> Result<Vec<ServiceOutcome>, StoreError> {
+        self.kv.list(Table::Outcomes, b"").await
+    }
+
     /// Pins an environment to a node selector (see `Rollouts::deploy`).
     pub async fn pin_environment(
         &self,

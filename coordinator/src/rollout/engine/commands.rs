@@ -4,7 +4,7 @@
 use cutover_proto::v1::{self as pb, command};
 
 use super::Send;
-use crate::rollout::model::{NodeState, Rollout, RolloutNode, StoredRelease};
+use crate::rollout::model::{NodeState, Rollout, RolloutKind, RolloutNode, StoredRelease};
 
 /// Margin on top of a release's own deadlines before an activation without
 /// an answer counts as lost: process start, smoke checks, stop.
@@ -128,8 +128,13 @@ pub(super) fn send_for(r: &Rollout, i: usize) -> Send {
             }),
             None => command::Kind::StopService(pb::StopService {
                 service: r.service.clone(),
+                remove: false,
             }),
         },
+        NodeState::Stopping => command::Kind::StopService(pb::StopService {
+            service: r.service.clone(),
+            remove: r.kind == RolloutKind::Remove,
+        }),
         other => unreachable!("no command for a node in state {other:?}"),
     };
     Send {

@@ -25,6 +25,7 @@ mod once;
 mod rollback;
 mod rolling;
 mod steps;
+mod stop;
 mod ticks;
 
 use cutover_proto::v1 as pb;
@@ -362,18 +363,21 @@ fn start(r: &mut Rollout, now: i64) {
         ),
         false => format!("in {} batches of {}", r.batches, r.batch_size),
     };
-    note(
-        r,
-        now,
-        "started",
-        "",
-        format!(
+    let message = match r.kind.stops() {
+        true => format!(
+            "{} {} ({}) on {targets} nodes at once",
+            r.kind.as_str(),
+            r.service,
+            r.release.id()
+        ),
+        false => format!(
             "{} {} to {} on {targets} nodes {how}",
             r.kind.as_str(),
             r.service,
             r.release.id(),
         ),
-    );
+    };
+    note(r, now, "started", "", message);
 }
 
 /// The answer to a run-once step's command, to the step it belongs to.
@@ -416,6 +420,7 @@ pub(super) fn on_result(r: &mut Rollout, now: i64, i: usize, outcome: Outcome) {
         step => step.to_string(),
     };
     match (state, outcome) {
+        (NodeState::Stopping, outcome) => stop::on_result(r, now, i, outcome, refused),
         (NodeState::Preparing, Outcome::Succeeded) => {
             settle(&mut r.nodes[i], NodeState::Prepared);
             note(
@@ -539,7 +544,7 @@ fn returned_not(r: &mut Rollout, now: i64, i: usize, step: String, message: Stri
 }
 
 /// A release a node serves, as the timeline names it.
-fn describe(release: &str) -> &str {
+pub(super) fn describe(release: &str) -> &str {
     match release {
         "" => "nothing",
         release => release,
@@ -650,6 +655,9 @@ fn step(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
             if r.error.is_some() && r.returns_at_once() =>
         {
             fast::on_error(r, now)
+        }
+        RolloutState::Running | RolloutState::Paused if r.error.is_some() && r.kind.stops() => {
+            stop::on_error(r, now)
         }
         RolloutState::Running | RolloutState::Paused if r.error.is_some() => {
             if in_flight(r) > 0 {

@@ -39,6 +39,7 @@ pub(super) fn run(r: &mut Rollout, now: i64, sends: &mut Vec<Send>) {
         }
         Some(Step::Hooks(at)) => hooks::run(r, at, now, sends),
         Some(Step::Return) => super::fast::run(r, now, sends),
+        Some(Step::Stop) => super::stop::run(r, now, sends),
         None => {}
     }
 }
@@ -73,8 +74,10 @@ pub(super) fn step_done(r: &mut Rollout, now: i64, done: Option<(&str, String)>)
             cutover(&strategy).start(r, now)
         }
         Step::Hooks(at) => hooks::start_step(r, at, now),
-        Step::Return => {
-            unreachable!("a fast rollback's plan is this one step, entered when it is made")
+        Step::Return | Step::Stop => {
+            unreachable!(
+                "a fast rollback's or a stop's plan is this one step, entered when it is made"
+            )
         }
     }
 }

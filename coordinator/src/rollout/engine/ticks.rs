@@ -59,7 +59,8 @@ pub(super) fn on_tick(r: &mut Rollout, now: i64, observations: &[Observation]) {
             NodeState::Activating
             | NodeState::RollingBack
             | NodeState::Staging
-            | NodeState::Weighting => Outcome::Unknown(message),
+            | NodeState::Weighting
+            | NodeState::Stopping => Outcome::Unknown(message),
             _ => Outcome::Failed(message),
         };
         r.nodes[i].lost_since_ms = None;

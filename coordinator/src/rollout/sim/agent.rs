@@ -405,12 +405,10 @@ impl Runner {
             Step::Finish(outcome) => {
                 let command = self.work.take().expect("checked above").command;
                 if let Some(command::Kind::StopService(stop)) = &command.kind {
-                    self.agent
-                        .node
-                        .lock()
-                        .expect("node lock")
-                        .services
-                        .remove(&stop.service);
+                    // A stop retires the side release too (`Service::stop`).
+                    let mut node = self.agent.node.lock().expect("node lock");
+                    node.services.remove(&stop.service);
+                    node.sides.remove(&stop.service);
                 }
                 let (status, message) = match outcome {
                     Ok(()) => (pb::CommandStatus::Succeeded, String::new()),

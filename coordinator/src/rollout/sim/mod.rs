@@ -7,6 +7,8 @@
 //! `scenario.rs`), deploys a first release, then a second under faults,
 //! coordinator crashes and leader changes (the deposed leader acting on
 //! beside the new one until the store's fence refuses its first write),
+//! may stop or remove a service once that ended (still under faults: the
+//! converger stops it on nodes that come back running it),
 //! lets the converger settle the fleet and checks
 //! that it ends on releases an operator chose, every request going to one
 //! release per node, and no side release left running (`world.rs`).
@@ -114,6 +116,7 @@ fn seeded_fleets_end_on_releases_an_operator_chose() {
     };
     let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
     let mut rollbacks: BTreeMap<(bool, &str), u64> = BTreeMap::new();
+    let mut stops: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     let (mut fenced, mut idle) = (0, 0);
     for &seed in &seeds {
         let run = world::check(seed);
@@ -125,10 +128,19 @@ fn seeded_fleets_end_on_releases_an_operator_chose() {
                 let key = (rollout.returns_at_once(), rollout.state.as_str());
                 *rollbacks.entry(key).or_default() += 1;
             }
+            if rollout.kind.stops() {
+                let key = (rollout.kind.as_str(), rollout.state.as_str());
+                *stops.entry(key).or_default() += 1;
+                // Met a fault: a coordinator restart, a node away or lost.
+                let faulted = !rollout.skipped.is_empty()
+                    || rollout.nodes.iter().any(|n| n.state == NodeState::Failed)
+                    || rollout.timeline.iter().any(|t| t.kind == "recovered");
+                *stops.entry(("under faults", "")).or_default() += u64::from(faulted);
+            }
         }
     }
     eprintln!(
-        "outcomes of {} seeds: {outcomes:?}; operator rollbacks (fast, state): {rollbacks:?}; deposed leaders: {fenced} stopped by the fence, {idle} wrote nothing",
+        "outcomes of {} seeds: {outcomes:?}; operator rollbacks (fast, state): {rollbacks:?}; stops (kind, state): {stops:?}; deposed leaders: {fenced} stopped by the fence, {idle} wrote nothing",
         seeds.len()
     );
     // The schedules must reach every ending, and both kinds of rollback,
@@ -141,6 +153,12 @@ fn seeded_fleets_end_on_releases_an_operator_chose() {
             assert!(
                 rollbacks.keys().any(|(f, _)| *f == fast),
                 "no rollback with fast = {fast}: {rollbacks:?}"
+            );
+        }
+        for kind in ["stop", "remove", "under faults"] {
+            assert!(
+                stops.keys().any(|(k, _)| *k == kind),
+                "no {kind}: {stops:?}"
             );
         }
         assert!(fenced > 0, "no deposed leader tried to act");

@@ -13,7 +13,9 @@ use tokio::time::{sleep, sleep_until, Instant};
 use super::scenario::{Verdict, SECOND};
 use crate::rollout::engine::{self, Input};
 use crate::rollout::model::RolloutState;
-use crate::rollout::{DeployRequest, Deployed, RollbackRequest, RolloutError, Rollouts, Started};
+use crate::rollout::{
+    DeployRequest, Deployed, RollbackRequest, RolloutError, Rollouts, Started, StopRequest,
+};
 
 pub(super) struct OperatorPlan {
     pub spec: String,
@@ -26,6 +28,9 @@ pub(super) struct OperatorPlan {
     /// Once the deploy succeeded, rolls it back after this long
     /// (`careful`: `--careful`).
     pub rollback: Option<(Duration, bool)>,
+    /// Once the deploy (and its rollback) ended, stops the service after
+    /// this long (`true`: removes it).
+    pub stop: Option<(Duration, bool)>,
     /// What the reviewer does with the deploy's approval request, and
     /// whether a rollback asks for one too.
     pub approval: Option<(Verdict, bool)>,
@@ -63,7 +68,7 @@ pub(super) async fn operate(
     if let Some((after, full)) = plan.promote {
         promote(&current, &id, after, full).await;
     }
-    match plan.rollback {
+    let last = match plan.rollback {
         Some((after, careful)) if ended(&current, &id).await == RolloutState::Succeeded => {
             sleep(after).await;
             let rollback = rollback(&current, plan.service, plan.allow_unreachable, careful).await;
@@ -73,6 +78,42 @@ pub(super) async fn operate(
             rollback.unwrap_or(id)
         }
         _ => id,
+    };
+    match plan.stop {
+        Some((after, remove)) => {
+            ended(&current, &last).await;
+            sleep(after).await;
+            stop(&current, plan.service, remove).await
+        }
+        None => last,
+    }
+}
+
+/// Stops (or removes) `service`, again until a coordinator takes it.
+async fn stop(current: &watch::Receiver<Arc<Rollouts>>, service: &str, remove: bool) -> String {
+    loop {
+        let rollouts = current.borrow().clone();
+        let request = StopRequest {
+            env: "sim".into(),
+            service: service.into(),
+            by: "op".into(),
+            remove,
+            reason: "sim".into(),
+            break_glass: None,
+        };
+        match rollouts.stop_service(request).await {
+            Ok(Started::Rollout(rollout)) => return rollout.id,
+            Ok(Started::NoOp { message, .. }) => {
+                panic!("a first stop of {service} did nothing: {message}")
+            }
+            Err(
+                RolloutError::Store(_)
+                | RolloutError::Locked { .. }
+                | RolloutError::Claimed { .. }
+                | RolloutError::NoneReachable { .. },
+            ) => sleep(Duration::from_secs(2)).await,
+            Err(error) => panic!("stop of {service} refused: {error}"),
+        }
     }
 }
 

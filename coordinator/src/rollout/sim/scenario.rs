@@ -44,6 +44,9 @@ pub(super) struct Operator {
     /// The second deploy of a service, once it succeeded, is rolled back
     /// after this long (`true`: `--careful`).
     pub rollback: Option<(usize, Duration, bool)>,
+    /// Once its second deploy (and rollback) ended, a service is stopped
+    /// after this long (`true`: removed), still under faults.
+    pub stop: Option<(usize, Duration, bool)>,
     /// The environment asks for an approval of every deploy (see
     /// `Approvals`).
     pub approvals: Option<Approvals>,
@@ -182,9 +185,19 @@ impl Scenario {
                 rollback_rng.random_bool(0.3),
             )
         });
+        // Drawn apart too, so every seed before stops draws what it drew.
+        let mut stop_rng = StdRng::seed_from_u64(seed ^ 0x5709_0000_0000_0000);
+        let stop = stop_rng.random_bool(0.3).then(|| {
+            (
+                stop_rng.random_range(0..2),
+                Duration::from_millis(stop_rng.random_range(0..20_000)),
+                stop_rng.random_bool(0.4),
+            )
+        });
         let operator = Operator {
             approvals,
             rollback,
+            stop,
             promote: canary.as_ref().filter(|c| c.1).map(|_| {
                 (
                     Duration::from_millis(canary_rng.random_range(0..20_000)),

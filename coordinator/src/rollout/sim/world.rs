@@ -343,6 +343,10 @@ impl World {
                 .rollback
                 .filter(|(s, ..)| *s == service)
                 .map(|(_, after, careful)| (after, careful)),
+            stop: op
+                .stop
+                .filter(|(s, ..)| *s == service)
+                .map(|(_, after, remove)| (after, remove)),
         }
     }
 
@@ -395,6 +399,10 @@ impl World {
         let mut wrong = Vec::new();
         for (s, second) in seconds.iter().enumerate() {
             let service = SERVICES[s];
+            if second.kind.stops() {
+                wrong.extend(self.not_stopped(service, second));
+                continue;
+            }
             let new = second.release.id();
             let old = second.previous.as_ref().expect("the first release").id();
             let allowed: BTreeSet<&str> = match expected(second) {
@@ -442,6 +450,74 @@ impl World {
         wrong
     }
 
+    /// Nodes that run `service` though `stop` stopped it: none once the
+    /// converger stopped those that were away, unless an operator aborted
+    /// the stop.
+    fn not_stopped(&self, service: &str, stop: &Rollout) -> Vec<String> {
+        if stop.state == RolloutState::Aborted {
+            return Vec::new();
+        }
+        let mut wrong = Vec::new();
+        for (i, node) in self.scenario.nodes.iter().enumerate() {
+            if !node.labels.contains_key(service) {
+                continue;
+            }
+            let node = self.nodes[i].lock().expect("node lock");
+            if let Some(running) = node.services.get(service) {
+                wrong.push(format!(
+                    "node-{i} runs {service} {:?} after {} {}",
+                    running.release_id,
+                    stop.id,
+                    stop.state.as_str()
+                ));
+            }
+            if let Some(side) = node.sides.get(service) {
+                wrong.push(format!(
+                    "node-{i} runs {service}'s side release {:?} after {}",
+                    side.running.release_id, stop.id
+                ));
+            }
+        }
+        wrong
+    }
+
+    /// A stop's records: the release it stopped stays current (a start
+    /// starts it), a removal that succeeded leaves none; each node it
+    /// knows for sure it stopped runs nothing.
+    async fn check_stop_records(&self, service: &str, stop: &Rollout) {
+        let ctx = || format!("seed {}: {}", self.seed, show(stop));
+        let history = self
+            .store
+            .releases
+            .history("sim", service)
+            .await
+            .expect("reads never fail");
+        let current = history.iter().find(|r| r.current);
+        match (stop.kind, stop.state) {
+            (RolloutKind::Remove, RolloutState::Succeeded) => {
+                assert!(current.is_none(), "{}", ctx())
+            }
+            _ => assert_eq!(
+                current.map(|r| r.release.id()),
+                Some(stop.release.id()),
+                "{}",
+                ctx()
+            ),
+        }
+        for node in stop.nodes.iter().filter(|n| n.state == NodeState::Stopped) {
+            let i: usize = node.id["id-".len()..].parse().expect("sim node ids");
+            let runs = self.nodes[i]
+                .lock()
+                .expect("node lock")
+                .services
+                .get(service)
+                .map(|r| r.release_id.clone());
+            // The converger may have stopped it again since: either way, it
+            // runs nothing now.
+            assert_eq!(runs, None, "node {}: {}", node.name, ctx());
+        }
+    }
+
     /// The store agrees with the fleet: the release history names the
     /// release the outcome made current, the rollout what each node it
     /// knows for sure runs; and only nodes out of reach for long were left
@@ -450,6 +526,11 @@ impl World {
         for (s, second) in seconds.iter().enumerate() {
             let service = SERVICES[s];
             let ctx = || format!("seed {}: {}", self.seed, show(second));
+            self.check_uncertain(second);
+            if second.kind.stops() {
+                self.check_stop_records(service, second).await;
+                continue;
+            }
             assert_eq!(
                 second.timeline.last().map(|e| e.kind.as_str()),
                 Some(second.state.as_str()),
@@ -513,23 +594,26 @@ impl World {
                     );
                 }
             }
-            // The bound: a node is left uncertain only when its command
-            // went unanswered past its deadline (73 s) or it was out of
-            // reach for LOST_AFTER. Results are lost at most twice in a
-            // row and resent every 15 s, a crashed coordinator resends at
-            // once and gives agents a grace to reconnect, so only a node
-            // away for LOST_AFTER at a stretch can be uncertain: at most
-            // the nodes with such outages.
-            for node in second.nodes.iter().filter(|n| n.uncertain) {
-                let i: usize = node.id["id-".len()..].parse().expect("sim node ids");
-                let long = self.scenario.nodes[i].faults.longest_away() >= LOST_AFTER;
-                assert!(
-                    long,
-                    "node {} uncertain without a long outage: {}",
-                    node.name,
-                    ctx()
-                );
-            }
+        }
+    }
+
+    /// The bound: a node is left uncertain only when its command went
+    /// unanswered past its deadline (73 s) or it was out of reach for
+    /// LOST_AFTER. Results are lost at most twice in a row and resent every
+    /// 15 s, a crashed coordinator resends at once and gives agents a grace
+    /// to reconnect, so only a node away for LOST_AFTER at a stretch can be
+    /// uncertain: at most the nodes with such outages.
+    fn check_uncertain(&self, rollout: &Rollout) {
+        for node in rollout.nodes.iter().filter(|n| n.uncertain) {
+            let i: usize = node.id["id-".len()..].parse().expect("sim node ids");
+            let long = self.scenario.nodes[i].faults.longest_away() >= LOST_AFTER;
+            assert!(
+                long,
+                "seed {}: node {} uncertain without a long outage: {}",
+                self.seed,
+                node.name,
+                show(rollout)
+            );
         }
     }
 
@@ -578,6 +662,9 @@ impl World {
         let (i, s) = self.scenario.drift;
         let service = SERVICES[s];
         let second = &seconds[s];
+        if second.kind.stops() {
+            return self.stopped_again(i, service, seconds, deadline).await;
+        }
         let Some(current) = expected(second) else {
             return; // left mixed by the operator: the converger leaves it
         };
@@ -629,6 +716,59 @@ impl World {
             let all = self.store.rollouts.list().await.expect("reads never fail");
             panic!(
                 "seed {}: node-{i} came back without a convergence\n{}",
+                self.seed,
+                all.iter().map(show).collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+impl World {
+    /// A node that runs a stopped service again (started behind the
+    /// coordinator's back) is stopped by the converger.
+    async fn stopped_again(&self, i: usize, service: &str, seconds: &[Rollout], deadline: Instant) {
+        let stop = &seconds[SERVICES
+            .iter()
+            .position(|s| *s == service)
+            .expect("a sim service")];
+        if stop.state == RolloutState::Aborted
+            || !self.scenario.nodes[i].labels.contains_key(service)
+        {
+            return;
+        }
+        self.nodes[i].lock().expect("node lock").services.insert(
+            service.to_string(),
+            Running::new(stop.release.id(), &stop.release.0.version, Instant::now()),
+        );
+        sleep(Duration::from_secs(5)).await;
+        self.settled(
+            seconds,
+            deadline.max(Instant::now() + Duration::from_secs(600)),
+        )
+        .await;
+        let stops: Vec<String> = self
+            .store
+            .rollouts
+            .list()
+            .await
+            .expect("reads never fail")
+            .into_iter()
+            .filter(|r| r.kind == stop.kind && r.service == service && r.by_converger())
+            .map(|r| r.id)
+            .collect();
+        let stopped = self
+            .ended(&stops, Instant::now() + Duration::from_secs(600))
+            .await
+            .iter()
+            .any(|r| {
+                r.nodes
+                    .iter()
+                    .any(|n| n.name == format!("node-{i}") && n.state == NodeState::Stopped)
+            });
+        if !stopped {
+            let all = self.store.rollouts.list().await.expect("reads never fail");
+            panic!(
+                "seed {}: node-{i} ran stopped {service} again and the converger did not stop it\n{}",
                 self.seed,
                 all.iter().map(show).collect::<Vec<_>>().join("\n")
             );
