@@ -794,11 +794,10 @@ async fn fall_back(
     state_dir: &std::path::Path,
     proxies: &[proxy::Proxy],
 ) -> Result<(u32, String), HandoffError> {
-    let listeners = proxies
-        .iter()
-        .map(|p| p.listener_fd().map(|fd| (p.listen(), fd)))
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(HandoffError::Listeners)?;
+    let mut listeners = Vec::new();
+    for proxy in proxies {
+        listeners.extend(proxy.listener_fds().map_err(HandoffError::Listeners)?);
+    }
     let launch = Launch::this_command_line(OWN_BINARY.as_ref());
     let mut own = Successor::start(&launch, state_dir, listeners).await?;
     match own.released().await {

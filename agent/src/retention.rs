@@ -254,6 +254,7 @@ mod tests {
     fn service(history: &[&str], active: Option<&str>, previous: Option<&str>) -> ServiceRecord {
         ServiceRecord {
             listen: None,
+            also_listen: Vec::new(),
             admitted: true,
             active: active.map(|id| ActiveRelease {
                 release: crate::store::tests::release(id, Duration::ZERO),

@@ -34,6 +34,7 @@ use cutover_common::modes;
 
 mod activation;
 mod levers;
+mod listening;
 mod orphans;
 mod removal;
 
@@ -78,11 +79,12 @@ pub enum ServiceError {
         listen: SocketAddr,
         reason: String,
     },
-    #[error("service {service} listens on {}; moving it to {} needs `stop_service` first", describe_listen(.current), describe_listen(.requested))]
-    ListenChanged {
+    #[error("service {service} runs here as {}, and release {release_id} is {}; a service cannot change between the two: `cutover service remove {service}` first, or deploy it under another name", kind_of(*.web), kind_of(!*.web))]
+    KindChanged {
         service: String,
-        current: Option<SocketAddr>,
-        requested: Option<SocketAddr>,
+        release_id: String,
+        /// Whether it runs as a web service now.
+        web: bool,
     },
     #[error("no service {0} on this node")]
     UnknownService(String),
@@ -95,6 +97,29 @@ pub enum ServiceError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+fn bind_error(service: &str, listen: SocketAddr, error: std::io::Error) -> ServiceError {
+    ServiceError::Bind {
+        service: service.to_string(),
+        listen,
+        reason: error.to_string(),
+    }
+}
+
+/// Gives systemd a copy of each listening socket of `proxy`, kept across a
+/// crash of the agent.
+fn keep_listeners(service: &str, proxy: &Proxy) {
+    match proxy.listener_fds() {
+        Ok(fds) => {
+            for (listen, fd) in fds {
+                notify::store_listener(listen, &fd);
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%service, %error, "cannot copy the listening sockets")
+        }
+    }
 }
 
 fn state_dir_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ServiceError + '_ {
@@ -141,8 +166,11 @@ impl From<DockerError> for ServiceError {
     }
 }
 
-fn describe_listen(listen: &Option<SocketAddr>) -> String {
-    listen.map_or_else(|| "no port (a worker)".to_string(), |addr| addr.to_string())
+fn kind_of(web: bool) -> &'static str {
+    match web {
+        true => "a web service (with `listen`)",
+        false => "a worker (without `listen`)",
+    }
 }
 
 impl NodeServices {
@@ -207,7 +235,13 @@ impl NodeServices {
             }
             // One service that cannot come back must not keep the others
             // (and the agent) down: it is logged and left out.
-            match node.bind(&name, record.listen).await {
+            let listens: Vec<SocketAddr> = record
+                .listen
+                .iter()
+                .chain(&record.also_listen)
+                .copied()
+                .collect();
+            match node.bind(&name, &listens).await {
                 Ok(service) => {
                     node.remember(&service);
                     let service = crate::service::shared(service, node.shutdown.clone());
@@ -216,7 +250,7 @@ impl NodeServices {
                 Err(error) => {
                     // Its socket, inherited or not, is closed: systemd must
                     // not keep it, clients would wait on it for nothing.
-                    if let Some(listen) = record.listen {
+                    for listen in listens {
                         notify::forget_listener(listen);
                     }
                     tracing::error!(service = %name, %error, "cannot bring the service back")
@@ -231,27 +265,19 @@ impl NodeServices {
         Ok(node)
     }
 
-    /// Brings up a service: its proxy on `listen` (none for a worker) and
+    /// Brings up a service: its proxy on `listens` (none for a worker) and
     /// whatever the store says it ran.
-    async fn bind(&self, name: &str, listen: Option<SocketAddr>) -> Result<Service, ServiceError> {
-        let kind = match listen {
-            Some(listen) => {
+    async fn bind(&self, name: &str, listens: &[SocketAddr]) -> Result<Service, ServiceError> {
+        let kind = match listens.split_first() {
+            Some((&listen, also)) => {
                 let mut config = ProxyConfig::new(name, listen);
                 config.trusted_networks = self.settings.trusted_networks.clone();
                 let inherited = self.settings.inherited.take(listen);
                 let proxy = Proxy::bind_or_inherit(config, self.shutdown.clone(), inherited)
                     .await
-                    .map_err(|e| ServiceError::Bind {
-                        service: name.to_string(),
-                        listen,
-                        reason: e.to_string(),
-                    })?;
-                match proxy.listener_fd() {
-                    Ok(fd) => notify::store_listener(listen, &fd),
-                    Err(error) => {
-                        tracing::warn!(service = %name, %error, "cannot copy the listening socket")
-                    }
-                }
+                    .map_err(|e| bind_error(name, listen, e))?;
+                self.listen_also(name, &proxy, also).await?;
+                keep_listeners(name, &proxy);
                 ServiceKind::Web(proxy)
             }
             None => ServiceKind::Worker,
@@ -696,7 +722,14 @@ impl NodeServices {
         let services: Vec<_> = self.services.lock().await.values().cloned().collect();
         let mut addresses = Vec::new();
         for service in services {
-            addresses.extend(service.lock().await.proxy().map(Proxy::listen));
+            addresses.extend(
+                service
+                    .lock()
+                    .await
+                    .proxy()
+                    .map(Proxy::listens)
+                    .unwrap_or_default(),
+            );
         }
         addresses.sort();
         addresses
@@ -708,7 +741,7 @@ impl NodeServices {
         let mut fds = Vec::new();
         for service in services {
             if let Some(proxy) = service.lock().await.proxy() {
-                fds.push((proxy.listen(), proxy.listener_fd()?));
+                fds.extend(proxy.listener_fds()?);
             }
         }
         Ok(fds)

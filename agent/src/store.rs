@@ -28,6 +28,9 @@ pub enum StoreError {
 pub struct ServiceRecord {
     /// The proxy's public address; `None` for a worker.
     pub listen: Option<SocketAddr>,
+    /// The other addresses it listens on (`also_listen`).
+    #[serde(default)]
+    pub also_listen: Vec<SocketAddr>,
     /// False while the node is drained for this service; survives restarts,
     /// so an agent restart does not put a node under maintenance back in
     /// rotation.
@@ -511,6 +514,7 @@ pub(crate) mod tests {
     fn records_from_before_releases_carried_their_drain_timeout_still_read() {
         let record = ServiceRecord {
             listen: Some("127.0.0.1:8080".parse().unwrap()),
+            also_listen: Vec::new(),
             admitted: true,
             active: Some(ActiveRelease {
                 release: release("web-v1", Duration::from_millis(200)),

@@ -280,6 +280,58 @@ async fn a_slow_streamed_response_started_on_a_completes_after_the_switch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_address_serves_the_same_routes_and_closes_without_cutting_a_response() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    let a = backend("A").await;
+    let b = backend("B").await;
+    proxy.switch(Some(RouteSpec::all("A", a.addr)));
+    let first = proxy.local_addr();
+    let second = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    proxy.add_listener(second, None).await.unwrap();
+    proxy.add_listener(second, None).await.unwrap();
+    assert_eq!(proxy.listens().len(), 2, "an address is listened on once");
+    let client = client();
+    for addr in [first, second] {
+        assert_eq!(
+            get(&client, &format!("http://{addr}/")).await.unwrap(),
+            (200, "A".into())
+        );
+    }
+    // One switch moves both.
+    proxy.switch(Some(RouteSpec::all("B", b.addr)));
+    assert_eq!(
+        get(&client, &format!("http://{second}/")).await.unwrap(),
+        (200, "B".into())
+    );
+
+    // A response streaming through the address being closed completes.
+    let response = client
+        .get(format!("http://{second}/slow").parse().unwrap())
+        .await
+        .unwrap();
+    let reading =
+        tokio::spawn(async move { response.into_body().collect().await.map(|b| b.to_bytes()) });
+    assert!(proxy.remove_listener(second).await);
+    assert!(!proxy.remove_listener(second).await, "closed once");
+    assert_eq!(&reading.await.unwrap().unwrap()[..], b"B1B2B3");
+    assert!(
+        tokio::net::TcpStream::connect(second).await.is_err(),
+        "nothing accepts there any more"
+    );
+    std::net::TcpListener::bind(second).expect("the port is free");
+    assert_eq!(proxy.listens().len(), 1);
+    assert_eq!(proxy.local_addr(), first);
+    assert_eq!(
+        get(&client, &format!("http://{first}/")).await.unwrap(),
+        (200, "B".into()),
+        "the first address serves on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_opened_on_a_stays_usable_until_the_drain_deadline() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
     let a = websocket_backend("A").await;

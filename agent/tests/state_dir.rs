@@ -80,6 +80,7 @@ fn release(sources: &Path, version: &str, listen: u16) -> (ReleaseSpec, Digest) 
         env: [("VERSION".to_string(), version.to_string())].into(),
         kind: Some(pb::release::Kind::Web(pb::WebService {
             listen: format!("127.0.0.1:{listen}"),
+            also_listen: Vec::new(),
             health: Some(http("/health", "")),
             health_interval_ms: 100,
             healthy_threshold: 1,

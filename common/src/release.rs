@@ -148,6 +148,8 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Web {
     pub listen: Listen,
+    /// More addresses the proxy serves on (`also_listen`).
+    pub also_listen: Vec<Listen>,
     pub health: Check,
     pub gate: HealthGate,
     pub smoke: Vec<Check>,
@@ -193,6 +195,17 @@ impl Listen {
             Listen::NodePort(port) => SocketAddr::new(node, port),
             Listen::Addr(addr) => addr,
         }
+    }
+}
+
+impl Web {
+    /// Every address its proxy listens on, on node address `node`:
+    /// `listen` first.
+    pub fn listens(&self, node: IpAddr) -> Vec<SocketAddr> {
+        std::iter::once(self.listen)
+            .chain(self.also_listen.iter().copied())
+            .map(|l| l.on(node))
+            .collect()
     }
 }
 
@@ -471,6 +484,11 @@ fn web_from(web: &pb::WebService) -> Result<Web, ReleaseError> {
     })?;
     Ok(Web {
         listen: Listen::parse(&web.listen)?,
+        also_listen: web
+            .also_listen
+            .iter()
+            .map(|text| Listen::parse(text))
+            .collect::<Result<_, _>>()?,
         health: check_from(health, "web.health")?,
         gate: HealthGate::from_wire(
             web.health_interval_ms,

@@ -145,6 +145,7 @@ pub fn web_release(
         env: vars,
         kind: Some(pb::release::Kind::Web(pb::WebService {
             listen: format!(":{listen_port}"),
+            also_listen: Vec::new(),
             health: Some(pb::Check {
                 probe: Some(pb::check::Probe::Http(pb::HttpProbe {
                     path: "/health".into(),

@@ -324,3 +324,137 @@ nodes = {{ env = "test" }}
     }
     drop((node_1, node_2));
 }
+
+/// A spec of `web` in production listening on `listen` and `also`.
+fn moving_spec(dir: &std::path::Path, name: &str, listen: u16, also: &[u16]) -> String {
+    let also: Vec<String> = also.iter().map(|p| format!("\":{p}\"")).collect();
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{listen}"
+also_listen = [{}]
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "5s"
+[strategy]
+batch = 1
+min_healthy_time = "200ms"
+[environments.production]
+nodes = {{ env = "test" }}
+"#,
+            also.join(", ")
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_moves_to_another_port_with_both_served_in_between_and_no_failed_request() {
+    use cutover_integration_tests::load::Load;
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let mut node_1 = cluster.spawn_agent_binary("node-1");
+    let node_2 = cluster.spawn_agent_binary("node-2");
+    wait_connected(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    let (v1, v2) = two_builds(dir.path());
+    let range = 40000..=44999;
+    let old = cutover_common::net::allocate_port([127, 0, 0, 1].into(), &range, &[]).unwrap();
+    let new = cutover_common::net::allocate_port([127, 0, 0, 1].into(), &range, &[old]).unwrap();
+    let on = |port: u16| -> Vec<String> { NODES.iter().map(|ip| format!("{ip}:{port}")).collect() };
+    let targets = |port: u16| -> Vec<std::net::SocketAddr> {
+        on(port).iter().map(|a| a.parse().unwrap()).collect()
+    };
+    let (ok, text) = cli.deploy(
+        &admin,
+        &moving_spec(dir.path(), "old.toml", old, &[]),
+        "production",
+        "v1",
+        &v1,
+        &["--wait"],
+    );
+    assert!(ok, "{text}");
+
+    // Bad input changes nothing: the same address twice, an extra address
+    // on a worker.
+    let twice = moving_spec(dir.path(), "twice.toml", old, &[old]);
+    let (ok, text) = cli.deploy(&admin, &twice, "production", "v2", &v2, &["--wait"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("services.web.also_listen") && text.contains("is listed twice"),
+        "{text}"
+    );
+
+    // First the new port too: served before the old one changes at all.
+    let load = Load::start(targets(old), "/", 4);
+    let sent = load.wait_for_sent(0, 100, "on the old port").await;
+    let (ok, text) = cli.deploy(
+        &admin,
+        &moving_spec(dir.path(), "both.toml", old, &[new]),
+        "production",
+        "v2",
+        &v2,
+        &["--wait"],
+    );
+    assert!(ok, "{text}");
+    load.wait_for_sent(sent, 100, "after the deploy").await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
+    for addr in on(old).iter().chain(&on(new)) {
+        serves(addr).await;
+    }
+    let nodes = cli.json(&admin, &["nodes"]);
+    let listen = nodes[0]["services"][0]["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(listen.split(',').count(), 2, "both addresses: {listen}");
+
+    // A restarted agent listens on both again.
+    node_1.kill();
+    node_1 = cluster.spawn_agent_binary("node-1");
+    wait_connected(&cluster).await;
+    serves(&on(old)[0]).await;
+    serves(&on(new)[0]).await;
+
+    // The load balancer moved: the old port goes, after the cutover, and
+    // no request on the new one fails meanwhile.
+    let load = Load::start(targets(new), "/", 4);
+    let sent = load.wait_for_sent(0, 100, "on the new port").await;
+    let (ok, text) = cli.deploy(
+        &admin,
+        &moving_spec(dir.path(), "new.toml", new, &[]),
+        "production",
+        "v3",
+        &v1,
+        &["--wait"],
+    );
+    assert!(ok, "{text}");
+    load.wait_for_sent(sent, 100, "after the second deploy")
+        .await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
+    for addr in on(old) {
+        assert!(free(&addr), "{addr} is closed and free");
+    }
+    for addr in on(new) {
+        serves(&addr).await;
+    }
+    // A rollback returns the release before, and its addresses.
+    let (ok, text) = cli.run(
+        &admin,
+        &["rollback", "web", "--env", "production", "--wait"],
+    );
+    assert!(ok, "{text}");
+    for addr in on(old).iter().chain(&on(new)) {
+        serves(addr).await;
+    }
+    drop((node_1, node_2));
+}

@@ -13,6 +13,7 @@ mod accept;
 pub mod cohort;
 pub mod headers;
 pub mod levers;
+mod listeners;
 pub mod routes;
 pub mod stats;
 mod upstream;
@@ -20,7 +21,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,17 +39,16 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use self::accept::{accept_loop, Gates};
 use self::cohort::Cohorts;
 use self::headers::{
     add_forwarding, default_trusted_networks, is_upgrade, strip_hop_by_hop, Network, X_REQUEST_ID,
 };
 pub use self::levers::LeverHandle;
 use self::levers::{LeverCounters, Levers};
+use self::listeners::{Listener, Parents};
 use self::routes::{HeaderRule, Route, RouteTable, ALL_TRAFFIC};
 use self::stats::{ReleaseStats, StatsSnapshot};
 pub use self::upstream::{BackendSpec, DrainReport, Upstream};
@@ -176,20 +176,17 @@ struct Shared {
 
 pub struct Proxy {
     shared: Arc<Shared>,
-    local_addr: SocketAddr,
-    /// The listening socket, held by the accept loop alone (it ends with
-    /// it, freeing the port): a copy of it is what a successor agent
-    /// accepts on.
-    listener: std::sync::Weak<TcpListener>,
-    /// A child of the caller's shutdown token: `close` ends this proxy alone.
+    /// One per address it listens on, the first where it was bound.
+    listeners: Mutex<Vec<Listener>>,
+    /// A child of the caller's shutdown token: `close` ends this proxy
+    /// alone; each listener's is a child of it.
     shutdown: CancellationToken,
-    /// Ends the open client connections (gracefully): when the accept loop
-    /// ends, or, handing off, once they had time to go on their own.
+    /// Ends the open client connections (gracefully): when the accept loops
+    /// end, or, handing off, once they had time to go on their own.
     connections: CancellationToken,
     /// Opened by `start_accepting`: until then connections wait in the
-    /// socket's backlog (a restarted agent puts its routes back first).
+    /// sockets' backlogs (a restarted agent puts its routes back first).
     accepting: CancellationToken,
-    task: JoinHandle<()>,
 }
 
 impl Proxy {
@@ -212,15 +209,6 @@ impl Proxy {
         let shutdown = shutdown.child_token();
         let connections = CancellationToken::new();
         let accepting = CancellationToken::new();
-        let listener = match inherited {
-            Some(listener) => {
-                listener.set_nonblocking(true)?;
-                TcpListener::from_std(listener)?
-            }
-            None => TcpListener::bind(config.listen).await?,
-        };
-        let listener = Arc::new(listener);
-        let local_addr = listener.local_addr()?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -229,6 +217,7 @@ impl Proxy {
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .build(connector);
+        let listen = config.listen;
         let shared = Arc::new(Shared {
             config,
             routes: ArcSwap::from_pointee(RouteTable::default()),
@@ -241,25 +230,73 @@ impl Proxy {
             paused: tokio::sync::watch::Sender::new(false),
             connections_ending: connections.clone(),
         });
-        let weak = Arc::downgrade(&listener);
-        let task = tokio::spawn(accept_loop(
-            listener,
+        let first = Listener::open(
+            listen,
+            inherited,
             shared.clone(),
-            Gates {
-                accepting: accepting.clone(),
-                shutdown: shutdown.clone(),
-                connections: connections.clone(),
+            Parents {
+                accepting: &accepting,
+                shutdown: &shutdown,
+                connections: &connections,
             },
-        ));
+        )
+        .await?;
         Ok(Self {
             shared,
-            local_addr,
-            listener: weak,
+            listeners: Mutex::new(vec![first]),
             shutdown,
             connections,
             accepting,
-            task,
         })
+    }
+
+    /// Listens on `listen` too (on `inherited` when given), serving the
+    /// same routes; accepting there at once if the proxy accepts. Listening
+    /// there already changes nothing.
+    pub async fn add_listener(
+        &self,
+        listen: SocketAddr,
+        inherited: Option<std::net::TcpListener>,
+    ) -> std::io::Result<()> {
+        if self.listens().contains(&listen) {
+            return Ok(());
+        }
+        let listener = Listener::open(
+            listen,
+            inherited,
+            self.shared.clone(),
+            Parents {
+                accepting: &self.accepting,
+                shutdown: &self.shutdown,
+                connections: &self.connections,
+            },
+        )
+        .await?;
+        self.listeners
+            .lock()
+            .expect("listeners lock")
+            .push(listener);
+        Ok(())
+    }
+
+    /// Stops listening on `listen`: its port is free at once, its open
+    /// connections finish what they are doing (within the shutdown grace).
+    /// Returns whether it listened there.
+    pub async fn remove_listener(&self, listen: SocketAddr) -> bool {
+        let removed = {
+            let mut listeners = self.listeners.lock().expect("listeners lock");
+            listeners
+                .iter()
+                .position(|l| l.listen == listen)
+                .map(|i| listeners.remove(i))
+        };
+        match removed {
+            Some(listener) => {
+                listener.close().await;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Accepts connections from now on.
@@ -267,26 +304,31 @@ impl Proxy {
         self.accepting.cancel();
     }
 
+    /// Where its first listener is bound (the port, when it asked for 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.listeners.lock().expect("listeners lock")[0].local_addr
     }
 
-    /// The address the service asked for (`local_addr` differs for port 0).
-    pub fn listen(&self) -> SocketAddr {
-        self.shared.config.listen
+    /// The addresses it listens on, as the service asked for them, the
+    /// first first.
+    pub fn listens(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .lock()
+            .expect("listeners lock")
+            .iter()
+            .map(|l| l.listen)
+            .collect()
     }
 
-    /// A copy of the listening socket, for an agent that takes over from
-    /// this one or for systemd to keep across a crash.
-    pub fn listener_fd(&self) -> std::io::Result<OwnedFd> {
-        let listener = self.listener.upgrade().ok_or_else(|| {
-            std::io::Error::other(format!(
-                "the proxy of {} no longer listens",
-                self.shared.config.service
-            ))
-        })?;
-        let fd = listener.as_fd().try_clone_to_owned()?;
-        Ok(fd)
+    /// A copy of each listening socket with its address, for an agent that
+    /// takes over from this one or for systemd to keep across a crash.
+    pub fn listener_fds(&self) -> std::io::Result<Vec<(SocketAddr, OwnedFd)>> {
+        self.listeners
+            .lock()
+            .expect("listeners lock")
+            .iter()
+            .map(|l| Ok((l.listen, l.fd(&self.shared.config.service)?)))
+            .collect()
     }
 
     /// Sends every new request to the release `target` names (or to
@@ -407,7 +449,7 @@ impl Proxy {
     pub fn levers(&self) -> LeverHandle {
         LeverHandle {
             shared: self.shared.clone(),
-            local_addr: self.local_addr,
+            local_addr: self.local_addr(),
         }
     }
 
@@ -451,9 +493,12 @@ impl Proxy {
         self.stop().await;
     }
 
-    async fn stop(mut self) {
+    async fn stop(self) {
         self.shutdown.cancel();
-        let _ = (&mut self.task).await;
+        let listeners = std::mem::take(&mut *self.listeners.lock().expect("listeners lock"));
+        for listener in listeners {
+            listener.close().await;
+        }
     }
 }
 

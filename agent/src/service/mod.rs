@@ -427,6 +427,14 @@ impl Service {
         self.kind.proxy().map(Proxy::local_addr)
     }
 
+    /// The addresses its proxy listens on besides `listen`.
+    fn also_listen(&self) -> Vec<SocketAddr> {
+        self.kind
+            .proxy()
+            .map(|p| p.listens().into_iter().skip(1).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether an external load balancer may send traffic (always for a
     /// worker, which has none).
     fn admitted(&self) -> bool {
@@ -458,6 +466,7 @@ impl Service {
         }
         ServiceRecord {
             listen: self.listen(),
+            also_listen: self.also_listen(),
             admitted: self.admitted(),
             active,
             previous,
@@ -486,6 +495,25 @@ impl Service {
     fn forget_leftovers(&self) {
         if let Err(error) = self.note_leftovers(Vec::new()) {
             tracing::error!(service = %self.settings.name, %error, "cannot clear the cutover's leftovers");
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// Records the addresses its proxy listens on now, for a restarted
+    /// agent to listen on; a failed write is logged (a restart would open
+    /// an address the release no longer has, until its next cutover).
+    pub fn record_listens(&self) {
+        let written = self.store.update_service(&self.settings.name, |current| {
+            let mut record = current.unwrap_or_else(|| self.record(None, None, None));
+            record.listen = self.listen();
+            record.also_listen = self.also_listen();
+            Some(record)
+        });
+        if let Err(error) = written {
+            tracing::error!(service = %self.settings.name, %error, "cannot record the addresses the proxy listens on");
         }
     }
 
@@ -520,7 +548,13 @@ impl Service {
                 .filter(|r| r.addr().port() != 0)
                 .map(|r| r.addr().to_string())
                 .unwrap_or_default(),
-            listen: self.listen().map(|a| a.to_string()).unwrap_or_default(),
+            listen: self
+                .listen()
+                .into_iter()
+                .chain(self.also_listen())
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             admitted: self.admitted(),
             crashes: summary.as_ref().map_or(0, |s| s.crashes),
             last_exit: summary

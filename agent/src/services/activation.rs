@@ -5,11 +5,11 @@
 use cutover_common::release::{Kind, ReleaseSpec};
 use cutover_proto::v1 as pb;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use super::{secret_env, NodeServices, ServiceError};
 use crate::proxy::cohort::Cohorts;
-use crate::service::{CutoverError, CutoverReport, KeepPrevious, Service, WebRelease};
+use crate::proxy::Proxy;
+use crate::service::{CutoverError, CutoverReport, KeepPrevious, WebRelease};
 
 impl NodeServices {
     /// Prepares `release` and cuts its service over to it, with the values
@@ -37,16 +37,13 @@ impl NodeServices {
         let web_release = self
             .ready_release(release, secret_values, hook_env, progress)
             .await?;
-        let listen = match &release.kind {
-            Kind::Web(web) => Some(web.listen.on(self.settings.address)),
-            Kind::Worker(_) => None,
-        };
+        let listens = self.listens_of(release);
         let (shared, created) = {
             let mut services = self.services.lock().await;
             match services.get(&release.service) {
                 Some(existing) => (existing.clone(), false),
                 None => {
-                    let service = self.bind(&release.service, listen).await?;
+                    let service = self.bind(&release.service, &listens).await?;
                     let service = crate::service::shared(service, self.shutdown.clone());
                     services.insert(release.service.clone(), service.clone());
                     (service, true)
@@ -54,7 +51,10 @@ impl NodeServices {
             }
         };
         let mut service = shared.lock().await;
-        check_listen(&service, release, listen)?;
+        // Addresses the release adds serve before the switch can send
+        // anything there; those it drops close once the old one drained.
+        let before = service.proxy().map(Proxy::listens).unwrap_or_default();
+        self.open_listeners(&service, release, &listens).await?;
         let drain = drain_first && !created && service.proxy().is_some_and(|p| p.admitted());
         if drain {
             service.set_admitted(false)?;
@@ -66,6 +66,12 @@ impl NodeServices {
             if let Err(error) = service.set_admitted(true) {
                 tracing::error!(service = %release.service, %error, "cannot re-admit the node after its cutover");
             }
+        }
+        match &result {
+            Ok(_) => self.close_listeners_but(&service, &listens).await,
+            // The old release serves on: so do its addresses, alone.
+            Err(_) if !created => self.close_listeners_but(&service, &before).await,
+            Err(_) => {}
         }
         self.remember(&service);
         drop(service);
@@ -99,6 +105,7 @@ impl NodeServices {
         };
         let mut service = shared.lock().await;
         let state = service.state();
+        let listens = self.listens_of(release);
         let activated = if state.release_id == release.release_id && state.running {
             let retired = service.take_back(keep_previous).await?;
             pb::Activated {
@@ -122,6 +129,8 @@ impl NodeServices {
         } else {
             return Ok(None);
         };
+        // A promoted side release opened its addresses when it was staged.
+        self.close_listeners_but(&service, &listens).await;
         self.remember(&service);
         drop(service);
         self.store.note_activated(&release.release_id)?;
@@ -140,16 +149,13 @@ impl NodeServices {
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<(), ServiceError> {
         let (service, release_id) = (release.service.clone(), release.release_id.clone());
-        let listen = match &release.kind {
-            Kind::Web(web) => web.listen.on(self.settings.address),
-            Kind::Worker(_) => {
-                return Err(CutoverError::WorkerSide {
-                    service,
-                    release_id,
-                }
-                .into())
+        if let Kind::Worker(_) = &release.kind {
+            return Err(CutoverError::WorkerSide {
+                service,
+                release_id,
             }
-        };
+            .into());
+        }
         let Some(shared) = self.services.lock().await.get(&service).cloned() else {
             return Err(CutoverError::NothingServes {
                 service,
@@ -161,7 +167,11 @@ impl NodeServices {
             .ready_release(release, secret_values, hook_env, progress)
             .await?;
         let mut service = shared.lock().await;
-        check_listen(&service, release, Some(listen))?;
+        // Its addresses serve (the stable release) before any request is
+        // split to it; those of the stable release alone close when one of
+        // the two is activated.
+        self.open_listeners(&service, release, &self.listens_of(release))
+            .await?;
         let result = service
             .stage(web_release, split, |step| progress(step.name()))
             .await;
@@ -204,23 +214,6 @@ impl NodeServices {
         web_release.secret_values = crate::runtime::supervisor::SecretSlot::ready(values);
         Ok(web_release)
     }
-}
-
-/// Refuses a release for a service that listens elsewhere (or not at all).
-fn check_listen(
-    service: &Service,
-    release: &ReleaseSpec,
-    listen: Option<SocketAddr>,
-) -> Result<(), ServiceError> {
-    let current = service.proxy().map(|p| p.local_addr());
-    if current != listen {
-        return Err(ServiceError::ListenChanged {
-            service: release.service.clone(),
-            current,
-            requested: listen,
-        });
-    }
-    Ok(())
 }
 
 /// What an activation reports.

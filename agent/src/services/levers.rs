@@ -49,6 +49,7 @@ impl NodeServices {
                 // record yet; its cutover keeps what is written here.
                 let mut record = current.unwrap_or_else(|| ServiceRecord {
                     listen: Some(handle.local_addr()),
+                    also_listen: Vec::new(),
                     admitted: true,
                     active: None,
                     previous: None,
@@ -118,7 +119,7 @@ mod tests {
         // A web service whose first release is still to come: a proxy, no
         // record yet.
         let service = node
-            .bind("web", Some("127.0.0.1:0".parse().unwrap()))
+            .bind("web", &["127.0.0.1:0".parse().unwrap()])
             .await
             .unwrap();
         let shared = crate::service::shared(service, node.shutdown.clone());
@@ -161,7 +162,7 @@ mod tests {
         drop(node);
         let node = crate::test_support::node_services(dir.path()).await;
         let listen = node.store.service("web").unwrap().unwrap().listen;
-        let service = node.bind("web", listen).await.unwrap();
+        let service = node.bind("web", &Vec::from_iter(listen)).await.unwrap();
         let shared = crate::service::shared(service, node.shutdown.clone());
         node.services.lock().await.insert("web".into(), shared);
         assert_eq!(message(&node).as_deref(), Some("newer"));

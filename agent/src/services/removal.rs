@@ -64,7 +64,9 @@ impl NodeServices {
         match sole(service).await {
             Ok(service) => {
                 if let Some(proxy) = service.release().await {
-                    notify::forget_listener(proxy.listen());
+                    for listen in proxy.listens() {
+                        notify::forget_listener(listen);
+                    }
                     proxy.close().await;
                 }
             }

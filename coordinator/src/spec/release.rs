@@ -94,6 +94,7 @@ impl AppSpec {
                     .expect("validated: web services have a health check");
                 let web = pb::WebService {
                     listen: listen.clone(),
+                    also_listen: spec.also_listen.clone(),
                     health: Some(health_check(health)),
                     health_interval_ms: ms(health.interval),
                     healthy_threshold: health.healthy_threshold,

@@ -42,6 +42,10 @@ pub struct ServiceSpec {
     pub secrets: Vec<String>,
     /// The node proxy's public address; a service without one is a worker.
     pub listen: Option<String>,
+    /// More addresses the node proxy serves on: how a service moves to a
+    /// new port without a moment unserved (see the operator guide).
+    #[serde(default)]
+    pub also_listen: Vec<String>,
     #[serde(default)]
     pub nodes: BTreeMap<String, String>,
     #[serde(default)]
@@ -286,6 +290,18 @@ pub(super) fn validate_service(s: &ServiceSpec) -> Result<(), (String, String)> 
             "stop_command".into(),
             "must name a program, e.g. [\"php\", \"artisan\", \"horizon:terminate\"]".into(),
         ));
+    }
+    if !s.also_listen.is_empty() && s.listen.is_none() {
+        return Err((
+            "also_listen".into(),
+            "is for web services: set `listen` first (a worker has no port)".into(),
+        ));
+    }
+    for (i, also) in s.also_listen.iter().enumerate() {
+        parse_listen(also).map_err(|m| ("also_listen".to_string(), m))?;
+        if s.listen.as_ref() == Some(also) || s.also_listen[..i].contains(also) {
+            return Err(("also_listen".into(), format!("{also:?} is listed twice (with `listen` or in `also_listen`); name each address once")));
+        }
     }
     if let Some(listen) = &s.listen {
         parse_listen(listen).map_err(|m| ("listen".to_string(), m))?;

@@ -94,6 +94,18 @@ fn the_documented_shape_resolves_to_a_release() {
     };
     assert_eq!(web.drain_timeout_ms, 10_000);
     assert_eq!(web.smoke.len(), 1);
+    assert!(web.also_listen.is_empty());
+    // More addresses are part of the release: another id.
+    let moving = GOOD.replace(
+        "listen = \":8080\"",
+        "listen = \":8080\"\nalso_listen = [\":9090\"]",
+    );
+    let moving = resolve_web(&AppSpec::parse(&moving, "cutover.toml").unwrap()).unwrap();
+    let Some(pb::release::Kind::Web(moving_web)) = &moving.release.kind else {
+        panic!("a web service")
+    };
+    assert_eq!(moving_web.also_listen, [":9090"]);
+    assert_ne!(moving.release.release_id, release.release_id);
     // The same inputs give the same id; another command gives another.
     let again = resolve_web(&spec).unwrap();
     assert_eq!(again.release.release_id, release.release_id);
@@ -128,6 +140,17 @@ fn bad_specs_name_file_key_and_value() {
     let e = error_of(&GOOD.replace("listen = \":8080\"", "listen = \"8080\""));
     assert_eq!(e.key, "services.web.listen");
     assert!(e.message.contains("\"8080\""), "{e}");
+    let e = error_of(&GOOD.replace(
+        "listen = \":8080\"",
+        "listen = \":8080\"\nalso_listen = [\":9090\", \":8080\"]",
+    ));
+    assert_eq!(e.key, "services.web.also_listen");
+    assert!(e.message.contains("\":8080\" is listed twice"), "{e}");
+    let e = error_of(&GOOD.replace(
+        "listen = \":8080\"",
+        "listen = \":8080\"\nalso_listen = [\"9090\"]",
+    ));
+    assert_eq!(e.key, "services.web.also_listen");
     let e = error_of(&GOOD.replace("app = \"shop\"", "app = \"shop\"\n[[oops"));
     assert!(e.message.starts_with("not valid TOML"), "{e}");
 }

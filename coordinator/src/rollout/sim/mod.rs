@@ -44,6 +44,7 @@ fn release(id: &str) -> StoredRelease {
         env: Default::default(),
         kind: Some(pb::release::Kind::Web(pb::WebService {
             listen: ":8080".into(),
+            also_listen: Vec::new(),
             health: None,
             health_interval_ms: 1000,
             healthy_threshold: 2,
