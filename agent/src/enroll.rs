@@ -186,7 +186,7 @@ pub async fn join(
             .and_then(|()| write_atomic(path, text.as_bytes(), mode))
             .map_err(|e| JoinError::Write {
                 path: path.to_path_buf(),
-                reason: e.to_string(),
+                reason: cutover_common::fsutil::explain_io(path, &e),
             })
     };
     write(&key, &key_pem, 0o600)?;

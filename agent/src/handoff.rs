@@ -102,7 +102,7 @@ impl Request {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
-    #[error("cannot start {binary}: {source}")]
+    #[error("cannot start {}: {}", .binary.display(), cutover_common::fsutil::explain_io(.binary, .source))]
     Spawn {
         binary: PathBuf,
         source: std::io::Error,

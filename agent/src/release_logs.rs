@@ -33,7 +33,7 @@ const STREAMS: [(LogStream, &str); 2] = [(LogStream::Stdout, STDOUT), (LogStream
 pub enum ReadError {
     #[error("{0}")]
     Invalid(String),
-    #[error("cannot read the release log {}: {source}", .path.display())]
+    #[error("cannot read the release log {}: {}", .path.display(), cutover_common::fsutil::explain_io(.path, .source))]
     Io {
         path: PathBuf,
         source: std::io::Error,

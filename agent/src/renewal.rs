@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+use cutover_common::fsutil::explain_io;
+
 use cutover_common::fsutil::write_atomic;
 use cutover_common::identity::{certificate_facts, Identity};
 use cutover_common::pki::{finish_pair_swap, IssuedPair};
@@ -20,9 +22,9 @@ pub enum RenewalError {
     Read { path: PathBuf, reason: String },
     #[error("the coordinator refused to renew the certificate: {0}")]
     Refused(String),
-    #[error("the renewed certificate is for {got:?}, not {want}")]
+    #[error("the renewed certificate is for {got:?}, not {want}; it was not written (is the coordinator's CA the one this node joined?)")]
     WrongIdentity { want: String, got: Option<String> },
-    #[error("cannot write {path}: {reason}")]
+    #[error("cannot write {path}: {reason}; the certificate in use stays until the next renewal succeeds")]
     Write { path: PathBuf, reason: String },
 }
 
@@ -117,7 +119,7 @@ impl Renewer {
             write_atomic(&self.files.ca_cert, answer.ca_bundle_pem.as_bytes(), 0o644).map_err(
                 |e| RenewalError::Write {
                     path: self.files.ca_cert.clone(),
-                    reason: e.to_string(),
+                    reason: explain_io(&self.files.ca_cert, &e),
                 },
             )?;
         }
@@ -133,7 +135,7 @@ impl Renewer {
         let trusted =
             std::fs::read_to_string(&self.files.ca_cert).map_err(|e| RenewalError::Read {
                 path: self.files.ca_cert.clone(),
-                reason: e.to_string(),
+                reason: explain_io(&self.files.ca_cert, &e),
             })?;
         tracing::info!(
             serial = %facts.serial,

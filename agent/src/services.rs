@@ -73,11 +73,11 @@ pub enum ServiceError {
     Cutover(Box<CutoverError>),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot listen on {listen} for service {service}: {reason}; is the port taken?")]
+    #[error("cannot listen on {listen} for service {service}: {source}; {}", cutover_common::net::explain_bind(.listen, .source, "set the service's `listen` (or `also_listen`) in the spec"))]
     Bind {
         service: String,
         listen: SocketAddr,
-        reason: String,
+        source: std::io::Error,
     },
     #[error("service {service} runs here as {}, and release {release_id} is {}; a service cannot change between the two: `cutover service remove {service}` first, or deploy it under another name", kind_of(*.web), kind_of(!*.web))]
     KindChanged {
@@ -86,13 +86,13 @@ pub enum ServiceError {
         /// Whether it runs as a web service now.
         web: bool,
     },
-    #[error("no service {0} on this node")]
+    #[error("no service {0} on this node: it never ran here, or was stopped or removed; `cutover nodes` shows what runs where")]
     UnknownService(String),
     #[error("{0}")]
     Levers(String),
     #[error(transparent)]
     Job(#[from] crate::runtime::job::JobError),
-    #[error("cannot use {path}: {source}; the agent's user must own its state dir")]
+    #[error("cannot use {}: {}", .path.display(), cutover_common::fsutil::explain_io(.path, .source))]
     StateDir {
         path: PathBuf,
         source: std::io::Error,
@@ -103,7 +103,7 @@ fn bind_error(service: &str, listen: SocketAddr, error: std::io::Error) -> Servi
     ServiceError::Bind {
         service: service.to_string(),
         listen,
-        reason: error.to_string(),
+        source: error,
     }
 }
 

@@ -21,6 +21,26 @@ pub fn allocate_port(address: IpAddr, range: &RangeInclusive<u16>, taken: &[u16]
         .find(|port| TcpListener::bind(SocketAddr::new(address, *port)).is_ok())
 }
 
+/// What to do about `addr` that cannot be bound: who may hold it, or why
+/// the port or address is refused, then `change` (where another address is
+/// set: "set `listen` in coordinator.toml") with what to set it to.
+pub fn explain_bind(addr: &SocketAddr, error: &std::io::Error, change: &str) -> String {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "another process listens there; `ss -ltnp 'sport = :{}'` names it: stop it, or {change} to a free address",
+            addr.port()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE; {change} to a port above 1023"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            "no interface of this machine has {}; {change} to one of its addresses",
+            addr.ip()
+        ),
+        _ => format!("{change} to an address this machine can listen on"),
+    }
+}
+
 /// A network in CIDR notation, e.g. `10.0.0.0/8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Network {

@@ -135,13 +135,13 @@ fn validate_hello(hello: &pb::Hello, identity: &Identity) -> Result<(), Status> 
     )?;
     if uuid::Uuid::parse_str(&hello.node_id).is_err() {
         return Err(Status::invalid_argument(format!(
-            "node id {:?} is not a uuid",
+            "node id {:?} is not a uuid; the agent's state dir holds a damaged node id: move its `node-id` file away and the node registers anew",
             hello.node_id
         )));
     }
     if hello.address.parse::<std::net::IpAddr>().is_err() {
         return Err(Status::invalid_argument(format!(
-            "node address {:?} is not an ip address",
+            "node address {:?} is not an ip address; set `address` in the agent's config to one of the node's addresses",
             hello.address
         )));
     }

@@ -319,31 +319,18 @@ impl Coordinator {
     }
 }
 
-/// Binds `addr`, waiting a little while it is in use: a coordinator
-/// restarted right after a crash (systemd, an operator) may find the dying
-/// process's sockets still there for a moment.
 /// What to do about a listener that cannot bind, naming the config key.
 fn bind_hint(what: &str, addr: &SocketAddr, source: &std::io::Error) -> String {
     let key = match what {
         "http" => "http_listen",
         _ => "listen",
     };
-    match source.kind() {
-        std::io::ErrorKind::AddrInUse => format!(
-            "another process listens there (another coordinator?); `ss -ltnp 'sport = :{}'` names it: stop it, or set `{key}` in coordinator.toml to a free address",
-            addr.port()
-        ),
-        std::io::ErrorKind::PermissionDenied => format!(
-            "ports below 1024 need root or CAP_NET_BIND_SERVICE; set `{key}` in coordinator.toml to a port above 1023"
-        ),
-        std::io::ErrorKind::AddrNotAvailable => format!(
-            "no interface of this machine has {}; set `{key}` in coordinator.toml to one of its addresses (or 0.0.0.0)",
-            addr.ip()
-        ),
-        _ => format!("check `{key}` in coordinator.toml"),
-    }
+    cutover_common::net::explain_bind(addr, source, &format!("set `{key}` in coordinator.toml"))
 }
 
+/// Binds `addr`, waiting a little while it is in use: a coordinator
+/// restarted right after a crash (systemd, an operator) may find the dying
+/// process's sockets still there for a moment.
 pub(crate) async fn bind_listener(
     what: &'static str,
     addr: SocketAddr,

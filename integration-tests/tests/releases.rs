@@ -212,7 +212,9 @@ async fn a_taken_port_or_a_missing_command_is_refused_and_changes_nothing() {
         .await;
     assert_eq!(result.status, pb::CommandStatus::Failed as i32);
     assert!(
-        result.message.contains("is the port taken?")
+        result
+            .message
+            .contains("another process listens there; `ss -ltnp")
             && result.message.contains(&taken.to_string()),
         "{}",
         result.message
@@ -230,7 +232,8 @@ async fn a_taken_port_or_a_missing_command_is_refused_and_changes_nothing() {
     assert_eq!(result.status, pb::CommandStatus::Failed as i32);
     assert!(
         result.message.contains("./bin/server")
-            && result.message.contains("is the command in the release"),
+            && result.message.contains("is neither in the release")
+            && result.message.contains("check `command` in the spec"),
         "{}",
         result.message
     );

@@ -55,7 +55,7 @@ pub enum ArtifactError {
         entry: PathBuf,
         reason: String,
     },
-    #[error("{path}: {source}")]
+    #[error("{}: {}", .path.display(), cutover_common::fsutil::explain_io(.path, .source))]
     Io {
         path: PathBuf,
         source: std::io::Error,

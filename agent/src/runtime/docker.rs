@@ -54,7 +54,7 @@ pub enum DockerError {
     Unreachable { host: String, reason: String },
     #[error("permission denied on the docker socket {host}: add the agent's user to the docker group or run the agent as root")]
     PermissionDenied { host: String },
-    #[error("image {image} not found in its registry: {message}")]
+    #[error("image {image} not found in its registry: {message}; check its name and tag (`image` in the spec, or --image)")]
     ImageNotFound { image: String, message: String },
     #[error("the registry refused access to image {image}: {message}; check the credentials for {registry} in the agent config")]
     AuthRefused {
@@ -64,9 +64,9 @@ pub enum DockerError {
     },
     #[error("no space left for image {image}: {message}; free disk space on the node (docker image prune) and retry")]
     DiskFull { image: String, message: String },
-    #[error("pulling image {image} failed: {message}")]
+    #[error("pulling image {image} failed: {message}; can the node reach its registry?")]
     Pull { image: String, message: String },
-    #[error("docker engine refused to {action}: {message}")]
+    #[error("docker engine refused to {action}: {message}; `journalctl -u docker` on the node says more")]
     Engine { action: String, message: String },
 }
 

@@ -145,11 +145,20 @@ fn start(spec: &ProcessSpec, env: &[(String, String)]) -> Result<ProcessGroup, P
 }
 
 /// Why a command did not start, with the likely fix for the usual case.
+/// Why a command did not start, and what to change.
 fn spawn_failure(error: &std::io::Error) -> String {
+    // ENOEXEC: no kind of its own in std.
+    const NOT_EXECUTABLE_FORMAT: i32 = 8;
     match error.kind() {
-        std::io::ErrorKind::NotFound => {
-            format!("{error}: is the command in the release or on PATH?")
-        }
+        std::io::ErrorKind::NotFound => format!(
+            "{error}: the program is neither in the release (a path relative to the archive's top, e.g. \"./bin/app\") nor on the node's PATH; check `command` in the spec"
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "{error}: the agent's user may not run it; make it executable (chmod +x) before packing the release, and check the agent's state dir is not mounted noexec"
+        ),
+        _ if error.raw_os_error() == Some(NOT_EXECUTABLE_FORMAT) => format!(
+            "{error}: not a program for this machine; build it for the node's architecture, or start a script with a #! line"
+        ),
         _ => error.to_string(),
     }
 }
@@ -346,6 +355,38 @@ mod tests {
 
     async fn run(job: &Job) -> Completion {
         ProcessRuntime.run_to_completion(job).await.unwrap()
+    }
+
+    /// A command that cannot start says why and what to change: missing,
+    /// not executable, not a program for this machine.
+    #[tokio::test]
+    async fn a_command_that_cannot_start_names_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let not_executable = dir.path().join("app.sh");
+        std::fs::write(&not_executable, "#!/bin/sh\necho hi\n").unwrap();
+        std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let garbage = dir.path().join("app.bin");
+        std::fs::write(&garbage, [0x7f, b'E', b'L', b'F', 0, 1, 2, 3]).unwrap();
+        std::fs::set_permissions(&garbage, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cases = [
+            ("./no-such-app", "check `command` in the spec"),
+            (
+                "./app.sh",
+                "make it executable (chmod +x) before packing the release",
+            ),
+            ("./app.bin", "build it for the node's architecture"),
+        ];
+        for (program, fix) in cases {
+            let mut job = job(dir.path(), "", Duration::from_secs(5));
+            job.command = vec![program.into()];
+            let error = ProcessRuntime.run_to_completion(&job).await.unwrap_err();
+            let message = error.to_string();
+            assert!(
+                message.contains(program) && message.contains(fix),
+                "{message}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -135,7 +135,7 @@ pub enum ProcessError {
         name: String,
         source: Box<DockerError>,
     },
-    #[error("release {name}: empty command")]
+    #[error("release {name}: empty command; give the service a `command` in the spec (or the image one)")]
     EmptyCommand { name: String },
     #[error("release {name}: cannot start {program:?} in {workdir}: {reason}")]
     Spawn {
@@ -144,7 +144,7 @@ pub enum ProcessError {
         workdir: PathBuf,
         reason: String,
     },
-    #[error("release {name}: cannot open log {path}: {source}")]
+    #[error("release {name}: cannot open its log: {}", cutover_common::fsutil::explain_io(.path, .source))]
     Log {
         name: String,
         path: PathBuf,

@@ -87,7 +87,7 @@ pub struct CutoverReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CutoverError {
-    #[error("no free port for release {release_id} in {first}-{last} on {address}")]
+    #[error("no free port for release {release_id} in {first}-{last} on {address}; widen `port_range` in the agent config, or stop what holds those ports (`ss -ltn`)")]
     NoPort {
         release_id: String,
         address: IpAddr,
@@ -96,7 +96,7 @@ pub enum CutoverError {
     },
     #[error(transparent)]
     Start(#[from] ProcessError),
-    #[error("cannot record the cutover of service {service}: {error}")]
+    #[error("cannot record the cutover of service {service}: {error}; nothing switched (is the disk of the agent's state dir full or read-only?)")]
     Store { service: String, error: StoreError },
     #[error("release {release_id}{process} is not healthy, {} keeps serving: {failure}{}", describe_serving(.serving), describe_crash(.crashed))]
     Unhealthy {
