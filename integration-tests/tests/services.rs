@@ -458,3 +458,101 @@ async fn a_service_moves_to_another_port_with_both_served_in_between_and_no_fail
     }
     drop((node_1, node_2));
 }
+
+/// A blue/green spec of `web` on `listen` alone, the previous release kept
+/// warm.
+fn blue_green_spec(dir: &std::path::Path, name: &str, listen: u16) -> String {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{listen}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "5s"
+[strategy]
+kind = "blue_green"
+auto_promote_after = "1s"
+keep_warm = 1
+[environments.production]
+nodes = {{ env = "test" }}
+"#
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// A release kept warm after a move to another port takes its requests
+/// back on its own address: the rollback's switch opens it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_back_to_a_release_kept_warm_opens_its_address_again() {
+    let cluster = Cluster::start(0, Tuning::default()).await;
+    let node_1 = cluster.spawn_agent_binary("node-1");
+    let node_2 = cluster.spawn_agent_binary("node-2");
+    wait_connected(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    let (v1, v2) = two_builds(dir.path());
+    let range = 40000..=44999;
+    let old = cutover_common::net::allocate_port([127, 0, 0, 1].into(), &range, &[]).unwrap();
+    let new = cutover_common::net::allocate_port([127, 0, 0, 1].into(), &range, &[old]).unwrap();
+    let on = |port: u16| -> Vec<String> { NODES.iter().map(|ip| format!("{ip}:{port}")).collect() };
+    let (ok, text) = cli.deploy(
+        &admin,
+        &blue_green_spec(dir.path(), "old.toml", old),
+        "production",
+        "v1",
+        &v1,
+        &["--wait"],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = cli.deploy(
+        &admin,
+        &blue_green_spec(dir.path(), "new.toml", new),
+        "production",
+        "v2",
+        &v2,
+        &["--wait"],
+    );
+    assert!(ok, "{text}");
+    for addr in on(new) {
+        serves(&addr).await;
+    }
+    for addr in on(old) {
+        assert!(free(&addr), "{addr}: v2 dropped it");
+    }
+    // v1 runs warm: the rollback is a switch in the proxies, and v1's
+    // address serves again.
+    let (ok, text) = cli.run(
+        &admin,
+        &["rollback", "web", "--env", "production", "--wait"],
+    );
+    assert!(ok, "{text}");
+    for addr in on(old) {
+        serves(&addr).await;
+    }
+    for addr in on(new) {
+        assert!(free(&addr), "{addr}: v1 does not listen there");
+    }
+    // The nodes' next heartbeats say so.
+    wait_until(
+        "the nodes report the old address",
+        Duration::from_secs(30),
+        || {
+            let nodes = cli.json(&admin, &["nodes"]);
+            nodes.as_array().unwrap().iter().all(|node| {
+                node["services"][0]["listen"]
+                    .as_str()
+                    .is_some_and(|l| l.ends_with(&format!(":{old}")))
+            })
+        },
+    )
+    .await;
+    drop((node_1, node_2));
+}

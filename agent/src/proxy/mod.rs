@@ -281,14 +281,18 @@ impl Proxy {
 
     /// Stops listening on `listen`: its port is free at once, its open
     /// connections finish what they are doing (within the shutdown grace).
-    /// Returns whether it listened there.
+    /// Returns whether it listened there. Its last address stays (a proxy
+    /// always listens somewhere until it is closed).
     pub async fn remove_listener(&self, listen: SocketAddr) -> bool {
         let removed = {
             let mut listeners = self.listeners.lock().expect("listeners lock");
-            listeners
-                .iter()
-                .position(|l| l.listen == listen)
-                .map(|i| listeners.remove(i))
+            match listeners.len() {
+                0 | 1 => None,
+                _ => listeners
+                    .iter()
+                    .position(|l| l.listen == listen)
+                    .map(|i| listeners.remove(i)),
+            }
         };
         match removed {
             Some(listener) => {

@@ -106,7 +106,16 @@ impl NodeServices {
         let mut service = shared.lock().await;
         let state = service.state();
         let listens = self.listens_of(release);
-        let activated = if state.release_id == release.release_id && state.running {
+        let runs = state.release_id == release.release_id && state.running;
+        let beside = service
+            .side()
+            .is_some_and(|(id, _)| id == release.release_id);
+        if runs || beside {
+            // A return to a release kept warm after a move to another port:
+            // its addresses serve again before it takes the requests.
+            self.open_listeners(&service, release, &listens).await?;
+        }
+        let activated = if runs {
             let retired = service.take_back(keep_previous).await?;
             pb::Activated {
                 release_id: state.release_id,
@@ -116,10 +125,7 @@ impl NodeServices {
                 drain_cut: retired.map_or(0, |r| r.drain.cut as u32),
                 took_ms: 0,
             }
-        } else if service
-            .side()
-            .is_some_and(|(id, _)| id == release.release_id)
-        {
+        } else if beside {
             let report = service
                 .promote(&release.release_id, keep_previous, |step| {
                     progress(step.name())

@@ -95,17 +95,27 @@ impl NodeServices {
         if dropped.is_empty() {
             return;
         }
-        close(proxy, &dropped).await;
-        for listen in &dropped {
+        for listen in close(proxy, &dropped).await {
             tracing::info!(service = %service.name(), %listen, "the proxy no longer listens on an address its release dropped");
         }
         service.record_listens();
     }
 }
 
-async fn close(proxy: &Proxy, listens: &[SocketAddr]) {
+/// Closes `listens` of `proxy` but its last address; returns those closed.
+async fn close(proxy: &Proxy, listens: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut closed = Vec::new();
     for &listen in listens {
-        proxy.remove_listener(listen).await;
+        if proxy.listens().len() <= 1 {
+            tracing::error!(%listen, "not closing the proxy's last address");
+            break;
+        }
+        // systemd's copy first: kept, it would go on taking connections
+        // no one accepts.
         notify::forget_listener(listen);
+        if proxy.remove_listener(listen).await {
+            closed.push(listen);
+        }
     }
+    closed
 }

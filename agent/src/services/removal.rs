@@ -59,9 +59,11 @@ impl NodeServices {
     /// closes its proxy: its port is free once this returns.
     async fn close_service(&self, name: &str, service: Arc<Mutex<Service>>) {
         self.services.lock().await.remove(name);
+        let sole = sole(service).await;
+        // Once no heartbeat holds it: one that did would remember it again.
         self.snapshots.lock().expect("snapshots lock").remove(name);
         self.levers.lock().expect("levers lock").remove(name);
-        match sole(service).await {
+        match sole {
             Ok(service) => {
                 if let Some(proxy) = service.release().await {
                     for listen in proxy.listens() {

@@ -269,19 +269,18 @@ impl Rollouts {
         if self.store.releases.outcome(env, service).await?.as_ref() != Some(stop) {
             return Ok(drifted);
         }
-        let (done, doing) = match stop.kind {
+        let kind = stopping::stop_kind(stop);
+        let (done, doing) = match kind {
             RolloutKind::Remove => ("removed", "removing"),
             _ => ("stopped", "stopping"),
         };
+        let by = stop.stopped.as_ref().map_or("", |s| s.rollout_id.as_str());
         let notes = vec![(
-            stop.kind.as_str().to_string(),
-            format!(
-                "{service} was {done} in {env} (rollout {}), but nodes run it again: {doing} it there",
-                stop.rollout_id
-            ),
+            kind.as_str().to_string(),
+            format!("{service} was {done} in {env} (rollout {by}), but nodes run it again: {doing} it there"),
         )];
         let (notify, load_balancer) = self.inherited(Some(record)).await?;
-        let target = self.target_of(record, stop.kind, notes, notify, load_balancer);
+        let target = self.target_of(record, kind, notes, notify, load_balancer);
         self.launch_for(
             target,
             &due,
@@ -460,7 +459,7 @@ mod tests {
     use super::*;
     use crate::rollout::model::StoredRelease;
     use crate::spec::{BatchSize, Strategy};
-    use crate::store::{NodeRecord, ServiceStatus};
+    use crate::store::{NodeRecord, ServiceStatus, StoppedBy};
     use cutover_proto::v1 as pb;
 
     fn release(id: &str, state: ReleaseState, current: bool, at: i64) -> ReleaseRecord {
@@ -662,6 +661,10 @@ mod tests {
             at_ms: 9,
             returned: false,
             refused: Vec::new(),
+            stopped: kind.stops().then(|| StoppedBy {
+                rollout_id: "web-9".into(),
+                removed: kind == RolloutKind::Remove,
+            }),
         }
     }
 

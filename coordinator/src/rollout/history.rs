@@ -50,7 +50,13 @@ impl Rollouts {
 
     /// The outcome, the release history and the pruning, each idempotent.
     async fn settle(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        let before = self
+            .store
+            .releases
+            .outcome(&rollout.env, &rollout.service)
+            .await?;
         let outcome = ServiceOutcome {
+            stopped: super::stopping::stopped_after(rollout, before.as_ref()),
             env: rollout.env.clone(),
             service: rollout.service.clone(),
             rollout_id: rollout.id.clone(),

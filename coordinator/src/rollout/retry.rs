@@ -58,10 +58,8 @@ impl Rollouts {
                 old.env
             ));
         };
-        let current = history
-            .iter()
-            .find(|r| r.current)
-            .map(|r| r.release.clone());
+        // A stopped service serves nothing (`stopping`), whatever is current.
+        let current = self.current_release(&old.env, &old.service).await?;
         if current.as_ref().map(|r| r.id()) != old.previous.as_ref().map(|r| r.id()) {
             return refuse(format!(
                 "{} in {} serves {} now, not {} as when rollout {id} started; deploy {} again with `cutover deploy`",

@@ -65,11 +65,13 @@ impl Rollouts {
             env, service, by, ..
         } = &request;
         let _creating = self.create.lock().await;
+        // Before a convergence is aborted for it: a refused rollback must
+        // not leave the converger's work undone.
+        self.refuse_if_stopped(env, service, "roll back").await?;
         self.make_way(env, service, by).await;
         // A running rollout is the answer to "why not", before any question
         // of which release to return to.
         self.check_free(env, service, &request.deployment).await?;
-        self.refuse_if_stopped(env, service, "roll back").await?;
         // An operator's lock holds a rollback too (whoever locked the
         // service may be changing what a rollback would meet), but not a
         // deployment's return of its own steps.

@@ -15,9 +15,9 @@
 
 use std::sync::Arc;
 
-use super::model::{NodeState, RolloutKind, RolloutState};
+use super::model::{NodeState, Rollout, RolloutKind, RolloutState};
 use super::{RolloutError, Rollouts, Started, Target};
-use crate::store::{ReleaseRecord, ServiceOutcome, StoreError};
+use crate::store::{ReleaseRecord, ServiceOutcome, StoppedBy, StoreError};
 
 pub struct StopRequest {
     pub env: String,
@@ -41,9 +41,45 @@ pub struct StartRequest {
 
 /// Whether `outcome`, a service's newest, leaves it stopped: a stop or
 /// removal that sent something, whatever became of it (what it could not
-/// stop, the converger stops).
+/// stop, the converger stops), and every rollout after it that did not
+/// take (see `stopped_after`).
 pub(super) fn stops(outcome: &ServiceOutcome) -> bool {
-    outcome.kind.stops() && !(outcome.state == RolloutState::Aborted && outcome.returned)
+    outcome.stopped.is_some()
+}
+
+/// The kind of rollout that stops the service again where it runs: a
+/// stop, or a removal.
+pub(super) fn stop_kind(outcome: &ServiceOutcome) -> RolloutKind {
+    match &outcome.stopped {
+        Some(stop) if stop.removed => RolloutKind::Remove,
+        _ => RolloutKind::Stop,
+    }
+}
+
+/// The stop a service is under once `rollout` ended, `before` its outcome
+/// before: one that sent nothing changed nothing; a stop or removal is
+/// the stop; a rollout that took (a start, a deploy) ends it; one that did
+/// not (a start that failed and stopped its nodes again) leaves it.
+pub(super) fn stopped_after(
+    rollout: &Rollout,
+    before: Option<&ServiceOutcome>,
+) -> Option<StoppedBy> {
+    let carried = || before.and_then(|o| o.stopped.clone());
+    if rollout.sent_nothing() {
+        return carried();
+    }
+    if rollout.kind.stops() {
+        return Some(StoppedBy {
+            rollout_id: rollout.id.clone(),
+            removed: rollout.kind == RolloutKind::Remove,
+        });
+    }
+    let took = rollout.state == RolloutState::Succeeded
+        || (rollout.state == RolloutState::Failed && rollout.returned_some());
+    match took {
+        true => None,
+        false => carried(),
+    }
 }
 
 impl Rollouts {
@@ -72,16 +108,15 @@ impl Rollouts {
         let Some(stop) = self.stopped(env, service).await? else {
             return Ok(());
         };
-        let how = match stop.kind {
+        let how = match stop_kind(&stop) {
             RolloutKind::Remove => "deploy it to bring it back".to_string(),
             _ => format!(
                 "`cutover service start {service} --env {env}` starts its current release, or deploy a new one"
             ),
         };
         Err(RolloutError::Stopped(format!(
-            "{service} in {env} is {} (rollout {}), so there is nothing to {doing}; {how}",
+            "{service} in {env} is {}, so there is nothing to {doing}; {how}",
             describe(&stop),
-            stop.rollout_id
         )))
     }
 
@@ -98,8 +133,6 @@ impl Rollouts {
             false => RolloutKind::Stop,
         };
         let _creating = self.create.lock().await;
-        self.make_way(env, service, by).await;
-        self.check_free(env, service, "").await?;
         let in_the_way = self.check_lock(env, service, &request.break_glass).await?;
         let last = self.store.releases.outcome(env, service).await?;
         let current = match self.store.releases.current(env, service).await? {
@@ -107,7 +140,11 @@ impl Rollouts {
             // A removal that succeeded left no current release: what a
             // node that was away still runs, the converger removes.
             None => {
-                let why = match last.as_ref().filter(|o| o.kind == RolloutKind::Remove) {
+                let removed = last
+                    .as_ref()
+                    .and_then(|o| o.stopped.as_ref())
+                    .filter(|s| s.removed);
+                let why = match removed {
                     Some(removed) => format!(
                         "{service} in {env} was removed already (rollout {}); nothing to {}",
                         removed.rollout_id,
@@ -121,6 +158,9 @@ impl Rollouts {
                 return Err(RolloutError::NoCurrent(why));
             }
         };
+        // Past what refuses it: a convergence gives way to it alone.
+        self.make_way(env, service, by).await;
+        self.check_free(env, service, "").await?;
         let mut notes = vec![(
             kind.as_str().to_string(),
             match request.reason.trim() {
@@ -153,11 +193,17 @@ impl Rollouts {
             };
         }
         let nothing_runs = plan.nodes.iter().all(|n| n.state == NodeState::Unchanged);
-        if let Some(stop) = last.filter(|l| nothing_runs && l.kind == kind && stops(l)) {
+        let same = last
+            .as_ref()
+            .is_some_and(|l| stops(l) && stop_kind(l) == kind);
+        if nothing_runs && same {
             return Ok(Started::NoOp {
                 message: format!(
                     "{service} in {env} is {} already and runs on none of its {} nodes; nothing to do",
-                    describe(&stop),
+                    match kind {
+                        RolloutKind::Remove => "removed",
+                        _ => "stopped",
+                    },
                     plan.nodes.len()
                 ),
                 service: service.clone(),
@@ -176,8 +222,6 @@ impl Rollouts {
             env, service, by, ..
         } = &request;
         let _creating = self.create.lock().await;
-        self.make_way(env, service, by).await;
-        self.check_free(env, service, "").await?;
         let in_the_way = self.check_lock(env, service, &request.break_glass).await?;
         let Some(current) = self.store.releases.current(env, service).await? else {
             return Err(RolloutError::NoCurrent(format!(
@@ -186,10 +230,12 @@ impl Rollouts {
         };
         if self.stopped(env, service).await?.is_none() {
             return Err(RolloutError::NoCurrent(format!(
-                "{service} in {env} is not stopped: it runs {}; `cutover status` shows its nodes",
+                "{service} in {env} is not stopped: it runs {}; `cutover nodes` shows its nodes",
                 current.release.id()
             )));
         }
+        self.make_way(env, service, by).await;
+        self.check_free(env, service, "").await?;
         let mut notes = vec![(
             "start".to_string(),
             match request.reason.trim() {
@@ -262,15 +308,26 @@ impl Rollouts {
     }
 }
 
-/// "stopped", "removed", "partly stopped (the stop was aborted)".
-fn describe(stop: &ServiceOutcome) -> String {
-    let what = match stop.kind {
-        RolloutKind::Remove => "removed",
-        _ => "stopped",
+/// How a stopped service came to be so: "stopped (rollout web-7)",
+/// "partly stopped (rollout web-7 was aborted)", "stopped (rollout web-7;
+/// web-8 since did not take)".
+fn describe(outcome: &ServiceOutcome) -> String {
+    let Some(stop) = &outcome.stopped else {
+        return "running".to_string();
     };
-    match stop.state {
-        RolloutState::Succeeded => what.to_string(),
-        RolloutState::Aborted => format!("partly {what} (the {} was aborted)", stop.kind.as_str()),
-        _ => format!("{what}, but not on every node yet"),
+    let (what, id) = (
+        if stop.removed { "removed" } else { "stopped" },
+        &stop.rollout_id,
+    );
+    if outcome.rollout_id != *id {
+        return format!(
+            "{what} (rollout {id}; {} since did not take)",
+            outcome.rollout_id
+        );
+    }
+    match outcome.state {
+        RolloutState::Succeeded => format!("{what} (rollout {id})"),
+        RolloutState::Aborted => format!("partly {what} (rollout {id} was aborted)"),
+        _ => format!("{what}, but not on every node yet (rollout {id})"),
     }
 }

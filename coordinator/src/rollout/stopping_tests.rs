@@ -180,3 +180,59 @@ fn a_stop_survives_its_store_round_trip() {
     assert_eq!(read.steps, [Step::Stop]);
     assert!(read.nodes.iter().all(|n| n.state == NodeState::Stopping));
 }
+
+/// The stop a service is under outlives what did not take: a start that
+/// failed (and stopped its nodes again), a request that sent nothing; a
+/// start or deploy that took ends it.
+#[test]
+fn a_stop_holds_until_a_rollout_of_the_service_takes() {
+    use super::stopping::stopped_after;
+    use crate::store::{ServiceOutcome, StoppedBy};
+    let (mut stopping, sends) = stop(2, RolloutKind::Stop);
+    succeed(&mut stopping, 10, &sends);
+    let stopped = stopped_after(&stopping, None).expect("a stop is one");
+    assert_eq!(
+        stopped,
+        StoppedBy {
+            rollout_id: stopping.id.clone(),
+            removed: false
+        }
+    );
+    let before = ServiceOutcome {
+        env: stopping.env.clone(),
+        service: stopping.service.clone(),
+        rollout_id: stopping.id.clone(),
+        kind: stopping.kind,
+        state: stopping.state,
+        auto_rollback: false,
+        at_ms: 10,
+        returned: false,
+        refused: Vec::new(),
+        stopped: Some(stopped.clone()),
+    };
+    let mut start = rollout(2, strategy());
+    start.previous = None;
+    start.next_command = 1;
+    assert_eq!(
+        stopped_after(&start, Some(&before)),
+        Some(stopped.clone()),
+        "a start that sent nothing changed nothing"
+    );
+    start.next_command = 3;
+    for state in [
+        RolloutState::RolledBack,
+        RolloutState::Failed,
+        RolloutState::Aborted,
+    ] {
+        start.state = state;
+        assert_eq!(
+            stopped_after(&start, Some(&before)),
+            Some(stopped.clone()),
+            "a start that ended {state:?} did not take"
+        );
+    }
+    start.state = RolloutState::Succeeded;
+    assert_eq!(stopped_after(&start, Some(&before)), None, "it took");
+    let (remove, _) = stop(1, RolloutKind::Remove);
+    assert!(stopped_after(&remove, Some(&before)).is_some_and(|s| s.removed));
+}

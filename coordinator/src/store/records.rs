@@ -132,6 +132,19 @@ pub struct ServiceOutcome {
     /// what they serve until the service's next rollout.
     #[serde(default)]
     pub refused: Vec<String>,
+    /// The stop (or removal) the service is under: set by one, kept by
+    /// the rollouts after it that did not take (a start that failed and
+    /// stopped its nodes again), dropped by one that did (see
+    /// `rollout::stopping`).
+    #[serde(default)]
+    pub stopped: Option<StoppedBy>,
+}
+
+/// The rollout that stopped (or removed) a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoppedBy {
+    pub rollout_id: String,
+    pub removed: bool,
 }
 
 /// The newest CA rotation (`cutover ca rotate`). CAs are named by their

@@ -317,6 +317,10 @@ mod tests {
             at_ms: 5,
             returned: false,
             refused: vec![rollout.nodes[1].id.clone()],
+            stopped: Some(crate::store::StoppedBy {
+                rollout_id: "web-1".into(),
+                removed: false,
+            }),
         };
         {
             let store = Store::new(Arc::new(SledBackend::open(dir.path()).unwrap()));
