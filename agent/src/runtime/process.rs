@@ -443,14 +443,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_job_without_a_command_or_program_is_a_clear_error() {
+    async fn a_job_without_a_command_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let mut empty = job(dir.path(), "", Duration::from_secs(1));
         empty.command.clear();
         let error = ProcessRuntime.run_to_completion(&empty).await.unwrap_err();
         assert!(error.to_string().contains("empty command"), "{error}");
-        empty.command = vec!["no-such-program-here".into()];
-        let error = ProcessRuntime.run_to_completion(&empty).await.unwrap_err();
-        assert!(error.to_string().contains("on PATH"), "{error}");
     }
 }

@@ -114,7 +114,7 @@ mod tests {
         let unknown = node.set_levers("web", maintenance("a"), 1).await;
         assert_eq!(
             unknown.unwrap_err().to_string(),
-            "no service web on this node"
+            "no service web on this node: it never ran here, or was stopped or removed; `cutover nodes` shows what runs where"
         );
         // A web service whose first release is still to come: a proxy, no
         // record yet.
