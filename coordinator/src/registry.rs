@@ -117,9 +117,9 @@ const PROGRESS_QUEUE: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandWaitError {
-    #[error("the node disconnected before answering")]
+    #[error("the node disconnected before answering; it may have restarted: `cutover nodes` shows when it is back")]
     Disconnected,
-    #[error("no answer within {}", humantime::format_duration(*.0))]
+    #[error("no answer within {}; the node may be busy or cut off: `cutover nodes ping NODE` times its command path", humantime::format_duration(*.0))]
     TimedOut(Duration),
 }
 

@@ -23,7 +23,7 @@ const STAGING: &str = "store.restoring";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("cannot read backup file {path}: {source}")]
+    #[error("cannot read backup file {}: {}", .path.display(), cutover_common::fsutil::explain_io(.path, .source))]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -36,7 +36,7 @@ pub enum RestoreError {
     },
     #[error("data dir {path} is not empty (it holds {entries}); restore only into an empty or absent data dir: stop the coordinator and move the dir aside first")]
     NotEmpty { path: PathBuf, entries: String },
-    #[error("data dir {path}: {source}")]
+    #[error("data dir {}: {}", .path.display(), cutover_common::fsutil::explain_io(.path, .source))]
     DataDir {
         path: PathBuf,
         source: std::io::Error,

@@ -17,7 +17,7 @@ const MAX_ANSWER_BYTES: usize = 4 << 20;
 pub enum HaproxyError {
     #[error("cannot reach the HAProxy runtime API at {address}: {cause}; check its `stats socket ... level admin` line and that this host may connect")]
     Connect { address: String, cause: String },
-    #[error("the HAProxy runtime API at {address} did not answer `{command}` within {}s", .timeout.as_secs())]
+    #[error("the HAProxy runtime API at {address} did not answer `{command}` within {}s; is HAProxy running there with `stats socket ... level admin` (the operator guide's \"Behind a load balancer\")?", .timeout.as_secs())]
     Timeout {
         address: String,
         command: String,
