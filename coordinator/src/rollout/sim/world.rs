@@ -20,7 +20,7 @@ use crate::images::ImageResolver;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::rollout::model::{NodeState, Rollout, RolloutKind, RolloutState};
+use crate::rollout::model::{NodeState, Rollout, RolloutKind, RolloutState, StoredRelease};
 use crate::rollout::Rollouts;
 use crate::secrets::Secrets;
 use crate::store::memory::{Faults, MemoryBackend};
@@ -615,9 +615,39 @@ impl World {
         } else {
             old
         };
+        let undone = Undone {
+            node: i,
+            service,
+            runs: other,
+            by: RolloutKind::Converge,
+            to: NodeState::Switched,
+            failure: "came back without a convergence",
+        };
+        self.undone_by_converger(undone, seconds, deadline).await;
+    }
+
+    /// Starts `undone.runs` on a node behind the coordinator's back, lets
+    /// the fleet settle, and checks that a rollout of the converger (of
+    /// kind `by`) moved that node to `to`. Its rollout may fail on another
+    /// node that cannot run the release (seed 2510): this node moved all
+    /// the same.
+    async fn undone_by_converger(
+        &self,
+        undone: Undone<'_>,
+        seconds: &[Rollout],
+        deadline: Instant,
+    ) {
+        let Undone {
+            node: i,
+            service,
+            runs,
+            by,
+            to,
+            failure,
+        } = undone;
         self.nodes[i].lock().expect("node lock").services.insert(
             service.to_string(),
-            Running::new(other.id(), &other.0.version, Instant::now()),
+            Running::new(runs.id(), &runs.0.version, Instant::now()),
         );
         sleep(Duration::from_secs(5)).await;
         self.settled(
@@ -625,36 +655,46 @@ impl World {
             deadline.max(Instant::now() + Duration::from_secs(600)),
         )
         .await;
-        let converges: Vec<String> = self
+        let theirs: Vec<String> = self
             .store
             .rollouts
             .list()
             .await
             .expect("reads never fail")
             .into_iter()
-            .filter(|r| r.kind == RolloutKind::Converge && r.service == service)
+            .filter(|r| r.kind == by && r.service == service && r.by_converger())
             .map(|r| r.id)
             .collect();
-        let converged = self
-            .ended(&converges, Instant::now() + Duration::from_secs(600))
+        let moved = self
+            .ended(&theirs, Instant::now() + Duration::from_secs(600))
             .await
             .iter()
             .any(|r| {
-                // Its convergence may fail on another node that cannot run
-                // the release (seed 2510): this node switched all the same.
                 r.nodes
                     .iter()
-                    .any(|n| n.name == format!("node-{i}") && n.state == NodeState::Switched)
+                    .any(|n| n.name == format!("node-{i}") && n.state == to)
             });
-        if !converged {
+        if !moved {
             let all = self.store.rollouts.list().await.expect("reads never fail");
             panic!(
-                "seed {}: node-{i} came back without a convergence\n{}",
+                "seed {}: node-{i} {failure}\n{}",
                 self.seed,
                 all.iter().map(show).collect::<Vec<_>>().join("\n")
             );
         }
     }
+}
+
+/// A node changed behind the coordinator's back: it runs `runs` of
+/// `service`, which a rollout of kind `by` of the converger is to undo,
+/// moving it to `to`.
+struct Undone<'a> {
+    node: usize,
+    service: &'a str,
+    runs: &'a StoredRelease,
+    by: RolloutKind,
+    to: NodeState,
+    failure: &'static str,
 }
 
 /// The one release an outcome leaves every node on, or `None` when the

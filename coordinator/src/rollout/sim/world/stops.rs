@@ -3,13 +3,10 @@
 //! records agree, and a node that starts it behind the coordinator's back
 //! is stopped again.
 
-use std::time::Duration;
+use tokio::time::Instant;
 
-use tokio::time::{sleep, Instant};
-
-use super::super::agent::Running;
 use super::super::scenario::SERVICES;
-use super::{show, World};
+use super::{show, Undone, World};
 use crate::rollout::model::{NodeState, Rollout, RolloutKind, RolloutState};
 
 impl World {
@@ -99,42 +96,14 @@ impl World {
         {
             return;
         }
-        self.nodes[i].lock().expect("node lock").services.insert(
-            service.to_string(),
-            Running::new(stop.release.id(), &stop.release.0.version, Instant::now()),
-        );
-        sleep(Duration::from_secs(5)).await;
-        self.settled(
-            seconds,
-            deadline.max(Instant::now() + Duration::from_secs(600)),
-        )
-        .await;
-        let stops: Vec<String> = self
-            .store
-            .rollouts
-            .list()
-            .await
-            .expect("reads never fail")
-            .into_iter()
-            .filter(|r| r.kind == stop.kind && r.service == service && r.by_converger())
-            .map(|r| r.id)
-            .collect();
-        let stopped = self
-            .ended(&stops, Instant::now() + Duration::from_secs(600))
-            .await
-            .iter()
-            .any(|r| {
-                r.nodes
-                    .iter()
-                    .any(|n| n.name == format!("node-{i}") && n.state == NodeState::Stopped)
-            });
-        if !stopped {
-            let all = self.store.rollouts.list().await.expect("reads never fail");
-            panic!(
-                "seed {}: node-{i} ran stopped {service} again and the converger did not stop it\n{}",
-                self.seed,
-                all.iter().map(show).collect::<Vec<_>>().join("\n")
-            );
-        }
+        let undone = Undone {
+            node: i,
+            service,
+            runs: &stop.release,
+            by: stop.kind,
+            to: NodeState::Stopped,
+            failure: "ran a stopped service again and the converger did not stop it",
+        };
+        self.undone_by_converger(undone, seconds, deadline).await;
     }
 }
