@@ -97,6 +97,11 @@ impl Services {
             metrics.clone(),
             shutdown.clone(),
         );
+        for lock in store.rollouts.manual_locks("").await? {
+            metrics
+                .locks
+                .set(&lock.env, &lock.service, Some(lock.at_ms));
+        }
         let levers = crate::levers::Levers::new(
             store.clone(),
             registry.clone(),
@@ -121,6 +126,7 @@ impl Services {
     /// The operator API on these parts.
     pub fn operator_api(&self, shutdown: &CancellationToken) -> OperatorApi {
         OperatorApi {
+            metrics: self.metrics.clone(),
             jobs: self.jobs.clone(),
             agent_upgrades: crate::agent_upgrade::AgentUpgrades::new(self.registry.clone()),
             registry: self.registry.clone(),

@@ -56,7 +56,7 @@ fn current(cli: &Cli, config: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_service_refuses_changes_saying_who_and_why_until_unlocked() {
-    let cluster = cluster_of(&[("node-1", "production")]).await;
+    let mut cluster = cluster_of(&[("node-1", "production")]).await;
     let dir = tempfile::tempdir().unwrap();
     let (cli, admin) = Cli::as_admin(&cluster, dir.path());
     let (v1, v2) = two_builds(dir.path());
@@ -109,6 +109,12 @@ async fn a_locked_service_refuses_changes_saying_who_and_why_until_unlocked() {
     assert_eq!(locks.as_array().unwrap().len(), 1, "{locks:#}");
     assert_eq!(locks[0]["by"], "dana");
     assert_eq!(locks[0]["reason"], "reindexing orders");
+    // Its age is a metric (a forgotten lock alerts), also after a restart
+    // of the coordinator, which reads the locks back from its store.
+    let series = "cutover_service_lock_age_seconds{env=\"production\",service=\"web\"}";
+    assert!(cluster.metrics().contains(series), "{}", cluster.metrics());
+    cluster.restart_coordinator().await;
+    assert!(cluster.metrics().contains(series), "{}", cluster.metrics());
 
     // Every change of it is refused with who, why and the ways on.
     let refusals = [
@@ -135,6 +141,7 @@ async fn a_locked_service_refuses_changes_saying_who_and_why_until_unlocked() {
         text.contains("unlocked web in production (locked by dana"),
         "{text}"
     );
+    assert!(!cluster.metrics().contains(series), "unlocked: no age");
     let (ok, text) = cli.run(&admin, &["unlock", "web", "--env", "production"]);
     assert!(
         ok && text.contains("was not locked; nothing changed"),

@@ -318,6 +318,15 @@ schedule = "@daily"
         })
         .await
         .unwrap();
+    // A service an operator locked: the lock family.
+    client
+        .lock_service(pb::LockServiceRequest {
+            env: "test".into(),
+            service: "web".into(),
+            reason: "the metrics test".into(),
+        })
+        .await
+        .unwrap();
     // The next heartbeat carries the proxy's counts: wait until the
     // request above shows in them (not for a heartbeat's worth of time).
     let http = cluster.coordinator.as_ref().unwrap().http_addr.to_string();

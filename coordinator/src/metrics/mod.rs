@@ -16,12 +16,14 @@ use prometheus_client::registry::Registry;
 mod jobs;
 mod leadership;
 mod levers;
+mod locks;
 mod queues;
 mod secrets;
 
 pub use jobs::{data_time_s, drill_data_age_s, JobMetrics};
 pub use leadership::LeadershipMetrics;
 pub use levers::LeverMetrics;
+pub use locks::LockMetrics;
 pub use queues::QueueMetrics;
 pub use secrets::SecretMetrics;
 
@@ -74,6 +76,7 @@ pub struct Metrics {
     pub jobs: JobMetrics,
     pub secrets: SecretMetrics,
     pub levers: LeverMetrics,
+    pub locks: LockMetrics,
     pub queues: QueueMetrics,
     pub leadership: LeadershipMetrics,
     /// Scrapes rebuild shared families; one at a time keeps them consistent.
@@ -137,6 +140,7 @@ impl Metrics {
             jobs: JobMetrics::default(),
             secrets: SecretMetrics::default(),
             levers: LeverMetrics::default(),
+            locks: LockMetrics::default(),
             queues: QueueMetrics::default(),
             leadership: LeadershipMetrics::default(),
             render_lock: Mutex::new(()),
@@ -278,6 +282,7 @@ impl Metrics {
         metrics.secrets.register(&mut registry);
         metrics.leadership.register(&mut registry);
         metrics.levers.register(&mut registry);
+        metrics.locks.register(&mut registry);
         metrics.queues.register(&mut registry);
         Self {
             registry,
@@ -434,6 +439,7 @@ impl Metrics {
         let now_s = cutover_common::now_ms() as f64 / 1000.0;
         self.jobs.render(now_s);
         self.secrets.render(now_s);
+        self.locks.render(now_s);
         self.levers.render(nodes);
         self.queues.render();
         let mut out = String::new();

@@ -72,6 +72,9 @@ impl OperatorApi {
                     )));
                 }
                 tracing::info!(env = %lock.env, service = %lock.service, by = %lock.by, reason = %lock.reason, "service locked");
+                self.metrics
+                    .locks
+                    .set(&lock.env, &lock.service, Some(lock.at_ms));
                 Ok(lock_to_pb(lock))
             },
         )
@@ -99,6 +102,7 @@ impl OperatorApi {
                     .await?;
                 if let Some(lock) = &released {
                     tracing::info!(env = %lock.env, service = %lock.service, locked_by = %lock.by, by = %caller.identity.name, "service unlocked");
+                    self.metrics.locks.set(&lock.env, &lock.service, None);
                 }
                 Ok(pb::UnlockServiceResponse {
                     released: released.map(lock_to_pb),

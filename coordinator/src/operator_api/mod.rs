@@ -46,6 +46,7 @@ use crate::secrets::Secrets;
 const MAX_REASON: usize = 500;
 
 pub struct OperatorApi {
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub registry: Arc<Registry>,
     pub artifacts: Arc<ArtifactStore>,
     pub rollouts: Arc<Rollouts>,
