@@ -65,34 +65,11 @@ impl Rollouts {
             auto_rollback: rollout.rolls_back(),
             at_ms: rollout.finished_at_ms.unwrap_or(rollout.updated_at_ms),
             returned: rollout.returning || rollout.sent_nothing(),
-            refused: self.refused_after(rollout).await?,
+            refused: refused_after(rollout, before.as_ref()),
         };
         self.store.releases.put_outcome(&outcome).await?;
         self.settle_history(rollout).await?;
         self.prune_rollouts().await
-    }
-
-    /// The nodes the converger leaves after `rollout`: those that refused
-    /// its return, and after a convergence (which never includes them)
-    /// those the outcome before it named; a deploy or rollback starts
-    /// afresh.
-    async fn refused_after(&self, rollout: &Rollout) -> Result<Vec<String>, StoreError> {
-        let mut refused: Vec<String> = match rollout.kind {
-            RolloutKind::Converge => self
-                .store
-                .releases
-                .outcome(&rollout.env, &rollout.service)
-                .await?
-                .map(|o| o.refused)
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        for node in rollout.nodes.iter().filter(|n| n.refused) {
-            if !refused.contains(&node.id) {
-                refused.push(node.id.clone());
-            }
-        }
-        Ok(refused)
     }
 
     /// Keeps the newest finished rollouts; convergences, which a node that
@@ -141,7 +118,7 @@ impl Rollouts {
         // A fast rollback that returned some nodes but not all still took:
         // the release the operator chose is current (the converger brings
         // back what drifts from it), the refusing nodes stay as they are.
-        let took = succeeded || (rollout.state == RolloutState::Failed && rollout.returned_some());
+        let took = rollout.took();
         for record in &mut history {
             let before = record.clone();
             let is_target = record.release.id() == target;
@@ -229,4 +206,20 @@ impl Rollouts {
         }
         Ok(())
     }
+}
+
+/// The nodes the converger leaves after `rollout`: those that refused its
+/// return, and after a convergence (which never includes them) those the
+/// outcome `before` it named; a deploy or rollback starts afresh.
+fn refused_after(rollout: &Rollout, before: Option<&ServiceOutcome>) -> Vec<String> {
+    let mut refused: Vec<String> = match rollout.kind {
+        RolloutKind::Converge => before.map(|o| o.refused.clone()).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    for node in rollout.nodes.iter().filter(|n| n.refused) {
+        if !refused.contains(&node.id) {
+            refused.push(node.id.clone());
+        }
+    }
+    refused
 }

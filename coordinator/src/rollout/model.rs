@@ -781,6 +781,14 @@ impl Rollout {
         self.returns_at_once() && self.nodes.iter().any(|n| n.state == NodeState::Switched)
     }
 
+    /// Whether what it set out to do took: it succeeded, or it is a fast
+    /// rollback that returned some nodes (its release is current even
+    /// where nodes refused it).
+    pub fn took(&self) -> bool {
+        self.state == RolloutState::Succeeded
+            || (self.state == RolloutState::Failed && self.returned_some())
+    }
+
     /// Whether a failure of this rollout returns (or returned) its nodes:
     /// what a failed one left mixed is then no operator's choice. A fast
     /// rollback that returned no node left a mix nobody chose a release

@@ -74,9 +74,7 @@ pub(super) fn stopped_after(
             removed: rollout.kind == RolloutKind::Remove,
         });
     }
-    let took = rollout.state == RolloutState::Succeeded
-        || (rollout.state == RolloutState::Failed && rollout.returned_some());
-    match took {
+    match rollout.took() {
         true => None,
         false => carried(),
     }
