@@ -25,6 +25,9 @@ need_package runuser util-linux
 need_package pgbackrest pgbackrest --no-install-recommends
 # The load balancer tests put a real HAProxy in front of the node proxies.
 need_package haproxy haproxy --no-install-recommends
+# The dashboard's tests drive a headless chromium through chromedriver.
+need_package chromium chromium --no-install-recommends
+need_package chromedriver chromium-driver --no-install-recommends
 
 # The runner: nextest, for its per-test timeouts (.config/nextest.toml);
 # built from crates.io where the machine lacks it.

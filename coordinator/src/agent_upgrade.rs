@@ -104,10 +104,15 @@ impl AgentUpgrades {
     /// Checks the fleet can take `plan` (every node connected and able to),
     /// then starts it; its events. `rollouts` are the rollouts running
     /// now: their commands would wait on the handoffs.
-    pub fn start(self: &Arc<Self>, plan: Plan, rollouts: &[String]) -> Result<Events, String> {
+    pub fn start(
+        self: &Arc<Self>,
+        plan: Plan,
+        rollouts: &[crate::rollout::Running],
+    ) -> Result<Events, String> {
         if let Some(first) = rollouts.first() {
             return Err(format!(
-                "rollout {first} is running; upgrade the agents once it ended (`cutover rollouts`)"
+                "rollout {} is running; upgrade the agents once it ended (`cutover rollouts`)",
+                first.id
             ));
         }
         let nodes = self.registry.list();

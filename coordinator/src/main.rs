@@ -199,6 +199,10 @@ enum Commands {
         #[command(subcommand)]
         action: cli::backup::AdminCommand,
     },
+    /// The dashboard: a local web server, on loopback unless told, that
+    /// shows the fleet, rollouts live, releases and recovery, and acts as
+    /// you (your certificate and role). Open the address it prints.
+    Ui(cli::ui::UiArgs),
     /// A local cluster on loopback for development and demos.
     Dev {
         #[command(subcommand)]
@@ -576,6 +580,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             cli::logs::audit(&mut client, args, json).await?;
         }
         Commands::Admin { action } => cli::backup::admin(&cli.connect, action, json).await?,
+        Commands::Ui(args) => cli::ui::run(&cli.connect, args).await?,
         Commands::Dev { action } => match action {
             DevAction::Up(args) => cli::dev::up(args).await?,
             DevAction::Down { dir } => cli::dev::down(&dir)?,

@@ -6,6 +6,7 @@
 //! for end-to-end cases (hyperqueue and garage style).
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod canary;
 pub mod cli;
 pub mod coordinators;

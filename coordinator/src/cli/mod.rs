@@ -24,3 +24,4 @@ pub mod server;
 pub mod services;
 pub mod shell;
 pub mod tasks;
+pub mod ui;

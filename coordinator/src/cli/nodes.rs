@@ -6,7 +6,7 @@ use cutover_coordinator::store::latency_quantile_ms;
 use cutover_proto::v1::{self as pb, NodeStatus};
 use serde_json::{json, Value};
 
-fn status_text(status: i32) -> &'static str {
+pub(super) fn status_text(status: i32) -> &'static str {
     match NodeStatus::try_from(status) {
         Ok(NodeStatus::Ready) => "ready",
         Ok(NodeStatus::Unreachable) => "unreachable",
@@ -229,7 +229,7 @@ pub fn to_table(nodes: &[pb::Node]) -> String {
 }
 
 /// "in 6d 23h" (or "expired 2h ago"): how long the node's certificate has.
-fn cert_expiry(ms: i64) -> String {
+pub(super) fn cert_expiry(ms: i64) -> String {
     if ms == 0 {
         return "-".into();
     }
@@ -292,7 +292,7 @@ fn services_cell(services: &[pb::ServiceState]) -> String {
 
 /// " (maintenance, throttle 100/s, paused)": the incident levers the
 /// node's proxy applies.
-fn levers_cell(levers: &pb::TrafficLevers) -> String {
+pub(super) fn levers_cell(levers: &pb::TrafficLevers) -> String {
     let mut on = Vec::new();
     if levers.maintenance.is_some() {
         on.push("maintenance".to_string());

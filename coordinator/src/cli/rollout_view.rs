@@ -75,7 +75,7 @@ pub(super) fn progress(r: &pb::Rollout) -> String {
 }
 
 /// Where a canary is: its step, its weight, what it waits for.
-fn canary_line(c: &pb::CanaryStatus) -> String {
+pub(super) fn canary_line(c: &pb::CanaryStatus) -> String {
     let step = match c.step as usize {
         0 => "starting".to_string(),
         n if n > c.steps.len() => "promoted".to_string(),
@@ -98,7 +98,7 @@ fn canary_line(c: &pb::CanaryStatus) -> String {
 
 /// A rollout awaiting approval: how many it has, who may give them, until
 /// when; `None` for any other.
-fn approval_line(r: &pb::Rollout) -> Option<String> {
+pub(super) fn approval_line(r: &pb::Rollout) -> Option<String> {
     let approval = r.approval.as_ref()?;
     if r.state() != pb::RolloutState::AwaitingApproval {
         return None;

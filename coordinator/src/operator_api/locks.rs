@@ -9,7 +9,7 @@ use super::{OperatorApi, MAX_REASON};
 use crate::access::Need;
 use crate::store::ManualLock;
 
-fn lock_to_pb(lock: ManualLock) -> pb::ManualLock {
+pub(super) fn lock_to_pb(lock: ManualLock) -> pb::ManualLock {
     pb::ManualLock {
         env: lock.env,
         service: lock.service,

@@ -14,6 +14,7 @@ mod config;
 mod environments;
 mod errors;
 mod events;
+mod fleet;
 mod jobs;
 mod levers;
 mod locks;
@@ -336,6 +337,20 @@ impl OperatorService for OperatorApi {
         request: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
         self.handle_list_queues(request).await
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::Operator>, Status> {
+        self.handle_who_am_i(request).await
+    }
+
+    async fn get_fleet(
+        &self,
+        request: Request<pb::GetFleetRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
+        self.handle_get_fleet(request).await
     }
 
     async fn diff_environments(

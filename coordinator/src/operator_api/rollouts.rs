@@ -21,7 +21,7 @@ pub(super) type WatchStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<pb::Rollout, Status>> + Send + 'static>,
 >;
 
-fn release_info(release: &StoredRelease) -> pb::ReleaseInfo {
+pub(super) fn release_info(release: &StoredRelease) -> pb::ReleaseInfo {
     pb::ReleaseInfo {
         id: release.id().to_string(),
         version: release.version().to_string(),

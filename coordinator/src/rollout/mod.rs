@@ -168,6 +168,14 @@ pub enum RolloutError {
     Store(#[from] StoreError),
 }
 
+/// A rollout that runs now, and what it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    pub id: String,
+    pub env: String,
+    pub service: String,
+}
+
 /// What a deploy started, per service: a rollout, or nothing because the
 /// release already runs everywhere.
 pub enum Started {
@@ -291,17 +299,24 @@ impl Rollouts {
         Ok(all)
     }
 
-    /// The ids of the rollouts this coordinator runs now.
-    pub fn running(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self
+    /// The rollouts this coordinator runs now, by id.
+    pub fn running(&self) -> Vec<Running> {
+        let mut running: Vec<Running> = self
             .running
             .lock()
             .expect("rollouts lock")
-            .keys()
-            .cloned()
+            .iter()
+            .map(|(id, handle)| {
+                let rollout = handle.watch.borrow();
+                Running {
+                    id: id.clone(),
+                    env: rollout.env.clone(),
+                    service: rollout.service.clone(),
+                }
+            })
             .collect();
-        ids.sort();
-        ids
+        running.sort_by(|a, b| a.id.cmp(&b.id));
+        running
     }
 
     /// Changes of a running rollout; `None` when it no longer runs.

@@ -1,0 +1,175 @@
+//! One view of the fleet shared by every open page: the nodes, what each
+//! environment means them to run, and the recent rollouts, read from the
+//! coordinator every `refresh` while a page listens, and on demand when a
+//! page is loaded with an old view.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cutover_proto::v1 as pb;
+use cutover_proto::v1::operator_service_client::OperatorServiceClient;
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use super::colors::Colors;
+
+/// Recent rollouts a page shows; older ones are read one at a time.
+const RECENT_ROLLOUTS: u32 = 50;
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<pb::Node>,
+    pub fleet: Vec<pb::FleetService>,
+    /// Newest first: the recent ones, and every one running.
+    pub rollouts: Vec<pb::Rollout>,
+    /// Why the last read failed; the view before it stays.
+    pub error: Option<String>,
+    pub colors: Colors,
+    read_at: Option<Instant>,
+}
+
+impl Snapshot {
+    pub fn node(&self, name: &str) -> Option<&pb::Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn node_by_id(&self, id: &str) -> Option<&pb::Node> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    pub fn rollout(&self, id: &str) -> Option<&pb::Rollout> {
+        self.rollouts.iter().find(|r| r.id == id)
+    }
+
+    /// The version of a release id, where a known release says it.
+    pub fn version_of(&self, release_id: &str) -> Option<&str> {
+        let from_fleet = self.fleet.iter().filter_map(|s| s.release.as_ref());
+        let from_rollouts = self
+            .rollouts
+            .iter()
+            .flat_map(|r| [r.release.as_ref(), r.previous_release.as_ref()])
+            .flatten();
+        from_fleet
+            .chain(from_rollouts)
+            .find(|r| r.id == release_id)
+            .map(|r| r.version.as_str())
+    }
+}
+
+#[derive(Clone)]
+pub struct Feed {
+    client: OperatorServiceClient<Channel>,
+    refresh: Duration,
+    sender: Arc<watch::Sender<Arc<Snapshot>>>,
+    /// One read at a time: pages loaded together share it.
+    reading: Arc<Mutex<()>>,
+    shutdown: CancellationToken,
+}
+
+impl Feed {
+    pub fn new(
+        client: OperatorServiceClient<Channel>,
+        refresh: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            client,
+            refresh,
+            sender: Arc::new(watch::channel(Arc::new(Snapshot::default())).0),
+            reading: Arc::new(Mutex::new(())),
+            shutdown,
+        }
+    }
+
+    /// Changes of the view, for a live page.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.sender.subscribe()
+    }
+
+    /// A view no older than `refresh`.
+    pub async fn current(&self) -> Arc<Snapshot> {
+        let _one = self.reading.lock().await;
+        let last = self.sender.borrow().clone();
+        if last.read_at.is_some_and(|at| at.elapsed() < self.refresh) {
+            return last;
+        }
+        let next = Arc::new(self.read(&last).await);
+        self.sender.send_replace(next.clone());
+        next
+    }
+
+    /// Reads the fleet every `refresh` while a live page listens.
+    pub async fn run(self) {
+        let mut tick = tokio::time::interval(self.refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.sender.receiver_count() > 0 {
+                self.current().await;
+            }
+        }
+    }
+
+    async fn read(&self, last: &Snapshot) -> Snapshot {
+        match self.read_all().await {
+            Ok((nodes, fleet, rollouts)) => Snapshot {
+                colors: Colors::assign(&rollouts, &fleet, &nodes),
+                nodes,
+                fleet,
+                rollouts,
+                error: None,
+                read_at: Some(Instant::now()),
+            },
+            Err(status) => Snapshot {
+                colors: Colors::assign(&last.rollouts, &last.fleet, &last.nodes),
+                nodes: last.nodes.clone(),
+                fleet: last.fleet.clone(),
+                rollouts: last.rollouts.clone(),
+                error: Some(super::super::client::explain(status).to_string()),
+                read_at: Some(Instant::now()),
+            },
+        }
+    }
+
+    async fn read_all(
+        &self,
+    ) -> Result<(Vec<pb::Node>, Vec<pb::FleetService>, Vec<pb::Rollout>), tonic::Status> {
+        let mut client = self.client.clone();
+        let mut nodes = client
+            .list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner()
+            .nodes;
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let fleet = client
+            .get_fleet(pb::GetFleetRequest {})
+            .await?
+            .into_inner()
+            .services;
+        let mut rollouts = client
+            .list_rollouts(pb::ListRolloutsRequest {
+                limit: RECENT_ROLLOUTS,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .rollouts;
+        // A running rollout older than the recent ones is still shown.
+        for service in &fleet {
+            let id = &service.rollout_id;
+            if !id.is_empty() && !rollouts.iter().any(|r| &r.id == id) {
+                let rollout = client
+                    .get_rollout(pb::GetRolloutRequest { id: id.clone() })
+                    .await?
+                    .into_inner();
+                rollouts.push(rollout);
+            }
+        }
+        rollouts.sort_by_key(|r| std::cmp::Reverse(r.created_at_ms));
+        Ok((nodes, fleet, rollouts))
+    }
+}

@@ -1,0 +1,381 @@
+//! `cutover ui` in a real browser (Debian's chromium, headless, over
+//! WebDriver) against a real local cluster of three agents: the fleet
+//! shows each node with its release, a rollout started from the CLI
+//! changes the tiles live, a deployer aborts one from its page, a viewer
+//! sees no action and a forced one is refused, and bad addresses get a
+//! clear page. A screenshot of each page is kept in
+//! target/ui-screenshots/.
+
+use std::time::Duration;
+
+use cutover_integration_tests::browser::{Browser, Dashboard};
+use cutover_integration_tests::cli::{cluster_of, two_builds, Cli};
+use cutover_integration_tests::{archive, APP};
+use fantoccini::Locator;
+use serde_json::{json, Value};
+
+const NODES: [(&str, &str); 3] = [("node-1", "test"), ("node-2", "test"), ("node-3", "test")];
+
+fn spec(port: u16, min_healthy_time: &str) -> String {
+    format!(
+        r#"
+app = "shop"
+[services.web]
+command = ["python3", "app.py"]
+listen = ":{port}"
+[services.web.health]
+path = "/health"
+interval = "100ms"
+healthy_deadline = "10s"
+[strategy]
+batch = 1
+min_healthy_time = "{min_healthy_time}"
+[environments.production]
+nodes = {{ env = "test" }}
+"#
+    )
+}
+
+/// The release each node's tile shows, in node order.
+const TILE_RELEASES: &str = r#"return [...document.querySelectorAll('.service[data-service="web"] .tile')].map(t => t.dataset.release);"#;
+
+fn releases_of(value: Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The id of the current release of web in production.
+fn current(cli: &Cli, config: &std::path::Path) -> String {
+    let releases = cli.json(config, &["releases", "web", "--env", "production"]);
+    releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["current"] == true)
+        .map(|r| r["release"]["id"].as_str().unwrap().to_string())
+        .expect("a current release")
+}
+
+fn newest_rollout(cli: &Cli, config: &std::path::Path) -> Value {
+    cli.json(config, &["rollout", "list", "--service", "web"])[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
+    let cluster = cluster_of(&NODES).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    let dana = cli.operator(&admin, "dana", "production");
+    let vic_dir = dir.path().join("vic");
+    let (ok, text) = cli.run(
+        &admin,
+        &[
+            "operator",
+            "create",
+            "vic",
+            "--role",
+            "viewer",
+            "--out",
+            vic_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{text}");
+    let vic = vic_dir.join("cli.toml");
+    let (v1, v2) = two_builds(dir.path());
+    let v3 = archive(
+        dir.path(),
+        "app-v3.tar.gz",
+        &[("app.py", &format!("{APP}\n# v3\n"))],
+    );
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[]).unwrap();
+    let quick = dir.path().join("cutover.toml");
+    std::fs::write(&quick, spec(port, "1s")).unwrap();
+    let quick = quick.display().to_string();
+    // The first deploy of an environment pins its nodes: an admin's.
+    let (ok, text) = cli.deploy(&admin, &quick, "production", "v1", &v1, &["--wait"]);
+    assert!(ok, "{text}");
+    let release_1 = current(&cli, &admin);
+
+    // The fleet: three tiles, each with v1.
+    let dashboard = Dashboard::start(&dana);
+    let browser = Browser::start().await;
+    let page = &browser.client;
+    page.goto(&dashboard.url).await.unwrap();
+    assert_eq!(
+        page.current_url().await.unwrap().as_str(),
+        format!("{}/", dashboard.base),
+        "the token is traded for a cookie and leaves the address"
+    );
+    browser
+        .wait_until(
+            "three tiles",
+            Duration::from_secs(10),
+            r#"return document.querySelectorAll('.service[data-service="web"] .tile').length === 3;"#,
+        )
+        .await;
+    assert_eq!(
+        releases_of(browser.eval(TILE_RELEASES).await),
+        vec![release_1.clone(); 3]
+    );
+    let text = browser.text("main").await;
+    assert!(
+        text.contains("node-1") && text.contains("v1") && text.contains("healthy"),
+        "{text}"
+    );
+    browser.screenshot("fleet").await;
+
+    // A deploy from the CLI: the same page, never reloaded, shows the
+    // nodes switch one by one, and their tiles change color.
+    // A mark on the page and on node-1's tile: the page is never loaded
+    // again, and the tile is changed in place, not replaced.
+    browser
+        .eval(r#"window.notReloaded = true; document.querySelector('.tile[data-node="node-1"]').marked = true; return null;"#)
+        .await;
+    let color = r#"return getComputedStyle(document.querySelector('.tile[data-node="node-1"]')).backgroundColor;"#;
+    let v1_color = browser.eval(color).await;
+    let (ok, text) = cli.deploy(&dana, &quick, "production", "v2", &v2, &[]);
+    assert!(ok, "{text}");
+    let mut seen: Vec<Vec<String>> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let release_2 = loop {
+        let tiles = releases_of(browser.eval(TILE_RELEASES).await);
+        if seen.last() != Some(&tiles) {
+            seen.push(tiles.clone());
+        }
+        if tiles.iter().all(|r| *r != release_1 && !r.is_empty())
+            && tiles.iter().all(|r| *r == tiles[0])
+        {
+            break tiles[0].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tiles reach v2: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        seen.iter()
+            .any(|tiles| tiles.contains(&release_1) && tiles.contains(&release_2)),
+        "the page showed the nodes switching one at a time: {seen:?}"
+    );
+    assert_eq!(
+        browser.eval("return window.notReloaded === true;").await,
+        json!(true)
+    );
+    assert_eq!(
+        browser
+            .eval(r#"return document.querySelector('.tile[data-node="node-1"]').marked === true;"#)
+            .await,
+        json!(true)
+    );
+    assert_ne!(
+        browser.eval(color).await,
+        v1_color,
+        "node-1's tile changed color"
+    );
+    let rollout_2 = newest_rollout(&cli, &admin);
+    let id_2 = rollout_2["id"].as_str().unwrap().to_string();
+
+    // The rollouts, and one rollout's page.
+    page.goto(&format!("{}/rollouts", dashboard.base))
+        .await
+        .unwrap();
+    // The last node's watch ends it: the list says so as it happens.
+    browser
+        .wait_until(
+            "the rollout succeeds on the page",
+            Duration::from_secs(30),
+            &format!(r#"const row = document.querySelector('tr[data-rollout="{id_2}"]'); return !!row && row.dataset.state === 'succeeded';"#),
+        )
+        .await;
+    browser.screenshot("rollouts").await;
+    page.goto(&format!("{}/rollouts/{id_2}", dashboard.base))
+        .await
+        .unwrap();
+    let text = browser.text("main").await;
+    assert!(
+        text.contains("Timeline") && text.contains("node-3"),
+        "{text}"
+    );
+    browser.screenshot("rollout").await;
+
+    // Abort from the page: a deploy of v3 that watches its first batch for
+    // a minute. The button asks first; cancel changes nothing, confirm
+    // aborts.
+    let slow = dir.path().join("slow.toml");
+    std::fs::write(&slow, spec(port, "60s")).unwrap();
+    let (ok, text) = cli.deploy(
+        &dana,
+        slow.to_str().unwrap(),
+        "production",
+        "v3",
+        v3.to_str().unwrap(),
+        &[],
+    );
+    assert!(ok, "{text}");
+    let id_3 = newest_rollout(&cli, &admin)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(id_3, id_2);
+    page.goto(&format!("{}/rollouts/{id_3}", dashboard.base))
+        .await
+        .unwrap();
+    let abort = r#"button[data-action="abort"]"#;
+    page.wait()
+        .for_element(Locator::Css(abort))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let question = browser.text("dialog[open] .question").await;
+    assert!(
+        question.contains(&format!("Abort rollout {id_3}")),
+        "{question}"
+    );
+    page.find(Locator::Css(r#"dialog[open] button[value="cancel"]"#))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(newest_rollout(&cli, &admin)["abort_requested"], false);
+    page.find(Locator::Css(abort))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.screenshot("confirm").await;
+    page.find(Locator::Css("#confirm-ok"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_until(
+            "the page shows the rollout ended",
+            Duration::from_secs(60),
+            r#"const s = document.querySelector('h1 .badge'); return !!s && /aborted|rolled back/.test(s.textContent);"#,
+        )
+        .await;
+    let state = newest_rollout(&cli, &admin)["state"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(state == "aborted" || state == "rolled_back", "{state}");
+    assert_eq!(current(&cli, &admin), release_2, "an abort keeps v2");
+
+    // A viewer: the same pages, no action; one forced from the page's own
+    // origin is refused by the coordinator, and nothing changes.
+    let viewer = Dashboard::start(&vic);
+    page.goto(&viewer.url).await.unwrap();
+    page.goto(&format!("{}/rollouts/{id_3}", viewer.base))
+        .await
+        .unwrap();
+    assert!(browser.text("main").await.contains(&id_3));
+    assert!(page
+        .find_all(Locator::Css("form[data-confirm]"))
+        .await
+        .unwrap()
+        .is_empty());
+    page.goto(&format!(
+        "{}/releases?env=production&service=web",
+        viewer.base
+    ))
+    .await
+    .unwrap();
+    assert!(browser.text("table.releases").await.contains("v1"));
+    assert!(page
+        .find_all(Locator::Css("form[data-confirm]"))
+        .await
+        .unwrap()
+        .is_empty());
+    let forced = browser
+        .eval(&format!(
+            r#"return fetch('/rollouts/{id_2}/action', {{method: 'POST', headers: {{'content-type': 'application/x-www-form-urlencoded'}}, body: 'action=abort'}})
+               .then(r => r.text().then(t => [r.status, t]));"#
+        ))
+        .await;
+    assert_eq!(forced[0], 403, "{forced}");
+    assert!(
+        forced[1]
+            .as_str()
+            .unwrap()
+            .contains("needs the deployer role"),
+        "{forced}"
+    );
+    let forced = browser
+        .eval(r#"return fetch('/releases/rollback', {method: 'POST', headers: {'content-type': 'application/x-www-form-urlencoded'}, body: 'env=production&service=web&to=x'}).then(r => r.status);"#)
+        .await;
+    assert_eq!(forced, 403);
+    assert_eq!(current(&cli, &admin), release_2);
+
+    // Bad addresses: a clear page with its status, never a trace.
+    page.goto(&format!("{}/rollouts/no-such-rollout", dashboard.base))
+        .await
+        .unwrap();
+    let text = browser.text("main").await;
+    assert!(
+        text.contains("There is no rollout no-such-rollout"),
+        "{text}"
+    );
+    browser.screenshot("unknown-rollout").await;
+    let status = browser
+        .eval("return fetch('/rollouts/no-such-rollout').then(r => r.status);")
+        .await;
+    assert_eq!(status, 404);
+    page.goto(&format!(
+        "{}/rollouts/%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+        dashboard.base
+    ))
+    .await
+    .unwrap();
+    assert!(browser
+        .text("main")
+        .await
+        .contains("letters, digits and dashes"));
+    page.goto(&format!("{}/nodes/node-9", dashboard.base))
+        .await
+        .unwrap();
+    assert!(browser
+        .text("main")
+        .await
+        .contains("There is no node node-9"));
+    page.goto(&format!("{}/nowhere", dashboard.base))
+        .await
+        .unwrap();
+    assert!(browser
+        .text("body")
+        .await
+        .contains("There is no page at /nowhere"));
+
+    // The other pages.
+    for (path, name, says) in [
+        ("/nodes/node-2", "node", "Certificate"),
+        (
+            "/releases?env=production&service=web",
+            "releases",
+            "Roll back to this",
+        ),
+        ("/recovery", "recovery", "Queues"),
+    ] {
+        page.goto(&format!("{}{path}", dashboard.base))
+            .await
+            .unwrap();
+        let text = browser.text("main").await;
+        assert!(text.contains(says), "{path}: {text}");
+        browser.screenshot(name).await;
+    }
+    browser.close().await;
+    assert!(viewer.stop().success());
+    assert!(dashboard.stop().success());
+}
