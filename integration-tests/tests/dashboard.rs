@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 const NODES: [(&str, &str); 3] = [("node-1", "test"), ("node-2", "test"), ("node-3", "test")];
 
-fn spec(port: u16, min_healthy_time: &str) -> String {
+fn spec_text(port: u16, min_healthy_time: &str) -> String {
     format!(
         r#"
 app = "shop"
@@ -94,7 +94,7 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
     let port =
         cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[]).unwrap();
     let quick = dir.path().join("cutover.toml");
-    std::fs::write(&quick, spec(port, "1s")).unwrap();
+    std::fs::write(&quick, spec_text(port, "1s")).unwrap();
     let quick = quick.display().to_string();
     // The first deploy of an environment pins its nodes: an admin's.
     let (ok, text) = cli.deploy(&admin, &quick, "production", "v1", &v1, &["--wait"]);
@@ -208,7 +208,7 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
     // a minute. The button asks first; cancel changes nothing, confirm
     // aborts.
     let slow = dir.path().join("slow.toml");
-    std::fs::write(&slow, spec(port, "60s")).unwrap();
+    std::fs::write(&slow, spec_text(port, "60s")).unwrap();
     let (ok, text) = cli.deploy(
         &dana,
         slow.to_str().unwrap(),
@@ -378,4 +378,97 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
     browser.close().await;
     assert!(viewer.stop().success());
     assert!(dashboard.stop().success());
+}
+
+/// Page weight and time to first render of each page, in the same
+/// headless chromium, over a fleet of three nodes with a few rollouts:
+/// integration-tests/bench/ui.sh runs it and prints a table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: integration-tests/bench/ui.sh"]
+async fn dashboard_figures() {
+    let loads: usize = std::env::var("UI_LOADS").map_or(20, |n| n.parse().unwrap());
+    let cluster = cluster_of(&NODES).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    let (v1, v2) = two_builds(dir.path());
+    let port =
+        cutover_common::net::allocate_port([127, 0, 0, 1].into(), &(45000..=49999), &[]).unwrap();
+    let spec = dir.path().join("cutover.toml");
+    std::fs::write(&spec, spec_text(port, "0s")).unwrap();
+    let spec = spec.display().to_string();
+    for (version, artifact) in [("v1", &v1), ("v2", &v2), ("v3", &v1)] {
+        let (ok, text) = cli.deploy(&admin, &spec, "production", version, artifact, &["--wait"]);
+        assert!(ok, "{text}");
+    }
+    let id = newest_rollout(&cli, &admin)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dashboard = Dashboard::start(&admin);
+    let browser = Browser::start().await;
+    browser.client.goto(&dashboard.url).await.unwrap();
+    // What one load took: the page's bytes, its assets' (what a first
+    // visit fetches) and what of them crossed the wire (0 once cached),
+    // the first byte and the first contentful paint, in ms from the start.
+    let measure = r#"
+        const nav = performance.getEntriesByType('navigation')[0];
+        const assets = performance.getEntriesByType('resource').filter(r => r.name.includes('/assets/'));
+        const sum = (f) => assets.reduce((total, r) => total + f(r), 0);
+        const paint = performance.getEntriesByName('first-contentful-paint')[0];
+        return [nav.encodedBodySize, sum(r => r.decodedBodySize), sum(r => r.transferSize), nav.responseStart, paint ? paint.startTime : -1];"#;
+    println!("| page | HTML bytes | + assets bytes (first visit) | assets bytes sent on later loads | first byte ms (median) | first render ms (median) | first render ms (p90) |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, path) in [
+        ("fleet", "/".to_string()),
+        ("rollouts", "/rollouts".to_string()),
+        ("rollout", format!("/rollouts/{id}")),
+        (
+            "releases",
+            "/releases?env=production&service=web".to_string(),
+        ),
+        ("node", "/nodes/node-1".to_string()),
+        ("recovery", "/recovery".to_string()),
+    ] {
+        let mut samples: Vec<Vec<f64>> = Vec::new();
+        for _ in 0..loads {
+            browser
+                .client
+                .goto(&format!("{}{path}", dashboard.base))
+                .await
+                .unwrap();
+            browser
+                .wait_until(
+                    "the first paint",
+                    Duration::from_secs(10),
+                    "return performance.getEntriesByName('first-contentful-paint').length > 0;",
+                )
+                .await;
+            let row = browser.eval(measure).await;
+            samples.push(
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect(),
+            );
+        }
+        let column = |i: usize| {
+            let mut values: Vec<f64> = samples.iter().map(|s| s[i]).collect();
+            values.sort_by(f64::total_cmp);
+            values
+        };
+        let (ttfb, paint) = (column(3), column(4));
+        let at = |values: &[f64], q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "| {name} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+            samples[loads - 1][0],
+            samples[loads - 1][1],
+            samples[loads - 1][2],
+            at(&ttfb, 0.5),
+            at(&paint, 0.5),
+            at(&paint, 0.9),
+        );
+    }
+    browser.close().await;
+    drop(dashboard);
 }

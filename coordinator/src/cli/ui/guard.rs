@@ -184,10 +184,14 @@ pub async fn check(State(ui): State<Arc<Ui>>, request: Request, next: Next) -> R
         // form's POST, which the Origin check must refuse.
         ("referrer-policy", "same-origin"),
         ("x-content-type-options", "nosniff"),
-        ("cache-control", "no-store"),
     ] {
         headers.insert(name, value.parse().expect("a header value"));
     }
+    // Pages are never kept: each shows the fleet as it is. (The assets
+    // say otherwise for themselves.)
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(header::HeaderValue::from_static("no-store"));
     response
 }
 

@@ -11,6 +11,7 @@
 //! and a Host and Origin of this server (`guard`).
 
 mod actions;
+mod assets;
 mod charts;
 mod colors;
 mod feed;
@@ -155,8 +156,8 @@ fn router(ui: Arc<Ui>) -> Router {
         .route("/releases/rollback", post(actions::rollback))
         .route("/recovery", get(pages::recovery))
         .route("/live", get(live::stream))
-        .route("/assets/app.css", get(pages::css))
-        .route("/assets/app.js", get(pages::js))
+        .route(assets::CSS.path, get(assets::css))
+        .route(assets::JS.path, get(assets::js))
         .fallback(pages::not_found)
         .layer(axum::middleware::from_fn_with_state(
             ui.clone(),

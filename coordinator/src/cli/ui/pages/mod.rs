@@ -11,11 +11,12 @@ mod rollouts;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::http::Uri;
-use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use maud::{html, Markup, DOCTYPE};
 
+use super::assets;
 use super::feed::Snapshot;
 use super::Ui;
 
@@ -182,8 +183,8 @@ fn frame(ui: &Ui, page: &Page, main: Markup) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (page.title()) " · cutover" }
-                link rel="stylesheet" href="/assets/app.css";
-                script src="/assets/app.js" defer {}
+                link rel="stylesheet" href=(assets::CSS.href());
+                script src=(assets::JS.href()) defer {}
             }
             body {
                 header.top {
@@ -272,20 +273,6 @@ pub async fn recovery(State(ui): State<Arc<Ui>>) -> Response {
 pub async fn not_found(uri: Uri) -> Response {
     not_found_page(uri.path())
 }
-
-pub async fn css() -> Response {
-    asset("text/css", include_str!("../assets/app.css"))
-}
-
-pub async fn js() -> Response {
-    asset("text/javascript", include_str!("../assets/app.js"))
-}
-
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, content_type)], body).into_response()
-}
-
-// Small pieces the pages share.
 
 /// A swatch and the release's version (or id).
 pub fn release_label(snapshot: &Snapshot, release_id: &str) -> Markup {
