@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use cutover_integration_tests::browser::{Browser, Dashboard};
 use cutover_integration_tests::cli::{cluster_of, two_builds, Cli};
+use cutover_integration_tests::redis::{TestRedis, QUEUE_WORKER};
 use cutover_integration_tests::{archive, APP};
 use fantoccini::Locator;
 use serde_json::{json, Value};
@@ -378,6 +379,92 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
     browser.close().await;
     assert!(viewer.stop().success());
     assert!(dashboard.stop().success());
+}
+
+/// The queue page charts each queue's depth as the probes read it, live,
+/// against the spec's limit: jobs pushed behind a paused worker climb past
+/// `max_depth`, and the chart and the row say so without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recovery_page_charts_queue_depth_live() {
+    let redis = TestRedis::from_env();
+    let cluster = cluster_of(&[("worker-1", "test")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, admin) = Cli::as_admin(&cluster, dir.path());
+    let pause = dir.path().join("paused");
+    std::fs::write(&pause, "").unwrap();
+    let artifact = archive(
+        dir.path(),
+        "worker.tar.gz",
+        &[("queue_worker.py", QUEUE_WORKER)],
+    );
+    let spec = dir.path().join("cutover.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"
+app = "shop"
+[services.horizon]
+command = ["python3", "queue_worker.py"]
+min_healthy_time = "1s"
+env = {{ QUEUE_REDIS = "{address}", QUEUE_KEY = "{key}", QUEUE_PAUSE_FILE = "{pause}", JOB_SECONDS = "0.02" }}
+[services.horizon.queues]
+redis = "{address}"
+prefix = "{prefix}"
+interval = "1s"
+names = ["default"]
+max_depth = 5
+[environments.production]
+nodes = {{ env = "test" }}
+"#,
+            address = redis.address,
+            key = redis.queue_key("default"),
+            pause = pause.display(),
+            prefix = redis.prefix,
+        ),
+    )
+    .unwrap();
+    let (ok, text) = cli.deploy(
+        &admin,
+        spec.to_str().unwrap(),
+        "production",
+        "v1",
+        artifact.to_str().unwrap(),
+        &["--wait"],
+    );
+    assert!(ok, "{text}");
+    redis.push_jobs("default", 2, None);
+    let dashboard = Dashboard::start(&admin);
+    let browser = Browser::start().await;
+    browser.client.goto(&dashboard.url).await.unwrap();
+    browser
+        .client
+        .goto(&format!("{}/recovery", dashboard.base))
+        .await
+        .unwrap();
+    let row = r#"document.querySelector('tr[data-queue="default"]')"#;
+    browser
+        .wait_until(
+            "the queue shows 2 waiting",
+            Duration::from_secs(20),
+            &format!("const r = {row}; return !!r && r.cells[2].textContent.startsWith('2');"),
+        )
+        .await;
+    redis.push_jobs("default", 6, None);
+    browser
+        .wait_until(
+            "the chart climbs past the limit",
+            Duration::from_secs(20),
+            &format!(
+                "const r = {row}; const chart = r && r.querySelector('svg.depth');
+                 return !!chart && r.cells[2].textContent.startsWith('8')
+                     && Number(chart.dataset.samples) >= 2 && !!chart.querySelector('polyline.over')
+                     && !!chart.querySelector('line.threshold') && r.cells[2].classList.contains('bad');"
+            ),
+        )
+        .await;
+    browser.screenshot("queues").await;
+    browser.close().await;
+    drop(dashboard);
 }
 
 /// Page weight and time to first render of each page, in the same

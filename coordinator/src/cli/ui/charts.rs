@@ -137,16 +137,27 @@ fn metric_chart(metric: &pb::AnalysisMetric) -> Markup {
     }
 }
 
-/// A queue's depth against its limit, as a bar (full at the limit, or at
-/// the depth when there is none).
-pub fn depth_bar(depth: u64, limit: u64) -> Markup {
-    let scale = limit.max(depth).max(1) as f64;
-    let width = 100.0 * depth as f64 / scale;
+/// A queue's depth over the probes the dashboard saw (oldest first),
+/// against its limit when it has one.
+pub fn depth_history<'a>(samples: impl Iterator<Item = &'a (i64, u64)>, limit: u64) -> Markup {
+    let samples: Vec<u64> = samples.map(|(_, depth)| *depth).collect();
+    let (w, h) = (160.0, 32.0);
+    let top = samples.iter().copied().chain([limit, 1]).max().unwrap_or(1) as f64;
+    let y = |v: u64| h - 2.0 - (h - 4.0) * v as f64 / top;
+    let step = w / (samples.len().max(2) - 1) as f64;
+    let points: Vec<String> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, v)| format!("{:.1},{:.1}", i as f64 * step, y(*v)))
+        .collect();
+    let over = limit > 0 && samples.last().is_some_and(|d| *d > limit);
     html! {
-        svg.depth viewBox="0 0 100 6" preserveAspectRatio="none" role="img"
-            aria-label=(format!("{depth} waiting of {limit}")) {
-            rect.track x="0" y="0" width="100" height="6" {}
-            rect class=(if limit > 0 && depth > limit { "fill over" } else { "fill" }) x="0" y="0" width=(format!("{width:.1}")) height="6" {}
+        svg.depth viewBox=(format!("0 0 {w} {h}")) preserveAspectRatio="none" role="img"
+            aria-label=(format!("{} probes of the queue's depth", samples.len())) data-samples=(samples.len()) {
+            @if limit > 0 {
+                line.threshold x1="0" y1=(y(limit)) x2=(w) y2=(y(limit)) { title { "limit " (limit) } }
+            }
+            polyline class=(if over { "line over" } else { "line" }) points=(points.join(" ")) {}
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One view of the fleet shared by every open page: the nodes, what each
 //! environment means them to run, and the recent rollouts, read from the
-//! coordinator every `refresh` while a page listens, and on demand when a
+//! coordinator every `refresh` while a page listens (and the queues'
+//! depths over those reads), and on demand when a
 //! page is loaded with an old view.
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::colors::Colors;
+use super::depths::QueueDepths;
 
 /// Recent rollouts a page shows; older ones are read one at a time.
 const RECENT_ROLLOUTS: u32 = 50;
@@ -26,6 +28,9 @@ pub struct Snapshot {
     /// Why the last read failed; the view before it stays.
     pub error: Option<String>,
     pub colors: Colors,
+    /// The queues and workers as their probes last read them.
+    pub queues: pb::ListQueuesResponse,
+    pub depths: QueueDepths,
     read_at: Option<Instant>,
 }
 
@@ -55,6 +60,14 @@ impl Snapshot {
             .find(|r| r.id == release_id)
             .map(|r| r.version.as_str())
     }
+}
+
+/// One read of the coordinator.
+struct Read {
+    nodes: Vec<pb::Node>,
+    fleet: Vec<pb::FleetService>,
+    rollouts: Vec<pb::Rollout>,
+    queues: pb::ListQueuesResponse,
 }
 
 #[derive(Clone)]
@@ -116,11 +129,13 @@ impl Feed {
 
     async fn read(&self, last: &Snapshot) -> Snapshot {
         match self.read_all().await {
-            Ok((nodes, fleet, rollouts)) => Snapshot {
-                colors: Colors::assign(&rollouts, &fleet, &nodes),
-                nodes,
-                fleet,
-                rollouts,
+            Ok(read) => Snapshot {
+                colors: Colors::assign(&read.rollouts, &read.fleet, &read.nodes),
+                depths: last.depths.with(&read.queues.queues),
+                nodes: read.nodes,
+                fleet: read.fleet,
+                rollouts: read.rollouts,
+                queues: read.queues,
                 error: None,
                 read_at: Some(Instant::now()),
             },
@@ -129,15 +144,15 @@ impl Feed {
                 nodes: last.nodes.clone(),
                 fleet: last.fleet.clone(),
                 rollouts: last.rollouts.clone(),
+                queues: last.queues.clone(),
+                depths: last.depths.clone(),
                 error: Some(super::super::client::explain(status).to_string()),
                 read_at: Some(Instant::now()),
             },
         }
     }
 
-    async fn read_all(
-        &self,
-    ) -> Result<(Vec<pb::Node>, Vec<pb::FleetService>, Vec<pb::Rollout>), tonic::Status> {
+    async fn read_all(&self) -> Result<Read, tonic::Status> {
         let mut client = self.client.clone();
         let mut nodes = client
             .list_nodes(pb::ListNodesRequest {})
@@ -170,6 +185,15 @@ impl Feed {
             }
         }
         rollouts.sort_by_key(|r| std::cmp::Reverse(r.created_at_ms));
-        Ok((nodes, fleet, rollouts))
+        let queues = client
+            .list_queues(pb::ListQueuesRequest::default())
+            .await?
+            .into_inner();
+        Ok(Read {
+            nodes,
+            fleet,
+            rollouts,
+            queues,
+        })
     }
 }

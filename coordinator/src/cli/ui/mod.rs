@@ -14,6 +14,7 @@ mod actions;
 mod assets;
 mod charts;
 mod colors;
+mod depths;
 mod feed;
 mod guard;
 mod live;

@@ -132,7 +132,7 @@ async fn render(ui: &Ui, page: &Page, snapshot: &Snapshot) -> Result<Markup, Pag
         Page::Rollouts => Ok(rollouts::list(snapshot)),
         Page::Rollout(id) => rollouts::render(ui, snapshot, id).await,
         Page::Releases(q) => releases::render(ui, snapshot, q).await,
-        Page::Recovery => recovery::render(ui).await,
+        Page::Recovery => recovery::render(ui, snapshot).await,
     }
 }
 

@@ -6,6 +6,8 @@ use cutover_proto::v1 as pb;
 use maud::{html, Markup};
 
 use super::{state_badge, when, PageError};
+use crate::cli::ui::depths::QueueDepths;
+use crate::cli::ui::feed::Snapshot;
 use crate::cli::ui::Ui;
 
 fn span(ms: u64) -> String {
@@ -24,19 +26,15 @@ fn run_cell(run: Option<&pb::JobRun>) -> Markup {
     }
 }
 
-pub async fn render(ui: &Ui) -> Result<Markup, PageError> {
-    let mut client = ui.client();
-    let datasets = client
+pub async fn render(ui: &Ui, snapshot: &Snapshot) -> Result<Markup, PageError> {
+    let datasets = ui
+        .client()
         .get_recovery_status(pb::GetRecoveryStatusRequest::default())
         .await
         .map_err(PageError::from_status)?
         .into_inner()
         .datasets;
-    let queues = client
-        .list_queues(pb::ListQueuesRequest::default())
-        .await
-        .map_err(PageError::from_status)?
-        .into_inner();
+    let queues = &snapshot.queues;
     Ok(html! {
         h1 { "Recovery" }
         @if datasets.is_empty() {
@@ -66,7 +64,7 @@ pub async fn render(ui: &Ui) -> Result<Markup, PageError> {
             p.empty { "No service probes its queues: `[services.NAME.queues]` in the spec adds a probe." }
         } @else {
             table.queues {
-                thead { tr { th { "Queue" } th { "Service" } th { "Waiting" } th { "Delayed" } th { "Reserved" } th { "Oldest wait" } th { "Read" } } }
+                thead { tr { th { "Queue" } th { "Service" } th { "Waiting" } th { "Depth while this dashboard ran" } th { "Delayed" } th { "Reserved" } th { "Oldest wait" } th { "Read" } } }
                 tbody {
                     @for q in &queues.queues {
                         @let over = q.max_depth > 0 && q.waiting > q.max_depth;
@@ -75,8 +73,8 @@ pub async fn render(ui: &Ui) -> Result<Markup, PageError> {
                             td { (q.service) " in " (q.env) }
                             td class=[over.then_some("bad")] {
                                 (q.waiting) @if q.max_depth > 0 { span.muted { " / " (q.max_depth) } }
-                                (super::super::charts::depth_bar(q.waiting, q.max_depth))
                             }
+                            td { (super::super::charts::depth_history(snapshot.depths.of(&QueueDepths::key(q)), q.max_depth)) }
                             td { (q.delayed) }
                             td { (q.reserved) }
                             td { @if q.oldest_age_ms >= 0 { (span(q.oldest_age_ms as u64)) } @else { "-" } }
