@@ -273,7 +273,19 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
         .unwrap()
         .to_string();
     assert!(state == "aborted" || state == "rolled_back", "{state}");
-    assert_eq!(current(&cli, &admin), release_2, "an abort keeps v2");
+    assert_eq!(current(&cli, &admin), release_2, "v2 stays current");
+    // A rolling abort stops where it is: node-1, switched, keeps v3, and
+    // the fleet says so.
+    page.goto(&dashboard.base).await.unwrap();
+    let tiles = browser
+        .eval(r#"return Object.fromEntries([...document.querySelectorAll('.service[data-service="web"] .tile')].map(t => [t.dataset.node, t.dataset.release]));"#)
+        .await;
+    assert!(
+        tiles["node-1"] != release_2.as_str()
+            && tiles["node-2"] == release_2.as_str()
+            && tiles["node-3"] == release_2.as_str(),
+        "{tiles}"
+    );
 
     // A viewer: the same pages, no action; one forced from the page's own
     // origin is refused by the coordinator, and nothing changes.
@@ -319,6 +331,74 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
         .await;
     assert_eq!(forced, 403);
     assert_eq!(current(&cli, &admin), release_2);
+
+    // A canary waiting for promotion: its page charts the weight by step
+    // and offers promotion; the fleet shows the canary beside the stable
+    // release on its nodes; promoting fully from the page ends it.
+    let canary = dir.path().join("canary.toml");
+    std::fs::write(
+        &canary,
+        spec_text(port, "1s").replace(
+            "batch = 1",
+            "kind = \"canary\"\nsteps = [{ set_weight = 50 }, { pause = {} }]\nscale_down_delay = \"1s\"",
+        ),
+    )
+    .unwrap();
+    let (ok, text) = cli.deploy(
+        &dana,
+        canary.to_str().unwrap(),
+        "production",
+        "v4",
+        &v1,
+        &["--wait"],
+    );
+    assert!(!ok && text.contains("promote"), "{text}");
+    let id_4 = newest_rollout(&cli, &admin)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    page.goto(&dashboard.base).await.unwrap();
+    browser
+        .wait_until(
+            "a tile shows the canary beside v2",
+            Duration::from_secs(20),
+            r#"return [...document.querySelectorAll('.tile .side')].some(s => /\+v4 50%/.test(s.textContent));"#,
+        )
+        .await;
+    browser.screenshot("fleet-canary").await;
+    page.goto(&format!("{}/rollouts/{id_4}", dashboard.base))
+        .await
+        .unwrap();
+    let chart = browser.text("section.canary").await;
+    assert!(chart.contains("weight 50%"), "{chart}");
+    assert_eq!(
+        browser
+            .eval("return [document.querySelectorAll('section.canary svg rect').length, document.querySelectorAll('section.canary rect.current').length];")
+            .await,
+        json!([2, 1])
+    );
+    browser.screenshot("rollout-canary").await;
+    page.find(Locator::Css(r#"button[data-action="promote-full"]"#))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    page.find(Locator::Css("#confirm-ok"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_until(
+            "the canary is promoted and succeeds",
+            Duration::from_secs(60),
+            r#"const s = document.querySelector('h1 .badge'); return !!s && s.textContent === 'succeeded';"#,
+        )
+        .await;
+    let release_4 = current(&cli, &admin);
+    assert_ne!(release_4, release_2);
 
     // Bad addresses: a clear page with its status, never a trace.
     page.goto(&format!("{}/rollouts/no-such-rollout", dashboard.base))

@@ -45,8 +45,15 @@ function morph(from, to) {
 const main = document.getElementById("main");
 const live = document.getElementById("live");
 
-if (main && main.dataset.live && window.EventSource) {
-  const source = new EventSource(main.dataset.live);
+// A browser gives a site six connections: only a page in view holds a
+// stream. A hidden tab, or a page left for another (kept in the
+// back/forward cache), lets its stream go, and gets the page as it is now
+// when it is back.
+let source = null;
+
+function connect() {
+  if (source || !main || !main.dataset.live || !window.EventSource) return;
+  source = new EventSource(main.dataset.live);
   source.addEventListener("page", (event) => {
     const next = document.createElement("template");
     next.innerHTML = event.data;
@@ -57,6 +64,18 @@ if (main && main.dataset.live && window.EventSource) {
   // The browser reconnects by itself; the badge says the page may be old.
   source.addEventListener("error", () => { live.className = "live off"; });
 }
+
+function disconnect() {
+  if (!source) return;
+  source.close();
+  source = null;
+  live.className = "live";
+}
+
+document.addEventListener("visibilitychange", () => (document.hidden ? disconnect() : connect()));
+window.addEventListener("pagehide", disconnect);
+window.addEventListener("pageshow", () => { if (!document.hidden) connect(); });
+if (!document.hidden) connect();
 
 const dialog = document.getElementById("confirm");
 document.addEventListener("submit", (event) => {

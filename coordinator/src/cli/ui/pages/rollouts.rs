@@ -226,11 +226,13 @@ fn actions(ui: &Ui, r: &pb::Rollout) -> Markup {
         S::Succeeded | S::Failed | S::RolledBack | S::Aborted
     );
     if !ends && !r.abort_requested {
-        list.push((
-            "abort",
-            "Abort",
-            "It stops, and returns the nodes it changed to the previous release.".into(),
-        ));
+        // What an abort does differs by strategy (engine: a canary's
+        // returns its traffic, any other stops where it is).
+        let what = match r.canary.is_some() {
+            true => "Every canary node's traffic returns to the stable release at once.",
+            false => "It stops once the nodes mid-cutover finish; nodes already switched keep the new release (a rollback returns them).",
+        };
+        list.push(("abort", "Abort", what.into()));
     }
     html! {
         div.actions id="actions" {
