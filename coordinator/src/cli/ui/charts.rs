@@ -193,4 +193,38 @@ mod tests {
             "{svg}"
         );
     }
+
+    #[test]
+    fn an_analysis_chart_plots_each_sample_against_the_threshold() {
+        let sample = |outcome: &str, rate: f64| pb::AnalysisSample {
+            outcome: outcome.into(),
+            values: [("success_rate".to_string(), rate), ("p99".to_string(), 9.0)].into(),
+            ..Default::default()
+        };
+        let run = pb::AnalysisRun {
+            name: "errors".into(),
+            state: "failed".into(),
+            metrics: vec![pb::AnalysisMetric {
+                name: "success".into(),
+                provider: "proxy".into(),
+                condition: "success_rate >= 0.95".into(),
+                state: "failed".into(),
+                count: 3,
+                samples: vec![sample("passed", 0.99), sample("failed", 0.5)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let svg = analysis(&[run]).into_string();
+        assert!(
+            svg.contains("sample passed") && svg.contains("sample failed"),
+            "{svg}"
+        );
+        // The value the condition names, not the other one.
+        assert!(
+            svg.contains("passed: 0.99") && svg.contains("failed: 0.5"),
+            "{svg}"
+        );
+        assert!(svg.contains("threshold 0.95"), "{svg}");
+    }
 }
