@@ -166,7 +166,13 @@ pub struct Dashboard {
 }
 
 impl Dashboard {
+    /// Blocks for the first line it prints (in place, on a test's
+    /// multi-thread runtime, whose other tasks go on).
     pub fn start(config: &Path) -> Dashboard {
+        tokio::task::block_in_place(|| Self::start_blocking(config))
+    }
+
+    fn start_blocking(config: &Path) -> Dashboard {
         let mut process = Command::new(bin("cutover"))
             .arg("--cli-config")
             .arg(config)
@@ -191,8 +197,49 @@ impl Dashboard {
         Dashboard { url, base, process }
     }
 
+    /// The token the printed address carries.
+    pub fn token(&self) -> &str {
+        self.url.rsplit("token=").next().unwrap()
+    }
+
+    /// A raw HTTP/1.1 request to the dashboard with `headers` (each
+    /// "Name: value"): its status and head, as a client outside the
+    /// browser sees them.
+    pub fn request(&self, method: &str, path: &str, headers: &[String]) -> (u16, String) {
+        use std::io::{Read, Write};
+        let authority = self
+            .base
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap();
+        let mut stream = std::net::TcpStream::connect(authority).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut request =
+            format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: 0\r\n");
+        for header in headers {
+            request.push_str(&format!("{header}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("an HTTP answer: {response:?}"));
+        (status, response)
+    }
+
     /// `cutover ui` ends on SIGTERM, within its bound.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub fn stop(self) -> std::process::ExitStatus {
+        tokio::task::block_in_place(|| self.stop_blocking())
+    }
+
+    fn stop_blocking(mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.process.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -314,7 +314,7 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
         .is_empty());
     let forced = browser
         .eval(&format!(
-            r#"return fetch('/rollouts/{id_2}/action', {{method: 'POST', headers: {{'content-type': 'application/x-www-form-urlencoded'}}, body: 'action=abort'}})
+            r#"return fetch('rollouts/{id_2}/action', {{method: 'POST', headers: {{'content-type': 'application/x-www-form-urlencoded'}}, body: 'action=abort'}})
                .then(r => r.text().then(t => [r.status, t]));"#
         ))
         .await;
@@ -327,7 +327,7 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
         "{forced}"
     );
     let forced = browser
-        .eval(r#"return fetch('/releases/rollback', {method: 'POST', headers: {'content-type': 'application/x-www-form-urlencoded'}, body: 'env=production&service=web&to=x'}).then(r => r.status);"#)
+        .eval(r#"return fetch('releases/rollback', {method: 'POST', headers: {'content-type': 'application/x-www-form-urlencoded'}, body: 'env=production&service=web&to=x'}).then(r => r.status);"#)
         .await;
     assert_eq!(forced, 403);
     assert_eq!(current(&cli, &admin), release_2);
@@ -384,6 +384,12 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
         .click()
         .await
         .unwrap();
+    // While the dialog asks, the page changes under it (as a live update
+    // may): the form it was opened from now says abort. Confirming posts
+    // what the dialog named.
+    browser
+        .eval(r#"document.querySelector('#action-promote-full input[name="action"]').value = 'abort'; return null;"#)
+        .await;
     page.find(Locator::Css("#confirm-ok"))
         .await
         .unwrap()
@@ -411,7 +417,7 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
     );
     browser.screenshot("unknown-rollout").await;
     let status = browser
-        .eval("return fetch('/rollouts/no-such-rollout').then(r => r.status);")
+        .eval("return fetch('rollouts/no-such-rollout').then(r => r.status);")
         .await;
     assert_eq!(status, 404);
     page.goto(&format!(
@@ -434,10 +440,110 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
     page.goto(&format!("{}/nowhere", dashboard.base))
         .await
         .unwrap();
-    assert!(browser
-        .text("body")
-        .await
-        .contains("There is no page at /nowhere"));
+    let text = browser.text("body").await;
+    assert!(
+        text.contains("There is no page at /u/") && text.contains("/nowhere"),
+        "{text}"
+    );
+
+    // The guard, as any client meets it: the pages are under a secret
+    // prefix; without the session cookie a request is refused, with it
+    // but another Host (DNS rebinding) or a change from another origin
+    // too; a page carries its security headers.
+    let prefix = dashboard
+        .base
+        .splitn(4, '/')
+        .nth(3)
+        .map(|p| format!("/{p}"))
+        .unwrap();
+    let authority = dashboard
+        .base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let host = format!("Host: {authority}");
+    let cookie = format!(
+        "Cookie: cutover_ui_{}={}",
+        authority.rsplit(':').next().unwrap(),
+        dashboard.token()
+    );
+    let origin = format!("Origin: http://{authority}");
+    let action = format!("{prefix}/rollouts/{id_2}/action");
+    let cases = [
+        ("GET", format!("{prefix}/"), vec![host.clone()], 401),
+        (
+            "GET",
+            format!("{prefix}/"),
+            vec![host.clone(), cookie.clone()],
+            200,
+        ),
+        (
+            "GET",
+            format!("{prefix}/"),
+            vec!["Host: rebound.example:80".into(), cookie.clone()],
+            421,
+        ),
+        ("GET", "/".into(), vec![host.clone(), cookie.clone()], 404),
+        (
+            "POST",
+            action.clone(),
+            vec![host.clone(), cookie.clone()],
+            403,
+        ),
+        (
+            "POST",
+            action.clone(),
+            vec![
+                host.clone(),
+                cookie.clone(),
+                "Origin: http://127.0.0.1:1".into(),
+            ],
+            403,
+        ),
+        (
+            "POST",
+            action.clone(),
+            vec![
+                host.clone(),
+                cookie.clone(),
+                origin.clone(),
+                "Sec-Fetch-Site: same-site".into(),
+            ],
+            403,
+        ),
+        (
+            "GET",
+            format!("{prefix}/?token=0000"),
+            vec![host.clone()],
+            401,
+        ),
+        // A token in the address leads only to this server's own path.
+        (
+            "GET",
+            format!("//evil.example/?token={}", dashboard.token()),
+            vec![host.clone()],
+            303,
+        ),
+    ];
+    for (method, path, headers, expect) in cases {
+        let (status, head) = dashboard.request(method, &path, &headers);
+        assert_eq!(status, expect, "{method} {path} {headers:?}: {head}");
+        if status == 303 {
+            assert!(
+                head.to_lowercase().contains("location: /evil.example/\r\n"),
+                "{head}"
+            );
+        }
+        if status == 200 {
+            assert!(
+                head.contains("content-security-policy: default-src 'self'")
+                    && head.contains("x-frame-options: DENY"),
+                "{head}"
+            );
+        }
+    }
 
     // The other pages.
     for (path, name, says) in [

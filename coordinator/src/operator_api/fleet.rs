@@ -60,12 +60,24 @@ impl OperatorApi {
         let mut services = Vec::with_capacity(newest.len());
         for ((env, service), record) in newest {
             let pinned = store.releases.environment(&env).await?;
+            // As the converger counts them (`converge::movable`): a node
+            // another environment's current release of the service also
+            // selects belongs to neither.
+            let contested = |labels: &BTreeMap<String, String>| {
+                records.iter().any(|other| {
+                    other.current
+                        && other.service == service
+                        && other.env != env
+                        && selects(&other.selector, labels)
+                })
+            };
             let node_ids = views
                 .iter()
                 .filter(|v| {
                     !v.revoked
                         && selects(&record.selector, &v.record.labels)
                         && pinned.as_ref().is_none_or(|p| selects(p, &v.record.labels))
+                        && !contested(&v.record.labels)
                 })
                 .map(|v| v.record.id.clone())
                 .collect();

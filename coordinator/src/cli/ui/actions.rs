@@ -37,9 +37,11 @@ fn action_of(name: &str) -> Option<pb::RolloutAction> {
     })
 }
 
-/// Back to the page that asked, which shows the change live.
-fn see(to: &str) -> Response {
-    (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_string())]).into_response()
+/// Back to the page that asked (`to` from the dashboard's root), which
+/// shows the change live.
+fn see(ui: &Ui, to: &str) -> Response {
+    let location = format!("{}{to}", ui.guard.base());
+    (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response()
 }
 
 fn refused(e: PageError, back: &str) -> Response {
@@ -69,7 +71,7 @@ pub async fn control_rollout(
         comment: form.comment,
     };
     match ui.client().control_rollout(request).await {
-        Ok(_) => see(&back),
+        Ok(_) => see(&ui, &back),
         Err(status) => refused(PageError::from_status(status), &back),
     }
 }
@@ -95,8 +97,8 @@ pub async fn rollback(State(ui): State<Arc<Ui>>, Form(form): Form<RollbackForm>)
     };
     match ui.client().rollback(request).await {
         Ok(response) => match response.into_inner().rollouts.first() {
-            Some(rollout) => see(&format!("/rollouts/{}", encode(&rollout.id))),
-            None => see(&back),
+            Some(rollout) => see(&ui, &format!("/rollouts/{}", encode(&rollout.id))),
+            None => see(&ui, &back),
         },
         Err(status) => refused(PageError::from_status(status), &back),
     }

@@ -16,6 +16,10 @@ use tonic::transport::Channel;
 use super::colors::Colors;
 use super::depths::QueueDepths;
 
+/// How long one read of the fleet may take before the pages say the
+/// coordinator does not answer (and keep the view they have).
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Recent rollouts a page shows; older ones are read one at a time.
 const RECENT_ROLLOUTS: u32 = 50;
 
@@ -102,9 +106,25 @@ impl Feed {
 
     /// A view no older than `refresh`.
     pub async fn current(&self) -> Arc<Snapshot> {
-        let _one = self.reading.lock().await;
+        self.no_older_than(self.refresh).await
+    }
+
+    /// A view read at most `age` ago. While a read is under way, a caller
+    /// that has a view gets it at once (the read sends its result to the
+    /// live pages when it ends): a slow coordinator stalls no page.
+    async fn no_older_than(&self, age: Duration) -> Arc<Snapshot> {
         let last = self.sender.borrow().clone();
-        if last.read_at.is_some_and(|at| at.elapsed() < self.refresh) {
+        let fresh = |s: &Snapshot| s.read_at.is_some_and(|at| at.elapsed() < age);
+        if fresh(&last) {
+            return last;
+        }
+        let _one = match self.reading.try_lock() {
+            Ok(one) => one,
+            Err(_) if last.read_at.is_some() => return last,
+            Err(_) => self.reading.lock().await,
+        };
+        let last = self.sender.borrow().clone();
+        if fresh(&last) {
             return last;
         }
         let next = Arc::new(self.read(&last).await);
@@ -122,13 +142,26 @@ impl Feed {
                 _ = tick.tick() => {}
             }
             if self.sender.receiver_count() > 0 {
-                self.current().await;
+                // Half: a page loaded just before spares a read, a read
+                // that ended just after the last tick does not.
+                self.no_older_than(self.refresh / 2).await;
             }
         }
     }
 
+    /// Stamped when it starts, so reads come every `refresh` however long
+    /// each takes.
     async fn read(&self, last: &Snapshot) -> Snapshot {
-        match self.read_all().await {
+        let started = Instant::now();
+        let read = tokio::time::timeout(READ_DEADLINE, self.read_all())
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "the coordinator did not answer within {}",
+                    humantime::format_duration(READ_DEADLINE)
+                )))
+            });
+        match read {
             Ok(read) => Snapshot {
                 colors: Colors::assign(&read.rollouts, &read.fleet, &read.nodes),
                 depths: last.depths.with(&read.queues.queues),
@@ -137,7 +170,7 @@ impl Feed {
                 rollouts: read.rollouts,
                 queues: read.queues,
                 error: None,
-                read_at: Some(Instant::now()),
+                read_at: Some(started),
             },
             Err(status) => Snapshot {
                 colors: Colors::assign(&last.rollouts, &last.fleet, &last.nodes),
@@ -147,7 +180,7 @@ impl Feed {
                 queues: last.queues.clone(),
                 depths: last.depths.clone(),
                 error: Some(super::super::client::explain(status).to_string()),
-                read_at: Some(Instant::now()),
+                read_at: Some(started),
             },
         }
     }

@@ -3,6 +3,12 @@
 //! name this server as their Host (no DNS rebinding) and, when a browser
 //! says where a request comes from, as their Origin (no cross-site
 //! request). A change must say its Origin.
+//!
+//! Browsers send a host's cookies to every port of it, so a page another
+//! local user serves on 127.0.0.1 could collect the cookie if the operator
+//! opened it. The dashboard therefore lives under a random path prefix, and
+//! its cookie is sent only there: a server that does not know the prefix
+//! never gets it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +29,8 @@ pub struct Guard {
     token: String,
     /// Per port: browsers share cookies between ports of one host.
     cookie: String,
+    /// "/u/<random>": where every page is, and the cookie's path.
+    prefix: String,
     local: SocketAddr,
 }
 
@@ -36,32 +44,51 @@ enum Refusal {
 
 impl Guard {
     pub fn new(local: SocketAddr) -> Self {
-        let mut hosts = vec![local.to_string()];
-        if local.ip().is_loopback() {
-            hosts.push(format!("localhost:{}", local.port()));
+        let mut names = vec![local.ip().to_string()];
+        if let std::net::IpAddr::V6(ip) = local.ip() {
+            names = vec![format!("[{ip}]")];
         }
-        let token: String = (0..32)
-            .map(|_| format!("{:02x}", rand::random::<u8>()))
+        if local.ip().is_loopback() {
+            names.push("localhost".into());
+        }
+        let mut hosts: Vec<String> = names
+            .iter()
+            .map(|name| format!("{name}:{}", local.port()))
             .collect();
+        // Browsers leave the default port out of Host and Origin.
+        if local.port() == 80 {
+            hosts.extend(names);
+        }
+        let random = |bytes: usize| -> String {
+            (0..bytes)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect()
+        };
         Self {
             hosts,
-            token,
+            token: random(32),
             cookie: format!("cutover_ui_{}", local.port()),
+            prefix: format!("/u/{}", random(12)),
             local,
         }
+    }
+
+    /// Where the pages are: "/u/<random>".
+    pub fn base(&self) -> &str {
+        &self.prefix
     }
 
     /// The address to open: it carries the token, which the first visit
     /// trades for a cookie.
     pub fn entry_url(&self) -> String {
-        format!("http://{}/?token={}", self.local, self.token)
+        format!("http://{}{}/?token={}", self.local, self.prefix, self.token)
     }
 
     /// The session cookie `Set-Cookie` sets for a valid token.
     fn session_cookie(&self) -> String {
         format!(
-            "{}={}; Path=/; HttpOnly; SameSite=Strict",
-            self.cookie, self.token
+            "{}={}; Path={}/; HttpOnly; SameSite=Strict",
+            self.cookie, self.token, self.prefix
         )
     }
 
@@ -134,7 +161,7 @@ pub async fn check(State(ui): State<Arc<Ui>>, request: Request, next: Next) -> R
             ),
             Refusal::NoSession => (
                 StatusCode::UNAUTHORIZED,
-                "No dashboard session: open the address `cutover ui` printed (it carries a one-time token), or start `cutover ui` again.".to_string(),
+                "No dashboard session: open the address `cutover ui` printed (it carries a token), or start `cutover ui` again.".to_string(),
             ),
         };
         (status, plain_page("Refused", &text)).into_response()
@@ -143,6 +170,14 @@ pub async fn check(State(ui): State<Arc<Ui>>, request: Request, next: Next) -> R
         return refused(refusal);
     }
     let query = request.uri().query().unwrap_or_default();
+    // The root without its slash: the cookie's path needs it.
+    if request.uri().path() == guard.prefix {
+        let to = match query {
+            "" => format!("{}/", guard.prefix),
+            query => format!("{}/?{query}", guard.prefix),
+        };
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response();
+    }
     if let Some(token) = guard.query_token(query) {
         if !guard.is_token(token) {
             return refused(Refusal::NoSession);
@@ -152,7 +187,8 @@ pub async fn check(State(ui): State<Arc<Ui>>, request: Request, next: Next) -> R
             .split('&')
             .filter(|p| !p.starts_with("token="))
             .collect();
-        let path = request.uri().path();
+        // Never `//host/...`: the redirect stays on this server.
+        let path = format!("/{}", request.uri().path().trim_start_matches(['/', '\\']));
         let to = match rest.is_empty() {
             true => path.to_string(),
             false => format!("{path}?{}", rest.join("&")),
@@ -177,7 +213,7 @@ pub async fn check(State(ui): State<Arc<Ui>>, request: Request, next: Next) -> R
             "content-security-policy",
             // Inline style attributes carry each release's hue and the bars'
             // widths; scripts come only from this server.
-            "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'self'",
         ),
         ("x-frame-options", "DENY"),
         // Not `no-referrer`: under it a browser sends `Origin: null` with a
@@ -255,7 +291,12 @@ mod tests {
         assert!(!guard.has_session(&cookie(&format!("cutover_ui_7481={token}"))));
         assert!(!guard.has_session(&cookie("cutover_ui_7480=0000")));
         assert!(!guard.has_session(&HeaderMap::new()));
-        assert!(guard.entry_url().ends_with(&token));
+        assert!(guard
+            .entry_url()
+            .ends_with(&format!("{}/?token={token}", guard.base())));
+        assert!(guard
+            .session_cookie()
+            .contains(&format!("Path={}/;", guard.base())));
         assert_eq!(
             guard.query_token(&format!("x=1&token={token}")),
             Some(token.as_str())

@@ -81,6 +81,18 @@ pub async fn run(connect: &ConnectArgs, args: UiArgs) -> Result<()> {
         .await
         .map_err(explain)?
         .into_inner();
+    if args.listen.ip().is_unspecified() {
+        anyhow::bail!(
+            "--listen {}: name the address browsers use (127.0.0.1:7480, or this machine's own address): the dashboard answers only requests for its own address",
+            args.listen
+        );
+    }
+    if args.refresh < Duration::from_millis(100) {
+        anyhow::bail!(
+            "--refresh {}: read the fleet at most every 100ms (the default is 1s)",
+            humantime::format_duration(args.refresh)
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {
@@ -146,19 +158,21 @@ async fn stop_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
+/// Every page under the dashboard's secret prefix (see `guard`).
 fn router(ui: Arc<Ui>) -> Router {
+    let at = |path: &str| format!("{}{path}", ui.guard.base());
     Router::new()
-        .route("/", get(pages::fleet))
-        .route("/nodes/{name}", get(pages::node))
-        .route("/rollouts", get(pages::rollouts))
-        .route("/rollouts/{id}", get(pages::rollout))
-        .route("/rollouts/{id}/action", post(actions::control_rollout))
-        .route("/releases", get(pages::releases))
-        .route("/releases/rollback", post(actions::rollback))
-        .route("/recovery", get(pages::recovery))
-        .route("/live", get(live::stream))
-        .route(assets::CSS.path, get(assets::css))
-        .route(assets::JS.path, get(assets::js))
+        .route(&at("/"), get(pages::fleet))
+        .route(&at("/nodes/{name}"), get(pages::node))
+        .route(&at("/rollouts"), get(pages::rollouts))
+        .route(&at("/rollouts/{id}"), get(pages::rollout))
+        .route(&at("/rollouts/{id}/action"), post(actions::control_rollout))
+        .route(&at("/releases"), get(pages::releases))
+        .route(&at("/releases/rollback"), post(actions::rollback))
+        .route(&at("/recovery"), get(pages::recovery))
+        .route(&at("/live"), get(live::stream))
+        .route(&at(assets::CSS.path), get(assets::css))
+        .route(&at(assets::JS.path), get(assets::js))
         .fallback(pages::not_found)
         .layer(axum::middleware::from_fn_with_state(
             ui.clone(),

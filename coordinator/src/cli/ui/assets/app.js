@@ -8,7 +8,9 @@
 // tag (and id, where it has one) is unchanged at its place.
 function morphChildren(from, to) {
   const next = [...to.childNodes];
+  const laterIds = new Set(next.filter((n) => n.id).map((n) => n.id));
   next.forEach((node, i) => {
+    laterIds.delete(node.id);
     let old = from.childNodes[i];
     if (node.id && (!old || old.id !== node.id)) {
       const keyed = [...from.children].find((c) => c.id === node.id);
@@ -19,6 +21,9 @@ function morphChildren(from, to) {
     }
     if (!old) {
       from.appendChild(node);
+    } else if (old.id && old.id !== node.id && laterIds.has(old.id)) {
+      // A keyed element that comes later stays for its turn.
+      from.insertBefore(node, old);
     } else if (old.nodeType !== node.nodeType || old.nodeName !== node.nodeName || (old.id || "") !== (node.id || "")) {
       from.replaceChild(node, old);
     } else if (node.nodeType === Node.ELEMENT_NODE) {
@@ -77,13 +82,30 @@ window.addEventListener("pagehide", disconnect);
 window.addEventListener("pageshow", () => { if (!document.hidden) connect(); });
 if (!document.hidden) connect();
 
+// The dialog names an action; what confirming posts is what it named,
+// taken when it opened: the page may change under it meanwhile.
 const dialog = document.getElementById("confirm");
 document.addEventListener("submit", (event) => {
   const form = event.target;
   if (!form.dataset.confirm || !dialog) return;
   event.preventDefault();
+  const asked = { action: form.getAttribute("action"), fields: [...new FormData(form)] };
   dialog.querySelector(".question").textContent = form.dataset.confirm;
   dialog.returnValue = "";
-  dialog.onclose = () => { if (dialog.returnValue === "ok") form.submit(); };
+  dialog.onclose = () => {
+    if (dialog.returnValue !== "ok") return;
+    const post = document.createElement("form");
+    post.method = "post";
+    post.action = asked.action;
+    for (const [name, value] of asked.fields) {
+      const field = document.createElement("input");
+      field.type = "hidden";
+      field.name = name;
+      field.value = value;
+      post.appendChild(field);
+    }
+    document.body.appendChild(post);
+    post.submit();
+  };
   dialog.showModal();
 });

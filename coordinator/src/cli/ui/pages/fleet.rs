@@ -7,18 +7,32 @@ use std::collections::BTreeMap;
 use cutover_proto::v1 as pb;
 use maud::{html, Markup};
 
-use super::{encode, release_label, state_badge};
+use super::{encode, rel, release_label, state_badge};
 use crate::cli::ui::feed::Snapshot;
 use crate::cli::ui::Ui;
 
-/// What a tile says of a node's copy of a service, worst first.
-fn health(node: &pb::Node, service: Option<&pb::ServiceState>, stopped: bool) -> &'static str {
+/// Where a tile stands: a node's copy of a service (none when the node does
+/// not run it), or a node in no service's group.
+enum Place<'a> {
+    Service {
+        state: Option<&'a pb::ServiceState>,
+        stopped: bool,
+    },
+    Ungrouped,
+}
+
+/// What a tile says, worst first.
+fn health(node: &pb::Node, place: &Place) -> &'static str {
     if node.status == pb::NodeStatus::Revoked as i32 {
         return "revoked";
     }
     if !node.connected {
         return "unreachable";
     }
+    let (service, stopped) = match place {
+        Place::Ungrouped => return "ready",
+        Place::Service { state, stopped } => (*state, *stopped),
+    };
     match service {
         None if stopped => "stopped",
         None => "absent",
@@ -80,7 +94,7 @@ pub fn render(ui: &Ui, snapshot: &Snapshot) -> Markup {
                 h2 { "Nodes without a service" }
                 div.tiles {
                     @for node in &unplaced {
-                        (tile(snapshot, node, None, false, None))
+                        (tile(snapshot, node, Place::Ungrouped, None))
                     }
                 }
             }
@@ -92,8 +106,7 @@ fn service_group(ui: &Ui, snapshot: &Snapshot, service: &pb::FleetService) -> Ma
     let rollout = (!service.rollout_id.is_empty())
         .then(|| snapshot.rollout(&service.rollout_id))
         .flatten();
-    // The nodes the environment selects, and any other that runs the
-    // service there (left behind by a selector change).
+    // The nodes the environment selects for the service.
     let mut nodes: Vec<&pb::Node> = service
         .node_ids
         .iter()
@@ -122,13 +135,13 @@ fn service_group(ui: &Ui, snapshot: &Snapshot, service: &pb::FleetService) -> Ma
                     " " span.badge.wait title=(format!("{} by {}", lock.reason, lock.by)) { "locked" }
                 }
                 @if let Some(r) = rollout {
-                    " " a.rollout-link href=(format!("/rollouts/{}", encode(&r.id))) {
+                    " " a.rollout-link href=(rel(&format!("/rollouts/{}", encode(&r.id)))) {
                         (r.kind) " " (r.release.as_ref().map_or("", |x| x.version.as_str())) " "
                     }
                     (state_badge(r.state().as_str()))
                 }
                 @if ui.may_deploy(&service.env) {
-                    " " a.small href=(format!("/releases?env={}&service={}", encode(&service.env), encode(&service.service))) { "releases" }
+                    " " a.small href=(rel(&format!("/releases?env={}&service={}", encode(&service.env), encode(&service.service)))) { "releases" }
                 }
             }
             div.legend {
@@ -138,7 +151,7 @@ fn service_group(ui: &Ui, snapshot: &Snapshot, service: &pb::FleetService) -> Ma
             }
             div.tiles {
                 @for (node, state) in &releases {
-                    (tile(snapshot, node, *state, service.stopped, rollout))
+                    (tile(snapshot, node, Place::Service { state: *state, stopped: service.stopped }, rollout))
                 }
                 @if releases.is_empty() {
                     p.empty { "No node matches " (service.selector) "." }
@@ -153,18 +166,15 @@ fn service_group(ui: &Ui, snapshot: &Snapshot, service: &pb::FleetService) -> Ma
 fn tile(
     snapshot: &Snapshot,
     node: &pb::Node,
-    state: Option<&pb::ServiceState>,
-    stopped: bool,
+    place: Place,
     rollout: Option<&pb::Rollout>,
 ) -> Markup {
-    let release = state.map_or("", |s| s.release_id.as_str());
-    let health = match state {
-        None if rollout.is_none() && !stopped => {
-            // A node without this service, or in no group at all.
-            health(node, None, true)
-        }
-        _ => health(node, state, stopped),
+    let state = match place {
+        Place::Service { state, .. } => state,
+        Place::Ungrouped => None,
     };
+    let release = state.map_or("", |s| s.release_id.as_str());
+    let health = health(node, &place);
     let step = rollout
         .and_then(|r| r.nodes.iter().find(|n| n.id == node.id))
         .filter(|n| !super::rollouts::at_rest(n.state()));
@@ -186,7 +196,7 @@ fn tile(
     }
     html! {
         a class=(class)
-            href=(format!("/nodes/{}", encode(&node.name)))
+            href=(rel(&format!("/nodes/{}", encode(&node.name))))
             data-node=(node.name) data-release=(release) data-health=(health)
             style=(style)
             title=(format!("{}: {} ({health})", node.name, if release.is_empty() { "no release" } else { release })) {

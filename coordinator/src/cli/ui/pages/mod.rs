@@ -157,7 +157,7 @@ fn error_box(e: &PageError) -> Markup {
         section.error-page data-status=(e.status.as_u16()) {
             h1 { (e.status.canonical_reason().unwrap_or("Error")) }
             p { (e.message) }
-            p { a href="/" { "Back to the fleet" } }
+            p { a href="./" { "Back to the fleet" } }
         }
     }
 }
@@ -183,15 +183,16 @@ fn frame(ui: &Ui, page: &Page, main: Markup) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (page.title()) " · cutover" }
-                link rel="stylesheet" href=(assets::CSS.href());
-                script src=(assets::JS.href()) defer {}
+                base href=(format!("{}/", ui.guard.base()));
+                link rel="stylesheet" href=(rel(&assets::CSS.href()));
+                script src=(rel(&assets::JS.href())) defer {}
             }
             body {
                 header.top {
-                    a.brand href="/" { "cutover" }
+                    a.brand href="./" { "cutover" }
                     nav {
                         @for (href, label) in nav {
-                            a href=(href) class=[(page.section() == href).then_some("here")] { (label) }
+                            a href=(rel(href)) class=[(page.section() == href).then_some("here")] { (label) }
                         }
                     }
                     span.who title=(ui.coordinator) {
@@ -199,7 +200,7 @@ fn frame(ui: &Ui, page: &Page, main: Markup) -> Markup {
                     }
                     span.live id="live" title="Live: the page changes as the fleet does" { "live" }
                 }
-                main id="main" data-live=(format!("/live?page={}", encode(&page.address()))) {
+                main id="main" data-live=(format!("live?page={}", encode(&page.address()))) {
                     (main)
                 }
                 dialog id="confirm" {
@@ -236,7 +237,7 @@ pub fn not_found_page(address: &str) -> Response {
         StatusCode::NOT_FOUND,
         plain_page(
             "Not found",
-            &format!("There is no page at {address}; the fleet is at /."),
+            &format!("There is no page at {address}: the pages are under the address `cutover ui` printed."),
         ),
     )
         .into_response()
@@ -309,6 +310,15 @@ pub fn state_badge(text: &str) -> Markup {
         _ => "plain",
     };
     html! { span class=(format!("badge {class}")) { (text.replace('_', " ")) } }
+}
+
+/// `address` (from the dashboard's root, "/rollouts/ID") relative to the
+/// page's `<base>`, which is the dashboard's root under its secret prefix.
+pub fn rel(address: &str) -> String {
+    match address.trim_start_matches('/') {
+        "" => "./".to_string(),
+        rest => rest.to_string(),
+    }
 }
 
 /// Percent-decoding of one path segment or query value.

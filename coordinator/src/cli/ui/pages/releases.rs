@@ -5,7 +5,7 @@
 use cutover_proto::v1 as pb;
 use maud::{html, Markup};
 
-use super::{decode, encode, release_label, state_badge, when, PageError};
+use super::{decode, encode, rel, release_label, state_badge, when, PageError};
 use crate::cli::ui::feed::Snapshot;
 use crate::cli::ui::Ui;
 
@@ -76,14 +76,14 @@ pub async fn render(ui: &Ui, snapshot: &Snapshot, q: &ReleasesQuery) -> Result<M
             tbody {
                 @for r in &releases {
                     @let info = r.release.clone().unwrap_or_default();
-                    tr data-release=(info.id) class=[r.current.then_some("current")] {
+                    tr id=(format!("release-{}", info.id)) data-release=(info.id) class=[r.current.then_some("current")] {
                         td { (release_label(snapshot, &info.id)) br; span.muted { (info.id) } }
                         td { (state_badge(r.state().as_str())) @if r.current { " " span.badge.ok { "current" } } }
                         td {
                             (r.deployed_by) br; span.muted { (when(r.deployed_at_ms)) }
                             @if !r.promoted_from.is_empty() { br; span.muted { "promoted from " (r.promoted_from) } }
                         }
-                        td { @if !r.rollout_id.is_empty() { a href=(format!("/rollouts/{}", encode(&r.rollout_id))) { (r.rollout_id) } } }
+                        td { @if !r.rollout_id.is_empty() { a href=(rel(&format!("/rollouts/{}", encode(&r.rollout_id)))) { (r.rollout_id) } } }
                         td {
                             @if !r.migration_phase.is_empty() {
                                 (r.migration_phase) " at " (when(r.migrated_at_ms)) " (" (r.migration_duration_ms) " ms)"
@@ -94,7 +94,7 @@ pub async fn render(ui: &Ui, snapshot: &Snapshot, q: &ReleasesQuery) -> Result<M
                         @if may {
                             td {
                                 @if !r.current {
-                                    form method="post" action="/releases/rollback"
+                                    form method="post" id=(format!("rollback-{}", info.id)) action=(rel("/releases/rollback"))
                                         data-confirm=(format!("Roll {} in {} back to {} ({})? Its nodes switch to it, health-checked, as `cutover rollback --to` does.", q.service, q.env, info.version, info.id)) {
                                         input type="hidden" name="env" value=(q.env);
                                         input type="hidden" name="service" value=(q.service);
@@ -120,7 +120,7 @@ fn index(snapshot: &Snapshot) -> Markup {
         ul.services {
             @for s in &snapshot.fleet {
                 li {
-                    a href=(ReleasesQuery { env: s.env.clone(), service: s.service.clone() }.address()) {
+                    a href=(rel(&ReleasesQuery { env: s.env.clone(), service: s.service.clone() }.address())) {
                         (s.service) " in " (s.env)
                     }
                     " " @if let Some(r) = &s.release { (release_label(snapshot, &r.id)) }

@@ -5,7 +5,7 @@
 use cutover_proto::v1 as pb;
 use maud::{html, Markup};
 
-use super::{encode, release_label, state_badge, when, PageError};
+use super::{encode, rel, release_label, state_badge, when, PageError};
 use crate::cli::rollout_view::{approval_line, canary_line, error_text};
 use crate::cli::ui::feed::Snapshot;
 use crate::cli::ui::Ui;
@@ -71,7 +71,7 @@ pub fn list(snapshot: &Snapshot) -> Markup {
                 tbody {
                     @for r in &snapshot.rollouts {
                         tr data-rollout=(r.id) data-state=(r.state().as_str()) {
-                            td { a href=(format!("/rollouts/{}", encode(&r.id))) { (r.id) } }
+                            td { a href=(rel(&format!("/rollouts/{}", encode(&r.id)))) { (r.id) } }
                             td { (r.service) }
                             td { (r.env) }
                             td { (r.kind) }
@@ -140,7 +140,7 @@ fn detail(ui: &Ui, snapshot: &Snapshot, r: &pb::Rollout) -> Markup {
             tbody {
                 @for n in &r.nodes {
                     tr data-node=(n.name) data-state=(n.state().as_str()) {
-                        td { a href=(format!("/nodes/{}", encode(&n.name))) { (n.name) } }
+                        td { a href=(rel(&format!("/nodes/{}", encode(&n.name)))) { (n.name) } }
                         td { (state_badge(n.state().as_str())) @if n.refused { " " (state_badge("refused")) } }
                         td { @if n.batch > 0 { (n.batch) } }
                         td { (release_label(snapshot, &n.release)) }
@@ -237,7 +237,7 @@ fn actions(ui: &Ui, r: &pb::Rollout) -> Markup {
     html! {
         div.actions id="actions" {
             @for (action, label, what) in &list {
-                form method="post" action=(format!("/rollouts/{}/action", encode(&r.id)))
+                form method="post" id=(format!("action-{action}")) action=(rel(&format!("/rollouts/{}/action", encode(&r.id))))
                     data-confirm=(format!("{label} rollout {} of {} in {}? {what}", r.id, r.service, r.env)) {
                     input type="hidden" name="action" value=(action);
                     button type="submit" class=(if *action == "abort" || *action == "reject" { "danger" } else { "" })
