@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cutover_common::identity::Role;
+use cutover_integration_tests::browser::Dashboard;
 use cutover_integration_tests::cli::{two_builds, Cli};
 use cutover_integration_tests::coordinators::{wait_until, ServerProcess};
 use cutover_integration_tests::load::Load;
@@ -284,6 +285,8 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
         read.timeline.iter().any(|t| t.kind == "batch_switched"),
         "{read:#?}"
     );
+    // The admin's dashboard, dialled to the leader about to die.
+    let dashboard = Dashboard::start(&admin);
     first.kill();
     let took_over = wait_until(
         "another coordinator takes the lead",
@@ -303,6 +306,44 @@ async fn a_sigkilled_leader_is_replaced_mid_rollout_without_a_failed_request() {
 
     let status = rollout_end(&cli, &admin, &rollout, &leader.log).await;
     assert_eq!(status["state"], "succeeded", "{status:#}");
+    // The dashboard dialled the new leader by itself: its fleet page
+    // shows every node on the release the new leader finished.
+    let v2 = format!(
+        "data-release=\"{}\"",
+        status["release"]["id"].as_str().unwrap()
+    );
+    let authority = dashboard
+        .base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let fleet = format!("/{}/", dashboard.base.splitn(4, '/').nth(3).unwrap());
+    let headers = [
+        format!("Host: {authority}"),
+        format!(
+            "Cookie: cutover_ui_{}={}",
+            authority.rsplit(':').next().unwrap(),
+            dashboard.token()
+        ),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, page) = dashboard.request("GET", &fleet, &headers);
+        if code == 200
+            && page.matches(&v2).count() == NODES.len()
+            && !page.contains("does not answer")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dashboard follows the new leader: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(dashboard.stop().success());
     // The dead one is reported, another leads; exit 0 while one leads.
     let (ok, text) = cli.run(&admin, &["server", "status"]);
     println!("{text}");

@@ -8,13 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proto::v1 as pb;
-use cutover_proto::v1::operator_service_client::OperatorServiceClient;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::colors::Colors;
 use super::depths::QueueDepths;
+use super::dial::Dialer;
 
 /// How long one read of the fleet may take before the pages say the
 /// coordinator does not answer (and keep the view they have).
@@ -76,7 +75,7 @@ struct Read {
 
 #[derive(Clone)]
 pub struct Feed {
-    client: OperatorServiceClient<Channel>,
+    dialer: Arc<Dialer>,
     refresh: Duration,
     sender: Arc<watch::Sender<Arc<Snapshot>>>,
     /// One read at a time: pages loaded together share it.
@@ -85,13 +84,9 @@ pub struct Feed {
 }
 
 impl Feed {
-    pub fn new(
-        client: OperatorServiceClient<Channel>,
-        refresh: Duration,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(dialer: Arc<Dialer>, refresh: Duration, shutdown: CancellationToken) -> Self {
         Self {
-            client,
+            dialer,
             refresh,
             sender: Arc::new(watch::channel(Arc::new(Snapshot::default())).0),
             reading: Arc::new(Mutex::new(())),
@@ -153,14 +148,26 @@ impl Feed {
     /// each takes.
     async fn read(&self, last: &Snapshot) -> Snapshot {
         let started = Instant::now();
-        let read = tokio::time::timeout(READ_DEADLINE, self.read_all())
-            .await
-            .unwrap_or_else(|_| {
-                Err(tonic::Status::deadline_exceeded(format!(
-                    "the coordinator did not answer within {}",
-                    humantime::format_duration(READ_DEADLINE)
-                )))
-            });
+        let read = tokio::time::timeout(READ_DEADLINE, async {
+            match self.read_all().await {
+                // Gone, or following another: dial the leader, read again.
+                Err(status) if Dialer::lost(&status) => match self.dialer.redial().await {
+                    Ok(()) => self.read_all().await,
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot reach a leading coordinator");
+                        Err(status)
+                    }
+                },
+                read => read,
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "the coordinator did not answer within {}",
+                humantime::format_duration(READ_DEADLINE)
+            )))
+        });
         match read {
             Ok(read) => Snapshot {
                 colors: Colors::assign(&read.rollouts, &read.fleet, &read.nodes),
@@ -186,7 +193,7 @@ impl Feed {
     }
 
     async fn read_all(&self) -> Result<Read, tonic::Status> {
-        let mut client = self.client.clone();
+        let mut client = self.dialer.client();
         let mut nodes = client
             .list_nodes(pb::ListNodesRequest {})
             .await?

@@ -15,6 +15,7 @@ mod assets;
 mod charts;
 mod colors;
 mod depths;
+mod dial;
 mod feed;
 mod guard;
 mod live;
@@ -48,7 +49,7 @@ pub struct UiArgs {
 
 /// What every handler shares.
 pub struct Ui {
-    client: OperatorServiceClient<Channel>,
+    dialer: Arc<dial::Dialer>,
     /// The operator the coordinator says we are: which buttons to show.
     me: pb::Operator,
     coordinator: String,
@@ -59,7 +60,7 @@ pub struct Ui {
 
 impl Ui {
     fn client(&self) -> OperatorServiceClient<Channel> {
-        self.client.clone()
+        self.dialer.client()
     }
 
     /// Whether the operator may change what runs in `env`: a deployer of
@@ -106,9 +107,10 @@ pub async fn run(connect: &ConnectArgs, args: UiArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     let guard = guard::Guard::new(local);
     let url = guard.entry_url();
+    let dialer = Arc::new(dial::Dialer::new(connect.clone(), client));
     let ui = Arc::new(Ui {
-        feed: feed::Feed::new(client.clone(), args.refresh, shutdown.clone()),
-        client,
+        feed: feed::Feed::new(dialer.clone(), args.refresh, shutdown.clone()),
+        dialer,
         me,
         coordinator: connection.coordinator,
         guard,
