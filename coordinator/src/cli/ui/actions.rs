@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::Form;
 use cutover_proto::v1 as pb;
+use maud::{html, DOCTYPE};
 use serde::Deserialize;
 
-use super::pages::{encode, plain_page, PageError};
+use super::pages::{encode, PageError};
 use super::Ui;
 
 #[derive(Deserialize)]
@@ -44,9 +45,21 @@ fn see(ui: &Ui, to: &str) -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response()
 }
 
-fn refused(e: PageError, back: &str) -> Response {
-    let text = format!("{} (back: {back})", e.message);
-    (e.status, plain_page("Refused", &text)).into_response()
+/// The coordinator's refusal in its words, and the way back to the page
+/// that asked (`back` from the dashboard's root).
+fn refused(ui: &Ui, e: PageError, back: &str) -> Response {
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head { meta charset="utf-8"; title { "Refused · cutover" } }
+            body {
+                h1 { "Refused" }
+                p.refusal { (e.message) }
+                p { a href=(format!("{}{back}", ui.guard.base())) { "Back" } }
+            }
+        }
+    };
+    (e.status, Html(page.into_string())).into_response()
 }
 
 pub async fn control_rollout(
@@ -63,7 +76,7 @@ pub async fn control_rollout(
                 form.action
             ),
         };
-        return refused(e, &back);
+        return refused(&ui, e, &back);
     };
     let request = pb::ControlRolloutRequest {
         id,
@@ -72,7 +85,7 @@ pub async fn control_rollout(
     };
     match ui.client().control_rollout(request).await {
         Ok(_) => see(&ui, &back),
-        Err(status) => refused(PageError::from_status(status), &back),
+        Err(status) => refused(&ui, PageError::from_status(status), &back),
     }
 }
 
@@ -100,6 +113,6 @@ pub async fn rollback(State(ui): State<Arc<Ui>>, Form(form): Form<RollbackForm>)
             Some(rollout) => see(&ui, &format!("/rollouts/{}", encode(&rollout.id))),
             None => see(&ui, &back),
         },
-        Err(status) => refused(PageError::from_status(status), &back),
+        Err(status) => refused(&ui, PageError::from_status(status), &back),
     }
 }
