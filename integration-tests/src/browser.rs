@@ -110,6 +110,19 @@ impl Browser {
             .unwrap()
     }
 
+    /// Clicks the first element `css` selects, once there is one.
+    pub async fn click(&self, css: &str) {
+        self.client
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
     /// What `script` (a function body) returns, as JSON.
     pub async fn eval(&self, script: &str) -> serde_json::Value {
         self.client

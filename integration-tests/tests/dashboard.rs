@@ -228,39 +228,20 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
         .await
         .unwrap();
     let abort = r#"button[data-action="abort"]"#;
-    page.wait()
-        .for_element(Locator::Css(abort))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click(abort).await;
     let question = browser.text("dialog[open] .question").await;
     assert!(
         question.contains(&format!("Abort rollout {id_3}")),
         "{question}"
     );
-    page.find(Locator::Css(r#"dialog[open] button[value="cancel"]"#))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser
+        .click(r#"dialog[open] button[value="cancel"]"#)
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(newest_rollout(&cli, &admin)["abort_requested"], false);
-    page.find(Locator::Css(abort))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click(abort).await;
     browser.screenshot("confirm").await;
-    page.find(Locator::Css("#confirm-ok"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("#confirm-ok").await;
     browser
         .wait_until(
             "the page shows the rollout ended",
@@ -378,24 +359,14 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
         json!([2, 1])
     );
     browser.screenshot("rollout-canary").await;
-    page.find(Locator::Css(r#"button[data-action="promote-full"]"#))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click(r#"button[data-action="promote-full"]"#).await;
     // While the dialog asks, the page changes under it (as a live update
     // may): the form it was opened from now says abort. Confirming posts
     // what the dialog named.
     browser
         .eval(r#"document.querySelector('#action-promote-full input[name="action"]').value = 'abort'; return null;"#)
         .await;
-    page.find(Locator::Css("#confirm-ok"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("#confirm-ok").await;
     browser
         .wait_until(
             "the canary is promoted and succeeds",
