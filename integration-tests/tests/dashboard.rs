@@ -516,6 +516,39 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
         }
     }
 
+    // An incident lever shows on its node's tile, live.
+    let (ok, text) = cli.run(
+        &dana,
+        &[
+            "maintenance",
+            "on",
+            "web",
+            "--env",
+            "production",
+            "--node",
+            "node-2",
+        ],
+    );
+    assert!(ok, "{text}");
+    page.goto(&format!("{}/", dashboard.base)).await.unwrap();
+    browser
+        .wait_until(
+            "node-2's tile says maintenance",
+            Duration::from_secs(20),
+            r#"const t = document.querySelector('.tile[data-node="node-2"] .lever'); return !!t && t.textContent.includes('maintenance') && !document.querySelector('.tile[data-node="node-1"] .lever');"#,
+        )
+        .await;
+    browser.screenshot("fleet-lever").await;
+    let (ok, text) = cli.run(&dana, &["maintenance", "off", "web", "--env", "production"]);
+    assert!(ok, "{text}");
+    browser
+        .wait_until(
+            "the lever is gone from the tile",
+            Duration::from_secs(20),
+            "return !document.querySelector('.tile .lever');",
+        )
+        .await;
+
     // The other pages.
     for (path, name, says) in [
         ("/nodes/node-2", "node", "Certificate"),

@@ -8,6 +8,7 @@ use cutover_proto::v1 as pb;
 use maud::{html, Markup};
 
 use super::{encode, rel, release_label, state_badge};
+use crate::cli::nodes::levers_cell;
 use crate::cli::ui::feed::Snapshot;
 use crate::cli::ui::Ui;
 
@@ -210,6 +211,11 @@ fn tile(
                 }
             }
             span.health { (health.replace('_', " ")) }
+            // An incident lever its proxy applies (maintenance, throttle,
+            // pause): seen on the grid, not only on the node's page.
+            @if let Some(levers) = state.and_then(|s| s.levers.as_ref()).map(levers_cell).filter(|l| !l.is_empty()) {
+                span.lever { (levers.trim().trim_matches(['(', ')'])) }
+            }
             @if let Some(step) = step {
                 span.step { (step.state().as_str().replace('_', " ")) }
             }
