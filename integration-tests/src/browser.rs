@@ -37,14 +37,17 @@ impl Browser {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap().port()
         };
+        let profile = tempfile::tempdir().unwrap();
+        // chromium's own temporary dirs go with the profile, even when it
+        // is killed.
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .env("TMPDIR", profile.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()
             .expect("chromedriver starts");
-        let profile = tempfile::tempdir().unwrap();
         // Without the background-networking flags chromium keeps trying
         // hosts this machine cannot reach.
         let args = [
@@ -58,7 +61,10 @@ impl Browser {
             "--disable-component-update",
             "--disable-sync",
             "--window-size=1280,900",
-            &format!("--user-data-dir={}", profile.path().display()),
+            &format!(
+                "--user-data-dir={}",
+                profile.path().join("profile").display()
+            ),
         ];
         let mut capabilities = serde_json::Map::new();
         capabilities.insert(
