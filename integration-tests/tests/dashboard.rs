@@ -346,6 +346,8 @@ async fn the_dashboard_shows_the_fleet_live_and_acts_as_its_operator() {
             r#"return [...document.querySelectorAll('.tile .side')].some(s => /\+v4 50%/.test(s.textContent));"#,
         )
         .await;
+    let line = browser.text(r#".service[data-service="web"] h3"#).await;
+    assert!(line.contains("awaiting promotion"), "{line}");
     browser.screenshot("fleet-canary").await;
     page.goto(&format!("{}/rollouts/{id_4}", dashboard.base))
         .await

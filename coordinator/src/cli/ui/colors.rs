@@ -19,6 +19,27 @@ fn slot(release_id: &str) -> usize {
     (hash % HUES.len() as u64) as usize
 }
 
+/// How far apart two hues are on the wheel, in degrees.
+fn apart(a: u32, b: u32) -> u32 {
+    let d = a.abs_diff(b);
+    d.min(360 - d)
+}
+
+/// Hues closer than this look alike on a tile.
+const ALIKE: u32 = 45;
+
+/// From `own` on, the first free slot whose hue is far from every taken
+/// one; else the first free slot; else `own` (more releases than hues).
+fn pick(own: usize, taken: &[bool; HUES.len()]) -> usize {
+    let from_own = (0..HUES.len()).map(|i| (own + i) % HUES.len());
+    let far = |at: usize| (0..HUES.len()).all(|t| !taken[t] || apart(HUES[t], HUES[at]) >= ALIKE);
+    from_own
+        .clone()
+        .find(|&at| !taken[at] && far(at))
+        .or_else(|| from_own.clone().find(|&at| !taken[at]))
+        .unwrap_or(own)
+}
+
 #[derive(Debug, Default)]
 pub struct Colors(HashMap<String, u32>);
 
@@ -59,12 +80,7 @@ impl Colors {
         for ids in order.values() {
             let mut taken = [false; HUES.len()];
             for id in ids {
-                let mut at = slot(id);
-                if taken.iter().any(|t| !t) {
-                    while taken[at] {
-                        at = (at + 1) % HUES.len();
-                    }
-                }
+                let at = pick(slot(id), &taken);
                 taken[at] = true;
                 colors.insert(id.clone(), HUES[at]);
             }
@@ -115,6 +131,12 @@ mod tests {
             assert_eq!(distinct.len(), hues.len(), "{hues:?}");
             for (id, hue) in &before {
                 assert_eq!(colors.hue(id), *hue, "{id} kept its color");
+            }
+            // The first releases in view are far apart on the wheel.
+            for (x, a) in hues.iter().take(4).enumerate() {
+                for b in hues.iter().take(4).skip(x + 1) {
+                    assert!(apart(*a, *b) >= ALIKE, "{hues:?}");
+                }
             }
             before = ids[..=i].iter().cloned().zip(hues).collect();
         }

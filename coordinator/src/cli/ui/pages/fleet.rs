@@ -140,6 +140,11 @@ fn service_group(ui: &Ui, snapshot: &Snapshot, service: &pb::FleetService) -> Ma
                         (r.kind) " " (r.release.as_ref().map_or("", |x| x.version.as_str())) " "
                     }
                     (state_badge(r.state().as_str()))
+                    // Said where the fleet is watched, not only on the
+                    // rollout's page.
+                    @if r.canary.as_ref().is_some_and(|c| c.awaiting_promotion) {
+                        " " (state_badge("awaiting_promotion"))
+                    }
                 }
                 @if ui.may_deploy(&service.env) {
                     " " a.small href=(rel(&format!("/releases?env={}&service={}", encode(&service.env), encode(&service.service)))) { "releases" }

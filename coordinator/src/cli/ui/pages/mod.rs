@@ -306,7 +306,8 @@ pub fn state_badge(text: &str) -> Markup {
         | "unhealthy" | "down" => "bad",
         "running" | "rolling_back" | "activating" | "preparing" | "weighting" | "staging"
         | "stopping" => "busy",
-        "paused" | "held" | "awaiting_approval" | "at_risk" | "inconclusive" | "drained" => "wait",
+        "paused" | "held" | "awaiting_approval" | "awaiting_promotion" | "at_risk"
+        | "inconclusive" | "drained" => "wait",
         _ => "plain",
     };
     html! { span class=(format!("badge {class}")) { (text.replace('_', " ")) } }
