@@ -86,6 +86,11 @@ pub struct AgentConfig {
     /// peer those headers are replaced. Default: loopback only.
     #[serde(default = "default_trusted_networks", deserialize_with = "networks")]
     pub proxy_trusted_networks: Vec<Network>,
+    /// Threads (each a runtime of its own) that serve the node proxies'
+    /// client connections. Default 0: one per core the agent may run on
+    /// (its CPU affinity, as systemd's `CPUAffinity=` sets it).
+    #[serde(default)]
+    pub proxy_threads: usize,
     /// On shutdown, drain and stop every service instead of leaving them
     /// running for the next agent (fail static, the default). For
     /// development clusters, where stopping the agents should stop

@@ -241,6 +241,7 @@ fn main() -> ExitCode {
         start => start,
     };
     let startup = Startup::from_env(start);
+    cutover_agent::proxy::workers::start(config.proxy_threads);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -673,13 +673,17 @@ async fn closing_backend() -> SocketAddr {
     addr
 }
 
+/// The race only happens on a connection that sat idle (the proxy copies
+/// a request to send again only then): the requests here are spaced by
+/// more than that idle time.
 #[tokio::test]
 async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_again() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
     proxy.switch(Some(RouteSpec::all("closing", closing_backend().await)));
     let client = client();
     let url = format!("http://{}/", proxy.local_addr());
-    for i in 0..20 {
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(
             get(&client, &url).await.unwrap(),
             (200, "ok".into()),
@@ -687,18 +691,84 @@ async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_agai
         );
     }
     let stats = proxy.release_stats("closing").unwrap();
-    assert_eq!((stats.requests, stats.upstream_failures), (20, 0));
+    assert_eq!((stats.requests, stats.upstream_failures), (6, 0));
 
     // A request with a body may have had an effect: it is not sent twice.
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut statuses = Vec::new();
     for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
         let request = Request::post(url.clone())
             .body(Full::new(Bytes::from_static(b"order")))
             .unwrap();
         statuses.push(client.request(request).await.unwrap().status().as_u16());
     }
     assert!(statuses.contains(&502), "{statuses:?}");
+}
+
+/// A backend that answers the first request of each connection and closes
+/// the connection 50 ms later, idle: as a server whose keep-alive timeout
+/// is short, or one restarting.
+async fn idle_closing_backend() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A connection the release closed while it was idle is not used again,
+/// whether the client connection that holds it stays open or ended and
+/// left it to the next one: the close is seen before the request is
+/// written, so even a request with a body, which cannot be sent twice,
+/// goes on a new connection and gets its answer.
+#[tokio::test]
+async fn a_connection_the_release_closed_while_idle_is_not_used() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    proxy.switch(Some(RouteSpec::all(
+        "closing",
+        idle_closing_backend().await,
+    )));
+    let url = format!("http://{}/", proxy.local_addr());
+    let post = || {
+        Request::post(url.clone())
+            .body(Full::new(Bytes::from_static(b"order")))
+            .unwrap()
+    };
+    let kept: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let one_per_request: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+    for (client, name) in [(kept, "kept"), (one_per_request, "one per request")] {
+        for i in 0..4 {
+            let response = client.request(post()).await.unwrap();
+            assert_eq!(
+                response.status(),
+                200,
+                "{name} client connection, request {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let stats = proxy.release_stats("closing").unwrap();
+    assert_eq!((stats.requests, stats.upstream_failures), (8, 0));
 }
 
 #[tokio::test]

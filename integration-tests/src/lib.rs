@@ -401,6 +401,7 @@ impl Cluster {
             release_log_files: 2,
             releases_keep: 5,
             proxy_trusted_networks: Vec::new(),
+            proxy_threads: 0,
             stop_services_on_shutdown: false,
             docker_host: cutover_agent::config::default_docker_host(),
             registries: Vec::new(),

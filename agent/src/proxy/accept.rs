@@ -2,19 +2,22 @@
 //! and at its end drained (at once, or after a handoff's linger).
 
 use std::convert::Infallible;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Context;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{handle, ProxyBody, Shared};
+use super::{handle, Link, ProxyBody, Shared};
 
 /// What starts and ends an accept loop and its connections.
 pub(super) struct Gates {
@@ -23,7 +26,14 @@ pub(super) struct Gates {
     pub(super) connections: CancellationToken,
 }
 
-pub(super) async fn accept_loop(listener: Arc<TcpListener>, shared: Arc<Shared>, gates: Gates) {
+/// Accepts on `listener` (this runtime's registration of `socket`, kept
+/// alive with it so the agent can pass it on) until the shutdown.
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    socket: Arc<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    gates: Gates,
+) {
     let Gates {
         accepting,
         shutdown,
@@ -51,31 +61,12 @@ pub(super) async fn accept_loop(listener: Arc<TcpListener>, shared: Arc<Shared>,
         // Reap finished connections so the set stays as large as what is open.
         while connections.try_join_next().is_some() {}
         let _ = tcp.set_nodelay(true);
-        let header_timeout = shared.config.header_timeout;
-        let shared = shared.clone();
-        let shutdown = stop_connections.clone();
-        connections.spawn(async move {
-            let service =
-                service_fn(move |request| closing_if_handing_off(shared.clone(), request, peer));
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        });
+        connections.spawn(serve(tcp, peer, shared.clone(), stop_connections.clone()));
     }
     // The port is free for a successor at once (unless another agent's
     // copy holds it); open connections drain, at once unless handing off.
     drop(listener);
+    drop(socket);
     if !shared.closing.load(Ordering::Acquire) {
         stop_connections.cancel();
     }
@@ -90,14 +81,52 @@ pub(super) async fn accept_loop(listener: Arc<TcpListener>, shared: Arc<Shared>,
     }
 }
 
+/// Serves one client connection, and drives its upstream connections
+/// (`Link`) in the same task: each wake-up polls them, then the client
+/// connection (whose requests may start or use one), then them again so a
+/// request just handed over is written at once.
+async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let link = Arc::new(Link::new());
+    let service = {
+        let (shared, link) = (shared.clone(), link.clone());
+        service_fn(move |request| {
+            closing_if_handing_off(shared.clone(), link.clone(), request, peer)
+        })
+    };
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    let mut connection = pin!(connection);
+    let mut served = false;
+    let drive = |cx: &mut Context<'_>, connection: Pin<&mut _>| {
+        link.drive(cx);
+        let polled = Future::poll(connection, cx);
+        link.drive(cx);
+        polled.map(|_| ())
+    };
+    tokio::select! {
+        _ = poll_fn(|cx| drive(cx, connection.as_mut())) => served = true,
+        _ = shutdown.cancelled() => {}
+    }
+    if !served {
+        connection.as_mut().graceful_shutdown();
+        poll_fn(|cx| drive(cx, connection.as_mut())).await;
+    }
+    link.close(&shared.routes.load());
+}
+
 /// `handle`, with `Connection: close` on every answer while the proxy hands
 /// off (not on a protocol switch, whose connection becomes the tunnel).
 async fn closing_if_handing_off(
     shared: Arc<Shared>,
+    link: Arc<Link>,
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let mut response = handle(shared.clone(), request, peer).await?;
+    let mut response = handle(shared.clone(), link, request, peer).await?;
     if shared.closing.load(Ordering::Acquire)
         && response.status() != StatusCode::SWITCHING_PROTOCOLS
     {

@@ -11,26 +11,26 @@ pub(crate) fn text_response(status: StatusCode, text: String) -> Response<ProxyB
         .status(status)
         .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .header(http::header::CACHE_CONTROL, "no-store")
-        .body(
-            Full::new(Bytes::from(text))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        .body(ProxyBody::own(Bytes::from(text)))
         .expect("static response parts are valid")
 }
 
 pub(super) async fn handle(
     shared: Arc<Shared>,
+    link: Arc<Link>,
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if request.uri().path() == shared.config.readiness_path {
         return Ok(readiness(&shared));
     }
-    if let Some(answer) =
-        levers::answer(&shared, request.uri().path(), request.headers(), peer.ip()).await
-    {
-        return Ok(answer);
+    // Levers are rare, and a paused request's wait is a large future:
+    // boxed, it does not make every request's future larger to move.
+    if !shared.levers.load().is_empty() {
+        let answer = levers::answer(&shared, request.uri().path(), request.headers(), peer.ip());
+        if let Some(answer) = Box::pin(answer).await {
+            return Ok(answer);
+        }
     }
     // Count the request in flight first, then confirm its release is still
     // routed to: a switch and a drain that both finished in between would
@@ -71,7 +71,7 @@ pub(super) async fn handle(
             break (upstream, guard, cookie);
         }
     };
-    let mut response = forward(&shared, upstream, guard, request, peer).await;
+    let mut response = forward(&shared, &link, upstream, guard, request, peer).await;
     if let Some(cookie) = cookie {
         response
             .headers_mut()
@@ -104,6 +104,7 @@ fn readiness(shared: &Shared) -> Response<ProxyBody> {
 
 async fn forward(
     shared: &Shared,
+    link: &Link,
     upstream: Arc<Upstream>,
     guard: InFlight,
     mut request: Request<Incoming>,
@@ -119,38 +120,38 @@ async fn forward(
         &shared.config.trusted_networks,
     );
     levers::strip_bypass_cookie(request.headers_mut());
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *request.uri_mut() = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(guard.backend().authority.clone())
-        .path_and_query(path)
-        .build()
-        .expect("scheme, authority and path form a uri");
+    to_origin_form(&mut request, &guard.backend().host);
 
     let result = if upgrade {
-        tunnel(shared, &upstream, addr, guard, request).await
+        // Boxed, as the levers' wait: upgrades are rare.
+        Box::pin(tunnel(shared, &upstream, addr, guard, request)).await
     } else {
-        let body_failed = Arc::new(AtomicBool::new(false));
-        let request = request.map(|inner| ClientBody {
-            inner,
-            failed: body_failed.clone(),
-        });
-        match tokio::time::timeout(shared.config.request_timeout, send(shared, request)).await {
-            Err(_) => Err(Failure::Timeout),
-            Ok(Err(error)) if body_failed.load(Ordering::Acquire) => {
+        link.body_failed.store(false, Ordering::Release);
+        let request = request.map(|inner| ClientBody::new(inner, link.body_failed.clone()));
+        let config = &shared.config;
+        match link
+            .send(
+                &guard,
+                request,
+                config.connect_timeout,
+                config.request_timeout,
+                started,
+            )
+            .await
+        {
+            Err(SendError::Timeout) => Err(Failure::Timeout),
+            Err(SendError::Connect(error)) => Err(Failure::Unreachable(error)),
+            Err(SendError::Failed(error)) if link.body_failed.load(Ordering::Acquire) => {
                 Err(Failure::ClientBody(cutover_common::error_chain(&error)))
             }
-            Ok(Err(error)) => Err(Failure::Unreachable(cutover_common::error_chain(&error))),
-            Ok(Ok(response)) => Ok(response.map(|inner| {
-                GuardedBody {
+            Err(SendError::Failed(error)) => {
+                Err(Failure::Unreachable(cutover_common::error_chain(&error)))
+            }
+            Ok(response) => Ok(response.map(|inner| {
+                ProxyBody::release(GuardedBody {
                     inner,
                     _guard: guard,
-                }
-                .boxed()
+                })
             })),
         }
     };
@@ -168,6 +169,26 @@ async fn forward(
     };
     response.headers_mut().insert(X_REQUEST_ID, request_id);
     response
+}
+
+/// The request as the release gets it: its target in origin-form
+/// (`/path?query`; hyper writes a target as it is, and a client may have
+/// sent absolute-form), and a Host header (an HTTP/1.0 client may have
+/// sent none): the process's address then.
+fn to_origin_form(request: &mut Request<Incoming>, host: &HeaderValue) {
+    let uri = request.uri();
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(path);
+    }
+    if !request.headers().contains_key(http::header::HOST) {
+        request
+            .headers_mut()
+            .insert(http::header::HOST, host.clone());
+    }
 }
 
 /// The proxy's own answer when a request could not be forwarded. Clients
@@ -217,44 +238,6 @@ fn failure_response(
     text_response(status, text)
 }
 
-/// Sends a request on a pooled upstream connection. A bodiless GET, HEAD
-/// or OPTIONS that fails on a reused connection (the release closed it as
-/// idle just as the request went out, as servers with short keep-alive
-/// timeouts do) is sent once more on a fresh one: it cannot have had an
-/// effect, and the client must not see that race as a 502.
-async fn send(
-    shared: &Shared,
-    request: Request<ClientBody>,
-) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-    let replayable = matches!(
-        *request.method(),
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-    ) && request.body().is_end_stream();
-    if !replayable {
-        return shared.client.request(request.map(BodyExt::boxed)).await;
-    }
-    let mut again = Request::builder()
-        .method(request.method().clone())
-        .uri(request.uri().clone())
-        .version(request.version())
-        .body(empty_body())
-        .expect("parts of a valid request");
-    *again.headers_mut() = request.headers().clone();
-    match shared.client.request(request.map(BodyExt::boxed)).await {
-        Err(error) if !error.is_connect() => {
-            tracing::debug!(error = %cutover_common::error_chain(&error), "upstream connection failed, retrying once");
-            shared.client.request(again).await
-        }
-        result => result,
-    }
-}
-
-fn empty_body() -> ProxyBody {
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed()
-}
-
 enum Failure {
     Timeout,
     Unreachable(String),
@@ -295,11 +278,10 @@ async fn tunnel(
         .map_err(|_| Failure::Timeout)??;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(response.map(|inner| {
-            GuardedBody {
+            ProxyBody::release(GuardedBody {
                 inner,
                 _guard: guard,
-            }
-            .boxed()
+            })
         }));
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -316,5 +298,5 @@ async fn tunnel(
             _ = tokio::io::copy_bidirectional(&mut client, &mut release) => {}
         }
     });
-    Ok(response.map(|_| empty_body()))
+    Ok(response.map(|_| ProxyBody::empty()))
 }

@@ -1,6 +1,10 @@
 //! What the proxy changes in requests and responses on the way through.
 
+use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::net::IpAddr;
+
+use bytes::{BufMut, BytesMut};
 
 pub use cutover_common::net::Network;
 
@@ -44,6 +48,11 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// For an upgrade, `Connection: upgrade` and `Upgrade` are what the upstream
 /// needs to see, so they are put back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none (or only Connection): one pass comparing
+    // names costs less than a hashed removal per hop-by-hop name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let upgrade_value = headers.get(UPGRADE).cloned();
     // A client must not be able to strip the forwarding headers a load
     // balancer in front set, by naming them as hop-by-hop.
@@ -75,6 +84,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.insert(UPGRADE, value);
         }
     }
+}
+
+/// Bytes the values the proxy makes per request are cut from: one
+/// allocation serves many values (each holds a share of it), instead of
+/// one per value. Per thread: no lock.
+const CARVING_BLOCK: usize = 16 << 10;
+
+thread_local! {
+    static CARVING: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// A header value of at most `bound` bytes, written by `write` into the
+/// thread's carving block (a new block when this one is used up).
+fn carved(
+    bound: usize,
+    write: impl FnOnce(&mut BytesMut),
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    CARVING.with_borrow_mut(|block| {
+        if block.capacity() - block.len() < bound {
+            *block = BytesMut::with_capacity(CARVING_BLOCK.max(bound));
+        }
+        write(block);
+        HeaderValue::from_maybe_shared(block.split().freeze())
+    })
 }
 
 /// A request id the client sent, if it is safe to pass on and log.
@@ -145,11 +178,19 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, trusted: &[Networ
         headers.remove(&X_FORWARDED_PROTO);
         headers.remove(&X_FORWARDED_HOST);
     }
-    let mut hops: Vec<&str> = forwarded_hops(headers).collect();
-    let client = client.to_string();
-    hops.push(&client);
-    let forwarded_for = hops.join(", ");
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    // An address is at most 45 characters (IPv6 with an IPv4 tail).
+    let bound = forwarded_hops(headers)
+        .map(|hop| hop.len() + 2)
+        .sum::<usize>()
+        + 45;
+    let forwarded_for = carved(bound, |buf| {
+        for hop in forwarded_hops(headers) {
+            buf.put_slice(hop.as_bytes());
+            buf.put_slice(b", ");
+        }
+        let _ = write!(buf, "{client}");
+    });
+    if let Ok(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -164,11 +205,14 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, trusted: &[Networ
         Some(value) if usable_request_id(value) => value.clone(),
         // From the thread-local generator: a fresh id per request must not
         // cost a getrandom system call.
-        _ => HeaderValue::from_str(
-            &uuid::Builder::from_random_bytes(rand::random())
-                .into_uuid()
-                .to_string(),
-        )
+        _ => carved(uuid::fmt::Hyphenated::LENGTH, |buf| {
+            let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+            buf.put_slice(
+                uuid.hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer())
+                    .as_bytes(),
+            );
+        })
         .expect("uuid is a valid header"),
     };
     headers.insert(X_REQUEST_ID, request_id.clone());

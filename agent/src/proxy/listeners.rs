@@ -3,29 +3,40 @@
 //! serving the same routes. An address is added before a cutover that
 //! needs it and removed after one that drops it, so a service moves to a
 //! new port with both open in between.
+//!
+//! Each proxy runtime (`workers`) accepts on the one socket of an address:
+//! whichever is idle first takes the next connection. One socket per
+//! address, not one per runtime with `SO_REUSEPORT`: a connection waiting
+//! in the queue of a reuse-port socket is reset when that socket closes,
+//! and a handoff or a crash kept by systemd passes the socket on.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Weak};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::accept::{accept_loop, Gates};
-use super::Shared;
+use super::{workers, Shared};
+
+/// Connections a listening socket queues before they are accepted (what
+/// tokio's `TcpListener::bind` asks for).
+const BACKLOG: u32 = 1024;
 
 /// One listening socket and its accept loop.
 pub(super) struct Listener {
     /// The address asked for (`local_addr` differs for port 0).
     pub(super) listen: SocketAddr,
     pub(super) local_addr: SocketAddr,
-    /// Held by the accept loop alone (it ends with it, freeing the port):
-    /// a copy of it is what a successor agent accepts on.
-    socket: Weak<TcpListener>,
-    /// A child of the proxy's: ends this accept loop alone.
+    /// Held by the accept loops alone (the port is free when they end): a
+    /// copy of it is what a successor agent accepts on.
+    socket: Weak<std::net::TcpListener>,
+    /// A child of the proxy's: ends these accept loops alone.
     shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    /// One accept loop per proxy runtime.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// What every listener of one proxy shares: when to start accepting, when
@@ -47,31 +58,47 @@ impl Listener {
         parents: Parents<'_>,
     ) -> std::io::Result<Self> {
         let socket = match inherited {
-            Some(listener) => {
-                listener.set_nonblocking(true)?;
-                TcpListener::from_std(listener)?
+            Some(listener) => listener,
+            None => {
+                let socket = match listen {
+                    SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => TcpSocket::new_v6()?,
+                };
+                socket.set_reuseaddr(true)?;
+                socket.bind(listen)?;
+                socket.listen(BACKLOG)?.into_std()?
             }
-            None => TcpListener::bind(listen).await?,
         };
-        let socket = Arc::new(socket);
+        socket.set_nonblocking(true)?;
         let local_addr = socket.local_addr()?;
-        let weak = Arc::downgrade(&socket);
+        let socket = Arc::new(socket);
         let shutdown = parents.shutdown.child_token();
-        let task = tokio::spawn(accept_loop(
-            socket,
-            shared,
-            Gates {
-                accepting: parents.accepting.clone(),
-                shutdown: shutdown.clone(),
-                connections: parents.connections.child_token(),
-            },
-        ));
+        let connections = parents.connections.child_token();
+        let tasks = workers::handles()
+            .iter()
+            .map(|runtime| {
+                let copy = socket.try_clone()?;
+                let (socket, shared) = (socket.clone(), shared.clone());
+                let gates = Gates {
+                    accepting: parents.accepting.clone(),
+                    shutdown: shutdown.clone(),
+                    connections: connections.clone(),
+                };
+                Ok(runtime.spawn(async move {
+                    // Registered with this runtime's reactor: made here.
+                    match TcpListener::from_std(copy) {
+                        Ok(listener) => accept_loop(listener, socket, shared, gates).await,
+                        Err(error) => tracing::error!(%error, "proxy runtime cannot accept on the listening socket"),
+                    }
+                }))
+            })
+            .collect::<std::io::Result<_>>()?;
         Ok(Self {
             listen,
             local_addr,
-            socket: weak,
+            socket: Arc::downgrade(&socket),
             shutdown,
-            task,
+            tasks,
         })
     }
 
@@ -90,6 +117,8 @@ impl Listener {
     /// connections to end, within the proxy's shutdown grace.
     pub(super) async fn close(self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
     }
 }

@@ -10,39 +10,39 @@
 //! the drain timeout, after which its remaining tunnels are closed.
 
 mod accept;
+mod body;
 pub mod cohort;
 mod forward;
 pub mod headers;
 pub mod levers;
+mod link;
 mod listeners;
 pub mod routes;
+mod spares;
 pub mod stats;
 mod upstream;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use self::body::ClientBody;
+pub use self::body::ProxyBody;
 use self::cohort::Cohorts;
 use self::forward::handle;
 pub(crate) use self::forward::text_response;
@@ -51,13 +51,12 @@ use self::headers::{
 };
 pub use self::levers::LeverHandle;
 use self::levers::{LeverCounters, Levers};
+use self::link::{Link, SendError};
 use self::listeners::{Listener, Parents};
 use self::routes::{HeaderRule, Route, RouteTable, ALL_TRAFFIC};
 use self::stats::{ReleaseStats, StatsSnapshot};
 pub use self::upstream::{BackendSpec, DrainReport, Upstream};
 use self::upstream::{GuardedBody, InFlight};
-
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -122,44 +121,10 @@ impl RouteSpec {
     }
 }
 
-/// The client's request body on its way to the release. A read error here
-/// is the client's doing (a malformed chunk, a connection cut mid-body), so
-/// it is flagged: the failed forward is answered 400 and not counted as the
-/// release's failure.
-struct ClientBody {
-    inner: Incoming,
-    failed: Arc<AtomicBool>,
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.failed.store(true, Ordering::Release);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 struct Shared {
     config: ProxyConfig,
     routes: ArcSwap<RouteTable>,
     admitted: AtomicBool,
-    client: Client<HttpConnector, ProxyBody>,
     /// Stats by release, kept across switches so a release switched back to
     /// continues its counts.
     stats: Mutex<HashMap<String, Arc<ReleaseStats>>>,
@@ -212,20 +177,11 @@ impl Proxy {
         let shutdown = shutdown.child_token();
         let connections = CancellationToken::new();
         let accepting = CancellationToken::new();
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let listen = config.listen;
         let shared = Arc::new(Shared {
             config,
             routes: ArcSwap::from_pointee(RouteTable::default()),
             admitted: AtomicBool::new(true),
-            client,
             stats: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             levers: ArcSwap::from_pointee(Levers::default()),

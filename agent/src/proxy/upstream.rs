@@ -9,12 +9,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::Authority;
+use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::spares::Spares;
 use super::stats::ReleaseStats;
 
 /// A release the proxy can forward to: its processes (one unless the
@@ -52,10 +53,13 @@ impl BackendSpec {
 /// One process of an upstream.
 pub(super) struct Backend {
     pub(super) addr: SocketAddr,
-    /// `addr` as a URI authority, built once instead of per request.
-    pub(super) authority: Authority,
+    /// `addr` as a Host header, for requests that came without one,
+    /// built once instead of per request.
+    pub(super) host: HeaderValue,
     up: Option<Arc<AtomicBool>>,
     in_flight: AtomicUsize,
+    /// Its idle connections no client connection holds.
+    pub(super) spares: Spares,
 }
 
 impl Backend {
@@ -82,10 +86,11 @@ impl Upstream {
                 .iter()
                 .map(|b| Backend {
                     addr: b.addr,
-                    authority: Authority::try_from(b.addr.to_string())
-                        .expect("a socket address is an authority"),
+                    host: HeaderValue::try_from(b.addr.to_string())
+                        .expect("a socket address is a header value"),
                     up: b.up.clone(),
                     in_flight: AtomicUsize::new(0),
+                    spares: Spares::default(),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -199,6 +204,16 @@ impl InFlight {
     /// The process the request goes to.
     pub(super) fn backend(&self) -> &Backend {
         self.upstream.backend(self.backend)
+    }
+
+    /// Its index among the release's processes.
+    pub(super) fn index(&self) -> usize {
+        self.backend
+    }
+
+    /// The release the request goes to.
+    pub(super) fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 }
 

@@ -15,7 +15,7 @@ use cutover_agent::proxy::levers::{LeverSettings, ThrottleSettings};
 use cutover_agent::proxy::{Proxy, ProxyConfig, RouteSpec};
 
 fn usage() -> ! {
-    eprintln!("usage: proxy-bench --listen ADDR:PORT --upstream ADDR:PORT [--split-weight N] [--throttle-rps N] (worker threads: PROXY_BENCH_THREADS, default 1, 0 for a current-thread runtime)");
+    eprintln!("usage: proxy-bench --listen ADDR:PORT --upstream ADDR:PORT [--split-weight N] [--throttle-rps N] (proxy threads: PROXY_BENCH_THREADS, default 1, 0 for one per core)");
     std::process::exit(2);
 }
 
@@ -44,17 +44,13 @@ fn main() {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(1);
-    let runtime = if threads == 0 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
-    .expect("runtime");
+    // The proxy serves on runtimes of its own, as in the agent; this one
+    // only sets it up and waits for the signal.
+    cutover_agent::proxy::workers::start(threads);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         let shutdown = cutover_common::shutdown::on_signals();
         let proxy = Proxy::bind(ProxyConfig::new("bench", listen), shutdown.clone())

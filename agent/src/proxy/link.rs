@@ -1,0 +1,381 @@
+//! The upstream connections of one client connection. Its requests go out
+//! on them and they are driven by the client connection's own task
+//! (`drive`): no pool checkout, no channel to another task, no task per
+//! request. HTTP/1 carries one request at a time, so a client connection
+//! needs one upstream connection per release process it sends to; when it
+//! ends, its idle ones are left to the process's spares (`spares`).
+//!
+//! A switch stays atomic: each request picks its release from the routing
+//! table in force, and a connection to a release the table no longer
+//! routes to is only used by the request that was already on it.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper::Response;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use super::body::ClientBody;
+use super::routes::RouteTable;
+use super::spares::Conn;
+use super::upstream::{InFlight, Upstream};
+
+/// Upstream connections a client connection keeps open at most: one per
+/// process of a scaled release, and those of the release it used before a
+/// switch until they close. The least recently used idle one goes first.
+const MAX_OPEN: usize = 4;
+
+/// A request that went out on a connection idle at least this long, and
+/// failed before any answer, may have crossed the release closing the
+/// connection (its keep-alive timeout, whole seconds on every server we
+/// know, or a restart closing its idle connections). A bodiless GET, HEAD
+/// or OPTIONS is sent once more then, from a copy made before sending.
+/// A connection busier than that is not closed as idle, and its requests
+/// are not copied: under load no request pays for the copy. A request
+/// hyper hands back unsent (the close was seen first) goes again whatever
+/// it is.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
+
+/// Sends of one request at most: each on another connection.
+const MAX_ATTEMPTS: usize = 3;
+
+pub(super) enum SendError {
+    /// No response head before the request timeout.
+    Timeout,
+    /// No connection to the release.
+    Connect(String),
+    /// The exchange failed (the release's doing, or the client body's:
+    /// see `body_failed`).
+    Failed(hyper::Error),
+}
+
+pub(super) struct Link {
+    state: Mutex<State>,
+    /// Raised when reading this client's request body fails (`ClientBody`);
+    /// lowered for each request.
+    pub(super) body_failed: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct State {
+    open: Vec<Open>,
+    next_id: u64,
+    /// Its request's deadline for the response head: one timer per client
+    /// connection, moved forward per request (moving a registered tokio
+    /// timer later is a compare-and-swap, not a new registration).
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+struct Open {
+    id: u64,
+    upstream: Arc<Upstream>,
+    backend: usize,
+    /// None while a request holds it, and after a failure (then the
+    /// connection ends once hyper sees no sender left).
+    sender: Option<SendRequest<ClientBody>>,
+    connection: Connection<TokioIo<TcpStream>, ClientBody>,
+    last_sent: Instant,
+}
+
+impl Open {
+    fn idle(&self) -> bool {
+        self.sender
+            .as_ref()
+            .is_some_and(|sender| sender.is_ready() && !sender.is_closed())
+    }
+}
+
+/// A connection a request got: its sender, and whether it is new.
+struct Taken {
+    id: u64,
+    sender: SendRequest<ClientBody>,
+    /// When a request last went out on it; None for a new connection.
+    last_sent: Option<Instant>,
+}
+
+impl Link {
+    pub(super) fn new() -> Self {
+        Self {
+            state: Mutex::default(),
+            body_failed: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("link lock")
+    }
+
+    /// Polls every upstream connection (they read and write only when
+    /// polled, all within the client connection's task); those that ended
+    /// are dropped.
+    pub(super) fn drive(&self, cx: &mut Context<'_>) {
+        self.lock().open.retain_mut(|open| {
+            match Pin::new(&mut open.connection).poll(cx) {
+                Poll::Pending => true,
+                Poll::Ready(Ok(())) => false,
+                Poll::Ready(Err(error)) => {
+                    tracing::debug!(release = %open.upstream.release, %error, "upstream connection ended");
+                    false
+                }
+            }
+        })
+    }
+
+    /// Sends `request` to the process `guard` picked and waits for the
+    /// response head, at most `timeout` from `started`.
+    pub(super) async fn send(
+        &self,
+        guard: &InFlight,
+        mut request: Request<ClientBody>,
+        connect_timeout: Duration,
+        timeout: Duration,
+        started: Instant,
+    ) -> Result<Response<Incoming>, SendError> {
+        self.set_deadline(started + timeout);
+        let replayable = matches!(
+            *request.method(),
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        ) && http_body::Body::is_end_stream(request.body());
+        let mut copied = false;
+        // After a failed send, the next goes on a new connection: the
+        // spares may all have been closed by a release that restarted.
+        let mut fresh_only = false;
+        let mut last_error = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let taken = match (!fresh_only).then(|| self.take(guard, started)).flatten() {
+                Some(taken) => taken,
+                // Boxed: a connect is rare on kept connections, and its
+                // future would make every request's larger to move.
+                None => {
+                    self.until_deadline(Box::pin(self.connect(guard, connect_timeout)))
+                        .await??
+                }
+            };
+            let Taken {
+                id,
+                mut sender,
+                last_sent,
+            } = taken;
+            // A reused connection that is not ready yet is still finishing
+            // its previous exchange (or closing): wait for it or drop it.
+            if last_sent.is_some()
+                && !sender.is_ready()
+                && (sender.is_closed() || self.until_deadline(sender.ready()).await?.is_err())
+            {
+                self.discard(id);
+                fresh_only = true;
+                continue;
+            }
+            let copy = (replayable
+                && !copied
+                && last_sent
+                    .is_some_and(|at| started.saturating_duration_since(at) >= REPLAY_AFTER_IDLE))
+            .then(|| self.copy_of(&request));
+            let sending = sender.try_send_request(request);
+            self.mark_sent(id, started);
+            // On failure the sender is dropped: the connection is not used
+            // again and ends.
+            let mut error = match self.until_deadline(sending).await? {
+                Ok(response) => {
+                    self.put_back(id, sender);
+                    return Ok(response);
+                }
+                Err(error) => error,
+            };
+            fresh_only = true;
+            request = match (error.take_message(), copy) {
+                (Some(unsent), _) => unsent,
+                (None, Some(copy)) => {
+                    tracing::debug!(release = %guard.upstream().release, error = %cutover_common::error_chain(error.error()), "upstream connection failed under an idempotent request, sending it again");
+                    copied = true;
+                    copy
+                }
+                (None, None) => return Err(SendError::Failed(error.into_error())),
+            };
+            last_error = Some(error.into_error());
+        }
+        Err(last_error.map_or_else(
+            || SendError::Connect("no upstream connection became ready".into()),
+            SendError::Failed,
+        ))
+    }
+
+    /// A bodiless request like `request`, to send again.
+    fn copy_of(&self, request: &Request<ClientBody>) -> Request<ClientBody> {
+        let mut again = Request::new(ClientBody::empty(self.body_failed.clone()));
+        *again.method_mut() = request.method().clone();
+        *again.uri_mut() = request.uri().clone();
+        *again.version_mut() = request.version();
+        *again.headers_mut() = request.headers().clone();
+        again
+    }
+
+    /// An idle connection of this client connection to the process,
+    /// else one of the process's spares.
+    fn take(&self, guard: &InFlight, now: Instant) -> Option<Taken> {
+        let mut state = self.lock();
+        let found = state.open.iter_mut().find(|open| {
+            Arc::ptr_eq(&open.upstream, guard.upstream())
+                && open.backend == guard.index()
+                && open
+                    .sender
+                    .as_ref()
+                    .is_some_and(|sender| !sender.is_closed())
+        });
+        if let Some(open) = found {
+            let sender = open.sender.take().expect("found with a sender");
+            return Some(Taken {
+                id: open.id,
+                sender,
+                last_sent: Some(open.last_sent),
+            });
+        }
+        let spare = guard.backend().spares.take(now)?;
+        let last_sent = spare.last_sent;
+        let (id, sender) = state.insert(guard, spare);
+        Some(Taken {
+            id,
+            sender,
+            last_sent: Some(last_sent),
+        })
+    }
+
+    async fn connect(
+        &self,
+        guard: &InFlight,
+        connect_timeout: Duration,
+    ) -> Result<Taken, SendError> {
+        let addr = guard.backend().addr;
+        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| SendError::Connect(format!("connecting to {addr} timed out")))?
+            .map_err(|e| SendError::Connect(format!("connecting to {addr}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(SendError::Failed)?;
+        let now = Instant::now();
+        let (id, sender) = self.lock().insert(
+            guard,
+            Conn {
+                sender,
+                connection,
+                last_sent: now,
+            },
+        );
+        Ok(Taken {
+            id,
+            sender,
+            last_sent: None,
+        })
+    }
+
+    fn mark_sent(&self, id: u64, at: Instant) {
+        if let Some(open) = self.lock().open.iter_mut().find(|o| o.id == id) {
+            open.last_sent = at;
+        }
+    }
+
+    fn put_back(&self, id: u64, sender: SendRequest<ClientBody>) {
+        if let Some(open) = self.lock().open.iter_mut().find(|o| o.id == id) {
+            open.sender = Some(sender);
+        }
+    }
+
+    fn discard(&self, id: u64) {
+        self.lock().open.retain(|o| o.id != id);
+    }
+
+    fn set_deadline(&self, at: Instant) {
+        let at = tokio::time::Instant::from_std(at);
+        let mut state = self.lock();
+        match state.deadline.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => state.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// `future`, or a timeout at the request's deadline.
+    async fn until_deadline<F: Future>(&self, future: F) -> Result<F::Output, SendError> {
+        let mut future = pin!(future);
+        poll_fn(|cx| {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Ok(output));
+            }
+            let mut state = self.lock();
+            match state
+                .deadline
+                .as_mut()
+                .map(|deadline| deadline.as_mut().poll(cx))
+            {
+                Some(Poll::Ready(())) => Poll::Ready(Err(SendError::Timeout)),
+                _ => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// The client connection ended: its idle connections to releases
+    /// still routed to become their processes' spares; the rest close.
+    pub(super) fn close(&self, routes: &RouteTable) {
+        let open = std::mem::take(&mut self.lock().open);
+        for open in open {
+            if !open.idle() || !routes.contains(&open.upstream) {
+                continue;
+            }
+            let Open {
+                upstream,
+                backend,
+                sender,
+                connection,
+                last_sent,
+                ..
+            } = open;
+            upstream.backend(backend).spares.put(Conn {
+                sender: sender.expect("an idle connection has its sender"),
+                connection,
+                last_sent,
+            });
+        }
+    }
+}
+
+impl State {
+    /// Adds `conn` to the open ones (closing the least recently used idle
+    /// one when there are enough); returns its id and sender, which the
+    /// caller holds until its request is sent.
+    fn insert(&mut self, guard: &InFlight, conn: Conn) -> (u64, SendRequest<ClientBody>) {
+        if self.open.len() >= MAX_OPEN {
+            let oldest = self
+                .open
+                .iter()
+                .enumerate()
+                .filter(|(_, open)| open.sender.is_some())
+                .min_by_key(|(_, open)| open.last_sent)
+                .map(|(i, _)| i);
+            if let Some(i) = oldest {
+                self.open.swap_remove(i);
+            }
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        self.open.push(Open {
+            id,
+            upstream: guard.upstream().clone(),
+            backend: guard.index(),
+            sender: None,
+            connection: conn.connection,
+            last_sent: conn.last_sent,
+        });
+        (id, conn.sender)
+    }
+}
