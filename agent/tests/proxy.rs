@@ -673,17 +673,13 @@ async fn closing_backend() -> SocketAddr {
     addr
 }
 
-/// The race only happens on a connection that sat idle (the proxy copies
-/// a request to send again only then): the requests here are spaced by
-/// more than that idle time.
 #[tokio::test]
 async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_again() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
     proxy.switch(Some(RouteSpec::all("closing", closing_backend().await)));
     let client = client();
     let url = format!("http://{}/", proxy.local_addr());
-    for i in 0..6 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+    for i in 0..20 {
         assert_eq!(
             get(&client, &url).await.unwrap(),
             (200, "ok".into()),
@@ -691,13 +687,12 @@ async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_agai
         );
     }
     let stats = proxy.release_stats("closing").unwrap();
-    assert_eq!((stats.requests, stats.upstream_failures), (6, 0));
+    assert_eq!((stats.requests, stats.upstream_failures), (20, 0));
 
     // A request with a body may have had an effect: it is not sent twice.
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
         let request = Request::post(url.clone())
             .body(Full::new(Bytes::from_static(b"order")))
             .unwrap();
@@ -769,6 +764,58 @@ async fn a_connection_the_release_closed_while_idle_is_not_used() {
     }
     let stats = proxy.release_stats("closing").unwrap();
     assert_eq!((stats.requests, stats.upstream_failures), (8, 0));
+}
+
+/// A backend answering "ok" that counts the connections it accepted.
+async fn counting_backend() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A client that opens a connection per request does not cost the
+/// release a connection per request: a client connection that ends leaves
+/// its upstream connection to the next (one per proxy runtime at most,
+/// as each keeps its own).
+#[tokio::test]
+async fn upstream_connections_outlive_the_client_connections_that_opened_them() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    let (addr, accepted) = counting_backend().await;
+    proxy.switch(Some(RouteSpec::all("counted", addr)));
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+    let url = format!("http://{}/", proxy.local_addr());
+    for i in 0..12 {
+        assert_eq!(
+            get(&client, &url).await.unwrap(),
+            (200, "ok".into()),
+            "request {i}"
+        );
+        // Time for the proxy to see the client connection end.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let runtimes = cutover_agent::proxy::workers::start(0) as u64;
+    let accepted = accepted.load(Ordering::SeqCst);
+    assert!(
+        (1..=runtimes).contains(&accepted),
+        "{accepted} upstream connections for 12 client connections on {runtimes} proxy runtimes"
+    );
 }
 
 #[tokio::test]

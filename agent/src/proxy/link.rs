@@ -31,19 +31,9 @@ use super::upstream::{InFlight, Upstream};
 
 /// Upstream connections a client connection keeps open at most: one per
 /// process of a scaled release, and those of the release it used before a
-/// switch until they close. The least recently used idle one goes first.
+/// switch until they close. Beyond it the least recently used one not in
+/// use goes to its process's spares.
 const MAX_OPEN: usize = 4;
-
-/// A request that went out on a connection idle at least this long, and
-/// failed before any answer, may have crossed the release closing the
-/// connection (its keep-alive timeout, whole seconds on every server we
-/// know, or a restart closing its idle connections). A bodiless GET, HEAD
-/// or OPTIONS is sent once more then, from a copy made before sending.
-/// A connection busier than that is not closed as idle, and its requests
-/// are not copied: under load no request pays for the copy. A request
-/// hyper hands back unsent (the close was seen first) goes again whatever
-/// it is.
-const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// Sends of one request at most: each on another connection.
 const MAX_ATTEMPTS: usize = 3;
@@ -91,6 +81,28 @@ impl Open {
         self.sender
             .as_ref()
             .is_some_and(|sender| sender.is_ready() && !sender.is_closed())
+    }
+
+    /// Leaves the connection to its process's spares when it is idle; else
+    /// it closes.
+    fn leave(self, now: Instant) {
+        if !self.idle() {
+            return;
+        }
+        let Open {
+            upstream,
+            backend,
+            sender,
+            connection,
+            last_sent,
+            ..
+        } = self;
+        let conn = Conn {
+            sender: sender.expect("an idle connection has its sender"),
+            connection,
+            last_sent,
+        };
+        upstream.backend(backend).spares.put(conn, now);
     }
 }
 
@@ -141,6 +153,12 @@ impl Link {
         started: Instant,
     ) -> Result<Response<Incoming>, SendError> {
         self.set_deadline(started + timeout);
+        // A bodiless GET, HEAD or OPTIONS that fails after going out on a
+        // reused connection may have crossed the release closing it (its
+        // keep-alive timeout, a worker recycled after so many requests):
+        // it is sent once more, from a copy made before sending, as it
+        // cannot have had an effect. A request hyper hands back unsent
+        // (the close was seen first) goes again whatever it is.
         let replayable = matches!(
             *request.method(),
             http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
@@ -175,11 +193,8 @@ impl Link {
                 fresh_only = true;
                 continue;
             }
-            let copy = (replayable
-                && !copied
-                && last_sent
-                    .is_some_and(|at| started.saturating_duration_since(at) >= REPLAY_AFTER_IDLE))
-            .then(|| self.copy_of(&request));
+            let copy =
+                (replayable && !copied && last_sent.is_some()).then(|| self.copy_of(&request));
             let sending = sender.try_send_request(request);
             self.mark_sent(id, started);
             // On failure the sender is dropped: the connection is not used
@@ -241,7 +256,7 @@ impl Link {
         }
         let spare = guard.backend().spares.take(now)?;
         let last_sent = spare.last_sent;
-        let (id, sender) = state.insert(guard, spare);
+        let (id, sender) = state.insert(guard, spare, now);
         Some(Taken {
             id,
             sender,
@@ -271,6 +286,7 @@ impl Link {
                 connection,
                 last_sent: now,
             },
+            now,
         );
         Ok(Taken {
             id,
@@ -328,32 +344,27 @@ impl Link {
     /// still routed to become their processes' spares; the rest close.
     pub(super) fn close(&self, routes: &RouteTable) {
         let open = std::mem::take(&mut self.lock().open);
+        let now = Instant::now();
         for open in open {
-            if !open.idle() || !routes.contains(&open.upstream) {
-                continue;
+            if routes.contains(&open.upstream) {
+                open.leave(now);
             }
-            let Open {
-                upstream,
-                backend,
-                sender,
-                connection,
-                last_sent,
-                ..
-            } = open;
-            upstream.backend(backend).spares.put(Conn {
-                sender: sender.expect("an idle connection has its sender"),
-                connection,
-                last_sent,
-            });
         }
     }
 }
 
 impl State {
-    /// Adds `conn` to the open ones (closing the least recently used idle
-    /// one when there are enough); returns its id and sender, which the
-    /// caller holds until its request is sent.
-    fn insert(&mut self, guard: &InFlight, conn: Conn) -> (u64, SendRequest<ClientBody>) {
+    /// Adds `conn` to the open ones (when there are enough, the least
+    /// recently used one not in use goes to its process's spares: a
+    /// release scaled beyond `MAX_OPEN` processes does not cost a connect
+    /// per request); returns its id and sender, which the caller holds
+    /// until its request is sent.
+    fn insert(
+        &mut self,
+        guard: &InFlight,
+        conn: Conn,
+        now: Instant,
+    ) -> (u64, SendRequest<ClientBody>) {
         if self.open.len() >= MAX_OPEN {
             let oldest = self
                 .open
@@ -363,7 +374,7 @@ impl State {
                 .min_by_key(|(_, open)| open.last_sent)
                 .map(|(i, _)| i);
             if let Some(i) = oldest {
-                self.open.swap_remove(i);
+                self.open.swap_remove(i).leave(now);
             }
         }
         self.next_id += 1;

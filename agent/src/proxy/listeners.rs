@@ -74,25 +74,30 @@ impl Listener {
         let socket = Arc::new(socket);
         let shutdown = parents.shutdown.child_token();
         let connections = parents.connections.child_token();
+        // Every copy first: a failure leaves no accept loop behind.
+        let copies = workers::handles()
+            .iter()
+            .map(|_| socket.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()?;
         let tasks = workers::handles()
             .iter()
-            .map(|runtime| {
-                let copy = socket.try_clone()?;
+            .zip(copies)
+            .map(|(runtime, copy)| {
                 let (socket, shared) = (socket.clone(), shared.clone());
                 let gates = Gates {
                     accepting: parents.accepting.clone(),
                     shutdown: shutdown.clone(),
                     connections: connections.clone(),
                 };
-                Ok(runtime.spawn(async move {
+                runtime.spawn(async move {
                     // Registered with this runtime's reactor: made here.
                     match TcpListener::from_std(copy) {
                         Ok(listener) => accept_loop(listener, socket, shared, gates).await,
                         Err(error) => tracing::error!(%error, "proxy runtime cannot accept on the listening socket"),
                     }
-                }))
+                })
             })
-            .collect::<std::io::Result<_>>()?;
+            .collect();
         Ok(Self {
             listen,
             local_addr,

@@ -7,11 +7,17 @@
 //! ready in one batch, without the work-stealing wake-ups of a
 //! multi-thread runtime.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 use tokio::runtime::Handle;
 
 static WORKERS: OnceLock<Vec<Handle>> = OnceLock::new();
+
+thread_local! {
+    /// The index of the proxy runtime this thread runs (0 on any other).
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
 
 /// Starts the proxy's runtimes: `threads` of them, or with 0 one per core
 /// the process may run on (its CPU affinity). Only the first call (or the
@@ -23,6 +29,11 @@ pub fn start(threads: usize) -> usize {
 /// The runtimes, started with the default if nobody started them.
 pub(super) fn handles() -> &'static [Handle] {
     WORKERS.get_or_init(|| spawn(0))
+}
+
+/// The index of the runtime the caller runs on.
+pub(super) fn current() -> usize {
+    CURRENT.get()
 }
 
 fn spawn(threads: usize) -> Vec<Handle> {
@@ -42,7 +53,10 @@ fn spawn(threads: usize) -> Vec<Handle> {
             // (accept loops, client connections) ends with its proxy.
             std::thread::Builder::new()
                 .name(format!("proxy-{i}"))
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))
+                .spawn(move || {
+                    CURRENT.set(i);
+                    runtime.block_on(std::future::pending::<()>())
+                })
                 .expect("a thread for the proxy's runtime");
             handle
         })
