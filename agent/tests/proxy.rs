@@ -644,15 +644,26 @@ async fn request_bodies_stream_through() {
     assert_eq!(&body[..], (8usize << 20).to_string().as_bytes());
 }
 
-/// A backend that answers the first request of each connection and closes
-/// the connection when the next one arrives, as a server whose keep-alive
-/// timeout fires just as a reused connection carries a request.
-async fn closing_backend() -> SocketAddr {
+/// When a backend that answers one request per connection closes it.
+enum Close {
+    /// When the next request arrives, unanswered: as a server whose
+    /// keep-alive timeout fires just as a reused connection carries one.
+    OnNextRequest,
+    /// 50 ms after the answer, idle: as a server whose keep-alive timeout
+    /// is short, or one restarting.
+    Idle,
+}
+
+/// A backend that answers the first request of each connection with "ok"
+/// and closes the connection as `close` says.
+async fn closing_backend(close: Close) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let close = Arc::new(close);
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
+            let close = close.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let mut seen = Vec::new();
@@ -665,8 +676,12 @@ async fn closing_backend() -> SocketAddr {
                 let _ = tcp
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                     .await;
-                // The next request on this connection gets no answer.
-                let _ = tcp.read(&mut buf).await;
+                match *close {
+                    Close::OnNextRequest => {
+                        let _ = tcp.read(&mut buf).await;
+                    }
+                    Close::Idle => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
             });
         }
     });
@@ -676,7 +691,10 @@ async fn closing_backend() -> SocketAddr {
 #[tokio::test]
 async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_again() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
-    proxy.switch(Some(RouteSpec::all("closing", closing_backend().await)));
+    proxy.switch(Some(RouteSpec::all(
+        "closing",
+        closing_backend(Close::OnNextRequest).await,
+    )));
     let client = client();
     let url = format!("http://{}/", proxy.local_addr());
     for i in 0..20 {
@@ -701,34 +719,6 @@ async fn a_bodiless_request_on_a_connection_the_release_just_closed_is_sent_agai
     assert!(statuses.contains(&502), "{statuses:?}");
 }
 
-/// A backend that answers the first request of each connection and closes
-/// the connection 50 ms later, idle: as a server whose keep-alive timeout
-/// is short, or one restarting.
-async fn idle_closing_backend() -> SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            });
-        }
-    });
-    addr
-}
-
 /// A connection the release closed while it was idle is not used again,
 /// whether the client connection that holds it stays open or ended and
 /// left it to the next one: the close is seen before the request is
@@ -739,7 +729,7 @@ async fn a_connection_the_release_closed_while_idle_is_not_used() {
     let (proxy, _shutdown) = proxy(|_| {}).await;
     proxy.switch(Some(RouteSpec::all(
         "closing",
-        idle_closing_backend().await,
+        closing_backend(Close::Idle).await,
     )));
     let url = format!("http://{}/", proxy.local_addr());
     let post = || {
