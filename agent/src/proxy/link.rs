@@ -110,8 +110,8 @@ impl Open {
 struct Taken {
     id: u64,
     sender: SendRequest<ClientBody>,
-    /// When a request last went out on it; None for a new connection.
-    last_sent: Option<Instant>,
+    /// A request went out on it before: it may have been closed since.
+    reused: bool,
 }
 
 impl Link {
@@ -181,11 +181,11 @@ impl Link {
             let Taken {
                 id,
                 mut sender,
-                last_sent,
+                reused,
             } = taken;
             // A reused connection that is not ready yet is still finishing
             // its previous exchange (or closing): wait for it or drop it.
-            if last_sent.is_some()
+            if reused
                 && !sender.is_ready()
                 && (sender.is_closed() || self.until_deadline(sender.ready()).await?.is_err())
             {
@@ -193,8 +193,7 @@ impl Link {
                 fresh_only = true;
                 continue;
             }
-            let copy =
-                (replayable && !copied && last_sent.is_some()).then(|| self.copy_of(&request));
+            let copy = (replayable && !copied && reused).then(|| self.copy_of(&request));
             let sending = sender.try_send_request(request);
             self.mark_sent(id, started);
             // On failure the sender is dropped: the connection is not used
@@ -251,16 +250,15 @@ impl Link {
             return Some(Taken {
                 id: open.id,
                 sender,
-                last_sent: Some(open.last_sent),
+                reused: true,
             });
         }
         let spare = guard.backend().spares.take(now)?;
-        let last_sent = spare.last_sent;
         let (id, sender) = state.insert(guard, spare, now);
         Some(Taken {
             id,
             sender,
-            last_sent: Some(last_sent),
+            reused: true,
         })
     }
 
@@ -291,7 +289,7 @@ impl Link {
         Ok(Taken {
             id,
             sender,
-            last_sent: None,
+            reused: false,
         })
     }
 
