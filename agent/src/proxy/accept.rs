@@ -3,20 +3,25 @@
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::Context;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::plain::{End, Plain};
 use super::{handle, Link, ProxyBody, Shared};
 
 /// What starts and ends an accept loop and its connections.
@@ -81,11 +86,31 @@ pub(super) async fn accept_loop(
     }
 }
 
-/// Serves one client connection, and drives its upstream connections
-/// (`Link`) in the same task: each wake-up polls them, then the client
-/// connection (whose requests may start or use one), then them again so a
-/// request just handed over is written at once.
+/// Serves one client connection: on the plain path while its requests
+/// allow, then under hyper.
 async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut plain = Plain::new(tcp, peer, shared.clone(), shutdown.clone());
+    let end = plain.run().await;
+    let (tcp, read) = plain.into_client();
+    if let End::Handover = end {
+        let client = Rewind {
+            read: read.freeze(),
+            tcp,
+        };
+        serve_hyper(client, peer, shared, shutdown).await;
+    }
+}
+
+/// Serves a client connection under hyper, and drives its upstream
+/// connections (`Link`) in the same task: each wake-up polls them, then
+/// the client connection (whose requests may start or use one), then them
+/// again so a request just handed over is written at once.
+async fn serve_hyper(
+    client: Rewind,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let link = Arc::new(Link::new());
     let service = {
         let (shared, link) = (shared.clone(), link.clone());
@@ -97,7 +122,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: 
         .timer(TokioTimer::new())
         .header_read_timeout(shared.config.header_timeout)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(client), service)
         .with_upgrades();
     let mut connection = pin!(connection);
     let mut served = false;
@@ -135,4 +160,57 @@ async fn closing_if_handing_off(
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(response)
+}
+
+/// A client connection whose first bytes were read already (by the plain
+/// path): they are read again first.
+struct Rewind {
+    read: Bytes,
+    tcp: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.read.is_empty() {
+            return Pin::new(&mut self.tcp).poll_read(cx, buf);
+        }
+        let n = self.read.len().min(buf.remaining());
+        buf.put_slice(&self.read[..n]);
+        self.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }

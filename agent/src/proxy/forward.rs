@@ -32,44 +32,13 @@ pub(super) async fn handle(
             return Ok(answer);
         }
     }
-    // Count the request in flight first, then confirm its release is still
-    // routed to: a switch and a drain that both finished in between would
-    // otherwise send it to a release that is being stopped.
-    let (upstream, guard, cookie) = loop {
-        let table = shared.routes.load();
-        // A table of one release (the common case) costs no hashing.
-        let (picked, cookie) = match table.cohorts() {
-            None => (
-                table.pick(request.headers(), |n| rand::random_range(0..n)),
-                None,
-            ),
-            Some((cohorts, serving, side)) => {
-                let choice = cohorts.choose(
-                    request.headers(),
-                    peer.ip(),
-                    &shared.config.trusted_networks,
-                );
-                (
-                    Some(if choice.side { side } else { serving }),
-                    choice.set_cookie,
-                )
-            }
-        };
-        let picked = picked.map(|route| route.upstream.clone());
-        drop(table);
-        let Some(upstream) = picked else {
-            return Ok(text_response(
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "no release of service {} is serving on this node\n",
-                    shared.config.service
-                ),
-            ));
-        };
-        let guard = InFlight::new(upstream.clone());
-        if shared.routes.load().contains(&upstream) {
-            break (upstream, guard, cookie);
-        }
+    let Some(Picked {
+        upstream,
+        guard,
+        cookie,
+    }) = pick(&shared, &mut RequestHeaders::Map(request.headers()), peer)
+    else {
+        return Ok(no_release(&shared));
     };
     let mut response = forward(&shared, &link, upstream, guard, request, peer).await;
     if let Some(cookie) = cookie {
@@ -78,6 +47,99 @@ pub(super) async fn handle(
             .append(http::header::SET_COOKIE, cookie);
     }
     Ok(response)
+}
+
+/// The release a request goes to, counted in flight there.
+pub(super) struct Picked {
+    pub(super) upstream: Arc<Upstream>,
+    pub(super) guard: InFlight,
+    /// The cohort cookie to set on the response, when the client was
+    /// assigned one.
+    pub(super) cookie: Option<HeaderValue>,
+}
+
+/// A request's headers, for routing: a table of one release reads none,
+/// so the plain path builds a map of them only for a table that does.
+pub(super) enum RequestHeaders<'a> {
+    Map(&'a http::HeaderMap),
+    Raw(&'a [httparse::Header<'a>], Option<http::HeaderMap>),
+}
+
+impl RequestHeaders<'_> {
+    fn map(&mut self) -> &http::HeaderMap {
+        match self {
+            Self::Map(map) => map,
+            Self::Raw(raw, built) => built.get_or_insert_with(|| {
+                let mut map = http::HeaderMap::with_capacity(raw.len());
+                for header in raw.iter() {
+                    if let (Ok(name), Ok(value)) = (
+                        http::HeaderName::from_bytes(header.name.as_bytes()),
+                        HeaderValue::from_bytes(header.value),
+                    ) {
+                        map.append(name, value);
+                    }
+                }
+                map
+            }),
+        }
+    }
+}
+
+/// Picks the release for a request from the routing table in force;
+/// `None` when no release serves.
+pub(super) fn pick(
+    shared: &Shared,
+    headers: &mut RequestHeaders<'_>,
+    peer: SocketAddr,
+) -> Option<Picked> {
+    // Count the request in flight first, then confirm its release is still
+    // routed to: a switch and a drain that both finished in between would
+    // otherwise send it to a release that is being stopped.
+    loop {
+        let table = shared.routes.load();
+        // A table of one release (the common case) costs no hashing.
+        let (picked, cookie) = match table.cohorts() {
+            None => {
+                let no_headers = http::HeaderMap::new();
+                let headers = if table.has_rules() {
+                    headers.map()
+                } else {
+                    &no_headers
+                };
+                (table.pick(headers, |n| rand::random_range(0..n)), None)
+            }
+            Some((cohorts, serving, side)) => {
+                let choice =
+                    cohorts.choose(headers.map(), peer.ip(), &shared.config.trusted_networks);
+                (
+                    Some(if choice.side { side } else { serving }),
+                    choice.set_cookie,
+                )
+            }
+        };
+        let upstream = picked?.upstream.clone();
+        drop(table);
+        let guard = InFlight::new(upstream.clone());
+        if shared.routes.load().contains(&upstream) {
+            return Some(Picked {
+                upstream,
+                guard,
+                cookie,
+            });
+        }
+    }
+}
+
+/// The text a request gets when no release serves.
+pub(super) fn no_release_text(shared: &Shared) -> String {
+    format!(
+        "no release of service {} is serving on this node\n",
+        shared.config.service
+    )
+}
+
+fn no_release(shared: &Shared) -> Response<ProxyBody> {
+    text_response(StatusCode::BAD_GATEWAY, no_release_text(shared))
 }
 
 fn readiness(shared: &Shared) -> Response<ProxyBody> {
@@ -165,7 +227,11 @@ async fn forward(
             }
             response
         }
-        Err(failure) => failure_response(shared, &upstream, addr, failure, &request_id, started),
+        Err(failure) => {
+            let (status, text) =
+                failure_answer(shared, &upstream, addr, failure, &request_id, started);
+            text_response(status, text)
+        }
     };
     response.headers_mut().insert(X_REQUEST_ID, request_id);
     response
@@ -191,18 +257,18 @@ fn to_origin_form(request: &mut Request<Incoming>, host: &HeaderValue) {
     }
 }
 
-/// The proxy's own answer when a request could not be forwarded. Clients
-/// get a short text with the request id to quote; what went wrong, and
-/// where, goes to the log under that id (release ids and upstream
-/// addresses are the node's business, not the client's).
-fn failure_response(
+/// The proxy's own answer when a request could not be forwarded, logged
+/// and counted. Clients get a short text with the request id to quote;
+/// what went wrong, and where, goes to the log under that id (release ids
+/// and upstream addresses are the node's business, not the client's).
+pub(super) fn failure_answer(
     shared: &Shared,
     upstream: &Upstream,
     addr: SocketAddr,
     failure: Failure,
     request_id: &HeaderValue,
     started: Instant,
-) -> Response<ProxyBody> {
+) -> (StatusCode, String) {
     let id = request_id.to_str().unwrap_or("-");
     let (service, release) = (&shared.config.service, &upstream.release);
     let (status, text) = match failure {
@@ -211,7 +277,7 @@ fn failure_response(
             // the release.
             tracing::info!(%service, %release, request_id = %id, %error, "request body from the client is malformed or cut short");
             upstream.stats.record(400, started.elapsed());
-            return text_response(
+            return (
                 StatusCode::BAD_REQUEST,
                 format!("bad request: the request body is malformed (request id {id})\n"),
             );
@@ -235,10 +301,10 @@ fn failure_response(
     upstream
         .stats
         .record_upstream_failure(status.as_u16(), started.elapsed());
-    text_response(status, text)
+    (status, text)
 }
 
-enum Failure {
+pub(super) enum Failure {
     Timeout,
     Unreachable(String),
     /// Reading the client's request body failed.

@@ -1,7 +1,6 @@
 //! What the proxy changes in requests and responses on the way through.
 
 use std::cell::RefCell;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use bytes::{BufMut, BytesMut};
@@ -33,6 +32,36 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     UPGRADE,
 ];
 
+/// Headers the proxy sets for the release: a client must not be able to
+/// strip what a load balancer in front set, by naming them hop-by-hop.
+const FORWARDING: [HeaderName; 4] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_REQUEST_ID,
+];
+
+/// Whether a header of this name (any case) describes the connection, not
+/// the message.
+pub(super) fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
+}
+
+/// Whether a Connection header may name this header (any case) for
+/// removal.
+pub(super) fn may_be_named_hop_by_hop(name: &[u8]) -> bool {
+    !FORWARDING
+        .iter()
+        .any(|own| name.eq_ignore_ascii_case(own.as_str().as_bytes()))
+}
+
+/// The tokens of a Connection header value.
+pub(super) fn connection_tokens(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|v| !v.is_empty())
+}
+
 /// Whether the request asks to switch protocols (WebSocket and others).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE)
@@ -40,8 +69,8 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+            .flat_map(connection_tokens)
+            .any(|token| token.eq_ignore_ascii_case("upgrade"))
 }
 
 /// Removes hop-by-hop headers, including those the Connection header names.
@@ -54,23 +83,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         return;
     }
     let upgrade_value = headers.get(UPGRADE).cloned();
-    // A client must not be able to strip the forwarding headers a load
-    // balancer in front set, by naming them as hop-by-hop.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .filter(|name| {
-            ![
-                &X_FORWARDED_FOR,
-                &X_FORWARDED_PROTO,
-                &X_FORWARDED_HOST,
-                &X_REQUEST_ID,
-            ]
-            .contains(&name)
-        })
+        .flat_map(connection_tokens)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .filter(|name| !FORWARDING.contains(name))
         .collect();
     for name in named {
         headers.remove(name);
@@ -110,9 +129,19 @@ fn carved(
     })
 }
 
-/// A request id the client sent, if it is safe to pass on and log.
-fn usable_request_id(value: &HeaderValue) -> bool {
-    let bytes = value.as_bytes();
+/// The request id a request goes on with: the one the client sent (read
+/// off its head) when it is sane, else a new one.
+pub(super) fn request_id_from(sent: Option<&[u8]>) -> HeaderValue {
+    match sent {
+        Some(id) if usable_request_id(id) => {
+            carved(id.len(), |buf| buf.put_slice(id)).unwrap_or_else(|_| new_request_id())
+        }
+        _ => new_request_id(),
+    }
+}
+
+/// Whether a request id the client sent is safe to pass on and log.
+fn usable_request_id(bytes: &[u8]) -> bool {
     !bytes.is_empty() && bytes.len() <= 200 && bytes.iter().all(|b| b.is_ascii_graphic())
 }
 
@@ -138,9 +167,40 @@ fn forwarded_hops(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+        .flat_map(hops_of)
+}
+
+/// The hops one X-Forwarded-For value lists.
+pub(super) fn hops_of(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// Writes the X-Forwarded-For value a request goes on with: the hops it
+/// came with, then `client`.
+pub(super) fn put_forwarded_for<'a>(
+    buf: &mut impl BufMut,
+    hops: impl Iterator<Item = &'a str>,
+    client: IpAddr,
+) {
+    for hop in hops {
+        buf.put_slice(hop.as_bytes());
+        buf.put_slice(b", ");
+    }
+    let _ = std::io::Write::write_fmt(&mut (&mut *buf).writer(), format_args!("{client}"));
+}
+
+/// A new request id, from the thread-local generator: a fresh id per
+/// request must not cost a getrandom system call.
+pub(super) fn new_request_id() -> HeaderValue {
+    carved(uuid::fmt::Hyphenated::LENGTH, |buf| {
+        let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+        buf.put_slice(
+            uuid.hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .as_bytes(),
+        );
+    })
+    .expect("uuid is a valid header")
 }
 
 /// The client a request comes from: when the peer is trusted (a load
@@ -184,11 +244,7 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, trusted: &[Networ
         .sum::<usize>()
         + 45;
     let forwarded_for = carved(bound, |buf| {
-        for hop in forwarded_hops(headers) {
-            buf.put_slice(hop.as_bytes());
-            buf.put_slice(b", ");
-        }
-        let _ = write!(buf, "{client}");
+        put_forwarded_for(buf, forwarded_hops(headers), client);
     });
     if let Ok(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
@@ -202,18 +258,8 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, trusted: &[Networ
         }
     }
     let request_id = match headers.get(&X_REQUEST_ID) {
-        Some(value) if usable_request_id(value) => value.clone(),
-        // From the thread-local generator: a fresh id per request must not
-        // cost a getrandom system call.
-        _ => carved(uuid::fmt::Hyphenated::LENGTH, |buf| {
-            let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
-            buf.put_slice(
-                uuid.hyphenated()
-                    .encode_lower(&mut uuid::Uuid::encode_buffer())
-                    .as_bytes(),
-            );
-        })
-        .expect("uuid is a valid header"),
+        Some(value) if usable_request_id(value.as_bytes()) => value.clone(),
+        _ => new_request_id(),
     };
     headers.insert(X_REQUEST_ID, request_id.clone());
     request_id

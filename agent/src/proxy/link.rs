@@ -33,10 +33,10 @@ use super::upstream::{InFlight, Upstream};
 /// process of a scaled release, and those of the release it used before a
 /// switch until they close. Beyond it the least recently used one not in
 /// use goes to its process's spares.
-const MAX_OPEN: usize = 4;
+pub(super) const MAX_OPEN: usize = 4;
 
 /// Sends of one request at most: each on another connection.
-const MAX_ATTEMPTS: usize = 3;
+pub(super) const MAX_ATTEMPTS: usize = 3;
 
 pub(super) enum SendError {
     /// No response head before the request timeout.
@@ -89,20 +89,16 @@ impl Open {
         if !self.idle() {
             return;
         }
-        let Open {
-            upstream,
-            backend,
-            sender,
-            connection,
-            last_sent,
-            ..
-        } = self;
-        let conn = Conn {
-            sender: sender.expect("an idle connection has its sender"),
-            connection,
-            last_sent,
-        };
-        upstream.backend(backend).spares.put(conn, now);
+        let parts = self.connection.into_parts();
+        // Bytes the release sent after its last response: nothing to
+        // build on.
+        if parts.read_buf.is_empty() {
+            let conn = Conn {
+                tcp: parts.io.into_inner(),
+                last_sent: self.last_sent,
+            };
+            self.upstream.backend(self.backend).spares.put(conn, now);
+        }
     }
 }
 
@@ -169,12 +165,15 @@ impl Link {
         let mut fresh_only = false;
         let mut last_error = None;
         for _ in 0..MAX_ATTEMPTS {
-            let taken = match (!fresh_only).then(|| self.take(guard, started)).flatten() {
+            let spare = || guard.backend().spares.take(started);
+            let taken = match (!fresh_only).then(|| self.take(guard)).flatten() {
                 Some(taken) => taken,
-                // Boxed: a connect is rare on kept connections, and its
-                // future would make every request's larger to move.
+                // Boxed: connecting, and even setting a spare up, is rare
+                // on kept connections, and its future would make every
+                // request's larger to move.
                 None => {
-                    self.until_deadline(Box::pin(self.connect(guard, connect_timeout)))
+                    let conn = (!fresh_only).then(spare).flatten();
+                    self.until_deadline(Box::pin(self.connect(guard, conn, connect_timeout)))
                         .await??
                 }
             };
@@ -233,9 +232,8 @@ impl Link {
         again
     }
 
-    /// An idle connection of this client connection to the process,
-    /// else one of the process's spares.
-    fn take(&self, guard: &InFlight, now: Instant) -> Option<Taken> {
+    /// An idle connection of this client connection to the process.
+    fn take(&self, guard: &InFlight) -> Option<Taken> {
         let mut state = self.lock();
         let found = state.open.iter_mut().find(|open| {
             Arc::ptr_eq(&open.upstream, guard.upstream())
@@ -245,52 +243,37 @@ impl Link {
                     .as_ref()
                     .is_some_and(|sender| !sender.is_closed())
         });
-        if let Some(open) = found {
-            let sender = open.sender.take().expect("found with a sender");
-            return Some(Taken {
-                id: open.id,
-                sender,
-                reused: true,
-            });
-        }
-        let spare = guard.backend().spares.take(now)?;
-        let (id, sender) = state.insert(guard, spare, now);
+        let open = found?;
+        let sender = open.sender.take().expect("found with a sender");
         Some(Taken {
-            id,
+            id: open.id,
             sender,
             reused: true,
         })
     }
 
+    /// A connection to the process: `spare` when given, else a new one.
     async fn connect(
         &self,
         guard: &InFlight,
+        spare: Option<Conn>,
         connect_timeout: Duration,
     ) -> Result<Taken, SendError> {
-        let addr = guard.backend().addr;
-        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| SendError::Connect(format!("connecting to {addr} timed out")))?
-            .map_err(|e| SendError::Connect(format!("connecting to {addr}: {e}")))?;
-        let _ = tcp.set_nodelay(true);
+        let reused = spare.is_some();
+        let (tcp, last_sent) = match spare {
+            Some(Conn { tcp, last_sent }) => (tcp, last_sent),
+            None => (
+                super::spares::connect(guard.backend().addr, connect_timeout)
+                    .await
+                    .map_err(SendError::Connect)?,
+                Instant::now(),
+            ),
+        };
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(SendError::Failed)?;
-        let now = Instant::now();
-        let (id, sender) = self.lock().insert(
-            guard,
-            Conn {
-                sender,
-                connection,
-                last_sent: now,
-            },
-            now,
-        );
-        Ok(Taken {
-            id,
-            sender,
-            reused: false,
-        })
+        let id = self.lock().insert(guard, connection, last_sent);
+        Ok(Taken { id, sender, reused })
     }
 
     fn mark_sent(&self, id: u64, at: Instant) {
@@ -352,17 +335,18 @@ impl Link {
 }
 
 impl State {
-    /// Adds `conn` to the open ones (when there are enough, the least
+    /// Adds `connection` to the open ones (when there are enough, the least
     /// recently used one not in use goes to its process's spares: a
     /// release scaled beyond `MAX_OPEN` processes does not cost a connect
-    /// per request); returns its id and sender, which the caller holds
+    /// per request); returns its id. Its sender stays with the caller
     /// until its request is sent.
     fn insert(
         &mut self,
         guard: &InFlight,
-        conn: Conn,
-        now: Instant,
-    ) -> (u64, SendRequest<ClientBody>) {
+        connection: Connection<TokioIo<TcpStream>, ClientBody>,
+        last_sent: Instant,
+    ) -> u64 {
+        let now = Instant::now();
         if self.open.len() >= MAX_OPEN {
             let oldest = self
                 .open
@@ -382,9 +366,9 @@ impl State {
             upstream: guard.upstream().clone(),
             backend: guard.index(),
             sender: None,
-            connection: conn.connection,
-            last_sent: conn.last_sent,
+            connection,
+            last_sent,
         });
-        (id, conn.sender)
+        id
     }
 }

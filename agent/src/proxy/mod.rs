@@ -11,12 +11,14 @@
 
 mod accept;
 mod body;
+mod chunked;
 pub mod cohort;
 mod forward;
 pub mod headers;
 pub mod levers;
 mod link;
 mod listeners;
+mod plain;
 pub mod routes;
 mod spares;
 pub mod stats;

@@ -97,6 +97,11 @@ impl RouteTable {
             .any(|r| Arc::ptr_eq(&r.upstream, upstream))
     }
 
+    /// Whether a route has rules: picking reads the request's headers.
+    pub fn has_rules(&self) -> bool {
+        self.routes.iter().any(|route| !route.rules.is_empty())
+    }
+
     /// The route of `release`, if the table has one.
     pub fn get(&self, release: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.upstream.release() == release)

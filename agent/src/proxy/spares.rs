@@ -6,22 +6,18 @@
 //! have been closed by the release's keep-alive timeout.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1::{Connection, SendRequest};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::body::ClientBody;
 use super::workers;
 
-/// An upstream connection: the side that sends requests, and the
-/// connection itself, which whoever holds it must poll for it to make
-/// progress.
+/// An idle upstream connection, between two exchanges: either path of a
+/// client connection (plain or hyper's) can take it.
 pub(super) struct Conn {
-    pub(super) sender: SendRequest<ClientBody>,
-    pub(super) connection: Connection<TokioIo<TcpStream>, ClientBody>,
+    pub(super) tcp: TcpStream,
     /// When a request last went out on it.
     pub(super) last_sent: Instant,
 }
@@ -79,12 +75,29 @@ impl Spares {
     pub(super) fn take(&self, now: Instant) -> Option<Conn> {
         let mut stack = self.stack();
         while let Some(conn) = stack.pop_back() {
-            if !stale(&conn, now) {
+            if !stale(&conn, now) && still_open(&conn.tcp) {
                 return Some(conn);
             }
         }
         None
     }
+}
+
+/// Whether an idle upstream connection may still be used: the release has
+/// not closed it (nor sent anything unasked). Costs no system call unless
+/// the reactor saw it readable.
+pub(super) fn still_open(tcp: &TcpStream) -> bool {
+    matches!(tcp.try_read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// A new connection to a release process, within `timeout`.
+pub(super) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connecting to {addr} timed out"))?
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 fn stale(conn: &Conn, now: Instant) -> bool {
@@ -100,14 +113,7 @@ mod tests {
         let tcp = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        Conn {
-            sender,
-            connection,
-            last_sent,
-        }
+        Conn { tcp, last_sent }
     }
 
     #[tokio::test]

@@ -172,14 +172,14 @@ fn escape_html(text: &str) -> String {
 /// Takes the bypass cookie out of a request on its way to the app: it is
 /// the proxy's, and has no business in the app's logs.
 pub(in crate::proxy) fn strip_bypass_cookie(headers: &mut HeaderMap) {
-    let marker = format!("{BYPASS_COOKIE}=");
-    if !headers.get_all(COOKIE).iter().any(|v| {
-        v.as_bytes()
-            .windows(marker.len())
-            .any(|w| w == marker.as_bytes())
-    }) {
+    if !headers
+        .get_all(COOKIE)
+        .iter()
+        .any(|v| carries_bypass_cookie(v.as_bytes()))
+    {
         return;
     }
+    let marker = format!("{BYPASS_COOKIE}=");
     let kept: Vec<String> = headers
         .get_all(COOKIE)
         .iter()
@@ -195,6 +195,14 @@ pub(in crate::proxy) fn strip_bypass_cookie(headers: &mut HeaderMap) {
             headers.insert(COOKIE, value);
         }
     }
+}
+
+/// Whether a Cookie header value may carry the bypass cookie.
+pub(in crate::proxy) fn carries_bypass_cookie(value: &[u8]) -> bool {
+    let marker = BYPASS_COOKIE.as_bytes();
+    value
+        .windows(marker.len() + 1)
+        .any(|w| w[..marker.len()] == *marker && w[marker.len()] == b'=')
 }
 
 /// A proxy's incident levers.

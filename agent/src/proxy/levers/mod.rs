@@ -23,7 +23,7 @@ pub use cutover_common::levers::{
 use http::{HeaderMap, HeaderValue};
 
 pub use self::answer::LeverHandle;
-pub(super) use self::answer::{answer, strip_bypass_cookie};
+pub(super) use self::answer::{answer, carries_bypass_cookie, strip_bypass_cookie};
 use self::throttle::Throttle;
 use super::headers::Network;
 
