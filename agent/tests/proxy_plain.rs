@@ -94,8 +94,9 @@ async fn write_pieces(tcp: &mut TcpStream, pieces: &[&[u8]]) {
 /// A backend that writes each answer as raw bytes, by path: a body of
 /// known length, a chunked one with a trailer, one ended by closing, a
 /// HEAD answer, a 204, an early hint before the answer, a close after a
-/// whole answer, the request head or body echoed, a late answer, and a
-/// body cut short.
+/// whole answer, the request head or body echoed, a length it names in
+/// Connection, a late answer (whole or after half its head), and a body
+/// cut short.
 async fn scripted_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -177,6 +178,19 @@ async fn answer(tcp: &mut TcpStream, request: &Received) -> bool {
         }
         (_, "/echo-head") => tcp.write_all(&echo(&request.head)).await.unwrap(),
         (_, "/echo-body") => tcp.write_all(&echo(&request.body)).await.unwrap(),
+        (_, "/named-length") => tcp
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nConnection: content-length\r\ncontent-length: 2\r\n\r\nok",
+            )
+            .await
+            .unwrap(),
+        (_, "/half-late") => {
+            tcp.write_all(b"HTTP/1.1 302 Found\r\nset-cookie: stale=1\r\nx-a: ")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let _ = tcp.write_all(b"1\r\ncontent-length: 0\r\n\r\n").await;
+        }
         (_, "/late") => {
             tokio::time::sleep(Duration::from_millis(600)).await;
             let _ = tcp.write_all(&echo(b"late")).await;
@@ -414,6 +428,9 @@ async fn a_late_response_is_a_504_and_never_reaches_the_next_request() {
     let mut sender = connection(&proxy).await;
     let (status, body) = send(&mut sender, "GET", "/late").await;
     assert_eq!(status, 504, "{body}");
+    // Half a head came before the deadline: it is not the next one's start.
+    let (status, body) = send(&mut sender, "GET", "/half-late").await;
+    assert_eq!(status, 504, "{body}");
     // On the same client connection: the connection the late answer will
     // come on is not used again.
     assert_eq!(
@@ -426,7 +443,7 @@ async fn a_late_response_is_a_504_and_never_reaches_the_next_request() {
         (200, "hello".into())
     );
     let stats = proxy.release_stats("scripted").unwrap();
-    assert_eq!((stats.by_class[4], stats.upstream_failures), (1, 1));
+    assert_eq!((stats.by_class[4], stats.upstream_failures), (2, 2));
 }
 
 #[tokio::test]
@@ -489,4 +506,71 @@ async fn a_body_in_pieces_goes_through_whole_and_one_cut_short_is_the_clients_fa
     assert!(head.contains("connection: close\r\n"), "{head}");
     let stats = proxy.release_stats("scripted").unwrap();
     assert_eq!((stats.by_class[3], stats.upstream_failures), (1, 0));
+}
+
+#[tokio::test]
+async fn framing_headers_cannot_be_named_away_by_either_side() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    proxy.switch(Some(RouteSpec::all("scripted", scripted_backend().await)));
+    // A client naming Content-Length in Connection: the release must not
+    // read its body as a request of its own (one that went round the
+    // proxy's forwarding rules).
+    let smuggled = "GET /echo-head HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n";
+    let mut client = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    let request = format!(
+        "POST /echo-body HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{smuggled}\
+         GET /length HTTP/1.1\r\nHost: a\r\n\r\n",
+        smuggled.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let (status, _, body) = read_response(&mut client, &mut buf).await;
+    assert_eq!(
+        (status, String::from_utf8(body).unwrap().as_str()),
+        (200, smuggled)
+    );
+    let (status, _, body) = read_response(&mut client, &mut buf).await;
+    assert_eq!((status, body.as_slice()), (200, b"hello".as_slice()));
+
+    // A release naming its Content-Length in Connection: the client still
+    // gets it, and its connection stays usable.
+    let mut sender = connection(&proxy).await;
+    assert_eq!(
+        send(&mut sender, "GET", "/named-length").await,
+        (200, "ok".into())
+    );
+    assert_eq!(
+        send(&mut sender, "GET", "/length").await,
+        (200, "hello".into())
+    );
+}
+
+#[tokio::test]
+async fn the_proxys_own_answer_to_a_head_request_has_no_body() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    let mut client = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    client
+        .write_all(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Both answers (no release serves), the first a head alone.
+    while all.windows(12).filter(|w| w == b"HTTP/1.1 502").count() < 2
+        || !all.ends_with(b"this node\n")
+    {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+            .await
+            .expect("both answers")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&all));
+        all.extend_from_slice(&chunk[..n]);
+    }
+    let all = String::from_utf8(all).unwrap();
+    let second = all.rfind("HTTP/1.1 502").unwrap();
+    assert!(
+        all[..second].ends_with("\r\n\r\n"),
+        "the HEAD answer carried a body: {all}"
+    );
+    assert_eq!(all.matches("no release of service web").count(), 1, "{all}");
 }

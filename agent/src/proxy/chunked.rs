@@ -18,6 +18,11 @@ enum State {
         size: u64,
         digits: u8,
     },
+    /// Whitespace after the size: only more of it, an extension or the
+    /// line's end may follow (as hyper reads it).
+    SizeSpace {
+        size: u64,
+    },
     /// In a chunk extension, up to the end of the size line.
     Extension {
         size: u64,
@@ -83,12 +88,23 @@ impl Chunked {
                     }
                 }
                 (State::Size { digits: 0, .. }, _) => return Err(Malformed),
-                (State::Size { size, .. }, b';' | b' ' | b'\t') => State::Extension { size },
-                (State::Size { size, .. } | State::Extension { size }, b'\r') => {
-                    State::SizeLf { size }
+                (State::Size { size, .. } | State::SizeSpace { size }, b' ' | b'\t') => {
+                    State::SizeSpace { size }
+                }
+                (State::Size { size, .. } | State::SizeSpace { size }, b';') => {
+                    State::Extension { size }
                 }
                 (
-                    State::Size { size, .. } | State::Extension { size } | State::SizeLf { size },
+                    State::Size { size, .. }
+                    | State::SizeSpace { size }
+                    | State::Extension { size },
+                    b'\r',
+                ) => State::SizeLf { size },
+                (
+                    State::Size { size, .. }
+                    | State::SizeSpace { size }
+                    | State::Extension { size }
+                    | State::SizeLf { size },
                     b'\n',
                 ) => {
                     if size == 0 {
@@ -97,7 +113,12 @@ impl Chunked {
                         State::Data { left: size }
                     }
                 }
-                (State::Extension { size }, _) => State::Extension { size },
+                // Extension text: no control bytes but tab.
+                (State::Extension { size }, _)
+                    if byte == b'\t' || (b' '..0x7f).contains(&byte) || byte > 0x7f =>
+                {
+                    State::Extension { size }
+                }
                 (State::DataCr, b'\r') => State::DataLf,
                 (State::DataCr | State::DataLf, b'\n') => State::Size { size: 0, digits: 0 },
                 (State::TrailerStart, b'\r') => State::FinalLf,
@@ -147,8 +168,10 @@ mod tests {
             assert_eq!(end_of(body, step), Ok(Some(end)), "pieces of {step}");
         }
         assert_eq!(end_of(b"0\r\n\r\n", 2), Ok(Some(5)));
-        // Bare LF line ends are taken as well (as hyper takes them).
+        // Bare LF line ends are taken as well (as hyper takes them), and
+        // whitespace before an extension or the line end.
         assert_eq!(end_of(b"3\nabc\n0\n\n", 1), Ok(Some(9)));
+        assert_eq!(end_of(b"3 \t;x=y\r\nabc\r\n0 \r\n\r\n", 1), Ok(Some(20)));
     }
 
     #[test]
@@ -175,6 +198,8 @@ mod tests {
             b"zz\r\n",
             b"5\r\nhelloXX",
             b"fffffffffffffffff\r\n",
+            b"5 5\r\nhello\r\n",
+            b"5;a\x01b\r\nhello\r\n",
         ] {
             assert_eq!(
                 end_of(bad, 1),

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::chunked::Chunked;
+use super::chunked::{Chunked, Malformed};
 use super::forward::{failure_answer, no_release_text, pick, Failure, Picked, RequestHeaders};
 use super::headers::{
     connection_tokens, hops_of, is_hop_by_hop, is_trusted, may_be_named_hop_by_hop,
@@ -76,6 +76,7 @@ enum Step {
         head_len: usize,
         body: u64,
         close: bool,
+        head: bool,
     },
     Forward(Request),
 }
@@ -135,6 +136,10 @@ pub(super) struct Plain {
     /// comes, for a request sent again.
     out: Vec<u8>,
     held: Vec<Held>,
+    /// An informational response head is being written to the client:
+    /// if the exchange fails before that is done, the connection can
+    /// only close.
+    informational_torn: bool,
     /// The deadline in force: for the next request head, or for a
     /// response head. One timer per connection, moved per phase (out of
     /// its place while a request is sent under it).
@@ -159,6 +164,7 @@ impl Plain {
             ubuf: BytesMut::new(),
             out: Vec::new(),
             held: Vec::new(),
+            informational_torn: false,
             deadline: Some(deadline),
             ending: Box::pin(shutdown.clone().cancelled_owned()),
             shutdown,
@@ -183,6 +189,7 @@ impl Plain {
                     head_len,
                     body,
                     close,
+                    head,
                 }) => {
                     self.buf.advance(head_len);
                     let buffered = body <= self.buf.len() as u64;
@@ -190,9 +197,13 @@ impl Plain {
                         self.buf.advance(body as usize);
                     }
                     let text = no_release_text(&self.shared);
-                    let keep_open = buffered && !close;
-                    self.answer(StatusCode::BAD_GATEWAY, &text, None, None, keep_open)
-                        .await
+                    let reply = Reply {
+                        head,
+                        request_id: None,
+                        cookie: None,
+                        close: close || !buffered,
+                    };
+                    self.answer(StatusCode::BAD_GATEWAY, &text, &reply).await
                 }
                 Some(Step::Forward(request)) => self.exchange(request).await,
             };
@@ -289,6 +300,7 @@ impl Plain {
                 head_len,
                 body,
                 close,
+                head: method == "HEAD",
             };
         };
         let request_id = request_id_from(facts.request_id);
@@ -359,9 +371,9 @@ impl Plain {
         let mut body_left = body - buffered as u64;
         let at = tokio::time::Instant::from_std(started + self.shared.config.request_timeout);
         self.deadline().reset(at);
-        let reply = Reply {
+        let mut reply = Reply {
             head,
-            request_id: &request_id,
+            request_id: Some(&request_id),
             cookie: cookie.as_ref(),
             close: close || self.closing(),
         };
@@ -373,6 +385,9 @@ impl Plain {
         self.deadline = Some(deadline);
         if sent.is_err() {
             self.held.retain(|held| !held.busy);
+            // A response head cut off by the deadline is not the next
+            // one's start.
+            self.ubuf.clear();
         }
         let (index, response) = match sent.and_then(|sent| sent) {
             Ok(sent) => sent,
@@ -381,10 +396,13 @@ impl Plain {
                 let (status, text) =
                     failure_answer(&self.shared, &upstream, addr, failure, &request_id, started);
                 drop(guard);
-                let keep_open = body_left == 0 && !reply.close && status != StatusCode::BAD_REQUEST;
-                return self
-                    .answer(status, &text, Some(&request_id), cookie.as_ref(), keep_open)
-                    .await;
+                // An informational head cut off mid-write leaves nothing a
+                // client could read an answer after.
+                if self.informational_torn {
+                    return false;
+                }
+                reply.close |= body_left > 0 || status == StatusCode::BAD_REQUEST;
+                return self.answer(status, &text, &reply).await;
             }
         };
         upstream.stats.record(response.status, started.elapsed());
@@ -399,7 +417,7 @@ impl Plain {
             self.held.swap_remove(index);
         }
         self.ubuf.clear();
-        passed.is_ok() && !reply.close && !close_delimited
+        passed.is_ok() && !reply.close && !close_delimited && !self.closing()
     }
 
     fn deadline(&mut self) -> Pin<&mut Sleep> {
@@ -511,7 +529,10 @@ impl Plain {
             let oldest = (0..self.held.len())
                 .min_by_key(|&i| self.held[i].last_sent)
                 .expect("held connections");
-            leave(self.held.swap_remove(oldest), Instant::now());
+            let evicted = self.held.swap_remove(oldest);
+            if self.shared.routes.load().contains(&evicted.upstream) {
+                leave(evicted, Instant::now());
+            }
         }
         self.held.push(Held {
             upstream: guard.upstream().clone(),
@@ -557,7 +578,13 @@ impl Plain {
     ) -> Result<ResponseHead, HeadError> {
         let mut received = false;
         loop {
-            match parse_response(&self.ubuf, reply, &mut self.out) {
+            // A handoff or shutdown that began while the request was out
+            // closes the connection after this response.
+            let reply = Reply {
+                close: reply.close || self.closing(),
+                ..*reply
+            };
+            match parse_response(&self.ubuf, &reply, &mut self.out) {
                 Ok(Parsed::Final(head_len, head)) => {
                     self.ubuf.advance(head_len);
                     return Ok(head);
@@ -565,7 +592,10 @@ impl Plain {
                 Ok(Parsed::Informational(head_len)) => {
                     let informational = self.ubuf.split_to(head_len);
                     // The client may be gone; the final response tells.
-                    let _ = self.client.write_all(&informational).await;
+                    self.informational_torn = true;
+                    if self.client.write_all(&informational).await.is_ok() {
+                        self.informational_torn = false;
+                    }
                     continue;
                 }
                 Ok(Parsed::Partial) if self.ubuf.len() < MAX_HEAD => {}
@@ -604,9 +634,16 @@ impl Plain {
                     *left -= take;
                     (take as usize, *left == 0)
                 }
-                Framing::Chunked(chunked) => match chunked.scan(&self.ubuf).map_err(|_| ())? {
-                    Some(end) => (end, true),
-                    None => (self.ubuf.len(), false),
+                Framing::Chunked(chunked) => match chunked.scan(&self.ubuf) {
+                    Ok(Some(end)) => (end, true),
+                    Ok(None) => (self.ubuf.len(), false),
+                    // What was valid goes out (the head at least, as hyper
+                    // would have sent it); the connection closes.
+                    Err(Malformed) => {
+                        tracing::debug!("release sent a malformed chunked body");
+                        let _ = self.client.write_all(&self.out).await;
+                        return Err(());
+                    }
                 },
                 Framing::Close => (self.ubuf.len(), false),
             };
@@ -638,15 +675,8 @@ impl Plain {
     }
 
     /// Answers the client itself; whether its connection stays open.
-    async fn answer(
-        &mut self,
-        status: StatusCode,
-        text: &str,
-        request_id: Option<&HeaderValue>,
-        cookie: Option<&HeaderValue>,
-        keep_open: bool,
-    ) -> bool {
-        let keep_open = keep_open && !self.closing();
+    async fn answer(&mut self, status: StatusCode, text: &str, reply: &Reply<'_>) -> bool {
+        let keep_open = !reply.close && !self.closing();
         let out = &mut self.out;
         out.clear();
         put_status_line(
@@ -657,17 +687,21 @@ impl Plain {
         put_header(out, b"content-type", b"text/plain; charset=utf-8");
         put_header(out, b"cache-control", b"no-store");
         put_header(out, b"content-length", text.len().to_string().as_bytes());
-        if let Some(id) = request_id {
+        if let Some(id) = reply.request_id {
             put_header(out, b"x-request-id", id.as_bytes());
         }
-        if let Some(cookie) = cookie {
+        if let Some(cookie) = reply.cookie {
             put_header(out, b"set-cookie", cookie.as_bytes());
         }
         if !keep_open {
             put_header(out, b"connection", b"close");
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(text.as_bytes());
+        // A HEAD request gets the head alone, its length that of the body
+        // a GET would get.
+        if !reply.head {
+            out.extend_from_slice(text.as_bytes());
+        }
         let written = self.client.write_all(&self.out).await;
         self.out.clear();
         written.is_ok() && keep_open
@@ -712,9 +746,10 @@ async fn until<F: Future>(
 }
 
 /// What the proxy adds to the response head it writes.
+#[derive(Clone, Copy)]
 struct Reply<'a> {
     head: bool,
-    request_id: &'a HeaderValue,
+    request_id: Option<&'a HeaderValue>,
     cookie: Option<&'a HeaderValue>,
     /// Close the client connection after this response.
     close: bool,
@@ -774,6 +809,10 @@ impl<'a> RequestFacts<'a> {
             for token in connection_tokens(value) {
                 if token.eq_ignore_ascii_case("close") {
                     self.close = true;
+                } else if frames_the_message(token) {
+                    // Dropping it would leave the body framed differently
+                    // for the release than here: hyper rebuilds it.
+                    return false;
                 } else if !token.eq_ignore_ascii_case("keep-alive") {
                     self.named.push(token);
                 }
@@ -840,7 +879,7 @@ fn parse_response(buf: &[u8], reply: &Reply<'_>, out: &mut Vec<u8>) -> Result<Pa
             for token in connection_tokens(value) {
                 if token.eq_ignore_ascii_case("close") {
                     reusable = false;
-                } else if !token.eq_ignore_ascii_case("keep-alive") {
+                } else if !token.eq_ignore_ascii_case("keep-alive") && !frames_the_message(token) {
                     named.push(token);
                 }
             }
@@ -896,7 +935,9 @@ fn parse_response(buf: &[u8], reply: &Reply<'_>, out: &mut Vec<u8>) -> Result<Pa
     if chunked {
         put_header(out, b"transfer-encoding", b"chunked");
     }
-    put_header(out, b"x-request-id", reply.request_id.as_bytes());
+    if let Some(id) = reply.request_id {
+        put_header(out, b"x-request-id", id.as_bytes());
+    }
     if let Some(cookie) = reply.cookie {
         put_header(out, b"set-cookie", cookie.as_bytes());
     }
@@ -912,6 +953,14 @@ fn parse_response(buf: &[u8], reply: &Reply<'_>, out: &mut Vec<u8>) -> Result<Pa
             reusable,
         },
     ))
+}
+
+/// Whether a header of `name` says where the message is (its length, its
+/// coding, its host): a `Connection` header cannot have it dropped.
+fn frames_the_message(name: &str) -> bool {
+    ["content-length", "transfer-encoding", "host"]
+        .iter()
+        .any(|framing| name.eq_ignore_ascii_case(framing))
 }
 
 /// A Content-Length value: digits only.
