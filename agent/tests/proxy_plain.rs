@@ -95,8 +95,8 @@ async fn write_pieces(tcp: &mut TcpStream, pieces: &[&[u8]]) {
 /// known length, a chunked one with a trailer, one ended by closing, a
 /// HEAD answer, a 204, an early hint before the answer, a close after a
 /// whole answer, the request head or body echoed, a length it names in
-/// Connection, a late answer (whole or after half its head), and a body
-/// cut short.
+/// Connection, a late answer (whole or after half its head), a body that
+/// takes its time, and a body cut short.
 async fn scripted_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -184,6 +184,13 @@ async fn answer(tcp: &mut TcpStream, request: &Received) -> bool {
             )
             .await
             .unwrap(),
+        (_, "/slow-body") => {
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tcp.write_all(b"cd").await.unwrap();
+        }
         (_, "/half-late") => {
             tcp.write_all(b"HTTP/1.1 302 Found\r\nset-cookie: stale=1\r\nx-a: ")
                 .await
@@ -573,4 +580,37 @@ async fn the_proxys_own_answer_to_a_head_request_has_no_body() {
         "the HEAD answer carried a body: {all}"
     );
     assert_eq!(all.matches("no release of service web").count(), 1, "{all}");
+}
+
+#[tokio::test]
+async fn a_handoff_during_a_response_closes_the_connection_after_the_next_one() {
+    let (proxy, _shutdown) = proxy(|_| {}).await;
+    proxy.switch(Some(RouteSpec::all("scripted", scripted_backend().await)));
+    let mut sender = connection(&proxy).await;
+    sender.ready().await.unwrap();
+    let request = Request::get("/slow-body")
+        .header("host", "a")
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert!(response.headers().get("connection").is_none());
+    // The handoff starts after this response's head went out without
+    // `Connection: close`: the client may reuse the connection, so it
+    // must stay open for one more request, whose answer closes it.
+    let handing_off = tokio::spawn(proxy.hand_off(Duration::from_secs(5)));
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"abcd");
+    sender.ready().await.unwrap();
+    let request = Request::get("/length")
+        .header("host", "a")
+        .body(Empty::new())
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("the connection was still open");
+    assert_eq!(response.headers().get("connection").unwrap(), "close");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello");
+    handing_off.await.unwrap();
 }

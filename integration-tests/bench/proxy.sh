@@ -16,6 +16,10 @@
 #   haproxy     HAProxy 2.6 (1 thread, http-reuse always)
 #   before      with PROXY_BENCH_BEFORE=path, an earlier build of
 #               proxy-bench: a change measured against what it replaces
+#   io-epoll    only when named in TARGETS: the io-probe binary, a
+#   io-uring    minimal pass-through loop on tokio's epoll reactor and on
+#               io_uring (tokio-uring): what io_uring saves in the socket
+#               loop alone
 # at 8 and at 64 connections, the targets interleaved within each round.
 # Every proxy and its backend share core 0 (one worker each); wrk runs on
 # core 1, so the figures compare CPU cost per proxied request. The CPU
@@ -24,6 +28,7 @@
 #
 #   integration-tests/bench/proxy.sh          # 3 rounds of 8 s per target and concurrency
 #   ROUNDS=5 DURATION=20s CONCURRENCY="64" TARGETS="agent nginx" integration-tests/bench/proxy.sh
+#   TARGETS="io-epoll io-uring proxy-bench nginx" integration-tests/bench/proxy.sh
 #
 # Installs nginx, HAProxy and wrk (Debian packages) when they are missing
 # and builds the release binaries. Prints markdown tables for
@@ -42,6 +47,8 @@ split_port=18084
 throttle_port=18085
 haproxy_port=18087
 before_port=18088
+io_epoll_port=18089
+io_uring_port=18090
 agent_addr=127.0.0.11:18086
 
 if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || ! command -v haproxy >/dev/null; then
@@ -49,6 +56,9 @@ if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || ! command -v 
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk haproxy >/dev/null
 fi
 cargo build --release --locked --bin proxy-bench --bin cutover --bin cutover-agent
+if [[ " $targets " == *" io-"* ]]; then
+  cargo build --release --locked --features cutover-integration-tests/io-uring-probe --bin io-probe
+fi
 cutover=$PWD/target/release/cutover
 
 work=$(mktemp -d)
@@ -122,6 +132,15 @@ if [ -n "${PROXY_BENCH_BEFORE:-}" ]; then
   [[ " $targets " == *" before "* ]] || targets="$targets before"
 fi
 
+io_epoll_pid= io_uring_pid=
+for io in epoll uring; do
+  [[ " $targets " == *" io-$io "* ]] || continue
+  port_var=io_${io}_port
+  taskset -c 0 target/release/io-probe --io $io --listen 127.0.0.1:${!port_var} \
+    --upstream 127.0.0.1:$backend_port 2>"$work/io-$io.log" &
+  pids+=($!); printf -v "io_${io}_pid" %s $!
+done
+
 # The whole agent: a dev cluster of one node, its release an nginx.
 agent_pid=
 if [[ " $targets " == *" agent "* ]]; then
@@ -156,7 +175,8 @@ SPEC
   agent_pid=$(cat "$work/dev/agent-1.pid")
 fi
 
-for port in $backend_port $bench_port $split_port $throttle_port $nginx_port $haproxy_port ${before_pid:+$before_port}; do
+for port in $backend_port $bench_port $split_port $throttle_port $nginx_port $haproxy_port \
+  ${before_pid:+$before_port} ${io_epoll_pid:+$io_epoll_port} ${io_uring_pid:+$io_uring_port}; do
   for _ in $(seq 100); do
     (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
     sleep 0.05
@@ -203,6 +223,8 @@ target_of() { # target -> "url pid"
     nginx) echo "http://127.0.0.1:$nginx_port/ $nginx_proxy_worker" ;;
     haproxy) echo "http://127.0.0.1:$haproxy_port/ $haproxy_pid" ;;
     before) echo "http://127.0.0.1:$before_port/ $before_pid" ;;
+    io-epoll) echo "http://127.0.0.1:$io_epoll_port/ $io_epoll_pid" ;;
+    io-uring) echo "http://127.0.0.1:$io_uring_port/ $io_uring_pid" ;;
     *) echo "unknown target $1" >&2; exit 2 ;;
   esac
 }

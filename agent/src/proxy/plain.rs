@@ -110,6 +110,10 @@ struct ResponseHead {
     framing: Framing,
     /// The release keeps the connection open after this response.
     reusable: bool,
+    /// The head the client got says `Connection: close`: its connection
+    /// closes after this response, and only then (a client told nothing
+    /// may send its next request on it at once).
+    close: bool,
 }
 
 /// An upstream connection this client connection holds (idle between
@@ -406,7 +410,7 @@ impl Plain {
             }
         };
         upstream.stats.record(response.status, started.elapsed());
-        let close_delimited = matches!(response.framing, Framing::Close);
+        let close = response.close;
         let passed = self.pass_body(index, response.framing).await;
         drop(guard);
         if passed.is_ok() && response.reusable && self.ubuf.is_empty() {
@@ -417,7 +421,7 @@ impl Plain {
             self.held.swap_remove(index);
         }
         self.ubuf.clear();
-        passed.is_ok() && !reply.close && !close_delimited && !self.closing()
+        passed.is_ok() && !close
     }
 
     fn deadline(&mut self) -> Pin<&mut Sleep> {
@@ -951,6 +955,7 @@ fn parse_response(buf: &[u8], reply: &Reply<'_>, out: &mut Vec<u8>) -> Result<Pa
             status,
             framing,
             reusable,
+            close,
         },
     ))
 }
