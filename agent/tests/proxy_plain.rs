@@ -135,7 +135,7 @@ async fn answer(tcp: &mut TcpStream, request: &Received) -> bool {
             write_pieces(
                 tcp,
                 &[
-                    b"HTTP/1.1 200 OK\r\nX-Case: Kept\r\ncontent-length: 5\r\n\r\nhe",
+                    b"HTTP/1.1 200 OK\r\nX-Case: Kept\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\ncontent-length: 5\r\n\r\nhe",
                     b"llo",
                 ],
             )
@@ -309,6 +309,8 @@ async fn the_release_gets_the_head_as_sent_but_for_what_the_proxy_owns() {
         assert!(seen.contains(kept), "{kept:?} missing: {seen}");
     }
     assert!(head.contains("x-request-id: abc-1\r\n"), "{head}");
+    // The release sent no Date: the proxy adds one (RFC 9110 6.6.1).
+    assert_eq!(head.matches("date: ").count(), 1, "{head}");
 }
 
 /// Reads one response with a Content-Length body off `tcp`: its status,
@@ -353,8 +355,16 @@ async fn pipelined_requests_are_answered_in_order() {
         .unwrap();
     let mut buf = Vec::new();
     let mut bodies = Vec::new();
-    for _ in 0..3 {
-        let (status, _, body) = read_response(&mut client, &mut buf).await;
+    for i in 0..3 {
+        let (status, head, body) = read_response(&mut client, &mut buf).await;
+        if i == 0 {
+            // The release's own Date is kept, and not doubled.
+            assert_eq!(head.to_lowercase().matches("date: ").count(), 1, "{head}");
+            assert!(
+                head.contains("Date: Mon, 01 Jan 2024 00:00:00 GMT\r\n"),
+                "{head}"
+            );
+        }
         bodies.push((status, String::from_utf8(body).unwrap()));
     }
     assert_eq!(

@@ -12,13 +12,14 @@
 //! unread: the connection goes on under hyper (`accept`) from that
 //! request.
 
+use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
 use http::{HeaderValue, StatusCode};
@@ -690,6 +691,7 @@ impl Plain {
         );
         put_header(out, b"content-type", b"text/plain; charset=utf-8");
         put_header(out, b"cache-control", b"no-store");
+        put_date(out);
         put_header(out, b"content-length", text.len().to_string().as_bytes());
         if let Some(id) = reply.request_id {
             put_header(out, b"x-request-id", id.as_bytes());
@@ -872,6 +874,7 @@ fn parse_response(buf: &[u8], reply: &Reply<'_>, out: &mut Vec<u8>) -> Result<Pa
         _ => {}
     }
     let mut reusable = response.version == Some(1);
+    let mut dated = false;
     let mut chunked = false;
     let mut coded = false;
     let mut length = None;
@@ -895,6 +898,8 @@ fn parse_response(buf: &[u8], reply: &Reply<'_>, out: &mut Vec<u8>) -> Result<Pa
                     .next()
                     .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
             });
+        } else if name.eq_ignore_ascii_case("date") {
+            dated = true;
         } else if name.eq_ignore_ascii_case("content-length") {
             let parsed = parse_length(header.value)
                 .ok_or_else(|| "invalid content-length in the response".to_string())?;
@@ -938,6 +943,10 @@ fn parse_response(buf: &[u8], reply: &Reply<'_>, out: &mut Vec<u8>) -> Result<Pa
     }
     if chunked {
         put_header(out, b"transfer-encoding", b"chunked");
+    }
+    // A proxy dates a response that came without (RFC 9110 6.6.1).
+    if !dated {
+        put_date(out);
     }
     if let Some(id) = reply.request_id {
         put_header(out, b"x-request-id", id.as_bytes());
@@ -996,6 +1005,24 @@ fn put_status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
     out.push(b' ');
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// The Date header value of the second it was made in: one made per
+    /// second, not per response.
+    static DATE: RefCell<(u64, String)> = RefCell::default();
+}
+
+fn put_date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(made, date)| {
+        if *made != second || date.is_empty() {
+            *date = httpdate::fmt_http_date(now);
+            *made = second;
+        }
+        put_header(out, b"date", date.as_bytes());
+    });
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
