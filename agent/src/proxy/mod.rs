@@ -15,6 +15,7 @@ mod chunked;
 pub mod cohort;
 mod forward;
 pub mod headers;
+mod heads;
 pub mod levers;
 mod link;
 mod listeners;
