@@ -577,25 +577,14 @@ async fn a_dead_release_gives_502_and_a_slow_one_504_without_internals() {
 /// A backend that reads each request's whole body and answers with its
 /// length.
 async fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                    let length = match request.into_body().collect().await {
-                        Ok(body) => body.to_bytes().len().to_string(),
-                        Err(error) => format!("broken body: {error}"),
-                    };
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(length))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    common::hyper_backend(|request: Request<Incoming>| async move {
+        let length = match request.into_body().collect().await {
+            Ok(body) => body.to_bytes().len().to_string(),
+            Err(error) => format!("broken body: {error}"),
+        };
+        Response::new(Full::new(Bytes::from(length)))
+    })
+    .await
 }
 
 #[tokio::test]

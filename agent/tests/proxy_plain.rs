@@ -3,7 +3,8 @@
 //! every way a response body ends, heads as the client sent them,
 //! pipelining, and a connection that goes on under hyper.
 
-use std::convert::Infallible;
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -380,25 +381,12 @@ async fn pipelined_requests_are_answered_in_order() {
 /// A backend that answers each request with its method, version and
 /// body, served by hyper (which reads chunked bodies).
 async fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                    let line = format!("{} {:?} ", request.method(), request.version());
-                    let body = request.into_body().collect().await.unwrap().to_bytes();
-                    let mut answer = line.into_bytes();
-                    answer.extend_from_slice(&body);
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    common::hyper_backend(|request: Request<Incoming>| async move {
+        let mut answer = format!("{} {:?} ", request.method(), request.version()).into_bytes();
+        answer.extend_from_slice(&request.into_body().collect().await.unwrap().to_bytes());
+        Response::new(Full::new(Bytes::from(answer)))
+    })
+    .await
 }
 
 #[tokio::test]
