@@ -57,8 +57,9 @@ pub(super) fn may_be_named_hop_by_hop(name: &[u8]) -> bool {
         .any(|own| name.eq_ignore_ascii_case(own.as_str().as_bytes()))
 }
 
-/// The tokens of a Connection header value.
-pub(super) fn connection_tokens(value: &str) -> impl Iterator<Item = &str> {
+/// The items of a header value that is a comma-separated list (the
+/// tokens of a Connection header, the hops of an X-Forwarded-For one).
+pub(super) fn list_items(value: &str) -> impl Iterator<Item = &str> {
     value.split(',').map(str::trim).filter(|v| !v.is_empty())
 }
 
@@ -69,7 +70,7 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(connection_tokens)
+            .flat_map(list_items)
             .any(|token| token.eq_ignore_ascii_case("upgrade"))
 }
 
@@ -87,7 +88,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(connection_tokens)
+        .flat_map(list_items)
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .filter(|name| !FORWARDING.contains(name))
         .collect();
@@ -167,12 +168,7 @@ fn forwarded_hops(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(hops_of)
-}
-
-/// The hops one X-Forwarded-For value lists.
-pub(super) fn hops_of(value: &str) -> impl Iterator<Item = &str> {
-    value.split(',').map(str::trim).filter(|v| !v.is_empty())
+        .flat_map(list_items)
 }
 
 /// Writes the X-Forwarded-For value a request goes on with: the hops it

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::{HeaderValue, StatusCode};
 
 use super::chunked::Chunked;
-use super::headers::{connection_tokens, is_hop_by_hop, may_be_named_hop_by_hop};
+use super::headers::{is_hop_by_hop, list_items, may_be_named_hop_by_hop};
 use super::levers::carries_bypass_cookie;
 
 /// Headers a head may have on this path: a request with more is left to
@@ -81,7 +81,7 @@ impl<'a> RequestFacts<'a> {
             let Ok(value) = std::str::from_utf8(header.value) else {
                 return false;
             };
-            for token in connection_tokens(value) {
+            for token in list_items(value) {
                 if token.eq_ignore_ascii_case("close") {
                     self.close = true;
                 } else if frames_the_message(token) {
@@ -156,7 +156,7 @@ pub(super) fn parse_response(
         let name = header.name;
         if name.eq_ignore_ascii_case("connection") {
             let value = std::str::from_utf8(header.value).unwrap_or("close");
-            for token in connection_tokens(value) {
+            for token in list_items(value) {
                 if token.eq_ignore_ascii_case("close") {
                     reusable = false;
                 } else if !token.eq_ignore_ascii_case("keep-alive") && !frames_the_message(token) {

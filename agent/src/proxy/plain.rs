@@ -29,7 +29,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::chunked::Malformed;
 use super::forward::{failure_answer, no_release_text, pick, Failure, Picked, RequestHeaders};
-use super::headers::{hops_of, is_trusted, put_forwarded_for, request_id_from};
+use super::headers::{is_trusted, list_items, put_forwarded_for, request_id_from};
 use super::heads::{
     parse_response, put_date, put_header, put_status_line, Framing, Parsed, Reply, RequestFacts,
     ResponseHead, MAX_HEADERS,
@@ -63,9 +63,8 @@ pub(super) enum End {
     Handover,
 }
 
-/// What comes of reading a request head.
+/// What comes of reading a whole request head.
 enum Step {
-    Partial,
     Handover,
     /// A request no release takes; its head is `head_len` bytes.
     NoRelease {
@@ -163,7 +162,6 @@ impl Plain {
         loop {
             let keep_open = match self.next_request().await {
                 None => return End::Closed,
-                Some(Step::Partial) => unreachable!("next_request waits for a whole head"),
                 Some(Step::Handover) => return End::Handover,
                 Some(Step::NoRelease {
                     head_len,
@@ -203,9 +201,8 @@ impl Plain {
             if self.shutdown.is_cancelled() {
                 return None;
             }
-            match self.prepare() {
-                Step::Partial => {}
-                step => return Some(step),
+            if let Some(step) = self.prepare() {
+                return Some(step);
             }
             if self.buf.len() >= MAX_HEAD {
                 return Some(Step::Handover);
@@ -238,50 +235,50 @@ impl Plain {
         }
     }
 
-    /// Parses the request head at the start of `buf`; for one this path
-    /// takes, picks its release and writes the head it goes on with to
-    /// `out`.
-    fn prepare(&mut self) -> Step {
+    /// Parses the request head at the start of `buf` (`None` while it is
+    /// not whole); for one this path takes, picks its release and writes
+    /// the head it goes on with to `out`.
+    fn prepare(&mut self) -> Option<Step> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         let head_len = match request.parse(&self.buf) {
             Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Step::Partial,
-            Err(_) => return Step::Handover,
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => return Some(Step::Handover),
         };
         let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
         else {
-            return Step::Handover;
+            return Some(Step::Handover);
         };
         let path = target.split('?').next().unwrap_or(target);
         if !target.starts_with('/')
             || path == self.shared.config.readiness_path
             || !self.shared.levers.load().is_empty()
         {
-            return Step::Handover;
+            return Some(Step::Handover);
         }
         let trusted = is_trusted(self.peer.ip(), &self.shared.config.trusted_networks);
         let mut facts = RequestFacts::default();
         for header in request.headers.iter() {
             if !facts.read(header, trusted) {
-                return Step::Handover;
+                return Some(Step::Handover);
             }
         }
         let close = facts.close;
         let body = facts.length.unwrap_or(0);
         if body > MAX_BODY {
-            return Step::Handover;
+            return Some(Step::Handover);
         }
         let replayable = matches!(method, "GET" | "HEAD" | "OPTIONS") && body == 0;
         let started = Instant::now();
         let mut route_by = RequestHeaders::Raw(&*request.headers, None);
         let Some(picked) = pick(&self.shared, &mut route_by, self.peer) else {
-            return Step::NoRelease {
+            return Some(Step::NoRelease {
                 head_len,
                 body,
                 close,
                 head: method == "HEAD",
-            };
+            });
         };
         let request_id = request_id_from(facts.request_id);
         let out = &mut self.out;
@@ -303,7 +300,7 @@ impl Plain {
             .iter()
             .filter(|h| trusted && h.name.eq_ignore_ascii_case("x-forwarded-for"))
             .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .flat_map(hops_of);
+            .flat_map(list_items);
         put_forwarded_for(out, hops, self.peer.ip());
         out.extend_from_slice(b"\r\n");
         if !(trusted && facts.forwarded_proto) {
@@ -314,7 +311,7 @@ impl Plain {
         }
         put_header(out, b"x-request-id", request_id.as_bytes());
         out.extend_from_slice(b"\r\n");
-        Step::Forward(Request {
+        Some(Step::Forward(Request {
             head_len,
             body,
             replayable,
@@ -323,7 +320,7 @@ impl Plain {
             picked,
             request_id,
             started,
-        })
+        }))
     }
 
     /// Forwards one request and passes its response back; whether the
